@@ -1,0 +1,493 @@
+//! A small blocking HTTP/1.1 client for the agent's Unix-socket API.
+//!
+//! It keeps one keep-alive connection and reconnects once when the server closed it
+//! between two requests. Bodies are sent with `Content-Length` and read by the
+//! response's `Content-Length`; the agent always sends one.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+/// Most headers accepted in a response.
+const MAX_HEADERS: usize = 64;
+/// Largest response head accepted.
+const MAX_HEAD: usize = 1 << 20;
+const READ_CHUNK: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect to {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid request line {method:?} {target:?}")]
+    InvalidRequest { method: String, target: String },
+    #[error("send request to {path}")]
+    Send {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("read response from {path}")]
+    Receive {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} closed the connection before the response was complete")]
+    Closed { path: PathBuf },
+    #[error("malformed response from {path}")]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: httparse::Error,
+    },
+    #[error("response head from {path} exceeds {max} bytes")]
+    HeadTooLarge { path: PathBuf, max: usize },
+    #[error("response from {path} has an invalid Content-Length {value:?}")]
+    ContentLength { path: PathBuf, value: String },
+}
+
+/// A response: status, headers in arrival order, and the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl ClientResponse {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One keep-alive connection to the agent's socket.
+#[derive(Debug)]
+pub struct Client {
+    path: PathBuf,
+    stream: Option<UnixStream>,
+    /// Bytes read past the previous response (none, unless the server misbehaves).
+    buf: Vec<u8>,
+}
+
+/// Why one attempt failed: `Retry` means the server closed a reused connection
+/// before answering, so the request can be sent again on a fresh one.
+enum Attempt {
+    Retry,
+    Fail(ClientError),
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Client {
+            path: path.to_owned(),
+            stream: Some(stream),
+            buf: Vec::new(),
+        })
+    }
+
+    /// The socket path this client talks to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends one request and reads its response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<ClientResponse, ClientError> {
+        let valid_method = !method.is_empty()
+            && method
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b));
+        let valid_target =
+            path_and_query.starts_with('/') && path_and_query.bytes().all(|b| b.is_ascii_graphic());
+        let valid_type = content_type.is_none_or(|t| {
+            t.bytes()
+                .all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+        });
+        if !valid_method || !valid_target || !valid_type {
+            return Err(ClientError::InvalidRequest {
+                method: method.to_owned(),
+                target: path_and_query.to_owned(),
+            });
+        }
+        let mut head = format!(
+            "{method} {path_and_query} HTTP/1.1\r\nHost: sprout\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(t) = content_type {
+            head.push_str("Content-Type: ");
+            head.push_str(t);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+
+        // A connection that has carried a response may have been closed by the server
+        // since; a fresh one has not, so only a reused connection is retried.
+        let reused = self.stream.is_some();
+        match self.attempt(head.as_bytes(), body) {
+            Ok(resp) => Ok(resp),
+            Err(Attempt::Fail(e)) => Err(e),
+            Err(Attempt::Retry) if reused => {
+                self.reconnect()?;
+                match self.attempt(head.as_bytes(), body) {
+                    Ok(resp) => Ok(resp),
+                    Err(Attempt::Fail(e)) => Err(e),
+                    Err(Attempt::Retry) => Err(ClientError::Closed {
+                        path: self.path.clone(),
+                    }),
+                }
+            }
+            Err(Attempt::Retry) => Err(ClientError::Closed {
+                path: self.path.clone(),
+            }),
+        }
+    }
+
+    fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.stream = None;
+        self.buf.clear();
+        let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    fn attempt(&mut self, head: &[u8], body: &[u8]) -> Result<ClientResponse, Attempt> {
+        if self.stream.is_none() {
+            self.reconnect().map_err(Attempt::Fail)?;
+        }
+        let result = self.exchange(head, body);
+        if result.is_err() {
+            // Whatever state the connection is in, it cannot carry another request.
+            self.stream = None;
+            self.buf.clear();
+        }
+        result
+    }
+
+    fn exchange(&mut self, head: &[u8], body: &[u8]) -> Result<ClientResponse, Attempt> {
+        let path = self.path.clone();
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Attempt::Fail(ClientError::Closed { path }));
+        };
+        if let Err(e) = stream.write_all(head).and_then(|()| stream.write_all(body)) {
+            return Err(match e.kind() {
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    if self.buf.is_empty() =>
+                {
+                    Attempt::Retry
+                }
+                _ => Attempt::Fail(ClientError::Send { path, source: e }),
+            });
+        }
+
+        let mut received_any = !self.buf.is_empty();
+        loop {
+            // Parse a head; skip interim (1xx) responses such as `100 Continue`.
+            let parsed = {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut headers);
+                match resp.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        let status = resp.code.unwrap_or_default();
+                        let headers: Vec<(String, String)> = resp
+                            .headers
+                            .iter()
+                            .map(|h| {
+                                (
+                                    h.name.to_owned(),
+                                    String::from_utf8_lossy(h.value).trim().to_owned(),
+                                )
+                            })
+                            .collect();
+                        Some((len, status, headers, resp.version == Some(0)))
+                    }
+                    Ok(httparse::Status::Partial) => None,
+                    Err(source) => {
+                        return Err(Attempt::Fail(ClientError::Malformed { path, source }))
+                    }
+                }
+            };
+            let Some((head_len, status, headers, http10)) = parsed else {
+                if self.buf.len() > MAX_HEAD {
+                    return Err(Attempt::Fail(ClientError::HeadTooLarge {
+                        path,
+                        max: MAX_HEAD,
+                    }));
+                }
+                match read_more(stream, &mut self.buf) {
+                    Ok(0) if !received_any => return Err(Attempt::Retry),
+                    Ok(0) => return Err(Attempt::Fail(ClientError::Closed { path })),
+                    Ok(_) => received_any = true,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !received_any => {
+                        return Err(Attempt::Retry)
+                    }
+                    Err(source) => {
+                        return Err(Attempt::Fail(ClientError::Receive { path, source }))
+                    }
+                }
+                continue;
+            };
+            self.buf.drain(..head_len);
+            if (100..200).contains(&status) && status != 101 {
+                continue;
+            }
+
+            let mut response = ClientResponse {
+                status,
+                headers,
+                body: Vec::new(),
+            };
+            let close = match response.header("connection") {
+                Some(v) => {
+                    v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"))
+                        || (http10
+                            && !v
+                                .split(',')
+                                .any(|t| t.trim().eq_ignore_ascii_case("keep-alive")))
+                }
+                None => http10,
+            };
+            match response.header("content-length") {
+                Some(value) => {
+                    let len: usize = value.parse().map_err(|_| {
+                        Attempt::Fail(ClientError::ContentLength {
+                            path: path.clone(),
+                            value: value.to_owned(),
+                        })
+                    })?;
+                    while self.buf.len() < len {
+                        match read_more(stream, &mut self.buf) {
+                            Ok(0) => return Err(Attempt::Fail(ClientError::Closed { path })),
+                            Ok(_) => {}
+                            Err(source) => {
+                                return Err(Attempt::Fail(ClientError::Receive { path, source }))
+                            }
+                        }
+                    }
+                    response.body = self.buf.drain(..len).collect();
+                    if close {
+                        self.stream = None;
+                        self.buf.clear();
+                    }
+                }
+                None => {
+                    // No length: the body runs to the end of the connection.
+                    loop {
+                        match read_more(stream, &mut self.buf) {
+                            Ok(0) => break,
+                            Ok(_) => {}
+                            Err(source) => {
+                                return Err(Attempt::Fail(ClientError::Receive { path, source }))
+                            }
+                        }
+                    }
+                    response.body = std::mem::take(&mut self.buf);
+                    self.stream = None;
+                }
+            }
+            return Ok(response);
+        }
+    }
+}
+
+/// Appends what one `read` returns to `buf`, retrying on `EINTR`.
+fn read_more(stream: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let result = loop {
+        match stream.read(&mut buf[start..]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    buf.truncate(start + *result.as_ref().unwrap_or(&0));
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::thread;
+
+    /// Reads one request (head + Content-Length body) from `s`, returning the head text and body.
+    fn read_request(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + len {
+                    if read_more(s, buf).unwrap() == 0 {
+                        return None;
+                    }
+                }
+                let body = buf[end + 4..end + 4 + len].to_vec();
+                buf.drain(..end + 4 + len);
+                return Some((head, body));
+            }
+            if read_more(s, buf).unwrap() == 0 {
+                return None;
+            }
+        }
+    }
+
+    #[test]
+    fn sends_host_and_length_and_reads_by_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut heads = Vec::new();
+            while let Some((head, body)) = read_request(&mut s, &mut buf) {
+                heads.push((head, body.clone()));
+                s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+                let reply = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Echo: yes\r\nContent-Length: {}\r\n\r\n", body.len());
+                s.write_all(reply.as_bytes()).unwrap();
+                s.write_all(&body).unwrap();
+            }
+            heads
+        });
+        let mut c = Client::connect(&sock).unwrap();
+        let r = c
+            .request(
+                "POST",
+                "/run/f?logs=true",
+                Some("application/json"),
+                b"{\"a\":1}",
+            )
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"{\"a\":1}");
+        assert_eq!(r.header("x-echo"), Some("yes"));
+        assert_eq!(r.header("Content-Type"), Some("application/json"));
+        let r = c.request("GET", "/status", None, b"").unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.body.is_empty());
+        drop(c);
+        let heads = server.join().unwrap();
+        assert_eq!(heads.len(), 2, "both requests on one connection");
+        assert!(heads[0].0.starts_with("POST /run/f?logs=true HTTP/1.1\r\n"));
+        assert!(heads[0].0.contains("Host: sprout\r\n"));
+        assert!(heads[0].0.contains("Content-Length: 7\r\n"));
+        assert!(heads[0].0.contains("Content-Type: application/json\r\n"));
+        assert!(heads[1].0.contains("Content-Length: 0\r\n"));
+        assert!(!heads[1].0.contains("Content-Type"));
+    }
+
+    #[test]
+    fn reconnects_once_when_the_server_closed_an_idle_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = thread::spawn(move || {
+            // Each connection answers one request and closes without saying so.
+            for i in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = Vec::new();
+                read_request(&mut s, &mut buf).unwrap();
+                let body = format!("{i}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        let mut c = Client::connect(&sock).unwrap();
+        assert_eq!(c.request("GET", "/status", None, b"").unwrap().body, b"0");
+        // Give the server time to close the first connection.
+        thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(c.request("GET", "/status", None, b"").unwrap().body, b"1");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn connection_close_is_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = Vec::new();
+                read_request(&mut s, &mut buf).unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+                    .unwrap();
+                // Keep the connection open: the client must not wait for or reuse it.
+                thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let mut c = Client::connect(&sock).unwrap();
+        assert_eq!(c.request("GET", "/a", None, b"").unwrap().body, b"{}");
+        assert_eq!(c.request("GET", "/b", None, b"").unwrap().body, b"{}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("missing.sock");
+        let err = Client::connect(&sock).unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }));
+        assert!(err.to_string().contains("missing.sock"), "{err}");
+
+        let listener = UnixListener::bind(dir.path().join("bad.sock")).unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).unwrap();
+            s.write_all(b"NOT HTTP\r\n\r\n").unwrap();
+        });
+        let mut c = Client::connect(&dir.path().join("bad.sock")).unwrap();
+        let err = c.request("GET", "/", None, b"").unwrap_err();
+        assert!(matches!(err, ClientError::Malformed { .. }), "{err:?}");
+        assert!(err.to_string().contains("bad.sock"), "{err}");
+        server.join().unwrap();
+
+        let err = c.request("GET", "/a b", None, b"").unwrap_err();
+        assert!(matches!(err, ClientError::InvalidRequest { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn truncated_body_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
+                .unwrap();
+        });
+        let mut c = Client::connect(&sock).unwrap();
+        let err = c.request("GET", "/", None, b"").unwrap_err();
+        server.join().unwrap();
+        assert!(matches!(err, ClientError::Closed { .. }), "{err:?}");
+    }
+}

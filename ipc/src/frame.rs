@@ -1,0 +1,418 @@
+//! Frames over a Unix stream socket.
+//!
+//! Layout (all integers little-endian):
+//!
+//! ```text
+//! u32 header_len | u32 payload_len | u32 fd_count | header (JSON) | payload (bytes)
+//! ```
+//!
+//! Descriptors travel with `SCM_RIGHTS` on the `sendmsg` that carries the frame's
+//! first byte. The receiver queues descriptors in arrival order and hands a frame
+//! exactly `fd_count` of them; because a frame's descriptors arrive no later than
+//! its first byte, they are always queued by the time the frame is complete.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::sys::{self, MAX_FDS};
+
+/// Length of the fixed prefix.
+pub const PREFIX_LEN: usize = 12;
+/// Largest JSON header accepted.
+pub const MAX_HEADER: usize = 1 << 20;
+/// Largest payload accepted in one frame (events and results travel inline up to this).
+pub const MAX_PAYLOAD: usize = 64 << 20;
+
+const READ_CHUNK: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("peer closed the channel")]
+    Closed,
+    #[error("peer closed the channel in the middle of a frame")]
+    Truncated,
+    #[error("frame header of {len} bytes exceeds the limit of {max}")]
+    HeaderTooLarge { len: usize, max: usize },
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge { len: usize, max: usize },
+    #[error("frame carries {count} descriptors, at most {max} allowed")]
+    TooManyFds { count: usize, max: usize },
+    #[error("frame announced {expected} descriptors but {queued} arrived")]
+    MissingFds { expected: usize, queued: usize },
+    #[error("malformed frame header {header:?}")]
+    Header {
+        header: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("unexpected message {op:?} while waiting for {expected}")]
+    Unexpected { op: String, expected: &'static str },
+    #[error("socket i/o")]
+    Io(#[source] io::Error),
+}
+
+/// A received frame.
+#[derive(Debug)]
+pub struct Message<H> {
+    pub header: H,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// A framed, fd-passing channel over one end of a Unix stream socket.
+#[derive(Debug)]
+pub struct Channel {
+    sock: UnixStream,
+    buf: Vec<u8>,
+    start: usize,
+    fds: VecDeque<OwnedFd>,
+    scratch_fds: Vec<OwnedFd>,
+}
+
+impl Channel {
+    pub fn new(sock: UnixStream) -> Self {
+        Channel {
+            sock,
+            buf: Vec::new(),
+            start: 0,
+            fds: VecDeque::new(),
+            scratch_fds: Vec::new(),
+        }
+    }
+
+    /// A connected pair, both ends close-on-exec.
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Channel::new(a), Channel::new(b)))
+    }
+
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Channel::new(UnixStream::from(fd))
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        OwnedFd::from(self.sock)
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.sock
+    }
+
+    /// Sends one frame. `header` must serialize to a JSON object.
+    pub fn send<H: Serialize>(
+        &self,
+        header: &H,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        let header = serde_json::to_vec(header).map_err(|source| Error::Header {
+            header: String::new(),
+            source,
+        })?;
+        self.send_raw(&header, payload, fds)
+    }
+
+    /// Sends one frame whose header is already encoded.
+    pub fn send_raw(
+        &self,
+        header: &[u8],
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        if header.len() > MAX_HEADER {
+            return Err(Error::HeaderTooLarge {
+                len: header.len(),
+                max: MAX_HEADER,
+            });
+        }
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Error::PayloadTooLarge {
+                len: payload.len(),
+                max: MAX_PAYLOAD,
+            });
+        }
+        if fds.len() > MAX_FDS {
+            return Err(Error::TooManyFds {
+                count: fds.len(),
+                max: MAX_FDS,
+            });
+        }
+        let prefix = encode_prefix(header.len(), payload.len(), fds.len());
+        let parts = [&prefix[..], header, payload];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let iov = parts.map(IoSlice::new);
+        let mut sent = sys::send_with_fds(self.sock.as_fd(), &iov, fds).map_err(Error::Io)?;
+        // A stream socket may take less than all of it; the rest goes without descriptors.
+        let mut sock = &self.sock;
+        for part in parts {
+            if sent >= part.len() {
+                sent -= part.len();
+                continue;
+            }
+            sock.write_all(&part[sent..]).map_err(Error::Io)?;
+            sent = 0;
+        }
+        debug_assert!(total > 0);
+        Ok(())
+    }
+
+    /// Blocks until a whole frame has arrived.
+    pub fn recv<H: DeserializeOwned>(&mut self) -> Result<Message<H>, Error> {
+        loop {
+            if let Some(m) = self.try_recv()? {
+                return Ok(m);
+            }
+            if self.fill()? == 0 {
+                return Err(if self.buf.len() > self.start {
+                    Error::Truncated
+                } else {
+                    Error::Closed
+                });
+            }
+        }
+    }
+
+    /// Returns a frame if one is complete in the buffer; never reads the socket.
+    pub fn try_recv<H: DeserializeOwned>(&mut self) -> Result<Option<Message<H>>, Error> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < PREFIX_LEN {
+            return Ok(None);
+        }
+        let (hlen, plen, nfds) = decode_prefix(avail)?;
+        let total = PREFIX_LEN + hlen + plen;
+        if avail.len() < total {
+            return Ok(None);
+        }
+        if self.fds.len() < nfds {
+            return Err(Error::MissingFds {
+                expected: nfds,
+                queued: self.fds.len(),
+            });
+        }
+        let raw_header = &avail[PREFIX_LEN..PREFIX_LEN + hlen];
+        let header = serde_json::from_slice(raw_header).map_err(|source| Error::Header {
+            header: String::from_utf8_lossy(&raw_header[..raw_header.len().min(200)]).into_owned(),
+            source,
+        })?;
+        let payload = avail[PREFIX_LEN + hlen..total].to_vec();
+        let fds = self.fds.drain(..nfds).collect();
+        self.start += total;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        Ok(Some(Message {
+            header,
+            payload,
+            fds,
+        }))
+    }
+
+    /// One read from the socket into the buffer. Returns the bytes read; 0 means the
+    /// peer closed. Call it when the socket is readable (or to block for data).
+    pub fn fill(&mut self) -> Result<usize, Error> {
+        // Make room: drop consumed bytes, then grow to fit the frame being read.
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > self.buf.capacity() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let want = match decode_prefix(&self.buf[self.start..]) {
+            Ok((h, p, _)) => (PREFIX_LEN + h + p)
+                .saturating_sub(self.buf.len() - self.start)
+                .max(READ_CHUNK),
+            Err(_) => READ_CHUNK,
+        };
+        let len = self.buf.len();
+        self.buf.resize(len + want, 0);
+        let res = sys::recv_with_fds(
+            self.sock.as_fd(),
+            &mut self.buf[len..],
+            &mut self.scratch_fds,
+        );
+        self.fds.extend(self.scratch_fds.drain(..));
+        match res {
+            Ok(n) => {
+                self.buf.truncate(len + n);
+                Ok(n)
+            }
+            Err(e) => {
+                self.buf.truncate(len);
+                Err(Error::Io(e))
+            }
+        }
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+fn encode_prefix(header: usize, payload: usize, fds: usize) -> [u8; PREFIX_LEN] {
+    let mut p = [0u8; PREFIX_LEN];
+    p[0..4].copy_from_slice(&(header as u32).to_le_bytes());
+    p[4..8].copy_from_slice(&(payload as u32).to_le_bytes());
+    p[8..12].copy_from_slice(&(fds as u32).to_le_bytes());
+    p
+}
+
+/// Decodes and bounds-checks a prefix; `Err` only for a prefix that can never be valid.
+fn decode_prefix(b: &[u8]) -> Result<(usize, usize, usize), Error> {
+    if b.len() < PREFIX_LEN {
+        return Err(Error::Truncated);
+    }
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+    let (h, p, n) = (word(0), word(4), word(8));
+    if h > MAX_HEADER {
+        return Err(Error::HeaderTooLarge {
+            len: h,
+            max: MAX_HEADER,
+        });
+    }
+    if p > MAX_PAYLOAD {
+        return Err(Error::PayloadTooLarge {
+            len: p,
+            max: MAX_PAYLOAD,
+        });
+    }
+    if n > MAX_FDS {
+        return Err(Error::TooManyFds {
+            count: n,
+            max: MAX_FDS,
+        });
+    }
+    Ok((h, p, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use std::fs::File;
+    use std::io::{Read, Seek};
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Hdr {
+        op: String,
+        n: u32,
+    }
+
+    fn hdr(n: u32) -> Hdr {
+        Hdr { op: "t".into(), n }
+    }
+
+    #[test]
+    fn round_trip_header_and_payload() {
+        let (a, mut b) = Channel::pair().unwrap();
+        a.send(&hdr(7), b"{\"x\":1}", &[]).unwrap();
+        let m: Message<Hdr> = b.recv().unwrap();
+        assert_eq!(m.header, hdr(7));
+        assert_eq!(m.payload, b"{\"x\":1}");
+        assert!(m.fds.is_empty());
+    }
+
+    #[test]
+    fn many_frames_in_one_read_keep_their_order() {
+        let (a, mut b) = Channel::pair().unwrap();
+        for i in 0..100 {
+            a.send(&hdr(i), &vec![i as u8; i as usize], &[]).unwrap();
+        }
+        for i in 0..100 {
+            let m: Message<Hdr> = b.recv().unwrap();
+            assert_eq!(m.header.n, i);
+            assert_eq!(m.payload, vec![i as u8; i as usize]);
+        }
+    }
+
+    #[test]
+    fn descriptors_follow_their_frame() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let mut f1 = tempfile::tempfile().unwrap();
+        let mut f2 = tempfile::tempfile().unwrap();
+        f1.write_all(b"one").unwrap();
+        f2.write_all(b"two").unwrap();
+        a.send(&hdr(0), b"", &[]).unwrap();
+        a.send(&hdr(1), b"p", &[f1.as_fd(), f2.as_fd()]).unwrap();
+        a.send(&hdr(2), b"", &[]).unwrap();
+        let m0: Message<Hdr> = b.recv().unwrap();
+        assert!(m0.fds.is_empty());
+        let m1: Message<Hdr> = b.recv().unwrap();
+        assert_eq!(m1.fds.len(), 2);
+        for (fd, want) in m1.fds.into_iter().zip(["one", "two"]) {
+            let mut f = File::from(fd);
+            f.rewind().unwrap();
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            assert_eq!(s, want);
+        }
+        let m2: Message<Hdr> = b.recv().unwrap();
+        assert!(m2.fds.is_empty());
+    }
+
+    #[test]
+    fn large_payload_crosses_many_reads() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
+        let sender = std::thread::spawn(move || a.send(&hdr(1), &big, &[]).map(|_| big));
+        let m: Message<Hdr> = b.recv().unwrap();
+        let big = sender.join().unwrap().unwrap();
+        assert_eq!(m.payload, big);
+    }
+
+    #[test]
+    fn close_between_frames_is_closed_and_inside_a_frame_is_truncated() {
+        let (a, mut b) = Channel::pair().unwrap();
+        drop(a);
+        assert!(matches!(b.recv::<Hdr>(), Err(Error::Closed)));
+
+        let (a, mut b) = Channel::pair().unwrap();
+        let mut s = a.stream().try_clone().unwrap();
+        s.write_all(&encode_prefix(10, 10, 0)).unwrap();
+        s.write_all(b"{\"op\"").unwrap();
+        drop((a, s));
+        assert!(matches!(b.recv::<Hdr>(), Err(Error::Truncated)));
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_rejected_by_name() {
+        let (a, mut b) = Channel::pair().unwrap();
+        a.stream()
+            .write_all(&encode_prefix(MAX_HEADER + 1, 0, 0))
+            .unwrap();
+        assert!(matches!(b.recv::<Hdr>(), Err(Error::HeaderTooLarge { .. })));
+
+        let (a, mut b) = Channel::pair().unwrap();
+        a.send_raw(b"not json", b"", &[]).unwrap();
+        let err = b.recv::<Hdr>().unwrap_err();
+        assert!(
+            matches!(err, Error::Header { ref header, .. } if header == "not json"),
+            "{err:?}"
+        );
+
+        let (a, mut b) = Channel::pair().unwrap();
+        a.stream().write_all(&encode_prefix(2, 0, 1)).unwrap();
+        a.stream().write_all(b"{}").unwrap();
+        assert!(matches!(
+            b.recv::<Hdr>(),
+            Err(Error::MissingFds {
+                expected: 1,
+                queued: 0
+            })
+        ));
+    }
+}

@@ -1,0 +1,36 @@
+//! sprout's wire protocol.
+//!
+//! Every process boundary in sprout (agent ↔ spawner, agent ↔ shim, shim ↔ zygote,
+//! agent ↔ function instance) speaks the same framing over a Unix stream socket:
+//! a fixed prefix, a JSON header naming the operation, a raw payload (event or
+//! result JSON, passed through untouched) and optional file descriptors sent with
+//! `SCM_RIGHTS`. [`frame`] implements the framing, [`proto`] the typed messages and
+//! the named handshakes built on them, [`api`] the JSON bodies of the agent's HTTP
+//! API so that a thin client needs nothing but this crate.
+//!
+//! The byte layout is written down in `docs/protocol.md`; the Python runtime
+//! (`shim/runtime/python`) implements the same layout.
+
+pub mod api;
+pub mod client;
+pub mod frame;
+pub mod proto;
+mod sys;
+
+pub use frame::{Channel, Error, Message};
+
+/// Formats an error and its sources as `a: b: c`, skipping a source whose text the
+/// previous message already ends with. The one place sprout prints a cause chain.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let next = e.to_string();
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = e.source();
+    }
+    s
+}

@@ -1,0 +1,397 @@
+//! The messages between sprout's processes and the named handshakes built on them.
+//!
+//! ```text
+//! agent ──ShimRequest──▶ shim ──ZygoteRequest──▶ python zygote ──fork──▶ instance
+//! agent ◀─ShimEvent───── shim ◀─ZygoteEvent────── zygote
+//! agent ◀════════════ InstanceRequest / InstanceEvent ════════════▶ instance
+//! ```
+//!
+//! The shim hands the agent the instance's own channel (and its stdout/stderr pipes),
+//! so a warm invoke goes from the agent straight to the function's process.
+//! Every header is a JSON object whose `op` names the message.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Channel, Error, Message};
+
+/// A language runtime a shim can fork instances of.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    Python,
+}
+
+/// Where a handler lives: a module (a file `module.py` under the code directory, or a
+/// package) and a callable in it. Written `module:function`; OpenLambda's default is `f:f`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Handler {
+    pub module: String,
+    pub function: String,
+}
+
+impl Handler {
+    /// Parses `module:function`. Both parts must be dotted Python identifiers.
+    pub fn parse(s: &str) -> Result<Handler, String> {
+        let (module, function) = s
+            .split_once(':')
+            .ok_or_else(|| format!("handler {s:?} is not of the form module:function"))?;
+        let ident = |p: &str| {
+            !p.is_empty()
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if !module.split('.').all(ident) {
+            return Err(format!(
+                "handler module {module:?} is not a Python module name"
+            ));
+        }
+        if !ident(function) {
+            return Err(format!(
+                "handler function {function:?} is not a Python identifier"
+            ));
+        }
+        Ok(Handler {
+            module: module.to_owned(),
+            function: function.to_owned(),
+        })
+    }
+
+    /// The file that holds the module, relative to the code directory
+    /// (`pkg.mod` → `pkg/mod.py`).
+    pub fn module_file(&self) -> String {
+        format!("{}.py", self.module.replace('.', "/"))
+    }
+}
+
+impl std::fmt::Display for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.module, self.function)
+    }
+}
+
+/// What the shim needs to start one function instance.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    pub instance: u64,
+    pub function: String,
+    pub runtime: Runtime,
+    /// Path of the function's code inside the sandbox.
+    pub code_dir: String,
+    pub handler: Handler,
+}
+
+/// Agent → shim.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ShimRequest {
+    SpawnInstance(InstanceSpec),
+}
+
+/// Shim → agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ShimEvent {
+    /// The shim is up and its zygotes are ready to fork.
+    Ready {
+        zygote_pid: i32,
+    },
+    /// Carries three descriptors: the instance's channel, its stdout and its stderr (read ends).
+    InstanceSpawned {
+        instance: u64,
+        pid: i32,
+    },
+    SpawnFailed {
+        instance: u64,
+        message: String,
+    },
+}
+
+/// Shim → zygote. `Fork` carries three descriptors: the instance's end of its channel,
+/// and the write ends of its stdout and stderr pipes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ZygoteRequest {
+    Fork(InstanceSpec),
+}
+
+/// Zygote → shim.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ZygoteEvent {
+    Ready { pid: i32 },
+    Forked { instance: u64, pid: i32 },
+    ForkFailed { instance: u64, message: String },
+}
+
+/// Agent → instance. `Invoke`'s payload is the event JSON.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum InstanceRequest {
+    Invoke { id: u64 },
+}
+
+/// Instance → agent. `Returned`'s payload is the result JSON.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum InstanceEvent {
+    Loaded,
+    LoadFailed { error: FunctionError },
+    Returned { id: u64 },
+    Raised { id: u64, error: FunctionError },
+}
+
+/// An exception raised by function code, as the runtime reports it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FunctionError {
+    /// The exception's class name, e.g. `ValueError`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub traceback: String,
+}
+
+fn op_of<H: std::fmt::Debug>(h: &H) -> String {
+    format!("{h:?}")
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The agent's end of a sandbox's shim channel.
+#[derive(Debug)]
+pub struct ShimLink(pub Channel);
+
+/// A function instance the shim started: its channel and output pipes, now the agent's.
+#[derive(Debug)]
+pub struct SpawnedInstance {
+    pub pid: i32,
+    pub channel: Channel,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+impl ShimLink {
+    /// Waits for the shim's `Ready`; returns the zygote's pid (inside the sandbox).
+    pub fn wait_ready(&mut self) -> Result<i32, Error> {
+        match self.0.recv()?.header {
+            ShimEvent::Ready { zygote_pid } => Ok(zygote_pid),
+            other => Err(Error::Unexpected {
+                op: op_of(&other),
+                expected: "ready",
+            }),
+        }
+    }
+
+    /// Asks the shim to fork an instance and waits for its channel.
+    /// `Ok(Err(message))` is a spawn the shim refused or could not do.
+    pub fn spawn_instance(
+        &mut self,
+        spec: InstanceSpec,
+    ) -> Result<Result<SpawnedInstance, String>, Error> {
+        let instance = spec.instance;
+        self.0.send(&ShimRequest::SpawnInstance(spec), b"", &[])?;
+        let Message { header, fds, .. } = self.0.recv::<ShimEvent>()?;
+        match header {
+            ShimEvent::InstanceSpawned { instance: i, pid } if i == instance => {
+                let [channel, stdout, stderr]: [OwnedFd; 3] =
+                    fds.try_into()
+                        .map_err(|v: Vec<OwnedFd>| Error::MissingFds {
+                            expected: 3,
+                            queued: v.len(),
+                        })?;
+                Ok(Ok(SpawnedInstance {
+                    pid,
+                    channel: Channel::from_fd(channel),
+                    stdout,
+                    stderr,
+                }))
+            }
+            ShimEvent::SpawnFailed {
+                instance: i,
+                message,
+            } if i == instance => Ok(Err(message)),
+            other => Err(Error::Unexpected {
+                op: op_of(&other),
+                expected: "instance_spawned",
+            }),
+        }
+    }
+}
+
+/// The agent's end of one function instance.
+#[derive(Debug)]
+pub struct InstanceLink(pub Channel);
+
+impl InstanceLink {
+    /// Waits until the instance imported its handler. `Ok(Err(_))` is a handler that
+    /// failed to load (missing module or function, exception at import).
+    pub fn wait_loaded(&mut self) -> Result<Result<(), FunctionError>, Error> {
+        match self.0.recv()?.header {
+            InstanceEvent::Loaded => Ok(Ok(())),
+            InstanceEvent::LoadFailed { error } => Ok(Err(error)),
+            other => Err(Error::Unexpected {
+                op: op_of(&other),
+                expected: "loaded",
+            }),
+        }
+    }
+
+    pub fn send_invoke(&self, id: u64, event: &[u8]) -> Result<(), Error> {
+        self.0.send(&InstanceRequest::Invoke { id }, event, &[])
+    }
+}
+
+/// The shim's end of its channel to the agent.
+#[derive(Debug)]
+pub struct AgentLink(pub Channel);
+
+impl AgentLink {
+    pub fn announce_ready(&self, zygote_pid: i32) -> Result<(), Error> {
+        self.0.send(&ShimEvent::Ready { zygote_pid }, b"", &[])
+    }
+
+    pub fn next_request(&mut self) -> Result<ShimRequest, Error> {
+        Ok(self.0.recv()?.header)
+    }
+
+    /// Hands the agent an instance's channel and its stdout/stderr read ends.
+    pub fn report_spawned(
+        &self,
+        instance: u64,
+        pid: i32,
+        channel: impl AsFd,
+        stdout: impl AsFd,
+        stderr: impl AsFd,
+    ) -> Result<(), Error> {
+        self.0.send(
+            &ShimEvent::InstanceSpawned { instance, pid },
+            b"",
+            &[channel.as_fd(), stdout.as_fd(), stderr.as_fd()],
+        )
+    }
+
+    pub fn report_spawn_failed(&self, instance: u64, message: String) -> Result<(), Error> {
+        self.0
+            .send(&ShimEvent::SpawnFailed { instance, message }, b"", &[])
+    }
+}
+
+/// The shim's end of its channel to a zygote.
+#[derive(Debug)]
+pub struct ZygoteLink(pub Channel);
+
+impl ZygoteLink {
+    pub fn wait_ready(&mut self) -> Result<i32, Error> {
+        match self.0.recv()?.header {
+            ZygoteEvent::Ready { pid } => Ok(pid),
+            other => Err(Error::Unexpected {
+                op: op_of(&other),
+                expected: "ready",
+            }),
+        }
+    }
+
+    /// Asks the zygote to fork an instance that serves on `channel` and writes its
+    /// output to `stdout`/`stderr`. Returns the instance's pid or the zygote's refusal.
+    pub fn fork(
+        &mut self,
+        spec: InstanceSpec,
+        channel: impl AsFd,
+        stdout: impl AsFd,
+        stderr: impl AsFd,
+    ) -> Result<Result<i32, String>, Error> {
+        let instance = spec.instance;
+        self.0.send(
+            &ZygoteRequest::Fork(spec),
+            b"",
+            &[channel.as_fd(), stdout.as_fd(), stderr.as_fd()],
+        )?;
+        match self.0.recv()?.header {
+            ZygoteEvent::Forked { instance: i, pid } if i == instance => Ok(Ok(pid)),
+            ZygoteEvent::ForkFailed {
+                instance: i,
+                message,
+            } if i == instance => Ok(Err(message)),
+            other => Err(Error::Unexpected {
+                op: op_of(&other),
+                expected: "forked",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_flat_json_objects_named_by_op() {
+        let spec = InstanceSpec {
+            instance: 3,
+            function: "hello".into(),
+            runtime: Runtime::Python,
+            code_dir: "/code".into(),
+            handler: Handler::parse("f:f").unwrap(),
+        };
+        let v = serde_json::to_value(ShimRequest::SpawnInstance(spec)).unwrap();
+        assert_eq!(v["op"], "spawn_instance");
+        assert_eq!(v["instance"], 3);
+        assert_eq!(v["handler"]["module"], "f");
+        let v = serde_json::to_value(InstanceEvent::Raised {
+            id: 1,
+            error: FunctionError {
+                kind: "ValueError".into(),
+                message: "m".into(),
+                traceback: "t".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(v["op"], "raised");
+        assert_eq!(v["error"]["type"], "ValueError");
+    }
+
+    #[test]
+    fn handler_parsing_names_the_problem() {
+        assert_eq!(
+            Handler::parse("__main__:main").unwrap().module_file(),
+            "__main__.py"
+        );
+        assert_eq!(
+            Handler::parse("pkg.mod:run").unwrap().module_file(),
+            "pkg/mod.py"
+        );
+        assert!(Handler::parse("f").unwrap_err().contains("module:function"));
+        assert!(Handler::parse("../x:f").unwrap_err().contains("module"));
+        assert!(Handler::parse("f:1x").unwrap_err().contains("function"));
+    }
+
+    #[test]
+    fn spawn_handshake_carries_three_descriptors() {
+        let (agent_end, shim_end) = Channel::pair().unwrap();
+        let shim = std::thread::spawn(move || {
+            let mut link = AgentLink(shim_end);
+            link.announce_ready(2).unwrap();
+            let ShimRequest::SpawnInstance(spec) = link.next_request().unwrap();
+            let (mine, _theirs) = Channel::pair().unwrap();
+            let (r1, _w1) = std::io::pipe().unwrap();
+            let (r2, _w2) = std::io::pipe().unwrap();
+            link.report_spawned(spec.instance, 9, &mine, &r1, &r2)
+                .unwrap();
+        });
+        let mut link = ShimLink(agent_end);
+        assert_eq!(link.wait_ready().unwrap(), 2);
+        let spec = InstanceSpec {
+            instance: 5,
+            function: "f".into(),
+            runtime: Runtime::Python,
+            code_dir: "/code".into(),
+            handler: Handler::parse("f:f").unwrap(),
+        };
+        let spawned = link.spawn_instance(spec).unwrap().unwrap();
+        assert_eq!(spawned.pid, 9);
+        shim.join().unwrap();
+    }
+}
