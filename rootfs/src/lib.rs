@@ -1,0 +1,53 @@
+//! Builds a sprout sandbox's filesystem view and its OCI bundle.
+//!
+//! A sandbox's root is a small shared skeleton ([`Skeleton`]): empty mount points,
+//! `bin -> usr/bin`-style links and a minimal `/etc`. Everything else comes in as
+//! mounts made by the runtime inside the sandbox's own mount namespace, so the host's
+//! mount table never changes:
+//!
+//! | inside     | what                                   | mode            |
+//! |------------|----------------------------------------|-----------------|
+//! | `/usr`     | the host's `/usr`                      | bind, read-only |
+//! | `/.sprout` | the agent's runtime directory (shim, Python runtime) | bind, read-only |
+//! | `/code`    | the function's directory               | bind, read-only |
+//! | `/tmp`     | a tmpfs (charged to the sandbox's memory cgroup) | read-write |
+//! | `/proc`, `/dev`, `/sys` | the usual, `/sys` read-only, no `/sys/fs/cgroup` | |
+//!
+//! [`bundle_spec`] turns a [`SandboxConfig`] into an `oci_spec::runtime::Spec`.
+
+mod seccomp;
+mod skeleton;
+mod spec;
+
+pub use skeleton::Skeleton;
+pub use spec::{bundle_spec, write_bundle, Limits, SandboxConfig};
+
+/// Where the function's code appears inside a sandbox.
+pub const CODE_DIR: &str = "/code";
+/// Where the agent's runtime directory appears inside a sandbox.
+pub const RUNTIME_DIR: &str = "/.sprout";
+/// The shim binary inside a sandbox (PID 1).
+pub const SHIM_PATH: &str = "/.sprout/shim";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("create {path}")]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} path {path} must be absolute")]
+    RelativePath {
+        what: &'static str,
+        path: std::path::PathBuf,
+    },
+    #[error("sandbox spec is not valid OCI")]
+    Spec(#[source] serde_json::Error),
+    #[error("write bundle {path}")]
+    Save {
+        path: std::path::PathBuf,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+}
