@@ -1,0 +1,269 @@
+//! sprout's cgroups on cgroup v1 and v2: where they are, what they count, how they go.
+//!
+//! libcontainer creates and configures each sandbox's cgroup; this module only reads
+//! counters and removes trees (a crashed agent's leftovers, the agent's own parent
+//! cgroup at exit). Everything goes through the hierarchy root given at
+//! construction, so tests run on a fake tree in a temp dir.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{io_err, Error};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// One hierarchy per controller under the root (legacy or hybrid layout).
+    V1,
+    /// One unified hierarchy at the root.
+    V2,
+}
+
+/// The host's cgroup hierarchy, seen from its root (normally `/sys/fs/cgroup`).
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    root: PathBuf,
+    version: CgroupVersion,
+}
+
+const KILL_ROUNDS: u32 = 200;
+
+impl Cgroups {
+    /// Detects the host's setup. Hybrid counts as v1: its cgroup2 mount has no controllers.
+    pub fn detect() -> Result<Cgroups, Error> {
+        use libcgroups::common::CgroupSetup;
+        let version = match libcgroups::common::get_cgroup_setup().map_err(Error::CgroupSetup)? {
+            CgroupSetup::Legacy | CgroupSetup::Hybrid => CgroupVersion::V1,
+            CgroupSetup::Unified => CgroupVersion::V2,
+        };
+        Ok(Cgroups {
+            root: PathBuf::from("/sys/fs/cgroup"),
+            version,
+        })
+    }
+
+    /// A hierarchy at `root` (for tests).
+    pub fn at(root: &Path, version: CgroupVersion) -> Cgroups {
+        Cgroups {
+            root: root.to_path_buf(),
+            version,
+        }
+    }
+
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    /// Every directory that stands for the cgroup `rel` (one per v1 controller).
+    pub fn dirs(&self, rel: &Path) -> Vec<PathBuf> {
+        let rel = rel.strip_prefix("/").unwrap_or(rel);
+        match self.version {
+            CgroupVersion::V2 => vec![self.root.join(rel)],
+            CgroupVersion::V1 => self
+                .v1_hierarchies()
+                .into_iter()
+                .map(|h| h.join(rel))
+                .collect(),
+        }
+    }
+
+    /// v1 controller mounts: real directories under the root, minus the controller-less
+    /// `unified` of the hybrid layout (and symlinks such as `cpu -> cpu,cpuacct`).
+    fn v1_hierarchies(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_type().map(|t| t.is_dir()).unwrap_or(false) && e.file_name() != "unified"
+            })
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    /// The memory controller's directory for `rel`.
+    fn memory_dir(&self, rel: &Path) -> PathBuf {
+        let rel = rel.strip_prefix("/").unwrap_or(rel);
+        match self.version {
+            CgroupVersion::V2 => self.root.join(rel),
+            CgroupVersion::V1 => self.root.join("memory").join(rel),
+        }
+    }
+
+    /// How many times the kernel's OOM killer killed a process in `rel`.
+    pub fn oom_kills(&self, rel: &Path) -> Result<u64, Error> {
+        let file = match self.version {
+            CgroupVersion::V1 => self.memory_dir(rel).join("memory.oom_control"),
+            CgroupVersion::V2 => self.memory_dir(rel).join("memory.events"),
+        };
+        let text = fs::read_to_string(&file).map_err(io_err("read", &file))?;
+        Ok(keyed_value(&text, "oom_kill").unwrap_or(0))
+    }
+
+    /// Kills every process in `rel` and its descendants, then removes the cgroups,
+    /// deepest first, in every hierarchy. Missing cgroups are fine.
+    pub fn remove_tree(&self, rel: &Path) -> Result<(), Error> {
+        for dir in self.dirs(rel) {
+            if dir.is_dir() {
+                remove_dir_tree(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `rel` where it is an empty leaf; a cgroup still in use is left alone.
+    pub fn remove_if_unused(&self, rel: &Path) {
+        for dir in self.dirs(rel) {
+            let _ = fs::remove_dir(&dir);
+        }
+    }
+}
+
+fn remove_dir_tree(dir: &Path) -> Result<(), Error> {
+    let children: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err("list", dir))?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| e.path())
+        .collect();
+    for child in children {
+        remove_dir_tree(&child)?;
+    }
+    kill_all(dir)?;
+    match fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove cgroup", dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// SIGKILLs the processes listed in `dir/cgroup.procs` until none remain (a process
+/// forking between a read and the kill is caught in the next round).
+fn kill_all(dir: &Path) -> Result<(), Error> {
+    let procs = dir.join("cgroup.procs");
+    for _ in 0..KILL_ROUNDS {
+        let text = match fs::read_to_string(&procs) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("read", &procs)(e)),
+        };
+        let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            return Ok(());
+        }
+        for pid in pids {
+            tracing::debug!(pid, cgroup = %dir.display(), "killing leftover process");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(Error::CgroupBusy {
+        path: dir.to_path_buf(),
+        attempts: KILL_ROUNDS,
+    })
+}
+
+/// The value of `key` in a `key value` per line file (memory.events, memory.oom_control).
+fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_v1(root: &Path) -> Cgroups {
+        for c in ["memory", "pids", "cpu", "freezer", "unified"] {
+            fs::create_dir_all(root.join(c)).unwrap();
+        }
+        std::os::unix::fs::symlink(root.join("cpu"), root.join("cpu,cpuacct")).unwrap();
+        Cgroups::at(root, CgroupVersion::V1)
+    }
+
+    #[test]
+    fn v1_dirs_span_controllers_but_not_unified_or_links() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v1(t.path());
+        let dirs = cg.dirs(Path::new("/sprout/7"));
+        let names: Vec<_> = dirs
+            .iter()
+            .map(|d| d.strip_prefix(t.path()).unwrap().to_path_buf())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "cpu/sprout/7",
+                "freezer/sprout/7",
+                "memory/sprout/7",
+                "pids/sprout/7"
+            ]
+            .map(PathBuf::from)
+        );
+        let v2 = Cgroups::at(t.path(), CgroupVersion::V2);
+        assert_eq!(v2.dirs(Path::new("/sprout/7")), [t.path().join("sprout/7")]);
+    }
+
+    #[test]
+    fn oom_kills_read_from_v1_and_v2_files() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v1(t.path());
+        let d = t.path().join("memory/sprout/1/s");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(Path::new("/sprout/1/s")).unwrap(), 2);
+
+        let v2 = Cgroups::at(t.path(), CgroupVersion::V2);
+        let d = t.path().join("sprout/2");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(v2.oom_kills(Path::new("/sprout/2")).unwrap(), 1);
+
+        let err = v2
+            .oom_kills(Path::new("/sprout/none"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sprout/none/memory.events"), "{err}");
+    }
+
+    #[test]
+    fn remove_tree_removes_nested_empty_cgroups_in_every_hierarchy() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v1(t.path());
+        for d in cg.dirs(Path::new("/sprout/9/sprout-9-1")) {
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("cgroup.procs"), "").unwrap();
+        }
+        // A fake tree cannot rmdir a directory that holds files; real cgroupfs can.
+        // Model that by removing the control files first.
+        for d in cg.dirs(Path::new("/sprout/9/sprout-9-1")) {
+            fs::remove_file(d.join("cgroup.procs")).unwrap();
+        }
+        cg.remove_tree(Path::new("/sprout/9")).unwrap();
+        for d in cg.dirs(Path::new("/sprout/9")) {
+            assert!(!d.exists(), "{} left", d.display());
+        }
+        assert!(
+            t.path().join("memory/sprout").is_dir(),
+            "the parent is not part of the tree"
+        );
+        cg.remove_if_unused(Path::new("/sprout"));
+        assert!(!t.path().join("memory/sprout").exists());
+        cg.remove_tree(Path::new("/sprout/absent")).unwrap();
+    }
+}

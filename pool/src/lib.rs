@@ -1,0 +1,83 @@
+//! Sandbox lifecycle for sprout, through youki's `libcontainer`.
+//!
+//! libcontainer is not safe to call from several threads (it changes the working
+//! directory and clones with a raw `clone3` that skips libc's fork handlers), so every
+//! call to it happens in one single-threaded **spawner** process ([`Spawner`]),
+//! forked from the agent before the agent starts any thread. The agent asks the
+//! spawner to create and destroy sandboxes over an [`ipc::Channel`]; the spawner
+//! answers with the sandbox's pid and the agent's end of the shim's channel.
+//!
+//! [`StateDir`] is the agent's locked directory under `/run/sprout`; [`Cgroups`]
+//! reads and removes sprout's cgroups on v1 and v2 (behind a root path, so the logic
+//! is tested on a fake tree); [`cleanup_stale`] removes what a crashed agent left.
+//! [`Sandbox`] carries one sandbox's state machine.
+
+mod cgroup;
+mod sandbox;
+mod spawner;
+mod state;
+mod sys;
+
+pub use cgroup::{CgroupVersion, Cgroups};
+pub use sandbox::{Sandbox, SandboxState};
+pub use spawner::Spawner;
+pub use state::{cleanup_stale, StateDir};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the spawner must be started before any thread: this process has {threads} threads")]
+    Threaded { threads: usize },
+    #[error("fork the spawner")]
+    Fork(#[source] nix::Error),
+    #[error("sandbox {id}: create")]
+    Create {
+        id: String,
+        #[source]
+        source: SpawnerFailure,
+    },
+    #[error("sandbox {id}: destroy")]
+    Destroy {
+        id: String,
+        #[source]
+        source: SpawnerFailure,
+    },
+    #[error("sandbox {id}: illegal transition {from:?} -> {to:?}")]
+    Transition {
+        id: String,
+        from: SandboxState,
+        to: SandboxState,
+    },
+    #[error("the spawner has stopped")]
+    Stopped,
+    #[error("talking to the spawner")]
+    Spawner(#[source] ipc::Error),
+    #[error("{op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("detect cgroup setup")]
+    CgroupSetup(#[source] libcgroups::common::GetCgroupSetupError),
+    #[error("state directory {path} is locked by another agent")]
+    Locked { path: PathBuf },
+    #[error("cgroup {path} still has processes after {attempts} kill rounds")]
+    CgroupBusy { path: PathBuf, attempts: u32 },
+}
+
+/// What the spawner reported for a failed operation (its whole cause chain).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpawnerFailure(pub String);
+
+/// Shorthand for building [`Error::Io`].
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { op, path, source }
+}

@@ -1,0 +1,322 @@
+//! The spawner: the one single-threaded process that calls libcontainer.
+//!
+//! Forked from the agent before the agent starts any thread. It creates a sandbox by
+//! building and starting a libcontainer container whose stdin is one end of a fresh
+//! socket pair (the shim's channel) and hands the other end to the agent. A sandbox's
+//! init (the shim) is the spawner's child, so the spawner reaps it when it destroys
+//! the sandbox. When the agent's end of the control channel closes without a
+//! `shutdown`, the agent died: the spawner destroys every sandbox and removes the
+//! agent's cgroups and state directory itself.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::{kill, signal, SigHandler, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+
+use crate::{sys, Cgroups, Error, Sandbox, SpawnerFailure, StateDir};
+use ipc::proto::ShimLink;
+use ipc::Channel;
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum SpawnerRequest {
+    Create {
+        id: String,
+        bundle: PathBuf,
+    },
+    Destroy {
+        id: String,
+    },
+    /// The agent is exiting cleanly and removes its state itself.
+    Shutdown,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum SpawnerReply {
+    /// Carries one descriptor: the agent's end of the shim's channel.
+    Created {
+        pid: i32,
+    },
+    Destroyed,
+    Failed {
+        message: String,
+    },
+}
+
+/// The agent's handle on its spawner process.
+#[derive(Debug)]
+pub struct Spawner {
+    /// `None` once [`Spawner::shutdown`] ran.
+    channel: Mutex<Option<Channel>>,
+    pid: Pid,
+}
+
+/// What the forked spawner needs to clean up after an agent that died.
+struct Orphaned {
+    state_dir: PathBuf,
+    cgroup_parent: PathBuf,
+    cgroups: Cgroups,
+}
+
+impl Spawner {
+    /// Forks the spawner. Must be called while this process has a single thread.
+    pub fn start(state: &StateDir, cgroups: &Cgroups) -> Result<Spawner, Error> {
+        let threads = sys::thread_count();
+        if threads != 1 {
+            return Err(Error::Threaded { threads });
+        }
+        let (ours, theirs) = Channel::pair().map_err(|e| Error::Spawner(ipc::Error::Io(e)))?;
+        let containers = state.containers();
+        let orphaned = Orphaned {
+            state_dir: state.path().to_path_buf(),
+            cgroup_parent: state.cgroup_parent(),
+            cgroups: cgroups.clone(),
+        };
+        match sys::fork_single_threaded().map_err(Error::Fork)? {
+            ForkResult::Child => {
+                drop(ours);
+                sys::set_process_name(c"sprout-spawner");
+                // Terminal signals go to the agent, which shuts down cleanly; the
+                // spawner follows when the agent closes the channel.
+                // SAFETY: SIG_IGN installs no Rust handler; no other thread exists.
+                let _ = unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) };
+                let code = serve(theirs, &containers, orphaned);
+                sys::exit_now(code)
+            }
+            ForkResult::Parent { child } => {
+                drop(theirs);
+                tracing::debug!(spawner_pid = child.as_raw(), "spawner started");
+                Ok(Spawner {
+                    channel: Mutex::new(Some(ours)),
+                    pid: child,
+                })
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    fn call(&self, req: &SpawnerRequest) -> Result<ipc::Message<SpawnerReply>, Error> {
+        let mut guard = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let ch = guard.as_mut().ok_or(Error::Stopped)?;
+        ch.send(req, b"", &[]).map_err(Error::Spawner)?;
+        ch.recv().map_err(Error::Spawner)
+    }
+
+    /// Creates and starts the sandbox `id` from `bundle`; `cgroup` is the cgroup path
+    /// its spec names. Returns it in state `Creating` with the shim's channel.
+    pub fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        cgroup: PathBuf,
+    ) -> Result<(Sandbox, ShimLink), Error> {
+        let span = tracing::debug_span!("create_sandbox", sandbox_id = %id);
+        let _g = span.enter();
+        let reply = self.call(&SpawnerRequest::Create {
+            id: id.to_owned(),
+            bundle: bundle.to_path_buf(),
+        })?;
+        match reply.header {
+            SpawnerReply::Created { pid } => {
+                let fd =
+                    reply
+                        .fds
+                        .into_iter()
+                        .next()
+                        .ok_or(Error::Spawner(ipc::Error::MissingFds {
+                            expected: 1,
+                            queued: 0,
+                        }))?;
+                tracing::debug!(pid, "sandbox started");
+                Ok((
+                    Sandbox::new(id.to_owned(), pid, cgroup),
+                    ShimLink(Channel::from_fd(fd)),
+                ))
+            }
+            SpawnerReply::Failed { message } => Err(Error::Create {
+                id: id.to_owned(),
+                source: SpawnerFailure(message),
+            }),
+            SpawnerReply::Destroyed => Err(Error::Spawner(ipc::Error::Unexpected {
+                op: "destroyed".into(),
+                expected: "created",
+            })),
+        }
+    }
+
+    /// Kills every process of the sandbox, reaps its init and removes its container
+    /// state and cgroup.
+    pub fn destroy(&self, sandbox: &mut Sandbox) -> Result<(), Error> {
+        let span = tracing::debug_span!("destroy_sandbox", sandbox_id = %sandbox.id());
+        let _g = span.enter();
+        if sandbox.state() != crate::SandboxState::Dead {
+            sandbox.transition(crate::SandboxState::Dead)?;
+        }
+        match self
+            .call(&SpawnerRequest::Destroy {
+                id: sandbox.id().to_owned(),
+            })?
+            .header
+        {
+            SpawnerReply::Destroyed => Ok(()),
+            SpawnerReply::Failed { message } => Err(Error::Destroy {
+                id: sandbox.id().to_owned(),
+                source: SpawnerFailure(message),
+            }),
+            SpawnerReply::Created { .. } => Err(Error::Spawner(ipc::Error::Unexpected {
+                op: "created".into(),
+                expected: "destroyed",
+            })),
+        }
+    }
+
+    /// Tells the spawner the agent is leaving cleanly, and waits for it to exit after
+    /// it destroyed whatever sandboxes remain. Later calls do nothing; later requests
+    /// fail with [`Error::Stopped`].
+    pub fn shutdown(&self) -> Result<(), Error> {
+        let Some(ch) = self
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        let sent = ch
+            .send(&SpawnerRequest::Shutdown, b"", &[])
+            .map_err(Error::Spawner);
+        drop(ch);
+        let _ = waitpid(self.pid, None);
+        sent
+    }
+}
+
+/// The spawner's loop. Returns its exit code.
+fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
+    let mut live: HashMap<String, Container> = HashMap::new();
+    let clean_exit = loop {
+        let req = match channel.recv::<SpawnerRequest>() {
+            Ok(m) => m.header,
+            Err(ipc::Error::Closed) => break false,
+            Err(e) => {
+                tracing::error!(error = %ipc::chain(&e), "spawner: bad request; exiting");
+                break false;
+            }
+        };
+        let sent = match req {
+            SpawnerRequest::Create { id, bundle } => match create(&id, &bundle, containers) {
+                Ok((container, agent_end)) => {
+                    let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+                    live.insert(id, container);
+                    channel.send(&SpawnerReply::Created { pid }, b"", &[agent_end.as_fd()])
+                }
+                Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
+            },
+            SpawnerRequest::Destroy { id } => {
+                let reply = match live.remove(&id) {
+                    Some(c) => match destroy(c) {
+                        Ok(()) => SpawnerReply::Destroyed,
+                        Err(message) => SpawnerReply::Failed { message },
+                    },
+                    None => SpawnerReply::Failed {
+                        message: format!("no live sandbox {id}"),
+                    },
+                };
+                channel.send(&reply, b"", &[])
+            }
+            SpawnerRequest::Shutdown => break true,
+        };
+        if let Err(e) = sent {
+            tracing::error!(error = %ipc::chain(&e), "spawner: reply failed; exiting");
+            break false;
+        }
+    };
+    for (id, c) in live.drain() {
+        if let Err(message) = destroy(c) {
+            tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
+        }
+    }
+    if !clean_exit {
+        tracing::warn!(state_dir = %orphaned.state_dir.display(), "agent went away; spawner removed its sandboxes and state");
+        if let Err(e) = orphaned.cgroups.remove_tree(&orphaned.cgroup_parent) {
+            tracing::error!(error = %ipc::chain(&e), "spawner: remove cgroups");
+        }
+        orphaned
+            .cgroups
+            .remove_if_unused(Path::new(crate::state::CGROUP_PARENT));
+        let _ = std::fs::remove_dir_all(&orphaned.state_dir);
+        if let Some(root) = orphaned.state_dir.parent() {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+    0
+}
+
+fn create(id: &str, bundle: &Path, containers: &Path) -> Result<(Container, OwnedFd), String> {
+    let fail = |what: &str, e: &dyn std::error::Error| format!("{what}: {}", ipc::chain(e));
+    let (agent_end, shim_end) = UnixStream::pair().map_err(|e| fail("socket pair", &e))?;
+    let devnull = File::open("/dev/null").map_err(|e| fail("open /dev/null", &e))?;
+    let stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| fail("dup stderr", &e))?;
+    let built = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+        .with_root_path(containers)
+        .map(|b| {
+            b.with_stdin(OwnedFd::from(shim_end))
+                .with_stdout(devnull)
+                .with_stderr(stderr)
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+        });
+    let mut container = match built {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) | Err(e) => {
+            remove_partial(id, containers);
+            return Err(fail("build container", &e));
+        }
+    };
+    if let Err(e) = container.start() {
+        let message = fail("start container", &e);
+        let _ = destroy(container);
+        return Err(message);
+    }
+    Ok((container, OwnedFd::from(agent_end)))
+}
+
+/// Deletes what a failed build left in the state root.
+fn remove_partial(id: &str, containers: &Path) {
+    let dir = containers.join(id);
+    if let Ok(c) = Container::load(dir.clone()) {
+        let _ = destroy(c);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn destroy(mut container: Container) -> Result<(), String> {
+    if let Some(pid) = container.pid() {
+        // Killing the PID namespace's init kills every process in it; reaping it
+        // returns once they are all gone.
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+    }
+    container
+        .delete(true)
+        .map_err(|e| format!("delete container {}: {}", container.id(), ipc::chain(&e)))
+}

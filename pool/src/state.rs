@@ -1,0 +1,196 @@
+//! The agent's state directory and the cleanup of what crashed agents left behind.
+//!
+//! Each agent owns `<root>/<agent-id>/` (the agent id is its pid) and holds an
+//! exclusive `flock` on `<root>/<agent-id>/lock` for its whole life; the spawner
+//! inherits the lock, so a directory stays "live" while either process runs. Its
+//! sandboxes' cgroups live under `/sprout/<agent-id>/`. A directory whose lock can
+//! be taken belongs to a dead agent: [`cleanup_stale`] kills what is left in its
+//! cgroups and removes both trees.
+
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::{io_err, Cgroups, Error};
+
+/// The cgroup under which every sprout agent puts its sandboxes.
+pub const CGROUP_PARENT: &str = "/sprout";
+
+/// An agent's locked state directory.
+#[derive(Debug)]
+pub struct StateDir {
+    root: PathBuf,
+    dir: PathBuf,
+    agent_id: String,
+    _lock: Flock<File>,
+}
+
+impl StateDir {
+    /// Creates and locks `<root>/<pid>`.
+    pub fn acquire(root: &Path) -> Result<StateDir, Error> {
+        let agent_id = std::process::id().to_string();
+        let dir = root.join(&agent_id);
+        let lock_path = dir.join("lock");
+        // A cleaner may lock and remove a fresh directory between our mkdir and our
+        // flock; the inode check notices and we try again.
+        for _ in 0..3 {
+            fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(io_err("open", &lock_path))?;
+            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .map_err(|_| Error::Locked { path: dir.clone() })?;
+            let same = match (fs::metadata(&lock_path), lock.metadata()) {
+                (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+                _ => false,
+            };
+            if same {
+                return Ok(StateDir {
+                    root: root.to_path_buf(),
+                    dir,
+                    agent_id,
+                    _lock: lock,
+                });
+            }
+        }
+        Err(Error::Locked { path: dir })
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// libcontainer's state root for this agent's containers.
+    pub fn containers(&self) -> PathBuf {
+        self.dir.join("containers")
+    }
+
+    pub fn bundles(&self) -> PathBuf {
+        self.dir.join("bundles")
+    }
+
+    /// This agent's parent cgroup (from the hierarchy root).
+    pub fn cgroup_parent(&self) -> PathBuf {
+        Path::new(CGROUP_PARENT).join(&self.agent_id)
+    }
+
+    /// Removes the directory, this agent's cgroups, and the shared parents if unused.
+    pub fn remove(self, cgroups: &Cgroups) -> Result<(), Error> {
+        let result = cgroups.remove_tree(&self.cgroup_parent());
+        cgroups.remove_if_unused(Path::new(CGROUP_PARENT));
+        fs::remove_dir_all(&self.dir).map_err(io_err("remove", &self.dir))?;
+        let _ = fs::remove_dir(&self.root);
+        result
+    }
+}
+
+/// Whether a live agent holds `<root>/<id>/lock`.
+fn is_live(root: &Path, id: &str) -> bool {
+    let Ok(file) = File::open(root.join(id).join("lock")) else {
+        return false;
+    };
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
+/// Removes the state directories and cgroups of agents that are gone, and returns
+/// their ids. Live agents (including this one) are left alone.
+pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Result<Vec<String>, Error> {
+    let mut ids: Vec<String> = Vec::new();
+    if let Ok(entries) = fs::read_dir(root) {
+        ids.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok()),
+        );
+    }
+    // Cgroups whose state directory is already gone count too.
+    for dir in cgroups.dirs(Path::new(CGROUP_PARENT)) {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.filter_map(Result::ok) {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    if let Ok(name) = e.file_name().into_string() {
+                        ids.push(name);
+                    }
+                }
+            }
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    let mut cleaned = Vec::new();
+    for id in ids {
+        if is_live(root, &id) {
+            continue;
+        }
+        tracing::info!(agent_id = %id, "removing what a stopped agent left behind");
+        cgroups.remove_tree(&Path::new(CGROUP_PARENT).join(&id))?;
+        let dir = root.join(&id);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err("remove", &dir)(e))
+            }
+            _ => {}
+        }
+        cleaned.push(id);
+    }
+    Ok(cleaned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CgroupVersion;
+
+    #[test]
+    fn stale_directories_and_cgroups_go_live_ones_stay() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("run");
+        let cg_root = t.path().join("cg");
+        fs::create_dir_all(cg_root.join("memory")).unwrap();
+        let cgroups = Cgroups::at(&cg_root, CgroupVersion::V1);
+
+        // A dead agent: directory with an unlocked lock file, and a cgroup.
+        fs::create_dir_all(root.join("999999")).unwrap();
+        fs::write(root.join("999999/lock"), "").unwrap();
+        fs::create_dir_all(cg_root.join("memory/sprout/999999/sprout-999999-1")).unwrap();
+        // An orphan cgroup with no state directory at all.
+        fs::create_dir_all(cg_root.join("memory/sprout/888888")).unwrap();
+
+        let me = StateDir::acquire(&root).unwrap();
+        fs::create_dir_all(
+            cg_root
+                .join("memory")
+                .join(me.cgroup_parent().strip_prefix("/").unwrap()),
+        )
+        .unwrap();
+
+        let cleaned = cleanup_stale(&root, &cgroups).unwrap();
+        assert_eq!(cleaned, ["888888", "999999"]);
+        assert!(!root.join("999999").exists());
+        assert!(!cg_root.join("memory/sprout/999999").exists());
+        assert!(!cg_root.join("memory/sprout/888888").exists());
+        assert!(me.path().is_dir(), "a live agent's directory is kept");
+        assert!(cg_root.join("memory/sprout").join(me.agent_id()).is_dir());
+
+        me.remove(&cgroups).unwrap();
+        assert!(!root.exists(), "an empty root goes too");
+        assert!(!cg_root.join("memory/sprout").exists());
+    }
+
+    #[test]
+    fn a_second_acquire_of_a_live_directory_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let _me = StateDir::acquire(t.path()).unwrap();
+        let err = StateDir::acquire(t.path()).unwrap_err().to_string();
+        assert!(err.contains("locked by another agent"), "{err}");
+    }
+}
