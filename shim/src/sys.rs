@@ -1,0 +1,39 @@
+//! The shim's raw process calls; the only `unsafe` in the binary.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::sys::signal::{SigSet, SigmaskHow};
+
+/// Takes ownership of descriptor `fd`, which this process inherited.
+///
+/// # Safety
+/// `fd` must be open and owned by nothing else in this process.
+pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Makes `cmd` start with `fd` as its descriptor 3 and an empty signal mask.
+pub fn with_fd3_and_clean_mask(cmd: &mut Command, fd: &OwnedFd) {
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // async-signal-safe functions (dup2, fcntl via dup2's semantics, sigprocmask);
+    // it allocates nothing and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears close-on-exec on the new descriptor; if raw is already 3,
+            // clear it by hand.
+            if raw == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            Ok(())
+        });
+    }
+}
