@@ -1,0 +1,179 @@
+//! The agent's error type, and its one mapping to the API's error shape.
+
+use std::path::PathBuf;
+
+use ipc::api::{ErrorDetail, Logs};
+use ipc::proto::FunctionError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid event JSON")]
+    InvalidEvent(#[source] serde_json::Error),
+    #[error(
+        "invalid function name {name:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'"
+    )]
+    InvalidName { name: String },
+    #[error("function {name:?} is not registered")]
+    NotFound { name: String },
+    #[error("function directory {path}")]
+    FunctionDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handler {handler} needs {file} in {dir}, which does not exist")]
+    HandlerFileMissing {
+        handler: String,
+        file: String,
+        dir: PathBuf,
+    },
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("unpack function archive into {path}")]
+    Unpack {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("function {function}: handler {handler} failed to load: {}: {}", error.kind, error.message)]
+    LoadFailed {
+        function: String,
+        handler: String,
+        error: FunctionError,
+    },
+    #[error("function {function} raised {}: {}", error.kind, error.message)]
+    Handler {
+        function: String,
+        error: FunctionError,
+        logs: Logs,
+    },
+    #[error("function {function} timed out after {timeout_ms} ms")]
+    Timeout {
+        function: String,
+        timeout_ms: u64,
+        logs: Logs,
+    },
+    #[error("function {function} ran out of memory (limit {limit_mb} MiB)")]
+    OutOfMemory {
+        function: String,
+        limit_mb: u64,
+        logs: Logs,
+    },
+    #[error("function {function} returned a result that is not JSON")]
+    BadResult {
+        function: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("function {function}'s instance (pid {pid} in sandbox {sandbox}) exited during the invocation")]
+    InstanceDied {
+        function: String,
+        sandbox: String,
+        pid: i32,
+        logs: Logs,
+    },
+    #[error("sandbox {sandbox}: shim could not start an instance of {function}: {message}")]
+    Spawn {
+        sandbox: String,
+        function: String,
+        message: String,
+    },
+    #[error("sandbox {sandbox}: talking to {peer}")]
+    Protocol {
+        sandbox: String,
+        peer: &'static str,
+        #[source]
+        source: ipc::Error,
+    },
+    #[error(transparent)]
+    Pool(#[from] pool::Error),
+    #[error("state directory {path}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// What kind of failure an error is: decides the HTTP status and the CLI exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request was wrong (400).
+    BadRequest,
+    /// The function does not exist (404).
+    NotFound,
+    /// The function ran and failed: raised, timed out, ran out of memory (502/504).
+    Function,
+    Timeout,
+    /// sprout itself failed (500) or is going away (503).
+    Internal,
+    Unavailable,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        use Error::*;
+        match self {
+            InvalidEvent(_)
+            | InvalidName { .. }
+            | FunctionDir { .. }
+            | HandlerFileMissing { .. }
+            | InvalidConfig(_)
+            | Unpack { .. } => ErrorKind::BadRequest,
+            NotFound { .. } => ErrorKind::NotFound,
+            LoadFailed { .. }
+            | Handler { .. }
+            | OutOfMemory { .. }
+            | BadResult { .. }
+            | InstanceDied { .. } => ErrorKind::Function,
+            Timeout { .. } => ErrorKind::Timeout,
+            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } => ErrorKind::Internal,
+            ShuttingDown => ErrorKind::Unavailable,
+        }
+    }
+
+    /// The stable name of this error in API bodies.
+    pub fn name(&self) -> &'static str {
+        use Error::*;
+        match self {
+            InvalidEvent(_) => "invalid_event",
+            InvalidName { .. } | InvalidConfig(_) => "bad_request",
+            FunctionDir { .. } | HandlerFileMissing { .. } | Unpack { .. } => "invalid_function",
+            NotFound { .. } => "not_found",
+            LoadFailed { .. } => "load_error",
+            Handler { .. } => "handler_error",
+            Timeout { .. } => "timeout",
+            OutOfMemory { .. } => "out_of_memory",
+            BadResult { .. } => "bad_result",
+            InstanceDied { .. } => "instance_died",
+            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } => "internal",
+            ShuttingDown => "unavailable",
+        }
+    }
+
+    /// The error as the API and the CLI show it; the message is the whole cause chain.
+    pub fn detail(&self) -> ErrorDetail {
+        let (exception, traceback) = match self {
+            Error::Handler { error, .. } | Error::LoadFailed { error, .. } => {
+                (Some(error.kind.clone()), Some(error.traceback.clone()))
+            }
+            _ => (None, None),
+        };
+        let logs = match self {
+            Error::Handler { logs, .. }
+            | Error::Timeout { logs, .. }
+            | Error::OutOfMemory { logs, .. }
+            | Error::InstanceDied { logs, .. } => Some(logs.clone()),
+            _ => None,
+        };
+        ErrorDetail {
+            kind: self.name().to_owned(),
+            message: ipc::chain(self),
+            exception,
+            traceback,
+            logs,
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! A warm function instance: one sandbox, its shim, and the instance forked from the
+//! sandbox's zygote. The agent talks to the instance directly over the channel the
+//! shim handed over, and reads the instance's stdout/stderr pipes itself.
+
+use std::fs::File;
+use std::io::{ErrorKind as IoKind, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use ipc::api::Logs;
+use ipc::proto::{FunctionError, InstanceEvent, InstanceLink, ShimLink};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use pool::{Sandbox, SandboxState};
+
+/// How long a new sandbox's shim may take to report ready.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+pub struct Instance {
+    pub sandbox: Sandbox,
+    /// Kept open for the sandbox's life: closing it makes the shim exit.
+    pub _shim: ShimLink,
+    pub link: InstanceLink,
+    pub pid: i32,
+    pub function: String,
+    pub function_version: u64,
+    pub stdout: Output,
+    pub stderr: Output,
+}
+
+/// Why a call to an instance did not return a result.
+#[derive(Debug)]
+pub enum CallFailure {
+    Raised(FunctionError),
+    /// The deadline passed; the instance is still running.
+    TimedOut,
+    /// The instance's channel closed: it died (killed, crashed, out of memory).
+    Died,
+    Protocol(ipc::Error),
+}
+
+/// One of an instance's output pipes and what it captured for the current invocation.
+#[derive(Debug)]
+pub struct Output {
+    pipe: File,
+    open: bool,
+    captured: Vec<u8>,
+    truncated: bool,
+}
+
+impl Output {
+    pub fn new(fd: OwnedFd) -> std::io::Result<Output> {
+        let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok(Output {
+            pipe: File::from(fd),
+            open: true,
+            captured: Vec::new(),
+            truncated: false,
+        })
+    }
+
+    /// Reads whatever is in the pipe now, keeping at most `limit` bytes.
+    fn drain(&mut self, limit: usize) {
+        let mut buf = [0u8; 16 << 10];
+        while self.open {
+            match self.pipe.read(&mut buf) {
+                Ok(0) => self.open = false,
+                Ok(n) => {
+                    let room = limit.saturating_sub(self.captured.len());
+                    self.captured.extend_from_slice(&buf[..n.min(room)]);
+                    self.truncated |= n > room;
+                }
+                Err(e) if e.kind() == IoKind::WouldBlock => break,
+                Err(e) if e.kind() == IoKind::Interrupted => continue,
+                Err(_) => self.open = false,
+            }
+        }
+    }
+
+    fn take(&mut self) -> (String, bool) {
+        let text = String::from_utf8_lossy(&self.captured).into_owned();
+        self.captured.clear();
+        (text, std::mem::take(&mut self.truncated))
+    }
+}
+
+impl Instance {
+    /// The output captured since the last call.
+    pub fn take_logs(&mut self) -> Logs {
+        let (stdout, t1) = self.stdout.take();
+        let (stderr, t2) = self.stderr.take();
+        Logs {
+            stdout,
+            stderr,
+            truncated: t1 || t2,
+        }
+    }
+
+    /// Sends one invocation and waits for its answer until `deadline`, capturing the
+    /// instance's output meanwhile. The sandbox is `Running` during the call.
+    pub fn call(
+        &mut self,
+        id: u64,
+        event: &[u8],
+        deadline: Instant,
+        log_limit: usize,
+    ) -> Result<Vec<u8>, CallFailure> {
+        self.sandbox
+            .transition(SandboxState::Running)
+            .map_err(|_| CallFailure::Died)?;
+        let result = self.call_inner(id, event, deadline, log_limit);
+        if result.is_ok() || matches!(result, Err(CallFailure::Raised(_))) {
+            let _ = self.sandbox.transition(SandboxState::Idle);
+        }
+        result
+    }
+
+    fn call_inner(
+        &mut self,
+        id: u64,
+        event: &[u8],
+        deadline: Instant,
+        log_limit: usize,
+    ) -> Result<Vec<u8>, CallFailure> {
+        self.link.send_invoke(id, event).map_err(|e| match e {
+            ipc::Error::Io(ref io)
+                if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
+            {
+                CallFailure::Died
+            }
+            other => CallFailure::Protocol(other),
+        })?;
+        loop {
+            // A frame may already be buffered from an earlier read.
+            if let Some(msg) = self
+                .link
+                .0
+                .try_recv::<InstanceEvent>()
+                .map_err(CallFailure::Protocol)?
+            {
+                // Everything the handler printed was flushed before its answer.
+                self.stdout.drain(log_limit);
+                self.stderr.drain(log_limit);
+                return match msg.header {
+                    InstanceEvent::Returned { id: got } if got == id => Ok(msg.payload),
+                    InstanceEvent::Raised { id: got, error } if got == id => {
+                        Err(CallFailure::Raised(error))
+                    }
+                    other => Err(CallFailure::Protocol(ipc::Error::Unexpected {
+                        op: format!("{other:?}"),
+                        expected: "returned",
+                    })),
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.stdout.drain(log_limit);
+                self.stderr.drain(log_limit);
+                return Err(CallFailure::TimedOut);
+            }
+            let wait = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
+            let mut fds = vec![PollFd::new(self.link.0.as_fd(), PollFlags::POLLIN)];
+            let mut which = Vec::with_capacity(2);
+            for (i, out) in [&self.stdout, &self.stderr].into_iter().enumerate() {
+                if out.open {
+                    fds.push(PollFd::new(out.pipe.as_fd(), PollFlags::POLLIN));
+                    which.push(i);
+                }
+            }
+            match poll(&mut fds, wait) {
+                Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
+                Err(e) => return Err(CallFailure::Protocol(ipc::Error::Io(e.into()))),
+                Ok(_) => {}
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(true)).collect();
+            drop(fds);
+            for (slot, &i) in which.iter().enumerate() {
+                if ready[slot + 1] {
+                    if i == 0 {
+                        self.stdout.drain(log_limit)
+                    } else {
+                        self.stderr.drain(log_limit)
+                    }
+                }
+            }
+            if ready[0] {
+                match self.link.0.fill() {
+                    Ok(0) => {
+                        self.stdout.drain(log_limit);
+                        self.stderr.drain(log_limit);
+                        return Err(CallFailure::Died);
+                    }
+                    Ok(_) => {}
+                    Err(ipc::Error::Io(e)) if e.kind() == IoKind::ConnectionReset => {
+                        return Err(CallFailure::Died)
+                    }
+                    Err(e) => return Err(CallFailure::Protocol(e)),
+                }
+            }
+        }
+    }
+
+    /// Waits until the instance imported its handler, or `deadline`.
+    pub fn wait_loaded(&mut self, deadline: Instant) -> Result<(), CallFailure> {
+        let now = Instant::now();
+        let stream = self.link.0.stream();
+        let _ = stream.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)),
+        ));
+        let loaded = self.link.wait_loaded();
+        let _ = self.link.0.stream().set_read_timeout(None);
+        match loaded {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(CallFailure::Raised(error)),
+            Err(ipc::Error::Closed) | Err(ipc::Error::Truncated) => Err(CallFailure::Died),
+            Err(ipc::Error::Io(e)) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {
+                Err(CallFailure::TimedOut)
+            }
+            Err(e) => Err(CallFailure::Protocol(e)),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The sprout node agent.
+//!
+//! [`Agent`] is what a controller links: it registers functions, creates sandboxes
+//! through the [`pool`] spawner, keeps warm function instances, and runs invocations.
+//! Every transport turns its input into one [`Request`] and gets one [`Response`]
+//! back from [`Agent::handle`]: the `sprout` CLI (embedded, no daemon), the
+//! Unix-socket HTTP API ([`http`]) and a linking controller alike.
+//!
+//! [`Agent::start`] forks the spawner, so it must run before the process starts any
+//! thread (first thing in `main`).
+
+// Errors carry the captured output of a failed invocation; they are built once per
+// failure, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
+mod agent;
+mod config;
+mod error;
+pub mod http;
+mod instance;
+mod registry;
+mod request;
+
+pub use agent::Agent;
+pub use config::{Config, Defaults};
+pub use error::{Error, ErrorKind};
+pub use request::{FunctionSource, Invocation, Request, Response};
+
+/// The name `sprout invoke DIR` registers a function directory under.
+pub fn function_name_for_dir(dir: &std::path::Path) -> String {
+    registry::name_from_dir(dir)
+}

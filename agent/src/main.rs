@@ -1,0 +1,458 @@
+//! `sprout`: the command line. Parses arguments, turns them into agent requests
+//! (embedded, or over a daemon's Unix socket), prints results, maps errors to exit codes.
+
+#![allow(clippy::result_large_err)] // see agent/src/lib.rs
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use agent::{Agent, Config, ErrorKind, FunctionSource, Request, Response};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ipc::api::{ErrorBody, ErrorDetail, FunctionConfig, FunctionInfo, RegisterFunction};
+use ipc::client::Client;
+
+/// sprout: a latency-first worker runtime for serverless functions.
+#[derive(Parser, Debug)]
+#[command(name = "sprout", version, about)]
+struct Cli {
+    /// Talk to the daemon on this Unix socket instead of running an embedded agent.
+    #[arg(long, global = true, env = "SPROUT_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Parent directory of the agent's state.
+    #[arg(
+        long,
+        global = true,
+        env = "SPROUT_STATE_DIR",
+        default_value = "/run/sprout"
+    )]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Invoke a function: a directory (embedded agent) or, with --socket, a registered name.
+    Invoke {
+        /// Function directory, or its name on the daemon.
+        function: String,
+        /// Event JSON; `-` reads it from stdin.
+        #[arg(default_value = "{}")]
+        event: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Also print what the function wrote to stdout/stderr (on stderr).
+        #[arg(long)]
+        logs: bool,
+    },
+    /// Run the agent as a daemon serving the HTTP API on a Unix socket.
+    Serve {
+        /// Worker threads running requests.
+        #[arg(long, default_value_t = 64)]
+        workers: usize,
+    },
+    /// Manage functions registered on the daemon.
+    #[command(subcommand)]
+    Fn(FnCommand),
+    /// Show the daemon's status.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum FnCommand {
+    /// Register (or replace) a function from a directory.
+    Add {
+        name: String,
+        dir: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Upload the directory as a tar archive instead of passing its path.
+        #[arg(long)]
+        upload: bool,
+    },
+    /// List registered functions.
+    Ls,
+    /// Remove a function and its warm instances.
+    Rm { name: String },
+}
+
+#[derive(Args, Debug, Default)]
+struct LimitArgs {
+    /// Handler as module:function (default f:f, i.e. f.py with def f(event)).
+    #[arg(long)]
+    handler: Option<String>,
+    /// Memory limit in MiB (default 128).
+    #[arg(long, value_name = "MiB")]
+    memory: Option<u64>,
+    /// Timeout in milliseconds (default 60000).
+    #[arg(long, value_name = "ms")]
+    timeout: Option<u64>,
+    /// Process limit (default 64).
+    #[arg(long)]
+    pids: Option<u64>,
+    /// CPU limit in cores (default 1).
+    #[arg(long)]
+    cpus: Option<f64>,
+}
+
+impl LimitArgs {
+    fn config(&self) -> FunctionConfig {
+        FunctionConfig {
+            handler: self.handler.clone(),
+            memory_mb: self.memory,
+            timeout_ms: self.timeout,
+            pids: self.pids,
+            cpus: self.cpus,
+        }
+    }
+}
+
+/// Exit codes: 1 the function failed, 2 the request was wrong, 3 sprout failed.
+const EXIT_FUNCTION: u8 = 1;
+const EXIT_BAD_REQUEST: u8 = 2;
+const EXIT_INTERNAL: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Serve { .. }));
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sprout: {}", chain(&e));
+            ExitCode::from(EXIT_BAD_REQUEST)
+        }
+    }
+}
+
+fn init_tracing(daemon: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPROUT_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if daemon {
+            "info,libcgroups=error,libcontainer=warn"
+        } else {
+            "warn,libcgroups=error"
+        })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match (cli.command, cli.socket) {
+        (Command::Serve { workers }, Some(socket)) => serve(&socket, &cli.state_dir, workers),
+        (Command::Serve { .. }, None) => bail!("serve needs --socket PATH (or SPROUT_SOCKET)"),
+        (
+            Command::Invoke {
+                function,
+                event,
+                limits,
+                logs,
+            },
+            socket,
+        ) => {
+            let event = read_event(&event)?;
+            match socket {
+                Some(socket) => {
+                    if limits.config() != FunctionConfig::default() {
+                        bail!("--handler/--memory/--timeout/--pids/--cpus belong to `sprout fn add` when using a daemon");
+                    }
+                    invoke_remote(&socket, &function, &event, logs)
+                }
+                None => invoke_embedded(&cli.state_dir, Path::new(&function), &limits, event, logs),
+            }
+        }
+        (Command::Fn(cmd), Some(socket)) => fn_command(&socket, cmd),
+        (Command::Status, Some(socket)) => {
+            let resp = Client::connect(&socket)?.request("GET", "/status", None, b"")?;
+            print_remote(resp.status, &resp.body, false)
+        }
+        (Command::Fn(_) | Command::Status, None) => {
+            bail!("this command talks to a daemon: pass --socket PATH or set SPROUT_SOCKET (start one with `sprout serve --socket PATH`)")
+        }
+    }
+}
+
+/// Reads and validates the event before anything else happens.
+fn read_event(arg: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes = if arg == "-" {
+        let mut b = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut b)
+            .context("read event from stdin")?;
+        b
+    } else {
+        arg.as_bytes().to_vec()
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).context("invalid event JSON")?;
+    Ok(bytes)
+}
+
+fn note_requirements(dir: &Path) {
+    if dir.join("requirements.txt").is_file() {
+        eprintln!(
+            "sprout: note: {} has requirements.txt; per-function dependencies are not supported yet, \
+             so the function runs with the standard library of the host's Python only",
+            dir.display()
+        );
+    }
+}
+
+fn invoke_embedded(
+    state_dir: &Path,
+    dir: &Path,
+    limits: &LimitArgs,
+    event: Vec<u8>,
+    logs: bool,
+) -> anyhow::Result<ExitCode> {
+    // Check the directory before starting anything, so a typo leaves nothing behind.
+    if !dir.is_dir() {
+        bail!(
+            "function directory {} does not exist or is not a directory",
+            dir.display()
+        );
+    }
+    note_requirements(dir);
+    let config = Config {
+        state_root: state_dir.to_path_buf(),
+        keep_warm: false,
+        ..Config::new()
+    };
+    let agent = Agent::start(config).context("start the embedded agent")?;
+    let name = agent::function_name_for_dir(dir);
+    let result = agent
+        .handle(Request::RegisterFunction {
+            name: name.clone(),
+            source: FunctionSource::Dir(dir.to_path_buf()),
+            config: limits.config(),
+        })
+        .and_then(|_| agent.handle(Request::Invoke { name, event }));
+    agent.shutdown().context("shut the embedded agent down")?;
+    match result {
+        Ok(Response::Invoked(inv)) => {
+            if logs {
+                print_logs(&inv.logs);
+            }
+            println!("{}", String::from_utf8_lossy(&inv.result));
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(other) => bail!("unexpected response {other:?}"),
+        Err(e) => Ok(print_error(&e.detail(), exit_code(e.kind()), logs)),
+    }
+}
+
+fn exit_code(kind: ErrorKind) -> ExitCode {
+    ExitCode::from(match kind {
+        ErrorKind::Function | ErrorKind::Timeout => EXIT_FUNCTION,
+        ErrorKind::BadRequest | ErrorKind::NotFound => EXIT_BAD_REQUEST,
+        ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
+    })
+}
+
+fn print_logs(logs: &ipc::api::Logs) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(logs.stdout.as_bytes());
+    let _ = err.write_all(logs.stderr.as_bytes());
+    if logs.truncated {
+        let _ = writeln!(err, "sprout: (output truncated)");
+    }
+}
+
+/// A failed invocation: the error JSON on stdout (it is the invocation's outcome),
+/// one line on stderr.
+fn print_error(detail: &ErrorDetail, code: ExitCode, logs: bool) -> ExitCode {
+    if logs {
+        if let Some(l) = &detail.logs {
+            print_logs(l);
+        }
+    }
+    let mut shown = detail.clone();
+    if !logs {
+        shown.logs = None;
+    }
+    if matches!(
+        detail.kind.as_str(),
+        "handler_error"
+            | "load_error"
+            | "timeout"
+            | "out_of_memory"
+            | "instance_died"
+            | "bad_result"
+    ) {
+        println!(
+            "{}",
+            serde_json::to_string(&ErrorBody { error: shown }).unwrap_or_default()
+        );
+    }
+    eprintln!("sprout: {}", detail.message);
+    code
+}
+
+fn invoke_remote(socket: &Path, name: &str, event: &[u8], logs: bool) -> anyhow::Result<ExitCode> {
+    let path = format!(
+        "/functions/{name}/invoke{}",
+        if logs { "?logs=true" } else { "" }
+    );
+    let resp = Client::connect(socket)?.request("POST", &path, Some("application/json"), event)?;
+    if resp.status == 200 && logs {
+        let record: ipc::api::InvocationRecord =
+            serde_json::from_slice(&resp.body).context("decode invocation record")?;
+        print_logs(&record.logs);
+        println!("{}", record.result.get());
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_remote(resp.status, &resp.body, logs)
+}
+
+/// Prints a daemon's answer: the body on success, the error otherwise.
+fn print_remote(status: u16, body: &[u8], logs: bool) -> anyhow::Result<ExitCode> {
+    if status == 200 {
+        println!("{}", String::from_utf8_lossy(body));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let err: ErrorBody = serde_json::from_slice(body).with_context(|| {
+        format!(
+            "daemon answered {status} with {}",
+            String::from_utf8_lossy(body)
+        )
+    })?;
+    let code = match status {
+        502 | 504 => EXIT_FUNCTION,
+        400..=499 => EXIT_BAD_REQUEST,
+        _ => EXIT_INTERNAL,
+    };
+    Ok(print_error(&err.error, ExitCode::from(code), logs))
+}
+
+fn fn_command(socket: &Path, cmd: FnCommand) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(socket)?;
+    let resp = match cmd {
+        FnCommand::Add {
+            name,
+            dir,
+            limits,
+            upload,
+        } => {
+            let abs = dir
+                .canonicalize()
+                .with_context(|| format!("function directory {}", dir.display()))?;
+            note_requirements(&abs);
+            if upload {
+                let mut tar = tar::Builder::new(Vec::new());
+                tar.follow_symlinks(false);
+                tar.append_dir_all(".", &abs)
+                    .with_context(|| format!("archive {}", abs.display()))?;
+                let body = tar.into_inner().context("finish archive")?;
+                let c = limits.config();
+                let mut q = Vec::new();
+                if let Some(h) = &c.handler {
+                    q.push(format!("handler={h}"));
+                }
+                if let Some(v) = c.memory_mb {
+                    q.push(format!("memory_mb={v}"));
+                }
+                if let Some(v) = c.timeout_ms {
+                    q.push(format!("timeout_ms={v}"));
+                }
+                if let Some(v) = c.pids {
+                    q.push(format!("pids={v}"));
+                }
+                if let Some(v) = c.cpus {
+                    q.push(format!("cpus={v}"));
+                }
+                let query = if q.is_empty() {
+                    String::new()
+                } else {
+                    format!("?{}", q.join("&"))
+                };
+                client.request(
+                    "PUT",
+                    &format!("/functions/{name}{query}"),
+                    Some("application/x-tar"),
+                    &body,
+                )?
+            } else {
+                let body = serde_json::to_vec(&RegisterFunction {
+                    path: abs.display().to_string(),
+                    config: limits.config(),
+                })?;
+                client.request(
+                    "PUT",
+                    &format!("/functions/{name}"),
+                    Some("application/json"),
+                    &body,
+                )?
+            }
+        }
+        FnCommand::Ls => {
+            let resp = client.request("GET", "/functions", None, b"")?;
+            if resp.status == 200 {
+                let list: Vec<FunctionInfo> =
+                    serde_json::from_slice(&resp.body).context("decode function list")?;
+                println!(
+                    "{:<24} {:<16} {:>7} {:>9} {:>5}  PATH",
+                    "NAME", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
+                );
+                for f in list {
+                    println!(
+                        "{:<24} {:<16} {:>7} {:>9} {:>5}  {}",
+                        f.name, f.handler, f.memory_mb, f.timeout_ms, f.warm_instances, f.path
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            resp
+        }
+        FnCommand::Rm { name } => {
+            client.request("DELETE", &format!("/functions/{name}"), None, b"")?
+        }
+    };
+    print_remote(resp.status, &resp.body, false)
+}
+
+fn serve(socket: &Path, state_dir: &Path, workers: usize) -> anyhow::Result<ExitCode> {
+    // The agent forks its spawner: nothing may have started a thread before this.
+    let agent = Agent::start(Config {
+        state_root: state_dir.to_path_buf(),
+        ..Config::new()
+    })
+    .context("start the agent")?;
+    let server = match agent::http::Server::bind(socket, agent::http::Limits::default()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = agent.shutdown();
+            return Err(e).with_context(|| format!("serve on {}", socket.display()));
+        }
+    };
+    // Block the shutdown signals in every thread; one thread waits for them.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.thread_block().context("block signals")?;
+    let stop = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!(signal = ?sig, "shutting down");
+            }
+            stop.shutdown();
+        })
+        .context("start signal thread")?;
+    tracing::info!(socket = %socket.display(), "serving");
+    let agent = Arc::new(agent);
+    let served = server.run(agent.clone(), workers);
+    agent.shutdown().context("shut the agent down")?;
+    served.context("HTTP server")?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,55 @@
+//! The one request enum and one response enum every transport goes through: the
+//! embedded CLI, the Unix-socket HTTP API and a controller linking this library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipc::api::{FunctionConfig, FunctionInfo, Logs, Status};
+
+#[derive(Debug)]
+pub enum Request {
+    /// Registers (or replaces) a function. Replacing retires its warm instances.
+    RegisterFunction {
+        name: String,
+        source: FunctionSource,
+        config: FunctionConfig,
+    },
+    ListFunctions,
+    RemoveFunction {
+        name: String,
+    },
+    /// `event` is the raw JSON body; it is validated before any sandbox is touched.
+    Invoke {
+        name: String,
+        event: Vec<u8>,
+    },
+    Status,
+}
+
+#[derive(Debug)]
+pub enum FunctionSource {
+    /// A directory on the agent's host, read in place.
+    Dir(PathBuf),
+    /// A tar archive of the function's directory; the agent unpacks it under its state dir.
+    Tar(Vec<u8>),
+}
+
+#[derive(Debug)]
+pub enum Response {
+    Registered(FunctionInfo),
+    Functions(Vec<FunctionInfo>),
+    Removed { name: String },
+    Invoked(Invocation),
+    Status(Status),
+}
+
+/// A completed invocation.
+#[derive(Debug)]
+pub struct Invocation {
+    /// The function's result, as JSON text.
+    pub result: Vec<u8>,
+    pub logs: Logs,
+    pub duration: Duration,
+    /// Whether it needed a new sandbox.
+    pub cold: bool,
+}
