@@ -146,9 +146,7 @@ fn start_zygote() -> Result<(ZygoteLink, i32), Error> {
     let mut cmd = Command::new(shim::PYTHON);
     cmd.args(["-I", "-B", shim::PYTHON_RUNTIME_PATH])
         .stdin(Stdio::null())
-        .stdout(Stdio::from(stderr))
-        .env_clear()
-        .envs(std::env::vars().filter(|(k, _)| k != "SPROUT_SHIM_DEBUG"));
+        .stdout(Stdio::from(stderr));
     sys::with_fd3_and_clean_mask(&mut cmd, &theirs);
     let child = cmd.spawn().map_err(|source| Error::StartZygote {
         python: shim::PYTHON,
