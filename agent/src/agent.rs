@@ -68,7 +68,7 @@ impl Agent {
             });
         }
         let cgroups = Cgroups::detect()?;
-        let cleaned = pool::cleanup_stale(&config.state_root, &cgroups)?;
+        let cleaned = pool::cleanup_stale(&config.state_root, &cgroups);
         if !cleaned.is_empty() {
             tracing::info!(agents = ?cleaned, "removed leftovers of stopped agents");
         }
@@ -170,6 +170,12 @@ impl Agent {
                     return Err(e);
                 }
             };
+        if function.dir.join("requirements.txt").is_file() {
+            tracing::warn!(
+                function = name,
+                "requirements.txt is not installed yet: the function gets the standard library of the host's Python only"
+            );
+        }
         let info = function.info(0);
         let old = lock(&self.functions).insert(name.to_owned(), function);
         if let Some(old) = old {
@@ -256,16 +262,17 @@ impl Agent {
         );
         let _g = span.enter();
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(function.timeout_ms);
+        let timeout = Duration::from_millis(function.timeout_ms);
 
         let warm = self.take_idle(&function);
         let cold = warm.is_none();
         let mut inst = match warm {
             Some(i) => i,
-            None => self.cold_start(&function, deadline)?,
+            None => self.cold_start(&function)?,
         };
         span.record("sandbox_id", inst.sandbox.id());
-        let outcome = inst.call(id, event, deadline, self.config.log_limit);
+        // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
+        let outcome = inst.call(id, event, Instant::now() + timeout, self.config.log_limit);
         let logs = inst.take_logs();
         let duration = started.elapsed();
         match outcome {
@@ -384,8 +391,9 @@ impl Agent {
             .push(inst);
     }
 
-    /// A new sandbox with a loaded instance of `function`.
-    fn cold_start(&self, function: &Function, deadline: Instant) -> Result<Instance, Error> {
+    /// A new sandbox with a loaded instance of `function`. Importing the handler may
+    /// take up to the function's timeout.
+    fn cold_start(&self, function: &Function) -> Result<Instance, Error> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("sprout-{}-{}", self.agent_id, n);
         let cgroup = self.cgroup_parent.join(&id);
@@ -473,7 +481,7 @@ impl Agent {
             stdout,
             stderr,
         };
-        match inst.wait_loaded(deadline) {
+        match inst.wait_loaded(Instant::now() + Duration::from_millis(function.timeout_ms)) {
             Ok(()) => Ok(inst),
             Err(CallFailure::Raised(error)) => {
                 self.destroy(inst);

@@ -98,6 +98,11 @@ impl Instance {
         }
     }
 
+    fn drain_outputs(&mut self, log_limit: usize) {
+        self.stdout.drain(log_limit);
+        self.stderr.drain(log_limit);
+    }
+
     /// Sends one invocation and waits for its answer until `deadline`, capturing the
     /// instance's output meanwhile. The sandbox is `Running` during the call.
     pub fn call(
@@ -141,8 +146,7 @@ impl Instance {
                 .map_err(CallFailure::Protocol)?
             {
                 // Everything the handler printed was flushed before its answer.
-                self.stdout.drain(log_limit);
-                self.stderr.drain(log_limit);
+                self.drain_outputs(log_limit);
                 return match msg.header {
                     InstanceEvent::Returned { id: got } if got == id => Ok(msg.payload),
                     InstanceEvent::Raised { id: got, error } if got == id => {
@@ -156,8 +160,7 @@ impl Instance {
             }
             let now = Instant::now();
             if now >= deadline {
-                self.stdout.drain(log_limit);
-                self.stderr.drain(log_limit);
+                self.drain_outputs(log_limit);
                 return Err(CallFailure::TimedOut);
             }
             let wait = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
@@ -188,8 +191,7 @@ impl Instance {
             if ready[0] {
                 match self.link.0.fill() {
                     Ok(0) => {
-                        self.stdout.drain(log_limit);
-                        self.stderr.drain(log_limit);
+                        self.drain_outputs(log_limit);
                         return Err(CallFailure::Died);
                     }
                     Ok(_) => {}

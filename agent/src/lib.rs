@@ -30,3 +30,14 @@ pub use request::{FunctionSource, Invocation, Request, Response};
 pub fn function_name_for_dir(dir: &std::path::Path) -> String {
     registry::name_from_dir(dir)
 }
+
+/// Checks a function as registering it would (name, directory, handler file,
+/// limits) without an agent, so a CLI can refuse bad input before starting anything.
+pub fn check_function(
+    name: &str,
+    dir: &std::path::Path,
+    config: &ipc::api::FunctionConfig,
+    defaults: &Defaults,
+) -> Result<(), Error> {
+    registry::Function::new(name, dir, config, defaults, 0, false).map(drop)
+}

@@ -215,21 +215,24 @@ fn invoke_embedded(
     event: Vec<u8>,
     logs: bool,
 ) -> anyhow::Result<ExitCode> {
-    // Check the directory before starting anything, so a typo leaves nothing behind.
+    // Check the function before starting anything, so a typo leaves nothing behind.
     if !dir.is_dir() {
         bail!(
             "function directory {} does not exist or is not a directory",
             dir.display()
         );
     }
-    note_requirements(dir);
     let config = Config {
         state_root: state_dir.to_path_buf(),
         keep_warm: false,
         ..Config::new()
     };
-    let agent = Agent::start(config).context("start the embedded agent")?;
     let name = agent::function_name_for_dir(dir);
+    if let Err(e) = agent::check_function(&name, dir, &limits.config(), &config.defaults) {
+        return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
+    }
+    note_requirements(dir);
+    let agent = Agent::start(config).context("start the embedded agent")?;
     let result = agent
         .handle(Request::RegisterFunction {
             name: name.clone(),

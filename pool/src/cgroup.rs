@@ -126,8 +126,11 @@ impl Cgroups {
 }
 
 fn remove_dir_tree(dir: &Path) -> Result<(), Error> {
-    let children: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(io_err("list", dir))?
+    let entries = match fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // removed meanwhile
+        other => other.map_err(io_err("list", dir))?,
+    };
+    let children: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
         .map(|e| e.path())
@@ -136,10 +139,22 @@ fn remove_dir_tree(dir: &Path) -> Result<(), Error> {
         remove_dir_tree(&child)?;
     }
     kill_all(dir)?;
-    match fs::remove_dir(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove cgroup", dir)(e)),
-        _ => Ok(()),
+    // Processes leave a cgroup shortly after they die: a busy cgroup is retried.
+    for _ in 0..KILL_ROUNDS {
+        match fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err("remove cgroup", dir)(e))
+            }
+            _ => return Ok(()),
+        }
     }
+    Err(Error::CgroupBusy {
+        path: dir.to_path_buf(),
+        attempts: KILL_ROUNDS,
+    })
 }
 
 /// SIGKILLs the processes listed in `dir/cgroup.procs` until none remain (a process

@@ -64,7 +64,7 @@ pub enum Error {
     CgroupSetup(#[source] libcgroups::common::GetCgroupSetupError),
     #[error("state directory {path} is locked by another agent")]
     Locked { path: PathBuf },
-    #[error("cgroup {path} still has processes after {attempts} kill rounds")]
+    #[error("cgroup {path} still busy after {attempts} attempts")]
     CgroupBusy { path: PathBuf, attempts: u32 },
 }
 

@@ -5,7 +5,9 @@
 //! inherits the lock, so a directory stays "live" while either process runs. Its
 //! sandboxes' cgroups live under `/sprout/<agent-id>/`. A directory whose lock can
 //! be taken belongs to a dead agent: [`cleanup_stale`] kills what is left in its
-//! cgroups and removes both trees.
+//! cgroups and removes both trees. Agents may use different state roots (tests do),
+//! so a `/sprout/<id>` cgroup with no state directory under this agent's root is only
+//! taken for a leftover when no process `<id>` exists.
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
@@ -17,11 +19,16 @@ use crate::{io_err, Cgroups, Error};
 
 /// The cgroup under which every sprout agent puts its sandboxes.
 pub const CGROUP_PARENT: &str = "/sprout";
+/// sprout's own state root: removed when the last agent leaves it empty. A root the
+/// user chose is only removed if the agent created it.
+pub const DEFAULT_ROOT: &str = "/run/sprout";
 
 /// An agent's locked state directory.
 #[derive(Debug)]
 pub struct StateDir {
     root: PathBuf,
+    /// Whether the root may be removed once empty.
+    remove_root: bool,
     dir: PathBuf,
     agent_id: String,
     _lock: Flock<File>,
@@ -33,6 +40,7 @@ impl StateDir {
         let agent_id = std::process::id().to_string();
         let dir = root.join(&agent_id);
         let lock_path = dir.join("lock");
+        let remove_root = root == Path::new(DEFAULT_ROOT) || !root.exists();
         // A cleaner may lock and remove a fresh directory between our mkdir and our
         // flock; the inode check notices and we try again.
         for _ in 0..3 {
@@ -52,6 +60,7 @@ impl StateDir {
             if same {
                 return Ok(StateDir {
                     root: root.to_path_buf(),
+                    remove_root,
                     dir,
                     agent_id,
                     _lock: lock,
@@ -88,61 +97,84 @@ impl StateDir {
         let result = cgroups.remove_tree(&self.cgroup_parent());
         cgroups.remove_if_unused(Path::new(CGROUP_PARENT));
         fs::remove_dir_all(&self.dir).map_err(io_err("remove", &self.dir))?;
-        let _ = fs::remove_dir(&self.root);
+        if self.remove_root {
+            let _ = fs::remove_dir(&self.root); // fails while other agents use it
+        }
         result
     }
 }
 
 /// Whether a live agent holds `<root>/<id>/lock`.
-fn is_live(root: &Path, id: &str) -> bool {
+fn is_locked(root: &Path, id: &str) -> bool {
     let Ok(file) = File::open(root.join(id).join("lock")) else {
         return false;
     };
     Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
 }
 
+/// Whether a process `id` exists (an agent of another state root, maybe).
+fn process_exists(id: &str) -> bool {
+    id.parse::<i32>()
+        .is_ok_and(|pid| Path::new("/proc").join(pid.to_string()).exists())
+}
+
 /// Removes the state directories and cgroups of agents that are gone, and returns
-/// their ids. Live agents (including this one) are left alone.
-pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Result<Vec<String>, Error> {
-    let mut ids: Vec<String> = Vec::new();
+/// their ids. Live agents (including this one) are left alone: under `root`, a
+/// directory is live while its lock is held; a cgroup `/sprout/<id>` with no
+/// directory under `root` is live while a process `<id>` exists. What cannot be
+/// removed (another cleaner racing this one) is logged and left for the next start.
+pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
+    let mut dirs: Vec<String> = Vec::new();
     if let Ok(entries) = fs::read_dir(root) {
-        ids.extend(
+        dirs.extend(
             entries
                 .filter_map(Result::ok)
                 .filter_map(|e| e.file_name().into_string().ok()),
         );
     }
-    // Cgroups whose state directory is already gone count too.
+    let mut cgroup_ids: Vec<String> = Vec::new();
     for dir in cgroups.dirs(Path::new(CGROUP_PARENT)) {
         if let Ok(entries) = fs::read_dir(&dir) {
-            for e in entries.filter_map(Result::ok) {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    if let Ok(name) = e.file_name().into_string() {
-                        ids.push(name);
-                    }
-                }
-            }
+            cgroup_ids.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| e.file_name().into_string().ok()),
+            );
         }
     }
-    ids.sort();
-    ids.dedup();
+    let mut stale: Vec<String> = dirs
+        .iter()
+        .filter(|id| !is_locked(root, id))
+        .cloned()
+        .collect();
+    stale.extend(
+        cgroup_ids
+            .into_iter()
+            .filter(|id| !dirs.contains(id) && !process_exists(id)),
+    );
+    stale.sort();
+    stale.dedup();
     let mut cleaned = Vec::new();
-    for id in ids {
-        if is_live(root, &id) {
-            continue;
-        }
+    for id in stale {
         tracing::info!(agent_id = %id, "removing what a stopped agent left behind");
-        cgroups.remove_tree(&Path::new(CGROUP_PARENT).join(&id))?;
         let dir = root.join(&id);
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err("remove", &dir)(e))
+        let removed = cgroups
+            .remove_tree(&Path::new(CGROUP_PARENT).join(&id))
+            .and_then(|()| match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_err("remove", &dir)(e))
+                }
+                _ => Ok(()),
+            });
+        match removed {
+            Ok(()) => cleaned.push(id),
+            Err(e) => {
+                tracing::warn!(agent_id = %id, error = %ipc::chain(&e), "could not remove a stopped agent's leftovers")
             }
-            _ => {}
         }
-        cleaned.push(id);
     }
-    Ok(cleaned)
+    cleaned
 }
 
 #[cfg(test)]
@@ -162,8 +194,10 @@ mod tests {
         fs::create_dir_all(root.join("999999")).unwrap();
         fs::write(root.join("999999/lock"), "").unwrap();
         fs::create_dir_all(cg_root.join("memory/sprout/999999/sprout-999999-1")).unwrap();
-        // An orphan cgroup with no state directory at all.
-        fs::create_dir_all(cg_root.join("memory/sprout/888888")).unwrap();
+        // An orphan cgroup with no state directory and no such process.
+        fs::create_dir_all(cg_root.join("memory/sprout/888888888")).unwrap();
+        // A cgroup of a live agent of another state root (pid 1 exists).
+        fs::create_dir_all(cg_root.join("memory/sprout/1")).unwrap();
 
         let me = StateDir::acquire(&root).unwrap();
         fs::create_dir_all(
@@ -173,17 +207,39 @@ mod tests {
         )
         .unwrap();
 
-        let cleaned = cleanup_stale(&root, &cgroups).unwrap();
-        assert_eq!(cleaned, ["888888", "999999"]);
+        let cleaned = cleanup_stale(&root, &cgroups);
+        assert_eq!(cleaned, ["888888888", "999999"]);
         assert!(!root.join("999999").exists());
         assert!(!cg_root.join("memory/sprout/999999").exists());
-        assert!(!cg_root.join("memory/sprout/888888").exists());
+        assert!(!cg_root.join("memory/sprout/888888888").exists());
+        assert!(
+            cg_root.join("memory/sprout/1").exists(),
+            "another root's live agent is left alone"
+        );
+        fs::remove_dir(cg_root.join("memory/sprout/1")).unwrap();
         assert!(me.path().is_dir(), "a live agent's directory is kept");
         assert!(cg_root.join("memory/sprout").join(me.agent_id()).is_dir());
 
         me.remove(&cgroups).unwrap();
-        assert!(!root.exists(), "an empty root goes too");
+        assert!(root.is_dir(), "the root existed before the agent and stays");
         assert!(!cg_root.join("memory/sprout").exists());
+    }
+
+    #[test]
+    fn a_root_is_removed_only_if_the_agent_created_it() {
+        let t = tempfile::tempdir().unwrap();
+        let cgroups = Cgroups::at(&t.path().join("cg"), CgroupVersion::V1);
+        StateDir::acquire(t.path())
+            .unwrap()
+            .remove(&cgroups)
+            .unwrap();
+        assert!(t.path().is_dir());
+        let created = t.path().join("new");
+        StateDir::acquire(&created)
+            .unwrap()
+            .remove(&cgroups)
+            .unwrap();
+        assert!(!created.exists(), "an empty root the agent created goes");
     }
 
     #[test]
