@@ -1,0 +1,945 @@
+//! Helpers for sprout's end-to-end tests.
+//!
+//! The tests drive the real `sprout` binary (built by `cargo build --workspace`) on
+//! the real host: sandboxes are created with libcontainer, cgroups under
+//! `/sys/fs/cgroup/*/sprout/<agent pid>/`, state under a per-test directory in
+//! `/run`. They need root and a cgroup file system; [`require_root!`] skips a test
+//! loudly without them (and fails it when `CI=true`).
+//!
+//! Every test gets an [`Env`]: its own state directory, its own scratch directory,
+//! and (see below) a turn. Each `sprout` process run through the `Env` is an agent
+//! id to check: when the `Env` is dropped at the end of a passing test it asserts
+//! that none of those agents left anything behind ([`Env::assert_clean`]).
+//!
+//! Tests run in parallel: each has its own state directory, and agents of different
+//! state directories leave each other alone
+//! (`cleanup::agents_with_different_state_dirs_leave_each_other_alone`).
+//!
+//! # Running
+//!
+//! ```text
+//! cargo build --workspace && cargo test -p sprout-tests --no-fail-fast
+//! ```
+//!
+//! Test files: `embedded` (`sprout invoke DIR`), `errors` (failures and exit codes),
+//! `daemon` (`sprout serve`, the CLI and the HTTP API), `isolation` (what a
+//! function sees inside its sandbox, and its cgroup seen from the host), `cleanup`
+//! (crashed agents and agents side by side).
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use ipc::client::{Client, ClientResponse};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+pub use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// How long one `sprout` command may run before the test kills it and fails.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a daemon gets to open its socket, and to exit after SIGTERM.
+pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Binaries and paths
+
+/// `target/<profile>/`, found from the running test binary
+/// (`target/<profile>/deps/<test>-<hash>`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("test binary has a parent directory");
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// The `sprout` binary next to the tests; panics clearly when it was not built.
+pub fn sprout_bin() -> PathBuf {
+    let dir = target_dir();
+    for name in ["sprout", "sprout-shim"] {
+        let p = dir.join(name);
+        assert!(
+            p.is_file(),
+            "{} is missing: run `cargo build --workspace` first (the tests drive the built binaries)",
+            p.display()
+        );
+    }
+    dir.join("sprout")
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
+/// `examples/<name>` of the workspace.
+pub fn example(name: &str) -> PathBuf {
+    let p = workspace_root().join("examples").join(name);
+    assert!(p.is_dir(), "example {} is missing", p.display());
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Skipping
+
+/// Why the end-to-end tests cannot run here, if they cannot.
+pub fn skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some(format!(
+            "not running as root (euid {}): sandboxes need root",
+            nix::unistd::Uid::effective()
+        ));
+    }
+    if !Path::new("/sys/fs/cgroup").is_dir() {
+        return Some("/sys/fs/cgroup is missing: sandboxes need a cgroup file system".into());
+    }
+    if !Path::new("/usr/bin/python3").is_file() {
+        return Some("/usr/bin/python3 is missing: functions need the host's Python".into());
+    }
+    None
+}
+
+/// Sets up the test's [`Env`], or skips the test (returns from it) when it cannot
+/// run here. Under `CI=true` a skip is a failure.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        match $crate::Env::setup() {
+            Some(env) => env,
+            None => return,
+        }
+    };
+}
+
+fn test_name() -> String {
+    thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The per-test environment
+
+/// One test's state directory, scratch directory and turn; checks on drop that
+/// every agent it ran is gone without a trace.
+pub struct Env {
+    name: String,
+    state: TempDir,
+    work: TempDir,
+    /// Pids of every `sprout` process run through this environment.
+    agents: Mutex<Vec<u32>>,
+}
+
+impl Env {
+    /// The environment, or `None` after printing why the test is skipped.
+    pub fn setup() -> Option<Env> {
+        let name = test_name();
+        if let Some(reason) = skip_reason() {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{name}: cannot run: {reason} (CI=true: a skipped test is a failure)");
+            }
+            // Straight to fd 2: libtest captures `eprintln!` of passing tests.
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "\n{bar}\n*** SKIPPED {name}: {reason}\n{bar}",
+                bar = "*".repeat(72)
+            );
+            return None;
+        }
+        sprout_bin();
+        let state = tempfile::Builder::new()
+            .prefix("sprout-test-")
+            .tempdir_in("/run")
+            .expect("create a state directory under /run");
+        let work = tempfile::Builder::new()
+            .prefix("sprout-test-work-")
+            .tempdir()
+            .expect("create a scratch directory");
+        Some(Env {
+            name,
+            state,
+            work,
+            agents: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The `--state-dir` every agent of this test uses. sprout removes it when its
+    /// last agent leaves it empty.
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// A scratch directory for sockets, function code and logs.
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// `sprout --state-dir <state dir> ...`.
+    pub fn sprout(&self) -> Sprout<'_> {
+        self.sprout_in(self.state_dir())
+    }
+
+    /// `sprout --state-dir <state_dir> ...` with another state directory.
+    pub fn sprout_in(&self, state_dir: &Path) -> Sprout<'_> {
+        Sprout {
+            env: self,
+            args: vec!["--state-dir".into(), state_dir.into()],
+            stdin: None,
+            envs: Vec::new(),
+            timeout: COMMAND_TIMEOUT,
+        }
+    }
+
+    /// Writes a function directory `<work>/fns/<name>/` holding `files`
+    /// (relative path, content) and returns its path. An existing one is replaced.
+    pub fn function(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.work_dir().join("fns").join(name);
+        let _ = fs::remove_dir_all(&dir);
+        write_files(&dir, files);
+        dir
+    }
+
+    /// Starts `sprout serve` on a socket in the scratch directory.
+    pub fn daemon(&self) -> Daemon {
+        Daemon::start(self)
+    }
+
+    fn record(&self, pid: u32) {
+        self.agents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pid);
+    }
+
+    /// What agent `pid` left behind (empty when nothing).
+    pub fn leftovers(&self, pid: u32) -> Vec<String> {
+        leftovers(self.state_dir(), pid)
+    }
+
+    /// Asserts that agent `pid` left nothing: no cgroup `/sys/fs/cgroup/*/sprout/<pid>`,
+    /// no state directory `<state dir>/<pid>`, no process in its cgroups, no
+    /// sprout mount in the host's mount table.
+    #[track_caller]
+    pub fn assert_clean(&self, pid: u32) {
+        let left = self.leftovers(pid);
+        assert!(
+            left.is_empty(),
+            "agent {pid} left things behind:\n  {}",
+            left.join("\n  ")
+        );
+    }
+
+    /// Like [`Env::assert_clean`], allowing `within` for the cleanup to finish.
+    #[track_caller]
+    pub fn assert_clean_within(&self, pid: u32, within: Duration) {
+        let left = wait_for(within, || {
+            let left = self.leftovers(pid);
+            left.is_empty().then_some(()).ok_or(left)
+        });
+        if let Err(left) = left {
+            panic!(
+                "agent {pid} still left things behind after {within:?}:\n  {}",
+                left.join("\n  ")
+            );
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            return;
+        }
+        let agents = std::mem::take(&mut *self.agents.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut left = Vec::new();
+        for pid in agents {
+            left.extend(self.leftovers(pid));
+        }
+        assert!(
+            left.is_empty(),
+            "{}: the test's agents left things behind:\n  {}",
+            self.name,
+            left.join("\n  ")
+        );
+    }
+}
+
+/// Writes `files` (relative path, content) under `dir`, creating directories.
+pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
+    fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    for (rel, content) in files {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).unwrap();
+        }
+        fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    }
+}
+
+/// Calls `f` until it returns `Ok` or `within` passes; the last `Err` otherwise.
+pub fn wait_for<T, E>(within: Duration, mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cleanliness
+
+/// What agent `pid` (with state under `state_root`) left behind.
+pub fn leftovers(state_root: &Path, pid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.filter_map(Result::ok) {
+            let dir = e.path().join("sprout").join(pid.to_string());
+            if dir.exists() {
+                let children: Vec<String> = fs::read_dir(&dir)
+                    .map(|it| {
+                        it.filter_map(Result::ok)
+                            .filter(|c| c.path().is_dir())
+                            .map(|c| c.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                found.push(format!("cgroup {} (sandboxes {children:?})", dir.display()));
+            }
+        }
+    }
+    let state = state_root.join(pid.to_string());
+    if state.exists() {
+        found.push(format!("state directory {}", state.display()));
+    }
+    for p in processes_in_agent_cgroups(pid) {
+        found.push(format!(
+            "process {p} ({}) in cgroup {}",
+            cmdline(p),
+            fs::read_to_string(format!("/proc/{p}/cgroup"))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains("/sprout/"))
+                .unwrap_or_default()
+        ));
+    }
+    for line in fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+    {
+        if line.contains("sprout") {
+            found.push(format!("host mount: {line}"));
+        }
+    }
+    found
+}
+
+/// Numeric entries of /proc.
+pub fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Live (not zombie) processes whose cgroup lies under `/sprout/<agent>/` in some
+/// hierarchy. A zombie has released everything but its pid; reaping it is its
+/// parent's job (here often PID 1, which may take its time).
+pub fn processes_in_agent_cgroups(agent: u32) -> Vec<u32> {
+    let needle = format!("/sprout/{agent}/");
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(&needle))
+                && alive(p)
+        })
+        .collect()
+}
+
+/// The command line of `pid`, space-separated ("" when it is gone).
+pub fn cmdline(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// The state letter and parent pid of `pid` from /proc/<pid>/stat.
+pub fn stat(pid: u32) -> Option<(char, u32)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let mut it = rest.split(' ');
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    matches!(stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
+}
+
+/// The children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut kids: Vec<u32> = all_pids()
+        .into_iter()
+        .filter(|&p| matches!(stat(p), Some((_, ppid)) if ppid == pid))
+        .collect();
+    kids.sort();
+    kids
+}
+
+/// The sandbox cgroups agent `pid` has in the memory hierarchy.
+pub fn sandbox_cgroups(agent: u32) -> Vec<String> {
+    let dir = Path::new("/sys/fs/cgroup/memory/sprout").join(agent.to_string());
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The host's hostname.
+pub fn host_hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Running sprout
+
+/// A `sprout` command line, run with [`Sprout::run`].
+pub struct Sprout<'a> {
+    env: &'a Env,
+    args: Vec<OsString>,
+    stdin: Option<Vec<u8>>,
+    envs: Vec<(OsString, OsString)>,
+    timeout: Duration,
+}
+
+impl Sprout<'_> {
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
+        self.args.push(a.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Feeds `bytes` on stdin (otherwise stdin is /dev/null).
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Fails the test when the command runs longer (default [`COMMAND_TIMEOUT`]).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Starts the command without waiting (stdio to /dev/null) and records its pid
+    /// as an agent to check. The caller waits for the child.
+    pub fn spawn(self) -> Child {
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("spawn sprout");
+        self.env.record(child.id());
+        child
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(sprout_bin());
+        cmd.args(&self.args)
+            .env_remove("SPROUT_SOCKET")
+            .env_remove("SPROUT_STATE_DIR")
+            .env_remove("SPROUT_LOG");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs the command to completion and records its pid as an agent to check.
+    #[track_caller]
+    pub fn run(self) -> Run {
+        let mut cmd = self.command();
+        cmd.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("spawn sprout");
+        let pid = child.id();
+        self.env.record(pid);
+        let writer = self.stdin.map(|bytes| {
+            let mut w = child.stdin.take().unwrap();
+            thread::spawn(move || {
+                let _ = w.write_all(&bytes);
+            })
+        });
+        let out = reader(child.stdout.take().unwrap());
+        let err = reader(child.stderr.take().unwrap());
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for sprout") {
+                break status;
+            }
+            if started.elapsed() > self.timeout {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                let _ = child.wait();
+                panic!(
+                    "sprout {:?} (pid {pid}) ran longer than {:?}; killed it. stderr:\n{}",
+                    self.args,
+                    self.timeout,
+                    String::from_utf8_lossy(&err.join().unwrap_or_default())
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let elapsed = started.elapsed();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        Run {
+            args: self.args,
+            pid,
+            status,
+            stdout: String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned(),
+            stderr: String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned(),
+            elapsed,
+        }
+    }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// A finished `sprout` command.
+#[derive(Debug)]
+pub struct Run {
+    pub args: Vec<OsString>,
+    /// Its pid, which is also its agent id when it ran an agent.
+    pub pid: u32,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// The exit code (`None` when killed by a signal).
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Asserts the exit code, showing everything on failure.
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "sprout {:?} exited with {} instead of {code}\n{self}",
+            self.args,
+            self.status
+        );
+        self
+    }
+
+    /// Asserts success.
+    #[track_caller]
+    pub fn success(&self) -> &Run {
+        self.expect_code(0)
+    }
+
+    /// stdout parsed as JSON.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{self}"))
+    }
+
+    /// The `error` object of a failed invocation's stdout.
+    #[track_caller]
+    pub fn error(&self) -> Value {
+        let v = self.json();
+        match v.get("error") {
+            Some(e) if e.is_object() => e.clone(),
+            _ => panic!("stdout has no error object:\n{self}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--- sprout {:?} (pid {}, {}, {:?})\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.args, self.pid, self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The daemon
+
+static SOCKETS: AtomicUsize = AtomicUsize::new(0);
+
+/// A `sprout serve` started by the test. Dropping it sends SIGTERM to its pid, waits
+/// for it to exit (SIGKILL and fail after [`DAEMON_TIMEOUT`]) and asserts that it
+/// left nothing behind.
+pub struct Daemon {
+    child: Option<Child>,
+    pid: u32,
+    socket: PathBuf,
+    log: PathBuf,
+    state: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts `sprout serve --socket <work>/api-N.sock --state-dir <state>` and waits
+    /// until the socket accepts connections.
+    pub fn start(env: &Env) -> Daemon {
+        let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
+        let socket = env.work_dir().join(format!("api-{n}.sock"));
+        let log = env.work_dir().join(format!("daemon-{n}.log"));
+        let log_file = File::create(&log).expect("create daemon log");
+        let child = Command::new(sprout_bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(env.state_dir())
+            .env_remove("SPROUT_SOCKET")
+            .env_remove("SPROUT_STATE_DIR")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn sprout serve");
+        let pid = child.id();
+        env.record(pid);
+        let mut d = Daemon {
+            child: Some(child),
+            pid,
+            socket,
+            log,
+            state: env.state_dir().to_path_buf(),
+            status: None,
+        };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                d.child = None;
+                d.status = Some(status);
+                panic!(
+                    "sprout serve exited ({status}) before serving; log:\n{}",
+                    d.log()
+                );
+            }
+            if UnixStream::connect(&d.socket).is_ok() {
+                break;
+            }
+            if started.elapsed() > DAEMON_TIMEOUT {
+                panic!(
+                    "sprout serve did not accept on {} within {DAEMON_TIMEOUT:?}; log:\n{}",
+                    d.socket.display(),
+                    d.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    /// The daemon's pid, which is its agent id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A new connection to the daemon.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect to the daemon: {}", ipc::chain(&e)))
+    }
+
+    /// One request on a new connection.
+    #[track_caller]
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> ClientResponse {
+        self.client()
+            .request(method, path, content_type, body)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{method} {path}: {}; daemon log:\n{}",
+                    ipc::chain(&e),
+                    self.log()
+                )
+            })
+    }
+
+    /// `PUT /functions/{name}` with `{"path": dir, ...extra}`; asserts 200.
+    #[track_caller]
+    pub fn register(&self, name: &str, dir: &Path, extra: Value) -> Value {
+        let mut body = json!({ "path": dir.to_str().unwrap() });
+        if let Value::Object(m) = extra {
+            body.as_object_mut().unwrap().extend(m);
+        }
+        let r = self.request(
+            "PUT",
+            &format!("/functions/{name}"),
+            Some("application/json"),
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "register {name}: {}", text(&r));
+        body_json(&r)
+    }
+
+    /// `POST /functions/{name}/invoke` with `event`.
+    #[track_caller]
+    pub fn invoke(&self, name: &str, event: &str) -> ClientResponse {
+        self.request(
+            "POST",
+            &format!("/functions/{name}/invoke"),
+            Some("application/json"),
+            event.as_bytes(),
+        )
+    }
+
+    /// `sprout --socket <socket> ...` (with this test's state dir, which a client
+    /// command does not use).
+    pub fn cli<'e>(&self, env: &'e Env) -> Sprout<'e> {
+        env.sprout().arg("--socket").arg(&self.socket)
+    }
+
+    /// The sandbox cgroups the daemon has right now.
+    pub fn sandboxes(&self) -> Vec<String> {
+        sandbox_cgroups(self.pid)
+    }
+
+    /// The daemon's `sprout-spawner` child.
+    pub fn spawner_pid(&self) -> u32 {
+        let kids: Vec<u32> = children(self.pid)
+            .into_iter()
+            .filter(|&k| {
+                fs::read_to_string(format!("/proc/{k}/comm"))
+                    .is_ok_and(|c| c.trim() == "sprout-spawner")
+            })
+            .collect();
+        assert_eq!(
+            kids.len(),
+            1,
+            "expected one sprout-spawner child of {}, found {kids:?} (children {:?})",
+            self.pid,
+            children(self.pid)
+        );
+        kids[0]
+    }
+
+    /// Sends SIGTERM and waits for the exit; SIGKILLs and fails the test if the
+    /// daemon is still running after [`DAEMON_TIMEOUT`]. Returns the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.stop(Signal::SIGTERM)
+    }
+
+    /// Sends `signal` to the daemon's pid and waits for the exit like
+    /// [`Daemon::terminate`]. Once it has exited, returns the status it exited with.
+    pub fn stop(&mut self, signal: Signal) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let _ = kill(Pid::from_raw(self.pid as i32), signal);
+        let mut child = self.child.take().expect("daemon child");
+        let deadline = Instant::now() + DAEMON_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the daemon") {
+                self.status = Some(status);
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+                let status = child.wait().ok();
+                self.status = status;
+                let msg = format!(
+                    "sprout serve (pid {}) did not exit within {DAEMON_TIMEOUT:?} of {signal}; killed it. log:\n{}",
+                    self.pid,
+                    self.log()
+                );
+                if thread::panicking() {
+                    eprintln!("{msg}");
+                    return status.unwrap_or_default();
+                }
+                panic!("{msg}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs the daemon (and only it) and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("daemon child");
+        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        self.status = Some(child.wait().expect("reap the daemon"));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let status = self.terminate();
+        if thread::panicking() {
+            eprintln!("--- daemon {} ({status}) log:\n{}", self.pid, self.log());
+            return;
+        }
+        // A clean shutdown removes everything before the process exits; allow the
+        // spawner's fallback a moment so one shutdown bug does not fail every test
+        // (`daemon::sigterm_shuts_down_cleanly` checks the strict version).
+        let within = Duration::from_secs(5);
+        let left = wait_for(within, || {
+            let left = leftovers(&self.state, self.pid);
+            left.is_empty().then_some(()).ok_or(left)
+        });
+        if let Err(left) = left {
+            panic!(
+                "daemon {} left things behind {within:?} after it exited ({status}):\n  {}\nlog:\n{}",
+                self.pid,
+                left.join("\n  "),
+                self.log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP helpers
+
+/// A response body as text.
+pub fn text(r: &ClientResponse) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+/// A response body as JSON.
+#[track_caller]
+pub fn body_json(r: &ClientResponse) -> Value {
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("response {} body is not JSON ({e}): {}", r.status, text(r)))
+}
+
+/// A tar archive of `dir`'s contents (as `sprout fn add --upload` sends).
+pub fn tar_dir(dir: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    b.append_dir_all(".", dir).expect("archive");
+    b.into_inner().expect("finish archive")
+}
+
+/// A tar archive holding `files` (relative path, content).
+pub fn tar_files(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, content) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, content.as_bytes())
+            .expect("append to archive");
+    }
+    b.into_inner().expect("finish archive")
+}
+
+// ---------------------------------------------------------------------------
+// Functions used by several tests
+
+/// Returns `"Hello, <name>!"`.
+pub const HELLO_PY: &str =
+    "def f(event):\n    return \"Hello, \" + event.get(\"name\", \"world\") + \"!\"\n";
+
+/// Prints `event["out"]` to stdout and `event["err"]` to stderr, then returns
+/// `event["ret"]` or raises when `event["raise"]`.
+pub const ECHO_LOGS_PY: &str = r#"import sys
+
+def f(event):
+    if "out" in event:
+        print(event["out"])
+    if "err" in event:
+        print(event["err"], file=sys.stderr)
+    if event.get("raise"):
+        raise RuntimeError(event["raise"])
+    return event.get("ret")
+"#;
+
+/// Sleeps `event["sleep"]` seconds and returns the sandbox id and its pid.
+pub const SLEEPER_PY: &str = r#"import os, time
+
+def f(event):
+    time.sleep(event.get("sleep", 0))
+    return {"sandbox": os.environ.get("SPROUT_SANDBOX"), "pid": os.getpid()}
+"#;

@@ -1,0 +1,334 @@
+//! Failures of `sprout invoke DIR`: what is printed, the exit code, and that each
+//! leaves nothing behind.
+
+use std::fs;
+use std::time::Duration;
+
+use sprout_tests::{example, require_root, Env, Run};
+
+/// Asserts that nothing was ever created in the test's state directory: no agent
+/// was started (an agent that ran removes the directory when it leaves it empty).
+#[track_caller]
+fn assert_nothing_started(env: &Env, run: &Run) {
+    let entries: Vec<_> = fs::read_dir(env.state_dir())
+        .unwrap_or_else(|e| {
+            panic!(
+                "state directory {} is gone ({e}): an agent was started and removed it\n{run}",
+                env.state_dir().display()
+            )
+        })
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        entries.is_empty(),
+        "an agent left {entries:?} in the state directory\n{run}"
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn raised_exception() {
+    let env = require_root!();
+    let dir = env.function(
+        "raiser",
+        &[(
+            "f.py",
+            "def helper(x):\n    raise ValueError('bad value: ' + str(x))\n\ndef f(event):\n    return helper(event.get('x'))\n",
+        )],
+    );
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .arg(r#"{"x": 42}"#)
+        .run();
+    run.expect_code(1);
+    let err = run.error();
+    assert_eq!(err["kind"], "handler_error", "{run}");
+    assert_eq!(err["type"], "ValueError", "{run}");
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.contains("function raiser raised ValueError: bad value: 42"),
+        "{run}"
+    );
+    let tb = err["traceback"].as_str().expect("a traceback");
+    assert!(tb.contains("f.py"), "traceback names the file:\n{tb}");
+    assert!(tb.contains("helper"), "traceback names the frames:\n{tb}");
+    assert!(
+        run.stderr
+            .contains("sprout: function raiser raised ValueError: bad value: 42"),
+        "{run}"
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn out_of_memory() {
+    let env = require_root!();
+    let dir = env.function(
+        "hog",
+        &[(
+            "f.py",
+            "def f(event):\n    chunks = []\n    for _ in range(200):\n        chunks.append(bytearray(1 << 20))\n    return len(chunks)\n",
+        )],
+    );
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .args(["--memory", "64"])
+        .run();
+    run.expect_code(1);
+    let err = run.error();
+    assert_eq!(err["kind"], "out_of_memory", "{run}");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("out of memory"), "{run}");
+    assert!(message.contains("64 MiB"), "{run}");
+    assert!(run.stderr.contains("ran out of memory"), "{run}");
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn timeout() {
+    let env = require_root!();
+    let dir = env.function(
+        "sleepy",
+        &[(
+            "f.py",
+            "import time\n\ndef f(event):\n    time.sleep(10)\n    return 'woke up'\n",
+        )],
+    );
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .args(["--timeout", "500"])
+        .run();
+    run.expect_code(1);
+    let err = run.error();
+    assert_eq!(err["kind"], "timeout", "{run}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("function sleepy timed out after 500 ms"),
+        "{run}"
+    );
+    assert!(run.stderr.contains("timed out after 500 ms"), "{run}");
+    assert!(
+        run.elapsed < Duration::from_secs(5),
+        "sprout should give up after 500 ms, not wait for the function: {:?}",
+        run.elapsed
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn timeout_with_a_busy_loop() {
+    let env = require_root!();
+    let dir = env.function(
+        "spinner",
+        &[("f.py", "def f(event):\n    while True:\n        pass\n")],
+    );
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .args(["--timeout", "300"])
+        .run();
+    run.expect_code(1);
+    assert_eq!(run.error()["kind"], "timeout", "{run}");
+    assert!(run.elapsed < Duration::from_secs(5), "{:?}", run.elapsed);
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn invalid_event_json_starts_nothing() {
+    let env = require_root!();
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(example("hello"))
+        .arg("{not json")
+        .run();
+    run.expect_code(2);
+    assert!(run.stderr.contains("sprout: invalid event JSON"), "{run}");
+    assert_eq!(run.stdout, "", "{run}");
+    assert_nothing_started(&env, &run);
+}
+
+#[test]
+fn missing_directory() {
+    let env = require_root!();
+    let missing = env.work_dir().join("no-such-function");
+    let run = env.sprout().arg("invoke").arg(&missing).run();
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains(&format!(
+            "function directory {} does not exist",
+            missing.display()
+        )),
+        "{run}"
+    );
+    assert_eq!(run.stdout, "", "{run}");
+    assert_nothing_started(&env, &run);
+}
+
+#[test]
+fn missing_handler_file() {
+    let env = require_root!();
+    let dir = env.function("nohandler", &[("f.py", "def f(event):\n    return 1\n")]);
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .args(["--handler", "app:main"])
+        .run();
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("handler app:main needs app.py in")
+            && run.stderr.contains("which does not exist"),
+        "{run}"
+    );
+    assert_eq!(run.stdout, "", "{run}");
+    env.assert_clean(run.pid);
+}
+
+/// Bad input is refused before anything starts, a missing handler file included.
+#[test]
+fn missing_handler_file_starts_nothing() {
+    let env = require_root!();
+    let dir = env.function("nohandler", &[("f.py", "def f(event):\n    return 1\n")]);
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .args(["--handler", "app:main"])
+        .run();
+    run.expect_code(2);
+    assert_nothing_started(&env, &run);
+}
+
+#[test]
+fn handler_function_missing_in_existing_file() {
+    let env = require_root!();
+    let dir = env.function("nofunc", &[("f.py", "def f(event):\n    return 1\n")]);
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .args(["--handler", "f:g"])
+        .run();
+    run.expect_code(1);
+    let err = run.error();
+    assert_eq!(err["kind"], "load_error", "{run}");
+    assert_eq!(err["type"], "AttributeError", "{run}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("function nofunc: handler f:g failed to load: AttributeError"),
+        "{run}"
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn handler_module_fails_to_import() {
+    let env = require_root!();
+    let dir = env.function(
+        "badimport",
+        &[(
+            "f.py",
+            "import module_that_does_not_exist\n\ndef f(event):\n    return 1\n",
+        )],
+    );
+    let run = env.sprout().arg("invoke").arg(&dir).run();
+    run.expect_code(1);
+    let err = run.error();
+    assert_eq!(err["kind"], "load_error", "{run}");
+    assert_eq!(err["type"], "ModuleNotFoundError", "{run}");
+    assert!(
+        err["traceback"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("f.py"),
+        "{run}"
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn write_to_usr_fails_read_only() {
+    let env = require_root!();
+    let dir = env.function(
+        "usrwriter",
+        &[(
+            "f.py",
+            "def f(event):\n    with open('/usr/sprout-was-here', 'w') as fh:\n        fh.write('x')\n    return 'wrote'\n",
+        )],
+    );
+    let run = env.sprout().arg("invoke").arg(&dir).run();
+    run.expect_code(1);
+    let err = run.error();
+    assert_eq!(err["kind"], "handler_error", "{run}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("Read-only file system"),
+        "{run}"
+    );
+    assert!(
+        !std::path::Path::new("/usr/sprout-was-here").exists(),
+        "the host's /usr was written to"
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn result_not_json_serialisable() {
+    let env = require_root!();
+    let dir = env.function(
+        "badresult",
+        &[("f.py", "def f(event):\n    return {1, 2, 3}\n")],
+    );
+    let run = env.sprout().arg("invoke").arg(&dir).run();
+    run.expect_code(1);
+    let err = run.error();
+    let kind = err["kind"].as_str().unwrap();
+    assert!(
+        kind == "handler_error" || kind == "bad_result",
+        "kind {kind}\n{run}"
+    );
+    let message = err["message"].as_str().unwrap().to_lowercase();
+    assert!(
+        message.contains("json") && message.contains("serializable")
+            || message.contains("serialisable"),
+        "{run}"
+    );
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn function_that_exits_the_process() {
+    let env = require_root!();
+    let dir = env.function(
+        "quitter",
+        &[("f.py", "import os\n\ndef f(event):\n    os._exit(3)\n")],
+    );
+    let run = env.sprout().arg("invoke").arg(&dir).run();
+    run.expect_code(1);
+    assert_eq!(run.error()["kind"], "instance_died", "{run}");
+    env.assert_clean(run.pid);
+}
+
+#[test]
+fn daemon_flags_without_a_daemon() {
+    let env = require_root!();
+    let run = env.sprout().args(["fn", "ls"]).run();
+    run.expect_code(2);
+    assert!(run.stderr.contains("--socket"), "{run}");
+    env.assert_clean(run.pid);
+}
