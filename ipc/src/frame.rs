@@ -29,6 +29,8 @@ pub const MAX_HEADER: usize = 1 << 20;
 pub const MAX_PAYLOAD: usize = 64 << 20;
 
 const READ_CHUNK: usize = 64 << 10;
+/// A buffer grown past this for a large frame is given back once it is empty.
+const KEEP_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -68,8 +70,10 @@ pub struct Message<H> {
 #[derive(Debug)]
 pub struct Channel {
     sock: UnixStream,
+    /// Always initialised; `buf[start..end]` is received and not yet consumed.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     fds: VecDeque<OwnedFd>,
     scratch_fds: Vec<OwnedFd>,
 }
@@ -80,6 +84,7 @@ impl Channel {
             sock,
             buf: Vec::new(),
             start: 0,
+            end: 0,
             fds: VecDeque::new(),
             scratch_fds: Vec::new(),
         }
@@ -168,7 +173,7 @@ impl Channel {
                 return Ok(m);
             }
             if self.fill()? == 0 {
-                return Err(if self.buf.len() > self.start {
+                return Err(if self.end > self.start {
                     Error::Truncated
                 } else {
                     Error::Closed
@@ -179,7 +184,7 @@ impl Channel {
 
     /// Returns a frame if one is complete in the buffer; never reads the socket.
     pub fn try_recv<H: DeserializeOwned>(&mut self) -> Result<Option<Message<H>>, Error> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         if avail.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -202,9 +207,12 @@ impl Channel {
         let payload = avail[PREFIX_LEN + hlen..total].to_vec();
         let fds = self.fds.drain(..nfds).collect();
         self.start += total;
-        if self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
             self.start = 0;
+            self.end = 0;
+            if self.buf.len() > KEEP_BUFFER {
+                self.buf = Vec::new();
+            }
         }
         Ok(Some(Message {
             header,
@@ -216,38 +224,30 @@ impl Channel {
     /// One read from the socket into the buffer. Returns the bytes read; 0 means the
     /// peer closed. Call it when the socket is readable (or to block for data).
     pub fn fill(&mut self) -> Result<usize, Error> {
-        // Make room: drop consumed bytes, then grow to fit the frame being read.
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > self.buf.capacity() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        let want = match decode_prefix(&self.buf[self.start..]) {
-            Ok((h, p, _)) => (PREFIX_LEN + h + p)
-                .saturating_sub(self.buf.len() - self.start)
-                .max(READ_CHUNK),
+        // Make room behind the data for this read (the rest of the frame being
+        // read, or a chunk): move pending bytes to the front, grow if still short.
+        let pending = self.end - self.start;
+        let want = match decode_prefix(&self.buf[self.start..self.end]) {
+            Ok((h, p, _)) => (PREFIX_LEN + h + p).saturating_sub(pending).max(READ_CHUNK),
             Err(_) => READ_CHUNK,
         };
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
+        if self.buf.len() - self.end < want {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = pending;
+            if self.buf.len() < pending + want {
+                self.buf.resize(pending + want, 0);
+            }
+        }
         let res = sys::recv_with_fds(
             self.sock.as_fd(),
-            &mut self.buf[len..],
+            &mut self.buf[self.end..],
             &mut self.scratch_fds,
         );
         self.fds.extend(self.scratch_fds.drain(..));
-        match res {
-            Ok(n) => {
-                self.buf.truncate(len + n);
-                Ok(n)
-            }
-            Err(e) => {
-                self.buf.truncate(len);
-                Err(Error::Io(e))
-            }
-        }
+        let n = res.map_err(Error::Io)?;
+        self.end += n;
+        Ok(n)
     }
 }
 
