@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
-use nix::sys::signal::{kill, signal, SigHandler, Signal};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
@@ -87,10 +87,7 @@ impl Spawner {
             ForkResult::Child => {
                 drop(ours);
                 sys::set_process_name(c"sprout-spawner");
-                // Terminal signals go to the agent, which shuts down cleanly; the
-                // spawner follows when the agent closes the channel.
-                // SAFETY: SIG_IGN installs no Rust handler; no other thread exists.
-                let _ = unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) };
+                sys::ignore_sigint();
                 let code = serve(theirs, &containers, orphaned);
                 sys::exit_now(code)
             }

@@ -18,6 +18,14 @@ pub fn set_process_name(name: &CStr) {
     let _ = nix::sys::prctl::set_name(name);
 }
 
+/// Ignores SIGINT: terminal signals go to the agent, which shuts down cleanly, and
+/// the spawner follows when the agent closes its channel.
+pub fn ignore_sigint() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety rules apply.
+    let _ = unsafe { signal(Signal::SIGINT, SigHandler::SigIgn) };
+}
+
 /// Leaves immediately without running the parent's atexit handlers or destructors.
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and takes no pointers; nothing after it runs.

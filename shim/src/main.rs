@@ -9,9 +9,8 @@
 
 mod sys;
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 
 use ipc::proto::{AgentLink, ShimRequest, ZygoteLink};
@@ -64,14 +63,7 @@ fn main() {
 }
 
 fn run() -> Result<(), Error> {
-    // Move the agent channel off descriptor 0 and put /dev/null there, so nothing
-    // the shim starts can read the channel by accident.
-    // SAFETY: libcontainer gave us the channel as descriptor 0; nothing else owns it.
-    let inherited = unsafe { sys::adopt_fd(0) };
-    let agent_fd = inherited.try_clone().map_err(Error::AgentChannel)?;
-    let devnull = File::open("/dev/null").map_err(Error::AgentChannel)?;
-    nix::unistd::dup2(devnull.as_raw_fd(), 0).map_err(|e| Error::AgentChannel(e.into()))?;
-    std::mem::forget(inherited); // descriptor 0 is /dev/null now and stays open
+    let agent_fd = sys::take_stdin_channel().map_err(Error::AgentChannel)?;
     let mut agent = AgentLink(Channel::from_fd(agent_fd));
 
     // Orphans are reparented to us: take SIGCHLD through a signalfd and reap them.

@@ -1,18 +1,22 @@
 //! The shim's raw process calls; the only `unsafe` in the binary.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use nix::sys::signal::{SigSet, SigmaskHow};
 
-/// Takes ownership of descriptor `fd`, which this process inherited.
-///
-/// # Safety
-/// `fd` must be open and owned by nothing else in this process.
-pub unsafe fn adopt_fd(fd: RawFd) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// Takes the channel libcontainer gave the shim as descriptor 0, and puts
+/// `/dev/null` on descriptor 0 so nothing the shim starts can read the channel.
+pub fn take_stdin_channel() -> std::io::Result<OwnedFd> {
+    // SAFETY: descriptor 0 was set up by libcontainer for this process and nothing in
+    // it has taken ownership of it; `ManuallyDrop` keeps it open because dup2 below
+    // reuses the number.
+    let stdin = std::mem::ManuallyDrop::new(unsafe { OwnedFd::from_raw_fd(0) });
+    let channel = stdin.try_clone()?;
+    let devnull = std::fs::File::open("/dev/null")?;
+    nix::unistd::dup2(devnull.as_raw_fd(), 0)?;
+    Ok(channel)
 }
 
 /// Makes `cmd` start with `fd` as its descriptor 3 and an empty signal mask.
