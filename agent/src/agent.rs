@@ -3,42 +3,55 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ipc::api::{FunctionConfig, Status};
+use ipc::api::{FunctionConfig, FunctionInfo, Logs, Status};
 use ipc::proto::{InstanceLink, InstanceSpec, Runtime};
-use pool::{CgroupVersion, Cgroups, SandboxState, Spawner, StateDir};
+use pool::{CgroupVersion, Cgroups, Sandbox, SandboxState, Spawner, StateDir};
 use rootfs::{Limits, SandboxConfig, Skeleton};
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::instance::{CallFailure, Instance, Output, BOOT_TIMEOUT};
 use crate::registry::Function;
-use crate::request::{FunctionSource, Invocation, Request, Response};
+use crate::request::{FunctionSource, Invocation, Request, Response, Start};
+use crate::scheduler::{Sched, Slot, SlotState, StemCell};
 
-/// A running node agent. Create it with [`Agent::start`] before starting threads;
-/// share it (`Arc<Agent>`) across threads; end it with [`Agent::shutdown`].
+/// A running node agent. Create it with [`Agent::start`] before the process starts
+/// any thread; share it (`Arc<Agent>`) across threads; end it with
+/// [`Agent::shutdown`].
 #[derive(Debug)]
 pub struct Agent {
-    config: Config,
+    inner: Arc<Inner>,
+    manager: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the agent's request threads and its pool manager share.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub config: Config,
     /// Taken (and removed) by [`Agent::shutdown`].
     state: Mutex<Option<StateDir>>,
     agent_id: String,
     state_path: PathBuf,
     bundles: PathBuf,
     cgroup_parent: PathBuf,
-    cgroups: Cgroups,
+    pub cgroups: Cgroups,
     spawner: Spawner,
     skeleton: Skeleton,
     runtime_dir: PathBuf,
     functions: Mutex<HashMap<String, Arc<Function>>>,
-    /// Warm instances by function name, most recently used last.
-    idle: Mutex<HashMap<String, Vec<Instance>>>,
+    pub sched: Mutex<Sched>,
+    /// Wakes the pool manager (paired with `sched`).
+    pub wake: Condvar,
     next_id: AtomicU64,
     sandboxes: AtomicUsize,
+    /// Memory (MiB) reserved by live sandboxes' limits.
+    pub reserved_mb: AtomicU64,
     invocations: AtomicU64,
-    shutting_down: AtomicBool,
+    pub shutting_down: AtomicBool,
     started: Instant,
 }
 
@@ -49,9 +62,14 @@ fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Agent {
-    /// Cleans up after crashed agents, takes a state directory, and forks the spawner.
-    /// Must be called while the process is single-threaded.
+    /// Cleans up after crashed agents, takes a state directory, forks the spawner
+    /// and (with `keep_warm`) starts the pool manager thread. Must be called while
+    /// the process is single-threaded.
     pub fn start(config: Config) -> Result<Agent, Error> {
         let shim = config
             .shim
@@ -73,16 +91,17 @@ impl Agent {
             tracing::info!(agents = ?cleaned, "removed leftovers of stopped agents");
         }
         let state = StateDir::acquire(&config.state_root)?;
-        let skeleton =
-            Skeleton::create(&state.path().join("rootfs")).map_err(|e| Error::State {
-                path: state.path().join("rootfs"),
-                source: std::io::Error::other(ipc::chain(&e)),
-            })?;
+        let rootfs_dir = state.path().join("rootfs");
+        let skeleton = Skeleton::create(&rootfs_dir).map_err(|e| Error::State {
+            path: rootfs_dir.clone(),
+            source: std::io::Error::other(ipc::chain(&e)),
+        })?;
         let runtime_dir = state.path().join("runtime");
         shim::install_runtime(&runtime_dir).map_err(state_err(&runtime_dir))?;
         let spawner = Spawner::start(&state, &cgroups)?;
         tracing::info!(agent_id = state.agent_id(), state_dir = %state.path().display(), "agent started");
-        Ok(Agent {
+        let keep_warm = config.keep_warm;
+        let inner = Arc::new(Inner {
             config: Config { shim, ..config },
             agent_id: state.agent_id().to_owned(),
             state_path: state.path().to_path_buf(),
@@ -94,41 +113,73 @@ impl Agent {
             skeleton,
             runtime_dir,
             functions: Mutex::new(HashMap::new()),
-            idle: Mutex::new(HashMap::new()),
+            sched: Mutex::new(Sched::default()),
+            wake: Condvar::new(),
             next_id: AtomicU64::new(1),
             sandboxes: AtomicUsize::new(0),
+            reserved_mb: AtomicU64::new(0),
             invocations: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
+        });
+        let manager = if keep_warm {
+            let inner = inner.clone();
+            let handle = std::thread::Builder::new()
+                .name("sprout-pool".into())
+                .spawn(move || crate::manager::run(&inner))
+                .map_err(|source| Error::State {
+                    path: PathBuf::from("pool manager thread"),
+                    source,
+                })?;
+            Some(handle)
+        } else {
+            None
+        };
+        Ok(Agent {
+            inner,
+            manager: Mutex::new(manager),
         })
     }
 
     /// Destroys every sandbox, stops the spawner and removes the agent's state.
-    /// Requests still in flight fail; new ones get [`Error::ShuttingDown`]. Only the
-    /// first call does anything.
+    /// Requests in flight fail, waiting ones and new ones get
+    /// [`Error::ShuttingDown`]. Only the first call does anything.
     pub fn shutdown(&self) -> Result<(), Error> {
-        if self.shutting_down.swap(true, Ordering::SeqCst) {
+        let inner = &self.inner;
+        if inner.shutting_down.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let idle: Vec<Instance> = lock(&self.idle).drain().flat_map(|(_, v)| v).collect();
-        for inst in idle {
-            self.destroy(inst);
+        {
+            // Under the lock, so the manager cannot miss it between its check and its wait.
+            let _sched = lock(&inner.sched);
+            inner.wake.notify_all();
         }
-        for f in lock(&self.functions).values() {
+        if let Some(manager) = lock(&self.manager).take() {
+            let _ = manager.join();
+        }
+        let (idle, stems) = lock(&inner.sched).drain();
+        for inst in idle {
+            inner.destroy(inst);
+        }
+        for mut stem in stems {
+            inner.destroy_sandbox(&mut stem.sandbox, stem.reserved_mb);
+        }
+        for f in lock(&inner.functions).values() {
             remove_owned_dir(f);
         }
         // The spawner destroys sandboxes still in use by in-flight requests.
-        self.spawner.shutdown()?;
-        if let Some(state) = lock(&self.state).take() {
-            state.remove(&self.cgroups)?;
+        inner.spawner.shutdown()?;
+        if let Some(state) = lock(&inner.state).take() {
+            state.remove(&inner.cgroups)?;
         }
-        tracing::info!(agent_id = %self.agent_id, "agent stopped");
+        tracing::info!(agent_id = %inner.agent_id, "agent stopped");
         Ok(())
     }
 
     /// The one entry point of every transport.
     pub fn handle(&self, req: Request) -> Result<Response, Error> {
-        if self.shutting_down.load(Ordering::SeqCst) {
+        let inner = &self.inner;
+        if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
         match req {
@@ -136,24 +187,32 @@ impl Agent {
                 name,
                 source,
                 config,
-            } => self
+            } => inner
                 .register(&name, source, &config)
                 .map(Response::Registered),
-            Request::ListFunctions => Ok(Response::Functions(self.list())),
+            Request::ListFunctions => Ok(Response::Functions(inner.list())),
             Request::RemoveFunction { name } => {
-                self.remove(&name).map(|()| Response::Removed { name })
+                inner.remove(&name).map(|()| Response::Removed { name })
             }
-            Request::Invoke { name, event } => self.invoke(&name, &event).map(Response::Invoked),
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Invoke { name, event } => inner.invoke(&name, &event).map(Response::Invoked),
+            Request::Status => Ok(Response::Status(inner.status())),
         }
     }
+}
 
+impl crate::http::Handle for Agent {
+    fn handle(&self, req: Request) -> Result<Response, Error> {
+        Agent::handle(self, req)
+    }
+}
+
+impl Inner {
     fn register(
         &self,
         name: &str,
         source: FunctionSource,
         config: &FunctionConfig,
-    ) -> Result<ipc::api::FunctionInfo, Error> {
+    ) -> Result<FunctionInfo, Error> {
         crate::registry::validate_name(name)?;
         let version = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (dir, owns_dir) = match source {
@@ -200,11 +259,12 @@ impl Agent {
         Ok(dir)
     }
 
-    fn list(&self) -> Vec<ipc::api::FunctionInfo> {
-        let idle = lock(&self.idle);
-        let mut list: Vec<_> = lock(&self.functions)
-            .values()
-            .map(|f| f.info(idle.get(&f.name).map_or(0, Vec::len)))
+    fn list(&self) -> Vec<FunctionInfo> {
+        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        let sched = lock(&self.sched);
+        let mut list: Vec<_> = functions
+            .iter()
+            .map(|f| f.info(sched.idle_count(&f.name)))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
@@ -222,15 +282,36 @@ impl Agent {
         Ok(())
     }
 
-    /// Destroys the warm instances of `name`.
+    /// Destroys the idle instances of `name` and wakes its waiters to look again
+    /// (they find the new version, or that the function is gone).
     fn retire(&self, name: &str) {
-        let old = lock(&self.idle).remove(name).unwrap_or_default();
+        let old = {
+            let mut sched = lock(&self.sched);
+            let pool = sched.pool(name);
+            pool.live -= pool.idle.len();
+            for slot in pool.queue.drain(..) {
+                slot.retry();
+            }
+            std::mem::take(&mut pool.idle)
+        };
         for inst in old {
             self.destroy(inst);
         }
     }
 
     fn status(&self) -> Status {
+        let sched = lock(&self.sched);
+        let frozen = sched
+            .functions
+            .values()
+            .flat_map(|f| &f.idle)
+            .filter(|i| i.sandbox.state() == SandboxState::Frozen)
+            .count()
+            + sched
+                .stem_cells
+                .iter()
+                .filter(|s| s.sandbox.state() == SandboxState::Frozen)
+                .count();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cgroup: match self.cgroups.version() {
@@ -239,6 +320,11 @@ impl Agent {
             },
             functions: lock(&self.functions).len(),
             sandboxes: self.sandboxes.load(Ordering::Relaxed),
+            stem_cells: sched.stem_cells.len(),
+            frozen,
+            queued: sched.queued(),
+            reserved_mb: self.reserved_mb.load(Ordering::Relaxed),
+            memory_budget_mb: self.config.pool.memory_budget_mb,
             invocations: self.invocations.load(Ordering::Relaxed),
             uptime_ms: self.started.elapsed().as_millis() as u64,
         }
@@ -246,12 +332,6 @@ impl Agent {
 
     fn invoke(&self, name: &str, event: &[u8]) -> Result<Invocation, Error> {
         serde_json::from_slice::<serde::de::IgnoredAny>(event).map_err(Error::InvalidEvent)?;
-        let function = lock(&self.functions)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                name: name.to_owned(),
-            })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!(
@@ -262,63 +342,187 @@ impl Agent {
         );
         let _g = span.enter();
         let started = Instant::now();
-        let timeout = Duration::from_millis(function.timeout_ms);
 
-        let warm = self.take_idle(&function);
-        let cold = warm.is_none();
-        let mut inst = match warm {
-            Some(i) => i,
-            None => self.cold_start(&function)?,
-        };
+        let (mut inst, mut start, function) = self.acquire(name)?;
         span.record("sandbox_id", inst.sandbox.id());
+        if inst.sandbox.state() == SandboxState::Frozen {
+            if let Err(e) = inst.sandbox.thaw() {
+                self.release(inst, false);
+                return Err(e.into());
+            }
+            start = Start::Thawed;
+        }
         // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
-        let outcome = inst.call(id, event, Instant::now() + timeout, self.config.log_limit);
+        let deadline = Instant::now() + Duration::from_millis(function.timeout_ms);
+        let outcome = inst.call(id, event, deadline, self.config.log_limit);
         let logs = inst.take_logs();
         let duration = started.elapsed();
         match outcome {
             Ok(result) => {
                 if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&result) {
-                    self.destroy(inst);
+                    self.release(inst, false);
                     return Err(Error::BadResult {
                         function: name.to_owned(),
                         source,
                     });
                 }
-                self.put_idle(inst);
+                self.release(inst, true);
                 tracing::debug!(
                     duration_us = duration.as_micros() as u64,
-                    cold,
+                    start = start.as_str(),
                     "invocation returned"
                 );
                 Ok(Invocation {
                     result,
                     logs,
                     duration,
-                    cold,
+                    start,
                 })
             }
             Err(CallFailure::Raised(error)) => {
-                self.put_idle(inst);
+                self.release(inst, true);
                 Err(Error::Handler {
                     function: name.to_owned(),
                     error,
                     logs,
                 })
             }
-            Err(failure) => Err(self.fail(inst, &function, failure, logs)),
+            Err(failure) => {
+                let err = self.failure(&inst, &function, failure, logs);
+                self.release(inst, false);
+                Err(err)
+            }
         }
     }
 
-    /// Turns a failed call into its error and destroys the instance's sandbox.
-    fn fail(
+    /// An instance of `name` for one invocation: an idle one, a new one (while the
+    /// function is below `max_instances`), or one handed over after waiting in the
+    /// function's queue.
+    fn acquire(&self, name: &str) -> Result<(Instance, Start, Arc<Function>), Error> {
+        let mut retried = false;
+        loop {
+            let function =
+                lock(&self.functions)
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::NotFound {
+                        name: name.to_owned(),
+                    })?;
+            let mut sched = lock(&self.sched);
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return Err(Error::ShuttingDown);
+            }
+            let pool = sched.pool(name);
+            let stale: Vec<Instance> = pool
+                .idle
+                .extract_if(.., |i| i.function_version != function.version)
+                .collect();
+            pool.live -= stale.len();
+            let idle = pool.idle.pop();
+            let may_start = idle.is_none() && pool.live < function.max_instances;
+            if may_start {
+                pool.live += 1;
+            }
+            let slot = if idle.is_none() && !may_start {
+                let slot = Arc::new(Slot::default());
+                // A request woken to retry keeps its place at the front.
+                if retried {
+                    pool.queue.push_front(slot.clone());
+                } else {
+                    pool.queue.push_back(slot.clone());
+                }
+                Some(slot)
+            } else {
+                None
+            };
+            let stem = if may_start {
+                sched.stem_cells.pop()
+            } else {
+                None
+            };
+            if stem.is_some() {
+                self.wake.notify_all(); // refill
+            }
+            drop(sched);
+            for inst in stale {
+                self.destroy(inst);
+            }
+            if let Some(inst) = idle {
+                return Ok((inst, Start::Warm, function));
+            }
+            if may_start {
+                let start = if stem.is_some() {
+                    Start::StemCell
+                } else {
+                    Start::NewSandbox
+                };
+                return match self.start_instance(&function, stem) {
+                    Ok(inst) => Ok((inst, start, function)),
+                    Err(e) => {
+                        self.forget_instance(name);
+                        Err(e)
+                    }
+                };
+            }
+            match slot.expect("queued").wait() {
+                SlotState::Ready(inst) => return Ok((*inst, Start::Warm, function)),
+                SlotState::Retry => retried = true,
+                SlotState::Closed | SlotState::Waiting => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+
+    /// Counts an instance of `name` as gone and lets a waiter start a replacement.
+    fn forget_instance(&self, name: &str) {
+        let mut sched = lock(&self.sched);
+        let pool = sched.pool(name);
+        pool.live -= 1;
+        if let Some(slot) = pool.queue.pop_front() {
+            slot.retry();
+        }
+    }
+
+    /// Gives an instance back after an invocation: to the head of its function's
+    /// queue, to the idle list, or (unhealthy, outdated, not kept warm) to the spawner.
+    fn release(&self, mut inst: Instance, healthy: bool) {
+        let current = lock(&self.functions).get(&inst.function).map(|f| f.version);
+        let keep = healthy
+            && self.config.keep_warm
+            && !self.shutting_down.load(Ordering::SeqCst)
+            && current == Some(inst.function_version);
+        if !keep {
+            let name = inst.function.clone();
+            self.destroy(inst);
+            self.forget_instance(&name);
+            return;
+        }
+        let now = Instant::now();
+        inst.last_used = now;
+        let mut sched = lock(&self.sched);
+        let pool = sched.pool(&inst.function);
+        if let Some(slot) = pool.queue.pop_front() {
+            return slot.give(inst);
+        }
+        pool.idle.push(inst);
+        // Wake the manager only if it would otherwise look later than this
+        // instance's pause grace.
+        let freeze_at = now + self.config.pool.pause_grace;
+        if sched.manager_deadline.is_none_or(|d| d > freeze_at) {
+            sched.manager_deadline = Some(freeze_at);
+            self.wake.notify_all();
+        }
+    }
+
+    /// Turns a failed call into its error.
+    fn failure(
         &self,
-        inst: Instance,
+        inst: &Instance,
         function: &Function,
         failure: CallFailure,
-        logs: ipc::api::Logs,
+        logs: Logs,
     ) -> Error {
         let name = function.name.clone();
-        let err = match failure {
+        match failure {
             CallFailure::TimedOut => Error::Timeout {
                 function: name,
                 timeout_ms: function.timeout_ms,
@@ -347,100 +551,121 @@ impl Agent {
                 error,
                 logs,
             },
-        };
-        tracing::debug!(sandbox_id = inst.sandbox.id(), error = %ipc::chain(&err), "destroying sandbox after failure");
-        self.destroy(inst);
-        err
+        }
     }
 
-    /// A warm instance of the function's current version; instances of older
-    /// versions found on the way are destroyed.
-    fn take_idle(&self, function: &Function) -> Option<Instance> {
-        let (fresh, stale): (Vec<Instance>, Vec<Instance>) = {
-            let mut idle = lock(&self.idle);
-            let list = idle.get_mut(&function.name)?;
-            std::mem::take(list)
-                .into_iter()
-                .partition(|i| i.function_version == function.version)
-        };
-        let mut fresh = fresh;
-        let taken = fresh.pop();
-        if !fresh.is_empty() {
-            lock(&self.idle)
-                .entry(function.name.clone())
-                .or_default()
-                .extend(fresh);
-        }
-        for inst in stale {
-            self.destroy(inst);
-        }
-        taken
-    }
-
-    fn put_idle(&self, inst: Instance) {
-        if !self.config.keep_warm || self.shutting_down.load(Ordering::SeqCst) {
-            return self.destroy(inst);
-        }
-        let current = lock(&self.functions).get(&inst.function).map(|f| f.version);
-        if current != Some(inst.function_version) {
-            return self.destroy(inst);
-        }
-        lock(&self.idle)
-            .entry(inst.function.clone())
-            .or_default()
-            .push(inst);
-    }
-
-    /// A new sandbox with a loaded instance of `function`. Importing the handler may
-    /// take up to the function's timeout.
-    fn cold_start(&self, function: &Function) -> Result<Instance, Error> {
+    /// A new sandbox with its shim and zygote up, bound to nothing, not frozen.
+    pub fn new_stem_cell(&self) -> Result<StemCell, Error> {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let id = format!("sprout-{}-{}", self.agent_id, n);
         let cgroup = self.cgroup_parent.join(&id);
         let bundle = self.bundles.join(&id);
+        let defaults = &self.config.defaults;
         rootfs::bundle_spec(&SandboxConfig {
             id: id.clone(),
             root: self.skeleton.path().to_path_buf(),
             cgroups_path: cgroup.clone(),
             runtime_dir: self.runtime_dir.clone(),
             shim: self.config.shim.clone(),
-            code: Some(function.dir.clone()),
+            code: None,
             limits: Limits {
-                memory_bytes: function.memory_mb << 20,
-                pids: function.pids,
-                cpus: function.cpus,
+                memory_bytes: defaults.memory_mb << 20,
+                pids: defaults.pids,
+                cpus: defaults.cpus,
             },
-            env: vec![format!("SPROUT_FUNCTION={}", function.name)],
+            env: Vec::new(),
         })
         .and_then(|spec| rootfs::write_bundle(&bundle, &spec))
         .map_err(|e| Error::State {
             path: bundle.clone(),
             source: std::io::Error::other(ipc::chain(&e)),
         })?;
-        let created = self.spawner.create(&id, &bundle, cgroup);
+        let created = self.spawner.create(&id, &bundle, cgroup, &self.cgroups);
         // libcontainer keeps its own copy of the spec; the bundle is not needed any more.
         let _ = std::fs::remove_dir_all(&bundle);
         let (mut sandbox, mut shim) = created?;
         self.sandboxes.fetch_add(1, Ordering::Relaxed);
+        self.reserved_mb
+            .fetch_add(defaults.memory_mb, Ordering::Relaxed);
+        let booted = shim
+            .0
+            .stream()
+            .set_read_timeout(Some(BOOT_TIMEOUT))
+            .map_err(ipc::Error::Io)
+            .and_then(|()| shim.wait_ready())
+            .and_then(|_| {
+                shim.0
+                    .stream()
+                    .set_read_timeout(None)
+                    .map_err(ipc::Error::Io)
+            });
+        if let Err(source) = booted {
+            self.destroy_sandbox(&mut sandbox, defaults.memory_mb);
+            return Err(Error::Protocol {
+                sandbox: id,
+                peer: "shim",
+                source,
+            });
+        }
+        sandbox.ready()?;
+        Ok(StemCell {
+            sandbox,
+            shim,
+            reserved_mb: defaults.memory_mb,
+        })
+    }
 
-        let booted = (|| {
-            shim.0
-                .stream()
-                .set_read_timeout(Some(BOOT_TIMEOUT))
-                .map_err(ipc::Error::Io)?;
-            shim.wait_ready()?;
-            shim.spawn_instance(InstanceSpec {
-                instance: n,
-                function: function.name.clone(),
-                runtime: Runtime::Python,
-                code_dir: rootfs::CODE_DIR.to_owned(),
-                handler: function.handler.clone(),
-            })
+    /// A loaded instance of `function` in `stem` (or in a new sandbox): thaw, set the
+    /// function's limits, make its code visible, fork the instance from the zygote,
+    /// wait until it imported the handler (within the function's timeout).
+    fn start_instance(
+        &self,
+        function: &Function,
+        stem: Option<StemCell>,
+    ) -> Result<Instance, Error> {
+        let StemCell {
+            mut sandbox,
+            mut shim,
+            mut reserved_mb,
+        } = match stem {
+            Some(stem) => stem,
+            None => self.new_stem_cell()?,
+        };
+        let span = tracing::debug_span!("start_instance", function = %function.name, sandbox_id = %sandbox.id());
+        let _g = span.enter();
+        let id = sandbox.id().to_owned();
+        let prepared = (|| -> Result<(), Error> {
+            sandbox.thaw()?;
+            if function.has_own_limits(&self.config.defaults) {
+                let resources =
+                    rootfs::resources(&function.limits()).map_err(|e| Error::State {
+                        path: PathBuf::from(sandbox.cgroup()),
+                        source: std::io::Error::other(ipc::chain(&e)),
+                    })?;
+                sandbox.set_limits(&resources)?;
+                self.reserved_mb
+                    .fetch_add(function.memory_mb, Ordering::Relaxed);
+                self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
+                reserved_mb = function.memory_mb;
+            }
+            self.spawner.bind_code(&sandbox, &function.dir)?;
+            Ok(())
         })();
-        let spawned = match booted {
+        if let Err(e) = prepared {
+            self.destroy_sandbox(&mut sandbox, reserved_mb);
+            return Err(e);
+        }
+        let spec = InstanceSpec {
+            instance: self.next_id.fetch_add(1, Ordering::Relaxed),
+            function: function.name.clone(),
+            runtime: Runtime::Python,
+            code_dir: rootfs::CODE_DIR.to_owned(),
+            handler: function.handler.clone(),
+        };
+        let spawned = match shim.spawn_instance(spec) {
             Ok(Ok(s)) => s,
             Ok(Err(message)) => {
-                self.destroy_sandbox(&mut sandbox);
+                self.destroy_sandbox(&mut sandbox, reserved_mb);
                 return Err(Error::Spawn {
                     sandbox: id,
                     function: function.name.clone(),
@@ -448,7 +673,7 @@ impl Agent {
                 });
             }
             Err(source) => {
-                self.destroy_sandbox(&mut sandbox);
+                self.destroy_sandbox(&mut sandbox, reserved_mb);
                 return Err(Error::Protocol {
                     sandbox: id,
                     peer: "shim",
@@ -456,13 +681,12 @@ impl Agent {
                 });
             }
         };
-        let _ = shim.0.stream().set_read_timeout(None);
         let outputs =
             Output::new(spawned.stdout).and_then(|o| Ok((o, Output::new(spawned.stderr)?)));
         let (stdout, stderr) = match outputs {
             Ok(o) => o,
             Err(source) => {
-                self.destroy_sandbox(&mut sandbox);
+                self.destroy_sandbox(&mut sandbox, reserved_mb);
                 return Err(Error::Protocol {
                     sandbox: id,
                     peer: "instance",
@@ -470,7 +694,10 @@ impl Agent {
                 });
             }
         };
-        sandbox.transition(SandboxState::Idle)?;
+        if let Err(e) = sandbox.bind(&function.name) {
+            self.destroy_sandbox(&mut sandbox, reserved_mb);
+            return Err(e.into());
+        }
         let mut inst = Instance {
             sandbox,
             _shim: shim,
@@ -478,6 +705,8 @@ impl Agent {
             pid: spawned.pid,
             function: function.name.clone(),
             function_version: function.version,
+            reserved_mb,
+            last_used: Instant::now(),
             stdout,
             stderr,
         };
@@ -493,16 +722,18 @@ impl Agent {
             }
             Err(failure) => {
                 let logs = inst.take_logs();
-                Err(self.fail(inst, function, failure, logs))
+                let err = self.failure(&inst, function, failure, logs);
+                self.destroy(inst);
+                Err(err)
             }
         }
     }
 
-    fn destroy(&self, mut inst: Instance) {
-        self.destroy_sandbox(&mut inst.sandbox);
+    pub fn destroy(&self, mut inst: Instance) {
+        self.destroy_sandbox(&mut inst.sandbox, inst.reserved_mb);
     }
 
-    fn destroy_sandbox(&self, sandbox: &mut pool::Sandbox) {
+    pub fn destroy_sandbox(&self, sandbox: &mut Sandbox, reserved_mb: u64) {
         match self.spawner.destroy(sandbox) {
             // After shutdown the spawner destroyed every sandbox on its way out.
             Ok(()) | Err(pool::Error::Stopped) => {}
@@ -511,21 +742,12 @@ impl Agent {
             }
         }
         self.sandboxes.fetch_sub(1, Ordering::Relaxed);
+        self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
     }
 }
 
 fn remove_owned_dir(f: &Function) {
     if f.owns_dir {
         let _ = std::fs::remove_dir_all(&f.dir);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl crate::http::Handle for Agent {
-    fn handle(&self, req: Request) -> Result<Response, Error> {
-        Agent::handle(self, req)
     }
 }

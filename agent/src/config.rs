@@ -1,6 +1,7 @@
 //! Agent settings.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Limits a function gets when it does not set its own (OpenWhisk-style names).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -9,6 +10,8 @@ pub struct Defaults {
     pub timeout_ms: u64,
     pub pids: u64,
     pub cpus: f64,
+    /// Instances of one function at most; requests beyond wait in its queue.
+    pub max_instances: usize,
 }
 
 impl Default for Defaults {
@@ -18,8 +21,45 @@ impl Default for Defaults {
             timeout_ms: 60_000,
             pids: 64,
             cpus: 1.0,
+            max_instances: 4,
         }
     }
+}
+
+/// The warm pool's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolConfig {
+    /// Prewarmed (frozen) sandboxes kept ready for the Python runtime.
+    pub stem_cells: usize,
+    /// A warm instance idle this long is frozen.
+    pub pause_grace: Duration,
+    /// A warm instance idle this long is destroyed.
+    pub idle_ttl: Duration,
+    /// Memory (MiB) that sandboxes may reserve through their limits; beyond it the
+    /// least recently used idle ones are evicted.
+    pub memory_budget_mb: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            stem_cells: 2,
+            pause_grace: Duration::from_millis(50),
+            idle_ttl: Duration::from_secs(600),
+            memory_budget_mb: default_memory_budget_mb(),
+        }
+    }
+}
+
+/// Half of the machine's memory.
+pub fn default_memory_budget_mb() -> u64 {
+    let total_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| {
+            l.strip_prefix("MemTotal:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+    });
+    total_kb.map_or(4096, |kb| kb / 1024 / 2)
 }
 
 #[derive(Debug, Clone)]
@@ -29,8 +69,10 @@ pub struct Config {
     /// Host path of the `sprout-shim` binary.
     pub shim: PathBuf,
     pub defaults: Defaults,
-    /// Keep instances warm between invocations (the daemon); the embedded CLI does not.
+    /// Keep instances warm between invocations and run the pool manager (the
+    /// daemon); the embedded CLI does neither.
     pub keep_warm: bool,
+    pub pool: PoolConfig,
     /// Captured output kept per stream per invocation; the rest is dropped and flagged.
     pub log_limit: usize,
 }
@@ -52,6 +94,7 @@ impl Config {
             shim,
             defaults: Defaults::default(),
             keep_warm: true,
+            pool: PoolConfig::default(),
             log_limit: 1 << 20,
         }
     }

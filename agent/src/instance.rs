@@ -11,7 +11,7 @@ use ipc::api::Logs;
 use ipc::proto::{FunctionError, InstanceEvent, InstanceLink, ShimLink};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use pool::{Sandbox, SandboxState};
+use pool::Sandbox;
 
 /// How long a new sandbox's shim may take to report ready.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -25,6 +25,10 @@ pub struct Instance {
     pub pid: i32,
     pub function: String,
     pub function_version: u64,
+    /// Memory (MiB) counted against the agent's budget for this sandbox.
+    pub reserved_mb: u64,
+    /// When it last finished an invocation (or was started).
+    pub last_used: Instant,
     pub stdout: Output,
     pub stderr: Output,
 }
@@ -113,11 +117,11 @@ impl Instance {
         log_limit: usize,
     ) -> Result<Vec<u8>, CallFailure> {
         self.sandbox
-            .transition(SandboxState::Running)
+            .start_invocation()
             .map_err(|_| CallFailure::Died)?;
         let result = self.call_inner(id, event, deadline, log_limit);
         if result.is_ok() || matches!(result, Err(CallFailure::Raised(_))) {
-            let _ = self.sandbox.transition(SandboxState::Idle);
+            let _ = self.sandbox.end_invocation();
         }
         result
     }

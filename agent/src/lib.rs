@@ -18,13 +18,15 @@ mod config;
 mod error;
 pub mod http;
 mod instance;
+mod manager;
 mod registry;
 mod request;
+mod scheduler;
 
 pub use agent::Agent;
-pub use config::{Config, Defaults};
+pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig};
 pub use error::{Error, ErrorKind};
-pub use request::{FunctionSource, Invocation, Request, Response};
+pub use request::{FunctionSource, Invocation, Request, Response, Start};
 
 /// The name `sprout invoke DIR` registers a function directory under.
 pub fn function_name_for_dir(dir: &std::path::Path) -> String {

@@ -53,6 +53,8 @@ enum Command {
         /// Worker threads running requests.
         #[arg(long, default_value_t = 64)]
         workers: usize,
+        #[command(flatten)]
+        pool: PoolArgs,
     },
     /// Manage functions registered on the daemon.
     #[command(subcommand)]
@@ -96,6 +98,40 @@ struct LimitArgs {
     /// CPU limit in cores (default 1).
     #[arg(long)]
     cpus: Option<f64>,
+    /// Instances of the function at most; requests beyond wait in its queue (default 4).
+    #[arg(long)]
+    max_instances: Option<usize>,
+}
+
+/// The daemon's warm pool.
+#[derive(Args, Debug)]
+struct PoolArgs {
+    /// Prewarmed, frozen sandboxes kept ready.
+    #[arg(long, default_value_t = 2)]
+    stem_cells: usize,
+    /// Freeze a warm instance after it has been idle this long.
+    #[arg(long, value_name = "ms", default_value_t = 50)]
+    pause_grace: u64,
+    /// Destroy a warm instance after it has been idle this long.
+    #[arg(long, value_name = "s", default_value_t = 600)]
+    idle_ttl: u64,
+    /// Memory the sandboxes' limits may add up to before idle ones are evicted
+    /// (default: half of the machine's memory).
+    #[arg(long, value_name = "MiB")]
+    memory_budget: Option<u64>,
+}
+
+impl PoolArgs {
+    fn config(&self) -> agent::PoolConfig {
+        agent::PoolConfig {
+            stem_cells: self.stem_cells,
+            pause_grace: std::time::Duration::from_millis(self.pause_grace),
+            idle_ttl: std::time::Duration::from_secs(self.idle_ttl),
+            memory_budget_mb: self
+                .memory_budget
+                .unwrap_or_else(agent::default_memory_budget_mb),
+        }
+    }
 }
 
 impl LimitArgs {
@@ -106,6 +142,7 @@ impl LimitArgs {
             timeout_ms: self.timeout,
             pids: self.pids,
             cpus: self.cpus,
+            max_instances: self.max_instances,
         }
     }
 }
@@ -150,7 +187,9 @@ fn chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match (cli.command, cli.socket) {
-        (Command::Serve { workers }, Some(socket)) => serve(&socket, &cli.state_dir, workers),
+        (Command::Serve { workers, pool }, Some(socket)) => {
+            serve(&socket, &cli.state_dir, workers, &pool)
+        }
         (Command::Serve { .. }, None) => bail!("serve needs --socket PATH (or SPROUT_SOCKET)"),
         (
             Command::Invoke {
@@ -373,6 +412,9 @@ fn fn_command(socket: &Path, cmd: FnCommand) -> anyhow::Result<ExitCode> {
                 if let Some(v) = c.cpus {
                     q.push(format!("cpus={v}"));
                 }
+                if let Some(v) = c.max_instances {
+                    q.push(format!("max_instances={v}"));
+                }
                 let query = if q.is_empty() {
                     String::new()
                 } else {
@@ -423,10 +465,22 @@ fn fn_command(socket: &Path, cmd: FnCommand) -> anyhow::Result<ExitCode> {
     print_remote(resp.status, &resp.body, false)
 }
 
-fn serve(socket: &Path, state_dir: &Path, workers: usize) -> anyhow::Result<ExitCode> {
+fn serve(
+    socket: &Path,
+    state_dir: &Path,
+    workers: usize,
+    pool: &PoolArgs,
+) -> anyhow::Result<ExitCode> {
+    // Block the shutdown signals before any thread exists, so every thread inherits
+    // the mask and one thread waits for them (the spawner clears its own mask).
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.thread_block().context("block signals")?;
     // The agent forks its spawner: nothing may have started a thread before this.
     let agent = Agent::start(Config {
         state_root: state_dir.to_path_buf(),
+        pool: pool.config(),
         ..Config::new()
     })
     .context("start the agent")?;
@@ -437,11 +491,6 @@ fn serve(socket: &Path, state_dir: &Path, workers: usize) -> anyhow::Result<Exit
             return Err(e).with_context(|| format!("serve on {}", socket.display()));
         }
     };
-    // Block the shutdown signals in every thread; one thread waits for them.
-    let mut signals = nix::sys::signal::SigSet::empty();
-    signals.add(nix::sys::signal::Signal::SIGINT);
-    signals.add(nix::sys::signal::Signal::SIGTERM);
-    signals.thread_block().context("block signals")?;
     let stop = server.shutdown_handle();
     std::thread::Builder::new()
         .name("signals".into())

@@ -22,6 +22,7 @@ pub struct Function {
     pub timeout_ms: u64,
     pub pids: u64,
     pub cpus: f64,
+    pub max_instances: usize,
     /// Bumped on every registration; warm instances of an older version are retired.
     pub version: u64,
     /// Whether `dir` was unpacked by the agent (and is removed with the function).
@@ -73,6 +74,12 @@ impl Function {
             3_600_000,
         )?;
         let pids = ranged("pids", config.pids.unwrap_or(defaults.pids), 8, 1 << 22)?;
+        let max_instances = ranged(
+            "max_instances",
+            config.max_instances.unwrap_or(defaults.max_instances) as u64,
+            1,
+            1024,
+        )? as usize;
         let cpus = config.cpus.unwrap_or(defaults.cpus);
         if !(cpus > 0.0 && cpus <= 1024.0) {
             return Err(Error::InvalidConfig(format!(
@@ -87,9 +94,23 @@ impl Function {
             timeout_ms,
             pids,
             cpus,
+            max_instances,
             version,
             owns_dir,
         })
+    }
+
+    /// Whether its limits differ from `defaults` (a stem cell bound to it needs new ones).
+    pub fn has_own_limits(&self, defaults: &Defaults) -> bool {
+        (self.memory_mb, self.pids, self.cpus) != (defaults.memory_mb, defaults.pids, defaults.cpus)
+    }
+
+    pub fn limits(&self) -> rootfs::Limits {
+        rootfs::Limits {
+            memory_bytes: self.memory_mb << 20,
+            pids: self.pids,
+            cpus: self.cpus,
+        }
     }
 
     pub fn info(&self, warm_instances: usize) -> FunctionInfo {
@@ -101,6 +122,7 @@ impl Function {
             timeout_ms: self.timeout_ms,
             pids: self.pids,
             cpus: self.cpus,
+            max_instances: self.max_instances,
             warm_instances,
         }
     }

@@ -50,6 +50,34 @@ pub struct Invocation {
     pub result: Vec<u8>,
     pub logs: Logs,
     pub duration: Duration,
-    /// Whether it needed a new sandbox.
-    pub cold: bool,
+    pub start: Start,
+}
+
+/// How the instance that ran an invocation was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A warm, running instance.
+    Warm,
+    /// A warm instance whose sandbox was frozen and was thawed.
+    Thawed,
+    /// A new instance in a prewarmed stem cell.
+    StemCell,
+    /// A new instance in a sandbox created for it (no stem cell was ready).
+    NewSandbox,
+}
+
+impl Start {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Start::Warm => "warm",
+            Start::Thawed => "thawed",
+            Start::StemCell => "stem_cell",
+            Start::NewSandbox => "new_sandbox",
+        }
+    }
+
+    /// Whether a new instance had to be started.
+    pub fn is_cold(self) -> bool {
+        matches!(self, Start::StemCell | Start::NewSandbox)
+    }
 }

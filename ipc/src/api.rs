@@ -19,6 +19,9 @@ pub struct FunctionConfig {
     pub pids: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
+    /// Instances of the function at most; requests beyond wait in its queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<usize>,
 }
 
 /// Body of `PUT /functions/{name}` with `Content-Type: application/json`.
@@ -42,7 +45,8 @@ pub struct FunctionInfo {
     pub timeout_ms: u64,
     pub pids: u64,
     pub cpus: f64,
-    /// Warm instances kept for it right now.
+    pub max_instances: usize,
+    /// Idle warm instances (running or frozen) kept for it right now.
     pub warm_instances: usize,
 }
 
@@ -62,8 +66,10 @@ pub struct InvocationRecord {
     pub result: Box<RawValue>,
     pub logs: Logs,
     pub duration_us: u64,
-    /// Whether the invocation needed a new sandbox.
+    /// Whether the invocation needed a new instance.
     pub cold: bool,
+    /// How its instance was found: `warm`, `thawed`, `stem_cell` or `new_sandbox`.
+    pub start: String,
 }
 
 /// Every error response: `{"error": {...}}`.
@@ -95,7 +101,17 @@ pub struct Status {
     pub version: String,
     pub cgroup: String,
     pub functions: usize,
+    /// Every live sandbox: stem cells, warm and running instances.
     pub sandboxes: usize,
+    /// Ready stem cells.
+    pub stem_cells: usize,
+    /// Frozen sandboxes (stem cells and idle instances).
+    pub frozen: usize,
+    /// Requests waiting for an instance.
+    pub queued: usize,
+    /// Memory reserved by live sandboxes' limits, and the budget for it.
+    pub reserved_mb: u64,
+    pub memory_budget_mb: u64,
     pub invocations: u64,
     pub uptime_ms: u64,
 }

@@ -87,13 +87,17 @@ impl Cgroups {
         dirs
     }
 
-    /// The memory controller's directory for `rel`.
-    fn memory_dir(&self, rel: &Path) -> PathBuf {
+    /// The directory of `controller` (a v1 hierarchy name) for `rel`.
+    pub fn controller_dir(&self, controller: &str, rel: &Path) -> PathBuf {
         let rel = rel.strip_prefix("/").unwrap_or(rel);
         match self.version {
             CgroupVersion::V2 => self.root.join(rel),
-            CgroupVersion::V1 => self.root.join("memory").join(rel),
+            CgroupVersion::V1 => self.root.join(controller).join(rel),
         }
+    }
+
+    fn memory_dir(&self, rel: &Path) -> PathBuf {
+        self.controller_dir("memory", rel)
     }
 
     /// How many times the kernel's OOM killer killed a process in `rel`.
@@ -107,14 +111,37 @@ impl Cgroups {
     }
 
     /// Kills every process in `rel` and its descendants, then removes the cgroups,
-    /// deepest first, in every hierarchy. Missing cgroups are fine.
+    /// deepest first, in every hierarchy. Missing cgroups are fine. Frozen cgroups are
+    /// thawed after the kill: on v1 a frozen task does not die until thawed.
     pub fn remove_tree(&self, rel: &Path) -> Result<(), Error> {
+        for dir in self.dirs(rel) {
+            visit_tree(&dir, &mut |d| signal_all(d));
+        }
+        self.thaw_tree(rel);
         for dir in self.dirs(rel) {
             if dir.is_dir() {
                 remove_dir_tree(&dir)?;
             }
         }
         Ok(())
+    }
+
+    /// Thaws `rel` and every cgroup below it (best effort).
+    pub fn thaw_tree(&self, rel: &Path) {
+        let (dir, file, value) = match self.version {
+            CgroupVersion::V1 => (
+                self.controller_dir("freezer", rel),
+                "freezer.state",
+                "THAWED",
+            ),
+            CgroupVersion::V2 => (self.controller_dir("", rel), "cgroup.freeze", "0"),
+        };
+        visit_tree(&dir, &mut |d| {
+            let f = d.join(file);
+            if f.exists() {
+                let _ = fs::write(&f, value);
+            }
+        });
     }
 
     /// Removes `rel` where it is an empty leaf; a cgroup still in use is left alone.
@@ -155,6 +182,27 @@ fn remove_dir_tree(dir: &Path) -> Result<(), Error> {
         path: dir.to_path_buf(),
         attempts: KILL_ROUNDS,
     })
+}
+
+/// Calls `f` on `dir` and every directory below it.
+fn visit_tree(dir: &Path, f: &mut dyn FnMut(&Path)) {
+    f(dir);
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                visit_tree(&e.path(), f);
+            }
+        }
+    }
+}
+
+/// Sends SIGKILL to every process listed in `dir/cgroup.procs`, once.
+fn signal_all(dir: &Path) {
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
 }
 
 /// SIGKILLs the processes listed in `dir/cgroup.procs` until none remain (a process
@@ -254,6 +302,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sprout/none/memory.events"), "{err}");
+    }
+
+    #[test]
+    fn thaw_tree_thaws_every_frozen_cgroup_below() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v1(t.path());
+        let leaf = t.path().join("freezer/sprout/3/sprout-3-1");
+        fs::create_dir_all(&leaf).unwrap();
+        fs::write(leaf.join("freezer.state"), "FROZEN").unwrap();
+        cg.thaw_tree(Path::new("/sprout/3"));
+        assert_eq!(
+            fs::read_to_string(leaf.join("freezer.state")).unwrap(),
+            "THAWED"
+        );
     }
 
     #[test]

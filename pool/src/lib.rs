@@ -13,12 +13,14 @@
 //! [`Sandbox`] carries one sandbox's state machine.
 
 mod cgroup;
+mod freezer;
 mod sandbox;
 mod spawner;
 mod state;
 mod sys;
 
 pub use cgroup::{CgroupVersion, Cgroups};
+pub use freezer::Freezer;
 pub use sandbox::{Sandbox, SandboxState};
 pub use spawner::Spawner;
 pub use state::{cleanup_stale, StateDir};
@@ -33,6 +35,12 @@ pub enum Error {
     Fork(#[source] nix::Error),
     #[error("sandbox {id}: create")]
     Create {
+        id: String,
+        #[source]
+        source: SpawnerFailure,
+    },
+    #[error("sandbox {id}: make the function's code visible")]
+    BindCode {
         id: String,
         #[source]
         source: SpawnerFailure,
@@ -64,6 +72,24 @@ pub enum Error {
     CgroupSetup(#[source] libcgroups::common::GetCgroupSetupError),
     #[error("state directory {path} is locked by another agent")]
     Locked { path: PathBuf },
+    #[error("{path}: not {} after {after:?}", if *frozen { "frozen" } else { "thawed" })]
+    Freezer {
+        path: PathBuf,
+        frozen: bool,
+        after: std::time::Duration,
+    },
+    #[error("sandbox {id}: set limits")]
+    Limits {
+        id: String,
+        #[source]
+        source: libcgroups::common::AnyManagerError,
+    },
+    #[error("sandbox {id}: open its cgroup manager")]
+    CgroupManager {
+        id: String,
+        #[source]
+        source: libcgroups::common::CreateCgroupSetupError,
+    },
     #[error("cgroup {path} still busy after {attempts} attempts")]
     CgroupBusy { path: PathBuf, attempts: u32 },
 }

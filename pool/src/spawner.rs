@@ -23,7 +23,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use crate::{sys, Cgroups, Error, Sandbox, SpawnerFailure, StateDir};
+use crate::{sys, Cgroups, Error, Freezer, Sandbox, SpawnerFailure, StateDir};
 use ipc::proto::ShimLink;
 use ipc::Channel;
 
@@ -37,6 +37,11 @@ enum SpawnerRequest {
     Destroy {
         id: String,
     },
+    /// Makes `dir` (a host directory) visible read-only at `/code` inside the sandbox.
+    BindCode {
+        id: String,
+        dir: PathBuf,
+    },
     /// The agent is exiting cleanly and removes its state itself.
     Shutdown,
 }
@@ -49,6 +54,7 @@ enum SpawnerReply {
         pid: i32,
     },
     Destroyed,
+    CodeBound,
     Failed {
         message: String,
     },
@@ -87,7 +93,7 @@ impl Spawner {
             ForkResult::Child => {
                 drop(ours);
                 sys::set_process_name(c"sprout-spawner");
-                sys::ignore_sigint();
+                sys::reset_signals();
                 let code = serve(theirs, &containers, orphaned);
                 sys::exit_now(code)
             }
@@ -120,6 +126,7 @@ impl Spawner {
         id: &str,
         bundle: &Path,
         cgroup: PathBuf,
+        cgroups: &Cgroups,
     ) -> Result<(Sandbox, ShimLink), Error> {
         let span = tracing::debug_span!("create_sandbox", sandbox_id = %id);
         let _g = span.enter();
@@ -139,8 +146,15 @@ impl Spawner {
                             queued: 0,
                         }))?;
                 tracing::debug!(pid, "sandbox started");
+                let freezer = match Freezer::open(cgroups, &cgroup) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = self.call(&SpawnerRequest::Destroy { id: id.to_owned() });
+                        return Err(e);
+                    }
+                };
                 Ok((
-                    Sandbox::new(id.to_owned(), pid, cgroup),
+                    Sandbox::new(id.to_owned(), pid, cgroup, freezer),
                     ShimLink(Channel::from_fd(fd)),
                 ))
             }
@@ -148,10 +162,7 @@ impl Spawner {
                 id: id.to_owned(),
                 source: SpawnerFailure(message),
             }),
-            SpawnerReply::Destroyed => Err(Error::Spawner(ipc::Error::Unexpected {
-                op: "destroyed".into(),
-                expected: "created",
-            })),
+            other => Err(unexpected(other, "created")),
         }
     }
 
@@ -160,9 +171,7 @@ impl Spawner {
     pub fn destroy(&self, sandbox: &mut Sandbox) -> Result<(), Error> {
         let span = tracing::debug_span!("destroy_sandbox", sandbox_id = %sandbox.id());
         let _g = span.enter();
-        if sandbox.state() != crate::SandboxState::Dead {
-            sandbox.transition(crate::SandboxState::Dead)?;
-        }
+        sandbox.die();
         match self
             .call(&SpawnerRequest::Destroy {
                 id: sandbox.id().to_owned(),
@@ -174,10 +183,29 @@ impl Spawner {
                 id: sandbox.id().to_owned(),
                 source: SpawnerFailure(message),
             }),
-            SpawnerReply::Created { .. } => Err(Error::Spawner(ipc::Error::Unexpected {
-                op: "created".into(),
-                expected: "destroyed",
-            })),
+            other => Err(unexpected(other, "destroyed")),
+        }
+    }
+
+    /// Makes the host directory `dir` visible, read-only, at [`rootfs::CODE_DIR`] in the
+    /// running sandbox: the spawner clones `dir` as a detached read-only mount and
+    /// attaches it inside the sandbox's mount namespace. The host's mount table does
+    /// not change.
+    pub fn bind_code(&self, sandbox: &Sandbox, dir: &Path) -> Result<(), Error> {
+        let span =
+            tracing::debug_span!("bind_code", sandbox_id = %sandbox.id(), dir = %dir.display());
+        let _g = span.enter();
+        let req = SpawnerRequest::BindCode {
+            id: sandbox.id().to_owned(),
+            dir: dir.to_path_buf(),
+        };
+        match self.call(&req)?.header {
+            SpawnerReply::CodeBound => Ok(()),
+            SpawnerReply::Failed { message } => Err(Error::BindCode {
+                id: sandbox.id().to_owned(),
+                source: SpawnerFailure(message),
+            }),
+            other => Err(unexpected(other, "code_bound")),
         }
     }
 
@@ -202,9 +230,24 @@ impl Spawner {
     }
 }
 
+fn unexpected(reply: SpawnerReply, expected: &'static str) -> Error {
+    Error::Spawner(ipc::Error::Unexpected {
+        op: format!("{reply:?}"),
+        expected,
+    })
+}
+
 /// The spawner's loop. Returns its exit code.
 fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
     let mut live: HashMap<String, Container> = HashMap::new();
+    // Our own mount namespace, to come back to after attaching code in a sandbox's.
+    let home = match File::open("/proc/self/ns/mnt") {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "spawner: open /proc/self/ns/mnt");
+            return 1;
+        }
+    };
     let clean_exit = loop {
         let req = match channel.recv::<SpawnerRequest>() {
             Ok(m) => m.header,
@@ -215,18 +258,32 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
             }
         };
         let sent = match req {
-            SpawnerRequest::Create { id, bundle } => match create(&id, &bundle, containers) {
-                Ok((container, agent_end)) => {
-                    let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
-                    live.insert(id, container);
-                    channel.send(&SpawnerReply::Created { pid }, b"", &[agent_end.as_fd()])
+            SpawnerRequest::Create { id, bundle } => {
+                match create(&id, &bundle, containers, &orphaned.cgroups) {
+                    Ok((container, agent_end)) => {
+                        let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+                        live.insert(id, container);
+                        channel.send(&SpawnerReply::Created { pid }, b"", &[agent_end.as_fd()])
+                    }
+                    Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
                 }
-                Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
-            },
+            }
             SpawnerRequest::Destroy { id } => {
                 let reply = match live.remove(&id) {
-                    Some(c) => match destroy(c) {
+                    Some(c) => match destroy(c, &orphaned.cgroups) {
                         Ok(()) => SpawnerReply::Destroyed,
+                        Err(message) => SpawnerReply::Failed { message },
+                    },
+                    None => SpawnerReply::Failed {
+                        message: format!("no live sandbox {id}"),
+                    },
+                };
+                channel.send(&reply, b"", &[])
+            }
+            SpawnerRequest::BindCode { id, dir } => {
+                let reply = match live.get(&id) {
+                    Some(c) => match bind_code(c, &dir, &home) {
+                        Ok(()) => SpawnerReply::CodeBound,
                         Err(message) => SpawnerReply::Failed { message },
                     },
                     None => SpawnerReply::Failed {
@@ -243,7 +300,7 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
         }
     };
     for (id, c) in live.drain() {
-        if let Err(message) = destroy(c) {
+        if let Err(message) = destroy(c, &orphaned.cgroups) {
             tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
         }
     }
@@ -263,7 +320,12 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
     0
 }
 
-fn create(id: &str, bundle: &Path, containers: &Path) -> Result<(Container, OwnedFd), String> {
+fn create(
+    id: &str,
+    bundle: &Path,
+    containers: &Path,
+    cgroups: &Cgroups,
+) -> Result<(Container, OwnedFd), String> {
     let fail = |what: &str, e: &dyn std::error::Error| format!("{what}: {}", ipc::chain(e));
     let (agent_end, shim_end) = UnixStream::pair().map_err(|e| fail("socket pair", &e))?;
     let devnull = File::open("/dev/null").map_err(|e| fail("open /dev/null", &e))?;
@@ -285,32 +347,60 @@ fn create(id: &str, bundle: &Path, containers: &Path) -> Result<(Container, Owne
     let mut container = match built {
         Ok(Ok(c)) => c,
         Ok(Err(e)) | Err(e) => {
-            remove_partial(id, containers);
+            remove_partial(id, containers, cgroups);
             return Err(fail("build container", &e));
         }
     };
     if let Err(e) = container.start() {
         let message = fail("start container", &e);
-        let _ = destroy(container);
+        let _ = destroy(container, cgroups);
         return Err(message);
     }
     Ok((container, OwnedFd::from(agent_end)))
 }
 
+fn bind_code(container: &Container, dir: &Path, home: &File) -> Result<(), String> {
+    let pid = container
+        .pid()
+        .ok_or_else(|| format!("sandbox {} has no init process", container.id()))?;
+    let ns_path = format!("/proc/{pid}/ns/mnt");
+    let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
+    let tree = sys::detached_readonly_tree(dir)
+        .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
+    sys::attach_tree(
+        ns.as_fd(),
+        home.as_fd(),
+        tree.as_fd(),
+        Path::new(rootfs::CODE_DIR),
+    )
+    .map_err(|e| {
+        format!(
+            "attach {} at {} in sandbox {}: {e}",
+            dir.display(),
+            rootfs::CODE_DIR,
+            container.id()
+        )
+    })
+}
+
 /// Deletes what a failed build left in the state root.
-fn remove_partial(id: &str, containers: &Path) {
+fn remove_partial(id: &str, containers: &Path, cgroups: &Cgroups) {
     let dir = containers.join(id);
     if let Ok(c) = Container::load(dir.clone()) {
-        let _ = destroy(c);
+        let _ = destroy(c, cgroups);
     }
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn destroy(mut container: Container) -> Result<(), String> {
+fn destroy(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {
     if let Some(pid) = container.pid() {
         // Killing the PID namespace's init kills every process in it; reaping it
-        // returns once they are all gone.
+        // returns once they are all gone. A frozen sandbox (cgroup v1) only dies once
+        // thawed, so thaw after the kill.
         let _ = kill(pid, Signal::SIGKILL);
+        if let Ok(config) = container.spec() {
+            cgroups.thaw_tree(&config.cgroup_path);
+        }
         let _ = waitpid(pid, None);
     }
     container

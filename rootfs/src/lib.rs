@@ -20,7 +20,7 @@ mod skeleton;
 mod spec;
 
 pub use skeleton::Skeleton;
-pub use spec::{bundle_spec, write_bundle, Limits, SandboxConfig};
+pub use spec::{bundle_spec, resources, write_bundle, Limits, SandboxConfig};
 
 /// Where the function's code appears inside a sandbox.
 pub const CODE_DIR: &str = "/code";

@@ -98,8 +98,6 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
     ];
     env.extend(cfg.env.iter().cloned());
 
-    let memory = cfg.limits.memory_bytes;
-    let quota = (cfg.limits.cpus * CPU_PERIOD_US as f64).round() as i64;
     let value = json!({
         "ociVersion": "1.0.2",
         "root": { "path": root, "readonly": true },
@@ -121,19 +119,30 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
                 {"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
                 {"type": "mount"}, {"type": "network"}, {"type": "cgroup"},
             ],
-            "resources": {
-                "devices": [{ "allow": false, "access": "rwm" }],
-                // swap = limit: no swap beyond the memory limit.
-                "memory": { "limit": memory, "swap": memory },
-                "pids": { "limit": cfg.limits.pids },
-                "cpu": { "quota": quota, "period": CPU_PERIOD_US },
-            },
+            "resources": resources_json(&cfg.limits),
             "maskedPaths": oci_spec::runtime::get_default_maskedpaths(),
             "readonlyPaths": oci_spec::runtime::get_default_readonly_paths(),
             "seccomp": seccomp::default_filter(),
         },
     });
     serde_json::from_value(value).map_err(Error::Spec)
+}
+
+fn resources_json(limits: &Limits) -> serde_json::Value {
+    let quota = (limits.cpus * CPU_PERIOD_US as f64).round() as i64;
+    json!({
+        "devices": [{ "allow": false, "access": "rwm" }],
+        // swap = limit: no swap beyond the memory limit.
+        "memory": { "limit": limits.memory_bytes, "swap": limits.memory_bytes },
+        "pids": { "limit": limits.pids },
+        "cpu": { "quota": quota, "period": CPU_PERIOD_US },
+    })
+}
+
+/// The cgroup limits of a sandbox, as in its spec; also used to change a running
+/// sandbox's limits when a stem cell is bound to a function with its own.
+pub fn resources(limits: &Limits) -> Result<oci_spec::runtime::LinuxResources, Error> {
+    serde_json::from_value(resources_json(limits)).map_err(Error::Spec)
 }
 
 /// Writes `spec` as `bundle/config.json`.
@@ -271,6 +280,13 @@ mod tests {
             .filter(|s| s.names() == &["clone"])
             .count();
         assert_eq!(clone_rules, 7, "one rule per namespace flag");
+    }
+
+    #[test]
+    fn resources_match_the_spec() {
+        let spec = bundle_spec(&config()).unwrap();
+        let from_spec = spec.linux().as_ref().unwrap().resources().clone().unwrap();
+        assert_eq!(resources(&config().limits).unwrap(), from_spec);
     }
 
     #[test]

@@ -213,9 +213,15 @@ impl Env {
         dir
     }
 
-    /// Starts `sprout serve` on a socket in the scratch directory.
+    /// Starts `sprout serve` on a socket in the scratch directory, without stem
+    /// cells, so that a function's sandboxes are all its instances.
     pub fn daemon(&self) -> Daemon {
-        Daemon::start(self)
+        Daemon::start(self, &["--stem-cells", "0"])
+    }
+
+    /// Starts `sprout serve` with these pool flags (e.g. `--stem-cells 2`).
+    pub fn daemon_with(&self, args: &[&str]) -> Daemon {
+        Daemon::start(self, args)
     }
 
     fn record(&self, pid: u32) {
@@ -654,7 +660,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `sprout serve --socket <work>/api-N.sock --state-dir <state>` and waits
     /// until the socket accepts connections.
-    pub fn start(env: &Env) -> Daemon {
+    pub fn start(env: &Env, args: &[&str]) -> Daemon {
         let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
         let socket = env.work_dir().join(format!("api-{n}.sock"));
         let log = env.work_dir().join(format!("daemon-{n}.log"));
@@ -665,6 +671,7 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(env.state_dir())
+            .args(args)
             .env_remove("SPROUT_SOCKET")
             .env_remove("SPROUT_STATE_DIR")
             .stdin(Stdio::null())

@@ -31,7 +31,7 @@ mod conn;
 mod routes;
 
 use conn::{Conn, Life};
-pub use routes::{status_for, COLD_HEADER, DURATION_HEADER};
+pub use routes::{status_for, COLD_HEADER, DURATION_HEADER, START_HEADER};
 use routes::{Dispatch, Persist};
 
 /// What the server dispatches parsed requests to: the agent, or a fake in tests.

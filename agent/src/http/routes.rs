@@ -15,6 +15,8 @@ use crate::request::{FunctionSource, Invocation, Request, Response};
 pub const DURATION_HEADER: &str = "X-Sprout-Duration-Us";
 /// Header saying whether an invocation needed a new sandbox (`true`/`false`).
 pub const COLD_HEADER: &str = "X-Sprout-Cold";
+/// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
+pub const START_HEADER: &str = "X-Sprout-Start";
 
 /// The status code for each kind of agent error: the only such mapping.
 pub fn status_for(kind: ErrorKind) -> u16 {
@@ -368,7 +370,8 @@ fn invoked(inv: Invocation, logs: bool) -> Reply {
                     result,
                     logs: inv.logs,
                     duration_us,
-                    cold: inv.cold,
+                    cold: inv.start.is_cold(),
+                    start: inv.start.as_str().to_owned(),
                 },
             ),
             Err(e) => {
@@ -385,7 +388,12 @@ fn invoked(inv: Invocation, logs: bool) -> Reply {
     reply
         .headers
         .push((DURATION_HEADER, duration_us.to_string()));
-    reply.headers.push((COLD_HEADER, inv.cold.to_string()));
+    reply
+        .headers
+        .push((COLD_HEADER, inv.start.is_cold().to_string()));
+    reply
+        .headers
+        .push((START_HEADER, inv.start.as_str().to_owned()));
     reply
 }
 
@@ -475,6 +483,7 @@ fn config_from_query(query: &[(String, String)]) -> Result<FunctionConfig, Rejec
             "memory_mb" => config.memory_mb = Some(int()?),
             "timeout_ms" => config.timeout_ms = Some(int()?),
             "pids" => config.pids = Some(int()?),
+            "max_instances" => config.max_instances = Some(int()? as usize),
             "cpus" => {
                 let cpus = value
                     .parse::<f64>()
@@ -587,7 +596,7 @@ mod tests {
     fn tar_config_comes_from_the_query() {
         let r = route(
             "PUT",
-            "/functions/f?handler=app%3Amain&memory_mb=128&timeout_ms=1000&pids=64&cpus=0.5",
+            "/functions/f?handler=app%3Amain&memory_mb=128&timeout_ms=1000&pids=64&cpus=0.5&max_instances=2",
             Some("application/x-tar"),
         );
         let config = FunctionConfig {
@@ -596,6 +605,7 @@ mod tests {
             timeout_ms: Some(1000),
             pids: Some(64),
             cpus: Some(0.5),
+            max_instances: Some(2),
         };
         assert_eq!(
             r,

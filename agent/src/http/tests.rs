@@ -13,7 +13,7 @@ use ipc::client::{Client, ClientResponse};
 use ipc::proto::FunctionError;
 
 use super::*;
-use crate::request::{FunctionSource, Invocation};
+use crate::request::{FunctionSource, Invocation, Start};
 
 /// Records every request; answers by function name.
 #[derive(Default)]
@@ -30,6 +30,7 @@ fn info(name: &str, config: &FunctionConfig) -> FunctionInfo {
         timeout_ms: config.timeout_ms.unwrap_or(30_000),
         pids: config.pids.unwrap_or(64),
         cpus: config.cpus.unwrap_or(1.0),
+        max_instances: config.max_instances.unwrap_or(4),
         warm_instances: 0,
     }
 }
@@ -61,6 +62,11 @@ impl Handle for Fake {
                 cgroup: "/sys/fs/cgroup/sprout".into(),
                 functions: 2,
                 sandboxes: 1,
+                stem_cells: 2,
+                frozen: 1,
+                queued: 0,
+                reserved_mb: 384,
+                memory_budget_mb: 1024,
                 invocations: 7,
                 uptime_ms: 42,
             })),
@@ -97,7 +103,11 @@ impl Handle for Fake {
                             result: event.clone(),
                             logs: logs("hello\n"),
                             duration: Duration::from_micros(1500),
-                            cold: name != "warm",
+                            start: if name == "warm" {
+                                Start::Warm
+                            } else {
+                                Start::StemCell
+                            },
                         }))
                     }
                 }
@@ -281,6 +291,7 @@ fn registers_from_a_directory_or_a_tar() {
         timeout_ms: Some(500),
         pids: Some(16),
         cpus: Some(0.5),
+        max_instances: None,
     };
     match t.take_seen().as_slice() {
         [Request::RegisterFunction {
@@ -325,6 +336,7 @@ fn registers_from_a_directory_or_a_tar() {
         timeout_ms: Some(1000),
         pids: Some(64),
         cpus: Some(1.0),
+        max_instances: None,
     };
     match t.take_seen().as_slice() {
         [Request::RegisterFunction {

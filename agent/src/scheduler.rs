@@ -1,0 +1,158 @@
+//! Per-function scheduling state: warm instances, the count of live ones, and the
+//! queue of requests waiting for one (OpenWhisk's per-action queue, on one node).
+//!
+//! A request takes the most recently used idle instance; if there is none and the
+//! function is below its `max_instances`, it starts one (from a stem cell when one is
+//! ready) — so instances are added as the backlog grows; otherwise it waits in the
+//! function's FIFO queue. A finished instance goes straight to the head of the queue,
+//! or back to the idle list. Waiters are woken to retry when an instance dies (so one
+//! of them can start a replacement) and closed when the agent shuts down.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use ipc::proto::ShimLink;
+use pool::Sandbox;
+
+use crate::instance::Instance;
+
+/// Everything the scheduler and the pool manager share, under one lock.
+#[derive(Debug, Default)]
+pub struct Sched {
+    pub functions: HashMap<String, FnPool>,
+    /// Ready (frozen) stem cells, most recent last.
+    pub stem_cells: Vec<StemCell>,
+    /// Stem cells being created by the manager.
+    pub stem_starting: usize,
+    /// When the manager will next look by itself (None: it sleeps until woken).
+    pub manager_deadline: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub struct FnPool {
+    /// Idle instances (thawed or frozen), least recently used first.
+    pub idle: Vec<Instance>,
+    /// Instances that exist: idle, running, or starting.
+    pub live: usize,
+    /// Requests waiting for an instance.
+    pub queue: VecDeque<Arc<Slot>>,
+}
+
+/// A prewarmed sandbox: shim and zygote up, bound to no function.
+#[derive(Debug)]
+pub struct StemCell {
+    pub sandbox: Sandbox,
+    pub shim: ShimLink,
+    /// Memory (MiB) counted against the budget for it.
+    pub reserved_mb: u64,
+}
+
+/// Where a queued request waits for its instance.
+#[derive(Debug, Default)]
+pub struct Slot {
+    state: Mutex<SlotState>,
+    ready: Condvar,
+}
+
+#[derive(Debug, Default)]
+pub enum SlotState {
+    #[default]
+    Waiting,
+    /// An instance handed over by a finishing request.
+    Ready(Box<Instance>),
+    /// Look again: an instance went away and this request may start one.
+    Retry,
+    /// The agent is shutting down.
+    Closed,
+}
+
+impl Slot {
+    fn set(&self, state: SlotState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        self.ready.notify_one();
+    }
+
+    pub fn give(&self, inst: Instance) {
+        self.set(SlotState::Ready(Box::new(inst)));
+    }
+
+    pub fn retry(&self) {
+        self.set(SlotState::Retry);
+    }
+
+    pub fn close(&self) {
+        self.set(SlotState::Closed);
+    }
+
+    /// Blocks until the slot is given, retried or closed.
+    pub fn wait(&self) -> SlotState {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while matches!(*state, SlotState::Waiting) {
+            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        std::mem::take(&mut *state)
+    }
+}
+
+impl Sched {
+    pub fn pool(&mut self, function: &str) -> &mut FnPool {
+        self.functions.entry(function.to_owned()).or_default()
+    }
+
+    /// Idle instances counted per function, for listings.
+    pub fn idle_count(&self, function: &str) -> usize {
+        self.functions.get(function).map_or(0, |f| f.idle.len())
+    }
+
+    pub fn queued(&self) -> usize {
+        self.functions.values().map(|f| f.queue.len()).sum()
+    }
+
+    /// Removes and returns the least recently used idle instance of any function.
+    pub fn take_lru_idle(&mut self) -> Option<Instance> {
+        let (name, _) = self
+            .functions
+            .iter()
+            .filter_map(|(name, f)| f.idle.first().map(|i| (name.clone(), i.last_used)))
+            .min_by_key(|(_, used)| *used)?;
+        let pool = self.functions.get_mut(&name)?;
+        pool.live -= 1;
+        Some(pool.idle.remove(0))
+    }
+
+    /// Wakes every waiter with `Closed` and takes every idle instance and stem cell.
+    pub fn drain(&mut self) -> (Vec<Instance>, Vec<StemCell>) {
+        let mut idle = Vec::new();
+        for pool in self.functions.values_mut() {
+            for slot in pool.queue.drain(..) {
+                slot.close();
+            }
+            pool.live -= pool.idle.len();
+            idle.append(&mut pool.idle);
+        }
+        (idle, std::mem::take(&mut self.stem_cells))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_slot_hands_over_exactly_once_across_threads() {
+        let slot = Arc::new(Slot::default());
+        let waiter = {
+            let slot = slot.clone();
+            std::thread::spawn(move || matches!(slot.wait(), SlotState::Retry))
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        slot.retry();
+        assert!(waiter.join().unwrap());
+        // A slot set before anyone waits is not lost.
+        let slot = Slot::default();
+        slot.close();
+        assert!(matches!(slot.wait(), SlotState::Closed));
+    }
+}
