@@ -477,6 +477,14 @@ fn serve(
     signals.add(nix::sys::signal::Signal::SIGINT);
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.thread_block().context("block signals")?;
+    // Every client connection is a descriptor: allow as many as the hard limit does.
+    // (Sandboxes get their own limit from their spec.)
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     // The agent forks its spawner: nothing may have started a thread before this.
     let agent = Agent::start(Config {
         state_root: state_dir.to_path_buf(),
