@@ -1,41 +1,72 @@
-//! sprout's end-to-end latency harness.
+//! sprout's end-to-end latency suite.
 //!
-//! `cargo run -p bench --release -- skeleton [--runs N]` measures, on a release build:
-//! the whole `sprout invoke examples/hello` process (embedded agent: start, sandbox,
-//! invoke, clean-up), and cold and warm invokes of the same function through a daemon's
-//! Unix socket. It prints a table and writes `target/sprout-bench/skeleton.json` (an
-//! array of `{path, n, p50_us, p99_us, ...}`). The warm-pool issue grows this into the
-//! full `latency` suite with runc/crun baselines.
+//! `cargo run -p bench --release -- latency` measures, in one run on this host:
+//! the whole `sprout invoke` process; warm, frozen-warm and cold (stem cell, empty
+//! pool) invokes through a daemon's Unix socket; throughput with concurrent clients;
+//! and, as baselines, `runc run` and `crun run` of an equivalent bundle running the
+//! same handler with `python3`, and a plain host `python3` process. It prints a
+//! table, writes `target/sprout-bench/latency.json` (`path`, `n`, `p50_us`, `p99_us`;
+//! throughput rows add `ops_per_s`) and one latency-distribution plot (SVG) per path
+//! under `target/sprout-bench/plots/`.
+
+mod baseline;
+mod daemon;
+mod latency;
+mod plot;
+mod stats;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ipc::client::Client;
-use serde::Serialize;
 
-#[derive(Serialize)]
-struct Row {
-    path: String,
-    n: usize,
-    p50_us: f64,
-    p99_us: f64,
-    min_us: f64,
-    max_us: f64,
+use stats::Row;
+
+/// How much to measure: `--quick` is a smoke run (CI-sized), the default is for
+/// the README table.
+struct Settings {
+    warm_runs: usize,
+    frozen_runs: usize,
+    cold_runs: usize,
+    process_runs: usize,
+    clients: Vec<usize>,
+    throughput_for: Duration,
 }
 
-fn row(path: &str, mut samples: Vec<Duration>) -> Row {
-    samples.sort();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let pct = |p: f64| us(samples[((samples.len() as f64 - 1.0) * p).round() as usize]);
-    Row {
-        path: path.to_owned(),
-        n: samples.len(),
-        p50_us: pct(0.5),
-        p99_us: pct(0.99),
-        min_us: us(samples[0]),
-        max_us: us(*samples.last().unwrap()),
+impl Settings {
+    fn from_args(args: &[String]) -> anyhow::Result<Settings> {
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut s = if quick {
+            Settings {
+                warm_runs: 200,
+                frozen_runs: 20,
+                cold_runs: 5,
+                process_runs: 3,
+                clients: vec![1, 16],
+                throughput_for: Duration::from_millis(500),
+            }
+        } else {
+            Settings {
+                warm_runs: 2000,
+                frozen_runs: 200,
+                cold_runs: 50,
+                process_runs: 30,
+                clients: vec![1, 4, 16, 64],
+                throughput_for: Duration::from_secs(3),
+            }
+        };
+        if let Some(i) = args.iter().position(|a| a == "--clients") {
+            let list = args
+                .get(i + 1)
+                .context("--clients takes a list, e.g. 1,4,16")?;
+            s.clients = list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .context("--clients")?;
+        }
+        Ok(s)
     }
 }
 
@@ -62,58 +93,14 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(bin: &Path) -> anyhow::Result<Daemon> {
-        let dir = tempfile::Builder::new().prefix("sprout-bench-").tempdir()?;
-        let socket = dir.path().join("api.sock");
-        let child = Command::new(bin.join("sprout"))
-            .args(["serve", "--socket"])
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start sprout serve")?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Client::connect(&socket).is_err() {
-            if Instant::now() > deadline {
-                bail!("daemon did not come up on {}", socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(Daemon {
-            child,
-            socket,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
-}
-
-fn skeleton(runs: usize) -> anyhow::Result<Vec<Row>> {
-    let bin = bin_dir()?;
-    let hello = workspace().join("examples/hello");
-    let mut rows = Vec::new();
-
-    // Embedded: the whole process, as a user runs it.
+/// The whole `sprout invoke DIR` process: embedded agent, one sandbox, clean-up.
+fn embedded(bin: &Path, hello: &Path, runs: usize) -> anyhow::Result<Row> {
     let mut samples = Vec::new();
-    for _ in 0..runs.clamp(5, 50) {
+    for _ in 0..runs {
         let t = Instant::now();
         let out = Command::new(bin.join("sprout"))
             .arg("invoke")
-            .arg(&hello)
+            .arg(hello)
             .arg(r#"{"name":"Alice"}"#)
             .output()?;
         samples.push(t.elapsed());
@@ -124,93 +111,103 @@ fn skeleton(runs: usize) -> anyhow::Result<Vec<Row>> {
             );
         }
     }
-    rows.push(row("embedded hello (whole process)", samples));
+    Ok(Row::new(
+        "sprout invoke DIR (whole process, embedded)",
+        &samples,
+    ))
+}
 
-    // Through the daemon: cold (new sandbox each time: re-registering retires the
-    // warm instance), then warm.
-    let daemon = Daemon::start(&bin)?;
-    let mut client = Client::connect(&daemon.socket)?;
-    let register = serde_json::json!({ "path": hello }).to_string();
-    let mut cold = Vec::new();
-    for _ in 0..runs.clamp(5, 30) {
-        let r = client.request(
-            "PUT",
-            "/functions/hello",
-            Some("application/json"),
-            register.as_bytes(),
+fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
+    let bin = bin_dir()?;
+    let ws = workspace();
+    let (hello, noop) = (ws.join("examples/hello"), ws.join("examples/noop"));
+    let event = "{}";
+    let mut rows = Vec::new();
+    let mut step = |name: &str, row: anyhow::Result<Row>| -> anyhow::Result<()> {
+        let row = row.with_context(|| name.to_owned())?;
+        eprintln!(
+            "  {:<44} p50 {:>10}  p99 {:>10}",
+            row.path,
+            stats::human(row.p50_us),
+            stats::human(row.p99_us)
+        );
+        rows.push(row);
+        Ok(())
+    };
+    step("warm", latency::warm(&bin, &noop, settings.warm_runs))?;
+    step("frozen", latency::frozen(&bin, &noop, settings.frozen_runs))?;
+    step(
+        "cold from stem cell",
+        latency::cold(&bin, &noop, settings.cold_runs, 2),
+    )?;
+    step(
+        "cold with empty pool",
+        latency::cold(&bin, &noop, settings.cold_runs, 0),
+    )?;
+    for &c in &settings.clients {
+        step(
+            "throughput",
+            latency::throughput(&bin, &noop, c, settings.throughput_for),
         )?;
-        if r.status != 200 {
-            bail!("register failed: {}", String::from_utf8_lossy(&r.body));
-        }
-        let t = Instant::now();
-        let r = client.request(
-            "POST",
-            "/functions/hello/invoke",
-            Some("application/json"),
-            br#"{"name":"Alice"}"#,
-        )?;
-        cold.push(t.elapsed());
-        if r.status != 200 || r.header("x-sprout-cold") != Some("true") {
-            bail!(
-                "cold invoke failed: {} {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            );
-        }
     }
-    rows.push(row("daemon cold invoke (new sandbox)", cold));
-    let mut warm = Vec::new();
-    for _ in 0..runs.max(100) {
-        let t = Instant::now();
-        let r = client.request(
-            "POST",
-            "/functions/hello/invoke",
-            Some("application/json"),
-            br#"{"name":"Alice"}"#,
-        )?;
-        warm.push(t.elapsed());
-        if r.status != 200 || r.body != b"\"Hello, Alice!\"" {
-            bail!(
-                "warm invoke failed: {} {}",
-                r.status,
-                String::from_utf8_lossy(&r.body)
-            );
-        }
-    }
-    rows.push(row("daemon warm invoke", warm));
-    drop(client);
-    drop(daemon);
+    step("embedded", embedded(&bin, &hello, settings.process_runs))?;
+    let runs = settings.process_runs;
+    step(
+        "runc",
+        baseline::runc_run(&noop, event, runs)
+            .map(|s| Row::new("runc run (same handler, python3)", &s)),
+    )?;
+    step(
+        "crun",
+        baseline::crun_run(&noop, event, runs)
+            .map(|s| Row::new("crun run (same handler, python3)*", &s)),
+    )?;
+    step(
+        "crun wrapper",
+        baseline::crun_wrapper_overhead(runs)
+            .map(|s| Row::new("  * of which unshare + umount wrapper", &s)),
+    )?;
+    step(
+        "host python",
+        baseline::host_python(&noop, event, runs)
+            .map(|s| Row::new("host python3 process (same handler)", &s)),
+    )?;
     Ok(rows)
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse())
-        .transpose()
-        .context("--runs takes a number")?
-        .unwrap_or(100);
     let rows = match args.first().map(String::as_str) {
-        Some("skeleton") => skeleton(runs)?,
-        _ => bail!("usage: bench skeleton [--runs N]"),
+        Some("latency") => {
+            let settings = Settings::from_args(&args)?;
+            eprintln!("measuring (release build recommended; this takes a few minutes)...");
+            latency(&settings)?
+        }
+        _ => bail!("usage: bench latency [--quick] [--clients 1,4,16,64]"),
     };
-    println!(
-        "{:<36} {:>5} {:>12} {:>12} {:>12} {:>12}",
-        "path", "n", "p50 (µs)", "p99 (µs)", "min (µs)", "max (µs)"
-    );
-    for r in &rows {
+    stats::print(&rows);
+    let find = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.path.starts_with(prefix))
+            .map(|r| r.p50_us)
+    };
+    if let (Some(stem), Some(runc)) = (find("cold invoke from a stem cell"), find("runc run")) {
         println!(
-            "{:<36} {:>5} {:>12.0} {:>12.0} {:>12.0} {:>12.0}",
-            r.path, r.n, r.p50_us, r.p99_us, r.min_us, r.max_us
+            "cold start from a stem cell vs runc run: {:.1}x faster (p50)",
+            runc / stem
         );
     }
     let out = workspace().join("target/sprout-bench");
     std::fs::create_dir_all(&out)?;
-    let file = out.join("skeleton.json");
+    let file = out.join("latency.json");
     std::fs::write(&file, serde_json::to_vec_pretty(&rows)?)?;
-    println!("wrote {}", file.display());
+    for row in &rows {
+        plot::cdf(&out.join("plots"), row).with_context(|| format!("plot {}", row.path))?;
+    }
+    println!(
+        "wrote {} and plots in {}",
+        file.display(),
+        out.join("plots").display()
+    );
     Ok(())
 }

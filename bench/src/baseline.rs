@@ -1,0 +1,815 @@
+//! Baselines for the latency harness, measured on the same host in the same run:
+//! the same Python function run by plain `python3` on the host, and in a one-shot
+//! OCI container made by `runc` and by `crun` from a bundle equivalent to a sprout
+//! sandbox.
+//!
+//! Every sample is the wall time of one whole run, from just before the process is
+//! spawned to when it has exited (its stdout/stderr are drained by reader threads
+//! started before the clock). Each run really calls the function: the program run by
+//! `python3 -I -c` inserts the handler directory in `sys.path`, imports `f`, calls
+//! `f.f(json.loads(event))` and prints `json.dumps(result)`; every run's exit status
+//! and stdout are checked against what host `python3` printed. The program sets
+//! `sys.dont_write_bytecode` (like the `-B` of sprout's shim), so no run writes a
+//! `__pycache__` into the handler directory; all three read one if it already exists.
+//!
+//! Each baseline does 2 warm-up runs (not returned) first. The container baselines
+//! build their bundle once, use a fresh container id and cgroup path per run and
+//! delete both after each run, and remove `/sprout-bench` from every cgroup
+//! hierarchy when done, also when a run fails (see [`Cleanup`]).
+//!
+//! The bundle has a sprout sandbox's mounts, namespaces (pid, ipc, uts, mount,
+//! network), limits (128 MiB memory = memory+swap, 64 pids, one CPU), no capabilities
+//! and no_new_privs; unlike sprout's spec it has no cgroup namespace, no seccomp filter
+//! and no masked/read-only paths, so the runtimes do slightly less work than sprout's.
+
+use std::fs;
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitid, Id, WaitPidFlag};
+use nix::unistd::Pid;
+use serde_json::json;
+
+const PYTHON: &str = "/usr/bin/python3";
+/// Where the handler directory is mounted in the container (as in sprout).
+const CODE_DIR: &str = "/code";
+/// Parent of every cgroup the container baselines create, in each hierarchy.
+const CGROUP_PARENT: &str = "sprout-bench";
+const WARMUP_RUNS: usize = 2;
+/// A run taking longer than this is killed and fails the baseline.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The hybrid layout's controller-less cgroup2 mount, which crun refuses.
+const UNIFIED: &str = "/sys/fs/cgroup/unified";
+
+/// The program `python3 -I -c` runs; the event is its `sys.argv[1]`.
+fn program(code_dir: &str) -> String {
+    // A JSON string literal is a valid Python string literal.
+    let dir = serde_json::to_string(code_dir).expect("a str serializes");
+    format!(
+        "import sys, json\n\
+         sys.dont_write_bytecode = True\n\
+         sys.path.insert(0, {dir})\n\
+         import f\n\
+         print(json.dumps(f.f(json.loads(sys.argv[1]))))\n"
+    )
+}
+
+/// `python3` on the host, one process per run: interpreter start-up, import of `f`,
+/// the call and the exit. This is the floor every sandboxed path is compared with.
+pub fn host_python(
+    handler_dir: &Path,
+    event_json: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let handler_dir = absolute(handler_dir)?;
+    let expected = reference_output(&handler_dir, event_json)?;
+    let prog = program(path_str(&handler_dir)?);
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..WARMUP_RUNS + runs {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg("-I").arg("-c").arg(&prog).arg(event_json);
+        let out = timed(&mut cmd, RUN_TIMEOUT).context("run host python3")?;
+        out.check("host python3", &expected)?;
+        if i >= WARMUP_RUNS {
+            samples.push(out.elapsed);
+        }
+    }
+    Ok(samples)
+}
+
+/// `runc run --bundle B ID` in the foreground, one new container per run: runc's
+/// start-up, namespaces, cgroups (created and configured per run), mounts, pivot_root,
+/// `python3` start-up, import, call and exit, and runc's tear-down of the container and
+/// its leaf cgroups (`runc run` deletes the container when it exits; the empty
+/// `/sprout-bench` parents stay until the baseline ends). Not timed: writing
+/// config.json, the check that nothing is left and the removal of anything that is.
+pub fn runc_run(
+    handler_dir: &Path,
+    event_json: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    container_runs(Runtime::Runc, handler_dir, event_json, runs)
+}
+
+/// `crun run --bundle B ID` in the foreground, one new container per run, as for
+/// [`runc_run`].
+///
+/// crun 1.8 refuses the hybrid cgroup layout (cgroup v1 controllers plus a
+/// controller-less cgroup2 at `/sys/fs/cgroup/unified`), so on such a host every run is
+/// `unshare -m --propagation private sh -c 'umount /sys/fs/cgroup/unified && exec crun
+/// ...'`, and the samples INCLUDE that wrapper's cost (`unshare`'s start-up, a new mount
+/// namespace, `sh` start-up, a fork+exec of `umount`, the exec of crun). Measure it with
+/// [`crun_wrapper_overhead`] to subtract or quote it. On a host without that layout crun
+/// runs directly.
+pub fn crun_run(
+    handler_dir: &Path,
+    event_json: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    container_runs(Runtime::Crun, handler_dir, event_json, runs)
+}
+
+/// The cost the crun wrapper adds to each [`crun_run`] sample: the same
+/// `unshare -m --propagation private sh -c 'umount /sys/fs/cgroup/unified && exec ...'`
+/// running `/bin/true` instead of crun (so it also includes one exec of a trivial
+/// program, a slight over-estimate). After 2 warm-up runs. All zeros when the host needs
+/// no wrapper (crun is then run directly).
+pub fn crun_wrapper_overhead(runs: usize) -> anyhow::Result<Vec<Duration>> {
+    if !needs_crun_wrapper()? {
+        return Ok(vec![Duration::ZERO; runs]);
+    }
+    let truth = find_program("true")?;
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..WARMUP_RUNS + runs {
+        let mut cmd = crun_wrapper()?;
+        cmd.arg(&truth);
+        let out = timed(&mut cmd, RUN_TIMEOUT).context("run the crun wrapper")?;
+        out.check("unshare/umount wrapper", "")?;
+        if i >= WARMUP_RUNS {
+            samples.push(out.elapsed);
+        }
+    }
+    Ok(samples)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Runtime {
+    Runc,
+    Crun,
+}
+
+impl Runtime {
+    fn name(self) -> &'static str {
+        match self {
+            Runtime::Runc => "runc",
+            Runtime::Crun => "crun",
+        }
+    }
+
+    /// `<runtime> --root <state> <args...>`, through the crun wrapper where needed.
+    fn command(self, binary: &Path, state: &Path, wrap: bool) -> anyhow::Result<Command> {
+        let mut cmd = if wrap {
+            let mut c = crun_wrapper()?;
+            c.arg(binary);
+            c
+        } else {
+            Command::new(binary)
+        };
+        cmd.arg("--root").arg(state);
+        Ok(cmd)
+    }
+}
+
+/// `unshare -m --propagation private sh -c 'umount UNIFIED && exec "$0" "$@"'`: append
+/// the program and its arguments.
+fn crun_wrapper() -> anyhow::Result<Command> {
+    let mut cmd = Command::new(find_program("unshare")?);
+    cmd.args(["-m", "--propagation", "private"])
+        .arg(find_program("sh")?)
+        .arg("-c")
+        .arg(format!("umount {UNIFIED} && exec \"$0\" \"$@\""));
+    Ok(cmd)
+}
+
+/// Whether this is the hybrid layout crun refuses: cgroup v1 at `/sys/fs/cgroup` with
+/// a cgroup2 mounted at [`UNIFIED`].
+fn needs_crun_wrapper() -> anyhow::Result<bool> {
+    let mounts = cgroup_mounts()?;
+    let v2_at = |p: &str| mounts.iter().any(|m| m.v2 && m.path == Path::new(p));
+    Ok(v2_at(UNIFIED) && !v2_at("/sys/fs/cgroup"))
+}
+
+fn container_runs(
+    runtime: Runtime,
+    handler_dir: &Path,
+    event_json: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the {} baseline needs root",
+        runtime.name()
+    );
+    let handler_dir = absolute(handler_dir)?;
+    let expected = reference_output(&handler_dir, event_json)?;
+    let binary = find_program(runtime.name())?;
+    let wrap = runtime == Runtime::Crun && needs_crun_wrapper()?;
+
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("sprout-bench-{}-", runtime.name()))
+        .tempdir()
+        .context("create the bundle's tempdir")?;
+    let bundle = dir.path().join("bundle");
+    let state = dir.path().join(format!("{}-state", runtime.name()));
+    fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+    write_skeleton(&bundle.join("rootfs"))?;
+
+    // Declared after `dir`, so dropped (cleaned up) before the tempdir goes.
+    let mut cleanup = Cleanup {
+        runtime,
+        binary: binary.clone(),
+        state: state.clone(),
+        wrap,
+        runs: Vec::new(),
+    };
+    let pid = std::process::id();
+    let mut samples = Vec::with_capacity(runs);
+    for n in 0..WARMUP_RUNS + runs {
+        let id = format!("sprout-bench-{}-{pid}-{n}", runtime.name());
+        let cgroup = format!("/{CGROUP_PARENT}/{}-{pid}-{n}", runtime.name());
+        let config = bundle_config(&handler_dir, event_json, &cgroup);
+        let path = bundle.join("config.json");
+        fs::write(&path, serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("write {}", path.display()))?;
+
+        cleanup.runs.push((id.clone(), cgroup.clone()));
+        let mut cmd = runtime.command(&binary, &state, wrap)?;
+        cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
+        let out = timed(&mut cmd, RUN_TIMEOUT);
+        // Clean up this run (untimed) before judging it.
+        cleanup.run(&id, &cgroup)?;
+        cleanup.runs.pop();
+        let out = out.with_context(|| format!("run {} container {id}", runtime.name()))?;
+        out.check(&format!("{} run {id}", runtime.name()), &expected)?;
+        if n >= WARMUP_RUNS {
+            samples.push(out.elapsed);
+        }
+    }
+    cleanup.finish()?;
+    Ok(samples)
+}
+
+/// Deletes what a container baseline may leave: the containers of `runs` (if their
+/// state still exists), their cgroups, and `/sprout-bench` in every hierarchy (when it
+/// is empty: a concurrent baseline may still use it). Runs on drop, so also when a run
+/// fails or panics.
+struct Cleanup {
+    runtime: Runtime,
+    binary: PathBuf,
+    state: PathBuf,
+    wrap: bool,
+    /// Runs not cleaned up yet: (container id, cgroup path).
+    runs: Vec<(String, String)>,
+}
+
+impl Cleanup {
+    /// Deletes one run's container and cgroups.
+    fn run(&self, id: &str, cgroup: &str) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        if self.state.join(id).exists() {
+            let deleted = self
+                .runtime
+                .command(&self.binary, &self.state, self.wrap)
+                .and_then(|mut cmd| {
+                    cmd.args(["delete", "-f", id]);
+                    timed(&mut cmd, RUN_TIMEOUT)
+                });
+            match deleted {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    result = Err(anyhow::anyhow!(
+                        "{} delete -f {id}: {}: {}",
+                        self.runtime.name(),
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ))
+                }
+                Err(e) => {
+                    result = Err(e.context(format!("{} delete -f {id}", self.runtime.name())))
+                }
+            }
+        }
+        let removed = remove_cgroup(cgroup);
+        result.and(removed)
+    }
+
+    /// Cleans up the remaining runs and the parent cgroups; the first error.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for (id, cgroup) in std::mem::take(&mut self.runs) {
+            let r = self.run(&id, &cgroup);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        let r = remove_parent_cgroups();
+        result.and(r)
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            eprintln!(
+                "sprout-bench: {} baseline clean-up: {e:#}",
+                self.runtime.name()
+            );
+        }
+    }
+}
+
+struct CgroupMount {
+    path: PathBuf,
+    v2: bool,
+}
+
+/// The cgroup hierarchies mounted in this mount namespace.
+fn cgroup_mounts() -> anyhow::Result<Vec<CgroupMount>> {
+    let info = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    let mut mounts = Vec::new();
+    for line in info.lines() {
+        // id parent major:minor root mount-point options [optional...] - fstype source ...
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fstype = right.split(' ').next().unwrap_or("");
+        let v2 = match fstype {
+            "cgroup" => false,
+            "cgroup2" => true,
+            _ => continue,
+        };
+        let Some(mount_point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        mounts.push(CgroupMount {
+            path: PathBuf::from(unescape_mountinfo(mount_point)),
+            v2,
+        });
+    }
+    Ok(mounts)
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes the cgroup `rel` (a path from the hierarchy root) from every hierarchy,
+/// killing any process left in it first.
+fn remove_cgroup(rel: &str) -> anyhow::Result<()> {
+    let rel = rel.trim_start_matches('/');
+    let mut result = Ok(());
+    for m in cgroup_mounts()? {
+        let dir = m.path.join(rel);
+        if let Err(e) = remove_cgroup_dir(&dir) {
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    result
+}
+
+fn remove_cgroup_dir(dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("remove cgroup {}", dir.display()))
+            }
+            // Busy: processes of a killed run may still be in it (or exiting).
+            Err(_) => {
+                for pid in fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Removes `/sprout-bench` from every hierarchy where it exists and is empty.
+fn remove_parent_cgroups() -> anyhow::Result<()> {
+    let mut result = Ok(());
+    for m in cgroup_mounts()? {
+        let dir = m.path.join(CGROUP_PARENT);
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            // Another baseline (another process) still has a cgroup below it.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                let busy = fs::read_dir(&dir)
+                    .map(|d| d.flatten().any(|e| e.path().is_dir()))
+                    .unwrap_or(false);
+                if !busy && result.is_ok() {
+                    result = Err(e).with_context(|| format!("remove cgroup {}", dir.display()));
+                }
+            }
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e).with_context(|| format!("remove cgroup {}", dir.display()));
+                }
+            }
+        }
+    }
+    result
+}
+
+/// The rootfs skeleton, as sprout's: mount points, merged-/usr links, minimal /etc.
+fn write_skeleton(root: &Path) -> anyhow::Result<()> {
+    for d in ["proc", "dev", "sys", "tmp", "usr", "etc", "code"] {
+        let p = root.join(d);
+        fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+    }
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+        ("sbin", "usr/sbin"),
+    ] {
+        let p = root.join(link);
+        symlink(target, &p).with_context(|| format!("create {}", p.display()))?;
+    }
+    for (file, content) in [
+        ("etc/passwd", "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+    ] {
+        let p = root.join(file);
+        fs::write(&p, content).with_context(|| format!("write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn bind_ro(source: &Path, destination: &str) -> serde_json::Value {
+    json!({
+        "destination": destination, "type": "bind", "source": source,
+        "options": ["rbind", "ro", "nosuid", "nodev"],
+    })
+}
+
+/// config.json of the bundle: the same shape as a sprout sandbox's spec (read-only
+/// root, /usr and the code bind-mounted read-only, tmpfs /tmp, limits, no
+/// capabilities, no_new_privs), running the function once.
+fn bundle_config(handler_dir: &Path, event_json: &str, cgroups_path: &str) -> serde_json::Value {
+    const MEMORY: u64 = 128 << 20;
+    json!({
+        "ociVersion": "1.0.2",
+        "root": { "path": "rootfs", "readonly": true },
+        "hostname": "sprout-bench",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            // No /sys/fs/cgroup below it, as in sprout.
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777", "size=64m"]},
+            bind_ro(Path::new("/usr"), "/usr"),
+            bind_ro(handler_dir, CODE_DIR),
+        ],
+        "process": {
+            "terminal": false,
+            "user": { "uid": 0, "gid": 0 },
+            "args": [PYTHON, "-I", "-c", program(CODE_DIR), event_json],
+            "env": ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp", "LANG=C.UTF-8"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []
+            },
+            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "noNewPrivileges": true,
+        },
+        "linux": {
+            "cgroupsPath": cgroups_path,
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                {"type": "mount"}, {"type": "network"},
+            ],
+            "resources": {
+                "devices": [{ "allow": false, "access": "rwm" }],
+                "memory": { "limit": MEMORY, "swap": MEMORY },
+                "pids": { "limit": 64 },
+                "cpu": { "quota": 100_000, "period": 100_000 },
+            },
+        },
+    })
+}
+
+/// What host `python3` prints for the event: the output every run must match.
+fn reference_output(handler_dir: &Path, event_json: &str) -> anyhow::Result<String> {
+    let out = Command::new(PYTHON)
+        .arg("-I")
+        .arg("-c")
+        .arg(program(path_str(handler_dir)?))
+        .arg(event_json)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {PYTHON}"))?;
+    if !out.status.success() {
+        bail!(
+            "the handler in {} fails on the host: {}: {}",
+            handler_dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).context("the handler's output is not UTF-8")
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    let p = fs::canonicalize(p).with_context(|| format!("handler directory {}", p.display()))?;
+    ensure!(p.join("f.py").is_file(), "{} has no f.py", p.display());
+    Ok(p)
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// `name` on `PATH`, or in the usual system directories.
+fn find_program(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found (is it installed?)"))
+}
+
+struct Outcome {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// Spawn to exit.
+    elapsed: Duration,
+}
+
+impl Outcome {
+    fn check(&self, what: &str, expected: &str) -> anyhow::Result<()> {
+        if !self.status.success() {
+            bail!(
+                "{what} failed: {}: {}",
+                self.status,
+                String::from_utf8_lossy(&self.stderr).trim()
+            );
+        }
+        if self.stdout != expected.as_bytes() {
+            bail!(
+                "{what} printed {:?}, expected {expected:?} (stderr: {})",
+                String::from_utf8_lossy(&self.stdout),
+                String::from_utf8_lossy(&self.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Watch {
+    NotStarted,
+    Running(i32),
+    Done,
+}
+
+/// Runs `cmd` (stdin null, stdout and stderr captured) and times it from just before
+/// the spawn to its exit. The pipe readers and the watchdog that SIGKILLs it after
+/// `timeout` are set up before the clock starts.
+fn timed(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Outcome> {
+    let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let reader = |fd: std::os::fd::OwnedFd| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = fs::File::from(fd).read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out_reader = reader(out_r);
+    let err_reader = reader(err_r);
+
+    let watch = Arc::new((Mutex::new(Watch::NotStarted), Condvar::new()));
+    let watchdog = {
+        let watch = Arc::clone(&watch);
+        std::thread::spawn(move || {
+            let (lock, cvar) = &*watch;
+            let mut state = cvar
+                .wait_while(lock.lock().unwrap(), |s| *s == Watch::NotStarted)
+                .unwrap();
+            let (s, res) = cvar
+                .wait_timeout_while(state, timeout, |s| matches!(s, Watch::Running(_)))
+                .unwrap();
+            state = s;
+            if res.timed_out() {
+                if let Watch::Running(pid) = *state {
+                    // Not reaped yet (the main thread marks it Done before reaping,
+                    // under this lock), so the pid is still the child's.
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    return true;
+                }
+            }
+            false
+        })
+    };
+    let set = |s: Watch| {
+        let (lock, cvar) = &*watch;
+        *lock.lock().unwrap() = s;
+        cvar.notify_all();
+    };
+
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::from(err_w));
+    let start = Instant::now();
+    let spawned = cmd.spawn();
+    // Drop the parent's copies of the write ends, so the readers see EOF at exit.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            set(Watch::Done);
+            let _ = watchdog.join();
+            let _ = (out_reader.join(), err_reader.join());
+            return Err(e).with_context(|| format!("spawn {:?}", cmd.get_program()));
+        }
+    };
+    set(Watch::Running(child.id() as i32));
+    // Wait for the exit without reaping: the watchdog may still kill by pid.
+    let waited = loop {
+        match waitid(
+            Id::Pid(Pid::from_raw(child.id() as i32)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r,
+        }
+    };
+    let elapsed = start.elapsed();
+    set(Watch::Done);
+    let status = child.wait();
+    let killed = watchdog.join().unwrap_or(false);
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    waited.context("waitid")?;
+    let status = status.context("wait")?;
+    if killed {
+        bail!(
+            "{:?} took more than {timeout:?} and was killed (stderr: {})",
+            cmd.get_program(),
+            String::from_utf8_lossy(&stderr).trim()
+        );
+    }
+    Ok(Outcome {
+        status,
+        stdout,
+        stderr,
+        elapsed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("f.py"),
+            "def f(event):\n    return {\"hello\": event.get(\"name\", \"world\"), \"n\": 1}\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    const EVENT: &str = r#"{"name": "Alice \u00e9 'q' \"x\""}"#;
+
+    /// The container tests share `/sprout-bench`: one at a time.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn no_bench_cgroups() {
+        for entry in fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let p = entry.path().join(CGROUP_PARENT);
+            assert!(!p.exists(), "{} was left behind", p.display());
+        }
+        for m in cgroup_mounts().unwrap() {
+            let p = m.path.join(CGROUP_PARENT);
+            assert!(!p.exists(), "{} was left behind", p.display());
+        }
+    }
+
+    #[test]
+    fn program_prints_the_result() {
+        let h = handler();
+        let out = reference_output(h.path(), EVENT).unwrap();
+        assert_eq!(
+            out,
+            "{\"hello\": \"Alice \\u00e9 'q' \\\"x\\\"\", \"n\": 1}\n"
+        );
+        assert!(!h.path().join("__pycache__").exists());
+    }
+
+    #[test]
+    fn host_python_runs() {
+        let h = handler();
+        assert_eq!(host_python(h.path(), EVENT, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn broken_handler_fails_loudly() {
+        let h = handler();
+        fs::write(
+            h.path().join("f.py"),
+            "def f(event):\n    raise ValueError('no')\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", host_python(h.path(), EVENT, 2).unwrap_err());
+        assert!(err.contains("ValueError: no"), "{err}");
+        let _serial = serial();
+        assert!(runc_run(h.path(), EVENT, 2).is_err());
+        no_bench_cgroups();
+    }
+
+    /// A handler whose output differs in a container (`__file__` is `/code/f.py`
+    /// there): the baseline must fail, and still clean up.
+    fn container_mismatch(run: fn(&Path, &str, usize) -> anyhow::Result<Vec<Duration>>) {
+        let _serial = serial();
+        let h = handler();
+        fs::write(
+            h.path().join("f.py"),
+            "def f(event):\n    return __file__\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", run(h.path(), EVENT, 2).unwrap_err());
+        assert!(err.contains("/code/f.py"), "{err}");
+        no_bench_cgroups();
+    }
+
+    #[test]
+    fn runc_output_is_checked() {
+        container_mismatch(runc_run);
+    }
+
+    #[test]
+    fn crun_output_is_checked() {
+        container_mismatch(crun_run);
+    }
+
+    #[test]
+    fn runc_runs_and_leaves_nothing() {
+        let _serial = serial();
+        let h = handler();
+        assert_eq!(runc_run(h.path(), EVENT, 2).unwrap().len(), 2);
+        no_bench_cgroups();
+    }
+
+    #[test]
+    fn crun_runs_and_leaves_nothing() {
+        let _serial = serial();
+        let h = handler();
+        assert_eq!(crun_run(h.path(), EVENT, 2).unwrap().len(), 2);
+        no_bench_cgroups();
+    }
+
+    #[test]
+    fn crun_wrapper_overhead_runs() {
+        assert_eq!(crun_wrapper_overhead(2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn timed_kills_on_timeout() {
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("10");
+        let t = Instant::now();
+        assert!(timed(&mut cmd, Duration::from_millis(200)).is_err());
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,159 @@
+//! The sprout paths of the latency suite, each against a daemon set up for it.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ipc::client::{Client, ClientResponse};
+use serde_json::json;
+
+use crate::daemon::{ok, Daemon};
+use crate::stats::Row;
+
+const EVENT: &[u8] = b"{}";
+
+fn invoke(c: &mut Client, name: &str) -> anyhow::Result<ClientResponse> {
+    let r = c.request(
+        "POST",
+        &format!("/functions/{name}/invoke"),
+        Some("application/json"),
+        EVENT,
+    )?;
+    ok(&r, "invoke")?;
+    Ok(r)
+}
+
+fn expect_start(r: &ClientResponse, want: &str) -> anyhow::Result<()> {
+    match r.header("x-sprout-start") {
+        Some(got) if got == want => Ok(()),
+        got => bail!("expected a {want} start, got {got:?}"),
+    }
+}
+
+/// Never freeze, never evict: a warm instance stays running.
+const KEEP_RUNNING: &[&str] = &["--stem-cells", "0", "--pause-grace", "3600000"];
+
+/// Warm invoke of a no-op function through the daemon's socket (keep-alive).
+pub fn warm(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<Row> {
+    let d = Daemon::start(bin, KEEP_RUNNING)?;
+    let mut c = d.client()?;
+    d.register(&mut c, "noop", noop, json!({}))?;
+    invoke(&mut c, "noop")?;
+    for _ in 0..runs / 10 {
+        invoke(&mut c, "noop")?; // warm-up
+    }
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let r = invoke(&mut c, "noop")?;
+        samples.push(t.elapsed());
+        expect_start(&r, "warm")?;
+    }
+    Ok(Row::new("warm invoke (no-op, daemon socket)", &samples))
+}
+
+/// Invoke of a warm function whose sandbox is frozen: thaw + invoke.
+pub fn frozen(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<Row> {
+    let d = Daemon::start(bin, &["--stem-cells", "0", "--pause-grace", "1"])?;
+    let mut c = d.client()?;
+    d.register(&mut c, "noop", noop, json!({}))?;
+    invoke(&mut c, "noop")?;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        d.wait_status(&mut c, "the instance to freeze", |s| s["frozen"] == 1)?;
+        let t = Instant::now();
+        let r = invoke(&mut c, "noop")?;
+        samples.push(t.elapsed());
+        expect_start(&r, "thawed")?;
+    }
+    Ok(Row::new("frozen warm invoke (thaw + invoke)", &samples))
+}
+
+/// Cold invoke: a function never invoked before, from a stem cell or, with
+/// `stem_cells` 0, from a new sandbox. Each function is removed after its invoke.
+pub fn cold(bin: &Path, noop: &Path, runs: usize, stem_cells: usize) -> anyhow::Result<Row> {
+    let target = stem_cells.to_string();
+    let d = Daemon::start(bin, &["--stem-cells", &target, "--pause-grace", "3600000"])?;
+    let mut c = d.client()?;
+    let (path, start) = if stem_cells > 0 {
+        ("cold invoke from a stem cell", "stem_cell")
+    } else {
+        ("cold invoke, empty pool (new sandbox)", "new_sandbox")
+    };
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..runs + 2 {
+        // Only measure with the pool full (stem cells made and frozen).
+        d.wait_status(&mut c, "stem cells", |s| {
+            s["stem_cells"].as_u64() == Some(stem_cells as u64)
+                && s["frozen"].as_u64() >= Some(stem_cells as u64)
+        })?;
+        let name = format!("cold{i}");
+        d.register(&mut c, &name, noop, json!({}))?;
+        let t = Instant::now();
+        let r = invoke(&mut c, &name)?;
+        let took = t.elapsed();
+        expect_start(&r, start)?;
+        if i >= 2 {
+            samples.push(took); // the first two warm up caches
+        }
+        let r = c.request("DELETE", &format!("/functions/{name}"), None, b"")?;
+        ok(&r, "remove")?;
+    }
+    Ok(Row::new(path, &samples))
+}
+
+/// `clients` concurrent keep-alive clients invoking a no-op for `duration`.
+pub fn throughput(
+    bin: &Path,
+    noop: &Path,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Row> {
+    let d = Daemon::start(bin, KEEP_RUNNING)?;
+    let mut c = d.client()?;
+    d.register(&mut c, "noop", noop, json!({ "max_instances": 4 }))?;
+    // Make the instances first, so the run measures warm throughput.
+    std::thread::scope(|s| {
+        for _ in 0..clients.min(4) {
+            s.spawn(|| -> anyhow::Result<()> {
+                let mut c = d.client()?;
+                invoke(&mut c, "noop").map(drop)
+            });
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<Vec<Duration>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let stop = stop.clone();
+                let d = &d;
+                s.spawn(move || -> anyhow::Result<Vec<Duration>> {
+                    let mut c = d.client()?;
+                    let mut lat = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        invoke(&mut c, "noop")?;
+                        lat.push(t.elapsed());
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("client thread"))
+            .collect()
+    });
+    let elapsed = started.elapsed();
+    let mut all = Vec::new();
+    for r in results {
+        all.extend(r.context("throughput client")?);
+    }
+    let ops = all.len() as f64 / elapsed.as_secs_f64();
+    Ok(Row::new(&format!("throughput, {clients} clients (no-op)"), &all).with_ops_per_s(ops))
+}
