@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::api::{FunctionConfig, FunctionInfo, Logs, Status};
-use ipc::proto::{InstanceLink, InstanceSpec, Runtime};
+use ipc::proto::{InstanceLink, LoadSpec, Runtime};
 use pool::{CgroupVersion, Cgroups, Sandbox, SandboxState, Spawner, StateDir};
 use rootfs::{Limits, SandboxConfig, Skeleton};
 
@@ -649,21 +649,19 @@ impl Inner {
                 reserved_mb = function.memory_mb;
             }
             self.spawner.bind_code(&sandbox, &function.dir)?;
+            tracing::debug!("code bound");
             Ok(())
         })();
         if let Err(e) = prepared {
             self.destroy_sandbox(&mut sandbox, reserved_mb);
             return Err(e);
         }
-        let spec = InstanceSpec {
-            instance: self.next_id.fetch_add(1, Ordering::Relaxed),
-            function: function.name.clone(),
-            runtime: Runtime::Python,
-            code_dir: rootfs::CODE_DIR.to_owned(),
-            handler: function.handler.clone(),
-        };
-        let spawned = match shim.spawn_instance(spec) {
-            Ok(Ok(s)) => s,
+        let instance = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let spawned = match shim.spawn_instance(instance, Runtime::Python) {
+            Ok(Ok(s)) => {
+                tracing::debug!(pid = s.pid, "instance handed over");
+                s
+            }
             Ok(Err(message)) => {
                 self.destroy_sandbox(&mut sandbox, reserved_mb);
                 return Err(Error::Spawn {
@@ -710,7 +708,19 @@ impl Inner {
             stdout,
             stderr,
         };
-        match inst.wait_loaded(Instant::now() + Duration::from_millis(function.timeout_ms)) {
+        let load = LoadSpec {
+            function: function.name.clone(),
+            code_dir: rootfs::CODE_DIR.to_owned(),
+            handler: function.handler.clone(),
+        };
+        let loaded = inst
+            .link
+            .send_load(&load)
+            .map_err(CallFailure::Protocol)
+            .and_then(|()| {
+                inst.wait_loaded(Instant::now() + Duration::from_millis(function.timeout_ms))
+            });
+        match loaded {
             Ok(()) => Ok(inst),
             Err(CallFailure::Raised(error)) => {
                 self.destroy(inst);

@@ -9,7 +9,9 @@ use std::os::fd::AsFd;
 
 fn echo_server(mut ch: Channel) {
     while let Ok(m) = ch.recv::<InstanceRequest>() {
-        let InstanceRequest::Invoke { id } = m.header;
+        let InstanceRequest::Invoke { id } = m.header else {
+            break;
+        };
         if ch
             .send(&InstanceEvent::Returned { id }, &m.payload, &[])
             .is_err()

@@ -71,12 +71,10 @@ impl std::fmt::Display for Handler {
     }
 }
 
-/// What the shim needs to start one function instance.
+/// What a (spare) instance is told to load, by the agent, on its own channel.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct InstanceSpec {
-    pub instance: u64,
+pub struct LoadSpec {
     pub function: String,
-    pub runtime: Runtime,
     /// Path of the function's code inside the sandbox.
     pub code_dir: String,
     pub handler: Handler,
@@ -86,7 +84,8 @@ pub struct InstanceSpec {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ShimRequest {
-    SpawnInstance(InstanceSpec),
+    /// Hand over an instance of `runtime` (the shim's spare, or a new fork).
+    SpawnInstance { instance: u64, runtime: Runtime },
 }
 
 /// Shim → agent.
@@ -113,7 +112,8 @@ pub enum ShimEvent {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ZygoteRequest {
-    Fork(InstanceSpec),
+    /// The child waits, as a spare, for the agent's `load`.
+    Fork { instance: u64, runtime: Runtime },
 }
 
 /// Zygote → shim.
@@ -125,21 +125,34 @@ pub enum ZygoteEvent {
     ForkFailed { instance: u64, message: String },
 }
 
-/// Agent → instance. `Invoke`'s payload is the event JSON.
+/// Agent → instance. `Load` comes first; `Invoke`'s payload is the event JSON.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum InstanceRequest {
-    Invoke { id: u64 },
+    /// Comes first, once: which handler to import.
+    Load(LoadSpec),
+    Invoke {
+        id: u64,
+    },
 }
 
 /// Instance → agent. `Returned`'s payload is the result JSON.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum InstanceEvent {
+    /// To the shim, once: a new instance is set up and waits for `load`.
+    Ready,
     Loaded,
-    LoadFailed { error: FunctionError },
-    Returned { id: u64 },
-    Raised { id: u64, error: FunctionError },
+    LoadFailed {
+        error: FunctionError,
+    },
+    Returned {
+        id: u64,
+    },
+    Raised {
+        id: u64,
+        error: FunctionError,
+    },
 }
 
 /// An exception raised by function code, as the runtime reports it.
@@ -185,14 +198,15 @@ impl ShimLink {
         }
     }
 
-    /// Asks the shim to fork an instance and waits for its channel.
+    /// Asks the shim for an instance of `runtime` and waits for its channel.
     /// `Ok(Err(message))` is a spawn the shim refused or could not do.
     pub fn spawn_instance(
         &mut self,
-        spec: InstanceSpec,
+        instance: u64,
+        runtime: Runtime,
     ) -> Result<Result<SpawnedInstance, String>, Error> {
-        let instance = spec.instance;
-        self.0.send(&ShimRequest::SpawnInstance(spec), b"", &[])?;
+        self.0
+            .send(&ShimRequest::SpawnInstance { instance, runtime }, b"", &[])?;
         let Message { header, fds, .. } = self.0.recv::<ShimEvent>()?;
         match header {
             ShimEvent::InstanceSpawned { instance: i, pid } if i == instance => {
@@ -226,6 +240,22 @@ impl ShimLink {
 pub struct InstanceLink(pub Channel);
 
 impl InstanceLink {
+    /// Waits for a new instance's `ready` (the shim's side of the handshake).
+    pub fn wait_ready(&mut self) -> Result<(), Error> {
+        match self.0.recv()?.header {
+            InstanceEvent::Ready => Ok(()),
+            other => Err(Error::Unexpected {
+                op: op_of(&other),
+                expected: "ready",
+            }),
+        }
+    }
+
+    /// Tells a new instance which handler to import; answer with [`Self::wait_loaded`].
+    pub fn send_load(&self, spec: &LoadSpec) -> Result<(), Error> {
+        self.0.send(&InstanceRequest::Load(spec.clone()), b"", &[])
+    }
+
     /// Waits until the instance imported its handler. `Ok(Err(_))` is a handler that
     /// failed to load (missing module or function, exception at import).
     pub fn wait_loaded(&mut self) -> Result<Result<(), FunctionError>, Error> {
@@ -298,14 +328,14 @@ impl ZygoteLink {
     /// output to `stdout`/`stderr`. Returns the instance's pid or the zygote's refusal.
     pub fn fork(
         &mut self,
-        spec: InstanceSpec,
+        instance: u64,
+        runtime: Runtime,
         channel: impl AsFd,
         stdout: impl AsFd,
         stderr: impl AsFd,
     ) -> Result<Result<i32, String>, Error> {
-        let instance = spec.instance;
         self.0.send(
-            &ZygoteRequest::Fork(spec),
+            &ZygoteRequest::Fork { instance, runtime },
             b"",
             &[channel.as_fd(), stdout.as_fd(), stderr.as_fd()],
         )?;
@@ -329,16 +359,21 @@ mod tests {
 
     #[test]
     fn headers_are_flat_json_objects_named_by_op() {
-        let spec = InstanceSpec {
+        let v = serde_json::to_value(ShimRequest::SpawnInstance {
             instance: 3,
-            function: "hello".into(),
             runtime: Runtime::Python,
+        })
+        .unwrap();
+        assert_eq!(v["op"], "spawn_instance");
+        assert_eq!(v["instance"], 3);
+        assert_eq!(v["runtime"], "python");
+        let load = LoadSpec {
+            function: "hello".into(),
             code_dir: "/code".into(),
             handler: Handler::parse("f:f").unwrap(),
         };
-        let v = serde_json::to_value(ShimRequest::SpawnInstance(spec)).unwrap();
-        assert_eq!(v["op"], "spawn_instance");
-        assert_eq!(v["instance"], 3);
+        let v = serde_json::to_value(InstanceRequest::Load(load)).unwrap();
+        assert_eq!(v["op"], "load");
         assert_eq!(v["handler"]["module"], "f");
         let v = serde_json::to_value(InstanceEvent::Raised {
             id: 1,
@@ -374,23 +409,15 @@ mod tests {
         let shim = std::thread::spawn(move || {
             let mut link = AgentLink(shim_end);
             link.announce_ready(2).unwrap();
-            let ShimRequest::SpawnInstance(spec) = link.next_request().unwrap();
+            let ShimRequest::SpawnInstance { instance, .. } = link.next_request().unwrap();
             let (mine, _theirs) = Channel::pair().unwrap();
             let (r1, _w1) = std::io::pipe().unwrap();
             let (r2, _w2) = std::io::pipe().unwrap();
-            link.report_spawned(spec.instance, 9, &mine, &r1, &r2)
-                .unwrap();
+            link.report_spawned(instance, 9, &mine, &r1, &r2).unwrap();
         });
         let mut link = ShimLink(agent_end);
         assert_eq!(link.wait_ready().unwrap(), 2);
-        let spec = InstanceSpec {
-            instance: 5,
-            function: "f".into(),
-            runtime: Runtime::Python,
-            code_dir: "/code".into(),
-            handler: Handler::parse("f:f").unwrap(),
-        };
-        let spawned = link.spawn_instance(spec).unwrap().unwrap();
+        let spawned = link.spawn_instance(5, Runtime::Python).unwrap().unwrap();
         assert_eq!(spawned.pid, 9);
         shim.join().unwrap();
     }

@@ -1,10 +1,10 @@
 //! `sprout-shim`: PID 1 of a sprout sandbox.
 //!
 //! Started by libcontainer with its channel to the agent on descriptor 0. It starts
-//! the Python zygote, tells the agent it is ready, then forks a function instance
-//! from the zygote for each `spawn_instance` and hands the agent the instance's own
-//! channel and output pipes, so invocations go from the agent straight to the
-//! instance. As PID 1 it reaps every orphan. It exits when the agent closes its
+//! the Python zygote, has it fork a spare instance (which makes its memory private
+//! and waits), tells the agent it is ready, and for each `spawn_instance` hands the
+//! agent the spare's (or a new fork's) own channel and output pipes: the agent tells
+//! the instance what to load and invokes it directly. As PID 1 it reaps every orphan. It exits when the agent closes its
 //! channel, which ends the sandbox.
 
 mod sys;
@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 
-use ipc::proto::{AgentLink, ShimRequest, ZygoteLink};
+use ipc::proto::{AgentLink, InstanceLink, Runtime, ShimRequest, ZygoteLink};
 use ipc::Channel;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -74,6 +74,9 @@ fn run() -> Result<(), Error> {
         .map_err(sys_err("signalfd"))?;
 
     let (mut zygote, zygote_pid) = start_zygote()?;
+    // Fork the first instance now, while nothing waits for it: it readies itself as a
+    // spare (and a stem cell is frozen with it in place).
+    let mut spare = Some(fork_instance(&mut zygote, 0)?);
     agent
         .announce_ready(zygote_pid)
         .map_err(|source| Error::Protocol {
@@ -118,8 +121,15 @@ fn run() -> Result<(), Error> {
                     })?
             {
                 match msg.header {
-                    ShimRequest::SpawnInstance(spec) => {
-                        spawn_instance(&mut agent, &mut zygote, spec)?
+                    ShimRequest::SpawnInstance {
+                        instance,
+                        runtime: Runtime::Python,
+                    } => {
+                        let forked = match spare.take() {
+                            Some(spare) => spare,
+                            None => fork_instance(&mut zygote, instance)?,
+                        };
+                        hand_over(&agent, instance, forked)?;
                     }
                 }
             }
@@ -154,31 +164,48 @@ fn start_zygote() -> Result<(ZygoteLink, i32), Error> {
 }
 
 /// Forks an instance from the zygote and hands its channel and pipes to the agent.
-fn spawn_instance(
-    agent: &mut AgentLink,
-    zygote: &mut ZygoteLink,
-    spec: ipc::proto::InstanceSpec,
-) -> Result<(), Error> {
-    let instance = spec.instance;
+/// A forked instance and the agent's ends of its channel and output pipes.
+type Forked = Result<(i32, Channel, OwnedFd, OwnedFd), String>;
+
+/// Asks the zygote for a new instance; `Ok(Err(_))` is a fork the zygote refused.
+fn fork_instance(zygote: &mut ZygoteLink, instance: u64) -> Result<Forked, Error> {
     let (agent_end, instance_end) = Channel::pair().map_err(sys_err("socket pair"))?;
     let (out_r, out_w) = std::io::pipe().map_err(sys_err("pipe"))?;
     let (err_r, err_w) = std::io::pipe().map_err(sys_err("pipe"))?;
     let forked = zygote
-        .fork(spec, &instance_end, &out_w, &err_w)
+        .fork(instance, Runtime::Python, &instance_end, &out_w, &err_w)
         .map_err(|source| Error::Protocol {
             peer: "zygote",
             source,
         })?;
     // The instance has its copies now; ours must go so the agent sees EOF when it dies.
     drop((instance_end, out_w, err_w));
-    let reported = match forked {
-        Ok(pid) => agent.report_spawned(
-            instance,
+    let pid = match forked {
+        Ok(pid) => pid,
+        Err(message) => return Ok(Err(message)),
+    };
+    // Hand it over only once it is set up (so a stem cell is frozen with a ready spare).
+    let mut link = InstanceLink(agent_end);
+    match link.wait_ready() {
+        Ok(()) => Ok(Ok((
             pid,
-            &agent_end,
+            link.0,
             OwnedFd::from(out_r),
             OwnedFd::from(err_r),
-        ),
+        ))),
+        Err(e) => Ok(Err(format!(
+            "instance {instance} (pid {pid}) did not get ready: {}",
+            ipc::chain(&e)
+        ))),
+    }
+}
+
+/// Gives the agent an instance's channel and pipes (or the reason there is none).
+fn hand_over(agent: &AgentLink, instance: u64, forked: Forked) -> Result<(), Error> {
+    let reported = match forked {
+        Ok((pid, channel, stdout, stderr)) => {
+            agent.report_spawned(instance, pid, &channel, stdout, stderr)
+        }
         Err(message) => agent.report_spawn_failed(instance, message),
     };
     reported.map_err(|source| Error::Protocol {

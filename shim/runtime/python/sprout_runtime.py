@@ -36,6 +36,7 @@ import array
 import collections
 import gc
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -395,8 +396,12 @@ def serve(channel, handler):
             return 0
 
 
-def instance_main(zygote, spec, chan_fd, out_fd, err_fd):
-    """Body of a forked instance; returns its exit status (never returns to the zygote)."""
+def instance_main(zygote, instance, chan_fd, out_fd, err_fd):
+    """Body of a forked instance; returns its exit status (never returns to the zygote).
+
+    It starts as a *spare*: set up ahead of time (says ``ready`` to the shim), it
+    waits for the agent's ``load``, then imports the handler and serves invocations.
+    """
     # Nothing of the zygote's stays open here: its channel, and descriptors already
     # queued for later fork requests (they belong to other instances).
     zygote.close()
@@ -408,26 +413,59 @@ def instance_main(zygote, spec, chan_fd, out_fd, err_fd):
             os.close(fd)
     sys.stdout = sys.__stdout__ = _open_stdio(1)
     sys.stderr = sys.__stderr__ = _open_stdio(2)
-    os.environ["SPROUT_FUNCTION"] = spec["function"]
-    os.environ["SPROUT_INSTANCE"] = str(spec["instance"])
+    os.environ["SPROUT_INSTANCE"] = str(instance)
     channel = Channel(socket.socket(fileno=chan_fd))
-    handler_spec = spec["handler"]
     try:
-        handler = load_handler(spec["code_dir"], handler_spec["module"], handler_spec["function"])
+        # Set up: the shim may now hand this spare over (or freeze its sandbox).
+        channel.send({"op": "ready"})
+    except OSError:
+        return 0
+    try:
+        header, _payload, fds = channel.recv()
+    except ChannelClosed:
+        return 0
+    for fd in fds:
+        _close_quietly(fd)
+    problem = _check_load(header)
+    if problem is not None:
+        error = {"type": "ProtocolError", "message": problem, "traceback": ""}
+        return _report_load_failure(channel, error)
+    os.environ["SPROUT_FUNCTION"] = header["function"]
+    handler_spec = header["handler"]
+    try:
+        handler = load_handler(header["code_dir"], handler_spec["module"], handler_spec["function"])
     except BaseException as exc:  # noqa: BLE001
-        error = describe_error(exc, skip_import=True)
-        _flush_stdio()
-        try:
-            channel.send({"op": "load_failed", "error": error})
-        except OSError:
-            pass
-        return 1
+        return _report_load_failure(channel, describe_error(exc, skip_import=True))
     _flush_stdio()
     try:
         channel.send({"op": "loaded"})
     except OSError:
         return 0
     return serve(channel, handler)
+
+
+def _report_load_failure(channel, error):
+    _flush_stdio()
+    try:
+        channel.send({"op": "load_failed", "error": error})
+    except OSError:
+        pass
+    return 1
+
+
+def _check_load(header):
+    """Returns why a ``load`` request cannot be served, or None."""
+    if header.get("op") != "load":
+        return f"expected a load request, got op={header.get('op')!r}"
+    for key in ("function", "code_dir"):
+        if not isinstance(header.get(key), str):
+            return f"{key} {header.get(key)!r} is not a string"
+    handler = header.get("handler")
+    if not (
+        isinstance(handler, dict) and isinstance(handler.get("module"), str) and isinstance(handler.get("function"), str)
+    ):
+        return f"handler {handler!r} is not {{\"module\": ..., \"function\": ...}}"
+    return None
 
 
 # --------------------------------------------------------------------------- zygote
@@ -443,14 +481,6 @@ def _check_spec(spec, fds):
     runtime = spec.get("runtime", "python")
     if runtime != "python":
         return f"runtime {runtime!r} is not served by the python zygote"
-    for key in ("function", "code_dir"):
-        if not isinstance(spec.get(key), str):
-            return f"{key} {spec.get(key)!r} is not a string"
-    handler = spec.get("handler")
-    if not (
-        isinstance(handler, dict) and isinstance(handler.get("module"), str) and isinstance(handler.get("function"), str)
-    ):
-        return f"handler {handler!r} is not {{\"module\": ..., \"function\": ...}}"
     return None
 
 
@@ -474,7 +504,7 @@ def _fork(zygote, spec, fds):
     if pid == 0:
         status = 70
         try:
-            status = instance_main(zygote, spec, *fds)
+            status = instance_main(zygote, instance, *fds)
         except BaseException:  # noqa: BLE001
             try:
                 traceback.print_exc()
@@ -486,6 +516,18 @@ def _fork(zygote, spec, fds):
     for fd in fds:
         _close_quietly(fd)
     zygote.send({"op": "forked", "instance": instance, "pid": pid})
+
+
+CODE_DIR = "/code"
+
+
+def _prime_import_path(path):
+    """Builds and caches the import finder of the code directory in the zygote: the
+    first import from a new path entry costs about a millisecond, and every
+    sandbox's code appears at the same path. The finder notices when the function's
+    code is mounted there (the directory changes) and rereads it."""
+    if os.path.isdir(path):
+        importlib.machinery.PathFinder.find_spec("__sprout_prime__", [path])
 
 
 def zygote_main(fd=3):
@@ -502,6 +544,7 @@ def zygote_main(fd=3):
                 os.dup2(null, std)
                 os.close(null)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # instances are reaped by the kernel
+    _prime_import_path(CODE_DIR)
     zygote = Channel(socket.socket(fileno=fd))
     try:
         zygote.send({"op": "ready", "pid": os.getpid()})

@@ -168,15 +168,7 @@ class RuntimeTest(unittest.TestCase):
         agent, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        spec = {
-            "op": "fork",
-            "instance": instance,
-            "function": "fn-%d" % instance,
-            "runtime": "python",
-            "code_dir": code_dir,
-            "handler": {"module": module, "function": function},
-        }
-        zygote.send(spec, b"", [inst.fileno(), out_w, err_w])
+        zygote.send({"op": "fork", "instance": instance, "runtime": "python"}, b"", [inst.fileno(), out_w, err_w])
         inst.close()
         os.close(out_w)
         os.close(err_w)
@@ -185,6 +177,14 @@ class RuntimeTest(unittest.TestCase):
         agent.settimeout(TIMEOUT)
         channel = rt.Channel(agent)
         self.addCleanup(channel.close)
+        # The spare says it is set up; then it is told what to load.
+        self.assertEqual(channel.recv()[0], {"op": "ready"})
+        channel.send({
+            "op": "load",
+            "function": "fn-%d" % instance,
+            "code_dir": code_dir,
+            "handler": {"module": module, "function": function},
+        })
         return channel, out_r, err_r
 
     def await_forked(self, zygote, instance):
@@ -503,8 +503,7 @@ class RuntimeTest(unittest.TestCase):
     def test_bad_fork_requests_are_refused(self):
         zygote = self.start_zygote()
         r, w = os.pipe()
-        zygote.send({"op": "fork", "instance": 3, "function": "x", "runtime": "python",
-                     "code_dir": "/", "handler": {"module": "f", "function": "f"}}, b"", [w])
+        zygote.send({"op": "fork", "instance": 3, "runtime": "python"}, b"", [w])
         os.close(w)
         header, _, _ = zygote.recv()
         self.assertEqual(header["op"], "fork_failed")
@@ -513,15 +512,36 @@ class RuntimeTest(unittest.TestCase):
         wait_eof(r)  # the zygote closed what it was given
         os.close(r)
         zygote.send({"op": "no_such_op"})
-        zygote.send({"op": "fork", "instance": 4, "function": "x", "runtime": "python",
-                     "code_dir": "/", "handler": "f:f"}, b"", [0, 1, 2])
+        zygote.send({"op": "fork", "instance": 4, "runtime": "node"}, b"", [0, 1, 2])
         header, _, _ = zygote.recv()
         self.assertEqual(header["op"], "fork_failed")
         self.assertEqual(header["instance"], 4)
-        self.assertIn("handler", header["message"])
+        self.assertIn("runtime", header["message"])
         inst = self.loaded(zygote, 5, self.code_dir(f=self.HELLO))
         self.assertEqual(inst.call(1, {"name": "Y"}), "Hello, Y!")
         self.assertIn("no_such_op", self.zygote_log(zygote))
+
+    def test_a_bad_load_request_is_a_load_failure(self):
+        zygote = self.start_zygote()
+        agent, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        zygote.send({"op": "fork", "instance": 9, "runtime": "python"}, b"", [inst.fileno(), out_w, err_w])
+        inst.close()
+        os.close(out_w)
+        os.close(err_w)
+        pid = self.await_forked(zygote, 9)
+        agent.settimeout(TIMEOUT)
+        channel = rt.Channel(agent)
+        self.addCleanup(channel.close)
+        self.assertEqual(channel.recv()[0], {"op": "ready"})
+        channel.send({"op": "load", "function": "x", "code_dir": "/", "handler": "f:f"})
+        header, _, _ = channel.recv()
+        self.assertEqual(header["op"], "load_failed", header)
+        self.assertIn("handler", header["error"]["message"])
+        wait_until(lambda: not pid_alive(pid), what="the instance to exit")
+        for fd in (out_r, err_r):
+            os.close(fd)
 
 
 class ChannelTest(unittest.TestCase):
