@@ -14,6 +14,7 @@ use rootfs::{Limits, SandboxConfig, Skeleton};
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::http::{FastCall, FastPoll};
 use crate::instance::{CallFailure, Instance, Output, BOOT_TIMEOUT};
 use crate::registry::Function;
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
@@ -204,6 +205,84 @@ impl crate::http::Handle for Agent {
     fn handle(&self, req: Request) -> Result<Response, Error> {
         Agent::handle(self, req)
     }
+
+    fn start_fast(&self, req: &Request) -> Option<Box<dyn FastCall>> {
+        match req {
+            Request::Invoke { name, event } => self
+                .inner
+                .start_fast(name, event)
+                .map(|c| Box::new(c) as Box<dyn FastCall>),
+            _ => None,
+        }
+    }
+}
+
+/// Events up to this size may take the event loop's warm path.
+const FAST_EVENT_MAX: usize = 64 << 10;
+
+/// A warm invoke in flight whose answer the HTTP event loop reads without blocking.
+/// Anything that needs waiting (a failure to clean up after, output to keep
+/// draining) is finished by a worker with [`FastCall::finish`].
+struct WarmCall {
+    inner: Arc<Inner>,
+    /// Taken when the call is completed; a call dropped unfinished gives it back as
+    /// unhealthy (its sandbox is destroyed).
+    inst: Option<Instance>,
+    function: Arc<Function>,
+    id: u64,
+    started: Instant,
+    deadline: Instant,
+    /// A failure seen already (sending the invoke, or reading the answer).
+    failed: Option<CallFailure>,
+}
+
+impl FastCall for WarmCall {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.inst.as_ref().map_or(-1, |i| i.link.0.as_raw_fd())
+    }
+
+    fn poll(&mut self) -> FastPoll {
+        if self.failed.is_some() {
+            return FastPoll::Handoff;
+        }
+        let Some(inst) = self.inst.as_mut() else {
+            return FastPoll::Handoff;
+        };
+        match inst.try_finish(self.id, self.inner.config.log_limit) {
+            None => FastPoll::Pending,
+            Some(Err(failure)) if !matches!(failure, CallFailure::Raised(_)) => {
+                self.failed = Some(failure);
+                FastPoll::Handoff
+            }
+            Some(outcome) => {
+                let inst = self.inst.take().expect("instance");
+                let result =
+                    self.inner
+                        .complete(inst, &self.function, Start::Warm, self.started, outcome);
+                FastPoll::Done(result.map(Response::Invoked))
+            }
+        }
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Response, Error> {
+        let mut inst = self.inst.take().ok_or(Error::ShuttingDown)?;
+        let outcome = match self.failed.take() {
+            Some(failure) => Err(failure),
+            None => inst.finish(self.id, self.deadline, self.inner.config.log_limit),
+        };
+        self.inner
+            .complete(inst, &self.function, Start::Warm, self.started, outcome)
+            .map(Response::Invoked)
+    }
+}
+
+impl Drop for WarmCall {
+    fn drop(&mut self) {
+        if let Some(inst) = self.inst.take() {
+            self.inner.release(inst, false);
+        }
+    }
 }
 
 impl Inner {
@@ -355,14 +434,28 @@ impl Inner {
         // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
         let deadline = Instant::now() + Duration::from_millis(function.timeout_ms);
         let outcome = inst.call(id, event, deadline, self.config.log_limit);
+        self.complete(inst, &function, start, started, outcome)
+    }
+
+    /// Ends an invocation: gives the instance back (or destroys it) and turns the
+    /// outcome into the invocation or its error.
+    fn complete(
+        &self,
+        mut inst: Instance,
+        function: &Function,
+        start: Start,
+        started: Instant,
+        outcome: Result<Vec<u8>, CallFailure>,
+    ) -> Result<Invocation, Error> {
         let logs = inst.take_logs();
         let duration = started.elapsed();
+        let name = &function.name;
         match outcome {
             Ok(result) => {
                 if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&result) {
                     self.release(inst, false);
                     return Err(Error::BadResult {
-                        function: name.to_owned(),
+                        function: name.clone(),
                         source,
                     });
                 }
@@ -382,17 +475,54 @@ impl Inner {
             Err(CallFailure::Raised(error)) => {
                 self.release(inst, true);
                 Err(Error::Handler {
-                    function: name.to_owned(),
+                    function: name.clone(),
                     error,
                     logs,
                 })
             }
             Err(failure) => {
-                let err = self.failure(&inst, &function, failure, logs);
+                let err = self.failure(&inst, function, failure, logs);
                 self.release(inst, false);
                 Err(err)
             }
         }
+    }
+
+    /// Starts a warm invoke that the HTTP event loop can finish without blocking:
+    /// only when the function has an idle instance that is running (not frozen) and
+    /// the event is small. `None` sends the request down the ordinary path.
+    fn start_fast(self: &Arc<Self>, name: &str, event: &[u8]) -> Option<WarmCall> {
+        if event.len() > FAST_EVENT_MAX
+            || self.shutting_down.load(Ordering::SeqCst)
+            || serde_json::from_slice::<serde::de::IgnoredAny>(event).is_err()
+        {
+            return None;
+        }
+        let function = lock(&self.functions).get(name).cloned()?;
+        let mut inst = {
+            let mut sched = lock(&self.sched);
+            let pool = sched.functions.get_mut(name)?;
+            let usable = pool.idle.last().is_some_and(|i| {
+                i.sandbox.state() == SandboxState::Bound && i.function_version == function.version
+            });
+            if !usable {
+                return None;
+            }
+            pool.idle.pop()?
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let failed = inst.begin(id, event).err();
+        Some(WarmCall {
+            inner: self.clone(),
+            deadline: started + Duration::from_millis(function.timeout_ms),
+            inst: Some(inst),
+            function,
+            id,
+            started,
+            failed,
+        })
     }
 
     /// An instance of `name` for one invocation: an idle one, a new one (while the

@@ -107,32 +107,11 @@ impl Instance {
         self.stderr.drain(log_limit);
     }
 
-    /// Sends one invocation and waits for its answer until `deadline`, capturing the
-    /// instance's output meanwhile. The sandbox is `Running` during the call.
-    pub fn call(
-        &mut self,
-        id: u64,
-        event: &[u8],
-        deadline: Instant,
-        log_limit: usize,
-    ) -> Result<Vec<u8>, CallFailure> {
+    /// Sends invocation `id` (the sandbox is `Running` until its answer is read).
+    pub fn begin(&mut self, id: u64, event: &[u8]) -> Result<(), CallFailure> {
         self.sandbox
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
-        let result = self.call_inner(id, event, deadline, log_limit);
-        if result.is_ok() || matches!(result, Err(CallFailure::Raised(_))) {
-            let _ = self.sandbox.end_invocation();
-        }
-        result
-    }
-
-    fn call_inner(
-        &mut self,
-        id: u64,
-        event: &[u8],
-        deadline: Instant,
-        log_limit: usize,
-    ) -> Result<Vec<u8>, CallFailure> {
         self.link.send_invoke(id, event).map_err(|e| match e {
             ipc::Error::Io(ref io)
                 if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
@@ -140,7 +119,82 @@ impl Instance {
                 CallFailure::Died
             }
             other => CallFailure::Protocol(other),
-        })?;
+        })
+    }
+
+    /// Sends one invocation and waits for its answer until `deadline`, capturing the
+    /// instance's output meanwhile.
+    pub fn call(
+        &mut self,
+        id: u64,
+        event: &[u8],
+        deadline: Instant,
+        log_limit: usize,
+    ) -> Result<Vec<u8>, CallFailure> {
+        self.begin(id, event)?;
+        self.finish(id, deadline, log_limit)
+    }
+
+    /// Takes the answer to `id` from a received frame; the sandbox is `Bound` again.
+    fn answer(
+        &mut self,
+        msg: ipc::Message<InstanceEvent>,
+        id: u64,
+        log_limit: usize,
+    ) -> Result<Vec<u8>, CallFailure> {
+        // Everything the handler printed was flushed before its answer.
+        self.drain_outputs(log_limit);
+        let answer = match msg.header {
+            InstanceEvent::Returned { id: got } if got == id => Ok(msg.payload),
+            InstanceEvent::Raised { id: got, error } if got == id => {
+                Err(CallFailure::Raised(error))
+            }
+            other => {
+                return Err(CallFailure::Protocol(ipc::Error::Unexpected {
+                    op: format!("{other:?}"),
+                    expected: "returned",
+                }))
+            }
+        };
+        let _ = self.sandbox.end_invocation();
+        answer
+    }
+
+    /// The answer to `id` if it has arrived; reads what the socket holds and never
+    /// blocks (for the HTTP event loop).
+    pub fn try_finish(
+        &mut self,
+        id: u64,
+        log_limit: usize,
+    ) -> Option<Result<Vec<u8>, CallFailure>> {
+        loop {
+            match self.link.0.fill_nonblocking() {
+                Ok(0) => {
+                    self.drain_outputs(log_limit);
+                    return Some(Err(CallFailure::Died));
+                }
+                Ok(_) => {}
+                Err(ipc::Error::Io(e)) if e.kind() == IoKind::WouldBlock => break,
+                Err(ipc::Error::Io(e)) if e.kind() == IoKind::ConnectionReset => {
+                    return Some(Err(CallFailure::Died))
+                }
+                Err(e) => return Some(Err(CallFailure::Protocol(e))),
+            }
+        }
+        match self.link.0.try_recv::<InstanceEvent>() {
+            Ok(Some(msg)) => Some(self.answer(msg, id, log_limit)),
+            Ok(None) => None,
+            Err(e) => Some(Err(CallFailure::Protocol(e))),
+        }
+    }
+
+    /// Waits for the answer to `id` until `deadline`, capturing output meanwhile.
+    pub fn finish(
+        &mut self,
+        id: u64,
+        deadline: Instant,
+        log_limit: usize,
+    ) -> Result<Vec<u8>, CallFailure> {
         loop {
             // A frame may already be buffered from an earlier read.
             if let Some(msg) = self
@@ -149,18 +203,7 @@ impl Instance {
                 .try_recv::<InstanceEvent>()
                 .map_err(CallFailure::Protocol)?
             {
-                // Everything the handler printed was flushed before its answer.
-                self.drain_outputs(log_limit);
-                return match msg.header {
-                    InstanceEvent::Returned { id: got } if got == id => Ok(msg.payload),
-                    InstanceEvent::Raised { id: got, error } if got == id => {
-                        Err(CallFailure::Raised(error))
-                    }
-                    other => Err(CallFailure::Protocol(ipc::Error::Unexpected {
-                        op: format!("{other:?}"),
-                        expected: "returned",
-                    })),
-                };
+                return self.answer(msg, id, log_limit);
             }
             let now = Instant::now();
             if now >= deadline {

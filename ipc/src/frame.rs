@@ -224,6 +224,16 @@ impl Channel {
     /// One read from the socket into the buffer. Returns the bytes read; 0 means the
     /// peer closed. Call it when the socket is readable (or to block for data).
     pub fn fill(&mut self) -> Result<usize, Error> {
+        self.read(false)
+    }
+
+    /// Like [`Channel::fill`] but never blocks: `Err(Error::Io(WouldBlock))` when the
+    /// socket holds nothing (for event loops).
+    pub fn fill_nonblocking(&mut self) -> Result<usize, Error> {
+        self.read(true)
+    }
+
+    fn read(&mut self, dont_wait: bool) -> Result<usize, Error> {
         // Make room behind the data for this read (the rest of the frame being
         // read, or a chunk): move pending bytes to the front, grow if still short.
         let pending = self.end - self.start;
@@ -243,6 +253,7 @@ impl Channel {
             self.sock.as_fd(),
             &mut self.buf[self.end..],
             &mut self.scratch_fds,
+            dont_wait,
         );
         self.fds.extend(self.scratch_fds.drain(..));
         let n = res.map_err(Error::Io)?;

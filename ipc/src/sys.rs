@@ -14,16 +14,17 @@ pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    dont_wait: bool,
 ) -> io::Result<usize> {
+    let flags = if dont_wait {
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
+    } else {
+        MsgFlags::MSG_CMSG_CLOEXEC
+    };
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = loop {
-        match socket::recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
             Err(nix::errno::Errno::EINTR) => continue,
             other => break other.map_err(io::Error::from)?,
         }

@@ -362,3 +362,88 @@ fn a_thousand_concurrent_invokes_are_each_answered_once() {
     assert_eq!(s["queued"], 0, "{s}");
     assert!(warm_instances(&d, "echo") <= 4, "{}", functions(&d));
 }
+
+const WARM_PATHS_PY: &str = r#"import os, sys, time
+def f(event):
+    mode = event.get("mode")
+    if mode == "slow":
+        time.sleep(0.05)
+    elif mode == "loud":
+        sys.stdout.write("x" * 300000)
+    elif mode == "die":
+        os._exit(3)
+    return mode
+"#;
+
+/// Warm invokes complete on the HTTP event loop unless they need waiting: one that
+/// outlasts the loop's budget, one that fills its output pipe, and one whose instance
+/// dies are finished by a worker, correctly.
+#[test]
+fn warm_invokes_that_need_waiting_are_finished_correctly() {
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--pause-grace", "600000"]);
+    d.register(
+        "paths",
+        &env.function("paths", &[("f.py", WARM_PATHS_PY)]),
+        json!({}),
+    );
+    let invoke = |mode: &str, logs: bool| {
+        let path = if logs {
+            "/functions/paths/invoke?logs=true"
+        } else {
+            "/functions/paths/invoke"
+        };
+        d.request(
+            "POST",
+            path,
+            None,
+            format!(r#"{{"mode":"{mode}"}}"#).as_bytes(),
+        )
+    };
+    assert_eq!(invoke("quick", false).status, 200); // now warm
+    for _ in 0..3 {
+        let r = invoke("quick", false);
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &br#""quick""#[..]),
+            "{}",
+            text(&r)
+        );
+        assert_eq!(header(&r, "X-Sprout-Start"), "warm");
+    }
+    let r = invoke("slow", false);
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &br#""slow""#[..]),
+        "{}",
+        text(&r)
+    );
+    let r = invoke("loud", true);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let record = body_json(&r);
+    assert_eq!(record["result"], "loud");
+    assert_eq!(
+        record["logs"]["stdout"].as_str().unwrap().len(),
+        300000,
+        "all output captured"
+    );
+    let sandboxes = d.sandboxes();
+    let r = invoke("die", false);
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert_eq!(body_json(&r)["error"]["kind"], "instance_died");
+    wait_for(Duration::from_secs(5), || {
+        if d.sandboxes().is_empty() {
+            Ok(())
+        } else {
+            Err(())
+        }
+    })
+    .unwrap_or_else(|()| panic!("the dead instance's sandbox {sandboxes:?} was not destroyed"));
+    let r = invoke("quick", false);
+    assert_eq!(
+        (r.status, header(&r, "X-Sprout-Start")),
+        (200, "new_sandbox".to_owned()),
+        "{}",
+        text(&r)
+    );
+}

@@ -276,6 +276,7 @@ impl Conn {
                     dispatch,
                     persist,
                     span: span.clone(),
+                    resume: None,
                 };
                 self.state = State::Waiting;
                 if !submit(job) {

@@ -4,13 +4,21 @@
 //! `httparse` and writes responses; a fixed pool of worker threads turns each
 //! complete request into a [`Request`], calls [`Handle::handle`] and encodes the
 //! answer, which comes back to the loop through a channel and a [`mio::Waker`].
+//!
+//! Warm invokes skip the workers: [`Handle::start_fast`] sends the invocation to an
+//! idle instance right away, the loop watches the instance's socket, and writes the
+//! response when the answer is there ([`FastCall`]). A call that needs waiting — a
+//! failure to clean up after, or one still running after [`FAST_BUDGET`] (its output
+//! must keep being drained) — is finished by a worker.
 //! Routes and the mapping of errors to status codes live in [`routes`], the
 //! per-connection state machine (keep-alive, pipelining, chunked bodies,
 //! `Expect: 100-continue`) in [`conn`].
 
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -21,6 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mio::net::UnixListener;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use tracing::{debug, debug_span, error, info, warn, Span};
 
@@ -34,11 +43,50 @@ use conn::{Conn, Life};
 pub use routes::{status_for, COLD_HEADER, DURATION_HEADER, START_HEADER};
 use routes::{Dispatch, Persist};
 
+/// An invocation in flight whose instance answers on a socket the event loop watches.
+pub trait FastCall: Send {
+    /// The socket to watch for the answer.
+    fn fd(&self) -> RawFd;
+    /// Reads what the socket holds, without blocking.
+    fn poll(&mut self) -> FastPoll;
+    /// Finishes the call the blocking way (a worker runs it).
+    #[allow(clippy::result_large_err)]
+    fn finish(self: Box<Self>) -> Result<Response, Error>;
+}
+
+/// What a [`FastCall`] has after reading.
+pub enum FastPoll {
+    Pending,
+    #[allow(clippy::large_enum_variant)]
+    Done(Result<Response, Error>),
+    /// The call needs a worker: finish it with [`FastCall::finish`].
+    Handoff,
+}
+
+/// How long a fast call may take on the event loop before a worker finishes it.
+pub const FAST_BUDGET: Duration = Duration::from_millis(5);
+
+/// After any activity (a request, an instance's answer) the loop polls without
+/// sleeping for this long: an answer or a keep-alive client's next request that
+/// arrives meanwhile then costs no wake-up of the loop's thread (on a VM, cross-CPU
+/// wake-ups are most of a warm call's latency). An idle loop sleeps.
+const SPIN: Duration = Duration::from_micros(100);
+
+/// Instance sockets get tokens from here up; connections count up from [`FIRST_CONN`].
+const FIRST_FAST: usize = 1 << 48;
+
 /// What the server dispatches parsed requests to: the agent, or a fake in tests.
 pub trait Handle: Send + Sync + 'static {
     // The agent's `Error` carries captured logs; it is returned once per request.
     #[allow(clippy::result_large_err)]
     fn handle(&self, req: Request) -> Result<Response, Error>;
+
+    /// Starts `req` so that it completes on the event loop, when it can: the agent
+    /// does so for warm invokes of an idle, running instance. `None` (the default)
+    /// sends the request to a worker.
+    fn start_fast(&self, _req: &Request) -> Option<Box<dyn FastCall>> {
+        None
+    }
 }
 
 /// Size limits on requests.
@@ -146,6 +194,17 @@ struct Job {
     dispatch: Dispatch,
     persist: Persist,
     span: Span,
+    /// A fast call the loop gave up waiting for: the worker finishes it instead of
+    /// handling `dispatch.request`.
+    resume: Option<Box<dyn FastCall>>,
+}
+
+/// A fast call the loop is waiting for.
+struct InFlight {
+    job: Job,
+    call: Box<dyn FastCall>,
+    fd: RawFd,
+    handoff_at: Instant,
 }
 
 /// A worker's encoded response.
@@ -278,12 +337,80 @@ impl Server {
         let mut conns: HashMap<Token, Conn> = HashMap::new();
         let mut next_token = FIRST_CONN;
         let mut events = Events::with_capacity(256);
-        let mut submit = |job: Job| job_tx.send(job).is_ok();
+        let registry = poll
+            .registry()
+            .try_clone()
+            .map_err(|source| HttpError::EventLoop {
+                path: socket.path.clone(),
+                source,
+            })?;
+        let fast: RefCell<HashMap<Token, InFlight>> = RefCell::new(HashMap::new());
+        let next_fast = Cell::new(FIRST_FAST);
+        let mut submit = |job: Job| -> bool {
+            let Some(call) = handler.start_fast(&job.dispatch.request) else {
+                return job_tx.send(job).is_ok();
+            };
+            let token = Token(next_fast.replace(next_fast.get() + 1));
+            let fd = call.fd();
+            if registry
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+                .is_err()
+            {
+                return job_tx
+                    .send(Job {
+                        resume: Some(call),
+                        ..job
+                    })
+                    .is_ok();
+            }
+            let handoff_at = Instant::now() + FAST_BUDGET;
+            fast.borrow_mut().insert(
+                token,
+                InFlight {
+                    job,
+                    call,
+                    fd,
+                    handoff_at,
+                },
+            );
+            true
+        };
         let mut retry_accept = false;
+        let mut spin_until = Instant::now();
         info!(workers = workers.max(1), "serving");
 
         while !stop.load(Ordering::SeqCst) {
-            let timeout = retry_accept.then_some(ACCEPT_RETRY);
+            // Hand calls that outlast the budget to the workers.
+            let now = Instant::now();
+            let expired: Vec<Token> = fast
+                .borrow()
+                .iter()
+                .filter(|(_, f)| f.handoff_at <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for token in expired {
+                if let Some(f) = fast.borrow_mut().remove(&token) {
+                    let _ = registry.deregister(&mut SourceFd(&f.fd));
+                    let _ = job_tx.send(Job {
+                        resume: Some(f.call),
+                        ..f.job
+                    });
+                }
+            }
+            let next_handoff = fast.borrow().values().map(|f| f.handoff_at).min();
+
+            let timeout = match (retry_accept.then_some(ACCEPT_RETRY), next_handoff) {
+                (retry, Some(at)) => {
+                    let until = at.saturating_duration_since(now);
+                    Some(retry.map_or(until, |r| r.min(until)))
+                }
+                (retry, None) => retry,
+            };
+            let timeout = if now < spin_until {
+                Some(Duration::ZERO)
+            } else {
+                timeout
+            };
             match poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -293,6 +420,9 @@ impl Server {
                         source,
                     })
                 }
+            }
+            if !events.is_empty() {
+                spin_until = Instant::now() + SPIN;
             }
             if retry_accept {
                 retry_accept = !accept(&listener, poll.registry(), &mut conns, &mut next_token);
@@ -315,6 +445,37 @@ impl Server {
                             }
                         }
                     }
+                    token if token.0 >= FIRST_FAST => {
+                        let polled = match fast.borrow_mut().get_mut(&token) {
+                            Some(f) => f.call.poll(),
+                            None => continue,
+                        };
+                        if matches!(polled, FastPoll::Pending) {
+                            continue;
+                        }
+                        let Some(f) = fast.borrow_mut().remove(&token) else {
+                            continue;
+                        };
+                        let _ = registry.deregister(&mut SourceFd(&f.fd));
+                        let FastPoll::Done(result) = polled else {
+                            let _ = job_tx.send(Job {
+                                resume: Some(f.call),
+                                ..f.job
+                            });
+                            continue;
+                        };
+                        let job = f.job;
+                        let bytes =
+                            routes::reply_for(result, job.dispatch.logs).encode(job.persist);
+                        let close_after = job.persist == Persist::Close;
+                        if let Some(conn) = conns.get_mut(&job.token) {
+                            if conn.on_reply(bytes, close_after, &limits, &mut submit)
+                                == Life::Closed
+                            {
+                                close(poll.registry(), &mut conns, job.token);
+                            }
+                        }
+                    }
                     token => {
                         let Some(conn) = conns.get_mut(&token) else {
                             continue;
@@ -328,6 +489,10 @@ impl Server {
         }
 
         info!(connections = conns.len(), "shutting down");
+        // Calls still in flight give their instances back as they are dropped.
+        for (_, f) in fast.into_inner() {
+            let _ = registry.deregister(&mut SourceFd(&f.fd));
+        }
         // Workers skip queued jobs and exit once the queue is closed.
         drop(job_tx);
         drop(conns);
@@ -396,6 +561,7 @@ impl Worker {
                 dispatch,
                 persist,
                 span,
+                resume,
             }) = job
             else {
                 return;
@@ -406,14 +572,17 @@ impl Worker {
             let _entered = span.enter();
             let started = Instant::now();
             let handler = &self.handler;
-            let reply =
-                match panic::catch_unwind(AssertUnwindSafe(|| handler.handle(dispatch.request))) {
-                    Ok(result) => routes::reply_for(result, dispatch.logs),
-                    Err(_) => {
-                        error!("request handler panicked");
-                        routes::panicked()
-                    }
-                };
+            let run = || match resume {
+                Some(call) => call.finish(),
+                None => handler.handle(dispatch.request),
+            };
+            let reply = match panic::catch_unwind(AssertUnwindSafe(run)) {
+                Ok(result) => routes::reply_for(result, dispatch.logs),
+                Err(_) => {
+                    error!("request handler panicked");
+                    routes::panicked()
+                }
+            };
             debug!(
                 status = reply.status,
                 elapsed_us = started.elapsed().as_micros() as u64,
