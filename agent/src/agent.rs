@@ -100,6 +100,10 @@ impl Agent {
         let runtime_dir = state.path().join("runtime");
         shim::install_runtime(&runtime_dir).map_err(state_err(&runtime_dir))?;
         let spawner = Spawner::start(&state, &cgroups)?;
+        if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
+            // Only slower freezes and thaws follow; say so and go on.
+            tracing::warn!(error = %ipc::chain(&e), "could not hold the freezer anchor cgroup");
+        }
         tracing::info!(agent_id = state.agent_id(), state_dir = %state.path().display(), "agent started");
         let keep_warm = config.keep_warm;
         let inner = Arc::new(Inner {
@@ -231,6 +235,7 @@ struct WarmCall {
     function: Arc<Function>,
     id: u64,
     started: Instant,
+    start: Start,
     deadline: Instant,
     /// A failure seen already (sending the invoke, or reading the answer).
     failed: Option<CallFailure>,
@@ -259,7 +264,7 @@ impl FastCall for WarmCall {
                 let inst = self.inst.take().expect("instance");
                 let result =
                     self.inner
-                        .complete(inst, &self.function, Start::Warm, self.started, outcome);
+                        .complete(inst, &self.function, self.start, self.started, outcome);
                 FastPoll::Done(result.map(Response::Invoked))
             }
         }
@@ -272,7 +277,7 @@ impl FastCall for WarmCall {
             None => inst.finish(self.id, self.deadline, self.inner.config.log_limit),
         };
         self.inner
-            .complete(inst, &self.function, Start::Warm, self.started, outcome)
+            .complete(inst, &self.function, self.start, self.started, outcome)
             .map(Response::Invoked)
     }
 }
@@ -489,8 +494,9 @@ impl Inner {
     }
 
     /// Starts a warm invoke that the HTTP event loop can finish without blocking:
-    /// only when the function has an idle instance that is running (not frozen) and
-    /// the event is small. `None` sends the request down the ordinary path.
+    /// only when the function has an idle instance and the event is small. A frozen
+    /// instance is thawed here (a write and a read of its freezer file, ~0.1 ms).
+    /// `None` sends the request down the ordinary path.
     fn start_fast(self: &Arc<Self>, name: &str, event: &[u8]) -> Option<WarmCall> {
         if event.len() > FAST_EVENT_MAX
             || self.shutting_down.load(Ordering::SeqCst)
@@ -502,9 +508,10 @@ impl Inner {
         let mut inst = {
             let mut sched = lock(&self.sched);
             let pool = sched.functions.get_mut(name)?;
-            let usable = pool.idle.last().is_some_and(|i| {
-                i.sandbox.state() == SandboxState::Bound && i.function_version == function.version
-            });
+            let usable = pool
+                .idle
+                .last()
+                .is_some_and(|i| i.function_version == function.version);
             if !usable {
                 return None;
             }
@@ -513,6 +520,23 @@ impl Inner {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
+        let start = if inst.sandbox.state() == SandboxState::Frozen {
+            Start::Thawed
+        } else {
+            Start::Warm
+        };
+        if start == Start::Thawed {
+            if let Err(e) = inst.sandbox.thaw() {
+                tracing::warn!(sandbox_id = inst.sandbox.id(), error = %ipc::chain(&e), "thaw failed");
+                self.release(inst, false);
+                return None;
+            }
+            tracing::debug!(
+                sandbox_id = inst.sandbox.id(),
+                thaw_us = started.elapsed().as_micros() as u64,
+                "thawed"
+            );
+        }
         let failed = inst.begin(id, event).err();
         Some(WarmCall {
             inner: self.clone(),
@@ -521,6 +545,7 @@ impl Inner {
             function,
             id,
             started,
+            start,
             failed,
         })
     }

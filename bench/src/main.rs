@@ -126,7 +126,7 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     let mut step = |name: &str, row: anyhow::Result<Row>| -> anyhow::Result<()> {
         let row = row.with_context(|| name.to_owned())?;
         eprintln!(
-            "  {:<44} p50 {:>10}  p99 {:>10}",
+            "  {:<54} p50 {:>10}  p99 {:>10}",
             row.path,
             stats::human(row.p50_us),
             stats::human(row.p99_us)
@@ -135,7 +135,9 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         Ok(())
     };
     step("warm", latency::warm(&bin, &noop, settings.warm_runs))?;
-    step("frozen", latency::frozen(&bin, &noop, settings.frozen_runs))?;
+    let (frozen, idle_control) = latency::frozen(&bin, &noop, settings.frozen_runs)?;
+    step("frozen", Ok(frozen))?;
+    step("idle control", Ok(idle_control))?;
     step(
         "cold from stem cell",
         latency::cold(&bin, &noop, settings.cold_runs, 2),

@@ -53,13 +53,13 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Prints the table.
 pub fn print(rows: &[Row]) {
     println!(
-        "{:<44} {:>6} {:>12} {:>12} {:>12}",
+        "{:<54} {:>6} {:>12} {:>12} {:>12}",
         "path", "n", "p50", "p99", "ops/s"
     );
     for r in rows {
         let ops = r.ops_per_s.map_or(String::new(), |o| format!("{o:.0}"));
         println!(
-            "{:<44} {:>6} {:>12} {:>12} {:>12}",
+            "{:<54} {:>6} {:>12} {:>12} {:>12}",
             r.path,
             r.n,
             human(r.p50_us),
