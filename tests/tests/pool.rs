@@ -447,3 +447,50 @@ fn warm_invokes_that_need_waiting_are_finished_correctly() {
         text(&r)
     );
 }
+
+/// A warm call that outlasts the event loop's budget is finished even when every
+/// worker is waiting for the instance it holds (a deadlock when such calls were
+/// given to the workers).
+#[test]
+fn a_long_warm_call_finishes_while_all_workers_wait_for_its_instance() {
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--workers", "2"]);
+    let slow = env.function(
+        "slow",
+        &[(
+            "f.py",
+            "import time\ndef f(event):\n    time.sleep(0.1)\n    return event['n']\n",
+        )],
+    );
+    d.register("slow", &slow, json!({ "max_instances": 1 }));
+    assert_eq!(d.invoke("slow", r#"{"n":0}"#).status, 200); // warm
+    let socket = d.socket().to_path_buf();
+    let clients: Vec<_> = (1..=4)
+        .map(|n| {
+            let socket = socket.clone();
+            thread::spawn(move || {
+                let mut c = sprout_tests::Client::connect(&socket).unwrap();
+                c.request(
+                    "POST",
+                    "/functions/slow/invoke",
+                    None,
+                    format!(r#"{{"n":{n}}}"#).as_bytes(),
+                )
+                .unwrap()
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while clients.iter().any(|c| !c.is_finished()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "deadlocked; log:\n{}",
+            d.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "{}", text(&r));
+    }
+}

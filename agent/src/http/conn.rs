@@ -276,7 +276,6 @@ impl Conn {
                     dispatch,
                     persist,
                     span: span.clone(),
-                    resume: None,
                 };
                 self.state = State::Waiting;
                 if !submit(job) {

@@ -9,7 +9,8 @@
 //! idle instance right away, the loop watches the instance's socket, and writes the
 //! response when the answer is there ([`FastCall`]). A call that needs waiting — a
 //! failure to clean up after, or one still running after [`FAST_BUDGET`] (its output
-//! must keep being drained) — is finished by a worker.
+//! must keep being drained) — is finished on a thread of its own (not by a worker:
+//! every worker may be waiting for the very instance that call holds).
 //! Routes and the mapping of errors to status codes live in [`routes`], the
 //! per-connection state machine (keep-alive, pipelining, chunked bodies,
 //! `Expect: 100-continue`) in [`conn`].
@@ -49,7 +50,7 @@ pub trait FastCall: Send {
     fn fd(&self) -> RawFd;
     /// Reads what the socket holds, without blocking.
     fn poll(&mut self) -> FastPoll;
-    /// Finishes the call the blocking way (a worker runs it).
+    /// Finishes the call the blocking way (on a thread of its own).
     #[allow(clippy::result_large_err)]
     fn finish(self: Box<Self>) -> Result<Response, Error>;
 }
@@ -59,11 +60,11 @@ pub enum FastPoll {
     Pending,
     #[allow(clippy::large_enum_variant)]
     Done(Result<Response, Error>),
-    /// The call needs a worker: finish it with [`FastCall::finish`].
+    /// The call needs waiting: finish it with [`FastCall::finish`].
     Handoff,
 }
 
-/// How long a fast call may take on the event loop before a worker finishes it.
+/// How long a fast call may take on the event loop before a thread of its own finishes it.
 pub const FAST_BUDGET: Duration = Duration::from_millis(5);
 
 /// After any activity (a request, an instance's answer) the loop polls without
@@ -194,9 +195,6 @@ struct Job {
     dispatch: Dispatch,
     persist: Persist,
     span: Span,
-    /// A fast call the loop gave up waiting for: the worker finishes it instead of
-    /// handling `dispatch.request`.
-    resume: Option<Box<dyn FastCall>>,
 }
 
 /// A fast call the loop is waiting for.
@@ -332,7 +330,10 @@ impl Server {
                 .spawn(move || worker.run())
                 .map_err(|source| HttpError::Worker { index, source })?;
         }
-        drop(done_tx);
+        // Fast calls that need waiting are finished on threads of their own, never by
+        // the workers: every worker may be blocked waiting for the very instance such
+        // a call holds.
+        let finish_tx = done_tx;
 
         let mut conns: HashMap<Token, Conn> = HashMap::new();
         let mut next_token = FIRST_CONN;
@@ -356,12 +357,8 @@ impl Server {
                 .register(&mut SourceFd(&fd), token, Interest::READABLE)
                 .is_err()
             {
-                return job_tx
-                    .send(Job {
-                        resume: Some(call),
-                        ..job
-                    })
-                    .is_ok();
+                finish_elsewhere(job, call, &finish_tx, &waker);
+                return true;
             }
             let handoff_at = Instant::now() + FAST_BUDGET;
             fast.borrow_mut().insert(
@@ -391,10 +388,7 @@ impl Server {
             for token in expired {
                 if let Some(f) = fast.borrow_mut().remove(&token) {
                     let _ = registry.deregister(&mut SourceFd(&f.fd));
-                    let _ = job_tx.send(Job {
-                        resume: Some(f.call),
-                        ..f.job
-                    });
+                    finish_elsewhere(f.job, f.call, &finish_tx, &waker);
                 }
             }
             let next_handoff = fast.borrow().values().map(|f| f.handoff_at).min();
@@ -458,10 +452,7 @@ impl Server {
                         };
                         let _ = registry.deregister(&mut SourceFd(&f.fd));
                         let FastPoll::Done(result) = polled else {
-                            let _ = job_tx.send(Job {
-                                resume: Some(f.call),
-                                ..f.job
-                            });
+                            finish_elsewhere(f.job, f.call, &finish_tx, &waker);
                             continue;
                         };
                         let job = f.job;
@@ -540,6 +531,36 @@ fn close(registry: &Registry, conns: &mut HashMap<Token, Conn>, token: Token) {
     }
 }
 
+/// Finishes a fast call the blocking way on a thread of its own, and hands the reply
+/// to the loop like a worker does.
+fn finish_elsewhere(job: Job, call: Box<dyn FastCall>, done: &Sender<Done>, waker: &Arc<Waker>) {
+    let (done, waker) = (done.clone(), Arc::clone(waker));
+    let spawned = thread::Builder::new()
+        .name("sprout-finish".into())
+        .spawn(move || {
+            let _entered = job.span.enter();
+            let reply = match panic::catch_unwind(AssertUnwindSafe(|| call.finish())) {
+                Ok(result) => routes::reply_for(result, job.dispatch.logs),
+                Err(_) => {
+                    error!("finishing a call panicked");
+                    routes::panicked()
+                }
+            };
+            let close = job.persist == Persist::Close;
+            let _ = done.send(Done {
+                token: job.token,
+                bytes: reply.encode(job.persist),
+                close,
+            });
+            let _ = waker.wake();
+        });
+    if let Err(e) = spawned {
+        // The call (and its instance) is dropped: the instance is destroyed and the
+        // client's connection gets no answer until it gives up.
+        error!(error = %e, "could not start a thread to finish a call");
+    }
+}
+
 struct Worker {
     jobs: Arc<Mutex<Receiver<Job>>>,
     done: Sender<Done>,
@@ -561,7 +582,6 @@ impl Worker {
                 dispatch,
                 persist,
                 span,
-                resume,
             }) = job
             else {
                 return;
@@ -572,10 +592,7 @@ impl Worker {
             let _entered = span.enter();
             let started = Instant::now();
             let handler = &self.handler;
-            let run = || match resume {
-                Some(call) => call.finish(),
-                None => handler.handle(dispatch.request),
-            };
+            let run = || handler.handle(dispatch.request);
             let reply = match panic::catch_unwind(AssertUnwindSafe(run)) {
                 Ok(result) => routes::reply_for(result, dispatch.logs),
                 Err(_) => {
