@@ -41,6 +41,10 @@ impl Bench {
         let runtime = state.path().join("runtime");
         shim::install_runtime(&runtime).unwrap();
         let spawner = Spawner::start(&state, &cgroups).unwrap();
+        // As the agent does (see Cgroups::hold_freezer_anchor).
+        cgroups
+            .hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor"))
+            .unwrap();
         Bench {
             state,
             cgroups,
