@@ -628,6 +628,20 @@ impl Run {
             _ => panic!("stdout has no error object:\n{self}"),
         }
     }
+
+    /// Asserts the error's `kind` and that its `field` contains `text`; returns the
+    /// error for further checks.
+    #[track_caller]
+    pub fn assert_error(&self, kind: &str, field: &str, text: &str) -> Value {
+        let err = self.error();
+        assert_eq!(err["kind"], kind, "{self}");
+        let value = err[field].as_str().unwrap_or_default();
+        assert!(
+            value.contains(text),
+            "error {field} should contain {text:?}:\n{self}"
+        );
+        err
+    }
 }
 
 impl std::fmt::Display for Run {

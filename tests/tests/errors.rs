@@ -80,11 +80,8 @@ fn out_of_memory() {
         .args(["--memory", "64"])
         .run();
     run.expect_code(1);
-    let err = run.error();
-    assert_eq!(err["kind"], "out_of_memory", "{run}");
-    let message = err["message"].as_str().unwrap();
-    assert!(message.contains("out of memory"), "{run}");
-    assert!(message.contains("64 MiB"), "{run}");
+    let err = run.assert_error("out_of_memory", "message", "out of memory");
+    assert!(err["message"].as_str().unwrap().contains("64 MiB"), "{run}");
     assert!(run.stderr.contains("ran out of memory"), "{run}");
     env.assert_clean(run.pid);
 }
@@ -106,14 +103,10 @@ fn timeout() {
         .args(["--timeout", "500"])
         .run();
     run.expect_code(1);
-    let err = run.error();
-    assert_eq!(err["kind"], "timeout", "{run}");
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("function sleepy timed out after 500 ms"),
-        "{run}"
+    run.assert_error(
+        "timeout",
+        "message",
+        "function sleepy timed out after 500 ms",
     );
     assert!(run.stderr.contains("timed out after 500 ms"), "{run}");
     assert!(
@@ -221,16 +214,12 @@ fn handler_function_missing_in_existing_file() {
         .args(["--handler", "f:g"])
         .run();
     run.expect_code(1);
-    let err = run.error();
-    assert_eq!(err["kind"], "load_error", "{run}");
-    assert_eq!(err["type"], "AttributeError", "{run}");
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("function nofunc: handler f:g failed to load: AttributeError"),
-        "{run}"
+    let err = run.assert_error(
+        "load_error",
+        "message",
+        "function nofunc: handler f:g failed to load: AttributeError",
     );
+    assert_eq!(err["type"], "AttributeError", "{run}");
     env.assert_clean(run.pid);
 }
 
@@ -246,16 +235,8 @@ fn handler_module_fails_to_import() {
     );
     let run = env.sprout().arg("invoke").arg(&dir).run();
     run.expect_code(1);
-    let err = run.error();
-    assert_eq!(err["kind"], "load_error", "{run}");
+    let err = run.assert_error("load_error", "traceback", "f.py");
     assert_eq!(err["type"], "ModuleNotFoundError", "{run}");
-    assert!(
-        err["traceback"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("f.py"),
-        "{run}"
-    );
     env.assert_clean(run.pid);
 }
 
@@ -271,15 +252,7 @@ fn write_to_usr_fails_read_only() {
     );
     let run = env.sprout().arg("invoke").arg(&dir).run();
     run.expect_code(1);
-    let err = run.error();
-    assert_eq!(err["kind"], "handler_error", "{run}");
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap()
-            .contains("Read-only file system"),
-        "{run}"
-    );
+    run.assert_error("handler_error", "message", "Read-only file system");
     assert!(
         !std::path::Path::new("/usr/sprout-was-here").exists(),
         "the host's /usr was written to"

@@ -374,15 +374,21 @@ def invoke(handler, request_id, payload):
     return {"op": "returned", "id": request_id}, body
 
 
+def _recv_no_fds(channel):
+    """Receives a frame on an instance channel, where no descriptors belong."""
+    header, payload, fds = channel.recv()
+    for fd in fds:
+        _close_quietly(fd)
+    return header, payload
+
+
 def serve(channel, handler):
     """Answers invokes until the agent closes the channel; returns the exit status."""
     while True:
         try:
-            header, payload, fds = channel.recv()
+            header, payload = _recv_no_fds(channel)
         except ChannelClosed:
             return 0
-        for fd in fds:
-            _close_quietly(fd)
         op = header.get("op")
         if op != "invoke":
             _log(f"ignoring unknown message op={op!r}")
@@ -421,11 +427,9 @@ def instance_main(zygote, instance, chan_fd, out_fd, err_fd):
     except OSError:
         return 0
     try:
-        header, _payload, fds = channel.recv()
+        header, _payload = _recv_no_fds(channel)
     except ChannelClosed:
         return 0
-    for fd in fds:
-        _close_quietly(fd)
     problem = _check_load(header)
     if problem is not None:
         error = {"type": "ProtocolError", "message": problem, "traceback": ""}
