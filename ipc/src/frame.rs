@@ -10,6 +10,12 @@
 //! first byte. The receiver queues descriptors in arrival order and hands a frame
 //! exactly `fd_count` of them; because a frame's descriptors arrive no later than
 //! its first byte, they are always queued by the time the frame is complete.
+//!
+//! **Shared payloads.** Bit 31 of `fd_count` ([`SHARED_FLAG`]) says the payload is not
+//! in the stream: it is the first `payload_len` bytes of the frame's last descriptor, a
+//! sealed memfd (see [`crate::payload`]). Senders put payloads over
+//! [`SHARED_THRESHOLD`] there, so a large event or result is written once and mapped
+//! by its receiver; a process that only passes it on forwards the descriptor.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -19,13 +25,17 @@ use std::os::unix::net::UnixStream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::payload::{Payload, MAX_SHARED_PAYLOAD, SHARED_THRESHOLD};
 use crate::sys::{self, MAX_FDS};
+
+/// Bit of the `fd_count` word that marks a shared (memfd) payload.
+pub const SHARED_FLAG: u32 = 1 << 31;
 
 /// Length of the fixed prefix.
 pub const PREFIX_LEN: usize = 12;
 /// Largest JSON header accepted.
 pub const MAX_HEADER: usize = 1 << 20;
-/// Largest payload accepted in one frame (events and results travel inline up to this).
+/// Largest payload accepted inline in one frame (larger ones must be shared).
 pub const MAX_PAYLOAD: usize = 64 << 20;
 
 const READ_CHUNK: usize = 64 << 10;
@@ -46,6 +56,8 @@ pub enum Error {
     TooManyFds { count: usize, max: usize },
     #[error("frame announced {expected} descriptors but {queued} arrived")]
     MissingFds { expected: usize, queued: usize },
+    #[error("shared payload")]
+    Shared(#[source] io::Error),
     #[error("malformed frame header {header:?}")]
     Header {
         header: String,
@@ -62,7 +74,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Message<H> {
     pub header: H,
-    pub payload: Vec<u8>,
+    /// Inline bytes, or a mapped shared payload (its descriptor is not in `fds`).
+    pub payload: Payload,
     pub fds: Vec<OwnedFd>,
 }
 
@@ -108,37 +121,82 @@ impl Channel {
         &self.sock
     }
 
-    /// Sends one frame. `header` must serialize to a JSON object.
+    /// Sends one frame. `header` must serialize to a JSON object. A payload over
+    /// [`SHARED_THRESHOLD`] is written to a sealed memfd that goes instead.
     pub fn send<H: Serialize>(
         &self,
         header: &H,
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        let header = serde_json::to_vec(header).map_err(|source| Error::Header {
-            header: String::new(),
-            source,
-        })?;
+        let header = encode_header(header)?;
+        if payload.len() > SHARED_THRESHOLD {
+            let shared = Payload::share(payload).map_err(Error::Shared)?;
+            return self.send_shared(&header, &shared, fds);
+        }
         self.send_raw(&header, payload, fds)
     }
 
-    /// Sends one frame whose header is already encoded.
+    /// Sends one frame with `payload` as it is: a shared payload's descriptor is
+    /// passed on (nothing is copied), an inline one goes as [`Channel::send`] sends it.
+    pub fn send_payload<H: Serialize>(
+        &self,
+        header: &H,
+        payload: &Payload,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        match payload {
+            Payload::Inline(bytes) => self.send(header, bytes, fds),
+            Payload::Shared(_) => self.send_shared(&encode_header(header)?, payload, fds),
+        }
+    }
+
+    fn send_shared(
+        &self,
+        header: &[u8],
+        payload: &Payload,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        let memfd = payload.shared_fd().expect("a shared payload");
+        if payload.len() > MAX_SHARED_PAYLOAD {
+            return Err(Error::PayloadTooLarge {
+                len: payload.len(),
+                max: MAX_SHARED_PAYLOAD,
+            });
+        }
+        let mut all: Vec<BorrowedFd<'_>> = fds.to_vec();
+        all.push(memfd);
+        self.send_frame(header, &[], payload.len(), &all, true)
+    }
+
+    /// Sends one frame whose header is already encoded, with its payload inline.
     pub fn send_raw(
         &self,
         header: &[u8],
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
-        if header.len() > MAX_HEADER {
-            return Err(Error::HeaderTooLarge {
-                len: header.len(),
-                max: MAX_HEADER,
-            });
-        }
         if payload.len() > MAX_PAYLOAD {
             return Err(Error::PayloadTooLarge {
                 len: payload.len(),
                 max: MAX_PAYLOAD,
+            });
+        }
+        self.send_frame(header, payload, payload.len(), fds, false)
+    }
+
+    fn send_frame(
+        &self,
+        header: &[u8],
+        payload: &[u8],
+        payload_len: usize,
+        fds: &[BorrowedFd<'_>],
+        shared: bool,
+    ) -> Result<(), Error> {
+        if header.len() > MAX_HEADER {
+            return Err(Error::HeaderTooLarge {
+                len: header.len(),
+                max: MAX_HEADER,
             });
         }
         if fds.len() > MAX_FDS {
@@ -147,7 +205,7 @@ impl Channel {
                 max: MAX_FDS,
             });
         }
-        let prefix = encode_prefix(header.len(), payload.len(), fds.len());
+        let prefix = encode_prefix(header.len(), payload_len, fds.len(), shared);
         let parts = [&prefix[..], header, payload];
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let iov = parts.map(IoSlice::new);
@@ -188,24 +246,41 @@ impl Channel {
         if avail.len() < PREFIX_LEN {
             return Ok(None);
         }
-        let (hlen, plen, nfds) = decode_prefix(avail)?;
-        let total = PREFIX_LEN + hlen + plen;
+        let p = decode_prefix(avail)?;
+        let total = PREFIX_LEN + p.header + p.inline();
         if avail.len() < total {
             return Ok(None);
         }
-        if self.fds.len() < nfds {
+        if self.fds.len() < p.fds {
             return Err(Error::MissingFds {
-                expected: nfds,
+                expected: p.fds,
                 queued: self.fds.len(),
             });
         }
-        let raw_header = &avail[PREFIX_LEN..PREFIX_LEN + hlen];
+        let raw_header = &avail[PREFIX_LEN..PREFIX_LEN + p.header];
         let header = serde_json::from_slice(raw_header).map_err(|source| Error::Header {
             header: String::from_utf8_lossy(&raw_header[..raw_header.len().min(200)]).into_owned(),
             source,
         })?;
-        let payload = avail[PREFIX_LEN + hlen..total].to_vec();
-        let fds = self.fds.drain(..nfds).collect();
+        let mut fds: Vec<OwnedFd> = self.fds.drain(..p.fds).collect();
+        let payload = if p.shared {
+            // The frame is consumed either way: a bad memfd fails this frame only.
+            self.consume(total);
+            let memfd = fds.pop().expect("decode_prefix: a shared frame has a descriptor");
+            Payload::map(memfd, p.payload).map_err(Error::Shared)?
+        } else {
+            let bytes = avail[PREFIX_LEN + p.header..total].to_vec();
+            self.consume(total);
+            Payload::Inline(bytes)
+        };
+        Ok(Some(Message {
+            header,
+            payload,
+            fds,
+        }))
+    }
+
+    fn consume(&mut self, total: usize) {
         self.start += total;
         if self.start == self.end {
             self.start = 0;
@@ -214,11 +289,6 @@ impl Channel {
                 self.buf = Vec::new();
             }
         }
-        Ok(Some(Message {
-            header,
-            payload,
-            fds,
-        }))
     }
 
     /// One read from the socket into the buffer. Returns the bytes read; 0 means the
@@ -238,7 +308,9 @@ impl Channel {
         // read, or a chunk): move pending bytes to the front, grow if still short.
         let pending = self.end - self.start;
         let want = match decode_prefix(&self.buf[self.start..self.end]) {
-            Ok((h, p, _)) => (PREFIX_LEN + h + p).saturating_sub(pending).max(READ_CHUNK),
+            Ok(p) => (PREFIX_LEN + p.header + p.inline())
+                .saturating_sub(pending)
+                .max(READ_CHUNK),
             Err(_) => READ_CHUNK,
         };
         if self.buf.len() - self.end < want {
@@ -274,32 +346,60 @@ impl AsRawFd for Channel {
     }
 }
 
-fn encode_prefix(header: usize, payload: usize, fds: usize) -> [u8; PREFIX_LEN] {
+fn encode_header<H: Serialize>(header: &H) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(header).map_err(|source| Error::Header {
+        header: String::new(),
+        source,
+    })
+}
+
+fn encode_prefix(header: usize, payload: usize, fds: usize, shared: bool) -> [u8; PREFIX_LEN] {
+    let fd_word = fds as u32 | if shared { SHARED_FLAG } else { 0 };
     let mut p = [0u8; PREFIX_LEN];
     p[0..4].copy_from_slice(&(header as u32).to_le_bytes());
     p[4..8].copy_from_slice(&(payload as u32).to_le_bytes());
-    p[8..12].copy_from_slice(&(fds as u32).to_le_bytes());
+    p[8..12].copy_from_slice(&fd_word.to_le_bytes());
     p
 }
 
+/// A decoded frame prefix.
+struct Prefix {
+    header: usize,
+    payload: usize,
+    /// Descriptors, the shared payload's included.
+    fds: usize,
+    shared: bool,
+}
+
+impl Prefix {
+    /// Payload bytes that follow the header in the stream.
+    fn inline(&self) -> usize {
+        if self.shared {
+            0
+        } else {
+            self.payload
+        }
+    }
+}
+
 /// Decodes and bounds-checks a prefix; `Err` only for a prefix that can never be valid.
-fn decode_prefix(b: &[u8]) -> Result<(usize, usize, usize), Error> {
+fn decode_prefix(b: &[u8]) -> Result<Prefix, Error> {
     if b.len() < PREFIX_LEN {
         return Err(Error::Truncated);
     }
-    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
-    let (h, p, n) = (word(0), word(4), word(8));
+    let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let (h, p, fd_word) = (word(0) as usize, word(4) as usize, word(8));
+    let shared = fd_word & SHARED_FLAG != 0;
+    let n = (fd_word & !SHARED_FLAG) as usize;
     if h > MAX_HEADER {
         return Err(Error::HeaderTooLarge {
             len: h,
             max: MAX_HEADER,
         });
     }
-    if p > MAX_PAYLOAD {
-        return Err(Error::PayloadTooLarge {
-            len: p,
-            max: MAX_PAYLOAD,
-        });
+    let max = if shared { MAX_SHARED_PAYLOAD } else { MAX_PAYLOAD };
+    if p > max {
+        return Err(Error::PayloadTooLarge { len: p, max });
     }
     if n > MAX_FDS {
         return Err(Error::TooManyFds {
@@ -307,7 +407,18 @@ fn decode_prefix(b: &[u8]) -> Result<(usize, usize, usize), Error> {
             max: MAX_FDS,
         });
     }
-    Ok((h, p, n))
+    if shared && n == 0 {
+        return Err(Error::MissingFds {
+            expected: 1,
+            queued: 0,
+        });
+    }
+    Ok(Prefix {
+        header: h,
+        payload: p,
+        fds: n,
+        shared,
+    })
 }
 
 #[cfg(test)]
@@ -333,7 +444,7 @@ mod tests {
         a.send(&hdr(7), b"{\"x\":1}", &[]).unwrap();
         let m: Message<Hdr> = b.recv().unwrap();
         assert_eq!(m.header, hdr(7));
-        assert_eq!(m.payload, b"{\"x\":1}");
+        assert_eq!(&*m.payload, b"{\"x\":1}");
         assert!(m.fds.is_empty());
     }
 
@@ -346,7 +457,7 @@ mod tests {
         for i in 0..100 {
             let m: Message<Hdr> = b.recv().unwrap();
             assert_eq!(m.header.n, i);
-            assert_eq!(m.payload, vec![i as u8; i as usize]);
+            assert_eq!(*m.payload, vec![i as u8; i as usize]);
         }
     }
 
@@ -379,10 +490,46 @@ mod tests {
     fn large_payload_crosses_many_reads() {
         let (a, mut b) = Channel::pair().unwrap();
         let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
-        let sender = std::thread::spawn(move || a.send(&hdr(1), &big, &[]).map(|_| big));
+        let sender = std::thread::spawn(move || {
+            a.send_raw(br#"{"op":"t","n":1}"#, &big, &[]).map(|_| big)
+        });
         let m: Message<Hdr> = b.recv().unwrap();
         let big = sender.join().unwrap().unwrap();
-        assert_eq!(m.payload, big);
+        assert!(!m.payload.is_shared());
+        assert_eq!(*m.payload, big);
+    }
+
+    #[test]
+    fn large_payload_goes_through_a_sealed_memfd_and_is_forwarded_without_copy() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let (c, mut d) = Channel::pair().unwrap();
+        let big: Vec<u8> = (0..(3 << 20) + 7).map(|i| (i % 253) as u8).collect();
+        a.send(&hdr(1), &big, &[]).unwrap();
+        a.send(&hdr(2), b"small", &[]).unwrap();
+        let m: Message<Hdr> = b.recv().unwrap();
+        assert!(m.payload.is_shared());
+        assert!(m.fds.is_empty());
+        assert_eq!(*m.payload, big);
+        // Passed on as it is: the same memfd, nothing copied.
+        c.send_payload(&hdr(3), &m.payload, &[]).unwrap();
+        let fwd: Message<Hdr> = d.recv().unwrap();
+        assert_eq!(fwd.header, hdr(3));
+        assert!(fwd.payload.is_shared());
+        assert_eq!(*fwd.payload, big);
+        let m2: Message<Hdr> = b.recv().unwrap();
+        assert_eq!((&*m2.payload, m2.payload.is_shared()), (&b"small"[..], false));
+    }
+
+    #[test]
+    fn an_unsealed_shared_payload_is_refused() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 100]).unwrap();
+        a.send_frame(br#"{"op":"t","n":0}"#, &[], 100, &[f.as_fd()], true)
+            .unwrap();
+        let err = b.recv::<Hdr>().unwrap_err();
+        assert!(matches!(err, Error::Shared(_)), "{err:?}");
+        assert!(crate::chain(&err).contains("sealed"), "{}", crate::chain(&err));
     }
 
     #[test]
@@ -393,7 +540,7 @@ mod tests {
 
         let (a, mut b) = Channel::pair().unwrap();
         let mut s = a.stream().try_clone().unwrap();
-        s.write_all(&encode_prefix(10, 10, 0)).unwrap();
+        s.write_all(&encode_prefix(10, 10, 0, false)).unwrap();
         s.write_all(b"{\"op\"").unwrap();
         drop((a, s));
         assert!(matches!(b.recv::<Hdr>(), Err(Error::Truncated)));
@@ -403,7 +550,7 @@ mod tests {
     fn oversized_and_malformed_frames_are_rejected_by_name() {
         let (a, mut b) = Channel::pair().unwrap();
         a.stream()
-            .write_all(&encode_prefix(MAX_HEADER + 1, 0, 0))
+            .write_all(&encode_prefix(MAX_HEADER + 1, 0, 0, false))
             .unwrap();
         assert!(matches!(b.recv::<Hdr>(), Err(Error::HeaderTooLarge { .. })));
 
@@ -416,7 +563,7 @@ mod tests {
         );
 
         let (a, mut b) = Channel::pair().unwrap();
-        a.stream().write_all(&encode_prefix(2, 0, 1)).unwrap();
+        a.stream().write_all(&encode_prefix(2, 0, 1, false)).unwrap();
         a.stream().write_all(b"{}").unwrap();
         assert!(matches!(
             b.recv::<Hdr>(),

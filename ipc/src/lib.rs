@@ -14,10 +14,12 @@
 pub mod api;
 pub mod client;
 pub mod frame;
+pub mod payload;
 pub mod proto;
 mod sys;
 
 pub use frame::{Channel, Error, Message};
+pub use payload::Payload;
 
 /// Formats an error and its sources as `a: b: c`, skipping a source whose text the
 /// previous message already ends with. The one place sprout prints a cause chain.

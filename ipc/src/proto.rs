@@ -9,12 +9,19 @@
 //! The shim hands the agent the instance's own channel (and its stdout/stderr pipes),
 //! so a warm invoke goes from the agent straight to the function's process.
 //! Every header is a JSON object whose `op` names the message.
+//!
+//! Calls between functions ([`CallRequest`] / [`CallReply`]): an instance asks its
+//! shim (on its *calls channel*) to run a function whose code is attached in the
+//! sandbox, or the agent (on the agent's call socket, `/.sprout/agent.sock`) to
+//! resolve a name or run a call in a sibling sandbox. The agent runs a workflow's
+//! sequential step in a sandbox the same way, with [`ShimRequest::Call`].
 
 use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{Channel, Error, Message};
+use crate::payload::Payload;
 
 /// A language runtime a shim can fork instances of.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +78,99 @@ impl std::fmt::Display for Handler {
     }
 }
 
+/// Calls nest at most this deep (a call cycle or runaway recursion stops here).
+pub const MAX_CALL_DEPTH: u32 = 16;
+
+/// Everything a shim needs to run a function in its sandbox: the function's code is
+/// attached at `code_dir`, and a call may run for `timeout_ms`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CallSpec {
+    pub function: String,
+    /// The registration it came from; a newer one is a different function.
+    pub version: u64,
+    pub code_dir: String,
+    pub handler: Handler,
+    pub timeout_ms: u64,
+}
+
+/// An instance → its shim (calls channel) or → the agent (call socket).
+/// `Call`'s payload is the event (JSON text, or raw bytes with `raw`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum CallRequest {
+    /// To the agent: can `function` run in the caller's sandbox? Answered by
+    /// [`CallReply::Resolved`] (after the agent attached its code there).
+    Resolve { id: u64, function: String },
+    /// With `spec`, to the shim: run it in this sandbox. Without, to the agent: run it
+    /// in a sibling sandbox.
+    Call {
+        id: u64,
+        function: String,
+        /// The callee's depth: 1 for a call made by a top-level invocation.
+        depth: u32,
+        #[serde(default, skip_serializing_if = "is_false")]
+        raw: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spec: Option<CallSpec>,
+    },
+}
+
+/// The answer to a [`CallRequest`] or a [`ShimRequest::Call`]. `CallReturned`'s
+/// payload is the callee's result (JSON text, or raw bytes with `raw`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum CallReply {
+    /// `spec: None`: call it through the agent (it cannot run in this sandbox).
+    Resolved { id: u64, spec: Option<CallSpec> },
+    CallReturned {
+        id: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        raw: bool,
+    },
+    /// The callee raised `error`.
+    CallRaised {
+        id: u64,
+        function: String,
+        error: FunctionError,
+    },
+    /// The call could not complete: unknown function, depth limit, timeout, the callee
+    /// died. `message` says which.
+    CallFailed {
+        id: u64,
+        function: String,
+        message: String,
+    },
+}
+
+impl CallReply {
+    pub fn id(&self) -> u64 {
+        match self {
+            CallReply::Resolved { id, .. }
+            | CallReply::CallReturned { id, .. }
+            | CallReply::CallRaised { id, .. }
+            | CallReply::CallFailed { id, .. } => *id,
+        }
+    }
+}
+
+/// Why a call at `depth` may not be made, if it may not.
+pub fn check_depth(function: &str, depth: u32) -> Result<(), String> {
+    if depth > MAX_CALL_DEPTH {
+        return Err(format!(
+            "call depth limit of {MAX_CALL_DEPTH} exceeded calling {function:?} (a call cycle or runaway recursion?)"
+        ));
+    }
+    Ok(())
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// What a (spare) instance is told to load, by the agent, on its own channel.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct LoadSpec {
@@ -86,6 +186,15 @@ pub struct LoadSpec {
 pub enum ShimRequest {
     /// Hand over an instance of `runtime` (the shim's spare, or a new fork).
     SpawnInstance { instance: u64, runtime: Runtime },
+    /// Run `spec` in this sandbox (a workflow's sequential step); the payload is the
+    /// event. Answered with a [`CallReply`].
+    Call {
+        id: u64,
+        depth: u32,
+        #[serde(default, skip_serializing_if = "is_false")]
+        raw: bool,
+        spec: CallSpec,
+    },
 }
 
 /// Shim → agent.
@@ -107,8 +216,9 @@ pub enum ShimEvent {
     },
 }
 
-/// Shim → zygote. `Fork` carries three descriptors: the instance's end of its channel,
-/// and the write ends of its stdout and stderr pipes.
+/// Shim → zygote. `Fork` carries four descriptors: the instance's end of its channel,
+/// the write ends of its stdout and stderr pipes, and the instance's end of its calls
+/// channel to the shim.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ZygoteRequest {
@@ -131,8 +241,14 @@ pub enum ZygoteEvent {
 pub enum InstanceRequest {
     /// Comes first, once: which handler to import.
     Load(LoadSpec),
+    /// The payload is the event: JSON text, or raw bytes with `raw` (from a call).
     Invoke {
         id: u64,
+        /// 0 for a top-level invocation; a callee runs at its caller's depth + 1.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        depth: u32,
+        #[serde(default, skip_serializing_if = "is_false")]
+        raw: bool,
     },
 }
 
@@ -146,12 +262,20 @@ pub enum InstanceEvent {
     LoadFailed {
         error: FunctionError,
     },
+    /// `raw`: the payload is bytes the handler returned, not JSON. `called`: the
+    /// handler called other functions (its sandbox's workflow scratch is wiped).
     Returned {
         id: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        raw: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        called: bool,
     },
     Raised {
         id: u64,
         error: FunctionError,
+        #[serde(default, skip_serializing_if = "is_false")]
+        called: bool,
     },
 }
 
@@ -196,6 +320,29 @@ impl ShimLink {
                 expected: "ready",
             }),
         }
+    }
+
+    /// Has the shim run `spec` in its sandbox; answer with [`ShimLink::wait_call`].
+    pub fn send_call(
+        &self,
+        id: u64,
+        depth: u32,
+        raw: bool,
+        spec: &CallSpec,
+        event: &Payload,
+    ) -> Result<(), Error> {
+        let req = ShimRequest::Call {
+            id,
+            depth,
+            raw,
+            spec: spec.clone(),
+        };
+        self.0.send_payload(&req, event, &[])
+    }
+
+    /// The shim's answer to a [`ShimLink::send_call`] (blocking; callers poll first).
+    pub fn wait_call(&mut self) -> Result<Message<CallReply>, Error> {
+        self.0.recv()
     }
 
     /// Asks the shim for an instance of `runtime` and waits for its channel.
@@ -270,7 +417,21 @@ impl InstanceLink {
     }
 
     pub fn send_invoke(&self, id: u64, event: &[u8]) -> Result<(), Error> {
-        self.0.send(&InstanceRequest::Invoke { id }, event, &[])
+        self.0.send(
+            &InstanceRequest::Invoke {
+                id,
+                depth: 0,
+                raw: false,
+            },
+            event,
+            &[],
+        )
+    }
+
+    /// Sends an invoke from a caller: its depth, and a payload passed on as it is.
+    pub fn send_call(&self, id: u64, depth: u32, raw: bool, event: &Payload) -> Result<(), Error> {
+        self.0
+            .send_payload(&InstanceRequest::Invoke { id, depth, raw }, event, &[])
     }
 }
 
@@ -324,8 +485,9 @@ impl ZygoteLink {
         }
     }
 
-    /// Asks the zygote to fork an instance that serves on `channel` and writes its
-    /// output to `stdout`/`stderr`. Returns the instance's pid or the zygote's refusal.
+    /// Asks the zygote to fork an instance that serves on `channel`, writes its
+    /// output to `stdout`/`stderr` and makes its calls on `calls`. Returns the
+    /// instance's pid or the zygote's refusal.
     pub fn fork(
         &mut self,
         instance: u64,
@@ -333,11 +495,12 @@ impl ZygoteLink {
         channel: impl AsFd,
         stdout: impl AsFd,
         stderr: impl AsFd,
+        calls: impl AsFd,
     ) -> Result<Result<i32, String>, Error> {
         self.0.send(
             &ZygoteRequest::Fork { instance, runtime },
             b"",
-            &[channel.as_fd(), stdout.as_fd(), stderr.as_fd()],
+            &[channel.as_fd(), stdout.as_fd(), stderr.as_fd(), calls.as_fd()],
         )?;
         match self.0.recv()?.header {
             ZygoteEvent::Forked { instance: i, pid } if i == instance => Ok(Ok(pid)),
@@ -409,7 +572,9 @@ mod tests {
         let shim = std::thread::spawn(move || {
             let mut link = AgentLink(shim_end);
             link.announce_ready(2).unwrap();
-            let ShimRequest::SpawnInstance { instance, .. } = link.next_request().unwrap();
+            let ShimRequest::SpawnInstance { instance, .. } = link.next_request().unwrap() else {
+                panic!("expected spawn_instance")
+            };
             let (mine, _theirs) = Channel::pair().unwrap();
             let (r1, _w1) = std::io::pipe().unwrap();
             let (r2, _w2) = std::io::pipe().unwrap();

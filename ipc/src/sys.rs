@@ -62,3 +62,63 @@ pub fn send_with_fds(
         }
     }
 }
+
+/// A new memfd that can be sealed.
+pub fn memfd(name: &str) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    memfd_create(
+        &name,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(io::Error::from)
+}
+
+/// The seals a shared payload must carry before a receiver maps it.
+fn payload_seals() -> nix::fcntl::SealFlag {
+    use nix::fcntl::SealFlag;
+    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL
+}
+
+/// Seals a memfd against writing, resizing and further sealing.
+pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(payload_seals()))?;
+    Ok(())
+}
+
+/// Checks that `fd` is a memfd sealed against writing and shrinking that holds at
+/// least `len` bytes.
+pub fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the payload descriptor is not a sealed memfd: {e}"),
+        )
+    })?;
+    let seals = SealFlag::from_bits_truncate(seals);
+    let needed = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_WRITE;
+    if !seals.contains(needed) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the payload memfd is not sealed against writing and shrinking",
+        ));
+    }
+    let size = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size as u64;
+    if size < len as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the payload memfd holds {size} bytes, the frame announced {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps the first `len` (> 0) bytes of a sealed memfd read-only.
+pub fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<memmap2::Mmap> {
+    // SAFETY: `check_sealed` verified F_SEAL_WRITE and F_SEAL_SHRINK, so no process can
+    // change these bytes or truncate the file while the mapping lives: reads through
+    // it see immutable data and cannot fault past the end.
+    unsafe { memmap2::MmapOptions::new().len(len).map(fd.as_raw_fd()) }
+}
