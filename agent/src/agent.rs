@@ -8,14 +8,17 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipc::api::{FunctionConfig, FunctionInfo, Logs, Status};
-use ipc::proto::{InstanceLink, LoadSpec, Runtime};
+use ipc::proto::{CallSpec, InstanceLink, LoadSpec, Runtime};
+use ipc::Payload;
 use pool::{CgroupVersion, Cgroups, Sandbox, SandboxState, Spawner, StateDir};
 use rootfs::{Limits, SandboxConfig, Skeleton};
 
 use crate::config::Config;
 use crate::error::Error;
 use crate::http::{FastCall, FastPoll};
-use crate::instance::{CallFailure, Instance, Output, BOOT_TIMEOUT};
+use crate::instance::{Answer, CallFailure, Instance, Output, BOOT_TIMEOUT};
+use crate::run::Run;
+use crate::workflow::Workflow;
 use crate::registry::Function;
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
 use crate::scheduler::{Sched, Slot, SlotState, StemCell};
@@ -27,6 +30,29 @@ use crate::scheduler::{Sched, Slot, SlotState, StemCell};
 pub struct Agent {
     inner: Arc<Inner>,
     manager: Mutex<Option<JoinHandle<()>>>,
+    calls: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A sandbox bound to a function, as the call server and workflows see it.
+#[derive(Debug)]
+pub(crate) struct BoundSandbox {
+    pub function: Arc<Function>,
+    /// Code attached under `/fns` (`name-version`).
+    pub attached: std::collections::HashSet<String>,
+}
+
+/// How an invocation is made: by a client (depth 0) or by another function.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CallOpts<'a> {
+    pub depth: u32,
+    /// The event is bytes (and a bytes result is accepted).
+    pub raw: bool,
+    /// The workflow run the callee joins (its scratch is attached).
+    pub run: Option<&'a Arc<Run>>,
+    /// Ends the call early when readable.
+    pub cancel: Option<&'a crate::run::Cancel>,
+    /// A deadline earlier than the function's own timeout.
+    pub deadline: Option<Instant>,
 }
 
 /// What the agent's request threads and its pool manager share.
@@ -38,12 +64,18 @@ pub(crate) struct Inner {
     agent_id: String,
     state_path: PathBuf,
     bundles: PathBuf,
-    cgroup_parent: PathBuf,
+    pub cgroup_parent: PathBuf,
     pub cgroups: Cgroups,
     spawner: Spawner,
     skeleton: Skeleton,
     runtime_dir: PathBuf,
     functions: Mutex<HashMap<String, Arc<Function>>>,
+    pub workflows: Mutex<HashMap<String, Arc<Workflow>>>,
+    /// Bound sandboxes by id.
+    pub bound: Mutex<HashMap<String, BoundSandbox>>,
+    /// The workflow run each sandbox taking part in one belongs to, by sandbox id.
+    pub runs: Mutex<HashMap<String, Arc<Run>>>,
+    pub call_socket: PathBuf,
     pub sched: Mutex<Sched>,
     /// Wakes the pool manager (paired with `sched`).
     pub wake: Condvar,
@@ -106,6 +138,8 @@ impl Agent {
         }
         tracing::info!(agent_id = state.agent_id(), state_dir = %state.path().display(), "agent started");
         let keep_warm = config.keep_warm;
+        let call_listener = crate::calls::bind(&runtime_dir)?;
+        let call_socket_path = runtime_dir.join(crate::calls::SOCKET_NAME);
         let inner = Arc::new(Inner {
             config: Config { shim, ..config },
             agent_id: state.agent_id().to_owned(),
@@ -118,6 +152,10 @@ impl Agent {
             skeleton,
             runtime_dir,
             functions: Mutex::new(HashMap::new()),
+            workflows: Mutex::new(HashMap::new()),
+            bound: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+            call_socket: call_socket_path,
             sched: Mutex::new(Sched::default()),
             wake: Condvar::new(),
             next_id: AtomicU64::new(1),
@@ -140,9 +178,20 @@ impl Agent {
         } else {
             None
         };
+        let calls = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("sprout-calls".into())
+                .spawn(move || crate::calls::serve(&inner, call_listener))
+                .map_err(|source| Error::State {
+                    path: PathBuf::from("call server thread"),
+                    source,
+                })?
+        };
         Ok(Agent {
             inner,
             manager: Mutex::new(manager),
+            calls: Mutex::new(Some(calls)),
         })
     }
 
@@ -161,6 +210,10 @@ impl Agent {
         }
         if let Some(manager) = lock(&self.manager).take() {
             let _ = manager.join();
+        }
+        crate::calls::stop(&inner.call_socket);
+        if let Some(calls) = lock(&self.calls).take() {
+            let _ = calls.join();
         }
         let (idle, stems) = lock(&inner.sched).drain();
         for inst in idle {
@@ -201,6 +254,16 @@ impl Agent {
             }
             Request::Invoke { name, event } => inner.invoke(&name, &event).map(Response::Invoked),
             Request::Status => Ok(Response::Status(inner.status())),
+            Request::RegisterWorkflow { name, workflow } => inner
+                .register_workflow(&name, workflow)
+                .map(Response::WorkflowRegistered),
+            Request::ListWorkflows => Ok(Response::Workflows(inner.list_workflows())),
+            Request::RemoveWorkflow { name } => inner
+                .remove_workflow(&name)
+                .map(|()| Response::Removed { name }),
+            Request::RunWorkflow { name, input } => {
+                crate::workflow::run(inner, &name, &input).map(Response::WorkflowRan)
+            }
         }
     }
 }
@@ -262,9 +325,14 @@ impl FastCall for WarmCall {
             }
             Some(outcome) => {
                 let inst = self.inst.take().expect("instance");
-                let result =
-                    self.inner
-                        .complete(inst, &self.function, self.start, self.started, outcome);
+                let result = self.inner.complete(
+                    inst,
+                    &self.function,
+                    self.start,
+                    self.started,
+                    outcome,
+                    &CallOpts::default(),
+                );
                 FastPoll::Done(result.map(Response::Invoked))
             }
         }
@@ -274,10 +342,17 @@ impl FastCall for WarmCall {
         let mut inst = self.inst.take().ok_or(Error::ShuttingDown)?;
         let outcome = match self.failed.take() {
             Some(failure) => Err(failure),
-            None => inst.finish(self.id, self.deadline, self.inner.config.log_limit),
+            None => inst.finish(self.id, self.deadline, self.inner.config.log_limit, None),
         };
         self.inner
-            .complete(inst, &self.function, self.start, self.started, outcome)
+            .complete(
+                inst,
+                &self.function,
+                self.start,
+                self.started,
+                outcome,
+                &CallOpts::default(),
+            )
             .map(Response::Invoked)
     }
 }
@@ -416,12 +491,24 @@ impl Inner {
 
     fn invoke(&self, name: &str, event: &[u8]) -> Result<Invocation, Error> {
         serde_json::from_slice::<serde::de::IgnoredAny>(event).map_err(Error::InvalidEvent)?;
+        let event = Payload::Inline(event.to_vec());
+        self.invoke_with(name, &event, &CallOpts::default())
+    }
+
+    /// Runs one invocation of `name`: a client's (`opts` default) or a function's call.
+    pub(crate) fn invoke_with(
+        &self,
+        name: &str,
+        event: &Payload,
+        opts: &CallOpts<'_>,
+    ) -> Result<Invocation, Error> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!(
             "invoke",
             function = name,
             invocation = id,
+            depth = opts.depth,
             sandbox_id = tracing::field::Empty
         );
         let _g = span.enter();
@@ -436,33 +523,66 @@ impl Inner {
             }
             start = Start::Thawed;
         }
+        if let Some(run) = opts.run {
+            if let Err(e) = self.join_run(&inst, run) {
+                self.release(inst, true);
+                return Err(e);
+            }
+        }
         // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
-        let deadline = Instant::now() + Duration::from_millis(function.timeout_ms);
-        let outcome = inst.call(id, event, deadline, self.config.log_limit);
-        self.complete(inst, &function, start, started, outcome)
+        let own = Instant::now() + Duration::from_millis(function.timeout_ms);
+        let deadline = opts.deadline.map_or(own, |d| d.min(own));
+        let outcome = inst
+            .begin(id, event, opts.depth, opts.raw)
+            .and_then(|()| {
+                inst.finish(
+                    id,
+                    deadline,
+                    self.config.log_limit,
+                    opts.cancel.map(|c| c.fd()),
+                )
+            });
+        self.complete(inst, &function, start, started, outcome, opts)
     }
 
-    /// Ends an invocation: gives the instance back (or destroys it) and turns the
-    /// outcome into the invocation or its error.
+    /// Ends an invocation: leaves its workflow run, gives the instance back (or
+    /// destroys it) and turns the outcome into the invocation or its error.
     fn complete(
         &self,
         mut inst: Instance,
         function: &Function,
         start: Start,
         started: Instant,
-        outcome: Result<Vec<u8>, CallFailure>,
+        outcome: Result<Answer, CallFailure>,
+        opts: &CallOpts<'_>,
     ) -> Result<Invocation, Error> {
         let logs = inst.take_logs();
         let duration = started.elapsed();
         let name = &function.name;
+        let healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
+        if let Some(run) = opts.run {
+            self.leave_run(&inst, run);
+        }
+        if inst.called && healthy {
+            self.end_sdk_run(&inst);
+        }
         match outcome {
-            Ok(result) => {
-                if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&result) {
-                    self.release(inst, false);
-                    return Err(Error::BadResult {
+            Ok(Answer { payload, raw }) => {
+                if raw && !opts.raw {
+                    self.release(inst, true);
+                    return Err(Error::BytesResult {
                         function: name.clone(),
-                        source,
                     });
+                }
+                if !raw {
+                    if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload)
+                    {
+                        self.release(inst, false);
+                        return Err(Error::BadResult {
+                            function: name.clone(),
+                            source,
+                        });
+                    }
                 }
                 self.release(inst, true);
                 tracing::debug!(
@@ -471,7 +591,8 @@ impl Inner {
                     "invocation returned"
                 );
                 Ok(Invocation {
-                    result,
+                    result: payload.into_vec(),
+                    raw,
                     logs,
                     duration,
                     start,
@@ -491,6 +612,132 @@ impl Inner {
                 Err(err)
             }
         }
+    }
+
+    /// Makes `inst`'s sandbox part of `run`: the run's scratch goes over its own
+    /// `/workflow` (unless the run is rooted there) and calls made from it join the run.
+    pub(crate) fn join_run(&self, inst: &Instance, run: &Arc<Run>) -> Result<(), Error> {
+        let id = inst.sandbox.id();
+        if !run.is_root(id) {
+            let root = run.root.clone();
+            let scratch = run.scratch(|| self.spawner.clone_scratch(root.as_deref().unwrap_or(id)))?;
+            self.spawner.attach_scratch(id, &scratch)?;
+        }
+        lock(&self.runs).insert(id.to_owned(), run.clone());
+        Ok(())
+    }
+
+    /// Undoes [`Inner::join_run`]; the sandbox sees its own `/workflow` again.
+    pub(crate) fn leave_run(&self, inst: &Instance, run: &Arc<Run>) {
+        let id = inst.sandbox.id();
+        lock(&self.runs).remove(id);
+        if !run.is_root(id) && inst.sandbox.state() != SandboxState::Dead {
+            if let Err(e) = self.spawner.detach_scratch(id) {
+                tracing::warn!(sandbox_id = id, error = %ipc::chain(&e), "detach workflow scratch");
+            }
+        }
+    }
+
+    /// After an invocation that called other functions: unless the sandbox takes part in
+    /// someone else's run, its run ends and its workflow scratch is emptied.
+    fn end_sdk_run(&self, inst: &Instance) {
+        let id = inst.sandbox.id();
+        {
+            let mut runs = lock(&self.runs);
+            match runs.get(id) {
+                Some(run) if run.is_root(id) => {
+                    runs.remove(id);
+                }
+                Some(_) => return, // a member of another run: its scratch is not ours
+                None => {}
+            }
+        }
+        let dir = PathBuf::from(format!("/proc/{}/root{}", inst.sandbox.pid(), rootfs::WORKFLOW_DIR));
+        if let Err(e) = crate::calls::empty_dir(&dir) {
+            tracing::warn!(sandbox_id = id, path = %dir.display(), error = %e, "empty workflow scratch");
+        }
+    }
+
+    /// Makes `callee`'s code visible in sandbox `sandbox_id` if the callee can run there
+    /// (same runtime and limits) and returns how the shim runs it; `None` if it cannot.
+    pub(crate) fn attach_callee(
+        &self,
+        sandbox_id: &str,
+        callee: &Function,
+    ) -> Result<Option<CallSpec>, Error> {
+        let target = format!("{}/{}-{}", rootfs::FUNCTIONS_DIR, callee.name, callee.version);
+        let needs_attach = {
+            let mut bound = lock(&self.bound);
+            let Some(b) = bound.get_mut(sandbox_id) else {
+                return Ok(None);
+            };
+            if !b.function.same_limits(callee) {
+                return Ok(None);
+            }
+            b.attached.insert(target.clone())
+        };
+        if needs_attach {
+            if let Err(e) = self
+                .spawner
+                .attach_code(sandbox_id, &callee.dir, Path::new(&target))
+            {
+                if let Some(b) = lock(&self.bound).get_mut(sandbox_id) {
+                    b.attached.remove(&target);
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(Some(CallSpec {
+            function: callee.name.clone(),
+            version: callee.version,
+            code_dir: target,
+            handler: callee.handler.clone(),
+            timeout_ms: callee.timeout_ms,
+        }))
+    }
+
+    pub(crate) fn function(&self, name: &str) -> Result<Arc<Function>, Error> {
+        lock(&self.functions)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn register_workflow(
+        &self,
+        name: &str,
+        workflow: Workflow,
+    ) -> Result<ipc::api::WorkflowInfo, Error> {
+        crate::registry::validate_name(name)?;
+        workflow.check_functions(|f| lock(&self.functions).contains_key(f))?;
+        let info = workflow.info(name);
+        lock(&self.workflows).insert(name.to_owned(), Arc::new(workflow));
+        tracing::info!(workflow = name, tasks = info.tasks, "workflow registered");
+        Ok(info)
+    }
+
+    fn list_workflows(&self) -> Vec<ipc::api::WorkflowInfo> {
+        let mut list: Vec<_> = lock(&self.workflows)
+            .iter()
+            .map(|(name, w)| w.info(name))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    fn remove_workflow(&self, name: &str) -> Result<(), Error> {
+        lock(&self.workflows)
+            .remove(name)
+            .map(drop)
+            .ok_or_else(|| Error::WorkflowNotFound {
+                name: name.to_owned(),
+            })
     }
 
     /// Starts a warm invoke that the HTTP event loop can finish without blocking:
@@ -537,7 +784,9 @@ impl Inner {
                 "thawed"
             );
         }
-        let failed = inst.begin(id, event).err();
+        let failed = inst
+            .begin(id, &Payload::Inline(event.to_vec()), 0, false)
+            .err();
         Some(WarmCall {
             inner: self.clone(),
             deadline: started + Duration::from_millis(function.timeout_ms),
@@ -553,7 +802,7 @@ impl Inner {
     /// An instance of `name` for one invocation: an idle one, a new one (while the
     /// function is below `max_instances`), or one handed over after waiting in the
     /// function's queue.
-    fn acquire(&self, name: &str) -> Result<(Instance, Start, Arc<Function>), Error> {
+    pub(crate) fn acquire(&self, name: &str) -> Result<(Instance, Start, Arc<Function>), Error> {
         let mut retried = false;
         loop {
             let function =
@@ -639,7 +888,7 @@ impl Inner {
 
     /// Gives an instance back after an invocation: to the head of its function's
     /// queue, to the idle list, or (unhealthy, outdated, not kept warm) to the spawner.
-    fn release(&self, mut inst: Instance, healthy: bool) {
+    pub(crate) fn release(&self, mut inst: Instance, healthy: bool) {
         let current = lock(&self.functions).get(&inst.function).map(|f| f.version);
         let keep = healthy
             && self.config.keep_warm
@@ -669,7 +918,7 @@ impl Inner {
     }
 
     /// Turns a failed call into its error.
-    fn failure(
+    pub(crate) fn failure(
         &self,
         inst: &Instance,
         function: &Function,
@@ -695,6 +944,11 @@ impl Inner {
                 sandbox: inst.sandbox.id().to_owned(),
                 pid: inst.pid,
                 logs,
+            },
+            CallFailure::Cancelled => Error::Cancelled { function: name },
+            CallFailure::Failed(message) => Error::CallFailed {
+                function: name,
+                message,
             },
             CallFailure::Protocol(source) => Error::Protocol {
                 sandbox: inst.sandbox.id().to_owned(),
@@ -851,9 +1105,16 @@ impl Inner {
             self.destroy_sandbox(&mut sandbox, reserved_mb);
             return Err(e.into());
         }
+        lock(&self.bound).insert(
+            sandbox.id().to_owned(),
+            BoundSandbox {
+                function: Arc::new(function.clone()),
+                attached: Default::default(),
+            },
+        );
         let mut inst = Instance {
             sandbox,
-            _shim: shim,
+            shim,
             link: InstanceLink(spawned.channel),
             pid: spawned.pid,
             function: function.name.clone(),
@@ -862,6 +1123,7 @@ impl Inner {
             last_used: Instant::now(),
             stdout,
             stderr,
+            called: false,
         };
         let load = LoadSpec {
             function: function.name.clone(),
@@ -899,6 +1161,7 @@ impl Inner {
     }
 
     pub fn destroy_sandbox(&self, sandbox: &mut Sandbox, reserved_mb: u64) {
+        lock(&self.bound).remove(sandbox.id());
         match self.spawner.destroy(sandbox) {
             // After shutdown the spawner destroyed every sandbox on its way out.
             Ok(()) | Err(pool::Error::Stopped) => {}

@@ -93,6 +93,30 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("function {function} returned bytes: only a function called through `sprout` may return bytes")]
+    BytesResult { function: String },
+    #[error("call to {function} failed: {message}")]
+    CallFailed { function: String, message: String },
+    #[error("function {function} was stopped: its workflow ended (another step failed or timed out, or its caller went away)")]
+    Cancelled { function: String },
+    #[error("workflow {name:?} is not registered")]
+    WorkflowNotFound { name: String },
+    #[error("invalid workflow: {0}")]
+    InvalidWorkflow(String),
+    #[error("workflow {workflow:?} failed at step {step}")]
+    Workflow {
+        workflow: String,
+        /// Where the step is in the workflow file, and what it is.
+        step: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("workflow {workflow:?} timed out after {timeout_ms} ms at step {step}")]
+    WorkflowTimeout {
+        workflow: String,
+        timeout_ms: u64,
+        step: String,
+    },
     #[error("the agent is shutting down")]
     ShuttingDown,
 }
@@ -121,8 +145,12 @@ impl Error {
             | FunctionDir { .. }
             | HandlerFileMissing { .. }
             | InvalidConfig(_)
+            | InvalidWorkflow(_)
             | Unpack { .. } => ErrorKind::BadRequest,
-            NotFound { .. } => ErrorKind::NotFound,
+            NotFound { .. } | WorkflowNotFound { .. } => ErrorKind::NotFound,
+            Workflow { source, .. } => source.kind(),
+            WorkflowTimeout { .. } => ErrorKind::Timeout,
+            BytesResult { .. } | CallFailed { .. } | Cancelled { .. } => ErrorKind::Function,
             LoadFailed { .. }
             | Handler { .. }
             | OutOfMemory { .. }
@@ -140,6 +168,13 @@ impl Error {
         match self {
             InvalidEvent(_) => "invalid_event",
             InvalidName { .. } | InvalidConfig(_) => "bad_request",
+            InvalidWorkflow(_) => "invalid_workflow",
+            WorkflowNotFound { .. } => "not_found",
+            Workflow { source, .. } => source.name(),
+            WorkflowTimeout { .. } => "timeout",
+            BytesResult { .. } => "bad_result",
+            CallFailed { .. } => "call_failed",
+            Cancelled { .. } => "cancelled",
             FunctionDir { .. } | HandlerFileMissing { .. } | Unpack { .. } => "invalid_function",
             NotFound { .. } => "not_found",
             LoadFailed { .. } => "load_error",
@@ -155,13 +190,17 @@ impl Error {
 
     /// The error as the API and the CLI show it; the message is the whole cause chain.
     pub fn detail(&self) -> ErrorDetail {
-        let (exception, traceback) = match self {
+        let inner = match self {
+            Error::Workflow { source, .. } => source,
+            other => other,
+        };
+        let (exception, traceback) = match inner {
             Error::Handler { error, .. } | Error::LoadFailed { error, .. } => {
                 (Some(error.kind.clone()), Some(error.traceback.clone()))
             }
             _ => (None, None),
         };
-        let logs = match self {
+        let logs = match inner {
             Error::Handler { logs, .. }
             | Error::Timeout { logs, .. }
             | Error::OutOfMemory { logs, .. }

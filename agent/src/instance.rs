@@ -4,11 +4,13 @@
 
 use std::fs::File;
 use std::io::{ErrorKind as IoKind, Read};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ipc::api::Logs;
-use ipc::proto::{FunctionError, InstanceEvent, InstanceLink, ShimLink};
+use ipc::proto::{CallReply, CallSpec, FunctionError, InstanceEvent, InstanceLink, ShimLink};
+use ipc::Payload;
+use serde::de::DeserializeOwned;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pool::Sandbox;
@@ -19,8 +21,9 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub struct Instance {
     pub sandbox: Sandbox,
-    /// Kept open for the sandbox's life: closing it makes the shim exit.
-    pub _shim: ShimLink,
+    /// Kept open for the sandbox's life (closing it makes the shim exit); workflow
+    /// steps that run in this sandbox go through it.
+    pub shim: ShimLink,
     pub link: InstanceLink,
     pub pid: i32,
     pub function: String,
@@ -31,6 +34,15 @@ pub struct Instance {
     pub last_used: Instant,
     pub stdout: Output,
     pub stderr: Output,
+    /// Whether the handler called other functions during the last invocation.
+    pub called: bool,
+}
+
+/// What a call returned: JSON text, or bytes (`raw`) for a caller that is a function.
+#[derive(Debug)]
+pub struct Answer {
+    pub payload: Payload,
+    pub raw: bool,
 }
 
 /// Why a call to an instance did not return a result.
@@ -41,6 +53,10 @@ pub enum CallFailure {
     TimedOut,
     /// The instance's channel closed: it died (killed, crashed, out of memory).
     Died,
+    /// The workflow it was part of ended (another step failed, or its caller left).
+    Cancelled,
+    /// The shim could not complete a call in the sandbox (its message says why).
+    Failed(String),
     Protocol(ipc::Error),
 }
 
@@ -107,12 +123,20 @@ impl Instance {
         self.stderr.drain(log_limit);
     }
 
-    /// Sends invocation `id` (the sandbox is `Running` until its answer is read).
-    pub fn begin(&mut self, id: u64, event: &[u8]) -> Result<(), CallFailure> {
+    /// Sends invocation `id` at call depth `depth` (the sandbox is `Running` until its
+    /// answer is read). `raw`: the event is bytes from a calling function.
+    pub fn begin(
+        &mut self,
+        id: u64,
+        event: &Payload,
+        depth: u32,
+        raw: bool,
+    ) -> Result<(), CallFailure> {
         self.sandbox
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
-        self.link.send_invoke(id, event).map_err(|e| match e {
+        self.called = false;
+        self.link.send_call(id, depth, raw, event).map_err(|e| match e {
             ipc::Error::Io(ref io)
                 if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
             {
@@ -122,17 +146,53 @@ impl Instance {
         })
     }
 
-    /// Sends one invocation and waits for its answer until `deadline`, capturing the
-    /// instance's output meanwhile.
-    pub fn call(
+    /// Has the shim run `spec` in this sandbox (a workflow's sequential step) and
+    /// waits for the answer until `deadline`, or until `cancel` becomes readable.
+    pub fn shim_call(
         &mut self,
         id: u64,
-        event: &[u8],
+        spec: &CallSpec,
+        event: &Payload,
+        depth: u32,
         deadline: Instant,
         log_limit: usize,
-    ) -> Result<Vec<u8>, CallFailure> {
-        self.begin(id, event)?;
-        self.finish(id, deadline, log_limit)
+        cancel: Option<BorrowedFd<'_>>,
+    ) -> Result<Answer, CallFailure> {
+        self.sandbox
+            .start_invocation()
+            .map_err(|_| CallFailure::Died)?;
+        self.shim
+            .send_call(id, depth, false, spec, event)
+            .map_err(|e| match e {
+                ipc::Error::Io(ref io)
+                    if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
+                {
+                    CallFailure::Died
+                }
+                other => CallFailure::Protocol(other),
+            })?;
+        let msg = self.wait_frame::<CallReply>(true, deadline, log_limit, cancel)?;
+        self.drain_outputs(log_limit);
+        let answer = match msg.header {
+            CallReply::CallReturned { id: got, raw } if got == id => Ok(Answer {
+                payload: msg.payload,
+                raw,
+            }),
+            CallReply::CallRaised { id: got, error, .. } if got == id => {
+                Err(CallFailure::Raised(error))
+            }
+            CallReply::CallFailed { id: got, message, .. } if got == id => {
+                Err(CallFailure::Failed(message))
+            }
+            other => {
+                return Err(CallFailure::Protocol(ipc::Error::Unexpected {
+                    op: format!("{other:?}"),
+                    expected: "call_returned",
+                }))
+            }
+        };
+        let _ = self.sandbox.end_invocation();
+        answer
     }
 
     /// Takes the answer to `id` from a received frame; the sandbox is `Bound` again.
@@ -141,12 +201,27 @@ impl Instance {
         msg: ipc::Message<InstanceEvent>,
         id: u64,
         log_limit: usize,
-    ) -> Result<Vec<u8>, CallFailure> {
+    ) -> Result<Answer, CallFailure> {
         // Everything the handler printed was flushed before its answer.
         self.drain_outputs(log_limit);
         let answer = match msg.header {
-            InstanceEvent::Returned { id: got } if got == id => Ok(msg.payload),
-            InstanceEvent::Raised { id: got, error } if got == id => {
+            InstanceEvent::Returned {
+                id: got,
+                raw,
+                called,
+            } if got == id => {
+                self.called = called;
+                Ok(Answer {
+                    payload: msg.payload,
+                    raw,
+                })
+            }
+            InstanceEvent::Raised {
+                id: got,
+                error,
+                called,
+            } if got == id => {
+                self.called = called;
                 Err(CallFailure::Raised(error))
             }
             other => {
@@ -166,7 +241,7 @@ impl Instance {
         &mut self,
         id: u64,
         log_limit: usize,
-    ) -> Option<Result<Vec<u8>, CallFailure>> {
+    ) -> Option<Result<Answer, CallFailure>> {
         loop {
             match self.link.0.fill_nonblocking() {
                 Ok(0) => {
@@ -188,22 +263,38 @@ impl Instance {
         }
     }
 
-    /// Waits for the answer to `id` until `deadline`, capturing output meanwhile.
+    /// Waits for the answer to `id` until `deadline` (or until `cancel` is readable),
+    /// capturing output meanwhile.
     pub fn finish(
         &mut self,
         id: u64,
         deadline: Instant,
         log_limit: usize,
-    ) -> Result<Vec<u8>, CallFailure> {
+        cancel: Option<BorrowedFd<'_>>,
+    ) -> Result<Answer, CallFailure> {
+        let msg = self.wait_frame::<InstanceEvent>(false, deadline, log_limit, cancel)?;
+        self.answer(msg, id, log_limit)
+    }
+
+    /// Waits for the next frame on the instance's channel (or the shim's, `from_shim`)
+    /// until `deadline`, draining the output pipes meanwhile. A readable `cancel` ends
+    /// the wait with [`CallFailure::Cancelled`].
+    fn wait_frame<H: DeserializeOwned>(
+        &mut self,
+        from_shim: bool,
+        deadline: Instant,
+        log_limit: usize,
+        cancel: Option<BorrowedFd<'_>>,
+    ) -> Result<ipc::Message<H>, CallFailure> {
         loop {
+            let channel = if from_shim {
+                &mut self.shim.0
+            } else {
+                &mut self.link.0
+            };
             // A frame may already be buffered from an earlier read.
-            if let Some(msg) = self
-                .link
-                .0
-                .try_recv::<InstanceEvent>()
-                .map_err(CallFailure::Protocol)?
-            {
-                return self.answer(msg, id, log_limit);
+            if let Some(msg) = channel.try_recv::<H>().map_err(CallFailure::Protocol)? {
+                return Ok(msg);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -211,13 +302,17 @@ impl Instance {
                 return Err(CallFailure::TimedOut);
             }
             let wait = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
-            let mut fds = vec![PollFd::new(self.link.0.as_fd(), PollFlags::POLLIN)];
+            let channel = if from_shim { &self.shim.0 } else { &self.link.0 };
+            let mut fds = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
             let mut which = Vec::with_capacity(2);
             for (i, out) in [&self.stdout, &self.stderr].into_iter().enumerate() {
                 if out.open {
                     fds.push(PollFd::new(out.pipe.as_fd(), PollFlags::POLLIN));
                     which.push(i);
                 }
+            }
+            if let Some(c) = cancel {
+                fds.push(PollFd::new(c, PollFlags::POLLIN));
             }
             match poll(&mut fds, wait) {
                 Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
@@ -235,8 +330,17 @@ impl Instance {
                     }
                 }
             }
+            if cancel.is_some() && ready[ready.len() - 1] {
+                self.drain_outputs(log_limit);
+                return Err(CallFailure::Cancelled);
+            }
             if ready[0] {
-                match self.link.0.fill() {
+                let channel = if from_shim {
+                    &mut self.shim.0
+                } else {
+                    &mut self.link.0
+                };
+                match channel.fill() {
                     Ok(0) => {
                         self.drain_outputs(log_limit);
                         return Err(CallFailure::Died);

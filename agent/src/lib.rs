@@ -22,11 +22,15 @@ mod manager;
 mod registry;
 mod request;
 mod scheduler;
+mod run;
+mod calls;
+mod workflow;
 
 pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig};
 pub use error::{Error, ErrorKind};
-pub use request::{FunctionSource, Invocation, Request, Response, Start};
+pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};
+pub use workflow::Workflow;
 
 /// The name `sprout invoke DIR` registers a function directory under.
 pub fn function_name_for_dir(dir: &std::path::Path) -> String {

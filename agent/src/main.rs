@@ -47,7 +47,14 @@ enum Command {
         /// Also print what the function wrote to stdout/stderr (on stderr).
         #[arg(long)]
         logs: bool,
+        /// Also register this function directory (embedded agent), for the function to
+        /// call by its directory's name; repeatable.
+        #[arg(long = "with", value_name = "DIR")]
+        with: Vec<PathBuf>,
     },
+    /// Declarative workflows.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
     /// Run the agent as a daemon serving the HTTP API on a Unix socket.
     Serve {
         /// Worker threads running requests.
@@ -79,6 +86,19 @@ enum FnCommand {
     Ls,
     /// Remove a function and its warm instances.
     Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkflowCommand {
+    /// Run a workflow file on INPUT: embedded (its "functions" are registered from
+    /// their directories first) or, with --socket, on the daemon (which registers its
+    /// "functions" by path and the workflow under the file's name).
+    Run {
+        file: PathBuf,
+        /// Input JSON; `-` reads it from stdin.
+        #[arg(default_value = "{}")]
+        input: String,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -197,18 +217,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 event,
                 limits,
                 logs,
+                with,
             },
             socket,
         ) => {
             let event = read_event(&event)?;
             match socket {
                 Some(socket) => {
-                    if limits.config() != FunctionConfig::default() {
-                        bail!("--handler/--memory/--timeout/--pids/--cpus belong to `sprout fn add` when using a daemon");
+                    if limits.config() != FunctionConfig::default() || !with.is_empty() {
+                        bail!("--handler/--memory/--timeout/--pids/--cpus/--with belong to `sprout fn add` when using a daemon");
                     }
                     invoke_remote(&socket, &function, &event, logs)
                 }
-                None => invoke_embedded(&cli.state_dir, Path::new(&function), &limits, event, logs),
+                None => invoke_embedded(
+                    &cli.state_dir,
+                    Path::new(&function),
+                    &with,
+                    &limits,
+                    event,
+                    logs,
+                ),
+            }
+        }
+        (Command::Workflow(WorkflowCommand::Run { file, input }), socket) => {
+            let input = read_event(&input)?;
+            let text = std::fs::read(&file)
+                .with_context(|| format!("read workflow file {}", file.display()))?;
+            let workflow = match agent::Workflow::parse(&text) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("sprout: {}: {}", file.display(), ipc::chain(&e));
+                    return Ok(ExitCode::from(EXIT_BAD_REQUEST));
+                }
+            };
+            let base = file.parent().unwrap_or(Path::new("."));
+            let functions: Vec<(String, PathBuf)> = workflow
+                .functions
+                .iter()
+                .map(|(n, d)| (n.clone(), base.join(d)))
+                .collect();
+            let name = agent::function_name_for_dir(&file.with_extension(""));
+            match socket {
+                Some(socket) => workflow_remote(&socket, &name, &text, &functions, &input),
+                None => workflow_embedded(&cli.state_dir, &name, workflow, &functions, input),
             }
         }
         (Command::Fn(cmd), Some(socket)) => fn_command(&socket, cmd),
@@ -250,6 +301,7 @@ fn note_requirements(dir: &Path) {
 fn invoke_embedded(
     state_dir: &Path,
     dir: &Path,
+    with: &[PathBuf],
     limits: &LimitArgs,
     event: Vec<u8>,
     logs: bool,
@@ -270,13 +322,24 @@ fn invoke_embedded(
     if let Err(e) = agent::check_function(&name, dir, &limits.config(), &config.defaults) {
         return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
     }
+    let others: Vec<(String, PathBuf)> = with
+        .iter()
+        .map(|d| (agent::function_name_for_dir(d), d.clone()))
+        .collect();
+    for (n, d) in &others {
+        if let Err(e) = agent::check_function(n, d, &FunctionConfig::default(), &config.defaults) {
+            return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
+        }
+    }
     note_requirements(dir);
     let agent = Agent::start(config).context("start the embedded agent")?;
-    let result = agent
-        .handle(Request::RegisterFunction {
-            name: name.clone(),
-            source: FunctionSource::Dir(dir.to_path_buf()),
-            config: limits.config(),
+    let result = register_dirs(&agent, &others)
+        .and_then(|()| {
+            agent.handle(Request::RegisterFunction {
+                name: name.clone(),
+                source: FunctionSource::Dir(dir.to_path_buf()),
+                config: limits.config(),
+            })
         })
         .and_then(|_| agent.handle(Request::Invoke { name, event }));
     agent.shutdown().context("shut the embedded agent down")?;
@@ -291,6 +354,103 @@ fn invoke_embedded(
         Ok(other) => bail!("unexpected response {other:?}"),
         Err(e) => Ok(print_error(&e.detail(), exit_code(e.kind()), logs)),
     }
+}
+
+fn register_dirs(agent: &Agent, functions: &[(String, PathBuf)]) -> Result<(), agent::Error> {
+    for (name, dir) in functions {
+        agent.handle(Request::RegisterFunction {
+            name: name.clone(),
+            source: FunctionSource::Dir(dir.clone()),
+            config: FunctionConfig::default(),
+        })?;
+    }
+    Ok(())
+}
+
+fn workflow_embedded(
+    state_dir: &Path,
+    name: &str,
+    workflow: agent::Workflow,
+    functions: &[(String, PathBuf)],
+    input: Vec<u8>,
+) -> anyhow::Result<ExitCode> {
+    let config = Config {
+        state_root: state_dir.to_path_buf(),
+        keep_warm: false,
+        ..Config::new()
+    };
+    for (n, d) in functions {
+        if let Err(e) = agent::check_function(n, d, &FunctionConfig::default(), &config.defaults) {
+            return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
+        }
+    }
+    let agent = Agent::start(config).context("start the embedded agent")?;
+    let result = register_dirs(&agent, functions)
+        .and_then(|()| {
+            agent.handle(Request::RegisterWorkflow {
+                name: name.to_owned(),
+                workflow,
+            })
+        })
+        .and_then(|_| {
+            agent.handle(Request::RunWorkflow {
+                name: name.to_owned(),
+                input,
+            })
+        });
+    agent.shutdown().context("shut the embedded agent down")?;
+    match result {
+        Ok(Response::WorkflowRan(out)) => {
+            println!("{}", String::from_utf8_lossy(&out.result));
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(other) => bail!("unexpected response {other:?}"),
+        Err(e) => Ok(print_error(&e.detail(), exit_code(e.kind()), false)),
+    }
+}
+
+/// Registers the file's functions (by path) and the workflow on the daemon, and runs it.
+fn workflow_remote(
+    socket: &Path,
+    name: &str,
+    text: &[u8],
+    functions: &[(String, PathBuf)],
+    input: &[u8],
+) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(socket)?;
+    for (fname, dir) in functions {
+        let path = dir
+            .canonicalize()
+            .with_context(|| format!("function directory {}", dir.display()))?;
+        let body = serde_json::to_vec(&RegisterFunction {
+            path: path.display().to_string(),
+            config: FunctionConfig::default(),
+        })?;
+        let resp = client.request("PUT", &format!("/functions/{fname}"), Some("application/json"), &body)?;
+        if resp.status != 200 {
+            return print_remote(resp.status, &resp.body, false);
+        }
+    }
+    let mut doc: serde_json::Value = serde_json::from_slice(text)?;
+    if let Some(obj) = doc.as_object_mut() {
+        obj.remove("functions");
+    }
+    let resp = client.request(
+        "PUT",
+        &format!("/workflows/{name}"),
+        Some("application/json"),
+        &serde_json::to_vec(&doc)?,
+    )?;
+    if resp.status != 200 {
+        return print_remote(resp.status, &resp.body, false);
+    }
+    let resp = client.request(
+        "POST",
+        &format!("/workflows/{name}/invoke"),
+        Some("application/json"),
+        input,
+    )?;
+    print_remote(resp.status, &resp.body, false)
 }
 
 fn exit_code(kind: ErrorKind) -> ExitCode {
@@ -330,6 +490,8 @@ fn print_error(detail: &ErrorDetail, code: ExitCode, logs: bool) -> ExitCode {
             | "out_of_memory"
             | "instance_died"
             | "bad_result"
+            | "call_failed"
+            | "cancelled"
     ) {
         println!(
             "{}",

@@ -12,7 +12,7 @@ use crate::error::Error;
 pub const DEFAULT_HANDLER: &str = "f:f";
 
 /// A registered function.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Function {
     pub name: String,
     /// Host directory holding its code.
@@ -98,6 +98,12 @@ impl Function {
             version,
             owns_dir,
         })
+    }
+
+    /// Whether an instance of `other` may run in this function's sandbox (a workflow's
+    /// sequential step, a call): same runtime and the same limits.
+    pub fn same_limits(&self, other: &Function) -> bool {
+        (self.memory_mb, self.pids, self.cpus) == (other.memory_mb, other.pids, other.cpus)
     }
 
     /// Whether its limits differ from `defaults` (a stem cell bound to it needs new ones).

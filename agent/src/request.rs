@@ -24,6 +24,20 @@ pub enum Request {
         event: Vec<u8>,
     },
     Status,
+    /// Registers (or replaces) a declarative workflow; its tasks' functions must exist.
+    RegisterWorkflow {
+        name: String,
+        workflow: crate::workflow::Workflow,
+    },
+    ListWorkflows,
+    RemoveWorkflow {
+        name: String,
+    },
+    /// Runs a registered workflow on `input` (JSON text, validated first).
+    RunWorkflow {
+        name: String,
+        input: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -41,6 +55,19 @@ pub enum Response {
     Removed { name: String },
     Invoked(Invocation),
     Status(Status),
+    WorkflowRegistered(ipc::api::WorkflowInfo),
+    Workflows(Vec<ipc::api::WorkflowInfo>),
+    WorkflowRan(WorkflowOutput),
+}
+
+/// A completed workflow run.
+#[derive(Debug)]
+pub struct WorkflowOutput {
+    /// The last step's output, as JSON text.
+    pub result: Vec<u8>,
+    pub duration: Duration,
+    /// Task steps run (each map item counts).
+    pub tasks: u64,
 }
 
 /// A completed invocation.
@@ -48,6 +75,8 @@ pub enum Response {
 pub struct Invocation {
     /// The function's result, as JSON text.
     pub result: Vec<u8>,
+    /// The result is bytes (only for a caller that is a function), not JSON.
+    pub raw: bool,
     pub logs: Logs,
     pub duration: Duration,
     pub start: Start,

@@ -95,6 +95,17 @@ pub struct ErrorDetail {
     pub logs: Option<Logs>,
 }
 
+/// A registered workflow, as `PUT /workflows/{name}` and `GET /workflows` show it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WorkflowInfo {
+    pub name: String,
+    /// Task steps in the file (a map's step counts once).
+    pub tasks: usize,
+    /// The functions its tasks call.
+    pub functions: Vec<String>,
+    pub timeout_ms: u64,
+}
+
 /// Body of `GET /status`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Status {

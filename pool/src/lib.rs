@@ -23,6 +23,20 @@ pub use cgroup::{CgroupVersion, Cgroups};
 pub use freezer::Freezer;
 pub use sandbox::{Sandbox, SandboxState};
 pub use spawner::Spawner;
+
+/// A workflow's scratch filesystem: a detached mount (a tmpfs of its own, or a clone of
+/// a sandbox's `/workflow`) that the spawner clones onto sandboxes' `/workflow`. It is
+/// in no mount namespace of its own; the memory is freed when this and every attached
+/// clone are gone.
+#[derive(Debug)]
+pub struct Scratch(std::os::fd::OwnedFd);
+
+impl Scratch {
+    /// A new, empty tmpfs of at most `size_mb` MiB.
+    pub fn new_tmpfs(size_mb: u64) -> std::io::Result<Scratch> {
+        sys::new_tmpfs(size_mb).map(Scratch)
+    }
+}
 pub use state::{cleanup_stale, StateDir};
 
 use std::path::PathBuf;
@@ -39,9 +53,10 @@ pub enum Error {
         #[source]
         source: SpawnerFailure,
     },
-    #[error("sandbox {id}: make the function's code visible")]
-    BindCode {
+    #[error("sandbox {id}: {what}")]
+    Mount {
         id: String,
+        what: &'static str,
         #[source]
         source: SpawnerFailure,
     },

@@ -23,7 +23,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use crate::{sys, Cgroups, Error, Freezer, Sandbox, SpawnerFailure, StateDir};
+use crate::{sys, Cgroups, Error, Freezer, Sandbox, Scratch, SpawnerFailure, StateDir};
 use ipc::proto::ShimLink;
 use ipc::Channel;
 
@@ -37,10 +37,24 @@ enum SpawnerRequest {
     Destroy {
         id: String,
     },
-    /// Makes `dir` (a host directory) visible read-only at `/code` inside the sandbox.
-    BindCode {
+    /// Makes `dir` (a host directory) visible read-only at `target` inside the
+    /// sandbox (`/code`, or a new directory under `/fns`).
+    AttachCode {
         id: String,
         dir: PathBuf,
+        target: PathBuf,
+    },
+    /// Carries a descriptor: a detached mount to clone onto the sandbox's `/workflow`.
+    AttachScratch {
+        id: String,
+    },
+    /// Removes what `AttachScratch` put on the sandbox's `/workflow`.
+    DetachScratch {
+        id: String,
+    },
+    /// Answered with a detached clone of the mount on the sandbox's `/workflow`.
+    CloneScratch {
+        id: String,
     },
     /// The agent is exiting cleanly and removes its state itself.
     Shutdown,
@@ -54,7 +68,9 @@ enum SpawnerReply {
         pid: i32,
     },
     Destroyed,
-    CodeBound,
+    Done,
+    /// Carries one descriptor: a detached mount.
+    Scratch,
     Failed {
         message: String,
     },
@@ -113,10 +129,37 @@ impl Spawner {
     }
 
     fn call(&self, req: &SpawnerRequest) -> Result<ipc::Message<SpawnerReply>, Error> {
+        self.call_with(req, &[])
+    }
+
+    fn call_with(
+        &self,
+        req: &SpawnerRequest,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<ipc::Message<SpawnerReply>, Error> {
         let mut guard = self.channel.lock().unwrap_or_else(|p| p.into_inner());
         let ch = guard.as_mut().ok_or(Error::Stopped)?;
-        ch.send(req, b"", &[]).map_err(Error::Spawner)?;
+        ch.send(req, b"", fds).map_err(Error::Spawner)?;
         ch.recv().map_err(Error::Spawner)
+    }
+
+    /// Sends a request about `sandbox` that is answered with `done`.
+    fn mount_op(
+        &self,
+        sandbox_id: &str,
+        what: &'static str,
+        req: &SpawnerRequest,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        match self.call_with(req, fds)?.header {
+            SpawnerReply::Done => Ok(()),
+            SpawnerReply::Failed { message } => Err(Error::Mount {
+                id: sandbox_id.to_owned(),
+                what,
+                source: SpawnerFailure(message),
+            }),
+            other => Err(unexpected(other, "done")),
+        }
     }
 
     /// Creates and starts the sandbox `id` from `bundle`; `cgroup` is the cgroup path
@@ -188,24 +231,70 @@ impl Spawner {
     }
 
     /// Makes the host directory `dir` visible, read-only, at [`rootfs::CODE_DIR`] in the
-    /// running sandbox: the spawner clones `dir` as a detached read-only mount and
-    /// attaches it inside the sandbox's mount namespace. The host's mount table does
-    /// not change.
+    /// running sandbox.
     pub fn bind_code(&self, sandbox: &Sandbox, dir: &Path) -> Result<(), Error> {
-        let span =
-            tracing::debug_span!("bind_code", sandbox_id = %sandbox.id(), dir = %dir.display());
+        self.attach_code(sandbox.id(), dir, Path::new(rootfs::CODE_DIR))
+    }
+
+    /// Makes the host directory `dir` visible, read-only, at `target` in the running
+    /// sandbox (a new directory is made for it under [`rootfs::FUNCTIONS_DIR`]): the
+    /// spawner clones `dir` as a detached read-only mount and attaches it inside the
+    /// sandbox's mount namespace. The host's mount table does not change.
+    pub fn attach_code(&self, sandbox_id: &str, dir: &Path, target: &Path) -> Result<(), Error> {
+        let span = tracing::debug_span!("attach_code", sandbox_id, dir = %dir.display(), target = %target.display());
         let _g = span.enter();
-        let req = SpawnerRequest::BindCode {
-            id: sandbox.id().to_owned(),
+        let req = SpawnerRequest::AttachCode {
+            id: sandbox_id.to_owned(),
             dir: dir.to_path_buf(),
+            target: target.to_path_buf(),
         };
-        match self.call(&req)?.header {
-            SpawnerReply::CodeBound => Ok(()),
-            SpawnerReply::Failed { message } => Err(Error::BindCode {
-                id: sandbox.id().to_owned(),
+        self.mount_op(sandbox_id, "make the function's code visible", &req, &[])
+    }
+
+    /// Puts a clone of `scratch` on the sandbox's [`rootfs::WORKFLOW_DIR`], over its own.
+    pub fn attach_scratch(&self, sandbox_id: &str, scratch: &Scratch) -> Result<(), Error> {
+        let req = SpawnerRequest::AttachScratch {
+            id: sandbox_id.to_owned(),
+        };
+        self.mount_op(
+            sandbox_id,
+            "attach the workflow scratch",
+            &req,
+            &[scratch.0.as_fd()],
+        )
+    }
+
+    /// Removes an attached workflow scratch; the sandbox's own is visible again.
+    pub fn detach_scratch(&self, sandbox_id: &str) -> Result<(), Error> {
+        let req = SpawnerRequest::DetachScratch {
+            id: sandbox_id.to_owned(),
+        };
+        self.mount_op(sandbox_id, "detach the workflow scratch", &req, &[])
+    }
+
+    /// The scratch the sandbox sees now (its own, or one attached), to attach elsewhere.
+    pub fn clone_scratch(&self, sandbox_id: &str) -> Result<Scratch, Error> {
+        let reply = self.call(&SpawnerRequest::CloneScratch {
+            id: sandbox_id.to_owned(),
+        })?;
+        match reply.header {
+            SpawnerReply::Scratch => {
+                reply
+                    .fds
+                    .into_iter()
+                    .next()
+                    .map(Scratch)
+                    .ok_or(Error::Spawner(ipc::Error::MissingFds {
+                        expected: 1,
+                        queued: 0,
+                    }))
+            }
+            SpawnerReply::Failed { message } => Err(Error::Mount {
+                id: sandbox_id.to_owned(),
+                what: "clone the workflow scratch",
                 source: SpawnerFailure(message),
             }),
-            other => Err(unexpected(other, "code_bound")),
+            other => Err(unexpected(other, "scratch")),
         }
     }
 
@@ -240,6 +329,8 @@ fn unexpected(reply: SpawnerReply, expected: &'static str) -> Error {
 /// The spawner's loop. Returns its exit code.
 fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
     let mut live: HashMap<String, Container> = HashMap::new();
+    // Sandboxes with a workflow scratch attached over their own.
+    let mut scratch_attached: std::collections::HashSet<String> = Default::default();
     // Our own mount namespace, to come back to after attaching code in a sandbox's.
     let home = match File::open("/proc/self/ns/mnt") {
         Ok(f) => f,
@@ -249,8 +340,8 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
         }
     };
     let clean_exit = loop {
-        let req = match channel.recv::<SpawnerRequest>() {
-            Ok(m) => m.header,
+        let (req, mut msg_fds) = match channel.recv::<SpawnerRequest>() {
+            Ok(m) => (m.header, m.fds),
             Err(ipc::Error::Closed) => break false,
             Err(e) => {
                 tracing::error!(error = %ipc::chain(&e), "spawner: bad request; exiting");
@@ -269,6 +360,7 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
                 }
             }
             SpawnerRequest::Destroy { id } => {
+                scratch_attached.remove(&id);
                 let reply = match live.remove(&id) {
                     Some(c) => match destroy(c, &orphaned.cgroups) {
                         Ok(()) => SpawnerReply::Destroyed,
@@ -280,17 +372,58 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
                 };
                 channel.send(&reply, b"", &[])
             }
-            SpawnerRequest::BindCode { id, dir } => {
-                let reply = match live.get(&id) {
-                    Some(c) => match bind_code(c, &dir, &home) {
-                        Ok(()) => SpawnerReply::CodeBound,
-                        Err(message) => SpawnerReply::Failed { message },
-                    },
-                    None => SpawnerReply::Failed {
-                        message: format!("no live sandbox {id}"),
-                    },
+            SpawnerRequest::AttachCode { id, dir, target } => {
+                let inside = target.clone();
+                let done = in_sandbox(&live, &id, &home, |_| {
+                    let target = inside;
+                    let tree = sys::detached_readonly_tree(&dir)
+                        .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
+                    Ok(move || {
+                        if target.starts_with(rootfs::FUNCTIONS_DIR) {
+                            std::fs::create_dir_all(&target)?;
+                        }
+                        sys::move_mount(tree.as_fd(), &target)
+                    })
+                });
+                reply_done(
+                    &channel,
+                    done.map_err(|e| {
+                        format!("attach {} at {}: {e}", dir.display(), target.display())
+                    }),
+                )
+            }
+            SpawnerRequest::AttachScratch { id } => {
+                let done = match msg_fds.pop() {
+                    None => Err("attach_scratch carries no mount descriptor".to_owned()),
+                    Some(scratch) => in_sandbox(&live, &id, &home, |_| {
+                        let tree = sys::clone_tree(scratch.as_fd())
+                            .map_err(|e| format!("clone the scratch mount: {e}"))?;
+                        Ok(move || sys::move_mount(tree.as_fd(), Path::new(rootfs::WORKFLOW_DIR)))
+                    }),
                 };
-                channel.send(&reply, b"", &[])
+                if done.is_ok() {
+                    scratch_attached.insert(id);
+                }
+                reply_done(&channel, done)
+            }
+            SpawnerRequest::DetachScratch { id } => {
+                let done = if scratch_attached.remove(&id) {
+                    in_sandbox(&live, &id, &home, |_| {
+                        Ok(|| sys::unmount_detach(Path::new(rootfs::WORKFLOW_DIR)))
+                    })
+                } else {
+                    Err(format!("sandbox {id} has no workflow scratch attached"))
+                };
+                reply_done(&channel, done)
+            }
+            SpawnerRequest::CloneScratch { id } => {
+                let cloned = in_sandbox(&live, &id, &home, |_| {
+                    Ok(|| sys::clone_path(Path::new(rootfs::WORKFLOW_DIR)))
+                });
+                match cloned {
+                    Ok(fd) => channel.send(&SpawnerReply::Scratch, b"", &[fd.as_fd()]),
+                    Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
+                }
             }
             SpawnerRequest::Shutdown => break true,
         };
@@ -359,28 +492,35 @@ fn create(
     Ok((container, OwnedFd::from(agent_end)))
 }
 
-fn bind_code(container: &Container, dir: &Path, home: &File) -> Result<(), String> {
+fn reply_done(channel: &Channel, done: Result<(), String>) -> Result<(), ipc::Error> {
+    match done {
+        Ok(()) => channel.send(&SpawnerReply::Done, b"", &[]),
+        Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
+    }
+}
+
+/// Runs a mount operation inside sandbox `id`'s mount namespace: `prepare` runs here
+/// (in the spawner's namespace) and returns the step to run in the sandbox's; the
+/// spawner always comes back home.
+fn in_sandbox<T, F>(
+    live: &HashMap<String, Container>,
+    id: &str,
+    home: &File,
+    prepare: impl FnOnce(&Container) -> Result<F, String>,
+) -> Result<T, String>
+where
+    F: FnOnce() -> std::io::Result<T>,
+{
+    let container = live
+        .get(id)
+        .ok_or_else(|| format!("no live sandbox {id}"))?;
     let pid = container
         .pid()
-        .ok_or_else(|| format!("sandbox {} has no init process", container.id()))?;
+        .ok_or_else(|| format!("sandbox {id} has no init process"))?;
     let ns_path = format!("/proc/{pid}/ns/mnt");
     let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
-    let tree = sys::detached_readonly_tree(dir)
-        .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
-    sys::attach_tree(
-        ns.as_fd(),
-        home.as_fd(),
-        tree.as_fd(),
-        Path::new(rootfs::CODE_DIR),
-    )
-    .map_err(|e| {
-        format!(
-            "attach {} at {} in sandbox {}: {e}",
-            dir.display(),
-            rootfs::CODE_DIR,
-            container.id()
-        )
-    })
+    let step = prepare(container)?;
+    sys::in_mount_ns(ns.as_fd(), home.as_fd(), step).map_err(|e| format!("in sandbox {id}: {e}"))
 }
 
 /// Deletes what a failed build left in the state root.

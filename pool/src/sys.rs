@@ -91,22 +91,35 @@ pub fn detached_readonly_tree(path: &std::path::Path) -> std::io::Result<std::os
     Ok(tree)
 }
 
-/// Enters the mount namespace `ns`, attaches `tree` at `target` (a path inside that
-/// namespace), and returns to the mount namespace `home`. The calling process must be
-/// single-threaded (a requirement of `setns(CLONE_NEWNS)`); entering a namespace also
-/// resets the root and working directory, so callers use absolute paths.
-pub fn attach_tree(
+/// Enters the mount namespace `ns`, runs `step` there and returns to the mount
+/// namespace `home`, whatever `step` did. The calling process must be single-threaded
+/// (a requirement of `setns(CLONE_NEWNS)`); entering a namespace also resets the root
+/// and working directory, so `step` uses absolute paths.
+pub fn in_mount_ns<T>(
     ns: std::os::fd::BorrowedFd<'_>,
     home: std::os::fd::BorrowedFd<'_>,
+    step: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+    let done = step();
+    nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNS)?;
+    done
+}
+
+fn c_path(path: &std::path::Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
+    })
+}
+
+/// Attaches the detached mount `tree` at `target` in the current mount namespace.
+pub fn move_mount(
     tree: std::os::fd::BorrowedFd<'_>,
     target: &std::path::Path,
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let c_target = std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
-    })?;
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
+    let c_target = c_path(target)?;
     // SAFETY: both paths are valid NUL-terminated strings for the duration of the
     // call and `tree` is a valid descriptor.
     let rc = unsafe {
@@ -119,12 +132,99 @@ pub fn attach_tree(
             libc::MOVE_MOUNT_F_EMPTY_PATH,
         )
     };
-    let moved = if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    };
-    // Always go home, whatever the move did.
-    nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNS)?;
-    moved
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn open_tree(
+    dirfd: i32,
+    path: &std::ffi::CStr,
+    extra: libc::c_uint,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::OPEN_TREE_CLONE
+        | libc::OPEN_TREE_CLOEXEC
+        | libc::AT_RECURSIVE as libc::c_uint
+        | extra;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call and
+    // `dirfd` is AT_FDCWD or a descriptor the caller keeps open across it.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, dirfd, path.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A detached clone of the detached (or attached) mount `tree`.
+pub fn clone_tree(tree: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    open_tree(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint)
+}
+
+/// A detached clone of the mount at `path` in the current mount namespace.
+pub fn clone_path(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    open_tree(libc::AT_FDCWD, &c_path(path)?, 0)
+}
+
+/// Lazily unmounts the top mount at `path`.
+pub fn unmount_detach(path: &std::path::Path) -> std::io::Result<()> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)?;
+    Ok(())
+}
+
+/// A new tmpfs of at most `size_mb` MiB as a detached mount (`fsopen`, `fsconfig`,
+/// `fsmount`): it is in no mount namespace until attached, and it is freed when the
+/// last descriptor and the last attached clone are gone.
+pub fn new_tmpfs(size_mb: u64) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    fn check(rc: libc::c_long) -> std::io::Result<libc::c_long> {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    // SAFETY: the name is a valid NUL-terminated string; fsopen takes no other pointers.
+    let fs = check(unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) })?;
+    // SAFETY: fsopen returned a new descriptor that nothing else owns.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    let size = std::ffi::CString::new(format!("{size_mb}m")).map_err(std::io::Error::other)?;
+    for (key, value) in [(c"size", size.as_c_str()), (c"mode", c"1777")] {
+        // SAFETY: `fs` is a valid fs-context descriptor; key and value are valid
+        // NUL-terminated strings for the duration of the call.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        })?;
+    }
+    // SAFETY: as above; CMD_CREATE takes no key or value.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_char>(),
+            0,
+        )
+    })?;
+    let attrs = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    // SAFETY: `fs` is a created fs context; fsmount takes no pointers.
+    let mnt =
+        check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
+    // SAFETY: fsmount returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
 }

@@ -11,6 +11,8 @@
 //! | `/.sprout` | the agent's runtime directory (shim, Python runtime) | bind, read-only |
 //! | `/code`    | the function's directory               | bind, read-only |
 //! | `/tmp`     | a tmpfs (charged to the sandbox's memory cgroup) | read-write |
+//! | `/workflow` | the workflow scratch: the sandbox's own tmpfs, or a workflow's attached over it (`SPROUT_WORKFLOW_DIR`) | read-write |
+//! | `/fns/<name>-<version>` | code of functions called in this sandbox, attached while it runs | bind, read-only |
 //! | `/proc`, `/dev`, `/sys` | the usual, `/sys` read-only, no `/sys/fs/cgroup` | |
 //!
 //! [`bundle_spec`] turns a [`SandboxConfig`] into an `oci_spec::runtime::Spec`.
@@ -24,6 +26,10 @@ pub use spec::{bundle_spec, resources, write_bundle, Limits, SandboxConfig};
 
 /// Where the function's code appears inside a sandbox.
 pub const CODE_DIR: &str = "/code";
+/// The workflow scratch directory inside a sandbox (`SPROUT_WORKFLOW_DIR`).
+pub const WORKFLOW_DIR: &str = "/workflow";
+/// Where the code of functions called inside a sandbox is attached, one directory each.
+pub const FUNCTIONS_DIR: &str = "/fns";
 /// Where the agent's runtime directory appears inside a sandbox.
 pub const RUNTIME_DIR: &str = "/.sprout";
 /// The shim binary inside a sandbox (PID 1).

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 use serde_json::json;
 
-use crate::{seccomp, Error, CODE_DIR, RUNTIME_DIR, SHIM_PATH};
+use crate::{seccomp, Error, CODE_DIR, FUNCTIONS_DIR, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR};
 
 /// Resource limits of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,6 +82,13 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}),
+        // The workflow scratch: the sandbox's own until a workflow's is attached over it.
+        json!({"destination": WORKFLOW_DIR, "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}),
+        // Mount points for the code of functions called in this sandbox; only the
+        // spawner (with capabilities) can make directories in it.
+        json!({"destination": FUNCTIONS_DIR, "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=0555", "size=1m"]}),
         bind_ro(Path::new("/usr"), "/usr"),
         bind_ro(runtime_dir, RUNTIME_DIR),
         bind_ro(shim, SHIM_PATH),
@@ -95,6 +102,7 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
         "HOME=/tmp".to_owned(),
         "LANG=C.UTF-8".to_owned(),
         format!("SPROUT_SANDBOX={}", cfg.id),
+        format!("SPROUT_WORKFLOW_DIR={WORKFLOW_DIR}"),
     ];
     env.extend(cfg.env.iter().cloned());
 

@@ -41,3 +41,14 @@ pub fn with_fd3_and_clean_mask(cmd: &mut Command, fd: &OwnedFd) {
         });
     }
 }
+
+/// SIGKILLs process `pid` of the sandbox (the shim is PID 1 of its pid namespace, so
+/// the pids the zygote reports are ours to signal). A process already gone is not an
+/// error; a pid ≤ 1 is refused, as `kill(0)` and `kill(-1)` would hit far more than one
+/// instance and pid 1 is the shim itself.
+pub fn kill(pid: i32) {
+    if pid <= 1 {
+        return;
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+}

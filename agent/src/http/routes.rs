@@ -15,6 +15,8 @@ use crate::request::{FunctionSource, Invocation, Request, Response};
 pub const DURATION_HEADER: &str = "X-Sprout-Duration-Us";
 /// Header saying whether an invocation needed a new sandbox (`true`/`false`).
 pub const COLD_HEADER: &str = "X-Sprout-Cold";
+/// Task steps a workflow run executed.
+pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
 /// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
 pub const START_HEADER: &str = "X-Sprout-Start";
 
@@ -204,6 +206,10 @@ pub(super) enum Route {
     Remove { name: String },
     Invoke { name: String, logs: bool },
     Status,
+    RegisterWorkflow { name: String },
+    ListWorkflows,
+    RemoveWorkflow { name: String },
+    RunWorkflow { name: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -250,6 +256,9 @@ pub(super) fn route(
         ["functions", name] if !name.is_empty() => (Some(*name), "PUT, DELETE"),
         ["functions", name, "invoke"] | ["run", name] if !name.is_empty() => (Some(*name), "POST"),
         ["status"] => (None, "GET"),
+        ["workflows"] => (None, "GET"),
+        ["workflows", name] if !name.is_empty() => (Some(*name), "PUT, DELETE"),
+        ["workflows", name, "invoke"] if !name.is_empty() => (Some(*name), "POST"),
         _ => return Err(not_found()),
     };
     if !methods.split(", ").any(|m| m == method) {
@@ -284,6 +293,10 @@ pub(super) fn route(
             logs: logs_from_query(&query)?,
         }),
         ("status", _) => no_params(&query).map(|()| Route::Status),
+        ("workflows", "GET") => no_params(&query).map(|()| Route::ListWorkflows),
+        ("workflows", "PUT") => no_params(&query).map(|()| Route::RegisterWorkflow { name }),
+        ("workflows", "DELETE") => no_params(&query).map(|()| Route::RemoveWorkflow { name }),
+        ("workflows", "POST") => no_params(&query).map(|()| Route::RunWorkflow { name }),
         _ => Err(not_found()),
     }
 }
@@ -330,6 +343,26 @@ impl Route {
                 (Request::Invoke { name, event }, logs)
             }
             Route::Status => (Request::Status, false),
+            Route::RegisterWorkflow { name } => {
+                let workflow = crate::workflow::Workflow::parse(&body)
+                    .map_err(|e| Reject::bad_request(ipc::chain(&e)))?;
+                if !workflow.functions.is_empty() {
+                    return Err(Reject::bad_request(
+                        "invalid workflow: \"functions\" is for `sprout workflow run FILE`; register functions with PUT /functions/{name}",
+                    ));
+                }
+                (Request::RegisterWorkflow { name, workflow }, false)
+            }
+            Route::ListWorkflows => (Request::ListWorkflows, false),
+            Route::RemoveWorkflow { name } => (Request::RemoveWorkflow { name }, false),
+            Route::RunWorkflow { name } => {
+                let input = if body.is_empty() {
+                    b"{}".to_vec()
+                } else {
+                    body
+                };
+                (Request::RunWorkflow { name, input }, false)
+            }
         };
         Ok(Dispatch { request, logs })
     }
@@ -343,6 +376,21 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Reply {
         Ok(Response::Removed { name }) => Reply::json(200, &serde_json::json!({ "removed": name })),
         Ok(Response::Invoked(inv)) => invoked(inv, logs),
         Ok(Response::Status(status)) => Reply::json(200, &status),
+        Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
+        Ok(Response::Workflows(list)) => Reply::json(200, &list),
+        Ok(Response::WorkflowRan(out)) => Reply {
+            status: 200,
+            headers: vec![
+                (
+                    DURATION_HEADER,
+                    u64::try_from(out.duration.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .to_string(),
+                ),
+                (TASKS_HEADER, out.tasks.to_string()),
+            ],
+            body: out.result,
+        },
         Err(err) => Reply::json(
             status_for(err.kind()),
             &ErrorBody {

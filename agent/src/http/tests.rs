@@ -57,6 +57,10 @@ impl Handle for Fake {
                 Err(Error::NotFound { name: name.clone() })
             }
             Request::RemoveFunction { name } => Ok(Response::Removed { name: name.clone() }),
+            Request::RunWorkflow { name, .. } => Err(Error::WorkflowNotFound { name: name.clone() }),
+            Request::RegisterWorkflow { .. } | Request::ListWorkflows | Request::RemoveWorkflow { .. } => {
+                Ok(Response::Workflows(Vec::new()))
+            }
             Request::Status => Ok(Response::Status(Status {
                 version: "test".into(),
                 cgroup: "/sys/fs/cgroup/sprout".into(),
@@ -101,6 +105,7 @@ impl Handle for Fake {
                         }
                         Ok(Response::Invoked(Invocation {
                             result: event.clone(),
+                            raw: false,
                             logs: logs("hello\n"),
                             duration: Duration::from_micros(1500),
                             start: if name == "warm" {

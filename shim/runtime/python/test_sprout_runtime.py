@@ -1,10 +1,13 @@
-"""Tests for sprout_runtime.py: its framing, and the real zygote driven as a subprocess.
+"""Tests for sprout_runtime.py: its framing, the sprout SDK against fake shim and agent
+endpoints, and the real zygote driven as a subprocess.
 
 Run from this directory with ``/usr/bin/python3 -B -m unittest -v test_sprout_runtime``.
 """
 
+import fcntl
 import importlib.util
 import json
+import mmap
 import os
 import select
 import signal
@@ -70,27 +73,96 @@ def wait_eof(fd, timeout=TIMEOUT):
             return
 
 
+def readable(channel, timeout=0.0):
+    return bool(select.select([channel.fileno()], [], [], timeout)[0])
+
+
+def memfd_with(data, seals=rt._SEALS):
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def send_hand_made(sock, header, payload_len, fds, shared, payload=b""):
+    """Writes a frame laid out as ipc/src/frame.rs does, with ``fds`` by SCM_RIGHTS."""
+    word = len(fds) | (0x8000_0000 if shared else 0)
+    data = struct.pack("<III", len(header), payload_len, word) + header + payload
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    sent = sock.sendmsg([data], anc)
+    sock.sendall(data[sent:])
+
+
+class Peer:
+    """Runs ``target`` on a thread; ``join`` re-raises what it raised."""
+
+    def __init__(self, target):
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(target,), daemon=True)
+        self.thread.start()
+
+    def _run(self, target):
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+
+    def join(self):
+        self.thread.join(TIMEOUT)
+        if self.thread.is_alive():
+            raise AssertionError("a fake peer never finished")
+        if self.error is not None:
+            raise self.error
+
+
+def serve_agent(test, path, script):
+    """A fake agent: listens on ``path``, accepts one connection and runs ``script`` on it."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    listener.settimeout(TIMEOUT)
+    test.addCleanup(listener.close)
+
+    def run():
+        conn, _ = listener.accept()
+        conn.settimeout(TIMEOUT)
+        channel = rt.Channel(conn)
+        try:
+            script(channel)
+        finally:
+            channel.close()
+
+    return Peer(run)
+
+
 class Zygote(rt.Channel):
     """The shim's end of a zygote's channel, with the process and its log."""
 
 
 class Instance:
-    def __init__(self, channel, pid, out_r, err_r):
+    def __init__(self, channel, pid, out_r, err_r, calls):
         self.ch = channel
         self.pid = pid
         self.out = out_r
         self.err = err_r
+        self.calls = calls  # the shim's end of the instance's calls channel
 
-    def invoke(self, request_id, event, raw=None):
+    def invoke(self, request_id, event, raw=None, depth=None, raw_event=False):
         payload = raw if raw is not None else json.dumps(event).encode()
-        self.ch.send({"op": "invoke", "id": request_id}, payload)
+        header = {"op": "invoke", "id": request_id}
+        if depth is not None:
+            header["depth"] = depth
+        if raw_event:
+            header["raw"] = True
+        self.ch.send(header, payload)
         return self.ch.recv()
 
     def call(self, request_id, event):
         header, payload, fds = self.invoke(request_id, event)
         assert fds == [], fds
         assert header == {"op": "returned", "id": request_id}, header
-        return json.loads(payload)
+        return json.loads(str(payload, "utf-8"))
 
 
 class RuntimeTest(unittest.TestCase):
@@ -164,19 +236,29 @@ class RuntimeTest(unittest.TestCase):
         return zygote.log.read().decode(errors="replace")
 
     def send_fork(self, zygote, instance, code_dir, module="f", function="f"):
-        """Sends a fork request; returns (agent channel, stdout read end, stderr read end)."""
+        """Sends a fork request; returns (agent channel, stdout read end, stderr read end,
+        the shim's end of the calls channel)."""
         agent, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shim, inst_calls = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        zygote.send({"op": "fork", "instance": instance, "runtime": "python"}, b"", [inst.fileno(), out_w, err_w])
+        zygote.send(
+            {"op": "fork", "instance": instance, "runtime": "python"},
+            b"",
+            [inst.fileno(), out_w, err_w, inst_calls.fileno()],
+        )
         inst.close()
+        inst_calls.close()
         os.close(out_w)
         os.close(err_w)
         for fd in (out_r, err_r):
             self.addCleanup(os.close, fd)
         agent.settimeout(TIMEOUT)
+        shim.settimeout(TIMEOUT)
         channel = rt.Channel(agent)
+        calls = rt.Channel(shim)
         self.addCleanup(channel.close)
+        self.addCleanup(calls.close)
         # The spare says it is set up; then it is told what to load.
         self.assertEqual(channel.recv()[0], {"op": "ready"})
         channel.send({
@@ -185,7 +267,7 @@ class RuntimeTest(unittest.TestCase):
             "code_dir": code_dir,
             "handler": {"module": module, "function": function},
         })
-        return channel, out_r, err_r
+        return channel, out_r, err_r, calls
 
     def await_forked(self, zygote, instance):
         header, _, fds = zygote.recv()
@@ -197,9 +279,9 @@ class RuntimeTest(unittest.TestCase):
         return pid
 
     def fork(self, zygote, instance, code_dir, module="f", function="f"):
-        channel, out_r, err_r = self.send_fork(zygote, instance, code_dir, module, function)
+        channel, out_r, err_r, calls = self.send_fork(zygote, instance, code_dir, module, function)
         pid = self.await_forked(zygote, instance)
-        return Instance(channel, pid, out_r, err_r)
+        return Instance(channel, pid, out_r, err_r, calls)
 
     def loaded(self, zygote, instance, code_dir, module="f", function="f"):
         inst = self.fork(zygote, instance, code_dir, module, function)
@@ -246,12 +328,21 @@ class RuntimeTest(unittest.TestCase):
         code = self.code_dir(
             f="""\
             import os, signal, sys
+            import sprout
             def f(event):
+                fds = {}
+                for name in os.listdir("/proc/self/fd"):
+                    try:
+                        fds[name] = [os.readlink("/proc/self/fd/" + name), os.get_inheritable(int(name))]
+                    except OSError:
+                        pass  # the listing's own descriptor, closed by now
                 return {"cwd": os.getcwd(), "path0": sys.path[0],
                         "function": os.environ["SPROUT_FUNCTION"],
                         "instance": os.environ["SPROUT_INSTANCE"],
                         "sigchld": signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL,
-                        "fd3": os.path.exists("/proc/self/fd/3")}
+                        "fd3": os.path.exists("/proc/self/fd/3"),
+                        "fds": fds,
+                        "sdk": [sprout.__name__, sprout.MAX_DEPTH, callable(sprout.call)]}
             """
         )
         zygote = self.start_zygote()
@@ -263,6 +354,12 @@ class RuntimeTest(unittest.TestCase):
         self.assertEqual(got["instance"], "12")
         self.assertTrue(got["sigchld"], "SIGCHLD is SIG_DFL again")
         self.assertFalse(got["fd3"], "the zygote's channel leaked into the instance")
+        self.assertEqual(got["sdk"], ["sprout", 16, True])
+        # Its own channel and its calls channel, both close-on-exec, are its only sockets
+        # (other descriptors come from this test process: the zygote runs with close_fds=False).
+        sockets = [v for v in got["fds"].values() if v[0].startswith("socket:")]
+        self.assertEqual(len(sockets), 2, got["fds"])
+        self.assertFalse(any(inheritable for _, inheritable in sockets), got["fds"])
 
     def test_output_is_in_the_pipes_before_returned(self):
         code = self.code_dir(
@@ -400,6 +497,101 @@ class RuntimeTest(unittest.TestCase):
         inst = self.loaded(zygote, 1, code, module="struct", function="f")
         self.assertEqual(inst.call(1, None), "mine")
 
+    def test_handler_returns_bytes(self):
+        code = self.code_dir(
+            f="""\
+            def f(event):
+                kind, n = event
+                data = bytes(range(256)) * n
+                return {"bytes": data, "bytearray": bytearray(data), "view": memoryview(data)[::2]}[kind]
+            """
+        )
+        zygote = self.start_zygote()
+        inst = self.loaded(zygote, 1, code)
+        header, payload, fds = inst.invoke(1, ["bytes", 1])
+        self.assertEqual((header, fds), ({"op": "returned", "id": 1, "raw": True}, []))
+        self.assertEqual(payload, bytes(range(256)))
+        header, payload, _ = inst.invoke(2, ["bytearray", 1000])
+        self.assertEqual(header, {"op": "returned", "id": 2, "raw": True})
+        self.assertIsInstance(payload, mmap.mmap)  # over 64 KiB: shared
+        self.assertEqual(bytes(payload), bytes(range(256)) * 1000)
+        header, payload, _ = inst.invoke(3, ["view", 2])
+        self.assertEqual(header, {"op": "returned", "id": 3, "raw": True})
+        self.assertEqual(payload, (bytes(range(256)) * 2)[::2])
+        self.assertEqual(inst.invoke(4, ["bytes", 0]), ({"op": "returned", "id": 4, "raw": True}, b"", []))
+        self.assertEqual(self.zygote_log(zygote), "")
+
+    def test_raw_event(self):
+        code = self.code_dir(
+            f="""\
+            def f(event):
+                if len(event) > 100:
+                    return event  # a raw event handed back: a raw result
+                return {"type": type(event).__name__, "readonly": event.readonly, "head": list(event[:4])}
+            """
+        )
+        zygote = self.start_zygote()
+        inst = self.loaded(zygote, 1, code)
+        header, payload, _ = inst.invoke(1, None, raw=b"\x00\xff\x01{not json", raw_event=True)
+        self.assertEqual(header, {"op": "returned", "id": 1})
+        self.assertEqual(
+            json.loads(payload), {"type": "memoryview", "readonly": True, "head": [0, 255, 1, 123]}
+        )
+        big = os.urandom(3 << 20)
+        header, payload, _ = inst.invoke(2, None, raw=big, raw_event=True)
+        self.assertEqual(header, {"op": "returned", "id": 2, "raw": True})
+        self.assertEqual(bytes(payload), big)
+        header, payload, _ = inst.invoke(3, None, raw=b"", raw_event=True)
+        self.assertEqual(json.loads(payload), {"type": "memoryview", "readonly": True, "head": []})
+        # Without "raw" the event is JSON again.
+        self.assertEqual(inst.call(4, "x" * 200), "x" * 200)
+
+    def test_handler_calls_a_function_through_its_calls_channel(self):
+        sock_path = os.path.join(self.tmp.name, "agent.sock")
+        code = self.code_dir(
+            f="""\
+            import sprout
+            def f(event):
+                sprout._AGENT_SOCKET = event["sock"]
+                if "n" not in event:
+                    return "no call"
+                return sprout.call("g", {"n": event["n"]})
+            """
+        )
+        spec = {"function": "g", "version": 2, "code_dir": "/code/g",
+                "handler": {"module": "g", "function": "g"}, "timeout_ms": 5000}
+
+        def agent(ch):
+            header, payload, _ = ch.recv()
+            self.assertEqual(header, {"op": "resolve", "id": header["id"], "function": "g"})
+            ch.send({"op": "resolved", "id": header["id"], "spec": spec})
+
+        peer = serve_agent(self, sock_path, agent)
+        zygote = self.start_zygote()
+        inst = self.loaded(zygote, 1, code)
+        inst.ch.send({"op": "invoke", "id": 1, "depth": 3}, json.dumps({"sock": sock_path, "n": 5}).encode())
+        header, payload, fds = inst.calls.recv()
+        self.assertEqual(header, {"op": "call", "id": header["id"], "function": "g", "depth": 4, "spec": spec})
+        self.assertEqual((json.loads(payload), fds), ({"n": 5}, []))
+        inst.calls.send({"op": "call_returned", "id": header["id"]}, b'{"got":5}')
+        self.assertEqual(inst.ch.recv(), ({"op": "returned", "id": 1, "called": True}, b'{"got":5}', []))
+        peer.join()
+        # The spec is cached: the next call goes straight to the shim.
+        inst.ch.send({"op": "invoke", "id": 2}, json.dumps({"sock": sock_path, "n": 6}).encode())
+        header, payload, _ = inst.calls.recv()
+        self.assertEqual((header["depth"], json.loads(payload)), (1, {"n": 6}))
+        error = {"type": "ValueError", "message": "bad six", "traceback": "Traceback ...\n"}
+        inst.calls.send({"op": "call_raised", "id": header["id"], "function": "g", "error": error})
+        header, _, _ = inst.ch.recv()
+        self.assertEqual((header["op"], header["called"]), ("raised", True))
+        self.assertEqual(header["error"]["type"], "CallError")
+        self.assertEqual(header["error"]["message"], "g raised ValueError: bad six")
+        self.assertIn("in f\n", header["error"]["traceback"])
+        # No call, no "called".
+        header, payload, _ = inst.invoke(3, {"sock": sock_path})
+        self.assertEqual((header, payload), ({"op": "returned", "id": 3}, b'"no call"'))
+        self.assertEqual(self.zygote_log(zygote), "")
+
     # -- load failures
 
     def test_missing_module(self):
@@ -497,6 +689,8 @@ class RuntimeTest(unittest.TestCase):
         os.kill(b.pid, signal.SIGKILL)
         with self.assertRaises(rt.ChannelClosed):
             b.ch.recv()
+        with self.assertRaises(rt.ChannelClosed):
+            b.calls.recv()
         wait_eof(b.out)
         self.assertEqual(a.call(1, {"name": "A"}), "Hello, A!")
 
@@ -512,7 +706,7 @@ class RuntimeTest(unittest.TestCase):
         wait_eof(r)  # the zygote closed what it was given
         os.close(r)
         zygote.send({"op": "no_such_op"})
-        zygote.send({"op": "fork", "instance": 4, "runtime": "node"}, b"", [0, 1, 2])
+        zygote.send({"op": "fork", "instance": 4, "runtime": "node"}, b"", [0, 1, 2, 0])
         header, _, _ = zygote.recv()
         self.assertEqual(header["op"], "fork_failed")
         self.assertEqual(header["instance"], 4)
@@ -524,10 +718,17 @@ class RuntimeTest(unittest.TestCase):
     def test_a_bad_load_request_is_a_load_failure(self):
         zygote = self.start_zygote()
         agent, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shim, inst_calls = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(shim.close)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        zygote.send({"op": "fork", "instance": 9, "runtime": "python"}, b"", [inst.fileno(), out_w, err_w])
+        zygote.send(
+            {"op": "fork", "instance": 9, "runtime": "python"},
+            b"",
+            [inst.fileno(), out_w, err_w, inst_calls.fileno()],
+        )
         inst.close()
+        inst_calls.close()
         os.close(out_w)
         os.close(err_w)
         pid = self.await_forked(zygote, 9)
@@ -616,14 +817,17 @@ class ChannelTest(unittest.TestCase):
             os.close(fd)
         self.assertEqual(b.recv(), ({"op": "t", "n": 2}, b"", []))
 
-    def test_large_payload_crosses_many_reads(self):
+    def test_large_inline_payload_crosses_many_reads(self):
+        # Our own sends share payloads this large; a peer may still send them inline.
         a, b = self.pair()
         big = bytes(range(251)) * ((5 << 20) // 251)
-        t = threading.Thread(target=a.send, args=({"op": "big"}, big))
+        header = b'{"op":"big"}'
+        t = threading.Thread(target=send_hand_made, args=(a.sock, header, len(big), [], False, big))
         t.start()
         header, payload, _ = b.recv()
         t.join()
         self.assertEqual(header, {"op": "big"})
+        self.assertIsInstance(payload, bytes)
         self.assertEqual(payload, big)
         a.send({"op": "after"}, b"1")
         self.assertEqual(b.recv(), ({"op": "after"}, b"1", []))

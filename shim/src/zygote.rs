@@ -1,0 +1,157 @@
+//! The Python zygote: starting it, and forking function instances from it.
+//!
+//! [`Spawn`] is the seam between the call router and the zygote: the router asks for
+//! an instance that writes to given pipes and gets back its pid, its channel (ready
+//! for `load`) and its calls channel. Tests put a fake behind it.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::process::{Command, Stdio};
+
+use ipc::proto::{InstanceLink, Runtime, ZygoteLink};
+use ipc::Channel;
+
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("start the Python zygote ({python})")]
+    Start {
+        python: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the zygote")]
+    Protocol(#[source] ipc::Error),
+    #[error("{what}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn sys_err(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+    move |source| Error::Sys { what, source }
+}
+
+/// A new instance, set up (it said `ready`) and waiting for its `load`.
+#[derive(Debug)]
+pub struct Forked {
+    /// In the sandbox's pid namespace.
+    pub pid: i32,
+    /// The instance's own channel (`load`, `invoke`).
+    pub channel: InstanceLink,
+    /// The shim's end of the instance's calls channel.
+    pub calls: Channel,
+}
+
+/// Where instances come from.
+pub trait Spawn {
+    /// Forks an instance (named `instance` to the runtime) whose stdout and stderr are
+    /// `stdout` and `stderr`, and waits for its `ready`. `Ok(Err(message))` is a fork
+    /// the zygote refused or an instance that did not get ready; `Err` is a zygote
+    /// that cannot be talked to any more.
+    fn fork(
+        &mut self,
+        instance: u64,
+        stdout: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+    ) -> Result<Result<Forked, String>, Error>;
+
+    /// Kills an instance it forked (SIGKILL).
+    fn kill(&mut self, pid: i32);
+}
+
+/// The running Python zygote.
+#[derive(Debug)]
+pub struct Zygote {
+    link: ZygoteLink,
+    pid: i32,
+}
+
+impl Zygote {
+    /// Starts the zygote with its channel on descriptor 3 and waits for its `ready`.
+    pub fn start() -> Result<Zygote, Error> {
+        let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
+        let theirs = theirs.into_fd();
+        let stderr = io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(sys_err("dup stderr"))?;
+        let mut cmd = Command::new(shim::PYTHON);
+        cmd.args(["-I", "-B", shim::PYTHON_RUNTIME_PATH])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stderr));
+        sys::with_fd3_and_clean_mask(&mut cmd, &theirs);
+        let child = cmd.spawn().map_err(|source| Error::Start {
+            python: shim::PYTHON,
+            source,
+        })?;
+        drop(theirs);
+        let mut link = ZygoteLink(ours);
+        link.wait_ready().map_err(Error::Protocol)?;
+        Ok(Zygote {
+            link,
+            pid: child.id() as i32,
+        })
+    }
+
+    /// The zygote's pid (its exit ends the sandbox).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+impl Spawn for Zygote {
+    fn fork(
+        &mut self,
+        instance: u64,
+        stdout: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+    ) -> Result<Result<Forked, String>, Error> {
+        fork_ready(&mut self.link, instance, stdout, stderr)
+    }
+
+    fn kill(&mut self, pid: i32) {
+        sys::kill(pid);
+    }
+}
+
+/// The shim's side of the fork handshake: the zygote forks an instance with its
+/// channel, output pipes and calls channel, and the instance says `ready`.
+pub fn fork_ready(
+    zygote: &mut ZygoteLink,
+    instance: u64,
+    stdout: BorrowedFd<'_>,
+    stderr: BorrowedFd<'_>,
+) -> Result<Result<Forked, String>, Error> {
+    let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
+    let (calls, calls_theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
+    let forked = zygote
+        .fork(instance, Runtime::Python, &theirs, stdout, stderr, &calls_theirs)
+        .map_err(Error::Protocol)?;
+    // The instance has its copies now; ours go so its death shows as these closing.
+    drop((theirs, calls_theirs));
+    let pid = match forked {
+        Ok(pid) => pid,
+        Err(message) => return Ok(Err(message)),
+    };
+    let mut channel = InstanceLink(ours);
+    match channel.wait_ready() {
+        Ok(()) => Ok(Ok(Forked {
+            pid,
+            channel,
+            calls,
+        })),
+        Err(e) => {
+            if !matches!(e, ipc::Error::Closed | ipc::Error::Truncated) {
+                sys::kill(pid); // alive but confused: it must not linger
+            }
+            Ok(Err(format!(
+                "instance {instance} (pid {pid}) did not get ready: {}",
+                ipc::chain(&e)
+            )))
+        }
+    }
+}
