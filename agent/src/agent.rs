@@ -17,11 +17,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::http::{FastCall, FastPoll};
 use crate::instance::{Answer, CallFailure, Instance, Output, BOOT_TIMEOUT};
-use crate::run::Run;
-use crate::workflow::Workflow;
 use crate::registry::Function;
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
+use crate::run::Run;
 use crate::scheduler::{Sched, Slot, SlotState, StemCell};
+use crate::workflow::Workflow;
 
 /// A running node agent. Create it with [`Agent::start`] before the process starts
 /// any thread; share it (`Arc<Agent>`) across threads; end it with
@@ -532,16 +532,14 @@ impl Inner {
         // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
         let own = Instant::now() + Duration::from_millis(function.timeout_ms);
         let deadline = opts.deadline.map_or(own, |d| d.min(own));
-        let outcome = inst
-            .begin(id, event, opts.depth, opts.raw)
-            .and_then(|()| {
-                inst.finish(
-                    id,
-                    deadline,
-                    self.config.log_limit,
-                    opts.cancel.map(|c| c.fd()),
-                )
-            });
+        let outcome = inst.begin(id, event, opts.depth, opts.raw).and_then(|()| {
+            inst.finish(
+                id,
+                deadline,
+                self.config.log_limit,
+                opts.cancel.map(|c| c.fd()),
+            )
+        });
         self.complete(inst, &function, start, started, outcome, opts)
     }
 
@@ -575,8 +573,7 @@ impl Inner {
                     });
                 }
                 if !raw {
-                    if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload)
-                    {
+                    if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
                         self.release(inst, false);
                         return Err(Error::BadResult {
                             function: name.clone(),
@@ -618,10 +615,12 @@ impl Inner {
     /// `/workflow` (unless the run is rooted there) and calls made from it join the run.
     pub(crate) fn join_run(&self, inst: &Instance, run: &Arc<Run>) -> Result<(), Error> {
         let id = inst.sandbox.id();
-        if !run.is_root(id) {
-            let root = run.root.clone();
-            let scratch = run.scratch(|| self.spawner.clone_scratch(root.as_deref().unwrap_or(id)))?;
-            self.spawner.attach_scratch(id, &scratch)?;
+        match &run.scratch {
+            crate::run::Scratch::Own(scratch) => self.spawner.attach_scratch(id, scratch)?,
+            crate::run::Scratch::RootedIn(root) if root != id => {
+                self.spawner.attach_scratch_from(id, root)?
+            }
+            crate::run::Scratch::RootedIn(_) => {}
         }
         lock(&self.runs).insert(id.to_owned(), run.clone());
         Ok(())
@@ -652,7 +651,11 @@ impl Inner {
                 None => {}
             }
         }
-        let dir = PathBuf::from(format!("/proc/{}/root{}", inst.sandbox.pid(), rootfs::WORKFLOW_DIR));
+        let dir = PathBuf::from(format!(
+            "/proc/{}/root{}",
+            inst.sandbox.pid(),
+            rootfs::WORKFLOW_DIR
+        ));
         if let Err(e) = crate::calls::empty_dir(&dir) {
             tracing::warn!(sandbox_id = id, path = %dir.display(), error = %e, "empty workflow scratch");
         }
@@ -665,7 +668,12 @@ impl Inner {
         sandbox_id: &str,
         callee: &Function,
     ) -> Result<Option<CallSpec>, Error> {
-        let target = format!("{}/{}-{}", rootfs::FUNCTIONS_DIR, callee.name, callee.version);
+        let target = format!(
+            "{}/{}-{}",
+            rootfs::FUNCTIONS_DIR,
+            callee.name,
+            callee.version
+        );
         let needs_attach = {
             let mut bound = lock(&self.bound);
             let Some(b) = bound.get_mut(sandbox_id) else {

@@ -100,8 +100,12 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
                 raw,
                 spec: None,
             } => {
-                let (inner, sandbox, writer, cancel) =
-                    (inner.clone(), sandbox.clone(), writer.clone(), cancel.clone());
+                let (inner, sandbox, writer, cancel) = (
+                    inner.clone(),
+                    sandbox.clone(),
+                    writer.clone(),
+                    cancel.clone(),
+                );
                 let event = msg.payload;
                 let spawned = std::thread::Builder::new()
                     .name("sprout-call".into())
@@ -190,7 +194,9 @@ fn call(
             CallReply::CallReturned { id, raw: inv.raw },
             Payload::Inline(inv.result),
         ),
-        Err(Error::Handler { function, error, .. }) => (
+        Err(Error::Handler {
+            function, error, ..
+        }) => (
             CallReply::CallRaised {
                 id,
                 function,
@@ -224,7 +230,9 @@ fn caller_sandbox(inner: &Inner, stream: &UnixStream) -> Result<String, String> 
     let id = sandbox_in_cgroups(&text, &inner.cgroup_parent)
         .ok_or_else(|| format!("process {pid} is not in a sandbox of this agent"))?;
     if !lock(&inner.bound).contains_key(&id) {
-        return Err(format!("sandbox {id} (process {pid}) is not bound to a function"));
+        return Err(format!(
+            "sandbox {id} (process {pid}) is not bound to a function"
+        ));
     }
     Ok(id)
 }
@@ -262,11 +270,20 @@ mod tests {
     fn the_caller_sandbox_comes_from_its_cgroup_path() {
         let parent = Path::new("/sprout/42");
         let v1 = "12:freezer:/sprout/42/sprout-42-7\n11:memory:/sprout/42/sprout-42-7\n";
-        assert_eq!(sandbox_in_cgroups(v1, parent).as_deref(), Some("sprout-42-7"));
+        assert_eq!(
+            sandbox_in_cgroups(v1, parent).as_deref(),
+            Some("sprout-42-7")
+        );
         let v2 = "0::/sprout/42/sprout-42-9\n";
-        assert_eq!(sandbox_in_cgroups(v2, parent).as_deref(), Some("sprout-42-9"));
+        assert_eq!(
+            sandbox_in_cgroups(v2, parent).as_deref(),
+            Some("sprout-42-9")
+        );
         assert_eq!(sandbox_in_cgroups("0::/user.slice\n", parent), None);
-        assert_eq!(sandbox_in_cgroups("0::/sprout/43/sprout-43-1\n", parent), None);
+        assert_eq!(
+            sandbox_in_cgroups("0::/sprout/43/sprout-43-1\n", parent),
+            None
+        );
     }
 
     #[test]

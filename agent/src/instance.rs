@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use ipc::api::Logs;
 use ipc::proto::{CallReply, CallSpec, FunctionError, InstanceEvent, InstanceLink, ShimLink};
 use ipc::Payload;
-use serde::de::DeserializeOwned;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pool::Sandbox;
+use serde::de::DeserializeOwned;
 
 /// How long a new sandbox's shim may take to report ready.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -136,14 +136,16 @@ impl Instance {
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
         self.called = false;
-        self.link.send_call(id, depth, raw, event).map_err(|e| match e {
-            ipc::Error::Io(ref io)
-                if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
-            {
-                CallFailure::Died
-            }
-            other => CallFailure::Protocol(other),
-        })
+        self.link
+            .send_call(id, depth, raw, event)
+            .map_err(|e| match e {
+                ipc::Error::Io(ref io)
+                    if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
+                {
+                    CallFailure::Died
+                }
+                other => CallFailure::Protocol(other),
+            })
     }
 
     /// Has the shim run `spec` in this sandbox (a workflow's sequential step) and
@@ -181,9 +183,9 @@ impl Instance {
             CallReply::CallRaised { id: got, error, .. } if got == id => {
                 Err(CallFailure::Raised(error))
             }
-            CallReply::CallFailed { id: got, message, .. } if got == id => {
-                Err(CallFailure::Failed(message))
-            }
+            CallReply::CallFailed {
+                id: got, message, ..
+            } if got == id => Err(CallFailure::Failed(message)),
             other => {
                 return Err(CallFailure::Protocol(ipc::Error::Unexpected {
                     op: format!("{other:?}"),
@@ -237,11 +239,7 @@ impl Instance {
 
     /// The answer to `id` if it has arrived; reads what the socket holds and never
     /// blocks (for the HTTP event loop).
-    pub fn try_finish(
-        &mut self,
-        id: u64,
-        log_limit: usize,
-    ) -> Option<Result<Answer, CallFailure>> {
+    pub fn try_finish(&mut self, id: u64, log_limit: usize) -> Option<Result<Answer, CallFailure>> {
         loop {
             match self.link.0.fill_nonblocking() {
                 Ok(0) => {
@@ -302,7 +300,11 @@ impl Instance {
                 return Err(CallFailure::TimedOut);
             }
             let wait = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
-            let channel = if from_shim { &self.shim.0 } else { &self.link.0 };
+            let channel = if from_shim {
+                &self.shim.0
+            } else {
+                &self.link.0
+            };
             let mut fds = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
             let mut which = Vec::with_capacity(2);
             for (i, out) in [&self.stdout, &self.stderr].into_iter().enumerate() {

@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err)]
 
 mod agent;
+mod calls;
 mod config;
 mod error;
 pub mod http;
@@ -21,9 +22,8 @@ mod instance;
 mod manager;
 mod registry;
 mod request;
-mod scheduler;
 mod run;
-mod calls;
+mod scheduler;
 mod workflow;
 
 pub use agent::Agent;

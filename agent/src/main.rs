@@ -426,7 +426,12 @@ fn workflow_remote(
             path: path.display().to_string(),
             config: FunctionConfig::default(),
         })?;
-        let resp = client.request("PUT", &format!("/functions/{fname}"), Some("application/json"), &body)?;
+        let resp = client.request(
+            "PUT",
+            &format!("/functions/{fname}"),
+            Some("application/json"),
+            &body,
+        )?;
         if resp.status != 200 {
             return print_remote(resp.status, &resp.body, false);
         }

@@ -8,9 +8,7 @@
 
 use std::io::{PipeReader, PipeWriter};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::{Arc, Mutex};
-
-use pool::Scratch;
+use std::sync::Mutex;
 
 use crate::agent::lock;
 
@@ -48,49 +46,40 @@ impl Cancel {
 pub struct Run {
     pub id: u64,
     pub cancel: Cancel,
-    /// The sandbox an SDK run is rooted in (its `/workflow` is the scratch).
-    pub root: Option<String>,
-    scratch: Mutex<Option<Arc<Scratch>>>,
+    pub scratch: Scratch,
+}
+
+/// Where a run's scratch lives.
+#[derive(Debug)]
+pub enum Scratch {
+    /// A tmpfs of the run's own (declarative runs), attached to every sandbox.
+    Own(pool::Scratch),
+    /// The `/workflow` of the sandbox the run started in (SDK runs).
+    RootedIn(String),
 }
 
 impl Run {
     /// A declarative run with its own scratch.
-    pub fn with_scratch(id: u64, scratch: Scratch) -> std::io::Result<Run> {
+    pub fn with_scratch(id: u64, scratch: pool::Scratch) -> std::io::Result<Run> {
         Ok(Run {
             id,
             cancel: Cancel::new()?,
-            root: None,
-            scratch: Mutex::new(Some(Arc::new(scratch))),
+            scratch: Scratch::Own(scratch),
         })
     }
 
-    /// An SDK run rooted in `sandbox`; its scratch is cloned from it on first need.
+    /// An SDK run rooted in `sandbox`.
     pub fn rooted_in(id: u64, sandbox: &str) -> std::io::Result<Run> {
         Ok(Run {
             id,
             cancel: Cancel::new()?,
-            root: Some(sandbox.to_owned()),
-            scratch: Mutex::new(None),
+            scratch: Scratch::RootedIn(sandbox.to_owned()),
         })
-    }
-
-    /// The scratch to attach to a sibling, made with `make` the first time.
-    pub fn scratch<E>(
-        &self,
-        make: impl FnOnce() -> Result<Scratch, E>,
-    ) -> Result<Arc<Scratch>, E> {
-        let mut slot = lock(&self.scratch);
-        if let Some(s) = slot.as_ref() {
-            return Ok(s.clone());
-        }
-        let s = Arc::new(make()?);
-        *slot = Some(s.clone());
-        Ok(s)
     }
 
     /// Whether `sandbox` is where this run's scratch lives (it is not attached there).
     pub fn is_root(&self, sandbox: &str) -> bool {
-        self.root.as_deref() == Some(sandbox)
+        matches!(&self.scratch, Scratch::RootedIn(root) if root == sandbox)
     }
 }
 
@@ -113,17 +102,8 @@ mod tests {
     }
 
     #[test]
-    fn an_sdk_run_makes_its_scratch_once() {
+    fn an_sdk_run_is_rooted_in_its_callers_sandbox() {
         let run = Run::rooted_in(1, "sb").unwrap();
         assert!(run.is_root("sb") && !run.is_root("other"));
-        let mut made = 0;
-        for _ in 0..2 {
-            let r: Result<_, ()> = run.scratch(|| {
-                made += 1;
-                Ok(Scratch::new_tmpfs(1).unwrap())
-            });
-            r.unwrap();
-        }
-        assert_eq!(made, 1);
     }
 }

@@ -70,11 +70,16 @@ pub struct Step {
 
 #[derive(Debug, Clone)]
 pub enum Kind {
-    Task { function: String },
+    Task {
+        function: String,
+    },
     Sequence(Vec<Step>),
     Parallel(Vec<Step>),
     /// Runs `step` on every element of the array at JSON pointer `items` in the input.
-    Map { items: String, step: Box<Step> },
+    Map {
+        items: String,
+        step: Box<Step>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -196,14 +201,19 @@ fn step(path: String, doc: StepDoc, nesting: usize) -> Result<Step, Error> {
                 .map_err(|e| Error::InvalidWorkflow(format!("{path}: {e}")))?;
             (name, Kind::Task { function })
         }
-        StepDoc::Sequence { steps: s, name } => {
-            (name, Kind::Sequence(steps(&format!("{path}.steps"), s, nesting)?))
-        }
+        StepDoc::Sequence { steps: s, name } => (
+            name,
+            Kind::Sequence(steps(&format!("{path}.steps"), s, nesting)?),
+        ),
         StepDoc::Parallel { branches, name } => (
             name,
             Kind::Parallel(steps(&format!("{path}.branches"), branches, nesting)?),
         ),
-        StepDoc::Map { items, step: s, name } => {
+        StepDoc::Map {
+            items,
+            step: s,
+            name,
+        } => {
             if !items.is_empty() && !items.starts_with('/') {
                 return Err(Error::InvalidWorkflow(format!(
                     "{path}: items {items:?} is not a JSON pointer (\"\" or \"/a/b\")"
@@ -249,12 +259,13 @@ impl Step {
 /// Runs the registered workflow `name` on `input`.
 pub fn run(inner: &Inner, name: &str, input: &[u8]) -> Result<WorkflowOutput, Error> {
     serde_json::from_slice::<serde::de::IgnoredAny>(input).map_err(Error::InvalidEvent)?;
-    let workflow = lock(&inner.workflows)
-        .get(name)
-        .cloned()
-        .ok_or_else(|| Error::WorkflowNotFound {
-            name: name.to_owned(),
-        })?;
+    let workflow =
+        lock(&inner.workflows)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::WorkflowNotFound {
+                name: name.to_owned(),
+            })?;
     let started = Instant::now();
     let scratch = Scratch::new_tmpfs(SCRATCH_MB).map_err(|source| Error::State {
         path: PathBuf::from("workflow scratch tmpfs"),
@@ -280,7 +291,11 @@ pub fn run(inner: &Inner, name: &str, input: &[u8]) -> Result<WorkflowOutput, Er
     let span = tracing::debug_span!("workflow", workflow = name, run = run.id);
     let _g = span.enter();
     let mut context = None;
-    let out = runner.step(&workflow.root, Payload::Inline(input.to_vec()), &mut context);
+    let out = runner.step(
+        &workflow.root,
+        Payload::Inline(input.to_vec()),
+        &mut context,
+    );
     runner.release(context, out.is_ok());
     let result = out?.into_vec();
     Ok(WorkflowOutput {
@@ -325,8 +340,8 @@ impl Runner<'_> {
                 self.fan_out(branches.iter().zip(inputs).collect())
             }
             Kind::Map { items, step: each } => {
-                let value: serde_json::Value =
-                    serde_json::from_slice(&input).map_err(|e| self.failed(step, Error::InvalidEvent(e)))?;
+                let value: serde_json::Value = serde_json::from_slice(&input)
+                    .map_err(|e| self.failed(step, Error::InvalidEvent(e)))?;
                 let array = value
                     .pointer(items)
                     .and_then(|v| v.as_array())
@@ -388,7 +403,10 @@ impl Runner<'_> {
                 // The root cause, not a step it cancelled.
                 Err(e) => {
                     let cancelled = is_cancellation(&e);
-                    if first_error.as_ref().is_none_or(|f| is_cancellation(f) && !cancelled) {
+                    if first_error
+                        .as_ref()
+                        .is_none_or(|f| is_cancellation(f) && !cancelled)
+                    {
                         first_error = Some(e);
                     }
                 }
@@ -417,7 +435,12 @@ impl Runner<'_> {
         context: &mut Option<Instance>,
     ) -> Result<Payload, Error> {
         if self.run.cancel.fired() {
-            return Err(self.failed(step, Error::Cancelled { function: name.to_owned() }));
+            return Err(self.failed(
+                step,
+                Error::Cancelled {
+                    function: name.to_owned(),
+                },
+            ));
         }
         self.tasks.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner;
@@ -443,7 +466,8 @@ impl Runner<'_> {
         }
         let inst = context.as_mut().expect("a context");
         let id = inner.next_id();
-        let outcome = if inst.function == function.name && inst.function_version == function.version {
+        let outcome = if inst.function == function.name && inst.function_version == function.version
+        {
             inst.begin(id, &input, 0, false)
                 .and_then(|()| inst.finish(id, deadline, log_limit, cancel))
         } else {
@@ -509,7 +533,10 @@ impl Runner<'_> {
     }
 
     fn failed(&self, step: &Step, source: Error) -> Error {
-        if matches!(source, Error::Workflow { .. } | Error::WorkflowTimeout { .. }) {
+        if matches!(
+            source,
+            Error::Workflow { .. } | Error::WorkflowTimeout { .. }
+        ) {
             return source;
         }
         Error::Workflow {
@@ -567,14 +594,30 @@ mod tests {
         let info = w.info("w");
         assert_eq!(info.tasks, 4);
         assert_eq!(info.functions, ["a", "b", "c"]);
-        let Kind::Sequence(top) = &w.root.kind else { panic!() };
-        let Kind::Parallel(branches) = &top[1].kind else { panic!() };
-        assert_eq!(branches[0].describe(), r#"steps[1].branches[0] (task "bee")"#);
+        let Kind::Sequence(top) = &w.root.kind else {
+            panic!()
+        };
+        let Kind::Parallel(branches) = &top[1].kind else {
+            panic!()
+        };
+        assert_eq!(
+            branches[0].describe(),
+            r#"steps[1].branches[0] (task "bee")"#
+        );
         assert_eq!(branches[1].describe(), "steps[1].branches[1] (sequence)");
-        let Kind::Map { step, items } = &top[2].kind else { panic!() };
-        assert_eq!((items.as_str(), step.path.as_str()), ("/xs", "steps[2].step"));
+        let Kind::Map { step, items } = &top[2].kind else {
+            panic!()
+        };
+        assert_eq!(
+            (items.as_str(), step.path.as_str()),
+            ("/xs", "steps[2].step")
+        );
         let err = w.check_functions(|f| f == "a").unwrap_err();
-        assert!(ipc::chain(&err).contains(r#"steps[1].branches[0] needs function "b""#), "{}", ipc::chain(&err));
+        assert!(
+            ipc::chain(&err).contains(r#"steps[1].branches[0] needs function "b""#),
+            "{}",
+            ipc::chain(&err)
+        );
     }
 
     #[test]
@@ -582,12 +625,30 @@ mod tests {
         for (text, want) in [
             (r#"{"steps": []}"#, "steps is empty"),
             (r#"{"steps": [{"type": "loop"}]}"#, "unknown variant"),
-            (r#"{"steps": [{"type": "task"}]}"#, "missing field `function`"),
-            (r#"{"steps": [{"type": "task", "function": "../x"}]}"#, "steps[0]: invalid function name"),
-            (r#"{"steps": [{"type": "parallel", "branches": []}]}"#, "steps[0].branches is empty"),
-            (r#"{"steps": [{"type": "map", "items": "xs", "step": {"type": "task", "function": "f"}}]}"#, "not a JSON pointer"),
-            (r#"{"steps": [{"type": "task", "function": "f", "retries": 3}]}"#, "unknown field `retries`"),
-            (r#"{"steps": [{"type": "task", "function": "f"}], "timeout_ms": 0}"#, "timeout_ms must be positive"),
+            (
+                r#"{"steps": [{"type": "task"}]}"#,
+                "missing field `function`",
+            ),
+            (
+                r#"{"steps": [{"type": "task", "function": "../x"}]}"#,
+                "steps[0]: invalid function name",
+            ),
+            (
+                r#"{"steps": [{"type": "parallel", "branches": []}]}"#,
+                "steps[0].branches is empty",
+            ),
+            (
+                r#"{"steps": [{"type": "map", "items": "xs", "step": {"type": "task", "function": "f"}}]}"#,
+                "not a JSON pointer",
+            ),
+            (
+                r#"{"steps": [{"type": "task", "function": "f", "retries": 3}]}"#,
+                "unknown field `retries`",
+            ),
+            (
+                r#"{"steps": [{"type": "task", "function": "f"}], "timeout_ms": 0}"#,
+                "timeout_ms must be positive",
+            ),
             ("[1]", "invalid"),
         ] {
             let err = parse(text).unwrap_err();

@@ -1,5 +1,6 @@
 //! Micro-benchmarks of sprout's framing: one request/response round trip between two
-//! threads over a socket pair, as on the agent → instance hop.
+//! threads over a socket pair, as on the agent → instance hop; and moving a large
+//! payload inline through the socket against through a sealed memfd.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ipc::proto::{InstanceEvent, InstanceRequest};
@@ -9,13 +10,15 @@ use std::os::fd::AsFd;
 
 fn echo_server(mut ch: Channel) {
     while let Ok(m) = ch.recv::<InstanceRequest>() {
-        let InstanceRequest::Invoke { id } = m.header else {
+        let InstanceRequest::Invoke { id, .. } = m.header else {
             break;
         };
-        if ch
-            .send(&InstanceEvent::Returned { id }, &m.payload, &[])
-            .is_err()
-        {
+        let answer = InstanceEvent::Returned {
+            id,
+            raw: false,
+            called: false,
+        };
+        if ch.send(&answer, &m.payload, &[]).is_err() {
             break;
         }
     }
@@ -31,9 +34,7 @@ fn round_trip(c: &mut Criterion) {
         group.bench_function(format!("round_trip_{size}B"), |b| {
             b.iter(|| {
                 id += 1;
-                client
-                    .send(&InstanceRequest::Invoke { id }, black_box(&payload), &[])
-                    .unwrap();
+                client.link_send(id, black_box(&payload));
                 black_box(client.recv::<InstanceEvent>().unwrap());
             })
         });
@@ -45,8 +46,7 @@ fn round_trip(c: &mut Criterion) {
     let file = tempfile::tempfile().unwrap();
     group.bench_function("send_recv_with_fd", |bn| {
         bn.iter(|| {
-            a.send(&InstanceRequest::Invoke { id: 1 }, b"", &[file.as_fd()])
-                .unwrap();
+            a.send(&invoke(1), b"", &[file.as_fd()]).unwrap();
             black_box(b.recv::<InstanceRequest>().unwrap());
         })
     });
@@ -54,5 +54,56 @@ fn round_trip(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, round_trip);
+fn invoke(id: u64) -> InstanceRequest {
+    InstanceRequest::Invoke {
+        id,
+        depth: 0,
+        raw: false,
+    }
+}
+
+trait SendInvoke {
+    fn link_send(&self, id: u64, payload: &[u8]);
+}
+
+impl SendInvoke for Channel {
+    fn link_send(&self, id: u64, payload: &[u8]) {
+        self.send(&invoke(id), payload, &[]).unwrap();
+    }
+}
+
+/// One large payload from a sender thread to a receiver that reads every page:
+/// inline (socket copies) against shared (written once to a memfd, mapped).
+fn payload_transfer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("payload");
+    group.sample_size(20);
+    for mib in [1usize, 16, 64] {
+        let data = vec![7u8; mib << 20];
+        group.throughput(criterion::Throughput::Bytes(data.len() as u64));
+        for shared in [false, true] {
+            let (a, mut b) = Channel::pair().unwrap();
+            let name = format!("{}_{mib}MiB", if shared { "shared" } else { "inline" });
+            group.bench_function(name, |bn| {
+                bn.iter(|| {
+                    std::thread::scope(|s| {
+                        s.spawn(|| {
+                            if shared {
+                                a.send(&invoke(1), &data, &[]).unwrap();
+                            } else {
+                                a.send_raw(br#"{"op":"invoke","id":1}"#, &data, &[])
+                                    .unwrap();
+                            }
+                        });
+                        let m = b.recv::<InstanceRequest>().unwrap();
+                        let touched: u64 = m.payload.iter().step_by(4096).map(|&x| x as u64).sum();
+                        black_box(touched);
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, round_trip, payload_transfer);
 criterion_main!(benches);

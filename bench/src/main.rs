@@ -14,6 +14,7 @@ mod daemon;
 mod latency;
 mod plot;
 mod stats;
+mod workflows;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -185,7 +186,21 @@ fn main() -> anyhow::Result<()> {
             eprintln!("measuring (release build recommended; this takes a few minutes)...");
             latency(&settings)?
         }
-        _ => bail!("usage: bench latency [--quick] [--clients 1,4,16,64]"),
+        Some("workflows") => {
+            let quick = args.iter().any(|a| a == "--quick");
+            let n = if quick { 5 } else { 30 };
+            let settings = workflows::Settings {
+                chain_runs: n,
+                transfer_runs: if quick { 3 } else { 20 },
+                fan_runs: n,
+            };
+            eprintln!("measuring workflows (release build recommended)...");
+            let rows = workflows::run(&bin_dir()?, &workspace(), &settings)?;
+            return write_rows("workflows", &rows);
+        }
+        _ => bail!(
+            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench workflows [--quick]"
+        ),
     };
     stats::print(&rows);
     let find = |prefix: &str| {
@@ -199,11 +214,19 @@ fn main() -> anyhow::Result<()> {
             runc / stem
         );
     }
+    write_rows("latency", &rows)
+}
+
+/// Writes `target/sprout-bench/<suite>.json` and a CDF plot per row.
+fn write_rows(suite: &str, rows: &[Row]) -> anyhow::Result<()> {
+    if suite != "latency" {
+        stats::print(rows);
+    }
     let out = workspace().join("target/sprout-bench");
     std::fs::create_dir_all(&out)?;
-    let file = out.join("latency.json");
-    std::fs::write(&file, serde_json::to_vec_pretty(&rows)?)?;
-    for row in &rows {
+    let file = out.join(format!("{suite}.json"));
+    std::fs::write(&file, serde_json::to_vec_pretty(rows)?)?;
+    for row in rows {
         plot::cdf(&out.join("plots"), row).with_context(|| format!("plot {}", row.path))?;
     }
     println!(

@@ -16,6 +16,9 @@ pub struct Row {
     /// Throughput rows: completed invocations per second over the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ops_per_s: Option<f64>,
+    /// Transfer rows: bytes moved per second at the median, in GB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gb_per_s: Option<f64>,
     /// Every sample, for the plots (not written to the JSON).
     #[serde(skip)]
     pub samples_us: Vec<f64>,
@@ -34,6 +37,7 @@ impl Row {
             min_us: us[0],
             max_us: us[us.len() - 1],
             ops_per_s: None,
+            gb_per_s: None,
             samples_us: us,
         }
     }
@@ -53,13 +57,17 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Prints the table.
 pub fn print(rows: &[Row]) {
     println!(
-        "{:<54} {:>6} {:>12} {:>12} {:>12}",
-        "path", "n", "p50", "p99", "ops/s"
+        "{:<66} {:>6} {:>12} {:>12} {:>12}",
+        "path", "n", "p50", "p99", "ops/s|GB/s"
     );
     for r in rows {
-        let ops = r.ops_per_s.map_or(String::new(), |o| format!("{o:.0}"));
+        let ops = match (r.ops_per_s, r.gb_per_s) {
+            (Some(o), _) => format!("{o:.0}"),
+            (None, Some(g)) => format!("{g:.2} GB/s"),
+            (None, None) => String::new(),
+        };
         println!(
-            "{:<54} {:>6} {:>12} {:>12} {:>12}",
+            "{:<66} {:>6} {:>12} {:>12} {:>12}",
             r.path,
             r.n,
             human(r.p50_us),

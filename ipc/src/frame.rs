@@ -266,7 +266,9 @@ impl Channel {
         let payload = if p.shared {
             // The frame is consumed either way: a bad memfd fails this frame only.
             self.consume(total);
-            let memfd = fds.pop().expect("decode_prefix: a shared frame has a descriptor");
+            let memfd = fds
+                .pop()
+                .expect("decode_prefix: a shared frame has a descriptor");
             Payload::map(memfd, p.payload).map_err(Error::Shared)?
         } else {
             let bytes = avail[PREFIX_LEN + p.header..total].to_vec();
@@ -397,7 +399,11 @@ fn decode_prefix(b: &[u8]) -> Result<Prefix, Error> {
             max: MAX_HEADER,
         });
     }
-    let max = if shared { MAX_SHARED_PAYLOAD } else { MAX_PAYLOAD };
+    let max = if shared {
+        MAX_SHARED_PAYLOAD
+    } else {
+        MAX_PAYLOAD
+    };
     if p > max {
         return Err(Error::PayloadTooLarge { len: p, max });
     }
@@ -490,9 +496,8 @@ mod tests {
     fn large_payload_crosses_many_reads() {
         let (a, mut b) = Channel::pair().unwrap();
         let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
-        let sender = std::thread::spawn(move || {
-            a.send_raw(br#"{"op":"t","n":1}"#, &big, &[]).map(|_| big)
-        });
+        let sender =
+            std::thread::spawn(move || a.send_raw(br#"{"op":"t","n":1}"#, &big, &[]).map(|_| big));
         let m: Message<Hdr> = b.recv().unwrap();
         let big = sender.join().unwrap().unwrap();
         assert!(!m.payload.is_shared());
@@ -517,7 +522,10 @@ mod tests {
         assert!(fwd.payload.is_shared());
         assert_eq!(*fwd.payload, big);
         let m2: Message<Hdr> = b.recv().unwrap();
-        assert_eq!((&*m2.payload, m2.payload.is_shared()), (&b"small"[..], false));
+        assert_eq!(
+            (&*m2.payload, m2.payload.is_shared()),
+            (&b"small"[..], false)
+        );
     }
 
     #[test]
@@ -529,7 +537,11 @@ mod tests {
             .unwrap();
         let err = b.recv::<Hdr>().unwrap_err();
         assert!(matches!(err, Error::Shared(_)), "{err:?}");
-        assert!(crate::chain(&err).contains("sealed"), "{}", crate::chain(&err));
+        assert!(
+            crate::chain(&err).contains("sealed"),
+            "{}",
+            crate::chain(&err)
+        );
     }
 
     #[test]
@@ -563,7 +575,9 @@ mod tests {
         );
 
         let (a, mut b) = Channel::pair().unwrap();
-        a.stream().write_all(&encode_prefix(2, 0, 1, false)).unwrap();
+        a.stream()
+            .write_all(&encode_prefix(2, 0, 1, false))
+            .unwrap();
         a.stream().write_all(b"{}").unwrap();
         assert!(matches!(
             b.recv::<Hdr>(),

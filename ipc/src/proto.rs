@@ -500,7 +500,12 @@ impl ZygoteLink {
         self.0.send(
             &ZygoteRequest::Fork { instance, runtime },
             b"",
-            &[channel.as_fd(), stdout.as_fd(), stderr.as_fd(), calls.as_fd()],
+            &[
+                channel.as_fd(),
+                stdout.as_fd(),
+                stderr.as_fd(),
+                calls.as_fd(),
+            ],
         )?;
         match self.0.recv()?.header {
             ZygoteEvent::Forked { instance: i, pid } if i == instance => Ok(Ok(pid)),
@@ -540,6 +545,7 @@ mod tests {
         assert_eq!(v["handler"]["module"], "f");
         let v = serde_json::to_value(InstanceEvent::Raised {
             id: 1,
+            called: false,
             error: FunctionError {
                 kind: "ValueError".into(),
                 message: "m".into(),

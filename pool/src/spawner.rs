@@ -52,9 +52,10 @@ enum SpawnerRequest {
     DetachScratch {
         id: String,
     },
-    /// Answered with a detached clone of the mount on the sandbox's `/workflow`.
-    CloneScratch {
+    /// Puts a clone of sandbox `from`'s `/workflow` on sandbox `id`'s.
+    AttachScratchFrom {
         id: String,
+        from: String,
     },
     /// The agent is exiting cleanly and removes its state itself.
     Shutdown,
@@ -69,8 +70,6 @@ enum SpawnerReply {
     },
     Destroyed,
     Done,
-    /// Carries one descriptor: a detached mount.
-    Scratch,
     Failed {
         message: String,
     },
@@ -272,30 +271,21 @@ impl Spawner {
         self.mount_op(sandbox_id, "detach the workflow scratch", &req, &[])
     }
 
-    /// The scratch the sandbox sees now (its own, or one attached), to attach elsewhere.
-    pub fn clone_scratch(&self, sandbox_id: &str) -> Result<Scratch, Error> {
-        let reply = self.call(&SpawnerRequest::CloneScratch {
+    /// Puts a clone of what sandbox `from` sees on its `/workflow` (its own scratch,
+    /// or one attached there) on `sandbox_id`'s. A clone of a mount from another
+    /// namespace can only be cloned again inside that namespace, so it is cloned
+    /// there and attached at once.
+    pub fn attach_scratch_from(&self, sandbox_id: &str, from: &str) -> Result<(), Error> {
+        let req = SpawnerRequest::AttachScratchFrom {
             id: sandbox_id.to_owned(),
-        })?;
-        match reply.header {
-            SpawnerReply::Scratch => {
-                reply
-                    .fds
-                    .into_iter()
-                    .next()
-                    .map(Scratch)
-                    .ok_or(Error::Spawner(ipc::Error::MissingFds {
-                        expected: 1,
-                        queued: 0,
-                    }))
-            }
-            SpawnerReply::Failed { message } => Err(Error::Mount {
-                id: sandbox_id.to_owned(),
-                what: "clone the workflow scratch",
-                source: SpawnerFailure(message),
-            }),
-            other => Err(unexpected(other, "scratch")),
-        }
+            from: from.to_owned(),
+        };
+        self.mount_op(
+            sandbox_id,
+            "attach the caller's workflow scratch",
+            &req,
+            &[],
+        )
     }
 
     /// Tells the spawner the agent is leaving cleanly, and waits for it to exit after
@@ -416,14 +406,19 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
                 };
                 reply_done(&channel, done)
             }
-            SpawnerRequest::CloneScratch { id } => {
-                let cloned = in_sandbox(&live, &id, &home, |_| {
+            SpawnerRequest::AttachScratchFrom { id, from } => {
+                let done = in_sandbox(&live, &from, &home, |_| {
                     Ok(|| sys::clone_path(Path::new(rootfs::WORKFLOW_DIR)))
+                })
+                .and_then(|tree| {
+                    in_sandbox(&live, &id, &home, |_| {
+                        Ok(move || sys::move_mount(tree.as_fd(), Path::new(rootfs::WORKFLOW_DIR)))
+                    })
                 });
-                match cloned {
-                    Ok(fd) => channel.send(&SpawnerReply::Scratch, b"", &[fd.as_fd()]),
-                    Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
+                if done.is_ok() {
+                    scratch_attached.insert(id);
                 }
+                reply_done(&channel, done)
             }
             SpawnerRequest::Shutdown => break true,
         };

@@ -77,10 +77,7 @@ fn run() -> Result<(), Error> {
     router.announce_ready(zygote_pid).map_err(Error::Router)?;
 
     loop {
-        match router
-            .turn(Some(sigchld.as_fd()))
-            .map_err(Error::Router)?
-        {
+        match router.turn(Some(sigchld.as_fd())).map_err(Error::Router)? {
             Turn::AgentGone => return Ok(()), // the agent let go of the sandbox
             Turn::Woken => {
                 while sigchld.read_signal().ok().flatten().is_some() {}

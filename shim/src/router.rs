@@ -8,6 +8,12 @@
 //! the channel the call came from (its *origin*). Payloads are passed on as they
 //! arrived: a shared (memfd) payload is forwarded, never copied.
 //!
+//! Local instances write their stdout and stderr to the pipes of the instance last
+//! handed to the agent (the shim keeps their write ends), so a workflow's output shows
+//! in its caller's logs; one that would write to an older hand-over's pipes is not
+//! reused. Before any hand-over they write to `/dev/null`, and a spare taken for a
+//! call has its own pipes read and thrown away by the loop.
+//!
 //! ```text
 //! agent ──call──▶ shim ──invoke──▶ local instance B ──call (calls channel)──▶ shim ──invoke──▶ C
 //!   ▲              │ ▲                                                          │
@@ -71,6 +77,12 @@ pub enum Turn {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key(u64);
 
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
 /// Where a call came from, and so where its answer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -126,7 +138,10 @@ impl IdlePools {
     /// Puts `key` back; returns the instance that no longer fits (the least recently
     /// used), to be killed.
     pub fn put(&mut self, function: &str, version: u64, key: Key) -> Option<Key> {
-        let pool = self.pools.entry((function.to_owned(), version)).or_default();
+        let pool = self
+            .pools
+            .entry((function.to_owned(), version))
+            .or_default();
         pool.push(key);
         (pool.len() > IDLE_PER_VERSION).then(|| pool.remove(0))
     }
@@ -189,12 +204,6 @@ struct Handover {
     stderr_w: OwnedFd,
 }
 
-/// The shim's end of an instance's calls channel.
-#[derive(Debug)]
-struct CallsEnd {
-    channel: Channel,
-}
-
 /// Why a local instance could not be had for a call.
 #[derive(Debug)]
 enum Refused {
@@ -236,7 +245,7 @@ pub struct Router<Z> {
     /// Forked ahead for the agent's first `spawn_instance`.
     spare: Option<Handover>,
     /// Every live instance's calls channel: the agent's instances and local ones.
-    calls: BTreeMap<Key, CallsEnd>,
+    calls: BTreeMap<Key, Channel>,
     locals: BTreeMap<Key, Local>,
     idle: IdlePools,
     output: Output,
@@ -286,9 +295,7 @@ impl<Z: Spawn> Router<Z> {
     }
 
     pub fn announce_ready(&self, zygote_pid: i32) -> Result<(), Error> {
-        self.agent
-            .announce_ready(zygote_pid)
-            .map_err(Error::Agent)
+        self.agent.announce_ready(zygote_pid).map_err(Error::Agent)
     }
 
     // ------------------------------------------------------------------ the loop
@@ -340,20 +347,20 @@ impl<Z: Spawn> Router<Z> {
             sources.push(s);
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         };
-        // Answers before new calls: a callee answering goes back to idle first.
         if let Some(fd) = extra {
             watch(Source::Extra, fd);
         }
         for (i, f) in self.discard.iter().enumerate() {
             watch(Source::Discard(i), f.as_fd());
         }
+        // Answers before new calls: a callee that answered is idle for them.
         for (&key, local) in &self.locals {
             if local.busy.is_some() {
                 watch(Source::Callee(key), local.link.0.as_fd());
             }
         }
-        for (&key, end) in &self.calls {
-            watch(Source::Calls(key), end.channel.as_fd());
+        for (&key, calls) in &self.calls {
+            watch(Source::Calls(key), calls.as_fd());
         }
         watch(Source::Agent, self.agent.0.as_fd());
         match poll(&mut fds, timeout) {
@@ -416,23 +423,29 @@ impl<Z: Spawn> Router<Z> {
             return Ok(());
         };
         let mut requests = Vec::new();
-        let mut closed = match end.channel.fill() {
+        let mut closed = match end.fill() {
             Ok(0) => true,
             Ok(_) => false,
             Err(e) => {
                 if !is_closed(&e) {
-                    warn(format_args!("calls channel of instance {key:?}: {}", ipc::chain(&e)));
+                    warn(format_args!(
+                        "calls channel of instance {key}: {}",
+                        ipc::chain(&e)
+                    ));
                 }
                 true
             }
         };
         while !closed {
-            match end.channel.try_recv::<CallRequest>() {
+            match end.try_recv::<CallRequest>() {
                 Ok(Some(m)) => requests.push(m),
                 Ok(None) => break,
                 Err(e) => {
                     // A broken frame: the channel is not used any further.
-                    warn(format_args!("calls channel of instance {key:?}: {}", ipc::chain(&e)));
+                    warn(format_args!(
+                        "calls channel of instance {key}: {}",
+                        ipc::chain(&e)
+                    ));
                     closed = true;
                 }
             }
@@ -493,7 +506,7 @@ impl<Z: Spawn> Router<Z> {
     }
 
     fn drain_discarded(&mut self, i: usize) {
-        let mut buf = [0u8; 16 << 10];
+        let mut buf = [0u8; 64 << 10];
         match self.discard[i].read(&mut buf) {
             Ok(0) => {
                 self.discard.remove(i);
@@ -554,7 +567,10 @@ impl<Z: Spawn> Router<Z> {
                     }
                 },
             };
-            let local = self.locals.get_mut(&key).expect("idle keys are local instances");
+            let local = self
+                .locals
+                .get_mut(&key)
+                .expect("idle keys are local instances");
             match local.link.send_call(invoke_id, depth, raw, event) {
                 Ok(()) => {
                     local.busy = Some(Pending {
@@ -607,7 +623,11 @@ impl<Z: Spawn> Router<Z> {
             let key = self.new_key();
             let forked = self
                 .zygote
-                .fork(key.0, self.output.stdout.as_fd(), self.output.stderr.as_fd())
+                .fork(
+                    key.0,
+                    self.output.stdout.as_fd(),
+                    self.output.stderr.as_fd(),
+                )
                 .map_err(Error::Zygote)?;
             match forked {
                 Ok(Forked {
@@ -615,7 +635,7 @@ impl<Z: Spawn> Router<Z> {
                     channel,
                     calls,
                 }) => {
-                    self.calls.insert(key, CallsEnd { channel: calls });
+                    self.calls.insert(key, calls);
                     (key, pid, channel)
                 }
                 Err(message) => {
@@ -696,7 +716,11 @@ impl<Z: Spawn> Router<Z> {
                 (raised, None)
             }
             other => {
-                let why = format!("unexpected {} while running call {}", op_of(&other), pending.invoke_id);
+                let why = format!(
+                    "unexpected {} while running call {}",
+                    op_of(&other),
+                    pending.invoke_id
+                );
                 local.busy = Some(pending);
                 return self.fail_callee(key, true, |f, pid| {
                     format!("{f}'s instance (pid {pid}) broke the protocol: {why}")
@@ -767,9 +791,12 @@ impl<Z: Spawn> Router<Z> {
                 let Some(end) = self.calls.get(&key) else {
                     return Ok(());
                 };
-                if let Err(e) = end.channel.send_payload(reply, payload, &[]) {
+                if let Err(e) = end.send_payload(reply, payload, &[]) {
                     if !is_closed(&e) {
-                        warn(format_args!("calls channel of instance {key:?}: {}", ipc::chain(&e)));
+                        warn(format_args!(
+                            "calls channel of instance {key}: {}",
+                            ipc::chain(&e)
+                        ));
                     }
                     self.forget_calls(key);
                 }
@@ -827,7 +854,7 @@ impl<Z: Spawn> Router<Z> {
             .fork(instance, stdout_w.as_fd(), stderr_w.as_fd())
             .map_err(Error::Zygote)?;
         Ok(forked.map(|f| {
-            self.calls.insert(key, CallsEnd { channel: f.calls });
+            self.calls.insert(key, f.calls);
             Handover {
                 key,
                 pid: f.pid,

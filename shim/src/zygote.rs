@@ -129,7 +129,14 @@ pub fn fork_ready(
     let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
     let (calls, calls_theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
     let forked = zygote
-        .fork(instance, Runtime::Python, &theirs, stdout, stderr, &calls_theirs)
+        .fork(
+            instance,
+            Runtime::Python,
+            &theirs,
+            stdout,
+            stderr,
+            &calls_theirs,
+        )
         .map_err(Error::Protocol)?;
     // The instance has its copies now; ours go so its death shows as these closing.
     drop((theirs, calls_theirs));

@@ -57,10 +57,12 @@ impl Handle for Fake {
                 Err(Error::NotFound { name: name.clone() })
             }
             Request::RemoveFunction { name } => Ok(Response::Removed { name: name.clone() }),
-            Request::RunWorkflow { name, .. } => Err(Error::WorkflowNotFound { name: name.clone() }),
-            Request::RegisterWorkflow { .. } | Request::ListWorkflows | Request::RemoveWorkflow { .. } => {
-                Ok(Response::Workflows(Vec::new()))
+            Request::RunWorkflow { name, .. } => {
+                Err(Error::WorkflowNotFound { name: name.clone() })
             }
+            Request::RegisterWorkflow { .. }
+            | Request::ListWorkflows
+            | Request::RemoveWorkflow { .. } => Ok(Response::Workflows(Vec::new())),
             Request::Status => Ok(Response::Status(Status {
                 version: "test".into(),
                 cgroup: "/sys/fs/cgroup/sprout".into(),

@@ -174,6 +174,7 @@ def _map_shared(fd, length):
         if length == 0:
             return b""
         try:
+            # mmap keeps a descriptor of its own (a dup) until the mapping is collected.
             return mmap.mmap(fd, length, prot=mmap.PROT_READ)
         except (OSError, ValueError) as exc:
             raise ProtocolError(f"shared payload: cannot map {length} bytes: {exc}") from None
@@ -773,13 +774,16 @@ class Future:
             return
         if timeout is None:
             self._lock.acquire()
-        elif not self._lock.acquire(timeout=max(timeout, 0)):
-            raise TimeoutError(f"call to {self.function} did not answer within {timeout} s")
+        else:
+            deadline = time.monotonic() + timeout
+            if not self._lock.acquire(timeout=max(timeout, 0)):
+                raise TimeoutError(f"call to {self.function} did not answer within {timeout} s")
         try:
             if self._settled:
                 return
+            left = None if timeout is None else deadline - time.monotonic()
             try:
-                header, payload = _agent_reply(self._state, self._id, timeout)
+                header, payload = _agent_reply(self._state, self._id, left)
             except TimeoutError:
                 raise TimeoutError(f"call to {self.function} did not answer within {timeout} s") from None
             except _ChannelGone as exc:

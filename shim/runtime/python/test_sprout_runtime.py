@@ -865,6 +865,488 @@ class ChannelTest(unittest.TestCase):
         with self.assertRaises(rt.ProtocolError):
             a.send({"op": "x"}, b"", list(range(rt.MAX_FDS + 1)))
 
+    # -- shared payloads
+
+    def test_shared_payload_round_trip(self):
+        a, b = self.pair()
+        big = bytes(range(253)) * ((3 << 20) // 253) + b"end"
+        a.send({"op": "big"}, big)
+        a.send({"op": "small"}, b"s")
+        header, payload, fds = b.recv()
+        self.assertEqual((header, fds), ({"op": "big"}, []))
+        self.assertIsInstance(payload, mmap.mmap)
+        self.assertEqual(len(payload), len(big))
+        self.assertEqual(payload[:], big)
+        with memoryview(payload) as view:
+            self.assertTrue(view.readonly)
+            self.assertEqual(str(view[-3:], "utf-8"), "end")
+        self.assertEqual(b.recv(), ({"op": "small"}, b"s", []))
+        # A received mapping can be sent on (copied into a memfd of its own).
+        a.send({"op": "again"}, payload)
+        header, again, _ = b.recv()
+        self.assertEqual((header, again[:]), ({"op": "again"}, big))
+
+    def test_threshold_between_inline_and_shared(self):
+        a, b = self.pair()
+        for size, shared in ((rt.SHARED_THRESHOLD, False), (rt.SHARED_THRESHOLD + 1, True)):
+            data = b"x" * size
+            a.send({"op": "t"}, bytearray(data))
+            _, payload, _ = b.recv()
+            self.assertEqual(isinstance(payload, mmap.mmap), shared, size)
+            self.assertEqual(payload[:], data)
+
+    def test_shared_frame_layout_and_seals(self):
+        a, b = self.pair()
+        big = b"\x07" * (100 << 10)
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        a.send({"op": "t"}, big, [w])
+        os.close(w)
+        header = b'{"op":"t"}'
+        data, anc, _, _ = b.sock.recvmsg(1 << 20, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
+        # Prefix and header only: the payload is not in the stream.
+        self.assertEqual(data, struct.pack("<III", len(header), len(big), 0x8000_0000 | 2) + header)
+        fds = list(struct.unpack(f"{len(anc[0][2]) // 4}i", anc[0][2]))
+        self.assertEqual(len(fds), 2)
+        for fd in fds:
+            self.addCleanup(os.close, fd)
+        memfd = fds[-1]  # the payload's is the last descriptor
+        seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+        want = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        self.assertEqual(seals & want, want)
+        self.assertEqual(os.fstat(memfd).st_size, len(big))
+        self.assertEqual(os.pread(memfd, len(big) + 1, 0), big)
+        self.assertEqual(os.readlink(f"/proc/self/fd/{memfd}"), "/memfd:sprout-payload (deleted)")
+        with self.assertRaises(OSError):
+            os.pwrite(memfd, b"x", 0)
+
+    def test_hand_made_shared_frame_in_the_rust_layout(self):
+        a, b = self.pair()
+        other = memfd_with(b"not a payload", seals=0)
+        payload = memfd_with(b"0123456789tail")
+        header = b'{"op":"shared","n":1}'
+        # The frame's payload is the first 10 bytes of its last descriptor.
+        send_hand_made(a.sock, header, 10, [other, payload], True)
+        send_hand_made(a.sock, b'{"op":"empty"}', 0, [payload], True)
+        a.send({"op": "after"}, b"inline")
+        os.close(payload)
+        got, data, fds = b.recv()
+        self.assertEqual(got, {"op": "shared", "n": 1})
+        self.assertEqual(data[:], b"0123456789")
+        self.assertEqual(len(fds), 1)
+        self.assertEqual(os.pread(fds[0], 100, 0), b"not a payload")
+        os.close(fds[0])
+        os.close(other)
+        self.assertEqual(b.recv(), ({"op": "empty"}, b"", []))
+        self.assertEqual(b.recv(), ({"op": "after"}, b"inline", []))
+
+    def test_unsealed_or_short_shared_payloads_are_refused(self):
+        a, b = self.pair()
+        unsealed = memfd_with(b"x" * 100, seals=0)
+        write_only = memfd_with(b"x" * 100, seals=fcntl.F_SEAL_WRITE)
+        short = memfd_with(b"x" * 10)
+        plain = tempfile.TemporaryFile()
+        self.addCleanup(plain.close)
+        plain.write(b"x" * 100)
+        plain.flush()
+        for fd in (unsealed, write_only):
+            send_hand_made(a.sock, b'{"op":"t"}', 100, [fd], True)
+            # Only that frame fails: it is consumed and the next one is read.
+            with self.assertRaisesRegex(rt.ProtocolError, "not sealed"):
+                b.recv()
+        send_hand_made(a.sock, b'{"op":"t"}', 11, [short], True)
+        with self.assertRaisesRegex(rt.ProtocolError, "holds 10 bytes"):
+            b.recv()
+        send_hand_made(a.sock, b'{"op":"t"}', 100, [plain.fileno()], True)
+        with self.assertRaisesRegex(rt.ProtocolError, "not sealed"):
+            b.recv()
+        for fd in (unsealed, write_only, short):
+            os.close(fd)
+        a.send({"op": "after"})
+        self.assertEqual(b.recv(), ({"op": "after"}, b"", []))
+        # The refused descriptors were closed, not kept.
+        self.assertEqual(len(b._fds), 0)
+
+    def test_shared_limits(self):
+        a, b = self.pair()
+        a.sock.sendall(struct.pack("<III", 2, rt.MAX_SHARED_PAYLOAD + 1, 0x8000_0001))
+        with self.assertRaisesRegex(rt.ProtocolError, "exceeds the limit of 1073741824"):
+            b.recv()
+        a, b = self.pair()
+        a.sock.sendall(struct.pack("<III", 2, 5, 0x8000_0000) + b"{}")
+        with self.assertRaisesRegex(rt.ProtocolError, "no descriptor"):
+            b.recv()
+        # Over the inline limit is fine for a shared frame (only the prefix is checked here).
+        self.assertEqual(rt._decode_prefix(struct.pack("<III", 2, rt.MAX_PAYLOAD + 1, 0x8000_0001), 0),
+                         (2, rt.MAX_PAYLOAD + 1, 1, True))
+        with self.assertRaises(rt.ProtocolError):
+            rt._decode_prefix(struct.pack("<III", 2, rt.MAX_PAYLOAD + 1, 1), 0)
+        # The memfd counts as a descriptor.
+        with self.assertRaisesRegex(rt.ProtocolError, "9 descriptors"):
+            a.send({"op": "x"}, b"x" * (rt.SHARED_THRESHOLD + 1), [0] * rt.MAX_FDS)
+
+
+SPEC = {
+    "function": "g",
+    "version": 3,
+    "code_dir": "/code/g",
+    "handler": {"module": "g", "function": "handle"},
+    "timeout_ms": 1000,
+}
+
+
+def returned(ch, header, result, **extra):
+    ch.send({"op": "call_returned", "id": header["id"], **extra}, json.dumps(result).encode())
+
+
+class SdkTest(unittest.TestCase):
+    """The sprout module in this process, against a fake shim (its calls channel) and a
+    fake agent (a Unix socket at sprout._AGENT_SOCKET)."""
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.sock_path = os.path.join(tmp.name, "agent.sock")
+        self.addCleanup(setattr, rt.sprout, "_AGENT_SOCKET", rt.sprout._AGENT_SOCKET)
+        rt.sprout._AGENT_SOCKET = self.sock_path
+        shim, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        shim.settimeout(TIMEOUT)
+        self.shim_ch = rt.Channel(shim)
+        self.addCleanup(self.shim_ch.close)
+        self.state = rt._start_calls(rt.Channel(inst))
+        self.addCleanup(rt._start_calls, None)
+        self.addCleanup(self.state.close)
+        self.sdk = rt.sprout
+
+    def agent(self, script):
+        return serve_agent(self, self.sock_path, script)
+
+    def shim(self, script):
+        return Peer(lambda: script(self.shim_ch))
+
+    def finish(self, *peers):
+        """Closes this process's call channels (a peer waiting for more sees the end),
+        then joins the peers."""
+        self.state.close()
+        for peer in peers:
+            peer.join()
+
+    def expect_resolve(self, ch, name, spec):
+        header, payload, fds = ch.recv()
+        self.assertEqual((header, payload, fds), ({"op": "resolve", "id": header["id"], "function": name}, b"", []))
+        ch.send({"op": "resolved", "id": header["id"], "spec": spec})
+        return header["id"]
+
+    def expect_call(self, ch, name, event, depth=1, spec=None, raw=False):
+        header, payload, fds = ch.recv()
+        want = {"op": "call", "id": header["id"], "function": name, "depth": depth}
+        if raw:
+            want["raw"] = True
+        if spec is not None:
+            want["spec"] = spec
+        self.assertEqual((header, fds), (want, []))
+        self.assertEqual(bytes(payload) if raw else json.loads(str(payload, "utf-8")), event)
+        return header
+
+    def expect_end(self, ch):
+        with self.assertRaises(rt.ChannelClosed):
+            ch.recv()
+
+    # -- call
+
+    def test_local_call_through_the_shim_after_resolve(self):
+        def agent(ch):
+            self.expect_resolve(ch, "g", SPEC)
+            self.expect_end(ch)  # later calls of g are not resolved again
+
+        def shim(ch):
+            for n in (1, 2):
+                header = self.expect_call(ch, "g", {"n": n}, spec=SPEC)
+                returned(ch, header, [n, "ok"])
+
+        peers = self.agent(agent), self.shim(shim)
+        self.assertEqual(self.sdk.call("g", {"n": 1}), [1, "ok"])
+        self.assertEqual(self.sdk.call("g", {"n": 2}), [2, "ok"])
+        self.finish(*peers)
+
+    def test_remote_call_when_resolve_returns_null(self):
+        big = ["x" * 1000] * 200  # over 64 KiB: a shared result
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", None)
+            header = self.expect_call(ch, "g", "first")
+            returned(ch, header, big)
+            header = self.expect_call(ch, "g", "second")  # no resolve this time
+            returned(ch, header, None)
+            self.expect_end(ch)
+
+        peer = self.agent(agent)
+        self.assertEqual(self.sdk.call("g", "first"), big)
+        self.assertIsNone(self.sdk.call("g", "second"))
+        self.assertFalse(readable(self.shim_ch), "nothing went to the shim")
+        self.finish(peer)
+
+    def test_call_raised_is_a_call_error(self):
+        error = {"type": "KeyError", "message": "'k'", "traceback": "Traceback (most recent call last):\n..."}
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", None)
+            header = self.expect_call(ch, "g", {})
+            ch.send({"op": "call_raised", "id": header["id"], "function": "g", "error": error})
+
+        peer = self.agent(agent)
+        with self.assertRaises(self.sdk.CallError) as caught:
+            self.sdk.call("g", {})
+        e = caught.exception
+        self.assertIsInstance(e, Exception)
+        self.assertEqual((e.function, e.type, e.message), ("g", "KeyError", "'k'"))
+        self.assertEqual(e.remote_traceback, error["traceback"])
+        self.assertEqual(str(e), "g raised KeyError: 'k'")
+        self.finish(peer)
+
+    def test_call_failed_is_a_call_error_and_is_not_cached(self):
+        def agent(ch):
+            header, _, _ = ch.recv()
+            self.assertEqual(header["op"], "resolve")
+            ch.send({"op": "call_failed", "id": header["id"], "function": "g", "message": "no function named 'g'"})
+            self.expect_resolve(ch, "g", SPEC)  # asked again: failures are not cached
+
+        def shim(ch):
+            header = self.expect_call(ch, "g", 1, spec=SPEC)
+            ch.send({"op": "call_failed", "id": header["id"], "function": "g", "message": "timed out after 1000 ms"})
+
+        peers = self.agent(agent), self.shim(shim)
+        with self.assertRaises(self.sdk.CallError) as caught:
+            self.sdk.call("g", 1)
+        e = caught.exception
+        self.assertEqual((e.function, e.type, e.message, e.remote_traceback),
+                         ("g", "CallFailed", "no function named 'g'", ""))
+        self.assertEqual(str(e), "call to g failed: no function named 'g'")
+        with self.assertRaisesRegex(self.sdk.CallError, r"^call to g failed: timed out after 1000 ms$"):
+            self.sdk.call("g", 1)
+        self.finish(*peers)
+
+    def test_depth_limit_is_checked_before_anything_is_sent(self):
+        self.assertEqual(self.sdk.MAX_DEPTH, 16)
+
+        def handler(event):
+            out = []
+            for attempt in (lambda: self.sdk.call("g", 1), lambda: self.sdk.map("g", [1]),
+                            lambda: self.sdk.call_async("g", 1).result()):
+                try:
+                    attempt()
+                except self.sdk.CallError as e:
+                    out.append([e.function, e.type, e.message, str(e)])
+            return out
+
+        reply, body = rt.invoke(handler, 1, b"null", depth=16)
+        self.assertEqual(reply, {"op": "returned", "id": 1})  # nothing was called
+        message = "call depth limit of 16 exceeded calling 'g' (a call cycle or runaway recursion?)"
+        self.assertEqual(json.loads(body), [["g", "CallFailed", message, "call to g failed: " + message]] * 3)
+        self.assertIsNone(self.state.agent, "no connection to the agent was made")
+        self.assertFalse(readable(self.shim_ch), "nothing went to the shim")
+
+        # One level less is allowed, and the callee runs one deeper.
+        def agent(ch):
+            self.expect_resolve(ch, "g", None)
+            returned(ch, self.expect_call(ch, "g", 1, depth=16), "deep")
+
+        peer = self.agent(agent)
+        reply, body = rt.invoke(lambda event: self.sdk.call("g", event), 2, b"1", depth=15)
+        self.assertEqual((reply, body), ({"op": "returned", "id": 2, "called": True}, b'"deep"'))
+        self.finish(peer)
+
+    def test_events_that_cannot_be_sent_raise_in_the_caller(self):
+        with self.assertRaises(TypeError):
+            self.sdk.call("g", {1, 2})
+        with self.assertRaises(ValueError):
+            self.sdk.call("g", float("nan"))
+        with self.assertRaises(TypeError):
+            self.sdk.call_async("g", object())
+        with self.assertRaises(TypeError):
+            self.sdk.map("g", [1, 2, {3}])
+        with self.assertRaises(TypeError):
+            self.sdk.call(b"g", 1)
+        self.assertIsNone(self.state.agent, "no connection to the agent was made")
+        self.assertFalse(readable(self.shim_ch), "nothing went to the shim")
+        self.assertEqual(self.sdk.map("g", []), [])
+        self.assertFalse(self.state.called)
+
+    # -- call_async and map
+
+    def test_map_keeps_input_order_and_raises_the_first_failure(self):
+        def agent(ch):
+            headers = [self.expect_call(ch, "g", n) for n in range(4)]
+            # Answered out of order; items 1 and 3 fail.
+            for header in reversed(headers):
+                n = headers.index(header)
+                if n == 1:
+                    ch.send({"op": "call_failed", "id": header["id"], "function": "g", "message": "died"})
+                elif n == 3:
+                    error = {"type": "ValueError", "message": "three", "traceback": ""}
+                    ch.send({"op": "call_raised", "id": header["id"], "function": "g", "error": error})
+                else:
+                    returned(ch, header, n * 10)
+            headers = [self.expect_call(ch, "g", n) for n in range(5)]
+            for n in (3, 0, 4, 2, 1):
+                returned(ch, headers[n], {"n": n})
+            self.expect_end(ch)
+
+        peer = self.agent(agent)
+        with self.assertRaises(self.sdk.CallError) as caught:
+            self.sdk.map("g", range(4))
+        self.assertEqual(str(caught.exception), "call to g failed: died")
+        self.assertEqual(self.state.replies, {}, "every reply was read")
+        self.assertEqual(self.sdk.map("g", [0, 1, 2, 3, 4]), [{"n": n} for n in range(5)])
+        self.assertFalse(readable(self.shim_ch), "map never goes to the shim")
+        self.finish(peer)
+
+    def test_call_async_future(self):
+        go = threading.Event()
+
+        def agent(ch):
+            first = self.expect_call(ch, "g", "one")
+            second = self.expect_call(ch, "h", "two")
+            self.assertTrue(go.wait(TIMEOUT))
+            returned(ch, second, "second")
+            returned(ch, first, "first")
+            self.expect_end(ch)
+
+        peer = self.agent(agent)
+        f1 = self.sdk.call_async("g", "one")
+        f2 = self.sdk.call_async("h", "two")
+        self.assertIsInstance(f1, self.sdk.Future)
+        self.assertFalse(f1.done())
+        with self.assertRaises(TimeoutError):
+            f1.result(timeout=0.05)
+        go.set()
+        self.assertEqual(f1.result(timeout=TIMEOUT), "first")  # read past h's reply, filed it
+        self.assertTrue(f2.done())
+        self.assertEqual(f2.result(), "second")
+        self.assertEqual(f1.result(), "first")
+        self.assertFalse(readable(self.shim_ch), "call_async never goes to the shim")
+        self.finish(peer)
+
+    def test_threads_share_one_agent_connection(self):
+        def agent(ch):
+            headers = [ch.recv()[0] for _ in range(6)]
+            for header in reversed(headers):
+                ch.send({"op": "call_returned", "id": header["id"]}, str(header["id"] * 10).encode())
+
+        peer = self.agent(agent)
+        self.state.specs["g"] = None  # resolved before: through the agent
+        results = {}
+
+        def worker(n):
+            results[n] = self.sdk.call("g", n)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.finish(peer)
+        self.assertEqual(sorted(results), list(range(6)))
+        self.assertEqual(sorted(results.values()), [n * 10 for n in range(1, 7)])
+        self.assertEqual(self.state.replies, {})
+
+    # -- raw bytes
+
+    def test_raw_event_and_result(self):
+        big = os.urandom(200 << 10)
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", None)
+            header = self.expect_call(ch, "g", b"\x00\xff", raw=True)
+            ch.send({"op": "call_returned", "id": header["id"], "raw": True}, big)
+            header = self.expect_call(ch, "g", b"ace", raw=True)
+            ch.send({"op": "call_returned", "id": header["id"], "raw": True}, b"small")
+            header = self.expect_call(ch, "g", b"\x01" * (100 << 10), raw=True)
+            returned(ch, header, "json")
+
+        peer = self.agent(agent)
+        result = self.sdk.call("g", b"\x00\xff")
+        self.assertIsInstance(result, memoryview)
+        self.assertTrue(result.readonly)
+        self.assertEqual(result.tobytes(), big)
+        result = self.sdk.call_async("g", memoryview(b"abcdef")[::2]).result()
+        self.assertEqual((type(result), bytes(result)), (memoryview, b"small"))
+        self.assertEqual(self.sdk.call("g", bytearray(b"\x01" * (100 << 10))), "json")
+        self.finish(peer)
+
+    # -- channels that go away
+
+    def test_closed_channels_fail_calls(self):
+        def agent(ch):
+            self.expect_resolve(ch, "g", SPEC)
+            self.expect_resolve(ch, "h", None)
+            self.expect_call(ch, "h", 1)
+
+        def shim(ch):
+            self.expect_call(ch, "g", 1, spec=SPEC)
+            ch.sock.shutdown(socket.SHUT_RDWR)
+
+        peers = self.agent(agent), self.shim(shim)
+        with self.assertRaisesRegex(self.sdk.CallError, "^call to g failed: the shim closed the calls channel$"):
+            self.sdk.call("g", 1)
+        with self.assertRaisesRegex(self.sdk.CallError, "shim closed"):
+            self.sdk.call("g", 1)
+        with self.assertRaisesRegex(self.sdk.CallError, "^call to h failed: the agent closed the call connection$"):
+            self.sdk.call("h", 1)
+        # There is one connection per process: it is not made again.
+        future = self.sdk.call_async("h", 2)
+        self.assertTrue(future.done())
+        with self.assertRaisesRegex(self.sdk.CallError, "agent closed"):
+            future.result()
+        self.finish(*peers)
+
+    def test_no_agent_to_connect_to(self):
+        with self.assertRaisesRegex(self.sdk.CallError, "cannot connect to the agent's call socket"):
+            self.sdk.call("g", 1)
+
+    # -- the invocation's "called"
+
+    def test_called_is_reported_only_when_the_handler_called(self):
+        def agent(ch):
+            self.expect_call(ch, "g", 1)  # call_async: no resolve
+            header = self.expect_call(ch, "g", 2)
+            returned(ch, header, "two")
+            self.expect_end(ch)
+
+        peer = self.agent(agent)
+
+        def fire_and_forget(event):
+            self.sdk.call_async("g", event)
+            return b"raw"
+
+        def call_then_raise(event):
+            self.sdk.call_async("g", event).result()
+            raise RuntimeError("after the call")
+
+        self.assertEqual(rt.invoke(lambda e: e, 1, b"[1]"), ({"op": "returned", "id": 1}, b"[1]"))
+        self.assertEqual(
+            rt.invoke(fire_and_forget, 2, b"1"),
+            ({"op": "returned", "id": 2, "raw": True, "called": True}, b"raw"),
+        )
+        reply, _ = rt.invoke(call_then_raise, 3, b"2")
+        self.assertEqual((reply["op"], reply["error"]["message"], reply["called"]), ("raised", "after the call", True))
+        reply, _ = rt.invoke(lambda e: 1 / 0, 4, b"null")
+        self.assertNotIn("called", reply)
+        self.finish(peer)
+
+    def test_raw_event_reaches_the_handler_as_a_read_only_memoryview(self):
+        seen = []
+
+        def handler(event):
+            seen.append((type(event), event.readonly, bytes(event)))
+            return event
+
+        reply, body = rt.invoke(handler, 1, b"\x00{not json", raw=True)
+        self.assertEqual(seen, [(memoryview, True, b"\x00{not json")])
+        self.assertEqual((reply, bytes(body)), ({"op": "returned", "id": 1, "raw": True}, b"\x00{not json"))
+        reply, _ = rt.invoke(handler, 2, b"", depth=-1)
+        self.assertEqual((reply["op"], reply["error"]["type"]), ("raised", "ProtocolError"))
+
 
 if __name__ == "__main__":
     unittest.main()

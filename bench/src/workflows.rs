@@ -1,0 +1,206 @@
+//! The workflow suite: a 100-step chain, data moved between two chained functions,
+//! and fan-out to sibling sandboxes. Every function runs in real sandboxes behind a
+//! `sprout serve`; times inside functions come from `time.perf_counter_ns`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::daemon::{ok, Daemon};
+use crate::stats::Row;
+
+/// Never freeze: the suite measures warm sandboxes (freezing is the latency suite's).
+const WARM_POOL: &[&str] = &["--stem-cells", "0", "--pause-grace", "3600000"];
+
+pub struct Settings {
+    pub chain_runs: usize,
+    pub transfer_runs: usize,
+    pub fan_runs: usize,
+}
+
+const XFER_SRC: &str = r#"import sprout, time
+_blobs = {}
+def f(e):
+    size = e["size"]
+    blob = _blobs.get(size)
+    if blob is None:
+        blob = _blobs[size] = (bytes(range(256)) * (size // 256 + 1))[:size]
+    t0 = time.perf_counter_ns()
+    seen = sprout.call("xfer_sink", blob)
+    ns = time.perf_counter_ns() - t0
+    if seen != size:
+        raise ValueError(f"sink saw {seen} bytes, sent {size}")
+    return {"ns": ns}
+"#;
+
+/// Touches every page it was given (a read per 4 KiB), as a consumer would.
+const XFER_SINK: &str = r#"def f(data):
+    sum(data[::4096])
+    return len(data)
+"#;
+
+const FAN: &str = r#"import sprout, time
+def f(e):
+    t0 = time.perf_counter_ns()
+    took = sprout.map("work", [e["ms"]] * e["k"])
+    return {"wall_ns": time.perf_counter_ns() - t0, "slowest_ns": max(took)}
+"#;
+
+const WORK: &str = r#"import time
+def f(ms):
+    t0 = time.perf_counter_ns()
+    time.sleep(ms / 1000)
+    return time.perf_counter_ns() - t0
+"#;
+
+fn write_fn(root: &Path, name: &str, code: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("f.py"), code)?;
+    Ok(dir)
+}
+
+fn post(c: &mut ipc::client::Client, path: &str, body: &Value) -> anyhow::Result<Value> {
+    let r = c.request(
+        "POST",
+        path,
+        Some("application/json"),
+        body.to_string().as_bytes(),
+    )?;
+    ok(&r, path)?;
+    Ok(serde_json::from_slice(&r.body)?)
+}
+
+pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
+    let d = Daemon::start(bin, WARM_POOL)?;
+    let mut c = d.client()?;
+    let fns = tempfile::Builder::new()
+        .prefix("sprout-bench-fns-")
+        .tempdir()?;
+    let big = json!({"memory_mb": 512});
+    d.register(&mut c, "inc", &ws.join("examples/inc"), json!({}))?;
+    d.register(
+        &mut c,
+        "xfer_src",
+        &write_fn(fns.path(), "xfer_src", XFER_SRC)?,
+        big.clone(),
+    )?;
+    d.register(
+        &mut c,
+        "xfer_sink",
+        &write_fn(fns.path(), "xfer_sink", XFER_SINK)?,
+        big,
+    )?;
+    d.register(&mut c, "fan", &write_fn(fns.path(), "fan", FAN)?, json!({}))?;
+    d.register(
+        &mut c,
+        "work",
+        &write_fn(fns.path(), "work", WORK)?,
+        json!({"max_instances": 32}),
+    )?;
+    let mut rows = chain(&mut c, s.chain_runs)?;
+    rows.extend(transfer(&mut c, s.transfer_runs)?);
+    for k in [8, 32] {
+        rows.push(fan_out(&mut c, k, s.fan_runs)?);
+    }
+    Ok(rows)
+}
+
+/// A declarative sequence of 100 `inc` tasks: one sandbox, the shim running each step.
+fn chain(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
+    const STEPS: usize = 100;
+    let steps: Vec<Value> = (0..STEPS)
+        .map(|_| json!({"type": "task", "function": "inc"}))
+        .collect();
+    let r = c.request(
+        "PUT",
+        "/workflows/chain",
+        Some("application/json"),
+        json!({ "steps": steps }).to_string().as_bytes(),
+    )?;
+    ok(&r, "register the chain")?;
+    let mut whole = Vec::new();
+    let mut hops = Vec::new();
+    for i in 0..runs + 3 {
+        let t = Instant::now();
+        let out = post(c, "/workflows/chain/invoke", &json!({"n": 0}))?;
+        let took = t.elapsed();
+        if out["n"] != STEPS {
+            bail!("the chain counted {} steps, not {STEPS}", out["n"]);
+        }
+        if i < 3 {
+            continue; // warm-up: the first run forks the step's instance
+        }
+        whole.push(took);
+        let t: Vec<u64> = out["t"]
+            .as_array()
+            .context("no timestamps")?
+            .iter()
+            .map(|v| v.as_u64().unwrap_or(0))
+            .collect();
+        hops.extend(
+            t.windows(2)
+                .map(|w| Duration::from_nanos(w[1].saturating_sub(w[0]))),
+        );
+    }
+    Ok(vec![
+        Row::new("chain: 100-step sequence, end to end", &whole),
+        Row::new("chain: one hop (step to step, in-sandbox)", &hops),
+    ])
+}
+
+/// Bytes moved from one function to the next (a call in the same sandbox).
+fn transfer(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for (label, size) in [
+        ("0 B", 0usize),
+        ("1 KiB", 1 << 10),
+        ("64 KiB", 64 << 10),
+        ("1 MiB", 1 << 20),
+        ("16 MiB", 16 << 20),
+        ("64 MiB", 64 << 20),
+    ] {
+        let mut samples = Vec::new();
+        for i in 0..runs + 2 {
+            let out = post(c, "/functions/xfer_src/invoke", &json!({ "size": size }))?;
+            if i >= 2 {
+                samples.push(Duration::from_nanos(out["ns"].as_u64().context("no ns")?));
+            }
+        }
+        let how = if size > ipc::payload::SHARED_THRESHOLD {
+            "shared memfd"
+        } else {
+            "inline"
+        };
+        let mut row = Row::new(
+            &format!("transfer {label} between two functions ({how})"),
+            &samples,
+        );
+        if size > 0 {
+            row.gb_per_s = Some(size as f64 / (row.p50_us * 1e-6) / 1e9);
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// `sprout.map` over `k` sibling sandboxes, each sleeping 20 ms: the wall time of the
+/// map less its slowest branch's own time.
+fn fan_out(c: &mut ipc::client::Client, k: usize, runs: usize) -> anyhow::Result<Row> {
+    let mut samples = Vec::new();
+    for i in 0..runs + 3 {
+        let out = post(c, "/functions/fan/invoke", &json!({"k": k, "ms": 20}))?;
+        if i < 3 {
+            continue; // warm-up: starts the sibling sandboxes
+        }
+        let wall = out["wall_ns"].as_u64().context("no wall_ns")?;
+        let slowest = out["slowest_ns"].as_u64().context("no slowest_ns")?;
+        samples.push(Duration::from_nanos(wall.saturating_sub(slowest)));
+    }
+    Ok(Row::new(
+        &format!("fan-out {k}: overhead over the slowest branch (warm siblings)"),
+        &samples,
+    ))
+}

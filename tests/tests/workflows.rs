@@ -1,0 +1,461 @@
+//! Workflows: functions calling functions in their sandbox and in siblings, the
+//! shared workflow scratch, payloads through shared memory, declarative workflow
+//! files, and how failures, timeouts and runaway recursion end them.
+
+use std::time::{Duration, Instant};
+
+use sprout_tests::{body_json, example, json, require_root, text, wait_for, Daemon, Env, Value};
+
+/// Returns the sandbox it runs in and the nesting it was called at.
+const WHOAMI_PY: &str = "import os\ndef f(event):\n    return {'sandbox': os.environ['SPROUT_SANDBOX'], 'event': event}\n";
+
+/// Calls `whoami` and returns both sandboxes.
+const CALLER_PY: &str = r#"import os, sprout
+def f(event):
+    callee = sprout.call("whoami", {"n": 1})
+    return {"mine": os.environ["SPROUT_SANDBOX"], "callee": callee}
+"#;
+
+fn register(d: &Daemon, env: &Env, name: &str, code: &str, extra: Value) {
+    let dir = env.function(name, &[("f.py", code)]);
+    d.register(name, &dir, extra);
+}
+
+fn put_workflow(d: &Daemon, name: &str, doc: &Value) -> sprout_tests::ClientResponse {
+    d.request(
+        "PUT",
+        &format!("/workflows/{name}"),
+        Some("application/json"),
+        doc.to_string().as_bytes(),
+    )
+}
+
+fn run_workflow(d: &Daemon, name: &str, input: &str) -> sprout_tests::ClientResponse {
+    d.request(
+        "POST",
+        &format!("/workflows/{name}/invoke"),
+        Some("application/json"),
+        input.as_bytes(),
+    )
+}
+
+#[test]
+fn pinger_calls_ponger_in_its_own_sandbox_embedded_and_on_the_daemon() {
+    let env = require_root!();
+    let run = env
+        .sprout()
+        .args(["invoke"])
+        .arg(example("pinger"))
+        .arg(r#""ponger""#)
+        .arg("--with")
+        .arg(example("ponger"))
+        .run();
+    run.success();
+    assert_eq!(
+        run.json(),
+        json!("ping to ponger...pong from ponger: ponged"),
+        "{run}"
+    );
+
+    let d = env.daemon();
+    d.register("pinger", &example("pinger"), json!({}));
+    d.register("ponger", &example("ponger"), json!({}));
+    let r = d.invoke("pinger", r#""ponger""#);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(
+        body_json(&r),
+        json!("ping to ponger...pong from ponger: ponged")
+    );
+    // Sequential: the callee ran in the caller's sandbox, no second sandbox.
+    assert_eq!(d.sandboxes().len(), 1, "{:?}", d.sandboxes());
+}
+
+#[test]
+fn sequential_and_nested_calls_run_in_the_callers_sandbox() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(&d, &env, "whoami", WHOAMI_PY, json!({}));
+    register(&d, &env, "caller", CALLER_PY, json!({}));
+    // a -> b -> c, each adding its name: nested calls through the same shim.
+    for (name, next) in [("a", Some("b")), ("b", Some("c")), ("c", None)] {
+        let code = match next {
+            Some(n) => {
+                format!("import sprout\ndef f(e):\n    return ['{name}'] + sprout.call('{n}', e)\n")
+            }
+            None => format!(
+                "import os\ndef f(e):\n    return ['{name}', e, os.environ['SPROUT_SANDBOX']]\n"
+            ),
+        };
+        register(&d, &env, name, &code, json!({}));
+    }
+    for _ in 0..3 {
+        let r = d.invoke("caller", "{}");
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let v = body_json(&r);
+        assert_eq!(v["mine"], v["callee"]["sandbox"], "{v}");
+        assert_eq!(v["callee"]["event"], json!({"n": 1}));
+    }
+    let r = d.invoke("a", r#"{"x": 1}"#);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    assert_eq!(
+        v.as_array().unwrap()[0..4],
+        [json!("a"), json!("b"), json!("c"), json!({"x": 1})],
+        "{v}"
+    );
+    // caller and a each have one sandbox; whoami, b and c ran inside them.
+    assert_eq!(d.sandboxes().len(), 2, "{:?}", d.sandboxes());
+}
+
+#[test]
+fn a_callee_with_other_limits_runs_in_a_sandbox_of_its_own() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(&d, &env, "whoami", WHOAMI_PY, json!({"memory_mb": 256}));
+    register(&d, &env, "caller", CALLER_PY, json!({}));
+    let r = d.invoke("caller", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    assert_ne!(v["mine"], v["callee"]["sandbox"], "{v}");
+}
+
+#[test]
+fn map_fans_out_to_sibling_sandboxes_sharing_the_workflow_scratch() {
+    let env = require_root!();
+    let d = env.daemon();
+    let worker = r#"import os
+def f(i):
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    with open(os.path.join(d, f"in-{i}")) as src:
+        text = src.read()
+    with open(os.path.join(d, f"out-{i}"), "w") as dst:
+        dst.write(text.upper())
+    return os.environ["SPROUT_SANDBOX"]
+"#;
+    let root = r#"import os, sprout
+def f(event):
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    before = sorted(os.listdir(d))
+    for i in range(4):
+        with open(os.path.join(d, f"in-{i}"), "w") as out:
+            out.write(f"item {i}")
+    sandboxes = sprout.map("worker", list(range(4)))
+    outs = [open(os.path.join(d, f"out-{i}")).read() for i in range(4)]
+    fut = sprout.call_async("worker", 0)
+    return {"before": before, "outs": outs, "mine": os.environ["SPROUT_SANDBOX"],
+            "workers": sandboxes, "again": fut.result()}
+"#;
+    register(&d, &env, "worker", worker, json!({"max_instances": 4}));
+    register(&d, &env, "root", root, json!({}));
+    for round in 0..2 {
+        let r = d.invoke("root", "{}");
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let v = body_json(&r);
+        // The scratch of the previous run was removed when it ended.
+        assert_eq!(v["before"], json!([]), "round {round}: {v}");
+        assert_eq!(
+            v["outs"],
+            json!(["ITEM 0", "ITEM 1", "ITEM 2", "ITEM 3"]),
+            "{v}"
+        );
+        let workers = v["workers"].as_array().unwrap();
+        assert!(
+            workers.iter().all(|w| *w != v["mine"]),
+            "siblings, not the caller: {v}"
+        );
+        assert_ne!(v["again"], v["mine"]);
+    }
+}
+
+#[test]
+fn large_payloads_go_through_shared_memory_byte_for_byte() {
+    let env = require_root!();
+    let d = env.daemon();
+    let echo = r#"import hashlib
+def f(data):
+    if isinstance(data, memoryview):
+        return bytes(data)                      # raw bytes back
+    return {"len": len(data), "sha": hashlib.sha256(data.encode()).hexdigest(), "data": data}
+"#;
+    let sender = r#"import hashlib, os, sprout
+def f(event):
+    size = event["size"]
+    blob = os.urandom(size)
+    back = sprout.call("echo", blob)              # in this sandbox, through the shim
+    text = blob.hex()[: size]
+    j = sprout.call("echo", text)
+    far = sprout.map("echo", [blob])[0]           # through the agent, to a sibling
+    return {"raw_same": bytes(back) == blob, "raw_len": len(back),
+            "json_same": j["data"] == text and j["sha"] == hashlib.sha256(text.encode()).hexdigest(),
+            "far_same": bytes(far) == blob}
+"#;
+    register(&d, &env, "echo", echo, json!({"memory_mb": 512}));
+    register(&d, &env, "sender", sender, json!({"memory_mb": 512}));
+    for size in [10, 70 << 10, 8 << 20] {
+        let r = d.invoke("sender", &format!(r#"{{"size": {size}}}"#));
+        assert_eq!(r.status, 200, "size {size}: {}", text(&r));
+        let v = body_json(&r);
+        assert_eq!(
+            v,
+            json!({"raw_same": true, "raw_len": size, "json_same": true, "far_same": true}),
+            "size {size}"
+        );
+    }
+    // A big event from a client and a big result back (memfd both ways).
+    let big = "x".repeat(3 << 20);
+    let r = d.invoke("echo", &serde_json_string(&big));
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    assert_eq!(v["len"], big.len());
+    assert_eq!(v["data"].as_str().unwrap(), big);
+}
+
+fn serde_json_string(s: &str) -> String {
+    Value::String(s.to_owned()).to_string()
+}
+
+#[test]
+fn runaway_recursion_stops_at_the_depth_limit() {
+    let env = require_root!();
+    let d = env.daemon();
+    let code = "import sprout\ndef f(n):\n    return sprout.call('loop', n + 1)\n";
+    register(
+        &d,
+        &env,
+        "loop",
+        code,
+        json!({"memory_mb": 512, "pids": 128}),
+    );
+    let r = d.invoke("loop", "0");
+    assert_eq!(r.status, 502, "{}", text(&r));
+    let t = text(&r);
+    assert!(t.contains("call depth limit of 16"), "{t}");
+    assert!(t.contains("CallError"), "{t}");
+    // Still usable afterwards.
+    register(&d, &env, "whoami", WHOAMI_PY, json!({}));
+    assert_eq!(d.invoke("whoami", "1").status, 200);
+}
+
+#[test]
+fn a_failing_or_timed_out_callee_surfaces_in_the_caller() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(
+        &d,
+        &env,
+        "boom",
+        "def f(e):\n    raise ValueError('bad input ' + str(e))\n",
+        json!({}),
+    );
+    register(
+        &d,
+        &env,
+        "slow",
+        "import time\ndef f(e):\n    time.sleep(30)\n",
+        json!({"timeout_ms": 300}),
+    );
+    let caller = r#"import sprout
+def f(target):
+    try:
+        sprout.call(target, 7)
+    except sprout.CallError as e:
+        return {"function": e.function, "type": e.type, "message": e.message, "str": str(e)}
+"#;
+    register(&d, &env, "caller", caller, json!({}));
+    let v = body_json(&d.invoke("caller", r#""boom""#));
+    assert_eq!(v["type"], "ValueError", "{v}");
+    assert_eq!(v["message"], "bad input 7");
+    assert_eq!(v["str"], "boom raised ValueError: bad input 7");
+    let started = Instant::now();
+    let v = body_json(&d.invoke("caller", r#""slow""#));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(v["type"], "CallFailed", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 300 ms"),
+        "{v}"
+    );
+    let v = body_json(&d.invoke("caller", r#""nobody""#));
+    assert!(
+        v["message"].as_str().unwrap().contains("not registered"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_declarative_sequence_runs_in_one_sandbox_and_parallel_in_siblings() {
+    let env = require_root!();
+    let d = env.daemon();
+    let step = r#"import os
+def f(e):
+    e = e if isinstance(e, list) else []
+    return e + [os.environ["SPROUT_SANDBOX"]]
+"#;
+    register(&d, &env, "s1", step, json!({}));
+    register(&d, &env, "s2", step, json!({}));
+    let doc = json!({"steps": [
+        {"type": "task", "function": "s1"},
+        {"type": "task", "function": "s2"},
+        {"type": "task", "function": "s1"},
+        {"type": "parallel", "branches": [
+            {"type": "task", "function": "s2"},
+            {"type": "sequence", "steps": [{"type": "task", "function": "s1"}, {"type": "task", "function": "s2"}]}
+        ]},
+        {"type": "map", "items": "", "step": {"type": "task", "function": "s1"}}
+    ]});
+    let r = put_workflow(&d, "mix", &doc);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(body_json(&r)["tasks"], 7);
+    let r = run_workflow(&d, "mix", "null");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.header("X-Sprout-Tasks"), Some("8"));
+    let v = body_json(&r);
+    // map over the two branch outputs: [[seq..., branch0], [seq..., b1s1, b1s2]] + own.
+    let out = v.as_array().unwrap();
+    assert_eq!(out.len(), 2, "{v}");
+    let seq = &out[0].as_array().unwrap()[..3];
+    assert!(
+        seq.iter().all(|s| *s == seq[0]),
+        "one sandbox for the sequence: {v}"
+    );
+    let b0 = out[0].as_array().unwrap();
+    let b1 = out[1].as_array().unwrap();
+    assert_ne!(b0[3], seq[0], "a parallel branch runs in a sibling: {v}");
+    assert_eq!(
+        b1[3], b1[4],
+        "a branch's sequence stays in its sandbox: {v}"
+    );
+
+    let r = d.request("GET", "/workflows", None, b"");
+    assert_eq!(body_json(&r)[0]["name"], "mix");
+    assert_eq!(d.request("DELETE", "/workflows/mix", None, b"").status, 200);
+    assert_eq!(run_workflow(&d, "mix", "{}").status, 404);
+}
+
+#[test]
+fn a_failing_step_fails_the_workflow_by_name_and_stops_the_rest() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(&d, &env, "ok", "def f(e):\n    return e\n", json!({}));
+    register(
+        &d,
+        &env,
+        "boom",
+        "def f(e):\n    raise RuntimeError('disk on fire')\n",
+        json!({}),
+    );
+    // Writes a marker after sleeping: if it is ever written, the step kept running.
+    let sleeper = r#"import os, time
+def f(e):
+    time.sleep(3)
+    open("/tmp/finished", "w").write("yes")
+    return "done"
+"#;
+    register(&d, &env, "sleeper", sleeper, json!({}));
+    let doc = json!({"steps": [
+        {"type": "task", "function": "ok"},
+        {"type": "parallel", "branches": [
+            {"type": "task", "function": "sleeper"},
+            {"type": "task", "function": "boom", "name": "burn"}
+        ]},
+        {"type": "task", "function": "ok"}
+    ]});
+    assert_eq!(put_workflow(&d, "fails", &doc).status, 200);
+    let started = Instant::now();
+    let r = run_workflow(&d, "fails", "{}");
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = &body_json(&r)["error"];
+    assert_eq!(e["kind"], "handler_error", "{e}");
+    assert_eq!(e["type"], "RuntimeError", "{e}");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains(r#"workflow "fails" failed at step steps[1].branches[1] (task "burn")"#),
+        "{msg}"
+    );
+    assert!(msg.contains("disk on fire"), "{msg}");
+    // The sleeper's sandbox was destroyed, not left to finish.
+    let sandboxes = wait_for(Duration::from_secs(5), || {
+        let s = d.sandboxes();
+        (s.len() <= 2).then_some(s.clone()).ok_or(s)
+    });
+    assert!(sandboxes.is_ok(), "{sandboxes:?}");
+
+    // Timeout: the run's own limit, naming the step that was running.
+    let doc = json!({"timeout_ms": 400, "steps": [
+        {"type": "task", "function": "ok"}, {"type": "task", "function": "sleeper"}]});
+    assert_eq!(put_workflow(&d, "slow", &doc).status, 200);
+    let started = Instant::now();
+    let r = run_workflow(&d, "slow", "{}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(r.status, 504, "{}", text(&r));
+    let msg = body_json(&r)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains(r#"workflow "slow" timed out after 400 ms at step steps[1] (task "sleeper")"#),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_workflow_files_are_refused_with_the_reason() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(&d, &env, "ok", "def f(e):\n    return e\n", json!({}));
+    for (doc, want) in [
+        (
+            json!({"steps": [{"type": "task", "function": "missing"}]}),
+            r#"steps[0] needs function \"missing\""#,
+        ),
+        (json!({"steps": []}), "steps is empty"),
+        (json!({"steps": [{"type": "fork"}]}), "unknown variant"),
+        (
+            json!({"functions": {"ok": "."}, "steps": [{"type": "task", "function": "ok"}]}),
+            "register functions with PUT",
+        ),
+    ] {
+        let r = put_workflow(&d, "bad", &doc);
+        assert_eq!(r.status, 400, "{doc}: {}", text(&r));
+        assert!(text(&r).contains(want), "{doc}: {}", text(&r));
+    }
+    // Map over something that is not an array.
+    let doc = json!({"steps": [{"type": "map", "items": "/xs", "step": {"type": "task", "function": "ok"}}]});
+    assert_eq!(put_workflow(&d, "m", &doc).status, 200);
+    let r = run_workflow(&d, "m", r#"{"xs": 3}"#);
+    assert_eq!(r.status, 400, "{}", text(&r));
+    assert!(text(&r).contains("no array at \\\"/xs\\\""), "{}", text(&r));
+    assert_eq!(run_workflow(&d, "m", "not json").status, 400);
+}
+
+#[test]
+fn the_wordcount_example_runs_from_the_cli_embedded_and_on_the_daemon() {
+    let env = require_root!();
+    let file = example("wordcount").join("wordcount.json");
+    let input = r#"{"text": "a b c\nd e\nf\ng h i j", "chunks": 2}"#;
+    let run = env
+        .sprout()
+        .args(["workflow", "run"])
+        .arg(&file)
+        .arg(input)
+        .run();
+    run.success();
+    assert_eq!(run.json(), json!({"words": 10, "chunks": 2}), "{run}");
+
+    let d = env.daemon();
+    let run = d
+        .cli(&env)
+        .args(["workflow", "run"])
+        .arg(&file)
+        .arg(input)
+        .run();
+    run.success();
+    assert_eq!(run.json(), json!({"words": 10, "chunks": 2}), "{run}");
+}
