@@ -441,8 +441,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Destroys the idle instances of `name` and wakes its waiters to look again
-    /// (they find the new version, or that the function is gone).
+    /// Destroys the idle instances of `name`, and the idle instances of other functions
+    /// that call `name` in their sandbox (they would keep running its old code), and
+    /// wakes its waiters to look again (they find the new version, or that the
+    /// function is gone).
     fn retire(&self, name: &str) {
         let old = {
             let mut sched = lock(&self.sched);
@@ -451,7 +453,20 @@ impl Inner {
             for slot in pool.queue.drain(..) {
                 slot.retry();
             }
-            std::mem::take(&mut pool.idle)
+            let mut old = std::mem::take(&mut pool.idle);
+            let prefix = format!("{}/{name}-", rootfs::FUNCTIONS_DIR);
+            let bound = lock(&self.bound);
+            let calls_it = |i: &Instance| {
+                bound
+                    .get(i.sandbox.id())
+                    .is_some_and(|b| b.attached.iter().any(|a| a.starts_with(&prefix)))
+            };
+            for pool in sched.functions.values_mut() {
+                let callers: Vec<Instance> = pool.idle.extract_if(.., |i| calls_it(i)).collect();
+                pool.live -= callers.len();
+                old.extend(callers);
+            }
+            old
         };
         for inst in old {
             self.destroy(inst);

@@ -148,14 +148,13 @@ impl Instance {
             })
     }
 
-    /// Has the shim run `spec` in this sandbox (a workflow's sequential step) and
-    /// waits for the answer until `deadline`, or until `cancel` becomes readable.
+    /// Has the shim run `spec` in this sandbox (a workflow's sequential step, at depth
+    /// 0) and waits for the answer until `deadline`, or until `cancel` is readable.
     pub fn shim_call(
         &mut self,
         id: u64,
         spec: &CallSpec,
         event: &Payload,
-        depth: u32,
         deadline: Instant,
         log_limit: usize,
         cancel: Option<BorrowedFd<'_>>,
@@ -164,7 +163,7 @@ impl Instance {
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
         self.shim
-            .send_call(id, depth, false, spec, event)
+            .send_call(id, 0, false, spec, event)
             .map_err(|e| match e {
                 ipc::Error::Io(ref io)
                     if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>

@@ -475,7 +475,7 @@ impl Runner<'_> {
                 .attach_callee(inst.sandbox.id(), &function)
                 .map_err(|e| self.failed(step, e))?
             {
-                Some(spec) => inst.shim_call(id, &spec, &input, 0, deadline, log_limit, cancel),
+                Some(spec) => inst.shim_call(id, &spec, &input, deadline, log_limit, cancel),
                 None => {
                     // Other limits: a sandbox of its own, in this run.
                     let opts = CallOpts {

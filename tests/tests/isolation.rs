@@ -34,7 +34,7 @@ def f(event):
     with open("/proc/self/mountinfo") as fh:
         out["mountinfo"] = fh.read().splitlines()
     out["cgroupfs"] = sorted(os.listdir("/sys/fs/cgroup")) if os.path.isdir("/sys/fs/cgroup") else None
-    out["writes"] = {p: _try_write(p) for p in ("/usr/sprout-probe", "/code/sprout-probe", "/sprout-probe", "/etc/sprout-probe", "/tmp/sprout-probe")}
+    out["writes"] = {p: _try_write(p) for p in ("/usr/sprout-probe", "/code/sprout-probe", "/sprout-probe", "/etc/sprout-probe", "/tmp/sprout-probe", "/fns/sprout-probe", "/workflow/sprout-probe")}
     out["ifaces"] = [n for _, n in socket.if_nameindex()]
     status = {}
     with open("/proc/self/status") as fh:
@@ -126,8 +126,8 @@ fn root_holds_only_the_allowed_entries() {
     let env = require_root!();
     let (p, _) = probe(&env);
     let allowed = [
-        ".sprout", "bin", "code", "dev", "etc", "lib", "lib64", "proc", "root", "sbin", "sys",
-        "tmp", "usr",
+        ".sprout", "bin", "code", "dev", "etc", "fns", "lib", "lib64", "proc", "root", "sbin",
+        "sys", "tmp", "usr", "workflow",
     ];
     let root: Vec<&str> = p["root"]
         .as_array()
@@ -188,7 +188,7 @@ fn no_cgroup_file_system() {
 }
 
 #[test]
-fn read_only_root_usr_and_code_writable_tmp() {
+fn read_only_root_usr_and_code_writable_tmp_and_workflow() {
     let env = require_root!();
     let (p, _) = probe(&env);
     let w = &p["writes"];
@@ -197,6 +197,9 @@ fn read_only_root_usr_and_code_writable_tmp() {
     assert_eq!(w["/sprout-probe"], "EROFS", "{w}");
     assert_eq!(w["/etc/sprout-probe"], "EROFS", "{w}");
     assert_eq!(w["/tmp/sprout-probe"], "ok:sprout", "{w}");
+    assert_eq!(w["/workflow/sprout-probe"], "ok:sprout", "{w}");
+    // Only the spawner (with capabilities) makes mount points for called functions.
+    assert_eq!(w["/fns/sprout-probe"], "EACCES", "{w}");
     assert!(!Path::new("/usr/sprout-probe").exists());
     assert!(
         !env.work_dir().join("fns/probe/sprout-probe").exists(),

@@ -459,3 +459,32 @@ fn the_wordcount_example_runs_from_the_cli_embedded_and_on_the_daemon() {
     run.success();
     assert_eq!(run.json(), json!({"words": 10, "chunks": 2}), "{run}");
 }
+
+#[test]
+fn a_caller_sees_a_callee_registered_again() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(
+        &d,
+        &env,
+        "callee",
+        "def f(e):\n    return 'v1'\n",
+        json!({}),
+    );
+    register(
+        &d,
+        &env,
+        "caller",
+        "import sprout\ndef f(e):\n    return sprout.call('callee', e)\n",
+        json!({}),
+    );
+    assert_eq!(body_json(&d.invoke("caller", "{}")), json!("v1"));
+    register(
+        &d,
+        &env,
+        "callee",
+        "def f(e):\n    return 'v2'\n",
+        json!({}),
+    );
+    assert_eq!(body_json(&d.invoke("caller", "{}")), json!("v2"));
+}
