@@ -364,7 +364,7 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
             }
             SpawnerRequest::AttachCode { id, dir, target } => {
                 let inside = target.clone();
-                let done = in_sandbox(&live, &id, &home, |_| {
+                let done = in_sandbox(&live, &id, &home, || {
                     let target = inside;
                     let tree = sys::detached_readonly_tree(&dir)
                         .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
@@ -385,7 +385,7 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
             SpawnerRequest::AttachScratch { id } => {
                 let done = match msg_fds.pop() {
                     None => Err("attach_scratch carries no mount descriptor".to_owned()),
-                    Some(scratch) => in_sandbox(&live, &id, &home, |_| {
+                    Some(scratch) => in_sandbox(&live, &id, &home, || {
                         let tree = sys::clone_tree(scratch.as_fd())
                             .map_err(|e| format!("clone the scratch mount: {e}"))?;
                         Ok(move || sys::move_mount(tree.as_fd(), Path::new(rootfs::WORKFLOW_DIR)))
@@ -398,7 +398,7 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
             }
             SpawnerRequest::DetachScratch { id } => {
                 let done = if scratch_attached.remove(&id) {
-                    in_sandbox(&live, &id, &home, |_| {
+                    in_sandbox(&live, &id, &home, || {
                         Ok(|| sys::unmount_detach(Path::new(rootfs::WORKFLOW_DIR)))
                     })
                 } else {
@@ -407,11 +407,11 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
                 reply_done(&channel, done)
             }
             SpawnerRequest::AttachScratchFrom { id, from } => {
-                let done = in_sandbox(&live, &from, &home, |_| {
+                let done = in_sandbox(&live, &from, &home, || {
                     Ok(|| sys::clone_path(Path::new(rootfs::WORKFLOW_DIR)))
                 })
                 .and_then(|tree| {
-                    in_sandbox(&live, &id, &home, |_| {
+                    in_sandbox(&live, &id, &home, || {
                         Ok(move || sys::move_mount(tree.as_fd(), Path::new(rootfs::WORKFLOW_DIR)))
                     })
                 });
@@ -501,7 +501,7 @@ fn in_sandbox<T, F>(
     live: &HashMap<String, Container>,
     id: &str,
     home: &File,
-    prepare: impl FnOnce(&Container) -> Result<F, String>,
+    prepare: impl FnOnce() -> Result<F, String>,
 ) -> Result<T, String>
 where
     F: FnOnce() -> std::io::Result<T>,
@@ -514,7 +514,7 @@ where
         .ok_or_else(|| format!("sandbox {id} has no init process"))?;
     let ns_path = format!("/proc/{pid}/ns/mnt");
     let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
-    let step = prepare(container)?;
+    let step = prepare()?;
     sys::in_mount_ns(ns.as_fd(), home.as_fd(), step).map_err(|e| format!("in sandbox {id}: {e}"))
 }
 

@@ -231,6 +231,11 @@ fn runaway_recursion_stops_at_the_depth_limit() {
     let t = text(&r);
     assert!(t.contains("call depth limit of 16"), "{t}");
     assert!(t.contains("CallError"), "{t}");
+    // The traceback shows the function's code, not the SDK's.
+    assert!(
+        t.contains("/code/f.py") && !t.contains("sprout_runtime.py"),
+        "{t}"
+    );
     // Still usable afterwards.
     register(&d, &env, "whoami", WHOAMI_PY, json!({}));
     assert_eq!(d.invoke("whoami", "1").status, 200);

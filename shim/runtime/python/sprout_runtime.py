@@ -372,6 +372,7 @@ def _close_quietly(fd):
 # --------------------------------------------------------------------------- errors
 
 _RUNTIME_GLOBALS = globals()
+_RUNTIME_FILE = __file__
 _IMPORTLIB_MODULES = frozenset(("importlib", "importlib._bootstrap", "importlib._bootstrap_external"))
 # Bounds that keep an error header well under MAX_HEADER even if every character
 # needs a 12-byte JSON escape.
@@ -396,16 +397,21 @@ def _clean(text):
 def describe_error(exc, skip_import=False, frames=True, message=None):
     """The ``error`` object for ``load_failed``/``raised``.
 
-    The traceback starts at the function's own code: the runtime's leading frames
-    (and, for a load, importlib's) are dropped. ``frames=False`` reports the
-    exception alone.
+    The traceback shows the function's own code: the runtime's leading frames (and,
+    for a load, importlib's) are dropped, and so are the SDK's inside it (a
+    ``CallError`` ends at the handler's ``sprout.call`` line). ``frames=False``
+    reports the exception alone.
     """
     kind = type(exc).__name__
     try:
         tb = exc.__traceback__ if frames else None
         while tb is not None and _is_runtime_frame(tb.tb_frame, skip_import):
             tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        shown = traceback.TracebackException(type(exc), exc, tb)
+        shown.stack = traceback.StackSummary.from_list(
+            [f for f in shown.stack if f.filename != _RUNTIME_FILE]
+        )
+        text = "".join(shown.format())
     except BaseException:  # noqa: BLE001 - a broken exception must still be reported
         text = f"{kind}: <traceback unavailable>\n"
     if message is None:
@@ -1079,7 +1085,6 @@ def serve(channel, handler):
             continue
         request_id = header.get("id")
         reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
-        del payload  # a shared event's mapping goes now, unless the handler kept it
         # Everything the handler printed is in the pipes before the agent hears back.
         _flush_stdio()
         try:
@@ -1093,7 +1098,10 @@ def serve(channel, handler):
         except OSError:  # the agent is gone
             return 0
         finally:
-            del body
+            # A shared event's mapping goes only now, after the answer: unmapping the
+            # last reference frees its pages (~17 ms for 64 MiB), which the caller
+            # need not wait for.
+            del body, payload
 
 
 def instance_main(zygote, instance, chan_fd, out_fd, err_fd, calls_fd):
