@@ -252,7 +252,7 @@ impl Agent {
             Request::RemoveFunction { name } => {
                 inner.remove(&name).map(|()| Response::Removed { name })
             }
-            Request::Invoke { name, event } => inner.invoke(&name, &event).map(Response::Invoked),
+            Request::Invoke { name, event } => inner.invoke(&name, event).map(Response::Invoked),
             Request::Status => Ok(Response::Status(inner.status())),
             Request::RegisterWorkflow { name, workflow } => inner
                 .register_workflow(&name, workflow)
@@ -504,9 +504,9 @@ impl Inner {
         }
     }
 
-    fn invoke(&self, name: &str, event: &[u8]) -> Result<Invocation, Error> {
-        serde_json::from_slice::<serde::de::IgnoredAny>(event).map_err(Error::InvalidEvent)?;
-        let event = Payload::Inline(event.to_vec());
+    fn invoke(&self, name: &str, event: Vec<u8>) -> Result<Invocation, Error> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
+        let event = Payload::Inline(event);
         self.invoke_with(name, &event, &CallOpts::default())
     }
 
