@@ -80,7 +80,7 @@ impl Zygote {
             .try_clone_to_owned()
             .map_err(sys_err("dup stderr"))?;
         let mut cmd = Command::new(shim::PYTHON);
-        cmd.args(["-I", "-B", shim::PYTHON_RUNTIME_PATH])
+        cmd.args(["-I", "-B", "-c", shim::PYTHON_BOOTSTRAP])
             .stdin(Stdio::null())
             .stdout(Stdio::from(stderr));
         sys::with_fd3_and_clean_mask(&mut cmd, &theirs);
