@@ -53,6 +53,9 @@ pub(crate) struct CallOpts<'a> {
     pub cancel: Option<&'a crate::run::Cancel>,
     /// A deadline earlier than the function's own timeout.
     pub deadline: Option<Instant>,
+    /// Where to leave the instance (and whether it is healthy) instead of leaving the
+    /// run and releasing it: the caller does that after it has sent the answer on.
+    pub hand_back: Option<&'a Mutex<Option<(Instance, bool)>>>,
 }
 
 /// What the agent's request threads and its pool manager share.
@@ -573,57 +576,65 @@ impl Inner {
         let duration = started.elapsed();
         let name = &function.name;
         let healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
-        if let Some(run) = opts.run {
-            self.leave_run(&inst, run);
-        }
         if inst.called && healthy {
             self.end_sdk_run(&inst);
         }
-        match outcome {
+        let (result, keep) = match outcome {
+            Ok(Answer { raw: true, .. }) if !opts.raw => (
+                Err(Error::BytesResult {
+                    function: name.clone(),
+                }),
+                true,
+            ),
             Ok(Answer { payload, raw }) => {
-                if raw && !opts.raw {
-                    self.release(inst, true);
-                    return Err(Error::BytesResult {
-                        function: name.clone(),
-                    });
-                }
-                if !raw {
-                    if let Err(source) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
-                        self.release(inst, false);
-                        return Err(Error::BadResult {
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+                    Err(source) if !raw => (
+                        Err(Error::BadResult {
                             function: name.clone(),
                             source,
-                        });
+                        }),
+                        false,
+                    ),
+                    _ => {
+                        tracing::debug!(
+                            duration_us = duration.as_micros() as u64,
+                            start = start.as_str(),
+                            "invocation returned"
+                        );
+                        let inv = Invocation {
+                            result: payload.into_vec(),
+                            raw,
+                            logs,
+                            duration,
+                            start,
+                        };
+                        (Ok(inv), true)
                     }
                 }
-                self.release(inst, true);
-                tracing::debug!(
-                    duration_us = duration.as_micros() as u64,
-                    start = start.as_str(),
-                    "invocation returned"
-                );
-                Ok(Invocation {
-                    result: payload.into_vec(),
-                    raw,
-                    logs,
-                    duration,
-                    start,
-                })
             }
-            Err(CallFailure::Raised(error)) => {
-                self.release(inst, true);
+            Err(CallFailure::Raised(error)) => (
                 Err(Error::Handler {
                     function: name.clone(),
                     error,
                     logs,
-                })
-            }
-            Err(failure) => {
-                let err = self.failure(&inst, function, failure, logs);
-                self.release(inst, false);
-                Err(err)
-            }
+                }),
+                true,
+            ),
+            Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
+        };
+        match opts.hand_back {
+            Some(slot) => *lock(slot) = Some((inst, keep)),
+            None => self.leave_and_release(inst, opts.run, keep),
         }
+        result
+    }
+
+    /// Takes an instance out of its run (if any) and gives it back to the pool.
+    pub(crate) fn leave_and_release(&self, inst: Instance, run: Option<&Arc<Run>>, healthy: bool) {
+        if let Some(run) = run {
+            self.leave_run(&inst, run);
+        }
+        self.release(inst, healthy);
     }
 
     /// Makes `inst`'s sandbox part of `run`: the run's scratch goes over its own

@@ -110,9 +110,16 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
                 let spawned = std::thread::Builder::new()
                     .name("sprout-call".into())
                     .spawn(move || {
-                        let (reply, result) =
-                            call(&inner, &sandbox, id, &function, &event, depth, raw, &cancel);
-                        reply_to(&writer, &reply, &result);
+                        let call = Call {
+                            sandbox: &sandbox,
+                            id,
+                            function: &function,
+                            depth,
+                            raw,
+                        };
+                        call.run(&inner, &event, &cancel, |reply, result| {
+                            reply_to(&writer, reply, result)
+                        });
                     });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "call socket: no thread for a call");
@@ -153,58 +160,79 @@ fn resolve(inner: &Inner, sandbox: &str, id: u64, function: &str) -> CallReply {
     }
 }
 
-/// Runs a call in a sibling sandbox that joins the caller's workflow run.
-#[allow(clippy::too_many_arguments)]
-fn call(
-    inner: &Inner,
-    sandbox: &str,
+/// A call from a function in `sandbox` to run in a sibling sandbox.
+struct Call<'a> {
+    sandbox: &'a str,
     id: u64,
-    function: &str,
-    event: &Payload,
+    function: &'a str,
     depth: u32,
     raw: bool,
-    cancel: &Cancel,
-) -> (CallReply, Payload) {
-    let failed = |message: String| {
-        (
-            CallReply::CallFailed {
-                id,
-                function: function.to_owned(),
-                message,
-            },
-            Payload::default(),
-        )
-    };
-    if let Err(message) = check_depth(function, depth) {
-        return failed(message);
+}
+
+impl Call<'_> {
+    /// Runs it in a sibling that joins the caller's workflow run, and gives the answer
+    /// to `answer` before the sibling leaves the run (its scratch is detached: a
+    /// spawner round trip the caller need not wait for) and goes back to the pool.
+    fn run(
+        &self,
+        inner: &Inner,
+        event: &Payload,
+        cancel: &Cancel,
+        answer: impl FnOnce(&CallReply, &Payload),
+    ) {
+        if let Err(message) = check_depth(self.function, self.depth) {
+            return answer(&self.failed(message), &Payload::default());
+        }
+        let run = match run_of(inner, self.sandbox) {
+            Ok(run) => run,
+            Err(e) => {
+                return answer(
+                    &self.failed(format!("start a workflow run: {e}")),
+                    &Payload::default(),
+                )
+            }
+        };
+        let held = Mutex::new(None);
+        let opts = CallOpts {
+            depth: self.depth,
+            raw: self.raw,
+            run: Some(&run),
+            cancel: Some(cancel),
+            deadline: None,
+            hand_back: Some(&held),
+        };
+        match inner.invoke_with(self.function, event, &opts) {
+            Ok(inv) => answer(
+                &CallReply::CallReturned {
+                    id: self.id,
+                    raw: inv.raw,
+                },
+                &Payload::Inline(inv.result),
+            ),
+            Err(Error::Handler {
+                function, error, ..
+            }) => answer(
+                &CallReply::CallRaised {
+                    id: self.id,
+                    function,
+                    error,
+                },
+                &Payload::default(),
+            ),
+            Err(e) => answer(&self.failed(ipc::chain(&e)), &Payload::default()),
+        }
+        let done_with = lock(&held).take();
+        if let Some((inst, healthy)) = done_with {
+            inner.leave_and_release(inst, Some(&run), healthy);
+        }
     }
-    let run = match run_of(inner, sandbox) {
-        Ok(run) => run,
-        Err(e) => return failed(format!("start a workflow run: {e}")),
-    };
-    let opts = CallOpts {
-        depth,
-        raw,
-        run: Some(&run),
-        cancel: Some(cancel),
-        deadline: None,
-    };
-    match inner.invoke_with(function, event, &opts) {
-        Ok(inv) => (
-            CallReply::CallReturned { id, raw: inv.raw },
-            Payload::Inline(inv.result),
-        ),
-        Err(Error::Handler {
-            function, error, ..
-        }) => (
-            CallReply::CallRaised {
-                id,
-                function,
-                error,
-            },
-            Payload::default(),
-        ),
-        Err(e) => failed(ipc::chain(&e)),
+
+    fn failed(&self, message: String) -> CallReply {
+        CallReply::CallFailed {
+            id: self.id,
+            function: self.function.to_owned(),
+            message,
+        }
     }
 }
 
