@@ -629,6 +629,31 @@ impl Inner {
         result
     }
 
+    /// Whether every function attached in the sandbox (for calls) is still the
+    /// registered version: its processes cache what they resolved, so a sandbox with
+    /// an outdated callee must not be used again.
+    fn callees_current(&self, sandbox_id: &str) -> bool {
+        let bound = lock(&self.bound);
+        let Some(b) = bound.get(sandbox_id) else {
+            return true;
+        };
+        if b.attached.is_empty() {
+            return true;
+        }
+        let functions = lock(&self.functions);
+        b.attached.iter().all(|target| {
+            let Some((name, version)) = target
+                .strip_prefix(rootfs::FUNCTIONS_DIR)
+                .and_then(|t| t.trim_start_matches('/').rsplit_once('-'))
+            else {
+                return false;
+            };
+            functions
+                .get(name)
+                .is_some_and(|f| version.parse() == Ok(f.version))
+        })
+    }
+
     /// Takes an instance out of its run (if any) and gives it back to the pool.
     pub(crate) fn leave_and_release(&self, inst: Instance, run: Option<&Arc<Run>>, healthy: bool) {
         if let Some(run) = run {
@@ -927,7 +952,8 @@ impl Inner {
         let keep = healthy
             && self.config.keep_warm
             && !self.shutting_down.load(Ordering::SeqCst)
-            && current == Some(inst.function_version);
+            && current == Some(inst.function_version)
+            && self.callees_current(inst.sandbox.id());
         if !keep {
             let name = inst.function.clone();
             self.destroy(inst);
