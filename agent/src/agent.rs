@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     pub workflows: Mutex<HashMap<String, Arc<Workflow>>>,
     /// Bound sandboxes by id.
     pub bound: Mutex<HashMap<String, BoundSandbox>>,
+    /// Held while the spawner attaches a callee's code somewhere.
+    attaching: Mutex<()>,
     /// The workflow run each sandbox taking part in one belongs to, by sandbox id.
     pub runs: Mutex<HashMap<String, Arc<Run>>>,
     pub call_socket: PathBuf,
@@ -157,6 +159,7 @@ impl Agent {
             functions: Mutex::new(HashMap::new()),
             workflows: Mutex::new(HashMap::new()),
             bound: Mutex::new(HashMap::new()),
+            attaching: Mutex::new(()),
             runs: Mutex::new(HashMap::new()),
             call_socket: call_socket_path,
             sched: Mutex::new(Sched::default()),
@@ -305,6 +308,8 @@ struct WarmCall {
     deadline: Instant,
     /// A failure seen already (sending the invoke, or reading the answer).
     failed: Option<CallFailure>,
+    /// An answer read on the loop but left for [`FastCall::finish`] to complete.
+    answered: Option<Result<Answer, CallFailure>>,
 }
 
 impl FastCall for WarmCall {
@@ -326,6 +331,11 @@ impl FastCall for WarmCall {
                 self.failed = Some(failure);
                 FastPoll::Handoff
             }
+            // Ending the run it started takes a spawner round trip: not on the loop.
+            Some(outcome) if inst.called => {
+                self.answered = Some(outcome);
+                FastPoll::Handoff
+            }
             Some(outcome) => {
                 let inst = self.inst.take().expect("instance");
                 let result = self.inner.complete(
@@ -343,9 +353,10 @@ impl FastCall for WarmCall {
 
     fn finish(mut self: Box<Self>) -> Result<Response, Error> {
         let mut inst = self.inst.take().ok_or(Error::ShuttingDown)?;
-        let outcome = match self.failed.take() {
-            Some(failure) => Err(failure),
-            None => inst.finish(self.id, self.deadline, self.inner.config.log_limit, None),
+        let outcome = match (self.answered.take(), self.failed.take()) {
+            (Some(outcome), _) => outcome,
+            (None, Some(failure)) => Err(failure),
+            (None, None) => inst.finish(self.id, self.deadline, self.inner.config.log_limit, None),
         };
         self.inner
             .complete(
@@ -532,8 +543,22 @@ impl Inner {
         let _g = span.enter();
         let started = Instant::now();
 
-        let (mut inst, mut start, function) = self.acquire(name)?;
+        // A client's request waits in the queue as long as it takes; a function's call
+        // no longer than its deadline, and not once its caller has given up.
+        let queue_deadline = opts.deadline.or_else(|| {
+            opts.run.and_then(|_| {
+                let f = lock(&self.functions).get(name).map(|f| f.timeout_ms)?;
+                Some(Instant::now() + Duration::from_millis(f))
+            })
+        });
+        let (mut inst, mut start, function) = self.acquire(name, queue_deadline, opts.cancel)?;
         span.record("sandbox_id", inst.sandbox.id());
+        if opts.cancel.is_some_and(|c| c.fired()) {
+            self.release(inst, true);
+            return Err(Error::Cancelled {
+                function: name.to_owned(),
+            });
+        }
         if inst.sandbox.state() == SandboxState::Frozen {
             if let Err(e) = inst.sandbox.thaw() {
                 self.release(inst, false);
@@ -575,16 +600,16 @@ impl Inner {
         let logs = inst.take_logs();
         let duration = started.elapsed();
         let name = &function.name;
-        let healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
+        let mut healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
         if inst.called && healthy {
-            self.end_sdk_run(&inst);
+            healthy = self.end_sdk_run(&inst);
         }
         let (result, keep) = match outcome {
             Ok(Answer { raw: true, .. }) if !opts.raw => (
                 Err(Error::BytesResult {
                     function: name.clone(),
                 }),
-                true,
+                healthy,
             ),
             Ok(Answer { payload, raw }) => {
                 match serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
@@ -608,7 +633,7 @@ impl Inner {
                             duration,
                             start,
                         };
-                        (Ok(inv), true)
+                        (Ok(inv), healthy)
                     }
                 }
             }
@@ -618,7 +643,7 @@ impl Inner {
                     error,
                     logs,
                 }),
-                true,
+                healthy,
             ),
             Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
         };
@@ -656,9 +681,10 @@ impl Inner {
 
     /// Takes an instance out of its run (if any) and gives it back to the pool.
     pub(crate) fn leave_and_release(&self, inst: Instance, run: Option<&Arc<Run>>, healthy: bool) {
-        if let Some(run) = run {
-            self.leave_run(&inst, run);
-        }
+        let healthy = match run {
+            Some(run) => self.leave_run(&inst, run, healthy),
+            None => healthy,
+        };
         self.release(inst, healthy);
     }
 
@@ -678,37 +704,50 @@ impl Inner {
     }
 
     /// Undoes [`Inner::join_run`]; the sandbox sees its own `/workflow` again.
-    pub(crate) fn leave_run(&self, inst: &Instance, run: &Arc<Run>) {
+    /// `false`: the run's scratch may still be attached, so the sandbox must go.
+    pub(crate) fn leave_run(&self, inst: &Instance, run: &Arc<Run>, healthy: bool) -> bool {
         let id = inst.sandbox.id();
         lock(&self.runs).remove(id);
-        if !run.is_root(id) && inst.sandbox.state() != SandboxState::Dead {
-            if let Err(e) = self.spawner.detach_scratch(id) {
-                tracing::warn!(sandbox_id = id, error = %ipc::chain(&e), "detach workflow scratch");
+        if run.is_root(id) || !healthy || inst.sandbox.state() == SandboxState::Dead {
+            return healthy; // an unhealthy sandbox is destroyed, mounts and all
+        }
+        match self.spawner.detach_scratch(id) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(sandbox_id = id, error = %ipc::chain(&e), "detach workflow scratch; destroying the sandbox");
+                false
             }
         }
     }
 
     /// After an invocation that called other functions: unless the sandbox takes part in
     /// someone else's run, its run ends and its workflow scratch is emptied.
-    fn end_sdk_run(&self, inst: &Instance) {
+    ///
+    /// Calls still in flight are cancelled. The scratch is replaced by a new tmpfs
+    /// rather than emptied: a sibling that kept a descriptor into it reaches only the
+    /// finished run's files. Returns `false` if that failed (the sandbox must go).
+    fn end_sdk_run(&self, inst: &Instance) -> bool {
         let id = inst.sandbox.id();
         {
             let mut runs = lock(&self.runs);
             match runs.get(id) {
                 Some(run) if run.is_root(id) => {
+                    run.cancel.fire();
                     runs.remove(id);
                 }
-                Some(_) => return, // a member of another run: its scratch is not ours
+                Some(_) => return true, // a member of another run: its scratch is not ours
                 None => {}
             }
         }
-        let dir = PathBuf::from(format!(
-            "/proc/{}/root{}",
-            inst.sandbox.pid(),
-            rootfs::WORKFLOW_DIR
-        ));
-        if let Err(e) = crate::calls::empty_dir(&dir) {
-            tracing::warn!(sandbox_id = id, path = %dir.display(), error = %e, "empty workflow scratch");
+        if !self.config.keep_warm {
+            return true; // the sandbox is destroyed next, scratch and all
+        }
+        match self.spawner.reset_scratch(id) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(sandbox_id = id, error = %ipc::chain(&e), "replace the workflow scratch; destroying the sandbox");
+                false
+            }
         }
     }
 
@@ -725,26 +764,28 @@ impl Inner {
             callee.name,
             callee.version
         );
-        let needs_attach = {
-            let mut bound = lock(&self.bound);
-            let Some(b) = bound.get_mut(sandbox_id) else {
-                return Ok(None);
-            };
-            if !b.function.same_limits(callee) {
-                return Ok(None);
-            }
-            b.attached.insert(target.clone())
+        // `None`: it cannot run there; `Some(attached)`: it can.
+        let state = |bound: &HashMap<String, BoundSandbox>| {
+            bound
+                .get(sandbox_id)
+                .filter(|b| b.function.same_limits(callee))
+                .map(|b| b.attached.contains(&target))
         };
-        if needs_attach {
-            if let Err(e) = self
-                .spawner
-                .attach_code(sandbox_id, &callee.dir, Path::new(&target))
-            {
+        if state(&lock(&self.bound)) == Some(false) {
+            // One attach at a time (the spawner does them in turn anyway), so a second
+            // resolve of the same callee waits for the first instead of getting a spec
+            // for a directory that is not there yet.
+            let _one_at_a_time = lock(&self.attaching);
+            if state(&lock(&self.bound)) == Some(false) {
+                self.spawner
+                    .attach_code(sandbox_id, &callee.dir, Path::new(&target))?;
                 if let Some(b) = lock(&self.bound).get_mut(sandbox_id) {
-                    b.attached.remove(&target);
+                    b.attached.insert(target.clone());
                 }
-                return Err(e.into());
             }
+        }
+        if state(&lock(&self.bound)).is_none() {
+            return Ok(None);
         }
         Ok(Some(CallSpec {
             function: callee.name.clone(),
@@ -855,13 +896,19 @@ impl Inner {
             started,
             start,
             failed,
+            answered: None,
         })
     }
 
     /// An instance of `name` for one invocation: an idle one, a new one (while the
     /// function is below `max_instances`), or one handed over after waiting in the
     /// function's queue.
-    pub(crate) fn acquire(&self, name: &str) -> Result<(Instance, Start, Arc<Function>), Error> {
+    pub(crate) fn acquire(
+        &self,
+        name: &str,
+        deadline: Option<Instant>,
+        cancel: Option<&crate::run::Cancel>,
+    ) -> Result<(Instance, Start, Arc<Function>), Error> {
         let mut retried = false;
         loop {
             let function =
@@ -927,9 +974,31 @@ impl Inner {
                     }
                 };
             }
-            match slot.expect("queued").wait() {
+            let slot = slot.expect("queued");
+            let waited = Instant::now();
+            let mut state = slot.wait(deadline, || cancel.is_some_and(|c| c.fired()));
+            if matches!(state, SlotState::Waiting) {
+                // Out of the queue first: nobody can hand it an instance after that.
+                let mut sched = lock(&self.sched);
+                sched.pool(name).queue.retain(|s| !Arc::ptr_eq(s, &slot));
+                drop(sched);
+                state = slot.take();
+            }
+            match state {
                 SlotState::Ready(inst) => return Ok((*inst, Start::Warm, function)),
                 SlotState::Retry => retried = true,
+                SlotState::GaveUp if cancel.is_some_and(|c| c.fired()) => {
+                    return Err(Error::Cancelled {
+                        function: name.to_owned(),
+                    })
+                }
+                SlotState::GaveUp => {
+                    return Err(Error::QueueTimeout {
+                        function: name.to_owned(),
+                        waited_ms: waited.elapsed().as_millis() as u64,
+                        max_instances: function.max_instances,
+                    })
+                }
                 SlotState::Closed | SlotState::Waiting => return Err(Error::ShuttingDown),
             }
         }
@@ -1222,6 +1291,11 @@ impl Inner {
 
     pub fn destroy_sandbox(&self, sandbox: &mut Sandbox, reserved_mb: u64) {
         lock(&self.bound).remove(sandbox.id());
+        if let Some(run) = lock(&self.runs).remove(sandbox.id()) {
+            if run.is_root(sandbox.id()) {
+                run.cancel.fire(); // its calls in flight are of no use any more
+            }
+        }
         match self.spawner.destroy(sandbox) {
             // After shutdown the spawner destroyed every sandbox on its way out.
             Ok(()) | Err(pool::Error::Stopped) => {}

@@ -22,6 +22,9 @@ use crate::agent::{lock, CallOpts, Inner};
 use crate::error::Error;
 use crate::run::{Cancel, Run};
 
+/// How long an answer may wait for its caller to read it.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The call socket's file name in the runtime directory.
 pub const SOCKET_NAME: &str = "agent.sock";
 
@@ -72,7 +75,12 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
     };
     let span = tracing::debug_span!("caller", sandbox_id = %sandbox);
     let _g = span.enter();
-    let writer = match stream.try_clone() {
+    // A caller that stops reading (its invocation ended, its sandbox is frozen) must
+    // not hold an answering thread, and the sibling it holds, for ever.
+    let writer = match stream
+        .try_clone()
+        .and_then(|s| s.set_write_timeout(Some(REPLY_TIMEOUT)).map(|()| s))
+    {
         Ok(s) => Arc::new(Mutex::new(Channel::new(s))),
         Err(e) => {
             tracing::warn!(error = %e, "call socket: dup connection");
@@ -87,7 +95,15 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
         }
     };
     let mut reader = Channel::new(stream);
-    while let Ok(msg) = reader.recv::<CallRequest>() {
+    loop {
+        let msg = match reader.recv::<CallRequest>() {
+            Ok(msg) => msg,
+            Err(ipc::Error::Closed) => break,
+            Err(e) => {
+                tracing::warn!(error = %ipc::chain(&e), "call socket: bad request; closing the connection");
+                break;
+            }
+        };
         match msg.header {
             CallRequest::Resolve { id, function } => {
                 let reply = resolve(inner, &sandbox, id, &function);
@@ -193,6 +209,9 @@ impl Call<'_> {
             }
         };
         let held = Mutex::new(None);
+        // The run's cancel fires when the invocation that started it ends (or its
+        // workflow fails); the connection's when the calling process goes away.
+        let cancel = if cancel.fired() { cancel } else { &run.cancel };
         let opts = CallOpts {
             depth: self.depth,
             raw: self.raw,
@@ -275,24 +294,14 @@ fn sandbox_in_cgroups(text: &str, parent: &Path) -> Option<String> {
     })
 }
 
-/// Removes everything in `dir` (not `dir` itself). Symbolic links are removed, never
-/// followed.
-pub fn empty_dir(dir: &Path) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(&path)?;
-        } else {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shim_and_the_sandbox_spec_agree_on_where_callees_are_attached() {
+        assert_eq!(shim::FUNCTIONS_DIR, rootfs::FUNCTIONS_DIR);
+    }
 
     #[test]
     fn the_caller_sandbox_comes_from_its_cgroup_path() {
@@ -312,18 +321,5 @@ mod tests {
             sandbox_in_cgroups("0::/sprout/43/sprout-43-1\n", parent),
             None
         );
-    }
-
-    #[test]
-    fn empty_dir_removes_contents_but_not_link_targets() {
-        let dir = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        std::fs::write(outside.path().join("keep"), b"k").unwrap();
-        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
-        std::fs::write(dir.path().join("a/b/f"), b"x").unwrap();
-        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
-        empty_dir(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(outside.path().join("keep").exists());
     }
 }

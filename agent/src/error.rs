@@ -99,6 +99,12 @@ pub enum Error {
     CallFailed { function: String, message: String },
     #[error("function {function} was stopped: its workflow ended (another step failed or timed out, or its caller went away)")]
     Cancelled { function: String },
+    #[error("function {function}: no instance free after waiting {waited_ms} ms (all {max_instances} busy)")]
+    QueueTimeout {
+        function: String,
+        waited_ms: u64,
+        max_instances: usize,
+    },
     #[error("workflow {name:?} is not registered")]
     WorkflowNotFound { name: String },
     #[error("invalid workflow: {0}")]
@@ -149,7 +155,7 @@ impl Error {
             | Unpack { .. } => ErrorKind::BadRequest,
             NotFound { .. } | WorkflowNotFound { .. } => ErrorKind::NotFound,
             Workflow { source, .. } => source.kind(),
-            WorkflowTimeout { .. } => ErrorKind::Timeout,
+            WorkflowTimeout { .. } | QueueTimeout { .. } => ErrorKind::Timeout,
             BytesResult { .. } | CallFailed { .. } | Cancelled { .. } => ErrorKind::Function,
             LoadFailed { .. }
             | Handler { .. }
@@ -171,7 +177,7 @@ impl Error {
             InvalidWorkflow(_) => "invalid_workflow",
             WorkflowNotFound { .. } => "not_found",
             Workflow { source, .. } => source.name(),
-            WorkflowTimeout { .. } => "timeout",
+            WorkflowTimeout { .. } | QueueTimeout { .. } => "timeout",
             BytesResult { .. } => "bad_result",
             CallFailed { .. } => "call_failed",
             Cancelled { .. } => "cancelled",

@@ -48,6 +48,9 @@ pub struct StemCell {
     pub reserved_mb: u64,
 }
 
+/// How often a queued request checks whether its caller still wants it.
+pub const GIVE_UP_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Where a queued request waits for its instance.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -65,6 +68,8 @@ pub enum SlotState {
     Retry,
     /// The agent is shutting down.
     Closed,
+    /// The waiter's deadline passed, or its caller cancelled it (set by the waiter).
+    GaveUp,
 }
 
 impl Slot {
@@ -85,13 +90,36 @@ impl Slot {
         self.set(SlotState::Closed);
     }
 
-    /// Blocks until the slot is given, retried or closed.
-    pub fn wait(&self) -> SlotState {
+    /// Blocks until the slot is given, retried or closed, or until `give_up` says
+    /// so (asked at `deadline`, and at least every [`GIVE_UP_CHECK`]); then
+    /// [`SlotState::Waiting`] is returned and the caller must take the slot out of
+    /// its queue (under the scheduler's lock) and look at it once more with
+    /// [`Slot::take`].
+    pub fn wait(&self, deadline: Option<Instant>, give_up: impl Fn() -> bool) -> SlotState {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while matches!(*state, SlotState::Waiting) {
-            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) || give_up() {
+                return SlotState::Waiting;
+            }
+            let wait = deadline.map_or(GIVE_UP_CHECK, |d| (d - now).min(GIVE_UP_CHECK));
+            state = self
+                .ready
+                .wait_timeout(state, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         std::mem::take(&mut *state)
+    }
+
+    /// The slot's state once it is out of every queue: `GaveUp` unless an instance or
+    /// a retry arrived meanwhile.
+    pub fn take(&self) -> SlotState {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match std::mem::take(&mut *state) {
+            SlotState::Waiting => SlotState::GaveUp,
+            other => other,
+        }
     }
 }
 
@@ -145,7 +173,7 @@ mod tests {
         let slot = Arc::new(Slot::default());
         let waiter = {
             let slot = slot.clone();
-            std::thread::spawn(move || matches!(slot.wait(), SlotState::Retry))
+            std::thread::spawn(move || matches!(slot.wait(None, || false), SlotState::Retry))
         };
         std::thread::sleep(Duration::from_millis(20));
         slot.retry();
@@ -153,6 +181,33 @@ mod tests {
         // A slot set before anyone waits is not lost.
         let slot = Slot::default();
         slot.close();
-        assert!(matches!(slot.wait(), SlotState::Closed));
+        assert!(matches!(slot.wait(None, || false), SlotState::Closed));
+    }
+
+    #[test]
+    fn a_waiter_gives_up_at_its_deadline_or_when_told() {
+        let slot = Slot::default();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(30);
+        assert!(matches!(
+            slot.wait(Some(deadline), || false),
+            SlotState::Waiting
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert!(matches!(slot.take(), SlotState::GaveUp));
+        // Asked again at least every GIVE_UP_CHECK, without a deadline.
+        let started = Instant::now();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let give_up = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
+        assert!(matches!(
+            Slot::default().wait(None, give_up),
+            SlotState::Waiting
+        ));
+        assert!(started.elapsed() < GIVE_UP_CHECK * 10);
+        // An instance handed over after the waiter gave up but before it left the
+        // queue is not lost: take() returns it.
+        let slot = Slot::default();
+        slot.retry();
+        assert!(matches!(slot.take(), SlotState::Retry));
     }
 }

@@ -297,6 +297,8 @@ pub fn run(inner: &Inner, name: &str, input: &[u8]) -> Result<WorkflowOutput, Er
         &mut context,
     );
     runner.release(context, out.is_ok());
+    // Calls its functions started and did not wait for end with it.
+    run.cancel.fire();
     let result = out?.into_vec();
     Ok(WorkflowOutput {
         result,
@@ -451,7 +453,9 @@ impl Runner<'_> {
             .deadline
             .min(Instant::now() + Duration::from_millis(function.timeout_ms));
         if context.is_none() {
-            let (mut inst, _, _) = inner.acquire(name).map_err(|e| self.failed(step, e))?;
+            let (mut inst, _, _) = inner
+                .acquire(name, Some(self.deadline), Some(&self.run.cancel))
+                .map_err(|e| self.failed_or_timed_out(step, e))?;
             let joined = (|| {
                 if inst.sandbox.state() == SandboxState::Frozen {
                     inst.sandbox.thaw()?;
@@ -527,8 +531,7 @@ impl Runner<'_> {
     /// to the pool, or is destroyed.
     fn release(&self, context: Option<Instance>, healthy: bool) {
         if let Some(inst) = context {
-            self.inner.leave_run(&inst, self.run);
-            self.inner.release(inst, healthy);
+            self.inner.leave_and_release(inst, Some(self.run), healthy);
         }
     }
 
@@ -548,7 +551,11 @@ impl Runner<'_> {
 
     fn failed_or_timed_out(&self, step: &Step, source: Error) -> Error {
         let run_over = Instant::now() >= self.deadline;
-        if run_over && matches!(source, Error::Timeout { .. } | Error::Cancelled { .. }) {
+        let timed_out = matches!(
+            source,
+            Error::Timeout { .. } | Error::Cancelled { .. } | Error::QueueTimeout { .. }
+        );
+        if run_over && timed_out {
             return self.timed_out(step);
         }
         self.failed(step, source)

@@ -52,6 +52,10 @@ enum SpawnerRequest {
     DetachScratch {
         id: String,
     },
+    /// Replaces the sandbox's own `/workflow` with a new, empty tmpfs.
+    ResetScratch {
+        id: String,
+    },
     /// Puts a clone of sandbox `from`'s `/workflow` on sandbox `id`'s.
     AttachScratchFrom {
         id: String,
@@ -271,6 +275,15 @@ impl Spawner {
         self.mount_op(sandbox_id, "detach the workflow scratch", &req, &[])
     }
 
+    /// Replaces the sandbox's own [`rootfs::WORKFLOW_DIR`] tmpfs with a new, empty one
+    /// (the old one lives on only for whoever still holds a descriptor into it).
+    pub fn reset_scratch(&self, sandbox_id: &str) -> Result<(), Error> {
+        let req = SpawnerRequest::ResetScratch {
+            id: sandbox_id.to_owned(),
+        };
+        self.mount_op(sandbox_id, "replace the workflow scratch", &req, &[])
+    }
+
     /// Puts a clone of what sandbox `from` sees on its `/workflow` (its own scratch,
     /// or one attached there) on `sandbox_id`'s. A clone of a mount from another
     /// namespace can only be cloned again inside that namespace, so it is cloned
@@ -397,12 +410,33 @@ fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
                 reply_done(&channel, done)
             }
             SpawnerRequest::DetachScratch { id } => {
-                let done = if scratch_attached.remove(&id) {
+                let done = if scratch_attached.contains(&id) {
                     in_sandbox(&live, &id, &home, || {
                         Ok(|| sys::unmount_detach(Path::new(rootfs::WORKFLOW_DIR)))
                     })
                 } else {
                     Err(format!("sandbox {id} has no workflow scratch attached"))
+                };
+                if done.is_ok() {
+                    scratch_attached.remove(&id);
+                }
+                reply_done(&channel, done)
+            }
+            SpawnerRequest::ResetScratch { id } => {
+                let done = if scratch_attached.contains(&id) {
+                    Err(format!(
+                        "sandbox {id} has a workflow scratch attached over its own"
+                    ))
+                } else {
+                    in_sandbox(&live, &id, &home, || {
+                        let fresh = sys::new_tmpfs(rootfs::WORKFLOW_DIR_MB)
+                            .map_err(|e| format!("new tmpfs: {e}"))?;
+                        Ok(move || {
+                            let dir = Path::new(rootfs::WORKFLOW_DIR);
+                            sys::unmount_detach(dir)?;
+                            sys::move_mount(fresh.as_fd(), dir)
+                        })
+                    })
                 };
                 reply_done(&channel, done)
             }

@@ -102,7 +102,12 @@ pub fn in_mount_ns<T>(
 ) -> std::io::Result<T> {
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS)?;
     let done = step();
-    nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNS)?;
+    if let Err(e) = nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNS) {
+        // Every later operation would act inside that sandbox: stop instead (the
+        // agent sees its spawner gone and fails its requests).
+        eprintln!("sprout-spawner: cannot return to its own mount namespace: {e}");
+        exit_now(70);
+    }
     done
 }
 

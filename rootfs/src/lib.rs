@@ -28,6 +28,8 @@ pub use spec::{bundle_spec, resources, write_bundle, Limits, SandboxConfig};
 pub const CODE_DIR: &str = "/code";
 /// The workflow scratch directory inside a sandbox (`SPROUT_WORKFLOW_DIR`).
 pub const WORKFLOW_DIR: &str = "/workflow";
+/// Size limit of a sandbox's own workflow scratch tmpfs, in MiB (as `/tmp`'s).
+pub const WORKFLOW_DIR_MB: u64 = 64;
 /// Where the code of functions called inside a sandbox is attached, one directory each.
 pub const FUNCTIONS_DIR: &str = "/fns";
 /// Where the agent's runtime directory appears inside a sandbox.

@@ -85,10 +85,11 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
         // The workflow scratch: the sandbox's own until a workflow's is attached over it.
         json!({"destination": WORKFLOW_DIR, "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}),
-        // Mount points for the code of functions called in this sandbox; only the
-        // spawner (with capabilities) can make directories in it.
+        // Mount points for the code of functions called in this sandbox. Owned by
+        // nobody: without capabilities the sandbox can neither make entries in it nor
+        // chmod it; the spawner (with them) makes the mount points.
         json!({"destination": FUNCTIONS_DIR, "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=0555", "size=1m"]}),
+               "options": ["nosuid", "nodev", "mode=0555", "uid=65534", "gid=65534", "size=1m"]}),
         bind_ro(Path::new("/usr"), "/usr"),
         bind_ro(runtime_dir, RUNTIME_DIR),
         bind_ro(shim, SHIM_PATH),

@@ -458,6 +458,25 @@ impl<Z: Spawn> Router<Z> {
         for m in requests {
             let origin = Origin::Instance(key);
             match m.header {
+                // A spec from an instance runs only code the agent attached for it.
+                CallRequest::Call {
+                    id,
+                    function,
+                    spec: Some(spec),
+                    ..
+                } if !spec_is_attached(&function, &spec) => self.reply(
+                    origin,
+                    &CallReply::CallFailed {
+                        id,
+                        function: function.clone(),
+                        message: format!(
+                            "spec for {function:?} names {:?}, not the code the agent attached ({})",
+                            spec.code_dir,
+                            attached_dir(&spec.function, spec.version)
+                        ),
+                    },
+                    None,
+                )?,
                 CallRequest::Call {
                     id,
                     function,
@@ -977,6 +996,17 @@ fn wait_loaded(link: &mut InstanceLink, timeout: Duration) -> Result<Loading, ip
 }
 
 /// A peer that went away: end of stream, or a reset or broken pipe.
+/// Where the agent attaches a called function's code in a sandbox.
+pub fn attached_dir(function: &str, version: u64) -> String {
+    format!("{}/{function}-{version}", shim::FUNCTIONS_DIR)
+}
+
+/// Whether a spec sent by an instance is one the agent resolved: the function it
+/// calls, its code where the agent attaches it.
+fn spec_is_attached(function: &str, spec: &CallSpec) -> bool {
+    spec.function == function && spec.code_dir == attached_dir(&spec.function, spec.version)
+}
+
 fn is_closed(e: &ipc::Error) -> bool {
     match e {
         ipc::Error::Closed | ipc::Error::Truncated => true,

@@ -493,3 +493,68 @@ fn a_caller_sees_a_callee_registered_again() {
     );
     assert_eq!(body_json(&d.invoke("caller", "{}")), json!("v2"));
 }
+
+#[test]
+fn a_sibling_that_kept_a_descriptor_into_the_scratch_sees_no_later_run() {
+    let env = require_root!();
+    let d = env.daemon();
+    // Keeps a descriptor of the scratch it first saw, across invocations.
+    let worker = r#"import os
+_kept = None
+def f(_):
+    global _kept
+    if _kept is None:
+        _kept = os.open(os.environ["SPROUT_WORKFLOW_DIR"], os.O_RDONLY | os.O_DIRECTORY)
+    return {"kept": sorted(os.listdir(_kept)), "now": sorted(os.listdir(os.environ["SPROUT_WORKFLOW_DIR"]))}
+"#;
+    let root = r#"import os, sprout
+def f(n):
+    open(os.path.join(os.environ["SPROUT_WORKFLOW_DIR"], f"run-{n}"), "w").write("x")
+    return sprout.map("keeper", [0])[0]
+"#;
+    register(&d, &env, "keeper", worker, json!({"max_instances": 1}));
+    register(&d, &env, "root", root, json!({"max_instances": 1}));
+    let first = body_json(&d.invoke("root", "1"));
+    assert_eq!(first, json!({"kept": ["run-1"], "now": ["run-1"]}));
+    let second = body_json(&d.invoke("root", "2"));
+    // The same sibling sees the new run's scratch, but its old descriptor reaches only
+    // the finished run's files.
+    assert_eq!(second, json!({"kept": ["run-1"], "now": ["run-2"]}));
+}
+
+#[test]
+fn a_step_waiting_for_an_instance_its_own_workflow_holds_times_out() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(
+        &d,
+        &env,
+        "only",
+        "def f(e):\n    return e\n",
+        json!({"max_instances": 1}),
+    );
+    // The sequence holds the one instance of `only` while its parallel branch waits
+    // for it: the run's timeout ends the wait.
+    let doc = json!({"timeout_ms": 500, "steps": [
+        {"type": "task", "function": "only"},
+        {"type": "parallel", "branches": [{"type": "task", "function": "only"}]}]});
+    assert_eq!(put_workflow(&d, "stuck", &doc).status, 200);
+    let started = Instant::now();
+    let r = run_workflow(&d, "stuck", "{}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.status, 504, "{}", text(&r));
+    let msg = body_json(&r)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains(r#"timed out after 500 ms at step steps[1].branches[0] (task "only")"#),
+        "{msg}"
+    );
+    // Nothing is stuck: the function still answers.
+    assert_eq!(d.invoke("only", "7").status, 200);
+}

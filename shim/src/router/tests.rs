@@ -19,7 +19,7 @@ fn spec(function: &str, version: u64, timeout_ms: u64) -> CallSpec {
     CallSpec {
         function: function.into(),
         version,
-        code_dir: format!("/code/{function}"),
+        code_dir: super::attached_dir(function, version),
         handler: Handler::parse("f:f").unwrap(),
         timeout_ms,
     }
@@ -217,7 +217,7 @@ fn call(on: &Channel, id: u64, function: &str, depth: u32, spec: Option<CallSpec
 fn expect_load_and_invoke(ch: &mut Channel, function: &str, depth: u32, event: &[u8]) -> u64 {
     let m = ch.recv::<InstanceRequest>().unwrap();
     assert!(
-        matches!(&m.header, InstanceRequest::Load(l) if l.function == function && l.code_dir == format!("/code/{function}")),
+        matches!(&m.header, InstanceRequest::Load(l) if l.function == function && l.code_dir.starts_with(&format!("/fns/{function}-"))),
         "{:?}",
         m.header
     );
@@ -403,6 +403,30 @@ fn calls_the_shim_cannot_run_fail_by_name() {
     assert_eq!(reply(&mut main.calls).0, failed(2, "y", NOT_HERE));
     let depth = check_depth("deep", 17).unwrap_err();
     assert_eq!(reply(&mut main.calls).0, failed(3, "deep", &depth));
+    assert_eq!(fake.forks(), 1, "nothing was forked for them");
+}
+
+#[test]
+fn a_spec_naming_code_the_agent_did_not_attach_is_refused() {
+    let (mut r, mut agent, fake) = setup();
+    let mut main = spawn_main(&mut r, &mut agent, &fake, 1);
+    let mut forged = spec("b", 3, 100);
+    forged.code_dir = "/tmp/evil".into();
+    call(&main.calls, 1, "b", 1, Some(forged), b"{}");
+    // Another function's spec under this name is refused too.
+    call(&main.calls, 2, "b", 1, Some(spec("c", 3, 100)), b"{}");
+    turn(&mut r);
+    for id in [1, 2] {
+        let (got, _) = reply(&mut main.calls);
+        let CallReply::CallFailed { id: i, message, .. } = got else {
+            panic!("expected call_failed, got {got:?}")
+        };
+        assert_eq!(i, id);
+        assert!(
+            message.contains("not the code the agent attached"),
+            "{message}"
+        );
+    }
     assert_eq!(fake.forks(), 1, "nothing was forked for them");
 }
 
