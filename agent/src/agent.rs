@@ -648,7 +648,12 @@ impl Inner {
             Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
         };
         match opts.hand_back {
-            Some(slot) => *lock(slot) = Some((inst, keep)),
+            Some(slot) => {
+                // Counted before its answer goes out, so a burst of calls right after
+                // waits for it instead of starting new instances.
+                lock(&self.sched).pool(&inst.function).returning += 1;
+                *lock(slot) = Some((inst, keep));
+            }
             None => self.leave_and_release(inst, opts.run, keep),
         }
         result
@@ -929,7 +934,11 @@ impl Inner {
                 .collect();
             pool.live -= stale.len();
             let idle = pool.idle.pop();
-            let may_start = idle.is_none() && pool.live < function.max_instances;
+            // Instances on their way back (answered, leaving a workflow run) will serve
+            // as many waiters: only start one beyond those.
+            let may_start = idle.is_none()
+                && pool.live < function.max_instances
+                && pool.returning <= pool.queue.len();
             if may_start {
                 pool.live += 1;
             }
@@ -1016,7 +1025,18 @@ impl Inner {
 
     /// Gives an instance back after an invocation: to the head of its function's
     /// queue, to the idle list, or (unhealthy, outdated, not kept warm) to the spawner.
-    pub(crate) fn release(&self, mut inst: Instance, healthy: bool) {
+    pub(crate) fn release(&self, inst: Instance, healthy: bool) {
+        self.give_back(inst, healthy, false)
+    }
+
+    /// [`Inner::release`] for an instance handed back by [`CallOpts::hand_back`]:
+    /// it leaves its run first, and stops counting as returning.
+    pub(crate) fn release_returning(&self, inst: Instance, run: &Arc<Run>, healthy: bool) {
+        let healthy = self.leave_run(&inst, run, healthy);
+        self.give_back(inst, healthy, true)
+    }
+
+    fn give_back(&self, mut inst: Instance, healthy: bool, returning: bool) {
         let current = lock(&self.functions).get(&inst.function).map(|f| f.version);
         let keep = healthy
             && self.config.keep_warm
@@ -1026,6 +1046,11 @@ impl Inner {
         if !keep {
             let name = inst.function.clone();
             self.destroy(inst);
+            if returning {
+                let mut sched = lock(&self.sched);
+                let pool = sched.pool(&name);
+                pool.returning = pool.returning.saturating_sub(1);
+            }
             self.forget_instance(&name);
             return;
         }
@@ -1033,6 +1058,9 @@ impl Inner {
         inst.last_used = now;
         let mut sched = lock(&self.sched);
         let pool = sched.pool(&inst.function);
+        if returning {
+            pool.returning = pool.returning.saturating_sub(1);
+        }
         if let Some(slot) = pool.queue.pop_front() {
             return slot.give(inst);
         }

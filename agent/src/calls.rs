@@ -242,7 +242,7 @@ impl Call<'_> {
         }
         let done_with = lock(&held).take();
         if let Some((inst, healthy)) = done_with {
-            inner.leave_and_release(inst, Some(&run), healthy);
+            inner.release_returning(inst, &run, healthy);
         }
     }
 

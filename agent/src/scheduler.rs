@@ -37,6 +37,9 @@ pub struct FnPool {
     pub live: usize,
     /// Requests waiting for an instance.
     pub queue: VecDeque<Arc<Slot>>,
+    /// Instances that answered a call and are about to come back (they are leaving
+    /// a workflow run), counted in `live`.
+    pub returning: usize,
 }
 
 /// A prewarmed sandbox: shim and zygote up, bound to no function.

@@ -100,9 +100,14 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
         &write_fn(fns.path(), "work", WORK)?,
         json!({"max_instances": 32}),
     )?;
+    // Each section starts on a quiet machine: large transfers leave their pages to
+    // be freed after the answer, which would land in the next section's samples.
+    let settle = || std::thread::sleep(Duration::from_secs(1));
     let mut rows = chain(&mut c, s.chain_runs)?;
+    settle();
     rows.extend(transfer(&mut c, s.transfer_runs)?);
     for k in [8, 32] {
+        settle();
         rows.push(fan_out(&mut c, k, s.fan_runs)?);
     }
     Ok(rows)
