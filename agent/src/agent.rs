@@ -716,21 +716,18 @@ impl Inner {
         if run.is_root(id) || !healthy || inst.sandbox.state() == SandboxState::Dead {
             return healthy; // an unhealthy sandbox is destroyed, mounts and all
         }
-        match self.spawner.detach_scratch(id) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(sandbox_id = id, error = %ipc::chain(&e), "detach workflow scratch; destroying the sandbox");
-                false
-            }
-        }
+        fit_for_pool(
+            id,
+            "detach the workflow scratch",
+            self.spawner.detach_scratch(id),
+        )
     }
 
     /// After an invocation that called other functions: unless the sandbox takes part in
-    /// someone else's run, its run ends and its workflow scratch is emptied.
-    ///
-    /// Calls still in flight are cancelled. The scratch is replaced by a new tmpfs
-    /// rather than emptied: a sibling that kept a descriptor into it reaches only the
-    /// finished run's files. Returns `false` if that failed (the sandbox must go).
+    /// someone else's run, its run ends. Calls still in flight are cancelled, and the
+    /// scratch is replaced by a new tmpfs (not emptied: a sibling that kept a
+    /// descriptor into it reaches only the finished run's files). Returns `false` if
+    /// that failed (the sandbox must go).
     fn end_sdk_run(&self, inst: &Instance) -> bool {
         let id = inst.sandbox.id();
         {
@@ -747,13 +744,11 @@ impl Inner {
         if !self.config.keep_warm {
             return true; // the sandbox is destroyed next, scratch and all
         }
-        match self.spawner.reset_scratch(id) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(sandbox_id = id, error = %ipc::chain(&e), "replace the workflow scratch; destroying the sandbox");
-                false
-            }
-        }
+        fit_for_pool(
+            id,
+            "replace the workflow scratch",
+            self.spawner.reset_scratch(id),
+        )
     }
 
     /// Makes `callee`'s code visible in sandbox `sandbox_id` if the callee can run there
@@ -1334,6 +1329,15 @@ impl Inner {
         self.sandboxes.fetch_sub(1, Ordering::Relaxed);
         self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
     }
+}
+
+/// Whether a mount operation that keeps a sandbox fit for the pool worked; a failure
+/// is logged (and the caller destroys the sandbox).
+fn fit_for_pool(sandbox_id: &str, what: &str, done: Result<(), pool::Error>) -> bool {
+    if let Err(e) = &done {
+        tracing::warn!(sandbox_id, error = %ipc::chain(e), "{what}; destroying the sandbox");
+    }
+    done.is_ok()
 }
 
 fn remove_owned_dir(f: &Function) {

@@ -142,17 +142,6 @@ pub enum CallReply {
     },
 }
 
-impl CallReply {
-    pub fn id(&self) -> u64 {
-        match self {
-            CallReply::Resolved { id, .. }
-            | CallReply::CallReturned { id, .. }
-            | CallReply::CallRaised { id, .. }
-            | CallReply::CallFailed { id, .. } => *id,
-        }
-    }
-}
-
 /// Why a call at `depth` may not be made, if it may not.
 pub fn check_depth(function: &str, depth: u32) -> Result<(), String> {
     if depth > MAX_CALL_DEPTH {
@@ -416,19 +405,8 @@ impl InstanceLink {
         }
     }
 
-    pub fn send_invoke(&self, id: u64, event: &[u8]) -> Result<(), Error> {
-        self.0.send(
-            &InstanceRequest::Invoke {
-                id,
-                depth: 0,
-                raw: false,
-            },
-            event,
-            &[],
-        )
-    }
-
-    /// Sends an invoke from a caller: its depth, and a payload passed on as it is.
+    /// Sends an invoke: its call depth (0 from a client), and the event, passed on as it
+    /// is.
     pub fn send_call(&self, id: u64, depth: u32, raw: bool, event: &Payload) -> Result<(), Error> {
         self.0
             .send_payload(&InstanceRequest::Invoke { id, depth, raw }, event, &[])

@@ -224,6 +224,24 @@ fn expect_load_and_invoke(ch: &mut Channel, function: &str, depth: u32, event: &
     expect_invoke(ch, depth, event)
 }
 
+/// One call of `function` (version 1) from `main` that forks a fresh callee, which
+/// gets its `load` and `invoke`: the callee's channel and the invoke's id.
+fn first_call(r: &mut Router<Fake>, fake: &Fake, main: &Main, function: &str) -> (Channel, u64) {
+    fake.expect_loads([OnLoad::Loaded]);
+    call(
+        &main.calls,
+        1,
+        function,
+        1,
+        Some(spec(function, 1, 5_000)),
+        b"{}",
+    );
+    turn(r);
+    let mut callee = fake.channel(1);
+    let invoke = expect_load_and_invoke(&mut callee, function, 1, b"{}");
+    (callee, invoke)
+}
+
 fn expect_invoke(ch: &mut Channel, depth: u32, event: &[u8]) -> u64 {
     let m = ch.recv::<InstanceRequest>().unwrap();
     let InstanceRequest::Invoke { id, depth: d, raw } = m.header else {
@@ -588,11 +606,7 @@ fn nested_calls_are_served_while_their_caller_waits() {
 fn an_answer_whose_caller_is_gone_is_dropped() {
     let (mut r, mut agent, fake) = setup();
     let main = spawn_main(&mut r, &mut agent, &fake, 1);
-    fake.expect_loads([OnLoad::Loaded]);
-    call(&main.calls, 1, "b", 1, Some(spec("b", 1, 5_000)), b"{}");
-    turn(&mut r);
-    let mut b = fake.channel(1);
-    let invoke = expect_load_and_invoke(&mut b, "b", 1, b"{}");
+    let (b, invoke) = first_call(&mut r, &fake, &main, "b");
     drop(main); // the caller died
     turn(&mut r);
     assert!(!r.calls.contains_key(&Key(1)));
@@ -638,11 +652,7 @@ fn at_most_two_idle_per_version_and_none_of_older_ones() {
 fn a_new_main_instance_retires_idle_instances_writing_to_old_pipes() {
     let (mut r, mut agent, fake) = setup();
     let mut main = spawn_main(&mut r, &mut agent, &fake, 1);
-    fake.expect_loads([OnLoad::Loaded]);
-    call(&main.calls, 1, "f", 1, Some(spec("f", 1, 5_000)), b"{}");
-    turn(&mut r);
-    let mut f = fake.channel(1);
-    let invoke = expect_load_and_invoke(&mut f, "f", 1, b"{}");
+    let (f, invoke) = first_call(&mut r, &fake, &main, "f");
     returned(&f, invoke, b"0");
     turn(&mut r);
     reply(&mut main.calls);
@@ -949,11 +959,7 @@ fn idle_instances_that_died_are_forgotten_or_replaced() {
 fn a_callee_that_breaks_the_protocol_is_killed() {
     let (mut r, mut agent, fake) = setup();
     let mut main = spawn_main(&mut r, &mut agent, &fake, 1);
-    fake.expect_loads([OnLoad::Loaded]);
-    call(&main.calls, 1, "f", 1, Some(spec("f", 1, 5_000)), b"{}");
-    turn(&mut r);
-    let mut f = fake.channel(1);
-    let invoke = expect_load_and_invoke(&mut f, "f", 1, b"{}");
+    let (f, invoke) = first_call(&mut r, &fake, &main, "f");
     returned(&f, invoke + 1, b"0");
     turn(&mut r);
     let pid = fake.pid(1);
