@@ -149,8 +149,8 @@ impl Env {
     pub fn setup() -> Option<Env> {
         let name = test_name();
         if let Some(reason) = skip_reason() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{name}: cannot run: {reason} (CI=true: a skipped test is a failure)");
+            if under_ci() {
+                panic!("{name}: cannot run: {reason} (CI is set: a skipped test is a failure)");
             }
             // Straight to fd 2: libtest captures `eprintln!` of passing tests.
             let _ = writeln!(
@@ -275,6 +275,13 @@ impl Drop for Env {
         for pid in agents {
             left.extend(self.leftovers(pid));
         }
+        // Every agent is gone, so nothing of theirs may remain in the state root:
+        // not only `<root>/<pid>`, but any file or directory they made there.
+        if let Ok(entries) = fs::read_dir(self.state_dir()) {
+            for e in entries.filter_map(Result::ok) {
+                left.push(format!("state {}", e.path().display()));
+            }
+        }
         assert!(
             left.is_empty(),
             "{}: the test's agents left things behind:\n  {}",
@@ -311,49 +318,177 @@ pub fn wait_for<T, E>(within: Duration, mut f: impl FnMut() -> Result<T, E>) -> 
 // ---------------------------------------------------------------------------
 // Cleanliness
 
-/// What agent `pid` (with state under `state_root`) left behind.
+/// Whether the host runs cgroup v2 alone (one unified hierarchy at `/sys/fs/cgroup`).
+/// On v1 and hybrid hosts (like the development VM) the controllers are separate
+/// hierarchies under `/sys/fs/cgroup/<controller>`.
+pub fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").is_file()
+}
+
+/// The directory of sandbox `sandbox` of agent `agent` holding `v1_controller`'s
+/// files: `/sys/fs/cgroup/<v1_controller>/sprout/<agent>/<sandbox>` on v1,
+/// `/sys/fs/cgroup/sprout/<agent>/<sandbox>` on v2 (where every controller's files
+/// are in the one directory).
+pub fn sandbox_cgroup_dir(agent: u32, sandbox: &str, v1_controller: &str) -> PathBuf {
+    agent_cgroup_dir(agent, v1_controller).join(sandbox)
+}
+
+/// Agent `agent`'s cgroup in `v1_controller`'s hierarchy (v1), or in the unified one.
+pub fn agent_cgroup_dir(agent: u32, v1_controller: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    let root = if cgroup_v2() {
+        root.to_path_buf()
+    } else {
+        root.join(v1_controller)
+    };
+    root.join("sprout").join(agent.to_string())
+}
+
+/// Every directory where agent `agent` could have a cgroup: one per v1 hierarchy
+/// (the hybrid layout's `unified` included), or the one v2 directory.
+pub fn agent_cgroup_dirs(agent: u32) -> Vec<PathBuf> {
+    let rel = Path::new("sprout").join(agent.to_string());
+    if cgroup_v2() {
+        return vec![Path::new("/sys/fs/cgroup").join(rel)];
+    }
+    let mut dirs: Vec<PathBuf> = fs::read_dir("/sys/fs/cgroup")
+        .map(|it| {
+            it.filter_map(Result::ok)
+                // Real directories only: `cpu,cpuacct` may be linked as `cpu` too.
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path().join(&rel))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+/// The mount table as `pid` sees it (`/proc/<pid>/mountinfo`), or `None` when it
+/// cannot be read (the process is gone, or hides it).
+pub fn mountinfo(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()
+}
+
+/// Whether `CI` says this is a CI run: any value but empty, `0` or `false`
+/// (`true`, `1`, `yes`, `TRUE` ...). Under CI a test that cannot run fails.
+pub fn under_ci() -> bool {
+    means_ci(std::env::var("CI").ok().as_deref())
+}
+
+fn means_ci(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        let v = v.trim().to_ascii_lowercase();
+        !matches!(v.as_str(), "" | "0" | "false" | "no")
+    })
+}
+
+/// What agent `pid` (with state under `state_root`) left behind: its cgroups in any
+/// hierarchy, its state directory, any process of its sandboxes (found by cgroup, and
+/// by the sandbox id in its environment, so a zygote or instance that escaped its
+/// cgroup or outlived it is found too), its spawner, the agent itself, and mounts of
+/// its state seen in any mount namespace (the host's own table must show nothing of
+/// sprout's at all).
 pub fn leftovers(state_root: &Path, pid: u32) -> Vec<String> {
     let mut found = Vec::new();
-    if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-        for e in entries.filter_map(Result::ok) {
-            let dir = e.path().join("sprout").join(pid.to_string());
-            if dir.exists() {
-                let children: Vec<String> = fs::read_dir(&dir)
-                    .map(|it| {
-                        it.filter_map(Result::ok)
-                            .filter(|c| c.path().is_dir())
-                            .map(|c| c.file_name().to_string_lossy().into_owned())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                found.push(format!("cgroup {} (sandboxes {children:?})", dir.display()));
-            }
+    for dir in agent_cgroup_dirs(pid) {
+        if dir.exists() {
+            let children: Vec<String> = fs::read_dir(&dir)
+                .map(|it| {
+                    it.filter_map(Result::ok)
+                        .filter(|c| c.path().is_dir())
+                        .map(|c| c.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            found.push(format!("cgroup {} (sandboxes {children:?})", dir.display()));
         }
     }
     let state = state_root.join(pid.to_string());
     if state.exists() {
         found.push(format!("state directory {}", state.display()));
     }
-    for p in processes_in_agent_cgroups(pid) {
+    for p in agent_processes(state_root, pid) {
         found.push(format!(
-            "process {p} ({}) in cgroup {}",
+            "process {p} ({}) of agent {pid}, cgroup {}",
             cmdline(p),
             fs::read_to_string(format!("/proc/{p}/cgroup"))
                 .unwrap_or_default()
                 .lines()
                 .find(|l| l.contains("/sprout/"))
-                .unwrap_or_default()
+                .unwrap_or("<none of sprout's>")
         ));
     }
-    for line in fs::read_to_string("/proc/self/mountinfo")
+    found.extend(sprout_mounts(state_root, pid));
+    found
+}
+
+/// Live processes that belong to agent `pid`: the agent itself, any process holding a
+/// descriptor into its state directory (its spawner holds the directory's lock), and
+/// every process of its sandboxes, by cgroup or by `SPROUT_SANDBOX=sprout-<pid>-...`
+/// in its environment.
+pub fn agent_processes(state_root: &Path, pid: u32) -> Vec<u32> {
+    let in_cgroup = format!("/sprout/{pid}/");
+    let sandbox_env = format!("SPROUT_SANDBOX=sprout-{pid}-");
+    let state = state_root.join(pid.to_string());
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|&p| p != me && alive(p))
+        .filter(|&p| {
+            p == pid
+                || fs::read_to_string(format!("/proc/{p}/cgroup"))
+                    .is_ok_and(|c| c.contains(&in_cgroup))
+                || fs::read(format!("/proc/{p}/environ")).is_ok_and(|env| {
+                    env.split(|&b| b == 0)
+                        .any(|var| var.starts_with(sandbox_env.as_bytes()))
+                })
+                || fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|fds| {
+                    fds.filter_map(Result::ok)
+                        .filter_map(|fd| fs::read_link(fd.path()).ok())
+                        .any(|target| target.starts_with(&state))
+                })
+        })
+        .collect()
+}
+
+/// Mounts that speak of agent `pid`'s state in any mount namespace, and any mount
+/// naming sprout in this process's (the host's) own table.
+fn sprout_mounts(state_root: &Path, pid: u32) -> Vec<String> {
+    let mut found = Vec::new();
+    for line in mountinfo(std::process::id())
         .unwrap_or_default()
         .lines()
+        .filter(|l| l.contains("sprout"))
     {
-        if line.contains("sprout") {
-            found.push(format!("host mount: {line}"));
+        found.push(format!("host mount: {line}"));
+    }
+    // A bind mount's root is its path inside the source file system, so mounts out of
+    // `<state_root>/<pid>` show `.../<root name>/<pid>/...`.
+    let Some(root_name) = state_root.file_name() else {
+        return found;
+    };
+    let dir = format!("{}/{pid}", root_name.to_string_lossy());
+    let (inside, itself) = (format!("{dir}/"), format!("{dir} "));
+    for (ns, member) in mount_namespaces() {
+        for line in mountinfo(member).unwrap_or_default().lines() {
+            if line.contains(&inside) || line.contains(&itself) {
+                found.push(format!("mount in {ns} (process {member}): {line}"));
+            }
         }
     }
     found
+}
+
+/// One process of every mount namespace on the host: (namespace, pid).
+pub fn mount_namespaces() -> Vec<(String, u32)> {
+    let mut seen = std::collections::BTreeMap::new();
+    for p in all_pids() {
+        if let Ok(ns) = fs::read_link(format!("/proc/{p}/ns/mnt")) {
+            seen.entry(ns.to_string_lossy().into_owned()).or_insert(p);
+        }
+    }
+    seen.into_iter().collect()
 }
 
 /// Numeric entries of /proc.
@@ -420,14 +555,15 @@ pub fn children(pid: u32) -> Vec<u32> {
     kids
 }
 
-/// The sandbox cgroups agent `pid` has in the memory hierarchy.
+/// The sandbox cgroups agent `pid` has (in the memory hierarchy on v1).
 pub fn sandbox_cgroups(agent: u32) -> Vec<String> {
-    let dir = Path::new("/sys/fs/cgroup/memory/sprout").join(agent.to_string());
+    let dir = agent_cgroup_dir(agent, "memory");
     let mut names: Vec<String> = fs::read_dir(dir)
         .map(|it| {
             it.filter_map(Result::ok)
                 .filter(|e| e.path().is_dir())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&format!("sprout-{agent}-")))
                 .collect()
         })
         .unwrap_or_default();
@@ -964,3 +1100,17 @@ def f(event):
     time.sleep(event.get("sleep", 0))
     return {"sandbox": os.environ.get("SPROUT_SANDBOX"), "pid": os.getpid()}
 "#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn any_ci_value_but_an_explicit_no_means_ci() {
+        for yes in ["true", "1", "yes", "TRUE", "True ", "on", "github"] {
+            assert!(super::means_ci(Some(yes)), "CI={yes:?}");
+        }
+        for no in ["", "0", "false", "FALSE", "no"] {
+            assert!(!super::means_ci(Some(no)), "CI={no:?}");
+        }
+        assert!(!super::means_ci(None));
+    }
+}

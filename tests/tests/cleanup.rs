@@ -2,14 +2,13 @@
 //! leave each other alone.
 
 use std::fs;
-use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sprout_tests::{
     alive, body_json, example, json, leftovers, processes_in_agent_cgroups, require_root,
-    sandbox_cgroups, text, wait_for, SLEEPER_PY,
+    sandbox_cgroup_dir, sandbox_cgroups, text, wait_for, SLEEPER_PY,
 };
 
 fn sigkill(pid: u32) {
@@ -98,10 +97,7 @@ fn next_agent_removes_what_a_crashed_daemon_and_spawner_left() {
     let state = env.state_dir().join(pid.to_string());
     assert!(state.is_dir(), "the crashed agent's state is left behind");
     assert!(
-        Path::new("/sys/fs/cgroup/memory/sprout")
-            .join(pid.to_string())
-            .join(&sandbox)
-            .is_dir(),
+        sandbox_cgroup_dir(pid, &sandbox, "memory").is_dir(),
         "the crashed agent's sandbox cgroup is left behind: {:?}",
         leftovers(env.state_dir(), pid)
     );
@@ -190,4 +186,114 @@ fn agents_with_different_state_dirs_leave_each_other_alone() {
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(body_json(&r), json!("Hello, again!"));
     assert_eq!(r.header("X-Sprout-Cold"), Some("false"));
+}
+
+/// A host process of the test's own, killed by its pid on drop.
+struct Own(std::process::Child);
+
+impl Own {
+    fn spawn(cmd: &mut std::process::Command) -> Own {
+        Own(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The leftover check itself can fail: it finds each kind of thing an agent could
+/// leave behind, even where no cgroup or the word "sprout" points at it — the agent
+/// still running, a process holding its state directory (as its spawner does), a
+/// process of one of its sandboxes whose cgroup is gone (found by the sandbox id in
+/// its environment), its state directory, and a mount of its state in a mount
+/// namespace other than the host's.
+#[test]
+fn the_leftover_check_finds_each_kind_of_leftover() {
+    use std::process::{Command, Stdio};
+    let env = require_root!();
+    let root = env.state_dir();
+    let sleep = || {
+        let mut c = Command::new("sleep");
+        c.arg("60").stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    };
+    let count = |agent: u32, what: &str| {
+        leftovers(root, agent)
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+
+    // "The agent": a process of ours, alive.
+    let agent = Own::spawn(&mut sleep());
+    let id = agent.pid();
+    assert_eq!(
+        count(id, &format!("process {id} ")),
+        1,
+        "{:?}",
+        leftovers(root, id)
+    );
+    drop(agent);
+    assert!(leftovers(root, id).is_empty(), "{:?}", leftovers(root, id));
+
+    // Its state directory, and a process holding a descriptor into it.
+    let state = root.join(id.to_string());
+    fs::create_dir_all(&state).unwrap();
+    let lock = fs::File::create(state.join("lock")).unwrap();
+    let holder = Own::spawn(sleep().stdin(lock));
+    let left = leftovers(root, id);
+    assert_eq!(count(id, "state directory"), 1, "{left:?}");
+    assert_eq!(
+        count(id, &format!("process {} ", holder.pid())),
+        1,
+        "{left:?}"
+    );
+    drop(holder);
+
+    // A sandbox's process outside any cgroup of sprout's.
+    let escaped = Own::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}-7")));
+    let left = leftovers(root, id);
+    assert_eq!(
+        count(id, &format!("process {} ", escaped.pid())),
+        1,
+        "{left:?}"
+    );
+    drop(escaped);
+    // Another agent's sandbox is not ours.
+    let other = Own::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}7-1")));
+    assert_eq!(count(id, &format!("process {} ", other.pid())), 0);
+    drop(other);
+
+    // A mount of the state directory in a private mount namespace of its own.
+    let mut ns = Own::spawn(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /mnt && echo ready && exec sleep 60",
+                state.display()
+            ))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let mut ready = String::new();
+    let mut out = std::io::BufReader::new(ns.0.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready", "the bind mount was not made");
+    let left = leftovers(root, id);
+    assert!(
+        left.iter()
+            .any(|l| l.starts_with("mount in mnt:") && l.contains(" /mnt ")),
+        "{left:?}"
+    );
+    drop(ns);
+
+    fs::remove_dir_all(&state).unwrap();
+    assert!(leftovers(root, id).is_empty(), "{:?}", leftovers(root, id));
 }
