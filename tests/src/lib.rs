@@ -24,7 +24,9 @@
 //! Test files: `embedded` (`sprout invoke DIR`), `errors` (failures and exit codes),
 //! `daemon` (`sprout serve`, the CLI and the HTTP API), `isolation` (what a
 //! function sees inside its sandbox, and its cgroup seen from the host), `cleanup`
-//! (crashed agents and agents side by side).
+//! (crashed agents, agents side by side, and the leftover check itself), `pool` (the
+//! warm pool's lifecycle), `workflows` (functions calling functions), `call_socket`
+//! (who the call socket hears), `mounts` (the host's mount table never changes).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};

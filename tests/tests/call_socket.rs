@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use ipc::proto::{CallReply, CallRequest};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use sprout_tests::{body_json, json, require_root, text, wait_for, Daemon, Env, Value, SLEEPER_PY};
+use sprout_tests::{
+    agent_cgroup_dirs, body_json, cgroup_v2, json, require_root, text, wait_for, Daemon, Env,
+    Value, SLEEPER_PY,
+};
 
 /// How long a helper may take from "go" to its report.
 const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,31 +68,18 @@ except OSError as e:
 print(json.dumps(out), flush=True)
 "#;
 
-/// Whether the host runs cgroup v2 alone (TODO: `sprout_tests::cgroup_v2` once the
-/// harness has it).
-fn cgroup_v2() -> bool {
-    Path::new("/sys/fs/cgroup/cgroup.controllers").is_file()
-}
-
 /// Every directory of `sandbox`'s cgroup a process can join without being frozen: on
 /// v1 one per hierarchy but the freezer's, on v2 the one directory.
 fn joinable_dirs(agent: u32, sandbox: &str) -> Vec<PathBuf> {
-    let rel = Path::new("sprout").join(agent.to_string()).join(sandbox);
-    let root = Path::new("/sys/fs/cgroup");
-    if cgroup_v2() {
-        return vec![root.join(rel)];
-    }
-    let mut dirs: Vec<PathBuf> = fs::read_dir(root)
-        .expect("list /sys/fs/cgroup")
-        .filter_map(Result::ok)
-        // Real hierarchies only (`cpu,cpuacct` may be linked as `cpu` too).
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "freezer")
-        .map(|e| e.path().join(&rel))
+    let dirs: Vec<PathBuf> = agent_cgroup_dirs(agent)
+        .into_iter()
+        .filter(|d| cgroup_v2() || !d.starts_with("/sys/fs/cgroup/freezer"))
+        .map(|d| d.join(sandbox))
         .filter(|d| d.is_dir())
         .collect();
-    dirs.sort();
     assert!(
-        dirs.iter().any(|d| d.starts_with(root.join("memory"))),
+        dirs.iter()
+            .any(|d| cgroup_v2() || d.starts_with("/sys/fs/cgroup/memory")),
         "sandbox {sandbox} of agent {agent} has no memory cgroup: {dirs:?}"
     );
     dirs

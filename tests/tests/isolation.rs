@@ -4,12 +4,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
 use sprout_tests::{
-    body_json, host_hostname, json, require_root, text, wait_for, Env, Value, SLEEPER_PY,
+    body_json, cgroup_v2, host_hostname, json, require_root, sandbox_cgroup_dir, text, under_ci,
+    wait_for, Env, Value, SLEEPER_PY,
 };
 
 /// Reports what the sandbox looks like from inside. Never raises: every
@@ -351,32 +352,6 @@ fn cgroup_namespace_shows_the_sandbox_its_cgroup_as_the_root() {
             "the sandbox's {controller:?} cgroup should be its namespace's root: {line:?} (all: {lines:?})"
         );
     }
-}
-
-/// Whether the host runs cgroup v2 alone (TODO: `sprout_tests::cgroup_v2` once the
-/// harness has it).
-fn cgroup_v2() -> bool {
-    Path::new("/sys/fs/cgroup/cgroup.controllers").is_file()
-}
-
-/// Whether `CI` says this is a CI run (as `require_root!` reads it).
-fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| {
-        let v = v.trim().to_ascii_lowercase();
-        !v.is_empty() && v != "0" && v != "false" && v != "no"
-    })
-}
-
-/// The directory of `sandbox`'s cgroup holding `v1_controller`'s files: one per
-/// controller on v1, the same one for all on v2 (TODO: `sprout_tests::sandbox_cgroup_dir`).
-fn sandbox_cgroup_dir(agent: u32, sandbox: &str, v1_controller: &str) -> PathBuf {
-    let root = Path::new("/sys/fs/cgroup");
-    let root = if cgroup_v2() {
-        root.to_path_buf()
-    } else {
-        root.join(v1_controller)
-    };
-    root.join("sprout").join(agent.to_string()).join(sandbox)
 }
 
 fn read_cgroup(path: &Path) -> String {
