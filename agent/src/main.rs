@@ -179,7 +179,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("sprout: {}", chain(&e));
-            ExitCode::from(EXIT_BAD_REQUEST)
+            // An agent's error (starting or stopping the embedded agent) says whose
+            // fault it was; anything else here is about the command line or its input.
+            match e.downcast_ref::<agent::Error>() {
+                Some(err) => exit_code(err.kind()),
+                None => ExitCode::from(EXIT_BAD_REQUEST),
+            }
         }
     }
 }

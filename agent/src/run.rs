@@ -101,9 +101,36 @@ mod tests {
         assert_eq!(poll(&mut fds, PollTimeout::ZERO).unwrap(), 1);
     }
 
+    /// The agent keeps a run's root sandbox's `/workflow` where it is (it attaches
+    /// nothing there, and ends the run with that sandbox's invocation), and attaches
+    /// the scratch of every other member. A declarative run has its own scratch and no
+    /// root: each of its sandboxes gets the scratch attached and detached.
     #[test]
-    fn an_sdk_run_is_rooted_in_its_callers_sandbox() {
-        let run = Run::rooted_in(1, "sb").unwrap();
-        assert!(run.is_root("sb") && !run.is_root("other"));
+    fn only_an_sdk_run_has_a_root_sandbox() {
+        let sdk = Run::rooted_in(1, "sprout-1-1").unwrap();
+        assert!(sdk.is_root("sprout-1-1"));
+        for other in ["sprout-1-2", "sprout-1-", "sprout-1-11", ""] {
+            assert!(!sdk.is_root(other), "{other:?} taken for the root");
+        }
+
+        let scratch = match pool::Scratch::new_tmpfs(1) {
+            Ok(s) => s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && std::env::var("CI").as_deref() != Ok("true") =>
+            {
+                eprintln!("SKIPPED the declarative half: a tmpfs scratch needs root ({e})");
+                return;
+            }
+            Err(e) => panic!("create a tmpfs scratch: {e}"),
+        };
+        let declarative = Run::with_scratch(2, scratch).unwrap();
+        assert!(matches!(declarative.scratch, Scratch::Own(_)));
+        for id in ["sprout-1-1", "sprout-1-2", ""] {
+            assert!(
+                !declarative.is_root(id),
+                "a declarative run is rooted in {id:?}"
+            );
+        }
     }
 }

@@ -169,22 +169,72 @@ impl Sched {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
     use std::time::Duration;
+
+    /// Long enough to mean "never" on a loaded machine; only reached when a test fails.
+    const HANG: Duration = Duration::from_secs(30);
+
+    /// Runs `wait` on another thread; the sender tells when it first asks `give_up`
+    /// (it holds the slot's lock then, so anything set afterwards reaches it
+    /// while it waits), the receiver gets what it returned, then what a second wait
+    /// on the same slot returned (giving up at once).
+    fn waiter(slot: &Arc<Slot>) -> (mpsc::Receiver<()>, mpsc::Receiver<(SlotState, SlotState)>) {
+        let (asked_tx, asked) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
+        let slot = slot.clone();
+        std::thread::spawn(move || {
+            let asked_tx = Mutex::new(Some(asked_tx));
+            let first = slot.wait(None, || {
+                if let Some(tx) = asked_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+                false
+            });
+            let second = slot.wait(None, || true);
+            let _ = done_tx.send((first, second));
+        });
+        (asked, done)
+    }
 
     #[test]
     fn a_slot_hands_over_exactly_once_across_threads() {
-        let slot = Arc::new(Slot::default());
-        let waiter = {
-            let slot = slot.clone();
-            std::thread::spawn(move || matches!(slot.wait(None, || false), SlotState::Retry))
-        };
-        std::thread::sleep(Duration::from_millis(20));
-        slot.retry();
-        assert!(waiter.join().unwrap());
-        // A slot set before anyone waits is not lost.
+        for (name, set) in [
+            ("retry", Slot::retry as fn(&Slot)),
+            ("close", Slot::close as fn(&Slot)),
+        ] {
+            let slot = Arc::new(Slot::default());
+            let (asked, done) = waiter(&slot);
+            asked
+                .recv_timeout(HANG)
+                .expect("the waiter never asked whether to give up");
+            assert!(
+                done.try_recv().is_err(),
+                "{name}: the waiter returned before anything was handed over"
+            );
+            set(&slot);
+            let (first, second) = done
+                .recv_timeout(HANG)
+                .unwrap_or_else(|_| panic!("{name}: the waiter was never woken"));
+            match (name, &first) {
+                ("retry", SlotState::Retry) | ("close", SlotState::Closed) => {}
+                _ => panic!("{name}: the waiter got {first:?}"),
+            }
+            assert!(
+                matches!(second, SlotState::Waiting),
+                "{name}: handed over twice: the second wait got {second:?}"
+            );
+            assert!(
+                matches!(slot.take(), SlotState::GaveUp),
+                "{name}: still in the slot after it was handed over"
+            );
+        }
+        // A slot set before anyone waits is not lost, and is handed over once.
         let slot = Slot::default();
         slot.close();
-        assert!(matches!(slot.wait(None, || false), SlotState::Closed));
+        assert!(matches!(slot.wait(None, || true), SlotState::Closed));
+        assert!(matches!(slot.wait(None, || true), SlotState::Waiting));
     }
 
     #[test]
@@ -198,15 +248,19 @@ mod tests {
         ));
         assert!(started.elapsed() >= Duration::from_millis(30));
         assert!(matches!(slot.take(), SlotState::GaveUp));
-        // Asked again at least every GIVE_UP_CHECK, without a deadline.
-        let started = Instant::now();
-        let asked = std::sync::atomic::AtomicUsize::new(0);
-        let give_up = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
-        assert!(matches!(
-            Slot::default().wait(None, give_up),
-            SlotState::Waiting
-        ));
-        assert!(started.elapsed() < GIVE_UP_CHECK * 10);
+        // Without a deadline, give_up is asked again and again (at least every
+        // GIVE_UP_CHECK) until it says so: the wait does not block for good.
+        let (done_tx, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            let asked = AtomicUsize::new(0);
+            let state = Slot::default().wait(None, || asked.fetch_add(1, Ordering::SeqCst) >= 2);
+            let _ = done_tx.send((state, asked.load(Ordering::SeqCst)));
+        });
+        let (state, asked) = done
+            .recv_timeout(HANG)
+            .expect("a waiter without a deadline never asked give_up again");
+        assert!(matches!(state, SlotState::Waiting), "{state:?}");
+        assert_eq!(asked, 3);
         // An instance handed over after the waiter gave up but before it left the
         // queue is not lost: take() returns it.
         let slot = Slot::default();

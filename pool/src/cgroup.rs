@@ -30,17 +30,30 @@ pub struct Cgroups {
 }
 
 const KILL_ROUNDS: u32 = 200;
+/// Where the host's cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 impl Cgroups {
-    /// Detects the host's setup. Hybrid counts as v1: its cgroup2 mount has no controllers.
+    /// Detects the host's setup at `/sys/fs/cgroup` (see [`Cgroups::detect_at`]).
     pub fn detect() -> Result<Cgroups, Error> {
-        use libcgroups::common::CgroupSetup;
-        let version = match libcgroups::common::get_cgroup_setup().map_err(Error::CgroupSetup)? {
-            CgroupSetup::Legacy | CgroupSetup::Hybrid => CgroupVersion::V1,
-            CgroupSetup::Unified => CgroupVersion::V2,
+        Cgroups::detect_at(Path::new(CGROUP_ROOT))
+    }
+
+    /// Detects the setup of the hierarchy at `root`: v2 when `root` is a unified
+    /// hierarchy, which has `cgroup.controllers` at its root; v1 otherwise, the legacy
+    /// layout (one mount per controller) and the hybrid one, whose cgroup2 mount
+    /// `unified/` has no controllers. (libcgroups, which libcontainer uses, looks at
+    /// the file system types instead, with the same outcome.) A root that cannot be
+    /// listed is an error.
+    pub fn detect_at(root: &Path) -> Result<Cgroups, Error> {
+        fs::read_dir(root).map_err(io_err("list the cgroup root", root))?;
+        let version = if root.join("cgroup.controllers").is_file() {
+            CgroupVersion::V2
+        } else {
+            CgroupVersion::V1
         };
         Ok(Cgroups {
-            root: PathBuf::from("/sys/fs/cgroup"),
+            root: root.to_path_buf(),
             version,
         })
     }
@@ -114,9 +127,7 @@ impl Cgroups {
     /// deepest first, in every hierarchy. Missing cgroups are fine. Frozen cgroups are
     /// thawed after the kill: on v1 a frozen task does not die until thawed.
     pub fn remove_tree(&self, rel: &Path) -> Result<(), Error> {
-        for dir in self.dirs(rel) {
-            visit_tree(&dir, &mut |d| signal_all(d));
-        }
+        self.signal_tree(rel);
         self.thaw_tree(rel);
         for dir in self.dirs(rel) {
             if dir.is_dir() {
@@ -124,6 +135,14 @@ impl Cgroups {
             }
         }
         Ok(())
+    }
+
+    /// SIGKILLs, once, every process listed in `rel` and the cgroups below it, in every
+    /// hierarchy.
+    fn signal_tree(&self, rel: &Path) {
+        for dir in self.dirs(rel) {
+            visit_tree(&dir, &mut |d| signal_all(d));
+        }
     }
 
     /// Thaws `rel` and every cgroup below it (best effort).
@@ -267,6 +286,53 @@ mod tests {
         Cgroups::at(root, CgroupVersion::V1)
     }
 
+    /// A unified hierarchy at `root`: its root has `cgroup.controllers` and, like every
+    /// cgroup, control files (which a fake tree holds as plain files).
+    fn fake_v2(root: &Path) -> Cgroups {
+        fs::create_dir_all(root).unwrap();
+        fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        fs::write(root.join("cgroup.procs"), "1\n").unwrap();
+        fs::write(root.join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
+        Cgroups::at(root, CgroupVersion::V2)
+    }
+
+    #[test]
+    fn detect_finds_v2_by_cgroup_controllers_at_the_root_and_v1_otherwise() {
+        let t = tempfile::tempdir().unwrap();
+        let v2 = t.path().join("unified-host");
+        fake_v2(&v2);
+        let cg = Cgroups::detect_at(&v2).unwrap();
+        assert_eq!(cg.version(), CgroupVersion::V2);
+        assert_eq!(cg.dirs(Path::new("/sprout/1")), [v2.join("sprout/1")]);
+
+        // Legacy: one directory per controller.
+        let legacy = t.path().join("legacy-host");
+        fake_v1(&legacy);
+        let cg = Cgroups::detect_at(&legacy).unwrap();
+        assert_eq!(cg.version(), CgroupVersion::V1);
+        assert_eq!(
+            cg.controller_dir("memory", Path::new("/sprout/1")),
+            legacy.join("memory/sprout/1")
+        );
+        // Hybrid: the controllers are v1; `unified/` is a cgroup2 mount without any.
+        let hybrid = t.path().join("hybrid-host");
+        fake_v1(&hybrid);
+        fs::write(hybrid.join("unified/cgroup.controllers"), "").unwrap();
+        assert_eq!(
+            Cgroups::detect_at(&hybrid).unwrap().version(),
+            CgroupVersion::V1
+        );
+
+        let err = Cgroups::detect_at(&t.path().join("none"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none"), "{err}");
+    }
+
     #[test]
     fn v1_dirs_span_controllers_but_not_unified_or_links() {
         let t = tempfile::tempdir().unwrap();
@@ -374,5 +440,104 @@ mod tests {
         cg.remove_if_unused(Path::new("/sprout"));
         assert!(!t.path().join("memory/sprout").exists());
         cg.remove_tree(Path::new("/sprout/absent")).unwrap();
+    }
+
+    #[test]
+    fn v2_thaw_tree_writes_0_to_every_cgroup_freeze_below() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v2(t.path());
+        let parent = t.path().join("sprout/3");
+        let leaf = parent.join("sprout-3-1");
+        let deeper = leaf.join("inner");
+        fs::create_dir_all(&deeper).unwrap();
+        for d in [&parent, &leaf, &deeper] {
+            fs::write(d.join("cgroup.freeze"), "1\n").unwrap();
+        }
+        cg.thaw_tree(Path::new("/sprout/3"));
+        for d in [&parent, &leaf, &deeper] {
+            assert_eq!(
+                fs::read_to_string(d.join("cgroup.freeze")).unwrap(),
+                "0",
+                "{} not thawed",
+                d.display()
+            );
+            assert!(!d.join("freezer.state").exists(), "a v1 file on v2");
+        }
+        assert!(
+            !t.path().join("freezer").exists(),
+            "v2 has no freezer hierarchy"
+        );
+        // Outside the tree nothing is written.
+        assert_eq!(
+            fs::read_to_string(t.path().join("cgroup.procs")).unwrap(),
+            "1\n"
+        );
+        assert!(!t.path().join("cgroup.freeze").exists());
+    }
+
+    #[test]
+    fn v2_remove_tree_removes_nested_cgroups_and_keeps_the_parent() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v2(t.path());
+        for rel in [
+            "sprout/9/sprout-9-1/inner",
+            "sprout/9/sprout-9-2",
+            "sprout/8",
+        ] {
+            fs::create_dir_all(t.path().join(rel)).unwrap();
+        }
+        cg.remove_tree(Path::new("/sprout/9")).unwrap();
+        assert!(!t.path().join("sprout/9").exists(), "the tree is left");
+        assert!(
+            t.path().join("sprout/8").is_dir(),
+            "another agent's cgroup went too"
+        );
+        cg.remove_if_unused(Path::new("/sprout"));
+        assert!(t.path().join("sprout").is_dir(), "/sprout is still in use");
+        cg.remove_tree(Path::new("/sprout/8")).unwrap();
+        cg.remove_if_unused(Path::new("/sprout"));
+        assert!(!t.path().join("sprout").exists());
+        assert!(
+            t.path().join("cgroup.controllers").is_file(),
+            "the root stays"
+        );
+        cg.remove_tree(Path::new("/sprout/absent")).unwrap();
+    }
+
+    /// The pids of a v2 tree's `cgroup.procs` files are killed, in every cgroup of the
+    /// tree. A fake tree cannot hold processes, so its `cgroup.procs` lists a child of
+    /// this test.
+    #[test]
+    fn v2_processes_listed_in_the_tree_are_killed() {
+        use std::os::unix::process::ExitStatusExt;
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v2(t.path());
+        let leaf = t.path().join("sprout/4/sprout-4-1");
+        fs::create_dir_all(&leaf).unwrap();
+        fs::write(t.path().join("sprout/4/cgroup.procs"), "").unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        fs::write(leaf.join("cgroup.procs"), format!("{}\n", child.id())).unwrap();
+
+        cg.signal_tree(Path::new("/sprout/4"));
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pid {} listed in the v2 tree was not killed", child.id());
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     }
 }

@@ -212,6 +212,64 @@ mod tests {
         );
     }
 
+    /// v2: the cgroup's own directory (no `freezer/` hierarchy), `0` to thaw, and the
+    /// state is what the kernel reports in `cgroup.events`, not what was asked.
+    #[test]
+    fn v2_thaws_with_0_and_reads_the_state_from_cgroup_events() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("sprout/6/s");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cgroup.freeze"), "1\n").unwrap();
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        let f = Freezer::open(
+            &Cgroups::at(t.path(), CgroupVersion::V2),
+            Path::new("/sprout/6/s"),
+        )
+        .unwrap();
+        assert!(
+            !f.is_frozen().unwrap(),
+            "asked to freeze (cgroup.freeze 1) is not frozen until cgroup.events says so"
+        );
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        assert!(f.is_frozen().unwrap());
+
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        f.thaw().unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("cgroup.freeze")).unwrap(),
+            "0\n"
+        );
+        assert!(!t.path().join("freezer").exists(), "no v1 hierarchy on v2");
+
+        // The kernel still reports frozen: the thaw fails after the timeout.
+        fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        let f = f.with_timeout(Duration::from_millis(50));
+        let err = f.thaw().unwrap_err().to_string();
+        assert!(
+            err.contains("sprout/6/s/cgroup.freeze") && err.contains("not thawed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn v2_open_needs_cgroup_freeze_and_cgroup_events() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = Cgroups::at(t.path(), CgroupVersion::V2);
+        let dir = t.path().join("sprout/7/s");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cgroup.freeze"), "0\n").unwrap();
+        let err = Freezer::open(&cg, Path::new("/sprout/7/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sprout/7/s/cgroup.events"), "{err}");
+        fs::remove_file(dir.join("cgroup.freeze")).unwrap();
+        fs::write(dir.join("cgroup.events"), "frozen 0\n").unwrap();
+        let err = Freezer::open(&cg, Path::new("/sprout/7/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sprout/7/s/cgroup.freeze"), "{err}");
+    }
+
     #[test]
     fn missing_freezer_is_an_error_naming_the_path() {
         let t = tempfile::tempdir().unwrap();

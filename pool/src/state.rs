@@ -225,6 +225,53 @@ mod tests {
         assert!(!cg_root.join("memory/sprout").exists());
     }
 
+    /// The same on cgroup v2: one hierarchy, `/sprout/<id>` directly under its root,
+    /// whose control files (plain files in a fake tree) are not taken for agents.
+    #[test]
+    fn v2_stale_cgroups_go_live_ones_stay() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("run");
+        let cg_root = t.path().join("cg");
+        fs::create_dir_all(cg_root.join("sprout")).unwrap();
+        fs::write(cg_root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        fs::write(cg_root.join("sprout/cgroup.procs"), "").unwrap();
+        let cgroups = Cgroups::detect_at(&cg_root).unwrap();
+        assert_eq!(cgroups.version(), CgroupVersion::V2);
+
+        // A dead agent: directory with an unlocked lock file, and a nested cgroup.
+        fs::create_dir_all(root.join("999999")).unwrap();
+        fs::write(root.join("999999/lock"), "").unwrap();
+        fs::create_dir_all(cg_root.join("sprout/999999/sprout-999999-1")).unwrap();
+        // An orphan cgroup with no state directory and no such process.
+        fs::create_dir_all(cg_root.join("sprout/888888888")).unwrap();
+        // A cgroup of a live agent of another state root (pid 1 exists).
+        fs::create_dir_all(cg_root.join("sprout/1/sprout-1-1")).unwrap();
+        // What a v1 layout would hold: not looked at on v2.
+        fs::create_dir_all(cg_root.join("memory/sprout/777777777")).unwrap();
+
+        let me = StateDir::acquire(&root).unwrap();
+        let mine = cg_root.join(me.cgroup_parent().strip_prefix("/").unwrap());
+        fs::create_dir_all(mine.join("freezer-anchor")).unwrap();
+
+        let cleaned = cleanup_stale(&root, &cgroups);
+        assert_eq!(cleaned, ["888888888", "999999"]);
+        assert!(!root.join("999999").exists());
+        assert!(!cg_root.join("sprout/999999").exists());
+        assert!(!cg_root.join("sprout/888888888").exists());
+        assert!(
+            cg_root.join("sprout/1/sprout-1-1").is_dir(),
+            "another root's live agent is left alone"
+        );
+        assert!(me.path().is_dir(), "a live agent's directory is kept");
+        assert!(mine.join("freezer-anchor").is_dir());
+        assert!(cg_root.join("memory/sprout/777777777").is_dir());
+
+        me.remove(&cgroups).unwrap();
+        assert!(!mine.exists(), "the agent's own cgroup tree goes with it");
+        assert!(cg_root.join("sprout/1").is_dir());
+        assert!(root.is_dir(), "the root existed before the agent and stays");
+    }
+
     #[test]
     fn a_root_is_removed_only_if_the_agent_created_it() {
         let t = tempfile::tempdir().unwrap();

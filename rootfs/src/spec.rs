@@ -204,9 +204,11 @@ mod tests {
             LinuxNamespaceType::Uts,
             LinuxNamespaceType::Mount,
             LinuxNamespaceType::Network,
+            LinuxNamespaceType::Cgroup,
         ] {
             assert!(ns.contains(&want), "{want:?} missing");
         }
+        assert_eq!(ns.len(), 6, "exactly these namespaces: {ns:?}");
         assert!(!ns.contains(&LinuxNamespaceType::User));
         assert_eq!(
             linux.cgroups_path().as_deref(),
@@ -291,11 +293,46 @@ mod tests {
         assert_eq!(clone_rules, 7, "one rule per namespace flag");
     }
 
+    /// The limits a running sandbox is changed to are the configured ones, in the
+    /// kernel's units, and the same as in a new sandbox's spec.
     #[test]
-    fn resources_match_the_spec() {
-        let spec = bundle_spec(&config()).unwrap();
-        let from_spec = spec.linux().as_ref().unwrap().resources().clone().unwrap();
-        assert_eq!(resources(&config().limits).unwrap(), from_spec);
+    fn resources_are_the_configured_limits() {
+        for (mib, pids, cpus, quota) in [
+            (128u64, 64i64, 1.5f64, 150_000i64),
+            (64, 16, 0.5, 50_000),
+            (2048, 1024, 2.0, 200_000),
+            (1, 1, 0.01, 1_000),
+        ] {
+            let limits = Limits {
+                memory_bytes: mib << 20,
+                pids: pids as u64,
+                cpus,
+            };
+            let res = resources(&limits).unwrap();
+            let what = format!("{mib} MiB, {pids} pids, {cpus} cpus");
+            let memory = res.memory().unwrap();
+            let bytes = mib as i64 * 1024 * 1024;
+            assert_eq!(memory.limit(), Some(bytes), "memory limit for {what}");
+            assert_eq!(
+                memory.swap(),
+                Some(bytes),
+                "memory+swap equals the memory limit (no swap) for {what}"
+            );
+            assert_eq!(res.pids().unwrap().limit(), pids, "pids for {what}");
+            let cpu = res.cpu().as_ref().unwrap();
+            assert_eq!(cpu.period(), Some(100_000), "cpu period for {what}");
+            assert_eq!(cpu.quota(), Some(quota), "cpu quota for {what}");
+            let devices = res.devices().as_ref().unwrap();
+            assert_eq!(devices.len(), 1, "{devices:?}");
+            assert!(!devices[0].allow(), "every device is denied: {devices:?}");
+            assert_eq!(devices[0].access().as_deref(), Some("rwm"));
+
+            let mut c = config();
+            c.limits = limits;
+            let spec = bundle_spec(&c).unwrap();
+            let in_spec = spec.linux().as_ref().unwrap().resources().clone().unwrap();
+            assert_eq!(in_spec, res, "the spec's limits for {what}");
+        }
     }
 
     #[test]

@@ -4,26 +4,63 @@
 use std::fs;
 use std::time::Duration;
 
-use sprout_tests::{example, require_root, Env, Run};
+use sprout_tests::{example, require_root, Env, Run, HELLO_PY};
 
-/// Asserts that nothing was ever created in the test's state directory: no agent
-/// was started (an agent that ran removes the directory when it leaves it empty).
+/// The state directory of a dead agent, planted in the test's state directory before
+/// a command runs: every agent that starts removes it with the other leftovers of
+/// stopped agents, so while it is there, no agent started (one that did and cleaned
+/// up after itself leaves the state directory just as empty as it found it).
+const CANARY: &str = "999999999";
+
+fn plant_canary(env: &Env) {
+    let dir = env.state_dir().join(CANARY);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("lock"), "").unwrap();
+}
+
+/// What shows that an agent was started since [`plant_canary`], if anything did.
+fn agent_started(env: &Env) -> Option<String> {
+    let entries: Vec<_> = match fs::read_dir(env.state_dir()) {
+        Ok(it) => it.filter_map(Result::ok).map(|e| e.file_name()).collect(),
+        Err(e) => return Some(format!("the state directory is gone ({e})")),
+    };
+    if entries != [CANARY] {
+        return Some(format!(
+            "the state directory holds {entries:?} instead of the planted {CANARY:?} alone"
+        ));
+    }
+    if !env.state_dir().join(CANARY).join("lock").is_file() {
+        return Some(format!("the planted {CANARY}/lock is gone"));
+    }
+    None
+}
+
+/// Asserts that no agent was started by `run` (the canary planted before it is
+/// untouched, and nothing else is there), then removes the canary.
 #[track_caller]
 fn assert_nothing_started(env: &Env, run: &Run) {
-    let entries: Vec<_> = fs::read_dir(env.state_dir())
-        .unwrap_or_else(|e| {
-            panic!(
-                "state directory {} is gone ({e}): an agent was started and removed it\n{run}",
-                env.state_dir().display()
-            )
-        })
-        .filter_map(Result::ok)
-        .map(|e| e.file_name())
-        .collect();
+    if let Some(why) = agent_started(env) {
+        panic!("an agent was started: {why}\n{run}");
+    }
+    fs::remove_dir_all(env.state_dir().join(CANARY)).unwrap();
+    env.assert_clean(run.pid);
+}
+
+/// The check above can fail: an agent that starts and cleans up after itself is seen.
+#[test]
+fn the_nothing_started_check_sees_an_agent_that_started_and_cleaned_up() {
+    let env = require_root!();
+    plant_canary(&env);
+    let dir = env.function("hello", &[("f.py", HELLO_PY)]);
+    let run = env.sprout().arg("invoke").arg(&dir).run();
+    run.success();
+    assert_eq!(run.stdout.trim(), r#""Hello, world!""#, "{run}");
+    let seen = agent_started(&env);
     assert!(
-        entries.is_empty(),
-        "an agent left {entries:?} in the state directory\n{run}"
+        seen.is_some(),
+        "an agent ran and the check saw nothing\n{run}"
     );
+    let _ = fs::remove_dir_all(env.state_dir().join(CANARY));
     env.assert_clean(run.pid);
 }
 
@@ -139,6 +176,7 @@ fn timeout_with_a_busy_loop() {
 #[test]
 fn invalid_event_json_starts_nothing() {
     let env = require_root!();
+    plant_canary(&env);
     let run = env
         .sprout()
         .arg("invoke")
@@ -152,8 +190,9 @@ fn invalid_event_json_starts_nothing() {
 }
 
 #[test]
-fn missing_directory() {
+fn missing_directory_starts_nothing() {
     let env = require_root!();
+    plant_canary(&env);
     let missing = env.work_dir().join("no-such-function");
     let run = env.sprout().arg("invoke").arg(&missing).run();
     run.expect_code(2);
@@ -168,10 +207,12 @@ fn missing_directory() {
     assert_nothing_started(&env, &run);
 }
 
+/// Bad input is refused before anything starts, a missing handler file included.
 #[test]
-fn missing_handler_file() {
+fn missing_handler_file_starts_nothing() {
     let env = require_root!();
     let dir = env.function("nohandler", &[("f.py", "def f(event):\n    return 1\n")]);
+    plant_canary(&env);
     let run = env
         .sprout()
         .arg("invoke")
@@ -180,26 +221,13 @@ fn missing_handler_file() {
         .run();
     run.expect_code(2);
     assert!(
-        run.stderr.contains("handler app:main needs app.py in")
-            && run.stderr.contains("which does not exist"),
+        run.stderr.contains(&format!(
+            "handler app:main needs app.py in {}, which does not exist",
+            dir.display()
+        )),
         "{run}"
     );
     assert_eq!(run.stdout, "", "{run}");
-    env.assert_clean(run.pid);
-}
-
-/// Bad input is refused before anything starts, a missing handler file included.
-#[test]
-fn missing_handler_file_starts_nothing() {
-    let env = require_root!();
-    let dir = env.function("nohandler", &[("f.py", "def f(event):\n    return 1\n")]);
-    let run = env
-        .sprout()
-        .arg("invoke")
-        .arg(&dir)
-        .args(["--handler", "app:main"])
-        .run();
-    run.expect_code(2);
     assert_nothing_started(&env, &run);
 }
 
@@ -275,11 +303,12 @@ fn result_not_json_serialisable() {
         kind == "handler_error" || kind == "bad_result",
         "kind {kind}\n{run}"
     );
-    let message = err["message"].as_str().unwrap().to_lowercase();
+    let message = err["message"].as_str().unwrap();
     assert!(
-        message.contains("json") && message.contains("serializable")
-            || message.contains("serialisable"),
-        "{run}"
+        message.contains("function badresult")
+            && (message.contains("result is not JSON")
+                || message.contains("result that is not JSON")),
+        "the message says the result is not JSON:\n{run}"
     );
     env.assert_clean(run.pid);
 }
@@ -303,5 +332,57 @@ fn daemon_flags_without_a_daemon() {
     let run = env.sprout().args(["fn", "ls"]).run();
     run.expect_code(2);
     assert!(run.stderr.contains("--socket"), "{run}");
+    env.assert_clean(run.pid);
+}
+
+/// Exit code 3, sprout itself failed: the embedded agent cannot make its state
+/// directory. The message names the directory and why; nothing is left behind.
+#[test]
+fn an_unusable_state_directory_is_sprouts_own_failure() {
+    let env = require_root!();
+    let file = env.work_dir().join("sprout-not-a-directory");
+    fs::write(&file, "a file").unwrap();
+    let state = file.join("state");
+    let run = env
+        .sprout_in(&state)
+        .arg("invoke")
+        .arg(example("hello"))
+        .arg(r#"{"name": "Alice"}"#)
+        .run();
+    run.expect_code(3);
+    let dir = state.join(run.pid.to_string());
+    assert!(
+        run.stderr.contains(&format!(
+            "sprout: start the embedded agent: create {}: Not a directory",
+            dir.display()
+        )),
+        "{run}"
+    );
+    assert_eq!(run.stdout, "", "{run}");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "a file");
+    env.assert_clean(run.pid);
+}
+
+/// Exit code 3 from a failed invocation: a `sprout-shim` that is not one (here
+/// `true`, which exits at once) cannot run the function. The message names the
+/// sandbox and the shim; no error JSON (that is for the function's own failures);
+/// the sandbox, its cgroups and the agent's state are gone.
+#[test]
+fn a_broken_shim_is_sprouts_own_failure() {
+    let env = require_root!();
+    let run = env
+        .sprout()
+        .env("SPROUT_SHIM", "/bin/true")
+        .arg("invoke")
+        .arg(example("hello"))
+        .run();
+    run.expect_code(3);
+    let sandbox = format!("sandbox sprout-{}-", run.pid);
+    assert!(
+        run.stderr.contains(&format!("sprout: {sandbox}"))
+            && run.stderr.contains(": talking to shim: "),
+        "{run}"
+    );
+    assert_eq!(run.stdout, "", "{run}");
     env.assert_clean(run.pid);
 }
