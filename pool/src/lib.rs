@@ -83,8 +83,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("detect cgroup setup")]
-    CgroupSetup(#[source] libcgroups::common::GetCgroupSetupError),
     #[error("state directory {path} is locked by another agent")]
     Locked { path: PathBuf },
     #[error("{path}: not {} after {after:?}", if *frozen { "frozen" } else { "thawed" })]
