@@ -1,16 +1,23 @@
-//! The warm pool: freezing and thawing, stem cells, eviction under a memory budget,
-//! per-function queues, and many concurrent invocations.
+//! The warm pool: freezing and thawing, stem cells, the idle TTL, eviction under a
+//! memory budget, per-function instances and queues, and many concurrent invocations.
+//!
+//! Cgroups are read where the host keeps them: one hierarchy per controller on v1,
+//! the unified one on v2. A helper that cannot find the file it reads panics instead
+//! of answering "no", so a check cannot pass by looking in the wrong place.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sprout_tests::{body_json, json, require_root, text, wait_for, Daemon, Value, HELLO_PY};
+use sprout_tests::{
+    alive, all_pids, body_json, json, require_root, text, wait_for, ClientResponse, Daemon, Value,
+    HELLO_PY,
+};
 
-fn header(r: &sprout_tests::ClientResponse, name: &str) -> String {
+fn header(r: &ClientResponse, name: &str) -> String {
     r.header(name)
         .unwrap_or_else(|| panic!("response has no {name} header: {:?}", r.headers))
         .to_owned()
@@ -35,45 +42,243 @@ fn warm_instances(d: &Daemon, name: &str) -> u64 {
         .map_or(0, |f| f["warm_instances"].as_u64().unwrap())
 }
 
-/// The file of a sandbox's cgroup in one v1 controller (or the unified hierarchy).
-fn cgroup_file(daemon: u32, sandbox: &str, v1_controller: &str, file: &str) -> PathBuf {
-    let v1 = PathBuf::from("/sys/fs/cgroup").join(v1_controller);
-    let base = if v1.is_dir() {
-        v1
+// ---------------------------------------------------------------------------
+// Cgroups, v1 and v2
+
+/// Whether the host has the unified (v2) hierarchy at /sys/fs/cgroup.
+fn cgroup_v2() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// Agent `agent`'s cgroup: in `v1_controller`'s hierarchy on v1, the unified one on v2.
+fn agent_cgroup_dir(agent: u32, v1_controller: &str) -> PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    let base = if cgroup_v2() {
+        root.to_path_buf()
     } else {
-        PathBuf::from("/sys/fs/cgroup")
+        root.join(v1_controller)
     };
-    base.join("sprout")
-        .join(daemon.to_string())
-        .join(sandbox)
-        .join(file)
+    base.join("sprout").join(agent.to_string())
+}
+
+/// A sandbox's cgroup directory (see [`agent_cgroup_dir`]).
+fn sandbox_cgroup_dir(agent: u32, sandbox: &str, v1_controller: &str) -> PathBuf {
+    agent_cgroup_dir(agent, v1_controller).join(sandbox)
+}
+
+/// A file of a sandbox's cgroup; panics when it is missing.
+#[track_caller]
+fn read_cgroup(agent: u32, sandbox: &str, v1_controller: &str, file: &str) -> String {
+    let path = sandbox_cgroup_dir(agent, sandbox, v1_controller).join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Every directory of a sandbox's cgroup that exists now: one per v1 hierarchy, or
+/// the unified one.
+fn sandbox_cgroup_dirs(agent: u32, sandbox: &str) -> Vec<PathBuf> {
+    let rel = Path::new("sprout").join(agent.to_string()).join(sandbox);
+    let root = Path::new("/sys/fs/cgroup");
+    let bases: Vec<PathBuf> = if cgroup_v2() {
+        vec![root.to_path_buf()]
+    } else {
+        std::fs::read_dir(root)
+            .map(|it| {
+                it.filter_map(Result::ok)
+                    .filter(|e| e.file_name() != "unified" && e.path().is_dir())
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    bases
+        .into_iter()
+        .map(|b| b.join(&rel))
+        .filter(|d| d.is_dir())
+        .collect()
+}
+
+/// The agent's sandbox cgroups (memory hierarchy on v1, unified on v2), sorted.
+fn sandboxes(d: &Daemon) -> Vec<String> {
+    let dir = agent_cgroup_dir(d.pid(), "memory");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sprout-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// CPU time the sandbox's processes have used, in nanoseconds.
-fn cpu_used_ns(daemon: u32, sandbox: &str) -> u64 {
-    let v1 = cgroup_file(daemon, sandbox, "cpuacct", "cpuacct.usage");
-    if let Ok(t) = std::fs::read_to_string(&v1) {
-        return t.trim().parse().unwrap();
+fn cpu_used_ns(agent: u32, sandbox: &str) -> u64 {
+    if cgroup_v2() {
+        let stat = read_cgroup(agent, sandbox, "", "cpu.stat");
+        let usec: u64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .unwrap_or_else(|| panic!("no usage_usec in cpu.stat: {stat}"))
+            .trim()
+            .parse()
+            .unwrap();
+        usec * 1000
+    } else {
+        read_cgroup(agent, sandbox, "cpuacct", "cpuacct.usage")
+            .trim()
+            .parse()
+            .unwrap()
     }
-    let v2 = cgroup_file(daemon, sandbox, "", "cpu.stat");
-    let text = std::fs::read_to_string(&v2).unwrap_or_else(|e| panic!("{}: {e}", v2.display()));
-    let usec: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    usec * 1000
 }
 
-fn is_frozen(daemon: u32, sandbox: &str) -> bool {
-    let v1 = cgroup_file(daemon, sandbox, "freezer", "freezer.state");
-    match std::fs::read_to_string(&v1) {
-        Ok(t) => t.trim() == "FROZEN",
-        Err(_) => std::fs::read_to_string(cgroup_file(daemon, sandbox, "", "cgroup.events"))
-            .is_ok_and(|t| t.lines().any(|l| l == "frozen 1")),
+/// Whether the sandbox's cgroup is frozen (v1 `freezer.state`, v2 `cgroup.events`).
+#[track_caller]
+fn is_frozen(agent: u32, sandbox: &str) -> bool {
+    if cgroup_v2() {
+        read_cgroup(agent, sandbox, "", "cgroup.events")
+            .lines()
+            .any(|l| l == "frozen 1")
+    } else {
+        read_cgroup(agent, sandbox, "freezer", "freezer.state").trim() == "FROZEN"
     }
+}
+
+/// Waits until the sandbox is frozen.
+#[track_caller]
+fn wait_frozen(d: &Daemon, sandbox: &str) {
+    wait_for(Duration::from_secs(10), || {
+        is_frozen(d.pid(), sandbox).then_some(()).ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{sandbox} was not frozen; log:\n{}", d.log()));
+}
+
+/// Live processes (host pids) in the sandbox's cgroup, found through /proc (so also
+/// once the cgroup is gone, on v1 and v2 alike).
+fn sandbox_processes(agent: u32, sandbox: &str) -> Vec<u32> {
+    let cgroup = format!("/sprout/{agent}/{sandbox}");
+    let inside = format!("{cgroup}/");
+    all_pids()
+        .into_iter()
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| {
+                c.lines()
+                    .any(|l| l.ends_with(&cgroup) || l.contains(&inside))
+            }) && alive(p)
+        })
+        .collect()
+}
+
+/// The host pid of the process that is `ns_pid` in its own pid namespace, among `pids`.
+fn host_pid_of(pids: &[u32], ns_pid: u64) -> Option<u32> {
+    pids.iter().copied().find(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|l| l.split_whitespace().last())
+                .is_some_and(|last| last == ns_pid.to_string())
+        })
+    })
+}
+
+/// Waits until the sandbox's cgroup is gone from every hierarchy and none of its
+/// processes is alive.
+#[track_caller]
+fn wait_sandbox_gone(d: &Daemon, sandbox: &str, within: Duration) {
+    let gone = wait_for(within, || {
+        let dirs = sandbox_cgroup_dirs(d.pid(), sandbox);
+        let procs = sandbox_processes(d.pid(), sandbox);
+        if dirs.is_empty() && procs.is_empty() {
+            Ok(())
+        } else {
+            Err((dirs, procs))
+        }
+    });
+    if let Err((dirs, procs)) = gone {
+        panic!(
+            "sandbox {sandbox} still there after {within:?}: cgroups {dirs:?}, processes {procs:?}; log:\n{}",
+            d.log()
+        );
+    }
+}
+
+/// Waits until `/status` counts `n` sandboxes (the count drops just after the
+/// spawner has destroyed one).
+#[track_caller]
+fn wait_sandbox_count(d: &Daemon, n: u64) {
+    wait_for(Duration::from_secs(5), || {
+        let s = status(d);
+        if s["sandboxes"] == n {
+            Ok(())
+        } else {
+            Err(s)
+        }
+    })
+    .unwrap_or_else(|s| panic!("expected {n} sandboxes: {s}"));
+}
+
+/// The file a held invocation writes into its sandbox's `/tmp` once it is waiting,
+/// and the one it waits for (see [`HOLD_PY`]).
+const HELD_FILE: &str = "sprout-held";
+const RELEASE_FILE: &str = "sprout-release";
+
+/// Lets every held invocation in `sandbox` return, once one is waiting: writes
+/// [`RELEASE_FILE`] into the sandbox's own `/tmp` (a tmpfs in its mount namespace),
+/// reached from the host through a process of the sandbox that sees [`HELD_FILE`]
+/// there (so not one still being set up, whose root is the host's).
+#[track_caller]
+fn release(d: &Daemon, sandbox: &str) {
+    let tmp = wait_for(Duration::from_secs(20), || {
+        let procs = sandbox_processes(d.pid(), sandbox);
+        procs
+            .iter()
+            .map(|p| PathBuf::from(format!("/proc/{p}/root/tmp")))
+            .find(|tmp| tmp.join(HELD_FILE).is_file())
+            .ok_or(procs)
+    })
+    .unwrap_or_else(|procs| {
+        panic!(
+            "no invocation held in {sandbox} (processes {procs:?}); log:\n{}",
+            d.log()
+        )
+    });
+    let file = tmp.join(RELEASE_FILE);
+    std::fs::write(&file, b"go").unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+}
+
+/// Counts its invocations per instance. With `"hold": true` it writes [`HELD_FILE`]
+/// and waits (up to 30 s) until the test writes [`RELEASE_FILE`] into its sandbox's
+/// `/tmp`.
+const HOLD_PY: &str = r#"import os, time
+served = 0
+def f(event):
+    global served
+    served += 1
+    seq = served
+    if event.get("hold"):
+        open("/tmp/sprout-held", "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists("/tmp/sprout-release"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("never released")
+            time.sleep(0.005)
+    return {"n": event.get("n"), "seq": seq, "sandbox": os.environ["SPROUT_SANDBOX"], "pid": os.getpid()}
+"#;
+
+/// Sends `event` to `function` from a thread of its own, on its own connection.
+fn invoke_in_background(
+    d: &Daemon,
+    function: &str,
+    event: Value,
+) -> thread::JoinHandle<ClientResponse> {
+    let socket = d.socket().to_path_buf();
+    let path = format!("/functions/{function}/invoke");
+    thread::spawn(move || {
+        let mut c = sprout_tests::Client::connect(&socket).unwrap();
+        c.request("POST", &path, None, event.to_string().as_bytes())
+            .unwrap()
+    })
 }
 
 const SPINNER_PY: &str = r#"import os, threading
@@ -105,14 +310,7 @@ fn freeze_stops_a_busy_function_and_thaw_resumes_it() {
     let sandbox = body_json(&r)["sandbox"].as_str().unwrap().to_owned();
 
     // Idle past the grace, the sandbox is frozen even though a thread of it spins.
-    wait_for(Duration::from_secs(5), || {
-        if is_frozen(d.pid(), &sandbox) {
-            Ok(())
-        } else {
-            Err(())
-        }
-    })
-    .unwrap_or_else(|()| panic!("{sandbox} was not frozen; log:\n{}", d.log()));
+    wait_frozen(&d, &sandbox);
     let a = cpu_used_ns(d.pid(), &sandbox);
     thread::sleep(Duration::from_millis(300));
     let b = cpu_used_ns(d.pid(), &sandbox);
@@ -166,16 +364,13 @@ fn stem_cells_serve_cold_starts_and_are_refilled() {
     assert_eq!(header(&r, "X-Sprout-Cold"), "true");
     let sandbox: String = serde_json::from_slice(&r.body).unwrap();
     // The stem cell was made with the defaults and got the function's own limits.
-    let limit = std::fs::read_to_string(cgroup_file(
-        d.pid(),
-        &sandbox,
-        "memory",
-        "memory.limit_in_bytes",
-    ))
-    .or_else(|_| std::fs::read_to_string(cgroup_file(d.pid(), &sandbox, "", "memory.max")))
-    .unwrap();
+    let limit = if cgroup_v2() {
+        read_cgroup(d.pid(), &sandbox, "", "memory.max")
+    } else {
+        read_cgroup(d.pid(), &sandbox, "memory", "memory.limit_in_bytes")
+    };
     assert_eq!(limit.trim(), (64u64 << 20).to_string());
-    let pids = std::fs::read_to_string(cgroup_file(d.pid(), &sandbox, "pids", "pids.max")).unwrap();
+    let pids = read_cgroup(d.pid(), &sandbox, "pids", "pids.max");
     assert_eq!(pids.trim(), "32");
 
     // The pool refills off the request path.
@@ -205,6 +400,74 @@ fn without_stem_cells_a_cold_start_makes_a_sandbox() {
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(header(&r, "X-Sprout-Start"), "new_sandbox");
     assert_eq!(status(&d)["stem_cells"], 0);
+}
+
+/// `--idle-ttl`: an instance idle past the TTL is destroyed (frozen as it is by
+/// then: its processes and cgroup go), while one used within the TTL is kept.
+#[test]
+fn idle_instances_are_destroyed_after_the_idle_ttl_and_used_ones_kept() {
+    const TTL: Duration = Duration::from_secs(2);
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--idle-ttl", "2"]);
+    let dir = env.function("sleeper", &[("f.py", sprout_tests::SLEEPER_PY)]);
+    d.register("idle", &dir, json!({}));
+    d.register("busy", &dir, json!({}));
+    let sandbox_of = |name: &str| {
+        let r = d.invoke(name, "{}");
+        assert_eq!(r.status, 200, "{}", text(&r));
+        body_json(&r)["sandbox"].as_str().unwrap().to_owned()
+    };
+    let idle = sandbox_of("idle");
+    let idle_used = Instant::now();
+    let busy = sandbox_of("busy");
+    assert_eq!(sandboxes(&d), {
+        let mut both = vec![idle.clone(), busy.clone()];
+        both.sort();
+        both
+    });
+    // Idle past the pause grace first: the TTL destroys a frozen sandbox.
+    wait_frozen(&d, &idle);
+    let idle_procs = sandbox_processes(d.pid(), &idle);
+    assert!(!idle_procs.is_empty(), "no process found in {idle}");
+
+    // "busy" is used every 200 ms (well within the TTL) until "idle" is gone.
+    let gone = wait_for(Duration::from_secs(15), || {
+        assert_eq!(sandbox_of("busy"), busy, "a used instance was replaced");
+        thread::sleep(Duration::from_millis(200));
+        let left = sandbox_cgroup_dirs(d.pid(), &idle);
+        let alive: Vec<u32> = idle_procs.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() && alive.is_empty() {
+            Ok(idle_used.elapsed())
+        } else {
+            Err((left, alive))
+        }
+    });
+    let after = gone.unwrap_or_else(|(left, alive)| {
+        panic!(
+            "idle instance {idle} not destroyed past the {TTL:?} TTL: cgroups {left:?}, processes {alive:?}; log:\n{}",
+            d.log()
+        )
+    });
+    assert!(
+        after >= TTL - Duration::from_millis(500),
+        "{idle} was destroyed {after:?} after its last use, before the {TTL:?} TTL"
+    );
+    assert_eq!(
+        sandboxes(&d),
+        std::slice::from_ref(&busy),
+        "only the used instance is kept"
+    );
+    wait_sandbox_count(&d, 1);
+    assert_eq!(
+        (warm_instances(&d, "idle"), warm_instances(&d, "busy")),
+        (0, 1)
+    );
+    // Left alone, "busy" goes the same way; "idle" comes back cold.
+    wait_sandbox_gone(&d, &busy, Duration::from_secs(15));
+    wait_sandbox_count(&d, 0);
+    assert_eq!(warm_instances(&d, "busy"), 0);
+    let r = d.invoke("idle", "{}");
+    assert_eq!(header(&r, "X-Sprout-Start"), "new_sandbox");
 }
 
 #[test]
@@ -261,66 +524,307 @@ fn least_recently_used_instances_are_evicted_over_the_memory_budget() {
     .unwrap_or_else(|w| panic!("expected b evicted next, warm = {w:?}"));
 }
 
+/// Over the memory budget, idle instances are destroyed before stem cells.
 #[test]
-fn requests_beyond_max_instances_wait_their_turn() {
+fn idle_instances_are_evicted_before_stem_cells() {
     let env = require_root!();
-    let d = env.daemon_with(&["--stem-cells", "0"]);
-    let slow = env.function(
-        "slow",
-        &[(
-            "f.py",
-            "import time\ndef f(event):\n    time.sleep(0.3)\n    return event['n']\n",
-        )],
-    );
-    d.register("slow", &slow, json!({ "max_instances": 1 }));
-    let started = Instant::now();
-    let clients = invoke_concurrently(&d, "slow", 0..4);
-    // While they run, requests queue and no second sandbox appears.
-    let mut saw_queue = false;
-    while clients.iter().any(|c| !c.is_finished()) {
-        saw_queue |= status(&d)["queued"].as_u64().unwrap() > 0;
-        assert!(
-            d.sandboxes().len() <= 1,
-            "max_instances 1 but {:?}",
-            d.sandboxes()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut results: Vec<u64> = clients
-        .into_iter()
-        .map(|c| {
-            let r = c.join().unwrap();
-            assert_eq!(r.status, 200, "{}", text(&r));
-            serde_json::from_slice(&r.body).unwrap()
+    // Stem cells and "small" reserve 128 MiB each, "big" 256. Two stem cells and
+    // "small" fit in 400 (384); once "big" takes a stem cell (512) one of "small" or
+    // the other stem cell must go, and either is enough.
+    let d = env.daemon_with(&["--stem-cells", "2", "--memory-budget", "400"]);
+    let dir = env.function("sleeper", &[("f.py", sprout_tests::SLEEPER_PY)]);
+    d.register("small", &dir, json!({}));
+    d.register("big", &dir, json!({ "memory_mb": 256 }));
+    let settled = |stems: u64, reserved: u64| {
+        wait_for(Duration::from_secs(15), || {
+            let s = status(&d);
+            if s["stem_cells"] == stems && s["reserved_mb"] == reserved {
+                Ok(s)
+            } else {
+                Err(s)
+            }
         })
+        .unwrap_or_else(|s| {
+            panic!(
+                "expected {stems} stem cells, {reserved} MiB: {s}; log:\n{}",
+                d.log()
+            )
+        })
+    };
+    settled(2, 256);
+    let r = d.invoke("small", "{}");
+    assert_eq!(header(&r, "X-Sprout-Start"), "stem_cell");
+    let small = body_json(&r)["sandbox"].as_str().unwrap().to_owned();
+    settled(2, 384);
+    let before = sandboxes(&d);
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    let r = d.invoke("big", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(header(&r, "X-Sprout-Start"), "stem_cell");
+    let big = body_json(&r)["sandbox"].as_str().unwrap().to_owned();
+    let stem: Vec<String> = before
+        .iter()
+        .filter(|s| **s != small && **s != big)
+        .cloned()
         .collect();
-    results.sort();
-    assert_eq!(results, [0, 1, 2, 3]);
-    assert!(saw_queue, "no request was ever queued");
+    assert_eq!(stem.len(), 1, "{before:?}, small {small}, big {big}");
+
+    // Back under the budget: "small" went, the stem cell stayed (and was not
+    // destroyed and made again: the same sandbox is there).
+    let s = wait_for(Duration::from_secs(15), || {
+        let s = status(&d);
+        if s["reserved_mb"].as_u64().unwrap() <= 400 {
+            Ok(s)
+        } else {
+            Err(s)
+        }
+    })
+    .unwrap_or_else(|s| panic!("still over the budget: {s}; log:\n{}", d.log()));
+    assert_eq!(
+        (
+            warm_instances(&d, "small"),
+            warm_instances(&d, "big"),
+            s["stem_cells"].as_u64().unwrap()
+        ),
+        (0, 1, 1),
+        "(small, big, stem cells): the idle instance should go before the stem cell; {s}"
+    );
+    wait_sandbox_gone(&d, &small, Duration::from_secs(10));
+    let mut expected = vec![big, stem[0].clone()];
+    expected.sort();
+    assert_eq!(sandboxes(&d), expected);
+    assert_eq!(status(&d)["reserved_mb"], 384);
+}
+
+/// Instances are added one per request while every instance is busy, up to the
+/// function's `max_instances`; beyond it requests queue, and all are answered.
+#[test]
+fn instances_grow_with_the_backlog_up_to_max_instances() {
+    const MAX: usize = 3;
+    const REQUESTS: usize = 6;
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--pause-grace", "600000"]);
+    d.register(
+        "hold",
+        &env.function("hold", &[("f.py", HOLD_PY)]),
+        json!({ "max_instances": MAX }),
+    );
+    let mut peak = 0;
+    let mut clients = Vec::new();
+    for k in 1..=REQUESTS {
+        clients.push(invoke_in_background(
+            &d,
+            "hold",
+            json!({ "n": k, "hold": true }),
+        ));
+        // Every request so far is held: the k-th gets a new instance while there are
+        // fewer than MAX, and waits in the queue after that.
+        let want = (k.min(MAX), k.saturating_sub(MAX));
+        let reached = wait_for(Duration::from_secs(20), || {
+            let s = status(&d);
+            let cgroups = sandboxes(&d);
+            peak = peak.max(cgroups.len());
+            let got = (cgroups.len(), s["queued"].as_u64().unwrap() as usize);
+            if got == want && s["sandboxes"] == want.0 {
+                Ok(())
+            } else {
+                Err((got, s))
+            }
+        });
+        reached.unwrap_or_else(|(got, s)| {
+            panic!(
+                "after {k} held requests: (sandboxes, queued) = {got:?}, expected {want:?}; status {s}; log:\n{}",
+                d.log()
+            )
+        });
+    }
+    let held = sandboxes(&d);
+    for sandbox in &held {
+        release(&d, sandbox);
+    }
+    let mut served_by = BTreeSet::new();
+    for c in clients {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "{}", text(&r));
+        served_by.insert(body_json(&r)["sandbox"].as_str().unwrap().to_owned());
+        peak = peak.max(sandboxes(&d).len());
+    }
+    assert_eq!(peak, MAX, "at most {MAX} sandboxes at once");
+    assert_eq!(
+        served_by.into_iter().collect::<Vec<_>>(),
+        held,
+        "the {REQUESTS} requests were served by exactly the {MAX} instances"
+    );
+    assert_eq!(status(&d)["queued"], 0);
+}
+
+/// With `max_instances` 1, requests that wait are served in the order they arrived,
+/// each handed the instance the previous one finished with: one sandbox, one
+/// process, no new instance.
+#[test]
+fn queued_requests_are_served_in_arrival_order_by_the_same_instance() {
+    const QUEUED: u64 = 5;
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--pause-grace", "600000"]);
+    d.register(
+        "fifo",
+        &env.function("fifo", &[("f.py", HOLD_PY)]),
+        json!({ "max_instances": 1 }),
+    );
+    // The first request holds the only instance.
+    let holder = invoke_in_background(&d, "fifo", json!({ "n": "holder", "hold": true }));
+    let sandbox = wait_for(Duration::from_secs(20), || match sandboxes(&d).as_slice() {
+        [one] => Ok(one.clone()),
+        other => Err(other.to_vec()),
+    })
+    .unwrap_or_else(|s| {
+        panic!(
+            "the holder's sandbox did not appear: {s:?}; log:\n{}",
+            d.log()
+        )
+    });
+    // The others queue one after the other: each is in the queue before the next is sent.
+    let mut waiting = Vec::new();
+    for n in 0..QUEUED {
+        waiting.push(invoke_in_background(&d, "fifo", json!({ "n": n })));
+        wait_for(Duration::from_secs(10), || {
+            let s = status(&d);
+            if s["queued"] == n + 1 {
+                Ok(())
+            } else {
+                Err(s)
+            }
+        })
+        .unwrap_or_else(|s| panic!("request {n} was not queued: {s}; log:\n{}", d.log()));
+    }
     assert!(
-        started.elapsed() >= Duration::from_millis(1200),
-        "4 × 0.3 s ran in {:?}: not one at a time",
-        started.elapsed()
+        !holder.is_finished(),
+        "the holder returned before it was released"
+    );
+    release(&d, &sandbox);
+
+    let r = holder.join().unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let first = body_json(&r);
+    assert_eq!(first["seq"], 1, "{first}");
+    for (n, c) in waiting.into_iter().enumerate() {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let got = body_json(&r);
+        assert_eq!(
+            (&got["sandbox"], &got["pid"]),
+            (&first["sandbox"], &first["pid"]),
+            "request {n} was not served by the instance it waited for: {got}"
+        );
+        assert_eq!(
+            got["seq"],
+            n as u64 + 2,
+            "request {n} (queued {n}th) ran out of order: {got}"
+        );
+        assert_eq!(header(&r, "X-Sprout-Start"), "warm", "request {n}");
+        assert_eq!(header(&r, "X-Sprout-Cold"), "false", "request {n}");
+    }
+    assert_eq!(sandboxes(&d), [sandbox]);
+    let s = status(&d);
+    assert_eq!(
+        (&s["sandboxes"], &s["queued"]),
+        (&json!(1), &json!(0)),
+        "{s}"
     );
 }
 
-/// Invokes `function` once per number in `ns`, each from its own thread and
-/// connection, with the event `{"n": N}`.
-fn invoke_concurrently(
-    d: &Daemon,
-    function: &str,
-    ns: std::ops::Range<u64>,
-) -> Vec<thread::JoinHandle<sprout_tests::ClientResponse>> {
-    ns.map(|n| {
-        let socket = d.socket().to_path_buf();
-        let path = format!("/functions/{function}/invoke");
-        thread::spawn(move || {
-            let mut c = sprout_tests::Client::connect(&socket).unwrap();
-            c.request("POST", &path, None, format!(r#"{{"n":{n}}}"#).as_bytes())
-                .unwrap()
-        })
-    })
-    .collect()
+/// A frozen sandbox that is destroyed (here: its function is removed) loses every
+/// process and its cgroups: on v1 a frozen task dies only once thawed.
+#[test]
+fn a_frozen_sandbox_is_destroyed_with_all_its_processes() {
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--pause-grace", "50"]);
+    d.register(
+        "sleeper",
+        &env.function("sleeper", &[("f.py", sprout_tests::SLEEPER_PY)]),
+        json!({}),
+    );
+    let r = d.invoke("sleeper", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let sandbox = body_json(&r)["sandbox"].as_str().unwrap().to_owned();
+    wait_frozen(&d, &sandbox);
+    let procs = sandbox_processes(d.pid(), &sandbox);
+    // The shim, the zygote and the instance at least.
+    assert!(procs.len() >= 3, "processes of {sandbox}: {procs:?}");
+    assert!(!sandbox_cgroup_dirs(d.pid(), &sandbox).is_empty());
+
+    // Removed on a thread of its own: a destroy stuck on a frozen task must fail
+    // the test, not hang it.
+    let socket = d.socket().to_path_buf();
+    let remove = thread::spawn(move || {
+        sprout_tests::Client::connect(&socket)
+            .unwrap()
+            .request("DELETE", "/functions/sleeper", None, b"")
+            .unwrap()
+            .status
+    });
+    wait_sandbox_gone(&d, &sandbox, Duration::from_secs(10));
+    for p in &procs {
+        assert!(!alive(*p), "process {p} of {sandbox} survived");
+    }
+    assert_eq!(remove.join().unwrap(), 200);
+    let s = status(&d);
+    assert_eq!(
+        (&s["sandboxes"], &s["frozen"]),
+        (&json!(0), &json!(0)),
+        "{s}"
+    );
+}
+
+/// An instance killed from outside while its sandbox is frozen is found out on the
+/// next invoke (which fails as `instance_died`, not a timeout); its sandbox is
+/// destroyed and the invoke after that gets a new one.
+#[test]
+fn an_instance_killed_while_frozen_is_found_out_on_the_next_invoke() {
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0", "--pause-grace", "50"]);
+    d.register(
+        "sleeper",
+        &env.function("sleeper", &[("f.py", sprout_tests::SLEEPER_PY)]),
+        json!({ "timeout_ms": 30000 }),
+    );
+    let r = d.invoke("sleeper", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let first = body_json(&r);
+    let sandbox = first["sandbox"].as_str().unwrap().to_owned();
+    wait_frozen(&d, &sandbox);
+    // The instance is a process this test's daemon started; found by its pid in the
+    // sandbox's pid namespace, and killed by its host pid.
+    let procs = sandbox_processes(d.pid(), &sandbox);
+    let instance = host_pid_of(&procs, first["pid"].as_u64().unwrap())
+        .unwrap_or_else(|| panic!("instance pid {} not among {procs:?}", first["pid"]));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(instance as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let r = d.invoke("sleeper", "{}");
+    assert_eq!(r.status, 502, "{}", text(&r));
+    assert_eq!(
+        body_json(&r)["error"]["kind"],
+        "instance_died",
+        "{}",
+        text(&r)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "noticed only after {:?}",
+        started.elapsed()
+    );
+    wait_sandbox_gone(&d, &sandbox, Duration::from_secs(10));
+
+    let r = d.invoke("sleeper", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(header(&r, "X-Sprout-Start"), "new_sandbox");
+    assert_ne!(body_json(&r)["sandbox"], first["sandbox"]);
 }
 
 /// Raises this process's descriptor limit to its hard limit.
@@ -330,16 +834,28 @@ fn raise_fd_limit() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
 }
 
+/// Returns its request's id, and which instance ran it and how many invocations
+/// that instance had run by then.
+const COUNTING_ECHO_PY: &str = r#"import os
+count = 0
+def f(event):
+    global count
+    count += 1
+    return {"id": event["id"], "sandbox": os.environ["SPROUT_SANDBOX"], "pid": os.getpid(), "count": count}
+"#;
+
+/// 1,000 requests in flight at once: each gets its own answer, and the instances'
+/// own counts show that exactly 1,000 invocations ran (none twice, none lost).
 #[test]
-fn a_thousand_concurrent_invokes_are_each_answered_once() {
+fn a_thousand_concurrent_invokes_are_each_run_and_answered_once() {
     let env = require_root!();
     raise_fd_limit();
     let d = env.daemon_with(&["--stem-cells", "2"]);
-    let echo = env.function(
+    d.register(
         "echo",
-        &[("f.py", "def f(event):\n    return event['id']\n")],
+        &env.function("echo", &[("f.py", COUNTING_ECHO_PY)]),
+        json!({ "max_instances": 4 }),
     );
-    d.register("echo", &echo, json!({ "max_instances": 4 }));
     const N: usize = 1000;
     // All 1,000 requests are in flight before any answer is read.
     let mut conns: Vec<UnixStream> = (0..N)
@@ -355,7 +871,8 @@ fn a_thousand_concurrent_invokes_are_each_answered_once() {
             s
         })
         .collect();
-    let mut answered = BTreeSet::new();
+    // Per instance (sandbox, pid): the counts it answered with.
+    let mut runs: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
     for (id, s) in conns.iter_mut().enumerate() {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let mut response = String::new();
@@ -363,16 +880,47 @@ fn a_thousand_concurrent_invokes_are_each_answered_once() {
             .unwrap_or_else(|e| panic!("read #{id}: {e}"));
         assert!(response.starts_with("HTTP/1.1 200"), "#{id}: {response}");
         let body = response.split("\r\n\r\n").nth(1).unwrap();
-        let got: usize = body
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("#{id}: {response}"));
-        assert_eq!(got, id, "request {id} got another request's answer");
-        assert!(answered.insert(got), "answer {got} came twice");
+        let got: Value =
+            serde_json::from_str(body.trim()).unwrap_or_else(|_| panic!("#{id}: {response}"));
+        assert_eq!(got["id"], id, "request {id} got another request's answer");
+        runs.entry((
+            got["sandbox"].as_str().unwrap().to_owned(),
+            got["pid"].as_u64().unwrap(),
+        ))
+        .or_default()
+        .push(got["count"].as_u64().unwrap());
     }
-    assert_eq!(answered.len(), N);
+    // Each instance ran invocations 1, 2, ..., k, each answered once: a request run
+    // twice leaves a gap (or a count twice), whoever got the answer.
+    let mut total = 0;
+    for (instance, counts) in &mut runs {
+        counts.sort();
+        let last = counts.last().copied().unwrap_or(0);
+        let missing: Vec<u64> = (1..=last)
+            .filter(|c| counts.binary_search(c).is_err())
+            .collect();
+        let repeated: Vec<u64> = counts
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        assert!(
+            missing.is_empty() && repeated.is_empty(),
+            "instance {instance:?} ran {last} invocations but answered {} requests: counts {missing:?} \
+             answered nobody (a request ran twice?), counts {repeated:?} answered two",
+            counts.len()
+        );
+        total += counts.len();
+    }
+    assert_eq!(total, N);
+    assert!(
+        runs.len() <= 4,
+        "more instances than max_instances: {:?}",
+        runs.keys()
+    );
     let s = status(&d);
     assert_eq!(s["queued"], 0, "{s}");
+    assert_eq!(s["invocations"], N, "{s}");
     assert!(warm_instances(&d, "echo") <= 4, "{}", functions(&d));
 }
 
@@ -440,18 +988,12 @@ fn warm_invokes_that_need_waiting_are_finished_correctly() {
         300000,
         "all output captured"
     );
-    let sandboxes = d.sandboxes();
+    let before = sandboxes(&d);
+    assert_eq!(before.len(), 1, "{before:?}");
     let r = invoke("die", false);
     assert_eq!(r.status, 502, "{}", text(&r));
     assert_eq!(body_json(&r)["error"]["kind"], "instance_died");
-    wait_for(Duration::from_secs(5), || {
-        if d.sandboxes().is_empty() {
-            Ok(())
-        } else {
-            Err(())
-        }
-    })
-    .unwrap_or_else(|()| panic!("the dead instance's sandbox {sandboxes:?} was not destroyed"));
+    wait_sandbox_gone(&d, &before[0], Duration::from_secs(5));
     let r = invoke("quick", false);
     assert_eq!(
         (r.status, header(&r, "X-Sprout-Start")),
@@ -477,7 +1019,9 @@ fn a_long_warm_call_finishes_while_all_workers_wait_for_its_instance() {
     );
     d.register("slow", &slow, json!({ "max_instances": 1 }));
     assert_eq!(d.invoke("slow", r#"{"n":0}"#).status, 200); // warm
-    let clients = invoke_concurrently(&d, "slow", 1..5);
+    let clients = (1..5)
+        .map(|n| invoke_in_background(&d, "slow", json!({ "n": n })))
+        .collect::<Vec<_>>();
     let started = Instant::now();
     while clients.iter().any(|c| !c.is_finished()) {
         assert!(
