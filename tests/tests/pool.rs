@@ -8,13 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use sprout_tests::{
-    alive, all_pids, body_json, json, require_root, text, wait_for, ClientResponse, Daemon, Value,
-    HELLO_PY,
+    agent_cgroup_dirs, alive, all_pids, body_json, cgroup_v2, json, require_root,
+    sandbox_cgroup_dir, text, wait_for, ClientResponse, Daemon, Value, HELLO_PY,
 };
 
 fn header(r: &ClientResponse, name: &str) -> String {
@@ -45,27 +45,6 @@ fn warm_instances(d: &Daemon, name: &str) -> u64 {
 // ---------------------------------------------------------------------------
 // Cgroups, v1 and v2
 
-/// Whether the host has the unified (v2) hierarchy at /sys/fs/cgroup.
-fn cgroup_v2() -> bool {
-    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-}
-
-/// Agent `agent`'s cgroup: in `v1_controller`'s hierarchy on v1, the unified one on v2.
-fn agent_cgroup_dir(agent: u32, v1_controller: &str) -> PathBuf {
-    let root = Path::new("/sys/fs/cgroup");
-    let base = if cgroup_v2() {
-        root.to_path_buf()
-    } else {
-        root.join(v1_controller)
-    };
-    base.join("sprout").join(agent.to_string())
-}
-
-/// A sandbox's cgroup directory (see [`agent_cgroup_dir`]).
-fn sandbox_cgroup_dir(agent: u32, sandbox: &str, v1_controller: &str) -> PathBuf {
-    agent_cgroup_dir(agent, v1_controller).join(sandbox)
-}
-
 /// A file of a sandbox's cgroup; panics when it is missing.
 #[track_caller]
 fn read_cgroup(agent: u32, sandbox: &str, v1_controller: &str, file: &str) -> String {
@@ -76,41 +55,16 @@ fn read_cgroup(agent: u32, sandbox: &str, v1_controller: &str, file: &str) -> St
 /// Every directory of a sandbox's cgroup that exists now: one per v1 hierarchy, or
 /// the unified one.
 fn sandbox_cgroup_dirs(agent: u32, sandbox: &str) -> Vec<PathBuf> {
-    let rel = Path::new("sprout").join(agent.to_string()).join(sandbox);
-    let root = Path::new("/sys/fs/cgroup");
-    let bases: Vec<PathBuf> = if cgroup_v2() {
-        vec![root.to_path_buf()]
-    } else {
-        std::fs::read_dir(root)
-            .map(|it| {
-                it.filter_map(Result::ok)
-                    .filter(|e| e.file_name() != "unified" && e.path().is_dir())
-                    .map(|e| e.path())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    bases
+    agent_cgroup_dirs(agent)
         .into_iter()
-        .map(|b| b.join(&rel))
+        .map(|d| d.join(sandbox))
         .filter(|d| d.is_dir())
         .collect()
 }
 
 /// The agent's sandbox cgroups (memory hierarchy on v1, unified on v2), sorted.
 fn sandboxes(d: &Daemon) -> Vec<String> {
-    let dir = agent_cgroup_dir(d.pid(), "memory");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map(|it| {
-            it.filter_map(Result::ok)
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("sprout-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+    d.sandboxes()
 }
 
 /// CPU time the sandbox's processes have used, in nanoseconds.
