@@ -9,11 +9,14 @@
 //! When a connection closes (its process died, or its sandbox was destroyed because
 //! its workflow ended), the calls it made are cancelled.
 
+use std::collections::BTreeMap;
 use std::io;
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use ipc::proto::{check_depth, CallReply, CallRequest};
 use ipc::{Channel, Payload};
@@ -76,17 +79,35 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
     let span = tracing::debug_span!("caller", sandbox_id = %sandbox);
     let _g = span.enter();
     // A caller that stops reading (its invocation ended, its sandbox is frozen) must
-    // not hold an answering thread, and the sibling it holds, for ever.
-    let writer = match stream
-        .try_clone()
-        .and_then(|s| s.set_write_timeout(Some(REPLY_TIMEOUT)).map(|()| s))
-    {
-        Ok(s) => Arc::new(Mutex::new(Channel::new(s))),
+    // not hold an answering thread, and the sibling it holds, for ever: see `Replies`.
+    let (writer, watched) = match stream.try_clone().and_then(|w| {
+        w.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        Ok((w, stream.try_clone()?))
+    }) {
+        Ok((w, watched)) => (
+            Arc::new(Replies::new(Channel::new(w), REPLY_TIMEOUT)),
+            watched,
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "call socket: dup connection");
             return;
         }
     };
+    std::thread::scope(|scope| {
+        let watchdog = std::thread::Builder::new()
+            .name("sprout-replies".into())
+            .spawn_scoped(scope, || writer.watch(&watched));
+        if let Err(e) = watchdog {
+            tracing::warn!(error = %e, "call socket: no thread to watch the answers");
+            return;
+        }
+        serve_requests(inner, &sandbox, stream, &writer);
+        writer.stop_watching();
+    });
+}
+
+/// Serves the requests of one connection until it closes; then cancels its calls.
+fn serve_requests(inner: &Arc<Inner>, sandbox: &str, stream: UnixStream, writer: &Arc<Replies>) {
     let cancel = match Cancel::new() {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -106,8 +127,8 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
         };
         match msg.header {
             CallRequest::Resolve { id, function } => {
-                let reply = resolve(inner, &sandbox, id, &function);
-                reply_to(&writer, &reply, &Payload::default());
+                let reply = resolve(inner, sandbox, id, &function);
+                writer.send(&reply, &Payload::default());
             }
             CallRequest::Call {
                 id,
@@ -118,7 +139,7 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
             } => {
                 let (inner, sandbox, writer, cancel) = (
                     inner.clone(),
-                    sandbox.clone(),
+                    sandbox.to_owned(),
                     writer.clone(),
                     cancel.clone(),
                 );
@@ -134,7 +155,7 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
                             raw,
                         };
                         call.run(&inner, &event, &cancel, |reply, result| {
-                            reply_to(&writer, reply, result)
+                            writer.send(reply, result)
                         });
                     });
                 if let Err(e) = spawned {
@@ -147,7 +168,7 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
                     function,
                     message: "a call with a spec runs in the sandbox: send it to the shim".into(),
                 };
-                reply_to(&writer, &reply, &Payload::default());
+                writer.send(&reply, &Payload::default());
             }
         }
     }
@@ -155,9 +176,93 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
     cancel.fire();
 }
 
-fn reply_to(writer: &Mutex<Channel>, reply: &CallReply, payload: &Payload) {
-    if let Err(e) = lock(writer).send_payload(reply, payload, &[]) {
-        tracing::debug!(error = %ipc::chain(&e), "call socket: caller went away before its answer");
+/// The writing half of a connection, shared by the threads that answer its calls.
+///
+/// A caller that does not read its answers must not hold them, and the siblings that
+/// wait to go back to the pool once their answer is out, for long: an answer not
+/// written within [`REPLY_TIMEOUT`] of being ready (the socket is full, or a slow reader
+/// keeps it so; answers waiting for their turn count too) closes the connection, which
+/// fails that write and every later one at once. The write timeout on the socket
+/// bounds each write once the connection's watchdog has stopped.
+struct Replies {
+    channel: Mutex<Channel>,
+    /// [`REPLY_TIMEOUT`], but for tests.
+    timeout: std::time::Duration,
+    watch: Mutex<Watch>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// When each answer being written, or waiting to be, must be out, by ticket (so
+    /// the first is the earliest).
+    due: BTreeMap<u64, Instant>,
+    next_ticket: u64,
+    stopped: bool,
+}
+
+impl Replies {
+    fn new(channel: Channel, timeout: std::time::Duration) -> Replies {
+        Replies {
+            channel: Mutex::new(channel),
+            timeout,
+            watch: Mutex::new(Watch::default()),
+            wake: Condvar::new(),
+        }
+    }
+
+    fn send(&self, reply: &CallReply, payload: &Payload) {
+        let ticket = {
+            let mut w = lock(&self.watch);
+            let ticket = w.next_ticket;
+            w.next_ticket += 1;
+            w.due.insert(ticket, Instant::now() + self.timeout);
+            ticket
+        };
+        self.wake.notify_all();
+        let channel = lock(&self.channel);
+        let sent = channel.send_payload(reply, payload, &[]);
+        lock(&self.watch).due.remove(&ticket);
+        self.wake.notify_all();
+        if let Err(e) = sent {
+            tracing::debug!(error = %ipc::chain(&e), "call socket: caller went away before its answer");
+            // The stream may end mid-frame: nothing more can go on it.
+            let _ = channel.stream().shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Until [`Replies::stop_watching`]: shuts `stream` (this connection) down when an
+    /// answer is not out by its due time.
+    fn watch(&self, stream: &UnixStream) {
+        let mut w = lock(&self.watch);
+        loop {
+            if w.stopped {
+                return;
+            }
+            let Some(&due) = w.due.values().next() else {
+                w = self.wake.wait(w).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let now = Instant::now();
+            if now >= due {
+                tracing::warn!(
+                    timeout_ms = self.timeout.as_millis() as u64,
+                    "call socket: the caller does not read its answers; closing the connection"
+                );
+                let _ = stream.shutdown(Shutdown::Both);
+                return;
+            }
+            w = self
+                .wake
+                .wait_timeout(w, due - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn stop_watching(&self) {
+        lock(&self.watch).stopped = true;
+        self.wake.notify_all();
     }
 }
 
@@ -301,6 +406,49 @@ mod tests {
     #[test]
     fn the_shim_and_the_sandbox_spec_agree_on_where_callees_are_attached() {
         assert_eq!(shim::FUNCTIONS_DIR, rootfs::FUNCTIONS_DIR);
+    }
+
+    #[test]
+    fn answers_a_caller_does_not_read_end_its_connection_within_the_timeout() {
+        let (agent_end, caller_end) = UnixStream::pair().unwrap();
+        let watched = agent_end.try_clone().unwrap();
+        let timeout = std::time::Duration::from_millis(300);
+        // Without the watchdog, the test fails on time instead of hanging.
+        agent_end.set_write_timeout(Some(timeout * 8)).unwrap();
+        let replies = Replies::new(Channel::new(agent_end), timeout);
+        let answer = Payload::Inline(vec![b'x'; 60_000]);
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| replies.watch(&watched));
+            // More answers than the socket holds, from threads of their own as the
+            // calls answer; none is read.
+            let senders: Vec<_> = (0..16)
+                .map(|id| {
+                    let (replies, answer) = (&replies, &answer);
+                    s.spawn(move || {
+                        replies.send(&CallReply::CallReturned { id, raw: false }, answer)
+                    })
+                })
+                .collect();
+            for t in senders {
+                t.join().unwrap();
+            }
+            replies.stop_watching();
+        });
+        // One timeout for them all, not one each (a margin for a loaded host).
+        let took = started.elapsed();
+        assert!(took < timeout * 4, "the answers took {took:?}");
+        // The connection is closed: the caller reads what got through, then the end.
+        let mut caller = Channel::new(caller_end);
+        let mut read = 0;
+        loop {
+            match caller.recv::<CallReply>() {
+                Ok(_) => read += 1,
+                Err(ipc::Error::Closed | ipc::Error::Truncated) => break,
+                Err(e) => panic!("{}", ipc::chain(&e)),
+            }
+        }
+        assert!(read < 16, "every answer got through: nothing was tested");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use sprout_tests::{body_json, example, json, require_root, text, wait_for, Daemon, Env, Value};
+use sprout_tests::{
+    agent_cgroup_dirs, body_json, example, json, processes_in_agent_cgroups, require_root,
+    sandbox_cgroup_dir, text, wait_for, Daemon, Env, Value,
+};
 
 /// Returns the sandbox it runs in and the nesting it was called at.
 const WHOAMI_PY: &str = "import os\ndef f(event):\n    return {'sandbox': os.environ['SPROUT_SANDBOX'], 'event': event}\n";
@@ -15,6 +18,58 @@ def f(event):
     callee = sprout.call("whoami", {"n": 1})
     return {"mine": os.environ["SPROUT_SANDBOX"], "callee": callee}
 "#;
+
+/// How long [`SCRATCH_SLEEPER_PY`] sleeps.
+const SLEEPER_SECS: u64 = 10;
+
+/// Says in the run's scratch that it is running (`sleeping` holds its sandbox id),
+/// then sleeps 10 s ([`SLEEPER_SECS`]).
+const SCRATCH_SLEEPER_PY: &str = r#"import os, time
+def f(e):
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    with open(os.path.join(d, "sleeping.tmp"), "w") as out:
+        out.write(os.environ["SPROUT_SANDBOX"])
+    os.rename(os.path.join(d, "sleeping.tmp"), os.path.join(d, "sleeping"))
+    time.sleep(10)
+    return "slept"
+"#;
+
+/// Live processes of the daemon's sandbox `sandbox`.
+fn processes_in_sandbox(d: &Daemon, sandbox: &str) -> Vec<u32> {
+    let needle = format!("/sprout/{}/{sandbox}", d.pid());
+    processes_in_agent_cgroups(d.pid())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| {
+                c.lines()
+                    .any(|l| l.ends_with(&needle) || l.contains(&format!("{needle}/")))
+            })
+        })
+        .collect()
+}
+
+/// Asserts that sandbox `sandbox` is destroyed within `within`: no cgroup left in any
+/// hierarchy, no process.
+#[track_caller]
+fn assert_sandbox_gone(d: &Daemon, sandbox: &str, within: Duration) {
+    let left = wait_for(within, || {
+        let mut left: Vec<String> = agent_cgroup_dirs(d.pid())
+            .into_iter()
+            .map(|dir| dir.join(sandbox))
+            .filter(|p| p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        left.extend(
+            processes_in_sandbox(d, sandbox)
+                .iter()
+                .map(|p| format!("process {p}")),
+        );
+        left.is_empty().then_some(()).ok_or(left)
+    });
+    if let Err(left) = left {
+        panic!("sandbox {sandbox} is still there {within:?} later: {left:?}");
+    }
+}
 
 fn register(d: &Daemon, env: &Env, name: &str, code: &str, extra: Value) {
     let dir = env.function(name, &[("f.py", code)]);
@@ -344,21 +399,20 @@ fn a_failing_step_fails_the_workflow_by_name_and_stops_the_rest() {
     let env = require_root!();
     let d = env.daemon();
     register(&d, &env, "ok", "def f(e):\n    return e\n", json!({}));
-    register(
-        &d,
-        &env,
-        "boom",
-        "def f(e):\n    raise RuntimeError('disk on fire')\n",
-        json!({}),
-    );
-    // Writes a marker after sleeping: if it is ever written, the step kept running.
-    let sleeper = r#"import os, time
+    // Fails only once the sleeper is running, naming its sandbox.
+    let boom = r#"import json, os, time
 def f(e):
-    time.sleep(3)
-    open("/tmp/finished", "w").write("yes")
-    return "done"
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    deadline = time.monotonic() + 20
+    while not os.path.exists(os.path.join(d, "sleeping")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the sleeper never started")
+        time.sleep(0.01)
+    sleeper = open(os.path.join(d, "sleeping")).read()
+    raise RuntimeError("disk on fire " + json.dumps({"sleeper": sleeper}))
 "#;
-    register(&d, &env, "sleeper", sleeper, json!({}));
+    register(&d, &env, "boom", boom, json!({}));
+    register(&d, &env, "sleeper", SCRATCH_SLEEPER_PY, json!({}));
     let doc = json!({"steps": [
         {"type": "task", "function": "ok"},
         {"type": "parallel", "branches": [
@@ -370,12 +424,8 @@ def f(e):
     assert_eq!(put_workflow(&d, "fails", &doc).status, 200);
     let started = Instant::now();
     let r = run_workflow(&d, "fails", "{}");
+    let elapsed = started.elapsed();
     assert_eq!(r.status, 502, "{}", text(&r));
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
     let e = &body_json(&r)["error"];
     assert_eq!(e["kind"], "handler_error", "{e}");
     assert_eq!(e["type"], "RuntimeError", "{e}");
@@ -385,12 +435,26 @@ def f(e):
         "{msg}"
     );
     assert!(msg.contains("disk on fire"), "{msg}");
-    // The sleeper's sandbox was destroyed, not left to finish.
-    let sandboxes = wait_for(Duration::from_secs(5), || {
-        let s = d.sandboxes();
-        (s.len() <= 2).then_some(s.clone()).ok_or(s)
-    });
-    assert!(sandboxes.is_ok(), "{sandboxes:?}");
+    // The run did not wait for the sleeper (it sleeps 10 s once started)...
+    assert!(
+        elapsed < Duration::from_secs(SLEEPER_SECS - 2),
+        "the failed run answered after {elapsed:?}: it waited for the sleeper"
+    );
+    // ... whose sandbox was destroyed, not left to finish.
+    let ids: Value = serde_json::from_str(&msg[msg.find('{').expect("sandbox ids")..])
+        .unwrap_or_else(|e| panic!("{e}: {msg}"));
+    let sleeper = ids["sleeper"].as_str().unwrap();
+    assert_sandbox_gone(&d, sleeper, Duration::from_secs(2));
+    // (Where a live sandbox's cgroup is, to be sure the check above looked there.)
+    register(&d, &env, "whoami", WHOAMI_PY, json!({}));
+    let r = d.invoke("whoami", "1");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let live = sandbox_cgroup_dir(
+        d.pid(),
+        body_json(&r)["sandbox"].as_str().unwrap(),
+        "memory",
+    );
+    assert!(live.is_dir(), "{live:?} is missing");
 
     // Timeout: the run's own limit, naming the step that was running.
     let doc = json!({"timeout_ms": 400, "steps": [
@@ -398,7 +462,7 @@ def f(e):
     assert_eq!(put_workflow(&d, "slow", &doc).status, 200);
     let started = Instant::now();
     let r = run_workflow(&d, "slow", "{}");
-    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_secs(SLEEPER_SECS - 2));
     assert_eq!(r.status, 504, "{}", text(&r));
     let msg = body_json(&r)["error"]["message"]
         .as_str()
@@ -557,4 +621,250 @@ fn a_step_waiting_for_an_instance_its_own_workflow_holds_times_out() {
     );
     // Nothing is stuck: the function still answers.
     assert_eq!(d.invoke("only", "7").status, 200);
+}
+
+#[test]
+fn an_unawaited_call_async_ends_with_the_invocation_that_made_it() {
+    let env = require_root!();
+    let d = env.daemon();
+    // Counts the calls it finished; once running, says so in the shared scratch.
+    let slow = r#"import os, time
+done = 0
+def f(e):
+    global done
+    if e.get("report"):
+        return {"done": done, "sandbox": os.environ["SPROUT_SANDBOX"]}
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    with open(os.path.join(d, "started.tmp"), "w") as out:
+        out.write(os.environ["SPROUT_SANDBOX"])
+    os.rename(os.path.join(d, "started.tmp"), os.path.join(d, "started"))
+    time.sleep(e["sleep"])
+    done += 1
+    return "slept"
+"#;
+    // Starts `slow` without ever awaiting it and returns as soon as it runs.
+    let caller = r#"import os, time, sprout
+def f(e):
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    sprout.call_async("slow", {"sleep": e["sleep"]})
+    deadline = time.monotonic() + 20
+    while not os.path.exists(os.path.join(d, "started")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("slow never started")
+        time.sleep(0.01)
+    return {"mine": os.environ["SPROUT_SANDBOX"], "sibling": open(os.path.join(d, "started")).read()}
+"#;
+    register(&d, &env, "slow", slow, json!({"max_instances": 1}));
+    register(&d, &env, "caller", caller, json!({}));
+    let sleep = 8;
+    let started = Instant::now();
+    let r = d.invoke("caller", &json!({ "sleep": sleep }).to_string());
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    let (mine, sibling) = (v["mine"].as_str().unwrap(), v["sibling"].as_str().unwrap());
+    assert_ne!(mine, sibling, "{v}");
+    // The path is right: the caller's own sandbox is there, kept warm.
+    let own = sandbox_cgroup_dir(d.pid(), mine, "memory");
+    assert!(own.is_dir(), "{own:?} is missing");
+    // The sibling still running `slow` went with the invocation, long before its sleep
+    // would have ended.
+    assert_sandbox_gone(&d, sibling, Duration::from_secs(3));
+    // `slow` has one instance at most: had the sibling kept running, this would wait
+    // for it and see its call finished.
+    let r = d.invoke("slow", r#"{"report": true}"#);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    assert_eq!(v["done"], 0, "the un-awaited call ran to its end: {v}");
+    assert_ne!(v["sandbox"], sibling, "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(sleep - 2),
+        "{:?}: something waited for the un-awaited call",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_caller_that_does_not_read_its_answers_holds_a_sibling_at_most_5_s() {
+    let env = require_root!();
+    let d = env.daemon();
+    // Answers ~60 KiB (inline in the frame: shared memory starts above 64 KiB), or
+    // how many calls it served.
+    let big = r#"calls = 0
+def f(e):
+    global calls
+    calls += 1
+    return calls if e == "count" else "x" * 60000
+"#;
+    // Sends calls on the call socket by hand, reads the first answer (so every call is
+    // in the agent's hands) and no other: they fill the socket, and the agent's write
+    // of the next one blocks.
+    let hostile = r#"import json, socket, struct
+_kept = []
+def f(e):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect("/.sprout/agent.sock")
+    for i in range(e["calls"]):
+        hdr = json.dumps({"op": "call", "id": i + 1, "function": "big", "depth": 1}).encode()
+        s.sendall(struct.pack("<III", len(hdr), 4, 0) + hdr + b"null")
+    s.settimeout(30)
+    def read(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            if not chunk:
+                raise EOFError("the agent closed the call socket")
+            buf += chunk
+        return buf
+    hlen, plen, _ = struct.unpack("<III", read(12))
+    header = json.loads(read(hlen))
+    read(plen)
+    _kept.append(s)
+    return header["op"]
+"#;
+    register(
+        &d,
+        &env,
+        "big",
+        big,
+        json!({"max_instances": 1, "timeout_ms": 120000}),
+    );
+    register(&d, &env, "hostile", hostile, json!({}));
+    // Enough answers to fill the agent's send buffer with room to spare.
+    let sndbuf: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(212_992);
+    let calls = sndbuf / 60_000 + 6;
+    let r = d.invoke("hostile", &json!({ "calls": calls }).to_string());
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(body_json(&r), json!("call_returned"));
+    let sent = Instant::now();
+    // `big` has one instance, and its queue is FIFO: a client's call is served after
+    // every hostile call (it counts them), so only once the blocked answers let go of
+    // the instance.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = d.socket().to_path_buf();
+    std::thread::spawn(move || {
+        let r = sprout_tests::Client::connect(&socket).and_then(|mut c| {
+            c.request(
+                "POST",
+                "/functions/big/invoke",
+                Some("application/json"),
+                b"\"count\"",
+            )
+        });
+        let _ = tx.send(r.map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned())));
+    });
+    // The agent's limit, 5 s, plus a margin for the remaining calls on a loaded host
+    // (an answer that blocks twice, or answers that wait in turn, take 10 s or more).
+    let within = Duration::from_secs(5 + 4);
+    let served = rx
+        .recv_timeout(within)
+        .unwrap_or_else(|_| {
+            panic!("the sibling was still held {within:?} after {calls} unread answers")
+        })
+        .unwrap_or_else(|e| panic!("invoke big: {}", ipc::chain(&e)));
+    let held = sent.elapsed();
+    assert_eq!(
+        served,
+        (200, (calls + 1).to_string()),
+        "the client's call should come after every hostile one"
+    );
+    // It was held (the answers did block), then let go once the write timed out.
+    assert!(
+        held >= Duration::from_secs(3),
+        "served after {held:?}: the answers never filled the socket, so nothing was tested"
+    );
+    // The agent is fine: the call socket serves a caller that reads.
+    let reader =
+        "import sprout\ndef f(e):\n    return len(sprout.call_async('big', None).result())\n";
+    register(&d, &env, "reader", reader, json!({}));
+    let r = d.invoke("reader", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(body_json(&r), json!(60000));
+}
+
+/// Waits in the run's scratch until `total` calls have started (each makes a
+/// `started-*` file and keeps a `live-*` file while it runs) or, once `want` were
+/// running at the same time, for 2 s more; gives up after `wait` seconds. Returns the
+/// most it saw running at once and whether all `total` started while it ran.
+const MEET_PY: &str = r#"import os, time
+def f(e):
+    want, total, wait = e["want"], e["total"], e["wait"]
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    me = os.urandom(8).hex()
+    live = os.path.join(d, "live-" + me)
+    open(live, "w").close()
+    open(os.path.join(d, "started-" + me), "w").close()
+    best, full_at, met = 0, None, False
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        names = os.listdir(d)
+        running = sum(n.startswith("live-") for n in names)
+        best = max(best, running)
+        if running >= want and full_at is None:
+            full_at = time.monotonic()
+        if sum(n.startswith("started-") for n in names) >= total:
+            met = True
+            break
+        if full_at is not None and time.monotonic() - full_at > 2:
+            break
+        time.sleep(0.005)
+    os.remove(live)
+    return {"best": best, "met": met}
+"#;
+
+#[test]
+fn parallel_branches_run_at_the_same_time() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(&d, &env, "meet", MEET_PY, json!({}));
+    let branch = json!({"type": "task", "function": "meet"});
+    let doc = json!({"timeout_ms": 30000, "steps": [
+        {"type": "parallel", "branches": [branch, branch, branch]}]});
+    assert_eq!(put_workflow(&d, "together", &doc).status, 200);
+    // Each branch waits until all three have started: only if they run at once.
+    let r = run_workflow(&d, "together", r#"{"want": 3, "total": 3, "wait": 5}"#);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    let out = v.as_array().expect("an array");
+    assert_eq!(out.len(), 3, "{v}");
+    assert!(
+        out.iter().all(|b| b["met"] == true),
+        "a branch ran while the others had not started: {v}"
+    );
+}
+
+#[test]
+fn map_runs_64_items_at_a_time_and_no_more() {
+    let env = require_root!();
+    // 66 small sandboxes: an explicit budget so that a small CI machine holds them.
+    let d = env.daemon_with(&["--stem-cells", "0", "--memory-budget", "8192"]);
+    register(
+        &d,
+        &env,
+        "meet",
+        MEET_PY,
+        json!({"max_instances": 80, "memory_mb": 64}),
+    );
+    let doc = json!({"timeout_ms": 60000, "steps": [
+        {"type": "map", "items": "/items", "step": {"type": "task", "function": "meet"}}]});
+    assert_eq!(put_workflow(&d, "fan", &doc).status, 200);
+    // Two more items than the limit: each waits until 64 run at once (then 2 s more,
+    // to see a 65th if one came) or until all 66 have started.
+    let total = 66;
+    let items: Vec<Value> = (0..total)
+        .map(|_| json!({"want": 64, "total": total, "wait": 20}))
+        .collect();
+    let r = run_workflow(&d, "fan", &json!({ "items": items }).to_string());
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    let out = v.as_array().expect("an array");
+    assert_eq!(out.len(), total, "{v}");
+    let seen: Vec<u64> = out.iter().filter_map(|o| o["best"].as_u64()).collect();
+    assert_eq!(
+        seen.iter().max(),
+        Some(&64),
+        "the most items each saw running at once: {seen:?}"
+    );
 }
