@@ -6,8 +6,11 @@
 //! tells which sandbox a connection comes from by its peer's cgroup, so a function
 //! cannot speak for another sandbox. A connection is served by a thread of its own,
 //! and each call in flight by another (they wait for instances like any request).
-//! When a connection closes (its process died, or its sandbox was destroyed because
-//! its workflow ended), the calls it made are cancelled.
+//! The calls a connection made live as long as their run: when the invocation that
+//! started the run ends or its sandbox is destroyed, the run's cancel fires and every
+//! call still in flight ends (its sibling is destroyed). Closing the connection alone
+//! cancels only calls not yet started. A caller that leaves an answer unread for
+//! [`REPLY_TIMEOUT`] loses its connection, so it cannot hold a sibling longer.
 
 use std::collections::BTreeMap;
 use std::io;
