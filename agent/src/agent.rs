@@ -332,7 +332,7 @@ impl FastCall for WarmCall {
                 FastPoll::Handoff
             }
             // Ending the run it started takes a spawner round trip: not on the loop.
-            Some(outcome) if inst.called => {
+            Some(outcome) if inst.called || self.inner.has_root_run(inst.sandbox.id()) => {
                 self.answered = Some(outcome);
                 FastPoll::Handoff
             }
@@ -601,7 +601,9 @@ impl Inner {
         let duration = started.elapsed();
         let name = &function.name;
         let mut healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
-        if inst.called && healthy {
+        // The runtime's word that it called (`called`) is not needed: calls made on the
+        // call socket by hand started a run all the same, and it ends here too.
+        if healthy && (inst.called || self.has_root_run(inst.sandbox.id())) {
             healthy = self.end_sdk_run(&inst);
         }
         let (result, keep) = match outcome {
@@ -721,6 +723,11 @@ impl Inner {
             "detach the workflow scratch",
             self.spawner.detach_scratch(id),
         )
+    }
+
+    /// Whether sandbox `id` started a run of its own (its function made sibling calls).
+    fn has_root_run(&self, id: &str) -> bool {
+        matches!(lock(&self.runs).get(id), Some(run) if run.is_root(id))
     }
 
     /// After an invocation that called other functions: unless the sandbox takes part in

@@ -8,9 +8,10 @@
 //! and each call in flight by another (they wait for instances like any request).
 //! The calls a connection made live as long as their run: when the invocation that
 //! started the run ends or its sandbox is destroyed, the run's cancel fires and every
-//! call still in flight ends (its sibling is destroyed). Closing the connection alone
-//! cancels only calls not yet started. A caller that leaves an answer unread for
-//! [`REPLY_TIMEOUT`] loses its connection, so it cannot hold a sibling longer.
+//! call still in flight ends (its sibling is destroyed). Closing the connection (or
+//! sending a bad frame) cancels the calls not yet started and drops every answer
+//! still to come. A caller that leaves an answer unread for [`REPLY_TIMEOUT`] loses
+//! its connection, so it cannot hold a sibling longer.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -105,6 +106,10 @@ fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
             return;
         }
         serve_requests(inner, &sandbox, stream, &writer);
+        // No more requests (the caller closed its side, or sent a bad frame): no more
+        // answers either, so none can be held by a caller that reads them slowly once
+        // the watchdog stops.
+        let _ = watched.shutdown(Shutdown::Both);
         writer.stop_watching();
     });
 }

@@ -210,7 +210,8 @@ impl Drop for Own {
 
 /// The leftover check itself can fail: it finds each kind of thing an agent could
 /// leave behind, even where no cgroup or the word "sprout" points at it — the agent
-/// still running, a process holding its state directory (as its spawner does), a
+/// still running, a sandbox cgroup and a process in it, a process holding its state
+/// directory (as its spawner does), a
 /// process of one of its sandboxes whose cgroup is gone (found by the sandbox id in
 /// its environment), its state directory, and a mount of its state in a mount
 /// namespace other than the host's.
@@ -240,6 +241,26 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
         "{:?}",
         leftovers(root, id)
     );
+
+    // A sandbox cgroup of its (while it lives, so no other agent takes it for a
+    // crashed one's), and a process found only by being in it.
+    let cgroup = sandbox_cgroup_dir(id, &format!("sprout-{id}-1"), "pids");
+    fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("create {cgroup:?}: {e}"));
+    let member = Own::spawn(&mut sleep());
+    fs::write(cgroup.join("cgroup.procs"), member.pid().to_string()).unwrap();
+    let left = leftovers(root, id);
+    assert_eq!(count(id, "cgroup /sys/fs/cgroup/"), 1, "{left:?}");
+    assert_eq!(
+        count(id, &format!("process {} ", member.pid())),
+        1,
+        "{left:?}"
+    );
+    drop(member);
+    wait_for(Duration::from_secs(5), || fs::remove_dir(&cgroup))
+        .unwrap_or_else(|e| panic!("remove {cgroup:?}: {e}"));
+    fs::remove_dir(cgroup.parent().unwrap()).unwrap();
+    // `/sprout` itself goes if no agent uses it now.
+    let _ = fs::remove_dir(cgroup.parent().unwrap().parent().unwrap());
     drop(agent);
     assert!(leftovers(root, id).is_empty(), "{:?}", leftovers(root, id));
 

@@ -227,7 +227,13 @@ fn the_host_mount_table_never_changes() {
     assert_eq!(r.status, 200, "{}", text(&r));
 
     // Idle instances freeze, then everything is torn down.
-    thread::sleep(Duration::from_millis(100));
+    wait_for(Duration::from_secs(10), || {
+        let s = status();
+        (s["frozen"].as_u64() >= Some(2) && s["frozen"] == s["sandboxes"])
+            .then_some(())
+            .ok_or(s)
+    })
+    .unwrap_or_else(|s| panic!("the idle sandboxes did not freeze: {s}"));
     tables.assert_unchanged("with frozen idle instances");
     drop(d);
     host.assert_unchanged("after the daemon shut down");

@@ -187,6 +187,9 @@ fn release(d: &Daemon, sandbox: &str) {
         let procs = sandbox_processes(d.pid(), sandbox);
         procs
             .iter()
+            // Only processes already inside the sandbox's own root (not one whose root
+            // is still the host's, on its way in), so nothing is written on the host.
+            .filter(|p| !same_file(&format!("/proc/{p}/root"), "/"))
             .map(|p| PathBuf::from(format!("/proc/{p}/root/tmp")))
             .find(|tmp| tmp.join(HELD_FILE).is_file())
             .ok_or(procs)
@@ -199,6 +202,15 @@ fn release(d: &Daemon, sandbox: &str) {
     });
     let file = tmp.join(RELEASE_FILE);
     std::fs::write(&file, b"go").unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+}
+
+/// Whether two paths name the same file (device and inode); `false` if either is gone.
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// Counts its invocations per instance. With `"hold": true` it writes [`HELD_FILE`]

@@ -19,18 +19,23 @@ def f(event):
     return {"mine": os.environ["SPROUT_SANDBOX"], "callee": callee}
 "#;
 
-/// How long [`SCRATCH_SLEEPER_PY`] sleeps.
-const SLEEPER_SECS: u64 = 10;
+/// How long [`SCRATCH_SLEEPER_PY`] sleeps: far longer than any bound a test puts on a
+/// run that must not wait for it, so a loaded host cannot make a slow run look
+/// cancelled (it is killed, so the length costs nothing).
+const SLEEPER_SECS: u64 = 50;
+
+/// Within how long a run that must not wait for the sleeper answers.
+const NOT_WAITING: Duration = Duration::from_secs(25);
 
 /// Says in the run's scratch that it is running (`sleeping` holds its sandbox id),
-/// then sleeps 10 s ([`SLEEPER_SECS`]).
+/// then sleeps 50 s ([`SLEEPER_SECS`]).
 const SCRATCH_SLEEPER_PY: &str = r#"import os, time
 def f(e):
     d = os.environ["SPROUT_WORKFLOW_DIR"]
     with open(os.path.join(d, "sleeping.tmp"), "w") as out:
         out.write(os.environ["SPROUT_SANDBOX"])
     os.rename(os.path.join(d, "sleeping.tmp"), os.path.join(d, "sleeping"))
-    time.sleep(10)
+    time.sleep(50)
     return "slept"
 "#;
 
@@ -435,9 +440,9 @@ def f(e):
         "{msg}"
     );
     assert!(msg.contains("disk on fire"), "{msg}");
-    // The run did not wait for the sleeper (it sleeps 10 s once started)...
+    // The run did not wait for the sleeper (it sleeps 50 s once started)...
     assert!(
-        elapsed < Duration::from_secs(SLEEPER_SECS - 2),
+        elapsed < NOT_WAITING,
         "the failed run answered after {elapsed:?}: it waited for the sleeper"
     );
     // ... whose sandbox was destroyed, not left to finish.
@@ -462,7 +467,7 @@ def f(e):
     assert_eq!(put_workflow(&d, "slow", &doc).status, 200);
     let started = Instant::now();
     let r = run_workflow(&d, "slow", "{}");
-    assert!(started.elapsed() < Duration::from_secs(SLEEPER_SECS - 2));
+    assert!(started.elapsed() < NOT_WAITING);
     assert_eq!(r.status, 504, "{}", text(&r));
     let msg = body_json(&r)["error"]["message"]
         .as_str()
@@ -654,33 +659,58 @@ def f(e):
         time.sleep(0.01)
     return {"mine": os.environ["SPROUT_SANDBOX"], "sibling": open(os.path.join(d, "started")).read()}
 "#;
+    // The same by hand on the call socket, without the SDK (so the runtime never
+    // reports that the handler called): the agent ends the run all the same.
+    let raw_caller = r#"import json, os, socket, struct, time
+_kept = []
+def f(e):
+    d = os.environ["SPROUT_WORKFLOW_DIR"]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect("/.sprout/agent.sock")
+    hdr = json.dumps({"op": "call", "id": 1, "function": "slow", "depth": 1}).encode()
+    event = json.dumps({"sleep": e["sleep"]}).encode()
+    s.sendall(struct.pack("<III", len(hdr), len(event), 0) + hdr + event)
+    _kept.append(s)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(os.path.join(d, "started")):
+        if time.monotonic() > deadline:
+            raise TimeoutError("slow never started")
+        time.sleep(0.01)
+    return {"mine": os.environ["SPROUT_SANDBOX"], "sibling": open(os.path.join(d, "started")).read()}
+"#;
     register(&d, &env, "slow", slow, json!({"max_instances": 1}));
     register(&d, &env, "caller", caller, json!({}));
-    let sleep = 8;
-    let started = Instant::now();
-    let r = d.invoke("caller", &json!({ "sleep": sleep }).to_string());
-    assert_eq!(r.status, 200, "{}", text(&r));
-    let v = body_json(&r);
-    let (mine, sibling) = (v["mine"].as_str().unwrap(), v["sibling"].as_str().unwrap());
-    assert_ne!(mine, sibling, "{v}");
-    // The path is right: the caller's own sandbox is there, kept warm.
-    let own = sandbox_cgroup_dir(d.pid(), mine, "memory");
-    assert!(own.is_dir(), "{own:?} is missing");
-    // The sibling still running `slow` went with the invocation, long before its sleep
-    // would have ended.
-    assert_sandbox_gone(&d, sibling, Duration::from_secs(3));
-    // `slow` has one instance at most: had the sibling kept running, this would wait
-    // for it and see its call finished.
-    let r = d.invoke("slow", r#"{"report": true}"#);
-    assert_eq!(r.status, 200, "{}", text(&r));
-    let v = body_json(&r);
-    assert_eq!(v["done"], 0, "the un-awaited call ran to its end: {v}");
-    assert_ne!(v["sandbox"], sibling, "{v}");
-    assert!(
-        started.elapsed() < Duration::from_secs(sleep - 2),
-        "{:?}: something waited for the un-awaited call",
-        started.elapsed()
-    );
+    register(&d, &env, "raw_caller", raw_caller, json!({}));
+    for caller in ["caller", "raw_caller"] {
+        let sleep = SLEEPER_SECS;
+        let started = Instant::now();
+        let r = d.invoke(caller, &json!({ "sleep": sleep }).to_string());
+        assert_eq!(r.status, 200, "{caller}: {}", text(&r));
+        let v = body_json(&r);
+        let (mine, sibling) = (v["mine"].as_str().unwrap(), v["sibling"].as_str().unwrap());
+        assert_ne!(mine, sibling, "{caller}: {v}");
+        // The path is right: the caller's own sandbox is there, kept warm.
+        let own = sandbox_cgroup_dir(d.pid(), mine, "memory");
+        assert!(own.is_dir(), "{caller}: {own:?} is missing");
+        // The sibling still running `slow` went with the invocation, long before its
+        // sleep would have ended.
+        assert_sandbox_gone(&d, sibling, Duration::from_secs(10));
+        // `slow` has one instance at most: had the sibling kept running, this would
+        // wait for it and see its call finished.
+        let r = d.invoke("slow", r#"{"report": true}"#);
+        assert_eq!(r.status, 200, "{caller}: {}", text(&r));
+        let v = body_json(&r);
+        assert_eq!(
+            v["done"], 0,
+            "{caller}: the un-awaited call ran to its end: {v}"
+        );
+        assert_ne!(v["sandbox"], sibling, "{caller}: {v}");
+        assert!(
+            started.elapsed() < NOT_WAITING,
+            "{caller}: {:?}: something waited for the un-awaited call",
+            started.elapsed()
+        );
+    }
 }
 
 #[test]
@@ -695,11 +725,12 @@ def f(e):
     calls += 1
     return calls if e == "count" else "x" * 60000
 "#;
-    // Sends calls on the call socket by hand, reads the first answer (so every call is
-    // in the agent's hands) and no other: they fill the socket, and the agent's write
-    // of the next one blocks.
-    let hostile = r#"import json, socket, struct
-_kept = []
+    // Sends calls on the call socket by hand, reads the first answer and no other: they
+    // fill the socket, and the agent's write of the next one blocks. Its invocation
+    // goes on (so its run, and the calls, are live) until the agent closes the
+    // connection, which it notices by a one-byte send failing (11 bytes at most: a
+    // frame's prefix is 12, so they never make a request); it returns after how long.
+    let hostile = r#"import json, socket, struct, time
 def f(e):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect("/.sprout/agent.sock")
@@ -715,11 +746,22 @@ def f(e):
                 raise EOFError("the agent closed the call socket")
             buf += chunk
         return buf
-    hlen, plen, _ = struct.unpack("<III", read(12))
-    header = json.loads(read(hlen))
-    read(plen)
-    _kept.append(s)
-    return header["op"]
+    if e.get("garbage"):
+        # A frame whose header is not JSON: the agent stops reading.
+        s.sendall(struct.pack("<III", 2, 0, 0) + b"{{")
+        header = {"op": "garbage sent"}
+    else:
+        hlen, plen, _ = struct.unpack("<III", read(12))
+        header = json.loads(read(hlen))
+        read(plen)
+    read_at = time.monotonic()
+    for _ in range(11):
+        time.sleep(1)
+        try:
+            s.send(b"\0")
+        except OSError:
+            return {"first": header["op"], "closed_after": time.monotonic() - read_at}
+    return {"first": header["op"], "closed_after": None}
 "#;
     register(
         &d,
@@ -728,53 +770,85 @@ def f(e):
         big,
         json!({"max_instances": 1, "timeout_ms": 120000}),
     );
-    register(&d, &env, "hostile", hostile, json!({}));
+    register(&d, &env, "hostile", hostile, json!({"timeout_ms": 60000}));
     // Enough answers to fill the agent's send buffer with room to spare.
     let sndbuf: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(212_992);
     let calls = sndbuf / 60_000 + 6;
-    let r = d.invoke("hostile", &json!({ "calls": calls }).to_string());
-    assert_eq!(r.status, 200, "{}", text(&r));
-    assert_eq!(body_json(&r), json!("call_returned"));
-    let sent = Instant::now();
-    // `big` has one instance, and its queue is FIFO: a client's call is served after
-    // every hostile call (it counts them), so only once the blocked answers let go of
-    // the instance.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let socket = d.socket().to_path_buf();
-    std::thread::spawn(move || {
-        let r = sprout_tests::Client::connect(&socket).and_then(|mut c| {
-            c.request(
-                "POST",
-                "/functions/big/invoke",
-                Some("application/json"),
-                b"\"count\"",
-            )
+    let in_background = |name: &'static str, event: String| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let socket = d.socket().to_path_buf();
+        std::thread::spawn(move || {
+            let r = sprout_tests::Client::connect(&socket).and_then(|mut c| {
+                c.request(
+                    "POST",
+                    &format!("/functions/{name}/invoke"),
+                    Some("application/json"),
+                    event.as_bytes(),
+                )
+            });
+            let _ = tx.send(r.map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned())));
         });
-        let _ = tx.send(r.map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned())));
-    });
-    // The agent's limit, 5 s, plus a margin for the remaining calls on a loaded host
-    // (an answer that blocks twice, or answers that wait in turn, take 10 s or more).
+        rx
+    };
+    let hostile_run = in_background("hostile", json!({ "calls": calls }).to_string());
+    // The hostile calls are in the agent's hands once they queue for `big`'s one
+    // instance; a client's call queues behind them (the queue is FIFO).
+    wait_for(Duration::from_secs(20), || {
+        let s = body_json(&d.request("GET", "/status", None, b""));
+        (s["queued"].as_u64() >= Some(1)).then_some(()).ok_or(s)
+    })
+    .unwrap_or_else(|s| panic!("the hostile calls never queued: {s}; log:\n{}", d.log()));
+    let sent = Instant::now();
+    let client = in_background("big", "\"count\"".into());
+    // The agent's limit, 5 s from when an answer is ready, plus a margin for a loaded
+    // host (an answer that blocks twice, or answers that wait in turn, take 10 s or
+    // more).
     let within = Duration::from_secs(5 + 4);
-    let served = rx
+    let served = client
         .recv_timeout(within)
         .unwrap_or_else(|_| {
             panic!("the sibling was still held {within:?} after {calls} unread answers")
         })
         .unwrap_or_else(|e| panic!("invoke big: {}", ipc::chain(&e)));
     let held = sent.elapsed();
-    assert_eq!(
-        served,
-        (200, (calls + 1).to_string()),
-        "the client's call should come after every hostile one"
-    );
-    // It was held (the answers did block), then let go once the write timed out.
+    assert_eq!(served.0, 200, "{served:?}");
+    // It came after at least the hostile call that was answered, and no later than
+    // after all of them: the closed connection's queued calls gave up their places.
+    let count: usize = served.1.parse().unwrap();
+    assert!((2..=calls + 1).contains(&count), "{served:?}");
+    // It was held (the answers did block), then let go once the connection closed.
     assert!(
-        held >= Duration::from_secs(3),
+        held >= Duration::from_secs(2),
         "served after {held:?}: the answers never filled the socket, so nothing was tested"
     );
+    let (status, body) = hostile_run
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the hostile invocation ended")
+        .unwrap_or_else(|e| panic!("invoke hostile: {}", ipc::chain(&e)));
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["first"], "call_returned", "{v}");
+    let closed = v["closed_after"].as_f64().unwrap_or_else(|| {
+        panic!("the agent never closed the connection of a caller that did not read: {v}")
+    });
+    assert!(closed < 10.0, "{v}");
+
+    // A caller that sends a bad frame after its calls is heard no more, and gets no
+    // answers either (else, with no requests left to watch for, it could read them
+    // slowly enough to hold siblings with no bound): its connection closes at once.
+    let r = d.invoke(
+        "hostile",
+        &json!({ "calls": calls, "garbage": true }).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    let closed = v["closed_after"].as_f64().unwrap_or_else(|| {
+        panic!("the agent kept the connection of a caller that sent a bad frame: {v}")
+    });
+    assert!(closed < 3.0, "{v}");
     // The agent is fine: the call socket serves a caller that reads.
     let reader =
         "import sprout\ndef f(e):\n    return len(sprout.call_async('big', None).result())\n";
