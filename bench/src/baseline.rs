@@ -191,58 +191,115 @@ fn container_runs(
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    ensure!(
-        nix::unistd::geteuid().is_root(),
-        "the {} baseline needs root",
-        runtime.name()
-    );
-    let handler_dir = absolute(handler_dir)?;
-    let expected = reference_output(&handler_dir, event_json)?;
-    let binary = find_program(runtime.name())?;
-    let wrap = runtime == Runtime::Crun && needs_crun_wrapper()?;
-
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("sprout-bench-{}-", runtime.name()))
-        .tempdir()
-        .context("create the bundle's tempdir")?;
-    let bundle = dir.path().join("bundle");
-    let state = dir.path().join(format!("{}-state", runtime.name()));
-    fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
-    write_skeleton(&bundle.join("rootfs"))?;
-
-    // Declared after `dir`, so dropped (cleaned up) before the tempdir goes.
-    let mut cleanup = Cleanup {
-        runtime,
-        binary: binary.clone(),
-        state: state.clone(),
-        wrap,
-        runs: Vec::new(),
-    };
-    let pid = std::process::id();
+    let mut baseline = ContainerBaseline::new(runtime, handler_dir, event_json)?;
     let mut samples = Vec::with_capacity(runs);
     for n in 0..WARMUP_RUNS + runs {
-        let id = format!("sprout-bench-{}-{pid}-{n}", runtime.name());
-        let cgroup = format!("/{CGROUP_PARENT}/{}-{pid}-{n}", runtime.name());
-        let config = bundle_config(&handler_dir, event_json, &cgroup);
-        let path = bundle.join("config.json");
+        let elapsed = baseline.run()?;
+        if n >= WARMUP_RUNS {
+            samples.push(elapsed);
+        }
+    }
+    baseline.finish()?;
+    Ok(samples)
+}
+
+/// `runc run` of the handler, one new container per [`ContainerBaseline::run`], set up
+/// once: for measurements that interleave it with another path (`bench guard`).
+pub fn runc_baseline(handler_dir: &Path, event_json: &str) -> anyhow::Result<ContainerBaseline> {
+    ContainerBaseline::new(Runtime::Runc, handler_dir, event_json)
+}
+
+/// A one-shot container baseline set up once (bundle, state directory, expected
+/// output): each [`run`](Self::run) runs one new container, checks its output and
+/// cleans it up. Everything it made is removed by [`finish`](Self::finish), or on drop.
+pub struct ContainerBaseline {
+    runtime: Runtime,
+    binary: PathBuf,
+    wrap: bool,
+    handler_dir: PathBuf,
+    event_json: String,
+    expected: String,
+    bundle: PathBuf,
+    state: PathBuf,
+    /// Runs so far (each container id and cgroup is new).
+    n: usize,
+    // Declared before `_dir`, so dropped (cleaned up) before the tempdir goes.
+    cleanup: Cleanup,
+    _dir: tempfile::TempDir,
+}
+
+impl ContainerBaseline {
+    fn new(runtime: Runtime, handler_dir: &Path, event_json: &str) -> anyhow::Result<Self> {
+        ensure!(
+            nix::unistd::geteuid().is_root(),
+            "the {} baseline needs root",
+            runtime.name()
+        );
+        let handler_dir = absolute(handler_dir)?;
+        let expected = reference_output(&handler_dir, event_json)?;
+        let binary = find_program(runtime.name())?;
+        let wrap = runtime == Runtime::Crun && needs_crun_wrapper()?;
+
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("sprout-bench-{}-", runtime.name()))
+            .tempdir()
+            .context("create the bundle's tempdir")?;
+        let bundle = dir.path().join("bundle");
+        let state = dir.path().join(format!("{}-state", runtime.name()));
+        fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
+        write_skeleton(&bundle.join("rootfs"))?;
+        let cleanup = Cleanup {
+            runtime,
+            binary: binary.clone(),
+            state: state.clone(),
+            wrap,
+            runs: Vec::new(),
+        };
+        Ok(ContainerBaseline {
+            runtime,
+            binary,
+            wrap,
+            handler_dir,
+            event_json: event_json.to_owned(),
+            expected,
+            bundle,
+            state,
+            n: 0,
+            cleanup,
+            _dir: dir,
+        })
+    }
+
+    /// Runs one new container (timed: spawn to exit), deletes it and its cgroups
+    /// (untimed), then checks its exit status and output.
+    pub fn run(&mut self) -> anyhow::Result<Duration> {
+        let runtime = self.runtime.name();
+        let pid = std::process::id();
+        let n = self.n;
+        self.n += 1;
+        let id = format!("sprout-bench-{runtime}-{pid}-{n}");
+        let cgroup = format!("/{CGROUP_PARENT}/{runtime}-{pid}-{n}");
+        let config = bundle_config(&self.handler_dir, &self.event_json, &cgroup);
+        let path = self.bundle.join("config.json");
         fs::write(&path, serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("write {}", path.display()))?;
 
-        cleanup.runs.push((id.clone(), cgroup.clone()));
-        let mut cmd = runtime.command(&binary, &state, wrap)?;
-        cmd.arg("run").arg("--bundle").arg(&bundle).arg(&id);
+        self.cleanup.runs.push((id.clone(), cgroup.clone()));
+        let mut cmd = self.runtime.command(&self.binary, &self.state, self.wrap)?;
+        cmd.arg("run").arg("--bundle").arg(&self.bundle).arg(&id);
         let out = timed(&mut cmd, RUN_TIMEOUT);
         // Clean up this run (untimed) before judging it.
-        cleanup.run(&id, &cgroup)?;
-        cleanup.runs.pop();
-        let out = out.with_context(|| format!("run {} container {id}", runtime.name()))?;
-        out.check(&format!("{} run {id}", runtime.name()), &expected)?;
-        if n >= WARMUP_RUNS {
-            samples.push(out.elapsed);
-        }
+        self.cleanup.run(&id, &cgroup)?;
+        self.cleanup.runs.pop();
+        let out = out.with_context(|| format!("run {runtime} container {id}"))?;
+        out.check(&format!("{runtime} run {id}"), &self.expected)?;
+        Ok(out.elapsed)
     }
-    cleanup.finish()?;
-    Ok(samples)
+
+    /// Removes what is left (the parent cgroups); the first error.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.cleanup.finish()
+    }
 }
 
 /// Deletes what a container baseline may leave: the containers of `runs` (if their
@@ -720,7 +777,9 @@ mod tests {
             let p = entry.path().join(CGROUP_PARENT);
             assert!(!p.exists(), "{} was left behind", p.display());
         }
-        for m in cgroup_mounts().unwrap() {
+        let mounts = cgroup_mounts().unwrap();
+        assert!(!mounts.is_empty(), "no cgroup hierarchy found to check");
+        for m in mounts {
             let p = m.path.join(CGROUP_PARENT);
             assert!(!p.exists(), "{} was left behind", p.display());
         }
@@ -754,7 +813,35 @@ mod tests {
         let err = format!("{:#}", host_python(h.path(), EVENT, 2).unwrap_err());
         assert!(err.contains("ValueError: no"), "{err}");
         let _serial = serial();
-        assert!(runc_run(h.path(), EVENT, 2).is_err());
+        // The handler's own failure, found before any container runs (not, say, a
+        // missing runc).
+        let err = format!("{:#}", runc_run(h.path(), EVENT, 2).unwrap_err());
+        assert!(
+            err.contains("fails on the host") && err.contains("ValueError: no"),
+            "{err}"
+        );
+        no_bench_cgroups();
+    }
+
+    /// A handler that fails only in a container (`/code` is read-only there): the run's
+    /// exit status is checked, the error carries its stderr, and it is cleaned up.
+    #[test]
+    fn container_failure_is_reported() {
+        let _serial = serial();
+        let h = handler();
+        fs::write(
+            h.path().join("f.py"),
+            "def f(event):\n    if __file__.startswith('/code/'):\n        open('/code/sprout-x', 'w')\n    return 1\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", runc_run(h.path(), EVENT, 2).unwrap_err());
+        assert!(
+            err.contains("runc run sprout-bench-runc-")
+                && err.contains("failed: exit status: 1")
+                && err.contains("Read-only file system"),
+            "{err}"
+        );
+        assert!(!h.path().join("sprout-x").exists());
         no_bench_cgroups();
     }
 
@@ -809,7 +896,13 @@ mod tests {
         let mut cmd = Command::new("/bin/sleep");
         cmd.arg("10");
         let t = Instant::now();
-        assert!(timed(&mut cmd, Duration::from_millis(200)).is_err());
+        let err = format!(
+            "{:#}",
+            timed(&mut cmd, Duration::from_millis(200))
+                .err()
+                .expect("a run past its timeout is an error")
+        );
+        assert!(err.contains("took more than 200ms and was killed"), "{err}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

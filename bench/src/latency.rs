@@ -14,7 +14,7 @@ use crate::stats::Row;
 
 const EVENT: &[u8] = b"{}";
 
-fn invoke(c: &mut Client, name: &str) -> anyhow::Result<ClientResponse> {
+pub(crate) fn invoke(c: &mut Client, name: &str) -> anyhow::Result<ClientResponse> {
     let r = c.request(
         "POST",
         &format!("/functions/{name}/invoke"),
@@ -25,7 +25,7 @@ fn invoke(c: &mut Client, name: &str) -> anyhow::Result<ClientResponse> {
     Ok(r)
 }
 
-fn expect_start(r: &ClientResponse, want: &str) -> anyhow::Result<()> {
+pub(crate) fn expect_start(r: &ClientResponse, want: &str) -> anyhow::Result<()> {
     match r.header("x-sprout-start") {
         Some(got) if got == want => Ok(()),
         got => bail!("expected a {want} start, got {got:?}"),
@@ -33,7 +33,7 @@ fn expect_start(r: &ClientResponse, want: &str) -> anyhow::Result<()> {
 }
 
 /// Never freeze, never evict: a warm instance stays running.
-const KEEP_RUNNING: &[&str] = &["--stem-cells", "0", "--pause-grace", "3600000"];
+pub(crate) const KEEP_RUNNING: &[&str] = &["--stem-cells", "0", "--pause-grace", "3600000"];
 
 /// Warm invoke of a no-op function through the daemon's socket (keep-alive).
 pub fn warm(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<Row> {

@@ -8,9 +8,14 @@
 //! table, writes `target/sprout-bench/latency.json` (`path`, `n`, `p50_us`, `p99_us`;
 //! throughput rows add `ops_per_s`) and one latency-distribution plot (SVG) per path
 //! under `target/sprout-bench/plots/`.
+//!
+//! `cargo run -p bench --release -- guard` is the regression guard CI runs: each hot
+//! path against a baseline measured interleaved in the same run; it exits non-zero
+//! when a path is over its bound twice (see `guard.rs`).
 
 mod baseline;
 mod daemon;
+mod guard;
 mod latency;
 mod plot;
 mod stats;
@@ -198,8 +203,27 @@ fn main() -> anyhow::Result<()> {
             let rows = workflows::run(&bin_dir()?, &workspace(), &settings)?;
             return write_rows("workflows", &rows);
         }
+        Some("guard") => {
+            let only = match args.iter().position(|a| a == "--only") {
+                Some(i) => args
+                    .get(i + 1)
+                    .context("--only takes a list of checks, e.g. warm,stem,new")?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect(),
+                None => Vec::new(),
+            };
+            eprintln!("guarding against performance regressions (release build recommended)...");
+            return guard::run(
+                &bin_dir()?,
+                &workspace(),
+                &guard::Settings::default(),
+                &only,
+            );
+        }
         _ => bail!(
-            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench workflows [--quick]"
+            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench workflows [--quick] \
+             | bench guard [--only warm,stem,new]"
         ),
     };
     stats::print(&rows);
