@@ -906,6 +906,14 @@ impl Daemon {
             })
     }
 
+    /// `GET /status` as JSON; asserts 200.
+    #[track_caller]
+    pub fn status(&self) -> Value {
+        let r = self.request("GET", "/status", None, b"");
+        assert_eq!(r.status, 200, "GET /status: {}", text(&r));
+        body_json(&r)
+    }
+
     /// `PUT /functions/{name}` with `{"path": dir, ...extra}`; asserts 200.
     #[track_caller]
     pub fn register(&self, name: &str, dir: &Path, extra: Value) -> Value {
@@ -1034,6 +1042,31 @@ impl Drop for Daemon {
                 self.log()
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes of the test's own
+
+/// A process the test started (a bystander, an impostor, a fake agent): killed by its
+/// pid and reaped when dropped, so a failing test leaves it behind neither.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Spawns `cmd`; panics naming it when it cannot start.
+    pub fn spawn(cmd: &mut Command) -> KillOnDrop {
+        KillOnDrop(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

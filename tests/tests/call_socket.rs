@@ -234,10 +234,6 @@ impl Drop for Thawed {
     }
 }
 
-fn status(d: &Daemon) -> Value {
-    body_json(&d.request("GET", "/status", None, b""))
-}
-
 /// Asserts the helper's connection was closed without an answer to anything.
 #[track_caller]
 fn assert_refused(report: &Value) {
@@ -295,7 +291,7 @@ fn the_host_is_refused() {
     let d = env.daemon_with(&NO_PAUSE);
     let target = env.function("target", &[("f.py", TARGET_PY)]);
     d.register("target", &target, json!({}));
-    let before = status(&d);
+    let before = d.status();
 
     // This very process, which is in no sandbox, asks for a resolve and a call.
     let stream = UnixStream::connect(call_socket(&env, &d)).expect("connect to the call socket");
@@ -319,7 +315,7 @@ fn the_host_is_refused() {
     }
     assert_logged_refusal(&d, std::process::id(), "not in a sandbox of this agent");
 
-    let after = status(&d);
+    let after = d.status();
     assert_eq!(after["invocations"], before["invocations"], "{after}");
     assert_eq!(after["sandboxes"], 0, "nothing started: {after}");
 }
@@ -331,7 +327,7 @@ fn an_unbound_stem_cell_is_refused() {
     let target = env.function("target", &[("f.py", TARGET_PY)]);
     d.register("target", &target, json!({}));
     let ready = wait_for(Duration::from_secs(20), || {
-        let s = status(&d);
+        let s = d.status();
         (s["stem_cells"] == 1).then_some(s.clone()).ok_or(s)
     });
     let before = ready.unwrap_or_else(|s| panic!("no stem cell ready: {s}"));
@@ -353,7 +349,7 @@ fn an_unbound_stem_cell_is_refused() {
         &format!("sandbox {stem} (process {pid}) is not bound"),
     );
 
-    let after = status(&d);
+    let after = d.status();
     assert_eq!(after["invocations"], before["invocations"], "{after}");
     assert_eq!(
         after["stem_cells"], 1,
@@ -374,7 +370,7 @@ fn a_sandbox_of_another_agent_is_refused() {
     let target = env.function("target", &[("f.py", TARGET_PY)]);
     a.register("target", &target, json!({}));
     let theirs = bound_sandbox(&env, &b);
-    let (before_a, before_b) = (status(&a), status(&b));
+    let (before_a, before_b) = (a.status(), b.status());
 
     // From B's bound sandbox, to A's call socket.
     let (call, event) = call_frame(&json!("from another agent"));
@@ -385,7 +381,7 @@ fn a_sandbox_of_another_agent_is_refused() {
     assert_refused(&report);
     assert_logged_refusal(&a, pid, "not in a sandbox of this agent");
 
-    let (after_a, after_b) = (status(&a), status(&b));
+    let (after_a, after_b) = (a.status(), b.status());
     assert_eq!(after_a["invocations"], before_a["invocations"], "{after_a}");
     assert_eq!(after_a["sandboxes"], 0, "nothing started in A: {after_a}");
     assert_eq!(after_b["invocations"], before_b["invocations"], "{after_b}");
@@ -398,7 +394,7 @@ fn a_bound_sandbox_of_the_agent_is_heard() {
     let env = require_root!();
     let d = env.daemon_with(&NO_PAUSE);
     let mine = bound_sandbox(&env, &d);
-    let before = status(&d);
+    let before = d.status();
 
     let (call, event) = call_frame(&json!("from a bound sandbox"));
     let helper = Helper::spawn(&call_socket(&env, &d), &[(call, event)]);
@@ -416,7 +412,7 @@ fn a_bound_sandbox_of_the_agent_is_heard() {
         json!({"ran": "from a bound sandbox"}),
         "{report}"
     );
-    let after = status(&d);
+    let after = d.status();
     assert_eq!(
         after["invocations"].as_u64().unwrap(),
         before["invocations"].as_u64().unwrap() + 1,

@@ -8,7 +8,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sprout_tests::{
     alive, body_json, example, json, leftovers, processes_in_agent_cgroups, require_root,
-    sandbox_cgroup_dir, sandbox_cgroups, text, wait_for, SLEEPER_PY,
+    sandbox_cgroup_dir, sandbox_cgroups, text, wait_for, KillOnDrop, SLEEPER_PY,
 };
 
 fn sigkill(pid: u32) {
@@ -188,26 +188,6 @@ fn agents_with_different_state_dirs_leave_each_other_alone() {
     assert_eq!(r.header("X-Sprout-Cold"), Some("false"));
 }
 
-/// A host process of the test's own, killed by its pid on drop.
-struct Own(std::process::Child);
-
-impl Own {
-    fn spawn(cmd: &mut std::process::Command) -> Own {
-        Own(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Own {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The leftover check itself can fail: it finds each kind of thing an agent could
 /// leave behind, even where no cgroup or the word "sprout" points at it — the agent
 /// still running, a sandbox cgroup and a process in it, a process holding its state
@@ -233,7 +213,7 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
     };
 
     // "The agent": a process of ours, alive.
-    let agent = Own::spawn(&mut sleep());
+    let agent = KillOnDrop::spawn(&mut sleep());
     let id = agent.pid();
     assert_eq!(
         count(id, &format!("process {id} ")),
@@ -246,7 +226,7 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
     // crashed one's), and a process found only by being in it.
     let cgroup = sandbox_cgroup_dir(id, &format!("sprout-{id}-1"), "pids");
     fs::create_dir_all(&cgroup).unwrap_or_else(|e| panic!("create {cgroup:?}: {e}"));
-    let member = Own::spawn(&mut sleep());
+    let member = KillOnDrop::spawn(&mut sleep());
     fs::write(cgroup.join("cgroup.procs"), member.pid().to_string()).unwrap();
     let left = leftovers(root, id);
     assert_eq!(count(id, "cgroup /sys/fs/cgroup/"), 1, "{left:?}");
@@ -268,7 +248,7 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
     let state = root.join(id.to_string());
     fs::create_dir_all(&state).unwrap();
     let lock = fs::File::create(state.join("lock")).unwrap();
-    let holder = Own::spawn(sleep().stdin(lock));
+    let holder = KillOnDrop::spawn(sleep().stdin(lock));
     let left = leftovers(root, id);
     assert_eq!(count(id, "state directory"), 1, "{left:?}");
     assert_eq!(
@@ -279,7 +259,7 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
     drop(holder);
 
     // A sandbox's process outside any cgroup of sprout's.
-    let escaped = Own::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}-7")));
+    let escaped = KillOnDrop::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}-7")));
     let left = leftovers(root, id);
     assert_eq!(
         count(id, &format!("process {} ", escaped.pid())),
@@ -288,12 +268,12 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
     );
     drop(escaped);
     // Another agent's sandbox is not ours.
-    let other = Own::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}7-1")));
+    let other = KillOnDrop::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}7-1")));
     assert_eq!(count(id, &format!("process {} ", other.pid())), 0);
     drop(other);
 
     // A mount of the state directory in a private mount namespace of its own.
-    let mut ns = Own::spawn(
+    let mut ns = KillOnDrop::spawn(
         Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(format!(

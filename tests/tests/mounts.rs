@@ -6,11 +6,13 @@
 //! after each of them — not only searched for the word "sprout", which a tmpfs on a
 //! host `/workflow` or a function directory on a host `/code` would not contain.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
-use sprout_tests::{body_json, json, mountinfo, require_root, text, wait_for, Daemon, Env};
+use sprout_tests::{
+    body_json, json, mountinfo, require_root, text, wait_for, Daemon, Env, KillOnDrop,
+};
 
 /// The host's mount tables to watch: this test process's, the daemon's (the agent
 /// runs on the host), a separate host process's, and PID 1's when it may be read.
@@ -44,30 +46,6 @@ impl HostTables {
 
 fn read(pid: u32) -> String {
     mountinfo(pid).unwrap_or_else(|| panic!("read /proc/{pid}/mountinfo"))
-}
-
-/// A host process of the test's own that only sleeps; killed (by its pid) on drop.
-struct Bystander(Child);
-
-impl Bystander {
-    fn start() -> Bystander {
-        Bystander(
-            Command::new("sleep")
-                .arg("600")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-}
-
-impl Drop for Bystander {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Runs `f` on another thread while comparing the host's tables over and over; the
@@ -127,8 +105,15 @@ def f(event):
 #[test]
 fn the_host_mount_table_never_changes() {
     let env = require_root!();
-    let bystander = Bystander::start();
-    let mut pids = vec![std::process::id(), bystander.0.id()];
+    // A host process of the test's own that only sleeps.
+    let bystander = KillOnDrop::spawn(
+        Command::new("sleep")
+            .arg("600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let mut pids = vec![std::process::id(), bystander.pid()];
     if mountinfo(1).is_some() {
         pids.push(1);
     }
@@ -143,9 +128,8 @@ fn the_host_mount_table_never_changes() {
         "the agent sees the host's table"
     );
     let tables = HostTables::snapshot(pids.into_iter().chain([d.pid()]).collect());
-    let status = || body_json(&d.request("GET", "/status", None, b""));
     wait_for(Duration::from_secs(15), || {
-        let s = status();
+        let s = d.status();
         (s["stem_cells"] == 1 && s["frozen"] == 1)
             .then_some(())
             .ok_or(s)
@@ -228,7 +212,7 @@ fn the_host_mount_table_never_changes() {
 
     // Idle instances freeze, then everything is torn down.
     wait_for(Duration::from_secs(10), || {
-        let s = status();
+        let s = d.status();
         (s["frozen"].as_u64() >= Some(2) && s["frozen"] == s["sandboxes"])
             .then_some(())
             .ok_or(s)

@@ -23,12 +23,6 @@ fn header(r: &ClientResponse, name: &str) -> String {
         .to_owned()
 }
 
-fn status(d: &Daemon) -> Value {
-    let r = d.request("GET", "/status", None, b"");
-    assert_eq!(r.status, 200, "{}", text(&r));
-    body_json(&r)
-}
-
 fn functions(d: &Daemon) -> Value {
     body_json(&d.request("GET", "/functions", None, b""))
 }
@@ -162,7 +156,7 @@ fn wait_sandbox_gone(d: &Daemon, sandbox: &str, within: Duration) {
 #[track_caller]
 fn wait_sandbox_count(d: &Daemon, n: u64) {
     wait_for(Duration::from_secs(5), || {
-        let s = status(d);
+        let s = d.status();
         if s["sandboxes"] == n {
             Ok(())
         } else {
@@ -306,7 +300,7 @@ fn stem_cells_serve_cold_starts_and_are_refilled() {
     let d = env.daemon_with(&["--stem-cells", "2"]);
     let ready = |n: u64| {
         wait_for(Duration::from_secs(15), || {
-            let s = status(&d);
+            let s = d.status();
             if s["stem_cells"] == n && s["frozen"].as_u64() >= Some(n) {
                 Ok(s)
             } else {
@@ -365,7 +359,7 @@ fn without_stem_cells_a_cold_start_makes_a_sandbox() {
     let r = d.invoke("hello", r#"{"name":"x"}"#);
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(header(&r, "X-Sprout-Start"), "new_sandbox");
-    assert_eq!(status(&d)["stem_cells"], 0);
+    assert_eq!(d.status()["stem_cells"], 0);
 }
 
 /// `--idle-ttl`: an instance idle past the TTL is destroyed (frozen as it is by
@@ -464,7 +458,7 @@ fn least_recently_used_instances_are_evicted_over_the_memory_budget() {
         .unwrap_or_else(|w| panic!("expected only a (least recently used) evicted, warm = {w:?}"));
     // The evicted sandbox's memory is given back once it is destroyed, just after.
     wait_for(Duration::from_secs(5), || {
-        let s = status(&d);
+        let s = d.status();
         if s["reserved_mb"].as_u64().unwrap() <= 300 {
             Ok(())
         } else {
@@ -503,7 +497,7 @@ fn idle_instances_are_evicted_before_stem_cells() {
     d.register("big", &dir, json!({ "memory_mb": 256 }));
     let settled = |stems: u64, reserved: u64| {
         wait_for(Duration::from_secs(15), || {
-            let s = status(&d);
+            let s = d.status();
             if s["stem_cells"] == stems && s["reserved_mb"] == reserved {
                 Ok(s)
             } else {
@@ -539,7 +533,7 @@ fn idle_instances_are_evicted_before_stem_cells() {
     // Back under the budget: "small" went, the stem cell stayed (and was not
     // destroyed and made again: the same sandbox is there).
     let s = wait_for(Duration::from_secs(15), || {
-        let s = status(&d);
+        let s = d.status();
         if s["reserved_mb"].as_u64().unwrap() <= 400 {
             Ok(s)
         } else {
@@ -560,7 +554,7 @@ fn idle_instances_are_evicted_before_stem_cells() {
     let mut expected = vec![big, stem[0].clone()];
     expected.sort();
     assert_eq!(sandboxes(&d), expected);
-    assert_eq!(status(&d)["reserved_mb"], 384);
+    assert_eq!(d.status()["reserved_mb"], 384);
 }
 
 /// Instances are added one per request while every instance is busy, up to the
@@ -588,7 +582,7 @@ fn instances_grow_with_the_backlog_up_to_max_instances() {
         // fewer than MAX, and waits in the queue after that.
         let want = (k.min(MAX), k.saturating_sub(MAX));
         let reached = wait_for(Duration::from_secs(20), || {
-            let s = status(&d);
+            let s = d.status();
             let cgroups = sandboxes(&d);
             peak = peak.max(cgroups.len());
             let got = (cgroups.len(), s["queued"].as_u64().unwrap() as usize);
@@ -622,7 +616,7 @@ fn instances_grow_with_the_backlog_up_to_max_instances() {
         held,
         "the {REQUESTS} requests were served by exactly the {MAX} instances"
     );
-    assert_eq!(status(&d)["queued"], 0);
+    assert_eq!(d.status()["queued"], 0);
 }
 
 /// With `max_instances` 1, requests that wait are served in the order they arrived,
@@ -655,7 +649,7 @@ fn queued_requests_are_served_in_arrival_order_by_the_same_instance() {
     for n in 0..QUEUED {
         waiting.push(invoke_in_background(&d, "fifo", json!({ "n": n })));
         wait_for(Duration::from_secs(10), || {
-            let s = status(&d);
+            let s = d.status();
             if s["queued"] == n + 1 {
                 Ok(())
             } else {
@@ -692,7 +686,7 @@ fn queued_requests_are_served_in_arrival_order_by_the_same_instance() {
         assert_eq!(header(&r, "X-Sprout-Cold"), "false", "request {n}");
     }
     assert_eq!(sandboxes(&d), [sandbox]);
-    let s = status(&d);
+    let s = d.status();
     assert_eq!(
         (&s["sandboxes"], &s["queued"]),
         (&json!(1), &json!(0)),
@@ -735,7 +729,7 @@ fn a_frozen_sandbox_is_destroyed_with_all_its_processes() {
         assert!(!alive(*p), "process {p} of {sandbox} survived");
     }
     assert_eq!(remove.join().unwrap(), 200);
-    let s = status(&d);
+    let s = d.status();
     assert_eq!(
         (&s["sandboxes"], &s["frozen"]),
         (&json!(0), &json!(0)),
@@ -884,7 +878,7 @@ fn a_thousand_concurrent_invokes_are_each_run_and_answered_once() {
         "more instances than max_instances: {:?}",
         runs.keys()
     );
-    let s = status(&d);
+    let s = d.status();
     assert_eq!(s["queued"], 0, "{s}");
     assert_eq!(s["invocations"], N, "{s}");
     assert!(warm_instances(&d, "echo") <= 4, "{}", functions(&d));

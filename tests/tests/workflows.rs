@@ -797,7 +797,7 @@ def f(e):
     // The hostile calls are in the agent's hands once they queue for `big`'s one
     // instance; a client's call queues behind them (the queue is FIFO).
     wait_for(Duration::from_secs(20), || {
-        let s = body_json(&d.request("GET", "/status", None, b""));
+        let s = d.status();
         (s["queued"].as_u64() >= Some(1)).then_some(()).ok_or(s)
     })
     .unwrap_or_else(|s| panic!("the hostile calls never queued: {s}; log:\n{}", d.log()));
