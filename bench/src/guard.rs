@@ -29,9 +29,12 @@
 //! pool has settled (stem cells made and frozen, the previous function's sandbox
 //! gone).
 //!
-//! The bounds are about 1.6x the typical ratio measured on the development VM
+//! The bounds are 1.6-1.7x the typical ratio measured on the development VM
 //! (2 cores, cgroup v1, other builds and tests running), above every ratio seen in
 //! repeated runs, so that doubling a path fails (numbers in README, "Benchmarks").
+//! A stem-cell start that is delayed by even 1 ms before it attaches the code loses
+//! the spawner to the pool's refill and takes ~25 ms: the `stem` check then fails
+//! by far.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -75,7 +78,7 @@ pub const CHECKS: [Check; 3] = [
         path: "cold invoke from a stem cell",
         baseline: "fork of a host python3 zygote that imports and calls the handler",
         typical: 1.15,
-        bound: 1.85,
+        bound: 1.95,
     },
     Check {
         name: "new",
