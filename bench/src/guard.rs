@@ -32,9 +32,6 @@
 //! The bounds are 1.6-1.7x the typical ratio measured on the development VM
 //! (2 cores, cgroup v1, other builds and tests running), above every ratio seen in
 //! repeated runs, so that doubling a path fails (numbers in README, "Benchmarks").
-//! A stem-cell start that is delayed by even 1 ms before it attaches the code loses
-//! the spawner to the pool's refill and takes ~25 ms: the `stem` check then fails
-//! by far.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
