@@ -32,6 +32,9 @@ pub const WORKFLOW_DIR: &str = "/workflow";
 pub const WORKFLOW_DIR_MB: u64 = 64;
 /// Where the code of functions called inside a sandbox is attached, one directory each.
 pub const FUNCTIONS_DIR: &str = "/fns";
+/// The largest file a sandbox may write (`RLIMIT_FSIZE`, bytes): the largest shared
+/// payload (a memfd is a file) and the size of a declarative run's scratch.
+pub const MAX_FILE_SIZE: u64 = 1 << 30;
 /// Where the agent's runtime directory appears inside a sandbox.
 pub const RUNTIME_DIR: &str = "/.sprout";
 /// The shim binary inside a sandbox (PID 1).

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Spec;
 use serde_json::json;
 
-use crate::{seccomp, Error, CODE_DIR, FUNCTIONS_DIR, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR};
+use crate::{
+    seccomp, Error, CODE_DIR, FUNCTIONS_DIR, MAX_FILE_SIZE, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR,
+};
 
 /// Resource limits of one sandbox.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -119,7 +121,13 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
             "env": env,
             "cwd": "/",
             "capabilities": { "bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": [] },
-            "rlimits": [{ "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 }],
+            "rlimits": [
+                { "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 },
+                // No core dumps (they would be written by the host kernel), and no
+                // file larger than the largest payload or scratch (1 GiB).
+                { "type": "RLIMIT_CORE", "hard": 0, "soft": 0 },
+                { "type": "RLIMIT_FSIZE", "hard": MAX_FILE_SIZE, "soft": MAX_FILE_SIZE },
+            ],
             "noNewPrivileges": true,
         },
         "linux": {
@@ -222,6 +230,20 @@ mod tests {
 
         let process = spec.process().as_ref().unwrap();
         assert_eq!(process.no_new_privileges(), Some(true));
+        let rlimits: Vec<_> = process
+            .rlimits()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|r| (format!("{:?}", r.typ()), r.soft(), r.hard()))
+            .collect();
+        for want in [
+            ("RlimitNofile".to_owned(), 1024, 1024),
+            ("RlimitCore".to_owned(), 0, 0),
+            ("RlimitFsize".to_owned(), 1 << 30, 1 << 30),
+        ] {
+            assert!(rlimits.contains(&want), "{want:?} not in {rlimits:?}");
+        }
         let caps = process.capabilities().as_ref().unwrap();
         assert!(caps.bounding().as_ref().unwrap().is_empty());
         assert!(caps.effective().as_ref().unwrap().is_empty());

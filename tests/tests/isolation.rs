@@ -47,6 +47,18 @@ def f(event):
             k, _, v = line.partition(":")
             status[k] = v.strip()
     out["status"] = {k: status.get(k) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")}
+    import resource
+    out["rlimits"] = {name: list(resource.getrlimit(getattr(resource, name))) for name in ("RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NOFILE")}
+    big = "/tmp/sprout-probe-big"
+    try:
+        with open(big, "wb") as fh:
+            fh.truncate((1 << 30) + 1)
+        out["past_fsize"] = "grew"
+    except OSError as e:
+        out["past_fsize"] = _errno(e.errno)
+    finally:
+        if os.path.exists(big):
+            os.unlink(big)
     libc = ctypes.CDLL(None, use_errno=True)
     def call(fn):
         ctypes.set_errno(0)
@@ -240,6 +252,19 @@ fn no_capabilities_no_new_privs_seccomp() {
     assert_eq!(s["CapBnd"], "0000000000000000", "{s}");
     assert_eq!(s["NoNewPrivs"], "1", "{s}");
     assert_eq!(s["Seccomp"], "2", "{s}");
+}
+
+/// No core dumps, and no file past 1 GiB (the largest payload or scratch): a file
+/// that would grow past it fails with EFBIG.
+#[test]
+fn no_core_dumps_and_no_file_past_one_gib() {
+    let env = require_root!();
+    let (p, _) = probe(&env);
+    let r = &p["rlimits"];
+    assert_eq!(r["RLIMIT_CORE"], json!([0, 0]), "{p}");
+    assert_eq!(r["RLIMIT_FSIZE"], json!([1u64 << 30, 1u64 << 30]), "{p}");
+    assert_eq!(r["RLIMIT_NOFILE"], json!([1024, 1024]), "{p}");
+    assert_eq!(p["past_fsize"], "EFBIG", "{p}");
 }
 
 #[test]
