@@ -423,13 +423,22 @@ impl Inner {
             .state_path
             .join("functions")
             .join(format!("{name}-{version}"));
-        let unpacked =
-            std::fs::create_dir_all(&dir).and_then(|()| tar::Archive::new(tar_bytes).unpack(&dir));
-        if let Err(source) = unpacked {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(Error::Unpack { path: dir, source });
+        let limits = crate::upload::Limits::default();
+        match crate::upload::unpack(tar_bytes, &dir, &limits) {
+            Ok(unpacked) => {
+                tracing::debug!(
+                    function = name,
+                    entries = unpacked.entries,
+                    bytes = unpacked.bytes,
+                    "archive unpacked"
+                );
+                Ok(dir)
+            }
+            Err(e) => Err(Error::Unpack {
+                path: dir,
+                source: e.into(),
+            }),
         }
-        Ok(dir)
     }
 
     fn list(&self) -> Vec<FunctionInfo> {

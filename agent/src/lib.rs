@@ -24,6 +24,7 @@ mod registry;
 mod request;
 mod run;
 mod scheduler;
+mod upload;
 mod workflow;
 
 pub use agent::Agent;
