@@ -392,16 +392,15 @@ impl Inner {
             FunctionSource::Dir(dir) => (dir, false),
             FunctionSource::Tar(bytes) => (self.unpack(name, version, &bytes)?, true),
         };
-        let function =
-            match Function::new(name, &dir, config, &self.config.defaults, version, owns_dir) {
-                Ok(f) => Arc::new(f),
-                Err(e) => {
-                    if owns_dir {
-                        let _ = std::fs::remove_dir_all(&dir);
-                    }
-                    return Err(e);
+        let function = match Function::new(name, &dir, config, &self.config, version, owns_dir) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                if owns_dir {
+                    let _ = std::fs::remove_dir_all(&dir);
                 }
-            };
+                return Err(e);
+            }
+        };
         if function.dir.join("requirements.txt").is_file() {
             tracing::warn!(
                 function = name,

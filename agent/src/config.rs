@@ -62,6 +62,30 @@ pub fn default_memory_budget_mb() -> u64 {
     total_kb.map_or(4096, |kb| kb / 1024 / 2)
 }
 
+/// The machine's online CPUs (`/sys/devices/system/cpu/online`), or what the
+/// process may use when that cannot be read.
+pub fn machine_cpus() -> u64 {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|list| count_cpu_list(&list))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64))
+}
+
+/// The number of CPUs in a kernel CPU list such as `0-3,8,10-11`.
+fn count_cpu_list(list: &str) -> Option<u64> {
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
+                b.checked_sub(a)? + 1
+            }
+            None => part.parse::<u64>().map(|_| 1).ok()?,
+        };
+    }
+    (n > 0).then_some(n)
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Parent of every agent's state directory.
@@ -103,5 +127,21 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         Config::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpu_list("0-1\n"), Some(2));
+        assert_eq!(count_cpu_list("0"), Some(1));
+        assert_eq!(count_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(count_cpu_list(""), None);
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("x"), None);
+        assert!(machine_cpus() >= 1);
     }
 }

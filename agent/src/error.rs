@@ -27,6 +27,29 @@ pub enum Error {
         file: String,
         dir: PathBuf,
     },
+    #[error("function directory {}{} is not allowed: {reason}", .path.display(), resolves_to(.path, .resolved))]
+    ForbiddenDir {
+        path: PathBuf,
+        /// `path` canonicalised (symlinks resolved).
+        resolved: PathBuf,
+        reason: String,
+    },
+    #[error("handler {handler}: {file} resolves to {}, outside the function directory {}", .resolved.display(), .dir.display())]
+    HandlerOutsideDir {
+        handler: String,
+        file: String,
+        resolved: PathBuf,
+        dir: PathBuf,
+    },
+    #[error("{field} {value} is out of range: {min} to {max}{}", .note.map(|n| format!(" ({n})")).unwrap_or_default())]
+    LimitOutOfRange {
+        field: &'static str,
+        value: String,
+        min: String,
+        max: String,
+        /// What sets the range, when it is not obvious.
+        note: Option<&'static str>,
+    },
     #[error("{0}")]
     InvalidConfig(String),
     #[error("unpack function archive into {path}")]
@@ -127,6 +150,15 @@ pub enum Error {
     ShuttingDown,
 }
 
+/// ` (resolves to <resolved>)` when a path is not already canonical.
+fn resolves_to(path: &std::path::Path, resolved: &std::path::Path) -> String {
+    if path == resolved {
+        String::new()
+    } else {
+        format!(" (resolves to {})", resolved.display())
+    }
+}
+
 /// What kind of failure an error is: decides the HTTP status and the CLI exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -150,6 +182,9 @@ impl Error {
             | InvalidName { .. }
             | FunctionDir { .. }
             | HandlerFileMissing { .. }
+            | ForbiddenDir { .. }
+            | HandlerOutsideDir { .. }
+            | LimitOutOfRange { .. }
             | InvalidConfig(_)
             | InvalidWorkflow(_)
             | Unpack { .. } => ErrorKind::BadRequest,
@@ -173,7 +208,7 @@ impl Error {
         use Error::*;
         match self {
             InvalidEvent(_) => "invalid_event",
-            InvalidName { .. } | InvalidConfig(_) => "bad_request",
+            InvalidName { .. } | InvalidConfig(_) | LimitOutOfRange { .. } => "bad_request",
             InvalidWorkflow(_) => "invalid_workflow",
             WorkflowNotFound { .. } => "not_found",
             Workflow { source, .. } => source.name(),
@@ -181,7 +216,11 @@ impl Error {
             BytesResult { .. } => "bad_result",
             CallFailed { .. } => "call_failed",
             Cancelled { .. } => "cancelled",
-            FunctionDir { .. } | HandlerFileMissing { .. } | Unpack { .. } => "invalid_function",
+            FunctionDir { .. }
+            | HandlerFileMissing { .. }
+            | ForbiddenDir { .. }
+            | HandlerOutsideDir { .. }
+            | Unpack { .. } => "invalid_function",
             NotFound { .. } => "not_found",
             LoadFailed { .. } => "load_error",
             Handler { .. } => "handler_error",

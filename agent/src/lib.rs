@@ -40,11 +40,17 @@ pub fn function_name_for_dir(dir: &std::path::Path) -> String {
 
 /// Checks a function as registering it would (name, directory, handler file,
 /// limits) without an agent, so a CLI can refuse bad input before starting anything.
+/// The rest of the agent's settings are [`Config::new`]'s; registering checks again
+/// with the agent's own.
 pub fn check_function(
     name: &str,
     dir: &std::path::Path,
     config: &ipc::api::FunctionConfig,
     defaults: &Defaults,
 ) -> Result<(), Error> {
-    registry::Function::new(name, dir, config, defaults, 0, false).map(drop)
+    let agent = Config {
+        defaults: *defaults,
+        ..Config::new()
+    };
+    registry::Function::new(name, dir, config, &agent, 0, false).map(drop)
 }

@@ -1,15 +1,91 @@
 //! Registered functions: validation of names, code directories, handlers and limits.
+//!
+//! A registration is checked against [`Rules`] (the agent's defaults and memory
+//! budget, the machine's CPUs, sprout's own state root) before anything is attached
+//! or started:
+//!
+//! - the directory is canonicalised (symlinks resolved) and must be a real directory
+//!   that is not `/`, does not overlap a host system tree ([`SYSTEM_TREES`], or any
+//!   top-level `/lib*`) or sprout's state (its state root, or any directory marked as
+//!   an agent's state directory), and is not on a kernel file system such as `proc`,
+//!   `sysfs` or `cgroup` ([`kernel_fs`]). The spawner attaches it without its
+//!   submounts, so what is mounted below it stays on the host. A directory the agent
+//!   unpacked itself (an upload, under its state directory) skips the location rules;
+//! - the handler's module file must resolve (symlinks followed) to a file inside the
+//!   directory;
+//! - every limit must be within [`LIMITS`]' range, with `memory_mb` at most the memory
+//!   budget and `cpus` at most the machine's CPUs.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use ipc::api::{FunctionConfig, FunctionInfo};
 use ipc::proto::Handler;
 
-use crate::config::Defaults;
+use crate::config::{Config, Defaults};
 use crate::error::Error;
 
 /// The handler OpenLambda uses: `f.py` with `def f(event)`.
 pub const DEFAULT_HANDLER: &str = "f:f";
+
+/// Host trees a function directory may be neither in, equal to nor above (besides
+/// every top-level `/lib*`). `/run` holds sprout's default state root.
+pub const SYSTEM_TREES: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc",
+    "/usr",
+    "/boot",
+    "/run",
+    "/bin",
+    "/sbin",
+    "/var/lib/sprout",
+];
+
+/// The accepted range of each integer limit; `memory_mb` is also bounded by the
+/// agent's memory budget and `cpus` has its own rule ([`MIN_CPUS`], the machine's
+/// CPUs).
+pub struct LimitRanges {
+    /// The hello example uses 9 MiB after an invocation (zygote and instance).
+    pub memory_mb: (u64, u64),
+    pub timeout_ms: (u64, u64),
+    /// A sandbox runs 3 tasks (shim, zygote, instance); room for in-sandbox callees.
+    pub pids: (u64, u64),
+    pub max_instances: (u64, u64),
+}
+
+pub const LIMITS: LimitRanges = LimitRanges {
+    memory_mb: (16, 1 << 20),
+    timeout_ms: (1, 3_600_000),
+    pids: (8, 4096),
+    max_instances: (1, 1024),
+};
+
+/// The smallest CPU limit: a CFS quota of 1 ms (the kernel's minimum) per 100 ms period.
+pub const MIN_CPUS: f64 = 0.01;
+
+/// What a registration is checked against.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub defaults: Defaults,
+    /// `memory_mb` at most: the agent's memory budget.
+    pub memory_budget_mb: u64,
+    /// `cpus` at most: the machine's online CPUs.
+    pub machine_cpus: u64,
+    /// The agent's state root: no function directory may be in, at or above it.
+    pub state_root: PathBuf,
+}
+
+impl Rules {
+    pub fn of(config: &Config) -> Rules {
+        Rules {
+            defaults: config.defaults,
+            memory_budget_mb: config.pool.memory_budget_mb,
+            machine_cpus: crate::config::machine_cpus(),
+            state_root: config.state_root.clone(),
+        }
+    }
+}
 
 /// A registered function.
 #[derive(Debug, Clone)]
@@ -30,61 +106,72 @@ pub struct Function {
 }
 
 impl Function {
-    /// Validates everything about a function before it is registered.
+    /// Validates everything about a function before it is registered, against the
+    /// agent's `config` ([`Rules::of`]).
     pub fn new(
         name: &str,
         dir: &Path,
         config: &FunctionConfig,
-        defaults: &Defaults,
+        agent: &Config,
+        version: u64,
+        owns_dir: bool,
+    ) -> Result<Function, Error> {
+        Function::checked(name, dir, config, &Rules::of(agent), version, owns_dir)
+    }
+
+    /// [`Function::new`] with explicit rules.
+    pub fn checked(
+        name: &str,
+        dir: &Path,
+        config: &FunctionConfig,
+        rules: &Rules,
         version: u64,
         owns_dir: bool,
     ) -> Result<Function, Error> {
         validate_name(name)?;
-        let dir = dir.canonicalize().map_err(|source| Error::FunctionDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        if !dir.is_dir() {
-            return Err(Error::FunctionDir {
-                path: dir,
-                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
-            });
-        }
+        let dir = check_dir(dir, rules, owns_dir)?;
         let handler_text = config.handler.as_deref().unwrap_or(DEFAULT_HANDLER);
         let handler = Handler::parse(handler_text).map_err(Error::InvalidConfig)?;
-        let file = handler.module_file();
-        let package_init = format!("{}/__init__.py", handler.module.replace('.', "/"));
-        if !dir.join(&file).is_file() && !dir.join(&package_init).is_file() {
-            return Err(Error::HandlerFileMissing {
-                handler: handler.to_string(),
-                file,
-                dir,
-            });
-        }
+        check_handler_file(&dir, &handler)?;
+        let defaults = &rules.defaults;
+        let memory_mb = config.memory_mb.unwrap_or(defaults.memory_mb);
+        let (min, max) = LIMITS.memory_mb;
         let memory_mb = ranged(
             "memory_mb",
-            config.memory_mb.unwrap_or(defaults.memory_mb),
-            16,
-            1 << 20,
+            memory_mb,
+            min,
+            max.min(rules.memory_budget_mb),
+            Some("at most the agent's memory budget"),
         )?;
+        let (min, max) = LIMITS.timeout_ms;
         let timeout_ms = ranged(
             "timeout_ms",
             config.timeout_ms.unwrap_or(defaults.timeout_ms),
-            1,
-            3_600_000,
+            min,
+            max,
+            None,
         )?;
-        let pids = ranged("pids", config.pids.unwrap_or(defaults.pids), 8, 1 << 22)?;
+        let (min, max) = LIMITS.pids;
+        let pids = ranged("pids", config.pids.unwrap_or(defaults.pids), min, max, None)?;
+        let (min, max) = LIMITS.max_instances;
+        let max_instances = config.max_instances.unwrap_or(defaults.max_instances);
         let max_instances = ranged(
             "max_instances",
-            config.max_instances.unwrap_or(defaults.max_instances) as u64,
-            1,
-            1024,
+            u64::try_from(max_instances).unwrap_or(u64::MAX),
+            min,
+            max,
+            None,
         )? as usize;
         let cpus = config.cpus.unwrap_or(defaults.cpus);
-        if !(cpus > 0.0 && cpus <= 1024.0) {
-            return Err(Error::InvalidConfig(format!(
-                "cpus must be in (0, 1024], got {cpus}"
-            )));
+        let max_cpus = rules.machine_cpus as f64;
+        if !(MIN_CPUS..=max_cpus).contains(&cpus) {
+            return Err(Error::LimitOutOfRange {
+                field: "cpus",
+                value: cpus.to_string(),
+                min: MIN_CPUS.to_string(),
+                max: max_cpus.to_string(),
+                note: Some("a CPU quota of at least 1 ms per 100 ms, at most the machine's CPUs"),
+            });
         }
         Ok(Function {
             name: name.to_owned(),
@@ -134,14 +221,155 @@ impl Function {
     }
 }
 
-fn ranged(field: &str, v: u64, min: u64, max: u64) -> Result<u64, Error> {
+fn ranged(
+    field: &'static str,
+    v: u64,
+    min: u64,
+    max: u64,
+    note: Option<&'static str>,
+) -> Result<u64, Error> {
     if (min..=max).contains(&v) {
         Ok(v)
     } else {
-        Err(Error::InvalidConfig(format!(
-            "{field} must be between {min} and {max}, got {v}"
-        )))
+        Err(Error::LimitOutOfRange {
+            field,
+            value: v.to_string(),
+            min: min.to_string(),
+            max: max.to_string(),
+            note,
+        })
     }
+}
+
+/// The canonical function directory, or why it may not be one.
+fn check_dir(dir: &Path, rules: &Rules, owns_dir: bool) -> Result<PathBuf, Error> {
+    let canonical = dir.canonicalize().map_err(|source| Error::FunctionDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !canonical.is_dir() {
+        return Err(Error::FunctionDir {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    if owns_dir {
+        return Ok(canonical);
+    }
+    let refused = |reason: String| Error::ForbiddenDir {
+        path: dir.to_path_buf(),
+        resolved: canonical.clone(),
+        reason,
+    };
+    if let Some(reason) = forbidden_location(&canonical, &rules.state_root) {
+        return Err(refused(reason));
+    }
+    if let Some(state) = canonical.ancestors().find(|a| is_state_dir(a)) {
+        return Err(refused(format!(
+            "it is in an agent's state directory, {}",
+            state.display()
+        )));
+    }
+    if let Some(fs) = kernel_fs(&canonical) {
+        return Err(refused(format!("it is on a {fs} file system")));
+    }
+    Ok(canonical)
+}
+
+/// Why the canonical path `dir` may not be a function directory by where it is: the
+/// host's root, in, at or above a system tree, or sprout's state root.
+pub fn forbidden_location(dir: &Path, state_root: &Path) -> Option<String> {
+    if dir.parent().is_none() {
+        return Some("it is the host's root directory".to_owned());
+    }
+    let overlaps = |tree: &Path| dir.starts_with(tree) || tree.starts_with(dir);
+    if let Some(tree) = SYSTEM_TREES.iter().map(Path::new).find(|t| overlaps(t)) {
+        return Some(format!(
+            "it overlaps {}, a host system directory",
+            tree.display()
+        ));
+    }
+    if let Some(Component::Normal(top)) = dir.components().nth(1) {
+        if top.to_string_lossy().starts_with("lib") {
+            return Some(format!(
+                "it overlaps /{}, a host system directory",
+                top.to_string_lossy()
+            ));
+        }
+    }
+    let state_root = state_root
+        .canonicalize()
+        .unwrap_or_else(|_| state_root.to_path_buf());
+    if overlaps(&state_root) {
+        return Some(format!(
+            "it overlaps sprout's state root {}",
+            state_root.display()
+        ));
+    }
+    None
+}
+
+/// Whether `dir` is an agent's state directory (`<root>/<agent-id>`: its `lock`, its
+/// runtime files and root skeleton).
+fn is_state_dir(dir: &Path) -> bool {
+    dir.join("lock").is_file() && dir.join("runtime").is_dir() && dir.join("rootfs").is_dir()
+}
+
+/// The kernel file systems no function directory may be on (the file system's magic
+/// number as `statfs` reports it, and its name).
+const KERNEL_FS: &[(nix::sys::statfs::FsType, &str)] = {
+    use nix::sys::statfs as s;
+    &[
+        (s::PROC_SUPER_MAGIC, "proc"),
+        (s::SYSFS_MAGIC, "sysfs"),
+        (s::CGROUP_SUPER_MAGIC, "cgroup"),
+        (s::CGROUP2_SUPER_MAGIC, "cgroup2"),
+        (s::DEVPTS_SUPER_MAGIC, "devpts"),
+        (s::DEBUGFS_MAGIC, "debugfs"),
+        (s::TRACEFS_MAGIC, "tracefs"),
+        (s::SECURITYFS_MAGIC, "securityfs"),
+        (s::SELINUX_MAGIC, "selinuxfs"),
+        (s::SMACK_MAGIC, "smackfs"),
+        (s::BPF_FS_MAGIC, "bpf"),
+        (s::NSFS_MAGIC, "nsfs"),
+        (s::RDTGROUP_SUPER_MAGIC, "resctrl"),
+        (s::USBDEVICE_SUPER_MAGIC, "usbdevfs"),
+    ]
+};
+
+/// The name of the kernel file system `dir` is on, if it is one of [`KERNEL_FS`]
+/// (a `proc` mounted anywhere, say).
+pub fn kernel_fs(dir: &Path) -> Option<&'static str> {
+    let fs = nix::sys::statfs::statfs(dir).ok()?.filesystem_type();
+    KERNEL_FS.iter().find(|(m, _)| *m == fs).map(|(_, n)| *n)
+}
+
+/// The handler's module file (or package `__init__.py`) must exist and resolve to a
+/// file inside the canonical directory `dir`.
+fn check_handler_file(dir: &Path, handler: &Handler) -> Result<(), Error> {
+    let file = handler.module_file();
+    let package_init = format!("{}/__init__.py", handler.module.replace('.', "/"));
+    for rel in [&file, &package_init] {
+        let Ok(resolved) = dir.join(rel).canonicalize() else {
+            continue;
+        };
+        if !resolved.starts_with(dir) {
+            return Err(Error::HandlerOutsideDir {
+                handler: handler.to_string(),
+                file: rel.clone(),
+                resolved,
+                dir: dir.to_path_buf(),
+            });
+        }
+        if resolved.is_file() {
+            return Ok(());
+        }
+    }
+    Err(Error::HandlerFileMissing {
+        handler: handler.to_string(),
+        file,
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// Names are path- and cgroup-safe: 1-64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
@@ -190,6 +418,7 @@ pub fn name_from_dir(dir: &Path) -> String {
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::unix::fs::symlink;
 
     fn dir_with(files: &[&str]) -> tempfile::TempDir {
         let t = tempfile::tempdir().unwrap();
@@ -201,75 +430,386 @@ mod tests {
         t
     }
 
+    /// Rules with a 1024 MiB budget, 2 CPUs and a state root that does not exist.
+    fn rules() -> Rules {
+        Rules {
+            defaults: Defaults::default(),
+            memory_budget_mb: 1024,
+            machine_cpus: 2,
+            state_root: PathBuf::from("/nonexistent/sprout-state"),
+        }
+    }
+
+    fn check(dir: &Path, cfg: &FunctionConfig, rules: &Rules) -> Result<Function, Error> {
+        Function::checked("fn", dir, cfg, rules, 1, false)
+    }
+
+    fn err(dir: &Path, cfg: &FunctionConfig) -> String {
+        ipc::chain(&check(dir, cfg, &rules()).unwrap_err())
+    }
+
     #[test]
     fn defaults_fill_in_and_handler_file_is_checked() {
         let t = dir_with(&["f.py"]);
-        let f = Function::new(
-            "hello",
-            t.path(),
-            &FunctionConfig::default(),
-            &Defaults::default(),
-            1,
-            false,
-        )
-        .unwrap();
+        let f = check(t.path(), &FunctionConfig::default(), &rules()).unwrap();
         assert_eq!(
-            (f.memory_mb, f.timeout_ms, f.pids, f.cpus),
-            (128, 60_000, 64, 1.0)
+            (f.memory_mb, f.timeout_ms, f.pids, f.cpus, f.max_instances),
+            (128, 60_000, 64, 1.0, 4)
         );
         assert_eq!(f.handler.to_string(), "f:f");
+        assert_eq!(f.dir, t.path().canonicalize().unwrap());
 
         let cfg = FunctionConfig {
             handler: Some("__main__:main".into()),
             ..Default::default()
         };
-        let err = Function::new("hello", t.path(), &cfg, &Defaults::default(), 1, false)
-            .unwrap_err()
-            .to_string();
+        let e = err(t.path(), &cfg);
         assert!(
-            err.contains("__main__.py") && err.contains("does not exist"),
-            "{err}"
+            e.contains("__main__.py") && e.contains("does not exist"),
+            "{e}"
         );
 
-        let t = dir_with(&["pkg/__init__.py"]);
-        let cfg = FunctionConfig {
-            handler: Some("pkg:run".into()),
-            ..Default::default()
-        };
-        Function::new("p", t.path(), &cfg, &Defaults::default(), 1, false).unwrap();
+        let t = dir_with(&["pkg/__init__.py", "a/b/c.py"]);
+        for handler in ["pkg:run", "a.b.c:f"] {
+            let cfg = FunctionConfig {
+                handler: Some(handler.into()),
+                ..Default::default()
+            };
+            check(t.path(), &cfg, &rules()).unwrap();
+        }
     }
 
     #[test]
     fn bad_input_is_named() {
         let t = dir_with(&["f.py"]);
-        let d = Defaults::default();
-        let err = |name: &str, dir: &Path, cfg: FunctionConfig| {
-            Function::new(name, dir, &cfg, &d, 1, false)
-                .unwrap_err()
-                .to_string()
-        };
-        assert!(err("../x", t.path(), FunctionConfig::default()).contains("invalid function name"));
-        assert!(err(
-            "ok",
-            Path::new("/nonexistent/sprout"),
-            FunctionConfig::default()
-        )
-        .contains("/nonexistent/sprout"));
-        let cfg = FunctionConfig {
-            memory_mb: Some(1),
-            ..Default::default()
-        };
-        assert!(err("ok", t.path(), cfg).contains("memory_mb must be between"));
-        let cfg = FunctionConfig {
-            cpus: Some(0.0),
-            ..Default::default()
-        };
-        assert!(err("ok", t.path(), cfg).contains("cpus"));
+        let e = ipc::chain(
+            &Function::checked("../x", t.path(), &Default::default(), &rules(), 1, false)
+                .unwrap_err(),
+        );
+        assert!(e.contains("invalid function name"), "{e}");
+        let e = err(Path::new("/nonexistent/sprout"), &FunctionConfig::default());
+        assert!(e.contains("/nonexistent/sprout"), "{e}");
+        let file = t.path().join("f.py");
+        let e = err(&file, &FunctionConfig::default());
+        assert!(e.contains("not a directory") && e.contains("f.py"), "{e}");
         let cfg = FunctionConfig {
             handler: Some("nocolon".into()),
             ..Default::default()
         };
-        assert!(err("ok", t.path(), cfg).contains("module:function"));
+        assert!(err(t.path(), &cfg).contains("module:function"));
+    }
+
+    #[test]
+    fn the_root_and_system_trees_are_refused() {
+        let cases = [
+            ("/", "the host's root directory"),
+            ("/etc", "overlaps /etc"),
+            ("/proc", "overlaps /proc"),
+            ("/proc/self", "overlaps /proc"),
+            ("/sys/fs", "overlaps /sys"),
+            ("/dev", "overlaps /dev"),
+            ("/usr/lib", "overlaps /usr"),
+            ("/run", "overlaps /run"),
+            // An ancestor of a protected tree shows it too.
+            ("/var", "overlaps /var/lib/sprout"),
+        ];
+        for (path, reason) in cases {
+            let r = forbidden_location(&Path::new(path).canonicalize().unwrap(), Path::new("/x"));
+            let r = r.unwrap_or_else(|| panic!("{path} is allowed"));
+            assert!(r.contains(reason), "{path}: {r}");
+            // And through registration, whatever the handler.
+            let cfg = FunctionConfig {
+                handler: Some("tmp.x.f:f".into()),
+                ..Default::default()
+            };
+            let e = err(Path::new(path), &cfg);
+            assert!(
+                e.starts_with(&format!("function directory {path}")) && e.contains("not allowed"),
+                "{path}: {e}"
+            );
+        }
+        for lib in ["/lib", "/lib64", "/libx32/a", "/lib32"] {
+            let r = forbidden_location(Path::new(lib), Path::new("/x")).unwrap();
+            assert!(r.contains("overlaps /lib"), "{lib}: {r}");
+        }
+        for ok in [
+            "/tmp/sprout-fn",
+            "/srv/fns/a",
+            "/var/www",
+            "/opt/library",
+            "/home/u/fn",
+        ] {
+            assert_eq!(
+                forbidden_location(Path::new(ok), Path::new("/x")),
+                None,
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_symlink_is_judged_by_what_it_resolves_to() {
+        let t = tempfile::tempdir().unwrap();
+        let link = t.path().join("root");
+        symlink("/", &link).unwrap();
+        fs::create_dir_all(t.path().join("tmp/x")).unwrap();
+        let cfg = FunctionConfig {
+            handler: Some("tmp.x.f:f".into()),
+            ..Default::default()
+        };
+        let e = err(&link, &cfg);
+        assert!(
+            e.contains(&format!(
+                "function directory {} (resolves to /)",
+                link.display()
+            )) && e.contains("the host's root directory"),
+            "{e}"
+        );
+        let etc = t.path().join("etc");
+        symlink("/etc", &etc).unwrap();
+        let e = err(&etc, &FunctionConfig::default());
+        assert!(
+            e.contains("resolves to /etc") && e.contains("overlaps /etc"),
+            "{e}"
+        );
+        // A link to a plain directory is fine, and registered as its target.
+        let real = dir_with(&["f.py"]);
+        let ok = t.path().join("ok");
+        symlink(real.path(), &ok).unwrap();
+        let f = check(&ok, &FunctionConfig::default(), &rules()).unwrap();
+        assert_eq!(f.dir, real.path().canonicalize().unwrap());
+    }
+
+    #[test]
+    fn sprouts_own_state_is_refused_but_its_uploads_are_not() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("state");
+        let agent = root.join("4242");
+        let unpacked = agent.join("functions/up-7");
+        for d in ["runtime", "rootfs", "functions/up-7"] {
+            fs::create_dir_all(agent.join(d)).unwrap();
+        }
+        fs::write(agent.join("lock"), "").unwrap();
+        fs::write(unpacked.join("f.py"), "def f(e): return e\n").unwrap();
+        let mut rules = rules();
+        rules.state_root = root.clone();
+        let refused = |dir: &Path, rules: &Rules| {
+            ipc::chain(&check(dir, &FunctionConfig::default(), rules).unwrap_err())
+        };
+        // The state root, what is in it, and what holds it.
+        for (dir, reason) in [
+            (&root, "overlaps sprout's state root"),
+            (&unpacked, "overlaps sprout's state root"),
+            (&agent.join("runtime"), "overlaps sprout's state root"),
+            (&t.path().to_path_buf(), "overlaps sprout's state root"),
+        ] {
+            let e = refused(dir, &rules);
+            assert!(
+                e.contains("not allowed") && e.contains(reason),
+                "{}: {e}",
+                dir.display()
+            );
+        }
+        // Another agent's state directory, under a state root this agent does not use.
+        rules.state_root = PathBuf::from("/nonexistent/sprout-state");
+        let e = refused(&unpacked, &rules);
+        assert!(
+            e.contains(&format!("an agent's state directory, {}", agent.display())),
+            "{e}"
+        );
+        // The agent's own unpacked upload.
+        let f = Function::checked("up", &unpacked, &Default::default(), &rules, 7, true).unwrap();
+        assert!(f.owns_dir);
+    }
+
+    #[test]
+    fn kernel_file_systems_are_recognised() {
+        assert_eq!(kernel_fs(Path::new("/proc")), Some("proc"));
+        assert_eq!(kernel_fs(Path::new("/proc/self/fd")), Some("proc"));
+        assert_eq!(kernel_fs(Path::new("/sys")), Some("sysfs"));
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(kernel_fs(t.path()), None);
+        // Every cgroup hierarchy mounted here (v1 controllers or the v2 one).
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+        let mut cgroups = 0;
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if let [_, dir, fstype @ ("cgroup" | "cgroup2"), ..] = f[..] {
+                assert_eq!(kernel_fs(Path::new(dir)), Some(fstype), "{line}");
+                cgroups += 1;
+            }
+        }
+        assert!(cgroups > 0, "no cgroup file system is mounted:\n{mounts}");
+    }
+
+    #[test]
+    fn the_handler_must_resolve_inside_the_directory() {
+        let t = dir_with(&["inside.py", "real/mod.py"]);
+        let outside = dir_with(&["mod.py", "f.py"]);
+        symlink(outside.path().join("f.py"), t.path().join("f.py")).unwrap();
+        symlink(outside.path(), t.path().join("pkg")).unwrap();
+        symlink("/etc/hostname", t.path().join("host.py")).unwrap();
+        symlink(t.path().join("inside.py"), t.path().join("alias.py")).unwrap();
+        symlink(t.path().join("real"), t.path().join("also")).unwrap();
+        for (handler, file) in [
+            ("f:f", "f.py"),
+            ("pkg.mod:f", "pkg/mod.py"),
+            ("host:f", "host.py"),
+        ] {
+            let cfg = FunctionConfig {
+                handler: Some(handler.into()),
+                ..Default::default()
+            };
+            let e = err(t.path(), &cfg);
+            assert!(
+                e.contains(&format!("handler {handler}: {file} resolves to"))
+                    && e.contains("outside the function directory"),
+                "{handler}: {e}"
+            );
+        }
+        for handler in ["alias:f", "also.mod:f"] {
+            let cfg = FunctionConfig {
+                handler: Some(handler.into()),
+                ..Default::default()
+            };
+            check(t.path(), &cfg, &rules()).unwrap();
+        }
+        // Module paths are dotted identifiers: no `..`, no `/`.
+        for handler in ["..f:f", "../f:f", "/etc/passwd:f", "a..b:f", "a/b:f"] {
+            let cfg = FunctionConfig {
+                handler: Some(handler.into()),
+                ..Default::default()
+            };
+            let e = err(t.path(), &cfg);
+            assert!(e.contains("is not a Python module name"), "{handler}: {e}");
+        }
+    }
+
+    #[test]
+    fn limits_out_of_range_are_refused_naming_field_value_and_range() {
+        let t = dir_with(&["f.py"]);
+        let refused = [
+            (
+                FunctionConfig {
+                    cpus: Some(0.0001),
+                    ..Default::default()
+                },
+                "cpus 0.0001 is out of range: 0.01 to 2 (",
+            ),
+            (
+                FunctionConfig {
+                    cpus: Some(2.5),
+                    ..Default::default()
+                },
+                "cpus 2.5 is out of range: 0.01 to 2",
+            ),
+            (
+                FunctionConfig {
+                    cpus: Some(f64::NAN),
+                    ..Default::default()
+                },
+                "cpus NaN is out of range",
+            ),
+            (
+                FunctionConfig {
+                    memory_mb: Some(1 << 20),
+                    ..Default::default()
+                },
+                "memory_mb 1048576 is out of range: 16 to 1024 (at most the agent's memory budget)",
+            ),
+            (
+                FunctionConfig {
+                    memory_mb: Some(15),
+                    ..Default::default()
+                },
+                "memory_mb 15 is out of range: 16 to 1024",
+            ),
+            (
+                FunctionConfig {
+                    pids: Some(7),
+                    ..Default::default()
+                },
+                "pids 7 is out of range: 8 to 4096",
+            ),
+            (
+                FunctionConfig {
+                    pids: Some(4097),
+                    ..Default::default()
+                },
+                "pids 4097 is out of range: 8 to 4096",
+            ),
+            (
+                FunctionConfig {
+                    timeout_ms: Some(0),
+                    ..Default::default()
+                },
+                "timeout_ms 0 is out of range: 1 to 3600000",
+            ),
+            (
+                FunctionConfig {
+                    max_instances: Some(0),
+                    ..Default::default()
+                },
+                "max_instances 0 is out of range: 1 to 1024",
+            ),
+            (
+                FunctionConfig {
+                    max_instances: Some(usize::MAX),
+                    ..Default::default()
+                },
+                "is out of range: 1 to 1024",
+            ),
+        ];
+        for (cfg, text) in refused {
+            let e = check(t.path(), &cfg, &rules()).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::BadRequest);
+            let e = ipc::chain(&e);
+            assert!(e.contains(text), "{cfg:?}: {e}");
+        }
+        // The bounds themselves are accepted.
+        let edges = FunctionConfig {
+            cpus: Some(0.01),
+            memory_mb: Some(16),
+            pids: Some(8),
+            timeout_ms: Some(1),
+            max_instances: Some(1),
+            ..Default::default()
+        };
+        let f = check(t.path(), &edges, &rules()).unwrap();
+        assert_eq!((f.cpus, f.memory_mb, f.pids), (0.01, 16, 8));
+        let edges = FunctionConfig {
+            cpus: Some(2.0),
+            memory_mb: Some(1024),
+            pids: Some(4096),
+            timeout_ms: Some(3_600_000),
+            max_instances: Some(1024),
+            ..Default::default()
+        };
+        let f = check(t.path(), &edges, &rules()).unwrap();
+        assert_eq!((f.cpus, f.memory_mb, f.pids), (2.0, 1024, 4096));
+    }
+
+    #[test]
+    fn the_rules_come_from_the_agents_config() {
+        let config = Config {
+            state_root: PathBuf::from("/run/sprout-elsewhere"),
+            pool: crate::config::PoolConfig {
+                memory_budget_mb: 300,
+                ..Default::default()
+            },
+            ..Config::new()
+        };
+        let r = Rules::of(&config);
+        assert_eq!(r.memory_budget_mb, 300);
+        assert_eq!(r.state_root, config.state_root);
+        assert_eq!(r.machine_cpus, crate::config::machine_cpus());
+        let t = dir_with(&["f.py"]);
+        let cfg = FunctionConfig {
+            memory_mb: Some(301),
+            ..Default::default()
+        };
+        let e = Function::new("f", t.path(), &cfg, &config, 1, false).unwrap_err();
+        assert!(e.to_string().contains("16 to 300"), "{e}");
     }
 
     #[test]

@@ -47,17 +47,17 @@ pub fn thread_count() -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// A detached, recursive, read-only (and nosuid, nodev) copy of the mount tree at
-/// `path`: `open_tree(OPEN_TREE_CLONE)` then `mount_setattr`. It belongs to no mount
-/// namespace until attached with [`attach_tree`].
+/// A detached read-only (and nosuid, nodev) copy of the directory at `path`, without
+/// the mounts below it: `open_tree(OPEN_TREE_CLONE)` (not recursive) then
+/// `mount_setattr`. It belongs to no mount namespace until attached with
+/// [`move_mount`].
 pub fn detached_readonly_tree(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
     })?;
-    let flags =
-        libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint;
+    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
     // SAFETY: c_path is a valid NUL-terminated string for the duration of the call;
     // open_tree takes no other pointers.
     let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
