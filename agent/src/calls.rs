@@ -417,6 +417,13 @@ mod tests {
     }
 
     #[test]
+    fn a_sandbox_may_write_the_largest_shared_payload() {
+        // A shared payload is a memfd the sender writes: its size is bound by the
+        // sandbox's RLIMIT_FSIZE.
+        assert!(ipc::payload::MAX_SHARED_PAYLOAD as u64 <= rootfs::MAX_FILE_SIZE);
+    }
+
+    #[test]
     fn answers_a_caller_does_not_read_end_its_connection_within_the_timeout() {
         let (agent_end, caller_end) = UnixStream::pair().unwrap();
         let watched = agent_end.try_clone().unwrap();

@@ -50,17 +50,55 @@ pub fn thread_count() -> usize {
 /// A detached read-only (and nosuid, nodev) copy of the directory at `path`, without
 /// the mounts below it: `open_tree(OPEN_TREE_CLONE)` (not recursive) then
 /// `mount_setattr`. It belongs to no mount namespace until attached with
-/// [`move_mount`].
+/// [`move_mount`]. `path` must be canonical: it is opened with `openat2` refusing
+/// every symbolic link (`RESOLVE_NO_SYMLINKS`, `RESOLVE_NO_MAGICLINKS`), so a
+/// directory checked at registration cannot be swapped for a link before it is
+/// attached.
 pub fn detached_readonly_tree(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
     })?;
-    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
-    // SAFETY: c_path is a valid NUL-terminated string for the duration of the call;
-    // open_tree takes no other pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), flags) };
+    /// The kernel's `struct open_how` (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: c_path is a valid NUL-terminated string and `how` a valid open_how whose
+    // exact size is passed; both live across the call.
+    let dir = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if dir < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    let dir = unsafe { std::os::fd::OwnedFd::from_raw_fd(dir as i32) };
+    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as u32;
+    // SAFETY: `dir` is a valid descriptor and the path is an empty NUL-terminated
+    // string (AT_EMPTY_PATH: clone the tree at the descriptor itself).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            c"".as_ptr(),
+            flags,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

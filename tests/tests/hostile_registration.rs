@@ -488,3 +488,37 @@ fn a_function_directory_is_attached_without_the_mounts_below_it() {
         "a test mount reached the host's table"
     );
 }
+
+/// A directory checked at registration cannot be swapped for a link before it is
+/// attached: the attach opens the (canonical) path refusing every symbolic link, so
+/// the swapped-in directory is never seen at `/code` and the invoke fails instead.
+#[test]
+fn a_directory_swapped_for_a_link_after_registration_is_not_attached() {
+    let env = require_root!();
+    let d = env.daemon();
+    let dir = env.function(
+        "swapped",
+        &[("f.py", "def f(e):\n    return 'registered'\n")],
+    );
+    let other = env.function("other", &[("f.py", "def f(e):\n    return 'swapped in'\n")]);
+    d.register("swapped", &dir, json!({}));
+    // The registered directory is replaced by a link to another one (as someone with
+    // write access on the host could do between registration and a cold start).
+    fs::rename(&dir, dir.with_extension("old")).unwrap();
+    symlink(&other, &dir).unwrap();
+    let r = d.invoke("swapped", "{}");
+    assert_ne!(
+        body_json(&r),
+        json!("swapped in"),
+        "the link was followed when the code was attached: {}",
+        text(&r)
+    );
+    assert_eq!(r.status, 500, "{}", text(&r));
+    assert!(
+        text(&r).contains("symbolic links"),
+        "the error should name the link: {}",
+        text(&r)
+    );
+    // Nothing stays: the sandbox the attach failed in is gone.
+    assert!(d.sandboxes().is_empty(), "{:?}", d.sandboxes());
+}
