@@ -433,10 +433,11 @@ impl Inner {
                 );
                 Ok(dir)
             }
-            Err(e) => Err(Error::Unpack {
-                path: dir,
-                source: e.into(),
-            }),
+            // Not the archive's fault: the agent could not make its own directory.
+            Err(crate::upload::Error::Destination { path, source }) => {
+                Err(Error::State { path, source })
+            }
+            Err(source) => Err(Error::Unpack { path: dir, source }),
         }
     }
 

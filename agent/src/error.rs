@@ -56,7 +56,7 @@ pub enum Error {
     Unpack {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::upload::Error,
     },
     #[error("function {function}: handler {handler} failed to load: {}: {}", error.kind, error.message)]
     LoadFailed {

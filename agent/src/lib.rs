@@ -24,7 +24,7 @@ mod registry;
 mod request;
 mod run;
 mod scheduler;
-mod upload;
+pub mod upload;
 mod workflow;
 
 pub use agent::Agent;

@@ -137,12 +137,6 @@ pub enum Error {
     },
 }
 
-impl From<Error> for io::Error {
-    fn from(e: Error) -> io::Error {
-        io::Error::new(io::ErrorKind::InvalidData, e)
-    }
-}
-
 /// What an archive unpacked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unpacked {
