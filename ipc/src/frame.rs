@@ -16,11 +16,25 @@
 //! sealed memfd (see [`crate::payload`]). Senders put payloads over
 //! [`SHARED_THRESHOLD`] there, so a large event or result is written once and mapped
 //! by its receiver; a process that only passes it on forwards the descriptor.
+//!
+//! **What a peer can make the receiver hold.** The peer may be a hostile function, so
+//! a channel spends memory and descriptors on what has arrived, never on what a
+//! prefix announces. Its receive buffer holds at most the frame being read plus one
+//! [`READ_CHUNK`] and grows geometrically with the bytes received (a frame announced
+//! and not sent costs one chunk); a buffer over [`KEEP_BUFFER`] is charged to a
+//! budget shared by every channel of the process ([`MAX_BUFFERED`]) and given back
+//! once its frame is consumed. Descriptors are queued only for frames received so far,
+//! at most [`MAX_FDS`] a frame (a prefix still incomplete may carry [`MAX_FDS`]), and
+//! the channel reads nothing past a complete frame while a later frame's descriptors
+//! are queued, so at most 2 × [`MAX_FDS`] wait in a channel. A peer that breaks a
+//! bound gets an error that names it; its descriptors are closed at once and the
+//! channel is not used any further.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -38,9 +52,61 @@ pub const MAX_HEADER: usize = 1 << 20;
 /// Largest payload accepted inline in one frame (larger ones must be shared).
 pub const MAX_PAYLOAD: usize = 64 << 20;
 
-const READ_CHUNK: usize = 64 << 10;
-/// A buffer grown past this for a large frame is given back once it is empty.
-const KEEP_BUFFER: usize = 1 << 20;
+/// The room a read is given behind the bytes a channel holds: what a channel may
+/// always take without having received anything of the frame's body yet.
+pub const READ_CHUNK: usize = 64 << 10;
+/// Receive buffers up to this size are kept between frames and are every channel's
+/// own; a larger one (grown for a large frame) is charged in full to [`MAX_BUFFERED`]
+/// and given back as soon as its frame is consumed.
+pub const KEEP_BUFFER: usize = 256 << 10;
+/// The most bytes all receive buffers over [`KEEP_BUFFER`] of one process may hold
+/// together: two frames of the largest size. A channel whose next read would take the
+/// total past it fails with [`Error::ReceiveBudget`].
+pub const MAX_BUFFERED: usize = 2 * (PREFIX_LEN + MAX_HEADER + MAX_PAYLOAD + READ_CHUNK);
+
+/// The process's receive buffer budget ([`MAX_BUFFERED`]).
+static BUFFERED: Budget = Budget::new(MAX_BUFFERED);
+
+/// Bytes of receive buffers charged by the channels that share it.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    max: usize,
+    held: AtomicUsize,
+}
+
+impl Budget {
+    pub(crate) const fn new(max: usize) -> Budget {
+        Budget {
+            max,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Moves a buffer's charge from `from` bytes to `to`; fails (charging nothing)
+    /// when the budget cannot take the difference.
+    fn recharge(&self, from: usize, to: usize) -> Result<(), Error> {
+        if to <= from {
+            self.held.fetch_sub(from - to, Ordering::Relaxed);
+            return Ok(());
+        }
+        let more = to - from;
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(more).filter(|&total| total <= self.max)
+            })
+            .map(drop)
+            .map_err(|held| Error::ReceiveBudget {
+                len: to,
+                held: held - from,
+                max: self.max,
+            })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,6 +122,22 @@ pub enum Error {
     TooManyFds { count: usize, max: usize },
     #[error("frame announced {expected} descriptors but {queued} arrived")]
     MissingFds { expected: usize, queued: usize },
+    #[error(
+        "{queued} descriptors arrived where the frames received so far carry at most {allowed} \
+         (a frame's descriptors, at most {max}, come with its first byte)",
+        max = MAX_FDS
+    )]
+    UnexpectedFds { queued: usize, allowed: usize },
+    #[error(
+        "the kernel truncated the descriptors of a message (more than {max} in one message, \
+         or this process is out of descriptors)"
+    )]
+    FdsTruncated { max: usize },
+    #[error(
+        "a receive buffer of {len} bytes would take this process's receive buffers past their \
+         limit of {max} bytes ({held} held by other frames)"
+    )]
+    ReceiveBudget { len: usize, held: usize, max: usize },
     #[error("shared payload")]
     Shared(#[source] io::Error),
     #[error("malformed frame header {header:?}")]
@@ -83,21 +165,22 @@ pub struct Message<H> {
 #[derive(Debug)]
 pub struct Channel {
     sock: UnixStream,
-    /// Always initialised; `buf[start..end]` is received and not yet consumed.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
+    buf: RecvBuf,
+    /// Descriptors received for the frames in `buf`, in arrival order.
     fds: VecDeque<OwnedFd>,
     scratch_fds: Vec<OwnedFd>,
 }
 
 impl Channel {
     pub fn new(sock: UnixStream) -> Self {
+        Channel::with_budget(sock, &BUFFERED)
+    }
+
+    /// A channel whose large buffers are charged to `budget` (tests use their own).
+    pub(crate) fn with_budget(sock: UnixStream, budget: &'static Budget) -> Self {
         Channel {
             sock,
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
+            buf: RecvBuf::new(budget),
             fds: VecDeque::new(),
             scratch_fds: Vec::new(),
         }
@@ -231,7 +314,7 @@ impl Channel {
                 return Ok(m);
             }
             if self.fill()? == 0 {
-                return Err(if self.end > self.start {
+                return Err(if !self.buf.pending().is_empty() {
                     Error::Truncated
                 } else {
                     Error::Closed
@@ -242,12 +325,12 @@ impl Channel {
 
     /// Returns a frame if one is complete in the buffer; never reads the socket.
     pub fn try_recv<H: DeserializeOwned>(&mut self) -> Result<Option<Message<H>>, Error> {
-        let avail = &self.buf[self.start..self.end];
+        let avail = self.buf.pending();
         if avail.len() < PREFIX_LEN {
             return Ok(None);
         }
         let p = decode_prefix(avail)?;
-        let total = PREFIX_LEN + p.header + p.inline();
+        let total = p.frame_len();
         if avail.len() < total {
             return Ok(None);
         }
@@ -265,14 +348,14 @@ impl Channel {
         let mut fds: Vec<OwnedFd> = self.fds.drain(..p.fds).collect();
         let payload = if p.shared {
             // The frame is consumed either way: a bad memfd fails this frame only.
-            self.consume(total);
+            self.buf.consume(total);
             let memfd = fds
                 .pop()
                 .expect("decode_prefix: a shared frame has a descriptor");
             Payload::map(memfd, p.payload).map_err(Error::Shared)?
         } else {
             let bytes = avail[PREFIX_LEN + p.header..total].to_vec();
-            self.consume(total);
+            self.buf.consume(total);
             Payload::Inline(bytes)
         };
         Ok(Some(Message {
@@ -282,19 +365,13 @@ impl Channel {
         }))
     }
 
-    fn consume(&mut self, total: usize) {
-        self.start += total;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            if self.buf.len() > KEEP_BUFFER {
-                self.buf = Vec::new();
-            }
-        }
-    }
-
     /// One read from the socket into the buffer. Returns the bytes read; 0 means the
     /// peer closed. Call it when the socket is readable (or to block for data).
+    ///
+    /// A channel holding a complete frame reads at most one [`READ_CHUNK`] past it, and
+    /// nothing while a later frame's descriptors are queued: then it returns
+    /// `Err(Error::Io(WouldBlock))` until the frame is taken with
+    /// [`Channel::try_recv`] ([`Channel::recv`] always takes it first).
     pub fn fill(&mut self) -> Result<usize, Error> {
         self.read(false)
     }
@@ -306,33 +383,188 @@ impl Channel {
     }
 
     fn read(&mut self, dont_wait: bool) -> Result<usize, Error> {
-        // Make room behind the data for this read (the rest of the frame being
-        // read, or a chunk): move pending bytes to the front, grow if still short.
-        let pending = self.end - self.start;
-        let want = match decode_prefix(&self.buf[self.start..self.end]) {
-            Ok(p) => (PREFIX_LEN + p.header + p.inline())
-                .saturating_sub(pending)
-                .max(READ_CHUNK),
-            Err(_) => READ_CHUNK,
-        };
-        if self.buf.len() - self.end < want {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.start = 0;
-            self.end = pending;
-            if self.buf.len() < pending + want {
-                self.buf.resize(pending + want, 0);
-            }
+        let room = self.room()?;
+        if room == 0 {
+            return Err(Error::Io(io::ErrorKind::WouldBlock.into()));
         }
+        self.buf.reserve(room)?;
         let res = sys::recv_with_fds(
             self.sock.as_fd(),
-            &mut self.buf[self.end..],
+            self.buf.spare(),
             &mut self.scratch_fds,
             dont_wait,
         );
         self.fds.extend(self.scratch_fds.drain(..));
-        let n = res.map_err(Error::Io)?;
+        let got = res.map_err(Error::Io)?;
+        self.buf.filled(got.bytes);
+        let checked = if got.truncated {
+            Err(Error::FdsTruncated { max: MAX_FDS })
+        } else {
+            self.check_fds()
+        };
+        if let Err(e) = checked {
+            // The peer broke the descriptor rules: the channel is done, and what it
+            // sent is closed now rather than when the channel is dropped.
+            self.fds.clear();
+            return Err(e);
+        }
+        Ok(got.bytes)
+    }
+
+    /// How many bytes the next read may take: the rest of the frame being read but
+    /// no more than has arrived of it (so a buffer grows geometrically with what is
+    /// received), and at least a chunk; behind a complete frame, up to one chunk
+    /// past it (0 while a later frame's descriptors are queued).
+    fn room(&self) -> Result<usize, Error> {
+        let have = self.buf.pending();
+        if have.len() < PREFIX_LEN {
+            return Ok(READ_CHUNK);
+        }
+        let p = decode_prefix(have)?;
+        let (have, frame) = (have.len(), p.frame_len());
+        Ok(if have < frame {
+            (frame - have).min(have).max(READ_CHUNK)
+        } else if self.fds.len() > p.fds {
+            0
+        } else {
+            (frame + READ_CHUNK).saturating_sub(have)
+        })
+    }
+
+    /// Checks that the queued descriptors are no more than the frames in the buffer
+    /// may carry: what each complete prefix announces, and [`MAX_FDS`] for a prefix
+    /// still being received.
+    fn check_fds(&self) -> Result<(), Error> {
+        if self.fds.is_empty() {
+            return Ok(());
+        }
+        let mut allowed = 0;
+        let mut rest = self.buf.pending();
+        while !rest.is_empty() {
+            if rest.len() < PREFIX_LEN {
+                allowed += MAX_FDS;
+                break;
+            }
+            let p = decode_prefix(rest)?;
+            allowed += p.fds;
+            rest = rest.get(p.frame_len()..).unwrap_or_default();
+        }
+        if self.fds.len() > allowed {
+            return Err(Error::UnexpectedFds {
+                queued: self.fds.len(),
+                allowed,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A channel's receive buffer: always initialised, `buf[start..end]` received and not
+/// yet consumed. Its length beyond [`KEEP_BUFFER`] is charged to a [`Budget`] for as
+/// long as it lives.
+#[derive(Debug)]
+struct RecvBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// What `buf` is charged to `budget` for: its length when over [`KEEP_BUFFER`].
+    charged: usize,
+    budget: &'static Budget,
+}
+
+impl RecvBuf {
+    fn new(budget: &'static Budget) -> RecvBuf {
+        RecvBuf {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            charged: 0,
+            budget,
+        }
+    }
+
+    /// Received bytes not consumed yet.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// The room behind the pending bytes, for a read.
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf[self.end..]
+    }
+
+    /// `n` bytes were read into [`RecvBuf::spare`].
+    fn filled(&mut self, n: usize) {
         self.end += n;
-        Ok(n)
+    }
+
+    /// Makes at least `room` bytes of room behind the pending bytes: moves them to the
+    /// front if that is enough, or else grows the buffer to exactly `pending + room`.
+    fn reserve(&mut self, room: usize) -> Result<(), Error> {
+        if self.buf.len() - self.end >= room {
+            return Ok(());
+        }
+        let pending = self.end - self.start;
+        if self.buf.len() - pending >= room {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = pending;
+            return Ok(());
+        }
+        self.resize(pending + room)
+    }
+
+    /// Drops `n` consumed bytes. A buffer over [`KEEP_BUFFER`] is given back once it is
+    /// empty, or shrunk once what it holds fits in a quarter of it.
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        let pending = self.end - self.start;
+        if pending == 0 {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() > KEEP_BUFFER && pending <= self.buf.len() / 4 {
+            let len = if pending == 0 {
+                0
+            } else {
+                pending + READ_CHUNK
+            };
+            // Shrinking never needs budget.
+            let _ = self.resize(len);
+        }
+    }
+
+    /// Moves the pending bytes to the front and makes the buffer `len` (≥ pending)
+    /// bytes long, charging the budget for the new size instead of the old. Growing
+    /// reallocates (a large buffer is remapped, not copied) and zeroes only the new
+    /// part, once.
+    fn resize(&mut self, len: usize) -> Result<(), Error> {
+        let pending = self.end - self.start;
+        debug_assert!(len >= pending);
+        let charge = if len > KEEP_BUFFER { len } else { 0 };
+        self.budget.recharge(self.charged, charge)?;
+        self.charged = charge;
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+        }
+        self.start = 0;
+        self.end = pending;
+        if len == 0 {
+            self.buf = Vec::new();
+        } else if len > self.buf.len() {
+            self.buf.reserve_exact(len - self.buf.len());
+            self.buf.resize(len, 0);
+        } else {
+            self.buf.truncate(len);
+            self.buf.shrink_to_fit();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RecvBuf {
+    fn drop(&mut self) {
+        let _ = self.budget.recharge(self.charged, 0);
     }
 }
 
@@ -381,6 +613,11 @@ impl Prefix {
         } else {
             self.payload
         }
+    }
+
+    /// The whole frame's length in the stream.
+    fn frame_len(&self) -> usize {
+        PREFIX_LEN + self.header + self.inline()
     }
 }
 
@@ -586,5 +823,311 @@ mod tests {
                 queued: 0
             })
         ));
+    }
+    /// Reads what the socket holds without blocking; the bytes read.
+    fn drain(ch: &mut Channel) -> usize {
+        let mut total = 0;
+        loop {
+            match ch.fill_nonblocking() {
+                Ok(0) => return total,
+                Ok(n) => total += n,
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return total,
+                Err(e) => panic!("fill: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_announced_and_not_sent_costs_one_chunk() {
+        static BUDGET: Budget = Budget::new(MAX_BUFFERED);
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut b = Channel::with_budget(b, &BUDGET);
+        // The attack of issue 9: 12 bytes announcing the largest header and payload,
+        // and one byte of the header.
+        let mut a = a;
+        a.write_all(&encode_prefix(MAX_HEADER, MAX_PAYLOAD, 0, false))
+            .unwrap();
+        a.write_all(b"{").unwrap();
+        assert_eq!(drain(&mut b), PREFIX_LEN + 1);
+        assert!(b.try_recv::<Hdr>().unwrap().is_none());
+        // Reading again (an event loop woken for nothing) does not grow it either.
+        assert_eq!(drain(&mut b), 0);
+        assert!(
+            b.buf.buf.capacity() < 2 * READ_CHUNK,
+            "{} bytes for 13 received",
+            b.buf.buf.capacity()
+        );
+        assert_eq!(BUDGET.held(), 0);
+    }
+
+    #[test]
+    fn a_slow_sender_grows_a_large_payload_with_what_arrives() {
+        static BUDGET: Budget = Budget::new(MAX_BUFFERED);
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut b = Channel::with_budget(b, &BUDGET);
+        let header = br#"{"op":"t","n":8}"#;
+        let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 249) as u8).collect();
+        let mut frame = encode_prefix(header.len(), big.len(), 0, false).to_vec();
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(&big);
+        // 48 KiB at a time, each read as soon as it is sent: the buffer stays within
+        // twice what arrived plus a chunk.
+        let mut received = 0;
+        let mut largest = 0;
+        for piece in frame.chunks(48 << 10) {
+            a.write_all(piece).unwrap();
+            received += drain(&mut b);
+            assert_eq!(
+                received,
+                piece.as_ptr() as usize - frame.as_ptr() as usize + piece.len()
+            );
+            let cap = b.buf.buf.capacity();
+            assert!(
+                cap <= 2 * received + READ_CHUNK,
+                "{cap} bytes of buffer for {received} received"
+            );
+            largest = largest.max(cap);
+        }
+        assert!(largest > KEEP_BUFFER, "{largest}");
+        let m: Message<Hdr> = b.try_recv().unwrap().expect("a whole frame");
+        assert_eq!(m.header, hdr(8));
+        assert_eq!(*m.payload, big);
+        // Consumed: the large buffer and its charge are given back.
+        assert_eq!((b.buf.buf.len(), BUDGET.held()), (0, 0));
+    }
+
+    #[test]
+    fn a_flood_of_frames_is_read_one_chunk_past_the_frame_being_taken() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let n = 2000;
+        let sender = std::thread::spawn(move || {
+            for i in 0..n {
+                a.send(&hdr(i), &[7u8; 1000], &[]).unwrap();
+            }
+        });
+        // An event loop's reader: reads until the socket would block, then takes a
+        // frame, as `Instance::try_finish` does.
+        let mut got = 0;
+        while got < n {
+            match b.fill_nonblocking() {
+                Ok(0) => {
+                    // The sender is done: what is left is buffered.
+                    let m: Message<Hdr> = b.try_recv().unwrap().expect("a buffered frame");
+                    assert_eq!(m.header.n, got);
+                    got += 1;
+                }
+                Ok(_) => {}
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match b.try_recv::<Hdr>().unwrap() {
+                        Some(m) => {
+                            assert_eq!(m.header.n, got);
+                            got += 1;
+                        }
+                        None => {
+                            let mut fds = [nix::poll::PollFd::new(
+                                b.as_fd(),
+                                nix::poll::PollFlags::POLLIN,
+                            )];
+                            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16))
+                                .unwrap();
+                        }
+                    }
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+            let pending = b.buf.pending().len();
+            assert!(pending <= PREFIX_LEN + 1100 + 2 * READ_CHUNK, "{pending}");
+            assert!(b.buf.buf.len() <= 2 * READ_CHUNK, "{}", b.buf.buf.len());
+        }
+        sender.join().unwrap();
+    }
+
+    /// A pipe whose write end is sent; its read end sees EOF once every copy is closed.
+    fn pipe_nonblocking() -> (File, OwnedFd) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).unwrap();
+        (File::from(r), w)
+    }
+
+    /// Whether every copy of the pipe's write end is closed (the read end sees EOF).
+    fn all_closed(r: &mut File) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(r.read(&mut byte), Ok(0))
+    }
+
+    fn send_bytes_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        let n = sys::send_with_fds(sock.as_fd(), &[IoSlice::new(bytes)], fds).unwrap();
+        assert_eq!(n, bytes.len());
+    }
+
+    #[test]
+    fn descriptors_behind_an_unfinished_header_drop_the_channel_and_are_closed() {
+        // The attack of issue 9: one-byte sends carrying MAX_FDS descriptors each.
+        let (a, mut b) = Channel::pair().unwrap();
+        let (mut r, w) = pipe_nonblocking();
+        let eight = [w.as_fd(); MAX_FDS];
+        let prefix = encode_prefix(MAX_HEADER, 0, MAX_FDS, false);
+        // The prefix's first byte may carry a frame's worth...
+        send_bytes_with_fds(a.stream(), &prefix[..1], &eight);
+        assert_eq!(b.fill().unwrap(), 1);
+        assert_eq!(b.fds.len(), MAX_FDS);
+        // ... and no more.
+        send_bytes_with_fds(a.stream(), &prefix[1..2], &eight);
+        let err = b.fill().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::UnexpectedFds {
+                    queued: 16,
+                    allowed: 8
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("at most 8"), "{err}");
+        assert!(b.fds.is_empty());
+        drop(w);
+        assert!(all_closed(&mut r), "the channel still holds a descriptor");
+
+        // A prefix that announces none, then a byte of its header with one.
+        let (a, mut b) = Channel::pair().unwrap();
+        let (mut r, w) = pipe_nonblocking();
+        a.stream()
+            .write_all(&encode_prefix(100, 0, 0, false))
+            .unwrap();
+        assert_eq!(b.fill().unwrap(), PREFIX_LEN);
+        send_bytes_with_fds(a.stream(), b"{", &[w.as_fd()]);
+        let err = b.fill().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::UnexpectedFds {
+                    queued: 1,
+                    allowed: 0
+                }
+            ),
+            "{err:?}"
+        );
+        drop(w);
+        assert!(all_closed(&mut r), "the channel still holds a descriptor");
+    }
+
+    #[test]
+    fn descriptors_without_a_frame_or_over_the_cap_drop_the_channel() {
+        // Descriptors behind a complete frame, with no frame of their own.
+        let (a, mut b) = Channel::pair().unwrap();
+        let (mut r, w) = pipe_nonblocking();
+        let mut frame = encode_prefix(2, 0, 0, false).to_vec();
+        frame.extend_from_slice(b"{}");
+        a.stream().write_all(&frame).unwrap();
+        // The same frame again, but the descriptor goes with its last byte.
+        send_bytes_with_fds(a.stream(), &frame[..13], &[]);
+        send_bytes_with_fds(a.stream(), &frame[13..], &[w.as_fd()]);
+        let err = loop {
+            match b.fill() {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(
+                err,
+                Error::UnexpectedFds {
+                    queued: 1,
+                    allowed: 0
+                }
+            ),
+            "{err:?}"
+        );
+        drop(w);
+        assert!(all_closed(&mut r));
+
+        // More than MAX_FDS in one message: the kernel truncates them, the channel says so.
+        let (a, mut b) = Channel::pair().unwrap();
+        let (mut r, w) = pipe_nonblocking();
+        let nine = [w.as_fd(); MAX_FDS + 1];
+        let mut frame = encode_prefix(2, 0, MAX_FDS + 1, false).to_vec();
+        frame.extend_from_slice(b"{}");
+        send_bytes_with_fds(a.stream(), &frame, &nine);
+        let err = b.fill().unwrap_err();
+        assert!(
+            matches!(err, Error::FdsTruncated { max: MAX_FDS }),
+            "{err:?}"
+        );
+        assert!(b.fds.is_empty());
+        drop(w);
+        assert!(all_closed(&mut r));
+    }
+
+    #[test]
+    fn a_later_frames_descriptors_stop_reading_until_the_first_is_taken() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        for i in 0..4 {
+            a.send(&hdr(i), b"", &[f.as_fd(); MAX_FDS]).unwrap();
+        }
+        // Each message's descriptors end a read; the second frame's stop the reads.
+        assert!(b.fill_nonblocking().unwrap() > 0);
+        assert!(b.fill_nonblocking().unwrap() > 0);
+        let err = b.fill_nonblocking().unwrap_err();
+        assert!(
+            matches!(err, Error::Io(ref e) if e.kind() == io::ErrorKind::WouldBlock),
+            "{err:?}"
+        );
+        assert_eq!(b.fds.len(), 2 * MAX_FDS);
+        for i in 0..4 {
+            let m: Message<Hdr> = b.recv().unwrap();
+            assert_eq!((m.header.n, m.fds.len()), (i, MAX_FDS));
+        }
+    }
+
+    #[test]
+    fn large_buffers_share_a_budget_and_a_frame_past_it_is_refused_by_name() {
+        static BUDGET: Budget = Budget::new(2 << 20);
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut b = Channel::with_budget(b, &BUDGET);
+        let (c, d) = UnixStream::pair().unwrap();
+        let mut d = Channel::with_budget(d, &BUDGET);
+        let big = vec![1u8; 1536 << 10];
+        let header = br#"{"op":"t","n":1}"#;
+        // The first channel receives most of a 1.5 MiB frame and holds its buffer.
+        let sender =
+            std::thread::spawn(move || Channel::new(a).send_raw(header, &big, &[]).map(|_| ()));
+        while b.buf.pending().len() < (1 << 20) {
+            b.fill().unwrap();
+        }
+        let held = BUDGET.held();
+        assert!(held > KEEP_BUFFER, "{held}");
+        // The second cannot grow past what is left.
+        let big = vec![2u8; 1536 << 10];
+        let sender2 = std::thread::spawn(move || {
+            let _ = Channel::new(c).send_raw(header, &big, &[]);
+        });
+        let err = d.recv::<Hdr>().unwrap_err();
+        assert!(
+            matches!(err, Error::ReceiveBudget { max, .. } if max == 2 << 20),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("limit of 2097152 bytes"), "{err}");
+        drop(d);
+        assert_eq!(BUDGET.held(), held);
+        sender2.join().unwrap();
+        // The first completes its frame; consumed, it gives the budget back.
+        let m: Message<Hdr> = b.recv().unwrap();
+        assert_eq!(m.payload.len(), 1536 << 10);
+        sender.join().unwrap().unwrap();
+        assert_eq!(BUDGET.held(), 0);
+        // A channel dropped in the middle of a large frame gives it back too.
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut b = Channel::with_budget(b, &BUDGET);
+        let sender = std::thread::spawn(move || {
+            let _ = Channel::new(a).send_raw(header, &vec![3u8; 1536 << 10], &[]);
+        });
+        while b.buf.pending().len() < (1 << 20) {
+            b.fill().unwrap();
+        }
+        assert!(BUDGET.held() > KEEP_BUFFER);
+        drop(b);
+        sender.join().unwrap();
+        assert_eq!(BUDGET.held(), 0);
     }
 }

@@ -1,49 +1,97 @@
 //! Raw socket calls that hand back file descriptors; the only `unsafe` in this crate.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{self, ControlMessage, MsgFlags};
 
 /// The most descriptors one frame may carry.
 pub const MAX_FDS: usize = 8;
 
-/// One `recvmsg` into `buf`; descriptors that arrive are appended to `fds`.
-/// Returns the number of bytes read (0 at end of stream).
+/// What one [`recv_with_fds`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Bytes read (0 at end of stream).
+    pub bytes: usize,
+    /// The kernel set `MSG_CTRUNC`: the message carried more descriptors than fit in
+    /// [`MAX_FDS`] (or this process is out of descriptors) and it closed the rest, so
+    /// the frame they belong to cannot be right.
+    pub truncated: bool,
+}
+
+/// One `recvmsg` into `buf`; descriptors that arrive are appended to `fds`, also
+/// when the kernel truncated the set (so the caller closes them).
+///
+/// Not nix's `recvmsg`: its `cmsgs()` refuses to look at a truncated control buffer,
+/// which would leave the descriptors the kernel did install open and owned by nobody.
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
     dont_wait: bool,
-) -> io::Result<usize> {
-    let flags = if dont_wait {
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
-    } else {
-        MsgFlags::MSG_CMSG_CLOEXEC
+) -> io::Result<Received> {
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    if dont_wait {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    // Room for MAX_FDS descriptors and no more: the kernel closes the rest of a larger
+    // set and says so with MSG_CTRUNC. `u64`s for the alignment of `cmsghdr`.
+    let mut control = [0u64; 16];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
+    let space = space as usize;
+    assert!(space <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = loop {
-        match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.map_err(io::Error::from)?,
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let bytes = loop {
+        // SAFETY: `msg` points at `iov` (which covers `buf`, writable for its length)
+        // and at `control` (writable for `space` bytes); all outlive the call.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     };
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
+    let control_end = control.as_ptr() as usize + (msg.msg_controllen as usize).min(space);
+    // SAFETY: `msg` is the header recvmsg filled: its control pointer and length (the
+    // bytes the kernel wrote) bound the walk, and CMSG_FIRSTHDR/CMSG_NXTHDR return null
+    // past them.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is a header within `control` (see above); read unaligned-safe
+        // because `control` is aligned for `cmsghdr`.
+        let hdr = unsafe { std::ptr::read(c) };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_DATA of a header within `control` points inside it.
+            let data = unsafe { libc::CMSG_DATA(c) };
+            let end = (c as usize + hdr.cmsg_len as usize).min(control_end);
+            let count = end.saturating_sub(data as usize) / std::mem::size_of::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `i` < `count` keeps the read inside the data the kernel wrote.
+                let fd = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
                 // SAFETY: the kernel installed `fd` in our table for this message
                 // (MSG_CMSG_CLOEXEC set close-on-exec); nothing else owns it.
                 fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
     }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::other(
-            "control message truncated: too many descriptors in one frame",
-        ));
-    }
-    Ok(msg.bytes)
+    Ok(Received {
+        bytes,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }
 
 /// One `sendmsg` of `iov` with `fds` attached to its first byte. Returns bytes written.
