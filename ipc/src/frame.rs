@@ -354,9 +354,7 @@ impl Channel {
                 .expect("decode_prefix: a shared frame has a descriptor");
             Payload::map(memfd, p.payload).map_err(Error::Shared)?
         } else {
-            let bytes = avail[PREFIX_LEN + p.header..total].to_vec();
-            self.buf.consume(total);
-            Payload::Inline(bytes)
+            Payload::Inline(self.buf.take(PREFIX_LEN + p.header, total))
         };
         Ok(Some(Message {
             header,
@@ -512,6 +510,27 @@ impl RecvBuf {
             return Ok(());
         }
         self.resize(pending + room)
+    }
+
+    /// Takes `pending[from..to]` out and consumes `to` bytes. A buffer over
+    /// [`KEEP_BUFFER`] that holds nothing else becomes those bytes (moved to its front
+    /// and trimmed, not copied to a new allocation) and is uncharged: the bytes are the
+    /// receiver's now.
+    fn take(&mut self, from: usize, to: usize) -> Vec<u8> {
+        if self.buf.len() <= KEEP_BUFFER || self.end - self.start != to {
+            let bytes = self.pending()[from..to].to_vec();
+            self.consume(to);
+            return bytes;
+        }
+        let mut bytes = std::mem::take(&mut self.buf);
+        bytes.copy_within(self.start + from..self.start + to, 0);
+        bytes.truncate(to - from);
+        bytes.shrink_to_fit();
+        let _ = self.budget.recharge(self.charged, 0);
+        self.charged = 0;
+        self.start = 0;
+        self.end = 0;
+        bytes
     }
 
     /// Drops `n` consumed bytes. A buffer over [`KEEP_BUFFER`] is given back once it is
