@@ -26,7 +26,9 @@
 //! function sees inside its sandbox, and its cgroup seen from the host), `cleanup`
 //! (crashed agents, agents side by side, and the leftover check itself), `pool` (the
 //! warm pool's lifecycle), `workflows` (functions calling functions), `call_socket`
-//! (who the call socket hears), `mounts` (the host's mount table never changes).
+//! (who the call socket hears), `mounts` (the host's mount table never changes), and
+//! the hostile suite: `hostile_frames` (what a function's frames can cost the agent),
+//! `hostile_registration` (directories and limits), `hostile_uploads` (archives).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
