@@ -281,20 +281,25 @@ impl<'a> Unpacker<'a> {
         if raw[0] == b'/' {
             return Err(Error::Absolute { entry: entry() });
         }
-        let parts: Vec<&[u8]> = raw
-            .split(|&b| b == b'/')
-            .filter(|p| !p.is_empty() && *p != b".")
-            .collect();
-        if parts.iter().any(|p| *p == b"..") {
+        // Counted, not collected, before the limits are checked: a GNU long name can be
+        // as long as the whole body (a slice per component of a 64 MiB `a/a/a/…` took
+        // ~512 MiB).
+        let components = || {
+            raw.split(|&b| b == b'/')
+                .filter(|p| !p.is_empty() && *p != b".")
+        };
+        if components().any(|p| p == b"..") {
             return Err(Error::ParentDir { entry: entry() });
         }
-        if parts.len() > self.limits.depth {
+        let depth = components().count();
+        if depth > self.limits.depth {
             return Err(Error::TooDeep {
                 entry: entry(),
-                depth: parts.len(),
+                depth,
                 max: self.limits.depth,
             });
         }
+        let parts: Vec<&[u8]> = components().collect();
         if raw.len() > self.limits.path_bytes {
             return Err(Error::PathTooLong {
                 entry: entry(),

@@ -942,6 +942,13 @@ impl<Z: Spawn> Router<Z> {
 
 /// One read of a busy callee's channel.
 fn hear(link: &mut InstanceLink) -> Heard {
+    // A frame may already be buffered from an earlier read; while one is, the
+    // channel reads no further (`Channel::fill` says `WouldBlock`).
+    match link.0.try_recv() {
+        Ok(Some(m)) => return Heard::Answer(m),
+        Ok(None) => {}
+        Err(e) => return Heard::Broke(ipc::chain(&e)),
+    }
     match link.0.fill() {
         Ok(0) => return Heard::Died,
         Ok(_) => {}

@@ -815,10 +815,11 @@ def f(e):
         .unwrap_or_else(|e| panic!("invoke big: {}", ipc::chain(&e)));
     let held = sent.elapsed();
     assert_eq!(served.0, 200, "{served:?}");
-    // It came after at least the hostile call that was answered, and no later than
-    // after all of them: the closed connection's queued calls gave up their places.
+    // It ran no later than after all of them: the closed connection's queued calls
+    // gave up their places. (It may run in a new instance, counting from 1: the call
+    // in flight when the connection closed is cancelled and its sibling destroyed.)
     let count: usize = served.1.parse().unwrap();
-    assert!((2..=calls + 1).contains(&count), "{served:?}");
+    assert!((1..=calls + 1).contains(&count), "{served:?}");
     // It was held (the answers did block), then let go once the connection closed.
     assert!(
         held >= Duration::from_secs(2),
