@@ -123,9 +123,11 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
             "capabilities": { "bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": [] },
             "rlimits": [
                 { "type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024 },
-                // No core dumps (they would be written by the host kernel), and no
-                // file larger than the largest payload or scratch (1 GiB).
-                { "type": "RLIMIT_CORE", "hard": 0, "soft": 0 },
+                // No core dumps: 1, not 0, because with a pipe `core_pattern`
+                // (systemd-coredump, apport) the kernel ignores the limit except
+                // for the value 1, and would start the host's helper for every
+                // crash. And no file larger than the largest payload or scratch.
+                { "type": "RLIMIT_CORE", "hard": 1, "soft": 1 },
                 { "type": "RLIMIT_FSIZE", "hard": MAX_FILE_SIZE, "soft": MAX_FILE_SIZE },
             ],
             "noNewPrivileges": true,
@@ -239,7 +241,7 @@ mod tests {
             .collect();
         for want in [
             ("RlimitNofile".to_owned(), 1024, 1024),
-            ("RlimitCore".to_owned(), 0, 0),
+            ("RlimitCore".to_owned(), 1, 1),
             ("RlimitFsize".to_owned(), 1 << 30, 1 << 30),
         ] {
             assert!(rlimits.contains(&want), "{want:?} not in {rlimits:?}");
