@@ -284,18 +284,24 @@ fn descriptors_behind_an_unfinished_header_drop_the_connection() {
     // The agent still serves, and holds no more descriptors than before.
     let r = d.invoke("hostile", r#"{"mode": "warm"}"#);
     assert_eq!(body_json(&r), json!("warm"), "{}", text(&r));
-    let after = wait_for(Duration::from_secs(10), || {
+    let after = fds_back_to(&d, before);
+    assert!(
+        after.is_ok(),
+        "the agent holds {after:?} descriptors, {before} before"
+    );
+}
+
+/// Waits (10 s at most) until the agent holds no more than two descriptors over
+/// `before`; the count it holds then, or the last one seen.
+fn fds_back_to(d: &Daemon, before: usize) -> Result<usize, usize> {
+    wait_for(Duration::from_secs(10), || {
         let n = open_fds(d.pid());
         if n <= before + 2 {
             Ok(n)
         } else {
             Err(n)
         }
-    });
-    assert!(
-        after.is_ok(),
-        "the agent holds {after:?} descriptors, {before} before"
-    );
+    })
 }
 
 #[test]
@@ -313,14 +319,7 @@ fn descriptors_over_the_cap_drop_the_connection_and_none_stays_open() {
     assert_eq!(body_json(&r)["dropped"], connections, "{}", text(&r));
     // Each connection's 8 installed descriptors are closed with it (had they been left
     // to nobody, 8 per connection would stay open for the agent's life).
-    let after = wait_for(Duration::from_secs(10), || {
-        let n = open_fds(d.pid());
-        if n <= before + 2 {
-            Ok(n)
-        } else {
-            Err(n)
-        }
-    });
+    let after = fds_back_to(&d, before);
     assert!(
         after.is_ok(),
         "{connections} connections sending 9 descriptors each left the agent with {after:?} \
