@@ -17,20 +17,21 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::http::{FastCall, FastPoll};
 use crate::instance::{Answer, CallFailure, Instance, Output, BOOT_TIMEOUT};
-use crate::registry::Function;
+use crate::registry::{Function, FunctionKey};
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
 use crate::run::Run;
 use crate::scheduler::{Sched, Slot, SlotState, StemCell};
 use crate::workflow::Workflow;
 
-/// A running node agent. Create it with [`Agent::start`] before the process starts
-/// any thread; share it (`Arc<Agent>`) across threads; end it with
-/// [`Agent::shutdown`].
+/// A running node agent. Create it with [`Agent::start`] (from any thread); share
+/// it (`Arc<Agent>`) across threads; end it with [`Agent::shutdown`].
 #[derive(Debug)]
 pub struct Agent {
     inner: Arc<Inner>,
     manager: Mutex<Option<JoinHandle<()>>>,
     calls: Mutex<Option<JoinHandle<()>>>,
+    /// Watches the spawner and cleans up after its death.
+    spawner_watch: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A sandbox bound to a function, as the call server and workflows see it.
@@ -72,8 +73,9 @@ pub(crate) struct Inner {
     spawner: Spawner,
     skeleton: Skeleton,
     runtime_dir: PathBuf,
-    functions: Mutex<HashMap<String, Arc<Function>>>,
-    pub workflows: Mutex<HashMap<String, Arc<Workflow>>>,
+    /// By namespace and name (the tenant boundary: every lookup names both).
+    functions: Mutex<HashMap<FunctionKey, Arc<Function>>>,
+    pub workflows: Mutex<HashMap<FunctionKey, Arc<Workflow>>>,
     /// Bound sandboxes by id.
     pub bound: Mutex<HashMap<String, BoundSandbox>>,
     /// Held while the spawner attaches a callee's code somewhere.
@@ -81,6 +83,10 @@ pub(crate) struct Inner {
     /// The workflow run each sandbox taking part in one belongs to, by sandbox id.
     pub runs: Mutex<HashMap<String, Arc<Run>>>,
     pub call_socket: PathBuf,
+    /// Each live sandbox's own host uid and gid (`Config::sandbox_uids`).
+    pub sandbox_users: rootfs::SandboxUsers,
+    /// Each sandbox's invocation, calls in flight and call connections.
+    pub calls: crate::calls::Book,
     pub sched: Mutex<Sched>,
     /// Wakes the pool manager (paired with `sched`).
     pub wake: Condvar,
@@ -91,6 +97,8 @@ pub(crate) struct Inner {
     invocations: AtomicU64,
     pub shutting_down: AtomicBool,
     started: Instant,
+    /// Reads every sandbox's shim and zygote output (one thread).
+    output: crate::sandbox_output::SandboxOutput,
 }
 
 fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -105,10 +113,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Agent {
-    /// Cleans up after crashed agents, takes a state directory, forks the spawner
-    /// and (with `keep_warm`) starts the pool manager thread. Must be called while
-    /// the process is single-threaded.
+    /// Cleans up after crashed agents, takes a state directory, starts the spawner
+    /// (the `sprout-spawner` executable: [`Config::spawner`]) and (with `keep_warm`)
+    /// the pool manager thread. May be called from any thread.
     pub fn start(config: Config) -> Result<Agent, Error> {
+        let spawner_exe = pool::find_spawner(config.spawner.as_deref())?;
         let shim = config
             .shim
             .canonicalize()
@@ -136,7 +145,7 @@ impl Agent {
         })?;
         let runtime_dir = state.path().join("runtime");
         shim::install_runtime(&runtime_dir).map_err(state_err(&runtime_dir))?;
-        let spawner = Spawner::start(&state, &cgroups)?;
+        let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
         if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
             // Only slower freezes and thaws follow; say so and go on.
             tracing::warn!(error = %ipc::chain(&e), "could not hold the freezer anchor cgroup");
@@ -145,6 +154,16 @@ impl Agent {
         let keep_warm = config.keep_warm;
         let call_listener = crate::calls::bind(&runtime_dir)?;
         let call_socket_path = runtime_dir.join(crate::calls::SOCKET_NAME);
+        // Sandboxes run as unprivileged users, who need write permission to
+        // connect; host accounts cannot reach it (the state directory is 0700 root;
+        // sandboxes see it through their bind mount). The peer's cgroup and uid
+        // decide who is heard (`calls`).
+        std::fs::set_permissions(
+            &call_socket_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .map_err(state_err(&call_socket_path))?;
+        let sandbox_users = rootfs::SandboxUsers::new(config.sandbox_uids);
         let inner = Arc::new(Inner {
             config: Config { shim, ..config },
             agent_id: state.agent_id().to_owned(),
@@ -162,6 +181,8 @@ impl Agent {
             attaching: Mutex::new(()),
             runs: Mutex::new(HashMap::new()),
             call_socket: call_socket_path,
+            sandbox_users,
+            calls: crate::calls::Book::default(),
             sched: Mutex::new(Sched::default()),
             wake: Condvar::new(),
             next_id: AtomicU64::new(1),
@@ -170,6 +191,8 @@ impl Agent {
             invocations: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             started: Instant::now(),
+            output: crate::sandbox_output::SandboxOutput::start()
+                .map_err(state_err(Path::new("sandbox output thread")))?,
         });
         let manager = if keep_warm {
             let inner = inner.clone();
@@ -194,10 +217,25 @@ impl Agent {
                     source,
                 })?
         };
+        let spawner_watch = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("sprout-spawner-watch".into())
+                .spawn(move || {
+                    while inner.spawner.watch() {
+                        inner.forget_gone_sandboxes();
+                    }
+                })
+                .map_err(|source| Error::State {
+                    path: PathBuf::from("spawner watch thread"),
+                    source,
+                })?
+        };
         Ok(Agent {
             inner,
             manager: Mutex::new(manager),
             calls: Mutex::new(Some(calls)),
+            spawner_watch: Mutex::new(Some(spawner_watch)),
         })
     }
 
@@ -232,7 +270,11 @@ impl Agent {
             remove_owned_dir(f);
         }
         // The spawner destroys sandboxes still in use by in-flight requests.
-        inner.spawner.shutdown()?;
+        let stopped = inner.spawner.shutdown();
+        if let Some(watch) = lock(&self.spawner_watch).take() {
+            let _ = watch.join();
+        }
+        stopped?;
         if let Some(state) = lock(&inner.state).take() {
             state.remove(&inner.cgroups)?;
         }
@@ -242,34 +284,64 @@ impl Agent {
 
     /// The one entry point of every transport.
     pub fn handle(&self, req: Request) -> Result<Response, Error> {
+        self.handle_abandonable(req, None)
+    }
+
+    /// [`Agent::handle`] for a transport that can take a request back while it
+    /// waits in a function's queue (its client went away, or the server drains).
+    pub fn handle_abandonable(
+        &self,
+        req: Request,
+        abandon: Option<&crate::scheduler::Abandon>,
+    ) -> Result<Response, Error> {
         let inner = &self.inner;
         if inner.shutting_down.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
         match req {
             Request::RegisterFunction {
+                namespace,
                 name,
                 source,
                 config,
             } => inner
-                .register(&name, source, &config)
+                .register(&FunctionKey::new(&namespace, &name)?, source, &config)
                 .map(Response::Registered),
-            Request::ListFunctions => Ok(Response::Functions(inner.list())),
-            Request::RemoveFunction { name } => {
-                inner.remove(&name).map(|()| Response::Removed { name })
+            Request::ListFunctions { namespace } => {
+                crate::registry::validate_namespace(&namespace)?;
+                Ok(Response::Functions(inner.list(&namespace)))
             }
-            Request::Invoke { name, event } => inner.invoke(&name, event).map(Response::Invoked),
+            Request::RemoveFunction { namespace, name } => inner
+                .remove(&FunctionKey::new(&namespace, &name)?)
+                .map(|()| Response::Removed { namespace, name }),
+            Request::Invoke {
+                namespace,
+                name,
+                event,
+            } => inner
+                .invoke(&FunctionKey::new(&namespace, &name)?, event, abandon)
+                .map(Response::Invoked),
             Request::Status => Ok(Response::Status(inner.status())),
-            Request::RegisterWorkflow { name, workflow } => inner
-                .register_workflow(&name, workflow)
+            Request::RegisterWorkflow {
+                namespace,
+                name,
+                workflow,
+            } => inner
+                .register_workflow(&FunctionKey::new(&namespace, &name)?, workflow)
                 .map(Response::WorkflowRegistered),
-            Request::ListWorkflows => Ok(Response::Workflows(inner.list_workflows())),
-            Request::RemoveWorkflow { name } => inner
-                .remove_workflow(&name)
-                .map(|()| Response::Removed { name }),
-            Request::RunWorkflow { name, input } => {
-                crate::workflow::run(inner, &name, &input).map(Response::WorkflowRan)
+            Request::ListWorkflows { namespace } => {
+                crate::registry::validate_namespace(&namespace)?;
+                Ok(Response::Workflows(inner.list_workflows(&namespace)))
             }
+            Request::RemoveWorkflow { namespace, name } => inner
+                .remove_workflow(&FunctionKey::new(&namespace, &name)?)
+                .map(|()| Response::Removed { namespace, name }),
+            Request::RunWorkflow {
+                namespace,
+                name,
+                input,
+            } => crate::workflow::run(inner, &FunctionKey::new(&namespace, &name)?, &input)
+                .map(Response::WorkflowRan),
         }
     }
 }
@@ -279,11 +351,23 @@ impl crate::http::Handle for Agent {
         Agent::handle(self, req)
     }
 
+    fn handle_abandonable(
+        &self,
+        req: Request,
+        abandon: &crate::scheduler::Abandon,
+    ) -> Result<Response, Error> {
+        Agent::handle_abandonable(self, req, Some(abandon))
+    }
+
     fn start_fast(&self, req: &Request) -> Option<Box<dyn FastCall>> {
         match req {
-            Request::Invoke { name, event } => self
+            Request::Invoke {
+                namespace,
+                name,
+                event,
+            } => self
                 .inner
-                .start_fast(name, event)
+                .start_fast(namespace, name, event)
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }
@@ -331,8 +415,16 @@ impl FastCall for WarmCall {
                 self.failed = Some(failure);
                 FastPoll::Handoff
             }
-            // Ending the run it started takes a spawner round trip: not on the loop.
-            Some(outcome) if inst.called || self.inner.has_root_run(inst.sandbox.id()) => {
+            // Ending the run it started takes a spawner round trip, and ending the calls
+            // of a sandbox with a call connection a call-loop round trip: not on the loop.
+            // A shared (memfd) result is checked (parsed in full) by `complete`: not
+            // on the loop either.
+            Some(outcome)
+                if inst.called
+                    || matches!(&outcome, Ok(answer) if answer.payload.is_shared())
+                    || self.inner.has_root_run(inst.sandbox.id())
+                    || self.inner.calls.connected(inst.sandbox.id()) =>
+            {
                 self.answered = Some(outcome);
                 FastPoll::Handoff
             }
@@ -382,17 +474,17 @@ impl Drop for WarmCall {
 impl Inner {
     fn register(
         &self,
-        name: &str,
+        key: &FunctionKey,
         source: FunctionSource,
         config: &FunctionConfig,
     ) -> Result<FunctionInfo, Error> {
-        crate::registry::validate_name(name)?;
+        let name = key.name.as_str();
         let version = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (dir, owns_dir) = match source {
             FunctionSource::Dir(dir) => (dir, false),
             FunctionSource::Tar(bytes) => (self.unpack(name, version, &bytes)?, true),
         };
-        let function = match Function::new(name, &dir, config, &self.config, version, owns_dir) {
+        let function = match Function::new(key, &dir, config, &self.config, version, owns_dir) {
             Ok(f) => Arc::new(f),
             Err(e) => {
                 if owns_dir {
@@ -403,17 +495,17 @@ impl Inner {
         };
         if function.dir.join("requirements.txt").is_file() {
             tracing::warn!(
-                function = name,
+                function = %key,
                 "requirements.txt is not installed yet: the function gets the standard library of the host's Python only"
             );
         }
         let info = function.info(0);
-        let old = lock(&self.functions).insert(name.to_owned(), function);
+        let old = lock(&self.functions).insert(key.clone(), function);
         if let Some(old) = old {
-            self.retire(name);
+            self.retire(key);
             remove_owned_dir(&old);
         }
-        tracing::info!(function = name, handler = %info.handler, path = %info.path, "function registered");
+        tracing::info!(function = %key, handler = %info.handler, path = %info.path, "function registered");
         Ok(info)
     }
 
@@ -441,26 +533,29 @@ impl Inner {
         }
     }
 
-    fn list(&self) -> Vec<FunctionInfo> {
-        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+    /// The functions of `namespace`, by name.
+    fn list(&self, namespace: &str) -> Vec<FunctionInfo> {
+        let functions: Vec<Arc<Function>> = lock(&self.functions)
+            .values()
+            .filter(|f| f.namespace == namespace)
+            .cloned()
+            .collect();
         let sched = lock(&self.sched);
         let mut list: Vec<_> = functions
             .iter()
-            .map(|f| f.info(sched.idle_count(&f.name)))
+            .map(|f| f.info(sched.idle_count(&f.key())))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
 
-    fn remove(&self, name: &str) -> Result<(), Error> {
+    fn remove(&self, key: &FunctionKey) -> Result<(), Error> {
         let f = lock(&self.functions)
-            .remove(name)
-            .ok_or_else(|| Error::NotFound {
-                name: name.to_owned(),
-            })?;
-        self.retire(name);
+            .remove(key)
+            .ok_or_else(|| not_found(key))?;
+        self.retire(key);
         remove_owned_dir(&f);
-        tracing::info!(function = name, "function removed");
+        tracing::info!(function = %key, "function removed");
         Ok(())
     }
 
@@ -468,10 +563,11 @@ impl Inner {
     /// that call `name` in their sandbox (they would keep running its old code), and
     /// wakes its waiters to look again (they find the new version, or that the
     /// function is gone).
-    fn retire(&self, name: &str) {
+    fn retire(&self, key: &FunctionKey) {
+        let name = &key.name;
         let old = {
             let mut sched = lock(&self.sched);
-            let pool = sched.pool(name);
+            let pool = sched.pool(key);
             pool.live -= pool.idle.len();
             for slot in pool.queue.drain(..) {
                 slot.retry();
@@ -479,10 +575,12 @@ impl Inner {
             let mut old = std::mem::take(&mut pool.idle);
             let prefix = format!("{}/{name}-", rootfs::FUNCTIONS_DIR);
             let bound = lock(&self.bound);
+            // Only its namespace's sandboxes can have attached it.
             let calls_it = |i: &Instance| {
-                bound
-                    .get(i.sandbox.id())
-                    .is_some_and(|b| b.attached.iter().any(|a| a.starts_with(&prefix)))
+                i.function.namespace == key.namespace
+                    && bound
+                        .get(i.sandbox.id())
+                        .is_some_and(|b| b.attached.iter().any(|a| a.starts_with(&prefix)))
             };
             for pool in sched.functions.values_mut() {
                 let callers: Vec<Instance> = pool.idle.extract_if(.., |i| calls_it(i)).collect();
@@ -497,6 +595,8 @@ impl Inner {
     }
 
     fn status(&self) -> Status {
+        // Before any lock is held: it takes the registry's and the bound sandboxes'.
+        let namespaces = self.namespaces();
         let sched = lock(&self.sched);
         let frozen = sched
             .functions
@@ -524,26 +624,88 @@ impl Inner {
             memory_budget_mb: self.config.pool.memory_budget_mb,
             invocations: self.invocations.load(Ordering::Relaxed),
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            namespaces,
         }
     }
 
-    fn invoke(&self, name: &str, event: Vec<u8>) -> Result<Invocation, Error> {
-        serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
-        let event = Payload::Inline(event);
-        self.invoke_with(name, &event, &CallOpts::default())
+    /// Each namespace with a function or a workflow: what it has registered, and
+    /// its sandboxes.
+    fn namespaces(&self) -> Vec<ipc::api::NamespaceStatus> {
+        let mut by_ns: std::collections::BTreeMap<String, ipc::api::NamespaceStatus> =
+            Default::default();
+        let functions: Vec<String> = lock(&self.functions)
+            .keys()
+            .map(|k| k.namespace.clone())
+            .collect();
+        let workflows: Vec<String> = lock(&self.workflows)
+            .keys()
+            .map(|k| k.namespace.clone())
+            .collect();
+        let sandboxes: Vec<String> = lock(&self.bound)
+            .values()
+            .map(|b| b.function.namespace.clone())
+            .collect();
+        let mut add = |ns: String, which: fn(&mut ipc::api::NamespaceStatus)| {
+            let e = by_ns
+                .entry(ns.clone())
+                .or_insert_with(|| ipc::api::NamespaceStatus {
+                    namespace: ns,
+                    functions: 0,
+                    workflows: 0,
+                    sandboxes: 0,
+                });
+            which(e);
+        };
+        for ns in functions {
+            add(ns, |e| e.functions += 1);
+        }
+        for ns in workflows {
+            add(ns, |e| e.workflows += 1);
+        }
+        for ns in sandboxes {
+            add(ns, |e| e.sandboxes += 1);
+        }
+        by_ns.into_values().collect()
     }
 
-    /// Runs one invocation of `name`: a client's (`opts` default) or a function's call.
+    fn invoke(
+        &self,
+        key: &FunctionKey,
+        event: Vec<u8>,
+        abandon: Option<&crate::scheduler::Abandon>,
+    ) -> Result<Invocation, Error> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
+        let event = Payload::Inline(event);
+        self.invoke_abandonable(key, &event, &CallOpts::default(), abandon)
+    }
+
+    /// Runs one invocation of `key`: a client's (`opts` default) or a function's call
+    /// (resolved in the caller's namespace).
     pub(crate) fn invoke_with(
         &self,
-        name: &str,
+        key: &FunctionKey,
         event: &Payload,
         opts: &CallOpts<'_>,
     ) -> Result<Invocation, Error> {
+        self.invoke_abandonable(key, event, opts, None)
+    }
+
+    /// [`Inner::invoke_with`] for a client's request that the HTTP loop takes back
+    /// (`abandon`) while it waits for an instance: its client went away, or the
+    /// server drains.
+    fn invoke_abandonable(
+        &self,
+        key: &FunctionKey,
+        event: &Payload,
+        opts: &CallOpts<'_>,
+        abandon: Option<&crate::scheduler::Abandon>,
+    ) -> Result<Invocation, Error> {
+        let name = key.name.as_str();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!(
             "invoke",
+            namespace = %key.namespace,
             function = name,
             invocation = id,
             depth = opts.depth,
@@ -556,13 +718,15 @@ impl Inner {
         // no longer than its deadline, and not once its caller has given up.
         let queue_deadline = opts.deadline.or_else(|| {
             opts.run.and_then(|_| {
-                let f = lock(&self.functions).get(name).map(|f| f.timeout_ms)?;
+                let f = lock(&self.functions).get(key).map(|f| f.timeout_ms)?;
                 Some(Instant::now() + Duration::from_millis(f))
             })
         });
-        let (mut inst, mut start, function) = self.acquire(name, queue_deadline, opts.cancel)?;
+        let (mut inst, mut start, function) =
+            self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
         span.record("sandbox_id", inst.sandbox.id());
-        if opts.cancel.is_some_and(|c| c.fired()) {
+        // A client gone while its instance was handed over: it never runs.
+        if opts.cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.is_gone()) {
             self.release(inst, true);
             return Err(Error::Cancelled {
                 function: name.to_owned(),
@@ -584,6 +748,8 @@ impl Inner {
         // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
         let own = Instant::now() + Duration::from_millis(function.timeout_ms);
         let deadline = opts.deadline.map_or(own, |d| d.min(own));
+        // Calls the sandbox makes from now on are this invocation's (`complete` ends them).
+        self.calls.begin(inst.sandbox.id(), opts.depth);
         let outcome = inst.begin(id, event, opts.depth, opts.raw).and_then(|()| {
             inst.finish(
                 id,
@@ -606,6 +772,8 @@ impl Inner {
         outcome: Result<Answer, CallFailure>,
         opts: &CallOpts<'_>,
     ) -> Result<Invocation, Error> {
+        // Every call the invocation made ends with it, whatever the runtime reports.
+        self.calls.end(inst.sandbox.id());
         let logs = inst.take_logs();
         let duration = started.elapsed();
         let name = &function.name;
@@ -622,6 +790,20 @@ impl Inner {
                 }),
                 healthy,
             ),
+            // A top-level result is answered over HTTP: bounded like a request body
+            // (checked before it is parsed).
+            Ok(Answer { payload, .. })
+                if opts.run.is_none() && payload.len() > crate::request::MAX_RESULT =>
+            {
+                (
+                    Err(Error::ResultTooLarge {
+                        function: name.clone(),
+                        len: payload.len(),
+                        max: crate::request::MAX_RESULT,
+                    }),
+                    healthy,
+                )
+            }
             Ok(Answer { payload, raw }) => {
                 match serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
                     Err(source) if !raw => (
@@ -638,7 +820,7 @@ impl Inner {
                             "invocation returned"
                         );
                         let inv = Invocation {
-                            result: payload.into_vec(),
+                            result: payload,
                             raw,
                             logs,
                             duration,
@@ -682,6 +864,7 @@ impl Inner {
             return true;
         }
         let functions = lock(&self.functions);
+        let namespace = &b.function.namespace;
         b.attached.iter().all(|target| {
             let Some((name, version)) = target
                 .strip_prefix(rootfs::FUNCTIONS_DIR)
@@ -689,8 +872,12 @@ impl Inner {
             else {
                 return false;
             };
+            // Callees are of the sandbox's own namespace.
             functions
-                .get(name)
+                .get(&FunctionKey {
+                    namespace: namespace.clone(),
+                    name: name.to_owned(),
+                })
                 .is_some_and(|f| version.parse() == Ok(f.version))
         })
     }
@@ -774,6 +961,15 @@ impl Inner {
         sandbox_id: &str,
         callee: &Function,
     ) -> Result<Option<CallSpec>, Error> {
+        // The tenant boundary: never another namespace's code in this sandbox. The
+        // lookups that lead here already resolve in the caller's namespace; this holds
+        // whatever a future caller does.
+        let caller_namespace = lock(&self.bound)
+            .get(sandbox_id)
+            .map(|b| b.function.namespace.clone());
+        if let Some(ns) = caller_namespace.filter(|ns| *ns != callee.namespace) {
+            return Err(not_found_in(&ns, &callee.name));
+        }
         let target = format!(
             "{}/{}-{}",
             rootfs::FUNCTIONS_DIR,
@@ -812,47 +1008,67 @@ impl Inner {
         }))
     }
 
-    pub(crate) fn function(&self, name: &str) -> Result<Arc<Function>, Error> {
+    pub(crate) fn function(&self, key: &FunctionKey) -> Result<Arc<Function>, Error> {
         lock(&self.functions)
-            .get(name)
+            .get(key)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                name: name.to_owned(),
-            })
+            .ok_or_else(|| not_found(key))
+    }
+
+    /// `name` in the namespace of the function sandbox `sandbox_id` is bound to: what a
+    /// call from that sandbox means. A function calls only its own namespace's
+    /// functions; a name that exists only elsewhere is as unknown as one that exists
+    /// nowhere.
+    pub(crate) fn callee_key(&self, sandbox_id: &str, name: &str) -> Result<FunctionKey, Error> {
+        let namespace = lock(&self.bound)
+            .get(sandbox_id)
+            .map(|b| b.function.namespace.clone())
+            .ok_or_else(|| Error::State {
+                path: PathBuf::from(sandbox_id),
+                source: std::io::Error::other("the calling sandbox is not bound to a function"),
+            })?;
+        FunctionKey::new(&namespace, name).map_err(|_| not_found_in(&namespace, name))
     }
 
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Registers workflow `key`; its tasks' functions must exist in its namespace.
     fn register_workflow(
         &self,
-        name: &str,
+        key: &FunctionKey,
         workflow: Workflow,
     ) -> Result<ipc::api::WorkflowInfo, Error> {
-        crate::registry::validate_name(name)?;
-        workflow.check_functions(|f| lock(&self.functions).contains_key(f))?;
-        let info = workflow.info(name);
-        lock(&self.workflows).insert(name.to_owned(), Arc::new(workflow));
-        tracing::info!(workflow = name, tasks = info.tasks, "workflow registered");
+        workflow.check_functions(|f| {
+            lock(&self.functions).contains_key(&FunctionKey {
+                namespace: key.namespace.clone(),
+                name: f.to_owned(),
+            })
+        })?;
+        let info = workflow.info(key);
+        lock(&self.workflows).insert(key.clone(), Arc::new(workflow));
+        tracing::info!(workflow = %key, tasks = info.tasks, "workflow registered");
         Ok(info)
     }
 
-    fn list_workflows(&self) -> Vec<ipc::api::WorkflowInfo> {
+    fn list_workflows(&self, namespace: &str) -> Vec<ipc::api::WorkflowInfo> {
         let mut list: Vec<_> = lock(&self.workflows)
             .iter()
-            .map(|(name, w)| w.info(name))
+            .filter(|(key, _)| key.namespace == namespace)
+            .map(|(key, w)| w.info(key))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
 
-    fn remove_workflow(&self, name: &str) -> Result<(), Error> {
+    fn remove_workflow(&self, key: &FunctionKey) -> Result<(), Error> {
         lock(&self.workflows)
-            .remove(name)
+            .remove(key)
             .map(drop)
             .ok_or_else(|| Error::WorkflowNotFound {
-                name: name.to_owned(),
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
             })
     }
 
@@ -860,17 +1076,22 @@ impl Inner {
     /// only when the function has an idle instance and the event is small. A frozen
     /// instance is thawed here (a write and a read of its freezer file, ~0.1 ms).
     /// `None` sends the request down the ordinary path.
-    fn start_fast(self: &Arc<Self>, name: &str, event: &[u8]) -> Option<WarmCall> {
+    fn start_fast(self: &Arc<Self>, namespace: &str, name: &str, event: &[u8]) -> Option<WarmCall> {
         if event.len() > FAST_EVENT_MAX
             || self.shutting_down.load(Ordering::SeqCst)
             || serde_json::from_slice::<serde::de::IgnoredAny>(event).is_err()
         {
             return None;
         }
-        let function = lock(&self.functions).get(name).cloned()?;
+        // An invalid namespace or name is never registered: the ordinary path says why.
+        let key = FunctionKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let function = lock(&self.functions).get(&key).cloned()?;
         let mut inst = {
             let mut sched = lock(&self.sched);
-            let pool = sched.functions.get_mut(name)?;
+            let pool = sched.functions.get_mut(&key)?;
             let usable = pool
                 .idle
                 .last()
@@ -900,6 +1121,7 @@ impl Inner {
                 "thawed"
             );
         }
+        self.calls.begin(inst.sandbox.id(), 0);
         let failed = inst
             .begin(id, &Payload::Inline(event.to_vec()), 0, false)
             .err();
@@ -921,24 +1143,42 @@ impl Inner {
     /// function's queue.
     pub(crate) fn acquire(
         &self,
-        name: &str,
+        key: &FunctionKey,
         deadline: Option<Instant>,
         cancel: Option<&crate::run::Cancel>,
     ) -> Result<(Instance, Start, Arc<Function>), Error> {
+        self.acquire_until(key, deadline, cancel, None)
+    }
+
+    /// [`Inner::acquire`] for a request its transport may abandon while it waits.
+    pub(crate) fn acquire_until(
+        &self,
+        key: &FunctionKey,
+        deadline: Option<Instant>,
+        cancel: Option<&crate::run::Cancel>,
+        abandon: Option<&crate::scheduler::Abandon>,
+    ) -> Result<(Instance, Start, Arc<Function>), Error> {
+        let name = key.name.as_str();
         let mut retried = false;
         loop {
-            let function =
-                lock(&self.functions)
-                    .get(name)
-                    .cloned()
-                    .ok_or_else(|| Error::NotFound {
-                        name: name.to_owned(),
-                    })?;
+            // Taken back before it started (and before it starts an instance). A
+            // retry it was woken with goes to the next waiter, or nobody starts the
+            // replacement.
+            if let Some(e) = abandon.and_then(|a| a.error(name)) {
+                if retried {
+                    lock(&self.sched).pool(key).retry_next();
+                }
+                return Err(e);
+            }
+            let function = lock(&self.functions)
+                .get(key)
+                .cloned()
+                .ok_or_else(|| not_found(key))?;
             let mut sched = lock(&self.sched);
             if self.shutting_down.load(Ordering::SeqCst) {
                 return Err(Error::ShuttingDown);
             }
-            let pool = sched.pool(name);
+            let pool = sched.pool(key);
             let stale: Vec<Instance> = pool
                 .idle
                 .extract_if(.., |i| i.function_version != function.version)
@@ -986,24 +1226,28 @@ impl Inner {
                 return match self.start_instance(&function, stem) {
                     Ok(inst) => Ok((inst, start, function)),
                     Err(e) => {
-                        self.forget_instance(name);
+                        self.forget_instance(key);
                         Err(e)
                     }
                 };
             }
             let slot = slot.expect("queued");
             let waited = Instant::now();
-            let mut state = slot.wait(deadline, || cancel.is_some_and(|c| c.fired()));
+            let mut state = slot.wait(deadline, || {
+                cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.get().is_some())
+            });
             if matches!(state, SlotState::Waiting) {
                 // Out of the queue first: nobody can hand it an instance after that.
                 let mut sched = lock(&self.sched);
-                sched.pool(name).queue.retain(|s| !Arc::ptr_eq(s, &slot));
+                sched.pool(key).queue.retain(|s| !Arc::ptr_eq(s, &slot));
                 drop(sched);
                 state = slot.take();
             }
             match state {
                 SlotState::Ready(inst) => return Ok((*inst, Start::Warm, function)),
                 SlotState::Retry => retried = true,
+                // Taken back: the check at the top of the loop says why.
+                SlotState::GaveUp if abandon.is_some_and(|a| a.get().is_some()) => {}
                 SlotState::GaveUp if cancel.is_some_and(|c| c.fired()) => {
                     return Err(Error::Cancelled {
                         function: name.to_owned(),
@@ -1021,10 +1265,10 @@ impl Inner {
         }
     }
 
-    /// Counts an instance of `name` as gone and lets a waiter start a replacement.
-    fn forget_instance(&self, name: &str) {
+    /// Counts an instance of `key` as gone and lets a waiter start a replacement.
+    fn forget_instance(&self, key: &FunctionKey) {
         let mut sched = lock(&self.sched);
-        let pool = sched.pool(name);
+        let pool = sched.pool(key);
         pool.live -= 1;
         if let Some(slot) = pool.queue.pop_front() {
             slot.retry();
@@ -1135,29 +1379,52 @@ impl Inner {
         let cgroup = self.cgroup_parent.join(&id);
         let bundle = self.bundles.join(&id);
         let defaults = &self.config.defaults;
-        rootfs::bundle_spec(&SandboxConfig {
-            id: id.clone(),
-            root: self.skeleton.path().to_path_buf(),
-            cgroups_path: cgroup.clone(),
-            runtime_dir: self.runtime_dir.clone(),
-            shim: self.config.shim.clone(),
-            code: None,
-            limits: Limits {
-                memory_bytes: defaults.memory_mb << 20,
-                pids: defaults.pids,
-                cpus: defaults.cpus,
-            },
-            env: Vec::new(),
-        })
-        .and_then(|spec| rootfs::write_bundle(&bundle, &spec))
-        .map_err(|e| Error::State {
-            path: bundle.clone(),
-            source: std::io::Error::other(ipc::chain(&e)),
+        // Its own host user, held until the sandbox is destroyed (a bitmap slot).
+        let user = self.sandbox_users.assign(&id).map_err(|e| Error::State {
+            path: PathBuf::from("sandbox uids"),
+            source: std::io::Error::other(e.to_string()),
         })?;
-        let created = self.spawner.create(&id, &bundle, cgroup, &self.cgroups);
+        rootfs::bundle_spec_as(
+            &SandboxConfig {
+                id: id.clone(),
+                root: self.skeleton.path().to_path_buf(),
+                cgroups_path: cgroup.clone(),
+                runtime_dir: self.runtime_dir.clone(),
+                shim: self.config.shim.clone(),
+                code: None,
+                limits: Limits {
+                    memory_bytes: defaults.memory_mb << 20,
+                    pids: defaults.pids,
+                    cpus: defaults.cpus,
+                },
+                env: Vec::new(),
+            },
+            user,
+        )
+        .and_then(|spec| rootfs::write_bundle(&bundle, &spec))
+        .map_err(|e| {
+            self.sandbox_users.release(&id);
+            Error::State {
+                path: bundle.clone(),
+                source: std::io::Error::other(ipc::chain(&e)),
+            }
+        })?;
+        // The shim's and zygote's output: the agent reads it, nothing of the host's.
+        let (output, output_end) = crate::sandbox_output::pipe().map_err(|e| {
+            self.sandbox_users.release(&id);
+            state_err(Path::new("sandbox output pipe"))(e)
+        })?;
+        let created = self
+            .spawner
+            .create(&id, &bundle, cgroup, &self.cgroups, output_end);
         // libcontainer keeps its own copy of the spec; the bundle is not needed any more.
         let _ = std::fs::remove_dir_all(&bundle);
+        if created.is_err() {
+            // The spawner destroys a sandbox it could not start.
+            self.sandbox_users.release(&id);
+        }
         let (mut sandbox, mut shim) = created?;
+        self.output.add(&id, output);
         self.sandboxes.fetch_add(1, Ordering::Relaxed);
         self.reserved_mb
             .fetch_add(defaults.memory_mb, Ordering::Relaxed);
@@ -1206,7 +1473,7 @@ impl Inner {
             Some(stem) => stem,
             None => self.new_stem_cell()?,
         };
-        let span = tracing::debug_span!("start_instance", function = %function.name, sandbox_id = %sandbox.id());
+        let span = tracing::debug_span!("start_instance", namespace = %function.namespace, function = %function.name, sandbox_id = %sandbox.id());
         let _g = span.enter();
         let id = sandbox.id().to_owned();
         let prepared = (|| -> Result<(), Error> {
@@ -1273,10 +1540,11 @@ impl Inner {
                 });
             }
         };
-        if let Err(e) = sandbox.bind(&function.name) {
+        if let Err(e) = sandbox.bind(&function.key().to_string()) {
             self.destroy_sandbox(&mut sandbox, reserved_mb);
             return Err(e.into());
         }
+        self.output.bind(sandbox.id(), &function.key().to_string());
         lock(&self.bound).insert(
             sandbox.id().to_owned(),
             BoundSandbox {
@@ -1284,18 +1552,27 @@ impl Inner {
                 attached: Default::default(),
             },
         );
+        // Once per instance, so that no invoke pays for it.
+        let oom = self
+            .cgroups
+            .watch_oom(sandbox.cgroup())
+            .map_err(|e| {
+                tracing::warn!(sandbox_id = sandbox.id(), error = %ipc::chain(&e), "no OOM notification; an OOM is seen when the channel closes")
+            })
+            .ok();
         let mut inst = Instance {
             sandbox,
             shim,
             link: InstanceLink(spawned.channel),
             pid: spawned.pid,
-            function: function.name.clone(),
+            function: function.key(),
             function_version: function.version,
             reserved_mb,
             last_used: Instant::now(),
             stdout,
             stderr,
             called: false,
+            oom,
         };
         let load = LoadSpec {
             function: function.name.clone(),
@@ -1328,12 +1605,54 @@ impl Inner {
         }
     }
 
+    /// Takes the idle instances and stem cells whose sandboxes died with a spawner
+    /// out of the pool (so the next request gets a fresh sandbox), lets a waiter
+    /// start a replacement for each, and wakes the manager to refill.
+    fn forget_gone_sandboxes(&self) {
+        let (idle, stems) = {
+            let mut sched = lock(&self.sched);
+            let mut idle = Vec::new();
+            for pool in sched.functions.values_mut() {
+                let gone: Vec<Instance> = pool
+                    .idle
+                    .extract_if(.., |i| self.spawner.is_gone(i.sandbox.id()))
+                    .collect();
+                pool.live -= gone.len();
+                for _ in 0..gone.len() {
+                    if let Some(slot) = pool.queue.pop_front() {
+                        slot.retry();
+                    }
+                }
+                idle.extend(gone);
+            }
+            let stems: Vec<StemCell> = sched
+                .stem_cells
+                .extract_if(.., |s| self.spawner.is_gone(s.sandbox.id()))
+                .collect();
+            (idle, stems)
+        };
+        tracing::warn!(
+            instances = idle.len(),
+            stem_cells = stems.len(),
+            "dropped the sandboxes of a dead spawner from the pool"
+        );
+        for inst in idle {
+            self.destroy(inst);
+        }
+        for mut stem in stems {
+            self.destroy_sandbox(&mut stem.sandbox, stem.reserved_mb);
+        }
+        let _sched = lock(&self.sched);
+        self.wake.notify_all();
+    }
+
     pub fn destroy(&self, mut inst: Instance) {
         self.destroy_sandbox(&mut inst.sandbox, inst.reserved_mb);
     }
 
     pub fn destroy_sandbox(&self, sandbox: &mut Sandbox, reserved_mb: u64) {
         lock(&self.bound).remove(sandbox.id());
+        self.calls.forget(sandbox.id());
         if let Some(run) = lock(&self.runs).remove(sandbox.id()) {
             if run.is_root(sandbox.id()) {
                 run.cancel.fire(); // its calls in flight are of no use any more
@@ -1341,11 +1660,16 @@ impl Inner {
         }
         match self.spawner.destroy(sandbox) {
             // After shutdown the spawner destroyed every sandbox on its way out.
-            Ok(()) | Err(pool::Error::Stopped) => {}
+            Ok(()) | Err(pool::Error::Stopped) => {
+                // Its processes are gone: its uid may go to another sandbox.
+                self.sandbox_users.release(sandbox.id());
+            }
             Err(e) => {
+                // Its processes may live on: its uid stays out of use.
                 tracing::error!(sandbox_id = sandbox.id(), error = %ipc::chain(&e), "destroy sandbox")
             }
         }
+        self.output.remove(sandbox.id());
         self.sandboxes.fetch_sub(1, Ordering::Relaxed);
         self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
     }
@@ -1358,6 +1682,19 @@ fn fit_for_pool(sandbox_id: &str, what: &str, done: Result<(), pool::Error>) -> 
         tracing::warn!(sandbox_id, error = %ipc::chain(e), "{what}; destroying the sandbox");
     }
     done.is_ok()
+}
+
+/// The one "no such function" error, for a client and a calling function alike: it
+/// names the name and the namespace asked in, and says nothing about others.
+fn not_found(key: &FunctionKey) -> Error {
+    not_found_in(&key.namespace, &key.name)
+}
+
+fn not_found_in(namespace: &str, name: &str) -> Error {
+    Error::NotFound {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
 }
 
 fn remove_owned_dir(f: &Function) {

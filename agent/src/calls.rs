@@ -4,36 +4,98 @@
 //! The socket is `agent.sock` in the runtime directory, which every sandbox sees
 //! read-only at `/.sprout`; an instance connects once, on its first call. The agent
 //! tells which sandbox a connection comes from by its peer's cgroup, so a function
-//! cannot speak for another sandbox. A connection is served by a thread of its own,
-//! and each call in flight by another (they wait for instances like any request).
-//! The calls a connection made live as long as their run: when the invocation that
-//! started the run ends or its sandbox is destroyed, the run's cancel fires and every
-//! call still in flight ends (its sibling is destroyed). Closing the connection (or
-//! sending a bad frame) cancels the calls not yet started and drops every answer
-//! still to come. A caller that leaves an answer unread for [`REPLY_TIMEOUT`] loses
-//! its connection, so it cannot hold a sibling longer.
+//! cannot speak for another sandbox.
+//!
+//! **Bounded.** One thread, an event loop (`mio`, as the HTTP API), accepts, reads
+//! frames and writes answers for every connection; the calls themselves run on a
+//! small pool of workers ([`Workers`], at most [`MAX_WORKERS`] threads, started on
+//! demand and ended when idle), so the agent's threads grow with neither frames nor
+//! connections. Per sandbox: at most [`MAX_CONNECTIONS_PER_SANDBOX`] connections (a
+//! further one is closed at once), and at most `max_calls_in_flight` calls and
+//! resolves in flight (a further one is answered at once with `call_refused`, kind
+//! `too_many_calls`). A frame left half-sent for [`FRAME_TIMEOUT`] closes its
+//! connection (and every descriptor it carried).
+//!
+//! **Workers, not a thread per call, and why they cannot deadlock.** A call holds its
+//! worker while it waits for an instance of its callee and for the callee's answer,
+//! and the callee may itself call through the agent. A pool that every worker of
+//! which waits on a call that needs a worker would stall; so a job of call depth `d`
+//! starts only while fewer than `MAX_WORKERS - (MAX_CALL_DEPTH - d)` workers are busy,
+//! and the deepest waiting job goes first. Workers held by calls of depth `d` or less
+//! then never exceed `MAX_WORKERS - (MAX_CALL_DEPTH - d)`, so a call of depth `d + 1`
+//! always finds a worker once deeper calls (which need none beyond the limit) finish.
+//! The agent's request workers are not used: a client's request holding one while its
+//! function's call waits for another would be exactly that stall.
+//!
+//! **Owned by the invocation.** The agent keeps, per sandbox, the invocation running
+//! there (its *session*: begun by [`Book::begin`] when the agent sends an invoke,
+//! ended by [`Book::end`] when it reads the answer). A call belongs to the session
+//! running when the agent reads its frame and ends with it: queued calls are dropped
+//! and running ones cancelled (their siblings destroyed) when the invocation ends,
+//! whatever the runtime reports. Frames the invocation sent that the agent has not
+//! read yet when it ends are read and dropped before the invocation's end completes.
+//! Frames from a sandbox with no invocation running (a process left behind) belong to
+//! its idle session, which ends when the next invocation begins or the sandbox goes.
+//!
+//! **Depth.** The agent counts call depth itself: a call's depth is its caller's
+//! invocation's depth + 1 (at least; a claim in the frame can only raise it), refused
+//! past [`MAX_CALL_DEPTH`].
+//!
+//! **Answers.** An answer goes out on the loop, from a per-connection queue; the worker
+//! keeps the callee's instance (and its place in the run) until its answer is written
+//! (or the invocation that made the call ended), so a caller that does not read holds
+//! a sibling, but for at most [`REPLY_TIMEOUT`]: an answer not written within that of
+//! being ready closes the connection. The loop stops reading a connection with
+//! [`OUTBOX_PAUSE`] answers queued. Closing a connection (the caller's end closed, a
+//! bad frame) drops the calls not yet started and every answer still to come.
 
-use std::collections::BTreeMap;
-use std::io;
-use std::net::Shutdown;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use ipc::proto::{check_depth, CallReply, CallRequest};
-use ipc::{Channel, Payload};
+use ipc::frame::{PREFIX_LEN, SHARED_FLAG};
+use ipc::payload::SHARED_THRESHOLD;
+use ipc::proto::{check_depth, CallReply, CallRequest, RefusalKind, MAX_CALL_DEPTH};
+use ipc::{Channel, Message, Payload};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde_json::value::RawValue;
 
 use crate::agent::{lock, CallOpts, Inner};
 use crate::error::Error;
 use crate::run::{Cancel, Run};
 
-/// How long an answer may wait for its caller to read it.
-const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// The call socket's file name in the runtime directory.
 pub const SOCKET_NAME: &str = "agent.sock";
+/// Calls one sandbox may have in flight unless configured otherwise.
+pub const DEFAULT_MAX_CALLS_IN_FLIGHT: usize = 64;
+/// Connections one sandbox may have open on the call socket. Each process that calls
+/// has one: calls nested in one sandbox (through its shim) are a process each, up to
+/// the depth limit of 16, and a handler may fork.
+pub const MAX_CONNECTIONS_PER_SANDBOX: usize = 32;
+/// How long an answer may wait for its caller to read it.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a frame may stay half-sent.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// Threads running calls, at most.
+pub const MAX_WORKERS: usize = 256;
+/// Workers kept when idle; the others end after [`WORKER_IDLE`].
+const KEEP_WORKERS: usize = 4;
+const WORKER_IDLE: Duration = Duration::from_secs(10);
+/// Answers queued on a connection before the loop stops reading it.
+const OUTBOX_PAUSE: usize = 64;
+/// How often a worker waiting for its answer to go out checks that its call is live.
+const ANSWER_CHECK: Duration = Duration::from_millis(50);
+/// How long the end of an invocation waits for the loop to read what it sent.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+const LISTENER: Token = Token(0);
+const WAKE: Token = Token(1);
 
 /// Binds the call socket in `runtime_dir`.
 pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
@@ -42,242 +104,1052 @@ pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(&path).map_err(|source| Error::State { path, source })
 }
 
-/// Accepts connections until [`stop`] (after the agent began shutting down).
-pub fn serve(inner: &Arc<Inner>, listener: UnixListener) {
-    for stream in listener.incoming() {
-        if inner.shutting_down.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "call socket: accept");
-                continue;
-            }
-        };
-        let inner = inner.clone();
-        let spawned = std::thread::Builder::new()
-            .name("sprout-caller".into())
-            .spawn(move || serve_connection(&inner, stream));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "call socket: no thread for a connection");
-        }
-    }
-}
-
 /// Wakes [`serve`] so it sees the shutdown flag.
 pub fn stop(socket: &Path) {
     let _ = UnixStream::connect(socket);
 }
 
-fn serve_connection(inner: &Arc<Inner>, stream: UnixStream) {
-    let sandbox = match caller_sandbox(inner, &stream) {
-        Ok(id) => id,
-        Err(e) => {
-            if !inner.shutting_down.load(Ordering::SeqCst) {
-                tracing::warn!(error = %e, "call socket: refused a connection");
-            }
-            return;
-        }
-    };
-    let span = tracing::debug_span!("caller", sandbox_id = %sandbox);
-    let _g = span.enter();
-    // A caller that stops reading (its invocation ended, its sandbox is frozen) must
-    // not hold an answering thread, and the sibling it holds, for ever: see `Replies`.
-    let (writer, watched) = match stream.try_clone().and_then(|w| {
-        w.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        Ok((w, stream.try_clone()?))
-    }) {
-        Ok((w, watched)) => (
-            Arc::new(Replies::new(Channel::new(w), REPLY_TIMEOUT)),
-            watched,
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "call socket: dup connection");
-            return;
-        }
-    };
-    std::thread::scope(|scope| {
-        let watchdog = std::thread::Builder::new()
-            .name("sprout-replies".into())
-            .spawn_scoped(scope, || writer.watch(&watched));
-        if let Err(e) = watchdog {
-            tracing::warn!(error = %e, "call socket: no thread to watch the answers");
-            return;
-        }
-        serve_requests(inner, &sandbox, stream, &writer);
-        // No more requests (the caller closed its side, or sent a bad frame): no more
-        // answers either, so none can be held by a caller that reads them slowly once
-        // the watchdog stops.
-        let _ = watched.shutdown(Shutdown::Both);
-        writer.stop_watching();
-    });
+// ------------------------------------------------------------------ the book
+
+/// What the agent knows of each sandbox's calls: its session, its calls in flight
+/// and its connections. Shared by the invocation paths, the loop and the workers.
+#[derive(Debug, Default)]
+pub(crate) struct Book {
+    sandboxes: Mutex<Sandboxes>,
+    drained: Condvar,
+    /// Wakes the loop (set once it runs).
+    waker: OnceLock<Arc<Waker>>,
+    /// The loop has stopped (the agent shuts down): nothing waits for it any more.
+    stopped: AtomicBool,
 }
 
-/// Serves the requests of one connection until it closes; then cancels its calls.
-fn serve_requests(inner: &Arc<Inner>, sandbox: &str, stream: UnixStream, writer: &Arc<Replies>) {
-    let cancel = match Cancel::new() {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::warn!(error = %e, "call socket: cancel pipe");
-            return;
+#[derive(Debug, Default)]
+struct Sandboxes {
+    by_id: HashMap<String, Entry>,
+    /// Sandboxes whose connections the loop must read out (an invocation ended).
+    drains: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// Depth of the invocation running (or of the last one, for the idle session).
+    depth: u32,
+    running: bool,
+    /// Fired when the session ends; made on the session's first call.
+    cancel: Option<Arc<Cancel>>,
+    in_flight: usize,
+    connections: usize,
+    drains_asked: u64,
+    drains_done: u64,
+}
+
+impl Entry {
+    fn unused(&self) -> bool {
+        !self.running && self.in_flight == 0 && self.connections == 0
+    }
+
+    /// Ends the current session: its calls are cancelled.
+    fn end_session(&mut self) {
+        if let Some(cancel) = self.cancel.take() {
+            cancel.fire();
         }
-    };
-    let mut reader = Channel::new(stream);
-    loop {
-        let msg = match reader.recv::<CallRequest>() {
-            Ok(msg) => msg,
-            Err(ipc::Error::Closed) => break,
-            Err(e) => {
-                tracing::warn!(error = %ipc::chain(&e), "call socket: bad request; closing the connection");
-                break;
-            }
+    }
+}
+
+/// Why the loop does not run a request.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The invocation that sent it has ended; it is dropped unanswered.
+    Drained,
+    TooDeep(String),
+    TooMany(usize),
+    Gone,
+    Failed(String),
+}
+
+/// A request the loop admitted: its depth and the cancel of its session.
+#[derive(Debug)]
+struct Admitted {
+    depth: u32,
+    cancel: Arc<Cancel>,
+}
+
+impl Book {
+    /// An invocation at `depth` begins in `sandbox`: its calls belong to it (and the
+    /// calls of the idle session before it end).
+    pub fn begin(&self, sandbox: &str, depth: u32) {
+        let mut s = lock(&self.sandboxes);
+        if !s.by_id.contains_key(sandbox) {
+            s.by_id.insert(sandbox.to_owned(), Entry::default());
+        }
+        let entry = s.by_id.get_mut(sandbox).expect("inserted");
+        entry.end_session();
+        entry.depth = depth;
+        entry.running = true;
+    }
+
+    /// The invocation running in `sandbox` has ended: its calls end, and what it sent
+    /// that the loop has not read yet is read and dropped before this returns (within
+    /// [`DRAIN_WAIT`]). Costs a lock, and a loop round trip only for a sandbox with
+    /// a connection to the call socket.
+    pub fn end(&self, sandbox: &str) {
+        let mut s = lock(&self.sandboxes);
+        let Some(entry) = s.by_id.get_mut(sandbox) else {
+            return;
         };
-        match msg.header {
-            CallRequest::Resolve { id, function } => {
-                let reply = resolve(inner, sandbox, id, &function);
-                writer.send(&reply, &Payload::default());
-            }
-            CallRequest::Call {
-                id,
-                function,
-                depth,
-                raw,
-                spec: None,
-            } => {
-                let (inner, sandbox, writer, cancel) = (
-                    inner.clone(),
-                    sandbox.to_owned(),
-                    writer.clone(),
-                    cancel.clone(),
-                );
-                let event = msg.payload;
-                let spawned = std::thread::Builder::new()
-                    .name("sprout-call".into())
-                    .spawn(move || {
-                        let call = Call {
-                            sandbox: &sandbox,
-                            id,
-                            function: &function,
-                            depth,
-                            raw,
-                        };
-                        call.run(&inner, &event, &cancel, |reply, result| {
-                            writer.send(reply, result)
-                        });
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "call socket: no thread for a call");
-                }
-            }
-            CallRequest::Call { id, function, .. } => {
-                let reply = CallReply::CallFailed {
-                    id,
-                    function,
-                    message: "a call with a spec runs in the sandbox: send it to the shim".into(),
-                };
-                writer.send(&reply, &Payload::default());
-            }
-        }
-    }
-    // The caller is gone: whatever it still waits for is of no use.
-    cancel.fire();
-}
-
-/// The writing half of a connection, shared by the threads that answer its calls.
-///
-/// A caller that does not read its answers must not hold them, and the siblings that
-/// wait to go back to the pool once their answer is out, for long: an answer not
-/// written within [`REPLY_TIMEOUT`] of being ready (the socket is full, or a slow reader
-/// keeps it so; answers waiting for their turn count too) closes the connection, which
-/// fails that write and every later one at once. The write timeout on the socket
-/// bounds each write once the connection's watchdog has stopped.
-struct Replies {
-    channel: Mutex<Channel>,
-    /// [`REPLY_TIMEOUT`], but for tests.
-    timeout: std::time::Duration,
-    watch: Mutex<Watch>,
-    wake: Condvar,
-}
-
-#[derive(Default)]
-struct Watch {
-    /// When each answer being written, or waiting to be, must be out, by ticket (so
-    /// the first is the earliest).
-    due: BTreeMap<u64, Instant>,
-    next_ticket: u64,
-    stopped: bool,
-}
-
-impl Replies {
-    fn new(channel: Channel, timeout: std::time::Duration) -> Replies {
-        Replies {
-            channel: Mutex::new(channel),
-            timeout,
-            watch: Mutex::new(Watch::default()),
-            wake: Condvar::new(),
-        }
-    }
-
-    fn send(&self, reply: &CallReply, payload: &Payload) {
-        let ticket = {
-            let mut w = lock(&self.watch);
-            let ticket = w.next_ticket;
-            w.next_ticket += 1;
-            w.due.insert(ticket, Instant::now() + self.timeout);
-            ticket
+        entry.end_session();
+        entry.running = false;
+        let Some(waker) = self.waker.get().filter(|_| entry.connections > 0) else {
+            return;
         };
-        self.wake.notify_all();
-        let channel = lock(&self.channel);
-        let sent = channel.send_payload(reply, payload, &[]);
-        lock(&self.watch).due.remove(&ticket);
-        self.wake.notify_all();
-        if let Err(e) = sent {
-            tracing::debug!(error = %ipc::chain(&e), "call socket: caller went away before its answer");
-            // The stream may end mid-frame: nothing more can go on it.
-            let _ = channel.stream().shutdown(Shutdown::Both);
+        entry.drains_asked += 1;
+        let want = entry.drains_asked;
+        s.drains.push(sandbox.to_owned());
+        if let Err(e) = waker.wake() {
+            tracing::warn!(error = %e, "call socket: wake the loop");
+            return;
         }
-    }
-
-    /// Until [`Replies::stop_watching`]: shuts `stream` (this connection) down when an
-    /// answer is not out by its due time.
-    fn watch(&self, stream: &UnixStream) {
-        let mut w = lock(&self.watch);
+        let deadline = Instant::now() + DRAIN_WAIT;
         loop {
-            if w.stopped {
-                return;
-            }
-            let Some(&due) = w.due.values().next() else {
-                w = self.wake.wait(w).unwrap_or_else(|p| p.into_inner());
-                continue;
-            };
+            let done = self.stopped.load(Ordering::SeqCst)
+                || s.by_id.get(sandbox).is_none_or(|e| e.drains_done >= want);
             let now = Instant::now();
-            if now >= due {
-                tracing::warn!(
-                    timeout_ms = self.timeout.as_millis() as u64,
-                    "call socket: the caller does not read its answers; closing the connection"
-                );
-                let _ = stream.shutdown(Shutdown::Both);
+            if done || now >= deadline {
+                if !done {
+                    tracing::warn!(
+                        sandbox_id = sandbox,
+                        "call socket: the loop did not read the ended invocation's frames in time"
+                    );
+                }
                 return;
             }
-            w = self
-                .wake
-                .wait_timeout(w, due - now)
+            s = self
+                .drained
+                .wait_timeout(s, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
     }
 
-    fn stop_watching(&self) {
-        lock(&self.watch).stopped = true;
-        self.wake.notify_all();
+    /// `sandbox` is gone: every call it made ends.
+    pub fn forget(&self, sandbox: &str) {
+        let mut s = lock(&self.sandboxes);
+        if let Some(mut entry) = s.by_id.remove(sandbox) {
+            entry.end_session();
+        }
+        self.drained.notify_all();
+    }
+
+    /// Whether `sandbox` has a connection on the call socket.
+    pub fn connected(&self, sandbox: &str) -> bool {
+        lock(&self.sandboxes)
+            .by_id
+            .get(sandbox)
+            .is_some_and(|e| e.connections > 0)
+    }
+
+    fn connect(&self, sandbox: &str) -> Result<(), usize> {
+        let mut s = lock(&self.sandboxes);
+        let entry = s.by_id.entry(sandbox.to_owned()).or_default();
+        if entry.connections >= MAX_CONNECTIONS_PER_SANDBOX {
+            return Err(MAX_CONNECTIONS_PER_SANDBOX);
+        }
+        entry.connections += 1;
+        Ok(())
+    }
+
+    fn disconnect(&self, sandbox: &str) {
+        self.update(sandbox, |e| e.connections = e.connections.saturating_sub(1));
+    }
+
+    /// A request admitted by [`Book::admit`] is over.
+    fn done(&self, sandbox: &str) {
+        self.update(sandbox, |e| e.in_flight = e.in_flight.saturating_sub(1));
+    }
+
+    fn update(&self, sandbox: &str, f: impl FnOnce(&mut Entry)) {
+        let mut s = lock(&self.sandboxes);
+        if let Some(entry) = s.by_id.get_mut(sandbox) {
+            f(entry);
+            if entry.unused() {
+                s.by_id.remove(sandbox);
+            }
+        }
+    }
+
+    /// Admits a request of `sandbox` for `function` (`claimed`: the depth a call says
+    /// it has) if its session may make one more.
+    fn admit(
+        &self,
+        sandbox: &str,
+        function: &str,
+        claimed: Option<u32>,
+        cap: usize,
+    ) -> Result<Admitted, Refusal> {
+        let mut s = lock(&self.sandboxes);
+        let entry = s.by_id.get_mut(sandbox).ok_or(Refusal::Gone)?;
+        if entry.drains_done < entry.drains_asked {
+            return Err(Refusal::Drained);
+        }
+        let depth = (entry.depth.saturating_add(1)).max(claimed.unwrap_or(0));
+        check_depth(function, depth).map_err(Refusal::TooDeep)?;
+        if entry.in_flight >= cap {
+            return Err(Refusal::TooMany(cap));
+        }
+        let cancel = match &entry.cancel {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(
+                    Cancel::new().map_err(|e| Refusal::Failed(format!("cancel pipe: {e}")))?,
+                );
+                entry.cancel = Some(c.clone());
+                c
+            }
+        };
+        entry.in_flight += 1;
+        Ok(Admitted { depth, cancel })
+    }
+
+    /// The loop has stopped: nobody waits for it.
+    fn loop_stopped(&self) {
+        let _s = lock(&self.sandboxes);
+        self.stopped.store(true, Ordering::SeqCst);
+        self.drained.notify_all();
+    }
+
+    fn take_drains(&self) -> Vec<String> {
+        std::mem::take(&mut lock(&self.sandboxes).drains)
+    }
+
+    fn drained(&self, sandbox: &str) {
+        let mut s = lock(&self.sandboxes);
+        if let Some(e) = s.by_id.get_mut(sandbox) {
+            e.drains_done = e.drains_asked;
+        }
+        self.drained.notify_all();
     }
 }
+
+// ------------------------------------------------------------------ the loop
+
+/// Serves the call socket until [`stop`] (after the agent began shutting down).
+pub fn serve(inner: &Arc<Inner>, listener: UnixListener) {
+    let mut server = match Server::new(inner, listener) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "call socket: cannot start its event loop");
+            return;
+        }
+    };
+    server.run();
+    inner.calls.loop_stopped();
+    server.workers.stop();
+}
+
+struct Server {
+    inner: Arc<Inner>,
+    poll: Poll,
+    listener: UnixListener,
+    conns: HashMap<Token, Conn>,
+    next_token: usize,
+    workers: Arc<Workers>,
+}
+
+/// One connection on the call socket.
+struct Conn {
+    sandbox: String,
+    channel: Channel,
+    /// Cleared when it closes: its queued calls are dropped.
+    alive: Arc<AtomicBool>,
+    /// Bytes read, and bytes of the frames taken (at most the frames' real size:
+    /// more than that is left only by a header padded with blanks), so a frame is
+    /// half-sent when `received > consumed`.
+    received: u64,
+    consumed: u64,
+    partial_since: Option<Instant>,
+    outbox: VecDeque<Outgoing>,
+    /// Not read while its answers pile up (it reads none).
+    paused: bool,
+}
+
+/// An encoded answer, partly written.
+struct Outgoing {
+    bytes: Vec<u8>,
+    /// A shared payload, whose memfd goes with the first byte.
+    shared: Option<Payload>,
+    sent: usize,
+    ready_at: Instant,
+    /// Dropped once written, or when the connection closes: the worker waiting on it
+    /// lets the callee's instance go.
+    _written: Option<mpsc::Sender<()>>,
+}
+
+impl Outgoing {
+    fn encode(reply: &CallReply, payload: Payload) -> Result<Outgoing, String> {
+        let header = serde_json::to_vec(reply).map_err(|e| format!("encode the answer: {e}"))?;
+        let payload = match payload {
+            Payload::Inline(bytes) if bytes.len() > SHARED_THRESHOLD => {
+                Payload::share(&bytes).map_err(|e| format!("share the answer: {e}"))?
+            }
+            p => p,
+        };
+        let shared = payload.is_shared();
+        if shared && payload.len() > ipc::payload::MAX_SHARED_PAYLOAD {
+            return Err(format!(
+                "the result of {} bytes exceeds the limit of {} bytes",
+                payload.len(),
+                ipc::payload::MAX_SHARED_PAYLOAD
+            ));
+        }
+        let inline: &[u8] = if shared { &[] } else { &payload };
+        let fd_word = if shared { 1 | SHARED_FLAG } else { 0 };
+        let mut bytes = Vec::with_capacity(PREFIX_LEN + header.len() + inline.len());
+        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&fd_word.to_le_bytes());
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(inline);
+        Ok(Outgoing {
+            bytes,
+            shared: shared.then_some(payload),
+            sent: 0,
+            ready_at: Instant::now(),
+            _written: None,
+        })
+    }
+
+    /// [`Outgoing::encode`], or a `call_failed` that says why it could not be.
+    fn answer(reply: &CallReply, payload: Payload) -> Outgoing {
+        Outgoing::encode(reply, payload).unwrap_or_else(|message| {
+            let (id, function) = reply_id(reply);
+            let failed = CallReply::CallFailed {
+                id,
+                function,
+                message,
+            };
+            Outgoing::encode(&failed, Payload::default()).expect("a small answer encodes")
+        })
+    }
+}
+
+fn reply_id(reply: &CallReply) -> (u64, String) {
+    match reply {
+        CallReply::Resolved { id, spec } => (
+            *id,
+            spec.as_ref()
+                .map(|s| s.function.clone())
+                .unwrap_or_default(),
+        ),
+        CallReply::CallReturned { id, .. } => (*id, String::new()),
+        CallReply::CallRaised { id, function, .. }
+        | CallReply::CallFailed { id, function, .. }
+        | CallReply::CallRefused { id, function, .. } => (*id, function.clone()),
+    }
+}
+
+impl Server {
+    fn new(inner: &Arc<Inner>, listener: UnixListener) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        listener.set_nonblocking(true)?;
+        poll.registry().register(
+            &mut SourceFd(&listener.as_raw_fd()),
+            LISTENER,
+            Interest::READABLE,
+        )?;
+        let _ = inner.calls.waker.set(waker.clone());
+        Ok(Server {
+            inner: inner.clone(),
+            poll,
+            listener,
+            conns: HashMap::new(),
+            next_token: 2,
+            workers: Arc::new(Workers::new(inner.clone(), waker, MAX_WORKERS)),
+        })
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(error = %e, "call socket: poll");
+                return;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => {
+                        if !self.accept() {
+                            return;
+                        }
+                    }
+                    WAKE => {}
+                    token => {
+                        if event.is_readable() || event.is_read_closed() {
+                            self.pump(token, false);
+                        }
+                        if event.is_writable() {
+                            self.flush(token);
+                        }
+                    }
+                }
+            }
+            // Cheap when there is nothing: two locks.
+            self.deliver_answers();
+            self.drain_ended();
+            self.expire();
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Accepts what is waiting; `false` once the agent is shutting down.
+    fn accept(&mut self) -> bool {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "call socket: accept");
+                    return true;
+                }
+            };
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return false;
+            }
+            let sandbox = match caller_sandbox(&self.inner, &stream) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::warn!(error = %e, "call socket: refused a connection");
+                    continue;
+                }
+            };
+            if let Err(max) = self.inner.calls.connect(&sandbox) {
+                tracing::warn!(
+                    sandbox_id = %sandbox,
+                    max_connections = max,
+                    "call socket: refused a connection: the sandbox has {max} open already"
+                );
+                continue;
+            }
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            let registered = stream.set_nonblocking(true).and_then(|()| {
+                self.poll.registry().register(
+                    &mut SourceFd(&stream.as_raw_fd()),
+                    token,
+                    Interest::READABLE | Interest::WRITABLE,
+                )
+            });
+            if let Err(e) = registered {
+                tracing::warn!(error = %e, "call socket: register a connection");
+                self.inner.calls.disconnect(&sandbox);
+                continue;
+            }
+            tracing::debug!(sandbox_id = %sandbox, "call socket: connected");
+            self.conns.insert(
+                token,
+                Conn {
+                    sandbox,
+                    channel: Channel::new(stream),
+                    alive: Arc::new(AtomicBool::new(true)),
+                    received: 0,
+                    consumed: 0,
+                    partial_since: None,
+                    outbox: VecDeque::new(),
+                    paused: false,
+                },
+            );
+            self.pump(token, false);
+        }
+    }
+
+    fn close(&mut self, token: Token, why: Option<&str>) {
+        let Some(conn) = self.conns.remove(&token) else {
+            return;
+        };
+        if let Some(why) = why {
+            tracing::warn!(sandbox_id = %conn.sandbox, "call socket: {why}; closing the connection");
+        } else {
+            tracing::debug!(sandbox_id = %conn.sandbox, "call socket: the caller closed its connection");
+        }
+        conn.alive.store(false, Ordering::SeqCst);
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&conn.channel.stream().as_raw_fd()));
+        let _ = conn.channel.stream().shutdown(std::net::Shutdown::Both);
+        self.inner.calls.disconnect(&conn.sandbox);
+        // Dropping it closes the socket, the descriptors it carried, and releases
+        // the workers waiting for their answers to go out.
+    }
+
+    /// Reads and handles what `token` sent (`drain`: drops it instead), and writes
+    /// the answers that gives.
+    fn pump(&mut self, token: Token, drain: bool) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&token) else {
+                return;
+            };
+            if let Err(why) = pump(&self.inner, &self.workers, token, conn, drain) {
+                return self.close(token, why.as_deref());
+            }
+            if let Err(e) = flush(conn) {
+                tracing::debug!(error = %e, "call socket: caller went away before its answer");
+                return self.close(token, None);
+            }
+            if !(conn.paused && conn.outbox.len() < OUTBOX_PAUSE / 2) {
+                return;
+            }
+            conn.paused = false;
+        }
+    }
+
+    fn flush(&mut self, token: Token) {
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
+        if let Err(e) = flush(conn) {
+            tracing::debug!(error = %e, "call socket: caller went away before its answer");
+            return self.close(token, None);
+        }
+        if conn.paused && conn.outbox.len() < OUTBOX_PAUSE / 2 {
+            conn.paused = false;
+            self.pump(token, false);
+        }
+    }
+
+    fn deliver_answers(&mut self) {
+        let answers = std::mem::take(&mut lock(&self.workers.answers).list);
+        let mut touched = Vec::new();
+        for (token, out) in answers {
+            if let Some(conn) = self.conns.get_mut(&token) {
+                conn.outbox.push_back(out);
+                touched.push(token);
+            }
+        }
+        touched.dedup();
+        for token in touched {
+            self.flush(token);
+        }
+    }
+
+    /// Reads out the connections of sandboxes whose invocation ended, dropping what
+    /// it sent, before the end of the invocation completes.
+    fn drain_ended(&mut self) {
+        let sandboxes = self.inner.calls.take_drains();
+        for sandbox in sandboxes {
+            let tokens: Vec<Token> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.sandbox == sandbox)
+                .map(|(t, _)| *t)
+                .collect();
+            for token in tokens {
+                self.pump(token, true);
+            }
+            self.inner.calls.drained(&sandbox);
+        }
+    }
+
+    /// Closes the connections past a deadline.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<(Token, &'static str)> = self
+            .conns
+            .iter()
+            .filter_map(|(t, c)| match c.deadline() {
+                Some((at, why)) if at <= now => Some((*t, why)),
+                _ => None,
+            })
+            .collect();
+        for (token, why) in expired {
+            self.close(token, Some(why));
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.conns
+            .values()
+            .filter_map(|c| c.deadline().map(|(at, _)| at))
+            .min()
+    }
+}
+
+impl Conn {
+    /// When this connection must be closed if nothing changes, and why.
+    fn deadline(&self) -> Option<(Instant, &'static str)> {
+        let answer = self.outbox.front().map(|o| {
+            (
+                o.ready_at + REPLY_TIMEOUT,
+                "the caller does not read its answers (5 s)",
+            )
+        });
+        let frame = self
+            .partial_since
+            .map(|at| (at + FRAME_TIMEOUT, "a frame was left half-sent (5 s)"));
+        match (answer, frame) {
+            (Some(a), Some(f)) => Some(if a.0 <= f.0 { a } else { f }),
+            (a, f) => a.or(f),
+        }
+    }
+}
+
+/// Reads what `conn` sent and handles each frame (or, with `drain`, drops it).
+/// `Err(why)` closes the connection (`None`: the caller closed it).
+fn pump(
+    inner: &Arc<Inner>,
+    workers: &Arc<Workers>,
+    token: Token,
+    conn: &mut Conn,
+    drain: bool,
+) -> Result<(), Option<String>> {
+    let mut dropped = 0usize;
+    let outcome = loop {
+        if !drain && conn.outbox.len() >= OUTBOX_PAUSE {
+            conn.paused = true;
+            break Ok(());
+        }
+        match conn.channel.try_recv::<Box<RawValue>>() {
+            Ok(Some(msg)) => {
+                conn.consumed += frame_len(&msg);
+                if drain {
+                    dropped += 1;
+                } else if let Err(e) = handle(inner, workers, token, conn, msg) {
+                    break Err(Some(e));
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => break Err(Some(format!("bad request: {}", ipc::chain(&e)))),
+        }
+        if conn.paused && !drain {
+            break Ok(());
+        }
+        match conn.channel.fill_nonblocking() {
+            Ok(0) => break Err(None),
+            Ok(n) => conn.received += n as u64,
+            Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                break Err(None)
+            }
+            Err(e) => break Err(Some(format!("bad request: {}", ipc::chain(&e)))),
+        }
+    };
+    if dropped > 0 {
+        tracing::debug!(sandbox_id = %conn.sandbox, dropped, "call socket: dropped the requests of an invocation that ended");
+    }
+    if conn.received > conn.consumed {
+        conn.partial_since.get_or_insert_with(Instant::now);
+    } else {
+        conn.partial_since = None;
+    }
+    outcome
+}
+
+/// Bytes a frame took on the stream, at most: its header as the JSON value (a header
+/// padded with blanks counts short, which only makes its sender look half-sent).
+fn frame_len(msg: &Message<Box<RawValue>>) -> u64 {
+    let inline = if msg.payload.is_shared() {
+        0
+    } else {
+        msg.payload.len()
+    };
+    (PREFIX_LEN + msg.header.get().len() + inline) as u64
+}
+
+/// Handles one request on the loop: refuses it at once, or hands it to a worker.
+fn handle(
+    inner: &Arc<Inner>,
+    workers: &Arc<Workers>,
+    token: Token,
+    conn: &mut Conn,
+    msg: Message<Box<RawValue>>,
+) -> Result<(), String> {
+    let request: CallRequest =
+        serde_json::from_str(msg.header.get()).map_err(|e| format!("bad request: {e}"))?;
+    let (id, function, claimed) = match &request {
+        CallRequest::Resolve { id, function } => (*id, function.clone(), None),
+        CallRequest::Call {
+            id,
+            function,
+            spec: Some(_),
+            ..
+        } => {
+            let reply = CallReply::CallFailed {
+                id: *id,
+                function: function.clone(),
+                message: "a call with a spec runs in the sandbox: send it to the shim".into(),
+            };
+            conn.outbox
+                .push_back(Outgoing::answer(&reply, Payload::default()));
+            return Ok(());
+        }
+        CallRequest::Call {
+            id,
+            function,
+            depth,
+            ..
+        } => (*id, function.clone(), Some(*depth)),
+    };
+    let cap = inner.config.max_calls_in_flight.max(1);
+    let refuse = |conn: &mut Conn, reply: CallReply| {
+        conn.outbox
+            .push_back(Outgoing::answer(&reply, Payload::default()));
+    };
+    let admitted = match inner.calls.admit(&conn.sandbox, &function, claimed, cap) {
+        Ok(a) => a,
+        Err(Refusal::Drained) => return Ok(()),
+        Err(Refusal::TooMany(cap)) => {
+            tracing::debug!(sandbox_id = %conn.sandbox, cap, "call socket: too many calls in flight");
+            let message = format!(
+                "too_many_calls: the sandbox has {cap} calls in flight, the most it may \
+                 (max_calls_in_flight, sprout serve --max-calls-per-sandbox); the call to \
+                 {function:?} did not run"
+            );
+            refuse(
+                conn,
+                CallReply::CallRefused {
+                    id,
+                    function,
+                    kind: RefusalKind::TooManyCalls,
+                    message,
+                },
+            );
+            return Ok(());
+        }
+        Err(Refusal::TooDeep(message) | Refusal::Failed(message)) => {
+            refuse(
+                conn,
+                CallReply::CallFailed {
+                    id,
+                    function,
+                    message,
+                },
+            );
+            return Ok(());
+        }
+        Err(Refusal::Gone) => {
+            let message = "the calling sandbox is gone".to_owned();
+            refuse(
+                conn,
+                CallReply::CallFailed {
+                    id,
+                    function,
+                    message,
+                },
+            );
+            return Ok(());
+        }
+    };
+    let work = match request {
+        CallRequest::Resolve { .. } => Work::Resolve,
+        CallRequest::Call { raw, .. } => match run_of(inner, &conn.sandbox) {
+            Ok(run) => Work::Call {
+                raw,
+                event: msg.payload,
+                run,
+            },
+            Err(e) => {
+                inner.calls.done(&conn.sandbox);
+                let message = format!("start a workflow run: {e}");
+                refuse(
+                    conn,
+                    CallReply::CallFailed {
+                        id,
+                        function,
+                        message,
+                    },
+                );
+                return Ok(());
+            }
+        },
+    };
+    workers.submit(Job {
+        token,
+        alive: conn.alive.clone(),
+        sandbox: conn.sandbox.clone(),
+        id,
+        function,
+        depth: admitted.depth,
+        cancel: admitted.cancel,
+        work,
+    });
+    Ok(())
+}
+
+/// Writes what `conn` has queued, as far as the socket takes it.
+fn flush(conn: &mut Conn) -> nix::Result<()> {
+    use nix::sys::socket::{send, sendmsg, ControlMessage, MsgFlags};
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let fd = conn.channel.stream().as_fd().as_raw_fd();
+    while let Some(out) = conn.outbox.front_mut() {
+        let shared_fd = out
+            .shared
+            .as_ref()
+            .and_then(|p| p.shared_fd())
+            .map(|fd| fd.as_raw_fd());
+        let sent = match shared_fd {
+            // The descriptor goes with the frame's first byte.
+            Some(memfd) if out.sent == 0 => {
+                let fds = [memfd];
+                sendmsg::<()>(
+                    fd,
+                    &[IoSlice::new(&out.bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    flags,
+                    None,
+                )
+            }
+            _ => send(fd, &out.bytes[out.sent..], flags),
+        };
+        match sent {
+            Ok(n) => {
+                out.sent += n;
+                if out.sent >= out.bytes.len() {
+                    conn.outbox.pop_front();
+                }
+            }
+            Err(nix::errno::Errno::EAGAIN) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ the workers
+
+/// A request the loop admitted, for a worker.
+struct Job {
+    token: Token,
+    alive: Arc<AtomicBool>,
+    sandbox: String,
+    id: u64,
+    function: String,
+    /// The agent's count (see the module's doc).
+    depth: u32,
+    /// The session's: fires when the invocation that made the call ends.
+    cancel: Arc<Cancel>,
+    work: Work,
+}
+
+enum Work {
+    Resolve,
+    Call {
+        raw: bool,
+        event: Payload,
+        run: Arc<Run>,
+    },
+}
+
+/// The pool that runs calls (see the module's doc for the depth rule).
+struct Workers {
+    inner: Arc<Inner>,
+    max: usize,
+    state: Mutex<PoolState>,
+    ready: Condvar,
+    answers: Mutex<Answers>,
+    waker: Arc<Waker>,
+}
+
+#[derive(Default)]
+struct Answers {
+    list: Vec<(Token, Outgoing)>,
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Waiting jobs by depth.
+    queues: Vec<VecDeque<Job>>,
+    busy: usize,
+    idle: usize,
+    threads: usize,
+    stopped: bool,
+}
+
+impl PoolState {
+    fn new() -> PoolState {
+        PoolState {
+            queues: (0..=MAX_CALL_DEPTH).map(|_| VecDeque::new()).collect(),
+            ..PoolState::default()
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// The next job a free worker may start: the deepest one whose depth leaves the
+    /// reserve for deeper calls.
+    fn take(&mut self, max: usize) -> Option<Job> {
+        let deepest = self.queues.len() - 1;
+        for depth in (0..=deepest).rev() {
+            let reserve = deepest - depth;
+            if !self.queues[depth].is_empty() && self.busy + reserve < max {
+                return self.queues[depth].pop_front();
+            }
+        }
+        None
+    }
+}
+
+impl Workers {
+    fn new(inner: Arc<Inner>, waker: Arc<Waker>, max: usize) -> Workers {
+        Workers {
+            inner,
+            max,
+            state: Mutex::new(PoolState::new()),
+            ready: Condvar::new(),
+            answers: Mutex::new(Answers::default()),
+            waker,
+        }
+    }
+
+    fn submit(self: &Arc<Self>, job: Job) {
+        let mut s = lock(&self.state);
+        let depth = (job.depth as usize).min(s.queues.len() - 1);
+        s.queues[depth].push_back(job);
+        if s.queued() > s.idle && s.threads < self.max {
+            s.threads += 1;
+            let workers = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("sprout-call".into())
+                .spawn(move || workers.work());
+            if let Err(e) = spawned {
+                s.threads -= 1;
+                tracing::error!(error = %e, threads = s.threads, "call socket: no thread for a worker");
+            }
+        }
+        self.ready.notify_one();
+    }
+
+    fn work(self: Arc<Self>) {
+        let mut s = lock(&self.state);
+        loop {
+            if s.stopped {
+                s.threads -= 1;
+                return;
+            }
+            if let Some(job) = s.take(self.max) {
+                s.busy += 1;
+                drop(s);
+                self.run(job);
+                s = lock(&self.state);
+                s.busy -= 1;
+                // A job kept back by the reserve may start now.
+                self.ready.notify_all();
+                continue;
+            }
+            s.idle += 1;
+            let (guard, waited) = self
+                .ready
+                .wait_timeout(s, WORKER_IDLE)
+                .unwrap_or_else(|p| p.into_inner());
+            s = guard;
+            s.idle -= 1;
+            if waited.timed_out() && s.threads > KEEP_WORKERS && s.queued() == 0 {
+                s.threads -= 1;
+                return;
+            }
+        }
+    }
+
+    fn stop(&self) {
+        let mut s = lock(&self.state);
+        s.stopped = true;
+        s.queues.iter_mut().for_each(VecDeque::clear);
+        self.ready.notify_all();
+        drop(s);
+        let mut a = lock(&self.answers);
+        a.stopped = true;
+        a.list.clear();
+    }
+
+    fn run(&self, job: Job) {
+        let inner = &self.inner;
+        let span = tracing::debug_span!("call", sandbox_id = %job.sandbox, call = job.id, function = %job.function, depth = job.depth);
+        let _g = span.enter();
+        if !job.alive.load(Ordering::SeqCst) {
+            // Its connection closed: nobody waits for it.
+        } else if job.cancel.fired() {
+            let reply = CallReply::CallFailed {
+                id: job.id,
+                function: job.function.clone(),
+                message: "cancelled: the invocation that made the call ended before it started"
+                    .into(),
+            };
+            self.answer(job.token, &reply, Payload::default(), None);
+        } else {
+            match &job.work {
+                Work::Resolve => {
+                    let reply = resolve(inner, &job.sandbox, job.id, &job.function);
+                    self.answer(job.token, &reply, Payload::default(), None);
+                }
+                Work::Call { raw, event, run } => {
+                    let call = Call {
+                        sandbox: &job.sandbox,
+                        id: job.id,
+                        function: &job.function,
+                        depth: job.depth,
+                        raw: *raw,
+                    };
+                    call.run(inner, event, run, &job.cancel, |reply, result| {
+                        self.answer(job.token, reply, result, Some(&job.cancel))
+                    });
+                }
+            }
+        }
+        inner.calls.done(&job.sandbox);
+    }
+
+    /// Queues an answer for the loop to write; with `wait` (the cancel of the call),
+    /// returns once it is written, its connection closed, or the invocation that made
+    /// the call ended.
+    fn answer(&self, token: Token, reply: &CallReply, payload: Payload, wait: Option<&Cancel>) {
+        let mut out = Outgoing::answer(reply, payload);
+        let (tx, rx) = mpsc::channel();
+        if wait.is_some() {
+            out._written = Some(tx);
+        } else {
+            drop(tx);
+        }
+        {
+            let mut a = lock(&self.answers);
+            if a.stopped {
+                return;
+            }
+            a.list.push((token, out));
+        }
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(error = %e, "call socket: wake the loop");
+        }
+        if let Some(cancel) = wait {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(ANSWER_CHECK) {
+                if cancel.fired() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ one request
 
 /// Whether `function` can run in `sandbox` (its code is attached there if so).
 fn resolve(inner: &Inner, sandbox: &str, id: u64, function: &str) -> CallReply {
     let outcome = inner
-        .function(function)
+        .callee_key(sandbox, function)
+        .and_then(|key| inner.function(&key))
         .and_then(|callee| inner.attach_callee(sandbox, &callee));
     match outcome {
         Ok(spec) => CallReply::Resolved { id, spec },
@@ -302,44 +1174,38 @@ impl Call<'_> {
     /// Runs it in a sibling that joins the caller's workflow run, and gives the answer
     /// to `answer` before the sibling leaves the run (its scratch is detached: a
     /// spawner round trip the caller need not wait for) and goes back to the pool.
+    /// `cancel` fires when the invocation that made the call ends.
     fn run(
         &self,
         inner: &Inner,
         event: &Payload,
+        run: &Arc<Run>,
         cancel: &Cancel,
-        answer: impl FnOnce(&CallReply, &Payload),
+        answer: impl FnOnce(&CallReply, Payload),
     ) {
         if let Err(message) = check_depth(self.function, self.depth) {
-            return answer(&self.failed(message), &Payload::default());
+            return answer(&self.failed(message), Payload::default());
         }
-        let run = match run_of(inner, self.sandbox) {
-            Ok(run) => run,
-            Err(e) => {
-                return answer(
-                    &self.failed(format!("start a workflow run: {e}")),
-                    &Payload::default(),
-                )
-            }
+        let key = match inner.callee_key(self.sandbox, self.function) {
+            Ok(key) => key,
+            Err(e) => return answer(&self.failed(ipc::chain(&e)), Payload::default()),
         };
         let held = Mutex::new(None);
-        // The run's cancel fires when the invocation that started it ends (or its
-        // workflow fails); the connection's when the calling process goes away.
-        let cancel = if cancel.fired() { cancel } else { &run.cancel };
         let opts = CallOpts {
             depth: self.depth,
             raw: self.raw,
-            run: Some(&run),
+            run: Some(run),
             cancel: Some(cancel),
             deadline: None,
             hand_back: Some(&held),
         };
-        match inner.invoke_with(self.function, event, &opts) {
+        match inner.invoke_with(&key, event, &opts) {
             Ok(inv) => answer(
                 &CallReply::CallReturned {
                     id: self.id,
                     raw: inv.raw,
                 },
-                &Payload::Inline(inv.result),
+                inv.result,
             ),
             Err(Error::Handler {
                 function, error, ..
@@ -349,13 +1215,13 @@ impl Call<'_> {
                     function,
                     error,
                 },
-                &Payload::default(),
+                Payload::default(),
             ),
-            Err(e) => answer(&self.failed(ipc::chain(&e)), &Payload::default()),
+            Err(e) => answer(&self.failed(ipc::chain(&e)), Payload::default()),
         }
         let done_with = lock(&held).take();
         if let Some((inst, healthy)) = done_with {
-            inner.release_returning(inst, &run, healthy);
+            inner.release_returning(inst, run, healthy);
         }
     }
 
@@ -379,12 +1245,13 @@ fn run_of(inner: &Inner, sandbox: &str) -> io::Result<Arc<Run>> {
     Ok(run)
 }
 
-/// The bound sandbox the peer of `stream` runs in, from its cgroup.
+/// The bound sandbox the peer of `stream` runs in, from its cgroup, and only if the
+/// peer's uid (fixed when it connected, unlike its pid, which may be reused by the
+/// time the cgroup is read) is that sandbox's own.
 fn caller_sandbox(inner: &Inner, stream: &UnixStream) -> Result<String, String> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let pid = getsockopt(stream, PeerCredentials)
-        .map_err(|e| format!("peer credentials: {e}"))?
-        .pid();
+    let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
+    let (pid, uid) = (cred.pid(), cred.uid());
     let path = format!("/proc/{pid}/cgroup");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
     let id = sandbox_in_cgroups(&text, &inner.cgroup_parent)
@@ -394,7 +1261,22 @@ fn caller_sandbox(inner: &Inner, stream: &UnixStream) -> Result<String, String> 
             "sandbox {id} (process {pid}) is not bound to a function"
         ));
     }
+    peer_is_sandbox_user(uid, inner.sandbox_users.user_of(&id))
+        .map_err(|why| format!("process {pid} of sandbox {id}: {why}"))?;
     Ok(id)
+}
+
+/// Whether a peer with uid `uid` (from `SO_PEERCRED`) is the sandbox whose user is
+/// `user` (`None`: the sandbox holds no uid, it is not live).
+fn peer_is_sandbox_user(uid: u32, user: Option<rootfs::SandboxUser>) -> Result<(), String> {
+    match user {
+        Some(user) if user.uid == uid => Ok(()),
+        Some(user) => Err(format!(
+            "connected as uid {uid}, not the sandbox's uid {}",
+            user.uid
+        )),
+        None => Err(format!("connected as uid {uid}; the sandbox holds no uid")),
+    }
 }
 
 /// The sandbox id in a `/proc/<pid>/cgroup` text whose cgroups live under `parent`.
@@ -424,46 +1306,23 @@ mod tests {
     }
 
     #[test]
-    fn answers_a_caller_does_not_read_end_its_connection_within_the_timeout() {
-        let (agent_end, caller_end) = UnixStream::pair().unwrap();
-        let watched = agent_end.try_clone().unwrap();
-        let timeout = std::time::Duration::from_millis(300);
-        // Without the watchdog, the test fails on time instead of hanging.
-        agent_end.set_write_timeout(Some(timeout * 8)).unwrap();
-        let replies = Replies::new(Channel::new(agent_end), timeout);
-        let answer = Payload::Inline(vec![b'x'; 60_000]);
-        let started = Instant::now();
-        std::thread::scope(|s| {
-            s.spawn(|| replies.watch(&watched));
-            // More answers than the socket holds, from threads of their own as the
-            // calls answer; none is read.
-            let senders: Vec<_> = (0..16)
-                .map(|id| {
-                    let (replies, answer) = (&replies, &answer);
-                    s.spawn(move || {
-                        replies.send(&CallReply::CallReturned { id, raw: false }, answer)
-                    })
-                })
-                .collect();
-            for t in senders {
-                t.join().unwrap();
-            }
-            replies.stop_watching();
-        });
-        // One timeout for them all, not one each (a margin for a loaded host).
-        let took = started.elapsed();
-        assert!(took < timeout * 4, "the answers took {took:?}");
-        // The connection is closed: the caller reads what got through, then the end.
-        let mut caller = Channel::new(caller_end);
-        let mut read = 0;
-        loop {
-            match caller.recv::<CallReply>() {
-                Ok(_) => read += 1,
-                Err(ipc::Error::Closed | ipc::Error::Truncated) => break,
-                Err(e) => panic!("{}", ipc::chain(&e)),
-            }
-        }
-        assert!(read < 16, "every answer got through: nothing was tested");
+    fn only_the_sandbox_own_uid_is_heard() {
+        let user = rootfs::SandboxUser {
+            uid: 0x7000_0003,
+            gid: 0x7000_0003,
+        };
+        peer_is_sandbox_user(0x7000_0003, Some(user)).unwrap();
+        // A process of another sandbox (or of the host) that got a reused pid.
+        let e = peer_is_sandbox_user(0x7000_0004, Some(user)).unwrap_err();
+        assert!(
+            e.contains("uid 1879048196, not the sandbox's uid 1879048195"),
+            "{e}"
+        );
+        assert!(
+            peer_is_sandbox_user(0, Some(user)).is_err(),
+            "root is not a sandbox"
+        );
+        assert!(peer_is_sandbox_user(0x7000_0003, None).is_err());
     }
 
     #[test]
@@ -484,5 +1343,290 @@ mod tests {
             sandbox_in_cgroups("0::/sprout/43/sprout-43-1\n", parent),
             None
         );
+    }
+
+    const SB: &str = "sprout-1-1";
+
+    #[test]
+    fn a_sandbox_gets_its_cap_of_calls_in_flight_and_no_more() {
+        let book = Book::default();
+        book.connect(SB).unwrap();
+        book.begin(SB, 0);
+        let admitted: Vec<_> = (0..3)
+            .map(|_| book.admit(SB, "g", Some(1), 3).unwrap())
+            .collect();
+        assert_eq!(
+            book.admit(SB, "g", Some(1), 3).unwrap_err(),
+            Refusal::TooMany(3)
+        );
+        // Resolves count too.
+        assert_eq!(
+            book.admit(SB, "g", None, 3).unwrap_err(),
+            Refusal::TooMany(3)
+        );
+        book.done(SB);
+        assert!(book.admit(SB, "g", Some(1), 3).is_ok());
+        // One session, one cancel.
+        assert!(admitted
+            .windows(2)
+            .all(|w| Arc::ptr_eq(&w[0].cancel, &w[1].cancel)));
+    }
+
+    #[test]
+    fn depth_is_the_agents_count_and_a_claim_cannot_lower_it() {
+        let book = Book::default();
+        book.connect(SB).unwrap();
+        book.begin(SB, 5);
+        assert_eq!(book.admit(SB, "g", Some(0), 64).unwrap().depth, 6);
+        assert_eq!(book.admit(SB, "g", None, 64).unwrap().depth, 6);
+        // A higher claim only stops the claimant earlier.
+        assert_eq!(book.admit(SB, "g", Some(9), 64).unwrap().depth, 9);
+        book.begin(SB, MAX_CALL_DEPTH - 1);
+        assert_eq!(
+            book.admit(SB, "g", Some(0), 64).unwrap().depth,
+            MAX_CALL_DEPTH
+        );
+        book.begin(SB, MAX_CALL_DEPTH);
+        let Err(Refusal::TooDeep(message)) = book.admit(SB, "g", Some(0), 64) else {
+            panic!("a call past the limit was admitted");
+        };
+        assert!(message.contains("call depth limit of 16"), "{message}");
+    }
+
+    #[test]
+    fn the_calls_of_an_invocation_end_with_it() {
+        let book = Book::default();
+        book.connect(SB).unwrap();
+        // Calls from an idle sandbox belong to its idle session: the next invocation
+        // ends them.
+        let idle = book.admit(SB, "g", Some(1), 64).unwrap();
+        book.begin(SB, 0);
+        assert!(idle.cancel.fired());
+        let mine = book.admit(SB, "g", Some(1), 64).unwrap();
+        assert!(!mine.cancel.fired());
+        book.end(SB);
+        assert!(mine.cancel.fired());
+        // A sandbox that goes ends its calls too.
+        book.begin(SB, 0);
+        let last = book.admit(SB, "g", Some(1), 64).unwrap();
+        book.forget(SB);
+        assert!(last.cancel.fired());
+        assert_eq!(book.admit(SB, "g", Some(1), 64).unwrap_err(), Refusal::Gone);
+    }
+
+    #[test]
+    fn frames_read_while_an_ended_invocation_is_drained_are_dropped() {
+        let book = Book::default();
+        book.connect(SB).unwrap();
+        book.begin(SB, 0);
+        // As `end` leaves it for the loop (without waiting: no loop here).
+        lock(&book.sandboxes)
+            .by_id
+            .get_mut(SB)
+            .unwrap()
+            .drains_asked += 1;
+        assert_eq!(
+            book.admit(SB, "g", Some(1), 64).unwrap_err(),
+            Refusal::Drained
+        );
+        book.drained(SB);
+        assert!(book.admit(SB, "g", Some(1), 64).is_ok());
+    }
+
+    #[test]
+    fn the_end_of_an_invocation_waits_for_the_loop_to_read_what_it_sent() {
+        let poll = Poll::new().unwrap();
+        let book = Book::default();
+        book.waker
+            .set(Arc::new(Waker::new(poll.registry(), WAKE).unwrap()))
+            .unwrap();
+        book.connect(SB).unwrap();
+        book.begin(SB, 0);
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            // The loop's part: it drains what it is asked to, then says so.
+            s.spawn(|| loop {
+                let drains = book.take_drains();
+                if drains.is_empty() {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                assert_eq!(drains, [SB]);
+                book.drained(SB);
+                return;
+            });
+            book.end(SB);
+        });
+        assert!(started.elapsed() < DRAIN_WAIT, "{:?}", started.elapsed());
+        // Once the loop is gone, nothing waits for it.
+        book.begin(SB, 0);
+        book.loop_stopped();
+        let started = Instant::now();
+        book.end(SB);
+        assert!(started.elapsed() < DRAIN_WAIT, "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_sandbox_gets_its_cap_of_connections() {
+        let book = Book::default();
+        for _ in 0..MAX_CONNECTIONS_PER_SANDBOX {
+            book.connect(SB).unwrap();
+        }
+        assert_eq!(book.connect(SB), Err(MAX_CONNECTIONS_PER_SANDBOX));
+        assert!(book.connected(SB));
+        book.disconnect(SB);
+        book.connect(SB).unwrap();
+        for _ in 0..MAX_CONNECTIONS_PER_SANDBOX {
+            book.disconnect(SB);
+        }
+        // Nothing is kept for a sandbox with nothing going on.
+        assert!(lock(&book.sandboxes).by_id.is_empty());
+    }
+
+    fn job(depth: u32) -> Job {
+        Job {
+            token: Token(9),
+            alive: Arc::new(AtomicBool::new(true)),
+            sandbox: SB.into(),
+            id: depth as u64,
+            function: "g".into(),
+            depth,
+            cancel: Arc::new(Cancel::new().unwrap()),
+            work: Work::Resolve,
+        }
+    }
+
+    #[test]
+    fn workers_keep_a_reserve_for_deeper_calls() {
+        let max = 20;
+        let mut s = PoolState::new();
+        s.queues[1].push_back(job(1));
+        s.queues[16].push_back(job(16));
+        s.queues[10].push_back(job(10));
+        // The deepest first.
+        s.busy = 0;
+        assert_eq!(s.take(max).unwrap().depth, 16);
+        // With 13 busy, depth 10 may start (it leaves 6 of the 20 for depths 11..=16);
+        // with 14 it may not.
+        s.busy = 14;
+        assert_eq!(s.take(max).map(|j| j.depth), None);
+        s.busy = 13;
+        assert_eq!(s.take(max).unwrap().depth, 10);
+        s.busy = 5;
+        assert!(s.take(max).is_none(), "depth 1 started into the reserve");
+        s.busy = 4;
+        assert_eq!(s.take(max).unwrap().depth, 1);
+        // Depth 16 needs no reserve: it may take the last worker.
+        s.queues[16].push_back(job(16));
+        s.busy = max - 1;
+        assert_eq!(s.take(max).unwrap().depth, 16);
+        s.queues[16].push_back(job(16));
+        s.busy = max;
+        assert!(s.take(max).is_none());
+    }
+
+    fn conn(stream: UnixStream) -> Conn {
+        stream.set_nonblocking(true).unwrap();
+        Conn {
+            sandbox: SB.into(),
+            channel: Channel::new(stream),
+            alive: Arc::new(AtomicBool::new(true)),
+            received: 0,
+            consumed: 0,
+            partial_since: None,
+            outbox: VecDeque::new(),
+            paused: false,
+        }
+    }
+
+    #[test]
+    fn answers_written_on_the_loop_are_frames_the_caller_reads() {
+        let (agent_end, caller_end) = UnixStream::pair().unwrap();
+        let mut c = conn(agent_end);
+        let small = Payload::Inline(b"[1,2]".to_vec());
+        let big = Payload::Inline(vec![b'7'; SHARED_THRESHOLD + 1]);
+        c.outbox.push_back(Outgoing::answer(
+            &CallReply::CallReturned { id: 1, raw: false },
+            small,
+        ));
+        c.outbox.push_back(Outgoing::answer(
+            &CallReply::CallReturned { id: 2, raw: false },
+            big,
+        ));
+        flush(&mut c).unwrap();
+        assert!(c.outbox.is_empty());
+        let mut caller = Channel::new(caller_end);
+        let one = caller.recv::<CallReply>().unwrap();
+        assert_eq!(one.header, CallReply::CallReturned { id: 1, raw: false });
+        assert_eq!(&*one.payload, b"[1,2]");
+        let two = caller.recv::<CallReply>().unwrap();
+        assert_eq!(two.header, CallReply::CallReturned { id: 2, raw: false });
+        assert!(two.payload.is_shared(), "a large answer goes in a memfd");
+        assert_eq!(two.payload.len(), SHARED_THRESHOLD + 1);
+    }
+
+    #[test]
+    fn an_answer_the_socket_cannot_take_waits_in_the_queue() {
+        let (agent_end, caller_end) = UnixStream::pair().unwrap();
+        let mut c = conn(agent_end);
+        for id in 0..64 {
+            let payload = Payload::Inline(vec![b'1'; 60_000]);
+            c.outbox.push_back(Outgoing::answer(
+                &CallReply::CallReturned { id, raw: false },
+                payload,
+            ));
+        }
+        flush(&mut c).unwrap();
+        let left = c.outbox.len();
+        assert!(left > 0 && left < 64, "{left} answers left");
+        let (due, why) = c.deadline().unwrap();
+        assert!(due <= Instant::now() + REPLY_TIMEOUT, "{why}");
+        assert!(why.contains("does not read"), "{why}");
+        drop(caller_end);
+        // The caller is gone: the next write fails (and the loop closes the connection).
+        assert!(flush(&mut c).is_err());
+    }
+
+    #[test]
+    fn a_frame_is_half_sent_until_its_last_byte() {
+        let (agent_end, caller_end) = UnixStream::pair().unwrap();
+        let inner_less = |c: &mut Conn| -> Vec<Message<Box<RawValue>>> {
+            let mut got = Vec::new();
+            loop {
+                if let Some(m) = c.channel.try_recv::<Box<RawValue>>().unwrap() {
+                    c.consumed += frame_len(&m);
+                    got.push(m);
+                    continue;
+                }
+                match c.channel.fill_nonblocking() {
+                    Ok(n) => c.received += n as u64,
+                    Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{}", ipc::chain(&e)),
+                }
+            }
+            got
+        };
+        let mut c = conn(agent_end);
+        let sender = Channel::new(caller_end);
+        let call = CallRequest::Call {
+            id: 1,
+            function: "g".into(),
+            depth: 1,
+            raw: false,
+            spec: None,
+        };
+        sender.send(&call, b"{\"a\": 1}", &[]).unwrap();
+        assert_eq!(inner_less(&mut c).len(), 1);
+        assert_eq!(c.received, c.consumed, "a whole frame is not half-sent");
+        // Half a frame.
+        use std::io::Write;
+        let mut raw = sender.stream();
+        raw.write_all(&[6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'{'])
+            .unwrap();
+        assert!(inner_less(&mut c).is_empty());
+        assert!(c.received > c.consumed);
+        raw.write_all(b"\"\":1}").unwrap();
+        assert_eq!(inner_less(&mut c).len(), 1);
+        assert_eq!(c.received, c.consumed);
     }
 }

@@ -92,6 +92,9 @@ pub struct Config {
     pub state_root: PathBuf,
     /// Host path of the `sprout-shim` binary.
     pub shim: PathBuf,
+    /// The `sprout-spawner` executable; `None`: next to the running executable or
+    /// in its parent directory ([`pool::find_spawner`]).
+    pub spawner: Option<PathBuf>,
     pub defaults: Defaults,
     /// Keep instances warm between invocations and run the pool manager (the
     /// daemon); the embedded CLI does neither.
@@ -99,11 +102,18 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Captured output kept per stream per invocation; the rest is dropped and flagged.
     pub log_limit: usize,
+    /// Calls (and resolves) one sandbox may have in flight on the agent's call socket;
+    /// past it a call is refused at once with `too_many_calls`. At least 1.
+    pub max_calls_in_flight: usize,
+    /// The host ids sandboxes run as: each live sandbox has its own uid (= gid) from
+    /// this range, so at most `count` sandboxes at once. Two agents on one host need
+    /// ranges that do not overlap. A function's files must be readable by "other".
+    pub sandbox_uids: rootfs::SandboxUids,
 }
 
 impl Config {
     /// Defaults: state under `/run/sprout`, the shim next to the running binary
-    /// (or `$SPROUT_SHIM`).
+    /// (or `$SPROUT_SHIM`), the spawner `$SPROUT_SPAWNER` or found at start.
     pub fn new() -> Config {
         let shim = std::env::var_os("SPROUT_SHIM")
             .map(PathBuf::from)
@@ -116,10 +126,13 @@ impl Config {
         Config {
             state_root: PathBuf::from("/run/sprout"),
             shim,
+            spawner: std::env::var_os("SPROUT_SPAWNER").map(PathBuf::from),
             defaults: Defaults::default(),
             keep_warm: true,
             pool: PoolConfig::default(),
             log_limit: 1 << 20,
+            max_calls_in_flight: crate::calls::DEFAULT_MAX_CALLS_IN_FLIGHT,
+            sandbox_uids: rootfs::SandboxUids::DEFAULT,
         }
     }
 }

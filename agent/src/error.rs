@@ -13,8 +13,11 @@ pub enum Error {
         "invalid function name {name:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'"
     )]
     InvalidName { name: String },
-    #[error("function {name:?} is not registered")]
-    NotFound { name: String },
+    #[error("invalid namespace {namespace:?}: use {rule}", rule = crate::registry::NAMESPACE_RULE)]
+    InvalidNamespace { namespace: String },
+    /// The same text whether the name exists in another namespace or nowhere.
+    #[error("function {name:?} is not registered in namespace {namespace:?}")]
+    NotFound { namespace: String, name: String },
     #[error("function directory {path}")]
     FunctionDir {
         path: PathBuf,
@@ -118,6 +121,12 @@ pub enum Error {
     },
     #[error("function {function} returned bytes: only a function called through `sprout` may return bytes")]
     BytesResult { function: String },
+    #[error("function {function} returned a result of {len} bytes, over the limit of {max} bytes for a result")]
+    ResultTooLarge {
+        function: String,
+        len: usize,
+        max: usize,
+    },
     #[error("call to {function} failed: {message}")]
     CallFailed { function: String, message: String },
     #[error("function {function} was stopped: its workflow ended (another step failed or timed out, or its caller went away)")]
@@ -128,8 +137,8 @@ pub enum Error {
         waited_ms: u64,
         max_instances: usize,
     },
-    #[error("workflow {name:?} is not registered")]
-    WorkflowNotFound { name: String },
+    #[error("workflow {name:?} is not registered in namespace {namespace:?}")]
+    WorkflowNotFound { namespace: String, name: String },
     #[error("invalid workflow: {0}")]
     InvalidWorkflow(String),
     #[error("workflow {workflow:?} failed at step {step}")]
@@ -180,6 +189,7 @@ impl Error {
         match self {
             InvalidEvent(_)
             | InvalidName { .. }
+            | InvalidNamespace { .. }
             | FunctionDir { .. }
             | HandlerFileMissing { .. }
             | ForbiddenDir { .. }
@@ -191,7 +201,9 @@ impl Error {
             NotFound { .. } | WorkflowNotFound { .. } => ErrorKind::NotFound,
             Workflow { source, .. } => source.kind(),
             WorkflowTimeout { .. } | QueueTimeout { .. } => ErrorKind::Timeout,
-            BytesResult { .. } | CallFailed { .. } | Cancelled { .. } => ErrorKind::Function,
+            BytesResult { .. } | ResultTooLarge { .. } | CallFailed { .. } | Cancelled { .. } => {
+                ErrorKind::Function
+            }
             LoadFailed { .. }
             | Handler { .. }
             | OutOfMemory { .. }
@@ -208,12 +220,15 @@ impl Error {
         use Error::*;
         match self {
             InvalidEvent(_) => "invalid_event",
-            InvalidName { .. } | InvalidConfig(_) | LimitOutOfRange { .. } => "bad_request",
+            InvalidName { .. }
+            | InvalidNamespace { .. }
+            | InvalidConfig(_)
+            | LimitOutOfRange { .. } => "bad_request",
             InvalidWorkflow(_) => "invalid_workflow",
             WorkflowNotFound { .. } => "not_found",
             Workflow { source, .. } => source.name(),
             WorkflowTimeout { .. } | QueueTimeout { .. } => "timeout",
-            BytesResult { .. } => "bad_result",
+            BytesResult { .. } | ResultTooLarge { .. } => "bad_result",
             CallFailed { .. } => "call_failed",
             Cancelled { .. } => "cancelled",
             FunctionDir { .. }

@@ -3,17 +3,18 @@
 //! shim handed over, and reads the instance's stdout/stderr pipes itself.
 
 use std::fs::File;
-use std::io::{ErrorKind as IoKind, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::io::ErrorKind as IoKind;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ipc::api::Logs;
 use ipc::proto::{CallReply, CallSpec, FunctionError, InstanceEvent, InstanceLink, ShimLink};
 use ipc::Payload;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pool::Sandbox;
 use serde::de::DeserializeOwned;
+
+use crate::sandbox_output::Got;
 
 /// How long a new sandbox's shim may take to report ready.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -26,7 +27,8 @@ pub struct Instance {
     pub shim: ShimLink,
     pub link: InstanceLink,
     pub pid: i32,
-    pub function: String,
+    /// The function it runs: its namespace and name.
+    pub function: crate::registry::FunctionKey,
     pub function_version: u64,
     /// Memory (MiB) counted against the agent's budget for this sandbox.
     pub reserved_mb: u64,
@@ -36,6 +38,10 @@ pub struct Instance {
     pub stderr: Output,
     /// Whether the handler called other functions during the last invocation.
     pub called: bool,
+    /// The sandbox's OOM notification, set up once with the instance (none if the
+    /// memory cgroup could not be watched): waits for an answer end as soon as the OOM
+    /// killer kills a process in the sandbox, whoever holds the channel.
+    pub oom: Option<pool::OomWatch>,
 }
 
 /// What a call returned: JSON text, or bytes (`raw`) for a caller that is a function.
@@ -71,8 +77,7 @@ pub struct Output {
 
 impl Output {
     pub fn new(fd: OwnedFd) -> std::io::Result<Output> {
-        let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
-        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        crate::sandbox_output::set_nonblocking(&fd)?;
         Ok(Output {
             pipe: File::from(fd),
             open: true,
@@ -85,16 +90,14 @@ impl Output {
     fn drain(&mut self, limit: usize) {
         let mut buf = [0u8; 16 << 10];
         while self.open {
-            match self.pipe.read(&mut buf) {
-                Ok(0) => self.open = false,
-                Ok(n) => {
+            match crate::sandbox_output::read_pipe(&mut self.pipe, &mut buf) {
+                Got::Bytes(n) => {
                     let room = limit.saturating_sub(self.captured.len());
                     self.captured.extend_from_slice(&buf[..n.min(room)]);
                     self.truncated |= n > room;
                 }
-                Err(e) if e.kind() == IoKind::WouldBlock => break,
-                Err(e) if e.kind() == IoKind::Interrupted => continue,
-                Err(_) => self.open = false,
+                Got::Empty => break,
+                Got::Closed => self.open = false,
             }
         }
     }
@@ -275,7 +278,9 @@ impl Instance {
 
     /// Waits for the next frame on the instance's channel (or the shim's, `from_shim`)
     /// until `deadline`, draining the output pipes meanwhile. A readable `cancel` ends
-    /// the wait with [`CallFailure::Cancelled`].
+    /// the wait with [`CallFailure::Cancelled`]; an OOM kill in the sandbox with
+    /// [`CallFailure::Died`] (reported as out of memory), even when a process the
+    /// instance started still holds its channel open.
     fn wait_frame<H: DeserializeOwned>(
         &mut self,
         from_shim: bool,
@@ -298,7 +303,12 @@ impl Instance {
                 self.drain_outputs(log_limit);
                 return Err(CallFailure::TimedOut);
             }
-            let wait = PollTimeout::try_from(deadline - now).unwrap_or(PollTimeout::MAX);
+            let mut wait_for = deadline - now;
+            // An OOM notified and not yet followed by its kill: look again soon.
+            if let Some(soon) = self.oom.as_ref().and_then(|w| w.recheck_in()) {
+                wait_for = wait_for.min(soon);
+            }
+            let wait = PollTimeout::try_from(wait_for).unwrap_or(PollTimeout::MAX);
             let channel = if from_shim {
                 &self.shim.0
             } else {
@@ -312,16 +322,30 @@ impl Instance {
                     which.push(i);
                 }
             }
+            let oom_slot = self.oom.as_ref().map(|w| {
+                fds.push(PollFd::new(w.fd(), w.poll_flags()));
+                fds.len() - 1
+            });
             if let Some(c) = cancel {
                 fds.push(PollFd::new(c, PollFlags::POLLIN));
             }
-            match poll(&mut fds, wait) {
+            let polled = poll(&mut fds, wait);
+            let ready: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(true)).collect();
+            drop(fds);
+            if let Some(slot) = oom_slot {
+                let w = self.oom.as_mut().expect("watched");
+                let notified = matches!(polled, Ok(n) if n > 0) && ready[slot];
+                if (notified || w.recheck_in().is_some()) && w.killed(notified) {
+                    tracing::debug!(sandbox_id = self.sandbox.id(), "OOM kill in the sandbox");
+                    self.drain_outputs(log_limit);
+                    return Err(CallFailure::Died);
+                }
+            }
+            match polled {
                 Err(nix::errno::Errno::EINTR) | Ok(0) => continue,
                 Err(e) => return Err(CallFailure::Protocol(ipc::Error::Io(e.into()))),
                 Ok(_) => {}
             }
-            let ready: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(true)).collect();
-            drop(fds);
             for (slot, &i) in which.iter().enumerate() {
                 if ready[slot + 1] {
                     if i == 0 {

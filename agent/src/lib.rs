@@ -6,8 +6,8 @@
 //! back from [`Agent::handle`]: the `sprout` CLI (embedded, no daemon), the
 //! Unix-socket HTTP API ([`http`]) and a linking controller alike.
 //!
-//! [`Agent::start`] forks the spawner, so it must run before the process starts any
-//! thread (first thing in `main`).
+//! [`Agent::start`] starts the spawner by executing `sprout-spawner` (see
+//! [`Config::spawner`]), so it may run in a process that already runs threads.
 
 // Errors carry the captured output of a failed invocation; they are built once per
 // failure, so their size does not matter.
@@ -23,6 +23,7 @@ mod manager;
 mod registry;
 mod request;
 mod run;
+mod sandbox_output;
 mod scheduler;
 pub mod upload;
 mod workflow;
@@ -30,6 +31,7 @@ mod workflow;
 pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig};
 pub use error::{Error, ErrorKind};
+pub use registry::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};
 pub use workflow::Workflow;
 
@@ -38,19 +40,16 @@ pub fn function_name_for_dir(dir: &std::path::Path) -> String {
     registry::name_from_dir(dir)
 }
 
-/// Checks a function as registering it would (name, directory, handler file,
-/// limits) without an agent, so a CLI can refuse bad input before starting anything.
-/// The rest of the agent's settings are [`Config::new`]'s; registering checks again
-/// with the agent's own.
+/// Checks a function as registering it would (name, directory, handler file and its
+/// readability by "other", which is how sandboxes read it, limits) without an agent,
+/// so a CLI can refuse bad input before starting anything. `agent` is the configuration the agent will start
+/// with; registering checks again with the agent's own.
 pub fn check_function(
     name: &str,
     dir: &std::path::Path,
     config: &ipc::api::FunctionConfig,
-    defaults: &Defaults,
+    agent: &Config,
 ) -> Result<(), Error> {
-    let agent = Config {
-        defaults: *defaults,
-        ..Config::new()
-    };
-    registry::Function::new(name, dir, config, &agent, 0, false).map(drop)
+    let key = registry::FunctionKey::in_default(name)?;
+    registry::Function::new(&key, dir, config, agent, 0, false).map(drop)
 }

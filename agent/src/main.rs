@@ -29,8 +29,42 @@ struct Cli {
         default_value = "/run/sprout"
     )]
     state_dir: PathBuf,
+    /// The namespace functions and workflows are registered, listed, removed and
+    /// invoked in (fn, invoke, workflow).
+    #[arg(
+        long,
+        global = true,
+        env = "SPROUT_NAMESPACE",
+        default_value = agent::DEFAULT_NAMESPACE
+    )]
+    namespace: String,
+    /// First host uid (and gid) of the range sandboxes run as: each live sandbox has
+    /// its own, base + slot. Two agents on one host need ranges that do not overlap.
+    #[arg(
+        long,
+        global = true,
+        env = "SPROUT_SANDBOX_UID_BASE",
+        default_value_t = rootfs::SandboxUids::DEFAULT_BASE
+    )]
+    sandbox_uid_base: u32,
+    /// How many uids the range has: at most this many sandboxes at once.
+    #[arg(
+        long,
+        global = true,
+        env = "SPROUT_SANDBOX_UIDS",
+        default_value_t = rootfs::SandboxUids::DEFAULT_COUNT
+    )]
+    sandbox_uids: u32,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--sandbox-uid-base`/`--sandbox-uids`, checked once in [`run`] before any agent starts.
+static SANDBOX_UIDS: std::sync::OnceLock<rootfs::SandboxUids> = std::sync::OnceLock::new();
+
+/// The sandbox uid range of this command's agent.
+fn sandbox_uids() -> rootfs::SandboxUids {
+    SANDBOX_UIDS.get().copied().unwrap_or_default()
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,6 +96,8 @@ enum Command {
         workers: usize,
         #[command(flatten)]
         pool: PoolArgs,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Manage functions registered on the daemon.
     #[command(subcommand)]
@@ -139,6 +175,19 @@ struct PoolArgs {
     /// (default: half of the machine's memory).
     #[arg(long, value_name = "MiB")]
     memory_budget: Option<u64>,
+    /// Calls one sandbox may have in flight on the agent's call socket; past it a call
+    /// is refused at once with too_many_calls.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..=65536)
+    )]
+    max_calls_per_sandbox: u64,
+    /// The sprout-spawner executable (default: next to this one, or in its parent
+    /// directory).
+    #[arg(long, value_name = "PATH", env = "SPROUT_SPAWNER")]
+    spawner: Option<PathBuf>,
 }
 
 impl PoolArgs {
@@ -152,6 +201,58 @@ impl PoolArgs {
                 .unwrap_or_else(agent::default_memory_budget_mb),
         }
     }
+}
+
+/// The daemon's API connections and shutdown.
+#[derive(Args, Debug)]
+struct HttpArgs {
+    /// Connections open at most; more are answered 503 and closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// A request head, then its body, must arrive within this long (else 408):
+    /// milliseconds (`500`, `500ms`) or seconds (`10s`).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    read_timeout: std::time::Duration,
+    /// An idle connection (no request begun) is closed after this long.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    keep_alive_timeout: std::time::Duration,
+    /// On SIGTERM/SIGINT, requests being handled get this long to finish before they
+    /// are answered 503 (a second signal ends it): milliseconds or seconds.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: std::time::Duration,
+}
+
+impl HttpArgs {
+    fn limits(&self) -> agent::http::Limits {
+        agent::http::Limits {
+            read_timeout: self.read_timeout,
+            idle_timeout: self.keep_alive_timeout,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ..agent::http::Limits::default()
+        }
+    }
+}
+
+/// `500` or `500ms` (milliseconds), `10s` (seconds); at least 1 ms.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (digits, ms_per) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (t, 1)
+    };
+    let ms = digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(ms_per))
+        .filter(|&ms| ms >= 1)
+        .ok_or_else(|| {
+            format!("{text:?} is not a duration: give milliseconds (500, 500ms) or seconds (10s), at least 1 ms")
+        })?;
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 impl LimitArgs {
@@ -211,10 +312,28 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let uids = rootfs::SandboxUids::new(cli.sandbox_uid_base, cli.sandbox_uids).map_err(|e| {
+        anyhow::anyhow!(
+            "--sandbox-uid-base {} --sandbox-uids {}: {e}",
+            cli.sandbox_uid_base,
+            cli.sandbox_uids
+        )
+    })?;
+    let _ = SANDBOX_UIDS.set(uids);
+    let ns = cli.namespace.as_str();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        agent::validate_namespace(ns)?;
+    }
     match (cli.command, cli.socket) {
-        (Command::Serve { workers, pool }, Some(socket)) => {
-            serve(&socket, &cli.state_dir, workers, &pool)
-        }
+        (
+            Command::Serve {
+                workers,
+                pool,
+                http,
+                ..
+            },
+            Some(socket),
+        ) => serve(&socket, &cli.state_dir, workers, &pool, &http),
         (Command::Serve { .. }, None) => bail!("serve needs --socket PATH (or SPROUT_SOCKET)"),
         (
             Command::Invoke {
@@ -232,10 +351,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if limits.config() != FunctionConfig::default() || !with.is_empty() {
                         bail!("--handler/--memory/--timeout/--pids/--cpus/--with belong to `sprout fn add` when using a daemon");
                     }
-                    invoke_remote(&socket, &function, &event, logs)
+                    invoke_remote(&socket, ns, &function, &event, logs)
                 }
                 None => invoke_embedded(
                     &cli.state_dir,
+                    ns,
                     Path::new(&function),
                     &with,
                     &limits,
@@ -263,11 +383,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect();
             let name = agent::function_name_for_dir(&file.with_extension(""));
             match socket {
-                Some(socket) => workflow_remote(&socket, &name, &text, &functions, &input),
-                None => workflow_embedded(&cli.state_dir, &name, workflow, &functions, input),
+                Some(socket) => workflow_remote(&socket, ns, &name, &text, &functions, &input),
+                None => workflow_embedded(&cli.state_dir, ns, &name, workflow, &functions, input),
             }
         }
-        (Command::Fn(cmd), Some(socket)) => fn_command(&socket, cmd),
+        (Command::Fn(cmd), Some(socket)) => fn_command(&socket, ns, cmd),
         (Command::Status, Some(socket)) => {
             let resp = Client::connect(&socket)?.request("GET", "/status", None, b"")?;
             print_remote(resp.status, &resp.body, false)
@@ -305,6 +425,7 @@ fn note_requirements(dir: &Path) {
 
 fn invoke_embedded(
     state_dir: &Path,
+    namespace: &str,
     dir: &Path,
     with: &[PathBuf],
     limits: &LimitArgs,
@@ -320,11 +441,12 @@ fn invoke_embedded(
     }
     let config = Config {
         state_root: state_dir.to_path_buf(),
+        sandbox_uids: sandbox_uids(),
         keep_warm: false,
         ..Config::new()
     };
     let name = agent::function_name_for_dir(dir);
-    if let Err(e) = agent::check_function(&name, dir, &limits.config(), &config.defaults) {
+    if let Err(e) = agent::check_function(&name, dir, &limits.config(), &config) {
         return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
     }
     let others: Vec<(String, PathBuf)> = with
@@ -332,21 +454,28 @@ fn invoke_embedded(
         .map(|d| (agent::function_name_for_dir(d), d.clone()))
         .collect();
     for (n, d) in &others {
-        if let Err(e) = agent::check_function(n, d, &FunctionConfig::default(), &config.defaults) {
+        if let Err(e) = agent::check_function(n, d, &FunctionConfig::default(), &config) {
             return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
         }
     }
     note_requirements(dir);
     let agent = Agent::start(config).context("start the embedded agent")?;
-    let result = register_dirs(&agent, &others)
+    let result = register_dirs(&agent, namespace, &others)
         .and_then(|()| {
             agent.handle(Request::RegisterFunction {
+                namespace: namespace.to_owned(),
                 name: name.clone(),
                 source: FunctionSource::Dir(dir.to_path_buf()),
                 config: limits.config(),
             })
         })
-        .and_then(|_| agent.handle(Request::Invoke { name, event }));
+        .and_then(|_| {
+            agent.handle(Request::Invoke {
+                namespace: namespace.to_owned(),
+                name,
+                event,
+            })
+        });
     agent.shutdown().context("shut the embedded agent down")?;
     match result {
         Ok(Response::Invoked(inv)) => {
@@ -361,9 +490,14 @@ fn invoke_embedded(
     }
 }
 
-fn register_dirs(agent: &Agent, functions: &[(String, PathBuf)]) -> Result<(), agent::Error> {
+fn register_dirs(
+    agent: &Agent,
+    namespace: &str,
+    functions: &[(String, PathBuf)],
+) -> Result<(), agent::Error> {
     for (name, dir) in functions {
         agent.handle(Request::RegisterFunction {
+            namespace: namespace.to_owned(),
             name: name.clone(),
             source: FunctionSource::Dir(dir.clone()),
             config: FunctionConfig::default(),
@@ -374,6 +508,7 @@ fn register_dirs(agent: &Agent, functions: &[(String, PathBuf)]) -> Result<(), a
 
 fn workflow_embedded(
     state_dir: &Path,
+    namespace: &str,
     name: &str,
     workflow: agent::Workflow,
     functions: &[(String, PathBuf)],
@@ -381,24 +516,27 @@ fn workflow_embedded(
 ) -> anyhow::Result<ExitCode> {
     let config = Config {
         state_root: state_dir.to_path_buf(),
+        sandbox_uids: sandbox_uids(),
         keep_warm: false,
         ..Config::new()
     };
     for (n, d) in functions {
-        if let Err(e) = agent::check_function(n, d, &FunctionConfig::default(), &config.defaults) {
+        if let Err(e) = agent::check_function(n, d, &FunctionConfig::default(), &config) {
             return Ok(print_error(&e.detail(), exit_code(e.kind()), false));
         }
     }
     let agent = Agent::start(config).context("start the embedded agent")?;
-    let result = register_dirs(&agent, functions)
+    let result = register_dirs(&agent, namespace, functions)
         .and_then(|()| {
             agent.handle(Request::RegisterWorkflow {
+                namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 workflow,
             })
         })
         .and_then(|_| {
             agent.handle(Request::RunWorkflow {
+                namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 input,
             })
@@ -417,6 +555,7 @@ fn workflow_embedded(
 /// Registers the file's functions (by path) and the workflow on the daemon, and runs it.
 fn workflow_remote(
     socket: &Path,
+    namespace: &str,
     name: &str,
     text: &[u8],
     functions: &[(String, PathBuf)],
@@ -430,10 +569,11 @@ fn workflow_remote(
         let body = serde_json::to_vec(&RegisterFunction {
             path: path.display().to_string(),
             config: FunctionConfig::default(),
+            ..Default::default()
         })?;
         let resp = client.request(
             "PUT",
-            &format!("/functions/{fname}"),
+            &ipc::api::function_path(namespace, fname, ""),
             Some("application/json"),
             &body,
         )?;
@@ -447,7 +587,7 @@ fn workflow_remote(
     }
     let resp = client.request(
         "PUT",
-        &format!("/workflows/{name}"),
+        &ipc::api::workflow_path(namespace, name, ""),
         Some("application/json"),
         &serde_json::to_vec(&doc)?,
     )?;
@@ -456,7 +596,7 @@ fn workflow_remote(
     }
     let resp = client.request(
         "POST",
-        &format!("/workflows/{name}/invoke"),
+        &ipc::api::workflow_path(namespace, name, "/invoke"),
         Some("application/json"),
         input,
     )?;
@@ -512,11 +652,15 @@ fn print_error(detail: &ErrorDetail, code: ExitCode, logs: bool) -> ExitCode {
     code
 }
 
-fn invoke_remote(socket: &Path, name: &str, event: &[u8], logs: bool) -> anyhow::Result<ExitCode> {
-    let path = format!(
-        "/functions/{name}/invoke{}",
-        if logs { "?logs=true" } else { "" }
-    );
+fn invoke_remote(
+    socket: &Path,
+    namespace: &str,
+    name: &str,
+    event: &[u8],
+    logs: bool,
+) -> anyhow::Result<ExitCode> {
+    let rest = if logs { "/invoke?logs=true" } else { "/invoke" };
+    let path = ipc::api::function_path(namespace, name, rest);
     let resp = Client::connect(socket)?.request("POST", &path, Some("application/json"), event)?;
     if resp.status == 200 && logs {
         let record: ipc::api::InvocationRecord =
@@ -548,7 +692,7 @@ fn print_remote(status: u16, body: &[u8], logs: bool) -> anyhow::Result<ExitCode
     Ok(print_error(&err.error, ExitCode::from(code), logs))
 }
 
-fn fn_command(socket: &Path, cmd: FnCommand) -> anyhow::Result<ExitCode> {
+fn fn_command(socket: &Path, namespace: &str, cmd: FnCommand) -> anyhow::Result<ExitCode> {
     let mut client = Client::connect(socket)?;
     let resp = match cmd {
         FnCommand::Add {
@@ -594,7 +738,7 @@ fn fn_command(socket: &Path, cmd: FnCommand) -> anyhow::Result<ExitCode> {
                 };
                 client.request(
                     "PUT",
-                    &format!("/functions/{name}{query}"),
+                    &ipc::api::function_path(namespace, &name, &query),
                     Some("application/x-tar"),
                     &body,
                 )?
@@ -602,37 +746,48 @@ fn fn_command(socket: &Path, cmd: FnCommand) -> anyhow::Result<ExitCode> {
                 let body = serde_json::to_vec(&RegisterFunction {
                     path: abs.display().to_string(),
                     config: limits.config(),
+                    ..Default::default()
                 })?;
                 client.request(
                     "PUT",
-                    &format!("/functions/{name}"),
+                    &ipc::api::function_path(namespace, &name, ""),
                     Some("application/json"),
                     &body,
                 )?
             }
         }
         FnCommand::Ls => {
-            let resp = client.request("GET", "/functions", None, b"")?;
+            let path = ipc::api::function_path(namespace, "", "");
+            let resp = client.request("GET", &path, None, b"")?;
             if resp.status == 200 {
                 let list: Vec<FunctionInfo> =
                     serde_json::from_slice(&resp.body).context("decode function list")?;
                 println!(
-                    "{:<24} {:<16} {:>7} {:>9} {:>5}  PATH",
-                    "NAME", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
+                    "{:<24} {:<16} {:<16} {:>7} {:>9} {:>5}  PATH",
+                    "NAME", "NAMESPACE", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
                 );
                 for f in list {
                     println!(
-                        "{:<24} {:<16} {:>7} {:>9} {:>5}  {}",
-                        f.name, f.handler, f.memory_mb, f.timeout_ms, f.warm_instances, f.path
+                        "{:<24} {:<16} {:<16} {:>7} {:>9} {:>5}  {}",
+                        f.name,
+                        f.namespace,
+                        f.handler,
+                        f.memory_mb,
+                        f.timeout_ms,
+                        f.warm_instances,
+                        f.path
                     );
                 }
                 return Ok(ExitCode::SUCCESS);
             }
             resp
         }
-        FnCommand::Rm { name } => {
-            client.request("DELETE", &format!("/functions/{name}"), None, b"")?
-        }
+        FnCommand::Rm { name } => client.request(
+            "DELETE",
+            &ipc::api::function_path(namespace, &name, ""),
+            None,
+            b"",
+        )?,
     };
     print_remote(resp.status, &resp.body, false)
 }
@@ -642,6 +797,7 @@ fn serve(
     state_dir: &Path,
     workers: usize,
     pool: &PoolArgs,
+    http: &HttpArgs,
 ) -> anyhow::Result<ExitCode> {
     // Block the shutdown signals before any thread exists, so every thread inherits
     // the mask and one thread waits for them (the spawner clears its own mask).
@@ -657,14 +813,16 @@ fn serve(
         let _ =
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
-    // The agent forks its spawner: nothing may have started a thread before this.
     let agent = Agent::start(Config {
         state_root: state_dir.to_path_buf(),
+        sandbox_uids: sandbox_uids(),
         pool: pool.config(),
+        max_calls_in_flight: pool.max_calls_per_sandbox as usize,
+        spawner: pool.spawner.clone(),
         ..Config::new()
     })
     .context("start the agent")?;
-    let server = match agent::http::Server::bind(socket, agent::http::Limits::default()) {
+    let server = match agent::http::Server::bind(socket, http.limits()) {
         Ok(s) => s,
         Err(e) => {
             let _ = agent.shutdown();
@@ -672,11 +830,24 @@ fn serve(
         }
     };
     let stop = server.shutdown_handle();
+    let grace = http.shutdown_grace;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            // The first signal drains: no new connections, requests being handled
+            // get the grace to finish. A second one ends the grace.
+            match signals.wait() {
+                Ok(sig) => {
+                    tracing::info!(signal = ?sig, grace_ms = grace.as_millis() as u64, "shutting down");
+                    stop.drain(grace);
+                }
+                Err(_) => {
+                    stop.shutdown();
+                    return;
+                }
+            }
             if let Ok(sig) = signals.wait() {
-                tracing::info!(signal = ?sig, "shutting down");
+                tracing::info!(signal = ?sig, "second signal: ending the shutdown grace");
             }
             stop.shutdown();
         })
@@ -687,4 +858,34 @@ fn serve(
     agent.shutdown().context("shut the agent down")?;
     served.context("HTTP server")?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod http_args_tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_are_milliseconds_or_seconds() {
+        assert_eq!(parse_duration("500"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration(" 2 s"), Ok(Duration::from_secs(2)));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "-1",
+            "1.5s",
+            "10m",
+            "s",
+            "99999999999999999999s",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(
+                e.contains("milliseconds") && e.contains("seconds"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 }

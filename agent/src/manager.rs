@@ -8,6 +8,10 @@
 //! fit in the budget, one is made. Destroying and creating happen outside the lock.
 //! Then it sleeps until the next grace or TTL deadline, or until woken (a request took
 //! a stem cell, an instance went idle, shutdown).
+//!
+//! Every [`SHIM_CHECK`] a pass also takes out idle instances and stem cells whose shim
+//! died (see [`take_dead`]), so the next request gets a fresh sandbox instead of a
+//! dead one.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -18,6 +22,10 @@ use crate::agent::{lock, Inner};
 use crate::instance::Instance;
 use crate::scheduler::StemCell;
 
+/// How often idle sandboxes are checked for a dead shim: one `poll` over their
+/// channels (and, on cgroup v1, a look at each frozen shim's pending signals).
+pub(crate) const SHIM_CHECK: Duration = Duration::from_millis(250);
+
 /// Waits after a failed stem cell creation, doubling up to the maximum.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -27,6 +35,7 @@ pub(crate) fn run(inner: &Inner) {
     let stem_mb = inner.config.defaults.memory_mb;
     let mut retry = RETRY_FIRST;
     let mut retry_at: Option<Instant> = None;
+    let mut shim_check_at = Instant::now() + SHIM_CHECK;
     let mut sched = lock(&inner.sched);
     loop {
         if inner.shutting_down.load(Ordering::SeqCst) {
@@ -37,6 +46,12 @@ pub(crate) fn run(inner: &Inner) {
         let mut soonest = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         let mut doomed: Vec<Instance> = Vec::new();
         let mut doomed_stems: Vec<StemCell> = Vec::new();
+        if shim_check_at <= now {
+            shim_check_at = now + SHIM_CHECK;
+            let v1 = inner.cgroups.version() == pool::CgroupVersion::V1;
+            take_dead(&mut sched, v1, &mut doomed, &mut doomed_stems);
+        }
+        soonest(shim_check_at);
 
         for pool in sched.functions.values_mut() {
             let expired: Vec<Instance> = pool
@@ -137,6 +152,105 @@ pub(crate) fn run(inner: &Inner) {
     }
 }
 
+/// Moves the idle instances and stem cells whose shim is dead (or, `v1`, frozen with a
+/// SIGKILL pending: on cgroup v1 a frozen task dies only once thawed) to `doomed`.
+/// The shim is the sandbox's PID 1: when it dies, the kernel kills every process in
+/// the sandbox, so its channel and the instance's hang up.
+fn take_dead(
+    sched: &mut crate::scheduler::Sched,
+    v1: bool,
+    doomed: &mut Vec<Instance>,
+    doomed_stems: &mut Vec<StemCell>,
+) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = Vec::new();
+    for pool in sched.functions.values() {
+        for inst in &pool.idle {
+            fds.push(PollFd::new(inst.shim.0.as_fd(), PollFlags::empty()));
+            fds.push(PollFd::new(inst.link.0.as_fd(), PollFlags::empty()));
+        }
+    }
+    for stem in &sched.stem_cells {
+        fds.push(PollFd::new(stem.shim.0.as_fd(), PollFlags::empty()));
+    }
+    if fds.is_empty() {
+        return;
+    }
+    // POLLHUP and POLLERR are reported whatever is asked for.
+    let hung: Vec<bool> = match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds.iter().map(|f| f.any().unwrap_or(false)).collect(),
+        Err(_) => return,
+    };
+    drop(fds);
+    let dead = |sandbox: &pool::Sandbox, hung: bool| {
+        let killed =
+            !hung && v1 && sandbox.state() == SandboxState::Frozen && kill_pending(sandbox.pid());
+        if hung || killed {
+            tracing::debug!(
+                sandbox_id = sandbox.id(),
+                shim_pid = sandbox.pid(),
+                hung,
+                killed,
+                "dead shim"
+            );
+        }
+        hung || killed
+    };
+    let mut at = 0;
+    for pool in sched.functions.values_mut() {
+        let mut i = 0;
+        while i < pool.idle.len() {
+            let inst = &pool.idle[i];
+            let hung = hung[at] || hung[at + 1];
+            at += 2;
+            if dead(&inst.sandbox, hung) {
+                let inst = pool.idle.remove(i);
+                tracing::warn!(sandbox_id = inst.sandbox.id(), function = %inst.function, "the shim of an idle sandbox died; removing it");
+                pool.live -= 1;
+                doomed.push(inst);
+            } else {
+                i += 1;
+            }
+        }
+    }
+    let mut i = 0;
+    while i < sched.stem_cells.len() {
+        let hung = hung[at];
+        at += 1;
+        if dead(&sched.stem_cells[i].sandbox, hung) {
+            let stem = sched.stem_cells.remove(i);
+            tracing::warn!(
+                sandbox_id = stem.sandbox.id(),
+                "the shim of a stem cell died; removing it"
+            );
+            doomed_stems.push(stem);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Whether process `pid` has a SIGKILL pending (`/proc/<pid>/status`, `SigPnd` and
+/// `ShdPnd`), or is gone.
+fn kill_pending(pid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    pending_kill_in_status(&status)
+}
+
+fn pending_kill_in_status(status: &str) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        let Some((key, mask)) = l.split_once(':') else {
+            return false;
+        };
+        matches!(key, "SigPnd" | "ShdPnd")
+            && u64::from_str_radix(mask.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0)
+    })
+}
+
 fn make_frozen_stem_cell(inner: &Inner) -> Result<StemCell, crate::Error> {
     let mut stem = inner.new_stem_cell()?;
     if let Err(e) = stem.sandbox.freeze() {
@@ -145,4 +259,29 @@ fn make_frozen_stem_cell(inner: &Inner) -> Result<StemCell, crate::Error> {
     }
     tracing::debug!(sandbox_id = stem.sandbox.id(), "stem cell ready");
     Ok(stem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_sigkill_is_read_from_proc_status() {
+        let status = |sig: u64, shd: u64| {
+            format!(
+                "Name:\tsprout-shim\nState:\tD (disk sleep)\nSigPnd:\t{sig:016x}\n\
+                 ShdPnd:\t{shd:016x}\nSigBlk:\t0000000000000100\n"
+            )
+        };
+        // SIGKILL blocked (`SigBlk`, which cannot happen) is not pending.
+        assert!(!pending_kill_in_status(&status(0, 0)));
+        // Pending for the thread or for the process.
+        assert!(pending_kill_in_status(&status(0, 0x100)));
+        assert!(pending_kill_in_status(&status(0x100, 0)));
+        // SIGTERM (15) pending is not a kill.
+        assert!(!pending_kill_in_status(&status(0x4000, 0)));
+        // This process has none, and a process that is gone counts as dead.
+        assert!(!kill_pending(std::process::id() as i32));
+        assert!(kill_pending(i32::MAX));
+    }
 }

@@ -27,6 +27,73 @@ use crate::error::Error;
 /// The handler OpenLambda uses: `f.py` with `def f(event)`.
 pub const DEFAULT_HANDLER: &str = "f:f";
 
+/// The namespace of a function or workflow registered without one (and of every
+/// `/functions/...` and `/workflows/...` route).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The longest namespace name: OpenWhisk's limit for entity names.
+pub const MAX_NAMESPACE_LEN: usize = 256;
+
+/// The rule for namespace names, as error messages state it.
+pub const NAMESPACE_RULE: &str = "1 to 256 characters of A-Z a-z 0-9 _ @ . -, the first a letter, digit or _; \"_\" alone is reserved (OpenWhisk's \"the caller's own namespace\")";
+
+/// What a function or a workflow is registered under: its namespace and its name.
+///
+/// The namespace is the tenant boundary. Names are unique per namespace; a function
+/// calls only functions of its own namespace (in its sandbox or in a sibling), code is
+/// attached into a sandbox and a workflow's scratch shared only within one namespace,
+/// and warm instances are kept per key. Neither part can hold a `/`, so the key shows
+/// as `namespace/name` without ambiguity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FunctionKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl FunctionKey {
+    /// A key whose namespace and name are both valid.
+    pub fn new(namespace: &str, name: &str) -> Result<FunctionKey, Error> {
+        validate_namespace(namespace)?;
+        validate_name(name)?;
+        Ok(FunctionKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// `name` in the [`DEFAULT_NAMESPACE`] (checked).
+    pub fn in_default(name: &str) -> Result<FunctionKey, Error> {
+        FunctionKey::new(DEFAULT_NAMESPACE, name)
+    }
+}
+
+impl std::fmt::Display for FunctionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Namespace names follow OpenWhisk's entity names (`[\w][\w@ .-]*[\w@.-]`, at most
+/// 256 characters) without the space, which the API's paths cannot carry unencoded:
+/// every sprout namespace is a valid OpenWhisk namespace. `_` alone is refused: in
+/// OpenWhisk's API it means the caller's own namespace.
+pub fn validate_namespace(namespace: &str) -> Result<(), Error> {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let ok = namespace.len() <= MAX_NAMESPACE_LEN
+        && namespace != "_"
+        && namespace.chars().next().is_some_and(word)
+        && namespace
+            .chars()
+            .all(|c| word(c) || matches!(c, '@' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidNamespace {
+            namespace: namespace.chars().take(MAX_NAMESPACE_LEN + 1).collect(),
+        })
+    }
+}
+
 /// Host trees a function directory may be neither in, equal to nor above (besides
 /// every top-level `/lib*`). `/run` holds sprout's default state root.
 pub const SYSTEM_TREES: &[&str] = &[
@@ -90,6 +157,9 @@ impl Rules {
 /// A registered function.
 #[derive(Debug, Clone)]
 pub struct Function {
+    /// The tenant it belongs to: it calls, and shares code and scratch with, only
+    /// functions of the same namespace.
+    pub namespace: String,
     pub name: String,
     /// Host directory holding its code.
     pub dir: PathBuf,
@@ -109,26 +179,31 @@ impl Function {
     /// Validates everything about a function before it is registered, against the
     /// agent's `config` ([`Rules::of`]).
     pub fn new(
-        name: &str,
+        key: &FunctionKey,
         dir: &Path,
         config: &FunctionConfig,
         agent: &Config,
         version: u64,
         owns_dir: bool,
     ) -> Result<Function, Error> {
-        Function::checked(name, dir, config, &Rules::of(agent), version, owns_dir)
+        let function = Function::checked(key, dir, config, &Rules::of(agent), version, owns_dir)?;
+        // Sandboxes run as an unprivileged user, who must be able to read the code.
+        rootfs::check_module_readable(&function.dir, &function.handler.module)
+            .map_err(|e| Error::InvalidConfig(format!("handler {}: {e}", function.handler)))?;
+        Ok(function)
     }
 
     /// [`Function::new`] with explicit rules.
     pub fn checked(
-        name: &str,
+        key: &FunctionKey,
         dir: &Path,
         config: &FunctionConfig,
         rules: &Rules,
         version: u64,
         owns_dir: bool,
     ) -> Result<Function, Error> {
-        validate_name(name)?;
+        validate_namespace(&key.namespace)?;
+        validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
         let handler_text = config.handler.as_deref().unwrap_or(DEFAULT_HANDLER);
         let handler = Handler::parse(handler_text).map_err(Error::InvalidConfig)?;
@@ -174,7 +249,8 @@ impl Function {
             });
         }
         Ok(Function {
-            name: name.to_owned(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
             dir,
             handler,
             memory_mb,
@@ -187,10 +263,25 @@ impl Function {
         })
     }
 
+    /// Its namespace and name.
+    pub fn key(&self) -> FunctionKey {
+        FunctionKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Whether `key` names it (without building a key).
+    pub fn is(&self, key: &FunctionKey) -> bool {
+        self.name == key.name && self.namespace == key.namespace
+    }
+
     /// Whether an instance of `other` may run in this function's sandbox (a workflow's
-    /// sequential step, a call): same runtime and the same limits.
+    /// sequential step, a call): the same namespace (the tenant boundary), the same
+    /// runtime and the same limits.
     pub fn same_limits(&self, other: &Function) -> bool {
-        (self.memory_mb, self.pids, self.cpus) == (other.memory_mb, other.pids, other.cpus)
+        self.namespace == other.namespace
+            && (self.memory_mb, self.pids, self.cpus) == (other.memory_mb, other.pids, other.cpus)
     }
 
     /// Whether its limits differ from `defaults` (a stem cell bound to it needs new ones).
@@ -208,6 +299,7 @@ impl Function {
 
     pub fn info(&self, warm_instances: usize) -> FunctionInfo {
         FunctionInfo {
+            namespace: self.namespace.clone(),
             name: self.name.clone(),
             path: self.dir.display().to_string(),
             handler: self.handler.to_string(),
@@ -440,8 +532,16 @@ mod tests {
         }
     }
 
+    /// A key as given, unchecked (registration checks it).
+    fn key(namespace: &str, name: &str) -> FunctionKey {
+        FunctionKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
     fn check(dir: &Path, cfg: &FunctionConfig, rules: &Rules) -> Result<Function, Error> {
-        Function::checked("fn", dir, cfg, rules, 1, false)
+        Function::checked(&key("default", "fn"), dir, cfg, rules, 1, false)
     }
 
     fn err(dir: &Path, cfg: &FunctionConfig) -> String {
@@ -483,8 +583,15 @@ mod tests {
     fn bad_input_is_named() {
         let t = dir_with(&["f.py"]);
         let e = ipc::chain(
-            &Function::checked("../x", t.path(), &Default::default(), &rules(), 1, false)
-                .unwrap_err(),
+            &Function::checked(
+                &key("default", "../x"),
+                t.path(),
+                &Default::default(),
+                &rules(),
+                1,
+                false,
+            )
+            .unwrap_err(),
         );
         assert!(e.contains("invalid function name"), "{e}");
         let e = err(Path::new("/nonexistent/sprout"), &FunctionConfig::default());
@@ -618,7 +725,15 @@ mod tests {
             "{e}"
         );
         // The agent's own unpacked upload.
-        let f = Function::checked("up", &unpacked, &Default::default(), &rules, 7, true).unwrap();
+        let f = Function::checked(
+            &key("t", "up"),
+            &unpacked,
+            &Default::default(),
+            &rules,
+            7,
+            true,
+        )
+        .unwrap();
         assert!(f.owns_dir);
     }
 
@@ -808,7 +923,7 @@ mod tests {
             memory_mb: Some(301),
             ..Default::default()
         };
-        let e = Function::new("f", t.path(), &cfg, &config, 1, false).unwrap_err();
+        let e = Function::new(&key("default", "f"), t.path(), &cfg, &config, 1, false).unwrap_err();
         assert!(e.to_string().contains("16 to 300"), "{e}");
     }
 
@@ -819,5 +934,86 @@ mod tests {
         fs::create_dir(&d).unwrap();
         assert_eq!(name_from_dir(&d), "my_fn_");
         assert!(validate_name(&name_from_dir(Path::new("/"))).is_ok());
+    }
+
+    #[test]
+    fn namespaces_follow_openwhisks_entity_names() {
+        for ok in [
+            "default",
+            "a",
+            "_x",
+            "9",
+            "whisk.system",
+            "user@example.com_dev",
+            "guest-1",
+            &"n".repeat(MAX_NAMESPACE_LEN),
+        ] {
+            validate_namespace(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            "_",
+            "-a",
+            ".a",
+            "@a",
+            "a b",
+            "a/b",
+            "..",
+            "a\0",
+            "ns\u{e9}",
+            &"n".repeat(MAX_NAMESPACE_LEN + 1),
+        ] {
+            let e = validate_namespace(bad).unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::BadRequest, "{bad:?}");
+            let text = e.to_string();
+            assert!(
+                text.contains("invalid namespace") && text.contains(NAMESPACE_RULE),
+                "{bad:?}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_function_is_its_namespace_and_name() {
+        let t = dir_with(&["f.py"]);
+        let f = Function::checked(
+            &key("a", "f"),
+            t.path(),
+            &Default::default(),
+            &rules(),
+            1,
+            false,
+        )
+        .unwrap();
+        assert_eq!(f.key(), FunctionKey::new("a", "f").unwrap());
+        assert!(f.is(&key("a", "f")) && !f.is(&key("b", "f")));
+        assert_eq!(f.key().to_string(), "a/f");
+        assert_eq!(f.info(0).namespace, "a");
+        let g = Function::checked(
+            &key("b", "f"),
+            t.path(),
+            &Default::default(),
+            &rules(),
+            2,
+            false,
+        )
+        .unwrap();
+        // Same limits, other tenant: never in one sandbox.
+        assert!(!f.same_limits(&g) && f.same_limits(&f.clone()));
+        let e = Function::checked(
+            &key("a b", "f"),
+            t.path(),
+            &Default::default(),
+            &rules(),
+            1,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid namespace \"a b\""), "{e}");
+        assert_eq!(
+            FunctionKey::in_default("f").unwrap(),
+            key(DEFAULT_NAMESPACE, "f")
+        );
+        assert!(FunctionKey::new("a", "../f").is_err());
     }
 }

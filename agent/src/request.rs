@@ -6,35 +6,50 @@ use std::time::Duration;
 
 use ipc::api::{FunctionConfig, FunctionInfo, Logs, Status};
 
+/// Every request names the namespace it acts in (`default` unless the client said
+/// otherwise): names are looked up, registered and listed only there.
 #[derive(Debug)]
 pub enum Request {
     /// Registers (or replaces) a function. Replacing retires its warm instances.
     RegisterFunction {
+        namespace: String,
         name: String,
         source: FunctionSource,
         config: FunctionConfig,
     },
-    ListFunctions,
+    /// The functions of one namespace.
+    ListFunctions {
+        namespace: String,
+    },
     RemoveFunction {
+        namespace: String,
         name: String,
     },
     /// `event` is the raw JSON body; it is validated before any sandbox is touched.
     Invoke {
+        namespace: String,
         name: String,
         event: Vec<u8>,
     },
     Status,
-    /// Registers (or replaces) a declarative workflow; its tasks' functions must exist.
+    /// Registers (or replaces) a declarative workflow; its tasks' functions must exist
+    /// in its namespace.
     RegisterWorkflow {
+        namespace: String,
         name: String,
         workflow: crate::workflow::Workflow,
     },
-    ListWorkflows,
+    /// The workflows of one namespace.
+    ListWorkflows {
+        namespace: String,
+    },
     RemoveWorkflow {
+        namespace: String,
         name: String,
     },
     /// Runs a registered workflow on `input` (JSON text, validated first).
     RunWorkflow {
+        namespace: String,
         name: String,
         input: Vec<u8>,
     },
@@ -52,7 +67,7 @@ pub enum FunctionSource {
 pub enum Response {
     Registered(FunctionInfo),
     Functions(Vec<FunctionInfo>),
-    Removed { name: String },
+    Removed { namespace: String, name: String },
     Invoked(Invocation),
     Status(Status),
     WorkflowRegistered(ipc::api::WorkflowInfo),
@@ -70,11 +85,16 @@ pub struct WorkflowOutput {
     pub tasks: u64,
 }
 
+/// Largest result an invocation answered over HTTP may return (the same as the
+/// request body limit); a larger one is refused, 502 `bad_result`.
+pub const MAX_RESULT: usize = 64 << 20;
+
 /// A completed invocation.
 #[derive(Debug)]
 pub struct Invocation {
-    /// The function's result, as JSON text.
-    pub result: Vec<u8>,
+    /// The function's result, as JSON text: as it came from the instance (a shared
+    /// result is the instance's sealed memfd, not a copy).
+    pub result: ipc::Payload,
     /// The result is bytes (only for a caller that is a function), not JSON.
     pub raw: bool,
     pub logs: Logs,

@@ -9,18 +9,22 @@
 //! of them can start a replacement) and closed when the agent shuts down.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use ipc::proto::ShimLink;
 use pool::Sandbox;
 
+use crate::error::Error;
 use crate::instance::Instance;
+use crate::registry::FunctionKey;
 
 /// Everything the scheduler and the pool manager share, under one lock.
 #[derive(Debug, Default)]
 pub struct Sched {
-    pub functions: HashMap<String, FnPool>,
+    /// By namespace and name: instances never serve another namespace's function.
+    pub functions: HashMap<FunctionKey, FnPool>,
     /// Ready (frozen) stem cells, most recent last.
     pub stem_cells: Vec<StemCell>,
     /// Stem cells being created by the manager.
@@ -40,6 +44,16 @@ pub struct FnPool {
     /// Instances that answered a call and are about to come back (they are leaving
     /// a workflow run), counted in `live`.
     pub returning: usize,
+}
+
+impl FnPool {
+    /// Passes a retry on to the first waiter (the one it was for is not going to
+    /// use it): it may start the replacement instance.
+    pub fn retry_next(&mut self) {
+        if let Some(slot) = self.queue.pop_front() {
+            slot.retry();
+        }
+    }
 }
 
 /// A prewarmed sandbox: shim and zygote up, bound to no function.
@@ -126,13 +140,74 @@ impl Slot {
     }
 }
 
+/// Why a client's request that has not started yet leaves its function's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abandoned {
+    /// The client closed or reset its connection: the request is dropped unanswered.
+    ClientGone,
+    /// The server is draining before it shuts down: the request is answered 503.
+    Draining,
+}
+
+/// Set by a transport (the HTTP event loop) to take back a request it handed over:
+/// a request still waiting for an instance gives up at its next look (at most
+/// [`GIVE_UP_CHECK`] later) and never runs; one already running is not affected.
+/// One per connection, shared by its requests; a plain atomic, so handing it
+/// along costs no system call.
+#[derive(Debug, Default)]
+pub struct Abandon(AtomicU8);
+
+const LIVE: u8 = 0;
+const GONE: u8 = 1;
+const DRAINING: u8 = 2;
+
+impl Abandon {
+    /// The client went away. Wins over [`Abandon::drain`].
+    pub fn client_gone(&self) {
+        self.0.store(GONE, Ordering::SeqCst);
+    }
+
+    /// The server is draining; a client that already went away stays gone.
+    pub fn drain(&self) {
+        let _ = self
+            .0
+            .compare_exchange(LIVE, DRAINING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> Option<Abandoned> {
+        match self.0.load(Ordering::SeqCst) {
+            LIVE => None,
+            GONE => Some(Abandoned::ClientGone),
+            _ => Some(Abandoned::Draining),
+        }
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.get() == Some(Abandoned::ClientGone)
+    }
+
+    /// The error a request of `function` abandoned this way ends with, if it was.
+    pub fn error(&self, function: &str) -> Option<Error> {
+        self.get().map(|why| match why {
+            Abandoned::ClientGone => Error::Cancelled {
+                function: function.to_owned(),
+            },
+            Abandoned::Draining => Error::ShuttingDown,
+        })
+    }
+}
+
 impl Sched {
-    pub fn pool(&mut self, function: &str) -> &mut FnPool {
-        self.functions.entry(function.to_owned()).or_default()
+    pub fn pool(&mut self, function: &FunctionKey) -> &mut FnPool {
+        // Looked up first: the common case clones no key.
+        if !self.functions.contains_key(function) {
+            self.functions.insert(function.clone(), FnPool::default());
+        }
+        self.functions.get_mut(function).expect("inserted")
     }
 
     /// Idle instances counted per function, for listings.
-    pub fn idle_count(&self, function: &str) -> usize {
+    pub fn idle_count(&self, function: &FunctionKey) -> usize {
         self.functions.get(function).map_or(0, |f| f.idle.len())
     }
 
@@ -235,6 +310,58 @@ mod tests {
         slot.close();
         assert!(matches!(slot.wait(None, || true), SlotState::Closed));
         assert!(matches!(slot.wait(None, || true), SlotState::Waiting));
+    }
+
+    #[test]
+    fn an_abandoned_waiter_leaves_its_queue_with_the_reason() {
+        let abandon = Abandon::default();
+        assert_eq!(abandon.get(), None);
+        assert!(abandon.error("f").is_none());
+        abandon.drain();
+        assert_eq!(abandon.get(), Some(Abandoned::Draining));
+        assert!(matches!(abandon.error("f"), Some(Error::ShuttingDown)));
+        // A client that goes away while the server drains is gone, and stays gone.
+        abandon.client_gone();
+        abandon.drain();
+        assert!(abandon.is_gone());
+        assert!(
+            matches!(abandon.error("f"), Some(Error::Cancelled { function }) if function == "f")
+        );
+
+        // A waiter asked about the flag notices it within GIVE_UP_CHECK or so.
+        let slot = Arc::new(Slot::default());
+        let abandon = Arc::new(Abandon::default());
+        let (done_tx, done) = mpsc::channel();
+        {
+            let (slot, abandon) = (slot.clone(), abandon.clone());
+            std::thread::spawn(move || {
+                let state = slot.wait(None, || abandon.get().is_some());
+                let _ = done_tx.send(state);
+            });
+        }
+        assert!(done.recv_timeout(Duration::from_millis(50)).is_err());
+        abandon.client_gone();
+        let state = done
+            .recv_timeout(HANG)
+            .expect("the waiter never noticed its client was gone");
+        assert!(matches!(state, SlotState::Waiting), "{state:?}");
+        assert!(matches!(slot.take(), SlotState::GaveUp));
+    }
+
+    #[test]
+    fn a_retry_not_taken_goes_to_the_next_waiter() {
+        let mut pool = FnPool::default();
+        let (first, second) = (Arc::new(Slot::default()), Arc::new(Slot::default()));
+        pool.queue.push_back(first.clone());
+        pool.queue.push_back(second.clone());
+        pool.retry_next();
+        assert!(matches!(first.wait(None, || true), SlotState::Retry));
+        assert!(matches!(second.wait(None, || true), SlotState::Waiting));
+        assert_eq!(pool.queue.len(), 1);
+        pool.retry_next();
+        pool.retry_next(); // nobody left: nothing happens
+        assert!(matches!(second.wait(None, || true), SlotState::Retry));
+        assert!(pool.queue.is_empty());
     }
 
     #[test]

@@ -155,9 +155,12 @@ pub fn unpack(archive: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, 
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).map_err(destination)?;
     }
+    // 0755 whatever the umask: sandboxes' unprivileged users read it at `/code`.
+    // Host accounts cannot: the agent's state directory above it is 0700.
     fs::DirBuilder::new()
         .mode(0o755)
         .create(dest)
+        .and_then(|()| fs::set_permissions(dest, fs::Permissions::from_mode(0o755)))
         .map_err(destination)?;
     let unpacked = Unpacker::new(dest, limits).run(archive);
     if unpacked.is_err() {
@@ -579,6 +582,8 @@ mod tests {
         let mode = |p: &str| fs::metadata(d.dir.join(p)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode("f.py"), 0o644);
         assert_eq!(mode("deep/er"), 0o755);
+        // Readable by the sandbox's unprivileged user, the directory itself too.
+        assert_eq!(mode(""), 0o755);
     }
 
     #[test]

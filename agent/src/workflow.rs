@@ -39,6 +39,7 @@ use serde::Deserialize;
 use crate::agent::{lock, CallOpts, Inner};
 use crate::error::Error;
 use crate::instance::{Answer, CallFailure, Instance};
+use crate::registry::FunctionKey;
 use crate::request::WorkflowOutput;
 use crate::run::Run;
 
@@ -161,7 +162,7 @@ impl Workflow {
         }
     }
 
-    pub fn info(&self, name: &str) -> WorkflowInfo {
+    pub fn info(&self, key: &crate::registry::FunctionKey) -> WorkflowInfo {
         let mut tasks = 0;
         let mut functions = Vec::new();
         self.root.each_task(&mut |_, f| {
@@ -171,7 +172,8 @@ impl Workflow {
             }
         });
         WorkflowInfo {
-            name: name.to_owned(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
             tasks,
             functions,
             timeout_ms: self.timeout_ms.unwrap_or(0),
@@ -256,14 +258,16 @@ impl Step {
     }
 }
 
-/// Runs the registered workflow `name` on `input`.
-pub fn run(inner: &Inner, name: &str, input: &[u8]) -> Result<WorkflowOutput, Error> {
+/// Runs the registered workflow `key` on `input`. Its steps resolve in its namespace.
+pub fn run(inner: &Inner, key: &FunctionKey, input: &[u8]) -> Result<WorkflowOutput, Error> {
     serde_json::from_slice::<serde::de::IgnoredAny>(input).map_err(Error::InvalidEvent)?;
+    let name = key.name.as_str();
     let workflow =
         lock(&inner.workflows)
-            .get(name)
+            .get(key)
             .cloned()
             .ok_or_else(|| Error::WorkflowNotFound {
+                namespace: key.namespace.clone(),
                 name: name.to_owned(),
             })?;
     let started = Instant::now();
@@ -283,6 +287,7 @@ pub fn run(inner: &Inner, name: &str, input: &[u8]) -> Result<WorkflowOutput, Er
     let runner = Runner {
         inner,
         workflow: name,
+        namespace: &key.namespace,
         run: &run,
         timeout_ms,
         deadline: started + Duration::from_millis(timeout_ms),
@@ -310,6 +315,8 @@ pub fn run(inner: &Inner, name: &str, input: &[u8]) -> Result<WorkflowOutput, Er
 struct Runner<'a> {
     inner: &'a Inner,
     workflow: &'a str,
+    /// The workflow's namespace: where its tasks' functions are looked up.
+    namespace: &'a str,
     run: &'a Arc<Run>,
     timeout_ms: u64,
     deadline: Instant,
@@ -446,7 +453,11 @@ impl Runner<'_> {
         }
         self.tasks.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner;
-        let function = inner.function(name).map_err(|e| self.failed(step, e))?;
+        let key = FunctionKey {
+            namespace: self.namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let function = inner.function(&key).map_err(|e| self.failed(step, e))?;
         let log_limit = inner.config.log_limit;
         let cancel = Some(self.run.cancel.fd());
         let deadline = self
@@ -454,7 +465,7 @@ impl Runner<'_> {
             .min(Instant::now() + Duration::from_millis(function.timeout_ms));
         if context.is_none() {
             let (mut inst, _, _) = inner
-                .acquire(name, Some(self.deadline), Some(&self.run.cancel))
+                .acquire(&key, Some(self.deadline), Some(&self.run.cancel))
                 .map_err(|e| self.failed_or_timed_out(step, e))?;
             let joined = (|| {
                 if inst.sandbox.state() == SandboxState::Frozen {
@@ -470,16 +481,25 @@ impl Runner<'_> {
         }
         let inst = context.as_mut().expect("a context");
         let id = inner.next_id();
-        let outcome = if inst.function == function.name && inst.function_version == function.version
-        {
-            inst.begin(id, &input, 0, false)
-                .and_then(|()| inst.finish(id, deadline, log_limit, cancel))
+        let outcome = if function.is(&inst.function) && inst.function_version == function.version {
+            // The calls the task makes end with it (the agent's call book).
+            inner.calls.begin(inst.sandbox.id(), 0);
+            let outcome = inst
+                .begin(id, &input, 0, false)
+                .and_then(|()| inst.finish(id, deadline, log_limit, cancel));
+            inner.calls.end(inst.sandbox.id());
+            outcome
         } else {
             match inner
                 .attach_callee(inst.sandbox.id(), &function)
                 .map_err(|e| self.failed(step, e))?
             {
-                Some(spec) => inst.shim_call(id, &spec, &input, deadline, log_limit, cancel),
+                Some(spec) => {
+                    inner.calls.begin(inst.sandbox.id(), 0);
+                    let outcome = inst.shim_call(id, &spec, &input, deadline, log_limit, cancel);
+                    inner.calls.end(inst.sandbox.id());
+                    outcome
+                }
                 None => {
                     // Other limits: a sandbox of its own, in this run.
                     let opts = CallOpts {
@@ -489,9 +509,9 @@ impl Runner<'_> {
                         ..CallOpts::default()
                     };
                     let inv = inner
-                        .invoke_with(name, &input, &opts)
+                        .invoke_with(&key, &input, &opts)
                         .map_err(|e| self.failed_or_timed_out(step, e))?;
-                    return Ok(Payload::Inline(inv.result));
+                    return Ok(inv.result);
                 }
             }
         };
@@ -598,7 +618,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(w.timeout_ms, Some(500));
-        let info = w.info("w");
+        let info = w.info(&FunctionKey::in_default("w").unwrap());
         assert_eq!(info.tasks, 4);
         assert_eq!(info.functions, ["a", "b", "c"]);
         let Kind::Sequence(top) = &w.root.kind else {

@@ -72,23 +72,35 @@ impl SendInvoke for Channel {
     }
 }
 
-/// One large payload from a sender thread to a receiver that reads every page:
-/// inline (socket copies) against shared (written once to a memfd, mapped).
+/// One payload from a sender thread to a receiver that reads every page: inline
+/// (socket copies) against shared (written once to a memfd, mapped). Inline goes up to
+/// its cap, `ipc::frame::MAX_PAYLOAD` (64 KiB); larger payloads are shared only.
 fn payload_transfer(c: &mut Criterion) {
     let mut group = c.benchmark_group("payload");
     group.sample_size(20);
-    for mib in [1usize, 16, 64] {
-        let data = vec![7u8; mib << 20];
+    for kib in [64usize, 1 << 10, 16 << 10, 64 << 10] {
+        let data = vec![7u8; kib << 10];
         group.throughput(criterion::Throughput::Bytes(data.len() as u64));
-        for shared in [false, true] {
+        let modes: &[bool] = if data.len() <= ipc::frame::MAX_PAYLOAD {
+            &[false, true]
+        } else {
+            &[true]
+        };
+        for &shared in modes {
             let (a, mut b) = Channel::pair().unwrap();
-            let name = format!("{}_{mib}MiB", if shared { "shared" } else { "inline" });
+            let size = if kib < 1024 {
+                format!("{kib}KiB")
+            } else {
+                format!("{}MiB", kib >> 10)
+            };
+            let name = format!("{}_{size}", if shared { "shared" } else { "inline" });
             group.bench_function(name, |bn| {
                 bn.iter(|| {
                     std::thread::scope(|s| {
                         s.spawn(|| {
                             if shared {
-                                a.send(&invoke(1), &data, &[]).unwrap();
+                                let p = ipc::Payload::share(&data).unwrap();
+                                a.send_payload(&invoke(1), &p, &[]).unwrap();
                             } else {
                                 a.send_raw(br#"{"op":"invoke","id":1}"#, &data, &[])
                                     .unwrap();

@@ -40,7 +40,9 @@ impl Bench {
         let skeleton = Skeleton::create(&state.path().join("rootfs")).unwrap();
         let runtime = state.path().join("runtime");
         shim::install_runtime(&runtime).unwrap();
-        let spawner = Spawner::start(&state, &cgroups).unwrap();
+        // target/<profile>/sprout-spawner, found from this binary in deps/.
+        let spawner_exe = pool::find_spawner(None).unwrap();
+        let spawner = Spawner::start(&spawner_exe, &state, &cgroups).unwrap();
         // As the agent does (see Cgroups::hold_freezer_anchor).
         cgroups
             .hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor"))
@@ -84,7 +86,7 @@ impl Bench {
         let (id, bundle, cgroup) = self.bundle(name);
         let (mut sandbox, mut shim) = self
             .spawner
-            .create(&id, &bundle, cgroup, &self.cgroups)
+            .create(&id, &bundle, cgroup, &self.cgroups, bench_stderr())
             .unwrap();
         shim.wait_ready().unwrap();
         sandbox.ready().unwrap();
@@ -95,6 +97,13 @@ impl Bench {
         self.spawner.shutdown().unwrap();
         self.state.remove(&self.cgroups).unwrap();
     }
+}
+
+/// The sandbox's output pipe end: here the bench's own stderr (the agent makes a
+/// pipe it reads instead).
+fn bench_stderr() -> std::os::fd::OwnedFd {
+    use std::os::fd::AsFd;
+    std::io::stderr().as_fd().try_clone_to_owned().unwrap()
 }
 
 fn main() {
@@ -115,7 +124,7 @@ fn main() {
         b.iter(|| {
             let (mut sandbox, _shim) = bench
                 .spawner
-                .create(&id, &bundle, cgroup.clone(), &bench.cgroups)
+                .create(&id, &bundle, cgroup.clone(), &bench.cgroups, bench_stderr())
                 .unwrap();
             bench.spawner.destroy(&mut sandbox).unwrap();
         })

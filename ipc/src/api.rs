@@ -1,7 +1,50 @@
 //! JSON bodies of the agent's HTTP API (`docs/api.md`), shared by server and clients.
+//!
+//! Every function and workflow belongs to a namespace (the tenant boundary):
+//! `/functions/...` and `/workflows/...` act in [`DEFAULT_NAMESPACE`],
+//! `/namespaces/{ns}/functions/...` and `/namespaces/{ns}/workflows/...` in `ns`;
+//! [`function_path`] and [`workflow_path`] build them.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+/// The namespace of everything registered without one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+fn is_default_namespace(ns: &str) -> bool {
+    ns == DEFAULT_NAMESPACE
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
+/// The API path of function `name` in `namespace` followed by `rest` (`""`,
+/// `"/invoke"`): `/functions/{name}{rest}` in the default namespace (so existing
+/// clients and routes stay as they were), `/namespaces/{ns}/functions/{name}{rest}`
+/// otherwise. An empty `name` gives the namespace's listing, `/functions`.
+pub fn function_path(namespace: &str, name: &str, rest: &str) -> String {
+    scoped_path(namespace, "functions", name, rest)
+}
+
+/// [`function_path`] for workflows: `/workflows/{name}{rest}` or
+/// `/namespaces/{ns}/workflows/{name}{rest}`.
+pub fn workflow_path(namespace: &str, name: &str, rest: &str) -> String {
+    scoped_path(namespace, "workflows", name, rest)
+}
+
+fn scoped_path(namespace: &str, collection: &str, name: &str, rest: &str) -> String {
+    let prefix = if is_default_namespace(namespace) {
+        String::new()
+    } else {
+        format!("/namespaces/{namespace}")
+    };
+    if name.is_empty() {
+        format!("{prefix}/{collection}{rest}")
+    } else {
+        format!("{prefix}/{collection}/{name}{rest}")
+    }
+}
 
 /// Per-function settings; every field is optional on input and filled with the
 /// agent's defaults on output. Names follow OpenWhisk's `wsk` limits.
@@ -30,6 +73,10 @@ pub struct FunctionConfig {
 pub struct RegisterFunction {
     /// Absolute path of the function's directory on the agent's host.
     pub path: String,
+    /// The namespace to register in. Optional: the path's namespace (`default` for
+    /// `/functions/{name}`) is used, and a different one here is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     #[serde(flatten)]
     pub config: FunctionConfig,
 }
@@ -37,6 +84,9 @@ pub struct RegisterFunction {
 /// A registered function, as listed.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct FunctionInfo {
+    /// The tenant it belongs to (`default` unless registered elsewhere).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     pub name: String,
     /// Where its code is read from on the agent's host.
     pub path: String,
@@ -98,6 +148,8 @@ pub struct ErrorDetail {
 /// A registered workflow, as `PUT /workflows/{name}` and `GET /workflows` show it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct WorkflowInfo {
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     pub name: String,
     /// Task steps in the file (a map's step counts once).
     pub tasks: usize,
@@ -125,4 +177,67 @@ pub struct Status {
     pub memory_budget_mb: u64,
     pub invocations: u64,
     pub uptime_ms: u64,
+    /// Every namespace that has a function or a workflow, by name.
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceStatus>,
+}
+
+/// One namespace in [`Status`].
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NamespaceStatus {
+    pub namespace: String,
+    pub functions: usize,
+    pub workflows: usize,
+    /// Sandboxes bound to its functions (warm, frozen or running).
+    pub sandboxes: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_keep_the_default_namespace_where_it_was() {
+        assert_eq!(function_path("default", "f", ""), "/functions/f");
+        assert_eq!(
+            function_path("default", "f", "/invoke"),
+            "/functions/f/invoke"
+        );
+        assert_eq!(function_path("default", "", ""), "/functions");
+        assert_eq!(
+            function_path("a@b.c", "f", "/invoke?logs=true"),
+            "/namespaces/a@b.c/functions/f/invoke?logs=true"
+        );
+        assert_eq!(function_path("t", "", ""), "/namespaces/t/functions");
+        assert_eq!(
+            workflow_path("default", "w", "/invoke"),
+            "/workflows/w/invoke"
+        );
+        assert_eq!(workflow_path("t", "w", ""), "/namespaces/t/workflows/w");
+    }
+
+    #[test]
+    fn bodies_without_a_namespace_are_in_the_default_one() {
+        let info: FunctionInfo = serde_json::from_str(
+            r#"{"name":"f","path":"/x","handler":"f:f","memory_mb":1,"timeout_ms":1,"pids":1,"cpus":1.0,"max_instances":1,"warm_instances":0}"#,
+        )
+        .unwrap();
+        assert_eq!(info.namespace, DEFAULT_NAMESPACE);
+        let r: RegisterFunction = serde_json::from_str(r#"{"path":"/x"}"#).unwrap();
+        assert_eq!(r.namespace, None);
+        let r: RegisterFunction =
+            serde_json::from_str(r#"{"path":"/x","namespace":"t","memory_mb":64}"#).unwrap();
+        assert_eq!(
+            (r.namespace.as_deref(), r.config.memory_mb),
+            (Some("t"), Some(64))
+        );
+        assert_eq!(
+            serde_json::to_string(&RegisterFunction {
+                path: "/x".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+            r#"{"path":"/x"}"#
+        );
+    }
 }

@@ -73,6 +73,9 @@ impl ClientResponse {
 pub struct Client {
     path: PathBuf,
     stream: Option<UnixStream>,
+    /// Whether `stream` has carried a response: only such a connection can have been
+    /// closed by the server between requests, so only then is a request sent again.
+    carried_response: bool,
     /// Bytes read past the previous response (none, unless the server misbehaves).
     buf: Vec<u8>,
 }
@@ -93,6 +96,7 @@ impl Client {
         Ok(Client {
             path: path.to_owned(),
             stream: Some(stream),
+            carried_response: false,
             buf: Vec::new(),
         })
     }
@@ -139,7 +143,7 @@ impl Client {
 
         // A connection that has carried a response may have been closed by the server
         // since; a fresh one has not, so only a reused connection is retried.
-        let reused = self.stream.is_some();
+        let reused = self.stream.is_some() && self.carried_response;
         match self.attempt(head.as_bytes(), body) {
             Ok(resp) => Ok(resp),
             Err(Attempt::Fail(e)) => Err(e),
@@ -161,6 +165,7 @@ impl Client {
 
     fn reconnect(&mut self) -> Result<(), ClientError> {
         self.stream = None;
+        self.carried_response = false;
         self.buf.clear();
         let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
             path: self.path.clone(),
@@ -175,6 +180,7 @@ impl Client {
             self.reconnect().map_err(Attempt::Fail)?;
         }
         let result = self.exchange(head, body);
+        self.carried_response = result.is_ok();
         if result.is_err() {
             // Whatever state the connection is in, it cannot carry another request.
             self.stream = None;
@@ -424,6 +430,41 @@ mod tests {
         thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(c.request("GET", "/status", None, b"").unwrap().body, b"1");
         server.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_on_a_fresh_connection_is_never_sent_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let mut c = Client::connect(&sock).unwrap();
+        // The server reads the request (it may have run it) and closes without an
+        // answer: the client must report that, not send the invoke again.
+        let server = thread::spawn(move || {
+            let (mut s, _) = loop {
+                match listener.accept() {
+                    Ok(conn) => break conn,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            let mut buf = Vec::new();
+            read_request(&mut s, &mut buf).unwrap();
+            drop(s);
+            thread::sleep(std::time::Duration::from_millis(200));
+            let mut again = 0;
+            while listener.accept().is_ok() {
+                again += 1;
+            }
+            again
+        });
+        let err = c.request("POST", "/invoke/f", None, b"{}").unwrap_err();
+        assert!(matches!(err, ClientError::Closed { .. }), "{err}");
+        assert_eq!(server.join().unwrap(), 0, "the request was sent again");
     }
 
     #[test]

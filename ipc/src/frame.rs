@@ -19,11 +19,15 @@
 //!
 //! **What a peer can make the receiver hold.** The peer may be a hostile function, so
 //! a channel spends memory and descriptors on what has arrived, never on what a
-//! prefix announces. Its receive buffer holds at most the frame being read plus one
-//! [`READ_CHUNK`] and grows geometrically with the bytes received (a frame announced
-//! and not sent costs one chunk); a buffer over [`KEEP_BUFFER`] is charged to a
-//! budget shared by every channel of the process ([`MAX_BUFFERED`]) and given back
-//! once its frame is consumed. Descriptors are queued only for frames received so far,
+//! prefix announces. A frame is at most [`MAX_FRAME`] long: its header at most
+//! [`MAX_HEADER`], its inline payload at most [`MAX_PAYLOAD`] (= [`SHARED_THRESHOLD`],
+//! what every sprout sender keeps inline; larger payloads go shared), and a prefix
+//! announcing more is refused before anything else of it is read. The receive buffer
+//! holds at most the frame being read plus one [`READ_CHUNK`] (so never more than
+//! [`MAX_FRAME`] + [`READ_CHUNK`], about 256 KiB, per channel) and grows
+//! geometrically with the bytes received (a frame announced and not sent costs one
+//! chunk); a buffer grown over [`KEEP_BUFFER`] is shrunk once its frame is consumed.
+//! Descriptors are queued only for frames received so far,
 //! at most [`MAX_FDS`] a frame (a prefix still incomplete may carry [`MAX_FDS`]), and
 //! the channel reads nothing past a complete frame while a later frame's descriptors
 //! are queued, so at most 2 × [`MAX_FDS`] wait in a channel. A peer that breaks a
@@ -34,7 +38,6 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -47,66 +50,21 @@ pub const SHARED_FLAG: u32 = 1 << 31;
 
 /// Length of the fixed prefix.
 pub const PREFIX_LEN: usize = 12;
-/// Largest JSON header accepted.
-pub const MAX_HEADER: usize = 1 << 20;
-/// Largest payload accepted inline in one frame (larger ones must be shared).
-pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest JSON header accepted. The largest legitimate one is a function's error
+/// (the Python runtime keeps its encoded error object within 64 KiB).
+pub const MAX_HEADER: usize = 128 << 10;
+/// Largest payload accepted inline in one frame: larger ones must be shared, as every
+/// sprout sender does past [`SHARED_THRESHOLD`].
+pub const MAX_PAYLOAD: usize = SHARED_THRESHOLD;
+/// Longest frame in the stream: prefix, header and inline payload.
+pub const MAX_FRAME: usize = PREFIX_LEN + MAX_HEADER + MAX_PAYLOAD;
 
 /// The room a read is given behind the bytes a channel holds: what a channel may
 /// always take without having received anything of the frame's body yet.
 pub const READ_CHUNK: usize = 64 << 10;
-/// Receive buffers up to this size are kept between frames and are every channel's
-/// own; a larger one (grown for a large frame) is charged in full to [`MAX_BUFFERED`]
-/// and given back as soon as its frame is consumed.
-pub const KEEP_BUFFER: usize = 256 << 10;
-/// The most bytes all receive buffers over [`KEEP_BUFFER`] of one process may hold
-/// together: two frames of the largest size. A channel whose next read would take the
-/// total past it fails with [`Error::ReceiveBudget`].
-pub const MAX_BUFFERED: usize = 2 * (PREFIX_LEN + MAX_HEADER + MAX_PAYLOAD + READ_CHUNK);
-
-/// The process's receive buffer budget ([`MAX_BUFFERED`]).
-static BUFFERED: Budget = Budget::new(MAX_BUFFERED);
-
-/// Bytes of receive buffers charged by the channels that share it.
-#[derive(Debug)]
-pub(crate) struct Budget {
-    max: usize,
-    held: AtomicUsize,
-}
-
-impl Budget {
-    pub(crate) const fn new(max: usize) -> Budget {
-        Budget {
-            max,
-            held: AtomicUsize::new(0),
-        }
-    }
-
-    /// Moves a buffer's charge from `from` bytes to `to`; fails (charging nothing)
-    /// when the budget cannot take the difference.
-    fn recharge(&self, from: usize, to: usize) -> Result<(), Error> {
-        if to <= from {
-            self.held.fetch_sub(from - to, Ordering::Relaxed);
-            return Ok(());
-        }
-        let more = to - from;
-        self.held
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                held.checked_add(more).filter(|&total| total <= self.max)
-            })
-            .map(drop)
-            .map_err(|held| Error::ReceiveBudget {
-                len: to,
-                held: held - from,
-                max: self.max,
-            })
-    }
-
-    #[cfg(test)]
-    pub(crate) fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-}
+/// Receive buffers up to this size are kept between frames; a larger one (grown for
+/// a large frame) is shrunk as soon as its frame is consumed.
+pub const KEEP_BUFFER: usize = 128 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -118,6 +76,11 @@ pub enum Error {
     HeaderTooLarge { len: usize, max: usize },
     #[error("frame payload of {len} bytes exceeds the limit of {max}")]
     PayloadTooLarge { len: usize, max: usize },
+    #[error(
+        "inline frame payload of {len} bytes exceeds the limit of {max} (a larger payload \
+         goes in a shared memfd)"
+    )]
+    InlineTooLarge { len: usize, max: usize },
     #[error("frame carries {count} descriptors, at most {max} allowed")]
     TooManyFds { count: usize, max: usize },
     #[error("frame announced {expected} descriptors but {queued} arrived")]
@@ -133,11 +96,6 @@ pub enum Error {
          or this process is out of descriptors)"
     )]
     FdsTruncated { max: usize },
-    #[error(
-        "a receive buffer of {len} bytes would take this process's receive buffers past their \
-         limit of {max} bytes ({held} held by other frames)"
-    )]
-    ReceiveBudget { len: usize, held: usize, max: usize },
     #[error("shared payload")]
     Shared(#[source] io::Error),
     #[error("malformed frame header {header:?}")]
@@ -173,14 +131,9 @@ pub struct Channel {
 
 impl Channel {
     pub fn new(sock: UnixStream) -> Self {
-        Channel::with_budget(sock, &BUFFERED)
-    }
-
-    /// A channel whose large buffers are charged to `budget` (tests use their own).
-    pub(crate) fn with_budget(sock: UnixStream, budget: &'static Budget) -> Self {
         Channel {
             sock,
-            buf: RecvBuf::new(budget),
+            buf: RecvBuf::new(),
             fds: VecDeque::new(),
             scratch_fds: Vec::new(),
         }
@@ -260,7 +213,7 @@ impl Channel {
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), Error> {
         if payload.len() > MAX_PAYLOAD {
-            return Err(Error::PayloadTooLarge {
+            return Err(Error::InlineTooLarge {
                 len: payload.len(),
                 max: MAX_PAYLOAD,
             });
@@ -385,7 +338,7 @@ impl Channel {
         if room == 0 {
             return Err(Error::Io(io::ErrorKind::WouldBlock.into()));
         }
-        self.buf.reserve(room)?;
+        self.buf.reserve(room);
         let res = sys::recv_with_fds(
             self.sock.as_fd(),
             self.buf.spare(),
@@ -458,26 +411,20 @@ impl Channel {
 }
 
 /// A channel's receive buffer: always initialised, `buf[start..end]` received and not
-/// yet consumed. Its length beyond [`KEEP_BUFFER`] is charged to a [`Budget`] for as
-/// long as it lives.
+/// yet consumed.
 #[derive(Debug)]
 struct RecvBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// What `buf` is charged to `budget` for: its length when over [`KEEP_BUFFER`].
-    charged: usize,
-    budget: &'static Budget,
 }
 
 impl RecvBuf {
-    fn new(budget: &'static Budget) -> RecvBuf {
+    fn new() -> RecvBuf {
         RecvBuf {
             buf: Vec::new(),
             start: 0,
             end: 0,
-            charged: 0,
-            budget,
         }
     }
 
@@ -498,24 +445,23 @@ impl RecvBuf {
 
     /// Makes at least `room` bytes of room behind the pending bytes: moves them to the
     /// front if that is enough, or else grows the buffer to exactly `pending + room`.
-    fn reserve(&mut self, room: usize) -> Result<(), Error> {
+    fn reserve(&mut self, room: usize) {
         if self.buf.len() - self.end >= room {
-            return Ok(());
+            return;
         }
         let pending = self.end - self.start;
         if self.buf.len() - pending >= room {
             self.buf.copy_within(self.start..self.end, 0);
             self.start = 0;
             self.end = pending;
-            return Ok(());
+            return;
         }
         self.resize(pending + room)
     }
 
     /// Takes `pending[from..to]` out and consumes `to` bytes. A buffer over
     /// [`KEEP_BUFFER`] that holds nothing else becomes those bytes (moved to its front
-    /// and trimmed, not copied to a new allocation) and is uncharged: the bytes are the
-    /// receiver's now.
+    /// and trimmed, not copied to a new allocation).
     fn take(&mut self, from: usize, to: usize) -> Vec<u8> {
         if self.buf.len() <= KEEP_BUFFER || self.end - self.start != to {
             let bytes = self.pending()[from..to].to_vec();
@@ -526,8 +472,6 @@ impl RecvBuf {
         bytes.copy_within(self.start + from..self.start + to, 0);
         bytes.truncate(to - from);
         bytes.shrink_to_fit();
-        let _ = self.budget.recharge(self.charged, 0);
-        self.charged = 0;
         self.start = 0;
         self.end = 0;
         bytes
@@ -548,21 +492,15 @@ impl RecvBuf {
             } else {
                 pending + READ_CHUNK
             };
-            // Shrinking never needs budget.
-            let _ = self.resize(len);
+            self.resize(len);
         }
     }
 
     /// Moves the pending bytes to the front and makes the buffer `len` (≥ pending)
-    /// bytes long, charging the budget for the new size instead of the old. Growing
-    /// reallocates (a large buffer is remapped, not copied) and zeroes only the new
-    /// part, once.
-    fn resize(&mut self, len: usize) -> Result<(), Error> {
+    /// bytes long. Growing reallocates and zeroes only the new part, once.
+    fn resize(&mut self, len: usize) {
         let pending = self.end - self.start;
         debug_assert!(len >= pending);
-        let charge = if len > KEEP_BUFFER { len } else { 0 };
-        self.budget.recharge(self.charged, charge)?;
-        self.charged = charge;
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
         }
@@ -577,13 +515,6 @@ impl RecvBuf {
             self.buf.truncate(len);
             self.buf.shrink_to_fit();
         }
-        Ok(())
-    }
-}
-
-impl Drop for RecvBuf {
-    fn drop(&mut self) {
-        let _ = self.budget.recharge(self.charged, 0);
     }
 }
 
@@ -655,13 +586,17 @@ fn decode_prefix(b: &[u8]) -> Result<Prefix, Error> {
             max: MAX_HEADER,
         });
     }
-    let max = if shared {
-        MAX_SHARED_PAYLOAD
-    } else {
-        MAX_PAYLOAD
-    };
-    if p > max {
-        return Err(Error::PayloadTooLarge { len: p, max });
+    if shared && p > MAX_SHARED_PAYLOAD {
+        return Err(Error::PayloadTooLarge {
+            len: p,
+            max: MAX_SHARED_PAYLOAD,
+        });
+    }
+    if !shared && p > MAX_PAYLOAD {
+        return Err(Error::InlineTooLarge {
+            len: p,
+            max: MAX_PAYLOAD,
+        });
     }
     if n > MAX_FDS {
         return Err(Error::TooManyFds {
@@ -748,16 +683,84 @@ mod tests {
         assert!(m2.fds.is_empty());
     }
 
+    /// The largest frame the caps allow: a header of exactly [`MAX_HEADER`] bytes
+    /// (`hdr(n)` padded) and an inline payload of [`MAX_PAYLOAD`].
+    fn largest_frame(n: u32) -> (Vec<u8>, Vec<u8>) {
+        let base = serde_json::to_vec(&hdr(n)).unwrap();
+        let pad = MAX_HEADER - base.len() - r#","pad":"""#.len();
+        let header = format!(
+            r#"{}, "pad":"{}"}}"#,
+            std::str::from_utf8(&base[..base.len() - 1]).unwrap(),
+            "p".repeat(pad - 1)
+        )
+        .into_bytes();
+        assert_eq!(header.len(), MAX_HEADER);
+        let payload = (0..MAX_PAYLOAD).map(|i| (i % 251) as u8).collect();
+        (header, payload)
+    }
+
     #[test]
-    fn large_payload_crosses_many_reads() {
+    fn the_largest_frame_crosses_many_reads() {
         let (a, mut b) = Channel::pair().unwrap();
-        let big: Vec<u8> = (0..(5 << 20)).map(|i| (i % 251) as u8).collect();
-        let sender =
-            std::thread::spawn(move || a.send_raw(br#"{"op":"t","n":1}"#, &big, &[]).map(|_| big));
+        let (header, big) = largest_frame(1);
+        let sender = std::thread::spawn(move || a.send_raw(&header, &big, &[]).map(|_| big));
         let m: Message<Hdr> = b.recv().unwrap();
         let big = sender.join().unwrap().unwrap();
+        assert_eq!(m.header, hdr(1));
         assert!(!m.payload.is_shared());
         assert_eq!(*m.payload, big);
+    }
+
+    #[test]
+    fn a_prefix_over_a_cap_is_refused_by_name_before_its_body() {
+        // Finding 4 of issue 9: 64 MiB inline frames half-sent. Refused at the prefix.
+        for (prefix, want) in [
+            (
+                encode_prefix(2, MAX_PAYLOAD + 1, 0, false),
+                "inline frame payload of 65537 bytes exceeds the limit of 65536",
+            ),
+            (
+                encode_prefix(2, 64 << 20, 0, false),
+                "inline frame payload of 67108864 bytes exceeds the limit of 65536",
+            ),
+            (
+                encode_prefix(MAX_HEADER + 1, 0, 0, false),
+                "frame header of 131073 bytes exceeds the limit of 131072",
+            ),
+            (
+                encode_prefix(2, MAX_SHARED_PAYLOAD + 1, 1, true),
+                "frame payload of 1073741825 bytes exceeds the limit of 1073741824",
+            ),
+        ] {
+            let (a, mut b) = Channel::pair().unwrap();
+            a.stream().write_all(&prefix).unwrap();
+            let err = b.recv::<Hdr>().unwrap_err();
+            assert!(err.to_string().starts_with(want), "{err}");
+            assert!(b.buf.buf.len() <= READ_CHUNK, "{}", b.buf.buf.len());
+        }
+        // Senders keep to the caps too.
+        let (a, _b) = Channel::pair().unwrap();
+        let err = a
+            .send_raw(br#"{"op":"t","n":0}"#, &[0u8; MAX_PAYLOAD + 1], &[])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InlineTooLarge {
+                    len: 65537,
+                    max: 65536
+                }
+            ),
+            "{err:?}"
+        );
+        let err = a
+            .send_raw(&vec![b' '; MAX_HEADER + 1], b"", &[])
+            .unwrap_err();
+        assert!(matches!(err, Error::HeaderTooLarge { .. }), "{err:?}");
+        // `send` puts a payload over the threshold in a memfd, never inline.
+        let (a, mut b) = Channel::pair().unwrap();
+        a.send(&hdr(2), &[1u8; MAX_PAYLOAD + 1], &[]).unwrap();
+        assert!(b.recv::<Hdr>().unwrap().payload.is_shared());
     }
 
     #[test]
@@ -858,9 +861,8 @@ mod tests {
 
     #[test]
     fn a_frame_announced_and_not_sent_costs_one_chunk() {
-        static BUDGET: Budget = Budget::new(MAX_BUFFERED);
         let (a, b) = UnixStream::pair().unwrap();
-        let mut b = Channel::with_budget(b, &BUDGET);
+        let mut b = Channel::new(b);
         // The attack of issue 9: 12 bytes announcing the largest header and payload,
         // and one byte of the header.
         let mut a = a;
@@ -876,21 +878,18 @@ mod tests {
             "{} bytes for 13 received",
             b.buf.buf.capacity()
         );
-        assert_eq!(BUDGET.held(), 0);
     }
 
     #[test]
-    fn a_slow_sender_grows_a_large_payload_with_what_arrives() {
-        static BUDGET: Budget = Budget::new(MAX_BUFFERED);
+    fn a_slow_sender_grows_the_largest_frame_with_what_arrives() {
         let (mut a, b) = UnixStream::pair().unwrap();
-        let mut b = Channel::with_budget(b, &BUDGET);
-        let header = br#"{"op":"t","n":8}"#;
-        let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 249) as u8).collect();
+        let mut b = Channel::new(b);
+        let (header, big) = largest_frame(8);
         let mut frame = encode_prefix(header.len(), big.len(), 0, false).to_vec();
-        frame.extend_from_slice(header);
+        frame.extend_from_slice(&header);
         frame.extend_from_slice(&big);
         // 48 KiB at a time, each read as soon as it is sent: the buffer stays within
-        // twice what arrived plus a chunk.
+        // twice what arrived plus a chunk, and within the largest frame plus a chunk.
         let mut received = 0;
         let mut largest = 0;
         for piece in frame.chunks(48 << 10) {
@@ -905,14 +904,15 @@ mod tests {
                 cap <= 2 * received + READ_CHUNK,
                 "{cap} bytes of buffer for {received} received"
             );
+            assert!(cap <= MAX_FRAME + READ_CHUNK, "{cap}");
             largest = largest.max(cap);
         }
         assert!(largest > KEEP_BUFFER, "{largest}");
         let m: Message<Hdr> = b.try_recv().unwrap().expect("a whole frame");
         assert_eq!(m.header, hdr(8));
         assert_eq!(*m.payload, big);
-        // Consumed: the large buffer and its charge are given back.
-        assert_eq!((b.buf.buf.len(), BUDGET.held()), (0, 0));
+        // Consumed: the large buffer is given back.
+        assert_eq!(b.buf.buf.len(), 0);
     }
 
     #[test]
@@ -1097,56 +1097,5 @@ mod tests {
             let m: Message<Hdr> = b.recv().unwrap();
             assert_eq!((m.header.n, m.fds.len()), (i, MAX_FDS));
         }
-    }
-
-    #[test]
-    fn large_buffers_share_a_budget_and_a_frame_past_it_is_refused_by_name() {
-        static BUDGET: Budget = Budget::new(2 << 20);
-        let (a, b) = UnixStream::pair().unwrap();
-        let mut b = Channel::with_budget(b, &BUDGET);
-        let (c, d) = UnixStream::pair().unwrap();
-        let mut d = Channel::with_budget(d, &BUDGET);
-        let big = vec![1u8; 1536 << 10];
-        let header = br#"{"op":"t","n":1}"#;
-        // The first channel receives most of a 1.5 MiB frame and holds its buffer.
-        let sender =
-            std::thread::spawn(move || Channel::new(a).send_raw(header, &big, &[]).map(|_| ()));
-        while b.buf.pending().len() < (1 << 20) {
-            b.fill().unwrap();
-        }
-        let held = BUDGET.held();
-        assert!(held > KEEP_BUFFER, "{held}");
-        // The second cannot grow past what is left.
-        let big = vec![2u8; 1536 << 10];
-        let sender2 = std::thread::spawn(move || {
-            let _ = Channel::new(c).send_raw(header, &big, &[]);
-        });
-        let err = d.recv::<Hdr>().unwrap_err();
-        assert!(
-            matches!(err, Error::ReceiveBudget { max, .. } if max == 2 << 20),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("limit of 2097152 bytes"), "{err}");
-        drop(d);
-        assert_eq!(BUDGET.held(), held);
-        sender2.join().unwrap();
-        // The first completes its frame; consumed, it gives the budget back.
-        let m: Message<Hdr> = b.recv().unwrap();
-        assert_eq!(m.payload.len(), 1536 << 10);
-        sender.join().unwrap().unwrap();
-        assert_eq!(BUDGET.held(), 0);
-        // A channel dropped in the middle of a large frame gives it back too.
-        let (a, b) = UnixStream::pair().unwrap();
-        let mut b = Channel::with_budget(b, &BUDGET);
-        let sender = std::thread::spawn(move || {
-            let _ = Channel::new(a).send_raw(header, &vec![3u8; 1536 << 10], &[]);
-        });
-        while b.buf.pending().len() < (1 << 20) {
-            b.fill().unwrap();
-        }
-        assert!(BUDGET.held() > KEEP_BUFFER);
-        drop(b);
-        sender.join().unwrap();
-        assert_eq!(BUDGET.held(), 0);
     }
 }

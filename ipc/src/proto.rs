@@ -140,6 +140,31 @@ pub enum CallReply {
         function: String,
         message: String,
     },
+    /// The agent refused the call at once, before running anything: `kind` names the
+    /// limit (`too_many_calls`), `message` says which and its value.
+    CallRefused {
+        id: u64,
+        function: String,
+        kind: RefusalKind,
+        message: String,
+    },
+}
+
+/// Why the agent refused a call outright ([`CallReply::CallRefused`]).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// The calling sandbox has as many calls in flight as the agent allows.
+    TooManyCalls,
+}
+
+impl RefusalKind {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::TooManyCalls => "too_many_calls",
+        }
+    }
 }
 
 /// Why a call at `depth` may not be made, if it may not.
@@ -533,6 +558,20 @@ mod tests {
         .unwrap();
         assert_eq!(v["op"], "raised");
         assert_eq!(v["error"]["type"], "ValueError");
+    }
+
+    #[test]
+    fn a_refused_call_names_its_kind_on_the_wire() {
+        let v = serde_json::to_value(CallReply::CallRefused {
+            id: 7,
+            function: "g".into(),
+            kind: RefusalKind::TooManyCalls,
+            message: "m".into(),
+        })
+        .unwrap();
+        assert_eq!(v["op"], "call_refused");
+        assert_eq!(v["kind"], RefusalKind::TooManyCalls.as_str());
+        assert_eq!(v["kind"], "too_many_calls");
     }
 
     #[test]

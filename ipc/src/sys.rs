@@ -136,7 +136,7 @@ pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Checks that `fd` is a memfd sealed against writing and shrinking that holds at
-/// least `len` bytes.
+/// least `len` bytes, all of them allocated ([`check_allocated`]).
 pub fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|e| {
@@ -153,14 +153,101 @@ pub fn check_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<()> {
             "the payload memfd is not sealed against writing and shrinking",
         ));
     }
-    let size = nix::sys::stat::fstat(fd.as_raw_fd())?.st_size as u64;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    let size = st.st_size as u64;
     if size < len as u64 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("the payload memfd holds {size} bytes, the frame announced {len}"),
         ));
     }
+    check_allocated(fd, len as u64, st.st_blocks as u64)
+}
+
+/// Checks that the first `len` bytes of a memfd are backed by pages its writer
+/// already allocated, so that reading them through a mapping allocates nothing: a
+/// read fault on a hole of a shmem file allocates a zeroed page, charged to the
+/// reader's memory cgroup. `blocks` is its `st_blocks` (512-byte units).
+///
+/// Two checks. `st_blocks` counts every page the file holds, swapped-out ones too
+/// (shmem keeps them in `i_blocks` until they are freed), so `blocks × 512` under the
+/// `len` rounded up to pages is a sparse file, refused at no cost. It can also count
+/// pages past the end (`fallocate` with `FALLOC_FL_KEEP_SIZE` before sealing), so the
+/// exact check is `lseek(SEEK_HOLE)` from 0, which must find no hole before `len`
+/// (swapped pages count as data; pages `fallocate`d and never written count as holes
+/// and are refused too: sprout's senders write what they share). `F_SEAL_WRITE`
+/// forbids punching holes afterwards and `F_SEAL_SHRINK` truncating, so what is
+/// checked here stays true while the receiver holds the descriptor. (The `lseek`
+/// moves the file offset the sender shares; nothing in sprout reads a payload memfd
+/// by offset.) Only a memfd on shmem is accepted (`fstatfs`): hugetlbfs answers
+/// neither question truthfully. Costs one `fstatfs`, one `fstat` and one `lseek`,
+/// whose walk of the page cache takes about 10 µs per MiB.
+pub fn check_allocated(fd: BorrowedFd<'_>, len: u64, blocks: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // Only shmem answers both questions below truthfully: on hugetlbfs (a
+    // `MFD_HUGETLB` memfd) `SEEK_HOLE` reports no hole and `st_blocks` counts pages
+    // allocated past the end.
+    let fs = fs_type(fd)?;
+    if fs != libc::TMPFS_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the payload memfd is on a file system of type {fs:#x}, not shmem \
+                 ({:#x}): only a plain memfd (no MFD_HUGETLB) is accepted",
+                libc::TMPFS_MAGIC
+            ),
+        ));
+    }
+    let page = page_size();
+    let needed = len.div_ceil(page) * page;
+    let allocated = blocks.saturating_mul(512);
+    if allocated < needed {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the payload memfd has {allocated} bytes allocated for the {len} announced \
+                 ({needed} in pages): a sparse memfd is refused (write a shared payload in \
+                 full before sending it)"
+            ),
+        ));
+    }
+    let hole = nix::unistd::lseek(fd.as_raw_fd(), 0, nix::unistd::Whence::SeekHole)
+        .map_err(io::Error::from)? as u64;
+    if hole < len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the payload memfd has a hole at byte {hole} of the {len} announced: a \
+                 sparse memfd is refused (write a shared payload in full before sending it)"
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// The `f_type` of the file system `fd` is on.
+fn fs_type(fd: BorrowedFd<'_>) -> io::Result<libc::__fsword_t> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fd` is a valid descriptor for the call and `st` is a writable statfs
+    // the kernel fills in full on success.
+    let rc = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so `st` is initialised.
+    Ok(unsafe { st.assume_init() }.f_type)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as u64
+    } else {
+        4096
+    }
 }
 
 /// Maps the first `len` (> 0) bytes of a sealed memfd read-only.

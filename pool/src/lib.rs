@@ -2,10 +2,14 @@
 //!
 //! libcontainer is not safe to call from several threads (it changes the working
 //! directory and clones with a raw `clone3` that skips libc's fork handlers), so every
-//! call to it happens in one single-threaded **spawner** process ([`Spawner`]),
-//! forked from the agent before the agent starts any thread. The agent asks the
-//! spawner to create and destroy sandboxes over an [`ipc::Channel`]; the spawner
-//! answers with the sandbox's pid and the agent's end of the shim's channel.
+//! call to it happens in one single-threaded **spawner** process ([`Spawner`]): the
+//! `sprout-spawner` executable (this crate's binary, [`spawner_main`]), which the
+//! agent starts with its control channel on descriptor 3, at any time and from any
+//! thread. The agent asks the spawner to create and destroy sandboxes over that
+//! [`ipc::Channel`]; the spawner answers with the sandbox's pid and the agent's end
+//! of the shim's channel. Every request has a deadline, and the spawner's death is
+//! seen through a pidfd: requests in flight fail at once, its sandboxes are killed,
+//! and the next request starts a new spawner.
 //!
 //! [`StateDir`] is the agent's locked directory under `/run/sprout`; [`Cgroups`]
 //! reads and removes sprout's cgroups on v1 and v2 (behind a root path, so the logic
@@ -19,10 +23,13 @@ mod spawner;
 mod state;
 mod sys;
 
-pub use cgroup::{CgroupVersion, Cgroups};
+pub use cgroup::{CgroupVersion, Cgroups, OomWatch};
 pub use freezer::Freezer;
 pub use sandbox::{Sandbox, SandboxState};
-pub use spawner::Spawner;
+pub use spawner::{
+    find_spawner, spawner_main, Spawner, CREATE_DEADLINE, REQUEST_DEADLINE, SHUTDOWN_DEADLINE,
+    SPAWNER_EXE, TURN_DEADLINE,
+};
 
 /// A workflow's scratch filesystem: a detached mount (a tmpfs of its own, or a clone of
 /// a sandbox's `/workflow`) that the spawner clones onto sandboxes' `/workflow`. It is
@@ -43,10 +50,34 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the spawner must be started before any thread: this process has {threads} threads")]
-    Threaded { threads: usize },
-    #[error("fork the spawner")]
-    Fork(#[source] nix::Error),
+    #[error("no sprout-spawner executable: tried {}", .tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    SpawnerMissing { tried: Vec<PathBuf> },
+    #[error("start the spawner {exe}")]
+    SpawnerStart {
+        exe: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the spawner (pid {pid}) died ({how}) during {op}")]
+    SpawnerDied {
+        pid: i32,
+        how: String,
+        op: &'static str,
+    },
+    #[error(
+        "the spawner (pid {pid}) was busy with other requests for {after:?}; {op} was not sent"
+    )]
+    SpawnerBusy {
+        pid: i32,
+        op: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("the spawner (pid {pid}) did not answer {op} within {after:?}; it was killed")]
+    SpawnerTimeout {
+        pid: i32,
+        op: &'static str,
+        after: std::time::Duration,
+    },
     #[error("sandbox {id}: create")]
     Create {
         id: String,

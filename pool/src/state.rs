@@ -1,19 +1,29 @@
 //! The agent's state directory and the cleanup of what crashed agents left behind.
 //!
 //! Each agent owns `<root>/<agent-id>/` (the agent id is its pid) and holds an
-//! exclusive `flock` on `<root>/<agent-id>/lock` for its whole life; the spawner
-//! inherits the lock, so a directory stays "live" while either process runs. Its
-//! sandboxes' cgroups live under `/sprout/<agent-id>/`. A directory whose lock can
-//! be taken belongs to a dead agent: [`cleanup_stale`] kills what is left in its
-//! cgroups and removes both trees. Agents may use different state roots (tests do),
-//! so a `/sprout/<id>` cgroup with no state directory under this agent's root is only
-//! taken for a leftover when no process `<id>` exists.
+//! exclusive `flock` on `<root>/<agent-id>/lock` for its whole life. The directory's
+//! `owners` file names the processes it belongs to, each by pid and start time (so a
+//! reused pid is not taken for its owner): the agent, and its current spawner with
+//! the inode of the spawner's end of its control socket. The spawner holds no
+//! descriptor into the directory (whatever it holds, a half-built container init
+//! holds too). Its sandboxes' cgroups live under `/sprout/<agent-id>/`.
+//!
+//! A directory belongs to a live agent while one of its recorded owners runs (or,
+//! without an `owners` file, while its lock is held and a process `<agent-id>`
+//! exists): an orphan that still holds the lock of a dead agent does not keep it.
+//! [`cleanup_stale`] kills what is left of a dead one (processes in its cgroups,
+//! processes holding a descriptor into its directory or its spawner's control
+//! socket) and removes its cgroups and directory. Agents may use different state
+//! roots (tests do), so a `/sprout/<id>` cgroup with no state directory under this
+//! agent's root is only taken for a leftover when no process `<id>` exists.
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::{io_err, Cgroups, Error};
 
@@ -34,8 +44,30 @@ pub struct StateDir {
     _lock: Flock<File>,
 }
 
+/// Creates `dir` (`<root>/<pid>`) mode 0700 whatever the umask, and `root` mode
+/// 0700 too if it does not exist yet (a root that exists keeps its mode). Only the
+/// agent (root) may walk into it: the call socket, uploaded code, bundles and
+/// container state in it are closed to every host account; sandboxes see the parts
+/// they need through their bind mounts, whose resolution does not walk the host's
+/// parents.
+fn create_private_dir(root: &Path, dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let private = |p: &Path| {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .and_then(|()| fs::set_permissions(p, fs::Permissions::from_mode(0o700)))
+            .map_err(io_err("create", p))
+    };
+    if !root.exists() {
+        private(root)?;
+    }
+    private(dir)
+}
+
 impl StateDir {
-    /// Creates and locks `<root>/<pid>`.
+    /// Creates (mode 0700) and locks `<root>/<pid>`.
     pub fn acquire(root: &Path) -> Result<StateDir, Error> {
         let agent_id = std::process::id().to_string();
         let dir = root.join(&agent_id);
@@ -44,7 +76,7 @@ impl StateDir {
         // A cleaner may lock and remove a fresh directory between our mkdir and our
         // flock; the inode check notices and we try again.
         for _ in 0..3 {
-            fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            create_private_dir(root, &dir)?;
             let file = File::options()
                 .create(true)
                 .truncate(false)
@@ -58,6 +90,7 @@ impl StateDir {
                 _ => false,
             };
             if same {
+                write_owners(&dir, &[Owner::me("agent")])?;
                 return Ok(StateDir {
                     root: root.to_path_buf(),
                     remove_root,
@@ -104,12 +137,171 @@ impl StateDir {
     }
 }
 
+/// The file in a state directory that names its owners.
+const OWNERS: &str = "owners";
+
+/// A process a state directory belongs to, as recorded in its `owners` file: one
+/// line `<role> <pid> <start time> [<socket inode>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Owner {
+    pub role: String,
+    pub pid: i32,
+    /// Clock ticks after boot (`/proc/<pid>/stat` field 22).
+    pub start: u64,
+    /// The spawner's end of its control socket (`socket:[inode]`).
+    pub socket: Option<u64>,
+}
+
+impl Owner {
+    /// This process.
+    pub fn me(role: &str) -> Owner {
+        let pid = std::process::id() as i32;
+        Owner {
+            role: role.to_owned(),
+            pid,
+            start: start_time(pid).unwrap_or(0),
+            socket: None,
+        }
+    }
+
+    /// Whether the recorded process still runs (same pid and start time, not a zombie).
+    fn alive(&self) -> bool {
+        matches!(proc_stat(self.pid), Some((state, start)) if start == self.start && state != 'Z' && state != 'X')
+    }
+
+    fn line(&self) -> String {
+        match self.socket {
+            Some(ino) => format!("{} {} {} {ino}\n", self.role, self.pid, self.start),
+            None => format!("{} {} {}\n", self.role, self.pid, self.start),
+        }
+    }
+
+    fn parse(line: &str) -> Option<Owner> {
+        let mut it = line.split_whitespace();
+        let role = it.next()?.to_owned();
+        let pid = it.next()?.parse().ok()?;
+        let start = it.next()?.parse().ok()?;
+        let socket = match it.next() {
+            Some(ino) => Some(ino.parse().ok()?),
+            None => None,
+        };
+        Some(Owner {
+            role,
+            pid,
+            start,
+            socket,
+        })
+    }
+}
+
+/// Replaces `dir`'s `owners` file (written aside, then renamed: a reader sees the old
+/// or the new list, never a part).
+pub(crate) fn write_owners(dir: &Path, owners: &[Owner]) -> Result<(), Error> {
+    let text: String = owners.iter().map(Owner::line).collect();
+    let tmp = dir.join(".owners.tmp");
+    fs::write(&tmp, text).map_err(io_err("write", &tmp))?;
+    let path = dir.join(OWNERS);
+    fs::rename(&tmp, &path).map_err(io_err("rename to", &path))
+}
+
+/// Records in the state directory `dir` that its agent (this process) now runs the
+/// spawner `pid`, whose end of the control socket is `socket`.
+pub(crate) fn record_spawner(dir: &Path, pid: i32, socket: u64) -> Result<(), Error> {
+    let spawner = Owner {
+        role: "spawner".to_owned(),
+        pid,
+        start: start_time(pid).unwrap_or(0),
+        socket: Some(socket),
+    };
+    write_owners(dir, &[Owner::me("agent"), spawner])
+}
+
+/// The owners recorded in `dir`, or `None` without a readable `owners` file.
+fn read_owners(dir: &Path) -> Option<Vec<Owner>> {
+    let text = fs::read_to_string(dir.join(OWNERS)).ok()?;
+    Some(text.lines().filter_map(Owner::parse).collect())
+}
+
+/// The state letter and start time of `pid` from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The state letter and start time (field 22) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) is in parentheses and may hold spaces and parentheses.
+fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (the state).
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(22 - 3)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// When `pid` started, in clock ticks after boot.
+pub(crate) fn start_time(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// SIGKILLs every process (but this one) that holds a descriptor, its working
+/// directory or its root inside `dir`, or a descriptor on one of `sockets`
+/// (`socket:[inode]`). Returns their pids. A whole `/proc` scan: only for cleanups.
+pub(crate) fn kill_holders(dir: Option<&Path>, sockets: &[u64]) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let socket_links: Vec<String> = sockets.iter().map(|i| format!("socket:[{i}]")).collect();
+    let holds = |target: &Path| {
+        dir.is_some_and(|d| target.starts_with(d))
+            || socket_links
+                .iter()
+                .any(|s| target.as_os_str() == std::ffi::OsStr::new(s))
+    };
+    let mut killed = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return killed;
+    };
+    for pid in procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != me)
+    {
+        let base = PathBuf::from(format!("/proc/{pid}"));
+        let mut links: Vec<PathBuf> = vec![base.join("cwd"), base.join("root")];
+        if let Ok(fds) = fs::read_dir(base.join("fd")) {
+            links.extend(fds.filter_map(Result::ok).map(|e| e.path()));
+        }
+        // A process's root is `/` unless it moved it: only a root *inside* `dir` counts.
+        if links
+            .iter()
+            .filter_map(|l| fs::read_link(l).ok())
+            .any(|t| holds(&t))
+        {
+            tracing::info!(
+                pid,
+                "killing a leftover process that holds a dead agent's state"
+            );
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed.push(pid);
+        }
+    }
+    killed
+}
+
 /// Whether a live agent holds `<root>/<id>/lock`.
 fn is_locked(root: &Path, id: &str) -> bool {
     let Ok(file) = File::open(root.join(id).join("lock")) else {
         return false;
     };
     Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err()
+}
+
+/// Whether the state directory `<root>/<id>` belongs to a live agent: one of its
+/// recorded owners runs; without an `owners` file (an agent between its lock and
+/// its first write), its lock is held and a process `<id>` exists.
+fn dir_is_live(root: &Path, id: &str) -> bool {
+    match read_owners(&root.join(id)) {
+        Some(owners) => owners.iter().any(Owner::alive),
+        None => is_locked(root, id) && process_exists(id),
+    }
 }
 
 /// Whether a process `id` exists (an agent of another state root, maybe).
@@ -120,7 +312,8 @@ fn process_exists(id: &str) -> bool {
 
 /// Removes the state directories and cgroups of agents that are gone, and returns
 /// their ids. Live agents (including this one) are left alone: under `root`, a
-/// directory is live while its lock is held; a cgroup `/sprout/<id>` with no
+/// directory is live while one of its recorded owners runs (see the module docs);
+/// a cgroup `/sprout/<id>` with no
 /// directory under `root` is live while a process `<id>` exists. What cannot be
 /// removed (another cleaner racing this one) is logged and left for the next start.
 pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
@@ -145,7 +338,7 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
     }
     let mut stale: Vec<String> = dirs
         .iter()
-        .filter(|id| !is_locked(root, id))
+        .filter(|id| !dir_is_live(root, id))
         .cloned()
         .collect();
     stale.extend(
@@ -159,6 +352,16 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
     for id in stale {
         tracing::info!(agent_id = %id, "removing what a stopped agent left behind");
         let dir = root.join(&id);
+        if dir.is_dir() {
+            // Orphans (a half-built container init) may hold the old lock, the old
+            // spawner's control socket, or a directory inside; they go first.
+            let sockets: Vec<u64> = read_owners(&dir)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|o| o.socket)
+                .collect();
+            kill_holders(Some(&dir), &sockets);
+        }
         let removed = cgroups
             .remove_tree(&Path::new(CGROUP_PARENT).join(&id))
             .and_then(|()| match fs::remove_dir_all(&dir) {
@@ -295,5 +498,96 @@ mod tests {
         let _me = StateDir::acquire(t.path()).unwrap();
         let err = StateDir::acquire(t.path()).unwrap_err().to_string();
         assert!(err.contains("locked by another agent"), "{err}");
+    }
+
+    /// The agent's directory, and a root it creates, are closed to other accounts
+    /// whatever the umask; a root that exists keeps its mode.
+    #[test]
+    fn the_state_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("new-root");
+        let me = StateDir::acquire(&root).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(me.path()), 0o700);
+        drop(me);
+        let existing = t.path().join("existing");
+        fs::create_dir(&existing).unwrap();
+        fs::set_permissions(&existing, fs::Permissions::from_mode(0o755)).unwrap();
+        let me = StateDir::acquire(&existing).unwrap();
+        assert_eq!(mode(&existing), 0o755);
+        assert_eq!(mode(me.path()), 0o700);
+    }
+
+    #[test]
+    fn stat_lines_give_state_and_start_time() {
+        let line = "42 (a) b) (c) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1 2 3";
+        assert_eq!(parse_stat(line), Some(('S', 987654)));
+        assert_eq!(parse_stat("42 (x) S 1"), None);
+        let me = std::process::id() as i32;
+        assert!(start_time(me).is_some_and(|t| t > 0));
+    }
+
+    #[test]
+    fn owners_are_recorded_and_a_reused_pid_is_not_an_owner() {
+        let t = tempfile::tempdir().unwrap();
+        let me = Owner::me("agent");
+        assert!(me.alive());
+        record_spawner(t.path(), me.pid, 1234).unwrap();
+        let owners = read_owners(t.path()).unwrap();
+        assert_eq!(owners.len(), 2);
+        assert_eq!(owners[0], me);
+        assert_eq!(owners[1].role, "spawner");
+        assert_eq!(owners[1].socket, Some(1234));
+        let reused = Owner {
+            start: me.start + 1,
+            ..me.clone()
+        };
+        assert!(!reused.alive(), "same pid, other start time: not the owner");
+        assert_eq!(Owner::parse("spawner 12 34 x"), None);
+    }
+
+    /// An orphan of a dead agent holds its lock and a directory inside its state: the
+    /// directory is still taken for stale, the orphan is killed and all is removed.
+    #[test]
+    fn an_orphan_holding_the_lock_does_not_keep_a_dead_agents_state() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("run");
+        let cgroups = Cgroups::at(&t.path().join("cg"), CgroupVersion::V1);
+        let dead = root.join("999999999");
+        fs::create_dir_all(dead.join("containers/sprout-999999999-1")).unwrap();
+        let lock = Flock::lock(
+            File::create(dead.join("lock")).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        write_owners(
+            &dead,
+            &[Owner {
+                role: "agent".into(),
+                pid: 999_999_999,
+                start: 1,
+                socket: None,
+            }],
+        )
+        .unwrap();
+        let mut orphan = std::process::Command::new("sleep")
+            .arg("60")
+            .current_dir(dead.join("containers/sprout-999999999-1"))
+            .spawn()
+            .unwrap();
+        assert!(!dir_is_live(&root, "999999999"));
+        let cleaned = cleanup_stale(&root, &cgroups);
+        let status = orphan.wait().unwrap();
+        assert_eq!(cleaned, ["999999999"]);
+        assert!(!dead.exists());
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "the orphan was killed"
+        );
+        drop(lock);
     }
 }

@@ -2,16 +2,6 @@
 
 use std::ffi::CStr;
 
-use nix::unistd::ForkResult;
-
-/// Forks. The caller must have checked that the process is single-threaded.
-pub fn fork_single_threaded() -> nix::Result<ForkResult> {
-    // SAFETY: the only caller (`Spawner::start`) verified via /proc/self/status that
-    // this process has exactly one thread, so the child gets a consistent copy of
-    // every lock and allocator state and may run arbitrary code.
-    unsafe { nix::unistd::fork() }
-}
-
 /// Names the calling process (as shown by `ps -o comm`).
 pub fn set_process_name(name: &CStr) {
     // Best effort: a failure only changes what `ps` shows.
@@ -19,9 +9,9 @@ pub fn set_process_name(name: &CStr) {
 }
 
 /// Gives the spawner a clean signal state: nothing blocked (the agent may have blocked
-/// its shutdown signals before forking, and sandboxes inherit the spawner's mask), and
-/// SIGINT ignored: terminal signals go to the agent, which shuts down cleanly, and the
-/// spawner follows when the agent closes its channel.
+/// its shutdown signals, and sandboxes inherit the spawner's mask), and SIGINT
+/// ignored: terminal signals go to the agent, which shuts down cleanly, and the
+/// spawner follows when the agent says so or closes its channel.
 pub fn reset_signals() {
     use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
@@ -33,18 +23,6 @@ pub fn reset_signals() {
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit is async-signal-safe and takes no pointers; nothing after it runs.
     unsafe { libc::_exit(code) }
-}
-
-/// Threads in this process, from /proc/self/status.
-pub fn thread_count() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().parse().ok()))
-        })
-        .flatten()
-        .unwrap_or(usize::MAX)
 }
 
 /// A detached read-only (and nosuid, nodev) copy of the directory at `path`, without
@@ -239,7 +217,9 @@ pub fn new_tmpfs(size_mb: u64) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: fsopen returned a new descriptor that nothing else owns.
     let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
     let size = std::ffi::CString::new(format!("{size_mb}m")).map_err(std::io::Error::other)?;
-    for (key, value) in [(c"size", size.as_c_str()), (c"mode", c"1777")] {
+    // Not sticky: the sandboxes of one run (one tenant, different users) rewrite each
+    // other's files in it.
+    for (key, value) in [(c"size", size.as_c_str()), (c"mode", c"0777")] {
         // SAFETY: `fs` is a valid fs-context descriptor; key and value are valid
         // NUL-terminated strings for the duration of the call.
         check(unsafe {
@@ -270,4 +250,143 @@ pub fn new_tmpfs(size_mb: u64) -> std::io::Result<std::os::fd::OwnedFd> {
         check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
     // SAFETY: fsmount returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
+}
+
+/// A pidfd for `pid` (`pidfd_open`, close-on-exec): it becomes readable when the
+/// process exits, and unlike the pid it can never name another process.
+pub fn pidfd_open(pid: nix::unistd::Pid) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Makes `fd` the child's descriptor `target` (without close-on-exec) when `cmd`
+/// spawns; every other descriptor of this process is close-on-exec and stays out.
+/// `fd` must stay open until the spawn.
+pub fn pass_fd(
+    cmd: &mut std::process::Command,
+    fd: std::os::fd::RawFd,
+    target: std::os::fd::RawFd,
+) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2
+    // and fcntl, which are async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == target {
+                // dup2 onto itself keeps close-on-exec: clear it by hand.
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Waits up to `within` (`Duration::MAX`: for ever) until `a` or `b` is readable (or
+/// hung up); returns which. A signal that interrupts the wait restarts it.
+pub fn poll2(
+    a: std::os::fd::BorrowedFd<'_>,
+    b: std::os::fd::BorrowedFd<'_>,
+    within: std::time::Duration,
+) -> (bool, bool) {
+    let ready = poll_fds(&[a, b], within);
+    (ready[0], ready[1])
+}
+
+/// Whether `fd` becomes readable (or hung up) within `within`.
+pub fn readable(fd: std::os::fd::BorrowedFd<'_>, within: std::time::Duration) -> bool {
+    poll_fds(&[fd], within)[0]
+}
+
+fn poll_fds(fds: &[std::os::fd::BorrowedFd<'_>], within: std::time::Duration) -> Vec<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now().checked_add(within);
+    loop {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                // Rounded up: a sub-millisecond rest must not spin with timeout 0.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut pfds: Vec<PollFd<'_>> = fds
+            .iter()
+            .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+            .collect();
+        match poll(&mut pfds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return vec![true; fds.len()],
+            Ok(_) => {
+                return pfds
+                    .iter()
+                    .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Takes the descriptor `fd` this process was started with (the spawner's control
+/// socket): checks that it is a socket and makes it close-on-exec, so that nothing
+/// the spawner executes inherits it.
+pub fn take_inherited_socket(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::stat::{fstat, SFlag};
+    let st = fstat(fd)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
+    }
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` is open (fstat succeeded) and nothing else in this process owns
+    // it: it was inherited and is taken once, at start.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new eventfd with a count of 0, non-blocking and close-on-exec (for a memory
+/// cgroup's v1 OOM notification).
+pub fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: `fd` was just created by eventfd and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Closes every descriptor from `first` up: whatever the agent's own parent let it
+/// inherit without close-on-exec, which would otherwise reach every container process
+/// the spawner clones.
+pub fn close_from(first: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: close_range takes no pointers; it is called first thing in the
+    // spawner's main, before anything in this process owns a descriptor above
+    // `first`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

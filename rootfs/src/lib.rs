@@ -16,13 +16,23 @@
 //! | `/proc`, `/dev`, `/sys` | the usual, `/sys` read-only, no `/sys/fs/cgroup` | |
 //!
 //! [`bundle_spec`] turns a [`SandboxConfig`] into an `oci_spec::runtime::Spec`.
+//! Every process of a sandbox runs as an unprivileged host user of its own
+//! ([`SandboxUser`], handed out by [`SandboxUsers`] from a [`SandboxUids`] range), so
+//! the skeleton, the runtime directory and a function's code must be readable by
+//! "other" ([`check_readable`]); `/tmp` and `/workflow` are writable by everyone
+//! (sticky), `/fns` stays root's.
 
+mod access;
 mod seccomp;
 mod skeleton;
 mod spec;
 
+pub use access::{check_module_readable, check_readable, readable_by_others, Unreadable};
 pub use skeleton::Skeleton;
-pub use spec::{bundle_spec, resources, write_bundle, Limits, SandboxConfig};
+pub use spec::{
+    bundle_spec, bundle_spec_as, resources, write_bundle, Limits, SandboxConfig, SandboxUids,
+    SandboxUser, SandboxUsers, SANDBOX_UMASK,
+};
 
 /// Where the function's code appears inside a sandbox.
 pub const CODE_DIR: &str = "/code";
@@ -53,6 +63,12 @@ pub enum Error {
         what: &'static str,
         path: std::path::PathBuf,
     },
+    #[error("{field} {value} is not accepted: the sandbox's user and group must not be root (accepted: 1 to 4294967294)")]
+    SandboxUser { field: &'static str, value: u32 },
+    #[error("a sandbox uid range of {count} ids from {base} is not accepted: it must not be empty, hold more than 1048576 ids, include 0 (root) or go past 4294967294 (accepted: base 1 to 4294967294, count 1 to 1048576, base + count - 1 at most 4294967294)")]
+    SandboxUids { base: u32, count: u32 },
+    #[error("all {count} sandbox uids (from {base}) are in use: at most {count} sandboxes at once (--sandbox-uids)")]
+    NoSandboxUid { count: u32, base: u32 },
     #[error("sandbox spec is not valid OCI")]
     Spec(#[source] serde_json::Error),
     #[error("write bundle {path}")]

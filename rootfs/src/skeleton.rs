@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::ErrorKind;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::Error;
@@ -38,9 +38,16 @@ impl Skeleton {
             let path = p.to_path_buf();
             move |source| Error::Create { path, source }
         };
+        // Explicit modes, whatever the umask: the sandbox's processes are not root
+        // and must be able to walk the root and read `/etc`.
+        let mode = |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode));
+        fs::create_dir_all(path).map_err(err(path))?;
+        mode(path, 0o755).map_err(err(path))?;
         for d in DIRS {
             let p = path.join(d);
-            fs::create_dir_all(&p).map_err(err(&p))?;
+            fs::create_dir_all(&p)
+                .and_then(|()| mode(&p, 0o755))
+                .map_err(err(&p))?;
         }
         for (link, target) in LINKS {
             let p = path.join(link);
@@ -51,7 +58,9 @@ impl Skeleton {
         }
         for (file, content) in FILES {
             let p = path.join(file);
-            fs::write(&p, content).map_err(err(&p))?;
+            fs::write(&p, content)
+                .and_then(|()| mode(&p, 0o644))
+                .map_err(err(&p))?;
         }
         Ok(Skeleton {
             path: path.to_path_buf(),
@@ -79,6 +88,11 @@ mod tests {
             fs::read_link(s.path().join("lib")).unwrap(),
             Path::new("usr/lib")
         );
+        // Readable by the sandbox's unprivileged user, whatever the umask was.
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(s.path()), 0o755);
+        assert_eq!(mode(&s.path().join("etc")), 0o755);
+        assert_eq!(mode(&s.path().join("etc/passwd")), 0o644);
         assert!(fs::read_to_string(s.path().join("etc/passwd"))
             .unwrap()
             .starts_with("root:"));

@@ -18,6 +18,13 @@ pub struct Limits {
     pub cpus: f64,
 }
 
+/// The umask of every sandbox process: none, so files are 0666 and directories 0777
+/// unless a function asks for less. Siblings of a workflow run are each their own
+/// uid, and share the run's scratch as they did when they shared one: each can read
+/// and overwrite the files the others make there. Everything else a sandbox can
+/// write (`/tmp`, `/dev/shm`) is its own, out of reach of other uids.
+pub const SANDBOX_UMASK: u32 = 0;
+
 /// Size of the writable `/tmp` (it is charged to the memory limit too).
 const TMP_SIZE: &str = "size=64m";
 const CPU_PERIOD_US: u64 = 100_000;
@@ -42,6 +49,185 @@ pub struct SandboxConfig {
     pub env: Vec<String>,
 }
 
+/// The host user and group every process of one sandbox runs as (shim, zygote,
+/// instances), with no supplementary groups.
+///
+/// Not root, and one per sandbox ([`SandboxUsers`] hands them out from a
+/// [`SandboxUids`] range): per-user kernel limits (pipe buffer pages, inotify
+/// instances, `RLIMIT_NPROC`, `RLIMIT_SIGPENDING`, `RLIMIT_MSGQUEUE`) and same-user
+/// access (`/proc/<pid>/mem`, `pidfd_getfd`) never reach another sandbox. A host file
+/// is open to a function only through its "other" permission bits. There is no user
+/// namespace (see `docs/security.md` for why): the ids are host ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl SandboxUser {
+    /// `uid` and `gid`, refusing root (0) and the kernel's "no id" (`u32::MAX`).
+    pub fn new(uid: u32, gid: u32) -> Result<SandboxUser, Error> {
+        for (field, value) in [("sandbox_uid", uid), ("sandbox_gid", gid)] {
+            if value == 0 || value == u32::MAX {
+                return Err(Error::SandboxUser { field, value });
+            }
+        }
+        Ok(SandboxUser { uid, gid })
+    }
+}
+
+/// The range of host ids sandboxes run as: `count` ids from `base`; a sandbox's uid
+/// and gid are `base + slot`. Two agents on one host need ranges that do not overlap,
+/// and no host account may use an id in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxUids {
+    pub base: u32,
+    pub count: u32,
+}
+
+impl SandboxUids {
+    /// 0x7000_0000: far above normal users (1000..) and the usual subordinate id
+    /// ranges (from 100000).
+    pub const DEFAULT_BASE: u32 = 0x7000_0000;
+    /// At most this many sandboxes of one agent at once.
+    pub const DEFAULT_COUNT: u32 = 65536;
+    /// The highest id a sandbox may have (`u32::MAX` is the kernel's "no id").
+    pub const MAX_ID: u32 = u32::MAX - 1;
+    /// The largest range (its bitmap is 128 KiB).
+    pub const MAX_COUNT: u32 = 1 << 20;
+    pub const DEFAULT: SandboxUids = SandboxUids {
+        base: SandboxUids::DEFAULT_BASE,
+        count: SandboxUids::DEFAULT_COUNT,
+    };
+
+    /// `count` ids from `base`, refusing a range that is empty, larger than
+    /// [`SandboxUids::MAX_COUNT`], includes root (0) or goes past
+    /// [`SandboxUids::MAX_ID`].
+    pub fn new(base: u32, count: u32) -> Result<SandboxUids, Error> {
+        let fits = base >= 1
+            && (1..=Self::MAX_COUNT).contains(&count)
+            && u64::from(base) + u64::from(count) - 1 <= u64::from(Self::MAX_ID);
+        if !fits {
+            return Err(Error::SandboxUids { base, count });
+        }
+        Ok(SandboxUids { base, count })
+    }
+
+    /// The user of slot `slot` (below `count`).
+    pub fn user(&self, slot: u32) -> SandboxUser {
+        debug_assert!(slot < self.count);
+        let id = self.base + slot;
+        SandboxUser { uid: id, gid: id }
+    }
+
+    /// Whether `uid` is one of this range's.
+    pub fn contains(&self, uid: u32) -> bool {
+        uid >= self.base && uid - self.base < self.count
+    }
+}
+
+impl Default for SandboxUids {
+    fn default() -> Self {
+        SandboxUids::DEFAULT
+    }
+}
+
+/// Hands out one [`SandboxUids`] slot per live sandbox: a bitmap of used slots,
+/// searched from after the last one given (so a released slot is the last to be
+/// reused), and which sandbox holds which. A slot is free again only when
+/// [`SandboxUsers::release`] is called, after its sandbox is destroyed.
+#[derive(Debug)]
+pub struct SandboxUsers {
+    range: SandboxUids,
+    slots: std::sync::Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    /// Bit `i % 64` of word `i / 64`: slot `i` is in use.
+    used: Vec<u64>,
+    by_sandbox: std::collections::HashMap<String, u32>,
+    /// Where the next search starts.
+    next: u32,
+}
+
+impl SandboxUsers {
+    pub fn new(range: SandboxUids) -> SandboxUsers {
+        SandboxUsers {
+            range,
+            slots: std::sync::Mutex::new(Slots {
+                used: vec![0; range.count.div_ceil(64) as usize],
+                ..Slots::default()
+            }),
+        }
+    }
+
+    pub fn range(&self) -> SandboxUids {
+        self.range
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A free slot's user for `sandbox` (the one it holds already, if any); an
+    /// error when every slot is in use.
+    pub fn assign(&self, sandbox: &str) -> Result<SandboxUser, Error> {
+        let mut s = self.lock();
+        if let Some(&slot) = s.by_sandbox.get(sandbox) {
+            return Ok(self.range.user(slot));
+        }
+        let count = self.range.count;
+        let words = s.used.len() as u32;
+        let start = s.next % count;
+        // Whole words from the start's word, wrapping once; a full word is skipped
+        // with one comparison.
+        for k in 0..=words {
+            let w = (start / 64 + k) % words;
+            let free = !s.used[w as usize];
+            if free == 0 {
+                continue;
+            }
+            let mut bits = free;
+            if k == 0 {
+                bits &= u64::MAX << (start % 64); // at or after the start
+            }
+            // Slots past `count` in the last word never count as free.
+            let slot = w * 64 + bits.trailing_zeros();
+            if bits != 0 && slot < count {
+                s.used[w as usize] |= 1 << (slot % 64);
+                s.by_sandbox.insert(sandbox.to_owned(), slot);
+                s.next = (slot + 1) % count;
+                return Ok(self.range.user(slot));
+            }
+        }
+        Err(Error::NoSandboxUid {
+            count,
+            base: self.range.base,
+        })
+    }
+
+    /// Frees `sandbox`'s slot (call it once the sandbox's processes are gone);
+    /// its user, if it held one.
+    pub fn release(&self, sandbox: &str) -> Option<SandboxUser> {
+        let mut s = self.lock();
+        let slot = s.by_sandbox.remove(sandbox)?;
+        s.used[(slot / 64) as usize] &= !(1 << (slot % 64));
+        Some(self.range.user(slot))
+    }
+
+    /// The user `sandbox` runs as, if it holds a slot.
+    pub fn user_of(&self, sandbox: &str) -> Option<SandboxUser> {
+        let s = self.lock();
+        s.by_sandbox.get(sandbox).map(|&slot| self.range.user(slot))
+    }
+
+    /// Slots in use.
+    pub fn in_use(&self) -> usize {
+        self.lock().by_sandbox.len()
+    }
+}
+
 fn absolute<'a>(what: &'static str, p: &'a Path) -> Result<&'a Path, Error> {
     if p.is_absolute() {
         Ok(p)
@@ -62,8 +248,15 @@ fn bind_ro(source: &Path, destination: &str) -> serde_json::Value {
 
 /// Builds the sandbox's spec: its own pid, ipc, uts, mount, network and cgroup
 /// namespaces; memory, pids and cpu limits; a read-only root with a tmpfs `/tmp`;
-/// no capabilities, `no_new_privs` and [the default seccomp filter](crate::seccomp).
+/// no capabilities, `no_new_privs` and [the default seccomp filter](crate::seccomp);
+/// its processes run as the first user of the default [`SandboxUids`] range.
 pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
+    bundle_spec_as(cfg, SandboxUids::DEFAULT.user(0))
+}
+
+/// [`bundle_spec`] with the sandbox's processes running as `user` (refused if root).
+pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Error> {
+    let user = SandboxUser::new(user.uid, user.gid)?;
     let root = absolute("root", &cfg.root)?;
     let runtime_dir = absolute("runtime", &cfg.runtime_dir)?;
     let shim = absolute("shim", &cfg.shim)?;
@@ -85,13 +278,16 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}),
         // The workflow scratch: the sandbox's own until a workflow's is attached over it.
+        // Not sticky: the sandboxes of one run are different users of one tenant and
+        // rewrite each other's files (a sticky directory with the host's
+        // `fs.protected_regular` set refuses an `O_CREAT` open of another user's file).
         json!({"destination": WORKFLOW_DIR, "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=1777", TMP_SIZE]}),
+               "options": ["nosuid", "nodev", "mode=0777", TMP_SIZE]}),
         // Mount points for the code of functions called in this sandbox. Owned by
-        // nobody: without capabilities the sandbox can neither make entries in it nor
-        // chmod it; the spawner (with them) makes the mount points.
+        // root, not the sandbox user: the sandbox can neither make entries in it nor
+        // chmod it; the spawner (root) makes the mount points.
         json!({"destination": FUNCTIONS_DIR, "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=0555", "uid=65534", "gid=65534", "size=1m"]}),
+               "options": ["nosuid", "nodev", "mode=0555", "uid=0", "gid=0", "size=1m"]}),
         bind_ro(Path::new("/usr"), "/usr"),
         bind_ro(runtime_dir, RUNTIME_DIR),
         bind_ro(shim, SHIM_PATH),
@@ -116,7 +312,10 @@ pub fn bundle_spec(cfg: &SandboxConfig) -> Result<Spec, Error> {
         "mounts": mounts,
         "process": {
             "terminal": false,
-            "user": { "uid": 0, "gid": 0 },
+            // Not root, no supplementary groups. libcontainer makes every mount
+            // above as root and switches to this user just before exec. The umask
+            // is fixed, not the agent's (see SANDBOX_UMASK).
+            "user": { "uid": user.uid, "gid": user.gid, "additionalGids": [], "umask": SANDBOX_UMASK },
             "args": [SHIM_PATH],
             "env": env,
             "cwd": "/",
@@ -357,6 +556,160 @@ mod tests {
             let in_spec = spec.linux().as_ref().unwrap().resources().clone().unwrap();
             assert_eq!(in_spec, res, "the spec's limits for {what}");
         }
+    }
+
+    /// Every process of a sandbox is an unprivileged host user without supplementary
+    /// groups; root is refused; `/fns` stays root's so the sandbox cannot add to it.
+    #[test]
+    fn the_sandbox_runs_as_an_unprivileged_user() {
+        let user_of = |spec: &Spec| {
+            let u = spec.process().as_ref().unwrap().user().clone();
+            (
+                u.uid(),
+                u.gid(),
+                u.additional_gids().clone().unwrap_or_default(),
+            )
+        };
+        assert_eq!(
+            user_of(&bundle_spec(&config()).unwrap()),
+            (0x7000_0000, 0x7000_0000, vec![])
+        );
+        let spec = bundle_spec_as(
+            &config(),
+            SandboxUser {
+                uid: 1234,
+                gid: 5678,
+            },
+        )
+        .unwrap();
+        assert_eq!(user_of(&spec), (1234, 5678, vec![]));
+        assert_eq!(
+            spec.process().as_ref().unwrap().user().umask(),
+            Some(0),
+            "not the agent's umask"
+        );
+        for (uid, gid, field) in [(0, 5678, "sandbox_uid 0"), (1234, 0, "sandbox_gid 0")] {
+            let e = bundle_spec_as(&config(), SandboxUser { uid, gid }).unwrap_err();
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        let mounts = spec.mounts().as_ref().unwrap();
+        let opts = |d: &str| {
+            mounts
+                .iter()
+                .find(|m| m.destination() == Path::new(d))
+                .and_then(|m| m.options().clone())
+                .unwrap_or_else(|| panic!("{d} not mounted"))
+        };
+        for want in ["mode=0555", "uid=0", "gid=0"] {
+            assert!(opts(FUNCTIONS_DIR).contains(&want.to_owned()), "{want}");
+        }
+        // What the sandbox user writes to: writable by everyone; sticky where only
+        // the sandbox's own user writes, not where a run's sandboxes share files.
+        for d in ["/tmp", "/dev/shm"] {
+            assert!(opts(d).contains(&"mode=1777".to_owned()), "{d}");
+        }
+        assert!(opts(WORKFLOW_DIR).contains(&"mode=0777".to_owned()));
+        let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::User));
+    }
+
+    #[test]
+    fn uid_ranges_refuse_root_overflow_and_emptiness() {
+        let r = SandboxUids::new(1000, 10).unwrap();
+        assert_eq!(
+            r.user(0),
+            SandboxUser {
+                uid: 1000,
+                gid: 1000
+            }
+        );
+        assert_eq!(
+            r.user(9),
+            SandboxUser {
+                uid: 1009,
+                gid: 1009
+            }
+        );
+        assert!(r.contains(1000) && r.contains(1009));
+        assert!(!r.contains(999) && !r.contains(1010) && !r.contains(0));
+        assert_eq!(
+            SandboxUids::default(),
+            SandboxUids::new(0x7000_0000, 65536).unwrap()
+        );
+        // The last accepted range ends at 4294967294.
+        SandboxUids::new(u32::MAX - 1, 1).unwrap();
+        SandboxUids::new(1, 1 << 20).unwrap();
+        SandboxUids::new(u32::MAX - (1 << 20), 1 << 20).unwrap();
+        for (base, count) in [
+            (0, 10),
+            (1, 0),
+            (u32::MAX, 1),
+            (u32::MAX - 1, 2),
+            (1, (1 << 20) + 1),
+            (u32::MAX - (1 << 20) + 1, 1 << 20),
+        ] {
+            let e = SandboxUids::new(base, count).unwrap_err().to_string();
+            assert!(e.contains(&format!("{count} ids from {base}")), "{e}");
+            assert!(
+                e.contains("accepted: base 1 to 4294967294, count 1 to 1048576"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_live_sandbox_holds_its_own_slot_until_released() {
+        let users = SandboxUsers::new(SandboxUids::new(5000, 3).unwrap());
+        let a = users.assign("a").unwrap();
+        let b = users.assign("b").unwrap();
+        let c = users.assign("c").unwrap();
+        let mut uids = vec![a.uid, b.uid, c.uid];
+        uids.sort();
+        assert_eq!(uids, vec![5000, 5001, 5002]);
+        assert_eq!(a.uid, a.gid);
+        assert_eq!(
+            users.assign("a").unwrap(),
+            a,
+            "the same sandbox, the same slot"
+        );
+        let e = users.assign("d").unwrap_err().to_string();
+        assert!(
+            e.contains("all 3 sandbox uids (from 5000) are in use"),
+            "{e}"
+        );
+        assert!(e.contains("--sandbox-uids"), "{e}");
+        assert_eq!(users.user_of("b"), Some(b));
+        assert_eq!(users.release("b"), Some(b));
+        assert_eq!(users.release("b"), None);
+        assert_eq!(users.user_of("b"), None);
+        assert_eq!(users.in_use(), 2);
+        // Only the released slot is free: the next sandbox gets it.
+        assert_eq!(users.assign("d").unwrap(), b);
+        assert!(users.assign("e").is_err());
+    }
+
+    #[test]
+    fn slots_are_handed_out_round_the_range_across_words() {
+        let users = SandboxUsers::new(SandboxUids::new(1, 130).unwrap());
+        for i in 0..130 {
+            assert_eq!(users.assign(&format!("s{i}")).unwrap().uid, 1 + i);
+        }
+        assert!(users.assign("full").is_err());
+        users.release("s3");
+        users.release("s100");
+        // The search goes on after the last slot given, wrapping round.
+        assert_eq!(users.assign("x").unwrap().uid, 4);
+        assert_eq!(users.assign("y").unwrap().uid, 101);
+        assert!(users.assign("z").is_err());
+        users.release("s129");
+        users.release("s0");
+        assert_eq!(
+            users.assign("z").unwrap().uid,
+            130,
+            "after 101 comes 130 before 1"
+        );
+        assert_eq!(users.assign("w").unwrap().uid, 1);
+        assert_eq!(users.in_use(), 130);
     }
 
     #[test]

@@ -47,13 +47,24 @@ exec(code, main)
 
 /// Writes the runtime files into `dir` (the host side of `/.sprout`), plus an empty
 /// `shim` file that the shim binary is bind-mounted over.
+/// Modes are set explicitly, whatever the umask: the sandbox's processes are an
+/// unprivileged user that must read them.
 pub fn install_runtime(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode));
     fs::create_dir_all(dir.join("python"))?;
-    fs::write(dir.join("python/sprout_runtime.py"), PYTHON_RUNTIME)?;
+    mode(dir, 0o755)?;
+    mode(&dir.join("python"), 0o755)?;
+    let mut files = vec![("python/sprout_runtime.py", PYTHON_RUNTIME.as_bytes())];
     if !PYTHON_RUNTIME_PYC.is_empty() {
-        fs::write(dir.join("python/sprout_runtime.pyc"), PYTHON_RUNTIME_PYC)?;
+        files.push(("python/sprout_runtime.pyc", PYTHON_RUNTIME_PYC));
     }
-    fs::write(dir.join("shim"), b"")?;
+    files.push(("shim", b""));
+    for (name, content) in files {
+        let p = dir.join(name);
+        fs::write(&p, content)?;
+        mode(&p, 0o644)?;
+    }
     Ok(())
 }
 

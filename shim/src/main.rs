@@ -1,6 +1,9 @@
 //! `sprout-shim`: PID 1 of a sprout sandbox.
 //!
-//! Started by libcontainer with its channel to the agent on descriptor 0. It starts
+//! Started by libcontainer with its channel to the agent on descriptor 0 and, on 1
+//! and 2, the write end of the sandbox's output pipe, which the agent reads (line by
+//! line, capped and rate-limited, into its log): nothing in the sandbox holds a
+//! descriptor of the host's, the agent's own stderr included. It starts
 //! the Python zygote, has it fork a spare instance (which makes its memory private
 //! and waits), tells the agent it is ready, and for each `spawn_instance` hands the
 //! agent the spare's (or a new fork's) own channel and output pipes: the agent tells

@@ -72,6 +72,8 @@ pub struct Zygote {
 
 impl Zygote {
     /// Starts the zygote with its channel on descriptor 3 and waits for its `ready`.
+    /// Its stdout and stderr are the shim's stderr: the sandbox's output pipe, which
+    /// the agent reads (never a descriptor of the host's); its stdin is `/dev/null`.
     pub fn start() -> Result<Zygote, Error> {
         let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
         let theirs = theirs.into_fd();
@@ -82,7 +84,8 @@ impl Zygote {
         let mut cmd = Command::new(shim::PYTHON);
         cmd.args(["-I", "-B", "-c", shim::PYTHON_BOOTSTRAP])
             .stdin(Stdio::null())
-            .stdout(Stdio::from(stderr));
+            .stdout(Stdio::from(stderr))
+            .stderr(Stdio::inherit());
         sys::with_fd3_and_clean_mask(&mut cmd, &theirs);
         let child = cmd.spawn().map_err(|source| Error::Start {
             python: shim::PYTHON,

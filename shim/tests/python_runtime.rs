@@ -1,4 +1,5 @@
-//! Runs the Python runtime's own unit tests (`shim/runtime/python/test_sprout_runtime.py`),
+//! Runs the Python runtime's own unit tests (`shim/runtime/python/test_sprout_runtime.py`)
+//! and the replay of its fuzz corpus (`test_fuzz_corpus.py`),
 //! which drive the real zygote as a subprocess, with the interpreter the sandbox uses.
 
 use std::path::Path;
@@ -15,7 +16,14 @@ fn python_runtime_unit_tests_pass() {
     );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python");
     let out = Command::new(PYTHON)
-        .args(["-B", "-m", "unittest", "-v", "test_sprout_runtime"])
+        .args([
+            "-B",
+            "-m",
+            "unittest",
+            "-v",
+            "test_sprout_runtime",
+            "test_fuzz_corpus",
+        ])
         .current_dir(&dir)
         // Keep the caller's Python settings out: PYTHONSAFEPATH would drop the
         // current directory from sys.path, PYTHONPATH/PYTHONHOME could shadow the stdlib.

@@ -33,6 +33,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -427,10 +428,29 @@ pub fn leftovers(state_root: &Path, pid: u32) -> Vec<String> {
     found
 }
 
-/// Live processes that belong to agent `pid`: the agent itself, any process holding a
-/// descriptor into its state directory (its spawner holds the directory's lock), and
-/// every process of its sandboxes, by cgroup or by `SPROUT_SANDBOX=sprout-<pid>-...`
-/// in its environment.
+/// `text` without its ANSI colour sequences (`ESC [ ... m`), as the daemon's log reads
+/// on a terminal.
+pub fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Live processes that belong to agent `pid`: the agent itself, its spawners (named
+/// by `--state-dir` on their command line), any process holding a descriptor into
+/// its state directory, and every process of its sandboxes, by cgroup or by
+/// `SPROUT_SANDBOX=sprout-<pid>-...` in its environment.
 pub fn agent_processes(state_root: &Path, pid: u32) -> Vec<u32> {
     let in_cgroup = format!("/sprout/{pid}/");
     let sandbox_env = format!("SPROUT_SANDBOX=sprout-{pid}-");
@@ -452,8 +472,20 @@ pub fn agent_processes(state_root: &Path, pid: u32) -> Vec<u32> {
                         .filter_map(|fd| fs::read_link(fd.path()).ok())
                         .any(|target| target.starts_with(&state))
                 })
+                || is_spawner_of(p, &state)
         })
         .collect()
+}
+
+/// Whether `p` is a spawner started for the agent whose state directory is `state`
+/// (it holds no descriptor into it: it is named on its command line).
+fn is_spawner_of(p: u32, state: &Path) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{p}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"--state-dir" && Path::new(OsStr::from_bytes(w[1])) == state)
 }
 
 /// Mounts that speak of agent `pid`'s state in any mount namespace, and any mount

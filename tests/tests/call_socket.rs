@@ -117,9 +117,22 @@ struct Helper {
 
 impl Helper {
     fn spawn(socket: &Path, frames: &[(Value, String)]) -> Helper {
+        Helper::spawn_as(None, socket, frames)
+    }
+
+    /// [`Helper::spawn`] as host uid and gid `id` (no groups), or root.
+    fn spawn_as(id: Option<u32>, socket: &Path, frames: &[(Value, String)]) -> Helper {
         let frames = Value::Array(frames.iter().map(|(h, p)| json!([h, p])).collect());
-        let child = Command::new("/usr/bin/python3")
-            .args(["-I", "-c", HELPER_PY])
+        let mut cmd = Command::new("setpriv");
+        if let Some(id) = id {
+            cmd.args([
+                format!("--reuid={id}"),
+                format!("--regid={id}"),
+                "--clear-groups".into(),
+            ]);
+        }
+        let child = cmd
+            .args(["--", "/usr/bin/python3", "-I", "-c", HELPER_PY])
             .arg(socket)
             .arg(frames.to_string())
             .stdin(Stdio::piped())
@@ -387,8 +400,29 @@ fn a_sandbox_of_another_agent_is_refused() {
     assert_eq!(after_b["invocations"], before_b["invocations"], "{after_b}");
 }
 
-/// The control: the same helper, placed in the agent's own bound sandbox, is heard and
-/// its call runs.
+/// The sandbox's shim (its PID 1) and the host uid the sandbox runs as.
+fn shim_and_uid(agent: u32, sandbox: &str) -> (u32, u32) {
+    let procs = sprout_tests::sandbox_cgroup_dir(agent, sandbox, "memory").join("cgroup.procs");
+    let shim = fs::read_to_string(&procs)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse::<u32>().unwrap())
+        .find(|&p| sprout_tests::cmdline(p) == "/.sprout/shim")
+        .unwrap_or_else(|| panic!("no shim in {}", procs.display()));
+    let status = fs::read_to_string(format!("/proc/{shim}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (shim, uid)
+}
+
+/// The control: the same helper, placed in the agent's own bound sandbox as the
+/// sandbox's own uid (the agent hears a sandbox only as its uid; that uid cannot walk
+/// the host's state directory, so it connects through the sandbox's `/.sprout`), is
+/// heard and its call runs.
 #[test]
 fn a_bound_sandbox_of_the_agent_is_heard() {
     let env = require_root!();
@@ -397,7 +431,9 @@ fn a_bound_sandbox_of_the_agent_is_heard() {
     let before = d.status();
 
     let (call, event) = call_frame(&json!("from a bound sandbox"));
-    let helper = Helper::spawn(&call_socket(&env, &d), &[(call, event)]);
+    let (shim, uid) = shim_and_uid(d.pid(), &mine);
+    let inside = PathBuf::from(format!("/proc/{shim}/root/.sprout/agent.sock"));
+    let helper = Helper::spawn_as(Some(uid), &inside, &[(call, event)]);
     helper.place(d.pid(), &mine, &joinable_dirs(d.pid(), &mine));
     let report = helper.go();
     let replies = report["replies"].as_array().unwrap();

@@ -191,7 +191,7 @@ fn agents_with_different_state_dirs_leave_each_other_alone() {
 /// The leftover check itself can fail: it finds each kind of thing an agent could
 /// leave behind, even where no cgroup or the word "sprout" points at it — the agent
 /// still running, a sandbox cgroup and a process in it, a process holding its state
-/// directory (as its spawner does), a
+/// directory, a spawner naming it, a
 /// process of one of its sandboxes whose cgroup is gone (found by the sandbox id in
 /// its environment), its state directory, and a mount of its state in a mount
 /// namespace other than the host's.
@@ -257,6 +257,22 @@ fn the_leftover_check_finds_each_kind_of_leftover() {
         "{left:?}"
     );
     drop(holder);
+
+    // A spawner: it holds no descriptor into the state directory, but names it.
+    let spawner = KillOnDrop::spawn(
+        Command::new("sh")
+            .args(["-c", "sleep 60; :", "sprout-spawner", "--state-dir"])
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let left = leftovers(root, id);
+    assert_eq!(
+        count(id, &format!("process {} ", spawner.pid())),
+        1,
+        "{left:?}"
+    );
+    drop(spawner);
 
     // A sandbox's process outside any cgroup of sprout's.
     let escaped = KillOnDrop::spawn(sleep().env("SPROUT_SANDBOX", format!("sprout-{id}-7")));

@@ -2,7 +2,9 @@
 //! (issue 9, finding 3): what a frame's prefix announces costs the agent nothing until
 //! the bytes arrive (on the call socket and on the instance's own channel), and
 //! descriptors a frame cannot carry drop the connection and are closed, none left
-//! open.
+//! open. Frames over the caps (an inline payload over 64 KiB, a header over 128 KiB)
+//! are refused at their prefix (finding 4 of `docs/security.md`), and a sparse memfd
+//! returned as a result is refused before the agent touches a page of it (finding 2).
 //!
 //! The attacks run inside a sandbox, with raw sockets on the agent's call socket
 //! (`/.sprout/agent.sock`, which the agent reads for any function that calls another)
@@ -49,7 +51,8 @@ def hold(report):
         json.dump(report, out)
     os.rename("/tmp/sprout-hostile-ready.tmp", "/tmp/sprout-hostile-ready")
     until(lambda: os.path.exists("/tmp/sprout-hostile-go"), "the test never said go", 60)
-    os.remove("/tmp/sprout-hostile-go")
+    # The go file is the host's (root's), which a function that is not root on the
+    # host may not remove from the sticky /tmp: the test removes it.
     os.remove("/tmp/sprout-hostile-ready")
     return report
 
@@ -58,12 +61,15 @@ def connect():
     s.connect("/.sprout/agent.sock")
     return s
 
+# The largest frame the caps allow: a 128 KiB header and a 64 KiB inline payload.
+LARGEST = struct.pack("<III", 128 << 10, 64 << 10, 0)
+
 def announce(n):
-    # Prefixes announcing a 1 MiB header and a 64 MiB payload, then one byte of the
-    # header: the agent reads that byte after it has made room for what it expects.
+    # Prefixes announcing the largest frame, then one byte of the header: the agent
+    # reads that byte after it has made room for what it expects.
     socks = [connect() for _ in range(n)]
     for s in socks:
-        s.sendall(struct.pack("<III", 1 << 20, 64 << 20, 0))
+        s.sendall(LARGEST)
     until(lambda: not any(unread(s) for s in socks), "the agent did not read the prefixes")
     for s in socks:
         s.sendall(b"{")
@@ -117,7 +123,7 @@ def instance():
     while frame is not None and not hasattr(frame.f_locals.get("channel"), "sock"):
         frame = frame.f_back
     s = frame.f_locals["channel"].sock
-    s.sendall(struct.pack("<III", 1 << 20, 64 << 20, 0))
+    s.sendall(LARGEST)
     until(lambda: unread(s) == 0, "the agent did not read the prefix")
     s.sendall(b"{")
     until(lambda: unread(s) == 0, "the agent did not read the first header byte")
@@ -127,7 +133,68 @@ def instance():
     s.shutdown(socket.SHUT_WR)
     return report
 
+def inline(n, size, send):
+    # Finding 4: `n` connections each announcing a `size`-byte inline payload and
+    # sending `send` bytes of it. Over the cap, the agent drops each at the prefix.
+    socks = [connect() for _ in range(n)]
+    chunk = b"\0" * (64 << 10)
+    accepted = []
+    for s in socks:
+        s.sendall(struct.pack("<III", 2, size, 0) + b"{}")
+        sent = 0
+        try:
+            while sent < send:
+                sent += s.send(chunk[:send - sent])
+        except OSError:
+            pass
+        accepted.append(sent)
+    until(lambda: all(unread(s) == 0 or closed(s) for s in socks), "the agent neither read nor closed")
+    report = {"closed": [closed(s) for s in socks], "accepted": accepted}
+    for s in socks:
+        s.close()
+    return report
+
+def header(size):
+    # A `resolve` whose header is `size` bytes (a padded function name).
+    s = connect()
+    base = b'{"op":"resolve","id":1,"function":"'
+    hdr = base + b"x" * (size - len(base) - 2) + b'"}'
+    s.sendall(struct.pack("<III", len(hdr), 0, 0))
+    try:
+        s.sendall(hdr)
+    except OSError:
+        pass
+    s.settimeout(20)
+    try:
+        answer = s.recv(12)
+    except OSError as e:
+        answer = e.__class__.__name__.encode()
+    s.close()
+    return {"answered": answer not in (b"", b"ConnectionResetError"), "answer": answer.hex()}
+
+def sparse(size):
+    # Finding 2: the instance's own `returned` frame, raw, carrying a sealed memfd only
+    # ftruncate'd to `size` (no page allocated), for the invocation being served.
+    frame = sys._getframe()
+    while frame is not None and not hasattr(frame.f_locals.get("channel"), "sock"):
+        frame = frame.f_back
+    channel, request_id = frame.f_locals["channel"], frame.f_locals["request_id"]
+    fd = os.memfd_create("sprout-sparse", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    hdr = json.dumps({"op": "returned", "id": request_id, "raw": True}).encode()
+    socket.send_fds(channel.sock, [struct.pack("<III", len(hdr), size, 0x80000001) + hdr], [fd])
+    # Whatever the agent makes of it, this instance has answered: wait to be ended.
+    time.sleep(60)
+    return "late"
+
 def f(e):
+    if not isinstance(e, dict):
+        return sparse(int(bytes(e)))
+    if e["mode"] == "inline":
+        return inline(e["connections"], e["size"], e["send"])
+    if e["mode"] == "header":
+        return header(e["size"])
     if e["mode"] == "instance":
         return instance()
     if e["mode"] == "truncated":
@@ -222,6 +289,7 @@ fn release(tmp: &std::path::Path, answer: mpsc::Receiver<(u16, String)>) -> Valu
     let (status, body) = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("the hostile invocation never answered");
+    let _ = fs::remove_file(tmp.join("sprout-hostile-go"));
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
@@ -232,7 +300,8 @@ fn frames_announced_and_not_sent_cost_the_agent_no_memory() {
     let d = env.daemon();
     let sandbox = hostile(&env, &d);
     let before = rss(d.pid());
-    let connections = 16;
+    // Under the agent's cap on call-socket connections per sandbox (8).
+    let connections = 6;
     let answer = invoke_in_background(&d, json!({"mode": "announce", "connections": connections}));
     let (tmp, report) = attack_holds(&d, &sandbox);
     assert_eq!(report["connections"], connections, "{report}");
@@ -242,16 +311,16 @@ fn frames_announced_and_not_sent_cost_the_agent_no_memory() {
     assert_eq!(v["connections"], connections, "{v}");
     let grown = during.saturating_sub(before);
     eprintln!(
-        "agent RSS {} KiB before, {} KiB with {connections} connections announcing 65 MiB",
+        "agent RSS {} KiB before, {} KiB with {connections} connections announcing 192 KiB",
         before >> 10,
         during >> 10
     );
-    // Without a bound: 16 x (1 MiB + 64 MiB) zero-filled, about 1 GiB. With one, a
-    // chunk and a thread per connection.
+    // Without a bound: each connection's buffer grown to the frame announced
+    // (zero-filled). With one, a chunk per connection.
     assert!(
         grown < 32 << 20,
-        "{connections} connections announcing 65 MiB frames (13 bytes sent on each) took \
-         the agent's RSS from {} MiB to {} MiB",
+        "{connections} connections announcing the largest frames (13 bytes sent on each) \
+         took the agent's RSS from {} MiB to {} MiB",
         before >> 20,
         during >> 20
     );
@@ -344,18 +413,163 @@ fn a_frame_announced_on_the_instance_channel_costs_the_agent_no_memory() {
     // The instance ended its channel mid-frame: the invocation fails, the agent lives.
     assert_ne!(status, 200, "{body}");
     eprintln!(
-        "agent RSS {} KiB before, {} KiB with a 65 MiB frame announced on the instance channel \
-         ({status} {body})",
+        "agent RSS {} KiB before, {} KiB with a 192 KiB frame announced on the instance \
+         channel ({status} {body})",
         before >> 10,
         during >> 10
     );
     assert!(
         during.saturating_sub(before) < 32 << 20,
-        "a 65 MiB frame announced (13 bytes sent) on an instance channel took the agent's \
+        "a 192 KiB frame announced (13 bytes sent) on an instance channel took the agent's \
          RSS from {} MiB to {} MiB",
         before >> 20,
         during >> 20
     );
     let r = d.invoke("hostile", r#"{"mode": "warm"}"#);
     assert_eq!(body_json(&r), json!("warm"), "{}", text(&r));
+}
+
+/// `VmHWM` (peak RSS) of process `pid`, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status:\n{status}"));
+    kb << 10
+}
+
+/// A function that calls `hostile` with raw bytes, in a sibling sandbox (so that the
+/// answer goes through the agent), and reports what came back.
+const CALLER_PY: &str = r#"import sprout
+def f(e):
+    try:
+        r = sprout.call_async("hostile", str(e["size"]).encode()).result()
+        return {"ok": True, "len": len(r)}
+    except sprout.CallError as err:
+        return {"ok": False, "type": err.type, "message": err.message}
+"#;
+
+#[test]
+fn a_sparse_memfd_returned_by_a_callee_is_refused_before_the_agent_touches_it() {
+    let env = require_root!();
+    let d = env.daemon();
+    let dir = env.function("hostile", &[("f.py", HOSTILE_PY)]);
+    d.register("hostile", &dir, json!({"timeout_ms": 20000}));
+    let dir = env.function("caller", &[("f.py", CALLER_PY)]);
+    d.register("caller", &dir, json!({"timeout_ms": 20000}));
+    // Both sandboxes up once, so the agent's peak below is the attack's alone.
+    let r = d.invoke("hostile", r#"{"mode": "warm"}"#);
+    assert_eq!(r.status, 200, "warm up: {}", text(&r));
+    // The agent's peak RSS starts again from what it holds now.
+    fs::write(format!("/proc/{}/clear_refs", d.pid()), "5").expect("reset the agent's VmHWM");
+    let before = rss(d.pid());
+    let size: u64 = 1 << 30;
+    let r = d.invoke("caller", &json!({ "size": size }).to_string());
+    let peak = peak_rss(d.pid());
+    eprintln!(
+        "agent RSS {} KiB before, peak {} KiB while a callee returned a sparse {} MiB memfd: {}",
+        before >> 10,
+        peak >> 10,
+        size >> 20,
+        text(&r)
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    // Without the check: the agent faults every page (charged to its own cgroup), copies
+    // them and shares the copy again, and the caller gets 1 GiB.
+    assert_eq!(
+        v["ok"], false,
+        "the agent took a sparse memfd as a result: {v}"
+    );
+    let message = v["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("sparse memfd is refused") && message.contains("1073741824"),
+        "the caller is not told why: {v}"
+    );
+    assert!(
+        peak.saturating_sub(before) < 16 << 20,
+        "a sparse {} MiB memfd took the agent's RSS from {} MiB to a peak of {} MiB",
+        size >> 20,
+        before >> 20,
+        peak >> 20
+    );
+    // The agent still serves, the hostile function too (in a fresh sandbox).
+    let r = d.invoke("hostile", r#"{"mode": "warm"}"#);
+    assert_eq!(body_json(&r), json!("warm"), "{}", text(&r));
+}
+
+#[test]
+fn inline_frames_over_the_cap_are_refused_at_the_prefix() {
+    let env = require_root!();
+    let d = env.daemon();
+    hostile(&env, &d);
+    // Two connections each announcing a 64 MiB inline payload and sending 4 MiB of
+    // it: before the cap, the agent read on and grew a buffer for each (and two such
+    // frames held its shared receive budget); now it drops them at the prefix.
+    let r = d.invoke(
+        "hostile",
+        &json!({"mode": "inline", "connections": 2, "size": 64 << 20, "send": 4 << 20}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    eprintln!("64 MiB inline frames: {v}");
+    assert_eq!(v["closed"], json!([true, true]), "kept: {v}");
+    for n in v["accepted"].as_array().expect("accepted") {
+        // What the socket buffers took before the agent closed it, not 4 MiB.
+        assert!(n.as_u64().unwrap() < 4 << 20, "{v}");
+    }
+    // The largest inline payload allowed is read as ever (the frame is a bad call
+    // request, so the agent answers or drops it, but reads it all first).
+    let r = d.invoke(
+        "hostile",
+        &json!({"mode": "inline", "connections": 1, "size": 64 << 10, "send": 64 << 10})
+            .to_string(),
+    );
+    let v = body_json(&r);
+    assert_eq!(v["accepted"], json!([64 << 10]), "{v}");
+    // Another tenant's large payloads (shared, 4 MiB) go through.
+    let dir = env.function("echo", &[("f.py", "def f(e):\n    return len(e)\n")]);
+    d.register("echo", &dir, json!({}));
+    let big = format!("\"{}\"", "e".repeat(4 << 20));
+    let r = d.invoke("echo", &big);
+    assert_eq!(body_json(&r), json!(4 << 20), "{}", text(&r));
+    assert!(
+        d.log()
+            .contains("inline frame payload of 67108864 bytes exceeds the limit of 65536"),
+        "the agent does not say why it dropped the connections:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn headers_over_the_cap_are_refused() {
+    let env = require_root!();
+    let d = env.daemon();
+    hostile(&env, &d);
+    // 200 KiB: under the old 1 MiB cap, over the new 128 KiB one.
+    let r = d.invoke(
+        "hostile",
+        &json!({"mode": "header", "size": 200 << 10}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    assert_eq!(
+        v["answered"], false,
+        "the agent answered a 200 KiB header: {v}"
+    );
+    assert!(
+        d.log()
+            .contains("frame header of 204800 bytes exceeds the limit of 131072"),
+        "the agent does not say why it dropped the connection:\n{}",
+        d.log()
+    );
+    // At the cap, the request is read and answered.
+    let r = d.invoke(
+        "hostile",
+        &json!({"mode": "header", "size": 128 << 10}).to_string(),
+    );
+    let v = body_json(&r);
+    assert_eq!(v["answered"], true, "{v}");
 }

@@ -1,15 +1,32 @@
 //! One client connection: reads and parses requests, hands complete ones to the
 //! workers, writes the responses. A connection carries one request at a time: a
 //! pipelined request stays in the read buffer until the previous response is written.
+//!
+//! Timeouts cost the request path nothing: a connection only counts its state
+//! changes ([`Conn::stage`]) and its progress (bytes of a body read, bytes of a
+//! response written); the event loop's periodic sweep ([`Conn::expired`]) notes
+//! when it first saw each count and closes a connection that stayed in a timed
+//! phase (idle, head, body, writing) without progress too long. A request head is
+//! timed from its first byte whatever arrives after it.
+//!
+//! A response goes out as written: its head, then its body as the worker made it (an
+//! invocation's shared result from its mapping), in one vectored write per wake-up.
+//! While the server drains ([`Conn::drain`]), every response says
+//! `Connection: close`, and a request read behind the last one is answered 503.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
 use mio::Token;
 use tracing::{debug, debug_span, Span};
 
-use super::routes::{self, Persist, Reject, Reply, Route};
-use super::{Job, Limits};
+use ipc::Payload;
+
+use super::routes::{self, Output, Persist, Reject, Reply, Route};
+use super::{Abandon, Job, Limits};
 
 /// Most headers accepted in a request head.
 pub(super) const MAX_HEADERS: usize = 64;
@@ -18,6 +35,8 @@ const READ_CHUNK: usize = 64 << 10;
 const MAX_CHUNK_LINE: usize = 4096;
 /// Buffers larger than this are released once a request is done with them.
 const KEEP_CAPACITY: usize = 1 << 20;
+/// Output segments handed to one vectored write.
+const MAX_IOVECS: usize = 8;
 
 /// Whether the connection is still open after [`Conn::drive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,17 +45,44 @@ pub(super) enum Life {
     Closed,
 }
 
+/// Where a connection is, for its timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// Between requests (keep-alive), or before the first: [`Limits::idle_timeout`].
+    Idle,
+    /// Part of a request head has arrived: [`Limits::read_timeout`].
+    Head,
+    /// Reading a request's body: [`Limits::read_timeout`] again, from the head's end
+    /// or the last bytes of the body read.
+    Body,
+    /// The request is being handled: no timeout (the function's own applies).
+    Busy,
+    /// A response the client is not reading: [`Limits::idle_timeout`], from the
+    /// last bytes the client took.
+    Writing,
+}
+
 pub(super) struct Conn {
     stream: UnixStream,
     token: Token,
+    /// Shared with the requests handed to workers: set when the client goes away
+    /// (this connection is dropped) or the server drains.
+    abandon: Arc<Abandon>,
+    /// Counts state changes and progress (body bytes read, response bytes written),
+    /// so the sweep can tell a new phase, or one that moves, from a stalled one.
+    changes: u64,
+    /// The phase and change count the last sweep saw, and when it first saw them.
+    watched: Option<(Stage, u64, Instant)>,
     /// Bytes read and not yet consumed.
     rbuf: Vec<u8>,
-    /// Bytes to write; `wbuf[..wpos]` is already written.
-    wbuf: Vec<u8>,
-    wpos: usize,
+    /// Output to write, in order; `out[0][..opos]` is already written.
+    out: VecDeque<Payload>,
+    opos: usize,
     state: State,
-    /// Close once `wbuf` is written (set with the final response).
+    /// Close once `out` is written (set with the final response).
     close_after_write: bool,
+    /// The server drains: responses say `Connection: close`.
+    draining: bool,
 }
 
 enum State {
@@ -46,7 +92,7 @@ enum State {
     Body(Box<Pending>),
     /// The request is with a worker.
     Waiting,
-    /// The response is in `wbuf`; then back to `Head`, or closed.
+    /// The response is in `out`; then back to `Head`, or closed.
     Writing,
 }
 
@@ -77,10 +123,14 @@ impl Conn {
             stream,
             token,
             rbuf: Vec::new(),
-            wbuf: Vec::new(),
-            wpos: 0,
+            out: VecDeque::new(),
+            opos: 0,
             state: State::Head,
             close_after_write: false,
+            draining: false,
+            abandon: Arc::new(Abandon::default()),
+            changes: 0,
+            watched: None,
         }
     }
 
@@ -88,12 +138,122 @@ impl Conn {
         &mut self.stream
     }
 
+    /// Whether a request of this connection is with a worker or an instance.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.state, State::Waiting)
+    }
+
+    /// Whether the connection has a request in hand: being handled, or its response
+    /// not yet all written.
+    pub fn is_busy(&self) -> bool {
+        self.is_waiting() || self.writing()
+    }
+
+    /// Whether output is waiting to be written.
+    fn writing(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The server drains: takes back what this connection's request is waiting for,
+    /// and makes its next response the last.
+    pub fn drain(&mut self) {
+        self.draining = true;
+        self.abandon.drain();
+    }
+
+    pub fn stage(&self) -> Stage {
+        match &self.state {
+            State::Waiting => Stage::Busy,
+            _ if self.writing() => Stage::Writing,
+            State::Writing => Stage::Writing,
+            State::Body(_) => Stage::Body,
+            State::Head if self.rbuf.is_empty() => Stage::Idle,
+            State::Head => Stage::Head,
+        }
+    }
+
+    /// Called by the loop's sweep: the phase that has lasted longer than its limit
+    /// (counted from the first sweep that saw it, so up to one sweep late), if any.
+    pub fn expired(&mut self, now: Instant, limits: &Limits) -> Option<Stage> {
+        let phase = self.stage();
+        let limit = match phase {
+            Stage::Busy => {
+                self.watched = None;
+                return None;
+            }
+            Stage::Head | Stage::Body => limits.read_timeout,
+            Stage::Idle | Stage::Writing => limits.idle_timeout,
+        };
+        match self.watched {
+            Some((p, changes, since)) if p == phase && changes == self.changes => {
+                (now.saturating_duration_since(since) >= limit).then_some(phase)
+            }
+            _ => {
+                self.watched = Some((phase, self.changes, now));
+                None
+            }
+        }
+    }
+
+    /// Ends a connection whose request head or body did not arrive in time: answers
+    /// 408 if the client can take it without waiting. The caller closes it.
+    pub fn time_out(&mut self, phase: Stage, limits: &Limits) {
+        let what = match phase {
+            Stage::Head => "request head",
+            Stage::Body => "request body",
+            _ => return,
+        };
+        let reject = Reject {
+            status: 408,
+            kind: "request_timeout",
+            message: format!(
+                "the {what} did not arrive within {} ms (read timeout)",
+                limits.read_timeout.as_millis()
+            ),
+            allow: None,
+            close: true,
+        };
+        debug!(connection = self.token.0, status = 408, "{what} timed out");
+        self.say_last(&reject);
+    }
+
+    /// Ends a connection whose request is still being handled when the server stops:
+    /// answers 503 if the client can take it without waiting. The caller closes it.
+    /// A request begun and not complete (part of its head or body read) is answered
+    /// 503 too.
+    pub fn cut_off(&mut self, grace: Option<Duration>) {
+        let message = match (&self.state, grace) {
+            (State::Waiting, Some(grace)) => format!(
+                "the server is shutting down: the request did not finish within the shutdown grace of {} ms",
+                grace.as_millis()
+            ),
+            (State::Waiting, None) => "the server is shutting down: the request was cut off".to_owned(),
+            (State::Body(_), _) => {
+                "the server is shutting down: the request's body had not arrived in full".to_owned()
+            }
+            (State::Head, _) if !self.rbuf.is_empty() => {
+                "the server is shutting down: the request head had not arrived in full".to_owned()
+            }
+            _ => return,
+        };
+        self.say_last(&shutting_down(message));
+    }
+
+    /// Queues `reject` as the last response (behind output already begun: a
+    /// `100 Continue`) and writes what the socket takes now.
+    fn say_last(&mut self, reject: &Reject) {
+        self.queue(reject.reply().encode(Persist::Close));
+        self.state = State::Writing;
+        self.close_after_write = true;
+        let _ = self.flush();
+    }
+
     /// Makes all the progress possible without blocking: writes pending output,
     /// reads, parses, and hands complete requests to `submit` (which returns false
     /// when no worker can take them).
     pub fn drive(&mut self, limits: &Limits, submit: &mut dyn FnMut(Job) -> bool) -> Life {
         loop {
-            if self.wpos < self.wbuf.len() {
+            if self.writing() {
                 match self.flush() {
                     Ok(true) => {}
                     Ok(false) => return Life::Open,
@@ -108,6 +268,7 @@ impl Conn {
                 State::Writing if self.close_after_write => return Life::Closed,
                 State::Writing => {
                     self.state = State::Head;
+                    self.changes += 1;
                     if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_CAPACITY {
                         self.rbuf = Vec::new();
                     }
@@ -121,6 +282,8 @@ impl Conn {
             match self.read() {
                 // The client went away; whatever it sent of a request is dropped.
                 Ok(0) => return Life::Closed,
+                // Body bytes are progress: its read timeout starts again.
+                Ok(_) if matches!(self.state, State::Body(_)) => self.changes += 1,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Life::Open,
                 Err(e) => {
@@ -131,7 +294,7 @@ impl Conn {
         }
     }
 
-    /// Queues a worker's response and writes what it can.
+    /// Queues an encoded response and writes what it can.
     pub fn on_reply(
         &mut self,
         bytes: Vec<u8>,
@@ -140,14 +303,47 @@ impl Conn {
         submit: &mut dyn FnMut(Job) -> bool,
     ) -> Life {
         debug_assert!(matches!(self.state, State::Waiting));
-        if self.wbuf.is_empty() {
-            self.wbuf = bytes;
-        } else {
-            self.wbuf.extend_from_slice(&bytes);
-        }
+        self.queue(bytes);
         self.close_after_write = close;
         self.state = State::Writing;
         self.drive(limits, submit)
+    }
+
+    /// Queues the response to the request being handled (its body is not copied) and
+    /// writes what it can. While the server drains it is the last: it says
+    /// `Connection: close`, and a request read behind it is answered 503.
+    pub fn on_output(
+        &mut self,
+        output: Output,
+        persist: Persist,
+        limits: &Limits,
+        submit: &mut dyn FnMut(Job) -> bool,
+    ) -> Life {
+        debug_assert!(matches!(self.state, State::Waiting));
+        let cut_short = self.draining && persist != Persist::Close;
+        let persist = if self.draining {
+            Persist::Close
+        } else {
+            persist
+        };
+        self.queue(output.head(persist));
+        self.queue(output.body);
+        self.close_after_write = persist == Persist::Close;
+        self.state = State::Writing;
+        if cut_short && !self.rbuf.is_empty() {
+            // A pipelined request the client expected to be served on this connection.
+            self.rbuf.clear();
+            let reject = shutting_down("the server is shutting down".to_owned());
+            self.queue(reject.reply().encode(Persist::Close));
+        }
+        self.drive(limits, submit)
+    }
+
+    fn queue(&mut self, bytes: impl Into<Payload>) {
+        let bytes = bytes.into();
+        if !bytes.is_empty() {
+            self.out.push_back(bytes);
+        }
     }
 
     fn advance(&mut self, limits: &Limits, submit: &mut dyn FnMut(Job) -> bool) -> Step {
@@ -209,7 +405,7 @@ impl Conn {
             }
             let complete = matches!(body, Body::Length(n) if self.rbuf.len() >= n);
             if !complete {
-                self.wbuf.extend_from_slice(routes::CONTINUE);
+                self.queue(routes::CONTINUE.to_vec());
             }
         }
         if let Body::Length(n) = body {
@@ -269,6 +465,7 @@ impl Conn {
         body: Vec<u8>,
         submit: &mut dyn FnMut(Job) -> bool,
     ) {
+        self.changes += 1;
         match route.and_then(|r| r.into_dispatch(body)) {
             Ok(dispatch) => {
                 let job = Job {
@@ -276,17 +473,14 @@ impl Conn {
                     dispatch,
                     persist,
                     span: span.clone(),
+                    abandon: Arc::clone(&self.abandon),
                 };
                 self.state = State::Waiting;
                 if !submit(job) {
-                    let reject = Reject {
-                        status: 503,
-                        kind: "unavailable",
-                        message: "the server is shutting down".to_owned(),
-                        allow: None,
-                        close: true,
-                    };
-                    self.reject(&span, reject);
+                    self.reject(
+                        &span,
+                        shutting_down("the server is shutting down".to_owned()),
+                    );
                 }
             }
             Err(reject) => {
@@ -309,29 +503,48 @@ impl Conn {
     }
 
     fn respond(&mut self, reply: Reply, persist: Persist) {
-        self.wbuf.extend_from_slice(&reply.encode(persist));
+        self.queue(reply.encode(persist));
         self.close_after_write = persist == Persist::Close;
         self.state = State::Writing;
     }
 
-    /// Writes `wbuf`; true once all of it is written.
+    /// Writes the queued output; true once all of it is written. Bytes the client
+    /// takes are progress: the writing timeout starts again.
     fn flush(&mut self) -> io::Result<bool> {
-        while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (i, segment) in self.out.iter().take(MAX_IOVECS).enumerate() {
+                let skip = if i == 0 { self.opos } else { 0 };
+                slices[i] = IoSlice::new(&segment[skip..]);
+                count += 1;
+            }
+            match self.stream.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
+                Ok(n) => {
+                    self.changes += 1;
+                    self.advance_output(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        self.wpos = 0;
-        if self.wbuf.capacity() > KEEP_CAPACITY {
-            self.wbuf = Vec::new();
-        } else {
-            self.wbuf.clear();
-        }
         Ok(true)
+    }
+
+    /// Drops the first `n` bytes of the queued output.
+    fn advance_output(&mut self, mut n: usize) {
+        while let Some(front) = self.out.front() {
+            let left = front.len() - self.opos;
+            if n < left {
+                self.opos += n;
+                return;
+            }
+            n -= left;
+            self.out.pop_front();
+            self.opos = 0;
+        }
     }
 
     fn read(&mut self) -> io::Result<usize> {
@@ -345,6 +558,25 @@ impl Conn {
         };
         self.rbuf.truncate(start + *result.as_ref().unwrap_or(&0));
         result
+    }
+}
+
+impl Drop for Conn {
+    /// A request of a connection that is gone is not wanted any more: one still
+    /// waiting for an instance leaves its queue and never runs.
+    fn drop(&mut self) {
+        self.abandon.client_gone();
+    }
+}
+
+/// The 503 for a request the server will not handle because it is shutting down.
+fn shutting_down(message: String) -> Reject {
+    Reject {
+        status: 503,
+        kind: "unavailable",
+        message,
+        allow: None,
+        close: true,
     }
 }
 
@@ -563,6 +795,9 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_body: 100,
         max_head: 256,
+        read_timeout: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(200),
+        max_connections: 8,
     };
 
     fn head(text: &str) -> Result<Option<(usize, Head)>, Reject> {
@@ -633,6 +868,198 @@ mod tests {
         assert_eq!(status(&long), 431);
         let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    }
+
+    #[test]
+    fn timeouts_follow_the_stage_and_restart_with_each_change() {
+        let (stream, _peer) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(stream, Token(7));
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Idle: the first sweep only notes it; the idle timeout counts from there.
+        assert_eq!(c.expired(at(0), &LIMITS), None);
+        assert_eq!(c.expired(at(199), &LIMITS), None);
+        assert_eq!(c.expired(at(200), &LIMITS), Some(Stage::Idle));
+        // Part of a head: a new stage, with the read timeout.
+        c.rbuf.extend_from_slice(b"GET / HT");
+        assert_eq!(c.stage(), Stage::Head);
+        assert_eq!(c.expired(at(300), &LIMITS), None);
+        assert_eq!(c.expired(at(399), &LIMITS), None);
+        assert_eq!(c.expired(at(400), &LIMITS), Some(Stage::Head));
+        // Handled: never times out, and the next idle stage starts afresh.
+        c.state = State::Waiting;
+        assert_eq!(c.expired(at(10_000), &LIMITS), None);
+        c.state = State::Head;
+        c.rbuf.clear();
+        c.changes += 1;
+        assert_eq!(c.expired(at(10_001), &LIMITS), None);
+        assert_eq!(c.expired(at(10_150), &LIMITS), None);
+        // The same stage again after a state change (the next keep-alive request)
+        // restarts the count.
+        c.changes += 1;
+        assert_eq!(c.expired(at(10_250), &LIMITS), None);
+        assert_eq!(c.expired(at(10_449), &LIMITS), None);
+        assert_eq!(c.expired(at(10_450), &LIMITS), Some(Stage::Idle));
+        // Output the client does not read counts as writing.
+        c.queue(b"HTTP/1.1 200 OK\r\n".to_vec());
+        assert_eq!(c.stage(), Stage::Writing);
+        assert!(c.is_busy() && !c.is_waiting());
+    }
+
+    #[test]
+    fn a_timed_out_head_is_answered_408_and_a_cut_off_request_503() {
+        let (stream, peer) = UnixStream::pair().unwrap();
+        let mut c = Conn::new(stream, Token(7));
+        c.rbuf.extend_from_slice(b"GET / HT");
+        c.time_out(Stage::Head, &LIMITS);
+        c.state = State::Waiting;
+        c.cut_off(Some(Duration::from_millis(500)));
+        drop(c);
+        let mut peer = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(peer));
+        let mut got = String::new();
+        peer.read_to_string(&mut got).unwrap();
+        assert!(got.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{got}");
+        assert!(got.contains("\"kind\":\"request_timeout\""), "{got}");
+        assert!(
+            got.contains("request head did not arrive within 100 ms"),
+            "{got}"
+        );
+        let second = &got[got.find("HTTP/1.1 503").expect("a 503 follows")..];
+        assert!(second.contains("shutdown grace of 500 ms"), "{second}");
+    }
+
+    /// The server's end of a connection and the client's.
+    fn pair() -> (Conn, std::os::unix::net::UnixStream) {
+        let (stream, peer) = UnixStream::pair().unwrap();
+        let peer = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(peer));
+        peer.set_nonblocking(false).unwrap();
+        (Conn::new(stream, Token(7)), peer)
+    }
+
+    fn drive(c: &mut Conn) -> (Life, Vec<Job>) {
+        let mut jobs = Vec::new();
+        let life = c.drive(&LIMITS, &mut |job| {
+            jobs.push(job);
+            true
+        });
+        (life, jobs)
+    }
+
+    fn ok(body: Vec<u8>) -> Output {
+        Output {
+            status: 200,
+            headers: Vec::new(),
+            body: body.into(),
+        }
+    }
+
+    const KEEP: Persist = Persist::KeepAlive { http10: false };
+
+    #[test]
+    fn body_and_writing_timeouts_count_from_the_last_progress() {
+        let (mut c, mut peer) = pair();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A body that keeps arriving: each read restarts its read timeout (100 ms).
+        peer.write_all(b"POST /run/f HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a")
+            .unwrap();
+        assert_eq!(drive(&mut c).0, Life::Open);
+        assert_eq!(c.stage(), Stage::Body);
+        assert_eq!(c.expired(at(0), &LIMITS), None);
+        assert_eq!(c.expired(at(99), &LIMITS), None);
+        peer.write_all(b"\":").unwrap();
+        assert_eq!(drive(&mut c).0, Life::Open);
+        assert_eq!(c.expired(at(99), &LIMITS), None, "progress seen");
+        assert_eq!(c.expired(at(198), &LIMITS), None, "timed from the progress");
+        assert_eq!(c.expired(at(199), &LIMITS), Some(Stage::Body));
+        peer.write_all(b"12345}").unwrap();
+        let (_, jobs) = drive(&mut c);
+        assert_eq!(jobs.len(), 1);
+
+        // A large response the client reads slowly: each write restarts the writing
+        // (idle) timeout, 200 ms.
+        c.on_output(ok(vec![b'x'; 4 << 20]), KEEP, &LIMITS, &mut |_| true);
+        assert_eq!(c.stage(), Stage::Writing);
+        assert_eq!(c.expired(at(1000), &LIMITS), None);
+        assert_eq!(c.expired(at(1199), &LIMITS), None);
+        let mut chunk = vec![0u8; 64 << 10];
+        peer.read_exact(&mut chunk).unwrap();
+        assert_eq!(drive(&mut c).0, Life::Open);
+        assert_eq!(c.stage(), Stage::Writing);
+        assert_eq!(c.expired(at(1199), &LIMITS), None, "progress seen");
+        assert_eq!(
+            c.expired(at(1398), &LIMITS),
+            None,
+            "timed from the progress"
+        );
+        assert_eq!(c.expired(at(1399), &LIMITS), Some(Stage::Writing));
+    }
+
+    #[test]
+    fn while_draining_the_response_is_the_last_and_a_pipelined_request_gets_503() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"GET /status HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let (_, jobs) = drive(&mut c);
+        assert_eq!(jobs.len(), 1, "one request at a time");
+        c.drain();
+        // Asked for with keep-alive (a worker that finished before the drain).
+        let life = c.on_output(ok(b"{}".to_vec()), KEEP, &LIMITS, &mut |_| true);
+        assert_eq!(life, Life::Closed);
+        drop(c);
+        let mut got = String::new();
+        peer.read_to_string(&mut got).unwrap();
+        let (first, second) = got.split_at(got.find("HTTP/1.1 503").expect("a 503 follows"));
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(first.contains("\r\nConnection: close\r\n"), "{got}");
+        assert!(first.ends_with("\r\n\r\n{}"), "{got}");
+        assert!(second.contains("\"kind\":\"unavailable\""), "{got}");
+        assert!(second.contains("shutting down"), "{got}");
+        assert_eq!(second.matches("HTTP/1.1").count(), 1, "{got}");
+
+        // Not draining, a response keeps the connection and the next request is read.
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"GET /status HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\n\r\n")
+            .unwrap();
+        drive(&mut c);
+        let mut jobs = 0;
+        let life = c.on_output(ok(b"{}".to_vec()), KEEP, &LIMITS, &mut |_| {
+            jobs += 1;
+            true
+        });
+        assert_eq!((life, jobs), (Life::Open, 1));
+    }
+
+    #[test]
+    fn requests_begun_and_not_complete_are_answered_503_at_the_end() {
+        for (sent, what) in [
+            (
+                &b"POST /run/f HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a"[..],
+                "body",
+            ),
+            (&b"GET /status HTTP/1.1\r\nHo"[..], "request head"),
+        ] {
+            let (mut c, mut peer) = pair();
+            peer.write_all(sent).unwrap();
+            drive(&mut c);
+            c.cut_off(None);
+            drop(c);
+            let mut got = String::new();
+            peer.read_to_string(&mut got).unwrap();
+            assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
+            assert!(got.contains("\r\nConnection: close\r\n"), "{got}");
+            assert!(
+                got.contains(&format!("{what} had not arrived in full")),
+                "{got}"
+            );
+        }
+        // Nothing begun: nothing to say.
+        let (mut c, mut peer) = pair();
+        c.cut_off(None);
+        drop(c);
+        let mut got = String::new();
+        peer.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "");
     }
 
     fn feed_all(parts: &[&[u8]]) -> Result<(Vec<u8>, Vec<u8>), Reject> {

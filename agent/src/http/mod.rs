@@ -13,17 +13,35 @@
 //! every worker may be waiting for the very instance that call holds).
 //! Routes and the mapping of errors to status codes live in [`routes`], the
 //! per-connection state machine (keep-alive, pipelining, chunked bodies,
-//! `Expect: 100-continue`) in [`conn`].
+//! `Expect: 100-continue`, timeouts) in [`conn`].
+//!
+//! Hostile or careless clients are bounded ([`Limits`]): at most
+//! `max_connections` are open (more are answered 503 and closed at once, so the
+//! listener's backlog does not hold them); a request head, then its body, must
+//! arrive within `read_timeout` (408), an idle connection is closed after
+//! `idle_timeout`; a body or a response that keeps moving is not cut off. A client
+//! that closes or resets its connection while its request waits for an instance
+//! takes the request with it ([`Abandon`]), also when the hang-up comes with the
+//! request's last bytes: it leaves the function's queue and never runs; one already
+//! running finishes and its answer is dropped. [`ShutdownHandle::drain`] stops
+//! accepting, lets requests being handled finish within a grace, answers the rest
+//! 503 (also a request pipelined behind the last response, or only partly read when
+//! the server stops) and returns; every response sent while it drains says
+//! `Connection: close`.
+//!
+//! Responses are not copied on their way out: a worker's `routes::Output` keeps its
+//! body (for an invoke, the result as the instance returned it, a shared one in its
+//! mapping) and the loop writes head and body with one vectored write.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::RawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -38,11 +56,15 @@ use crate::error::Error;
 use crate::request::{Request, Response};
 
 mod conn;
+/// The HTTP fuzz target's entry point (`agent/fuzz`); not part of the API.
+#[doc(hidden)]
+pub mod fuzz;
 mod routes;
 
+pub use crate::scheduler::{Abandon, Abandoned};
 use conn::{Conn, Life};
 pub use routes::{status_for, COLD_HEADER, DURATION_HEADER, START_HEADER};
-use routes::{Dispatch, Persist};
+use routes::{Dispatch, Output, Persist, Reject};
 
 /// An invocation in flight whose instance answers on a socket the event loop watches.
 pub trait FastCall: Send {
@@ -82,6 +104,14 @@ pub trait Handle: Send + Sync + 'static {
     #[allow(clippy::result_large_err)]
     fn handle(&self, req: Request) -> Result<Response, Error>;
 
+    /// [`Handle::handle`] for a request the server may take back while it waits:
+    /// `abandon` is set when its client goes away or the server drains. The default
+    /// ignores it.
+    #[allow(clippy::result_large_err)]
+    fn handle_abandonable(&self, req: Request, _abandon: &Abandon) -> Result<Response, Error> {
+        self.handle(req)
+    }
+
     /// Starts `req` so that it completes on the event loop, when it can: the agent
     /// does so for warm invokes of an idle, running instance. `None` (the default)
     /// sends the request to a worker.
@@ -90,13 +120,22 @@ pub trait Handle: Send + Sync + 'static {
     }
 }
 
-/// Size limits on requests.
+/// Limits on requests and connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest request body (after chunked decoding); larger ones get 413.
     pub max_body: usize,
     /// Largest request head (request line and headers); larger ones get 431.
     pub max_head: usize,
+    /// A request head must be complete this long after its first byte arrived, and
+    /// its body must not stall this long (counted from the head, then from the last
+    /// bytes of it read); otherwise 408 and the connection is closed.
+    pub read_timeout: Duration,
+    /// A connection with no request begun (keep-alive, or new), or whose client
+    /// takes no bytes of its response for this long, is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at most; more are answered 503 and closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -104,7 +143,19 @@ impl Default for Limits {
         Limits {
             max_body: 64 << 20,
             max_head: 64 << 10,
+            read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
+    }
+}
+
+impl Limits {
+    /// How often the loop looks for connections past a timeout: a timeout fires up
+    /// to this much late (up to twice this, counted from the phase's start).
+    fn sweep_every(&self) -> Duration {
+        (self.read_timeout.min(self.idle_timeout) / 8)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }
 
@@ -167,6 +218,7 @@ pub struct Server {
     poll: Poll,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
+    drain_ms: Arc<AtomicU64>,
     limits: Limits,
     socket: SocketFile,
 }
@@ -176,13 +228,38 @@ pub struct Server {
 pub struct ShutdownHandle {
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
+    /// The grace of a drain asked for, in ms; [`NOT_DRAINING`] if none.
+    drain_ms: Arc<AtomicU64>,
 }
 
+const NOT_DRAINING: u64 = u64::MAX;
+
 impl ShutdownHandle {
-    /// Makes [`Server::run`] return; connections are closed and responses still
-    /// being computed are dropped. Calling it before `run` makes `run` return at once.
+    /// Makes [`Server::run`] return now: requests still being handled are answered
+    /// 503 (as far as their clients can take it without waiting), connections are
+    /// closed. Calling it before `run` makes `run` return at once.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Makes [`Server::run`] stop accepting (the listener is closed), answer 503 to
+    /// requests that have not started (still queued, or arriving on open
+    /// connections), and return once the requests being handled are answered, or
+    /// `grace` after this call, whichever is first; what is still running then is
+    /// answered 503. [`ShutdownHandle::shutdown`] ends the grace early. Only the
+    /// first call counts.
+    pub fn drain(&self, grace: Duration) {
+        let ms = u64::try_from(grace.as_millis())
+            .unwrap_or(NOT_DRAINING - 1)
+            .min(NOT_DRAINING - 1);
+        let _ =
+            self.drain_ms
+                .compare_exchange(NOT_DRAINING, ms, Ordering::SeqCst, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Err(e) = self.waker.wake() {
             warn!(error = %e, "could not wake the HTTP event loop");
         }
@@ -195,6 +272,8 @@ struct Job {
     dispatch: Dispatch,
     persist: Persist,
     span: Span,
+    /// Its connection's: set when the client goes away or the server drains.
+    abandon: Arc<Abandon>,
 }
 
 /// A fast call the loop is waiting for.
@@ -205,11 +284,12 @@ struct InFlight {
     handoff_at: Instant,
 }
 
-/// A worker's encoded response.
+/// A worker's response, for the loop to send (its head is encoded there, so that
+/// one sent while the server drains says `Connection: close`).
 struct Done {
     token: Token,
-    bytes: Vec<u8>,
-    close: bool,
+    output: Output,
+    persist: Persist,
 }
 
 impl Server {
@@ -281,6 +361,7 @@ impl Server {
             poll,
             waker,
             stop: Arc::new(AtomicBool::new(false)),
+            drain_ms: Arc::new(AtomicU64::new(NOT_DRAINING)),
             limits,
             socket,
         })
@@ -295,24 +376,29 @@ impl Server {
         ShutdownHandle {
             waker: Arc::clone(&self.waker),
             stop: Arc::clone(&self.stop),
+            drain_ms: Arc::clone(&self.drain_ms),
         }
     }
 
-    /// Serves until [`ShutdownHandle::shutdown`], with `workers` threads calling
-    /// `handler` (at least one). Removes the socket file before returning.
+    /// Serves until [`ShutdownHandle::shutdown`], or the end of a
+    /// [`ShutdownHandle::drain`], with `workers` threads calling `handler` (at least
+    /// one). Removes the socket file before returning.
     ///
     /// Returning does not wait for requests the workers are still handling: their
-    /// threads finish them, drop the responses and exit.
+    /// clients are answered 503, the threads finish them, drop the responses and exit.
     pub fn run(self, handler: Arc<dyn Handle>, workers: usize) -> Result<(), HttpError> {
         let Server {
             listener,
             mut poll,
             waker,
             stop,
+            drain_ms,
             limits,
             socket,
         } = self;
         let _span = debug_span!("http_server", socket = %socket.path.display()).entered();
+        // Taken (closed) when the server starts draining.
+        let mut listener = Some(listener);
 
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -347,7 +433,12 @@ impl Server {
             })?;
         let fast: RefCell<HashMap<Token, InFlight>> = RefCell::new(HashMap::new());
         let next_fast = Cell::new(FIRST_FAST);
+        // Once draining, requests that arrive are refused (503) instead of submitted.
+        let draining = Cell::new(false);
         let mut submit = |job: Job| -> bool {
+            if draining.get() {
+                return false;
+            }
             let Some(call) = handler.start_fast(&job.dispatch.request) else {
                 return job_tx.send(job).is_ok();
             };
@@ -374,11 +465,56 @@ impl Server {
         };
         let mut retry_accept = false;
         let mut spin_until = Instant::now();
-        info!(workers = workers.max(1), "serving");
+        let sweep_every = limits.sweep_every();
+        let mut next_sweep = Instant::now() + sweep_every;
+        // When the drain's grace ends, and the grace.
+        let mut drain: Option<(Instant, Duration)> = None;
+        // Set when the grace ran out with requests still being handled.
+        let mut cut_after: Option<Duration> = None;
+        info!(
+            workers = workers.max(1),
+            max_connections = limits.max_connections,
+            "serving"
+        );
 
         while !stop.load(Ordering::SeqCst) {
-            // Hand calls that outlast the budget to the workers.
             let now = Instant::now();
+            if drain.is_none() {
+                let ms = drain_ms.load(Ordering::SeqCst);
+                if ms != NOT_DRAINING {
+                    let grace = Duration::from_millis(ms);
+                    drain = Some((now + grace, grace));
+                    draining.set(true);
+                    // Closing the listener refuses new connections at once.
+                    if let Some(mut l) = listener.take() {
+                        let _ = poll.registry().deregister(&mut l);
+                    }
+                    retry_accept = false;
+                    // Requests still queued give up and are answered 503.
+                    for conn in conns.values_mut() {
+                        conn.drain();
+                    }
+                    let busy = conns.values().filter(|c| c.is_busy()).count();
+                    info!(grace_ms = ms, busy, "draining");
+                }
+            }
+            if let Some((deadline, grace)) = drain {
+                if conns.values().all(|c| !c.is_busy()) {
+                    info!("drained");
+                    break;
+                }
+                if now >= deadline {
+                    cut_after = Some(grace);
+                    let busy = conns.values().filter(|c| c.is_busy()).count();
+                    warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        busy, "shutdown grace over"
+                    );
+                    break;
+                }
+            }
+
+            // Hand calls that outlast the budget to the workers.
             let expired: Vec<Token> = fast
                 .borrow()
                 .iter()
@@ -391,20 +527,37 @@ impl Server {
                     finish_elsewhere(f.job, f.call, &finish_tx, &waker);
                 }
             }
-            let next_handoff = fast.borrow().values().map(|f| f.handoff_at).min();
 
-            let timeout = match (retry_accept.then_some(ACCEPT_RETRY), next_handoff) {
-                (retry, Some(at)) => {
-                    let until = at.saturating_duration_since(now);
-                    Some(retry.map_or(until, |r| r.min(until)))
+            // Timeouts: a sweep every so often, never a timer per request.
+            if now >= next_sweep {
+                next_sweep = now + sweep_every;
+                let expired: Vec<(Token, conn::Stage)> = conns
+                    .iter_mut()
+                    .filter_map(|(t, c)| c.expired(now, &limits).map(|p| (*t, p)))
+                    .collect();
+                for (token, phase) in expired {
+                    if let Some(conn) = conns.get_mut(&token) {
+                        debug!(connection = token.0, ?phase, "timed out");
+                        conn.time_out(phase, &limits);
+                    }
+                    close(poll.registry(), &mut conns, token);
                 }
-                (retry, None) => retry,
-            };
-            let timeout = if now < spin_until {
-                Some(Duration::ZERO)
-            } else {
-                timeout
-            };
+            }
+
+            let mut wake_at = fast.borrow().values().map(|f| f.handoff_at).min();
+            if !conns.is_empty() {
+                wake_at = Some(wake_at.map_or(next_sweep, |at| at.min(next_sweep)));
+            }
+            if let Some((deadline, _)) = drain {
+                wake_at = Some(wake_at.map_or(deadline, |at| at.min(deadline)));
+            }
+            let mut timeout = wake_at.map(|at| at.saturating_duration_since(now));
+            if retry_accept {
+                timeout = Some(timeout.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
+            }
+            if now < spin_until {
+                timeout = Some(Duration::ZERO);
+            }
             match poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -419,20 +572,25 @@ impl Server {
                 spin_until = Instant::now() + SPIN;
             }
             if retry_accept {
-                retry_accept = !accept(&listener, poll.registry(), &mut conns, &mut next_token);
+                if let Some(l) = &listener {
+                    retry_accept =
+                        !accept(l, poll.registry(), &mut conns, &mut next_token, &limits);
+                }
             }
             for event in events.iter() {
                 match event.token() {
                     LISTENER => {
-                        retry_accept =
-                            !accept(&listener, poll.registry(), &mut conns, &mut next_token)
+                        if let Some(l) = &listener {
+                            retry_accept =
+                                !accept(l, poll.registry(), &mut conns, &mut next_token, &limits)
+                        }
                     }
                     WAKER => {
                         while let Ok(done) = done_rx.try_recv() {
                             let Some(conn) = conns.get_mut(&done.token) else {
                                 continue;
                             };
-                            if conn.on_reply(done.bytes, done.close, &limits, &mut submit)
+                            if conn.on_output(done.output, done.persist, &limits, &mut submit)
                                 == Life::Closed
                             {
                                 close(poll.registry(), &mut conns, done.token);
@@ -456,11 +614,11 @@ impl Server {
                             continue;
                         };
                         let job = f.job;
-                        let bytes =
-                            routes::reply_for(result, job.dispatch.logs).encode(job.persist);
-                        let close_after = job.persist == Persist::Close;
+                        // Only inline results get here (a shared one is handed off):
+                        // nothing large is copied on the loop.
+                        let output = routes::reply_for(result, job.dispatch.logs);
                         if let Some(conn) = conns.get_mut(&job.token) {
-                            if conn.on_reply(bytes, close_after, &limits, &mut submit)
+                            if conn.on_output(output, job.persist, &limits, &mut submit)
                                 == Life::Closed
                             {
                                 close(poll.registry(), &mut conns, job.token);
@@ -471,7 +629,22 @@ impl Server {
                         let Some(conn) = conns.get_mut(&token) else {
                             continue;
                         };
+                        // Closed or reset while its request is handled (a half-close
+                        // only ends what the client sends, and it still gets its
+                        // answer): the request is taken back as the connection is
+                        // dropped. The event is edge-triggered: a hang-up that came
+                        // with the request's last bytes is not reported again, so it
+                        // is checked after they are read and the request submitted.
+                        let gone = event.is_write_closed() || event.is_error();
+                        if conn.is_waiting() && gone {
+                            debug!(connection = token.0, "client went away");
+                            close(poll.registry(), &mut conns, token);
+                            continue;
+                        }
                         if conn.drive(&limits, &mut submit) == Life::Closed {
+                            close(poll.registry(), &mut conns, token);
+                        } else if gone && conn.is_waiting() {
+                            debug!(connection = token.0, "client went away with its request");
                             close(poll.registry(), &mut conns, token);
                         }
                     }
@@ -480,6 +653,10 @@ impl Server {
         }
 
         info!(connections = conns.len(), "shutting down");
+        // Requests still being handled are answered 503 rather than dropped.
+        for conn in conns.values_mut() {
+            conn.cut_off(cut_after);
+        }
         // Calls still in flight give their instances back as they are dropped.
         for (_, f) in fast.into_inner() {
             let _ = registry.deregister(&mut SourceFd(&f.fd));
@@ -494,14 +671,24 @@ impl Server {
 }
 
 /// Accepts every pending connection; false if `accept` failed and should be retried.
+/// Past `limits.max_connections`, a connection is answered 503 and closed at once.
 fn accept(
     listener: &UnixListener,
     registry: &Registry,
     conns: &mut HashMap<Token, Conn>,
     next: &mut usize,
+    limits: &Limits,
 ) -> bool {
     loop {
         match listener.accept() {
+            Ok((mut stream, _)) if conns.len() >= limits.max_connections => {
+                debug!(
+                    max_connections = limits.max_connections,
+                    "refused a connection"
+                );
+                // One write into the new socket's empty buffer; the client may read it.
+                let _ = stream.write(&too_many_connections(limits.max_connections));
+            }
             Ok((mut stream, _)) => {
                 let token = Token(*next);
                 *next += 1;
@@ -522,6 +709,20 @@ fn accept(
             }
         }
     }
+}
+
+/// The answer to a connection past the limit.
+fn too_many_connections(max: usize) -> Vec<u8> {
+    let reject = Reject {
+        status: 503,
+        kind: "too_many_connections",
+        message: format!(
+            "the server already has {max} connections open, the most it accepts (max_connections)"
+        ),
+        allow: None,
+        close: true,
+    };
+    reject.reply().encode(Persist::Close)
 }
 
 fn close(registry: &Registry, conns: &mut HashMap<Token, Conn>, token: Token) {
@@ -546,11 +747,10 @@ fn finish_elsewhere(job: Job, call: Box<dyn FastCall>, done: &Sender<Done>, wake
                     routes::panicked()
                 }
             };
-            let close = job.persist == Persist::Close;
             let _ = done.send(Done {
                 token: job.token,
-                bytes: reply.encode(job.persist),
-                close,
+                output: reply,
+                persist: job.persist,
             });
             let _ = waker.wake();
         });
@@ -582,6 +782,7 @@ impl Worker {
                 dispatch,
                 persist,
                 span,
+                abandon,
             }) = job
             else {
                 return;
@@ -590,16 +791,36 @@ impl Worker {
                 continue;
             }
             let _entered = span.enter();
+            let draining = match abandon.get() {
+                // Nobody to answer, and nothing to do.
+                Some(Abandoned::ClientGone) => {
+                    debug!("client gone before its request started");
+                    continue;
+                }
+                Some(Abandoned::Draining) => true,
+                None => false,
+            };
             let started = Instant::now();
             let handler = &self.handler;
-            let run = || handler.handle(dispatch.request);
-            let reply = match panic::catch_unwind(AssertUnwindSafe(run)) {
-                Ok(result) => routes::reply_for(result, dispatch.logs),
-                Err(_) => {
-                    error!("request handler panicked");
-                    routes::panicked()
+            let reply = if draining {
+                // Not started when the drain began: refused like a new request.
+                routes::reply_for(Err(Error::ShuttingDown), dispatch.logs)
+            } else {
+                let run = || handler.handle_abandonable(dispatch.request, &abandon);
+                match panic::catch_unwind(AssertUnwindSafe(run)) {
+                    Ok(result) => routes::reply_for(result, dispatch.logs),
+                    Err(_) => {
+                        error!("request handler panicked");
+                        routes::panicked()
+                    }
                 }
             };
+            if let Some(Abandoned::ClientGone) = abandon.get() {
+                debug!("client gone: response dropped");
+                continue;
+            }
+            // While the server drains, the connection makes it the last response
+            // (`Conn::on_output`), and answers a request pipelined behind it 503.
             debug!(
                 status = reply.status,
                 elapsed_us = started.elapsed().as_micros() as u64,
@@ -607,8 +828,8 @@ impl Worker {
             );
             let done = Done {
                 token,
-                bytes: reply.encode(persist),
-                close: persist == Persist::Close,
+                output: reply,
+                persist,
             };
             if self.done.send(done).is_err() {
                 return;

@@ -1,10 +1,15 @@
 //! The route table: HTTP requests to [`Request`]s, and [`Response`]s and [`Error`]s
 //! back to HTTP responses. The one place that picks a status code for an error
 //! kind is [`status_for`].
+//!
+//! Functions and workflows live in namespaces: `/functions/...`, `/run/...` and
+//! `/workflows/...` act in `default`, and the same routes under
+//! `/namespaces/{ns}/` act in `ns`. The namespace's name is checked by the agent (a
+//! 400 that states the rule), as is everything else about a request.
 
 use std::path::PathBuf;
 
-use ipc::api::{ErrorBody, ErrorDetail, FunctionConfig, InvocationRecord, RegisterFunction};
+use ipc::api::{ErrorBody, ErrorDetail, FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -39,6 +44,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         413 => "Payload Too Large",
         415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
@@ -170,29 +176,65 @@ impl Reply {
 
     /// The response's bytes: status line, headers and body.
     pub fn encode(&self, persist: Persist) -> Vec<u8> {
-        use std::fmt::Write;
-        let mut head = String::with_capacity(160);
-        let _ = write!(
-            head,
-            "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            self.status,
-            reason(self.status),
-            self.body.len()
-        );
-        match persist {
-            Persist::Close => head.push_str("Connection: close\r\n"),
-            Persist::KeepAlive { http10: true } => head.push_str("Connection: keep-alive\r\n"),
-            Persist::KeepAlive { http10: false } => {}
-        }
-        for (name, value) in &self.headers {
-            let _ = write!(head, "{name}: {value}\r\n");
-        }
-        head.push_str("\r\n");
-        let mut out = Vec::with_capacity(head.len() + self.body.len());
-        out.extend_from_slice(head.as_bytes());
+        let mut out = encode_head(self.status, &self.headers, self.body.len(), persist);
         out.extend_from_slice(&self.body);
         out
     }
+}
+
+/// A response for the event loop to send: the body is not copied into the head's
+/// buffer, and an invocation's result is its payload as it came from the instance
+/// (a shared result is written from its mapping, never copied in the agent).
+#[derive(Debug)]
+pub(super) struct Output {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: ipc::Payload,
+}
+
+impl From<Reply> for Output {
+    fn from(reply: Reply) -> Output {
+        Output {
+            status: reply.status,
+            headers: reply.headers,
+            body: reply.body.into(),
+        }
+    }
+}
+
+impl Output {
+    /// The status line and headers; the body follows them.
+    pub fn head(&self, persist: Persist) -> Vec<u8> {
+        encode_head(self.status, &self.headers, self.body.len(), persist)
+    }
+}
+
+/// Status line and headers of a response with a body of `len` bytes.
+fn encode_head(
+    status: u16,
+    headers: &[(&'static str, String)],
+    len: usize,
+    persist: Persist,
+) -> Vec<u8> {
+    use std::fmt::Write;
+    let mut head = String::with_capacity(160);
+    let _ = write!(
+        head,
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        status,
+        reason(status),
+        len
+    );
+    match persist {
+        Persist::Close => head.push_str("Connection: close\r\n"),
+        Persist::KeepAlive { http10: true } => head.push_str("Connection: keep-alive\r\n"),
+        Persist::KeepAlive { http10: false } => {}
+    }
+    for (name, value) in headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
 }
 
 /// The interim response to `Expect: 100-continue`.
@@ -201,15 +243,39 @@ pub(super) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// A request matched to a route, waiting for its body.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Route {
-    Register { name: String, body: RegisterBody },
-    List,
-    Remove { name: String },
-    Invoke { name: String, logs: bool },
+    Register {
+        namespace: String,
+        name: String,
+        body: RegisterBody,
+    },
+    List {
+        namespace: String,
+    },
+    Remove {
+        namespace: String,
+        name: String,
+    },
+    Invoke {
+        namespace: String,
+        name: String,
+        logs: bool,
+    },
     Status,
-    RegisterWorkflow { name: String },
-    ListWorkflows,
-    RemoveWorkflow { name: String },
-    RunWorkflow { name: String },
+    RegisterWorkflow {
+        namespace: String,
+        name: String,
+    },
+    ListWorkflows {
+        namespace: String,
+    },
+    RemoveWorkflow {
+        namespace: String,
+        name: String,
+    },
+    RunWorkflow {
+        namespace: String,
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -224,7 +290,7 @@ pub(super) enum RegisterBody {
 #[derive(Debug)]
 pub(super) struct Dispatch {
     pub request: Request,
-    /// For invocations: answer with an [`InvocationRecord`] instead of the bare result.
+    /// For invocations: answer with an [`ipc::api::InvocationRecord`] instead of the bare result.
     pub logs: bool,
 }
 
@@ -241,6 +307,14 @@ pub(super) fn route(
         )));
     };
     let segments: Vec<&str> = rest.split('/').collect();
+    // `/namespaces/{ns}/<route>` is `<route>` in `ns` (not `/status`: it is the agent's).
+    let (namespace, segments) = match segments.as_slice() {
+        ["namespaces", ns, tail @ ..] if !ns.is_empty() && tail.first() != Some(&"status") => {
+            (*ns, tail)
+        }
+        other => (DEFAULT_NAMESPACE, other),
+    };
+    let namespace = namespace.to_owned();
     let not_found = || Reject::new(404, "not_found", format!("no route for {method} {path}"));
     let allow = |allow: &'static str| Reject {
         allow: Some(allow),
@@ -251,7 +325,7 @@ pub(super) fn route(
         )
     };
     // Path, then method, then query and content type: a wrong path is a 404 whatever the rest.
-    let (name, methods) = match segments.as_slice() {
+    let (name, methods) = match segments {
         ["functions"] => (None, "GET"),
         ["functions", name] if !name.is_empty() => (Some(*name), "PUT, DELETE"),
         ["functions", name, "invoke"] | ["run", name] if !name.is_empty() => (Some(*name), "POST"),
@@ -267,13 +341,15 @@ pub(super) fn route(
     let query = parse_query(query)?;
     let name = name.unwrap_or_default().to_owned();
     match (segments[0], method) {
-        ("functions", "GET") => no_params(&query).map(|()| Route::List),
+        ("functions", "GET") => no_params(&query).map(|()| Route::List { namespace }),
         ("functions", "PUT") => {
             let body = match media_type(content_type).as_deref() {
                 None | Some("application/json") => {
                     no_params(&query).map(|()| RegisterBody::Json)?
                 }
-                Some("application/x-tar") => RegisterBody::Tar(config_from_query(&query)?),
+                Some("application/x-tar") => {
+                    RegisterBody::Tar(config_from_query(&query, &namespace)?)
+                }
                 Some(_) => {
                     return Err(Reject::new(
                         415,
@@ -285,18 +361,27 @@ pub(super) fn route(
                     ))
                 }
             };
-            Ok(Route::Register { name, body })
+            Ok(Route::Register {
+                namespace,
+                name,
+                body,
+            })
         }
-        ("functions", "DELETE") => no_params(&query).map(|()| Route::Remove { name }),
+        ("functions", "DELETE") => no_params(&query).map(|()| Route::Remove { namespace, name }),
         ("functions" | "run", "POST") => Ok(Route::Invoke {
+            namespace,
             name,
             logs: logs_from_query(&query)?,
         }),
         ("status", _) => no_params(&query).map(|()| Route::Status),
-        ("workflows", "GET") => no_params(&query).map(|()| Route::ListWorkflows),
-        ("workflows", "PUT") => no_params(&query).map(|()| Route::RegisterWorkflow { name }),
-        ("workflows", "DELETE") => no_params(&query).map(|()| Route::RemoveWorkflow { name }),
-        ("workflows", "POST") => no_params(&query).map(|()| Route::RunWorkflow { name }),
+        ("workflows", "GET") => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
+        ("workflows", "PUT") => {
+            no_params(&query).map(|()| Route::RegisterWorkflow { namespace, name })
+        }
+        ("workflows", "DELETE") => {
+            no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name })
+        }
+        ("workflows", "POST") => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
         _ => Err(not_found()),
     }
 }
@@ -306,14 +391,19 @@ impl Route {
     pub fn into_dispatch(self, body: Vec<u8>) -> Result<Dispatch, Reject> {
         let (request, logs) = match self {
             Route::Register {
+                namespace,
                 name,
                 body: RegisterBody::Json,
             } => {
                 let reg: RegisterFunction = serde_json::from_slice(&body)
                     .map_err(|e| Reject::bad_request(format!("invalid request body: {e}")))?;
+                if let Some(given) = &reg.namespace {
+                    same_namespace(given, &namespace)?;
+                }
                 let source = FunctionSource::Dir(PathBuf::from(reg.path));
                 (
                     Request::RegisterFunction {
+                        namespace,
                         name,
                         source,
                         config: reg.config,
@@ -322,28 +412,43 @@ impl Route {
                 )
             }
             Route::Register {
+                namespace,
                 name,
                 body: RegisterBody::Tar(config),
             } => (
                 Request::RegisterFunction {
+                    namespace,
                     name,
                     source: FunctionSource::Tar(body),
                     config,
                 },
                 false,
             ),
-            Route::List => (Request::ListFunctions, false),
-            Route::Remove { name } => (Request::RemoveFunction { name }, false),
-            Route::Invoke { name, logs } => {
+            Route::List { namespace } => (Request::ListFunctions { namespace }, false),
+            Route::Remove { namespace, name } => {
+                (Request::RemoveFunction { namespace, name }, false)
+            }
+            Route::Invoke {
+                namespace,
+                name,
+                logs,
+            } => {
                 let event = if body.is_empty() {
                     b"{}".to_vec()
                 } else {
                     body
                 };
-                (Request::Invoke { name, event }, logs)
+                (
+                    Request::Invoke {
+                        namespace,
+                        name,
+                        event,
+                    },
+                    logs,
+                )
             }
             Route::Status => (Request::Status, false),
-            Route::RegisterWorkflow { name } => {
+            Route::RegisterWorkflow { namespace, name } => {
                 let workflow = crate::workflow::Workflow::parse(&body)
                     .map_err(|e| Reject::bad_request(ipc::chain(&e)))?;
                 if !workflow.functions.is_empty() {
@@ -351,17 +456,33 @@ impl Route {
                         "invalid workflow: \"functions\" is for `sprout workflow run FILE`; register functions with PUT /functions/{name}",
                     ));
                 }
-                (Request::RegisterWorkflow { name, workflow }, false)
+                (
+                    Request::RegisterWorkflow {
+                        namespace,
+                        name,
+                        workflow,
+                    },
+                    false,
+                )
             }
-            Route::ListWorkflows => (Request::ListWorkflows, false),
-            Route::RemoveWorkflow { name } => (Request::RemoveWorkflow { name }, false),
-            Route::RunWorkflow { name } => {
+            Route::ListWorkflows { namespace } => (Request::ListWorkflows { namespace }, false),
+            Route::RemoveWorkflow { namespace, name } => {
+                (Request::RemoveWorkflow { namespace, name }, false)
+            }
+            Route::RunWorkflow { namespace, name } => {
                 let input = if body.is_empty() {
                     b"{}".to_vec()
                 } else {
                     body
                 };
-                (Request::RunWorkflow { name, input }, false)
+                (
+                    Request::RunWorkflow {
+                        namespace,
+                        name,
+                        input,
+                    },
+                    false,
+                )
             }
         };
         Ok(Dispatch { request, logs })
@@ -369,12 +490,23 @@ impl Route {
 }
 
 /// The HTTP response for what the agent answered.
-pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Reply {
-    match result {
+///
+/// An invocation's result is not copied: it becomes the response's body as it is (a
+/// shared result stays in its mapping), or, with `?logs=true`, is copied once into
+/// the record.
+pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
+    let reply = match result {
         Ok(Response::Registered(info)) => Reply::json(200, &info),
         Ok(Response::Functions(list)) => Reply::json(200, &list),
-        Ok(Response::Removed { name }) => Reply::json(200, &serde_json::json!({ "removed": name })),
-        Ok(Response::Invoked(inv)) => invoked(inv, logs),
+        // The default namespace's answer is what it was before namespaces.
+        Ok(Response::Removed { namespace, name }) if namespace == DEFAULT_NAMESPACE => {
+            Reply::json(200, &serde_json::json!({ "removed": name }))
+        }
+        Ok(Response::Removed { namespace, name }) => Reply::json(
+            200,
+            &serde_json::json!({ "removed": name, "namespace": namespace }),
+        ),
+        Ok(Response::Invoked(inv)) => return invoked(inv, logs),
         Ok(Response::Status(status)) => Reply::json(200, &status),
         Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
         Ok(Response::Workflows(list)) => Reply::json(200, &list),
@@ -397,52 +529,63 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Reply {
                 error: err.detail(),
             },
         ),
-    }
+    };
+    reply.into()
 }
 
 /// The reply when a handler panicked.
-pub(super) fn panicked() -> Reply {
-    Reject::internal("the request handler panicked").reply()
+pub(super) fn panicked() -> Output {
+    Reject::internal("the request handler panicked")
+        .reply()
+        .into()
 }
 
-fn invoked(inv: Invocation, logs: bool) -> Reply {
+fn invoked(inv: Invocation, logs: bool) -> Output {
     let duration_us = u64::try_from(inv.duration.as_micros()).unwrap_or(u64::MAX);
-    let mut reply = if logs {
-        let result = String::from_utf8(inv.result)
+    let mut out: Output = if logs {
+        // `ipc::api::InvocationRecord` with the result borrowed, not copied into a `String`.
+        #[derive(Serialize)]
+        struct Record<'a> {
+            result: &'a RawValue,
+            logs: &'a ipc::api::Logs,
+            duration_us: u64,
+            cold: bool,
+            start: &'a str,
+        }
+        let result = std::str::from_utf8(&inv.result)
             .map_err(|e| e.to_string())
-            .and_then(|s| RawValue::from_string(s).map_err(|e| e.to_string()));
+            .and_then(|s| serde_json::from_str::<&RawValue>(s).map_err(|e| e.to_string()));
         match result {
             Ok(result) => Reply::json(
                 200,
-                &InvocationRecord {
+                &Record {
                     result,
-                    logs: inv.logs,
+                    logs: &inv.logs,
                     duration_us,
                     cold: inv.start.is_cold(),
-                    start: inv.start.as_str().to_owned(),
+                    start: inv.start.as_str(),
                 },
-            ),
+            )
+            .into(),
             Err(e) => {
-                return Reject::internal(format!("the function's result is not JSON: {e}")).reply()
+                return Reject::internal(format!("the function's result is not JSON: {e}"))
+                    .reply()
+                    .into()
             }
         }
     } else {
-        Reply {
+        Output {
             status: 200,
             headers: Vec::new(),
             body: inv.result,
         }
     };
-    reply
-        .headers
-        .push((DURATION_HEADER, duration_us.to_string()));
-    reply
-        .headers
+    out.headers.push((DURATION_HEADER, duration_us.to_string()));
+    out.headers
         .push((COLD_HEADER, inv.start.is_cold().to_string()));
-    reply
-        .headers
+    out.headers
         .push((START_HEADER, inv.start.as_str().to_owned()));
-    reply
+    out
 }
 
 /// The media type of a `Content-Type` value, lower-cased, without parameters.
@@ -522,11 +665,27 @@ fn logs_from_query(query: &[(String, String)]) -> Result<bool, Reject> {
     Ok(logs)
 }
 
-fn config_from_query(query: &[(String, String)]) -> Result<FunctionConfig, Reject> {
+/// A registration's namespace, when its body (JSON) or query (tar) gives one too, must
+/// be the path's.
+fn same_namespace(given: &str, path: &str) -> Result<(), Reject> {
+    if given == path {
+        return Ok(());
+    }
+    Err(Reject::bad_request(format!(
+        "namespace {given:?} in the request is not the path's namespace {path:?}: register in another namespace with PUT /namespaces/{{ns}}/functions/{{name}}"
+    )))
+}
+
+/// The settings of a tar registration; `namespace` (optional) must be the path's.
+fn config_from_query(
+    query: &[(String, String)],
+    namespace: &str,
+) -> Result<FunctionConfig, Reject> {
     let mut config = FunctionConfig::default();
     for (key, value) in query {
         let int = || value.parse::<u64>().map_err(|_| bad_value(key, value));
         match key.as_str() {
+            "namespace" => same_namespace(value, namespace)?,
             "handler" if !value.is_empty() => config.handler = Some(value.clone()),
             "memory_mb" => config.memory_mb = Some(int()?),
             "timeout_ms" => config.timeout_ms = Some(int()?),
@@ -563,11 +722,19 @@ mod tests {
 
     #[test]
     fn route_table() {
-        assert_eq!(route("GET", "/functions", None), Ok(Route::List));
+        assert_eq!(
+            route("GET", "/functions", None),
+            Ok(Route::List {
+                namespace: "default".into()
+            })
+        );
         assert_eq!(route("GET", "/status", None), Ok(Route::Status));
         assert_eq!(
             route("DELETE", "/functions/f", None),
-            Ok(Route::Remove { name: "f".into() })
+            Ok(Route::Remove {
+                namespace: "default".into(),
+                name: "f".into()
+            })
         );
         assert_eq!(
             route(
@@ -576,6 +743,7 @@ mod tests {
                 Some("Application/JSON; charset=utf-8")
             ),
             Ok(Route::Register {
+                namespace: "default".into(),
                 name: "f".into(),
                 body: RegisterBody::Json
             })
@@ -583,6 +751,7 @@ mod tests {
         assert_eq!(
             route("PUT", "/functions/f", None),
             Ok(Route::Register {
+                namespace: "default".into(),
                 name: "f".into(),
                 body: RegisterBody::Json
             })
@@ -590,6 +759,7 @@ mod tests {
         assert_eq!(
             route("POST", "/run/f", None),
             Ok(Route::Invoke {
+                namespace: "default".into(),
                 name: "f".into(),
                 logs: false
             })
@@ -597,6 +767,7 @@ mod tests {
         assert_eq!(
             route("POST", "/functions/f/invoke?logs=1", None),
             Ok(Route::Invoke {
+                namespace: "default".into(),
                 name: "f".into(),
                 logs: true
             })
@@ -604,6 +775,7 @@ mod tests {
         assert_eq!(
             route("POST", "/functions/f/invoke?logs=false", None),
             Ok(Route::Invoke {
+                namespace: "default".into(),
                 name: "f".into(),
                 logs: false
             })
@@ -658,6 +830,7 @@ mod tests {
         assert_eq!(
             r,
             Ok(Route::Register {
+                namespace: "default".into(),
                 name: "f".into(),
                 body: RegisterBody::Tar(config)
             })
@@ -696,6 +869,7 @@ mod tests {
     #[test]
     fn dispatch_builds_requests() {
         let d = Route::Invoke {
+            namespace: "default".into(),
             name: "f".into(),
             logs: true,
         }
@@ -703,11 +877,12 @@ mod tests {
         .unwrap();
         assert!(d.logs);
         assert!(
-            matches!(d.request, Request::Invoke { ref name, ref event } if name == "f" && event == b"{}")
+            matches!(d.request, Request::Invoke { ref namespace, ref name, ref event } if namespace == "default" && name == "f" && event == b"{}")
         );
 
         let body = br#"{"path":"/srv/f","handler":"m:h","memory_mb":64}"#.to_vec();
         let d = Route::Register {
+            namespace: "default".into(),
             name: "f".into(),
             body: RegisterBody::Json,
         }
@@ -715,11 +890,12 @@ mod tests {
         .unwrap();
         match d.request {
             Request::RegisterFunction {
+                namespace,
                 name,
                 source: FunctionSource::Dir(dir),
                 config,
             } => {
-                assert_eq!(name, "f");
+                assert_eq!((namespace.as_str(), name.as_str()), ("default", "f"));
                 assert_eq!(dir, PathBuf::from("/srv/f"));
                 assert_eq!(config.handler.as_deref(), Some("m:h"));
                 assert_eq!(config.memory_mb, Some(64));
@@ -727,11 +903,125 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let bad = Route::Register {
+            namespace: "default".into(),
             name: "f".into(),
             body: RegisterBody::Json,
         }
         .into_dispatch(b"{\"pth\":1}".to_vec());
         assert_eq!(bad.unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn namespaced_routes_act_in_their_namespace() {
+        let ns = |n: &str| n.to_owned();
+        assert_eq!(
+            route("GET", "/namespaces/t/functions", None),
+            Ok(Route::List { namespace: ns("t") })
+        );
+        assert_eq!(
+            route("POST", "/namespaces/a@b.c/functions/f/invoke?logs=1", None),
+            Ok(Route::Invoke {
+                namespace: ns("a@b.c"),
+                name: ns("f"),
+                logs: true
+            })
+        );
+        assert_eq!(
+            route("POST", "/namespaces/t/run/f", None),
+            Ok(Route::Invoke {
+                namespace: ns("t"),
+                name: ns("f"),
+                logs: false
+            })
+        );
+        assert_eq!(
+            route("DELETE", "/namespaces/t/functions/f", None),
+            Ok(Route::Remove {
+                namespace: ns("t"),
+                name: ns("f")
+            })
+        );
+        assert_eq!(
+            route("PUT", "/namespaces/t/workflows/w", None),
+            Ok(Route::RegisterWorkflow {
+                namespace: ns("t"),
+                name: ns("w")
+            })
+        );
+        assert_eq!(
+            route("POST", "/namespaces/t/workflows/w/invoke", None),
+            Ok(Route::RunWorkflow {
+                namespace: ns("t"),
+                name: ns("w")
+            })
+        );
+        assert_eq!(
+            route("GET", "/workflows", None),
+            Ok(Route::ListWorkflows {
+                namespace: ns("default")
+            })
+        );
+        // The name is the agent's to judge (a 400 stating the rule), the shape the router's.
+        assert_eq!(
+            route("GET", "/namespaces/_/functions", None),
+            Ok(Route::List { namespace: ns("_") })
+        );
+        for target in [
+            "/namespaces",
+            "/namespaces/t",
+            "/namespaces//functions",
+            "/namespaces/t/status",
+            "/namespaces/t/namespaces/u/functions",
+        ] {
+            assert_eq!(
+                route("GET", target, None).unwrap_err().status,
+                404,
+                "{target}"
+            );
+        }
+        // A registration body may name its namespace, but not another one.
+        let reg = |target: &str, body: &str| {
+            route("PUT", target, None)
+                .unwrap()
+                .into_dispatch(body.as_bytes().to_vec())
+        };
+        let d = reg(
+            "/namespaces/t/functions/f",
+            r#"{"path":"/srv/f","namespace":"t"}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(d.request, Request::RegisterFunction { ref namespace, .. } if namespace == "t")
+        );
+        let e = reg("/functions/f", r#"{"path":"/srv/f","namespace":"t"}"#).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .contains("namespace \"t\" in the request is not the path's namespace \"default\""),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn a_tar_registration_may_name_its_namespace_in_the_query() {
+        let r = route(
+            "PUT",
+            "/namespaces/t/functions/f?namespace=t&memory_mb=64",
+            Some("application/x-tar"),
+        )
+        .unwrap();
+        assert!(
+            matches!(r, Route::Register { ref namespace, body: RegisterBody::Tar(ref c), .. } if namespace == "t" && c.memory_mb == Some(64))
+        );
+        let e = route("PUT", "/functions/f?namespace=t", Some("application/x-tar")).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(
+            e.message
+                .contains("is not the path's namespace \"default\""),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -19,10 +19,29 @@ use crate::request::{FunctionSource, Invocation, Start};
 #[derive(Default)]
 struct Fake {
     seen: Mutex<Vec<Request>>,
+    /// Requests of `queued` that started waiting (as for an instance).
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Invocations that reached the handler.
+    started: std::sync::atomic::AtomicUsize,
+    /// Why each `queued` request stopped waiting.
+    abandoned: Mutex<Vec<Abandoned>>,
+}
+
+/// Polls `f` until it is true, for at most `within`.
+fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !f() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 fn info(name: &str, config: &FunctionConfig) -> FunctionInfo {
     FunctionInfo {
+        namespace: "default".to_owned(),
         name: name.to_owned(),
         path: format!("/srv/{name}"),
         handler: config.handler.clone().unwrap_or_else(|| "f:f".to_owned()),
@@ -49,19 +68,28 @@ impl Handle for Fake {
             Request::RegisterFunction { name, config, .. } => {
                 Ok(Response::Registered(info(name, config)))
             }
-            Request::ListFunctions => Ok(Response::Functions(vec![
+            Request::ListFunctions { .. } => Ok(Response::Functions(vec![
                 info("a", &FunctionConfig::default()),
                 info("b", &FunctionConfig::default()),
             ])),
-            Request::RemoveFunction { name } if name == "missing" => {
-                Err(Error::NotFound { name: name.clone() })
+            Request::RemoveFunction { namespace, name } if name == "missing" => {
+                Err(Error::NotFound {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
             }
-            Request::RemoveFunction { name } => Ok(Response::Removed { name: name.clone() }),
-            Request::RunWorkflow { name, .. } => {
-                Err(Error::WorkflowNotFound { name: name.clone() })
-            }
+            Request::RemoveFunction { namespace, name } => Ok(Response::Removed {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            }),
+            Request::RunWorkflow {
+                namespace, name, ..
+            } => Err(Error::WorkflowNotFound {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            }),
             Request::RegisterWorkflow { .. }
-            | Request::ListWorkflows
+            | Request::ListWorkflows { .. }
             | Request::RemoveWorkflow { .. } => Ok(Response::Workflows(Vec::new())),
             Request::Status => Ok(Response::Status(Status {
                 version: "test".into(),
@@ -75,12 +103,20 @@ impl Handle for Fake {
                 memory_budget_mb: 1024,
                 invocations: 7,
                 uptime_ms: 42,
+                namespaces: Vec::new(),
             })),
-            Request::Invoke { name, event } => {
+            Request::Invoke {
+                namespace,
+                name,
+                event,
+            } => {
                 let function = name.clone();
                 match name.as_str() {
                     "bad" => Err(Error::InvalidName { name: function }),
-                    "missing" => Err(Error::NotFound { name: function }),
+                    "missing" => Err(Error::NotFound {
+                        namespace: namespace.clone(),
+                        name: function,
+                    }),
                     "raise" => Err(Error::Handler {
                         function,
                         error: FunctionError {
@@ -100,13 +136,18 @@ impl Handle for Fake {
                         source: io::Error::from(io::ErrorKind::PermissionDenied),
                     }),
                     "down" => Err(Error::ShuttingDown),
+                    "huge" => Err(Error::ResultTooLarge {
+                        function,
+                        len: 100 << 20,
+                        max: crate::request::MAX_RESULT,
+                    }),
                     "panic" => panic!("fake handler panics on purpose"),
                     _ => {
                         if name == "slow" {
                             thread::sleep(Duration::from_millis(100));
                         }
                         Ok(Response::Invoked(Invocation {
-                            result: event.clone(),
+                            result: event.clone().into(),
                             raw: false,
                             logs: logs("hello\n"),
                             duration: Duration::from_micros(1500),
@@ -122,6 +163,39 @@ impl Handle for Fake {
         };
         self.seen.lock().unwrap().push(req);
         answer
+    }
+
+    /// `queued` waits (up to 10 s) until it is taken back, as a request waiting for
+    /// an instance does; `stuck` runs for 3 s, `running` for 1 s.
+    fn handle_abandonable(&self, req: Request, abandon: &Abandon) -> Result<Response, Error> {
+        let name = match &req {
+            Request::Invoke { name, .. } => name.clone(),
+            _ => return self.handle(req),
+        };
+        self.started.fetch_add(1, Ordering::SeqCst);
+        match name.as_str() {
+            "queued" => {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < deadline {
+                    if let Some(why) = abandon.get() {
+                        self.abandoned.lock().unwrap().push(why);
+                        return Err(abandon.error(&name).unwrap());
+                    }
+                    thread::sleep(Duration::from_millis(2));
+                }
+                self.handle(req)
+            }
+            "stuck" => {
+                thread::sleep(Duration::from_secs(3));
+                self.handle(req)
+            }
+            "running" => {
+                thread::sleep(Duration::from_secs(1));
+                self.handle(req)
+            }
+            _ => self.handle(req),
+        }
     }
 }
 
@@ -305,6 +379,7 @@ fn registers_from_a_directory_or_a_tar() {
             name,
             source: FunctionSource::Dir(dir),
             config,
+            ..
         }] => {
             assert_eq!(
                 (name.as_str(), dir.as_path(), config),
@@ -350,6 +425,7 @@ fn registers_from_a_directory_or_a_tar() {
             name,
             source: FunctionSource::Tar(bytes),
             config,
+            ..
         }] => {
             assert_eq!((name.as_str(), bytes, config), ("packed", &tar, &expected));
         }
@@ -428,7 +504,7 @@ fn lists_removes_and_reports_status() {
     let seen = t.take_seen();
     assert!(matches!(
         seen.as_slice(),
-        [Request::ListFunctions, Request::RemoveFunction { name }, Request::Status] if name == "old"
+        [Request::ListFunctions { .. }, Request::RemoveFunction { name, .. }, Request::Status] if name == "old"
     ));
 }
 
@@ -474,7 +550,7 @@ fn invokes_with_and_without_logs() {
         .take_seen()
         .into_iter()
         .map(|r| match r {
-            Request::Invoke { name, event } => (name, event),
+            Request::Invoke { name, event, .. } => (name, event),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -495,6 +571,7 @@ fn agent_errors_map_to_statuses() {
         ("broken", 500, "internal"),
         ("down", 503, "unavailable"),
         ("panic", 500, "internal"),
+        ("huge", 502, "bad_result"),
     ] {
         let r = c
             .request("POST", &format!("/functions/{name}/invoke"), None, b"{}")
@@ -509,6 +586,12 @@ fn agent_errors_map_to_statuses() {
         }
         if name == "broken" {
             assert!(e.message.contains("/var/lib/sprout"), "{}", e.message);
+        }
+        if name == "huge" {
+            assert_eq!(
+                e.message,
+                "function huge returned a result of 104857600 bytes, over the limit of 67108864 bytes for a result"
+            );
         }
     }
     let r = c
@@ -550,6 +633,7 @@ fn oversized_bodies_are_refused_unread() {
         Limits {
             max_body: 1024,
             max_head: 64 << 10,
+            ..Limits::default()
         },
         2,
     );
@@ -587,6 +671,7 @@ fn oversized_and_malformed_heads_close_the_connection() {
         Limits {
             max_body: 1024,
             max_head: 512,
+            ..Limits::default()
         },
         2,
     );
@@ -701,6 +786,7 @@ fn expect_100_continue() {
         Limits {
             max_body: 10,
             max_head: 4096,
+            ..Limits::default()
         },
         1,
     );
@@ -734,6 +820,7 @@ fn pipelined_requests_are_answered_in_order() {
         .iter()
         .map(|r| match r {
             Request::Invoke { name, .. } => name.clone(),
+            Request::ListFunctions { .. } => "ListFunctions".to_owned(),
             other => format!("{other:?}"),
         })
         .collect();
@@ -889,4 +976,286 @@ fn curl_talks_to_the_server() {
     assert!(
         matches!(t.take_seen().as_slice(), [_, Request::Invoke { event: e, .. }] if e == event.as_bytes())
     );
+}
+
+fn invoke_bytes(name: &str) -> Vec<u8> {
+    format!("POST /functions/{name}/invoke HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}").into_bytes()
+}
+
+#[test]
+fn a_client_that_goes_away_takes_its_waiting_request_with_it() {
+    let t = TestServer::start();
+    let mut raw = t.raw();
+    raw.send(&invoke_bytes("queued"));
+    assert!(until(Duration::from_secs(10), || t
+        .fake
+        .waiting
+        .load(Ordering::SeqCst)
+        == 1));
+    drop(raw);
+    assert!(
+        until(Duration::from_secs(5), || !t
+            .fake
+            .abandoned
+            .lock()
+            .unwrap()
+            .is_empty()),
+        "the waiting request was never taken back"
+    );
+    assert_eq!(
+        t.fake.abandoned.lock().unwrap().as_slice(),
+        [Abandoned::ClientGone]
+    );
+
+    // A half-close (the client is done sending) is not going away: it gets its answer.
+    let mut raw = t.raw();
+    raw.send(&invoke_bytes("running"));
+    raw.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(raw.response().status, 200);
+    assert!(raw.closed());
+    t.stop().unwrap();
+}
+
+#[test]
+fn draining_refuses_what_has_not_started_and_lets_the_rest_finish() {
+    let mut t = TestServer::start();
+    let mut running = t.raw();
+    running.send(&invoke_bytes("running"));
+    let mut queued = t.raw();
+    queued.send(&invoke_bytes("queued"));
+    let mut idle = t.raw();
+    assert!(until(Duration::from_secs(10), || t
+        .fake
+        .started
+        .load(Ordering::SeqCst)
+        == 2));
+
+    t.shutdown.drain(Duration::from_secs(20));
+    let r = queued.response();
+    assert_eq!(r.status, 503, "{}", text(&r));
+    assert_eq!(error_of(&r).error.kind, "unavailable");
+    assert!(text(&r).contains("shutting down"), "{}", text(&r));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(queued.closed());
+    // New connections are refused; a request on an open one gets 503.
+    assert!(until(Duration::from_secs(5), || StdStream::connect(
+        &t.path
+    )
+    .is_err()));
+    idle.send(b"GET /status HTTP/1.1\r\n\r\n");
+    let r = idle.response();
+    assert_eq!(
+        (r.status, error_of(&r).error.kind.as_str()),
+        (503, "unavailable")
+    );
+    // The running one finishes, then the server stops well before the grace.
+    let r = running.response();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let started = Instant::now();
+    let thread = t.thread.take().unwrap();
+    thread.join().unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        t.fake.abandoned.lock().unwrap().as_slice(),
+        [Abandoned::Draining]
+    );
+    assert!(!t.path.exists());
+}
+
+#[test]
+fn draining_answers_every_request_it_began_to_read() {
+    let mut t = TestServer::start();
+    // Part of a head, and a head whose body has not all come.
+    let mut half_head = t.raw();
+    half_head.send(b"GET /status HTTP/1.1\r\nHo");
+    let mut half_body = t.raw();
+    half_body
+        .send(b"POST /run/echo HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n");
+    assert_eq!(half_body.response().status, 100);
+    half_body.send(b"{\"a\"");
+    // A request being handled, and one pipelined behind it.
+    let mut pipelined = t.raw();
+    let mut two = invoke_bytes("running");
+    two.extend_from_slice(b"GET /status HTTP/1.1\r\n\r\n");
+    pipelined.send(&two);
+    assert!(until(Duration::from_secs(10), || t
+        .fake
+        .started
+        .load(Ordering::SeqCst)
+        == 1));
+
+    t.shutdown.drain(Duration::from_secs(20));
+    let r = pipelined.response();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.header("connection"), Some("close"));
+    let r = pipelined.response();
+    assert_eq!(
+        (r.status, error_of(&r).error.kind.as_str()),
+        (503, "unavailable"),
+        "{}",
+        text(&r)
+    );
+    assert!(pipelined.closed());
+    for (raw, what) in [(&mut half_body, "body"), (&mut half_head, "request head")] {
+        let r = raw.response();
+        assert_eq!(r.status, 503, "{what}: {}", text(&r));
+        assert_eq!(r.header("connection"), Some("close"));
+        assert!(
+            text(&r).contains(&format!("{what} had not arrived in full")),
+            "{}",
+            text(&r)
+        );
+        assert!(raw.closed());
+    }
+    t.thread.take().unwrap().join().unwrap().unwrap();
+}
+
+#[test]
+fn a_shared_result_is_sent_from_its_mapping() {
+    let big = format!("\"{}\"", "x".repeat(200 << 10)).into_bytes();
+    let inv = |result: ipc::Payload| {
+        Ok(Response::Invoked(Invocation {
+            result,
+            raw: false,
+            logs: logs("hi\n"),
+            duration: Duration::from_micros(7),
+            start: Start::Warm,
+        }))
+    };
+    // The body is the payload itself: no copy in the agent.
+    let out = routes::reply_for(inv(ipc::Payload::share(&big).unwrap()), false);
+    assert!(out.body.is_shared());
+    assert_eq!(&*out.body, &big[..]);
+    // With the logs, the record holds the result once, as it was.
+    let out = routes::reply_for(inv(ipc::Payload::share(&big).unwrap()), true);
+    let record: InvocationRecord = serde_json::from_slice(&out.body).unwrap();
+    assert_eq!(record.result.get().as_bytes(), &big[..]);
+    assert_eq!((record.logs, record.duration_us), (logs("hi\n"), 7));
+    assert_eq!((record.cold, record.start.as_str()), (false, "warm"));
+}
+
+#[test]
+fn the_grace_ends_with_503_and_a_second_stop_ends_it_early() {
+    for early in [false, true] {
+        let mut t = TestServer::start();
+        let mut stuck = t.raw();
+        stuck.send(&invoke_bytes("stuck"));
+        // The request reaches the handler before the drain begins.
+        assert!(until(Duration::from_secs(5), || t
+            .fake
+            .started
+            .load(Ordering::SeqCst)
+            == 1));
+        let started = Instant::now();
+        if early {
+            t.shutdown.drain(Duration::from_secs(60));
+            t.shutdown.shutdown();
+        } else {
+            t.shutdown.drain(Duration::from_millis(100));
+        }
+        let r = stuck.response();
+        let waited = started.elapsed();
+        assert_eq!(r.status, 503, "{}", text(&r));
+        let message = error_of(&r).error.message;
+        if early {
+            assert!(message.contains("cut off"), "{message}");
+        } else {
+            assert!(message.contains("grace of 100 ms"), "{message}");
+        }
+        assert!(waited < Duration::from_millis(2500), "{waited:?}");
+        assert!(stuck.closed());
+        t.thread.take().unwrap().join().unwrap().unwrap();
+    }
+}
+
+#[test]
+fn slow_heads_bodies_and_idle_connections_time_out() {
+    let t = TestServer::with(
+        Limits {
+            read_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(600),
+            ..Limits::default()
+        },
+        2,
+    );
+    let mut head = t.raw();
+    head.send(b"GET /status HTTP/1.1\r\nHost: x");
+    let mut body = t.raw();
+    body.send(b"POST /run/echo HTTP/1.1\r\nContent-Length: 10\r\n\r\n{\"a\"");
+    let mut idle = t.raw();
+    let mut used = t.raw();
+    used.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(used.response().status, 200);
+    let started = Instant::now();
+
+    let r = head.response();
+    assert_eq!(
+        (r.status, error_of(&r).error.kind.as_str()),
+        (408, "request_timeout")
+    );
+    assert!(text(&r).contains("request head"), "{}", text(&r));
+    assert!(head.closed());
+    let r = body.response();
+    assert_eq!(r.status, 408);
+    assert!(text(&r).contains("request body"), "{}", text(&r));
+    assert!(body.closed());
+    // Idle ones are closed without a word, later.
+    assert!(idle.closed());
+    assert!(used.closed());
+    assert!(started.elapsed() >= Duration::from_millis(500));
+
+    // A head that keeps trickling in still has to be complete in time.
+    let mut trickle = t.raw();
+    let started = Instant::now();
+    let mut refused = false;
+    for b in b"GET /status HTTP/1.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if trickle.s.write_all(&[*b]).is_err() {
+            refused = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        refused,
+        "still open after {:?} of a trickling head",
+        started.elapsed()
+    );
+    let r = trickle.response();
+    assert_eq!(r.status, 408);
+}
+
+#[test]
+fn connections_past_the_cap_are_refused_at_once() {
+    let t = TestServer::with(
+        Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+        2,
+    );
+    let mut a = t.raw();
+    a.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(a.response().status, 200);
+    let mut b = t.raw();
+    b.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(b.response().status, 200);
+
+    let mut c = t.raw();
+    let r = c.response();
+    assert_eq!(
+        (r.status, error_of(&r).error.kind.as_str()),
+        (503, "too_many_connections")
+    );
+    assert!(text(&r).contains("2 connections"), "{}", text(&r));
+    assert!(c.closed());
+
+    // The ones open still work; once one goes, a new one is served.
+    a.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(a.response().status, 200);
+    drop(b);
+    assert!(until(Duration::from_secs(5), || {
+        let mut d = t.raw();
+        d.send(b"GET /status HTTP/1.1\r\n\r\n");
+        d.response().status == 200
+    }));
 }

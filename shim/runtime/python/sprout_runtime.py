@@ -53,6 +53,8 @@ Calls between functions (the ``sprout`` module every instance can import)::
                        {"op":"call_returned","id":N,"raw":bool?} + result
                      | {"op":"call_raised","id":N,"function":F,"error":E}
                      | {"op":"call_failed","id":N,"function":F,"message":..}
+                     | {"op":"call_refused","id":N,"function":F,"kind":K,"message":..}
+                                                                 (agent only)
 
 The calls channel is the fourth descriptor of ``fork``; the call socket is
 ``/.sprout/agent.sock``, connected on first use, where replies may come in any order.
@@ -85,13 +87,14 @@ import types
 
 PREFIX = struct.Struct("<III")
 PREFIX_LEN = PREFIX.size
-MAX_HEADER = 1 << 20
-# Largest payload carried inline, in the stream.
-MAX_PAYLOAD = 64 << 20
-# Largest payload carried in a shared memfd.
-MAX_SHARED_PAYLOAD = 1 << 30
+# Largest JSON header (the largest a sprout sender makes is an error: see _MAX_ERROR).
+MAX_HEADER = 128 << 10
 # Payloads larger than this are sent in a sealed memfd instead of the stream.
 SHARED_THRESHOLD = 64 << 10
+# Largest payload carried inline, in the stream: no frame needs more.
+MAX_PAYLOAD = SHARED_THRESHOLD
+# Largest payload carried in a shared memfd.
+MAX_SHARED_PAYLOAD = 1 << 30
 MAX_FDS = 8
 # Bit of the fd_count word that marks a shared (memfd) payload.
 SHARED_FLAG = 1 << 31
@@ -131,9 +134,11 @@ def _decode_prefix(buf, at):
     nfds = fd_word & ~SHARED_FLAG
     if hlen > MAX_HEADER:
         raise ProtocolError(f"frame header of {hlen} bytes exceeds the limit of {MAX_HEADER}")
-    limit = MAX_SHARED_PAYLOAD if shared else MAX_PAYLOAD
-    if plen > limit:
-        raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {limit}")
+    if shared and plen > MAX_SHARED_PAYLOAD:
+        raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {MAX_SHARED_PAYLOAD}")
+    if not shared and plen > MAX_PAYLOAD:
+        raise ProtocolError(f"inline frame payload of {plen} bytes exceeds the limit of {MAX_PAYLOAD} "
+                            "(a larger payload goes in a shared memfd)")
     if nfds > MAX_FDS:
         raise ProtocolError(f"frame carries {nfds} descriptors, at most {MAX_FDS} allowed")
     if shared and nfds == 0:
@@ -378,6 +383,10 @@ _IMPORTLIB_MODULES = frozenset(("importlib", "importlib._bootstrap", "importlib.
 # needs a 12-byte JSON escape.
 _MAX_MESSAGE = 16 << 10
 _MAX_TRACEBACK = 64 << 10
+# The most bytes an encoded error object takes, so that the header carrying it (and the
+# agent's, which adds the function's name) stays well under MAX_HEADER.
+_MAX_ERROR = 64 << 10
+_TRUNCATED = "... (truncated)"
 
 
 def _is_runtime_frame(frame, skip_import):
@@ -425,7 +434,34 @@ def describe_error(exc, skip_import=False, frames=True, message=None):
     text = _clean(text)
     if len(text) > _MAX_TRACEBACK:
         text = "... (truncated)\n" + text[-_MAX_TRACEBACK:]
-    return {"type": _clean(kind)[:256], "message": message, "traceback": text}
+    return _fit_error({"type": _clean(kind)[:256], "message": message, "traceback": text})
+
+
+def _fit_error(err):
+    """``err`` with its message cut to at most a quarter of _MAX_ERROR, then its
+    traceback (its oldest lines first) cut so that the whole encodes in at most
+    _MAX_ERROR bytes; a cut is marked ``... (truncated)``."""
+    if len(_dumps(err)) <= _MAX_ERROR:
+        return err
+    err["message"] = _cut(err["message"], _MAX_ERROR // 4, keep_end=False)
+    rest = _MAX_ERROR - len(_dumps({**err, "traceback": ""}))
+    err["traceback"] = _cut(err["traceback"], rest, keep_end=True)
+    return err
+
+
+def _cut(text, budget, keep_end):
+    """``text``, or the part of it (its start, or its end) that encodes as a JSON
+    string in at most ``budget`` bytes, marked as cut."""
+    size = len(_dumps(text))
+    keep = len(text)
+    while size > budget and keep > 0:
+        keep = min(keep - 1, keep * max(budget - 64, 0) // size)
+        if keep_end:
+            out = _TRUNCATED + "\n" + (text[len(text) - keep:] if keep else "")
+        else:
+            out = text[:keep] + " " + _TRUNCATED
+        size = len(_dumps(out))
+    return text if keep == len(text) else out
 
 
 # --------------------------------------------------------------------------- calls (the sprout SDK)
@@ -455,10 +491,12 @@ class CallError(Exception):
     ``function`` is the callee; ``type`` the class name of the exception it raised,
     or ``"CallFailed"`` when the call could not complete (unknown function, depth
     limit, timeout, the callee died); ``message`` the exception's message or why the
-    call failed; ``remote_traceback`` the callee's traceback (may be empty).
+    call failed; ``remote_traceback`` the callee's traceback (may be empty). ``kind``
+    names a limit the agent refused the call for at once (``"too_many_calls"``: the
+    sandbox had as many calls in flight as the agent allows), else None.
     """
 
-    def __init__(self, function, type, message, remote_traceback="", failed=None):  # noqa: A002
+    def __init__(self, function, type, message, remote_traceback="", failed=None, kind=None):  # noqa: A002
         if failed is None:
             failed = type == "CallFailed"
         super().__init__(function, type, message, remote_traceback, failed)
@@ -467,6 +505,7 @@ class CallError(Exception):
         self.message = message
         self.remote_traceback = remote_traceback
         self.failed = failed
+        self.kind = kind
 
     def __str__(self):
         if self.failed:
@@ -588,6 +627,10 @@ def _outcome(name, header, payload):
         )
     if op == "call_failed":
         raise CallError(function, "CallFailed", str(header.get("message") or ""), failed=True)
+    if op == "call_refused":
+        kind = str(header.get("kind") or "call_refused")
+        message = str(header.get("message") or "")
+        raise CallError(function, "CallFailed", message or kind, failed=True, kind=kind)
     raise CallError(name, "CallFailed", f"unexpected reply op={op!r}", failed=True)
 
 

@@ -817,16 +817,17 @@ class ChannelTest(unittest.TestCase):
             os.close(fd)
         self.assertEqual(b.recv(), ({"op": "t", "n": 2}, b"", []))
 
-    def test_large_inline_payload_crosses_many_reads(self):
-        # Our own sends share payloads this large; a peer may still send them inline.
+    def test_largest_inline_frame_crosses_many_reads(self):
+        # The caps' largest frame: a MAX_HEADER header and a MAX_PAYLOAD inline payload.
         a, b = self.pair()
-        big = bytes(range(251)) * ((5 << 20) // 251)
-        header = b'{"op":"big"}'
+        big = (bytes(range(251)) * (rt.MAX_PAYLOAD // 251 + 1))[:rt.MAX_PAYLOAD]
+        header = b'{"op":"big","pad":"' + b"p" * (rt.MAX_HEADER - 21) + b'"}'
+        self.assertEqual(len(header), rt.MAX_HEADER)
         t = threading.Thread(target=send_hand_made, args=(a.sock, header, len(big), [], False, big))
         t.start()
         header, payload, _ = b.recv()
         t.join()
-        self.assertEqual(header, {"op": "big"})
+        self.assertEqual((header["op"], len(header["pad"])), ("big", rt.MAX_HEADER - 21))
         self.assertIsInstance(payload, bytes)
         self.assertEqual(payload, big)
         a.send({"op": "after"}, b"1")
@@ -847,12 +848,19 @@ class ChannelTest(unittest.TestCase):
         for prefix in (
             struct.pack("<III", rt.MAX_HEADER + 1, 0, 0),
             struct.pack("<III", 2, rt.MAX_PAYLOAD + 1, 0),
+            struct.pack("<III", 2, 64 << 20, 0),
             struct.pack("<III", 2, 0, rt.MAX_FDS + 1),
         ):
             a, b = self.pair()
             a.sock.sendall(prefix)
             with self.assertRaises(rt.ProtocolError):
                 b.recv()
+        # The caps are the Rust side's (ipc::frame): 128 KiB of header, 64 KiB inline.
+        self.assertEqual((rt.MAX_HEADER, rt.MAX_PAYLOAD), (128 << 10, 64 << 10))
+        a, b = self.pair()
+        a.sock.sendall(struct.pack("<III", 2, 64 << 20, 0))
+        with self.assertRaisesRegex(rt.ProtocolError, "inline frame payload of 67108864 bytes exceeds the limit of 65536"):
+            b.recv()
         for header in (b"not json", b"[1]", b"\xff\xfe"):
             a, b = self.pair()
             a.sock.sendall(struct.pack("<III", len(header), 0, 0) + header)
@@ -1346,6 +1354,34 @@ class SdkTest(unittest.TestCase):
         self.assertEqual((reply, bytes(body)), ({"op": "returned", "id": 1, "raw": True}, b"\x00{not json"))
         reply, _ = rt.invoke(handler, 2, b"", depth=-1)
         self.assertEqual((reply["op"], reply["error"]["type"]), ("raised", "ProtocolError"))
+
+
+class ErrorSizeTest(unittest.TestCase):
+    def test_an_error_fits_in_a_header_whatever_its_text(self):
+        # Every character of the message and traceback needs a 12-byte JSON escape
+        # (astral): the encoded error still fits in _MAX_ERROR, and the cuts say so.
+        def handler(depth):
+            if depth == 0:
+                raise ValueError("\U0001F600" * 20000)
+            return handler(depth - 1)
+
+        try:
+            handler(30)
+        except ValueError as exc:
+            err = rt.describe_error(exc)
+        self.assertLessEqual(len(rt._dumps(err)), rt._MAX_ERROR)
+        self.assertLess(rt._MAX_ERROR + 4096, rt.MAX_HEADER)
+        self.assertTrue(err["message"].endswith(" ... (truncated)"), err["message"][-40:])
+        self.assertTrue(err["message"].startswith("\U0001F600" * 100))
+        # The traceback keeps its newest lines, the exception's own.
+        self.assertTrue(err["traceback"].startswith("... (truncated)\n"))
+        self.assertIn("\U0001F600", err["traceback"][-100:])
+        # A small error is left alone.
+        try:
+            raise KeyError("k")
+        except KeyError as exc:
+            small = rt.describe_error(exc)
+        self.assertNotIn("truncated", small["message"] + small["traceback"])
 
 
 if __name__ == "__main__":
