@@ -82,7 +82,6 @@ pub(crate) struct Inner {
     attaching: Mutex<()>,
     /// The workflow run each sandbox taking part in one belongs to, by sandbox id.
     pub runs: Mutex<HashMap<String, Arc<Run>>>,
-    pub call_socket: PathBuf,
     /// Each live sandbox's own host uid and gid (`Config::sandbox_uids`).
     pub sandbox_users: rootfs::SandboxUsers,
     /// Each sandbox's invocation, calls in flight and call connections.
@@ -180,7 +179,6 @@ impl Agent {
             bound: Mutex::new(HashMap::new()),
             attaching: Mutex::new(()),
             runs: Mutex::new(HashMap::new()),
-            call_socket: call_socket_path,
             sandbox_users,
             calls: crate::calls::Book::default(),
             sched: Mutex::new(Sched::default()),
@@ -255,7 +253,7 @@ impl Agent {
         if let Some(manager) = lock(&self.manager).take() {
             let _ = manager.join();
         }
-        crate::calls::stop(&inner.call_socket);
+        inner.calls.wake_for_shutdown();
         if let Some(calls) = lock(&self.calls).take() {
             let _ = calls.join();
         }

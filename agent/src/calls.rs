@@ -104,11 +104,6 @@ pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(&path).map_err(|source| Error::State { path, source })
 }
 
-/// Wakes [`serve`] so it sees the shutdown flag.
-pub fn stop(socket: &Path) {
-    let _ = UnixStream::connect(socket);
-}
-
 // ------------------------------------------------------------------ the book
 
 /// What the agent knows of each sandbox's calls: its session, its calls in flight
@@ -310,6 +305,16 @@ impl Book {
         Ok(Admitted { depth, cancel })
     }
 
+    /// Wakes the loop so that it sees the agent is shutting down (set before this is
+    /// called). A loop not running yet sees it before its first wait.
+    pub fn wake_for_shutdown(&self) {
+        if let Some(waker) = self.waker.get() {
+            if let Err(e) = waker.wake() {
+                tracing::warn!(error = %e, "call socket: wake the loop to stop");
+            }
+        }
+    }
+
     /// The loop has stopped: nobody waits for it.
     fn loop_stopped(&self) {
         let _s = lock(&self.sandboxes);
@@ -471,6 +476,11 @@ impl Server {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         loop {
+            // Checked before each wait: a shutdown that came before the waker was set
+            // (the loop not started yet) is seen here.
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
             let timeout = self
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(Instant::now()));

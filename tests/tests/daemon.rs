@@ -549,6 +549,32 @@ fn sigterm_shuts_down_cleanly() {
     env.assert_clean(pid);
 }
 
+/// Shutting down does not depend on the call socket's path: with the socket file gone
+/// (someone removed it, or the state directory under it), SIGTERM still ends the
+/// daemon at once and cleanly.
+#[test]
+fn sigterm_shuts_down_cleanly_without_the_call_socket_file() {
+    let env = require_root!();
+    let mut d = env.daemon();
+    d.register("hello", &example("hello"), json!({}));
+    assert_eq!(d.invoke("hello", "{}").status, 200);
+    let pid = d.pid();
+    let call_socket = env
+        .state_dir()
+        .join(pid.to_string())
+        .join("runtime/agent.sock");
+    std::fs::remove_file(&call_socket)
+        .unwrap_or_else(|e| panic!("remove {}: {e}", call_socket.display()));
+
+    let status = d.terminate();
+    assert!(
+        status.success(),
+        "sprout serve should exit 0 after SIGTERM, got {status}; log:\n{}",
+        d.log()
+    );
+    env.assert_clean(pid);
+}
+
 #[test]
 fn sigint_shuts_down_cleanly() {
     let env = require_root!();
