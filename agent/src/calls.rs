@@ -564,19 +564,7 @@ impl Server {
                 continue;
             }
             tracing::debug!(sandbox_id = %sandbox, "call socket: connected");
-            self.conns.insert(
-                token,
-                Conn {
-                    sandbox,
-                    channel: Channel::new(stream),
-                    alive: Arc::new(AtomicBool::new(true)),
-                    received: 0,
-                    consumed: 0,
-                    partial_since: None,
-                    outbox: VecDeque::new(),
-                    paused: false,
-                },
-            );
+            self.conns.insert(token, Conn::new(sandbox, stream));
             self.pump(token, false);
         }
     }
@@ -694,6 +682,26 @@ impl Server {
 }
 
 impl Conn {
+    /// Queues an answer that refuses a request at once (no payload).
+    fn refuse(&mut self, reply: &CallReply) {
+        self.outbox
+            .push_back(Outgoing::answer(reply, Payload::default()));
+    }
+
+    /// A new connection heard as `sandbox`'s, nothing read or queued yet.
+    fn new(sandbox: String, stream: UnixStream) -> Conn {
+        Conn {
+            sandbox,
+            channel: Channel::new(stream),
+            alive: Arc::new(AtomicBool::new(true)),
+            received: 0,
+            consumed: 0,
+            partial_since: None,
+            outbox: VecDeque::new(),
+            paused: false,
+        }
+    }
+
     /// When this connection must be closed if nothing changes, and why.
     fn deadline(&self) -> Option<(Instant, &'static str)> {
         let answer = self.outbox.front().map(|o| {
@@ -799,8 +807,7 @@ fn handle(
                 function: function.clone(),
                 message: "a call with a spec runs in the sandbox: send it to the shim".into(),
             };
-            conn.outbox
-                .push_back(Outgoing::answer(&reply, Payload::default()));
+            conn.refuse(&reply);
             return Ok(());
         }
         CallRequest::Call {
@@ -811,52 +818,37 @@ fn handle(
         } => (*id, function.clone(), Some(*depth)),
     };
     let cap = inner.config.max_calls_in_flight.max(1);
-    let refuse = |conn: &mut Conn, reply: CallReply| {
-        conn.outbox
-            .push_back(Outgoing::answer(&reply, Payload::default()));
-    };
     let admitted = match inner.calls.admit(&conn.sandbox, &function, claimed, cap) {
         Ok(a) => a,
         Err(Refusal::Drained) => return Ok(()),
-        Err(Refusal::TooMany(cap)) => {
-            tracing::debug!(sandbox_id = %conn.sandbox, cap, "call socket: too many calls in flight");
-            let message = format!(
-                "too_many_calls: the sandbox has {cap} calls in flight, the most it may \
-                 (max_calls_in_flight, sprout serve --max-calls-per-sandbox); the call to \
-                 {function:?} did not run"
-            );
-            refuse(
-                conn,
-                CallReply::CallRefused {
-                    id,
-                    function,
-                    kind: RefusalKind::TooManyCalls,
-                    message,
-                },
-            );
-            return Ok(());
-        }
-        Err(Refusal::TooDeep(message) | Refusal::Failed(message)) => {
-            refuse(
-                conn,
-                CallReply::CallFailed {
+        Err(refusal) => {
+            let reply = match refusal {
+                Refusal::TooMany(cap) => {
+                    tracing::debug!(sandbox_id = %conn.sandbox, cap, "call socket: too many calls in flight");
+                    let message = format!(
+                        "too_many_calls: the sandbox has {cap} calls in flight, the most it may \
+                         (max_calls_in_flight, sprout serve --max-calls-per-sandbox); the call \
+                         to {function:?} did not run"
+                    );
+                    CallReply::CallRefused {
+                        id,
+                        function,
+                        kind: RefusalKind::TooManyCalls,
+                        message,
+                    }
+                }
+                Refusal::TooDeep(message) | Refusal::Failed(message) => CallReply::CallFailed {
                     id,
                     function,
                     message,
                 },
-            );
-            return Ok(());
-        }
-        Err(Refusal::Gone) => {
-            let message = "the calling sandbox is gone".to_owned();
-            refuse(
-                conn,
-                CallReply::CallFailed {
+                Refusal::Gone | Refusal::Drained => CallReply::CallFailed {
                     id,
                     function,
-                    message,
+                    message: "the calling sandbox is gone".to_owned(),
                 },
-            );
+            };
+            conn.refuse(&reply);
             return Ok(());
         }
     };
@@ -871,14 +863,11 @@ fn handle(
             Err(e) => {
                 inner.calls.done(&conn.sandbox);
                 let message = format!("start a workflow run: {e}");
-                refuse(
-                    conn,
-                    CallReply::CallFailed {
-                        id,
-                        function,
-                        message,
-                    },
-                );
+                conn.refuse(&CallReply::CallFailed {
+                    id,
+                    function,
+                    message,
+                });
                 return Ok(());
             }
         },
@@ -1537,16 +1526,7 @@ mod tests {
 
     fn conn(stream: UnixStream) -> Conn {
         stream.set_nonblocking(true).unwrap();
-        Conn {
-            sandbox: SB.into(),
-            channel: Channel::new(stream),
-            alive: Arc::new(AtomicBool::new(true)),
-            received: 0,
-            consumed: 0,
-            partial_since: None,
-            outbox: VecDeque::new(),
-            paused: false,
-        }
+        Conn::new(SB.into(), stream)
     }
 
     #[test]

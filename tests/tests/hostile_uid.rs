@@ -72,6 +72,23 @@ fn sandbox_pids(d: &Daemon, sandbox: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The sandbox whose instance is running `HOLD_PY` (its /tmp holds the "ready" file),
+/// and its shim's host pid.
+fn held_sandbox(d: &Daemon) -> (String, u32) {
+    wait_for(Duration::from_secs(20), || {
+        for sandbox in d.sandboxes() {
+            for pid in sandbox_pids(d, &sandbox) {
+                let ready = PathBuf::from(format!("/proc/{pid}/root/tmp/sprout-ready"));
+                if sprout_tests::cmdline(pid) == "/.sprout/shim" && ready.exists() {
+                    return Ok((sandbox, pid));
+                }
+            }
+        }
+        Err("no sandbox with a running instance")
+    })
+    .unwrap_or_else(|e| panic!("{e}; daemon log:\n{}", d.log()))
+}
+
 /// Registers `files` as function `name`; asserts 200.
 fn register(d: &Daemon, env: &Env, name: &str, files: &[(&str, &str)], extra: Value) -> PathBuf {
     let dir = env.function(name, files);
@@ -126,18 +143,7 @@ fn every_process_of_a_sandbox_is_its_own_unprivileged_user_on_the_host() {
     let seen = std::thread::scope(|s| {
         let call = s.spawn(|| d.invoke("hold", "{}"));
         // The sandbox is the one whose /tmp holds the instance's "ready" file.
-        let (sandbox, shim) = wait_for(Duration::from_secs(20), || {
-            for sandbox in d.sandboxes() {
-                for pid in sandbox_pids(&d, &sandbox) {
-                    let ready = PathBuf::from(format!("/proc/{pid}/root/tmp/sprout-ready"));
-                    if sprout_tests::cmdline(pid) == "/.sprout/shim" && ready.exists() {
-                        return Ok((sandbox, pid));
-                    }
-                }
-            }
-            Err("no sandbox with a running instance")
-        })
-        .unwrap_or_else(|e| panic!("{e}; daemon log:\n{}", d.log()));
+        let (sandbox, shim) = held_sandbox(&d);
         let pids = sandbox_pids(&d, &sandbox);
         // shim, zygote, instance, its child.
         assert!(
@@ -1029,18 +1035,7 @@ fn a_caller_in_a_sandbox_cgroup_is_heard_only_as_its_uid() {
     register(&d, &env, "hello", &[("f.py", HELLO_PY)], json!({}));
     std::thread::scope(|s| {
         let call = s.spawn(|| d.invoke("hold", "{}"));
-        let (sandbox, shim) = wait_for(Duration::from_secs(20), || {
-            for sandbox in d.sandboxes() {
-                for pid in sandbox_pids(&d, &sandbox) {
-                    let ready = PathBuf::from(format!("/proc/{pid}/root/tmp/sprout-ready"));
-                    if sprout_tests::cmdline(pid) == "/.sprout/shim" && ready.exists() {
-                        return Ok((sandbox, pid));
-                    }
-                }
-            }
-            Err("no sandbox with a running instance")
-        })
-        .unwrap_or_else(|e| panic!("{e}; daemon log:\n{}", d.log()));
+        let (sandbox, shim) = held_sandbox(&d);
         let procs = sandbox_cgroup_dir(d.pid(), &sandbox, "memory").join("cgroup.procs");
         let host_socket = env
             .state_dir()
