@@ -15,12 +15,12 @@ use rootfs::{Limits, SandboxConfig, Skeleton};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::http::{FastCall, FastPoll};
 use crate::instance::{Answer, CallFailure, Instance, Output, BOOT_TIMEOUT};
 use crate::registry::{Function, FunctionKey};
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
 use crate::run::Run;
 use crate::scheduler::{Sched, Slot, SlotState, StemCell};
+use crate::transport::{FastCall, FastPoll};
 use crate::workflow::Workflow;
 
 /// A running node agent. Create it with [`Agent::start`] (from any thread); share
@@ -344,7 +344,7 @@ impl Agent {
     }
 }
 
-impl crate::http::Handle for Agent {
+impl crate::transport::Handle for Agent {
     fn handle(&self, req: Request) -> Result<Response, Error> {
         Agent::handle(self, req)
     }
@@ -571,14 +571,15 @@ impl Inner {
                 slot.retry();
             }
             let mut old = std::mem::take(&mut pool.idle);
-            let prefix = format!("{}/{name}-", rootfs::FUNCTIONS_DIR);
             let bound = lock(&self.bound);
             // Only its namespace's sandboxes can have attached it.
             let calls_it = |i: &Instance| {
                 i.function.namespace == key.namespace
-                    && bound
-                        .get(i.sandbox.id())
-                        .is_some_and(|b| b.attached.iter().any(|a| a.starts_with(&prefix)))
+                    && bound.get(i.sandbox.id()).is_some_and(|b| {
+                        b.attached.iter().any(|a| {
+                            ipc::sandbox_paths::parse_callee_dir(a).is_some_and(|(n, _)| n == name)
+                        })
+                    })
             };
             for pool in sched.functions.values_mut() {
                 let callers: Vec<Instance> = pool.idle.extract_if(.., |i| calls_it(i)).collect();
@@ -864,10 +865,7 @@ impl Inner {
         let functions = lock(&self.functions);
         let namespace = &b.function.namespace;
         b.attached.iter().all(|target| {
-            let Some((name, version)) = target
-                .strip_prefix(rootfs::FUNCTIONS_DIR)
-                .and_then(|t| t.trim_start_matches('/').rsplit_once('-'))
-            else {
+            let Some((name, version)) = ipc::sandbox_paths::parse_callee_dir(target) else {
                 return false;
             };
             // Callees are of the sandbox's own namespace.
@@ -876,7 +874,7 @@ impl Inner {
                     namespace: namespace.clone(),
                     name: name.to_owned(),
                 })
-                .is_some_and(|f| version.parse() == Ok(f.version))
+                .is_some_and(|f| version == f.version)
         })
     }
 
@@ -968,12 +966,7 @@ impl Inner {
         if let Some(ns) = caller_namespace.filter(|ns| *ns != callee.namespace) {
             return Err(not_found_in(&ns, &callee.name));
         }
-        let target = format!(
-            "{}/{}-{}",
-            rootfs::FUNCTIONS_DIR,
-            callee.name,
-            callee.version
-        );
+        let target = ipc::sandbox_paths::callee_dir(&callee.name, callee.version);
         // `None`: it cannot run there; `Some(attached)`: it can.
         let state = |bound: &HashMap<String, BoundSandbox>| {
             bound

@@ -1293,11 +1293,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_shim_and_the_sandbox_spec_agree_on_where_callees_are_attached() {
-        assert_eq!(shim::FUNCTIONS_DIR, rootfs::FUNCTIONS_DIR);
-    }
-
-    #[test]
     fn a_sandbox_may_write_the_largest_shared_payload() {
         // A shared payload is a memfd the sender writes: its size is bound by the
         // sandbox's RLIMIT_FSIZE.

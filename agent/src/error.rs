@@ -168,19 +168,65 @@ fn resolves_to(path: &std::path::Path, resolved: &std::path::Path) -> String {
     }
 }
 
-/// What kind of failure an error is: decides the HTTP status and the CLI exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What kind of failure an error is: decides the HTTP status and the CLI exit code,
+/// here and nowhere else ([`ErrorKind::http_status`], [`ErrorKind::exit_code`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumIter)]
 pub enum ErrorKind {
     /// The request was wrong (400).
     BadRequest,
     /// The function does not exist (404).
     NotFound,
-    /// The function ran and failed: raised, timed out, ran out of memory (502/504).
+    /// The function ran and failed: raised, ran out of memory (502).
     Function,
+    /// The function (or the wait for an instance) took too long (504).
     Timeout,
-    /// sprout itself failed (500) or is going away (503).
+    /// sprout itself failed (500).
     Internal,
+    /// sprout is going away or has no room (503).
     Unavailable,
+}
+
+/// The CLI's exit code when a function failed or timed out.
+pub const EXIT_FUNCTION: u8 = 1;
+/// The CLI's exit code when the request was wrong or named nothing that exists.
+pub const EXIT_BAD_REQUEST: u8 = 2;
+/// The CLI's exit code when sprout itself failed.
+pub const EXIT_INTERNAL: u8 = 3;
+
+impl ErrorKind {
+    /// The HTTP status the API answers this kind of error with.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Function => 502,
+            ErrorKind::Timeout => 504,
+            ErrorKind::Internal => 500,
+            ErrorKind::Unavailable => 503,
+        }
+    }
+
+    /// The kind an HTTP error status stands for, as a client of the API reads it back:
+    /// the kind whose [`ErrorKind::http_status`] it is, else the nearest (any other
+    /// 4xx is the request's fault, anything else sprout's).
+    pub fn from_http_status(status: u16) -> ErrorKind {
+        use strum::IntoEnumIterator;
+        ErrorKind::iter()
+            .find(|k| k.http_status() == status)
+            .unwrap_or(match status {
+                400..=499 => ErrorKind::BadRequest,
+                _ => ErrorKind::Internal,
+            })
+    }
+
+    /// The `sprout` CLI's exit code for this kind of error.
+    pub const fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Function | ErrorKind::Timeout => EXIT_FUNCTION,
+            ErrorKind::BadRequest | ErrorKind::NotFound => EXIT_BAD_REQUEST,
+            ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
+        }
+    }
 }
 
 impl Error {
@@ -274,5 +320,27 @@ impl Error {
             traceback,
             logs,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strum::IntoEnumIterator;
+
+    #[test]
+    fn every_kind_reads_back_from_its_own_status() {
+        for kind in ErrorKind::iter() {
+            assert_eq!(ErrorKind::from_http_status(kind.http_status()), kind);
+        }
+        assert_eq!(ErrorKind::from_http_status(413), ErrorKind::BadRequest);
+        assert_eq!(ErrorKind::from_http_status(501), ErrorKind::Internal);
+    }
+
+    #[test]
+    fn exit_codes_group_kinds_by_whose_fault() {
+        assert_eq!(ErrorKind::Timeout.exit_code(), EXIT_FUNCTION);
+        assert_eq!(ErrorKind::NotFound.exit_code(), EXIT_BAD_REQUEST);
+        assert_eq!(ErrorKind::Unavailable.exit_code(), EXIT_INTERNAL);
     }
 }

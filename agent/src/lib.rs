@@ -17,6 +17,7 @@ mod agent;
 mod calls;
 mod config;
 mod error;
+#[cfg(feature = "http")]
 pub mod http;
 mod instance;
 mod manager;
@@ -25,12 +26,13 @@ mod request;
 mod run;
 mod sandbox_output;
 mod scheduler;
+pub mod transport;
 pub mod upload;
 mod workflow;
 
 pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig};
-pub use error::{Error, ErrorKind};
+pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use registry::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};
 pub use workflow::Workflow;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use agent::{Agent, Config, ErrorKind, FunctionSource, Request, Response};
+use agent::{Agent, Config, ErrorKind, FunctionSource, Request, Response, EXIT_BAD_REQUEST};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ipc::api::{ErrorBody, ErrorDetail, FunctionConfig, FunctionInfo, RegisterFunction};
@@ -269,9 +269,6 @@ impl LimitArgs {
 }
 
 /// Exit codes: 1 the function failed, 2 the request was wrong, 3 sprout failed.
-const EXIT_FUNCTION: u8 = 1;
-const EXIT_BAD_REQUEST: u8 = 2;
-const EXIT_INTERNAL: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -604,11 +601,7 @@ fn workflow_remote(
 }
 
 fn exit_code(kind: ErrorKind) -> ExitCode {
-    ExitCode::from(match kind {
-        ErrorKind::Function | ErrorKind::Timeout => EXIT_FUNCTION,
-        ErrorKind::BadRequest | ErrorKind::NotFound => EXIT_BAD_REQUEST,
-        ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
-    })
+    ExitCode::from(kind.exit_code())
 }
 
 fn print_logs(logs: &ipc::api::Logs) {
@@ -685,9 +678,7 @@ fn print_remote(status: u16, body: &[u8], logs: bool) -> anyhow::Result<ExitCode
         )
     })?;
     let code = match status {
-        502 | 504 => EXIT_FUNCTION,
-        400..=499 => EXIT_BAD_REQUEST,
-        _ => EXIT_INTERNAL,
+        _ => ErrorKind::from_http_status(status).exit_code(),
     };
     Ok(print_error(&err.error, ExitCode::from(code), logs))
 }

@@ -16,6 +16,7 @@ pub mod client;
 pub mod frame;
 pub mod payload;
 pub mod proto;
+pub mod sandbox_paths;
 mod sys;
 
 pub use frame::{Channel, Error, Message};

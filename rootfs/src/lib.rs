@@ -34,21 +34,13 @@ pub use spec::{
     SandboxUser, SandboxUsers, SANDBOX_UMASK,
 };
 
-/// Where the function's code appears inside a sandbox.
-pub const CODE_DIR: &str = "/code";
-/// The workflow scratch directory inside a sandbox (`SPROUT_WORKFLOW_DIR`).
-pub const WORKFLOW_DIR: &str = "/workflow";
+pub use ipc::sandbox_paths::{CODE_DIR, FUNCTIONS_DIR, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR};
+
 /// Size limit of a sandbox's own workflow scratch tmpfs, in MiB (as `/tmp`'s).
 pub const WORKFLOW_DIR_MB: u64 = 64;
-/// Where the code of functions called inside a sandbox is attached, one directory each.
-pub const FUNCTIONS_DIR: &str = "/fns";
 /// The largest file a sandbox may write (`RLIMIT_FSIZE`, bytes): the largest shared
 /// payload (a memfd is a file) and the size of a declarative run's scratch.
 pub const MAX_FILE_SIZE: u64 = 1 << 30;
-/// Where the agent's runtime directory appears inside a sandbox.
-pub const RUNTIME_DIR: &str = "/.sprout";
-/// The shim binary inside a sandbox (PID 1).
-pub const SHIM_PATH: &str = "/.sprout/shim";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -13,9 +13,6 @@ pub const PYTHON_RUNTIME: &str = include_str!("../runtime/python/sprout_runtime.
 
 /// Inside a sandbox: the Python interpreter (Debian's, from the host's `/usr`).
 pub const PYTHON: &str = "/usr/bin/python3";
-/// Inside a sandbox: where the code of called functions is attached, as
-/// `<FUNCTIONS_DIR>/<name>-<version>` (`rootfs::FUNCTIONS_DIR`).
-pub const FUNCTIONS_DIR: &str = "/fns";
 /// Inside a sandbox: where [`PYTHON_RUNTIME`] is.
 pub const PYTHON_RUNTIME_PATH: &str = "/.sprout/python/sprout_runtime.py";
 

@@ -1005,7 +1005,7 @@ fn wait_loaded(link: &mut InstanceLink, timeout: Duration) -> Result<Loading, ip
 /// A peer that went away: end of stream, or a reset or broken pipe.
 /// Where the agent attaches a called function's code in a sandbox.
 pub fn attached_dir(function: &str, version: u64) -> String {
-    format!("{}/{function}-{version}", shim::FUNCTIONS_DIR)
+    ipc::sandbox_paths::callee_dir(function, version)
 }
 
 /// Whether a spec sent by an instance is one the agent resolved: the function it

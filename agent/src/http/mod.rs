@@ -53,7 +53,6 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use tracing::{debug, debug_span, error, info, warn, Span};
 
 use crate::error::Error;
-use crate::request::{Request, Response};
 
 mod conn;
 /// The HTTP fuzz target's entry point (`agent/fuzz`); not part of the API.
@@ -61,30 +60,10 @@ mod conn;
 pub mod fuzz;
 mod routes;
 
-pub use crate::scheduler::{Abandon, Abandoned};
+pub use crate::transport::{Abandon, Abandoned, FastCall, FastPoll, Handle};
 use conn::{Conn, Life};
 pub use routes::{status_for, COLD_HEADER, DURATION_HEADER, START_HEADER};
 use routes::{Dispatch, Output, Persist, Reject};
-
-/// An invocation in flight whose instance answers on a socket the event loop watches.
-pub trait FastCall: Send {
-    /// The socket to watch for the answer.
-    fn fd(&self) -> RawFd;
-    /// Reads what the socket holds, without blocking.
-    fn poll(&mut self) -> FastPoll;
-    /// Finishes the call the blocking way (on a thread of its own).
-    #[allow(clippy::result_large_err)]
-    fn finish(self: Box<Self>) -> Result<Response, Error>;
-}
-
-/// What a [`FastCall`] has after reading.
-pub enum FastPoll {
-    Pending,
-    #[allow(clippy::large_enum_variant)]
-    Done(Result<Response, Error>),
-    /// The call needs waiting: finish it with [`FastCall::finish`].
-    Handoff,
-}
 
 /// How long a fast call may take on the event loop before a thread of its own finishes it.
 pub const FAST_BUDGET: Duration = Duration::from_millis(5);
@@ -97,28 +76,6 @@ const SPIN: Duration = Duration::from_micros(100);
 
 /// Instance sockets get tokens from here up; connections count up from [`FIRST_CONN`].
 const FIRST_FAST: usize = 1 << 48;
-
-/// What the server dispatches parsed requests to: the agent, or a fake in tests.
-pub trait Handle: Send + Sync + 'static {
-    // The agent's `Error` carries captured logs; it is returned once per request.
-    #[allow(clippy::result_large_err)]
-    fn handle(&self, req: Request) -> Result<Response, Error>;
-
-    /// [`Handle::handle`] for a request the server may take back while it waits:
-    /// `abandon` is set when its client goes away or the server drains. The default
-    /// ignores it.
-    #[allow(clippy::result_large_err)]
-    fn handle_abandonable(&self, req: Request, _abandon: &Abandon) -> Result<Response, Error> {
-        self.handle(req)
-    }
-
-    /// Starts `req` so that it completes on the event loop, when it can: the agent
-    /// does so for warm invokes of an idle, running instance. `None` (the default)
-    /// sends the request to a worker.
-    fn start_fast(&self, _req: &Request) -> Option<Box<dyn FastCall>> {
-        None
-    }
-}
 
 /// Limits on requests and connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

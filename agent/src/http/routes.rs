@@ -25,16 +25,9 @@ pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
 /// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
 pub const START_HEADER: &str = "X-Sprout-Start";
 
-/// The status code for each kind of agent error: the only such mapping.
+/// The status code for each kind of agent error ([`ErrorKind::http_status`]).
 pub fn status_for(kind: ErrorKind) -> u16 {
-    match kind {
-        ErrorKind::BadRequest => 400,
-        ErrorKind::NotFound => 404,
-        ErrorKind::Function => 502,
-        ErrorKind::Timeout => 504,
-        ErrorKind::Internal => 500,
-        ErrorKind::Unavailable => 503,
-    }
+    kind.http_status()
 }
 
 fn reason(status: u16) -> &'static str {

@@ -13,7 +13,7 @@ use ipc::client::{Client, ClientResponse};
 use ipc::proto::FunctionError;
 
 use super::*;
-use crate::request::{FunctionSource, Invocation, Start};
+use crate::request::{FunctionSource, Invocation, Request, Response, Start};
 
 /// Records every request; answers by function name.
 #[derive(Default)]
