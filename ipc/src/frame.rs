@@ -110,6 +110,27 @@ pub enum Error {
     Io(#[source] io::Error),
 }
 
+/// Whether an I/O error means the peer went away (reset, broken pipe, not
+/// connected): the one definition of "peer gone" in sprout.
+pub fn is_peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::NotConnected
+    )
+}
+
+impl Error {
+    /// Whether the peer went away: it closed the channel (between frames or inside
+    /// one) or the socket says it is gone ([`is_peer_gone`]).
+    pub fn is_peer_gone(&self) -> bool {
+        match self {
+            Error::Closed | Error::Truncated => true,
+            Error::Io(e) => is_peer_gone(e),
+            _ => false,
+        }
+    }
+}
+
 /// A received frame.
 #[derive(Debug)]
 pub struct Message<H> {

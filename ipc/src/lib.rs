@@ -19,7 +19,7 @@ pub mod proto;
 pub mod sandbox_paths;
 mod sys;
 
-pub use frame::{Channel, Error, Message};
+pub use frame::{is_peer_gone, Channel, Error, Message};
 pub use payload::Payload;
 
 /// Formats an error and its sources as `a: b: c`, skipping a source whose text the
