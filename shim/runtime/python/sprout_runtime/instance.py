@@ -66,7 +66,7 @@ def _unshadow(module_name, code_dir):
 
 def load_handler(code_dir, module_name, function_name):
     """Imports the handler. ``__main__`` is OpenWhisk's format: ``<code_dir>/__main__.py``,
-    loaded as module ``__sprout_main__`` so the runtime's own ``__main__`` stays."""
+    loaded as module ``__sprout_main__`` so the zygote's ``__main__`` (the bootstrap) stays."""
     os.chdir(code_dir)
     sys.path.insert(0, code_dir)
     importlib.invalidate_caches()
