@@ -8,6 +8,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use crate::is_peer_gone;
+
 /// Most headers accepted in a response.
 const MAX_HEADERS: usize = 64;
 /// Largest response head accepted.
@@ -195,13 +197,10 @@ impl Client {
             return Err(Attempt::Fail(ClientError::Closed { path }));
         };
         if let Err(e) = stream.write_all(head).and_then(|()| stream.write_all(body)) {
-            return Err(match e.kind() {
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-                    if self.buf.is_empty() =>
-                {
-                    Attempt::Retry
-                }
-                _ => Attempt::Fail(ClientError::Send { path, source: e }),
+            return Err(if is_peer_gone(&e) && self.buf.is_empty() {
+                Attempt::Retry
+            } else {
+                Attempt::Fail(ClientError::Send { path, source: e })
             });
         }
 
@@ -243,9 +242,7 @@ impl Client {
                     Ok(0) if !received_any => return Err(Attempt::Retry),
                     Ok(0) => return Err(Attempt::Fail(ClientError::Closed { path })),
                     Ok(_) => received_any = true,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !received_any => {
-                        return Err(Attempt::Retry)
-                    }
+                    Err(e) if is_peer_gone(&e) && !received_any => return Err(Attempt::Retry),
                     Err(source) => {
                         return Err(Attempt::Fail(ClientError::Receive { path, source }))
                     }

@@ -4,14 +4,23 @@
 //! agent ↔ function instance) speaks the same framing over a Unix stream socket:
 //! a fixed prefix, a JSON header naming the operation, a raw payload (event or
 //! result JSON, passed through untouched) and optional file descriptors sent with
-//! `SCM_RIGHTS`. [`frame`] implements the framing, [`proto`] the typed messages and
-//! the named handshakes built on them, [`api`] the JSON bodies of the agent's HTTP
-//! API so that a thin client needs nothing but this crate.
+//! `SCM_RIGHTS`.
+//!
+//! The crate has three parts:
+//! - **process framing**: [`frame`] (the framing), [`payload`] (inline or sealed-memfd
+//!   payloads), [`proto`] (the typed messages, their op names and the named
+//!   handshakes built on them) and [`sandbox_paths`]; raw syscalls in `sys`. The
+//!   shim links only this part (`default-features = false`).
+//! - **the HTTP API's types**: [`api`], the JSON bodies of the agent's HTTP API, so
+//!   that a thin client needs nothing but this crate.
+//! - **an HTTP client** of that API over its Unix socket: `client`, behind the
+//!   `client` feature (default on), with `httparse`.
 //!
 //! The byte layout is written down in `docs/protocol.md`; the Python runtime
-//! (`shim/runtime/python`) implements the same layout.
+//! (`shim/runtime/python/sprout_runtime/codec.py`) implements the same layout.
 
 pub mod api;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod frame;
 pub mod payload;

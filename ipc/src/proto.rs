@@ -19,13 +19,15 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
+use strum::IntoStaticStr;
 
 use crate::frame::{Channel, Error, Message};
 use crate::payload::Payload;
 
 /// A language runtime a shim can fork instances of.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum Runtime {
     Python,
 }
@@ -95,8 +97,9 @@ pub struct CallSpec {
 
 /// An instance → its shim (calls channel) or → the agent (call socket).
 /// `Call`'s payload is the event (JSON text, or raw bytes with `raw`).
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum CallRequest {
     /// To the agent: can `function` run in the caller's sandbox? Answered by
     /// [`CallReply::Resolved`] (after the agent attached its code there).
@@ -117,8 +120,9 @@ pub enum CallRequest {
 
 /// The answer to a [`CallRequest`] or a [`ShimRequest::Call`]. `CallReturned`'s
 /// payload is the callee's result (JSON text, or raw bytes with `raw`).
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum CallReply {
     /// `spec: None`: call it through the agent (it cannot run in this sandbox).
     Resolved { id: u64, spec: Option<CallSpec> },
@@ -151,8 +155,9 @@ pub enum CallReply {
 }
 
 /// Why the agent refused a call outright ([`CallReply::CallRefused`]).
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum RefusalKind {
     /// The calling sandbox has as many calls in flight as the agent allows.
     TooManyCalls,
@@ -161,9 +166,7 @@ pub enum RefusalKind {
 impl RefusalKind {
     /// The name on the wire.
     pub fn as_str(self) -> &'static str {
-        match self {
-            RefusalKind::TooManyCalls => "too_many_calls",
-        }
+        self.into()
     }
 }
 
@@ -195,8 +198,9 @@ pub struct LoadSpec {
 }
 
 /// Agent → shim.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ShimRequest {
     /// Hand over an instance of `runtime` (the shim's spare, or a new fork).
     SpawnInstance { instance: u64, runtime: Runtime },
@@ -212,8 +216,9 @@ pub enum ShimRequest {
 }
 
 /// Shim → agent.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ShimEvent {
     /// The shim is up and its zygotes are ready to fork.
     Ready {
@@ -233,16 +238,18 @@ pub enum ShimEvent {
 /// Shim → zygote. `Fork` carries four descriptors: the instance's end of its channel,
 /// the write ends of its stdout and stderr pipes, and the instance's end of its calls
 /// channel to the shim.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ZygoteRequest {
     /// The child waits, as a spare, for the agent's `load`.
     Fork { instance: u64, runtime: Runtime },
 }
 
 /// Zygote → shim.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ZygoteEvent {
     Ready { pid: i32 },
     Forked { instance: u64, pid: i32 },
@@ -250,8 +257,9 @@ pub enum ZygoteEvent {
 }
 
 /// Agent → instance. `Load` comes first; `Invoke`'s payload is the event JSON.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum InstanceRequest {
     /// Comes first, once: which handler to import.
     Load(LoadSpec),
@@ -267,8 +275,9 @@ pub enum InstanceRequest {
 }
 
 /// Instance → agent. `Returned`'s payload is the result JSON.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum InstanceEvent {
     /// To the shim, once: a new instance is set up and waits for `load`.
     Ready,
@@ -303,12 +312,14 @@ pub struct FunctionError {
     pub traceback: String,
 }
 
-fn op_of<H: std::fmt::Debug>(h: &H) -> String {
-    format!("{h:?}")
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+/// The `op` a message is sent under: its variant's name in snake case, as serde
+/// writes the tag (a test checks every variant). Every op-tagged enum here derives
+/// it (`strum::IntoStaticStr`).
+pub fn op_of<'a, M>(message: &'a M) -> &'static str
+where
+    &'a M: Into<&'static str>,
+{
+    message.into()
 }
 
 /// The agent's end of a sandbox's shim channel.
@@ -330,7 +341,7 @@ impl ShimLink {
         match self.0.recv()?.header {
             ShimEvent::Ready { zygote_pid } => Ok(zygote_pid),
             other => Err(Error::Unexpected {
-                op: op_of(&other),
+                op: op_of(&other).to_owned(),
                 expected: "ready",
             }),
         }
@@ -389,7 +400,7 @@ impl ShimLink {
                 message,
             } if i == instance => Ok(Err(message)),
             other => Err(Error::Unexpected {
-                op: op_of(&other),
+                op: op_of(&other).to_owned(),
                 expected: "instance_spawned",
             }),
         }
@@ -406,7 +417,7 @@ impl InstanceLink {
         match self.0.recv()?.header {
             InstanceEvent::Ready => Ok(()),
             other => Err(Error::Unexpected {
-                op: op_of(&other),
+                op: op_of(&other).to_owned(),
                 expected: "ready",
             }),
         }
@@ -424,7 +435,7 @@ impl InstanceLink {
             InstanceEvent::Loaded => Ok(Ok(())),
             InstanceEvent::LoadFailed { error } => Ok(Err(error)),
             other => Err(Error::Unexpected {
-                op: op_of(&other),
+                op: op_of(&other).to_owned(),
                 expected: "loaded",
             }),
         }
@@ -482,7 +493,7 @@ impl ZygoteLink {
         match self.0.recv()?.header {
             ZygoteEvent::Ready { pid } => Ok(pid),
             other => Err(Error::Unexpected {
-                op: op_of(&other),
+                op: op_of(&other).to_owned(),
                 expected: "ready",
             }),
         }
@@ -517,7 +528,7 @@ impl ZygoteLink {
                 message,
             } if i == instance => Ok(Err(message)),
             other => Err(Error::Unexpected {
-                op: op_of(&other),
+                op: op_of(&other).to_owned(),
                 expected: "forked",
             }),
         }
@@ -558,6 +569,142 @@ mod tests {
         .unwrap();
         assert_eq!(v["op"], "raised");
         assert_eq!(v["error"]["type"], "ValueError");
+    }
+
+    /// Every variant's derived op name is the tag serde writes (add a new variant here).
+    #[test]
+    fn op_names_are_the_serde_tags() {
+        fn check<'a, M: Serialize>(messages: &'a [M])
+        where
+            &'a M: Into<&'static str>,
+        {
+            for m in messages {
+                let v = serde_json::to_value(m).unwrap();
+                assert_eq!(v["op"], op_of(m), "{v}");
+            }
+        }
+        let error = FunctionError {
+            kind: "E".into(),
+            message: "m".into(),
+            traceback: String::new(),
+        };
+        let spec = CallSpec {
+            function: "g".into(),
+            version: 1,
+            code_dir: "/fns/g-1".into(),
+            handler: Handler::parse("f:f").unwrap(),
+            timeout_ms: 1,
+        };
+        let (id, function) = (1, String::from("g"));
+        check(&[
+            CallRequest::Resolve {
+                id,
+                function: function.clone(),
+            },
+            CallRequest::Call {
+                id,
+                function: function.clone(),
+                depth: 1,
+                raw: false,
+                spec: None,
+            },
+        ]);
+        check(&[
+            CallReply::Resolved { id, spec: None },
+            CallReply::CallReturned { id, raw: false },
+            CallReply::CallRaised {
+                id,
+                function: function.clone(),
+                error: error.clone(),
+            },
+            CallReply::CallFailed {
+                id,
+                function: function.clone(),
+                message: "m".into(),
+            },
+            CallReply::CallRefused {
+                id,
+                function,
+                kind: RefusalKind::TooManyCalls,
+                message: "m".into(),
+            },
+        ]);
+        check(&[
+            ShimRequest::SpawnInstance {
+                instance: 1,
+                runtime: Runtime::Python,
+            },
+            ShimRequest::Call {
+                id,
+                depth: 0,
+                raw: false,
+                spec: spec.clone(),
+            },
+        ]);
+        check(&[
+            ShimEvent::Ready { zygote_pid: 1 },
+            ShimEvent::InstanceSpawned {
+                instance: 1,
+                pid: 1,
+            },
+            ShimEvent::SpawnFailed {
+                instance: 1,
+                message: "m".into(),
+            },
+        ]);
+        check(&[ZygoteRequest::Fork {
+            instance: 1,
+            runtime: Runtime::Python,
+        }]);
+        check(&[
+            ZygoteEvent::Ready { pid: 1 },
+            ZygoteEvent::Forked {
+                instance: 1,
+                pid: 1,
+            },
+            ZygoteEvent::ForkFailed {
+                instance: 1,
+                message: "m".into(),
+            },
+        ]);
+        check(&[
+            InstanceRequest::Load(LoadSpec {
+                function: spec.function,
+                code_dir: spec.code_dir,
+                handler: spec.handler,
+            }),
+            InstanceRequest::Invoke {
+                id,
+                depth: 0,
+                raw: false,
+            },
+        ]);
+        check(&[
+            InstanceEvent::Ready,
+            InstanceEvent::Loaded,
+            InstanceEvent::LoadFailed {
+                error: error.clone(),
+            },
+            InstanceEvent::Returned {
+                id,
+                raw: false,
+                called: false,
+            },
+            InstanceEvent::Raised {
+                id,
+                error,
+                called: false,
+            },
+        ]);
+        // The plain enums are named as serde writes them too.
+        assert_eq!(
+            serde_json::to_value(Runtime::Python).unwrap(),
+            <&str>::from(Runtime::Python)
+        );
+        assert_eq!(
+            serde_json::to_value(RefusalKind::TooManyCalls).unwrap(),
+            RefusalKind::TooManyCalls.as_str()
+        );
     }
 
     #[test]

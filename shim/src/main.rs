@@ -4,7 +4,7 @@
 //! and 2, the write end of the sandbox's output pipe, which the agent reads (line by
 //! line, capped and rate-limited, into its log): nothing in the sandbox holds a
 //! descriptor of the host's, the agent's own stderr included. It starts
-//! the Python zygote, has it fork a spare instance (which makes its memory private
+//! its runtime's zygote ([`shim::runtime`]), has it fork a spare instance (which makes its memory private
 //! and waits), tells the agent it is ready, and for each `spawn_instance` hands the
 //! agent the spare's (or a new fork's) own channel and output pipes: the agent tells
 //! the instance what to load and invokes it directly. Every instance also gets a
@@ -19,7 +19,7 @@ mod zygote;
 use std::io::Write;
 use std::os::fd::AsFd;
 
-use ipc::proto::AgentLink;
+use ipc::proto::{AgentLink, Runtime};
 use ipc::Channel;
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
@@ -73,7 +73,8 @@ fn run() -> Result<(), Error> {
     let sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(sys_err("signalfd"))?;
 
-    let zygote = Zygote::start().map_err(Error::Zygote)?;
+    // Every sandbox runs Python for now; the agent will name the runtime.
+    let zygote = Zygote::start(Runtime::Python).map_err(Error::Zygote)?;
     let zygote_pid = zygote.pid();
     let mut router = Router::new(agent, zygote).map_err(Error::Router)?;
     router.fork_spare().map_err(Error::Router)?;

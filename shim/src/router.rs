@@ -33,7 +33,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ipc::proto::{
-    check_depth, AgentLink, CallReply, CallRequest, CallSpec, FunctionError, InstanceEvent,
+    check_depth, op_of, AgentLink, CallReply, CallRequest, CallSpec, FunctionError, InstanceEvent,
     InstanceLink, LoadSpec, Runtime, ShimRequest,
 };
 use ipc::{Channel, Message, Payload};
@@ -394,7 +394,7 @@ impl<Z: Spawn> Router<Z> {
         match self.agent.0.fill() {
             Ok(0) => return Ok(false),
             Ok(_) => {}
-            Err(e) if is_closed(&e) => return Ok(false),
+            Err(e) if e.is_peer_gone() => return Ok(false),
             Err(e) => return Err(Error::Agent(e)),
         }
         while let Some(msg) = self.agent.0.try_recv().map_err(Error::Agent)? {
@@ -427,7 +427,7 @@ impl<Z: Spawn> Router<Z> {
             Ok(0) => true,
             Ok(_) => false,
             Err(e) => {
-                if !is_closed(&e) {
+                if !e.is_peer_gone() {
                     warn(format_args!(
                         "calls channel of instance {key}: {}",
                         ipc::chain(&e)
@@ -607,7 +607,7 @@ impl<Z: Spawn> Router<Z> {
                     // the event cannot be sent: an idle one is dropped and the next
                     // tried; a fresh one failing fails the call.
                     let pid = local.pid;
-                    self.forget_instance(key, !is_closed(&e));
+                    self.forget_instance(key, !e.is_peer_gone());
                     if fresh {
                         let message = format!(
                             "{function}'s instance (pid {pid}) could not take the call: {}",
@@ -692,7 +692,7 @@ impl<Z: Spawn> Router<Z> {
                 let message = format!("{function} timed out after {ms} ms while loading");
                 (Refused::Failed(message), true)
             }
-            Err(e) if is_closed(&e) => {
+            Err(e) if e.is_peer_gone() => {
                 let message = format!(
                     "{function}'s instance (pid {pid}) died while loading (out of memory or killed?)"
                 );
@@ -737,7 +737,7 @@ impl<Z: Spawn> Router<Z> {
             other => {
                 let why = format!(
                     "unexpected {} while running call {}",
-                    op_of(&other),
+                    variant_name(op_of(&other)),
                     pending.invoke_id
                 );
                 local.busy = Some(pending);
@@ -811,7 +811,7 @@ impl<Z: Spawn> Router<Z> {
                     return Ok(());
                 };
                 if let Err(e) = end.send_payload(reply, payload, &[]) {
-                    if !is_closed(&e) {
+                    if !e.is_peer_gone() {
                         warn(format_args!(
                             "calls channel of instance {key}: {}",
                             ipc::chain(&e)
@@ -952,7 +952,7 @@ fn hear(link: &mut InstanceLink) -> Heard {
     match link.0.fill() {
         Ok(0) => return Heard::Died,
         Ok(_) => {}
-        Err(e) if is_closed(&e) => return Heard::Died,
+        Err(e) if e.is_peer_gone() => return Heard::Died,
         Err(e) => return Heard::Broke(ipc::chain(&e)),
     }
     match link.0.try_recv() {
@@ -972,7 +972,7 @@ fn wait_loaded(link: &mut InstanceLink, timeout: Duration) -> Result<Loading, ip
                     InstanceEvent::Loaded => Ok(Loading::Loaded),
                     InstanceEvent::LoadFailed { error } => Ok(Loading::Failed(error)),
                     other => Err(ipc::Error::Unexpected {
-                        op: op_of(&other),
+                        op: op_of(&other).to_owned(),
                         expected: "loaded",
                     }),
                 }
@@ -1002,7 +1002,6 @@ fn wait_loaded(link: &mut InstanceLink, timeout: Duration) -> Result<Loading, ip
     loading
 }
 
-/// A peer that went away: end of stream, or a reset or broken pipe.
 /// Where the agent attaches a called function's code in a sandbox.
 pub fn attached_dir(function: &str, version: u64) -> String {
     ipc::sandbox_paths::callee_dir(function, version)
@@ -1012,17 +1011,6 @@ pub fn attached_dir(function: &str, version: u64) -> String {
 /// calls, its code where the agent attaches it.
 fn spec_is_attached(function: &str, spec: &CallSpec) -> bool {
     spec.function == function && spec.code_dir == attached_dir(&spec.function, spec.version)
-}
-
-fn is_closed(e: &ipc::Error) -> bool {
-    match e {
-        ipc::Error::Closed | ipc::Error::Truncated => true,
-        ipc::Error::Io(e) => matches!(
-            e.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::NotConnected
-        ),
-        _ => false,
-    }
 }
 
 /// `timeout_ms` from now (far in the future for an absurd timeout).
@@ -1037,12 +1025,16 @@ fn poll_timeout(left: Duration) -> PollTimeout {
     PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX)
 }
 
-fn op_of(event: &InstanceEvent) -> String {
-    format!("{event:?}")
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+/// The message variant an op stands for (`returned` → `Returned`), as a callee that
+/// broke the protocol has always been reported to its caller.
+fn variant_name(op: &str) -> String {
+    let mut name = String::with_capacity(op.len());
+    for word in op.split('_') {
+        let mut chars = word.chars();
+        name.extend(chars.next().map(|c| c.to_ascii_uppercase()));
+        name.push_str(chars.as_str());
+    }
+    name
 }
 
 /// Problems that are not any caller's answer go to the shim's stderr.

@@ -1,4 +1,5 @@
-//! The Python zygote: starting it, and forking function instances from it.
+//! The runtime's zygote: starting it (with the command [`shim::runtime`] gives), and
+//! forking function instances from it.
 //!
 //! [`Spawn`] is the seam between the call router and the zygote: the router asks for
 //! an instance that writes to given pipes and gets back its pid, its channel (ready
@@ -15,9 +16,10 @@ use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("start the Python zygote ({python})")]
+    #[error("start the {runtime:?} zygote ({program})")]
     Start {
-        python: &'static str,
+        runtime: Runtime,
+        program: &'static str,
         #[source]
         source: io::Error,
     },
@@ -63,32 +65,36 @@ pub trait Spawn {
     fn kill(&mut self, pid: i32);
 }
 
-/// The running Python zygote.
+/// A running zygote.
 #[derive(Debug)]
 pub struct Zygote {
     link: ZygoteLink,
     pid: i32,
+    runtime: Runtime,
 }
 
 impl Zygote {
     /// Starts the zygote with its channel on descriptor 3 and waits for its `ready`.
     /// Its stdout and stderr are the shim's stderr: the sandbox's output pipe, which
     /// the agent reads (never a descriptor of the host's); its stdin is `/dev/null`.
-    pub fn start() -> Result<Zygote, Error> {
+    pub fn start(runtime: Runtime) -> Result<Zygote, Error> {
         let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
         let theirs = theirs.into_fd();
         let stderr = io::stderr()
             .as_fd()
             .try_clone_to_owned()
             .map_err(sys_err("dup stderr"))?;
-        let mut cmd = Command::new(shim::PYTHON);
-        cmd.args(["-I", "-B", "-c", shim::PYTHON_BOOTSTRAP])
+        let launch = shim::runtime::zygote_command(runtime);
+        let mut cmd = Command::new(launch.program);
+        cmd.args(&launch.args)
+            .envs(launch.env)
             .stdin(Stdio::null())
             .stdout(Stdio::from(stderr))
             .stderr(Stdio::inherit());
         sys::with_fd3_and_clean_mask(&mut cmd, &theirs);
         let child = cmd.spawn().map_err(|source| Error::Start {
-            python: shim::PYTHON,
+            runtime,
+            program: launch.program,
             source,
         })?;
         drop(theirs);
@@ -97,6 +103,7 @@ impl Zygote {
         Ok(Zygote {
             link,
             pid: child.id() as i32,
+            runtime,
         })
     }
 
@@ -113,7 +120,7 @@ impl Spawn for Zygote {
         stdout: BorrowedFd<'_>,
         stderr: BorrowedFd<'_>,
     ) -> Result<Result<Forked, String>, Error> {
-        fork_ready(&mut self.link, instance, stdout, stderr)
+        fork_ready(&mut self.link, self.runtime, instance, stdout, stderr)
     }
 
     fn kill(&mut self, pid: i32) {
@@ -125,6 +132,7 @@ impl Spawn for Zygote {
 /// channel, output pipes and calls channel, and the instance says `ready`.
 pub fn fork_ready(
     zygote: &mut ZygoteLink,
+    runtime: Runtime,
     instance: u64,
     stdout: BorrowedFd<'_>,
     stderr: BorrowedFd<'_>,
@@ -132,14 +140,7 @@ pub fn fork_ready(
     let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
     let (calls, calls_theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
     let forked = zygote
-        .fork(
-            instance,
-            Runtime::Python,
-            &theirs,
-            stdout,
-            stderr,
-            &calls_theirs,
-        )
+        .fork(instance, runtime, &theirs, stdout, stderr, &calls_theirs)
         .map_err(Error::Protocol)?;
     // The instance has its copies now; ours go so its death shows as these closing.
     drop((theirs, calls_theirs));

@@ -1,4 +1,4 @@
-"""Fuzzes the Python runtime's frame decoder (``sprout_runtime.Channel``) with atheris.
+"""Fuzzes the Python runtime's frame decoder (``sprout_runtime.codec.Channel``) with atheris.
 
 The input is a *send script*: what a hostile peer writes on one end of a Unix stream
 socket, the runtime's ``Channel`` reading the other end. It is a sequence of sends::
@@ -34,7 +34,6 @@ executable wrapper that runs this file with the venv's python as ``argv[0]``::
 """
 
 import fcntl
-import importlib.util
 import json
 import os
 import socket
@@ -42,21 +41,21 @@ import struct
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNTIME = os.path.join(HERE, "sprout_runtime.py")
 
 # Descriptor kinds of a send (bits 4-5 of its control byte).
 DEVNULL, SEALED_MEMFD, UNSEALED_MEMFD, SOCKET = range(4)
 
 
+codec = instance = sdk = zygote = None
+
+
 def load_runtime():
-    """Imports sprout_runtime.py from this directory as a module of its own."""
-    spec = importlib.util.spec_from_file_location("sprout_runtime", RUNTIME)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rt = None
+    """Imports the runtime's modules from the package in this directory (unless
+    ``main`` already did, instrumented)."""
+    global codec, instance, sdk, zygote
+    if codec is None:
+        sys.path.insert(0, HERE)
+        from sprout_runtime import codec, instance, sdk, zygote
 
 
 def parse_script(data):
@@ -102,12 +101,12 @@ def use_frame(header, payload, fds):
     """Does with a received frame what the runtime does with one from a peer."""
     assert isinstance(header, dict), header
     assert all(isinstance(fd, int) and fd >= 0 for fd in fds), fds
-    rt._check_invoke(header.get("depth", 0), header.get("raw", False))
-    rt._check_load(header)
-    rt._check_spec(header, fds)
+    instance._check_invoke(header.get("depth", 0), header.get("raw", False))
+    instance._check_load(header)
+    zygote._check_spec(header, fds)
     try:
-        rt._outcome("fuzz", header, payload)
-    except rt.CallError:
+        sdk._outcome("fuzz", header, payload)
+    except sdk.CallError:
         pass
     memoryview(payload).release()
 
@@ -125,23 +124,21 @@ def drain(channel, received):
                 continue
             if channel.fill() == 0:
                 if channel._end > channel._start:
-                    raise rt.ProtocolError("peer closed the channel in the middle of a frame")
-                raise rt.ChannelClosed("peer closed the channel")
+                    raise codec.ProtocolError("peer closed the channel in the middle of a frame")
+                raise codec.ChannelClosed("peer closed the channel")
         except BlockingIOError:
             return True
-        except (rt.ProtocolError, rt.ChannelClosed):
+        except (codec.ProtocolError, codec.ChannelClosed):
             return False
 
 
 def one_input(data):
     """Runs one send script against a fresh channel. Raises on a broken rule."""
-    global rt
-    if rt is None:
-        rt = load_runtime()
+    load_runtime()
     sender, receiver = socket.socketpair()
     sender.setblocking(False)
     receiver.setblocking(False)
-    channel = rt.Channel(receiver)
+    channel = codec.Channel(receiver)
     opened, received = [], []
     try:
         alive = True
@@ -234,11 +231,8 @@ def main():
         return
     import atheris
 
-    global rt
-    sys.path.insert(0, HERE)
     with atheris.instrument_imports(include=["sprout_runtime"]):
-        import sprout_runtime
-    rt = sprout_runtime
+        load_runtime()
     atheris.instrument_func(one_input)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()

@@ -1,11 +1,10 @@
-"""Tests for sprout_runtime.py: its framing, the sprout SDK against fake shim and agent
+"""Tests for the sprout_runtime package: its framing, the sprout SDK against fake shim and agent
 endpoints, and the real zygote driven as a subprocess.
 
 Run from this directory with ``/usr/bin/python3 -B -m unittest -v test_sprout_runtime``.
 """
 
 import fcntl
-import importlib.util
 import json
 import mmap
 import os
@@ -22,13 +21,14 @@ import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNTIME = os.path.join(HERE, "sprout_runtime.py")
+# What the shim runs with `python3 -I -B -c`, given the directory of the package.
+with open(os.path.join(HERE, "bootstrap.py")) as _f:
+    BOOTSTRAP = _f.read()
 PYTHON = "/usr/bin/python3"
 TIMEOUT = 10.0
 
-_spec = importlib.util.spec_from_file_location("sprout_runtime", RUNTIME)
-rt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rt)
+sys.path.insert(0, HERE)
+from sprout_runtime import codec, errors, instance, sdk  # noqa: E402
 
 
 def wait_until(predicate, timeout=TIMEOUT, what="condition"):
@@ -77,7 +77,7 @@ def readable(channel, timeout=0.0):
     return bool(select.select([channel.fileno()], [], [], timeout)[0])
 
 
-def memfd_with(data, seals=rt._SEALS):
+def memfd_with(data, seals=codec._SEALS):
     fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(fd, data)
     if seals:
@@ -127,7 +127,7 @@ def serve_agent(test, path, script):
     def run():
         conn, _ = listener.accept()
         conn.settimeout(TIMEOUT)
-        channel = rt.Channel(conn)
+        channel = codec.Channel(conn)
         try:
             script(channel)
         finally:
@@ -136,7 +136,7 @@ def serve_agent(test, path, script):
     return Peer(run)
 
 
-class Zygote(rt.Channel):
+class Zygote(codec.Channel):
     """The shim's end of a zygote's channel, with the process and its log."""
 
 
@@ -204,7 +204,7 @@ class RuntimeTest(unittest.TestCase):
                 os.dup2(fd, 3)
 
         proc = subprocess.Popen(
-            [PYTHON, "-I", "-B", RUNTIME],
+            [PYTHON, "-I", "-B", "-c", BOOTSTRAP, HERE],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -255,8 +255,8 @@ class RuntimeTest(unittest.TestCase):
             self.addCleanup(os.close, fd)
         agent.settimeout(TIMEOUT)
         shim.settimeout(TIMEOUT)
-        channel = rt.Channel(agent)
-        calls = rt.Channel(shim)
+        channel = codec.Channel(agent)
+        calls = codec.Channel(shim)
         self.addCleanup(channel.close)
         self.addCleanup(calls.close)
         # The spare says it is set up; then it is told what to load.
@@ -296,7 +296,7 @@ class RuntimeTest(unittest.TestCase):
         header, _, _ = inst.ch.recv()
         self.assertEqual(header["op"], "load_failed", header)
         # The instance exits after reporting.
-        with self.assertRaises(rt.ChannelClosed):
+        with self.assertRaises(codec.ChannelClosed):
             inst.ch.recv()
         wait_until(lambda: not pid_alive(inst.pid), what="failed instance to exit")
         return header["error"]
@@ -656,7 +656,7 @@ class RuntimeTest(unittest.TestCase):
         self.assertEqual(a.call(2, None), [a.pid, 2])
         self.assertEqual(b.call(1, None), [b.pid, 1])
         os.kill(a.pid, signal.SIGKILL)
-        with self.assertRaises(rt.ChannelClosed):
+        with self.assertRaises(codec.ChannelClosed):
             a.ch.recv()
         self.assertEqual(b.call(2, None), [b.pid, 2])
         # The zygote ignores SIGCHLD, so the dead instance is not left a zombie.
@@ -687,9 +687,9 @@ class RuntimeTest(unittest.TestCase):
         # If the first instance held copies of the second's channel or pipes, the
         # agent would not see the second one die.
         os.kill(b.pid, signal.SIGKILL)
-        with self.assertRaises(rt.ChannelClosed):
+        with self.assertRaises(codec.ChannelClosed):
             b.ch.recv()
-        with self.assertRaises(rt.ChannelClosed):
+        with self.assertRaises(codec.ChannelClosed):
             b.calls.recv()
         wait_eof(b.out)
         self.assertEqual(a.call(1, {"name": "A"}), "Hello, A!")
@@ -733,7 +733,7 @@ class RuntimeTest(unittest.TestCase):
         os.close(err_w)
         pid = self.await_forked(zygote, 9)
         agent.settimeout(TIMEOUT)
-        channel = rt.Channel(agent)
+        channel = codec.Channel(agent)
         self.addCleanup(channel.close)
         self.assertEqual(channel.recv()[0], {"op": "ready"})
         channel.send({"op": "load", "function": "x", "code_dir": "/", "handler": "f:f"})
@@ -750,7 +750,7 @@ class ChannelTest(unittest.TestCase):
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         a.settimeout(TIMEOUT)
         b.settimeout(TIMEOUT)
-        ca, cb = rt.Channel(a), rt.Channel(b)
+        ca, cb = codec.Channel(a), codec.Channel(b)
         self.addCleanup(ca.close)
         self.addCleanup(cb.close)
         return ca, cb
@@ -820,14 +820,14 @@ class ChannelTest(unittest.TestCase):
     def test_largest_inline_frame_crosses_many_reads(self):
         # The caps' largest frame: a MAX_HEADER header and a MAX_PAYLOAD inline payload.
         a, b = self.pair()
-        big = (bytes(range(251)) * (rt.MAX_PAYLOAD // 251 + 1))[:rt.MAX_PAYLOAD]
-        header = b'{"op":"big","pad":"' + b"p" * (rt.MAX_HEADER - 21) + b'"}'
-        self.assertEqual(len(header), rt.MAX_HEADER)
+        big = (bytes(range(251)) * (codec.MAX_PAYLOAD // 251 + 1))[:codec.MAX_PAYLOAD]
+        header = b'{"op":"big","pad":"' + b"p" * (codec.MAX_HEADER - 21) + b'"}'
+        self.assertEqual(len(header), codec.MAX_HEADER)
         t = threading.Thread(target=send_hand_made, args=(a.sock, header, len(big), [], False, big))
         t.start()
         header, payload, _ = b.recv()
         t.join()
-        self.assertEqual((header["op"], len(header["pad"])), ("big", rt.MAX_HEADER - 21))
+        self.assertEqual((header["op"], len(header["pad"])), ("big", codec.MAX_HEADER - 21))
         self.assertIsInstance(payload, bytes)
         self.assertEqual(payload, big)
         a.send({"op": "after"}, b"1")
@@ -836,42 +836,42 @@ class ChannelTest(unittest.TestCase):
     def test_close_between_frames_and_inside_a_frame(self):
         a, b = self.pair()
         a.sock.close()
-        with self.assertRaises(rt.ChannelClosed):
+        with self.assertRaises(codec.ChannelClosed):
             b.recv()
         a, b = self.pair()
         a.sock.sendall(struct.pack("<III", 10, 10, 0) + b'{"op"')
         a.sock.close()
-        with self.assertRaises(rt.ProtocolError):
+        with self.assertRaises(codec.ProtocolError):
             b.recv()
 
     def test_limits_and_malformed_headers(self):
         for prefix in (
-            struct.pack("<III", rt.MAX_HEADER + 1, 0, 0),
-            struct.pack("<III", 2, rt.MAX_PAYLOAD + 1, 0),
+            struct.pack("<III", codec.MAX_HEADER + 1, 0, 0),
+            struct.pack("<III", 2, codec.MAX_PAYLOAD + 1, 0),
             struct.pack("<III", 2, 64 << 20, 0),
-            struct.pack("<III", 2, 0, rt.MAX_FDS + 1),
+            struct.pack("<III", 2, 0, codec.MAX_FDS + 1),
         ):
             a, b = self.pair()
             a.sock.sendall(prefix)
-            with self.assertRaises(rt.ProtocolError):
+            with self.assertRaises(codec.ProtocolError):
                 b.recv()
         # The caps are the Rust side's (ipc::frame): 128 KiB of header, 64 KiB inline.
-        self.assertEqual((rt.MAX_HEADER, rt.MAX_PAYLOAD), (128 << 10, 64 << 10))
+        self.assertEqual((codec.MAX_HEADER, codec.MAX_PAYLOAD), (128 << 10, 64 << 10))
         a, b = self.pair()
         a.sock.sendall(struct.pack("<III", 2, 64 << 20, 0))
-        with self.assertRaisesRegex(rt.ProtocolError, "inline frame payload of 67108864 bytes exceeds the limit of 65536"):
+        with self.assertRaisesRegex(codec.ProtocolError, "inline frame payload of 67108864 bytes exceeds the limit of 65536"):
             b.recv()
         for header in (b"not json", b"[1]", b"\xff\xfe"):
             a, b = self.pair()
             a.sock.sendall(struct.pack("<III", len(header), 0, 0) + header)
-            with self.assertRaises(rt.ProtocolError):
+            with self.assertRaises(codec.ProtocolError):
                 b.recv()
         a, b = self.pair()
         a.sock.sendall(struct.pack("<III", 2, 0, 1) + b"{}")
-        with self.assertRaisesRegex(rt.ProtocolError, "1 descriptors but 0"):
+        with self.assertRaisesRegex(codec.ProtocolError, "1 descriptors but 0"):
             b.recv()
-        with self.assertRaises(rt.ProtocolError):
-            a.send({"op": "x"}, b"", list(range(rt.MAX_FDS + 1)))
+        with self.assertRaises(codec.ProtocolError):
+            a.send({"op": "x"}, b"", list(range(codec.MAX_FDS + 1)))
 
     # -- shared payloads
 
@@ -896,7 +896,7 @@ class ChannelTest(unittest.TestCase):
 
     def test_threshold_between_inline_and_shared(self):
         a, b = self.pair()
-        for size, shared in ((rt.SHARED_THRESHOLD, False), (rt.SHARED_THRESHOLD + 1, True)):
+        for size, shared in ((codec.SHARED_THRESHOLD, False), (codec.SHARED_THRESHOLD + 1, True)):
             data = b"x" * size
             a.send({"op": "t"}, bytearray(data))
             _, payload, _ = b.recv()
@@ -960,13 +960,13 @@ class ChannelTest(unittest.TestCase):
         for fd in (unsealed, write_only):
             send_hand_made(a.sock, b'{"op":"t"}', 100, [fd], True)
             # Only that frame fails: it is consumed and the next one is read.
-            with self.assertRaisesRegex(rt.ProtocolError, "not sealed"):
+            with self.assertRaisesRegex(codec.ProtocolError, "not sealed"):
                 b.recv()
         send_hand_made(a.sock, b'{"op":"t"}', 11, [short], True)
-        with self.assertRaisesRegex(rt.ProtocolError, "holds 10 bytes"):
+        with self.assertRaisesRegex(codec.ProtocolError, "holds 10 bytes"):
             b.recv()
         send_hand_made(a.sock, b'{"op":"t"}', 100, [plain.fileno()], True)
-        with self.assertRaisesRegex(rt.ProtocolError, "not sealed"):
+        with self.assertRaisesRegex(codec.ProtocolError, "not sealed"):
             b.recv()
         for fd in (unsealed, write_only, short):
             os.close(fd)
@@ -977,21 +977,21 @@ class ChannelTest(unittest.TestCase):
 
     def test_shared_limits(self):
         a, b = self.pair()
-        a.sock.sendall(struct.pack("<III", 2, rt.MAX_SHARED_PAYLOAD + 1, 0x8000_0001))
-        with self.assertRaisesRegex(rt.ProtocolError, "exceeds the limit of 1073741824"):
+        a.sock.sendall(struct.pack("<III", 2, codec.MAX_SHARED_PAYLOAD + 1, 0x8000_0001))
+        with self.assertRaisesRegex(codec.ProtocolError, "exceeds the limit of 1073741824"):
             b.recv()
         a, b = self.pair()
         a.sock.sendall(struct.pack("<III", 2, 5, 0x8000_0000) + b"{}")
-        with self.assertRaisesRegex(rt.ProtocolError, "no descriptor"):
+        with self.assertRaisesRegex(codec.ProtocolError, "no descriptor"):
             b.recv()
         # Over the inline limit is fine for a shared frame (only the prefix is checked here).
-        self.assertEqual(rt._decode_prefix(struct.pack("<III", 2, rt.MAX_PAYLOAD + 1, 0x8000_0001), 0),
-                         (2, rt.MAX_PAYLOAD + 1, 1, True))
-        with self.assertRaises(rt.ProtocolError):
-            rt._decode_prefix(struct.pack("<III", 2, rt.MAX_PAYLOAD + 1, 1), 0)
+        self.assertEqual(codec._decode_prefix(struct.pack("<III", 2, codec.MAX_PAYLOAD + 1, 0x8000_0001), 0),
+                         (2, codec.MAX_PAYLOAD + 1, 1, True))
+        with self.assertRaises(codec.ProtocolError):
+            codec._decode_prefix(struct.pack("<III", 2, codec.MAX_PAYLOAD + 1, 1), 0)
         # The memfd counts as a descriptor.
-        with self.assertRaisesRegex(rt.ProtocolError, "9 descriptors"):
-            a.send({"op": "x"}, b"x" * (rt.SHARED_THRESHOLD + 1), [0] * rt.MAX_FDS)
+        with self.assertRaisesRegex(codec.ProtocolError, "9 descriptors"):
+            a.send({"op": "x"}, b"x" * (codec.SHARED_THRESHOLD + 1), [0] * codec.MAX_FDS)
 
 
 SPEC = {
@@ -1015,16 +1015,16 @@ class SdkTest(unittest.TestCase):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         self.sock_path = os.path.join(tmp.name, "agent.sock")
-        self.addCleanup(setattr, rt.sprout, "_AGENT_SOCKET", rt.sprout._AGENT_SOCKET)
-        rt.sprout._AGENT_SOCKET = self.sock_path
+        self.addCleanup(setattr, sdk.sprout, "_AGENT_SOCKET", sdk.sprout._AGENT_SOCKET)
+        sdk.sprout._AGENT_SOCKET = self.sock_path
         shim, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         shim.settimeout(TIMEOUT)
-        self.shim_ch = rt.Channel(shim)
+        self.shim_ch = codec.Channel(shim)
         self.addCleanup(self.shim_ch.close)
-        self.state = rt._start_calls(rt.Channel(inst))
-        self.addCleanup(rt._start_calls, None)
+        self.state = sdk._start_calls(codec.Channel(inst))
+        self.addCleanup(sdk._start_calls, None)
         self.addCleanup(self.state.close)
-        self.sdk = rt.sprout
+        self.sdk = sdk.sprout
 
     def agent(self, script):
         return serve_agent(self, self.sock_path, script)
@@ -1057,7 +1057,7 @@ class SdkTest(unittest.TestCase):
         return header
 
     def expect_end(self, ch):
-        with self.assertRaises(rt.ChannelClosed):
+        with self.assertRaises(codec.ChannelClosed):
             ch.recv()
 
     # -- call
@@ -1147,7 +1147,7 @@ class SdkTest(unittest.TestCase):
                     out.append([e.function, e.type, e.message, str(e)])
             return out
 
-        reply, body = rt.invoke(handler, 1, b"null", depth=16)
+        reply, body = instance.invoke(handler, 1, b"null", depth=16)
         self.assertEqual(reply, {"op": "returned", "id": 1})  # nothing was called
         message = "call depth limit of 16 exceeded calling 'g' (a call cycle or runaway recursion?)"
         self.assertEqual(json.loads(body), [["g", "CallFailed", message, "call to g failed: " + message]] * 3)
@@ -1160,7 +1160,7 @@ class SdkTest(unittest.TestCase):
             returned(ch, self.expect_call(ch, "g", 1, depth=16), "deep")
 
         peer = self.agent(agent)
-        reply, body = rt.invoke(lambda event: self.sdk.call("g", event), 2, b"1", depth=15)
+        reply, body = instance.invoke(lambda event: self.sdk.call("g", event), 2, b"1", depth=15)
         self.assertEqual((reply, body), ({"op": "returned", "id": 2, "called": True}, b'"deep"'))
         self.finish(peer)
 
@@ -1331,14 +1331,14 @@ class SdkTest(unittest.TestCase):
             self.sdk.call_async("g", event).result()
             raise RuntimeError("after the call")
 
-        self.assertEqual(rt.invoke(lambda e: e, 1, b"[1]"), ({"op": "returned", "id": 1}, b"[1]"))
+        self.assertEqual(instance.invoke(lambda e: e, 1, b"[1]"), ({"op": "returned", "id": 1}, b"[1]"))
         self.assertEqual(
-            rt.invoke(fire_and_forget, 2, b"1"),
+            instance.invoke(fire_and_forget, 2, b"1"),
             ({"op": "returned", "id": 2, "raw": True, "called": True}, b"raw"),
         )
-        reply, _ = rt.invoke(call_then_raise, 3, b"2")
+        reply, _ = instance.invoke(call_then_raise, 3, b"2")
         self.assertEqual((reply["op"], reply["error"]["message"], reply["called"]), ("raised", "after the call", True))
-        reply, _ = rt.invoke(lambda e: 1 / 0, 4, b"null")
+        reply, _ = instance.invoke(lambda e: 1 / 0, 4, b"null")
         self.assertNotIn("called", reply)
         self.finish(peer)
 
@@ -1349,10 +1349,10 @@ class SdkTest(unittest.TestCase):
             seen.append((type(event), event.readonly, bytes(event)))
             return event
 
-        reply, body = rt.invoke(handler, 1, b"\x00{not json", raw=True)
+        reply, body = instance.invoke(handler, 1, b"\x00{not json", raw=True)
         self.assertEqual(seen, [(memoryview, True, b"\x00{not json")])
         self.assertEqual((reply, bytes(body)), ({"op": "returned", "id": 1, "raw": True}, b"\x00{not json"))
-        reply, _ = rt.invoke(handler, 2, b"", depth=-1)
+        reply, _ = instance.invoke(handler, 2, b"", depth=-1)
         self.assertEqual((reply["op"], reply["error"]["type"]), ("raised", "ProtocolError"))
 
 
@@ -1368,9 +1368,9 @@ class ErrorSizeTest(unittest.TestCase):
         try:
             handler(30)
         except ValueError as exc:
-            err = rt.describe_error(exc)
-        self.assertLessEqual(len(rt._dumps(err)), rt._MAX_ERROR)
-        self.assertLess(rt._MAX_ERROR + 4096, rt.MAX_HEADER)
+            err = errors.describe_error(exc)
+        self.assertLessEqual(len(codec._dumps(err)), errors._MAX_ERROR)
+        self.assertLess(errors._MAX_ERROR + 4096, codec.MAX_HEADER)
         self.assertTrue(err["message"].endswith(" ... (truncated)"), err["message"][-40:])
         self.assertTrue(err["message"].startswith("\U0001F600" * 100))
         # The traceback keeps its newest lines, the exception's own.
@@ -1380,7 +1380,7 @@ class ErrorSizeTest(unittest.TestCase):
         try:
             raise KeyError("k")
         except KeyError as exc:
-            small = rt.describe_error(exc)
+            small = errors.describe_error(exc)
         self.assertNotIn("truncated", small["message"] + small["traceback"])
 
 

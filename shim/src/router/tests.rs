@@ -748,7 +748,7 @@ mod threaded {
             stdout: BorrowedFd<'_>,
             stderr: BorrowedFd<'_>,
         ) -> Result<Result<Forked, String>, zygote::Error> {
-            zygote::fork_ready(&mut self.link, instance, stdout, stderr)
+            zygote::fork_ready(&mut self.link, Runtime::Python, instance, stdout, stderr)
         }
 
         fn kill(&mut self, pid: i32) {

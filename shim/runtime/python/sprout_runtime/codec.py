@@ -1,0 +1,301 @@
+"""The frame codec: ``Channel``, a framed, fd-passing channel over a Unix stream
+socket, byte-for-byte compatible with ipc/src/frame.rs (the layout is in the
+package's docstring and docs/protocol.md)."""
+
+import array
+import collections
+import fcntl
+import json
+import mmap
+import os
+import socket
+import struct
+
+PREFIX = struct.Struct("<III")
+PREFIX_LEN = PREFIX.size
+# Largest JSON header (the largest a sprout sender makes is an error: see _MAX_ERROR).
+MAX_HEADER = 128 << 10
+# Payloads larger than this are sent in a sealed memfd instead of the stream.
+SHARED_THRESHOLD = 64 << 10
+# Largest payload carried inline, in the stream: no frame needs more.
+MAX_PAYLOAD = SHARED_THRESHOLD
+# Largest payload carried in a shared memfd.
+MAX_SHARED_PAYLOAD = 1 << 30
+MAX_FDS = 8
+# Bit of the fd_count word that marks a shared (memfd) payload.
+SHARED_FLAG = 1 << 31
+
+_READ_CHUNK = 64 << 10
+# A buffer grown for one large frame is dropped once it is empty again.
+_KEEP_BUFFER = 1 << 20
+_ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_FD_SIZE = array.array("i").itemsize
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# What a receiver insists on: nobody may change the bytes or truncate the file
+# (which would turn reads of the mapping into SIGBUS).
+_NEEDED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing rules (limits, truncation, malformed header)."""
+
+
+class ChannelClosed(EOFError):
+    """The peer closed the channel between two frames."""
+
+
+class SharedPayloadError(Exception):
+    """A payload could not be put in a sealed memfd (memfd_create, write or seal failed).
+
+    Raised by ``Channel.send`` before anything is written to the socket.
+    """
+
+
+def _decode_prefix(buf, at):
+    """Returns ``(header_len, payload_len, fd_count, shared)`` of a bounds-checked prefix."""
+    hlen, plen, fd_word = PREFIX.unpack_from(buf, at)
+    shared = bool(fd_word & SHARED_FLAG)
+    nfds = fd_word & ~SHARED_FLAG
+    if hlen > MAX_HEADER:
+        raise ProtocolError(f"frame header of {hlen} bytes exceeds the limit of {MAX_HEADER}")
+    if shared and plen > MAX_SHARED_PAYLOAD:
+        raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {MAX_SHARED_PAYLOAD}")
+    if not shared and plen > MAX_PAYLOAD:
+        raise ProtocolError(f"inline frame payload of {plen} bytes exceeds the limit of {MAX_PAYLOAD} "
+                            "(a larger payload goes in a shared memfd)")
+    if nfds > MAX_FDS:
+        raise ProtocolError(f"frame carries {nfds} descriptors, at most {MAX_FDS} allowed")
+    if shared and nfds == 0:
+        raise ProtocolError("frame announced a shared payload but carries no descriptor")
+    return hlen, plen, nfds, shared
+
+
+def _share(view):
+    """Copies ``view`` (a byte memoryview) into a new sealed memfd; returns its descriptor."""
+    try:
+        fd = os.memfd_create("sprout-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as exc:
+        raise SharedPayloadError(f"memfd_create: {exc}") from exc
+    try:
+        done, total = 0, len(view)
+        while done < total:
+            done += os.write(fd, view[done:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except OSError as exc:
+        os.close(fd)
+        raise SharedPayloadError(f"writing a shared payload of {len(view)} bytes: {exc}") from exc
+    return fd
+
+
+def _map_shared(fd, length):
+    """Maps the first ``length`` bytes of a received memfd read-only, after checking it
+    is sealed against writing and shrinking and long enough. Closes ``fd``."""
+    try:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError as exc:
+            raise ProtocolError(f"shared payload: the descriptor is not sealed (not a memfd: {exc})") from None
+        if seals & _NEEDED_SEALS != _NEEDED_SEALS:
+            raise ProtocolError("shared payload: the memfd is not sealed against writing and shrinking")
+        size = os.fstat(fd).st_size
+        if size < length:
+            raise ProtocolError(f"shared payload: the memfd holds {size} bytes, the frame announced {length}")
+        if length == 0:
+            return b""
+        try:
+            # mmap keeps a descriptor of its own (a dup) until the mapping is collected.
+            return mmap.mmap(fd, length, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"shared payload: cannot map {length} bytes: {exc}") from None
+    finally:
+        _close_quietly(fd)
+
+
+class Channel:
+    """A framed, fd-passing channel over one end of a Unix stream socket.
+
+    ``recv()`` returns ``(header_dict, payload, [fds])``; the caller owns the returned
+    descriptors. ``payload`` is ``bytes`` when it came inline and a read-only
+    ``mmap.mmap`` when it came shared (its memfd is not among the descriptors); both
+    support the buffer protocol (``memoryview(payload)``, ``str(payload, "utf-8")``).
+    ``send(header, payload=b"", fds=())`` sends one frame; ``payload`` is anything
+    with the buffer protocol, and goes shared when it is over SHARED_THRESHOLD.
+    """
+
+    __slots__ = ("sock", "_buf", "_start", "_end", "_fds")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._buf = bytearray(_READ_CHUNK)
+        self._start = 0  # first unconsumed byte
+        self._end = 0  # end of received bytes
+        self._fds = collections.deque()
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        """Closes the socket and every descriptor received but not yet handed out."""
+        while self._fds:
+            _close_quietly(self._fds.popleft())
+        self.sock.close()
+
+    # -- sending
+
+    def send(self, header, payload=b"", fds=()):
+        """Sends one frame. Limits are checked, and a shared payload's memfd is made,
+        before anything is written (ProtocolError, SharedPayloadError); an OSError
+        comes from the socket."""
+        hdr = _dumps(header).encode()
+        if len(hdr) > MAX_HEADER:
+            raise ProtocolError(f"frame header of {len(hdr)} bytes exceeds the limit of {MAX_HEADER}")
+        fds = [fd if isinstance(fd, int) else fd.fileno() for fd in fds]
+        view = memoryview(payload)
+        try:
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")  # TypeError for a non-contiguous buffer
+            plen = len(view)
+            if plen <= SHARED_THRESHOLD:
+                self._send_frame(hdr, view, plen, fds, False)
+                return
+            if plen > MAX_SHARED_PAYLOAD:
+                raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {MAX_SHARED_PAYLOAD}")
+            if len(fds) + 1 > MAX_FDS:
+                raise ProtocolError(f"frame carries {len(fds) + 1} descriptors, at most {MAX_FDS} allowed")
+            memfd = _share(view)
+            try:
+                self._send_frame(hdr, b"", plen, fds + [memfd], True)
+            finally:
+                os.close(memfd)
+        finally:
+            view.release()
+
+    def _send_frame(self, hdr, payload, plen, fds, shared):
+        if len(fds) > MAX_FDS:
+            raise ProtocolError(f"frame carries {len(fds)} descriptors, at most {MAX_FDS} allowed")
+        head = PREFIX.pack(len(hdr), plen, len(fds) | (SHARED_FLAG if shared else 0)) + hdr
+        inline = 0 if shared else plen
+        anc = []
+        if fds:
+            anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds)))
+        sent = self.sock.sendmsg([head, payload] if inline else [head], anc)
+        # A stream socket may take less than all of it; the rest goes without descriptors.
+        if sent < len(head):
+            self.sock.sendall(memoryview(head)[sent:])
+            sent = len(head)
+        if sent < len(head) + inline:
+            self.sock.sendall(payload[sent - len(head):])
+
+    # -- receiving
+
+    def recv(self):
+        """Blocks until a whole frame has arrived.
+
+        Raises ChannelClosed at a clean end of stream, ProtocolError for a broken frame.
+        """
+        while True:
+            frame = self.try_recv()
+            if frame is not None:
+                return frame
+            if self.fill() == 0:
+                if self._end > self._start:
+                    raise ProtocolError("peer closed the channel in the middle of a frame")
+                raise ChannelClosed("peer closed the channel")
+
+    def try_recv(self):
+        """Returns a frame if one is complete in the buffer (else None); never reads
+        the socket. A shared frame is consumed even when its memfd is refused, so only
+        that frame fails."""
+        avail = self._end - self._start
+        if avail < PREFIX_LEN:
+            return None
+        hlen, plen, nfds, shared = _decode_prefix(self._buf, self._start)
+        total = PREFIX_LEN + hlen + (0 if shared else plen)
+        if avail < total:
+            return None
+        return self._take(hlen, plen, nfds, shared, total)
+
+    def fill(self):
+        """One read from the socket into the buffer; returns the bytes read (0 means the
+        peer closed). Blocks until the socket has data."""
+        want = _READ_CHUNK
+        if self._end - self._start >= PREFIX_LEN:
+            try:
+                hlen, plen, _, shared = _decode_prefix(self._buf, self._start)
+            except ProtocolError:
+                pass
+            else:
+                rest = PREFIX_LEN + hlen + (0 if shared else plen) - (self._end - self._start)
+                want = max(rest, _READ_CHUNK)
+        return self._fill(want)
+
+    def _fill(self, want):
+        """One recvmsg of up to ``want`` bytes; returns the bytes read (0 at end of stream)."""
+        buf = self._buf
+        if len(buf) - self._end < want:
+            # Not enough room behind the data: move the pending bytes to the front of
+            # a buffer that fits them plus this read.
+            avail = self._end - self._start
+            size = avail + want
+            if len(buf) >= size:
+                # The slice is a copy, so source and destination never overlap.
+                buf[:avail] = buf[self._start:self._end]
+            else:
+                new = bytearray(size)
+                new[:avail] = memoryview(buf)[self._start:self._end]
+                self._buf = buf = new
+            self._start, self._end = 0, avail
+        view = memoryview(buf)[self._end:self._end + want]
+        try:
+            n, anc, flags, _ = self.sock.recvmsg_into([view], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        finally:
+            view.release()
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("descriptors were lost: control message truncated")
+        self._end += n
+        return n
+
+    def _take(self, hlen, plen, nfds, shared, total):
+        if len(self._fds) < nfds:
+            raise ProtocolError(f"frame announced {nfds} descriptors but {len(self._fds)} arrived")
+        buf = self._buf
+        at = self._start + PREFIX_LEN
+        with memoryview(buf) as mv:
+            raw = bytes(mv[at:at + hlen])
+            payload = b"" if shared else bytes(mv[at + hlen:self._start + total])
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both are
+            raise ProtocolError(f"malformed frame header {raw[:200]!r}: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError(f"frame header is not a JSON object: {raw[:200]!r}")
+        fds = [self._fds.popleft() for _ in range(nfds)]
+        self._start += total
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(buf) > _KEEP_BUFFER:
+                self._buf = bytearray(_READ_CHUNK)
+        if shared:
+            memfd = fds.pop()
+            try:
+                payload = _map_shared(memfd, plen)
+            except ProtocolError:
+                for fd in fds:
+                    _close_quietly(fd)
+                raise
+        return header, payload, fds
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+

@@ -1,0 +1,284 @@
+"""A function instance, forked by the zygote: it says ``ready`` as a spare, loads
+the handler the agent names, and serves invocations until the agent lets go."""
+
+import importlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import sys
+
+from .codec import (
+    MAX_PAYLOAD,
+    MAX_SHARED_PAYLOAD,
+    SHARED_THRESHOLD,
+    Channel,
+    ChannelClosed,
+    ProtocolError,
+    SharedPayloadError,
+    _close_quietly,
+)
+from .errors import _log, describe_error
+from .sdk import _start_calls, _state
+
+def _flush_stdio():
+    seen = set()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is None or id(stream) in seen:
+            continue
+        seen.add(id(stream))
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a broken pipe must not stop the reply
+            pass
+
+
+def _open_stdio(fd):
+    # Line-buffered so a handler's output reaches the pipe as it prints (and is not
+    # lost if the instance is killed mid-invoke); flushed again before every reply.
+    return open(fd, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def _unshadow(module_name, code_dir):
+    """Lets the function's own top-level module win over one the zygote imported.
+
+    The zygote has imported json, socket, struct, ... before the code directory was
+    on sys.path; in a fresh interpreter a file of that name in the code directory
+    would be found first. Only modules loaded from a file are dropped (never
+    builtin or frozen ones, which a fresh interpreter would not shadow either).
+    """
+    top = module_name.partition(".")[0]
+    mod = sys.modules.get(top)
+    if mod is None:
+        return
+    spec = getattr(mod, "__spec__", None)
+    if spec is None or not spec.has_location:
+        return
+    if not (os.path.isfile(os.path.join(code_dir, top + ".py")) or os.path.isdir(os.path.join(code_dir, top))):
+        return
+    origin = os.path.abspath(spec.origin or "")
+    if origin.startswith(os.path.join(os.path.abspath(code_dir), "")):
+        return
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]
+
+
+def load_handler(code_dir, module_name, function_name):
+    """Imports the handler. ``__main__`` is OpenWhisk's format: ``<code_dir>/__main__.py``,
+    loaded as module ``__sprout_main__`` so the zygote's ``__main__`` (the bootstrap) stays."""
+    os.chdir(code_dir)
+    sys.path.insert(0, code_dir)
+    importlib.invalidate_caches()
+    if module_name == "__main__":
+        path = os.path.join(code_dir, "__main__.py")
+        if not os.path.isfile(path):
+            raise ModuleNotFoundError(f"No module named '__main__' ({path} does not exist)", name="__main__")
+        spec = importlib.util.spec_from_file_location("__sprout_main__", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["__sprout_main__"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop("__sprout_main__", None)
+            raise
+    else:
+        _unshadow(module_name, code_dir)
+        module = importlib.import_module(module_name)
+    try:
+        handler = getattr(module, function_name)
+    except AttributeError:
+        raise AttributeError(f"module '{module_name}' has no attribute '{function_name}'") from None
+    if not callable(handler):
+        raise TypeError(f"handler {module_name}:{function_name} is not callable")
+    return handler
+
+
+def _raised(request_id, exc, **kw):
+    return {"op": "raised", "id": request_id, "error": describe_error(exc, **kw)}, b""
+
+
+def _encode_result(request_id, result):
+    """The reply ``(header, payload)`` for a handler's result."""
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        try:
+            body = memoryview(result)
+            if not body.c_contiguous:
+                body = memoryview(body.tobytes())
+            body = body.cast("B")
+        except BaseException as exc:  # noqa: BLE001
+            return _raised(request_id, exc, frames=False, message=f"handler result is not a byte buffer: {exc}")
+        header = {"op": "returned", "id": request_id, "raw": True}
+    else:
+        try:
+            body = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+        except BaseException as exc:  # noqa: BLE001
+            return _raised(request_id, exc, frames=False, message=f"handler result is not JSON-serialisable: {exc}")
+        header = {"op": "returned", "id": request_id}
+    # Results over SHARED_THRESHOLD go in a memfd, which takes up to MAX_SHARED_PAYLOAD.
+    limit = MAX_PAYLOAD if len(body) <= SHARED_THRESHOLD else MAX_SHARED_PAYLOAD
+    if len(body) > limit:
+        exc = ValueError(f"handler result of {len(body)} bytes exceeds the limit of {limit} bytes")
+        return _raised(request_id, exc, frames=False)
+    return header, body
+
+
+def _check_invoke(depth, raw):
+    """Returns why an invoke's ``depth``/``raw`` cannot be served, or None."""
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        return f"invoke depth {depth!r} is not a call depth"
+    if not isinstance(raw, bool):
+        return f"invoke raw {raw!r} is not a boolean"
+    return None
+
+
+def invoke(handler, request_id, payload, depth=0, raw=False):
+    """Runs one invocation at call ``depth``; returns the reply ``(header, payload)``.
+
+    ``payload`` is the event: JSON text, or with ``raw`` bytes that the handler gets
+    as a read-only memoryview (no copy). Either way any buffer (bytes, mmap).
+    """
+    problem = _check_invoke(depth, raw)
+    if problem is not None:
+        error = {"type": "ProtocolError", "message": problem, "traceback": ""}
+        return {"op": "raised", "id": request_id, "error": error}, b""
+    if raw:
+        event = memoryview(payload)
+        if not event.readonly:
+            event = event.toreadonly()
+    else:
+        try:
+            event = json.loads(str(payload, "utf-8"))
+        except Exception as exc:  # noqa: BLE001 - ValueError, or RecursionError when too deep
+            return _raised(request_id, exc, frames=False, message=f"event is not valid JSON: {exc}")
+    state = _state()
+    state.depth, state.called = depth, False
+    try:
+        try:
+            result = handler(event)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too
+            reply, body = _raised(request_id, exc)
+        else:
+            del event
+            reply, body = _encode_result(request_id, result)
+    finally:
+        state = _state()
+        called, state.called = state.called, False
+    if called:
+        reply["called"] = True
+    return reply, body
+
+
+def _recv_no_fds(channel):
+    """Receives a frame on an instance channel, where no descriptors belong."""
+    header, payload, fds = channel.recv()
+    for fd in fds:
+        _close_quietly(fd)
+    return header, payload
+
+
+def serve(channel, handler):
+    """Answers invokes until the agent closes the channel; returns the exit status."""
+    while True:
+        try:
+            header, payload = _recv_no_fds(channel)
+        except ChannelClosed:
+            return 0
+        op = header.get("op")
+        if op != "invoke":
+            _log(f"ignoring unknown message op={op!r}")
+            continue
+        request_id = header.get("id")
+        reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
+        # Everything the handler printed is in the pipes before the agent hears back.
+        _flush_stdio()
+        try:
+            try:
+                channel.send(reply, body)
+            except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
+                failed, _ = _raised(request_id, exc, frames=False, message=f"cannot send the result: {exc}")
+                if reply.get("called"):
+                    failed["called"] = True
+                channel.send(failed)
+        except OSError:  # the agent is gone
+            return 0
+        finally:
+            # A shared event's mapping goes only now, after the answer: unmapping the
+            # last reference frees its pages (~17 ms for 64 MiB), which the caller
+            # need not wait for.
+            del body, payload
+
+
+def instance_main(zygote, instance, chan_fd, out_fd, err_fd, calls_fd):
+    """Body of a forked instance; returns its exit status (never returns to the zygote).
+
+    It starts as a *spare*: set up ahead of time (says ``ready`` to the shim), it
+    waits for the agent's ``load``, then imports the handler and serves invocations.
+    ``calls_fd`` is its calls channel to the shim, for ``sprout.call``.
+    """
+    # Nothing of the zygote's stays open here: its channel, and descriptors already
+    # queued for later fork requests (they belong to other instances).
+    zygote.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    for fd in (out_fd, err_fd):
+        if fd not in (1, 2):
+            os.close(fd)
+    sys.stdout = sys.__stdout__ = _open_stdio(1)
+    sys.stderr = sys.__stderr__ = _open_stdio(2)
+    os.environ["SPROUT_INSTANCE"] = str(instance)
+    # Received close-on-exec, so nothing the function runs inherits it; open for the
+    # instance's life.
+    _start_calls(Channel(socket.socket(fileno=calls_fd)))
+    channel = Channel(socket.socket(fileno=chan_fd))
+    try:
+        # Set up: the shim may now hand this spare over (or freeze its sandbox).
+        channel.send({"op": "ready"})
+    except OSError:
+        return 0
+    try:
+        header, _payload = _recv_no_fds(channel)
+    except ChannelClosed:
+        return 0
+    problem = _check_load(header)
+    if problem is not None:
+        error = {"type": "ProtocolError", "message": problem, "traceback": ""}
+        return _report_load_failure(channel, error)
+    os.environ["SPROUT_FUNCTION"] = header["function"]
+    handler_spec = header["handler"]
+    try:
+        handler = load_handler(header["code_dir"], handler_spec["module"], handler_spec["function"])
+    except BaseException as exc:  # noqa: BLE001
+        return _report_load_failure(channel, describe_error(exc, skip_import=True))
+    _flush_stdio()
+    try:
+        channel.send({"op": "loaded"})
+    except OSError:
+        return 0
+    return serve(channel, handler)
+
+
+def _report_load_failure(channel, error):
+    _flush_stdio()
+    try:
+        channel.send({"op": "load_failed", "error": error})
+    except OSError:
+        pass
+    return 1
+
+
+def _check_load(header):
+    """Returns why a ``load`` request cannot be served, or None."""
+    if header.get("op") != "load":
+        return f"expected a load request, got op={header.get('op')!r}"
+    for key in ("function", "code_dir"):
+        if not isinstance(header.get(key), str):
+            return f"{key} {header.get(key)!r} is not a string"
+    handler = header.get("handler")
+    if not (
+        isinstance(handler, dict) and isinstance(handler.get("module"), str) and isinstance(handler.get("function"), str)
+    ):
+        return f"handler {handler!r} is not {{\"module\": ..., \"function\": ...}}"
+    return None
+
