@@ -2,11 +2,13 @@
 //! colour codes: not the `sprout` command's, not the daemon's, not its spawner's
 //! (whose stderr is the daemon's).
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sprout_tests::{children, example, require_root};
+use sprout_tests::{children, example, require_root, sprout_bin, Env};
 
 /// The start of every ANSI escape sequence the log formatter writes.
 const ESC: &str = "\x1b[";
@@ -102,4 +104,51 @@ fn a_daemon_logs_into_a_pipe_without_colour() {
     );
     assert!(!run.stderr.contains(ESC), "colour codes in a pipe:\n{run}");
     env.assert_clean(run.pid);
+}
+
+/// `sprout invoke` (at `SPROUT_LOG=info`) with stderr on a terminal (a pty); returns
+/// what it wrote there.
+fn invoke_on_a_terminal(env: &Env, no_color: bool) -> String {
+    let pty = nix::pty::openpty(None, None).expect("open a pty");
+    let mut cmd = Command::new(sprout_bin());
+    cmd.arg("--state-dir")
+        .arg(env.state_dir())
+        .arg("invoke")
+        .arg(example("hello"))
+        .env("SPROUT_LOG", "info")
+        .env_remove("SPROUT_SOCKET")
+        .env_remove("SPROUT_STATE_DIR")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::from(pty.slave));
+    if no_color {
+        cmd.env("NO_COLOR", "1");
+    }
+    let mut child = cmd.spawn().expect("spawn sprout");
+    // The pty's last writer is the child's: reading ends (EIO) once it and its
+    // spawner are gone.
+    drop(cmd);
+    let mut master = File::from(pty.master);
+    let reader = thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = master.read_to_end(&mut out);
+        out
+    });
+    let status = child.wait().expect("wait for sprout");
+    let out = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    assert!(status.success(), "sprout invoke: {status}\n{out}");
+    assert!(out.contains("spawner started"), "it logged at info:\n{out}");
+    env.assert_clean(child.id());
+    out
+}
+
+/// On a terminal the log is coloured, unless `NO_COLOR` is set.
+#[test]
+fn a_terminal_gets_colour_unless_no_color_is_set() {
+    let env = require_root!();
+    let out = invoke_on_a_terminal(&env, false);
+    assert!(out.contains(ESC), "no colour on a terminal:\n{out}");
+    let out = invoke_on_a_terminal(&env, true);
+    assert!(!out.contains(ESC), "colour despite NO_COLOR:\n{out}");
 }
