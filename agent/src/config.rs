@@ -109,6 +109,10 @@ pub struct Config {
     /// this range, so at most `count` sandboxes at once. Two agents on one host need
     /// ranges that do not overlap. A function's files must be readable by "other".
     pub sandbox_uids: rootfs::SandboxUids,
+    /// The data directory ([`crate::DataDir`]): what must outlive the process
+    /// (uploaded code now; registrations, the package cache and activation records
+    /// later). `None`: the agent keeps nothing beyond its life (the embedded CLI).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -133,6 +137,7 @@ impl Config {
             log_limit: 1 << 20,
             max_calls_in_flight: crate::calls::DEFAULT_MAX_CALLS_IN_FLIGHT,
             sandbox_uids: rootfs::SandboxUids::DEFAULT,
+            data_dir: None,
         }
     }
 }

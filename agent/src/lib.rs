@@ -16,6 +16,7 @@
 mod agent;
 mod calls;
 mod config;
+pub mod data_dir;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
@@ -32,6 +33,7 @@ mod workflow;
 
 pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig};
+pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use registry::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};

@@ -844,8 +844,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `sprout serve --socket <work>/api-N.sock --state-dir <state>` and waits
-    /// until the socket accepts connections.
+    /// Starts `sprout serve --socket <work>/api-N.sock --state-dir <state>
+    /// --data-dir <work>/data-N` and waits until the socket accepts connections.
     pub fn start(env: &Env, args: &[&str]) -> Daemon {
         let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
         let socket = env.work_dir().join(format!("api-{n}.sock"));
@@ -857,9 +857,12 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(env.state_dir())
+            .arg("--data-dir")
+            .arg(env.work_dir().join(format!("data-{n}")))
             .args(args)
             .env_remove("SPROUT_SOCKET")
             .env_remove("SPROUT_STATE_DIR")
+            .env_remove("SPROUT_DATA_DIR")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)

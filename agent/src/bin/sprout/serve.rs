@@ -1,0 +1,219 @@
+//! `sprout serve`: the agent as a daemon serving the HTTP API on a Unix socket until
+//! SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::{Agent, Config};
+use anyhow::{bail, Context as _};
+use clap::Args;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::Context;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Worker threads running requests.
+    #[arg(long, default_value_t = 64)]
+    workers: usize,
+    /// Where what must outlive the daemon is kept (uploaded code now; registrations,
+    /// the package cache and activation records later). One daemon at a time.
+    #[arg(long, value_name = "PATH", env = "SPROUT_DATA_DIR", default_value = agent::data_dir::DEFAULT_PATH)]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    pool: PoolArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// The daemon's warm pool.
+#[derive(Args, Debug)]
+struct PoolArgs {
+    /// Prewarmed, frozen sandboxes kept ready.
+    #[arg(long, default_value_t = 2)]
+    stem_cells: usize,
+    /// Freeze a warm instance after it has been idle this long.
+    #[arg(long, value_name = "ms", default_value_t = 50)]
+    pause_grace: u64,
+    /// Destroy a warm instance after it has been idle this long.
+    #[arg(long, value_name = "s", default_value_t = 600)]
+    idle_ttl: u64,
+    /// Memory the sandboxes' limits may add up to before idle ones are evicted
+    /// (default: half of the machine's memory).
+    #[arg(long, value_name = "MiB")]
+    memory_budget: Option<u64>,
+    /// Calls one sandbox may have in flight on the agent's call socket; past it a call
+    /// is refused at once with too_many_calls.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..=65536)
+    )]
+    max_calls_per_sandbox: u64,
+    /// The sprout-spawner executable (default: next to this one, or in its parent
+    /// directory).
+    #[arg(long, value_name = "PATH", env = "SPROUT_SPAWNER")]
+    spawner: Option<PathBuf>,
+}
+
+impl PoolArgs {
+    fn config(&self) -> agent::PoolConfig {
+        agent::PoolConfig {
+            stem_cells: self.stem_cells,
+            pause_grace: Duration::from_millis(self.pause_grace),
+            idle_ttl: Duration::from_secs(self.idle_ttl),
+            memory_budget_mb: self
+                .memory_budget
+                .unwrap_or_else(agent::default_memory_budget_mb),
+        }
+    }
+}
+
+/// The daemon's API connections and shutdown.
+#[derive(Args, Debug)]
+struct HttpArgs {
+    /// Connections open at most; more are answered 503 and closed at once.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// A request head, then its body, must arrive within this long (else 408):
+    /// milliseconds (`500`, `500ms`) or seconds (`10s`).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    read_timeout: Duration,
+    /// An idle connection (no request begun) is closed after this long.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    keep_alive_timeout: Duration,
+    /// On SIGTERM/SIGINT, requests being handled get this long to finish before they
+    /// are answered 503 (a second signal ends it): milliseconds or seconds.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+}
+
+impl HttpArgs {
+    fn limits(&self) -> agent::http::Limits {
+        agent::http::Limits {
+            read_timeout: self.read_timeout,
+            idle_timeout: self.keep_alive_timeout,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ..agent::http::Limits::default()
+        }
+    }
+}
+
+/// `500` or `500ms` (milliseconds), `10s` (seconds); at least 1 ms.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (digits, ms_per) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (t, 1)
+    };
+    let ms = digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(ms_per))
+        .filter(|&ms| ms >= 1)
+        .ok_or_else(|| {
+            format!("{text:?} is not a duration: give milliseconds (500, 500ms) or seconds (10s), at least 1 ms")
+        })?;
+    Ok(Duration::from_millis(ms))
+}
+
+pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let Some(socket) = &cx.socket else {
+        bail!("serve needs --socket PATH (or SPROUT_SOCKET)");
+    };
+    // Block the shutdown signals before any thread exists, so every thread inherits
+    // the mask and one thread waits for them (the spawner clears its own mask).
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().context("block signals")?;
+    // Every client connection is a descriptor: allow as many as the hard limit does.
+    // (Sandboxes get their own limit from their spec.)
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let agent = Agent::start(Config {
+        state_root: cx.state_dir.clone(),
+        sandbox_uids: cx.sandbox_uids,
+        pool: args.pool.config(),
+        max_calls_in_flight: args.pool.max_calls_per_sandbox as usize,
+        spawner: args.pool.spawner.clone(),
+        data_dir: Some(args.data_dir.clone()),
+        ..Config::new()
+    })
+    .context("start the agent")?;
+    let server = match agent::http::Server::bind(socket, args.http.limits()) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = agent.shutdown();
+            return Err(e).with_context(|| format!("serve on {}", socket.display()));
+        }
+    };
+    let stop = server.shutdown_handle();
+    let grace = args.http.shutdown_grace;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            // The first signal drains: no new connections, requests being handled
+            // get the grace to finish. A second one ends the grace.
+            match signals.wait() {
+                Ok(sig) => {
+                    tracing::info!(signal = ?sig, grace_ms = grace.as_millis() as u64, "shutting down");
+                    stop.drain(grace);
+                }
+                Err(_) => {
+                    stop.shutdown();
+                    return;
+                }
+            }
+            if let Ok(sig) = signals.wait() {
+                tracing::info!(signal = ?sig, "second signal: ending the shutdown grace");
+            }
+            stop.shutdown();
+        })
+        .context("start signal thread")?;
+    tracing::info!(socket = %socket.display(), "serving");
+    let agent = Arc::new(agent);
+    let served = server.run(agent.clone(), args.workers);
+    agent.shutdown().context("shut the agent down")?;
+    served.context("HTTP server")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_are_milliseconds_or_seconds() {
+        assert_eq!(parse_duration("500"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration(" 2 s"), Ok(Duration::from_secs(2)));
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "-1",
+            "1.5s",
+            "10m",
+            "s",
+            "99999999999999999999s",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(
+                e.contains("milliseconds") && e.contains("seconds"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+}

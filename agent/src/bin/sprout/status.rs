@@ -1,0 +1,12 @@
+//! `sprout status`: the daemon's `GET /status`, as it answers it.
+
+use std::process::ExitCode;
+
+use ipc::client::Client;
+
+use crate::{print, Context};
+
+pub fn run(cx: &Context) -> anyhow::Result<ExitCode> {
+    let resp = Client::connect(cx.daemon()?)?.request("GET", "/status", None, b"")?;
+    print::remote(resp.status, &resp.body, false)
+}
