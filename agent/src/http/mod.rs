@@ -2,7 +2,7 @@
 //!
 //! One thread runs a mio event loop that accepts connections, parses requests with
 //! `httparse` and writes responses; a fixed pool of worker threads turns each
-//! complete request into a [`Request`], calls [`Handle::handle`] and encodes the
+//! complete request into a [`Request`](crate::request::Request), calls [`Handle::handle`] and encodes the
 //! answer, which comes back to the loop through a channel and a [`mio::Waker`].
 //!
 //! Warm invokes skip the workers: [`Handle::start_fast`] sends the invocation to an
@@ -13,18 +13,19 @@
 //! every worker may be waiting for the very instance that call holds).
 //!
 //! The parts, each knowing only what it needs:
-//! - [`wire`]: generic HTTP/1.1 — request heads, chunked bodies, `100-continue`,
+//! - `wire`: generic HTTP/1.1 — request heads, chunked bodies, `100-continue`,
 //!   percent-decoding, response heads. No route, no sprout type.
-//! - [`conn`]: one connection's state machine (keep-alive, pipelining, timeouts,
+//! - `conn`: one connection's state machine (keep-alive, pipelining, timeouts,
 //!   drain): it yields each parsed request head to the router and, with its body,
 //!   hands the routed request to the server.
-//! - [`routes`]: the one route table (`docs/openapi.yaml` describes it), HTTP
-//!   requests to [`Request`](crate::request::Request)s, and
-//!   [`Response`](crate::request::Response)s and [`Error`](crate::error::Error)s back
-//!   to HTTP responses.
-//! - [`server`]: the event loop, workers, fast calls and drain, over the library's
+//! - `routes`: the one route table (`docs/openapi.yaml` describes it, a test holds
+//!   the two together): HTTP requests to [`Request`](crate::request::Request)s.
+//! - `reply`: [`Response`](crate::request::Response)s and
+//!   [`Error`](crate::error::Error)s back to HTTP responses, and the HTTP layer's
+//!   own refusals in the same JSON shape.
+//! - `server`: the event loop, workers, fast calls and drain, over the library's
 //!   requests and responses.
-//! - [`listener`]: what the loop accepts connections on (a Unix socket; TCP next).
+//! - `listener`: what the loop accepts connections on (a Unix socket; TCP next).
 //!
 //! Hostile or careless clients are bounded ([`Limits`]): at most
 //! `max_connections` are open (more are answered 503 and closed at once, so the
