@@ -2,8 +2,9 @@
 //!
 //! One thread runs a mio event loop that accepts connections, parses requests with
 //! `httparse` and writes responses; a fixed pool of worker threads turns each
-//! complete request into a [`Request`](crate::request::Request), calls [`Handle::handle`] and encodes the
-//! answer, which comes back to the loop through a channel and a [`mio::Waker`].
+//! complete request into a [`Request`](crate::request::Request), calls
+//! [`Handle::handle`] and encodes the answer, which comes back to the loop through a
+//! channel and a [`mio::Waker`].
 //!
 //! Warm invokes skip the workers: [`Handle::start_fast`] sends the invocation to an
 //! idle instance right away, the loop watches the instance's socket, and writes the
