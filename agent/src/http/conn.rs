@@ -26,17 +26,28 @@ use tracing::{debug, debug_span, Span};
 
 use ipc::Payload;
 
+use super::limits::Limits;
 use super::listener::Stream;
 use super::reply::{Output, Reject, Reply};
-use super::routes::{self, Route};
-use super::server::{Abandon, Job, Limits};
+use super::routes::{self, Dispatch, Route};
 use super::wire::{self, Chunked, Framing, Persist};
+use crate::transport::Abandon;
 
 const READ_CHUNK: usize = 64 << 10;
 /// Buffers larger than this are released once a request is done with them.
 const KEEP_CAPACITY: usize = 1 << 20;
 /// Output segments handed to one vectored write.
 const MAX_IOVECS: usize = 8;
+
+/// A request handed to a worker.
+pub(super) struct Job {
+    pub token: Token,
+    pub dispatch: Dispatch,
+    pub persist: Persist,
+    pub span: Span,
+    /// Its connection's: set when the client goes away or the server drains.
+    pub abandon: Arc<Abandon>,
+}
 
 /// Whether the connection is still open after [`Conn::drive`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,10 +11,11 @@ use std::os::unix::net::UnixStream;
 
 use mio::Token;
 
-use super::conn::{Conn, Life};
+use super::conn::{Conn, Job, Life};
+use super::limits::Limits;
 use super::listener::Stream;
 use super::reply::Reply;
-use super::server::{Job, Limits, FIRST_CONN};
+use super::server::FIRST_CONN;
 use super::wire::Persist;
 
 /// Limits small enough that a fuzzer's inputs reach the 413 and 431 paths.

@@ -16,7 +16,7 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
 use tracing::{info, warn};
 
-use super::server::HttpError;
+use super::error::HttpError;
 
 /// A bound listening socket.
 #[derive(Debug)]

@@ -47,9 +47,11 @@
 //! mapping) and the loop writes head and body with one vectored write.
 
 mod conn;
+mod error;
 /// The HTTP fuzz target's entry point (`agent/fuzz`); not part of the API.
 #[doc(hidden)]
 pub mod fuzz;
+mod limits;
 mod listener;
 #[cfg(test)]
 mod openapi;
@@ -58,8 +60,8 @@ mod routes;
 mod server;
 mod wire;
 
+pub use crate::transport::{Abandon, Abandoned, FastCall, FastPoll, Handle};
+pub use error::HttpError;
+pub use limits::Limits;
 pub use reply::{COLD_HEADER, DURATION_HEADER, START_HEADER};
-pub use server::{
-    Abandon, Abandoned, FastCall, FastPoll, Handle, HttpError, Limits, Server, ShutdownHandle,
-    FAST_BUDGET,
-};
+pub use server::{Server, ShutdownHandle, FAST_BUDGET};

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
@@ -21,15 +21,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use tracing::{debug, debug_span, error, info, warn, Span};
+use tracing::{debug, debug_span, error, info, warn};
 
-use super::conn::{self, Conn, Life};
+use super::conn::{self, Conn, Job, Life};
+use super::error::HttpError;
+use super::limits::Limits;
 use super::listener::{Listener, SocketFile};
 use super::reply::{self, Output, Reject};
-use super::routes::Dispatch;
 use super::wire::Persist;
 use crate::error::Error;
-pub use crate::transport::{Abandon, Abandoned, FastCall, FastPoll, Handle};
+use crate::transport::{Abandoned, FastCall, FastPoll, Handle};
 
 /// How long a fast call may take on the event loop before a thread of its own finishes it.
 pub const FAST_BUDGET: Duration = Duration::from_millis(5);
@@ -42,89 +43,6 @@ const SPIN: Duration = Duration::from_micros(100);
 
 /// Instance sockets get tokens from here up; connections count up from [`FIRST_CONN`].
 const FIRST_FAST: usize = 1 << 48;
-
-/// Limits on requests and connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest request body (after chunked decoding); larger ones get 413.
-    pub max_body: usize,
-    /// Largest request head (request line and headers); larger ones get 431.
-    pub max_head: usize,
-    /// A request head must be complete this long after its first byte arrived, and
-    /// its body must not stall this long (counted from the head, then from the last
-    /// bytes of it read); otherwise 408 and the connection is closed.
-    pub read_timeout: Duration,
-    /// A connection with no request begun (keep-alive, or new), or whose client
-    /// takes no bytes of its response for this long, is closed.
-    pub idle_timeout: Duration,
-    /// Connections open at most; more are answered 503 and closed at once.
-    pub max_connections: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            max_body: 64 << 20,
-            max_head: 64 << 10,
-            read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_connections: 1024,
-        }
-    }
-}
-
-impl Limits {
-    /// How often the loop looks for connections past a timeout: a timeout fires up
-    /// to this much late (up to twice this, counted from the phase's start).
-    fn sweep_every(&self) -> Duration {
-        (self.read_timeout.min(self.idle_timeout) / 8)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1))
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    #[error("another agent serves on {path}")]
-    InUse { path: PathBuf },
-    #[error("{path} exists and is not a socket")]
-    NotASocket { path: PathBuf },
-    #[error("check for a server on {path}")]
-    Probe {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("remove stale socket {path}")]
-    RemoveStale {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("bind {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("set up the event loop for {path}")]
-    EventLoop {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("wait for events on {path}")]
-    Poll {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("start HTTP worker thread {index}")]
-    Worker {
-        index: usize,
-        #[source]
-        source: io::Error,
-    },
-}
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -187,16 +105,6 @@ impl ShutdownHandle {
             warn!(error = %e, "could not wake the HTTP event loop");
         }
     }
-}
-
-/// A request handed to a worker.
-pub(super) struct Job {
-    pub token: Token,
-    pub dispatch: Dispatch,
-    pub persist: Persist,
-    pub span: Span,
-    /// Its connection's: set when the client goes away or the server drains.
-    pub abandon: Arc<Abandon>,
 }
 
 /// A fast call the loop is waiting for.

@@ -15,6 +15,7 @@ use ipc::proto::FunctionError;
 use super::*;
 use crate::http::{COLD_HEADER, DURATION_HEADER};
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
+use crate::transport::Abandon;
 use std::fs;
 
 /// Records every request; answers by function name.
