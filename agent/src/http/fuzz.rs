@@ -11,9 +11,12 @@ use std::os::unix::net::UnixStream;
 
 use mio::Token;
 
-use super::conn::{Conn, Life};
-use super::routes::{Persist, Reply};
-use super::{Job, Limits, FIRST_CONN};
+use super::conn::{Conn, Job, Life};
+use super::limits::Limits;
+use super::listener::Stream;
+use super::reply::Reply;
+use super::server::FIRST_CONN;
+use super::wire::Persist;
 
 /// Limits small enough that a fuzzer's inputs reach the 413 and 431 paths.
 pub const SMALL_LIMITS: (usize, usize) = (1024, 512);
@@ -55,7 +58,7 @@ pub fn exchange(input: &[u8]) -> Result<Exchange, String> {
     client.set_nonblocking(true).map_err(|e| e.to_string())?;
     server.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut conn = Some(Conn::new(
-        mio::net::UnixStream::from_std(server),
+        Stream::Unix(mio::net::UnixStream::from_std(server)),
         Token(FIRST_CONN),
     ));
     let mut got = Vec::new();

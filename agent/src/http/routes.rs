@@ -1,237 +1,380 @@
-//! The route table: HTTP requests to [`Request`]s, and [`Response`]s and [`Error`]s
-//! back to HTTP responses. The one place that picks a status code for an error
-//! kind is [`status_for`].
+//! The route table: HTTP requests to the library's [`Request`]s. [`ROUTES`] is the
+//! one list of what the API serves (method and path pattern → [`Op`]), the router
+//! dispatches from it, and `docs/openapi.yaml` describes it (a test holds the two
+//! together). Answers go back through [`reply`](super::reply).
 //!
 //! Functions and workflows live in namespaces: `/functions/...`, `/run/...` and
 //! `/workflows/...` act in `default`, and the same routes under
 //! `/namespaces/{ns}/` act in `ns`. The namespace's name is checked by the agent (a
 //! 400 that states the rule), as is everything else about a request.
+//!
+//! The whole route map is settled here, also what later issues fill in: such a
+//! route is [`Op::Planned`] and answered `501` (`not_implemented`, naming what will
+//! serve it); a path in no route is a `404`, a known path with another method a `405`.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
-use ipc::api::{ErrorBody, ErrorDetail, FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
-use serde::Serialize;
-use serde_json::value::RawValue;
+use ipc::api::{FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
 
-use crate::error::{Error, ErrorKind};
-use crate::request::{FunctionSource, Invocation, Request, Response};
+use super::reply::Reject;
+use super::wire;
+use crate::request::{FunctionSource, Request};
 
-/// Header carrying an invocation's duration in microseconds.
-pub const DURATION_HEADER: &str = "X-Sprout-Duration-Us";
-/// Header saying whether an invocation needed a new sandbox (`true`/`false`).
-pub const COLD_HEADER: &str = "X-Sprout-Cold";
-/// Task steps a workflow run executed.
-pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
-/// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
-pub const START_HEADER: &str = "X-Sprout-Start";
-
-/// The status code for each kind of agent error ([`ErrorKind::http_status`]).
-pub fn status_for(kind: ErrorKind) -> u16 {
-    kind.http_status()
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        413 => "Payload Too Large",
-        415 => "Unsupported Media Type",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Unknown",
-    }
-}
-
-/// A request refused by the HTTP layer, before or instead of reaching the agent.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Reject {
-    pub status: u16,
-    /// The `kind` in the error body.
-    pub kind: &'static str,
-    pub message: String,
-    /// For 405: the methods the path accepts.
-    pub allow: Option<&'static str>,
-    /// Whether the connection must be closed after the response (the request's
-    /// framing can no longer be trusted, or its body was not read).
-    pub close: bool,
-}
-
-impl Reject {
-    fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Reject {
-        Reject {
-            status,
-            kind,
-            message: message.into(),
-            allow: None,
-            close: false,
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Reject {
-        Reject::new(400, "bad_request", message)
-    }
-
-    /// A request whose framing is broken: answered, then the connection is closed.
-    pub fn malformed(message: impl Into<String>) -> Reject {
-        Reject {
-            close: true,
-            ..Reject::bad_request(message)
-        }
-    }
-
-    pub fn head_too_large(max: usize) -> Reject {
-        Reject {
-            close: true,
-            ..Reject::new(
-                431,
-                "headers_too_large",
-                format!("request head exceeds {max} bytes or 64 headers"),
-            )
-        }
-    }
-
-    pub fn body_too_large(len: Option<u64>, max: usize) -> Reject {
-        let message = match len {
-            Some(len) => format!("request body of {len} bytes exceeds the limit of {max} bytes"),
-            None => format!("request body exceeds the limit of {max} bytes"),
-        };
-        Reject {
-            close: true,
-            ..Reject::new(413, "payload_too_large", message)
-        }
-    }
-
-    pub fn not_implemented(message: impl Into<String>) -> Reject {
-        Reject {
-            close: true,
-            ..Reject::new(501, "not_implemented", message)
-        }
-    }
-
-    fn internal(message: impl Into<String>) -> Reject {
-        Reject::new(500, "internal", message)
-    }
-
-    pub fn reply(&self) -> Reply {
-        let detail = ErrorDetail {
-            kind: self.kind.to_owned(),
-            message: self.message.clone(),
-            exception: None,
-            traceback: None,
-            logs: None,
-        };
-        let mut reply = Reply::json(self.status, &ErrorBody { error: detail });
-        if let Some(allow) = self.allow {
-            reply.headers.push(("Allow", allow.to_owned()));
-        }
-        reply
-    }
-}
-
-/// Whether the connection stays open after a response, and how to say so.
+/// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Persist {
-    Close,
-    /// Keep the connection; HTTP/1.0 clients need to be told.
-    KeepAlive {
-        http10: bool,
-    },
+pub(super) enum Op {
+    Status,
+    ListFunctions,
+    RegisterFunction,
+    RemoveFunction,
+    Invoke,
+    ListWorkflows,
+    RegisterWorkflow,
+    RemoveWorkflow,
+    RunWorkflow,
+    /// Routed, not served yet: answered 501, naming what will serve it.
+    Planned(&'static str),
 }
 
-/// A response before encoding. Every response is JSON.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Reply {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    fn json<T: Serialize>(status: u16, value: &T) -> Reply {
-        match serde_json::to_vec(value) {
-            Ok(body) => Reply {
-                status,
-                headers: Vec::new(),
-                body,
-            },
-            // Not reachable for the API's types, which have no fallible serializers.
-            Err(e) => Reject::internal(format!("serialize response: {e}")).reply(),
-        }
-    }
-
-    /// The response's bytes: status line, headers and body.
-    pub fn encode(&self, persist: Persist) -> Vec<u8> {
-        let mut out = encode_head(self.status, &self.headers, self.body.len(), persist);
-        out.extend_from_slice(&self.body);
-        out
-    }
-}
-
-/// A response for the event loop to send: the body is not copied into the head's
-/// buffer, and an invocation's result is its payload as it came from the instance
-/// (a shared result is written from its mapping, never copied in the agent).
+/// The routes of one path pattern.
 #[derive(Debug)]
-pub(super) struct Output {
-    pub status: u16,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: ipc::Payload,
+pub(super) struct PathRoutes {
+    /// `/`-separated segments; `{ns}` and `{name}` (and `{id}`) match one non-empty
+    /// segment each, a last `{path}` the rest of the path.
+    pub path: &'static str,
+    /// The methods, as `Allow` lists them on a 405 (a test checks they are `ops`').
+    pub allow: &'static str,
+    pub ops: &'static [(&'static str, Op)],
 }
 
-impl From<Reply> for Output {
-    fn from(reply: Reply) -> Output {
-        Output {
-            status: reply.status,
-            headers: reply.headers,
-            body: reply.body.into(),
+const METRICS: Op = Op::Planned("issue 14: metrics");
+const ACTIVATIONS: Op = Op::Planned("issue 14: activation records");
+const USAGE: Op = Op::Planned("issue 14: per-namespace accounting");
+const HTTP_APPS: Op = Op::Planned("issue 11: OpenLambda's HTTP apps");
+const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
+const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
+
+/// Every route of the API, in the order the router tries them (no two patterns
+/// match the same path).
+pub(super) const ROUTES: &[PathRoutes] = &[
+    PathRoutes {
+        path: "/functions/{name}/invoke",
+        allow: "POST",
+        ops: &[("POST", Op::Invoke)],
+    },
+    PathRoutes {
+        path: "/run/{name}",
+        allow: "POST",
+        ops: &[("POST", Op::Invoke)],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/functions/{name}/invoke",
+        allow: "POST",
+        ops: &[("POST", Op::Invoke)],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/run/{name}",
+        allow: "POST",
+        ops: &[("POST", Op::Invoke)],
+    },
+    PathRoutes {
+        path: "/status",
+        allow: "GET",
+        ops: &[("GET", Op::Status)],
+    },
+    PathRoutes {
+        path: "/functions",
+        allow: "GET",
+        ops: &[("GET", Op::ListFunctions)],
+    },
+    PathRoutes {
+        path: "/functions/{name}",
+        allow: "PUT, DELETE",
+        ops: &[
+            ("PUT", Op::RegisterFunction),
+            ("DELETE", Op::RemoveFunction),
+        ],
+    },
+    PathRoutes {
+        path: "/workflows",
+        allow: "GET",
+        ops: &[("GET", Op::ListWorkflows)],
+    },
+    PathRoutes {
+        path: "/workflows/{name}",
+        allow: "PUT, DELETE",
+        ops: &[
+            ("PUT", Op::RegisterWorkflow),
+            ("DELETE", Op::RemoveWorkflow),
+        ],
+    },
+    PathRoutes {
+        path: "/workflows/{name}/invoke",
+        allow: "POST",
+        ops: &[("POST", Op::RunWorkflow)],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/functions",
+        allow: "GET",
+        ops: &[("GET", Op::ListFunctions)],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/functions/{name}",
+        allow: "PUT, DELETE",
+        ops: &[
+            ("PUT", Op::RegisterFunction),
+            ("DELETE", Op::RemoveFunction),
+        ],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/workflows",
+        allow: "GET",
+        ops: &[("GET", Op::ListWorkflows)],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/workflows/{name}",
+        allow: "PUT, DELETE",
+        ops: &[
+            ("PUT", Op::RegisterWorkflow),
+            ("DELETE", Op::RemoveWorkflow),
+        ],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/workflows/{name}/invoke",
+        allow: "POST",
+        ops: &[("POST", Op::RunWorkflow)],
+    },
+    // Planned: issue 11.
+    PathRoutes {
+        path: "/run/{name}/{path}",
+        allow: "GET, POST, PUT, DELETE, PATCH",
+        ops: &[
+            ("GET", HTTP_APPS),
+            ("POST", HTTP_APPS),
+            ("PUT", HTTP_APPS),
+            ("DELETE", HTTP_APPS),
+            ("PATCH", HTTP_APPS),
+        ],
+    },
+    // Planned: issue 14.
+    PathRoutes {
+        path: "/activations",
+        allow: "GET",
+        ops: &[("GET", ACTIVATIONS)],
+    },
+    PathRoutes {
+        path: "/activations/{id}",
+        allow: "GET",
+        ops: &[("GET", ACTIVATIONS)],
+    },
+    PathRoutes {
+        path: "/activations/{id}/result",
+        allow: "GET",
+        ops: &[("GET", ACTIVATIONS)],
+    },
+    PathRoutes {
+        path: "/activations/{id}/logs",
+        allow: "GET",
+        ops: &[("GET", ACTIVATIONS)],
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/usage",
+        allow: "GET",
+        ops: &[("GET", USAGE)],
+    },
+    PathRoutes {
+        path: "/metrics",
+        allow: "GET",
+        ops: &[("GET", METRICS)],
+    },
+    PathRoutes {
+        path: "/stats",
+        allow: "GET",
+        ops: &[("GET", METRICS)],
+    },
+    // Planned: issue 15.
+    PathRoutes {
+        path: "/api/v1/namespaces",
+        allow: "GET",
+        ops: &[("GET", OPENWHISK)],
+    },
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/actions",
+        allow: "GET",
+        ops: &[("GET", OPENWHISK)],
+    },
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/actions/{name}",
+        allow: "PUT, GET, DELETE, POST",
+        ops: &[
+            ("PUT", OPENWHISK),
+            ("GET", OPENWHISK),
+            ("DELETE", OPENWHISK),
+            ("POST", OPENWHISK),
+        ],
+    },
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/activations",
+        allow: "GET",
+        ops: &[("GET", OPENWHISK)],
+    },
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/activations/{id}",
+        allow: "GET",
+        ops: &[("GET", OPENWHISK)],
+    },
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/activations/{id}/result",
+        allow: "GET",
+        ops: &[("GET", OPENWHISK)],
+    },
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/activations/{id}/logs",
+        allow: "GET",
+        ops: &[("GET", OPENWHISK)],
+    },
+    PathRoutes {
+        path: "/invoke",
+        allow: "POST",
+        ops: &[("POST", INVOKER)],
+    },
+    PathRoutes {
+        path: "/ping",
+        allow: "GET",
+        ops: &[("GET", INVOKER)],
+    },
+];
+
+/// What a path pattern captured, still percent-encoded.
+#[derive(Debug, Default)]
+pub(super) struct Params<'a> {
+    ns: Option<&'a str>,
+    name: Option<&'a str>,
+}
+
+/// Matches `path` (which starts with `/`) against a pattern of [`PathRoutes::path`].
+pub(super) fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Params<'a>> {
+    let mut params = Params::default();
+    let mut segments = path[1..].split('/');
+    let mut parts = pattern[1..].split('/').peekable();
+    while let Some(part) = parts.next() {
+        let segment = segments.next()?;
+        match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            // The rest of the path, whatever it is.
+            Some("path") if parts.peek().is_none() => return Some(params),
+            Some(_) if segment.is_empty() => return None,
+            Some("ns") => params.ns = Some(segment),
+            Some("name") => params.name = Some(segment),
+            Some(_) => {}
+            None if part != segment => return None,
+            None => {}
         }
     }
+    segments.next().is_none().then_some(params)
 }
 
-impl Output {
-    /// The status line and headers; the body follows them.
-    pub fn head(&self, persist: Persist) -> Vec<u8> {
-        encode_head(self.status, &self.headers, self.body.len(), persist)
+/// Matches a request head to a route. `target` is the request target as sent.
+pub(super) fn route(
+    method: &str,
+    target: &str,
+    content_type: Option<&str>,
+) -> Result<Route, Reject> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if !path.starts_with('/') {
+        return Err(Reject::bad_request(format!(
+            "request target {target:?} is not a path"
+        )));
+    }
+    // Path, then method, then query and content type: a wrong path is a 404 whatever the rest.
+    let Some((routes, params)) = ROUTES
+        .iter()
+        .find_map(|r| match_path(r.path, path).map(|p| (r, p)))
+    else {
+        return Err(Reject::new(
+            404,
+            "not_found",
+            format!("no route for {method} {path}"),
+        ));
+    };
+    let Some(&(_, op)) = routes.ops.iter().find(|(m, _)| *m == method) else {
+        let allow = routes.allow;
+        return Err(Reject {
+            allow: Some(allow),
+            ..Reject::new(
+                405,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}; use {allow}"),
+            )
+        });
+    };
+    if let Op::Planned(what) = op {
+        return Err(Reject::new(
+            501,
+            "not_implemented",
+            format!(
+                "{method} {} is not served yet: it is planned ({what})",
+                routes.path
+            ),
+        ));
+    }
+    let decode = |segment: Option<&str>| -> Result<String, Reject> {
+        let segment = segment.unwrap_or_default();
+        wire::percent_decode(segment)
+            .map(Cow::into_owned)
+            .ok_or_else(|| {
+                Reject::bad_request(format!("invalid percent-encoding in path {path:?}"))
+            })
+    };
+    let namespace = match params.ns {
+        Some(ns) => decode(Some(ns))?,
+        None => DEFAULT_NAMESPACE.to_owned(),
+    };
+    let name = decode(params.name)?;
+    let query = parse_query(query)?;
+    match op {
+        Op::ListFunctions => no_params(&query).map(|()| Route::List { namespace }),
+        Op::RegisterFunction => {
+            let body = match media_type(content_type).as_deref() {
+                None | Some("application/json") => {
+                    no_params(&query).map(|()| RegisterBody::Json)?
+                }
+                Some("application/x-tar") => {
+                    RegisterBody::Tar(config_from_query(&query, &namespace)?)
+                }
+                Some(_) => {
+                    return Err(Reject::new(
+                        415,
+                        "unsupported_media_type",
+                        format!(
+                        "unsupported content type {:?}: use application/json or application/x-tar",
+                        content_type.unwrap_or_default()
+                    ),
+                    ))
+                }
+            };
+            Ok(Route::Register {
+                namespace,
+                name,
+                body,
+            })
+        }
+        Op::RemoveFunction => no_params(&query).map(|()| Route::Remove { namespace, name }),
+        Op::Invoke => Ok(Route::Invoke {
+            namespace,
+            name,
+            logs: logs_from_query(&query)?,
+        }),
+        Op::Status => no_params(&query).map(|()| Route::Status),
+        Op::ListWorkflows => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
+        Op::RegisterWorkflow => {
+            no_params(&query).map(|()| Route::RegisterWorkflow { namespace, name })
+        }
+        Op::RemoveWorkflow => no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name }),
+        Op::RunWorkflow => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
+        Op::Planned(_) => unreachable!("answered above"),
     }
 }
-
-/// Status line and headers of a response with a body of `len` bytes.
-fn encode_head(
-    status: u16,
-    headers: &[(&'static str, String)],
-    len: usize,
-    persist: Persist,
-) -> Vec<u8> {
-    use std::fmt::Write;
-    let mut head = String::with_capacity(160);
-    let _ = write!(
-        head,
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        status,
-        reason(status),
-        len
-    );
-    match persist {
-        Persist::Close => head.push_str("Connection: close\r\n"),
-        Persist::KeepAlive { http10: true } => head.push_str("Connection: keep-alive\r\n"),
-        Persist::KeepAlive { http10: false } => {}
-    }
-    for (name, value) in headers {
-        let _ = write!(head, "{name}: {value}\r\n");
-    }
-    head.push_str("\r\n");
-    head.into_bytes()
-}
-
-/// The interim response to `Expect: 100-continue`.
-pub(super) const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// A request matched to a route, waiting for its body.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,98 +428,6 @@ pub(super) struct Dispatch {
     pub request: Request,
     /// For invocations: answer with an [`ipc::api::InvocationRecord`] instead of the bare result.
     pub logs: bool,
-}
-
-/// Matches a request head to a route. `target` is the request target as sent.
-pub(super) fn route(
-    method: &str,
-    target: &str,
-    content_type: Option<&str>,
-) -> Result<Route, Reject> {
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let Some(rest) = path.strip_prefix('/') else {
-        return Err(Reject::bad_request(format!(
-            "request target {target:?} is not a path"
-        )));
-    };
-    let segments: Vec<&str> = rest.split('/').collect();
-    // `/namespaces/{ns}/<route>` is `<route>` in `ns` (not `/status`: it is the agent's).
-    let (namespace, segments) = match segments.as_slice() {
-        ["namespaces", ns, tail @ ..] if !ns.is_empty() && tail.first() != Some(&"status") => {
-            (*ns, tail)
-        }
-        other => (DEFAULT_NAMESPACE, other),
-    };
-    let namespace = namespace.to_owned();
-    let not_found = || Reject::new(404, "not_found", format!("no route for {method} {path}"));
-    let allow = |allow: &'static str| Reject {
-        allow: Some(allow),
-        ..Reject::new(
-            405,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}; use {allow}"),
-        )
-    };
-    // Path, then method, then query and content type: a wrong path is a 404 whatever the rest.
-    let (name, methods) = match segments {
-        ["functions"] => (None, "GET"),
-        ["functions", name] if !name.is_empty() => (Some(*name), "PUT, DELETE"),
-        ["functions", name, "invoke"] | ["run", name] if !name.is_empty() => (Some(*name), "POST"),
-        ["status"] => (None, "GET"),
-        ["workflows"] => (None, "GET"),
-        ["workflows", name] if !name.is_empty() => (Some(*name), "PUT, DELETE"),
-        ["workflows", name, "invoke"] if !name.is_empty() => (Some(*name), "POST"),
-        _ => return Err(not_found()),
-    };
-    if !methods.split(", ").any(|m| m == method) {
-        return Err(allow(methods));
-    }
-    let query = parse_query(query)?;
-    let name = name.unwrap_or_default().to_owned();
-    match (segments[0], method) {
-        ("functions", "GET") => no_params(&query).map(|()| Route::List { namespace }),
-        ("functions", "PUT") => {
-            let body = match media_type(content_type).as_deref() {
-                None | Some("application/json") => {
-                    no_params(&query).map(|()| RegisterBody::Json)?
-                }
-                Some("application/x-tar") => {
-                    RegisterBody::Tar(config_from_query(&query, &namespace)?)
-                }
-                Some(_) => {
-                    return Err(Reject::new(
-                        415,
-                        "unsupported_media_type",
-                        format!(
-                        "unsupported content type {:?}: use application/json or application/x-tar",
-                        content_type.unwrap_or_default()
-                    ),
-                    ))
-                }
-            };
-            Ok(Route::Register {
-                namespace,
-                name,
-                body,
-            })
-        }
-        ("functions", "DELETE") => no_params(&query).map(|()| Route::Remove { namespace, name }),
-        ("functions" | "run", "POST") => Ok(Route::Invoke {
-            namespace,
-            name,
-            logs: logs_from_query(&query)?,
-        }),
-        ("status", _) => no_params(&query).map(|()| Route::Status),
-        ("workflows", "GET") => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
-        ("workflows", "PUT") => {
-            no_params(&query).map(|()| Route::RegisterWorkflow { namespace, name })
-        }
-        ("workflows", "DELETE") => {
-            no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name })
-        }
-        ("workflows", "POST") => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
-        _ => Err(not_found()),
-    }
 }
 
 impl Route {
@@ -482,105 +533,6 @@ impl Route {
     }
 }
 
-/// The HTTP response for what the agent answered.
-///
-/// An invocation's result is not copied: it becomes the response's body as it is (a
-/// shared result stays in its mapping), or, with `?logs=true`, is copied once into
-/// the record.
-pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
-    let reply = match result {
-        Ok(Response::Registered(info)) => Reply::json(200, &info),
-        Ok(Response::Functions(list)) => Reply::json(200, &list),
-        // The default namespace's answer is what it was before namespaces.
-        Ok(Response::Removed { namespace, name }) if namespace == DEFAULT_NAMESPACE => {
-            Reply::json(200, &serde_json::json!({ "removed": name }))
-        }
-        Ok(Response::Removed { namespace, name }) => Reply::json(
-            200,
-            &serde_json::json!({ "removed": name, "namespace": namespace }),
-        ),
-        Ok(Response::Invoked(inv)) => return invoked(inv, logs),
-        Ok(Response::Status(status)) => Reply::json(200, &status),
-        Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
-        Ok(Response::Workflows(list)) => Reply::json(200, &list),
-        Ok(Response::WorkflowRan(out)) => Reply {
-            status: 200,
-            headers: vec![
-                (
-                    DURATION_HEADER,
-                    u64::try_from(out.duration.as_micros())
-                        .unwrap_or(u64::MAX)
-                        .to_string(),
-                ),
-                (TASKS_HEADER, out.tasks.to_string()),
-            ],
-            body: out.result,
-        },
-        Err(err) => Reply::json(
-            status_for(err.kind()),
-            &ErrorBody {
-                error: err.detail(),
-            },
-        ),
-    };
-    reply.into()
-}
-
-/// The reply when a handler panicked.
-pub(super) fn panicked() -> Output {
-    Reject::internal("the request handler panicked")
-        .reply()
-        .into()
-}
-
-fn invoked(inv: Invocation, logs: bool) -> Output {
-    let duration_us = u64::try_from(inv.duration.as_micros()).unwrap_or(u64::MAX);
-    let mut out: Output = if logs {
-        // `ipc::api::InvocationRecord` with the result borrowed, not copied into a `String`.
-        #[derive(Serialize)]
-        struct Record<'a> {
-            result: &'a RawValue,
-            logs: &'a ipc::api::Logs,
-            duration_us: u64,
-            cold: bool,
-            start: &'a str,
-        }
-        let result = std::str::from_utf8(&inv.result)
-            .map_err(|e| e.to_string())
-            .and_then(|s| serde_json::from_str::<&RawValue>(s).map_err(|e| e.to_string()));
-        match result {
-            Ok(result) => Reply::json(
-                200,
-                &Record {
-                    result,
-                    logs: &inv.logs,
-                    duration_us,
-                    cold: inv.start.is_cold(),
-                    start: inv.start.as_str(),
-                },
-            )
-            .into(),
-            Err(e) => {
-                return Reject::internal(format!("the function's result is not JSON: {e}"))
-                    .reply()
-                    .into()
-            }
-        }
-    } else {
-        Output {
-            status: 200,
-            headers: Vec::new(),
-            body: inv.result,
-        }
-    };
-    out.headers.push((DURATION_HEADER, duration_us.to_string()));
-    out.headers
-        .push((COLD_HEADER, inv.start.is_cold().to_string()));
-    out.headers
-        .push((START_HEADER, inv.start.as_str().to_owned()));
-    out
-}
-
 /// The media type of a `Content-Type` value, lower-cased, without parameters.
 fn media_type(content_type: Option<&str>) -> Option<String> {
     let t = content_type?.split(';').next().unwrap_or_default().trim();
@@ -589,39 +541,16 @@ fn media_type(content_type: Option<&str>) -> Option<String> {
 
 /// Splits and percent-decodes a query string. Repeated keys are refused.
 fn parse_query(query: &str) -> Result<Vec<(String, String)>, Reject> {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (key, value) = (percent_decode(key)?, percent_decode(value)?);
-        if pairs.iter().any(|(k, _)| *k == key) {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| Reject::bad_request(format!("invalid query string: {e}")))?;
+    for (i, (key, _)) in pairs.iter().enumerate() {
+        if pairs[..i].iter().any(|(k, _)| k == key) {
             return Err(Reject::bad_request(format!(
                 "query parameter {key:?} is given more than once"
             )));
         }
-        pairs.push((key, value));
     }
     Ok(pairs)
-}
-
-fn percent_decode(s: &str) -> Result<String, Reject> {
-    let invalid = || Reject::bad_request(format!("invalid percent-encoding in query {s:?}"));
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .ok_or_else(invalid)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| invalid())?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| invalid())
 }
 
 fn unknown_param(key: &str) -> Reject {
@@ -702,16 +631,6 @@ fn config_from_query(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_kinds_map_to_statuses() {
-        assert_eq!(status_for(ErrorKind::BadRequest), 400);
-        assert_eq!(status_for(ErrorKind::NotFound), 404);
-        assert_eq!(status_for(ErrorKind::Function), 502);
-        assert_eq!(status_for(ErrorKind::Timeout), 504);
-        assert_eq!(status_for(ErrorKind::Internal), 500);
-        assert_eq!(status_for(ErrorKind::Unavailable), 503);
-    }
 
     #[test]
     fn route_table() {
@@ -1015,22 +934,5 @@ mod tests {
             "{}",
             e.message
         );
-    }
-
-    #[test]
-    fn encodes_responses() {
-        let reply = Reply {
-            status: 200,
-            headers: vec![("X-A", "1".into())],
-            body: b"{}".to_vec(),
-        };
-        assert_eq!(
-            reply.encode(Persist::KeepAlive { http10: false }),
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: 1\r\n\r\n{}"
-        );
-        let text = String::from_utf8(reply.encode(Persist::Close)).unwrap();
-        assert!(text.contains("\r\nConnection: close\r\n"));
-        let text = String::from_utf8(reply.encode(Persist::KeepAlive { http10: true })).unwrap();
-        assert!(text.contains("\r\nConnection: keep-alive\r\n"));
     }
 }

@@ -13,7 +13,10 @@ use ipc::client::{Client, ClientResponse};
 use ipc::proto::FunctionError;
 
 use super::*;
+use crate::http::{COLD_HEADER, DURATION_HEADER};
 use crate::request::{FunctionSource, Invocation, Request, Response, Start};
+use crate::transport::Abandon;
+use std::fs;
 
 /// Records every request; answers by function name.
 #[derive(Default)]
@@ -1123,11 +1126,11 @@ fn a_shared_result_is_sent_from_its_mapping() {
         }))
     };
     // The body is the payload itself: no copy in the agent.
-    let out = routes::reply_for(inv(ipc::Payload::share(&big).unwrap()), false);
+    let out = reply::reply_for(inv(ipc::Payload::share(&big).unwrap()), false);
     assert!(out.body.is_shared());
     assert_eq!(&*out.body, &big[..]);
     // With the logs, the record holds the result once, as it was.
-    let out = routes::reply_for(inv(ipc::Payload::share(&big).unwrap()), true);
+    let out = reply::reply_for(inv(ipc::Payload::share(&big).unwrap()), true);
     let record: InvocationRecord = serde_json::from_slice(&out.body).unwrap();
     assert_eq!(record.result.get().as_bytes(), &big[..]);
     assert_eq!((record.logs, record.duration_us), (logs("hi\n"), 7));

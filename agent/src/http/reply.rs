@@ -1,0 +1,283 @@
+//! The agent's answers as HTTP responses: a [`Response`], or an [`Error`] with its
+//! kind's status ([`ErrorKind::http_status`](crate::error::ErrorKind::http_status),
+//! the one mapping), to a JSON response; and the HTTP layer's own refusals
+//! ([`Reject`]) in the same error shape.
+
+use ipc::api::{ErrorBody, ErrorDetail, DEFAULT_NAMESPACE};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::wire::{self, Persist};
+use crate::error::Error;
+use crate::request::{Invocation, Response};
+
+/// Every response is JSON.
+const CONTENT_TYPE: &str = "application/json";
+
+/// Header carrying an invocation's duration in microseconds.
+pub const DURATION_HEADER: &str = "X-Sprout-Duration-Us";
+/// Header saying whether an invocation needed a new sandbox (`true`/`false`).
+pub const COLD_HEADER: &str = "X-Sprout-Cold";
+/// Task steps a workflow run executed.
+pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
+/// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
+pub const START_HEADER: &str = "X-Sprout-Start";
+
+/// A request refused by the HTTP layer, before or instead of reaching the agent.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Reject {
+    pub status: u16,
+    /// The `kind` in the error body.
+    pub kind: &'static str,
+    pub message: String,
+    /// For 405: the methods the path accepts.
+    pub allow: Option<&'static str>,
+    /// Whether the connection must be closed after the response (the request's
+    /// framing can no longer be trusted, or its body was not read).
+    pub close: bool,
+}
+
+impl Reject {
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Reject {
+        Reject {
+            status,
+            kind,
+            message: message.into(),
+            allow: None,
+            close: false,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Reject {
+        Reject::new(400, "bad_request", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Reject {
+        Reject::new(500, "internal", message)
+    }
+
+    pub fn reply(&self) -> Reply {
+        let detail = ErrorDetail {
+            kind: self.kind.to_owned(),
+            message: self.message.clone(),
+            exception: None,
+            traceback: None,
+            logs: None,
+        };
+        let mut reply = Reply::json(self.status, &ErrorBody { error: detail });
+        if let Some(allow) = self.allow {
+            reply.headers.push(("Allow", allow.to_owned()));
+        }
+        reply
+    }
+}
+
+impl From<wire::Error> for Reject {
+    /// Refused by the wire layer: the connection is closed after the answer.
+    fn from(e: wire::Error) -> Reject {
+        Reject {
+            close: true,
+            ..Reject::new(e.status, e.kind, e.message)
+        }
+    }
+}
+
+/// A response before encoding. Every response is JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json<T: Serialize>(status: u16, value: &T) -> Reply {
+        match serde_json::to_vec(value) {
+            Ok(body) => Reply {
+                status,
+                headers: Vec::new(),
+                body,
+            },
+            // Not reachable for the API's types, which have no fallible serializers.
+            Err(e) => Reject::internal(format!("serialize response: {e}")).reply(),
+        }
+    }
+
+    /// The response's bytes: status line, headers and body.
+    pub fn encode(&self, persist: Persist) -> Vec<u8> {
+        let mut out = wire::encode_head(
+            self.status,
+            CONTENT_TYPE,
+            self.body.len(),
+            persist,
+            &self.headers,
+        );
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+/// A response for the event loop to send: the body is not copied into the head's
+/// buffer, and an invocation's result is its payload as it came from the instance
+/// (a shared result is written from its mapping, never copied in the agent).
+#[derive(Debug)]
+pub(super) struct Output {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: ipc::Payload,
+}
+
+impl From<Reply> for Output {
+    fn from(reply: Reply) -> Output {
+        Output {
+            status: reply.status,
+            headers: reply.headers,
+            body: reply.body.into(),
+        }
+    }
+}
+
+impl Output {
+    /// The status line and headers; the body follows them.
+    pub fn head(&self, persist: Persist) -> Vec<u8> {
+        wire::encode_head(
+            self.status,
+            CONTENT_TYPE,
+            self.body.len(),
+            persist,
+            &self.headers,
+        )
+    }
+}
+
+/// The HTTP response for what the agent answered.
+///
+/// An invocation's result is not copied: it becomes the response's body as it is (a
+/// shared result stays in its mapping), or, with `?logs=true`, is copied once into
+/// the record.
+pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
+    let reply = match result {
+        Ok(Response::Registered(info)) => Reply::json(200, &info),
+        Ok(Response::Functions(list)) => Reply::json(200, &list),
+        // The default namespace's answer is what it was before namespaces.
+        Ok(Response::Removed { namespace, name }) if namespace == DEFAULT_NAMESPACE => {
+            Reply::json(200, &serde_json::json!({ "removed": name }))
+        }
+        Ok(Response::Removed { namespace, name }) => Reply::json(
+            200,
+            &serde_json::json!({ "removed": name, "namespace": namespace }),
+        ),
+        Ok(Response::Invoked(inv)) => return invoked(inv, logs),
+        Ok(Response::Status(status)) => Reply::json(200, &status),
+        Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
+        Ok(Response::Workflows(list)) => Reply::json(200, &list),
+        Ok(Response::WorkflowRan(out)) => Reply {
+            status: 200,
+            headers: vec![
+                (
+                    DURATION_HEADER,
+                    u64::try_from(out.duration.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .to_string(),
+                ),
+                (TASKS_HEADER, out.tasks.to_string()),
+            ],
+            body: out.result,
+        },
+        Err(err) => Reply::json(
+            err.kind().http_status(),
+            &ErrorBody {
+                error: err.detail(),
+            },
+        ),
+    };
+    reply.into()
+}
+
+/// The reply when a handler panicked.
+pub(super) fn panicked() -> Output {
+    Reject::internal("the request handler panicked")
+        .reply()
+        .into()
+}
+
+fn invoked(inv: Invocation, logs: bool) -> Output {
+    let duration_us = u64::try_from(inv.duration.as_micros()).unwrap_or(u64::MAX);
+    let mut out: Output = if logs {
+        // `ipc::api::InvocationRecord` with the result borrowed, not copied into a `String`.
+        #[derive(Serialize)]
+        struct Record<'a> {
+            result: &'a RawValue,
+            logs: &'a ipc::api::Logs,
+            duration_us: u64,
+            cold: bool,
+            start: &'a str,
+        }
+        let result = std::str::from_utf8(&inv.result)
+            .map_err(|e| e.to_string())
+            .and_then(|s| serde_json::from_str::<&RawValue>(s).map_err(|e| e.to_string()));
+        match result {
+            Ok(result) => Reply::json(
+                200,
+                &Record {
+                    result,
+                    logs: &inv.logs,
+                    duration_us,
+                    cold: inv.start.is_cold(),
+                    start: inv.start.as_str(),
+                },
+            )
+            .into(),
+            Err(e) => {
+                return Reject::internal(format!("the function's result is not JSON: {e}"))
+                    .reply()
+                    .into()
+            }
+        }
+    } else {
+        Output {
+            status: 200,
+            headers: Vec::new(),
+            body: inv.result,
+        }
+    };
+    out.headers.push((DURATION_HEADER, duration_us.to_string()));
+    out.headers
+        .push((COLD_HEADER, inv.start.is_cold().to_string()));
+    out.headers
+        .push((START_HEADER, inv.start.as_str().to_owned()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn error_kinds_map_to_statuses() {
+        assert_eq!(ErrorKind::BadRequest.http_status(), 400);
+        assert_eq!(ErrorKind::NotFound.http_status(), 404);
+        assert_eq!(ErrorKind::Function.http_status(), 502);
+        assert_eq!(ErrorKind::Timeout.http_status(), 504);
+        assert_eq!(ErrorKind::Internal.http_status(), 500);
+        assert_eq!(ErrorKind::Unavailable.http_status(), 503);
+    }
+
+    #[test]
+    fn encodes_responses() {
+        let reply = Reply {
+            status: 200,
+            headers: vec![("X-A", "1".into())],
+            body: b"{}".to_vec(),
+        };
+        assert_eq!(
+            reply.encode(Persist::KeepAlive { http10: false }),
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-A: 1\r\n\r\n{}"
+        );
+        let text = String::from_utf8(reply.encode(Persist::Close)).unwrap();
+        assert!(text.contains("\r\nConnection: close\r\n"));
+        let text = String::from_utf8(reply.encode(Persist::KeepAlive { http10: true })).unwrap();
+        assert!(text.contains("\r\nConnection: keep-alive\r\n"));
+    }
+}
