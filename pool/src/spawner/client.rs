@@ -1,157 +1,30 @@
-//! The spawner: the one single-threaded process that calls libcontainer.
-//!
-//! The `sprout-spawner` executable ([`spawner_main`]), started by the agent
-//! ([`Spawner`]) with nothing of the agent's but its control socket (descriptor 3)
-//! and its stdout and stderr. It creates a sandbox by building and starting a
-//! libcontainer container whose stdin is one end of a fresh socket pair (the shim's
-//! channel) and hands the other end to the agent. A sandbox's init (the shim) is the
-//! spawner's child, so the spawner reaps it when it destroys the sandbox. When the
-//! agent's end of the control channel closes without a `shutdown`, the agent died:
-//! the spawner destroys every sandbox and removes the agent's cgroups and state
-//! directory itself.
-//!
-//! Every descriptor the spawner holds is inherited by the container processes
-//! libcontainer clones from it until they exec the shim, so it holds as few as it
-//! can: no state-directory lock, no descriptor into the state directory, its own
-//! mount namespace only during a mount operation; its control socket is
-//! close-on-exec. Any such process left half-built when the spawner dies is found by
-//! its cgroup or by the control socket it still holds, and killed.
-//!
-//! On the agent's side every request has a deadline ([`CREATE_DEADLINE`],
-//! [`REQUEST_DEADLINE`], [`SHUTDOWN_DEADLINE`]; a spawner that misses one is killed)
-//! and the spawner's death is seen at once through a pidfd: requests in flight or
-//! waiting fail with [`Error::SpawnerDied`], its sandboxes are killed and removed,
-//! and a new spawner is started.
+//! The agent's side of the spawner: [`Spawner`] starts one, restarts it after it
+//! died, and bounds every wait on it. Requests take turns on the one control channel
+//! ([`Proc::call`]); the spawner's death is seen through a pidfd, by a request or by
+//! the watcher thread ([`Spawner::watch`]), and its sandboxes are then killed and
+//! removed ([`Spawner::recover`]).
 
-use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::collections::HashSet;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
-use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
+use parking_lot::{Condvar, Mutex};
 
+use super::protocol::{SpawnerReply, SpawnerRequest};
+use super::{CONTROL_FD, REQUEST_DEADLINE, SHUTDOWN_DEADLINE, TURN_DEADLINE};
 use crate::{sys, Cgroups, Error, Freezer, Sandbox, Scratch, SpawnerFailure, StateDir};
 use ipc::proto::ShimLink;
 use ipc::Channel;
 
-#[derive(Serialize, Deserialize, Debug)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum SpawnerRequest {
-    /// Carries one descriptor: the write end of the agent's pipe for the sandbox's
-    /// output, which becomes the container's stdout and stderr.
-    Create {
-        id: String,
-        bundle: PathBuf,
-    },
-    Destroy {
-        id: String,
-    },
-    /// Makes `dir` (a host directory) visible read-only at `target` inside the
-    /// sandbox (`/code`, or a new directory under `/fns`).
-    AttachCode {
-        id: String,
-        dir: PathBuf,
-        target: PathBuf,
-    },
-    /// Carries a descriptor: a detached mount to clone onto the sandbox's `/workflow`.
-    AttachScratch {
-        id: String,
-    },
-    /// Removes what `AttachScratch` put on the sandbox's `/workflow`.
-    DetachScratch {
-        id: String,
-    },
-    /// Replaces the sandbox's own `/workflow` with a new, empty tmpfs.
-    ResetScratch {
-        id: String,
-    },
-    /// Puts a clone of sandbox `from`'s `/workflow` on sandbox `id`'s.
-    AttachScratchFrom {
-        id: String,
-        from: String,
-    },
-    /// The agent is exiting cleanly and removes its state itself.
-    Shutdown,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum SpawnerReply {
-    /// Carries one descriptor: the agent's end of the shim's channel.
-    Created {
-        pid: i32,
-    },
-    Destroyed,
-    Done,
-    Failed {
-        message: String,
-    },
-}
-
-/// What the spawner needs to clean up after an agent that died.
-struct Orphaned {
-    state_dir: PathBuf,
-    cgroup_parent: PathBuf,
-    cgroups: Cgroups,
-}
-
-/// The name of the spawner's executable.
-pub const SPAWNER_EXE: &str = "sprout-spawner";
-/// The descriptor on which the spawner finds its control channel.
-const CONTROL_FD: RawFd = 3;
-/// How long the agent waits for a sandbox to be created, counted from when the
-/// request is sent (tens of ms idle, seconds on a machine busy building and testing),
-/// before it takes the spawner for stuck and kills it.
-pub const CREATE_DEADLINE: Duration = Duration::from_secs(30);
-/// The same for every other request (destroy, mount operations).
-pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
-/// How long a request may wait for its turn behind others. A stuck spawner is caught
-/// by the deadline of the request it is stuck on (and then every waiter fails at
-/// once), so this only bounds a queue that is long but moving: 64 parallel cold
-/// starts queue behind each other here.
-pub const TURN_DEADLINE: Duration = Duration::from_secs(120);
-/// How long a clean shutdown (the spawner destroys the sandboxes left) may take.
-pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a spawner that closed its channel, or was killed, has to be gone.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
-
-/// The spawner executable to run: `explicit` when given (it must exist), else
-/// [`SPAWNER_EXE`] next to the running executable or in its parent directory (test
-/// and bench binaries run from `target/<profile>/deps`). The error names every path
-/// tried.
-pub fn find_spawner(explicit: Option<&Path>) -> Result<PathBuf, Error> {
-    let candidates: Vec<PathBuf> = match explicit {
-        Some(p) => vec![p.to_path_buf()],
-        None => {
-            let exe = std::env::current_exe().map_err(|source| Error::Io {
-                op: "find the running executable",
-                path: PathBuf::from("/proc/self/exe"),
-                source,
-            })?;
-            exe.ancestors()
-                .skip(1)
-                .take(2)
-                .map(|d| d.join(SPAWNER_EXE))
-                .collect()
-        }
-    };
-    match candidates.iter().find(|p| p.is_file()) {
-        // Absolute, so that a restart later does not depend on the working directory.
-        Some(p) => Ok(p.canonicalize().unwrap_or_else(|_| p.clone())),
-        None => Err(Error::SpawnerMissing { tried: candidates }),
-    }
-}
 
 /// The agent's handle on its spawner: starts one, restarts it after it died, and
 /// bounds every wait on it.
@@ -198,26 +71,6 @@ struct Turn {
     busy: bool,
     /// How it ended, once seen (it is reaped then).
     ended: Option<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl SpawnerRequest {
-    /// The request's name (in errors) and how long the spawner has to answer it.
-    fn op(&self) -> (&'static str, Duration) {
-        match self {
-            SpawnerRequest::Create { .. } => ("create", CREATE_DEADLINE),
-            SpawnerRequest::Destroy { .. } => ("destroy", REQUEST_DEADLINE),
-            SpawnerRequest::AttachCode { .. } => ("attach_code", REQUEST_DEADLINE),
-            SpawnerRequest::AttachScratch { .. } => ("attach_scratch", REQUEST_DEADLINE),
-            SpawnerRequest::DetachScratch { .. } => ("detach_scratch", REQUEST_DEADLINE),
-            SpawnerRequest::ResetScratch { .. } => ("reset_scratch", REQUEST_DEADLINE),
-            SpawnerRequest::AttachScratchFrom { .. } => ("attach_scratch_from", REQUEST_DEADLINE),
-            SpawnerRequest::Shutdown => ("shutdown", SHUTDOWN_DEADLINE),
-        }
-    }
 }
 
 impl Proc {
@@ -269,7 +122,7 @@ impl Proc {
 
     /// Whether it exited (or was seen to end); does not block.
     fn has_ended(&self) -> bool {
-        if lock(&self.turn).ended.is_some() {
+        if self.turn.lock().ended.is_some() {
             return true;
         }
         if sys::readable(self.pidfd.as_fd(), Duration::ZERO) {
@@ -283,7 +136,7 @@ impl Proc {
     /// `kill_why` it is killed first (stuck, or out of step), and that is how it
     /// ended. Returns how it ended.
     fn end(&self, kill_why: Option<String>) -> String {
-        let mut turn = lock(&self.turn);
+        let mut turn = self.turn.lock();
         if let Some(how) = &turn.ended {
             return how.clone();
         }
@@ -319,9 +172,7 @@ impl Proc {
     /// it closed its end or exits within [`EXIT_GRACE`]; else it is out of step and
     /// killed.
     fn failed(&self, op: &'static str, doing: &str, e: ipc::Error) -> Error {
-        let closed = matches!(&e, ipc::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe))
-            || matches!(e, ipc::Error::Closed);
-        if closed || sys::readable(self.pidfd.as_fd(), EXIT_GRACE) {
+        if e.is_peer_gone() || sys::readable(self.pidfd.as_fd(), EXIT_GRACE) {
             return self.died(op, self.end(None));
         }
         self.end(Some(format!(
@@ -351,7 +202,7 @@ impl Proc {
         let (op, within) = req.op();
         let turn_deadline = Instant::now() + TURN_DEADLINE;
         {
-            let mut turn = lock(&self.turn);
+            let mut turn = self.turn.lock();
             loop {
                 if let Some(how) = &turn.ended {
                     return Err(self.died(op, how.clone()));
@@ -368,15 +219,11 @@ impl Proc {
                         after: TURN_DEADLINE,
                     });
                 }
-                turn = self
-                    .turn_free
-                    .wait_timeout(turn, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                self.turn_free.wait_for(&mut turn, left);
             }
         }
         let answer = self.exchange(req, fds, op, within, Instant::now() + within);
-        lock(&self.turn).busy = false;
+        self.turn.lock().busy = false;
         self.turn_free.notify_all();
         answer
     }
@@ -389,7 +236,7 @@ impl Proc {
         within: Duration,
         deadline: Instant,
     ) -> Result<ipc::Message<SpawnerReply>, Error> {
-        let mut ch = lock(&self.channel);
+        let mut ch = self.channel.lock();
         if let Err(e) = ch.send(req, b"", fds) {
             return Err(self.failed(op, "sending", e));
         }
@@ -459,7 +306,7 @@ impl Spawner {
             reported: AtomicU64::new(0),
         };
         let first = spawner.launch()?;
-        *lock(&spawner.current) = Some(first);
+        *spawner.current.lock() = Some(first);
         Ok(spawner)
     }
 
@@ -474,13 +321,13 @@ impl Spawner {
 
     /// The pid of the current spawner (0 after shutdown).
     pub fn pid(&self) -> i32 {
-        lock(&self.current).as_ref().map_or(0, |p| p.pid.as_raw())
+        self.current.lock().as_ref().map_or(0, |p| p.pid.as_raw())
     }
 
     /// The running spawner: after a death, its sandboxes are killed and removed and a
     /// new spawner is started.
     fn proc(&self) -> Result<Arc<Proc>, Error> {
-        let mut current = lock(&self.current);
+        let mut current = self.current.lock();
         let p = current.as_ref().ok_or(Error::Stopped)?;
         if !p.has_ended() {
             return Ok(p.clone());
@@ -496,12 +343,12 @@ impl Spawner {
     /// half-built container process outside one, found by the control socket it
     /// still holds), and remembers them as gone. Once per spawner.
     fn recover(&self, p: &Proc) {
-        let mut recovered = lock(&p.recovered);
+        let mut recovered = p.recovered.lock();
         if *recovered {
             return;
         }
         *recovered = true;
-        let ids: Vec<String> = lock(&p.owned).drain().collect();
+        let ids: Vec<String> = p.owned.lock().drain().collect();
         let holders = crate::state::kill_holders(None, &[p.socket]);
         for id in &ids {
             // The agent may freeze an idle sandbox again between the kill and the thaw
@@ -522,7 +369,7 @@ impl Spawner {
         if !ids.is_empty() || !holders.is_empty() {
             tracing::warn!(spawner_pid = p.pid.as_raw(), sandboxes = ?ids, orphans = ?holders, "killed and removed the sandboxes of a dead spawner");
         }
-        lock(&self.gone).extend(ids);
+        self.gone.lock().extend(ids);
         self.deaths.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -562,7 +409,7 @@ impl Spawner {
     /// Whether sandbox `id` belonged to a spawner that died: it was killed and
     /// removed, and [`Spawner::destroy`] only forgets it.
     pub fn is_gone(&self, id: &str) -> bool {
-        lock(&self.gone).contains(id)
+        self.gone.lock().contains(id)
     }
 
     fn call(&self, req: &SpawnerRequest) -> Result<ipc::Message<SpawnerReply>, Error> {
@@ -577,7 +424,7 @@ impl Spawner {
         let p = self.proc()?;
         if let SpawnerRequest::Create { id, .. } = req {
             // Before it is sent: a half-built sandbox is the spawner's too.
-            lock(&p.owned).insert(id.clone());
+            p.owned.lock().insert(id.clone());
         }
         let answer = p.call(req, fds);
         match (&answer, req) {
@@ -585,12 +432,12 @@ impl Spawner {
             (Ok(m), SpawnerRequest::Destroy { id })
                 if matches!(m.header, SpawnerReply::Destroyed) =>
             {
-                lock(&p.owned).remove(id);
+                p.owned.lock().remove(id);
             }
             (Ok(m), SpawnerRequest::Create { id, .. })
                 if matches!(m.header, SpawnerReply::Failed { .. }) =>
             {
-                lock(&p.owned).remove(id);
+                p.owned.lock().remove(id);
             }
             _ => {}
         }
@@ -677,7 +524,7 @@ impl Spawner {
         let span = tracing::debug_span!("destroy_sandbox", sandbox_id = %sandbox.id());
         let _g = span.enter();
         sandbox.die();
-        if lock(&self.gone).remove(sandbox.id()) {
+        if self.gone.lock().remove(sandbox.id()) {
             return Ok(());
         }
         let answer = self.call(&SpawnerRequest::Destroy {
@@ -685,7 +532,7 @@ impl Spawner {
         });
         // Its spawner died meanwhile (whatever the answer, maybe a new spawner's "no
         // live sandbox"): it was killed and removed with the others.
-        if lock(&self.gone).remove(sandbox.id()) {
+        if self.gone.lock().remove(sandbox.id()) {
             return Ok(());
         }
         match answer?.header {
@@ -771,7 +618,7 @@ impl Spawner {
     /// remain; a spawner that does not is killed, and its sandboxes with it. Later
     /// calls do nothing; later requests fail with [`Error::Stopped`].
     pub fn shutdown(&self) -> Result<(), Error> {
-        let Some(p) = lock(&self.current).take() else {
+        let Some(p) = self.current.lock().take() else {
             return Ok(());
         };
         let _ = nix::unistd::write(&self.stop.1, b"x");
@@ -793,7 +640,7 @@ impl Spawner {
         }
         if sent.is_ok() {
             // It destroyed every sandbox it had on its way out.
-            lock(&p.owned).clear();
+            p.owned.lock().clear();
         }
         // Kills what it left: a half-built container still holding its control
         // socket, the sandboxes of a spawner that did not shut down cleanly.
@@ -807,315 +654,6 @@ fn unexpected(reply: SpawnerReply, expected: &'static str) -> Error {
         op: format!("{reply:?}"),
         expected,
     })
-}
-
-/// The `sprout-spawner` executable's `main`: started by the agent with its control
-/// channel on descriptor 3 and `--state-dir DIR --cgroup-parent CGROUP`; serves
-/// requests until the agent says `shutdown` or goes away (then it destroys every
-/// sandbox and removes the agent's cgroups and state directory itself).
-pub fn spawner_main() -> std::process::ExitCode {
-    use std::process::ExitCode;
-    let usage = "usage: sprout-spawner --state-dir DIR --cgroup-parent CGROUP (started by the sprout agent, with its control socket on descriptor 3)";
-    let mut state_dir = None;
-    let mut cgroup_parent = None;
-    let mut args = std::env::args_os().skip(1);
-    while let Some(arg) = args.next() {
-        let slot = match arg.to_str() {
-            Some("--state-dir") => &mut state_dir,
-            Some("--cgroup-parent") => &mut cgroup_parent,
-            _ => {
-                eprintln!("sprout-spawner: unknown argument {arg:?}\n{usage}");
-                return ExitCode::from(2);
-            }
-        };
-        *slot = args.next().map(PathBuf::from);
-    }
-    let (Some(state_dir), Some(cgroup_parent)) = (state_dir, cgroup_parent) else {
-        eprintln!("sprout-spawner: missing arguments\n{usage}");
-        return ExitCode::from(2);
-    };
-    // Nothing but stdin, stdout, stderr and the control socket may reach a container.
-    if let Err(e) = sys::close_from(CONTROL_FD + 1) {
-        eprintln!("sprout-spawner: close inherited descriptors: {e}");
-        return ExitCode::from(1);
-    }
-    let channel = match sys::take_inherited_socket(CONTROL_FD) {
-        Ok(fd) => Channel::from_fd(fd),
-        Err(e) => {
-            eprintln!("sprout-spawner: control socket on descriptor {CONTROL_FD}: {e}\n{usage}");
-            return ExitCode::from(2);
-        }
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SPROUT_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,libcgroups=error,libcontainer=warn")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    sys::set_process_name(c"sprout-spawner");
-    sys::reset_signals();
-    let cgroups = match Cgroups::detect() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %ipc::chain(&e), "sprout-spawner: cgroups");
-            return ExitCode::from(1);
-        }
-    };
-    let containers = state_dir.join("containers");
-    let orphaned = Orphaned {
-        state_dir,
-        cgroup_parent,
-        cgroups,
-    };
-    ExitCode::from(serve(channel, &containers, orphaned) as u8)
-}
-
-/// The spawner's loop. Returns its exit code.
-fn serve(mut channel: Channel, containers: &Path, orphaned: Orphaned) -> i32 {
-    let mut live: HashMap<String, Container> = HashMap::new();
-    // Sandboxes with a workflow scratch attached over their own.
-    let mut scratch_attached: std::collections::HashSet<String> = Default::default();
-    let clean_exit = loop {
-        let (req, mut msg_fds) = match channel.recv::<SpawnerRequest>() {
-            Ok(m) => (m.header, m.fds),
-            Err(ipc::Error::Closed) => break false,
-            Err(e) => {
-                tracing::error!(error = %ipc::chain(&e), "spawner: bad request; exiting");
-                break false;
-            }
-        };
-        let sent = match req {
-            SpawnerRequest::Create { id, bundle } => {
-                match create(&id, &bundle, msg_fds.pop(), containers, &orphaned.cgroups) {
-                    Ok((container, agent_end)) => {
-                        let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
-                        live.insert(id, container);
-                        channel.send(&SpawnerReply::Created { pid }, b"", &[agent_end.as_fd()])
-                    }
-                    Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
-                }
-            }
-            SpawnerRequest::Destroy { id } => {
-                scratch_attached.remove(&id);
-                let reply = match live.remove(&id) {
-                    Some(c) => match destroy(c, &orphaned.cgroups) {
-                        Ok(()) => SpawnerReply::Destroyed,
-                        Err(message) => SpawnerReply::Failed { message },
-                    },
-                    None => SpawnerReply::Failed {
-                        message: format!("no live sandbox {id}"),
-                    },
-                };
-                channel.send(&reply, b"", &[])
-            }
-            SpawnerRequest::AttachCode { id, dir, target } => {
-                let inside = target.clone();
-                let done = in_sandbox(&live, &id, || {
-                    let target = inside;
-                    let tree = sys::detached_readonly_tree(&dir)
-                        .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
-                    Ok(move || {
-                        if target.starts_with(rootfs::FUNCTIONS_DIR) {
-                            std::fs::create_dir_all(&target)?;
-                        }
-                        sys::move_mount(tree.as_fd(), &target)
-                    })
-                });
-                reply_done(
-                    &channel,
-                    done.map_err(|e| {
-                        format!("attach {} at {}: {e}", dir.display(), target.display())
-                    }),
-                )
-            }
-            SpawnerRequest::AttachScratch { id } => {
-                let done = match msg_fds.pop() {
-                    None => Err("attach_scratch carries no mount descriptor".to_owned()),
-                    Some(scratch) => in_sandbox(&live, &id, || {
-                        let tree = sys::clone_tree(scratch.as_fd())
-                            .map_err(|e| format!("clone the scratch mount: {e}"))?;
-                        Ok(move || sys::move_mount(tree.as_fd(), Path::new(rootfs::WORKFLOW_DIR)))
-                    }),
-                };
-                if done.is_ok() {
-                    scratch_attached.insert(id);
-                }
-                reply_done(&channel, done)
-            }
-            SpawnerRequest::DetachScratch { id } => {
-                let done = if scratch_attached.contains(&id) {
-                    in_sandbox(&live, &id, || {
-                        Ok(|| sys::unmount_detach(Path::new(rootfs::WORKFLOW_DIR)))
-                    })
-                } else {
-                    Err(format!("sandbox {id} has no workflow scratch attached"))
-                };
-                if done.is_ok() {
-                    scratch_attached.remove(&id);
-                }
-                reply_done(&channel, done)
-            }
-            SpawnerRequest::ResetScratch { id } => {
-                let done = if scratch_attached.contains(&id) {
-                    Err(format!(
-                        "sandbox {id} has a workflow scratch attached over its own"
-                    ))
-                } else {
-                    in_sandbox(&live, &id, || {
-                        let fresh = sys::new_tmpfs(rootfs::WORKFLOW_DIR_MB)
-                            .map_err(|e| format!("new tmpfs: {e}"))?;
-                        Ok(move || {
-                            let dir = Path::new(rootfs::WORKFLOW_DIR);
-                            sys::unmount_detach(dir)?;
-                            sys::move_mount(fresh.as_fd(), dir)
-                        })
-                    })
-                };
-                reply_done(&channel, done)
-            }
-            SpawnerRequest::AttachScratchFrom { id, from } => {
-                let done = in_sandbox(&live, &from, || {
-                    Ok(|| sys::clone_path(Path::new(rootfs::WORKFLOW_DIR)))
-                })
-                .and_then(|tree| {
-                    in_sandbox(&live, &id, || {
-                        Ok(move || sys::move_mount(tree.as_fd(), Path::new(rootfs::WORKFLOW_DIR)))
-                    })
-                });
-                if done.is_ok() {
-                    scratch_attached.insert(id);
-                }
-                reply_done(&channel, done)
-            }
-            SpawnerRequest::Shutdown => break true,
-        };
-        if let Err(e) = sent {
-            tracing::error!(error = %ipc::chain(&e), "spawner: reply failed; exiting");
-            break false;
-        }
-    };
-    for (id, c) in live.drain() {
-        if let Err(message) = destroy(c, &orphaned.cgroups) {
-            tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
-        }
-    }
-    if !clean_exit {
-        tracing::warn!(state_dir = %orphaned.state_dir.display(), "agent went away; spawner removed its sandboxes and state");
-        if let Err(e) = orphaned.cgroups.remove_tree(&orphaned.cgroup_parent) {
-            tracing::error!(error = %ipc::chain(&e), "spawner: remove cgroups");
-        }
-        orphaned
-            .cgroups
-            .remove_if_unused(Path::new(crate::state::CGROUP_PARENT));
-        let _ = std::fs::remove_dir_all(&orphaned.state_dir);
-        if let Some(root) = orphaned.state_dir.parent() {
-            let _ = std::fs::remove_dir(root);
-        }
-    }
-    0
-}
-
-/// Builds and starts container `id`. Its stdin is the shim's end of a new socket pair
-/// (the other end is returned, for the agent); its stdout and stderr are `output`, the
-/// agent's pipe, so that nothing in the sandbox holds a descriptor of the spawner's
-/// (its stderr is the daemon's log).
-fn create(
-    id: &str,
-    bundle: &Path,
-    output: Option<OwnedFd>,
-    containers: &Path,
-    cgroups: &Cgroups,
-) -> Result<(Container, OwnedFd), String> {
-    let fail = |what: &str, e: &dyn std::error::Error| format!("{what}: {}", ipc::chain(e));
-    let stderr = output.ok_or("create carries no output pipe descriptor")?;
-    let stdout = stderr
-        .try_clone()
-        .map_err(|e| fail("dup the output pipe", &e))?;
-    let (agent_end, shim_end) = UnixStream::pair().map_err(|e| fail("socket pair", &e))?;
-    let built = ContainerBuilder::new(id.to_owned(), SyscallType::default())
-        .with_root_path(containers)
-        .map(|b| {
-            b.with_stdin(OwnedFd::from(shim_end))
-                .with_stdout(stdout)
-                .with_stderr(stderr)
-                .as_init(bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-        });
-    let mut container = match built {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) | Err(e) => {
-            remove_partial(id, containers, cgroups);
-            return Err(fail("build container", &e));
-        }
-    };
-    if let Err(e) = container.start() {
-        let message = fail("start container", &e);
-        let _ = destroy(container, cgroups);
-        return Err(message);
-    }
-    Ok((container, OwnedFd::from(agent_end)))
-}
-
-fn reply_done(channel: &Channel, done: Result<(), String>) -> Result<(), ipc::Error> {
-    match done {
-        Ok(()) => channel.send(&SpawnerReply::Done, b"", &[]),
-        Err(message) => channel.send(&SpawnerReply::Failed { message }, b"", &[]),
-    }
-}
-
-/// Runs a mount operation inside sandbox `id`'s mount namespace: `prepare` runs here
-/// (in the spawner's namespace) and returns the step to run in the sandbox's; the
-/// spawner always comes back to its own.
-fn in_sandbox<T, F>(
-    live: &HashMap<String, Container>,
-    id: &str,
-    prepare: impl FnOnce() -> Result<F, String>,
-) -> Result<T, String>
-where
-    F: FnOnce() -> std::io::Result<T>,
-{
-    let container = live
-        .get(id)
-        .ok_or_else(|| format!("no live sandbox {id}"))?;
-    let pid = container
-        .pid()
-        .ok_or_else(|| format!("sandbox {id} has no init process"))?;
-    let ns_path = format!("/proc/{pid}/ns/mnt");
-    let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
-    // Our own mount namespace, to come back to. Opened for this operation only: a
-    // descriptor the spawner keeps is inherited by every container it builds.
-    let home =
-        File::open("/proc/self/ns/mnt").map_err(|e| format!("open /proc/self/ns/mnt: {e}"))?;
-    let step = prepare()?;
-    sys::in_mount_ns(ns.as_fd(), home.as_fd(), step).map_err(|e| format!("in sandbox {id}: {e}"))
-}
-
-/// Deletes what a failed build left in the state root.
-fn remove_partial(id: &str, containers: &Path, cgroups: &Cgroups) {
-    let dir = containers.join(id);
-    if let Ok(c) = Container::load(dir.clone()) {
-        let _ = destroy(c, cgroups);
-    }
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-fn destroy(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {
-    if let Some(pid) = container.pid() {
-        // Killing the PID namespace's init kills every process in it; reaping it
-        // returns once they are all gone. A frozen sandbox (cgroup v1) only dies once
-        // thawed, so thaw after the kill.
-        let _ = kill(pid, Signal::SIGKILL);
-        if let Ok(config) = container.spec() {
-            cgroups.thaw_tree(&config.cgroup_path);
-        }
-        let _ = waitpid(pid, None);
-    }
-    container
-        .delete(true)
-        .map_err(|e| format!("delete container {}: {}", container.id(), ipc::chain(&e)))
 }
 
 #[cfg(test)]
@@ -1143,23 +681,9 @@ mod tests {
     /// Waits until a request holds the spawner's turn.
     fn wait_busy(s: &Spawner) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !lock(&lock(&s.current).clone().unwrap().turn).busy {
+        while !s.current.lock().clone().unwrap().turn.lock().busy {
             assert!(Instant::now() < deadline, "no request in flight");
             std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    #[test]
-    fn a_missing_spawner_is_named_with_every_path_tried() {
-        let err = find_spawner(Some(Path::new("/nonexistent/sprout-spawner"))).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "no sprout-spawner executable: tried /nonexistent/sprout-spawner"
-        );
-        if let Err(Error::SpawnerMissing { tried }) = find_spawner(None) {
-            // From target/<profile>/deps: both it and target/<profile> were tried.
-            assert_eq!(tried.len(), 2, "{tried:?}");
-            assert!(tried.iter().all(|p| p.ends_with(SPAWNER_EXE)), "{tried:?}");
         }
     }
 
@@ -1184,7 +708,7 @@ mod tests {
         wait_busy(&s);
         // Both hold the spawner (one has the turn, one waits for it): with the
         // agent's own handle and this one, four.
-        let p = lock(&s.current).clone().unwrap();
+        let p = s.current.lock().clone().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Arc::strong_count(&p) < 4 {
             assert!(
