@@ -227,15 +227,11 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// The state letter and start time (field 22) of a `/proc/<pid>/stat` line. The
-/// command name (field 2) is in parentheses and may hold spaces and parentheses.
+/// The state letter and start time (field 22) of a `/proc/<pid>/stat` line.
 fn parse_stat(stat: &str) -> Option<(char, u64)> {
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let fields: Vec<&str> = rest.split(' ').collect();
-    // `rest` starts at field 3 (the state).
-    let state = fields.first()?.chars().next()?;
-    let start = fields.get(22 - 3)?.parse().ok()?;
-    Some((state, start))
+    use procfs::FromRead;
+    let stat = procfs::process::Stat::from_read(stat.as_bytes()).ok()?;
+    Some((stat.state, stat.starttime))
 }
 
 /// When `pid` started, in clock ticks after boot.
@@ -247,34 +243,28 @@ pub(crate) fn start_time(pid: i32) -> Option<u64> {
 /// directory or its root inside `dir`, or a descriptor on one of `sockets`
 /// (`socket:[inode]`). Returns their pids. A whole `/proc` scan: only for cleanups.
 pub(crate) fn kill_holders(dir: Option<&Path>, sockets: &[u64]) -> Vec<i32> {
+    use procfs::process::FDTarget;
     let me = std::process::id() as i32;
-    let socket_links: Vec<String> = sockets.iter().map(|i| format!("socket:[{i}]")).collect();
-    let holds = |target: &Path| {
-        dir.is_some_and(|d| target.starts_with(d))
-            || socket_links
-                .iter()
-                .any(|s| target.as_os_str() == std::ffi::OsStr::new(s))
+    let in_dir = |target: &Path| dir.is_some_and(|d| target.starts_with(d));
+    let holds = |p: &procfs::process::Process| {
+        // A process's root is `/` unless it moved it: only a root *inside* `dir` counts.
+        p.cwd().is_ok_and(|t| in_dir(&t))
+            || p.root().is_ok_and(|t| in_dir(&t))
+            || p.fd().is_ok_and(|mut fds| {
+                fds.any(|fd| match fd.map(|fd| fd.target) {
+                    Ok(FDTarget::Path(t)) => in_dir(&t),
+                    Ok(FDTarget::Socket(inode)) => sockets.contains(&inode),
+                    _ => false,
+                })
+            })
     };
     let mut killed = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
+    let Ok(procs) = procfs::process::all_processes() else {
         return killed;
     };
-    for pid in procs
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| p != me)
-    {
-        let base = PathBuf::from(format!("/proc/{pid}"));
-        let mut links: Vec<PathBuf> = vec![base.join("cwd"), base.join("root")];
-        if let Ok(fds) = fs::read_dir(base.join("fd")) {
-            links.extend(fds.filter_map(Result::ok).map(|e| e.path()));
-        }
-        // A process's root is `/` unless it moved it: only a root *inside* `dir` counts.
-        if links
-            .iter()
-            .filter_map(|l| fs::read_link(l).ok())
-            .any(|t| holds(&t))
-        {
+    for p in procs.filter_map(Result::ok).filter(|p| p.pid != me) {
+        if holds(&p) {
+            let pid = p.pid;
             tracing::info!(
                 pid,
                 "killing a leftover process that holds a dead agent's state"

@@ -14,8 +14,13 @@ use super::{CREATE_DEADLINE, REQUEST_DEADLINE, SHUTDOWN_DEADLINE};
 pub(super) enum SpawnerRequest {
     /// Carries one descriptor: the write end of the agent's pipe for the sandbox's
     /// output, which becomes the container's stdout and stderr.
-    Create { id: String, bundle: PathBuf },
-    Destroy { id: String },
+    Create {
+        id: String,
+        bundle: PathBuf,
+    },
+    Destroy {
+        id: String,
+    },
     /// Makes `dir` (a host directory) visible read-only at `target` inside the
     /// sandbox (`/code`, or a new directory under `/fns`).
     AttachCode {
@@ -24,13 +29,22 @@ pub(super) enum SpawnerRequest {
         target: PathBuf,
     },
     /// Carries a descriptor: a detached mount to clone onto the sandbox's `/workflow`.
-    AttachScratch { id: String },
+    AttachScratch {
+        id: String,
+    },
     /// Removes what `AttachScratch` put on the sandbox's `/workflow`.
-    DetachScratch { id: String },
+    DetachScratch {
+        id: String,
+    },
     /// Replaces the sandbox's own `/workflow` with a new, empty tmpfs.
-    ResetScratch { id: String },
+    ResetScratch {
+        id: String,
+    },
     /// Puts a clone of sandbox `from`'s `/workflow` on sandbox `id`'s.
-    AttachScratchFrom { id: String, from: String },
+    AttachScratchFrom {
+        id: String,
+        from: String,
+    },
     /// The agent is exiting cleanly and removes its state itself.
     Shutdown,
 }
@@ -39,10 +53,14 @@ pub(super) enum SpawnerRequest {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(super) enum SpawnerReply {
     /// Carries one descriptor: the agent's end of the shim's channel.
-    Created { pid: i32 },
+    Created {
+        pid: i32,
+    },
     Destroyed,
     Done,
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 impl SpawnerRequest {
