@@ -227,11 +227,16 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// The state letter and start time (field 22) of a `/proc/<pid>/stat` line.
+/// The state letter and start time (field 22) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) is in parentheses and may hold spaces and parentheses.
+/// (procfs's parser wants every field of a full line; only these two are needed.)
 fn parse_stat(stat: &str) -> Option<(char, u64)> {
-    use procfs::FromRead;
-    let stat = procfs::process::Stat::from_read(stat.as_bytes()).ok()?;
-    Some((stat.state, stat.starttime))
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (the state).
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(22 - 3)?.parse().ok()?;
+    Some((state, start))
 }
 
 /// When `pid` started, in clock ticks after boot.
