@@ -247,29 +247,37 @@ pub(crate) fn start_time(pid: i32) -> Option<u64> {
 /// SIGKILLs every process (but this one) that holds a descriptor, its working
 /// directory or its root inside `dir`, or a descriptor on one of `sockets`
 /// (`socket:[inode]`). Returns their pids. A whole `/proc` scan: only for cleanups.
+/// (Read by hand: procfs opens and stats every descriptor it lists, which made this
+/// scan 2.5 times as slow, 12 ms instead of 5 with 160 processes.)
 pub(crate) fn kill_holders(dir: Option<&Path>, sockets: &[u64]) -> Vec<i32> {
-    use procfs::process::FDTarget;
     let me = std::process::id() as i32;
-    let in_dir = |target: &Path| dir.is_some_and(|d| target.starts_with(d));
-    let holds = |p: &procfs::process::Process| {
-        // A process's root is `/` unless it moved it: only a root *inside* `dir` counts.
-        p.cwd().is_ok_and(|t| in_dir(&t))
-            || p.root().is_ok_and(|t| in_dir(&t))
-            || p.fd().is_ok_and(|mut fds| {
-                fds.any(|fd| match fd.map(|fd| fd.target) {
-                    Ok(FDTarget::Path(t)) => in_dir(&t),
-                    Ok(FDTarget::Socket(inode)) => sockets.contains(&inode),
-                    _ => false,
-                })
-            })
+    let socket_links: Vec<String> = sockets.iter().map(|i| format!("socket:[{i}]")).collect();
+    let holds = |target: &Path| {
+        dir.is_some_and(|d| target.starts_with(d))
+            || socket_links
+                .iter()
+                .any(|s| target.as_os_str() == std::ffi::OsStr::new(s))
     };
     let mut killed = Vec::new();
-    let Ok(procs) = procfs::process::all_processes() else {
+    let Ok(procs) = fs::read_dir("/proc") else {
         return killed;
     };
-    for p in procs.filter_map(Result::ok).filter(|p| p.pid != me) {
-        if holds(&p) {
-            let pid = p.pid;
+    for pid in procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != me)
+    {
+        let base = PathBuf::from(format!("/proc/{pid}"));
+        let mut links: Vec<PathBuf> = vec![base.join("cwd"), base.join("root")];
+        if let Ok(fds) = fs::read_dir(base.join("fd")) {
+            links.extend(fds.filter_map(Result::ok).map(|e| e.path()));
+        }
+        // A process's root is `/` unless it moved it: only a root *inside* `dir` counts.
+        if links
+            .iter()
+            .filter_map(|l| fs::read_link(l).ok())
+            .any(|t| holds(&t))
+        {
             tracing::info!(
                 pid,
                 "killing a leftover process that holds a dead agent's state"
