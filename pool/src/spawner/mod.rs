@@ -1,7 +1,7 @@
 //! The spawner: the one single-threaded process that calls libcontainer.
 //!
 //! The `sprout-spawner` executable ([`spawner_main`], in [`server`]), started by the
-//! agent ([`Spawner`], in [`client`]) with nothing of the agent's but its control
+//! agent ([`Spawner`], in [`client`], one process at a time in [`process`]) with nothing of the agent's but its control
 //! socket (descriptor 3) and its stdout and stderr. The two speak the request and
 //! reply enums of [`protocol`]. The spawner creates a sandbox by building and starting
 //! a libcontainer container whose stdin is one end of a fresh socket pair (the shim's
@@ -26,6 +26,7 @@
 
 mod client;
 mod live;
+mod process;
 mod protocol;
 mod server;
 
