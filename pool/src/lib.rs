@@ -18,13 +18,15 @@
 
 mod cgroup;
 mod freezer;
+mod oom;
 mod sandbox;
 mod spawner;
 mod state;
 mod sys;
 
-pub use cgroup::{CgroupVersion, Cgroups, OomWatch};
+pub use cgroup::{CgroupVersion, Cgroups};
 pub use freezer::Freezer;
+pub use oom::OomWatch;
 pub use sandbox::{Sandbox, SandboxState};
 pub use spawner::{
     find_spawner, spawner_main, Spawner, CREATE_DEADLINE, REQUEST_DEADLINE, SHUTDOWN_DEADLINE,

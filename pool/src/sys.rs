@@ -1,4 +1,7 @@
-//! The raw process calls the pool needs; the only `unsafe` in this crate.
+//! The raw process calls the pool needs; the only `unsafe` in this crate. Calls
+//! rustix wraps (the new mount API, `openat2`, pidfds, eventfds) go through it; what
+//! it lacks (`mount_setattr`, `close_range`, descriptor passing at `exec`) is
+//! written here.
 
 use std::ffi::CStr;
 
@@ -33,55 +36,23 @@ pub fn exit_now(code: i32) -> ! {
 /// directory checked at registration cannot be swapped for a link before it is
 /// attached.
 pub fn detached_readonly_tree(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
-    })?;
-    /// The kernel's `struct open_how` (libc's is non-exhaustive).
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
-    }
-    let how = OpenHow {
-        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: c_path is a valid NUL-terminated string and `how` a valid open_how whose
-    // exact size is passed; both live across the call.
-    let dir = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if dir < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    let dir = unsafe { std::os::fd::OwnedFd::from_raw_fd(dir as i32) };
-    let flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as u32;
-    // SAFETY: `dir` is a valid descriptor and the path is an empty NUL-terminated
-    // string (AT_EMPTY_PATH: clone the tree at the descriptor itself).
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            c"".as_ptr(),
-            flags,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: open_tree returned a new descriptor that nothing else owns.
-    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+    use rustix::mount::OpenTreeFlags;
+    let dir = rustix::fs::openat2(
+        CWD,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let tree = rustix::mount::open_tree(
+        &dir,
+        c"",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )?;
+    // rustix has no mount_setattr.
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
         attr_clr: 0,
@@ -127,67 +98,45 @@ pub fn in_mount_ns<T>(
     done
 }
 
-fn c_path(path: &std::path::Path) -> std::io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte")
-    })
-}
-
 /// Attaches the detached mount `tree` at `target` in the current mount namespace.
 pub fn move_mount(
     tree: std::os::fd::BorrowedFd<'_>,
     target: &std::path::Path,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let c_target = c_path(target)?;
-    // SAFETY: both paths are valid NUL-terminated strings for the duration of the
-    // call and `tree` is a valid descriptor.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_FDCWD,
-            c_target.as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    use rustix::mount::MoveMountFlags;
+    let flags = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH;
+    Ok(rustix::mount::move_mount(
+        tree,
+        c"",
+        rustix::fs::CWD,
+        target,
+        flags,
+    )?)
 }
 
+/// A detached recursive clone (`open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)`) of the
+/// mount at `path` relative to `dir`.
 fn open_tree(
-    dirfd: i32,
-    path: &std::ffi::CStr,
-    extra: libc::c_uint,
+    dir: std::os::fd::BorrowedFd<'_>,
+    path: impl rustix::path::Arg,
+    extra: rustix::mount::OpenTreeFlags,
 ) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let flags = libc::OPEN_TREE_CLONE
-        | libc::OPEN_TREE_CLOEXEC
-        | libc::AT_RECURSIVE as libc::c_uint
+    use rustix::mount::OpenTreeFlags;
+    let flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_RECURSIVE
         | extra;
-    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call and
-    // `dirfd` is AT_FDCWD or a descriptor the caller keeps open across it.
-    let fd = unsafe { libc::syscall(libc::SYS_open_tree, dirfd, path.as_ptr(), flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: open_tree returned a new descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    Ok(rustix::mount::open_tree(dir, path, flags)?)
 }
 
 /// A detached clone of the detached (or attached) mount `tree`.
 pub fn clone_tree(tree: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::AsRawFd;
-    open_tree(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint)
+    open_tree(tree, c"", rustix::mount::OpenTreeFlags::AT_EMPTY_PATH)
 }
 
 /// A detached clone of the mount at `path` in the current mount namespace.
 pub fn clone_path(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    open_tree(libc::AT_FDCWD, &c_path(path)?, 0)
+    open_tree(rustix::fs::CWD, path, rustix::mount::OpenTreeFlags::empty())
 }
 
 /// Lazily unmounts the top mount at `path`.
@@ -200,69 +149,30 @@ pub fn unmount_detach(path: &std::path::Path) -> std::io::Result<()> {
 /// `fsmount`): it is in no mount namespace until attached, and it is freed when the
 /// last descriptor and the last attached clone are gone.
 pub fn new_tmpfs(size_mb: u64) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    fn check(rc: libc::c_long) -> std::io::Result<libc::c_long> {
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc)
-        }
-    }
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    // SAFETY: the name is a valid NUL-terminated string; fsopen takes no other pointers.
-    let fs = check(unsafe { libc::syscall(libc::SYS_fsopen, c"tmpfs".as_ptr(), FSOPEN_CLOEXEC) })?;
-    // SAFETY: fsopen returned a new descriptor that nothing else owns.
-    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
-    let size = std::ffi::CString::new(format!("{size_mb}m")).map_err(std::io::Error::other)?;
+    use rustix::mount::{fsconfig_set_string, FsMountFlags, FsOpenFlags, MountAttrFlags};
+    let fs = rustix::mount::fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_set_string(&fs, c"size", format!("{size_mb}m").as_str())?;
     // Not sticky: the sandboxes of one run (one tenant, different users) rewrite each
     // other's files in it.
-    for (key, value) in [(c"size", size.as_c_str()), (c"mode", c"0777")] {
-        // SAFETY: `fs` is a valid fs-context descriptor; key and value are valid
-        // NUL-terminated strings for the duration of the call.
-        check(unsafe {
-            libc::syscall(
-                libc::SYS_fsconfig,
-                fs.as_raw_fd(),
-                FSCONFIG_SET_STRING,
-                key.as_ptr(),
-                value.as_ptr(),
-                0,
-            )
-        })?;
-    }
-    // SAFETY: as above; CMD_CREATE takes no key or value.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_fsconfig,
-            fs.as_raw_fd(),
-            FSCONFIG_CMD_CREATE,
-            std::ptr::null::<libc::c_char>(),
-            std::ptr::null::<libc::c_char>(),
-            0,
-        )
-    })?;
-    let attrs = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
-    // SAFETY: `fs` is a created fs context; fsmount takes no pointers.
-    let mnt =
-        check(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })?;
-    // SAFETY: fsmount returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(mnt as i32) })
+    fsconfig_set_string(&fs, c"mode", c"0777")?;
+    rustix::mount::fsconfig_create(&fs)?;
+    let attrs = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+    Ok(rustix::mount::fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        attrs,
+    )?)
 }
 
 /// A pidfd for `pid` (`pidfd_open`, close-on-exec): it becomes readable when the
 /// process exits, and unlike the pid it can never name another process.
 pub fn pidfd_open(pid: nix::unistd::Pid) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags, no pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    let pid = rustix::process::Pid::from_raw(pid.as_raw())
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
 /// Makes `fd` the child's descriptor `target` (without close-on-exec) when `cmd`
@@ -360,14 +270,11 @@ pub fn take_inherited_socket(fd: std::os::fd::RawFd) -> std::io::Result<std::os:
 /// A new eventfd with a count of 0, non-blocking and close-on-exec (for a memory
 /// cgroup's v1 OOM notification).
 pub fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
-    // SAFETY: eventfd takes no pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    use std::os::fd::FromRawFd;
-    // SAFETY: `fd` was just created by eventfd and nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    use rustix::event::EventfdFlags;
+    Ok(rustix::event::eventfd(
+        0,
+        EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+    )?)
 }
 
 /// Closes every descriptor from `first` up: whatever the agent's own parent let it

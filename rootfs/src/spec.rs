@@ -139,7 +139,7 @@ impl Default for SandboxUids {
 #[derive(Debug)]
 pub struct SandboxUsers {
     range: SandboxUids,
-    slots: std::sync::Mutex<Slots>,
+    slots: parking_lot::Mutex<Slots>,
 }
 
 #[derive(Debug, Default)]
@@ -155,7 +155,7 @@ impl SandboxUsers {
     pub fn new(range: SandboxUids) -> SandboxUsers {
         SandboxUsers {
             range,
-            slots: std::sync::Mutex::new(Slots {
+            slots: parking_lot::Mutex::new(Slots {
                 used: vec![0; range.count.div_ceil(64) as usize],
                 ..Slots::default()
             }),
@@ -166,14 +166,10 @@ impl SandboxUsers {
         self.range
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// A free slot's user for `sandbox` (the one it holds already, if any); an
     /// error when every slot is in use.
     pub fn assign(&self, sandbox: &str) -> Result<SandboxUser, Error> {
-        let mut s = self.lock();
+        let mut s = self.slots.lock();
         if let Some(&slot) = s.by_sandbox.get(sandbox) {
             return Ok(self.range.user(slot));
         }
@@ -210,7 +206,7 @@ impl SandboxUsers {
     /// Frees `sandbox`'s slot (call it once the sandbox's processes are gone);
     /// its user, if it held one.
     pub fn release(&self, sandbox: &str) -> Option<SandboxUser> {
-        let mut s = self.lock();
+        let mut s = self.slots.lock();
         let slot = s.by_sandbox.remove(sandbox)?;
         s.used[(slot / 64) as usize] &= !(1 << (slot % 64));
         Some(self.range.user(slot))
@@ -218,13 +214,13 @@ impl SandboxUsers {
 
     /// The user `sandbox` runs as, if it holds a slot.
     pub fn user_of(&self, sandbox: &str) -> Option<SandboxUser> {
-        let s = self.lock();
+        let s = self.slots.lock();
         s.by_sandbox.get(sandbox).map(|&slot| self.range.user(slot))
     }
 
     /// Slots in use.
     pub fn in_use(&self) -> usize {
-        self.lock().by_sandbox.len()
+        self.slots.lock().by_sandbox.len()
     }
 }
 

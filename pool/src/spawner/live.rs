@@ -1,0 +1,229 @@
+//! The spawner's live sandboxes: the libcontainer containers it built and has not
+//! destroyed, how they are built and destroyed, and the mount operations it runs
+//! inside them (code attached at `/code` or `/fns/<name>-<version>`, a workflow's
+//! scratch on `/workflow`). Only the spawner process uses this: every call here may
+//! clone a container process or enter a sandbox's mount namespace.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use rootfs::{FUNCTIONS_DIR, WORKFLOW_DIR, WORKFLOW_DIR_MB};
+
+use crate::{sys, Cgroups};
+
+/// The sandboxes one spawner created and has not destroyed. Errors are messages for
+/// the agent (a [`super::protocol::SpawnerReply::Failed`]), with their whole cause.
+pub(super) struct Live {
+    /// libcontainer's state root.
+    root: PathBuf,
+    cgroups: Cgroups,
+    containers: HashMap<String, Container>,
+    /// Sandboxes with a workflow scratch attached over their own.
+    scratch_attached: HashSet<String>,
+}
+
+impl Live {
+    /// No sandboxes yet; containers keep their state under `root`.
+    pub(super) fn new(root: PathBuf, cgroups: Cgroups) -> Live {
+        Live {
+            root,
+            cgroups,
+            containers: HashMap::new(),
+            scratch_attached: HashSet::new(),
+        }
+    }
+
+    /// Builds and starts container `id`. Its stdin is the shim's end of a new socket
+    /// pair (the other end is returned, for the agent, with the sandbox's pid); its
+    /// stdout and stderr are `output`, the agent's pipe, so that nothing in the sandbox
+    /// holds a descriptor of the spawner's (its stderr is the daemon's log).
+    pub(super) fn create(
+        &mut self,
+        id: String,
+        bundle: &Path,
+        output: Option<OwnedFd>,
+    ) -> Result<(i32, OwnedFd), String> {
+        let fail = |what: &str, e: &dyn std::error::Error| format!("{what}: {}", ipc::chain(e));
+        let stderr = output.ok_or("create carries no output pipe descriptor")?;
+        let stdout = stderr
+            .try_clone()
+            .map_err(|e| fail("dup the output pipe", &e))?;
+        let (agent_end, shim_end) = UnixStream::pair().map_err(|e| fail("socket pair", &e))?;
+        let built = ContainerBuilder::new(id.clone(), SyscallType::default())
+            .with_root_path(&self.root)
+            .map(|b| {
+                b.with_stdin(OwnedFd::from(shim_end))
+                    .with_stdout(stdout)
+                    .with_stderr(stderr)
+                    .as_init(bundle)
+                    .with_systemd(false)
+                    .with_detach(true)
+                    .build()
+            });
+        let mut container = match built {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) | Err(e) => {
+                self.remove_partial(&id);
+                return Err(fail("build container", &e));
+            }
+        };
+        if let Err(e) = container.start() {
+            let message = fail("start container", &e);
+            let _ = destroy(container, &self.cgroups);
+            return Err(message);
+        }
+        let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+        self.containers.insert(id, container);
+        Ok((pid, OwnedFd::from(agent_end)))
+    }
+
+    /// Kills sandbox `id`'s processes, reaps its init and deletes its container.
+    pub(super) fn destroy(&mut self, id: &str) -> Result<(), String> {
+        self.scratch_attached.remove(id);
+        match self.containers.remove(id) {
+            Some(c) => destroy(c, &self.cgroups),
+            None => Err(format!("no live sandbox {id}")),
+        }
+    }
+
+    /// Destroys every sandbox left (the spawner is exiting).
+    pub(super) fn destroy_all(&mut self) {
+        self.scratch_attached.clear();
+        for (id, c) in self.containers.drain() {
+            if let Err(message) = destroy(c, &self.cgroups) {
+                tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
+            }
+        }
+    }
+
+    /// Makes the host directory `dir` visible read-only at `target` in sandbox `id`
+    /// (making the directory first under [`FUNCTIONS_DIR`]).
+    pub(super) fn attach_code(&self, id: &str, dir: &Path, target: &Path) -> Result<(), String> {
+        self.in_sandbox(id, || {
+            let tree = sys::detached_readonly_tree(dir)
+                .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
+            Ok(move || {
+                if target.starts_with(FUNCTIONS_DIR) {
+                    std::fs::create_dir_all(target)?;
+                }
+                sys::move_mount(tree.as_fd(), target)
+            })
+        })
+        .map_err(|e| format!("attach {} at {}: {e}", dir.display(), target.display()))
+    }
+
+    /// Puts a clone of the detached mount `scratch` on sandbox `id`'s `/workflow`.
+    pub(super) fn attach_scratch(
+        &mut self,
+        id: String,
+        scratch: Option<OwnedFd>,
+    ) -> Result<(), String> {
+        let scratch = scratch.ok_or("attach_scratch carries no mount descriptor")?;
+        self.in_sandbox(&id, || {
+            let tree = sys::clone_tree(scratch.as_fd())
+                .map_err(|e| format!("clone the scratch mount: {e}"))?;
+            Ok(move || sys::move_mount(tree.as_fd(), Path::new(WORKFLOW_DIR)))
+        })?;
+        self.scratch_attached.insert(id);
+        Ok(())
+    }
+
+    /// Removes the scratch attached on sandbox `id`'s `/workflow`.
+    pub(super) fn detach_scratch(&mut self, id: &str) -> Result<(), String> {
+        if !self.scratch_attached.contains(id) {
+            return Err(format!("sandbox {id} has no workflow scratch attached"));
+        }
+        self.in_sandbox(id, || Ok(|| sys::unmount_detach(Path::new(WORKFLOW_DIR))))?;
+        self.scratch_attached.remove(id);
+        Ok(())
+    }
+
+    /// Replaces sandbox `id`'s own `/workflow` with a new, empty tmpfs.
+    pub(super) fn reset_scratch(&self, id: &str) -> Result<(), String> {
+        if self.scratch_attached.contains(id) {
+            return Err(format!(
+                "sandbox {id} has a workflow scratch attached over its own"
+            ));
+        }
+        self.in_sandbox(id, || {
+            let fresh = sys::new_tmpfs(WORKFLOW_DIR_MB).map_err(|e| format!("new tmpfs: {e}"))?;
+            Ok(move || {
+                let dir = Path::new(WORKFLOW_DIR);
+                sys::unmount_detach(dir)?;
+                sys::move_mount(fresh.as_fd(), dir)
+            })
+        })
+    }
+
+    /// Puts a clone of what sandbox `from` sees on its `/workflow` on sandbox `id`'s.
+    pub(super) fn attach_scratch_from(&mut self, id: String, from: &str) -> Result<(), String> {
+        let tree = self.in_sandbox(from, || Ok(|| sys::clone_path(Path::new(WORKFLOW_DIR))))?;
+        self.in_sandbox(&id, || {
+            Ok(move || sys::move_mount(tree.as_fd(), Path::new(WORKFLOW_DIR)))
+        })?;
+        self.scratch_attached.insert(id);
+        Ok(())
+    }
+
+    /// Runs a mount operation inside sandbox `id`'s mount namespace: `prepare` runs
+    /// here (in the spawner's namespace) and returns the step to run in the sandbox's;
+    /// the spawner always comes back to its own.
+    fn in_sandbox<T, F>(
+        &self,
+        id: &str,
+        prepare: impl FnOnce() -> Result<F, String>,
+    ) -> Result<T, String>
+    where
+        F: FnOnce() -> std::io::Result<T>,
+    {
+        let container = self
+            .containers
+            .get(id)
+            .ok_or_else(|| format!("no live sandbox {id}"))?;
+        let pid = container
+            .pid()
+            .ok_or_else(|| format!("sandbox {id} has no init process"))?;
+        let ns_path = format!("/proc/{pid}/ns/mnt");
+        let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
+        // Our own mount namespace, to come back to. Opened for this operation only: a
+        // descriptor the spawner keeps is inherited by every container it builds.
+        let home =
+            File::open("/proc/self/ns/mnt").map_err(|e| format!("open /proc/self/ns/mnt: {e}"))?;
+        let step = prepare()?;
+        sys::in_mount_ns(ns.as_fd(), home.as_fd(), step)
+            .map_err(|e| format!("in sandbox {id}: {e}"))
+    }
+
+    /// Deletes what a failed build of `id` left in the state root.
+    fn remove_partial(&self, id: &str) {
+        let dir = self.root.join(id);
+        if let Ok(c) = Container::load(dir.clone()) {
+            let _ = destroy(c, &self.cgroups);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn destroy(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {
+    if let Some(pid) = container.pid() {
+        // Killing the PID namespace's init kills every process in it; reaping it
+        // returns once they are all gone. A frozen sandbox (cgroup v1) only dies once
+        // thawed, so thaw after the kill.
+        let _ = kill(pid, Signal::SIGKILL);
+        if let Ok(config) = container.spec() {
+            cgroups.thaw_tree(&config.cgroup_path);
+        }
+        let _ = waitpid(pid, None);
+    }
+    container
+        .delete(true)
+        .map_err(|e| format!("delete container {}: {}", container.id(), ipc::chain(&e)))
+}
