@@ -38,7 +38,8 @@ struct Graph {
 fn is_cfg_test(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|a| {
         a.path().is_ident("cfg")
-            && a.parse_args::<syn::Meta>().is_ok_and(|m| m.path().is_ident("test"))
+            && a.parse_args::<syn::Meta>()
+                .is_ok_and(|m| m.path().is_ident("test"))
     })
 }
 
@@ -106,7 +107,11 @@ fn modules(root: &Path) -> Vec<Module> {
             } else {
                 (dir.join("mod.rs"), dir)
             };
-            assert!(file.is_file(), "module {name} of {} not found", m.file.display());
+            assert!(
+                file.is_file(),
+                "module {name} of {} not found",
+                m.file.display()
+            );
             let mut path = m.path.clone();
             path.push(name);
             todo.push(Module {
@@ -122,9 +127,14 @@ fn modules(root: &Path) -> Vec<Module> {
     out
 }
 
-/// Collects the paths (as segment lists, `use` trees flattened) a module names.
+/// Collects the paths (as segment lists, `use` trees flattened) a module names;
+/// `pub use` re-exports are kept apart (a façade re-exporting its own children does
+/// not depend on them).
 #[derive(Default)]
-struct Paths(Vec<Vec<String>>);
+struct Paths {
+    uses: Vec<Vec<String>>,
+    reexports: Vec<Vec<String>>,
+}
 
 impl Paths {
     fn tree(&mut self, prefix: &mut Vec<String>, tree: &syn::UseTree) {
@@ -137,14 +147,14 @@ impl Paths {
             syn::UseTree::Name(n) => {
                 let mut full = prefix.clone();
                 full.push(n.ident.to_string());
-                self.0.push(full);
+                self.uses.push(full);
             }
             syn::UseTree::Rename(r) => {
                 let mut full = prefix.clone();
                 full.push(r.ident.to_string());
-                self.0.push(full);
+                self.uses.push(full);
             }
-            syn::UseTree::Glob(_) => self.0.push(prefix.clone()),
+            syn::UseTree::Glob(_) => self.uses.push(prefix.clone()),
             syn::UseTree::Group(g) => {
                 for t in &g.items {
                     self.tree(prefix, t);
@@ -156,14 +166,22 @@ impl Paths {
 
 impl<'ast> Visit<'ast> for Paths {
     fn visit_item_use(&mut self, u: &'ast syn::ItemUse) {
+        let start = self.uses.len();
         self.tree(&mut Vec::new(), &u.tree);
+        if !matches!(u.vis, syn::Visibility::Inherited) {
+            let exported = self.uses.split_off(start);
+            self.reexports.extend(exported);
+        }
     }
 
     fn visit_path(&mut self, p: &'ast syn::Path) {
-        self.0
+        self.uses
             .push(p.segments.iter().map(|s| s.ident.to_string()).collect());
         syn::visit::visit_path(self, p);
     }
+
+    // `pub(super)`, `pub(in crate::a)` say who may see an item, not what it uses.
+    fn visit_visibility(&mut self, _: &'ast syn::Visibility) {}
 
     fn visit_macro(&mut self, m: &'ast syn::Macro) {
         // Paths inside macro calls (`format!("{}", crate::X)`, `matches!(…)`) are
@@ -218,9 +236,11 @@ fn graph(root: &Path) -> Graph {
         let from = m.path.join("::");
         let mut paths = Paths::default();
         paths.visit_file(&parse(&m.file));
-        for p in paths.0 {
+        let reexports = paths.reexports.into_iter().map(|p| (p, true));
+        for (p, reexport) in paths.uses.into_iter().map(|p| (p, false)).chain(reexports) {
             if let Some(to) = target(&m.path, &p, &g.nodes) {
-                if to != from {
+                let own_child = to.starts_with(&format!("{from}::"));
+                if to != from && !(reexport && own_child) {
                     g.edges
                         .entry((from.clone(), to))
                         .or_insert_with(|| p.join("::"));
@@ -247,13 +267,12 @@ fn cycles(g: &Graph) -> Vec<Vec<String>> {
         s.low.insert(v, i);
         s.stack.push(v);
         s.on_stack.insert(v);
-        let next: Vec<&'a str> = s
-            .g
-            .edges
-            .keys()
-            .filter(|(a, _)| a == v)
-            .map(|(_, b)| b.as_str())
-            .collect();
+        let next: Vec<&'a str> =
+            s.g.edges
+                .keys()
+                .filter(|(a, _)| a == v)
+                .map(|(_, b)| b.as_str())
+                .collect();
         for w in next {
             if !s.index.contains_key(w) {
                 connect(s, w);
@@ -344,7 +363,10 @@ fn report(dir: &Path) -> Vec<String> {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[test]
@@ -393,7 +415,10 @@ fn the_check_finds_a_cycle_through_use_lines_paths_super_and_macros() {
         // A child naming its parent with `super::`, the parent its child.
         &[
             ("lib.rs", "mod http;"),
-            ("http/mod.rs", "mod conn; pub use conn::Conn; pub struct Limits;"),
+            (
+                "http/mod.rs",
+                "mod conn; use conn::Conn; pub struct Limits;",
+            ),
             ("http/conn.rs", "use super::Limits; pub struct Conn;"),
         ],
     ];
@@ -402,6 +427,20 @@ fn the_check_finds_a_cycle_through_use_lines_paths_super_and_macros() {
         let found = report(dir.path());
         assert_eq!(found.len(), 1, "{files:?}: {found:?}");
     }
+}
+
+#[test]
+fn a_facade_re_exporting_its_children_is_not_a_cycle() {
+    let dir = fake_crate(&[
+        ("lib.rs", "mod http;"),
+        (
+            "http/mod.rs",
+            "mod conn; mod limits; pub use conn::Conn; pub(crate) use limits::Limits;",
+        ),
+        ("http/conn.rs", "use super::Limits; pub(super) struct Conn;"),
+        ("http/limits.rs", "pub struct Limits;"),
+    ]);
+    assert_eq!(report(dir.path()), Vec::<String>::new());
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ipc::sandbox_paths::RUNTIME_DIR;
 
-use super::{make_dir, write_file, ZygoteCommand};
+use super::files::{make_dir, write_file, ZygoteCommand};
 
 /// The interpreter (Debian's, from the host's `/usr`).
 pub const INTERPRETER: &str = "/usr/bin/python3";
