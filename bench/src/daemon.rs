@@ -20,6 +20,8 @@ impl Daemon {
         let child = Command::new(bin.join("sprout"))
             .args(["serve", "--socket"])
             .arg(&socket)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

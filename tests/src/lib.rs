@@ -678,7 +678,9 @@ impl Sprout<'_> {
         cmd.args(&self.args)
             .env_remove("SPROUT_SOCKET")
             .env_remove("SPROUT_STATE_DIR")
-            .env_remove("SPROUT_LOG");
+            .env_remove("SPROUT_LOG")
+            // A daemon started this way keeps its data in the test's directory.
+            .env("SPROUT_DATA_DIR", self.env.work_dir().join("data"));
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
