@@ -10,7 +10,7 @@
 //! frames and writes answers for every connection; the calls themselves run on a
 //! small pool of workers ([`Workers`], at most [`MAX_WORKERS`] threads, started on
 //! demand and ended when idle), so the agent's threads grow with neither frames nor
-//! connections. Per sandbox: at most [`MAX_CONNECTIONS_PER_SANDBOX`] connections (a
+//! connections. Per sandbox: at most [`book::MAX_CONNECTIONS_PER_SANDBOX`] connections (a
 //! further one is closed at once), and at most `max_calls_in_flight` calls and
 //! resolves in flight (a further one is answered at once with `call_refused`, kind
 //! `too_many_calls`). A frame left half-sent for [`FRAME_TIMEOUT`] closes its
@@ -55,7 +55,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ipc::frame::{PREFIX_LEN, SHARED_FLAG};
@@ -64,20 +64,22 @@ use ipc::proto::{check_depth, CallReply, CallRequest, RefusalKind, MAX_CALL_DEPT
 use ipc::{Channel, Message, Payload};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::{Condvar, Mutex};
 use serde_json::value::RawValue;
 
-use crate::agent::{lock, CallOpts, Inner};
 use crate::error::Error;
+use crate::invoke::{CallOpts, Invoker};
+use crate::registry::Registry;
 use crate::run::{Cancel, Run};
+use crate::runs::Runs;
+use crate::sandboxes::Sandboxes;
+
+pub(crate) mod book;
+
+use book::{Book, Refusal};
 
 /// The call socket's file name in the runtime directory.
 pub const SOCKET_NAME: &str = "agent.sock";
-/// Calls one sandbox may have in flight unless configured otherwise.
-pub const DEFAULT_MAX_CALLS_IN_FLIGHT: usize = 64;
-/// Connections one sandbox may have open on the call socket. Each process that calls
-/// has one: calls nested in one sandbox (through its shim) are a process each, up to
-/// the depth limit of 16, and a handler may fork.
-pub const MAX_CONNECTIONS_PER_SANDBOX: usize = 32;
 /// How long an answer may wait for its caller to read it.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a frame may stay half-sent.
@@ -91,11 +93,22 @@ const WORKER_IDLE: Duration = Duration::from_secs(10);
 const OUTBOX_PAUSE: usize = 64;
 /// How often a worker waiting for its answer to go out checks that its call is live.
 const ANSWER_CHECK: Duration = Duration::from_millis(50);
-/// How long the end of an invocation waits for the loop to read what it sent.
-const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 const LISTENER: Token = Token(0);
 const WAKE: Token = Token(1);
+
+/// What the call socket uses of the agent: it resolves callers and callees, runs
+/// calls, and keeps its book.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub invoker: Arc<Invoker>,
+    pub registry: Arc<Registry>,
+    pub runs: Arc<Runs>,
+    pub sandboxes: Arc<Sandboxes>,
+    pub book: Arc<Book>,
+    /// Calls (and resolves) one sandbox may have in flight.
+    pub max_calls_in_flight: usize,
+}
 
 /// Binds the call socket in `runtime_dir`.
 pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
@@ -104,241 +117,10 @@ pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
     UnixListener::bind(&path).map_err(|source| Error::State { path, source })
 }
 
-// ------------------------------------------------------------------ the book
-
-/// What the agent knows of each sandbox's calls: its session, its calls in flight
-/// and its connections. Shared by the invocation paths, the loop and the workers.
-#[derive(Debug, Default)]
-pub(crate) struct Book {
-    sandboxes: Mutex<Sandboxes>,
-    drained: Condvar,
-    /// Wakes the loop (set once it runs).
-    waker: OnceLock<Arc<Waker>>,
-    /// The loop has stopped (the agent shuts down): nothing waits for it any more.
-    stopped: AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct Sandboxes {
-    by_id: HashMap<String, Entry>,
-    /// Sandboxes whose connections the loop must read out (an invocation ended).
-    drains: Vec<String>,
-}
-
-#[derive(Debug, Default)]
-struct Entry {
-    /// Depth of the invocation running (or of the last one, for the idle session).
-    depth: u32,
-    running: bool,
-    /// Fired when the session ends; made on the session's first call.
-    cancel: Option<Arc<Cancel>>,
-    in_flight: usize,
-    connections: usize,
-    drains_asked: u64,
-    drains_done: u64,
-}
-
-impl Entry {
-    fn unused(&self) -> bool {
-        !self.running && self.in_flight == 0 && self.connections == 0
-    }
-
-    /// Ends the current session: its calls are cancelled.
-    fn end_session(&mut self) {
-        if let Some(cancel) = self.cancel.take() {
-            cancel.fire();
-        }
-    }
-}
-
-/// Why the loop does not run a request.
-#[derive(Debug, PartialEq, Eq)]
-enum Refusal {
-    /// The invocation that sent it has ended; it is dropped unanswered.
-    Drained,
-    TooDeep(String),
-    TooMany(usize),
-    Gone,
-    Failed(String),
-}
-
-/// A request the loop admitted: its depth and the cancel of its session.
-#[derive(Debug)]
-struct Admitted {
-    depth: u32,
-    cancel: Arc<Cancel>,
-}
-
-impl Book {
-    /// An invocation at `depth` begins in `sandbox`: its calls belong to it (and the
-    /// calls of the idle session before it end).
-    pub fn begin(&self, sandbox: &str, depth: u32) {
-        let mut s = lock(&self.sandboxes);
-        if !s.by_id.contains_key(sandbox) {
-            s.by_id.insert(sandbox.to_owned(), Entry::default());
-        }
-        let entry = s.by_id.get_mut(sandbox).expect("inserted");
-        entry.end_session();
-        entry.depth = depth;
-        entry.running = true;
-    }
-
-    /// The invocation running in `sandbox` has ended: its calls end, and what it sent
-    /// that the loop has not read yet is read and dropped before this returns (within
-    /// [`DRAIN_WAIT`]). Costs a lock, and a loop round trip only for a sandbox with
-    /// a connection to the call socket.
-    pub fn end(&self, sandbox: &str) {
-        let mut s = lock(&self.sandboxes);
-        let Some(entry) = s.by_id.get_mut(sandbox) else {
-            return;
-        };
-        entry.end_session();
-        entry.running = false;
-        let Some(waker) = self.waker.get().filter(|_| entry.connections > 0) else {
-            return;
-        };
-        entry.drains_asked += 1;
-        let want = entry.drains_asked;
-        s.drains.push(sandbox.to_owned());
-        if let Err(e) = waker.wake() {
-            tracing::warn!(error = %e, "call socket: wake the loop");
-            return;
-        }
-        let deadline = Instant::now() + DRAIN_WAIT;
-        loop {
-            let done = self.stopped.load(Ordering::SeqCst)
-                || s.by_id.get(sandbox).is_none_or(|e| e.drains_done >= want);
-            let now = Instant::now();
-            if done || now >= deadline {
-                if !done {
-                    tracing::warn!(
-                        sandbox_id = sandbox,
-                        "call socket: the loop did not read the ended invocation's frames in time"
-                    );
-                }
-                return;
-            }
-            s = self
-                .drained
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
-    /// `sandbox` is gone: every call it made ends.
-    pub fn forget(&self, sandbox: &str) {
-        let mut s = lock(&self.sandboxes);
-        if let Some(mut entry) = s.by_id.remove(sandbox) {
-            entry.end_session();
-        }
-        self.drained.notify_all();
-    }
-
-    /// Whether `sandbox` has a connection on the call socket.
-    pub fn connected(&self, sandbox: &str) -> bool {
-        lock(&self.sandboxes)
-            .by_id
-            .get(sandbox)
-            .is_some_and(|e| e.connections > 0)
-    }
-
-    fn connect(&self, sandbox: &str) -> Result<(), usize> {
-        let mut s = lock(&self.sandboxes);
-        let entry = s.by_id.entry(sandbox.to_owned()).or_default();
-        if entry.connections >= MAX_CONNECTIONS_PER_SANDBOX {
-            return Err(MAX_CONNECTIONS_PER_SANDBOX);
-        }
-        entry.connections += 1;
-        Ok(())
-    }
-
-    fn disconnect(&self, sandbox: &str) {
-        self.update(sandbox, |e| e.connections = e.connections.saturating_sub(1));
-    }
-
-    /// A request admitted by [`Book::admit`] is over.
-    fn done(&self, sandbox: &str) {
-        self.update(sandbox, |e| e.in_flight = e.in_flight.saturating_sub(1));
-    }
-
-    fn update(&self, sandbox: &str, f: impl FnOnce(&mut Entry)) {
-        let mut s = lock(&self.sandboxes);
-        if let Some(entry) = s.by_id.get_mut(sandbox) {
-            f(entry);
-            if entry.unused() {
-                s.by_id.remove(sandbox);
-            }
-        }
-    }
-
-    /// Admits a request of `sandbox` for `function` (`claimed`: the depth a call says
-    /// it has) if its session may make one more.
-    fn admit(
-        &self,
-        sandbox: &str,
-        function: &str,
-        claimed: Option<u32>,
-        cap: usize,
-    ) -> Result<Admitted, Refusal> {
-        let mut s = lock(&self.sandboxes);
-        let entry = s.by_id.get_mut(sandbox).ok_or(Refusal::Gone)?;
-        if entry.drains_done < entry.drains_asked {
-            return Err(Refusal::Drained);
-        }
-        let depth = (entry.depth.saturating_add(1)).max(claimed.unwrap_or(0));
-        check_depth(function, depth).map_err(Refusal::TooDeep)?;
-        if entry.in_flight >= cap {
-            return Err(Refusal::TooMany(cap));
-        }
-        let cancel = match &entry.cancel {
-            Some(c) => c.clone(),
-            None => {
-                let c = Arc::new(
-                    Cancel::new().map_err(|e| Refusal::Failed(format!("cancel pipe: {e}")))?,
-                );
-                entry.cancel = Some(c.clone());
-                c
-            }
-        };
-        entry.in_flight += 1;
-        Ok(Admitted { depth, cancel })
-    }
-
-    /// Wakes the loop so that it sees the agent is shutting down (set before this is
-    /// called). A loop not running yet sees it before its first wait.
-    pub fn wake_for_shutdown(&self) {
-        if let Some(waker) = self.waker.get() {
-            if let Err(e) = waker.wake() {
-                tracing::warn!(error = %e, "call socket: wake the loop to stop");
-            }
-        }
-    }
-
-    /// The loop has stopped: nobody waits for it.
-    fn loop_stopped(&self) {
-        let _s = lock(&self.sandboxes);
-        self.stopped.store(true, Ordering::SeqCst);
-        self.drained.notify_all();
-    }
-
-    fn take_drains(&self) -> Vec<String> {
-        std::mem::take(&mut lock(&self.sandboxes).drains)
-    }
-
-    fn drained(&self, sandbox: &str) {
-        let mut s = lock(&self.sandboxes);
-        if let Some(e) = s.by_id.get_mut(sandbox) {
-            e.drains_done = e.drains_asked;
-        }
-        self.drained.notify_all();
-    }
-}
-
 // ------------------------------------------------------------------ the loop
 
 /// Serves the call socket until [`stop`] (after the agent began shutting down).
-pub fn serve(inner: &Arc<Inner>, listener: UnixListener) {
+pub fn serve(inner: &Arc<Parts>, listener: UnixListener) {
     let mut server = match Server::new(inner, listener) {
         Ok(s) => s,
         Err(e) => {
@@ -347,12 +129,12 @@ pub fn serve(inner: &Arc<Inner>, listener: UnixListener) {
         }
     };
     server.run();
-    inner.calls.loop_stopped();
+    inner.book.loop_stopped();
     server.workers.stop();
 }
 
 struct Server {
-    inner: Arc<Inner>,
+    inner: Arc<Parts>,
     poll: Poll,
     listener: UnixListener,
     conns: HashMap<Token, Conn>,
@@ -453,7 +235,7 @@ fn reply_id(reply: &CallReply) -> (u64, String) {
 }
 
 impl Server {
-    fn new(inner: &Arc<Inner>, listener: UnixListener) -> io::Result<Server> {
+    fn new(inner: &Arc<Parts>, listener: UnixListener) -> io::Result<Server> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         listener.set_nonblocking(true)?;
@@ -462,7 +244,7 @@ impl Server {
             LISTENER,
             Interest::READABLE,
         )?;
-        let _ = inner.calls.waker.set(waker.clone());
+        inner.book.set_waker(waker.clone());
         Ok(Server {
             inner: inner.clone(),
             poll,
@@ -478,7 +260,7 @@ impl Server {
         loop {
             // Checked before each wait: a shutdown that came before the waker was set
             // (the loop not started yet) is seen here.
-            if self.inner.shutting_down.load(Ordering::SeqCst) {
+            if self.inner.book.is_stopping() {
                 return;
             }
             let timeout = self
@@ -513,7 +295,7 @@ impl Server {
             self.deliver_answers();
             self.drain_ended();
             self.expire();
-            if self.inner.shutting_down.load(Ordering::SeqCst) {
+            if self.inner.book.is_stopping() {
                 return;
             }
         }
@@ -531,7 +313,7 @@ impl Server {
                     return true;
                 }
             };
-            if self.inner.shutting_down.load(Ordering::SeqCst) {
+            if self.inner.book.is_stopping() {
                 return false;
             }
             let sandbox = match caller_sandbox(&self.inner, &stream) {
@@ -541,7 +323,7 @@ impl Server {
                     continue;
                 }
             };
-            if let Err(max) = self.inner.calls.connect(&sandbox) {
+            if let Err(max) = self.inner.book.connect(&sandbox) {
                 tracing::warn!(
                     sandbox_id = %sandbox,
                     max_connections = max,
@@ -560,7 +342,7 @@ impl Server {
             });
             if let Err(e) = registered {
                 tracing::warn!(error = %e, "call socket: register a connection");
-                self.inner.calls.disconnect(&sandbox);
+                self.inner.book.disconnect(&sandbox);
                 continue;
             }
             tracing::debug!(sandbox_id = %sandbox, "call socket: connected");
@@ -584,7 +366,7 @@ impl Server {
             .registry()
             .deregister(&mut SourceFd(&conn.channel.stream().as_raw_fd()));
         let _ = conn.channel.stream().shutdown(std::net::Shutdown::Both);
-        self.inner.calls.disconnect(&conn.sandbox);
+        self.inner.book.disconnect(&conn.sandbox);
         // Dropping it closes the socket, the descriptors it carried, and releases
         // the workers waiting for their answers to go out.
     }
@@ -625,7 +407,7 @@ impl Server {
     }
 
     fn deliver_answers(&mut self) {
-        let answers = std::mem::take(&mut lock(&self.workers.answers).list);
+        let answers = std::mem::take(&mut self.workers.answers.lock().list);
         let mut touched = Vec::new();
         for (token, out) in answers {
             if let Some(conn) = self.conns.get_mut(&token) {
@@ -642,7 +424,7 @@ impl Server {
     /// Reads out the connections of sandboxes whose invocation ended, dropping what
     /// it sent, before the end of the invocation completes.
     fn drain_ended(&mut self) {
-        let sandboxes = self.inner.calls.take_drains();
+        let sandboxes = self.inner.book.take_drains();
         for sandbox in sandboxes {
             let tokens: Vec<Token> = self
                 .conns
@@ -653,7 +435,7 @@ impl Server {
             for token in tokens {
                 self.pump(token, true);
             }
-            self.inner.calls.drained(&sandbox);
+            self.inner.book.drained(&sandbox);
         }
     }
 
@@ -723,7 +505,7 @@ impl Conn {
 /// Reads what `conn` sent and handles each frame (or, with `drain`, drops it).
 /// `Err(why)` closes the connection (`None`: the caller closed it).
 fn pump(
-    inner: &Arc<Inner>,
+    inner: &Arc<Parts>,
     workers: &Arc<Workers>,
     token: Token,
     conn: &mut Conn,
@@ -756,9 +538,7 @@ fn pump(
             Ok(n) => conn.received += n as u64,
             Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
             Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(ipc::Error::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                break Err(None)
-            }
+            Err(e) if e.is_peer_gone() => break Err(None),
             Err(e) => break Err(Some(format!("bad request: {}", ipc::chain(&e)))),
         }
     };
@@ -786,7 +566,7 @@ fn frame_len(msg: &Message<Box<RawValue>>) -> u64 {
 
 /// Handles one request on the loop: refuses it at once, or hands it to a worker.
 fn handle(
-    inner: &Arc<Inner>,
+    inner: &Arc<Parts>,
     workers: &Arc<Workers>,
     token: Token,
     conn: &mut Conn,
@@ -817,8 +597,8 @@ fn handle(
             ..
         } => (*id, function.clone(), Some(*depth)),
     };
-    let cap = inner.config.max_calls_in_flight.max(1);
-    let admitted = match inner.calls.admit(&conn.sandbox, &function, claimed, cap) {
+    let cap = inner.max_calls_in_flight.max(1);
+    let admitted = match inner.book.admit(&conn.sandbox, &function, claimed, cap) {
         Ok(a) => a,
         Err(Refusal::Drained) => return Ok(()),
         Err(refusal) => {
@@ -854,14 +634,14 @@ fn handle(
     };
     let work = match request {
         CallRequest::Resolve { .. } => Work::Resolve,
-        CallRequest::Call { raw, .. } => match run_of(inner, &conn.sandbox) {
+        CallRequest::Call { raw, .. } => match inner.runs.run_of(&conn.sandbox) {
             Ok(run) => Work::Call {
                 raw,
                 event: msg.payload,
                 run,
             },
             Err(e) => {
-                inner.calls.done(&conn.sandbox);
+                inner.book.done(&conn.sandbox);
                 let message = format!("start a workflow run: {e}");
                 conn.refuse(&CallReply::CallFailed {
                     id,
@@ -952,7 +732,7 @@ enum Work {
 
 /// The pool that runs calls (see the module's doc for the depth rule).
 struct Workers {
-    inner: Arc<Inner>,
+    inner: Arc<Parts>,
     max: usize,
     state: Mutex<PoolState>,
     ready: Condvar,
@@ -1003,7 +783,7 @@ impl PoolState {
 }
 
 impl Workers {
-    fn new(inner: Arc<Inner>, waker: Arc<Waker>, max: usize) -> Workers {
+    fn new(inner: Arc<Parts>, waker: Arc<Waker>, max: usize) -> Workers {
         Workers {
             inner,
             max,
@@ -1015,7 +795,7 @@ impl Workers {
     }
 
     fn submit(self: &Arc<Self>, job: Job) {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         let depth = (job.depth as usize).min(s.queues.len() - 1);
         s.queues[depth].push_back(job);
         if s.queued() > s.idle && s.threads < self.max {
@@ -1033,7 +813,7 @@ impl Workers {
     }
 
     fn work(self: Arc<Self>) {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         loop {
             if s.stopped {
                 s.threads -= 1;
@@ -1043,18 +823,14 @@ impl Workers {
                 s.busy += 1;
                 drop(s);
                 self.run(job);
-                s = lock(&self.state);
+                s = self.state.lock();
                 s.busy -= 1;
                 // A job kept back by the reserve may start now.
                 self.ready.notify_all();
                 continue;
             }
             s.idle += 1;
-            let (guard, waited) = self
-                .ready
-                .wait_timeout(s, WORKER_IDLE)
-                .unwrap_or_else(|p| p.into_inner());
-            s = guard;
+            let waited = self.ready.wait_for(&mut s, WORKER_IDLE);
             s.idle -= 1;
             if waited.timed_out() && s.threads > KEEP_WORKERS && s.queued() == 0 {
                 s.threads -= 1;
@@ -1064,12 +840,12 @@ impl Workers {
     }
 
     fn stop(&self) {
-        let mut s = lock(&self.state);
+        let mut s = self.state.lock();
         s.stopped = true;
         s.queues.iter_mut().for_each(VecDeque::clear);
         self.ready.notify_all();
         drop(s);
-        let mut a = lock(&self.answers);
+        let mut a = self.answers.lock();
         a.stopped = true;
         a.list.clear();
     }
@@ -1108,7 +884,7 @@ impl Workers {
                 }
             }
         }
-        inner.calls.done(&job.sandbox);
+        inner.book.done(&job.sandbox);
     }
 
     /// Queues an answer for the loop to write; with `wait` (the cancel of the call),
@@ -1123,7 +899,7 @@ impl Workers {
             drop(tx);
         }
         {
-            let mut a = lock(&self.answers);
+            let mut a = self.answers.lock();
             if a.stopped {
                 return;
             }
@@ -1145,11 +921,12 @@ impl Workers {
 // ------------------------------------------------------------------ one request
 
 /// Whether `function` can run in `sandbox` (its code is attached there if so).
-fn resolve(inner: &Inner, sandbox: &str, id: u64, function: &str) -> CallReply {
+fn resolve(inner: &Parts, sandbox: &str, id: u64, function: &str) -> CallReply {
     let outcome = inner
+        .runs
         .callee_key(sandbox, function)
-        .and_then(|key| inner.function(&key))
-        .and_then(|callee| inner.attach_callee(sandbox, &callee));
+        .and_then(|key| inner.registry.get(&key))
+        .and_then(|callee| inner.runs.attach_callee(sandbox, &callee, &inner.sandboxes));
     match outcome {
         Ok(spec) => CallReply::Resolved { id, spec },
         Err(e) => CallReply::CallFailed {
@@ -1176,7 +953,7 @@ impl Call<'_> {
     /// `cancel` fires when the invocation that made the call ends.
     fn run(
         &self,
-        inner: &Inner,
+        inner: &Parts,
         event: &Payload,
         run: &Arc<Run>,
         cancel: &Cancel,
@@ -1185,7 +962,7 @@ impl Call<'_> {
         if let Err(message) = check_depth(self.function, self.depth) {
             return answer(&self.failed(message), Payload::default());
         }
-        let key = match inner.callee_key(self.sandbox, self.function) {
+        let key = match inner.runs.callee_key(self.sandbox, self.function) {
             Ok(key) => key,
             Err(e) => return answer(&self.failed(ipc::chain(&e)), Payload::default()),
         };
@@ -1198,7 +975,7 @@ impl Call<'_> {
             deadline: None,
             hand_back: Some(&held),
         };
-        match inner.invoke_with(&key, event, &opts) {
+        match inner.invoker.invoke_with(&key, event, &opts) {
             Ok(inv) => answer(
                 &CallReply::CallReturned {
                     id: self.id,
@@ -1218,9 +995,9 @@ impl Call<'_> {
             ),
             Err(e) => answer(&self.failed(ipc::chain(&e)), Payload::default()),
         }
-        let done_with = lock(&held).take();
+        let done_with = held.lock().take();
         if let Some((inst, healthy)) = done_with {
-            inner.release_returning(inst, run, healthy);
+            inner.invoker.release_returning(inst, run, healthy);
         }
     }
 
@@ -1233,34 +1010,23 @@ impl Call<'_> {
     }
 }
 
-/// The run `sandbox` takes part in; a new one rooted there if none.
-fn run_of(inner: &Inner, sandbox: &str) -> io::Result<Arc<Run>> {
-    let mut runs = lock(&inner.runs);
-    if let Some(run) = runs.get(sandbox) {
-        return Ok(run.clone());
-    }
-    let run = Arc::new(Run::rooted_in(inner.next_id(), sandbox)?);
-    runs.insert(sandbox.to_owned(), run.clone());
-    Ok(run)
-}
-
 /// The bound sandbox the peer of `stream` runs in, from its cgroup, and only if the
 /// peer's uid (fixed when it connected, unlike its pid, which may be reused by the
 /// time the cgroup is read) is that sandbox's own.
-fn caller_sandbox(inner: &Inner, stream: &UnixStream) -> Result<String, String> {
+fn caller_sandbox(inner: &Parts, stream: &UnixStream) -> Result<String, String> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
     let (pid, uid) = (cred.pid(), cred.uid());
     let path = format!("/proc/{pid}/cgroup");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
-    let id = sandbox_in_cgroups(&text, &inner.cgroup_parent)
+    let id = sandbox_in_cgroups(&text, inner.sandboxes.cgroup_parent())
         .ok_or_else(|| format!("process {pid} is not in a sandbox of this agent"))?;
-    if !lock(&inner.bound).contains_key(&id) {
+    if !inner.runs.is_bound(&id) {
         return Err(format!(
             "sandbox {id} (process {pid}) is not bound to a function"
         ));
     }
-    peer_is_sandbox_user(uid, inner.sandbox_users.user_of(&id))
+    peer_is_sandbox_user(uid, inner.sandboxes.user_of(&id))
         .map_err(|why| format!("process {pid} of sandbox {id}: {why}"))?;
     Ok(id)
 }
@@ -1340,142 +1106,6 @@ mod tests {
     }
 
     const SB: &str = "sprout-1-1";
-
-    #[test]
-    fn a_sandbox_gets_its_cap_of_calls_in_flight_and_no_more() {
-        let book = Book::default();
-        book.connect(SB).unwrap();
-        book.begin(SB, 0);
-        let admitted: Vec<_> = (0..3)
-            .map(|_| book.admit(SB, "g", Some(1), 3).unwrap())
-            .collect();
-        assert_eq!(
-            book.admit(SB, "g", Some(1), 3).unwrap_err(),
-            Refusal::TooMany(3)
-        );
-        // Resolves count too.
-        assert_eq!(
-            book.admit(SB, "g", None, 3).unwrap_err(),
-            Refusal::TooMany(3)
-        );
-        book.done(SB);
-        assert!(book.admit(SB, "g", Some(1), 3).is_ok());
-        // One session, one cancel.
-        assert!(admitted
-            .windows(2)
-            .all(|w| Arc::ptr_eq(&w[0].cancel, &w[1].cancel)));
-    }
-
-    #[test]
-    fn depth_is_the_agents_count_and_a_claim_cannot_lower_it() {
-        let book = Book::default();
-        book.connect(SB).unwrap();
-        book.begin(SB, 5);
-        assert_eq!(book.admit(SB, "g", Some(0), 64).unwrap().depth, 6);
-        assert_eq!(book.admit(SB, "g", None, 64).unwrap().depth, 6);
-        // A higher claim only stops the claimant earlier.
-        assert_eq!(book.admit(SB, "g", Some(9), 64).unwrap().depth, 9);
-        book.begin(SB, MAX_CALL_DEPTH - 1);
-        assert_eq!(
-            book.admit(SB, "g", Some(0), 64).unwrap().depth,
-            MAX_CALL_DEPTH
-        );
-        book.begin(SB, MAX_CALL_DEPTH);
-        let Err(Refusal::TooDeep(message)) = book.admit(SB, "g", Some(0), 64) else {
-            panic!("a call past the limit was admitted");
-        };
-        assert!(message.contains("call depth limit of 16"), "{message}");
-    }
-
-    #[test]
-    fn the_calls_of_an_invocation_end_with_it() {
-        let book = Book::default();
-        book.connect(SB).unwrap();
-        // Calls from an idle sandbox belong to its idle session: the next invocation
-        // ends them.
-        let idle = book.admit(SB, "g", Some(1), 64).unwrap();
-        book.begin(SB, 0);
-        assert!(idle.cancel.fired());
-        let mine = book.admit(SB, "g", Some(1), 64).unwrap();
-        assert!(!mine.cancel.fired());
-        book.end(SB);
-        assert!(mine.cancel.fired());
-        // A sandbox that goes ends its calls too.
-        book.begin(SB, 0);
-        let last = book.admit(SB, "g", Some(1), 64).unwrap();
-        book.forget(SB);
-        assert!(last.cancel.fired());
-        assert_eq!(book.admit(SB, "g", Some(1), 64).unwrap_err(), Refusal::Gone);
-    }
-
-    #[test]
-    fn frames_read_while_an_ended_invocation_is_drained_are_dropped() {
-        let book = Book::default();
-        book.connect(SB).unwrap();
-        book.begin(SB, 0);
-        // As `end` leaves it for the loop (without waiting: no loop here).
-        lock(&book.sandboxes)
-            .by_id
-            .get_mut(SB)
-            .unwrap()
-            .drains_asked += 1;
-        assert_eq!(
-            book.admit(SB, "g", Some(1), 64).unwrap_err(),
-            Refusal::Drained
-        );
-        book.drained(SB);
-        assert!(book.admit(SB, "g", Some(1), 64).is_ok());
-    }
-
-    #[test]
-    fn the_end_of_an_invocation_waits_for_the_loop_to_read_what_it_sent() {
-        let poll = Poll::new().unwrap();
-        let book = Book::default();
-        book.waker
-            .set(Arc::new(Waker::new(poll.registry(), WAKE).unwrap()))
-            .unwrap();
-        book.connect(SB).unwrap();
-        book.begin(SB, 0);
-        let started = Instant::now();
-        std::thread::scope(|s| {
-            // The loop's part: it drains what it is asked to, then says so.
-            s.spawn(|| loop {
-                let drains = book.take_drains();
-                if drains.is_empty() {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                assert_eq!(drains, [SB]);
-                book.drained(SB);
-                return;
-            });
-            book.end(SB);
-        });
-        assert!(started.elapsed() < DRAIN_WAIT, "{:?}", started.elapsed());
-        // Once the loop is gone, nothing waits for it.
-        book.begin(SB, 0);
-        book.loop_stopped();
-        let started = Instant::now();
-        book.end(SB);
-        assert!(started.elapsed() < DRAIN_WAIT, "{:?}", started.elapsed());
-    }
-
-    #[test]
-    fn a_sandbox_gets_its_cap_of_connections() {
-        let book = Book::default();
-        for _ in 0..MAX_CONNECTIONS_PER_SANDBOX {
-            book.connect(SB).unwrap();
-        }
-        assert_eq!(book.connect(SB), Err(MAX_CONNECTIONS_PER_SANDBOX));
-        assert!(book.connected(SB));
-        book.disconnect(SB);
-        book.connect(SB).unwrap();
-        for _ in 0..MAX_CONNECTIONS_PER_SANDBOX {
-            book.disconnect(SB);
-        }
-        // Nothing is kept for a sandbox with nothing going on.
-        assert!(lock(&book.sandboxes).by_id.is_empty());
-    }
 
     fn job(depth: u32) -> Job {
         Job {
