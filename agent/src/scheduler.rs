@@ -1,5 +1,7 @@
-//! Per-function scheduling state: warm instances, the count of live ones, and the
-//! queue of requests waiting for one (OpenWhisk's per-action queue, on one node).
+//! The scheduler ([`Scheduler`]): per-function scheduling state — warm instances, the
+//! count of live ones, and the queue of requests waiting for one (OpenWhisk's
+//! per-action queue, on one node) — and the stem cells, kept per runtime, under one
+//! lock. It only keeps state; its callers start and destroy instances outside it.
 //!
 //! A request takes the most recently used idle instance; if there is none and the
 //! function is below its `max_instances`, it starts one (from a stem cell when one is

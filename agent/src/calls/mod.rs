@@ -120,8 +120,8 @@ pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
 // ------------------------------------------------------------------ the loop
 
 /// Serves the call socket until [`stop`] (after the agent began shutting down).
-pub fn serve(inner: &Arc<Parts>, listener: UnixListener) {
-    let mut server = match Server::new(inner, listener) {
+pub fn serve(parts: &Arc<Parts>, listener: UnixListener) {
+    let mut server = match Server::new(parts, listener) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "call socket: cannot start its event loop");
@@ -129,12 +129,12 @@ pub fn serve(inner: &Arc<Parts>, listener: UnixListener) {
         }
     };
     server.run();
-    inner.book.loop_stopped();
+    parts.book.loop_stopped();
     server.workers.stop();
 }
 
 struct Server {
-    inner: Arc<Parts>,
+    parts: Arc<Parts>,
     poll: Poll,
     listener: UnixListener,
     conns: HashMap<Token, Conn>,
@@ -235,7 +235,7 @@ fn reply_id(reply: &CallReply) -> (u64, String) {
 }
 
 impl Server {
-    fn new(inner: &Arc<Parts>, listener: UnixListener) -> io::Result<Server> {
+    fn new(parts: &Arc<Parts>, listener: UnixListener) -> io::Result<Server> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         listener.set_nonblocking(true)?;
@@ -244,14 +244,14 @@ impl Server {
             LISTENER,
             Interest::READABLE,
         )?;
-        inner.book.set_waker(waker.clone());
+        parts.book.set_waker(waker.clone());
         Ok(Server {
-            inner: inner.clone(),
+            parts: parts.clone(),
             poll,
             listener,
             conns: HashMap::new(),
             next_token: 2,
-            workers: Arc::new(Workers::new(inner.clone(), waker, MAX_WORKERS)),
+            workers: Arc::new(Workers::new(parts.clone(), waker, MAX_WORKERS)),
         })
     }
 
@@ -260,7 +260,7 @@ impl Server {
         loop {
             // Checked before each wait: a shutdown that came before the waker was set
             // (the loop not started yet) is seen here.
-            if self.inner.book.is_stopping() {
+            if self.parts.book.is_stopping() {
                 return;
             }
             let timeout = self
@@ -295,7 +295,7 @@ impl Server {
             self.deliver_answers();
             self.drain_ended();
             self.expire();
-            if self.inner.book.is_stopping() {
+            if self.parts.book.is_stopping() {
                 return;
             }
         }
@@ -313,17 +313,17 @@ impl Server {
                     return true;
                 }
             };
-            if self.inner.book.is_stopping() {
+            if self.parts.book.is_stopping() {
                 return false;
             }
-            let sandbox = match caller_sandbox(&self.inner, &stream) {
+            let sandbox = match caller_sandbox(&self.parts, &stream) {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::warn!(error = %e, "call socket: refused a connection");
                     continue;
                 }
             };
-            if let Err(max) = self.inner.book.connect(&sandbox) {
+            if let Err(max) = self.parts.book.connect(&sandbox) {
                 tracing::warn!(
                     sandbox_id = %sandbox,
                     max_connections = max,
@@ -342,7 +342,7 @@ impl Server {
             });
             if let Err(e) = registered {
                 tracing::warn!(error = %e, "call socket: register a connection");
-                self.inner.book.disconnect(&sandbox);
+                self.parts.book.disconnect(&sandbox);
                 continue;
             }
             tracing::debug!(sandbox_id = %sandbox, "call socket: connected");
@@ -366,7 +366,7 @@ impl Server {
             .registry()
             .deregister(&mut SourceFd(&conn.channel.stream().as_raw_fd()));
         let _ = conn.channel.stream().shutdown(std::net::Shutdown::Both);
-        self.inner.book.disconnect(&conn.sandbox);
+        self.parts.book.disconnect(&conn.sandbox);
         // Dropping it closes the socket, the descriptors it carried, and releases
         // the workers waiting for their answers to go out.
     }
@@ -378,7 +378,7 @@ impl Server {
             let Some(conn) = self.conns.get_mut(&token) else {
                 return;
             };
-            if let Err(why) = pump(&self.inner, &self.workers, token, conn, drain) {
+            if let Err(why) = pump(&self.parts, &self.workers, token, conn, drain) {
                 return self.close(token, why.as_deref());
             }
             if let Err(e) = flush(conn) {
@@ -424,7 +424,7 @@ impl Server {
     /// Reads out the connections of sandboxes whose invocation ended, dropping what
     /// it sent, before the end of the invocation completes.
     fn drain_ended(&mut self) {
-        let sandboxes = self.inner.book.take_drains();
+        let sandboxes = self.parts.book.take_drains();
         for sandbox in sandboxes {
             let tokens: Vec<Token> = self
                 .conns
@@ -435,7 +435,7 @@ impl Server {
             for token in tokens {
                 self.pump(token, true);
             }
-            self.inner.book.drained(&sandbox);
+            self.parts.book.drained(&sandbox);
         }
     }
 
@@ -505,7 +505,7 @@ impl Conn {
 /// Reads what `conn` sent and handles each frame (or, with `drain`, drops it).
 /// `Err(why)` closes the connection (`None`: the caller closed it).
 fn pump(
-    inner: &Arc<Parts>,
+    parts: &Arc<Parts>,
     workers: &Arc<Workers>,
     token: Token,
     conn: &mut Conn,
@@ -522,7 +522,7 @@ fn pump(
                 conn.consumed += frame_len(&msg);
                 if drain {
                     dropped += 1;
-                } else if let Err(e) = handle(inner, workers, token, conn, msg) {
+                } else if let Err(e) = handle(parts, workers, token, conn, msg) {
                     break Err(Some(e));
                 }
                 continue;
@@ -566,7 +566,7 @@ fn frame_len(msg: &Message<Box<RawValue>>) -> u64 {
 
 /// Handles one request on the loop: refuses it at once, or hands it to a worker.
 fn handle(
-    inner: &Arc<Parts>,
+    parts: &Arc<Parts>,
     workers: &Arc<Workers>,
     token: Token,
     conn: &mut Conn,
@@ -597,8 +597,8 @@ fn handle(
             ..
         } => (*id, function.clone(), Some(*depth)),
     };
-    let cap = inner.max_calls_in_flight.max(1);
-    let admitted = match inner.book.admit(&conn.sandbox, &function, claimed, cap) {
+    let cap = parts.max_calls_in_flight.max(1);
+    let admitted = match parts.book.admit(&conn.sandbox, &function, claimed, cap) {
         Ok(a) => a,
         Err(Refusal::Drained) => return Ok(()),
         Err(refusal) => {
@@ -634,14 +634,14 @@ fn handle(
     };
     let work = match request {
         CallRequest::Resolve { .. } => Work::Resolve,
-        CallRequest::Call { raw, .. } => match inner.runs.run_of(&conn.sandbox) {
+        CallRequest::Call { raw, .. } => match parts.runs.run_of(&conn.sandbox) {
             Ok(run) => Work::Call {
                 raw,
                 event: msg.payload,
                 run,
             },
             Err(e) => {
-                inner.book.done(&conn.sandbox);
+                parts.book.done(&conn.sandbox);
                 let message = format!("start a workflow run: {e}");
                 conn.refuse(&CallReply::CallFailed {
                     id,
@@ -732,7 +732,7 @@ enum Work {
 
 /// The pool that runs calls (see the module's doc for the depth rule).
 struct Workers {
-    inner: Arc<Parts>,
+    parts: Arc<Parts>,
     max: usize,
     state: Mutex<PoolState>,
     ready: Condvar,
@@ -783,9 +783,9 @@ impl PoolState {
 }
 
 impl Workers {
-    fn new(inner: Arc<Parts>, waker: Arc<Waker>, max: usize) -> Workers {
+    fn new(parts: Arc<Parts>, waker: Arc<Waker>, max: usize) -> Workers {
         Workers {
-            inner,
+            parts,
             max,
             state: Mutex::new(PoolState::new()),
             ready: Condvar::new(),
@@ -851,7 +851,7 @@ impl Workers {
     }
 
     fn run(&self, job: Job) {
-        let inner = &self.inner;
+        let parts = &self.parts;
         let span = tracing::debug_span!("call", sandbox_id = %job.sandbox, call = job.id, function = %job.function, depth = job.depth);
         let _g = span.enter();
         if !job.alive.load(Ordering::SeqCst) {
@@ -867,7 +867,7 @@ impl Workers {
         } else {
             match &job.work {
                 Work::Resolve => {
-                    let reply = resolve(inner, &job.sandbox, job.id, &job.function);
+                    let reply = resolve(parts, &job.sandbox, job.id, &job.function);
                     self.answer(job.token, &reply, Payload::default(), None);
                 }
                 Work::Call { raw, event, run } => {
@@ -878,13 +878,13 @@ impl Workers {
                         depth: job.depth,
                         raw: *raw,
                     };
-                    call.run(inner, event, run, &job.cancel, |reply, result| {
+                    call.run(parts, event, run, &job.cancel, |reply, result| {
                         self.answer(job.token, reply, result, Some(&job.cancel))
                     });
                 }
             }
         }
-        inner.book.done(&job.sandbox);
+        parts.book.done(&job.sandbox);
     }
 
     /// Queues an answer for the loop to write; with `wait` (the cancel of the call),
@@ -921,12 +921,12 @@ impl Workers {
 // ------------------------------------------------------------------ one request
 
 /// Whether `function` can run in `sandbox` (its code is attached there if so).
-fn resolve(inner: &Parts, sandbox: &str, id: u64, function: &str) -> CallReply {
-    let outcome = inner
+fn resolve(parts: &Parts, sandbox: &str, id: u64, function: &str) -> CallReply {
+    let outcome = parts
         .runs
         .callee_key(sandbox, function)
-        .and_then(|key| inner.registry.get(&key))
-        .and_then(|callee| inner.runs.attach_callee(sandbox, &callee, &inner.sandboxes));
+        .and_then(|key| parts.registry.get(&key))
+        .and_then(|callee| parts.runs.attach_callee(sandbox, &callee, &parts.sandboxes));
     match outcome {
         Ok(spec) => CallReply::Resolved { id, spec },
         Err(e) => CallReply::CallFailed {
@@ -953,7 +953,7 @@ impl Call<'_> {
     /// `cancel` fires when the invocation that made the call ends.
     fn run(
         &self,
-        inner: &Parts,
+        parts: &Parts,
         event: &Payload,
         run: &Arc<Run>,
         cancel: &Cancel,
@@ -962,7 +962,7 @@ impl Call<'_> {
         if let Err(message) = check_depth(self.function, self.depth) {
             return answer(&self.failed(message), Payload::default());
         }
-        let key = match inner.runs.callee_key(self.sandbox, self.function) {
+        let key = match parts.runs.callee_key(self.sandbox, self.function) {
             Ok(key) => key,
             Err(e) => return answer(&self.failed(ipc::chain(&e)), Payload::default()),
         };
@@ -975,7 +975,7 @@ impl Call<'_> {
             deadline: None,
             hand_back: Some(&held),
         };
-        match inner.invoker.invoke_with(&key, event, &opts) {
+        match parts.invoker.invoke_with(&key, event, &opts) {
             Ok(inv) => answer(
                 &CallReply::CallReturned {
                     id: self.id,
@@ -997,7 +997,7 @@ impl Call<'_> {
         }
         let done_with = held.lock().take();
         if let Some((inst, healthy)) = done_with {
-            inner.invoker.release_returning(inst, run, healthy);
+            parts.invoker.release_returning(inst, run, healthy);
         }
     }
 
@@ -1013,20 +1013,20 @@ impl Call<'_> {
 /// The bound sandbox the peer of `stream` runs in, from its cgroup, and only if the
 /// peer's uid (fixed when it connected, unlike its pid, which may be reused by the
 /// time the cgroup is read) is that sandbox's own.
-fn caller_sandbox(inner: &Parts, stream: &UnixStream) -> Result<String, String> {
+fn caller_sandbox(parts: &Parts, stream: &UnixStream) -> Result<String, String> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("peer credentials: {e}"))?;
     let (pid, uid) = (cred.pid(), cred.uid());
     let path = format!("/proc/{pid}/cgroup");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
-    let id = sandbox_in_cgroups(&text, inner.sandboxes.cgroup_parent())
+    let id = sandbox_in_cgroups(&text, parts.sandboxes.cgroup_parent())
         .ok_or_else(|| format!("process {pid} is not in a sandbox of this agent"))?;
-    if !inner.runs.is_bound(&id) {
+    if !parts.runs.is_bound(&id) {
         return Err(format!(
             "sandbox {id} (process {pid}) is not bound to a function"
         ));
     }
-    peer_is_sandbox_user(uid, inner.sandboxes.user_of(&id))
+    peer_is_sandbox_user(uid, parts.sandboxes.user_of(&id))
         .map_err(|why| format!("process {pid} of sandbox {id}: {why}"))?;
     Ok(id)
 }
