@@ -79,6 +79,7 @@ impl Agent {
     /// the pool manager thread. May be called from any thread.
     pub fn start(config: Config) -> Result<Agent, Error> {
         let sandboxes = Arc::new(Sandboxes::start(&config)?);
+        tracing::info!(agent_id = sandboxes.agent_id(), state_dir = %sandboxes.state_path().display(), "agent started");
         let runtime_dir = sandboxes.runtime_dir();
         let call_listener = crate::calls::bind(runtime_dir)?;
         let call_socket_path = runtime_dir.join(crate::calls::SOCKET_NAME);

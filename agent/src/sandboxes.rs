@@ -91,7 +91,6 @@ impl Sandboxes {
             // Only slower freezes and thaws follow; say so and go on.
             tracing::warn!(error = %ipc::chain(&e), "could not hold the freezer anchor cgroup");
         }
-        tracing::info!(agent_id = state.agent_id(), state_dir = %state.path().display(), "agent started");
         Ok(Sandboxes {
             agent_id: state.agent_id().to_owned(),
             state_path: state.path().to_path_buf(),
