@@ -8,7 +8,7 @@
 //!
 //! **Bounded.** One thread, an event loop (`mio`, as the HTTP API), accepts, reads
 //! frames and writes answers for every connection; the calls themselves run on a
-//! small pool of workers ([`Workers`], at most [`MAX_WORKERS`] threads, started on
+//! small pool of workers ([`workers::Workers`], at most [`MAX_WORKERS`] threads, started on
 //! demand and ended when idle), so the agent's threads grow with neither frames nor
 //! connections. Per sandbox: at most [`book::MAX_CONNECTIONS_PER_SANDBOX`] connections (a
 //! further one is closed at once), and at most `max_calls_in_flight` calls and
@@ -28,8 +28,8 @@
 //! function's call waits for another would be exactly that stall.
 //!
 //! **Owned by the invocation.** The agent keeps, per sandbox, the invocation running
-//! there (its *session*: begun by [`Book::begin`] when the agent sends an invoke,
-//! ended by [`Book::end`] when it reads the answer). A call belongs to the session
+//! there (its *session*: begun by [`book::Book::begin`] when the agent sends an invoke,
+//! ended by [`book::Book::end`] when it reads the answer). A call belongs to the session
 //! running when the agent reads its frame and ends with it: queued calls are dropped
 //! and running ones cancelled (their siblings destroyed) when the invocation ends,
 //! whatever the runtime reports. Frames the invocation sent that the agent has not
@@ -39,7 +39,7 @@
 //!
 //! **Depth.** The agent counts call depth itself: a call's depth is its caller's
 //! invocation's depth + 1 (at least; a claim in the frame can only raise it), refused
-//! past [`MAX_CALL_DEPTH`].
+//! past [`ipc::proto::MAX_CALL_DEPTH`].
 //!
 //! **Answers.** An answer goes out on the loop, from a per-connection queue; the worker
 //! keeps the callee's instance (and its place in the run) until its answer is written
@@ -55,29 +55,27 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipc::frame::{PREFIX_LEN, SHARED_FLAG};
-use ipc::payload::SHARED_THRESHOLD;
-use ipc::proto::{check_depth, CallReply, CallRequest, RefusalKind, MAX_CALL_DEPTH};
+use ipc::frame::PREFIX_LEN;
+use ipc::proto::{CallReply, CallRequest, RefusalKind};
 use ipc::{Channel, Message, Payload};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use parking_lot::{Condvar, Mutex};
 use serde_json::value::RawValue;
 
 use crate::error::Error;
-use crate::invoke::{CallOpts, Invoker};
-use crate::registry::Registry;
-use crate::run::{Cancel, Run};
-use crate::runs::Runs;
-use crate::sandboxes::Sandboxes;
 
+mod answer;
 pub(crate) mod book;
 mod peer;
+mod workers;
 
-use book::{Book, Refusal};
+use answer::Outgoing;
+use book::Refusal;
+pub(crate) use workers::Parts;
+use workers::{Job, Work, Workers, MAX_WORKERS};
 
 /// The call socket's file name in the runtime directory.
 pub const SOCKET_NAME: &str = "agent.sock";
@@ -85,31 +83,11 @@ pub const SOCKET_NAME: &str = "agent.sock";
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a frame may stay half-sent.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
-/// Threads running calls, at most.
-pub const MAX_WORKERS: usize = 256;
-/// Workers kept when idle; the others end after [`WORKER_IDLE`].
-const KEEP_WORKERS: usize = 4;
-const WORKER_IDLE: Duration = Duration::from_secs(10);
 /// Answers queued on a connection before the loop stops reading it.
 const OUTBOX_PAUSE: usize = 64;
-/// How often a worker waiting for its answer to go out checks that its call is live.
-const ANSWER_CHECK: Duration = Duration::from_millis(50);
 
 const LISTENER: Token = Token(0);
 const WAKE: Token = Token(1);
-
-/// What the call socket uses of the agent: it resolves callers and callees, runs
-/// calls, and keeps its book.
-#[derive(Debug)]
-pub(crate) struct Parts {
-    pub invoker: Arc<Invoker>,
-    pub registry: Arc<Registry>,
-    pub runs: Arc<Runs>,
-    pub sandboxes: Arc<Sandboxes>,
-    pub book: Arc<Book>,
-    /// Calls (and resolves) one sandbox may have in flight.
-    pub max_calls_in_flight: usize,
-}
 
 /// Binds the call socket in `runtime_dir`.
 pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
@@ -120,7 +98,7 @@ pub fn bind(runtime_dir: &Path) -> Result<UnixListener, Error> {
 
 // ------------------------------------------------------------------ the loop
 
-/// Serves the call socket until [`stop`] (after the agent began shutting down).
+/// Serves the call socket until the agent shuts down ([`book::Book::stop`]).
 pub fn serve(parts: &Arc<Parts>, listener: UnixListener) {
     let mut server = match Server::new(parts, listener) {
         Ok(s) => s,
@@ -158,81 +136,6 @@ struct Conn {
     outbox: VecDeque<Outgoing>,
     /// Not read while its answers pile up (it reads none).
     paused: bool,
-}
-
-/// An encoded answer, partly written.
-struct Outgoing {
-    bytes: Vec<u8>,
-    /// A shared payload, whose memfd goes with the first byte.
-    shared: Option<Payload>,
-    sent: usize,
-    ready_at: Instant,
-    /// Dropped once written, or when the connection closes: the worker waiting on it
-    /// lets the callee's instance go.
-    _written: Option<mpsc::Sender<()>>,
-}
-
-impl Outgoing {
-    fn encode(reply: &CallReply, payload: Payload) -> Result<Outgoing, String> {
-        let header = serde_json::to_vec(reply).map_err(|e| format!("encode the answer: {e}"))?;
-        let payload = match payload {
-            Payload::Inline(bytes) if bytes.len() > SHARED_THRESHOLD => {
-                Payload::share(&bytes).map_err(|e| format!("share the answer: {e}"))?
-            }
-            p => p,
-        };
-        let shared = payload.is_shared();
-        if shared && payload.len() > ipc::payload::MAX_SHARED_PAYLOAD {
-            return Err(format!(
-                "the result of {} bytes exceeds the limit of {} bytes",
-                payload.len(),
-                ipc::payload::MAX_SHARED_PAYLOAD
-            ));
-        }
-        let inline: &[u8] = if shared { &[] } else { &payload };
-        let fd_word = if shared { 1 | SHARED_FLAG } else { 0 };
-        let mut bytes = Vec::with_capacity(PREFIX_LEN + header.len() + inline.len());
-        bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&fd_word.to_le_bytes());
-        bytes.extend_from_slice(&header);
-        bytes.extend_from_slice(inline);
-        Ok(Outgoing {
-            bytes,
-            shared: shared.then_some(payload),
-            sent: 0,
-            ready_at: Instant::now(),
-            _written: None,
-        })
-    }
-
-    /// [`Outgoing::encode`], or a `call_failed` that says why it could not be.
-    fn answer(reply: &CallReply, payload: Payload) -> Outgoing {
-        Outgoing::encode(reply, payload).unwrap_or_else(|message| {
-            let (id, function) = reply_id(reply);
-            let failed = CallReply::CallFailed {
-                id,
-                function,
-                message,
-            };
-            Outgoing::encode(&failed, Payload::default()).expect("a small answer encodes")
-        })
-    }
-}
-
-fn reply_id(reply: &CallReply) -> (u64, String) {
-    match reply {
-        CallReply::Resolved { id, spec } => (
-            *id,
-            spec.as_ref()
-                .map(|s| s.function.clone())
-                .unwrap_or_default(),
-        ),
-        CallReply::CallReturned { id, .. } => (*id, String::new()),
-        CallReply::CallRaised { id, function, .. }
-        | CallReply::CallFailed { id, function, .. }
-        | CallReply::CallRefused { id, function, .. } => (*id, function.clone()),
-    }
 }
 
 impl Server {
@@ -409,7 +312,7 @@ impl Server {
     }
 
     fn deliver_answers(&mut self) {
-        let answers = std::mem::take(&mut self.workers.answers.lock().list);
+        let answers = self.workers.take_answers();
         let mut touched = Vec::new();
         for (token, out) in answers {
             if let Some(conn) = self.conns.get_mut(&token) {
@@ -707,314 +610,10 @@ fn flush(conn: &mut Conn) -> nix::Result<()> {
     Ok(())
 }
 
-// ------------------------------------------------------------------ the workers
-
-/// A request the loop admitted, for a worker.
-struct Job {
-    token: Token,
-    alive: Arc<AtomicBool>,
-    sandbox: String,
-    id: u64,
-    function: String,
-    /// The agent's count (see the module's doc).
-    depth: u32,
-    /// The session's: fires when the invocation that made the call ends.
-    cancel: Arc<Cancel>,
-    work: Work,
-}
-
-enum Work {
-    Resolve,
-    Call {
-        raw: bool,
-        event: Payload,
-        run: Arc<Run>,
-    },
-}
-
-/// The pool that runs calls (see the module's doc for the depth rule).
-struct Workers {
-    parts: Arc<Parts>,
-    max: usize,
-    state: Mutex<PoolState>,
-    ready: Condvar,
-    answers: Mutex<Answers>,
-    waker: Arc<Waker>,
-}
-
-#[derive(Default)]
-struct Answers {
-    list: Vec<(Token, Outgoing)>,
-    stopped: bool,
-}
-
-#[derive(Default)]
-struct PoolState {
-    /// Waiting jobs by depth.
-    queues: Vec<VecDeque<Job>>,
-    busy: usize,
-    idle: usize,
-    threads: usize,
-    stopped: bool,
-}
-
-impl PoolState {
-    fn new() -> PoolState {
-        PoolState {
-            queues: (0..=MAX_CALL_DEPTH).map(|_| VecDeque::new()).collect(),
-            ..PoolState::default()
-        }
-    }
-
-    fn queued(&self) -> usize {
-        self.queues.iter().map(VecDeque::len).sum()
-    }
-
-    /// The next job a free worker may start: the deepest one whose depth leaves the
-    /// reserve for deeper calls.
-    fn take(&mut self, max: usize) -> Option<Job> {
-        let deepest = self.queues.len() - 1;
-        for depth in (0..=deepest).rev() {
-            let reserve = deepest - depth;
-            if !self.queues[depth].is_empty() && self.busy + reserve < max {
-                return self.queues[depth].pop_front();
-            }
-        }
-        None
-    }
-}
-
-impl Workers {
-    fn new(parts: Arc<Parts>, waker: Arc<Waker>, max: usize) -> Workers {
-        Workers {
-            parts,
-            max,
-            state: Mutex::new(PoolState::new()),
-            ready: Condvar::new(),
-            answers: Mutex::new(Answers::default()),
-            waker,
-        }
-    }
-
-    fn submit(self: &Arc<Self>, job: Job) {
-        let mut s = self.state.lock();
-        let depth = (job.depth as usize).min(s.queues.len() - 1);
-        s.queues[depth].push_back(job);
-        if s.queued() > s.idle && s.threads < self.max {
-            s.threads += 1;
-            let workers = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("sprout-call".into())
-                .spawn(move || workers.work());
-            if let Err(e) = spawned {
-                s.threads -= 1;
-                tracing::error!(error = %e, threads = s.threads, "call socket: no thread for a worker");
-            }
-        }
-        self.ready.notify_one();
-    }
-
-    fn work(self: Arc<Self>) {
-        let mut s = self.state.lock();
-        loop {
-            if s.stopped {
-                s.threads -= 1;
-                return;
-            }
-            if let Some(job) = s.take(self.max) {
-                s.busy += 1;
-                drop(s);
-                self.run(job);
-                s = self.state.lock();
-                s.busy -= 1;
-                // A job kept back by the reserve may start now.
-                self.ready.notify_all();
-                continue;
-            }
-            s.idle += 1;
-            let waited = self.ready.wait_for(&mut s, WORKER_IDLE);
-            s.idle -= 1;
-            if waited.timed_out() && s.threads > KEEP_WORKERS && s.queued() == 0 {
-                s.threads -= 1;
-                return;
-            }
-        }
-    }
-
-    fn stop(&self) {
-        let mut s = self.state.lock();
-        s.stopped = true;
-        s.queues.iter_mut().for_each(VecDeque::clear);
-        self.ready.notify_all();
-        drop(s);
-        let mut a = self.answers.lock();
-        a.stopped = true;
-        a.list.clear();
-    }
-
-    fn run(&self, job: Job) {
-        let parts = &self.parts;
-        let span = tracing::debug_span!("call", sandbox_id = %job.sandbox, call = job.id, function = %job.function, depth = job.depth);
-        let _g = span.enter();
-        if !job.alive.load(Ordering::SeqCst) {
-            // Its connection closed: nobody waits for it.
-        } else if job.cancel.fired() {
-            let reply = CallReply::CallFailed {
-                id: job.id,
-                function: job.function.clone(),
-                message: "cancelled: the invocation that made the call ended before it started"
-                    .into(),
-            };
-            self.answer(job.token, &reply, Payload::default(), None);
-        } else {
-            match &job.work {
-                Work::Resolve => {
-                    let reply = resolve(parts, &job.sandbox, job.id, &job.function);
-                    self.answer(job.token, &reply, Payload::default(), None);
-                }
-                Work::Call { raw, event, run } => {
-                    let call = Call {
-                        sandbox: &job.sandbox,
-                        id: job.id,
-                        function: &job.function,
-                        depth: job.depth,
-                        raw: *raw,
-                    };
-                    call.run(parts, event, run, &job.cancel, |reply, result| {
-                        self.answer(job.token, reply, result, Some(&job.cancel))
-                    });
-                }
-            }
-        }
-        parts.book.done(&job.sandbox);
-    }
-
-    /// Queues an answer for the loop to write; with `wait` (the cancel of the call),
-    /// returns once it is written, its connection closed, or the invocation that made
-    /// the call ended.
-    fn answer(&self, token: Token, reply: &CallReply, payload: Payload, wait: Option<&Cancel>) {
-        let mut out = Outgoing::answer(reply, payload);
-        let (tx, rx) = mpsc::channel();
-        if wait.is_some() {
-            out._written = Some(tx);
-        } else {
-            drop(tx);
-        }
-        {
-            let mut a = self.answers.lock();
-            if a.stopped {
-                return;
-            }
-            a.list.push((token, out));
-        }
-        if let Err(e) = self.waker.wake() {
-            tracing::warn!(error = %e, "call socket: wake the loop");
-        }
-        if let Some(cancel) = wait {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(ANSWER_CHECK) {
-                if cancel.fired() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-// ------------------------------------------------------------------ one request
-
-/// Whether `function` can run in `sandbox` (its code is attached there if so).
-fn resolve(parts: &Parts, sandbox: &str, id: u64, function: &str) -> CallReply {
-    let outcome = parts
-        .runs
-        .callee_key(sandbox, function)
-        .and_then(|key| parts.registry.get(&key))
-        .and_then(|callee| parts.runs.attach_callee(sandbox, &callee, &parts.sandboxes));
-    match outcome {
-        Ok(spec) => CallReply::Resolved { id, spec },
-        Err(e) => CallReply::CallFailed {
-            id,
-            function: function.to_owned(),
-            message: ipc::chain(&e),
-        },
-    }
-}
-
-/// A call from a function in `sandbox` to run in a sibling sandbox.
-struct Call<'a> {
-    sandbox: &'a str,
-    id: u64,
-    function: &'a str,
-    depth: u32,
-    raw: bool,
-}
-
-impl Call<'_> {
-    /// Runs it in a sibling that joins the caller's workflow run, and gives the answer
-    /// to `answer` before the sibling leaves the run (its scratch is detached: a
-    /// spawner round trip the caller need not wait for) and goes back to the pool.
-    /// `cancel` fires when the invocation that made the call ends.
-    fn run(
-        &self,
-        parts: &Parts,
-        event: &Payload,
-        run: &Arc<Run>,
-        cancel: &Cancel,
-        answer: impl FnOnce(&CallReply, Payload),
-    ) {
-        if let Err(message) = check_depth(self.function, self.depth) {
-            return answer(&self.failed(message), Payload::default());
-        }
-        let key = match parts.runs.callee_key(self.sandbox, self.function) {
-            Ok(key) => key,
-            Err(e) => return answer(&self.failed(ipc::chain(&e)), Payload::default()),
-        };
-        let held = Mutex::new(None);
-        let opts = CallOpts {
-            depth: self.depth,
-            raw: self.raw,
-            run: Some(run),
-            cancel: Some(cancel),
-            deadline: None,
-            hand_back: Some(&held),
-        };
-        match parts.invoker.invoke_with(&key, event, &opts) {
-            Ok(inv) => answer(
-                &CallReply::CallReturned {
-                    id: self.id,
-                    raw: inv.raw,
-                },
-                inv.result,
-            ),
-            Err(Error::Handler {
-                function, error, ..
-            }) => answer(
-                &CallReply::CallRaised {
-                    id: self.id,
-                    function,
-                    error,
-                },
-                Payload::default(),
-            ),
-            Err(e) => answer(&self.failed(ipc::chain(&e)), Payload::default()),
-        }
-        let done_with = held.lock().take();
-        if let Some((inst, healthy)) = done_with {
-            parts.invoker.release_returning(inst, run, healthy);
-        }
-    }
-
-    fn failed(&self, message: String) -> CallReply {
-        CallReply::CallFailed {
-            id: self.id,
-            function: self.function.to_owned(),
-            message,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipc::payload::SHARED_THRESHOLD;
 
     #[test]
     fn a_sandbox_may_write_the_largest_shared_payload() {
@@ -1024,48 +623,6 @@ mod tests {
     }
 
     const SB: &str = "sprout-1-1";
-
-    fn job(depth: u32) -> Job {
-        Job {
-            token: Token(9),
-            alive: Arc::new(AtomicBool::new(true)),
-            sandbox: SB.into(),
-            id: depth as u64,
-            function: "g".into(),
-            depth,
-            cancel: Arc::new(Cancel::new().unwrap()),
-            work: Work::Resolve,
-        }
-    }
-
-    #[test]
-    fn workers_keep_a_reserve_for_deeper_calls() {
-        let max = 20;
-        let mut s = PoolState::new();
-        s.queues[1].push_back(job(1));
-        s.queues[16].push_back(job(16));
-        s.queues[10].push_back(job(10));
-        // The deepest first.
-        s.busy = 0;
-        assert_eq!(s.take(max).unwrap().depth, 16);
-        // With 13 busy, depth 10 may start (it leaves 6 of the 20 for depths 11..=16);
-        // with 14 it may not.
-        s.busy = 14;
-        assert_eq!(s.take(max).map(|j| j.depth), None);
-        s.busy = 13;
-        assert_eq!(s.take(max).unwrap().depth, 10);
-        s.busy = 5;
-        assert!(s.take(max).is_none(), "depth 1 started into the reserve");
-        s.busy = 4;
-        assert_eq!(s.take(max).unwrap().depth, 1);
-        // Depth 16 needs no reserve: it may take the last worker.
-        s.queues[16].push_back(job(16));
-        s.busy = max - 1;
-        assert_eq!(s.take(max).unwrap().depth, 16);
-        s.queues[16].push_back(job(16));
-        s.busy = max;
-        assert!(s.take(max).is_none());
-    }
 
     fn conn(stream: UnixStream) -> Conn {
         stream.set_nonblocking(true).unwrap();
