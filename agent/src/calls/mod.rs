@@ -1,6 +1,11 @@
 //! The agent's call socket: how a function calls a function it cannot run in its own
 //! sandbox, and how it learns whether it can.
 //!
+//! This module is the socket's event loop (accept, read frames, admit or refuse,
+//! write answers); [`book`] keeps each sandbox's session, calls and connections,
+//! [`workers`] runs the calls, [`answer`] encodes answers, and [`peer`] tells who is
+//! calling.
+//!
 //! The socket is `agent.sock` in the runtime directory, which every sandbox sees
 //! read-only at `/.sprout`; an instance connects once, on its first call. The agent
 //! tells which sandbox a connection comes from by its peer's cgroup, so a function
