@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Calls one sandbox may have in flight on the call socket unless configured otherwise.
+pub const DEFAULT_MAX_CALLS_IN_FLIGHT: usize = 64;
+
 /// Limits a function gets when it does not set its own (OpenWhisk-style names).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Defaults {
@@ -135,7 +138,7 @@ impl Config {
             keep_warm: true,
             pool: PoolConfig::default(),
             log_limit: 1 << 20,
-            max_calls_in_flight: crate::calls::DEFAULT_MAX_CALLS_IN_FLIGHT,
+            max_calls_in_flight: DEFAULT_MAX_CALLS_IN_FLIGHT,
             sandbox_uids: rootfs::SandboxUids::DEFAULT,
             data_dir: None,
         }

@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use ipc::api::{ErrorDetail, Logs};
 use ipc::proto::FunctionError;
 
+/// The rule for namespace names, as error messages state it (checked by
+/// [`crate::names::validate_namespace`]).
+pub const NAMESPACE_RULE: &str = "1 to 256 characters of A-Z a-z 0-9 _ @ . -, the first a letter, digit or _; \"_\" alone is reserved (OpenWhisk's \"the caller's own namespace\")";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid event JSON")]
@@ -13,7 +17,7 @@ pub enum Error {
         "invalid function name {name:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'"
     )]
     InvalidName { name: String },
-    #[error("invalid namespace {namespace:?}: use {rule}", rule = crate::registry::NAMESPACE_RULE)]
+    #[error("invalid namespace {namespace:?}: use {rule}", rule = NAMESPACE_RULE)]
     InvalidNamespace { namespace: String },
     /// The same text whether the name exists in another namespace or nowhere.
     #[error("function {name:?} is not registered in namespace {namespace:?}")]
@@ -230,6 +234,15 @@ impl ErrorKind {
 }
 
 impl Error {
+    /// The one "no such function" error, for a client and a calling function alike: it
+    /// names the name and the namespace asked in, and says nothing about others.
+    pub fn not_found_in(namespace: &str, name: &str) -> Error {
+        Error::NotFound {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
     pub fn kind(&self) -> ErrorKind {
         use Error::*;
         match self {

@@ -28,7 +28,7 @@ pub struct Instance {
     pub link: InstanceLink,
     pub pid: i32,
     /// The function it runs: its namespace and name.
-    pub function: crate::registry::FunctionKey,
+    pub function: crate::names::FunctionKey,
     pub function_version: u64,
     /// Memory (MiB) counted against the agent's budget for this sandbox.
     pub reserved_mb: u64,
@@ -142,11 +142,7 @@ impl Instance {
         self.link
             .send_call(id, depth, raw, event)
             .map_err(|e| match e {
-                ipc::Error::Io(ref io)
-                    if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
-                {
-                    CallFailure::Died
-                }
+                e if e.is_peer_gone() => CallFailure::Died,
                 other => CallFailure::Protocol(other),
             })
     }
@@ -168,11 +164,7 @@ impl Instance {
         self.shim
             .send_call(id, 0, false, spec, event)
             .map_err(|e| match e {
-                ipc::Error::Io(ref io)
-                    if io.kind() == IoKind::BrokenPipe || io.kind() == IoKind::ConnectionReset =>
-                {
-                    CallFailure::Died
-                }
+                e if e.is_peer_gone() => CallFailure::Died,
                 other => CallFailure::Protocol(other),
             })?;
         let msg = self.wait_frame::<CallReply>(true, deadline, log_limit, cancel)?;
@@ -250,9 +242,7 @@ impl Instance {
                 }
                 Ok(_) => {}
                 Err(ipc::Error::Io(e)) if e.kind() == IoKind::WouldBlock => break,
-                Err(ipc::Error::Io(e)) if e.kind() == IoKind::ConnectionReset => {
-                    return Some(Err(CallFailure::Died))
-                }
+                Err(e) if e.is_peer_gone() => return Some(Err(CallFailure::Died)),
                 Err(e) => return Some(Err(CallFailure::Protocol(e))),
             }
         }
@@ -371,9 +361,7 @@ impl Instance {
                         return Err(CallFailure::Died);
                     }
                     Ok(_) => {}
-                    Err(ipc::Error::Io(e)) if e.kind() == IoKind::ConnectionReset => {
-                        return Err(CallFailure::Died)
-                    }
+                    Err(e) if e.is_peer_gone() => return Err(CallFailure::Died),
                     Err(e) => return Err(CallFailure::Protocol(e)),
                 }
             }

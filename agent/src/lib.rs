@@ -21,11 +21,16 @@ mod error;
 #[cfg(feature = "http")]
 pub mod http;
 mod instance;
+mod invoke;
 mod manager;
+mod names;
 mod registry;
 mod request;
 mod run;
+mod runs;
+mod runtime;
 mod sandbox_output;
+mod sandboxes;
 mod scheduler;
 pub mod transport;
 pub mod upload;
@@ -35,7 +40,7 @@ pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig};
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
-pub use registry::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
+pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};
 pub use workflow::Workflow;
 
@@ -54,6 +59,6 @@ pub fn check_function(
     config: &ipc::api::FunctionConfig,
     agent: &Config,
 ) -> Result<(), Error> {
-    let key = registry::FunctionKey::in_default(name)?;
+    let key = names::FunctionKey::in_default(name)?;
     registry::Function::new(&key, dir, config, agent, 0, false).map(drop)
 }

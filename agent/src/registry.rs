@@ -1,4 +1,5 @@
-//! Registered functions: validation of names, code directories, handlers and limits.
+//! Registered functions and workflows ([`Registry`]), and the validation of a
+//! function's name, code directory, handler and limits.
 //!
 //! A registration is checked against [`Rules`] (the agent's defaults and memory
 //! budget, the machine's CPUs, sprout's own state root) before anything is attached
@@ -16,83 +17,21 @@
 //! - every limit must be within [`LIMITS`]' range, with `memory_mb` at most the memory
 //!   budget and `cpus` at most the machine's CPUs.
 
+use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use ipc::api::{FunctionConfig, FunctionInfo};
+use ipc::api::{FunctionConfig, FunctionInfo, WorkflowInfo};
 use ipc::proto::Handler;
+use parking_lot::Mutex;
 
 use crate::config::{Config, Defaults};
 use crate::error::Error;
-
-/// The handler OpenLambda uses: `f.py` with `def f(event)`.
-pub const DEFAULT_HANDLER: &str = "f:f";
-
-/// The namespace of a function or workflow registered without one (and of every
-/// `/functions/...` and `/workflows/...` route).
-pub const DEFAULT_NAMESPACE: &str = "default";
-
-/// The longest namespace name: OpenWhisk's limit for entity names.
-pub const MAX_NAMESPACE_LEN: usize = 256;
-
-/// The rule for namespace names, as error messages state it.
-pub const NAMESPACE_RULE: &str = "1 to 256 characters of A-Z a-z 0-9 _ @ . -, the first a letter, digit or _; \"_\" alone is reserved (OpenWhisk's \"the caller's own namespace\")";
-
-/// What a function or a workflow is registered under: its namespace and its name.
-///
-/// The namespace is the tenant boundary. Names are unique per namespace; a function
-/// calls only functions of its own namespace (in its sandbox or in a sibling), code is
-/// attached into a sandbox and a workflow's scratch shared only within one namespace,
-/// and warm instances are kept per key. Neither part can hold a `/`, so the key shows
-/// as `namespace/name` without ambiguity.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FunctionKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl FunctionKey {
-    /// A key whose namespace and name are both valid.
-    pub fn new(namespace: &str, name: &str) -> Result<FunctionKey, Error> {
-        validate_namespace(namespace)?;
-        validate_name(name)?;
-        Ok(FunctionKey {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-    }
-
-    /// `name` in the [`DEFAULT_NAMESPACE`] (checked).
-    pub fn in_default(name: &str) -> Result<FunctionKey, Error> {
-        FunctionKey::new(DEFAULT_NAMESPACE, name)
-    }
-}
-
-impl std::fmt::Display for FunctionKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Namespace names follow OpenWhisk's entity names (`[\w][\w@ .-]*[\w@.-]`, at most
-/// 256 characters) without the space, which the API's paths cannot carry unencoded:
-/// every sprout namespace is a valid OpenWhisk namespace. `_` alone is refused: in
-/// OpenWhisk's API it means the caller's own namespace.
-pub fn validate_namespace(namespace: &str) -> Result<(), Error> {
-    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let ok = namespace.len() <= MAX_NAMESPACE_LEN
-        && namespace != "_"
-        && namespace.chars().next().is_some_and(word)
-        && namespace
-            .chars()
-            .all(|c| word(c) || matches!(c, '@' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidNamespace {
-            namespace: namespace.chars().take(MAX_NAMESPACE_LEN + 1).collect(),
-        })
-    }
-}
+use crate::names::{validate_name, validate_namespace, FunctionKey};
+use crate::request::FunctionSource;
+use crate::runtime::Runtime;
+use crate::workflow::spec::Workflow;
 
 /// Host trees a function directory may be neither in, equal to nor above (besides
 /// every top-level `/lib*`). `/run` holds sprout's default state root.
@@ -161,6 +100,8 @@ pub struct Function {
     /// functions of the same namespace.
     pub namespace: String,
     pub name: String,
+    /// What runs it: how its handler is found, and which stem cells it starts in.
+    pub runtime: Runtime,
     /// Host directory holding its code.
     pub dir: PathBuf,
     pub handler: Handler,
@@ -188,8 +129,9 @@ impl Function {
     ) -> Result<Function, Error> {
         let function = Function::checked(key, dir, config, &Rules::of(agent), version, owns_dir)?;
         // Sandboxes run as an unprivileged user, who must be able to read the code.
-        rootfs::check_module_readable(&function.dir, &function.handler.module)
-            .map_err(|e| Error::InvalidConfig(format!("handler {}: {e}", function.handler)))?;
+        function
+            .runtime
+            .check_readable(&function.dir, &function.handler)?;
         Ok(function)
     }
 
@@ -205,9 +147,10 @@ impl Function {
         validate_namespace(&key.namespace)?;
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
-        let handler_text = config.handler.as_deref().unwrap_or(DEFAULT_HANDLER);
-        let handler = Handler::parse(handler_text).map_err(Error::InvalidConfig)?;
-        check_handler_file(&dir, &handler)?;
+        let runtime = Runtime::of(config);
+        let handler_text = config.handler.as_deref();
+        let handler = runtime.parse_handler(handler_text)?;
+        runtime.check_handler(&dir, &handler)?;
         let defaults = &rules.defaults;
         let memory_mb = config.memory_mb.unwrap_or(defaults.memory_mb);
         let (min, max) = LIMITS.memory_mb;
@@ -251,6 +194,7 @@ impl Function {
         Ok(Function {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
+            runtime,
             dir,
             handler,
             memory_mb,
@@ -281,6 +225,7 @@ impl Function {
     /// runtime and the same limits.
     pub fn same_limits(&self, other: &Function) -> bool {
         self.namespace == other.namespace
+            && self.runtime.runs_callee(other.runtime)
             && (self.memory_mb, self.pids, self.cpus) == (other.memory_mb, other.pids, other.cpus)
     }
 
@@ -436,51 +381,6 @@ pub fn kernel_fs(dir: &Path) -> Option<&'static str> {
     KERNEL_FS.iter().find(|(m, _)| *m == fs).map(|(_, n)| *n)
 }
 
-/// The handler's module file (or package `__init__.py`) must exist and resolve to a
-/// file inside the canonical directory `dir`.
-fn check_handler_file(dir: &Path, handler: &Handler) -> Result<(), Error> {
-    let file = handler.module_file();
-    let package_init = format!("{}/__init__.py", handler.module.replace('.', "/"));
-    for rel in [&file, &package_init] {
-        let Ok(resolved) = dir.join(rel).canonicalize() else {
-            continue;
-        };
-        if !resolved.starts_with(dir) {
-            return Err(Error::HandlerOutsideDir {
-                handler: handler.to_string(),
-                file: rel.clone(),
-                resolved,
-                dir: dir.to_path_buf(),
-            });
-        }
-        if resolved.is_file() {
-            return Ok(());
-        }
-    }
-    Err(Error::HandlerFileMissing {
-        handler: handler.to_string(),
-        file,
-        dir: dir.to_path_buf(),
-    })
-}
-
-/// Names are path- and cgroup-safe: 1-64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
-pub fn validate_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidName {
-            name: name.to_owned(),
-        })
-    }
-}
-
 /// A function name derived from a directory (for `sprout invoke ./dir`).
 pub fn name_from_dir(dir: &Path) -> String {
     let base = dir
@@ -506,9 +406,241 @@ pub fn name_from_dir(dir: &Path) -> String {
     }
 }
 
+/// The registered functions and workflows, by namespace and name (the tenant
+/// boundary: every lookup names both). Each map has its own lock, taken last in the
+/// agent's lock order and never held while calling out.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    /// What registrations are checked against.
+    config: Config,
+    /// Where uploaded archives are unpacked (one directory per registration).
+    uploads: PathBuf,
+    functions: Mutex<HashMap<FunctionKey, Arc<Function>>>,
+    workflows: Mutex<HashMap<FunctionKey, Arc<Workflow>>>,
+    next_version: AtomicU64,
+}
+
+impl Registry {
+    pub fn new(config: Config, uploads: PathBuf) -> Registry {
+        Registry {
+            config,
+            uploads,
+            functions: Mutex::default(),
+            workflows: Mutex::default(),
+            next_version: AtomicU64::new(1),
+        }
+    }
+
+    /// Registers (or replaces) function `key`; returns it, and the function it
+    /// replaced (whose warm instances the caller retires, and whose directory it
+    /// removes with [`remove_owned_dir`]).
+    pub fn register(
+        &self,
+        key: &FunctionKey,
+        source: FunctionSource,
+        config: &FunctionConfig,
+    ) -> Result<(FunctionInfo, Option<Arc<Function>>), Error> {
+        let name = key.name.as_str();
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        let (dir, owns_dir) = match source {
+            FunctionSource::Dir(dir) => (dir, false),
+            FunctionSource::Tar(bytes) => (self.unpack(name, version, &bytes)?, true),
+        };
+        let function = match Function::new(key, &dir, config, &self.config, version, owns_dir) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                if owns_dir {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Err(e);
+            }
+        };
+        if function.dir.join("requirements.txt").is_file() {
+            tracing::warn!(
+                function = %key,
+                "requirements.txt is not installed yet: the function gets the standard library of the host's Python only"
+            );
+        }
+        let info = function.info(0);
+        let old = self.functions.lock().insert(key.clone(), function);
+        Ok((info, old))
+    }
+
+    fn unpack(&self, name: &str, version: u64, tar_bytes: &[u8]) -> Result<PathBuf, Error> {
+        let dir = self.uploads.join(format!("{name}-{version}"));
+        let limits = crate::upload::Limits::default();
+        match crate::upload::unpack(tar_bytes, &dir, &limits) {
+            Ok(unpacked) => {
+                tracing::debug!(
+                    function = name,
+                    entries = unpacked.entries,
+                    bytes = unpacked.bytes,
+                    "archive unpacked"
+                );
+                Ok(dir)
+            }
+            // Not the archive's fault: the agent could not make its own directory.
+            Err(crate::upload::Error::Destination { path, source }) => {
+                Err(Error::State { path, source })
+            }
+            Err(source) => Err(Error::Unpack { path: dir, source }),
+        }
+    }
+
+    /// Unregisters function `key` and returns it.
+    pub fn remove(&self, key: &FunctionKey) -> Result<Arc<Function>, Error> {
+        self.functions
+            .lock()
+            .remove(key)
+            .ok_or_else(|| not_found(key))
+    }
+
+    /// The functions of `namespace`, in no order.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Arc<Function>> {
+        self.functions
+            .lock()
+            .values()
+            .filter(|f| f.namespace == namespace)
+            .cloned()
+            .collect()
+    }
+
+    pub fn get(&self, key: &FunctionKey) -> Result<Arc<Function>, Error> {
+        self.lookup(key).ok_or_else(|| not_found(key))
+    }
+
+    pub fn lookup(&self, key: &FunctionKey) -> Option<Arc<Function>> {
+        self.functions.lock().get(key).cloned()
+    }
+
+    /// The registered version of function `key`.
+    pub fn version_of(&self, key: &FunctionKey) -> Option<u64> {
+        self.functions.lock().get(key).map(|f| f.version)
+    }
+
+    /// Whether every `(name, version)` of `namespace` is the registered version
+    /// (`None`: not a callee's directory, so not current).
+    pub fn all_current<'a>(
+        &self,
+        namespace: &str,
+        mut callees: impl Iterator<Item = Option<(&'a str, u64)>>,
+    ) -> bool {
+        let functions = self.functions.lock();
+        callees.all(|callee| {
+            let Some((name, version)) = callee else {
+                return false;
+            };
+            functions
+                .get(&FunctionKey {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+                .is_some_and(|f| version == f.version)
+        })
+    }
+
+    /// Registered functions.
+    pub fn len(&self) -> usize {
+        self.functions.lock().len()
+    }
+
+    /// The namespace of each function, and of each workflow.
+    pub fn namespaces(&self) -> (Vec<String>, Vec<String>) {
+        let functions = self
+            .functions
+            .lock()
+            .keys()
+            .map(|k| k.namespace.clone())
+            .collect();
+        let workflows = self
+            .workflows
+            .lock()
+            .keys()
+            .map(|k| k.namespace.clone())
+            .collect();
+        (functions, workflows)
+    }
+
+    /// Removes the directories the registry unpacked (at shutdown).
+    pub fn remove_owned_dirs(&self) {
+        for f in self.functions.lock().values() {
+            remove_owned_dir(f);
+        }
+    }
+
+    /// Registers workflow `key`; its tasks' functions must exist in its namespace.
+    pub fn register_workflow(
+        &self,
+        key: &FunctionKey,
+        workflow: Workflow,
+    ) -> Result<WorkflowInfo, Error> {
+        workflow.check_functions(|f| {
+            self.functions.lock().contains_key(&FunctionKey {
+                namespace: key.namespace.clone(),
+                name: f.to_owned(),
+            })
+        })?;
+        let info = workflow.info(key);
+        self.workflows
+            .lock()
+            .insert(key.clone(), Arc::new(workflow));
+        tracing::info!(workflow = %key, tasks = info.tasks, "workflow registered");
+        Ok(info)
+    }
+
+    /// The workflows of `namespace`, by name.
+    pub fn list_workflows(&self, namespace: &str) -> Vec<WorkflowInfo> {
+        let mut list: Vec<_> = self
+            .workflows
+            .lock()
+            .iter()
+            .filter(|(key, _)| key.namespace == namespace)
+            .map(|(key, w)| w.info(key))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    pub fn remove_workflow(&self, key: &FunctionKey) -> Result<(), Error> {
+        self.workflows
+            .lock()
+            .remove(key)
+            .map(drop)
+            .ok_or_else(|| workflow_not_found(key))
+    }
+
+    pub fn workflow(&self, key: &FunctionKey) -> Result<Arc<Workflow>, Error> {
+        self.workflows
+            .lock()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| workflow_not_found(key))
+    }
+}
+
+/// The one "no such function" error ([`Error::not_found_in`]).
+pub fn not_found(key: &FunctionKey) -> Error {
+    Error::not_found_in(&key.namespace, &key.name)
+}
+
+fn workflow_not_found(key: &FunctionKey) -> Error {
+    Error::WorkflowNotFound {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+    }
+}
+
+/// Removes a function's directory if the agent unpacked it.
+pub fn remove_owned_dir(f: &Function) {
+    if f.owns_dir {
+        let _ = std::fs::remove_dir_all(&f.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::{DEFAULT_NAMESPACE, MAX_NAMESPACE_LEN, NAMESPACE_RULE};
     use std::fs;
     use std::os::unix::fs::symlink;
 

@@ -37,7 +37,7 @@ pub enum Request {
     RegisterWorkflow {
         namespace: String,
         name: String,
-        workflow: crate::workflow::Workflow,
+        workflow: crate::workflow::spec::Workflow,
     },
     /// The workflows of one namespace.
     ListWorkflows {
@@ -103,7 +103,8 @@ pub struct Invocation {
 }
 
 /// How the instance that ran an invocation was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Start {
     /// A warm, running instance.
     Warm,
@@ -117,12 +118,7 @@ pub enum Start {
 
 impl Start {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Start::Warm => "warm",
-            Start::Thawed => "thawed",
-            Start::StemCell => "stem_cell",
-            Start::NewSandbox => "new_sandbox",
-        }
+        self.into()
     }
 
     /// Whether a new instance had to be started.

@@ -6,11 +6,9 @@
 //! run: the calling sandbox's own `/workflow` is the scratch, attached to the siblings
 //! that run its parallel calls, and wiped when the calling invocation ends).
 
+use parking_lot::Mutex;
 use std::io::{PipeReader, PipeWriter};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::Mutex;
-
-use crate::agent::lock;
 
 /// Fired once; anything waiting on a call polls [`Cancel::fd`], which becomes readable.
 #[derive(Debug)]
@@ -30,11 +28,11 @@ impl Cancel {
 
     /// Closes the write end: every poller sees the read end readable (end of file).
     pub fn fire(&self) {
-        lock(&self.write).take();
+        self.write.lock().take();
     }
 
     pub fn fired(&self) -> bool {
-        lock(&self.write).is_none()
+        self.write.lock().is_none()
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {

@@ -35,13 +35,14 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use parking_lot::Mutex;
 
 /// The longest line forwarded; a longer one is cut.
 pub const LINE_CAP: usize = 4 << 10;
@@ -347,7 +348,7 @@ impl SandboxOutput {
     }
 
     fn send(&self, command: Command) {
-        crate::agent::lock(&self.commands).push(command);
+        self.commands.lock().push(command);
         if let Err(e) = self.waker.wake() {
             tracing::error!(error = %e, "wake the sandbox output reader");
         }
@@ -493,7 +494,7 @@ impl Reader {
                     self.unfinished.push_back(event.token());
                 }
             }
-            let commands = std::mem::take(&mut *crate::agent::lock(&self.commands));
+            let commands = std::mem::take(&mut *self.commands.lock());
             for command in commands {
                 match command {
                     Command::Stop => return,
@@ -813,7 +814,7 @@ mod tests {
     #[test]
     fn a_line_is_written_escaped_inside_the_agents_own() {
         #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
         impl Write for Buf {
             fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
                 self.0.lock().unwrap().extend_from_slice(b);

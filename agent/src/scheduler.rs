@@ -1,5 +1,7 @@
-//! Per-function scheduling state: warm instances, the count of live ones, and the
-//! queue of requests waiting for one (OpenWhisk's per-action queue, on one node).
+//! The scheduler ([`Scheduler`]): per-function scheduling state — warm instances, the
+//! count of live ones, and the queue of requests waiting for one (OpenWhisk's
+//! per-action queue, on one node) — and the stem cells, kept per runtime, under one
+//! lock. It only keeps state; its callers start and destroy instances outside it.
 //!
 //! A request takes the most recently used idle instance; if there is none and the
 //! function is below its `max_instances`, it starts one (from a stem cell when one is
@@ -8,48 +10,65 @@
 //! or back to the idle list. Waiters are woken to retry when an instance dies (so one
 //! of them can start a replacement) and closed when the agent shuts down.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipc::proto::ShimLink;
-use pool::Sandbox;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use pool::{Sandbox, SandboxState};
 
+use crate::config::PoolConfig;
 use crate::error::Error;
 use crate::instance::Instance;
-use crate::registry::FunctionKey;
+use crate::names::FunctionKey;
+use crate::registry::Function;
+use crate::runtime::Runtime;
 
-/// Everything the scheduler and the pool manager share, under one lock.
+/// The scheduler: every function's idle instances, count and queue, and the stem
+/// cells, under one lock; and the condition variable that wakes the pool manager.
+/// It only keeps state: it starts and destroys nothing (its callers do, outside its
+/// lock).
 #[derive(Debug, Default)]
-pub struct Sched {
+pub(crate) struct Scheduler {
+    state: Mutex<Sched>,
+    /// Wakes the pool manager (paired with `state`).
+    wake: Condvar,
+    /// The agent is shutting down: no instance is handed out any more.
+    closed: AtomicBool,
+}
+
+/// What the scheduler's lock guards (the pool manager works on it in passes).
+#[derive(Debug, Default)]
+pub(crate) struct Sched {
     /// By namespace and name: instances never serve another namespace's function.
-    pub functions: HashMap<FunctionKey, FnPool>,
-    /// Ready (frozen) stem cells, most recent last.
-    pub stem_cells: Vec<StemCell>,
-    /// Stem cells being created by the manager.
-    pub stem_starting: usize,
+    functions: HashMap<FunctionKey, FnPool>,
+    /// Ready (frozen) stem cells by runtime, most recent last.
+    stem_cells: BTreeMap<Runtime, Vec<StemCell>>,
+    /// Stem cells being created by the manager, by runtime.
+    stem_starting: BTreeMap<Runtime, usize>,
     /// When the manager will next look by itself (None: it sleeps until woken).
-    pub manager_deadline: Option<Instant>,
+    manager_deadline: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
-pub struct FnPool {
+struct FnPool {
     /// Idle instances (thawed or frozen), least recently used first.
-    pub idle: Vec<Instance>,
+    idle: Vec<Instance>,
     /// Instances that exist: idle, running, or starting.
-    pub live: usize,
+    live: usize,
     /// Requests waiting for an instance.
-    pub queue: VecDeque<Arc<Slot>>,
+    queue: VecDeque<Arc<Slot>>,
     /// Instances that answered a call and are about to come back (they are leaving
     /// a workflow run), counted in `live`.
-    pub returning: usize,
+    returning: usize,
 }
 
 impl FnPool {
     /// Passes a retry on to the first waiter (the one it was for is not going to
     /// use it): it may start the replacement instance.
-    pub fn retry_next(&mut self) {
+    fn retry_next(&mut self) {
         if let Some(slot) = self.queue.pop_front() {
             slot.retry();
         }
@@ -65,8 +84,454 @@ pub struct StemCell {
     pub reserved_mb: u64,
 }
 
+/// What [`Scheduler::grant`] gives a request.
+// Moved once per acquire; boxing the instance would allocate on the warm path.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Grant {
+    /// The most recently used idle instance.
+    Idle(Instance),
+    /// Start a new instance (counted already), in this stem cell if there is one.
+    Start(Option<StemCell>),
+    /// Wait in the function's queue.
+    Wait(Arc<Slot>),
+}
+
+/// What the status reports of the pool.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counts {
+    pub frozen: usize,
+    pub stem_cells: usize,
+    pub queued: usize,
+}
+
+impl Scheduler {
+    /// Marks the agent as shutting down and wakes the manager; `false` if it was
+    /// already.
+    pub fn close(&self) -> bool {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        // Under the lock, so the manager cannot miss it between its check and its wait.
+        let _sched = self.state.lock();
+        self.wake.notify_all();
+        true
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// An idle instance of `function` (of its current version: older ones are
+    /// returned, taken out, for the caller to destroy), leave to start a new one
+    /// (while the function is below `max_instances`), or a place in its queue
+    /// (`retried`: at the front).
+    pub fn grant(
+        &self,
+        key: &FunctionKey,
+        function: &Function,
+        retried: bool,
+    ) -> Result<(Grant, Vec<Instance>), Error> {
+        let mut sched = self.state.lock();
+        if self.is_closed() {
+            return Err(Error::ShuttingDown);
+        }
+        let pool = sched.pool(key);
+        let stale: Vec<Instance> = pool
+            .idle
+            .extract_if(.., |i| i.function_version != function.version)
+            .collect();
+        pool.live -= stale.len();
+        if let Some(inst) = pool.idle.pop() {
+            return Ok((Grant::Idle(inst), stale));
+        }
+        // Instances on their way back (answered, leaving a workflow run) will serve
+        // as many waiters: only start one beyond those.
+        let may_start = pool.live < function.max_instances && pool.returning <= pool.queue.len();
+        if may_start {
+            pool.live += 1;
+            let stem = sched
+                .stem_cells
+                .get_mut(&function.runtime)
+                .and_then(Vec::pop);
+            return Ok((Grant::Start(stem), stale));
+        }
+        let slot = Arc::new(Slot::default());
+        // A request woken to retry keeps its place at the front.
+        if retried {
+            pool.queue.push_front(slot.clone());
+        } else {
+            pool.queue.push_back(slot.clone());
+        }
+        Ok((Grant::Wait(slot), stale))
+    }
+
+    /// Takes a waiter that gave up out of its queue: nobody can hand it an instance
+    /// after that.
+    pub fn leave_queue(&self, key: &FunctionKey, slot: &Arc<Slot>) {
+        self.state
+            .lock()
+            .pool(key)
+            .queue
+            .retain(|s| !Arc::ptr_eq(s, slot));
+    }
+
+    /// Passes a retry a waiter will not use on to the next one.
+    pub fn retry_next(&self, key: &FunctionKey) {
+        self.state.lock().pool(key).retry_next();
+    }
+
+    /// Counts an instance of `key` as gone and lets a waiter start a replacement.
+    pub fn forget_instance(&self, key: &FunctionKey) {
+        let mut sched = self.state.lock();
+        let pool = sched.pool(key);
+        pool.live -= 1;
+        pool.retry_next();
+    }
+
+    /// An instance of `key` answered a call and is about to come back.
+    pub fn returning(&self, key: &FunctionKey) {
+        self.state.lock().pool(key).returning += 1;
+    }
+
+    /// A returning instance of `key` is not coming back (it is destroyed).
+    pub fn returned(&self, key: &FunctionKey) {
+        let mut sched = self.state.lock();
+        let pool = sched.pool(key);
+        pool.returning = pool.returning.saturating_sub(1);
+    }
+
+    /// Keeps an instance after an invocation: to the head of its function's queue, or
+    /// to the idle list (the manager is woken if it would otherwise look later than
+    /// `pause_grace` from now).
+    pub fn put_back(&self, mut inst: Instance, returning: bool, pause_grace: Duration) {
+        let now = Instant::now();
+        inst.last_used = now;
+        let mut sched = self.state.lock();
+        let pool = sched.pool(&inst.function);
+        if returning {
+            pool.returning = pool.returning.saturating_sub(1);
+        }
+        if let Some(slot) = pool.queue.pop_front() {
+            return slot.give(inst);
+        }
+        pool.idle.push(inst);
+        let freeze_at = now + pause_grace;
+        if sched.manager_deadline.is_none_or(|d| d > freeze_at) {
+            sched.manager_deadline = Some(freeze_at);
+            self.wake.notify_all();
+        }
+    }
+
+    /// The most recently used idle instance of `key` if it is of `version` (the warm
+    /// fast path: anything else goes the ordinary way).
+    pub fn take_idle_current(&self, key: &FunctionKey, version: u64) -> Option<Instance> {
+        let mut sched = self.state.lock();
+        let pool = sched.functions.get_mut(key)?;
+        let usable = pool
+            .idle
+            .last()
+            .is_some_and(|i| i.function_version == version);
+        if !usable {
+            return None;
+        }
+        pool.idle.pop()
+    }
+
+    /// Takes out the idle instances of `key`, and the idle instances of other
+    /// functions for which `calls_it` holds, and wakes its waiters to look again.
+    /// `calls_it` runs under the scheduler's lock.
+    pub fn retire(&self, key: &FunctionKey, calls_it: impl Fn(&Instance) -> bool) -> Vec<Instance> {
+        let mut sched = self.state.lock();
+        let pool = sched.pool(key);
+        pool.live -= pool.idle.len();
+        for slot in pool.queue.drain(..) {
+            slot.retry();
+        }
+        let mut old = std::mem::take(&mut pool.idle);
+        for pool in sched.functions.values_mut() {
+            let callers: Vec<Instance> = pool.idle.extract_if(.., |i| calls_it(i)).collect();
+            pool.live -= callers.len();
+            old.extend(callers);
+        }
+        old
+    }
+
+    /// Takes out the idle instances and stem cells whose sandbox `gone` says is gone;
+    /// a waiter is woken to start a replacement for each instance.
+    pub fn take_gone(&self, gone: impl Fn(&str) -> bool) -> (Vec<Instance>, Vec<StemCell>) {
+        let mut sched = self.state.lock();
+        let mut idle = Vec::new();
+        for pool in sched.functions.values_mut() {
+            let dead: Vec<Instance> = pool.idle.extract_if(.., |i| gone(i.sandbox.id())).collect();
+            pool.live -= dead.len();
+            for _ in 0..dead.len() {
+                pool.retry_next();
+            }
+            idle.extend(dead);
+        }
+        let mut stems = Vec::new();
+        for cells in sched.stem_cells.values_mut() {
+            stems.extend(cells.extract_if(.., |s| gone(s.sandbox.id())));
+        }
+        (idle, stems)
+    }
+
+    /// Wakes every waiter with `Closed` and takes every idle instance and stem cell.
+    pub fn drain(&self) -> (Vec<Instance>, Vec<StemCell>) {
+        let mut sched = self.state.lock();
+        let mut idle = Vec::new();
+        for pool in sched.functions.values_mut() {
+            for slot in pool.queue.drain(..) {
+                slot.close();
+            }
+            pool.live -= pool.idle.len();
+            idle.append(&mut pool.idle);
+        }
+        let stems = std::mem::take(&mut sched.stem_cells)
+            .into_values()
+            .flatten()
+            .collect();
+        (idle, stems)
+    }
+
+    /// Wakes the manager (to refill the stem cells).
+    pub fn wake_manager(&self) {
+        self.wake.notify_all();
+    }
+
+    /// Wakes the manager under the lock, so that it cannot miss it.
+    pub fn wake_manager_now(&self) {
+        let _sched = self.state.lock();
+        self.wake.notify_all();
+    }
+
+    /// Idle instances of each of `functions`, for listings.
+    pub fn idle_counts(&self, functions: &[Arc<Function>]) -> Vec<usize> {
+        let sched = self.state.lock();
+        functions
+            .iter()
+            .map(|f| sched.functions.get(&f.key()).map_or(0, |p| p.idle.len()))
+            .collect()
+    }
+
+    pub fn counts(&self) -> Counts {
+        let sched = self.state.lock();
+        let stems = || sched.stem_cells.values().flatten();
+        let frozen = sched
+            .functions
+            .values()
+            .flat_map(|f| &f.idle)
+            .filter(|i| i.sandbox.state() == SandboxState::Frozen)
+            .count()
+            + stems()
+                .filter(|s| s.sandbox.state() == SandboxState::Frozen)
+                .count();
+        Counts {
+            frozen,
+            stem_cells: stems().count(),
+            queued: sched.functions.values().map(|f| f.queue.len()).sum(),
+        }
+    }
+
+    /// The scheduler's lock, for the pool manager's passes.
+    pub fn lock(&self) -> MutexGuard<'_, Sched> {
+        self.state.lock()
+    }
+
+    /// Releases the lock until woken or until `until`, as the pool manager sleeps.
+    pub fn wait(&self, sched: &mut MutexGuard<'_, Sched>, until: Option<Instant>) {
+        match until {
+            Some(t) => {
+                self.wake.wait_until(sched, t);
+            }
+            None => self.wake.wait(sched),
+        }
+    }
+}
+
+/// An idle sandbox whose shim [`Sched::hung_shims`] found alive but frozen (on cgroup
+/// v1 a frozen task dies only once thawed, so its pending signals tell).
+#[derive(Debug)]
+pub(crate) struct FrozenShim {
+    pub sandbox_id: String,
+    pub pid: i32,
+}
+
+impl Sched {
+    fn pool(&mut self, function: &FunctionKey) -> &mut FnPool {
+        // Looked up first: the common case clones no key.
+        if !self.functions.contains_key(function) {
+            self.functions.insert(function.clone(), FnPool::default());
+        }
+        self.functions.get_mut(function).expect("inserted")
+    }
+
+    /// Takes out the idle instances past `cfg.idle_ttl`, and freezes those past
+    /// `cfg.pause_grace` (taking out those that fail to); `soonest` is told when the
+    /// next of either is due.
+    pub fn sweep_idle(
+        &mut self,
+        now: Instant,
+        cfg: &PoolConfig,
+        mut soonest: impl FnMut(Instant),
+    ) -> Vec<Instance> {
+        let mut doomed = Vec::new();
+        for pool in self.functions.values_mut() {
+            let expired: Vec<Instance> = pool
+                .idle
+                .extract_if(.., |i| i.last_used + cfg.idle_ttl <= now)
+                .collect();
+            pool.live -= expired.len();
+            doomed.extend(expired);
+            let mut failed = Vec::new();
+            for (i, inst) in pool.idle.iter_mut().enumerate() {
+                soonest(inst.last_used + cfg.idle_ttl);
+                if inst.sandbox.state() != SandboxState::Bound {
+                    continue;
+                }
+                let freeze_at = inst.last_used + cfg.pause_grace;
+                if freeze_at > now {
+                    soonest(freeze_at);
+                } else if let Err(e) = inst.sandbox.freeze() {
+                    tracing::warn!(sandbox_id = inst.sandbox.id(), error = %ipc::chain(&e), "freeze failed; destroying");
+                    failed.push(i);
+                }
+            }
+            for i in failed.into_iter().rev() {
+                pool.live -= 1;
+                doomed.push(pool.idle.remove(i));
+            }
+        }
+        doomed
+    }
+
+    /// Removes and returns the least recently used idle instance of any function.
+    pub fn take_lru_idle(&mut self) -> Option<Instance> {
+        let (name, _) = self
+            .functions
+            .iter()
+            .filter_map(|(name, f)| f.idle.first().map(|i| (name.clone(), i.last_used)))
+            .min_by_key(|(_, used)| *used)?;
+        let pool = self.functions.get_mut(&name)?;
+        pool.live -= 1;
+        Some(pool.idle.remove(0))
+    }
+
+    /// Removes and returns the oldest stem cell (of the first runtime that has one).
+    pub fn take_oldest_stem(&mut self) -> Option<StemCell> {
+        let cells = self.stem_cells.values_mut().find(|c| !c.is_empty())?;
+        Some(cells.remove(0))
+    }
+
+    /// Stem cells of `runtime` missing to make `want`, counting those being made.
+    pub fn stem_cells_missing(&self, runtime: Runtime, want: usize) -> usize {
+        let ready = self.stem_cells.get(&runtime).map_or(0, Vec::len);
+        let starting = self.stem_starting.get(&runtime).copied().unwrap_or(0);
+        want.saturating_sub(ready + starting)
+    }
+
+    /// The manager starts making a stem cell of `runtime`.
+    pub fn stem_starting(&mut self, runtime: Runtime) {
+        *self.stem_starting.entry(runtime).or_default() += 1;
+    }
+
+    /// The manager is done making a stem cell of `runtime`: here it is, or it failed.
+    pub fn stem_made(&mut self, runtime: Runtime, stem: Option<StemCell>) {
+        if let Some(n) = self.stem_starting.get_mut(&runtime) {
+            *n -= 1;
+        }
+        if let Some(stem) = stem {
+            self.stem_cells.entry(runtime).or_default().push(stem);
+        }
+    }
+
+    pub fn set_manager_deadline(&mut self, next: Option<Instant>) {
+        self.manager_deadline = next;
+    }
+
+    /// The idle sandboxes (instances and stem cells) whose shim or instance channel
+    /// hung up, by id, and the frozen ones that did not (`v1`: whose pending signals
+    /// are worth a look). One `poll` over their channels, without waiting.
+    pub fn hung_shims(&self, v1: bool) -> (Vec<String>, Vec<FrozenShim>) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        // Each sandbox with the descriptors that tell: its shim's channel, and its
+        // instance's.
+        let mut fds = Vec::new();
+        let mut sandboxes: Vec<(&Sandbox, usize)> = Vec::new();
+        for pool in self.functions.values() {
+            for inst in &pool.idle {
+                fds.push(PollFd::new(inst.shim.0.as_fd(), PollFlags::empty()));
+                fds.push(PollFd::new(inst.link.0.as_fd(), PollFlags::empty()));
+                sandboxes.push((&inst.sandbox, 2));
+            }
+        }
+        for stem in self.stem_cells.values().flatten() {
+            fds.push(PollFd::new(stem.shim.0.as_fd(), PollFlags::empty()));
+            sandboxes.push((&stem.sandbox, 1));
+        }
+        if fds.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        // POLLHUP and POLLERR are reported whatever is asked for.
+        let hung: Vec<bool> = match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds.iter().map(|f| f.any().unwrap_or(false)).collect(),
+            Err(_) => return (Vec::new(), Vec::new()),
+        };
+        drop(fds);
+        let (mut dead, mut frozen) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        for (sandbox, n) in sandboxes {
+            let hung = hung[at..at + n].iter().any(|h| *h);
+            at += n;
+            if hung {
+                tracing::debug!(
+                    sandbox_id = sandbox.id(),
+                    shim_pid = sandbox.pid(),
+                    hung,
+                    killed = false,
+                    "dead shim"
+                );
+                dead.push(sandbox.id().to_owned());
+            } else if v1 && sandbox.state() == SandboxState::Frozen {
+                frozen.push(FrozenShim {
+                    sandbox_id: sandbox.id().to_owned(),
+                    pid: sandbox.pid(),
+                });
+            }
+        }
+        (dead, frozen)
+    }
+
+    /// Takes out the idle instances and stem cells of sandboxes `ids` whose shim died.
+    pub fn take_dead(&mut self, ids: &[String]) -> (Vec<Instance>, Vec<StemCell>) {
+        let dead = |id: &str| ids.iter().any(|d| d == id);
+        let mut doomed = Vec::new();
+        for pool in self.functions.values_mut() {
+            let gone: Vec<Instance> = pool.idle.extract_if(.., |i| dead(i.sandbox.id())).collect();
+            for inst in &gone {
+                tracing::warn!(sandbox_id = inst.sandbox.id(), function = %inst.function, "the shim of an idle sandbox died; removing it");
+            }
+            pool.live -= gone.len();
+            doomed.extend(gone);
+        }
+        let mut doomed_stems = Vec::new();
+        for cells in self.stem_cells.values_mut() {
+            for stem in cells.extract_if(.., |s| dead(s.sandbox.id())) {
+                tracing::warn!(
+                    sandbox_id = stem.sandbox.id(),
+                    "the shim of a stem cell died; removing it"
+                );
+                doomed_stems.push(stem);
+            }
+        }
+        (doomed, doomed_stems)
+    }
+}
+
 /// How often a queued request checks whether its caller still wants it.
-pub const GIVE_UP_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
+pub const GIVE_UP_CHECK: Duration = Duration::from_millis(20);
 
 /// Where a queued request waits for its instance.
 #[derive(Debug, Default)]
@@ -91,7 +556,7 @@ pub enum SlotState {
 
 impl Slot {
     fn set(&self, state: SlotState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        *self.state.lock() = state;
         self.ready.notify_one();
     }
 
@@ -113,18 +578,14 @@ impl Slot {
     /// its queue (under the scheduler's lock) and look at it once more with
     /// [`Slot::take`].
     pub fn wait(&self, deadline: Option<Instant>, give_up: impl Fn() -> bool) -> SlotState {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         while matches!(*state, SlotState::Waiting) {
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) || give_up() {
                 return SlotState::Waiting;
             }
             let wait = deadline.map_or(GIVE_UP_CHECK, |d| (d - now).min(GIVE_UP_CHECK));
-            state = self
-                .ready
-                .wait_timeout(state, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            self.ready.wait_for(&mut state, wait);
         }
         std::mem::take(&mut *state)
     }
@@ -132,7 +593,7 @@ impl Slot {
     /// The slot's state once it is out of every queue: `GaveUp` unless an instance or
     /// a retry arrived meanwhile.
     pub fn take(&self) -> SlotState {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         match std::mem::take(&mut *state) {
             SlotState::Waiting => SlotState::GaveUp,
             other => other,
@@ -197,50 +658,6 @@ impl Abandon {
     }
 }
 
-impl Sched {
-    pub fn pool(&mut self, function: &FunctionKey) -> &mut FnPool {
-        // Looked up first: the common case clones no key.
-        if !self.functions.contains_key(function) {
-            self.functions.insert(function.clone(), FnPool::default());
-        }
-        self.functions.get_mut(function).expect("inserted")
-    }
-
-    /// Idle instances counted per function, for listings.
-    pub fn idle_count(&self, function: &FunctionKey) -> usize {
-        self.functions.get(function).map_or(0, |f| f.idle.len())
-    }
-
-    pub fn queued(&self) -> usize {
-        self.functions.values().map(|f| f.queue.len()).sum()
-    }
-
-    /// Removes and returns the least recently used idle instance of any function.
-    pub fn take_lru_idle(&mut self) -> Option<Instance> {
-        let (name, _) = self
-            .functions
-            .iter()
-            .filter_map(|(name, f)| f.idle.first().map(|i| (name.clone(), i.last_used)))
-            .min_by_key(|(_, used)| *used)?;
-        let pool = self.functions.get_mut(&name)?;
-        pool.live -= 1;
-        Some(pool.idle.remove(0))
-    }
-
-    /// Wakes every waiter with `Closed` and takes every idle instance and stem cell.
-    pub fn drain(&mut self) -> (Vec<Instance>, Vec<StemCell>) {
-        let mut idle = Vec::new();
-        for pool in self.functions.values_mut() {
-            for slot in pool.queue.drain(..) {
-                slot.close();
-            }
-            pool.live -= pool.idle.len();
-            idle.append(&mut pool.idle);
-        }
-        (idle, std::mem::take(&mut self.stem_cells))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,7 +677,7 @@ mod tests {
         let (done_tx, done) = mpsc::channel();
         let slot = slot.clone();
         std::thread::spawn(move || {
-            let asked_tx = Mutex::new(Some(asked_tx));
+            let asked_tx = std::sync::Mutex::new(Some(asked_tx));
             let first = slot.wait(None, || {
                 if let Some(tx) = asked_tx.lock().unwrap().take() {
                     let _ = tx.send(());

@@ -4,6 +4,9 @@
 //! returns `Err` naming the rule a response broke. The target itself runs under
 //! `cargo fuzz` (docs/security.md, "Fuzzing").
 
+// The HTTP server is the `http` feature's; the library alone has nothing to replay.
+#![cfg(feature = "http")]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,0 +1,739 @@
+//! Invocation: finding an instance for a request (the scheduler's idle one, a new one
+//! in a stem cell, or one handed over in the function's queue), running the request
+//! in it, and giving it back, retiring or destroying it. The warm fast path
+//! ([`WarmCall`]) lets the HTTP event loop finish a warm invoke without a worker.
+//!
+//! [`Invoker`] holds no lock of its own: it composes the registry, the scheduler, the
+//! sandboxes, the runs and the call book, and takes their locks one at a time (in the
+//! order written in `agent.rs`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipc::api::Logs;
+use ipc::proto::{CallSpec, LoadSpec};
+use ipc::Payload;
+use parking_lot::Mutex;
+use pool::{Sandbox, SandboxState};
+
+use crate::calls::book::Book;
+use crate::config::Config;
+use crate::error::Error;
+use crate::instance::{Answer, CallFailure, Instance};
+use crate::names::FunctionKey;
+use crate::registry::{Function, Registry};
+use crate::request::{Invocation, Response, Start};
+use crate::run::{Cancel, Run};
+use crate::runs::Runs;
+use crate::sandboxes::Sandboxes;
+use crate::scheduler::{Abandon, Grant, Scheduler, SlotState, StemCell};
+use crate::transport::{FastCall, FastPoll};
+
+/// How an invocation is made: by a client (depth 0) or by another function.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct CallOpts<'a> {
+    pub depth: u32,
+    /// The event is bytes (and a bytes result is accepted).
+    pub raw: bool,
+    /// The workflow run the callee joins (its scratch is attached).
+    pub run: Option<&'a Arc<Run>>,
+    /// Ends the call early when readable.
+    pub cancel: Option<&'a Cancel>,
+    /// A deadline earlier than the function's own timeout.
+    pub deadline: Option<Instant>,
+    /// Where to leave the instance (and whether it is healthy) instead of leaving the
+    /// run and releasing it: the caller does that after it has sent the answer on.
+    pub hand_back: Option<&'a Mutex<Option<(Instance, bool)>>>,
+}
+
+/// Runs invocations over the agent's components.
+#[derive(Debug)]
+pub(crate) struct Invoker {
+    config: Config,
+    registry: Arc<Registry>,
+    scheduler: Arc<Scheduler>,
+    sandboxes: Arc<Sandboxes>,
+    runs: Arc<Runs>,
+    book: Arc<Book>,
+    /// Invocation ids.
+    next_id: AtomicU64,
+    invocations: AtomicU64,
+}
+
+/// Events up to this size may take the event loop's warm path.
+const FAST_EVENT_MAX: usize = 64 << 10;
+
+/// A warm invoke in flight whose answer the HTTP event loop reads without blocking.
+/// Anything that needs waiting (a failure to clean up after, output to keep
+/// draining) is finished by a worker with [`FastCall::finish`].
+pub(crate) struct WarmCall {
+    invoker: Arc<Invoker>,
+    /// Taken when the call is completed; a call dropped unfinished gives it back as
+    /// unhealthy (its sandbox is destroyed).
+    inst: Option<Instance>,
+    function: Arc<Function>,
+    id: u64,
+    started: Instant,
+    start: Start,
+    deadline: Instant,
+    /// A failure seen already (sending the invoke, or reading the answer).
+    failed: Option<CallFailure>,
+    /// An answer read on the loop but left for [`FastCall::finish`] to complete.
+    answered: Option<Result<Answer, CallFailure>>,
+}
+
+impl FastCall for WarmCall {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.inst.as_ref().map_or(-1, |i| i.link.0.as_raw_fd())
+    }
+
+    fn poll(&mut self) -> FastPoll {
+        if self.failed.is_some() {
+            return FastPoll::Handoff;
+        }
+        let Some(inst) = self.inst.as_mut() else {
+            return FastPoll::Handoff;
+        };
+        let invoker = &self.invoker;
+        match inst.try_finish(self.id, invoker.config.log_limit) {
+            None => FastPoll::Pending,
+            Some(Err(failure)) if !matches!(failure, CallFailure::Raised(_)) => {
+                self.failed = Some(failure);
+                FastPoll::Handoff
+            }
+            // Ending the run it started takes a spawner round trip, and ending the calls
+            // of a sandbox with a call connection a call-loop round trip: not on the loop.
+            // A shared (memfd) result is checked (parsed in full) by `complete`: not
+            // on the loop either.
+            Some(outcome)
+                if inst.called
+                    || matches!(&outcome, Ok(answer) if answer.payload.is_shared())
+                    || invoker.runs.has_root_run(inst.sandbox.id())
+                    || invoker.book.connected(inst.sandbox.id()) =>
+            {
+                self.answered = Some(outcome);
+                FastPoll::Handoff
+            }
+            Some(outcome) => {
+                let inst = self.inst.take().expect("instance");
+                let result = self.invoker.complete(
+                    inst,
+                    &self.function,
+                    self.start,
+                    self.started,
+                    outcome,
+                    &CallOpts::default(),
+                );
+                FastPoll::Done(result.map(Response::Invoked))
+            }
+        }
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Response, Error> {
+        let mut inst = self.inst.take().ok_or(Error::ShuttingDown)?;
+        let log_limit = self.invoker.config.log_limit;
+        let outcome = match (self.answered.take(), self.failed.take()) {
+            (Some(outcome), _) => outcome,
+            (None, Some(failure)) => Err(failure),
+            (None, None) => inst.finish(self.id, self.deadline, log_limit, None),
+        };
+        self.invoker
+            .complete(
+                inst,
+                &self.function,
+                self.start,
+                self.started,
+                outcome,
+                &CallOpts::default(),
+            )
+            .map(Response::Invoked)
+    }
+}
+
+impl Drop for WarmCall {
+    fn drop(&mut self) {
+        if let Some(inst) = self.inst.take() {
+            self.invoker.release(inst, false);
+        }
+    }
+}
+
+impl Invoker {
+    pub fn new(
+        config: Config,
+        registry: Arc<Registry>,
+        scheduler: Arc<Scheduler>,
+        sandboxes: Arc<Sandboxes>,
+        runs: Arc<Runs>,
+        book: Arc<Book>,
+    ) -> Invoker {
+        Invoker {
+            config,
+            registry,
+            scheduler,
+            sandboxes,
+            runs,
+            book,
+            next_id: AtomicU64::new(1),
+            invocations: AtomicU64::new(0),
+        }
+    }
+
+    /// Invocations started so far.
+    pub fn invocations(&self) -> u64 {
+        self.invocations.load(Ordering::Relaxed)
+    }
+
+    /// A workflow run's id.
+    pub fn new_run_id(&self) -> u64 {
+        self.runs.next_run_id()
+    }
+
+    /// An invocation id (also for a workflow's in-sandbox steps).
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A client's invoke of `key` with the JSON `event`; `abandon` takes it back
+    /// while it waits for an instance.
+    pub fn invoke(
+        &self,
+        key: &FunctionKey,
+        event: Vec<u8>,
+        abandon: Option<&Abandon>,
+    ) -> Result<Invocation, Error> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
+        let event = Payload::Inline(event);
+        self.invoke_abandonable(key, &event, &CallOpts::default(), abandon)
+    }
+
+    /// Runs one invocation of `key`: a client's (`opts` default) or a function's call
+    /// (resolved in the caller's namespace).
+    pub fn invoke_with(
+        &self,
+        key: &FunctionKey,
+        event: &Payload,
+        opts: &CallOpts<'_>,
+    ) -> Result<Invocation, Error> {
+        self.invoke_abandonable(key, event, opts, None)
+    }
+
+    /// [`Invoker::invoke_with`] for a client's request that the HTTP loop takes back
+    /// (`abandon`) while it waits for an instance: its client went away, or the
+    /// server drains.
+    fn invoke_abandonable(
+        &self,
+        key: &FunctionKey,
+        event: &Payload,
+        opts: &CallOpts<'_>,
+        abandon: Option<&Abandon>,
+    ) -> Result<Invocation, Error> {
+        let name = key.name.as_str();
+        let id = self.next_id();
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!(
+            "invoke",
+            namespace = %key.namespace,
+            function = name,
+            invocation = id,
+            depth = opts.depth,
+            sandbox_id = tracing::field::Empty
+        );
+        let _g = span.enter();
+        let started = Instant::now();
+
+        // A client's request waits in the queue as long as it takes; a function's call
+        // no longer than its deadline, and not once its caller has given up.
+        let queue_deadline = opts.deadline.or_else(|| {
+            opts.run.and_then(|_| {
+                let f = self.registry.lookup(key).map(|f| f.timeout_ms)?;
+                Some(Instant::now() + Duration::from_millis(f))
+            })
+        });
+        let (mut inst, mut start, function) =
+            self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
+        span.record("sandbox_id", inst.sandbox.id());
+        // A client gone while its instance was handed over: it never runs.
+        if opts.cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.is_gone()) {
+            self.release(inst, true);
+            return Err(Error::Cancelled {
+                function: name.to_owned(),
+            });
+        }
+        if inst.sandbox.state() == SandboxState::Frozen {
+            if let Err(e) = inst.sandbox.thaw() {
+                self.release(inst, false);
+                return Err(e.into());
+            }
+            start = Start::Thawed;
+        }
+        if let Some(run) = opts.run {
+            if let Err(e) = self.join_run(&inst, run) {
+                self.release(inst, true);
+                return Err(e);
+            }
+        }
+        // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
+        let own = Instant::now() + Duration::from_millis(function.timeout_ms);
+        let deadline = opts.deadline.map_or(own, |d| d.min(own));
+        // Calls the sandbox makes from now on are this invocation's (`complete` ends them).
+        self.book.begin(inst.sandbox.id(), opts.depth);
+        let outcome = inst.begin(id, event, opts.depth, opts.raw).and_then(|()| {
+            inst.finish(
+                id,
+                deadline,
+                self.config.log_limit,
+                opts.cancel.map(|c| c.fd()),
+            )
+        });
+        self.complete(inst, &function, start, started, outcome, opts)
+    }
+
+    /// Ends an invocation: leaves its workflow run, gives the instance back (or
+    /// destroys it) and turns the outcome into the invocation or its error.
+    fn complete(
+        &self,
+        mut inst: Instance,
+        function: &Function,
+        start: Start,
+        started: Instant,
+        outcome: Result<Answer, CallFailure>,
+        opts: &CallOpts<'_>,
+    ) -> Result<Invocation, Error> {
+        // Every call the invocation made ends with it, whatever the runtime reports.
+        self.book.end(inst.sandbox.id());
+        let logs = inst.take_logs();
+        let duration = started.elapsed();
+        let name = &function.name;
+        let mut healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
+        // The runtime's word that it called (`called`) is not needed: calls made on the
+        // call socket by hand started a run all the same, and it ends here too.
+        if healthy && (inst.called || self.runs.has_root_run(inst.sandbox.id())) {
+            healthy = self
+                .runs
+                .end_sdk_run(&inst, self.config.keep_warm, &self.sandboxes);
+        }
+        let (result, keep) = match outcome {
+            Ok(Answer { raw: true, .. }) if !opts.raw => (
+                Err(Error::BytesResult {
+                    function: name.clone(),
+                }),
+                healthy,
+            ),
+            // A top-level result is answered over HTTP: bounded like a request body
+            // (checked before it is parsed).
+            Ok(Answer { payload, .. })
+                if opts.run.is_none() && payload.len() > crate::request::MAX_RESULT =>
+            {
+                (
+                    Err(Error::ResultTooLarge {
+                        function: name.clone(),
+                        len: payload.len(),
+                        max: crate::request::MAX_RESULT,
+                    }),
+                    healthy,
+                )
+            }
+            Ok(Answer { payload, raw }) => {
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+                    Err(source) if !raw => (
+                        Err(Error::BadResult {
+                            function: name.clone(),
+                            source,
+                        }),
+                        false,
+                    ),
+                    _ => {
+                        tracing::debug!(
+                            duration_us = duration.as_micros() as u64,
+                            start = start.as_str(),
+                            "invocation returned"
+                        );
+                        let inv = Invocation {
+                            result: payload,
+                            raw,
+                            logs,
+                            duration,
+                            start,
+                        };
+                        (Ok(inv), healthy)
+                    }
+                }
+            }
+            Err(CallFailure::Raised(error)) => (
+                Err(Error::Handler {
+                    function: name.clone(),
+                    error,
+                    logs,
+                }),
+                healthy,
+            ),
+            Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
+        };
+        match opts.hand_back {
+            Some(slot) => {
+                // Counted before its answer goes out, so a burst of calls right after
+                // waits for it instead of starting new instances.
+                self.scheduler.returning(&inst.function);
+                *slot.lock() = Some((inst, keep));
+            }
+            None => self.leave_and_release(inst, opts.run, keep),
+        }
+        result
+    }
+
+    /// Runs `f` (an invocation of `inst`, or a call its shim runs in its sandbox) as
+    /// the sandbox's invocation at depth 0: the calls it makes end with it.
+    pub fn as_invocation<T>(&self, inst: &mut Instance, f: impl FnOnce(&mut Instance) -> T) -> T {
+        self.book.begin(inst.sandbox.id(), 0);
+        let out = f(inst);
+        self.book.end(inst.sandbox.id());
+        out
+    }
+
+    /// Takes an instance out of its run (if any) and gives it back to the pool.
+    pub fn leave_and_release(&self, inst: Instance, run: Option<&Arc<Run>>, healthy: bool) {
+        let healthy = match run {
+            Some(run) => self.runs.leave(&inst, run, healthy, &self.sandboxes),
+            None => healthy,
+        };
+        self.release(inst, healthy);
+    }
+
+    /// Makes `inst`'s sandbox part of `run` ([`Runs::join`]).
+    pub fn join_run(&self, inst: &Instance, run: &Arc<Run>) -> Result<(), Error> {
+        self.runs.join(inst, run, &self.sandboxes)
+    }
+
+    /// Makes `callee`'s code visible in sandbox `sandbox_id` if it can run there
+    /// ([`Runs::attach_callee`]).
+    pub fn attach_callee(
+        &self,
+        sandbox_id: &str,
+        callee: &Function,
+    ) -> Result<Option<CallSpec>, Error> {
+        self.runs.attach_callee(sandbox_id, callee, &self.sandboxes)
+    }
+
+    /// Starts a warm invoke that the HTTP event loop can finish without blocking:
+    /// only when the function has an idle instance and the event is small. A frozen
+    /// instance is thawed here (a write and a read of its freezer file, ~0.1 ms).
+    /// `None` sends the request down the ordinary path.
+    pub fn start_fast(
+        self: &Arc<Self>,
+        namespace: &str,
+        name: &str,
+        event: &[u8],
+    ) -> Option<WarmCall> {
+        if event.len() > FAST_EVENT_MAX
+            || self.scheduler.is_closed()
+            || serde_json::from_slice::<serde::de::IgnoredAny>(event).is_err()
+        {
+            return None;
+        }
+        // An invalid namespace or name is never registered: the ordinary path says why.
+        let key = FunctionKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let function = self.registry.lookup(&key)?;
+        let mut inst = self.scheduler.take_idle_current(&key, function.version)?;
+        let id = self.next_id();
+        self.invocations.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let start = if inst.sandbox.state() == SandboxState::Frozen {
+            Start::Thawed
+        } else {
+            Start::Warm
+        };
+        if start == Start::Thawed {
+            if let Err(e) = inst.sandbox.thaw() {
+                tracing::warn!(sandbox_id = inst.sandbox.id(), error = %ipc::chain(&e), "thaw failed");
+                self.release(inst, false);
+                return None;
+            }
+            tracing::debug!(
+                sandbox_id = inst.sandbox.id(),
+                thaw_us = started.elapsed().as_micros() as u64,
+                "thawed"
+            );
+        }
+        self.book.begin(inst.sandbox.id(), 0);
+        let failed = inst
+            .begin(id, &Payload::Inline(event.to_vec()), 0, false)
+            .err();
+        Some(WarmCall {
+            invoker: self.clone(),
+            deadline: started + Duration::from_millis(function.timeout_ms),
+            inst: Some(inst),
+            function,
+            id,
+            started,
+            start,
+            failed,
+            answered: None,
+        })
+    }
+
+    /// An instance of `key` for one invocation: an idle one, a new one (while the
+    /// function is below `max_instances`), or one handed over after waiting in the
+    /// function's queue.
+    pub fn acquire(
+        &self,
+        key: &FunctionKey,
+        deadline: Option<Instant>,
+        cancel: Option<&Cancel>,
+    ) -> Result<(Instance, Start, Arc<Function>), Error> {
+        self.acquire_until(key, deadline, cancel, None)
+    }
+
+    /// [`Invoker::acquire`] for a request its transport may abandon while it waits.
+    fn acquire_until(
+        &self,
+        key: &FunctionKey,
+        deadline: Option<Instant>,
+        cancel: Option<&Cancel>,
+        abandon: Option<&Abandon>,
+    ) -> Result<(Instance, Start, Arc<Function>), Error> {
+        let name = key.name.as_str();
+        let mut retried = false;
+        loop {
+            // Taken back before it started (and before it starts an instance). A
+            // retry it was woken with goes to the next waiter, or nobody starts the
+            // replacement.
+            if let Some(e) = abandon.and_then(|a| a.error(name)) {
+                if retried {
+                    self.scheduler.retry_next(key);
+                }
+                return Err(e);
+            }
+            let function = self.registry.get(key)?;
+            let (grant, stale) = self.scheduler.grant(key, &function, retried)?;
+            for inst in stale {
+                self.destroy(inst);
+            }
+            let slot = match grant {
+                Grant::Idle(inst) => return Ok((inst, Start::Warm, function)),
+                Grant::Start(stem) => {
+                    let start = if stem.is_some() {
+                        Start::StemCell
+                    } else {
+                        Start::NewSandbox
+                    };
+                    return match self.start_instance(&function, stem) {
+                        Ok(inst) => Ok((inst, start, function)),
+                        Err(e) => {
+                            self.scheduler.forget_instance(key);
+                            Err(e)
+                        }
+                    };
+                }
+                Grant::Wait(slot) => slot,
+            };
+            let waited = Instant::now();
+            let mut state = slot.wait(deadline, || {
+                cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.get().is_some())
+            });
+            if matches!(state, SlotState::Waiting) {
+                // Out of the queue first: nobody can hand it an instance after that.
+                self.scheduler.leave_queue(key, &slot);
+                state = slot.take();
+            }
+            match state {
+                SlotState::Ready(inst) => return Ok((*inst, Start::Warm, function)),
+                SlotState::Retry => retried = true,
+                // Taken back: the check at the top of the loop says why.
+                SlotState::GaveUp if abandon.is_some_and(|a| a.get().is_some()) => {}
+                SlotState::GaveUp if cancel.is_some_and(|c| c.fired()) => {
+                    return Err(Error::Cancelled {
+                        function: name.to_owned(),
+                    })
+                }
+                SlotState::GaveUp => {
+                    return Err(Error::QueueTimeout {
+                        function: name.to_owned(),
+                        waited_ms: waited.elapsed().as_millis() as u64,
+                        max_instances: function.max_instances,
+                    })
+                }
+                SlotState::Closed | SlotState::Waiting => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+
+    /// A loaded instance of `function` in `stem` (or in a new sandbox): started by
+    /// the sandboxes, bound, and its handler imported (within the function's timeout).
+    fn start_instance(
+        &self,
+        function: &Function,
+        stem: Option<StemCell>,
+    ) -> Result<Instance, Error> {
+        let from_stem_cell = stem.is_some();
+        let mut inst = self.sandboxes.start_instance(function, stem, || {
+            if from_stem_cell {
+                // Only now wake the manager to refill: the spawner serves one request at
+                // a time, and a new sandbox built ahead of this cold start's code attach
+                // made the attach wait for it (a 4 ms start took ~25 ms).
+                self.scheduler.wake_manager();
+            }
+        })?;
+        self.runs.bind(inst.sandbox.id(), function);
+        let load = LoadSpec {
+            function: function.name.clone(),
+            code_dir: rootfs::CODE_DIR.to_owned(),
+            handler: function.handler.clone(),
+        };
+        let loaded = inst
+            .link
+            .send_load(&load)
+            .map_err(CallFailure::Protocol)
+            .and_then(|()| {
+                inst.wait_loaded(Instant::now() + Duration::from_millis(function.timeout_ms))
+            });
+        match loaded {
+            Ok(()) => Ok(inst),
+            Err(CallFailure::Raised(error)) => {
+                self.destroy(inst);
+                Err(Error::LoadFailed {
+                    function: function.name.clone(),
+                    handler: function.handler.to_string(),
+                    error,
+                })
+            }
+            Err(failure) => {
+                let logs = inst.take_logs();
+                let err = self.failure(&inst, function, failure, logs);
+                self.destroy(inst);
+                Err(err)
+            }
+        }
+    }
+
+    /// Gives an instance back after an invocation: to the head of its function's
+    /// queue, to the idle list, or (unhealthy, outdated, not kept warm) to the spawner.
+    pub fn release(&self, inst: Instance, healthy: bool) {
+        self.give_back(inst, healthy, false)
+    }
+
+    /// [`Invoker::release`] for an instance handed back by [`CallOpts::hand_back`]:
+    /// it leaves its run first, and stops counting as returning.
+    pub fn release_returning(&self, inst: Instance, run: &Arc<Run>, healthy: bool) {
+        let healthy = self.runs.leave(&inst, run, healthy, &self.sandboxes);
+        self.give_back(inst, healthy, true)
+    }
+
+    fn give_back(&self, inst: Instance, healthy: bool, returning: bool) {
+        let current = self.registry.version_of(&inst.function);
+        let keep = healthy
+            && self.config.keep_warm
+            && !self.scheduler.is_closed()
+            && current == Some(inst.function_version)
+            && self.runs.callees_current(inst.sandbox.id(), &self.registry);
+        if !keep {
+            let name = inst.function.clone();
+            self.destroy(inst);
+            if returning {
+                self.scheduler.returned(&name);
+            }
+            self.scheduler.forget_instance(&name);
+            return;
+        }
+        self.scheduler
+            .put_back(inst, returning, self.config.pool.pause_grace);
+    }
+
+    /// Turns a failed call into its error.
+    pub fn failure(
+        &self,
+        inst: &Instance,
+        function: &Function,
+        failure: CallFailure,
+        logs: Logs,
+    ) -> Error {
+        let name = function.name.clone();
+        match failure {
+            CallFailure::TimedOut => Error::Timeout {
+                function: name,
+                timeout_ms: function.timeout_ms,
+                logs,
+            },
+            CallFailure::Died if self.sandboxes.oom_killed(&inst.sandbox) => Error::OutOfMemory {
+                function: name,
+                limit_mb: function.memory_mb,
+                logs,
+            },
+            CallFailure::Died => Error::InstanceDied {
+                function: name,
+                sandbox: inst.sandbox.id().to_owned(),
+                pid: inst.pid,
+                logs,
+            },
+            CallFailure::Cancelled => Error::Cancelled { function: name },
+            CallFailure::Failed(message) => Error::CallFailed {
+                function: name,
+                message,
+            },
+            CallFailure::Protocol(source) => Error::Protocol {
+                sandbox: inst.sandbox.id().to_owned(),
+                peer: "instance",
+                source,
+            },
+            CallFailure::Raised(error) => Error::Handler {
+                function: name,
+                error,
+                logs,
+            },
+        }
+    }
+
+    /// Destroys the idle instances of `key`, and the idle instances of other functions
+    /// that call `key` in their sandbox (they would keep running its old code), and
+    /// wakes its waiters to look again (they find the new version, or that the
+    /// function is gone).
+    pub fn retire(&self, key: &FunctionKey) {
+        let old = self
+            .scheduler
+            .retire(key, |inst| self.runs.calls_function(inst, key));
+        for inst in old {
+            self.destroy(inst);
+        }
+    }
+
+    /// Takes the idle instances and stem cells whose sandboxes died with a spawner
+    /// out of the pool (so the next request gets a fresh sandbox), lets a waiter
+    /// start a replacement for each, and wakes the manager to refill.
+    pub fn forget_gone_sandboxes(&self) {
+        let (idle, stems) = self.scheduler.take_gone(|id| self.sandboxes.is_gone(id));
+        tracing::warn!(
+            instances = idle.len(),
+            stem_cells = stems.len(),
+            "dropped the sandboxes of a dead spawner from the pool"
+        );
+        for inst in idle {
+            self.destroy(inst);
+        }
+        for stem in stems {
+            self.destroy_stem_cell(stem);
+        }
+        self.scheduler.wake_manager_now();
+    }
+
+    /// Destroys an instance's sandbox.
+    pub fn destroy(&self, mut inst: Instance) {
+        self.destroy_sandbox(&mut inst.sandbox, inst.reserved_mb);
+    }
+
+    pub fn destroy_stem_cell(&self, mut stem: StemCell) {
+        self.destroy_sandbox(&mut stem.sandbox, stem.reserved_mb);
+    }
+
+    /// Destroys a sandbox, and everything the agent keeps of it: its binding, its
+    /// run, its calls.
+    fn destroy_sandbox(&self, sandbox: &mut Sandbox, reserved_mb: u64) {
+        self.runs.forget(sandbox.id());
+        self.book.forget(sandbox.id());
+        self.sandboxes.destroy(sandbox, reserved_mb);
+    }
+}

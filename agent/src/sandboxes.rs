@@ -1,0 +1,421 @@
+//! Sandboxes: everything that makes, changes and destroys one, and the accounting of
+//! them. Owns the spawner, the rootfs skeleton, the cgroups, the agent's state
+//! directory, the sandbox users (one host uid each), the reader of their shims' and
+//! zygotes' output, and the count of sandboxes and of the memory their limits
+//! reserve.
+//!
+//! It makes a stem cell (a sandbox with its shim and a runtime's zygote up, bound to
+//! nothing), starts an instance of a function in one, attaches code and workflow
+//! scratch, and destroys a sandbox. It keeps no per-function state and takes no lock
+//! of another component.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use ipc::proto::InstanceLink;
+use parking_lot::Mutex;
+use pool::{CgroupVersion, Cgroups, Sandbox, Spawner, StateDir};
+use rootfs::{Limits, SandboxConfig, Skeleton};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::instance::{Instance, Output, BOOT_TIMEOUT};
+use crate::registry::Function;
+use crate::runtime::Runtime;
+use crate::sandbox_output::SandboxOutput;
+use crate::scheduler::StemCell;
+
+#[derive(Debug)]
+pub(crate) struct Sandboxes {
+    /// Taken (and removed) by [`Sandboxes::remove_state`].
+    state: Mutex<Option<StateDir>>,
+    agent_id: String,
+    state_path: PathBuf,
+    bundles: PathBuf,
+    cgroup_parent: PathBuf,
+    cgroups: Cgroups,
+    spawner: Spawner,
+    skeleton: Skeleton,
+    runtime_dir: PathBuf,
+    /// Host path of the shim binary.
+    shim: PathBuf,
+    /// The limits of a stem cell (until a function with its own is bound).
+    defaults: crate::config::Defaults,
+    /// Each live sandbox's own host uid and gid (`Config::sandbox_uids`).
+    users: rootfs::SandboxUsers,
+    /// Reads every sandbox's shim and zygote output (one thread).
+    output: SandboxOutput,
+    /// Sandbox and instance ids.
+    next_id: AtomicU64,
+    count: AtomicUsize,
+    /// Memory (MiB) reserved by live sandboxes' limits.
+    reserved_mb: AtomicU64,
+}
+
+pub(crate) fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::State {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Sandboxes {
+    /// Cleans up after crashed agents, takes a state directory, makes the rootfs
+    /// skeleton, installs the runtimes' files and starts the spawner (the
+    /// `sprout-spawner` executable) and the output reader.
+    pub fn start(config: &Config) -> Result<Sandboxes, Error> {
+        let spawner_exe = pool::find_spawner(config.spawner.as_deref())?;
+        let shim = config
+            .shim
+            .canonicalize()
+            .map_err(state_err(&config.shim))?;
+        for runtime in Runtime::ALL {
+            runtime.check_installed()?;
+        }
+        let cgroups = Cgroups::detect()?;
+        let cleaned = pool::cleanup_stale(&config.state_root, &cgroups);
+        if !cleaned.is_empty() {
+            tracing::info!(agents = ?cleaned, "removed leftovers of stopped agents");
+        }
+        let state = StateDir::acquire(&config.state_root)?;
+        let rootfs_dir = state.path().join("rootfs");
+        let skeleton = Skeleton::create(&rootfs_dir).map_err(|e| Error::State {
+            path: rootfs_dir.clone(),
+            source: std::io::Error::other(ipc::chain(&e)),
+        })?;
+        let runtime_dir = state.path().join("runtime");
+        shim::install_runtime(&runtime_dir).map_err(state_err(&runtime_dir))?;
+        let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
+        if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
+            // Only slower freezes and thaws follow; say so and go on.
+            tracing::warn!(error = %ipc::chain(&e), "could not hold the freezer anchor cgroup");
+        }
+        Ok(Sandboxes {
+            agent_id: state.agent_id().to_owned(),
+            state_path: state.path().to_path_buf(),
+            bundles: state.bundles(),
+            cgroup_parent: state.cgroup_parent(),
+            state: Mutex::new(Some(state)),
+            cgroups,
+            spawner,
+            skeleton,
+            runtime_dir,
+            shim,
+            defaults: config.defaults,
+            users: rootfs::SandboxUsers::new(config.sandbox_uids),
+            output: SandboxOutput::start()
+                .map_err(state_err(Path::new("sandbox output thread")))?,
+            next_id: AtomicU64::new(1),
+            count: AtomicUsize::new(0),
+            reserved_mb: AtomicU64::new(0),
+        })
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// The agent's state directory (per process: removed at shutdown).
+    pub fn state_path(&self) -> &Path {
+        &self.state_path
+    }
+
+    /// What every sandbox sees at `/.sprout`: the runtimes' files and the call socket.
+    pub fn runtime_dir(&self) -> &Path {
+        &self.runtime_dir
+    }
+
+    /// The cgroup every sandbox's cgroup is made in.
+    pub fn cgroup_parent(&self) -> &Path {
+        &self.cgroup_parent
+    }
+
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.cgroups.version()
+    }
+
+    /// The host user sandbox `id` runs as, while it lives.
+    pub fn user_of(&self, id: &str) -> Option<rootfs::SandboxUser> {
+        self.users.user_of(id)
+    }
+
+    /// Live sandboxes.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Memory (MiB) reserved by live sandboxes' limits.
+    pub fn reserved_mb(&self) -> u64 {
+        self.reserved_mb.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel killed a process of `sandbox` for memory.
+    pub fn oom_killed(&self, sandbox: &Sandbox) -> bool {
+        self.cgroups.oom_kills(sandbox.cgroup()).unwrap_or(0) > 0
+    }
+
+    /// Blocks until the spawner dies (`true`: the sandboxes it held died with it,
+    /// see [`Sandboxes::is_gone`]) or stops (`false`).
+    pub fn watch_spawner(&self) -> bool {
+        self.spawner.watch()
+    }
+
+    /// Whether sandbox `id` died with a spawner.
+    pub fn is_gone(&self, id: &str) -> bool {
+        self.spawner.is_gone(id)
+    }
+
+    /// A new sandbox with its shim and `runtime`'s zygote up, bound to nothing, not
+    /// frozen.
+    pub fn new_stem_cell(&self, runtime: Runtime) -> Result<StemCell, Error> {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("sprout-{}-{}", self.agent_id, n);
+        let cgroup = self.cgroup_parent.join(&id);
+        let bundle = self.bundles.join(&id);
+        let defaults = &self.defaults;
+        // Its own host user, held until the sandbox is destroyed (a bitmap slot).
+        let user = self.users.assign(&id).map_err(|e| Error::State {
+            path: PathBuf::from("sandbox uids"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        rootfs::bundle_spec_as(
+            &SandboxConfig {
+                id: id.clone(),
+                root: self.skeleton.path().to_path_buf(),
+                cgroups_path: cgroup.clone(),
+                runtime_dir: self.runtime_dir.clone(),
+                shim: self.shim.clone(),
+                code: None,
+                limits: Limits {
+                    memory_bytes: defaults.memory_mb << 20,
+                    pids: defaults.pids,
+                    cpus: defaults.cpus,
+                },
+                env: Vec::new(),
+            },
+            user,
+        )
+        .and_then(|spec| rootfs::write_bundle(&bundle, &spec))
+        .map_err(|e| {
+            self.users.release(&id);
+            Error::State {
+                path: bundle.clone(),
+                source: std::io::Error::other(ipc::chain(&e)),
+            }
+        })?;
+        // The shim's and zygote's output: the agent reads it, nothing of the host's.
+        let (output, output_end) = crate::sandbox_output::pipe().map_err(|e| {
+            self.users.release(&id);
+            state_err(Path::new("sandbox output pipe"))(e)
+        })?;
+        let created = self
+            .spawner
+            .create(&id, &bundle, cgroup, &self.cgroups, output_end);
+        // libcontainer keeps its own copy of the spec; the bundle is not needed any more.
+        let _ = std::fs::remove_dir_all(&bundle);
+        if created.is_err() {
+            // The spawner destroys a sandbox it could not start.
+            self.users.release(&id);
+        }
+        let (mut sandbox, mut shim) = created?;
+        self.output.add(&id, output);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.reserved_mb
+            .fetch_add(defaults.memory_mb, Ordering::Relaxed);
+        let booted = shim
+            .0
+            .stream()
+            .set_read_timeout(Some(BOOT_TIMEOUT))
+            .map_err(ipc::Error::Io)
+            .and_then(|()| shim.wait_ready())
+            .and_then(|_| {
+                shim.0
+                    .stream()
+                    .set_read_timeout(None)
+                    .map_err(ipc::Error::Io)
+            });
+        if let Err(source) = booted {
+            self.destroy(&mut sandbox, defaults.memory_mb);
+            return Err(Error::Protocol {
+                sandbox: id,
+                peer: "shim",
+                source,
+            });
+        }
+        sandbox.ready()?;
+        // The shim starts the runtime's zygote (Python's, the only one so far).
+        tracing::debug!(sandbox_id = %id, runtime = runtime.name(), "stem cell booted");
+        Ok(StemCell {
+            sandbox,
+            shim,
+            reserved_mb: defaults.memory_mb,
+        })
+    }
+
+    /// An instance of `function` forked in `stem` (or in a new sandbox), bound to it
+    /// and not loaded yet: thaw, set the function's limits, make its code visible
+    /// (then `code_bound` is called), fork the instance from the zygote. On failure
+    /// the sandbox is destroyed.
+    pub fn start_instance(
+        &self,
+        function: &Function,
+        stem: Option<StemCell>,
+        code_bound: impl FnOnce(),
+    ) -> Result<Instance, Error> {
+        let StemCell {
+            mut sandbox,
+            mut shim,
+            mut reserved_mb,
+        } = match stem {
+            Some(stem) => stem,
+            None => self.new_stem_cell(function.runtime)?,
+        };
+        let span = tracing::debug_span!("start_instance", namespace = %function.namespace, function = %function.name, sandbox_id = %sandbox.id());
+        let _g = span.enter();
+        let id = sandbox.id().to_owned();
+        let prepared = (|| -> Result<(), Error> {
+            sandbox.thaw()?;
+            if function.has_own_limits(&self.defaults) {
+                let resources =
+                    rootfs::resources(&function.limits()).map_err(|e| Error::State {
+                        path: PathBuf::from(sandbox.cgroup()),
+                        source: std::io::Error::other(ipc::chain(&e)),
+                    })?;
+                sandbox.set_limits(&resources)?;
+                self.reserved_mb
+                    .fetch_add(function.memory_mb, Ordering::Relaxed);
+                self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
+                reserved_mb = function.memory_mb;
+            }
+            self.spawner.bind_code(&sandbox, &function.dir)?;
+            tracing::debug!("code bound");
+            Ok(())
+        })();
+        code_bound();
+        if let Err(e) = prepared {
+            self.destroy(&mut sandbox, reserved_mb);
+            return Err(e);
+        }
+        let instance = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let spawned = match shim.spawn_instance(instance, function.runtime.wire()) {
+            Ok(Ok(s)) => {
+                tracing::debug!(pid = s.pid, "instance handed over");
+                s
+            }
+            Ok(Err(message)) => {
+                self.destroy(&mut sandbox, reserved_mb);
+                return Err(Error::Spawn {
+                    sandbox: id,
+                    function: function.name.clone(),
+                    message,
+                });
+            }
+            Err(source) => {
+                self.destroy(&mut sandbox, reserved_mb);
+                return Err(Error::Protocol {
+                    sandbox: id,
+                    peer: "shim",
+                    source,
+                });
+            }
+        };
+        let outputs =
+            Output::new(spawned.stdout).and_then(|o| Ok((o, Output::new(spawned.stderr)?)));
+        let (stdout, stderr) = match outputs {
+            Ok(o) => o,
+            Err(source) => {
+                self.destroy(&mut sandbox, reserved_mb);
+                return Err(Error::Protocol {
+                    sandbox: id,
+                    peer: "instance",
+                    source: ipc::Error::Io(source),
+                });
+            }
+        };
+        if let Err(e) = sandbox.bind(&function.key().to_string()) {
+            self.destroy(&mut sandbox, reserved_mb);
+            return Err(e.into());
+        }
+        self.output.bind(sandbox.id(), &function.key().to_string());
+        // Once per instance, so that no invoke pays for it.
+        let oom = self
+            .cgroups
+            .watch_oom(sandbox.cgroup())
+            .map_err(|e| {
+                tracing::warn!(sandbox_id = sandbox.id(), error = %ipc::chain(&e), "no OOM notification; an OOM is seen when the channel closes")
+            })
+            .ok();
+        Ok(Instance {
+            sandbox,
+            shim,
+            link: InstanceLink(spawned.channel),
+            pid: spawned.pid,
+            function: function.key(),
+            function_version: function.version,
+            reserved_mb,
+            last_used: Instant::now(),
+            stdout,
+            stderr,
+            called: false,
+            oom,
+        })
+    }
+
+    /// Makes `dir` visible at `target` in sandbox `id` (a callee's code).
+    pub fn attach_code(&self, id: &str, dir: &Path, target: &Path) -> Result<(), Error> {
+        Ok(self.spawner.attach_code(id, dir, target)?)
+    }
+
+    /// Puts a run's own scratch over sandbox `id`'s `/workflow`.
+    pub fn attach_scratch(&self, id: &str, scratch: &pool::Scratch) -> Result<(), Error> {
+        Ok(self.spawner.attach_scratch(id, scratch)?)
+    }
+
+    /// Puts sandbox `root`'s `/workflow` over sandbox `id`'s.
+    pub fn attach_scratch_from(&self, id: &str, root: &str) -> Result<(), Error> {
+        Ok(self.spawner.attach_scratch_from(id, root)?)
+    }
+
+    /// Gives sandbox `id` its own `/workflow` back.
+    pub fn detach_scratch(&self, id: &str) -> Result<(), pool::Error> {
+        self.spawner.detach_scratch(id)
+    }
+
+    /// Replaces sandbox `id`'s `/workflow` by a new tmpfs.
+    pub fn reset_scratch(&self, id: &str) -> Result<(), pool::Error> {
+        self.spawner.reset_scratch(id)
+    }
+
+    /// Destroys `sandbox` (its processes, cgroup and mounts) and gives back its user
+    /// and its `reserved_mb`. What other components keep of it is theirs to forget.
+    pub fn destroy(&self, sandbox: &mut Sandbox, reserved_mb: u64) {
+        match self.spawner.destroy(sandbox) {
+            // After shutdown the spawner destroyed every sandbox on its way out.
+            Ok(()) | Err(pool::Error::Stopped) => {
+                // Its processes are gone: its uid may go to another sandbox.
+                self.users.release(sandbox.id());
+            }
+            Err(e) => {
+                // Its processes may live on: its uid stays out of use.
+                tracing::error!(sandbox_id = sandbox.id(), error = %ipc::chain(&e), "destroy sandbox")
+            }
+        }
+        self.output.remove(sandbox.id());
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
+    }
+
+    /// Stops the spawner, which destroys the sandboxes still in use.
+    pub fn stop_spawner(&self) -> Result<(), Error> {
+        Ok(self.spawner.shutdown()?)
+    }
+
+    /// Removes the agent's state directory and cgroups (once).
+    pub fn remove_state(&self) -> Result<(), Error> {
+        if let Some(state) = self.state.lock().take() {
+            state.remove(&self.cgroups)?;
+        }
+        Ok(())
+    }
+}
