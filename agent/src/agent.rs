@@ -35,6 +35,7 @@ use pool::CgroupVersion;
 
 use crate::calls::book::Book;
 use crate::config::Config;
+use crate::data_dir::DataDir;
 use crate::error::Error;
 use crate::invoke::Invoker;
 use crate::names::{validate_namespace, FunctionKey};
@@ -57,6 +58,8 @@ pub struct Agent {
     book: Arc<Book>,
     invoker: Arc<Invoker>,
     started: Instant,
+    /// What outlives the process; locked while the agent runs (taken by shutdown).
+    data: Mutex<Option<DataDir>>,
     manager: Mutex<Option<JoinHandle<()>>>,
     calls: Mutex<Option<JoinHandle<()>>>,
     /// Watches the spawner and cleans up after its death.
@@ -78,6 +81,15 @@ impl Agent {
     /// (the `sprout-spawner` executable: [`Config::spawner`]) and (with `keep_warm`)
     /// the pool manager thread. May be called from any thread.
     pub fn start(config: Config) -> Result<Agent, Error> {
+        // First, so that a second agent on the same data directory changes nothing.
+        let data = config.data_dir.as_deref().map(DataDir::open).transpose()?;
+        let uploads = match &data {
+            Some(data) => {
+                data.empty_code().map_err(state_err(&data.code()))?;
+                Some(data.code())
+            }
+            None => None,
+        };
         let sandboxes = Arc::new(Sandboxes::start(&config)?);
         tracing::info!(agent_id = sandboxes.agent_id(), state_dir = %sandboxes.state_path().display(), "agent started");
         let runtime_dir = sandboxes.runtime_dir();
@@ -92,10 +104,10 @@ impl Agent {
             std::os::unix::fs::PermissionsExt::from_mode(0o666),
         )
         .map_err(state_err(&call_socket_path))?;
-        let registry = Arc::new(Registry::new(
-            config.clone(),
-            sandboxes.state_path().join("functions"),
-        ));
+        // Without a data directory (the embedded CLI), uploads live as long as the
+        // process, in its state directory.
+        let uploads = uploads.unwrap_or_else(|| sandboxes.state_path().join("functions"));
+        let registry = Arc::new(Registry::new(config.clone(), uploads));
         let scheduler = Arc::new(Scheduler::default());
         let runs = Arc::new(Runs::default());
         let book = Arc::new(Book::default());
@@ -149,6 +161,7 @@ impl Agent {
             book,
             invoker,
             started: Instant::now(),
+            data: Mutex::new(data),
             manager: Mutex::new(manager),
             calls: Mutex::new(Some(calls)),
             spawner_watch: Mutex::new(Some(spawner_watch)),
@@ -185,6 +198,8 @@ impl Agent {
         }
         stopped?;
         self.sandboxes.remove_state()?;
+        // Unlocks the data directory for the next agent.
+        drop(self.data.lock().take());
         tracing::info!(agent_id = %self.sandboxes.agent_id(), "agent stopped");
         Ok(())
     }

@@ -113,6 +113,20 @@ impl DataDir {
         self.path.join(CODE_DIR)
     }
 
+    /// Removes every entry of `code/`: until registrations are durable (issue 14), no
+    /// code of an earlier agent's is registered, so none is kept.
+    pub fn empty_code(&self) -> io::Result<()> {
+        for entry in std::fs::read_dir(self.code())? {
+            let path = entry?.path();
+            if path.is_dir() && !path.is_symlink() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Registered functions and workflows: `registrations/` (issue 14).
     pub fn registrations(&self) -> PathBuf {
         self.path.join(REGISTRATIONS_DIR)

@@ -161,6 +161,8 @@ pub enum Error {
     },
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    DataDir(#[from] crate::data_dir::Error),
 }
 
 /// ` (resolves to <resolved>)` when a path is not already canonical.
@@ -269,7 +271,9 @@ impl Error {
             | BadResult { .. }
             | InstanceDied { .. } => ErrorKind::Function,
             Timeout { .. } => ErrorKind::Timeout,
-            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } => ErrorKind::Internal,
+            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } | DataDir(_) => {
+                ErrorKind::Internal
+            }
             ShuttingDown => ErrorKind::Unavailable,
         }
     }
@@ -302,7 +306,7 @@ impl Error {
             OutOfMemory { .. } => "out_of_memory",
             BadResult { .. } => "bad_result",
             InstanceDied { .. } => "instance_died",
-            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } => "internal",
+            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } | DataDir(_) => "internal",
             ShuttingDown => "unavailable",
         }
     }

@@ -842,6 +842,7 @@ pub struct Daemon {
     socket: PathBuf,
     log: PathBuf,
     state: PathBuf,
+    data: PathBuf,
     status: Option<ExitStatus>,
 }
 
@@ -849,6 +850,12 @@ impl Daemon {
     /// Starts `sprout serve --socket <work>/api-N.sock --state-dir <state>
     /// --data-dir <work>/data-N` and waits until the socket accepts connections.
     pub fn start(env: &Env, args: &[&str]) -> Daemon {
+        let n = SOCKETS.load(Ordering::Relaxed);
+        Daemon::start_on(env, &env.work_dir().join(format!("data-{n}")), args)
+    }
+
+    /// [`Daemon::start`] with the data directory `data`.
+    pub fn start_on(env: &Env, data: &Path, args: &[&str]) -> Daemon {
         let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
         let socket = env.work_dir().join(format!("api-{n}.sock"));
         let log = env.work_dir().join(format!("daemon-{n}.log"));
@@ -860,7 +867,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(env.state_dir())
             .arg("--data-dir")
-            .arg(env.work_dir().join(format!("data-{n}")))
+            .arg(data)
             .args(args)
             .env_remove("SPROUT_SOCKET")
             .env_remove("SPROUT_STATE_DIR")
@@ -878,6 +885,7 @@ impl Daemon {
             socket,
             log,
             state: env.state_dir().to_path_buf(),
+            data: data.to_path_buf(),
             status: None,
         };
         let started = Instant::now();
@@ -908,6 +916,11 @@ impl Daemon {
     /// The daemon's pid, which is its agent id.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The daemon's data directory (`--data-dir`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     pub fn socket(&self) -> &Path {

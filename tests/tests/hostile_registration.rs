@@ -291,7 +291,7 @@ fn limits_out_of_range_are_refused_naming_the_field_and_range() {
         "bad_request",
         &[&format!("cpus 0.0001 is out of range: 0.01 to {cpus}")],
     );
-    let uploads = env.state_dir().join(d.pid().to_string()).join("functions");
+    let uploads = d.data_dir().join("code");
     let left: Vec<PathBuf> = fs::read_dir(&uploads)
         .map(|it| it.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();

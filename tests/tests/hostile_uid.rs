@@ -907,24 +907,28 @@ fn probe_as(id: u32, state: &Path, code: &Path) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
-/// The agent's state directory is root's, mode 0700, even under a root that is
-/// 0755: a host account — `nobody`, or one with a sandbox's uid — can neither list
-/// it nor reach the uploaded code or the call socket in it; the sandboxes still run
-/// and call (their bind mounts do not walk the host's parents).
+/// The agent's state directory and its data directory are root's, mode 0700, even
+/// under parents that are 0755: a host account — `nobody`, or one with a sandbox's
+/// uid — can neither list the state nor reach the uploaded code (in the data
+/// directory) or the call socket; the sandboxes still run and call (their bind
+/// mounts do not walk the host's parents).
 #[test]
 fn the_state_directory_is_closed_to_host_accounts() {
     let env = require_root!();
-    // As `/run/sprout` would be under the usual umask.
+    // As `/run/sprout` and `/var/lib` would be under the usual umask.
     fs::set_permissions(env.state_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(env.work_dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let d = env.daemon();
     let state = env.state_dir().join(d.pid().to_string());
-    let meta = fs::metadata(&state).unwrap();
-    assert_eq!(
-        (meta.mode() & 0o7777, meta.uid()),
-        (0o700, 0),
-        "{}",
-        state.display()
-    );
+    for dir in [&state, &d.data_dir().to_path_buf()] {
+        let meta = fs::metadata(dir).unwrap();
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid()),
+            (0o700, 0),
+            "{}",
+            dir.display()
+        );
+    }
     let archive = tar_files(&[("f.py", WHO_PY)]);
     let r = d.request(
         "PUT",
@@ -934,11 +938,11 @@ fn the_state_directory_is_closed_to_host_accounts() {
     );
     assert_eq!(r.status, 200, "{}", text(&r));
     let who = ok_json(&d.invoke("uploaded", "{}"));
-    let code = fs::read_dir(state.join("functions"))
+    let code = fs::read_dir(d.data_dir().join("code"))
         .unwrap()
         .map(|e| e.unwrap().path().join("f.py"))
         .find(|p| p.is_file())
-        .expect("the uploaded code in the state directory");
+        .expect("the uploaded code in the data directory");
     let sandbox_uid = who[0].as_u64().unwrap() as u32;
     for id in [65534, sandbox_uid] {
         assert_eq!(

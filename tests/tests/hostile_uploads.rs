@@ -20,8 +20,8 @@ use tar::{EntryType, Header};
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// Where the daemon unpacks archives: `<state dir>/<agent id>/functions`.
-fn functions_dir(env: &Env, d: &Daemon) -> PathBuf {
-    env.state_dir().join(d.pid().to_string()).join("functions")
+fn functions_dir(_env: &Env, d: &Daemon) -> PathBuf {
+    d.data_dir().join("code")
 }
 
 /// The unpacked directories of function `name` (`<name>-<version>`).
