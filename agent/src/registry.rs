@@ -80,6 +80,8 @@ pub struct Rules {
     pub machine_cpus: u64,
     /// The agent's state root: no function directory may be in, at or above it.
     pub state_root: PathBuf,
+    /// The agent's data directory: no function directory may be in, at or above it.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Rules {
@@ -89,6 +91,7 @@ impl Rules {
             memory_budget_mb: config.pool.memory_budget_mb,
             machine_cpus: crate::config::machine_cpus(),
             state_root: config.state_root.clone(),
+            data_dir: config.data_dir.clone(),
         }
     }
 }
@@ -307,6 +310,21 @@ fn check_dir(dir: &Path, rules: &Rules, owns_dir: bool) -> Result<PathBuf, Error
             state.display()
         )));
     }
+    if let Some(data) = &rules.data_dir {
+        let data = data.canonicalize().unwrap_or_else(|_| data.clone());
+        if canonical.starts_with(&data) || data.starts_with(&canonical) {
+            return Err(refused(format!(
+                "it overlaps sprout's data directory {}",
+                data.display()
+            )));
+        }
+    }
+    if let Some(data) = canonical.ancestors().find(|a| is_data_dir(a)) {
+        return Err(refused(format!(
+            "it is in an agent's data directory, {}",
+            data.display()
+        )));
+    }
     if let Some(fs) = kernel_fs(&canonical) {
         return Err(refused(format!("it is on a {fs} file system")));
     }
@@ -350,6 +368,13 @@ pub fn forbidden_location(dir: &Path, state_root: &Path) -> Option<String> {
 /// runtime files and root skeleton).
 fn is_state_dir(dir: &Path) -> bool {
     dir.join("lock").is_file() && dir.join("runtime").is_dir() && dir.join("rootfs").is_dir()
+}
+
+/// Whether `dir` is a data directory (`crate::data_dir`: its format version, its
+/// lock and uploaded code), this agent's or another's.
+fn is_data_dir(dir: &Path) -> bool {
+    use crate::data_dir::{CODE_DIR, FORMAT_FILE, LOCK_FILE};
+    dir.join(FORMAT_FILE).is_file() && dir.join(LOCK_FILE).is_file() && dir.join(CODE_DIR).is_dir()
 }
 
 /// The kernel file systems no function directory may be on (the file system's magic
@@ -661,6 +686,7 @@ mod tests {
             memory_budget_mb: 1024,
             machine_cpus: 2,
             state_root: PathBuf::from("/nonexistent/sprout-state"),
+            data_dir: None,
         }
     }
 
@@ -857,6 +883,52 @@ mod tests {
             "{e}"
         );
         // The agent's own unpacked upload.
+        let f = Function::checked(
+            &key("t", "up"),
+            &unpacked,
+            &Default::default(),
+            &rules,
+            7,
+            true,
+        )
+        .unwrap();
+        assert!(f.owns_dir);
+    }
+
+    #[test]
+    fn a_data_directory_is_refused_but_its_uploads_are_not() {
+        let t = tempfile::tempdir().unwrap();
+        let data_path = t.path().join("data");
+        let data = crate::data_dir::DataDir::open(&data_path).unwrap();
+        let unpacked = data.code().join("up-7");
+        fs::create_dir_all(&unpacked).unwrap();
+        fs::write(unpacked.join("f.py"), "def f(e): return e\n").unwrap();
+        let refused = |dir: &Path, rules: &Rules| {
+            ipc::chain(&check(dir, &FunctionConfig::default(), rules).unwrap_err())
+        };
+        // This agent's data directory: in it, at it, above it.
+        let mut rules = rules();
+        rules.data_dir = Some(data_path.clone());
+        for dir in [&unpacked, &data.code(), &data_path, &t.path().to_path_buf()] {
+            let e = refused(dir, &rules);
+            assert!(
+                e.contains("not allowed") && e.contains("overlaps sprout's data directory"),
+                "{}: {e}",
+                dir.display()
+            );
+        }
+        // Another agent's.
+        rules.data_dir = None;
+        let e = refused(&unpacked, &rules);
+        assert!(
+            e.contains(&format!(
+                "an agent's data directory, {}",
+                data_path.display()
+            )),
+            "{e}"
+        );
+        // The agent's own unpacked upload.
+        rules.data_dir = Some(data_path.clone());
         let f = Function::checked(
             &key("t", "up"),
             &unpacked,

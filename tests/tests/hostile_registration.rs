@@ -162,7 +162,7 @@ fn sprouts_own_state_cannot_be_registered_but_uploads_and_examples_run() {
     let d = env.daemon();
 
     // Legitimate registrations: examples by path (default and OpenWhisk handlers)
-    // and an upload, which the agent unpacks under its state directory.
+    // and an upload, which the agent unpacks under its data directory.
     d.register("hello", &example("hello"), json!({}));
     d.register(
         "ow",
@@ -177,11 +177,7 @@ fn sprouts_own_state_cannot_be_registered_but_uploads_and_examples_run() {
     );
     assert_eq!(r.status, 200, "{}", text(&r));
     let unpacked = PathBuf::from(body_json(&r)["path"].as_str().unwrap());
-    assert!(
-        unpacked.starts_with(env.state_dir()),
-        "{}",
-        unpacked.display()
-    );
+    assert!(unpacked.starts_with(d.data_dir()), "{}", unpacked.display());
     for (name, want) in [
         ("hello", "Hello, Reg!"),
         ("ow", "Hello, Reg!"),
@@ -194,11 +190,14 @@ fn sprouts_own_state_cannot_be_registered_but_uploads_and_examples_run() {
         assert_eq!(got, want, "{name}: {v}");
     }
 
-    // Another function's unpacked code, the agent's runtime files, its state
-    // directory and the state root: all sprout's, none registrable by path.
+    // Another function's unpacked code, the data directory, the agent's runtime
+    // files, its state directory and the state root: all sprout's, none registrable
+    // by path.
     let agent_state = env.state_dir().join(d.pid().to_string());
     for dir in [
         unpacked.clone(),
+        d.data_dir().join("code"),
+        d.data_dir().to_path_buf(),
         agent_state.join("runtime"),
         agent_state.clone(),
         env.state_dir().to_path_buf(),
