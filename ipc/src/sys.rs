@@ -129,10 +129,24 @@ fn payload_seals() -> nix::fcntl::SealFlag {
 }
 
 /// Seals a memfd against writing, resizing and further sealing.
+///
+/// `F_SEAL_WRITE` fails with `EBUSY` while the kernel still holds an extra reference
+/// on one of the file's pages (after it waited some 75 ms itself); the pages were
+/// just written, so that is transient (page migration, per-CPU batches). Retries a
+/// few times, 1 to 32 ms apart; nothing but that case waits.
 pub fn seal(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::errno::Errno;
     use nix::fcntl::{fcntl, FcntlArg};
-    fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(payload_seals()))?;
-    Ok(())
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(payload_seals())) {
+            Err(Errno::EBUSY) if pause <= std::time::Duration::from_millis(32) => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            done => return done.map(drop).map_err(io::Error::from),
+        }
+    }
 }
 
 /// Checks that `fd` is a memfd sealed against writing and shrinking that holds at
@@ -256,4 +270,46 @@ pub fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<memmap2::Mmap> {
     // change these bytes or truncate the file while the mapping lives: reads through
     // it see immutable data and cannot fault past the end.
     unsafe { memmap2::MmapOptions::new().len(len).map(fd.as_raw_fd()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    /// A written memfd and a writable shared mapping of it, which makes
+    /// `F_SEAL_WRITE` fail with `EBUSY` while it lives.
+    fn mapped_memfd() -> (std::fs::File, memmap2::MmapMut) {
+        let file = std::fs::File::from(memfd("sprout-seal-test").unwrap());
+        file.set_len(4096).unwrap();
+        // SAFETY: the file is this test's own memfd; nothing else maps or resizes it.
+        let map = unsafe { memmap2::MmapMut::map_mut(&file).unwrap() };
+        (file, map)
+    }
+
+    #[test]
+    fn sealing_waits_out_a_reference_that_goes_away() {
+        let (file, mut map) = mapped_memfd();
+        map[0] = 1;
+        let unmapper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(5));
+            drop(map);
+        });
+        seal(file.as_fd()).expect("sealed once the mapping is gone");
+        unmapper.join().unwrap();
+    }
+
+    #[test]
+    fn sealing_gives_up_on_a_reference_that_stays() {
+        let (file, _map) = mapped_memfd();
+        let started = Instant::now();
+        let e = seal(file.as_fd()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

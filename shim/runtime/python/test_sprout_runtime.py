@@ -4,6 +4,7 @@ endpoints, and the real zygote driven as a subprocess.
 Run from this directory with ``/usr/bin/python3 -B -m unittest -v test_sprout_runtime``.
 """
 
+import errno
 import fcntl
 import json
 import mmap
@@ -947,6 +948,33 @@ class ChannelTest(unittest.TestCase):
         os.close(other)
         self.assertEqual(b.recv(), ({"op": "empty"}, b"", []))
         self.assertEqual(b.recv(), ({"op": "after"}, b"inline", []))
+
+    def test_sealing_waits_out_a_reference_that_goes_away(self):
+        # A writable shared mapping makes F_SEAL_WRITE fail with EBUSY while it lives,
+        # as a page the kernel still holds does.
+        fd = os.memfd_create("sprout-seal-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, 4096)
+            m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            m[0] = 1
+            unmapper = threading.Timer(0.005, m.close)
+            unmapper.start()
+            codec._seal(fd)
+            unmapper.join()
+            self.assertTrue(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE)
+            # One that stays is given up on, with EBUSY, soon.
+            fd2 = os.memfd_create("sprout-seal-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            os.ftruncate(fd2, 4096)
+            m2 = mmap.mmap(fd2, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            started = time.monotonic()
+            with self.assertRaises(OSError) as caught:
+                codec._seal(fd2)
+            self.assertEqual(caught.exception.errno, errno.EBUSY)
+            self.assertLess(time.monotonic() - started, 2)
+            m2.close()
+            os.close(fd2)
+        finally:
+            os.close(fd)
 
     def test_unsealed_or_short_shared_payloads_are_refused(self):
         a, b = self.pair()

@@ -4,12 +4,14 @@ package's docstring and docs/protocol.md)."""
 
 import array
 import collections
+import errno
 import fcntl
 import json
 import mmap
 import os
 import socket
 import struct
+import time
 
 PREFIX = struct.Struct("<III")
 PREFIX_LEN = PREFIX.size
@@ -72,6 +74,22 @@ def _decode_prefix(buf, at):
     return hlen, plen, nfds, shared
 
 
+def _seal(fd):
+    """Seals a written memfd. F_SEAL_WRITE fails with EBUSY while the kernel still
+    holds an extra reference on a page just written (after waiting ~75 ms itself):
+    transient, so retried a few times, 1 to 32 ms apart (as ipc::sys::seal)."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or pause > 0.032:
+                raise
+            time.sleep(pause)
+            pause *= 2
+
+
 def _share(view):
     """Copies ``view`` (a byte memoryview) into a new sealed memfd; returns its descriptor."""
     try:
@@ -82,7 +100,7 @@ def _share(view):
         done, total = 0, len(view)
         while done < total:
             done += os.write(fd, view[done:])
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        _seal(fd)
     except OSError as exc:
         os.close(fd)
         raise SharedPayloadError(f"writing a shared payload of {len(view)} bytes: {exc}") from exc
