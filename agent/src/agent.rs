@@ -82,7 +82,13 @@ impl Agent {
     /// the pool manager thread. May be called from any thread.
     pub fn start(config: Config) -> Result<Agent, Error> {
         // First, so that a second agent on the same data directory changes nothing.
-        let data = config.data_dir.as_deref().map(DataDir::open).transpose()?;
+        let data = match &config.data_dir {
+            Some(path) => {
+                crate::data_dir::check_apart(path, &config.state_root)?;
+                Some(DataDir::open(path)?)
+            }
+            None => None,
+        };
         let uploads = match &data {
             Some(data) => {
                 data.empty_code().map_err(state_err(&data.code()))?;

@@ -20,13 +20,15 @@
 //! until the [`DataDir`] is dropped (the descriptor is closed on exec, so no child
 //! inherits it), and a second open is refused naming the holder's pid.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File};
 use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 
 /// Where the daemon keeps its data unless told otherwise.
 pub const DEFAULT_PATH: &str = "/var/lib/sprout";
@@ -74,6 +76,17 @@ pub enum Error {
     },
     #[error("data directory {path} has format version {found:?}, this sprout reads version {FORMAT_VERSION}")]
     Version { path: PathBuf, found: String },
+    #[error("data directory {path} is not safe to use: {reason}")]
+    Unsafe { path: PathBuf, reason: String },
+    #[error(
+        "data directory {path} has no {FORMAT_FILE} file and is not empty (it holds {entries}): \
+         not a sprout data directory; name an empty or new directory"
+    )]
+    NotOurs { path: PathBuf, entries: String },
+    #[error(
+        "data directory {path} overlaps the state root {state_root}, which crash clean-up empties"
+    )]
+    InStateRoot { path: PathBuf, state_root: PathBuf },
 }
 
 /// An open data directory, locked for this agent until dropped.
@@ -85,7 +98,12 @@ pub struct DataDir {
 
 impl DataDir {
     /// Opens (creating it and its layout when new) the data directory at `path`, and
-    /// locks it. Refuses a directory another agent holds and one of another version.
+    /// locks it. Refuses a directory another agent holds, one of another version, one
+    /// that is not sprout's (no `format`, not empty), and one others could change: it
+    /// and every directory above it must be root's or this user's, and not writable by
+    /// others (unless sticky, as `/tmp`); it is made 0700. Everything inside is opened
+    /// relative to the directory without following symbolic links, and must be a
+    /// regular file or directory of this user's.
     pub fn open(path: &Path) -> Result<DataDir, Error> {
         let path = path.to_path_buf();
         let create = |what, source| Error::Create {
@@ -93,11 +111,28 @@ impl DataDir {
             what,
             source,
         };
+        let unsafe_because = |reason: String| Error::Unsafe {
+            path: path.clone(),
+            reason,
+        };
         mkdir(&path).map_err(|e| create("the directory", e))?;
-        let lock = lock(&path)?;
-        check_format(&path)?;
+        check_parents(&path).map_err(unsafe_because)?;
+        let dir = rfs::open(
+            &path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+                unsafe_because("it is a symbolic link".to_owned())
+            }
+            e => create("the directory", e.into()),
+        })?;
+        check_own_dir(dir.as_fd(), "it").map_err(unsafe_because)?;
+        let lock = lock(&path, dir.as_fd())?;
+        check_format(&path, dir.as_fd())?;
         for sub in LAYOUT {
-            mkdir(&path.join(sub)).map_err(|e| create(sub, e))?;
+            make_layout_dir(&path, dir.as_fd(), sub)?;
         }
         tracing::debug!(data_dir = %path.display(), "data directory opened");
         Ok(DataDir { path, _lock: lock })
@@ -116,12 +151,14 @@ impl DataDir {
     /// Removes every entry of `code/`: until registrations are durable (issue 14), no
     /// code of an earlier agent's is registered, so none is kept.
     pub fn empty_code(&self) -> io::Result<()> {
-        for entry in std::fs::read_dir(self.code())? {
-            let path = entry?.path();
-            if path.is_dir() && !path.is_symlink() {
-                std::fs::remove_dir_all(&path)?;
+        // `code/` was checked by `open` (a directory of ours, in a directory only we
+        // can change): its entries are what this user put there.
+        for entry in fs::read_dir(self.code())? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                fs::remove_dir_all(entry.path())?;
             } else {
-                std::fs::remove_file(&path)?;
+                fs::remove_file(entry.path())?;
             }
         }
         Ok(())
@@ -143,31 +180,119 @@ impl DataDir {
     }
 }
 
-/// Makes `dir` (and missing parents) 0700; an existing one is left as it is.
+/// Refuses a data directory that overlaps the agent's state root (`--state-dir`):
+/// crash clean-up removes whatever it finds there.
+pub fn check_apart(path: &Path, state_root: &Path) -> Result<(), Error> {
+    let (data, root) = (resolved(path), resolved(state_root));
+    if data.starts_with(&root) || root.starts_with(&data) {
+        return Err(Error::InStateRoot {
+            path: path.to_path_buf(),
+            state_root: state_root.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// `path` with its longest existing prefix resolved (links, `..`).
+fn resolved(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest.iter().rev().fold(canonical, |p, c| p.join(c));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// Makes `dir` (and missing parents) 0700; an existing one is checked by the caller.
 fn mkdir(dir: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
+/// Every directory above `path` must be root's or this user's, and not writable by
+/// group or others unless sticky: otherwise someone else could move the data
+/// directory away and put another in its place.
+fn check_parents(path: &Path) -> Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    let parent = resolved(path.parent().unwrap_or(Path::new("/")));
+    for dir in parent.ancestors() {
+        let meta = fs::metadata(dir).map_err(|e| format!("cannot check {}: {e}", dir.display()))?;
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(format!("{} belongs to uid {}", dir.display(), meta.uid()));
+        }
+        let sticky = meta.mode() & 0o1000 != 0;
+        if meta.mode() & 0o022 != 0 && !sticky {
+            return Err(format!(
+                "{} is writable by group or others ({:o})",
+                dir.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `dir` (described as `what`) must be a directory of this user's, not writable by
+/// group or others; it is made 0700.
+fn check_own_dir(dir: BorrowedFd<'_>, what: &str) -> Result<(), String> {
+    let stat = rfs::fstat(dir).map_err(|e| format!("cannot check {what}: {e}"))?;
+    let me = rustix::process::geteuid().as_raw();
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+        return Err(format!("{what} is not a directory"));
+    }
+    if stat.st_uid != me {
+        return Err(format!("{what} belongs to uid {}, not {me}", stat.st_uid));
+    }
+    if stat.st_mode & 0o022 != 0 {
+        return Err(format!(
+            "{what} is writable by group or others ({:o}); chmod go-w it",
+            stat.st_mode & 0o7777
+        ));
+    }
+    rfs::fchmod(dir, Mode::from_raw_mode(0o700)).map_err(|e| format!("chmod {what}: {e}"))
+}
+
+/// Opens `name` in `dir` without following a link, and checks it is a regular file.
+fn open_file(dir: BorrowedFd<'_>, name: &str, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+    let fd = rfs::openat(
+        dir,
+        name,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::LOOP => io::Error::other(format!("{name} is a symbolic link")),
+        e => e.into(),
+    })?;
+    if FileType::from_raw_mode(rfs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+        return Err(io::Error::other(format!("{name} is not a regular file")));
+    }
+    Ok(fd)
+}
+
 /// Takes the exclusive lock on `<path>/lock` and writes this process's pid into it.
-fn lock(path: &Path) -> Result<Flock<File>, Error> {
+fn lock(path: &Path, dir: BorrowedFd<'_>) -> Result<Flock<File>, Error> {
     let lock_err = |source| Error::Lock {
         path: path.to_path_buf(),
         source,
     };
-    // std opens with O_CLOEXEC: no child inherits the lock.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path.join(LOCK_FILE))
-        .map_err(lock_err)?;
+    // Close-on-exec: no child inherits the lock.
+    let file = File::from(
+        open_file(dir, LOCK_FILE, OFlags::RDWR | OFlags::CREATE, 0o600).map_err(lock_err)?,
+    );
     let mut held = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(held) => held,
-        Err((mut file, Errno::EWOULDBLOCK)) => {
+        Err((file, Errno::EWOULDBLOCK)) => {
             let mut pid = String::new();
             let holder = file
+                .take(32)
                 .read_to_string(&mut pid)
                 .ok()
                 .and_then(|_| pid.trim().parse().ok());
@@ -186,31 +311,112 @@ fn lock(path: &Path) -> Result<Flock<File>, Error> {
     Ok(held)
 }
 
-/// Checks `<path>/format`, writing it when the directory is new.
-fn check_format(path: &Path) -> Result<(), Error> {
-    let file = path.join(FORMAT_FILE);
-    match fs::read_to_string(&file) {
-        Ok(text) if text.trim() == FORMAT_VERSION.to_string() => Ok(()),
-        Ok(text) => Err(Error::Version {
-            path: path.to_path_buf(),
-            found: text.trim().to_owned(),
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            // Written whole or not at all: a crash leaves no empty `format` behind.
-            let tmp = path.join(format!("{FORMAT_FILE}.tmp"));
-            fs::write(&tmp, format!("{FORMAT_VERSION}\n"))
-                .and_then(|()| fs::rename(&tmp, &file))
-                .map_err(|source| Error::Create {
+/// Checks `<path>/format`; writes it when the directory is new (holds nothing but
+/// the lock, and a `format.tmp` of an earlier try). Refuses a directory with other
+/// things in it and no `format`: it is not sprout's.
+fn check_format(path: &Path, dir: BorrowedFd<'_>) -> Result<(), Error> {
+    let read_err = |source| Error::ReadFormat {
+        path: path.to_path_buf(),
+        source,
+    };
+    match open_file(dir, FORMAT_FILE, OFlags::RDONLY, 0) {
+        Ok(fd) => {
+            let mut text = String::new();
+            File::from(fd)
+                .take(64)
+                .read_to_string(&mut text)
+                .map_err(read_err)?;
+            if text.trim() == FORMAT_VERSION.to_string() {
+                Ok(())
+            } else {
+                Err(Error::Version {
                     path: path.to_path_buf(),
-                    what: FORMAT_FILE,
-                    source,
+                    found: text.trim().to_owned(),
                 })
+            }
         }
-        Err(source) => Err(Error::ReadFormat {
-            path: path.to_path_buf(),
-            source,
-        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let tmp = format!("{FORMAT_FILE}.tmp");
+            let others: Vec<String> = fs::read_dir(path)
+                .map_err(read_err)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != LOCK_FILE && *n != tmp)
+                .collect();
+            if !others.is_empty() {
+                let mut shown: Vec<&str> = others.iter().map(String::as_str).take(3).collect();
+                shown.sort_unstable();
+                let more = others.len().saturating_sub(shown.len());
+                return Err(Error::NotOurs {
+                    path: path.to_path_buf(),
+                    entries: if more > 0 {
+                        format!("{} and {more} more", shown.join(", "))
+                    } else {
+                        shown.join(", ")
+                    },
+                });
+            }
+            write_format(dir, &tmp).map_err(|source| Error::Create {
+                path: path.to_path_buf(),
+                what: FORMAT_FILE,
+                source,
+            })
+        }
+        Err(source) => Err(read_err(source)),
     }
+}
+
+/// Writes `format` whole or not at all: a temporary file, synced, renamed over it,
+/// and the directory synced.
+fn write_format(dir: BorrowedFd<'_>, tmp: &str) -> io::Result<()> {
+    match rfs::unlinkat(dir, tmp, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut file = File::from(open_file(
+        dir,
+        tmp,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+        0o600,
+    )?);
+    writeln!(file, "{FORMAT_VERSION}")?;
+    file.sync_all()?;
+    rfs::renameat(dir, tmp, dir, FORMAT_FILE)?;
+    rfs::fsync(dir)?;
+    Ok(())
+}
+
+/// Makes (or checks) the layout directory `name`: a directory of this user's, 0700.
+fn make_layout_dir(path: &Path, dir: BorrowedFd<'_>, name: &'static str) -> Result<(), Error> {
+    match rfs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => {
+            return Err(Error::Create {
+                path: path.to_path_buf(),
+                what: name,
+                source: e.into(),
+            })
+        }
+    }
+    let sub = rfs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::Unsafe {
+        path: path.to_path_buf(),
+        reason: match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+                format!("{name} is not a directory (or is a symbolic link)")
+            }
+            e => format!("cannot open {name}: {e}"),
+        },
+    })?;
+    check_own_dir(sub.as_fd(), name).map_err(|reason| Error::Unsafe {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 #[cfg(test)]
@@ -290,5 +496,128 @@ mod tests {
         // The lock was let go.
         fs::write(tmp.path().join("format"), "1").unwrap();
         DataDir::open(tmp.path()).unwrap();
+    }
+
+    /// A directory to plant things in, and a victim file outside it.
+    fn planted() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        (tmp, data, victim)
+    }
+
+    #[test]
+    fn links_planted_in_a_new_directory_are_not_followed() {
+        use std::os::unix::fs::symlink;
+        for planted_name in [LOCK_FILE, FORMAT_FILE, "format.tmp"] {
+            let (_tmp, data, victim) = planted();
+            symlink(&victim, data.join(planted_name)).unwrap();
+            match DataDir::open(&data) {
+                Err(err) => assert!(
+                    ipc::chain(&err).contains(&format!("{planted_name} is a symbolic link")),
+                    "{planted_name}: {err}"
+                ),
+                // A stale temporary file is replaced, not written through.
+                Ok(_) => assert_eq!(planted_name, "format.tmp"),
+            }
+            assert_eq!(
+                fs::read_to_string(&victim).unwrap(),
+                "keep",
+                "{planted_name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_layout_directory_that_is_a_link_is_refused_and_not_emptied() {
+        use std::os::unix::fs::symlink;
+        let (tmp, data, _) = planted();
+        drop(DataDir::open(&data).unwrap());
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::write(elsewhere.join("keep.txt"), "keep").unwrap();
+        fs::remove_dir(data.join(CODE_DIR)).unwrap();
+        symlink(&elsewhere, data.join(CODE_DIR)).unwrap();
+        let err = DataDir::open(&data).unwrap_err();
+        assert!(
+            ipc::chain(&err).contains("code is not a directory"),
+            "{err}"
+        );
+        assert!(elsewhere.join("keep.txt").is_file());
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused_and_an_open_one_made_private() {
+        let (tmp, data, _) = planted();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = DataDir::open(&data).unwrap_err();
+        assert!(
+            ipc::chain(&err).contains("writable by group or others (777)"),
+            "{err}"
+        );
+        // Above it, too, unless sticky.
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = DataDir::open(&data).unwrap_err();
+        assert!(
+            ipc::chain(&err).contains("writable by group or others"),
+            "{err}"
+        );
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+        drop(DataDir::open(&data).unwrap());
+        assert_eq!(
+            fs::metadata(&data).unwrap().permissions().mode() & 0o7777,
+            0o700
+        );
+    }
+
+    #[test]
+    fn a_fifo_for_a_format_file_is_refused_at_once() {
+        let (_tmp, data, _) = planted();
+        nix::unistd::mkfifo(&data.join(FORMAT_FILE), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let started = std::time::Instant::now();
+        let err = DataDir::open(&data).unwrap_err();
+        assert!(
+            ipc::chain(&err).contains("format is not a regular file"),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_directory_that_is_not_sprouts_is_refused_untouched() {
+        let (_tmp, data, _) = planted();
+        fs::create_dir_all(data.join("code/src")).unwrap();
+        fs::write(data.join("code/src/main.rs"), "fn main() {}").unwrap();
+        let err = DataDir::open(&data).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains("no format file and is not empty (it holds code)"),
+            "{message}"
+        );
+        assert!(data.join("code/src/main.rs").is_file());
+        assert!(!data.join(FORMAT_FILE).exists());
+    }
+
+    #[test]
+    fn a_data_directory_in_or_around_the_state_root_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("run/sprout");
+        for (data, refused) in [
+            (root.join("data"), true),
+            (tmp.path().join("run"), true),
+            (root.clone(), true),
+            (tmp.path().join("data"), false),
+            (tmp.path().join("run/sprout-data"), false),
+        ] {
+            let r = check_apart(&data, &root);
+            assert_eq!(r.is_err(), refused, "{}: {r:?}", data.display());
+        }
+        fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink(&root, tmp.path().join("link")).unwrap();
+        let err = check_apart(&tmp.path().join("link/data"), &root).unwrap_err();
+        assert!(err.to_string().contains("overlaps the state root"), "{err}");
     }
 }

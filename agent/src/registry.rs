@@ -7,11 +7,12 @@
 //!
 //! - the directory is canonicalised (symlinks resolved) and must be a real directory
 //!   that is not `/`, does not overlap a host system tree ([`SYSTEM_TREES`], or any
-//!   top-level `/lib*`) or sprout's state (its state root, or any directory marked as
-//!   an agent's state directory), and is not on a kernel file system such as `proc`,
+//!   top-level `/lib*`) or sprout's own (its state root and data directory, or any
+//!   directory marked as an agent's state or data directory), and is not on a kernel
+//!   file system such as `proc`,
 //!   `sysfs` or `cgroup` ([`kernel_fs`]). The spawner attaches it without its
 //!   submounts, so what is mounted below it stays on the host. A directory the agent
-//!   unpacked itself (an upload, under its state directory) skips the location rules;
+//!   unpacked itself (an upload, under its data directory) skips the location rules;
 //! - the handler's module file must resolve (symlinks followed) to a file inside the
 //!   directory;
 //! - every limit must be within [`LIMITS`]' range, with `memory_mb` at most the memory

@@ -156,7 +156,7 @@ pub fn unpack(archive: &[u8], dest: &Path, limits: &Limits) -> Result<Unpacked, 
         fs::create_dir_all(parent).map_err(destination)?;
     }
     // 0755 whatever the umask: sandboxes' unprivileged users read it at `/code`.
-    // Host accounts cannot: the agent's state directory above it is 0700.
+    // Host accounts cannot: the data (or state) directory above it is 0700.
     fs::DirBuilder::new()
         .mode(0o755)
         .create(dest)

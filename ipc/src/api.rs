@@ -33,15 +33,29 @@ pub fn workflow_path(namespace: &str, name: &str, rest: &str) -> String {
     scoped_path(namespace, "workflows", name, rest)
 }
 
+/// What is percent-encoded in a path segment: all but letters, digits and `-._~@`
+/// (so a name holding `%`, `/` or `?` reaches the agent as written, and is refused
+/// there by the name rules, instead of being decoded into another name).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'@');
+
 fn scoped_path(namespace: &str, collection: &str, name: &str, rest: &str) -> String {
     let prefix = if is_default_namespace(namespace) {
         String::new()
     } else {
-        format!("/namespaces/{namespace}")
+        format!(
+            "/namespaces/{}",
+            percent_encoding::utf8_percent_encode(namespace, SEGMENT)
+        )
     };
     if name.is_empty() {
         format!("{prefix}/{collection}{rest}")
     } else {
+        let name = percent_encoding::utf8_percent_encode(name, SEGMENT);
         format!("{prefix}/{collection}/{name}{rest}")
     }
 }
@@ -194,6 +208,25 @@ pub struct NamespaceStatus {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn names_are_percent_encoded_into_paths() {
+        assert_eq!(
+            function_path("default", "hello", "/invoke"),
+            "/functions/hello/invoke"
+        );
+        assert_eq!(
+            function_path("team@a", "a.b-c_d~e", ""),
+            "/namespaces/team@a/functions/a.b-c_d~e"
+        );
+        // Not decoded by the agent into another (valid) name.
+        assert_eq!(function_path("default", "a%41", ""), "/functions/a%2541");
+        assert_eq!(
+            workflow_path("x y", "a/b?c", "/invoke"),
+            "/namespaces/x%20y/workflows/a%2Fb%3Fc/invoke"
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -15,6 +15,34 @@ fn header<'a>(r: &'a sprout_tests::ClientResponse, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("response has no {name} header: {:?}", r.headers))
 }
 
+/// The CLI sends names as written: one holding `%` is refused by the name rules, not
+/// percent-decoded by the agent into another name (`a%41` is not `aA`).
+#[test]
+fn the_cli_sends_a_name_with_a_percent_sign_as_written() {
+    let env = require_root!();
+    let d = env.daemon();
+    d.register("aA", &example("hello"), json!({}));
+    let run = d
+        .cli(&env)
+        .args(["invoke", "a%41", r#"{"name":"Pct"}"#])
+        .run();
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains(r#"invalid function name "a%41""#),
+        "{run}"
+    );
+    let run = d
+        .cli(&env)
+        .args(["fn", "add", "a%41"])
+        .arg(example("hello"))
+        .run();
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains(r#"invalid function name "a%41""#),
+        "{run}"
+    );
+}
+
 #[test]
 fn register_by_path_and_invoke_via_cli_and_http() {
     let env = require_root!();

@@ -19,7 +19,7 @@ use tar::{EntryType, Header};
 /// directories deep cost about 70 s of CPU.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
-/// Where the daemon unpacks archives: `<state dir>/<agent id>/functions`.
+/// Where the daemon unpacks archives: `<data dir>/code`.
 fn functions_dir(_env: &Env, d: &Daemon) -> PathBuf {
     d.data_dir().join("code")
 }
