@@ -79,6 +79,10 @@ impl Sandboxes {
             tracing::info!(agents = ?cleaned, "removed leftovers of stopped agents");
         }
         let state = StateDir::acquire(&config.state_root)?;
+        // The agent's own cgroup, in every hierarchy, before any sandbox needs it: a
+        // stopping agent's removal of the shared `/sprout` cannot then race a
+        // sandbox's cgroup being made below it.
+        cgroups.make(&state.cgroup_parent())?;
         let rootfs_dir = state.path().join("rootfs");
         let skeleton = Skeleton::create(&rootfs_dir).map_err(|e| Error::State {
             path: rootfs_dir.clone(),

@@ -190,6 +190,29 @@ impl Cgroups {
         fs::write(&state, "FROZEN").map_err(io_err("write", &state))
     }
 
+    /// Makes the cgroup `rel` in every hierarchy, so that an agent's parent exists for
+    /// its life: another agent stopping removes the shared parent above it
+    /// ([`Cgroups::remove_if_unused`]) only while nothing is below. That removal can
+    /// come between making the shared parent and `rel`, so a vanished parent is made
+    /// again (up to 100 times: each stopping agent removes it at most once).
+    pub fn make(&self, rel: &Path) -> Result<(), Error> {
+        for dir in self.dirs(rel) {
+            let mut tries = 0;
+            loop {
+                match fs::create_dir_all(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 100 => {
+                        tries += 1;
+                    }
+                    done => {
+                        done.map_err(io_err("create", &dir))?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Removes `rel` where it is an empty leaf; a cgroup still in use is left alone.
     pub fn remove_if_unused(&self, rel: &Path) {
         for dir in self.dirs(rel) {
@@ -304,6 +327,34 @@ mod tests {
         fs::write(root.join("cgroup.procs"), "1\n").unwrap();
         fs::write(root.join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
         Cgroups::at(root, CgroupVersion::V2)
+    }
+
+    /// Another agent removing the shared parent while this one makes its own below
+    /// it (the race `make` closes): a thread removes `/sprout` whenever it is empty.
+    #[test]
+    fn make_outlasts_the_shared_parent_being_removed_meanwhile() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = fake_v1(t.path());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let remover = {
+            let (cg, stop) = (cg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    cg.remove_if_unused(Path::new("/sprout"));
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            })
+        };
+        for i in 0..2000 {
+            let rel = PathBuf::from(format!("/sprout/{i}"));
+            cg.make(&rel).unwrap();
+            for dir in cg.dirs(&rel) {
+                assert!(dir.is_dir(), "{}", dir.display());
+                fs::remove_dir(&dir).unwrap();
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        remover.join().unwrap();
     }
 
     #[test]
