@@ -329,31 +329,34 @@ mod tests {
         Cgroups::at(root, CgroupVersion::V2)
     }
 
-    /// Another agent removing the shared parent while this one makes its own below
-    /// it (the race `make` closes): a thread removes `/sprout` whenever it is empty.
+    /// Other agents removing the shared parent while this one makes its own below it
+    /// (the race `make` closes): a thread removes an empty `/sprout`, 90 times in all,
+    /// as 90 agents stopping would. Each of them can cost `make` one more try.
     #[test]
     fn make_outlasts_the_shared_parent_being_removed_meanwhile() {
         let t = tempfile::tempdir().unwrap();
         let cg = fake_v1(t.path());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let remover = {
-            let (cg, stop) = (cg.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    cg.remove_if_unused(Path::new("/sprout"));
-                    std::thread::sleep(std::time::Duration::from_micros(20));
+        let parents = cg.dirs(Path::new("/sprout"));
+        let remover = std::thread::spawn(move || {
+            let mut removed = 0;
+            while removed < 90 {
+                for p in &parents {
+                    if fs::remove_dir(p).is_ok() {
+                        removed += 1;
+                    }
                 }
-            })
-        };
-        for i in 0..2000 {
+            }
+        });
+        let mut i = 0;
+        while !remover.is_finished() {
             let rel = PathBuf::from(format!("/sprout/{i}"));
             cg.make(&rel).unwrap();
             for dir in cg.dirs(&rel) {
                 assert!(dir.is_dir(), "{}", dir.display());
                 fs::remove_dir(&dir).unwrap();
             }
+            i += 1;
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
         remover.join().unwrap();
     }
 
