@@ -307,6 +307,11 @@ fn dir_is_live(root: &Path, id: &str) -> bool {
     }
 }
 
+/// Whether `name` can be an agent's id: a pid, in decimal.
+fn is_agent_id(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 10 && name.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Whether a process `id` exists (an agent of another state root, maybe).
 fn process_exists(id: &str) -> bool {
     id.parse::<i32>()
@@ -320,12 +325,15 @@ fn process_exists(id: &str) -> bool {
 /// directory under `root` is live while a process `<id>` exists. What cannot be
 /// removed (another cleaner racing this one) is logged and left for the next start.
 pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
+    // Only agents' directories (named by the agent's id, its pid) are looked at:
+    // anything else in a shared root is not sprout's to remove.
     let mut dirs: Vec<String> = Vec::new();
     if let Ok(entries) = fs::read_dir(root) {
         dirs.extend(
             entries
                 .filter_map(Result::ok)
-                .filter_map(|e| e.file_name().into_string().ok()),
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| is_agent_id(name)),
         );
     }
     let mut cgroup_ids: Vec<String> = Vec::new();
@@ -404,6 +412,9 @@ mod tests {
         fs::create_dir_all(cg_root.join("memory/sprout/888888888")).unwrap();
         // A cgroup of a live agent of another state root (pid 1 exists).
         fs::create_dir_all(cg_root.join("memory/sprout/1")).unwrap();
+        // What is not an agent's, in a root shared with other things.
+        fs::create_dir_all(root.join("data/code")).unwrap();
+        fs::write(root.join("notes"), "x").unwrap();
 
         let me = StateDir::acquire(&root).unwrap();
         fs::create_dir_all(
@@ -423,6 +434,11 @@ mod tests {
             "another root's live agent is left alone"
         );
         fs::remove_dir(cg_root.join("memory/sprout/1")).unwrap();
+        assert!(
+            root.join("data/code").is_dir(),
+            "what is not an agent's stays"
+        );
+        assert!(root.join("notes").is_file(), "what is not an agent's stays");
         assert!(me.path().is_dir(), "a live agent's directory is kept");
         assert!(cg_root.join("memory/sprout").join(me.agent_id()).is_dir());
 
