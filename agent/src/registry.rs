@@ -31,7 +31,7 @@ use crate::config::{Config, Defaults};
 use crate::error::Error;
 use crate::names::{validate_name, validate_namespace, FunctionKey};
 use crate::request::FunctionSource;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Seam};
 use crate::workflow::spec::Workflow;
 
 /// Host trees a function directory may be neither in, equal to nor above (besides
@@ -151,7 +151,7 @@ impl Function {
         validate_namespace(&key.namespace)?;
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
-        let runtime = Runtime::of(config);
+        let runtime = crate::runtime::of(config);
         let handler_text = config.handler.as_deref();
         let handler = runtime.parse_handler(handler_text)?;
         runtime.check_handler(&dir, &handler)?;

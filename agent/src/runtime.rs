@@ -2,15 +2,16 @@
 //! runtimes, in one place.
 //!
 //! - how a handler is written and found in a function directory
-//!   ([`Runtime::parse_handler`], [`Runtime::check_handler`],
-//!   [`Runtime::check_readable`]);
+//!   ([`Seam::parse_handler`], [`Seam::check_handler`], [`Seam::check_readable`]);
 //! - what must be installed on the host for its zygote to start
-//!   ([`Runtime::check_installed`]);
+//!   ([`Seam::check_installed`]: the interpreter the shim's seam names);
 //! - what a stem cell is keyed by: a stem cell runs one runtime's zygote, so the
 //!   scheduler keeps its stem cells per [`Runtime`];
 //! - what a callee needs to run in its caller's sandbox: the same runtime
-//!   ([`Runtime::runs_callee`]), since it is forked from that sandbox's zygote;
-//! - its name on the wire ([`Runtime::wire`]), which the shim uses to pick the zygote.
+//!   ([`Seam::runs_callee`]), since it is forked from that sandbox's zygote.
+//!
+//! The runtimes themselves are the protocol's enum ([`Runtime`], re-exported), so the
+//! agent and the shim name them the same way.
 //!
 //! Python is the only member. Adding a runtime is adding a variant and its arms here
 //! (and its zygote in the shim).
@@ -25,38 +26,29 @@ use crate::error::Error;
 /// The handler OpenLambda uses: `f.py` with `def f(event)`.
 pub const PYTHON_DEFAULT_HANDLER: &str = "f:f";
 
-/// A language runtime functions are written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::IntoStaticStr)]
-#[strum(serialize_all = "snake_case")]
-pub enum Runtime {
-    Python,
+pub use ipc::proto::Runtime;
+
+/// The runtime a registration asks for (every function is Python's for now).
+pub fn of(_config: &FunctionConfig) -> Runtime {
+    Runtime::Python
 }
 
-impl Runtime {
-    /// Every runtime, in the order stem cells are made for them.
-    pub const ALL: [Runtime; 1] = [Runtime::Python];
+/// The agent's side of the runtime seam, over the protocol's [`Runtime`].
+pub trait Seam: Copy {
+    fn check_installed(self) -> Result<(), Error>;
+    fn parse_handler(self, text: Option<&str>) -> Result<Handler, Error>;
+    fn check_handler(self, dir: &Path, handler: &Handler) -> Result<(), Error>;
+    fn check_readable(self, dir: &Path, handler: &Handler) -> Result<(), Error>;
+    fn runs_callee(self, callee: Runtime) -> bool;
+}
 
-    /// The runtime a registration asks for (every function is Python's for now).
-    pub fn of(_config: &FunctionConfig) -> Runtime {
-        Runtime::Python
-    }
-
-    /// Its name in the agent ↔ shim protocol.
-    pub fn wire(self) -> ipc::proto::Runtime {
-        match self {
-            Runtime::Python => ipc::proto::Runtime::Python,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        self.into()
-    }
-
+impl Seam for Runtime {
     /// Checks that what starts its zygote is installed on the host.
-    pub fn check_installed(self) -> Result<(), Error> {
+    fn check_installed(self) -> Result<(), Error> {
         match self {
             Runtime::Python => {
-                let python = Path::new(shim::PYTHON);
+                // The interpreter the shim's seam starts the zygote with.
+                let python = Path::new(shim::runtime::interpreter(self));
                 if python.is_file() {
                     return Ok(());
                 }
@@ -72,7 +64,7 @@ impl Runtime {
     }
 
     /// Parses a handler as written in a registration (`None`: the runtime's default).
-    pub fn parse_handler(self, text: Option<&str>) -> Result<Handler, Error> {
+    fn parse_handler(self, text: Option<&str>) -> Result<Handler, Error> {
         match self {
             Runtime::Python => {
                 Handler::parse(text.unwrap_or(PYTHON_DEFAULT_HANDLER)).map_err(Error::InvalidConfig)
@@ -83,7 +75,7 @@ impl Runtime {
     /// The handler's file must exist in the canonical directory `dir` and resolve
     /// (symlinks followed) to a file inside it. Python: the module file, or the
     /// package's `__init__.py`.
-    pub fn check_handler(self, dir: &Path, handler: &Handler) -> Result<(), Error> {
+    fn check_handler(self, dir: &Path, handler: &Handler) -> Result<(), Error> {
         match self {
             Runtime::Python => check_python_module(dir, handler),
         }
@@ -91,7 +83,7 @@ impl Runtime {
 
     /// The handler's file must be readable by "other": sandboxes run as an
     /// unprivileged user of their own.
-    pub fn check_readable(self, dir: &Path, handler: &Handler) -> Result<(), Error> {
+    fn check_readable(self, dir: &Path, handler: &Handler) -> Result<(), Error> {
         match self {
             Runtime::Python => rootfs::check_module_readable(dir, &handler.module)
                 .map_err(|e| Error::InvalidConfig(format!("handler {handler}: {e}"))),
@@ -100,7 +92,7 @@ impl Runtime {
 
     /// Whether a function of runtime `callee` can run in a sandbox of this one (forked
     /// from its zygote): only the same runtime.
-    pub fn runs_callee(self, callee: Runtime) -> bool {
+    fn runs_callee(self, callee: Runtime) -> bool {
         self == callee
     }
 }
@@ -140,7 +132,6 @@ mod tests {
     #[test]
     fn python_is_named_as_on_the_wire() {
         assert_eq!(Runtime::Python.name(), "python");
-        assert_eq!(Runtime::Python.wire(), ipc::proto::Runtime::Python);
         let h = Runtime::Python.parse_handler(None).unwrap();
         assert_eq!(h.to_string(), PYTHON_DEFAULT_HANDLER);
         assert!(Runtime::Python.runs_callee(Runtime::Python));

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::instance::{Instance, Output, BOOT_TIMEOUT};
 use crate::registry::Function;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, Seam};
 use crate::sandbox_output::SandboxOutput;
 use crate::scheduler::StemCell;
 
@@ -89,7 +89,7 @@ impl Sandboxes {
             source: std::io::Error::other(ipc::chain(&e)),
         })?;
         let runtime_dir = state.path().join("runtime");
-        shim::install_runtime(&runtime_dir).map_err(state_err(&runtime_dir))?;
+        shim::runtime::install(&runtime_dir).map_err(state_err(&runtime_dir))?;
         let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
         if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
             // Only slower freezes and thaws follow; say so and go on.
@@ -302,7 +302,7 @@ impl Sandboxes {
             return Err(e);
         }
         let instance = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let spawned = match shim.spawn_instance(instance, function.runtime.wire()) {
+        let spawned = match shim.spawn_instance(instance, function.runtime) {
             Ok(Ok(s)) => {
                 tracing::debug!(pid = s.pid, "instance handed over");
                 s

@@ -39,7 +39,7 @@ impl Bench {
         let state = StateDir::acquire(Path::new("/run/sprout")).unwrap();
         let skeleton = Skeleton::create(&state.path().join("rootfs")).unwrap();
         let runtime = state.path().join("runtime");
-        shim::install_runtime(&runtime).unwrap();
+        shim::runtime::install(&runtime).unwrap();
         // target/<profile>/sprout-spawner, found from this binary in deps/.
         let spawner_exe = pool::find_spawner(None).unwrap();
         let spawner = Spawner::start(&spawner_exe, &state, &cgroups).unwrap();

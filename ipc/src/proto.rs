@@ -24,12 +24,26 @@ use strum::IntoStaticStr;
 use crate::frame::{Channel, Error, Message};
 use crate::payload::Payload;
 
-/// A language runtime a shim can fork instances of.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, IntoStaticStr)]
+/// A language runtime a shim can fork instances of. What differs between runtimes is
+/// known in two seams over this one enum: the agent's (`agent::runtime`) and the
+/// shim's (`shim::runtime`).
+#[derive(
+    Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
 pub enum Runtime {
     Python,
+}
+
+impl Runtime {
+    /// Every runtime, in the order stem cells are made for them.
+    pub const ALL: [Runtime; 1] = [Runtime::Python];
+
+    /// Its name, as on the wire.
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// Where a handler lives: a module (a file `module.py` under the code directory, or a

@@ -7,11 +7,3 @@
 //! Python runtime's in the `sprout_runtime` package (`runtime/python`).
 
 pub mod runtime;
-
-/// Inside a sandbox: the Python interpreter (Debian's, from the host's `/usr`).
-pub const PYTHON: &str = runtime::python::INTERPRETER;
-
-/// Writes the runtime files into `dir` (the host side of `/.sprout`): [`runtime::install`].
-pub fn install_runtime(dir: &std::path::Path) -> std::io::Result<()> {
-    runtime::install(dir)
-}
