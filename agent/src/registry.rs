@@ -846,6 +846,11 @@ mod tests {
         assert_eq!(f.dir, real.path().canonicalize().unwrap());
     }
 
+    /// Why registering `dir` (with default settings) is refused.
+    fn refused(dir: &Path, rules: &Rules) -> String {
+        ipc::chain(&check(dir, &FunctionConfig::default(), rules).unwrap_err())
+    }
+
     #[test]
     fn sprouts_own_state_is_refused_but_its_uploads_are_not() {
         let t = tempfile::tempdir().unwrap();
@@ -859,9 +864,6 @@ mod tests {
         fs::write(unpacked.join("f.py"), "def f(e): return e\n").unwrap();
         let mut rules = rules();
         rules.state_root = root.clone();
-        let refused = |dir: &Path, rules: &Rules| {
-            ipc::chain(&check(dir, &FunctionConfig::default(), rules).unwrap_err())
-        };
         // The state root, what is in it, and what holds it.
         for (dir, reason) in [
             (&root, "overlaps sprout's state root"),
@@ -904,9 +906,6 @@ mod tests {
         let unpacked = data.code().join("up-7");
         fs::create_dir_all(&unpacked).unwrap();
         fs::write(unpacked.join("f.py"), "def f(e): return e\n").unwrap();
-        let refused = |dir: &Path, rules: &Rules| {
-            ipc::chain(&check(dir, &FunctionConfig::default(), rules).unwrap_err())
-        };
         // This agent's data directory: in it, at it, above it.
         let mut rules = rules();
         rules.data_dir = Some(data_path.clone());

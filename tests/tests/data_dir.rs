@@ -23,6 +23,17 @@ fn entries(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Registers `hello` as an uploaded archive.
+fn upload_hello(d: &Daemon) {
+    let r = d.request(
+        "PUT",
+        "/functions/hello",
+        Some("application/x-tar"),
+        &tar_files(&[("f.py", HELLO_PY)]),
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+}
+
 /// `sprout serve` on `data`, expected to refuse to start: returns its stderr.
 fn serve_refused(env: &Env, data: &Path) -> String {
     let run = env
@@ -49,13 +60,7 @@ fn a_data_directory_in_use_is_refused_and_left_as_it_was() {
     let env = require_root!();
     let d = env.daemon();
     let data = d.data_dir().to_path_buf();
-    let r = d.request(
-        "PUT",
-        "/functions/hello",
-        Some("application/x-tar"),
-        &tar_files(&[("f.py", HELLO_PY)]),
-    );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    upload_hello(&d);
     let code = entries(&data.join("code"));
     assert_eq!(code.len(), 1, "{code:?}");
 
@@ -100,13 +105,7 @@ fn the_layout_is_made_with_its_version_and_a_stopped_daemons_code_is_not_kept() 
         let meta = fs::metadata(data.join(dir)).unwrap();
         assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o700, 0), "{dir}");
     }
-    let r = d.request(
-        "PUT",
-        "/functions/hello",
-        Some("application/x-tar"),
-        &tar_files(&[("f.py", HELLO_PY)]),
-    );
-    assert_eq!(r.status, 200, "{}", text(&r));
+    upload_hello(&d);
     // Removing a function removes its uploaded code.
     let r = d.request("DELETE", "/functions/hello", None, b"");
     assert_eq!(r.status, 200, "{}", text(&r));
