@@ -584,6 +584,12 @@ impl Invoker {
             function: function.name.clone(),
             code_dir: rootfs::CODE_DIR.to_owned(),
             handler: function.handler.clone(),
+            about: ipc::proto::About {
+                namespace: function.namespace.clone(),
+                version: function.version,
+                memory_mb: function.memory_mb,
+                timeout_ms: function.timeout_ms,
+            },
         };
         let loaded = inst
             .link

@@ -181,6 +181,8 @@ impl Runs {
             code_dir: target,
             handler: callee.handler.clone(),
             timeout_ms: callee.timeout_ms,
+            namespace: callee.namespace.clone(),
+            memory_mb: callee.memory_mb,
         }))
     }
 

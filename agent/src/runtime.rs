@@ -46,20 +46,24 @@ impl Seam for Runtime {
     /// Checks that what starts its zygote is installed on the host.
     fn check_installed(self) -> Result<(), Error> {
         match self {
-            Runtime::Python => {
-                // The interpreter the shim's seam starts the zygote with.
-                let python = Path::new(shim::runtime::interpreter(self));
-                if python.is_file() {
+            Runtime::Python | Runtime::Nodejs => {
+                // The interpreter the shim's seam starts the runtime with.
+                let Some(interpreter) = shim::runtime::interpreter(self) else {
+                    return Ok(());
+                };
+                let interpreter = Path::new(interpreter);
+                if interpreter.is_file() {
                     return Ok(());
                 }
                 Err(Error::State {
-                    path: python.to_path_buf(),
+                    path: interpreter.to_path_buf(),
                     source: std::io::Error::new(
                         std::io::ErrorKind::NotFound,
-                        "Python runtime not installed (apt-get install python3)",
+                        format!("{} runtime not installed", self.name()),
                     ),
                 })
             }
+            Runtime::Native => Ok(()),
         }
     }
 
@@ -69,6 +73,10 @@ impl Seam for Runtime {
             Runtime::Python => {
                 Handler::parse(text.unwrap_or(PYTHON_DEFAULT_HANDLER)).map_err(Error::InvalidConfig)
             }
+            Runtime::Nodejs | Runtime::Native => Err(Error::InvalidConfig(format!(
+                "the {} runtime is not available yet",
+                self.name()
+            ))),
         }
     }
 
@@ -78,6 +86,7 @@ impl Seam for Runtime {
     fn check_handler(self, dir: &Path, handler: &Handler) -> Result<(), Error> {
         match self {
             Runtime::Python => check_python_module(dir, handler),
+            Runtime::Nodejs | Runtime::Native => Ok(()),
         }
     }
 
@@ -87,6 +96,7 @@ impl Seam for Runtime {
         match self {
             Runtime::Python => rootfs::check_module_readable(dir, &handler.module)
                 .map_err(|e| Error::InvalidConfig(format!("handler {handler}: {e}"))),
+            Runtime::Nodejs | Runtime::Native => Ok(()),
         }
     }
 

@@ -196,7 +196,7 @@ impl Sandboxes {
                     pids: defaults.pids,
                     cpus: defaults.cpus,
                 },
-                env: Vec::new(),
+                env: vec![format!("{}={}", shim::runtime::RUNTIME_ENV, runtime.name())],
             },
             user,
         )

@@ -24,9 +24,16 @@ use strum::IntoStaticStr;
 use crate::frame::{Channel, Error, Message};
 use crate::payload::Payload;
 
-/// A language runtime a shim can fork instances of. What differs between runtimes is
+/// A language runtime a shim can start instances of. What differs between runtimes is
 /// known in two seams over this one enum: the agent's (`agent::runtime`) and the
 /// shim's (`shim::runtime`).
+///
+/// - `Python`: instances forked from a Python zygote;
+/// - `Nodejs`: each instance a `node` process booted ahead of its `load`, behind an
+///   instance host (the shim's executable in host mode) that speaks this protocol
+///   for it (Node cannot take descriptors over a socket);
+/// - `Native`: an executable of the function's own, behind an instance host: OpenWhisk's
+///   actionloop protocol (`exec`), or AWS Lambda's runtime API (`bootstrap`).
 #[derive(
     Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, IntoStaticStr,
 )]
@@ -34,11 +41,13 @@ use crate::payload::Payload;
 #[strum(serialize_all = "snake_case")]
 pub enum Runtime {
     Python,
+    Nodejs,
+    Native,
 }
 
 impl Runtime {
     /// Every runtime, in the order stem cells are made for them.
-    pub const ALL: [Runtime; 1] = [Runtime::Python];
+    pub const ALL: [Runtime; 3] = [Runtime::Python, Runtime::Nodejs, Runtime::Native];
 
     /// Its name, as on the wire.
     pub fn name(self) -> &'static str {
@@ -89,7 +98,12 @@ impl Handler {
 }
 
 impl std::fmt::Display for Handler {
+    /// `module:function`, or `module` alone when the function part is empty (a
+    /// native executable, a Node.js module that is itself the handler).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.function.is_empty() {
+            return write!(f, "{}", self.module);
+        }
         write!(f, "{}:{}", self.module, self.function)
     }
 }
@@ -107,6 +121,23 @@ pub struct CallSpec {
     pub code_dir: String,
     pub handler: Handler,
     pub timeout_ms: u64,
+    /// The callee's namespace and memory limit, for what it learns about itself.
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub memory_mb: u64,
+}
+
+impl CallSpec {
+    /// What the callee learns about itself when it is loaded from this spec.
+    pub fn about(&self) -> About {
+        About {
+            namespace: self.namespace.clone(),
+            version: self.version,
+            memory_mb: self.memory_mb,
+            timeout_ms: self.timeout_ms,
+        }
+    }
 }
 
 /// An instance → its shim (calls channel) or → the agent (call socket).
@@ -209,6 +240,26 @@ pub struct LoadSpec {
     /// Path of the function's code inside the sandbox.
     pub code_dir: String,
     pub handler: Handler,
+    /// What the function may learn about itself (an AWS Lambda context, OpenWhisk's
+    /// `__OW_*`): its namespace, registration version, memory limit and time limit.
+    #[serde(flatten)]
+    pub about: About,
+}
+
+/// What a function may learn about itself, sent with `load`: each runtime shows it in
+/// its own way (a Lambda-style `context`, an actionloop line's fields).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct About {
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub memory_mb: u64,
+    /// An invocation's time limit; its deadline is counted from when its `invoke`
+    /// arrives.
+    #[serde(default)]
+    pub timeout_ms: u64,
 }
 
 /// Agent → shim.
@@ -567,6 +618,7 @@ mod tests {
             function: "hello".into(),
             code_dir: "/code".into(),
             handler: Handler::parse("f:f").unwrap(),
+            about: About::default(),
         };
         let v = serde_json::to_value(InstanceRequest::Load(load)).unwrap();
         assert_eq!(v["op"], "load");
@@ -608,6 +660,8 @@ mod tests {
             code_dir: "/fns/g-1".into(),
             handler: Handler::parse("f:f").unwrap(),
             timeout_ms: 1,
+            namespace: "default".into(),
+            memory_mb: 128,
         };
         let (id, function) = (1, String::from("g"));
         check(&[
@@ -683,6 +737,7 @@ mod tests {
         ]);
         check(&[
             InstanceRequest::Load(LoadSpec {
+                about: spec.about(),
                 function: spec.function,
                 code_dir: spec.code_dir,
                 handler: spec.handler,

@@ -12,6 +12,7 @@
 //! on instances of its own ([`router`]). As PID 1 it reaps every orphan. It exits
 //! when the agent closes its channel, which ends the sandbox.
 
+mod host;
 mod router;
 mod sys;
 mod zygote;
@@ -27,8 +28,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use host::Launcher;
 use router::{Router, Turn};
-use zygote::Zygote;
+use zygote::{Spawn, Zygote};
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
@@ -36,6 +38,10 @@ enum Error {
     AgentChannel(#[source] std::io::Error),
     #[error("zygote")]
     Zygote(#[source] zygote::Error),
+    #[error("instance host")]
+    Host(#[source] host::Error),
+    #[error("{0}")]
+    Usage(String),
     #[error("zygote (pid {pid}) exited: {status}")]
     ZygoteExited { pid: i32, status: String },
     #[error("serving the sandbox")]
@@ -56,13 +62,36 @@ fn sys_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> Err
 }
 
 fn main() {
-    if let Err(e) = run() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [] => run(),
+        // An instance host, started by a sandbox's shim for one instance.
+        [mode, runtime] if mode == "host" => {
+            runtime_named(runtime).and_then(|r| host::run(r).map_err(Error::Host))
+        }
+        _ => Err(Error::Usage(format!(
+            "usage: sprout-shim [host RUNTIME] (got {args:?})"
+        ))),
+    };
+    if let Err(e) = result {
         let _ = writeln!(std::io::stderr(), "sprout-shim: {}", ipc::chain(&e));
         std::process::exit(1);
     }
 }
 
+/// A runtime by its wire name.
+fn runtime_named(name: &str) -> Result<Runtime, Error> {
+    Runtime::ALL
+        .into_iter()
+        .find(|r| r.name() == name)
+        .ok_or_else(|| Error::Usage(format!("unknown runtime {name:?}")))
+}
+
 fn run() -> Result<(), Error> {
+    let runtime = match std::env::var(shim::runtime::RUNTIME_ENV) {
+        Ok(name) => runtime_named(&name)?,
+        Err(_) => Runtime::Python,
+    };
     let agent_fd = sys::take_stdin_channel().map_err(Error::AgentChannel)?;
     let agent = AgentLink(Channel::from_fd(agent_fd));
 
@@ -73,10 +102,26 @@ fn run() -> Result<(), Error> {
     let sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(sys_err("signalfd"))?;
 
-    // Every sandbox runs Python for now; the agent will name the runtime.
-    let zygote = Zygote::start(Runtime::Python).map_err(Error::Zygote)?;
-    let zygote_pid = zygote.pid();
-    let mut router = Router::new(agent, zygote).map_err(Error::Router)?;
+    match shim::runtime::zygote_command(runtime) {
+        Some(_) => {
+            let zygote = Zygote::start(runtime).map_err(Error::Zygote)?;
+            let zygote_pid = zygote.pid();
+            serve(agent, zygote, zygote_pid, &sigchld)
+        }
+        // No zygote: each instance is a host of its own. Nothing but the shim
+        // itself must outlive an instance (pid 1 as the "zygote").
+        None => serve(agent, Launcher::new(runtime), 1, &sigchld),
+    }
+}
+
+/// Makes the spare, says ready, and serves the agent until it lets go.
+fn serve<Z: Spawn>(
+    agent: AgentLink,
+    spawn: Z,
+    zygote_pid: i32,
+    sigchld: &SignalFd,
+) -> Result<(), Error> {
+    let mut router = Router::new(agent, spawn).map_err(Error::Router)?;
     router.fork_spare().map_err(Error::Router)?;
     router.announce_ready(zygote_pid).map_err(Error::Router)?;
 

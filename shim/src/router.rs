@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use ipc::proto::{
     check_depth, op_of, AgentLink, CallReply, CallRequest, CallSpec, FunctionError, InstanceEvent,
-    InstanceLink, LoadSpec, Runtime, ShimRequest,
+    InstanceLink, LoadSpec, ShimRequest,
 };
 use ipc::{Channel, Message, Payload};
 use nix::errno::Errno;
@@ -399,10 +399,20 @@ impl<Z: Spawn> Router<Z> {
         }
         while let Some(msg) = self.agent.0.try_recv().map_err(Error::Agent)? {
             match msg.header {
-                ShimRequest::SpawnInstance {
-                    instance,
-                    runtime: Runtime::Python,
-                } => self.spawn_instance(instance)?,
+                ShimRequest::SpawnInstance { instance, runtime } => {
+                    if runtime == self.zygote.runtime() {
+                        self.spawn_instance(instance)?;
+                    } else {
+                        let message = format!(
+                            "this sandbox runs {} instances, not {}",
+                            self.zygote.runtime().name(),
+                            runtime.name()
+                        );
+                        self.agent
+                            .report_spawn_failed(instance, message)
+                            .map_err(Error::Agent)?;
+                    }
+                }
                 ShimRequest::Call {
                     id,
                     depth,
@@ -668,6 +678,7 @@ impl<Z: Spawn> Router<Z> {
             function: spec.function.clone(),
             code_dir: spec.code_dir.clone(),
             handler: spec.handler.clone(),
+            about: spec.about(),
         };
         let loading = link
             .send_load(&load)

@@ -2,10 +2,13 @@
 //!
 //! For each [`Runtime`] of the protocol it says which interpreter must be on the host
 //! (sandboxes see the host's `/usr`), what the agent installs for it under
-//! `/.sprout`, and what command the shim runs as its zygote. Python is the only one;
-//! another is a module beside [`python`] and one more arm in each match here.
+//! `/.sprout`, and how the shim makes its instances: forked from a zygote (Python,
+//! [`zygote_command`]) or each started by an instance host (`sprout-shim host`,
+//! Node.js and native executables). A runtime is a module beside [`python`] and one
+//! arm in each match here.
 
 mod files;
+pub mod nodejs;
 pub mod python;
 
 use std::io;
@@ -17,18 +20,26 @@ pub use ipc::proto::Runtime;
 use files::{make_dir, write_file};
 
 /// The interpreter `runtime` runs on: the same path on the host and in a sandbox.
-pub fn interpreter(runtime: Runtime) -> &'static str {
+/// `None`: the function brings its own executable (native).
+pub fn interpreter(runtime: Runtime) -> Option<&'static str> {
     match runtime {
-        Runtime::Python => python::INTERPRETER,
+        Runtime::Python => Some(python::INTERPRETER),
+        Runtime::Nodejs => Some(nodejs::INTERPRETER),
+        Runtime::Native => None,
     }
 }
 
-/// The command that starts `runtime`'s zygote in a sandbox.
-pub fn zygote_command(runtime: Runtime) -> ZygoteCommand {
+/// The command that starts `runtime`'s zygote in a sandbox; `None` for a runtime
+/// whose instances are each started by an instance host.
+pub fn zygote_command(runtime: Runtime) -> Option<ZygoteCommand> {
     match runtime {
-        Runtime::Python => python::zygote_command(),
+        Runtime::Python => Some(python::zygote_command()),
+        Runtime::Nodejs | Runtime::Native => None,
     }
 }
+
+/// The environment variable that names a sandbox's runtime to its shim.
+pub const RUNTIME_ENV: &str = "SPROUT_RUNTIME";
 
 /// Writes every runtime's files into `dir` (the host side of `/.sprout`), plus an
 /// empty `shim` file that the shim binary is bind-mounted over.
@@ -37,5 +48,6 @@ pub fn zygote_command(runtime: Runtime) -> ZygoteCommand {
 pub fn install(dir: &Path) -> io::Result<()> {
     make_dir(dir)?;
     python::install(dir)?;
+    nodejs::install(dir)?;
     write_file(&dir.join("shim"), b"")
 }

@@ -1,6 +1,6 @@
 //! The shim's raw process calls; the only `unsafe` in the binary.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -40,6 +40,60 @@ pub fn with_fd3_and_clean_mask(cmd: &mut Command, fd: &OwnedFd) {
             Ok(())
         });
     }
+}
+
+/// Makes `cmd` start with `fds` as its descriptors 3, 4, … (close-on-exec cleared)
+/// and an empty signal mask.
+pub fn with_fds_and_clean_mask(cmd: &mut Command, fds: &[BorrowedFd<'_>]) {
+    assert!(fds.len() <= 8, "at most 8 descriptors");
+    let raw: Vec<i32> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // async-signal-safe functions (fcntl, dup2, close, sigprocmask); it allocates
+    // nothing (`raw` was built before the fork) and touches no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First move every descriptor above the targets, so a source that is
+            // already one of 3, 4, … is not overwritten before it is placed.
+            let mut moved = [0i32; 8];
+            for (i, &fd) in raw.iter().enumerate() {
+                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
+                if high < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                moved[i] = high;
+            }
+            for (i, &high) in moved[..raw.len()].iter().enumerate() {
+                // dup2 clears close-on-exec on the new descriptor.
+                if libc::dup2(high, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(high);
+            }
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            Ok(())
+        });
+    }
+}
+
+/// Sets close-on-exec on `fd`.
+pub fn set_cloexec(fd: &impl AsFd) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(
+        fd.as_fd().as_raw_fd(),
+        FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(())
+}
+
+/// Makes the calling process get SIGKILL when its parent dies (the runtime process
+/// of an instance host: it must not outlive the host). For a `pre_exec` closure.
+pub fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only and is
+    // async-signal-safe.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// SIGKILLs process `pid` of the sandbox (the shim is PID 1 of its pid namespace, so

@@ -23,6 +23,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("the {} runtime has no zygote", .0.name())]
+    NoZygote(Runtime),
     #[error("talking to the zygote")]
     Protocol(#[source] ipc::Error),
     #[error("{what}")]
@@ -48,8 +50,11 @@ pub struct Forked {
     pub calls: Channel,
 }
 
-/// Where instances come from.
+/// Where instances come from: a zygote's forks, or a launcher's hosts.
 pub trait Spawn {
+    /// The runtime of the instances it makes.
+    fn runtime(&self) -> Runtime;
+
     /// Forks an instance (named `instance` to the runtime) whose stdout and stderr are
     /// `stdout` and `stderr`, and waits for its `ready`. `Ok(Err(message))` is a fork
     /// the zygote refused or an instance that did not get ready; `Err` is a zygote
@@ -84,7 +89,7 @@ impl Zygote {
             .as_fd()
             .try_clone_to_owned()
             .map_err(sys_err("dup stderr"))?;
-        let launch = shim::runtime::zygote_command(runtime);
+        let launch = shim::runtime::zygote_command(runtime).ok_or(Error::NoZygote(runtime))?;
         let mut cmd = Command::new(launch.program);
         cmd.args(&launch.args)
             .envs(launch.env)
@@ -114,6 +119,10 @@ impl Zygote {
 }
 
 impl Spawn for Zygote {
+    fn runtime(&self) -> Runtime {
+        self.runtime
+    }
+
     fn fork(
         &mut self,
         instance: u64,

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
-use ipc::proto::{FunctionError, Handler, InstanceRequest, ShimEvent};
+use ipc::proto::{FunctionError, Handler, InstanceRequest, Runtime, ShimEvent};
 
 use super::*;
 
@@ -22,6 +22,8 @@ fn spec(function: &str, version: u64, timeout_ms: u64) -> CallSpec {
         code_dir: super::attached_dir(function, version),
         handler: Handler::parse("f:f").unwrap(),
         timeout_ms,
+        namespace: "default".into(),
+        memory_mb: 128,
     }
 }
 
@@ -62,6 +64,10 @@ struct FakeState {
 struct Fake(Rc<RefCell<FakeState>>);
 
 impl Spawn for Fake {
+    fn runtime(&self) -> Runtime {
+        Runtime::Python
+    }
+
     fn fork(
         &mut self,
         instance: u64,
@@ -742,6 +748,10 @@ mod threaded {
     }
 
     impl Spawn for ThreadZygote {
+        fn runtime(&self) -> Runtime {
+            Runtime::Python
+        }
+
         fn fork(
             &mut self,
             instance: u64,
@@ -859,6 +869,7 @@ mod threaded {
             function: "main".into(),
             code_dir: "/code/main".into(),
             handler: Handler::parse("f:f").unwrap(),
+            about: Default::default(),
         })
         .unwrap();
         main.wait_loaded().unwrap().unwrap();

@@ -1,0 +1,96 @@
+//! The shim's side of hosted instances: [`Launcher`] starts one instance host
+//! (`sprout-shim host <runtime>`, this same executable) per instance, where the
+//! Python runtime forks one from its zygote.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::process::{Command, Stdio};
+
+use ipc::proto::{InstanceLink, Runtime};
+use ipc::sandbox_paths::SHIM_PATH;
+use ipc::Channel;
+
+use crate::sys;
+use crate::zygote::{Error, Forked, Spawn};
+
+/// Starts instance hosts of one runtime.
+#[derive(Debug)]
+pub struct Launcher {
+    runtime: Runtime,
+    /// The executable to run in host mode: the shim's own path in the sandbox.
+    program: String,
+}
+
+impl Launcher {
+    pub fn new(runtime: Runtime) -> Launcher {
+        Launcher {
+            runtime,
+            program: SHIM_PATH.to_owned(),
+        }
+    }
+
+    /// A launcher of hosts from another executable (tests run the built binary).
+    #[cfg(test)]
+    pub fn with_program(runtime: Runtime, program: String) -> Launcher {
+        Launcher { runtime, program }
+    }
+}
+
+impl Spawn for Launcher {
+    fn runtime(&self) -> Runtime {
+        self.runtime
+    }
+
+    fn fork(
+        &mut self,
+        instance: u64,
+        stdout: BorrowedFd<'_>,
+        stderr: BorrowedFd<'_>,
+    ) -> Result<Result<Forked, String>, Error> {
+        let sys_err = |what| move |source| Error::Sys { what, source };
+        let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
+        let (calls, calls_theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
+        let (theirs, calls_theirs) = (theirs.into_fd(), calls_theirs.into_fd());
+        let out = stdout.try_clone_to_owned().map_err(sys_err("dup stdout"))?;
+        let err = stderr.try_clone_to_owned().map_err(sys_err("dup stderr"))?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(["host", self.runtime.name()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        sys::with_fds_and_clean_mask(&mut cmd, &[theirs.as_fd(), calls_theirs.as_fd()]);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "instance {instance}: start the {} instance host ({}): {e}",
+                    self.runtime.name(),
+                    self.program
+                )))
+            }
+        };
+        // The host has its copies now; ours go so its death shows as these closing.
+        drop((theirs, calls_theirs));
+        let pid = child.id() as i32; // reaped by the shim's SIGCHLD loop
+        let mut channel = InstanceLink(ours);
+        match channel.wait_ready() {
+            Ok(()) => Ok(Ok(Forked {
+                pid,
+                channel,
+                calls,
+            })),
+            Err(e) => {
+                sys::kill(pid);
+                Ok(Err(format!(
+                    "instance {instance} (pid {pid}, {} host) did not get ready: {}",
+                    self.runtime.name(),
+                    ipc::chain(&e)
+                )))
+            }
+        }
+    }
+
+    fn kill(&mut self, pid: i32) {
+        // The runtime's process dies with its host (PR_SET_PDEATHSIG).
+        sys::kill(pid);
+    }
+}
