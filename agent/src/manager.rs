@@ -107,7 +107,7 @@ pub(crate) fn run(
             }
         }
 
-        let refill = Runtime::ALL.into_iter().find(|runtime| {
+        let refill = [Runtime::Python].into_iter().find(|runtime| {
             sched.stem_cells_missing(*runtime, cfg.stem_cells) > 0
                 && reserved + stem_mb <= cfg.memory_budget_mb
                 && retry_at.is_none_or(|t| t <= now)

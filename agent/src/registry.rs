@@ -151,7 +151,7 @@ impl Function {
         validate_namespace(&key.namespace)?;
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
-        let runtime = crate::runtime::of(config);
+        let runtime = crate::runtime::of(config)?;
         let handler_text = config.handler.as_deref();
         let handler = runtime.parse_handler(handler_text)?;
         runtime.check_handler(&dir, &handler)?;

@@ -28,9 +28,19 @@ pub const PYTHON_DEFAULT_HANDLER: &str = "f:f";
 
 pub use ipc::proto::Runtime;
 
-/// The runtime a registration asks for (every function is Python's for now).
-pub fn of(_config: &FunctionConfig) -> Runtime {
-    Runtime::Python
+/// The runtime a registration asks for (Python when it names none).
+pub fn of(config: &FunctionConfig) -> Result<Runtime, Error> {
+    let Some(name) = config.runtime.as_deref() else {
+        return Ok(Runtime::Python);
+    };
+    Runtime::ALL
+        .into_iter()
+        .find(|r| r.name() == name)
+        .ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "unknown runtime {name:?} (python, nodejs or native)"
+            ))
+        })
 }
 
 /// The agent's side of the runtime seam, over the protocol's [`Runtime`].
@@ -73,10 +83,20 @@ impl Seam for Runtime {
             Runtime::Python => {
                 Handler::parse(text.unwrap_or(PYTHON_DEFAULT_HANDLER)).map_err(Error::InvalidConfig)
             }
-            Runtime::Nodejs | Runtime::Native => Err(Error::InvalidConfig(format!(
-                "the {} runtime is not available yet",
-                self.name()
-            ))),
+            // `file.export` or `file:export`; none: the directory's module itself.
+            Runtime::Nodejs => {
+                let text = text.unwrap_or("");
+                let (module, function) = text.split_once([':', '.']).unwrap_or((text, ""));
+                Ok(Handler {
+                    module: module.to_owned(),
+                    function: function.to_owned(),
+                })
+            }
+            // The executable's file name.
+            Runtime::Native => Ok(Handler {
+                module: text.unwrap_or("exec").to_owned(),
+                function: String::new(),
+            }),
         }
     }
 

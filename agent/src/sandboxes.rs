@@ -70,9 +70,7 @@ impl Sandboxes {
             .shim
             .canonicalize()
             .map_err(state_err(&config.shim))?;
-        for runtime in Runtime::ALL {
-            runtime.check_installed()?;
-        }
+        Runtime::Python.check_installed()?;
         let cgroups = Cgroups::detect()?;
         let cleaned = pool::cleanup_stale(&config.state_root, &cgroups);
         if !cleaned.is_empty() {

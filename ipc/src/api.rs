@@ -65,6 +65,9 @@ fn scoped_path(namespace: &str, collection: &str, name: &str, rest: &str) -> Str
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionConfig {
+    /// The language runtime: `python`, `nodejs` or `native` (default: Python).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
     /// `module:function`; default `f:f` (OpenLambda's `f.py` with `def f(event)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,

@@ -609,6 +609,7 @@ fn config_from_query(
         match key.as_str() {
             "namespace" => same_namespace(value, namespace)?,
             "handler" if !value.is_empty() => config.handler = Some(value.clone()),
+            "runtime" if !value.is_empty() => config.runtime = Some(value.clone()),
             "memory_mb" => config.memory_mb = Some(int()?),
             "timeout_ms" => config.timeout_ms = Some(int()?),
             "pids" => config.pids = Some(int()?),
@@ -621,7 +622,7 @@ fn config_from_query(
                     .ok_or_else(|| bad_value(key, value))?;
                 config.cpus = Some(cpus);
             }
-            "handler" => return Err(bad_value(key, value)),
+            "handler" | "runtime" => return Err(bad_value(key, value)),
             _ => return Err(unknown_param(key)),
         }
     }
@@ -732,6 +733,7 @@ mod tests {
             Some("application/x-tar"),
         );
         let config = FunctionConfig {
+            runtime: None,
             handler: Some("app:main".into()),
             memory_mb: Some(128),
             timeout_ms: Some(1000),

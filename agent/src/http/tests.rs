@@ -370,6 +370,7 @@ fn registers_from_a_directory_or_a_tar() {
         ("hello", "app:main", 256)
     );
     let expected = FunctionConfig {
+        runtime: None,
         handler: Some("app:main".into()),
         memory_mb: Some(256),
         timeout_ms: Some(500),
@@ -416,6 +417,7 @@ fn registers_from_a_directory_or_a_tar() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", text(&r));
     let expected = FunctionConfig {
+        runtime: None,
         handler: Some("f:f".into()),
         memory_mb: Some(128),
         timeout_ms: Some(1000),

@@ -131,6 +131,7 @@ mod tests {
         assert_eq!(upload_query(&FunctionConfig::default()).unwrap(), "");
         for handler in ["m:f", "a&b=c", "with space", "100%", "x+y", "%20&=+ é"] {
             let config = FunctionConfig {
+                runtime: Some("nodejs".to_owned()),
                 handler: Some(handler.to_owned()),
                 memory_mb: Some(256),
                 timeout_ms: Some(1500),

@@ -108,6 +108,9 @@ impl Context {
 /// A function's settings, as `invoke` (embedded) and `fn add` take them.
 #[derive(Args, Debug, Default)]
 pub struct LimitArgs {
+    /// Language runtime: python, nodejs or native (default python).
+    #[arg(long)]
+    runtime: Option<String>,
     /// Handler as module:function (default f:f, i.e. f.py with def f(event)).
     #[arg(long)]
     handler: Option<String>,
@@ -131,6 +134,7 @@ pub struct LimitArgs {
 impl LimitArgs {
     pub fn config(&self) -> FunctionConfig {
         FunctionConfig {
+            runtime: self.runtime.clone(),
             handler: self.handler.clone(),
             memory_mb: self.memory,
             timeout_ms: self.timeout,
