@@ -42,6 +42,7 @@ use crate::names::{validate_namespace, FunctionKey};
 use crate::registry::{remove_owned_dir, Registry};
 use crate::request::{Request, Response};
 use crate::runs::Runs;
+use crate::runtime::Runtime;
 use crate::sandboxes::{state_err, Sandboxes};
 use crate::scheduler::{Abandon, Scheduler};
 use crate::transport::FastCall;
@@ -320,6 +321,11 @@ impl Agent {
             functions: self.registry.len(),
             sandboxes: self.sandboxes.count(),
             stem_cells: counts.stem_cells,
+            stem_cells_by_runtime: Runtime::ALL
+                .into_iter()
+                .zip(counts.stem_cells_by_runtime)
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect(),
             frozen: counts.frozen,
             queued: counts.queued,
             reserved_mb: self.sandboxes.reserved_mb(),

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::runtime::Runtime;
+
 /// Calls one sandbox may have in flight on the call socket unless configured otherwise.
 pub const DEFAULT_MAX_CALLS_IN_FLIGHT: usize = 64;
 
@@ -32,8 +34,8 @@ impl Default for Defaults {
 /// The warm pool's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PoolConfig {
-    /// Prewarmed (frozen) sandboxes kept ready for the Python runtime.
-    pub stem_cells: usize,
+    /// Prewarmed (frozen) sandboxes kept ready, per runtime.
+    pub stem_cells: StemCells,
     /// A warm instance idle this long is frozen.
     pub pause_grace: Duration,
     /// A warm instance idle this long is destroyed.
@@ -46,11 +48,98 @@ pub struct PoolConfig {
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
-            stem_cells: 2,
+            stem_cells: StemCells::python(2),
             pause_grace: Duration::from_millis(50),
             idle_ttl: Duration::from_secs(600),
             memory_budget_mb: default_memory_budget_mb(),
         }
+    }
+}
+
+impl PoolConfig {
+    /// Sets the stem cells from `sprout serve --stem-cells` ([`StemCells::parse`]).
+    pub fn set_stem_cells(&mut self, text: &str) -> Result<(), String> {
+        self.stem_cells = StemCells::parse(text)?;
+        Ok(())
+    }
+}
+
+/// How many stem cells the pool keeps ready for each runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StemCells {
+    /// By [`Runtime`], in [`Runtime::ALL`]'s order.
+    counts: [usize; Runtime::ALL.len()],
+}
+
+/// The most stem cells of one runtime `--stem-cells` accepts.
+pub const MAX_STEM_CELLS: usize = 1024;
+
+impl StemCells {
+    /// `n` Python stem cells and none of any other runtime.
+    pub fn python(n: usize) -> StemCells {
+        StemCells::default().with(Runtime::Python, n)
+    }
+
+    pub fn with(mut self, runtime: Runtime, n: usize) -> StemCells {
+        self.counts[runtime as usize] = n;
+        self
+    }
+
+    pub fn get(&self, runtime: Runtime) -> usize {
+        self.counts[runtime as usize]
+    }
+
+    /// Every stem cell wanted, of every runtime.
+    pub fn total(&self) -> usize {
+        self.counts.iter().sum()
+    }
+
+    /// The runtimes that have stem cells.
+    pub fn runtimes(&self) -> impl Iterator<Item = Runtime> + '_ {
+        Runtime::ALL.into_iter().filter(|r| self.get(*r) > 0)
+    }
+
+    /// Parses `sprout serve --stem-cells`: `python=2,nodejs=1,native=1` (a runtime
+    /// left out has none), or a bare number of Python stem cells.
+    pub fn parse(text: &str) -> Result<StemCells, String> {
+        let count = |runtime: &str, n: &str| {
+            n.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= MAX_STEM_CELLS)
+                .ok_or_else(|| {
+                    format!("stem cells {runtime}{n:?}: give a number from 0 to {MAX_STEM_CELLS}")
+                })
+        };
+        if !text.contains('=') {
+            return count("", text).map(StemCells::python);
+        }
+        let mut cells = StemCells::default();
+        for part in text.split(',') {
+            let (name, n) = part.split_once('=').ok_or_else(|| {
+                format!("stem cells {part:?}: give RUNTIME=N (python=2,nodejs=1) or a number")
+            })?;
+            let name = name.trim();
+            let runtime = Runtime::ALL
+                .into_iter()
+                .find(|r| r.name() == name)
+                .ok_or_else(|| {
+                    format!("stem cells for unknown runtime {name:?}: use python, nodejs or native")
+                })?;
+            cells = cells.with(runtime, count(&format!("{name}="), n)?);
+        }
+        Ok(cells)
+    }
+}
+
+impl std::fmt::Display for StemCells {
+    /// `python=2,nodejs=1,native=0`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, runtime) in Runtime::ALL.into_iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(f, "{sep}{}={}", runtime.name(), self.get(runtime))?;
+        }
+        Ok(())
     }
 }
 
@@ -164,5 +253,38 @@ mod tests {
         assert_eq!(count_cpu_list("3-1"), None);
         assert_eq!(count_cpu_list("x"), None);
         assert!(machine_cpus() >= 1);
+    }
+
+    #[test]
+    fn stem_cells_are_counted_per_runtime() {
+        let cells = StemCells::parse("python=2,nodejs=1,native=1").unwrap();
+        assert_eq!(
+            (
+                cells.get(Runtime::Python),
+                cells.get(Runtime::Nodejs),
+                cells.get(Runtime::Native),
+                cells.total()
+            ),
+            (2, 1, 1, 4)
+        );
+        assert_eq!(cells.to_string(), "python=2,nodejs=1,native=1");
+        // A bare number still means Python; a runtime left out has none.
+        assert_eq!(StemCells::parse("3").unwrap(), StemCells::python(3));
+        assert_eq!(StemCells::parse("0").unwrap().total(), 0);
+        let node = StemCells::parse("nodejs=2").unwrap();
+        assert_eq!(node.runtimes().collect::<Vec<_>>(), [Runtime::Nodejs]);
+        assert_eq!(PoolConfig::default().stem_cells, StemCells::python(2));
+        for (bad, says) in [
+            ("ruby=1", "unknown runtime \"ruby\""),
+            ("python=x", "give a number"),
+            ("python=-1", "give a number"),
+            ("python=99999", "give a number"),
+            ("x", "give a number"),
+            ("python=1,nodejs", "give RUNTIME=N"),
+            ("", "give a number"),
+        ] {
+            let e = StemCells::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 }

@@ -4,8 +4,9 @@
 //! Each pass, under the scheduler's lock: idle instances past the idle TTL are taken
 //! out for destruction; idle instances past the pause grace are frozen; while the
 //! memory reserved by sandboxes' limits exceeds the budget, the least recently used
-//! idle instances (then stem cells) are taken out; and if stem cells are missing and
-//! fit in the budget, one is made. Destroying and creating happen outside the lock.
+//! idle instances (then stem cells) are taken out; and if stem cells of a runtime are
+//! missing (each runtime has its own count, [`crate::config::StemCells`]) and fit in
+//! the budget, one is made, for the first such runtime in [`Runtime::ALL`]'s order. Destroying and creating happen outside the lock.
 //! Then it sleeps until the next grace or TTL deadline, or until woken (a request took
 //! a stem cell, an instance went idle, shutdown).
 //!
@@ -107,8 +108,9 @@ pub(crate) fn run(
             }
         }
 
-        let refill = [Runtime::Python].into_iter().find(|runtime| {
-            sched.stem_cells_missing(*runtime, cfg.stem_cells) > 0
+        // Each runtime's stem cells in turn (`Runtime::ALL`'s order), one per pass.
+        let refill = Runtime::ALL.into_iter().find(|runtime| {
+            sched.stem_cells_missing(*runtime, cfg.stem_cells.get(*runtime)) > 0
                 && reserved + stem_mb <= cfg.memory_budget_mb
                 && retry_at.is_none_or(|t| t <= now)
         });
@@ -177,7 +179,11 @@ fn make_frozen_stem_cell(
         sandboxes.destroy(&mut stem.sandbox, stem.reserved_mb);
         return Err(e.into());
     }
-    tracing::debug!(sandbox_id = stem.sandbox.id(), "stem cell ready");
+    tracing::debug!(
+        sandbox_id = stem.sandbox.id(),
+        runtime = runtime.name(),
+        "stem cell ready"
+    );
     Ok(stem)
 }
 

@@ -151,9 +151,9 @@ impl Function {
         validate_namespace(&key.namespace)?;
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
-        let runtime = crate::runtime::of(config)?;
+        let runtime = crate::runtime::of(config, &dir)?;
         let handler_text = config.handler.as_deref();
-        let handler = runtime.parse_handler(handler_text)?;
+        let handler = runtime.parse_handler(handler_text, &dir)?;
         runtime.check_handler(&dir, &handler)?;
         let defaults = &rules.defaults;
         let memory_mb = config.memory_mb.unwrap_or(defaults.memory_mb);
@@ -250,6 +250,7 @@ impl Function {
         FunctionInfo {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
+            runtime: self.runtime.name().to_owned(),
             path: self.dir.display().to_string(),
             handler: self.handler.to_string(),
             memory_mb: self.memory_mb,
@@ -1219,5 +1220,41 @@ mod tests {
             key(DEFAULT_NAMESPACE, "f")
         );
         assert!(FunctionKey::new("a", "../f").is_err());
+    }
+
+    /// A callee of another runtime never runs in its caller's sandbox (a call, a
+    /// workflow's sequential step): it gets a sandbox of its own runtime.
+    #[test]
+    fn only_a_callee_of_the_same_runtime_shares_its_callers_sandbox() {
+        let t = dir_with(&["f.py"]);
+        fs::write(t.path().join("index.js"), "module.exports = (a) => a;\n").unwrap();
+        fs::write(t.path().join("exec"), "#!/bin/sh\n").unwrap();
+        let of = |runtime: &str| {
+            let cfg = FunctionConfig {
+                runtime: Some(runtime.into()),
+                ..Default::default()
+            };
+            check(t.path(), &cfg, &rules()).unwrap()
+        };
+        let (py, node, native) = (of("python"), of("nodejs:default"), of("native"));
+        assert_eq!(
+            (py.runtime, node.runtime, native.runtime),
+            (Runtime::Python, Runtime::Nodejs, Runtime::Native)
+        );
+        assert_eq!(node.info(0).runtime, "nodejs");
+        for a in [&py, &node, &native] {
+            for b in [&py, &node, &native] {
+                assert_eq!(
+                    a.same_limits(b),
+                    a.runtime == b.runtime,
+                    "{:?} {:?}",
+                    a.runtime,
+                    b.runtime
+                );
+            }
+        }
+        // Detected without a runtime: f.py comes first.
+        let detected = check(t.path(), &FunctionConfig::default(), &rules()).unwrap();
+        assert_eq!(detected.info(0).runtime, "python");
     }
 }

@@ -70,7 +70,11 @@ impl Sandboxes {
             .shim
             .canonicalize()
             .map_err(state_err(&config.shim))?;
-        Runtime::Python.check_installed()?;
+        // A machine without `node` still runs Python: only the runtimes that get
+        // stem cells must be installed to start (registration checks each function's).
+        for runtime in config.pool.stem_cells.runtimes() {
+            runtime.check_installed()?;
+        }
         let cgroups = Cgroups::detect()?;
         let cleaned = pool::cleanup_stale(&config.state_root, &cgroups);
         if !cleaned.is_empty() {

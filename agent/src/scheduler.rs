@@ -102,6 +102,8 @@ pub(crate) enum Grant {
 pub(crate) struct Counts {
     pub frozen: usize,
     pub stem_cells: usize,
+    /// Ready stem cells by runtime, in [`Runtime::ALL`]'s order.
+    pub stem_cells_by_runtime: [usize; Runtime::ALL.len()],
     pub queued: usize,
 }
 
@@ -330,6 +332,8 @@ impl Scheduler {
         Counts {
             frozen,
             stem_cells: stems().count(),
+            stem_cells_by_runtime: Runtime::ALL
+                .map(|r| sched.stem_cells.get(&r).map_or(0, Vec::len)),
             queued: sched.functions.values().map(|f| f.queue.len()).sum(),
         }
     }

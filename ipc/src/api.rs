@@ -19,6 +19,11 @@ fn default_namespace() -> String {
     DEFAULT_NAMESPACE.to_owned()
 }
 
+/// What a listing from an agent that predates runtimes runs: Python.
+fn default_runtime() -> String {
+    "python".to_owned()
+}
+
 /// The API path of function `name` in `namespace` followed by `rest` (`""`,
 /// `"/invoke"`): `/functions/{name}{rest}` in the default namespace (so existing
 /// clients and routes stay as they were), `/namespaces/{ns}/functions/{name}{rest}`
@@ -65,7 +70,9 @@ fn scoped_path(namespace: &str, collection: &str, name: &str, rest: &str) -> Str
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionConfig {
-    /// The language runtime: `python`, `nodejs` or `native` (default: Python).
+    /// The language runtime: `python`, `nodejs` or `native`, optionally with a
+    /// version that must match the installed one (`python:3.11`, `nodejs:20`,
+    /// `nodejs:default`, `nodejs:latest`). Default: detected from the directory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
     /// `module:function`; default `f:f` (OpenLambda's `f.py` with `def f(event)`).
@@ -105,6 +112,10 @@ pub struct FunctionInfo {
     #[serde(default = "default_namespace")]
     pub namespace: String,
     pub name: String,
+    /// The runtime that runs it (`python`, `nodejs`, `native`), as named or detected
+    /// at registration.
+    #[serde(default = "default_runtime")]
+    pub runtime: String,
     /// Where its code is read from on the agent's host.
     pub path: String,
     pub handler: String,
@@ -185,6 +196,10 @@ pub struct Status {
     pub sandboxes: usize,
     /// Ready stem cells.
     pub stem_cells: usize,
+    /// Ready stem cells by runtime (`python`, `nodejs`, `native`: every runtime,
+    /// zero included); they add up to `stem_cells`.
+    #[serde(default)]
+    pub stem_cells_by_runtime: std::collections::BTreeMap<String, usize>,
     /// Frozen sandboxes (stem cells and idle instances).
     pub frozen: usize,
     /// Requests waiting for an instance.

@@ -46,6 +46,10 @@ fn info(name: &str, config: &FunctionConfig) -> FunctionInfo {
     FunctionInfo {
         namespace: "default".to_owned(),
         name: name.to_owned(),
+        runtime: config
+            .runtime
+            .clone()
+            .unwrap_or_else(|| "python".to_owned()),
         path: format!("/srv/{name}"),
         handler: config.handler.clone().unwrap_or_else(|| "f:f".to_owned()),
         memory_mb: config.memory_mb.unwrap_or(128),
@@ -100,6 +104,7 @@ impl Handle for Fake {
                 functions: 2,
                 sandboxes: 1,
                 stem_cells: 2,
+                stem_cells_by_runtime: [("python".to_owned(), 2)].into(),
                 frozen: 1,
                 queued: 0,
                 reserved_mb: 384,

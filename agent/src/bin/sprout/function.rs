@@ -111,13 +111,20 @@ fn upload_query(config: &FunctionConfig) -> anyhow::Result<String> {
 
 fn print_list(list: &[FunctionInfo]) {
     println!(
-        "{:<24} {:<16} {:<16} {:>7} {:>9} {:>5}  PATH",
-        "NAME", "NAMESPACE", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
+        "{:<24} {:<16} {:<8} {:<16} {:>7} {:>9} {:>5}  PATH",
+        "NAME", "NAMESPACE", "RUNTIME", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
     );
     for f in list {
         println!(
-            "{:<24} {:<16} {:<16} {:>7} {:>9} {:>5}  {}",
-            f.name, f.namespace, f.handler, f.memory_mb, f.timeout_ms, f.warm_instances, f.path
+            "{:<24} {:<16} {:<8} {:<16} {:>7} {:>9} {:>5}  {}",
+            f.name,
+            f.namespace,
+            f.runtime,
+            f.handler,
+            f.memory_mb,
+            f.timeout_ms,
+            f.warm_instances,
+            f.path
         );
     }
 }

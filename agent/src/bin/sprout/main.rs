@@ -108,10 +108,15 @@ impl Context {
 /// A function's settings, as `invoke` (embedded) and `fn add` take them.
 #[derive(Args, Debug, Default)]
 pub struct LimitArgs {
-    /// Language runtime: python, nodejs or native (default python).
-    #[arg(long)]
+    /// Language runtime: python, nodejs or native, optionally with the installed
+    /// version (python:3.11, nodejs:20, nodejs:default). Default: detected from the
+    /// directory (f.py or the handler's .py; package.json, index.js, main.js,
+    /// activity.json; exec, bootstrap).
+    #[arg(long, value_name = "RUNTIME[:VERSION]")]
     runtime: Option<String>,
-    /// Handler as module:function (default f:f, i.e. f.py with def f(event)).
+    /// Handler. Python: module:function (default f:f, i.e. f.py with def f(event)).
+    /// Node.js: file.export or file:export (default: the directory's module). Native:
+    /// the executable's file name (default exec, else bootstrap).
     #[arg(long)]
     handler: Option<String>,
     /// Memory limit in MiB (default 128).
