@@ -135,6 +135,9 @@ fn directory_module(dir: &Path, handler: &Handler) -> Result<PathBuf, Error> {
                 dir.display()
             ))
         };
+        if leaves(&main) {
+            return Err(escapes(dir.join(&main)));
+        }
         for suffix in MODULE_SUFFIXES {
             let Ok(resolved) = dir.join(format!("{main}{suffix}")).canonicalize() else {
                 continue;
@@ -160,6 +163,21 @@ fn directory_module(dir: &Path, handler: &Handler) -> Result<PathBuf, Error> {
         "no Node.js module in {}: looked for package.json's \"main\", index.js and main.js; name one with --handler file.export",
         dir.display()
     )))
+}
+
+/// Whether the relative path `rel` leaves the directory it is taken in, as written:
+/// absolute, or more `..` than directories before them.
+fn leaves(rel: &str) -> bool {
+    let mut depth = 0usize;
+    for part in Path::new(rel).components() {
+        match part {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir if depth > 0 => depth -= 1,
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return true,
+        }
+    }
+    false
 }
 
 /// `package.json`'s `main`, if it has a `package.json` with one.

@@ -54,9 +54,17 @@ fn h(module: &str, function: &str) -> Handler {
     }
 }
 
+/// A directory's files (path, contents, mode) and handler, and what is chosen for them.
+type Shape<'a> = (
+    &'a [(&'a str, &'a str, u32)],
+    Option<&'a str>,
+    Runtime,
+    Handler,
+);
+
 #[test]
 fn each_shape_is_detected() {
-    let cases: &[(&[(&str, &str, u32)], Option<&str>, Runtime, Handler)] = &[
+    let cases: &[Shape] = &[
         (&[("f.py", PY, 0o644)], None, Runtime::Python, h("f", "f")),
         (
             &[("lambda_function.py", PY, 0o644)],
@@ -307,6 +315,8 @@ fn nodejs_modules_must_exist_inside_and_be_readable() {
     );
     for (main, says) in [
         ("../../etc/hostname", "outside the function directory"),
+        ("../nowhere/x.js", "outside the function directory"),
+        ("a/../../x.js", "outside the function directory"),
         ("/etc/hostname", "outside the function directory"),
         ("missing.js", "names no file"),
     ] {
