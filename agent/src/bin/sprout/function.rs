@@ -154,7 +154,7 @@ mod tests {
             );
             assert_eq!(
                 encoded.split('&').count(),
-                6,
+                7,
                 "{handler:?}: one pair per setting: {query}"
             );
             let back: FunctionConfig = serde_urlencoded::from_str(encoded).unwrap();
