@@ -11,9 +11,9 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use crate::error::Error;
+use ipc::proto::Runtime;
 
-use super::Runtime;
+use crate::error::Error;
 
 /// Versions that mean "whatever is installed".
 const ANY_VERSION: [&str; 2] = ["default", "latest"];

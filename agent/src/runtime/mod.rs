@@ -16,13 +16,13 @@
 //! The runtimes themselves are the protocol's enum ([`Runtime`], re-exported), so the
 //! agent and the shim name them the same way.
 
+mod files;
 pub mod installed;
 pub mod native;
 pub mod nodejs;
 pub mod python;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ipc::api::FunctionConfig;
 use ipc::proto::Handler;
@@ -87,11 +87,11 @@ pub fn detect(dir: &Path, handler: Option<&str>) -> Result<Runtime, Error> {
     let mut looked_for = Vec::new();
     if let Some(text) = handler {
         if let Ok(h) = python::parse_handler(Some(text)) {
-            let files = python::module_files(&h);
-            if files.iter().any(|f| present(dir, f)) {
+            let module_files = python::module_files(&h);
+            if module_files.iter().any(|f| files::present(dir, f)) {
                 return Ok(Runtime::Python);
             }
-            looked_for.extend(files);
+            looked_for.extend(module_files);
         }
         if let Ok(h) = nodejs::parse_handler(Some(text)) {
             if nodejs::has_module(dir, &h.module) {
@@ -102,13 +102,13 @@ pub fn detect(dir: &Path, handler: Option<&str>) -> Result<Runtime, Error> {
             }
         }
         if !text.is_empty() && !text.contains(['/', '\0', ':']) && text != "." && text != ".." {
-            if present(dir, text) {
+            if files::present(dir, text) {
                 return Ok(Runtime::Native);
             }
             looked_for.push(text.to_owned());
         }
     }
-    if let Some((_, runtime)) = MARKERS.iter().find(|(file, _)| present(dir, file)) {
+    if let Some((_, runtime)) = MARKERS.iter().find(|(file, _)| files::present(dir, file)) {
         return Ok(*runtime);
     }
     looked_for.extend(MARKERS.iter().map(|(file, _)| (*file).to_owned()));
@@ -121,7 +121,7 @@ pub fn detect(dir: &Path, handler: Option<&str>) -> Result<Runtime, Error> {
 
 /// The runtime an `activity.json` in `dir` names, checked like an explicit one.
 fn activity_runtime(dir: &Path) -> Result<Option<Runtime>, Error> {
-    let Some(text) = read_small(dir, ACTIVITY_JSON, MAX_ACTIVITY_JSON)? else {
+    let Some(text) = files::read_small(dir, ACTIVITY_JSON, MAX_ACTIVITY_JSON)? else {
         return Ok(None);
     };
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
@@ -139,58 +139,6 @@ fn activity_runtime(dir: &Path) -> Result<Option<Runtime>, Error> {
             "{ACTIVITY_JSON}'s runtime is {other}, not a runtime name"
         ))),
     }
-}
-
-/// Whether `rel` names something in `dir` (a link counts, whatever it points to).
-pub(crate) fn present(dir: &Path, rel: &str) -> bool {
-    dir.join(rel).symlink_metadata().is_ok()
-}
-
-/// The canonical path of `rel` in the canonical directory `dir` if it is a file
-/// there (symlinks followed); an error if it resolves outside `dir`.
-pub(crate) fn file_inside(
-    dir: &Path,
-    rel: &str,
-    handler: &Handler,
-) -> Result<Option<PathBuf>, Error> {
-    let Ok(resolved) = dir.join(rel).canonicalize() else {
-        return Ok(None);
-    };
-    if !resolved.starts_with(dir) {
-        return Err(Error::HandlerOutsideDir {
-            handler: handler.to_string(),
-            file: rel.to_owned(),
-            resolved,
-            dir: dir.to_path_buf(),
-        });
-    }
-    Ok(resolved.is_file().then_some(resolved))
-}
-
-/// The text of the small file `name` in the canonical directory `dir`, `None` if there
-/// is none. It must resolve to a regular file inside `dir` of at most `max` bytes.
-pub(crate) fn read_small(dir: &Path, name: &str, max: u64) -> Result<Option<String>, Error> {
-    let bad = |why: String| Error::InvalidConfig(format!("{name} in {}: {why}", dir.display()));
-    let Ok(resolved) = dir.join(name).canonicalize() else {
-        return Ok(None);
-    };
-    if !resolved.starts_with(dir) {
-        return Err(bad(format!(
-            "resolves to {}, outside the function directory",
-            resolved.display()
-        )));
-    }
-    if !resolved.is_file() {
-        return Err(bad("not a regular file".to_owned()));
-    }
-    let mut text = String::new();
-    std::fs::File::open(&resolved)
-        .and_then(|f| f.take(max + 1).read_to_string(&mut text))
-        .map_err(|e| bad(format!("cannot be read: {e}")))?;
-    if text.len() as u64 > max {
-        return Err(bad(format!("larger than {max} bytes")));
-    }
-    Ok(Some(text))
 }
 
 /// The agent's side of the runtime seam, over the protocol's [`Runtime`].

@@ -28,7 +28,9 @@ pub const LAMBDA_BOOTSTRAP: &str = "bootstrap";
 pub fn parse_handler(text: Option<&str>, dir: &Path) -> Result<Handler, Error> {
     let name = match text {
         Some(name) => name,
-        None if !super::present(dir, ACTIONLOOP_EXEC) && super::present(dir, LAMBDA_BOOTSTRAP) => {
+        None if !super::files::present(dir, ACTIONLOOP_EXEC)
+            && super::files::present(dir, LAMBDA_BOOTSTRAP) =>
+        {
             LAMBDA_BOOTSTRAP
         }
         None => ACTIONLOOP_EXEC,
@@ -50,7 +52,7 @@ pub fn parse_handler(text: Option<&str>, dir: &Path) -> Result<Handler, Error> {
 }
 
 pub fn check_handler(dir: &Path, handler: &Handler) -> Result<(), Error> {
-    let Some(file) = super::file_inside(dir, &handler.module, handler)? else {
+    let Some(file) = super::files::file_inside(dir, &handler.module, handler)? else {
         return Err(Error::HandlerFileMissing {
             handler: handler.to_string(),
             file: handler.module.clone(),
@@ -82,7 +84,7 @@ pub fn check_handler(dir: &Path, handler: &Handler) -> Result<(), Error> {
 
 /// Readable and executable by "other", as every directory on the way is usable.
 pub fn check_readable(dir: &Path, handler: &Handler) -> Result<(), Error> {
-    let Some(file) = super::file_inside(dir, &handler.module, handler)? else {
+    let Some(file) = super::files::file_inside(dir, &handler.module, handler)? else {
         return Ok(());
     };
     rootfs::check_readable(dir, &file)

@@ -102,7 +102,7 @@ pub fn module_file(dir: &Path, handler: &Handler) -> Result<PathBuf, Error> {
     }
     for suffix in MODULE_SUFFIXES {
         let rel = format!("{}{suffix}", handler.module);
-        if let Some(file) = super::file_inside(dir, &rel, handler)? {
+        if let Some(file) = super::files::file_inside(dir, &rel, handler)? {
             return Ok(file);
         }
     }
@@ -122,7 +122,7 @@ pub fn has_module(dir: &Path, module: &str) -> bool {
     !module.is_empty()
         && [".js", ".cjs", ".mjs"]
             .iter()
-            .any(|suffix| super::present(dir, &format!("{module}{suffix}")))
+            .any(|suffix| super::files::present(dir, &format!("{module}{suffix}")))
 }
 
 /// `package.json`'s `main`, else `index.js`, else `main.js`.
@@ -155,7 +155,7 @@ fn directory_module(dir: &Path, handler: &Handler) -> Result<PathBuf, Error> {
         )));
     }
     for name in DIRECTORY_MODULES {
-        if let Some(file) = super::file_inside(dir, name, handler)? {
+        if let Some(file) = super::files::file_inside(dir, name, handler)? {
             return Ok(file);
         }
     }
@@ -183,7 +183,7 @@ fn leaves(rel: &str) -> bool {
 /// `package.json`'s `main`, if it has a `package.json` with one.
 fn package_main(dir: &Path) -> Result<Option<String>, Error> {
     let path = dir.join("package.json");
-    let Some(text) = super::read_small(dir, "package.json", MAX_PACKAGE_JSON)? else {
+    let Some(text) = super::files::read_small(dir, "package.json", MAX_PACKAGE_JSON)? else {
         return Ok(None);
     };
     let json: serde_json::Value = serde_json::from_str(&text)

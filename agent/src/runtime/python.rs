@@ -29,7 +29,7 @@ pub fn parse_handler(text: Option<&str>) -> Result<Handler, Error> {
 pub fn check_handler(dir: &Path, handler: &Handler) -> Result<(), Error> {
     let [file, package_init] = module_files(handler);
     for rel in [&file, &package_init] {
-        if super::file_inside(dir, rel, handler)?.is_some() {
+        if super::files::file_inside(dir, rel, handler)?.is_some() {
             return Ok(());
         }
     }
