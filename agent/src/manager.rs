@@ -31,7 +31,8 @@ use crate::scheduler::{Scheduler, StemCell};
 /// channels (and, on cgroup v1, a look at each frozen shim's pending signals).
 pub(crate) const SHIM_CHECK: Duration = Duration::from_millis(250);
 
-/// Waits after a failed stem cell creation, doubling up to the maximum.
+/// Waits after a failed stem cell creation, doubling up to the maximum (each
+/// runtime its own).
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
@@ -46,8 +47,10 @@ pub(crate) fn run(
     destroy: impl Fn(Instance),
 ) {
     let v1 = sandboxes.cgroup_version() == pool::CgroupVersion::V1;
-    let mut retry = RETRY_FIRST;
-    let mut retry_at: Option<Instant> = None;
+    // Per runtime (by `Runtime as usize`): one that fails to start does not hold
+    // back the others' stem cells.
+    let mut retry = [RETRY_FIRST; Runtime::ALL.len()];
+    let mut retry_at: [Option<Instant>; Runtime::ALL.len()] = [None; Runtime::ALL.len()];
     let mut shim_check_at = Instant::now() + SHIM_CHECK;
     let mut sched = scheduler.lock();
     loop {
@@ -55,7 +58,14 @@ pub(crate) fn run(
             return;
         }
         let now = Instant::now();
-        let mut next: Option<Instant> = retry_at;
+        // A retry time already past is not waited for (it is acted on in this pass,
+        // or the stem cell is not wanted or does not fit now).
+        let mut next: Option<Instant> = retry_at
+            .iter()
+            .flatten()
+            .filter(|t| **t > now)
+            .min()
+            .copied();
         let soonest =
             |next: &mut Option<Instant>, t: Instant| *next = Some(next.map_or(t, |n| n.min(t)));
         let mut doomed: Vec<Instance> = Vec::new();
@@ -112,7 +122,7 @@ pub(crate) fn run(
         let refill = Runtime::ALL.into_iter().find(|runtime| {
             sched.stem_cells_missing(*runtime, cfg.stem_cells.get(*runtime)) > 0
                 && reserved + stem_mb <= cfg.memory_budget_mb
-                && retry_at.is_none_or(|t| t <= now)
+                && retry_at[*runtime as usize].is_none_or(|t| t <= now)
         });
         if let Some(runtime) = refill {
             sched.stem_starting(runtime);
@@ -136,14 +146,15 @@ pub(crate) fn run(
         match made {
             Some((runtime, Ok(stem))) => {
                 sched.stem_made(runtime, Some(stem));
-                retry = RETRY_FIRST;
-                retry_at = None;
+                retry[runtime as usize] = RETRY_FIRST;
+                retry_at[runtime as usize] = None;
             }
             Some((runtime, Err(e))) => {
                 sched.stem_made(runtime, None);
-                tracing::error!(error = %ipc::chain(&e), retry_in = ?retry, "could not make a stem cell");
-                retry_at = Some(Instant::now() + retry);
-                retry = (retry * 2).min(RETRY_MAX);
+                let wait = &mut retry[runtime as usize];
+                tracing::error!(error = %ipc::chain(&e), runtime = runtime.name(), retry_in = ?wait, "could not make a stem cell");
+                retry_at[runtime as usize] = Some(Instant::now() + *wait);
+                *wait = (*wait * 2).min(RETRY_MAX);
             }
             None => {}
         }
