@@ -56,14 +56,6 @@ impl Default for PoolConfig {
     }
 }
 
-impl PoolConfig {
-    /// Sets the stem cells from `sprout serve --stem-cells` ([`StemCells::parse`]).
-    pub fn set_stem_cells(&mut self, text: &str) -> Result<(), String> {
-        self.stem_cells = StemCells::parse(text)?;
-        Ok(())
-    }
-}
-
 /// How many stem cells the pool keeps ready for each runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StemCells {

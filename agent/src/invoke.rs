@@ -604,7 +604,10 @@ impl Invoker {
                 self.destroy(inst);
                 Err(Error::LoadFailed {
                     function: function.name.clone(),
-                    handler: function.handler.to_string(),
+                    handler: match function.handler.to_string() {
+                        h if h.is_empty() => "(the directory's module)".to_owned(),
+                        h => h,
+                    },
                     error,
                 })
             }

@@ -34,8 +34,8 @@ pub struct ServeArgs {
 struct PoolArgs {
     /// Prewarmed, frozen sandboxes kept ready, per runtime: `python=2,nodejs=1,native=1`
     /// (a runtime left out has none), or a bare number of Python ones.
-    #[arg(long, value_name = "N|RUNTIME=N,...", default_value = "2", value_parser = parse_stem_cells)]
-    stem_cells: String,
+    #[arg(long, value_name = "N|RUNTIME=N,...", default_value = "2", value_parser = agent::StemCells::parse)]
+    stem_cells: agent::StemCells,
     /// Freeze a warm instance after it has been idle this long.
     #[arg(long, value_name = "ms", default_value_t = 50)]
     pause_grace: u64,
@@ -63,25 +63,16 @@ struct PoolArgs {
 
 impl PoolArgs {
     fn config(&self) -> agent::PoolConfig {
-        let mut config = agent::PoolConfig {
+        agent::PoolConfig {
             pause_grace: Duration::from_millis(self.pause_grace),
             idle_ttl: Duration::from_secs(self.idle_ttl),
             memory_budget_mb: self
                 .memory_budget
                 .unwrap_or_else(agent::default_memory_budget_mb),
+            stem_cells: self.stem_cells,
             ..agent::PoolConfig::default()
-        };
-        config
-            .set_stem_cells(&self.stem_cells)
-            .expect("checked by parse_stem_cells");
-        config
+        }
     }
-}
-
-/// Checks `--stem-cells` as the pool reads it ([`agent::PoolConfig::set_stem_cells`]).
-fn parse_stem_cells(text: &str) -> Result<String, String> {
-    agent::PoolConfig::default().set_stem_cells(text)?;
-    Ok(text.to_owned())
 }
 
 /// The daemon's API connections and shutdown.
