@@ -36,7 +36,7 @@ let running = null; // the invocation running now: {deadline}
 function describe(e) {
   if (e instanceof Error || (e && typeof e === 'object' && typeof e.message === 'string')) {
     const type = typeof e.name === 'string' && e.name ? e.name : (e.constructor && e.constructor.name) || 'Error';
-    return { type, message: String(e.message), traceback: typeof e.stack === 'string' ? e.stack : '' };
+    return { type, message: String(e.message), traceback: typeof e.stack === 'string' ? ownStack(e.stack) : '' };
   }
   // A thrown value that is not an Error: type "Error", its text as the message.
   let message;
@@ -48,8 +48,21 @@ function describe(e) {
   return { type: 'Error', message, traceback: '' };
 }
 
+// A stack without the runtime's frames (and Node's own below them): the function's.
+function ownStack(stack) {
+  const lines = stack.split('\n');
+  let end = lines.findIndex((l) => l.includes(`${__dirname}/`));
+  if (end < 0) return stack;
+  while (end > 1 && /\(node:|at node:/.test(lines[end - 1])) end -= 1;
+  return lines.slice(0, end).join('\n');
+}
+
+// The runtime's own verdict on a function (no stack: it is not the function's).
 function failure(type, message) {
-  return { type, message, traceback: '' };
+  const error = new Error(message);
+  error.name = type;
+  error.stack = '';
+  return error;
 }
 
 // Compiles `file` as a CommonJS module, with a trailing lookup of a top-level
@@ -70,6 +83,9 @@ function compileEntry(file) {
     });
   } catch (e) {
     delete Module._cache[file];
+    // The trailing lookup may show in the error: compile the file alone for the
+    // function's own (only on this error path).
+    vm.compileFunction(source, [], { filename: file });
     throw e;
   }
   const require = Module.createRequire(file);
