@@ -46,8 +46,9 @@ fn invoke_with_logs(d: &Daemon, name: &str, event: &str) -> (u16, Value) {
 fn every_handler_shape_runs() {
     let env = require_root!();
     let event = r#"{"name":"n"}"#;
-    // (files, --handler, expected result)
-    let shapes: &[(&str, &[(&str, &str)], Option<&str>, Value)] = &[
+    // (name, files, --handler, expected result)
+    type Shape<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>, Value);
+    let shapes: &[Shape] = &[
         (
             "exports-main",
             &[("index.js", "exports.main = (p) => ({shape: 'exports.main', p});\n")],
