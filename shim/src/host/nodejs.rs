@@ -91,15 +91,21 @@ pub struct Node {
     /// The host is in a `load` or an invocation: a node that exits now is reported
     /// by them; otherwise its watcher ends the host at once.
     busy: Arc<AtomicBool>,
+    pid: i32,
 }
 
 impl Node {
     /// Starts `node` and waits until it is ready for its `load`.
     pub fn boot(calls: Channel) -> Result<Node, Error> {
+        Node::boot_script(calls, &nodejs::entry_path())
+    }
+
+    /// Starts `node` on the runtime's entry script at `entry`.
+    fn boot_script(calls: Channel, entry: &str) -> Result<Node, Error> {
         let sys_err = |what| move |source| Error::Sys { what, source };
         let (ours, theirs) = UnixStream::pair().map_err(sys_err("socket pair"))?;
         let mut cmd = Command::new(nodejs::INTERPRETER);
-        cmd.arg(nodejs::entry_path())
+        cmd.arg(entry)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", "/tmp")
@@ -114,6 +120,7 @@ impl Node {
         }
         let child = cmd.spawn().map_err(sys_err("start /usr/bin/node"))?;
         drop(theirs);
+        let pid = child.id() as i32;
         let busy = Arc::new(AtomicBool::new(true));
         watch(child, busy.clone());
         let to_node = ours.try_clone().map_err(sys_err("dup the node link"))?;
@@ -123,6 +130,7 @@ impl Node {
             calls: Arc::new(Calls::new(calls)),
             in_flight: Arc::new(AtomicUsize::new(0)),
             busy,
+            pid,
         };
         match node.read()? {
             (FromNode::Ready, _) => {}
@@ -251,6 +259,14 @@ impl Backend for Node {
         };
         self.busy.store(false, Ordering::SeqCst);
         Ok((outcome, called))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Ending node on purpose is not node exiting on its own.
+        self.busy.store(true, Ordering::SeqCst);
+        sys::kill(self.pid);
     }
 }
 
@@ -394,6 +410,112 @@ mod tests {
         frame.extend_from_slice(br#"{"op":"what"}"#);
         let err = read_frame::<FromNode>(&mut &frame[..]).unwrap_err();
         assert!(err.contains("not one of its ops"), "{err}");
+    }
+
+    use std::time::Duration;
+
+    use ipc::proto::{About, Handler};
+
+    /// A booted node on the runtime installed in a scratch directory, loaded with
+    /// `code` as `index.js`, and the shim's end of its calls channel.
+    fn loaded(code: &str, function: &str) -> (Node, Result<(), FunctionError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        nodejs::install(dir.path()).unwrap();
+        let code_dir = dir.path().join("code");
+        std::fs::create_dir(&code_dir).unwrap();
+        std::fs::write(code_dir.join("index.js"), code).unwrap();
+        let (calls, _shim) = Channel::pair().unwrap();
+        let entry = dir.path().join("nodejs").join(nodejs::ENTRY);
+        let mut node = Node::boot_script(calls, entry.to_str().unwrap()).unwrap();
+        let spec = LoadSpec {
+            function: "unit".into(),
+            code_dir: code_dir.display().to_string(),
+            handler: Handler {
+                module: String::new(),
+                function: function.into(),
+            },
+            about: About {
+                namespace: "ns".into(),
+                version: 7,
+                memory_mb: 128,
+                timeout_ms: 1000,
+            },
+        };
+        let load = node.load(&spec);
+        (node, load, dir)
+    }
+
+    fn invoke(node: &mut Node, event: &[u8], raw: bool) -> (Outcome, bool) {
+        node.invoke(Invocation {
+            id: 0xabc,
+            depth: 0,
+            raw,
+            event: Payload::Inline(event.to_vec()),
+            deadline: Instant::now() + Duration::from_secs(5),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn node_runs_a_handler_with_its_context_and_raw_bytes() {
+        let code = r#"exports.handler = async (e, c) => Buffer.isBuffer(e)
+  ? Buffer.concat([e, Buffer.from('!')])
+  : {e, id: c.awsRequestId, v: c.functionVersion, left: c.getRemainingTimeInMillis() > 4000};
+"#;
+        let (mut node, load, _dir) = loaded(code, "handler");
+        load.unwrap();
+        match invoke(&mut node, br#"{"a":1}"#, false) {
+            (Outcome::Returned { result, raw: false }, false) => {
+                let v: serde_json::Value = serde_json::from_slice(&result).unwrap();
+                assert_eq!(
+                    v,
+                    serde_json::json!({"e": {"a": 1}, "id": format!("{:032x}", 0xabc), "v": "7", "left": true})
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let big = vec![b'z'; 200 << 10];
+        match invoke(&mut node, &big, true) {
+            (Outcome::Returned { result, raw: true }, _) => {
+                assert_eq!(result.len(), big.len() + 1);
+                assert_eq!(result.last(), Some(&b'!'));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_failed_call_rejects_with_a_call_error() {
+        // Outside a sandbox there is no agent socket: the call fails, by name.
+        let code = r#"const sprout = require('sprout');
+exports.main = async () => {
+  try { await sprout.call('other', {}); return 'no'; }
+  catch (e) { return [e.name, e.function, e.type, e.failed, e.message]; }
+};
+"#;
+        let (mut node, load, _dir) = loaded(code, "");
+        load.unwrap();
+        match invoke(&mut node, b"{}", false) {
+            (Outcome::Returned { result, .. }, true) => {
+                let v: serde_json::Value = serde_json::from_slice(&result).unwrap();
+                assert_eq!(v[0], "CallError", "{v}");
+                assert_eq!(v[1], "other", "{v}");
+                assert_eq!(v[2], "CallFailed", "{v}");
+                assert_eq!(v[3], true, "{v}");
+                assert!(v[4].as_str().unwrap().contains("agent"), "{v}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn load_errors_name_what_is_missing() {
+        let (_node, load, _dir) = loaded("exports.other = 1;\n", "");
+        let e = load.unwrap_err();
+        assert_eq!(e.kind, "HandlerNotFound", "{e:?}");
+        let (_node, load, _dir) = loaded("exports.main = () => 1;\n", "niam.xyz");
+        let e = load.unwrap_err();
+        assert!(e.message.contains("no function niam.xyz"), "{e:?}");
     }
 
     #[test]
