@@ -95,7 +95,7 @@ class Link {
         this.header = null;
         const handler = this.handlers.get(header && header.op);
         if (handler === undefined) die(`the host sent an unknown op ${JSON.stringify(header && header.op)}`);
-        handler(header, Buffer.from(bytes)); // its own copy: `bytes` may share a chunk
+        handler(header, bytes); // a view of the received bytes: nothing writes to them
       }
     }
   }
