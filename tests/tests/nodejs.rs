@@ -123,6 +123,15 @@ fn every_handler_shape_runs() {
             json!({"late": "n"}),
         ),
         (
+            "callback",
+            &[(
+                "index.js",
+                "exports.handler = (e, context, callback) => { setTimeout(() => callback(null, {cb: e.name}), 5); };\n",
+            )],
+            Some("index.handler"),
+            json!({"cb": "n"}),
+        ),
+        (
             "undefined",
             &[("index.js", "exports.main = async () => {};\n")],
             None,
