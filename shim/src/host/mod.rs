@@ -16,6 +16,7 @@
 //! when its runtime's process does, so the agent sees either death as the instance's
 //! channel closing.
 
+mod calls;
 mod launcher;
 mod native;
 mod nodejs;

@@ -1,0 +1,5 @@
+module.exports = async () => {
+    console.log("pong")
+
+    return "ponged"
+}

@@ -1,0 +1,253 @@
+'use strict';
+// A Node.js instance of sprout: started by the instance host before its `load` (a
+// stem cell's spare is this process, booted), it loads one function and runs its
+// invocations, one at a time, on the link to the host (descriptor 3; see link.js).
+//
+// host -> node: load {function, code_dir, handler: {module, function}, namespace,
+//               version, memory_mb, timeout_ms}
+//               invoke {activation_id, depth, raw, remaining_ms} + event
+//               call_returned/call_raised/call_failed/call_refused {id, ...} (sprout.js)
+// node -> host: ready, loaded, load_failed {error}, returned {raw} + result,
+//               raised {error}, call {id, function, raw?, async?} + event (sprout.js)
+
+const fs = require('fs');
+const path = require('path');
+const vm = require('vm');
+const Module = require('module');
+
+const theLink = require('./link.js');
+
+// `sprout` and `@m6s/box` are sprout's own files, even beside a bundled node_modules.
+const OWN = new Map([
+  ['sprout', path.join(__dirname, 'sprout.js')],
+  ['@m6s/box', path.join(__dirname, 'box.js')],
+]);
+const resolveFilename = Module._resolveFilename;
+Module._resolveFilename = function (request, ...rest) {
+  const own = OWN.get(request);
+  return own !== undefined ? own : resolveFilename.call(this, request, ...rest);
+};
+
+const link = theLink();
+let handler = null; // {fn, self, about}
+let running = null; // the invocation running now: {deadline}
+
+// A function's error as the protocol carries it: {type, message, traceback}.
+function describe(e) {
+  if (e instanceof Error || (e && typeof e === 'object' && typeof e.message === 'string')) {
+    const type = typeof e.name === 'string' && e.name ? e.name : (e.constructor && e.constructor.name) || 'Error';
+    return { type, message: String(e.message), traceback: typeof e.stack === 'string' ? ownStack(e.stack) : '' };
+  }
+  // A thrown value that is not an Error: type "Error", its text as the message.
+  let message;
+  try {
+    message = typeof e === 'object' && e !== null ? JSON.stringify(e) : String(e);
+  } catch (_) {
+    message = String(e);
+  }
+  return { type: 'Error', message, traceback: '' };
+}
+
+// A stack without the runtime's frames (and Node's own below them): the function's.
+function ownStack(stack) {
+  const lines = stack.split('\n');
+  let end = lines.findIndex((l) => l.includes(`${__dirname}/`));
+  if (end < 0) return stack;
+  while (end > 1 && /\(node:|at node:/.test(lines[end - 1])) end -= 1;
+  return lines.slice(0, end).join('\n');
+}
+
+// The runtime's own verdict on a function (no stack: it is not the function's).
+function failure(type, message) {
+  const error = new Error(message);
+  error.name = type;
+  error.stack = '';
+  return error;
+}
+
+// Compiles `file` as a CommonJS module, with a trailing lookup of a top-level
+// `function main` (OpenWhisk's plain code): returns [module, that main or undefined].
+function compileEntry(file) {
+  const mod = new Module(file, null);
+  mod.filename = file;
+  mod.paths = Module._nodeModulePaths(path.dirname(file));
+  Module._cache[file] = mod;
+  let source = fs.readFileSync(file, 'utf8');
+  if (source.charCodeAt(0) === 0xfeff) source = source.slice(1);
+  if (source.startsWith('#!')) source = '//' + source.slice(2);
+  const body = `${source}\n;return typeof main === 'function' ? main : undefined;`;
+  let fn;
+  try {
+    fn = vm.compileFunction(body, ['exports', 'require', 'module', '__filename', '__dirname'], {
+      filename: file,
+    });
+  } catch (e) {
+    delete Module._cache[file];
+    // The trailing lookup may show in the error: compile the file alone for the
+    // function's own (only on this error path).
+    vm.compileFunction(source, [], { filename: file });
+    throw e;
+  }
+  const require = Module.createRequire(file);
+  let globalMain;
+  try {
+    globalMain = fn.call(mod.exports, mod.exports, require, mod, file, path.dirname(file));
+  } catch (e) {
+    delete Module._cache[file];
+    throw e;
+  }
+  mod.loaded = true;
+  return [mod, globalMain];
+}
+
+// The entry file of module `name` under `dir`: "" is the directory itself
+// (package.json `main`, index.js, main.js).
+function entryFile(dir, name) {
+  const req = Module.createRequire(path.join(dir, 'sprout-entry'));
+  if (name === '') {
+    try {
+      return req.resolve(dir);
+    } catch (e) {
+      const main = path.join(dir, 'main.js');
+      if (fs.existsSync(main)) return main;
+      throw failure(
+        'ModuleNotFound',
+        `no entry module in ${dir}: looked for package.json "main", index.js and main.js`,
+      );
+    }
+  }
+  try {
+    return req.resolve(path.resolve(dir, name));
+  } catch (e) {
+    throw failure('ModuleNotFound', `no module ${JSON.stringify(name)} in ${dir} (${e.message.split('\n')[0]})`);
+  }
+}
+
+function findHandler(spec) {
+  const dir = spec.code_dir;
+  const file = entryFile(dir, spec.handler.module);
+  process.chdir(dir);
+  let exports;
+  let globalMain;
+  if (/\.c?js$/.test(file)) {
+    const [mod, found] = compileEntry(file);
+    exports = mod.exports;
+    globalMain = found;
+  } else {
+    exports = require(file);
+  }
+  const where = `${path.relative(dir, file) || file}`;
+  const wanted = spec.handler.function;
+  if (wanted === '') {
+    if (typeof exports === 'function') return { fn: exports, self: undefined };
+    for (const name of ['main', 'handler']) {
+      if (exports && typeof exports[name] === 'function') return { fn: exports[name], self: exports };
+    }
+    if (globalMain !== undefined) return { fn: globalMain, self: undefined };
+    throw failure(
+      'HandlerNotFound',
+      `${where} is not a function and exports no function main or handler, nor declares a function main`,
+    );
+  }
+  let self;
+  let value = exports;
+  const parts = wanted.split('.');
+  for (const [i, part] of parts.entries()) {
+    if (i === 0 && part === 'main' && parts.length === 1 && (value == null || value.main === undefined)) {
+      value = globalMain;
+      break;
+    }
+    self = value;
+    value = value == null ? undefined : value[part];
+  }
+  if (typeof value !== 'function') {
+    const what = value === undefined ? 'nothing' : `a ${typeof value}`;
+    throw failure('HandlerNotFound', `${where} has no function ${wanted} (found ${what})`);
+  }
+  return { fn: value, self };
+}
+
+link.on('load', (spec) => {
+  try {
+    const found = findHandler(spec);
+    handler = { ...found, spec };
+  } catch (e) {
+    link.send({ op: 'load_failed', error: describe(e) });
+    return;
+  }
+  link.send({ op: 'loaded' });
+});
+
+// The context an AWS Lambda-style handler `(event, context)` gets.
+function lambdaContext(spec, header) {
+  return {
+    functionName: spec.function,
+    functionVersion: String(spec.version),
+    awsRequestId: header.activation_id,
+    memoryLimitInMB: String(spec.memory_mb),
+    namespace: spec.namespace,
+    callbackWaitsForEmptyEventLoop: true,
+    getRemainingTimeInMillis() {
+      return running === null ? 0 : Math.max(0, Math.round(running.deadline - performance.now()));
+    },
+  };
+}
+
+function runHandler(event, header) {
+  const { fn, self, spec } = handler;
+  if (fn.length < 2) return fn.call(self, event);
+  const context = lambdaContext(spec, header);
+  if (fn.length < 3) return fn.call(self, event, context);
+  // (event, context, callback): the callback settles it, or the returned promise does.
+  return new Promise((resolve, reject) => {
+    const done = (error, result) => (error ? reject(error) : resolve(result));
+    const value = fn.call(self, event, context, done);
+    if (value && typeof value.then === 'function') value.then(resolve, reject);
+  });
+}
+
+function answer(header, payload) {
+  running = null;
+  link.send(header, payload);
+}
+
+link.on('invoke', async (header, payload) => {
+  running = { deadline: performance.now() + header.remaining_ms, error: null };
+  const current = running;
+  let result;
+  try {
+    const event = header.raw ? payload : JSON.parse(payload.toString('utf8'));
+    result = await runHandler(event, header);
+  } catch (e) {
+    if (running === current) answer({ op: 'raised', error: describe(e) });
+    return;
+  }
+  if (running !== current) return; // answered already (an uncaught error)
+  if (Buffer.isBuffer(result) || result instanceof Uint8Array) {
+    const bytes = Buffer.from(result.buffer, result.byteOffset, result.byteLength);
+    answer({ op: 'returned', raw: true }, bytes);
+    return;
+  }
+  let text;
+  try {
+    text = JSON.stringify(result === undefined ? null : result);
+    if (text === undefined) throw new TypeError(`a ${typeof result} is not JSON`);
+  } catch (e) {
+    const error = describe(e);
+    error.message = `handler result is not JSON-serialisable: ${error.message}`;
+    answer({ op: 'raised', error });
+    return;
+  }
+  answer({ op: 'returned' }, Buffer.from(text));
+});
+
+// An error nobody caught (a callback, a promise nobody awaits): the running
+// invocation fails with it; between invocations it is only logged.
+function uncaught(e) {
+  process._rawDebug(`Uncaught ${e && e.stack ? e.stack : String(e)}`);
+  if (running !== null) answer({ op: 'raised', error: describe(e) });
+}
+process.on('uncaughtException', uncaught);
+process.on('unhandledRejection', uncaught);
+
+link.send({ op: 'ready' });

@@ -1,0 +1,248 @@
+//! Calls from a hosted instance to other functions, made by its host on its behalf:
+//! the runtime's process (Node.js) cannot hold sprout's channels itself.
+//!
+//! The host holds the instance's **calls channel** to the shim (one call at a time:
+//! callers queue on its lock) and one connection to the agent's **call socket**
+//! (`/.sprout/agent.sock`, connected on first use; many calls in flight, a reader
+//! thread files each reply for the caller waiting on its id). The semantics are the
+//! Python SDK's (`docs/protocol.md`, "Calls between functions"): a synchronous call
+//! first `resolve`s its callee with the agent and runs it in this sandbox through the
+//! shim when the agent gives a spec, else through the agent; an asynchronous call
+//! goes to the agent.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use ipc::proto::{CallReply, CallRequest, CallSpec};
+use ipc::{Channel, Payload};
+
+/// The agent's call socket, as every sandbox sees it.
+pub const AGENT_SOCKET: &str = "/.sprout/agent.sock";
+
+/// A call's answer: the reply and its payload (the result, for `call_returned`), or
+/// why the call could not complete (answered as `call_failed`).
+pub type Answer = Result<(CallReply, Payload), String>;
+
+/// One instance's calls.
+#[derive(Debug)]
+pub struct Calls {
+    /// The calls channel to the shim; `Err`: why it is unusable.
+    shim: Mutex<Result<Channel, String>>,
+    agent: Mutex<Option<Arc<AgentLink>>>,
+    /// Callee name → its spec (run it here) or `None` (run it through the agent).
+    specs: Mutex<HashMap<String, Option<CallSpec>>>,
+    ids: AtomicU64,
+    agent_socket: String,
+}
+
+/// The connection to the agent's call socket.
+#[derive(Debug)]
+struct AgentLink {
+    send: Mutex<Channel>,
+    replies: Arc<Mutex<Waiting>>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    by_id: HashMap<u64, mpsc::Sender<Answer>>,
+    /// Why the connection is gone: every later request fails with it.
+    broken: Option<String>,
+}
+
+impl Calls {
+    pub fn new(shim: Channel) -> Calls {
+        Calls {
+            shim: Mutex::new(Ok(shim)),
+            agent: Mutex::new(None),
+            specs: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(1),
+            agent_socket: AGENT_SOCKET.to_owned(),
+        }
+    }
+
+    /// Calls `function` with `event` at `depth` (the callee's) and waits for the
+    /// answer. `in_sandbox`: a synchronous call, which may run in this sandbox.
+    pub fn call(
+        &self,
+        function: &str,
+        depth: u32,
+        raw: bool,
+        event: &[u8],
+        in_sandbox: bool,
+    ) -> Answer {
+        ipc::proto::check_depth(function, depth)?;
+        let spec = if in_sandbox {
+            match self.resolve(function)? {
+                Ok(spec) => spec,
+                Err(answer) => return Ok(answer),
+            }
+        } else {
+            None
+        };
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let request = CallRequest::Call {
+            id,
+            function: function.to_owned(),
+            depth,
+            raw,
+            spec: None,
+        };
+        match spec {
+            Some(spec) => self.call_shim(id, with_spec(request, spec), event),
+            None => self.call_agent(id, &request, event),
+        }
+    }
+
+    /// The callee's spec (`Some`: run it here), or the agent's failure answer.
+    #[allow(clippy::type_complexity)]
+    fn resolve(
+        &self,
+        function: &str,
+    ) -> Result<Result<Option<CallSpec>, (CallReply, Payload)>, String> {
+        if let Some(known) = self.specs.lock().unwrap().get(function) {
+            return Ok(Ok(known.clone()));
+        }
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let request = CallRequest::Resolve {
+            id,
+            function: function.to_owned(),
+        };
+        match self.call_agent(id, &request, &[])? {
+            (CallReply::Resolved { spec, .. }, _) => {
+                self.specs
+                    .lock()
+                    .unwrap()
+                    .insert(function.to_owned(), spec.clone());
+                Ok(Ok(spec))
+            }
+            (reply @ (CallReply::CallFailed { .. } | CallReply::CallRaised { .. }), payload) => {
+                Ok(Err((reply, payload)))
+            }
+            (other, _) => Err(format!(
+                "unexpected answer to resolve: op={}",
+                ipc::proto::op_of(&other)
+            )),
+        }
+    }
+
+    fn call_shim(&self, id: u64, request: CallRequest, event: &[u8]) -> Answer {
+        let mut shim = self.shim.lock().unwrap();
+        let channel = shim.as_mut().map_err(|why| why.clone())?;
+        if let Err(e) = channel.send(&request, event, &[]) {
+            let why = format!("the calls channel to the shim broke: {}", ipc::chain(&e));
+            *shim = Err(why.clone());
+            return Err(why);
+        }
+        loop {
+            match channel.recv::<CallReply>() {
+                Ok(m) if reply_id(&m.header) == id => return Ok((m.header, m.payload)),
+                Ok(_) => continue, // an answer to a call nobody waits for
+                Err(e) => {
+                    let why = format!("the calls channel to the shim broke: {}", ipc::chain(&e));
+                    *shim = Err(why.clone());
+                    return Err(why);
+                }
+            }
+        }
+    }
+
+    fn agent(&self) -> Result<Arc<AgentLink>, String> {
+        let mut agent = self.agent.lock().unwrap();
+        if let Some(link) = agent.as_ref() {
+            return Ok(link.clone());
+        }
+        let path = &self.agent_socket;
+        let stream = UnixStream::connect(path)
+            .map_err(|e| format!("cannot connect to the agent's call socket {path}: {e}"))?;
+        let reader = stream
+            .try_clone()
+            .map_err(|e| format!("cannot use the agent's call socket: {e}"))?;
+        let replies = Arc::new(Mutex::new(Waiting::default()));
+        let filed = replies.clone();
+        std::thread::Builder::new()
+            .name("agent-replies".into())
+            .spawn(move || read_replies(Channel::new(reader), &filed))
+            .map_err(|e| format!("cannot start the agent reply reader: {e}"))?;
+        let link = Arc::new(AgentLink {
+            send: Mutex::new(Channel::new(stream)),
+            replies,
+        });
+        *agent = Some(link.clone());
+        Ok(link)
+    }
+
+    fn call_agent(&self, id: u64, request: &CallRequest, event: &[u8]) -> Answer {
+        let link = self.agent()?;
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut waiting = link.replies.lock().unwrap();
+            if let Some(why) = &waiting.broken {
+                return Err(why.clone());
+            }
+            waiting.by_id.insert(id, tx);
+        }
+        if let Err(e) = link.send.lock().unwrap().send(request, event, &[]) {
+            link.replies.lock().unwrap().by_id.remove(&id);
+            return Err(format!(
+                "the call connection to the agent broke: {}",
+                ipc::chain(&e)
+            ));
+        }
+        rx.recv()
+            .unwrap_or_else(|_| Err("the agent closed the call connection".into()))
+    }
+}
+
+fn with_spec(request: CallRequest, spec: CallSpec) -> CallRequest {
+    match request {
+        CallRequest::Call {
+            id,
+            function,
+            depth,
+            raw,
+            ..
+        } => CallRequest::Call {
+            id,
+            function,
+            depth,
+            raw,
+            spec: Some(spec),
+        },
+        other => other,
+    }
+}
+
+/// The id a reply answers.
+pub fn reply_id(reply: &CallReply) -> u64 {
+    match reply {
+        CallReply::Resolved { id, .. }
+        | CallReply::CallReturned { id, .. }
+        | CallReply::CallRaised { id, .. }
+        | CallReply::CallFailed { id, .. }
+        | CallReply::CallRefused { id, .. } => *id,
+    }
+}
+
+/// Files the agent's replies for their callers until the connection ends, then fails
+/// everyone still waiting.
+fn read_replies(mut channel: Channel, waiting: &Mutex<Waiting>) {
+    let why = loop {
+        match channel.recv::<CallReply>() {
+            Ok(m) => {
+                let id = reply_id(&m.header);
+                if let Some(tx) = waiting.lock().unwrap().by_id.remove(&id) {
+                    let _ = tx.send(Ok((m.header, m.payload)));
+                }
+            }
+            Err(ipc::Error::Closed) => break "the agent closed the call connection".to_owned(),
+            Err(e) => break format!("the call connection to the agent broke: {}", ipc::chain(&e)),
+        }
+    };
+    let mut waiting = waiting.lock().unwrap();
+    waiting.broken = Some(why.clone());
+    for (_, tx) in waiting.by_id.drain() {
+        let _ = tx.send(Err(why.clone()));
+    }
+}
