@@ -47,6 +47,59 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 /// The hybrid layout's controller-less cgroup2 mount, which crun refuses.
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
+/// The language a baseline runs the handler in, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lang {
+    /// `python3 -I -c PROGRAM EVENT`: `f.py`'s `f(event)`.
+    Python,
+    /// `node -e PROGRAM EVENT`: the directory's module (`index.js`), its `main`.
+    Node,
+}
+
+impl Lang {
+    fn interpreter(self) -> &'static str {
+        match self {
+            Lang::Python => PYTHON,
+            Lang::Node => NODE,
+        }
+    }
+
+    /// The handler file a directory must hold.
+    fn handler_file(self) -> &'static str {
+        match self {
+            Lang::Python => "f.py",
+            Lang::Node => "index.js",
+        }
+    }
+
+    /// The interpreter's arguments that run the handler in `code_dir` on `event_json`.
+    fn args(self, code_dir: &str, event_json: &str) -> Vec<String> {
+        match self {
+            Lang::Python => vec![
+                "-I".into(),
+                "-c".into(),
+                program(code_dir),
+                event_json.into(),
+            ],
+            Lang::Node => vec!["-e".into(), node_program(code_dir), event_json.into()],
+        }
+    }
+}
+
+const NODE: &str = "/usr/bin/node";
+
+/// The program `node -e` runs; the event is its `process.argv[1]`. It prints the
+/// awaited result as JSON, as the Python program does.
+fn node_program(code_dir: &str) -> String {
+    let dir = serde_json::to_string(code_dir).expect("a str serializes");
+    format!(
+        "const m = require({dir});\n\
+         const f = typeof m === 'function' ? m : m.main;\n\
+         Promise.resolve(f(JSON.parse(process.argv[1])))\n\
+           .then((r) => console.log(JSON.stringify(r)));\n"
+    )
+}
+
 /// The program `python3 -I -c` runs; the event is its `sys.argv[1]`.
 fn program(code_dir: &str) -> String {
     // A JSON string literal is a valid Python string literal.
@@ -67,15 +120,25 @@ pub fn host_python(
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    let handler_dir = absolute(handler_dir)?;
-    let expected = reference_output(&handler_dir, event_json)?;
-    let prog = program(path_str(&handler_dir)?);
+    host_process(Lang::Python, handler_dir, event_json, runs)
+}
+
+/// The interpreter of `lang` on the host, one process per run (see [`host_python`]).
+pub fn host_process(
+    lang: Lang,
+    handler_dir: &Path,
+    event_json: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let handler_dir = absolute(lang, handler_dir)?;
+    let expected = reference_output(lang, &handler_dir, event_json)?;
+    let args = lang.args(path_str(&handler_dir)?, event_json);
     let mut samples = Vec::with_capacity(runs);
     for i in 0..WARMUP_RUNS + runs {
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg("-I").arg("-c").arg(&prog).arg(event_json);
-        let out = timed(&mut cmd, RUN_TIMEOUT).context("run host python3")?;
-        out.check("host python3", &expected)?;
+        let mut cmd = Command::new(lang.interpreter());
+        cmd.args(&args);
+        let out = timed(&mut cmd, RUN_TIMEOUT).context("run the host interpreter")?;
+        out.check("host interpreter", &expected)?;
         if i >= WARMUP_RUNS {
             samples.push(out.elapsed);
         }
@@ -90,11 +153,12 @@ pub fn host_python(
 /// `/sprout-bench` parents stay until the baseline ends). Not timed: writing
 /// config.json, the check that nothing is left and the removal of anything that is.
 pub fn runc_run(
+    lang: Lang,
     handler_dir: &Path,
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    container_runs(Runtime::Runc, handler_dir, event_json, runs)
+    container_runs(Runtime::Runc, lang, handler_dir, event_json, runs)
 }
 
 /// `crun run --bundle B ID` in the foreground, one new container per run, as for
@@ -112,7 +176,7 @@ pub fn crun_run(
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    container_runs(Runtime::Crun, handler_dir, event_json, runs)
+    container_runs(Runtime::Crun, Lang::Python, handler_dir, event_json, runs)
 }
 
 /// The cost the crun wrapper adds to each [`crun_run`] sample: the same
@@ -187,11 +251,12 @@ fn needs_crun_wrapper() -> anyhow::Result<bool> {
 
 fn container_runs(
     runtime: Runtime,
+    lang: Lang,
     handler_dir: &Path,
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    let mut baseline = ContainerBaseline::new(runtime, handler_dir, event_json)?;
+    let mut baseline = ContainerBaseline::new(runtime, lang, handler_dir, event_json)?;
     let mut samples = Vec::with_capacity(runs);
     for n in 0..WARMUP_RUNS + runs {
         let elapsed = baseline.run()?;
@@ -206,7 +271,7 @@ fn container_runs(
 /// `runc run` of the handler, one new container per [`ContainerBaseline::run`], set up
 /// once: for measurements that interleave it with another path (`bench guard`).
 pub fn runc_baseline(handler_dir: &Path, event_json: &str) -> anyhow::Result<ContainerBaseline> {
-    ContainerBaseline::new(Runtime::Runc, handler_dir, event_json)
+    ContainerBaseline::new(Runtime::Runc, Lang::Python, handler_dir, event_json)
 }
 
 /// A one-shot container baseline set up once (bundle, state directory, expected
@@ -214,6 +279,7 @@ pub fn runc_baseline(handler_dir: &Path, event_json: &str) -> anyhow::Result<Con
 /// cleans it up. Everything it made is removed by [`finish`](Self::finish), or on drop.
 pub struct ContainerBaseline {
     runtime: Runtime,
+    lang: Lang,
     binary: PathBuf,
     wrap: bool,
     handler_dir: PathBuf,
@@ -229,14 +295,19 @@ pub struct ContainerBaseline {
 }
 
 impl ContainerBaseline {
-    fn new(runtime: Runtime, handler_dir: &Path, event_json: &str) -> anyhow::Result<Self> {
+    fn new(
+        runtime: Runtime,
+        lang: Lang,
+        handler_dir: &Path,
+        event_json: &str,
+    ) -> anyhow::Result<Self> {
         ensure!(
             nix::unistd::geteuid().is_root(),
             "the {} baseline needs root",
             runtime.name()
         );
-        let handler_dir = absolute(handler_dir)?;
-        let expected = reference_output(&handler_dir, event_json)?;
+        let handler_dir = absolute(lang, handler_dir)?;
+        let expected = reference_output(lang, &handler_dir, event_json)?;
         let binary = find_program(runtime.name())?;
         let wrap = runtime == Runtime::Crun && needs_crun_wrapper()?;
 
@@ -257,6 +328,7 @@ impl ContainerBaseline {
         };
         Ok(ContainerBaseline {
             runtime,
+            lang,
             binary,
             wrap,
             handler_dir,
@@ -279,7 +351,7 @@ impl ContainerBaseline {
         self.n += 1;
         let id = format!("sprout-bench-{runtime}-{pid}-{n}");
         let cgroup = format!("/{CGROUP_PARENT}/{runtime}-{pid}-{n}");
-        let config = bundle_config(&self.handler_dir, &self.event_json, &cgroup);
+        let config = bundle_config(self.lang, &self.handler_dir, &self.event_json, &cgroup);
         let path = self.bundle.join("config.json");
         fs::write(&path, serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -526,8 +598,15 @@ fn bind_ro(source: &Path, destination: &str) -> serde_json::Value {
 /// config.json of the bundle: the same shape as a sprout sandbox's spec (read-only
 /// root, /usr and the code bind-mounted read-only, tmpfs /tmp, limits, no
 /// capabilities, no_new_privs), running the function once.
-fn bundle_config(handler_dir: &Path, event_json: &str, cgroups_path: &str) -> serde_json::Value {
+fn bundle_config(
+    lang: Lang,
+    handler_dir: &Path,
+    event_json: &str,
+    cgroups_path: &str,
+) -> serde_json::Value {
     const MEMORY: u64 = 128 << 20;
+    let mut args = vec![lang.interpreter().to_owned()];
+    args.extend(lang.args(CODE_DIR, event_json));
     json!({
         "ociVersion": "1.0.2",
         "root": { "path": "rootfs", "readonly": true },
@@ -553,7 +632,7 @@ fn bundle_config(handler_dir: &Path, event_json: &str, cgroups_path: &str) -> se
         "process": {
             "terminal": false,
             "user": { "uid": 0, "gid": 0 },
-            "args": [PYTHON, "-I", "-c", program(CODE_DIR), event_json],
+            "args": args,
             "env": ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp", "LANG=C.UTF-8"],
             "cwd": "/",
             "capabilities": {
@@ -579,15 +658,12 @@ fn bundle_config(handler_dir: &Path, event_json: &str, cgroups_path: &str) -> se
 }
 
 /// What host `python3` prints for the event: the output every run must match.
-fn reference_output(handler_dir: &Path, event_json: &str) -> anyhow::Result<String> {
-    let out = Command::new(PYTHON)
-        .arg("-I")
-        .arg("-c")
-        .arg(program(path_str(handler_dir)?))
-        .arg(event_json)
+fn reference_output(lang: Lang, handler_dir: &Path, event_json: &str) -> anyhow::Result<String> {
+    let out = Command::new(lang.interpreter())
+        .args(lang.args(path_str(handler_dir)?, event_json))
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("run {PYTHON}"))?;
+        .with_context(|| format!("run {}", lang.interpreter()))?;
     if !out.status.success() {
         bail!(
             "the handler in {} fails on the host: {}: {}",
@@ -599,9 +675,10 @@ fn reference_output(handler_dir: &Path, event_json: &str) -> anyhow::Result<Stri
     String::from_utf8(out.stdout).context("the handler's output is not UTF-8")
 }
 
-fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+fn absolute(lang: Lang, p: &Path) -> anyhow::Result<PathBuf> {
     let p = fs::canonicalize(p).with_context(|| format!("handler directory {}", p.display()))?;
-    ensure!(p.join("f.py").is_file(), "{} has no f.py", p.display());
+    let file = lang.handler_file();
+    ensure!(p.join(file).is_file(), "{} has no {file}", p.display());
     Ok(p)
 }
 

@@ -35,11 +35,30 @@ pub(crate) fn expect_start(r: &ClientResponse, want: &str) -> anyhow::Result<()>
 /// Never freeze, never evict: a warm instance stays running.
 pub(crate) const KEEP_RUNNING: &[&str] = &["--stem-cells", "0", "--pause-grace", "3600000"];
 
+/// A no-op function of one runtime, as the suite registers it.
+pub struct Noop<'a> {
+    /// The runtime's name (`python`, `nodejs`, `native`), as `--stem-cells` takes it.
+    pub runtime: &'a str,
+    pub dir: &'a Path,
+    /// The handler, when not the runtime's default.
+    pub handler: Option<&'a str>,
+}
+
+impl Noop<'_> {
+    fn settings(&self) -> serde_json::Value {
+        let mut settings = json!({ "runtime": self.runtime });
+        if let Some(handler) = self.handler {
+            settings["handler"] = json!(handler);
+        }
+        settings
+    }
+}
+
 /// Warm invoke of a no-op function through the daemon's socket (keep-alive).
-pub fn warm(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<Row> {
+pub fn warm(bin: &Path, label: &str, noop: &Noop, runs: usize) -> anyhow::Result<Row> {
     let d = Daemon::start(bin, KEEP_RUNNING)?;
     let mut c = d.client()?;
-    d.register(&mut c, "noop", noop, json!({}))?;
+    d.register(&mut c, "noop", noop.dir, noop.settings())?;
     invoke(&mut c, "noop")?;
     for _ in 0..runs / 10 {
         invoke(&mut c, "noop")?; // warm-up
@@ -51,7 +70,7 @@ pub fn warm(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<Row> {
         samples.push(t.elapsed());
         expect_start(&r, "warm")?;
     }
-    Ok(Row::new("warm invoke (no-op, daemon socket)", &samples))
+    Ok(Row::new(label, &samples))
 }
 
 /// Idle time before each frozen (and idle-control) invoke.
@@ -99,16 +118,22 @@ pub fn frozen(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<(Row, Row)
     Ok((rows.pop().expect("two rows"), control))
 }
 
-/// Cold invoke: a function never invoked before, from a stem cell or, with
-/// `stem_cells` 0, from a new sandbox. Each function is removed after its invoke.
-pub fn cold(bin: &Path, noop: &Path, runs: usize, stem_cells: usize) -> anyhow::Result<Row> {
-    let target = stem_cells.to_string();
+/// Cold invoke: a function never invoked before, from a stem cell of its runtime or,
+/// with `stem_cells` 0, from a new sandbox. Each function is removed after its invoke.
+pub fn cold(
+    bin: &Path,
+    path: &str,
+    noop: &Noop,
+    runs: usize,
+    stem_cells: usize,
+) -> anyhow::Result<Row> {
+    let target = format!("{}={stem_cells}", noop.runtime);
     let d = Daemon::start(bin, &["--stem-cells", &target, "--pause-grace", "3600000"])?;
     let mut c = d.client()?;
-    let (path, start) = if stem_cells > 0 {
-        ("cold invoke from a stem cell", "stem_cell")
+    let start = if stem_cells > 0 {
+        "stem_cell"
     } else {
-        ("cold invoke, empty pool (new sandbox)", "new_sandbox")
+        "new_sandbox"
     };
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs + 2 {
@@ -118,7 +143,7 @@ pub fn cold(bin: &Path, noop: &Path, runs: usize, stem_cells: usize) -> anyhow::
                 && s["frozen"].as_u64() >= Some(stem_cells as u64)
         })?;
         let name = format!("cold{i}");
-        d.register(&mut c, &name, noop, json!({}))?;
+        d.register(&mut c, &name, noop.dir, noop.settings())?;
         let t = Instant::now();
         let r = invoke(&mut c, &name)?;
         let took = t.elapsed();

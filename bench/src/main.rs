@@ -123,6 +123,29 @@ fn embedded(bin: &Path, hello: &Path, runs: usize) -> anyhow::Result<Row> {
     ))
 }
 
+/// The native no-op (`examples/noop-native/exec.c`) compiled with `cc -O2` into a
+/// new directory the sandbox user can read.
+fn native_noop(ws: &Path) -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("sprout-bench-native-")
+        .tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let out = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(dir.path().join("exec"))
+        .arg(ws.join("examples/noop-native/exec.c"))
+        .output()
+        .context("run cc")?;
+    if !out.status.success() {
+        bail!(
+            "cc examples/noop-native/exec.c: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(dir)
+}
+
 fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     let bin = bin_dir()?;
     let ws = workspace();
@@ -140,17 +163,92 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         rows.push(row);
         Ok(())
     };
-    step("warm", latency::warm(&bin, &noop, settings.warm_runs))?;
+    let python = latency::Noop {
+        runtime: "python",
+        dir: &noop,
+        handler: None,
+    };
+    let node_dir = ws.join("examples/noop-nodejs");
+    let node = latency::Noop {
+        runtime: "nodejs",
+        dir: &node_dir,
+        handler: None,
+    };
+    let native_dir = native_noop(&ws)?;
+    let native = latency::Noop {
+        runtime: "native",
+        dir: native_dir.path(),
+        handler: None,
+    };
+    step(
+        "warm",
+        latency::warm(
+            &bin,
+            "warm invoke (no-op, daemon socket)",
+            &python,
+            settings.warm_runs,
+        ),
+    )?;
     let (frozen, idle_control) = latency::frozen(&bin, &noop, settings.frozen_runs)?;
     step("frozen", Ok(frozen))?;
     step("idle control", Ok(idle_control))?;
     step(
         "cold from stem cell",
-        latency::cold(&bin, &noop, settings.cold_runs, 2),
+        latency::cold(
+            &bin,
+            "cold invoke from a stem cell",
+            &python,
+            settings.cold_runs,
+            2,
+        ),
     )?;
     step(
         "cold with empty pool",
-        latency::cold(&bin, &noop, settings.cold_runs, 0),
+        latency::cold(
+            &bin,
+            "cold invoke, empty pool (new sandbox)",
+            &python,
+            settings.cold_runs,
+            0,
+        ),
+    )?;
+    step(
+        "node warm",
+        latency::warm(
+            &bin,
+            "Node.js warm invoke (no-op, daemon socket)",
+            &node,
+            settings.warm_runs,
+        ),
+    )?;
+    step(
+        "node cold from stem cell",
+        latency::cold(
+            &bin,
+            "Node.js cold invoke from a stem cell",
+            &node,
+            settings.cold_runs,
+            2,
+        ),
+    )?;
+    step(
+        "node cold with empty pool",
+        latency::cold(
+            &bin,
+            "Node.js cold invoke, empty pool (new sandbox)",
+            &node,
+            settings.cold_runs,
+            0,
+        ),
+    )?;
+    step(
+        "native warm",
+        latency::warm(
+            &bin,
+            "native actionloop warm invoke (no-op, C)",
+            &native,
+            settings.warm_runs,
+        ),
     )?;
     for &c in &settings.clients {
         step(
@@ -162,8 +260,13 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     let runs = settings.process_runs;
     step(
         "runc",
-        baseline::runc_run(&noop, event, runs)
+        baseline::runc_run(baseline::Lang::Python, &noop, event, runs)
             .map(|s| Row::new("runc run (same handler, python3)", &s)),
+    )?;
+    step(
+        "runc node",
+        baseline::runc_run(baseline::Lang::Node, &node_dir, event, runs)
+            .map(|s| Row::new("runc run (same Node.js handler, node)", &s)),
     )?;
     step(
         "crun",
@@ -179,6 +282,11 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         "host python",
         baseline::host_python(&noop, event, runs)
             .map(|s| Row::new("host python3 process (same handler)", &s)),
+    )?;
+    step(
+        "host node",
+        baseline::host_process(baseline::Lang::Node, &node_dir, event, runs)
+            .map(|s| Row::new("host node process (same Node.js handler)", &s)),
     )?;
     Ok(rows)
 }

@@ -41,6 +41,17 @@ const XFER_SINK: &str = r#"def f(data):
     return len(data)
 "#;
 
+/// Calls a Node.js function from Python (a sibling sandbox, through the agent).
+const CALL_NODE: &str = r#"import sprout, time
+def f(e):
+    t0 = time.perf_counter_ns()
+    out = sprout.call("inc_node", {"n": 0})
+    ns = time.perf_counter_ns() - t0
+    if out.get("n") != 1:
+        raise ValueError(f"inc_node answered {out!r}")
+    return {"ns": ns}
+"#;
+
 const FAN: &str = r#"import sprout, time
 def f(e):
     t0 = time.perf_counter_ns()
@@ -83,6 +94,18 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
     d.register(&mut c, "inc", &ws.join("examples/inc"), json!({}))?;
     d.register(
         &mut c,
+        "inc_node",
+        &ws.join("examples/inc-nodejs"),
+        json!({"runtime": "nodejs"}),
+    )?;
+    d.register(
+        &mut c,
+        "call_node",
+        &write_fn(fns.path(), "call_node", CALL_NODE)?,
+        json!({}),
+    )?;
+    d.register(
+        &mut c,
         "xfer_src",
         &write_fn(fns.path(), "xfer_src", XFER_SRC)?,
         big.clone(),
@@ -103,7 +126,17 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
     // Each section starts on a quiet machine: large transfers leave their pages to
     // be freed after the answer, which would land in the next section's samples.
     let settle = || std::thread::sleep(Duration::from_secs(1));
-    let mut rows = chain(&mut c, s.chain_runs)?;
+    let mut rows = chain(&mut c, "chain", "inc", "", s.chain_runs)?;
+    settle();
+    rows.extend(chain(
+        &mut c,
+        "chain_node",
+        "inc_node",
+        "Node.js ",
+        s.chain_runs,
+    )?);
+    settle();
+    rows.push(call_node(&mut c, s.transfer_runs)?);
     settle();
     rows.extend(transfer(&mut c, s.transfer_runs)?);
     for k in [8, 32] {
@@ -113,15 +146,22 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// A declarative sequence of 100 `inc` tasks: one sandbox, the shim running each step.
-fn chain(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
+/// A declarative sequence of 100 `function` tasks (an `inc`): one sandbox, the shim
+/// running each step. `label` prefixes the rows (the runtime, for all but Python).
+fn chain(
+    c: &mut ipc::client::Client,
+    workflow: &str,
+    function: &str,
+    label: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Row>> {
     const STEPS: usize = 100;
     let steps: Vec<Value> = (0..STEPS)
-        .map(|_| json!({"type": "task", "function": "inc"}))
+        .map(|_| json!({"type": "task", "function": function}))
         .collect();
     let r = c.request(
         "PUT",
-        "/workflows/chain",
+        &format!("/workflows/{workflow}"),
         Some("application/json"),
         json!({ "steps": steps }).to_string().as_bytes(),
     )?;
@@ -130,7 +170,11 @@ fn chain(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
     let mut hops = Vec::new();
     for i in 0..runs + 3 {
         let t = Instant::now();
-        let out = post(c, "/workflows/chain/invoke", &json!({"n": 0}))?;
+        let out = post(
+            c,
+            &format!("/workflows/{workflow}/invoke"),
+            &json!({"n": 0}),
+        )?;
         let took = t.elapsed();
         if out["n"] != STEPS {
             bail!("the chain counted {} steps, not {STEPS}", out["n"]);
@@ -151,9 +195,31 @@ fn chain(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
         );
     }
     Ok(vec![
-        Row::new("chain: 100-step sequence, end to end", &whole),
-        Row::new("chain: one hop (step to step, in-sandbox)", &hops),
+        Row::new(
+            &format!("{label}chain: 100-step sequence, end to end"),
+            &whole,
+        ),
+        Row::new(
+            &format!("{label}chain: one hop (step to step, in-sandbox)"),
+            &hops,
+        ),
     ])
+}
+
+/// `sprout.call` from a Python function to a warm Node.js function: another runtime,
+/// so a sibling sandbox through the agent, timed inside the caller.
+fn call_node(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Row> {
+    let mut samples = Vec::new();
+    for i in 0..runs + 3 {
+        let out = post(c, "/functions/call_node/invoke", &json!({}))?;
+        if i >= 3 {
+            samples.push(Duration::from_nanos(out["ns"].as_u64().context("no ns")?));
+        }
+    }
+    Ok(Row::new(
+        "call Python → Node.js (sibling sandbox, warm)",
+        &samples,
+    ))
 }
 
 /// Bytes moved from one function to the next (a call in the same sandbox).
