@@ -81,6 +81,11 @@ impl Live {
             return Err(message);
         }
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+        if let Err(e) = loopback_up(pid) {
+            let message = format!("bring the sandbox's loopback up: {e}");
+            let _ = destroy(container, &self.cgroups);
+            return Err(message);
+        }
         self.containers.insert(id, container);
         Ok((pid, OwnedFd::from(agent_end)))
     }
@@ -210,6 +215,15 @@ impl Live {
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Brings `lo` up in the network namespace of process `pid` (a new namespace's
+/// loopback is down): enter it, two ioctls, come back. Descriptors are opened for
+/// this call only, so no container inherits them.
+fn loopback_up(pid: i32) -> std::io::Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    let home = File::open("/proc/self/ns/net")?;
+    sys::in_net_ns(ns.as_fd(), home.as_fd(), || sys::link_up(c"lo"))
 }
 
 fn destroy(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {
