@@ -18,6 +18,7 @@
 
 mod cgroup;
 mod freezer;
+pub mod network;
 mod oom;
 mod sandbox;
 mod spawner;

@@ -36,12 +36,24 @@ pub fn exit_now(code: i32) -> ! {
 /// directory checked at registration cannot be swapped for a link before it is
 /// attached.
 pub fn detached_readonly_tree(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    detached_readonly(path, rustix::fs::OFlags::DIRECTORY)
+}
+
+/// [`detached_readonly_tree`] of a regular file (`/etc/resolv.conf`).
+pub fn detached_readonly_file(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    detached_readonly(path, rustix::fs::OFlags::empty())
+}
+
+fn detached_readonly(
+    path: &std::path::Path,
+    kind: rustix::fs::OFlags,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
     use rustix::mount::OpenTreeFlags;
     let dir = rustix::fs::openat2(
         CWD,
         path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlags::PATH | kind | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )?;

@@ -610,6 +610,7 @@ fn config_from_query(
             "namespace" => same_namespace(value, namespace)?,
             "handler" if !value.is_empty() => config.handler = Some(value.clone()),
             "runtime" if !value.is_empty() => config.runtime = Some(value.clone()),
+            "network" if !value.is_empty() => config.network = Some(value.clone()),
             "memory_mb" => config.memory_mb = Some(int()?),
             "timeout_ms" => config.timeout_ms = Some(int()?),
             "pids" => config.pids = Some(int()?),
@@ -622,7 +623,7 @@ fn config_from_query(
                     .ok_or_else(|| bad_value(key, value))?;
                 config.cpus = Some(cpus);
             }
-            "handler" | "runtime" => return Err(bad_value(key, value)),
+            "handler" | "runtime" | "network" => return Err(bad_value(key, value)),
             _ => return Err(unknown_param(key)),
         }
     }
@@ -734,6 +735,7 @@ mod tests {
         );
         let config = FunctionConfig {
             runtime: None,
+            network: None,
             handler: Some("app:main".into()),
             memory_mb: Some(128),
             timeout_ms: Some(1000),
