@@ -323,10 +323,11 @@ pub fn remove_table<T: Tools>(tools: &mut T, agent_id: &str) {
             tracing::warn!(table = %name, error = %e, "could not remove an nftables table");
         }
     }
-    if tools.mark() && !tools.tables().iter().any(|t| table_agent(t).is_some()) {
-        if tools.set_forwarding(false).is_ok() {
-            tools.set_mark(false);
-        }
+    if tools.mark()
+        && !tools.tables().iter().any(|t| table_agent(t).is_some())
+        && tools.set_forwarding(false).is_ok()
+    {
+        tools.set_mark(false);
     }
 }
 

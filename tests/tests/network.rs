@@ -411,3 +411,68 @@ fn egress_sandboxes_cannot_reach_each_other_and_their_network_goes_with_them() {
     env.assert_clean(pid);
     assert_network_clean(pid, &forward_before);
 }
+
+/// Registers and invokes an egress function on `d`; returns its sandbox's link.
+fn egress_instance(env: &Env, d: &sprout_tests::Daemon) {
+    let dir = env.function("net", &[("f.py", NET_PY)]);
+    d.register("net", &dir, json!({"network": "egress"}));
+    let r = d.invoke("net", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(sandbox_links().len(), 1, "{:?}", sandbox_links());
+    assert!(
+        nft_tables().contains(&format!("sprout-{}", d.pid())),
+        "{:?}",
+        nft_tables()
+    );
+}
+
+#[test]
+fn a_crashed_agents_network_is_removed_by_its_spawner() {
+    let env = require_root!();
+    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let forward_before = ip_forward();
+    let mut d = env.daemon();
+    egress_instance(&env, &d);
+    let pid = d.pid();
+    d.kill();
+    env.assert_clean_within(pid, Duration::from_secs(10));
+    assert_network_clean(pid, &forward_before);
+}
+
+#[test]
+fn a_crashed_agent_and_spawner_network_is_removed_by_the_next_agent() {
+    let env = require_root!();
+    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let forward_before = ip_forward();
+    let mut d = env.daemon();
+    egress_instance(&env, &d);
+    let pid = d.pid();
+    let spawner = d.spawner_pid();
+    // Both die at once: the sandbox, its link and the agent's table stay.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(spawner as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    d.kill();
+    let gone = wait_for(Duration::from_secs(5), || {
+        (!sprout_tests::alive(spawner)).then_some(()).ok_or(())
+    });
+    assert!(gone.is_ok(), "the spawner {spawner} outlived SIGKILL");
+    assert!(
+        nft_tables().contains(&format!("sprout-{pid}")),
+        "{:?}",
+        nft_tables()
+    );
+
+    // The next agent on the same state directory removes it all.
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(env.work_dir().join("fns/net"))
+        .arg("{}")
+        .run();
+    run.success();
+    env.assert_clean(pid);
+    env.assert_clean(run.pid);
+    assert_network_clean(pid, &forward_before);
+}

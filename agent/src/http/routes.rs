@@ -727,6 +727,17 @@ mod tests {
     }
 
     #[test]
+    fn tar_network_comes_from_the_query() {
+        let q = |v: &str| vec![("network".to_owned(), v.to_owned())];
+        let config = config_from_query(&q("egress"), "default").unwrap();
+        assert_eq!(config.network.as_deref(), Some("egress"));
+        assert_eq!(
+            config_from_query(&q(""), "default").unwrap_err().status,
+            400
+        );
+    }
+
+    #[test]
     fn tar_config_comes_from_the_query() {
         let r = route(
             "PUT",
