@@ -158,6 +158,9 @@ impl Function {
             None => pool::network::Network::None,
             Some(name) => pool::network::Network::parse(name).map_err(Error::InvalidConfig)?,
         };
+        if network == pool::network::Network::Egress {
+            pool::network::check_tools().map_err(Error::InvalidConfig)?;
+        }
         let handler_text = config.handler.as_deref();
         let handler = runtime.parse_handler(handler_text)?;
         runtime.check_handler(&dir, &handler)?;

@@ -9,8 +9,9 @@
 //! address. The agent's nftables table `inet sprout-<agent id>` (made with its first
 //! egress sandbox, removed with its last, and by crash clean-up) drops everything a
 //! `sprout-e*` link delivers to the host itself (any of its addresses, loopback
-//! included, IPv4 or IPv6), everything it sends to another sandbox, IPv6 forwarding
-//! and any new connection into a sandbox. Every agent's table holds the same rules
+//! included, IPv4 or IPv6), everything it sends to another sandbox or to a
+//! link-local address (a cloud's metadata service, 169.254.169.254), IPv6
+//! forwarding and any new connection into a sandbox. Every agent's table holds the same rules
 //! for every `sprout-e*` link, so one agent's removing its own never opens another's.
 //! Forwarding must be on: when `net.ipv4.ip_forward` was off, it is turned on and
 //! [`FORWARDING_MARK`] remembers it, so that whoever removes the last sprout table
@@ -136,7 +137,7 @@ pub fn table_script(agent_id: &str) -> String {
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
          \t\tiifname {links} meta nfproto ipv6 drop\n\
-         \t\tiifname {links} ip daddr {block} drop\n\
+         \t\tiifname {links} ip daddr {{ {block}, 169.254.0.0/16 }} drop\n\
          \t\tiifname {links} oifname {links} drop\n\
          \t\toifname {links} ct state established,related accept\n\
          \t\toifname {links} drop\n\
@@ -354,7 +355,8 @@ pub struct HostTools;
 fn run(program: &str, args: &[&str], stdin: &str) -> Result<String, Failure> {
     use std::io::Write;
     use std::process::{Command, Stdio};
-    let mut child = Command::new(program)
+    let path = tool(program).ok_or_else(|| format!("{program} is not installed"))?;
+    let mut child = Command::new(path)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -447,11 +449,35 @@ impl Tools for HostTools {
     }
 }
 
+/// Where the host's commands are looked for (the agent's `PATH` may lack the
+/// `sbin` directories).
+const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// The absolute path of command `name`, if it is installed.
+fn tool(name: &str) -> Option<std::path::PathBuf> {
+    TOOL_DIRS
+        .iter()
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
 /// Whether the `nft` command is installed (without it no agent made a table).
 pub fn nft_installed() -> bool {
-    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .iter()
-        .any(|p| std::path::Path::new(p).is_file())
+    tool("nft").is_some()
+}
+
+/// Checks that the commands an egress sandbox needs are installed; the error names
+/// what is missing and where it was looked for.
+pub fn check_tools() -> Result<(), String> {
+    for (name, package) in [("ip", "iproute2"), ("nft", "nftables")] {
+        if tool(name).is_none() {
+            return Err(format!(
+                "network egress needs the {name} command ({package}); it is not in {}",
+                TOOL_DIRS.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -570,7 +596,7 @@ mod tests {
         for rule in [
             "type filter hook input priority filter - 10; policy accept;\n\t\tiifname \"sprout-e*\" drop",
             "iifname \"sprout-e*\" meta nfproto ipv6 drop",
-            "iifname \"sprout-e*\" ip daddr 10.231.0.0/16 drop",
+            "iifname \"sprout-e*\" ip daddr { 10.231.0.0/16, 169.254.0.0/16 } drop",
             "iifname \"sprout-e*\" oifname \"sprout-e*\" drop",
             "oifname \"sprout-e*\" ct state established,related accept\n\t\toifname \"sprout-e*\" drop",
             "ip saddr 10.231.0.0/16 oifname != \"sprout-e*\" masquerade",

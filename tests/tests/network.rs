@@ -111,7 +111,7 @@ fn a_function_uses_its_own_loopback_but_not_the_hosts() {
 
 /// A network namespace of the test's own with a TCP server answering "pong" to
 /// whatever connects, joined to the host by a veth pair (`sprout-t<n>` on the host,
-/// 10.232.<pid % 256>.<4n + 1>/30; the server at `.2`). The namespace is the server
+/// 10.232.<pid % 256>.<4n + 1>/30 and the same in 169.254/16; the server at `.2`). The namespace is the server
 /// process's own (`unshare --net`), so it goes with it: a namespace named in
 /// `/run/netns` would be a host mount naming sprout, which every test running
 /// meanwhile takes for a leftover. Removed when dropped.
@@ -122,6 +122,9 @@ struct TestNet {
     addr: String,
     /// The host side's address.
     host_addr: String,
+    /// The same server at a link-local address (where clouds put their metadata
+    /// service).
+    link_local: String,
 }
 
 impl TestNet {
@@ -164,6 +167,7 @@ while True:
             server: Some(server),
             addr: format!("{peer}:8080"),
             host_addr: host_addr.clone(),
+            link_local: format!("169.254.{a}.{}:8080", b + 2),
         };
         let run = |program: &str, args: &[&str]| {
             let out = Command::new(program).args(args).output().unwrap();
@@ -191,6 +195,23 @@ while True:
         run("ip", &["link", "set", &link, "up"]);
         inside(&["addr", "add", &format!("{peer}/30"), "dev", "eth0"]);
         inside(&["link", "set", "eth0", "up"]);
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("169.254.{a}.{}/30", b + 1),
+                "dev",
+                &link,
+            ],
+        );
+        inside(&[
+            "addr",
+            "add",
+            &format!("169.254.{a}.{}/30", b + 2),
+            "dev",
+            "eth0",
+        ]);
         let ready = wait_for(Duration::from_secs(10), || {
             TcpStream::connect_timeout(&net.addr.parse().unwrap(), Duration::from_millis(200))
         });
@@ -274,6 +295,7 @@ fn only_an_egress_function_reaches_a_server_outside_and_never_the_host() {
     let port = host_any.local_addr().unwrap().port();
     let mut reach = vec![
         net.addr.clone(),
+        net.link_local.clone(),
         host_lo_addr.clone(),
         format!("{}:{port}", net.host_addr),
     ];
