@@ -1,8 +1,10 @@
 //! The spawner's live sandboxes: the libcontainer containers it built and has not
 //! destroyed, how they are built and destroyed, and the mount operations it runs
 //! inside them (code attached at `/code` or `/fns/<name>-<version>`, a workflow's
-//! scratch on `/workflow`). Only the spawner process uses this: every call here may
-//! clone a container process or enter a sandbox's mount namespace.
+//! scratch on `/workflow`) and network operations (`lo` up at creation, an egress
+//! sandbox's veth pair and `/etc/resolv.conf`; see [`crate::network`]). Only the
+//! spawner process uses this: every call here may clone a container process or enter
+//! a sandbox's mount or network namespace.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
