@@ -114,6 +114,10 @@ pub struct LimitArgs {
     /// activity.json; exec, bootstrap).
     #[arg(long, value_name = "RUNTIME[:VERSION]")]
     runtime: Option<String>,
+    /// Network: none (only the sandbox's own loopback) or egress (outbound IPv4 and
+    /// the host's DNS; default none).
+    #[arg(long, value_name = "none|egress")]
+    network: Option<String>,
     /// Handler. Python: module:function (default f:f, i.e. f.py with def f(event)).
     /// Node.js: file.export or file:export (default: the directory's module). Native:
     /// the executable's file name (default exec, else bootstrap).
@@ -140,6 +144,7 @@ impl LimitArgs {
     pub fn config(&self) -> FunctionConfig {
         FunctionConfig {
             runtime: self.runtime.clone(),
+            network: self.network.clone(),
             handler: self.handler.clone(),
             memory_mb: self.memory,
             timeout_ms: self.timeout,
