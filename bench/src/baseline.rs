@@ -865,7 +865,7 @@ mod tests {
     #[test]
     fn program_prints_the_result() {
         let h = handler();
-        let out = reference_output(h.path(), EVENT).unwrap();
+        let out = reference_output(Lang::Python, h.path(), EVENT).unwrap();
         assert_eq!(
             out,
             "{\"hello\": \"Alice \\u00e9 'q' \\\"x\\\"\", \"n\": 1}\n"
@@ -892,7 +892,10 @@ mod tests {
         let _serial = serial();
         // The handler's own failure, found before any container runs (not, say, a
         // missing runc).
-        let err = format!("{:#}", runc_run(h.path(), EVENT, 2).unwrap_err());
+        let err = format!(
+            "{:#}",
+            runc_run(Lang::Python, h.path(), EVENT, 2).unwrap_err()
+        );
         assert!(
             err.contains("fails on the host") && err.contains("ValueError: no"),
             "{err}"
@@ -911,7 +914,10 @@ mod tests {
             "def f(event):\n    if __file__.startswith('/code/'):\n        open('/code/sprout-x', 'w')\n    return 1\n",
         )
         .unwrap();
-        let err = format!("{:#}", runc_run(h.path(), EVENT, 2).unwrap_err());
+        let err = format!(
+            "{:#}",
+            runc_run(Lang::Python, h.path(), EVENT, 2).unwrap_err()
+        );
         assert!(
             err.contains("runc run sprout-bench-runc-")
                 && err.contains("failed: exit status: 1")
@@ -939,7 +945,7 @@ mod tests {
 
     #[test]
     fn runc_output_is_checked() {
-        container_mismatch(runc_run);
+        container_mismatch(|dir, event, runs| runc_run(Lang::Python, dir, event, runs));
     }
 
     #[test]
@@ -951,7 +957,7 @@ mod tests {
     fn runc_runs_and_leaves_nothing() {
         let _serial = serial();
         let h = handler();
-        assert_eq!(runc_run(h.path(), EVENT, 2).unwrap().len(), 2);
+        assert_eq!(runc_run(Lang::Python, h.path(), EVENT, 2).unwrap().len(), 2);
         no_bench_cgroups();
     }
 
