@@ -106,6 +106,8 @@ pub struct Function {
     pub name: String,
     /// What runs it: how its handler is found, and which stem cells it starts in.
     pub runtime: Runtime,
+    /// Whether its sandboxes get outbound network.
+    pub network: pool::network::Network,
     /// Host directory holding its code.
     pub dir: PathBuf,
     pub handler: Handler,
@@ -152,6 +154,13 @@ impl Function {
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
         let runtime = crate::runtime::of(config)?;
+        let network = match config.network.as_deref() {
+            None => pool::network::Network::None,
+            Some(name) => pool::network::Network::parse(name).map_err(Error::InvalidConfig)?,
+        };
+        if network == pool::network::Network::Egress {
+            pool::network::check_tools().map_err(Error::InvalidConfig)?;
+        }
         let handler_text = config.handler.as_deref();
         let handler = runtime.parse_handler(handler_text)?;
         runtime.check_handler(&dir, &handler)?;
@@ -199,6 +208,7 @@ impl Function {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             runtime,
+            network,
             dir,
             handler,
             memory_mb,
@@ -226,10 +236,11 @@ impl Function {
 
     /// Whether an instance of `other` may run in this function's sandbox (a workflow's
     /// sequential step, a call): the same namespace (the tenant boundary), the same
-    /// runtime and the same limits.
+    /// runtime, the same network and the same limits.
     pub fn same_limits(&self, other: &Function) -> bool {
         self.namespace == other.namespace
             && self.runtime.runs_callee(other.runtime)
+            && self.network == other.network
             && (self.memory_mb, self.pids, self.cpus) == (other.memory_mb, other.pids, other.cpus)
     }
 

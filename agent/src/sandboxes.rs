@@ -292,6 +292,10 @@ impl Sandboxes {
             }
             self.spawner.bind_code(&sandbox, &function.dir)?;
             tracing::debug!("code bound");
+            if function.network == pool::network::Network::Egress {
+                self.spawner.attach_network(sandbox.id())?;
+                tracing::debug!("network attached");
+            }
             Ok(())
         })();
         code_bound();

@@ -68,6 +68,10 @@ pub struct FunctionConfig {
     /// The language runtime: `python`, `nodejs` or `native` (default: Python).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// `none` (default: only the sandbox's own loopback) or `egress` (outbound IPv4
+    /// through the host, and the host's DNS configuration).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// `module:function`; default `f:f` (OpenLambda's `f.py` with `def f(event)`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handler: Option<String>,

@@ -14,10 +14,13 @@
 //! [`StateDir`] is the agent's locked directory under `/run/sprout`; [`Cgroups`]
 //! reads and removes sprout's cgroups on v1 and v2 (behind a root path, so the logic
 //! is tested on a fake tree); [`cleanup_stale`] removes what a crashed agent left.
-//! [`Sandbox`] carries one sandbox's state machine.
+//! [`Sandbox`] carries one sandbox's state machine. [`network`] decides a sandbox's
+//! network: its own loopback always (up from its creation), outbound IPv4 for a
+//! function registered with `network: egress`.
 
 mod cgroup;
 mod freezer;
+pub mod network;
 mod oom;
 mod sandbox;
 mod spawner;

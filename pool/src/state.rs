@@ -128,6 +128,10 @@ impl StateDir {
     /// Removes the directory, this agent's cgroups, and the shared parents if unused.
     pub fn remove(self, cgroups: &Cgroups) -> Result<(), Error> {
         let result = cgroups.remove_tree(&self.cgroup_parent());
+        // A spawner that died with egress sandboxes left its firewall table.
+        if crate::network::nft_installed() {
+            crate::network::remove_table(&mut crate::network::HostTools, &self.agent_id);
+        }
         cgroups.remove_if_unused(Path::new(CGROUP_PARENT));
         fs::remove_dir_all(&self.dir).map_err(io_err("remove", &self.dir))?;
         if self.remove_root {
@@ -357,6 +361,14 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
             .into_iter()
             .filter(|id| !dirs.contains(id) && !process_exists(id)),
     );
+    // Firewall tables of agents gone, whatever their state root.
+    if crate::network::nft_installed() {
+        for id in crate::network::remove_stale_tables(&mut crate::network::HostTools, |id| {
+            process_exists(id)
+        }) {
+            tracing::info!(agent_id = %id, "removed a stopped agent's firewall table");
+        }
+    }
     stale.sort();
     stale.dedup();
     let mut cleaned = Vec::new();

@@ -36,12 +36,24 @@ pub fn exit_now(code: i32) -> ! {
 /// directory checked at registration cannot be swapped for a link before it is
 /// attached.
 pub fn detached_readonly_tree(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    detached_readonly(path, rustix::fs::OFlags::DIRECTORY)
+}
+
+/// [`detached_readonly_tree`] of a regular file (`/etc/resolv.conf`).
+pub fn detached_readonly_file(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    detached_readonly(path, rustix::fs::OFlags::empty())
+}
+
+fn detached_readonly(
+    path: &std::path::Path,
+    kind: rustix::fs::OFlags,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
     use rustix::mount::OpenTreeFlags;
     let dir = rustix::fs::openat2(
         CWD,
         path,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlags::PATH | kind | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )?;
@@ -294,6 +306,60 @@ pub fn close_from(first: std::os::fd::RawFd) -> std::io::Result<()> {
     };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Enters the network namespace `ns`, runs `step` there and returns to the network
+/// namespace `home`, whatever `step` did. A socket made in `step` stays in the
+/// sandbox's namespace (a socket belongs to the namespace it was made in).
+pub fn in_net_ns<T>(
+    ns: std::os::fd::BorrowedFd<'_>,
+    home: std::os::fd::BorrowedFd<'_>,
+    step: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let done = step();
+    if let Err(e) = nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET) {
+        // Every later link would be made inside that sandbox: stop instead.
+        eprintln!("sprout-spawner: cannot return to its own network namespace: {e}");
+        exit_now(70);
+    }
+    done
+}
+
+/// Brings the interface `name` of the current network namespace up
+/// (`SIOCGIFFLAGS`, then `SIOCSIFFLAGS` with `IFF_UP` added): two ioctls on a
+/// datagram socket made for the purpose.
+pub fn link_up(name: &CStr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let bytes = name.to_bytes_with_nul();
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if bytes.len() > req.ifr_name.len() {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    for (slot, b) in req.ifr_name.iter_mut().zip(bytes) {
+        *slot = *b as libc::c_char;
+    }
+    // SAFETY: socket takes no pointers; the descriptor it returns is owned here.
+    let sock = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    };
+    // SAFETY: `sock` is an open socket; `req` is a valid ifreq with a NUL-terminated
+    // name that lives across both calls, which read and write only within it.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }

@@ -22,7 +22,10 @@ const FILES: &[(&str, &str)] = &[
     ("etc/passwd", "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
     ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
     ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost\n"),
-    ("etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"),
+    ("etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n"),
+    // Empty: no name server. The mount point for the host's, in a sandbox with
+    // outbound network.
+    ("etc/resolv.conf", ""),
 ];
 
 /// A sandbox root skeleton on the host.

@@ -425,7 +425,26 @@ pub fn leftovers(state_root: &Path, pid: u32) -> Vec<String> {
         ));
     }
     found.extend(sprout_mounts(state_root, pid));
+    if nft_tables().contains(&format!("sprout-{pid}")) {
+        found.push(format!("nftables table inet sprout-{pid}"));
+    }
     found
+}
+
+/// The host's `inet` nftables tables (none when `nft` is not installed).
+pub fn nft_tables() -> Vec<String> {
+    Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix("table inet "))
+                .map(|t| t.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `text` without its ANSI colour sequences (`ESC [ ... m`), as the daemon's log reads

@@ -610,6 +610,7 @@ fn config_from_query(
             "namespace" => same_namespace(value, namespace)?,
             "handler" if !value.is_empty() => config.handler = Some(value.clone()),
             "runtime" if !value.is_empty() => config.runtime = Some(value.clone()),
+            "network" if !value.is_empty() => config.network = Some(value.clone()),
             "memory_mb" => config.memory_mb = Some(int()?),
             "timeout_ms" => config.timeout_ms = Some(int()?),
             "pids" => config.pids = Some(int()?),
@@ -622,7 +623,7 @@ fn config_from_query(
                     .ok_or_else(|| bad_value(key, value))?;
                 config.cpus = Some(cpus);
             }
-            "handler" | "runtime" => return Err(bad_value(key, value)),
+            "handler" | "runtime" | "network" => return Err(bad_value(key, value)),
             _ => return Err(unknown_param(key)),
         }
     }
@@ -726,6 +727,17 @@ mod tests {
     }
 
     #[test]
+    fn tar_network_comes_from_the_query() {
+        let q = |v: &str| vec![("network".to_owned(), v.to_owned())];
+        let config = config_from_query(&q("egress"), "default").unwrap();
+        assert_eq!(config.network.as_deref(), Some("egress"));
+        assert_eq!(
+            config_from_query(&q(""), "default").unwrap_err().status,
+            400
+        );
+    }
+
+    #[test]
     fn tar_config_comes_from_the_query() {
         let r = route(
             "PUT",
@@ -734,6 +746,7 @@ mod tests {
         );
         let config = FunctionConfig {
             runtime: None,
+            network: None,
             handler: Some("app:main".into()),
             memory_mb: Some(128),
             timeout_ms: Some(1000),

@@ -371,6 +371,7 @@ fn registers_from_a_directory_or_a_tar() {
     );
     let expected = FunctionConfig {
         runtime: None,
+        network: None,
         handler: Some("app:main".into()),
         memory_mb: Some(256),
         timeout_ms: Some(500),
@@ -418,6 +419,7 @@ fn registers_from_a_directory_or_a_tar() {
     assert_eq!(r.status, 200, "{}", text(&r));
     let expected = FunctionConfig {
         runtime: None,
+        network: None,
         handler: Some("f:f".into()),
         memory_mb: Some(128),
         timeout_ms: Some(1000),

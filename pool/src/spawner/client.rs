@@ -370,6 +370,17 @@ impl Spawner {
         )
     }
 
+    /// Gives the sandbox outbound network and the host's DNS configuration (see
+    /// [`crate::network`]); it keeps them until it is destroyed.
+    pub fn attach_network(&self, sandbox_id: &str) -> Result<(), Error> {
+        let span = tracing::debug_span!("attach_network", sandbox_id);
+        let _g = span.enter();
+        let req = SpawnerRequest::AttachNetwork {
+            id: sandbox_id.to_owned(),
+        };
+        self.mount_op(sandbox_id, "attach the network", &req, &[])
+    }
+
     /// Tells the spawner the agent is leaving cleanly, and waits (at most
     /// [`SHUTDOWN_DEADLINE`]) for it to exit after it destroyed whatever sandboxes
     /// remain; a spawner that does not is killed, and its sandboxes with it. Later

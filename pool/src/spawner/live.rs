@@ -1,8 +1,10 @@
 //! The spawner's live sandboxes: the libcontainer containers it built and has not
 //! destroyed, how they are built and destroyed, and the mount operations it runs
 //! inside them (code attached at `/code` or `/fns/<name>-<version>`, a workflow's
-//! scratch on `/workflow`). Only the spawner process uses this: every call here may
-//! clone a container process or enter a sandbox's mount namespace.
+//! scratch on `/workflow`) and network operations (`lo` up at creation, an egress
+//! sandbox's veth pair and `/etc/resolv.conf`; see [`crate::network`]). Only the
+//! spawner process uses this: every call here may clone a container process or enter
+//! a sandbox's mount or network namespace.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -17,6 +19,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use rootfs::{FUNCTIONS_DIR, WORKFLOW_DIR, WORKFLOW_DIR_MB};
 
+use crate::network::{Egress, HostTools, RESOLV_CONF};
 use crate::{sys, Cgroups};
 
 /// The sandboxes one spawner created and has not destroyed. Errors are messages for
@@ -28,16 +31,19 @@ pub(super) struct Live {
     containers: HashMap<String, Container>,
     /// Sandboxes with a workflow scratch attached over their own.
     scratch_attached: HashSet<String>,
+    /// Sandboxes with outbound network, and the agent's firewall table.
+    egress: Egress<HostTools>,
 }
 
 impl Live {
     /// No sandboxes yet; containers keep their state under `root`.
-    pub(super) fn new(root: PathBuf, cgroups: Cgroups) -> Live {
+    pub(super) fn new(root: PathBuf, cgroups: Cgroups, agent_id: String) -> Live {
         Live {
             root,
             cgroups,
             containers: HashMap::new(),
             scratch_attached: HashSet::new(),
+            egress: Egress::new(agent_id, HostTools),
         }
     }
 
@@ -81,6 +87,11 @@ impl Live {
             return Err(message);
         }
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
+        if let Err(e) = loopback_up(pid) {
+            let message = format!("bring the sandbox's loopback up: {e}");
+            let _ = destroy(container, &self.cgroups);
+            return Err(message);
+        }
         self.containers.insert(id, container);
         Ok((pid, OwnedFd::from(agent_end)))
     }
@@ -88,10 +99,12 @@ impl Live {
     /// Kills sandbox `id`'s processes, reaps its init and deletes its container.
     pub(super) fn destroy(&mut self, id: &str) -> Result<(), String> {
         self.scratch_attached.remove(id);
-        match self.containers.remove(id) {
+        let destroyed = match self.containers.remove(id) {
             Some(c) => destroy(c, &self.cgroups),
             None => Err(format!("no live sandbox {id}")),
-        }
+        };
+        self.egress.detach(id);
+        destroyed
     }
 
     /// Destroys every sandbox left (the spawner is exiting).
@@ -101,6 +114,7 @@ impl Live {
             if let Err(message) = destroy(c, &self.cgroups) {
                 tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
             }
+            self.egress.detach(&id);
         }
     }
 
@@ -118,6 +132,31 @@ impl Live {
             })
         })
         .map_err(|e| format!("attach {} at {}: {e}", dir.display(), target.display()))
+    }
+
+    /// Gives sandbox `id` outbound network ([`crate::network`]) and the host's DNS
+    /// configuration, read-only, on its `/etc/resolv.conf`.
+    pub(super) fn attach_network(&mut self, id: &str) -> Result<(), String> {
+        let pid = self
+            .containers
+            .get(id)
+            .and_then(|c| c.pid())
+            .ok_or_else(|| format!("no live sandbox {id}"))?;
+        let slot = self.egress.attach(id, pid.as_raw())?;
+        let resolv = self.in_sandbox(id, || {
+            let host = Path::new(RESOLV_CONF)
+                .canonicalize()
+                .map_err(|e| format!("resolve {RESOLV_CONF}: {e}"))?;
+            let tree = sys::detached_readonly_file(&host)
+                .map_err(|e| format!("clone {} read-only: {e}", host.display()))?;
+            Ok(move || sys::move_mount(tree.as_fd(), Path::new(RESOLV_CONF)))
+        });
+        if let Err(e) = resolv {
+            self.egress.detach(id);
+            return Err(format!("attach the host's {RESOLV_CONF}: {e}"));
+        }
+        tracing::debug!(sandbox_id = %id, address = %slot.sandbox_address(), link = %slot.host_link(), "network attached");
+        Ok(())
     }
 
     /// Puts a clone of the detached mount `scratch` on sandbox `id`'s `/workflow`.
@@ -210,6 +249,15 @@ impl Live {
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// Brings `lo` up in the network namespace of process `pid` (a new namespace's
+/// loopback is down): enter it, two ioctls, come back. Descriptors are opened for
+/// this call only, so no container inherits them.
+fn loopback_up(pid: i32) -> std::io::Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    let home = File::open("/proc/self/ns/net")?;
+    sys::in_net_ns(ns.as_fd(), home.as_fd(), || sys::link_up(c"lo"))
 }
 
 fn destroy(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {

@@ -45,6 +45,11 @@ pub(super) enum SpawnerRequest {
         id: String,
         from: String,
     },
+    /// Gives the sandbox outbound network (a veth pair, NAT, the host's
+    /// `/etc/resolv.conf` read-only): see [`crate::network`].
+    AttachNetwork {
+        id: String,
+    },
     /// The agent is exiting cleanly and removes its state itself.
     Shutdown,
 }
@@ -74,6 +79,7 @@ impl SpawnerRequest {
             SpawnerRequest::DetachScratch { .. } => ("detach_scratch", REQUEST_DEADLINE),
             SpawnerRequest::ResetScratch { .. } => ("reset_scratch", REQUEST_DEADLINE),
             SpawnerRequest::AttachScratchFrom { .. } => ("attach_scratch_from", REQUEST_DEADLINE),
+            SpawnerRequest::AttachNetwork { .. } => ("attach_network", REQUEST_DEADLINE),
             SpawnerRequest::Shutdown => ("shutdown", SHUTDOWN_DEADLINE),
         }
     }

@@ -67,7 +67,11 @@ pub fn spawner_main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let live = Live::new(state_dir.join("containers"), cgroups.clone());
+    let agent_id = state_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let live = Live::new(state_dir.join("containers"), cgroups.clone(), agent_id);
     let orphaned = Orphaned {
         state_dir,
         cgroup_parent,
@@ -110,6 +114,7 @@ fn serve(mut channel: Channel, mut live: Live, orphaned: Orphaned) -> i32 {
             SpawnerRequest::AttachScratchFrom { id, from } => {
                 reply_done(&channel, live.attach_scratch_from(id, &from))
             }
+            SpawnerRequest::AttachNetwork { id } => reply_done(&channel, live.attach_network(&id)),
             SpawnerRequest::Shutdown => break true,
         };
         if let Err(e) = done {

@@ -132,6 +132,7 @@ mod tests {
         for handler in ["m:f", "a&b=c", "with space", "100%", "x+y", "%20&=+ é"] {
             let config = FunctionConfig {
                 runtime: Some("nodejs".to_owned()),
+                network: None,
                 handler: Some(handler.to_owned()),
                 memory_mb: Some(256),
                 timeout_ms: Some(1500),

@@ -111,6 +111,10 @@ pub struct LimitArgs {
     /// Language runtime: python, nodejs or native (default python).
     #[arg(long)]
     runtime: Option<String>,
+    /// Network: none (only the sandbox's own loopback) or egress (outbound IPv4 and
+    /// the host's DNS; default none).
+    #[arg(long, value_name = "none|egress")]
+    network: Option<String>,
     /// Handler as module:function (default f:f, i.e. f.py with def f(event)).
     #[arg(long)]
     handler: Option<String>,
@@ -135,6 +139,7 @@ impl LimitArgs {
     pub fn config(&self) -> FunctionConfig {
         FunctionConfig {
             runtime: self.runtime.clone(),
+            network: self.network.clone(),
             handler: self.handler.clone(),
             memory_mb: self.memory,
             timeout_ms: self.timeout,

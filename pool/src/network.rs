@@ -1,0 +1,710 @@
+//! A sandbox's network: none but its own loopback by default, outbound IPv4 for a
+//! function registered with `network: egress`.
+//!
+//! An egress sandbox gets a veth pair: `sprout-e<slot>` on the host, `eth0` in the
+//! sandbox, with the /30 `10.231.0.0/16` block number `slot` (host `.1`, sandbox
+//! `.2` of the block) and a default route through the host. The slot is claimed by
+//! creating the host link: link names are unique on the host, so agents running at
+//! once never share one. Its traffic leaves the host masqueraded behind the host's
+//! address. The agent's nftables table `inet sprout-<agent id>` (made with its first
+//! egress sandbox, removed with its last, and by crash clean-up) drops everything a
+//! `sprout-e*` link delivers to the host itself (any of its addresses, loopback
+//! included, IPv4 or IPv6), everything it sends to another sandbox or to a
+//! link-local address (a cloud's metadata service, 169.254.169.254), IPv6
+//! forwarding and any new connection into a sandbox. Every agent's table holds the same rules
+//! for every `sprout-e*` link, so one agent's removing its own never opens another's.
+//! Forwarding must be on: when `net.ipv4.ip_forward` was off, it is turned on and
+//! [`FORWARDING_MARK`] remembers it, so that whoever removes the last sprout table
+//! turns it off again.
+//!
+//! What is decided here (slots, names, addresses, rule text, the order of steps) is
+//! plain code; what touches the kernel goes through [`Tools`] (the `ip` and `nft`
+//! commands, `/proc/sys`, `/sys/class/net`), faked in the tests.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+/// What network a function's sandbox has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// Only the sandbox's own loopback.
+    #[default]
+    None,
+    /// Outbound IPv4 through the host (NAT), and the host's DNS configuration.
+    Egress,
+}
+
+impl Network {
+    /// Every network a registration may name.
+    pub const ALL: [Network; 2] = [Network::None, Network::Egress];
+
+    /// Its name in a registration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Egress => "egress",
+        }
+    }
+
+    /// The network named `name`; the error says what is accepted.
+    pub fn parse(name: &str) -> Result<Network, String> {
+        Network::ALL
+            .into_iter()
+            .find(|n| n.name() == name)
+            .ok_or_else(|| format!("unknown network {name:?} (none or egress)"))
+    }
+}
+
+/// What every host-side link's name starts with (a slot number follows).
+pub const LINK_PREFIX: &str = "sprout-e";
+/// The sandbox's end of its veth pair.
+pub const SANDBOX_LINK: &str = "eth0";
+/// The first two octets of the block the sandboxes' addresses come from (/16).
+const BLOCK: [u8; 2] = [10, 231];
+/// /30 blocks in the /16: one per egress sandbox on the host.
+pub const SLOTS: u16 = 16384;
+/// Present while sprout has turned `net.ipv4.ip_forward` on (it was off).
+pub const FORWARDING_MARK: &str = "/run/sprout.ip_forward-was-off";
+/// The host's DNS configuration, bind-mounted read-only into an egress sandbox.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// One egress sandbox's /30 block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot(u16);
+
+impl Slot {
+    /// The slot named by a host link, if it is one of sprout's.
+    pub fn of_link(name: &str) -> Option<Slot> {
+        let n: u16 = name.strip_prefix(LINK_PREFIX)?.parse().ok()?;
+        (n < SLOTS && name == Slot(n).host_link()).then_some(Slot(n))
+    }
+
+    /// The host link's name (at most 13 characters, under the kernel's 15).
+    pub fn host_link(self) -> String {
+        format!("{LINK_PREFIX}{}", self.0)
+    }
+
+    fn address(self, host: u8) -> Ipv4Addr {
+        let base = u32::from(self.0) * 4;
+        Ipv4Addr::new(
+            BLOCK[0],
+            BLOCK[1],
+            (base >> 8) as u8,
+            (base & 0xff) as u8 + host,
+        )
+    }
+
+    /// The host side's address (the sandbox's gateway).
+    pub fn host_address(self) -> Ipv4Addr {
+        self.address(1)
+    }
+
+    /// The sandbox's address.
+    pub fn sandbox_address(self) -> Ipv4Addr {
+        self.address(2)
+    }
+}
+
+/// The first slot from `from` on that is not `taken`.
+fn free_slot(from: u16, taken: impl Fn(Slot) -> bool) -> Option<Slot> {
+    (from..SLOTS).map(Slot).find(|s| !taken(*s))
+}
+
+/// The name of agent `agent_id`'s nftables table (family `inet`).
+pub fn table_name(agent_id: &str) -> String {
+    format!("sprout-{agent_id}")
+}
+
+/// The agent id a table of sprout's belongs to.
+fn table_agent(name: &str) -> Option<&str> {
+    let id = name.strip_prefix("sprout-")?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(id)
+}
+
+/// The `nft -f` script that (re)makes agent `agent_id`'s table in one transaction.
+pub fn table_script(agent_id: &str) -> String {
+    let t = table_name(agent_id);
+    let links = format!("\"{LINK_PREFIX}*\"");
+    let block = format!("{}.{}.0.0/16", BLOCK[0], BLOCK[1]);
+    format!(
+        "add table inet {t}\n\
+         delete table inet {t}\n\
+         table inet {t} {{\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter - 10; policy accept;\n\
+         \t\tiifname {links} drop\n\
+         \t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter - 10; policy accept;\n\
+         \t\tiifname {links} meta nfproto ipv6 drop\n\
+         \t\tiifname {links} ip daddr {{ {block}, 169.254.0.0/16 }} drop\n\
+         \t\tiifname {links} oifname {links} drop\n\
+         \t\toifname {links} ct state established,related accept\n\
+         \t\toifname {links} drop\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {block} oifname != {links} masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// The `ip -batch` script run on the host for `slot`: the veth pair, its host end
+/// addressed and up; the sandbox end (`eth0`) goes straight into the namespace of
+/// process `pid`.
+pub fn host_batch(slot: Slot, pid: i32) -> String {
+    let link = slot.host_link();
+    format!(
+        "link add {link} type veth peer name {SANDBOX_LINK} netns {pid}\n\
+         addr add {}/30 dev {link}\n\
+         link set {link} up\n",
+        slot.host_address()
+    )
+}
+
+/// The `ip -batch` script run inside the sandbox's network namespace for `slot`.
+pub fn sandbox_batch(slot: Slot) -> String {
+    format!(
+        "addr add {}/30 dev {SANDBOX_LINK}\n\
+         link set {SANDBOX_LINK} up\n\
+         route add default via {}\n",
+        slot.sandbox_address(),
+        slot.host_address()
+    )
+}
+
+/// Why a step failed, as the tool said it.
+pub type Failure = String;
+
+/// The kernel touchpoints: every command and file the network needs.
+pub trait Tools {
+    /// The names of the host's network links.
+    fn links(&mut self) -> Vec<String>;
+    /// Runs `ip -batch -` on the host with `script`.
+    fn ip_host(&mut self, script: &str) -> Result<(), Failure>;
+    /// Runs `ip -batch -` inside the network namespace of process `pid`.
+    fn ip_in(&mut self, pid: i32, script: &str) -> Result<(), Failure>;
+    /// Runs `nft -f -` with `script`.
+    fn nft(&mut self, script: &str) -> Result<(), Failure>;
+    /// The names of the host's `inet` nftables tables.
+    fn tables(&mut self) -> Vec<String>;
+    /// `net.ipv4.ip_forward`.
+    fn forwarding(&mut self) -> bool;
+    fn set_forwarding(&mut self, on: bool) -> Result<(), Failure>;
+    /// Whether [`FORWARDING_MARK`] exists; `set_mark` makes or removes it.
+    fn mark(&mut self) -> bool;
+    fn set_mark(&mut self, present: bool);
+}
+
+/// Whether `failure` says the link name is taken (another agent claimed the slot).
+fn name_taken(failure: &str) -> bool {
+    failure.contains("File exists")
+}
+
+/// One spawner's egress sandboxes.
+pub struct Egress<T: Tools> {
+    agent_id: String,
+    tools: T,
+    /// Sandbox id → its slot.
+    slots: HashMap<String, Slot>,
+}
+
+impl<T: Tools> Egress<T> {
+    pub fn new(agent_id: String, tools: T) -> Egress<T> {
+        Egress {
+            agent_id,
+            tools,
+            slots: HashMap::new(),
+        }
+    }
+
+    /// Gives sandbox `id` (its init is `pid`) outbound network: the agent's table
+    /// first (with its first egress sandbox), forwarding on, then a free slot's veth
+    /// pair. Undoes what it did when a step fails.
+    pub fn attach(&mut self, id: &str, pid: i32) -> Result<Slot, Failure> {
+        if self.slots.contains_key(id) {
+            return Err(format!("sandbox {id} already has a network"));
+        }
+        if self.slots.is_empty() {
+            self.tools
+                .nft(&table_script(&self.agent_id))
+                .map_err(|e| format!("make the nftables table: {e}"))?;
+        }
+        let made = self.forward().and_then(|()| self.claim(pid));
+        match made {
+            Ok(slot) => {
+                let inside = self.tools.ip_in(pid, &sandbox_batch(slot));
+                if let Err(e) = inside {
+                    let _ = self
+                        .tools
+                        .ip_host(&format!("link del {}\n", slot.host_link()));
+                    self.remove_table_if_unused();
+                    return Err(format!("configure the sandbox's {SANDBOX_LINK}: {e}"));
+                }
+                self.slots.insert(id.to_owned(), slot);
+                Ok(slot)
+            }
+            Err(e) => {
+                self.remove_table_if_unused();
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes sandbox `id`'s link (if it had one) and, with the last, the table.
+    pub fn detach(&mut self, id: &str) {
+        let Some(slot) = self.slots.remove(id) else {
+            return;
+        };
+        // Gone already when the sandbox's namespace went first.
+        let _ = self
+            .tools
+            .ip_host(&format!("link del {}\n", slot.host_link()));
+        self.remove_table_if_unused();
+    }
+
+    /// Whether sandbox `id` has a network of its own.
+    pub fn has(&self, id: &str) -> bool {
+        self.slots.contains_key(id)
+    }
+
+    /// Turns forwarding on if it is off, leaving the mark.
+    fn forward(&mut self) -> Result<(), Failure> {
+        if self.tools.forwarding() {
+            return Ok(());
+        }
+        self.tools.set_mark(true);
+        self.tools
+            .set_forwarding(true)
+            .map_err(|e| format!("turn net.ipv4.ip_forward on: {e}"))
+    }
+
+    /// Claims the first free slot by creating its veth pair.
+    fn claim(&mut self, pid: i32) -> Result<Slot, Failure> {
+        let taken: Vec<Slot> = self
+            .tools
+            .links()
+            .iter()
+            .filter_map(|l| Slot::of_link(l))
+            .collect();
+        let mut from = 0;
+        // A few rounds: another agent may claim the slot between the listing and
+        // the creation.
+        for _ in 0..8 {
+            let slot = free_slot(from, |s| taken.contains(&s))
+                .ok_or_else(|| format!("all {SLOTS} network slots are in use"))?;
+            match self.tools.ip_host(&host_batch(slot, pid)) {
+                Ok(()) => return Ok(slot),
+                Err(e) if name_taken(&e) => from = slot.0 + 1,
+                Err(e) => {
+                    let _ = self
+                        .tools
+                        .ip_host(&format!("link del {}\n", slot.host_link()));
+                    return Err(format!("make the veth pair {}: {e}", slot.host_link()));
+                }
+            }
+        }
+        Err("network slots kept being taken by other agents".into())
+    }
+
+    fn remove_table_if_unused(&mut self) {
+        if self.slots.is_empty() {
+            remove_table(&mut self.tools, &self.agent_id);
+        }
+    }
+}
+
+/// Removes agent `agent_id`'s table (absent: nothing happens) and, when no sprout
+/// table is left and sprout turned forwarding on, turns it off again.
+pub fn remove_table<T: Tools>(tools: &mut T, agent_id: &str) {
+    let name = table_name(agent_id);
+    if tools.tables().contains(&name) {
+        if let Err(e) = tools.nft(&format!("delete table inet {name}\n")) {
+            tracing::warn!(table = %name, error = %e, "could not remove an nftables table");
+        }
+    }
+    if tools.mark()
+        && !tools.tables().iter().any(|t| table_agent(t).is_some())
+        && tools.set_forwarding(false).is_ok()
+    {
+        tools.set_mark(false);
+    }
+}
+
+/// Removes the tables of agents that are gone (`alive` says which ids still run).
+pub fn remove_stale_tables<T: Tools>(tools: &mut T, alive: impl Fn(&str) -> bool) -> Vec<String> {
+    let stale: Vec<String> = tools
+        .tables()
+        .iter()
+        .filter_map(|t| table_agent(t))
+        .filter(|id| !alive(id))
+        .map(str::to_owned)
+        .collect();
+    for id in &stale {
+        remove_table(tools, id);
+    }
+    stale
+}
+
+/// The real [`Tools`]: the `ip` and `nft` commands and the host's files.
+pub struct HostTools;
+
+/// Runs `program` with `args`, `stdin` on its standard input; the error is its
+/// standard error (or why it could not run).
+fn run(program: &str, args: &[&str], stdin: &str) -> Result<String, Failure> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let path = tool(program).ok_or_else(|| format!("{program} is not installed"))?;
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run {program}: {e}"))?;
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(stdin.as_bytes())
+            .map_err(|e| format!("write to {program}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("wait for {program}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+impl Tools for HostTools {
+    fn links(&mut self) -> Vec<String> {
+        std::fs::read_dir("/sys/class/net")
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn ip_host(&mut self, script: &str) -> Result<(), Failure> {
+        run("ip", &["-batch", "-"], script).map(drop)
+    }
+
+    fn ip_in(&mut self, pid: i32, script: &str) -> Result<(), Failure> {
+        use std::fs::File;
+        use std::os::fd::AsFd;
+        let open = |p: &str| File::open(p).map_err(|e| format!("open {p}: {e}"));
+        let ns = open(&format!("/proc/{pid}/ns/net"))?;
+        let home = open("/proc/self/ns/net")?;
+        crate::sys::in_net_ns(ns.as_fd(), home.as_fd(), || {
+            Ok(run("ip", &["-batch", "-"], script))
+        })
+        .map_err(|e| format!("enter the sandbox's network namespace: {e}"))?
+        .map(drop)
+    }
+
+    fn nft(&mut self, script: &str) -> Result<(), Failure> {
+        run("nft", &["-f", "-"], script).map(drop)
+    }
+
+    fn tables(&mut self) -> Vec<String> {
+        run("nft", &["list", "tables", "inet"], "")
+            .map(|out| {
+                out.lines()
+                    .filter_map(|l| l.strip_prefix("table inet "))
+                    .map(|t| t.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn forwarding(&mut self) -> bool {
+        std::fs::read_to_string(IP_FORWARD).is_ok_and(|v| v.trim() == "1")
+    }
+
+    fn set_forwarding(&mut self, on: bool) -> Result<(), Failure> {
+        std::fs::write(IP_FORWARD, if on { "1" } else { "0" })
+            .map_err(|e| format!("write {IP_FORWARD}: {e}"))
+    }
+
+    fn mark(&mut self) -> bool {
+        std::path::Path::new(FORWARDING_MARK).exists()
+    }
+
+    fn set_mark(&mut self, present: bool) {
+        let _ = if present {
+            std::fs::write(FORWARDING_MARK, "0\n")
+        } else {
+            std::fs::remove_file(FORWARDING_MARK)
+        };
+    }
+}
+
+/// Where the host's commands are looked for (the agent's `PATH` may lack the
+/// `sbin` directories).
+const TOOL_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// The absolute path of command `name`, if it is installed.
+fn tool(name: &str) -> Option<std::path::PathBuf> {
+    TOOL_DIRS
+        .iter()
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Whether the `nft` command is installed (without it no agent made a table).
+pub fn nft_installed() -> bool {
+    tool("nft").is_some()
+}
+
+/// Checks that the commands an egress sandbox needs are installed; the error names
+/// what is missing and where it was looked for.
+pub fn check_tools() -> Result<(), String> {
+    for (name, package) in [("ip", "iproute2"), ("nft", "nftables")] {
+        if tool(name).is_none() {
+            return Err(format!(
+                "network egress needs the {name} command ({package}); it is not in {}",
+                TOOL_DIRS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records every step; links and tables live in memory.
+    #[derive(Default)]
+    struct Fake {
+        steps: Vec<String>,
+        links: Vec<String>,
+        tables: Vec<String>,
+        forwarding: bool,
+        mark: bool,
+        /// Fails `ip_in` (the sandbox side).
+        fail_inside: bool,
+    }
+
+    impl Tools for Fake {
+        fn links(&mut self) -> Vec<String> {
+            self.links.clone()
+        }
+        fn ip_host(&mut self, script: &str) -> Result<(), Failure> {
+            self.steps
+                .push(format!("ip: {}", script.lines().next().unwrap()));
+            let words: Vec<&str> = script.split_whitespace().collect();
+            match words[..] {
+                ["link", "add", name, ..] => {
+                    if self.links.iter().any(|l| l == name) {
+                        return Err("RTNETLINK answers: File exists".into());
+                    }
+                    self.links.push(name.into());
+                }
+                ["link", "del", name] => self.links.retain(|l| l != name),
+                _ => {}
+            }
+            Ok(())
+        }
+        fn ip_in(&mut self, pid: i32, script: &str) -> Result<(), Failure> {
+            self.steps
+                .push(format!("ip in {pid}: {}", script.lines().count()));
+            if self.fail_inside {
+                return Err("no".into());
+            }
+            Ok(())
+        }
+        fn nft(&mut self, script: &str) -> Result<(), Failure> {
+            let first = script.lines().next().unwrap();
+            self.steps.push(format!("nft: {first}"));
+            let name = first.rsplit(' ').next().unwrap().to_owned();
+            if first.starts_with("delete") {
+                self.tables.retain(|t| *t != name);
+            } else if !self.tables.contains(&name) {
+                self.tables.push(name);
+            }
+            Ok(())
+        }
+        fn tables(&mut self) -> Vec<String> {
+            self.tables.clone()
+        }
+        fn forwarding(&mut self) -> bool {
+            self.forwarding
+        }
+        fn set_forwarding(&mut self, on: bool) -> Result<(), Failure> {
+            self.steps.push(format!("forwarding {on}"));
+            self.forwarding = on;
+            Ok(())
+        }
+        fn mark(&mut self) -> bool {
+            self.mark
+        }
+        fn set_mark(&mut self, present: bool) {
+            self.mark = present;
+        }
+    }
+
+    #[test]
+    fn slots_name_links_under_fifteen_characters_and_own_a_slash_30() {
+        let s = Slot(0);
+        assert_eq!(s.host_link(), "sprout-e0");
+        assert_eq!(s.host_address(), Ipv4Addr::new(10, 231, 0, 1));
+        assert_eq!(s.sandbox_address(), Ipv4Addr::new(10, 231, 0, 2));
+        let s = Slot(65);
+        assert_eq!(s.host_address(), Ipv4Addr::new(10, 231, 1, 5));
+        assert_eq!(s.sandbox_address(), Ipv4Addr::new(10, 231, 1, 6));
+        let last = Slot(SLOTS - 1);
+        assert_eq!(last.sandbox_address(), Ipv4Addr::new(10, 231, 255, 254));
+        assert!(last.host_link().len() <= 15, "{}", last.host_link());
+        assert_eq!(Slot::of_link("sprout-e65"), Some(Slot(65)));
+        for other in [
+            "sprout-e",
+            "sprout-e065",
+            "sprout-e16384",
+            "eth0",
+            "sprout-ex",
+        ] {
+            assert_eq!(Slot::of_link(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn only_none_and_egress_are_networks() {
+        assert_eq!(Network::parse("egress"), Ok(Network::Egress));
+        assert_eq!(Network::parse("none"), Ok(Network::None));
+        assert_eq!(
+            Network::parse("host").unwrap_err(),
+            "unknown network \"host\" (none or egress)"
+        );
+        assert_eq!(Network::default(), Network::None);
+    }
+
+    #[test]
+    fn the_table_filters_every_sprout_link_and_masquerades_the_block() {
+        let s = table_script("42");
+        assert!(s.starts_with("add table inet sprout-42\ndelete table inet sprout-42\n"));
+        for rule in [
+            "type filter hook input priority filter - 10; policy accept;\n\t\tiifname \"sprout-e*\" drop",
+            "iifname \"sprout-e*\" meta nfproto ipv6 drop",
+            "iifname \"sprout-e*\" ip daddr { 10.231.0.0/16, 169.254.0.0/16 } drop",
+            "iifname \"sprout-e*\" oifname \"sprout-e*\" drop",
+            "oifname \"sprout-e*\" ct state established,related accept\n\t\toifname \"sprout-e*\" drop",
+            "ip saddr 10.231.0.0/16 oifname != \"sprout-e*\" masquerade",
+        ] {
+            assert!(s.contains(rule), "{rule} missing from\n{s}");
+        }
+        assert_eq!(
+            host_batch(Slot(1), 77),
+            "link add sprout-e1 type veth peer name eth0 netns 77\naddr add 10.231.0.5/30 dev sprout-e1\nlink set sprout-e1 up\n"
+        );
+        assert_eq!(
+            sandbox_batch(Slot(1)),
+            "addr add 10.231.0.6/30 dev eth0\nlink set eth0 up\nroute add default via 10.231.0.5\n"
+        );
+    }
+
+    #[test]
+    fn the_table_comes_with_the_first_sandbox_and_goes_with_the_last() {
+        let mut e = Egress::new("7".into(), Fake::default());
+        // Another agent's sandbox holds slot 0; its table is not ours to remove.
+        e.tools.links.push("sprout-e0".into());
+        e.tools.tables.push("sprout-8".into());
+        assert_eq!(e.attach("a", 100), Ok(Slot(1)));
+        assert_eq!(e.attach("b", 101), Ok(Slot(2)));
+        assert!(
+            e.attach("a", 100).is_err(),
+            "a second network for one sandbox"
+        );
+        assert_eq!(
+            e.tools.steps,
+            [
+                "nft: add table inet sprout-7",
+                "forwarding true",
+                "ip: link add sprout-e1 type veth peer name eth0 netns 100",
+                "ip in 100: 3",
+                "ip: link add sprout-e2 type veth peer name eth0 netns 101",
+                "ip in 101: 3",
+            ]
+        );
+        assert!(e.tools.mark, "forwarding was off: the mark remembers it");
+        e.tools.steps.clear();
+        e.detach("a");
+        e.detach("a");
+        assert_eq!(e.tools.steps, ["ip: link del sprout-e1"]);
+        e.detach("b");
+        assert_eq!(e.tools.tables, ["sprout-8"]);
+        assert!(
+            e.tools.forwarding,
+            "another agent's table is left: forwarding stays"
+        );
+        remove_stale_tables(&mut e.tools, |id| id != "8");
+        assert!(e.tools.tables.is_empty());
+        assert!(
+            !e.tools.forwarding && !e.tools.mark,
+            "the last table restores forwarding"
+        );
+    }
+
+    #[test]
+    fn a_slot_taken_meanwhile_is_skipped_and_a_failure_undoes_everything() {
+        let mut e = Egress::new("7".into(), Fake::default());
+        e.tools.forwarding = true;
+        // Slot 0 is claimed between the listing and the creation.
+        let mut racing = Fake {
+            forwarding: true,
+            ..Fake::default()
+        };
+        racing.links.push("sprout-e0".into());
+        // `links()` reports nothing, yet creating slot 0 fails: the next is used.
+        struct Hidden(Fake);
+        impl Tools for Hidden {
+            fn links(&mut self) -> Vec<String> {
+                Vec::new()
+            }
+            fn ip_host(&mut self, s: &str) -> Result<(), Failure> {
+                self.0.ip_host(s)
+            }
+            fn ip_in(&mut self, pid: i32, s: &str) -> Result<(), Failure> {
+                self.0.ip_in(pid, s)
+            }
+            fn nft(&mut self, s: &str) -> Result<(), Failure> {
+                self.0.nft(s)
+            }
+            fn tables(&mut self) -> Vec<String> {
+                self.0.tables()
+            }
+            fn forwarding(&mut self) -> bool {
+                self.0.forwarding()
+            }
+            fn set_forwarding(&mut self, on: bool) -> Result<(), Failure> {
+                self.0.set_forwarding(on)
+            }
+            fn mark(&mut self) -> bool {
+                self.0.mark()
+            }
+            fn set_mark(&mut self, present: bool) {
+                self.0.set_mark(present)
+            }
+        }
+        let mut h = Egress::new("7".into(), Hidden(racing));
+        assert_eq!(h.attach("a", 5), Ok(Slot(1)));
+        assert!(!h.tools.0.mark, "forwarding was on: nothing to restore");
+
+        e.tools.fail_inside = true;
+        let err = e.attach("a", 9).unwrap_err();
+        assert!(err.contains("configure the sandbox's eth0"), "{err}");
+        assert!(e.tools.links.is_empty(), "{:?}", e.tools.links);
+        assert!(e.tools.tables.is_empty(), "{:?}", e.tools.tables);
+        assert!(!e.has("a"));
+    }
+}
