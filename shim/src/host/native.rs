@@ -94,7 +94,9 @@ fn executable(spec: &LoadSpec) -> Result<PathBuf, FunctionError> {
 }
 
 /// The command that starts `program` for `spec`: cwd the code directory, a clean
-/// environment (`PATH`, `HOME=/tmp`, `LANG`, then `env`), and death with the host.
+/// environment (`PATH`, `HOME=/tmp`, `LANG`, sprout's `SPROUT_SANDBOX` and
+/// `SPROUT_FUNCTION` as a Python function has them, then `env`), and death with the
+/// host.
 fn command(spec: &LoadSpec, program: &Path, env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(program);
     cmd.current_dir(&spec.code_dir)
@@ -102,7 +104,11 @@ fn command(spec: &LoadSpec, program: &Path, env: &[(&str, String)]) -> Command {
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("HOME", "/tmp")
         .env("LANG", "C.UTF-8")
-        .envs(env.iter().map(|(k, v)| (k, v)));
+        .env("SPROUT_FUNCTION", &spec.function);
+    if let Some(sandbox) = std::env::var_os("SPROUT_SANDBOX") {
+        cmd.env("SPROUT_SANDBOX", sandbox);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     crate::sys::die_with_parent_on_exec(&mut cmd);
     cmd
 }
