@@ -65,9 +65,9 @@ impl Actionloop {
         let stdin = child.stdin.take().expect("stdin is piped");
         let mut suffix = Vec::new();
         let json = |s: &str| serde_json::to_string(s).expect("a string serializes");
-        write!(
+        writeln!(
             suffix,
-            ",\"action_name\":{},\"namespace\":{},\"action_version\":{}}}\n",
+            ",\"action_name\":{},\"namespace\":{},\"action_version\":{}}}",
             json(&action_name),
             json(&about.namespace),
             json(&version)
