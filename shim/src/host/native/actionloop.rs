@@ -102,8 +102,8 @@ impl Actionloop {
         }
         write!(
             line,
-            ",\"activation_id\":\"{}\",\"deadline\":\"{}\"",
-            invocation.activation_id(),
+            ",\"activation_id\":\"{:032x}\",\"deadline\":\"{}\"",
+            invocation.id, // as `Invocation::activation_id`, without a string of its own
             epoch_ms(invocation.deadline)
         )
         .expect("writing to a vector");
