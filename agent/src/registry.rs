@@ -719,6 +719,29 @@ mod tests {
     }
 
     #[test]
+    fn network_is_none_by_default_egress_on_request_and_nothing_else() {
+        use pool::network::Network;
+        let t = dir_with(&["f.py"]);
+        let none = check(t.path(), &FunctionConfig::default(), &rules()).unwrap();
+        assert_eq!(none.network, Network::None);
+        let net = |name: &str| FunctionConfig {
+            network: Some(name.into()),
+            ..Default::default()
+        };
+        let e = err(t.path(), &net("host"));
+        assert!(
+            e.contains("unknown network \"host\" (none or egress)"),
+            "{e}"
+        );
+        if pool::network::check_tools().is_ok() {
+            let egress = check(t.path(), &net("egress"), &rules()).unwrap();
+            assert_eq!(egress.network, Network::Egress);
+            // Never one sandbox for both: a callee would get (or lose) the network.
+            assert!(!none.same_limits(&egress) && !egress.same_limits(&none));
+        }
+    }
+
+    #[test]
     fn defaults_fill_in_and_handler_file_is_checked() {
         let t = dir_with(&["f.py"]);
         let f = check(t.path(), &FunctionConfig::default(), &rules()).unwrap();

@@ -255,7 +255,12 @@ impl Live {
 /// loopback is down): enter it, two ioctls, come back. Descriptors are opened for
 /// this call only, so no container inherits them.
 fn loopback_up(pid: i32) -> std::io::Result<()> {
-    let ns = File::open(format!("/proc/{pid}/ns/net"))?;
+    let ns = match File::open(format!("/proc/{pid}/ns/net")) {
+        // Its init exited already (a shim that fails at once): the namespace is gone
+        // with it, and the agent hears of the death on the shim's channel.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        opened => opened?,
+    };
     let home = File::open("/proc/self/ns/net")?;
     sys::in_net_ns(ns.as_fd(), home.as_fd(), || sys::link_up(c"lo"))
 }
