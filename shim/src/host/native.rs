@@ -123,18 +123,25 @@ fn start_failed(program: &Path, e: io::Error) -> FunctionError {
     function_error(KIND, format!("cannot start {}: {why}", program.display()))
 }
 
-/// The executable's end, as the error that ends the instance: it exited (with its
-/// status) or broke its protocol. Reaps it if it is gone.
+/// The executable's end, as the error that ends the instance: it closed its side of
+/// the protocol (`what`) because it exited, or it is killed for it. Reaps it.
 fn ended(child: &mut Child, what: &str) -> Error {
-    let status = match child.try_wait() {
-        Ok(Some(status)) => describe(status),
-        _ => match child.wait() {
-            // The descriptor closed: the process is exiting or has exited.
-            Ok(status) => describe(status),
-            Err(e) => format!("cannot be waited for: {e}"),
-        },
-    };
-    Error::Runtime(format!("the function's executable {what}: it {status}"))
+    // A process closes its descriptors as it exits, a moment before it can be reaped.
+    for _ in 0..100 {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let status = describe(status);
+                return Error::Runtime(format!("the function's executable {what}: it {status}"));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Error::Runtime(format!(
+        "the function's executable {what} and was killed for it"
+    ))
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -364,6 +371,22 @@ done
     }
 
     #[test]
+    fn an_executable_that_closes_descriptor_3_but_runs_on_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(
+            dir.path(),
+            "exec",
+            "#!/bin/sh\nexec 3>&-\nexec sleep 60\n",
+        ))
+        .unwrap();
+        let started = Instant::now();
+        let e = n.invoke(invocation(1, "{}")).unwrap_err();
+        assert!(e.to_string().contains("was killed"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
     fn an_executable_that_cannot_start_fails_the_load() {
         let dir = tempfile::tempdir().unwrap();
         let e = native()
@@ -423,7 +446,7 @@ done
         assert!(e.message.contains("exited with status 3"), "{e:?}");
         let init_error = r#"#!/bin/sh
 curl -sS -d '{"errorType":"Init","errorMessage":"no config"}' "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/init/error"
-sleep 5
+exec sleep 5
 "#;
         let e = native()
             .load(&spec(dir.path(), "bootstrap", init_error))
@@ -442,7 +465,7 @@ c=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Big: $(head -c 20000 /dev/zero 
 # two requests on one kept-alive connection: the second is the long poll
 id=$(curl -s -D - -o /dev/null "$api/nothing" "$api/invocation/next" | grep -i request-id | tr -d '\r' | cut -d' ' -f2)
 curl -s -o /dev/null -d "{\"codes\":[$a,$b,$c]}" "$api/invocation/$id/response"
-sleep 5
+exec sleep 5
 "#;
         let mut n = native();
         n.load(&spec(dir.path(), "bootstrap", probe)).unwrap();
