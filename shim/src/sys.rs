@@ -109,3 +109,20 @@ pub fn kill(pid: i32) {
         nix::sys::signal::Signal::SIGKILL,
     );
 }
+
+/// Makes `cmd`'s process get SIGKILL when the calling process dies
+/// ([`die_with_parent`]); if the caller is already gone by then, the exec fails.
+pub fn die_with_parent_on_exec(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // async-signal-safe functions (prctl, getppid); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            die_with_parent()?;
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}

@@ -236,7 +236,7 @@ class RuntimeTest(unittest.TestCase):
         zygote.log.seek(0)
         return zygote.log.read().decode(errors="replace")
 
-    def send_fork(self, zygote, instance, code_dir, module="f", function="f"):
+    def send_fork(self, zygote, instance, code_dir, module="f", function="f", about=None):
         """Sends a fork request; returns (agent channel, stdout read end, stderr read end,
         the shim's end of the calls channel)."""
         agent, inst = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -267,6 +267,7 @@ class RuntimeTest(unittest.TestCase):
             "function": "fn-%d" % instance,
             "code_dir": code_dir,
             "handler": {"module": module, "function": function},
+            **(about or {}),
         })
         return channel, out_r, err_r, calls
 
@@ -279,13 +280,13 @@ class RuntimeTest(unittest.TestCase):
         self.pids.append(pid)
         return pid
 
-    def fork(self, zygote, instance, code_dir, module="f", function="f"):
-        channel, out_r, err_r, calls = self.send_fork(zygote, instance, code_dir, module, function)
+    def fork(self, zygote, instance, code_dir, module="f", function="f", about=None):
+        channel, out_r, err_r, calls = self.send_fork(zygote, instance, code_dir, module, function, about)
         pid = self.await_forked(zygote, instance)
         return Instance(channel, pid, out_r, err_r, calls)
 
-    def loaded(self, zygote, instance, code_dir, module="f", function="f"):
-        inst = self.fork(zygote, instance, code_dir, module, function)
+    def loaded(self, zygote, instance, code_dir, module="f", function="f", about=None):
+        inst = self.fork(zygote, instance, code_dir, module, function, about)
         header, payload, fds = inst.ch.recv()
         self.assertEqual(header, {"op": "loaded"}, header)
         self.assertEqual((payload, fds), (b"", []))
@@ -463,6 +464,80 @@ class RuntimeTest(unittest.TestCase):
         big = "x" * (3 << 20) + "é"
         self.assertEqual(inst.call(1, big), big)
         self.assertEqual(inst.call(2, {"small": True}), {"small": True})
+
+    LAMBDA = """\
+        import time
+
+        def handler(event, context):
+            if event.get("sleep"):
+                time.sleep(event["sleep"])
+            return {
+                "event": event,
+                "function_name": context.function_name,
+                "function_version": context.function_version,
+                "aws_request_id": context.aws_request_id,
+                "memory_limit_in_mb": context.memory_limit_in_mb,
+                "invoked_function_arn": context.invoked_function_arn,
+                "log_group_name": context.log_group_name,
+                "remaining": context.get_remaining_time_in_millis(),
+            }
+        """
+
+    def test_lambda_handler_gets_a_context(self):
+        zygote = self.start_zygote()
+        about = {"namespace": "team", "version": 4, "memory_mb": 256, "timeout_ms": 3000}
+        inst = self.loaded(zygote, 5, self.code_dir(f=self.LAMBDA), function="handler", about=about)
+        result = inst.call(0x2A, {"k": 1})
+        remaining = result.pop("remaining")
+        self.assertEqual(
+            result,
+            {
+                "event": {"k": 1},
+                "function_name": "fn-5",
+                "function_version": "4",
+                "aws_request_id": "%032x" % 0x2A,
+                "memory_limit_in_mb": "256",
+                "invoked_function_arn": "arn:aws:lambda:sprout:team:function:fn-5",
+                "log_group_name": "/aws/lambda/fn-5",
+            },
+        )
+        self.assertTrue(2500 < remaining <= 3000, remaining)
+        # The time left is counted from each invocation's arrival, not the load's.
+        time.sleep(0.6)
+        later = inst.call(0x2B, {"sleep": 0.5})
+        self.assertEqual(later["aws_request_id"], "%032x" % 0x2B)
+        self.assertTrue(2000 < later["remaining"] <= 2550, later["remaining"])
+
+    def test_handler_shapes_that_get_no_context(self):
+        code = self.code_dir(f="""\
+            def one(event):
+                return "one"
+
+            def star(*args):
+                return len(args)
+
+            def optional(event, context=None):
+                return context is not None
+
+            def three(a, b, c):
+                return "never"
+            """)
+        zygote = self.start_zygote()
+        self.assertEqual(self.loaded(zygote, 1, code, function="one").call(1, {}), "one")
+        self.assertEqual(self.loaded(zygote, 2, code, function="star").call(1, {}), 1)
+        self.assertIs(self.loaded(zygote, 3, code, function="optional").call(1, {}), True)
+        header, _, _ = self.loaded(zygote, 4, code, function="three").invoke(1, {})
+        self.assertEqual(header["op"], "raised", header)
+        self.assertEqual(header["error"]["type"], "TypeError")
+
+    def test_lambda_context_without_about(self):
+        # A load without namespace/version/memory/time limit (an older agent).
+        zygote = self.start_zygote()
+        inst = self.loaded(zygote, 6, self.code_dir(f=self.LAMBDA), function="handler")
+        result = inst.call(1, {})
+        self.assertEqual(result["function_version"], "0")
+        self.assertEqual(result["invoked_function_arn"], "arn:aws:lambda:sprout:_:function:fn-6")
+        self.assertEqual(result["remaining"], 0)
 
     def test_openwhisk_main(self):
         code = self.code_dir(

@@ -1,31 +1,476 @@
-//! The native backend: the function's own executable, `exec` speaking OpenWhisk's
-//! actionloop protocol or `bootstrap` speaking AWS Lambda's runtime API.
+//! The native backend: the function's own executable, run as it is.
+//!
+//! The handler's module names the executable in the code directory (`exec` unless
+//! told otherwise). `bootstrap` speaks AWS Lambda's runtime API ([`lambda_api`]):
+//! the host serves that API on the sandbox's loopback. Any other name speaks
+//! OpenWhisk's actionloop protocol ([`actionloop`]): one JSON line per invocation on
+//! its stdin, one JSON line back on its descriptor 3. Either way the executable is
+//! started once, at `load`, and stays up between invocations (warm); its stdout and
+//! stderr are the host's, so what it prints is its invocation's logs, and it dies with
+//! the host. Native functions cannot call other functions (there is no SDK for them):
+//! every outcome says `called: false`.
+
+mod actionloop;
+mod lambda_api;
+
+use std::io::{self, BufRead};
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
 
 use ipc::proto::{FunctionError, LoadSpec};
-use ipc::Channel;
+use ipc::{Channel, Payload};
 
 use super::{function_error, Backend, Error, Invocation, Outcome};
 
-#[derive(Debug)]
+/// The executable name that selects AWS Lambda's runtime API.
+pub const BOOTSTRAP: &str = "bootstrap";
+
+/// The error kind of a native function's failures that the host reports for it (a
+/// refused event, an answer that is not JSON, an executable that cannot start).
+const KIND: &str = "NativeError";
+
+/// The largest answer (result, error body) the host reads from an executable: larger
+/// answers are refused, and the executable pays for the memory they take while read.
+pub const MAX_ANSWER: usize = 16 << 20;
+
+/// The host's side of a native function: nothing until `load` starts the executable.
 pub struct Native {
+    /// Kept open so the shim's router sees the instance's calls channel alive; native
+    /// functions make no calls.
     _calls: Channel,
+    protocol: Option<Protocol>,
+}
+
+enum Protocol {
+    Actionloop(actionloop::Actionloop),
+    Lambda(lambda_api::LambdaApi),
 }
 
 impl Native {
     pub fn new(calls: Channel) -> Native {
-        Native { _calls: calls }
+        Native {
+            _calls: calls,
+            protocol: None,
+        }
     }
 }
 
 impl Backend for Native {
-    fn load(&mut self, _spec: &LoadSpec) -> Result<(), FunctionError> {
-        Err(function_error(
-            "NotImplemented",
-            "the native runtime is not built yet",
-        ))
+    fn load(&mut self, spec: &LoadSpec) -> Result<(), FunctionError> {
+        let program = executable(spec)?;
+        self.protocol = Some(if spec.handler.module == BOOTSTRAP {
+            Protocol::Lambda(lambda_api::LambdaApi::start(spec, &program)?)
+        } else {
+            Protocol::Actionloop(actionloop::Actionloop::start(spec, &program)?)
+        });
+        Ok(())
     }
 
-    fn invoke(&mut self, _invocation: Invocation) -> Result<(Outcome, bool), Error> {
-        Err(Error::Runtime("the native runtime is not built yet".into()))
+    fn invoke(&mut self, invocation: Invocation) -> Result<(Outcome, bool), Error> {
+        let outcome = match self.protocol.as_mut() {
+            Some(Protocol::Actionloop(a)) => a.invoke(invocation)?,
+            Some(Protocol::Lambda(l)) => l.invoke(invocation)?,
+            None => return Err(Error::Runtime("invoked before load".into())),
+        };
+        Ok((outcome, false))
+    }
+}
+
+/// The executable `spec`'s handler names, inside the code directory.
+fn executable(spec: &LoadSpec) -> Result<PathBuf, FunctionError> {
+    let name = spec.handler.module.as_str();
+    let relative = Path::new(name);
+    let plain = !name.is_empty()
+        && relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    if !plain {
+        return Err(function_error(
+            KIND,
+            format!("the executable {name:?} is not a path inside the function's directory"),
+        ));
+    }
+    Ok(Path::new(&spec.code_dir).join(relative))
+}
+
+/// The command that starts `program` for `spec`: cwd the code directory, a clean
+/// environment (`PATH`, `HOME=/tmp`, `LANG`, sprout's `SPROUT_SANDBOX` and
+/// `SPROUT_FUNCTION` as a Python function has them, then `env`), and death with the
+/// host.
+fn command(spec: &LoadSpec, program: &Path, env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(&spec.code_dir)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/tmp")
+        .env("LANG", "C.UTF-8")
+        .env("SPROUT_FUNCTION", &spec.function);
+    if let Some(sandbox) = std::env::var_os("SPROUT_SANDBOX") {
+        cmd.env("SPROUT_SANDBOX", sandbox);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
+    crate::sys::die_with_parent_on_exec(&mut cmd);
+    cmd
+}
+
+/// Why `program` could not start, as the function's load failure.
+fn start_failed(program: &Path, e: io::Error) -> FunctionError {
+    let why = match e.kind() {
+        io::ErrorKind::NotFound => "not found (or its #! interpreter is missing)".to_owned(),
+        io::ErrorKind::PermissionDenied => "not executable".to_owned(),
+        _ => e.to_string(),
+    };
+    function_error(KIND, format!("cannot start {}: {why}", program.display()))
+}
+
+/// The executable's end, as the error that ends the instance: it closed its side of
+/// the protocol (`what`) because it exited, or it is killed for it. Reaps it.
+fn ended(child: &mut Child, what: &str) -> Error {
+    // A process closes its descriptors as it exits, a moment before it can be reaped.
+    for _ in 0..100 {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let status = describe(status);
+                return Error::Runtime(format!("the function's executable {what}: it {status}"));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Error::Runtime(format!(
+        "the function's executable {what} and was killed for it"
+    ))
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        _ => format!("ended ({status})"),
+    }
+}
+
+/// Reads one line (without its `\n`, or `\r\n`) of at most `max` bytes into `out`.
+/// `Ok(true)`: a line; `Ok(false)`: end of stream before a newline. A longer line
+/// is read to its end and dropped, and is `Err(TooLong)`.
+fn read_line(r: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> Result<bool, LineError> {
+    out.clear();
+    let mut too_long = false;
+    loop {
+        let buf = match r.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LineError::Io(e)),
+        };
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if !too_long && out.len() + chunk.len() <= max {
+            out.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            out.clear();
+        }
+        let used = done.unwrap_or(buf.len());
+        r.consume(used);
+        if done.is_some() {
+            if too_long {
+                return Err(LineError::TooLong);
+            }
+            if out.last() == Some(&b'\r') {
+                out.pop();
+            }
+            return Ok(true);
+        }
+    }
+}
+
+#[derive(Debug)]
+enum LineError {
+    Io(io::Error),
+    TooLong,
+}
+
+/// `bytes` as a payload to send to the agent (shared memory above the inline limit).
+fn payload(bytes: Vec<u8>) -> Result<Payload, Error> {
+    if bytes.len() <= ipc::payload::SHARED_THRESHOLD {
+        return Ok(Payload::Inline(bytes));
+    }
+    Payload::share(&bytes).map_err(|source| Error::Sys {
+        what: "share a large result",
+        source,
+    })
+}
+
+/// Checks that `bytes` are one JSON value; the error names what is wrong.
+fn check_json(bytes: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<&serde_json::value::RawValue>(bytes)
+        .map(|_| ())
+        .map_err(|e| {
+            let start = String::from_utf8_lossy(&bytes[..bytes.len().min(80)]).into_owned();
+            format!("{e} (it starts {start:?})")
+        })
+}
+
+/// The deadline as milliseconds since the epoch, as OpenWhisk and Lambda give it.
+fn epoch_ms(deadline: std::time::Instant) -> u128 {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now + left).as_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_bounded_and_the_stream_stays_in_step() {
+        let mut r = io::Cursor::new(b"ok\r\nlooooong\nnext\npartial".to_vec());
+        let mut out = Vec::new();
+        assert!(read_line(&mut r, &mut out, 4).unwrap());
+        assert_eq!(out, b"ok");
+        assert!(matches!(
+            read_line(&mut r, &mut out, 4),
+            Err(LineError::TooLong)
+        ));
+        assert!(read_line(&mut r, &mut out, 4).unwrap());
+        assert_eq!(out, b"next");
+        assert!(!read_line(&mut r, &mut out, 4).unwrap());
+    }
+
+    #[test]
+    fn executables_stay_inside_the_code_directory() {
+        let mut spec = LoadSpec {
+            function: "f".into(),
+            code_dir: "/code".into(),
+            handler: ipc::proto::Handler {
+                module: "exec".into(),
+                function: String::new(),
+            },
+            about: Default::default(),
+        };
+        assert_eq!(executable(&spec).unwrap(), Path::new("/code/exec"));
+        for bad in ["", "/bin/sh", "../x", "a/../../b", "."] {
+            spec.handler.module = bad.into();
+            assert!(executable(&spec).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn answers_must_be_json() {
+        assert!(check_json(b" {\"a\": 1} ").is_ok());
+        assert!(check_json(b"42").is_ok());
+        let e = check_json(b"hello").unwrap_err();
+        assert!(e.contains("\"hello\""), "{e}");
+        assert!(check_json(b"").is_err());
+    }
+}
+
+/// The backends on the host itself: the executables are shell scripts in a temporary
+/// directory (the Lambda API's needs `curl` and the host's loopback).
+#[cfg(test)]
+mod backend_tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn spec(dir: &Path, module: &str, script: &str) -> LoadSpec {
+        let path = dir.join(module);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        LoadSpec {
+            function: "f".into(),
+            code_dir: dir.to_str().unwrap().into(),
+            handler: ipc::proto::Handler {
+                module: module.into(),
+                function: String::new(),
+            },
+            about: ipc::proto::About {
+                namespace: "ns".into(),
+                version: 3,
+                memory_mb: 128,
+                timeout_ms: 5000,
+            },
+        }
+    }
+
+    fn invocation(id: u64, event: &str) -> Invocation {
+        Invocation {
+            id,
+            depth: 0,
+            raw: false,
+            event: Payload::Inline(event.as_bytes().to_vec()),
+            deadline: Instant::now() + Duration::from_secs(5),
+        }
+    }
+
+    fn native() -> Native {
+        let (a, _b) = Channel::pair().unwrap();
+        Native::new(a)
+    }
+
+    fn returned(outcome: (Outcome, bool)) -> String {
+        match outcome.0 {
+            Outcome::Returned { result, .. } => String::from_utf8(result.into_vec()).unwrap(),
+            Outcome::Raised(e) => panic!("raised {e:?}"),
+        }
+    }
+
+    fn raised(outcome: (Outcome, bool)) -> FunctionError {
+        match outcome.0 {
+            Outcome::Raised(e) => e,
+            Outcome::Returned { result, .. } => panic!("returned {:?}", &*result),
+        }
+    }
+
+    const ACTIONLOOP: &str = r#"#!/bin/sh
+n=0
+while read -r line; do
+  n=$((n+1))
+  case "$line" in
+    *garbage*) echo "not json" >&3 ;;
+    *exit*) exit 7 ;;
+    *) printf '{"n":%d,"name":"%s","line":%s}\n' "$n" "$__OW_ACTION_NAME" "$line" >&3 ;;
+  esac
+done
+"#;
+
+    #[test]
+    fn actionloop_answers_keeps_state_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(dir.path(), "exec", ACTIONLOOP)).unwrap();
+        let first = returned(n.invoke(invocation(1, "{\"a\":\n1}")).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(v["n"], 1);
+        assert_eq!(v["name"], "/ns/f");
+        assert_eq!(v["line"]["value"], serde_json::json!({"a": 1}));
+        assert_eq!(v["line"]["activation_id"], format!("{:032x}", 1));
+        assert_eq!(v["line"]["action_version"], "3");
+        assert!(v["line"]["deadline"]
+            .as_str()
+            .unwrap()
+            .parse::<u128>()
+            .is_ok());
+        let second = returned(n.invoke(invocation(2, "{}")).unwrap());
+        assert!(second.starts_with("{\"n\":2,"), "{second}");
+        let e = raised(n.invoke(invocation(3, "\"garbage\"")).unwrap());
+        assert!(e.message.contains("not JSON"), "{e:?}");
+        let e = n.invoke(invocation(4, "\"exit\"")).unwrap_err();
+        assert!(e.to_string().contains("exited with status 7"), "{e}");
+    }
+
+    #[test]
+    fn an_executable_that_closes_descriptor_3_but_runs_on_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(
+            dir.path(),
+            "exec",
+            "#!/bin/sh\nexec 3>&-\nexec sleep 60\n",
+        ))
+        .unwrap();
+        let started = Instant::now();
+        let e = n.invoke(invocation(1, "{}")).unwrap_err();
+        assert!(e.to_string().contains("was killed"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_executable_that_cannot_start_fails_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = native()
+            .load(&spec(dir.path(), "exec", "#!/nonexistent/sh\n"))
+            .unwrap_err();
+        assert!(e.message.contains("cannot start"), "{e:?}");
+    }
+
+    const BOOTSTRAP: &str = r#"#!/bin/sh
+api="http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime"
+[ -n "$FAIL_INIT" ] && exit 1
+n=0
+while true; do
+  headers=$(mktemp)
+  event=$(curl -sS -D "$headers" "$api/invocation/next")
+  id=$(grep -i '^lambda-runtime-aws-request-id:' "$headers" | tr -d '\r' | cut -d' ' -f2)
+  deadline=$(grep -i '^lambda-runtime-deadline-ms:' "$headers" | tr -d '\r' | cut -d' ' -f2)
+  n=$((n+1))
+  case "$event" in
+    *fail*) curl -sS -o /dev/null -d '{"errorType":"Boom","errorMessage":"it failed","stackTrace":["a","b"]}' "$api/invocation/$id/error" ;;
+    *) curl -sS -o /dev/null -d "{\"n\":$n,\"event\":$event,\"deadline\":$deadline,\"fn\":\"$AWS_LAMBDA_FUNCTION_NAME\"}" "$api/invocation/$id/response" ;;
+  esac
+  rm -f "$headers"
+done
+"#;
+
+    #[test]
+    fn lambda_api_serves_a_curl_bootstrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(dir.path(), "bootstrap", BOOTSTRAP))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let before = epoch_ms(Instant::now());
+        let first = returned(n.invoke(invocation(1, "{\"a\": 1}")).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(v["n"], 1);
+        assert_eq!(v["event"], serde_json::json!({"a": 1}));
+        assert_eq!(v["fn"], "f");
+        let deadline = v["deadline"].as_u64().unwrap() as u128;
+        assert!(
+            deadline >= before + 4000 && deadline <= before + 6000,
+            "{deadline} vs {before}"
+        );
+        let e = raised(n.invoke(invocation(2, "\"fail\"")).unwrap());
+        assert_eq!((e.kind.as_str(), e.message.as_str()), ("Boom", "it failed"));
+        assert_eq!(e.traceback, "a\nb");
+        let third = returned(n.invoke(invocation(3, "[]")).unwrap());
+        assert!(third.starts_with("{\"n\":3,"), "{third}");
+    }
+
+    #[test]
+    fn lambda_api_bootstrap_exiting_or_reporting_fails_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = native()
+            .load(&spec(dir.path(), "bootstrap", "#!/bin/sh\nexit 3\n"))
+            .unwrap_err();
+        assert!(e.message.contains("exited with status 3"), "{e:?}");
+        let init_error = r#"#!/bin/sh
+curl -sS -d '{"errorType":"Init","errorMessage":"no config"}' "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/init/error"
+exec sleep 5
+"#;
+        let e = native()
+            .load(&spec(dir.path(), "bootstrap", init_error))
+            .unwrap_err();
+        assert_eq!((e.kind.as_str(), e.message.as_str()), ("Init", "no config"));
+    }
+
+    #[test]
+    fn lambda_api_refuses_other_request_ids_and_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = r#"#!/bin/sh
+api="http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime"
+a=$(curl -s -o /dev/null -w '%{http_code}' -d '{}' "$api/invocation/123/response")
+b=$(curl -s -o /dev/null -w '%{http_code}' "$api/nothing")
+c=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Big: $(head -c 20000 /dev/zero | tr '\0' a)" "$api/invocation/next")
+# two requests on one kept-alive connection: the second is the long poll
+id=$(curl -s -D - -o /dev/null "$api/nothing" "$api/invocation/next" | grep -i request-id | tr -d '\r' | cut -d' ' -f2)
+curl -s -o /dev/null -d "{\"codes\":[$a,$b,$c]}" "$api/invocation/$id/response"
+exec sleep 5
+"#;
+        let mut n = native();
+        n.load(&spec(dir.path(), "bootstrap", probe)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&returned(n.invoke(invocation(9, "{}")).unwrap())).unwrap();
+        assert_eq!(v["codes"], serde_json::json!([400, 404, 431]));
     }
 }

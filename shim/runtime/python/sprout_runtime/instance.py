@@ -3,11 +3,13 @@ the handler the agent names, and serves invocations until the agent lets go."""
 
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import signal
 import socket
 import sys
+import time
 
 from .codec import (
     MAX_PAYLOAD,
@@ -92,6 +94,84 @@ def load_handler(code_dir, module_name, function_name):
     if not callable(handler):
         raise TypeError(f"handler {module_name}:{function_name} is not callable")
     return handler
+
+
+def _takes_context(handler):
+    """Whether ``handler`` is AWS Lambda-shaped: exactly two positional parameters
+    (``handler(event, context)``), not ``*args``."""
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return False
+    return sum(1 for p in params if p.kind in positional) == 2
+
+
+class LambdaContext:
+    """What an AWS Lambda-style handler gets as ``context``, for one invocation."""
+
+    __slots__ = (
+        "function_name",
+        "function_version",
+        "invoked_function_arn",
+        "memory_limit_in_mb",
+        "aws_request_id",
+        "log_group_name",
+        "log_stream_name",
+        "identity",
+        "client_context",
+        "_deadline",
+    )
+
+    def __init__(self, about, request_id, deadline):
+        (
+            self.function_name,
+            self.function_version,
+            self.invoked_function_arn,
+            self.memory_limit_in_mb,
+            self.log_group_name,
+            self.log_stream_name,
+        ) = about
+        self.aws_request_id = f"{request_id:032x}" if isinstance(request_id, int) else str(request_id)
+        self.identity = None
+        self.client_context = None
+        self._deadline = deadline
+
+    def get_remaining_time_in_millis(self):
+        """Milliseconds left of the invocation's time limit (counted from its arrival)."""
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+class LambdaHandler:
+    """An ``(event, context)`` handler as the instance calls it: ``serve`` tells it of
+    each invocation (``arrived``) before calling it with the event alone."""
+
+    def __init__(self, handler, header):
+        self.handler = handler
+        function = header["function"]
+        namespace = header.get("namespace") or "_"
+        # Fields as AWS's runtime gives them: strings for the version and the memory.
+        self.about = (
+            function,
+            str(header.get("version", 0)),
+            f"arn:aws:lambda:sprout:{namespace}:function:{function}",
+            str(header.get("memory_mb", 0)),
+            f"/aws/lambda/{function}",
+            f"sprout/{os.environ.get('SPROUT_INSTANCE', '')}",
+        )
+        self.timeout = max(int(header.get("timeout_ms", 0) or 0), 0) / 1000
+        self.context = None
+
+    def arrived(self, request_id):
+        self.context = LambdaContext(self.about, request_id, time.monotonic() + self.timeout)
+
+    def __call__(self, event):
+        context, self.context = self.context, None
+        if context is None:  # invoked without serve (a test): no arrival recorded
+            context = LambdaContext(self.about, 0, time.monotonic() + self.timeout)
+        return self.handler(event, context)
 
 
 def _raised(request_id, exc, **kw):
@@ -179,6 +259,7 @@ def _recv_no_fds(channel):
 
 def serve(channel, handler):
     """Answers invokes until the agent closes the channel; returns the exit status."""
+    contextual = isinstance(handler, LambdaHandler)
     while True:
         try:
             header, payload = _recv_no_fds(channel)
@@ -189,6 +270,8 @@ def serve(channel, handler):
             _log(f"ignoring unknown message op={op!r}")
             continue
         request_id = header.get("id")
+        if contextual:
+            handler.arrived(request_id)
         reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
         # Everything the handler printed is in the pipes before the agent hears back.
         _flush_stdio()
@@ -249,6 +332,8 @@ def instance_main(zygote, instance, chan_fd, out_fd, err_fd, calls_fd):
     handler_spec = header["handler"]
     try:
         handler = load_handler(header["code_dir"], handler_spec["module"], handler_spec["function"])
+        if _takes_context(handler):
+            handler = LambdaHandler(handler, header)
     except BaseException as exc:  # noqa: BLE001
         return _report_load_failure(channel, describe_error(exc, skip_import=True))
     _flush_stdio()

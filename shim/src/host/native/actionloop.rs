@@ -1,0 +1,148 @@
+//! OpenWhisk's actionloop protocol, for an executable that is not `bootstrap`.
+//!
+//! Per invocation the host writes one line on the executable's stdin,
+//! `{"value": EVENT, "activation_id": "<32 hex>", "deadline": "<epoch ms>",
+//! "action_name": "/<namespace>/<function>", "namespace": ..., "action_version": ...}`,
+//! and reads one JSON line from the executable's descriptor 3: the result. The
+//! event's own newlines can only be JSON whitespace and become spaces. The environment
+//! carries `__OW_ACTION_NAME`, `__OW_NAMESPACE` and `__OW_ACTION_VERSION` (what
+//! OpenWhisk's proxy would pass that still means something here; there is no
+//! OpenWhisk API host or key). `__OW_WAIT_FOR_ACK` is not set: an executable that
+//! exits or prints garbage before its first invocation is seen at that invocation
+//! (one that cannot start at all fails the load).
+//!
+//! A hop costs one `write` of the line (built in a buffer kept between invocations:
+//! one copy of the event) and the `read`s of the answer (one for a line that fits the
+//! 64 KiB buffer).
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Stdio};
+
+use ipc::proto::{FunctionError, LoadSpec};
+
+use super::{
+    check_json, command, ended, epoch_ms, function_error, payload, read_line, start_failed,
+    LineError, KIND, MAX_ANSWER,
+};
+use crate::host::{Error, Invocation, Outcome};
+
+pub struct Actionloop {
+    child: Child,
+    stdin: ChildStdin,
+    answers: BufReader<File>,
+    /// `,"action_name":…,"namespace":…,"action_version":…}` + `\n`: the same for
+    /// every line.
+    suffix: Vec<u8>,
+    /// The line being written, kept to save an allocation per invocation.
+    line: Vec<u8>,
+}
+
+impl Actionloop {
+    /// Starts `program` with its stdin a pipe from the host and its descriptor 3 a
+    /// pipe to the host.
+    pub fn start(spec: &LoadSpec, program: &Path) -> Result<Actionloop, FunctionError> {
+        let about = &spec.about;
+        let action_name = format!("/{}/{}", about.namespace, spec.function);
+        let version = about.version.to_string();
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| function_error(KIND, format!("pipe for the answers: {e}")))?;
+        let mut cmd = command(
+            spec,
+            program,
+            &[
+                ("__OW_ACTION_NAME", action_name.clone()),
+                ("__OW_NAMESPACE", about.namespace.clone()),
+                ("__OW_ACTION_VERSION", version.clone()),
+            ],
+        );
+        cmd.stdin(Stdio::piped());
+        crate::sys::with_fds_and_clean_mask(&mut cmd, &[write.as_fd()]);
+        let mut child = cmd.spawn().map_err(|e| start_failed(program, e))?;
+        drop(write); // the executable holds the only write end: its exit is EOF here
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let mut suffix = Vec::new();
+        let json = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        writeln!(
+            suffix,
+            ",\"action_name\":{},\"namespace\":{},\"action_version\":{}}}",
+            json(&action_name),
+            json(&about.namespace),
+            json(&version)
+        )
+        .expect("writing to a vector");
+        Ok(Actionloop {
+            child,
+            stdin,
+            answers: BufReader::with_capacity(64 << 10, File::from(read)),
+            suffix,
+            line: Vec::new(),
+        })
+    }
+
+    pub fn invoke(&mut self, invocation: Invocation) -> Result<Outcome, Error> {
+        if invocation.raw {
+            return Ok(refused(
+                "a native function takes JSON events; its caller sent raw bytes",
+            ));
+        }
+        let line = &mut self.line;
+        line.clear();
+        line.extend_from_slice(b"{\"value\":");
+        let event: &[u8] = &invocation.event;
+        if event.is_empty() {
+            line.extend_from_slice(b"{}");
+        } else {
+            line.extend(event.iter().map(|&b| match b {
+                b'\n' | b'\r' => b' ',
+                b => b,
+            }));
+        }
+        write!(
+            line,
+            ",\"activation_id\":\"{:032x}\",\"deadline\":\"{}\"",
+            invocation.id, // as `Invocation::activation_id`, without a string of its own
+            epoch_ms(invocation.deadline)
+        )
+        .expect("writing to a vector");
+        line.extend_from_slice(&self.suffix);
+        if self.stdin.write_all(line).is_err() {
+            return Err(ended(&mut self.child, "closed its stdin"));
+        }
+        // The buffer grows to the largest event seen; do not keep a huge one.
+        if line.capacity() > 1 << 20 {
+            *line = Vec::new();
+        }
+        let mut answer = Vec::new();
+        match read_line(&mut self.answers, &mut answer, MAX_ANSWER) {
+            Ok(true) => {}
+            Ok(false) => return Err(ended(&mut self.child, "closed descriptor 3")),
+            Err(LineError::TooLong) => {
+                return Ok(refused(&format!(
+                    "the executable's answer is longer than {} MiB",
+                    MAX_ANSWER >> 20
+                )))
+            }
+            Err(LineError::Io(e)) => {
+                return Err(Error::Runtime(format!(
+                    "reading the executable's answer: {e}"
+                )))
+            }
+        }
+        if let Err(e) = check_json(&answer) {
+            return Ok(refused(&format!(
+                "the executable's answer on descriptor 3 is not JSON: {e}"
+            )));
+        }
+        Ok(Outcome::Returned {
+            result: payload(answer)?,
+            raw: false,
+        })
+    }
+}
+
+fn refused(message: &str) -> Outcome {
+    Outcome::Raised(function_error(KIND, message))
+}
