@@ -16,22 +16,11 @@ use crate::zygote::{Error, Forked, Spawn};
 #[derive(Debug)]
 pub struct Launcher {
     runtime: Runtime,
-    /// The executable to run in host mode: the shim's own path in the sandbox.
-    program: String,
 }
 
 impl Launcher {
     pub fn new(runtime: Runtime) -> Launcher {
-        Launcher {
-            runtime,
-            program: SHIM_PATH.to_owned(),
-        }
-    }
-
-    /// A launcher of hosts from another executable (tests run the built binary).
-    #[cfg(test)]
-    pub fn with_program(runtime: Runtime, program: String) -> Launcher {
-        Launcher { runtime, program }
+        Launcher { runtime }
     }
 }
 
@@ -52,7 +41,7 @@ impl Spawn for Launcher {
         let (theirs, calls_theirs) = (theirs.into_fd(), calls_theirs.into_fd());
         let out = stdout.try_clone_to_owned().map_err(sys_err("dup stdout"))?;
         let err = stderr.try_clone_to_owned().map_err(sys_err("dup stderr"))?;
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = Command::new(SHIM_PATH);
         cmd.args(["host", self.runtime.name()])
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -64,7 +53,7 @@ impl Spawn for Launcher {
                 return Ok(Err(format!(
                     "instance {instance}: start the {} instance host ({}): {e}",
                     self.runtime.name(),
-                    self.program
+                    SHIM_PATH
                 )))
             }
         };

@@ -28,8 +28,8 @@ use ipc::proto::{CallReply, FunctionError, LoadSpec};
 use ipc::{Channel, Payload};
 use serde::{Deserialize, Serialize};
 
+use super::backend::{function_error, Backend, Error, Invocation, Outcome};
 use super::calls::Calls;
-use super::{function_error, Backend, Error, Invocation, Outcome};
 use crate::sys;
 use shim::runtime::nodejs;
 

@@ -70,7 +70,6 @@ impl PoolArgs {
                 .memory_budget
                 .unwrap_or_else(agent::default_memory_budget_mb),
             stem_cells: self.stem_cells,
-            ..agent::PoolConfig::default()
         }
     }
 }

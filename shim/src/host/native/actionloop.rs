@@ -23,11 +23,11 @@ use std::process::{Child, ChildStdin, Stdio};
 
 use ipc::proto::{FunctionError, LoadSpec};
 
-use super::{
-    check_json, command, ended, epoch_ms, function_error, payload, read_line, start_failed,
-    LineError, KIND, MAX_ANSWER,
+use super::process::{
+    check_json, command, ended, epoch_ms, payload, read_line, start_failed, LineError, KIND,
+    MAX_ANSWER,
 };
-use crate::host::{Error, Invocation, Outcome};
+use crate::host::backend::{function_error, Error, Invocation, Outcome};
 
 pub struct Actionloop {
     child: Child,

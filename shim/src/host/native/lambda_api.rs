@@ -30,9 +30,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use ipc::proto::{FunctionError, LoadSpec};
 use ipc::Payload;
 
-use super::{check_json, command, describe, epoch_ms, function_error, payload, start_failed};
-use super::{KIND, MAX_ANSWER};
-use crate::host::{Error, Invocation, Outcome};
+use super::process::{check_json, command, describe, epoch_ms, payload, start_failed};
+use super::process::{KIND, MAX_ANSWER};
+use crate::host::backend::{function_error, Error, Invocation, Outcome};
 
 /// Connections served at once; more are closed as they arrive.
 pub const MAX_CONNECTIONS: usize = 8;
