@@ -22,6 +22,7 @@ mod launcher;
 mod native;
 mod nodejs;
 
+use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -113,7 +114,17 @@ pub fn run(runtime: Runtime) -> Result<(), Error> {
             event: msg.payload,
             deadline: Instant::now() + timeout,
         };
-        match backend.invoke(invocation)? {
+        let answer = match backend.invoke(invocation) {
+            Ok(answer) => answer,
+            Err(e) => {
+                // Said before the instance channel closes (it would close as `run`
+                // returns, before `main` prints): the agent reads the instance's
+                // output once it sees the channel close, and this is why.
+                let _ = writeln!(io::stderr(), "sprout-shim host: {}", ipc::chain(&e));
+                std::process::exit(1);
+            }
+        };
+        match answer {
             (Outcome::Returned { result, raw }, called) => send(
                 &agent,
                 &InstanceEvent::Returned { id, raw, called },
