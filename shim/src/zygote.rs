@@ -157,21 +157,31 @@ pub fn fork_ready(
         Ok(pid) => pid,
         Err(message) => return Ok(Err(message)),
     };
-    let mut channel = InstanceLink(ours);
+    Ok(wait_ready(InstanceLink(ours), calls, pid, instance))
+}
+
+/// Waits for a new instance's `ready` on `channel`: the instance, or why it did not
+/// get ready (an instance still alive but confused is killed: it must not linger).
+pub fn wait_ready(
+    mut channel: InstanceLink,
+    calls: Channel,
+    pid: i32,
+    instance: u64,
+) -> Result<Forked, String> {
     match channel.wait_ready() {
-        Ok(()) => Ok(Ok(Forked {
+        Ok(()) => Ok(Forked {
             pid,
             channel,
             calls,
-        })),
+        }),
         Err(e) => {
             if !matches!(e, ipc::Error::Closed | ipc::Error::Truncated) {
-                sys::kill(pid); // alive but confused: it must not linger
+                sys::kill(pid);
             }
-            Ok(Err(format!(
+            Err(format!(
                 "instance {instance} (pid {pid}) did not get ready: {}",
                 ipc::chain(&e)
-            )))
+            ))
         }
     }
 }

@@ -60,22 +60,12 @@ impl Spawn for Launcher {
         // The host has its copies now; ours go so its death shows as these closing.
         drop((theirs, calls_theirs));
         let pid = child.id() as i32; // reaped by the shim's SIGCHLD loop
-        let mut channel = InstanceLink(ours);
-        match channel.wait_ready() {
-            Ok(()) => Ok(Ok(Forked {
-                pid,
-                channel,
-                calls,
-            })),
-            Err(e) => {
-                sys::kill(pid);
-                Ok(Err(format!(
-                    "instance {instance} (pid {pid}, {} host) did not get ready: {}",
-                    self.runtime.name(),
-                    ipc::chain(&e)
-                )))
-            }
-        }
+        Ok(crate::zygote::wait_ready(
+            InstanceLink(ours),
+            calls,
+            pid,
+            instance,
+        ))
     }
 
     fn kill(&mut self, pid: i32) {
