@@ -32,11 +32,12 @@ const link = theLink();
 let handler = null; // {fn, self, about}
 let running = null; // the invocation running now: {deadline}
 
-// A function's error as the protocol carries it: {type, message, traceback}.
+// A function's error as the protocol carries it: {type, message, traceback}, within
+// the bounds of `bounded`.
 function describe(e) {
   if (e instanceof Error || (e && typeof e === 'object' && typeof e.message === 'string')) {
     const type = typeof e.name === 'string' && e.name ? e.name : (e.constructor && e.constructor.name) || 'Error';
-    return { type, message: String(e.message), traceback: typeof e.stack === 'string' ? ownStack(e.stack) : '' };
+    return bounded(type, String(e.message), typeof e.stack === 'string' ? ownStack(e.stack) : '');
   }
   // A thrown value that is not an Error: type "Error", its text as the message.
   let message;
@@ -45,7 +46,38 @@ function describe(e) {
   } catch (_) {
     message = String(e);
   }
-  return { type: 'Error', message, traceback: '' };
+  return bounded('Error', message === undefined ? String(e) : message, '');
+}
+
+const MAX_TYPE = 256; // characters
+const MAX_MESSAGE = 16 << 10; // characters
+const MAX_ERROR = 64 << 10; // bytes, as JSON
+const CUT = '... (truncated)';
+
+// An error object whose JSON fits in 64 KiB (as the Python runtime's): well-formed
+// text (a lone surrogate would not be JSON the host reads), the type and the message
+// cut first, then the traceback's oldest lines (the end of a JavaScript stack).
+function bounded(type, message, traceback) {
+  const cut = (s, n) => (s.length > n ? s.slice(0, n) + CUT : s);
+  const error = {
+    type: cut(type.toWellFormed(), MAX_TYPE),
+    message: cut(message.toWellFormed(), MAX_MESSAGE),
+    traceback: traceback.toWellFormed(),
+  };
+  while (Buffer.byteLength(JSON.stringify(error)) > MAX_ERROR) {
+    const lines = error.traceback.split('\n');
+    if (lines.length > 2) {
+      lines.splice(-2, 2, CUT);
+      error.traceback = lines.join('\n');
+    } else if (error.traceback.length > 4 * CUT.length) {
+      error.traceback = cut(error.traceback, Math.floor(error.traceback.length / 2));
+    } else if (error.traceback !== '') {
+      error.traceback = '';
+    } else {
+      error.message = cut(error.message, Math.floor(error.message.length / 2));
+    }
+  }
+  return error;
 }
 
 // A stack without the runtime's frames (and Node's own below them): the function's.
@@ -167,7 +199,31 @@ function findHandler(spec) {
   return { fn: value, self };
 }
 
+// Node's resolver read /etc/resolv.conf when node booted, in a stem cell with no
+// network; an egress sandbox has the host's bind-mounted since: read it again.
+function useResolvConf() {
+  let text;
+  try {
+    text = fs.readFileSync('/etc/resolv.conf', 'utf8');
+  } catch (_) {
+    return;
+  }
+  const servers = [];
+  for (const line of text.split('\n')) {
+    const m = /^\s*nameserver\s+(\S+)/.exec(line);
+    if (m) servers.push(m[1]);
+  }
+  if (servers.length > 0) {
+    try {
+      require('dns').setServers(servers);
+    } catch (_) {
+      // an address Node does not take: keep its default
+    }
+  }
+}
+
 link.on('load', (spec) => {
+  useResolvConf();
   try {
     const found = findHandler(spec);
     handler = { ...found, spec };
@@ -208,7 +264,15 @@ function runHandler(event, header) {
 
 function answer(header, payload) {
   running = null;
-  link.send(header, payload);
+  try {
+    link.send(header, payload);
+  } catch (e) {
+    // An answer the link refuses (over its limits) is the function's failure.
+    link.send({
+      op: 'raised',
+      error: { type: 'RangeError', message: `the answer cannot be sent: ${e.message}`, traceback: '' },
+    });
+  }
 }
 
 link.on('invoke', async (header, payload) => {

@@ -92,6 +92,9 @@ function start(name, event, async) {
     if (typeof name !== 'string') {
       throw new TypeError(`a function name must be a string, not ${typeof name}`);
     }
+    if (!name.isWellFormed() || name.length > 1024) {
+      throw new TypeError('a function name must be well-formed text of at most 1024 characters');
+    }
     const [raw, payload] = encode(event);
     if (payload.length > MAX_PAYLOAD) {
       throw new RangeError(`event of ${payload.length} bytes exceeds the limit of ${MAX_PAYLOAD} bytes`);

@@ -97,8 +97,9 @@ def load_handler(code_dir, module_name, function_name):
 
 
 def _takes_context(handler):
-    """Whether ``handler`` is AWS Lambda-shaped: exactly two positional parameters
-    (``handler(event, context)``), not ``*args``."""
+    """Whether ``handler`` is AWS Lambda-shaped: exactly two positional parameters,
+    neither with a default (``handler(event, context)``), and no ``*args``. A handler
+    ``f(event, verbose=False)`` is called with the event alone, as it always was."""
     try:
         params = inspect.signature(handler).parameters.values()
     except (TypeError, ValueError):
@@ -106,7 +107,8 @@ def _takes_context(handler):
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
         return False
-    return sum(1 for p in params if p.kind in positional) == 2
+    positionals = [p for p in params if p.kind in positional]
+    return len(positionals) == 2 and all(p.default is p.empty for p in positionals)
 
 
 class LambdaContext:
