@@ -346,6 +346,15 @@ fn main() -> anyhow::Result<()> {
             runc / stem
         );
     }
+    if let (Some(stem), Some(runc)) = (
+        find("Node.js cold invoke from a stem cell"),
+        find("runc run (same Node.js handler"),
+    ) {
+        println!(
+            "Node.js cold start from a stem cell vs runc run of node: {:.1}x faster (p50)",
+            runc / stem
+        );
+    }
     write_rows("latency", &rows)
 }
 
