@@ -149,3 +149,14 @@ pub fn peer_gone(fd: BorrowedFd<'_>) -> bool {
         Err(_) => true,
     }
 }
+
+/// Whether `fd` has something to read right now (or its end: a read would not wait).
+/// A `poll` with a zero timeout.
+pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
+}

@@ -207,6 +207,36 @@ done
     }
 
     #[test]
+    fn actionloop_answers_stay_in_step_with_their_invocations() {
+        // Junk before the first invocation; every answer twice, in one write (read
+        // ahead into the host's buffer) or in two (still in the pipe).
+        let script = r#"#!/bin/sh
+echo '{"junk":"before"}' >&3
+n=0
+while read -r line; do
+  n=$((n+1))
+  if [ $((n % 2)) = 1 ]; then
+    printf '{"n":%d}\n{"n":%d,"again":true}\n' "$n" "$n" >&3
+  else
+    echo "{\"n\":$n}" >&3
+    echo "{\"n\":$n,\"again\":true}" >&3
+  fi
+done
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(dir.path(), "exec", script)).unwrap();
+        // Bytes written after the next event goes out cannot be told from its answer:
+        // give the executable its moment.
+        std::thread::sleep(Duration::from_millis(200));
+        for i in 1..=4u64 {
+            let answer = returned(n.invoke(invocation(i, "{}")).unwrap());
+            assert_eq!(answer, format!("{{\"n\":{i}}}"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    #[test]
     fn an_executable_that_closes_descriptor_3_but_runs_on_is_killed() {
         let dir = tempfile::tempdir().unwrap();
         let mut n = native();
