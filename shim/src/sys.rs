@@ -19,6 +19,16 @@ pub fn take_stdin_channel() -> std::io::Result<OwnedFd> {
     Ok(channel)
 }
 
+/// Takes the instance host's channels: the instance channel on descriptor 3 and the
+/// calls channel on 4, as the launcher ([`with_fds_and_clean_mask`]) passes them. For
+/// the host's `main` only, once: a second call would own the descriptors twice.
+pub fn take_host_channels() -> (OwnedFd, OwnedFd) {
+    // SAFETY: the launcher started this process with its instance and calls channels
+    // on descriptors 3 and 4 (close-on-exec cleared on them), and the host calls this
+    // once, before anything else in the process opens, uses or owns them.
+    unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4)) }
+}
+
 /// Makes `cmd` start with `fd` as its descriptor 3 and an empty signal mask.
 pub fn with_fd3_and_clean_mask(cmd: &mut Command, fd: &OwnedFd) {
     let raw = fd.as_raw_fd();
@@ -85,17 +95,6 @@ pub fn set_cloexec(fd: &impl AsFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Makes the calling process get SIGKILL when its parent dies (the runtime process
-/// of an instance host: it must not outlive the host). For a `pre_exec` closure.
-pub fn die_with_parent() -> std::io::Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only and is
-    // async-signal-safe.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// SIGKILLs process `pid` of the sandbox (the shim is PID 1 of its pid namespace, so
 /// the pids the zygote reports are ours to signal). A process already gone is not an
 /// error; a pid ≤ 1 is refused, as `kill(0)` and `kill(-1)` would hit far more than one
@@ -111,18 +110,53 @@ pub fn kill(pid: i32) {
 }
 
 /// Makes `cmd`'s process get SIGKILL when the calling process dies
-/// ([`die_with_parent`]); if the caller is already gone by then, the exec fails.
+/// (`PR_SET_PDEATHSIG`: the runtime process of an instance host must not outlive the
+/// host); if the caller is already gone by then, the exec fails.
 pub fn die_with_parent_on_exec(cmd: &mut Command) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the child between fork and exec and only calls
     // async-signal-safe functions (prctl, getppid); it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
-            die_with_parent()?;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if libc::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });
     }
+}
+
+/// Whether the peer of the connected socket `fd` is gone: it closed (or shut down its
+/// writing side), or the connection failed. A nonblocking `MSG_PEEK` of one byte: it
+/// does not wait and consumes nothing.
+pub fn peer_gone(fd: BorrowedFd<'_>) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut byte = [0u8; 1];
+    match recv(
+        fd.as_raw_fd(),
+        &mut byte,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(0) => true,
+        Ok(_) => false, // a request already sent (pipelined): the client is there
+        // Nothing to read (or a signal): the client is there, as far as one can tell;
+        // a write to a client that is gone fails, and is handled.
+        Err(Errno::EAGAIN | Errno::EINTR) => false,
+        Err(_) => true,
+    }
+}
+
+/// Whether `fd` has something to read right now (or its end: a read would not wait).
+/// A `poll` with a zero timeout.
+pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN))
 }

@@ -691,3 +691,140 @@ fn a_node_sandbox_is_frozen_when_idle_and_thawed_by_an_invoke() {
     assert_eq!(v["sandbox"], sandbox.as_str(), "{v}");
     eprintln!("thawed invoke took {:?}", started.elapsed());
 }
+
+/// Errors a Node.js function can make that the runtime must bound or survive.
+const BOUNDED_JS: &str = r#"const sprout = require('sprout');
+let n = 0;
+exports.main = async (p) => {
+  n += 1;
+  switch (p.what) {
+    case 'long': throw new Error('x'.repeat(200000));
+    case 'surrogate': throw new Error('\ud800');
+    case 'huge-object': throw { big: 'y'.repeat(1 << 20), n };
+    case 'huge-error': throw { name: 'N'.repeat(100000), message: 'm'.repeat(100000), stack: 'at line\n'.repeat(p.lines) };
+    case 'names': {
+      const out = {};
+      for (const [key, name] of [['lone', 'fn\ud800'], ['long', 'f'.repeat(1025)]]) {
+        try {
+          await sprout.call(name, 1);
+          out[key] = 'called';
+        } catch (e) {
+          out[key] = { name: e.name, message: e.message };
+        }
+      }
+      return out;
+    }
+    default: return { n };
+  }
+};
+"#;
+
+#[test]
+fn huge_and_malformed_errors_are_bounded_and_the_instance_stays_warm() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(
+        &d,
+        "bounded",
+        &env.function("bounded", &[("index.js", BOUNDED_JS)]),
+        json!({}),
+    );
+    let ok = |n: u64| {
+        let r = d.invoke("bounded", "{}");
+        assert_eq!(r.status, 200, "{}", text(&r));
+        assert_eq!(
+            body_json(&r),
+            json!({ "n": n }),
+            "the same warm instance answers"
+        );
+    };
+    let failed = |what: &str| -> Value {
+        let started = Instant::now();
+        let r = d.invoke("bounded", &format!(r#"{{"what":"{what}","lines":9000}}"#));
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}");
+        let body = body_json(&r);
+        assert_eq!(body["error"]["kind"], "handler_error", "{what}: {body}");
+        body["error"].clone()
+    };
+    ok(1);
+
+    // A 200 000-character message is cut, and the instance goes on.
+    let e = failed("long");
+    assert_eq!(e["type"], "Error", "{e}");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.ends_with("... (truncated)"), "{message:.80}");
+    assert!(message.len() < 64 << 10, "{}", message.len());
+    ok(3);
+
+    // A lone surrogate is not text the host can read: made well-formed, not a death.
+    let e = failed("surrogate");
+    assert_eq!(e["type"], "Error", "{e}");
+    assert!(
+        e["message"].as_str().unwrap().ends_with("Error: \u{fffd}"),
+        "{e}"
+    );
+    ok(5);
+
+    // A thrown object whose JSON is huge, and an error-like object huge in every
+    // part: reported within the bounds, not hung.
+    let e = failed("huge-object");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("{\"big\":\"yyy"), "{message:.80}");
+    assert!(message.ends_with("... (truncated)"), "{message:.80}");
+    let e = failed("huge-error");
+    let all = e.to_string();
+    let size: usize = ["type", "message", "traceback"]
+        .iter()
+        .map(|k| e[*k].as_str().unwrap().len())
+        .sum();
+    // 64 KiB as the runtime's JSON; the agent's message names the function too.
+    assert!(size <= 64 << 10, "{size}");
+    assert!(
+        e["traceback"].as_str().unwrap().contains("... (truncated)"),
+        "{all:.80}"
+    );
+    assert!(e["type"].as_str().unwrap().starts_with("NNN"), "{all:.80}");
+    assert!(e["type"].as_str().unwrap().len() < 300, "{all:.80}");
+    ok(8);
+
+    // A call's function name must be well-formed text of at most 1024 characters.
+    let r = d.invoke("bounded", r#"{"what":"names"}"#);
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    for key in ["lone", "long"] {
+        assert_eq!(v[key]["name"], "TypeError", "{key}: {v}");
+        assert!(
+            v[key]["message"]
+                .as_str()
+                .unwrap()
+                .contains("well-formed text of at most 1024 characters"),
+            "{key}: {v}"
+        );
+    }
+    ok(10);
+}
+
+/// A stack of 100 000 lines: `bounded` in `instance.js` drops two lines per
+/// `JSON.stringify` of the whole error, quadratic in the stack's length (20 000 lines
+/// take 15 s, 100 000 far past the invocation's timeout).
+#[test]
+#[ignore = "instance.js's bounded() is quadratic in the stack's lines: un-ignore with its fix"]
+fn an_error_with_a_huge_stack_is_bounded_in_time() {
+    let env = require_root!();
+    let d = env.daemon();
+    register(
+        &d,
+        "bounded",
+        &env.function("bounded", &[("index.js", BOUNDED_JS)]),
+        json!({}),
+    );
+    let started = Instant::now();
+    let r = d.invoke("bounded", r#"{"what":"huge-error","lines":100000}"#);
+    let body = body_json(&r);
+    assert_eq!(body["error"]["kind"], "handler_error", "{body:.300}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -62,7 +62,7 @@ pub fn check_handler(dir: &Path, handler: &Handler) -> Result<(), Error> {
     let refused =
         |why: String| Error::InvalidConfig(format!("handler {handler}: {}: {why}", file.display()));
     let mut head = [0u8; 4];
-    let read = std::fs::File::open(&file)
+    let read = super::files::open_regular(&file)
         .and_then(|mut f| {
             let mut n = 0;
             while n < head.len() {

@@ -23,7 +23,6 @@ mod native;
 mod nodejs;
 
 use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ipc::proto::{InstanceEvent, InstanceRequest, Runtime};
@@ -33,21 +32,9 @@ pub use backend::Error;
 use backend::{Backend, Invocation, Outcome};
 pub use launcher::Launcher;
 
-/// The host's instance channel and calls channel, as the launcher passes them.
-const INSTANCE_FD: i32 = 3;
-const CALLS_FD: i32 = 4;
-
 /// The host's `main`: serves one instance of `runtime` on descriptors 3 and 4.
 pub fn run(runtime: Runtime) -> Result<(), Error> {
-    // SAFETY: the launcher started this process with its instance and calls channels
-    // on descriptors 3 and 4 (and close-on-exec cleared on them); nothing else in
-    // this process owns them.
-    let (instance, calls) = unsafe {
-        (
-            OwnedFd::from_raw_fd(INSTANCE_FD),
-            OwnedFd::from_raw_fd(CALLS_FD),
-        )
-    };
+    let (instance, calls) = crate::sys::take_host_channels();
     for fd in [&instance, &calls] {
         crate::sys::set_cloexec(fd).map_err(|source| Error::Sys {
             what: "close-on-exec on the host's channels",

@@ -207,6 +207,36 @@ done
     }
 
     #[test]
+    fn actionloop_answers_stay_in_step_with_their_invocations() {
+        // Junk before the first invocation; every answer twice, in one write (read
+        // ahead into the host's buffer) or in two (still in the pipe).
+        let script = r#"#!/bin/sh
+echo '{"junk":"before"}' >&3
+n=0
+while read -r line; do
+  n=$((n+1))
+  if [ $((n % 2)) = 1 ]; then
+    printf '{"n":%d}\n{"n":%d,"again":true}\n' "$n" "$n" >&3
+  else
+    echo "{\"n\":$n}" >&3
+    echo "{\"n\":$n,\"again\":true}" >&3
+  fi
+done
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(dir.path(), "exec", script)).unwrap();
+        // Bytes written after the next event goes out cannot be told from its answer:
+        // give the executable its moment.
+        std::thread::sleep(Duration::from_millis(200));
+        for i in 1..=4u64 {
+            let answer = returned(n.invoke(invocation(i, "{}")).unwrap());
+            assert_eq!(answer, format!("{{\"n\":{i}}}"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    #[test]
     fn an_executable_that_closes_descriptor_3_but_runs_on_is_killed() {
         let dir = tempfile::tempdir().unwrap();
         let mut n = native();
@@ -308,5 +338,159 @@ exec sleep 5
         let v: serde_json::Value =
             serde_json::from_str(&returned(n.invoke(invocation(9, "{}")).unwrap())).unwrap();
         assert_eq!(v["codes"], serde_json::json!([400, 404, 431]));
+    }
+}
+
+/// The Lambda runtime API's connections as a hostile or sloppy bootstrap uses them:
+/// long polls abandoned, more connections than the limit.
+#[cfg(test)]
+mod lambda_connection_tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use super::lambda_api::MAX_CONNECTIONS;
+    use super::*;
+
+    const NEXT: &[u8] = b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: api\r\n\r\n";
+
+    /// Sends `request` on a new connection to `addr`.
+    fn send(addr: &str, request: &[u8]) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        s
+    }
+
+    /// Reads one answer (head and `Content-Length` body); empty if the connection
+    /// closed first.
+    fn answer(s: &mut TcpStream) -> String {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+                if buf.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&buf).into_owned(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn request_id(answer: &str) -> String {
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Lambda-Runtime-Aws-Request-Id: "))
+            .unwrap_or_else(|| panic!("no request id in {answer:?}"))
+            .to_owned()
+    }
+
+    /// Takes the next event on `s` and answers it with `result`.
+    fn serve_one(s: &mut TcpStream, result: &str) {
+        let event = answer(s);
+        assert!(event.starts_with("HTTP/1.1 200"), "{event:?}");
+        let id = request_id(&event);
+        let post = format!(
+            "POST /2018-06-01/runtime/invocation/{id}/response HTTP/1.1\r\nHost: api\r\n\
+             Content-Length: {}\r\n\r\n{result}",
+            result.len()
+        );
+        s.write_all(post.as_bytes()).unwrap();
+        let accepted = answer(s);
+        assert!(accepted.starts_with("HTTP/1.1 202"), "{accepted:?}");
+    }
+
+    fn returned(outcome: (Outcome, bool)) -> String {
+        match outcome.0 {
+            Outcome::Returned { result, .. } => String::from_utf8(result.into_vec()).unwrap(),
+            Outcome::Raised(e) => panic!("raised {e:?}"),
+        }
+    }
+
+    #[test]
+    fn abandoned_long_polls_get_no_event_and_give_their_slots_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bootstrap");
+        // The test is the bootstrap's client; the bootstrap only says where the API
+        // is, and its exit (after 20 s) ends an invocation that would otherwise hang.
+        let script = "#!/bin/sh\necho \"$AWS_LAMBDA_RUNTIME_API\" > addr.tmp\n\
+                      mv addr.tmp addr\nexec sleep 20\n";
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = LoadSpec {
+            function: "f".into(),
+            code_dir: dir.path().to_str().unwrap().into(),
+            handler: ipc::proto::Handler {
+                module: "bootstrap".into(),
+                function: String::new(),
+            },
+            about: ipc::proto::About {
+                namespace: "ns".into(),
+                version: 1,
+                memory_mb: 128,
+                timeout_ms: 5000,
+            },
+        };
+        let addr_file = dir.path().join("addr");
+        let (step, stepped) = mpsc::channel();
+        let client = std::thread::spawn(move || {
+            let started = Instant::now();
+            while !addr_file.exists() {
+                assert!(started.elapsed() < Duration::from_secs(10), "no address");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let addr = std::fs::read_to_string(&addr_file).unwrap();
+            let addr = addr.trim();
+            // All slots held by live long polls: one more is answered 503.
+            let parked: Vec<_> = (0..MAX_CONNECTIONS).map(|_| send(addr, NEXT)).collect();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut refused = send(addr, NEXT);
+            let busy = answer(&mut refused);
+            assert!(busy.starts_with("HTTP/1.1 503"), "{busy:?}");
+            assert!(
+                busy.contains("\"errorType\":\"TooManyConnections\""),
+                "{busy:?}"
+            );
+            // Their clients leave: a new connection gets a slot and the event.
+            drop(parked);
+            let mut live = send(addr, NEXT);
+            step.send(()).unwrap();
+            serve_one(&mut live, "{\"round\":1}");
+            // Polls abandoned while the next event comes do not take it.
+            let abandoned: Vec<_> = (0..3).map(|_| send(addr, NEXT)).collect();
+            std::thread::sleep(Duration::from_millis(100));
+            drop(abandoned);
+            std::thread::sleep(Duration::from_millis(50));
+            step.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            live.write_all(NEXT).unwrap();
+            serve_one(&mut live, "{\"round\":2}");
+        });
+        let mut n = Native::new(Channel::pair().unwrap().0);
+        n.load(&spec).unwrap_or_else(|e| panic!("{e:?}"));
+        let invocation = |id| Invocation {
+            id,
+            depth: 0,
+            raw: false,
+            event: ipc::Payload::Inline(b"{}".to_vec()),
+            deadline: Instant::now() + Duration::from_secs(5),
+        };
+        for (id, want) in [(1, "{\"round\":1}"), (2, "{\"round\":2}")] {
+            stepped.recv_timeout(Duration::from_secs(10)).unwrap();
+            let started = Instant::now();
+            assert_eq!(returned(n.invoke(invocation(id)).unwrap()), want);
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+        client.join().unwrap();
     }
 }

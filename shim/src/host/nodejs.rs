@@ -16,7 +16,6 @@
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -114,10 +113,7 @@ impl Node {
             .current_dir("/")
             .stdin(Stdio::null());
         sys::with_fds_and_clean_mask(&mut cmd, &[theirs.as_fd()]);
-        // SAFETY: prctl is async-signal-safe and the closure allocates nothing.
-        unsafe {
-            cmd.pre_exec(sys::die_with_parent);
-        }
+        sys::die_with_parent_on_exec(&mut cmd);
         let child = cmd.spawn().map_err(sys_err("start /usr/bin/node"))?;
         drop(theirs);
         let pid = child.id() as i32;

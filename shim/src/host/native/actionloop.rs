@@ -11,12 +11,18 @@
 //! exits or prints garbage before its first invocation is seen at that invocation
 //! (one that cannot start at all fails the load).
 //!
-//! A hop costs one `write` of the line (built in a buffer kept between invocations:
-//! one copy of the event) and the `read`s of the answer (one for a line that fits the
-//! 64 KiB buffer).
+//! Answers are taken in step: before writing each event the host drops what the
+//! executable wrote on descriptor 3 since its last answer (extra lines, anything
+//! written before the first invocation) and says in the instance's stderr, its logs,
+//! how many bytes it dropped. (Bytes written after the next event goes out cannot be
+//! told from its answer.)
+//!
+//! A hop costs a zero-timeout `poll` of descriptor 3, one `write` of the line (built
+//! in a buffer kept between invocations: one copy of the event) and the `read`s of the
+//! answer (one for a line that fits the 64 KiB buffer).
 
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Stdio};
@@ -108,6 +114,14 @@ impl Actionloop {
         )
         .expect("writing to a vector");
         line.extend_from_slice(&self.suffix);
+        let dropped = drop_stray(&mut self.answers);
+        if dropped > 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "sprout-shim host: dropped {dropped} bytes the executable wrote on descriptor 3 \
+                 outside an answer"
+            );
+        }
         if self.stdin.write_all(line).is_err() {
             return Err(ended(&mut self.child, "closed its stdin"));
         }
@@ -140,6 +154,27 @@ impl Actionloop {
             result: payload(answer)?,
             raw: false,
         })
+    }
+}
+
+/// Drops what is buffered from descriptor 3 and what is readable on it now (up to
+/// [`MAX_ANSWER`] bytes: an executable that writes on without pause is read as
+/// answering garbage); returns how many bytes.
+fn drop_stray(answers: &mut BufReader<File>) -> usize {
+    let mut dropped = 0;
+    loop {
+        let buffered = answers.buffer().len();
+        answers.consume(buffered);
+        dropped += buffered;
+        if dropped >= MAX_ANSWER || !crate::sys::readable_now(answers.get_ref().as_fd()) {
+            return dropped;
+        }
+        // Readable: this read does not wait. At the end (0 bytes) or on an error the
+        // invocation's own read finds it again.
+        match answers.fill_buf() {
+            Ok([]) | Err(_) => return dropped,
+            Ok(_) => {}
+        }
     }
 }
 

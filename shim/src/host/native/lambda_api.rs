@@ -17,9 +17,17 @@
 //! answered 400 (`InvalidRequestID`), an unknown path 404, a head over
 //! [`MAX_HEAD`] 431, a body over [`MAX_ANSWER`] 413, a body without a length 411.
 //!
+//! A long poll whose client went away is not handed an event: before taking one, the
+//! parked `next` checks its peer is still there, and an event whose write fails is put
+//! back for the next `next`. A connection over [`MAX_CONNECTIONS`] first makes the
+//! parked polls check their peers (those whose clients left give their slots back);
+//! if none does within [`SWEEP_WAIT`], it is answered 503 (`TooManyConnections`) and
+//! closed.
+//!
 //! A hop costs the condition-variable hand-offs between the host's thread and the
-//! connection's (two wake-ups), the event's `write` (one copy into the head's buffer
-//! up to 64 KiB) and the result's `read`s into one buffer.
+//! connection's (two wake-ups), a nonblocking peek at the client, the event's
+//! `write` (one copy into the head's buffer up to 64 KiB) and the result's `read`s
+//! into one buffer.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -34,8 +42,11 @@ use super::process::{check_json, command, describe, epoch_ms, payload, start_fai
 use super::process::{KIND, MAX_ANSWER};
 use crate::host::backend::{function_error, Error, Invocation, Outcome};
 
-/// Connections served at once; more are closed as they arrive.
+/// Connections served at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 8;
+/// How long a connection over the limit waits for a parked poll whose client left to
+/// give its slot back.
+pub const SWEEP_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 /// The largest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 << 10;
 const PREFIX: &str = "/2018-06-01/runtime/";
@@ -63,6 +74,8 @@ struct State {
     current: Option<String>,
     outcome: Option<Outcome>,
     connections: usize,
+    /// Bumped to make every parked `next` check that its client is still there.
+    sweep: u64,
 }
 
 struct Event {
@@ -196,6 +209,16 @@ impl Shared {
             .wait(guard)
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Puts back an event whose write to its `next`'s client failed, for the next one.
+    fn put_back(&self, event: Event) {
+        let mut state = self.lock();
+        if state.current.as_deref() == Some(event.id.as_str()) && state.pending.is_none() {
+            state.current = None;
+            state.pending = Some(event);
+            self.changed.notify_all();
+        }
+    }
 }
 
 fn accept(listener: TcpListener, shared: Arc<Shared>) {
@@ -204,7 +227,26 @@ fn accept(listener: TcpListener, shared: Arc<Shared>) {
         {
             let mut state = shared.lock();
             if state.connections >= MAX_CONNECTIONS {
-                continue; // dropping the stream closes it
+                // Parked polls whose clients left give their slots back.
+                state.sweep += 1;
+                shared.changed.notify_all();
+                let until = std::time::Instant::now() + SWEEP_WAIT;
+                while state.connections >= MAX_CONNECTIONS {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    state = shared
+                        .changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                }
+            }
+            if state.connections >= MAX_CONNECTIONS {
+                drop(state);
+                too_many(stream);
+                continue;
             }
             state.connections += 1;
         }
@@ -215,11 +257,33 @@ fn accept(listener: TcpListener, shared: Arc<Shared>) {
             .spawn(move || {
                 let _ = serve(stream, &conn);
                 conn.lock().connections -= 1;
+                conn.changed.notify_all();
             });
         if started.is_err() {
             shared.lock().connections -= 1;
         }
     }
+}
+
+/// Answers a connection over the limit 503 and closes it, from the acceptor's thread:
+/// it reads what of the request has arrived (so the close does not reset the answer
+/// away) and waits for nothing else.
+fn too_many(mut stream: TcpStream) {
+    let response = Response {
+        close: true,
+        ..error_response(
+            503,
+            "Service Unavailable",
+            "TooManyConnections",
+            &format!("at most {MAX_CONNECTIONS} connections to the runtime API at once"),
+        )
+    };
+    let _ = stream.set_nonblocking(true);
+    let mut sink = [0u8; 4096];
+    let _ = stream.read(&mut sink);
+    let _ = write_response(&mut stream, &response);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.read(&mut sink);
 }
 
 /// One request as the API sees it.
@@ -241,7 +305,7 @@ struct Response {
 
 enum Body {
     Text(String),
-    Event(Payload),
+    Event(Event),
 }
 
 fn serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
@@ -253,12 +317,20 @@ fn serve(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
             Some(Err(response)) => response,
             Some(Ok(request)) => {
                 let close = request.close;
-                let mut response = route(request, shared);
+                // None: a long poll's client went away.
+                let Some(mut response) = route(request, shared, &stream) else {
+                    return Ok(());
+                };
                 response.close |= close;
                 response
             }
         };
-        write_response(&mut stream, &response)?;
+        if let Err(e) = write_response(&mut stream, &response) {
+            if let Body::Event(event) = response.body {
+                shared.put_back(event);
+            }
+            return Err(e);
+        }
         if response.close {
             // A lingering close: the client may still be sending what was refused,
             // and closing with unread bytes would reset the answer away.
@@ -394,22 +466,24 @@ fn accepted() -> Response {
     }
 }
 
-fn route(request: Request, shared: &Shared) -> Response {
+/// The answer to `request` on `stream`; `None` when it is a long poll whose client
+/// went away.
+fn route(request: Request, shared: &Shared, stream: &TcpStream) -> Option<Response> {
     let Some(rest) = request.path.strip_prefix(PREFIX) else {
-        return error_response(404, "Not Found", "NotFound", "no such path");
+        return Some(error_response(404, "Not Found", "NotFound", "no such path"));
     };
     let parts: Vec<&str> = rest.split('/').collect();
-    match (request.method.as_str(), parts.as_slice()) {
-        ("GET", ["invocation", "next"]) => next(shared),
+    Some(match (request.method.as_str(), parts.as_slice()) {
+        ("GET", ["invocation", "next"]) => return next(shared, stream),
         ("POST", ["invocation", id, what @ ("response" | "error")]) => {
             let mut state = shared.lock();
             if state.current.as_deref() != Some(*id) {
-                return error_response(
+                return Some(error_response(
                     400,
                     "Bad Request",
                     "InvalidRequestID",
                     &format!("{id:?} is not the invocation in flight"),
-                );
+                ));
             }
             state.current = None;
             state.outcome = Some(if *what == "response" {
@@ -432,31 +506,40 @@ fn route(request: Request, shared: &Shared) -> Response {
         ("POST", ["init", "error"]) => {
             let mut state = shared.lock();
             if state.asked {
-                return error_response(
+                return Some(error_response(
                     403,
                     "Forbidden",
                     "InvalidStateTransition",
                     "the function is already initialized",
-                );
+                ));
             }
             state.init_error = Some(function_failure(&request.body));
             shared.changed.notify_all();
             accepted()
         }
         _ => error_response(404, "Not Found", "NotFound", "no such path"),
-    }
+    })
 }
 
-/// Waits for the next invocation and hands it out.
-fn next(shared: &Shared) -> Response {
+/// Waits for the next invocation and hands it out to `stream`'s client, if it is
+/// still there when the invocation comes (`None` if it went away).
+fn next(shared: &Shared, stream: &TcpStream) -> Option<Response> {
+    use std::os::fd::AsFd;
     let mut state = shared.lock();
     if !state.asked {
         state.asked = true;
         shared.changed.notify_all();
     }
+    let mut swept = state.sweep;
     let event = loop {
-        if let Some(event) = state.pending.take() {
-            break event;
+        if state.pending.is_some() || state.sweep != swept {
+            swept = state.sweep;
+            if crate::sys::peer_gone(stream.as_fd()) {
+                return None; // the event, if any, stays for another `next`
+            }
+            if let Some(event) = state.pending.take() {
+                break event;
+            }
         }
         state = shared.wait(state);
     };
@@ -476,13 +559,13 @@ fn next(shared: &Shared) -> Response {
         &event.id[8..],
         id = event.id,
     );
-    Response {
+    Some(Response {
         status: 200,
         reason: "OK",
         headers,
-        body: Body::Event(event.body),
+        body: Body::Event(event),
         close: false,
-    }
+    })
 }
 
 /// The function's error from an error body: `errorType`, `errorMessage`, `stackTrace`
@@ -518,8 +601,8 @@ fn function_failure(body: &[u8]) -> FunctionError {
 fn write_response(stream: &mut TcpStream, r: &Response) -> io::Result<()> {
     let body: &[u8] = match &r.body {
         Body::Text(t) => t.as_bytes(),
-        Body::Event(p) if p.is_empty() => b"{}",
-        Body::Event(p) => p,
+        Body::Event(e) if e.body.is_empty() => b"{}",
+        Body::Event(e) => &e.body,
     };
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\n{}Content-Length: {}\r\n{}\r\n",
