@@ -64,6 +64,22 @@ function bounded(type, message, traceback) {
     message: cut(message.toWellFormed(), MAX_MESSAGE),
     traceback: traceback.toWellFormed(),
   };
+  // The traceback's first lines that fit what the type and message leave, in one pass
+  // (each line costs its JSON text and the escaped newline before the next).
+  const budget = MAX_ERROR - Buffer.byteLength(JSON.stringify({ ...error, traceback: '' })) - 64;
+  if (Buffer.byteLength(JSON.stringify(error.traceback)) > budget + 2) {
+    const kept = [];
+    let used = 0;
+    for (const line of error.traceback.split('\n')) {
+      const cost = Buffer.byteLength(JSON.stringify(line)) - 2 + 2;
+      if (used + cost > budget - CUT.length) break;
+      kept.push(line);
+      used += cost;
+    }
+    kept.push(CUT);
+    error.traceback = kept.join('\n');
+  }
+  // What is still over (a single line longer than the budget, a message of escapes).
   while (Buffer.byteLength(JSON.stringify(error)) > MAX_ERROR) {
     const lines = error.traceback.split('\n');
     if (lines.length > 2) {
