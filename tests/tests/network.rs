@@ -499,9 +499,11 @@ fn a_crashed_agent_and_spawner_network_is_removed_by_the_next_agent() {
     assert_network_clean(pid, &forward_before);
 }
 
-/// A port forward on the host, as Docker's `-p` or a Kubernetes hostPort makes one:
-/// TCP to port `port` of any of the host's own addresses goes to `to`. It lives in
-/// an nftables table of the test's own (`ip sprout-t<pid>`), removed when dropped.
+/// Port forwards on the host, as Docker's `-p` or a Kubernetes hostPort makes one
+/// (TCP to port `port` of any of the host's own addresses goes to `to`) and as
+/// kube-proxy makes one for a service address the host does not own
+/// ([`SERVICE_ADDRESS`], same port). They live in an nftables table of the test's
+/// own (`ip sprout-t<pid>`), removed when dropped.
 struct HostPortForward {
     table: String,
     port: u16,
@@ -518,7 +520,7 @@ impl HostPortForward {
         let table = format!("sprout-t{}", std::process::id());
         let forward = HostPortForward { table, port };
         let script = format!(
-            "table ip {t} {{\n\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tfib daddr type local tcp dport {port} dnat to {to}\n\t}}\n}}\n",
+            "table ip {t} {{\n\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tfib daddr type local tcp dport {port} dnat to {to}\n\t\tip daddr {SERVICE_ADDRESS} tcp dport {port} dnat to {to}\n\t}}\n}}\n",
             t = forward.table
         );
         let mut nft = Command::new("nft")
@@ -537,6 +539,9 @@ impl HostPortForward {
     }
 }
 
+/// A service address forwarded by [`HostPortForward`] (TEST-NET-2: nobody's).
+const SERVICE_ADDRESS: &str = "198.51.100.77";
+
 impl Drop for HostPortForward {
     fn drop(&mut self) {
         let _ = Command::new("nft")
@@ -553,7 +558,10 @@ fn an_egress_function_does_not_reach_what_the_host_publishes_by_port_forwarding(
     let net = TestNet::new();
     let published = HostPortForward::new(&net.addr);
     let port = published.port;
-    let mut reach = vec![format!("{}:{port}", net.host_addr)];
+    let mut reach = vec![
+        format!("{}:{port}", net.host_addr),
+        format!("{SERVICE_ADDRESS}:{port}"),
+    ];
     if let Some(a) = host_address() {
         reach.push(format!("{a}:{port}"));
     }
@@ -588,4 +596,73 @@ fn nft_tables_ip() -> Vec<String> {
         .filter_map(|l| l.strip_prefix("table ip "))
         .map(|t| t.trim().to_owned())
         .collect()
+}
+
+/// An nftables table named as agent `id`'s (an agent this test's pid namespace does
+/// not see), removed when dropped.
+struct ForeignTable(String);
+
+impl ForeignTable {
+    fn new(id: u32) -> ForeignTable {
+        let name = format!("sprout-{id}");
+        let out = Command::new("nft")
+            .args(["add", "table", "inet", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        ForeignTable(name)
+    }
+}
+
+impl Drop for ForeignTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn no_agents_table_is_taken_for_stale_while_a_sandbox_link_exists() {
+    let env = require_root!();
+    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let forward_before = ip_forward();
+    let mut d = env.daemon();
+    egress_instance(&env, &d);
+    // Above any pid_max: no process here has this id, as none has the id of an
+    // agent in another pid namespace sharing this network namespace.
+    let foreign = ForeignTable::new(999_999_999);
+    // Another agent starts (and cleans up) while a sandbox link exists.
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(env.work_dir().join("fns/net"))
+        .arg("{}")
+        .run();
+    run.success();
+    env.assert_clean(run.pid);
+    assert!(
+        nft_tables().contains(&foreign.0),
+        "a table was removed while a sandbox link existed: {:?}",
+        nft_tables()
+    );
+    let pid = d.pid();
+    d.terminate();
+    env.assert_clean(pid);
+    // With no link left, the next agent's clean-up removes it.
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(env.work_dir().join("fns/net"))
+        .arg("{}")
+        .run();
+    run.success();
+    env.assert_clean(run.pid);
+    assert!(
+        !nft_tables().contains(&foreign.0),
+        "a stale table outlived the last sandbox link: {:?}",
+        nft_tables()
+    );
+    drop(foreign);
+    assert_network_clean(pid, &forward_before);
 }
