@@ -211,6 +211,8 @@ pub type Failure = String;
 pub trait Tools {
     /// The names of the host's network links.
     fn links(&mut self) -> Vec<String>;
+    /// The interface index of host link `name`, if it exists.
+    fn ifindex(&mut self, name: &str) -> Option<u32>;
     /// Runs `ip -batch -` on the host with `script`.
     fn ip_host(&mut self, script: &str) -> Result<(), Failure>;
     /// Runs `ip -batch -` inside the network namespace of process `pid`.
@@ -237,8 +239,10 @@ fn name_taken(failure: &str) -> bool {
 pub struct Egress<T: Tools> {
     agent_id: String,
     tools: T,
-    /// Sandbox id → its slot.
-    slots: HashMap<String, Slot>,
+    /// Sandbox id → its slot and its host link's interface index (when it could
+    /// be read), which tells this spawner's link from one another agent made under
+    /// the same name once this one went with its sandbox's namespace.
+    slots: HashMap<String, (Slot, Option<u32>)>,
 }
 
 impl<T: Tools> Egress<T> {
@@ -286,21 +290,28 @@ impl<T: Tools> Egress<T> {
             self.remove_table_if_unused();
             return Err(e);
         }
-        self.slots.insert(id.to_owned(), slot);
+        let ifindex = self.tools.ifindex(&slot.host_link());
+        self.slots.insert(id.to_owned(), (slot, ifindex));
         Ok(slot)
     }
 
     /// Removes sandbox `id`'s link (if it had one) and, with the last, the table.
+    /// Call it before the sandbox is killed: while its namespace lives, no other
+    /// agent can take the link's name.
     pub fn detach(&mut self, id: &str) {
-        let Some(slot) = self.slots.remove(id) else {
+        let Some((slot, ifindex)) = self.slots.remove(id) else {
             return;
         };
-        // Gone already when the sandbox's namespace went first.
-        self.delete_link(slot);
+        // The link is gone already when the sandbox's namespace went first, and its
+        // name may be another agent's by now: a link of another index is left.
+        if ifindex.is_some() && self.tools.ifindex(&slot.host_link()) == ifindex {
+            self.delete_link(slot);
+        }
         self.remove_table_if_unused();
     }
 
-    /// Deletes `slot`'s host link: only ever one this spawner created.
+    /// Deletes `slot`'s host link: only ever one this spawner created, while its
+    /// sandbox lives.
     fn delete_link(&mut self, slot: Slot) {
         let _ = self
             .tools
@@ -468,6 +479,14 @@ impl Tools for HostTools {
             .unwrap_or_default()
     }
 
+    fn ifindex(&mut self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     fn ip_host(&mut self, script: &str) -> Result<(), Failure> {
         run("ip", &["-batch", "-"], script).map(drop)
     }
@@ -571,11 +590,18 @@ mod tests {
         fail_link_add: Option<String>,
         /// Fails `addr add` with this error.
         fail_addr: Option<String>,
+        /// The interface indexes of the links `link add` made.
+        ifindexes: HashMap<String, u32>,
     }
 
     impl Tools for Fake {
         fn links(&mut self) -> Vec<String> {
             self.links.clone()
+        }
+        fn ifindex(&mut self, name: &str) -> Option<u32> {
+            self.links.iter().any(|l| l == name).then_some(())?;
+            // The index a link is made with; 0 for one the test put in `links`.
+            Some(self.ifindexes.get(name).copied().unwrap_or(0))
         }
         fn ip_host(&mut self, script: &str) -> Result<(), Failure> {
             self.steps
@@ -591,6 +617,8 @@ mod tests {
                         return Err("RTNETLINK answers: File exists".into());
                     }
                     self.links.push(name.into());
+                    let index = 1 + self.ifindexes.len() as u32;
+                    self.ifindexes.insert(name.into(), index);
                 }
                 ["addr", "add", ..] => {
                     if let Some(e) = &self.fail_addr {
@@ -776,6 +804,9 @@ mod tests {
             fn links(&mut self) -> Vec<String> {
                 Vec::new()
             }
+            fn ifindex(&mut self, name: &str) -> Option<u32> {
+                self.0.ifindex(name)
+            }
             fn ip_host(&mut self, s: &str) -> Result<(), Failure> {
                 self.0.ip_host(s)
             }
@@ -852,5 +883,31 @@ mod tests {
             e.tools.steps
         );
         assert!(!e.has("a"));
+    }
+
+    #[test]
+    fn a_link_gone_with_its_sandbox_and_made_again_by_another_agent_is_left_alone() {
+        let mut e = Egress::new("7".into(), Fake::default());
+        assert_eq!(e.attach("a", 9), Ok(Slot(0)));
+        assert_eq!(e.attach("b", 10), Ok(Slot(1)));
+        // Sandbox a's namespace went, its link with it; another agent took the name.
+        e.tools.links.retain(|l| l != "sprout-e0");
+        e.tools.links.push("sprout-e0".into());
+        e.tools.ifindexes.insert("sprout-e0".into(), 100);
+        e.tools.steps.clear();
+        e.detach("a");
+        assert!(e.tools.links.contains(&"sprout-e0".to_owned()));
+        assert!(e.tools.steps.is_empty(), "{:?}", e.tools.steps);
+        // Sandbox b's link is its own: deleted.
+        e.detach("b");
+        assert_eq!(
+            e.tools.steps,
+            [
+                "ip: link del sprout-e1",
+                "nft: delete table inet sprout-7",
+                "forwarding false"
+            ]
+        );
+        assert_eq!(e.tools.links, ["sprout-e0"]);
     }
 }
