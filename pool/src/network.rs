@@ -6,13 +6,16 @@
 //! `.2` of the block) and a default route through the host. The slot is claimed by
 //! creating the host link: link names are unique on the host, so agents running at
 //! once never share one. Its traffic leaves the host masqueraded behind the host's
-//! address. The agent's nftables table `inet sprout-<agent id>` (made with its first
-//! egress sandbox, removed with its last, and by crash clean-up) drops everything a
-//! `sprout-e*` link delivers to the host itself (any of its addresses, loopback
-//! included, IPv4 or IPv6), everything it sends to another sandbox or to a
-//! link-local address (a cloud's metadata service, 169.254.169.254), IPv6
-//! forwarding and any new connection into a sandbox. Every agent's table holds the same rules
-//! for every `sprout-e*` link, so one agent's removing its own never opens another's.
+//! address. The agent's nftables table `inet sprout-<agent id>` (made once its first
+//! egress sandbox's link exists, removed with its last, and by crash clean-up) drops
+//! everything a `sprout-e*` link sends to the host itself (any of its addresses,
+//! loopback included, IPv4 or IPv6), before the host's own port forwarding (DNAT)
+//! can rewrite it, and anything the host's DNAT rewrote on its way out; everything it
+//! sends to another sandbox or to a cloud's metadata service ([`METADATA`]); IPv6
+//! forwarding and any new connection into a sandbox. Every agent's table holds the
+//! same rules for every `sprout-e*` link, so one agent's removing its own never
+//! opens another's; and no table is removed as stale while any `sprout-e*` link
+//! exists (see [`remove_stale_tables`]).
 //! Forwarding must be on: when `net.ipv4.ip_forward` was off, it is turned on and
 //! [`FORWARDING_MARK`] remembers it, so that whoever removes the last sprout table
 //! turns it off again.
@@ -67,6 +70,11 @@ pub const SLOTS: u16 = 16384;
 pub const FORWARDING_MARK: &str = "/run/sprout.ip_forward-was-off";
 /// The host's DNS configuration, bind-mounted read-only into an egress sandbox.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Where clouds put their metadata services, which hand out the host's credentials:
+/// the link-local block (AWS, GCP, Azure IMDS, OpenStack: 169.254.169.254), Azure's
+/// WireServer and Alibaba Cloud's. An egress sandbox reaches none of them.
+pub const METADATA: [&str; 3] = ["169.254.0.0/16", "168.63.129.16/32", "100.100.100.200/32"];
 
 /// One egress sandbox's /30 block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,10 +134,23 @@ pub fn table_script(agent_id: &str) -> String {
     let t = table_name(agent_id);
     let links = format!("\"{LINK_PREFIX}*\"");
     let block = format!("{}.{}.0.0/16", BLOCK[0], BLOCK[1]);
+    let unreachable = [block.as_str()]
+        .into_iter()
+        .chain(METADATA)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // The prerouting chain runs before the host's own DNAT (priority dstnat), which
+    // would otherwise turn a packet to a published port of the host into a
+    // forwarded one; the forward chain drops what DNAT rewrote anyway (a published
+    // port on an address the host does not own, a Kubernetes service's).
     format!(
         "add table inet {t}\n\
          delete table inet {t}\n\
          table inet {t} {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority dstnat - 10; policy accept;\n\
+         \t\tiifname {links} fib daddr type local drop\n\
+         \t}}\n\
          \tchain input {{\n\
          \t\ttype filter hook input priority filter - 10; policy accept;\n\
          \t\tiifname {links} drop\n\
@@ -137,7 +158,8 @@ pub fn table_script(agent_id: &str) -> String {
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 10; policy accept;\n\
          \t\tiifname {links} meta nfproto ipv6 drop\n\
-         \t\tiifname {links} ip daddr {{ {block}, 169.254.0.0/16 }} drop\n\
+         \t\tiifname {links} ip daddr {{ {unreachable} }} drop\n\
+         \t\tiifname {links} ct status dnat drop\n\
          \t\tiifname {links} oifname {links} drop\n\
          \t\toifname {links} ct state established,related accept\n\
          \t\toifname {links} drop\n\
@@ -150,14 +172,22 @@ pub fn table_script(agent_id: &str) -> String {
     )
 }
 
-/// The `ip -batch` script run on the host for `slot`: the veth pair, its host end
-/// addressed and up; the sandbox end (`eth0`) goes straight into the namespace of
-/// process `pid`.
-pub fn host_batch(slot: Slot, pid: i32) -> String {
+/// The `ip` command that claims `slot`: its veth pair, the sandbox end (`eth0`)
+/// straight in the namespace of process `pid`. Run alone, so that its failure alone
+/// says whether the slot was taken.
+pub fn link_add(slot: Slot, pid: i32) -> String {
+    format!(
+        "link add {} type veth peer name {SANDBOX_LINK} netns {pid}\n",
+        slot.host_link()
+    )
+}
+
+/// The `ip -batch` script run on the host once `slot`'s veth pair exists: its host
+/// end addressed and up.
+pub fn host_batch(slot: Slot) -> String {
     let link = slot.host_link();
     format!(
-        "link add {link} type veth peer name {SANDBOX_LINK} netns {pid}\n\
-         addr add {}/30 dev {link}\n\
+        "addr add {}/30 dev {link}\n\
          link set {link} up\n",
         slot.host_address()
     )
@@ -181,6 +211,8 @@ pub type Failure = String;
 pub trait Tools {
     /// The names of the host's network links.
     fn links(&mut self) -> Vec<String>;
+    /// The interface index of host link `name`, if it exists.
+    fn ifindex(&mut self, name: &str) -> Option<u32>;
     /// Runs `ip -batch -` on the host with `script`.
     fn ip_host(&mut self, script: &str) -> Result<(), Failure>;
     /// Runs `ip -batch -` inside the network namespace of process `pid`.
@@ -197,7 +229,8 @@ pub trait Tools {
     fn set_mark(&mut self, present: bool);
 }
 
-/// Whether `failure` says the link name is taken (another agent claimed the slot).
+/// Whether `failure` (of [`link_add`]) says the link name is taken (another agent
+/// claimed the slot).
 fn name_taken(failure: &str) -> bool {
     failure.contains("File exists")
 }
@@ -206,8 +239,10 @@ fn name_taken(failure: &str) -> bool {
 pub struct Egress<T: Tools> {
     agent_id: String,
     tools: T,
-    /// Sandbox id → its slot.
-    slots: HashMap<String, Slot>,
+    /// Sandbox id → its slot and its host link's interface index (when it could
+    /// be read), which tells this spawner's link from one another agent made under
+    /// the same name once this one went with its sandbox's namespace.
+    slots: HashMap<String, (Slot, Option<u32>)>,
 }
 
 impl<T: Tools> Egress<T> {
@@ -219,49 +254,68 @@ impl<T: Tools> Egress<T> {
         }
     }
 
-    /// Gives sandbox `id` (its init is `pid`) outbound network: the agent's table
-    /// first (with its first egress sandbox), forwarding on, then a free slot's veth
-    /// pair. Undoes what it did when a step fails.
+    /// Gives sandbox `id` (its init is `pid`) outbound network: forwarding on, a
+    /// free slot's veth pair, then the agent's table (with its first egress
+    /// sandbox), and last the sandbox's end, through which traffic starts to flow.
+    /// The link exists before the table, so that no clean-up takes the table for a
+    /// stale one (see [`remove_stale_tables`]) while the sandbox could send. Undoes
+    /// what it did when a step fails.
     pub fn attach(&mut self, id: &str, pid: i32) -> Result<Slot, Failure> {
         if self.slots.contains_key(id) {
             return Err(format!("sandbox {id} already has a network"));
         }
-        if self.slots.is_empty() {
+        let slot = match self.forward().and_then(|()| self.claim(pid)) {
+            Ok(slot) => slot,
+            Err(e) => {
+                // Forwarding goes back off if no sprout table is left.
+                self.remove_table_if_unused();
+                return Err(e);
+            }
+        };
+        let first = self.slots.is_empty();
+        let made = if first {
             self.tools
                 .nft(&table_script(&self.agent_id))
-                .map_err(|e| format!("make the nftables table: {e}"))?;
+                .map_err(|e| format!("make the nftables table: {e}"))
+        } else {
+            Ok(())
         }
-        let made = self.forward().and_then(|()| self.claim(pid));
-        match made {
-            Ok(slot) => {
-                let inside = self.tools.ip_in(pid, &sandbox_batch(slot));
-                if let Err(e) = inside {
-                    let _ = self
-                        .tools
-                        .ip_host(&format!("link del {}\n", slot.host_link()));
-                    self.remove_table_if_unused();
-                    return Err(format!("configure the sandbox's {SANDBOX_LINK}: {e}"));
-                }
-                self.slots.insert(id.to_owned(), slot);
-                Ok(slot)
-            }
-            Err(e) => {
-                self.remove_table_if_unused();
-                Err(e)
-            }
+        .and_then(|()| {
+            self.tools
+                .ip_in(pid, &sandbox_batch(slot))
+                .map_err(|e| format!("configure the sandbox's {SANDBOX_LINK}: {e}"))
+        });
+        if let Err(e) = made {
+            self.delete_link(slot);
+            self.remove_table_if_unused();
+            return Err(e);
         }
+        let ifindex = self.tools.ifindex(&slot.host_link());
+        self.slots.insert(id.to_owned(), (slot, ifindex));
+        Ok(slot)
     }
 
     /// Removes sandbox `id`'s link (if it had one) and, with the last, the table.
+    /// Call it before the sandbox is killed: while its namespace lives, no other
+    /// agent can take the link's name.
     pub fn detach(&mut self, id: &str) {
-        let Some(slot) = self.slots.remove(id) else {
+        let Some((slot, ifindex)) = self.slots.remove(id) else {
             return;
         };
-        // Gone already when the sandbox's namespace went first.
+        // The link is gone already when the sandbox's namespace went first, and its
+        // name may be another agent's by now: a link of another index is left.
+        if ifindex.is_some() && self.tools.ifindex(&slot.host_link()) == ifindex {
+            self.delete_link(slot);
+        }
+        self.remove_table_if_unused();
+    }
+
+    /// Deletes `slot`'s host link: only ever one this spawner created, while its
+    /// sandbox lives.
+    fn delete_link(&mut self, slot: Slot) {
         let _ = self
             .tools
             .ip_host(&format!("link del {}\n", slot.host_link()));
-        self.remove_table_if_unused();
     }
 
     /// Whether sandbox `id` has a network of its own.
@@ -280,7 +334,10 @@ impl<T: Tools> Egress<T> {
             .map_err(|e| format!("turn net.ipv4.ip_forward on: {e}"))
     }
 
-    /// Claims the first free slot by creating its veth pair.
+    /// Claims the first free slot by creating its veth pair, then addresses its host
+    /// end. Only the creation's "File exists" means another agent has the slot; a
+    /// failure after the creation deletes the link (this call's), one before it
+    /// deletes nothing (the name may be another agent's).
     fn claim(&mut self, pid: i32) -> Result<Slot, Failure> {
         let taken: Vec<Slot> = self
             .tools
@@ -294,16 +351,21 @@ impl<T: Tools> Egress<T> {
         for _ in 0..8 {
             let slot = free_slot(from, |s| taken.contains(&s))
                 .ok_or_else(|| format!("all {SLOTS} network slots are in use"))?;
-            match self.tools.ip_host(&host_batch(slot, pid)) {
-                Ok(()) => return Ok(slot),
-                Err(e) if name_taken(&e) => from = slot.0 + 1,
-                Err(e) => {
-                    let _ = self
-                        .tools
-                        .ip_host(&format!("link del {}\n", slot.host_link()));
-                    return Err(format!("make the veth pair {}: {e}", slot.host_link()));
+            match self.tools.ip_host(&link_add(slot, pid)) {
+                Ok(()) => {}
+                Err(e) if name_taken(&e) => {
+                    from = slot.0 + 1;
+                    continue;
                 }
+                Err(e) => return Err(format!("make the veth pair {}: {e}", slot.host_link())),
             }
+            return match self.tools.ip_host(&host_batch(slot)) {
+                Ok(()) => Ok(slot),
+                Err(e) => {
+                    self.delete_link(slot);
+                    Err(format!("address the link {}: {e}", slot.host_link()))
+                }
+            };
         }
         Err("network slots kept being taken by other agents".into())
     }
@@ -332,8 +394,17 @@ pub fn remove_table<T: Tools>(tools: &mut T, agent_id: &str) {
     }
 }
 
-/// Removes the tables of agents that are gone (`alive` says which ids still run).
-pub fn remove_stale_tables<T: Tools>(tools: &mut T, alive: impl Fn(&str) -> bool) -> Vec<String> {
+/// Removes the tables of agents that are gone (`alive` says which ids still run)
+/// and returns their ids. `alive` judges by pid in this pid namespace, which cannot
+/// see an agent in another one sharing this network namespace; so, as a backstop,
+/// no table is removed while any `sprout-e*` link exists: every egress sandbox's
+/// link exists before its agent's table and goes with it (or with its namespace),
+/// so a table with no link anywhere filters nothing. The error names the link that
+/// held the stale tables back (a later clean-up removes them).
+pub fn remove_stale_tables<T: Tools>(
+    tools: &mut T,
+    alive: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, Failure> {
     let stale: Vec<String> = tools
         .tables()
         .iter()
@@ -341,10 +412,23 @@ pub fn remove_stale_tables<T: Tools>(tools: &mut T, alive: impl Fn(&str) -> bool
         .filter(|id| !alive(id))
         .map(str::to_owned)
         .collect();
+    if stale.is_empty() {
+        return Ok(stale);
+    }
+    if let Some(link) = tools
+        .links()
+        .into_iter()
+        .find(|l| Slot::of_link(l).is_some())
+    {
+        return Err(format!(
+            "the tables of agents {} are kept: link {link} exists",
+            stale.join(", ")
+        ));
+    }
     for id in &stale {
         remove_table(tools, id);
     }
-    stale
+    Ok(stale)
 }
 
 /// The real [`Tools`]: the `ip` and `nft` commands and the host's files.
@@ -393,6 +477,14 @@ impl Tools for HostTools {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    fn ifindex(&mut self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn ip_host(&mut self, script: &str) -> Result<(), Failure> {
@@ -494,11 +586,22 @@ mod tests {
         mark: bool,
         /// Fails `ip_in` (the sandbox side).
         fail_inside: bool,
+        /// Fails `link add` with this error (before creating anything).
+        fail_link_add: Option<String>,
+        /// Fails `addr add` with this error.
+        fail_addr: Option<String>,
+        /// The interface indexes of the links `link add` made.
+        ifindexes: HashMap<String, u32>,
     }
 
     impl Tools for Fake {
         fn links(&mut self) -> Vec<String> {
             self.links.clone()
+        }
+        fn ifindex(&mut self, name: &str) -> Option<u32> {
+            self.links.iter().any(|l| l == name).then_some(())?;
+            // The index a link is made with; 0 for one the test put in `links`.
+            Some(self.ifindexes.get(name).copied().unwrap_or(0))
         }
         fn ip_host(&mut self, script: &str) -> Result<(), Failure> {
             self.steps
@@ -506,10 +609,21 @@ mod tests {
             let words: Vec<&str> = script.split_whitespace().collect();
             match words[..] {
                 ["link", "add", name, ..] => {
+                    assert_eq!(script.lines().count(), 1, "link add runs alone");
+                    if let Some(e) = &self.fail_link_add {
+                        return Err(e.clone());
+                    }
                     if self.links.iter().any(|l| l == name) {
                         return Err("RTNETLINK answers: File exists".into());
                     }
                     self.links.push(name.into());
+                    let index = 1 + self.ifindexes.len() as u32;
+                    self.ifindexes.insert(name.into(), index);
+                }
+                ["addr", "add", ..] => {
+                    if let Some(e) = &self.fail_addr {
+                        return Err(e.clone());
+                    }
                 }
                 ["link", "del", name] => self.links.retain(|l| l != name),
                 _ => {}
@@ -596,7 +710,9 @@ mod tests {
         for rule in [
             "type filter hook input priority filter - 10; policy accept;\n\t\tiifname \"sprout-e*\" drop",
             "iifname \"sprout-e*\" meta nfproto ipv6 drop",
-            "iifname \"sprout-e*\" ip daddr { 10.231.0.0/16, 169.254.0.0/16 } drop",
+            "type filter hook prerouting priority dstnat - 10; policy accept;\n\t\tiifname \"sprout-e*\" fib daddr type local drop",
+            "iifname \"sprout-e*\" ip daddr { 10.231.0.0/16, 169.254.0.0/16, 168.63.129.16/32, 100.100.100.200/32 } drop",
+            "iifname \"sprout-e*\" ct status dnat drop",
             "iifname \"sprout-e*\" oifname \"sprout-e*\" drop",
             "oifname \"sprout-e*\" ct state established,related accept\n\t\toifname \"sprout-e*\" drop",
             "ip saddr 10.231.0.0/16 oifname != \"sprout-e*\" masquerade",
@@ -604,8 +720,12 @@ mod tests {
             assert!(s.contains(rule), "{rule} missing from\n{s}");
         }
         assert_eq!(
-            host_batch(Slot(1), 77),
-            "link add sprout-e1 type veth peer name eth0 netns 77\naddr add 10.231.0.5/30 dev sprout-e1\nlink set sprout-e1 up\n"
+            link_add(Slot(1), 77),
+            "link add sprout-e1 type veth peer name eth0 netns 77\n"
+        );
+        assert_eq!(
+            host_batch(Slot(1)),
+            "addr add 10.231.0.5/30 dev sprout-e1\nlink set sprout-e1 up\n"
         );
         assert_eq!(
             sandbox_batch(Slot(1)),
@@ -628,11 +748,13 @@ mod tests {
         assert_eq!(
             e.tools.steps,
             [
-                "nft: add table inet sprout-7",
                 "forwarding true",
                 "ip: link add sprout-e1 type veth peer name eth0 netns 100",
+                "ip: addr add 10.231.0.5/30 dev sprout-e1",
+                "nft: add table inet sprout-7",
                 "ip in 100: 3",
                 "ip: link add sprout-e2 type veth peer name eth0 netns 101",
+                "ip: addr add 10.231.0.9/30 dev sprout-e2",
                 "ip in 101: 3",
             ]
         );
@@ -647,7 +769,18 @@ mod tests {
             e.tools.forwarding,
             "another agent's table is left: forwarding stays"
         );
-        remove_stale_tables(&mut e.tools, |id| id != "8");
+        // Agent 8 looks gone (another pid namespace, maybe), but a sandbox link
+        // exists: its table stays.
+        let held = remove_stale_tables(&mut e.tools, |id| id != "8").unwrap_err();
+        assert!(held.contains("link sprout-e0 exists"), "{held}");
+        assert_eq!(e.tools.tables, ["sprout-8"]);
+        assert_eq!(remove_stale_tables(&mut e.tools, |_| true), Ok(Vec::new()));
+        // Its sandbox's namespace went, and the link with it.
+        e.tools.links.clear();
+        assert_eq!(
+            remove_stale_tables(&mut e.tools, |id| id != "8"),
+            Ok(vec!["8".to_owned()])
+        );
         assert!(e.tools.tables.is_empty());
         assert!(
             !e.tools.forwarding && !e.tools.mark,
@@ -670,6 +803,9 @@ mod tests {
         impl Tools for Hidden {
             fn links(&mut self) -> Vec<String> {
                 Vec::new()
+            }
+            fn ifindex(&mut self, name: &str) -> Option<u32> {
+                self.0.ifindex(name)
             }
             fn ip_host(&mut self, s: &str) -> Result<(), Failure> {
                 self.0.ip_host(s)
@@ -706,5 +842,72 @@ mod tests {
         assert!(e.tools.links.is_empty(), "{:?}", e.tools.links);
         assert!(e.tools.tables.is_empty(), "{:?}", e.tools.tables);
         assert!(!e.has("a"));
+    }
+
+    #[test]
+    fn only_the_link_creation_says_a_slot_is_taken_and_only_a_link_made_here_is_deleted() {
+        // The host already uses the slot's address: an error, not "slot taken",
+        // and the link this call made is gone.
+        let mut e = Egress::new("7".into(), Fake::default());
+        e.tools.fail_addr = Some("RTNETLINK answers: File exists".into());
+        let err = e.attach("a", 9).unwrap_err();
+        assert!(err.contains("address the link sprout-e0"), "{err}");
+        assert!(e.tools.links.is_empty(), "{:?}", e.tools.links);
+        assert!(e.tools.tables.is_empty(), "{:?}", e.tools.tables);
+        assert_eq!(
+            e.tools
+                .steps
+                .iter()
+                .filter(|s| s.starts_with("ip: link add"))
+                .count(),
+            1,
+            "{:?}",
+            e.tools.steps
+        );
+        assert!(!e.tools.forwarding && !e.tools.mark, "forwarding restored");
+
+        // Creating the link fails for another reason: nothing is deleted (the name
+        // may be another agent's by now).
+        let mut e = Egress::new("7".into(), Fake::default());
+        e.tools.fail_link_add = Some("RTNETLINK answers: Operation not permitted".into());
+        let err = e.attach("a", 9).unwrap_err();
+        assert!(
+            err.contains(
+                "make the veth pair sprout-e0: RTNETLINK answers: Operation not permitted"
+            ),
+            "{err}"
+        );
+        assert!(
+            !e.tools.steps.iter().any(|s| s.contains("link del")),
+            "{:?}",
+            e.tools.steps
+        );
+        assert!(!e.has("a"));
+    }
+
+    #[test]
+    fn a_link_gone_with_its_sandbox_and_made_again_by_another_agent_is_left_alone() {
+        let mut e = Egress::new("7".into(), Fake::default());
+        assert_eq!(e.attach("a", 9), Ok(Slot(0)));
+        assert_eq!(e.attach("b", 10), Ok(Slot(1)));
+        // Sandbox a's namespace went, its link with it; another agent took the name.
+        e.tools.links.retain(|l| l != "sprout-e0");
+        e.tools.links.push("sprout-e0".into());
+        e.tools.ifindexes.insert("sprout-e0".into(), 100);
+        e.tools.steps.clear();
+        e.detach("a");
+        assert!(e.tools.links.contains(&"sprout-e0".to_owned()));
+        assert!(e.tools.steps.is_empty(), "{:?}", e.tools.steps);
+        // Sandbox b's link is its own: deleted.
+        e.detach("b");
+        assert_eq!(
+            e.tools.steps,
+            [
+                "ip: link del sprout-e1",
+                "nft: delete table inet sprout-7",
+                "forwarding false"
+            ]
+        );
+        assert_eq!(e.tools.links, ["sprout-e0"]);
     }
 }

@@ -16,10 +16,13 @@
 //! socket) and removes its cgroups and directory. Agents may use different state
 //! roots (tests do), so a `/sprout/<id>` cgroup with no state directory under this
 //! agent's root is only taken for a leftover when no process `<id>` exists.
+//! Last, it removes the firewall tables of agents with no process `<id>`, once no
+//! sandbox link is left on the host ([`crate::network::remove_stale_tables`]).
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
@@ -361,14 +364,6 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
             .into_iter()
             .filter(|id| !dirs.contains(id) && !process_exists(id)),
     );
-    // Firewall tables of agents gone, whatever their state root.
-    if crate::network::nft_installed() {
-        for id in crate::network::remove_stale_tables(&mut crate::network::HostTools, |id| {
-            process_exists(id)
-        }) {
-            tracing::info!(agent_id = %id, "removed a stopped agent's firewall table");
-        }
-    }
     stale.sort();
     stale.dedup();
     let mut cleaned = Vec::new();
@@ -400,8 +395,38 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
             }
         }
     }
+    remove_stale_tables(!cleaned.is_empty());
     cleaned
 }
+
+/// Removes the firewall tables of agents gone, whatever their state root, once no
+/// sandbox link is left (see [`crate::network::remove_stale_tables`]). When this
+/// clean-up has just killed a dead agent's sandboxes (`killed`), their links go
+/// with their namespaces a moment later: waits for that, a bounded while.
+fn remove_stale_tables(killed: bool) {
+    if !crate::network::nft_installed() {
+        return;
+    }
+    let deadline = Instant::now() + STALE_LINKS_WAIT;
+    loop {
+        match crate::network::remove_stale_tables(&mut crate::network::HostTools, process_exists) {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::info!(agent_id = %id, "removed a stopped agent's firewall table");
+                }
+                return;
+            }
+            Err(e) if !killed || Instant::now() >= deadline => {
+                tracing::info!(reason = %e, "left stale firewall tables for a later clean-up");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// How long a clean-up waits for a dead agent's sandbox links to go.
+const STALE_LINKS_WAIT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -498,3 +498,171 @@ fn a_crashed_agent_and_spawner_network_is_removed_by_the_next_agent() {
     env.assert_clean(run.pid);
     assert_network_clean(pid, &forward_before);
 }
+
+/// Port forwards on the host, as Docker's `-p` or a Kubernetes hostPort makes one
+/// (TCP to port `port` of any of the host's own addresses goes to `to`) and as
+/// kube-proxy makes one for a service address the host does not own
+/// ([`SERVICE_ADDRESS`], same port). They live in an nftables table of the test's
+/// own (`ip sprout-t<pid>`), removed when dropped.
+struct HostPortForward {
+    table: String,
+    port: u16,
+}
+
+impl HostPortForward {
+    fn new(to: &str) -> HostPortForward {
+        // A port nothing on the host listens on, held while the rule exists.
+        let port = TcpListener::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let table = format!("sprout-t{}", std::process::id());
+        let forward = HostPortForward { table, port };
+        let script = format!(
+            "table ip {t} {{\n\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tfib daddr type local tcp dport {port} dnat to {to}\n\t\tip daddr {SERVICE_ADDRESS} tcp dport {port} dnat to {to}\n\t}}\n}}\n",
+            t = forward.table
+        );
+        let mut nft = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft -f:\n{script}");
+        forward
+    }
+}
+
+/// A service address forwarded by [`HostPortForward`] (TEST-NET-2: nobody's).
+const SERVICE_ADDRESS: &str = "198.51.100.77";
+
+impl Drop for HostPortForward {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.table])
+            .output();
+    }
+}
+
+#[test]
+fn an_egress_function_does_not_reach_what_the_host_publishes_by_port_forwarding() {
+    let env = require_root!();
+    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let forward_before = ip_forward();
+    let net = TestNet::new();
+    let published = HostPortForward::new(&net.addr);
+    let port = published.port;
+    let mut reach = vec![
+        format!("{}:{port}", net.host_addr),
+        format!("{SERVICE_ADDRESS}:{port}"),
+    ];
+    if let Some(a) = host_address() {
+        reach.push(format!("{a}:{port}"));
+    }
+    let event = json!({"reach": reach, "gateway_port": port});
+    let egress = run(&env, &["--network", "egress"], event);
+    let mut tried = vec![egress["reach_gateway"].clone()];
+    tried.extend(egress["reach"].as_object().unwrap().values().cloned());
+    for t in tried {
+        assert!(
+            !t.as_str().unwrap_or("").starts_with("connected"),
+            "a port the host forwards to {} was reached: {egress}",
+            net.addr
+        );
+    }
+    drop(published);
+    assert!(
+        !nft_tables_ip().iter().any(|t| t.starts_with("sprout-t")),
+        "{:?}",
+        nft_tables_ip()
+    );
+    assert_network_clean(0, &forward_before);
+}
+
+/// The host's `ip` nftables tables.
+fn nft_tables_ip() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "tables", "ip"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table ip "))
+        .map(|t| t.trim().to_owned())
+        .collect()
+}
+
+/// An nftables table named as agent `id`'s (an agent this test's pid namespace does
+/// not see), removed when dropped.
+struct ForeignTable(String);
+
+impl ForeignTable {
+    fn new(id: u32) -> ForeignTable {
+        let name = format!("sprout-{id}");
+        let out = Command::new("nft")
+            .args(["add", "table", "inet", &name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        ForeignTable(name)
+    }
+}
+
+impl Drop for ForeignTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn no_agents_table_is_taken_for_stale_while_a_sandbox_link_exists() {
+    let env = require_root!();
+    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let forward_before = ip_forward();
+    let mut d = env.daemon();
+    egress_instance(&env, &d);
+    // Above any pid_max: no process here has this id, as none has the id of an
+    // agent in another pid namespace sharing this network namespace.
+    let foreign = ForeignTable::new(999_999_999);
+    // Another agent starts (and cleans up) while a sandbox link exists.
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(env.work_dir().join("fns/net"))
+        .arg("{}")
+        .run();
+    run.success();
+    env.assert_clean(run.pid);
+    assert!(
+        nft_tables().contains(&foreign.0),
+        "a table was removed while a sandbox link existed: {:?}",
+        nft_tables()
+    );
+    let pid = d.pid();
+    d.terminate();
+    env.assert_clean(pid);
+    // With no link left, the next agent's clean-up removes it.
+    let run = env
+        .sprout()
+        .arg("invoke")
+        .arg(env.work_dir().join("fns/net"))
+        .arg("{}")
+        .run();
+    run.success();
+    env.assert_clean(run.pid);
+    assert!(
+        !nft_tables().contains(&foreign.0),
+        "a stale table outlived the last sandbox link: {:?}",
+        nft_tables()
+    );
+    drop(foreign);
+    assert_network_clean(pid, &forward_before);
+}

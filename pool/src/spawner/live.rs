@@ -99,22 +99,22 @@ impl Live {
     /// Kills sandbox `id`'s processes, reaps its init and deletes its container.
     pub(super) fn destroy(&mut self, id: &str) -> Result<(), String> {
         self.scratch_attached.remove(id);
-        let destroyed = match self.containers.remove(id) {
+        // The network first, while the sandbox's namespace holds the link's name.
+        self.egress.detach(id);
+        match self.containers.remove(id) {
             Some(c) => destroy(c, &self.cgroups),
             None => Err(format!("no live sandbox {id}")),
-        };
-        self.egress.detach(id);
-        destroyed
+        }
     }
 
     /// Destroys every sandbox left (the spawner is exiting).
     pub(super) fn destroy_all(&mut self) {
         self.scratch_attached.clear();
         for (id, c) in self.containers.drain() {
+            self.egress.detach(&id);
             if let Err(message) = destroy(c, &self.cgroups) {
                 tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
             }
-            self.egress.detach(&id);
         }
     }
 
