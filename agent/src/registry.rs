@@ -262,6 +262,7 @@ impl Function {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
             runtime: self.runtime.name().to_owned(),
+            network: self.network.name().to_owned(),
             path: self.dir.display().to_string(),
             handler: self.handler.to_string(),
             memory_mb: self.memory_mb,
@@ -725,6 +726,7 @@ mod tests {
         let t = dir_with(&["f.py"]);
         let none = check(t.path(), &FunctionConfig::default(), &rules()).unwrap();
         assert_eq!(none.network, Network::None);
+        assert_eq!(none.info(0).network, "none");
         let net = |name: &str| FunctionConfig {
             network: Some(name.into()),
             ..Default::default()
@@ -737,6 +739,7 @@ mod tests {
         if pool::network::check_tools().is_ok() {
             let egress = check(t.path(), &net("egress"), &rules()).unwrap();
             assert_eq!(egress.network, Network::Egress);
+            assert_eq!(egress.info(0).network, "egress", "listed as registered");
             // Never one sandbox for both: a callee would get (or lose) the network.
             assert!(!none.same_limits(&egress) && !egress.same_limits(&none));
         }

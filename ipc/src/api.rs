@@ -24,6 +24,11 @@ fn default_runtime() -> String {
     "python".to_owned()
 }
 
+/// The network of a function in a listing from an agent that predates networks.
+fn default_network() -> String {
+    "none".to_owned()
+}
+
 /// The API path of function `name` in `namespace` followed by `rest` (`""`,
 /// `"/invoke"`): `/functions/{name}{rest}` in the default namespace (so existing
 /// clients and routes stay as they were), `/namespaces/{ns}/functions/{name}{rest}`
@@ -120,6 +125,9 @@ pub struct FunctionInfo {
     /// at registration.
     #[serde(default = "default_runtime")]
     pub runtime: String,
+    /// Its network: `none` (its sandbox's own loopback only) or `egress`.
+    #[serde(default = "default_network")]
+    pub network: String,
     /// Where its code is read from on the agent's host.
     pub path: String,
     pub handler: String,

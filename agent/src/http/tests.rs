@@ -50,6 +50,7 @@ fn info(name: &str, config: &FunctionConfig) -> FunctionInfo {
             .runtime
             .clone()
             .unwrap_or_else(|| "python".to_owned()),
+        network: config.network.clone().unwrap_or_else(|| "none".to_owned()),
         path: format!("/srv/{name}"),
         handler: config.handler.clone().unwrap_or_else(|| "f:f".to_owned()),
         memory_mb: config.memory_mb.unwrap_or(128),

@@ -111,15 +111,16 @@ fn upload_query(config: &FunctionConfig) -> anyhow::Result<String> {
 
 fn print_list(list: &[FunctionInfo]) {
     println!(
-        "{:<24} {:<16} {:<8} {:<16} {:>7} {:>9} {:>5}  PATH",
-        "NAME", "NAMESPACE", "RUNTIME", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
+        "{:<24} {:<16} {:<8} {:<8} {:<16} {:>7} {:>9} {:>5}  PATH",
+        "NAME", "NAMESPACE", "RUNTIME", "NETWORK", "HANDLER", "MEM_MB", "TIMEOUT", "WARM"
     );
     for f in list {
         println!(
-            "{:<24} {:<16} {:<8} {:<16} {:>7} {:>9} {:>5}  {}",
+            "{:<24} {:<16} {:<8} {:<8} {:<16} {:>7} {:>9} {:>5}  {}",
             f.name,
             f.namespace,
             f.runtime,
+            f.network,
             f.handler,
             f.memory_mb,
             f.timeout_ms,
