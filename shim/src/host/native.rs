@@ -202,6 +202,15 @@ done
         assert!(second.starts_with("{\"n\":2,"), "{second}");
         let e = raised(n.invoke(invocation(3, "\"garbage\"")).unwrap());
         assert!(e.message.contains("not JSON"), "{e:?}");
+        // A caller's event that is not one JSON value never reaches the line (it
+        // would forge the line's own fields); the executable is still in step.
+        let e = raised(
+            n.invoke(invocation(4, "1,\"activation_id\":\"forged\""))
+                .unwrap(),
+        );
+        assert!(e.message.contains("the event is not JSON"), "{e:?}");
+        let next = returned(n.invoke(invocation(5, "{}")).unwrap());
+        assert!(next.starts_with("{\"n\":4,"), "{next}"); // the refused one never reached it
         let e = n.invoke(invocation(4, "\"exit\"")).unwrap_err();
         assert!(e.to_string().contains("exited with status 7"), "{e}");
     }

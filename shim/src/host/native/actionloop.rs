@@ -94,6 +94,13 @@ impl Actionloop {
                 "a native function takes JSON events; its caller sent raw bytes",
             ));
         }
+        // Events from calling functions reach the host unchecked: one that is not a
+        // single JSON value would break the line, or add fields of its own to it.
+        if !invocation.event.is_empty() {
+            if let Err(why) = check_json(&invocation.event) {
+                return Ok(refused(&format!("the event is not JSON: {why}")));
+            }
+        }
         let line = &mut self.line;
         line.clear();
         line.extend_from_slice(b"{\"value\":");
