@@ -326,6 +326,8 @@ impl Agent {
                 .zip(counts.stem_cells_by_runtime)
                 .map(|(r, n)| (r.name().to_owned(), n))
                 .collect(),
+            sandboxes_forked: self.sandboxes.made().0,
+            sandboxes_created: self.sandboxes.made().1,
             frozen: counts.frozen,
             queued: counts.queued,
             reserved_mb: self.sandboxes.reserved_mb(),

@@ -43,6 +43,31 @@ pub struct PoolConfig {
     /// Memory (MiB) that sandboxes may reserve through their limits; beyond it the
     /// least recently used idle ones are evicted.
     pub memory_budget_mb: u64,
+    /// How new sandboxes are made (stem cells, and cold starts when none is ready).
+    pub new_sandboxes: NewSandboxes,
+}
+
+/// How the pool makes a new sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NewSandboxes {
+    /// Forked from the fork server's zygote (Python), else created by libcontainer.
+    /// The fork server is made when the first sandbox is needed; an agent that does
+    /// not keep sandboxes warm (the one-shot CLI) always creates.
+    #[default]
+    Fork,
+    /// Every sandbox created by libcontainer.
+    Create,
+}
+
+impl NewSandboxes {
+    /// `fork` or `create`.
+    pub fn parse(text: &str) -> Result<NewSandboxes, String> {
+        match text {
+            "fork" => Ok(NewSandboxes::Fork),
+            "create" => Ok(NewSandboxes::Create),
+            other => Err(format!("{other:?} is neither fork nor create")),
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -52,6 +77,7 @@ impl Default for PoolConfig {
             pause_grace: Duration::from_millis(50),
             idle_ttl: Duration::from_secs(600),
             memory_budget_mb: default_memory_budget_mb(),
+            new_sandboxes: NewSandboxes::Fork,
         }
     }
 }

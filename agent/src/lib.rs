@@ -37,7 +37,7 @@ pub mod upload;
 mod workflow;
 
 pub use agent::Agent;
-pub use config::{default_memory_budget_mb, Config, Defaults, PoolConfig, StemCells};
+pub use config::{default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells};
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};

@@ -212,6 +212,11 @@ pub struct Status {
     /// zero included); they add up to `stem_cells`.
     #[serde(default)]
     pub stem_cells_by_runtime: std::collections::BTreeMap<String, usize>,
+    /// Sandboxes made so far by forking the fork server's zygote, and by libcontainer.
+    #[serde(default)]
+    pub sandboxes_forked: u64,
+    #[serde(default)]
+    pub sandboxes_created: u64,
     /// Frozen sandboxes (stem cells and idle instances).
     pub frozen: usize,
     /// Requests waiting for an instance.

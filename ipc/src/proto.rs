@@ -6,6 +6,12 @@
 //! agent ◀════════════ InstanceRequest / InstanceEvent ════════════▶ instance
 //! ```
 //!
+//! A forked sandbox ([`SandboxSpec`]) is made by the fork server: the agent asks its
+//! shim (`ShimRequest::ForkSandbox`), which asks its zygote
+//! (`ZygoteRequest::ForkSandbox`); the zygote's child then speaks [`EnterEvent`] /
+//! [`EnterRequest`] with the agent on the new sandbox's channel until it has made
+//! the sandbox, and the new sandbox's shim takes the channel over.
+//!
 //! The shim hands the agent the instance's own channel (and its stdout/stderr pipes),
 //! so a warm invoke goes from the agent straight to the function's process.
 //! Every header is a JSON object whose `op` names the message.
@@ -278,6 +284,50 @@ pub enum ShimRequest {
         raw: bool,
         spec: CallSpec,
     },
+    /// To the fork server's shim only: have the zygote fork a child that makes a new
+    /// sandbox. Carries the two descriptors of [`SandboxSpec`].
+    ForkSandbox(SandboxSpec),
+}
+
+/// A new sandbox forked from the fork server's zygote. `ForkSandbox` requests carry
+/// two descriptors with it: the sandbox's end of its shim channel (the shim's
+/// descriptor 0) and the write end of its output pipe (descriptors 1 and 2).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// The sandbox's id: its hostname and `SPROUT_SANDBOX`.
+    pub sandbox: String,
+    /// The host user and group every process of the sandbox runs as (mapped to
+    /// themselves in the fork server's user namespace).
+    pub uid: u32,
+    pub gid: u32,
+    /// What its shim serves (`SPROUT_RUNTIME`). A Python sandbox's zygote is a fork
+    /// of the fork server's, not a new interpreter.
+    pub runtime: Runtime,
+}
+
+/// A forked sandbox's first process (the fork server zygote's child) → agent, on the
+/// new sandbox's channel, before the sandbox's shim runs.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum EnterEvent {
+    /// Carries a pidfd of the child: the agent checks where it is, moves it into the
+    /// sandbox's cgroup and answers [`EnterRequest::Enter`].
+    Forked,
+    /// Carries a pidfd of the new sandbox's PID 1 (its shim to be). Sent before PID 1
+    /// goes on, so nothing of the shim's comes first.
+    Entered,
+    /// The child could not make the sandbox.
+    EnterFailed { message: String },
+}
+
+/// Agent → a forked sandbox's first process.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum EnterRequest {
+    /// It is in the sandbox's cgroup: make the namespaces, mounts and PID 1.
+    Enter,
 }
 
 /// Shim → agent.
@@ -298,6 +348,16 @@ pub enum ShimEvent {
         instance: u64,
         message: String,
     },
+    /// The fork server's zygote forked the child making sandbox `sandbox` (`pid` in
+    /// the fork server's pid namespace).
+    SandboxForked {
+        sandbox: String,
+        pid: i32,
+    },
+    SandboxForkFailed {
+        sandbox: String,
+        message: String,
+    },
 }
 
 /// Shim → zygote. `Fork` carries four descriptors: the instance's end of its channel,
@@ -309,6 +369,9 @@ pub enum ShimEvent {
 pub enum ZygoteRequest {
     /// The child waits, as a spare, for the agent's `load`.
     Fork { instance: u64, runtime: Runtime },
+    /// The fork server's zygote only: fork a child that makes a new sandbox. Carries
+    /// the two descriptors of [`SandboxSpec`].
+    ForkSandbox(SandboxSpec),
 }
 
 /// Zygote → shim.
@@ -319,6 +382,8 @@ pub enum ZygoteEvent {
     Ready { pid: i32 },
     Forked { instance: u64, pid: i32 },
     ForkFailed { instance: u64, message: String },
+    SandboxForked { sandbox: String, pid: i32 },
+    SandboxForkFailed { sandbox: String, message: String },
 }
 
 /// Agent → instance. `Load` comes first; `Invoke`'s payload is the event JSON.
@@ -549,6 +614,64 @@ impl AgentLink {
     }
 }
 
+impl ShimLink {
+    /// Asks the fork server's shim for a new sandbox `spec`, whose shim channel end
+    /// and output pipe are `shim_end` and `output`. Returns the forked child's pid
+    /// (in the fork server's pid namespace) or why there is none.
+    pub fn fork_sandbox(
+        &mut self,
+        spec: &SandboxSpec,
+        shim_end: impl AsFd,
+        output: impl AsFd,
+    ) -> Result<Result<i32, String>, Error> {
+        self.0.send(
+            &ShimRequest::ForkSandbox(spec.clone()),
+            b"",
+            &[shim_end.as_fd(), output.as_fd()],
+        )?;
+        match self.0.recv::<ShimEvent>()?.header {
+            ShimEvent::SandboxForked { sandbox, pid } if sandbox == spec.sandbox => Ok(Ok(pid)),
+            ShimEvent::SandboxForkFailed { sandbox, message } if sandbox == spec.sandbox => {
+                Ok(Err(message))
+            }
+            other => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "sandbox_forked",
+            }),
+        }
+    }
+
+    /// A forked sandbox's child: waits for `expected` and takes the pidfd it carries.
+    /// `Ok(Err(message))` is the child's own failure.
+    pub fn wait_enter_event(
+        &mut self,
+        expected: EnterEvent,
+    ) -> Result<Result<OwnedFd, String>, Error> {
+        let Message { header, fds, .. } = self.0.recv::<EnterEvent>()?;
+        match header {
+            EnterEvent::EnterFailed { message } => Ok(Err(message)),
+            got if got == expected => {
+                let [pidfd]: [OwnedFd; 1] =
+                    fds.try_into()
+                        .map_err(|v: Vec<OwnedFd>| Error::MissingFds {
+                            expected: 1,
+                            queued: v.len(),
+                        })?;
+                Ok(Ok(pidfd))
+            }
+            other => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: op_of(&expected),
+            }),
+        }
+    }
+
+    /// Tells a forked sandbox's child that it is in its cgroup.
+    pub fn send_enter(&self) -> Result<(), Error> {
+        self.0.send(&EnterRequest::Enter, b"", &[])
+    }
+}
+
 /// The shim's end of its channel to a zygote.
 #[derive(Debug)]
 pub struct ZygoteLink(pub Channel);
@@ -595,6 +718,33 @@ impl ZygoteLink {
             other => Err(Error::Unexpected {
                 op: op_of(&other).to_owned(),
                 expected: "forked",
+            }),
+        }
+    }
+}
+
+impl ZygoteLink {
+    /// Asks the fork server's zygote to fork the child that makes sandbox `spec`.
+    /// Returns its pid or the zygote's refusal.
+    pub fn fork_sandbox(
+        &mut self,
+        spec: &SandboxSpec,
+        shim_end: impl AsFd,
+        output: impl AsFd,
+    ) -> Result<Result<i32, String>, Error> {
+        self.0.send(
+            &ZygoteRequest::ForkSandbox(spec.clone()),
+            b"",
+            &[shim_end.as_fd(), output.as_fd()],
+        )?;
+        match self.0.recv()?.header {
+            ZygoteEvent::SandboxForked { sandbox, pid } if sandbox == spec.sandbox => Ok(Ok(pid)),
+            ZygoteEvent::SandboxForkFailed { sandbox, message } if sandbox == spec.sandbox => {
+                Ok(Err(message))
+            }
+            other => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "sandbox_forked",
             }),
         }
     }
@@ -720,10 +870,48 @@ mod tests {
                 message: "m".into(),
             },
         ]);
-        check(&[ZygoteRequest::Fork {
-            instance: 1,
+        let sandbox_spec = SandboxSpec {
+            sandbox: "s".into(),
+            uid: 7,
+            gid: 7,
             runtime: Runtime::Python,
-        }]);
+        };
+        check(&[
+            ZygoteRequest::Fork {
+                instance: 1,
+                runtime: Runtime::Python,
+            },
+            ZygoteRequest::ForkSandbox(sandbox_spec.clone()),
+        ]);
+        check(&[ShimRequest::ForkSandbox(sandbox_spec.clone())]);
+        check(&[
+            ShimEvent::SandboxForked {
+                sandbox: "s".into(),
+                pid: 1,
+            },
+            ShimEvent::SandboxForkFailed {
+                sandbox: "s".into(),
+                message: "m".into(),
+            },
+        ]);
+        check(&[
+            ZygoteEvent::SandboxForked {
+                sandbox: "s".into(),
+                pid: 1,
+            },
+            ZygoteEvent::SandboxForkFailed {
+                sandbox: "s".into(),
+                message: "m".into(),
+            },
+        ]);
+        check(&[
+            EnterEvent::Forked,
+            EnterEvent::Entered,
+            EnterEvent::EnterFailed {
+                message: "m".into(),
+            },
+        ]);
+        check(&[EnterRequest::Enter]);
         check(&[
             ZygoteEvent::Ready { pid: 1 },
             ZygoteEvent::Forked {

@@ -156,3 +156,65 @@ pub(crate) fn io_err(
     let path = path.into();
     move |source| Error::Io { op, path, source }
 }
+// STUB-BEGIN
+pub fn seccomp_bpf(_f: &oci_spec::runtime::LinuxSeccomp) -> Result<Vec<u8>, Error> {
+    Ok(vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f])
+}
+pub fn enter_cgroup(
+    c: &std::path::Path,
+    pid: i32,
+    r: &oci_spec::runtime::LinuxResources,
+) -> Result<(), Error> {
+    use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
+    let m = create_cgroup_manager(CgroupConfig {
+        cgroup_path: c.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: "x".into(),
+    })
+    .map_err(|source| Error::CgroupManager {
+        id: "x".into(),
+        source,
+    })?;
+    m.add_task(nix::unistd::Pid::from_raw(pid))
+        .map_err(|source| Error::Limits {
+            id: "x".into(),
+            source,
+        })?;
+    m.apply(&ControllerOpt {
+        resources: r,
+        disable_oom_killer: false,
+        oom_score_adj: None,
+        freezer_state: None,
+    })
+    .map_err(|source| Error::Limits {
+        id: "x".into(),
+        source,
+    })
+}
+pub fn pidfd_pid(fd: std::os::fd::BorrowedFd) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let t = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    t.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|p: &i32| *p > 0)
+        .ok_or_else(|| std::io::Error::other("no pid"))
+}
+impl Cgroups {
+    pub fn contains_pid(&self, rel: &std::path::Path, pid: i32) -> std::io::Result<bool> {
+        let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        Ok(t.lines().any(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+                && l.split(':').nth(2) == Some(&*rel.to_string_lossy())
+        }))
+    }
+}
+impl Spawner {
+    pub fn adopt(&self, id: &str, pid: i32, c: PathBuf, cg: &Cgroups) -> Result<Sandbox, Error> {
+        let f = Freezer::open(cg, &c)?;
+        Ok(Sandbox::new(id.to_owned(), pid, c, f))
+    }
+}
+// STUB-END

@@ -12,6 +12,7 @@
 //! on instances of its own ([`router`]). As PID 1 it reaps every orphan. It exits
 //! when the agent closes its channel, which ends the sandbox.
 
+mod fork_server;
 mod host;
 mod router;
 mod sys;
@@ -42,6 +43,8 @@ enum Error {
     Host(#[source] host::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("talking to the agent")]
+    Agent(#[source] ipc::Error),
     #[error("zygote (pid {pid}) exited: {status}")]
     ZygoteExited { pid: i32, status: String },
     #[error("serving the sandbox")]
@@ -54,7 +57,7 @@ enum Error {
     },
 }
 
-fn sys_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> Error {
+pub(crate) fn sys_err<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> Error {
     move |e| Error::Sys {
         what,
         source: e.into(),
@@ -65,6 +68,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.as_slice() {
         [] => run(),
+        // PID 1 of the agent's fork server.
+        [mode] if mode == "fork-server" => run_fork_server(),
         // An instance host, started by a sandbox's shim for one instance.
         [mode, runtime] if mode == "host" => {
             runtime_named(runtime).and_then(|r| host::run(r).map_err(Error::Host))
@@ -87,24 +92,41 @@ fn runtime_named(name: &str) -> Result<Runtime, Error> {
         .ok_or_else(|| Error::Usage(format!("unknown runtime {name:?}")))
 }
 
-fn run() -> Result<(), Error> {
-    let runtime = match std::env::var(shim::runtime::RUNTIME_ENV) {
-        Ok(name) => runtime_named(&name)?,
-        Err(_) => Runtime::Python,
-    };
+/// The agent's channel (descriptor 0) and SIGCHLD as a signalfd (orphans are
+/// reparented to PID 1, which reaps them).
+fn take_agent_and_sigchld() -> Result<(AgentLink, SignalFd), Error> {
     let agent_fd = sys::take_stdin_channel().map_err(Error::AgentChannel)?;
     let agent = AgentLink(Channel::from_fd(agent_fd));
-
-    // Orphans are reparented to us: take SIGCHLD through a signalfd and reap them.
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.thread_block().map_err(sys_err("block SIGCHLD"))?;
     let sigchld = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(sys_err("signalfd"))?;
+    Ok((agent, sigchld))
+}
+
+fn run_fork_server() -> Result<(), Error> {
+    let (agent, sigchld) = take_agent_and_sigchld()?;
+    fork_server::serve(agent, &sigchld)
+}
+
+fn run() -> Result<(), Error> {
+    let runtime = match std::env::var(shim::runtime::RUNTIME_ENV) {
+        Ok(name) => runtime_named(&name)?,
+        Err(_) => Runtime::Python,
+    };
+    // A forked sandbox's shim: its zygote was forked from the fork server's, not
+    // started here.
+    let adopted = zygote::take_adopted().map_err(Error::Zygote)?;
+    let (agent, sigchld) = take_agent_and_sigchld()?;
 
     match shim::runtime::zygote_command(runtime) {
         Some(_) => {
-            let zygote = Zygote::start(runtime).map_err(Error::Zygote)?;
+            let zygote = match adopted {
+                Some((fd, pid)) => Zygote::adopt(runtime, fd, pid),
+                None => Zygote::start(runtime),
+            }
+            .map_err(Error::Zygote)?;
             let zygote_pid = zygote.pid();
             serve(agent, zygote, zygote_pid, &sigchld)
         }
@@ -138,7 +160,7 @@ fn serve<Z: Spawn>(
 }
 
 /// Reaps every exited child; the zygote's exit ends the sandbox.
-fn reap(zygote_pid: i32) -> Result<(), Error> {
+pub(crate) fn reap(zygote_pid: i32) -> Result<(), Error> {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(()),

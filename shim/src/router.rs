@@ -422,6 +422,14 @@ impl<Z: Spawn> Router<Z> {
                     let function = spec.function.clone();
                     self.call(Origin::Agent, id, function, depth, raw, &spec, &msg.payload)?;
                 }
+                // Only the fork server makes sandboxes; its descriptors close here.
+                ShimRequest::ForkSandbox(spec) => {
+                    let event = ipc::proto::ShimEvent::SandboxForkFailed {
+                        sandbox: spec.sandbox,
+                        message: "this sandbox is not the fork server".into(),
+                    };
+                    self.agent.0.send(&event, b"", &[]).map_err(Error::Agent)?;
+                }
             }
         }
         Ok(true)

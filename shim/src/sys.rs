@@ -160,3 +160,41 @@ pub fn readable_now(fd: BorrowedFd<'_>) -> bool {
             .revents()
             .is_some_and(|r| r.contains(PollFlags::POLLIN))
 }
+
+/// Takes descriptor `fd`, inherited at exec (a forked sandbox's zygote channel), as
+/// an owned socket, close-on-exec from now on. Refuses a descriptor that is not open
+/// or not a socket, and 0, 1 and 2 (the shim's own).
+pub fn take_inherited_socket(fd: i32) -> std::io::Result<OwnedFd> {
+    use nix::sys::stat::{fstat, SFlag};
+    if fd <= 2 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is one of the shim's standard descriptors"),
+        ));
+    }
+    let stat = fstat(fd)?;
+    if SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a socket"),
+        ));
+    }
+    // SAFETY: `fd` is open (fstat succeeded), was inherited for the shim to take,
+    // and nothing else in this process owns it: `take_adopted` reads its number
+    // from the environment once and removes the variable.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned)?;
+    Ok(owned)
+}
+
+/// A pidfd of process `pid` (of this pid namespace), close-on-exec.
+pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1;
+    // it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor, open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -78,11 +78,71 @@ pub struct Zygote {
     runtime: Runtime,
 }
 
+/// The environment variables that hand a forked sandbox's shim its zygote: the
+/// descriptor of its channel, and its pid.
+pub const ZYGOTE_FD_ENV: &str = "SPROUT_ZYGOTE_FD";
+pub const ZYGOTE_PID_ENV: &str = "SPROUT_ZYGOTE_PID";
+
+/// The zygote a forked sandbox's shim was started with ([`ZYGOTE_FD_ENV`],
+/// [`ZYGOTE_PID_ENV`]), taken out of the environment; `None` when there is none.
+/// Call it once, before any thread starts.
+pub fn take_adopted() -> Result<Option<(std::os::fd::OwnedFd, i32)>, Error> {
+    let (Some(fd), Some(pid)) = (
+        std::env::var_os(ZYGOTE_FD_ENV),
+        std::env::var_os(ZYGOTE_PID_ENV),
+    ) else {
+        return Ok(None);
+    };
+    std::env::remove_var(ZYGOTE_FD_ENV);
+    std::env::remove_var(ZYGOTE_PID_ENV);
+    let bad = |what: &'static str| {
+        move |_| Error::Sys {
+            what,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        }
+    };
+    let fd: i32 = fd
+        .to_str()
+        .ok_or(())
+        .and_then(|s| s.parse().map_err(|_| ()))
+        .map_err(bad("SPROUT_ZYGOTE_FD is not a descriptor number"))?;
+    let pid: i32 = pid
+        .to_str()
+        .ok_or(())
+        .and_then(|s| s.parse().map_err(|_| ()))
+        .map_err(bad("SPROUT_ZYGOTE_PID is not a pid"))?;
+    let fd =
+        sys::take_inherited_socket(fd).map_err(sys_err("take the adopted zygote's channel"))?;
+    Ok(Some((fd, pid)))
+}
+
 impl Zygote {
+    /// Adopts a zygote that is already running (a forked sandbox's, forked from the
+    /// fork server's zygote) on channel `fd`, and waits for its `ready`.
+    pub fn adopt(runtime: Runtime, fd: std::os::fd::OwnedFd, pid: i32) -> Result<Zygote, Error> {
+        let mut link = ZygoteLink(Channel::from_fd(fd));
+        link.wait_ready().map_err(Error::Protocol)?;
+        Ok(Zygote { link, pid, runtime })
+    }
+
+    /// Starts the fork server's zygote: one that also forks new sandboxes.
+    pub fn start_fork_server(runtime: Runtime) -> Result<Zygote, Error> {
+        Self::start_with(runtime, &[("SPROUT_FORK_SERVER", "1")])
+    }
+
+    /// The channel to the zygote.
+    pub fn link(&mut self) -> &mut ZygoteLink {
+        &mut self.link
+    }
+
     /// Starts the zygote with its channel on descriptor 3 and waits for its `ready`.
     /// Its stdout and stderr are the shim's stderr: the sandbox's output pipe, which
     /// the agent reads (never a descriptor of the host's); its stdin is `/dev/null`.
     pub fn start(runtime: Runtime) -> Result<Zygote, Error> {
+        Self::start_with(runtime, &[])
+    }
+
+    fn start_with(runtime: Runtime, extra_env: &[(&str, &str)]) -> Result<Zygote, Error> {
         let (ours, theirs) = Channel::pair().map_err(sys_err("socket pair"))?;
         let theirs = theirs.into_fd();
         let stderr = io::stderr()
@@ -93,6 +153,7 @@ impl Zygote {
         let mut cmd = Command::new(launch.program);
         cmd.args(&launch.args)
             .envs(launch.env)
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(stderr))
             .stderr(Stdio::inherit());

@@ -106,6 +106,8 @@ impl Handle for Fake {
                 sandboxes: 1,
                 stem_cells: 2,
                 stem_cells_by_runtime: [("python".to_owned(), 2)].into(),
+                sandboxes_forked: 3,
+                sandboxes_created: 1,
                 frozen: 1,
                 queued: 0,
                 reserved_mb: 384,

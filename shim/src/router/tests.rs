@@ -771,7 +771,9 @@ mod threaded {
         let mut instances: Vec<JoinHandle<()>> = Vec::new();
         ch.send(&ZygoteEvent::Ready { pid: 2 }, b"", &[]).unwrap();
         while let Ok(m) = ch.recv::<ZygoteRequest>() {
-            let ZygoteRequest::Fork { instance, .. } = m.header;
+            let ZygoteRequest::Fork { instance, .. } = m.header else {
+                panic!("the fake zygote only forks instances: {:?}", m.header);
+            };
             let [channel, stdout, _stderr, calls]: [OwnedFd; 4] = m.fds.try_into().unwrap();
             instances.push(thread::spawn(move || {
                 fake_instance(

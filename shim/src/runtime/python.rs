@@ -59,6 +59,7 @@ pub const MODULES: &[Module] = &[
     module!("sdk"),
     module!("instance"),
     module!("zygote"),
+    module!("enter"),
 ];
 
 /// `python3 -I -B -c <bootstrap> /.sprout/python`: isolated from the environment's

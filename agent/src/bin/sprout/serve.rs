@@ -46,6 +46,10 @@ struct PoolArgs {
     /// (default: half of the machine's memory).
     #[arg(long, value_name = "MiB")]
     memory_budget: Option<u64>,
+    /// How new sandboxes are made: `fork` (from the fork server's zygote, falling
+    /// back to libcontainer when it cannot) or `create` (libcontainer, every time).
+    #[arg(long, value_name = "fork|create", default_value = "fork", value_parser = agent::NewSandboxes::parse)]
+    new_sandboxes: agent::NewSandboxes,
     /// Calls one sandbox may have in flight on the agent's call socket; past it a call
     /// is refused at once with too_many_calls.
     #[arg(
@@ -70,6 +74,7 @@ impl PoolArgs {
                 .memory_budget
                 .unwrap_or_else(agent::default_memory_budget_mb),
             stem_cells: self.stem_cells,
+            new_sandboxes: self.new_sandboxes,
         }
     }
 }

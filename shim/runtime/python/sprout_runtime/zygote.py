@@ -9,6 +9,7 @@ import socket
 import sys
 import traceback
 
+from . import enter
 from .codec import Channel, ChannelClosed, _close_quietly
 from .errors import _log
 from .instance import _flush_stdio, instance_main
@@ -25,6 +26,68 @@ def _check_spec(spec, fds):
     if runtime != "python":
         return f"runtime {runtime!r} is not served by the python zygote"
     return None
+
+
+# A sandbox id as the agent makes them (`sprout-<agent>-<n>`): a host name too.
+_MAX_SANDBOX_ID = 63
+_RUNTIMES = ("python", "nodejs", "native")
+
+
+def _check_sandbox_spec(spec, fds):
+    """Returns why a fork_sandbox request cannot be served, or None."""
+    if len(fds) != 2:
+        return f"fork_sandbox carries {len(fds)} descriptors, expected 2 (channel, output)"
+    sandbox = spec.get("sandbox")
+    if (
+        not isinstance(sandbox, str)
+        or not 0 < len(sandbox) <= _MAX_SANDBOX_ID
+        or not all(c.isascii() and (c.isalnum() or c == "-") for c in sandbox)
+    ):
+        return f"sandbox {sandbox!r} is not a sandbox id"
+    for field in ("uid", "gid"):
+        value = spec.get(field)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 0xFFFFFFFF:
+            return f"{field} {value!r} is not a sandbox user"
+    if spec.get("runtime") not in _RUNTIMES:
+        return f"runtime {spec.get('runtime')!r} is not one of {', '.join(_RUNTIMES)}"
+    return None
+
+
+def _fork_sandbox(zygote, spec, fds):
+    """Forks the child that makes a new sandbox (the fork server's zygote only)."""
+    sandbox = spec.get("sandbox")
+    problem = _check_sandbox_spec(spec, fds)
+    if problem is None and enter._prepared is None:
+        problem = "this zygote is not a fork server's"
+    if problem is not None:
+        for fd in fds:
+            _close_quietly(fd)
+        zygote.send({"op": "sandbox_fork_failed", "sandbox": sandbox, "message": problem})
+        return
+    _flush_stdio()
+    gc.freeze()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        for fd in fds:
+            _close_quietly(fd)
+        zygote.send({"op": "sandbox_fork_failed", "sandbox": sandbox, "message": f"fork: {exc}"})
+        return
+    if pid == 0:
+        status = 70
+        try:
+            status = enter.make_sandbox(zygote, spec, *fds, zygote_main)
+        except BaseException:  # noqa: BLE001
+            try:
+                traceback.print_exc()
+                _flush_stdio()
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            os._exit(status)
+    for fd in fds:
+        _close_quietly(fd)
+    zygote.send({"op": "sandbox_forked", "sandbox": sandbox, "pid": pid})
 
 
 def _fork(zygote, spec, fds):
@@ -73,8 +136,15 @@ def _prime_import_path(path):
         importlib.machinery.PathFinder.find_spec("__sprout_prime__", [path])
 
 
-def zygote_main(fd=3):
-    """Serves fork requests on ``fd`` until the shim closes it; returns the exit status."""
+def zygote_main(fd=3, fork_server=None):
+    """Serves fork requests on ``fd`` until the shim closes it; returns the exit status.
+
+    The fork server's zygote (``SPROUT_FORK_SERVER=1`` in its environment, or
+    ``fork_server=True``) also forks new sandboxes (``fork_sandbox``)."""
+    if fork_server is None:
+        fork_server = os.environ.pop("SPROUT_FORK_SERVER", None) == "1"
+    if fork_server:
+        enter.prepare()
     os.fstat(fd)  # fail loudly if the control channel is missing
     os.set_inheritable(fd, False)
     # Keep 0, 1 and 2 taken so received descriptors never land on them.
@@ -93,6 +163,8 @@ def zygote_main(fd=3):
     zygote = Channel(socket.socket(fileno=fd))
     try:
         zygote.send({"op": "ready", "pid": os.getpid()})
+        if fork_server:
+            enter.wait_mapped()
         while True:
             try:
                 header, _payload, fds = zygote.recv()
@@ -101,6 +173,8 @@ def zygote_main(fd=3):
             op = header.get("op")
             if op == "fork":
                 _fork(zygote, header, fds)
+            elif op == "fork_sandbox":
+                _fork_sandbox(zygote, header, fds)
             else:
                 for received in fds:
                     _close_quietly(received)

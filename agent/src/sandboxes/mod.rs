@@ -8,6 +8,11 @@
 //! nothing), starts an instance of a function in one, attaches code and workflow
 //! scratch, and destroys a sandbox. It keeps no per-function state and takes no lock
 //! of another component.
+//!
+//! A new sandbox is forked from the fork server's zygote when it can be ([`fork`]),
+//! else created by libcontainer through the spawner.
+
+mod fork;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -51,6 +56,11 @@ pub(crate) struct Sandboxes {
     count: AtomicUsize,
     /// Memory (MiB) reserved by live sandboxes' limits.
     reserved_mb: AtomicU64,
+    /// The fork server, when new sandboxes are forked (`None`: always created).
+    forks: Option<fork::ForkServer>,
+    /// Sandboxes made so far each way.
+    forked: AtomicU64,
+    created: AtomicU64,
 }
 
 pub(crate) fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -92,6 +102,19 @@ impl Sandboxes {
         })?;
         let runtime_dir = state.path().join("runtime");
         shim::runtime::install(&runtime_dir).map_err(state_err(&runtime_dir))?;
+        let users = rootfs::SandboxUsers::new(config.sandbox_uids);
+        let forks = (config.keep_warm
+            && config.pool.new_sandboxes == crate::config::NewSandboxes::Fork)
+            .then(|| {
+                fork::ForkServer::install(
+                    &runtime_dir,
+                    skeleton.path(),
+                    config,
+                    &users,
+                    state.agent_id(),
+                )
+            })
+            .transpose()?;
         let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
         if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
             // Only slower freezes and thaws follow; say so and go on.
@@ -109,12 +132,15 @@ impl Sandboxes {
             runtime_dir,
             shim,
             defaults: config.defaults,
-            users: rootfs::SandboxUsers::new(config.sandbox_uids),
+            users,
             output: SandboxOutput::start()
                 .map_err(state_err(Path::new("sandbox output thread")))?,
             next_id: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             reserved_mb: AtomicU64::new(0),
+            forks,
+            forked: AtomicU64::new(0),
+            created: AtomicU64::new(0),
         })
     }
 
@@ -173,90 +199,127 @@ impl Sandboxes {
     }
 
     /// A new sandbox with its shim and `runtime`'s zygote up, bound to nothing, not
-    /// frozen.
+    /// frozen: forked from the fork server when it can be, else created.
     pub fn new_stem_cell(&self, runtime: Runtime) -> Result<StemCell, Error> {
+        if let Some(forks) = &self.forks {
+            if forks.serves(runtime) {
+                match self.fork_stem_cell(forks, runtime) {
+                    Ok(cell) => {
+                        self.forked.fetch_add(1, Ordering::Relaxed);
+                        return Ok(cell);
+                    }
+                    Err(e) => tracing::warn!(
+                        runtime = runtime.name(),
+                        error = %ipc::chain(&e),
+                        "could not fork a sandbox; creating one"
+                    ),
+                }
+            }
+        }
+        let cell = self.create_stem_cell(runtime)?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Ok(cell)
+    }
+
+    /// Sandboxes made so far: (forked from the fork server, created by libcontainer).
+    pub fn made(&self) -> (u64, u64) {
+        (
+            self.forked.load(Ordering::Relaxed),
+            self.created.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A new sandbox id.
+    fn next_sandbox_id(&self) -> String {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("sprout-{}-{}", self.agent_id, n);
-        let cgroup = self.cgroup_parent.join(&id);
-        let bundle = self.bundles.join(&id);
-        let defaults = &self.defaults;
-        // Its own host user, held until the sandbox is destroyed (a bitmap slot).
-        let user = self.users.assign(&id).map_err(|e| Error::State {
+        format!("sprout-{}-{}", self.agent_id, n)
+    }
+
+    /// Its own host user, held until the sandbox is destroyed (a bitmap slot).
+    fn assign_user(&self, id: &str) -> Result<rootfs::SandboxUser, Error> {
+        self.users.assign(id).map_err(|e| Error::State {
             path: PathBuf::from("sandbox uids"),
             source: std::io::Error::other(e.to_string()),
-        })?;
-        rootfs::bundle_spec_as(
-            &SandboxConfig {
-                id: id.clone(),
-                root: self.skeleton.path().to_path_buf(),
-                cgroups_path: cgroup.clone(),
-                runtime_dir: self.runtime_dir.clone(),
-                shim: self.shim.clone(),
-                code: None,
-                limits: Limits {
-                    memory_bytes: defaults.memory_mb << 20,
-                    pids: defaults.pids,
-                    cpus: defaults.cpus,
-                },
-                env: vec![format!("{}={}", shim::runtime::RUNTIME_ENV, runtime.name())],
+        })
+    }
+
+    /// The spec of a sandbox `id` with the default limits (a stem cell's).
+    fn sandbox_config(&self, id: &str, cgroup: &Path, env: Vec<String>) -> SandboxConfig {
+        let defaults = &self.defaults;
+        SandboxConfig {
+            id: id.to_owned(),
+            root: self.skeleton.path().to_path_buf(),
+            cgroups_path: cgroup.to_path_buf(),
+            runtime_dir: self.runtime_dir.clone(),
+            shim: self.shim.clone(),
+            code: None,
+            limits: Limits {
+                memory_bytes: defaults.memory_mb << 20,
+                pids: defaults.pids,
+                cpus: defaults.cpus,
             },
-            user,
-        )
-        .and_then(|spec| rootfs::write_bundle(&bundle, &spec))
-        .map_err(|e| {
-            self.users.release(&id);
-            Error::State {
-                path: bundle.clone(),
-                source: std::io::Error::other(ipc::chain(&e)),
-            }
-        })?;
-        // The shim's and zygote's output: the agent reads it, nothing of the host's.
-        let (output, output_end) = crate::sandbox_output::pipe().map_err(|e| {
-            self.users.release(&id);
-            state_err(Path::new("sandbox output pipe"))(e)
-        })?;
-        let created = self
-            .spawner
-            .create(&id, &bundle, cgroup, &self.cgroups, output_end);
-        // libcontainer keeps its own copy of the spec; the bundle is not needed any more.
-        let _ = std::fs::remove_dir_all(&bundle);
-        if created.is_err() {
-            // The spawner destroys a sandbox it could not start.
-            self.users.release(&id);
+            env,
         }
-        let (mut sandbox, mut shim) = created?;
-        self.output.add(&id, output);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.reserved_mb
-            .fetch_add(defaults.memory_mb, Ordering::Relaxed);
-        let booted = shim
-            .0
-            .stream()
-            .set_read_timeout(Some(BOOT_TIMEOUT))
-            .map_err(ipc::Error::Io)
-            .and_then(|()| shim.wait_ready())
-            .and_then(|_| {
-                shim.0
-                    .stream()
-                    .set_read_timeout(None)
-                    .map_err(ipc::Error::Io)
-            });
-        if let Err(source) = booted {
-            self.destroy(&mut sandbox, defaults.memory_mb);
-            return Err(Error::Protocol {
-                sandbox: id,
-                peer: "shim",
-                source,
-            });
+    }
+
+    /// A stem cell created by libcontainer (through the spawner).
+    fn create_stem_cell(&self, runtime: Runtime) -> Result<StemCell, Error> {
+        let id = self.next_sandbox_id();
+        let cgroup = self.cgroup_parent.join(&id);
+        let user = self.assign_user(&id)?;
+        let env = vec![format!("{}={}", shim::runtime::RUNTIME_ENV, runtime.name())];
+        let spec = rootfs::bundle_spec_as(&self.sandbox_config(&id, &cgroup, env), user);
+        let (mut sandbox, mut shim) = self.create(&id, &cgroup, spec, self.defaults.memory_mb)?;
+        if let Err(e) = boot(&mut sandbox, &mut shim) {
+            self.destroy(&mut sandbox, self.defaults.memory_mb);
+            return Err(e);
         }
-        sandbox.ready()?;
-        // The shim starts the runtime's zygote (Python's, the only one so far).
         tracing::debug!(sandbox_id = %id, runtime = runtime.name(), "stem cell booted");
         Ok(StemCell {
             sandbox,
             shim,
-            reserved_mb: defaults.memory_mb,
+            reserved_mb: self.defaults.memory_mb,
         })
+    }
+
+    /// Creates sandbox `id` (its user assigned already) from `spec` through the
+    /// spawner; counts it and its `reserved_mb`. On failure nothing is left and its
+    /// user is released. The caller waits for its shim's `ready`.
+    fn create(
+        &self,
+        id: &str,
+        cgroup: &Path,
+        spec: Result<oci_spec::runtime::Spec, rootfs::Error>,
+        reserved_mb: u64,
+    ) -> Result<(Sandbox, ipc::proto::ShimLink), Error> {
+        let bundle = self.bundles.join(id);
+        spec.and_then(|spec| rootfs::write_bundle(&bundle, &spec))
+            .map_err(|e| {
+                self.users.release(id);
+                Error::State {
+                    path: bundle.clone(),
+                    source: std::io::Error::other(ipc::chain(&e)),
+                }
+            })?;
+        // The shim's and zygote's output: the agent reads it, nothing of the host's.
+        let (output, output_end) = crate::sandbox_output::pipe().map_err(|e| {
+            self.users.release(id);
+            state_err(Path::new("sandbox output pipe"))(e)
+        })?;
+        let created =
+            self.spawner
+                .create(id, &bundle, cgroup.to_path_buf(), &self.cgroups, output_end);
+        // libcontainer keeps its own copy of the spec; the bundle is not needed any more.
+        let _ = std::fs::remove_dir_all(&bundle);
+        if created.is_err() {
+            // The spawner destroys a sandbox it could not start.
+            self.users.release(id);
+        }
+        let (sandbox, shim) = created?;
+        self.output.add(id, output);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.reserved_mb.fetch_add(reserved_mb, Ordering::Relaxed);
+        Ok((sandbox, shim))
     }
 
     /// An instance of `function` forked in `stem` (or in a new sandbox), bound to it
@@ -428,4 +491,27 @@ impl Sandboxes {
         }
         Ok(())
     }
+}
+
+/// Waits (at most [`BOOT_TIMEOUT`]) for a new sandbox's shim to say `ready`, then
+/// moves the sandbox to `StemCell`.
+fn boot(sandbox: &mut Sandbox, shim: &mut ipc::proto::ShimLink) -> Result<(), Error> {
+    shim.0
+        .stream()
+        .set_read_timeout(Some(BOOT_TIMEOUT))
+        .map_err(ipc::Error::Io)
+        .and_then(|()| shim.wait_ready())
+        .and_then(|_| {
+            shim.0
+                .stream()
+                .set_read_timeout(None)
+                .map_err(ipc::Error::Io)
+        })
+        .map_err(|source| Error::Protocol {
+            sandbox: sandbox.id().to_owned(),
+            peer: "shim",
+            source,
+        })?;
+    sandbox.ready()?;
+    Ok(())
 }

@@ -1,0 +1,513 @@
+//! Forked sandboxes: the fork server, and a stem cell made from a fork of its zygote.
+//!
+//! The fork server is a sandbox created by libcontainer like any other, but with a
+//! user namespace in which its processes are root with CAP_SYS_ADMIN, CAP_SETUID,
+//! CAP_SETGID and CAP_SETPCAP (none on the host: inside 0 is the fork server's own
+//! host uid), and a seccomp filter that also allows `unshare` and `mount`
+//! ([`rootfs::zygote_spec`]). Its shim (`sprout-shim fork-server`) runs a Python
+//! zygote that forks, for each new sandbox, a child that makes the sandbox of itself
+//! (`sprout_runtime.enter`); the agent only moves that child into the sandbox's
+//! cgroup, and the spawner adopts the result. `docs/design.md` ("Forked sandboxes")
+//! has the whole exchange; `docs/security.md` what each process may do.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipc::proto::{EnterEvent, Runtime, SandboxSpec, ShimLink};
+use ipc::Channel;
+use parking_lot::Mutex;
+use pool::Sandbox;
+use rootfs::{Limits, SandboxConfig};
+use serde_json::json;
+
+use super::{boot, state_err, Sandboxes};
+use crate::config::Config;
+use crate::error::Error;
+use crate::instance::BOOT_TIMEOUT;
+use crate::scheduler::StemCell;
+
+/// The fork server's memory limit, reserved against the budget like a sandbox's:
+/// its zygote, and each child until the agent has moved it into its sandbox.
+pub(super) const FORK_SERVER_MEMORY_MB: u64 = 64;
+/// Its pids limit: its shim and zygote, and the children making sandboxes at once.
+const FORK_SERVER_PIDS: u64 = 256;
+/// After the fork server failed to start, it is not tried again for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Where the fork server's children read what they make (under `/.sprout`).
+const PLAN_FILE: &str = "forked.json";
+const SECCOMP_FILE: &str = "seccomp.bpf";
+
+/// The fork server: made on first use, remade after it dies.
+#[derive(Debug)]
+pub(super) struct ForkServer {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+enum State {
+    Down { retry_at: Option<Instant> },
+    Up(Server),
+}
+
+#[derive(Debug)]
+struct Server {
+    sandbox: Sandbox,
+    shim: ShimLink,
+}
+
+impl ForkServer {
+    /// Writes what the fork server's children read into the runtime directory (seen
+    /// at `/.sprout`): the plan of a sandbox's own mounts and masked paths, taken
+    /// from the same spec libcontainer's sandboxes are made from, and the sandbox's
+    /// seccomp filter compiled to BPF.
+    pub(super) fn install(
+        runtime_dir: &Path,
+        root: &Path,
+        config: &Config,
+        users: &rootfs::SandboxUsers,
+        agent_id: &str,
+    ) -> Result<ForkServer, Error> {
+        // The fork server's own host user: the first of the agent's range when it can
+        // be (taken now, before any sandbox), so that its one uid mapping (inside 0 →
+        // it, and the range after it) covers every sandbox user. Once it was
+        // destroyed its next user may be a later one; sandboxes below it are then
+        // created instead (their child cannot take their uid).
+        users.assign(&id(agent_id)).map_err(|e| Error::State {
+            path: PathBuf::from("sandbox uids"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let template = rootfs::bundle_spec(&SandboxConfig {
+            id: "sprout-template".into(),
+            root: root.to_path_buf(),
+            cgroups_path: PathBuf::from("/sprout/template"),
+            runtime_dir: runtime_dir.to_path_buf(),
+            shim: config.shim.clone(),
+            code: None,
+            limits: Limits {
+                memory_bytes: config.defaults.memory_mb << 20,
+                pids: config.defaults.pids,
+                cpus: config.defaults.cpus,
+            },
+            env: Vec::new(),
+        })
+        .map_err(|e| spec_err(runtime_dir, &e))?;
+        let plan = plan(&template);
+        let plan_path = runtime_dir.join(PLAN_FILE);
+        write_public(&plan_path, plan.to_string().as_bytes())?;
+        let seccomp = template
+            .linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().clone())
+            .ok_or_else(|| spec_err(runtime_dir, &std::io::Error::other("no seccomp section")))?;
+        let bpf = pool::seccomp_bpf(&seccomp)?;
+        write_public(&runtime_dir.join(SECCOMP_FILE), &bpf)?;
+        Ok(ForkServer {
+            state: Mutex::new(State::Down { retry_at: None }),
+        })
+    }
+
+    /// Whether sandboxes of `runtime` are forked. Python's adopt a fork of the fork
+    /// server's zygote as their own.
+    pub(super) fn serves(&self, runtime: Runtime) -> bool {
+        runtime == Runtime::Python
+    }
+
+    /// Has the fork server's zygote fork the child that makes sandbox `spec`;
+    /// returns the fork server's cgroup (where that child is until it is moved).
+    fn fork(
+        &self,
+        sandboxes: &Sandboxes,
+        spec: &SandboxSpec,
+        shim_end: OwnedFd,
+        output: OwnedFd,
+    ) -> Result<PathBuf, Error> {
+        let mut state = self.state.lock();
+        if let State::Down { retry_at } = &*state {
+            if retry_at.is_some_and(|t| Instant::now() < t) {
+                return Err(Error::Spawn {
+                    sandbox: spec.sandbox.clone(),
+                    function: String::new(),
+                    message: "the fork server failed to start lately".into(),
+                });
+            }
+            match start(sandboxes) {
+                Ok(server) => *state = State::Up(server),
+                Err(e) => {
+                    *state = State::Down {
+                        retry_at: Some(Instant::now() + RETRY_AFTER),
+                    };
+                    return Err(e);
+                }
+            }
+        }
+        let State::Up(server) = &mut *state else {
+            unreachable!("the fork server was just started");
+        };
+        let answer = server.shim.fork_sandbox(spec, &shim_end, &output);
+        drop((shim_end, output));
+        match answer {
+            Ok(Ok(_pid)) => Ok(server.sandbox.cgroup().to_path_buf()),
+            Ok(Err(message)) => Err(Error::Spawn {
+                sandbox: spec.sandbox.clone(),
+                function: String::new(),
+                message,
+            }),
+            Err(source) => {
+                // It died or said something it should not: the next fork starts a new one.
+                let State::Up(mut dead) =
+                    std::mem::replace(&mut *state, State::Down { retry_at: None })
+                else {
+                    unreachable!()
+                };
+                tracing::warn!(sandbox_id = dead.sandbox.id(), error = %ipc::chain(&source), "the fork server is gone");
+                sandboxes.destroy_fork_server(&mut dead.sandbox);
+                Err(Error::Protocol {
+                    sandbox: dead.sandbox.id().to_owned(),
+                    peer: "fork server",
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// The fork server's sandbox id: not `sprout-<agent>-<n>`, as it is no sandbox of a
+/// function's.
+fn id(agent_id: &str) -> String {
+    format!("sprout-{agent_id}.forks")
+}
+
+/// Creates the fork server's sandbox (libcontainer) and waits for its zygote.
+fn start(sandboxes: &Sandboxes) -> Result<Server, Error> {
+    let id = id(&sandboxes.agent_id);
+    let cgroup = sandboxes.cgroup_parent.join(&id);
+    let user = sandboxes.assign_user(&id)?;
+    let mut config = sandboxes.sandbox_config(
+        &id,
+        &cgroup,
+        vec![format!("{}=python", shim::runtime::RUNTIME_ENV)],
+    );
+    config.limits.memory_bytes = FORK_SERVER_MEMORY_MB << 20;
+    config.limits.pids = FORK_SERVER_PIDS;
+    let spec = rootfs::zygote_spec(&config, user, sandboxes.users.range());
+    let (mut sandbox, mut shim) = sandboxes.create(&id, &cgroup, spec, FORK_SERVER_MEMORY_MB)?;
+    // It is no stem cell: not counted among the sandboxes (its memory is reserved).
+    sandboxes.uncount();
+    let range = sandboxes.users.range();
+    if let Err(e) = map_zygote(&mut sandbox, &mut shim, &sandboxes.cgroups, user, range) {
+        sandboxes.destroy_fork_server(&mut sandbox);
+        return Err(e);
+    }
+    tracing::info!(sandbox_id = %id, pid = sandbox.pid(), "fork server up");
+    Ok(Server { sandbox, shim })
+}
+
+/// Waits for the fork server's `ready` and maps its zygote's user namespace: inside
+/// 0 is the fork server's own host user, and the agent's sandbox users after it are
+/// themselves (`0 <uid> <count>`: one line, so the ids of the range above the fork
+/// server's, which is the range's first unless it had to be remade).
+fn map_zygote(
+    sandbox: &mut Sandbox,
+    shim: &mut ShimLink,
+    cgroups: &pool::Cgroups,
+    user: rootfs::SandboxUser,
+    range: rootfs::SandboxUids,
+) -> Result<(), Error> {
+    let protocol = |source: ipc::Error| Error::Protocol {
+        sandbox: sandbox.id().to_owned(),
+        peer: "fork server",
+        source,
+    };
+    shim.0
+        .stream()
+        .set_read_timeout(Some(BOOT_TIMEOUT))
+        .map_err(|e| protocol(ipc::Error::Io(e)))?;
+    let ipc::Message { header, fds, .. } =
+        shim.0.recv::<ipc::proto::ShimEvent>().map_err(protocol)?;
+    shim.0
+        .stream()
+        .set_read_timeout(None)
+        .map_err(|e| protocol(ipc::Error::Io(e)))?;
+    let (ipc::proto::ShimEvent::Ready { .. }, [pidfd]) = (
+        header,
+        <[OwnedFd; 1]>::try_from(fds).unwrap_or_else(|_| panic!()),
+    ) else {
+        return Err(protocol(ipc::Error::Unexpected {
+            op: "?".into(),
+            expected: "ready",
+        }));
+    };
+    let pid = pool::pidfd_pid(pidfd.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+    let bad = |what: String| Error::Spawn {
+        sandbox: sandbox.id().to_owned(),
+        function: String::new(),
+        message: what,
+    };
+    if !cgroups.contains_pid(sandbox.cgroup(), pid).unwrap_or(false) {
+        return Err(bad(format!(
+            "the fork server's zygote (pid {pid}) is not in its cgroup"
+        )));
+    }
+    let count = range.base + range.count - user.uid;
+    for (file, id) in [("uid_map", user.uid), ("gid_map", user.gid)] {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, format!("0 {id} {count}\n"))
+            .map_err(|e| bad(format!("write {path}: {e}")))?;
+    }
+    if exited(&pidfd) {
+        return Err(bad(format!("the fork server's zygote (pid {pid}) exited")));
+    }
+    sandbox.ready()?;
+    Ok(())
+}
+
+impl Sandboxes {
+    /// A stem cell forked from the fork server: see the module's doc. On failure
+    /// nothing of it is left.
+    pub(super) fn fork_stem_cell(
+        &self,
+        forks: &ForkServer,
+        runtime: Runtime,
+    ) -> Result<StemCell, Error> {
+        let id = self.next_sandbox_id();
+        let span = tracing::debug_span!("fork_sandbox", sandbox_id = %id);
+        let _g = span.enter();
+        let cgroup = self.cgroup_parent.join(&id);
+        let user = self.assign_user(&id)?;
+        let made = self.fork_sandbox(forks, &id, &cgroup, user, runtime);
+        let (mut sandbox, mut shim) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                // Whatever was made is in the sandbox's cgroup (or died with its channel).
+                if let Err(e) = self.cgroups.remove_tree(&cgroup) {
+                    tracing::error!(error = %ipc::chain(&e), "remove a failed forked sandbox's cgroup");
+                } else {
+                    self.users.release(&id);
+                }
+                self.output.remove(&id);
+                return Err(e);
+            }
+        };
+        let reserved_mb = self.defaults.memory_mb;
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reserved_mb
+            .fetch_add(reserved_mb, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = boot(&mut sandbox, &mut shim) {
+            self.destroy(&mut sandbox, reserved_mb);
+            return Err(e);
+        }
+        tracing::debug!(pid = sandbox.pid(), "forked sandbox booted");
+        Ok(StemCell {
+            sandbox,
+            shim,
+            reserved_mb,
+        })
+    }
+
+    /// The exchange with the fork server and its child, up to the spawner's adopting
+    /// the sandbox.
+    fn fork_sandbox(
+        &self,
+        forks: &ForkServer,
+        id: &str,
+        cgroup: &Path,
+        user: rootfs::SandboxUser,
+        runtime: Runtime,
+    ) -> Result<(Sandbox, ShimLink), Error> {
+        let protocol = |source: ipc::Error| Error::Protocol {
+            sandbox: id.to_owned(),
+            peer: "forked sandbox",
+            source,
+        };
+        let refused = |message: String| Error::Spawn {
+            sandbox: id.to_owned(),
+            function: String::new(),
+            message,
+        };
+        let (output, output_end) =
+            crate::sandbox_output::pipe().map_err(state_err(Path::new("sandbox output pipe")))?;
+        let (ours, theirs) =
+            Channel::pair().map_err(state_err(Path::new("forked sandbox channel")))?;
+        // First, so that what the child says on its way is logged.
+        self.output.add(id, output);
+        let spec = SandboxSpec {
+            sandbox: id.to_owned(),
+            uid: user.uid,
+            gid: user.gid,
+            runtime,
+        };
+        let server_cgroup = forks.fork(self, &spec, theirs.into_fd(), output_end)?;
+        let mut shim = ShimLink(ours);
+        shim.0
+            .stream()
+            .set_read_timeout(Some(BOOT_TIMEOUT))
+            .map_err(|e| protocol(ipc::Error::Io(e)))?;
+
+        // The child, still in the fork server's cgroup: it must be the fork server's
+        // (a pidfd names one process for good; it is checked alive after the move).
+        let child = shim
+            .wait_enter_event(EnterEvent::Forked)
+            .map_err(protocol)?
+            .map_err(refused)?;
+        let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        let in_server = self
+            .cgroups
+            .contains_pid(&server_cgroup, child_pid)
+            .unwrap_or(false);
+        if !in_server {
+            return Err(refused(format!(
+                "the forked child (pid {child_pid}) is not in the fork server's cgroup {}",
+                server_cgroup.display()
+            )));
+        }
+        let limits = rootfs::resources(&Limits {
+            memory_bytes: self.defaults.memory_mb << 20,
+            pids: self.defaults.pids,
+            cpus: self.defaults.cpus,
+        })
+        .map_err(|e| spec_err(cgroup, &e))?;
+        pool::enter_cgroup(cgroup, child_pid, &limits)?;
+        if exited(&child) {
+            return Err(refused(format!(
+                "the forked child (pid {child_pid}) exited before it was in its cgroup"
+            )));
+        }
+        shim.send_enter().map_err(protocol)?;
+
+        // PID 1 of the new sandbox, made by the child in its cgroup.
+        let pid1 = shim
+            .wait_enter_event(EnterEvent::Entered)
+            .map_err(protocol)?
+            .map_err(refused)?;
+        let pid1 = pool::pidfd_pid(pid1.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        if !self.cgroups.contains_pid(cgroup, pid1).unwrap_or(false) {
+            return Err(refused(format!(
+                "the forked sandbox's first process (pid {pid1}) is not in {}",
+                cgroup.display()
+            )));
+        }
+        let sandbox = self
+            .spawner
+            .adopt(id, pid1, cgroup.to_path_buf(), &self.cgroups)?;
+        Ok((sandbox, shim))
+    }
+
+    /// Destroys the fork server's sandbox (it died, or the agent stops).
+    fn destroy_fork_server(&self, sandbox: &mut Sandbox) {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.destroy(sandbox, FORK_SERVER_MEMORY_MB);
+    }
+
+    /// Takes a sandbox out of the count (the fork server is none of the pool's).
+    fn uncount(&self) {
+        self.count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether the process of `pidfd` has exited (its pidfd is readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// What a forked sandbox's child mounts of its own (`forked.json`): every mount of
+/// a sandbox's spec but the bind mounts (the host's `/usr`, `/.sprout`, the shim,
+/// code) and `/dev` (its device nodes), which it keeps from the fork server, and the
+/// masked and read-only paths of its `/proc`.
+fn plan(spec: &oci_spec::runtime::Spec) -> serde_json::Value {
+    let mounts: Vec<serde_json::Value> = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| m.typ().as_deref() != Some("bind") && m.destination() != Path::new("/dev"))
+        .map(|m| {
+            json!({
+                "destination": m.destination(),
+                "type": m.typ(),
+                "source": m.source(),
+                "options": m.options(),
+            })
+        })
+        .collect();
+    let linux = spec.linux().as_ref();
+    json!({
+        "mounts": mounts,
+        "masked_paths": linux.and_then(|l| l.masked_paths().clone()).unwrap_or_default(),
+        "readonly_paths": linux.and_then(|l| l.readonly_paths().clone()).unwrap_or_default(),
+    })
+}
+
+fn write_public(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, bytes)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
+        .map_err(state_err(path))
+}
+
+fn spec_err(path: &Path, e: &dyn std::error::Error) -> Error {
+    Error::State {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(ipc::chain(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_keeps_binds_and_dev_and_lists_proc_masks() {
+        let spec = rootfs::bundle_spec(&SandboxConfig {
+            id: "sprout-1-1".into(),
+            root: "/run/sprout/1/rootfs".into(),
+            cgroups_path: "/sprout/1/sprout-1-1".into(),
+            runtime_dir: "/run/sprout/1/runtime".into(),
+            shim: "/opt/sprout/sprout-shim".into(),
+            code: None,
+            limits: Limits {
+                memory_bytes: 128 << 20,
+                pids: 64,
+                cpus: 1.0,
+            },
+            env: vec![],
+        })
+        .unwrap();
+        let plan = plan(&spec);
+        let targets: Vec<&str> = plan["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["destination"].as_str().unwrap())
+            .collect();
+        for want in [
+            "/proc",
+            "/tmp",
+            "/workflow",
+            "/fns",
+            "/dev/shm",
+            "/dev/mqueue",
+            "/dev/pts",
+            "/sys",
+        ] {
+            assert!(targets.contains(&want), "{want} not in {targets:?}");
+        }
+        for kept in ["/dev", "/usr", "/.sprout", "/.sprout/shim"] {
+            assert!(!targets.contains(&kept), "{kept} in {targets:?}");
+        }
+        assert!(plan["masked_paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/proc/kcore"));
+        assert!(plan["readonly_paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/proc/sys"));
+    }
+}
