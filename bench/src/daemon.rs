@@ -42,6 +42,12 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The daemon's pid: its agent id, which names its cgroups
+    /// (`/sprout/<pid>/sprout-<pid>-<n>`) and its fork server's (`sprout-<pid>.forks`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.socket)?)
     }

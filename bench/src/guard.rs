@@ -47,7 +47,7 @@ use serde_json::json;
 
 use crate::baseline;
 use crate::daemon::{ok, Daemon};
-use crate::latency::{expect_start, invoke, KEEP_RUNNING};
+use crate::latency::{expect_start, invoke, NewSandboxes, KEEP_RUNNING};
 use crate::stats;
 
 /// One guarded path: its ratio to its baseline must stay at or below `bound`.
@@ -486,10 +486,16 @@ fn cold(
         let name = format!("guard{n}");
         n += 1;
         d.register(c, &name, noop, json!({}))?;
+        let before = NewSandboxes::made(&d, c)?;
         let t = Instant::now();
         let r = invoke(c, &name)?;
         let took = us(t.elapsed());
         expect_start(&r, start)?;
+        if stem_cells == 0 {
+            // A new sandbox must be forked: a libcontainer fallback is a regression
+            // whatever its time.
+            NewSandboxes::Fork.check_made(before, NewSandboxes::made(&d, c)?, 1)?;
+        }
         let r = c.request("DELETE", &format!("/functions/{name}"), None, b"")?;
         ok(&r, "remove")?;
         Ok(took)

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -118,17 +118,84 @@ pub fn frozen(bin: &Path, noop: &Path, runs: usize) -> anyhow::Result<(Row, Row)
     Ok((rows.pop().expect("two rows"), control))
 }
 
+/// How a daemon makes new sandboxes: `sprout serve --new-sandboxes fork|create`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewSandboxes {
+    /// Forked from the fork server's zygote (the default).
+    Fork,
+    /// Created by libcontainer, as before the fork server.
+    Create,
+}
+
+impl NewSandboxes {
+    /// The value of `--new-sandboxes`.
+    pub fn arg(self) -> &'static str {
+        match self {
+            NewSandboxes::Fork => "fork",
+            NewSandboxes::Create => "create",
+        }
+    }
+
+    /// Sandboxes made so far (forked, created), from `GET /status`.
+    pub(crate) fn made(d: &Daemon, c: &mut Client) -> anyhow::Result<(u64, u64)> {
+        let s = d.status(c)?;
+        let count = |field: &str| {
+            s[field]
+                .as_u64()
+                .with_context(|| format!("GET /status has no {field}: {s}"))
+        };
+        Ok((count("sandboxes_forked")?, count("sandboxes_created")?))
+    }
+
+    /// Checks that the sandboxes made between `before` and `after` (as [`Self::made`]
+    /// counts them) were made this way, and at least `at_least` of them: a fork server
+    /// that fails makes the agent fall back to libcontainer, and the row would then
+    /// measure the wrong path.
+    pub(crate) fn check_made(
+        self,
+        before: (u64, u64),
+        after: (u64, u64),
+        at_least: u64,
+    ) -> anyhow::Result<()> {
+        let (forked, created) = (after.0 - before.0, after.1 - before.1);
+        let (this, other) = match self {
+            NewSandboxes::Fork => (forked, created),
+            NewSandboxes::Create => (created, forked),
+        };
+        if this < at_least || other > 0 {
+            bail!(
+                "with --new-sandboxes {}: {forked} sandboxes forked and {created} created, \
+                 expected at least {at_least} {} and none otherwise",
+                self.arg(),
+                match self {
+                    NewSandboxes::Fork => "forked",
+                    NewSandboxes::Create => "created",
+                }
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Cold invoke: a function never invoked before, from a stem cell of its runtime or,
 /// with `stem_cells` 0, from a new sandbox. Each function is removed after its invoke.
+/// With `made`, the daemon makes its sandboxes that way (`--new-sandboxes`) and every
+/// sample's new sandbox is checked to have been made that way (status counters);
+/// without, the daemon's default, unchecked.
 pub fn cold(
     bin: &Path,
     path: &str,
     noop: &Noop,
     runs: usize,
     stem_cells: usize,
+    made: Option<NewSandboxes>,
 ) -> anyhow::Result<Row> {
     let target = format!("{}={stem_cells}", noop.runtime);
-    let d = Daemon::start(bin, &["--stem-cells", &target, "--pause-grace", "3600000"])?;
+    let mut args = vec!["--stem-cells", &target, "--pause-grace", "3600000"];
+    if let Some(m) = made {
+        args.extend(["--new-sandboxes", m.arg()]);
+    }
+    let d = Daemon::start(bin, &args)?;
     let mut c = d.client()?;
     let start = if stem_cells > 0 {
         "stem_cell"
@@ -144,15 +211,107 @@ pub fn cold(
         })?;
         let name = format!("cold{i}");
         d.register(&mut c, &name, noop.dir, noop.settings())?;
+        let before = match made {
+            Some(_) => NewSandboxes::made(&d, &mut c)?,
+            None => (0, 0),
+        };
         let t = Instant::now();
         let r = invoke(&mut c, &name)?;
         let took = t.elapsed();
         expect_start(&r, start)?;
+        if let Some(m) = made {
+            let at_least = u64::from(stem_cells == 0);
+            m.check_made(before, NewSandboxes::made(&d, &mut c)?, at_least)?;
+        }
         if i >= 2 {
             samples.push(took); // the first two warm up caches
         }
         let r = c.request("DELETE", &format!("/functions/{name}"), None, b"")?;
         ok(&r, "remove")?;
+    }
+    Ok(Row::new(path, &samples))
+}
+
+/// Stem cells of the storm's daemon: the default pool (`python=2`).
+const STORM_STEM_CELLS: u64 = 2;
+
+/// Cold-start storm: `width` Python no-op functions never invoked before, invoked at
+/// once (one keep-alive client thread each, connected first, released together by a
+/// barrier) on a daemon with the default pool (2 Python stem cells) that makes new
+/// sandboxes as `made` says. Each of `rounds` rounds registers `width` new functions
+/// with the pool settled (stem cells made and frozen, the last round's sandboxes
+/// gone), and removes them after; the samples of every round are pooled. Each invoke
+/// must start in a stem cell or a new sandbox, and every sandbox made must have been
+/// made as `made` says.
+pub fn storm(
+    bin: &Path,
+    path: &str,
+    noop: &Path,
+    made: NewSandboxes,
+    width: usize,
+    rounds: usize,
+) -> anyhow::Result<Row> {
+    let stem_cells = format!("python={STORM_STEM_CELLS}");
+    let d = Daemon::start(
+        bin,
+        &["--stem-cells", &stem_cells, "--new-sandboxes", made.arg()],
+    )?;
+    let mut c = d.client()?;
+    let mut samples = Vec::with_capacity(width * rounds);
+    for round in 0..rounds {
+        d.wait_status(&mut c, "the pool to settle", |s| {
+            s["sandboxes"].as_u64() == Some(STORM_STEM_CELLS)
+                && s["stem_cells"].as_u64() == Some(STORM_STEM_CELLS)
+                && s["frozen"].as_u64() == Some(STORM_STEM_CELLS)
+        })?;
+        let names: Vec<String> = (0..width).map(|i| format!("storm{round}-{i}")).collect();
+        for name in &names {
+            d.register(&mut c, name, noop, json!({}))?;
+        }
+        let before = NewSandboxes::made(&d, &mut c)?;
+        let clients = names
+            .iter()
+            .map(|_| d.client())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let barrier = Barrier::new(width);
+        let results: Vec<anyhow::Result<(Duration, String)>> = std::thread::scope(|s| {
+            let threads: Vec<_> = clients
+                .into_iter()
+                .zip(&names)
+                .map(|(mut c, name)| {
+                    let barrier = &barrier;
+                    s.spawn(move || -> anyhow::Result<(Duration, String)> {
+                        barrier.wait();
+                        let t = Instant::now();
+                        let r = invoke(&mut c, name)?;
+                        let took = t.elapsed();
+                        let start = r.header("x-sprout-start").unwrap_or("none").to_owned();
+                        Ok((took, start))
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("storm client thread"))
+                .collect()
+        });
+        let mut new = 0;
+        for r in results {
+            let (took, start) = r.context("storm invoke")?;
+            match start.as_str() {
+                "new_sandbox" => new += 1,
+                "stem_cell" => {}
+                other => {
+                    bail!("a storm invoke started {other:?}, not in a new sandbox or a stem cell")
+                }
+            }
+            samples.push(took);
+        }
+        made.check_made(before, NewSandboxes::made(&d, &mut c)?, new)?;
+        for name in &names {
+            let r = c.request("DELETE", &format!("/functions/{name}"), None, b"")?;
+            ok(&r, "remove")?;
+        }
     }
     Ok(Row::new(path, &samples))
 }

@@ -2,12 +2,15 @@
 //!
 //! `cargo run -p bench --release -- latency` measures, in one run on this host:
 //! the whole `sprout invoke` process; warm, frozen-warm and cold (stem cell, empty
-//! pool) invokes through a daemon's Unix socket; throughput with concurrent clients;
-//! and, as baselines, `runc run` and `crun run` of an equivalent bundle running the
-//! same handler with `python3`, and a plain host `python3` process. It prints a
-//! table, writes `target/sprout-bench/latency.json` (`path`, `n`, `p50_us`, `p99_us`;
-//! throughput rows add `ops_per_s`) and one latency-distribution plot (SVG) per path
-//! under `target/sprout-bench/plots/`.
+//! pool with the sandbox forked and created by libcontainer) invokes through a
+//! daemon's Unix socket; a cold-start storm (32 new functions at once), both ways;
+//! throughput with concurrent clients; and, as baselines, `runc run` and `crun run`
+//! of an equivalent bundle running the same handler with `python3`, and a plain host
+//! `python3` process. It prints a table, writes `target/sprout-bench/latency.json`
+//! (`path`, `n`, `p50_us`, `p99_us`; throughput rows add `ops_per_s`) and one
+//! latency-distribution plot (SVG) per path under `target/sprout-bench/plots/`. Then
+//! the memory of idle stem cells, forked and created (see `memory.rs`): a table of its
+//! own and `target/sprout-bench/memory.json`.
 //!
 //! `cargo run -p bench --release -- guard` is the regression guard CI runs: each hot
 //! path against a baseline measured interleaved in the same run; it exits non-zero
@@ -17,6 +20,7 @@ mod baseline;
 mod daemon;
 mod guard;
 mod latency;
+mod memory;
 mod plot;
 mod stats;
 mod workflows;
@@ -27,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use latency::NewSandboxes;
 use stats::Row;
 
 /// How much to measure: `--quick` is a smoke run (CI-sized), the default is for
@@ -38,7 +43,14 @@ struct Settings {
     process_runs: usize,
     clients: Vec<usize>,
     throughput_for: Duration,
+    /// Rounds of the cold-start storm (each [`STORM_WIDTH`] invokes).
+    storm_rounds: usize,
+    /// Stem cells whose memory is measured.
+    memory_stem_cells: usize,
 }
+
+/// Functions invoked at once in the cold-start storm.
+const STORM_WIDTH: usize = 32;
 
 impl Settings {
     fn from_args(args: &[String]) -> anyhow::Result<Settings> {
@@ -51,6 +63,8 @@ impl Settings {
                 process_runs: 3,
                 clients: vec![1, 16],
                 throughput_for: Duration::from_millis(500),
+                storm_rounds: 1,
+                memory_stem_cells: 4,
             }
         } else {
             Settings {
@@ -60,6 +74,8 @@ impl Settings {
                 process_runs: 30,
                 clients: vec![1, 4, 16, 64],
                 throughput_for: Duration::from_secs(3),
+                storm_rounds: 5,
+                memory_stem_cells: 8,
             }
         };
         if let Some(i) = args.iter().position(|a| a == "--clients") {
@@ -200,6 +216,7 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             &python,
             settings.cold_runs,
             2,
+            None,
         ),
     )?;
     step(
@@ -210,8 +227,29 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             &python,
             settings.cold_runs,
             0,
+            Some(NewSandboxes::Fork),
         ),
     )?;
+    step(
+        "cold with empty pool, libcontainer",
+        latency::cold(
+            &bin,
+            "cold invoke, empty pool (new sandbox, libcontainer)",
+            &python,
+            settings.cold_runs,
+            0,
+            Some(NewSandboxes::Create),
+        ),
+    )?;
+    for (made, path) in [
+        (NewSandboxes::Fork, STORM_FORK),
+        (NewSandboxes::Create, STORM_CREATE),
+    ] {
+        step(
+            "storm",
+            latency::storm(&bin, path, &noop, made, STORM_WIDTH, settings.storm_rounds),
+        )?;
+    }
     step(
         "node warm",
         latency::warm(
@@ -229,6 +267,7 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             &node,
             settings.cold_runs,
             2,
+            None,
         ),
     )?;
     step(
@@ -239,6 +278,7 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             &node,
             settings.cold_runs,
             0,
+            None,
         ),
     )?;
     step(
@@ -291,13 +331,92 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+const STORM_FORK: &str = "cold-start storm, 32 new functions at once (p50/p99 of all)";
+const STORM_CREATE: &str = "cold-start storm, 32 at once (libcontainer)";
+
+/// The memory of idle stem cells, forked and created.
+fn memory(settings: &Settings) -> anyhow::Result<Vec<memory::MemoryRow>> {
+    let bin = bin_dir()?;
+    let mut rows = Vec::new();
+    for made in [NewSandboxes::Fork, NewSandboxes::Create] {
+        rows.extend(
+            memory::idle(&bin, made, settings.memory_stem_cells)
+                .with_context(|| format!("memory of idle stem cells ({})", made.arg()))?,
+        );
+    }
+    Ok(rows)
+}
+
+/// The issue's targets for new sandboxes, against this run's numbers.
+fn print_targets(rows: &[Row], mem: &[memory::MemoryRow]) {
+    let find = |path: &str| rows.iter().find(|r| r.path == path);
+    let runc = find("runc run (same handler, python3)");
+    for (path, label) in [
+        ("cold invoke, empty pool (new sandbox)", "forked"),
+        (
+            "cold invoke, empty pool (new sandbox, libcontainer)",
+            "libcontainer",
+        ),
+    ] {
+        if let (Some(new), Some(runc)) = (find(path), runc) {
+            let x = runc.p50_us / new.p50_us;
+            println!(
+                "cold start with an empty pool ({label}) vs runc run: {x:.1}x faster (p50; \
+                 target >= 3.5x: {})",
+                met(x >= 3.5)
+            );
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let new = find("cold invoke, empty pool (new sandbox)");
+    for path in [STORM_FORK, STORM_CREATE] {
+        if let (Some(storm), Some(new)) = (find(path), new) {
+            // The storm's p99 against the time `cores` CPUs need to make 32 new
+            // sandboxes one after the other, each at the single new-sandbox p50.
+            let serial = STORM_WIDTH as f64 / cores as f64 * new.p50_us;
+            let x = storm.p99_us / serial;
+            println!(
+                "{path}: p99 {} = {x:.2} x (32 / {cores} cores x new-sandbox p50 {}) \
+                 (target <= 1.5: {})",
+                stats::human(storm.p99_us),
+                stats::human(new.p50_us),
+                met(x <= 1.5)
+            );
+        }
+    }
+    if let Some(r) = mem.iter().find(|r| {
+        r.what
+            .starts_with("idle stem cell, cgroup memory usage (fork)")
+    }) {
+        let amortised = mem
+            .iter()
+            .find(|r| r.what.contains("fork server cgroup usage"))
+            .map_or(0, |r| r.median_bytes);
+        println!(
+            "unique memory per idle forked stem cell: {} (+ {} of the fork server's) \
+             (target <= 3 MiB: {})",
+            memory::human_bytes(r.median_bytes),
+            memory::human_bytes(amortised),
+            met(r.median_bytes <= 3 << 20)
+        );
+    }
+}
+
+fn met(yes: bool) -> &'static str {
+    if yes {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rows = match args.first().map(String::as_str) {
+    let (rows, mem) = match args.first().map(String::as_str) {
         Some("latency") => {
             let settings = Settings::from_args(&args)?;
             eprintln!("measuring (release build recommended; this takes a few minutes)...");
-            latency(&settings)?
+            (latency(&settings)?, memory(&settings)?)
         }
         Some("workflows") => {
             let quick = args.iter().any(|a| a == "--quick");
@@ -335,6 +454,7 @@ fn main() -> anyhow::Result<()> {
         ),
     };
     stats::print(&rows);
+    memory::print(&mem);
     let find = |prefix: &str| {
         rows.iter()
             .find(|r| r.path.starts_with(prefix))
@@ -355,6 +475,10 @@ fn main() -> anyhow::Result<()> {
             runc / stem
         );
     }
+    print_targets(&rows, &mem);
+    let out = workspace().join("target/sprout-bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("memory.json"), serde_json::to_vec_pretty(&mem)?)?;
     write_rows("latency", &rows)
 }
 
