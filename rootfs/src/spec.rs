@@ -342,6 +342,65 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
     serde_json::from_value(value).map_err(Error::Spec)
 }
 
+/// The capabilities of the fork server's processes, in its own user namespace only.
+pub const ZYGOTE_CAPS: [&str; 4] = ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"];
+
+/// The fork server's spec: [`bundle_spec_as`]`(cfg, zygote)` in a user namespace of
+/// its own, whose root is the host user `zygote` and in which the rest of `uids` is
+/// mapped to itself. Its process, `SHIM_PATH fork-server`, runs as root in that
+/// namespace with exactly [`ZYGOTE_CAPS`] (none on the host: a user namespace's
+/// capabilities reach only what it owns) under [`seccomp::zygote_filter`] (the
+/// sandbox filter minus `unshare` and `mount`), so that its zygote's children can
+/// make a new sandbox's namespaces and mounts and switch to that sandbox's uid.
+/// Mounts, limits, rlimits, masked paths and `no_new_privs` are a sandbox's. A
+/// `zygote` user outside `uids` is refused.
+pub fn zygote_spec(
+    cfg: &SandboxConfig,
+    zygote: SandboxUser,
+    uids: SandboxUids,
+) -> Result<Spec, Error> {
+    let uids = SandboxUids::new(uids.base, uids.count)?;
+    if !uids.contains(zygote.uid) || !uids.contains(zygote.gid) {
+        return Err(Error::ZygoteUser {
+            uid: zygote.uid,
+            gid: zygote.gid,
+            base: uids.base,
+            count: uids.count,
+        });
+    }
+    let spec = bundle_spec_as(cfg, zygote)?;
+    let mut value = serde_json::to_value(&spec).map_err(Error::Spec)?;
+    let process = &mut value["process"];
+    process["args"] = json!([SHIM_PATH, "fork-server"]);
+    process["user"] = json!({ "uid": 0, "gid": 0, "additionalGids": [], "umask": SANDBOX_UMASK });
+    process["capabilities"] = json!({
+        "bounding": ZYGOTE_CAPS, "effective": ZYGOTE_CAPS, "permitted": ZYGOTE_CAPS,
+        "inheritable": [], "ambient": [],
+    });
+    let linux = &mut value["linux"];
+    linux["namespaces"]
+        .as_array_mut()
+        .expect("a sandbox spec has namespaces")
+        .push(json!({"type": "user"}));
+    linux["uidMappings"] = id_mappings(zygote.uid, uids);
+    linux["gidMappings"] = id_mappings(zygote.gid, uids);
+    linux["seccomp"] = seccomp::zygote_filter();
+    serde_json::from_value(value).map_err(Error::Spec)
+}
+
+/// Inside 0 is `root` on the host; the rest of `uids` (all but `root`) is itself.
+fn id_mappings(root: u32, uids: SandboxUids) -> serde_json::Value {
+    let end = uids.base + (uids.count - 1); // last id, inclusive: no overflow
+    let mut maps = vec![json!({ "containerID": 0, "hostID": root, "size": 1 })];
+    if root > uids.base {
+        maps.push(json!({ "containerID": uids.base, "hostID": uids.base, "size": root - uids.base }));
+    }
+    if root < end {
+        maps.push(json!({ "containerID": root + 1, "hostID": root + 1, "size": end - root }));
+    }
+    serde_json::Value::Array(maps)
+}
+
 fn resources_json(limits: &Limits) -> serde_json::Value {
     let quota = (limits.cpus * CPU_PERIOD_US as f64).round() as i64;
     json!({
@@ -607,6 +666,99 @@ mod tests {
         assert!(opts(WORKFLOW_DIR).contains(&"mode=0777".to_owned()));
         let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::User));
+    }
+
+    fn mappings(m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>) -> Vec<(u32, u32, u32)> {
+        m.as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| (m.container_id(), m.host_id(), m.size()))
+            .collect()
+    }
+
+    /// The fork server's user namespace maps its root to its own host user and the
+    /// rest of the range to itself, whereever in the range that user is.
+    #[test]
+    fn the_fork_server_maps_root_to_its_user_and_the_range_to_itself() {
+        let uids = SandboxUids::new(1000, 10).unwrap();
+        for (uid, want) in [
+            (1000, vec![(0, 1000, 1), (1001, 1001, 9)]),
+            (1004, vec![(0, 1004, 1), (1000, 1000, 4), (1005, 1005, 5)]),
+            (1009, vec![(0, 1009, 1), (1000, 1000, 9)]),
+        ] {
+            let spec = zygote_spec(&config(), SandboxUser { uid, gid: uid }, uids).unwrap();
+            let linux = spec.linux().as_ref().unwrap();
+            assert_eq!(mappings(linux.uid_mappings()), want, "uid {uid}");
+            assert_eq!(mappings(linux.gid_mappings()), want, "gid {uid}");
+        }
+        let one = SandboxUids::new(7, 1).unwrap();
+        let spec = zygote_spec(&config(), SandboxUser { uid: 7, gid: 7 }, one).unwrap();
+        assert_eq!(mappings(spec.linux().as_ref().unwrap().uid_mappings()), vec![(0, 7, 1)]);
+        let top = SandboxUids::new(SandboxUids::MAX_ID - 1, 2).unwrap();
+        let spec = zygote_spec(&config(), top.user(1), top).unwrap();
+        assert_eq!(
+            mappings(spec.linux().as_ref().unwrap().uid_mappings()),
+            vec![(0, SandboxUids::MAX_ID, 1), (SandboxUids::MAX_ID - 1, SandboxUids::MAX_ID - 1, 1)]
+        );
+        for (uid, gid) in [(999, 1000), (1000, 1010), (0, 0)] {
+            let e = zygote_spec(&config(), SandboxUser { uid, gid }, uids)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("uid {uid}, gid {gid}")), "{e}");
+            assert!(e.contains("1000 to 1009"), "{e}");
+        }
+    }
+
+    /// Root in its own user namespace with exactly four capabilities, the shim as
+    /// fork server, the zygote filter; the rest as a sandbox's.
+    #[test]
+    fn the_fork_server_is_root_in_its_user_namespace_with_four_capabilities() {
+        let uids = SandboxUids::new(1000, 10).unwrap();
+        let user = SandboxUser { uid: 1003, gid: 1003 };
+        let spec = zygote_spec(&config(), user, uids).unwrap();
+        let process = spec.process().as_ref().unwrap();
+        assert_eq!(process.args().as_ref().unwrap(), &[SHIM_PATH, "fork-server"]);
+        let u = process.user();
+        assert_eq!((u.uid(), u.gid(), u.umask()), (0, 0, Some(0)));
+        assert_eq!(u.additional_gids().clone().unwrap_or_default(), Vec::<u32>::new());
+        let caps = process.capabilities().as_ref().unwrap();
+        let names = |s: &Option<oci_spec::runtime::Capabilities>| {
+            let mut v: Vec<String> = s.as_ref().unwrap().iter().map(|c| format!("CAP_{c}")).collect();
+            v.sort();
+            v
+        };
+        let mut want: Vec<String> = ZYGOTE_CAPS.iter().map(|c| c.to_string()).collect();
+        want.sort();
+        assert_eq!(names(caps.bounding()), want);
+        assert_eq!(names(caps.effective()), want);
+        assert_eq!(names(caps.permitted()), want);
+        assert!(caps.inheritable().as_ref().unwrap().is_empty());
+        assert!(caps.ambient().as_ref().unwrap().is_empty());
+        assert_eq!(process.no_new_privileges(), Some(true));
+        let linux = spec.linux().as_ref().unwrap();
+        let ns: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        assert_eq!(ns.len(), 7, "{ns:?}");
+        assert!(ns.contains(&LinuxNamespaceType::User));
+        let seccomp = serde_json::to_value(linux.seccomp().as_ref().unwrap()).unwrap();
+        let filter: Spec = serde_json::from_value(json!({
+            "ociVersion": "1.0.2", "linux": { "seccomp": crate::seccomp::zygote_filter() }
+        }))
+        .unwrap();
+        assert_eq!(
+            seccomp,
+            serde_json::to_value(filter.linux().as_ref().unwrap().seccomp().as_ref().unwrap()).unwrap()
+        );
+        // Everything else is a sandbox's.
+        let sandbox = bundle_spec_as(&config(), user).unwrap();
+        assert_eq!(spec.mounts(), sandbox.mounts());
+        assert_eq!(spec.root(), sandbox.root());
+        assert_eq!(process.rlimits(), sandbox.process().as_ref().unwrap().rlimits());
+        assert_eq!(process.env(), sandbox.process().as_ref().unwrap().env());
+        let s = sandbox.linux().as_ref().unwrap();
+        assert_eq!(linux.resources(), s.resources());
+        assert_eq!(linux.masked_paths(), s.masked_paths());
+        assert_eq!(linux.readonly_paths(), s.readonly_paths());
+        assert_eq!(linux.cgroups_path(), s.cgroups_path());
     }
 
     #[test]
