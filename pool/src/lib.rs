@@ -23,6 +23,7 @@ mod freezer;
 pub mod network;
 mod oom;
 mod sandbox;
+mod seccomp;
 mod spawner;
 mod state;
 mod sys;
@@ -31,6 +32,7 @@ pub use cgroup::{CgroupVersion, Cgroups};
 pub use freezer::Freezer;
 pub use oom::OomWatch;
 pub use sandbox::{Sandbox, SandboxState};
+pub use seccomp::{seccomp_bpf, BPF_INSTRUCTION_SIZE};
 pub use spawner::{
     find_spawner, spawner_main, Spawner, CREATE_DEADLINE, REQUEST_DEADLINE, SHUTDOWN_DEADLINE,
     SPAWNER_EXE, TURN_DEADLINE,
@@ -138,6 +140,20 @@ pub enum Error {
         id: String,
         #[source]
         source: libcgroups::common::CreateCgroupSetupError,
+    },
+    #[error("seccomp filter: {what} is not supported")]
+    SeccompUnsupported { what: String },
+    #[error("seccomp filter: {op}")]
+    Seccomp {
+        op: &'static str,
+        #[source]
+        source: libseccomp::error::SeccompError,
+    },
+    #[error("seccomp filter: syscall {name}")]
+    SeccompSyscall {
+        name: String,
+        #[source]
+        source: libseccomp::error::SeccompError,
     },
     #[error("cgroup {path} still busy after {attempts} attempts")]
     CgroupBusy { path: PathBuf, attempts: u32 },

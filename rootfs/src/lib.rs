@@ -28,13 +28,13 @@ mod skeleton;
 mod spec;
 
 pub use access::{check_module_readable, check_readable, readable_by_others, Unreadable};
+pub use seccomp::{default_filter, zygote_filter};
 pub use skeleton::Skeleton;
 pub use spec::{
     bundle_spec, bundle_spec_as, resources, write_bundle, Limits, SandboxConfig, SandboxUids,
     SandboxUser, SandboxUsers, SANDBOX_UMASK,
 };
 pub use spec::{zygote_spec, ZYGOTE_CAPS};
-pub use seccomp::{default_filter, zygote_filter};
 
 pub use ipc::sandbox_paths::{CODE_DIR, FUNCTIONS_DIR, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR};
 
@@ -64,7 +64,12 @@ pub enum Error {
     #[error("all {count} sandbox uids (from {base}) are in use: at most {count} sandboxes at once (--sandbox-uids)")]
     NoSandboxUid { count: u32, base: u32 },
     #[error("the fork server's user (uid {uid}, gid {gid}) is not in the sandbox uid range {base} to {} (its user namespace maps the rest of that range)", u64::from(*base) + u64::from(*count) - 1)]
-    ZygoteUser { uid: u32, gid: u32, base: u32, count: u32 },
+    ZygoteUser {
+        uid: u32,
+        gid: u32,
+        base: u32,
+        count: u32,
+    },
     #[error("sandbox spec is not valid OCI")]
     Spec(#[source] serde_json::Error),
     #[error("write bundle {path}")]

@@ -138,17 +138,29 @@ mod tests {
         let zygote = denials(&zygote_filter());
         for name in ["unshare", "mount"] {
             assert!(sandbox.iter().any(|(n, ..)| n == name), "{name}");
-            assert!(!zygote.iter().any(|(n, ..)| n == name), "{name} still denied");
+            assert!(
+                !zygote.iter().any(|(n, ..)| n == name),
+                "{name} still denied"
+            );
         }
         let expected: Vec<_> = sandbox
             .iter()
             .filter(|(n, ..)| n != "unshare" && n != "mount")
             .cloned()
             .collect();
-        assert_eq!(zygote, expected, "everything else is denied as in a sandbox");
+        assert_eq!(
+            zygote, expected,
+            "everything else is denied as in a sandbox"
+        );
         assert!(zygote.contains(&("clone3".into(), ENOSYS.into(), false)));
         assert!(zygote.contains(&("setns".into(), EPERM.into(), false)));
-        assert_eq!(zygote.iter().filter(|(n, _, args)| n == "clone" && *args).count(), 7);
+        assert_eq!(
+            zygote
+                .iter()
+                .filter(|(n, _, args)| n == "clone" && *args)
+                .count(),
+            7
+        );
         assert_eq!(zygote_filter()["defaultAction"], "SCMP_ACT_ALLOW");
     }
 }

@@ -393,7 +393,9 @@ fn id_mappings(root: u32, uids: SandboxUids) -> serde_json::Value {
     let end = uids.base + (uids.count - 1); // last id, inclusive: no overflow
     let mut maps = vec![json!({ "containerID": 0, "hostID": root, "size": 1 })];
     if root > uids.base {
-        maps.push(json!({ "containerID": uids.base, "hostID": uids.base, "size": root - uids.base }));
+        maps.push(
+            json!({ "containerID": uids.base, "hostID": uids.base, "size": root - uids.base }),
+        );
     }
     if root < end {
         maps.push(json!({ "containerID": root + 1, "hostID": root + 1, "size": end - root }));
@@ -693,12 +695,18 @@ mod tests {
         }
         let one = SandboxUids::new(7, 1).unwrap();
         let spec = zygote_spec(&config(), SandboxUser { uid: 7, gid: 7 }, one).unwrap();
-        assert_eq!(mappings(spec.linux().as_ref().unwrap().uid_mappings()), vec![(0, 7, 1)]);
+        assert_eq!(
+            mappings(spec.linux().as_ref().unwrap().uid_mappings()),
+            vec![(0, 7, 1)]
+        );
         let top = SandboxUids::new(SandboxUids::MAX_ID - 1, 2).unwrap();
         let spec = zygote_spec(&config(), top.user(1), top).unwrap();
         assert_eq!(
             mappings(spec.linux().as_ref().unwrap().uid_mappings()),
-            vec![(0, SandboxUids::MAX_ID, 1), (SandboxUids::MAX_ID - 1, SandboxUids::MAX_ID - 1, 1)]
+            vec![
+                (0, SandboxUids::MAX_ID, 1),
+                (SandboxUids::MAX_ID - 1, SandboxUids::MAX_ID - 1, 1)
+            ]
         );
         for (uid, gid) in [(999, 1000), (1000, 1010), (0, 0)] {
             let e = zygote_spec(&config(), SandboxUser { uid, gid }, uids)
@@ -714,16 +722,30 @@ mod tests {
     #[test]
     fn the_fork_server_is_root_in_its_user_namespace_with_four_capabilities() {
         let uids = SandboxUids::new(1000, 10).unwrap();
-        let user = SandboxUser { uid: 1003, gid: 1003 };
+        let user = SandboxUser {
+            uid: 1003,
+            gid: 1003,
+        };
         let spec = zygote_spec(&config(), user, uids).unwrap();
         let process = spec.process().as_ref().unwrap();
-        assert_eq!(process.args().as_ref().unwrap(), &[SHIM_PATH, "fork-server"]);
+        assert_eq!(
+            process.args().as_ref().unwrap(),
+            &[SHIM_PATH, "fork-server"]
+        );
         let u = process.user();
         assert_eq!((u.uid(), u.gid(), u.umask()), (0, 0, Some(0)));
-        assert_eq!(u.additional_gids().clone().unwrap_or_default(), Vec::<u32>::new());
+        assert_eq!(
+            u.additional_gids().clone().unwrap_or_default(),
+            Vec::<u32>::new()
+        );
         let caps = process.capabilities().as_ref().unwrap();
         let names = |s: &Option<oci_spec::runtime::Capabilities>| {
-            let mut v: Vec<String> = s.as_ref().unwrap().iter().map(|c| format!("CAP_{c}")).collect();
+            let mut v: Vec<String> = s
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|c| format!("CAP_{c}"))
+                .collect();
             v.sort();
             v
         };
@@ -736,7 +758,13 @@ mod tests {
         assert!(caps.ambient().as_ref().unwrap().is_empty());
         assert_eq!(process.no_new_privileges(), Some(true));
         let linux = spec.linux().as_ref().unwrap();
-        let ns: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        let ns: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
         assert_eq!(ns.len(), 7, "{ns:?}");
         assert!(ns.contains(&LinuxNamespaceType::User));
         let seccomp = serde_json::to_value(linux.seccomp().as_ref().unwrap()).unwrap();
@@ -746,13 +774,17 @@ mod tests {
         .unwrap();
         assert_eq!(
             seccomp,
-            serde_json::to_value(filter.linux().as_ref().unwrap().seccomp().as_ref().unwrap()).unwrap()
+            serde_json::to_value(filter.linux().as_ref().unwrap().seccomp().as_ref().unwrap())
+                .unwrap()
         );
         // Everything else is a sandbox's.
         let sandbox = bundle_spec_as(&config(), user).unwrap();
         assert_eq!(spec.mounts(), sandbox.mounts());
         assert_eq!(spec.root(), sandbox.root());
-        assert_eq!(process.rlimits(), sandbox.process().as_ref().unwrap().rlimits());
+        assert_eq!(
+            process.rlimits(),
+            sandbox.process().as_ref().unwrap().rlimits()
+        );
         assert_eq!(process.env(), sandbox.process().as_ref().unwrap().env());
         let s = sandbox.linux().as_ref().unwrap();
         assert_eq!(linux.resources(), s.resources());
