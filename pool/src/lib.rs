@@ -28,7 +28,7 @@ mod spawner;
 mod state;
 mod sys;
 
-pub use cgroup::{CgroupVersion, Cgroups};
+pub use cgroup::{enter_cgroup, CgroupVersion, Cgroups};
 pub use freezer::Freezer;
 pub use oom::OomWatch;
 pub use sandbox::{Sandbox, SandboxState};
@@ -37,6 +37,7 @@ pub use spawner::{
     find_spawner, spawner_main, Spawner, CREATE_DEADLINE, REQUEST_DEADLINE, SHUTDOWN_DEADLINE,
     SPAWNER_EXE, TURN_DEADLINE,
 };
+pub use sys::pidfd_pid;
 
 /// A workflow's scratch filesystem: a detached mount (a tmpfs of its own, or a clone of
 /// a sandbox's `/workflow`) that the spawner clones onto sandboxes' `/workflow`. It is
@@ -141,6 +142,13 @@ pub enum Error {
         #[source]
         source: libcgroups::common::CreateCgroupSetupError,
     },
+    #[error("cgroup {cgroup}: move pid {pid} in: {what}: {message}")]
+    EnterCgroup {
+        cgroup: PathBuf,
+        pid: i32,
+        what: &'static str,
+        message: String,
+    },
     #[error("seccomp filter: {what} is not supported")]
     SeccompUnsupported { what: String },
     #[error("seccomp filter: {op}")]
@@ -171,4 +179,28 @@ pub(crate) fn io_err(
 ) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { op, path, source }
+}
+
+/// For tests that need root (sandboxes, real cgroups).
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Whether this test can run: as root. Otherwise it says so and the test
+    /// returns; under `CI` (any value but empty, `0`, `false`, `no`) it fails instead.
+    pub(crate) fn root_or_skip(test: &str) -> bool {
+        if nix::unistd::Uid::effective().is_root() {
+            return true;
+        }
+        let ci = std::env::var("CI").is_ok_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no"
+            )
+        });
+        assert!(
+            !ci,
+            "{test}: needs root (CI is set: a skipped test is a failure)"
+        );
+        eprintln!("*** SKIPPED {test}: not running as root");
+        false
+    }
 }
