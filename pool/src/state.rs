@@ -128,6 +128,39 @@ impl StateDir {
         Path::new(CGROUP_PARENT).join(&self.agent_id)
     }
 
+    /// Lets host group `gid` (a fork server's, see `rootfs::zygote_spec`) walk
+    /// through the state directory, and nobody else: the directory becomes root's
+    /// with group `gid`, mode 0710, and its root gains search permission for all
+    /// (0711: its entries still cannot be listed). A fork server's container is set
+    /// up from inside its user namespace, where it is root only over its own ids,
+    /// so the skeleton, the runtime directory and whatever else it mounts must be
+    /// reachable by path for its host user. What in here is not for it (container
+    /// state, bundles, the lock and owners files) is made 0700 / 0600.
+    pub fn open_to_group(&self, gid: u32) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", p))
+        };
+        for d in [self.containers(), self.bundles()] {
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+            set(&d, 0o700)?;
+        }
+        for f in ["lock", OWNERS] {
+            let p = self.dir.join(f);
+            if p.exists() {
+                set(&p, 0o600)?;
+            }
+        }
+        std::os::unix::fs::chown(&self.dir, Some(0), Some(gid))
+            .map_err(io_err("chown", &self.dir))?;
+        set(&self.dir, 0o710)?;
+        let root_mode = fs::metadata(&self.root)
+            .map_err(io_err("stat", &self.root))?
+            .permissions()
+            .mode();
+        set(&self.root, (root_mode & 0o7777) | 0o011)
+    }
+
     /// Removes the directory, this agent's cgroups, and the shared parents if unused.
     pub fn remove(self, cgroups: &Cgroups) -> Result<(), Error> {
         let result = cgroups.remove_tree(&self.cgroup_parent());

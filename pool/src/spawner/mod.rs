@@ -25,6 +25,7 @@
 //! and a new spawner is started.
 
 mod client;
+mod idmap;
 mod live;
 mod process;
 mod protocol;

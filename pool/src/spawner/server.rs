@@ -27,6 +27,9 @@ struct Orphaned {
 /// sandbox and removes the agent's cgroups and state directory itself). Its logs go
 /// to stderr through whatever `tracing` subscriber the executable installed.
 pub fn spawner_main() -> ExitCode {
+    if let Some(code) = super::idmap::main_if_invoked() {
+        return code;
+    }
     let usage = "usage: sprout-spawner --state-dir DIR --cgroup-parent CGROUP (started by the sprout agent, with its control socket on descriptor 3)";
     let mut state_dir = None;
     let mut cgroup_parent = None;
@@ -46,6 +49,11 @@ pub fn spawner_main() -> ExitCode {
         eprintln!("sprout-spawner: missing arguments\n{usage}");
         return ExitCode::from(2);
     };
+    // libcontainer's id-map helpers, for a fork server's user namespace.
+    if let Err(e) = super::idmap::install(&state_dir.join("idmap")) {
+        eprintln!("sprout-spawner: install the id-map helpers: {e}");
+        return ExitCode::from(1);
+    }
     // Nothing but stdin, stdout, stderr and the control socket may reach a container.
     if let Err(e) = sys::close_from(CONTROL_FD + 1) {
         eprintln!("sprout-spawner: close inherited descriptors: {e}");
