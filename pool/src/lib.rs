@@ -99,6 +99,12 @@ pub enum Error {
         #[source]
         source: SpawnerFailure,
     },
+    #[error("sandbox {id}: adopt")]
+    Adopt {
+        id: String,
+        #[source]
+        source: SpawnerFailure,
+    },
     #[error("sandbox {id}: destroy")]
     Destroy {
         id: String,
