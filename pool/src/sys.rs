@@ -423,3 +423,34 @@ mod tests {
         assert!(e.to_string().contains("is not a pidfd"), "{e}");
     }
 }
+
+/// Runs `f` with this thread's file-system uid and gid set to `uid` and `gid`, then
+/// back to root's. New files then belong to them: a tmpfs made in a forked sandbox's
+/// user namespace takes only owners mapped there (root on the host is not: an inode
+/// root would own fails with EOVERFLOW). For the spawner, which is root and
+/// single-threaded; its capabilities are back once its ids are root's again.
+pub fn as_fs_owner<T>(uid: u32, gid: u32, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    // SAFETY: setfsgid and setfsuid change only this thread's credentials and take
+    // plain integers; they cannot fail in a way that leaves memory unsafe (a refused
+    // change leaves the old id, which the check below catches).
+    unsafe {
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+        // Called with an invalid id, both return the current one without changing it.
+        let (now_uid, now_gid) = (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX));
+        if now_uid as u32 != uid || now_gid as u32 != gid {
+            libc::setfsuid(0);
+            libc::setfsgid(0);
+            return Err(std::io::Error::other(format!(
+                "could not take file-system ids {uid}:{gid}"
+            )));
+        }
+    }
+    let result = f();
+    // SAFETY: as above; root's ids are always allowed for root.
+    unsafe {
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+    }
+    result
+}

@@ -281,9 +281,10 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
                "options": ["nosuid", "nodev", "mode=0777", TMP_SIZE]}),
         // Mount points for the code of functions called in this sandbox. Owned by
         // root, not the sandbox user: the sandbox can neither make entries in it nor
-        // chmod it; the spawner (root) makes the mount points.
+        // chmod it; the spawner makes the mount points as its owner (in a forked
+        // sandbox, its user namespace's root).
         json!({"destination": FUNCTIONS_DIR, "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=0555", "uid=0", "gid=0", "size=1m"]}),
+               "options": ["nosuid", "nodev", "mode=0755", "uid=0", "gid=0", "size=1m"]}),
         bind_ro(Path::new("/usr"), "/usr"),
         bind_ro(runtime_dir, RUNTIME_DIR),
         bind_ro(shim, SHIM_PATH),
@@ -629,7 +630,7 @@ mod tests {
                 .and_then(|m| m.options().clone())
                 .unwrap_or_else(|| panic!("{d} not mounted"))
         };
-        for want in ["mode=0555", "uid=0", "gid=0"] {
+        for want in ["mode=0755", "uid=0", "gid=0"] {
             assert!(opts(FUNCTIONS_DIR).contains(&want.to_owned()), "{want}");
         }
         // What the sandbox user writes to: writable by everyone; sticky where only

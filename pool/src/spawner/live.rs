@@ -173,7 +173,13 @@ impl Live {
                 .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
             Ok(move || {
                 if target.starts_with(FUNCTIONS_DIR) {
-                    std::fs::create_dir_all(target)?;
+                    // As the owner of FUNCTIONS_DIR (root's, or in a forked
+                    // sandbox its user namespace's root: see sys::as_fs_owner).
+                    use std::os::unix::fs::MetadataExt;
+                    let owner = std::fs::metadata(FUNCTIONS_DIR)?;
+                    sys::as_fs_owner(owner.uid(), owner.gid(), || {
+                        std::fs::create_dir_all(target)
+                    })?;
                 }
                 sys::move_mount(tree.as_fd(), target)
             })
