@@ -609,6 +609,30 @@ mod tests {
         assert_eq!(mode(me.path()), 0o700);
     }
 
+    /// Opened to a fork server's group: it may walk the directory (0710, its group)
+    /// and the root (0711), and nothing in it that is not for it.
+    #[test]
+    fn the_state_directory_opens_to_one_group_only() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::Uid::effective().is_root() {
+            // chown to another group needs root; the CI check is in the root tests.
+            return;
+        }
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let me = StateDir::acquire(&root).unwrap();
+        me.open_to_group(4242).unwrap();
+        assert_eq!(mode(&root), 0o711);
+        assert_eq!(mode(me.path()), 0o710);
+        let meta = fs::metadata(me.path()).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 4242));
+        assert_eq!(mode(&me.containers()), 0o700);
+        assert_eq!(mode(&me.bundles()), 0o700);
+        assert_eq!(mode(&me.path().join("lock")), 0o600);
+        assert_eq!(mode(&me.path().join(OWNERS)), 0o600);
+    }
+
     #[test]
     fn stat_lines_give_state_and_start_time() {
         let line = "42 (a) b) (c) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1 2 3";

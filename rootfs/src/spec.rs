@@ -349,7 +349,7 @@ pub const ZYGOTE_CAPS: [&str; 4] = ["CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID",
 /// its own, whose root is the host user `zygote` and in which the rest of `uids` is
 /// mapped to itself. Its process, `SHIM_PATH fork-server`, runs as root in that
 /// namespace with exactly [`ZYGOTE_CAPS`] (none on the host: a user namespace's
-/// capabilities reach only what it owns) under [`seccomp::zygote_filter`] (the
+/// capabilities reach only what it owns) under [`crate::zygote_filter`] (the
 /// sandbox filter minus `unshare` and `mount`), so that its zygote's children can
 /// make a new sandbox's namespaces and mounts and switch to that sandbox's uid.
 /// Mounts, limits, rlimits, masked paths and `no_new_privs` are a sandbox's. A

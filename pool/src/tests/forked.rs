@@ -186,6 +186,7 @@ fn a_fork_server_may_make_namespaces_and_mounts_in_its_user_namespace() {
     let bundle = agent.state().bundles().join(&id);
     rootfs::write_bundle(&bundle, &spec).unwrap();
     let (read, write) = output_pipe();
+    let started = std::time::Instant::now();
     let created = agent.spawner.create(
         &id,
         &bundle,
@@ -201,6 +202,7 @@ fn a_fork_server_may_make_namespaces_and_mounts_in_its_user_namespace() {
             read_all(read, Duration::from_secs(5))
         ),
     };
+    eprintln!("fork server container created in {:?}", started.elapsed());
     let text = read_all(read, Duration::from_secs(30));
     agent.spawner.destroy(&mut sandbox).unwrap();
     eprintln!("fork server probe: {text}");
@@ -308,7 +310,9 @@ fn an_adopted_process_is_a_sandbox_until_destroyed() {
         pids: 16,
         cpus: 0.5,
     };
+    let started = std::time::Instant::now();
     pool::enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap()).unwrap();
+    eprintln!("enter_cgroup took {:?}", started.elapsed());
 
     // Refused: another process not in the cgroup; a cgroup not the sandbox's.
     let mut outsider = std::process::Command::new("sleep")
@@ -347,10 +351,12 @@ fn an_adopted_process_is_a_sandbox_until_destroyed() {
         "{e}"
     );
 
+    let started = std::time::Instant::now();
     let mut sandbox = agent
         .spawner
         .adopt(&id, pid, cgroup.clone(), &agent.cgroups)
         .unwrap();
+    eprintln!("adopt took {:?}", started.elapsed());
     assert_eq!(sandbox.pid(), pid);
     agent.spawner.attach_code(&id, &code, &target).unwrap();
     let inside = std::fs::read_to_string(format!("/proc/{pid}/root{}/main.py", target.display()));
