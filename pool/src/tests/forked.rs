@@ -163,6 +163,10 @@ fn a_fork_server_may_make_namespaces_and_mounts_in_its_user_namespace() {
     if !root_or_skip("a_fork_server_may_make_namespaces_and_mounts_in_its_user_namespace") {
         return;
     }
+    assert!(
+        Path::new("/usr/bin/python3").is_file(),
+        "the probe needs /usr/bin/python3"
+    );
     let agent = Agent::start();
     let code = agent.work.path().join("code");
     std::fs::create_dir_all(&code).unwrap();
