@@ -614,8 +614,8 @@ mod tests {
     #[test]
     fn the_state_directory_opens_to_one_group_only() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        if !nix::unistd::Uid::effective().is_root() {
-            // chown to another group needs root; the CI check is in the root tests.
+        // chown to another group needs root.
+        if !crate::test_support::root_or_skip("the_state_directory_opens_to_one_group_only") {
             return;
         }
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
