@@ -405,8 +405,8 @@ mod tests {
         assert!(cgroups.contains_pid(Path::new(mine), i32::MAX).is_err());
     }
 
-    /// A real child moved into a new cgroup gets its limits; the cgroup goes with
-    /// `remove_tree`, and the child with it.
+    /// Real children moved into new cgroups, from several threads at once, each get
+    /// their limits; the cgroups go with `remove_tree`, and the children with them.
     #[test]
     fn enter_cgroup_moves_a_process_into_a_new_limited_cgroup() {
         if !crate::test_support::root_or_skip(
@@ -416,42 +416,58 @@ mod tests {
         }
         let cgroups = Cgroups::detect().unwrap();
         let parent = PathBuf::from(format!("/sprout-test-{}-enter", std::process::id()));
-        let cgroup = parent.join("sandbox");
-        let mut child = std::process::Command::new("sleep")
-            .arg("100")
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let limits = rootfs::Limits {
-            memory_bytes: 96 << 20,
-            pids: 33,
-            cpus: 0.5,
-        };
-        let entered = enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap());
-        let read = |controller: &str, v1: &str, v2: &str| {
+        let read = |cgroup: &Path, controller: &str, v1: &str, v2: &str| {
             let file = match cgroups.version() {
-                CgroupVersion::V1 => cgroups.controller_dir(controller, &cgroup).join(v1),
-                CgroupVersion::V2 => cgroups.controller_dir("", &cgroup).join(v2),
+                CgroupVersion::V1 => cgroups.controller_dir(controller, cgroup).join(v1),
+                CgroupVersion::V2 => cgroups.controller_dir("", cgroup).join(v2),
             };
             fs::read_to_string(&file).map(|t| t.trim().to_owned())
         };
-        let seen = (
-            cgroups.contains_pid(&cgroup, pid),
-            read("memory", "memory.limit_in_bytes", "memory.max"),
-            read("pids", "pids.max", "pids.max"),
-            read("cpu", "cpu.cfs_quota_us", "cpu.max"),
-        );
+        let mut children = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..4u64 {
+            let child = std::process::Command::new("sleep")
+                .arg("100")
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            children.push(child);
+            let cgroup = parent.join(format!("sandbox-{i}"));
+            threads.push(std::thread::spawn(move || {
+                let limits = rootfs::Limits {
+                    memory_bytes: (96 + i) << 20,
+                    pids: 30 + i,
+                    cpus: 0.5,
+                };
+                let entered = enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap());
+                (cgroup, pid, entered)
+            }));
+        }
+        let mut seen = Vec::new();
+        for t in threads {
+            let (cgroup, pid, entered) = t.join().unwrap();
+            seen.push((
+                entered,
+                cgroups.contains_pid(&cgroup, pid),
+                read(&cgroup, "memory", "memory.limit_in_bytes", "memory.max"),
+                read(&cgroup, "pids", "pids.max", "pids.max"),
+                read(&cgroup, "cpu", "cpu.cfs_quota_us", "cpu.max"),
+            ));
+        }
         let removed = cgroups.remove_tree(&parent);
-        let status = child.wait().unwrap();
-        entered.unwrap();
+        let statuses: Vec<_> = children.iter_mut().map(|c| c.wait().unwrap()).collect();
         removed.unwrap();
-        let (inside, memory, pids, cpu) = seen;
-        assert!(inside.unwrap(), "the child is in {}", cgroup.display());
-        assert_eq!(memory.unwrap(), (96u64 << 20).to_string());
-        assert_eq!(pids.unwrap(), "33");
-        let cpu = cpu.unwrap();
-        assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
-        assert!(!status.success(), "the child was killed with its cgroup");
+        for (i, (entered, inside, memory, pids, cpu)) in seen.into_iter().enumerate() {
+            entered.unwrap();
+            assert!(inside.unwrap(), "child {i} is in its cgroup");
+            assert_eq!(memory.unwrap(), ((96 + i as u64) << 20).to_string());
+            assert_eq!(pids.unwrap(), (30 + i).to_string());
+            let cpu = cpu.unwrap();
+            assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
+        }
+        for status in statuses {
+            assert!(!status.success(), "the child was killed with its cgroup");
+        }
         assert!(cgroups.dirs(&parent).iter().all(|d| !d.exists()));
     }
 

@@ -14,7 +14,11 @@
 //! [`StateDir`] is the agent's locked directory under `/run/sprout`; [`Cgroups`]
 //! reads and removes sprout's cgroups on v1 and v2 (behind a root path, so the logic
 //! is tested on a fake tree); [`cleanup_stale`] removes what a crashed agent left.
-//! [`Sandbox`] carries one sandbox's state machine. [`network`] decides a sandbox's
+//! [`Sandbox`] carries one sandbox's state machine. For sandboxes forked from a
+//! fork server: [`enter_cgroup`] moves a process into a new sandbox cgroup with its
+//! limits, [`pidfd_pid`] reads a pidfd's host pid, [`seccomp_bpf`] compiles a
+//! sandbox's seccomp filter for a process to load itself, and
+//! [`Spawner::adopt`] registers the result. [`network`] decides a sandbox's
 //! network: its own loopback always (up from its creation), outbound IPv4 for a
 //! function registered with `network: egress`.
 

@@ -190,7 +190,9 @@ mod tests {
 
     #[test]
     fn the_sandbox_filter_denies_namespaces_mount_and_clone3() {
+        let started = std::time::Instant::now();
         let bytes = compile(rootfs::default_filter());
+        eprintln!("compiled {} bytes in {:?}", bytes.len(), started.elapsed());
         assert_eq!(bytes.len() % BPF_INSTRUCTION_SIZE, 0);
         let [getpid, unshare0, unshare_uts, clone3, mount, clone_ns] = probe(&bytes);
         assert_eq!(getpid, 0, "getpid works");

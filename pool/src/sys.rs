@@ -429,7 +429,11 @@ mod tests {
 /// user namespace takes only owners mapped there (root on the host is not: an inode
 /// root would own fails with EOVERFLOW). For the spawner, which is root and
 /// single-threaded; its capabilities are back once its ids are root's again.
-pub fn as_fs_owner<T>(uid: u32, gid: u32, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+pub fn as_fs_owner<T>(
+    uid: u32,
+    gid: u32,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
     // SAFETY: setfsgid and setfsuid change only this thread's credentials and take
     // plain integers; they cannot fail in a way that leaves memory unsafe (a refused
     // change leaves the old id, which the check below catches).

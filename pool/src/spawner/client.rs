@@ -282,7 +282,8 @@ impl Spawner {
     /// Code, scratch, network and destroy then work as for a created sandbox; if the
     /// spawner dies, the sandbox is killed by its cgroup and [`Spawner::is_gone`]
     /// names it. Returns the sandbox in state `Creating`; the caller has the shim's
-    /// channel already.
+    /// channel already. On an error nothing is registered: the caller removes the
+    /// cgroup (and so the process) itself.
     pub fn adopt(
         &self,
         id: &str,

@@ -177,9 +177,7 @@ impl Live {
                     // sandbox its user namespace's root: see sys::as_fs_owner).
                     use std::os::unix::fs::MetadataExt;
                     let owner = std::fs::metadata(FUNCTIONS_DIR)?;
-                    sys::as_fs_owner(owner.uid(), owner.gid(), || {
-                        std::fs::create_dir_all(target)
-                    })?;
+                    sys::as_fs_owner(owner.uid(), owner.gid(), || std::fs::create_dir_all(target))?;
                 }
                 sys::move_mount(tree.as_fd(), target)
             })

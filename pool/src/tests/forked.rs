@@ -142,7 +142,9 @@ fn an_adopted_process_is_a_sandbox_until_destroyed() {
         pids: 16,
         cpus: 0.5,
     };
+    let started = std::time::Instant::now();
     pool::enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap()).unwrap();
+    eprintln!("enter_cgroup took {:?}", started.elapsed());
 
     // Refused: another process not in the cgroup; a cgroup not the sandbox's.
     let mut outsider = std::process::Command::new("sleep")
@@ -181,10 +183,12 @@ fn an_adopted_process_is_a_sandbox_until_destroyed() {
         "{e}"
     );
 
+    let started = std::time::Instant::now();
     let mut sandbox = agent
         .spawner
         .adopt(&id, pid, cgroup.clone(), &agent.cgroups)
         .unwrap();
+    eprintln!("adopt took {:?}", started.elapsed());
     assert_eq!(sandbox.pid(), pid);
     agent.spawner.attach_code(&id, &code, &target).unwrap();
     let inside = std::fs::read_to_string(format!("/proc/{pid}/root{}/main.py", target.display()));
