@@ -213,12 +213,83 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Whether process `pid` is in the cgroup `rel` (from the hierarchy root), as
+    /// `/proc/<pid>/cgroup` says: on v1 the memory controller's line, on v2 the `0::`
+    /// line. A process that is gone is an error (`NotFound`, or `ESRCH`).
+    pub fn contains_pid(&self, rel: &Path, pid: i32) -> std::io::Result<bool> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        Ok(cgroup_of(&text, self.version).is_some_and(|at| same_cgroup(at, rel)))
+    }
+
     /// Removes `rel` where it is an empty leaf; a cgroup still in use is left alone.
     pub fn remove_if_unused(&self, rel: &Path) {
         for dir in self.dirs(rel) {
             let _ = fs::remove_dir(&dir);
         }
     }
+}
+
+/// The path `/proc/<pid>/cgroup` (its text) gives for the memory controller (v1) or
+/// the unified hierarchy (v2).
+pub(crate) fn cgroup_of(text: &str, version: CgroupVersion) -> Option<&str> {
+    text.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let wanted = match version {
+            CgroupVersion::V2 => id == "0" && controllers.is_empty(),
+            CgroupVersion::V1 => controllers.split(',').any(|c| c == "memory"),
+        };
+        wanted.then_some(path)
+    })
+}
+
+/// Whether the path from `/proc/<pid>/cgroup` is the cgroup `rel`.
+pub(crate) fn same_cgroup(at: &str, rel: &Path) -> bool {
+    Path::new(at).strip_prefix("/").unwrap_or(Path::new(at)) == rel.strip_prefix("/").unwrap_or(rel)
+}
+
+/// Makes the sandbox cgroup `cgroup` (from the hierarchy root; in every v1 hierarchy,
+/// or the unified one), moves process `pid` into it and sets `resources` there, with
+/// libcgroups as libcontainer does for a sandbox it creates (v1 `cpuset.cpus` and
+/// `cpuset.mems` are copied from the parent when empty). For a sandbox forked from a
+/// fork server: its first process is moved out of the fork server's cgroup. Safe to
+/// call from several threads for different cgroups.
+pub fn enter_cgroup(
+    cgroup: &Path,
+    pid: i32,
+    resources: &oci_spec::runtime::LinuxResources,
+) -> Result<(), Error> {
+    use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
+    let fail = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| Error::EnterCgroup {
+            cgroup: cgroup.to_path_buf(),
+            pid,
+            what,
+            message: e.to_string(),
+        }
+    };
+    let name = cgroup
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let manager = create_cgroup_manager(CgroupConfig {
+        cgroup_path: cgroup.to_path_buf(),
+        systemd_cgroup: false,
+        container_name: name,
+    })
+    .map_err(|e| fail("open its cgroup manager")(&ipc::chain(&e)))?;
+    manager
+        .add_task(Pid::from_raw(pid))
+        .map_err(|e| fail("move the process")(&ipc::chain(&e)))?;
+    let opt = ControllerOpt {
+        resources,
+        disable_oom_killer: false,
+        oom_score_adj: None,
+        freezer_state: None,
+    };
+    manager
+        .apply(&opt)
+        .map_err(|e| fail("set the limits")(&ipc::chain(&e)))
 }
 
 fn remove_dir_tree(dir: &Path) -> Result<(), Error> {
@@ -306,6 +377,99 @@ mod tests {
     use crate::oom::OOM_RECHECK;
     use nix::poll::PollFlags;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_process_cgroup_is_read_from_the_memory_or_unified_line() {
+        let v1 = "13:misc:/\n12:pids:/sprout/1/a\n6:memory:/sprout/1/a\n1:name=systemd:/x\n0::/x\n";
+        assert_eq!(cgroup_of(v1, CgroupVersion::V1), Some("/sprout/1/a"));
+        assert_eq!(cgroup_of(v1, CgroupVersion::V2), Some("/x"));
+        let joined = "4:cpu,memory:/sprout/1/b\n";
+        assert_eq!(cgroup_of(joined, CgroupVersion::V1), Some("/sprout/1/b"));
+        assert_eq!(cgroup_of("0::/sprout/1/c\n", CgroupVersion::V1), None);
+        assert_eq!(
+            cgroup_of("0::/sprout/1/c\n", CgroupVersion::V2),
+            Some("/sprout/1/c")
+        );
+        // A path holding ':' stays whole.
+        assert_eq!(cgroup_of("0::/a:b\n", CgroupVersion::V2), Some("/a:b"));
+        assert!(same_cgroup("/sprout/1/a", Path::new("/sprout/1/a")));
+        assert!(same_cgroup("/sprout/1/a", Path::new("sprout/1/a")));
+        assert!(!same_cgroup("/sprout/1/a/b", Path::new("/sprout/1/a")));
+        assert!(!same_cgroup("/sprout/1/ab", Path::new("/sprout/1/a")));
+        let me = std::process::id() as i32;
+        let cgroups = Cgroups::detect().unwrap();
+        let text = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let mine = cgroup_of(&text, cgroups.version()).unwrap();
+        assert!(cgroups.contains_pid(Path::new(mine), me).unwrap());
+        assert!(!cgroups.contains_pid(Path::new("/sprout/none"), me).unwrap());
+        assert!(cgroups.contains_pid(Path::new(mine), i32::MAX).is_err());
+    }
+
+    /// Real children moved into new cgroups, from several threads at once, each get
+    /// their limits; the cgroups go with `remove_tree`, and the children with them.
+    #[test]
+    fn enter_cgroup_moves_a_process_into_a_new_limited_cgroup() {
+        if !crate::test_support::root_or_skip(
+            "enter_cgroup_moves_a_process_into_a_new_limited_cgroup",
+        ) {
+            return;
+        }
+        let cgroups = Cgroups::detect().unwrap();
+        let parent = PathBuf::from(format!("/sprout-test-{}-enter", std::process::id()));
+        let read = |cgroup: &Path, controller: &str, v1: &str, v2: &str| {
+            let file = match cgroups.version() {
+                CgroupVersion::V1 => cgroups.controller_dir(controller, cgroup).join(v1),
+                CgroupVersion::V2 => cgroups.controller_dir("", cgroup).join(v2),
+            };
+            fs::read_to_string(&file).map(|t| t.trim().to_owned())
+        };
+        let mut children = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..4u64 {
+            let child = std::process::Command::new("sleep")
+                .arg("100")
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            children.push(child);
+            let cgroup = parent.join(format!("sandbox-{i}"));
+            threads.push(std::thread::spawn(move || {
+                let limits = rootfs::Limits {
+                    memory_bytes: (96 + i) << 20,
+                    pids: 30 + i,
+                    cpus: 0.5,
+                };
+                let entered = enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap());
+                (cgroup, pid, entered)
+            }));
+        }
+        let mut seen = Vec::new();
+        for t in threads {
+            let (cgroup, pid, entered) = t.join().unwrap();
+            seen.push((
+                entered,
+                cgroups.contains_pid(&cgroup, pid),
+                read(&cgroup, "memory", "memory.limit_in_bytes", "memory.max"),
+                read(&cgroup, "pids", "pids.max", "pids.max"),
+                read(&cgroup, "cpu", "cpu.cfs_quota_us", "cpu.max"),
+            ));
+        }
+        let removed = cgroups.remove_tree(&parent);
+        let statuses: Vec<_> = children.iter_mut().map(|c| c.wait().unwrap()).collect();
+        removed.unwrap();
+        for (i, (entered, inside, memory, pids, cpu)) in seen.into_iter().enumerate() {
+            entered.unwrap();
+            assert!(inside.unwrap(), "child {i} is in its cgroup");
+            assert_eq!(memory.unwrap(), ((96 + i as u64) << 20).to_string());
+            assert_eq!(pids.unwrap(), (30 + i).to_string());
+            let cpu = cpu.unwrap();
+            assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
+        }
+        for status in statuses {
+            assert!(!status.success(), "the child was killed with its cgroup");
+        }
+        assert!(cgroups.dirs(&parent).iter().all(|d| !d.exists()));
+    }
 
     fn fake_v1(root: &Path) -> Cgroups {
         for c in ["memory", "pids", "cpu", "freezer", "unified"] {

@@ -14,7 +14,11 @@
 //! [`StateDir`] is the agent's locked directory under `/run/sprout`; [`Cgroups`]
 //! reads and removes sprout's cgroups on v1 and v2 (behind a root path, so the logic
 //! is tested on a fake tree); [`cleanup_stale`] removes what a crashed agent left.
-//! [`Sandbox`] carries one sandbox's state machine. [`network`] decides a sandbox's
+//! [`Sandbox`] carries one sandbox's state machine. For sandboxes forked from a
+//! fork server: [`enter_cgroup`] moves a process into a new sandbox cgroup with its
+//! limits, [`pidfd_pid`] reads a pidfd's host pid, [`seccomp_bpf`] compiles a
+//! sandbox's seccomp filter for a process to load itself, and
+//! [`Spawner::adopt`] registers the result. [`network`] decides a sandbox's
 //! network: its own loopback always (up from its creation), outbound IPv4 for a
 //! function registered with `network: egress`.
 
@@ -23,18 +27,21 @@ mod freezer;
 pub mod network;
 mod oom;
 mod sandbox;
+mod seccomp;
 mod spawner;
 mod state;
 mod sys;
 
-pub use cgroup::{CgroupVersion, Cgroups};
+pub use cgroup::{enter_cgroup, CgroupVersion, Cgroups};
 pub use freezer::Freezer;
 pub use oom::OomWatch;
 pub use sandbox::{Sandbox, SandboxState};
+pub use seccomp::{seccomp_bpf, BPF_INSTRUCTION_SIZE};
 pub use spawner::{
     find_spawner, spawner_main, Spawner, CREATE_DEADLINE, REQUEST_DEADLINE, SHUTDOWN_DEADLINE,
     SPAWNER_EXE, TURN_DEADLINE,
 };
+pub use sys::pidfd_pid;
 
 /// A workflow's scratch filesystem: a detached mount (a tmpfs of its own, or a clone of
 /// a sandbox's `/workflow`) that the spawner clones onto sandboxes' `/workflow`. It is
@@ -96,6 +103,12 @@ pub enum Error {
         #[source]
         source: SpawnerFailure,
     },
+    #[error("sandbox {id}: adopt")]
+    Adopt {
+        id: String,
+        #[source]
+        source: SpawnerFailure,
+    },
     #[error("sandbox {id}: destroy")]
     Destroy {
         id: String,
@@ -139,6 +152,27 @@ pub enum Error {
         #[source]
         source: libcgroups::common::CreateCgroupSetupError,
     },
+    #[error("cgroup {cgroup}: move pid {pid} in: {what}: {message}")]
+    EnterCgroup {
+        cgroup: PathBuf,
+        pid: i32,
+        what: &'static str,
+        message: String,
+    },
+    #[error("seccomp filter: {what} is not supported")]
+    SeccompUnsupported { what: String },
+    #[error("seccomp filter: {op}")]
+    Seccomp {
+        op: &'static str,
+        #[source]
+        source: libseccomp::error::SeccompError,
+    },
+    #[error("seccomp filter: syscall {name}")]
+    SeccompSyscall {
+        name: String,
+        #[source]
+        source: libseccomp::error::SeccompError,
+    },
     #[error("cgroup {path} still busy after {attempts} attempts")]
     CgroupBusy { path: PathBuf, attempts: u32 },
 }
@@ -156,65 +190,27 @@ pub(crate) fn io_err(
     let path = path.into();
     move |source| Error::Io { op, path, source }
 }
-// STUB-BEGIN
-pub fn seccomp_bpf(_f: &oci_spec::runtime::LinuxSeccomp) -> Result<Vec<u8>, Error> {
-    Ok(vec![6, 0, 0, 0, 0, 0, 0xff, 0x7f])
-}
-pub fn enter_cgroup(
-    c: &std::path::Path,
-    pid: i32,
-    r: &oci_spec::runtime::LinuxResources,
-) -> Result<(), Error> {
-    use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
-    let m = create_cgroup_manager(CgroupConfig {
-        cgroup_path: c.to_path_buf(),
-        systemd_cgroup: false,
-        container_name: "x".into(),
-    })
-    .map_err(|source| Error::CgroupManager {
-        id: "x".into(),
-        source,
-    })?;
-    m.add_task(nix::unistd::Pid::from_raw(pid))
-        .map_err(|source| Error::Limits {
-            id: "x".into(),
-            source,
-        })?;
-    m.apply(&ControllerOpt {
-        resources: r,
-        disable_oom_killer: false,
-        oom_score_adj: None,
-        freezer_state: None,
-    })
-    .map_err(|source| Error::Limits {
-        id: "x".into(),
-        source,
-    })
-}
-pub fn pidfd_pid(fd: std::os::fd::BorrowedFd) -> std::io::Result<i32> {
-    use std::os::fd::AsRawFd;
-    let t = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
-    t.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|p: &i32| *p > 0)
-        .ok_or_else(|| std::io::Error::other("no pid"))
-}
-impl Cgroups {
-    pub fn contains_pid(&self, rel: &std::path::Path, pid: i32) -> std::io::Result<bool> {
-        let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-        Ok(t.lines().any(|l| {
-            l.split(':')
-                .nth(1)
-                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
-                && l.split(':').nth(2) == Some(&*rel.to_string_lossy())
-        }))
+
+/// For tests that need root (sandboxes, real cgroups).
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Whether this test can run: as root. Otherwise it says so and the test
+    /// returns; under `CI` (any value but empty, `0`, `false`, `no`) it fails instead.
+    pub(crate) fn root_or_skip(test: &str) -> bool {
+        if nix::unistd::Uid::effective().is_root() {
+            return true;
+        }
+        let ci = std::env::var("CI").is_ok_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no"
+            )
+        });
+        assert!(
+            !ci,
+            "{test}: needs root (CI is set: a skipped test is a failure)"
+        );
+        eprintln!("*** SKIPPED {test}: not running as root");
+        false
     }
 }
-impl Spawner {
-    pub fn adopt(&self, id: &str, pid: i32, c: PathBuf, cg: &Cgroups) -> Result<Sandbox, Error> {
-        let f = Freezer::open(cg, &c)?;
-        Ok(Sandbox::new(id.to_owned(), pid, c, f))
-    }
-}
-// STUB-END

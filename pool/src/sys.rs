@@ -187,6 +187,42 @@ pub fn pidfd_open(pid: nix::unistd::Pid) -> std::io::Result<std::os::fd::OwnedFd
     )?)
 }
 
+/// The host pid of the process pidfd `fd` refers to, from the `Pid:` line of
+/// `/proc/self/fdinfo/<fd>`. A process that has exited (`-1`), one outside this pid
+/// namespace (`0`) and a descriptor that is no pidfd are errors naming it.
+pub fn pidfd_pid(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = std::fs::read_to_string(&path)?;
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "descriptor {} is not a pidfd ({path} has no Pid line)",
+                    fd.as_raw_fd()
+                ),
+            )
+        })?;
+    match pid {
+        -1 => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the process of pidfd {} has exited", fd.as_raw_fd()),
+        )),
+        0 => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "the process of pidfd {} is not in this pid namespace",
+                fd.as_raw_fd()
+            ),
+        )),
+        pid => Ok(pid),
+    }
+}
+
 /// Makes `fd` the child's descriptor `target` (without close-on-exec) when `cmd`
 /// spawns; every other descriptor of this process is close-on-exec and stays out.
 /// `fd` must stay open until the spawn.
@@ -362,4 +398,63 @@ pub fn link_up(name: &CStr) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_pidfd_names_its_process_until_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let fd = pidfd_open(nix::unistd::Pid::from_raw(pid)).unwrap();
+        assert_eq!(pidfd_pid(fd.as_fd()).unwrap(), pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let e = pidfd_pid(fd.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("has exited"), "{e}");
+        let file = std::fs::File::open("/proc/self/cgroup").unwrap();
+        let e = pidfd_pid(file.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("is not a pidfd"), "{e}");
+    }
+}
+
+/// Runs `f` with this thread's file-system uid and gid set to `uid` and `gid`, then
+/// back to root's. New files then belong to them: a tmpfs made in a forked sandbox's
+/// user namespace takes only owners mapped there (root on the host is not: an inode
+/// root would own fails with EOVERFLOW). For the spawner, which is root and
+/// single-threaded; its capabilities are back once its ids are root's again.
+pub fn as_fs_owner<T>(
+    uid: u32,
+    gid: u32,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    // SAFETY: setfsgid and setfsuid change only this thread's credentials and take
+    // plain integers; they cannot fail in a way that leaves memory unsafe (a refused
+    // change leaves the old id, which the check below catches).
+    unsafe {
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+        // Called with an invalid id, both return the current one without changing it.
+        let (now_uid, now_gid) = (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX));
+        if now_uid as u32 != uid || now_gid as u32 != gid {
+            libc::setfsuid(0);
+            libc::setfsgid(0);
+            return Err(std::io::Error::other(format!(
+                "could not take file-system ids {uid}:{gid}"
+            )));
+        }
+    }
+    let result = f();
+    // SAFETY: as above; root's ids are always allowed for root.
+    unsafe {
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+    }
+    result
 }

@@ -28,7 +28,9 @@ mod skeleton;
 mod spec;
 
 pub use access::{check_module_readable, check_readable, readable_by_others, Unreadable};
+pub use seccomp::{default_filter, zygote_filter};
 pub use skeleton::Skeleton;
+pub use spec::zygote_spec;
 pub use spec::{
     bundle_spec, bundle_spec_as, resources, write_bundle, Limits, SandboxConfig, SandboxUids,
     SandboxUser, SandboxUsers, SANDBOX_UMASK,
@@ -61,6 +63,13 @@ pub enum Error {
     SandboxUids { base: u32, count: u32 },
     #[error("all {count} sandbox uids (from {base}) are in use: at most {count} sandboxes at once (--sandbox-uids)")]
     NoSandboxUid { count: u32, base: u32 },
+    #[error("the fork server's user (uid {uid}, gid {gid}) is not in the sandbox uid range {base} to {} (its user namespace maps the rest of that range)", u64::from(*base) + u64::from(*count) - 1)]
+    ZygoteUser {
+        uid: u32,
+        gid: u32,
+        base: u32,
+        count: u32,
+    },
     #[error("sandbox spec is not valid OCI")]
     Spec(#[source] serde_json::Error),
     #[error("write bundle {path}")]
@@ -70,24 +79,3 @@ pub enum Error {
         source: oci_spec::OciSpecError,
     },
 }
-// STUB-BEGIN
-pub fn zygote_spec(
-    c: &SandboxConfig,
-    u: SandboxUser,
-    _r: SandboxUids,
-) -> Result<oci_spec::runtime::Spec, Error> {
-    let spec = bundle_spec_as(c, u)?;
-    let mut v = serde_json::to_value(&spec).unwrap();
-    v["process"]["args"] = serde_json::json!([SHIM_PATH, "fork-server"]);
-    v["linux"]["maskedPaths"] = serde_json::json!([]);
-    v["linux"]["readonlyPaths"] = serde_json::json!([]);
-    let mut f = seccomp::default_filter();
-    for rule in f["syscalls"].as_array_mut().unwrap() {
-        if let Some(names) = rule["names"].as_array_mut() {
-            names.retain(|n| n != "unshare" && n != "mount");
-        }
-    }
-    v["linux"]["seccomp"] = f;
-    serde_json::from_value(v).map_err(Error::Spec)
-}
-// STUB-END

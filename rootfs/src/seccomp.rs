@@ -79,8 +79,27 @@ const ENOSYS: u32 = 38;
 
 /// The `linux.seccomp` section of the spec.
 pub fn default_filter() -> Value {
+    filter_allowing(&[])
+}
+
+/// The `linux.seccomp` section of the fork server's spec: the sandbox filter with
+/// `unshare` and `mount` allowed, so that its zygote's children can make a new
+/// sandbox's namespaces and mounts (inside the fork server's user namespace, where
+/// its capabilities hold). Everything else stays denied, `clone`'s namespace flags
+/// and `clone3` included.
+pub fn zygote_filter() -> Value {
+    filter_allowing(&["unshare", "mount"])
+}
+
+/// The sandbox filter minus the denials of the syscalls named in `allowed`.
+fn filter_allowing(allowed: &[&str]) -> Value {
+    let denied: Vec<&str> = DENIED
+        .iter()
+        .copied()
+        .filter(|name| !allowed.contains(name))
+        .collect();
     let mut syscalls = vec![json!({
-        "names": DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
+        "names": denied, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM,
     })];
     // clone3 passes its flags in memory where seccomp cannot see them: make libc
     // fall back to clone, whose namespace flags are checked below.
@@ -92,4 +111,56 @@ pub fn default_filter() -> Value {
         }));
     }
     json!({ "defaultAction": "SCMP_ACT_ALLOW", "syscalls": syscalls })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every syscall name a filter denies, each once per rule, with its errno.
+    fn denials(filter: &Value) -> Vec<(String, u64, bool)> {
+        let mut out = Vec::new();
+        for rule in filter["syscalls"].as_array().unwrap() {
+            for name in rule["names"].as_array().unwrap() {
+                out.push((
+                    name.as_str().unwrap().to_owned(),
+                    rule["errnoRet"].as_u64().unwrap(),
+                    rule.get("args").is_some(),
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_zygote_filter_is_the_sandbox_filter_without_unshare_and_mount() {
+        let sandbox = denials(&default_filter());
+        let zygote = denials(&zygote_filter());
+        for name in ["unshare", "mount"] {
+            assert!(sandbox.iter().any(|(n, ..)| n == name), "{name}");
+            assert!(
+                !zygote.iter().any(|(n, ..)| n == name),
+                "{name} still denied"
+            );
+        }
+        let expected: Vec<_> = sandbox
+            .iter()
+            .filter(|(n, ..)| n != "unshare" && n != "mount")
+            .cloned()
+            .collect();
+        assert_eq!(
+            zygote, expected,
+            "everything else is denied as in a sandbox"
+        );
+        assert!(zygote.contains(&("clone3".into(), ENOSYS.into(), false)));
+        assert!(zygote.contains(&("setns".into(), EPERM.into(), false)));
+        assert_eq!(
+            zygote
+                .iter()
+                .filter(|(n, _, args)| n == "clone" && *args)
+                .count(),
+            7
+        );
+        assert_eq!(zygote_filter()["defaultAction"], "SCMP_ACT_ALLOW");
+    }
 }

@@ -281,9 +281,10 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
                "options": ["nosuid", "nodev", "mode=0777", TMP_SIZE]}),
         // Mount points for the code of functions called in this sandbox. Owned by
         // root, not the sandbox user: the sandbox can neither make entries in it nor
-        // chmod it; the spawner (root) makes the mount points.
+        // chmod it; the spawner makes the mount points as its owner (in a forked
+        // sandbox, its user namespace's root).
         json!({"destination": FUNCTIONS_DIR, "type": "tmpfs", "source": "tmpfs",
-               "options": ["nosuid", "nodev", "mode=0555", "uid=0", "gid=0", "size=1m"]}),
+               "options": ["nosuid", "nodev", "mode=0755", "uid=0", "gid=0", "size=1m"]}),
         bind_ro(Path::new("/usr"), "/usr"),
         bind_ro(runtime_dir, RUNTIME_DIR),
         bind_ro(shim, SHIM_PATH),
@@ -339,6 +340,39 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
             "seccomp": seccomp::default_filter(),
         },
     });
+    serde_json::from_value(value).map_err(Error::Spec)
+}
+
+/// The fork server's spec: [`bundle_spec_as`]`(cfg, zygote)` (its own namespaces,
+/// the sandbox's mounts, limits and rlimits, no capabilities, `no_new_privs`, the
+/// host user `zygote`), with `SHIM_PATH fork-server` as its process,
+/// [`seccomp::zygote_filter`] (the sandbox filter minus `unshare` and `mount`), and
+/// no masked or read-only `/proc` paths: its zygote moves into a user namespace of
+/// its own whose children make new sandboxes, and their mount namespaces hold locked
+/// copies of its mounts, under which the kernel lets them mount a new `/proc` only
+/// when no part of the old one is hidden (they mask their own). A `zygote` user
+/// outside `uids` is refused: the agent maps the range from it.
+pub fn zygote_spec(
+    cfg: &SandboxConfig,
+    zygote: SandboxUser,
+    uids: SandboxUids,
+) -> Result<Spec, Error> {
+    let uids = SandboxUids::new(uids.base, uids.count)?;
+    if !uids.contains(zygote.uid) || !uids.contains(zygote.gid) {
+        return Err(Error::ZygoteUser {
+            uid: zygote.uid,
+            gid: zygote.gid,
+            base: uids.base,
+            count: uids.count,
+        });
+    }
+    let spec = bundle_spec_as(cfg, zygote)?;
+    let mut value = serde_json::to_value(&spec).map_err(Error::Spec)?;
+    value["process"]["args"] = json!([SHIM_PATH, "fork-server"]);
+    let linux = &mut value["linux"];
+    linux["maskedPaths"] = json!([]);
+    linux["readonlyPaths"] = json!([]);
+    linux["seccomp"] = seccomp::zygote_filter();
     serde_json::from_value(value).map_err(Error::Spec)
 }
 
@@ -596,7 +630,7 @@ mod tests {
                 .and_then(|m| m.options().clone())
                 .unwrap_or_else(|| panic!("{d} not mounted"))
         };
-        for want in ["mode=0555", "uid=0", "gid=0"] {
+        for want in ["mode=0755", "uid=0", "gid=0"] {
             assert!(opts(FUNCTIONS_DIR).contains(&want.to_owned()), "{want}");
         }
         // What the sandbox user writes to: writable by everyone; sticky where only
@@ -607,6 +641,72 @@ mod tests {
         assert!(opts(WORKFLOW_DIR).contains(&"mode=0777".to_owned()));
         let ns = spec.linux().as_ref().unwrap().namespaces().clone().unwrap();
         assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::User));
+    }
+
+    /// The shim as fork server, the zygote filter, no masked paths; no capability,
+    /// no user namespace (its zygote makes its own); the rest as a sandbox's.
+    #[test]
+    fn the_fork_server_is_a_sandbox_with_the_zygote_filter_and_an_unmasked_proc() {
+        let uids = SandboxUids::new(1000, 10).unwrap();
+        let user = SandboxUser {
+            uid: 1003,
+            gid: 1003,
+        };
+        let spec = zygote_spec(&config(), user, uids).unwrap();
+        let process = spec.process().as_ref().unwrap();
+        assert_eq!(
+            process.args().as_ref().unwrap(),
+            &[SHIM_PATH, "fork-server"]
+        );
+        let u = process.user();
+        assert_eq!((u.uid(), u.gid(), u.umask()), (1003, 1003, Some(0)));
+        let caps = process.capabilities().as_ref().unwrap();
+        assert!(caps.bounding().as_ref().unwrap().is_empty());
+        assert!(caps.effective().as_ref().unwrap().is_empty());
+        assert!(caps.permitted().as_ref().unwrap().is_empty());
+        assert_eq!(process.no_new_privileges(), Some(true));
+        let linux = spec.linux().as_ref().unwrap();
+        let ns: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert_eq!(ns.len(), 6, "{ns:?}");
+        assert!(!ns.contains(&LinuxNamespaceType::User));
+        assert!(linux.uid_mappings().is_none() && linux.gid_mappings().is_none());
+        assert_eq!(linux.masked_paths().as_deref(), Some(&[][..]));
+        assert_eq!(linux.readonly_paths().as_deref(), Some(&[][..]));
+        let seccomp = serde_json::to_value(linux.seccomp().as_ref().unwrap()).unwrap();
+        let filter: Spec = serde_json::from_value(json!({
+            "ociVersion": "1.0.2", "linux": { "seccomp": crate::seccomp::zygote_filter() }
+        }))
+        .unwrap();
+        assert_eq!(
+            seccomp,
+            serde_json::to_value(filter.linux().as_ref().unwrap().seccomp().as_ref().unwrap())
+                .unwrap()
+        );
+        // Everything else is a sandbox's.
+        let sandbox = bundle_spec_as(&config(), user).unwrap();
+        assert_eq!(spec.mounts(), sandbox.mounts());
+        assert_eq!(spec.root(), sandbox.root());
+        assert_eq!(
+            process.rlimits(),
+            sandbox.process().as_ref().unwrap().rlimits()
+        );
+        assert_eq!(process.env(), sandbox.process().as_ref().unwrap().env());
+        let s = sandbox.linux().as_ref().unwrap();
+        assert_eq!(linux.resources(), s.resources());
+        assert_eq!(linux.cgroups_path(), s.cgroups_path());
+        for (uid, gid) in [(999, 1000), (1000, 1010), (0, 0)] {
+            let e = zygote_spec(&config(), SandboxUser { uid, gid }, uids)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("uid {uid}, gid {gid}")), "{e}");
+            assert!(e.contains("1000 to 1009"), "{e}");
+        }
     }
 
     #[test]

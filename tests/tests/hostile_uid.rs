@@ -262,7 +262,7 @@ fn a_root_only_file_a_mount_exposes_cannot_be_read() {
             "tmp owner": true,
             "workflow owner": true,
             "workflow file mode": "0o666",
-            "fns mode": "0o555",
+            "fns mode": "0o755",
         }),
         "{out}"
     );

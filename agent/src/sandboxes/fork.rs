@@ -229,15 +229,18 @@ fn map_zygote(
         .stream()
         .set_read_timeout(None)
         .map_err(|e| protocol(ipc::Error::Io(e)))?;
-    let (ipc::proto::ShimEvent::Ready { .. }, [pidfd]) = (
-        header,
-        <[OwnedFd; 1]>::try_from(fds).unwrap_or_else(|_| panic!()),
-    ) else {
+    if !matches!(header, ipc::proto::ShimEvent::Ready { .. }) {
         return Err(protocol(ipc::Error::Unexpected {
-            op: "?".into(),
+            op: ipc::proto::op_of(&header).to_owned(),
             expected: "ready",
         }));
-    };
+    }
+    let [pidfd]: [OwnedFd; 1] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
+        protocol(ipc::Error::MissingFds {
+            expected: 1,
+            queued: v.len(),
+        })
+    })?;
     let pid = pool::pidfd_pid(pidfd.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
     let bad = |what: String| Error::Spawn {
         sandbox: sandbox.id().to_owned(),

@@ -179,8 +179,9 @@ impl Spawner {
         fds: &[std::os::fd::BorrowedFd<'_>],
     ) -> Result<ipc::Message<SpawnerReply>, Error> {
         let p = self.proc()?;
-        if let SpawnerRequest::Create { id, .. } = req {
-            // Before it is sent: a half-built sandbox is the spawner's too.
+        if let SpawnerRequest::Create { id, .. } | SpawnerRequest::Adopt { id, .. } = req {
+            // Before it is sent: a half-built (or half-adopted) sandbox is the
+            // spawner's too, and is killed by its cgroup if the spawner dies.
             p.owned.lock().insert(id.clone());
         }
         let answer = p.call(req, fds);
@@ -191,7 +192,7 @@ impl Spawner {
             {
                 p.owned.lock().remove(id);
             }
-            (Ok(m), SpawnerRequest::Create { id, .. })
+            (Ok(m), SpawnerRequest::Create { id, .. } | SpawnerRequest::Adopt { id, .. })
                 if matches!(m.header, SpawnerReply::Failed { .. }) =>
             {
                 p.owned.lock().remove(id);
@@ -272,6 +273,48 @@ impl Spawner {
                 source: SpawnerFailure(message),
             }),
             other => Err(unexpected(other, "created")),
+        }
+    }
+
+    /// Makes the sandbox `id` forked from a fork server one of the spawner's: `pid`
+    /// (the host pid of its first process, PID 1 of its namespaces) must be in
+    /// `cgroup`, which must be `<agent's cgroup>/<id>` (as a created sandbox's).
+    /// Code, scratch, network and destroy then work as for a created sandbox; if the
+    /// spawner dies, the sandbox is killed by its cgroup and [`Spawner::is_gone`]
+    /// names it. Returns the sandbox in state `Creating`; the caller has the shim's
+    /// channel already. On an error nothing is registered: the caller removes the
+    /// cgroup (and so the process) itself.
+    pub fn adopt(
+        &self,
+        id: &str,
+        pid: i32,
+        cgroup: PathBuf,
+        cgroups: &Cgroups,
+    ) -> Result<Sandbox, Error> {
+        let span = tracing::debug_span!("adopt_sandbox", sandbox_id = %id, pid);
+        let _g = span.enter();
+        let req = SpawnerRequest::Adopt {
+            id: id.to_owned(),
+            pid,
+            cgroup: cgroup.clone(),
+        };
+        match self.call(&req)?.header {
+            SpawnerReply::Done => {
+                tracing::debug!("sandbox adopted");
+                let freezer = match Freezer::open(cgroups, &cgroup) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = self.call(&SpawnerRequest::Destroy { id: id.to_owned() });
+                        return Err(e);
+                    }
+                };
+                Ok(Sandbox::new(id.to_owned(), pid, cgroup, freezer))
+            }
+            SpawnerReply::Failed { message } => Err(Error::Adopt {
+                id: id.to_owned(),
+                source: SpawnerFailure(message),
+            }),
+            other => Err(unexpected(other, "done")),
         }
     }
 

@@ -1,5 +1,6 @@
-//! The spawner's live sandboxes: the libcontainer containers it built and has not
-//! destroyed, how they are built and destroyed, and the mount operations it runs
+//! The spawner's live sandboxes: the libcontainer containers it built and the forked
+//! sandboxes it adopted ([`Member`]) and has not destroyed, how they are built,
+//! adopted and destroyed, and the mount operations it runs
 //! inside them (code attached at `/code` or `/fns/<name>-<version>`, a workflow's
 //! scratch on `/workflow`) and network operations (`lo` up at creation, an egress
 //! sandbox's veth pair and `/etc/resolv.conf`; see [`crate::network`]). Only the
@@ -22,13 +23,24 @@ use rootfs::{FUNCTIONS_DIR, WORKFLOW_DIR, WORKFLOW_DIR_MB};
 use crate::network::{Egress, HostTools, RESOLV_CONF};
 use crate::{sys, Cgroups};
 
-/// The sandboxes one spawner created and has not destroyed. Errors are messages for
+/// One live sandbox: a container libcontainer built (its init is the spawner's
+/// child), or a sandbox forked from a fork server and adopted: its first process
+/// `pid` (PID 1 of its pid namespace, not the spawner's child) and its cgroup. No
+/// descriptor is kept for either: every container built later would inherit it.
+enum Member {
+    Container(Container),
+    Forked { pid: i32, cgroup: PathBuf },
+}
+
+/// The sandboxes one spawner created or adopted and has not destroyed. Errors are messages for
 /// the agent (a [`super::protocol::SpawnerReply::Failed`]), with their whole cause.
 pub(super) struct Live {
     /// libcontainer's state root.
     root: PathBuf,
     cgroups: Cgroups,
-    containers: HashMap<String, Container>,
+    /// The agent's cgroup: an adopted sandbox's cgroup is `<this>/<id>`.
+    cgroup_parent: PathBuf,
+    members: HashMap<String, Member>,
     /// Sandboxes with a workflow scratch attached over their own.
     scratch_attached: HashSet<String>,
     /// Sandboxes with outbound network, and the agent's firewall table.
@@ -37,11 +49,17 @@ pub(super) struct Live {
 
 impl Live {
     /// No sandboxes yet; containers keep their state under `root`.
-    pub(super) fn new(root: PathBuf, cgroups: Cgroups, agent_id: String) -> Live {
+    pub(super) fn new(
+        root: PathBuf,
+        cgroups: Cgroups,
+        cgroup_parent: PathBuf,
+        agent_id: String,
+    ) -> Live {
         Live {
             root,
             cgroups,
-            containers: HashMap::new(),
+            cgroup_parent,
+            members: HashMap::new(),
             scratch_attached: HashSet::new(),
             egress: Egress::new(agent_id, HostTools),
         }
@@ -83,17 +101,46 @@ impl Live {
         };
         if let Err(e) = container.start() {
             let message = fail("start container", &e);
-            let _ = destroy(container, &self.cgroups);
+            let _ = destroy(Member::Container(container), &self.cgroups);
             return Err(message);
         }
         let pid = container.pid().map(|p| p.as_raw()).unwrap_or(0);
         if let Err(e) = loopback_up(pid) {
             let message = format!("bring the sandbox's loopback up: {e}");
-            let _ = destroy(container, &self.cgroups);
+            let _ = destroy(Member::Container(container), &self.cgroups);
             return Err(message);
         }
-        self.containers.insert(id, container);
+        self.members.insert(id, Member::Container(container));
         Ok((pid, OwnedFd::from(agent_end)))
+    }
+
+    /// Registers the forked sandbox `id`: its first process `pid` (PID 1 of its
+    /// own namespaces), which must be in `cgroup`, `<agent's cgroup>/<id>`. Its `lo`
+    /// is brought up as a created sandbox's is. From then on it is entered, given
+    /// network and destroyed like a container.
+    pub(super) fn adopt(&mut self, id: String, pid: i32, cgroup: &Path) -> Result<(), String> {
+        if self.members.contains_key(&id) {
+            return Err(format!("sandbox {id} is live already"));
+        }
+        let expected = self.cgroup_parent.join(&id);
+        if cgroup != expected {
+            return Err(format!(
+                "cgroup {} is not the sandbox's ({})",
+                cgroup.display(),
+                expected.display()
+            ));
+        }
+        let process = ForkedProcess::find(&self.cgroups, &id, pid, cgroup)?;
+        loopback_up(pid).map_err(|e| format!("bring the sandbox's loopback up: {e}"))?;
+        process.check_alive()?;
+        self.members.insert(
+            id,
+            Member::Forked {
+                pid,
+                cgroup: cgroup.to_path_buf(),
+            },
+        );
+        Ok(())
     }
 
     /// Kills sandbox `id`'s processes, reaps its init and deletes its container.
@@ -101,8 +148,8 @@ impl Live {
         self.scratch_attached.remove(id);
         // The network first, while the sandbox's namespace holds the link's name.
         self.egress.detach(id);
-        match self.containers.remove(id) {
-            Some(c) => destroy(c, &self.cgroups),
+        match self.members.remove(id) {
+            Some(m) => destroy(m, &self.cgroups),
             None => Err(format!("no live sandbox {id}")),
         }
     }
@@ -110,9 +157,9 @@ impl Live {
     /// Destroys every sandbox left (the spawner is exiting).
     pub(super) fn destroy_all(&mut self) {
         self.scratch_attached.clear();
-        for (id, c) in self.containers.drain() {
+        for (id, m) in self.members.drain() {
             self.egress.detach(&id);
-            if let Err(message) = destroy(c, &self.cgroups) {
+            if let Err(message) = destroy(m, &self.cgroups) {
                 tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");
             }
         }
@@ -126,7 +173,11 @@ impl Live {
                 .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
             Ok(move || {
                 if target.starts_with(FUNCTIONS_DIR) {
-                    std::fs::create_dir_all(target)?;
+                    // As the owner of FUNCTIONS_DIR (root's, or in a forked
+                    // sandbox its user namespace's root: see sys::as_fs_owner).
+                    use std::os::unix::fs::MetadataExt;
+                    let owner = std::fs::metadata(FUNCTIONS_DIR)?;
+                    sys::as_fs_owner(owner.uid(), owner.gid(), || std::fs::create_dir_all(target))?;
                 }
                 sys::move_mount(tree.as_fd(), target)
             })
@@ -137,12 +188,12 @@ impl Live {
     /// Gives sandbox `id` outbound network ([`crate::network`]) and the host's DNS
     /// configuration, read-only, on its `/etc/resolv.conf`.
     pub(super) fn attach_network(&mut self, id: &str) -> Result<(), String> {
-        let pid = self
-            .containers
-            .get(id)
-            .and_then(|c| c.pid())
-            .ok_or_else(|| format!("no live sandbox {id}"))?;
-        let slot = self.egress.attach(id, pid.as_raw())?;
+        let (pid, process) = self.init_of(id)?;
+        let slot = self.egress.attach(id, pid)?;
+        if let Some(Err(e)) = process.map(|p| p.check_alive()) {
+            self.egress.detach(id);
+            return Err(e);
+        }
         let resolv = self.in_sandbox(id, || {
             let host = Path::new(RESOLV_CONF)
                 .canonicalize()
@@ -223,15 +274,14 @@ impl Live {
     where
         F: FnOnce() -> std::io::Result<T>,
     {
-        let container = self
-            .containers
-            .get(id)
-            .ok_or_else(|| format!("no live sandbox {id}"))?;
-        let pid = container
-            .pid()
-            .ok_or_else(|| format!("sandbox {id} has no init process"))?;
+        let (pid, process) = self.init_of(id)?;
         let ns_path = format!("/proc/{pid}/ns/mnt");
         let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
+        // The namespace opened is the sandbox's only if its process was still the
+        // one adopted when it was opened.
+        if let Some(p) = process {
+            p.check_alive()?;
+        }
         // Our own mount namespace, to come back to. Opened for this operation only: a
         // descriptor the spawner keeps is inherited by every container it builds.
         let home =
@@ -241,11 +291,27 @@ impl Live {
             .map_err(|e| format!("in sandbox {id}: {e}"))
     }
 
+    /// The pid of sandbox `id`'s first process, to enter its namespaces by; for a
+    /// forked sandbox also the pidfd that proves the pid still names that process
+    /// ([`ForkedProcess::check_alive`] after the namespace is opened).
+    fn init_of(&self, id: &str) -> Result<(i32, Option<ForkedProcess>), String> {
+        match self.members.get(id) {
+            None => Err(format!("no live sandbox {id}")),
+            Some(Member::Container(c)) => c
+                .pid()
+                .map(|p| (p.as_raw(), None))
+                .ok_or_else(|| format!("sandbox {id} has no init process")),
+            Some(Member::Forked { pid, cgroup }) => {
+                ForkedProcess::find(&self.cgroups, id, *pid, cgroup).map(|p| (*pid, Some(p)))
+            }
+        }
+    }
+
     /// Deletes what a failed build of `id` left in the state root.
     fn remove_partial(&self, id: &str) {
         let dir = self.root.join(id);
         if let Ok(c) = Container::load(dir.clone()) {
-            let _ = destroy(c, &self.cgroups);
+            let _ = destroy(Member::Container(c), &self.cgroups);
         }
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -265,7 +331,68 @@ fn loopback_up(pid: i32) -> std::io::Result<()> {
     sys::in_net_ns(ns.as_fd(), home.as_fd(), || sys::link_up(c"lo"))
 }
 
-fn destroy(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {
+/// A forked sandbox's first process, held by a pidfd for one operation: a pid is
+/// not the spawner's child, so once its process is gone the pid may name another.
+struct ForkedProcess {
+    id: String,
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl ForkedProcess {
+    /// Process `pid`, checked to be in `cgroup` after its pidfd was opened (so the
+    /// pidfd is of the process that was in the cgroup).
+    fn find(cgroups: &Cgroups, id: &str, pid: i32, cgroup: &Path) -> Result<ForkedProcess, String> {
+        let gone = || format!("sandbox {id}: its process {pid} is gone");
+        if pid <= 0 {
+            return Err(format!("sandbox {id}: pid {pid} is not a process id"));
+        }
+        let pidfd = sys::pidfd_open(nix::unistd::Pid::from_raw(pid)).map_err(|_| gone())?;
+        match cgroups.contains_pid(cgroup, pid) {
+            Ok(true) => Ok(ForkedProcess {
+                id: id.to_owned(),
+                pid,
+                pidfd,
+            }),
+            Ok(false) => Err(format!(
+                "sandbox {id}: process {pid} is not in cgroup {}",
+                cgroup.display()
+            )),
+            Err(_) => Err(gone()),
+        }
+    }
+
+    /// Whether the process is still alive (so what was opened by its pid is its).
+    fn check_alive(&self) -> Result<(), String> {
+        if sys::readable(self.pidfd.as_fd(), std::time::Duration::ZERO) {
+            return Err(format!(
+                "sandbox {}: its process {} exited",
+                self.id, self.pid
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn destroy(member: Member, cgroups: &Cgroups) -> Result<(), String> {
+    match member {
+        Member::Container(c) => destroy_container(c, cgroups),
+        Member::Forked { pid, cgroup } => {
+            // PID 1 of the sandbox's pid namespace: killing it kills the namespace.
+            // Only while it is still the sandbox's (in its cgroup).
+            if let Ok(p) = ForkedProcess::find(cgroups, "", pid, &cgroup) {
+                let _ = rustix::process::pidfd_send_signal(&p.pidfd, rustix::process::Signal::KILL);
+            }
+            // Whatever is left (and a frozen sandbox) goes with its cgroup.
+            cgroups.thaw_tree(&cgroup);
+            cgroups
+                .remove_tree(&cgroup)
+                .map_err(|e| format!("remove cgroup {}: {}", cgroup.display(), ipc::chain(&e)))
+        }
+    }
+}
+
+fn destroy_container(mut container: Container, cgroups: &Cgroups) -> Result<(), String> {
     if let Some(pid) = container.pid() {
         // Killing the PID namespace's init kills every process in it; reaping it
         // returns once they are all gone. A frozen sandbox (cgroup v1) only dies once

@@ -6,7 +6,10 @@
 //! reply enums of [`protocol`]. The spawner creates a sandbox by building and starting
 //! a libcontainer container whose stdin is one end of a fresh socket pair (the shim's
 //! channel) and hands the other end to the agent. A sandbox's init (the shim) is the
-//! spawner's child, so the spawner reaps it when it destroys the sandbox. When the
+//! spawner's child, so the spawner reaps it when it destroys the sandbox. A sandbox
+//! forked from a fork server is not built here but adopted: the spawner is told its
+//! first process and cgroup, checks one is in the other, and from then on enters,
+//! networks and destroys it by them ([`live`]). When the
 //! agent's end of the control channel closes without a `shutdown`, the agent died:
 //! the spawner destroys every sandbox and removes the agent's cgroups and state
 //! directory itself.

@@ -50,6 +50,13 @@ pub(super) enum SpawnerRequest {
     AttachNetwork {
         id: String,
     },
+    /// Registers a sandbox forked from a fork server: `pid` (its first process, PID
+    /// 1 of its namespaces) in `cgroup` (`<agent's cgroup>/<id>`). Answered `done`.
+    Adopt {
+        id: String,
+        pid: i32,
+        cgroup: PathBuf,
+    },
     /// The agent is exiting cleanly and removes its state itself.
     Shutdown,
 }
@@ -80,6 +87,7 @@ impl SpawnerRequest {
             SpawnerRequest::ResetScratch { .. } => ("reset_scratch", REQUEST_DEADLINE),
             SpawnerRequest::AttachScratchFrom { .. } => ("attach_scratch_from", REQUEST_DEADLINE),
             SpawnerRequest::AttachNetwork { .. } => ("attach_network", REQUEST_DEADLINE),
+            SpawnerRequest::Adopt { .. } => ("adopt", REQUEST_DEADLINE),
             SpawnerRequest::Shutdown => ("shutdown", SHUTDOWN_DEADLINE),
         }
     }

@@ -71,7 +71,12 @@ pub fn spawner_main() -> ExitCode {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let live = Live::new(state_dir.join("containers"), cgroups.clone(), agent_id);
+    let live = Live::new(
+        state_dir.join("containers"),
+        cgroups.clone(),
+        cgroup_parent.clone(),
+        agent_id,
+    );
     let orphaned = Orphaned {
         state_dir,
         cgroup_parent,
@@ -115,6 +120,9 @@ fn serve(mut channel: Channel, mut live: Live, orphaned: Orphaned) -> i32 {
                 reply_done(&channel, live.attach_scratch_from(id, &from))
             }
             SpawnerRequest::AttachNetwork { id } => reply_done(&channel, live.attach_network(&id)),
+            SpawnerRequest::Adopt { id, pid, cgroup } => {
+                reply_done(&channel, live.adopt(id, pid, &cgroup))
+            }
             SpawnerRequest::Shutdown => break true,
         };
         if let Err(e) = done {

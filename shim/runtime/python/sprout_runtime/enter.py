@@ -62,6 +62,7 @@ FLAGS = {
     "strictatime": MS_STRICTATIME,
 }
 
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 # What the fork server's zygote keeps of the full set its user namespace gives it:
 # CAP_SETGID (6), CAP_SETUID (7), CAP_SETPCAP (8), CAP_SYS_ADMIN (21).
@@ -252,6 +253,10 @@ def _drop(host_uid, host_gid):
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    # Changing uid made this process non-dumpable; the sandbox's zygote is forked
+    # from it (no exec resets that), and a sandbox made by libcontainer has it
+    # dumpable (its /proc entries its own uid's), as here.
+    _prctl(PR_SET_DUMPABLE, 1, "set dumpable")
     _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
     _load_seccomp()
 
