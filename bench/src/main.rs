@@ -223,7 +223,7 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         "cold with empty pool",
         latency::cold(
             &bin,
-            "cold invoke, empty pool (new sandbox)",
+            NEW_FORK,
             &python,
             settings.cold_runs,
             0,
@@ -234,7 +234,7 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         "cold with empty pool, libcontainer",
         latency::cold(
             &bin,
-            "cold invoke, empty pool (new sandbox, libcontainer)",
+            NEW_CREATE,
             &python,
             settings.cold_runs,
             0,
@@ -331,8 +331,10 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-const STORM_FORK: &str = "cold-start storm, 32 new functions at once (p50/p99 of all)";
-const STORM_CREATE: &str = "cold-start storm, 32 at once (libcontainer)";
+const NEW_FORK: &str = "cold invoke, empty pool (new sandbox)";
+const NEW_CREATE: &str = "cold invoke, empty pool (new sandbox, libcontainer)";
+const STORM_FORK: &str = "cold-start storm, 32 new functions at once";
+const STORM_CREATE: &str = "cold-start storm, 32 new functions at once (libcontainer)";
 
 /// The memory of idle stem cells, forked and created.
 fn memory(settings: &Settings) -> anyhow::Result<Vec<memory::MemoryRow>> {
@@ -351,53 +353,47 @@ fn memory(settings: &Settings) -> anyhow::Result<Vec<memory::MemoryRow>> {
 fn print_targets(rows: &[Row], mem: &[memory::MemoryRow]) {
     let find = |path: &str| rows.iter().find(|r| r.path == path);
     let runc = find("runc run (same handler, python3)");
-    for (path, label) in [
-        ("cold invoke, empty pool (new sandbox)", "forked"),
-        (
-            "cold invoke, empty pool (new sandbox, libcontainer)",
-            "libcontainer",
-        ),
-    ] {
+    for (path, label) in [(NEW_FORK, "forked"), (NEW_CREATE, "libcontainer")] {
         if let (Some(new), Some(runc)) = (find(path), runc) {
             let x = runc.p50_us / new.p50_us;
             println!(
-                "cold start with an empty pool ({label}) vs runc run: {x:.1}x faster (p50; \
+                "cold start with an empty pool ({label}) vs runc run: {x:.2}x faster (p50; \
                  target >= 3.5x: {})",
                 met(x >= 3.5)
             );
         }
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let new = find("cold invoke, empty pool (new sandbox)");
-    for path in [STORM_FORK, STORM_CREATE] {
-        if let (Some(storm), Some(new)) = (find(path), new) {
-            // The storm's p99 against the time `cores` CPUs need to make 32 new
-            // sandboxes one after the other, each at the single new-sandbox p50.
+    for (storm, new) in [(STORM_FORK, NEW_FORK), (STORM_CREATE, NEW_CREATE)] {
+        if let (Some(storm), Some(new)) = (find(storm), find(new)) {
+            // The storm's p99 against the time `cores` CPUs would take to make 32 new
+            // sandboxes side by side, each at the single new-sandbox p50 (same way).
             let serial = STORM_WIDTH as f64 / cores as f64 * new.p50_us;
             let x = storm.p99_us / serial;
             println!(
-                "{path}: p99 {} = {x:.2} x (32 / {cores} cores x new-sandbox p50 {}) \
-                 (target <= 1.5: {})",
+                "{}: p99 {} = {x:.2} x (32 / {cores} cores x {} p50 {}) (target <= 1.5: {})",
+                storm.path,
                 stats::human(storm.p99_us),
+                new.path,
                 stats::human(new.p50_us),
                 met(x <= 1.5)
             );
         }
     }
-    if let Some(r) = mem.iter().find(|r| {
-        r.what
-            .starts_with("idle stem cell, cgroup memory usage (fork)")
-    }) {
-        let amortised = mem
+    let median_of = |what: &str| mem.iter().find(|r| r.what == what).map(|r| r.median_bytes);
+    if let Some(forked) = median_of("idle stem cell, cgroup memory usage (fork)") {
+        let server = mem
             .iter()
             .find(|r| r.what.contains("fork server cgroup usage"))
             .map_or(0, |r| r.median_bytes);
+        let created = median_of("idle stem cell, cgroup memory usage (create)")
+            .map_or_else(|| "not measured".to_owned(), memory::human_bytes);
         println!(
-            "unique memory per idle forked stem cell: {} (+ {} of the fork server's) \
-             (target <= 3 MiB: {})",
-            memory::human_bytes(r.median_bytes),
-            memory::human_bytes(amortised),
-            met(r.median_bytes <= 3 << 20)
+            "unique memory per idle stem cell (cgroup usage, median): forked {} (+ {} of the \
+             fork server's, amortised), libcontainer {created} (target <= 3 MiB: {})",
+            memory::human_bytes(forked),
+            memory::human_bytes(server),
+            met(forked <= 3 << 20)
         );
     }
 }

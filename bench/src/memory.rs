@@ -55,6 +55,9 @@ impl MemoryRow {
 #[derive(Debug, Clone, Copy)]
 struct CgroupMemory {
     usage: u64,
+    /// Of `usage`, anonymous memory (`memory.stat`: v1 `rss`, v2 `anon`); the rest is
+    /// mostly kernel memory (page tables, stacks) and page cache.
+    anon: u64,
     pss: u64,
 }
 
@@ -63,19 +66,22 @@ struct Hierarchy {
     /// The daemon's parent cgroup: `<mount>/sprout/<agent pid>`.
     parent: PathBuf,
     usage_file: &'static str,
+    /// The key of anonymous memory in `memory.stat`.
+    anon_key: &'static str,
 }
 
 impl Hierarchy {
     fn of(agent_pid: u32) -> Hierarchy {
         let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-        let (root, usage_file) = if v2 {
-            ("/sys/fs/cgroup", "memory.current")
+        let (root, usage_file, anon_key) = if v2 {
+            ("/sys/fs/cgroup", "memory.current", "anon")
         } else {
-            ("/sys/fs/cgroup/memory", "memory.usage_in_bytes")
+            ("/sys/fs/cgroup/memory", "memory.usage_in_bytes", "rss")
         };
         Hierarchy {
             parent: Path::new(root).join("sprout").join(agent_pid.to_string()),
             usage_file,
+            anon_key,
         }
     }
 
@@ -112,6 +118,11 @@ impl Hierarchy {
             .trim()
             .parse()
             .with_context(|| format!("parse {}", usage_path.display()))?;
+        let stat_path = cgroup.join("memory.stat");
+        let stat = fs::read_to_string(&stat_path)
+            .with_context(|| format!("read {}", stat_path.display()))?;
+        let anon = stat_value(&stat, self.anon_key)
+            .with_context(|| format!("no {} in {}", self.anon_key, stat_path.display()))?;
         let procs_path = cgroup.join("cgroup.procs");
         let procs = fs::read_to_string(&procs_path)
             .with_context(|| format!("read {}", procs_path.display()))?;
@@ -122,7 +133,7 @@ impl Hierarchy {
             pids += 1;
         }
         ensure!(pids > 0, "{} has no process", cgroup.display());
-        Ok(CgroupMemory { usage, pss })
+        Ok(CgroupMemory { usage, anon, pss })
     }
 }
 
@@ -131,6 +142,14 @@ fn pss_of(pid: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
     parse_pss(&text).with_context(|| format!("no Pss line in {path}"))
+}
+
+/// The value of `key` in a `memory.stat` (`key value` lines).
+fn stat_value(stat: &str, key: &str) -> Option<u64> {
+    stat.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// `Pss:   1234 kB` → 1234 × 1024.
@@ -198,6 +217,11 @@ pub fn idle(bin: &Path, made: NewSandboxes, stem_cells: usize) -> anyhow::Result
             &per_sandbox.iter().map(|m| m.usage).collect::<Vec<_>>(),
         ),
         MemoryRow::new(
+            &format!("  of which anonymous ({})", made.arg()),
+            made,
+            &per_sandbox.iter().map(|m| m.anon).collect::<Vec<_>>(),
+        ),
+        MemoryRow::new(
             &label("PSS of its processes"),
             made,
             &per_sandbox.iter().map(|m| m.pss).collect::<Vec<_>>(),
@@ -208,6 +232,7 @@ pub fn idle(bin: &Path, made: NewSandboxes, stem_cells: usize) -> anyhow::Result
         let per = |v: u64| v / n;
         rows.extend([
             MemoryRow::new("fork server, cgroup memory usage", made, &[server.usage]),
+            MemoryRow::new("  of which anonymous", made, &[server.anon]),
             MemoryRow::new("fork server, PSS of its processes", made, &[server.pss]),
             MemoryRow::new(
                 &format!("  fork server cgroup usage ÷ {stem_cells} stem cells"),
@@ -264,6 +289,9 @@ mod tests {
                     Pss_Anon:           1200 kB\n";
         assert_eq!(parse_pss(text), Some(2345 * 1024));
         assert_eq!(parse_pss("Rss: 12 kB\n"), None);
+        let stat = "cache 0\nrss 3297280\nrss_huge 0\ntotal_rss 3297280\n";
+        assert_eq!(stat_value(stat, "rss"), Some(3297280));
+        assert_eq!(stat_value(stat, "anon"), None);
         // This process's own: a real file parses.
         assert!(pss_of(&std::process::id().to_string()).unwrap() > 0);
     }
@@ -297,6 +325,7 @@ mod tests {
         let h = Hierarchy {
             parent: parent.clone(),
             usage_file: "memory.current",
+            anon_key: "anon",
         };
         assert_eq!(
             h.sandboxes(42).unwrap(),
