@@ -380,19 +380,26 @@ fn print_targets(rows: &[Row], mem: &[memory::MemoryRow]) {
             );
         }
     }
-    let median_of = |what: &str| mem.iter().find(|r| r.what == what).map(|r| r.median_bytes);
-    if let Some(forked) = median_of("idle stem cell, cgroup memory usage (fork)") {
-        let server = mem
-            .iter()
-            .find(|r| r.what.contains("fork server cgroup usage"))
-            .map_or(0, |r| r.median_bytes);
-        let created = median_of("idle stem cell, cgroup memory usage (create)")
-            .map_or_else(|| "not measured".to_owned(), memory::human_bytes);
+    let median_of = |prefix: &str| {
+        mem.iter()
+            .find(|r| r.what.starts_with(prefix))
+            .map(|r| r.median_bytes)
+    };
+    let mib = |b: Option<u64>| b.map_or_else(|| "not measured".to_owned(), memory::human_bytes);
+    let marginal = |made: &str| {
+        mem.iter()
+            .find(|r| r.what.starts_with("one more idle stem cell") && r.new_sandboxes == made)
+            .map(|r| r.median_bytes)
+    };
+    if let Some(forked) = marginal("fork") {
         println!(
-            "unique memory per idle stem cell (cgroup usage, median): forked {} (+ {} of the \
-             fork server's, amortised), libcontainer {created} (target <= 3 MiB: {})",
+            "unique memory per idle stem cell (what one more costs the agent's cgroups): \
+             forked {} ({} in its own cgroup), libcontainer {} ({} in its own) \
+             (target <= 3 MiB: {})",
             memory::human_bytes(forked),
-            memory::human_bytes(server),
+            mib(median_of("idle stem cell, cgroup memory usage (fork)")),
+            mib(marginal("create")),
+            mib(median_of("idle stem cell, cgroup memory usage (create)")),
             met(forked <= 3 << 20)
         );
     }
@@ -413,6 +420,11 @@ fn main() -> anyhow::Result<()> {
             let settings = Settings::from_args(&args)?;
             eprintln!("measuring (release build recommended; this takes a few minutes)...");
             (latency(&settings)?, memory(&settings)?)
+        }
+        Some("memory") => {
+            let settings = Settings::from_args(&args)?;
+            eprintln!("measuring the memory of idle stem cells...");
+            (Vec::new(), memory(&settings)?)
         }
         Some("workflows") => {
             let quick = args.iter().any(|a| a == "--quick");
@@ -445,11 +457,13 @@ fn main() -> anyhow::Result<()> {
             );
         }
         _ => bail!(
-            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench workflows [--quick] \
-             | bench guard [--only warm,stem,new]"
+            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench memory [--quick] \
+             | bench workflows [--quick] | bench guard [--only warm,stem,new]"
         ),
     };
-    stats::print(&rows);
+    if !rows.is_empty() {
+        stats::print(&rows);
+    }
     memory::print(&mem);
     let find = |prefix: &str| {
         rows.iter()
@@ -474,7 +488,12 @@ fn main() -> anyhow::Result<()> {
     print_targets(&rows, &mem);
     let out = workspace().join("target/sprout-bench");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("memory.json"), serde_json::to_vec_pretty(&mem)?)?;
+    let file = out.join("memory.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&mem)?)?;
+    if rows.is_empty() {
+        println!("wrote {}", file.display());
+        return Ok(());
+    }
     write_rows("latency", &rows)
 }
 

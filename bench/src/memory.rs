@@ -111,13 +111,18 @@ impl Hierarchy {
         self.parent.join(format!("sprout-{agent_pid}.forks"))
     }
 
-    fn read(&self, cgroup: &Path) -> anyhow::Result<CgroupMemory> {
+    /// A cgroup's memory usage, its descendants' included.
+    fn usage(&self, cgroup: &Path) -> anyhow::Result<u64> {
         let usage_path = cgroup.join(self.usage_file);
-        let usage = fs::read_to_string(&usage_path)
+        fs::read_to_string(&usage_path)
             .with_context(|| format!("read {}", usage_path.display()))?
             .trim()
             .parse()
-            .with_context(|| format!("parse {}", usage_path.display()))?;
+            .with_context(|| format!("parse {}", usage_path.display()))
+    }
+
+    fn read(&self, cgroup: &Path) -> anyhow::Result<CgroupMemory> {
+        let usage = self.usage(cgroup)?;
         let stat_path = cgroup.join("memory.stat");
         let stat = fs::read_to_string(&stat_path)
             .with_context(|| format!("read {}", stat_path.display()))?;
@@ -160,10 +165,13 @@ fn parse_pss(smaps_rollup: &str) -> Option<u64> {
     })
 }
 
-/// Memory of `stem_cells` idle (frozen) Python stem cells made as `made` says: per
-/// sandbox, cgroup usage and PSS; with `fork`, the fork server's cgroup usage and
-/// PSS, whole and divided by `stem_cells`.
-pub fn idle(bin: &Path, made: NewSandboxes, stem_cells: usize) -> anyhow::Result<Vec<MemoryRow>> {
+/// A daemon keeping `stem_cells` Python stem cells made as `made` says, once all are
+/// made and frozen (checked to have been made that way), with its memory hierarchy.
+fn settled(
+    bin: &Path,
+    made: NewSandboxes,
+    stem_cells: usize,
+) -> anyhow::Result<(Daemon, Hierarchy)> {
     let target = format!("python={stem_cells}");
     let d = Daemon::start(
         bin,
@@ -198,6 +206,21 @@ pub fn idle(bin: &Path, made: NewSandboxes, stem_cells: usize) -> anyhow::Result
         );
     }
     let h = Hierarchy::of(d.pid());
+    Ok((d, h))
+}
+
+/// Memory of `stem_cells` idle (frozen) Python stem cells made as `made` says: per
+/// sandbox, cgroup usage (and its anonymous part) and PSS; with `fork`, the fork
+/// server's cgroup usage and PSS, whole and divided by `stem_cells`. And what one
+/// more idle stem cell costs the host: the usage of the agent's whole cgroup tree
+/// (`/sprout/<pid>`: sandboxes, fork server) with `stem_cells` less that with half as
+/// many (another daemon), divided by the difference. That marginal cost also counts
+/// the pages a forked sandbox copied on write while it was still in the fork server's
+/// cgroup (they stay charged there), which its own cgroup's usage misses.
+pub fn idle(bin: &Path, made: NewSandboxes, stem_cells: usize) -> anyhow::Result<Vec<MemoryRow>> {
+    ensure!(stem_cells >= 2, "measure at least 2 stem cells");
+    let n = stem_cells as u64;
+    let (d, h) = settled(bin, made, stem_cells)?;
     let cgroups = h.sandboxes(d.pid())?;
     ensure!(
         cgroups.len() == stem_cells,
@@ -246,6 +269,21 @@ pub fn idle(bin: &Path, made: NewSandboxes, stem_cells: usize) -> anyhow::Result
             ),
         ]);
     }
+    let total = h.usage(&h.parent)?;
+    drop(d);
+    let half = stem_cells / 2;
+    let (d, h) = settled(bin, made, half)?;
+    let total_half = h.usage(&h.parent)?;
+    drop(d);
+    let marginal = total.saturating_sub(total_half) / (stem_cells - half) as u64;
+    rows.push(MemoryRow::new(
+        &format!(
+            "one more idle stem cell, agent's cgroups, {half} → {stem_cells} ({})",
+            made.arg()
+        ),
+        made,
+        &[marginal],
+    ));
     Ok(rows)
 }
 
