@@ -369,3 +369,30 @@ pub fn throughput(
     let ops = all.len() as f64 / elapsed.as_secs_f64();
     Ok(Row::new(&format!("throughput, {clients} clients (no-op)"), &all).with_ops_per_s(ops))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandboxes_made_the_other_way_fail() {
+        let fork = NewSandboxes::Fork;
+        fork.check_made((3, 1), (4, 1), 1).unwrap();
+        fork.check_made((3, 1), (35, 1), 30).unwrap();
+        // The libcontainer fallback: created, not forked.
+        let err = format!("{:#}", fork.check_made((3, 1), (3, 2), 1).unwrap_err());
+        assert!(
+            err.contains("--new-sandboxes fork: 0 sandboxes forked and 1 created"),
+            "{err}"
+        );
+        // Some forked, one created: still the wrong path for one sample.
+        assert!(fork.check_made((0, 0), (31, 1), 30).is_err());
+        // Too few.
+        assert!(fork.check_made((0, 0), (29, 0), 30).is_err());
+        let create = NewSandboxes::Create;
+        create.check_made((0, 5), (0, 6), 1).unwrap();
+        assert!(create.check_made((0, 5), (1, 6), 1).is_err());
+        // A stem-cell start makes no sandbox before it answers: none is required.
+        create.check_made((0, 5), (0, 5), 0).unwrap();
+    }
+}
