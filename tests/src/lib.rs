@@ -1220,3 +1220,20 @@ mod tests {
         assert!(!super::means_ci(None));
     }
 }
+
+/// Writes `contents` to `path` as host user `uid`:`gid` (on a thread of its own, whose
+/// file-system ids are set to them): a forked sandbox's tmpfs belongs to its user
+/// namespace, where the host's root is not mapped, so root cannot create files there.
+pub fn write_as(uid: u32, gid: u32, path: &str, contents: &str) -> std::io::Result<()> {
+    let (path, contents) = (path.to_owned(), contents.to_owned());
+    std::thread::spawn(move || {
+        // SAFETY: setfsgid/setfsuid change only this (short-lived) thread's ids.
+        unsafe {
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+        }
+        fs::write(path, contents)
+    })
+    .join()
+    .expect("the writing thread panicked")
+}

@@ -169,7 +169,8 @@ fn every_process_of_a_sandbox_is_its_own_unprivileged_user_on_the_host() {
         }
         assert!(checked.len() >= 4, "{checked:?}");
         assert!(checked.iter().any(|c| c.contains("sleep")), "{checked:?}");
-        fs::write(format!("/proc/{shim}/root/tmp/sprout-release"), "").unwrap();
+        let release = format!("/proc/{shim}/root/tmp/sprout-release");
+        sprout_tests::write_as(uid, uid, &release, "").unwrap();
         (uid, ok_json(&call.join().unwrap()))
     });
     let (uid, seen) = seen;
@@ -667,9 +668,13 @@ const WHO_PY: &str = "import os\ndef f(event):\n    return [os.getuid(), os.getg
 fn live_sandboxes_never_share_a_uid_and_a_freed_one_is_reused() {
     let env = require_root!();
     let base: u64 = 3_000_000_000;
+    // The allocator of sandbox uids, with sandboxes made by libcontainer (a fork
+    // server takes the range's first uid: `forked::the_fork_server_takes_the_first_uid`).
     let d = env.daemon_with(&[
         "--stem-cells",
         "0",
+        "--new-sandboxes",
+        "create",
         "--sandbox-uid-base",
         "3000000000",
         "--sandbox-uids",
@@ -1049,7 +1054,8 @@ fn a_caller_in_a_sandbox_cgroup_is_heard_only_as_its_uid() {
         let uid = host_ids(shim).unwrap().uid[0];
         let inside = PathBuf::from(format!("/proc/{shim}/root/.sprout/agent.sock"));
         let as_sandbox = connect_from_cgroup(Some(uid), &procs, &inside);
-        fs::write(format!("/proc/{shim}/root/tmp/sprout-release"), "").unwrap();
+        let release = format!("/proc/{shim}/root/tmp/sprout-release");
+        sprout_tests::write_as(uid, uid, &release, "").unwrap();
         ok_json(&call.join().unwrap());
         assert_eq!(
             as_root,

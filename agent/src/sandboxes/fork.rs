@@ -203,10 +203,23 @@ fn start(sandboxes: &Sandboxes) -> Result<Server, Error> {
     Ok(Server { sandbox, shim })
 }
 
-/// Waits for the fork server's `ready` and maps its zygote's user namespace: inside
-/// 0 is the fork server's own host user, and the agent's sandbox users after it are
-/// themselves (`0 <uid> <count>`: one line, so the ids of the range above the fork
-/// server's, which is the range's first unless it had to be remade).
+/// The fork server's user namespace's map of uids or gids: inside 0 is the fork
+/// server's own host id `own`, and every id of the agent's range above it is itself
+/// (so a forked sandbox's processes see the ids the host sees). The ids of the range
+/// below `own` (none unless the fork server had to be remade) are not mapped: those
+/// sandboxes are created instead.
+fn id_map(own: u32, range: rootfs::SandboxUids) -> String {
+    let end = u64::from(range.base) + u64::from(range.count); // one past the last id
+    let above = end - u64::from(own) - 1;
+    let mut map = format!("0 {own} 1\n");
+    if above > 0 {
+        map += &format!("{} {} {above}\n", own + 1, own + 1);
+    }
+    map
+}
+
+/// Waits for the fork server's `ready` and maps its zygote's user namespace
+/// ([`id_map`]).
 fn map_zygote(
     sandbox: &mut Sandbox,
     shim: &mut ShimLink,
@@ -252,11 +265,9 @@ fn map_zygote(
             "the fork server's zygote (pid {pid}) is not in its cgroup"
         )));
     }
-    let count = range.base + range.count - user.uid;
     for (file, id) in [("uid_map", user.uid), ("gid_map", user.gid)] {
         let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, format!("0 {id} {count}\n"))
-            .map_err(|e| bad(format!("write {path}: {e}")))?;
+        std::fs::write(&path, id_map(id, range)).map_err(|e| bad(format!("write {path}: {e}")))?;
     }
     if exited(&pidfd) {
         return Err(bad(format!("the fork server's zygote (pid {pid}) exited")));
@@ -462,6 +473,19 @@ fn spec_err(path: &Path, e: &dyn std::error::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_id_map_is_the_fork_servers_id_then_the_range_above_it_as_itself() {
+        let range = rootfs::SandboxUids::new(1000, 10).unwrap();
+        assert_eq!(id_map(1000, range), "0 1000 1\n1001 1001 9\n");
+        assert_eq!(id_map(1004, range), "0 1004 1\n1005 1005 5\n");
+        assert_eq!(id_map(1009, range), "0 1009 1\n");
+        let top = rootfs::SandboxUids::new(rootfs::SandboxUids::MAX_ID - 1, 2).unwrap();
+        assert_eq!(
+            id_map(top.base, top),
+            format!("0 {} 1\n{} {} 1\n", top.base, top.base + 1, top.base + 1)
+        );
+    }
 
     #[test]
     fn the_plan_keeps_binds_and_dev_and_lists_proc_masks() {

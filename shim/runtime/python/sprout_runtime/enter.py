@@ -166,6 +166,7 @@ def wait_mapped():
         cap += 1
         if cap > 63:
             break
+    _halve_shared_limits()
     keep = sum(1 << c for c in KEEP_CAPS)
     header = _prepared.CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_prepared.CapData * 2)(_prepared.CapData(keep, keep, 0), _prepared.CapData(0, 0, 0))
@@ -229,6 +230,35 @@ def _load_seccomp():
     )
 
 
+# Per-user kernel limits counted per user namespace up to the host's: every sandbox
+# forked from this fork server is also counted, at the host's level, as the fork
+# server's user (the namespace's owner), so they share one budget there. Each
+# sandbox gets at most half of it (per uid in this namespace), so that one sandbox
+# alone can never exhaust it for the others.
+_SHARED_SYSCTLS = (
+    ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/user/max_inotify_instances"),
+    ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"),
+)
+
+
+def _halve_shared_limits():
+    for host, ours in _SHARED_SYSCTLS:
+        with open(host) as f:
+            limit = int(f.read())
+        with open(ours, "w") as f:
+            f.write(str(max(1, limit // 2)))
+
+
+def _halve_shared_rlimits():
+    """The rlimits counted the same way (POSIX message queue bytes, queued signals)."""
+    import resource
+
+    for which in (resource.RLIMIT_MSGQUEUE, resource.RLIMIT_SIGPENDING):
+        soft, hard = resource.getrlimit(which)
+        half = max(1, hard // 2) if hard != resource.RLIM_INFINITY else soft
+        resource.setrlimit(which, (min(soft, half), half))
+
+
 def _inside(host_id, map_file):
     """The id inside the fork server's user namespace of host id ``host_id``."""
     with open(map_file) as f:
@@ -240,6 +270,7 @@ def _inside(host_id, map_file):
 
 
 def _drop(host_uid, host_gid):
+    _halve_shared_rlimits()
     uid = _inside(host_uid, "/proc/self/uid_map")
     gid = _inside(host_gid, "/proc/self/gid_map")
     if uid == 0 or gid == 0:
