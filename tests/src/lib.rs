@@ -1237,3 +1237,14 @@ pub fn write_as(uid: u32, gid: u32, path: &str, contents: &str) -> std::io::Resu
     .join()
     .expect("the writing thread panicked")
 }
+
+/// Writes `contents` to `path`, a file in a sandbox's own file system as the host
+/// sees it (`/proc/<pid>/root/...`), as the owner of the directory it goes in (see
+/// [`write_as`]).
+pub fn write_into(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = fs::metadata(path.parent().unwrap_or(Path::new("/")))?;
+    // A sticky /tmp owned by root or the fork server's user: the writer must be an
+    // id mapped there; the directory's owner always is.
+    write_as(dir.uid(), dir.gid(), &path.to_string_lossy(), contents)
+}

@@ -971,10 +971,20 @@ fn the_state_directory_is_closed_to_host_accounts() {
 /// Connects to the call socket at argv[1] once it reads a line on stdin, sends a
 /// call of `hello`, and prints how many bytes of answer came before the agent
 /// closed (or 20 s passed).
-const CONNECTOR_PY: &str = r#"import json, socket, struct, sys
+const CONNECTOR_PY: &str = r#"import json, os, socket, struct, sys
+path = sys.argv[1]
+# Opened (O_PATH) as root, connected to as the given user through its descriptor: a
+# forked sandbox's files, seen through /proc/<pid>/root, are reachable only from its
+# own user namespace or by root.
+if len(sys.argv) > 2:
+    fd, uid = os.open(path, os.O_PATH), int(sys.argv[2])
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    path = f"/proc/self/fd/{fd}"
 sys.stdin.readline()
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(sys.argv[1])
+s.connect(path)
 hdr = json.dumps({"op": "call", "id": 1, "function": "hello", "depth": 1}).encode()
 event = json.dumps({"name": "sprout"}).encode()
 s.settimeout(20)
@@ -999,25 +1009,12 @@ print(json.dumps({"bytes": len(got), "answered": b"Hello, sprout!" in got}))
 /// Starts `CONNECTOR_PY` (as host uid `id`, or root), moves it into `cgroup_procs`
 /// (the sandbox's cgroup), lets it connect to `socket` and returns what it printed.
 fn connect_from_cgroup(id: Option<u32>, cgroup_procs: &Path, socket: &Path) -> Value {
-    let mut cmd = match id {
-        Some(id) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                format!("--reuid={id}"),
-                format!("--regid={id}"),
-                "--clear-groups".into(),
-                "--".into(),
-                PYTHON.into(),
-            ]);
-            c
-        }
-        None => Command::new(PYTHON),
-    };
-    cmd.arg("-c")
-        .arg(CONNECTOR_PY)
-        .arg(socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg("-c").arg(CONNECTOR_PY).arg(socket);
+    if let Some(id) = id {
+        cmd.arg(id.to_string()); // it becomes this user itself (see CONNECTOR_PY)
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut child = KillOnDrop::spawn(&mut cmd);
     fs::write(cgroup_procs, child.pid().to_string())
         .unwrap_or_else(|e| panic!("move into {}: {e}", cgroup_procs.display()));
