@@ -31,6 +31,10 @@ pub(super) const FORK_SERVER_MEMORY_MB: u64 = 64;
 pub(super) const FORK_SERVER_PIDS: u64 = 256;
 /// After the fork server failed to start, it is not tried again for this long.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// At most this many forked children wait at once to be moved out of the fork
+/// server's cgroup: until then what they write is charged to the fork server, whose
+/// memory limit must hold them all.
+const MAX_UNMOVED: usize = 8;
 /// Where the fork server's children read what they make (under `/.sprout`).
 const PLAN_FILE: &str = "forked.json";
 const SECCOMP_FILE: &str = "seccomp.bpf";
@@ -39,6 +43,20 @@ const SECCOMP_FILE: &str = "seccomp.bpf";
 #[derive(Debug)]
 pub(super) struct ForkServer {
     state: Mutex<State>,
+    /// Forked children not yet moved into their own cgroup, and its wake-up.
+    unmoved: Mutex<usize>,
+    moved: parking_lot::Condvar,
+}
+
+/// A forked child not yet moved out of the fork server's cgroup: its place among
+/// [`MAX_UNMOVED`] is given back when this is dropped (it was moved, or failed).
+pub(super) struct Unmoved<'a>(&'a ForkServer);
+
+impl Drop for Unmoved<'_> {
+    fn drop(&mut self) {
+        *self.0.unmoved.lock() -= 1;
+        self.0.moved.notify_one();
+    }
 }
 
 #[derive(Debug)]
@@ -102,6 +120,8 @@ impl ForkServer {
         write_public(&runtime_dir.join(SECCOMP_FILE), &bpf)?;
         Ok(ForkServer {
             state: Mutex::new(State::Down { retry_at: None }),
+            unmoved: Mutex::new(0),
+            moved: parking_lot::Condvar::new(),
         })
     }
 
@@ -112,9 +132,10 @@ impl ForkServer {
     }
 
     /// Has the fork server's zygote fork the child that makes sandbox `spec`;
-    /// returns the fork server's cgroup (where that child is until it is moved).
-    /// A fork server is made with `start` when there is none; one found dead is
-    /// given to `destroy`, and the next fork makes a new one.
+    /// returns the fork server's cgroup (where that child is until it is moved) and
+    /// the child's place among the unmoved ones (drop it once it is moved). A fork
+    /// server is made with `start` when there is none; one found dead is given to
+    /// `destroy`, and the next fork makes a new one.
     pub(super) fn fork(
         &self,
         spec: &SandboxSpec,
@@ -122,7 +143,15 @@ impl ForkServer {
         output: OwnedFd,
         start: impl FnOnce() -> Result<Server, Error>,
         destroy: impl FnOnce(Server),
-    ) -> Result<PathBuf, Error> {
+    ) -> Result<(PathBuf, Unmoved<'_>), Error> {
+        let unmoved = {
+            let mut n = self.unmoved.lock();
+            while *n >= MAX_UNMOVED {
+                self.moved.wait(&mut n);
+            }
+            *n += 1;
+            Unmoved(self)
+        };
         let mut state = self.state.lock();
         if let State::Down { retry_at } = &*state {
             if retry_at.is_some_and(|t| Instant::now() < t) {
@@ -148,7 +177,7 @@ impl ForkServer {
         let answer = server.shim.fork_sandbox(spec, &shim_end, &output);
         drop((shim_end, output));
         match answer {
-            Ok(Ok(_pid)) => Ok(server.sandbox.cgroup().to_path_buf()),
+            Ok(Ok(_pid)) => Ok((server.sandbox.cgroup().to_path_buf(), unmoved)),
             Ok(Err(message)) => Err(Error::Spawn {
                 sandbox: spec.sandbox.clone(),
                 function: String::new(),

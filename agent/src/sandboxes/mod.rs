@@ -539,7 +539,7 @@ impl Sandboxes {
             gid: user.gid,
             runtime,
         };
-        let server_cgroup = forks.fork(
+        let (server_cgroup, unmoved) = forks.fork(
             &spec,
             theirs.into_fd(),
             output_end,
@@ -576,6 +576,7 @@ impl Sandboxes {
         })
         .map_err(|e| fork::spec_err(cgroup, &e))?;
         pool::enter_cgroup(cgroup, child_pid, &limits)?;
+        drop(unmoved);
         if fork::exited(&child) {
             return Err(refused(format!(
                 "the forked child (pid {child_pid}) exited before it was in its cgroup"

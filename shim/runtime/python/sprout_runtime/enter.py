@@ -334,18 +334,11 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
     """The zygote's child: makes sandbox ``spec`` (see the module's doc). Returns the
     exit status; PID 1 never returns (it becomes the shim, after forking the
     sandbox's zygote, which runs ``zygote_main``)."""
-    zygote.close()
-    # The shim's descriptors: its channel on 0, the sandbox's output on 1 and 2;
-    # nothing else of the zygote's stays open.
-    os.dup2(chan_fd, 0)
-    os.dup2(output_fd, 1)
-    os.dup2(output_fd, 2)
-    os.closerange(3, 1 << 20)
-    for fd in (0, 1, 2):
-        os.set_inheritable(fd, True)
-    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
-    channel = Channel(socket.socket(fileno=os.dup(0)))
+    # Nothing before the move but the handshake: what this process writes until the
+    # agent has moved it is charged to the fork server (on cgroup v1 it moves with
+    # the process; the agent bounds how many children wait at once).
+    sock = socket.socket(fileno=chan_fd)
+    channel = Channel(sock)
     try:
         pidfd = os.pidfd_open(os.getpid())
         channel.send({"op": "forked"}, fds=[pidfd])
@@ -357,6 +350,19 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
             return 0
     except (ChannelClosed, OSError):
         return 0  # the agent gave up on this sandbox
+    zygote.close()
+    # The shim's descriptors: its channel on 0, the sandbox's output on 1 and 2;
+    # nothing else of the zygote's stays open.
+    os.dup2(chan_fd, 0)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    sock.detach()  # chan_fd goes with the others below, not with this object
+    os.closerange(3, 1 << 20)
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, True)
+    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
+    channel = Channel(socket.socket(fileno=os.dup(0)))
     try:
         _check(_prepared.libc.unshare(NAMESPACES), "unshare the sandbox's namespaces")
         socket.sethostname(spec["sandbox"])
