@@ -1,0 +1,1169 @@
+//! Forked sandboxes (issue 12), end to end: a sandbox forked from the fork server's
+//! zygote against one created by libcontainer, seen from the host.
+//!
+//! - `a_forked_sandbox_has_every_guarantee_of_a_created_one`: one daemon forks, one
+//!   creates (`--new-sandboxes create`); the same function, with limits of its own,
+//!   holds an instance in each. Namespaces, cgroup, limits, ids, capabilities,
+//!   `no_new_privs`, seccomp, rlimits and hostname of every process are compared, and
+//!   every descriptor of every process of both sandboxes is checked to be sprout's.
+//! - `the_fork_server_holds_no_host_privilege`: its shim and zygote are the range's
+//!   first uid on the host; the shim has no capability, the zygote only its four, in a
+//!   user namespace of its own that the fork server's uid owns, mapped as designed.
+//! - `killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves`.
+//! - `memory_a_forked_sandbox_touches_is_charged_to_it`: 48 MiB to the sandbox, not
+//!   to the fork server; the fork server's 64 MiB are reserved.
+//! - `forked_by_default_created_on_request_and_by_the_one_shot_cli`: status counters,
+//!   `X-Sprout-Start`, and no fork server where sandboxes are created.
+//! - `calls_and_siblings_run_in_forked_sandboxes`: an in-sandbox call (`/fns`) and a
+//!   `call_async` sibling.
+//!
+//! How each was seen to fail is said next to its assertions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sprout_tests::{
+    agent_cgroup_dir, all_pids, body_json, cgroup_v2, cmdline, example, json, require_root,
+    sandbox_cgroup_dir, text, under_ci, wait_for, write_as, ClientResponse, Daemon, Env, Value,
+};
+
+/// The shim's command line in a function's sandbox (`rootfs::SHIM_PATH`).
+const SHIM: &str = "/.sprout/shim";
+
+/// Each daemon of this file gets a uid range of its own (agents on one host must not
+/// overlap), above the default range so that no other test's agent shares it.
+const UID_BASE: u32 = 0x7000_0000 + 0x10000;
+const UID_COUNT: u32 = 1024;
+
+/// The fork server's memory limit (`agent/src/sandboxes/fork.rs`).
+const FORK_SERVER_MB: u64 = 64;
+
+/// `--sandbox-uid-base` and `--sandbox-uids` for the `n`th range of this file.
+fn range(n: u32) -> (u32, [String; 4]) {
+    let base = UID_BASE + n * UID_COUNT;
+    (
+        base,
+        [
+            "--sandbox-uid-base".into(),
+            base.to_string(),
+            "--sandbox-uids".into(),
+            UID_COUNT.to_string(),
+        ],
+    )
+}
+
+/// A daemon with `args` and the `n`th uid range.
+fn daemon(env: &Env, n: u32, args: &[&str]) -> (Daemon, u32) {
+    let (base, ids) = range(n);
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(ids.iter().map(String::as_str));
+    (env.daemon_with(&all), base)
+}
+
+/// Touches `event["mb"]` MiB, then (with `event["hold"]`) says so in
+/// `/tmp/sprout-ready` and waits until the host writes `/tmp/sprout-release` (30 s at
+/// most); returns who it ran as.
+const HOLD_PY: &str = r#"import os, socket, time
+
+def f(event):
+    held = bytearray(event.get("mb", 0) << 20)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    released = None
+    if event.get("hold"):
+        with open("/tmp/sprout-ready", "w") as fh:
+            fh.write(os.environ["SPROUT_SANDBOX"])
+        deadline = time.monotonic() + 30
+        while not os.path.exists("/tmp/sprout-release") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        released = os.path.exists("/tmp/sprout-release")
+        for p in ("/tmp/sprout-ready", "/tmp/sprout-release"):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+    return {"sandbox": os.environ["SPROUT_SANDBOX"], "hostname": socket.gethostname(),
+            "uid": os.getuid(), "held": len(held), "released": released}
+"#;
+
+// ---------------------------------------------------------------------------
+// What the host sees of a process
+
+/// The fork server's sandbox id.
+fn fork_server_id(agent: u32) -> String {
+    format!("sprout-{agent}.forks")
+}
+
+/// The processes in cgroup `sandbox` of `agent` (memory hierarchy on v1), live ones
+/// only; none when the cgroup does not exist.
+fn procs(agent: u32, sandbox: &str) -> Vec<u32> {
+    let file = sandbox_cgroup_dir(agent, sandbox, "memory").join("cgroup.procs");
+    fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&p| sprout_tests::alive(p))
+        .collect()
+}
+
+/// `/proc/<pid>/status` as field → value.
+fn status(pid: u32) -> BTreeMap<String, String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"))
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.to_owned(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
+        })
+        .collect()
+}
+
+/// The namespace `/proc/<pid>/ns/<kind>` names (`net:[4026531840]`).
+fn ns(pid: impl std::fmt::Display, kind: &str) -> String {
+    let link = format!("/proc/{pid}/ns/{kind}");
+    fs::read_link(&link)
+        .unwrap_or_else(|e| panic!("readlink {link}: {e}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The rlimits a sandbox sets, as `/proc/<pid>/limits` lists them.
+fn rlimits(pid: u32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/limits: {e}"))
+        .lines()
+        .filter(|l| {
+            ["Max core file size", "Max file size", "Max open files"]
+                .iter()
+                .any(|n| l.starts_with(n))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// `pid`'s cgroup in the memory and pids hierarchies (v1), or its one v2 cgroup.
+fn cgroups_of(pid: u32) -> Vec<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let wanted = if cgroup_v2() {
+                controllers.is_empty()
+            } else {
+                controllers.split(',').any(|c| c == "memory" || c == "pids")
+            };
+            wanted.then(|| format!("{controllers}:{path}"))
+        })
+        .collect()
+}
+
+/// A cgroup file of `sandbox`, trimmed.
+fn cg(agent: u32, sandbox: &str, controller: &str, file: &str) -> String {
+    let path = sandbox_cgroup_dir(agent, sandbox, controller).join(file);
+    fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .trim()
+        .to_owned()
+}
+
+/// The memory, memory+swap, pids and CPU limits of `sandbox` (v1 or v2 files).
+fn limits(agent: u32, sandbox: &str) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    let memory = sandbox_cgroup_dir(agent, sandbox, "memory");
+    if cgroup_v2() {
+        out.insert("memory", cg(agent, sandbox, "memory", "memory.max"));
+        if memory.join("memory.swap.max").exists() {
+            out.insert("swap", cg(agent, sandbox, "memory", "memory.swap.max"));
+        }
+        out.insert("pids", cg(agent, sandbox, "pids", "pids.max"));
+        out.insert("cpu", cg(agent, sandbox, "cpu", "cpu.max"));
+    } else {
+        out.insert(
+            "memory",
+            cg(agent, sandbox, "memory", "memory.limit_in_bytes"),
+        );
+        if memory.join("memory.memsw.limit_in_bytes").exists() {
+            out.insert(
+                "memsw",
+                cg(agent, sandbox, "memory", "memory.memsw.limit_in_bytes"),
+            );
+        }
+        out.insert("pids", cg(agent, sandbox, "pids", "pids.max"));
+        out.insert(
+            "cpu",
+            format!(
+                "{} {}",
+                cg(agent, sandbox, "cpu", "cpu.cfs_quota_us"),
+                cg(agent, sandbox, "cpu", "cpu.cfs_period_us")
+            ),
+        );
+    }
+    out
+}
+
+/// Memory charged to `sandbox`'s cgroup, in bytes.
+fn memory_usage(agent: u32, sandbox: &str) -> u64 {
+    let file = if cgroup_v2() {
+        "memory.current"
+    } else {
+        "memory.usage_in_bytes"
+    };
+    cg(agent, sandbox, "memory", file)
+        .parse()
+        .expect("memory usage is a number")
+}
+
+/// The fork server's shim and zygote (host pids), once it runs.
+fn fork_server(agent: u32) -> (u32, u32) {
+    let id = fork_server_id(agent);
+    wait_for(Duration::from_secs(10), || {
+        let pids = procs(agent, &id);
+        let shim = pids
+            .iter()
+            .copied()
+            .find(|&p| cmdline(p).starts_with(SHIM) && cmdline(p).contains("fork-server"));
+        let zygote = shim.and_then(|s| {
+            pids.iter()
+                .copied()
+                .find(|&p| sprout_tests::stat(p).is_some_and(|(_, ppid)| ppid == s))
+        });
+        match (shim, zygote) {
+            (Some(s), Some(z)) => Ok((s, z)),
+            _ => Err(format!(
+                "fork server {id}: processes {:?}",
+                pids.iter()
+                    .map(|&p| format!("{p} {}", cmdline(p)))
+                    .collect::<Vec<_>>()
+            )),
+        }
+    })
+    .unwrap_or_else(|e| panic!("no fork server shim and zygote: {e}"))
+}
+
+/// The sandbox whose instance is holding (its `/tmp/sprout-ready` exists), with its
+/// processes.
+fn held(d: &Daemon) -> (String, Vec<u32>) {
+    wait_for(Duration::from_secs(30), || {
+        for sandbox in d.sandboxes() {
+            let pids = procs(d.pid(), &sandbox);
+            if pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}/root/tmp/sprout-ready")).exists())
+            {
+                return Ok((sandbox, pids));
+            }
+        }
+        Err(())
+    })
+    .unwrap_or_else(|()| panic!("no instance is holding; log:\n{}", d.log()))
+}
+
+/// Lets the instance holding in `sandbox` return: writes its `/tmp/sprout-release` as
+/// the sandbox's user (a forked sandbox's `/tmp` belongs to its user namespace, where
+/// the host's root is not mapped).
+fn release(d: &Daemon, sandbox: &str) {
+    for p in procs(d.pid(), sandbox) {
+        let ready = format!("/proc/{p}/root/tmp/sprout-ready");
+        if Path::new(&ready).exists() {
+            let s = status(p);
+            let id = |k: &str| -> u32 { s[k].split(' ').next().unwrap().parse().unwrap() };
+            write_as(
+                id("Uid"),
+                id("Gid"),
+                &format!("/proc/{p}/root/tmp/sprout-release"),
+                "go",
+            )
+            .unwrap_or_else(|e| panic!("release {sandbox}: {e}"));
+            return;
+        }
+    }
+    panic!("{sandbox}: no process sees /tmp/sprout-ready");
+}
+
+/// Waits until the daemon has `n` stem cells ready.
+fn wait_stem_cells(d: &Daemon, n: u64) {
+    let ready = wait_for(Duration::from_secs(20), || {
+        let s = d.status();
+        (s["stem_cells"] == n).then_some(()).ok_or(s)
+    });
+    if let Err(s) = ready {
+        panic!("not {n} stem cells: {s}; log:\n{}", d.log());
+    }
+}
+
+#[track_caller]
+fn ok_json(r: &ClientResponse) -> Value {
+    assert_eq!(r.status, 200, "{}", text(r));
+    body_json(r)
+}
+
+fn header<'r>(r: &'r ClientResponse, name: &str) -> &'r str {
+    r.header(name).unwrap_or("")
+}
+
+/// `sandboxes_forked` and `sandboxes_created` of `GET /status`.
+fn made(d: &Daemon) -> (u64, u64) {
+    let s = d.status();
+    (
+        s["sandboxes_forked"].as_u64().expect("sandboxes_forked"),
+        s["sandboxes_created"].as_u64().expect("sandboxes_created"),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Descriptors (the judge of `hostile_descriptors.rs`)
+
+/// `(fd, link target)` of every descriptor of `pid`.
+fn fds(pid: u32) -> Vec<(u32, String)> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.parse().ok()?;
+                    let t = fs::read_link(e.path()).ok()?;
+                    Some((n, t.to_string_lossy().into_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every pipe and socket on the host and the processes holding it.
+fn holders() -> HashMap<String, HashSet<u32>> {
+    let mut by_object: HashMap<String, HashSet<u32>> = HashMap::new();
+    for p in all_pids() {
+        for (_, target) in fds(p) {
+            if target.starts_with("pipe:[") || target.starts_with("socket:[") {
+                by_object.entry(target).or_default().insert(p);
+            }
+        }
+    }
+    by_object
+}
+
+/// Unix sockets' peers (`ss -xa`) by inode, in the network namespace of `pid` (the
+/// host's with `None`).
+fn unix_peers(pid: Option<u32>, into: &mut HashMap<u64, u64>) {
+    let mut cmd = match pid {
+        Some(p) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/proc/{p}/ns/net")).arg("ss");
+            c
+        }
+        None => Command::new("ss"),
+    };
+    let out = cmd
+        .args(["-xaH"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?} (ss is in iproute2, nsenter in util-linux): {e}"));
+    assert!(out.status.success(), "ss: {out:?}");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 8 {
+            if let (Ok(ino), Ok(peer)) = (f[5].parse(), f[7].parse()) {
+                into.insert(ino, peer);
+            }
+        }
+    }
+}
+
+fn mount_ids(pid: u32) -> HashSet<u64> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn fd_mount_id(pid: u32, fd: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What the descriptors of a sandbox may lead to.
+struct Judge {
+    agent: u32,
+    holders: HashMap<String, HashSet<u32>>,
+    peers: HashMap<u64, u64>,
+    /// Host objects no descriptor may be: (dev, ino) → what.
+    forbidden: HashMap<(u64, u64), String>,
+}
+
+impl Judge {
+    /// What is wrong with descriptor `fd` (`target`) of `pid`, one of `inside` (the
+    /// sandbox's processes), or `None` when it is sprout's own.
+    fn judge(&self, pid: u32, fd: u32, target: &str, inside: &HashSet<u32>) -> Option<String> {
+        let ours = |object: &str| -> Result<(), String> {
+            let outside: Vec<String> = self
+                .holders
+                .get(object)
+                .into_iter()
+                .flatten()
+                .filter(|&&p| p != self.agent && !inside.contains(&p))
+                .map(|&p| format!("{p} ({})", cmdline(p)))
+                .collect();
+            if outside.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{object} is also held outside by {outside:?}"))
+            }
+        };
+        if target.starts_with("pipe:[") {
+            return ours(target).err();
+        }
+        if let Some(ino) = target
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            if let Err(e) = ours(target) {
+                return Some(e);
+            }
+            let ino: u64 = ino.parse().ok()?;
+            return match self.peers.get(&ino) {
+                None => Some(format!("{target} is no Unix socket of the host or sandbox")),
+                Some(0) => Some(format!("{target} has no peer")),
+                Some(&peer) => {
+                    let peer_object = format!("socket:[{peer}]");
+                    if !self.holders.contains_key(&peer_object) {
+                        Some(format!("{target}'s peer {peer_object} is held by nobody"))
+                    } else {
+                        ours(&peer_object)
+                            .err()
+                            .map(|e| format!("{target}'s peer: {e}"))
+                    }
+                }
+            };
+        }
+        let anon = [
+            "anon_inode:[eventfd]",
+            "anon_inode:[signalfd]",
+            "anon_inode:[eventpoll]",
+            "anon_inode:[timerfd]",
+            "anon_inode:inotify",
+        ];
+        if anon.contains(&target) || target.starts_with("/memfd:") {
+            return None;
+        }
+        if !target.starts_with('/') {
+            return Some(format!("{target} is not sprout's (a namespace or other kernel object)"));
+        }
+        let meta = match fs::metadata(format!("/proc/{pid}/fd/{fd}")) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{target}: stat: {e}")),
+        };
+        if let Some(what) = self.forbidden.get(&(meta.dev(), meta.ino())) {
+            return Some(format!("{target} is {what}"));
+        }
+        match fd_mount_id(pid, fd) {
+            Some(id) if mount_ids(pid).contains(&id) => None,
+            Some(id) => Some(format!(
+                "{target} is on mount {id}, not in the sandbox's mount namespace"
+            )),
+            None => Some(format!("{target}: no mnt_id in fdinfo")),
+        }
+    }
+
+    /// Every descriptor of every process of `pids` (one sandbox): all of them listed,
+    /// and what is wrong with any.
+    fn sandbox(&mut self, name: &str, pids: &[u32]) -> (Vec<String>, Vec<String>) {
+        unix_peers(Some(pids[0]), &mut self.peers);
+        let inside: HashSet<u32> = pids.iter().copied().collect();
+        let (mut all, mut bad) = (Vec::new(), Vec::new());
+        for &pid in pids {
+            for (fd, target) in fds(pid) {
+                let line = format!("{name} {pid} ({}) fd {fd} → {target}", cmdline(pid));
+                if let Some(why) = self.judge(pid, fd, &target, &inside) {
+                    bad.push(format!("{line}: {why}"));
+                }
+                all.push(line);
+            }
+        }
+        (all, bad)
+    }
+}
+
+fn judge(env: &Env, agent: u32) -> Judge {
+    let state = env.state_dir().join(agent.to_string());
+    let mut forbidden = HashMap::new();
+    for (path, what) in [
+        (PathBuf::from("/"), "the host's root"),
+        (env.state_dir().to_path_buf(), "the state root"),
+        (state.clone(), "the agent's state directory"),
+        (state.join("lock"), "the state directory's lock"),
+        (env.work_dir().to_path_buf(), "the test's scratch directory"),
+    ] {
+        if let Ok(m) = fs::metadata(&path) {
+            forbidden.insert((m.dev(), m.ino()), format!("{what} ({})", path.display()));
+        }
+    }
+    // The daemons' logs.
+    for e in fs::read_dir(env.work_dir()).unwrap().filter_map(Result::ok) {
+        if e.file_name().to_string_lossy().ends_with(".log") {
+            let m = e.metadata().unwrap();
+            forbidden.insert(
+                (m.dev(), m.ino()),
+                format!("a daemon's log ({})", e.path().display()),
+            );
+        }
+    }
+    let mut peers = HashMap::new();
+    unix_peers(None, &mut peers);
+    Judge {
+        agent,
+        holders: holders(),
+        peers,
+        forbidden,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. The same guarantees
+
+/// What one held sandbox looks like from the host.
+struct Seen {
+    agent: u32,
+    sandbox: String,
+    pids: Vec<u32>,
+}
+
+impl Seen {
+    /// The namespaces of kind `kind` its processes are in.
+    fn namespaces(&self, kind: &str) -> BTreeSet<String> {
+        self.pids.iter().map(|&p| ns(p, kind)).collect()
+    }
+
+    /// One value of `f` for all its processes (asserted), with the process it came from.
+    fn one<T: Ord + std::fmt::Debug + Clone>(&self, what: &str, f: impl Fn(u32) -> T) -> T {
+        let all: BTreeMap<u32, T> = self.pids.iter().map(|&p| (p, f(p))).collect();
+        let values: BTreeSet<T> = all.values().cloned().collect();
+        assert_eq!(
+            values.len(),
+            1,
+            "{}: its processes differ in {what}: {all:?}",
+            self.sandbox
+        );
+        values.into_iter().next().unwrap()
+    }
+}
+
+/// The privilege of a process as `/proc/<pid>/status` says.
+fn privilege(pid: u32) -> Vec<String> {
+    let s = status(pid);
+    ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh", "NoNewPrivs", "Seccomp"]
+        .iter()
+        .map(|k| format!("{k} {}", s.get(*k).map_or("?", String::as_str)))
+        .collect()
+}
+
+/// All four uids, all four gids and the groups of a process, as the host sees them.
+fn ids(pid: u32) -> (String, String, String) {
+    let s = status(pid);
+    (s["Uid"].clone(), s["Gid"].clone(), s["Groups"].clone())
+}
+
+#[test]
+fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
+    let env = require_root!();
+    let (forking, fork_base) = daemon(&env, 0, &["--stem-cells", "0"]);
+    let (creating, create_base) =
+        daemon(&env, 1, &["--stem-cells", "0", "--new-sandboxes", "create"]);
+    let dir = env.function("hold", &[("f.py", HOLD_PY)]);
+    let limits_json = json!({"memory_mb": 96, "cpus": 0.5, "pids": 32, "timeout_ms": 60000});
+    for d in [&forking, &creating] {
+        d.register("hold", &dir, limits_json.clone());
+    }
+
+    thread::scope(|s| {
+        let calls: Vec<_> = [&forking, &creating]
+            .map(|d| s.spawn(move || d.invoke("hold", r#"{"hold": true}"#)))
+            .into();
+        let (fsb, fpids) = held(&forking);
+        let (csb, cpids) = held(&creating);
+        let f = Seen {
+            agent: forking.pid(),
+            sandbox: fsb.clone(),
+            pids: fpids,
+        };
+        let c = Seen {
+            agent: creating.pid(),
+            sandbox: csb.clone(),
+            pids: cpids,
+        };
+        let (fs_shim, fs_zygote) = fork_server(forking.pid());
+        let server: Vec<u32> = procs(forking.pid(), &fork_server_id(forking.pid()));
+        eprintln!(
+            "forked {fsb}: {:?}; created {csb}: {:?}; fork server: {server:?}",
+            f.pids, c.pids
+        );
+        for seen in [&f, &c] {
+            // Shim, zygote, the instance, and the spare the shim forked.
+            assert!(
+                seen.pids.len() >= 3,
+                "{}: processes {:?}",
+                seen.sandbox,
+                seen.pids
+            );
+            assert!(
+                seen.pids.iter().any(|&p| cmdline(p) == SHIM),
+                "{}: no shim among {:?}",
+                seen.sandbox,
+                seen.pids
+            );
+        }
+        // No process of the creating daemon's is a fork server's.
+        assert!(
+            !agent_cgroup_dir(creating.pid(), "memory")
+                .join(fork_server_id(creating.pid()))
+                .exists(),
+            "--new-sandboxes create made a fork server"
+        );
+
+        // Namespaces: each sandbox's own, one per kind for all its processes, none the
+        // host's, the fork server's or the other sandbox's. (Seen failing with the
+        // fork server's processes counted as the forked sandbox's.)
+        for kind in ["pid", "mnt", "net", "ipc", "uts", "cgroup"] {
+            let host = ns("self", kind);
+            let server_ns: BTreeSet<String> = server.iter().map(|&p| ns(p, kind)).collect();
+            let (fns, cns) = (f.namespaces(kind), c.namespaces(kind));
+            for (seen, mine, other) in [(&f, &fns, &cns), (&c, &cns, &fns)] {
+                assert_eq!(
+                    mine.len(),
+                    1,
+                    "{}: its processes are in several {kind} namespaces: {mine:?}",
+                    seen.sandbox
+                );
+                let one = mine.first().unwrap();
+                assert_ne!(one, &host, "{}: the host's {kind} namespace", seen.sandbox);
+                assert!(
+                    !server_ns.contains(one),
+                    "{}: the fork server's {kind} namespace {one}",
+                    seen.sandbox
+                );
+                assert!(
+                    !other.contains(one),
+                    "{}: the other sandbox's {kind} namespace {one}",
+                    seen.sandbox
+                );
+            }
+        }
+        // The user namespace: the forked one's is the fork server zygote's (not the
+        // host's, nor the fork server shim's), the created one's the host's.
+        let host_user = ns("self", "user");
+        let zygote_user = ns(fs_zygote, "user");
+        assert_ne!(zygote_user, host_user, "the fork server's zygote is in the host's user namespace");
+        assert_eq!(ns(fs_shim, "user"), host_user, "the fork server's shim");
+        assert_eq!(
+            f.namespaces("user"),
+            BTreeSet::from([zygote_user.clone()]),
+            "{fsb}: its user namespace is the fork server zygote's"
+        );
+        assert_eq!(
+            c.namespaces("user"),
+            BTreeSet::from([host_user]),
+            "{csb}: a created sandbox is in the host's user namespace"
+        );
+
+        // Cgroups: every process in its sandbox's (memory and pids), and the limits
+        // the function asked for, the same for both. (Seen failing: the expectation set
+        // to 128 MiB for the forked sandbox alone.)
+        for seen in [&f, &c] {
+            let want = format!("/sprout/{}/{}", seen.agent, seen.sandbox);
+            for &p in &seen.pids {
+                let lines = cgroups_of(p);
+                assert!(!lines.is_empty(), "{}: process {p} has no cgroup", seen.sandbox);
+                for line in &lines {
+                    assert!(
+                        line.ends_with(&format!(":{want}")),
+                        "{}: process {p} ({}) is in {line}, not {want}",
+                        seen.sandbox,
+                        cmdline(p)
+                    );
+                }
+            }
+        }
+        let (fl, cl) = (limits(f.agent, &fsb), limits(c.agent, &csb));
+        eprintln!("limits: forked {fl:?}, created {cl:?}");
+        assert_eq!(fl, cl, "the limits of {fsb} (forked) and {csb} (created)");
+        if cgroup_v2() {
+            assert_eq!(fl["memory"], (96u64 << 20).to_string());
+            assert_eq!(fl["cpu"], "50000 100000");
+        } else {
+            assert_eq!(fl["memory"], (96u64 << 20).to_string());
+            match fl.get("memsw") {
+                Some(m) => assert_eq!(m, &(96u64 << 20).to_string(), "memory+swap"),
+                None if under_ci() => panic!("no memory.memsw.limit_in_bytes: swap accounting is off"),
+                None => eprintln!("*** NOT CHECKED: swap accounting is off"),
+            }
+            let (quota, period) = fl["cpu"].split_once(' ').unwrap();
+            let ratio = quota.parse::<f64>().unwrap() / period.parse::<f64>().unwrap();
+            assert!((ratio - 0.5).abs() < 0.01, "cpu {}", fl["cpu"]);
+        }
+        assert_eq!(fl["pids"], "32");
+
+        // Users: each sandbox one user of its daemon's range in every slot, gid =
+        // uid, no groups. (Seen failing: the range of the created daemon given to the
+        // forked one's check.)
+        // The forked daemon's first uid is its fork server's; the creating daemon has
+        // none, so its first sandbox takes the first.
+        for (seen, first) in [(&f, fork_base + 1), (&c, create_base)] {
+            let (uid, gid, groups) = seen.one("uids, gids and groups", ids);
+            let uids: Vec<u32> = uid.split(' ').map(|v| v.parse().unwrap()).collect();
+            assert_eq!(uids.len(), 4, "{}: Uid {uid}", seen.sandbox);
+            assert!(
+                uids.iter().all(|&u| u == uids[0]),
+                "{}: Uid {uid}",
+                seen.sandbox
+            );
+            assert_eq!(
+                uids[0], first,
+                "{}: uid {} is not the first sandbox uid of its daemon's range",
+                seen.sandbox, uids[0]
+            );
+            assert_eq!(gid, uid, "{}: gid", seen.sandbox);
+            assert_eq!(groups, "", "{}: supplementary groups", seen.sandbox);
+        }
+
+        // Privilege: the same for every process of both, and none. (Seen failing with
+        // enter.py's bounding-set drop removed: CapBnd of the forked sandbox was
+        // 00000000002001c0.)
+        let fp = f.one("privilege", privilege);
+        let cp = c.one("privilege", privilege);
+        assert_eq!(fp, cp, "privilege of {fsb} (forked) and {csb} (created)");
+        let none: Vec<String> = [
+            "CapEff 0000000000000000",
+            "CapPrm 0000000000000000",
+            "CapBnd 0000000000000000",
+            "CapAmb 0000000000000000",
+            "CapInh 0000000000000000",
+            "NoNewPrivs 1",
+            "Seccomp 2",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(fp, none, "{fsb}: privilege");
+
+        // rlimits: core, fsize, nofile the same.
+        let fr = f.one("rlimits", rlimits);
+        let cr = c.one("rlimits", rlimits);
+        assert_eq!(fr.len(), 3, "{fr:?}");
+        assert_eq!(fr, cr, "rlimits of {fsb} (forked) and {csb} (created)");
+
+        // Descriptors: every one of every process is sprout's own. (Seen failing with
+        // a descriptor of the fork server's zygote left open in the child: enter.py's
+        // `closerange(3, ...)` made `closerange(4, ...)`.)
+        let mut all = Vec::new();
+        let mut bad = Vec::new();
+        for (seen, d) in [(&f, &forking), (&c, &creating)] {
+            let mut j = judge(&env, d.pid());
+            let (a, b) = j.sandbox(&seen.sandbox, &seen.pids);
+            all.extend(a);
+            bad.extend(b);
+        }
+        eprintln!("{} descriptors:\n  {}", all.len(), all.join("\n  "));
+        assert!(
+            bad.is_empty(),
+            "descriptors that are not sprout's own:\n  {}\nall of them:\n  {}",
+            bad.join("\n  "),
+            all.join("\n  ")
+        );
+
+        release(&forking, &fsb);
+        release(&creating, &csb);
+        for (call, (seen, first)) in calls.into_iter().zip([(&f, fork_base + 1), (&c, create_base)]) {
+            let r = ok_json(&call.join().unwrap());
+            assert_eq!(r["released"], true, "{r}");
+            assert_eq!(r["sandbox"], seen.sandbox.as_str(), "{r}");
+            // The hostname inside is the sandbox id.
+            assert_eq!(r["hostname"], seen.sandbox.as_str(), "{r}");
+            // Inside, the function sees its host uid (the forked sandbox's user
+            // namespace maps the range to itself).
+            assert_eq!(r["uid"], first, "{r}");
+        }
+    });
+    assert_eq!(made(&forking), (1, 0), "the forking daemon forked its sandbox");
+    assert_eq!(made(&creating), (0, 1), "the creating daemon created its sandbox");
+}
+
+// ---------------------------------------------------------------------------
+// 2. The fork server's privilege
+
+/// The owner uid and the parent of user namespace `/proc/<pid>/ns/user`
+/// (`NS_GET_OWNER_UID`, `NS_GET_PARENT`: ioctl_ns(2)).
+fn user_ns_owner_and_parent(pid: u32) -> (u32, String) {
+    const NS_GET_PARENT: libc::c_ulong = 0xb702;
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+    let file = fs::File::open(format!("/proc/{pid}/ns/user")).expect("open ns/user");
+    let mut owner: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer, which is valid.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_OWNER_UID, &mut owner) };
+    assert_eq!(r, 0, "NS_GET_OWNER_UID: {}", std::io::Error::last_os_error());
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor or -1.
+    let parent = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_PARENT) };
+    assert!(parent >= 0, "NS_GET_PARENT: {}", std::io::Error::last_os_error());
+    let link = fs::read_link(format!("/proc/self/fd/{parent}")).unwrap();
+    // SAFETY: `parent` is a descriptor this function owns.
+    unsafe { libc::close(parent) };
+    (owner, link.to_string_lossy().into_owned())
+}
+
+#[test]
+fn the_fork_server_holds_no_host_privilege() {
+    let env = require_root!();
+    let (d, base) = daemon(&env, 2, &["--stem-cells", "1"]);
+    // Once a stem cell was forked, the zygote is mapped and has dropped what it does
+    // not keep.
+    wait_stem_cells(&d, 1);
+    let (shim, zygote) = fork_server(d.pid());
+    let host_user = ns("self", "user");
+
+    // Both are the range's first uid in every slot, without groups. (Seen failing
+    // with the expected uid made base + 1.)
+    let want = format!("{base} {base} {base} {base}");
+    for (what, p) in [("shim", shim), ("zygote", zygote)] {
+        let (uid, gid, groups) = ids(p);
+        assert_eq!(uid, want, "the fork server's {what} (pid {p}): Uid");
+        assert_eq!(gid, want, "the fork server's {what} (pid {p}): Gid");
+        assert_eq!(groups, "", "the fork server's {what} (pid {p}): Groups");
+    }
+    // The shim: nothing, in the host's user namespace.
+    let s = status(shim);
+    for k in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert_eq!(s[k], "0000000000000000", "the fork server's shim: {k}");
+    }
+    assert_eq!(s["NoNewPrivs"], "1", "the fork server's shim");
+    assert_eq!(s["Seccomp"], "2", "the fork server's shim");
+    assert_eq!(ns(shim, "user"), host_user, "the fork server's shim's user namespace");
+
+    // The zygote: SYS_ADMIN, SETUID, SETGID, SETPCAP, in a user namespace of its own,
+    // made by (owned by) the fork server's uid, a child of the host's. (Seen failing
+    // with KEEP_CAPS in enter.py given CAP_DAC_OVERRIDE too.)
+    let z = status(zygote);
+    for k in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(z[k], "00000000002001c0", "the fork server's zygote: {k}");
+    }
+    for k in ["CapAmb", "CapInh"] {
+        assert_eq!(z[k], "0000000000000000", "the fork server's zygote: {k}");
+    }
+    assert_eq!(z["NoNewPrivs"], "1", "the fork server's zygote");
+    assert_eq!(z["Seccomp"], "2", "the fork server's zygote");
+    assert_ne!(ns(zygote, "user"), host_user, "the zygote is in the host's user namespace");
+    let (owner, parent) = user_ns_owner_and_parent(zygote);
+    assert_eq!(owner, base, "the owner of the zygote's user namespace");
+    assert_eq!(parent, host_user, "the parent of the zygote's user namespace");
+    // Its maps: inside 0 is the fork server's uid, the rest of the range itself.
+    for file in ["uid_map", "gid_map"] {
+        let map: Vec<Vec<u32>> = fs::read_to_string(format!("/proc/{zygote}/{file}"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().map(|v| v.parse().unwrap()).collect())
+            .collect();
+        assert_eq!(
+            map,
+            vec![vec![0, base, 1], vec![base + 1, base + 1, UID_COUNT - 1]],
+            "the zygote's {file}"
+        );
+    }
+    // Its namespaces other than the user one are the fork server's sandbox's (the
+    // shim's), none the host's.
+    for kind in ["pid", "mnt", "net", "ipc", "uts", "cgroup"] {
+        assert_eq!(ns(zygote, kind), ns(shim, kind), "{kind} of the zygote and its shim");
+        assert_ne!(ns(shim, kind), ns("self", kind), "the fork server's {kind} namespace");
+    }
+    // Its seccomp filter cannot be probed from the host beyond `Seccomp: 2`; the
+    // filter of a sandbox forked from it (stacked on it) is probed by the isolation
+    // tests, which run forked sandboxes by default.
+    //
+    // Its cgroup: the fork server's, 64 MiB.
+    assert_eq!(
+        cg(d.pid(), &fork_server_id(d.pid()), "memory", if cgroup_v2() { "memory.max" } else { "memory.limit_in_bytes" }),
+        (FORK_SERVER_MB << 20).to_string()
+    );
+    // Nothing of the fork server is among the pool's sandboxes.
+    let st = d.status();
+    assert_eq!(st["sandboxes"], 1, "the stem cell only: {st}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Killing the fork server
+
+#[test]
+fn killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves() {
+    let env = require_root!();
+    let (d, _) = daemon(&env, 3, &["--stem-cells", "0"]);
+    let dir = env.function("hold", &[("f.py", HOLD_PY)]);
+    d.register("hold", &dir, json!({}));
+    d.register("other", &dir, json!({}));
+    d.register("third", &dir, json!({}));
+    let first = ok_json(&d.invoke("hold", "{}"));
+    let sandbox = first["sandbox"].as_str().unwrap().to_owned();
+    let victims = procs(d.pid(), &sandbox);
+    assert!(victims.len() >= 3, "{sandbox}: {victims:?}");
+    let (shim, zygote) = fork_server(d.pid());
+    let (forked, created) = made(&d);
+    assert_eq!((forked, created), (1, 0));
+
+    // SIGKILL to the fork server's shim alone (a pid this test found in its cgroup).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the fork server's shim");
+    // Its pid namespace ends, and with it the nested ones of the sandboxes forked
+    // from it. (Seen failing with the wait pointed at a created sandbox's processes.)
+    let gone = wait_for(Duration::from_secs(10), || {
+        let left: Vec<u32> = victims
+            .iter()
+            .chain([&zygote])
+            .copied()
+            .filter(|&p| sprout_tests::alive(p))
+            .collect();
+        left.is_empty().then_some(()).ok_or(left)
+    });
+    if let Err(left) = gone {
+        panic!("still alive after the fork server's death: {left:?}");
+    }
+
+    // The agent sees its instance dead (its pool manager looks every 250 ms) and
+    // destroys its sandbox; the next call is served from a new one.
+    let noticed = wait_for(Duration::from_secs(5), || {
+        let s = d.status();
+        (s["sandboxes"] == 0 && d.sandboxes().is_empty()).then_some(()).ok_or(s)
+    });
+    if let Err(s) = noticed {
+        panic!("the dead sandbox {sandbox} is still the daemon's: {s}; log:\n{}", d.log());
+    }
+    let again = ok_json(&d.invoke("hold", "{}"));
+    assert_ne!(again["sandbox"], sandbox.as_str(), "{again}");
+    // The first new sandbox after the death is created (its fork finds the fork
+    // server gone); the next makes a new fork server, but its own uid was taken
+    // before the fork server's, so it is below the new one's map and created too
+    // (reported: the agent could tell before forking). The one after is forked.
+    let next = ok_json(&d.invoke("other", "{}"));
+    let third = ok_json(&d.invoke("third", "{}"));
+    let (forked_after, created_after) = made(&d);
+    eprintln!(
+        "after the kill: {} then {} then {}; forked {forked_after}, created {created_after}",
+        again["sandbox"], next["sandbox"], third["sandbox"]
+    );
+    assert!(
+        forked_after > forked,
+        "no sandbox was forked after the fork server died: forked {forked_after}, created \
+         {created_after}; log:\n{}",
+        d.log()
+    );
+    let (new_shim, _) = fork_server(d.pid());
+    assert_ne!(new_shim, shim, "the fork server was made again");
+    for name in ["hold", "other", "third"] {
+        ok_json(&d.invoke(name, "{}"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. Memory
+
+#[test]
+fn memory_a_forked_sandbox_touches_is_charged_to_it() {
+    let env = require_root!();
+    let (d, _) = daemon(&env, 4, &["--stem-cells", "0"]);
+    let dir = env.function("hold", &[("f.py", HOLD_PY)]);
+    d.register("hold", &dir, json!({"memory_mb": 128, "timeout_ms": 60000}));
+    let r = ok_json(&d.invoke("hold", "{}"));
+    let sandbox = r["sandbox"].as_str().unwrap().to_owned();
+    let server = fork_server_id(d.pid());
+    let st = d.status();
+    let (reserved, sandboxes) = (st["reserved_mb"].as_u64().unwrap(), st["sandboxes"].as_u64().unwrap());
+    // One sandbox of the default memory (reserved as it was made) and the fork server.
+    // (Seen failing with the fork server's 64 MiB left out of the sum.)
+    eprintln!("status with one sandbox and the fork server: {st}");
+    assert_eq!(sandboxes, 1, "{st}");
+    assert!(
+        reserved >= FORK_SERVER_MB + 64,
+        "reserved_mb {reserved} does not count the fork server's {FORK_SERVER_MB} MiB: {st}"
+    );
+
+    let (sandbox_before, server_before) = (memory_usage(d.pid(), &sandbox), memory_usage(d.pid(), &server));
+    thread::scope(|s| {
+        let call = s.spawn(|| d.invoke("hold", r#"{"hold": true, "mb": 48}"#));
+        let (held_in, _) = held(&d);
+        assert_eq!(held_in, sandbox);
+        let (sandbox_after, server_after) = (memory_usage(d.pid(), &sandbox), memory_usage(d.pid(), &server));
+        release(&d, &sandbox);
+        let r = ok_json(&call.join().unwrap());
+        assert_eq!(r["held"], 48 << 20, "{r}");
+        let grew = sandbox_after as i64 - sandbox_before as i64;
+        let server_grew = server_after as i64 - server_before as i64;
+        eprintln!(
+            "48 MiB touched: the sandbox's charge grew by {:.1} MiB ({sandbox_before} → {sandbox_after}), \
+             the fork server's by {:.2} MiB ({server_before} → {server_after})",
+            grew as f64 / 1048576.0,
+            server_grew as f64 / 1048576.0
+        );
+        // (Seen failing with the two cgroups swapped.)
+        assert!(grew >= 48 << 20, "the sandbox's charge grew by {grew} bytes only");
+        assert!(server_grew < 4 << 20, "the fork server's charge grew by {server_grew} bytes");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 5. Status and modes
+
+#[test]
+fn forked_by_default_created_on_request_and_by_the_one_shot_cli() {
+    let env = require_root!();
+    let dir = env.function("hold", &[("f.py", HOLD_PY)]);
+
+    // The default: stem cells are forked, and so is a cold start with none ready.
+    {
+        let (d, _) = daemon(&env, 5, &["--stem-cells", "1"]);
+        wait_stem_cells(&d, 1);
+        assert_eq!(made(&d), (1, 0), "the stem cell was forked");
+        d.register("a", &dir, json!({}));
+        let r = d.invoke("a", "{}");
+        ok_json(&r);
+        assert_eq!(header(&r, "X-Sprout-Start"), "stem_cell");
+    }
+    {
+        let (d, _) = daemon(&env, 6, &["--stem-cells", "0"]);
+        d.register("a", &dir, json!({}));
+        d.register("b", &dir, json!({}));
+        for (name, n) in [("a", 1), ("b", 2)] {
+            let r = d.invoke(name, "{}");
+            ok_json(&r);
+            assert_eq!(header(&r, "X-Sprout-Start"), "new_sandbox");
+            // (Seen failing under --new-sandboxes create.)
+            assert_eq!(made(&d), (n, 0), "a cold start with no stem cell forks");
+        }
+    }
+
+    // --new-sandboxes create: no fork server, ever.
+    {
+        let (d, _) = daemon(&env, 7, &["--stem-cells", "1", "--new-sandboxes", "create"]);
+        let forks = agent_cgroup_dir(d.pid(), "memory").join(fork_server_id(d.pid()));
+        d.register("a", &dir, json!({}));
+        d.register("b", &dir, json!({}));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut n = 0;
+        while Instant::now() < deadline || n < 3 {
+            assert!(!forks.exists(), "{} exists under --new-sandboxes create", forks.display());
+            if n < 3 {
+                ok_json(&d.invoke(["a", "b", "a"][n], "{}"));
+                n += 1;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let (forked, created) = made(&d);
+        assert_eq!(forked, 0, "--new-sandboxes create forked");
+        assert!(created >= 2, "created {created}");
+    }
+
+    // The one-shot CLI creates: while it runs, its agent has a sandbox and no fork
+    // server. (Seen failing with the check looking for the sandbox's own cgroup.)
+    let mut child = env
+        .sprout()
+        .arg("invoke")
+        .arg(&dir)
+        .arg(r#"{"hold": true}"#)
+        .spawn();
+    let agent = child.id();
+    let root = agent_cgroup_dir(agent, "memory");
+    let sandbox = wait_for(Duration::from_secs(20), || {
+        let names = sprout_tests::sandbox_cgroups(agent);
+        match names.first() {
+            Some(s) if !procs(agent, s).is_empty() => Ok(s.clone()),
+            _ => Err(names),
+        }
+    });
+    let sandbox = match sandbox {
+        Ok(s) => s,
+        Err(names) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the one-shot agent {agent} made no sandbox: {names:?}");
+        }
+    };
+    let forks = root.join(fork_server_id(agent));
+    let had_forks = forks.exists();
+    let ready = wait_for(Duration::from_secs(20), || {
+        let p = procs(agent, &sandbox);
+        p.iter()
+            .any(|p| Path::new(&format!("/proc/{p}/root/tmp/sprout-ready")).exists())
+            .then_some(())
+            .ok_or(())
+    });
+    let had_forks = had_forks || forks.exists();
+    let user = procs(agent, &sandbox).first().map(|&p| ns(p, "user"));
+    if ready.is_ok() {
+        for p in procs(agent, &sandbox) {
+            let ready = format!("/proc/{p}/root/tmp/sprout-ready");
+            if Path::new(&ready).exists() {
+                let s = status(p);
+                let id = |k: &str| -> u32 { s[k].split(' ').next().unwrap().parse().unwrap() };
+                let _ = write_as(id("Uid"), id("Gid"), &format!("/proc/{p}/root/tmp/sprout-release"), "go");
+                break;
+            }
+        }
+    }
+    let exit = wait_for(Duration::from_secs(30), || child.try_wait().unwrap().ok_or(()));
+    if exit.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("sprout invoke did not finish");
+    }
+    assert!(ready.is_ok(), "the one-shot's instance never held");
+    assert!(exit.unwrap().success(), "sprout invoke failed");
+    assert!(!had_forks, "the one-shot CLI made a fork server ({})", forks.display());
+    assert_eq!(user, Some(ns("self", "user")), "the one-shot's sandbox is a created one (host user namespace)");
+    env.assert_clean_within(agent, Duration::from_secs(5));
+}
+
+// ---------------------------------------------------------------------------
+// 6. Calls
+
+const ASYNC_PY: &str = r#"import sprout, os
+
+def f(event):
+    future = sprout.call_async("ponger", {"from": "async"})
+    return {"sibling": future.result(timeout=30), "me": os.environ["SPROUT_SANDBOX"]}
+"#;
+
+#[test]
+fn calls_and_siblings_run_in_forked_sandboxes() {
+    let env = require_root!();
+    let (d, _) = daemon(&env, 8, &["--stem-cells", "0"]);
+    d.register("pinger", &example("pinger"), json!({}));
+    d.register("ponger", &example("ponger"), json!({}));
+    let asyncer = env.function("asyncer", &[("f.py", ASYNC_PY)]);
+    d.register("asyncer", &asyncer, json!({}));
+
+    // In the caller's sandbox: the callee attached under /fns, forked from its zygote.
+    let r = ok_json(&d.invoke("pinger", r#""ponger""#));
+    assert_eq!(r, json!("ping to ponger...pong from ponger: ponged"));
+    assert_eq!(made(&d), (1, 0), "the pinger's sandbox is forked; its call stays in it");
+
+    // A sibling: another forked sandbox.
+    let r = ok_json(&d.invoke("asyncer", "{}"));
+    assert_eq!(r["sibling"], "ponged", "{r}");
+    let (forked, created) = made(&d);
+    assert_eq!(created, 0, "nothing was created");
+    assert!(forked >= 3, "the caller's and its sibling's sandboxes were forked: {forked}");
+    // Every sandbox is in the fork server zygote's user namespace.
+    let (_, zygote) = fork_server(d.pid());
+    let zygote_user = ns(zygote, "user");
+    for sandbox in d.sandboxes() {
+        for p in procs(d.pid(), &sandbox) {
+            assert_eq!(ns(p, "user"), zygote_user, "{sandbox}: process {p} ({})", cmdline(p));
+        }
+    }
+}
