@@ -119,7 +119,10 @@ fn status(pid: u32) -> BTreeMap<String, String> {
         .lines()
         .filter_map(|l| {
             let (k, v) = l.split_once(':')?;
-            Some((k.to_owned(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
+            Some((
+                k.to_owned(),
+                v.split_whitespace().collect::<Vec<_>>().join(" "),
+            ))
         })
         .collect()
 }
@@ -265,26 +268,45 @@ fn held(d: &Daemon) -> (String, Vec<u32>) {
     .unwrap_or_else(|()| panic!("no instance is holding; log:\n{}", d.log()))
 }
 
-/// Lets the instance holding in `sandbox` return: writes its `/tmp/sprout-release` as
-/// the sandbox's user (a forked sandbox's `/tmp` belongs to its user namespace, where
-/// the host's root is not mapped).
-fn release(d: &Daemon, sandbox: &str) {
-    for p in procs(d.pid(), sandbox) {
-        let ready = format!("/proc/{p}/root/tmp/sprout-ready");
-        if Path::new(&ready).exists() {
+/// Lets the instance holding in `sandbox` of `agent` return: writes its
+/// `/tmp/sprout-release` as the sandbox's user (a forked sandbox's `/tmp` belongs to
+/// its user namespace, where the host's root is not mapped).
+fn try_release(agent: u32, sandbox: &str) -> Result<(), String> {
+    for p in procs(agent, sandbox) {
+        if Path::new(&format!("/proc/{p}/root/tmp/sprout-ready")).exists() {
             let s = status(p);
             let id = |k: &str| -> u32 { s[k].split(' ').next().unwrap().parse().unwrap() };
-            write_as(
+            return write_as(
                 id("Uid"),
                 id("Gid"),
                 &format!("/proc/{p}/root/tmp/sprout-release"),
                 "go",
             )
-            .unwrap_or_else(|e| panic!("release {sandbox}: {e}"));
-            return;
+            .map_err(|e| format!("release {sandbox}: {e}"));
         }
     }
-    panic!("{sandbox}: no process sees /tmp/sprout-ready");
+    Err(format!("{sandbox}: no process sees /tmp/sprout-ready"))
+}
+
+/// Releases the instances held in these (agent, sandbox) when dropped, also when a
+/// check failed, so that a failing test does not wait out the function's 30 s.
+struct Release(Vec<(u32, String)>);
+
+impl Release {
+    /// Releases them now; panics if one cannot be.
+    fn now(mut self) {
+        for (agent, sandbox) in std::mem::take(&mut self.0) {
+            try_release(agent, &sandbox).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        for (agent, sandbox) in &self.0 {
+            let _ = try_release(*agent, sandbox);
+        }
+    }
 }
 
 /// Waits until the daemon has `n` stem cells ready.
@@ -319,6 +341,11 @@ fn made(d: &Daemon) -> (u64, u64) {
 
 // ---------------------------------------------------------------------------
 // Descriptors (the judge of `hostile_descriptors.rs`)
+
+/// The start of `pid`'s command line, on one line.
+fn short_cmdline(pid: u32) -> String {
+    cmdline(pid).replace('\n', " ").chars().take(40).collect()
+}
 
 /// `(fd, link target)` of every descriptor of `pid`.
 fn fds(pid: u32) -> Vec<(u32, String)> {
@@ -412,7 +439,7 @@ impl Judge {
                 .into_iter()
                 .flatten()
                 .filter(|&&p| p != self.agent && !inside.contains(&p))
-                .map(|&p| format!("{p} ({})", cmdline(p)))
+                .map(|&p| format!("{p} ({})", short_cmdline(p)))
                 .collect();
             if outside.is_empty() {
                 Ok(())
@@ -457,7 +484,9 @@ impl Judge {
             return None;
         }
         if !target.starts_with('/') {
-            return Some(format!("{target} is not sprout's (a namespace or other kernel object)"));
+            return Some(format!(
+                "{target} is not sprout's (a namespace or other kernel object)"
+            ));
         }
         let meta = match fs::metadata(format!("/proc/{pid}/fd/{fd}")) {
             Ok(m) => m,
@@ -483,7 +512,7 @@ impl Judge {
         let (mut all, mut bad) = (Vec::new(), Vec::new());
         for &pid in pids {
             for (fd, target) in fds(pid) {
-                let line = format!("{name} {pid} ({}) fd {fd} → {target}", cmdline(pid));
+                let line = format!("{name} {pid} ({}) fd {fd} → {target}", short_cmdline(pid));
                 if let Some(why) = self.judge(pid, fd, &target, &inside) {
                     bad.push(format!("{line}: {why}"));
                 }
@@ -561,10 +590,18 @@ impl Seen {
 /// The privilege of a process as `/proc/<pid>/status` says.
 fn privilege(pid: u32) -> Vec<String> {
     let s = status(pid);
-    ["CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh", "NoNewPrivs", "Seccomp"]
-        .iter()
-        .map(|k| format!("{k} {}", s.get(*k).map_or("?", String::as_str)))
-        .collect()
+    [
+        "CapEff",
+        "CapPrm",
+        "CapBnd",
+        "CapAmb",
+        "CapInh",
+        "NoNewPrivs",
+        "Seccomp",
+    ]
+    .iter()
+    .map(|k| format!("{k} {}", s.get(*k).map_or("?", String::as_str)))
+    .collect()
 }
 
 /// All four uids, all four gids and the groups of a process, as the host sees them.
@@ -601,6 +638,10 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
             sandbox: csb.clone(),
             pids: cpids,
         };
+        let release = Release(vec![
+            (forking.pid(), fsb.clone()),
+            (creating.pid(), csb.clone()),
+        ]);
         let (fs_shim, fs_zygote) = fork_server(forking.pid());
         let server: Vec<u32> = procs(forking.pid(), &fork_server_id(forking.pid()));
         eprintln!(
@@ -662,7 +703,10 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
         // host's, nor the fork server shim's), the created one's the host's.
         let host_user = ns("self", "user");
         let zygote_user = ns(fs_zygote, "user");
-        assert_ne!(zygote_user, host_user, "the fork server's zygote is in the host's user namespace");
+        assert_ne!(
+            zygote_user, host_user,
+            "the fork server's zygote is in the host's user namespace"
+        );
         assert_eq!(ns(fs_shim, "user"), host_user, "the fork server's shim");
         assert_eq!(
             f.namespaces("user"),
@@ -676,13 +720,17 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
         );
 
         // Cgroups: every process in its sandbox's (memory and pids), and the limits
-        // the function asked for, the same for both. (Seen failing: the expectation set
-        // to 128 MiB for the forked sandbox alone.)
+        // the function asked for, the same for both. (Seen failing with the forking
+        // daemon's function registered again with 128 MiB.)
         for seen in [&f, &c] {
             let want = format!("/sprout/{}/{}", seen.agent, seen.sandbox);
             for &p in &seen.pids {
                 let lines = cgroups_of(p);
-                assert!(!lines.is_empty(), "{}: process {p} has no cgroup", seen.sandbox);
+                assert!(
+                    !lines.is_empty(),
+                    "{}: process {p} has no cgroup",
+                    seen.sandbox
+                );
                 for line in &lines {
                     assert!(
                         line.ends_with(&format!(":{want}")),
@@ -703,7 +751,9 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
             assert_eq!(fl["memory"], (96u64 << 20).to_string());
             match fl.get("memsw") {
                 Some(m) => assert_eq!(m, &(96u64 << 20).to_string(), "memory+swap"),
-                None if under_ci() => panic!("no memory.memsw.limit_in_bytes: swap accounting is off"),
+                None if under_ci() => {
+                    panic!("no memory.memsw.limit_in_bytes: swap accounting is off")
+                }
                 None => eprintln!("*** NOT CHECKED: swap accounting is off"),
             }
             let (quota, period) = fl["cpu"].split_once(' ').unwrap();
@@ -713,8 +763,8 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
         assert_eq!(fl["pids"], "32");
 
         // Users: each sandbox one user of its daemon's range in every slot, gid =
-        // uid, no groups. (Seen failing: the range of the created daemon given to the
-        // forked one's check.)
+        // uid, no groups. (Seen failing with the forked sandbox expected to be its
+        // range's first uid, which is the fork server's.)
         // The forked daemon's first uid is its fork server's; the creating daemon has
         // none, so its first sandbox takes the first.
         for (seen, first) in [(&f, fork_base + 1), (&c, create_base)] {
@@ -761,8 +811,9 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
         assert_eq!(fr, cr, "rlimits of {fsb} (forked) and {csb} (created)");
 
         // Descriptors: every one of every process is sprout's own. (Seen failing with
-        // a descriptor of the fork server's zygote left open in the child: enter.py's
-        // `closerange(3, ...)` made `closerange(4, ...)`.)
+        // enter.py's `make_sandbox` neither closing the zygote's channel nor calling
+        // `closerange`: the sandbox's zygote held fd 3, a socket the fork server's
+        // zygote holds too.)
         let mut all = Vec::new();
         let mut bad = Vec::new();
         for (seen, d) in [(&f, &forking), (&c, &creating)] {
@@ -779,9 +830,11 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
             all.join("\n  ")
         );
 
-        release(&forking, &fsb);
-        release(&creating, &csb);
-        for (call, (seen, first)) in calls.into_iter().zip([(&f, fork_base + 1), (&c, create_base)]) {
+        release.now();
+        for (call, (seen, first)) in calls
+            .into_iter()
+            .zip([(&f, fork_base + 1), (&c, create_base)])
+        {
             let r = ok_json(&call.join().unwrap());
             assert_eq!(r["released"], true, "{r}");
             assert_eq!(r["sandbox"], seen.sandbox.as_str(), "{r}");
@@ -792,8 +845,16 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
             assert_eq!(r["uid"], first, "{r}");
         }
     });
-    assert_eq!(made(&forking), (1, 0), "the forking daemon forked its sandbox");
-    assert_eq!(made(&creating), (0, 1), "the creating daemon created its sandbox");
+    assert_eq!(
+        made(&forking),
+        (1, 0),
+        "the forking daemon forked its sandbox"
+    );
+    assert_eq!(
+        made(&creating),
+        (0, 1),
+        "the creating daemon created its sandbox"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -808,15 +869,137 @@ fn user_ns_owner_and_parent(pid: u32) -> (u32, String) {
     let mut owner: libc::uid_t = 0;
     // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer, which is valid.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_OWNER_UID, &mut owner) };
-    assert_eq!(r, 0, "NS_GET_OWNER_UID: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "NS_GET_OWNER_UID: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor or -1.
     let parent = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_PARENT) };
-    assert!(parent >= 0, "NS_GET_PARENT: {}", std::io::Error::last_os_error());
+    assert!(
+        parent >= 0,
+        "NS_GET_PARENT: {}",
+        std::io::Error::last_os_error()
+    );
     let link = fs::read_link(format!("/proc/self/fd/{parent}")).unwrap();
     // SAFETY: `parent` is a descriptor this function owns.
     unsafe { libc::close(parent) };
     (owner, link.to_string_lossy().into_owned())
 }
+
+/// The first seccomp filter of `pid` (the one installed first), read from the host
+/// with `PTRACE_SECCOMP_GET_FILTER` while the process is stopped for a moment
+/// (`PTRACE_SEIZE`, `PTRACE_INTERRUPT`, then detached): `(code, jt, jf, k)`.
+fn seccomp_filter(pid: u32) -> Vec<(u16, u8, u8, u32)> {
+    const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+    let pid = pid as libc::pid_t;
+    let err = |what: &str| format!("{what} {pid}: {}", std::io::Error::last_os_error());
+    // SAFETY: ptrace and waitpid on a process this thread seizes and detaches; the
+    // buffer handed to the kernel is as long as the count it reported.
+    unsafe {
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
+            0,
+            "{}",
+            err("PTRACE_SEIZE")
+        );
+        let read = || -> Result<Vec<(u16, u8, u8, u32)>, String> {
+            if libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) != 0 {
+                return Err(err("PTRACE_INTERRUPT"));
+            }
+            let mut wstatus = 0;
+            if libc::waitpid(pid, &mut wstatus, libc::__WALL) != pid {
+                return Err(err("waitpid"));
+            }
+            let none = std::ptr::null_mut::<libc::c_void>();
+            let n = libc::ptrace(PTRACE_SECCOMP_GET_FILTER as _, pid, 0, none);
+            if n <= 0 {
+                return Err(err("PTRACE_SECCOMP_GET_FILTER"));
+            }
+            let empty = libc::sock_filter {
+                code: 0,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            };
+            let mut prog = vec![empty; n as usize];
+            if libc::ptrace(PTRACE_SECCOMP_GET_FILTER as _, pid, 0, prog.as_mut_ptr()) != n {
+                return Err(err("PTRACE_SECCOMP_GET_FILTER (again)"));
+            }
+            Ok(prog.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect())
+        };
+        let result = read();
+        assert_eq!(
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0),
+            0,
+            "{}",
+            err("PTRACE_DETACH")
+        );
+        result.unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// What classic BPF seccomp program `prog` returns for syscall `nr` with `args` on
+/// x86-64 (a small interpreter of the instructions libseccomp emits).
+fn seccomp_action(prog: &[(u16, u8, u8, u32)], nr: u32, args: [u64; 6]) -> u32 {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let mut data = [0u8; 64];
+    data[0..4].copy_from_slice(&nr.to_le_bytes());
+    data[4..8].copy_from_slice(&AUDIT_ARCH_X86_64.to_le_bytes());
+    for (i, a) in args.iter().enumerate() {
+        data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
+    }
+    let word = |k: u32| u32::from_le_bytes(data[k as usize..k as usize + 4].try_into().unwrap());
+    let (mut a, mut x, mut mem, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+    loop {
+        let (code, jt, jf, k) = prog[pc];
+        pc += 1;
+        let src = if code & 0x08 != 0 { x } else { k };
+        match code {
+            0x20 => a = word(k),
+            0x00 => a = k,
+            0x01 => x = k,
+            0x60 => a = mem[k as usize],
+            0x61 => x = mem[k as usize],
+            0x02 => mem[k as usize] = a,
+            0x03 => mem[k as usize] = x,
+            0x07 => x = a,
+            0x87 => a = x,
+            0x06 => return k,
+            0x16 => return a,
+            0x05 => pc += k as usize,
+            c if c & 0x07 == 0x04 => {
+                a = match c & 0xf0 {
+                    0x00 => a.wrapping_add(src),
+                    0x10 => a.wrapping_sub(src),
+                    0x20 => a.wrapping_mul(src),
+                    0x40 => a | src,
+                    0x50 => a & src,
+                    0x60 => a.wrapping_shl(src),
+                    0x70 => a.wrapping_shr(src),
+                    0x80 => a.wrapping_neg(),
+                    0xa0 => a ^ src,
+                    _ => panic!("seccomp program: ALU op {c:#x} at {}", pc - 1),
+                }
+            }
+            c if c & 0x07 == 0x05 => {
+                let taken = match c & 0xf0 {
+                    0x10 => a == src,
+                    0x20 => a > src,
+                    0x30 => a >= src,
+                    0x40 => a & src != 0,
+                    _ => panic!("seccomp program: jump {c:#x} at {}", pc - 1),
+                };
+                pc += usize::from(if taken { jt } else { jf });
+            }
+            c => panic!("seccomp program: instruction {c:#x} at {}", pc - 1),
+        }
+    }
+}
+
+/// `SECCOMP_RET_ALLOW`'s action bits.
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 
 #[test]
 fn the_fork_server_holds_no_host_privilege() {
@@ -844,7 +1027,11 @@ fn the_fork_server_holds_no_host_privilege() {
     }
     assert_eq!(s["NoNewPrivs"], "1", "the fork server's shim");
     assert_eq!(s["Seccomp"], "2", "the fork server's shim");
-    assert_eq!(ns(shim, "user"), host_user, "the fork server's shim's user namespace");
+    assert_eq!(
+        ns(shim, "user"),
+        host_user,
+        "the fork server's shim's user namespace"
+    );
 
     // The zygote: SYS_ADMIN, SETUID, SETGID, SETPCAP, in a user namespace of its own,
     // made by (owned by) the fork server's uid, a child of the host's. (Seen failing
@@ -858,10 +1045,17 @@ fn the_fork_server_holds_no_host_privilege() {
     }
     assert_eq!(z["NoNewPrivs"], "1", "the fork server's zygote");
     assert_eq!(z["Seccomp"], "2", "the fork server's zygote");
-    assert_ne!(ns(zygote, "user"), host_user, "the zygote is in the host's user namespace");
+    assert_ne!(
+        ns(zygote, "user"),
+        host_user,
+        "the zygote is in the host's user namespace"
+    );
     let (owner, parent) = user_ns_owner_and_parent(zygote);
     assert_eq!(owner, base, "the owner of the zygote's user namespace");
-    assert_eq!(parent, host_user, "the parent of the zygote's user namespace");
+    assert_eq!(
+        parent, host_user,
+        "the parent of the zygote's user namespace"
+    );
     // Its maps: inside 0 is the fork server's uid, the rest of the range itself.
     for file in ["uid_map", "gid_map"] {
         let map: Vec<Vec<u32>> = fs::read_to_string(format!("/proc/{zygote}/{file}"))
@@ -878,16 +1072,83 @@ fn the_fork_server_holds_no_host_privilege() {
     // Its namespaces other than the user one are the fork server's sandbox's (the
     // shim's), none the host's.
     for kind in ["pid", "mnt", "net", "ipc", "uts", "cgroup"] {
-        assert_eq!(ns(zygote, kind), ns(shim, kind), "{kind} of the zygote and its shim");
-        assert_ne!(ns(shim, kind), ns("self", kind), "the fork server's {kind} namespace");
+        assert_eq!(
+            ns(zygote, kind),
+            ns(shim, kind),
+            "{kind} of the zygote and its shim"
+        );
+        assert_ne!(
+            ns(shim, kind),
+            ns("self", kind),
+            "the fork server's {kind} namespace"
+        );
     }
-    // Its seccomp filter cannot be probed from the host beyond `Seccomp: 2`; the
-    // filter of a sandbox forked from it (stacked on it) is probed by the isolation
-    // tests, which run forked sandboxes by default.
-    //
+    // Its seccomp filter (read from the kernel, run here): `unshare` of the
+    // namespaces a child makes and `mount` are allowed, administration syscalls are
+    // not: `setns`, `ptrace`, `unshare` of a user namespace... (Seen failing with
+    // `setns` expected allowed.) The filter of a sandbox forked from it, stacked on
+    // it, is probed from inside by the isolation tests, which fork by default.
+    let filter = seccomp_filter(zygote);
+    assert_eq!(
+        status(zygote)
+            .get("Seccomp_filters")
+            .map(String::as_str)
+            .unwrap_or("1"),
+        "1",
+        "the fork server's zygote has one filter (libcontainer's)"
+    );
+    const CLONE_CHILD_NAMESPACES: u64 =
+        0x0002_0000 | 0x0200_0000 | 0x0400_0000 | 0x0800_0000 | 0x2000_0000 | 0x4000_0000;
+    let action =
+        |nr: u32, arg0: u64| seccomp_action(&filter, nr, [arg0, 0, 0, 0, 0, 0]) & 0xffff_0000;
+    for (name, nr, arg0) in [
+        ("getpid", 39, 0),
+        (
+            "unshare (a child's namespaces)",
+            272,
+            CLONE_CHILD_NAMESPACES,
+        ),
+        ("mount", 165, 0),
+    ] {
+        assert_eq!(
+            action(nr, arg0),
+            SECCOMP_RET_ALLOW,
+            "the fork server's filter denies {name}"
+        );
+    }
+    for (name, nr) in [
+        ("setns", 308),
+        ("ptrace", 101),
+        ("keyctl", 250),
+        ("bpf", 321),
+        ("kexec_load", 246),
+        ("init_module", 175),
+        ("open_by_handle_at", 304),
+    ] {
+        assert_ne!(
+            action(nr, 0),
+            SECCOMP_RET_ALLOW,
+            "the fork server's filter allows {name}"
+        );
+    }
+    eprintln!(
+        "the fork server's filter: {} instructions; unshare(CLONE_NEWUSER) → {:#x}",
+        filter.len(),
+        seccomp_action(&filter, 272, [0x1000_0000, 0, 0, 0, 0, 0])
+    );
+
     // Its cgroup: the fork server's, 64 MiB.
     assert_eq!(
-        cg(d.pid(), &fork_server_id(d.pid()), "memory", if cgroup_v2() { "memory.max" } else { "memory.limit_in_bytes" }),
+        cg(
+            d.pid(),
+            &fork_server_id(d.pid()),
+            "memory",
+            if cgroup_v2() {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            }
+        ),
         (FORK_SERVER_MB << 20).to_string()
     );
     // Nothing of the fork server is among the pool's sandboxes.
@@ -921,7 +1182,8 @@ fn killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves() {
     )
     .expect("kill the fork server's shim");
     // Its pid namespace ends, and with it the nested ones of the sandboxes forked
-    // from it. (Seen failing with the wait pointed at a created sandbox's processes.)
+    // from it. (Seen failing with the agent's own pid, which lives on, added to the
+    // processes that must die.)
     let gone = wait_for(Duration::from_secs(10), || {
         let left: Vec<u32> = victims
             .iter()
@@ -939,10 +1201,15 @@ fn killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves() {
     // destroys its sandbox; the next call is served from a new one.
     let noticed = wait_for(Duration::from_secs(5), || {
         let s = d.status();
-        (s["sandboxes"] == 0 && d.sandboxes().is_empty()).then_some(()).ok_or(s)
+        (s["sandboxes"] == 0 && d.sandboxes().is_empty())
+            .then_some(())
+            .ok_or(s)
     });
     if let Err(s) = noticed {
-        panic!("the dead sandbox {sandbox} is still the daemon's: {s}; log:\n{}", d.log());
+        panic!(
+            "the dead sandbox {sandbox} is still the daemon's: {s}; log:\n{}",
+            d.log()
+        );
     }
     let again = ok_json(&d.invoke("hold", "{}"));
     assert_ne!(again["sandbox"], sandbox.as_str(), "{again}");
@@ -978,41 +1245,71 @@ fn memory_a_forked_sandbox_touches_is_charged_to_it() {
     let env = require_root!();
     let (d, _) = daemon(&env, 4, &["--stem-cells", "0"]);
     let dir = env.function("hold", &[("f.py", HOLD_PY)]);
-    d.register("hold", &dir, json!({"memory_mb": 128, "timeout_ms": 60000}));
+    // The default memory limit, which a stem cell reserves as it is made.
+    const SANDBOX_MB: u64 = 128;
+    d.register(
+        "hold",
+        &dir,
+        json!({"memory_mb": SANDBOX_MB, "timeout_ms": 60000}),
+    );
+    // No fork server before the first sandbox is needed, and nothing reserved.
+    assert_eq!(d.status()["reserved_mb"], 0);
+    assert!(!agent_cgroup_dir(d.pid(), "memory")
+        .join(fork_server_id(d.pid()))
+        .exists());
     let r = ok_json(&d.invoke("hold", "{}"));
     let sandbox = r["sandbox"].as_str().unwrap().to_owned();
     let server = fork_server_id(d.pid());
     let st = d.status();
-    let (reserved, sandboxes) = (st["reserved_mb"].as_u64().unwrap(), st["sandboxes"].as_u64().unwrap());
+    let (reserved, sandboxes) = (
+        st["reserved_mb"].as_u64().unwrap(),
+        st["sandboxes"].as_u64().unwrap(),
+    );
     // One sandbox of the default memory (reserved as it was made) and the fork server.
     // (Seen failing with the fork server's 64 MiB left out of the sum.)
     eprintln!("status with one sandbox and the fork server: {st}");
     assert_eq!(sandboxes, 1, "{st}");
-    assert!(
-        reserved >= FORK_SERVER_MB + 64,
-        "reserved_mb {reserved} does not count the fork server's {FORK_SERVER_MB} MiB: {st}"
+    assert_eq!(
+        reserved,
+        FORK_SERVER_MB + SANDBOX_MB,
+        "reserved_mb: the fork server's {FORK_SERVER_MB} MiB and the sandbox's {SANDBOX_MB}: {st}"
     );
 
-    let (sandbox_before, server_before) = (memory_usage(d.pid(), &sandbox), memory_usage(d.pid(), &server));
+    let (sandbox_before, server_before) = (
+        memory_usage(d.pid(), &sandbox),
+        memory_usage(d.pid(), &server),
+    );
     thread::scope(|s| {
-        let call = s.spawn(|| d.invoke("hold", r#"{"hold": true, "mb": 48}"#));
+        // 49 MiB touched: the 48 the check wants and a margin for what the sandbox
+        // frees meanwhile (one run saw 4 KiB less than 48 MiB with 48 touched).
+        let call = s.spawn(|| d.invoke("hold", r#"{"hold": true, "mb": 49}"#));
         let (held_in, _) = held(&d);
+        let release = Release(vec![(d.pid(), held_in.clone())]);
         assert_eq!(held_in, sandbox);
-        let (sandbox_after, server_after) = (memory_usage(d.pid(), &sandbox), memory_usage(d.pid(), &server));
-        release(&d, &sandbox);
+        let (sandbox_after, server_after) = (
+            memory_usage(d.pid(), &sandbox),
+            memory_usage(d.pid(), &server),
+        );
+        release.now();
         let r = ok_json(&call.join().unwrap());
-        assert_eq!(r["held"], 48 << 20, "{r}");
+        assert_eq!(r["held"], 49 << 20, "{r}");
         let grew = sandbox_after as i64 - sandbox_before as i64;
         let server_grew = server_after as i64 - server_before as i64;
         eprintln!(
-            "48 MiB touched: the sandbox's charge grew by {:.1} MiB ({sandbox_before} → {sandbox_after}), \
+            "49 MiB touched: the sandbox's charge grew by {:.1} MiB ({sandbox_before} → {sandbox_after}), \
              the fork server's by {:.2} MiB ({server_before} → {server_after})",
             grew as f64 / 1048576.0,
             server_grew as f64 / 1048576.0
         );
         // (Seen failing with the two cgroups swapped.)
-        assert!(grew >= 48 << 20, "the sandbox's charge grew by {grew} bytes only");
-        assert!(server_grew < 4 << 20, "the fork server's charge grew by {server_grew} bytes");
+        assert!(
+            grew >= 48 << 20,
+            "the sandbox's charge grew by {grew} bytes only"
+        );
+        assert!(
+            server_grew < 4 << 20,
+            "the fork server's charge grew by {server_grew} bytes"
+        );
     });
 }
 
@@ -1056,7 +1353,11 @@ fn forked_by_default_created_on_request_and_by_the_one_shot_cli() {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut n = 0;
         while Instant::now() < deadline || n < 3 {
-            assert!(!forks.exists(), "{} exists under --new-sandboxes create", forks.display());
+            assert!(
+                !forks.exists(),
+                "{} exists under --new-sandboxes create",
+                forks.display()
+            );
             if n < 3 {
                 ok_json(&d.invoke(["a", "b", "a"][n], "{}"));
                 n += 1;
@@ -1105,17 +1406,11 @@ fn forked_by_default_created_on_request_and_by_the_one_shot_cli() {
     let had_forks = had_forks || forks.exists();
     let user = procs(agent, &sandbox).first().map(|&p| ns(p, "user"));
     if ready.is_ok() {
-        for p in procs(agent, &sandbox) {
-            let ready = format!("/proc/{p}/root/tmp/sprout-ready");
-            if Path::new(&ready).exists() {
-                let s = status(p);
-                let id = |k: &str| -> u32 { s[k].split(' ').next().unwrap().parse().unwrap() };
-                let _ = write_as(id("Uid"), id("Gid"), &format!("/proc/{p}/root/tmp/sprout-release"), "go");
-                break;
-            }
-        }
+        let _ = try_release(agent, &sandbox);
     }
-    let exit = wait_for(Duration::from_secs(30), || child.try_wait().unwrap().ok_or(()));
+    let exit = wait_for(Duration::from_secs(30), || {
+        child.try_wait().unwrap().ok_or(())
+    });
     if exit.is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -1123,8 +1418,16 @@ fn forked_by_default_created_on_request_and_by_the_one_shot_cli() {
     }
     assert!(ready.is_ok(), "the one-shot's instance never held");
     assert!(exit.unwrap().success(), "sprout invoke failed");
-    assert!(!had_forks, "the one-shot CLI made a fork server ({})", forks.display());
-    assert_eq!(user, Some(ns("self", "user")), "the one-shot's sandbox is a created one (host user namespace)");
+    assert!(
+        !had_forks,
+        "the one-shot CLI made a fork server ({})",
+        forks.display()
+    );
+    assert_eq!(
+        user,
+        Some(ns("self", "user")),
+        "the one-shot's sandbox is a created one (host user namespace)"
+    );
     env.assert_clean_within(agent, Duration::from_secs(5));
 }
 
@@ -1150,20 +1453,33 @@ fn calls_and_siblings_run_in_forked_sandboxes() {
     // In the caller's sandbox: the callee attached under /fns, forked from its zygote.
     let r = ok_json(&d.invoke("pinger", r#""ponger""#));
     assert_eq!(r, json!("ping to ponger...pong from ponger: ponged"));
-    assert_eq!(made(&d), (1, 0), "the pinger's sandbox is forked; its call stays in it");
+    assert_eq!(
+        made(&d),
+        (1, 0),
+        "the pinger's sandbox is forked; its call stays in it"
+    );
 
-    // A sibling: another forked sandbox.
+    // A sibling: another forked sandbox. (Both checks seen failing under
+    // `--new-sandboxes create`.)
     let r = ok_json(&d.invoke("asyncer", "{}"));
     assert_eq!(r["sibling"], "ponged", "{r}");
     let (forked, created) = made(&d);
     assert_eq!(created, 0, "nothing was created");
-    assert!(forked >= 3, "the caller's and its sibling's sandboxes were forked: {forked}");
+    assert!(
+        forked >= 3,
+        "the caller's and its sibling's sandboxes were forked: {forked}"
+    );
     // Every sandbox is in the fork server zygote's user namespace.
     let (_, zygote) = fork_server(d.pid());
     let zygote_user = ns(zygote, "user");
     for sandbox in d.sandboxes() {
         for p in procs(d.pid(), &sandbox) {
-            assert_eq!(ns(p, "user"), zygote_user, "{sandbox}: process {p} ({})", cmdline(p));
+            assert_eq!(
+                ns(p, "user"),
+                zygote_user,
+                "{sandbox}: process {p} ({})",
+                cmdline(p)
+            );
         }
     }
 }
