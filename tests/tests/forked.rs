@@ -608,6 +608,22 @@ impl Seen {
     }
 }
 
+/// The mounts `pid` sees: mount point → (file system type, mount flags), the last
+/// mount at each point (the one on top) in mount order.
+fn mounts(pid: u32) -> Vec<(String, (String, BTreeSet<String>))> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/mountinfo: {e}"))
+        .lines()
+        .map(|l| {
+            let (head, tail) = l.split_once(" - ").expect("mountinfo line has ' - '");
+            let h: Vec<&str> = head.split(' ').collect();
+            let fstype = tail.split(' ').next().unwrap_or("").to_owned();
+            let flags = h[5].split(',').map(str::to_owned).collect();
+            (h[4].to_owned(), (fstype, flags))
+        })
+        .collect()
+}
+
 /// The privilege of a process as `/proc/<pid>/status` says.
 fn privilege(pid: u32) -> Vec<String> {
     let s = status(pid);
@@ -825,6 +841,75 @@ fn a_forked_sandbox_has_every_guarantee_of_a_created_one() {
         .into();
         assert_eq!(fp, none, "{fsb}: privilege");
 
+        // The root view: the same mount points, each the same kind of file system
+        // with at least the created sandbox's flags (`ro`, `nosuid`, `nodev`,
+        // `noexec`). Beneath a forked sandbox's own mounts lie the fork server's,
+        // covered. (Seen failing with `/tmp` of the forked sandbox expected `ro`.)
+        let view = |seen: &Seen| -> BTreeMap<String, (String, BTreeSet<String>)> {
+            let shim = seen
+                .pids
+                .iter()
+                .copied()
+                .find(|&p| cmdline(p) == SHIM)
+                .unwrap();
+            mounts(shim).into_iter().collect()
+        };
+        let (fv, cv) = (view(&f), view(&c));
+        let points = |v: &BTreeMap<String, (String, BTreeSet<String>)>| -> Vec<String> {
+            v.keys().cloned().collect()
+        };
+        assert_eq!(
+            points(&fv),
+            points(&cv),
+            "mount points of {fsb} (forked) and {csb} (created)"
+        );
+        for (point, (fstype, flags)) in &cv {
+            let (ftype, fflags) = &fv[point];
+            assert_eq!(ftype, fstype, "{fsb}: {point}'s file system");
+            let missing: Vec<&String> = flags
+                .iter()
+                .filter(|o| ["ro", "nosuid", "nodev", "noexec"].contains(&o.as_str()))
+                .filter(|o| !fflags.contains(*o))
+                .collect();
+            assert!(
+                missing.is_empty(),
+                "{fsb}: {point} lacks {missing:?} ({fflags:?}; created: {flags:?})"
+            );
+        }
+
+        // Seccomp: what the kernel decides for every syscall (with a few first
+        // arguments) is the same for every process of both. A forked sandbox has its
+        // own filter (the agent's BPF) stacked on the fork server's; its own alone
+        // decides as libcontainer's does. (Seen failing with enter.py's
+        // `_load_seccomp()` left out; and the first filter taken for a forked
+        // sandbox's own, as the kernel's index 0 is the oldest.)
+        let created_verdicts = seccomp_verdicts(&seccomp_filters(c.pids[0]));
+        for seen in [&f, &c] {
+            for &p in &seen.pids {
+                let filters = seccomp_filters(p);
+                let want = if seen.sandbox == fsb { 2 } else { 1 };
+                assert_eq!(
+                    filters.len(),
+                    want,
+                    "{}: process {p}'s seccomp filters",
+                    seen.sandbox
+                );
+                let diff = verdict_diff(&seccomp_verdicts(&filters), &created_verdicts);
+                assert!(
+                    diff.is_empty(),
+                    "{}: process {p} ({}) gets other seccomp answers than {csb} (syscall, arg0) → (its, created's): {diff:x?}",
+                    seen.sandbox,
+                    short_cmdline(p)
+                );
+                let own = verdict_diff(&seccomp_verdicts(&filters[want - 1..]), &created_verdicts);
+                assert!(
+                    own.is_empty(),
+                    "{}: process {p}'s own filter answers otherwise than {csb}'s: {own:x?}",
+                    seen.sandbox
+                );
+            }
+        }
+
         // rlimits: core, fsize, nofile the same.
         let fr = f.one("rlimits", rlimits);
         let cr = c.one("rlimits", rlimits);
@@ -909,11 +994,19 @@ fn user_ns_owner_and_parent(pid: u32) -> (u32, String) {
     (owner, link.to_string_lossy().into_owned())
 }
 
-/// The first seccomp filter of `pid` (the one installed first), read from the host
+/// One classic BPF instruction: `(code, jt, jf, k)`.
+type Insn = (u16, u8, u8, u32);
+
+/// Every seccomp filter of `pid`, in the order they were installed (the kernel's
+/// index 0 is the oldest), read from the host
 /// with `PTRACE_SECCOMP_GET_FILTER` while the process is stopped for a moment
-/// (`PTRACE_SEIZE`, `PTRACE_INTERRUPT`, then detached): `(code, jt, jf, k)`.
-fn seccomp_filter(pid: u32) -> Vec<(u16, u8, u8, u32)> {
+/// (`PTRACE_SEIZE`, `PTRACE_INTERRUPT`, then detached). The process must not be in a
+/// frozen cgroup.
+fn seccomp_filters(pid: u32) -> Vec<Vec<Insn>> {
     const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+    let count: usize = status(pid)
+        .get("Seccomp_filters")
+        .map_or(1, |n| n.parse().expect("Seccomp_filters is a number"));
     let pid = pid as libc::pid_t;
     let err = |what: &str| format!("{what} {pid}: {}", std::io::Error::last_os_error());
     // SAFETY: ptrace and waitpid on a process this thread seizes and detaches; the
@@ -925,7 +1018,7 @@ fn seccomp_filter(pid: u32) -> Vec<(u16, u8, u8, u32)> {
             "{}",
             err("PTRACE_SEIZE")
         );
-        let read = || -> Result<Vec<(u16, u8, u8, u32)>, String> {
+        let read = || -> Result<Vec<Vec<Insn>>, String> {
             if libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0) != 0 {
                 return Err(err("PTRACE_INTERRUPT"));
             }
@@ -933,22 +1026,32 @@ fn seccomp_filter(pid: u32) -> Vec<(u16, u8, u8, u32)> {
             if libc::waitpid(pid, &mut wstatus, libc::__WALL) != pid {
                 return Err(err("waitpid"));
             }
-            let none = std::ptr::null_mut::<libc::c_void>();
-            let n = libc::ptrace(PTRACE_SECCOMP_GET_FILTER as _, pid, 0, none);
-            if n <= 0 {
-                return Err(err("PTRACE_SECCOMP_GET_FILTER"));
+            let mut filters = Vec::new();
+            for index in 0..count {
+                let none = std::ptr::null_mut::<libc::c_void>();
+                let n = libc::ptrace(PTRACE_SECCOMP_GET_FILTER as _, pid, index, none);
+                if n <= 0 {
+                    return Err(err("PTRACE_SECCOMP_GET_FILTER"));
+                }
+                let empty = libc::sock_filter {
+                    code: 0,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                };
+                let mut prog = vec![empty; n as usize];
+                if libc::ptrace(
+                    PTRACE_SECCOMP_GET_FILTER as _,
+                    pid,
+                    index,
+                    prog.as_mut_ptr(),
+                ) != n
+                {
+                    return Err(err("PTRACE_SECCOMP_GET_FILTER (again)"));
+                }
+                filters.push(prog.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect());
             }
-            let empty = libc::sock_filter {
-                code: 0,
-                jt: 0,
-                jf: 0,
-                k: 0,
-            };
-            let mut prog = vec![empty; n as usize];
-            if libc::ptrace(PTRACE_SECCOMP_GET_FILTER as _, pid, 0, prog.as_mut_ptr()) != n {
-                return Err(err("PTRACE_SECCOMP_GET_FILTER (again)"));
-            }
-            Ok(prog.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect())
+            Ok(filters)
         };
         let result = read();
         assert_eq!(
@@ -959,6 +1062,63 @@ fn seccomp_filter(pid: u32) -> Vec<(u16, u8, u8, u32)> {
         );
         result.unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// A BPF program as the agent exports it (`/.sprout/seccomp.bpf`: `struct
+/// sock_filter`s, native byte order).
+fn bpf_file(path: &Path) -> Vec<Insn> {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(
+        bytes.len() % 8,
+        0,
+        "{}: {} bytes",
+        path.display(),
+        bytes.len()
+    );
+    bytes
+        .chunks(8)
+        .map(|c| {
+            (
+                u16::from_ne_bytes([c[0], c[1]]),
+                c[2],
+                c[3],
+                u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            )
+        })
+        .collect()
+}
+
+/// The first arguments each syscall is tried with: none, and namespace flags
+/// (`CLONE_NEWUSER`; the six a forked sandbox's child unshares; all seven).
+const ARG0S: [u64; 4] = [0, 0x1000_0000, 0x6e02_0000, 0x7e02_0000];
+
+/// What the kernel decides, with `filters` stacked, for every x86-64 syscall number
+/// below 460 with each of [`ARG0S`]: the most restrictive answer of all the filters
+/// (the lowest action as a signed number, as the kernel orders them).
+fn seccomp_verdicts(filters: &[Vec<Insn>]) -> BTreeMap<(u32, u64), u32> {
+    let mut out = BTreeMap::new();
+    for nr in 0..460 {
+        for arg0 in ARG0S {
+            let verdict = filters
+                .iter()
+                .map(|f| seccomp_action(f, nr, [arg0, 0, 0, 0, 0, 0]))
+                .min_by_key(|&r| (r & 0xffff_0000) as i32)
+                .expect("at least one filter");
+            out.insert((nr, arg0), verdict);
+        }
+    }
+    out
+}
+
+/// Where two verdict maps differ: `(nr, arg0) → (left, right)`.
+fn verdict_diff(
+    left: &BTreeMap<(u32, u64), u32>,
+    right: &BTreeMap<(u32, u64), u32>,
+) -> BTreeMap<(u32, u64), (u32, u32)> {
+    left.iter()
+        .filter(|(k, v)| right.get(k) != Some(v))
+        .map(|(k, &v)| (*k, (v, right[k])))
+        .collect()
 }
 
 /// What classic BPF seccomp program `prog` returns for syscall `nr` with `args` on
@@ -1109,19 +1269,17 @@ fn the_fork_server_holds_no_host_privilege() {
     // not: `setns`, `ptrace`, `unshare` of a user namespace... (Seen failing with
     // `setns` expected allowed.) The filter of a sandbox forked from it, stacked on
     // it, is probed from inside by the isolation tests, which fork by default.
-    let filter = seccomp_filter(zygote);
+    let filters = seccomp_filters(zygote);
     assert_eq!(
-        status(zygote)
-            .get("Seccomp_filters")
-            .map(String::as_str)
-            .unwrap_or("1"),
-        "1",
+        filters.len(),
+        1,
         "the fork server's zygote has one filter (libcontainer's)"
     );
+    let filter = &filters[0];
     const CLONE_CHILD_NAMESPACES: u64 =
         0x0002_0000 | 0x0200_0000 | 0x0400_0000 | 0x0800_0000 | 0x2000_0000 | 0x4000_0000;
     let action =
-        |nr: u32, arg0: u64| seccomp_action(&filter, nr, [arg0, 0, 0, 0, 0, 0]) & 0xffff_0000;
+        |nr: u32, arg0: u64| seccomp_action(filter, nr, [arg0, 0, 0, 0, 0, 0]) & 0xffff_0000;
     for (name, nr, arg0) in [
         ("getpid", 39, 0),
         (
@@ -1155,8 +1313,41 @@ fn the_fork_server_holds_no_host_privilege() {
     eprintln!(
         "the fork server's filter: {} instructions; unshare(CLONE_NEWUSER) → {:#x}",
         filter.len(),
-        seccomp_action(&filter, 272, [0x1000_0000, 0, 0, 0, 0, 0])
+        seccomp_action(filter, 272, [0x1000_0000, 0, 0, 0, 0, 0])
     );
+
+    // Against the sandbox's filter (the BPF the agent exports for forked sandboxes,
+    // from the spec libcontainer's sandboxes get), it differs in `unshare` and
+    // `mount` alone, which it allows. (Seen failing with `setns` added to the
+    // expected differences.)
+    let sandbox_filter = bpf_file(
+        &env.state_dir()
+            .join(d.pid().to_string())
+            .join("runtime/seccomp.bpf"),
+    );
+    let diff = verdict_diff(
+        &seccomp_verdicts(std::slice::from_ref(filter)),
+        &seccomp_verdicts(&[sandbox_filter]),
+    );
+    eprintln!("the fork server's filter against a sandbox's: {diff:x?}");
+    let syscalls: BTreeSet<u32> = diff.keys().map(|&(nr, _)| nr).collect();
+    assert_eq!(
+        syscalls,
+        BTreeSet::from([165, 272]),
+        "the fork server's filter differs from a sandbox's in other syscalls than mount and unshare: {diff:x?}"
+    );
+    for ((nr, arg0), (server, sandbox)) in &diff {
+        assert_eq!(
+            server & 0xffff_0000,
+            SECCOMP_RET_ALLOW,
+            "syscall {nr} ({arg0:#x})"
+        );
+        assert_ne!(
+            sandbox & 0xffff_0000,
+            SECCOMP_RET_ALLOW,
+            "syscall {nr} ({arg0:#x})"
+        );
+    }
 
     // Its cgroup: the fork server's, 64 MiB.
     assert_eq!(
