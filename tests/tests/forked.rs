@@ -1349,6 +1349,19 @@ fn the_fork_server_holds_no_host_privilege() {
         );
     }
 
+    // Its descriptors, too, are sprout's own (nothing of the host's reaches the
+    // sandboxes it forks). (Seen failing with the fork server's zygote left out of
+    // its own processes: its channel to the shim is then held outside.)
+    let server = procs(d.pid(), &fork_server_id(d.pid()));
+    let (all, bad) = judge(&env, d.pid()).sandbox(&fork_server_id(d.pid()), &server);
+    eprintln!("the fork server's descriptors:\n  {}", all.join("\n  "));
+    assert!(
+        bad.is_empty(),
+        "descriptors of the fork server that are not sprout's own:\n  {}\nall of them:\n  {}",
+        bad.join("\n  "),
+        all.join("\n  ")
+    );
+
     // Its cgroup: the fork server's, 64 MiB.
     assert_eq!(
         cg(
