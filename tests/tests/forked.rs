@@ -4,20 +4,27 @@
 //! - `a_forked_sandbox_has_every_guarantee_of_a_created_one`: one daemon forks, one
 //!   creates (`--new-sandboxes create`); the same function, with limits of its own,
 //!   holds an instance in each. Namespaces, cgroup, limits, ids, capabilities,
-//!   `no_new_privs`, seccomp, rlimits and hostname of every process are compared, and
-//!   every descriptor of every process of both sandboxes is checked to be sprout's.
+//!   `no_new_privs`, the mount points and their flags, the seccomp verdicts (filters
+//!   read from the kernel with `PTRACE_SECCOMP_GET_FILTER` and run for every
+//!   syscall), rlimits and hostname of every process are compared, and every
+//!   descriptor of every process of both sandboxes is checked to be sprout's.
 //! - `the_fork_server_holds_no_host_privilege`: its shim and zygote are the range's
 //!   first uid on the host; the shim has no capability, the zygote only its four, in a
-//!   user namespace of its own that the fork server's uid owns, mapped as designed.
-//! - `killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves`.
+//!   user namespace of its own that the fork server's uid owns, mapped as designed;
+//!   its seccomp filter is a sandbox's but for `mount` and `unshare`; its descriptors
+//!   are sprout's.
+//! - `killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves`: and the
+//!   memory reserve follows.
 //! - `memory_a_forked_sandbox_touches_is_charged_to_it`: 48 MiB to the sandbox, not
-//!   to the fork server; the fork server's 64 MiB are reserved.
+//!   to the fork server; the fork server's 64 MiB are reserved once it runs.
 //! - `forked_by_default_created_on_request_and_by_the_one_shot_cli`: status counters,
-//!   `X-Sprout-Start`, and no fork server where sandboxes are created.
+//!   `X-Sprout-Start`, no fork server where sandboxes are created, and an idle forked
+//!   stem cell's cgroup charged less than a created one's.
 //! - `calls_and_siblings_run_in_forked_sandboxes`: an in-sandbox call (`/fns`) and a
 //!   `call_async` sibling.
 //!
-//! How each was seen to fail is said next to its assertions.
+//! How each was seen to fail (a temporary change, reverted) is said next to its
+//! assertions.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
