@@ -1220,3 +1220,31 @@ mod tests {
         assert!(!super::means_ci(None));
     }
 }
+
+/// Writes `contents` to `path` as host user `uid`:`gid` (on a thread of its own, whose
+/// file-system ids are set to them): a forked sandbox's tmpfs belongs to its user
+/// namespace, where the host's root is not mapped, so root cannot create files there.
+pub fn write_as(uid: u32, gid: u32, path: &str, contents: &str) -> std::io::Result<()> {
+    let (path, contents) = (path.to_owned(), contents.to_owned());
+    std::thread::spawn(move || {
+        // SAFETY: setfsgid/setfsuid change only this (short-lived) thread's ids.
+        unsafe {
+            libc::setfsgid(gid);
+            libc::setfsuid(uid);
+        }
+        fs::write(path, contents)
+    })
+    .join()
+    .expect("the writing thread panicked")
+}
+
+/// Writes `contents` to `path`, a file in a sandbox's own file system as the host
+/// sees it (`/proc/<pid>/root/...`), as the owner of the directory it goes in (see
+/// [`write_as`]).
+pub fn write_into(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = fs::metadata(path.parent().unwrap_or(Path::new("/")))?;
+    // A sticky /tmp owned by root or the fork server's user: the writer must be an
+    // id mapped there; the directory's owner always is.
+    write_as(dir.uid(), dir.gid(), &path.to_string_lossy(), contents)
+}

@@ -36,6 +36,15 @@ const TARGET_PY: &str = "def f(event):\n    return {'ran': event}\n";
 /// until the agent closes, and prints what happened as JSON.
 const HELPER_PY: &str = r#"import errno, json, os, socket, struct, sys
 path, frames = sys.argv[1], json.loads(sys.argv[2])
+# The socket is opened (O_PATH) as root, then the helper becomes the given user and
+# connects through its descriptor: a forked sandbox's files, seen through
+# /proc/<pid>/root, are reachable only from its own user namespace or by root.
+if len(sys.argv) > 3:
+    fd, uid = os.open(path, os.O_PATH), int(sys.argv[3])
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    path = f"/proc/self/fd/{fd}"
 sys.stdin.readline()
 out = {"pid": os.getpid(), "replies": [], "closed": None, "send_error": None}
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -123,18 +132,14 @@ impl Helper {
     /// [`Helper::spawn`] as host uid and gid `id` (no groups), or root.
     fn spawn_as(id: Option<u32>, socket: &Path, frames: &[(Value, String)]) -> Helper {
         let frames = Value::Array(frames.iter().map(|(h, p)| json!([h, p])).collect());
-        let mut cmd = Command::new("setpriv");
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.args(["-I", "-c", HELPER_PY])
+            .arg(socket)
+            .arg(frames.to_string());
         if let Some(id) = id {
-            cmd.args([
-                format!("--reuid={id}"),
-                format!("--regid={id}"),
-                "--clear-groups".into(),
-            ]);
+            cmd.arg(id.to_string()); // it becomes this user itself (see HELPER_PY)
         }
         let child = cmd
-            .args(["--", "/usr/bin/python3", "-I", "-c", HELPER_PY])
-            .arg(socket)
-            .arg(frames.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

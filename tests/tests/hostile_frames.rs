@@ -285,7 +285,7 @@ fn attack_holds(d: &Daemon, sandbox: &str) -> (PathBuf, Value) {
 
 /// Lets the attack end and returns the invocation's answer.
 fn release(tmp: &std::path::Path, answer: mpsc::Receiver<(u16, String)>) -> Value {
-    fs::write(tmp.join("sprout-hostile-go"), "go").expect("write the go file");
+    sprout_tests::write_into(&tmp.join("sprout-hostile-go"), "go").expect("write the go file");
     let (status, body) = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("the hostile invocation never answered");
@@ -406,7 +406,7 @@ fn a_frame_announced_on_the_instance_channel_costs_the_agent_no_memory() {
     let (tmp, report) = attack_holds(&d, &sandbox);
     assert_eq!(report["instance"], true, "{report}");
     let during = rss(d.pid());
-    fs::write(tmp.join("sprout-hostile-go"), "go").expect("write the go file");
+    sprout_tests::write_into(&tmp.join("sprout-hostile-go"), "go").expect("write the go file");
     let (status, body) = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("the hostile invocation never answered");

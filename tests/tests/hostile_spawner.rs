@@ -157,7 +157,9 @@ fn a_killed_idle_spawner_is_replaced_and_its_sandboxes_are_dropped() {
 #[test]
 fn cold_starts_waiting_on_a_spawner_that_dies_fail_at_once() {
     let env = require_root!();
-    let d = env.daemon();
+    // Sandboxes created by libcontainer, so that each cold start is a `create` on the
+    // spawner (a forked one asks the spawner only to adopt it).
+    let d = env.daemon_with(&["--stem-cells", "0", "--new-sandboxes", "create"]);
     hello(&env, &d, "one");
     hello(&env, &d, "two");
     let spawner = d.spawner_pid();

@@ -169,7 +169,8 @@ fn every_process_of_a_sandbox_is_its_own_unprivileged_user_on_the_host() {
         }
         assert!(checked.len() >= 4, "{checked:?}");
         assert!(checked.iter().any(|c| c.contains("sleep")), "{checked:?}");
-        fs::write(format!("/proc/{shim}/root/tmp/sprout-release"), "").unwrap();
+        let release = format!("/proc/{shim}/root/tmp/sprout-release");
+        sprout_tests::write_as(uid, uid, &release, "").unwrap();
         (uid, ok_json(&call.join().unwrap()))
     });
     let (uid, seen) = seen;
@@ -667,9 +668,13 @@ const WHO_PY: &str = "import os\ndef f(event):\n    return [os.getuid(), os.getg
 fn live_sandboxes_never_share_a_uid_and_a_freed_one_is_reused() {
     let env = require_root!();
     let base: u64 = 3_000_000_000;
+    // The allocator of sandbox uids, with sandboxes made by libcontainer (a fork
+    // server takes the range's first uid: `forked::the_fork_server_takes_the_first_uid`).
     let d = env.daemon_with(&[
         "--stem-cells",
         "0",
+        "--new-sandboxes",
+        "create",
         "--sandbox-uid-base",
         "3000000000",
         "--sandbox-uids",
@@ -966,10 +971,20 @@ fn the_state_directory_is_closed_to_host_accounts() {
 /// Connects to the call socket at argv[1] once it reads a line on stdin, sends a
 /// call of `hello`, and prints how many bytes of answer came before the agent
 /// closed (or 20 s passed).
-const CONNECTOR_PY: &str = r#"import json, socket, struct, sys
+const CONNECTOR_PY: &str = r#"import json, os, socket, struct, sys
+path = sys.argv[1]
+# Opened (O_PATH) as root, connected to as the given user through its descriptor: a
+# forked sandbox's files, seen through /proc/<pid>/root, are reachable only from its
+# own user namespace or by root.
+if len(sys.argv) > 2:
+    fd, uid = os.open(path, os.O_PATH), int(sys.argv[2])
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    path = f"/proc/self/fd/{fd}"
 sys.stdin.readline()
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(sys.argv[1])
+s.connect(path)
 hdr = json.dumps({"op": "call", "id": 1, "function": "hello", "depth": 1}).encode()
 event = json.dumps({"name": "sprout"}).encode()
 s.settimeout(20)
@@ -994,25 +1009,12 @@ print(json.dumps({"bytes": len(got), "answered": b"Hello, sprout!" in got}))
 /// Starts `CONNECTOR_PY` (as host uid `id`, or root), moves it into `cgroup_procs`
 /// (the sandbox's cgroup), lets it connect to `socket` and returns what it printed.
 fn connect_from_cgroup(id: Option<u32>, cgroup_procs: &Path, socket: &Path) -> Value {
-    let mut cmd = match id {
-        Some(id) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                format!("--reuid={id}"),
-                format!("--regid={id}"),
-                "--clear-groups".into(),
-                "--".into(),
-                PYTHON.into(),
-            ]);
-            c
-        }
-        None => Command::new(PYTHON),
-    };
-    cmd.arg("-c")
-        .arg(CONNECTOR_PY)
-        .arg(socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg("-c").arg(CONNECTOR_PY).arg(socket);
+    if let Some(id) = id {
+        cmd.arg(id.to_string()); // it becomes this user itself (see CONNECTOR_PY)
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let mut child = KillOnDrop::spawn(&mut cmd);
     fs::write(cgroup_procs, child.pid().to_string())
         .unwrap_or_else(|e| panic!("move into {}: {e}", cgroup_procs.display()));
@@ -1049,7 +1051,8 @@ fn a_caller_in_a_sandbox_cgroup_is_heard_only_as_its_uid() {
         let uid = host_ids(shim).unwrap().uid[0];
         let inside = PathBuf::from(format!("/proc/{shim}/root/.sprout/agent.sock"));
         let as_sandbox = connect_from_cgroup(Some(uid), &procs, &inside);
-        fs::write(format!("/proc/{shim}/root/tmp/sprout-release"), "").unwrap();
+        let release = format!("/proc/{shim}/root/tmp/sprout-release");
+        sprout_tests::write_as(uid, uid, &release, "").unwrap();
         ok_json(&call.join().unwrap());
         assert_eq!(
             as_root,

@@ -14,26 +14,27 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ipc::proto::{EnterEvent, Runtime, SandboxSpec, ShimLink};
-use ipc::Channel;
+use ipc::proto::{Runtime, SandboxSpec, ShimLink};
 use parking_lot::Mutex;
 use pool::Sandbox;
 use rootfs::{Limits, SandboxConfig};
 use serde_json::json;
 
-use super::{boot, state_err, Sandboxes};
 use crate::config::Config;
 use crate::error::Error;
 use crate::instance::BOOT_TIMEOUT;
-use crate::scheduler::StemCell;
 
 /// The fork server's memory limit, reserved against the budget like a sandbox's:
 /// its zygote, and each child until the agent has moved it into its sandbox.
 pub(super) const FORK_SERVER_MEMORY_MB: u64 = 64;
 /// Its pids limit: its shim and zygote, and the children making sandboxes at once.
-const FORK_SERVER_PIDS: u64 = 256;
+pub(super) const FORK_SERVER_PIDS: u64 = 256;
 /// After the fork server failed to start, it is not tried again for this long.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// At most this many forked children wait at once to be moved out of the fork
+/// server's cgroup: until then what they write is charged to the fork server, whose
+/// memory limit must hold them all.
+const MAX_UNMOVED: usize = 8;
 /// Where the fork server's children read what they make (under `/.sprout`).
 const PLAN_FILE: &str = "forked.json";
 const SECCOMP_FILE: &str = "seccomp.bpf";
@@ -42,6 +43,20 @@ const SECCOMP_FILE: &str = "seccomp.bpf";
 #[derive(Debug)]
 pub(super) struct ForkServer {
     state: Mutex<State>,
+    /// Forked children not yet moved into their own cgroup, and its wake-up.
+    unmoved: Mutex<usize>,
+    moved: parking_lot::Condvar,
+}
+
+/// A forked child not yet moved out of the fork server's cgroup: its place among
+/// [`MAX_UNMOVED`] is given back when this is dropped (it was moved, or failed).
+pub(super) struct Unmoved<'a>(&'a ForkServer);
+
+impl Drop for Unmoved<'_> {
+    fn drop(&mut self) {
+        *self.0.unmoved.lock() -= 1;
+        self.0.moved.notify_one();
+    }
 }
 
 #[derive(Debug)]
@@ -50,10 +65,11 @@ enum State {
     Up(Server),
 }
 
+/// The fork server's sandbox and the channel to its shim.
 #[derive(Debug)]
-struct Server {
-    sandbox: Sandbox,
-    shim: ShimLink,
+pub(super) struct Server {
+    pub(super) sandbox: Sandbox,
+    pub(super) shim: ShimLink,
 }
 
 impl ForkServer {
@@ -104,6 +120,8 @@ impl ForkServer {
         write_public(&runtime_dir.join(SECCOMP_FILE), &bpf)?;
         Ok(ForkServer {
             state: Mutex::new(State::Down { retry_at: None }),
+            unmoved: Mutex::new(0),
+            moved: parking_lot::Condvar::new(),
         })
     }
 
@@ -114,14 +132,26 @@ impl ForkServer {
     }
 
     /// Has the fork server's zygote fork the child that makes sandbox `spec`;
-    /// returns the fork server's cgroup (where that child is until it is moved).
-    fn fork(
+    /// returns the fork server's cgroup (where that child is until it is moved) and
+    /// the child's place among the unmoved ones (drop it once it is moved). A fork
+    /// server is made with `start` when there is none; one found dead is given to
+    /// `destroy`, and the next fork makes a new one.
+    pub(super) fn fork(
         &self,
-        sandboxes: &Sandboxes,
         spec: &SandboxSpec,
         shim_end: OwnedFd,
         output: OwnedFd,
-    ) -> Result<PathBuf, Error> {
+        start: impl FnOnce() -> Result<Server, Error>,
+        destroy: impl FnOnce(Server),
+    ) -> Result<(PathBuf, Unmoved<'_>), Error> {
+        let unmoved = {
+            let mut n = self.unmoved.lock();
+            while *n >= MAX_UNMOVED {
+                self.moved.wait(&mut n);
+            }
+            *n += 1;
+            Unmoved(self)
+        };
         let mut state = self.state.lock();
         if let State::Down { retry_at } = &*state {
             if retry_at.is_some_and(|t| Instant::now() < t) {
@@ -131,7 +161,7 @@ impl ForkServer {
                     message: "the fork server failed to start lately".into(),
                 });
             }
-            match start(sandboxes) {
+            match start() {
                 Ok(server) => *state = State::Up(server),
                 Err(e) => {
                     *state = State::Down {
@@ -147,7 +177,7 @@ impl ForkServer {
         let answer = server.shim.fork_sandbox(spec, &shim_end, &output);
         drop((shim_end, output));
         match answer {
-            Ok(Ok(_pid)) => Ok(server.sandbox.cgroup().to_path_buf()),
+            Ok(Ok(_pid)) => Ok((server.sandbox.cgroup().to_path_buf(), unmoved)),
             Ok(Err(message)) => Err(Error::Spawn {
                 sandbox: spec.sandbox.clone(),
                 function: String::new(),
@@ -155,15 +185,16 @@ impl ForkServer {
             }),
             Err(source) => {
                 // It died or said something it should not: the next fork starts a new one.
-                let State::Up(mut dead) =
+                let State::Up(dead) =
                     std::mem::replace(&mut *state, State::Down { retry_at: None })
                 else {
-                    unreachable!()
+                    unreachable!("the fork server was up")
                 };
-                tracing::warn!(sandbox_id = dead.sandbox.id(), error = %ipc::chain(&source), "the fork server is gone");
-                sandboxes.destroy_fork_server(&mut dead.sandbox);
+                let id = dead.sandbox.id().to_owned();
+                tracing::warn!(sandbox_id = %id, error = %ipc::chain(&source), "the fork server is gone");
+                destroy(dead);
                 Err(Error::Protocol {
-                    sandbox: dead.sandbox.id().to_owned(),
+                    sandbox: id,
                     peer: "fork server",
                     source,
                 })
@@ -174,40 +205,28 @@ impl ForkServer {
 
 /// The fork server's sandbox id: not `sprout-<agent>-<n>`, as it is no sandbox of a
 /// function's.
-fn id(agent_id: &str) -> String {
+pub(super) fn id(agent_id: &str) -> String {
     format!("sprout-{agent_id}.forks")
 }
 
-/// Creates the fork server's sandbox (libcontainer) and waits for its zygote.
-fn start(sandboxes: &Sandboxes) -> Result<Server, Error> {
-    let id = id(&sandboxes.agent_id);
-    let cgroup = sandboxes.cgroup_parent.join(&id);
-    let user = sandboxes.assign_user(&id)?;
-    let mut config = sandboxes.sandbox_config(
-        &id,
-        &cgroup,
-        vec![format!("{}=python", shim::runtime::RUNTIME_ENV)],
-    );
-    config.limits.memory_bytes = FORK_SERVER_MEMORY_MB << 20;
-    config.limits.pids = FORK_SERVER_PIDS;
-    let spec = rootfs::zygote_spec(&config, user, sandboxes.users.range());
-    let (mut sandbox, mut shim) = sandboxes.create(&id, &cgroup, spec, FORK_SERVER_MEMORY_MB)?;
-    // It is no stem cell: not counted among the sandboxes (its memory is reserved).
-    sandboxes.uncount();
-    let range = sandboxes.users.range();
-    if let Err(e) = map_zygote(&mut sandbox, &mut shim, &sandboxes.cgroups, user, range) {
-        sandboxes.destroy_fork_server(&mut sandbox);
-        return Err(e);
+/// The fork server's user namespace's map of uids or gids: inside 0 is the fork
+/// server's own host id `own`, and every id of the agent's range above it is itself
+/// (so a forked sandbox's processes see the ids the host sees). The ids of the range
+/// below `own` (none unless the fork server had to be remade) are not mapped: those
+/// sandboxes are created instead.
+fn id_map(own: u32, range: rootfs::SandboxUids) -> String {
+    let end = u64::from(range.base) + u64::from(range.count); // one past the last id
+    let above = end - u64::from(own) - 1;
+    let mut map = format!("0 {own} 1\n");
+    if above > 0 {
+        map += &format!("{} {} {above}\n", own + 1, own + 1);
     }
-    tracing::info!(sandbox_id = %id, pid = sandbox.pid(), "fork server up");
-    Ok(Server { sandbox, shim })
+    map
 }
 
-/// Waits for the fork server's `ready` and maps its zygote's user namespace: inside
-/// 0 is the fork server's own host user, and the agent's sandbox users after it are
-/// themselves (`0 <uid> <count>`: one line, so the ids of the range above the fork
-/// server's, which is the range's first unless it had to be remade).
-fn map_zygote(
+/// Waits for the fork server's `ready` and maps its zygote's user namespace
+/// ([`id_map`]).
+pub(super) fn map_zygote(
     sandbox: &mut Sandbox,
     shim: &mut ShimLink,
     cgroups: &pool::Cgroups,
@@ -252,11 +271,9 @@ fn map_zygote(
             "the fork server's zygote (pid {pid}) is not in its cgroup"
         )));
     }
-    let count = range.base + range.count - user.uid;
     for (file, id) in [("uid_map", user.uid), ("gid_map", user.gid)] {
         let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, format!("0 {id} {count}\n"))
-            .map_err(|e| bad(format!("write {path}: {e}")))?;
+        std::fs::write(&path, id_map(id, range)).map_err(|e| bad(format!("write {path}: {e}")))?;
     }
     if exited(&pidfd) {
         return Err(bad(format!("the fork server's zygote (pid {pid}) exited")));
@@ -265,154 +282,8 @@ fn map_zygote(
     Ok(())
 }
 
-impl Sandboxes {
-    /// A stem cell forked from the fork server: see the module's doc. On failure
-    /// nothing of it is left.
-    pub(super) fn fork_stem_cell(
-        &self,
-        forks: &ForkServer,
-        runtime: Runtime,
-    ) -> Result<StemCell, Error> {
-        let id = self.next_sandbox_id();
-        let span = tracing::debug_span!("fork_sandbox", sandbox_id = %id);
-        let _g = span.enter();
-        let cgroup = self.cgroup_parent.join(&id);
-        let user = self.assign_user(&id)?;
-        let made = self.fork_sandbox(forks, &id, &cgroup, user, runtime);
-        let (mut sandbox, mut shim) = match made {
-            Ok(made) => made,
-            Err(e) => {
-                // Whatever was made is in the sandbox's cgroup (or died with its channel).
-                if let Err(e) = self.cgroups.remove_tree(&cgroup) {
-                    tracing::error!(error = %ipc::chain(&e), "remove a failed forked sandbox's cgroup");
-                } else {
-                    self.users.release(&id);
-                }
-                self.output.remove(&id);
-                return Err(e);
-            }
-        };
-        let reserved_mb = self.defaults.memory_mb;
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.reserved_mb
-            .fetch_add(reserved_mb, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = boot(&mut sandbox, &mut shim) {
-            self.destroy(&mut sandbox, reserved_mb);
-            return Err(e);
-        }
-        tracing::debug!(pid = sandbox.pid(), "forked sandbox booted");
-        Ok(StemCell {
-            sandbox,
-            shim,
-            reserved_mb,
-        })
-    }
-
-    /// The exchange with the fork server and its child, up to the spawner's adopting
-    /// the sandbox.
-    fn fork_sandbox(
-        &self,
-        forks: &ForkServer,
-        id: &str,
-        cgroup: &Path,
-        user: rootfs::SandboxUser,
-        runtime: Runtime,
-    ) -> Result<(Sandbox, ShimLink), Error> {
-        let protocol = |source: ipc::Error| Error::Protocol {
-            sandbox: id.to_owned(),
-            peer: "forked sandbox",
-            source,
-        };
-        let refused = |message: String| Error::Spawn {
-            sandbox: id.to_owned(),
-            function: String::new(),
-            message,
-        };
-        let (output, output_end) =
-            crate::sandbox_output::pipe().map_err(state_err(Path::new("sandbox output pipe")))?;
-        let (ours, theirs) =
-            Channel::pair().map_err(state_err(Path::new("forked sandbox channel")))?;
-        // First, so that what the child says on its way is logged.
-        self.output.add(id, output);
-        let spec = SandboxSpec {
-            sandbox: id.to_owned(),
-            uid: user.uid,
-            gid: user.gid,
-            runtime,
-        };
-        let server_cgroup = forks.fork(self, &spec, theirs.into_fd(), output_end)?;
-        let mut shim = ShimLink(ours);
-        shim.0
-            .stream()
-            .set_read_timeout(Some(BOOT_TIMEOUT))
-            .map_err(|e| protocol(ipc::Error::Io(e)))?;
-
-        // The child, still in the fork server's cgroup: it must be the fork server's
-        // (a pidfd names one process for good; it is checked alive after the move).
-        let child = shim
-            .wait_enter_event(EnterEvent::Forked)
-            .map_err(protocol)?
-            .map_err(refused)?;
-        let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
-        let in_server = self
-            .cgroups
-            .contains_pid(&server_cgroup, child_pid)
-            .unwrap_or(false);
-        if !in_server {
-            return Err(refused(format!(
-                "the forked child (pid {child_pid}) is not in the fork server's cgroup {}",
-                server_cgroup.display()
-            )));
-        }
-        let limits = rootfs::resources(&Limits {
-            memory_bytes: self.defaults.memory_mb << 20,
-            pids: self.defaults.pids,
-            cpus: self.defaults.cpus,
-        })
-        .map_err(|e| spec_err(cgroup, &e))?;
-        pool::enter_cgroup(cgroup, child_pid, &limits)?;
-        if exited(&child) {
-            return Err(refused(format!(
-                "the forked child (pid {child_pid}) exited before it was in its cgroup"
-            )));
-        }
-        shim.send_enter().map_err(protocol)?;
-
-        // PID 1 of the new sandbox, made by the child in its cgroup.
-        let pid1 = shim
-            .wait_enter_event(EnterEvent::Entered)
-            .map_err(protocol)?
-            .map_err(refused)?;
-        let pid1 = pool::pidfd_pid(pid1.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
-        if !self.cgroups.contains_pid(cgroup, pid1).unwrap_or(false) {
-            return Err(refused(format!(
-                "the forked sandbox's first process (pid {pid1}) is not in {}",
-                cgroup.display()
-            )));
-        }
-        let sandbox = self
-            .spawner
-            .adopt(id, pid1, cgroup.to_path_buf(), &self.cgroups)?;
-        Ok((sandbox, shim))
-    }
-
-    /// Destroys the fork server's sandbox (it died, or the agent stops).
-    fn destroy_fork_server(&self, sandbox: &mut Sandbox) {
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.destroy(sandbox, FORK_SERVER_MEMORY_MB);
-    }
-
-    /// Takes a sandbox out of the count (the fork server is none of the pool's).
-    fn uncount(&self) {
-        self.count
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Whether the process of `pidfd` has exited (its pidfd is readable).
-fn exited(pidfd: &OwnedFd) -> bool {
+pub(super) fn exited(pidfd: &OwnedFd) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
     matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
@@ -449,10 +320,13 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(path, bytes)
         .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)))
-        .map_err(state_err(path))
+        .map_err(|source| Error::State {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
-fn spec_err(path: &Path, e: &dyn std::error::Error) -> Error {
+pub(super) fn spec_err(path: &Path, e: &dyn std::error::Error) -> Error {
     Error::State {
         path: path.to_path_buf(),
         source: std::io::Error::other(ipc::chain(e)),
@@ -462,6 +336,19 @@ fn spec_err(path: &Path, e: &dyn std::error::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_id_map_is_the_fork_servers_id_then_the_range_above_it_as_itself() {
+        let range = rootfs::SandboxUids::new(1000, 10).unwrap();
+        assert_eq!(id_map(1000, range), "0 1000 1\n1001 1001 9\n");
+        assert_eq!(id_map(1004, range), "0 1004 1\n1005 1005 5\n");
+        assert_eq!(id_map(1009, range), "0 1009 1\n");
+        let top = rootfs::SandboxUids::new(rootfs::SandboxUids::MAX_ID - 1, 2).unwrap();
+        assert_eq!(
+            id_map(top.base, top),
+            format!("0 {} 1\n{} {} 1\n", top.base, top.base + 1, top.base + 1)
+        );
+    }
 
     #[test]
     fn the_plan_keeps_binds_and_dev_and_lists_proc_masks() {

@@ -14,11 +14,13 @@
 
 mod fork;
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use ipc::proto::InstanceLink;
+use ipc::proto::{EnterEvent, InstanceLink, SandboxSpec, ShimLink};
+use ipc::Channel;
 use parking_lot::Mutex;
 use pool::{CgroupVersion, Cgroups, Sandbox, Spawner, StateDir};
 use rootfs::{Limits, SandboxConfig, Skeleton};
@@ -433,6 +435,184 @@ impl Sandboxes {
             called: false,
             oom,
         })
+    }
+
+    /// Creates the fork server's sandbox (libcontainer) and maps its zygote's user
+    /// namespace.
+    fn start_fork_server(&self) -> Result<fork::Server, Error> {
+        let id = fork::id(&self.agent_id);
+        let cgroup = self.cgroup_parent.join(&id);
+        let user = self.assign_user(&id)?;
+        let mut config = self.sandbox_config(
+            &id,
+            &cgroup,
+            vec![format!("{}=python", shim::runtime::RUNTIME_ENV)],
+        );
+        config.limits.memory_bytes = fork::FORK_SERVER_MEMORY_MB << 20;
+        config.limits.pids = fork::FORK_SERVER_PIDS;
+        let spec = rootfs::zygote_spec(&config, user, self.users.range());
+        let (mut sandbox, mut shim) =
+            self.create(&id, &cgroup, spec, fork::FORK_SERVER_MEMORY_MB)?;
+        // It is no stem cell: not counted among the sandboxes (its memory is reserved).
+        self.uncount();
+        let range = self.users.range();
+        if let Err(e) = fork::map_zygote(&mut sandbox, &mut shim, &self.cgroups, user, range) {
+            self.destroy_fork_server(&mut sandbox);
+            return Err(e);
+        }
+        tracing::info!(sandbox_id = %id, pid = sandbox.pid(), "fork server up");
+        Ok(fork::Server { sandbox, shim })
+    }
+
+    /// A stem cell forked from the fork server: see the module's doc. On failure
+    /// nothing of it is left.
+    fn fork_stem_cell(
+        &self,
+        forks: &fork::ForkServer,
+        runtime: Runtime,
+    ) -> Result<StemCell, Error> {
+        let id = self.next_sandbox_id();
+        let span = tracing::debug_span!("fork_sandbox", sandbox_id = %id);
+        let _g = span.enter();
+        let cgroup = self.cgroup_parent.join(&id);
+        let user = self.assign_user(&id)?;
+        let made = self.fork_sandbox(forks, &id, &cgroup, user, runtime);
+        let (mut sandbox, mut shim) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                // Whatever was made is in the sandbox's cgroup (or died with its channel).
+                if let Err(e) = self.cgroups.remove_tree(&cgroup) {
+                    tracing::error!(error = %ipc::chain(&e), "remove a failed forked sandbox's cgroup");
+                } else {
+                    self.users.release(&id);
+                }
+                self.output.remove(&id);
+                return Err(e);
+            }
+        };
+        let reserved_mb = self.defaults.memory_mb;
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reserved_mb
+            .fetch_add(reserved_mb, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = boot(&mut sandbox, &mut shim) {
+            self.destroy(&mut sandbox, reserved_mb);
+            return Err(e);
+        }
+        tracing::debug!(pid = sandbox.pid(), "forked sandbox booted");
+        Ok(StemCell {
+            sandbox,
+            shim,
+            reserved_mb,
+        })
+    }
+
+    /// The exchange with the fork server and its child, up to the spawner's adopting
+    /// the sandbox.
+    fn fork_sandbox(
+        &self,
+        forks: &fork::ForkServer,
+        id: &str,
+        cgroup: &Path,
+        user: rootfs::SandboxUser,
+        runtime: Runtime,
+    ) -> Result<(Sandbox, ShimLink), Error> {
+        let protocol = |source: ipc::Error| Error::Protocol {
+            sandbox: id.to_owned(),
+            peer: "forked sandbox",
+            source,
+        };
+        let refused = |message: String| Error::Spawn {
+            sandbox: id.to_owned(),
+            function: String::new(),
+            message,
+        };
+        let (output, output_end) =
+            crate::sandbox_output::pipe().map_err(state_err(Path::new("sandbox output pipe")))?;
+        let (ours, theirs) =
+            Channel::pair().map_err(state_err(Path::new("forked sandbox channel")))?;
+        // First, so that what the child says on its way is logged.
+        self.output.add(id, output);
+        let spec = SandboxSpec {
+            sandbox: id.to_owned(),
+            uid: user.uid,
+            gid: user.gid,
+            runtime,
+        };
+        let (server_cgroup, unmoved) = forks.fork(
+            &spec,
+            theirs.into_fd(),
+            output_end,
+            || self.start_fork_server(),
+            |mut dead| self.destroy_fork_server(&mut dead.sandbox),
+        )?;
+        let mut shim = ShimLink(ours);
+        shim.0
+            .stream()
+            .set_read_timeout(Some(BOOT_TIMEOUT))
+            .map_err(|e| protocol(ipc::Error::Io(e)))?;
+
+        // The child, still in the fork server's cgroup: it must be the fork server's
+        // (a pidfd names one process for good; it is checked alive after the move).
+        let child = shim
+            .wait_enter_event(EnterEvent::Forked)
+            .map_err(protocol)?
+            .map_err(refused)?;
+        let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        let in_server = self
+            .cgroups
+            .contains_pid(&server_cgroup, child_pid)
+            .unwrap_or(false);
+        if !in_server {
+            return Err(refused(format!(
+                "the forked child (pid {child_pid}) is not in the fork server's cgroup {}",
+                server_cgroup.display()
+            )));
+        }
+        let limits = rootfs::resources(&Limits {
+            memory_bytes: self.defaults.memory_mb << 20,
+            pids: self.defaults.pids,
+            cpus: self.defaults.cpus,
+        })
+        .map_err(|e| fork::spec_err(cgroup, &e))?;
+        pool::enter_cgroup(cgroup, child_pid, &limits)?;
+        drop(unmoved);
+        if fork::exited(&child) {
+            return Err(refused(format!(
+                "the forked child (pid {child_pid}) exited before it was in its cgroup"
+            )));
+        }
+        shim.send_enter().map_err(protocol)?;
+
+        // PID 1 of the new sandbox, made by the child in its cgroup.
+        let pid1 = shim
+            .wait_enter_event(EnterEvent::Entered)
+            .map_err(protocol)?
+            .map_err(refused)?;
+        let pid1 = pool::pidfd_pid(pid1.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        if !self.cgroups.contains_pid(cgroup, pid1).unwrap_or(false) {
+            return Err(refused(format!(
+                "the forked sandbox's first process (pid {pid1}) is not in {}",
+                cgroup.display()
+            )));
+        }
+        let sandbox = self
+            .spawner
+            .adopt(id, pid1, cgroup.to_path_buf(), &self.cgroups)?;
+        Ok((sandbox, shim))
+    }
+
+    /// Destroys the fork server's sandbox (it died, or the agent stops).
+    fn destroy_fork_server(&self, sandbox: &mut Sandbox) {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.destroy(sandbox, fork::FORK_SERVER_MEMORY_MB);
+    }
+
+    /// Takes a sandbox out of the count (the fork server is none of the pool's).
+    fn uncount(&self) {
+        self.count
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes `dir` visible at `target` in sandbox `id` (a callee's code).

@@ -166,6 +166,7 @@ def wait_mapped():
         cap += 1
         if cap > 63:
             break
+    _halve_shared_limits()
     keep = sum(1 << c for c in KEEP_CAPS)
     header = _prepared.CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_prepared.CapData * 2)(_prepared.CapData(keep, keep, 0), _prepared.CapData(0, 0, 0))
@@ -229,6 +230,35 @@ def _load_seccomp():
     )
 
 
+# Per-user kernel limits counted per user namespace up to the host's: every sandbox
+# forked from this fork server is also counted, at the host's level, as the fork
+# server's user (the namespace's owner), so they share one budget there. Each
+# sandbox gets at most half of it (per uid in this namespace), so that one sandbox
+# alone can never exhaust it for the others.
+_SHARED_SYSCTLS = (
+    ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/user/max_inotify_instances"),
+    ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"),
+)
+
+
+def _halve_shared_limits():
+    for host, ours in _SHARED_SYSCTLS:
+        with open(host) as f:
+            limit = int(f.read())
+        with open(ours, "w") as f:
+            f.write(str(max(1, limit // 2)))
+
+
+def _halve_shared_rlimits():
+    """The rlimits counted the same way (POSIX message queue bytes, queued signals)."""
+    import resource
+
+    for which in (resource.RLIMIT_MSGQUEUE, resource.RLIMIT_SIGPENDING):
+        soft, hard = resource.getrlimit(which)
+        half = max(1, hard // 2) if hard != resource.RLIM_INFINITY else soft
+        resource.setrlimit(which, (min(soft, half), half))
+
+
 def _inside(host_id, map_file):
     """The id inside the fork server's user namespace of host id ``host_id``."""
     with open(map_file) as f:
@@ -240,6 +270,7 @@ def _inside(host_id, map_file):
 
 
 def _drop(host_uid, host_gid):
+    _halve_shared_rlimits()
     uid = _inside(host_uid, "/proc/self/uid_map")
     gid = _inside(host_gid, "/proc/self/gid_map")
     if uid == 0 or gid == 0:
@@ -303,18 +334,11 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
     """The zygote's child: makes sandbox ``spec`` (see the module's doc). Returns the
     exit status; PID 1 never returns (it becomes the shim, after forking the
     sandbox's zygote, which runs ``zygote_main``)."""
-    zygote.close()
-    # The shim's descriptors: its channel on 0, the sandbox's output on 1 and 2;
-    # nothing else of the zygote's stays open.
-    os.dup2(chan_fd, 0)
-    os.dup2(output_fd, 1)
-    os.dup2(output_fd, 2)
-    os.closerange(3, 1 << 20)
-    for fd in (0, 1, 2):
-        os.set_inheritable(fd, True)
-    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
-    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
-    channel = Channel(socket.socket(fileno=os.dup(0)))
+    # Nothing before the move but the handshake: what this process writes until the
+    # agent has moved it is charged to the fork server (on cgroup v1 it moves with
+    # the process; the agent bounds how many children wait at once).
+    sock = socket.socket(fileno=chan_fd)
+    channel = Channel(sock)
     try:
         pidfd = os.pidfd_open(os.getpid())
         channel.send({"op": "forked"}, fds=[pidfd])
@@ -326,6 +350,19 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
             return 0
     except (ChannelClosed, OSError):
         return 0  # the agent gave up on this sandbox
+    zygote.close()
+    # The shim's descriptors: its channel on 0, the sandbox's output on 1 and 2;
+    # nothing else of the zygote's stays open.
+    os.dup2(chan_fd, 0)
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    sock.detach()  # chan_fd goes with the others below, not with this object
+    os.closerange(3, 1 << 20)
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, True)
+    sys.stdout = sys.__stdout__ = open(1, "w", closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
+    channel = Channel(socket.socket(fileno=os.dup(0)))
     try:
         _check(_prepared.libc.unshare(NAMESPACES), "unshare the sandbox's namespaces")
         socket.sethostname(spec["sandbox"])
