@@ -321,6 +321,15 @@ pub enum EnterEvent {
     EnterFailed { message: String },
 }
 
+/// What a forked sandbox's channel says after `entered`: its shim's `ready`, or its
+/// first process's `enter_failed` (PID 1 failed before it became the shim).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum ForkedBoot {
+    Shim(ShimEvent),
+    Enter(EnterEvent),
+}
+
 /// Agent → a forked sandbox's first process.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -669,6 +678,23 @@ impl ShimLink {
     /// Tells a forked sandbox's child that it is in its cgroup.
     pub fn send_enter(&self) -> Result<(), Error> {
         self.0.send(&EnterRequest::Enter, b"", &[])
+    }
+
+    /// A forked sandbox after `entered`: waits for its shim's `ready` (the zygote's
+    /// pid) or its PID 1's `enter_failed` (`Ok(Err(message))`).
+    pub fn wait_forked_ready(&mut self) -> Result<Result<i32, String>, Error> {
+        match self.0.recv::<ForkedBoot>()?.header {
+            ForkedBoot::Shim(ShimEvent::Ready { zygote_pid }) => Ok(Ok(zygote_pid)),
+            ForkedBoot::Enter(EnterEvent::EnterFailed { message }) => Ok(Err(message)),
+            ForkedBoot::Shim(other) => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "ready",
+            }),
+            ForkedBoot::Enter(other) => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "ready",
+            }),
+        }
     }
 }
 
