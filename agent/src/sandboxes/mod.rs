@@ -565,6 +565,7 @@ impl Sandboxes {
             .map_err(protocol)?
             .map_err(refused)?;
         let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        tracing::debug!(pid = child_pid, "child forked");
         let in_server = self
             .cgroups
             .contains_pid(&server_cgroup, child_pid)
@@ -581,14 +582,15 @@ impl Sandboxes {
             cpus: self.defaults.cpus,
         })
         .map_err(|e| fork::spec_err(cgroup, &e))?;
-        pool::enter_cgroup(cgroup, child_pid, &limits)?;
-        drop(unmoved);
+        // The child moves itself in, through files opened here (see prepare_cgroup).
+        let join = pool::prepare_cgroup(&self.cgroups, cgroup, &limits)?;
         if fork::exited(&child) {
             return Err(refused(format!(
-                "the forked child (pid {child_pid}) exited before it was in its cgroup"
+                "the forked child (pid {child_pid}) exited before it joined its cgroup"
             )));
         }
-        shim.send_enter().map_err(protocol)?;
+        shim.send_join_and_enter(&join).map_err(protocol)?;
+        drop(join);
 
         // PID 1 of the new sandbox, made by the child in its cgroup.
         let pid1 = shim
@@ -596,6 +598,8 @@ impl Sandboxes {
             .map_err(protocol)?
             .map_err(refused)?;
         let pid1 = pool::pidfd_pid(pid1.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        tracing::debug!(pid = pid1, "sandbox entered");
+        drop(unmoved);
         if !self.cgroups.contains_pid(cgroup, pid1).unwrap_or(false) {
             return Err(refused(format!(
                 "the forked sandbox's first process (pid {pid1}) is not in {}",

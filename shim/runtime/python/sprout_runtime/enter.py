@@ -6,8 +6,10 @@ with CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_SETPCAP there (none on the ho
 and a seccomp filter that allows ``unshare`` and ``mount`` on top of the sandbox
 filter. The child (``make_sandbox``), on the new sandbox's channel to the agent:
 
-1. sends ``forked`` with a pidfd of itself; the agent moves it into the sandbox's
-   cgroup and answers ``enter`` (so everything from here on is the sandbox's to pay);
+1. sends ``forked`` with a pidfd of itself; the agent makes the sandbox's cgroup and
+   sends the files it joins it through (``join``: it writes 0 into each, moving
+   itself, which on cgroup v1 skips the kernel's global lock a move of another
+   process takes), then ``enter`` (everything from here on is the sandbox's to pay);
 2. unshares the mount, uts, ipc, network, cgroup and pid namespaces, names the host,
    makes its mount tree private and mounts the sandbox's own filesystems (the plan,
    ``forked.json``, is written by the agent from the same spec as every sandbox's);
@@ -338,6 +340,26 @@ def _become_pid1(spec, ids, go_read, zygote_main, channel):
     os.execve(SHIM, [SHIM], env)
 
 
+def _join_cgroup(channel):
+    """Moves this process into the sandbox's cgroup through the files the agent sends
+    (``join``: write 0, this process, into each), until ``enter``. Returns whether to
+    go on (False: the agent said something else; a write that fails is reported)."""
+    while True:
+        header, _payload, fds = channel.recv()
+        op = header.get("op")
+        try:
+            if op != "join":
+                return op == "enter"
+            for fd in fds:
+                os.write(fd, b"0")
+        except OSError as exc:
+            channel.send({"op": "enter_failed", "message": f"join the sandbox's cgroup: {exc}"})
+            return False
+        finally:
+            for fd in fds:
+                _close_quietly(fd)
+
+
 def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
     """The zygote's child: makes sandbox ``spec`` (see the module's doc). Returns the
     exit status; PID 1 never returns (it becomes the shim, after forking the
@@ -351,10 +373,7 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
         pidfd = os.pidfd_open(os.getpid())
         channel.send({"op": "forked"}, fds=[pidfd])
         os.close(pidfd)
-        header, _payload, fds = channel.recv()
-        for fd in fds:
-            _close_quietly(fd)
-        if header.get("op") != "enter":
+        if not _join_cgroup(channel):
             return 0
     except (ChannelClosed, OSError):
         return 0  # the agent gave up on this sandbox
