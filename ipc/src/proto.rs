@@ -311,8 +311,9 @@ pub struct SandboxSpec {
 #[serde(tag = "op", rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
 pub enum EnterEvent {
-    /// Carries a pidfd of the child: the agent checks where it is, moves it into the
-    /// sandbox's cgroup and answers [`EnterRequest::Enter`].
+    /// Carries a pidfd of the child: the agent checks where it is, makes the
+    /// sandbox's cgroup and answers with [`EnterRequest::Join`]s and
+    /// [`EnterRequest::Enter`].
     Forked,
     /// Carries a pidfd of the new sandbox's PID 1 (its shim to be). Sent before PID 1
     /// goes on, so nothing of the shim's comes first.
@@ -321,12 +322,25 @@ pub enum EnterEvent {
     EnterFailed { message: String },
 }
 
+/// What a forked sandbox's channel says after `entered`: its shim's `ready`, or its
+/// first process's `enter_failed` (PID 1 failed before it became the shim).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum ForkedBoot {
+    Shim(ShimEvent),
+    Enter(EnterEvent),
+}
+
 /// Agent → a forked sandbox's first process.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, IntoStaticStr)]
 #[serde(tag = "op", rename_all = "snake_case")]
 #[strum(serialize_all = "snake_case")]
 pub enum EnterRequest {
-    /// It is in the sandbox's cgroup: make the namespaces, mounts and PID 1.
+    /// Carries up to 8 descriptors: files (opened by the agent for writing) through
+    /// which the child joins the sandbox's cgroup by writing `0` into each (v1: each
+    /// hierarchy's `tasks`; v2: `cgroup.procs`). More come in further `join`s.
+    Join,
+    /// Join done: make the namespaces, mounts and PID 1.
     Enter,
 }
 
@@ -666,9 +680,31 @@ impl ShimLink {
         }
     }
 
-    /// Tells a forked sandbox's child that it is in its cgroup.
-    pub fn send_enter(&self) -> Result<(), Error> {
+    /// Gives a forked sandbox's child the files it joins its cgroup through (in
+    /// frames of at most 8), then tells it to make the sandbox.
+    pub fn send_join_and_enter(&self, join: &[OwnedFd]) -> Result<(), Error> {
+        for files in join.chunks(8) {
+            let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+            self.0.send(&EnterRequest::Join, b"", &fds)?;
+        }
         self.0.send(&EnterRequest::Enter, b"", &[])
+    }
+
+    /// A forked sandbox after `entered`: waits for its shim's `ready` (the zygote's
+    /// pid) or its PID 1's `enter_failed` (`Ok(Err(message))`).
+    pub fn wait_forked_ready(&mut self) -> Result<Result<i32, String>, Error> {
+        match self.0.recv::<ForkedBoot>()?.header {
+            ForkedBoot::Shim(ShimEvent::Ready { zygote_pid }) => Ok(Ok(zygote_pid)),
+            ForkedBoot::Enter(EnterEvent::EnterFailed { message }) => Ok(Err(message)),
+            ForkedBoot::Shim(other) => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "ready",
+            }),
+            ForkedBoot::Enter(other) => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "ready",
+            }),
+        }
     }
 }
 
@@ -911,7 +947,7 @@ mod tests {
                 message: "m".into(),
             },
         ]);
-        check(&[EnterRequest::Enter]);
+        check(&[EnterRequest::Join, EnterRequest::Enter]);
         check(&[
             ZygoteEvent::Ready { pid: 1 },
             ZygoteEvent::Forked {

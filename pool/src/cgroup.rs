@@ -249,25 +249,40 @@ pub(crate) fn same_cgroup(at: &str, rel: &Path) -> bool {
 }
 
 /// Makes the sandbox cgroup `cgroup` (from the hierarchy root; in every v1 hierarchy,
-/// or the unified one), moves process `pid` into it and sets `resources` there, with
-/// libcgroups as libcontainer does for a sandbox it creates (v1 `cpuset.cpus` and
-/// `cpuset.mems` are copied from the parent when empty). For a sandbox forked from a
-/// fork server: its first process is moved out of the fork server's cgroup. Safe to
-/// call from several threads for different cgroups.
-pub fn enter_cgroup(
+/// or the unified one), sets `resources` there with libcgroups as libcontainer does
+/// for a sandbox it creates (v1 `cpuset.cpus` and `cpuset.mems` copied from above
+/// when empty), and opens, for writing, the file a process joins it through: each v1
+/// hierarchy's `tasks`, or v2's `cgroup.procs`. A forked sandbox's first process
+/// writes `0` into each (it moves itself; on v1, a single-threaded process moving
+/// itself through `tasks` does not take the kernel's global thread-group lock, which
+/// waits for an RCU grace period, 1 to 13 ms here, on every other move). The files
+/// are opened by the caller (root), so whoever writes a pid into them needs no
+/// permission of its own; a pid is read in the writer's pid namespace. Safe to call
+/// from several threads for different cgroups.
+pub fn prepare_cgroup(
+    cgroups: &Cgroups,
     cgroup: &Path,
-    pid: i32,
     resources: &oci_spec::runtime::LinuxResources,
-) -> Result<(), Error> {
+) -> Result<Vec<std::os::fd::OwnedFd>, Error> {
     use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager, ControllerOpt};
     let fail = |what: &'static str| {
-        move |e: &dyn std::fmt::Display| Error::EnterCgroup {
+        move |e: &dyn std::fmt::Display| Error::PrepareCgroup {
             cgroup: cgroup.to_path_buf(),
-            pid,
             what,
             message: e.to_string(),
         }
     };
+    let dirs = cgroups.dirs(cgroup);
+    for dir in &dirs {
+        fs::create_dir_all(dir).map_err(|e| fail("make it")(&e))?;
+    }
+    if cgroups.version() == CgroupVersion::V1 {
+        let cpuset = cgroups.controller_dir("cpuset", Path::new("/"));
+        if cpuset.is_dir() {
+            fill_cpuset(&cpuset, cgroup)
+                .map_err(|e| fail("copy cpuset.cpus and cpuset.mems")(&e))?;
+        }
+    }
     let name = cgroup
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -278,9 +293,6 @@ pub fn enter_cgroup(
         container_name: name,
     })
     .map_err(|e| fail("open its cgroup manager")(&ipc::chain(&e)))?;
-    manager
-        .add_task(Pid::from_raw(pid))
-        .map_err(|e| fail("move the process")(&ipc::chain(&e)))?;
     let opt = ControllerOpt {
         resources,
         disable_oom_killer: false,
@@ -289,7 +301,39 @@ pub fn enter_cgroup(
     };
     manager
         .apply(&opt)
-        .map_err(|e| fail("set the limits")(&ipc::chain(&e)))
+        .map_err(|e| fail("set the limits")(&ipc::chain(&e)))?;
+    let join = match cgroups.version() {
+        CgroupVersion::V1 => "tasks",
+        CgroupVersion::V2 => "cgroup.procs",
+    };
+    dirs.iter()
+        .map(|dir| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(join))
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| fail("open its join file")(&e))
+        })
+        .collect()
+}
+
+/// v1 cpuset: a cgroup takes no process while its `cpuset.cpus` or `cpuset.mems` is
+/// empty; fills each level from `root` down to `cgroup` from the level above.
+fn fill_cpuset(root: &Path, cgroup: &Path) -> std::io::Result<()> {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let mut here = root.to_path_buf();
+        let mut value = fs::read_to_string(here.join(file))?;
+        for part in cgroup.strip_prefix("/").unwrap_or(cgroup).components() {
+            here.push(part);
+            let own = fs::read_to_string(here.join(file))?;
+            if own.trim().is_empty() {
+                fs::write(here.join(file), value.trim())?;
+            } else {
+                value = own;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn remove_dir_tree(dir: &Path) -> Result<(), Error> {
@@ -408,9 +452,9 @@ mod tests {
     /// Real children moved into new cgroups, from several threads at once, each get
     /// their limits; the cgroups go with `remove_tree`, and the children with them.
     #[test]
-    fn enter_cgroup_moves_a_process_into_a_new_limited_cgroup() {
+    fn prepare_cgroup_gives_files_that_move_a_process_into_a_new_limited_cgroup() {
         if !crate::test_support::root_or_skip(
-            "enter_cgroup_moves_a_process_into_a_new_limited_cgroup",
+            "prepare_cgroup_gives_files_that_move_a_process_into_a_new_limited_cgroup",
         ) {
             return;
         }
@@ -439,7 +483,18 @@ mod tests {
                     pids: 30 + i,
                     cpus: 0.5,
                 };
-                let entered = enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap());
+                let cgroups = Cgroups::detect().unwrap();
+                let entered =
+                    prepare_cgroup(&cgroups, &cgroup, &rootfs::resources(&limits).unwrap())
+                        .and_then(|files| {
+                            for f in files {
+                                use std::io::Write;
+                                fs::File::from(f)
+                                    .write_all(pid.to_string().as_bytes())
+                                    .map_err(crate::io_err("join", &cgroup))?;
+                            }
+                            Ok(())
+                        });
                 (cgroup, pid, entered)
             }));
         }

@@ -15,8 +15,8 @@
 //! reads and removes sprout's cgroups on v1 and v2 (behind a root path, so the logic
 //! is tested on a fake tree); [`cleanup_stale`] removes what a crashed agent left.
 //! [`Sandbox`] carries one sandbox's state machine. For sandboxes forked from a
-//! fork server: [`enter_cgroup`] moves a process into a new sandbox cgroup with its
-//! limits, [`pidfd_pid`] reads a pidfd's host pid, [`seccomp_bpf`] compiles a
+//! fork server: [`prepare_cgroup`] makes a new sandbox cgroup with its limits and
+//! opens the files a process joins it through, [`pidfd_pid`] reads a pidfd's host pid, [`seccomp_bpf`] compiles a
 //! sandbox's seccomp filter for a process to load itself, and
 //! [`Spawner::adopt`] registers the result. [`network`] decides a sandbox's
 //! network: its own loopback always (up from its creation), outbound IPv4 for a
@@ -32,7 +32,7 @@ mod spawner;
 mod state;
 mod sys;
 
-pub use cgroup::{enter_cgroup, CgroupVersion, Cgroups};
+pub use cgroup::{prepare_cgroup, CgroupVersion, Cgroups};
 pub use freezer::Freezer;
 pub use oom::OomWatch;
 pub use sandbox::{Sandbox, SandboxState};
@@ -152,10 +152,9 @@ pub enum Error {
         #[source]
         source: libcgroups::common::CreateCgroupSetupError,
     },
-    #[error("cgroup {cgroup}: move pid {pid} in: {what}: {message}")]
-    EnterCgroup {
+    #[error("cgroup {cgroup}: {what}: {message}")]
+    PrepareCgroup {
         cgroup: PathBuf,
-        pid: i32,
         what: &'static str,
         message: String,
     },

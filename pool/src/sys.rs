@@ -400,30 +400,6 @@ pub fn link_up(name: &CStr) -> std::io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn a_pidfd_names_its_process_until_it_exits() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let fd = pidfd_open(nix::unistd::Pid::from_raw(pid)).unwrap();
-        assert_eq!(pidfd_pid(fd.as_fd()).unwrap(), pid);
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let e = pidfd_pid(fd.as_fd()).unwrap_err();
-        assert!(e.to_string().contains("has exited"), "{e}");
-        let file = std::fs::File::open("/proc/self/cgroup").unwrap();
-        let e = pidfd_pid(file.as_fd()).unwrap_err();
-        assert!(e.to_string().contains("is not a pidfd"), "{e}");
-    }
-}
-
 /// Runs `f` with this thread's file-system uid and gid set to `uid` and `gid`, then
 /// back to root's. New files then belong to them: a tmpfs made in a forked sandbox's
 /// user namespace takes only owners mapped there (root on the host is not: an inode
@@ -457,4 +433,28 @@ pub fn as_fs_owner<T>(
         libc::setfsgid(0);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn a_pidfd_names_its_process_until_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let fd = pidfd_open(nix::unistd::Pid::from_raw(pid)).unwrap();
+        assert_eq!(pidfd_pid(fd.as_fd()).unwrap(), pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let e = pidfd_pid(fd.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("has exited"), "{e}");
+        let file = std::fs::File::open("/proc/self/cgroup").unwrap();
+        let e = pidfd_pid(file.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("is not a pidfd"), "{e}");
+    }
 }

@@ -1207,20 +1207,6 @@ def f(event):
     return {"sandbox": os.environ.get("SPROUT_SANDBOX"), "pid": os.getpid()}
 "#;
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn any_ci_value_but_an_explicit_no_means_ci() {
-        for yes in ["true", "1", "yes", "TRUE", "True ", "on", "github"] {
-            assert!(super::means_ci(Some(yes)), "CI={yes:?}");
-        }
-        for no in ["", "0", "false", "FALSE", "no"] {
-            assert!(!super::means_ci(Some(no)), "CI={no:?}");
-        }
-        assert!(!super::means_ci(None));
-    }
-}
-
 /// Writes `contents` to `path` as host user `uid`:`gid` (on a thread of its own, whose
 /// file-system ids are set to them): a forked sandbox's tmpfs belongs to its user
 /// namespace, where the host's root is not mapped, so root cannot create files there.
@@ -1247,4 +1233,18 @@ pub fn write_into(path: &Path, contents: &str) -> std::io::Result<()> {
     // A sticky /tmp owned by root or the fork server's user: the writer must be an
     // id mapped there; the directory's owner always is.
     write_as(dir.uid(), dir.gid(), &path.to_string_lossy(), contents)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn any_ci_value_but_an_explicit_no_means_ci() {
+        for yes in ["true", "1", "yes", "TRUE", "True ", "on", "github"] {
+            assert!(super::means_ci(Some(yes)), "CI={yes:?}");
+        }
+        for no in ["", "0", "false", "FALSE", "no"] {
+            assert!(!super::means_ci(Some(no)), "CI={no:?}");
+        }
+        assert!(!super::means_ci(None));
+    }
 }

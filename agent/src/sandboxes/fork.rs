@@ -62,14 +62,16 @@ impl Drop for Unmoved<'_> {
 #[derive(Debug)]
 enum State {
     Down { retry_at: Option<Instant> },
-    Up(Server),
+    Up(Box<Server>),
 }
 
-/// The fork server's sandbox and the channel to its shim.
+/// The fork server's sandbox, the channel to its shim, and its host uid (inside 0 of
+/// its user namespace; only sandbox uids above it are mapped there).
 #[derive(Debug)]
 pub(super) struct Server {
     pub(super) sandbox: Sandbox,
     pub(super) shim: ShimLink,
+    pub(super) uid: u32,
 }
 
 impl ForkServer {
@@ -125,6 +127,18 @@ impl ForkServer {
         })
     }
 
+    /// Starts the fork server if it is down (and was not failing lately); returns
+    /// its host uid. Called before a sandbox's uid is taken, so that the sandbox
+    /// gets one above it.
+    pub(super) fn ensure_up(
+        &self,
+        sandbox: &str,
+        start: impl FnOnce() -> Result<Server, Error>,
+    ) -> Result<u32, Error> {
+        let mut state = self.state.lock();
+        up(&mut state, sandbox, start).map(|s| s.uid)
+    }
+
     /// Whether sandboxes of `runtime` are forked. Python's adopt a fork of the fork
     /// server's zygote as their own.
     pub(super) fn serves(&self, runtime: Runtime) -> bool {
@@ -153,27 +167,17 @@ impl ForkServer {
             Unmoved(self)
         };
         let mut state = self.state.lock();
-        if let State::Down { retry_at } = &*state {
-            if retry_at.is_some_and(|t| Instant::now() < t) {
-                return Err(Error::Spawn {
-                    sandbox: spec.sandbox.clone(),
-                    function: String::new(),
-                    message: "the fork server failed to start lately".into(),
-                });
-            }
-            match start() {
-                Ok(server) => *state = State::Up(server),
-                Err(e) => {
-                    *state = State::Down {
-                        retry_at: Some(Instant::now() + RETRY_AFTER),
-                    };
-                    return Err(e);
-                }
-            }
+        let server = up(&mut state, &spec.sandbox, start)?;
+        if spec.uid <= server.uid {
+            return Err(Error::Spawn {
+                sandbox: spec.sandbox.clone(),
+                function: String::new(),
+                message: format!(
+                    "its uid {} is not above the fork server's ({}), so not mapped there",
+                    spec.uid, server.uid
+                ),
+            });
         }
-        let State::Up(server) = &mut *state else {
-            unreachable!("the fork server was just started");
-        };
         let answer = server.shim.fork_sandbox(spec, &shim_end, &output);
         drop((shim_end, output));
         match answer {
@@ -192,7 +196,7 @@ impl ForkServer {
                 };
                 let id = dead.sandbox.id().to_owned();
                 tracing::warn!(sandbox_id = %id, error = %ipc::chain(&source), "the fork server is gone");
-                destroy(dead);
+                destroy(*dead);
                 Err(Error::Protocol {
                     sandbox: id,
                     peer: "fork server",
@@ -200,6 +204,37 @@ impl ForkServer {
                 })
             }
         }
+    }
+}
+
+/// The fork server of `state`, started with `start` if it is down (and did not fail
+/// to start within [`RETRY_AFTER`]).
+fn up<'a>(
+    state: &'a mut State,
+    sandbox: &str,
+    start: impl FnOnce() -> Result<Server, Error>,
+) -> Result<&'a mut Server, Error> {
+    if let State::Down { retry_at } = state {
+        if retry_at.is_some_and(|t| Instant::now() < t) {
+            return Err(Error::Spawn {
+                sandbox: sandbox.to_owned(),
+                function: String::new(),
+                message: "the fork server failed to start lately".into(),
+            });
+        }
+        match start() {
+            Ok(server) => *state = State::Up(Box::new(server)),
+            Err(e) => {
+                *state = State::Down {
+                    retry_at: Some(Instant::now() + RETRY_AFTER),
+                };
+                return Err(e);
+            }
+        }
+    }
+    match state {
+        State::Up(server) => Ok(server),
+        State::Down { .. } => unreachable!("the fork server was just started"),
     }
 }
 

@@ -461,7 +461,11 @@ impl Sandboxes {
             return Err(e);
         }
         tracing::info!(sandbox_id = %id, pid = sandbox.pid(), "fork server up");
-        Ok(fork::Server { sandbox, shim })
+        Ok(fork::Server {
+            sandbox,
+            shim,
+            uid: user.uid,
+        })
     }
 
     /// A stem cell forked from the fork server: see the module's doc. On failure
@@ -475,6 +479,8 @@ impl Sandboxes {
         let span = tracing::debug_span!("fork_sandbox", sandbox_id = %id);
         let _g = span.enter();
         let cgroup = self.cgroup_parent.join(&id);
+        // The fork server first, so that this sandbox's uid comes after its own.
+        forks.ensure_up(&id, || self.start_fork_server())?;
         let user = self.assign_user(&id)?;
         let made = self.fork_sandbox(forks, &id, &cgroup, user, runtime);
         let (mut sandbox, mut shim) = match made {
@@ -495,7 +501,7 @@ impl Sandboxes {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.reserved_mb
             .fetch_add(reserved_mb, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = boot(&mut sandbox, &mut shim) {
+        if let Err(e) = boot_forked(&mut sandbox, &mut shim) {
             self.destroy(&mut sandbox, reserved_mb);
             return Err(e);
         }
@@ -559,6 +565,7 @@ impl Sandboxes {
             .map_err(protocol)?
             .map_err(refused)?;
         let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        tracing::debug!(pid = child_pid, "child forked");
         let in_server = self
             .cgroups
             .contains_pid(&server_cgroup, child_pid)
@@ -575,14 +582,15 @@ impl Sandboxes {
             cpus: self.defaults.cpus,
         })
         .map_err(|e| fork::spec_err(cgroup, &e))?;
-        pool::enter_cgroup(cgroup, child_pid, &limits)?;
-        drop(unmoved);
+        // The child moves itself in, through files opened here (see prepare_cgroup).
+        let join = pool::prepare_cgroup(&self.cgroups, cgroup, &limits)?;
         if fork::exited(&child) {
             return Err(refused(format!(
-                "the forked child (pid {child_pid}) exited before it was in its cgroup"
+                "the forked child (pid {child_pid}) exited before it joined its cgroup"
             )));
         }
-        shim.send_enter().map_err(protocol)?;
+        shim.send_join_and_enter(&join).map_err(protocol)?;
+        drop(join);
 
         // PID 1 of the new sandbox, made by the child in its cgroup.
         let pid1 = shim
@@ -590,6 +598,8 @@ impl Sandboxes {
             .map_err(protocol)?
             .map_err(refused)?;
         let pid1 = pool::pidfd_pid(pid1.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        tracing::debug!(pid = pid1, "sandbox entered");
+        drop(unmoved);
         if !self.cgroups.contains_pid(cgroup, pid1).unwrap_or(false) {
             return Err(refused(format!(
                 "the forked sandbox's first process (pid {pid1}) is not in {}",
@@ -692,6 +702,36 @@ fn boot(sandbox: &mut Sandbox, shim: &mut ipc::proto::ShimLink) -> Result<(), Er
             peer: "shim",
             source,
         })?;
+    sandbox.ready()?;
+    Ok(())
+}
+
+/// [`boot`] for a forked sandbox, whose PID 1 may report `enter_failed` before it
+/// becomes the shim.
+fn boot_forked(sandbox: &mut Sandbox, shim: &mut ipc::proto::ShimLink) -> Result<(), Error> {
+    let protocol = |source| Error::Protocol {
+        sandbox: sandbox.id().to_owned(),
+        peer: "shim",
+        source,
+    };
+    shim.0
+        .stream()
+        .set_read_timeout(Some(BOOT_TIMEOUT))
+        .map_err(|e| protocol(ipc::Error::Io(e)))?;
+    match shim.wait_forked_ready().map_err(protocol)? {
+        Ok(_zygote) => {}
+        Err(message) => {
+            return Err(Error::Spawn {
+                sandbox: sandbox.id().to_owned(),
+                function: String::new(),
+                message,
+            })
+        }
+    }
+    shim.0
+        .stream()
+        .set_read_timeout(None)
+        .map_err(|e| protocol(ipc::Error::Io(e)))?;
     sandbox.ready()?;
     Ok(())
 }

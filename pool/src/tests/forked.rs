@@ -91,6 +91,18 @@ impl Drop for Agent {
     }
 }
 
+/// Makes `cgroup` with `limits` and moves process `pid` into it through the files
+/// `prepare_cgroup` opened (as a forked sandbox's first process does for itself).
+fn join(cgroups: &Cgroups, cgroup: &Path, pid: i32, limits: &Limits) {
+    let files = pool::prepare_cgroup(cgroups, cgroup, &rootfs::resources(limits).unwrap()).unwrap();
+    for file in files {
+        use std::io::Write;
+        std::fs::File::from(file)
+            .write_all(pid.to_string().as_bytes())
+            .unwrap();
+    }
+}
+
 fn pool_error(e: &pool::Error) -> String {
     let mut s = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -143,8 +155,8 @@ fn an_adopted_process_is_a_sandbox_until_destroyed() {
         cpus: 0.5,
     };
     let started = std::time::Instant::now();
-    pool::enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap()).unwrap();
-    eprintln!("enter_cgroup took {:?}", started.elapsed());
+    join(&agent.cgroups, &cgroup, pid, &limits);
+    eprintln!("prepare_cgroup and the join took {:?}", started.elapsed());
 
     // Refused: another process not in the cgroup; a cgroup not the sandbox's.
     let mut outsider = std::process::Command::new("sleep")
@@ -232,7 +244,7 @@ fn an_adopted_sandbox_dies_with_its_spawner() {
         pids: 16,
         cpus: 0.5,
     };
-    pool::enter_cgroup(&cgroup, pid, &rootfs::resources(&limits).unwrap()).unwrap();
+    join(&agent.cgroups, &cgroup, pid, &limits);
     let mut sandbox = agent
         .spawner
         .adopt(&id, pid, cgroup.clone(), &agent.cgroups)

@@ -27,7 +27,10 @@ MAX_FDS = 8
 # Bit of the fd_count word that marks a shared (memfd) payload.
 SHARED_FLAG = 1 << 31
 
-_READ_CHUNK = 64 << 10
+# A channel starts with a buffer this small and grows it to what a frame needs: a
+# zygote's and an idle instance's channels then hold a page each, not 64 KiB of
+# zeroed (touched, so private) memory.
+_FIRST_READ = 4096
 # A buffer grown for one large frame is dropped once it is empty again.
 _KEEP_BUFFER = 1 << 20
 _ANC_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -146,7 +149,7 @@ class Channel:
 
     def __init__(self, sock):
         self.sock = sock
-        self._buf = bytearray(_READ_CHUNK)
+        self._buf = bytearray(_FIRST_READ)
         self._start = 0  # first unconsumed byte
         self._end = 0  # end of received bytes
         self._fds = collections.deque()
@@ -238,7 +241,7 @@ class Channel:
     def fill(self):
         """One read from the socket into the buffer; returns the bytes read (0 means the
         peer closed). Blocks until the socket has data."""
-        want = _READ_CHUNK
+        want = max(_FIRST_READ, len(self._buf) - self._end)
         if self._end - self._start >= PREFIX_LEN:
             try:
                 hlen, plen, _, shared = _decode_prefix(self._buf, self._start)
@@ -246,7 +249,7 @@ class Channel:
                 pass
             else:
                 rest = PREFIX_LEN + hlen + (0 if shared else plen) - (self._end - self._start)
-                want = max(rest, _READ_CHUNK)
+                want = max(rest, _FIRST_READ)
         return self._fill(want)
 
     def _fill(self, want):
@@ -299,7 +302,7 @@ class Channel:
         if self._start == self._end:
             self._start = self._end = 0
             if len(buf) > _KEEP_BUFFER:
-                self._buf = bytearray(_READ_CHUNK)
+                self._buf = bytearray(_FIRST_READ)
         if shared:
             memfd = fds.pop()
             try:

@@ -6,8 +6,10 @@ with CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_SETPCAP there (none on the ho
 and a seccomp filter that allows ``unshare`` and ``mount`` on top of the sandbox
 filter. The child (``make_sandbox``), on the new sandbox's channel to the agent:
 
-1. sends ``forked`` with a pidfd of itself; the agent moves it into the sandbox's
-   cgroup and answers ``enter`` (so everything from here on is the sandbox's to pay);
+1. sends ``forked`` with a pidfd of itself; the agent makes the sandbox's cgroup and
+   sends the files it joins it through (``join``: it writes 0 into each, moving
+   itself, which on cgroup v1 skips the kernel's global lock a move of another
+   process takes), then ``enter`` (everything from here on is the sandbox's to pay);
 2. unshares the mount, uts, ipc, network, cgroup and pid namespaces, names the host,
    makes its mount tree private and mounts the sandbox's own filesystems (the plan,
    ``forked.json``, is written by the agent from the same spec as every sandbox's);
@@ -269,12 +271,17 @@ def _inside(host_id, map_file):
     raise EnterError(f"{map_file.split('/')[-1].split('_')[0]} {host_id} is not mapped in the fork server's user namespace")
 
 
-def _drop(host_uid, host_gid):
-    _halve_shared_rlimits()
-    uid = _inside(host_uid, "/proc/self/uid_map")
-    gid = _inside(host_gid, "/proc/self/gid_map")
+def _inside_ids(spec):
+    """The sandbox's uid and gid inside the fork server's user namespace."""
+    uid = _inside(spec["uid"], "/proc/self/uid_map")
+    gid = _inside(spec["gid"], "/proc/self/gid_map")
     if uid == 0 or gid == 0:
-        raise EnterError(f"uid {host_uid} or gid {host_gid} is the fork server's own")
+        raise EnterError(f"uid {spec['uid']} or gid {spec['gid']} is the fork server's own")
+    return uid, gid
+
+
+def _drop(uid, gid):
+    _halve_shared_rlimits()
     libc = _prepared.libc
     cap = 0
     while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
@@ -300,13 +307,16 @@ def _shim_env(spec):
     return env
 
 
-def _become_pid1(spec, go_read, zygote_main):
+def _become_pid1(spec, ids, go_read, zygote_main, channel):
     """PID 1 of the new sandbox: waits until the agent has heard of it, finishes the
     sandbox, drops privileges, forks the sandbox's zygote (Python) and becomes the shim."""
     os.read(go_read, 1)  # `entered` is sent: nothing of ours may reach the agent first
     os.close(go_read)
     _proc()
-    _drop(spec["uid"], spec["gid"])
+    _drop(*ids)
+    # Its own copy of the agent's channel goes before anything is forked from here
+    # (the shim has it on descriptor 0; the sandbox's zygote gets /dev/null there).
+    channel.close()
     env = _shim_env(spec)
     if spec["runtime"] == "python":
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -330,6 +340,26 @@ def _become_pid1(spec, go_read, zygote_main):
     os.execve(SHIM, [SHIM], env)
 
 
+def _join_cgroup(channel):
+    """Moves this process into the sandbox's cgroup through the files the agent sends
+    (``join``: write 0, this process, into each), until ``enter``. Returns whether to
+    go on (False: the agent said something else; a write that fails is reported)."""
+    while True:
+        header, _payload, fds = channel.recv()
+        op = header.get("op")
+        try:
+            if op != "join":
+                return op == "enter"
+            for fd in fds:
+                os.write(fd, b"0")
+        except OSError as exc:
+            channel.send({"op": "enter_failed", "message": f"join the sandbox's cgroup: {exc}"})
+            return False
+        finally:
+            for fd in fds:
+                _close_quietly(fd)
+
+
 def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
     """The zygote's child: makes sandbox ``spec`` (see the module's doc). Returns the
     exit status; PID 1 never returns (it becomes the shim, after forking the
@@ -343,10 +373,7 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
         pidfd = os.pidfd_open(os.getpid())
         channel.send({"op": "forked"}, fds=[pidfd])
         os.close(pidfd)
-        header, _payload, fds = channel.recv()
-        for fd in fds:
-            _close_quietly(fd)
-        if header.get("op") != "enter":
+        if not _join_cgroup(channel):
             return 0
     except (ChannelClosed, OSError):
         return 0  # the agent gave up on this sandbox
@@ -364,6 +391,7 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
     sys.stderr = sys.__stderr__ = open(2, "w", closefd=False)
     channel = Channel(socket.socket(fileno=os.dup(0)))
     try:
+        ids = _inside_ids(spec)
         _check(_prepared.libc.unshare(NAMESPACES), "unshare the sandbox's namespaces")
         socket.sethostname(spec["sandbox"])
         _own_mounts()
@@ -371,14 +399,14 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
         gc.freeze()
         pid1 = os.fork()
         if pid1 == 0:
-            channel.close()
             os.close(go_write)
             try:
-                _become_pid1(spec, go_read, zygote_main)
+                _become_pid1(spec, ids, go_read, zygote_main, channel)
             except BaseException as exc:  # noqa: BLE001
+                # Before it became the shim: the agent hears why on the channel.
                 try:
-                    os.write(2, f"sprout: forked sandbox {spec['sandbox']}: {exc}\n".encode())
-                except OSError:
+                    channel.send({"op": "enter_failed", "message": f"PID 1: {exc}"[:4096]})
+                except BaseException:  # noqa: BLE001
                     pass
             os._exit(70)
         os.close(go_read)
