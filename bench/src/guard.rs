@@ -81,8 +81,8 @@ pub const CHECKS: [Check; 3] = [
         typical: 1.15,
         bound: 1.95,
     },
-    // Forked: 0.29-0.30x in four runs on the development VM (15-17 ms against
-    // 49-59 ms; 0.38-0.45x before the child joined its cgroup itself). The bound, 1.67x
+    // Forked: 0.29-0.31x in five runs on the development VM (15-18 ms against
+    // 49-63 ms; 0.38-0.45x before the child joined its cgroup itself). The bound, 1.67x
     // that, is half of `runc run`, well below the ~1.0x of a sandbox created by
     // libcontainer: it fails when the new sandbox is no longer clearly faster than
     // `runc run`, or when forking gets ~10 ms slower.
