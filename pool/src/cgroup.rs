@@ -114,6 +114,19 @@ impl Cgroups {
         self.controller_dir("memory", rel)
     }
 
+    /// The memory charged to `rel` now, in bytes (v1 `memory.usage_in_bytes`, v2
+    /// `memory.current`).
+    pub fn memory_usage(&self, rel: &Path) -> Result<u64, Error> {
+        let file = match self.version {
+            CgroupVersion::V1 => self.memory_dir(rel).join("memory.usage_in_bytes"),
+            CgroupVersion::V2 => self.memory_dir(rel).join("memory.current"),
+        };
+        let text = fs::read_to_string(&file).map_err(io_err("read", &file))?;
+        text.trim()
+            .parse()
+            .map_err(|_| io_err("parse", &file)(std::io::Error::other(text.trim().to_owned())))
+    }
+
     /// How many times the kernel's OOM killer killed a process in `rel`.
     pub fn oom_kills(&self, rel: &Path) -> Result<u64, Error> {
         let file = match self.version {

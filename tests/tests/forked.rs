@@ -16,7 +16,7 @@
 //! - `killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves`: and the
 //!   memory reserve follows.
 //! - `memory_a_forked_sandbox_touches_is_charged_to_it`: 48 MiB to the sandbox, not
-//!   to the fork server; the fork server's 64 MiB are reserved once it runs.
+//!   to the fork server; the fork server's limit is reserved once it runs.
 //! - `forked_by_default_created_on_request_and_by_the_one_shot_cli`: status counters,
 //!   `X-Sprout-Start`, no fork server where sandboxes are created, and an idle forked
 //!   stem cell's cgroup charged less than a created one's.
@@ -49,7 +49,13 @@ const UID_BASE: u32 = 0x7000_0000 + 0x10000;
 const UID_COUNT: u32 = 1024;
 
 /// The fork server's memory limit (`agent/src/sandboxes/fork.rs`).
-const FORK_SERVER_MB: u64 = 64;
+/// The fork server's memory limit on daemon `d`: 64 MiB of its own and 1 MiB for each
+/// sandbox of the default 128 MiB its memory budget holds (what each forked sandbox
+/// leaves charged to it).
+fn fork_server_mb(d: &Daemon) -> u64 {
+    let budget = d.status()["memory_budget_mb"].as_u64().unwrap();
+    64 + budget.div_ceil(128)
+}
 
 /// `--sandbox-uid-base` and `--sandbox-uids` for the `n`th range of this file.
 fn range(n: u32) -> (u32, [String; 4]) {
@@ -1371,7 +1377,7 @@ fn the_fork_server_holds_no_host_privilege() {
         all.join("\n  ")
     );
 
-    // Its cgroup: the fork server's, 64 MiB.
+    // Its cgroup: the fork server's, with its limit.
     assert_eq!(
         cg(
             d.pid(),
@@ -1383,7 +1389,7 @@ fn the_fork_server_holds_no_host_privilege() {
                 "memory.limit_in_bytes"
             }
         ),
-        (FORK_SERVER_MB << 20).to_string()
+        (fork_server_mb(&d) << 20).to_string()
     );
     // Nothing of the fork server is among the pool's sandboxes.
     let st = d.status();
@@ -1474,7 +1480,7 @@ fn killing_the_fork_server_kills_its_sandboxes_and_a_new_one_serves() {
     // fork server's reserve counted twice in the expectation.)
     let st = d.status();
     assert_eq!(st["sandboxes"], 3, "{st}");
-    assert_eq!(st["reserved_mb"], FORK_SERVER_MB + 3 * 128, "{st}");
+    assert_eq!(st["reserved_mb"], fork_server_mb(&d) + 3 * 128, "{st}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1511,8 +1517,9 @@ fn memory_a_forked_sandbox_touches_is_charged_to_it() {
     assert_eq!(sandboxes, 1, "{st}");
     assert_eq!(
         reserved,
-        FORK_SERVER_MB + SANDBOX_MB,
-        "reserved_mb: the fork server's {FORK_SERVER_MB} MiB and the sandbox's {SANDBOX_MB}: {st}"
+        fork_server_mb(&d) + SANDBOX_MB,
+        "reserved_mb: the fork server's {} MiB and the sandbox's {SANDBOX_MB}: {st}",
+        fork_server_mb(&d)
     );
 
     let (sandbox_before, server_before) = (

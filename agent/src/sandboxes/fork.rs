@@ -24,9 +24,18 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::instance::BOOT_TIMEOUT;
 
-/// The fork server's memory limit, reserved against the budget like a sandbox's:
-/// its zygote, and each child until the agent has moved it into its sandbox.
-pub(super) const FORK_SERVER_MEMORY_MB: u64 = 64;
+/// The fork server's own memory (its zygote, and the children not yet in their
+/// cgroups): the base of its limit.
+const FORK_SERVER_BASE_MB: u64 = 64;
+/// What each live sandbox forked from it leaves charged to the fork server: the
+/// zygote's pages the zygote rewrote after the fork (it copies them for itself; the
+/// originals stay with the sandbox's processes and are charged where they were first
+/// charged). About 0.6 MiB measured; 1 MiB allowed.
+const RETAINED_PER_SANDBOX_MB: u64 = 1;
+/// A fork is refused (the sandbox is created instead) when the fork server has less
+/// than this left below its limit: it must never reach its limit, as its zygote's
+/// death takes every sandbox forked from it along.
+const HEADROOM_MB: u64 = 16;
 /// Its pids limit: its shim and zygote, and the children making sandboxes at once.
 pub(super) const FORK_SERVER_PIDS: u64 = 256;
 /// After the fork server failed to start, it is not tried again for this long.
@@ -42,6 +51,8 @@ const SECCOMP_FILE: &str = "seccomp.bpf";
 /// The fork server: made on first use, remade after it dies.
 #[derive(Debug)]
 pub(super) struct ForkServer {
+    /// Its memory limit (MiB), reserved against the budget like a sandbox's.
+    memory_mb: u64,
     state: Mutex<State>,
     /// Forked children not yet moved into their own cgroup, and its wake-up.
     unmoved: Mutex<usize>,
@@ -121,6 +132,7 @@ impl ForkServer {
         let bpf = pool::seccomp_bpf(&seccomp)?;
         write_public(&runtime_dir.join(SECCOMP_FILE), &bpf)?;
         Ok(ForkServer {
+            memory_mb: memory_mb(config),
             state: Mutex::new(State::Down { retry_at: None }),
             unmoved: Mutex::new(0),
             moved: parking_lot::Condvar::new(),
@@ -139,6 +151,12 @@ impl ForkServer {
         up(&mut state, sandbox, start).map(|s| s.uid)
     }
 
+    /// Its memory limit (MiB): its own, and what each sandbox the budget can hold
+    /// leaves charged to it.
+    pub(super) fn memory_mb(&self) -> u64 {
+        self.memory_mb
+    }
+
     /// Whether sandboxes of `runtime` are forked. Python's adopt a fork of the fork
     /// server's zygote as their own.
     pub(super) fn serves(&self, runtime: Runtime) -> bool {
@@ -152,6 +170,7 @@ impl ForkServer {
     /// `destroy`, and the next fork makes a new one.
     pub(super) fn fork(
         &self,
+        cgroups: &pool::Cgroups,
         spec: &SandboxSpec,
         shim_end: OwnedFd,
         output: OwnedFd,
@@ -168,6 +187,20 @@ impl ForkServer {
         };
         let mut state = self.state.lock();
         let server = up(&mut state, &spec.sandbox, start)?;
+        let used = cgroups
+            .memory_usage(server.sandbox.cgroup())
+            .unwrap_or(u64::MAX);
+        if used.saturating_add(HEADROOM_MB << 20) > self.memory_mb << 20 {
+            return Err(Error::Spawn {
+                sandbox: spec.sandbox.clone(),
+                function: String::new(),
+                message: format!(
+                    "the fork server is full ({} MiB charged of its {} MiB)",
+                    used >> 20,
+                    self.memory_mb
+                ),
+            });
+        }
         if spec.uid <= server.uid {
             return Err(Error::Spawn {
                 sandbox: spec.sandbox.clone(),
@@ -236,6 +269,17 @@ fn up<'a>(
         State::Up(server) => Ok(server),
         State::Down { .. } => unreachable!("the fork server was just started"),
     }
+}
+
+/// The fork server's memory limit for `config`: its base, and
+/// [`RETAINED_PER_SANDBOX_MB`] for each sandbox of the default memory limit the
+/// budget holds.
+fn memory_mb(config: &Config) -> u64 {
+    let sandboxes = config
+        .pool
+        .memory_budget_mb
+        .div_ceil(config.defaults.memory_mb.max(1));
+    FORK_SERVER_BASE_MB + sandboxes * RETAINED_PER_SANDBOX_MB
 }
 
 /// The fork server's sandbox id: not `sprout-<agent>-<n>`, as it is no sandbox of a

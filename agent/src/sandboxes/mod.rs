@@ -448,11 +448,11 @@ impl Sandboxes {
             &cgroup,
             vec![format!("{}=python", shim::runtime::RUNTIME_ENV)],
         );
-        config.limits.memory_bytes = fork::FORK_SERVER_MEMORY_MB << 20;
+        let memory_mb = self.forks.as_ref().map_or(0, |f| f.memory_mb());
+        config.limits.memory_bytes = memory_mb << 20;
         config.limits.pids = fork::FORK_SERVER_PIDS;
         let spec = rootfs::zygote_spec(&config, user, self.users.range());
-        let (mut sandbox, mut shim) =
-            self.create(&id, &cgroup, spec, fork::FORK_SERVER_MEMORY_MB)?;
+        let (mut sandbox, mut shim) = self.create(&id, &cgroup, spec, memory_mb)?;
         // It is no stem cell: not counted among the sandboxes (its memory is reserved).
         self.uncount();
         let range = self.users.range();
@@ -546,6 +546,7 @@ impl Sandboxes {
             runtime,
         };
         let (server_cgroup, unmoved) = forks.fork(
+            &self.cgroups,
             &spec,
             theirs.into_fd(),
             output_end,
@@ -616,7 +617,8 @@ impl Sandboxes {
     fn destroy_fork_server(&self, sandbox: &mut Sandbox) {
         self.count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.destroy(sandbox, fork::FORK_SERVER_MEMORY_MB);
+        let memory_mb = self.forks.as_ref().map_or(0, |f| f.memory_mb());
+        self.destroy(sandbox, memory_mb);
     }
 
     /// Takes a sandbox out of the count (the fork server is none of the pool's).
