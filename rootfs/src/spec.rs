@@ -169,37 +169,51 @@ impl SandboxUsers {
     /// A free slot's user for `sandbox` (the one it holds already, if any); an
     /// error when every slot is in use.
     pub fn assign(&self, sandbox: &str) -> Result<SandboxUser, Error> {
+        self.assign_in(sandbox, 0..self.range.count)
+    }
+
+    /// [`SandboxUsers::assign`] within the slots `window` (searched from after the
+    /// last slot given when that is in the window, else from its start); an error
+    /// naming the window when all of it is in use. Forked sandboxes and created
+    /// ones take uids from windows of their own, so that the fork server's user
+    /// namespace maps only the former.
+    pub fn assign_in(
+        &self,
+        sandbox: &str,
+        window: std::ops::Range<u32>,
+    ) -> Result<SandboxUser, Error> {
         let mut s = self.slots.lock();
         if let Some(&slot) = s.by_sandbox.get(sandbox) {
             return Ok(self.range.user(slot));
         }
-        let count = self.range.count;
-        let words = s.used.len() as u32;
-        let start = s.next % count;
-        // Whole words from the start's word, wrapping once; a full word is skipped
-        // with one comparison.
-        for k in 0..=words {
-            let w = (start / 64 + k) % words;
-            let free = !s.used[w as usize];
-            if free == 0 {
-                continue;
-            }
-            let mut bits = free;
-            if k == 0 {
-                bits &= u64::MAX << (start % 64); // at or after the start
-            }
-            // Slots past `count` in the last word never count as free.
-            let slot = w * 64 + bits.trailing_zeros();
-            if bits != 0 && slot < count {
-                s.used[w as usize] |= 1 << (slot % 64);
-                s.by_sandbox.insert(sandbox.to_owned(), slot);
-                s.next = (slot + 1) % count;
-                return Ok(self.range.user(slot));
+        let (lo, hi) = (window.start, window.end.min(self.range.count));
+        let start = if (lo..hi).contains(&s.next) {
+            s.next
+        } else {
+            lo
+        };
+        // From the start to the window's end, then from its beginning to the start; a
+        // full word is skipped with one comparison.
+        for (from, to) in [(start, hi), (lo, start)] {
+            let mut slot = from;
+            while slot < to {
+                let word = s.used[(slot / 64) as usize];
+                if word == u64::MAX {
+                    slot = (slot / 64 + 1) * 64;
+                    continue;
+                }
+                if word & (1 << (slot % 64)) == 0 {
+                    s.used[(slot / 64) as usize] |= 1 << (slot % 64);
+                    s.by_sandbox.insert(sandbox.to_owned(), slot);
+                    s.next = (slot + 1) % self.range.count;
+                    return Ok(self.range.user(slot));
+                }
+                slot += 1;
             }
         }
         Err(Error::NoSandboxUid {
-            count,
-            base: self.range.base,
+            count: hi.saturating_sub(lo),
+            base: self.range.base + lo.min(hi),
         })
     }
 
@@ -707,6 +721,27 @@ mod tests {
             assert!(e.contains(&format!("uid {uid}, gid {gid}")), "{e}");
             assert!(e.contains("1000 to 1009"), "{e}");
         }
+    }
+
+    #[test]
+    fn slots_are_given_within_a_window_and_a_full_window_names_itself() {
+        let users = SandboxUsers::new(SandboxUids::new(1000, 10).unwrap());
+        assert_eq!(users.assign_in("a", 5..10).unwrap().uid, 1005);
+        assert_eq!(users.assign_in("b", 0..5).unwrap().uid, 1000);
+        assert_eq!(users.assign_in("c", 5..10).unwrap().uid, 1006);
+        assert_eq!(
+            users.assign_in("a", 0..5).unwrap().uid,
+            1005,
+            "held already"
+        );
+        for n in 0..3 {
+            users.assign_in(&format!("d{n}"), 5..10).unwrap();
+        }
+        let e = users.assign_in("e", 5..10).unwrap_err().to_string();
+        assert!(e.contains("all 5 sandbox uids (from 1005)"), "{e}");
+        assert_eq!(users.assign_in("e", 0..5).unwrap().uid, 1001);
+        users.release("c");
+        assert_eq!(users.assign_in("f", 5..10).unwrap().uid, 1006);
     }
 
     #[test]

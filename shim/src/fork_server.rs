@@ -21,10 +21,21 @@ use nix::sys::signalfd::SignalFd;
 use crate::zygote::Zygote;
 use crate::{reap, sys_err, Error};
 
+/// How long the zygote may take to answer a `fork_sandbox` (a fork and a reply).
+const ZYGOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves the agent until it lets go; the zygote's exit is an error.
 pub fn serve(mut agent: AgentLink, sigchld: &SignalFd) -> Result<(), Error> {
     let mut zygote = Zygote::start_fork_server(Runtime::Python).map_err(Error::Zygote)?;
     let zygote_pid = zygote.pid();
+    // A zygote that stops answering ends the fork server (the agent then makes a new
+    // one) instead of holding up every new sandbox.
+    zygote
+        .link()
+        .0
+        .stream()
+        .set_read_timeout(Some(ZYGOTE_TIMEOUT))
+        .map_err(sys_err("set the zygote's read timeout"))?;
     // The zygote waits in a user namespace of its own for the agent to map it: the
     // agent finds it by this pidfd.
     let pidfd = crate::sys::pidfd_open(zygote_pid).map_err(sys_err("pidfd of the zygote"))?;

@@ -102,10 +102,12 @@ impl ForkServer {
         // it, and the range after it) covers every sandbox user. Once it was
         // destroyed its next user may be a later one; sandboxes below it are then
         // created instead (their child cannot take their uid).
-        users.assign(&id(agent_id)).map_err(|e| Error::State {
-            path: PathBuf::from("sandbox uids"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        users
+            .assign_in(&id(agent_id), forked_slots(users.range()))
+            .map_err(|e| Error::State {
+                path: PathBuf::from("sandbox uids"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let template = rootfs::bundle_spec(&SandboxConfig {
             id: "sprout-template".into(),
             root: root.to_path_buf(),
@@ -179,8 +181,17 @@ impl ForkServer {
     ) -> Result<(PathBuf, Unmoved<'_>), Error> {
         let unmoved = {
             let mut n = self.unmoved.lock();
+            let deadline = Instant::now() + BOOT_TIMEOUT;
             while *n >= MAX_UNMOVED {
-                self.moved.wait(&mut n);
+                if self.moved.wait_until(&mut n, deadline).timed_out() {
+                    return Err(Error::Spawn {
+                        sandbox: spec.sandbox.clone(),
+                        function: String::new(),
+                        message: format!(
+                            "{MAX_UNMOVED} forked children did not join their cgroups within {BOOT_TIMEOUT:?}"
+                        ),
+                    });
+                }
             }
             *n += 1;
             Unmoved(self)
@@ -288,14 +299,23 @@ pub(super) fn id(agent_id: &str) -> String {
     format!("sprout-{agent_id}.forks")
 }
 
+/// The slots of the agent's uid range sandboxes forked from the fork server take
+/// theirs from: the first half (the fork server's own, normally the first, then the
+/// forked sandboxes'); created sandboxes take the second half. The fork server's user
+/// namespace maps only the forked half, so a compromised fork server, which may take
+/// any uid mapped there, can never take a created sandbox's.
+pub(super) fn forked_slots(range: rootfs::SandboxUids) -> std::ops::Range<u32> {
+    0..range.count.div_ceil(2)
+}
+
 /// The fork server's user namespace's map of uids or gids: inside 0 is the fork
-/// server's own host id `own`, and every id of the agent's range above it is itself
-/// (so a forked sandbox's processes see the ids the host sees). The ids of the range
-/// below `own` (none unless the fork server had to be remade) are not mapped: those
-/// sandboxes are created instead.
+/// server's own host id `own`, and every id of the forked half of the agent's range
+/// ([`forked_slots`]) above it is itself (so a forked sandbox's processes see the ids
+/// the host sees). Ids below `own` (none unless the fork server had to be remade)
+/// are not mapped: those sandboxes are created instead.
 fn id_map(own: u32, range: rootfs::SandboxUids) -> String {
-    let end = u64::from(range.base) + u64::from(range.count); // one past the last id
-    let above = end - u64::from(own) - 1;
+    let end = u64::from(range.base) + u64::from(forked_slots(range).end); // one past
+    let above = end.saturating_sub(u64::from(own) + 1);
     let mut map = format!("0 {own} 1\n");
     if above > 0 {
         map += &format!("{} {} {above}\n", own + 1, own + 1);
@@ -321,12 +341,10 @@ pub(super) fn map_zygote(
         .stream()
         .set_read_timeout(Some(BOOT_TIMEOUT))
         .map_err(|e| protocol(ipc::Error::Io(e)))?;
+    // The timeout is kept: a fork server that stops answering must not hold up every
+    // new sandbox (nor the agent's shutdown); a fork that times out counts it dead.
     let ipc::Message { header, fds, .. } =
         shim.0.recv::<ipc::proto::ShimEvent>().map_err(protocol)?;
-    shim.0
-        .stream()
-        .set_read_timeout(None)
-        .map_err(|e| protocol(ipc::Error::Io(e)))?;
     if !matches!(header, ipc::proto::ShimEvent::Ready { .. }) {
         return Err(protocol(ipc::Error::Unexpected {
             op: ipc::proto::op_of(&header).to_owned(),
@@ -419,14 +437,15 @@ mod tests {
     #[test]
     fn the_id_map_is_the_fork_servers_id_then_the_range_above_it_as_itself() {
         let range = rootfs::SandboxUids::new(1000, 10).unwrap();
-        assert_eq!(id_map(1000, range), "0 1000 1\n1001 1001 9\n");
-        assert_eq!(id_map(1004, range), "0 1004 1\n1005 1005 5\n");
-        assert_eq!(id_map(1009, range), "0 1009 1\n");
+        // The forked half is 1000..1005: the created half (1005..1010) is never mapped.
+        assert_eq!(forked_slots(range), 0..5);
+        assert_eq!(id_map(1000, range), "0 1000 1\n1001 1001 4\n");
+        assert_eq!(id_map(1003, range), "0 1003 1\n1004 1004 1\n");
+        assert_eq!(id_map(1004, range), "0 1004 1\n");
+        assert_eq!(id_map(1007, range), "0 1007 1\n");
         let top = rootfs::SandboxUids::new(rootfs::SandboxUids::MAX_ID - 1, 2).unwrap();
-        assert_eq!(
-            id_map(top.base, top),
-            format!("0 {} 1\n{} {} 1\n", top.base, top.base + 1, top.base + 1)
-        );
+        assert_eq!(forked_slots(top), 0..1);
+        assert_eq!(id_map(top.base, top), format!("0 {} 1\n", top.base));
     }
 
     #[test]

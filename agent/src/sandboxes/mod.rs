@@ -238,11 +238,27 @@ impl Sandboxes {
     }
 
     /// Its own host user, held until the sandbox is destroyed (a bitmap slot).
-    fn assign_user(&self, id: &str) -> Result<rootfs::SandboxUser, Error> {
-        self.users.assign(id).map_err(|e| Error::State {
+    /// In `slots` of the range: forked sandboxes and the fork server take the first
+    /// half, created sandboxes the second while sandboxes are forked (see
+    /// `fork::forked_slots`), the whole range otherwise.
+    fn assign_user(
+        &self,
+        id: &str,
+        slots: std::ops::Range<u32>,
+    ) -> Result<rootfs::SandboxUser, Error> {
+        self.users.assign_in(id, slots).map_err(|e| Error::State {
             path: PathBuf::from("sandbox uids"),
             source: std::io::Error::other(e.to_string()),
         })
+    }
+
+    /// The slots of the uid range created sandboxes take theirs from.
+    fn created_slots(&self) -> std::ops::Range<u32> {
+        let range = self.users.range();
+        match &self.forks {
+            Some(_) => fork::forked_slots(range).end..range.count,
+            None => 0..range.count,
+        }
     }
 
     /// The spec of a sandbox `id` with the default limits (a stem cell's).
@@ -268,7 +284,7 @@ impl Sandboxes {
     fn create_stem_cell(&self, runtime: Runtime) -> Result<StemCell, Error> {
         let id = self.next_sandbox_id();
         let cgroup = self.cgroup_parent.join(&id);
-        let user = self.assign_user(&id)?;
+        let user = self.assign_user(&id, self.created_slots())?;
         let env = vec![format!("{}={}", shim::runtime::RUNTIME_ENV, runtime.name())];
         let spec = rootfs::bundle_spec_as(&self.sandbox_config(&id, &cgroup, env), user);
         let (mut sandbox, mut shim) = self.create(&id, &cgroup, spec, self.defaults.memory_mb)?;
@@ -442,7 +458,7 @@ impl Sandboxes {
     fn start_fork_server(&self) -> Result<fork::Server, Error> {
         let id = fork::id(&self.agent_id);
         let cgroup = self.cgroup_parent.join(&id);
-        let user = self.assign_user(&id)?;
+        let user = self.assign_user(&id, fork::forked_slots(self.users.range()))?;
         let mut config = self.sandbox_config(
             &id,
             &cgroup,
@@ -481,7 +497,7 @@ impl Sandboxes {
         let cgroup = self.cgroup_parent.join(&id);
         // The fork server first, so that this sandbox's uid comes after its own.
         forks.ensure_up(&id, || self.start_fork_server())?;
-        let user = self.assign_user(&id)?;
+        let user = self.assign_user(&id, fork::forked_slots(self.users.range()))?;
         let made = self.fork_sandbox(forks, &id, &cgroup, user, runtime);
         let (mut sandbox, mut shim) = match made {
             Ok(made) => made,
@@ -585,6 +601,7 @@ impl Sandboxes {
         .map_err(|e| fork::spec_err(cgroup, &e))?;
         // The child moves itself in, through files opened here (see prepare_cgroup).
         let join = pool::prepare_cgroup(&self.cgroups, cgroup, &limits)?;
+        tracing::debug!("cgroup made");
         if fork::exited(&child) {
             return Err(refused(format!(
                 "the forked child (pid {child_pid}) exited before it joined its cgroup"

@@ -107,6 +107,9 @@ class _Prepared:
             _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
         self.CapHeader, self.CapData = CapHeader, CapData
+        import resource
+
+        self.resource = resource
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
         libc.unshare.argtypes = [ctypes.c_int]
@@ -240,21 +243,31 @@ def _load_seccomp():
 _SHARED_SYSCTLS = (
     ("/proc/sys/fs/inotify/max_user_instances", "/proc/sys/user/max_inotify_instances"),
     ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"),
+    ("/proc/sys/fs/fanotify/max_user_groups", "/proc/sys/user/max_fanotify_groups"),
+    ("/proc/sys/fs/fanotify/max_user_marks", "/proc/sys/user/max_fanotify_marks"),
 )
 
 
 def _halve_shared_limits():
     for host, ours in _SHARED_SYSCTLS:
-        with open(host) as f:
-            limit = int(f.read())
+        try:
+            with open(host) as f:
+                limit = int(f.read())
+        except FileNotFoundError:
+            continue  # a kernel without it
         with open(ours, "w") as f:
             f.write(str(max(1, limit // 2)))
+    # No user namespace may be made inside this one: a new one would give whoever
+    # made it every capability over namespaces of its own (and the kernel code they
+    # reach). Nothing here needs one, and without CAP_SYS_RESOURCE this cannot be
+    # raised again.
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
 
 
 def _halve_shared_rlimits():
     """The rlimits counted the same way (POSIX message queue bytes, queued signals)."""
-    import resource
-
+    resource = _prepared.resource
     for which in (resource.RLIMIT_MSGQUEUE, resource.RLIMIT_SIGPENDING):
         soft, hard = resource.getrlimit(which)
         half = max(1, hard // 2) if hard != resource.RLIM_INFINITY else soft
@@ -307,37 +320,41 @@ def _shim_env(spec):
     return env
 
 
-def _become_pid1(spec, ids, go_read, zygote_main, channel):
+def _become_pid1(spec, ids, go_read, channel, zygote_fd):
     """PID 1 of the new sandbox: waits until the agent has heard of it, finishes the
-    sandbox, drops privileges, forks the sandbox's zygote (Python) and becomes the shim."""
-    os.read(go_read, 1)  # `entered` is sent: nothing of ours may reach the agent first
+    sandbox (its /proc), drops privileges and becomes the shim, which adopts the
+    sandbox's zygote (PID 2, forked by the child beside this one) on ``zygote_fd``."""
+    # `entered` is sent (nothing of ours may reach the agent first); without the
+    # byte the child failed, and there is no sandbox to make.
+    go = os.read(go_read, 1)
     os.close(go_read)
+    if go != b"1":
+        os._exit(0)
     _proc()
     _drop(*ids)
-    # Its own copy of the agent's channel goes before anything is forked from here
-    # (the shim has it on descriptor 0; the sandbox's zygote gets /dev/null there).
-    channel.close()
+    channel.close()  # its own copy; the shim has the agent's channel on descriptor 0
     env = _shim_env(spec)
-    if spec["runtime"] == "python":
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            null = os.open(os.devnull, os.O_RDWR)
-            os.dup2(null, 0)  # the agent's channel is the shim's alone
-            os.close(null)
-            os.environ.clear()
-            os.environ.update(env)
-            os._exit(zygote_main(theirs.detach(), fork_server=False) or 0)
-        theirs.close()
-        fd = ours.detach()
-        os.set_inheritable(fd, True)
-        env["SPROUT_ZYGOTE_FD"] = str(fd)
-        env["SPROUT_ZYGOTE_PID"] = str(pid)
+    if zygote_fd is not None:
+        os.set_inheritable(zygote_fd, True)
+        env["SPROUT_ZYGOTE_FD"] = str(zygote_fd)
+        env["SPROUT_ZYGOTE_PID"] = "2"  # the second process of a new pid namespace
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     os.execve(SHIM, [SHIM], env)
+
+
+def _become_zygote(spec, ids, sock, zygote_main):
+    """PID 2 of the new sandbox: drops privileges and serves as its zygote on
+    ``sock`` (a copy of the fork server's zygote: no interpreter boot)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)  # the agent's channel is the shim's alone
+    os.close(null)
+    _drop(*ids)
+    env = _shim_env(spec)
+    os.environ.clear()
+    os.environ.update(env)
+    return zygote_main(sock.detach(), fork_server=False) or 0
 
 
 def _join_cgroup(channel):
@@ -367,6 +384,9 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
     # Nothing before the move but the handshake: what this process writes until the
     # agent has moved it is charged to the fork server (on cgroup v1 it moves with
     # the process; the agent bounds how many children wait at once).
+    # The zygote's channel to the fork server's shim first: held here, it would keep
+    # the shim from seeing the zygote die.
+    zygote.close()
     sock = socket.socket(fileno=chan_fd)
     channel = Channel(sock)
     try:
@@ -377,7 +397,6 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
             return 0
     except (ChannelClosed, OSError):
         return 0  # the agent gave up on this sandbox
-    zygote.close()
     # The shim's descriptors: its channel on 0, the sandbox's output on 1 and 2;
     # nothing else of the zygote's stays open.
     os.dup2(chan_fd, 0)
@@ -395,13 +414,17 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
         _check(_prepared.libc.unshare(NAMESPACES), "unshare the sandbox's namespaces")
         socket.sethostname(spec["sandbox"])
         _own_mounts()
+        python = spec["runtime"] == "python"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if python else (None, None)
         go_read, go_write = os.pipe()
         gc.freeze()
         pid1 = os.fork()
         if pid1 == 0:
             os.close(go_write)
             try:
-                _become_pid1(spec, ids, go_read, zygote_main, channel)
+                if theirs is not None:
+                    theirs.close()
+                _become_pid1(spec, ids, go_read, channel, ours.detach() if ours else None)
             except BaseException as exc:  # noqa: BLE001
                 # Before it became the shim: the agent hears why on the channel.
                 try:
@@ -409,10 +432,30 @@ def make_sandbox(zygote, spec, chan_fd, output_fd, zygote_main):
                 except BaseException:  # noqa: BLE001
                     pass
             os._exit(70)
+        if python:
+            # The sandbox's zygote, beside PID 1 (so its set-up runs while PID 1
+            # becomes the shim); it is reparented to PID 1 when this process exits.
+            ours.close()
+            pid2 = os.fork()
+            if pid2 == 0:
+                status = 70
+                try:
+                    os.close(go_read)
+                    os.close(go_write)
+                    channel.close()
+                    status = _become_zygote(spec, ids, theirs, zygote_main)
+                except BaseException as exc:  # noqa: BLE001
+                    try:
+                        os.write(2, f"sprout: forked sandbox {spec['sandbox']}: zygote: {exc}\n".encode())
+                    except OSError:
+                        pass
+                os._exit(status)
+            theirs.close()
         os.close(go_read)
         pidfd = os.pidfd_open(pid1)
         channel.send({"op": "entered"}, fds=[pidfd])
         os.close(pidfd)
+        os.write(go_write, b"1")
         os.close(go_write)
         return 0
     except (EnterError, OSError) as exc:
