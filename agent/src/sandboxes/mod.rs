@@ -529,6 +529,65 @@ impl Sandboxes {
         })
     }
 
+    /// Has the fork server fork the child that makes sandbox `spec` (on the channel
+    /// `ours`/`theirs`), waits for its `forked` and checks that it is the fork
+    /// server's: its channel, pidfd, pid and place among the unmoved children.
+    fn fork_child<'f>(
+        &self,
+        forks: &'f fork::ForkServer,
+        spec: &SandboxSpec,
+        theirs: Channel,
+        ours: Channel,
+    ) -> Result<(ShimLink, std::os::fd::OwnedFd, i32, fork::Unmoved<'f>), Error> {
+        let id = &spec.sandbox;
+        let protocol = |source: ipc::Error| Error::Protocol {
+            sandbox: id.to_owned(),
+            peer: "forked sandbox",
+            source,
+        };
+        let refused = |message: String| Error::Spawn {
+            sandbox: id.to_owned(),
+            function: String::new(),
+            message,
+        };
+        let (output, output_end) =
+            crate::sandbox_output::pipe().map_err(state_err(Path::new("sandbox output pipe")))?;
+        // First, so that what the child says on its way is logged.
+        self.output.add(id, output);
+        let (server_cgroup, unmoved) = forks.fork(
+            &self.cgroups,
+            spec,
+            theirs.into_fd(),
+            output_end,
+            || self.start_fork_server(),
+            |mut dead| self.destroy_fork_server(&mut dead.sandbox),
+        )?;
+        let mut shim = ShimLink(ours);
+        shim.0
+            .stream()
+            .set_read_timeout(Some(BOOT_TIMEOUT))
+            .map_err(|e| protocol(ipc::Error::Io(e)))?;
+        // The child, still in the fork server's cgroup: it must be the fork server's
+        // (a pidfd names one process for good; it is checked alive before `enter`).
+        let child = shim
+            .wait_enter_event(EnterEvent::Forked)
+            .map_err(protocol)?
+            .map_err(refused)?;
+        let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
+        tracing::debug!(pid = child_pid, "child forked");
+        let in_server = self
+            .cgroups
+            .contains_pid(&server_cgroup, child_pid)
+            .unwrap_or(false);
+        if !in_server {
+            return Err(refused(format!(
+                "the forked child (pid {child_pid}) is not in the fork server's cgroup {}",
+                server_cgroup.display()
+            )));
+        }
+        Ok((shim, child, child_pid, unmoved))
+    }
+
     /// The exchange with the fork server and its child, up to the spawner's adopting
     /// the sandbox.
     fn fork_sandbox(
@@ -549,58 +608,37 @@ impl Sandboxes {
             function: String::new(),
             message,
         };
-        let (output, output_end) =
-            crate::sandbox_output::pipe().map_err(state_err(Path::new("sandbox output pipe")))?;
         let (ours, theirs) =
             Channel::pair().map_err(state_err(Path::new("forked sandbox channel")))?;
-        // First, so that what the child says on its way is logged.
-        self.output.add(id, output);
         let spec = SandboxSpec {
             sandbox: id.to_owned(),
             uid: user.uid,
             gid: user.gid,
             runtime,
         };
-        let (server_cgroup, unmoved) = forks.fork(
-            &self.cgroups,
-            &spec,
-            theirs.into_fd(),
-            output_end,
-            || self.start_fork_server(),
-            |mut dead| self.destroy_fork_server(&mut dead.sandbox),
-        )?;
-        let mut shim = ShimLink(ours);
-        shim.0
-            .stream()
-            .set_read_timeout(Some(BOOT_TIMEOUT))
-            .map_err(|e| protocol(ipc::Error::Io(e)))?;
-
-        // The child, still in the fork server's cgroup: it must be the fork server's
-        // (a pidfd names one process for good; it is checked alive after the move).
-        let child = shim
-            .wait_enter_event(EnterEvent::Forked)
-            .map_err(protocol)?
-            .map_err(refused)?;
-        let child_pid = pool::pidfd_pid(child.as_fd()).map_err(|e| protocol(ipc::Error::Io(e)))?;
-        tracing::debug!(pid = child_pid, "child forked");
-        let in_server = self
-            .cgroups
-            .contains_pid(&server_cgroup, child_pid)
-            .unwrap_or(false);
-        if !in_server {
-            return Err(refused(format!(
-                "the forked child (pid {child_pid}) is not in the fork server's cgroup {}",
-                server_cgroup.display()
-            )));
-        }
         let limits = rootfs::resources(&Limits {
             memory_bytes: self.defaults.memory_mb << 20,
             pids: self.defaults.pids,
             cpus: self.defaults.cpus,
         })
         .map_err(|e| fork::spec_err(cgroup, &e))?;
-        // The child moves itself in, through files opened here (see prepare_cgroup).
-        let join = pool::prepare_cgroup(&self.cgroups, cgroup, &limits)?;
+        // The sandbox's cgroup is made (limits set, join files opened: see
+        // prepare_cgroup) on a thread of its own while the fork server forks the child.
+        let (shim, child, child_pid, unmoved, join) = std::thread::scope(|scope| {
+            let making = std::thread::Builder::new()
+                .name("sprout-cgroup".into())
+                .spawn_scoped(scope, || {
+                    pool::prepare_cgroup(&self.cgroups, cgroup, &limits)
+                });
+            let forked = self.fork_child(forks, &spec, theirs, ours);
+            let join = match making {
+                Ok(thread) => thread.join().unwrap_or_else(|_| Err(pool::Error::Stopped)),
+                Err(_) => pool::prepare_cgroup(&self.cgroups, cgroup, &limits),
+            };
+            let (shim, child, child_pid, unmoved) = forked?;
+            Ok::<_, Error>((shim, child, child_pid, unmoved, join?))
+        })?;
+        let mut shim = shim;
         tracing::debug!("cgroup made");
         if fork::exited(&child) {
             return Err(refused(format!(
