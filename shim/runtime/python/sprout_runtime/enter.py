@@ -1,10 +1,11 @@
 """Forked sandboxes: a child of the fork server's zygote makes a new sandbox of itself.
 
-Only the fork server's zygote imports this module (it needs ``ctypes``, which other
-zygotes never load). The fork server runs as root inside its own user namespace,
-with CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_SETPCAP there (none on the host),
-and a seccomp filter that allows ``unshare`` and ``mount`` on top of the sandbox
-filter. The child (``make_sandbox``), on the new sandbox's channel to the agent:
+Every zygote imports this module, but only the fork server's uses it (``prepare``
+loads ``ctypes``, which no other zygote does). The fork server's zygote moves into a
+user namespace of its own (``prepare``), which the agent maps, and keeps
+CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_SETPCAP there (``wait_mapped``; none on
+the host); its seccomp filter allows ``unshare`` and ``mount`` on top of the sandbox
+filter. Its child (``make_sandbox``), on the new sandbox's channel to the agent:
 
 1. sends ``forked`` with a pidfd of itself; the agent makes the sandbox's cgroup and
    sends the files it joins it through (``join``: it writes 0 into each, moving
@@ -13,11 +14,12 @@ filter. The child (``make_sandbox``), on the new sandbox's channel to the agent:
 2. unshares the mount, uts, ipc, network, cgroup and pid namespaces, names the host,
    makes its mount tree private and mounts the sandbox's own filesystems (the plan,
    ``forked.json``, is written by the agent from the same spec as every sandbox's);
-3. forks PID 1 of the new pid namespace, sends ``entered`` with a pidfd of it, and
-   exits. PID 1 mounts ``/proc`` (with the masked and read-only paths), drops every
-   privilege (bounding set, groups, the sandbox's uid and gid, ``no_new_privs``, the
-   sandbox's seccomp filter), forks the sandbox's zygote from itself (Python) and
-   executes the shim, which adopts that zygote.
+3. forks PID 1 of the new pid namespace and (Python) PID 2, the sandbox's zygote,
+   sends ``entered`` with a pidfd of PID 1, lets it go on, and exits. PID 1 mounts
+   ``/proc`` (with the masked and read-only paths), drops every privilege (bounding
+   set, groups, the sandbox's uid and gid, ``no_new_privs``, the sandbox's seccomp
+   filter) and executes the shim, which adopts PID 2; PID 2 drops the same
+   privileges and serves as the sandbox's zygote.
 
 Every step that fails is reported to the agent as ``enter_failed`` with its reason;
 the child then exits, and the agent destroys what was made.
