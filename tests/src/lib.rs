@@ -30,6 +30,7 @@
 //! the hostile suite: `hostile_frames` (what a function's frames can cost the agent),
 //! `hostile_registration` (directories and limits), `hostile_uploads` (archives).
 
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -1233,6 +1234,84 @@ pub fn write_into(path: &Path, contents: &str) -> std::io::Result<()> {
     // A sticky /tmp owned by root or the fork server's user: the writer must be an
     // id mapped there; the directory's owner always is.
     write_as(dir.uid(), dir.gid(), &path.to_string_lossy(), contents)
+}
+
+// ---------------------------------------------------------------------------
+// Descriptors of sandbox processes, as the host sees them
+
+/// `(fd, link target)` of every descriptor of `pid`.
+pub fn fds(pid: u32) -> Vec<(u32, String)> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|it| {
+            it.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.parse().ok()?;
+                    let t = fs::read_link(e.path()).ok()?;
+                    Some((n, t.to_string_lossy().into_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every pipe and socket on the host (`pipe:[N]`, `socket:[N]`) and the processes
+/// holding it.
+pub fn holders() -> HashMap<String, HashSet<u32>> {
+    let mut by_object: HashMap<String, HashSet<u32>> = HashMap::new();
+    for p in all_pids() {
+        for (_, target) in fds(p) {
+            if target.starts_with("pipe:[") || target.starts_with("socket:[") {
+                by_object.entry(target).or_default().insert(p);
+            }
+        }
+    }
+    by_object
+}
+
+/// Unix sockets' peers (`ss -xa`), by inode, in the network namespace of `pid` (the
+/// host's with `None`).
+pub fn unix_peers(pid: Option<u32>, into: &mut HashMap<u64, u64>) {
+    let mut cmd = match pid {
+        Some(p) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/proc/{p}/ns/net")).arg("ss");
+            c
+        }
+        None => Command::new("ss"),
+    };
+    let out = cmd
+        .args(["-xaH"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd:?} (ss is in iproute2, nsenter in util-linux): {e}"));
+    assert!(out.status.success(), "ss: {out:?}");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 8 {
+            if let (Ok(ino), Ok(peer)) = (f[5].parse(), f[7].parse()) {
+                into.insert(ino, peer);
+            }
+        }
+    }
+}
+
+/// The mount ids of `pid`'s mount namespace.
+pub fn mount_ids(pid: u32) -> HashSet<u64> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// The mount id of `pid`'s descriptor `fd`.
+pub fn fd_mount_id(pid: u32, fd: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -31,13 +31,13 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use sprout_tests::{
-    agent_cgroup_dir, all_pids, body_json, cgroup_v2, cmdline, example, json, require_root,
-    sandbox_cgroup_dir, text, under_ci, wait_for, write_as, ClientResponse, Daemon, Env, Value,
+    agent_cgroup_dir, body_json, cgroup_v2, cmdline, example, fd_mount_id, fds, holders, json,
+    mount_ids, require_root, sandbox_cgroup_dir, text, under_ci, unix_peers, wait_for, write_as,
+    ClientResponse, Daemon, Env, Value,
 };
 
 /// The shim's command line in a function's sandbox (`rootfs::SHIM_PATH`).
@@ -379,78 +379,6 @@ fn made(d: &Daemon) -> (u64, u64) {
 /// The start of `pid`'s command line, on one line.
 fn short_cmdline(pid: u32) -> String {
     cmdline(pid).replace('\n', " ").chars().take(40).collect()
-}
-
-/// `(fd, link target)` of every descriptor of `pid`.
-fn fds(pid: u32) -> Vec<(u32, String)> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|it| {
-            it.filter_map(Result::ok)
-                .filter_map(|e| {
-                    let n = e.file_name().to_str()?.parse().ok()?;
-                    let t = fs::read_link(e.path()).ok()?;
-                    Some((n, t.to_string_lossy().into_owned()))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Every pipe and socket on the host and the processes holding it.
-fn holders() -> HashMap<String, HashSet<u32>> {
-    let mut by_object: HashMap<String, HashSet<u32>> = HashMap::new();
-    for p in all_pids() {
-        for (_, target) in fds(p) {
-            if target.starts_with("pipe:[") || target.starts_with("socket:[") {
-                by_object.entry(target).or_default().insert(p);
-            }
-        }
-    }
-    by_object
-}
-
-/// Unix sockets' peers (`ss -xa`) by inode, in the network namespace of `pid` (the
-/// host's with `None`).
-fn unix_peers(pid: Option<u32>, into: &mut HashMap<u64, u64>) {
-    let mut cmd = match pid {
-        Some(p) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/proc/{p}/ns/net")).arg("ss");
-            c
-        }
-        None => Command::new("ss"),
-    };
-    let out = cmd
-        .args(["-xaH"])
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?} (ss is in iproute2, nsenter in util-linux): {e}"));
-    assert!(out.status.success(), "ss: {out:?}");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() >= 8 {
-            if let (Ok(ino), Ok(peer)) = (f[5].parse(), f[7].parse()) {
-                into.insert(ino, peer);
-            }
-        }
-    }
-}
-
-fn mount_ids(pid: u32) -> HashSet<u64> {
-    fs::read_to_string(format!("/proc/{pid}/mountinfo"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
-fn fd_mount_id(pid: u32, fd: u32) -> Option<u64> {
-    fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("mnt_id:"))?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// What the descriptors of a sandbox may lead to.

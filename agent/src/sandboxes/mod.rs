@@ -540,16 +540,7 @@ impl Sandboxes {
         ours: Channel,
     ) -> Result<(ShimLink, std::os::fd::OwnedFd, i32, fork::Unmoved<'f>), Error> {
         let id = &spec.sandbox;
-        let protocol = |source: ipc::Error| Error::Protocol {
-            sandbox: id.to_owned(),
-            peer: "forked sandbox",
-            source,
-        };
-        let refused = |message: String| Error::Spawn {
-            sandbox: id.to_owned(),
-            function: String::new(),
-            message,
-        };
+        let (protocol, refused) = (forked_protocol(id), forked_refused(id));
         let (output, output_end) =
             crate::sandbox_output::pipe().map_err(state_err(Path::new("sandbox output pipe")))?;
         // First, so that what the child says on its way is logged.
@@ -598,16 +589,7 @@ impl Sandboxes {
         user: rootfs::SandboxUser,
         runtime: Runtime,
     ) -> Result<(Sandbox, ShimLink), Error> {
-        let protocol = |source: ipc::Error| Error::Protocol {
-            sandbox: id.to_owned(),
-            peer: "forked sandbox",
-            source,
-        };
-        let refused = |message: String| Error::Spawn {
-            sandbox: id.to_owned(),
-            function: String::new(),
-            message,
-        };
+        let (protocol, refused) = (forked_protocol(id), forked_refused(id));
         let (ours, theirs) =
             Channel::pair().map_err(state_err(Path::new("forked sandbox channel")))?;
         let spec = SandboxSpec {
@@ -791,4 +773,22 @@ fn boot_forked(sandbox: &mut Sandbox, shim: &mut ipc::proto::ShimLink) -> Result
         .map_err(|e| protocol(ipc::Error::Io(e)))?;
     sandbox.ready()?;
     Ok(())
+}
+
+/// A forked sandbox `id`'s channel failed (or said something out of turn).
+fn forked_protocol(id: &str) -> impl Fn(ipc::Error) -> Error + Copy + '_ {
+    move |source| Error::Protocol {
+        sandbox: id.to_owned(),
+        peer: "forked sandbox",
+        source,
+    }
+}
+
+/// A forked sandbox `id` could not be made, and why.
+fn forked_refused(id: &str) -> impl Fn(String) -> Error + Copy + '_ {
+    move |message| Error::Spawn {
+        sandbox: id.to_owned(),
+        function: String::new(),
+        message,
+    }
 }

@@ -59,58 +59,48 @@ def _fork_sandbox(zygote, spec, fds):
     problem = _check_sandbox_spec(spec, fds)
     if problem is None and enter._prepared is None:
         problem = "this zygote is not a fork server's"
-    if problem is not None:
-        for fd in fds:
-            _close_quietly(fd)
-        zygote.send({"op": "sandbox_fork_failed", "sandbox": sandbox, "message": problem})
-        return
-    _flush_stdio()
-    gc.freeze()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        for fd in fds:
-            _close_quietly(fd)
-        zygote.send({"op": "sandbox_fork_failed", "sandbox": sandbox, "message": f"fork: {exc}"})
-        return
-    if pid == 0:
-        status = 70
-        try:
-            status = enter.make_sandbox(zygote, spec, *fds, zygote_main)
-        except BaseException:  # noqa: BLE001
-            try:
-                traceback.print_exc()
-                _flush_stdio()
-            except BaseException:  # noqa: BLE001
-                pass
-        finally:
-            os._exit(status)
-    for fd in fds:
-        _close_quietly(fd)
-    zygote.send({"op": "sandbox_forked", "sandbox": sandbox, "pid": pid})
+    _fork_child(
+        zygote,
+        fds,
+        problem,
+        lambda: enter.make_sandbox(zygote, spec, *fds, zygote_main),
+        {"op": "sandbox_forked", "sandbox": sandbox},
+        {"op": "sandbox_fork_failed", "sandbox": sandbox},
+    )
 
 
 def _fork(zygote, spec, fds):
     instance = spec.get("instance")
-    problem = _check_spec(spec, fds)
+    _fork_child(
+        zygote,
+        fds,
+        _check_spec(spec, fds),
+        lambda: instance_main(zygote, instance, *fds),
+        {"op": "forked", "instance": instance},
+        {"op": "fork_failed", "instance": instance},
+    )
+
+
+def _fork_child(zygote, fds, problem, child_main, forked, failed):
+    """Forks a child that runs ``child_main`` (its exit status) with the received
+    ``fds``, and answers ``forked`` (with its pid) or ``failed`` (with ``problem``
+    or why the fork failed). The zygote keeps none of the descriptors."""
+    if problem is None:
+        _flush_stdio()  # or the child would print the zygote's buffered output again
+        gc.freeze()  # keep the collector from touching (and copying) the zygote's pages
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            problem = f"fork: {exc}"
     if problem is not None:
         for fd in fds:
             _close_quietly(fd)
-        zygote.send({"op": "fork_failed", "instance": instance, "message": problem})
-        return
-    _flush_stdio()  # or the child would print the zygote's buffered output again
-    gc.freeze()  # keep the collector from touching (and copying) the zygote's pages
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        for fd in fds:
-            _close_quietly(fd)
-        zygote.send({"op": "fork_failed", "instance": instance, "message": f"fork: {exc}"})
+        zygote.send({**failed, "message": problem})
         return
     if pid == 0:
         status = 70
         try:
-            status = instance_main(zygote, instance, *fds)
+            status = child_main()
         except BaseException:  # noqa: BLE001
             try:
                 traceback.print_exc()
@@ -121,7 +111,7 @@ def _fork(zygote, spec, fds):
             os._exit(status)
     for fd in fds:
         _close_quietly(fd)
-    zygote.send({"op": "forked", "instance": instance, "pid": pid})
+    zygote.send({**forked, "pid": pid})
 
 
 CODE_DIR = "/code"
