@@ -1,14 +1,18 @@
-//! Forked sandboxes: the fork server, and a stem cell made from a fork of its zygote.
+//! Forked sandboxes: the fork server's state (made on first use, remade after it
+//! dies, its memory limit, the bound on children not yet in their cgroups) and what
+//! its exchange needs (its zygote's id maps, the uid window of forked sandboxes, the
+//! mount plan and seccomp program its children read). The exchange itself is
+//! `Sandboxes::fork_stem_cell`'s.
 //!
-//! The fork server is a sandbox created by libcontainer like any other, but with a
-//! user namespace in which its processes are root with CAP_SYS_ADMIN, CAP_SETUID,
-//! CAP_SETGID and CAP_SETPCAP (none on the host: inside 0 is the fork server's own
-//! host uid), and a seccomp filter that also allows `unshare` and `mount`
-//! ([`rootfs::zygote_spec`]). Its shim (`sprout-shim fork-server`) runs a Python
-//! zygote that forks, for each new sandbox, a child that makes the sandbox of itself
-//! (`sprout_runtime.enter`); the agent only moves that child into the sandbox's
-//! cgroup, and the spawner adopts the result. `docs/design.md` ("Forked sandboxes")
-//! has the whole exchange; `docs/security.md` what each process may do.
+//! The fork server is a sandbox created by libcontainer like any other, with a
+//! seccomp filter that also allows `unshare` and `mount` ([`rootfs::zygote_spec`]).
+//! Its shim (`sprout-shim fork-server`) runs a Python zygote that moves into a user
+//! namespace of its own (mapped here: inside 0 is the fork server's host uid), keeps
+//! CAP_SYS_ADMIN, CAP_SETUID, CAP_SETGID and CAP_SETPCAP there (none on the host),
+//! and forks, for each new sandbox, a child that makes the sandbox of itself
+//! (`sprout_runtime.enter`); the agent makes the sandbox's cgroup, the child joins
+//! it, and the spawner adopts the result. `docs/design.md` ("Forked sandboxes") has
+//! the whole exchange; `docs/security.md` what each process may do.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -40,9 +44,9 @@ const HEADROOM_MB: u64 = 16;
 pub(super) const FORK_SERVER_PIDS: u64 = 256;
 /// After the fork server failed to start, it is not tried again for this long.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
-/// At most this many forked children wait at once to be moved out of the fork
-/// server's cgroup: until then what they write is charged to the fork server, whose
-/// memory limit must hold them all.
+/// At most this many forked children wait at once to join their cgroups: until then
+/// what they write is charged to the fork server, whose memory limit must hold them
+/// all.
 const MAX_UNMOVED: usize = 8;
 /// Where the fork server's children read what they make (under `/.sprout`).
 const PLAN_FILE: &str = "forked.json";
@@ -54,13 +58,13 @@ pub(super) struct ForkServer {
     /// Its memory limit (MiB), reserved against the budget like a sandbox's.
     memory_mb: u64,
     state: Mutex<State>,
-    /// Forked children not yet moved into their own cgroup, and its wake-up.
+    /// Forked children not yet in their own cgroup, and its wake-up.
     unmoved: Mutex<usize>,
     moved: parking_lot::Condvar,
 }
 
-/// A forked child not yet moved out of the fork server's cgroup: its place among
-/// [`MAX_UNMOVED`] is given back when this is dropped (it was moved, or failed).
+/// A forked child not yet out of the fork server's cgroup: its place among
+/// [`MAX_UNMOVED`] is given back when this is dropped (it joined its own, or failed).
 pub(super) struct Unmoved<'a>(&'a ForkServer);
 
 impl Drop for Unmoved<'_> {
@@ -166,8 +170,8 @@ impl ForkServer {
     }
 
     /// Has the fork server's zygote fork the child that makes sandbox `spec`;
-    /// returns the fork server's cgroup (where that child is until it is moved) and
-    /// the child's place among the unmoved ones (drop it once it is moved). A fork
+    /// returns the fork server's cgroup (where that child is until it joins its own)
+    /// and the child's place among the unmoved ones (drop it once it joined). A fork
     /// server is made with `start` when there is none; one found dead is given to
     /// `destroy`, and the next fork makes a new one.
     pub(super) fn fork(
