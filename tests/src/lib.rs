@@ -1314,6 +1314,90 @@ pub fn fd_mount_id(pid: u32, fd: u32) -> Option<u64> {
         .ok()
 }
 
+/// What a function sees and may do inside its sandbox (a handler `f`), reported
+/// as JSON; never raises: every observation is a value. The connection to an
+/// outside address cannot leave a sandbox without `network: egress` (no route:
+/// `routes` is empty), so no packet leaves the host.
+pub const ISOLATION_PROBE_PY: &str = r#"import ctypes, errno, os, socket
+
+def _errno(n):
+    return errno.errorcode.get(n, str(n))
+
+def _try_write(path):
+    try:
+        with open(path, "w") as fh:
+            fh.write("sprout")
+        with open(path) as fh:
+            return "ok:" + fh.read()
+    except OSError as e:
+        return _errno(e.errno)
+
+def f(event):
+    out = {"pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid()}
+    with open("/proc/1/cmdline", "rb") as fh:
+        out["pid1_cmdline"] = fh.read().split(b"\0")[0].decode()
+    out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    out["hostname"] = socket.gethostname()
+    out["root"] = sorted(os.listdir("/"))
+    with open("/proc/self/mountinfo") as fh:
+        out["mountinfo"] = fh.read().splitlines()
+    out["cgroupfs"] = sorted(os.listdir("/sys/fs/cgroup")) if os.path.isdir("/sys/fs/cgroup") else None
+    out["writes"] = {p: _try_write(p) for p in ("/usr/sprout-probe", "/code/sprout-probe", "/sprout-probe", "/etc/sprout-probe", "/tmp/sprout-probe", "/fns/sprout-probe", "/workflow/sprout-probe")}
+    out["ifaces"] = [n for _, n in socket.if_nameindex()]
+    status = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            k, _, v = line.partition(":")
+            status[k] = v.strip()
+    out["status"] = {k: status.get(k) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")}
+    import resource
+    out["rlimits"] = {name: list(resource.getrlimit(getattr(resource, name))) for name in ("RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NOFILE")}
+    big = "/tmp/sprout-probe-big"
+    try:
+        with open(big, "wb") as fh:
+            fh.truncate((1 << 30) + 1)
+        out["past_fsize"] = "grew"
+    except OSError as e:
+        out["past_fsize"] = _errno(e.errno)
+    finally:
+        if os.path.exists(big):
+            os.unlink(big)
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(fn):
+        ctypes.set_errno(0)
+        r = fn()
+        return _errno(ctypes.get_errno()) if r == -1 else "returned %d" % r
+    out["syscalls"] = {
+        "unshare": call(lambda: libc.unshare(0x10000000)),
+        "mount": call(lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+        "ptrace": call(lambda: libc.ptrace(0, 0, None, None)),
+        "setns": call(lambda: libc.syscall(308, -1, 0)),
+        "keyctl": call(lambda: libc.syscall(250, 0, 0, 0, 0, 0)),
+        "bpf": call(lambda: libc.syscall(321, 0, 0, 0)),
+        "clone3": call(lambda: libc.syscall(435, 0, 0)),
+    }
+    out["exists"] = {p: os.path.exists(p) for p in event.get("host_paths", [])}
+    out["root_home"] = sorted(os.listdir("/root")) if os.path.isdir("/root") else None
+    out["env"] = {k: os.environ.get(k) for k in ("SPROUT_FUNCTION", "SPROUT_SANDBOX")}
+    out["ns"] = {}
+    for n in os.listdir("/proc/self/ns"):
+        try:
+            out["ns"][n] = os.readlink("/proc/self/ns/" + n)
+        except OSError as e:
+            out["ns"][n] = _errno(e.errno)
+    with open("/proc/self/cgroup") as fh:
+        out["cgroup"] = fh.read().splitlines()
+    with open("/proc/net/route") as fh:
+        out["routes"] = fh.read().splitlines()[1:]
+    try:
+        s = socket.create_connection(("1.1.1.1", 53), timeout=1)
+        s.close()
+        out["connect"] = "connected"
+    except OSError as e:
+        out["connect"] = _errno(e.errno) if e.errno else type(e).__name__
+    return out
+"#;
+
 #[cfg(test)]
 mod tests {
     #[test]

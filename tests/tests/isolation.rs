@@ -13,90 +13,10 @@ use sprout_tests::{
     wait_for, Env, Value, SLEEPER_PY,
 };
 
-/// Reports what the sandbox looks like from inside. Never raises: every
-/// observation is a value.
-const PROBE_PY: &str = r#"import ctypes, errno, os, socket
-
-def _errno(n):
-    return errno.errorcode.get(n, str(n))
-
-def _try_write(path):
-    try:
-        with open(path, "w") as fh:
-            fh.write("sprout")
-        with open(path) as fh:
-            return "ok:" + fh.read()
-    except OSError as e:
-        return _errno(e.errno)
-
-def f(event):
-    out = {"pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid()}
-    with open("/proc/1/cmdline", "rb") as fh:
-        out["pid1_cmdline"] = fh.read().split(b"\0")[0].decode()
-    out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    out["hostname"] = socket.gethostname()
-    out["root"] = sorted(os.listdir("/"))
-    with open("/proc/self/mountinfo") as fh:
-        out["mountinfo"] = fh.read().splitlines()
-    out["cgroupfs"] = sorted(os.listdir("/sys/fs/cgroup")) if os.path.isdir("/sys/fs/cgroup") else None
-    out["writes"] = {p: _try_write(p) for p in ("/usr/sprout-probe", "/code/sprout-probe", "/sprout-probe", "/etc/sprout-probe", "/tmp/sprout-probe", "/fns/sprout-probe", "/workflow/sprout-probe")}
-    out["ifaces"] = [n for _, n in socket.if_nameindex()]
-    status = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            k, _, v = line.partition(":")
-            status[k] = v.strip()
-    out["status"] = {k: status.get(k) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")}
-    import resource
-    out["rlimits"] = {name: list(resource.getrlimit(getattr(resource, name))) for name in ("RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NOFILE")}
-    big = "/tmp/sprout-probe-big"
-    try:
-        with open(big, "wb") as fh:
-            fh.truncate((1 << 30) + 1)
-        out["past_fsize"] = "grew"
-    except OSError as e:
-        out["past_fsize"] = _errno(e.errno)
-    finally:
-        if os.path.exists(big):
-            os.unlink(big)
-    libc = ctypes.CDLL(None, use_errno=True)
-    def call(fn):
-        ctypes.set_errno(0)
-        r = fn()
-        return _errno(ctypes.get_errno()) if r == -1 else "returned %d" % r
-    out["syscalls"] = {
-        "unshare": call(lambda: libc.unshare(0x10000000)),
-        "mount": call(lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
-        "ptrace": call(lambda: libc.ptrace(0, 0, None, None)),
-        "setns": call(lambda: libc.syscall(308, -1, 0)),
-        "keyctl": call(lambda: libc.syscall(250, 0, 0, 0, 0, 0)),
-        "bpf": call(lambda: libc.syscall(321, 0, 0, 0)),
-        "clone3": call(lambda: libc.syscall(435, 0, 0)),
-    }
-    out["exists"] = {p: os.path.exists(p) for p in event.get("host_paths", [])}
-    out["root_home"] = sorted(os.listdir("/root")) if os.path.isdir("/root") else None
-    out["env"] = {k: os.environ.get(k) for k in ("SPROUT_FUNCTION", "SPROUT_SANDBOX")}
-    out["ns"] = {}
-    for n in os.listdir("/proc/self/ns"):
-        try:
-            out["ns"][n] = os.readlink("/proc/self/ns/" + n)
-        except OSError as e:
-            out["ns"][n] = _errno(e.errno)
-    with open("/proc/self/cgroup") as fh:
-        out["cgroup"] = fh.read().splitlines()
-    try:
-        s = socket.create_connection(("1.1.1.1", 53), timeout=1)
-        s.close()
-        out["connect"] = "connected"
-    except OSError as e:
-        out["connect"] = _errno(e.errno) if e.errno else type(e).__name__
-    return out
-"#;
-
 /// Runs the probe in a fresh sandbox (`sprout invoke`) and returns its report and
 /// the agent's pid.
 fn probe(env: &Env) -> (Value, u32) {
-    let dir = env.function("probe", &[("f.py", PROBE_PY)]);
+    let dir = env.function("probe", &[("f.py", sprout_tests::ISOLATION_PROBE_PY)]);
     let host_paths = json!({
         "host_paths": [
             "/work", "/home", "/root/.cargo", "/etc/hostname", "/etc/shadow",

@@ -513,11 +513,9 @@ impl Sandboxes {
             }
         };
         let reserved_mb = self.defaults.memory_mb;
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.reserved_mb
-            .fetch_add(reserved_mb, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = boot_forked(&mut sandbox, &mut shim) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.reserved_mb.fetch_add(reserved_mb, Ordering::Relaxed);
+        if let Err(e) = boot(&mut sandbox, &mut shim) {
             self.destroy(&mut sandbox, reserved_mb);
             return Err(e);
         }
@@ -652,16 +650,14 @@ impl Sandboxes {
 
     /// Destroys the fork server's sandbox (it died, or the agent stops).
     fn destroy_fork_server(&self, sandbox: &mut Sandbox) {
-        self.count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
         let memory_mb = self.forks.as_ref().map_or(0, |f| f.memory_mb());
         self.destroy(sandbox, memory_mb);
     }
 
     /// Takes a sandbox out of the count (the fork server is none of the pool's).
     fn uncount(&self) {
-        self.count
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Makes `dir` visible at `target` in sandbox `id` (a callee's code).
@@ -723,31 +719,9 @@ impl Sandboxes {
 }
 
 /// Waits (at most [`BOOT_TIMEOUT`]) for a new sandbox's shim to say `ready`, then
-/// moves the sandbox to `StemCell`.
+/// moves the sandbox to `StemCell`. A forked sandbox's PID 1 may instead report
+/// `enter_failed` before it becomes the shim (a created sandbox never does).
 fn boot(sandbox: &mut Sandbox, shim: &mut ipc::proto::ShimLink) -> Result<(), Error> {
-    shim.0
-        .stream()
-        .set_read_timeout(Some(BOOT_TIMEOUT))
-        .map_err(ipc::Error::Io)
-        .and_then(|()| shim.wait_ready())
-        .and_then(|_| {
-            shim.0
-                .stream()
-                .set_read_timeout(None)
-                .map_err(ipc::Error::Io)
-        })
-        .map_err(|source| Error::Protocol {
-            sandbox: sandbox.id().to_owned(),
-            peer: "shim",
-            source,
-        })?;
-    sandbox.ready()?;
-    Ok(())
-}
-
-/// [`boot`] for a forked sandbox, whose PID 1 may report `enter_failed` before it
-/// becomes the shim.
-fn boot_forked(sandbox: &mut Sandbox, shim: &mut ipc::proto::ShimLink) -> Result<(), Error> {
     let protocol = |source| Error::Protocol {
         sandbox: sandbox.id().to_owned(),
         peer: "shim",

@@ -164,21 +164,25 @@ def wait_mapped():
             raise EnterError(f"the agent did not map the fork server's user namespace in {MAP_TIMEOUT_S:.0f} s")
         time.sleep(0.001)
     libc = _prepared.libc
-    cap = 0
-    while True:
-        if cap not in KEEP_CAPS and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            if ctypes.get_errno() == 22:  # EINVAL: past the last capability
-                break
-            raise EnterError(f"drop capability {cap}: {os.strerror(ctypes.get_errno())}")
-        cap += 1
-        if cap > 63:
-            break
-    _halve_shared_limits()
+    _drop_bounding(keep=KEEP_CAPS)
+    _limit_this_namespace()
     keep = sum(1 << c for c in KEEP_CAPS)
     header = _prepared.CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_prepared.CapData * 2)(_prepared.CapData(keep, keep, 0), _prepared.CapData(0, 0, 0))
     libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     _check(libc.capset(ctypes.addressof(header), ctypes.addressof(data)), "keep the fork server's capabilities")
+
+
+def _drop_bounding(keep=()):
+    """Drops every capability but ``keep`` from the bounding set (needs CAP_SETPCAP)."""
+    for cap in range(64):
+        if cap in keep:
+            continue
+        if _prepared.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == 22 and cap > 0:  # EINVAL: past the last capability
+                return
+            raise EnterError(f"drop capability {cap} from the bounding set: {os.strerror(err)}")
 
 
 def _check(result, what):
@@ -250,7 +254,9 @@ _SHARED_SYSCTLS = (
 )
 
 
-def _halve_shared_limits():
+def _limit_this_namespace():
+    """This user namespace's own limits: half the host's shared budgets per uid
+    (above), and no user namespace inside it (below)."""
     for host, ours in _SHARED_SYSCTLS:
         try:
             with open(host) as f:
@@ -297,12 +303,7 @@ def _inside_ids(spec):
 
 def _drop(uid, gid):
     _halve_shared_rlimits()
-    libc = _prepared.libc
-    cap = 0
-    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
-        cap += 1
-    if cap == 0:
-        raise EnterError(f"drop the bounding set: {os.strerror(ctypes.get_errno())}")
+    _drop_bounding()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -317,7 +318,7 @@ def _drop(uid, gid):
 def _shim_env(spec):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPROUT_")}
     env["SPROUT_SANDBOX"] = spec["sandbox"]
-    env["SPROUT_WORKFLOW_DIR"] = "/workflow"
+    env["SPROUT_WORKFLOW_DIR"] = os.environ["SPROUT_WORKFLOW_DIR"]  # every sandbox's
     env["SPROUT_RUNTIME"] = spec["runtime"]
     return env
 
