@@ -114,7 +114,23 @@ impl Agent {
         // Without a data directory (the embedded CLI), uploads live as long as the
         // process, in its state directory.
         let uploads = uploads.unwrap_or_else(|| sandboxes.state_path().join("functions"));
-        let registry = Arc::new(Registry::new(config.clone(), uploads));
+        let package_cache = match &data {
+            Some(data) => data.packages(),
+            None => config.package_cache.clone(),
+        };
+        let packages = Arc::new(
+            crate::packages::Packages::open(
+                &package_cache,
+                Box::new(crate::sandboxes::SandboxInstaller(sandboxes.clone())),
+                config.install_limits,
+                sandboxes.agent_id(),
+            )
+            .map_err(|source| Error::Packages {
+                function: String::new(),
+                source: Box::new(source),
+            })?,
+        );
+        let registry = Arc::new(Registry::new(config.clone(), uploads, packages.clone()));
         let scheduler = Arc::new(Scheduler::default());
         let runs = Arc::new(Runs::default());
         let book = Arc::new(Book::default());
@@ -334,6 +350,9 @@ impl Agent {
             memory_budget_mb: self.config.pool.memory_budget_mb,
             invocations: self.invoker.invocations(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
+            packages_installed: self.registry.packages().installed(),
+            package_cache_hits: self.registry.packages().cache_hits(),
+            package_zygotes: 0,
             namespaces,
         }
     }

@@ -223,7 +223,16 @@ pub struct Config {
     /// (uploaded code now; registrations, the package cache and activation records
     /// later). `None`: the agent keeps nothing beyond its life (the embedded CLI).
     pub data_dir: Option<PathBuf>,
+    /// The package cache without a data directory (the embedded CLI):
+    /// `$SPROUT_PACKAGE_CACHE`, else [`DEFAULT_PACKAGE_CACHE`]. With a data directory
+    /// the cache is its `packages/`.
+    pub package_cache: PathBuf,
+    /// Limits of each install sandbox (`--install-memory-mb`, `--install-timeout`).
+    pub install_limits: crate::packages::InstallLimits,
 }
+
+/// Where the embedded CLI keeps installed packages.
+pub const DEFAULT_PACKAGE_CACHE: &str = "/var/cache/sprout/packages";
 
 impl Config {
     /// Defaults: state under `/run/sprout`, the shim next to the running binary
@@ -248,6 +257,10 @@ impl Config {
             max_calls_in_flight: DEFAULT_MAX_CALLS_IN_FLIGHT,
             sandbox_uids: rootfs::SandboxUids::DEFAULT,
             data_dir: None,
+            package_cache: std::env::var_os("SPROUT_PACKAGE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PACKAGE_CACHE)),
+            install_limits: crate::packages::InstallLimits::default(),
         }
     }
 }

@@ -59,6 +59,12 @@ pub enum Error {
     },
     #[error("{0}")]
     InvalidConfig(String),
+    #[error("function {function}'s packages")]
+    Packages {
+        function: String,
+        #[source]
+        source: Box<crate::packages::Error>,
+    },
     #[error("unpack function archive into {path}")]
     Unpack {
         path: PathBuf,
@@ -271,9 +277,13 @@ impl Error {
             | BadResult { .. }
             | InstanceDied { .. } => ErrorKind::Function,
             Timeout { .. } => ErrorKind::Timeout,
-            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } | DataDir(_) => {
-                ErrorKind::Internal
-            }
+            Packages { source, .. } if source.is_bad_request() => ErrorKind::BadRequest,
+            Spawn { .. }
+            | Protocol { .. }
+            | Pool(_)
+            | State { .. }
+            | DataDir(_)
+            | Packages { .. } => ErrorKind::Internal,
             ShuttingDown => ErrorKind::Unavailable,
         }
     }
@@ -299,6 +309,7 @@ impl Error {
             | ForbiddenDir { .. }
             | HandlerOutsideDir { .. }
             | Unpack { .. } => "invalid_function",
+            Packages { source, .. } if source.is_bad_request() => "package_error",
             NotFound { .. } => "not_found",
             LoadFailed { .. } => "load_error",
             Handler { .. } => "handler_error",
@@ -306,7 +317,12 @@ impl Error {
             OutOfMemory { .. } => "out_of_memory",
             BadResult { .. } => "bad_result",
             InstanceDied { .. } => "instance_died",
-            Spawn { .. } | Protocol { .. } | Pool(_) | State { .. } | DataDir(_) => "internal",
+            Spawn { .. }
+            | Protocol { .. }
+            | Pool(_)
+            | State { .. }
+            | DataDir(_)
+            | Packages { .. } => "internal",
             ShuttingDown => "unavailable",
         }
     }

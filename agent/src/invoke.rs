@@ -584,6 +584,7 @@ impl Invoker {
             function: function.name.clone(),
             code_dir: rootfs::CODE_DIR.to_owned(),
             handler: function.handler.clone(),
+            deps: function.deps.import_paths(),
             about: ipc::proto::About {
                 namespace: function.namespace.clone(),
                 version: function.version,

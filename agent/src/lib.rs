@@ -24,6 +24,7 @@ mod instance;
 mod invoke;
 mod manager;
 mod names;
+pub mod packages;
 mod registry;
 mod request;
 mod run;

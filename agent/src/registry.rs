@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 use crate::config::{Config, Defaults};
 use crate::error::Error;
 use crate::names::{validate_name, validate_namespace, FunctionKey};
+use crate::packages::Packages;
 use crate::request::FunctionSource;
 use crate::runtime::{Runtime, Seam};
 use crate::workflow::spec::Workflow;
@@ -120,6 +121,8 @@ pub struct Function {
     pub version: u64,
     /// Whether `dir` was unpacked by the agent (and is removed with the function).
     pub owns_dir: bool,
+    /// Its packages, resolved and installed when it was registered.
+    pub deps: crate::packages::Deps,
 }
 
 impl Function {
@@ -218,6 +221,7 @@ impl Function {
             max_instances,
             version,
             owns_dir,
+            deps: crate::packages::Deps::default(),
         })
     }
 
@@ -236,11 +240,13 @@ impl Function {
 
     /// Whether an instance of `other` may run in this function's sandbox (a workflow's
     /// sequential step, a call): the same namespace (the tenant boundary), the same
-    /// runtime, the same network and the same limits.
+    /// runtime, the same network, the same packages (its sandbox has exactly its
+    /// own mounted) and the same limits.
     pub fn same_limits(&self, other: &Function) -> bool {
         self.namespace == other.namespace
             && self.runtime.runs_callee(other.runtime)
             && self.network == other.network
+            && self.deps == other.deps
             && (self.memory_mb, self.pids, self.cpus) == (other.memory_mb, other.pids, other.cpus)
     }
 
@@ -454,16 +460,19 @@ pub(crate) struct Registry {
     config: Config,
     /// Where uploaded archives are unpacked (one directory per registration).
     uploads: PathBuf,
+    /// Installs the packages functions need (when they are registered).
+    packages: Arc<Packages>,
     functions: Mutex<HashMap<FunctionKey, Arc<Function>>>,
     workflows: Mutex<HashMap<FunctionKey, Arc<Workflow>>>,
     next_version: AtomicU64,
 }
 
 impl Registry {
-    pub fn new(config: Config, uploads: PathBuf) -> Registry {
+    pub fn new(config: Config, uploads: PathBuf, packages: Arc<Packages>) -> Registry {
         Registry {
             config,
             uploads,
+            packages,
             functions: Mutex::default(),
             workflows: Mutex::default(),
             next_version: AtomicU64::new(1),
@@ -485,8 +494,13 @@ impl Registry {
             FunctionSource::Dir(dir) => (dir, false),
             FunctionSource::Tar(bytes) => (self.unpack(name, version, &bytes)?, true),
         };
-        let function = match Function::new(key, &dir, config, &self.config, version, owns_dir) {
-            Ok(f) => Arc::new(f),
+        let function =
+            Function::new(key, &dir, config, &self.config, version, owns_dir).and_then(|mut f| {
+                f.deps = self.install_deps(&f)?;
+                Ok(Arc::new(f))
+            });
+        let function = match function {
+            Ok(f) => f,
             Err(e) => {
                 if owns_dir {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -494,15 +508,36 @@ impl Registry {
                 return Err(e);
             }
         };
-        if function.dir.join("requirements.txt").is_file() {
-            tracing::warn!(
-                function = %key,
-                "requirements.txt is not installed yet: the function gets the standard library of the host's Python only"
-            );
-        }
         let info = function.info(0);
         let old = self.functions.lock().insert(key.clone(), function);
         Ok((info, old))
+    }
+
+    /// Resolves and installs what `function` declares it needs (through the runtime
+    /// seam: `requirements.txt`, `package.json`); nothing is registered if it fails.
+    fn install_deps(&self, function: &Function) -> Result<crate::packages::Deps, Error> {
+        let wrap = |source| Error::Packages {
+            function: function.key().to_string(),
+            source: Box::new(source),
+        };
+        let Some(needs) = function.runtime.dependencies(&function.dir)? else {
+            return Ok(crate::packages::Deps::default());
+        };
+        let name = function.key().to_string();
+        match needs {
+            crate::runtime::Dependencies::Python(lines) => {
+                self.packages.python(&name, &lines).map_err(wrap)
+            }
+            crate::runtime::Dependencies::Npm { manifest, lock } => self
+                .packages
+                .npm(&name, &manifest, lock.as_ref())
+                .map_err(wrap),
+        }
+    }
+
+    /// The node's package cache.
+    pub fn packages(&self) -> &Packages {
+        &self.packages
     }
 
     fn unpack(&self, name: &str, version: u64, tar_bytes: &[u8]) -> Result<PathBuf, Error> {

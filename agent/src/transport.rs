@@ -44,9 +44,10 @@ pub trait FastCall: Send {
 }
 
 /// What a [`FastCall`] has after reading.
+// Moved once per call; boxing `Done` would allocate on the warm path instead.
+#[allow(clippy::large_enum_variant)]
 pub enum FastPoll {
     Pending,
-    #[allow(clippy::large_enum_variant)]
     Done(Result<Response, Error>),
     /// The call needs waiting: finish it with [`FastCall::finish`].
     Handoff,

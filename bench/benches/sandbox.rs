@@ -150,6 +150,7 @@ fn main() {
         function: "noop".into(),
         code_dir: rootfs::CODE_DIR.into(),
         handler: ipc::proto::Handler::parse("f:f").unwrap(),
+        deps: Vec::new(),
         about: Default::default(),
     };
     // The shim's spare serves the first iteration; later ones fork on demand, so this

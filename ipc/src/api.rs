@@ -226,6 +226,15 @@ pub struct Status {
     pub memory_budget_mb: u64,
     pub invocations: u64,
     pub uptime_ms: u64,
+    /// Packages this agent installed into the package cache, and packages a
+    /// registration needed and found there already.
+    #[serde(default)]
+    pub packages_installed: u64,
+    #[serde(default)]
+    pub package_cache_hits: u64,
+    /// Live package-aware zygotes (zygotes that imported a package set).
+    #[serde(default)]
+    pub package_zygotes: usize,
     /// Every namespace that has a function or a workflow, by name.
     #[serde(default)]
     pub namespaces: Vec<NamespaceStatus>,

@@ -132,6 +132,9 @@ pub struct CallSpec {
     pub namespace: String,
     #[serde(default)]
     pub memory_mb: u64,
+    /// The callee's package directories ([`LoadSpec::deps`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deps: Vec<String>,
 }
 
 impl CallSpec {
@@ -250,6 +253,11 @@ pub struct LoadSpec {
     /// `__OW_*`): its namespace, registration version, memory limit and time limit.
     #[serde(flatten)]
     pub about: About,
+    /// Directories of the function's installed packages inside the sandbox
+    /// (`/deps/<package>`), in import order: the runtime puts them on the import path
+    /// right after the code directory (Python's `sys.path`; Node.js's module paths).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deps: Vec<String>,
 }
 
 /// What a function may learn about itself, sent with `load`: each runtime shows it in
@@ -804,6 +812,7 @@ mod tests {
             function: "hello".into(),
             code_dir: "/code".into(),
             handler: Handler::parse("f:f").unwrap(),
+            deps: Vec::new(),
             about: About::default(),
         };
         let v = serde_json::to_value(InstanceRequest::Load(load)).unwrap();
@@ -848,6 +857,7 @@ mod tests {
             timeout_ms: 1,
             namespace: "default".into(),
             memory_mb: 128,
+            deps: Vec::new(),
         };
         let (id, function) = (1, String::from("g"));
         check(&[
@@ -961,6 +971,7 @@ mod tests {
         ]);
         check(&[
             InstanceRequest::Load(LoadSpec {
+                deps: spec.deps.clone(),
                 about: spec.about(),
                 function: spec.function,
                 code_dir: spec.code_dir,

@@ -10,8 +10,8 @@ pub const CODE_DIR: &str = "/code";
 pub const WORKFLOW_DIR: &str = "/workflow";
 /// Where the code of functions called inside a sandbox is attached, one directory each.
 pub const FUNCTIONS_DIR: &str = "/fns";
-/// Where a function's installed packages will appear (read-only; the dependencies
-/// issue fills it).
+/// Where a function's installed packages appear, one read-only directory each
+/// ([`deps_dir`]); in an install sandbox, the installer's writable output.
 pub const DEPS_DIR: &str = "/deps";
 /// Where the agent's runtime directory (shim, language runtimes, call socket) appears.
 pub const RUNTIME_DIR: &str = "/.sprout";
@@ -22,6 +22,12 @@ pub const SHIM_PATH: &str = "/.sprout/shim";
 /// that calls it.
 pub fn callee_dir(name: &str, version: u64) -> String {
     format!("{FUNCTIONS_DIR}/{name}-{version}")
+}
+
+/// Where the installed package `key` (a package cache entry's name) is attached in a
+/// sandbox.
+pub fn deps_dir(key: &str) -> String {
+    format!("{DEPS_DIR}/{key}")
 }
 
 /// The function name and version a [`callee_dir`] path stands for, or `None` when

@@ -30,13 +30,15 @@ mod spec;
 pub use access::{check_module_readable, check_readable, readable_by_others, Unreadable};
 pub use seccomp::{default_filter, zygote_filter};
 pub use skeleton::Skeleton;
-pub use spec::zygote_spec;
 pub use spec::{
     bundle_spec, bundle_spec_as, resources, write_bundle, Limits, SandboxConfig, SandboxUids,
     SandboxUser, SandboxUsers, SANDBOX_UMASK,
 };
+pub use spec::{install_spec, zygote_spec, InstallSpec};
 
-pub use ipc::sandbox_paths::{CODE_DIR, FUNCTIONS_DIR, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR};
+pub use ipc::sandbox_paths::{
+    CODE_DIR, DEPS_DIR, FUNCTIONS_DIR, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR,
+};
 
 /// Size limit of a sandbox's own workflow scratch tmpfs, in MiB (as `/tmp`'s).
 pub const WORKFLOW_DIR_MB: u64 = 64;
@@ -70,6 +72,8 @@ pub enum Error {
         base: u32,
         count: u32,
     },
+    #[error("an install sandbox needs a program to run")]
+    NoInstaller,
     #[error("sandbox spec is not valid OCI")]
     Spec(#[source] serde_json::Error),
     #[error("write bundle {path}")]

@@ -10,6 +10,7 @@ use crate::Error;
 /// Mount points that must exist in the skeleton.
 const DIRS: &[&str] = &[
     "proc", "dev", "sys", "tmp", "usr", "etc", "root", "code", ".sprout", "workflow", "fns",
+    "deps", "etc/ssl",
 ];
 /// Merged-/usr links, as on Debian.
 const LINKS: &[(&str, &str)] = &[

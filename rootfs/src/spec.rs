@@ -6,7 +6,8 @@ use oci_spec::runtime::Spec;
 use serde_json::json;
 
 use crate::{
-    seccomp, Error, CODE_DIR, FUNCTIONS_DIR, MAX_FILE_SIZE, RUNTIME_DIR, SHIM_PATH, WORKFLOW_DIR,
+    seccomp, Error, CODE_DIR, DEPS_DIR, FUNCTIONS_DIR, MAX_FILE_SIZE, RUNTIME_DIR, SHIM_PATH,
+    WORKFLOW_DIR,
 };
 
 /// Resource limits of one sandbox.
@@ -299,6 +300,10 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
         // sandbox, its user namespace's root).
         json!({"destination": FUNCTIONS_DIR, "type": "tmpfs", "source": "tmpfs",
                "options": ["nosuid", "nodev", "mode=0755", "uid=0", "gid=0", "size=1m"]}),
+        // Mount points for the function's installed packages, one per package: root's
+        // too, for the same reasons.
+        json!({"destination": DEPS_DIR, "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=0755", "uid=0", "gid=0", "size=1m"]}),
         bind_ro(Path::new("/usr"), "/usr"),
         bind_ro(runtime_dir, RUNTIME_DIR),
         bind_ro(shim, SHIM_PATH),
@@ -354,6 +359,60 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
             "seccomp": seccomp::default_filter(),
         },
     });
+    serde_json::from_value(value).map_err(Error::Spec)
+}
+
+/// The host's certificate authorities (Debian's `ca-certificates`), read-only in
+/// install sandboxes.
+const HOST_CERTIFICATES: &str = "/etc/ssl";
+
+/// What an install sandbox may use.
+#[derive(Debug, Clone)]
+pub struct InstallSpec {
+    /// The host directory the installer writes into, bound read-write at
+    /// [`DEPS_DIR`] (it must belong to the sandbox's user).
+    pub out: PathBuf,
+    /// The installer's program and arguments (inside the sandbox).
+    pub args: Vec<String>,
+    /// The largest file the installer may write (`RLIMIT_FSIZE`).
+    pub max_file_bytes: u64,
+}
+
+/// An install sandbox's spec: [`bundle_spec_as`]`(cfg, user)` with `install.args` as
+/// its process, `install.out` read-write at [`DEPS_DIR`] instead of the sandbox's
+/// tmpfs (everything else stays read-only or the sandbox's own), and files up to
+/// `install.max_file_bytes`. It runs package code (builds, metadata hooks): it gets
+/// the same namespaces, limits, user, seccomp filter and lack of privileges as a
+/// function's sandbox.
+pub fn install_spec(
+    cfg: &SandboxConfig,
+    user: SandboxUser,
+    install: &InstallSpec,
+) -> Result<Spec, Error> {
+    let out = absolute("install output", &install.out)?;
+    if install.args.is_empty() {
+        return Err(Error::NoInstaller);
+    }
+    let spec = bundle_spec_as(cfg, user)?;
+    let mut value = serde_json::to_value(&spec).map_err(Error::Spec)?;
+    value["process"]["args"] = json!(install.args);
+    if let Some(mounts) = value["mounts"].as_array_mut() {
+        mounts.retain(|m| m["destination"] != DEPS_DIR);
+        mounts.push(json!({
+            "destination": DEPS_DIR, "type": "bind", "source": out,
+            "options": ["rbind", "rw", "nosuid", "nodev"],
+        }));
+        // The host's certificate authorities, for the index's TLS.
+        if Path::new(HOST_CERTIFICATES).is_dir() {
+            mounts.push(bind_ro(Path::new(HOST_CERTIFICATES), HOST_CERTIFICATES));
+        }
+    }
+    if let Some(rlimits) = value["process"]["rlimits"].as_array_mut() {
+        for r in rlimits.iter_mut().filter(|r| r["type"] == "RLIMIT_FSIZE") {
+            r["hard"] = json!(install.max_file_bytes);
+            r["soft"] = json!(install.max_file_bytes);
+        }
+    }
     serde_json::from_value(value).map_err(Error::Spec)
 }
 

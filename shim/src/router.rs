@@ -686,6 +686,7 @@ impl<Z: Spawn> Router<Z> {
             function: spec.function.clone(),
             code_dir: spec.code_dir.clone(),
             handler: spec.handler.clone(),
+            deps: spec.deps.clone(),
             about: spec.about(),
         };
         let loading = link

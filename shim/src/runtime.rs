@@ -8,6 +8,7 @@
 //! arm in each match here.
 
 mod files;
+pub mod installer;
 pub mod nodejs;
 pub mod python;
 
@@ -49,5 +50,6 @@ pub fn install(dir: &Path) -> io::Result<()> {
     make_dir(dir)?;
     python::install(dir)?;
     nodejs::install(dir)?;
+    installer::install(dir)?;
     write_file(&dir.join("shim"), b"")
 }

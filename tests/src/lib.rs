@@ -205,7 +205,11 @@ impl Env {
             env: self,
             args: vec!["--state-dir".into(), state_dir.into()],
             stdin: None,
-            envs: Vec::new(),
+            // The embedded CLI's package cache: the test's own, empty at first.
+            envs: vec![(
+                "SPROUT_PACKAGE_CACHE".into(),
+                self.work_dir().join("package-cache").into(),
+            )],
             timeout: COMMAND_TIMEOUT,
         }
     }

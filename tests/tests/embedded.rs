@@ -1,5 +1,7 @@
 //! `sprout invoke DIR`: the embedded agent, no daemon.
 
+use std::fs;
+
 use sprout_tests::{example, json, require_root, ECHO_LOGS_PY};
 
 #[test]
@@ -70,21 +72,50 @@ fn openwhisk_style_main_handler() {
 }
 
 #[test]
-fn requirements_txt_gets_a_note_and_the_function_still_runs() {
+fn requirements_txt_is_installed_before_the_first_invoke_and_mounted_read_only() {
     let env = require_root!();
     let dir = env.function(
         "withreqs",
         &[
-            ("f.py", "def f(event):\n    return {'ok': True}\n"),
-            ("requirements.txt", "requests==2.31.0\n"),
+            (
+                "f.py",
+                "import os, six\n\
+                 def f(event):\n\
+                 \x20   d = os.path.dirname(six.__file__)\n\
+                 \x20   try:\n\
+                 \x20       open(os.path.join(d, 'planted.py'), 'w')\n\
+                 \x20       writable = True\n\
+                 \x20   except OSError:\n\
+                 \x20       writable = False\n\
+                 \x20   return {'version': six.__version__, 'dir': d, 'writable': writable}\n",
+            ),
+            (
+                "requirements.txt",
+                "# a tiny pure-Python wheel\nsix==1.16.0\n",
+            ),
         ],
     );
     let run = env.sprout().arg("invoke").arg(&dir).run();
     run.success();
-    assert_eq!(run.json(), json!({"ok": true}), "{run}");
+    let out = run.json();
+    assert_eq!(out["version"], "1.16.0", "{run}");
+    let deps = out["dir"].as_str().unwrap();
+    assert!(deps.starts_with("/deps/six-1.16.0-cpython-"), "{run}");
+    assert_eq!(
+        out["writable"], false,
+        "packages are mounted read-only: {run}"
+    );
+    // Installed once into the cache, root's.
+    let cache = env.work_dir().join("package-cache/python");
+    let entries: Vec<_> = fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(
-        run.stderr.contains("requirements.txt") && run.stderr.contains("not supported"),
-        "stderr should note that requirements.txt is not installed:\n{run}"
+        entries
+            .iter()
+            .any(|e| e.starts_with("six-1.16.0-") && e.ends_with(".json")),
+        "{entries:?}"
     );
     env.assert_clean(run.pid);
 }

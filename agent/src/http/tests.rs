@@ -114,6 +114,9 @@ impl Handle for Fake {
                 memory_budget_mb: 1024,
                 invocations: 7,
                 uptime_ms: 42,
+                packages_installed: 2,
+                package_cache_hits: 1,
+                package_zygotes: 0,
                 namespaces: Vec::new(),
             })),
             Request::Invoke {

@@ -44,3 +44,17 @@ pub fn check_readable(dir: &Path, handler: &Handler) -> Result<(), Error> {
     rootfs::check_module_readable(dir, &handler.module)
         .map_err(|e| Error::InvalidConfig(format!("handler {handler}: {e}")))
 }
+
+/// The lines of the function's `requirements.txt` (checked: see
+/// `packages::requirements`), `None` when it has none or they are all comments.
+pub fn dependencies(dir: &Path) -> Result<Option<super::Dependencies>, Error> {
+    let max = crate::packages::requirements::MAX_BYTES as u64;
+    let Some(text) = super::files::read_small(dir, "requirements.txt", max)? else {
+        return Ok(None);
+    };
+    let lines = crate::packages::requirements::parse(&text).map_err(|source| Error::Packages {
+        function: dir.display().to_string(),
+        source: Box::new(source),
+    })?;
+    Ok((!lines.is_empty()).then_some(super::Dependencies::Python(lines)))
+}

@@ -13,6 +13,9 @@
 //! else created by libcontainer through the spawner.
 
 mod fork;
+mod install;
+
+pub(crate) use install::SandboxInstaller;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -376,7 +379,14 @@ impl Sandboxes {
                 reserved_mb = function.memory_mb;
             }
             self.spawner.bind_code(&sandbox, &function.dir)?;
-            tracing::debug!("code bound");
+            for package in &function.deps.packages {
+                self.spawner.attach_code(
+                    sandbox.id(),
+                    &package.dir,
+                    Path::new(&package.mount_point()),
+                )?;
+            }
+            tracing::debug!(packages = function.deps.packages.len(), "code bound");
             if function.network == pool::network::Network::Egress {
                 self.spawner.attach_network(sandbox.id())?;
                 tracing::debug!("network attached");

@@ -18,7 +18,7 @@ use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
-use rootfs::{FUNCTIONS_DIR, WORKFLOW_DIR, WORKFLOW_DIR_MB};
+use rootfs::{DEPS_DIR, FUNCTIONS_DIR, WORKFLOW_DIR, WORKFLOW_DIR_MB};
 
 use crate::network::{Egress, HostTools, RESOLV_CONF};
 use crate::{sys, Cgroups};
@@ -166,17 +166,20 @@ impl Live {
     }
 
     /// Makes the host directory `dir` visible read-only at `target` in sandbox `id`
-    /// (making the directory first under [`FUNCTIONS_DIR`]).
+    /// (making the directory first under [`FUNCTIONS_DIR`] or [`DEPS_DIR`]).
     pub(super) fn attach_code(&self, id: &str, dir: &Path, target: &Path) -> Result<(), String> {
         self.in_sandbox(id, || {
             let tree = sys::detached_readonly_tree(dir)
                 .map_err(|e| format!("clone {} read-only: {e}", dir.display()))?;
             Ok(move || {
-                if target.starts_with(FUNCTIONS_DIR) {
-                    // As the owner of FUNCTIONS_DIR (root's, or in a forked
+                if let Some(parent) = [FUNCTIONS_DIR, DEPS_DIR]
+                    .into_iter()
+                    .find(|d| target.starts_with(d))
+                {
+                    // As the owner of the directory (root's, or in a forked
                     // sandbox its user namespace's root: see sys::as_fs_owner).
                     use std::os::unix::fs::MetadataExt;
-                    let owner = std::fs::metadata(FUNCTIONS_DIR)?;
+                    let owner = std::fs::metadata(parent)?;
                     sys::as_fs_owner(owner.uid(), owner.gid(), || std::fs::create_dir_all(target))?;
                 }
                 sys::move_mount(tree.as_fd(), target)

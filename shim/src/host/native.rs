@@ -98,6 +98,7 @@ mod tests {
                 module: "exec".into(),
                 function: String::new(),
             },
+            deps: Vec::new(),
             about: Default::default(),
         };
         assert_eq!(executable(&spec).unwrap(), Path::new("/code/exec"));
@@ -131,6 +132,7 @@ mod backend_tests {
                 module: module.into(),
                 function: String::new(),
             },
+            deps: Vec::new(),
             about: ipc::proto::About {
                 namespace: "ns".into(),
                 version: 3,
@@ -443,6 +445,7 @@ mod lambda_connection_tests {
                 module: "bootstrap".into(),
                 function: String::new(),
             },
+            deps: Vec::new(),
             about: ipc::proto::About {
                 namespace: "ns".into(),
                 version: 1,

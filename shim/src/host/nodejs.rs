@@ -430,6 +430,7 @@ mod tests {
                 module: String::new(),
                 function: function.into(),
             },
+            deps: Vec::new(),
             about: About {
                 namespace: "ns".into(),
                 version: 7,

@@ -24,6 +24,7 @@ fn spec(function: &str, version: u64, timeout_ms: u64) -> CallSpec {
         timeout_ms,
         namespace: "default".into(),
         memory_mb: 128,
+        deps: Vec::new(),
     }
 }
 
@@ -871,6 +872,7 @@ mod threaded {
             function: "main".into(),
             code_dir: "/code/main".into(),
             handler: Handler::parse("f:f").unwrap(),
+            deps: Vec::new(),
             about: Default::default(),
         })
         .unwrap();

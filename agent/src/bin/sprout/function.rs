@@ -70,7 +70,6 @@ fn add(
     let abs = dir
         .canonicalize()
         .with_context(|| format!("function directory {}", dir.display()))?;
-    crate::note_requirements(&abs);
     let resp = if upload {
         let body = archive(&abs)?;
         let path = ipc::api::function_path(namespace, name, &upload_query(&config)?);

@@ -67,7 +67,6 @@ fn embedded(cx: &Context, args: InvokeArgs, event: Vec<u8>) -> anyhow::Result<Ex
     if let Err(e) = embedded::check(std::iter::once(&function).chain(&others), &config) {
         return Ok(print::agent_error(&e, false));
     }
-    crate::note_requirements(&function.dir);
     let invoke = Request::Invoke {
         namespace: cx.namespace.clone(),
         name: function.name.clone(),

@@ -239,14 +239,3 @@ pub fn read_event(arg: &str) -> anyhow::Result<Vec<u8>> {
     serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).context("invalid event JSON")?;
     Ok(bytes)
 }
-
-/// Says, once per command, that a function's `requirements.txt` is not installed.
-pub fn note_requirements(dir: &Path) {
-    if dir.join("requirements.txt").is_file() {
-        eprintln!(
-            "sprout: note: {} has requirements.txt; per-function dependencies are not supported yet, \
-             so the function runs with the standard library of the host's Python only",
-            dir.display()
-        );
-    }
-}

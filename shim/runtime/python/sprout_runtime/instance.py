@@ -66,11 +66,13 @@ def _unshadow(module_name, code_dir):
         del sys.modules[name]
 
 
-def load_handler(code_dir, module_name, function_name):
+def load_handler(code_dir, module_name, function_name, deps=()):
     """Imports the handler. ``__main__`` is OpenWhisk's format: ``<code_dir>/__main__.py``,
-    loaded as module ``__sprout_main__`` so the zygote's ``__main__`` (the bootstrap) stays."""
+    loaded as module ``__sprout_main__`` so the zygote's ``__main__`` (the bootstrap) stays.
+    ``deps``, the function's package directories, come right after the code directory
+    on the import path, before the interpreter's own."""
     os.chdir(code_dir)
-    sys.path.insert(0, code_dir)
+    sys.path[0:0] = [code_dir, *deps]
     importlib.invalidate_caches()
     if module_name == "__main__":
         path = os.path.join(code_dir, "__main__.py")
@@ -333,7 +335,9 @@ def instance_main(zygote, instance, chan_fd, out_fd, err_fd, calls_fd):
     os.environ["SPROUT_FUNCTION"] = header["function"]
     handler_spec = header["handler"]
     try:
-        handler = load_handler(header["code_dir"], handler_spec["module"], handler_spec["function"])
+        handler = load_handler(
+            header["code_dir"], handler_spec["module"], handler_spec["function"], header.get("deps", ())
+        )
         if _takes_context(handler):
             handler = LambdaHandler(handler, header)
     except BaseException as exc:  # noqa: BLE001
@@ -367,5 +371,8 @@ def _check_load(header):
         isinstance(handler, dict) and isinstance(handler.get("module"), str) and isinstance(handler.get("function"), str)
     ):
         return f"handler {handler!r} is not {{\"module\": ..., \"function\": ...}}"
+    deps = header.get("deps", [])
+    if not (isinstance(deps, list) and all(isinstance(d, str) and d.startswith("/deps/") for d in deps)):
+        return f"deps {deps!r} is not a list of /deps/ directories"
     return None
 

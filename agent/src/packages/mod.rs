@@ -1,0 +1,717 @@
+//! Functions' packages: `requirements.txt` (Python) and `package.json` (Node.js),
+//! installed once per node into a cache ([`cache`]) shared by every function that
+//! needs the same package, and mounted read-only into its sandboxes under `/deps`.
+//!
+//! No package code runs on the host or as root: resolving (pip prepares an sdist's
+//! metadata by running it) and installing (an sdist's build, npm's scripts) happen
+//! in **install sandboxes** ([`Installer`], made by `Sandboxes`): a sandbox like a
+//! function's, with outbound network, its own unprivileged user, installer limits
+//! and one writable directory. Each package is installed in a sandbox of its own
+//! with only its own output directory, so a package's build cannot change another
+//! package's files; a sandbox that resolved never installs.
+//!
+//! Concurrent registrations that need the same package install it once: the first
+//! claims it ([`Flights`]), the others wait for its result.
+
+pub mod cache;
+pub mod requirements;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+pub use cache::{Cache, Entry, Kind};
+
+/// What went wrong with a function's packages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("requirements.txt line {line} ({text:?}): {problem}")]
+    Requirements {
+        line: usize,
+        text: String,
+        problem: String,
+    },
+    #[error("package.json: {0}")]
+    Manifest(String),
+    #[error("could not resolve the requirements: {message}")]
+    Resolve { message: String },
+    #[error("could not install {package}: {message}")]
+    Install { package: String, message: String },
+    #[error("the installer answered {what}: {problem}")]
+    Installer { what: &'static str, problem: String },
+    #[error("installed files in {path}: {problem}")]
+    Installed { path: PathBuf, problem: String },
+    #[error("the installer {0}")]
+    Died(String),
+    #[error("the install sandbox: {0}")]
+    Sandbox(String),
+    #[error("the install took longer than its limit of {0:?} (--install-timeout)")]
+    Timeout(Duration),
+    #[error("package cache {path}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether the registration was at fault (400), not the node (500).
+    pub fn is_bad_request(&self) -> bool {
+        !matches!(self, Error::Cache { .. } | Error::Sandbox(_))
+    }
+}
+
+/// Limits of one install sandbox (`--install-memory-mb`, `--install-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InstallLimits {
+    pub memory_mb: u64,
+    pub timeout: Duration,
+}
+
+impl Default for InstallLimits {
+    /// OpenLambda's installer limits: 250 MiB and 300 s.
+    fn default() -> InstallLimits {
+        InstallLimits {
+            memory_mb: 250,
+            timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Starts install sandboxes: the seam between this module and `Sandboxes` (a fake in
+/// unit tests).
+pub trait Installer: Send + Sync + std::fmt::Debug {
+    /// An install sandbox whose installer writes into `out` (an empty directory of
+    /// the cache's work area; the sandbox's user is made its owner) under `limits`.
+    fn start(&self, out: &Path, limits: &InstallLimits) -> Result<Box<dyn Session>, Error>;
+}
+
+/// One install sandbox: requests and answers, one JSON object each
+/// (`docs/protocol.md`, "Install sandboxes"). Dropping it destroys the sandbox.
+pub trait Session {
+    fn exchange(&mut self, request: &Value) -> Result<Value, Error>;
+}
+
+/// One installed package a function uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Package {
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// Its host directory.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+impl Package {
+    /// Where it is attached in a sandbox (`/deps/<key>`).
+    pub fn mount_point(&self) -> String {
+        ipc::sandbox_paths::deps_dir(&self.entry.key)
+    }
+
+    /// What goes on the function's import path: the directory itself (Python), its
+    /// `node_modules` (npm).
+    pub fn import_path(&self) -> String {
+        match self.entry.kind {
+            Kind::Python => self.mount_point(),
+            Kind::Npm => format!("{}/node_modules", self.mount_point()),
+        }
+    }
+
+    /// `name==version` (Python), `name@version` (npm).
+    pub fn pin(&self) -> String {
+        match self.entry.kind {
+            Kind::Python => format!("{}=={}", self.entry.name, self.entry.version),
+            Kind::Npm => format!("{}@{}", self.entry.name, self.entry.version),
+        }
+    }
+}
+
+/// A function's packages, resolved when it was registered (and fixed until it is
+/// registered again), in import order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deps {
+    pub packages: Vec<Package>,
+}
+
+impl Deps {
+    pub fn is_empty(&self) -> bool {
+        self.packages.is_empty()
+    }
+
+    /// The import paths a `load` carries.
+    pub fn import_paths(&self) -> Vec<String> {
+        self.packages.iter().map(Package::import_path).collect()
+    }
+
+    /// The cache keys it uses.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.packages.iter().map(|p| p.entry.key.as_str())
+    }
+
+    /// `name==version` of each Python package (and `name@version` of npm's).
+    pub fn pins(&self) -> Vec<String> {
+        self.packages.iter().map(Package::pin).collect()
+    }
+}
+
+/// Installs in progress, by cache key: the first registration that needs a key
+/// claims it, the others wait for its outcome.
+#[derive(Debug, Default)]
+struct Flights {
+    running: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
+#[derive(Debug, Default)]
+struct Flight {
+    outcome: Mutex<Option<Result<(), String>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn wait(&self) -> Result<(), String> {
+        let mut outcome = self.outcome.lock();
+        while outcome.is_none() {
+            self.done.wait(&mut outcome);
+        }
+        outcome.clone().expect("set")
+    }
+}
+
+impl Flights {
+    /// `Ok(claim)`: ours to install (finish it with [`Claim::finish`]); `Err(flight)`:
+    /// someone else's, to wait for.
+    fn claim(&self, key: &str) -> Result<Claim<'_>, Arc<Flight>> {
+        let mut running = self.running.lock();
+        if let Some(f) = running.get(key) {
+            return Err(f.clone());
+        }
+        let flight = Arc::new(Flight::default());
+        running.insert(key.to_owned(), flight.clone());
+        Ok(Claim {
+            flights: self,
+            key: key.to_owned(),
+            flight,
+            finished: false,
+        })
+    }
+}
+
+/// A claimed install; dropped unfinished, it fails its waiters.
+struct Claim<'a> {
+    flights: &'a Flights,
+    key: String,
+    flight: Arc<Flight>,
+    finished: bool,
+}
+
+impl Claim<'_> {
+    fn finish(mut self, outcome: Result<(), String>) {
+        self.finished = true;
+        self.flights.running.lock().remove(&self.key);
+        *self.flight.outcome.lock() = Some(outcome);
+        self.flight.done.notify_all();
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.flights.running.lock().remove(&self.key);
+            *self.flight.outcome.lock() = Some(Err("the install was abandoned".into()));
+            self.flight.done.notify_all();
+        }
+    }
+}
+
+/// The node's packages: the cache, the installer, and counters.
+#[derive(Debug)]
+pub struct Packages {
+    cache: Cache,
+    installer: Box<dyn Installer>,
+    limits: InstallLimits,
+    flights: Flights,
+    /// Whether the cache's directories were made (on first use).
+    made: std::sync::Once,
+    /// Prefix of this agent's work directories.
+    tag: String,
+    next_work: AtomicU64,
+    installed: AtomicU64,
+    hits: AtomicU64,
+}
+
+/// A work directory, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What `GET /packages` lists of one cached package.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// Registered functions that use it (`namespace/name`).
+    pub users: Vec<String>,
+}
+
+impl Packages {
+    /// The cache at `root` (made if missing; what a crashed install left is
+    /// removed), installing through `installer`.
+    pub fn open(
+        root: &Path,
+        installer: Box<dyn Installer>,
+        limits: InstallLimits,
+        tag: &str,
+    ) -> Result<Packages, Error> {
+        Ok(Packages {
+            cache: Cache::open(root),
+            made: std::sync::Once::new(),
+            installer,
+            limits,
+            flights: Flights::default(),
+            tag: tag.to_owned(),
+            next_work: AtomicU64::new(1),
+            installed: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        self.cache.root()
+    }
+
+    /// Packages installed by this agent so far.
+    pub fn installed(&self) -> u64 {
+        self.installed.load(Ordering::Relaxed)
+    }
+
+    /// Packages a registration needed and found in the cache.
+    pub fn cache_hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    fn work_dir(&self) -> Result<WorkDir, Error> {
+        let mut made = Ok(());
+        self.made.call_once(|| {
+            made = self.cache.make();
+            // Work directories of live agents sharing the cache are theirs: only
+            // those of agents whose tag (pid) is gone are removed.
+            self.cache.clear_work_of_dead(&self.tag);
+        });
+        made?;
+        let n = self.next_work.fetch_add(1, Ordering::Relaxed);
+        Ok(WorkDir(self.cache.work_dir(&format!("{}-{n}", self.tag))?))
+    }
+
+    /// A function's Python packages: `requirements` (the lines of its
+    /// `requirements.txt`, see [`requirements::parse`]) resolved to exact versions
+    /// and archives, each installed if the cache lacks it.
+    pub fn python(&self, function: &str, requirements: &[String]) -> Result<Deps, Error> {
+        if requirements.is_empty() {
+            return Ok(Deps::default());
+        }
+        let span = tracing::info_span!("packages", function, kind = "python");
+        let _g = span.enter();
+        let resolved = {
+            let work = self.work_dir()?;
+            let mut session = self.installer.start(&work.0, &self.limits)?;
+            let answer = session
+                .exchange(&json!({"op": "resolve", "requirements": requirements}))
+                .map_err(|e| match e {
+                    Error::Died(message) => Error::Resolve {
+                        message: format!("the installer {message}"),
+                    },
+                    e => e,
+                })?;
+            parse_resolved(&answer)?
+        };
+        tracing::debug!(packages = resolved.pins.len(), abi = %resolved.abi, "resolved");
+        let mut waits = Vec::new();
+        for pin in &resolved.pins {
+            let key = pin.key(&resolved.abi);
+            if self.cache.get(Kind::Python, &key)?.is_some() {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match self.flights.claim(&key) {
+                Ok(claim) => {
+                    // It may have landed between the look and the claim.
+                    if self.cache.get(Kind::Python, &key)?.is_some() {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                        claim.finish(Ok(()));
+                        continue;
+                    }
+                    let outcome = self.install_python(pin, &key);
+                    claim.finish(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    outcome?;
+                }
+                Err(flight) => waits.push((pin, flight)),
+            }
+        }
+        for (pin, flight) in waits {
+            flight.wait().map_err(|message| Error::Install {
+                package: pin.to_string(),
+                message,
+            })?;
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut packages = Vec::new();
+        for pin in &resolved.pins {
+            let key = pin.key(&resolved.abi);
+            let entry = self
+                .cache
+                .get(Kind::Python, &key)?
+                .ok_or_else(|| Error::Cache {
+                    path: self.cache.path(Kind::Python, &key),
+                    source: std::io::Error::other("installed, then gone (removed by `pkg gc`?)"),
+                })?;
+            packages.push(Package {
+                dir: self.cache.path(Kind::Python, &key),
+                entry,
+            });
+        }
+        Ok(Deps { packages })
+    }
+
+    /// Installs `pin` as cache entry `key`, in a sandbox of its own.
+    fn install_python(&self, pin: &Pin, key: &str) -> Result<(), Error> {
+        let work = self.work_dir()?;
+        let started = std::time::Instant::now();
+        {
+            let mut session = self.installer.start(&work.0, &self.limits)?;
+            let answer = session
+                .exchange(&json!({
+                    "op": "install",
+                    "name": pin.name,
+                    "version": pin.version,
+                    "sha256": pin.sha256,
+                    "dir": "files",
+                }))
+                .map_err(|e| match e {
+                    Error::Died(message) => Error::Install {
+                        package: pin.to_string(),
+                        message: format!("the installer {message}"),
+                    },
+                    e => e,
+                })?;
+            expect_op(&answer, "installed", || pin.to_string())?;
+        }
+        // The sandbox is gone: nothing can change the files any more.
+        let entry = Entry {
+            kind: Kind::Python,
+            key: key.to_owned(),
+            name: pin.name.clone(),
+            version: pin.version.clone(),
+            sha256: pin.sha256.clone(),
+            modules: Vec::new(),
+            bytes: 0,
+        };
+        let files = work.0.join("files");
+        if !files.is_dir() {
+            return Err(Error::Installed {
+                path: files,
+                problem: "the installer made no directory".into(),
+            });
+        }
+        let entry = self.cache.commit(&files, entry)?;
+        self.installed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(package = %pin, key, bytes = entry.bytes, modules = ?entry.modules, ms = started.elapsed().as_millis() as u64, "package installed");
+        Ok(())
+    }
+
+    /// A function's npm packages: `manifest` (its `package.json`, without the modules
+    /// sprout provides) and `lock` (its `package-lock.json`), installed as one tree
+    /// keyed by the lock (or the manifest) if the cache lacks it.
+    pub fn npm(
+        &self,
+        function: &str,
+        manifest: &Value,
+        lock: Option<&Value>,
+    ) -> Result<Deps, Error> {
+        let span = tracing::info_span!("packages", function, kind = "npm");
+        let _g = span.enter();
+        let keyed = serde_json::to_vec(&json!({"manifest": manifest, "lock": lock}))
+            .expect("JSON serialises");
+        let hash = sha256_hex(&keyed);
+        let key = format!("npm-{}", &hash[..32]);
+        let name = manifest["name"].as_str().unwrap_or("package").to_owned();
+        let version = manifest["version"].as_str().unwrap_or("0.0.0").to_owned();
+        let found = self.cache.get(Kind::Npm, &key)?;
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        } else {
+            match self.flights.claim(&key) {
+                Ok(claim) => {
+                    let outcome = if self.cache.get(Kind::Npm, &key)?.is_some() {
+                        Ok(())
+                    } else {
+                        self.install_npm(manifest, lock, &key, &name, &version, &hash)
+                    };
+                    claim.finish(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    outcome?;
+                }
+                Err(flight) => {
+                    flight.wait().map_err(|message| Error::Install {
+                        package: "the npm dependencies".into(),
+                        message,
+                    })?;
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let entry = self
+            .cache
+            .get(Kind::Npm, &key)?
+            .ok_or_else(|| Error::Cache {
+                path: self.cache.path(Kind::Npm, &key),
+                source: std::io::Error::other("installed, then gone (removed by `pkg gc`?)"),
+            })?;
+        Ok(Deps {
+            packages: vec![Package {
+                dir: self.cache.path(Kind::Npm, &key),
+                entry,
+            }],
+        })
+    }
+
+    fn install_npm(
+        &self,
+        manifest: &Value,
+        lock: Option<&Value>,
+        key: &str,
+        name: &str,
+        version: &str,
+        hash: &str,
+    ) -> Result<(), Error> {
+        let work = self.work_dir()?;
+        let started = std::time::Instant::now();
+        {
+            let mut session = self.installer.start(&work.0, &self.limits)?;
+            let answer = session.exchange(&json!({
+                "op": "npm",
+                "manifest": manifest,
+                "lock": lock,
+                "dir": "files",
+            }))?;
+            expect_op(&answer, "installed", || "the npm dependencies".into())?;
+        }
+        let files = work.0.join("files");
+        if !files.join("node_modules").is_dir() {
+            return Err(Error::Installed {
+                path: files,
+                problem: "the installer made no node_modules".into(),
+            });
+        }
+        let entry = Entry {
+            kind: Kind::Npm,
+            key: key.to_owned(),
+            name: name.to_owned(),
+            version: version.to_owned(),
+            sha256: hash.to_owned(),
+            modules: Vec::new(),
+            bytes: 0,
+        };
+        let entry = self.cache.commit(&files, entry)?;
+        self.installed.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            key,
+            bytes = entry.bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "npm packages installed"
+        );
+        Ok(())
+    }
+
+    /// Every cached package, with the functions (of `users`: each function's
+    /// `namespace/name` and its keys) that use it.
+    pub fn list(&self, users: &[(String, Vec<String>)]) -> Result<Vec<Listed>, Error> {
+        Ok(self
+            .cache
+            .list()?
+            .into_iter()
+            .map(|entry| Listed {
+                users: users
+                    .iter()
+                    .filter(|(_, keys)| keys.contains(&entry.key))
+                    .map(|(f, _)| f.clone())
+                    .collect(),
+                entry,
+            })
+            .collect())
+    }
+
+    /// Removes every cached package no key of `in_use` names (and no install in
+    /// progress holds); returns what it removed.
+    pub fn remove_unused(
+        &self,
+        in_use: &std::collections::HashSet<String>,
+    ) -> Result<Vec<Entry>, Error> {
+        let mut removed = Vec::new();
+        for entry in self.cache.list()? {
+            if in_use.contains(&entry.key) {
+                continue;
+            }
+            // Held while removing: a registration installing it meanwhile waits.
+            let Ok(claim) = self.flights.claim(&entry.key) else {
+                continue;
+            };
+            let outcome = self.cache.remove(entry.kind, &entry.key);
+            claim.finish(Ok(()));
+            outcome?;
+            removed.push(entry);
+        }
+        Ok(removed)
+    }
+}
+
+/// A resolved requirement: exactly one archive of the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pin {
+    name: String,
+    version: String,
+    sha256: String,
+}
+
+impl std::fmt::Display for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}=={}", self.name, self.version)
+    }
+}
+
+impl Pin {
+    /// Its cache key: normalised name, version, interpreter tag, archive hash.
+    fn key(&self, abi: &str) -> String {
+        let name: String = self
+            .name
+            .chars()
+            .map(|c| match c {
+                '-' | '.' => '_',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect();
+        let version = self.version.replace(['+', '!'], "_");
+        format!("{name}-{version}-{abi}-{}", &self.sha256[..16])
+    }
+}
+
+#[derive(Debug)]
+struct Resolved {
+    abi: String,
+    pins: Vec<Pin>,
+}
+
+/// Most packages one function's requirements may resolve to.
+const MAX_PINS: usize = 512;
+
+fn expect_op(answer: &Value, op: &str, package: impl FnOnce() -> String) -> Result<(), Error> {
+    match answer["op"].as_str() {
+        Some(o) if o == op => Ok(()),
+        Some("failed") => Err(Error::Install {
+            package: package(),
+            message: failure_message(answer),
+        }),
+        other => Err(Error::Installer {
+            what: "an unknown op",
+            problem: format!("{other:?}, expected {op:?}"),
+        }),
+    }
+}
+
+/// The installer's message (pip's or npm's own text), bounded.
+fn failure_message(answer: &Value) -> String {
+    let text = answer["message"].as_str().unwrap_or("(no message)");
+    let mut end = text.len().min(4096);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].trim().to_owned()
+}
+
+/// Checks what the resolving sandbox said (it ran package code: nothing in it is
+/// trusted beyond its shape).
+fn parse_resolved(answer: &Value) -> Result<Resolved, Error> {
+    match answer["op"].as_str() {
+        Some("resolved") => {}
+        Some("failed") => {
+            return Err(Error::Resolve {
+                message: failure_message(answer),
+            })
+        }
+        other => {
+            return Err(Error::Installer {
+                what: "an unknown op",
+                problem: format!("{other:?}, expected \"resolved\""),
+            })
+        }
+    }
+    let bad = |problem: String| Error::Installer {
+        what: "a resolution",
+        problem,
+    };
+    let abi = answer["abi"].as_str().unwrap_or_default();
+    if abi.is_empty()
+        || abi.len() > 48
+        || !abi
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return Err(bad(format!("abi {abi:?} is not an interpreter tag")));
+    }
+    let list = answer["packages"]
+        .as_array()
+        .ok_or_else(|| bad("no package list".into()))?;
+    if list.len() > MAX_PINS {
+        return Err(bad(format!("more than {MAX_PINS} packages")));
+    }
+    let mut pins = Vec::with_capacity(list.len());
+    for p in list {
+        let field = |f: &str| p[f].as_str().unwrap_or_default().to_owned();
+        let (name, version, sha256) = (field("name"), field("version"), field("sha256"));
+        let name_ok = !name.is_empty()
+            && name.len() <= 100
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let version_ok = !version.is_empty()
+            && version.len() <= 64
+            && version.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '!' | '-' | '_'));
+        let hash_ok = sha256.len() == 64 && sha256.chars().all(|c| c.is_ascii_hexdigit());
+        if !(name_ok && version_ok && hash_ok) {
+            return Err(bad(format!(
+                "{name:?} {version:?} {sha256:?} is not a package name, version and SHA-256"
+            )));
+        }
+        pins.push(Pin {
+            name,
+            version,
+            sha256: sha256.to_ascii_lowercase(),
+        });
+    }
+    Ok(Resolved {
+        abi: abi.to_owned(),
+        pins,
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests;
