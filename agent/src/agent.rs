@@ -279,6 +279,30 @@ impl Agent {
                 .invoke(&FunctionKey::new(&namespace, &name)?, event, abandon)
                 .map(Response::Invoked),
             Request::Status => Ok(Response::Status(self.status())),
+            Request::ListPackages => {
+                let users = self.package_users();
+                let listed = self.registry.packages().list(&users).map_err(packages_err)?;
+                Ok(Response::Packages(listed.into_iter().map(package_info).collect()))
+            }
+            Request::CollectPackages => {
+                let in_use = self
+                    .package_users()
+                    .into_iter()
+                    .flat_map(|(_, keys)| keys)
+                    .collect();
+                let removed = self
+                    .registry
+                    .packages()
+                    .remove_unused(&in_use)
+                    .map_err(packages_err)?;
+                tracing::info!(removed = removed.len(), "unused packages removed");
+                Ok(Response::Packages(
+                    removed
+                        .into_iter()
+                        .map(|entry| package_info(crate::packages::Listed { entry, users: Vec::new() }))
+                        .collect(),
+                ))
+            }
             Request::RegisterWorkflow {
                 namespace,
                 name,
@@ -357,6 +381,16 @@ impl Agent {
         }
     }
 
+    /// Every registered function (`namespace/name`) with the cache keys of its
+    /// packages.
+    fn package_users(&self) -> Vec<(String, Vec<String>)> {
+        self.registry
+            .all_functions()
+            .into_iter()
+            .map(|f| (f.key().to_string(), f.deps.keys().map(str::to_owned).collect()))
+            .collect()
+    }
+
     /// Each namespace with a function or a workflow: what it has registered, and
     /// its sandboxes.
     fn namespaces(&self) -> Vec<NamespaceStatus> {
@@ -406,5 +440,30 @@ impl crate::transport::Handle for Agent {
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }
+    }
+}
+
+fn packages_err(source: crate::packages::Error) -> Error {
+    Error::Packages {
+        function: String::new(),
+        source: Box::new(source),
+    }
+}
+
+fn package_info(listed: crate::packages::Listed) -> ipc::api::PackageInfo {
+    let e = listed.entry;
+    ipc::api::PackageInfo {
+        kind: match e.kind {
+            crate::packages::Kind::Python => "python",
+            crate::packages::Kind::Npm => "npm",
+        }
+        .to_owned(),
+        key: e.key,
+        name: e.name,
+        version: e.version,
+        sha256: e.sha256,
+        modules: e.modules,
+        bytes: e.bytes,
+        users: listed.users,
     }
 }

@@ -40,6 +40,7 @@ mod workflow;
 pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells};
 pub use data_dir::DataDir;
+pub use packages::InstallLimits;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};

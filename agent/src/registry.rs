@@ -277,6 +277,7 @@ impl Function {
             cpus: self.cpus,
             max_instances: self.max_instances,
             warm_instances,
+            packages: self.deps.pins(),
         }
     }
 }
@@ -577,6 +578,11 @@ impl Registry {
             .filter(|f| f.namespace == namespace)
             .cloned()
             .collect()
+    }
+
+    /// Every registered function, of every namespace.
+    pub fn all_functions(&self) -> Vec<Arc<Function>> {
+        self.functions.lock().values().cloned().collect()
     }
 
     pub fn get(&self, key: &FunctionKey) -> Result<Arc<Function>, Error> {

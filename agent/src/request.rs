@@ -47,6 +47,10 @@ pub enum Request {
         namespace: String,
         name: String,
     },
+    /// The node's package cache, with the functions using each package.
+    ListPackages,
+    /// Removes every cached package no registered function uses.
+    CollectPackages,
     /// Runs a registered workflow on `input` (JSON text, validated first).
     RunWorkflow {
         namespace: String,
@@ -73,6 +77,8 @@ pub enum Response {
     WorkflowRegistered(ipc::api::WorkflowInfo),
     Workflows(Vec<ipc::api::WorkflowInfo>),
     WorkflowRan(WorkflowOutput),
+    /// The cached packages (`ListPackages`), or those removed (`CollectPackages`).
+    Packages(Vec<ipc::api::PackageInfo>),
 }
 
 /// A completed workflow run.

@@ -138,6 +138,32 @@ pub struct FunctionInfo {
     pub max_instances: usize,
     /// Idle warm instances (running or frozen) kept for it right now.
     pub warm_instances: usize,
+    /// Its packages as resolved when it was registered (`name==version`,
+    /// `name@version`), fixed until it is registered again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+}
+
+/// One package of the node's package cache (`GET /packages`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PackageInfo {
+    /// `python` or `npm`.
+    pub kind: String,
+    /// The cache entry: `<name>-<version>-<interpreter>-<archive hash>` (Python),
+    /// `npm-<hash of the lock or manifest>`.
+    pub key: String,
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the archive installed (npm: of the lock or manifest).
+    pub sha256: String,
+    /// Top-level modules (Python).
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// Registered functions using it, `namespace/name`.
+    #[serde(default)]
+    pub users: Vec<String>,
 }
 
 /// Captured output of one invocation.

@@ -169,6 +169,7 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
         ),
         Ok(Response::Invoked(inv)) => return invoked(inv, logs),
         Ok(Response::Status(status)) => Reply::json(200, &status),
+        Ok(Response::Packages(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
         Ok(Response::Workflows(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRan(out)) => Reply {

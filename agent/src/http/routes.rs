@@ -33,6 +33,8 @@ pub(super) enum Op {
     RegisterWorkflow,
     RemoveWorkflow,
     RunWorkflow,
+    ListPackages,
+    CollectPackages,
     /// Routed, not served yet: answered 501, naming what will serve it.
     Planned(&'static str),
 }
@@ -87,6 +89,16 @@ pub(super) const ROUTES: &[PathRoutes] = &[
         path: "/functions",
         allow: "GET",
         ops: &[("GET", Op::ListFunctions)],
+    },
+    PathRoutes {
+        path: "/packages",
+        allow: "GET",
+        ops: &[("GET", Op::ListPackages)],
+    },
+    PathRoutes {
+        path: "/packages/gc",
+        allow: "POST",
+        ops: &[("POST", Op::CollectPackages)],
     },
     PathRoutes {
         path: "/functions/{name}",
@@ -366,6 +378,8 @@ pub(super) fn route(
             logs: logs_from_query(&query)?,
         }),
         Op::Status => no_params(&query).map(|()| Route::Status),
+        Op::ListPackages => no_params(&query).map(|()| Route::ListPackages),
+        Op::CollectPackages => no_params(&query).map(|()| Route::CollectPackages),
         Op::ListWorkflows => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
         Op::RegisterWorkflow => {
             no_params(&query).map(|()| Route::RegisterWorkflow { namespace, name })
@@ -397,6 +411,8 @@ pub(super) enum Route {
         logs: bool,
     },
     Status,
+    ListPackages,
+    CollectPackages,
     RegisterWorkflow {
         namespace: String,
         name: String,
@@ -492,6 +508,8 @@ impl Route {
                 )
             }
             Route::Status => (Request::Status, false),
+            Route::ListPackages => (Request::ListPackages, false),
+            Route::CollectPackages => (Request::CollectPackages, false),
             Route::RegisterWorkflow { namespace, name } => {
                 let workflow = crate::workflow::Workflow::parse(&body)
                     .map_err(|e| Reject::bad_request(ipc::chain(&e)))?;

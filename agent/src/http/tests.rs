@@ -59,6 +59,7 @@ fn info(name: &str, config: &FunctionConfig) -> FunctionInfo {
         cpus: config.cpus.unwrap_or(1.0),
         max_instances: config.max_instances.unwrap_or(4),
         warm_instances: 0,
+        packages: Vec::new(),
     }
 }
 
@@ -96,6 +97,18 @@ impl Handle for Fake {
                 namespace: namespace.clone(),
                 name: name.clone(),
             }),
+            Request::ListPackages | Request::CollectPackages => {
+                Ok(Response::Packages(vec![ipc::api::PackageInfo {
+                    kind: "python".into(),
+                    key: "six-1.16.0-cpython-311-linux-x86_64-0123456789abcdef".into(),
+                    name: "six".into(),
+                    version: "1.16.0".into(),
+                    sha256: "0".repeat(64),
+                    modules: vec!["six".into()],
+                    bytes: 34_549,
+                    users: vec!["default/f".into()],
+                }]))
+            }
             Request::RegisterWorkflow { .. }
             | Request::ListWorkflows { .. }
             | Request::RemoveWorkflow { .. } => Ok(Response::Workflows(Vec::new())),

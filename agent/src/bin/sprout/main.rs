@@ -11,6 +11,7 @@
 mod embedded;
 mod function;
 mod invoke;
+mod package;
 mod print;
 mod serve;
 mod status;
@@ -82,6 +83,9 @@ enum Command {
     /// Manage functions registered on the daemon.
     #[command(subcommand)]
     Fn(function::FnCommand),
+    /// The daemon's package cache.
+    #[command(subcommand)]
+    Pkg(package::PkgCommand),
     /// Show the daemon's status.
     Status,
 }
@@ -220,6 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Invoke(args) => invoke::run(&cx, args),
         Command::Workflow(cmd) => workflow::run(&cx, cmd),
         Command::Fn(cmd) => function::run(&cx, cmd),
+        Command::Pkg(cmd) => package::run(&cx, cmd),
         Command::Status => status::run(&cx),
     }
 }

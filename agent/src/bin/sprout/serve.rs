@@ -19,14 +19,28 @@ pub struct ServeArgs {
     /// Worker threads running requests.
     #[arg(long, default_value_t = 64)]
     workers: usize,
-    /// Where what must outlive the daemon is kept (uploaded code now; registrations,
-    /// the package cache and activation records later). One daemon at a time.
+    /// Where what must outlive the daemon is kept (uploaded code, the package cache;
+    /// registrations and activation records later). One daemon at a time.
     #[arg(long, value_name = "PATH", env = "SPROUT_DATA_DIR", default_value = agent::data_dir::DEFAULT_PATH)]
     data_dir: PathBuf,
     #[command(flatten)]
     pool: PoolArgs,
     #[command(flatten)]
+    install: InstallArgs,
+    #[command(flatten)]
     http: HttpArgs,
+}
+
+/// Install sandboxes (functions' packages).
+#[derive(Args, Debug)]
+struct InstallArgs {
+    /// The memory limit of each install sandbox (pip or npm, and any build they run).
+    #[arg(long, value_name = "MiB", default_value_t = 250, value_parser = clap::value_parser!(u64).range(64..=65536))]
+    install_memory_mb: u64,
+    /// How long resolving or installing one package may take (then the registration
+    /// fails): milliseconds or seconds.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    install_timeout: Duration,
 }
 
 /// The daemon's warm pool.
@@ -153,6 +167,10 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         max_calls_in_flight: args.pool.max_calls_per_sandbox as usize,
         spawner: args.pool.spawner.clone(),
         data_dir: Some(args.data_dir.clone()),
+        install_limits: agent::InstallLimits {
+            memory_mb: args.install.install_memory_mb,
+            timeout: args.install.install_timeout,
+        },
         ..Config::new()
     })
     .context("start the agent")?;
