@@ -262,6 +262,14 @@ impl Agent {
                 .invoker
                 .invoke(&FunctionKey::new(&namespace, &name)?, event, abandon)
                 .map(Response::Invoked),
+            Request::Run {
+                namespace,
+                name,
+                run,
+            } => self
+                .invoker
+                .run(&FunctionKey::new(&namespace, &name)?, &run, abandon)
+                .map(Response::Invoked),
             Request::Status => Ok(Response::Status(self.status())),
             Request::RegisterWorkflow {
                 namespace,
@@ -383,7 +391,15 @@ impl crate::transport::Handle for Agent {
                 event,
             } => self
                 .invoker
-                .start_fast(namespace, name, event)
+                .start_fast(namespace, name, event, None)
+                .map(|c| Box::new(c) as Box<dyn FastCall>),
+            Request::Run {
+                namespace,
+                name,
+                run,
+            } => self
+                .invoker
+                .start_fast(namespace, name, &run.body, Some(run))
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }

@@ -18,7 +18,7 @@
 //! - every limit must be within [`LIMITS`]' range, with `memory_mb` at most the memory
 //!   budget and `cpus` at most the machine's CPUs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -120,6 +120,11 @@ pub struct Function {
     pub version: u64,
     /// Whether `dir` was unpacked by the agent (and is removed with the function).
     pub owns_dir: bool,
+    /// Exported to its processes (its `ol.yaml`'s `environment`, checked).
+    pub env: BTreeMap<String, String>,
+    /// The methods `/run/{name}` accepts (its `ol.yaml`'s `triggers.http`); `None`:
+    /// every method.
+    pub http_methods: Option<Vec<String>>,
 }
 
 impl Function {
@@ -153,6 +158,26 @@ impl Function {
         validate_namespace(&key.namespace)?;
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
+        let ol = crate::runtime::ol_yaml::read(&dir)?;
+        // OL_ENTRY_FILE names a Python entry when the registration names no handler.
+        let entry = crate::runtime::ol_yaml::entry_handler(&ol.environment).map_err(|why| {
+            Error::InvalidConfig(format!(
+                "{} in {}: {why}",
+                crate::runtime::ol_yaml::OL_YAML,
+                dir.display()
+            ))
+        })?;
+        let entry_config;
+        let config = match entry {
+            Some(handler) if config.handler.is_none() => {
+                entry_config = FunctionConfig {
+                    handler: Some(handler),
+                    ..config.clone()
+                };
+                &entry_config
+            }
+            _ => config,
+        };
         let runtime = crate::runtime::of(config, &dir)?;
         let network = match config.network.as_deref() {
             None => pool::network::Network::None,
@@ -218,7 +243,16 @@ impl Function {
             max_instances,
             version,
             owns_dir,
+            env: ol.environment,
+            http_methods: ol.http_methods,
         })
+    }
+
+    /// Whether `/run/{name}` accepts `method` (its `ol.yaml`'s `triggers.http`).
+    pub fn allows_method(&self, method: &str) -> bool {
+        self.http_methods
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|a| a == method))
     }
 
     /// Its namespace and name.

@@ -183,6 +183,7 @@ impl Runs {
             timeout_ms: callee.timeout_ms,
             namespace: callee.namespace.clone(),
             memory_mb: callee.memory_mb,
+            env: callee.env.clone(),
         }))
     }
 

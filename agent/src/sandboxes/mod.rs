@@ -450,6 +450,7 @@ impl Sandboxes {
             stderr,
             called: false,
             oom,
+            http: None,
         })
     }
 

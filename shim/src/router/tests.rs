@@ -24,6 +24,7 @@ fn spec(function: &str, version: u64, timeout_ms: u64) -> CallSpec {
         timeout_ms,
         namespace: "default".into(),
         memory_mb: 128,
+        env: Default::default(),
     }
 }
 
@@ -81,7 +82,9 @@ impl Spawn for Fake {
         let (ours, theirs) = Channel::pair().unwrap();
         let (calls, calls_theirs) = Channel::pair().unwrap();
         match st.on_load.pop_front() {
-            Some(OnLoad::Loaded) => theirs.send(&InstanceEvent::Loaded, b"", &[]).unwrap(),
+            Some(OnLoad::Loaded) => theirs
+                .send(&InstanceEvent::Loaded { http: None }, b"", &[])
+                .unwrap(),
             Some(OnLoad::Fail(error)) => theirs
                 .send(&InstanceEvent::LoadFailed { error }, b"", &[])
                 .unwrap(),
@@ -680,7 +683,7 @@ fn the_spare_serves_a_call_made_before_any_hand_over() {
     let (mut r, mut agent, fake) = setup();
     r.fork_spare().unwrap();
     assert_eq!(fake.0.borrow().forks[0].label, 0);
-    let load = InstanceEvent::Loaded;
+    let load = InstanceEvent::Loaded { http: None };
     fake.0.borrow().forks[0]
         .channel
         .as_ref()
@@ -800,7 +803,8 @@ mod threaded {
         let InstanceRequest::Load(load) = m.header else {
             panic!("expected load")
         };
-        ch.send(&InstanceEvent::Loaded, b"", &[]).unwrap();
+        ch.send(&InstanceEvent::Loaded { http: None }, b"", &[])
+            .unwrap();
         let mut next_call = 0;
         while let Ok(m) = ch.recv::<InstanceRequest>() {
             let InstanceRequest::Invoke { id, depth, raw } = m.header else {
@@ -868,6 +872,7 @@ mod threaded {
         assert_eq!(spawned.pid, FAKE_PID);
         let mut main = InstanceLink(spawned.channel);
         main.send_load(&LoadSpec {
+            env: Default::default(),
             function: "main".into(),
             code_dir: "/code/main".into(),
             handler: Handler::parse("f:f").unwrap(),
