@@ -21,6 +21,7 @@ from .codec import (
     SharedPayloadError,
     _close_quietly,
 )
+from . import http_app
 from .errors import _log, describe_error
 from .sdk import _start_calls, _state
 
@@ -91,8 +92,6 @@ def load_target(code_dir, module_name, function_name, apps=True):
         _unshadow(module_name, code_dir)
         module = importlib.import_module(module_name)
     if apps:
-        from . import http_app
-
         kind, target = http_app.find(module, function_name)
         if kind is not None:
             return kind, target
@@ -272,8 +271,6 @@ def serve_http(app, request_id, header, payload):
     """Runs one ``http`` request through an HTTP app; returns the reply
     ``(header, payload)``: ``responded`` with its status, headers and body, or
     ``raised``."""
-    from . import http_app
-
     state = _state()
     state.depth, state.called = 0, False
     try:
@@ -296,8 +293,6 @@ class HttpApp:
     instance's event loop."""
 
     def __init__(self, kind, target):
-        from . import http_app
-
         self.kind = kind
         self.target = target
         self.asgi = http_app.AsgiRunner() if kind == http_app.ASGI else None
