@@ -63,7 +63,13 @@ app = App()
 
 /// One raw request with `headers` on a new connection (the API client sends only its
 /// own): the status, the head's text and the body.
-fn raw(socket: &Path, method: &str, target: &str, headers: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+fn raw(
+    socket: &Path,
+    method: &str,
+    target: &str,
+    headers: &str,
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     let mut s = UnixStream::connect(socket).unwrap();
     let head = format!(
         "{method} {target} HTTP/1.1\r\nHost: sprout\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -133,7 +139,10 @@ fn a_wsgi_app_gets_the_whole_request_and_answers_as_it_likes() {
     let e = body_json(&r);
     assert_eq!(e["error"]["kind"], "bad_result", "{e}");
     assert!(
-        e["error"]["message"].as_str().unwrap().contains("control character"),
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("control character"),
         "{e}"
     );
     let r = d.request("GET", "/run/wsgi", None, b"");
@@ -179,13 +188,17 @@ def my_wsgi_app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("Hello from main.py! " + os.environ["GREETING"] + "\n").encode()]
 "#;
-    let ol = "environment:\n  OL_ENTRY_FILE: main.py\n  OL_WSGI_ENTRY: my_wsgi_app\n  GREETING: hi\n";
+    let ol =
+        "environment:\n  OL_ENTRY_FILE: main.py\n  OL_WSGI_ENTRY: my_wsgi_app\n  GREETING: hi\n";
     let dir = env.function("entry", &[("main.py", main), ("ol.yaml", ol)]);
     let info = d.register("entry", &dir, json!({}));
     assert_eq!(info["runtime"], "python", "{info}");
     assert_eq!(info["handler"], "main:f", "{info}");
     let r = d.request("GET", "/run/entry", None, b"");
-    assert_eq!((r.status, text(&r).as_str()), (200, "Hello from main.py! hi\n"));
+    assert_eq!(
+        (r.status, text(&r).as_str()),
+        (200, "Hello from main.py! hi\n")
+    );
     assert_eq!(r.header("content-type"), Some("text/plain"));
 }
 
@@ -249,7 +262,10 @@ fn a_plain_function_takes_any_method_without_triggers() {
     assert_eq!(text(&r), "[1,2]");
     // Warm, so through the event loop's fast path too.
     let r = d.request("GET", "/run/echo/sub", None, b"");
-    assert_eq!((text(&r).as_str(), r.header("x-sprout-start")), ("{}", Some("warm")));
+    assert_eq!(
+        (text(&r).as_str(), r.header("x-sprout-start")),
+        ("{}", Some("warm"))
+    );
 }
 
 #[test]
@@ -259,12 +275,27 @@ fn a_bad_ol_yaml_is_refused_at_registration() {
     for (name, ol, expect) in [
         ("list", "environment:\n  A: [1, 2]\n", "line 2"),
         ("yaml", "environment: {A: b\n", "ol.yaml in "),
-        ("reserved", "environment:\n  SPROUT_FUNCTION: x\n", "is reserved"),
+        (
+            "reserved",
+            "environment:\n  SPROUT_FUNCTION: x\n",
+            "is reserved",
+        ),
         ("badname", "environment:\n  A-B: x\n", "is not a name"),
-        ("method", "triggers:\n  http:\n    - method: 'G T'\n", "triggers.http[0].method"),
-        ("entry", "environment:\n  OL_ENTRY_FILE: ../x.py\n", "OL_ENTRY_FILE"),
+        (
+            "method",
+            "triggers:\n  http:\n    - method: 'G T'\n",
+            "triggers.http[0].method",
+        ),
+        (
+            "entry",
+            "environment:\n  OL_ENTRY_FILE: ../x.py\n",
+            "OL_ENTRY_FILE",
+        ),
     ] {
-        let dir = env.function(name, &[("f.py", "def f(e):\n    return e\n"), ("ol.yaml", ol)]);
+        let dir = env.function(
+            name,
+            &[("f.py", "def f(e):\n    return e\n"), ("ol.yaml", ol)],
+        );
         let r = d.request(
             "PUT",
             &format!("/functions/{name}"),
@@ -272,7 +303,10 @@ fn a_bad_ol_yaml_is_refused_at_registration() {
             json!({"path": dir}).to_string().as_bytes(),
         );
         assert_eq!(r.status, 400, "{name}: {}", text(&r));
-        let message = body_json(&r)["error"]["message"].as_str().unwrap().to_owned();
+        let message = body_json(&r)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(message.contains("ol.yaml"), "{name}: {message}");
         assert!(message.contains(expect), "{name}: {message}");
         let r = d.request("GET", &format!("/run/{name}"), None, b"");

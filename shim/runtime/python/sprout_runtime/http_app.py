@@ -39,7 +39,8 @@ def _is_async(app):
 
 def find(module, function_name):
     """``(kind, target)``: the app the module offers (``kind`` WSGI or ASGI), or the
-    plain handler (``kind`` None). Raises AttributeError naming what was looked for."""
+    plain handler (``kind`` None; ``target`` None when the module has neither). An
+    entry named in the environment that is missing raises AttributeError naming it."""
     for var, kind in (("OL_WSGI_ENTRY", WSGI), ("OL_ASGI_ENTRY", ASGI)):
         attr = os.environ.get(var)
         if attr:
@@ -55,10 +56,8 @@ def find(module, function_name):
     app = getattr(module, "app", None)
     if app is not None and callable(app):
         return (ASGI if _is_async(app) else WSGI), app
-    raise AttributeError(
-        f"module '{module.__name__}' has no attribute '{function_name}' (nor an 'app', "
-        "nor OL_WSGI_ENTRY / OL_ASGI_ENTRY in its environment)"
-    )
+    # Neither: the caller's getattr says the handler is missing.
+    return None, None
 
 
 def _check_request(header):
