@@ -328,6 +328,21 @@ impl Error {
         }
     }
 
+    /// OpenLambda's answer to a method its `triggers.http` does not allow, the text
+    /// its clients test for: `HTTP method not allowed. Sent: PUT, Allowed: [GET POST]`
+    /// and a newline. `None` for any other error.
+    pub fn openlambda_text(&self) -> Option<String> {
+        match self {
+            Error::MethodNotAllowed {
+                method, allowed, ..
+            } => Some(format!(
+                "HTTP method not allowed. Sent: {method}, Allowed: [{}]\n",
+                allowed.join(" ")
+            )),
+            _ => None,
+        }
+    }
+
     /// The error as the API and the CLI show it; the message is the whole cause chain.
     pub fn detail(&self) -> ErrorDetail {
         let inner = match self {

@@ -199,10 +199,8 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
             body: out.result,
         },
         // OpenLambda's answer, as its clients test it: its text, not sprout's JSON.
-        Err(Error::MethodNotAllowed {
-            method, allowed, ..
-        }) => {
-            let text = crate::runtime::ol_yaml::method_not_allowed_text(&method, &allowed);
+        Err(ref err @ Error::MethodNotAllowed { ref allowed, .. }) => {
+            let text = err.openlambda_text().unwrap_or_default();
             return Output {
                 status: 405,
                 headers: Vec::new(),

@@ -240,15 +240,6 @@ pub fn entry_handler(env: &BTreeMap<String, String>) -> Result<Option<String>, S
     Ok(Some(format!("{}:f", module.replace('/', "."))))
 }
 
-/// The body OpenLambda answers a method `triggers.http` does not allow with (405):
-/// `HTTP method not allowed. Sent: PUT, Allowed: [GET POST]` and a newline.
-pub fn method_not_allowed_text(sent: &str, allowed: &[String]) -> String {
-    format!(
-        "HTTP method not allowed. Sent: {sent}, Allowed: [{}]\n",
-        allowed.join(" ")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,14 +324,6 @@ mod tests {
         for bad in ["app", "../x.py", "/abs.py", "a b.py", ".py", "1a.py"] {
             assert!(entry_handler(&env(bad)).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn method_text_is_openlambdas() {
-        assert_eq!(
-            method_not_allowed_text("PUT", &["GET".into(), "POST".into()]),
-            "HTTP method not allowed. Sent: PUT, Allowed: [GET POST]\n"
-        );
     }
 
     #[test]
