@@ -278,11 +278,25 @@ impl Agent {
                 .invoker
                 .invoke(&FunctionKey::new(&namespace, &name)?, event, abandon)
                 .map(Response::Invoked),
+            Request::Run {
+                namespace,
+                name,
+                run,
+            } => self
+                .invoker
+                .run(&FunctionKey::new(&namespace, &name)?, &run, abandon)
+                .map(Response::Invoked),
             Request::Status => Ok(Response::Status(self.status())),
             Request::ListPackages => {
                 let users = self.package_users();
-                let listed = self.registry.packages().list(&users).map_err(packages_err)?;
-                Ok(Response::Packages(listed.into_iter().map(package_info).collect()))
+                let listed = self
+                    .registry
+                    .packages()
+                    .list(&users)
+                    .map_err(packages_err)?;
+                Ok(Response::Packages(
+                    listed.into_iter().map(package_info).collect(),
+                ))
             }
             Request::CollectPackages => {
                 let in_use = self
@@ -299,7 +313,12 @@ impl Agent {
                 Ok(Response::Packages(
                     removed
                         .into_iter()
-                        .map(|entry| package_info(crate::packages::Listed { entry, users: Vec::new() }))
+                        .map(|entry| {
+                            package_info(crate::packages::Listed {
+                                entry,
+                                users: Vec::new(),
+                            })
+                        })
                         .collect(),
                 ))
             }
@@ -387,7 +406,12 @@ impl Agent {
         self.registry
             .all_functions()
             .into_iter()
-            .map(|f| (f.key().to_string(), f.deps.keys().map(str::to_owned).collect()))
+            .map(|f| {
+                (
+                    f.key().to_string(),
+                    f.deps.keys().map(str::to_owned).collect(),
+                )
+            })
             .collect()
     }
 
@@ -436,7 +460,15 @@ impl crate::transport::Handle for Agent {
                 event,
             } => self
                 .invoker
-                .start_fast(namespace, name, event)
+                .start_fast(namespace, name, event, None)
+                .map(|c| Box::new(c) as Box<dyn FastCall>),
+            Request::Run {
+                namespace,
+                name,
+                run,
+            } => self
+                .invoker
+                .start_fast(namespace, name, &run.body, Some(run))
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }

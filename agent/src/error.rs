@@ -129,6 +129,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("function {function} does not accept {method} on /run: its ol.yaml's triggers.http allows only [{}]", allowed.join(" "))]
+    MethodNotAllowed {
+        function: String,
+        method: String,
+        allowed: Vec<String>,
+    },
+    #[error("function {function} answered an HTTP response that cannot be sent: {why}")]
+    BadHttpResponse { function: String, why: String },
     #[error("function {function} returned bytes: only a function called through `sprout` may return bytes")]
     BytesResult { function: String },
     #[error("function {function} returned a result of {len} bytes, over the limit of {max} bytes for a result")]
@@ -188,6 +196,8 @@ pub enum ErrorKind {
     BadRequest,
     /// The function does not exist (404).
     NotFound,
+    /// The function does not accept the request's method on `/run` (405).
+    MethodNotAllowed,
     /// The function ran and failed: raised, ran out of memory (502).
     Function,
     /// The function (or the wait for an instance) took too long (504).
@@ -211,6 +221,7 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => 400,
             ErrorKind::NotFound => 404,
+            ErrorKind::MethodNotAllowed => 405,
             ErrorKind::Function => 502,
             ErrorKind::Timeout => 504,
             ErrorKind::Internal => 500,
@@ -235,7 +246,9 @@ impl ErrorKind {
     pub const fn exit_code(self) -> u8 {
         match self {
             ErrorKind::Function | ErrorKind::Timeout => EXIT_FUNCTION,
-            ErrorKind::BadRequest | ErrorKind::NotFound => EXIT_BAD_REQUEST,
+            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::MethodNotAllowed => {
+                EXIT_BAD_REQUEST
+            }
             ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
         }
     }
@@ -266,11 +279,14 @@ impl Error {
             | InvalidWorkflow(_)
             | Unpack { .. } => ErrorKind::BadRequest,
             NotFound { .. } | WorkflowNotFound { .. } => ErrorKind::NotFound,
+            MethodNotAllowed { .. } => ErrorKind::MethodNotAllowed,
             Workflow { source, .. } => source.kind(),
             WorkflowTimeout { .. } | QueueTimeout { .. } => ErrorKind::Timeout,
-            BytesResult { .. } | ResultTooLarge { .. } | CallFailed { .. } | Cancelled { .. } => {
-                ErrorKind::Function
-            }
+            BytesResult { .. }
+            | ResultTooLarge { .. }
+            | BadHttpResponse { .. }
+            | CallFailed { .. }
+            | Cancelled { .. } => ErrorKind::Function,
             LoadFailed { .. }
             | Handler { .. }
             | OutOfMemory { .. }
@@ -301,7 +317,8 @@ impl Error {
             WorkflowNotFound { .. } => "not_found",
             Workflow { source, .. } => source.name(),
             WorkflowTimeout { .. } | QueueTimeout { .. } => "timeout",
-            BytesResult { .. } | ResultTooLarge { .. } => "bad_result",
+            BytesResult { .. } | ResultTooLarge { .. } | BadHttpResponse { .. } => "bad_result",
+            MethodNotAllowed { .. } => "method_not_allowed",
             CallFailed { .. } => "call_failed",
             Cancelled { .. } => "cancelled",
             FunctionDir { .. }
@@ -324,6 +341,21 @@ impl Error {
             | DataDir(_)
             | Packages { .. } => "internal",
             ShuttingDown => "unavailable",
+        }
+    }
+
+    /// OpenLambda's answer to a method its `triggers.http` does not allow, the text
+    /// its clients test for: `HTTP method not allowed. Sent: PUT, Allowed: [GET POST]`
+    /// and a newline. `None` for any other error.
+    pub fn openlambda_text(&self) -> Option<String> {
+        match self {
+            Error::MethodNotAllowed {
+                method, allowed, ..
+            } => Some(format!(
+                "HTTP method not allowed. Sent: {method}, Allowed: [{}]\n",
+                allowed.join(" ")
+            )),
+            _ => None,
         }
     }
 

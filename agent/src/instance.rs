@@ -8,7 +8,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use ipc::api::Logs;
-use ipc::proto::{CallReply, CallSpec, FunctionError, InstanceEvent, InstanceLink, ShimLink};
+use ipc::proto::{
+    CallReply, CallSpec, FunctionError, HttpApp, HttpHead, HttpRequest, InstanceEvent,
+    InstanceLink, ShimLink,
+};
 use ipc::Payload;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pool::Sandbox;
@@ -42,13 +45,18 @@ pub struct Instance {
     /// memory cgroup could not be watched): waits for an answer end as soon as the OOM
     /// killer kills a process in the sandbox, whoever holds the channel.
     pub oom: Option<pool::OomWatch>,
+    /// What kind of HTTP app its handler module is, as it reported when it loaded
+    /// (`None`: a plain function).
+    pub http: Option<HttpApp>,
 }
 
-/// What a call returned: JSON text, or bytes (`raw`) for a caller that is a function.
+/// What a call returned: JSON text, or bytes (`raw`) for a caller that is a function;
+/// or an HTTP app's body, with its status and headers in `http` (unchecked).
 #[derive(Debug)]
 pub struct Answer {
     pub payload: Payload,
     pub raw: bool,
+    pub http: Option<HttpHead>,
 }
 
 /// Why a call to an instance did not return a result.
@@ -147,6 +155,23 @@ impl Instance {
             })
     }
 
+    /// Sends HTTP request `id` to an instance that is an HTTP app; `body` is its body.
+    pub fn begin_http(
+        &mut self,
+        id: u64,
+        request: &HttpRequest,
+        body: &Payload,
+    ) -> Result<(), CallFailure> {
+        self.sandbox
+            .start_invocation()
+            .map_err(|_| CallFailure::Died)?;
+        self.called = false;
+        self.link.send_http(id, request, body).map_err(|e| match e {
+            e if e.is_peer_gone() => CallFailure::Died,
+            other => CallFailure::Protocol(other),
+        })
+    }
+
     /// Has the shim run `spec` in this sandbox (a workflow's sequential step, at depth
     /// 0) and waits for the answer until `deadline`, or until `cancel` is readable.
     pub fn shim_call(
@@ -173,6 +198,7 @@ impl Instance {
             CallReply::CallReturned { id: got, raw } if got == id => Ok(Answer {
                 payload: msg.payload,
                 raw,
+                http: None,
             }),
             CallReply::CallRaised { id: got, error, .. } if got == id => {
                 Err(CallFailure::Raised(error))
@@ -210,6 +236,19 @@ impl Instance {
                 Ok(Answer {
                     payload: msg.payload,
                     raw,
+                    http: None,
+                })
+            }
+            InstanceEvent::Responded {
+                id: got,
+                head,
+                called,
+            } if got == id && self.http.is_some() => {
+                self.called = called;
+                Ok(Answer {
+                    payload: msg.payload,
+                    raw: false,
+                    http: Some(head),
                 })
             }
             InstanceEvent::Raised {
@@ -368,7 +407,8 @@ impl Instance {
         }
     }
 
-    /// Waits until the instance imported its handler, or `deadline`.
+    /// Waits until the instance imported its handler, or `deadline`; records whether
+    /// it is an HTTP app.
     pub fn wait_loaded(&mut self, deadline: Instant) -> Result<(), CallFailure> {
         let now = Instant::now();
         let stream = self.link.0.stream();
@@ -380,7 +420,10 @@ impl Instance {
         let loaded = self.link.wait_loaded();
         let _ = self.link.0.stream().set_read_timeout(None);
         match loaded {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(http)) => {
+                self.http = http;
+                Ok(())
+            }
             Ok(Err(error)) => Err(CallFailure::Raised(error)),
             Err(ipc::Error::Closed) | Err(ipc::Error::Truncated) => Err(CallFailure::Died),
             Err(ipc::Error::Io(e)) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {

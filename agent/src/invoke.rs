@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::instance::{Answer, CallFailure, Instance};
 use crate::names::FunctionKey;
 use crate::registry::{Function, Registry};
-use crate::request::{Invocation, Response, Start};
+use crate::request::{Invocation, Response, RunRequest, Start};
 use crate::run::{Cancel, Run};
 use crate::runs::Runs;
 use crate::sandboxes::Sandboxes;
@@ -59,6 +59,16 @@ pub(crate) struct Invoker {
     /// Invocation ids.
     next_id: AtomicU64,
     invocations: AtomicU64,
+}
+
+/// What an invocation sends its instance.
+#[derive(Debug, Clone, Copy)]
+enum Input<'a> {
+    /// An event (JSON, or bytes from a calling function).
+    Event(&'a Payload),
+    /// A `/run` request: the whole request for an HTTP app, its body as the event
+    /// for a plain function.
+    Run(&'a RunRequest),
 }
 
 /// Events up to this size may take the event loop's warm path.
@@ -206,7 +216,28 @@ impl Invoker {
     ) -> Result<Invocation, Error> {
         serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
         let event = Payload::Inline(event);
-        self.invoke_abandonable(key, &event, &CallOpts::default(), abandon)
+        self.invoke_abandonable(key, Input::Event(&event), &CallOpts::default(), abandon)
+    }
+
+    /// A client's `/run` request for `key` (OpenLambda's): refused with 405 if the
+    /// function's `triggers.http` does not allow its method; an HTTP app's instance
+    /// gets the whole request, a plain function's the body as its event.
+    pub fn run(
+        &self,
+        key: &FunctionKey,
+        run: &RunRequest,
+        abandon: Option<&Abandon>,
+    ) -> Result<Invocation, Error> {
+        let function = self.registry.get(key)?;
+        let method = &run.request.method;
+        if !function.allows_method(method) {
+            return Err(Error::MethodNotAllowed {
+                function: function.name.clone(),
+                method: method.clone(),
+                allowed: function.http_methods.clone().unwrap_or_default(),
+            });
+        }
+        self.invoke_abandonable(key, Input::Run(run), &CallOpts::default(), abandon)
     }
 
     /// Runs one invocation of `key`: a client's (`opts` default) or a function's call
@@ -217,7 +248,7 @@ impl Invoker {
         event: &Payload,
         opts: &CallOpts<'_>,
     ) -> Result<Invocation, Error> {
-        self.invoke_abandonable(key, event, opts, None)
+        self.invoke_abandonable(key, Input::Event(event), opts, None)
     }
 
     /// [`Invoker::invoke_with`] for a client's request that the HTTP loop takes back
@@ -226,7 +257,7 @@ impl Invoker {
     fn invoke_abandonable(
         &self,
         key: &FunctionKey,
-        event: &Payload,
+        input: Input<'_>,
         opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
@@ -275,12 +306,32 @@ impl Invoker {
                 return Err(e);
             }
         }
+        // A plain function's `/run` body is its event: checked now that the instance
+        // says what it is (an HTTP app takes any body).
+        let run_event = match input {
+            Input::Run(run) if inst.http.is_none() => match crate::http_app::event_of(&run.body) {
+                Ok(event) => Some(Payload::Inline(event)),
+                Err(e) => {
+                    self.release(inst, true);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         // The timeout bounds the handler's run; loading it had its own (as in OpenWhisk).
         let own = Instant::now() + Duration::from_millis(function.timeout_ms);
         let deadline = opts.deadline.map_or(own, |d| d.min(own));
         // Calls the sandbox makes from now on are this invocation's (`complete` ends them).
         self.book.begin(inst.sandbox.id(), opts.depth);
-        let outcome = inst.begin(id, event, opts.depth, opts.raw).and_then(|()| {
+        let begun = match (input, &run_event) {
+            (Input::Event(event), _) => inst.begin(id, event, opts.depth, opts.raw),
+            (Input::Run(_), Some(event)) => inst.begin(id, event, 0, false),
+            (Input::Run(run), None) => {
+                let body = Payload::Inline(run.body.clone());
+                inst.begin_http(id, &run.request, &body)
+            }
+        };
+        let outcome = begun.and_then(|()| {
             inst.finish(
                 id,
                 deadline,
@@ -316,6 +367,43 @@ impl Invoker {
                 .end_sdk_run(&inst, self.config.keep_warm, &self.sandboxes);
         }
         let (result, keep) = match outcome {
+            // An HTTP app's response: its head checked, its body bounded, neither parsed.
+            Ok(Answer {
+                payload,
+                http: Some(head),
+                ..
+            }) => {
+                let checked = crate::http_app::check_head(name, head).and_then(|head| {
+                    if payload.len() > crate::request::MAX_RESULT {
+                        return Err(Error::ResultTooLarge {
+                            function: name.clone(),
+                            len: payload.len(),
+                            max: crate::request::MAX_RESULT,
+                        });
+                    }
+                    Ok(head)
+                });
+                match checked {
+                    Ok(head) => {
+                        tracing::debug!(
+                            duration_us = duration.as_micros() as u64,
+                            start = start.as_str(),
+                            status = head.status,
+                            "http app responded"
+                        );
+                        let inv = Invocation {
+                            result: payload,
+                            raw: false,
+                            logs,
+                            duration,
+                            start,
+                            http: Some(head),
+                        };
+                        (Ok(inv), healthy)
+                    }
+                    Err(e) => (Err(e), healthy),
+                }
+            }
             Ok(Answer { raw: true, .. }) if !opts.raw => (
                 Err(Error::BytesResult {
                     function: name.clone(),
@@ -336,7 +424,7 @@ impl Invoker {
                     healthy,
                 )
             }
-            Ok(Answer { payload, raw }) => {
+            Ok(Answer { payload, raw, .. }) => {
                 match serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
                     Err(source) if !raw => (
                         Err(Error::BadResult {
@@ -357,6 +445,7 @@ impl Invoker {
                             logs,
                             duration,
                             start,
+                            http: None,
                         };
                         (Ok(inv), healthy)
                     }
@@ -421,15 +510,21 @@ impl Invoker {
     /// only when the function has an idle instance and the event is small. A frozen
     /// instance is thawed here (a write and a read of its freezer file, ~0.1 ms).
     /// `None` sends the request down the ordinary path.
+    ///
+    /// With `run` (a `/run` request; `event` is then its body) only when the body is
+    /// empty or JSON and the function allows the method: an HTTP app's instance gets
+    /// the whole request, a plain function's the event.
     pub fn start_fast(
         self: &Arc<Self>,
         namespace: &str,
         name: &str,
         event: &[u8],
+        run: Option<&RunRequest>,
     ) -> Option<WarmCall> {
+        let empty_run = run.is_some() && event.is_empty();
         if event.len() > FAST_EVENT_MAX
             || self.scheduler.is_closed()
-            || serde_json::from_slice::<serde::de::IgnoredAny>(event).is_err()
+            || (!empty_run && serde_json::from_slice::<serde::de::IgnoredAny>(event).is_err())
         {
             return None;
         }
@@ -439,6 +534,9 @@ impl Invoker {
             name: name.to_owned(),
         };
         let function = self.registry.lookup(&key)?;
+        if run.is_some_and(|r| !function.allows_method(&r.request.method)) {
+            return None;
+        }
         let mut inst = self.scheduler.take_idle_current(&key, function.version)?;
         let id = self.next_id();
         self.invocations.fetch_add(1, Ordering::Relaxed);
@@ -461,9 +559,14 @@ impl Invoker {
             );
         }
         self.book.begin(inst.sandbox.id(), 0);
-        let failed = inst
-            .begin(id, &Payload::Inline(event.to_vec()), 0, false)
-            .err();
+        let failed = match run {
+            Some(run) if inst.http.is_some() => {
+                inst.begin_http(id, &run.request, &Payload::Inline(event.to_vec()))
+            }
+            _ if empty_run => inst.begin(id, &Payload::Inline(b"{}".to_vec()), 0, false),
+            _ => inst.begin(id, &Payload::Inline(event.to_vec()), 0, false),
+        }
+        .err();
         Some(WarmCall {
             invoker: self.clone(),
             deadline: started + Duration::from_millis(function.timeout_ms),
@@ -585,6 +688,7 @@ impl Invoker {
             code_dir: rootfs::CODE_DIR.to_owned(),
             handler: function.handler.clone(),
             deps: function.deps.import_paths(),
+            env: function.env.clone(),
             about: ipc::proto::About {
                 namespace: function.namespace.clone(),
                 version: function.version,

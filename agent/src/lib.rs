@@ -20,6 +20,7 @@ pub mod data_dir;
 mod error;
 #[cfg(feature = "http")]
 pub mod http;
+mod http_app;
 mod instance;
 mod invoke;
 mod manager;
@@ -40,10 +41,12 @@ mod workflow;
 pub use agent::Agent;
 pub use config::{default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells};
 pub use data_dir::DataDir;
-pub use packages::InstallLimits;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
-pub use request::{FunctionSource, Invocation, Request, Response, Start, WorkflowOutput};
+pub use packages::InstallLimits;
+pub use request::{
+    FunctionSource, Invocation, Request, Response, RunRequest, Start, WorkflowOutput,
+};
 pub use workflow::Workflow;
 
 /// The name `sprout invoke DIR` registers a function directory under.

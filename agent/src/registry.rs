@@ -18,7 +18,7 @@
 //! - every limit must be within [`LIMITS`]' range, with `memory_mb` at most the memory
 //!   budget and `cpus` at most the machine's CPUs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -123,6 +123,11 @@ pub struct Function {
     pub owns_dir: bool,
     /// Its packages, resolved and installed when it was registered.
     pub deps: crate::packages::Deps,
+    /// Exported to its processes (its `ol.yaml`'s `environment`, checked).
+    pub env: BTreeMap<String, String>,
+    /// The methods `/run/{name}` accepts (its `ol.yaml`'s `triggers.http`); `None`:
+    /// every method.
+    pub http_methods: Option<Vec<String>>,
 }
 
 impl Function {
@@ -156,6 +161,26 @@ impl Function {
         validate_namespace(&key.namespace)?;
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
+        let ol = crate::runtime::ol_yaml::read(&dir)?;
+        // OL_ENTRY_FILE names a Python entry when the registration names no handler.
+        let entry = crate::runtime::ol_yaml::entry_handler(&ol.environment).map_err(|why| {
+            Error::InvalidConfig(format!(
+                "{} in {}: {why}",
+                crate::runtime::ol_yaml::OL_YAML,
+                dir.display()
+            ))
+        })?;
+        let entry_config;
+        let config = match entry {
+            Some(handler) if config.handler.is_none() => {
+                entry_config = FunctionConfig {
+                    handler: Some(handler),
+                    ..config.clone()
+                };
+                &entry_config
+            }
+            _ => config,
+        };
         let runtime = crate::runtime::of(config, &dir)?;
         let network = match config.network.as_deref() {
             None => pool::network::Network::None,
@@ -222,7 +247,16 @@ impl Function {
             version,
             owns_dir,
             deps: crate::packages::Deps::default(),
+            env: ol.environment,
+            http_methods: ol.http_methods,
         })
+    }
+
+    /// Whether `/run/{name}` accepts `method` (its `ol.yaml`'s `triggers.http`).
+    pub fn allows_method(&self, method: &str) -> bool {
+        self.http_methods
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|a| a == method))
     }
 
     /// Its namespace and name.
@@ -521,7 +555,14 @@ impl Registry {
             function: function.key().to_string(),
             source: Box::new(source),
         };
-        let Some(needs) = function.runtime.dependencies(&function.dir)? else {
+        let needs = function
+            .runtime
+            .dependencies(&function.dir)
+            .map_err(|e| match e {
+                Error::Packages { source, .. } => wrap(*source),
+                e => e,
+            })?;
+        let Some(needs) = needs else {
             return Ok(crate::packages::Deps::default());
         };
         let name = function.key().to_string();

@@ -31,6 +31,15 @@ pub enum Request {
         name: String,
         event: Vec<u8>,
     },
+    /// OpenLambda's `/run/{name}[/path]`, any method: an HTTP app (its instance said
+    /// so when it loaded) gets the whole request; a plain function gets the body as
+    /// its event (empty: `{}`). Methods are checked against the function's
+    /// `triggers.http` first.
+    Run {
+        namespace: String,
+        name: String,
+        run: RunRequest,
+    },
     Status,
     /// Registers (or replaces) a declarative workflow; its tasks' functions must exist
     /// in its namespace.
@@ -59,6 +68,14 @@ pub enum Request {
     },
 }
 
+/// An HTTP request on `/run`: its method, paths, query and headers as an HTTP app
+/// sees them, and its body.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    pub request: ipc::proto::HttpRequest,
+    pub body: Vec<u8>,
+}
+
 #[derive(Debug)]
 pub enum FunctionSource {
     /// A directory on the agent's host, read in place.
@@ -71,7 +88,10 @@ pub enum FunctionSource {
 pub enum Response {
     Registered(FunctionInfo),
     Functions(Vec<FunctionInfo>),
-    Removed { namespace: String, name: String },
+    Removed {
+        namespace: String,
+        name: String,
+    },
     Invoked(Invocation),
     Status(Status),
     WorkflowRegistered(ipc::api::WorkflowInfo),
@@ -106,6 +126,9 @@ pub struct Invocation {
     pub logs: Logs,
     pub duration: Duration,
     pub start: Start,
+    /// An HTTP app's status and headers (checked: [`crate::invoke`]); the result is
+    /// then its body, not JSON.
+    pub http: Option<ipc::proto::HttpHead>,
 }
 
 /// How the instance that ran an invocation was found.

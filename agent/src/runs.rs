@@ -184,6 +184,7 @@ impl Runs {
             namespace: callee.namespace.clone(),
             memory_mb: callee.memory_mb,
             deps: callee.deps.import_paths(),
+            env: callee.env.clone(),
         }))
     }
 

@@ -147,6 +147,7 @@ fn main() {
     bench.spawner.bind_code(&sandbox, &noop).unwrap();
     let mut n = 0;
     let load = LoadSpec {
+        env: Default::default(),
         function: "noop".into(),
         code_dir: rootfs::CODE_DIR.into(),
         handler: ipc::proto::Handler::parse("f:f").unwrap(),

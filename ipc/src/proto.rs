@@ -22,6 +22,7 @@
 //! resolve a name or run a call in a sibling sandbox. The agent runs a workflow's
 //! sequential step in a sandbox the same way, with [`ShimRequest::Call`].
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
@@ -135,6 +136,9 @@ pub struct CallSpec {
     /// The callee's package directories ([`LoadSpec::deps`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deps: Vec<String>,
+    /// The callee's environment (its `ol.yaml`'s), exported when it is loaded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 impl CallSpec {
@@ -258,6 +262,47 @@ pub struct LoadSpec {
     /// right after the code directory (Python's `sys.path`; Node.js's module paths).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deps: Vec<String>,
+    /// Variables exported to the function's processes before its handler is loaded
+    /// (its `ol.yaml`'s `environment`; the agent checked names and sizes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What kind of HTTP application a loaded handler module is (an instance that
+/// reports one in `loaded` is sent whole HTTP requests on `/run`).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, IntoStaticStr)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum HttpApp {
+    /// PEP 3333: `app(environ, start_response)` (Flask).
+    Wsgi,
+    /// ASGI 3: `await app(scope, receive, send)` (FastAPI, Starlette).
+    Asgi,
+}
+
+/// An HTTP request for an instance that is an [`HttpApp`]; the frame's payload is
+/// the request's body. Paths and the query are as the client sent them (still
+/// percent-encoded); the runtime decodes them for the app.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpRequest {
+    pub method: String,
+    /// Where the function is mounted: `/run/{name}` (WSGI's `SCRIPT_NAME`, ASGI's
+    /// `root_path`).
+    pub script_name: String,
+    /// The rest of the path after `script_name`, empty or starting with `/`.
+    pub path: String,
+    /// The query string without its `?`.
+    pub query: String,
+    /// The request's headers, in order, as sent.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The status and headers of an [`HttpApp`]'s response; the frame's payload is the
+/// body.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HttpHead {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
 }
 
 /// What a function may learn about itself, sent with `load`: each runtime shows it in
@@ -424,6 +469,14 @@ pub enum InstanceRequest {
         #[serde(default, skip_serializing_if = "is_false")]
         raw: bool,
     },
+    /// Only to an instance that reported an [`HttpApp`] in `loaded`: a whole HTTP
+    /// request for the app; the payload is its body. Answered with
+    /// [`InstanceEvent::Responded`] (or `raised`).
+    Http {
+        id: u64,
+        #[serde(flatten)]
+        request: HttpRequest,
+    },
 }
 
 /// Instance → agent. `Returned`'s payload is the result JSON.
@@ -433,7 +486,11 @@ pub enum InstanceRequest {
 pub enum InstanceEvent {
     /// To the shim, once: a new instance is set up and waits for `load`.
     Ready,
-    Loaded,
+    /// The handler is imported; `http` says it is an HTTP application.
+    Loaded {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        http: Option<HttpApp>,
+    },
     LoadFailed {
         error: FunctionError,
     },
@@ -449,6 +506,15 @@ pub enum InstanceEvent {
     Raised {
         id: u64,
         error: FunctionError,
+        #[serde(default, skip_serializing_if = "is_false")]
+        called: bool,
+    },
+    /// An HTTP app's answer to an `http` request: its status and headers (checked by
+    /// the agent before they reach a client); the payload is the body.
+    Responded {
+        id: u64,
+        #[serde(flatten)]
+        head: HttpHead,
         #[serde(default, skip_serializing_if = "is_false")]
         called: bool,
     },
@@ -580,11 +646,12 @@ impl InstanceLink {
         self.0.send(&InstanceRequest::Load(spec.clone()), b"", &[])
     }
 
-    /// Waits until the instance imported its handler. `Ok(Err(_))` is a handler that
-    /// failed to load (missing module or function, exception at import).
-    pub fn wait_loaded(&mut self) -> Result<Result<(), FunctionError>, Error> {
+    /// Waits until the instance imported its handler: whether it is an HTTP app.
+    /// `Ok(Err(_))` is a handler that failed to load (missing module or function,
+    /// exception at import).
+    pub fn wait_loaded(&mut self) -> Result<Result<Option<HttpApp>, FunctionError>, Error> {
         match self.0.recv()?.header {
-            InstanceEvent::Loaded => Ok(Ok(())),
+            InstanceEvent::Loaded { http } => Ok(Ok(http)),
             InstanceEvent::LoadFailed { error } => Ok(Err(error)),
             other => Err(Error::Unexpected {
                 op: op_of(&other).to_owned(),
@@ -598,6 +665,15 @@ impl InstanceLink {
     pub fn send_call(&self, id: u64, depth: u32, raw: bool, event: &Payload) -> Result<(), Error> {
         self.0
             .send_payload(&InstanceRequest::Invoke { id, depth, raw }, event, &[])
+    }
+
+    /// Sends an HTTP request to an instance that is an [`HttpApp`]; `body` is its body.
+    pub fn send_http(&self, id: u64, request: &HttpRequest, body: &Payload) -> Result<(), Error> {
+        let req = InstanceRequest::Http {
+            id,
+            request: request.clone(),
+        };
+        self.0.send_payload(&req, body, &[])
     }
 }
 
@@ -814,6 +890,7 @@ mod tests {
             handler: Handler::parse("f:f").unwrap(),
             deps: Vec::new(),
             about: About::default(),
+            env: BTreeMap::new(),
         };
         let v = serde_json::to_value(InstanceRequest::Load(load)).unwrap();
         assert_eq!(v["op"], "load");
@@ -858,6 +935,7 @@ mod tests {
             namespace: "default".into(),
             memory_mb: 128,
             deps: Vec::new(),
+            env: BTreeMap::new(),
         };
         let (id, function) = (1, String::from("g"));
         check(&[
@@ -976,16 +1054,32 @@ mod tests {
                 function: spec.function,
                 code_dir: spec.code_dir,
                 handler: spec.handler,
+                env: spec.env,
             }),
             InstanceRequest::Invoke {
                 id,
                 depth: 0,
                 raw: false,
             },
+            InstanceRequest::Http {
+                id,
+                request: HttpRequest::default(),
+            },
         ]);
         check(&[
             InstanceEvent::Ready,
-            InstanceEvent::Loaded,
+            InstanceEvent::Loaded { http: None },
+            InstanceEvent::Loaded {
+                http: Some(HttpApp::Wsgi),
+            },
+            InstanceEvent::Responded {
+                id,
+                head: HttpHead {
+                    status: 418,
+                    headers: vec![("A".into(), "B".into())],
+                },
+                called: false,
+            },
             InstanceEvent::LoadFailed {
                 error: error.clone(),
             },
@@ -1009,6 +1103,46 @@ mod tests {
             serde_json::to_value(RefusalKind::TooManyCalls).unwrap(),
             RefusalKind::TooManyCalls.as_str()
         );
+    }
+
+    #[test]
+    fn http_frames_are_flat_and_loaded_may_omit_http() {
+        let v = serde_json::to_value(InstanceRequest::Http {
+            id: 3,
+            request: HttpRequest {
+                method: "GET".into(),
+                script_name: "/run/f".into(),
+                path: "/a".into(),
+                query: "x=1".into(),
+                headers: vec![("Host".into(), "h".into())],
+            },
+        })
+        .unwrap();
+        assert_eq!(v["op"], "http");
+        assert_eq!(v["script_name"], "/run/f");
+        assert_eq!(v["headers"][0][1], "h");
+        let back: InstanceRequest = serde_json::from_value(v).unwrap();
+        assert!(matches!(back, InstanceRequest::Http { id: 3, .. }));
+        let loaded: InstanceEvent = serde_json::from_str(r#"{"op":"loaded"}"#).unwrap();
+        assert_eq!(loaded, InstanceEvent::Loaded { http: None });
+        let loaded: InstanceEvent =
+            serde_json::from_str(r#"{"op":"loaded","http":"asgi"}"#).unwrap();
+        assert_eq!(
+            loaded,
+            InstanceEvent::Loaded {
+                http: Some(HttpApp::Asgi)
+            }
+        );
+        let r: InstanceEvent =
+            serde_json::from_str(r#"{"op":"responded","id":1,"status":200,"headers":[["a","b"]]}"#)
+                .unwrap();
+        assert!(matches!(
+            r,
+            InstanceEvent::Responded {
+                head: HttpHead { status: 200, .. },
+                ..
+            }
+        ));
     }
 
     #[test]

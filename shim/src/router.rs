@@ -688,6 +688,7 @@ impl<Z: Spawn> Router<Z> {
             handler: spec.handler.clone(),
             deps: spec.deps.clone(),
             about: spec.about(),
+            env: spec.env.clone(),
         };
         let loading = link
             .send_load(&load)
@@ -989,7 +990,7 @@ fn wait_loaded(link: &mut InstanceLink, timeout: Duration) -> Result<Loading, ip
         match link.0.try_recv::<InstanceEvent>() {
             Ok(Some(m)) => {
                 break match m.header {
-                    InstanceEvent::Loaded => Ok(Loading::Loaded),
+                    InstanceEvent::Loaded { .. } => Ok(Loading::Loaded),
                     InstanceEvent::LoadFailed { error } => Ok(Loading::Failed(error)),
                     other => Err(ipc::Error::Unexpected {
                         op: op_of(&other).to_owned(),

@@ -16,7 +16,9 @@ fn try_register(d: &Daemon, name: &str, dir: &Path) -> (u16, Value) {
         "PUT",
         &format!("/functions/{name}"),
         Some("application/json"),
-        json!({ "path": dir.to_str().unwrap() }).to_string().as_bytes(),
+        json!({ "path": dir.to_str().unwrap() })
+            .to_string()
+            .as_bytes(),
     );
     let body = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(text(&r)));
     (r.status, body)
@@ -56,7 +58,10 @@ fn two_numpy_versions_run_side_by_side_each_seeing_its_own() {
     for (name, pin) in [("np21", "numpy==2.1.3"), ("np22", "numpy==2.2.6")] {
         let dir = env.function(
             name,
-            &[("f.py", VERSION_PY), ("requirements.txt", &format!("{pin}\n"))],
+            &[
+                ("f.py", VERSION_PY),
+                ("requirements.txt", &format!("{pin}\n")),
+            ],
         );
         let info = d.register(name, &dir, json!({}));
         assert_eq!(info["packages"], json!([pin]), "{info}");
@@ -105,7 +110,11 @@ fn unpinned_requirements_are_resolved_once_and_recorded_with_the_function() {
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    assert_eq!(pins.len(), 5, "requests, certifi, charset-normalizer, idna, urllib3: {info}");
+    assert_eq!(
+        pins.len(),
+        5,
+        "requests, certifi, charset-normalizer, idna, urllib3: {info}"
+    );
     let requests = pins.iter().find(|p| p.starts_with("requests==")).unwrap();
     let out = call(&d, "req");
     assert_eq!(
@@ -147,18 +156,21 @@ fn an_install_failure_names_the_package_quotes_pip_and_registers_nothing() {
         "bad",
         &[
             ("f.py", "def f(event):\n    return 1\n"),
-            ("requirements.txt", "six==1.16.0\nsprout-no-such-package-xyzzy==1.0\n"),
+            (
+                "requirements.txt",
+                "six==1.16.0\nsprout-no-such-package-xyzzy==1.0\n",
+            ),
         ],
     );
     let (status, body) = try_register(&d, "bad", &dir);
     assert_eq!(status, 400, "{body}");
-    let message = body["message"].as_str().unwrap_or_default();
+    let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("sprout-no-such-package-xyzzy"), "{body}");
     assert!(
         message.contains("No matching distribution") || message.contains("Could not find"),
         "pip's own message: {body}"
     );
-    assert_eq!(body["error"], "package_error", "{body}");
+    assert_eq!(body["error"]["kind"], "package_error", "{body}");
     assert_eq!(d.request("GET", "/functions", None, b"").body, b"[]");
     // Resolution failed: nothing was installed, and no work is left over.
     let cache = d.data_dir().join("packages");
@@ -183,13 +195,20 @@ fn lines_that_change_where_packages_come_from_are_refused() {
             "refused",
             &[
                 ("f.py", "def f(event):\n    return 1\n"),
-                ("requirements.txt", &format!("# pinned\nsix==1.16.0\n{line}\n")),
+                (
+                    "requirements.txt",
+                    &format!("# pinned\nsix==1.16.0\n{line}\n"),
+                ),
             ],
         );
         let (status, body) = try_register(&d, "refused", &dir);
         assert_eq!(status, 400, "{line}: {body}");
-        let message = body["message"].as_str().unwrap_or_default();
+        let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("requirements.txt line 3"), "{n}: {body}");
+        assert!(
+            message.starts_with("function default/refused's packages"),
+            "{body}"
+        );
     }
     assert_eq!(d.status()["packages_installed"], 0);
 }
@@ -203,7 +222,10 @@ fn concurrent_registrations_share_one_install() {
             env.function(
                 &format!("six{i}"),
                 &[
-                    ("f.py", "import six\ndef f(event):\n    return six.__version__\n"),
+                    (
+                        "f.py",
+                        "import six\ndef f(event):\n    return six.__version__\n",
+                    ),
                     ("requirements.txt", "six==1.16.0\n"),
                 ],
             )
@@ -246,8 +268,14 @@ fn pkg_ls_shows_size_and_users_and_pkg_gc_removes_only_unused_packages() {
     };
     let ls = sprout(&["pkg", "ls"]);
     ls.success();
-    assert!(ls.stdout.contains("six") && ls.stdout.contains("default/a"), "{ls}");
-    assert!(ls.stdout.contains("idna") && ls.stdout.contains("default/b"), "{ls}");
+    assert!(
+        ls.stdout.contains("six") && ls.stdout.contains("default/a"),
+        "{ls}"
+    );
+    assert!(
+        ls.stdout.contains("idna") && ls.stdout.contains("default/b"),
+        "{ls}"
+    );
     assert!(ls.stdout.contains("KiB"), "sizes: {ls}");
     let r = d.request("DELETE", "/functions/b", None, b"");
     assert_eq!(r.status, 200, "{}", text(&r));

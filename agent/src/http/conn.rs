@@ -369,7 +369,7 @@ impl Conn {
     }
 
     fn advance_head(&mut self, limits: &Limits, submit: &mut dyn FnMut(Job) -> bool) -> Step {
-        let (len, head) = match wire::parse_head(&self.rbuf, limits.max_head) {
+        let (len, mut head) = match wire::parse_head(&self.rbuf, limits.max_head) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return Step::NeedInput,
             Err(e) => {
@@ -383,7 +383,8 @@ impl Conn {
         let persist = head.persist();
         // The router judges the head before its body is read: a request it refuses
         // is refused without waiting for (or, with `100-continue`, asking for) the body.
-        let route = routes::route(&head.method, &head.target, head.content_type.as_deref());
+        let route = routes::route(&head.method, &head.target, head.content_type.as_deref())
+            .map(|r| r.with_headers(std::mem::take(&mut head.headers)));
         debug!(parent: &span, http10 = head.http10, keep_alive = head.keep_alive, "request");
 
         let body = match head.framing {
@@ -685,6 +686,7 @@ mod tests {
             status: 200,
             headers: Vec::new(),
             body: body.into(),
+            app: None,
         }
     }
 

@@ -125,6 +125,9 @@ pub(super) struct Output {
     pub status: u16,
     pub headers: Vec<(&'static str, String)>,
     pub body: ipc::Payload,
+    /// An HTTP app's own headers (checked by the agent): the response is the app's,
+    /// so sprout writes no `Content-Type` of its own.
+    pub app: Option<Vec<(String, String)>>,
 }
 
 impl From<Reply> for Output {
@@ -133,6 +136,7 @@ impl From<Reply> for Output {
             status: reply.status,
             headers: reply.headers,
             body: reply.body.into(),
+            app: None,
         }
     }
 }
@@ -140,13 +144,23 @@ impl From<Reply> for Output {
 impl Output {
     /// The status line and headers; the body follows them.
     pub fn head(&self, persist: Persist) -> Vec<u8> {
-        wire::encode_head(
-            self.status,
-            CONTENT_TYPE,
-            self.body.len(),
-            persist,
-            &self.headers,
-        )
+        match &self.app {
+            None => wire::encode_head(
+                self.status,
+                CONTENT_TYPE,
+                self.body.len(),
+                persist,
+                &self.headers,
+            ),
+            Some(app) => wire::encode_head_with(
+                self.status,
+                None,
+                self.body.len(),
+                persist,
+                &self.headers,
+                app,
+            ),
+        }
     }
 }
 
@@ -185,6 +199,22 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
             ],
             body: out.result,
         },
+        // OpenLambda's answer, as its clients test it: its text, not sprout's JSON.
+        Err(ref err @ Error::MethodNotAllowed { ref allowed, .. }) => {
+            let text = err.openlambda_text().unwrap_or_default();
+            return Output {
+                status: 405,
+                headers: Vec::new(),
+                body: text.into_bytes().into(),
+                app: Some(vec![
+                    (
+                        "Content-Type".to_owned(),
+                        "text/plain; charset=utf-8".to_owned(),
+                    ),
+                    ("Allow".to_owned(), allowed.join(", ")),
+                ]),
+            };
+        }
         Err(err) => Reply::json(
             err.kind().http_status(),
             &ErrorBody {
@@ -204,7 +234,20 @@ pub(super) fn panicked() -> Output {
 
 fn invoked(inv: Invocation, logs: bool) -> Output {
     let duration_us = u64::try_from(inv.duration.as_micros()).unwrap_or(u64::MAX);
-    let mut out: Output = if logs {
+    let mut out: Output = if let Some(head) = inv.http {
+        // An HTTP app's response, as it answered it (`?logs` is the app's query).
+        Output {
+            status: head.status,
+            headers: Vec::new(),
+            // These statuses have no body (RFC 9110 §15.3.5, §15.4.5).
+            body: if matches!(head.status, 204 | 304) {
+                ipc::Payload::default()
+            } else {
+                inv.result
+            },
+            app: Some(head.headers),
+        }
+    } else if logs {
         // `ipc::api::InvocationRecord` with the result borrowed, not copied into a `String`.
         #[derive(Serialize)]
         struct Record<'a> {
@@ -240,6 +283,7 @@ fn invoked(inv: Invocation, logs: bool) -> Output {
             status: 200,
             headers: Vec::new(),
             body: inv.result,
+            app: None,
         }
     };
     out.headers.push((DURATION_HEADER, duration_us.to_string()));
@@ -259,6 +303,7 @@ mod tests {
     fn error_kinds_map_to_statuses() {
         assert_eq!(ErrorKind::BadRequest.http_status(), 400);
         assert_eq!(ErrorKind::NotFound.http_status(), 404);
+        assert_eq!(ErrorKind::MethodNotAllowed.http_status(), 405);
         assert_eq!(ErrorKind::Function.http_status(), 502);
         assert_eq!(ErrorKind::Timeout.http_status(), 504);
         assert_eq!(ErrorKind::Internal.http_status(), 500);

@@ -8,6 +8,10 @@
 //! `/namespaces/{ns}/` act in `ns`. The namespace's name is checked by the agent (a
 //! 400 that states the rule), as is everything else about a request.
 //!
+//! `/run/{name}[/{path}]` (OpenLambda's) takes any method: the request goes to the
+//! agent whole ([`Request::Run`]), which checks the method against the function's
+//! `triggers.http` and hands an HTTP app everything.
+//!
 //! The whole route map is settled here, also what later issues fill in: such a
 //! route is [`Op::Planned`] and answered `501` (`not_implemented`, naming what will
 //! serve it); a path in no route is a `404`, a known path with another method a `405`.
@@ -16,10 +20,11 @@ use std::borrow::Cow;
 use std::path::PathBuf;
 
 use ipc::api::{FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
+use ipc::proto::HttpRequest;
 
 use super::reply::Reject;
 use super::wire;
-use crate::request::{FunctionSource, Request};
+use crate::request::{FunctionSource, Request, RunRequest};
 
 /// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub(super) enum Op {
     RegisterFunction,
     RemoveFunction,
     Invoke,
+    /// OpenLambda's `/run`: any method, the whole request to the agent.
+    Run,
     ListWorkflows,
     RegisterWorkflow,
     RemoveWorkflow,
@@ -53,9 +60,21 @@ pub(super) struct PathRoutes {
 const METRICS: Op = Op::Planned("issue 14: metrics");
 const ACTIVATIONS: Op = Op::Planned("issue 14: activation records");
 const USAGE: Op = Op::Planned("issue 14: per-namespace accounting");
-const HTTP_APPS: Op = Op::Planned("issue 11: OpenLambda's HTTP apps");
 const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
 const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
+
+/// The methods `/run` routes take (every method a function's `triggers.http` may
+/// name, and `HEAD` and `OPTIONS`).
+const RUN_ALLOW: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
+const RUN_OPS: &[(&str, Op)] = &[
+    ("GET", Op::Run),
+    ("HEAD", Op::Run),
+    ("POST", Op::Run),
+    ("PUT", Op::Run),
+    ("DELETE", Op::Run),
+    ("PATCH", Op::Run),
+    ("OPTIONS", Op::Run),
+];
 
 /// Every route of the API, in the order the router tries them (no two patterns
 /// match the same path).
@@ -67,8 +86,13 @@ pub(super) const ROUTES: &[PathRoutes] = &[
     },
     PathRoutes {
         path: "/run/{name}",
-        allow: "POST",
-        ops: &[("POST", Op::Invoke)],
+        allow: RUN_ALLOW,
+        ops: RUN_OPS,
+    },
+    PathRoutes {
+        path: "/run/{name}/{path}",
+        allow: RUN_ALLOW,
+        ops: RUN_OPS,
     },
     PathRoutes {
         path: "/namespaces/{ns}/functions/{name}/invoke",
@@ -77,8 +101,13 @@ pub(super) const ROUTES: &[PathRoutes] = &[
     },
     PathRoutes {
         path: "/namespaces/{ns}/run/{name}",
-        allow: "POST",
-        ops: &[("POST", Op::Invoke)],
+        allow: RUN_ALLOW,
+        ops: RUN_OPS,
+    },
+    PathRoutes {
+        path: "/namespaces/{ns}/run/{name}/{path}",
+        allow: RUN_ALLOW,
+        ops: RUN_OPS,
     },
     PathRoutes {
         path: "/status",
@@ -156,18 +185,6 @@ pub(super) const ROUTES: &[PathRoutes] = &[
         path: "/namespaces/{ns}/workflows/{name}/invoke",
         allow: "POST",
         ops: &[("POST", Op::RunWorkflow)],
-    },
-    // Planned: issue 11.
-    PathRoutes {
-        path: "/run/{name}/{path}",
-        allow: "GET, POST, PUT, DELETE, PATCH",
-        ops: &[
-            ("GET", HTTP_APPS),
-            ("POST", HTTP_APPS),
-            ("PUT", HTTP_APPS),
-            ("DELETE", HTTP_APPS),
-            ("PATCH", HTTP_APPS),
-        ],
     },
     // Planned: issue 14.
     PathRoutes {
@@ -263,6 +280,8 @@ pub(super) const ROUTES: &[PathRoutes] = &[
 pub(super) struct Params<'a> {
     ns: Option<&'a str>,
     name: Option<&'a str>,
+    /// Where a last `{path}` begins in the path (after its `/`).
+    rest_at: Option<usize>,
 }
 
 /// Matches `path` (which starts with `/`) against a pattern of [`PathRoutes::path`].
@@ -274,7 +293,10 @@ pub(super) fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Params<'a>>
         let segment = segments.next()?;
         match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
             // The rest of the path, whatever it is.
-            Some("path") if parts.peek().is_none() => return Some(params),
+            Some("path") if parts.peek().is_none() => {
+                params.rest_at = Some(segment.as_ptr() as usize - path.as_ptr() as usize);
+                return Some(params);
+            }
             Some(_) if segment.is_empty() => return None,
             Some("ns") => params.ns = Some(segment),
             Some("name") => params.name = Some(segment),
@@ -343,6 +365,31 @@ pub(super) fn route(
         None => DEFAULT_NAMESPACE.to_owned(),
     };
     let name = decode(params.name)?;
+    if op == Op::Run {
+        // The query is the app's: sprout takes only a valid `logs` from it.
+        let logs = parse_query(query)
+            .ok()
+            .and_then(|q| logs_from_query(&q).ok())
+            .unwrap_or(false);
+        // SCRIPT_NAME is the path up to the name; PATH_INFO the rest, with its `/`.
+        let (script_name, rest) = match params.rest_at {
+            Some(at) => path.split_at(at - 1),
+            None => (path, ""),
+        };
+        let request = HttpRequest {
+            method: method.to_owned(),
+            script_name: script_name.to_owned(),
+            path: rest.to_owned(),
+            query: query.to_owned(),
+            headers: Vec::new(),
+        };
+        return Ok(Route::Run {
+            namespace,
+            name,
+            logs,
+            request,
+        });
+    }
     let query = parse_query(query)?;
     match op {
         Op::ListFunctions => no_params(&query).map(|()| Route::List { namespace }),
@@ -386,7 +433,7 @@ pub(super) fn route(
         }
         Op::RemoveWorkflow => no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name }),
         Op::RunWorkflow => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
-        Op::Planned(_) => unreachable!("answered above"),
+        Op::Planned(_) | Op::Run => unreachable!("answered above"),
     }
 }
 
@@ -409,6 +456,14 @@ pub(super) enum Route {
         namespace: String,
         name: String,
         logs: bool,
+    },
+    /// `/run`: the request's head as an app sees it (its headers are added by
+    /// [`Route::with_headers`]).
+    Run {
+        namespace: String,
+        name: String,
+        logs: bool,
+        request: HttpRequest,
     },
     Status,
     ListPackages,
@@ -447,6 +502,14 @@ pub(super) struct Dispatch {
 }
 
 impl Route {
+    /// Gives a `/run` route the request's headers (others need none).
+    pub fn with_headers(mut self, headers: Vec<(String, String)>) -> Route {
+        if let Route::Run { request, .. } = &mut self {
+            request.headers = headers;
+        }
+        self
+    }
+
     /// Completes the route with the request's body.
     pub fn into_dispatch(self, body: Vec<u8>) -> Result<Dispatch, Reject> {
         let (request, logs) = match self {
@@ -507,6 +570,19 @@ impl Route {
                     logs,
                 )
             }
+            Route::Run {
+                namespace,
+                name,
+                logs,
+                request,
+            } => (
+                Request::Run {
+                    namespace,
+                    name,
+                    run: RunRequest { request, body },
+                },
+                logs,
+            ),
             Route::Status => (Request::Status, false),
             Route::ListPackages => (Request::ListPackages, false),
             Route::CollectPackages => (Request::CollectPackages, false),
@@ -688,14 +764,41 @@ mod tests {
                 body: RegisterBody::Json
             })
         );
+        let run = |method: &str, script_name: &str, path: &str, query: &str| HttpRequest {
+            method: method.into(),
+            script_name: script_name.into(),
+            path: path.into(),
+            query: query.into(),
+            headers: Vec::new(),
+        };
         assert_eq!(
             route("POST", "/run/f", None),
-            Ok(Route::Invoke {
+            Ok(Route::Run {
                 namespace: "default".into(),
                 name: "f".into(),
-                logs: false
+                logs: false,
+                request: run("POST", "/run/f", "", ""),
             })
         );
+        assert_eq!(
+            route("PATCH", "/run/f/a/b%2F?logs=1&q", None),
+            Ok(Route::Run {
+                namespace: "default".into(),
+                name: "f".into(),
+                logs: false,
+                request: run("PATCH", "/run/f", "/a/b%2F", "logs=1&q"),
+            })
+        );
+        assert_eq!(
+            route("GET", "/run/f/?logs=1", None),
+            Ok(Route::Run {
+                namespace: "default".into(),
+                name: "f".into(),
+                logs: true,
+                request: run("GET", "/run/f", "/", "logs=1"),
+            })
+        );
+        assert_eq!(route("GET", "/run/", None).unwrap_err().status, 404);
         assert_eq!(
             route("POST", "/functions/f/invoke?logs=1", None),
             Ok(Route::Invoke {
@@ -729,7 +832,8 @@ mod tests {
             ("POST", "/functions", "GET"),
             ("GET", "/functions/f", "PUT, DELETE"),
             ("GET", "/functions/f/invoke", "POST"),
-            ("PUT", "/run/f", "POST"),
+            ("TRACE", "/run/f", RUN_ALLOW),
+            ("CONNECT", "/run/f/x", RUN_ALLOW),
             ("DELETE", "/status", "GET"),
         ] {
             let r = route(method, target, None).unwrap_err();
@@ -804,11 +908,17 @@ mod tests {
         // Configuration travels in the body for JSON registrations.
         let r = route("PUT", "/functions/f?memory_mb=1", Some("application/json")).unwrap_err();
         assert!(r.message.contains("\"memory_mb\""), "{}", r.message);
+        // On /run the query is the function's: sprout takes a valid `logs` only.
+        for query in ["logs=maybe", "x=%zz", "logs=1&logs=0"] {
+            let r = route("POST", &format!("/run/f?{query}"), None).unwrap();
+            assert!(matches!(r, Route::Run { logs: false, .. }), "{query}");
+        }
         assert_eq!(
-            route("POST", "/run/f?logs=maybe", None).unwrap_err().status,
+            route("POST", "/functions/f/invoke?logs=maybe", None)
+                .unwrap_err()
+                .status,
             400
         );
-        assert_eq!(route("POST", "/run/f?x=%zz", None).unwrap_err().status, 400);
     }
 
     #[test]
@@ -871,14 +981,12 @@ mod tests {
                 logs: true
             })
         );
-        assert_eq!(
-            route("POST", "/namespaces/t/run/f", None),
-            Ok(Route::Invoke {
-                namespace: ns("t"),
-                name: ns("f"),
-                logs: false
-            })
-        );
+        assert!(matches!(
+            route("POST", "/namespaces/t/run/f/x", None),
+            Ok(Route::Run { ref namespace, ref name, ref request, .. })
+                if namespace == "t" && name == "f"
+                    && request.script_name == "/namespaces/t/run/f" && request.path == "/x"
+        ));
         assert_eq!(
             route("DELETE", "/namespaces/t/functions/f", None),
             Ok(Route::Remove {

@@ -71,9 +71,52 @@ fn logs(stdout: &str) -> Logs {
     }
 }
 
+/// `/run` as the fake sees it: a plain function's invoke (its body the event, `{}`
+/// when empty), but for `app` (an HTTP app) and `getonly` (allows GET only).
+fn as_invoke(req: Request) -> Request {
+    match req {
+        Request::Run {
+            namespace,
+            name,
+            run,
+        } if name != "app" && name != "getonly" => Request::Invoke {
+            namespace,
+            name,
+            event: if run.body.is_empty() {
+                b"{}".to_vec()
+            } else {
+                run.body
+            },
+        },
+        other => other,
+    }
+}
+
 impl Handle for Fake {
     fn handle(&self, req: Request) -> Result<Response, Error> {
+        let req = as_invoke(req);
         let answer = match &req {
+            Request::Run { name, run, .. } if name == "getonly" && run.request.method != "GET" => {
+                Err(Error::MethodNotAllowed {
+                    function: name.clone(),
+                    method: run.request.method.clone(),
+                    allowed: vec!["GET".into(), "POST".into()],
+                })
+            }
+            Request::Run { run, .. } => Ok(Response::Invoked(Invocation {
+                result: run.body.clone().into(),
+                raw: false,
+                logs: logs(""),
+                duration: Duration::from_micros(5),
+                start: Start::Warm,
+                http: Some(ipc::proto::HttpHead {
+                    status: 418,
+                    headers: vec![
+                        ("A".into(), "B".into()),
+                        ("Content-Type".into(), "text/plain".into()),
+                    ],
+                }),
+            })),
             Request::RegisterFunction { name, config, .. } => {
                 Ok(Response::Registered(info(name, config)))
             }
@@ -183,6 +226,7 @@ impl Handle for Fake {
                             } else {
                                 Start::StemCell
                             },
+                            http: None,
                         }))
                     }
                 }
@@ -195,6 +239,7 @@ impl Handle for Fake {
     /// `queued` waits (up to 10 s) until it is taken back, as a request waiting for
     /// an instance does; `stuck` runs for 3 s, `running` for 1 s.
     fn handle_abandonable(&self, req: Request, abandon: &Abandon) -> Result<Response, Error> {
+        let req = as_invoke(req);
         let name = match &req {
             Request::Invoke { name, .. } => name.clone(),
             _ => return self.handle(req),
@@ -647,7 +692,11 @@ fn unknown_routes_and_methods() {
         ("POST", "/functions", "GET"),
         ("POST", "/functions/f", "PUT, DELETE"),
         ("GET", "/functions/f/invoke", "POST"),
-        ("GET", "/run/f", "POST"),
+        (
+            "TRACE",
+            "/run/f",
+            "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS",
+        ),
         ("PUT", "/status", "GET"),
     ] {
         let r = c.request(method, path, None, b"{}").unwrap();
@@ -1151,6 +1200,7 @@ fn a_shared_result_is_sent_from_its_mapping() {
             logs: logs("hi\n"),
             duration: Duration::from_micros(7),
             start: Start::Warm,
+            http: None,
         }))
     };
     // The body is the payload itself: no copy in the agent.
@@ -1289,4 +1339,85 @@ fn connections_past_the_cap_are_refused_at_once() {
         d.send(b"GET /status HTTP/1.1\r\n\r\n");
         d.response().status == 200
     }));
+}
+
+#[test]
+fn run_hands_an_app_the_whole_request_and_sends_its_response_as_it_is() {
+    let t = TestServer::start();
+    let mut c = t.client();
+    let r = c
+        .request("PUT", "/run/app/a%20b/c?x=1&y", Some("text/csv"), b"a,b")
+        .unwrap();
+    assert_eq!(r.status, 418);
+    assert_eq!(r.body, b"a,b");
+    assert_eq!(r.header("a"), Some("B"));
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain"),
+        "the app's, not sprout's"
+    );
+    assert_eq!(r.header("x-sprout-start"), Some("warm"));
+    let seen = t.take_seen();
+    let Request::Run {
+        namespace,
+        name,
+        run,
+    } = &seen[0]
+    else {
+        panic!("{seen:?}")
+    };
+    assert_eq!((namespace.as_str(), name.as_str()), ("default", "app"));
+    let h = &run.request;
+    assert_eq!(
+        (
+            h.method.as_str(),
+            h.script_name.as_str(),
+            h.path.as_str(),
+            h.query.as_str()
+        ),
+        ("PUT", "/run/app", "/a%20b/c", "x=1&y")
+    );
+    assert!(h
+        .headers
+        .iter()
+        .any(|(n, v)| n == "Content-Type" && v == "text/csv"));
+    assert!(h.headers.iter().any(|(n, _)| n == "Host"));
+    assert_eq!(run.body, b"a,b");
+
+    // Namespaced, no rest of the path, and a query sprout does not know is the app's.
+    let r = c
+        .request("DELETE", "/namespaces/t/run/app?logs=maybe", None, b"")
+        .unwrap();
+    assert_eq!(r.status, 418);
+    let seen = t.take_seen();
+    let Request::Run { namespace, run, .. } = &seen[0] else {
+        panic!("{seen:?}")
+    };
+    assert_eq!(namespace, "t");
+    assert_eq!(
+        (run.request.script_name.as_str(), run.request.path.as_str()),
+        ("/namespaces/t/run/app", "")
+    );
+    // A trailing slash is a path of its own.
+    c.request("GET", "/run/app/", None, b"").unwrap();
+    let seen = t.take_seen();
+    let Request::Run { run, .. } = &seen[0] else {
+        panic!("{seen:?}")
+    };
+    assert_eq!(run.request.path, "/");
+}
+
+#[test]
+fn a_method_triggers_http_refuses_gets_openlambdas_text() {
+    let t = TestServer::start();
+    let mut c = t.client();
+    let r = c.request("PUT", "/run/getonly", None, b"").unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        text(&r),
+        "HTTP method not allowed. Sent: PUT, Allowed: [GET POST]\n"
+    );
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+    let r = c.request("GET", "/run/getonly", None, b"").unwrap();
+    assert_eq!(r.status, 418);
 }

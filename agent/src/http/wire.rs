@@ -84,6 +84,9 @@ pub struct Head {
     pub framing: Framing,
     pub keep_alive: bool,
     pub expect_continue: bool,
+    /// Every header as sent (at most [`MAX_HEADERS`], in a head of bounded size):
+    /// what an HTTP app behind `/run` is given.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Head {
@@ -130,6 +133,7 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(usize, Head)>, 
         framing: Framing::Length(0),
         keep_alive: !http10,
         expect_continue: false,
+        headers: Vec::with_capacity(req.headers.len()),
     };
     let mut length: Option<u64> = None;
     let mut codings: Vec<String> = Vec::new();
@@ -139,6 +143,7 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(usize, Head)>, 
             .map_err(|_| Error::malformed(format!("header {} is not UTF-8", h.name)))?
             .trim();
         let name = h.name;
+        head.headers.push((name.to_owned(), value.to_owned()));
         if name.eq_ignore_ascii_case("content-length") {
             let n = value
                 .parse::<u64>()
@@ -342,21 +347,39 @@ pub fn encode_head(
     persist: Persist,
     headers: &[(&'static str, String)],
 ) -> Vec<u8> {
+    encode_head_with(status, Some(content_type), len, persist, headers, &[])
+}
+
+/// [`encode_head`] for a response whose headers are someone else's too (an HTTP
+/// app's, checked to be tokens and values without CR or LF): no `Content-Type`
+/// unless given, then `headers`, then `extra`.
+pub fn encode_head_with(
+    status: u16,
+    content_type: Option<&str>,
+    len: usize,
+    persist: Persist,
+    headers: &[(&'static str, String)],
+    extra: &[(String, String)],
+) -> Vec<u8> {
     let reason = http::StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Unknown");
     let mut head = String::with_capacity(160);
-    let _ = write!(
-        head,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\n"
-    );
+    let _ = write!(head, "HTTP/1.1 {status} {reason}\r\n");
+    if let Some(content_type) = content_type {
+        let _ = write!(head, "Content-Type: {content_type}\r\n");
+    }
+    let _ = write!(head, "Content-Length: {len}\r\n");
     match persist {
         Persist::Close => head.push_str("Connection: close\r\n"),
         Persist::KeepAlive { http10: true } => head.push_str("Connection: keep-alive\r\n"),
         Persist::KeepAlive { http10: false } => {}
     }
     for (name, value) in headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    for (name, value) in extra {
         let _ = write!(head, "{name}: {value}\r\n");
     }
     head.push_str("\r\n");
@@ -389,6 +412,12 @@ mod tests {
                 framing: Framing::Length(5),
                 keep_alive: true,
                 expect_continue: true,
+                headers: vec![
+                    ("Host".into(), "x".into()),
+                    ("Content-Length".into(), "5".into()),
+                    ("Content-Type".into(), "text/x".into()),
+                    ("Expect".into(), "100-Continue".into()),
+                ],
             }
         );
         assert_eq!(head("GET / HTTP/1.1\r\nHost: x\r\n").unwrap(), None);

@@ -9,6 +9,8 @@
 //!   module per runtime: [`python`], [`nodejs`], [`native`]);
 //! - what a stem cell is keyed by: a stem cell runs one runtime (a Python zygote, or
 //!   a spare instance host), so the scheduler keeps its stem cells per [`Runtime`];
+//! - what OpenLambda's `ol.yaml` says about a function ([`ol_yaml`]): its
+//!   environment, the HTTP methods `/run` accepts, and `OL_ENTRY_FILE`;
 //! - what a callee needs to run in its caller's sandbox: the same runtime
 //!   ([`Seam::runs_callee`]); a callee of another runtime runs in a sandbox of its own
 //!   through the agent.
@@ -20,6 +22,7 @@ mod files;
 pub mod installed;
 pub mod native;
 pub mod nodejs;
+pub mod ol_yaml;
 pub mod python;
 
 use std::path::Path;

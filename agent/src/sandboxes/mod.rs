@@ -460,6 +460,7 @@ impl Sandboxes {
             stderr,
             called: false,
             oom,
+            http: None,
         })
     }
 

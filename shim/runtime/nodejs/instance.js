@@ -240,6 +240,10 @@ function useResolvConf() {
 
 link.on('load', (spec) => {
   useResolvConf();
+  // The function's environment (its ol.yaml's), there before its module is loaded.
+  for (const [key, value] of Object.entries(spec.env || {})) {
+    if (typeof value === 'string') process.env[key] = value;
+  }
   try {
     const found = findHandler(spec);
     handler = { ...found, spec };

@@ -29,7 +29,7 @@ PYTHON = "/usr/bin/python3"
 TIMEOUT = 10.0
 
 sys.path.insert(0, HERE)
-from sprout_runtime import codec, errors, instance, sdk  # noqa: E402
+from sprout_runtime import codec, errors, http_app, instance, sdk  # noqa: E402
 
 
 def wait_until(predicate, timeout=TIMEOUT, what="condition"):
@@ -1486,6 +1486,135 @@ class ErrorSizeTest(unittest.TestCase):
         except KeyError as exc:
             small = errors.describe_error(exc)
         self.assertNotIn("truncated", small["message"] + small["traceback"])
+
+
+class HttpAppTest(unittest.TestCase):
+    """OpenLambda's HTTP apps: which attribute is the app, and one request through
+    WSGI and ASGI apps as ``serve_one`` runs it."""
+
+    REQUEST = {
+        "op": "http",
+        "id": 1,
+        "method": "POST",
+        "script_name": "/run/f",
+        "path": "/a%20b",
+        "query": "x=1",
+        "headers": [["Content-Type", "text/plain"], ["X-Test", "yes"], ["X-Test", "two"], ["X_Bad", "no"]],
+    }
+
+    def module(self, **attrs):
+        import types
+
+        m = types.ModuleType("m")
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        return m
+
+    def test_which_attribute_is_the_app(self):
+        def f(event):
+            return event
+
+        def wsgi(environ, start_response):
+            return []
+
+        async def asgi(scope, receive, send):
+            pass
+
+        class AsgiClass:
+            async def __call__(self, scope, receive, send):
+                pass
+
+        self.assertEqual(http_app.find(self.module(f=f, app=wsgi), "f"), (None, f))
+        self.assertEqual(http_app.find(self.module(app=wsgi), "f"), ("wsgi", wsgi))
+        self.assertEqual(http_app.find(self.module(app=asgi), "f"), ("asgi", asgi))
+        obj = AsgiClass()
+        self.assertEqual(http_app.find(self.module(app=obj), "f"), ("asgi", obj))
+        self.assertEqual(http_app.find(self.module(), "f"), (None, None))
+        os.environ["OL_WSGI_ENTRY"] = "other"
+        try:
+            self.assertEqual(http_app.find(self.module(f=f, other=wsgi), "f"), ("wsgi", wsgi))
+            with self.assertRaisesRegex(AttributeError, "OL_WSGI_ENTRY"):
+                http_app.find(self.module(f=f), "f")
+        finally:
+            del os.environ["OL_WSGI_ENTRY"]
+
+    def test_a_wsgi_request_and_its_response(self):
+        seen = {}
+
+        def app(environ, start_response):
+            seen.update(environ)
+            seen["body"] = environ["wsgi.input"].read()
+            start_response("418 I'M A TEAPOT", [("A", "B")])
+            return iter([b"hi", b"\n"])
+
+        reply, body = http_app.serve_one("wsgi", app, None, self.REQUEST, b"data")
+        self.assertEqual(reply, {"op": "responded", "status": 418, "headers": [["A", "B"]]})
+        self.assertEqual(body, b"hi\n")
+        self.assertEqual(seen["SCRIPT_NAME"], "/run/f")
+        self.assertEqual(seen["PATH_INFO"], "/a b")
+        self.assertEqual(seen["QUERY_STRING"], "x=1")
+        self.assertEqual(seen["CONTENT_TYPE"], "text/plain")
+        self.assertEqual(seen["CONTENT_LENGTH"], "4")
+        self.assertEqual(seen["HTTP_X_TEST"], "yes,two")
+        self.assertNotIn("HTTP_X_BAD", seen)
+        self.assertEqual(seen["body"], b"data")
+
+        def no_start(environ, start_response):
+            return [b"x"]
+
+        with self.assertRaises(http_app.BadResponse):
+            http_app.serve_one("wsgi", no_start, None, self.REQUEST, b"")
+
+        closed = []
+
+        class Result:
+            def __iter__(self):
+                yield b"x" * (http_app.MAX_BODY // 2 + 1)
+                yield b"x" * (http_app.MAX_BODY // 2 + 1)
+
+            def close(self):
+                closed.append(True)
+
+        def big(environ, start_response):
+            start_response("200 OK", [])
+            return Result()
+
+        with self.assertRaisesRegex(http_app.BadResponse, "over the limit"):
+            http_app.serve_one("wsgi", big, None, self.REQUEST, b"")
+        self.assertEqual(closed, [True], "the result is closed whatever happens")
+
+    def test_an_asgi_request_and_its_response(self):
+        seen = {}
+
+        async def app(scope, receive, send):
+            seen["scope"] = scope
+            seen["first"] = await receive()
+            await send({"type": "http.response.start", "status": 201, "headers": [(b"a", b"B")]})
+            await send({"type": "http.response.body", "body": b"hi", "more_body": True})
+            await send({"type": "http.response.body", "body": b"\n"})
+            seen["then"] = await receive()
+
+        runner = http_app.AsgiRunner()
+        reply, body = http_app.serve_one("asgi", app, runner, self.REQUEST, b"data")
+        self.assertEqual(reply, {"op": "responded", "status": 201, "headers": [["a", "B"]]})
+        self.assertEqual(body, b"hi\n")
+        scope = seen["scope"]
+        self.assertEqual((scope["root_path"], scope["path"]), ("/run/f", "/run/f/a b"))
+        self.assertEqual(scope["query_string"], b"x=1")
+        self.assertIn((b"x-test", b"yes"), scope["headers"])
+        self.assertEqual(seen["first"], {"type": "http.request", "body": b"data", "more_body": False})
+        self.assertEqual(seen["then"], {"type": "http.disconnect"})
+        # No rest of the path: "/" under the root, so a route "/" matches.
+        request = dict(self.REQUEST, path="", method="HEAD")
+        reply, body = http_app.serve_one("asgi", app, runner, request, b"")
+        self.assertEqual(seen["scope"]["path"], "/run/f/")
+        self.assertEqual(body, b"", "HEAD has no body")
+
+        async def silent(scope, receive, send):
+            pass
+
+        with self.assertRaisesRegex(http_app.BadResponse, "http.response.start"):
+            http_app.serve_one("asgi", silent, runner, self.REQUEST, b"")
 
 
 if __name__ == "__main__":

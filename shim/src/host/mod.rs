@@ -76,7 +76,11 @@ pub fn run(runtime: Runtime) -> Result<(), Error> {
             &Payload::default(),
         );
     }
-    send(&agent, &InstanceEvent::Loaded, &Payload::default())?;
+    send(
+        &agent,
+        &InstanceEvent::Loaded { http: None },
+        &Payload::default(),
+    )?;
     let timeout = Duration::from_millis(spec.about.timeout_ms.max(1));
 
     loop {

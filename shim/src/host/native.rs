@@ -92,6 +92,7 @@ mod tests {
     #[test]
     fn executables_stay_inside_the_code_directory() {
         let mut spec = LoadSpec {
+            env: Default::default(),
             function: "f".into(),
             code_dir: "/code".into(),
             handler: ipc::proto::Handler {
@@ -126,6 +127,7 @@ mod backend_tests {
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         LoadSpec {
+            env: Default::default(),
             function: "f".into(),
             code_dir: dir.to_str().unwrap().into(),
             handler: ipc::proto::Handler {
@@ -439,6 +441,7 @@ mod lambda_connection_tests {
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         let spec = LoadSpec {
+            env: Default::default(),
             function: "f".into(),
             code_dir: dir.path().to_str().unwrap().into(),
             handler: ipc::proto::Handler {

@@ -424,6 +424,7 @@ mod tests {
         let entry = dir.path().join("nodejs").join(nodejs::ENTRY);
         let mut node = Node::boot_script(calls, entry.to_str().unwrap()).unwrap();
         let spec = LoadSpec {
+            env: Default::default(),
             function: "unit".into(),
             code_dir: code_dir.display().to_string(),
             handler: Handler {

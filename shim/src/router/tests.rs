@@ -25,6 +25,7 @@ fn spec(function: &str, version: u64, timeout_ms: u64) -> CallSpec {
         namespace: "default".into(),
         memory_mb: 128,
         deps: Vec::new(),
+        env: Default::default(),
     }
 }
 
@@ -82,7 +83,9 @@ impl Spawn for Fake {
         let (ours, theirs) = Channel::pair().unwrap();
         let (calls, calls_theirs) = Channel::pair().unwrap();
         match st.on_load.pop_front() {
-            Some(OnLoad::Loaded) => theirs.send(&InstanceEvent::Loaded, b"", &[]).unwrap(),
+            Some(OnLoad::Loaded) => theirs
+                .send(&InstanceEvent::Loaded { http: None }, b"", &[])
+                .unwrap(),
             Some(OnLoad::Fail(error)) => theirs
                 .send(&InstanceEvent::LoadFailed { error }, b"", &[])
                 .unwrap(),
@@ -681,7 +684,7 @@ fn the_spare_serves_a_call_made_before_any_hand_over() {
     let (mut r, mut agent, fake) = setup();
     r.fork_spare().unwrap();
     assert_eq!(fake.0.borrow().forks[0].label, 0);
-    let load = InstanceEvent::Loaded;
+    let load = InstanceEvent::Loaded { http: None };
     fake.0.borrow().forks[0]
         .channel
         .as_ref()
@@ -801,7 +804,8 @@ mod threaded {
         let InstanceRequest::Load(load) = m.header else {
             panic!("expected load")
         };
-        ch.send(&InstanceEvent::Loaded, b"", &[]).unwrap();
+        ch.send(&InstanceEvent::Loaded { http: None }, b"", &[])
+            .unwrap();
         let mut next_call = 0;
         while let Ok(m) = ch.recv::<InstanceRequest>() {
             let InstanceRequest::Invoke { id, depth, raw } = m.header else {
@@ -869,6 +873,7 @@ mod threaded {
         assert_eq!(spawned.pid, FAKE_PID);
         let mut main = InstanceLink(spawned.channel);
         main.send_load(&LoadSpec {
+            env: Default::default(),
             function: "main".into(),
             code_dir: "/code/main".into(),
             handler: Handler::parse("f:f").unwrap(),

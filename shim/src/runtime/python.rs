@@ -58,6 +58,7 @@ pub const MODULES: &[Module] = &[
     module!("errors"),
     module!("sdk"),
     module!("instance"),
+    module!("http_app"),
     module!("zygote"),
     module!("enter"),
 ];

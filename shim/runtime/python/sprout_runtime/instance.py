@@ -21,6 +21,7 @@ from .codec import (
     SharedPayloadError,
     _close_quietly,
 )
+from . import http_app
 from .errors import _log, describe_error
 from .sdk import _start_calls, _state
 
@@ -66,11 +67,14 @@ def _unshadow(module_name, code_dir):
         del sys.modules[name]
 
 
-def load_handler(code_dir, module_name, function_name, deps=()):
-    """Imports the handler. ``__main__`` is OpenWhisk's format: ``<code_dir>/__main__.py``,
-    loaded as module ``__sprout_main__`` so the zygote's ``__main__`` (the bootstrap) stays.
-    ``deps``, the function's package directories, come right after the code directory
-    on the import path, before the interpreter's own."""
+def load_target(code_dir, module_name, function_name, apps=True, deps=()):
+    """Imports the handler's module and returns ``(kind, target)``: with ``apps``, an
+    HTTP app the module offers (``kind`` ``"wsgi"``/``"asgi"``, see ``http_app.find``),
+    else the handler (``kind`` None). ``__main__`` is OpenWhisk's format:
+    ``<code_dir>/__main__.py``, loaded as module ``__sprout_main__`` so the zygote's
+    ``__main__`` (the bootstrap) stays. ``deps``, the function's package directories,
+    come right after the code directory on the import path, before the
+    interpreter's own."""
     os.chdir(code_dir)
     sys.path[0:0] = [code_dir, *deps]
     importlib.invalidate_caches()
@@ -89,13 +93,17 @@ def load_handler(code_dir, module_name, function_name, deps=()):
     else:
         _unshadow(module_name, code_dir)
         module = importlib.import_module(module_name)
+    if apps:
+        kind, target = http_app.find(module, function_name)
+        if kind is not None:
+            return kind, target
     try:
         handler = getattr(module, function_name)
     except AttributeError:
         raise AttributeError(f"module '{module_name}' has no attribute '{function_name}'") from None
     if not callable(handler):
         raise TypeError(f"handler {module_name}:{function_name} is not callable")
-    return handler
+    return None, handler
 
 
 def _takes_context(handler):
@@ -261,22 +269,63 @@ def _recv_no_fds(channel):
     return header, payload
 
 
+def serve_http(app, request_id, header, payload):
+    """Runs one ``http`` request through an HTTP app; returns the reply
+    ``(header, payload)``: ``responded`` with its status, headers and body, or
+    ``raised``."""
+    state = _state()
+    state.depth, state.called = 0, False
+    try:
+        try:
+            reply, body = http_app.serve_one(app.kind, app.target, app.asgi, header, payload)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too
+            reply, body = _raised(request_id, exc)
+        else:
+            reply["id"] = request_id
+    finally:
+        state = _state()
+        called, state.called = state.called, False
+    if called:
+        reply["called"] = True
+    return reply, body
+
+
+class HttpApp:
+    """A loaded HTTP app: its kind (``"wsgi"``/``"asgi"``), the app, and for ASGI the
+    instance's event loop."""
+
+    def __init__(self, kind, target):
+        self.kind = kind
+        self.target = target
+        self.asgi = http_app.AsgiRunner() if kind == http_app.ASGI else None
+
+
 def serve(channel, handler):
     """Answers invokes until the agent closes the channel; returns the exit status."""
     contextual = isinstance(handler, LambdaHandler)
+    app = handler if isinstance(handler, HttpApp) else None
     while True:
         try:
             header, payload = _recv_no_fds(channel)
         except ChannelClosed:
             return 0
         op = header.get("op")
-        if op != "invoke":
+        request_id = header.get("id")
+        if op == "http" and app is not None:
+            reply, body = serve_http(app, request_id, header, payload)
+        elif op == "invoke" and app is not None:
+            exc = TypeError(
+                f"function {os.environ.get('SPROUT_FUNCTION', '')} is an HTTP app ({app.kind}): "
+                "send it HTTP requests on /run/{name}"
+            )
+            reply, body = _raised(request_id, exc, frames=False)
+        elif op != "invoke":
             _log(f"ignoring unknown message op={op!r}")
             continue
-        request_id = header.get("id")
-        if contextual:
-            handler.arrived(request_id)
-        reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
+        else:
+            if contextual:
+                handler.arrived(request_id)
+            reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
         # Everything the handler printed is in the pipes before the agent hears back.
         _flush_stdio()
         try:
@@ -332,19 +381,27 @@ def instance_main(zygote, instance, chan_fd, out_fd, err_fd, calls_fd):
     if problem is not None:
         error = {"type": "ProtocolError", "message": problem, "traceback": ""}
         return _report_load_failure(channel, error)
+    # The function's own environment (its ol.yaml's), there before its module is
+    # imported; the agent checked the names (sprout's own are not among them).
+    os.environ.update(header.get("env") or {})
     os.environ["SPROUT_FUNCTION"] = header["function"]
     handler_spec = header["handler"]
     try:
-        handler = load_handler(
-            header["code_dir"], handler_spec["module"], handler_spec["function"], header.get("deps", ())
+        kind, handler = load_target(
+            header["code_dir"], handler_spec["module"], handler_spec["function"], deps=header.get("deps", ())
         )
-        if _takes_context(handler):
+        if kind is not None:
+            handler = HttpApp(kind, handler)
+        elif _takes_context(handler):
             handler = LambdaHandler(handler, header)
     except BaseException as exc:  # noqa: BLE001
         return _report_load_failure(channel, describe_error(exc, skip_import=True))
     _flush_stdio()
+    loaded = {"op": "loaded"}
+    if kind is not None:
+        loaded["http"] = kind
     try:
-        channel.send({"op": "loaded"})
+        channel.send(loaded)
     except OSError:
         return 0
     return serve(channel, handler)
@@ -366,6 +423,11 @@ def _check_load(header):
     for key in ("function", "code_dir"):
         if not isinstance(header.get(key), str):
             return f"{key} {header.get(key)!r} is not a string"
+    env = header.get("env", {})
+    if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        return "env is not an object of strings"
+    if any(not k or "=" in k or "\0" in k or "\0" in v for k, v in env.items()):
+        return "env has a name that is empty or holds = or NUL, or a value with NUL"
     handler = header.get("handler")
     if not (
         isinstance(handler, dict) and isinstance(handler.get("module"), str) and isinstance(handler.get("function"), str)

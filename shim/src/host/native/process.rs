@@ -21,8 +21,8 @@ pub const MAX_ANSWER: usize = 16 << 20;
 
 /// The command that starts `program` for `spec`: cwd the code directory, a clean
 /// environment (`PATH`, `HOME=/tmp`, `LANG`, sprout's `SPROUT_SANDBOX` and
-/// `SPROUT_FUNCTION` as a Python function has them, then `env`), and death with the
-/// host.
+/// `SPROUT_FUNCTION` as a Python function has them, the function's own environment
+/// (`spec.env`, its `ol.yaml`'s), then the protocol's `env`), and death with the host.
 pub fn command(spec: &LoadSpec, program: &Path, env: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(program);
     cmd.current_dir(&spec.code_dir)
@@ -34,6 +34,7 @@ pub fn command(spec: &LoadSpec, program: &Path, env: &[(&str, String)]) -> Comma
     if let Some(sandbox) = std::env::var_os("SPROUT_SANDBOX") {
         cmd.env("SPROUT_SANDBOX", sandbox);
     }
+    cmd.envs(&spec.env);
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     crate::sys::die_with_parent_on_exec(&mut cmd);
     cmd
