@@ -289,3 +289,70 @@ fn pkg_ls_shows_size_and_users_and_pkg_gc_removes_only_unused_packages() {
     assert_eq!(listed[0]["users"], json!(["default/a"]));
     assert_eq!(call(&d, "a"), json!(1));
 }
+
+/// OpenLambda's `flask-test` example, unchanged: a Flask view answering 418 with a
+/// header and a body, and its `ol.yaml` limiting `/run` to GET and POST.
+const FLASK_APP: &str = "from flask import Flask, request\n\
+app = Flask(__name__)\n\
+@app.route('/')\n\
+def hi():\n\
+\x20   return 'hi\\n', 418, {'A': 'B'}\n\
+@app.route('/echo', methods=['POST'])\n\
+def echo():\n\
+\x20   return request.get_data()\n";
+
+#[test]
+fn a_flask_app_behind_run_answers_exactly_as_flask_did() {
+    let env = require_root!();
+    let d = env.daemon();
+    let dir = env.function(
+        "flask-test",
+        &[
+            ("f.py", FLASK_APP),
+            ("requirements.txt", "flask==3.0.3\n"),
+            (
+                "ol.yaml",
+                "triggers:\n  http:\n    - method: GET\n    - method: POST\n",
+            ),
+        ],
+    );
+    d.register("flask-test", &dir, json!({}));
+    let r = d.request("GET", "/run/flask-test", None, b"");
+    assert_eq!(r.status, 418, "{}\n{}", text(&r), d.log());
+    assert_eq!(r.header("a"), Some("B"));
+    assert_eq!(r.body, b"hi\n");
+    let r = d.request(
+        "POST",
+        "/run/flask-test/echo",
+        Some("text/plain"),
+        b"echo me",
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.body, b"echo me");
+    let r = d.request("PUT", "/run/flask-test", None, b"");
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.body,
+        b"HTTP method not allowed. Sent: PUT, Allowed: [GET POST]\n"
+    );
+}
+
+#[test]
+fn a_fastapi_app_behind_run() {
+    let env = require_root!();
+    let d = env.daemon();
+    let dir = env.function(
+        "fastapi-test",
+        &[
+            (
+                "f.py",
+                "from fastapi import FastAPI\napp = FastAPI()\n@app.get('/')\ndef root():\n    return {'message': 'hello world'}\n",
+            ),
+            ("requirements.txt", "fastapi==0.115.6\n"),
+        ],
+    );
+    d.register("fastapi-test", &dir, json!({"memory_mb": 256}));
+    let r = d.request("GET", "/run/fastapi-test", None, b"");
+    assert_eq!(r.status, 200, "{}\n{}", text(&r), d.log());
+    assert_eq!(body_json(&r), json!({"message": "hello world"}));
+}

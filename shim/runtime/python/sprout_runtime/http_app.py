@@ -81,7 +81,9 @@ def _wsgi_environ(header, body):
     environ = {
         "REQUEST_METHOD": header["method"],
         "SCRIPT_NAME": _latin1(header["script_name"]),
-        "PATH_INFO": _latin1(header["path"]),
+        # `/run/f` is the app's root, as OpenLambda hands it over: `/`, not empty (a
+        # Flask route `/` would answer an empty path with a redirect).
+        "PATH_INFO": _latin1(header["path"] or "/"),
         "QUERY_STRING": header["query"],
         "SERVER_NAME": "localhost",
         "SERVER_PORT": "80",
