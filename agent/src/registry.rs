@@ -567,10 +567,10 @@ impl Registry {
         };
         let name = function.key().to_string();
         match needs {
-            crate::runtime::Dependencies::Python(lines) => {
+            crate::packages::Dependencies::Python(lines) => {
                 self.packages.python(&name, &lines).map_err(wrap)
             }
-            crate::runtime::Dependencies::Npm { manifest, lock } => self
+            crate::packages::Dependencies::Npm { manifest, lock } => self
                 .packages
                 .npm(&name, &manifest, lock.as_ref())
                 .map_err(wrap),

@@ -73,8 +73,8 @@ fn root_holds_only_the_allowed_entries() {
     let env = require_root!();
     let (p, _) = probe(&env);
     let allowed = [
-        ".sprout", "bin", "code", "dev", "etc", "fns", "lib", "lib64", "proc", "root", "sbin",
-        "sys", "tmp", "usr", "workflow",
+        ".sprout", "bin", "code", "deps", "dev", "etc", "fns", "lib", "lib64", "proc", "root",
+        "sbin", "sys", "tmp", "usr", "workflow",
     ];
     let root: Vec<&str> = p["root"]
         .as_array()

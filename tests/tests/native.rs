@@ -287,8 +287,8 @@ fn the_isolation_probe_from_a_native_executable() {
     );
     // The root is the sandbox's skeleton (as `isolation.rs` allows), not the host's.
     let allowed = [
-        "bin", "code", "dev", "etc", "fns", "lib", "lib64", "proc", "root", "sbin", "sys", "tmp",
-        "usr", "workflow",
+        "bin", "code", "deps", "dev", "etc", "fns", "lib", "lib64", "proc", "root", "sbin", "sys",
+        "tmp", "usr", "workflow",
     ];
     let root = p["root"].as_str().unwrap();
     let extra: Vec<&str> = root

@@ -14,6 +14,7 @@
 //! claims it ([`Flights`]), the others wait for its result.
 
 pub mod cache;
+mod error;
 pub mod requirements;
 
 use std::collections::HashMap;
@@ -27,45 +28,20 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 pub use cache::{Cache, Entry, Kind};
+pub use error::Error;
 
-/// What went wrong with a function's packages.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("requirements.txt line {line} ({text:?}): {problem}")]
-    Requirements {
-        line: usize,
-        text: String,
-        problem: String,
+/// What a function's directory says it needs installed (the runtime seam reads it:
+/// `Seam::dependencies`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dependencies {
+    /// The requirement lines of its `requirements.txt`.
+    Python(Vec<String>),
+    /// Its `package.json` (without the modules sprout provides) and
+    /// `package-lock.json`.
+    Npm {
+        manifest: serde_json::Value,
+        lock: Option<serde_json::Value>,
     },
-    #[error("package.json: {0}")]
-    Manifest(String),
-    #[error("could not resolve the requirements: {message}")]
-    Resolve { message: String },
-    #[error("could not install {package}: {message}")]
-    Install { package: String, message: String },
-    #[error("the installer answered {what}: {problem}")]
-    Installer { what: &'static str, problem: String },
-    #[error("installed files in {path}: {problem}")]
-    Installed { path: PathBuf, problem: String },
-    #[error("the installer {0}")]
-    Died(String),
-    #[error("the install sandbox: {0}")]
-    Sandbox(String),
-    #[error("the install took longer than its limit of {0:?} (--install-timeout)")]
-    Timeout(Duration),
-    #[error("package cache {path}")]
-    Cache {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl Error {
-    /// Whether the registration was at fault (400), not the node (500).
-    pub fn is_bad_request(&self) -> bool {
-        !matches!(self, Error::Cache { .. } | Error::Sandbox(_))
-    }
 }
 
 /// Limits of one install sandbox (`--install-memory-mb`, `--install-timeout`).

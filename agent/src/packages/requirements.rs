@@ -5,7 +5,7 @@
 //! paths) is refused, naming the line: every package comes from the one index the
 //! node's installer uses, so that a cached package is what that index serves.
 
-use super::Error;
+use super::error::Error;
 
 /// The largest `requirements.txt` read.
 pub const MAX_BYTES: usize = 64 << 10;

@@ -151,20 +151,7 @@ pub trait Seam: Copy {
     fn check_handler(self, dir: &Path, handler: &Handler) -> Result<(), Error>;
     fn check_readable(self, dir: &Path, handler: &Handler) -> Result<(), Error>;
     fn runs_callee(self, callee: Runtime) -> bool;
-    fn dependencies(self, dir: &Path) -> Result<Option<Dependencies>, Error>;
-}
-
-/// What a function's directory says it needs installed.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Dependencies {
-    /// The requirement lines of its `requirements.txt`.
-    Python(Vec<String>),
-    /// Its `package.json` (without the modules sprout provides) and
-    /// `package-lock.json`.
-    Npm {
-        manifest: serde_json::Value,
-        lock: Option<serde_json::Value>,
-    },
+    fn dependencies(self, dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error>;
 }
 
 impl Seam for Runtime {
@@ -220,7 +207,7 @@ impl Seam for Runtime {
     /// What the function needs installed, read from its directory (`None`: nothing):
     /// Python's `requirements.txt`, Node.js's `package.json` dependencies. Native
     /// functions bring everything.
-    fn dependencies(self, dir: &Path) -> Result<Option<Dependencies>, Error> {
+    fn dependencies(self, dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error> {
         match self {
             Runtime::Python => python::dependencies(dir),
             Runtime::Nodejs => nodejs::dependencies(dir),

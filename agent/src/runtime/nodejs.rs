@@ -206,7 +206,7 @@ pub const PROVIDED: &[&str] = &["sprout", "@m6s/box"];
 /// its `package-lock.json`, `None` when it depends on nothing else. A dependency
 /// that is not a version range of the registry (a URL, git, a path, another
 /// registry's alias) is refused: packages come only from the node's registry.
-pub fn dependencies(dir: &Path) -> Result<Option<super::Dependencies>, Error> {
+pub fn dependencies(dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error> {
     let bad =
         |why: String| Error::InvalidConfig(format!("package.json in {}: {why}", dir.display()));
     let Some(text) = super::files::read_small(dir, "package.json", MAX_PACKAGE_JSON)? else {
@@ -249,5 +249,5 @@ pub fn dependencies(dir: &Path) -> Result<Option<super::Dependencies>, Error> {
             Some(lock)
         }
     };
-    Ok(Some(super::Dependencies::Npm { manifest, lock }))
+    Ok(Some(crate::packages::Dependencies::Npm { manifest, lock }))
 }

@@ -47,7 +47,7 @@ pub fn check_readable(dir: &Path, handler: &Handler) -> Result<(), Error> {
 
 /// The lines of the function's `requirements.txt` (checked: see
 /// `packages::requirements`), `None` when it has none or they are all comments.
-pub fn dependencies(dir: &Path) -> Result<Option<super::Dependencies>, Error> {
+pub fn dependencies(dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error> {
     let max = crate::packages::requirements::MAX_BYTES as u64;
     let Some(text) = super::files::read_small(dir, "requirements.txt", max)? else {
         return Ok(None);
@@ -56,5 +56,5 @@ pub fn dependencies(dir: &Path) -> Result<Option<super::Dependencies>, Error> {
         function: dir.display().to_string(),
         source: Box::new(source),
     })?;
-    Ok((!lines.is_empty()).then_some(super::Dependencies::Python(lines)))
+    Ok((!lines.is_empty()).then_some(crate::packages::Dependencies::Python(lines)))
 }

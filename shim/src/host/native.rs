@@ -114,7 +114,6 @@ mod tests {
 /// directory (the Lambda API's needs `curl` and the host's loopback).
 #[cfg(test)]
 mod backend_tests {
-    use std::os::unix::fs::PermissionsExt;
     use std::time::{Duration, Instant};
 
     use ipc::Payload;
@@ -124,8 +123,18 @@ mod backend_tests {
 
     fn spec(dir: &Path, module: &str, script: &str) -> LoadSpec {
         let path = dir.join(module);
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Written by a child process: a descriptor of ours open for writing would be
+        // inherited by any process another test thread forks meanwhile, and exec'ing
+        // the file while one holds it fails with "Text file busy".
+        let source = dir.join(format!("{module}.source"));
+        std::fs::write(&source, script).unwrap();
+        let copied = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&source)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(copied.success());
         LoadSpec {
             env: Default::default(),
             function: "f".into(),

@@ -1,0 +1,44 @@
+//! The package module's one error.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What went wrong with a function's packages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("requirements.txt line {line} ({text:?}): {problem}")]
+    Requirements {
+        line: usize,
+        text: String,
+        problem: String,
+    },
+    #[error("package.json: {0}")]
+    Manifest(String),
+    #[error("could not resolve the requirements: {message}")]
+    Resolve { message: String },
+    #[error("could not install {package}: {message}")]
+    Install { package: String, message: String },
+    #[error("the installer answered {what}: {problem}")]
+    Installer { what: &'static str, problem: String },
+    #[error("installed files in {path}: {problem}")]
+    Installed { path: PathBuf, problem: String },
+    #[error("the installer {0}")]
+    Died(String),
+    #[error("the install sandbox: {0}")]
+    Sandbox(String),
+    #[error("the install took longer than its limit of {0:?} (--install-timeout)")]
+    Timeout(Duration),
+    #[error("package cache {path}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether the registration was at fault (400), not the node (500).
+    pub fn is_bad_request(&self) -> bool {
+        !matches!(self, Error::Cache { .. } | Error::Sandbox(_))
+    }
+}
