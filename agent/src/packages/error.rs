@@ -14,6 +14,8 @@ pub enum Error {
     },
     #[error("package.json: {0}")]
     Manifest(String),
+    #[error("package-lock.json: {entry}: {problem}")]
+    Lock { entry: String, problem: String },
     #[error("could not resolve the requirements: {message}")]
     Resolve { message: String },
     #[error("could not install {package}: {message}")]

@@ -15,6 +15,7 @@
 
 pub mod cache;
 mod error;
+pub mod npm;
 pub mod requirements;
 
 use std::collections::HashMap;
@@ -438,7 +439,7 @@ impl Packages {
                 }
                 Err(flight) => {
                     flight.wait().map_err(|message| Error::Install {
-                        package: "the npm dependencies".into(),
+                        package: npm_named(manifest),
                         message,
                     })?;
                     self.hits.fetch_add(1, Ordering::Relaxed);
@@ -473,13 +474,21 @@ impl Packages {
         let started = std::time::Instant::now();
         {
             let mut session = self.installer.start(&work.0, &self.limits)?;
-            let answer = session.exchange(&json!({
-                "op": "npm",
-                "manifest": manifest,
-                "lock": lock,
-                "dir": "files",
-            }))?;
-            expect_op(&answer, "installed", || "the npm dependencies".into())?;
+            let answer = session
+                .exchange(&json!({
+                    "op": "npm",
+                    "manifest": manifest,
+                    "lock": lock,
+                    "dir": "files",
+                }))
+                .map_err(|e| match e {
+                    Error::Died(message) => Error::Install {
+                        package: npm_named(manifest),
+                        message: format!("the installer {message}"),
+                    },
+                    e => e,
+                })?;
+            expect_op(&answer, "installed", || npm_named(manifest))?;
         }
         let files = work.0.join("files");
         if !files.join("node_modules").is_dir() {
@@ -611,6 +620,22 @@ fn failure_message(answer: &Value) -> String {
         end -= 1;
     }
     text[..end].trim().to_owned()
+}
+
+/// A manifest's dependencies as install errors name them: `name@spec, ...`, bounded.
+fn npm_named(manifest: &Value) -> String {
+    let Some(deps) = manifest["dependencies"].as_object() else {
+        return "the npm dependencies".into();
+    };
+    let mut named: Vec<String> = deps
+        .iter()
+        .take(8)
+        .map(|(name, spec)| format!("{name}@{}", spec.as_str().unwrap_or("?")))
+        .collect();
+    if deps.len() > named.len() {
+        named.push(format!("and {} more", deps.len() - named.len()));
+    }
+    format!("npm dependencies {}", named.join(", "))
 }
 
 /// Checks what the resolving sandbox said (it ran package code: nothing in it is

@@ -55,6 +55,13 @@ impl Session for FakeSession {
             }
             "npm" => {
                 let files = self.out.join(request["dir"].as_str().unwrap());
+                let deps = request["manifest"]["dependencies"].as_object().unwrap();
+                if let Some(name) = deps.keys().find(|n| self.failing.contains(n)) {
+                    std::fs::create_dir_all(files.join("node_modules/half")).unwrap();
+                    return Ok(
+                        json!({"op": "failed", "message": format!("npm error 404 Not Found - GET https://registry.npmjs.org/{name}")}),
+                    );
+                }
                 std::fs::create_dir_all(files.join("node_modules/left-pad")).unwrap();
                 std::fs::write(files.join("node_modules/left-pad/index.js"), "").unwrap();
                 Ok(json!({"op": "installed"}))
@@ -262,4 +269,29 @@ fn npm_trees_are_keyed_by_lock_or_manifest_and_unused_ones_collected() {
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].key, locked.packages[0].entry.key);
     assert_eq!(p.list(&[]).unwrap().len(), 1);
+}
+
+#[test]
+fn a_failed_npm_install_names_the_dependencies_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = packages(
+        tmp.path(),
+        Fake {
+            failing: vec!["nope".into()],
+            ..Fake::default()
+        },
+    );
+    let manifest = json!({"name": "f", "version": "1.0.0",
+        "dependencies": {"left-pad": "1.3.0", "nope": "^2"}});
+    let e = p.npm("f", &manifest, None).unwrap_err().to_string();
+    assert!(
+        e.contains("left-pad@1.3.0, nope@^2") && e.contains("404 Not Found - GET"),
+        "{e}"
+    );
+    assert_eq!(p.installed(), 0);
+    assert!(p.list(&[]).unwrap().is_empty());
+    let work: Vec<_> = std::fs::read_dir(tmp.path().join("packages/work"))
+        .unwrap()
+        .collect();
+    assert!(work.is_empty(), "{work:?}");
 }

@@ -199,54 +199,33 @@ fn package_main(dir: &Path) -> Result<Option<String>, Error> {
     }
 }
 
-/// Modules the runtime provides itself: never fetched, whatever `package.json` says.
-pub const PROVIDED: &[&str] = &["sprout", "@m6s/box"];
-
-/// The function's `package.json` with its `dependencies` (without [`PROVIDED`]) and
-/// its `package-lock.json`, `None` when it depends on nothing else. A dependency
-/// that is not a version range of the registry (a URL, git, a path, another
-/// registry's alias) is refused: packages come only from the node's registry.
+/// The function's `package.json` (only what installing reads, without the modules
+/// sprout provides) and its `package-lock.json`, both checked (see
+/// `packages::npm`: every package from the one registry), `None` when it depends on
+/// nothing sprout does not provide.
 pub fn dependencies(dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error> {
-    let bad =
-        |why: String| Error::InvalidConfig(format!("package.json in {}: {why}", dir.display()));
+    let refused = |source| Error::Packages {
+        function: dir.display().to_string(),
+        source: Box::new(source),
+    };
     let Some(text) = super::files::read_small(dir, "package.json", MAX_PACKAGE_JSON)? else {
         return Ok(None);
     };
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let deps = match manifest.get_mut("dependencies") {
-        None => return Ok(None),
-        Some(serde_json::Value::Object(deps)) => deps,
-        Some(_) => return Err(bad("\"dependencies\" is not an object".into())),
-    };
-    deps.retain(|name, _| !PROVIDED.contains(&name.as_str()));
-    for (name, spec) in deps.iter() {
-        let spec = spec
-            .as_str()
-            .ok_or_else(|| bad(format!("dependency {name:?} is not a version string")))?;
-        let from_elsewhere = spec.contains(':') || spec.contains('/') || spec.starts_with('.');
-        if from_elsewhere {
-            return Err(bad(format!(
-                "dependency {name:?} is {spec:?}: only version ranges of the registry are accepted (no URLs, git, paths or aliases)"
-            )));
-        }
-    }
-    if deps.is_empty() {
+    let package_json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| refused(crate::packages::Error::Manifest(format!("not JSON: {e}"))))?;
+    let Some(manifest) = crate::packages::npm::manifest(&package_json).map_err(refused)? else {
         return Ok(None);
-    }
-    // Only what installing reads: scripts, dev dependencies and the rest stay out.
-    let manifest = serde_json::json!({
-        "name": manifest.get("name").and_then(|v| v.as_str()).unwrap_or("function"),
-        "version": manifest.get("version").and_then(|v| v.as_str()).unwrap_or("0.0.0"),
-        "private": true,
-        "dependencies": manifest["dependencies"],
-    });
+    };
     let lock = match super::files::read_small(dir, "package-lock.json", 16 * MAX_PACKAGE_JSON)? {
         None => None,
         Some(text) => {
-            let lock: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| bad(format!("package-lock.json is not JSON: {e}")))?;
-            Some(lock)
+            let lock: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                refused(crate::packages::Error::Lock {
+                    entry: "(the file)".into(),
+                    problem: format!("not JSON: {e}"),
+                })
+            })?;
+            Some(crate::packages::npm::lock(&lock).map_err(refused)?)
         }
     };
     Ok(Some(crate::packages::Dependencies::Npm { manifest, lock }))

@@ -422,3 +422,63 @@ fn a_callee_runs_in_its_callers_sandbox_only_with_the_same_runtime() {
     let h = Runtime::Python.parse_handler(None, Path::new("/")).unwrap();
     assert_eq!(h.to_string(), python::DEFAULT_HANDLER);
 }
+
+#[test]
+fn a_node_functions_dependencies_are_its_checked_manifest_and_lock() {
+    let seam = Runtime::Nodejs;
+    let (_t, dir) = dir_with(&[(
+        "package.json",
+        r#"{"dependencies": {"sprout": "*"}}"#,
+        0o644,
+    )]);
+    assert_eq!(seam.dependencies(&dir).unwrap(), None, "sprout is provided");
+    let (_t, dir) = dir_with(&[("index.js", JS, 0o644)]);
+    assert_eq!(seam.dependencies(&dir).unwrap(), None);
+    let lock = r#"{"lockfileVersion": 3, "packages": {"": {}, "node_modules/sprout": {},
+        "node_modules/a": {"version": "1.0.0", "resolved": "https://registry.npmjs.org/a/-/a-1.0.0.tgz"}}}"#;
+    let (_t, dir) = dir_with(&[
+        (
+            "package.json",
+            r#"{"name": "f", "dependencies": {"a": "1.0.0"}}"#,
+            0o644,
+        ),
+        ("package-lock.json", lock, 0o644),
+    ]);
+    match seam.dependencies(&dir).unwrap() {
+        Some(crate::packages::Dependencies::Npm {
+            manifest,
+            lock: Some(lock),
+        }) => {
+            assert_eq!(manifest["dependencies"], serde_json::json!({"a": "1.0.0"}));
+            assert!(
+                lock["packages"].get("node_modules/sprout").is_none(),
+                "{lock}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_t, dir) = dir_with(&[
+        ("package.json", r#"{"dependencies": {"a": "1.0.0"}}"#, 0o644),
+        (
+            "package-lock.json",
+            &lock.replace("registry.npmjs.org", "evil.example"),
+            0o644,
+        ),
+    ]);
+    let e = seam.dependencies(&dir).unwrap_err();
+    assert_eq!(e.name(), "package_error", "{e}");
+    let e = ipc::chain(&e);
+    assert!(
+        e.contains("node_modules/a") && e.contains("evil.example"),
+        "{e}"
+    );
+    let (_t, dir) = dir_with(&[
+        ("package-lock.json", "{", 0o644),
+        ("package.json", r#"{"dependencies": {"a": "1"}}"#, 0o644),
+    ]);
+    let e = ipc::chain(&seam.dependencies(&dir).unwrap_err());
+    assert!(
+        e.contains("package-lock.json") && e.contains("not JSON"),
+        "{e}"
+    );
+}

@@ -22,6 +22,10 @@ NPM = "/usr/bin/npm"
 MESSAGE_BYTES = 4000
 # The largest request read.
 MAX_REQUEST = 4 << 20
+# The one npm registry (the agent refused lock entries resolved anywhere else).
+REGISTRY = "https://registry.npmjs.org/"
+# The host's certificate authorities (bind-mounted read-only with /etc/ssl).
+HOST_CAS = "/etc/ssl/certs/ca-certificates.crt"
 
 PIP = [
     PYTHON, "-m", "pip",
@@ -39,12 +43,32 @@ def env():
         # marker would refuse them all the same.
         "PIP_BREAK_SYSTEM_PACKAGES": "1",
         "PIP_ROOT_USER_ACTION": "ignore",
+    }
+    os.makedirs(e["TMPDIR"], exist_ok=True)
+    return e
+
+
+def npm_env():
+    """npm's environment: the one registry, no configuration file of the host's or
+    the function's, its cache in the sandbox's work area, and the host's certificate
+    authorities on top of Node's own (for a TLS-inspecting proxy)."""
+    e = env()
+    e.update({
+        "npm_config_registry": REGISTRY,
+        # The host's /usr/etc/npmrc (sandboxes see /usr) and any ~/.npmrc stay out:
+        # two empty files of the sandbox's own.
+        "npm_config_globalconfig": os.path.join(OUT, "tmp", "global-npmrc"),
+        "npm_config_userconfig": os.path.join(OUT, "tmp", "user-npmrc"),
         "npm_config_cache": os.path.join(OUT, "tmp", "npm-cache"),
         "npm_config_update_notifier": "false",
         "npm_config_fund": "false",
         "npm_config_audit": "false",
-    }
-    os.makedirs(e["TMPDIR"], exist_ok=True)
+        "npm_config_progress": "false",
+    })
+    for name in ("global-npmrc", "user-npmrc"):
+        open(os.path.join(OUT, "tmp", name), "w").close()
+    if os.path.isfile(HOST_CAS):
+        e["NODE_EXTRA_CA_CERTS"] = HOST_CAS
     return e
 
 
@@ -55,10 +79,10 @@ def tail(text):
     return text
 
 
-def run(args, cwd=None):
+def run(args, cwd=None, environment=None):
     """Runs ``args``; returns (ok, its output)."""
     done = subprocess.run(
-        args, cwd=cwd, env=env(), stdin=subprocess.DEVNULL,
+        args, cwd=cwd, env=environment or env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     return done.returncode == 0, done.stdout.decode("utf-8", "replace")
@@ -116,10 +140,6 @@ def install(request):
     return {"op": "installed"}
 
 
-# Modules the runtime provides itself: never fetched.
-PROVIDED = ("sprout", "@m6s/box")
-
-
 def npm(request):
     """Installs a package.json's dependencies (with its lock, `npm ci`) into
     OUT/<dir>/node_modules."""
@@ -135,9 +155,11 @@ def npm(request):
         with open(os.path.join(where, "package-lock.json"), "w") as f:
             json.dump(lock, f)
         args = [NPM, "ci", "--omit=dev", "--no-audit", "--no-fund", "--no-update-notifier"]
-    ok, output = run(args, cwd=where)
+    ok, output = run(args, cwd=where, environment=npm_env())
     if not ok:
-        return {"op": "failed", "message": tail(output)}
+        # npm's log is in the sandbox, gone with it: its path says nothing.
+        lines = [l for l in output.splitlines() if "A complete log of this run" not in l]
+        return {"op": "failed", "message": tail("\n".join(lines))}
     os.makedirs(os.path.join(where, "node_modules"), exist_ok=True)
     return {"op": "installed"}
 

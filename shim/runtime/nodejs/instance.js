@@ -4,7 +4,7 @@
 // invocations, one at a time, on the link to the host (descriptor 3; see link.js).
 //
 // host -> node: load {function, code_dir, handler: {module, function}, namespace,
-//               version, memory_mb, timeout_ms}
+//               version, memory_mb, timeout_ms, deps?}
 //               invoke {activation_id, depth, raw, remaining_ms} + event
 //               call_returned/call_raised/call_failed/call_refused {id, ...} (sprout.js)
 // node -> host: ready, loaded, load_failed {error}, returned {raw} + result,
@@ -238,6 +238,24 @@ function useResolvConf() {
   }
 }
 
+// The function's packages (`load`'s deps, each `/deps/<key>/node_modules`, mounted
+// read-only) are searched as Node searches NODE_PATH: after every node_modules
+// directory up from the requiring file, so a module the function bundles in its own
+// node_modules wins, and before Node's global folders. `sprout` and `@m6s/box` stay
+// sprout's whatever the packages hold (OWN, above). The spare booted before its
+// function was known: the module paths are made again now (Node's own `_initPaths`,
+// what it runs at boot; child `node` processes inherit NODE_PATH).
+function usePackages(deps) {
+  if (deps === undefined) return;
+  const ok = (d) => typeof d === 'string' && d.startsWith('/deps/') && !d.includes(path.delimiter) && path.isAbsolute(d);
+  if (!Array.isArray(deps) || !deps.every(ok)) {
+    throw failure('LoadError', `deps ${JSON.stringify(deps)} is not a list of /deps/ directories`);
+  }
+  if (deps.length === 0) return;
+  process.env.NODE_PATH = deps.join(path.delimiter);
+  Module._initPaths();
+}
+
 link.on('load', (spec) => {
   useResolvConf();
   // The function's environment (its ol.yaml's), there before its module is loaded.
@@ -245,6 +263,7 @@ link.on('load', (spec) => {
     if (typeof value === 'string') process.env[key] = value;
   }
   try {
+    usePackages(spec.deps);
     const found = findHandler(spec);
     handler = { ...found, spec };
   } catch (e) {
