@@ -356,3 +356,32 @@ fn a_fastapi_app_behind_run() {
     assert_eq!(r.status, 200, "{}\n{}", text(&r), d.log());
     assert_eq!(body_json(&r), json!({"message": "hello world"}));
 }
+
+/// FunctionBench's `pyaes` is published only as source: it is built (setup.py run)
+/// in the install sandbox, and the function gets the built package.
+#[test]
+fn a_package_published_only_as_source_is_built_in_the_install_sandbox() {
+    let env = require_root!();
+    let d = env.daemon();
+    let dir = env.function(
+        "aes",
+        &[
+            (
+                "f.py",
+                "import pyaes\ndef f(event):\n    aes = pyaes.AESModeOfOperationCTR(b'k' * 32)\n    secret = aes.encrypt(b'attack at dawn')\n    back = pyaes.AESModeOfOperationCTR(b'k' * 32).decrypt(secret)\n    return {'roundtrip': back.decode(), 'file': pyaes.__file__}\n",
+            ),
+            ("requirements.txt", "pyaes==1.6.1\n"),
+        ],
+    );
+    let info = d.register("aes", &dir, json!({}));
+    assert_eq!(info["packages"], json!(["pyaes==1.6.1"]), "{info}");
+    let out = call(&d, "aes");
+    assert_eq!(out["roundtrip"], "attack at dawn", "{out}");
+    assert!(
+        out["file"]
+            .as_str()
+            .unwrap()
+            .starts_with("/deps/pyaes-1.6.1-"),
+        "{out}"
+    );
+}
