@@ -34,10 +34,13 @@ use rootfs::{Limits, SandboxConfig, Skeleton};
 use crate::config::Config;
 use crate::error::Error;
 use crate::instance::{Instance, Output, BOOT_TIMEOUT};
+use crate::packages::Package;
 use crate::registry::Function;
 use crate::runtime::{Runtime, Seam};
 use crate::sandbox_output::SandboxOutput;
 use crate::scheduler::StemCell;
+use crate::zygotes::{Live, ZygoteTag};
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub(crate) struct Sandboxes {
@@ -775,6 +778,192 @@ impl Sandboxes {
     pub fn remove_state(&self) -> Result<(), Error> {
         if let Some(state) = self.state.lock().take() {
             state.remove(&self.cgroups)?;
+        }
+        Ok(())
+    }
+}
+
+/// Most modules a package zygote imports (the zygote refuses more).
+const MAX_IMPORTED_MODULES: usize = 256;
+
+/// Package zygotes: see [`package_forks`] and `crate::zygotes`.
+impl Sandboxes {
+    /// Whether package zygotes are made at all.
+    pub fn package_zygotes_on(&self) -> bool {
+        self.packages.is_some()
+    }
+
+    /// Live package zygotes.
+    pub fn package_zygote_count(&self) -> usize {
+        self.packages
+            .as_ref()
+            .map_or(0, package_forks::PackageForks::count)
+    }
+
+    /// The live package zygote that serves `function` with the most packages.
+    pub fn package_zygote_for(&self, function: &Function) -> Option<Arc<ZygoteTag>> {
+        self.packages.as_ref()?.best_for(function)
+    }
+
+    /// A new sandbox (a stem cell, not frozen) forked from package zygote `zygote`.
+    pub fn fork_package_stem_cell(&self, zygote: &ZygoteTag) -> Result<StemCell, Error> {
+        let id = || format!("sprout-{}.pz-{}", self.agent_id, zygote.id);
+        let forks = self.packages.as_ref().ok_or_else(|| gone(&id()))?;
+        let server = forks.begin_fork(zygote.id).ok_or_else(|| gone(&id()))?;
+        match self.fork_stem_cell(&server.fork, Some(&server), Runtime::Python) {
+            Ok(cell) => {
+                forks.forked(&server, cell.sandbox.id());
+                self.forked.fetch_add(1, Ordering::Relaxed);
+                Ok(cell)
+            }
+            Err(e) => {
+                forks.fork_failed(&server);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a package zygote of `namespace` that imports `packages`: its fork
+    /// server, the packages attached in it, its zygote's imports. Returns it and its
+    /// memory (MiB) as measured. On failure nothing of it is left.
+    pub fn start_package_zygote(
+        &self,
+        namespace: &str,
+        packages: Vec<Package>,
+    ) -> Result<(Arc<ZygoteTag>, u64), Error> {
+        let forks = self.packages.as_ref().ok_or_else(|| Error::Spawn {
+            sandbox: String::new(),
+            function: String::new(),
+            message: "package zygotes are off".into(),
+        })?;
+        let server = forks
+            .add(&self.agent_id, namespace, packages)
+            .ok_or_else(|| Error::Spawn {
+                sandbox: String::new(),
+                function: String::new(),
+                message: "every package zygote uid window is taken".into(),
+            })?;
+        let span = tracing::info_span!(
+            "package_zygote",
+            sandbox_id = server.fork.id(),
+            namespace,
+            zygote = server.tag.id
+        );
+        let _g = span.enter();
+        let started = Instant::now();
+        let up = server.fork.ensure_up(server.fork.id(), || {
+            self.start_fork_server_of(&server.fork, |sandbox, shim| {
+                self.import_packages(&server, sandbox, shim)
+            })
+        });
+        if let Err(e) = up {
+            forks.remove(server.tag.id);
+            return Err(e);
+        }
+        let usage = self.package_zygote_usage_mb(&server);
+        tracing::info!(
+            packages = ?server.tag.keys,
+            usage_mb = usage,
+            took_ms = started.elapsed().as_millis() as u64,
+            "package zygote up"
+        );
+        Ok((server.tag.clone(), usage))
+    }
+
+    /// Attaches `server`'s packages in its sandbox and has its zygote import them.
+    fn import_packages(
+        &self,
+        server: &package_forks::PackageServer,
+        sandbox: &mut Sandbox,
+        shim: &mut ShimLink,
+    ) -> Result<(), Error> {
+        for package in &server.packages {
+            self.spawner.attach_code(
+                sandbox.id(),
+                &package.dir,
+                std::path::Path::new(&package.mount_point()),
+            )?;
+        }
+        // Module names come from the installed files: only plain identifiers go.
+        let modules: Vec<String> = server
+            .packages
+            .iter()
+            .flat_map(|p| &p.entry.modules)
+            .filter(|m| package_forks::is_module_name(m))
+            .take(MAX_IMPORTED_MODULES)
+            .cloned()
+            .collect();
+        let spec = ipc::proto::ImportSpec {
+            paths: server.packages.iter().map(Package::mount_point).collect(),
+            modules,
+        };
+        match shim.import_packages(&spec) {
+            Ok(Ok(imported)) => {
+                for failed in &imported.failed {
+                    tracing::warn!(module = %failed.module, error = %failed.error, "a package zygote could not import a module; it goes without");
+                }
+                tracing::debug!(modules = ?imported.imported, "packages imported");
+                Ok(())
+            }
+            Ok(Err(message)) => Err(Error::Spawn {
+                sandbox: sandbox.id().to_owned(),
+                function: String::new(),
+                message,
+            }),
+            Err(source) => Err(Error::Protocol {
+                sandbox: sandbox.id().to_owned(),
+                peer: "package fork server",
+                source,
+            }),
+        }
+    }
+
+    fn package_zygote_usage_mb(&self, server: &package_forks::PackageServer) -> u64 {
+        server
+            .fork
+            .with_server(|s| self.cgroups.memory_usage(s.sandbox.cgroup()).unwrap_or(0) >> 20)
+            .unwrap_or(0)
+    }
+
+    /// The live package zygotes as the policy sees them (`idle_stems`: how many of
+    /// each one's stem cells are ready in the pool), and how many more could be made.
+    /// Those found dead are forgotten.
+    pub fn package_zygotes(&self, idle_stems: impl Fn(u64) -> usize) -> (Vec<Live>, usize) {
+        let Some(forks) = &self.packages else {
+            return (Vec::new(), 0);
+        };
+        let mut live = Vec::new();
+        for server in forks.all() {
+            if !server.fork.is_up() {
+                // Its fork server died (a fork found it gone and destroyed it).
+                forks.remove(server.tag.id);
+                continue;
+            }
+            let usage = self.package_zygote_usage_mb(&server);
+            live.push(server.live(usage, idle_stems(server.tag.id)));
+        }
+        (live, forks.free_windows())
+    }
+
+    /// Destroys package zygote `id` if no live sandbox but its `stems` (its idle stem
+    /// cells, destroyed with it) was forked from it; else gives `stems` back.
+    pub fn evict_package_zygote(&self, id: u64, stems: Vec<StemCell>) -> Result<(), Vec<StemCell>> {
+        let Some(forks) = &self.packages else {
+            return Err(stems);
+        };
+        let Some(server) = forks.remove_if_idle(id, stems.len()) else {
+            return Err(stems);
+        };
+        for mut stem in stems {
+            self.destroy(&mut stem.sandbox, stem.reserved_mb);
+        }
+        if let Some(mut dead) = server.fork.take() {
+            tracing::info!(
+                sandbox_id = dead.sandbox.id(),
+                zygote = id,
+                "package zygote evicted"
+            );
+            self.destroy_fork_server(&server.fork, &mut dead.sandbox);
         }
         Ok(())
     }
