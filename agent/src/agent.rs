@@ -10,6 +10,7 @@
 //! | [`Runs`] | bound sandboxes, the callees attached in them, workflow runs |
 //! | [`Book`] | each sandbox's invocation session, calls in flight, call connections |
 //! | [`Invoker`] | nothing locked: invoke, complete, release, retire, destroy, the warm path |
+//! | [`Policy`] | which package zygotes to keep: demand per package set, the budget |
 //!
 //! **Lock order.** A lock is only taken while holding locks above it in this list:
 //!
@@ -19,6 +20,7 @@
 //! 4. `Registry::functions` (taken under 3 by `Runs::callees_current`)
 //!
 //! Leaves, under which no other component's lock is taken: `Registry::workflows`,
+//! the package zygote policy's lock, the package fork servers' own locks,
 //! `Runs::runs`, the call book's lock, a queued request's `Slot` (given under 2), and
 //! a `Cancel`'s (fired under `Runs::runs`, the book's lock, or asked from a `Slot`
 //! wait). No component calls out to another while holding its own lock, except as
@@ -46,6 +48,7 @@ use crate::runtime::Runtime;
 use crate::sandboxes::{state_err, Sandboxes};
 use crate::scheduler::{Abandon, Scheduler};
 use crate::transport::FastCall;
+use crate::zygotes::Policy;
 
 /// A running node agent. Create it with [`Agent::start`] (from any thread); share
 /// it (`Arc<Agent>`) across threads; end it with [`Agent::shutdown`].
@@ -134,6 +137,13 @@ impl Agent {
         let scheduler = Arc::new(Scheduler::default());
         let runs = Arc::new(Runs::default());
         let book = Arc::new(Book::default());
+        let zygotes = Arc::new(Policy::new(
+            match sandboxes.package_zygotes_on() {
+                true => config.pool.package_zygotes_mb,
+                false => 0,
+            },
+            config.pool.idle_ttl,
+        ));
         let invoker = Arc::new(Invoker::new(
             config.clone(),
             registry.clone(),
@@ -141,13 +151,14 @@ impl Agent {
             sandboxes.clone(),
             runs.clone(),
             book.clone(),
+            zygotes.clone(),
         ));
         let manager = if config.keep_warm {
             let (scheduler, sandboxes, invoker) =
                 (scheduler.clone(), sandboxes.clone(), invoker.clone());
             let (pool, stem_mb) = (config.pool, config.defaults.memory_mb);
             Some(spawn_thread("sprout-pool", move || {
-                crate::manager::run(&scheduler, &sandboxes, &pool, stem_mb, |inst| {
+                crate::manager::run(&scheduler, &sandboxes, &zygotes, &pool, stem_mb, |inst| {
                     invoker.destroy(inst)
                 })
             })?)
@@ -395,7 +406,7 @@ impl Agent {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             packages_installed: self.registry.packages().installed(),
             package_cache_hits: self.registry.packages().cache_hits(),
-            package_zygotes: 0,
+            package_zygotes: self.sandboxes.package_zygote_count(),
             namespaces,
         }
     }

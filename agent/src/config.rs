@@ -45,7 +45,15 @@ pub struct PoolConfig {
     pub memory_budget_mb: u64,
     /// How new sandboxes are made (stem cells, and cold starts when none is ready).
     pub new_sandboxes: NewSandboxes,
+    /// Memory (MiB, as measured) the package zygotes may take together
+    /// (`--package-zygotes-mb`); 0 turns them off.
+    pub package_zygotes_mb: u64,
+    /// Ready stem cells kept forked from each package zygote (`--package-stem-cells`).
+    pub package_stem_cells: usize,
 }
+
+/// The default of `--package-zygotes-mb`.
+pub const DEFAULT_PACKAGE_ZYGOTES_MB: u64 = 512;
 
 /// How the pool makes a new sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +86,8 @@ impl Default for PoolConfig {
             idle_ttl: Duration::from_secs(600),
             memory_budget_mb: default_memory_budget_mb(),
             new_sandboxes: NewSandboxes::Fork,
+            package_zygotes_mb: DEFAULT_PACKAGE_ZYGOTES_MB,
+            package_stem_cells: 1,
         }
     }
 }

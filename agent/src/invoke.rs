@@ -29,6 +29,7 @@ use crate::runs::Runs;
 use crate::sandboxes::Sandboxes;
 use crate::scheduler::{Abandon, Grant, Scheduler, SlotState, StemCell};
 use crate::transport::{FastCall, FastPoll};
+use crate::zygotes::{Policy, SetKey, ZygoteTag};
 
 /// How an invocation is made: by a client (depth 0) or by another function.
 #[derive(Debug, Default, Clone, Copy)]
@@ -56,6 +57,8 @@ pub(crate) struct Invoker {
     sandboxes: Arc<Sandboxes>,
     runs: Arc<Runs>,
     book: Arc<Book>,
+    /// Told of every cold start (what package zygotes to keep).
+    zygotes: Arc<Policy>,
     /// Invocation ids.
     next_id: AtomicU64,
     invocations: AtomicU64,
@@ -178,6 +181,7 @@ impl Invoker {
         sandboxes: Arc<Sandboxes>,
         runs: Arc<Runs>,
         book: Arc<Book>,
+        zygotes: Arc<Policy>,
     ) -> Invoker {
         Invoker {
             config,
@@ -186,6 +190,7 @@ impl Invoker {
             sandboxes,
             runs,
             book,
+            zygotes,
             next_id: AtomicU64::new(1),
             invocations: AtomicU64::new(0),
         }
@@ -613,20 +618,20 @@ impl Invoker {
                 return Err(e);
             }
             let function = self.registry.get(key)?;
-            let (grant, stale) = self.scheduler.grant(key, &function, retried)?;
+            // A live package zygote that serves it: a new instance is forked from it
+            // (or from its stem cell) rather than started in a plain stem cell.
+            let zygote = self.sandboxes.package_zygote_for(&function);
+            let (grant, stale) = self
+                .scheduler
+                .grant(key, &function, retried, zygote.is_some())?;
             for inst in stale {
                 self.destroy(inst);
             }
             let slot = match grant {
                 Grant::Idle(inst) => return Ok((inst, Start::Warm, function)),
                 Grant::Start(stem) => {
-                    let start = if stem.is_some() {
-                        Start::StemCell
-                    } else {
-                        Start::NewSandbox
-                    };
-                    return match self.start_instance(&function, stem) {
-                        Ok(inst) => Ok((inst, start, function)),
+                    return match self.start_cold(&function, stem, zygote) {
+                        Ok((inst, start)) => Ok((inst, start, function)),
                         Err(e) => {
                             self.scheduler.forget_instance(key);
                             Err(e)
@@ -664,6 +669,46 @@ impl Invoker {
                 SlotState::Closed | SlotState::Waiting => return Err(Error::ShuttingDown),
             }
         }
+    }
+
+    /// A cold start of `function` in `stem` (a package zygote's or a plain one), else
+    /// in a new sandbox forked from package zygote `zygote`, else (or when that
+    /// fork fails) in a plain stem cell or a new sandbox. The policy hears of it.
+    fn start_cold(
+        &self,
+        function: &Function,
+        stem: Option<StemCell>,
+        zygote: Option<Arc<ZygoteTag>>,
+    ) -> Result<(Instance, Start), Error> {
+        let exact = |z: &ZygoteTag| SetKey::of(function).is_some_and(|k| z.is(&k));
+        let (stem, start, served_by) = match (stem, zygote) {
+            (Some(stem), _) => match stem.zygote.clone() {
+                Some(z) => (Some(stem), Start::PackageZygote, Some(z)),
+                None => (Some(stem), Start::StemCell, None),
+            },
+            (None, Some(z)) => match self.sandboxes.fork_package_stem_cell(&z) {
+                Ok(cell) => (Some(cell), Start::PackageZygote, Some(z)),
+                Err(e) => {
+                    tracing::warn!(zygote = z.id, error = %ipc::chain(&e), "could not fork from the package zygote; starting plain");
+                    match self.scheduler.take_stem_cell(function.runtime) {
+                        Some(stem) => (Some(stem), Start::StemCell, None),
+                        None => (None, Start::NewSandbox, None),
+                    }
+                }
+            },
+            (None, None) => (None, Start::NewSandbox, None),
+        };
+        let exact = served_by.as_deref().is_some_and(exact);
+        self.zygotes.cold_start(function, exact, Instant::now());
+        if !exact && self.zygotes.enabled() && SetKey::of(function).is_some() {
+            // Its set is wanted: the manager may make its package zygote.
+            self.scheduler.wake_manager();
+        }
+        if let Some(z) = &served_by {
+            tracing::debug!(zygote = z.id, "from a package zygote");
+        }
+        self.start_instance(function, stem)
+            .map(|inst| (inst, start))
     }
 
     /// A loaded instance of `function` in `stem` (or in a new sandbox): started by

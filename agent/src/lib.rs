@@ -37,9 +37,13 @@ mod scheduler;
 pub mod transport;
 pub mod upload;
 mod workflow;
+mod zygotes;
 
 pub use agent::Agent;
-pub use config::{default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells};
+pub use config::{
+    default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells,
+    DEFAULT_PACKAGE_ZYGOTES_MB,
+};
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};

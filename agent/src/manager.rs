@@ -10,6 +10,11 @@
 //! Then it sleeps until the next grace or TTL deadline, or until woken (a request took
 //! a stem cell, an instance went idle, shutdown).
 //!
+//! A pass with nothing else to do looks after the package zygotes: it does what
+//! the policy ([`crate::zygotes::Policy::next`]) says (evict, make one), then forks a
+//! stem cell from a package zygote short of its `--package-stem-cells` (one per
+//! pass, within the memory budget), and passes again at once if it did anything.
+//!
 //! Every [`SHIM_CHECK`] a pass also takes out idle instances and stem cells whose shim
 //! died (its channel hung up, or, on cgroup v1, it is frozen with a SIGKILL pending:
 //! a frozen task dies only once thawed; `/proc` is read outside the lock), so the next
@@ -17,6 +22,8 @@
 //! PID 1: when it dies, the kernel kills every process in the sandbox, so its channel
 //! and the instance's hang up.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::MutexGuard;
@@ -25,7 +32,8 @@ use crate::config::PoolConfig;
 use crate::instance::Instance;
 use crate::runtime::Runtime;
 use crate::sandboxes::Sandboxes;
-use crate::scheduler::{Scheduler, StemCell};
+use crate::scheduler::{Sched, Scheduler, StemCell};
+use crate::zygotes::{Policy, Step, ZygoteTag};
 
 /// How often idle sandboxes are checked for a dead shim: one `poll` over their
 /// channels (and, on cgroup v1, a look at each frozen shim's pending signals).
@@ -42,6 +50,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 pub(crate) fn run(
     scheduler: &Scheduler,
     sandboxes: &Sandboxes,
+    zygotes: &Policy,
     cfg: &PoolConfig,
     stem_mb: u64,
     destroy: impl Fn(Instance),
@@ -52,6 +61,8 @@ pub(crate) fn run(
     let mut retry = [RETRY_FIRST; Runtime::ALL.len()];
     let mut retry_at: [Option<Instant>; Runtime::ALL.len()] = [None; Runtime::ALL.len()];
     let mut shim_check_at = Instant::now() + SHIM_CHECK;
+    // Package zygotes a stem cell could not be forked from lately, until when.
+    let mut package_retry: HashMap<u64, Instant> = HashMap::new();
     let mut sched = scheduler.lock();
     loop {
         if scheduler.is_closed() {
@@ -129,6 +140,18 @@ pub(crate) fn run(
         }
 
         if doomed.is_empty() && doomed_stems.is_empty() && refill.is_none() {
+            if sandboxes.package_zygotes_on()
+                && package_pass(
+                    &mut sched,
+                    sandboxes,
+                    zygotes,
+                    cfg,
+                    stem_mb,
+                    &mut package_retry,
+                )
+            {
+                continue;
+            }
             sched.set_manager_deadline(next);
             scheduler.wait(&mut sched, next);
             continue;
@@ -159,6 +182,103 @@ pub(crate) fn run(
             None => {}
         }
     }
+}
+
+/// The package zygotes' part of a pass: the policy's steps, then at most one stem
+/// cell forked from a package zygote. Returns whether it did anything.
+fn package_pass(
+    sched: &mut MutexGuard<'_, Sched>,
+    sandboxes: &Sandboxes,
+    zygotes: &Policy,
+    cfg: &PoolConfig,
+    stem_mb: u64,
+    retry: &mut HashMap<u64, Instant>,
+) -> bool {
+    let now = Instant::now();
+    let counts = sched.package_stem_counts();
+    let (live, free) = MutexGuard::unlocked(sched, || {
+        sandboxes.package_zygotes(|id| counts.get(&id).copied().unwrap_or(0))
+    });
+    let mut did = false;
+    for step in zygotes.next(&live, free, now) {
+        match step {
+            Step::Evict(id) => {
+                let stems = sched.take_package_stems(id);
+                let refused =
+                    MutexGuard::unlocked(sched, || sandboxes.evict_package_zygote(id, stems));
+                match refused {
+                    // Something was forked from it meanwhile: it stays.
+                    Err(stems) => sched.put_package_stems(stems),
+                    Ok(()) => {
+                        retry.remove(&id);
+                        did = true;
+                    }
+                }
+            }
+            Step::Start(key, packages) => {
+                did = true;
+                let made = MutexGuard::unlocked(sched, || {
+                    sandboxes.start_package_zygote(&key.namespace, packages)
+                });
+                match made {
+                    Ok((tag, usage_mb)) => {
+                        zygotes.made(&key, usage_mb, Instant::now());
+                        if !zygotes.fits_alone(usage_mb) {
+                            tracing::warn!(
+                                zygote = tag.id,
+                                usage_mb,
+                                "a package zygote alone exceeds --package-zygotes-mb; evicted"
+                            );
+                            let _ = MutexGuard::unlocked(sched, || {
+                                sandboxes.evict_package_zygote(tag.id, Vec::new())
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(namespace = %key.namespace, packages = ?key.keys, error = %ipc::chain(&e), "could not make a package zygote");
+                        zygotes.failed(&key, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+    if cfg.package_stem_cells == 0 || sandboxes.reserved_mb() + stem_mb > cfg.memory_budget_mb {
+        return did;
+    }
+    let tags: Vec<Arc<ZygoteTag>> = live
+        .iter()
+        .filter(|l| retry.get(&l.tag.id).is_none_or(|t| *t <= now))
+        .map(|l| l.tag.clone())
+        .collect();
+    let Some(tag) = sched.package_stem_missing(&tags, cfg.package_stem_cells) else {
+        return did;
+    };
+    sched.package_stem_starting(tag.id);
+    let made = MutexGuard::unlocked(sched, || {
+        let mut stem = sandboxes.fork_package_stem_cell(&tag)?;
+        if let Err(e) = stem.sandbox.freeze() {
+            sandboxes.destroy(&mut stem.sandbox, stem.reserved_mb);
+            return Err(e.into());
+        }
+        tracing::debug!(
+            sandbox_id = stem.sandbox.id(),
+            zygote = tag.id,
+            "package zygote stem cell ready"
+        );
+        Ok::<_, crate::error::Error>(stem)
+    });
+    match made {
+        Ok(stem) => {
+            retry.remove(&tag.id);
+            sched.package_stem_made(tag.id, Some(stem));
+        }
+        Err(e) => {
+            tracing::warn!(zygote = tag.id, error = %ipc::chain(&e), "could not fork a package zygote's stem cell");
+            retry.insert(tag.id, Instant::now() + RETRY_MAX);
+            sched.package_stem_made(tag.id, None);
+        }
+    }
+    true
 }
 
 /// Whether process `pid` has a SIGKILL pending (`/proc/<pid>/status`, `SigPnd` and

@@ -143,6 +143,9 @@ pub enum Start {
     StemCell,
     /// A new instance in a sandbox created for it (no stem cell was ready).
     NewSandbox,
+    /// A new instance in a sandbox forked from a package zygote (its stem cell, or a
+    /// new fork): some of its packages were imported already.
+    PackageZygote,
 }
 
 impl Start {
@@ -152,6 +155,9 @@ impl Start {
 
     /// Whether a new instance had to be started.
     pub fn is_cold(self) -> bool {
-        matches!(self, Start::StemCell | Start::NewSandbox)
+        matches!(
+            self,
+            Start::StemCell | Start::NewSandbox | Start::PackageZygote
+        )
     }
 }

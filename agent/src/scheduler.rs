@@ -25,6 +25,7 @@ use crate::instance::Instance;
 use crate::names::FunctionKey;
 use crate::registry::Function;
 use crate::runtime::Runtime;
+use crate::zygotes::ZygoteTag;
 
 /// The scheduler: every function's idle instances, count and queue, and the stem
 /// cells, under one lock; and the condition variable that wakes the pool manager.
@@ -48,6 +49,10 @@ pub(crate) struct Sched {
     stem_cells: BTreeMap<Runtime, Vec<StemCell>>,
     /// Stem cells being created by the manager, by runtime.
     stem_starting: BTreeMap<Runtime, usize>,
+    /// Ready (frozen) stem cells forked from package zygotes, most recent last.
+    package_stems: Vec<StemCell>,
+    /// Package zygotes a stem cell is being forked from by the manager.
+    package_starting: std::collections::BTreeSet<u64>,
     /// When the manager will next look by itself (None: it sleeps until woken).
     manager_deadline: Option<Instant>,
 }
@@ -82,6 +87,8 @@ pub struct StemCell {
     pub shim: ShimLink,
     /// Memory (MiB) counted against the budget for it.
     pub reserved_mb: u64,
+    /// The package zygote it was forked from (its packages are imported and mounted).
+    pub zygote: Option<Arc<ZygoteTag>>,
 }
 
 /// What [`Scheduler::grant`] gives a request.
@@ -127,12 +134,15 @@ impl Scheduler {
     /// An idle instance of `function` (of its current version: older ones are
     /// returned, taken out, for the caller to destroy), leave to start a new one
     /// (while the function is below `max_instances`), or a place in its queue
-    /// (`retried`: at the front).
+    /// (`retried`: at the front). A new one gets the stem cell of the package zygote
+    /// that serves it with the most packages, else (unless `package_zygote`: one
+    /// serves it, to fork from) a plain one of its runtime.
     pub fn grant(
         &self,
         key: &FunctionKey,
         function: &Function,
         retried: bool,
+        package_zygote: bool,
     ) -> Result<(Grant, Vec<Instance>), Error> {
         let mut sched = self.state.lock();
         if self.is_closed() {
@@ -152,10 +162,15 @@ impl Scheduler {
         let may_start = pool.live < function.max_instances && pool.returning <= pool.queue.len();
         if may_start {
             pool.live += 1;
-            let stem = sched
-                .stem_cells
-                .get_mut(&function.runtime)
-                .and_then(Vec::pop);
+            let stem = sched.take_package_stem(function).or_else(|| {
+                if package_zygote {
+                    return None;
+                }
+                sched
+                    .stem_cells
+                    .get_mut(&function.runtime)
+                    .and_then(Vec::pop)
+            });
             return Ok((Grant::Start(stem), stale));
         }
         let slot = Arc::new(Slot::default());
@@ -259,6 +274,16 @@ impl Scheduler {
         old
     }
 
+    /// A ready plain stem cell of `runtime` (a cold start that could not fork from
+    /// its package zygote falls back to one).
+    pub fn take_stem_cell(&self, runtime: Runtime) -> Option<StemCell> {
+        self.state
+            .lock()
+            .stem_cells
+            .get_mut(&runtime)
+            .and_then(Vec::pop)
+    }
+
     /// Takes out the idle instances and stem cells whose sandbox `gone` says is gone;
     /// a waiter is woken to start a replacement for each instance.
     pub fn take_gone(&self, gone: impl Fn(&str) -> bool) -> (Vec<Instance>, Vec<StemCell>) {
@@ -276,6 +301,7 @@ impl Scheduler {
         for cells in sched.stem_cells.values_mut() {
             stems.extend(cells.extract_if(.., |s| gone(s.sandbox.id())));
         }
+        stems.extend(sched.package_stems.extract_if(.., |s| gone(s.sandbox.id())));
         (idle, stems)
     }
 
@@ -290,10 +316,11 @@ impl Scheduler {
             pool.live -= pool.idle.len();
             idle.append(&mut pool.idle);
         }
-        let stems = std::mem::take(&mut sched.stem_cells)
+        let mut stems: Vec<StemCell> = std::mem::take(&mut sched.stem_cells)
             .into_values()
             .flatten()
             .collect();
+        stems.append(&mut sched.package_stems);
         (idle, stems)
     }
 
@@ -319,7 +346,13 @@ impl Scheduler {
 
     pub fn counts(&self) -> Counts {
         let sched = self.state.lock();
-        let stems = || sched.stem_cells.values().flatten();
+        let stems = || {
+            sched
+                .stem_cells
+                .values()
+                .flatten()
+                .chain(&sched.package_stems)
+        };
         let frozen = sched
             .functions
             .values()
@@ -331,7 +364,7 @@ impl Scheduler {
                 .count();
         Counts {
             frozen,
-            stem_cells: stems().count(),
+            stem_cells: sched.stem_cells.values().flatten().count(),
             stem_cells_by_runtime: Runtime::ALL
                 .map(|r| sched.stem_cells.get(&r).map_or(0, Vec::len)),
             queued: sched.functions.values().map(|f| f.queue.len()).sum(),
@@ -422,10 +455,80 @@ impl Sched {
         Some(pool.idle.remove(0))
     }
 
-    /// Removes and returns the oldest stem cell (of the first runtime that has one).
+    /// Removes and returns the oldest stem cell (of the first runtime that has one),
+    /// then the oldest of a package zygote's.
     pub fn take_oldest_stem(&mut self) -> Option<StemCell> {
-        let cells = self.stem_cells.values_mut().find(|c| !c.is_empty())?;
-        Some(cells.remove(0))
+        match self.stem_cells.values_mut().find(|c| !c.is_empty()) {
+            Some(cells) => Some(cells.remove(0)),
+            None => (!self.package_stems.is_empty()).then(|| self.package_stems.remove(0)),
+        }
+    }
+
+    /// The ready stem cell of the package zygote that serves `function` with the most
+    /// packages.
+    fn take_package_stem(&mut self, function: &Function) -> Option<StemCell> {
+        let best = crate::zygotes::best(
+            self.package_stems.iter().filter_map(|s| s.zygote.as_ref()),
+            function,
+        )?
+        .id;
+        let i = self
+            .package_stems
+            .iter()
+            .rposition(|s| s.zygote.as_ref().is_some_and(|z| z.id == best))?;
+        Some(self.package_stems.remove(i))
+    }
+
+    /// Ready stem cells of each package zygote that has any.
+    pub fn package_stem_counts(&self) -> HashMap<u64, usize> {
+        let mut counts = HashMap::new();
+        for z in self.package_stems.iter().filter_map(|s| s.zygote.as_ref()) {
+            *counts.entry(z.id).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Ready stem cells of package zygote `id`.
+    pub fn package_stems_of(&self, id: u64) -> usize {
+        self.package_stems
+            .iter()
+            .filter(|s| s.zygote.as_ref().is_some_and(|z| z.id == id))
+            .count()
+    }
+
+    /// Takes out the ready stem cells of package zygote `id`.
+    pub fn take_package_stems(&mut self, id: u64) -> Vec<StemCell> {
+        self.package_stems
+            .extract_if(.., |s| s.zygote.as_ref().is_some_and(|z| z.id == id))
+            .collect()
+    }
+
+    /// Gives back stem cells taken out with [`Sched::take_package_stems`].
+    pub fn put_package_stems(&mut self, stems: Vec<StemCell>) {
+        self.package_stems.extend(stems);
+    }
+
+    /// Of package zygotes `ids`, the first with fewer than `want` stem cells ready or
+    /// being made.
+    pub fn package_stem_missing(
+        &self,
+        ids: &[std::sync::Arc<ZygoteTag>],
+        want: usize,
+    ) -> Option<std::sync::Arc<ZygoteTag>> {
+        ids.iter()
+            .find(|z| !self.package_starting.contains(&z.id) && self.package_stems_of(z.id) < want)
+            .cloned()
+    }
+
+    /// The manager starts forking a stem cell from package zygote `id`.
+    pub fn package_stem_starting(&mut self, id: u64) {
+        self.package_starting.insert(id);
+    }
+
+    /// The manager is done forking a stem cell from package zygote `id`.
+    pub fn package_stem_made(&mut self, id: u64, stem: Option<StemCell>) {
+        self.package_starting.remove(&id);
+        self.package_stems.extend(stem);
     }
 
     /// Stem cells of `runtime` missing to make `want`, counting those being made.
@@ -471,7 +574,12 @@ impl Sched {
                 sandboxes.push((&inst.sandbox, 2));
             }
         }
-        for stem in self.stem_cells.values().flatten() {
+        for stem in self
+            .stem_cells
+            .values()
+            .flatten()
+            .chain(&self.package_stems)
+        {
             fds.push(PollFd::new(stem.shim.0.as_fd(), PollFlags::empty()));
             sandboxes.push((&stem.sandbox, 1));
         }
@@ -521,7 +629,11 @@ impl Sched {
             doomed.extend(gone);
         }
         let mut doomed_stems = Vec::new();
-        for cells in self.stem_cells.values_mut() {
+        for cells in self
+            .stem_cells
+            .values_mut()
+            .chain(std::iter::once(&mut self.package_stems))
+        {
             for stem in cells.extract_if(.., |s| dead(s.sandbox.id())) {
                 tracing::warn!(
                     sandbox_id = stem.sandbox.id(),

@@ -340,6 +340,33 @@ pub enum ShimRequest {
     /// To the fork server's shim only: have the zygote fork a child that makes a new
     /// sandbox. Carries the two descriptors of [`SandboxSpec`].
     ForkSandbox(SandboxSpec),
+    /// To a package fork server's shim only, once, before any `ForkSandbox`: have
+    /// the zygote import `modules` with `paths` (its packages' directories, attached
+    /// at `/deps/<key>`) on its import path. Answered with `packages_imported` or
+    /// `import_refused`.
+    ImportPackages(ImportSpec),
+}
+
+/// What a package fork server's zygote imports before it forks ([`ShimRequest::ImportPackages`]).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ImportSpec {
+    /// Package directories (`/deps/<key>`), put on `sys.path` while importing.
+    pub paths: Vec<String>,
+    /// Top-level modules to import, in order; one that fails is skipped.
+    pub modules: Vec<String>,
+}
+
+/// What the zygote imported: the modules it has, and each that failed with why.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Imported {
+    pub imported: Vec<String>,
+    pub failed: Vec<ImportFailure>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ImportFailure {
+    pub module: String,
+    pub error: String,
 }
 
 /// A new sandbox forked from the fork server's zygote. `ForkSandbox` requests carry
@@ -425,6 +452,12 @@ pub enum ShimEvent {
         sandbox: String,
         message: String,
     },
+    /// A package fork server's zygote imported its packages.
+    PackagesImported(Imported),
+    /// It did not (a bad request, or the imports left it unable to fork).
+    ImportRefused {
+        message: String,
+    },
 }
 
 /// Shim → zygote. `Fork` carries four descriptors: the instance's end of its channel,
@@ -439,6 +472,9 @@ pub enum ZygoteRequest {
     /// The fork server's zygote only: fork a child that makes a new sandbox. Carries
     /// the two descriptors of [`SandboxSpec`].
     ForkSandbox(SandboxSpec),
+    /// The fork server's zygote only, once: import a package set (see
+    /// [`ShimRequest::ImportPackages`]).
+    ImportPackages(ImportSpec),
 }
 
 /// Zygote → shim.
@@ -451,6 +487,8 @@ pub enum ZygoteEvent {
     ForkFailed { instance: u64, message: String },
     SandboxForked { sandbox: String, pid: i32 },
     SandboxForkFailed { sandbox: String, message: String },
+    PackagesImported(Imported),
+    ImportRefused { message: String },
 }
 
 /// Agent → instance. `Load` comes first; `Invoke`'s payload is the event JSON.
@@ -713,6 +751,24 @@ impl AgentLink {
 }
 
 impl ShimLink {
+    /// Asks a package fork server's shim to have its zygote import `spec`; returns
+    /// what it imported, or why it refused.
+    pub fn import_packages(
+        &mut self,
+        spec: &ImportSpec,
+    ) -> Result<Result<Imported, String>, Error> {
+        self.0
+            .send(&ShimRequest::ImportPackages(spec.clone()), b"", &[])?;
+        match self.0.recv::<ShimEvent>()?.header {
+            ShimEvent::PackagesImported(imported) => Ok(Ok(imported)),
+            ShimEvent::ImportRefused { message } => Ok(Err(message)),
+            other => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "packages_imported",
+            }),
+        }
+    }
+
     /// Asks the fork server's shim for a new sandbox `spec`, whose shim channel end
     /// and output pipe are `shim_end` and `output`. Returns the forked child's pid
     /// (in the fork server's pid namespace) or why there is none.
@@ -844,6 +900,23 @@ impl ZygoteLink {
 }
 
 impl ZygoteLink {
+    /// Asks a package fork server's zygote to import `spec`.
+    pub fn import_packages(
+        &mut self,
+        spec: &ImportSpec,
+    ) -> Result<Result<Imported, String>, Error> {
+        self.0
+            .send(&ZygoteRequest::ImportPackages(spec.clone()), b"", &[])?;
+        match self.0.recv()?.header {
+            ZygoteEvent::PackagesImported(imported) => Ok(Ok(imported)),
+            ZygoteEvent::ImportRefused { message } => Ok(Err(message)),
+            other => Err(Error::Unexpected {
+                op: op_of(&other).to_owned(),
+                expected: "packages_imported",
+            }),
+        }
+    }
+
     /// Asks the fork server's zygote to fork the child that makes sandbox `spec`.
     /// Returns its pid or the zygote's refusal.
     pub fn fork_sandbox(
@@ -1008,6 +1081,31 @@ mod tests {
             ZygoteRequest::ForkSandbox(sandbox_spec.clone()),
         ]);
         check(&[ShimRequest::ForkSandbox(sandbox_spec.clone())]);
+        let import = ImportSpec {
+            paths: vec!["/deps/six-1".into()],
+            modules: vec!["six".into()],
+        };
+        let imported = Imported {
+            imported: vec!["six".into()],
+            failed: vec![ImportFailure {
+                module: "m".into(),
+                error: "e".into(),
+            }],
+        };
+        check(&[ShimRequest::ImportPackages(import.clone())]);
+        check(&[ZygoteRequest::ImportPackages(import)]);
+        check(&[
+            ShimEvent::PackagesImported(imported.clone()),
+            ShimEvent::ImportRefused {
+                message: "m".into(),
+            },
+        ]);
+        check(&[
+            ZygoteEvent::PackagesImported(imported),
+            ZygoteEvent::ImportRefused {
+                message: "m".into(),
+            },
+        ]);
         check(&[
             ShimEvent::SandboxForked {
                 sandbox: "s".into(),

@@ -6,7 +6,7 @@
 //! `ready` with a pidfd of the zygote (the agent writes that namespace's id maps),
 //! and then passes each of the agent's
 //! `fork_sandbox` requests, with its two descriptors, to the zygote and the answer
-//! back. It has no instances. As PID 1 it reaps the new sandboxes' first processes
+//! back (and, in a package fork server, the one `import_packages` before them). It has no instances. As PID 1 it reaps the new sandboxes' first processes
 //! once their parents (the zygote's children) have exited, and it exits when the
 //! agent closes its channel or the zygote exits; its pid namespace, with every
 //! sandbox forked from it, ends with it.
@@ -87,6 +87,14 @@ pub fn serve(mut agent: AgentLink, sigchld: &SignalFd) -> Result<(), Error> {
                             fds.len()
                         ),
                     },
+                }
+            }
+            ShimRequest::ImportPackages(spec) => {
+                drop(fds); // it carries none; any closes here
+                match zygote.link().import_packages(&spec) {
+                    Ok(Ok(imported)) => ShimEvent::PackagesImported(imported),
+                    Ok(Err(message)) => ShimEvent::ImportRefused { message },
+                    Err(e) => return Err(Error::Zygote(crate::zygote::Error::Protocol(e))),
                 }
             }
             ShimRequest::SpawnInstance { instance, .. } => ShimEvent::SpawnFailed {

@@ -430,6 +430,12 @@ impl<Z: Spawn> Router<Z> {
                     };
                     self.agent.0.send(&event, b"", &[]).map_err(Error::Agent)?;
                 }
+                ShimRequest::ImportPackages(_) => {
+                    let event = ipc::proto::ShimEvent::ImportRefused {
+                        message: "this sandbox is not a package fork server".into(),
+                    };
+                    self.agent.0.send(&event, b"", &[]).map_err(Error::Agent)?;
+                }
             }
         }
         Ok(true)

@@ -1178,8 +1178,10 @@ fn the_fork_server_holds_no_host_privilege() {
         parent, host_user,
         "the parent of the zygote's user namespace"
     );
-    // Its maps: inside 0 is the fork server's uid, the rest of the range's first half
-    // (forked sandboxes' uids) itself; the second half (created sandboxes') unmapped.
+    // Its maps: inside 0 is the fork server's uid, the rest of its window of the
+    // range's first half (forked sandboxes' uids) itself; the package zygotes'
+    // windows (the last quarter of the first half: 16 of 8 uids with this range) and
+    // the second half (created sandboxes') unmapped.
     for file in ["uid_map", "gid_map"] {
         let map: Vec<Vec<u32>> = fs::read_to_string(format!("/proc/{zygote}/{file}"))
             .unwrap()
@@ -1190,7 +1192,7 @@ fn the_fork_server_holds_no_host_privilege() {
             map,
             vec![
                 vec![0, base, 1],
-                vec![base + 1, base + 1, UID_COUNT.div_ceil(2) - 1]
+                vec![base + 1, base + 1, UID_COUNT.div_ceil(2) * 3 / 4 - 1]
             ],
             "the zygote's {file}"
         );

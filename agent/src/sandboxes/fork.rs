@@ -52,11 +52,21 @@ const MAX_UNMOVED: usize = 8;
 const PLAN_FILE: &str = "forked.json";
 const SECCOMP_FILE: &str = "seccomp.bpf";
 
-/// The fork server: made on first use, remade after it dies.
+/// A fork server: the plain one (made on first use, remade after it dies) or a
+/// package fork server (made once; gone for good when it dies).
 #[derive(Debug)]
 pub(super) struct ForkServer {
-    /// Its memory limit (MiB), reserved against the budget like a sandbox's.
+    /// Its sandbox id.
+    id: String,
+    /// Its uid window: the slots of the agent's range it and the sandboxes forked
+    /// from it take their uids from, the only ones its user namespace maps.
+    slots: std::ops::Range<u32>,
+    /// Its memory limit (MiB).
     memory_mb: u64,
+    /// What it reserves against the sandboxes' memory budget (MiB): the plain one its
+    /// limit, a package fork server nothing (its memory counts against the package
+    /// zygotes' budget, as measured).
+    reserved_mb: u64,
     state: Mutex<State>,
     /// Forked children not yet in their own cgroup, and its wake-up.
     unmoved: Mutex<usize>,
@@ -87,6 +97,8 @@ pub(super) struct Server {
     pub(super) sandbox: Sandbox,
     pub(super) shim: ShimLink,
     pub(super) uid: u32,
+    /// One past the last host uid its user namespace maps.
+    pub(super) window_end: u32,
 }
 
 impl ForkServer {
@@ -100,14 +112,15 @@ impl ForkServer {
         config: &Config,
         users: &rootfs::SandboxUsers,
         agent_id: &str,
+        slots: std::ops::Range<u32>,
     ) -> Result<ForkServer, Error> {
-        // The fork server's own host user: the first of the agent's range when it can
-        // be (taken now, before any sandbox), so that its one uid mapping (inside 0 →
-        // it, and the range after it) covers every sandbox user. Once it was
+        // The fork server's own host user: the first of its window when it can be
+        // (taken now, before any sandbox), so that its one uid mapping (inside 0 →
+        // it, and the window after it) covers every sandbox user. Once it was
         // destroyed its next user may be a later one; sandboxes below it are then
         // created instead (their child cannot take their uid).
         users
-            .assign_in(&id(agent_id), forked_slots(users.range()))
+            .assign_in(&id(agent_id), slots.clone())
             .map_err(|e| Error::State {
                 path: PathBuf::from("sandbox uids"),
                 source: std::io::Error::other(e.to_string()),
@@ -137,12 +150,59 @@ impl ForkServer {
             .ok_or_else(|| spec_err(runtime_dir, &std::io::Error::other("no seccomp section")))?;
         let bpf = pool::seccomp_bpf(&seccomp)?;
         write_public(&runtime_dir.join(SECCOMP_FILE), &bpf)?;
-        Ok(ForkServer {
-            memory_mb: memory_mb(config),
+        let memory_mb = memory_mb(config);
+        Ok(ForkServer::new(id(agent_id), slots, memory_mb, memory_mb))
+    }
+
+    /// A fork server `id` (down until its first use) with uid window `slots`. The
+    /// plain one is made by [`ForkServer::install`]; a package fork server is made
+    /// with this, its user taken when it starts.
+    pub(super) fn new(
+        id: String,
+        slots: std::ops::Range<u32>,
+        memory_mb: u64,
+        reserved_mb: u64,
+    ) -> ForkServer {
+        ForkServer {
+            id,
+            slots,
+            memory_mb,
+            reserved_mb,
             state: Mutex::new(State::Down { retry_at: None }),
             unmoved: Mutex::new(0),
             moved: parking_lot::Condvar::new(),
-        })
+        }
+    }
+
+    /// Its sandbox id.
+    pub(super) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its uid window (slots of the agent's range).
+    pub(super) fn slots(&self) -> std::ops::Range<u32> {
+        self.slots.clone()
+    }
+
+    /// Whether it is up.
+    pub(super) fn is_up(&self) -> bool {
+        matches!(*self.state.lock(), State::Up(_))
+    }
+
+    /// Takes its server out (it is then down): for its owner to destroy.
+    pub(super) fn take(&self) -> Option<Server> {
+        match std::mem::replace(&mut *self.state.lock(), State::Down { retry_at: None }) {
+            State::Up(server) => Some(*server),
+            State::Down { .. } => None,
+        }
+    }
+
+    /// Runs `f` on its server's sandbox and shim while it is up.
+    pub(super) fn with_server<T>(&self, f: impl FnOnce(&mut Server) -> T) -> Option<T> {
+        match &mut *self.state.lock() {
+            State::Up(server) => Some(f(server)),
+            State::Down { .. } => None,
+        }
     }
 
     /// Starts the fork server if it is down (and was not failing lately); returns
@@ -161,6 +221,11 @@ impl ForkServer {
     /// leaves charged to it.
     pub(super) fn memory_mb(&self) -> u64 {
         self.memory_mb
+    }
+
+    /// What it reserves against the sandboxes' memory budget (MiB).
+    pub(super) fn reserved_mb(&self) -> u64 {
+        self.reserved_mb
     }
 
     /// Whether sandboxes of `runtime` are forked. Python's adopt a fork of the fork
@@ -216,13 +281,13 @@ impl ForkServer {
                 ),
             });
         }
-        if spec.uid <= server.uid {
+        if spec.uid <= server.uid || spec.uid >= server.window_end {
             return Err(Error::Spawn {
                 sandbox: spec.sandbox.clone(),
                 function: String::new(),
                 message: format!(
-                    "its uid {} is not above the fork server's ({}), so not mapped there",
-                    spec.uid, server.uid
+                    "its uid {} is not above the fork server's ({}) and below its window's end ({}), so not mapped there",
+                    spec.uid, server.uid, server.window_end
                 ),
             });
         }
@@ -297,29 +362,79 @@ fn memory_mb(config: &Config) -> u64 {
     FORK_SERVER_BASE_MB + sandboxes * RETAINED_PER_SANDBOX_MB
 }
 
+/// A package fork server's memory limit (MiB) for a uid window of `window`: the
+/// plain fork server's base, what each sandbox of its window leaves charged to it,
+/// and the whole package zygotes' budget (its imports; what it is counted at is its
+/// measured usage, `crate::zygotes`).
+pub(super) fn package_memory_mb(window: &std::ops::Range<u32>, config: &Config) -> u64 {
+    FORK_SERVER_BASE_MB
+        + u64::from(window.end - window.start) * RETAINED_PER_SANDBOX_MB
+        + config.pool.package_zygotes_mb
+}
+
 /// The fork server's sandbox id: not `sprout-<agent>-<n>`, as it is no sandbox of a
 /// function's.
 pub(super) fn id(agent_id: &str) -> String {
     format!("sprout-{agent_id}.forks")
 }
 
-/// The slots of the agent's uid range sandboxes forked from the fork server take
-/// theirs from: the first half (the fork server's own, normally the first, then the
-/// forked sandboxes'); created sandboxes take the second half. The fork server's user
-/// namespace maps only the forked half, so a compromised fork server, which may take
-/// any uid mapped there, can never take a created sandbox's.
+/// The slots of the agent's uid range sandboxes forked from a fork server take
+/// theirs from: the first half (each fork server's own, then the forked
+/// sandboxes'); created sandboxes take the second half. A fork server's user
+/// namespace maps only its own window of the forked half ([`Windows`]), so a
+/// compromised fork server, which may take any uid mapped there, can never take a
+/// created sandbox's, nor one of another fork server's sandboxes.
 pub(super) fn forked_slots(range: rootfs::SandboxUids) -> std::ops::Range<u32> {
     0..range.count.div_ceil(2)
 }
 
-/// The fork server's user namespace's map of uids or gids: inside 0 is the fork
-/// server's own host id `own`, and every id of the forked half of the agent's range
-/// ([`forked_slots`]) above it is itself (so a forked sandbox's processes see the ids
-/// the host sees). Ids below `own` (none unless the fork server had to be remade)
-/// are not mapped: those sandboxes are created instead.
-fn id_map(own: u32, range: rootfs::SandboxUids) -> String {
-    let end = u64::from(range.base) + u64::from(forked_slots(range).end); // one past
-    let above = end.saturating_sub(u64::from(own) + 1);
+/// Most package fork servers at once (each has a window of its own).
+pub(super) const MAX_PACKAGE_WINDOWS: u32 = 16;
+/// The largest package fork server window (its own uid and its sandboxes').
+pub(super) const MAX_PACKAGE_WINDOW: u32 = 256;
+/// The smallest: below it package fork servers are not made.
+const MIN_PACKAGE_WINDOW: u32 = 4;
+
+/// How the forked half of the uid range is cut into fork servers' windows: the
+/// plain fork server keeps the first part; with package zygotes, the last quarter
+/// of the forked half is cut into [`MAX_PACKAGE_WINDOWS`] windows of equal size (at
+/// most [`MAX_PACKAGE_WINDOW`] slots), one per package fork server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Windows {
+    pub(super) plain: std::ops::Range<u32>,
+    /// Each package fork server's window (none: the range is too small, or package
+    /// zygotes are off).
+    pub(super) packages: Vec<std::ops::Range<u32>>,
+}
+
+impl Windows {
+    pub(super) fn new(range: rootfs::SandboxUids, package_zygotes: bool) -> Windows {
+        let forked = forked_slots(range);
+        let size = (forked.end / 4 / MAX_PACKAGE_WINDOWS).min(MAX_PACKAGE_WINDOW);
+        if !package_zygotes || size < MIN_PACKAGE_WINDOW {
+            return Windows {
+                plain: forked,
+                packages: Vec::new(),
+            };
+        }
+        let first = forked.end - size * MAX_PACKAGE_WINDOWS;
+        Windows {
+            plain: 0..first,
+            packages: (0..MAX_PACKAGE_WINDOWS)
+                .map(|i| first + i * size..first + (i + 1) * size)
+                .collect(),
+        }
+    }
+}
+
+/// A fork server's user namespace's map of uids or gids: inside 0 is the fork
+/// server's own host id `own`, and every id of its window (`slots` of the agent's
+/// range) above it is itself (so a forked sandbox's processes see the ids the host
+/// sees). Ids below `own` (none unless the fork server had to be remade) are not
+/// mapped: those sandboxes are created instead.
+fn id_map(own: u32, range: rootfs::SandboxUids, slots: &std::ops::Range<u32>) -> String {
+    let end = window_end(range, slots);
+    let above = u64::from(end).saturating_sub(u64::from(own) + 1);
     let mut map = format!("0 {own} 1\n");
     if above > 0 {
         map += &format!("{} {} {above}\n", own + 1, own + 1);
@@ -327,14 +442,20 @@ fn id_map(own: u32, range: rootfs::SandboxUids) -> String {
     map
 }
 
+/// One past the last host id of window `slots`.
+pub(super) fn window_end(range: rootfs::SandboxUids, slots: &std::ops::Range<u32>) -> u32 {
+    range.base.saturating_add(slots.end)
+}
+
 /// Waits for the fork server's `ready` and maps its zygote's user namespace
-/// ([`id_map`]).
+/// ([`id_map`]) to its window `slots`.
 pub(super) fn map_zygote(
     sandbox: &mut Sandbox,
     shim: &mut ShimLink,
     cgroups: &pool::Cgroups,
     user: rootfs::SandboxUser,
     range: rootfs::SandboxUids,
+    slots: &std::ops::Range<u32>,
 ) -> Result<(), Error> {
     let protocol = |source: ipc::Error| Error::Protocol {
         sandbox: sandbox.id().to_owned(),
@@ -374,7 +495,8 @@ pub(super) fn map_zygote(
     }
     for (file, id) in [("uid_map", user.uid), ("gid_map", user.gid)] {
         let path = format!("/proc/{pid}/{file}");
-        std::fs::write(&path, id_map(id, range)).map_err(|e| bad(format!("write {path}: {e}")))?;
+        std::fs::write(&path, id_map(id, range, slots))
+            .map_err(|e| bad(format!("write {path}: {e}")))?;
     }
     if exited(&pidfd) {
         return Err(bad(format!("the fork server's zygote (pid {pid}) exited")));
@@ -443,13 +565,49 @@ mod tests {
         let range = rootfs::SandboxUids::new(1000, 10).unwrap();
         // The forked half is 1000..1005: the created half (1005..1010) is never mapped.
         assert_eq!(forked_slots(range), 0..5);
-        assert_eq!(id_map(1000, range), "0 1000 1\n1001 1001 4\n");
-        assert_eq!(id_map(1003, range), "0 1003 1\n1004 1004 1\n");
-        assert_eq!(id_map(1004, range), "0 1004 1\n");
-        assert_eq!(id_map(1007, range), "0 1007 1\n");
+        let half = forked_slots(range);
+        assert_eq!(id_map(1000, range, &half), "0 1000 1\n1001 1001 4\n");
+        assert_eq!(id_map(1003, range, &half), "0 1003 1\n1004 1004 1\n");
+        assert_eq!(id_map(1004, range, &half), "0 1004 1\n");
+        assert_eq!(id_map(1007, range, &half), "0 1007 1\n");
         let top = rootfs::SandboxUids::new(rootfs::SandboxUids::MAX_ID - 1, 2).unwrap();
         assert_eq!(forked_slots(top), 0..1);
-        assert_eq!(id_map(top.base, top), format!("0 {} 1\n", top.base));
+        assert_eq!(
+            id_map(top.base, top, &forked_slots(top)),
+            format!("0 {} 1\n", top.base)
+        );
+    }
+
+    #[test]
+    fn package_fork_servers_get_windows_of_their_own_at_the_end_of_the_forked_half() {
+        // Too small a range, or package zygotes off: the plain fork server has it all.
+        let small = rootfs::SandboxUids::new(1000, 10).unwrap();
+        assert_eq!(Windows::new(small, true).plain, 0..5);
+        assert!(Windows::new(small, true).packages.is_empty());
+        let range = rootfs::SandboxUids::new(1000, 1024).unwrap();
+        assert_eq!(
+            Windows::new(range, false),
+            Windows {
+                plain: 0..512,
+                packages: vec![]
+            }
+        );
+        // 1024: the forked half is 512, its last quarter 16 windows of 8.
+        let w = Windows::new(range, true);
+        assert_eq!(w.plain, 0..384);
+        assert_eq!(w.packages.len(), 16);
+        assert_eq!(w.packages[0], 384..392);
+        assert_eq!(w.packages[15], 504..512);
+        // The windows do not overlap, and a package fork server's map is its window.
+        assert_eq!(
+            id_map(1000 + 384, range, &w.packages[0]),
+            "0 1384 1\n1385 1385 7\n"
+        );
+        assert_eq!(id_map(1000, range, &w.plain), "0 1000 1\n1001 1001 383\n");
+        // The default range: windows of 256, the plain fork server keeps 28672.
+        let w = Windows::new(rootfs::SandboxUids::DEFAULT, true);
+        assert_eq!(w.plain, 0..32768 - 16 * 256);
+        assert!(w.packages.iter().all(|p| p.len() == 256));
     }
 
     #[test]

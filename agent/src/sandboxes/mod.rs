@@ -10,10 +10,13 @@
 //! of another component.
 //!
 //! A new sandbox is forked from the fork server's zygote when it can be ([`fork`]),
-//! else created by libcontainer through the spawner.
+//! else created by libcontainer through the spawner. A sandbox of a function with
+//! packages may instead be forked from a package fork server whose zygote imported
+//! some of them ([`package_forks`]; which ones are kept is `crate::zygotes`' call).
 
 mod fork;
 mod install;
+mod package_forks;
 
 pub(crate) use install::SandboxInstaller;
 
@@ -31,10 +34,13 @@ use rootfs::{Limits, SandboxConfig, Skeleton};
 use crate::config::Config;
 use crate::error::Error;
 use crate::instance::{Instance, Output, BOOT_TIMEOUT};
+use crate::packages::Package;
 use crate::registry::Function;
 use crate::runtime::{Runtime, Seam};
 use crate::sandbox_output::SandboxOutput;
 use crate::scheduler::StemCell;
+use crate::zygotes::{Live, ZygoteTag};
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub(crate) struct Sandboxes {
@@ -63,6 +69,8 @@ pub(crate) struct Sandboxes {
     reserved_mb: AtomicU64,
     /// The fork server, when new sandboxes are forked (`None`: always created).
     forks: Option<fork::ForkServer>,
+    /// The package fork servers (`None`: package zygotes are off).
+    packages: Option<package_forks::PackageForks>,
     /// Sandboxes made so far each way.
     forked: AtomicU64,
     created: AtomicU64,
@@ -108,8 +116,11 @@ impl Sandboxes {
         let runtime_dir = state.path().join("runtime");
         shim::runtime::install(&runtime_dir).map_err(state_err(&runtime_dir))?;
         let users = rootfs::SandboxUsers::new(config.sandbox_uids);
-        let forks = (config.keep_warm
-            && config.pool.new_sandboxes == crate::config::NewSandboxes::Fork)
+        let forking =
+            config.keep_warm && config.pool.new_sandboxes == crate::config::NewSandboxes::Fork;
+        let windows =
+            fork::Windows::new(users.range(), forking && config.pool.package_zygotes_mb > 0);
+        let forks = forking
             .then(|| {
                 fork::ForkServer::install(
                     &runtime_dir,
@@ -117,9 +128,14 @@ impl Sandboxes {
                     config,
                     &users,
                     state.agent_id(),
+                    windows.plain.clone(),
                 )
             })
             .transpose()?;
+        let packages = (!windows.packages.is_empty()).then(|| {
+            let memory_mb = fork::package_memory_mb(&windows.packages[0], config);
+            package_forks::PackageForks::new(windows.packages, memory_mb)
+        });
         let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
         if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
             // Only slower freezes and thaws follow; say so and go on.
@@ -144,6 +160,7 @@ impl Sandboxes {
             count: AtomicUsize::new(0),
             reserved_mb: AtomicU64::new(0),
             forks,
+            packages,
             forked: AtomicU64::new(0),
             created: AtomicU64::new(0),
         })
@@ -208,7 +225,7 @@ impl Sandboxes {
     pub fn new_stem_cell(&self, runtime: Runtime) -> Result<StemCell, Error> {
         if let Some(forks) = &self.forks {
             if forks.serves(runtime) {
-                match self.fork_stem_cell(forks, runtime) {
+                match self.fork_stem_cell(forks, None, runtime) {
                     Ok(cell) => {
                         self.forked.fetch_add(1, Ordering::Relaxed);
                         return Ok(cell);
@@ -300,6 +317,7 @@ impl Sandboxes {
             sandbox,
             shim,
             reserved_mb: self.defaults.memory_mb,
+            zygote: None,
         })
     }
 
@@ -357,6 +375,7 @@ impl Sandboxes {
             mut sandbox,
             mut shim,
             mut reserved_mb,
+            zygote,
         } = match stem {
             Some(stem) => stem,
             None => self.new_stem_cell(function.runtime)?,
@@ -379,7 +398,12 @@ impl Sandboxes {
                 reserved_mb = function.memory_mb;
             }
             self.spawner.bind_code(&sandbox, &function.dir)?;
+            // A package zygote's sandbox has its packages mounted already.
+            let preloaded = |key: &str| zygote.as_ref().is_some_and(|z| z.keys.contains(key));
             for package in &function.deps.packages {
+                if preloaded(&package.entry.key) {
+                    continue;
+                }
                 self.spawner.attach_code(
                     sandbox.id(),
                     &package.dir,
@@ -464,27 +488,33 @@ impl Sandboxes {
         })
     }
 
-    /// Creates the fork server's sandbox (libcontainer) and maps its zygote's user
-    /// namespace.
-    fn start_fork_server(&self) -> Result<fork::Server, Error> {
-        let id = fork::id(&self.agent_id);
+    /// Creates fork server `forks`' sandbox (libcontainer) and maps its zygote's user
+    /// namespace to its window; `then` finishes it (a package fork server's imports).
+    fn start_fork_server_of(
+        &self,
+        forks: &fork::ForkServer,
+        then: impl FnOnce(&mut Sandbox, &mut ShimLink) -> Result<(), Error>,
+    ) -> Result<fork::Server, Error> {
+        let id = forks.id().to_owned();
         let cgroup = self.cgroup_parent.join(&id);
-        let user = self.assign_user(&id, fork::forked_slots(self.users.range()))?;
+        let slots = forks.slots();
+        let user = self.assign_user(&id, slots.clone())?;
         let mut config = self.sandbox_config(
             &id,
             &cgroup,
             vec![format!("{}=python", shim::runtime::RUNTIME_ENV)],
         );
-        let memory_mb = self.forks.as_ref().map_or(0, |f| f.memory_mb());
-        config.limits.memory_bytes = memory_mb << 20;
+        config.limits.memory_bytes = forks.memory_mb() << 20;
         config.limits.pids = fork::FORK_SERVER_PIDS;
         let spec = rootfs::zygote_spec(&config, user, self.users.range());
-        let (mut sandbox, mut shim) = self.create(&id, &cgroup, spec, memory_mb)?;
-        // It is no stem cell: not counted among the sandboxes (its memory is reserved).
+        let (mut sandbox, mut shim) = self.create(&id, &cgroup, spec, forks.reserved_mb())?;
+        // It is no stem cell: not counted among the sandboxes.
         self.uncount();
         let range = self.users.range();
-        if let Err(e) = fork::map_zygote(&mut sandbox, &mut shim, &self.cgroups, user, range) {
-            self.destroy_fork_server(&mut sandbox);
+        let made = fork::map_zygote(&mut sandbox, &mut shim, &self.cgroups, user, range, &slots)
+            .and_then(|()| then(&mut sandbox, &mut shim));
+        if let Err(e) = made {
+            self.destroy_fork_server(forks, &mut sandbox);
             return Err(e);
         }
         tracing::info!(sandbox_id = %id, pid = sandbox.pid(), "fork server up");
@@ -492,24 +522,40 @@ impl Sandboxes {
             sandbox,
             shim,
             uid: user.uid,
+            window_end: fork::window_end(range, &slots),
         })
     }
 
-    /// A stem cell forked from the fork server: see the module's doc. On failure
-    /// nothing of it is left.
+    /// Starts the plain fork server.
+    fn start_fork_server(&self) -> Result<fork::Server, Error> {
+        let forks = self.forks.as_ref().ok_or_else(|| Error::Spawn {
+            sandbox: fork::id(&self.agent_id),
+            function: String::new(),
+            message: "sandboxes are not forked".into(),
+        })?;
+        self.start_fork_server_of(forks, |_, _| Ok(()))
+    }
+
+    /// A stem cell forked from `forks` (the plain fork server, or `package`'s): see
+    /// the module's doc. On failure nothing of it is left.
     fn fork_stem_cell(
         &self,
         forks: &fork::ForkServer,
+        package: Option<&package_forks::PackageServer>,
         runtime: Runtime,
     ) -> Result<StemCell, Error> {
         let id = self.next_sandbox_id();
-        let span = tracing::debug_span!("fork_sandbox", sandbox_id = %id);
+        let span = tracing::debug_span!("fork_sandbox", sandbox_id = %id, zygote = package.map(|p| p.tag.id));
         let _g = span.enter();
         let cgroup = self.cgroup_parent.join(&id);
-        // The fork server first, so that this sandbox's uid comes after its own.
-        forks.ensure_up(&id, || self.start_fork_server())?;
-        let user = self.assign_user(&id, fork::forked_slots(self.users.range()))?;
-        let made = self.fork_sandbox(forks, &id, &cgroup, user, runtime);
+        // The fork server first, so that this sandbox's uid comes after its own. A
+        // package fork server is never remade here.
+        forks.ensure_up(&id, || match package {
+            None => self.start_fork_server(),
+            Some(_) => Err(gone(forks.id())),
+        })?;
+        let user = self.assign_user(&id, forks.slots())?;
+        let made = self.fork_sandbox(forks, package.is_some(), &id, &cgroup, user, runtime);
         let (mut sandbox, mut shim) = match made {
             Ok(made) => made,
             Err(e) => {
@@ -535,6 +581,7 @@ impl Sandboxes {
             sandbox,
             shim,
             reserved_mb,
+            zygote: package.map(|p| p.tag.clone()),
         })
     }
 
@@ -544,6 +591,7 @@ impl Sandboxes {
     fn fork_child<'f>(
         &self,
         forks: &'f fork::ForkServer,
+        package: bool,
         spec: &SandboxSpec,
         theirs: Channel,
         ours: Channel,
@@ -559,8 +607,11 @@ impl Sandboxes {
             spec,
             theirs.into_fd(),
             output_end,
-            || self.start_fork_server(),
-            |mut dead| self.destroy_fork_server(&mut dead.sandbox),
+            || match package {
+                false => self.start_fork_server(),
+                true => Err(gone(forks.id())),
+            },
+            |mut dead| self.destroy_fork_server(forks, &mut dead.sandbox),
         )?;
         let mut shim = ShimLink(ours);
         shim.0
@@ -593,6 +644,7 @@ impl Sandboxes {
     fn fork_sandbox(
         &self,
         forks: &fork::ForkServer,
+        package: bool,
         id: &str,
         cgroup: &Path,
         user: rootfs::SandboxUser,
@@ -621,7 +673,7 @@ impl Sandboxes {
                 .spawn_scoped(scope, || {
                     pool::prepare_cgroup(&self.cgroups, cgroup, &limits)
                 });
-            let forked = self.fork_child(forks, &spec, theirs, ours);
+            let forked = self.fork_child(forks, package, &spec, theirs, ours);
             let join = match making {
                 Ok(thread) => thread.join().unwrap_or_else(|_| Err(pool::Error::Stopped)),
                 Err(_) => pool::prepare_cgroup(&self.cgroups, cgroup, &limits),
@@ -659,11 +711,11 @@ impl Sandboxes {
         Ok((sandbox, shim))
     }
 
-    /// Destroys the fork server's sandbox (it died, or the agent stops).
-    fn destroy_fork_server(&self, sandbox: &mut Sandbox) {
+    /// Destroys fork server `forks`' sandbox (it died, or the agent stops, or a
+    /// package fork server is evicted). Sandboxes forked from it die with it.
+    fn destroy_fork_server(&self, forks: &fork::ForkServer, sandbox: &mut Sandbox) {
         self.count.fetch_add(1, Ordering::Relaxed);
-        let memory_mb = self.forks.as_ref().map_or(0, |f| f.memory_mb());
-        self.destroy(sandbox, memory_mb);
+        self.destroy(sandbox, forks.reserved_mb());
     }
 
     /// Takes a sandbox out of the count (the fork server is none of the pool's).
@@ -711,6 +763,9 @@ impl Sandboxes {
             }
         }
         self.output.remove(sandbox.id());
+        if let Some(packages) = &self.packages {
+            packages.gone(sandbox.id());
+        }
         self.count.fetch_sub(1, Ordering::Relaxed);
         self.reserved_mb.fetch_sub(reserved_mb, Ordering::Relaxed);
     }
@@ -726,6 +781,201 @@ impl Sandboxes {
             state.remove(&self.cgroups)?;
         }
         Ok(())
+    }
+}
+
+/// Most modules a package zygote imports (the zygote refuses more).
+const MAX_IMPORTED_MODULES: usize = 256;
+
+/// Package zygotes: see [`package_forks`] and `crate::zygotes`.
+impl Sandboxes {
+    /// Whether package zygotes are made at all.
+    pub fn package_zygotes_on(&self) -> bool {
+        self.packages.is_some()
+    }
+
+    /// Live package zygotes.
+    pub fn package_zygote_count(&self) -> usize {
+        self.packages
+            .as_ref()
+            .map_or(0, package_forks::PackageForks::count)
+    }
+
+    /// The live package zygote that serves `function` with the most packages.
+    pub fn package_zygote_for(&self, function: &Function) -> Option<Arc<ZygoteTag>> {
+        self.packages.as_ref()?.best_for(function)
+    }
+
+    /// A new sandbox (a stem cell, not frozen) forked from package zygote `zygote`.
+    pub fn fork_package_stem_cell(&self, zygote: &ZygoteTag) -> Result<StemCell, Error> {
+        let id = || format!("sprout-{}.pz-{}", self.agent_id, zygote.id);
+        let forks = self.packages.as_ref().ok_or_else(|| gone(&id()))?;
+        let server = forks.begin_fork(zygote.id).ok_or_else(|| gone(&id()))?;
+        match self.fork_stem_cell(&server.fork, Some(&server), Runtime::Python) {
+            Ok(cell) => {
+                forks.forked(&server, cell.sandbox.id());
+                self.forked.fetch_add(1, Ordering::Relaxed);
+                Ok(cell)
+            }
+            Err(e) => {
+                forks.fork_failed(&server);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a package zygote of `namespace` that imports `packages`: its fork
+    /// server, the packages attached in it, its zygote's imports. Returns it and its
+    /// memory (MiB) as measured. On failure nothing of it is left.
+    pub fn start_package_zygote(
+        &self,
+        namespace: &str,
+        packages: Vec<Package>,
+    ) -> Result<(Arc<ZygoteTag>, u64), Error> {
+        let forks = self.packages.as_ref().ok_or_else(|| Error::Spawn {
+            sandbox: String::new(),
+            function: String::new(),
+            message: "package zygotes are off".into(),
+        })?;
+        let server = forks
+            .add(&self.agent_id, namespace, packages)
+            .ok_or_else(|| Error::Spawn {
+                sandbox: String::new(),
+                function: String::new(),
+                message: "every package zygote uid window is taken".into(),
+            })?;
+        let span = tracing::info_span!(
+            "package_zygote",
+            sandbox_id = server.fork.id(),
+            namespace,
+            zygote = server.tag.id
+        );
+        let _g = span.enter();
+        let started = Instant::now();
+        let up = server.fork.ensure_up(server.fork.id(), || {
+            self.start_fork_server_of(&server.fork, |sandbox, shim| {
+                self.import_packages(&server, sandbox, shim)
+            })
+        });
+        if let Err(e) = up {
+            forks.remove(server.tag.id);
+            return Err(e);
+        }
+        let usage = self.package_zygote_usage_mb(&server);
+        tracing::info!(
+            packages = ?server.tag.keys,
+            usage_mb = usage,
+            took_ms = started.elapsed().as_millis() as u64,
+            "package zygote up"
+        );
+        Ok((server.tag.clone(), usage))
+    }
+
+    /// Attaches `server`'s packages in its sandbox and has its zygote import them.
+    fn import_packages(
+        &self,
+        server: &package_forks::PackageServer,
+        sandbox: &mut Sandbox,
+        shim: &mut ShimLink,
+    ) -> Result<(), Error> {
+        for package in &server.packages {
+            self.spawner.attach_code(
+                sandbox.id(),
+                &package.dir,
+                std::path::Path::new(&package.mount_point()),
+            )?;
+        }
+        // Module names come from the installed files: only plain identifiers go.
+        let modules: Vec<String> = server
+            .packages
+            .iter()
+            .flat_map(|p| &p.entry.modules)
+            .filter(|m| package_forks::is_module_name(m))
+            .take(MAX_IMPORTED_MODULES)
+            .cloned()
+            .collect();
+        let spec = ipc::proto::ImportSpec {
+            paths: server.packages.iter().map(Package::mount_point).collect(),
+            modules,
+        };
+        match shim.import_packages(&spec) {
+            Ok(Ok(imported)) => {
+                for failed in &imported.failed {
+                    tracing::warn!(module = %failed.module, error = %failed.error, "a package zygote could not import a module; it goes without");
+                }
+                tracing::debug!(modules = ?imported.imported, "packages imported");
+                Ok(())
+            }
+            Ok(Err(message)) => Err(Error::Spawn {
+                sandbox: sandbox.id().to_owned(),
+                function: String::new(),
+                message,
+            }),
+            Err(source) => Err(Error::Protocol {
+                sandbox: sandbox.id().to_owned(),
+                peer: "package fork server",
+                source,
+            }),
+        }
+    }
+
+    fn package_zygote_usage_mb(&self, server: &package_forks::PackageServer) -> u64 {
+        server
+            .fork
+            .with_server(|s| self.cgroups.memory_usage(s.sandbox.cgroup()).unwrap_or(0) >> 20)
+            .unwrap_or(0)
+    }
+
+    /// The live package zygotes as the policy sees them (`idle_stems`: how many of
+    /// each one's stem cells are ready in the pool), and how many more could be made.
+    /// Those found dead are forgotten.
+    pub fn package_zygotes(&self, idle_stems: impl Fn(u64) -> usize) -> (Vec<Live>, usize) {
+        let Some(forks) = &self.packages else {
+            return (Vec::new(), 0);
+        };
+        let mut live = Vec::new();
+        for server in forks.all() {
+            if !server.fork.is_up() {
+                // Its fork server died (a fork found it gone and destroyed it).
+                forks.remove(server.tag.id);
+                continue;
+            }
+            let usage = self.package_zygote_usage_mb(&server);
+            live.push(server.live(usage, idle_stems(server.tag.id)));
+        }
+        (live, forks.free_windows())
+    }
+
+    /// Destroys package zygote `id` if no live sandbox but its `stems` (its idle stem
+    /// cells, destroyed with it) was forked from it; else gives `stems` back.
+    pub fn evict_package_zygote(&self, id: u64, stems: Vec<StemCell>) -> Result<(), Vec<StemCell>> {
+        let Some(forks) = &self.packages else {
+            return Err(stems);
+        };
+        let Some(server) = forks.remove_if_idle(id, stems.len()) else {
+            return Err(stems);
+        };
+        for mut stem in stems {
+            self.destroy(&mut stem.sandbox, stem.reserved_mb);
+        }
+        if let Some(mut dead) = server.fork.take() {
+            tracing::info!(
+                sandbox_id = dead.sandbox.id(),
+                zygote = id,
+                "package zygote evicted"
+            );
+            self.destroy_fork_server(&server.fork, &mut dead.sandbox);
+        }
+        Ok(())
+    }
+}
+
+/// A package fork server `id` that is down is gone for good.
+fn gone(id: &str) -> Error {
+    Error::Spawn {
+        sandbox: id.to_owned(),
+        function: String::new(),
+        message: "the package fork server is gone".into(),
     }
 }
 

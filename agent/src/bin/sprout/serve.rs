@@ -64,6 +64,13 @@ struct PoolArgs {
     /// back to libcontainer when it cannot) or `create` (libcontainer, every time).
     #[arg(long, value_name = "fork|create", default_value = "fork", value_parser = agent::NewSandboxes::parse)]
     new_sandboxes: agent::NewSandboxes,
+    /// Memory the package zygotes (fork servers whose zygote imported a package set
+    /// of a namespace's functions) may take together, as measured; 0 turns them off.
+    #[arg(long, value_name = "MiB", default_value_t = agent::DEFAULT_PACKAGE_ZYGOTES_MB)]
+    package_zygotes_mb: u64,
+    /// Ready (frozen) stem cells kept forked from each package zygote.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=16))]
+    package_stem_cells: u64,
     /// Calls one sandbox may have in flight on the agent's call socket; past it a call
     /// is refused at once with too_many_calls.
     #[arg(
@@ -89,6 +96,8 @@ impl PoolArgs {
                 .unwrap_or_else(agent::default_memory_budget_mb),
             stem_cells: self.stem_cells,
             new_sandboxes: self.new_sandboxes,
+            package_zygotes_mb: self.package_zygotes_mb,
+            package_stem_cells: self.package_stem_cells as usize,
         }
     }
 }

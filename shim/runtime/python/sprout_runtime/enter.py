@@ -84,6 +84,12 @@ _RESET_SIGNALS = (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
 # which no other zygote loads).
 _prepared = None
 ctypes = None
+# A package fork server's zygote: its packages' mount points (``/deps/<key>``), which
+# its children keep under their own /deps; and whether it forked a sandbox yet.
+_kept = ()
+_forked = False
+DEPS = "/deps"
+MS_MOVE = 0x2000
 
 
 class EnterError(Exception):
@@ -209,13 +215,42 @@ def _prctl(option, arg, what):
     _check(_prepared.libc.prctl(option, arg, 0, 0, 0), what)
 
 
+def keep_mounts(paths):
+    """A package fork server's zygote: its children keep ``paths`` (its packages,
+    attached by the agent under /deps) under their own /deps."""
+    global _kept
+    _kept = tuple(paths)
+
+
 def _own_mounts():
     """The sandbox's own file systems over the fork server's (not /proc: PID 1 mounts
-    that once it is in the new pid namespace)."""
+    that once it is in the new pid namespace). Under a package fork server the
+    package mounts it inherits are moved onto its own /deps."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     for target, fstype, source, flags, data in _prepared.mounts:
-        if target != "/proc":
+        if target == DEPS and _kept:
+            _deps_keeping(source, fstype, flags, data)
+        elif target != "/proc":
             _mount(source, target, fstype, flags, data)
+
+
+def _deps_keeping(source, fstype, flags, data):
+    """A new /deps with the inherited package mounts on it: each is bound to a
+    staging point on the sandbox's new /tmp (a copy it may move, read-only all the
+    same: the kernel locks the flags of mounts inherited from a more privileged
+    namespace), the new /deps is mounted, and each copy is moved onto its own mount
+    point there."""
+    staged = []
+    for i, path in enumerate(_kept):
+        stage = f"/tmp/.sprout-deps-{i}"
+        os.mkdir(stage, 0o700)
+        _mount(path, stage, None, MS_BIND | MS_REC)
+        staged.append((stage, path))
+    _mount(source, DEPS, fstype, flags, data)
+    for stage, path in staged:
+        os.mkdir(path, 0o755)
+        _mount(stage, path, None, MS_MOVE)
+        os.rmdir(stage)
 
 
 def _proc():

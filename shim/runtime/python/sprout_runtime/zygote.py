@@ -2,6 +2,7 @@
 the shim's request (``fork``) until the shim closes its channel."""
 
 import gc
+import importlib
 import importlib.machinery
 import os
 import signal
@@ -59,6 +60,7 @@ def _fork_sandbox(zygote, spec, fds):
     problem = _check_sandbox_spec(spec, fds)
     if problem is None and enter._prepared is None:
         problem = "this zygote is not a fork server's"
+    enter._forked = True
     _fork_child(
         zygote,
         fds,
@@ -67,6 +69,91 @@ def _fork_sandbox(zygote, spec, fds):
         {"op": "sandbox_forked", "sandbox": sandbox},
         {"op": "sandbox_fork_failed", "sandbox": sandbox},
     )
+
+
+# A package fork server's import request: how many paths and modules it may name.
+_MAX_IMPORTS = 256
+# Thread pools of numeric libraries are started when they are imported: a zygote must
+# have no thread but its own when it forks, so they are made single-threaded while
+# the package zygote imports (its sandboxes keep that pool).
+_SINGLE_THREADED = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+_imported_packages = False
+
+
+def _check_import_spec(spec):
+    """Returns why an import_packages request cannot be served, or None."""
+    paths, modules = spec.get("paths"), spec.get("modules")
+    if not isinstance(paths, list) or len(paths) > _MAX_IMPORTS:
+        return f"paths must be a list of at most {_MAX_IMPORTS}"
+    for path in paths:
+        if not (isinstance(path, str) and path.startswith("/deps/") and "/" not in path[6:]
+                and path[6:] not in ("", ".", "..") and len(path) <= 256):
+            return f"path {path!r} is not a package directory (/deps/<key>)"
+    if not isinstance(modules, list) or len(modules) > _MAX_IMPORTS:
+        return f"modules must be a list of at most {_MAX_IMPORTS}"
+    for module in modules:
+        if not (isinstance(module, str) and module.isidentifier() and module.isascii() and len(module) <= 128):
+            return f"module {module!r} is not a top-level module name"
+    return None
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def _import_set(paths, modules):
+    """Imports ``modules`` with ``paths`` on the import path (taken off again: an
+    instance puts its own function's packages there); returns what was imported and
+    what failed."""
+    saved_path = list(sys.path)
+    saved_env = {k: os.environ.get(k) for k in _SINGLE_THREADED}
+    os.environ.update({k: "1" for k in _SINGLE_THREADED})
+    sys.path[0:0] = paths
+    imported, failed = [], []
+    try:
+        for module in modules:
+            try:
+                importlib.import_module(module)
+                imported.append(module)
+            except BaseException as exc:  # noqa: BLE001 (package code: anything)
+                error = f"{type(exc).__name__}: {exc}"[:1024]
+                _log(f"package zygote: import {module}: {error}")
+                failed.append({"module": module, "error": error})
+    finally:
+        sys.path[:] = saved_path
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return imported, failed
+
+
+def _import_packages(zygote, spec, fds):
+    """A package fork server's zygote, once, before it forks: imports a package set,
+    whose directories its children keep mounted (``enter.keep_mounts``)."""
+    global _imported_packages
+    for fd in fds:
+        _close_quietly(fd)
+    problem = _check_import_spec(spec)
+    if problem is None and enter._prepared is None:
+        problem = "this zygote is not a fork server's"
+    if problem is None and (_imported_packages or enter._forked):
+        problem = "packages are imported once, before any sandbox is forked"
+    if problem is not None:
+        zygote.send({"op": "import_refused", "message": problem})
+        return
+    _imported_packages = True
+    imported, failed = _import_set(spec["paths"], spec["modules"])
+    threads = _threads()
+    if threads > 1:
+        zygote.send({"op": "import_refused",
+                     "message": f"importing {', '.join(imported)} left {threads} threads running; a zygote forks with one"})
+        return
+    enter.keep_mounts(spec["paths"])
+    gc.collect()
+    gc.freeze()
+    zygote.send({"op": "packages_imported", "imported": imported, "failed": failed})
 
 
 def _fork(zygote, spec, fds):
@@ -165,6 +252,8 @@ def zygote_main(fd=3, fork_server=None):
                 _fork(zygote, header, fds)
             elif op == "fork_sandbox":
                 _fork_sandbox(zygote, header, fds)
+            elif op == "import_packages" and fork_server:
+                _import_packages(zygote, header, fds)
             else:
                 for received in fds:
                     _close_quietly(received)
