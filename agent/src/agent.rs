@@ -126,6 +126,7 @@ impl Agent {
                 &package_cache,
                 Box::new(crate::sandboxes::SandboxInstaller(sandboxes.clone())),
                 config.install_limits,
+                config.package_sources.clone(),
                 sandboxes.agent_id(),
             )
             .map_err(|source| Error::Packages {

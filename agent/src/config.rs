@@ -239,6 +239,9 @@ pub struct Config {
     pub package_cache: PathBuf,
     /// Limits of each install sandbox (`--install-memory-mb`, `--install-timeout`).
     pub install_limits: crate::packages::InstallLimits,
+    /// Where packages come from (`--package-index`, `--npm-registry`): PyPI and the
+    /// npm registry unless the operator names a mirror.
+    pub package_sources: crate::packages::Sources,
 }
 
 /// Where the embedded CLI keeps installed packages.
@@ -271,6 +274,7 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PACKAGE_CACHE)),
             install_limits: crate::packages::InstallLimits::default(),
+            package_sources: crate::packages::Sources::default(),
         }
     }
 }

@@ -47,7 +47,7 @@ pub use config::{
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
-pub use packages::InstallLimits;
+pub use packages::{InstallLimits, Sources as PackageSources};
 pub use request::{
     FunctionSource, Invocation, Request, Response, RunRequest, Start, WorkflowOutput,
 };

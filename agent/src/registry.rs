@@ -557,7 +557,7 @@ impl Registry {
         };
         let needs = function
             .runtime
-            .dependencies(&function.dir)
+            .dependencies(&function.dir, self.packages.sources())
             .map_err(|e| match e {
                 Error::Packages { source, .. } => wrap(*source),
                 e => e,

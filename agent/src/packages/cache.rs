@@ -276,8 +276,9 @@ impl Cache {
 
 /// Walks `dir` (which an installer in a sandbox wrote, as its own user): every
 /// directory, file and link becomes root's, nothing stays writable by anyone but
-/// root, set-id bits go; anything else (a FIFO, a socket) is refused. Returns the
-/// bytes of its files. Links are not followed.
+/// root, set-id bits go; anything else (a FIFO, a socket), or a `dir` that is not a
+/// directory itself (a link), is refused. Returns the bytes of its files. Links are
+/// not followed.
 fn sanitise(dir: &Path) -> Result<u64, Error> {
     let mut bytes = 0u64;
     let mut entries = 0usize;
@@ -292,6 +293,15 @@ fn sanitise(dir: &Path) -> Result<u64, Error> {
             });
         }
         let kind = meta.file_type();
+        // The output itself must be a directory: a link there would become the
+        // entry, and the host would resolve it (to its own `/tmp`, say) where the
+        // sandbox meant its own.
+        if depth == 0 && !kind.is_dir() {
+            return Err(Error::Installed {
+                path: path.clone(),
+                problem: "the installer's output is not a directory (a link?)".into(),
+            });
+        }
         std::os::unix::fs::lchown(&path, Some(0), Some(0)).map_err(io(&path))?;
         if kind.is_symlink() {
             continue;
@@ -428,6 +438,26 @@ mod tests {
         let e = cache.commit(&staged, entry("k")).unwrap_err().to_string();
         assert!(e.contains("special file"), "{e}");
         assert!(cache.get(Kind::Python, "k").unwrap().is_none());
+    }
+
+    #[test]
+    fn an_output_that_is_a_link_is_refused_and_nothing_is_committed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&tmp.path().join("packages"));
+        cache.make().unwrap();
+        let work = cache.work_dir("t-1").unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let staged = work.join("files");
+        std::os::unix::fs::symlink(&outside, &staged).unwrap();
+        let e = cache.commit(&staged, entry("k")).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        assert!(cache.get(Kind::Python, "k").unwrap().is_none());
+        assert!(std::fs::symlink_metadata(cache.path(Kind::Python, "k")).is_err());
+        // What the link pointed at is untouched (not made 0755).
+        let meta = std::fs::metadata(&outside).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o777);
     }
 
     #[test]

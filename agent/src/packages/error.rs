@@ -30,6 +30,12 @@ pub enum Error {
     Sandbox(String),
     #[error("the install took longer than its limit of {0:?} (--install-timeout)")]
     Timeout(Duration),
+    #[error("{what} {url:?}: {problem}")]
+    Source {
+        what: &'static str,
+        url: String,
+        problem: String,
+    },
     #[error("package cache {path}")]
     Cache {
         path: PathBuf,

@@ -62,6 +62,88 @@ impl Default for InstallLimits {
     }
 }
 
+/// PyPI's simple index: the default `--package-index`.
+pub const DEFAULT_INDEX: &str = "https://pypi.org/simple/";
+
+/// Where packages come from (`sprout serve --package-index`, `--npm-registry`): the
+/// operator's choice for the whole node, never a function's. Requirement lines that
+/// name another index are refused ([`requirements`]), and so are npm lock entries
+/// resolved anywhere but this registry ([`npm::lock`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    index: String,
+    npm_registry: String,
+}
+
+impl Default for Sources {
+    /// PyPI and the npm registry.
+    fn default() -> Sources {
+        Sources {
+            index: DEFAULT_INDEX.to_owned(),
+            npm_registry: npm::DEFAULT_REGISTRY.to_owned(),
+        }
+    }
+}
+
+impl Sources {
+    /// A PEP 503 simple index for pip and a registry for npm, each checked with
+    /// [`source_url`].
+    pub fn new(index: &str, npm_registry: &str) -> Result<Sources, Error> {
+        Ok(Sources {
+            index: source_url("--package-index", index)?,
+            npm_registry: source_url("--npm-registry", npm_registry)?,
+        })
+    }
+
+    /// pip's `--index-url`, ending in `/`.
+    pub fn index(&self) -> &str {
+        &self.index
+    }
+
+    /// npm's `registry`, ending in `/`: every locked package must be resolved under it.
+    pub fn npm_registry(&self) -> &str {
+        &self.npm_registry
+    }
+}
+
+/// `url` as a package source (`what` names the flag in the error): `http://` or
+/// `https://` and a host, without credentials, query, fragment, backslash, space or
+/// control character; returned ending in `/`, so that it is a prefix of its own
+/// files only (`https://r.example/` is not a prefix of `https://r.example.evil/`).
+pub fn source_url(what: &'static str, url: &str) -> Result<String, Error> {
+    let bad = |problem: &str| Error::Source {
+        what,
+        url: url.chars().take(200).collect(),
+        problem: problem.to_owned(),
+    };
+    if url.len() > 1024 {
+        return Err(bad("longer than 1024 bytes"));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| bad("not an http:// or https:// URL"))?;
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) || url.contains(['\\', '?', '#']) {
+        return Err(bad(
+            "has a space, control character, backslash, query or fragment",
+        ));
+    }
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(bad("names no host"));
+    }
+    if host.contains('@') {
+        return Err(bad(
+            "carries credentials (they would show in every error and log)",
+        ));
+    }
+    let mut url = url.to_owned();
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    Ok(url)
+}
+
 /// Starts install sandboxes: the seam between this module and `Sandboxes` (a fake in
 /// unit tests).
 pub trait Installer: Send + Sync + std::fmt::Debug {
@@ -213,6 +295,7 @@ pub struct Packages {
     cache: Cache,
     installer: Box<dyn Installer>,
     limits: InstallLimits,
+    sources: Sources,
     flights: Flights,
     /// Whether the cache's directories were made (on first use).
     made: std::sync::Once,
@@ -243,11 +326,12 @@ pub struct Listed {
 
 impl Packages {
     /// The cache at `root` (made if missing; what a crashed install left is
-    /// removed), installing through `installer`.
+    /// removed), installing through `installer` from `sources`.
     pub fn open(
         root: &Path,
         installer: Box<dyn Installer>,
         limits: InstallLimits,
+        sources: Sources,
         tag: &str,
     ) -> Result<Packages, Error> {
         Ok(Packages {
@@ -255,6 +339,7 @@ impl Packages {
             made: std::sync::Once::new(),
             installer,
             limits,
+            sources,
             flights: Flights::default(),
             tag: tag.to_owned(),
             next_work: AtomicU64::new(1),
@@ -265,6 +350,11 @@ impl Packages {
 
     pub fn root(&self) -> &Path {
         self.cache.root()
+    }
+
+    /// Where its packages come from.
+    pub fn sources(&self) -> &Sources {
+        &self.sources
     }
 
     /// Packages installed by this agent so far.
@@ -303,7 +393,11 @@ impl Packages {
             let work = self.work_dir()?;
             let mut session = self.installer.start(&work.0, &self.limits)?;
             let answer = session
-                .exchange(&json!({"op": "resolve", "requirements": requirements}))
+                .exchange(&json!({
+                    "op": "resolve",
+                    "requirements": requirements,
+                    "index": self.sources.index(),
+                }))
                 .map_err(|e| match e {
                     Error::Died(message) => Error::Resolve {
                         message: format!("the installer {message}"),
@@ -372,6 +466,7 @@ impl Packages {
                     "name": pin.name,
                     "version": pin.version,
                     "sha256": pin.sha256,
+                    "index": self.sources.index(),
                     "dir": "files",
                 }))
                 .map_err(|e| match e {
@@ -394,13 +489,17 @@ impl Packages {
             bytes: 0,
         };
         let files = work.0.join("files");
-        if !files.is_dir() {
-            return Err(Error::Installed {
-                path: files,
-                problem: "the installer made no directory".into(),
+        // A link there is the cache's to refuse (`Cache::commit`).
+        if std::fs::symlink_metadata(&files).is_err() {
+            return Err(Error::Install {
+                package: pin.to_string(),
+                message: "the installer made no directory".into(),
             });
         }
-        let entry = self.cache.commit(&files, entry)?;
+        let entry = self
+            .cache
+            .commit(&files, entry)
+            .map_err(|e| named(e, &pin.to_string(), &files))?;
         self.installed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(package = %pin, key, bytes = entry.bytes, modules = ?entry.modules, ms = started.elapsed().as_millis() as u64, "package installed");
         Ok(())
@@ -479,6 +578,7 @@ impl Packages {
                     "op": "npm",
                     "manifest": manifest,
                     "lock": lock,
+                    "registry": self.sources.npm_registry(),
                     "dir": "files",
                 }))
                 .map_err(|e| match e {
@@ -491,10 +591,10 @@ impl Packages {
             expect_op(&answer, "installed", || npm_named(manifest))?;
         }
         let files = work.0.join("files");
-        if !files.join("node_modules").is_dir() {
-            return Err(Error::Installed {
-                path: files,
-                problem: "the installer made no node_modules".into(),
+        if !std::fs::symlink_metadata(files.join("node_modules")).is_ok_and(|m| m.is_dir()) {
+            return Err(Error::Install {
+                package: npm_named(manifest),
+                message: "the installer made no node_modules directory".into(),
             });
         }
         let entry = Entry {
@@ -506,7 +606,10 @@ impl Packages {
             modules: Vec::new(),
             bytes: 0,
         };
-        let entry = self.cache.commit(&files, entry)?;
+        let entry = self
+            .cache
+            .commit(&files, entry)
+            .map_err(|e| named(e, &npm_named(manifest), &files))?;
         self.installed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             key,
@@ -609,6 +712,30 @@ fn expect_op(answer: &Value, op: &str, package: impl FnOnce() -> String) -> Resu
             what: "an unknown op",
             problem: format!("{other:?}, expected {op:?}"),
         }),
+    }
+}
+
+/// A refusal of what an installer wrote, as an install failure of `package` naming
+/// the file by its path in the package (the work directory says nothing).
+fn named(e: Error, package: &str, files: &Path) -> Error {
+    match e {
+        Error::Installed { path, problem } => {
+            let within = path
+                .strip_prefix(files)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let place = if within.is_empty() {
+                "its output".to_owned()
+            } else {
+                format!("{within:?}")
+            };
+            Error::Install {
+                package: package.to_owned(),
+                message: format!("{place}: {problem}"),
+            }
+        }
+        e => e,
     }
 }
 

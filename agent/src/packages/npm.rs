@@ -1,5 +1,6 @@
 //! `package.json` and `package-lock.json` as sprout accepts them. Every npm package
-//! comes from the one registry, [`REGISTRY`]: a dependency that is not a version range
+//! comes from the node's one registry (`--npm-registry`, [`DEFAULT_REGISTRY`] unless
+//! the operator names another): a dependency that is not a version range
 //! (or tag) of it (a URL, git, a local path, an alias) is refused, naming it, and so is
 //! a lock entry that was resolved anywhere else (a `resolved` URL away from the
 //! registry, a `file:` or git version, a link to a directory, a workspace), before
@@ -10,8 +11,9 @@ use serde_json::{Map, Value};
 
 use super::error::Error;
 
-/// The registry every npm package comes from (the installer points npm at it).
-pub const REGISTRY: &str = "https://registry.npmjs.org/";
+/// The registry npm packages come from unless `--npm-registry` names another (the
+/// installer points npm at the node's).
+pub const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org/";
 
 /// Modules the runtime provides itself: never fetched, whatever `package.json` says.
 pub const PROVIDED: &[&str] = &["sprout", "@m6s/box"];
@@ -27,8 +29,8 @@ const MAX_TEXT: usize = 2048;
 
 /// What `package.json` says to install: a manifest of only what installing reads (its
 /// `name`, `version` and `dependencies` without [`PROVIDED`]), `None` when it depends
-/// on nothing else.
-pub fn manifest(package_json: &Value) -> Result<Option<Value>, Error> {
+/// on nothing else. `registry` is only named in errors.
+pub fn manifest(package_json: &Value, registry: &str) -> Result<Option<Value>, Error> {
     let bad = |why: String| Error::Manifest(why);
     let deps = match package_json.get("dependencies") {
         None | Some(Value::Null) => return Ok(None),
@@ -52,7 +54,7 @@ pub fn manifest(package_json: &Value) -> Result<Option<Value>, Error> {
         })?;
         if from_elsewhere(spec) {
             return Err(bad(format!(
-                "dependency {} is {}: only version ranges of the registry {REGISTRY} are accepted (no URLs, git, paths or aliases)",
+                "dependency {} is {}: only version ranges of the registry {registry} are accepted (no URLs, git, paths or aliases)",
                 shown(name),
                 shown(spec)
             )));
@@ -78,9 +80,9 @@ pub fn manifest(package_json: &Value) -> Result<Option<Value>, Error> {
     })))
 }
 
-/// A lock file, checked: every package in it from [`REGISTRY`]; returned without the
-/// modules sprout provides.
-pub fn lock(lock: &Value) -> Result<Value, Error> {
+/// A lock file, checked: every package in it from `registry` (a URL ending in `/`,
+/// see `packages::source_url`); returned without the modules sprout provides.
+pub fn lock(lock: &Value, registry: &str) -> Result<Value, Error> {
     let bad = |entry: &str, problem: String| Error::Lock {
         entry: entry.to_owned(),
         problem,
@@ -134,18 +136,24 @@ pub fn lock(lock: &Value) -> Result<Value, Error> {
                 continue;
             }
             tree_path(path).map_err(|problem| bad(&shown_path, problem))?;
-            check_entry(entry).map_err(|problem| bad(&shown_path, problem))?;
+            check_entry(entry, registry).map_err(|problem| bad(&shown_path, problem))?;
         }
     }
     // Version 1 (and 2, for old npm): `dependencies`, nested.
     if let Some(deps) = lock.get_mut("dependencies") {
-        check_v1(deps, "dependencies", 0, &mut seen)?;
+        check_v1(deps, "dependencies", 0, &mut seen, registry)?;
     }
     Ok(lock)
 }
 
 /// A version 1 lock's `dependencies` at `at`: name → {version, resolved, dependencies}.
-fn check_v1(deps: &mut Value, at: &str, depth: usize, seen: &mut usize) -> Result<(), Error> {
+fn check_v1(
+    deps: &mut Value,
+    at: &str,
+    depth: usize,
+    seen: &mut usize,
+    registry: &str,
+) -> Result<(), Error> {
     let bad = |entry: &str, problem: String| Error::Lock {
         entry: entry.to_owned(),
         problem,
@@ -169,19 +177,25 @@ fn check_v1(deps: &mut Value, at: &str, depth: usize, seen: &mut usize) -> Resul
         let Value::Object(fields) = entry else {
             return Err(bad(&here, "not an object".into()));
         };
-        check_entry(fields).map_err(|problem| bad(&here, problem))?;
+        check_entry(fields, registry).map_err(|problem| bad(&here, problem))?;
         if let Some(nested) = fields.get_mut("dependencies") {
-            check_v1(nested, &format!("{here}.dependencies"), depth + 1, seen)?;
+            check_v1(
+                nested,
+                &format!("{here}.dependencies"),
+                depth + 1,
+                seen,
+                registry,
+            )?;
         }
     }
     Ok(())
 }
 
-/// One locked package: from the registry, not linked.
-fn check_entry(entry: &Map<String, Value>) -> Result<(), String> {
+/// One locked package: from `registry`, not linked.
+fn check_entry(entry: &Map<String, Value>, registry: &str) -> Result<(), String> {
     if entry.get("link").and_then(Value::as_bool) == Some(true) {
         return Err(format!(
-            "a link to the directory {}: only packages of the registry {REGISTRY} are accepted",
+            "a link to the directory {}: only packages of the registry {registry} are accepted",
             entry.get("resolved").unwrap_or(&Value::Null)
         ));
     }
@@ -191,7 +205,7 @@ fn check_entry(entry: &Map<String, Value>) -> Result<(), String> {
             .ok_or_else(|| format!("version {version} is not a string"))?;
         if from_elsewhere(version) {
             return Err(format!(
-                "version {} is {}: only packages of the registry {REGISTRY} are accepted",
+                "version {} is {}: only packages of the registry {registry} are accepted",
                 shown(version),
                 origin(version)
             ));
@@ -201,9 +215,9 @@ fn check_entry(entry: &Map<String, Value>) -> Result<(), String> {
         let resolved = resolved
             .as_str()
             .ok_or_else(|| format!("resolved {resolved} is not a string"))?;
-        if !from_registry(resolved) {
+        if !from_registry(resolved, registry) {
             return Err(format!(
-                "resolved to {} ({}): only packages of the registry {REGISTRY} are accepted",
+                "resolved to {} ({}): only packages of the registry {registry} are accepted",
                 shown(resolved),
                 origin(resolved)
             ));
@@ -212,11 +226,11 @@ fn check_entry(entry: &Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `url` is a file of the registry: `https://registry.npmjs.org/...`, nothing
+/// Whether `url` is a file of `registry` (`https://registry.npmjs.org/...`), nothing
 /// that could make a client go elsewhere.
-fn from_registry(url: &str) -> bool {
+fn from_registry(url: &str, registry: &str) -> bool {
     url.len() <= MAX_TEXT
-        && url.starts_with(REGISTRY)
+        && url.starts_with(registry)
         && !url.contains(['\\', '#', '?'])
         && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
@@ -315,9 +329,41 @@ mod tests {
 
     use super::*;
 
+    fn manifest_(package_json: &Value) -> Result<Option<Value>, Error> {
+        manifest(package_json, DEFAULT_REGISTRY)
+    }
+
+    fn lock_(l: &Value) -> Result<Value, Error> {
+        lock(l, DEFAULT_REGISTRY)
+    }
+
+    #[test]
+    fn a_lock_is_checked_against_the_configured_registry() {
+        let entry = |url: &str| {
+            v3(json!({"": {}, "node_modules/x": {"version": "1.0.0", "resolved": url}}))
+        };
+        let mirror = "http://10.233.0.2:8080/npm/";
+        lock(&entry("http://10.233.0.2:8080/npm/x/-/x-1.0.0.tgz"), mirror).unwrap();
+        for elsewhere in [
+            "https://registry.npmjs.org/x/-/x-1.0.0.tgz",
+            "http://10.233.0.2:8080/npmx/x-1.0.0.tgz",
+            "http://10.233.0.2:8080/other/x-1.0.0.tgz",
+        ] {
+            let e = lock(&entry(elsewhere), mirror).unwrap_err().to_string();
+            assert!(e.contains(elsewhere) && e.contains(mirror), "{e}");
+        }
+        let e = manifest(
+            &json!({"dependencies": {"x": "git+https://a/b.git"}}),
+            mirror,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(mirror), "{e}");
+    }
+
     #[test]
     fn a_manifest_keeps_registry_ranges_and_drops_what_sprout_provides() {
-        let m = manifest(&json!({
+        let m = manifest_(&json!({
             "name": "f", "version": "1.2.3", "scripts": {"postinstall": "x"},
             "dependencies": {"left-pad": "^1.3.0", "@types/node": "latest", "sprout": "*", "@m6s/box": "1"},
             "devDependencies": {"jest": "29"},
@@ -330,10 +376,10 @@ mod tests {
                    "dependencies": {"left-pad": "^1.3.0", "@types/node": "latest"}})
         );
         assert_eq!(
-            manifest(&json!({"dependencies": {"sprout": "1"}})).unwrap(),
+            manifest_(&json!({"dependencies": {"sprout": "1"}})).unwrap(),
             None
         );
-        assert_eq!(manifest(&json!({"name": "x"})).unwrap(), None);
+        assert_eq!(manifest_(&json!({"name": "x"})).unwrap(), None);
     }
 
     #[test]
@@ -347,14 +393,14 @@ mod tests {
             ("https://example.com/x.tgz", "url"),
             ("npm:other@1", "alias"),
         ] {
-            let e = manifest(&json!({"dependencies": {"dep": spec}}))
+            let e = manifest_(&json!({"dependencies": {"dep": spec}}))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("\"dep\"") && e.contains(spec), "{spec}: {e}");
         }
-        let e = manifest(&json!({"dependencies": {"../x": "1"}})).unwrap_err();
+        let e = manifest_(&json!({"dependencies": {"../x": "1"}})).unwrap_err();
         assert!(e.to_string().contains("not an npm package name"), "{e}");
-        let e = manifest(&json!({"dependencies": {"x": 1}})).unwrap_err();
+        let e = manifest_(&json!({"dependencies": {"x": 1}})).unwrap_err();
         assert!(e.to_string().contains("not a version string"), "{e}");
     }
 
@@ -364,7 +410,7 @@ mod tests {
 
     #[test]
     fn a_registry_lock_passes_without_what_sprout_provides() {
-        let l = lock(&v3(json!({
+        let l = lock_(&v3(json!({
             "": {"dependencies": {"left-pad": "1.3.0", "sprout": "*"}},
             "node_modules/left-pad": {"version": "1.3.0",
                 "resolved": "https://registry.npmjs.org/left-pad/-/left-pad-1.3.0.tgz"},
@@ -408,7 +454,7 @@ mod tests {
             (json!({"resolved": "../x", "link": true}), "a link"),
         ];
         for (entry, says) in cases {
-            let e = lock(&v3(json!({"": {}, "node_modules/x": entry.clone()})))
+            let e = lock_(&v3(json!({"": {}, "node_modules/x": entry.clone()})))
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -416,9 +462,9 @@ mod tests {
                 "{entry}: {e}"
             );
         }
-        let e = lock(&v3(json!({"packages/a": {"version": "1.0.0"}}))).unwrap_err();
+        let e = lock_(&v3(json!({"packages/a": {"version": "1.0.0"}}))).unwrap_err();
         assert!(e.to_string().contains("workspace"), "{e}");
-        let e = lock(&v3(json!({"node_modules/../../etc": {}}))).unwrap_err();
+        let e = lock_(&v3(json!({"node_modules/../../etc": {}}))).unwrap_err();
         assert!(e.to_string().contains("not an npm package name"), "{e}");
     }
 
@@ -429,17 +475,17 @@ mod tests {
             "a": {"version": "1.0.0", "resolved": "https://registry.npmjs.org/a/-/a-1.0.0.tgz",
                   "dependencies": {"b": {"version": "2.0.0"}}},
         }});
-        let l = lock(&ok).unwrap();
+        let l = lock_(&ok).unwrap();
         assert!(l["dependencies"].get("sprout").is_none(), "{l}");
         let bad = json!({"lockfileVersion": 1, "dependencies": {
             "a": {"version": "1.0.0", "dependencies": {"b": {"version": "github:u/b#main"}}},
         }});
-        let e = lock(&bad).unwrap_err().to_string();
+        let e = lock_(&bad).unwrap_err().to_string();
         assert!(
             e.contains("dependencies[\"a\"].dependencies[\"b\"]") && e.contains("a git dependency"),
             "{e}"
         );
-        let e = lock(&json!({"lockfileVersion": 7}))
+        let e = lock_(&json!({"lockfileVersion": 7}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("lockfileVersion"), "{e}");

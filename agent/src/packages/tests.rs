@@ -84,6 +84,7 @@ fn packages(dir: &Path, fake: Fake) -> Packages {
         &dir.join("packages"),
         Box::new(fake),
         InstallLimits::default(),
+        Sources::default(),
         "1",
     )
     .unwrap()
@@ -134,7 +135,14 @@ fn two_versions_coexist_and_a_different_archive_is_a_different_entry() {
             resolved: resolved(&[pin("numpy", version, hash)]),
             ..Fake::default()
         };
-        let p = Packages::open(&root, Box::new(fake), InstallLimits::default(), "1").unwrap();
+        let p = Packages::open(
+            &root,
+            Box::new(fake),
+            InstallLimits::default(),
+            Sources::default(),
+            "1",
+        )
+        .unwrap();
         p.python("f", &["numpy".into()]).unwrap();
         assert_eq!(p.installed(), 1);
     }

@@ -151,7 +151,11 @@ pub trait Seam: Copy {
     fn check_handler(self, dir: &Path, handler: &Handler) -> Result<(), Error>;
     fn check_readable(self, dir: &Path, handler: &Handler) -> Result<(), Error>;
     fn runs_callee(self, callee: Runtime) -> bool;
-    fn dependencies(self, dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error>;
+    fn dependencies(
+        self,
+        dir: &Path,
+        sources: &crate::packages::Sources,
+    ) -> Result<Option<crate::packages::Dependencies>, Error>;
 }
 
 impl Seam for Runtime {
@@ -205,12 +209,16 @@ impl Seam for Runtime {
     }
 
     /// What the function needs installed, read from its directory (`None`: nothing):
-    /// Python's `requirements.txt`, Node.js's `package.json` dependencies. Native
-    /// functions bring everything.
-    fn dependencies(self, dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error> {
+    /// Python's `requirements.txt`, Node.js's `package.json` dependencies (checked
+    /// against the node's `sources`). Native functions bring everything.
+    fn dependencies(
+        self,
+        dir: &Path,
+        sources: &crate::packages::Sources,
+    ) -> Result<Option<crate::packages::Dependencies>, Error> {
         match self {
             Runtime::Python => python::dependencies(dir),
-            Runtime::Nodejs => nodejs::dependencies(dir),
+            Runtime::Nodejs => nodejs::dependencies(dir, sources),
             Runtime::Native => Ok(None),
         }
     }

@@ -201,9 +201,13 @@ fn package_main(dir: &Path) -> Result<Option<String>, Error> {
 
 /// The function's `package.json` (only what installing reads, without the modules
 /// sprout provides) and its `package-lock.json`, both checked (see
-/// `packages::npm`: every package from the one registry), `None` when it depends on
-/// nothing sprout does not provide.
-pub fn dependencies(dir: &Path) -> Result<Option<crate::packages::Dependencies>, Error> {
+/// `packages::npm`: every package from the node's registry, `sources`), `None` when
+/// it depends on nothing sprout does not provide.
+pub fn dependencies(
+    dir: &Path,
+    sources: &crate::packages::Sources,
+) -> Result<Option<crate::packages::Dependencies>, Error> {
+    let registry = sources.npm_registry();
     let refused = |source| Error::Packages {
         function: dir.display().to_string(),
         source: Box::new(source),
@@ -213,7 +217,9 @@ pub fn dependencies(dir: &Path) -> Result<Option<crate::packages::Dependencies>,
     };
     let package_json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| refused(crate::packages::Error::Manifest(format!("not JSON: {e}"))))?;
-    let Some(manifest) = crate::packages::npm::manifest(&package_json).map_err(refused)? else {
+    let Some(manifest) =
+        crate::packages::npm::manifest(&package_json, registry).map_err(refused)?
+    else {
         return Ok(None);
     };
     let lock = match super::files::read_small(dir, "package-lock.json", 16 * MAX_PACKAGE_JSON)? {
@@ -225,7 +231,7 @@ pub fn dependencies(dir: &Path) -> Result<Option<crate::packages::Dependencies>,
                     problem: format!("not JSON: {e}"),
                 })
             })?;
-            Some(crate::packages::npm::lock(&lock).map_err(refused)?)
+            Some(crate::packages::npm::lock(&lock, registry).map_err(refused)?)
         }
     };
     Ok(Some(crate::packages::Dependencies::Npm { manifest, lock }))

@@ -431,9 +431,18 @@ fn a_node_functions_dependencies_are_its_checked_manifest_and_lock() {
         r#"{"dependencies": {"sprout": "*"}}"#,
         0o644,
     )]);
-    assert_eq!(seam.dependencies(&dir).unwrap(), None, "sprout is provided");
+    assert_eq!(
+        seam.dependencies(&dir, &crate::packages::Sources::default())
+            .unwrap(),
+        None,
+        "sprout is provided"
+    );
     let (_t, dir) = dir_with(&[("index.js", JS, 0o644)]);
-    assert_eq!(seam.dependencies(&dir).unwrap(), None);
+    assert_eq!(
+        seam.dependencies(&dir, &crate::packages::Sources::default())
+            .unwrap(),
+        None
+    );
     let lock = r#"{"lockfileVersion": 3, "packages": {"": {}, "node_modules/sprout": {},
         "node_modules/a": {"version": "1.0.0", "resolved": "https://registry.npmjs.org/a/-/a-1.0.0.tgz"}}}"#;
     let (_t, dir) = dir_with(&[
@@ -444,7 +453,10 @@ fn a_node_functions_dependencies_are_its_checked_manifest_and_lock() {
         ),
         ("package-lock.json", lock, 0o644),
     ]);
-    match seam.dependencies(&dir).unwrap() {
+    match seam
+        .dependencies(&dir, &crate::packages::Sources::default())
+        .unwrap()
+    {
         Some(crate::packages::Dependencies::Npm {
             manifest,
             lock: Some(lock),
@@ -465,7 +477,9 @@ fn a_node_functions_dependencies_are_its_checked_manifest_and_lock() {
             0o644,
         ),
     ]);
-    let e = seam.dependencies(&dir).unwrap_err();
+    let e = seam
+        .dependencies(&dir, &crate::packages::Sources::default())
+        .unwrap_err();
     assert_eq!(e.name(), "package_error", "{e}");
     let e = ipc::chain(&e);
     assert!(
@@ -476,7 +490,11 @@ fn a_node_functions_dependencies_are_its_checked_manifest_and_lock() {
         ("package-lock.json", "{", 0o644),
         ("package.json", r#"{"dependencies": {"a": "1"}}"#, 0o644),
     ]);
-    let e = ipc::chain(&seam.dependencies(&dir).unwrap_err());
+    let e = ipc::chain(
+        &seam
+            .dependencies(&dir, &crate::packages::Sources::default())
+            .unwrap_err(),
+    );
     assert!(
         e.contains("package-lock.json") && e.contains("not JSON"),
         "{e}"

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import urllib.parse
 
 OUT = "/deps"
 PYTHON = "/usr/bin/python3"
@@ -22,8 +23,6 @@ NPM = "/usr/bin/npm"
 MESSAGE_BYTES = 4000
 # The largest request read.
 MAX_REQUEST = 4 << 20
-# The one npm registry (the agent refused lock entries resolved anywhere else).
-REGISTRY = "https://registry.npmjs.org/"
 # The host's certificate authorities (bind-mounted read-only with /etc/ssl).
 HOST_CAS = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -43,18 +42,39 @@ def env():
         # marker would refuse them all the same.
         "PIP_BREAK_SYSTEM_PACKAGES": "1",
         "PIP_ROOT_USER_ACTION": "ignore",
+        # No configuration file (the host's /usr/pip.conf is visible, a later
+        # global or user one would be too): the index is the request's alone.
+        "PIP_CONFIG_FILE": os.devnull,
     }
     os.makedirs(e["TMPDIR"], exist_ok=True)
     return e
 
 
-def npm_env():
-    """npm's environment: the one registry, no configuration file of the host's or
+def source(request, field):
+    """The index or registry the agent names (the node's, `--package-index`,
+    `--npm-registry`); None when it names none."""
+    url = request.get(field)
+    if isinstance(url, str) and url.startswith(("https://", "http://")) and url.isprintable() and " " not in url:
+        return url
+    return None
+
+
+def index_args(index):
+    """pip's arguments for the node's index; a plain-HTTP one (the operator's
+    mirror on a private network) is trusted as named, as pip needs to be told."""
+    args = ["--index-url", index]
+    if index.startswith("http://"):
+        args += ["--trusted-host", urllib.parse.urlsplit(index).netloc]
+    return args
+
+
+def npm_env(registry):
+    """npm's environment: the node's registry, no configuration file of the host's or
     the function's, its cache in the sandbox's work area, and the host's certificate
     authorities on top of Node's own (for a TLS-inspecting proxy)."""
     e = env()
     e.update({
-        "npm_config_registry": REGISTRY,
+        "npm_config_registry": registry,
         # The host's /usr/etc/npmrc (sandboxes see /usr) and any ~/.npmrc stay out:
         # two empty files of the sandbox's own.
         "npm_config_globalconfig": os.path.join(OUT, "tmp", "global-npmrc"),
@@ -95,16 +115,16 @@ def abi():
 def resolve(request):
     """Resolves requirement lines to exact versions and archives, with pip's resolver
     and nothing installed."""
-    lines = request.get("requirements")
-    if not isinstance(lines, list) or not all(isinstance(l, str) for l in lines):
-        return {"op": "failed", "message": "resolve needs a list of requirement lines"}
+    lines, index = request.get("requirements"), source(request, "index")
+    if not isinstance(lines, list) or not all(isinstance(l, str) for l in lines) or not index:
+        return {"op": "failed", "message": "resolve needs a list of requirement lines and an index"}
     path = os.path.join(OUT, "requirements.txt")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     report = os.path.join(OUT, "report.json")
     ok, output = run(PIP + [
         "install", "--dry-run", "--ignore-installed", "--quiet", "--prefer-binary",
-        "--report", report, "-r", path,
+        "--report", report, "-r", path, *index_args(index),
     ])
     if not ok:
         return {"op": "failed", "message": tail(output)}
@@ -126,14 +146,15 @@ def install(request):
     """Installs exactly one archive (name, version and SHA-256) into OUT/<dir>,
     without its dependencies (each is installed on its own)."""
     name, version, sha256, target = (request.get(k) for k in ("name", "version", "sha256", "dir"))
-    if not all(isinstance(v, str) and v for v in (name, version, sha256, target)) or "/" in target:
-        return {"op": "failed", "message": "install needs name, version, sha256 and dir"}
+    index = source(request, "index")
+    if not all(isinstance(v, str) and v for v in (name, version, sha256, target, index)) or "/" in target:
+        return {"op": "failed", "message": "install needs name, version, sha256, index and dir"}
     path = os.path.join(OUT, "pinned.txt")
     with open(path, "w") as f:
         f.write(f"{name}=={version} --hash=sha256:{sha256}\n")
     ok, output = run(PIP + [
         "install", "--no-deps", "--require-hashes", "--prefer-binary", "--quiet",
-        "--target", os.path.join(OUT, target), "-r", path,
+        "--target", os.path.join(OUT, target), "-r", path, *index_args(index),
     ])
     if not ok:
         return {"op": "failed", "message": tail(output)}
@@ -144,8 +165,9 @@ def npm(request):
     """Installs a package.json's dependencies (with its lock, `npm ci`) into
     OUT/<dir>/node_modules."""
     manifest, lock, target = request.get("manifest"), request.get("lock"), request.get("dir")
-    if not isinstance(manifest, dict) or not isinstance(target, str) or "/" in target or not target:
-        return {"op": "failed", "message": "npm needs a manifest and a dir"}
+    registry = source(request, "registry")
+    if not isinstance(manifest, dict) or not isinstance(target, str) or "/" in target or not target or not registry:
+        return {"op": "failed", "message": "npm needs a manifest, a registry and a dir"}
     where = os.path.join(OUT, target)
     os.makedirs(where, exist_ok=True)
     with open(os.path.join(where, "package.json"), "w") as f:
@@ -155,7 +177,7 @@ def npm(request):
         with open(os.path.join(where, "package-lock.json"), "w") as f:
             json.dump(lock, f)
         args = [NPM, "ci", "--omit=dev", "--no-audit", "--no-fund", "--no-update-notifier"]
-    ok, output = run(args, cwd=where, environment=npm_env())
+    ok, output = run(args, cwd=where, environment=npm_env(registry))
     if not ok:
         # npm's log is in the sandbox, gone with it: its path says nothing.
         lines = [l for l in output.splitlines() if "A complete log of this run" not in l]

@@ -41,6 +41,22 @@ struct InstallArgs {
     /// fails): milliseconds or seconds.
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     install_timeout: Duration,
+    /// The PEP 503 simple index pip installs Python packages from (a mirror, as
+    /// OpenLambda's pip_mirror). The node's choice: requirement lines cannot change it.
+    #[arg(long, value_name = "URL", default_value = agent::packages::DEFAULT_INDEX, value_parser = parse_index)]
+    package_index: String,
+    /// The registry npm installs Node.js packages from; lock entries resolved
+    /// anywhere else are refused.
+    #[arg(long, value_name = "URL", default_value = agent::packages::npm::DEFAULT_REGISTRY, value_parser = parse_registry)]
+    npm_registry: String,
+}
+
+fn parse_index(url: &str) -> Result<String, String> {
+    agent::packages::source_url("--package-index", url).map_err(|e| e.to_string())
+}
+
+fn parse_registry(url: &str) -> Result<String, String> {
+    agent::packages::source_url("--npm-registry", url).map_err(|e| e.to_string())
 }
 
 /// The daemon's warm pool.
@@ -180,6 +196,10 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             memory_mb: args.install.install_memory_mb,
             timeout: args.install.install_timeout,
         },
+        package_sources: agent::PackageSources::new(
+            &args.install.package_index,
+            &args.install.npm_registry,
+        )?,
         ..Config::new()
     })
     .context("start the agent")?;
