@@ -21,6 +21,14 @@
 //! network), limits (128 MiB memory = memory+swap, 64 pids, one CPU), no capabilities
 //! and no_new_privs; unlike sprout's spec it has no cgroup namespace, no seccomp filter
 //! and no masked/read-only paths, so the runtimes do slightly less work than sprout's.
+//!
+//! For handlers that import packages (`bench deps`), [`install_site`] installs a
+//! `requirements.txt` into a host directory (`pip install --target`, binary wheels
+//! only, so no package code runs on the host); [`runc_run_with_site`] bind-mounts it
+//! read-only at [`SITE_DIR`] in the bundle's rootfs and the program puts it on
+//! `sys.path` right after the code directory (where sprout puts `/deps`), and
+//! [`host_import`] times the host's `python3 -c "import MODULE"` with `PYTHONPATH` at
+//! it.
 
 use std::fs;
 use std::io::{ErrorKind, Read};
@@ -72,15 +80,17 @@ impl Lang {
         }
     }
 
-    /// The interpreter's arguments that run the handler in `code_dir` on `event_json`.
-    fn args(self, code_dir: &str, event_json: &str) -> Vec<String> {
+    /// The interpreter's arguments that run the handler in `code_dir` on `event_json`,
+    /// with `site` (a directory of installed Python packages) on the import path.
+    fn args(self, code_dir: &str, site: Option<&str>, event_json: &str) -> Vec<String> {
         match self {
             Lang::Python => vec![
                 "-I".into(),
                 "-c".into(),
-                program(code_dir),
+                program(code_dir, site),
                 event_json.into(),
             ],
+            // Only Python baselines are given packages (`ContainerBaseline::new`).
             Lang::Node => vec!["-e".into(), node_program(code_dir), event_json.into()],
         }
     }
@@ -100,17 +110,103 @@ fn node_program(code_dir: &str) -> String {
     )
 }
 
-/// The program `python3 -I -c` runs; the event is its `sys.argv[1]`.
-fn program(code_dir: &str) -> String {
+/// The program `python3 -I -c` runs; the event is its `sys.argv[1]`. With `site`, that
+/// directory comes right after the code directory on `sys.path` (as sprout's `/deps`).
+fn program(code_dir: &str, site: Option<&str>) -> String {
     // A JSON string literal is a valid Python string literal.
     let dir = serde_json::to_string(code_dir).expect("a str serializes");
+    let site = site.map_or_else(String::new, |s| {
+        let s = serde_json::to_string(s).expect("a str serializes");
+        format!("sys.path.insert(1, {s})\n")
+    });
     format!(
         "import sys, json\n\
          sys.dont_write_bytecode = True\n\
          sys.path.insert(0, {dir})\n\
+         {site}\
          import f\n\
          print(json.dumps(f.f(json.loads(sys.argv[1]))))\n"
     )
+}
+
+/// Where [`runc_run_with_site`] mounts the packages in the container.
+pub const SITE_DIR: &str = "/deps/site-packages";
+
+/// Installs `requirements` (a `requirements.txt`) into `into` on the host for the
+/// package baselines: `/usr/bin/python3 -m pip install --target`, binary wheels only
+/// (`--only-binary :all:`: no sdist is built, so no package code runs here), no cache.
+/// `into` must not exist yet, or be empty.
+pub fn install_site(requirements: &Path, into: &Path) -> anyhow::Result<()> {
+    let out = Command::new(PYTHON)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-input",
+            "--no-cache-dir",
+        ])
+        .args(["--disable-pip-version-check", "--only-binary", ":all:"])
+        .arg("--target")
+        .arg(into)
+        .arg("-r")
+        .arg(requirements)
+        // `--target` touches no system package; Debian's marker refuses it all the same.
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1")
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .stdin(Stdio::null())
+        .output()
+        .context("run pip")?;
+    if !out.status.success() {
+        bail!(
+            "pip install -r {} --target {}: {}: {}",
+            requirements.display(),
+            into.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The host's `python3 -c "import MODULE"` with `PYTHONPATH=site`, one process per
+/// run (after 2 warm-up runs): the floor of what importing the package costs, with no
+/// sandbox and no handler. The environment is only `PATH`, `LANG` and `PYTHONPATH`;
+/// the working directory is `/`.
+pub fn host_import(module: &str, site: &Path, runs: usize) -> anyhow::Result<Vec<Duration>> {
+    ensure!(
+        !module.is_empty()
+            && module
+                .split('.')
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')),
+        "{module:?} is not a module name"
+    );
+    ensure!(site.is_dir(), "{} is not a directory", site.display());
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..WARMUP_RUNS + runs {
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg("-c")
+            .arg(format!("import {module}"))
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .env("PYTHONPATH", site)
+            // `-c` puts the working directory first on `sys.path`: nothing there.
+            .current_dir("/");
+        let out = timed(&mut cmd, RUN_TIMEOUT).context("run the host interpreter")?;
+        out.check(&format!("python3 -c \"import {module}\""), "")?;
+        if i >= WARMUP_RUNS {
+            samples.push(out.elapsed);
+        }
+    }
+    Ok(samples)
+}
+
+/// What the host's `python3` prints for the handler in `handler_dir` with the
+/// packages of `site` on its path: the output every package baseline must match.
+pub fn host_reference(handler_dir: &Path, site: &Path, event_json: &str) -> anyhow::Result<String> {
+    let handler_dir = absolute(Lang::Python, handler_dir)?;
+    reference_output(Lang::Python, &handler_dir, Some(site), event_json)
 }
 
 /// `python3` on the host, one process per run: interpreter start-up, import of `f`,
@@ -131,8 +227,8 @@ pub fn host_process(
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let handler_dir = absolute(lang, handler_dir)?;
-    let expected = reference_output(lang, &handler_dir, event_json)?;
-    let args = lang.args(path_str(&handler_dir)?, event_json);
+    let expected = reference_output(lang, &handler_dir, None, event_json)?;
+    let args = lang.args(path_str(&handler_dir)?, None, event_json);
     let mut samples = Vec::with_capacity(runs);
     for i in 0..WARMUP_RUNS + runs {
         let mut cmd = Command::new(lang.interpreter());
@@ -158,7 +254,26 @@ pub fn runc_run(
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    container_runs(Runtime::Runc, lang, handler_dir, event_json, runs)
+    container_runs(Runtime::Runc, lang, handler_dir, None, event_json, runs)
+}
+
+/// `runc run` of a Python handler that imports packages, as [`runc_run`], with the
+/// installed packages of `site` (see [`install_site`]) bind-mounted read-only at
+/// [`SITE_DIR`] in the rootfs, on `sys.path` right after the code directory.
+pub fn runc_run_with_site(
+    handler_dir: &Path,
+    site: &Path,
+    event_json: &str,
+    runs: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    container_runs(
+        Runtime::Runc,
+        Lang::Python,
+        handler_dir,
+        Some(site),
+        event_json,
+        runs,
+    )
 }
 
 /// `crun run --bundle B ID` in the foreground, one new container per run, as for
@@ -176,7 +291,14 @@ pub fn crun_run(
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    container_runs(Runtime::Crun, Lang::Python, handler_dir, event_json, runs)
+    container_runs(
+        Runtime::Crun,
+        Lang::Python,
+        handler_dir,
+        None,
+        event_json,
+        runs,
+    )
 }
 
 /// The cost the crun wrapper adds to each [`crun_run`] sample: the same
@@ -253,10 +375,11 @@ fn container_runs(
     runtime: Runtime,
     lang: Lang,
     handler_dir: &Path,
+    site: Option<&Path>,
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    let mut baseline = ContainerBaseline::new(runtime, lang, handler_dir, event_json)?;
+    let mut baseline = ContainerBaseline::new(runtime, lang, handler_dir, site, event_json)?;
     let mut samples = Vec::with_capacity(runs);
     for n in 0..WARMUP_RUNS + runs {
         let elapsed = baseline.run()?;
@@ -271,7 +394,7 @@ fn container_runs(
 /// `runc run` of the handler, one new container per [`ContainerBaseline::run`], set up
 /// once: for measurements that interleave it with another path (`bench guard`).
 pub fn runc_baseline(handler_dir: &Path, event_json: &str) -> anyhow::Result<ContainerBaseline> {
-    ContainerBaseline::new(Runtime::Runc, Lang::Python, handler_dir, event_json)
+    ContainerBaseline::new(Runtime::Runc, Lang::Python, handler_dir, None, event_json)
 }
 
 /// A one-shot container baseline set up once (bundle, state directory, expected
@@ -283,6 +406,8 @@ pub struct ContainerBaseline {
     binary: PathBuf,
     wrap: bool,
     handler_dir: PathBuf,
+    /// Installed packages bind-mounted at [`SITE_DIR`], if any.
+    site: Option<PathBuf>,
     event_json: String,
     expected: String,
     bundle: PathBuf,
@@ -299,6 +424,7 @@ impl ContainerBaseline {
         runtime: Runtime,
         lang: Lang,
         handler_dir: &Path,
+        site: Option<&Path>,
         event_json: &str,
     ) -> anyhow::Result<Self> {
         ensure!(
@@ -306,8 +432,19 @@ impl ContainerBaseline {
             "the {} baseline needs root",
             runtime.name()
         );
+        ensure!(
+            lang == Lang::Python || site.is_none(),
+            "only Python baselines import installed packages"
+        );
         let handler_dir = absolute(lang, handler_dir)?;
-        let expected = reference_output(lang, &handler_dir, event_json)?;
+        let site = match site {
+            Some(s) => Some(
+                fs::canonicalize(s)
+                    .with_context(|| format!("package directory {}", s.display()))?,
+            ),
+            None => None,
+        };
+        let expected = reference_output(lang, &handler_dir, site.as_deref(), event_json)?;
         let binary = find_program(runtime.name())?;
         let wrap = runtime == Runtime::Crun && needs_crun_wrapper()?;
 
@@ -319,6 +456,10 @@ impl ContainerBaseline {
         let state = dir.path().join(format!("{}-state", runtime.name()));
         fs::create_dir_all(&state).with_context(|| format!("create {}", state.display()))?;
         write_skeleton(&bundle.join("rootfs"))?;
+        if site.is_some() {
+            let p = bundle.join("rootfs").join(SITE_DIR.trim_start_matches('/'));
+            fs::create_dir_all(&p).with_context(|| format!("create {}", p.display()))?;
+        }
         let cleanup = Cleanup {
             runtime,
             binary: binary.clone(),
@@ -332,6 +473,7 @@ impl ContainerBaseline {
             binary,
             wrap,
             handler_dir,
+            site,
             event_json: event_json.to_owned(),
             expected,
             bundle,
@@ -351,7 +493,13 @@ impl ContainerBaseline {
         self.n += 1;
         let id = format!("sprout-bench-{runtime}-{pid}-{n}");
         let cgroup = format!("/{CGROUP_PARENT}/{runtime}-{pid}-{n}");
-        let config = bundle_config(self.lang, &self.handler_dir, &self.event_json, &cgroup);
+        let config = bundle_config(
+            self.lang,
+            &self.handler_dir,
+            self.site.as_deref(),
+            &self.event_json,
+            &cgroup,
+        );
         let path = self.bundle.join("config.json");
         fs::write(&path, serde_json::to_vec_pretty(&config)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -597,17 +745,19 @@ fn bind_ro(source: &Path, destination: &str) -> serde_json::Value {
 
 /// config.json of the bundle: the same shape as a sprout sandbox's spec (read-only
 /// root, /usr and the code bind-mounted read-only, tmpfs /tmp, limits, no
-/// capabilities, no_new_privs), running the function once.
+/// capabilities, no_new_privs), running the function once; with `site`, that
+/// directory bind-mounted read-only at [`SITE_DIR`] and on the import path.
 fn bundle_config(
     lang: Lang,
     handler_dir: &Path,
+    site: Option<&Path>,
     event_json: &str,
     cgroups_path: &str,
 ) -> serde_json::Value {
     const MEMORY: u64 = 128 << 20;
     let mut args = vec![lang.interpreter().to_owned()];
-    args.extend(lang.args(CODE_DIR, event_json));
-    json!({
+    args.extend(lang.args(CODE_DIR, site.map(|_| SITE_DIR), event_json));
+    let mut config = json!({
         "ociVersion": "1.0.2",
         "root": { "path": "rootfs", "readonly": true },
         "hostname": "sprout-bench",
@@ -654,13 +804,27 @@ fn bundle_config(
                 "cpu": { "quota": 100_000, "period": 100_000 },
             },
         },
-    })
+    });
+    if let Some(site) = site {
+        config["mounts"]
+            .as_array_mut()
+            .expect("mounts is a list")
+            .push(bind_ro(site, SITE_DIR));
+    }
+    config
 }
 
-/// What host `python3` prints for the event: the output every run must match.
-fn reference_output(lang: Lang, handler_dir: &Path, event_json: &str) -> anyhow::Result<String> {
+/// What host `python3` prints for the event (with `site` on the import path): the
+/// output every run must match.
+fn reference_output(
+    lang: Lang,
+    handler_dir: &Path,
+    site: Option<&Path>,
+    event_json: &str,
+) -> anyhow::Result<String> {
+    let site = site.map(path_str).transpose()?;
     let out = Command::new(lang.interpreter())
-        .args(lang.args(path_str(handler_dir)?, event_json))
+        .args(lang.args(path_str(handler_dir)?, site, event_json))
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("run {}", lang.interpreter()))?;
@@ -865,7 +1029,7 @@ mod tests {
     #[test]
     fn program_prints_the_result() {
         let h = handler();
-        let out = reference_output(Lang::Python, h.path(), EVENT).unwrap();
+        let out = reference_output(Lang::Python, h.path(), None, EVENT).unwrap();
         assert_eq!(
             out,
             "{\"hello\": \"Alice \\u00e9 'q' \\\"x\\\"\", \"n\": 1}\n"
@@ -967,6 +1131,83 @@ mod tests {
         let h = handler();
         assert_eq!(crun_run(h.path(), EVENT, 2).unwrap().len(), 2);
         no_bench_cgroups();
+    }
+
+    /// A handler importing a module that only a site directory has.
+    fn site_handler() -> (tempfile::TempDir, tempfile::TempDir) {
+        let h = tempfile::tempdir().unwrap();
+        fs::write(
+            h.path().join("f.py"),
+            "import sproutbenchpkg\n\ndef f(event):\n    return {\"v\": sproutbenchpkg.V, \"e\": event}\n",
+        )
+        .unwrap();
+        let site = tempfile::tempdir().unwrap();
+        fs::create_dir(site.path().join("sproutbenchpkg")).unwrap();
+        fs::write(site.path().join("sproutbenchpkg/__init__.py"), "V = 7\n").unwrap();
+        (h, site)
+    }
+
+    #[test]
+    fn the_site_is_on_the_import_path() {
+        let (h, site) = site_handler();
+        let out = host_reference(h.path(), site.path(), r#"{"a": 1}"#).unwrap();
+        assert_eq!(out, "{\"v\": 7, \"e\": {\"a\": 1}}\n");
+        // Without it the handler cannot import its package.
+        let err = format!("{:#}", host_python(h.path(), "{}", 1).unwrap_err());
+        assert!(err.contains("No module named 'sproutbenchpkg'"), "{err}");
+        assert!(!h.path().join("__pycache__").exists());
+    }
+
+    #[test]
+    fn runc_imports_from_the_site_and_leaves_nothing() {
+        let _serial = serial();
+        let (h, site) = site_handler();
+        let samples = runc_run_with_site(h.path(), site.path(), EVENT, 2).unwrap();
+        assert_eq!(samples.len(), 2);
+        no_bench_cgroups();
+        // The same handler without the site fails on the host, before any container.
+        let err = format!(
+            "{:#}",
+            runc_run(Lang::Python, h.path(), EVENT, 1).unwrap_err()
+        );
+        assert!(err.contains("No module named 'sproutbenchpkg'"), "{err}");
+        no_bench_cgroups();
+    }
+
+    #[test]
+    fn host_import_runs_and_checks() {
+        let (_h, site) = site_handler();
+        assert_eq!(
+            host_import("sproutbenchpkg", site.path(), 2).unwrap().len(),
+            2
+        );
+        let err = format!(
+            "{:#}",
+            host_import("sprout_bench_missing", site.path(), 1).unwrap_err()
+        );
+        assert!(
+            err.contains("No module named 'sprout_bench_missing'"),
+            "{err}"
+        );
+        for bad in ["os; import sys", "", "a..b", "x y"] {
+            let err = format!("{:#}", host_import(bad, site.path(), 1).unwrap_err());
+            assert!(err.contains("is not a module name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn install_site_quotes_pip() {
+        let dir = tempfile::tempdir().unwrap();
+        let req = dir.path().join("requirements.txt");
+        fs::write(&req, "this is === not a requirement\n").unwrap();
+        let err = format!(
+            "{:#}",
+            install_site(&req, &dir.path().join("site")).unwrap_err()
+        );
+        assert!(
+            err.contains("pip install -r") && err.contains("Invalid requirement"),
+            "{err}"
+        );
     }
 
     #[test]

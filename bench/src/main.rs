@@ -12,12 +12,19 @@
 //! the memory of idle stem cells, forked and created (see `memory.rs`): a table of its
 //! own and `target/sprout-bench/memory.json`.
 //!
+//! `cargo run -p bench --release -- deps` measures cold starts of functions that
+//! import packages (numpy, pandas; `--quick`: six) from an empty package cache, with
+//! the packages cached, and from a package-aware zygote, against `runc run` with the
+//! packages in its rootfs and the host merely importing them (see `deps.rs`); it
+//! writes `target/sprout-bench/deps.json`.
+//!
 //! `cargo run -p bench --release -- guard` is the regression guard CI runs: each hot
 //! path against a baseline measured interleaved in the same run; it exits non-zero
 //! when a path is over its bound twice (see `guard.rs`).
 
 mod baseline;
 mod daemon;
+mod deps;
 mod guard;
 mod latency;
 mod memory;
@@ -438,6 +445,19 @@ fn main() -> anyhow::Result<()> {
             let rows = workflows::run(&bin_dir()?, &workspace(), &settings)?;
             return write_rows("workflows", &rows);
         }
+        Some("deps") => {
+            let settings = deps::Settings::from_args(&args)?;
+            eprintln!(
+                "measuring cold starts with packages (release build recommended; installs \
+                 from the package index, this takes a while)..."
+            );
+            let outcome = deps::run(&bin_dir()?, &workspace(), &settings)?;
+            stats::print(&outcome.rows);
+            for line in deps::targets(&outcome, settings.functions) {
+                println!("{line}");
+            }
+            return write_rows("deps", &outcome.rows);
+        }
         Some("guard") => {
             let only = match args.iter().position(|a| a == "--only") {
                 Some(i) => args
@@ -458,7 +478,8 @@ fn main() -> anyhow::Result<()> {
         }
         _ => bail!(
             "usage: bench latency [--quick] [--clients 1,4,16,64] | bench memory [--quick] \
-             | bench workflows [--quick] | bench guard [--only warm,stem,new]"
+             | bench workflows [--quick] | bench deps [--quick] [--package-zygotes-mb MiB] \
+             | bench guard [--only warm,stem,new]"
         ),
     };
     if !rows.is_empty() {
@@ -499,7 +520,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Writes `target/sprout-bench/<suite>.json` and a CDF plot per row.
 fn write_rows(suite: &str, rows: &[Row]) -> anyhow::Result<()> {
-    if suite != "latency" {
+    if suite != "latency" && suite != "deps" {
         stats::print(rows);
     }
     let out = workspace().join("target/sprout-bench");
