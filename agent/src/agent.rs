@@ -311,15 +311,25 @@ impl Agent {
                 ))
             }
             Request::CollectPackages => {
-                let in_use = self
-                    .package_users()
-                    .into_iter()
-                    .flat_map(|(_, keys)| keys)
-                    .collect();
+                // In use: what registered functions, live sandboxes (a retired
+                // version's included) and live package zygotes have mounted, asked
+                // once no registration is under way.
+                let in_use = || {
+                    let mut keys: std::collections::HashSet<String> = self
+                        .package_users()
+                        .into_iter()
+                        .flat_map(|(_, keys)| keys)
+                        .collect();
+                    for f in self.runs.bound_functions() {
+                        keys.extend(f.deps.keys().map(str::to_owned));
+                    }
+                    keys.extend(self.sandboxes.package_zygote_keys());
+                    keys
+                };
                 let removed = self
                     .registry
                     .packages()
-                    .remove_unused(&in_use)
+                    .remove_unused(in_use)
                     .map_err(packages_err)?;
                 tracing::info!(removed = removed.len(), "unused packages removed");
                 Ok(Response::Packages(

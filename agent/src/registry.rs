@@ -529,6 +529,8 @@ impl Registry {
             FunctionSource::Dir(dir) => (dir, false),
             FunctionSource::Tar(bytes) => (self.unpack(name, version, &bytes)?, true),
         };
+        // Until the function is in the registry, its packages are not collected.
+        let _held = self.packages.hold();
         let function =
             Function::new(key, &dir, config, &self.config, version, owns_dir).and_then(|mut f| {
                 f.deps = self.install_deps(&f)?;

@@ -70,6 +70,15 @@ impl Runs {
     }
 
     /// The namespace of each bound sandbox's function.
+    /// The functions live sandboxes are bound to (a retired version's too).
+    pub fn bound_functions(&self) -> Vec<Arc<Function>> {
+        self.bound
+            .lock()
+            .values()
+            .map(|b| b.function.clone())
+            .collect()
+    }
+
     pub fn namespaces(&self) -> Vec<String> {
         self.bound
             .lock()

@@ -227,7 +227,21 @@ pub trait Tools {
     /// Whether [`FORWARDING_MARK`] exists; `set_mark` makes or removes it.
     fn mark(&mut self) -> bool;
     fn set_mark(&mut self, present: bool);
+    /// Holds the host-wide lock ([`FORWARDING_LOCK`]) of forwarding and of the
+    /// tables' coming and going until the guard is dropped.
+    fn hold(&mut self) -> Result<Held, Failure>;
 }
+
+/// The host-wide lock of forwarding decisions, held by every agent (and spawner)
+/// from "is forwarding on?" to its table existing, and from "is any sprout table
+/// left?" to turning forwarding off: without it, an agent that stops (and removes
+/// its table, or merely checks) between another's turning forwarding on and that
+/// one's table appearing saw no table and turned forwarding off under a live egress
+/// sandbox. A file in `/run` (it is never removed: a lock file).
+pub const FORWARDING_LOCK: &str = "/run/sprout.network.lock";
+
+/// A held [`Tools::hold`] (an `flock`ed file; nothing for a fake).
+pub struct Held(#[allow(dead_code)] Option<std::fs::File>);
 
 /// Whether `failure` (of [`link_add`]) says the link name is taken (another agent
 /// claimed the slot).
@@ -264,14 +278,20 @@ impl<T: Tools> Egress<T> {
         if self.slots.contains_key(id) {
             return Err(format!("sandbox {id} already has a network"));
         }
-        let slot = match self.forward().and_then(|()| self.claim(pid)) {
-            Ok(slot) => slot,
-            Err(e) => {
-                // Forwarding goes back off if no sprout table is left.
-                self.remove_table_if_unused();
-                return Err(e);
-            }
+        let attached = {
+            let _held = self.tools.hold()?;
+            self.attach_held(id, pid)
         };
+        if attached.is_err() {
+            // Forwarding goes back off if no sprout table is left.
+            self.remove_table_if_unused();
+        }
+        attached
+    }
+
+    /// [`Egress::attach`], holding the host's forwarding lock.
+    fn attach_held(&mut self, id: &str, pid: i32) -> Result<Slot, Failure> {
+        let slot = self.forward().and_then(|()| self.claim(pid))?;
         let first = self.slots.is_empty();
         let made = if first {
             self.tools
@@ -287,7 +307,6 @@ impl<T: Tools> Egress<T> {
         });
         if let Err(e) = made {
             self.delete_link(slot);
-            self.remove_table_if_unused();
             return Err(e);
         }
         let ifindex = self.tools.ifindex(&slot.host_link());
@@ -380,6 +399,14 @@ impl<T: Tools> Egress<T> {
 /// Removes agent `agent_id`'s table (absent: nothing happens) and, when no sprout
 /// table is left and sprout turned forwarding on, turns it off again.
 pub fn remove_table<T: Tools>(tools: &mut T, agent_id: &str) {
+    let _held = match tools.hold() {
+        Ok(held) => held,
+        Err(e) => {
+            // Without the lock forwarding is left as it is (on): safe, if untidy.
+            tracing::warn!(error = %e, "could not take the host's forwarding lock");
+            Held(None)
+        }
+    };
     let name = table_name(agent_id);
     if tools.tables().contains(&name) {
         if let Err(e) = tools.nft(&format!("delete table inet {name}\n")) {
@@ -539,6 +566,18 @@ impl Tools for HostTools {
             std::fs::remove_file(FORWARDING_MARK)
         };
     }
+
+    fn hold(&mut self) -> Result<Held, Failure> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(FORWARDING_LOCK)
+            .map_err(|e| format!("open {FORWARDING_LOCK}: {e}"))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| format!("lock {FORWARDING_LOCK}: {e}"))?;
+        Ok(Held(Some(file)))
+    }
 }
 
 /// Where the host's commands are looked for (the agent's `PATH` may lack the
@@ -595,6 +634,9 @@ mod tests {
     }
 
     impl Tools for Fake {
+        fn hold(&mut self) -> Result<Held, Failure> {
+            Ok(Held(None))
+        }
         fn links(&mut self) -> Vec<String> {
             self.links.clone()
         }
@@ -801,6 +843,9 @@ mod tests {
         // `links()` reports nothing, yet creating slot 0 fails: the next is used.
         struct Hidden(Fake);
         impl Tools for Hidden {
+            fn hold(&mut self) -> Result<Held, Failure> {
+                Ok(Held(None))
+            }
             fn links(&mut self) -> Vec<String> {
                 Vec::new()
             }

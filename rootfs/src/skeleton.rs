@@ -9,8 +9,19 @@ use crate::Error;
 
 /// Mount points that must exist in the skeleton.
 const DIRS: &[&str] = &[
-    "proc", "dev", "sys", "tmp", "usr", "etc", "root", "code", ".sprout", "workflow", "fns",
-    "deps", "etc/ssl",
+    "proc",
+    "dev",
+    "sys",
+    "tmp",
+    "usr",
+    "etc",
+    "root",
+    "code",
+    ".sprout",
+    "workflow",
+    "fns",
+    "deps",
+    "etc/ssl/certs",
 ];
 /// Merged-/usr links, as on Debian.
 const LINKS: &[(&str, &str)] = &[

@@ -363,8 +363,8 @@ pub fn bundle_spec_as(cfg: &SandboxConfig, user: SandboxUser) -> Result<Spec, Er
 }
 
 /// The host's certificate authorities (Debian's `ca-certificates`), read-only in
-/// install sandboxes.
-const HOST_CERTIFICATES: &str = "/etc/ssl";
+/// install sandboxes; not the rest of `/etc/ssl` (`private/` holds keys).
+const HOST_CERTIFICATES: &str = "/etc/ssl/certs";
 
 /// What an install sandbox may use.
 #[derive(Debug, Clone)]

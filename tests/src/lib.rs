@@ -1007,6 +1007,22 @@ impl Daemon {
         body_json(&r)
     }
 
+    /// `PUT /functions/{name}` with `{"path": dir}`, whatever the answer: its status
+    /// and body (JSON, or the text as a JSON string).
+    #[track_caller]
+    pub fn try_register(&self, name: &str, dir: &Path) -> (u16, Value) {
+        let r = self.request(
+            "PUT",
+            &format!("/functions/{name}"),
+            Some("application/json"),
+            json!({ "path": dir.to_str().unwrap() })
+                .to_string()
+                .as_bytes(),
+        );
+        let body = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(text(&r)));
+        (r.status, body)
+    }
+
     /// `POST /functions/{name}/invoke` with `event`.
     #[track_caller]
     pub fn invoke(&self, name: &str, event: &str) -> ClientResponse {

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sprout_tests::{
-    all_pids, body_json, cmdline, json, require_root, text, wait_for, Daemon, KillOnDrop, Value,
+    all_pids, body_json, cmdline, json, require_root, text, wait_for, KillOnDrop, Value,
 };
 
 /// The tests here take turns: each checks the host's processes by user.
@@ -289,20 +289,6 @@ fn processes(agent: u32) -> Vec<(u32, u32, String)> {
         .collect()
 }
 
-/// `PUT /functions/{name}` with `{"path": dir}`: (status, body).
-fn try_register(d: &Daemon, name: &str, dir: &Path) -> (u16, Value) {
-    let r = d.request(
-        "PUT",
-        &format!("/functions/{name}"),
-        Some("application/json"),
-        json!({ "path": dir.to_str().unwrap() })
-            .to_string()
-            .as_bytes(),
-    );
-    let body = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(text(&r)));
-    (r.status, body)
-}
-
 /// Every entry under `dir` (links not followed), `dir` included.
 fn walk(dir: &Path) -> Vec<(std::path::PathBuf, std::fs::Metadata)> {
     let mut all = Vec::new();
@@ -558,7 +544,7 @@ fn hostile_sdists_stay_inside_their_install_sandboxes() {
                 ("requirements.txt", &format!("{name}==1.0\n")),
             ],
         );
-        let (status, body) = try_register(&d, name, &dir);
+        let (status, body) = d.try_register(name, &dir);
         assert_eq!(status, 400, "{name}: {body}");
         assert_eq!(body["error"]["kind"], "package_error", "{body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();

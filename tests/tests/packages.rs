@@ -10,20 +10,6 @@ use std::path::Path;
 
 use sprout_tests::{body_json, json, require_root, text, Daemon, Value};
 
-/// `PUT /functions/{name}` with `{"path": dir}`: (status, body).
-fn try_register(d: &Daemon, name: &str, dir: &Path) -> (u16, Value) {
-    let r = d.request(
-        "PUT",
-        &format!("/functions/{name}"),
-        Some("application/json"),
-        json!({ "path": dir.to_str().unwrap() })
-            .to_string()
-            .as_bytes(),
-    );
-    let body = serde_json::from_slice(&r.body).unwrap_or_else(|_| json!(text(&r)));
-    (r.status, body)
-}
-
 /// Invokes `name` with `{}`, asserts 200, returns the result.
 #[track_caller]
 fn call(d: &Daemon, name: &str) -> Value {
@@ -162,7 +148,7 @@ fn an_install_failure_names_the_package_quotes_pip_and_registers_nothing() {
             ),
         ],
     );
-    let (status, body) = try_register(&d, "bad", &dir);
+    let (status, body) = d.try_register("bad", &dir);
     assert_eq!(status, 400, "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("sprout-no-such-package-xyzzy"), "{body}");
@@ -201,7 +187,7 @@ fn lines_that_change_where_packages_come_from_are_refused() {
                 ),
             ],
         );
-        let (status, body) = try_register(&d, "refused", &dir);
+        let (status, body) = d.try_register("refused", &dir);
         assert_eq!(status, 400, "{line}: {body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("requirements.txt line 3"), "{n}: {body}");

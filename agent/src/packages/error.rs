@@ -28,8 +28,10 @@ pub enum Error {
     Died(String),
     #[error("the install sandbox: {0}")]
     Sandbox(String),
-    #[error("the install took longer than its limit of {0:?} (--install-timeout)")]
-    Timeout(Duration),
+    #[error("no install sandbox was free within {0:?}: the node runs at most 2 at once (other registrations are installing)")]
+    Busy(Duration),
+    #[error("installing took longer than its limit of {limit:?} (from --install-timeout){}", if output.is_empty() { String::new() } else { format!("; the installer's last output: {output}") })]
+    Timeout { limit: Duration, output: String },
     #[error("{what} {url:?}: {problem}")]
     Source {
         what: &'static str,

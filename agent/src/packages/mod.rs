@@ -297,13 +297,60 @@ pub struct Packages {
     limits: InstallLimits,
     sources: Sources,
     flights: Flights,
-    /// Whether the cache's directories were made (on first use).
-    made: std::sync::Once,
+    turns: Turns,
+    /// Held shared by each registration from its first look at the cache until the
+    /// function is registered, and exclusively by [`Packages::remove_unused`]: a
+    /// package a registration found cached is not removed before the function
+    /// that uses it is registered.
+    collecting: parking_lot::RwLock<()>,
+    /// Whether the cache's directories were made and checked (on first use; a
+    /// refusal is given again to every later use, never skipped).
+    made: Mutex<bool>,
     /// Prefix of this agent's work directories.
     tag: String,
     next_work: AtomicU64,
     installed: AtomicU64,
     hits: AtomicU64,
+}
+
+/// At most this many install sandboxes run at once on a node: each holds up to
+/// `--install-memory-mb` and a created sandbox's uid, and many registrations at once
+/// must not take the node's memory or uids.
+pub const MAX_INSTALL_SANDBOXES: usize = 2;
+
+/// A registration's resolving and installing together may take at most this many
+/// install timeouts (no new install starts after that).
+const REGISTRATION_TIMEOUTS: u32 = 4;
+
+/// The node's install-sandbox turns.
+#[derive(Debug, Default)]
+struct Turns {
+    taken: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// One turn, given back when dropped.
+struct Turn<'a>(&'a Turns);
+
+impl Turns {
+    fn take(&self, within: Duration) -> Result<Turn<'_>, Error> {
+        let deadline = std::time::Instant::now() + within;
+        let mut taken = self.taken.lock();
+        while *taken >= MAX_INSTALL_SANDBOXES {
+            if self.freed.wait_until(&mut taken, deadline).timed_out() {
+                return Err(Error::Busy(within));
+            }
+        }
+        *taken += 1;
+        Ok(Turn(self))
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.taken.lock() -= 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// A work directory, removed when dropped.
@@ -336,11 +383,13 @@ impl Packages {
     ) -> Result<Packages, Error> {
         Ok(Packages {
             cache: Cache::open(root),
-            made: std::sync::Once::new(),
+            made: Mutex::new(false),
             installer,
             limits,
             sources,
             flights: Flights::default(),
+            turns: Turns::default(),
+            collecting: parking_lot::RwLock::new(()),
             tag: tag.to_owned(),
             next_work: AtomicU64::new(1),
             installed: AtomicU64::new(0),
@@ -367,15 +416,26 @@ impl Packages {
         self.hits.load(Ordering::Relaxed)
     }
 
+    /// An install sandbox writing into `out`, once one of the node's
+    /// [`MAX_INSTALL_SANDBOXES`] turns is free (waiting at most the install timeout):
+    /// the turn is held as long as the session.
+    fn start(&self, out: &Path) -> Result<(Turn<'_>, Box<dyn Session>), Error> {
+        let turn = self.turns.take(self.limits.timeout)?;
+        let session = self.installer.start(out, &self.limits)?;
+        Ok((turn, session))
+    }
+
     fn work_dir(&self) -> Result<WorkDir, Error> {
-        let mut made = Ok(());
-        self.made.call_once(|| {
-            made = self.cache.make();
-            // Work directories of live agents sharing the cache are theirs: only
-            // those of agents whose tag (pid) is gone are removed.
-            self.cache.clear_work_of_dead(&self.tag);
-        });
-        made?;
+        {
+            let mut made = self.made.lock();
+            if !*made {
+                self.cache.make()?;
+                // Work directories of live agents sharing the cache are theirs: only
+                // those of agents whose tag (pid) is gone are removed.
+                self.cache.clear_work_of_dead(&self.tag);
+                *made = true;
+            }
+        }
         let n = self.next_work.fetch_add(1, Ordering::Relaxed);
         Ok(WorkDir(self.cache.work_dir(&format!("{}-{n}", self.tag))?))
     }
@@ -389,9 +449,10 @@ impl Packages {
         }
         let span = tracing::info_span!("packages", function, kind = "python");
         let _g = span.enter();
+        let deadline = std::time::Instant::now() + self.limits.timeout * REGISTRATION_TIMEOUTS;
         let resolved = {
             let work = self.work_dir()?;
-            let mut session = self.installer.start(&work.0, &self.limits)?;
+            let (_turn, mut session) = self.start(&work.0)?;
             let answer = session
                 .exchange(&json!({
                     "op": "resolve",
@@ -416,6 +477,12 @@ impl Packages {
             }
             match self.flights.claim(&key) {
                 Ok(claim) => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(Error::Timeout {
+                            limit: self.limits.timeout * REGISTRATION_TIMEOUTS,
+                            output: String::new(),
+                        });
+                    }
                     // It may have landed between the look and the claim.
                     if self.cache.get(Kind::Python, &key)?.is_some() {
                         self.hits.fetch_add(1, Ordering::Relaxed);
@@ -459,7 +526,7 @@ impl Packages {
         let work = self.work_dir()?;
         let started = std::time::Instant::now();
         {
-            let mut session = self.installer.start(&work.0, &self.limits)?;
+            let (_turn, mut session) = self.start(&work.0)?;
             let answer = session
                 .exchange(&json!({
                     "op": "install",
@@ -572,7 +639,7 @@ impl Packages {
         let work = self.work_dir()?;
         let started = std::time::Instant::now();
         {
-            let mut session = self.installer.start(&work.0, &self.limits)?;
+            let (_turn, mut session) = self.start(&work.0)?;
             let answer = session
                 .exchange(&json!({
                     "op": "npm",
@@ -638,12 +705,20 @@ impl Packages {
             .collect())
     }
 
-    /// Removes every cached package no key of `in_use` names (and no install in
-    /// progress holds); returns what it removed.
+    /// Held by a registration until its function is registered (see `collecting`).
+    pub fn hold(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.collecting.read()
+    }
+
+    /// Removes every cached package no key `in_use` gives names (and no install in
+    /// progress holds), once no registration is under way (`in_use` is asked then);
+    /// returns what it removed.
     pub fn remove_unused(
         &self,
-        in_use: &std::collections::HashSet<String>,
+        in_use: impl FnOnce() -> std::collections::HashSet<String>,
     ) -> Result<Vec<Entry>, Error> {
+        let _alone = self.collecting.write();
+        let in_use = in_use();
         let mut removed = Vec::new();
         for entry in self.cache.list()? {
             if in_use.contains(&entry.key) {
@@ -688,7 +763,7 @@ impl Pin {
             })
             .collect();
         let version = self.version.replace(['+', '!'], "_");
-        format!("{name}-{version}-{abi}-{}", &self.sha256[..16])
+        format!("{name}-{version}-{abi}-{}", &self.sha256[..32])
     }
 }
 
@@ -699,7 +774,7 @@ struct Resolved {
 }
 
 /// Most packages one function's requirements may resolve to.
-const MAX_PINS: usize = 512;
+const MAX_PINS: usize = 256;
 
 fn expect_op(answer: &Value, op: &str, package: impl FnOnce() -> String) -> Result<(), Error> {
     match answer["op"].as_str() {

@@ -68,7 +68,16 @@ pub fn manifest(package_json: &Value, registry: &str) -> Result<Option<Value>, E
         package_json
             .get(field)
             .and_then(Value::as_str)
-            .filter(|s| !s.is_empty() && s.len() <= 214)
+            // npm's own rules for a name, more or less: printable, no spaces (it is
+            // logged and listed).
+            .filter(|s| {
+                !s.is_empty()
+                    && s.len() <= 214
+                    && s.chars().all(|c| {
+                        c.is_ascii_alphanumeric()
+                            || matches!(c, '-' | '_' | '.' | '@' | '/' | '+' | '~')
+                    })
+            })
             .unwrap_or(default)
             .to_owned()
     };

@@ -13,9 +13,13 @@ struct Fake {
     failing: Vec<String>,
     /// How long an install takes.
     delay: Duration,
+    /// Sessions alive now, and the most alive at once.
+    live: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
 }
 
 struct FakeSession {
+    live: Arc<AtomicUsize>,
     out: PathBuf,
     resolved: Value,
     failing: Vec<String>,
@@ -25,7 +29,10 @@ struct FakeSession {
 impl Installer for Fake {
     fn start(&self, out: &Path, _: &InstallLimits) -> Result<Box<dyn Session>, Error> {
         self.sandboxes.fetch_add(1, Ordering::SeqCst);
+        let now = self.live.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
         Ok(Box::new(FakeSession {
+            live: self.live.clone(),
             out: out.to_path_buf(),
             resolved: self.resolved.clone(),
             failing: self.failing.clone(),
@@ -34,10 +41,19 @@ impl Installer for Fake {
     }
 }
 
+impl Drop for FakeSession {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Session for FakeSession {
     fn exchange(&mut self, request: &Value) -> Result<Value, Error> {
         match request["op"].as_str().unwrap() {
-            "resolve" => Ok(self.resolved.clone()),
+            "resolve" => {
+                std::thread::sleep(self.delay);
+                Ok(self.resolved.clone())
+            }
             "install" => {
                 std::thread::sleep(self.delay);
                 let name = request["name"].as_str().unwrap();
@@ -104,14 +120,14 @@ fn installs_each_package_once_in_a_sandbox_of_its_own_then_hits_the_cache() {
     assert_eq!(deps.pins(), ["Jinja2==3.1.6", "MarkupSafe==3.0.2"]);
     assert_eq!(
         deps.packages[0].entry.key,
-        format!("jinja2-3.1.6-cpython-311-x86_64-{}", "a".repeat(16))
+        format!("jinja2-3.1.6-cpython-311-x86_64-{}", "a".repeat(32))
     );
     assert_eq!(deps.packages[0].entry.modules, ["Jinja2"]);
     assert_eq!(
         deps.import_paths()[1],
         format!(
             "/deps/markupsafe-3.0.2-cpython-311-x86_64-{}",
-            "b".repeat(16)
+            "b".repeat(32)
         )
     );
     assert!(deps.packages[0].dir.join("Jinja2/__init__.py").is_file());
@@ -273,7 +289,7 @@ fn npm_trees_are_keyed_by_lock_or_manifest_and_unused_ones_collected() {
     assert_eq!(listed.len(), 2);
     assert!(listed.iter().any(|l| l.users == ["default/f"]));
     let in_use = a.keys().map(str::to_owned).collect();
-    let removed = p.remove_unused(&in_use).unwrap();
+    let removed = p.remove_unused(|| in_use).unwrap();
     assert_eq!(removed.len(), 1);
     assert_eq!(removed[0].key, locked.packages[0].entry.key);
     assert_eq!(p.list(&[]).unwrap().len(), 1);
@@ -302,4 +318,57 @@ fn a_failed_npm_install_names_the_dependencies_and_leaves_nothing() {
         .unwrap()
         .collect();
     assert!(work.is_empty(), "{work:?}");
+}
+
+#[test]
+fn a_cache_others_can_write_is_refused_on_every_use_not_only_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("packages");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let sandboxes = Arc::new(AtomicUsize::new(0));
+    let fake = Fake {
+        sandboxes: sandboxes.clone(),
+        resolved: resolved(&[pin("six", "1.16.0", 'a')]),
+        ..Fake::default()
+    };
+    let p = Packages::open(
+        &root,
+        Box::new(fake),
+        InstallLimits::default(),
+        Sources::default(),
+        "1",
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let e = p.python("f", &["six".into()]).unwrap_err();
+        assert!(matches!(e, Error::Cache { .. }), "{e}");
+    }
+    assert_eq!(sandboxes.load(Ordering::SeqCst), 0, "no install ran");
+}
+
+#[test]
+fn at_most_two_install_sandboxes_run_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let fake = Fake {
+        resolved: resolved(&[pin("a", "1", 'a')]),
+        delay: Duration::from_millis(200),
+        peak: peak.clone(),
+        ..Fake::default()
+    };
+    let p = packages(tmp.path(), fake);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..5)
+            .map(|i| {
+                let p = &p;
+                s.spawn(move || p.python(&format!("f{i}"), &["a".into()]))
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap().unwrap();
+        }
+    });
+    assert_eq!(p.installed(), 1);
+    assert_eq!(peak.load(Ordering::SeqCst), MAX_INSTALL_SANDBOXES);
 }

@@ -50,6 +50,8 @@ pub(crate) struct InstallSandbox {
     channel: UnixStream,
     deadline: Instant,
     limits: InstallLimits,
+    /// Its output directory (on the host).
+    out: std::path::PathBuf,
 }
 
 impl Sandboxes {
@@ -95,6 +97,7 @@ impl Sandboxes {
             channel: UnixStream::from(shim.0.into_fd()),
             deadline: Instant::now() + limits.timeout,
             limits: *limits,
+            out: out.to_path_buf(),
         })
     }
 }
@@ -115,7 +118,7 @@ impl packages::Session for InstallSandbox {
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(packages::Error::Timeout(self.limits.timeout));
+                return Err(self.timed_out());
             }
             self.channel.set_read_timeout(Some(left)).map_err(gone)?;
             let n = match self.channel.read(&mut chunk) {
@@ -126,7 +129,7 @@ impl packages::Session for InstallSandbox {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(packages::Error::Timeout(self.limits.timeout))
+                    return Err(self.timed_out())
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(gone(e)),
@@ -160,6 +163,38 @@ impl packages::Session for InstallSandbox {
         }
     }
 }
+
+impl InstallSandbox {
+    /// The timeout, with the end of what the installer printed so far (its log in
+    /// its output directory: opened without following a link or waiting on a FIFO,
+    /// checked to be a file, at most its last 2000 bytes read).
+    fn timed_out(&self) -> packages::Error {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        let tail = (|| -> std::io::Result<String> {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(self.out.join("installer.log"))?;
+            let len = f.metadata()?.len();
+            if !f.metadata()?.is_file() {
+                return Ok(String::new());
+            }
+            f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)))?;
+            let mut bytes = Vec::new();
+            f.take(LOG_TAIL).read_to_end(&mut bytes)?;
+            Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
+        })()
+        .unwrap_or_default();
+        packages::Error::Timeout {
+            limit: self.limits.timeout,
+            output: tail,
+        }
+    }
+}
+
+/// How much of the installer's log a timeout quotes.
+const LOG_TAIL: u64 = 2000;
 
 impl Drop for InstallSandbox {
     fn drop(&mut self) {

@@ -926,6 +926,18 @@ impl Sandboxes {
             .unwrap_or(0)
     }
 
+    /// The cache keys of the packages every live package zygote keeps mounted.
+    pub fn package_zygote_keys(&self) -> Vec<String> {
+        let Some(forks) = &self.packages else {
+            return Vec::new();
+        };
+        forks
+            .all()
+            .iter()
+            .flat_map(|s| s.tag.keys.iter().cloned())
+            .collect()
+    }
+
     /// The live package zygotes as the policy sees them (`idle_stems`: how many of
     /// each one's stem cells are ready in the pool), and how many more could be made.
     /// Those found dead are forgotten.

@@ -99,13 +99,21 @@ def tail(text):
     return text
 
 
+# What pip or npm prints, as it prints it: the agent quotes its end when the install
+# runs out of time (docs/protocol.md, "Install sandboxes").
+LOG = os.path.join(OUT, "installer.log")
+
+
 def run(args, cwd=None, environment=None):
     """Runs ``args``; returns (ok, its output)."""
-    done = subprocess.run(
-        args, cwd=cwd, env=environment or env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    return done.returncode == 0, done.stdout.decode("utf-8", "replace")
+    with open(LOG, "wb") as log:
+        done = subprocess.run(
+            args, cwd=cwd, env=environment or env(), stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    with open(LOG, "rb") as log:
+        output = log.read()
+    return done.returncode == 0, output.decode("utf-8", "replace")
 
 
 def abi():
