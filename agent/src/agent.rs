@@ -143,8 +143,17 @@ impl Agent {
                 true => config.pool.package_zygotes_mb,
                 false => 0,
             },
+            sandboxes.package_headroom_mb(),
             config.pool.idle_ttl,
         ));
+        let headroom_mb = sandboxes.package_headroom_mb();
+        if sandboxes.package_zygotes_on() && headroom_mb >= config.pool.package_zygotes_mb {
+            tracing::warn!(
+                package_zygotes_mb = config.pool.package_zygotes_mb,
+                headroom_mb,
+                "--package-zygotes-mb holds no package zygote: each counts at its memory and this headroom"
+            );
+        }
         let invoker = Arc::new(Invoker::new(
             config.clone(),
             registry.clone(),

@@ -45,8 +45,8 @@ pub struct PoolConfig {
     pub memory_budget_mb: u64,
     /// How new sandboxes are made (stem cells, and cold starts when none is ready).
     pub new_sandboxes: NewSandboxes,
-    /// Memory (MiB, as measured) the package zygotes may take together
-    /// (`--package-zygotes-mb`); 0 turns them off.
+    /// Memory (MiB) the package zygotes may take together, each counted at its
+    /// memory limit (`--package-zygotes-mb`); 0 turns them off.
     pub package_zygotes_mb: u64,
     /// Ready stem cells kept forked from each package zygote (`--package-stem-cells`).
     pub package_stem_cells: usize,

@@ -850,7 +850,8 @@ impl Invoker {
     /// Destroys the idle instances of `key`, and the idle instances of other functions
     /// that call `key` in their sandbox (they would keep running its old code), and
     /// wakes its waiters to look again (they find the new version, or that the
-    /// function is gone).
+    /// function is gone). Demand for package sets no registered function has any
+    /// more is forgotten.
     pub fn retire(&self, key: &FunctionKey) {
         let old = self
             .scheduler
@@ -858,6 +859,14 @@ impl Invoker {
         for inst in old {
             self.destroy(inst);
         }
+        // Its package set may be no registered function's any more.
+        let sets = self
+            .registry
+            .all_functions()
+            .iter()
+            .filter_map(|f| SetKey::of(f))
+            .collect();
+        self.zygotes.retain(&sets);
     }
 
     /// Takes the idle instances and stem cells whose sandboxes died with a spawner

@@ -11,9 +11,12 @@
 //! a stem cell, an instance went idle, shutdown).
 //!
 //! A pass with nothing else to do looks after the package zygotes: it does what
-//! the policy ([`crate::zygotes::Policy::next`]) says (evict, make one), then forks a
-//! stem cell from a package zygote short of its `--package-stem-cells` (one per
-//! pass, within the memory budget), and passes again at once if it did anything.
+//! the policy ([`crate::zygotes::Policy::next`]) says (evict; a package zygote to
+//! make is handed to the zygote maker, a thread of the manager's that makes one at a
+//! time, so that an import, which may take up to the boot timeout, holds up no pass),
+//! then forks a stem cell from a package zygote short of its `--package-stem-cells`
+//! (one per pass, within the memory budget), and passes again at once if it did
+//! anything.
 //!
 //! Every [`SHIM_CHECK`] a pass also takes out idle instances and stem cells whose shim
 //! died (its channel hung up, or, on cgroup v1, it is frozen with a SIGKILL pending:
@@ -23,6 +26,7 @@
 //! and the instance's hang up.
 
 use std::collections::HashMap;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,10 +34,11 @@ use parking_lot::MutexGuard;
 
 use crate::config::PoolConfig;
 use crate::instance::Instance;
+use crate::packages::Package;
 use crate::runtime::Runtime;
 use crate::sandboxes::Sandboxes;
 use crate::scheduler::{Sched, Scheduler, StemCell};
-use crate::zygotes::{Policy, Step, ZygoteTag};
+use crate::zygotes::{Policy, SetKey, Step, ZygoteTag};
 
 /// How often idle sandboxes are checked for a dead shim: one `poll` over their
 /// channels (and, on cgroup v1, a look at each frozen shim's pending signals).
@@ -44,15 +49,86 @@ pub(crate) const SHIM_CHECK: Duration = Duration::from_millis(250);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// A package zygote for the zygote maker to make.
+type Make = (SetKey, Vec<Package>);
+
 /// Runs the pool manager until the scheduler closes. `destroy` destroys an idle
 /// instance taken out of the pool (and whatever the agent keeps of it); stem cells
-/// are bound to nothing, and `sandboxes` destroys them.
+/// are bound to nothing, and `sandboxes` destroys them. With package zygotes on, the
+/// zygote maker runs beside it, and ends with it.
 pub(crate) fn run(
     scheduler: &Scheduler,
     sandboxes: &Sandboxes,
     zygotes: &Policy,
     cfg: &PoolConfig,
     stem_mb: u64,
+    destroy: impl Fn(Instance),
+) {
+    std::thread::scope(|scope| {
+        let maker = sandboxes.package_zygotes_on().then(|| {
+            let (tx, rx) = mpsc::channel::<Make>();
+            std::thread::Builder::new()
+                .name("sprout-zygotes".into())
+                .spawn_scoped(scope, move || make_zygotes(&rx, scheduler, sandboxes, zygotes))
+                .map(|_| tx)
+                .map_err(|e| tracing::error!(error = %e, "could not start the package zygote maker; no package zygotes"))
+                .ok()
+        });
+        manage(
+            scheduler,
+            sandboxes,
+            zygotes,
+            cfg,
+            stem_mb,
+            maker.flatten(),
+            destroy,
+        );
+    });
+}
+
+/// The zygote maker: makes each package zygote the manager hands it, one at a
+/// time, and tells the policy how it went; ends when the manager does.
+fn make_zygotes(
+    rx: &mpsc::Receiver<Make>,
+    scheduler: &Scheduler,
+    sandboxes: &Sandboxes,
+    zygotes: &Policy,
+) {
+    while let Ok((key, packages)) = rx.recv() {
+        if scheduler.is_closed() {
+            zygotes.failed(&key, Instant::now());
+            continue;
+        }
+        match sandboxes.start_package_zygote(&key.namespace, packages) {
+            Ok((tag, limit_mb)) => {
+                zygotes.made(&key, limit_mb, Instant::now());
+                if !zygotes.fits_alone(limit_mb) {
+                    tracing::warn!(
+                        zygote = tag.id,
+                        limit_mb,
+                        "a package zygote alone exceeds --package-zygotes-mb; evicted"
+                    );
+                    let _ = sandboxes.evict_package_zygote(tag.id, Vec::new());
+                }
+            }
+            Err(e) => {
+                let retry_in = zygotes.failed(&key, Instant::now());
+                tracing::error!(namespace = %key.namespace, packages = ?key.keys, error = %ipc::chain(&e), ?retry_in, "could not make a package zygote");
+            }
+        }
+        // Its stem cells, or the next one.
+        scheduler.wake_manager_now();
+    }
+}
+
+/// The manager's loop (see the module's doc); `maker`: the zygote maker's inbox.
+fn manage(
+    scheduler: &Scheduler,
+    sandboxes: &Sandboxes,
+    zygotes: &Policy,
+    cfg: &PoolConfig,
+    stem_mb: u64,
+    maker: Option<mpsc::Sender<Make>>,
     destroy: impl Fn(Instance),
 ) {
     let v1 = sandboxes.cgroup_version() == pool::CgroupVersion::V1;
@@ -140,17 +216,18 @@ pub(crate) fn run(
         }
 
         if doomed.is_empty() && doomed_stems.is_empty() && refill.is_none() {
-            if sandboxes.package_zygotes_on()
-                && package_pass(
+            if let Some(maker) = &maker {
+                if package_pass(
                     &mut sched,
                     sandboxes,
                     zygotes,
                     cfg,
                     stem_mb,
+                    maker,
                     &mut package_retry,
-                )
-            {
-                continue;
+                ) {
+                    continue;
+                }
             }
             sched.set_manager_deadline(next);
             scheduler.wait(&mut sched, next);
@@ -184,14 +261,16 @@ pub(crate) fn run(
     }
 }
 
-/// The package zygotes' part of a pass: the policy's steps, then at most one stem
-/// cell forked from a package zygote. Returns whether it did anything.
+/// The package zygotes' part of a pass: the policy's steps (a zygote to make goes to
+/// `maker`), then at most one stem cell forked from a package zygote. Returns
+/// whether it did anything.
 fn package_pass(
     sched: &mut MutexGuard<'_, Sched>,
     sandboxes: &Sandboxes,
     zygotes: &Policy,
     cfg: &PoolConfig,
     stem_mb: u64,
+    maker: &mpsc::Sender<Make>,
     retry: &mut HashMap<u64, Instant>,
 ) -> bool {
     let now = Instant::now();
@@ -200,6 +279,7 @@ fn package_pass(
         sandboxes.package_zygotes(|id| counts.get(&id).copied().unwrap_or(0))
     });
     let mut did = false;
+    let mut evicted = Vec::new();
     for step in zygotes.next(&live, free, now) {
         match step {
             Step::Evict(id) => {
@@ -211,33 +291,15 @@ fn package_pass(
                     Err(stems) => sched.put_package_stems(stems),
                     Ok(()) => {
                         retry.remove(&id);
+                        evicted.push(id);
                         did = true;
                     }
                 }
             }
             Step::Start(key, packages) => {
                 did = true;
-                let made = MutexGuard::unlocked(sched, || {
-                    sandboxes.start_package_zygote(&key.namespace, packages)
-                });
-                match made {
-                    Ok((tag, usage_mb)) => {
-                        zygotes.made(&key, usage_mb, Instant::now());
-                        if !zygotes.fits_alone(usage_mb) {
-                            tracing::warn!(
-                                zygote = tag.id,
-                                usage_mb,
-                                "a package zygote alone exceeds --package-zygotes-mb; evicted"
-                            );
-                            let _ = MutexGuard::unlocked(sched, || {
-                                sandboxes.evict_package_zygote(tag.id, Vec::new())
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(namespace = %key.namespace, packages = ?key.keys, error = %ipc::chain(&e), "could not make a package zygote");
-                        zygotes.failed(&key, Instant::now());
-                    }
+                if let Err(mpsc::SendError((key, _))) = maker.send((key, packages)) {
+                    zygotes.failed(&key, now);
                 }
             }
         }
@@ -247,7 +309,7 @@ fn package_pass(
     }
     let tags: Vec<Arc<ZygoteTag>> = live
         .iter()
-        .filter(|l| retry.get(&l.tag.id).is_none_or(|t| *t <= now))
+        .filter(|l| !evicted.contains(&l.tag.id) && retry.get(&l.tag.id).is_none_or(|t| *t <= now))
         .map(|l| l.tag.clone())
         .collect();
     let Some(tag) = sched.package_stem_missing(&tags, cfg.package_stem_cells) else {

@@ -5,10 +5,15 @@
 //! cold start of a function with packages that no package zygote of exactly its set
 //! served counts as demand for its set. The pool manager asks [`Policy::next`] each
 //! pass what to do: a package zygote unused for the idle TTL goes; while the live
-//! ones' measured memory exceeds the budget (`--package-zygotes-mb`), the least
+//! ones' memory limits exceed the budget (`--package-zygotes-mb`), the least
 //! recently used goes; then the set with the most demand (the most recent first on a
-//! tie) is made, if its memory (as last measured, else [`FIRST_ESTIMATE_MB`]) fits,
-//! after evicting less recently used ones if it must. Only a package zygote with no
+//! tie) is made, if its limit (as last made, else [`FIRST_ESTIMATE_MB`] and the
+//! headroom) fits, after evicting less recently used ones if it must. One is made at
+//! a time; a namespace whose zygote failed to start waits before it gets another
+//! (30 s, doubling while it keeps failing), and demand for a set no registered
+//! function has any more is forgotten ([`Policy::retain`]). A package zygote's limit
+//! is its memory as measured once it imported and its headroom (`Sandboxes`). Only a
+//! package zygote with no
 //! live sandbox forked from it may go (its idle stem cells are destroyed with it):
 //! its sandboxes' pid namespaces are nested in its own and would die with it. Making
 //! one satisfies its set's demand (the count starts again), so an evicted set comes
@@ -17,7 +22,7 @@
 //! Nothing here makes or destroys anything: it only decides ([`Step`]); the
 //! sandboxes do the work. Its lock is a leaf.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,11 +32,13 @@ use crate::packages::{Kind, Package};
 use crate::registry::Function;
 use crate::runtime::Runtime;
 
-/// The memory a package zygote is assumed to take before it was measured once.
+/// The memory a package zygote is assumed to take before it was measured once (its
+/// headroom comes on top).
 pub const FIRST_ESTIMATE_MB: u64 = 16;
-/// After a package zygote of a set failed to start, the set is not tried again for
-/// this long.
+/// After a package zygote of a namespace failed to start, no set of the namespace is
+/// tried for this long, doubled at each failure in a row up to [`RETRY_MAX`].
 const RETRY_AFTER: Duration = Duration::from_secs(30);
+const RETRY_MAX: Duration = Duration::from_secs(3600);
 /// A set whose zygote alone exceeded the budget is not tried again for this long.
 const TOO_BIG_FOR: Duration = Duration::from_secs(600);
 
@@ -110,8 +117,8 @@ pub fn best<'a>(
 #[derive(Debug, Clone)]
 pub struct Live {
     pub tag: Arc<ZygoteTag>,
-    /// Its fork server's memory as measured (its cgroup's usage).
-    pub usage_mb: u64,
+    /// Its fork server's memory limit: what it counts at against the budget.
+    pub limit_mb: u64,
     /// Live sandboxes forked from it, its idle stem cells left out.
     pub busy: bool,
     /// When a sandbox was last forked from it (or it was made).
@@ -133,25 +140,47 @@ struct Candidate {
     /// Cold starts wanting this set since its zygote was last made.
     demand: u64,
     last_wanted: Instant,
+    /// Its zygote's limit when last made.
     measured_mb: Option<u64>,
     not_before: Option<Instant>,
+}
+
+/// A namespace whose package zygotes failed to start lately.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    /// The wait after its next failure.
+    next: Duration,
+    not_before: Instant,
+}
+
+/// What the policy's lock guards.
+#[derive(Debug, Default)]
+struct State {
+    candidates: HashMap<SetKey, Candidate>,
+    /// The set whose zygote is being made (at most one at a time).
+    starting: Option<SetKey>,
+    backoff: HashMap<String, Backoff>,
 }
 
 /// The policy: the budget, and the demand for each set seen.
 #[derive(Debug)]
 pub struct Policy {
     budget_mb: u64,
+    /// What a zygote not made yet is assumed to count at (MiB).
+    first_estimate_mb: u64,
     idle_ttl: Duration,
-    candidates: Mutex<HashMap<SetKey, Candidate>>,
+    state: Mutex<State>,
 }
 
 impl Policy {
-    /// `budget_mb` 0 turns package zygotes off.
-    pub fn new(budget_mb: u64, idle_ttl: Duration) -> Policy {
+    /// `budget_mb` 0 turns package zygotes off; `headroom_mb`: what a package
+    /// zygote's limit adds to its measured memory.
+    pub fn new(budget_mb: u64, headroom_mb: u64, idle_ttl: Duration) -> Policy {
         Policy {
             budget_mb,
+            first_estimate_mb: FIRST_ESTIMATE_MB + headroom_mb,
             idle_ttl,
-            candidates: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
         }
     }
 
@@ -169,8 +198,8 @@ impl Policy {
             return;
         };
         let packages: Vec<Package> = python_packages(function).cloned().collect();
-        let mut candidates = self.candidates.lock();
-        let c = candidates.entry(key).or_insert_with(|| Candidate {
+        let mut state = self.state.lock();
+        let c = state.candidates.entry(key).or_insert_with(|| Candidate {
             packages: Vec::new(),
             demand: 0,
             last_wanted: now,
@@ -182,32 +211,61 @@ impl Policy {
         c.last_wanted = now;
     }
 
-    /// The zygote of set `key` was made and measured at `usage_mb`: its demand is met.
-    pub fn made(&self, key: &SetKey, usage_mb: u64, now: Instant) {
-        if let Some(c) = self.candidates.lock().get_mut(key) {
+    /// The zygote of set `key` was made with a limit of `limit_mb`: its demand is
+    /// met, and its namespace's failures are forgiven.
+    pub fn made(&self, key: &SetKey, limit_mb: u64, now: Instant) {
+        let mut state = self.state.lock();
+        state.starting = None;
+        state.backoff.remove(&key.namespace);
+        if let Some(c) = state.candidates.get_mut(key) {
             c.demand = 0;
-            c.measured_mb = Some(usage_mb);
-            if usage_mb > self.budget_mb {
+            c.measured_mb = Some(limit_mb);
+            if limit_mb > self.budget_mb {
                 c.not_before = Some(now + TOO_BIG_FOR);
             }
         }
     }
 
-    /// Making the zygote of set `key` failed.
-    pub fn failed(&self, key: &SetKey, now: Instant) {
-        if let Some(c) = self.candidates.lock().get_mut(key) {
+    /// Making the zygote of set `key` failed: its namespace waits (twice as long as
+    /// last time if that failed too). Returns how long.
+    pub fn failed(&self, key: &SetKey, now: Instant) -> Duration {
+        let mut state = self.state.lock();
+        state.starting = None;
+        if let Some(c) = state.candidates.get_mut(key) {
             c.demand = 0;
-            c.not_before = Some(now + RETRY_AFTER);
         }
+        let b = state
+            .backoff
+            .entry(key.namespace.clone())
+            .or_insert(Backoff {
+                next: RETRY_AFTER,
+                not_before: now,
+            });
+        let wait = b.next;
+        b.not_before = now + wait;
+        b.next = (wait * 2).min(RETRY_MAX);
+        wait
     }
 
-    /// Whether a zygote measured at `usage_mb` fits the budget on its own.
-    pub fn fits_alone(&self, usage_mb: u64) -> bool {
-        usage_mb <= self.budget_mb
+    /// Forgets the demand for every set not in `registered` (the sets of the
+    /// registered functions), and the failures of namespaces without any.
+    pub fn retain(&self, registered: &HashSet<SetKey>) {
+        let namespaces: HashSet<&str> = registered.iter().map(|k| k.namespace.as_str()).collect();
+        let mut state = self.state.lock();
+        state.candidates.retain(|key, _| registered.contains(key));
+        state
+            .backoff
+            .retain(|ns, _| namespaces.contains(ns.as_str()));
+    }
+
+    /// Whether a zygote with a limit of `limit_mb` fits the budget on its own.
+    pub fn fits_alone(&self, limit_mb: u64) -> bool {
+        limit_mb <= self.budget_mb
     }
 
     /// What to do now, given the live package zygotes and how many more could be
-    /// made (free uid windows): evictions first, then at most one start.
+    /// made (free uid windows): evictions first, then at most one start, unless one
+    /// is under way (until [`Policy::made`] or [`Policy::failed`] of it).
     pub fn next(&self, live: &[Live], free_windows: usize, now: Instant) -> Vec<Step> {
         if !self.enabled() {
             return live
@@ -231,7 +289,7 @@ impl Policy {
         {
             evict(&mut kept, &mut steps, i);
         }
-        let used = |kept: &Vec<&Live>| kept.iter().map(|l| l.usage_mb).sum::<u64>();
+        let used = |kept: &Vec<&Live>| kept.iter().map(|l| l.limit_mb).sum::<u64>();
         while used(&kept) > self.budget_mb {
             let Some(i) = kept.iter().position(|l| !l.busy) else {
                 break;
@@ -239,12 +297,20 @@ impl Policy {
             evict(&mut kept, &mut steps, i);
         }
         let mut free = free_windows + (live.len() - kept.len());
-        let candidates = self.candidates.lock();
-        let wanted = candidates
+        let mut state = self.state.lock();
+        if state.starting.is_some() {
+            return steps;
+        }
+        let backoff = &state.backoff;
+        let wanted = state
+            .candidates
             .iter()
             .filter(|(key, c)| {
                 c.demand > 0
                     && c.not_before.is_none_or(|t| t <= now)
+                    && backoff
+                        .get(&key.namespace)
+                        .is_none_or(|b| b.not_before <= now)
                     && !live.iter().any(|l| l.tag.is(key))
             })
             .max_by_key(|(key, c)| (c.demand, c.last_wanted, std::cmp::Reverse(*key)));
@@ -255,7 +321,7 @@ impl Policy {
         // it is measured, and evicted if it alone does not fit).
         let need = c
             .measured_mb
-            .unwrap_or(FIRST_ESTIMATE_MB.min(self.budget_mb));
+            .unwrap_or(self.first_estimate_mb.min(self.budget_mb));
         if need > self.budget_mb {
             return steps;
         }
@@ -274,7 +340,9 @@ impl Policy {
             free += 1;
         }
         steps.extend(evictions);
-        steps.push(Step::Start(key.clone(), c.packages.clone()));
+        let (key, packages) = (key.clone(), c.packages.clone());
+        steps.push(Step::Start(key.clone(), packages));
+        state.starting = Some(key);
         steps
     }
 }
@@ -291,10 +359,10 @@ mod tests {
         })
     }
 
-    fn live(tag: Arc<ZygoteTag>, usage_mb: u64, busy: bool, last_used: Instant) -> Live {
+    fn live(tag: Arc<ZygoteTag>, limit_mb: u64, busy: bool, last_used: Instant) -> Live {
         Live {
             tag,
-            usage_mb,
+            limit_mb,
             busy,
             last_used,
         }
@@ -349,7 +417,7 @@ mod tests {
         node.runtime = Runtime::Nodejs;
         assert!(SetKey::of(&node).is_none());
         // A cold start an exact zygote served is no demand; others are.
-        let p = Policy::new(100, Duration::from_secs(600));
+        let p = Policy::new(100, 0, Duration::from_secs(600));
         let t0 = Instant::now();
         p.cold_start(&f, true, t0);
         assert!(p.next(&[], 4, t0).is_empty());
@@ -361,7 +429,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let off = Policy::new(0, Duration::from_secs(600));
+        let off = Policy::new(0, 0, Duration::from_secs(600));
         off.cold_start(&f, false, t0);
         assert!(off.next(&[], 4, t0).is_empty());
     }
@@ -375,7 +443,7 @@ mod tests {
 
     /// Demand for `key` as `n` cold starts at `at`.
     fn want(policy: &Policy, key: &SetKey, n: u64, at: Instant) {
-        policy.candidates.lock().insert(
+        policy.state.lock().candidates.insert(
             key.clone(),
             Candidate {
                 packages: Vec::new(),
@@ -390,7 +458,7 @@ mod tests {
     #[test]
     fn the_most_wanted_set_is_made_once_and_its_demand_is_met() {
         let t0 = Instant::now();
-        let p = Policy::new(100, Duration::from_secs(600));
+        let p = Policy::new(100, 0, Duration::from_secs(600));
         assert!(p.next(&[], 4, t0).is_empty());
         let (a, b) = (set("ns", &["six"]), set("ns", &["idna"]));
         want(&p, &a, 1, t0);
@@ -417,7 +485,7 @@ mod tests {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(1);
         let t2 = t0 + Duration::from_secs(2);
-        let p = Policy::new(50, Duration::from_secs(600));
+        let p = Policy::new(50, 0, Duration::from_secs(600));
         let old = live(tag(1, "ns", &["a"]), 30, false, t0);
         let new = live(tag(2, "ns", &["b"]), 30, false, t1);
         assert_eq!(p.next(&[new.clone(), old.clone()], 2, t1), [Step::Evict(1)]);
@@ -432,50 +500,120 @@ mod tests {
         // A new set evicts those used before it was wanted, not after.
         let c = set("ns", &["c"]);
         want(&p, &c, 1, t2);
-        p.candidates.lock().get_mut(&c).unwrap().measured_mb = Some(30);
+        p.state.lock().candidates.get_mut(&c).unwrap().measured_mb = Some(30);
         let a = live(tag(1, "ns", &["a"]), 20, false, t0);
         assert_eq!(
             p.next(std::slice::from_ref(&a), 0, t2),
             [Step::Evict(1), Step::Start(c.clone(), vec![])]
         );
+        p.state.lock().starting = None; // as if it was not made
         let recent = live(tag(1, "ns", &["a"]), 30, false, t2 + Duration::from_secs(1));
         assert!(p.next(&[recent], 4, t2).is_empty());
         // Too big for the budget on its own: never made.
-        p.candidates.lock().get_mut(&c).unwrap().measured_mb = Some(60);
+        p.state.lock().candidates.get_mut(&c).unwrap().measured_mb = Some(60);
         assert!(p.next(&[], 4, t2).is_empty());
         // Unused for the idle TTL: goes, budget or not.
-        let p = Policy::new(500, Duration::from_secs(10));
+        let p = Policy::new(500, 0, Duration::from_secs(10));
         let stale = live(tag(3, "ns", &["a"]), 1, false, t0);
         assert_eq!(
             p.next(&[stale], 4, t0 + Duration::from_secs(10)),
             [Step::Evict(3)]
         );
         // Off: every idle one goes, nothing is made.
-        let off = Policy::new(0, Duration::from_secs(10));
+        let off = Policy::new(0, 0, Duration::from_secs(10));
         want(&off, &c, 5, t0);
         let l = live(tag(4, "ns", &["a"]), 1, false, t0);
         assert_eq!(off.next(&[l], 4, t0), [Step::Evict(4)]);
     }
 
     #[test]
-    fn a_failed_set_waits_and_a_too_big_one_waits_longer() {
+    fn a_failed_namespace_waits_longer_each_time_and_a_too_big_set_waits_too() {
         let t0 = Instant::now();
-        let p = Policy::new(50, Duration::from_secs(600));
-        let a = set("ns", &["a"]);
+        let p = Policy::new(50, 0, Duration::from_secs(600));
+        let (a, a2, b) = (set("ns", &["a"]), set("ns", &["a2"]), set("other", &["a"]));
         want(&p, &a, 1, t0);
-        p.failed(&a, t0);
+        assert_eq!(p.next(&[], 4, t0), [Step::Start(a.clone(), vec![])]);
+        assert_eq!(p.failed(&a, t0), RETRY_AFTER);
+        // Every set of the namespace waits; another namespace does not.
         want(&p, &a, 1, t0);
-        p.candidates.lock().get_mut(&a).unwrap().not_before = Some(t0 + RETRY_AFTER);
+        want(&p, &a2, 1, t0);
         assert!(p.next(&[], 4, t0).is_empty());
+        want(&p, &b, 1, t0);
+        assert_eq!(p.next(&[], 4, t0), [Step::Start(b.clone(), vec![])]);
+        p.made(&b, 10, t0);
+        let t1 = t0 + RETRY_AFTER;
+        match &p.next(&[], 4, t1)[..] {
+            [Step::Start(key, _)] => {
+                assert_eq!(key.namespace, "ns");
+                assert_eq!(p.failed(key, t1), RETRY_AFTER * 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        want(&p, &a, 1, t1);
+        assert!(p.next(&[], 4, t1 + RETRY_AFTER).is_empty());
+        let t2 = t1 + RETRY_AFTER * 2;
+        assert_eq!(p.next(&[], 4, t2), [Step::Start(a.clone(), vec![])]);
+        // Doubling stops at RETRY_MAX; a success forgives.
+        for _ in 0..12 {
+            p.failed(&a, t2);
+        }
+        assert_eq!(p.failed(&a, t2), RETRY_MAX);
+        p.made(&a, 10, t2);
+        assert_eq!(p.failed(&a, t2), RETRY_AFTER);
+        want(&p, &a, 1, t2 + RETRY_AFTER);
         assert_eq!(
-            p.next(&[], 4, t0 + RETRY_AFTER),
+            p.next(&[], 4, t2 + RETRY_AFTER),
             [Step::Start(a.clone(), vec![])]
         );
         p.made(&a, 80, t0);
         assert!(!p.fits_alone(80));
         want(&p, &a, 1, t0);
-        p.candidates.lock().get_mut(&a).unwrap().not_before = Some(t0 + TOO_BIG_FOR);
-        assert!(p.next(&[], 4, t0 + RETRY_AFTER).is_empty());
+        p.state.lock().candidates.get_mut(&a).unwrap().not_before = Some(t0 + TOO_BIG_FOR);
+        // Too big, a waits longer; the other set of its namespace may go.
+        assert_eq!(
+            p.next(&[], 4, t0 + RETRY_AFTER),
+            [Step::Start(a2.clone(), vec![])]
+        );
+    }
+
+    #[test]
+    fn one_zygote_is_made_at_a_time() {
+        let t0 = Instant::now();
+        let p = Policy::new(100, 0, Duration::from_secs(600));
+        let (a, b) = (set("ns", &["a"]), set("ns", &["b"]));
+        want(&p, &a, 2, t0);
+        want(&p, &b, 1, t0);
+        assert_eq!(p.next(&[], 4, t0), [Step::Start(a.clone(), vec![])]);
+        // While a's is made: nothing else starts, but evictions go on.
+        assert!(p.next(&[], 3, t0).is_empty());
+        let stale = live(tag(7, "ns", &["c"]), 1, false, t0);
+        let later = t0 + Duration::from_secs(600);
+        assert_eq!(p.next(&[stale], 3, later), [Step::Evict(7)]);
+        p.made(&a, 20, t0);
+        assert_eq!(p.next(&[], 3, t0), [Step::Start(b.clone(), vec![])]);
+        p.failed(&b, t0);
+        // Made ones are counted at their limit, not made ones at the estimate and
+        // the headroom.
+        let p = Policy::new(100, 60, Duration::from_secs(600));
+        want(&p, &a, 1, t0);
+        let other = live(tag(1, "ns", &["x"]), 30, false, t0 + Duration::from_secs(1));
+        assert!(p.next(std::slice::from_ref(&other), 3, t0).is_empty());
+        assert_eq!(p.next(&[], 3, t0), [Step::Start(a.clone(), vec![])]);
+    }
+
+    #[test]
+    fn demand_for_sets_no_registered_function_has_is_forgotten() {
+        let t0 = Instant::now();
+        let p = Policy::new(100, 0, Duration::from_secs(600));
+        let (a, b) = (set("ns", &["a"]), set("gone", &["b"]));
+        want(&p, &a, 1, t0);
+        want(&p, &b, 5, t0);
+        p.failed(&b, t0);
+        assert_eq!(p.state.lock().backoff.len(), 1);
+        p.retain(&HashSet::from([a.clone()]));
+        let state = p.state.lock();
+        assert_eq!(state.candidates.keys().collect::<Vec<_>>(), [&a]);
+        assert!(state.backoff.is_empty());
     }
 
     #[test]

@@ -234,6 +234,44 @@ impl Cgroups {
         Ok(cgroup_of(&text, self.version).is_some_and(|at| same_cgroup(at, rel)))
     }
 
+    /// The processes (host pids) in the cgroup `rel` itself, sorted: its memory
+    /// controller's (v1) or the unified hierarchy's (v2) `cgroup.procs`.
+    pub fn procs(&self, rel: &Path) -> Result<Vec<i32>, Error> {
+        let file = self.memory_dir(rel).join("cgroup.procs");
+        let text = fs::read_to_string(&file).map_err(io_err("read", &file))?;
+        let mut pids = text
+            .lines()
+            .map(|l| {
+                l.trim().parse::<i32>().map_err(|_| {
+                    io_err("parse", &file)(std::io::Error::other(format!("pid {l:?}")))
+                })
+            })
+            .collect::<Result<Vec<i32>, Error>>()?;
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
+    /// Sets the memory limit of the cgroup `rel` to `bytes`, swap included (v1
+    /// `memory.limit_in_bytes`, then `memory.memsw.limit_in_bytes` where the kernel
+    /// accounts swap, which must stay at or above it; v2 `memory.max`, whose
+    /// `memory.swap.max` libcontainer set to 0). Lowering it below what the cgroup
+    /// uses fails (v1 `EBUSY` after reclaim).
+    pub fn set_memory_limit(&self, rel: &Path, bytes: u64) -> Result<(), Error> {
+        let dir = self.memory_dir(rel);
+        let files: &[&str] = match self.version {
+            CgroupVersion::V1 => &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"],
+            CgroupVersion::V2 => &["memory.max"],
+        };
+        for (i, name) in files.iter().enumerate() {
+            let file = dir.join(name);
+            if i > 0 && !file.exists() {
+                continue; // no swap accounting
+            }
+            fs::write(&file, bytes.to_string()).map_err(io_err("write", &file))?;
+        }
+        Ok(())
+    }
+
     /// Removes `rel` where it is an empty leaf; a cgroup still in use is left alone.
     pub fn remove_if_unused(&self, rel: &Path) {
         for dir in self.dirs(rel) {
@@ -590,6 +628,46 @@ mod tests {
             i += 1;
         }
         remover.join().unwrap();
+    }
+
+    #[test]
+    fn procs_and_the_memory_limit_are_the_memory_controllers_files() {
+        let t = tempfile::tempdir().unwrap();
+        let v1 = fake_v1(&t.path().join("v1"));
+        let rel = Path::new("/sprout/1/sprout-1.pz-1");
+        let mem = v1.controller_dir("memory", rel);
+        fs::create_dir_all(&mem).unwrap();
+        fs::write(mem.join("cgroup.procs"), "30\n7\n").unwrap();
+        assert_eq!(v1.procs(rel).unwrap(), [7, 30]);
+        fs::write(mem.join("cgroup.procs"), "7\nx\n").unwrap();
+        let e = v1.procs(rel).unwrap_err().to_string();
+        assert!(e.contains("cgroup.procs"), "{e}");
+        // Swap accounted: both limits; not accounted: the memory limit alone.
+        fs::write(mem.join("memory.memsw.limit_in_bytes"), "9").unwrap();
+        v1.set_memory_limit(rel, 96 << 20).unwrap();
+        for f in ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"] {
+            assert_eq!(fs::read_to_string(mem.join(f)).unwrap(), "100663296", "{f}");
+        }
+        fs::remove_file(mem.join("memory.memsw.limit_in_bytes")).unwrap();
+        v1.set_memory_limit(rel, 1 << 20).unwrap();
+        assert!(!mem.join("memory.memsw.limit_in_bytes").exists());
+        assert_eq!(
+            fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap(),
+            "1048576"
+        );
+        let v2 = fake_v2(&t.path().join("v2"));
+        let dir = t.path().join("v2/sprout/1/sprout-1.pz-1");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert!(v2.procs(rel).unwrap().is_empty());
+        v2.set_memory_limit(rel, 2 << 20).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.join("memory.max")).unwrap(),
+            "2097152"
+        );
+        // A cgroup that is not there is an error naming the file.
+        let e = v2.procs(Path::new("/sprout/none")).unwrap_err().to_string();
+        assert!(e.contains("/sprout/none/cgroup.procs"), "{e}");
     }
 
     #[test]

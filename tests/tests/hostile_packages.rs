@@ -575,6 +575,69 @@ fn hostile_sdists_stay_inside_their_install_sandboxes() {
     drop(index);
 }
 
+/// A package whose import leaves a process running: its package zygote is refused
+/// and destroyed (the zygote counts only its own threads; a process beside it would
+/// grow outside what was measured), and the namespace waits before another try.
+#[test]
+fn a_package_zygote_whose_imports_leave_a_process_is_refused() {
+    let env = require_root!();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let index = Index::new();
+    let (file, archive) = sdist(
+        "sprout-hostile-daemon",
+        "hostile_daemon",
+        json!({"mode": "daemon"}),
+    );
+    index.add("sprout-hostile-daemon", &file, archive);
+    let d = env.daemon_with(&["--stem-cells", "0", "--package-index", &index.url()]);
+    let dir = env.function(
+        "daemon",
+        &[
+            (
+                "f.py",
+                "import hostile_daemon\ndef f(event):\n    return hostile_daemon.MARK\n",
+            ),
+            ("requirements.txt", "sprout-hostile-daemon==1.0\n"),
+        ],
+    );
+    d.register("daemon", &dir, json!({}));
+    // A plain cold start (its own sandbox may keep the process): it wants a zygote.
+    let r = d.invoke("daemon", "{}");
+    assert_eq!(r.status, 200, "{}\n{}", text(&r), d.log());
+    assert_eq!(r.header("X-Sprout-Start"), Some("new_sandbox"));
+    // Without the check the zygote was made (and counted in /status) here.
+    wait_for(Duration::from_secs(60), || {
+        let log = d.log();
+        match log.contains("could not make a package zygote")
+            && log.contains("package code left a process running")
+        {
+            true => Ok(()),
+            false => Err(log),
+        }
+    })
+    .unwrap_or_else(|log| panic!("the zygote was not refused:\n{log}"));
+    assert_eq!(d.status()["package_zygotes"], 0);
+    let cgroups = sprout_tests::agent_cgroup_dir(d.pid(), "memory");
+    let prefix = format!("sprout-{}.pz-", d.pid());
+    let left: Vec<String> = names(&cgroups)
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "package fork servers left: {left:?}");
+    // The namespace waits: another cold start does not start from a zygote.
+    d.register("daemon2", &dir, json!({}));
+    let r = d.invoke("daemon2", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.header("X-Sprout-Start"), Some("new_sandbox"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.log().matches("could not make a package zygote").count(),
+        1
+    );
+    drop(d);
+    drop(index);
+}
+
 #[test]
 fn package_sources_must_be_http_urls_without_credentials() {
     let env = require_root!();

@@ -10,7 +10,10 @@
 //!   package never gets a sandbox of that zygote, and gets one of its own, in another
 //!   uid window. The zygotes' user namespaces map only their windows, and each
 //!   sandbox's uid is in its zygote's.
-//! - `over_a_tiny_budget_the_least_recently_used_package_zygote_goes`.
+//!   Its fork server's memory limit is lowered, once imported, to its usage and its
+//!   headroom, swap included.
+//! - `over_a_tiny_budget_the_least_recently_used_package_zygote_goes`: zygotes count
+//!   at their limits.
 //! - `no_package_zygote_with_package_zygotes_mb_0`.
 //!
 //! How each was seen to fail (a temporary change, reverted) is said next to its
@@ -28,6 +31,10 @@ const UID_BASE: u32 = 0x7000_0000 + 0x40000;
 const UID_COUNT: u32 = 4096;
 const WINDOW: u32 = 32;
 const PLAIN_END: u32 = 2048 - 16 * WINDOW;
+/// What a package fork server's limit adds to its memory as measured after its
+/// imports: 1 MiB per uid of its window (the test machine's memory budget holds more
+/// sandboxes than that), 8 children not yet moved at 2 MiB, the 16 MiB a fork needs.
+const HEADROOM_MB: u64 = WINDOW as u64 + 16 + 16;
 
 /// At import, records which of its packages were in `sys.modules` already (only a
 /// package zygote imported them before), then imports them.
@@ -192,6 +199,34 @@ fn a_package_zygote_serves_its_namespaces_cold_starts_with_its_packages_imported
         vec![[0, a_own, 1], [a_own + 1, a_own + 1, WINDOW - 1]],
         "{a_server}"
     );
+    // Its memory limit: what it used once imported (a zygote with six: under 32
+    // MiB) and its headroom, not the import's 64 MiB + headroom + the whole budget
+    // (a change that did not lower it failed here with 640).
+    let memory = sprout_tests::sandbox_cgroup_dir(d.pid(), a_server, "memory");
+    let read = |f: &str| -> u64 {
+        fs::read_to_string(memory.join(f))
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let (limit, usage) = match sprout_tests::cgroup_v2() {
+        true => ("memory.max", "memory.current"),
+        false => ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+    };
+    let limit_mb = read(limit) >> 20;
+    assert!(
+        (HEADROOM_MB..HEADROOM_MB + 32).contains(&limit_mb),
+        "{a_server}: limit {limit_mb} MiB"
+    );
+    let usage_mb = read(usage) >> 20;
+    assert!(
+        usage_mb <= limit_mb - HEADROOM_MB + 4,
+        "{a_server}: uses {usage_mb} MiB, limit {limit_mb} MiB"
+    );
+    if memory.join("memory.memsw.limit_in_bytes").exists() {
+        assert_eq!(read("memory.memsw.limit_in_bytes") >> 20, limit_mb);
+    }
 
     // Another function of namespace a with six: forked from the zygote, six imported
     // there already (with the zygote's imports skipped, preloaded was false).
@@ -270,12 +305,15 @@ fn a_package_zygote_serves_its_namespaces_cold_starts_with_its_packages_imported
 fn over_a_tiny_budget_the_least_recently_used_package_zygote_goes() {
     let env = require_root!();
     let data = env.work_dir().join("data");
-    // Room for one zygote with six or idna, not two (each measured at 5 to 9 MiB).
+    // Room for one zygote with six or idna, not two: each counts at its limit, its
+    // memory as measured (5 to 9 MiB) and its headroom (a change that counted the
+    // measured memory alone kept both).
+    let budget = (HEADROOM_MB + 10 + HEADROOM_MB / 2).to_string();
     let (mut d, _) = daemon(
         &env,
         1,
         &data,
-        &["--stem-cells", "0", "--package-zygotes-mb", "12"],
+        &["--stem-cells", "0", "--package-zygotes-mb", &budget],
     );
     let six = function(&env, "six", "six==1.16.0\n");
     let idna = function(&env, "idna", "idna==3.7\n");
@@ -301,7 +339,8 @@ fn over_a_tiny_budget_the_least_recently_used_package_zygote_goes() {
             d.log()
         )
     });
-    assert_eq!(package_zygotes(&d), 1);
+    // Its cgroup is there while it imports; it counts once made.
+    wait_zygotes(&d, 1);
     register_in(&d, "a", "idna2", &idna);
     let (start, out) = invoke_in(&d, "a", "idna2");
     assert_eq!(start, "package_zygote", "{out}");

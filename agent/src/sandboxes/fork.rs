@@ -16,6 +16,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ipc::proto::{Runtime, SandboxSpec, ShimLink};
@@ -48,6 +49,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// what they write is charged to the fork server, whose memory limit must hold them
 /// all.
 const MAX_UNMOVED: usize = 8;
+/// What a forked child not yet in its own cgroup is allowed to have charged to a
+/// package fork server (the pages it touched between the fork and its move).
+const UNMOVED_CHILD_MB: u64 = 2;
 /// Where the fork server's children read what they make (under `/.sprout`).
 const PLAN_FILE: &str = "forked.json";
 const SECCOMP_FILE: &str = "seccomp.bpf";
@@ -61,8 +65,9 @@ pub(super) struct ForkServer {
     /// Its uid window: the slots of the agent's range it and the sandboxes forked
     /// from it take their uids from, the only ones its user namespace maps.
     slots: std::ops::Range<u32>,
-    /// Its memory limit (MiB).
-    memory_mb: u64,
+    /// Its memory limit (MiB): a package fork server's is lowered once its zygote
+    /// imported its packages ([`ForkServer::set_memory_mb`]).
+    memory_mb: AtomicU64,
     /// What it reserves against the sandboxes' memory budget (MiB): the plain one its
     /// limit, a package fork server nothing (its memory counts against the package
     /// zygotes' budget, as measured).
@@ -166,7 +171,7 @@ impl ForkServer {
         ForkServer {
             id,
             slots,
-            memory_mb,
+            memory_mb: AtomicU64::new(memory_mb),
             reserved_mb,
             state: Mutex::new(State::Down { retry_at: None }),
             unmoved: Mutex::new(0),
@@ -197,14 +202,6 @@ impl ForkServer {
         }
     }
 
-    /// Runs `f` on its server's sandbox and shim while it is up.
-    pub(super) fn with_server<T>(&self, f: impl FnOnce(&mut Server) -> T) -> Option<T> {
-        match &mut *self.state.lock() {
-            State::Up(server) => Some(f(server)),
-            State::Down { .. } => None,
-        }
-    }
-
     /// Starts the fork server if it is down (and was not failing lately); returns
     /// its host uid. Called before a sandbox's uid is taken, so that the sandbox
     /// gets one above it.
@@ -220,7 +217,12 @@ impl ForkServer {
     /// Its memory limit (MiB): its own, and what each sandbox the budget can hold
     /// leaves charged to it.
     pub(super) fn memory_mb(&self) -> u64 {
-        self.memory_mb
+        self.memory_mb.load(Ordering::Relaxed)
+    }
+
+    /// Records its lowered memory limit (MiB), once written to its cgroup.
+    pub(super) fn set_memory_mb(&self, mb: u64) {
+        self.memory_mb.store(mb, Ordering::Relaxed);
     }
 
     /// What it reserves against the sandboxes' memory budget (MiB).
@@ -270,14 +272,15 @@ impl ForkServer {
         let used = cgroups
             .memory_usage(server.sandbox.cgroup())
             .unwrap_or(u64::MAX);
-        if used.saturating_add(HEADROOM_MB << 20) > self.memory_mb << 20 {
+        let limit_mb = self.memory_mb();
+        if used.saturating_add(HEADROOM_MB << 20) > limit_mb << 20 {
             return Err(Error::Spawn {
                 sandbox: spec.sandbox.clone(),
                 function: String::new(),
                 message: format!(
                     "the fork server is full ({} MiB charged of its {} MiB)",
                     used >> 20,
-                    self.memory_mb
+                    limit_mb
                 ),
             });
         }
@@ -355,21 +358,35 @@ fn up<'a>(
 /// [`RETAINED_PER_SANDBOX_MB`] for each sandbox of the default memory limit the
 /// budget holds.
 fn memory_mb(config: &Config) -> u64 {
-    let sandboxes = config
-        .pool
-        .memory_budget_mb
-        .div_ceil(config.defaults.memory_mb.max(1));
-    FORK_SERVER_BASE_MB + sandboxes * RETAINED_PER_SANDBOX_MB
+    FORK_SERVER_BASE_MB + budget_sandboxes(config) * RETAINED_PER_SANDBOX_MB
 }
 
-/// A package fork server's memory limit (MiB) for a uid window of `window`: the
-/// plain fork server's base, what each sandbox of its window leaves charged to it,
-/// and the whole package zygotes' budget (its imports; what it is counted at is its
-/// measured usage, `crate::zygotes`).
+/// How many sandboxes of the default memory limit the memory budget holds.
+fn budget_sandboxes(config: &Config) -> u64 {
+    config
+        .pool
+        .memory_budget_mb
+        .div_ceil(config.defaults.memory_mb.max(1))
+}
+
+/// A package fork server's memory limit (MiB) while its zygote imports, for a uid
+/// window of `window`: the plain fork server's base, its headroom
+/// ([`package_headroom_mb`]) and the whole package zygotes' budget. Once imported it
+/// is lowered to its measured usage and its headroom, and that is what it counts at
+/// against the budget (`crate::zygotes`).
 pub(super) fn package_memory_mb(window: &std::ops::Range<u32>, config: &Config) -> u64 {
-    FORK_SERVER_BASE_MB
-        + u64::from(window.end - window.start) * RETAINED_PER_SANDBOX_MB
-        + config.pool.package_zygotes_mb
+    FORK_SERVER_BASE_MB + package_headroom_mb(window, config) + config.pool.package_zygotes_mb
+}
+
+/// What a package fork server may take above its zygote's memory as measured after
+/// its imports (MiB): [`RETAINED_PER_SANDBOX_MB`] for each sandbox that can be forked
+/// from it at once (its window, or what the memory budget holds at the default
+/// limit if fewer), its forked children not yet in their cgroups
+/// ([`MAX_UNMOVED`] × [`UNMOVED_CHILD_MB`]) and the [`HEADROOM_MB`] below its limit a
+/// fork needs.
+pub(super) fn package_headroom_mb(window: &std::ops::Range<u32>, config: &Config) -> u64 {
+    let sandboxes = u64::from(window.end - window.start).min(budget_sandboxes(config));
+    sandboxes * RETAINED_PER_SANDBOX_MB + MAX_UNMOVED as u64 * UNMOVED_CHILD_MB + HEADROOM_MB
 }
 
 /// The fork server's sandbox id: not `sprout-<agent>-<n>`, as it is no sandbox of a
@@ -448,7 +465,7 @@ pub(super) fn window_end(range: rootfs::SandboxUids, slots: &std::ops::Range<u32
 }
 
 /// Waits for the fork server's `ready` and maps its zygote's user namespace
-/// ([`id_map`]) to its window `slots`.
+/// ([`id_map`]) to its window `slots`; returns its zygote's pid.
 pub(super) fn map_zygote(
     sandbox: &mut Sandbox,
     shim: &mut ShimLink,
@@ -456,7 +473,7 @@ pub(super) fn map_zygote(
     user: rootfs::SandboxUser,
     range: rootfs::SandboxUids,
     slots: &std::ops::Range<u32>,
-) -> Result<(), Error> {
+) -> Result<i32, Error> {
     let protocol = |source: ipc::Error| Error::Protocol {
         sandbox: sandbox.id().to_owned(),
         peer: "fork server",
@@ -502,7 +519,7 @@ pub(super) fn map_zygote(
         return Err(bad(format!("the fork server's zygote (pid {pid}) exited")));
     }
     sandbox.ready()?;
-    Ok(())
+    Ok(pid)
 }
 
 /// Whether the process of `pidfd` has exited (its pidfd is readable).

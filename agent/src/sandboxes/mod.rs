@@ -134,7 +134,8 @@ impl Sandboxes {
             .transpose()?;
         let packages = (!windows.packages.is_empty()).then(|| {
             let memory_mb = fork::package_memory_mb(&windows.packages[0], config);
-            package_forks::PackageForks::new(windows.packages, memory_mb)
+            let headroom_mb = fork::package_headroom_mb(&windows.packages[0], config);
+            package_forks::PackageForks::new(windows.packages, memory_mb, headroom_mb)
         });
         let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
         if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
@@ -489,11 +490,12 @@ impl Sandboxes {
     }
 
     /// Creates fork server `forks`' sandbox (libcontainer) and maps its zygote's user
-    /// namespace to its window; `then` finishes it (a package fork server's imports).
+    /// namespace to its window; `then` finishes it (a package fork server's imports),
+    /// given its zygote's pid.
     fn start_fork_server_of(
         &self,
         forks: &fork::ForkServer,
-        then: impl FnOnce(&mut Sandbox, &mut ShimLink) -> Result<(), Error>,
+        then: impl FnOnce(&mut Sandbox, &mut ShimLink, i32) -> Result<(), Error>,
     ) -> Result<fork::Server, Error> {
         let id = forks.id().to_owned();
         let cgroup = self.cgroup_parent.join(&id);
@@ -512,7 +514,7 @@ impl Sandboxes {
         self.uncount();
         let range = self.users.range();
         let made = fork::map_zygote(&mut sandbox, &mut shim, &self.cgroups, user, range, &slots)
-            .and_then(|()| then(&mut sandbox, &mut shim));
+            .and_then(|zygote| then(&mut sandbox, &mut shim, zygote));
         if let Err(e) = made {
             self.destroy_fork_server(forks, &mut sandbox);
             return Err(e);
@@ -533,7 +535,7 @@ impl Sandboxes {
             function: String::new(),
             message: "sandboxes are not forked".into(),
         })?;
-        self.start_fork_server_of(forks, |_, _| Ok(()))
+        self.start_fork_server_of(forks, |_, _, _| Ok(()))
     }
 
     /// A stem cell forked from `forks` (the plain fork server, or `package`'s): see
@@ -794,6 +796,13 @@ impl Sandboxes {
         self.packages.is_some()
     }
 
+    /// What a package zygote's limit adds to its measured memory (MiB; 0 when off).
+    pub fn package_headroom_mb(&self) -> u64 {
+        self.packages
+            .as_ref()
+            .map_or(0, package_forks::PackageForks::headroom_mb)
+    }
+
     /// Live package zygotes.
     pub fn package_zygote_count(&self) -> usize {
         self.packages
@@ -825,8 +834,10 @@ impl Sandboxes {
     }
 
     /// Makes a package zygote of `namespace` that imports `packages`: its fork
-    /// server, the packages attached in it, its zygote's imports. Returns it and its
-    /// memory (MiB) as measured. On failure nothing of it is left.
+    /// server, the packages attached in it, its zygote's imports, then its memory
+    /// limit lowered ([`Sandboxes::seal_package_server`]). Returns it and that limit
+    /// (MiB), what it counts at against `--package-zygotes-mb`. On failure nothing of
+    /// it is left.
     pub fn start_package_zygote(
         &self,
         namespace: &str,
@@ -853,22 +864,63 @@ impl Sandboxes {
         let _g = span.enter();
         let started = Instant::now();
         let up = server.fork.ensure_up(server.fork.id(), || {
-            self.start_fork_server_of(&server.fork, |sandbox, shim| {
-                self.import_packages(&server, sandbox, shim)
+            self.start_fork_server_of(&server.fork, |sandbox, shim, zygote| {
+                self.import_packages(&server, sandbox, shim)?;
+                self.seal_package_server(forks, &server, sandbox, zygote)
             })
         });
         if let Err(e) = up {
             forks.remove(server.tag.id);
             return Err(e);
         }
-        let usage = self.package_zygote_usage_mb(&server);
+        server.set_ready();
+        let limit_mb = server.fork.memory_mb();
         tracing::info!(
             packages = ?server.tag.keys,
-            usage_mb = usage,
+            limit_mb,
             took_ms = started.elapsed().as_millis() as u64,
             "package zygote up"
         );
-        Ok((server.tag.clone(), usage))
+        Ok((server.tag.clone(), limit_mb))
+    }
+
+    /// After its imports: lowers package fork server `server`'s memory limit to its
+    /// usage as measured and its headroom (`fork::package_headroom_mb`), then
+    /// requires its cgroup to hold its shim and zygote and nothing else (package code
+    /// that left a process behind, which the zygote's thread count does not see, is
+    /// refused: it would grow outside what was measured).
+    fn seal_package_server(
+        &self,
+        forks: &package_forks::PackageForks,
+        server: &package_forks::PackageServer,
+        sandbox: &Sandbox,
+        zygote: i32,
+    ) -> Result<(), Error> {
+        let cgroup = sandbox.cgroup();
+        let refused = |message: String| Error::Spawn {
+            sandbox: sandbox.id().to_owned(),
+            function: String::new(),
+            message,
+        };
+        let usage_mb = self.cgroups.memory_usage(cgroup)?.div_ceil(1 << 20);
+        let limit_mb = usage_mb + forks.headroom_mb();
+        self.cgroups.set_memory_limit(cgroup, limit_mb << 20)?;
+        server.fork.set_memory_mb(limit_mb);
+        let procs = self.cgroups.procs(cgroup)?;
+        let mut own = vec![sandbox.pid(), zygote];
+        own.sort_unstable();
+        if procs != own {
+            return Err(refused(format!(
+                "after its imports its cgroup holds processes {procs:?}, not just its shim ({}) and zygote ({zygote}): package code left a process running",
+                sandbox.pid()
+            )));
+        }
+        tracing::debug!(
+            usage_mb,
+            limit_mb,
+            "package fork server's memory limit lowered"
+        );
+        Ok(())
     }
 
     /// Attaches `server`'s packages in its sandbox and has its zygote import them.
@@ -919,23 +971,12 @@ impl Sandboxes {
         }
     }
 
-    fn package_zygote_usage_mb(&self, server: &package_forks::PackageServer) -> u64 {
-        server
-            .fork
-            .with_server(|s| self.cgroups.memory_usage(s.sandbox.cgroup()).unwrap_or(0) >> 20)
-            .unwrap_or(0)
-    }
-
     /// The cache keys of the packages every live package zygote keeps mounted.
     pub fn package_zygote_keys(&self) -> Vec<String> {
         let Some(forks) = &self.packages else {
             return Vec::new();
         };
-        forks
-            .all()
-            .iter()
-            .flat_map(|s| s.tag.keys.iter().cloned())
-            .collect()
+        forks.keys()
     }
 
     /// The live package zygotes as the policy sees them (`idle_stems`: how many of
@@ -946,14 +987,14 @@ impl Sandboxes {
             return (Vec::new(), 0);
         };
         let mut live = Vec::new();
-        for server in forks.all() {
+        // One starting is not seen (its window is taken).
+        for server in forks.ready() {
             if !server.fork.is_up() {
                 // Its fork server died (a fork found it gone and destroyed it).
                 forks.remove(server.tag.id);
                 continue;
             }
-            let usage = self.package_zygote_usage_mb(&server);
-            live.push(server.live(usage, idle_stems(server.tag.id)));
+            live.push(server.live(idle_stems(server.tag.id)));
         }
         (live, forks.free_windows())
     }

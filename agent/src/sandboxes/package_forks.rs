@@ -12,7 +12,7 @@
 //! this module only keeps them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +34,9 @@ pub(super) struct PackageServer {
     pub(super) packages: Vec<Package>,
     /// Sandboxes forked from it that live (its stem cells included), and forks under way.
     live: AtomicUsize,
+    /// Made (up, imported, its limit lowered): until then it is starting, and neither
+    /// forked from nor shown to the policy (its fork server's lock is held meanwhile).
+    ready: AtomicBool,
     last_used: Mutex<Instant>,
 }
 
@@ -42,8 +45,10 @@ pub(super) struct PackageServer {
 pub(super) struct PackageForks {
     /// The uid windows (slots of the agent's range) package fork servers take.
     windows: Vec<std::ops::Range<u32>>,
-    /// Each one's memory limit (MiB).
+    /// Each one's memory limit (MiB) while it imports.
     memory_mb: u64,
+    /// What each one may take above its measured memory once imported (MiB).
+    headroom_mb: u64,
     servers: Mutex<BTreeMap<u64, Arc<PackageServer>>>,
     /// Which package fork server each live sandbox forked from one came from.
     origins: Mutex<HashMap<String, u64>>,
@@ -51,14 +56,24 @@ pub(super) struct PackageForks {
 }
 
 impl PackageForks {
-    pub(super) fn new(windows: Vec<std::ops::Range<u32>>, memory_mb: u64) -> PackageForks {
+    pub(super) fn new(
+        windows: Vec<std::ops::Range<u32>>,
+        memory_mb: u64,
+        headroom_mb: u64,
+    ) -> PackageForks {
         PackageForks {
             windows,
             memory_mb,
+            headroom_mb,
             servers: Mutex::new(BTreeMap::new()),
             origins: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         }
+    }
+
+    /// What a package fork server may take above its measured memory (MiB).
+    pub(super) fn headroom_mb(&self) -> u64 {
+        self.headroom_mb
     }
 
     /// Package fork servers that could still be made (free windows).
@@ -93,6 +108,7 @@ impl PackageForks {
             ),
             packages,
             live: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
             last_used: Mutex::new(Instant::now()),
         });
         servers.insert(id, server.clone());
@@ -101,8 +117,9 @@ impl PackageForks {
 
     /// The live package fork server that serves `function` with the most packages.
     pub(super) fn best_for(&self, function: &Function) -> Option<Arc<ZygoteTag>> {
-        // Not under the servers' lock: `is_up` waits for a fork in progress.
-        let servers = self.all();
+        // Not under the servers' lock: `is_up` waits for a fork in progress (and
+        // one starting is not asked: its start holds that lock).
+        let servers = self.ready();
         let up: Vec<&Arc<ZygoteTag>> = servers
             .iter()
             .filter(|s| s.fork.is_up())
@@ -161,24 +178,42 @@ impl PackageForks {
         self.servers.lock().remove(&id)
     }
 
-    /// Every package fork server.
-    pub(super) fn all(&self) -> Vec<Arc<PackageServer>> {
-        self.servers.lock().values().cloned().collect()
+    /// The cache keys every package fork server (starting ones too) has mounted.
+    pub(super) fn keys(&self) -> Vec<String> {
+        self.servers
+            .lock()
+            .values()
+            .flat_map(|s| s.tag.keys.iter().cloned())
+            .collect()
+    }
+
+    /// Every package fork server made (not starting).
+    pub(super) fn ready(&self) -> Vec<Arc<PackageServer>> {
+        self.servers
+            .lock()
+            .values()
+            .filter(|s| s.ready.load(Ordering::Acquire))
+            .cloned()
+            .collect()
     }
 
     /// Live (up) package fork servers.
     pub(super) fn count(&self) -> usize {
-        self.all().iter().filter(|s| s.fork.is_up()).count()
+        self.ready().iter().filter(|s| s.fork.is_up()).count()
     }
 }
 
 impl PackageServer {
-    /// What the policy knows of it; `usage_mb` is its measured memory, `idle_stems`
-    /// its stem cells ready in the pool.
-    pub(super) fn live(&self, usage_mb: u64, idle_stems: usize) -> Live {
+    /// It is made: forks from it may begin, and the policy sees it.
+    pub(super) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// What the policy knows of it; `idle_stems`: its stem cells ready in the pool.
+    pub(super) fn live(&self, idle_stems: usize) -> Live {
         Live {
             tag: self.tag.clone(),
-            usage_mb,
+            limit_mb: self.fork.memory_mb(),
             busy: self.live.load(Ordering::Relaxed) > idle_stems,
             last_used: *self.last_used.lock(),
         }

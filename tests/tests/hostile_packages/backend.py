@@ -192,6 +192,17 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         findings = probe("build")
         _report(findings)
         files[f"{MODULE}/findings.py"] = "FINDINGS = " + repr(findings) + "\n"
+    elif MODE == "daemon":
+        # Importing it leaves a process running (in a package zygote: beside the
+        # zygote, in its fork server's cgroup, outside its thread count).
+        files[f"{MODULE}/__init__.py"] += (
+            "import os as _os, time as _time\n"
+            "if _os.fork() == 0:\n"
+            "    try:\n"
+            "        _time.sleep(3600)\n"
+            "    finally:\n"
+            "        _os._exit(0)\n"
+        )
     elif MODE == "fifo":
         # Left in the output directory, where pip --target adds the wheel's files.
         os.makedirs("/deps/files", exist_ok=True)

@@ -81,7 +81,8 @@ struct PoolArgs {
     #[arg(long, value_name = "fork|create", default_value = "fork", value_parser = agent::NewSandboxes::parse)]
     new_sandboxes: agent::NewSandboxes,
     /// Memory the package zygotes (fork servers whose zygote imported a package set
-    /// of a namespace's functions) may take together, as measured; 0 turns them off.
+    /// of a namespace's functions) may take together, each counted at its memory limit
+    /// (its usage once imported, and headroom for its forks); 0 turns them off.
     #[arg(long, value_name = "MiB", default_value_t = agent::DEFAULT_PACKAGE_ZYGOTES_MB)]
     package_zygotes_mb: u64,
     /// Ready (frozen) stem cells kept forked from each package zygote.
