@@ -485,6 +485,7 @@ impl Sandboxes {
             called: false,
             oom,
             http: None,
+            http_pending: false,
         })
     }
 
