@@ -48,6 +48,10 @@ pub struct Instance {
     /// What kind of HTTP app its handler module is, as it reported when it loaded
     /// (`None`: a plain function).
     pub http: Option<HttpApp>,
+    /// Whether the request it is answering was sent with [`Instance::begin_http`]:
+    /// only such a request may be answered `responded` (a status and headers of the
+    /// instance's choice), never an invoke or a call.
+    pub http_pending: bool,
 }
 
 /// What a call returned: JSON text, or bytes (`raw`) for a caller that is a function;
@@ -147,6 +151,7 @@ impl Instance {
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
         self.called = false;
+        self.http_pending = false;
         self.link
             .send_call(id, depth, raw, event)
             .map_err(|e| match e {
@@ -166,6 +171,7 @@ impl Instance {
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
         self.called = false;
+        self.http_pending = true;
         self.link.send_http(id, request, body).map_err(|e| match e {
             e if e.is_peer_gone() => CallFailure::Died,
             other => CallFailure::Protocol(other),
@@ -243,7 +249,7 @@ impl Instance {
                 id: got,
                 head,
                 called,
-            } if got == id && self.http.is_some() => {
+            } if got == id && self.http_pending => {
                 self.called = called;
                 Ok(Answer {
                     payload: msg.payload,
@@ -262,7 +268,11 @@ impl Instance {
             other => {
                 return Err(CallFailure::Protocol(ipc::Error::Unexpected {
                     op: format!("{other:?}"),
-                    expected: "returned",
+                    expected: if self.http_pending {
+                        "responded"
+                    } else {
+                        "returned (responded answers only an http request)"
+                    },
                 }))
             }
         };

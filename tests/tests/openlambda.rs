@@ -3,10 +3,16 @@
 //! `/run/{name}[/path]` (WSGI and ASGI written by hand, found as `app` or named by
 //! `OL_ENTRY_FILE` / `OL_WSGI_ENTRY`) whose status, headers and body come back as
 //! they answered them, and plain `f(event)` functions on any method.
+//!
+//! And what a function could do to them (issue 13's review): a body answered to
+//! `HEAD` never reaches the client (it would be read as the next response on the
+//! connection), a `responded` to a plain invoke is refused, and an `ol.yaml` whose
+//! aliases expand it past its bound is refused without the agent growing.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sprout_tests::{body_json, json, require_root, text, Value};
 
@@ -312,4 +318,218 @@ fn a_bad_ol_yaml_is_refused_at_registration() {
         let r = d.request("GET", &format!("/run/{name}"), None, b"");
         assert_eq!(r.status, 404, "{name}: nothing registered");
     }
+}
+
+/// On one keep-alive connection: `HEAD target`, then, once its response's head has
+/// arrived, `GET target`. Returns the HEAD's head and everything read after it, which
+/// must be the GET's response and nothing else.
+fn head_then_get(socket: &Path, target: &str) -> (String, Vec<u8>) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "HEAD {target} HTTP/1.1\r\nHost: sprout\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).expect("the HEAD's response");
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    };
+    // A body sent after the head (if any) has had time to arrive by now.
+    std::thread::sleep(Duration::from_millis(200));
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: sprout\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s.read_to_end(&mut got).unwrap();
+    let head = String::from_utf8_lossy(&got[..end]).into_owned();
+    (head, got[end..].to_vec())
+}
+
+/// A response's status, a header and its body, parsed from `bytes`, which must hold
+/// exactly one response.
+fn one_response(bytes: &[u8], header: &str) -> (u16, Option<String>, Vec<u8>) {
+    let text = String::from_utf8_lossy(bytes);
+    assert!(text.starts_with("HTTP/1.1 "), "not a response: {text:?}");
+    let end = text.find("\r\n\r\n").expect("a head") + 4;
+    let value = |name: &str| {
+        text[..end].lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    };
+    let len: usize = value("content-length").unwrap().parse().unwrap();
+    assert_eq!(
+        bytes.len(),
+        end + len,
+        "one response, framed by its length: {text:?}"
+    );
+    (
+        text[9..12].parse().unwrap(),
+        value(header),
+        bytes[end..].to_vec(),
+    )
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("Content-Length")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_head_is_answered_without_a_body_whatever_the_function_answers() {
+    let env = require_root!();
+    let d = env.daemon();
+    // The app answers HEAD with a body; so does a plain function (its result).
+    let app = "def app(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('X-Method', environ['REQUEST_METHOD'])])\n    return [b'the body the app sends on every method\\n']\n";
+    let dir = env.function("headapp", &[("f.py", app)]);
+    d.register("headapp", &dir, json!({}));
+    let dir = env.function(
+        "headplain",
+        &[(
+            "f.py",
+            "def f(event):\n    return {'a': 'result of a plain function'}\n",
+        )],
+    );
+    d.register("headplain", &dir, json!({}));
+    // Twice each: a new sandbox, then a warm one (the event loop's fast path).
+    for (name, header, get_body) in [
+        (
+            "headapp",
+            "x-method",
+            &b"the body the app sends on every method\n"[..],
+        ),
+        (
+            "headplain",
+            "content-type",
+            br#"{"a":"result of a plain function"}"#,
+        ),
+    ] {
+        for round in 0..2 {
+            let (head, rest) = head_then_get(d.socket(), &format!("/run/{name}"));
+            assert!(head.starts_with("HTTP/1.1 200 "), "{name}: {head}");
+            // Content-Length is the body the GET gets (RFC 9110 §8.6); none is sent.
+            assert_eq!(content_length(&head), get_body.len(), "{name}: {head}");
+            let (status, value, body) = one_response(&rest, header);
+            assert_eq!(status, 200, "{name} round {round}");
+            assert_eq!(body, get_body, "{name} round {round}");
+            if name == "headapp" {
+                assert!(head.contains("X-Method: HEAD\r\n"), "{head}");
+                assert_eq!(value.as_deref(), Some("GET"));
+            }
+        }
+    }
+    // An error answered to a HEAD has no body either (here the router's 405).
+    let (head, rest) = head_then_get(d.socket(), "/status");
+    assert!(head.starts_with("HTTP/1.1 405 "), "{head}");
+    assert!(content_length(&head) > 0, "{head}");
+    let (status, _, body) = one_response(&rest, "content-type");
+    assert_eq!(status, 200);
+    assert!(serde_json::from_slice::<Value>(&body).is_ok());
+}
+
+#[test]
+fn a_responded_answer_to_a_plain_invoke_is_refused() {
+    let env = require_root!();
+    let d = env.daemon();
+    // An HTTP app that answers every frame `responded`, with a status, headers and a
+    // body of its choice, whatever it was asked.
+    let app = r#"import sys
+
+# The runtime's instance module (the frame importing this one is in it): its
+# `serve` is replaced before it is called.
+_frame = sys._getframe()
+while "_recv_no_fds" not in _frame.f_globals:
+    _frame = _frame.f_back
+_runtime = _frame.f_globals
+
+def _serve(channel, handler):
+    while True:
+        header, _ = _runtime["_recv_no_fds"](channel)
+        channel.send({"op": "responded", "id": header.get("id"), "status": 299,
+                      "headers": [["X-Chosen", "by the instance"]]}, b"not JSON")
+
+_runtime["serve"] = _serve
+
+def app(environ, start_response):
+    start_response("200 OK", [])
+    return [b""]
+"#;
+    let dir = env.function("responder", &[("f.py", app)]);
+    d.register("responder", &dir, json!({}));
+    // Its answer to an http request is its to choose.
+    let r = d.request("GET", "/run/responder", None, b"");
+    assert_eq!(
+        (r.status, r.header("x-chosen")),
+        (299, Some("by the instance")),
+        "{}",
+        text(&r)
+    );
+    assert_eq!(r.body, b"not JSON");
+    // Not to an invoke: the JSON route's answer is the agent's.
+    let r = d.invoke("responder", "{}");
+    assert_eq!(r.status, 500, "{}", text(&r));
+    assert_eq!(r.header("x-chosen"), None);
+    let e = body_json(&r);
+    let message = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Responded"), "{e}");
+    assert!(
+        message.contains("responded answers only an http request"),
+        "{e}"
+    );
+}
+
+/// The agent's peak resident memory, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn an_ol_yaml_that_aliases_expand_is_refused_without_growing_the_agent() {
+    let env = require_root!();
+    let d = env.daemon();
+    // 64 KiB: one 32 KiB anchored value named by an alias in each of 2,500 or more
+    // variables, over 80 MiB once expanded.
+    let mut ol = format!("anchor: &b \"{}\"\nenvironment:\n", "x".repeat(32 << 10));
+    let mut i = 0;
+    while ol.len() + 20 < 64 << 10 {
+        ol.push_str(&format!("  V{i}: *b\n"));
+        i += 1;
+    }
+    let dir = env.function(
+        "bomb",
+        &[("f.py", "def f(e):\n    return e\n"), ("ol.yaml", &ol)],
+    );
+    let before = peak_rss_kib(d.pid());
+    let started = Instant::now();
+    let r = d.request(
+        "PUT",
+        "/functions/bomb",
+        Some("application/json"),
+        json!({"path": dir}).to_string().as_bytes(),
+    );
+    let took = started.elapsed();
+    assert_eq!(r.status, 400, "{}", text(&r));
+    let message = body_json(&r)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("ol.yaml in "), "{message}");
+    assert!(message.contains("aliases"), "{message}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let grown = peak_rss_kib(d.pid()).saturating_sub(before);
+    assert!(grown < 16 << 10, "the agent's peak RSS grew by {grown} KiB");
+    let r = d.request("GET", "/run/bomb", None, b"");
+    assert_eq!(r.status, 404, "nothing registered");
 }

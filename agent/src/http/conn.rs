@@ -15,6 +15,11 @@
 //! invocation's shared result from its mapping), in one vectored write per wake-up.
 //! While the server drains ([`Conn::drain`]), every response says
 //! `Connection: close`, and a request read behind the last one is answered 503.
+//!
+//! A response to `HEAD` is its head only, whatever made it (a function's or an HTTP
+//! app's answer, an error): its `Content-Length` is the length of the body it would
+//! have had (RFC 9110 §9.3.2, §8.6), and no body byte is written, so the next
+//! response on the connection starts where the client expects it.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -94,6 +99,9 @@ pub(super) struct Conn {
     close_after_write: bool,
     /// The server drains: responses say `Connection: close`.
     draining: bool,
+    /// The request being answered is a `HEAD`: its response is written without its
+    /// body. Set when a request head is read, cleared when its response is written.
+    head_only: bool,
 }
 
 enum State {
@@ -139,6 +147,7 @@ impl Conn {
             state: State::Head,
             close_after_write: false,
             draining: false,
+            head_only: false,
             abandon: Arc::new(Abandon::default()),
             changes: 0,
             watched: None,
@@ -253,7 +262,7 @@ impl Conn {
     /// Queues `reject` as the last response (behind output already begun: a
     /// `100 Continue`) and writes what the socket takes now.
     fn say_last(&mut self, reject: &Reject) {
-        self.queue(reject.reply().encode(Persist::Close));
+        self.respond(reject.reply(), Persist::Close);
         self.state = State::Writing;
         self.close_after_write = true;
         let _ = self.flush();
@@ -279,6 +288,7 @@ impl Conn {
                 State::Writing if self.close_after_write => return Life::Closed,
                 State::Writing => {
                     self.state = State::Head;
+                    self.head_only = false;
                     self.changes += 1;
                     if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_CAPACITY {
                         self.rbuf = Vec::new();
@@ -305,21 +315,6 @@ impl Conn {
         }
     }
 
-    /// Queues an encoded response and writes what it can.
-    pub fn on_reply(
-        &mut self,
-        bytes: Vec<u8>,
-        close: bool,
-        limits: &Limits,
-        submit: &mut dyn FnMut(Job) -> bool,
-    ) -> Life {
-        debug_assert!(matches!(self.state, State::Waiting));
-        self.queue(bytes);
-        self.close_after_write = close;
-        self.state = State::Writing;
-        self.drive(limits, submit)
-    }
-
     /// Queues the response to the request being handled (its body is not copied) and
     /// writes what it can. While the server drains it is the last: it says
     /// `Connection: close`, and a request read behind it is answered 503.
@@ -338,12 +333,16 @@ impl Conn {
             persist
         };
         self.queue(output.head(persist));
-        self.queue(output.body);
+        if !self.head_only {
+            self.queue(output.body);
+        }
         self.close_after_write = persist == Persist::Close;
         self.state = State::Writing;
         if cut_short && !self.rbuf.is_empty() {
             // A pipelined request the client expected to be served on this connection.
             self.rbuf.clear();
+            // Its head was not read (nor its method): it gets the body too, and the
+            // connection is closed after it.
             let reject = shutting_down("the server is shutting down".to_owned());
             self.queue(reject.reply().encode(Persist::Close));
         }
@@ -379,6 +378,7 @@ impl Conn {
             }
         };
         self.rbuf.drain(..len);
+        self.head_only = head.method == "HEAD";
         let span = debug_span!("http_request", method = %head.method, path = %head.path());
         let persist = head.persist();
         // The router judges the head before its body is read: a request it refuses
@@ -515,7 +515,11 @@ impl Conn {
     }
 
     fn respond(&mut self, reply: Reply, persist: Persist) {
-        self.queue(reply.encode(persist));
+        self.queue(if self.head_only {
+            reply.head(persist)
+        } else {
+            reply.encode(persist)
+        });
         self.close_after_write = persist == Persist::Close;
         self.state = State::Writing;
     }

@@ -16,7 +16,7 @@ use super::limits::Limits;
 use super::listener::Stream;
 use super::reply::Reply;
 use super::server::FIRST_CONN;
-use super::wire::Persist;
+use super::wire::{self, Chunked, Framing};
 
 /// Limits small enough that a fuzzer's inputs reach the 413 and 431 paths.
 pub const SMALL_LIMITS: (usize, usize) = (1024, 512);
@@ -36,8 +36,9 @@ pub struct Exchange {
 /// defaults, bits 0–6 the size of each write (0: all at once); the rest is what the
 /// client sends, after which it shuts down its side. `Err` names the broken rule: a
 /// response that is not well-formed HTTP/1.1 with an exact `Content-Length`, an
-/// error (4xx/5xx) without a JSON `{"error": {"kind", "message"}}` body, bytes after
-/// a `Connection: close` response, or a connection that never ends.
+/// error (4xx/5xx) without a JSON `{"error": {"kind", "message"}}` body, a response
+/// to `HEAD` with body bytes, bytes after a `Connection: close` response, or a
+/// connection that never ends.
 #[doc(hidden)]
 pub fn exchange(input: &[u8]) -> Result<Exchange, String> {
     let (control, data) = input.split_first().unwrap_or((&0, &[]));
@@ -94,7 +95,7 @@ pub fn exchange(input: &[u8]) -> Result<Exchange, String> {
         return Err("the connection did not close after the client shut down".to_owned());
     }
     read_all(&mut client, &mut got);
-    let responses = check_responses(&got)?;
+    let responses = check_responses(&got, &head_requests(data, &limits))?;
     if responses.len() < handled {
         return Err(format!(
             "{handled} requests were handled but {} responses came back",
@@ -115,8 +116,8 @@ fn pump(conn: &mut Option<Conn>, limits: &Limits, handled: &mut usize) {
     });
     while let Some(job) = jobs.pop() {
         *handled += 1;
-        let (bytes, close) = answer(job);
-        life = c.on_reply(bytes, close, limits, &mut |job| {
+        let persist = job.persist;
+        life = c.on_output(answer(job).into(), persist, limits, &mut |job| {
             jobs.push(job);
             true
         });
@@ -127,18 +128,45 @@ fn pump(conn: &mut Option<Conn>, limits: &Limits, handled: &mut usize) {
 }
 
 /// The fake handler: names the request it got.
-fn answer(job: Job) -> (Vec<u8>, bool) {
+fn answer(job: Job) -> Reply {
     let request = format!("{:?}", job.dispatch.request);
     let kind = request
         .split(|c: char| !c.is_alphanumeric())
         .next()
         .unwrap_or_default();
-    let reply = Reply {
+    Reply {
         status: 200,
         headers: Vec::new(),
         body: serde_json::to_vec(&serde_json::json!({ "request": kind })).unwrap_or_default(),
-    };
-    (reply.encode(job.persist), job.persist == Persist::Close)
+    }
+}
+
+/// Which of the requests in `data` are `HEAD`s, in order (one response each, after
+/// any `100 Continue`), as far as the requests can be told apart: up to the first
+/// that is malformed, refused with its connection, or not complete.
+fn head_requests(data: &[u8], limits: &Limits) -> Vec<bool> {
+    let mut heads = Vec::new();
+    let mut rest = data.to_vec();
+    while let Ok(Some((len, head))) = wire::parse_head(&rest, limits.max_head) {
+        heads.push(head.method == "HEAD");
+        rest.drain(..len);
+        match head.framing {
+            Framing::Length(n) if n <= rest.len() as u64 && n <= limits.max_body as u64 => {
+                rest.drain(..n as usize);
+            }
+            Framing::Length(_) => break,
+            Framing::Chunked => {
+                let mut body = Chunked::default();
+                if !matches!(
+                    body.feed(&mut rest, limits.max_head, limits.max_body),
+                    Ok(true)
+                ) {
+                    break;
+                }
+            }
+        }
+    }
+    heads
 }
 
 fn read_all(client: &mut UnixStream, got: &mut Vec<u8>) {
@@ -153,8 +181,9 @@ fn read_all(client: &mut UnixStream, got: &mut Vec<u8>) {
     }
 }
 
-/// Splits what the client read into responses and checks each.
-fn check_responses(mut got: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+/// Splits what the client read into responses and checks each; `heads` says which
+/// requests were `HEAD`s, whose responses have no body.
+fn check_responses(mut got: &[u8], heads: &[bool]) -> Result<Vec<(u16, Vec<u8>)>, String> {
     let mut responses = Vec::new();
     while !got.is_empty() {
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -180,13 +209,16 @@ fn check_responses(mut got: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
             got = &got[head..];
             continue;
         }
-        let len: usize = header("content-length")
+        let announced: usize = header("content-length")
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("a {status} response has no Content-Length"))?;
+        // A HEAD's response is its head: what follows is the next response.
+        let head_only = heads.get(responses.len()).copied().unwrap_or(false);
+        let len = if head_only { 0 } else { announced };
         let body = got
             .get(head..head + len)
             .ok_or_else(|| format!("a {status} response's body is cut short"))?;
-        if status >= 400 {
+        if status >= 400 && !head_only {
             check_error_body(status, body)?;
         }
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
@@ -275,12 +307,36 @@ mod tests {
 
     #[test]
     fn a_checker_catches_a_broken_response() {
-        assert!(check_responses(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
-        assert!(check_responses(b"HTTP/1.1 400 Bad\r\nContent-Length: 2\r\n\r\n{}").is_err());
+        assert!(check_responses(b"HTTP/1.1 200 OK\r\n\r\n", &[]).is_err());
+        assert!(check_responses(b"HTTP/1.1 400 Bad\r\nContent-Length: 2\r\n\r\n{}", &[]).is_err());
         assert!(check_responses(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\nHTTP/1.1"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\nHTTP/1.1",
+            &[]
         )
         .is_err());
-        assert!(check_responses(b"").unwrap().is_empty());
+        assert!(check_responses(b"", &[]).unwrap().is_empty());
+        // A HEAD's response with a body: the body is read as the next response.
+        let with_body = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert!(check_responses(with_body, &[false]).is_ok());
+        assert!(check_responses(with_body, &[true]).is_err());
+    }
+
+    #[test]
+    fn a_head_is_answered_without_a_body_and_the_next_request_after_it() {
+        // Handled (HEAD /run), refused by the router (HEAD /status is GET only) and
+        // refused for its path: each answered with its head alone, on one connection.
+        let three = "HEAD /run/f HTTP/1.1\r\n\r\nHEAD /status HTTP/1.1\r\n\r\nHEAD /run/%zz HTTP/1.1\r\n\r\nGET /status HTTP/1.1\r\n\r\n";
+        for control in [0, 1, 5] {
+            let ex = run(control, three);
+            assert_eq!(ex.handled, 2, "writes of {control}: {ex:?}");
+            let statuses: Vec<u16> = ex.responses.iter().map(|r| r.0).collect();
+            assert_eq!(statuses, [200, 405, 400, 200], "writes of {control}");
+            assert!(ex.responses[..3].iter().all(|r| r.1.is_empty()), "{ex:?}");
+            assert!(String::from_utf8_lossy(&ex.responses[3].1).contains("Status"));
+        }
+        assert_eq!(
+            head_requests(three.as_bytes(), &Limits::default()),
+            [true, true, true, false]
+        );
     }
 }

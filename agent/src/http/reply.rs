@@ -105,15 +105,21 @@ impl Reply {
 
     /// The response's bytes: status line, headers and body.
     pub fn encode(&self, persist: Persist) -> Vec<u8> {
-        let mut out = wire::encode_head(
+        let mut out = self.head(persist);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// The status line and headers alone (the answer to a `HEAD`): `Content-Length`
+    /// is still the body's.
+    pub fn head(&self, persist: Persist) -> Vec<u8> {
+        wire::encode_head(
             self.status,
             CONTENT_TYPE,
             self.body.len(),
             persist,
             &self.headers,
-        );
-        out.extend_from_slice(&self.body);
-        out
+        )
     }
 }
 

@@ -6,7 +6,14 @@
 //! The file is read bounded ([`MAX_OL_YAML`]) and checked whole at registration: a
 //! file that is not YAML, or a key of the wrong type, is refused naming the file,
 //! the line and the key; so is an environment over its bounds ([`check_env`]).
+//!
+//! YAML aliases (`*name`) repeat the node they name (`&name`), so a small file can
+//! stand for a large one (one 32 KiB anchored value referenced 3,600 times in 64 KiB
+//! is 115 MiB): the text the parse keeps (names, values, methods) is counted as it is
+//! made, and a file whose text comes to more than [`MAX_OL_YAML_TEXT`] is refused
+//! before more is made. Ignored keys cost nothing: their aliases are not followed.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
@@ -21,6 +28,30 @@ pub const OL_YAML: &str = "ol.yaml";
 
 /// The largest `ol.yaml` read.
 pub const MAX_OL_YAML: u64 = 64 << 10;
+
+/// Most bytes of text (variable names and values, methods) an `ol.yaml`'s parse may
+/// make: four times the file, which only aliases repeating a value go past.
+pub const MAX_OL_YAML_TEXT: usize = 4 * MAX_OL_YAML as usize;
+
+thread_local! {
+    /// Bytes of text the `ol.yaml` being parsed on this thread may still make
+    /// ([`parse`] sets it; [`take_text`] counts it down).
+    static TEXT_LEFT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Counts `len` bytes of text against the parse's [`MAX_OL_YAML_TEXT`].
+fn take_text<E: de::Error>(len: usize) -> Result<(), E> {
+    TEXT_LEFT.with(|left| match left.get().checked_sub(len) {
+        Some(rest) => {
+            left.set(rest);
+            Ok(())
+        }
+        None => Err(E::custom(format!(
+            "the file's names and values come to more than {MAX_OL_YAML_TEXT} bytes \
+             (YAML aliases, *name, repeat what they name)"
+        ))),
+    })
+}
 
 /// Most variables an `environment` may hold.
 pub const MAX_ENV_VARS: usize = 256;
@@ -56,7 +87,7 @@ pub struct OlConfig {
 #[derive(Deserialize, Default)]
 struct File {
     #[serde(default)]
-    environment: Option<BTreeMap<String, Scalar>>,
+    environment: Option<BTreeMap<Text, Scalar>>,
     #[serde(default)]
     triggers: Option<Triggers>,
 }
@@ -69,12 +100,41 @@ struct Triggers {
 
 #[derive(Deserialize)]
 struct HttpTrigger {
-    method: String,
+    method: Text,
+}
+
+/// A YAML string, counted against [`MAX_OL_YAML_TEXT`].
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                take_text(v.len())?;
+                Ok(Text(v.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// A YAML scalar as its text: `DEBUG: true` and `PORT: 8080` are the strings
-/// `"true"` and `"8080"`, as OpenLambda's Go decoder makes them.
+/// `"true"` and `"8080"`, as OpenLambda's Go decoder makes them. Counted against
+/// [`MAX_OL_YAML_TEXT`].
 struct Scalar(String);
+
+impl Scalar {
+    fn counted<E: de::Error>(text: String) -> Result<Scalar, E> {
+        take_text(text.len())?;
+        Ok(Scalar(text))
+    }
+}
 
 impl<'de> Deserialize<'de> for Scalar {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
@@ -85,19 +145,21 @@ impl<'de> Deserialize<'de> for Scalar {
                 f.write_str("a string, number or boolean")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                // Counted before it is copied.
+                take_text(v.len())?;
                 Ok(Scalar(v.to_owned()))
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
+                Scalar::counted(v.to_string())
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
+                Scalar::counted(v.to_string())
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
+                Scalar::counted(v.to_string())
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
+                Scalar::counted(v.to_string())
             }
         }
         d.deserialize_any(V)
@@ -117,7 +179,10 @@ pub fn read(dir: &Path) -> Result<OlConfig, Error> {
 /// Parses and checks the text of an `ol.yaml`; the error says what is wrong and where.
 pub fn parse(text: &str) -> Result<OlConfig, String> {
     // An empty file (or one of comments) is an empty configuration.
-    let file: File = match serde_norway::from_str::<Option<File>>(text) {
+    TEXT_LEFT.with(|left| left.set(MAX_OL_YAML_TEXT));
+    let file = serde_norway::from_str::<Option<File>>(text);
+    TEXT_LEFT.with(|left| left.set(0));
+    let file: File = match file {
         Ok(file) => file.unwrap_or_default(),
         Err(e) => return Err(yaml_error(&e)),
     };
@@ -125,7 +190,7 @@ pub fn parse(text: &str) -> Result<OlConfig, String> {
         .environment
         .unwrap_or_default()
         .into_iter()
-        .map(|(k, Scalar(v))| (k, v))
+        .map(|(Text(k), Scalar(v))| (k, v))
         .collect();
     check_env(&environment)?;
     let http_methods = match file.triggers.and_then(|t| t.http) {
@@ -134,7 +199,7 @@ pub fn parse(text: &str) -> Result<OlConfig, String> {
             let mut methods: Vec<String> = Vec::with_capacity(triggers.len());
             let mut all = false;
             for (i, t) in triggers.iter().enumerate() {
-                let m = t.method.trim();
+                let m = t.method.0.trim();
                 if m == "*" {
                     all = true;
                     continue;
@@ -142,7 +207,7 @@ pub fn parse(text: &str) -> Result<OlConfig, String> {
                 if m.is_empty() || m.len() > 32 || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
                     return Err(format!(
                         "triggers.http[{i}].method {:?} is not an HTTP method (letters, or \"*\" for every method)",
-                        t.method
+                        t.method.0
                     ));
                 }
                 let m = m.to_ascii_uppercase();
@@ -324,6 +389,55 @@ mod tests {
         for bad in ["app", "../x.py", "/abs.py", "a b.py", ".py", "1a.py"] {
             assert!(entry_handler(&env(bad)).is_err(), "{bad}");
         }
+    }
+
+    /// An `ol.yaml` of 64 KiB whose 32 KiB anchored value is named by an alias in
+    /// each of its 2,500 or more variables (over 80 MiB of values once expanded).
+    fn alias_bomb() -> String {
+        let mut text = format!("anchor: &b \"{}\"\nenvironment:\n", "x".repeat(32 << 10));
+        let mut i = 0;
+        while text.len() + 20 < MAX_OL_YAML as usize {
+            text.push_str(&format!("  V{i}: *b\n"));
+            i += 1;
+        }
+        assert!(i > 2_500, "{i} aliases");
+        text
+    }
+
+    #[test]
+    fn aliases_cannot_make_more_text_than_the_bound() {
+        let started = std::time::Instant::now();
+        let e = parse(&alias_bomb()).unwrap_err();
+        assert!(
+            e.contains(&format!("more than {MAX_OL_YAML_TEXT} bytes")),
+            "{e}"
+        );
+        assert!(e.contains("aliases"), "{e}");
+        assert!(e.starts_with("line "), "{e}");
+        // Refused after a few values, not after 115 MiB of them.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // Through a method, too.
+        let methods = format!(
+            "m: &m \"{}\"\ntriggers:\n  http:\n{}",
+            "G".repeat(30 << 10),
+            "    - method: *m\n".repeat(100)
+        );
+        assert!(parse(&methods).unwrap_err().contains("aliases"));
+        // A few aliases within the bound are YAML as usual; ignored keys cost nothing.
+        let c = parse("x: &v hello\nenvironment:\n  A: *v\n  B: *v\n").unwrap();
+        assert_eq!(
+            (c.environment["A"].as_str(), c.environment["B"].as_str()),
+            ("hello", "hello")
+        );
+        let ignored = alias_bomb().replace("environment:", "ignored:");
+        assert_eq!(parse(&ignored).unwrap(), OlConfig::default());
+        // The bound starts afresh with each file.
+        let c = parse(&format!(
+            "environment:\n  A: {}\n",
+            "y".repeat(MAX_ENV_VALUE)
+        ))
+        .unwrap();
+        assert_eq!(c.environment["A"].len(), MAX_ENV_VALUE);
     }
 
     #[test]

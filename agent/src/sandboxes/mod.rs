@@ -486,6 +486,7 @@ impl Sandboxes {
             called: false,
             oom,
             http: None,
+            http_pending: false,
         })
     }
 

@@ -1608,7 +1608,7 @@ class HttpAppTest(unittest.TestCase):
         request = dict(self.REQUEST, path="", method="HEAD")
         reply, body = http_app.serve_one("asgi", app, runner, request, b"")
         self.assertEqual(seen["scope"]["path"], "/run/f/")
-        self.assertEqual(body, b"", "HEAD has no body")
+        self.assertEqual(body, b"hi\n", "HEAD's body is the agent's to drop (its length is sent)")
 
         async def silent(scope, receive, send):
             pass
