@@ -53,7 +53,7 @@ pub struct PoolConfig {
 }
 
 /// The default of `--package-zygotes-mb`.
-pub const DEFAULT_PACKAGE_ZYGOTES_MB: u64 = 512;
+pub const DEFAULT_PACKAGE_ZYGOTES_MB: u64 = 1024;
 
 /// How the pool makes a new sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
