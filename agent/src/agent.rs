@@ -121,19 +121,13 @@ impl Agent {
             Some(data) => data.packages(),
             None => config.package_cache.clone(),
         };
-        let packages = Arc::new(
-            crate::packages::Packages::open(
-                &package_cache,
-                Box::new(crate::sandboxes::SandboxInstaller(sandboxes.clone())),
-                config.install_limits,
-                config.package_sources.clone(),
-                sandboxes.agent_id(),
-            )
-            .map_err(|source| Error::Packages {
-                function: String::new(),
-                source: Box::new(source),
-            })?,
-        );
+        let packages = Arc::new(crate::packages::Packages::open(
+            &package_cache,
+            Box::new(crate::sandboxes::SandboxInstaller(sandboxes.clone())),
+            config.install_limits,
+            config.package_sources.clone(),
+            sandboxes.agent_id(),
+        ));
         let registry = Arc::new(Registry::new(config.clone(), uploads, packages.clone()));
         let scheduler = Arc::new(Scheduler::default());
         let runs = Arc::new(Runs::default());
@@ -315,9 +309,7 @@ impl Agent {
                     .packages()
                     .list(&users)
                     .map_err(packages_err)?;
-                Ok(Response::Packages(
-                    listed.into_iter().map(package_info).collect(),
-                ))
+                Ok(Response::Packages(listed))
             }
             Request::CollectPackages => {
                 // In use: what registered functions, live sandboxes (a retired
@@ -341,17 +333,7 @@ impl Agent {
                     .remove_unused(in_use)
                     .map_err(packages_err)?;
                 tracing::info!(removed = removed.len(), "unused packages removed");
-                Ok(Response::Packages(
-                    removed
-                        .into_iter()
-                        .map(|entry| {
-                            package_info(crate::packages::Listed {
-                                entry,
-                                users: Vec::new(),
-                            })
-                        })
-                        .collect(),
-                ))
+                Ok(Response::Packages(removed))
             }
             Request::RegisterWorkflow {
                 namespace,
@@ -507,26 +489,5 @@ impl crate::transport::Handle for Agent {
 }
 
 fn packages_err(source: crate::packages::Error) -> Error {
-    Error::Packages {
-        function: String::new(),
-        source: Box::new(source),
-    }
-}
-
-fn package_info(listed: crate::packages::Listed) -> ipc::api::PackageInfo {
-    let e = listed.entry;
-    ipc::api::PackageInfo {
-        kind: match e.kind {
-            crate::packages::Kind::Python => "python",
-            crate::packages::Kind::Npm => "npm",
-        }
-        .to_owned(),
-        key: e.key,
-        name: e.name,
-        version: e.version,
-        sha256: e.sha256,
-        modules: e.modules,
-        bytes: e.bytes,
-        users: listed.users,
-    }
+    Error::PackageCache(Box::new(source))
 }

@@ -65,6 +65,10 @@ pub enum Error {
         #[source]
         source: Box<crate::packages::Error>,
     },
+    /// Listing or collecting the node's package cache (`GET /packages`, `POST
+    /// /packages/gc`).
+    #[error("the package cache")]
+    PackageCache(#[source] Box<crate::packages::Error>),
     #[error("unpack function archive into {path}")]
     Unpack {
         path: PathBuf,
@@ -294,12 +298,16 @@ impl Error {
             | InstanceDied { .. } => ErrorKind::Function,
             Timeout { .. } => ErrorKind::Timeout,
             Packages { source, .. } if source.is_bad_request() => ErrorKind::BadRequest,
+            Packages { source, .. } if matches!(**source, crate::packages::Error::Busy(_)) => {
+                ErrorKind::Unavailable
+            }
             Spawn { .. }
             | Protocol { .. }
             | Pool(_)
             | State { .. }
             | DataDir(_)
-            | Packages { .. } => ErrorKind::Internal,
+            | Packages { .. }
+            | PackageCache(_) => ErrorKind::Internal,
             ShuttingDown => ErrorKind::Unavailable,
         }
     }
@@ -327,6 +335,9 @@ impl Error {
             | HandlerOutsideDir { .. }
             | Unpack { .. } => "invalid_function",
             Packages { source, .. } if source.is_bad_request() => "package_error",
+            Packages { source, .. } if matches!(**source, crate::packages::Error::Busy(_)) => {
+                "unavailable"
+            }
             NotFound { .. } => "not_found",
             LoadFailed { .. } => "load_error",
             Handler { .. } => "handler_error",
@@ -339,7 +350,8 @@ impl Error {
             | Pool(_)
             | State { .. }
             | DataDir(_)
-            | Packages { .. } => "internal",
+            | Packages { .. }
+            | PackageCache(_) => "internal",
             ShuttingDown => "unavailable",
         }
     }
@@ -400,6 +412,33 @@ mod tests {
         }
         assert_eq!(ErrorKind::from_http_status(413), ErrorKind::BadRequest);
         assert_eq!(ErrorKind::from_http_status(501), ErrorKind::Internal);
+    }
+
+    #[test]
+    fn package_errors_are_the_registrations_fault_unless_the_node_failed_or_was_busy() {
+        let of = |source| Error::Packages {
+            function: "default/f".into(),
+            source: Box::new(source),
+        };
+        let refused = of(crate::packages::Error::Manifest("x".into()));
+        assert_eq!(
+            (refused.kind(), refused.name()),
+            (ErrorKind::BadRequest, "package_error")
+        );
+        let busy = of(crate::packages::Error::Busy(
+            std::time::Duration::from_secs(1),
+        ));
+        assert_eq!(
+            (busy.kind(), busy.name()),
+            (ErrorKind::Unavailable, "unavailable")
+        );
+        let broken = of(crate::packages::Error::Sandbox("spawner died".into()));
+        assert_eq!(
+            (broken.kind(), broken.name()),
+            (ErrorKind::Internal, "internal")
+        );
+        let cache = Error::PackageCache(Box::new(crate::packages::Error::Sandbox("x".into())));
+        assert_eq!(cache.to_string(), "the package cache");
     }
 
     #[test]

@@ -190,26 +190,7 @@ pub(crate) fn io_err(
     move |source| Error::Io { op, path, source }
 }
 
-/// For tests that need root (sandboxes, real cgroups).
+/// For tests that need root (sandboxes, real cgroups); the integration tests include
+/// the same file.
 #[cfg(test)]
-pub(crate) mod test_support {
-    /// Whether this test can run: as root. Otherwise it says so and the test
-    /// returns; under `CI` (any value but empty, `0`, `false`, `no`) it fails instead.
-    pub(crate) fn root_or_skip(test: &str) -> bool {
-        if nix::unistd::Uid::effective().is_root() {
-            return true;
-        }
-        let ci = std::env::var("CI").is_ok_and(|v| {
-            !matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "" | "0" | "false" | "no"
-            )
-        });
-        assert!(
-            !ci,
-            "{test}: needs root (CI is set: a skipped test is a failure)"
-        );
-        eprintln!("*** SKIPPED {test}: not running as root");
-        false
-    }
-}
+pub(crate) mod test_support;

@@ -56,6 +56,22 @@ pub struct Entry {
     pub bytes: u64,
 }
 
+impl Entry {
+    /// As `GET /packages` shows it, with the functions (`namespace/name`) using it.
+    pub fn info(self, users: Vec<String>) -> ipc::api::PackageInfo {
+        ipc::api::PackageInfo {
+            kind: self.kind.dir().to_owned(),
+            key: self.key,
+            name: self.name,
+            version: self.version,
+            sha256: self.sha256,
+            modules: self.modules,
+            bytes: self.bytes,
+            users,
+        }
+    }
+}
+
 /// Most files one package may hold; more is refused as a failed install.
 const MAX_ENTRIES: usize = 200_000;
 /// Deepest directory nesting accepted in a package.

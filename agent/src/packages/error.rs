@@ -47,8 +47,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the registration was at fault (400), not the node (500).
+    /// Whether the registration was at fault (400), not the node (500, or 503 when
+    /// it was only busy: [`Error::Busy`]).
     pub fn is_bad_request(&self) -> bool {
-        !matches!(self, Error::Cache { .. } | Error::Sandbox(_))
+        !matches!(
+            self,
+            Error::Cache { .. } | Error::Sandbox(_) | Error::Busy(_)
+        )
     }
 }

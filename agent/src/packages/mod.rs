@@ -362,26 +362,18 @@ impl Drop for WorkDir {
     }
 }
 
-/// What `GET /packages` lists of one cached package.
-#[derive(Debug, Clone, Serialize)]
-pub struct Listed {
-    #[serde(flatten)]
-    pub entry: Entry,
-    /// Registered functions that use it (`namespace/name`).
-    pub users: Vec<String>,
-}
-
 impl Packages {
-    /// The cache at `root` (made if missing; what a crashed install left is
-    /// removed), installing through `installer` from `sources`.
+    /// The cache at `root`, installing through `installer` from `sources`. Nothing is
+    /// touched on disk until the first install (the cache is made then, and what a
+    /// crashed install left removed).
     pub fn open(
         root: &Path,
         installer: Box<dyn Installer>,
         limits: InstallLimits,
         sources: Sources,
         tag: &str,
-    ) -> Result<Packages, Error> {
-        Ok(Packages {
+    ) -> Packages {
+        Packages {
             cache: Cache::open(root),
             made: Mutex::new(false),
             installer,
@@ -394,7 +386,7 @@ impl Packages {
             next_work: AtomicU64::new(1),
             installed: AtomicU64::new(0),
             hits: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -689,18 +681,21 @@ impl Packages {
 
     /// Every cached package, with the functions (of `users`: each function's
     /// `namespace/name` and its keys) that use it.
-    pub fn list(&self, users: &[(String, Vec<String>)]) -> Result<Vec<Listed>, Error> {
+    pub fn list(
+        &self,
+        users: &[(String, Vec<String>)],
+    ) -> Result<Vec<ipc::api::PackageInfo>, Error> {
         Ok(self
             .cache
             .list()?
             .into_iter()
-            .map(|entry| Listed {
-                users: users
+            .map(|entry| {
+                let of = users
                     .iter()
                     .filter(|(_, keys)| keys.contains(&entry.key))
                     .map(|(f, _)| f.clone())
-                    .collect(),
-                entry,
+                    .collect();
+                entry.info(of)
             })
             .collect())
     }
@@ -716,7 +711,7 @@ impl Packages {
     pub fn remove_unused(
         &self,
         in_use: impl FnOnce() -> std::collections::HashSet<String>,
-    ) -> Result<Vec<Entry>, Error> {
+    ) -> Result<Vec<ipc::api::PackageInfo>, Error> {
         let _alone = self.collecting.write();
         let in_use = in_use();
         let mut removed = Vec::new();
@@ -731,7 +726,7 @@ impl Packages {
             let outcome = self.cache.remove(entry.kind, &entry.key);
             claim.finish(Ok(()));
             outcome?;
-            removed.push(entry);
+            removed.push(entry.info(Vec::new()));
         }
         Ok(removed)
     }

@@ -813,6 +813,11 @@ impl Sandboxes {
 
     /// The live package zygote that serves `function` with the most packages.
     pub fn package_zygote_for(&self, function: &Function) -> Option<Arc<ZygoteTag>> {
+        // Asked at every acquire, warm ones too: a function without Python packages
+        // (most) costs one test.
+        if function.runtime != Runtime::Python || function.deps.is_empty() {
+            return None;
+        }
         self.packages.as_ref()?.best_for(function)
     }
 

@@ -119,10 +119,11 @@ impl PackageForks {
     pub(super) fn best_for(&self, function: &Function) -> Option<Arc<ZygoteTag>> {
         // Not under the servers' lock: `is_up` waits for a fork in progress (and
         // one starting is not asked: its start holds that lock).
+        // Only the zygotes that could serve it are asked whether they are up.
         let servers = self.ready();
         let up: Vec<&Arc<ZygoteTag>> = servers
             .iter()
-            .filter(|s| s.fork.is_up())
+            .filter(|s| s.tag.serves(function) && s.fork.is_up())
             .map(|s| &s.tag)
             .collect();
         crate::zygotes::best(up, function).cloned()

@@ -9,23 +9,9 @@ use std::time::Duration;
 use pool::{Cgroups, Spawner, StateDir};
 use rootfs::{Limits, Skeleton};
 
-fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| {
-        !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "false" | "no"
-        )
-    });
-    assert!(
-        !ci,
-        "{test}: needs root (CI is set: a skipped test is a failure)"
-    );
-    eprintln!("*** SKIPPED {test}: not running as root");
-    false
-}
+#[path = "../test_support.rs"]
+mod test_support;
+use test_support::root_or_skip;
 
 /// One agent at a time: an agent's cgroup is named after the process (this test
 /// binary), so two at once would share it, and one's end would kill the other's.
