@@ -312,6 +312,31 @@ impl Error {
         }
     }
 
+    /// The activation status this error gives an invocation's record (OpenWhisk's
+    /// meaning): the function's own error is an application error; the function
+    /// failing as a program (timeout, out of memory, a crash, a load failure, a result
+    /// that is not one) a developer error; a request refused before it ran (bad input,
+    /// no such function, no room) and sprout's own failures an internal error.
+    pub fn activation_status(&self) -> ipc::api::ActivationStatus {
+        use ipc::api::ActivationStatus as S;
+        use Error::*;
+        match self {
+            Workflow { source, .. } => source.activation_status(),
+            Handler { .. } => S::ApplicationError,
+            LoadFailed { .. }
+            | OutOfMemory { .. }
+            | BadResult { .. }
+            | InstanceDied { .. }
+            | BytesResult { .. }
+            | ResultTooLarge { .. }
+            | BadHttpResponse { .. }
+            | CallFailed { .. }
+            | Timeout { .. }
+            | WorkflowTimeout { .. } => S::ActionDeveloperError,
+            _ => S::WhiskInternalError,
+        }
+    }
+
     /// The stable name of this error in API bodies.
     pub fn name(&self) -> &'static str {
         use Error::*;

@@ -176,6 +176,53 @@ pub struct Logs {
     pub truncated: bool,
 }
 
+/// How an activation ended: OpenWhisk's four statuses, with its codes (0–3) and the
+/// names its `statusForCode` gives them, which are also the serde names.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationStatus {
+    /// The function returned a result.
+    Success,
+    /// The function reported an error of its own (raised, or answered one).
+    ApplicationError,
+    /// The function failed as a program: it timed out, ran out of memory, crashed,
+    /// failed to load or answered something that is not a result.
+    ActionDeveloperError,
+    /// sprout failed, or the activation was lost with the agent (a crash).
+    WhiskInternalError,
+}
+
+impl ActivationStatus {
+    /// Every status, by code.
+    pub const ALL: [ActivationStatus; 4] = [
+        ActivationStatus::Success,
+        ActivationStatus::ApplicationError,
+        ActivationStatus::ActionDeveloperError,
+        ActivationStatus::WhiskInternalError,
+    ];
+
+    /// OpenWhisk's status code: 0 success, 1 application error, 2 developer error,
+    /// 3 internal error.
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The status of an OpenWhisk code, if it is one.
+    pub fn from_code(code: u8) -> Option<ActivationStatus> {
+        ActivationStatus::ALL.get(code as usize).copied()
+    }
+
+    /// OpenWhisk's name of the status (`statusForCode`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ActivationStatus::Success => "success",
+            ActivationStatus::ApplicationError => "application_error",
+            ActivationStatus::ActionDeveloperError => "action_developer_error",
+            ActivationStatus::WhiskInternalError => "whisk_internal_error",
+        }
+    }
+}
+
 /// Body of an invoke with `?logs=true`: the result and what the function printed.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct InvocationRecord {
@@ -279,6 +326,21 @@ pub struct NamespaceStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activation_statuses_have_openwhisks_codes_and_names() {
+        for (code, status) in ActivationStatus::ALL.into_iter().enumerate() {
+            assert_eq!(status.code() as usize, code);
+            assert_eq!(ActivationStatus::from_code(code as u8), Some(status));
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+        }
+        assert_eq!(ActivationStatus::from_code(4), None);
+        assert_eq!(
+            ActivationStatus::WhiskInternalError.as_str(),
+            "whisk_internal_error"
+        );
+    }
 
     #[test]
     fn names_are_percent_encoded_into_paths() {
