@@ -11,6 +11,8 @@
 //! | [`Book`] | each sandbox's invocation session, calls in flight, call connections |
 //! | [`Invoker`] | nothing locked: invoke, complete, release, retire, destroy, the warm path |
 //! | [`Policy`] | which package zygotes to keep: demand per package set, the budget |
+//! | [`Admission`] | per-namespace limits: invocations in flight and per minute |
+//! | [`Metrics`] | what the node counts: invocations, usage, latencies, refusals |
 //!
 //! **Lock order.** A lock is only taken while holding locks above it in this list:
 //!
@@ -20,6 +22,8 @@
 //! 4. `Registry::functions` (taken under 3 by `Runs::callees_current`)
 //!
 //! Leaves, under which no other component's lock is taken: `Registry::workflows`,
+//! the admission's locks (its namespace map, then one namespace's window), the
+//! metrics' maps,
 //! the package zygote policy's lock, the package fork servers' own locks,
 //! `Runs::runs`, the call book's lock, a queued request's `Slot` (given under 2), and
 //! a `Cancel`'s (fired under `Runs::runs`, the book's lock, or asked from a `Slot`
@@ -35,11 +39,13 @@ use ipc::api::{FunctionInfo, NamespaceStatus, Status};
 use parking_lot::Mutex;
 use pool::CgroupVersion;
 
+use crate::admission::{Admission, Ticket};
 use crate::calls::book::Book;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::Error;
 use crate::invoke::Invoker;
+use crate::metrics::{Gauges, Metrics, SandboxStates};
 use crate::names::{validate_namespace, FunctionKey};
 use crate::registry::{remove_owned_dir, Registry};
 use crate::request::{Request, Response};
@@ -61,6 +67,8 @@ pub struct Agent {
     runs: Arc<Runs>,
     book: Arc<Book>,
     invoker: Arc<Invoker>,
+    admission: Admission,
+    metrics: Arc<Metrics>,
     started: Instant,
     /// What outlives the process; locked while the agent runs (taken by shutdown).
     data: Mutex<Option<DataDir>>,
@@ -129,7 +137,9 @@ impl Agent {
             sandboxes.agent_id(),
         ));
         let registry = Arc::new(Registry::new(config.clone(), uploads, packages.clone()));
-        let scheduler = Arc::new(Scheduler::default());
+        let scheduler = Arc::new(Scheduler::new(config.max_queue));
+        let metrics = Arc::new(Metrics::new());
+        let admission = Admission::new(config.namespace_limits.clone(), metrics.clone());
         let runs = Arc::new(Runs::default());
         let book = Arc::new(Book::default());
         let zygotes = Arc::new(Policy::new(
@@ -156,6 +166,7 @@ impl Agent {
             runs.clone(),
             book.clone(),
             zygotes.clone(),
+            metrics.clone(),
         ));
         let manager = if config.keep_warm {
             let (scheduler, sandboxes, invoker) =
@@ -198,6 +209,8 @@ impl Agent {
             runs,
             book,
             invoker,
+            admission,
+            metrics,
             started: Instant::now(),
             data: Mutex::new(data),
             manager: Mutex::new(manager),
@@ -289,19 +302,28 @@ impl Agent {
                 namespace,
                 name,
                 event,
-            } => self
-                .invoker
-                .invoke(&FunctionKey::new(&namespace, &name)?, event, abandon)
-                .map(Response::Invoked),
+            } => {
+                let key = FunctionKey::new(&namespace, &name)?;
+                let _ticket = self.admit(&key)?;
+                self.invoker
+                    .invoke(&key, event, abandon)
+                    .map(Response::Invoked)
+            }
             Request::Run {
                 namespace,
                 name,
                 run,
-            } => self
-                .invoker
-                .run(&FunctionKey::new(&namespace, &name)?, &run, abandon)
-                .map(Response::Invoked),
+            } => {
+                let key = FunctionKey::new(&namespace, &name)?;
+                let _ticket = self.admit(&key)?;
+                self.invoker.run(&key, &run, abandon).map(Response::Invoked)
+            }
             Request::Status => Ok(Response::Status(self.status())),
+            Request::Usage { namespace } => {
+                validate_namespace(&namespace)?;
+                Ok(Response::Usage(self.metrics.usage(&namespace)))
+            }
+            Request::Metrics => Ok(Response::Metrics(self.metrics.encode(self.gauges()))),
             Request::ListPackages => {
                 let users = self.package_users();
                 let listed = self
@@ -357,14 +379,60 @@ impl Agent {
                 namespace,
                 name,
                 input,
-            } => crate::workflow::run(
-                &self.invoker,
-                &self.registry,
-                &self.config,
-                &FunctionKey::new(&namespace, &name)?,
-                &input,
-            )
-            .map(Response::WorkflowRan),
+            } => {
+                // One run is one admission: its steps are not admitted again.
+                let key = FunctionKey::new(&namespace, &name)?;
+                let _ticket = self.admit(&key)?;
+                crate::workflow::run(&self.invoker, &self.registry, &self.config, &key, &input)
+                    .map(Response::WorkflowRan)
+            }
+        }
+    }
+
+    /// Admits a client's invocation of `key` (or workflow run) past its namespace's
+    /// limits ([`Admission`]): it is in flight until the ticket is dropped, on any
+    /// thread. Asked once per client invocation, before it is queued; a refusal
+    /// (`429`) leaves nothing behind.
+    pub fn admit(&self, key: &FunctionKey) -> Result<Ticket, Error> {
+        self.admission.admit(key)
+    }
+
+    /// The node's metrics (counters the record store may set, too).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// What the components know now, for `GET /status` and `GET /metrics`.
+    fn gauges(&self) -> Gauges {
+        let (per_function, held) = self.scheduler.gauges();
+        let counts = self.scheduler.counts();
+        let sandboxes = SandboxStates {
+            stem_cells: held.stem_cells,
+            idle: held.idle,
+            frozen: held.frozen,
+            busy: self
+                .sandboxes
+                .count()
+                .saturating_sub(held.stem_cells + held.idle + held.frozen),
+        };
+        let (forked, created) = self.sandboxes.made();
+        Gauges {
+            functions: self.registry.len(),
+            per_function,
+            sandboxes,
+            stem_cells_by_runtime: Runtime::ALL
+                .into_iter()
+                .zip(counts.stem_cells_by_runtime)
+                .map(|(r, n)| (r.name(), n))
+                .collect(),
+            package_zygotes: self.sandboxes.package_zygote_count(),
+            reserved_mb: self.sandboxes.reserved_mb(),
+            memory_budget_mb: self.config.pool.memory_budget_mb,
+            packages_installed: self.registry.packages().installed(),
+            package_cache_hits: self.registry.packages().cache_hits(),
+            sandboxes_forked: forked,
+            sandboxes_created: created,
+            uptime: self.started.elapsed(),
         }
     }
 
@@ -381,34 +449,36 @@ impl Agent {
         list
     }
 
+    /// `GET /status`: the same gauges and counters as `GET /metrics`.
     fn status(&self) -> Status {
         let namespaces = self.namespaces();
         let counts = self.scheduler.counts();
+        let g = self.gauges();
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cgroup: match self.sandboxes.cgroup_version() {
                 CgroupVersion::V1 => "v1".to_owned(),
                 CgroupVersion::V2 => "v2".to_owned(),
             },
-            functions: self.registry.len(),
+            functions: g.functions,
             sandboxes: self.sandboxes.count(),
             stem_cells: counts.stem_cells,
-            stem_cells_by_runtime: Runtime::ALL
-                .into_iter()
-                .zip(counts.stem_cells_by_runtime)
-                .map(|(r, n)| (r.name().to_owned(), n))
+            stem_cells_by_runtime: g
+                .stem_cells_by_runtime
+                .iter()
+                .map(|(r, n)| ((*r).to_owned(), *n))
                 .collect(),
-            sandboxes_forked: self.sandboxes.made().0,
-            sandboxes_created: self.sandboxes.made().1,
+            sandboxes_forked: g.sandboxes_forked,
+            sandboxes_created: g.sandboxes_created,
             frozen: counts.frozen,
             queued: counts.queued,
-            reserved_mb: self.sandboxes.reserved_mb(),
-            memory_budget_mb: self.config.pool.memory_budget_mb,
-            invocations: self.invoker.invocations(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            packages_installed: self.registry.packages().installed(),
-            package_cache_hits: self.registry.packages().cache_hits(),
-            package_zygotes: self.sandboxes.package_zygote_count(),
+            reserved_mb: g.reserved_mb,
+            memory_budget_mb: g.memory_budget_mb,
+            invocations: self.metrics.invocations_started(),
+            uptime_ms: g.uptime.as_millis() as u64,
+            packages_installed: g.packages_installed,
+            package_cache_hits: g.package_cache_hits,
+            package_zygotes: g.package_zygotes,
             namespaces,
         }
     }
@@ -473,7 +543,7 @@ impl crate::transport::Handle for Agent {
                 event,
             } => self
                 .invoker
-                .start_fast(namespace, name, event, None)
+                .start_fast(namespace, name, event, None, &self.admission)
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             Request::Run {
                 namespace,
@@ -481,7 +551,7 @@ impl crate::transport::Handle for Agent {
                 run,
             } => self
                 .invoker
-                .start_fast(namespace, name, &run.body, Some(run))
+                .start_fast(namespace, name, &run.body, Some(run), &self.admission)
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }

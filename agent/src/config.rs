@@ -8,6 +8,9 @@ use crate::runtime::Runtime;
 /// Calls one sandbox may have in flight on the call socket unless configured otherwise.
 pub const DEFAULT_MAX_CALLS_IN_FLIGHT: usize = 64;
 
+/// Requests one function's queue holds unless configured otherwise (`--max-queue`).
+pub const DEFAULT_MAX_QUEUE: usize = 256;
+
 /// Limits a function gets when it does not set its own (OpenWhisk-style names).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Defaults {
@@ -242,6 +245,12 @@ pub struct Config {
     /// Where packages come from (`--package-index`, `--npm-registry`): PyPI and the
     /// npm registry unless the operator names a mirror.
     pub package_sources: crate::packages::Sources,
+    /// Requests one function's queue may hold (`--max-queue`, at least 1); one more
+    /// is refused with 429 and never enters it.
+    pub max_queue: usize,
+    /// Each namespace's limits on client invocations in flight and per minute
+    /// (`--namespace-concurrent`, `--namespace-per-minute`, `--namespace-limits`).
+    pub namespace_limits: crate::admission::NamespaceLimits,
 }
 
 /// Where the embedded CLI keeps installed packages.
@@ -275,6 +284,8 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PACKAGE_CACHE)),
             install_limits: crate::packages::InstallLimits::default(),
             package_sources: crate::packages::Sources::default(),
+            max_queue: DEFAULT_MAX_QUEUE,
+            namespace_limits: crate::admission::NamespaceLimits::default(),
         }
     }
 }

@@ -159,6 +159,14 @@ pub enum Error {
         waited_ms: u64,
         max_instances: usize,
     },
+    /// The function's queue holds `max_queue` waiting requests already (OpenLambda's
+    /// worker: "queue is full"). The request never entered it.
+    #[error("function {function}: queue is full ({max_queue} requests waiting, the most max_queue allows)")]
+    QueueFull { function: String, max_queue: usize },
+    #[error("namespace {namespace:?} has too many invocations in flight: its limit is {limit} concurrent")]
+    ConcurrencyLimit { namespace: String, limit: u64 },
+    #[error("namespace {namespace:?} is over its limit of {limit} invocations per minute")]
+    RateLimit { namespace: String, limit: u64 },
     #[error("workflow {name:?} is not registered in namespace {namespace:?}")]
     WorkflowNotFound { namespace: String, name: String },
     #[error("invalid workflow: {0}")]
@@ -210,6 +218,9 @@ pub enum ErrorKind {
     Internal,
     /// sprout is going away or has no room (503).
     Unavailable,
+    /// A limit refused the request before it was queued: a full function queue, a
+    /// namespace's concurrent or per-minute invocations (429). Try again later.
+    TooManyRequests,
 }
 
 /// The CLI's exit code when a function failed or timed out.
@@ -218,6 +229,9 @@ pub const EXIT_FUNCTION: u8 = 1;
 pub const EXIT_BAD_REQUEST: u8 = 2;
 /// The CLI's exit code when sprout itself failed.
 pub const EXIT_INTERNAL: u8 = 3;
+/// The CLI's exit code when a limit refused the request (429): nothing ran, and the
+/// same request may succeed later.
+pub const EXIT_LIMITED: u8 = 4;
 
 impl ErrorKind {
     /// The HTTP status the API answers this kind of error with.
@@ -230,6 +244,7 @@ impl ErrorKind {
             ErrorKind::Timeout => 504,
             ErrorKind::Internal => 500,
             ErrorKind::Unavailable => 503,
+            ErrorKind::TooManyRequests => 429,
         }
     }
 
@@ -254,6 +269,7 @@ impl ErrorKind {
                 EXIT_BAD_REQUEST
             }
             ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
+            ErrorKind::TooManyRequests => EXIT_LIMITED,
         }
     }
 }
@@ -309,6 +325,9 @@ impl Error {
             | Packages { .. }
             | PackageCache(_) => ErrorKind::Internal,
             ShuttingDown => ErrorKind::Unavailable,
+            QueueFull { .. } | ConcurrencyLimit { .. } | RateLimit { .. } => {
+                ErrorKind::TooManyRequests
+            }
         }
     }
 
@@ -378,6 +397,7 @@ impl Error {
             | Packages { .. }
             | PackageCache(_) => "internal",
             ShuttingDown => "unavailable",
+            QueueFull { .. } | ConcurrencyLimit { .. } | RateLimit { .. } => "too_many_requests",
         }
     }
 
@@ -471,5 +491,20 @@ mod tests {
         assert_eq!(ErrorKind::Timeout.exit_code(), EXIT_FUNCTION);
         assert_eq!(ErrorKind::NotFound.exit_code(), EXIT_BAD_REQUEST);
         assert_eq!(ErrorKind::Unavailable.exit_code(), EXIT_INTERNAL);
+        assert_eq!(ErrorKind::TooManyRequests.exit_code(), EXIT_LIMITED);
+    }
+
+    #[test]
+    fn a_full_queue_says_so_and_is_a_429() {
+        let e = Error::QueueFull {
+            function: "ns/f".into(),
+            max_queue: 8,
+        };
+        assert_eq!(e.kind().http_status(), 429);
+        assert_eq!(e.name(), "too_many_requests");
+        assert_eq!(
+            e.to_string(),
+            "function ns/f: queue is full (8 requests waiting, the most max_queue allows)"
+        );
     }
 }

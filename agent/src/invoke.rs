@@ -17,10 +17,12 @@ use ipc::Payload;
 use parking_lot::Mutex;
 use pool::{Sandbox, SandboxState};
 
+use crate::admission::{Admission, Ticket};
 use crate::calls::book::Book;
 use crate::config::Config;
 use crate::error::Error;
 use crate::instance::{Answer, CallFailure, Instance};
+use crate::metrics::{Metrics, Refusal};
 use crate::names::FunctionKey;
 use crate::registry::{Function, Registry};
 use crate::request::{Invocation, Response, RunRequest, Start};
@@ -61,7 +63,8 @@ pub(crate) struct Invoker {
     zygotes: Arc<Policy>,
     /// Invocation ids.
     next_id: AtomicU64,
-    invocations: AtomicU64,
+    /// Counts invocations as they start and end.
+    metrics: Arc<Metrics>,
 }
 
 /// What an invocation sends its instance.
@@ -94,6 +97,8 @@ pub(crate) struct WarmCall {
     failed: Option<CallFailure>,
     /// An answer read on the loop but left for [`FastCall::finish`] to complete.
     answered: Option<Result<Answer, CallFailure>>,
+    /// Admitted past its namespace's limits: in flight until the call is dropped.
+    _ticket: Ticket,
 }
 
 impl FastCall for WarmCall {
@@ -174,6 +179,8 @@ impl Drop for WarmCall {
 }
 
 impl Invoker {
+    // Each component it composes, handed over by the composition root.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         registry: Arc<Registry>,
@@ -182,6 +189,7 @@ impl Invoker {
         runs: Arc<Runs>,
         book: Arc<Book>,
         zygotes: Arc<Policy>,
+        metrics: Arc<Metrics>,
     ) -> Invoker {
         Invoker {
             config,
@@ -192,13 +200,8 @@ impl Invoker {
             book,
             zygotes,
             next_id: AtomicU64::new(1),
-            invocations: AtomicU64::new(0),
+            metrics,
         }
-    }
-
-    /// Invocations started so far.
-    pub fn invocations(&self) -> u64 {
-        self.invocations.load(Ordering::Relaxed)
     }
 
     /// A workflow run's id.
@@ -266,19 +269,75 @@ impl Invoker {
         opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
-        let name = key.name.as_str();
         let id = self.next_id();
-        self.invocations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.invocation_started();
         let span = tracing::debug_span!(
             "invoke",
             namespace = %key.namespace,
-            function = name,
+            function = key.name.as_str(),
             invocation = id,
             depth = opts.depth,
             sandbox_id = tracing::field::Empty
         );
         let _g = span.enter();
         let started = Instant::now();
+        match self.run_once(key, input, opts, abandon, id, &span) {
+            Ok((inst, start, function, outcome)) => {
+                self.complete(inst, &function, start, started, outcome, opts)
+            }
+            Err((e, start)) => {
+                self.failed_early(key, start, started, &e, opts);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a client's invocation that failed before [`Invoker::complete`]
+    /// (`start`: whether an instance had been found for it). A request refused by a
+    /// limit, naming no function or sending a bad body never was an invocation.
+    fn failed_early(
+        &self,
+        key: &FunctionKey,
+        start: Option<Start>,
+        started: Instant,
+        e: &Error,
+        opts: &CallOpts<'_>,
+    ) {
+        use crate::error::ErrorKind;
+        let refused = matches!(
+            e.kind(),
+            ErrorKind::NotFound | ErrorKind::TooManyRequests | ErrorKind::BadRequest
+        );
+        if opts.depth > 0 || refused {
+            return;
+        }
+        let Some(function) = self.registry.lookup(key) else {
+            return;
+        };
+        self.metrics.invocation_finished(
+            key,
+            start,
+            e.activation_status(),
+            started.elapsed(),
+            function.memory_mb,
+        );
+    }
+
+    /// The part of an invocation before [`Invoker::complete`]: finds an instance
+    /// for it, sends it the input and waits for the answer. An error says how the
+    /// instance was found, if it was.
+    #[allow(clippy::type_complexity)]
+    fn run_once(
+        &self,
+        key: &FunctionKey,
+        input: Input<'_>,
+        opts: &CallOpts<'_>,
+        abandon: Option<&Abandon>,
+        id: u64,
+        span: &tracing::Span,
+    ) -> Result<(Instance, Start, Arc<Function>, Result<Answer, CallFailure>), (Error, Option<Start>)>
+    {
+        let name = key.name.as_str();
 
         // A client's request waits in the queue as long as it takes; a function's call
         // no longer than its deadline, and not once its caller has given up.
@@ -288,27 +347,31 @@ impl Invoker {
                 Some(Instant::now() + Duration::from_millis(f))
             })
         });
-        let (mut inst, mut start, function) =
-            self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
+        let (mut inst, mut start, function) = self
+            .acquire_until(key, queue_deadline, opts.cancel, abandon)
+            .map_err(|e| (e, None))?;
         span.record("sandbox_id", inst.sandbox.id());
         // A client gone while its instance was handed over: it never runs.
         if opts.cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.is_gone()) {
             self.release(inst, true);
-            return Err(Error::Cancelled {
-                function: name.to_owned(),
-            });
+            return Err((
+                Error::Cancelled {
+                    function: name.to_owned(),
+                },
+                Some(start),
+            ));
         }
         if inst.sandbox.state() == SandboxState::Frozen {
+            start = Start::Thawed;
             if let Err(e) = inst.sandbox.thaw() {
                 self.release(inst, false);
-                return Err(e.into());
+                return Err((e.into(), Some(start)));
             }
-            start = Start::Thawed;
         }
         if let Some(run) = opts.run {
             if let Err(e) = self.join_run(&inst, run) {
                 self.release(inst, true);
-                return Err(e);
+                return Err((e, Some(start)));
             }
         }
         // A plain function's `/run` body is its event: checked now that the instance
@@ -318,7 +381,7 @@ impl Invoker {
                 Ok(event) => Some(Payload::Inline(event)),
                 Err(e) => {
                     self.release(inst, true);
-                    return Err(e);
+                    return Err((e, Some(start)));
                 }
             },
             _ => None,
@@ -344,7 +407,7 @@ impl Invoker {
                 opts.cancel.map(|c| c.fd()),
             )
         });
-        self.complete(inst, &function, start, started, outcome, opts)
+        Ok((inst, start, function, outcome))
     }
 
     /// Ends an invocation: leaves its workflow run, gives the instance back (or
@@ -466,6 +529,21 @@ impl Invoker {
             ),
             Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
         };
+        // A client's invocation ends here: counted (calls a function makes are part
+        // of its invocation).
+        if opts.depth == 0 {
+            let status = match &result {
+                Ok(_) => ipc::api::ActivationStatus::Success,
+                Err(e) => e.activation_status(),
+            };
+            self.metrics.invocation_finished(
+                &inst.function,
+                Some(start),
+                status,
+                duration,
+                function.memory_mb,
+            );
+        }
         match opts.hand_back {
             Some(slot) => {
                 // Counted before its answer goes out, so a burst of calls right after
@@ -519,12 +597,17 @@ impl Invoker {
     /// With `run` (a `/run` request; `event` is then its body) only when the body is
     /// empty or JSON and the function allows the method: an HTTP app's instance gets
     /// the whole request, a plain function's the event.
+    ///
+    /// The request is admitted (`admission`) once an idle instance is in hand; a
+    /// refusal puts the instance back and goes the ordinary way, which refuses it
+    /// again and counts it.
     pub fn start_fast(
         self: &Arc<Self>,
         namespace: &str,
         name: &str,
         event: &[u8],
         run: Option<&RunRequest>,
+        admission: &Admission,
     ) -> Option<WarmCall> {
         let empty_run = run.is_some() && event.is_empty();
         if event.len() > FAST_EVENT_MAX
@@ -543,8 +626,13 @@ impl Invoker {
             return None;
         }
         let mut inst = self.scheduler.take_idle_current(&key, function.version)?;
+        let Ok(ticket) = admission.try_admit(&key) else {
+            self.scheduler
+                .put_back(inst, false, self.config.pool.pause_grace);
+            return None;
+        };
         let id = self.next_id();
-        self.invocations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.invocation_started();
         let started = Instant::now();
         let start = if inst.sandbox.state() == SandboxState::Frozen {
             Start::Thawed
@@ -582,6 +670,7 @@ impl Invoker {
             start,
             failed,
             answered: None,
+            _ticket: ticket,
         })
     }
 
@@ -623,7 +712,12 @@ impl Invoker {
             let zygote = self.sandboxes.package_zygote_for(&function);
             let (grant, stale) = self
                 .scheduler
-                .grant(key, &function, retried, zygote.is_some())?;
+                .grant(key, &function, retried, zygote.is_some())
+                .inspect_err(|e| {
+                    if matches!(e, Error::QueueFull { .. }) {
+                        self.metrics.refused(&key.namespace, Refusal::QueueFull);
+                    }
+                })?;
             for inst in stale {
                 self.destroy(inst);
             }

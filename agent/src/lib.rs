@@ -13,6 +13,7 @@
 // failure, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod admission;
 mod agent;
 mod calls;
 mod config;
@@ -24,6 +25,7 @@ mod http_app;
 mod instance;
 mod invoke;
 mod manager;
+pub mod metrics;
 mod names;
 pub mod packages;
 mod registry;
@@ -39,13 +41,14 @@ pub mod upload;
 mod workflow;
 mod zygotes;
 
+pub use admission::{Limits as NamespaceLimit, NamespaceLimits};
 pub use agent::Agent;
 pub use config::{
     default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells,
-    DEFAULT_PACKAGE_ZYGOTES_MB,
+    DEFAULT_MAX_QUEUE, DEFAULT_PACKAGE_ZYGOTES_MB,
 };
 pub use data_dir::DataDir;
-pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
+pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL, EXIT_LIMITED};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use packages::{InstallLimits, Sources as PackageSources};
 pub use request::{

@@ -41,6 +41,12 @@ pub enum Request {
         run: RunRequest,
     },
     Status,
+    /// A namespace's usage since the agent started.
+    Usage {
+        namespace: String,
+    },
+    /// The node's metrics in Prometheus' text format.
+    Metrics,
     /// Registers (or replaces) a declarative workflow; its tasks' functions must exist
     /// in its namespace.
     RegisterWorkflow {
@@ -94,6 +100,9 @@ pub enum Response {
     },
     Invoked(Invocation),
     Status(Status),
+    Usage(ipc::api::NamespaceUsage),
+    /// Prometheus' text format 0.0.4 ([`crate::metrics::CONTENT_TYPE`]).
+    Metrics(String),
     WorkflowRegistered(ipc::api::WorkflowInfo),
     Workflows(Vec<ipc::api::WorkflowInfo>),
     WorkflowRan(WorkflowOutput),

@@ -31,13 +31,15 @@ use crate::zygotes::ZygoteTag;
 /// cells, under one lock; and the condition variable that wakes the pool manager.
 /// It only keeps state: it starts and destroys nothing (its callers do, outside its
 /// lock).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Scheduler {
     state: Mutex<Sched>,
     /// Wakes the pool manager (paired with `state`).
     wake: Condvar,
     /// The agent is shutting down: no instance is handed out any more.
     closed: AtomicBool,
+    /// Requests one function's queue may hold; one more is refused.
+    max_queue: usize,
 }
 
 /// What the scheduler's lock guards (the pool manager works on it in passes).
@@ -104,6 +106,17 @@ pub(crate) enum Grant {
     Wait(Arc<Slot>),
 }
 
+/// The sandboxes the scheduler holds, by state.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Held {
+    /// Ready stem cells, plain and package ones.
+    pub stem_cells: usize,
+    /// Idle instances, thawed.
+    pub idle: usize,
+    /// Idle instances, frozen.
+    pub frozen: usize,
+}
+
 /// What the status reports of the pool.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Counts {
@@ -115,6 +128,17 @@ pub(crate) struct Counts {
 }
 
 impl Scheduler {
+    /// A scheduler whose function queues hold at most `max_queue` requests each (at
+    /// least 1).
+    pub fn new(max_queue: usize) -> Scheduler {
+        Scheduler {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            closed: AtomicBool::new(false),
+            max_queue: max_queue.max(1),
+        }
+    }
+
     /// Marks the agent as shutting down and wakes the manager; `false` if it was
     /// already.
     pub fn close(&self) -> bool {
@@ -134,7 +158,8 @@ impl Scheduler {
     /// An idle instance of `function` (of its current version: older ones are
     /// returned, taken out, for the caller to destroy), leave to start a new one
     /// (while the function is below `max_instances`), or a place in its queue
-    /// (`retried`: at the front). A new one gets the stem cell of the package zygote
+    /// (`retried`: at the front, whatever its length, as it had one already). A full
+    /// queue refuses the request ([`Error::QueueFull`]): it never enters it. A new one gets the stem cell of the package zygote
     /// that serves it with the most packages, else (unless `package_zygote`: one
     /// serves it, to fork from) a plain one of its runtime.
     pub fn grant(
@@ -172,6 +197,12 @@ impl Scheduler {
                     .and_then(Vec::pop)
             });
             return Ok((Grant::Start(stem), stale));
+        }
+        if !retried && pool.queue.len() >= self.max_queue {
+            return Err(Error::QueueFull {
+                function: key.to_string(),
+                max_queue: self.max_queue,
+            });
         }
         let slot = Arc::new(Slot::default());
         // A request woken to retry keeps its place at the front.
@@ -369,6 +400,37 @@ impl Scheduler {
                 .map(|r| sched.stem_cells.get(&r).map_or(0, Vec::len)),
             queued: sched.functions.values().map(|f| f.queue.len()).sum(),
         }
+    }
+
+    /// Each function's queue depth and requests in flight (queued, or running in an
+    /// instance: live and not idle), and the sandboxes the scheduler holds: ready
+    /// stem cells and idle instances (thawed, frozen). For the metrics.
+    pub fn gauges(&self) -> (Vec<crate::metrics::FunctionGauges>, Held) {
+        let sched = self.state.lock();
+        let mut functions: Vec<_> = sched
+            .functions
+            .iter()
+            .map(|(key, pool)| crate::metrics::FunctionGauges {
+                key: key.clone(),
+                queued: pool.queue.len(),
+                in_flight: pool.live.saturating_sub(pool.idle.len()) + pool.queue.len(),
+            })
+            .collect();
+        functions.sort_by(|a, b| a.key.cmp(&b.key));
+        let frozen = sched
+            .functions
+            .values()
+            .flat_map(|f| &f.idle)
+            .filter(|i| i.sandbox.state() == SandboxState::Frozen)
+            .count();
+        let idle: usize = sched.functions.values().map(|f| f.idle.len()).sum();
+        let held = Held {
+            stem_cells: sched.stem_cells.values().map(Vec::len).sum::<usize>()
+                + sched.package_stems.len(),
+            idle: idle - frozen,
+            frozen,
+        };
+        (functions, held)
     }
 
     /// The scheduler's lock, for the pool manager's passes.
@@ -926,5 +988,71 @@ mod tests {
         let slot = Slot::default();
         slot.retry();
         assert!(matches!(slot.take(), SlotState::Retry));
+    }
+
+    /// A function of one instance at most, checked as a registration would be.
+    fn one_instance(dir: &std::path::Path) -> Function {
+        std::fs::write(dir.join("f.py"), "def f(e): return e\n").unwrap();
+        let rules = crate::registry::Rules {
+            defaults: crate::config::Defaults::default(),
+            memory_budget_mb: 1024,
+            machine_cpus: 2,
+            state_root: "/nonexistent/sprout-state".into(),
+            data_dir: None,
+        };
+        let config = ipc::api::FunctionConfig {
+            handler: Some("f:f".into()),
+            max_instances: Some(1),
+            ..Default::default()
+        };
+        let key = FunctionKey::new("ns", "f").unwrap();
+        Function::checked(&key, dir, &config, &rules, 1, false).unwrap()
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_the_refused_request_never_enters_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let function = one_instance(dir.path());
+        let key = function.key();
+        let sched = Scheduler::new(2);
+        let grant = |retried| sched.grant(&key, &function, retried, false).map(|g| g.0);
+        assert!(matches!(grant(false), Ok(Grant::Start(None))));
+        let first = match grant(false) {
+            Ok(Grant::Wait(slot)) => slot,
+            other => panic!("{other:?}"),
+        };
+        let second = match grant(false) {
+            Ok(Grant::Wait(slot)) => slot,
+            other => panic!("{other:?}"),
+        };
+        for _ in 0..3 {
+            match grant(false) {
+                Err(Error::QueueFull {
+                    function,
+                    max_queue: 2,
+                }) => assert_eq!(function, "ns/f"),
+                other => panic!("a third waiter was not refused: {other:?}"),
+            }
+        }
+        let (gauges, _) = sched.gauges();
+        assert_eq!(
+            (gauges[0].queued, gauges[0].in_flight),
+            (2, 3),
+            "refused requests were queued"
+        );
+        // A waiter woken to retry had a place already: it gets one back, at the
+        // front, even though the queue is full.
+        let retried = match grant(true) {
+            Ok(Grant::Wait(slot)) => slot,
+            other => panic!("a retried waiter was refused: {other:?}"),
+        };
+        sched.retry_next(&key);
+        assert!(matches!(retried.wait(None, || true), SlotState::Retry));
+        assert!(matches!(first.wait(None, || true), SlotState::Waiting));
+        // Leaving the queue makes room for one more.
+        sched.leave_queue(&key, &first);
+        assert!(matches!(grant(false), Ok(Grant::Wait(_))));
+        assert!(matches!(grant(false), Err(Error::QueueFull { .. })));
+        drop(second);
     }
 }

@@ -313,6 +313,26 @@ pub struct Status {
     pub namespaces: Vec<NamespaceStatus>,
 }
 
+/// A namespace's usage since the agent started (`GET /namespaces/{ns}/usage`): its
+/// client invocations that ended (calls a function makes are part of its
+/// invocation), counted when each ends.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NamespaceUsage {
+    pub namespace: String,
+    pub invocations: u64,
+    /// Invocations whose status is not `success`.
+    pub errors: u64,
+    /// Execution time: each invocation's duration in whole milliseconds, summed.
+    pub duration_ms: u64,
+    /// Each invocation's memory limit (MiB) times its duration (ms, as in
+    /// `duration_ms`), summed: exact, where `gb_seconds` is rounded.
+    pub mb_ms: u64,
+    /// `mb_ms` / 1024 / 1000: memory limit in GB (1024 MiB) times duration in seconds.
+    pub gb_seconds: f64,
+    /// Invocations by activation status (every status, zero included).
+    pub statuses: std::collections::BTreeMap<String, u64>,
+}
+
 /// One namespace in [`Status`].
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct NamespaceStatus {

@@ -11,7 +11,7 @@ use super::wire::{self, Persist};
 use crate::error::Error;
 use crate::request::{Invocation, Response};
 
-/// Every response is JSON.
+/// Every response is JSON, but `GET /metrics`'s (Prometheus' text format).
 const CONTENT_TYPE: &str = "application/json";
 
 /// Header carrying an invocation's duration in microseconds.
@@ -189,6 +189,19 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
         ),
         Ok(Response::Invoked(inv)) => return invoked(inv, logs),
         Ok(Response::Status(status)) => Reply::json(200, &status),
+        Ok(Response::Usage(usage)) => Reply::json(200, &usage),
+        // Prometheus' text format, not JSON.
+        Ok(Response::Metrics(text)) => {
+            return Output {
+                status: 200,
+                headers: Vec::new(),
+                body: text.into_bytes().into(),
+                app: Some(vec![(
+                    "Content-Type".to_owned(),
+                    crate::metrics::CONTENT_TYPE.to_owned(),
+                )]),
+            }
+        }
         Ok(Response::Packages(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
         Ok(Response::Workflows(list)) => Reply::json(200, &list),
@@ -314,6 +327,7 @@ mod tests {
         assert_eq!(ErrorKind::Timeout.http_status(), 504);
         assert_eq!(ErrorKind::Internal.http_status(), 500);
         assert_eq!(ErrorKind::Unavailable.http_status(), 503);
+        assert_eq!(ErrorKind::TooManyRequests.http_status(), 429);
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub(super) enum Op {
     RunWorkflow,
     ListPackages,
     CollectPackages,
+    Usage,
+    Metrics,
     /// Routed, not served yet: answered 501, naming what will serve it.
     Planned(&'static str),
 }
@@ -57,9 +59,8 @@ pub(super) struct PathRoutes {
     pub ops: &'static [(&'static str, Op)],
 }
 
-const METRICS: Op = Op::Planned("issue 14: metrics");
+const STATS: Op = Op::Planned("issue 14: OpenLambda's /stats on the TCP listener");
 const ACTIVATIONS: Op = Op::Planned("issue 14: activation records");
-const USAGE: Op = Op::Planned("issue 14: per-namespace accounting");
 const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
 const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
 
@@ -210,17 +211,17 @@ pub(super) const ROUTES: &[PathRoutes] = &[
     PathRoutes {
         path: "/namespaces/{ns}/usage",
         allow: "GET",
-        ops: &[("GET", USAGE)],
+        ops: &[("GET", Op::Usage)],
     },
     PathRoutes {
         path: "/metrics",
         allow: "GET",
-        ops: &[("GET", METRICS)],
+        ops: &[("GET", Op::Metrics)],
     },
     PathRoutes {
         path: "/stats",
         allow: "GET",
-        ops: &[("GET", METRICS)],
+        ops: &[("GET", STATS)],
     },
     // Planned: issue 15.
     PathRoutes {
@@ -425,6 +426,8 @@ pub(super) fn route(
             logs: logs_from_query(&query)?,
         }),
         Op::Status => no_params(&query).map(|()| Route::Status),
+        Op::Usage => no_params(&query).map(|()| Route::Usage { namespace }),
+        Op::Metrics => no_params(&query).map(|()| Route::Metrics),
         Op::ListPackages => no_params(&query).map(|()| Route::ListPackages),
         Op::CollectPackages => no_params(&query).map(|()| Route::CollectPackages),
         Op::ListWorkflows => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
@@ -466,6 +469,10 @@ pub(super) enum Route {
         request: HttpRequest,
     },
     Status,
+    Usage {
+        namespace: String,
+    },
+    Metrics,
     ListPackages,
     CollectPackages,
     RegisterWorkflow {
@@ -584,6 +591,8 @@ impl Route {
                 logs,
             ),
             Route::Status => (Request::Status, false),
+            Route::Usage { namespace } => (Request::Usage { namespace }, false),
+            Route::Metrics => (Request::Metrics, false),
             Route::ListPackages => (Request::ListPackages, false),
             Route::CollectPackages => (Request::CollectPackages, false),
             Route::RegisterWorkflow { namespace, name } => {

@@ -155,6 +155,22 @@ impl Handle for Fake {
             Request::RegisterWorkflow { .. }
             | Request::ListWorkflows { .. }
             | Request::RemoveWorkflow { .. } => Ok(Response::Workflows(Vec::new())),
+            Request::Usage { namespace } => Ok(Response::Usage(ipc::api::NamespaceUsage {
+                namespace: namespace.clone(),
+                invocations: 3,
+                errors: 1,
+                duration_ms: 2000,
+                mb_ms: 256_000,
+                gb_seconds: 0.25,
+                statuses: [
+                    ("success".to_owned(), 2),
+                    ("application_error".to_owned(), 1),
+                ]
+                .into(),
+            })),
+            Request::Metrics => Ok(Response::Metrics(
+                "# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n".into(),
+            )),
             Request::Status => Ok(Response::Status(Status {
                 version: "test".into(),
                 cgroup: "/sys/fs/cgroup/sprout".into(),
@@ -206,6 +222,10 @@ impl Handle for Fake {
                         source: io::Error::from(io::ErrorKind::PermissionDenied),
                     }),
                     "down" => Err(Error::ShuttingDown),
+                    "full" => Err(Error::QueueFull {
+                        function: format!("{namespace}/{function}"),
+                        max_queue: 8,
+                    }),
                     "huge" => Err(Error::ResultTooLarge {
                         function,
                         len: 100 << 20,
@@ -648,6 +668,7 @@ fn agent_errors_map_to_statuses() {
         ("down", 503, "unavailable"),
         ("panic", 500, "internal"),
         ("huge", 502, "bad_result"),
+        ("full", 429, "too_many_requests"),
     ] {
         let r = c
             .request("POST", &format!("/functions/{name}/invoke"), None, b"{}")
@@ -663,6 +684,12 @@ fn agent_errors_map_to_statuses() {
         if name == "broken" {
             assert!(e.message.contains("/var/lib/sprout"), "{}", e.message);
         }
+        if name == "full" {
+            assert_eq!(
+                e.message,
+                "function default/full: queue is full (8 requests waiting, the most max_queue allows)"
+            );
+        }
         if name == "huge" {
             assert_eq!(
                 e.message,
@@ -674,6 +701,39 @@ fn agent_errors_map_to_statuses() {
         .request("DELETE", "/functions/missing", None, b"")
         .unwrap();
     assert_eq!(r.status, 404);
+}
+
+#[test]
+fn usage_is_json_and_metrics_are_prometheus_text() {
+    let t = TestServer::start();
+    let mut c = t.client();
+    let r = c
+        .request("GET", "/namespaces/team-a/usage", None, b"")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let usage: ipc::api::NamespaceUsage = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((usage.namespace.as_str(), usage.invocations), ("team-a", 3));
+    let r = c.request("GET", "/metrics", None, b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert_eq!(
+        text(&r),
+        "# HELP x_total X.\n# TYPE x_total counter\nx_total 1\n"
+    );
+    let r = c.request("GET", "/metrics?x=1", None, b"").unwrap();
+    assert_eq!(r.status, 400, "{}", text(&r));
+    let seen = t.take_seen();
+    assert!(
+        matches!(
+            seen.as_slice(),
+            [Request::Usage { namespace }, Request::Metrics] if namespace == "team-a"
+        ),
+        "{seen:?}"
+    );
 }
 
 #[test]

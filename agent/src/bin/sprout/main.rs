@@ -3,8 +3,8 @@
 //! codes. One module per subcommand; what they share is here ([`Context`],
 //! [`LimitArgs`], reading an event) and in [`print`].
 //!
-//! Exit codes: 1 the function failed, 2 the request was wrong, 3 sprout failed
-//! ([`agent::ErrorKind::exit_code`]).
+//! Exit codes: 1 the function failed, 2 the request was wrong, 3 sprout failed, 4 a
+//! limit refused the request (429: try again later) ([`agent::ErrorKind::exit_code`]).
 
 #![allow(clippy::result_large_err)] // see agent/src/lib.rs
 

@@ -29,6 +29,45 @@ pub struct ServeArgs {
     install: InstallArgs,
     #[command(flatten)]
     http: HttpArgs,
+    #[command(flatten)]
+    admission: AdmissionArgs,
+}
+
+/// Admission control: what is refused with 429 before it is queued.
+#[derive(Args, Debug)]
+struct AdmissionArgs {
+    /// Requests one function's queue may hold (waiting for an instance); one more is
+    /// refused with 429 ("queue is full") and never enters it.
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_MAX_QUEUE as u64, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    max_queue: u64,
+    /// Client invocations one namespace may have in flight (queued or running) at
+    /// once; 0 is unlimited. A namespace in --namespace-limits has its own.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=agent::admission::MAX_LIMIT))]
+    namespace_concurrent: u64,
+    /// Client invocations one namespace may start in any 60 seconds (a sliding
+    /// window in one-second steps); 0 is unlimited.
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=agent::admission::MAX_LIMIT))]
+    namespace_per_minute: u64,
+    /// Limits per namespace, one line each: `NAMESPACE concurrent=N per_minute=M`
+    /// (a key left out takes the default above; `#` starts a comment line).
+    #[arg(long, value_name = "FILE")]
+    namespace_limits: Option<PathBuf>,
+}
+
+impl AdmissionArgs {
+    fn limits(&self) -> anyhow::Result<agent::NamespaceLimits> {
+        let defaults = agent::NamespaceLimit {
+            concurrent: self.namespace_concurrent,
+            per_minute: self.namespace_per_minute,
+        };
+        Ok(match &self.namespace_limits {
+            Some(path) => agent::NamespaceLimits::load(path, defaults)?,
+            None => agent::NamespaceLimits {
+                defaults,
+                ..Default::default()
+            },
+        })
+    }
 }
 
 /// Install sandboxes (functions' packages).
@@ -186,6 +225,8 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
+    // Before anything starts: a bad limits file stops serve, naming the line.
+    let namespace_limits = args.admission.limits()?;
     let agent = Agent::start(Config {
         state_root: cx.state_dir.clone(),
         sandbox_uids: cx.sandbox_uids,
@@ -201,6 +242,8 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             &args.install.package_index,
             &args.install.npm_registry,
         )?,
+        max_queue: args.admission.max_queue as usize,
+        namespace_limits,
         ..Config::new()
     })
     .context("start the agent")?;
