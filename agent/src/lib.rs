@@ -13,6 +13,7 @@
 // failure, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod activations;
 mod agent;
 mod calls;
 mod config;
