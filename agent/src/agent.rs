@@ -11,6 +11,8 @@
 //! | [`Book`] | each sandbox's invocation session, calls in flight, call connections |
 //! | [`Invoker`] | nothing locked: invoke, complete, release, retire, destroy, the warm path |
 //! | [`Policy`] | which package zygotes to keep: demand per package set, the budget |
+//! | [`Activations`] | activation records: the store's writer thread (`sprout-records`) and read connection |
+//! | [`AsyncRunner`] | accepted asynchronous activations and the threads (`sprout-async-N`) that run them |
 //!
 //! **Lock order.** A lock is only taken while holding locks above it in this list:
 //!
@@ -19,7 +21,9 @@
 //! 3. `Runs::bound` (taken under 2 by retire's "calls it" check)
 //! 4. `Registry::functions` (taken under 3 by `Runs::callees_current`)
 //!
-//! Leaves, under which no other component's lock is taken: `Registry::workflows`,
+//! Leaves, under which no other component's lock is taken: the record store's locks
+//! (its queue's sender, its read connection), the async runner's queue,
+//! `Registry::workflows`,
 //! the package zygote policy's lock, the package fork servers' own locks,
 //! `Runs::runs`, the call book's lock, a queued request's `Slot` (given under 2), and
 //! a `Cancel`'s (fired under `Runs::runs`, the book's lock, or asked from a `Slot`
@@ -31,18 +35,20 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ipc::api::{FunctionInfo, NamespaceStatus, Status};
+use ipc::api::{ActivationId, FunctionInfo, NamespaceStatus, Status};
 use parking_lot::Mutex;
 use pool::CgroupVersion;
 
+use crate::activations::{Accepted, Activations, Lookup};
+use crate::async_invoke::AsyncRunner;
 use crate::calls::book::Book;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::Error;
-use crate::invoke::Invoker;
+use crate::invoke::{CallOpts, Invoker};
 use crate::names::{validate_namespace, FunctionKey};
 use crate::registry::{remove_owned_dir, Registry};
-use crate::request::{Request, Response};
+use crate::request::{ActivationPart, Request, Response};
 use crate::runs::Runs;
 use crate::runtime::Runtime;
 use crate::sandboxes::{state_err, Sandboxes};
@@ -61,6 +67,8 @@ pub struct Agent {
     runs: Arc<Runs>,
     book: Arc<Book>,
     invoker: Arc<Invoker>,
+    activations: Arc<Activations>,
+    asyncs: AsyncRunner,
     started: Instant,
     /// What outlives the process; locked while the agent runs (taken by shutdown).
     data: Mutex<Option<DataDir>>,
@@ -93,6 +101,14 @@ impl Agent {
             }
             None => None,
         };
+        // Before anything runs: rows an earlier agent accepted and did not finish are
+        // recorded as lost now, never run again.
+        let activations = Arc::new(match &data {
+            Some(data) if !config.no_records => {
+                Activations::open(&data.activations(), config.activations)?
+            }
+            _ => Activations::off(),
+        });
         let uploads = match &data {
             Some(data) => {
                 data.empty_code().map_err(state_err(&data.code()))?;
@@ -156,7 +172,9 @@ impl Agent {
             runs.clone(),
             book.clone(),
             zygotes.clone(),
+            activations.clone(),
         ));
+        let asyncs = AsyncRunner::start(config.async_workers, invoker.clone())?;
         let manager = if config.keep_warm {
             let (scheduler, sandboxes, invoker) =
                 (scheduler.clone(), sandboxes.clone(), invoker.clone());
@@ -198,6 +216,8 @@ impl Agent {
             runs,
             book,
             invoker,
+            activations,
+            asyncs,
             started: Instant::now(),
             data: Mutex::new(data),
             manager: Mutex::new(manager),
@@ -234,6 +254,10 @@ impl Agent {
         if let Some(watch) = self.spawner_watch.lock().take() {
             let _ = watch.join();
         }
+        // Accepted work not started is recorded as not run; then every record handed
+        // over is committed before the data directory is let go.
+        self.asyncs.stop();
+        self.activations.close();
         stopped?;
         self.sandboxes.remove_state()?;
         // Unlocks the data directory for the next agent.
@@ -289,18 +313,51 @@ impl Agent {
                 namespace,
                 name,
                 event,
-            } => self
-                .invoker
-                .invoke(&FunctionKey::new(&namespace, &name)?, event, abandon)
-                .map(Response::Invoked),
+                activation_id,
+                blocking: false,
+            } => self.accept(&FunctionKey::new(&namespace, &name)?, event, activation_id),
+            Request::Invoke {
+                namespace,
+                name,
+                event,
+                activation_id,
+                blocking: true,
+            } => {
+                let opts = CallOpts {
+                    activation: activation_id,
+                    ..CallOpts::default()
+                };
+                self.invoker
+                    .invoke(&FunctionKey::new(&namespace, &name)?, event, &opts, abandon)
+                    .map(Response::Invoked)
+            }
             Request::Run {
                 namespace,
                 name,
                 run,
-            } => self
-                .invoker
-                .run(&FunctionKey::new(&namespace, &name)?, &run, abandon)
-                .map(Response::Invoked),
+                activation_id,
+            } => {
+                let opts = CallOpts {
+                    activation: activation_id,
+                    ..CallOpts::default()
+                };
+                self.invoker
+                    .run(&FunctionKey::new(&namespace, &name)?, &run, &opts, abandon)
+                    .map(Response::Invoked)
+            }
+            Request::GetActivation {
+                namespace,
+                id,
+                part,
+            } => self.activation(namespace.as_deref(), id, part),
+            Request::ListActivations { mut query } => {
+                if let Some(ns) = &query.namespace {
+                    validate_namespace(ns)?;
+                }
+                query.limit = query.limit.min(crate::activations::MAX_LIMIT);
+                let list = self.activations.list(&query).ok_or(Error::RecordsOff)??;
+                Ok(Response::Activations(list))
+            }
             Request::Status => Ok(Response::Status(self.status())),
             Request::ListPackages => {
                 let users = self.package_users();
@@ -366,6 +423,77 @@ impl Agent {
             )
             .map(Response::WorkflowRan),
         }
+    }
+
+    /// Accepts an asynchronous invocation of `key`: checks it (the function exists,
+    /// the event is JSON), makes its acceptance durable, and queues it.
+    fn accept(
+        &self,
+        key: &FunctionKey,
+        event: Vec<u8>,
+        id: Option<ActivationId>,
+    ) -> Result<Response, Error> {
+        let function = self.registry.get(key)?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
+        if !self.activations.is_on() {
+            return Err(Error::AsyncNeedsRecords);
+        }
+        // Admission control (queue bounds, namespace limits) decides here, before
+        // anything is accepted.
+        let id = id.unwrap_or_else(Activations::new_id);
+        let arrived = Instant::now();
+        self.activations.accept(Accepted {
+            id,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            version: function.version,
+            at_ms: crate::activations::record::epoch_ms(std::time::SystemTime::now()),
+        })?;
+        tracing::debug!(activation = %id, function = %key, "accepted");
+        self.asyncs.submit(crate::async_invoke::Job {
+            id,
+            key: key.clone(),
+            version: function.version,
+            event,
+            arrived,
+        });
+        Ok(Response::Accepted(id))
+    }
+
+    /// An activation's record, result or logs, if it is in `namespace` (`None`: any).
+    fn activation(
+        &self,
+        namespace: Option<&str>,
+        id: ActivationId,
+        part: ActivationPart,
+    ) -> Result<Response, Error> {
+        let record = match self
+            .activations
+            .get(id, namespace)
+            .ok_or(Error::RecordsOff)??
+        {
+            Lookup::Found(record) => record,
+            Lookup::Pending => return Err(Error::ActivationPending { id }),
+            Lookup::Missing => return Err(Error::ActivationNotFound { id }),
+        };
+        Ok(match part {
+            ActivationPart::Record => Response::Activation(record),
+            ActivationPart::Result => Response::ActivationResult(ipc::api::ActivationResult {
+                success: record.status == ipc::api::ActivationStatus::Success,
+                status: record.status,
+                result: record.result.unwrap_or_else(|| {
+                    serde_json::value::RawValue::from_string("null".into()).expect("JSON")
+                }),
+            }),
+            ActivationPart::Logs => Response::ActivationLogs(ipc::api::ActivationLogs {
+                logs: record.logs.unwrap_or_default(),
+            }),
+        })
+    }
+
+    /// Returns once every record handed over so far is committed (tests, benchmarks).
+    pub fn flush_records(&self) -> Result<(), Error> {
+        self.activations.flush().map_err(Error::from)
     }
 
     /// The functions of `namespace`, by name.
@@ -471,17 +599,20 @@ impl crate::transport::Handle for Agent {
                 namespace,
                 name,
                 event,
+                activation_id,
+                blocking: true,
             } => self
                 .invoker
-                .start_fast(namespace, name, event, None)
+                .start_fast(namespace, name, event, None, *activation_id)
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             Request::Run {
                 namespace,
                 name,
                 run,
+                activation_id,
             } => self
                 .invoker
-                .start_fast(namespace, name, &run.body, Some(run))
+                .start_fast(namespace, name, &run.body, Some(run), *activation_id)
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }

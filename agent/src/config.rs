@@ -242,7 +242,19 @@ pub struct Config {
     /// Where packages come from (`--package-index`, `--npm-registry`): PyPI and the
     /// npm registry unless the operator names a mirror.
     pub package_sources: crate::packages::Sources,
+    /// Keep no activation records (`--no-records`), even with a data directory: ids
+    /// are still made and answered; asynchronous invocations are refused.
+    pub no_records: bool,
+    /// How long activation records are kept (`--activations-max`,
+    /// `--activations-max-age`).
+    pub activations: crate::activations::Retention,
+    /// Threads that run accepted asynchronous invocations (`--async-workers`): each
+    /// waits in its function's queue like a client's request. At least 1.
+    pub async_workers: usize,
 }
+
+/// The default of `--async-workers`.
+pub const DEFAULT_ASYNC_WORKERS: usize = 8;
 
 /// Where the embedded CLI keeps installed packages.
 pub const DEFAULT_PACKAGE_CACHE: &str = "/var/cache/sprout/packages";
@@ -275,6 +287,9 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PACKAGE_CACHE)),
             install_limits: crate::packages::InstallLimits::default(),
             package_sources: crate::packages::Sources::default(),
+            no_records: false,
+            activations: crate::activations::Retention::default(),
+            async_workers: DEFAULT_ASYNC_WORKERS,
         }
     }
 }

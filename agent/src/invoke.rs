@@ -9,14 +9,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use ipc::api::Logs;
+use ipc::api::{ActivationId, ActivationStatus, Logs};
 use ipc::proto::{CallSpec, LoadSpec};
 use ipc::Payload;
 use parking_lot::Mutex;
 use pool::{Sandbox, SandboxState};
 
+use crate::activations::{record, Activations, Finished, TimedLogs};
 use crate::calls::book::Book;
 use crate::config::Config;
 use crate::error::Error;
@@ -46,6 +47,45 @@ pub(crate) struct CallOpts<'a> {
     /// Where to leave the instance (and whether it is healthy) instead of leaving the
     /// run and releasing it: the caller does that after it has sent the answer on.
     pub hand_back: Option<&'a Mutex<Option<(Instance, bool)>>>,
+    /// Its activation's id, if the caller chose it (else one is made).
+    pub activation: Option<ActivationId>,
+    /// The activation of the function that made this call through the agent.
+    pub cause: Option<ActivationId>,
+    /// When it arrived, if before this call: an asynchronous one's acceptance.
+    pub arrived: Option<Instant>,
+    /// An asynchronous activation: its client did not wait for it.
+    pub background: bool,
+}
+
+/// What an invocation's activation record needs besides its outcome.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta {
+    pub id: ActivationId,
+    cause: Option<ActivationId>,
+    /// When it arrived (its wait starts).
+    arrived: Instant,
+    /// When this process began serving it (its client's duration starts).
+    started: Instant,
+    /// When its instance began working on it: loading it on a cold start, else
+    /// running it (its wait ends).
+    began: Instant,
+    /// Making and loading a new instance.
+    init: Duration,
+    background: bool,
+}
+
+impl Meta {
+    fn new(opts: &CallOpts<'_>, now: Instant) -> Meta {
+        Meta {
+            id: opts.activation.unwrap_or_else(Activations::new_id),
+            cause: opts.cause,
+            arrived: opts.arrived.unwrap_or(now),
+            started: now,
+            began: now,
+            init: Duration::ZERO,
+            background: opts.background,
+        }
+    }
 }
 
 /// Runs invocations over the agent's components.
@@ -59,9 +99,20 @@ pub(crate) struct Invoker {
     book: Arc<Book>,
     /// Told of every cold start (what package zygotes to keep).
     zygotes: Arc<Policy>,
+    /// Where every invocation's record goes.
+    activations: Arc<Activations>,
     /// Invocation ids.
     next_id: AtomicU64,
     invocations: AtomicU64,
+}
+
+/// How far an invocation got before it failed.
+#[derive(Debug, Clone, Copy)]
+enum Reached {
+    /// It had an instance of this version of the function.
+    Before(u64),
+    /// It reached [`Invoker::complete`], which records it.
+    Complete,
 }
 
 /// What an invocation sends its instance.
@@ -72,6 +123,31 @@ enum Input<'a> {
     /// A `/run` request: the whole request for an HTTP app, its body as the event
     /// for a plain function.
     Run(&'a RunRequest),
+}
+
+/// A successful invocation's result as its record keeps it: the JSON (capped); for an
+/// HTTP app its status and body size, for bytes their size.
+fn result_of(inv: &Invocation) -> Vec<u8> {
+    match &inv.http {
+        Some(head) => format!(
+            "{{\"status\":{},\"body_size\":{}}}",
+            head.status,
+            inv.result.len()
+        )
+        .into_bytes(),
+        None if inv.raw => format!("{{\"bytes\":{}}}", inv.result.len()).into_bytes(),
+        None => record::cap_result(&inv.result),
+    }
+}
+
+/// A failure as its record keeps it: `{"error": {...}}`, the API's error body without
+/// the logs (the record has them).
+fn error_result(e: &Error) -> Vec<u8> {
+    let mut detail = e.detail();
+    detail.logs = None;
+    let body = serde_json::to_vec(&ipc::api::ErrorBody { error: detail })
+        .unwrap_or_else(|_| b"null".to_vec());
+    record::cap_result(&body)
 }
 
 /// Events up to this size may take the event loop's warm path.
@@ -87,7 +163,7 @@ pub(crate) struct WarmCall {
     inst: Option<Instance>,
     function: Arc<Function>,
     id: u64,
-    started: Instant,
+    meta: Meta,
     start: Start,
     deadline: Instant,
     /// A failure seen already (sending the invoke, or reading the answer).
@@ -135,7 +211,7 @@ impl FastCall for WarmCall {
                     inst,
                     &self.function,
                     self.start,
-                    self.started,
+                    &self.meta,
                     outcome,
                     &CallOpts::default(),
                 );
@@ -157,7 +233,7 @@ impl FastCall for WarmCall {
                 inst,
                 &self.function,
                 self.start,
-                self.started,
+                &self.meta,
                 outcome,
                 &CallOpts::default(),
             )
@@ -169,11 +245,21 @@ impl Drop for WarmCall {
     fn drop(&mut self) {
         if let Some(inst) = self.inst.take() {
             self.invoker.release(inst, false);
+            // Dropped unfinished (the server stopped): its record says so.
+            let key = self.function.key();
+            self.invoker.record_failure(
+                &key,
+                self.function.version,
+                &self.meta,
+                &Error::ShuttingDown,
+            );
         }
     }
 }
 
 impl Invoker {
+    // One handle per component it composes (agent.rs builds them all).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         registry: Arc<Registry>,
@@ -182,6 +268,7 @@ impl Invoker {
         runs: Arc<Runs>,
         book: Arc<Book>,
         zygotes: Arc<Policy>,
+        activations: Arc<Activations>,
     ) -> Invoker {
         Invoker {
             config,
@@ -191,6 +278,7 @@ impl Invoker {
             runs,
             book,
             zygotes,
+            activations,
             next_id: AtomicU64::new(1),
             invocations: AtomicU64::new(0),
         }
@@ -217,11 +305,12 @@ impl Invoker {
         &self,
         key: &FunctionKey,
         event: Vec<u8>,
+        opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
         serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
         let event = Payload::Inline(event);
-        self.invoke_abandonable(key, Input::Event(&event), &CallOpts::default(), abandon)
+        self.invoke_abandonable(key, Input::Event(&event), opts, abandon)
     }
 
     /// A client's `/run` request for `key` (OpenLambda's): refused with 405 if the
@@ -231,6 +320,7 @@ impl Invoker {
         &self,
         key: &FunctionKey,
         run: &RunRequest,
+        opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
         let function = self.registry.get(key)?;
@@ -242,7 +332,7 @@ impl Invoker {
                 allowed: function.http_methods.clone().unwrap_or_default(),
             });
         }
-        self.invoke_abandonable(key, Input::Run(run), &CallOpts::default(), abandon)
+        self.invoke_abandonable(key, Input::Run(run), opts, abandon)
     }
 
     /// Runs one invocation of `key`: a client's (`opts` default) or a function's call
@@ -266,6 +356,32 @@ impl Invoker {
         opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
+        let mut meta = Meta::new(opts, Instant::now());
+        let mut version = None;
+        let out = self.invoke_recorded(key, input, opts, abandon, &mut meta, &mut version);
+        match (&out, version) {
+            // Ended before `complete` (which records): recorded here, unless it was
+            // refused (bad input, no such function: nothing was activated).
+            (Err(e), Some(Reached::Before(version))) => self.record_failure(key, version, &meta, e),
+            (Err(e), None) => {
+                let version = self.registry.version_of(key).unwrap_or(0);
+                self.record_failure(key, version, &meta, e)
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// [`Invoker::invoke_abandonable`]'s body: sets `reached` to how far it got.
+    fn invoke_recorded(
+        &self,
+        key: &FunctionKey,
+        input: Input<'_>,
+        opts: &CallOpts<'_>,
+        abandon: Option<&Abandon>,
+        meta: &mut Meta,
+        reached: &mut Option<Reached>,
+    ) -> Result<Invocation, Error> {
         let name = key.name.as_str();
         let id = self.next_id();
         self.invocations.fetch_add(1, Ordering::Relaxed);
@@ -274,11 +390,11 @@ impl Invoker {
             namespace = %key.namespace,
             function = name,
             invocation = id,
+            activation = %meta.id,
             depth = opts.depth,
             sandbox_id = tracing::field::Empty
         );
         let _g = span.enter();
-        let started = Instant::now();
 
         // A client's request waits in the queue as long as it takes; a function's call
         // no longer than its deadline, and not once its caller has given up.
@@ -288,8 +404,11 @@ impl Invoker {
                 Some(Instant::now() + Duration::from_millis(f))
             })
         });
-        let (mut inst, mut start, function) =
+        let (mut inst, mut start, function, init) =
             self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
+        meta.init = init;
+        meta.began = Instant::now() - init;
+        *reached = Some(Reached::Before(function.version));
         span.record("sandbox_id", inst.sandbox.id());
         // A client gone while its instance was handed over: it never runs.
         if opts.cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.is_gone()) {
@@ -327,7 +446,8 @@ impl Invoker {
         let own = Instant::now() + Duration::from_millis(function.timeout_ms);
         let deadline = opts.deadline.map_or(own, |d| d.min(own));
         // Calls the sandbox makes from now on are this invocation's (`complete` ends them).
-        self.book.begin(inst.sandbox.id(), opts.depth);
+        self.book
+            .begin_activation(inst.sandbox.id(), opts.depth, Some(meta.id));
         let begun = match (input, &run_event) {
             (Input::Event(event), _) => inst.begin(id, event, opts.depth, opts.raw),
             (Input::Run(_), Some(event)) => inst.begin(id, event, 0, false),
@@ -344,7 +464,8 @@ impl Invoker {
                 opts.cancel.map(|c| c.fd()),
             )
         });
-        self.complete(inst, &function, start, started, outcome, opts)
+        *reached = Some(Reached::Complete);
+        self.complete(inst, &function, start, meta, outcome, opts)
     }
 
     /// Ends an invocation: leaves its workflow run, gives the instance back (or
@@ -354,14 +475,20 @@ impl Invoker {
         mut inst: Instance,
         function: &Function,
         start: Start,
-        started: Instant,
+        meta: &Meta,
         outcome: Result<Answer, CallFailure>,
         opts: &CallOpts<'_>,
     ) -> Result<Invocation, Error> {
         // Every call the invocation made ends with it, whatever the runtime reports.
         self.book.end(inst.sandbox.id());
-        let logs = inst.take_logs();
-        let duration = started.elapsed();
+        let timed = inst.take_timed_logs();
+        let logs = Logs {
+            stdout: timed.stdout.text.clone(),
+            stderr: timed.stderr.text.clone(),
+            truncated: timed.truncated,
+        };
+        let called = inst.called;
+        let duration = meta.started.elapsed();
         let name = &function.name;
         let mut healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
         // The runtime's word that it called (`called`) is not needed: calls made on the
@@ -397,6 +524,7 @@ impl Invoker {
                             "http app responded"
                         );
                         let inv = Invocation {
+                            activation_id: meta.id,
                             result: payload,
                             raw: false,
                             logs,
@@ -445,6 +573,7 @@ impl Invoker {
                             "invocation returned"
                         );
                         let inv = Invocation {
+                            activation_id: meta.id,
                             result: payload,
                             raw,
                             logs,
@@ -466,6 +595,7 @@ impl Invoker {
             ),
             Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
         };
+        self.record(meta, function, Some(start), &result, timed, called);
         match opts.hand_back {
             Some(slot) => {
                 // Counted before its answer goes out, so a burst of calls right after
@@ -476,6 +606,108 @@ impl Invoker {
             None => self.leave_and_release(inst, opts.run, keep),
         }
         result
+    }
+
+    /// Hands an invocation's record to the store (a channel send; the lines are
+    /// formatted by its writer).
+    fn record(
+        &self,
+        meta: &Meta,
+        function: &Function,
+        start: Option<Start>,
+        result: &Result<Invocation, Error>,
+        logs: TimedLogs,
+        called: bool,
+    ) {
+        if !self.activations.is_on() {
+            return;
+        }
+        let (status, result) = match result {
+            Ok(inv) => (ActivationStatus::Success, result_of(inv)),
+            // Killed by the agent's shutdown, not by its own doing.
+            Err(e @ (Error::InstanceDied { .. } | Error::Protocol { .. }))
+                if self.scheduler.is_closed() =>
+            {
+                (ActivationStatus::WhiskInternalError, error_result(e))
+            }
+            Err(e) => (e.activation_status(), error_result(e)),
+        };
+        let end = SystemTime::now();
+        let end_ms = record::epoch_ms(end);
+        let ran = meta.began.elapsed();
+        let start_ms = end_ms.saturating_sub(ran.as_millis() as u64);
+        self.activations.finish(Finished {
+            id: meta.id,
+            namespace: function.namespace.clone(),
+            name: function.name.clone(),
+            version: function.version,
+            start_ms,
+            end_ms,
+            wait_ms: meta
+                .began
+                .saturating_duration_since(meta.arrived)
+                .as_millis() as u64,
+            init_ms: meta.init.as_millis() as u64,
+            start_path: start.map(Start::as_str),
+            status,
+            result,
+            logs,
+            cause: meta.cause,
+            called,
+            blocking: !meta.background,
+        });
+    }
+
+    /// Records an invocation that failed before [`Invoker::complete`] (no instance, a
+    /// failed load, a queue timeout, a shutdown), unless it was refused: bad input or
+    /// no such function activates nothing.
+    pub(crate) fn record_failure(&self, key: &FunctionKey, version: u64, meta: &Meta, e: &Error) {
+        use crate::error::ErrorKind;
+        if !self.activations.is_on()
+            || matches!(
+                e.kind(),
+                ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::MethodNotAllowed
+            )
+        {
+            return;
+        }
+        let end = SystemTime::now();
+        let end_ms = record::epoch_ms(end);
+        let logs = e
+            .detail()
+            .logs
+            .map(|l| TimedLogs::untimed(&l, end))
+            .unwrap_or_default();
+        let waited = meta.arrived.elapsed();
+        self.activations.finish(Finished {
+            id: meta.id,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            version,
+            start_ms: end_ms,
+            end_ms,
+            wait_ms: waited.as_millis() as u64,
+            init_ms: 0,
+            start_path: None,
+            status: e.activation_status(),
+            result: error_result(e),
+            logs,
+            cause: meta.cause,
+            called: false,
+            blocking: !meta.background,
+        });
+    }
+
+    /// Records an accepted activation that never ran, with `e`.
+    pub(crate) fn record_not_run(
+        &self,
+        key: &FunctionKey,
+        version: u64,
+        opts: &CallOpts<'_>,
+        e: &Error,
+    ) {
+        let meta = Meta::new(opts, Instant::now());
+        self.record_failure(key, version, &meta, e);
     }
 
     /// Runs `f` (an invocation of `inst`, or a call its shim runs in its sandbox) as
@@ -525,6 +757,7 @@ impl Invoker {
         name: &str,
         event: &[u8],
         run: Option<&RunRequest>,
+        activation: Option<ActivationId>,
     ) -> Option<WarmCall> {
         let empty_run = run.is_some() && event.is_empty();
         if event.len() > FAST_EVENT_MAX
@@ -546,6 +779,13 @@ impl Invoker {
         let id = self.next_id();
         self.invocations.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
+        let meta = Meta::new(
+            &CallOpts {
+                activation,
+                ..CallOpts::default()
+            },
+            started,
+        );
         let start = if inst.sandbox.state() == SandboxState::Frozen {
             Start::Thawed
         } else {
@@ -555,6 +795,7 @@ impl Invoker {
             if let Err(e) = inst.sandbox.thaw() {
                 tracing::warn!(sandbox_id = inst.sandbox.id(), error = %ipc::chain(&e), "thaw failed");
                 self.release(inst, false);
+                self.invocations.fetch_sub(1, Ordering::Relaxed);
                 return None;
             }
             tracing::debug!(
@@ -563,7 +804,8 @@ impl Invoker {
                 "thawed"
             );
         }
-        self.book.begin(inst.sandbox.id(), 0);
+        self.book
+            .begin_activation(inst.sandbox.id(), 0, Some(meta.id));
         let failed = match run {
             Some(run) if inst.http.is_some() => {
                 inst.begin_http(id, &run.request, &Payload::Inline(event.to_vec()))
@@ -578,7 +820,7 @@ impl Invoker {
             inst: Some(inst),
             function,
             id,
-            started,
+            meta,
             start,
             failed,
             answered: None,
@@ -595,16 +837,18 @@ impl Invoker {
         cancel: Option<&Cancel>,
     ) -> Result<(Instance, Start, Arc<Function>), Error> {
         self.acquire_until(key, deadline, cancel, None)
+            .map(|(inst, start, function, _)| (inst, start, function))
     }
 
-    /// [`Invoker::acquire`] for a request its transport may abandon while it waits.
+    /// [`Invoker::acquire`] for a request its transport may abandon while it waits;
+    /// also returns how long a cold start took (making and loading the instance).
     fn acquire_until(
         &self,
         key: &FunctionKey,
         deadline: Option<Instant>,
         cancel: Option<&Cancel>,
         abandon: Option<&Abandon>,
-    ) -> Result<(Instance, Start, Arc<Function>), Error> {
+    ) -> Result<(Instance, Start, Arc<Function>, Duration), Error> {
         let name = key.name.as_str();
         let mut retried = false;
         loop {
@@ -628,10 +872,11 @@ impl Invoker {
                 self.destroy(inst);
             }
             let slot = match grant {
-                Grant::Idle(inst) => return Ok((inst, Start::Warm, function)),
+                Grant::Idle(inst) => return Ok((inst, Start::Warm, function, Duration::ZERO)),
                 Grant::Start(stem) => {
+                    let cold = Instant::now();
                     return match self.start_cold(&function, stem, zygote) {
-                        Ok((inst, start)) => Ok((inst, start, function)),
+                        Ok((inst, start)) => Ok((inst, start, function, cold.elapsed())),
                         Err(e) => {
                             self.scheduler.forget_instance(key);
                             Err(e)
@@ -650,7 +895,9 @@ impl Invoker {
                 state = slot.take();
             }
             match state {
-                SlotState::Ready(inst) => return Ok((*inst, Start::Warm, function)),
+                SlotState::Ready(inst) => {
+                    return Ok((*inst, Start::Warm, function, Duration::ZERO))
+                }
                 SlotState::Retry => retried = true,
                 // Taken back: the check at the top of the loop says why.
                 SlotState::GaveUp if abandon.is_some_and(|a| a.get().is_some()) => {}

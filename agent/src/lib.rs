@@ -15,6 +15,7 @@
 
 pub mod activations;
 mod agent;
+mod async_invoke;
 mod calls;
 mod config;
 pub mod data_dir;
@@ -43,14 +44,15 @@ mod zygotes;
 pub use agent::Agent;
 pub use config::{
     default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells,
-    DEFAULT_PACKAGE_ZYGOTES_MB,
+    DEFAULT_ASYNC_WORKERS, DEFAULT_PACKAGE_ZYGOTES_MB,
 };
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use packages::{InstallLimits, Sources as PackageSources};
 pub use request::{
-    FunctionSource, Invocation, Request, Response, RunRequest, Start, WorkflowOutput,
+    ActivationPart, FunctionSource, Invocation, Request, Response, RunRequest, Start,
+    WorkflowOutput,
 };
 pub use workflow::Workflow;
 
