@@ -530,3 +530,32 @@ fn a_killed_daemon_loses_no_accepted_activation_and_runs_none_twice() {
     let rec = record(&d, body_json(&r)["activationId"].as_str().unwrap(), "");
     assert_eq!(rec["status"], json!("success"), "{rec}");
 }
+
+#[test]
+fn a_call_through_the_agent_names_its_caller_as_cause() {
+    let env = require_root!();
+    let d = env.daemon_with(&["--stem-cells", "0"]);
+    d.register("ok", &env.function("ok", &[("f.py", OK_PY)]), json!({}));
+    let caller = r#"
+import sprout
+def f(event):
+    return sprout.call_async("ok", {"from": "caller"}).result()
+"#;
+    d.register(
+        "caller",
+        &env.function("caller", &[("f.py", caller)]),
+        json!({}),
+    );
+    let r = invoke_json(&d, "caller", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let caller_id = id_of(&r);
+    let rec = record(&d, &caller_id, "");
+    assert_eq!(rec["called"], json!(true), "{rec}");
+    let callee = wait_for(Duration::from_secs(10), || {
+        let list = body_json(&d.request("GET", "/activations?name=ok", None, b""));
+        list.as_array().and_then(|l| l.first().cloned()).ok_or(())
+    })
+    .expect("the callee's record");
+    assert_eq!(callee["cause"], json!(caller_id), "{callee}");
+    assert_eq!(callee["status"], json!("success"), "{callee}");
+}
