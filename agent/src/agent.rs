@@ -13,6 +13,8 @@
 //! | [`Policy`] | which package zygotes to keep: demand per package set, the budget |
 //! | [`Admission`] | per-namespace limits: invocations in flight and per minute |
 //! | [`Metrics`] | what the node counts: invocations, usage, latencies, refusals |
+//! | [`Activations`] | activation records: the store's writer thread (`sprout-records`) and read connection |
+//! | [`AsyncRunner`] | accepted asynchronous activations and the threads (`sprout-async-N`) that run them |
 //!
 //! **Lock order.** A lock is only taken while holding locks above it in this list:
 //!
@@ -21,7 +23,9 @@
 //! 3. `Runs::bound` (taken under 2 by retire's "calls it" check)
 //! 4. `Registry::functions` (taken under 3 by `Runs::callees_current`)
 //!
-//! Leaves, under which no other component's lock is taken: `Registry::workflows`,
+//! Leaves, under which no other component's lock is taken: the record store's locks
+//! (its queue's sender, its read connection), the async runner's queue,
+//! `Registry::workflows`,
 //! the admission's locks (its namespace map, then one namespace's window), the
 //! metrics' maps,
 //! the package zygote policy's lock, the package fork servers' own locks,
@@ -35,20 +39,22 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ipc::api::{FunctionInfo, NamespaceStatus, Status};
+use ipc::api::{ActivationId, FunctionInfo, NamespaceStatus, Status};
 use parking_lot::Mutex;
 use pool::CgroupVersion;
 
+use crate::activations::{Accepted, Activations, Lookup};
 use crate::admission::{Admission, Ticket};
+use crate::async_invoke::AsyncRunner;
 use crate::calls::book::Book;
 use crate::config::Config;
 use crate::data_dir::DataDir;
 use crate::error::Error;
-use crate::invoke::Invoker;
+use crate::invoke::{CallOpts, Invoker};
 use crate::metrics::{Gauges, Metrics, SandboxStates};
 use crate::names::{validate_namespace, FunctionKey};
 use crate::registry::{remove_owned_dir, Registry};
-use crate::request::{Request, Response};
+use crate::request::{ActivationPart, Request, Response};
 use crate::runs::Runs;
 use crate::runtime::Runtime;
 use crate::sandboxes::{state_err, Sandboxes};
@@ -69,6 +75,8 @@ pub struct Agent {
     invoker: Arc<Invoker>,
     admission: Admission,
     metrics: Arc<Metrics>,
+    activations: Arc<Activations>,
+    asyncs: AsyncRunner,
     started: Instant,
     /// What outlives the process; locked while the agent runs (taken by shutdown).
     data: Mutex<Option<DataDir>>,
@@ -101,6 +109,14 @@ impl Agent {
             }
             None => None,
         };
+        // Before anything runs: rows an earlier agent accepted and did not finish are
+        // recorded as lost now, never run again.
+        let activations = Arc::new(match &data {
+            Some(data) if !config.no_records => {
+                Activations::open(&data.activations(), config.activations)?
+            }
+            _ => Activations::off(),
+        });
         let uploads = match &data {
             Some(data) => {
                 data.empty_code().map_err(state_err(&data.code()))?;
@@ -167,7 +183,9 @@ impl Agent {
             book.clone(),
             zygotes.clone(),
             metrics.clone(),
+            activations.clone(),
         ));
+        let asyncs = AsyncRunner::start(config.async_workers, invoker.clone())?;
         let manager = if config.keep_warm {
             let (scheduler, sandboxes, invoker) =
                 (scheduler.clone(), sandboxes.clone(), invoker.clone());
@@ -211,6 +229,8 @@ impl Agent {
             invoker,
             admission,
             metrics,
+            activations,
+            asyncs,
             started: Instant::now(),
             data: Mutex::new(data),
             manager: Mutex::new(manager),
@@ -247,6 +267,10 @@ impl Agent {
         if let Some(watch) = self.spawner_watch.lock().take() {
             let _ = watch.join();
         }
+        // Accepted work not started is recorded as not run; then every record handed
+        // over is committed before the data directory is let go.
+        self.asyncs.stop();
+        self.activations.close();
         stopped?;
         self.sandboxes.remove_state()?;
         // Unlocks the data directory for the next agent.
@@ -302,28 +326,74 @@ impl Agent {
                 namespace,
                 name,
                 event,
+                activation_id,
+                blocking: false,
+            } => {
+                let key = FunctionKey::new(&namespace, &name)?;
+                self.accept(&key, event, activation_id)
+            }
+            Request::Invoke {
+                namespace,
+                name,
+                event,
+                activation_id,
+                blocking: true,
             } => {
                 let key = FunctionKey::new(&namespace, &name)?;
                 let _ticket = self.admit(&key)?;
+                let opts = CallOpts {
+                    activation: activation_id,
+                    ..CallOpts::default()
+                };
                 self.invoker
-                    .invoke(&key, event, abandon)
+                    .invoke(&key, event, &opts, abandon)
                     .map(Response::Invoked)
             }
             Request::Run {
                 namespace,
                 name,
                 run,
+                activation_id,
             } => {
                 let key = FunctionKey::new(&namespace, &name)?;
                 let _ticket = self.admit(&key)?;
-                self.invoker.run(&key, &run, abandon).map(Response::Invoked)
+                let opts = CallOpts {
+                    activation: activation_id,
+                    ..CallOpts::default()
+                };
+                self.invoker
+                    .run(&key, &run, &opts, abandon)
+                    .map(Response::Invoked)
+            }
+            Request::GetActivation {
+                namespace,
+                id,
+                part,
+            } => self.activation(namespace.as_deref(), id, part),
+            Request::ListActivations { mut query } => {
+                if let Some(ns) = &query.namespace {
+                    validate_namespace(ns)?;
+                }
+                query.limit = query.limit.min(crate::activations::MAX_LIMIT);
+                let list = self.activations.list(&query).ok_or(Error::RecordsOff)??;
+                Ok(Response::Activations(list))
             }
             Request::Status => Ok(Response::Status(self.status())),
             Request::Usage { namespace } => {
                 validate_namespace(&namespace)?;
                 Ok(Response::Usage(self.metrics.usage(&namespace)))
             }
-            Request::Metrics => Ok(Response::Metrics(self.metrics.encode(self.gauges()))),
+            Request::Metrics => {
+                // Records held, read at scrape time (one indexed count).
+                match self.activations.count() {
+                    Some(Ok(n)) => self.metrics.set_activations_stored(n),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %ipc::chain(&e), "cannot count activation records")
+                    }
+                    None => {}
+                }
+                Ok(Response::Metrics(self.metrics.encode(self.gauges())))
+            }
             Request::ListPackages => {
                 let users = self.package_users();
                 let listed = self
@@ -436,6 +506,79 @@ impl Agent {
         }
     }
 
+    /// Accepts an asynchronous invocation of `key`: checks it (the function exists,
+    /// the event is JSON), makes its acceptance durable, and queues it.
+    fn accept(
+        &self,
+        key: &FunctionKey,
+        event: Vec<u8>,
+        id: Option<ActivationId>,
+    ) -> Result<Response, Error> {
+        let function = self.registry.get(key)?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
+        if !self.activations.is_on() {
+            return Err(Error::AsyncNeedsRecords);
+        }
+        // Admission control (namespace limits) decides here, before anything is
+        // accepted; the ticket lives until the activation ends.
+        let ticket = self.admit(key)?;
+        let id = id.unwrap_or_else(Activations::new_id);
+        let arrived = Instant::now();
+        self.activations.accept(Accepted {
+            id,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            version: function.version,
+            at_ms: crate::activations::record::epoch_ms(std::time::SystemTime::now()),
+        })?;
+        tracing::debug!(activation = %id, function = %key, "accepted");
+        self.asyncs.submit(crate::async_invoke::Job {
+            id,
+            key: key.clone(),
+            version: function.version,
+            event,
+            arrived,
+            ticket,
+        });
+        Ok(Response::Accepted(id))
+    }
+
+    /// An activation's record, result or logs, if it is in `namespace` (`None`: any).
+    fn activation(
+        &self,
+        namespace: Option<&str>,
+        id: ActivationId,
+        part: ActivationPart,
+    ) -> Result<Response, Error> {
+        let record = match self
+            .activations
+            .get(id, namespace)
+            .ok_or(Error::RecordsOff)??
+        {
+            Lookup::Found(record) => record,
+            Lookup::Pending => return Err(Error::ActivationPending { id }),
+            Lookup::Missing => return Err(Error::ActivationNotFound { id }),
+        };
+        Ok(match part {
+            ActivationPart::Record => Response::Activation(record),
+            ActivationPart::Result => Response::ActivationResult(ipc::api::ActivationResult {
+                success: record.status == ipc::api::ActivationStatus::Success,
+                status: record.status,
+                result: record.result.unwrap_or_else(|| {
+                    serde_json::value::RawValue::from_string("null".into()).expect("JSON")
+                }),
+            }),
+            ActivationPart::Logs => Response::ActivationLogs(ipc::api::ActivationLogs {
+                logs: record.logs.unwrap_or_default(),
+            }),
+        })
+    }
+
+    /// Returns once every record handed over so far is committed (tests, benchmarks).
+    pub fn flush_records(&self) -> Result<(), Error> {
+        self.activations.flush().map_err(Error::from)
+    }
+
     /// The functions of `namespace`, by name.
     fn list(&self, namespace: &str) -> Vec<FunctionInfo> {
         let functions = self.registry.in_namespace(namespace);
@@ -541,17 +684,34 @@ impl crate::transport::Handle for Agent {
                 namespace,
                 name,
                 event,
+                activation_id,
+                blocking: true,
             } => self
                 .invoker
-                .start_fast(namespace, name, event, None, &self.admission)
+                .start_fast(
+                    namespace,
+                    name,
+                    event,
+                    None,
+                    &self.admission,
+                    *activation_id,
+                )
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             Request::Run {
                 namespace,
                 name,
                 run,
+                activation_id,
             } => self
                 .invoker
-                .start_fast(namespace, name, &run.body, Some(run), &self.admission)
+                .start_fast(
+                    namespace,
+                    name,
+                    &run.body,
+                    Some(run),
+                    &self.admission,
+                    *activation_id,
+                )
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }

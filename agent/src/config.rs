@@ -251,7 +251,19 @@ pub struct Config {
     /// Each namespace's limits on client invocations in flight and per minute
     /// (`--namespace-concurrent`, `--namespace-per-minute`, `--namespace-limits`).
     pub namespace_limits: crate::admission::NamespaceLimits,
+    /// Keep no activation records (`--no-records`), even with a data directory: ids
+    /// are still made and answered; asynchronous invocations are refused.
+    pub no_records: bool,
+    /// How long activation records are kept (`--activations-max`,
+    /// `--activations-max-age`).
+    pub activations: crate::activations::Retention,
+    /// Threads that run accepted asynchronous invocations (`--async-workers`): each
+    /// waits in its function's queue like a client's request. At least 1.
+    pub async_workers: usize,
 }
+
+/// The default of `--async-workers`.
+pub const DEFAULT_ASYNC_WORKERS: usize = 8;
 
 /// Where the embedded CLI keeps installed packages.
 pub const DEFAULT_PACKAGE_CACHE: &str = "/var/cache/sprout/packages";
@@ -286,6 +298,9 @@ impl Config {
             package_sources: crate::packages::Sources::default(),
             max_queue: DEFAULT_MAX_QUEUE,
             namespace_limits: crate::admission::NamespaceLimits::default(),
+            no_records: false,
+            activations: crate::activations::Retention::default(),
+            async_workers: DEFAULT_ASYNC_WORKERS,
         }
     }
 }

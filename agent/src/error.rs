@@ -187,6 +187,19 @@ pub enum Error {
     },
     #[error("the agent is shutting down")]
     ShuttingDown,
+    /// The same text whether the id is unknown, removed or of another namespace.
+    #[error("activation {id} is not recorded here (unknown, removed by retention, or not in the caller's namespace)")]
+    ActivationNotFound { id: ipc::api::ActivationId },
+    #[error("activation {id} was accepted and has not finished yet")]
+    ActivationPending { id: ipc::api::ActivationId },
+    #[error("this agent keeps no activation records (it has no data directory, or runs with --no-records)")]
+    RecordsOff,
+    #[error("asynchronous invocations need activation records, and this agent keeps none (no data directory, or --no-records)")]
+    AsyncNeedsRecords,
+    #[error(transparent)]
+    Records(#[from] crate::activations::Error),
+    #[error("{}", crate::activations::LOST_AT_SHUTDOWN)]
+    NotStarted,
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::Error),
 }
@@ -298,7 +311,14 @@ impl Error {
             | InvalidConfig(_)
             | InvalidWorkflow(_)
             | Unpack { .. } => ErrorKind::BadRequest,
-            NotFound { .. } | WorkflowNotFound { .. } => ErrorKind::NotFound,
+            NotFound { .. }
+            | WorkflowNotFound { .. }
+            | ActivationNotFound { .. }
+            | ActivationPending { .. }
+            | RecordsOff => ErrorKind::NotFound,
+            AsyncNeedsRecords => ErrorKind::BadRequest,
+            Records(crate::activations::Error::IdInUse { .. }) => ErrorKind::BadRequest,
+            Records(_) => ErrorKind::Internal,
             MethodNotAllowed { .. } => ErrorKind::MethodNotAllowed,
             Workflow { source, .. } => source.kind(),
             WorkflowTimeout { .. } | QueueTimeout { .. } => ErrorKind::Timeout,
@@ -324,7 +344,7 @@ impl Error {
             | DataDir(_)
             | Packages { .. }
             | PackageCache(_) => ErrorKind::Internal,
-            ShuttingDown => ErrorKind::Unavailable,
+            ShuttingDown | NotStarted => ErrorKind::Unavailable,
             QueueFull { .. } | ConcurrencyLimit { .. } | RateLimit { .. } => {
                 ErrorKind::TooManyRequests
             }
@@ -382,7 +402,12 @@ impl Error {
             Packages { source, .. } if matches!(**source, crate::packages::Error::Busy(_)) => {
                 "unavailable"
             }
-            NotFound { .. } => "not_found",
+            NotFound { .. } | ActivationNotFound { .. } => "not_found",
+            ActivationPending { .. } => "pending",
+            RecordsOff => "records_off",
+            AsyncNeedsRecords => "bad_request",
+            Records(crate::activations::Error::IdInUse { .. }) => "bad_request",
+            Records(_) => "internal",
             LoadFailed { .. } => "load_error",
             Handler { .. } => "handler_error",
             Timeout { .. } => "timeout",
@@ -396,7 +421,7 @@ impl Error {
             | DataDir(_)
             | Packages { .. }
             | PackageCache(_) => "internal",
-            ShuttingDown => "unavailable",
+            ShuttingDown | NotStarted => "unavailable",
             QueueFull { .. } | ConcurrencyLimit { .. } | RateLimit { .. } => "too_many_requests",
         }
     }

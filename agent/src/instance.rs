@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::ErrorKind as IoKind;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipc::api::Logs;
 use ipc::proto::{
@@ -17,6 +17,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use pool::Sandbox;
 use serde::de::DeserializeOwned;
 
+use crate::activations::{Mark, StreamLog, TimedLogs};
 use crate::sandbox_output::Got;
 
 /// How long a new sandbox's shim may take to report ready.
@@ -85,6 +86,11 @@ pub struct Output {
     open: bool,
     captured: Vec<u8>,
     truncated: bool,
+    /// Newlines in `captured`.
+    lines: usize,
+    /// When each chunk was read, and the newlines captured by its end (the record's
+    /// line times).
+    marks: Vec<Mark>,
 }
 
 impl Output {
@@ -95,6 +101,8 @@ impl Output {
             open: true,
             captured: Vec::new(),
             truncated: false,
+            lines: 0,
+            marks: Vec::new(),
         })
     }
 
@@ -105,8 +113,16 @@ impl Output {
             match crate::sandbox_output::read_pipe(&mut self.pipe, &mut buf) {
                 Got::Bytes(n) => {
                     let room = limit.saturating_sub(self.captured.len());
-                    self.captured.extend_from_slice(&buf[..n.min(room)]);
+                    let kept = &buf[..n.min(room)];
+                    self.captured.extend_from_slice(kept);
                     self.truncated |= n > room;
+                    if !kept.is_empty() {
+                        self.lines += kept.iter().filter(|&&b| b == b'\n').count();
+                        self.marks.push(Mark {
+                            lines: self.lines,
+                            at: SystemTime::now(),
+                        });
+                    }
                 }
                 Got::Empty => break,
                 Got::Closed => self.open = false,
@@ -117,7 +133,16 @@ impl Output {
     fn take(&mut self) -> (String, bool) {
         let text = String::from_utf8_lossy(&self.captured).into_owned();
         self.captured.clear();
+        self.lines = 0;
+        self.marks.clear();
         (text, std::mem::take(&mut self.truncated))
+    }
+
+    /// [`Output::take`] with the read times of its chunks.
+    fn take_timed(&mut self) -> (StreamLog, bool) {
+        let marks = std::mem::take(&mut self.marks);
+        let (text, truncated) = self.take();
+        (StreamLog { text, marks }, truncated)
     }
 }
 
@@ -127,6 +152,17 @@ impl Instance {
         let (stdout, t1) = self.stdout.take();
         let (stderr, t2) = self.stderr.take();
         Logs {
+            stdout,
+            stderr,
+            truncated: t1 || t2,
+        }
+    }
+
+    /// [`Instance::take_logs`] with when each line was read (the activation record's).
+    pub fn take_timed_logs(&mut self) -> TimedLogs {
+        let (stdout, t1) = self.stdout.take_timed();
+        let (stderr, t2) = self.stderr.take_timed();
+        TimedLogs {
             stdout,
             stderr,
             truncated: t1 || t2,

@@ -9,14 +9,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use ipc::api::Logs;
+use ipc::api::{ActivationId, ActivationStatus, Logs};
 use ipc::proto::{CallSpec, LoadSpec};
 use ipc::Payload;
 use parking_lot::Mutex;
 use pool::{Sandbox, SandboxState};
 
+use crate::activations::{record, Activations, Finished, TimedLogs};
 use crate::admission::{Admission, Ticket};
 use crate::calls::book::Book;
 use crate::config::Config;
@@ -48,6 +49,45 @@ pub(crate) struct CallOpts<'a> {
     /// Where to leave the instance (and whether it is healthy) instead of leaving the
     /// run and releasing it: the caller does that after it has sent the answer on.
     pub hand_back: Option<&'a Mutex<Option<(Instance, bool)>>>,
+    /// Its activation's id, if the caller chose it (else one is made).
+    pub activation: Option<ActivationId>,
+    /// The activation of the function that made this call through the agent.
+    pub cause: Option<ActivationId>,
+    /// When it arrived, if before this call: an asynchronous one's acceptance.
+    pub arrived: Option<Instant>,
+    /// An asynchronous activation: its client did not wait for it.
+    pub background: bool,
+}
+
+/// What an invocation's activation record needs besides its outcome.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Meta {
+    pub id: ActivationId,
+    cause: Option<ActivationId>,
+    /// When it arrived (its wait starts).
+    arrived: Instant,
+    /// When this process began serving it (its client's duration starts).
+    started: Instant,
+    /// When its instance began working on it: loading it on a cold start, else
+    /// running it (its wait ends).
+    began: Instant,
+    /// Making and loading a new instance.
+    init: Duration,
+    background: bool,
+}
+
+impl Meta {
+    fn new(opts: &CallOpts<'_>, now: Instant) -> Meta {
+        Meta {
+            id: opts.activation.unwrap_or_else(Activations::new_id),
+            cause: opts.cause,
+            arrived: opts.arrived.unwrap_or(now),
+            started: now,
+            began: now,
+            init: Duration::ZERO,
+            background: opts.background,
+        }
+    }
 }
 
 /// Runs invocations over the agent's components.
@@ -61,10 +101,21 @@ pub(crate) struct Invoker {
     book: Arc<Book>,
     /// Told of every cold start (what package zygotes to keep).
     zygotes: Arc<Policy>,
+    /// Where every invocation's record goes.
+    activations: Arc<Activations>,
     /// Invocation ids.
     next_id: AtomicU64,
     /// Counts invocations as they start and end.
     metrics: Arc<Metrics>,
+}
+
+/// How far an invocation got before it failed.
+#[derive(Debug, Clone, Copy)]
+enum Reached {
+    /// It had an instance of this version of the function.
+    Before(u64),
+    /// It reached [`Invoker::complete`], which records it.
+    Complete,
 }
 
 /// What an invocation sends its instance.
@@ -75,6 +126,31 @@ enum Input<'a> {
     /// A `/run` request: the whole request for an HTTP app, its body as the event
     /// for a plain function.
     Run(&'a RunRequest),
+}
+
+/// A successful invocation's result as its record keeps it: the JSON (capped); for an
+/// HTTP app its status and body size, for bytes their size.
+fn result_of(inv: &Invocation) -> Vec<u8> {
+    match &inv.http {
+        Some(head) => format!(
+            "{{\"status\":{},\"body_size\":{}}}",
+            head.status,
+            inv.result.len()
+        )
+        .into_bytes(),
+        None if inv.raw => format!("{{\"bytes\":{}}}", inv.result.len()).into_bytes(),
+        None => record::cap_result(&inv.result),
+    }
+}
+
+/// A failure as its record keeps it: `{"error": {...}}`, the API's error body without
+/// the logs (the record has them).
+fn error_result(e: &Error) -> Vec<u8> {
+    let mut detail = e.detail();
+    detail.logs = None;
+    let body = serde_json::to_vec(&ipc::api::ErrorBody { error: detail })
+        .unwrap_or_else(|_| b"null".to_vec());
+    record::cap_result(&body)
 }
 
 /// Events up to this size may take the event loop's warm path.
@@ -90,7 +166,7 @@ pub(crate) struct WarmCall {
     inst: Option<Instance>,
     function: Arc<Function>,
     id: u64,
-    started: Instant,
+    meta: Meta,
     start: Start,
     deadline: Instant,
     /// A failure seen already (sending the invoke, or reading the answer).
@@ -140,7 +216,7 @@ impl FastCall for WarmCall {
                     inst,
                     &self.function,
                     self.start,
-                    self.started,
+                    &self.meta,
                     outcome,
                     &CallOpts::default(),
                 );
@@ -162,7 +238,7 @@ impl FastCall for WarmCall {
                 inst,
                 &self.function,
                 self.start,
-                self.started,
+                &self.meta,
                 outcome,
                 &CallOpts::default(),
             )
@@ -174,12 +250,20 @@ impl Drop for WarmCall {
     fn drop(&mut self) {
         if let Some(inst) = self.inst.take() {
             self.invoker.release(inst, false);
+            // Dropped unfinished (the server stopped): its record says so.
+            let key = self.function.key();
+            self.invoker.record_failure(
+                &key,
+                self.function.version,
+                &self.meta,
+                &Error::ShuttingDown,
+            );
         }
     }
 }
 
 impl Invoker {
-    // Each component it composes, handed over by the composition root.
+    // One handle per component it composes (agent.rs builds them all).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
@@ -190,6 +274,7 @@ impl Invoker {
         book: Arc<Book>,
         zygotes: Arc<Policy>,
         metrics: Arc<Metrics>,
+        activations: Arc<Activations>,
     ) -> Invoker {
         Invoker {
             config,
@@ -199,6 +284,7 @@ impl Invoker {
             runs,
             book,
             zygotes,
+            activations,
             next_id: AtomicU64::new(1),
             metrics,
         }
@@ -220,11 +306,12 @@ impl Invoker {
         &self,
         key: &FunctionKey,
         event: Vec<u8>,
+        opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
         serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
         let event = Payload::Inline(event);
-        self.invoke_abandonable(key, Input::Event(&event), &CallOpts::default(), abandon)
+        self.invoke_abandonable(key, Input::Event(&event), opts, abandon)
     }
 
     /// A client's `/run` request for `key` (OpenLambda's): refused with 405 if the
@@ -234,6 +321,7 @@ impl Invoker {
         &self,
         key: &FunctionKey,
         run: &RunRequest,
+        opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
         let function = self.registry.get(key)?;
@@ -245,7 +333,7 @@ impl Invoker {
                 allowed: function.http_methods.clone().unwrap_or_default(),
             });
         }
-        self.invoke_abandonable(key, Input::Run(run), &CallOpts::default(), abandon)
+        self.invoke_abandonable(key, Input::Run(run), opts, abandon)
     }
 
     /// Runs one invocation of `key`: a client's (`opts` default) or a function's call
@@ -269,6 +357,33 @@ impl Invoker {
         opts: &CallOpts<'_>,
         abandon: Option<&Abandon>,
     ) -> Result<Invocation, Error> {
+        let mut meta = Meta::new(opts, Instant::now());
+        let mut version = None;
+        let out = self.invoke_recorded(key, input, opts, abandon, &mut meta, &mut version);
+        match (&out, version) {
+            // Ended before `complete` (which records): recorded here, unless it was
+            // refused (bad input, no such function: nothing was activated).
+            (Err(e), Some(Reached::Before(version))) => self.record_failure(key, version, &meta, e),
+            (Err(e), None) => {
+                let version = self.registry.version_of(key).unwrap_or(0);
+                self.record_failure(key, version, &meta, e)
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// [`Invoker::invoke_abandonable`]'s body: sets `reached` to how far it got.
+    fn invoke_recorded(
+        &self,
+        key: &FunctionKey,
+        input: Input<'_>,
+        opts: &CallOpts<'_>,
+        abandon: Option<&Abandon>,
+        meta: &mut Meta,
+        reached: &mut Option<Reached>,
+    ) -> Result<Invocation, Error> {
+        let name = key.name.as_str();
         let id = self.next_id();
         self.metrics.invocation_started();
         let span = tracing::debug_span!(
@@ -276,68 +391,11 @@ impl Invoker {
             namespace = %key.namespace,
             function = key.name.as_str(),
             invocation = id,
+            activation = %meta.id,
             depth = opts.depth,
             sandbox_id = tracing::field::Empty
         );
         let _g = span.enter();
-        let started = Instant::now();
-        match self.run_once(key, input, opts, abandon, id, &span) {
-            Ok((inst, start, function, outcome)) => {
-                self.complete(inst, &function, start, started, outcome, opts)
-            }
-            Err((e, start)) => {
-                self.failed_early(key, start, started, &e, opts);
-                Err(e)
-            }
-        }
-    }
-
-    /// Counts a client's invocation that failed before [`Invoker::complete`]
-    /// (`start`: whether an instance had been found for it). A request refused by a
-    /// limit, naming no function or sending a bad body never was an invocation.
-    fn failed_early(
-        &self,
-        key: &FunctionKey,
-        start: Option<Start>,
-        started: Instant,
-        e: &Error,
-        opts: &CallOpts<'_>,
-    ) {
-        use crate::error::ErrorKind;
-        let refused = matches!(
-            e.kind(),
-            ErrorKind::NotFound | ErrorKind::TooManyRequests | ErrorKind::BadRequest
-        );
-        if opts.depth > 0 || refused {
-            return;
-        }
-        let Some(function) = self.registry.lookup(key) else {
-            return;
-        };
-        self.metrics.invocation_finished(
-            key,
-            start,
-            e.activation_status(),
-            started.elapsed(),
-            function.memory_mb,
-        );
-    }
-
-    /// The part of an invocation before [`Invoker::complete`]: finds an instance
-    /// for it, sends it the input and waits for the answer. An error says how the
-    /// instance was found, if it was.
-    #[allow(clippy::type_complexity)]
-    fn run_once(
-        &self,
-        key: &FunctionKey,
-        input: Input<'_>,
-        opts: &CallOpts<'_>,
-        abandon: Option<&Abandon>,
-        id: u64,
-        span: &tracing::Span,
-    ) -> Result<(Instance, Start, Arc<Function>, Result<Answer, CallFailure>), (Error, Option<Start>)>
-    {
-        let name = key.name.as_str();
 
         // A client's request waits in the queue as long as it takes; a function's call
         // no longer than its deadline, and not once its caller has given up.
@@ -347,31 +405,30 @@ impl Invoker {
                 Some(Instant::now() + Duration::from_millis(f))
             })
         });
-        let (mut inst, mut start, function) = self
-            .acquire_until(key, queue_deadline, opts.cancel, abandon)
-            .map_err(|e| (e, None))?;
+        let (mut inst, mut start, function, init) =
+            self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
+        meta.init = init;
+        meta.began = Instant::now() - init;
+        *reached = Some(Reached::Before(function.version));
         span.record("sandbox_id", inst.sandbox.id());
         // A client gone while its instance was handed over: it never runs.
         if opts.cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.is_gone()) {
             self.release(inst, true);
-            return Err((
-                Error::Cancelled {
-                    function: name.to_owned(),
-                },
-                Some(start),
-            ));
+            return Err(Error::Cancelled {
+                function: name.to_owned(),
+            });
         }
         if inst.sandbox.state() == SandboxState::Frozen {
             start = Start::Thawed;
             if let Err(e) = inst.sandbox.thaw() {
                 self.release(inst, false);
-                return Err((e.into(), Some(start)));
+                return Err(e.into());
             }
         }
         if let Some(run) = opts.run {
             if let Err(e) = self.join_run(&inst, run) {
                 self.release(inst, true);
-                return Err((e, Some(start)));
+                return Err(e);
             }
         }
         // A plain function's `/run` body is its event: checked now that the instance
@@ -381,7 +438,7 @@ impl Invoker {
                 Ok(event) => Some(Payload::Inline(event)),
                 Err(e) => {
                     self.release(inst, true);
-                    return Err((e, Some(start)));
+                    return Err(e);
                 }
             },
             _ => None,
@@ -390,7 +447,8 @@ impl Invoker {
         let own = Instant::now() + Duration::from_millis(function.timeout_ms);
         let deadline = opts.deadline.map_or(own, |d| d.min(own));
         // Calls the sandbox makes from now on are this invocation's (`complete` ends them).
-        self.book.begin(inst.sandbox.id(), opts.depth);
+        self.book
+            .begin_activation(inst.sandbox.id(), opts.depth, Some(meta.id));
         let begun = match (input, &run_event) {
             (Input::Event(event), _) => inst.begin(id, event, opts.depth, opts.raw),
             (Input::Run(_), Some(event)) => inst.begin(id, event, 0, false),
@@ -407,7 +465,8 @@ impl Invoker {
                 opts.cancel.map(|c| c.fd()),
             )
         });
-        Ok((inst, start, function, outcome))
+        *reached = Some(Reached::Complete);
+        self.complete(inst, &function, start, meta, outcome, opts)
     }
 
     /// Ends an invocation: leaves its workflow run, gives the instance back (or
@@ -417,14 +476,20 @@ impl Invoker {
         mut inst: Instance,
         function: &Function,
         start: Start,
-        started: Instant,
+        meta: &Meta,
         outcome: Result<Answer, CallFailure>,
         opts: &CallOpts<'_>,
     ) -> Result<Invocation, Error> {
         // Every call the invocation made ends with it, whatever the runtime reports.
         self.book.end(inst.sandbox.id());
-        let logs = inst.take_logs();
-        let duration = started.elapsed();
+        let timed = inst.take_timed_logs();
+        let logs = Logs {
+            stdout: timed.stdout.text.clone(),
+            stderr: timed.stderr.text.clone(),
+            truncated: timed.truncated,
+        };
+        let called = inst.called;
+        let duration = meta.started.elapsed();
         let name = &function.name;
         let mut healthy = matches!(outcome, Ok(_) | Err(CallFailure::Raised(_)));
         // The runtime's word that it called (`called`) is not needed: calls made on the
@@ -460,6 +525,7 @@ impl Invoker {
                             "http app responded"
                         );
                         let inv = Invocation {
+                            activation_id: meta.id,
                             result: payload,
                             raw: false,
                             logs,
@@ -508,6 +574,7 @@ impl Invoker {
                             "invocation returned"
                         );
                         let inv = Invocation {
+                            activation_id: meta.id,
                             result: payload,
                             raw,
                             logs,
@@ -529,21 +596,15 @@ impl Invoker {
             ),
             Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
         };
-        // A client's invocation ends here: counted (calls a function makes are part
-        // of its invocation).
-        if opts.depth == 0 {
-            let status = match &result {
-                Ok(_) => ipc::api::ActivationStatus::Success,
-                Err(e) => e.activation_status(),
-            };
-            self.metrics.invocation_finished(
-                &inst.function,
-                Some(start),
-                status,
-                duration,
-                function.memory_mb,
-            );
-        }
+        self.record(
+            &inst.function,
+            meta,
+            function,
+            Some(start),
+            &result,
+            timed,
+            called,
+        );
         match opts.hand_back {
             Some(slot) => {
                 // Counted before its answer goes out, so a burst of calls right after
@@ -554,6 +615,129 @@ impl Invoker {
             None => self.leave_and_release(inst, opts.run, keep),
         }
         result
+    }
+
+    /// Hands an invocation's record to the store (a channel send; the lines are
+    /// formatted by its writer).
+    fn record(
+        &self,
+        key: &FunctionKey,
+        meta: &Meta,
+        function: &Function,
+        start: Option<Start>,
+        result: &Result<Invocation, Error>,
+        logs: TimedLogs,
+        called: bool,
+    ) {
+        let status = match result {
+            Ok(_) => ActivationStatus::Success,
+            // Killed by the agent's shutdown, not by its own doing.
+            Err(Error::InstanceDied { .. } | Error::Protocol { .. })
+                if self.scheduler.is_closed() =>
+            {
+                ActivationStatus::WhiskInternalError
+            }
+            Err(e) => e.activation_status(),
+        };
+        // The record's duration, in whole milliseconds, is what the namespace's usage
+        // adds up: the two agree by construction, records on or off.
+        let ran = meta.began.elapsed();
+        let ran_ms = Duration::from_millis(ran.as_millis() as u64);
+        self.metrics
+            .invocation_finished(key, start, status, ran_ms, function.memory_mb);
+        if !self.activations.is_on() {
+            return;
+        }
+        let result = match result {
+            Ok(inv) => result_of(inv),
+            Err(e) => error_result(e),
+        };
+        let end = SystemTime::now();
+        let end_ms = record::epoch_ms(end);
+        let start_ms = end_ms.saturating_sub(ran_ms.as_millis() as u64);
+        self.activations.finish(Finished {
+            id: meta.id,
+            namespace: function.namespace.clone(),
+            name: function.name.clone(),
+            version: function.version,
+            start_ms,
+            end_ms,
+            wait_ms: meta
+                .began
+                .saturating_duration_since(meta.arrived)
+                .as_millis() as u64,
+            init_ms: meta.init.as_millis() as u64,
+            start_path: start.map(Start::as_str),
+            status,
+            result,
+            logs,
+            cause: meta.cause,
+            called,
+            blocking: !meta.background,
+        });
+    }
+
+    /// Records an invocation that failed before [`Invoker::complete`] (no instance, a
+    /// failed load, a queue timeout, a shutdown), unless it was refused: bad input or
+    /// no such function activates nothing.
+    pub(crate) fn record_failure(&self, key: &FunctionKey, version: u64, meta: &Meta, e: &Error) {
+        use crate::error::ErrorKind;
+        // A client's request refused (bad input, no such function, no room) was never
+        // an activation; an accepted one always gets its record (a full queue is
+        // retried by the async runner, not recorded).
+        let refused = match e.kind() {
+            ErrorKind::TooManyRequests => true,
+            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::MethodNotAllowed => {
+                !meta.background
+            }
+            _ => false,
+        };
+        if refused {
+            return;
+        }
+        // It never ran: no duration, so no memory time (as its record says).
+        self.metrics
+            .invocation_finished(key, None, e.activation_status(), Duration::ZERO, 0);
+        if !self.activations.is_on() {
+            return;
+        }
+        let end = SystemTime::now();
+        let end_ms = record::epoch_ms(end);
+        let logs = e
+            .detail()
+            .logs
+            .map(|l| TimedLogs::untimed(&l, end))
+            .unwrap_or_default();
+        let waited = meta.arrived.elapsed();
+        self.activations.finish(Finished {
+            id: meta.id,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            version,
+            start_ms: end_ms,
+            end_ms,
+            wait_ms: waited.as_millis() as u64,
+            init_ms: 0,
+            start_path: None,
+            status: e.activation_status(),
+            result: error_result(e),
+            logs,
+            cause: meta.cause,
+            called: false,
+            blocking: !meta.background,
+        });
+    }
+
+    /// Records an accepted activation that never ran, with `e`.
+    pub(crate) fn record_not_run(
+        &self,
+        key: &FunctionKey,
+        version: u64,
+        opts: &CallOpts<'_>,
+        e: &Error,
+    ) {
+        let meta = Meta::new(opts, Instant::now());
+        self.record_failure(key, version, &meta, e);
     }
 
     /// Runs `f` (an invocation of `inst`, or a call its shim runs in its sandbox) as
@@ -608,6 +792,7 @@ impl Invoker {
         event: &[u8],
         run: Option<&RunRequest>,
         admission: &Admission,
+        activation: Option<ActivationId>,
     ) -> Option<WarmCall> {
         let empty_run = run.is_some() && event.is_empty();
         if event.len() > FAST_EVENT_MAX
@@ -634,6 +819,13 @@ impl Invoker {
         let id = self.next_id();
         self.metrics.invocation_started();
         let started = Instant::now();
+        let meta = Meta::new(
+            &CallOpts {
+                activation,
+                ..CallOpts::default()
+            },
+            started,
+        );
         let start = if inst.sandbox.state() == SandboxState::Frozen {
             Start::Thawed
         } else {
@@ -651,7 +843,8 @@ impl Invoker {
                 "thawed"
             );
         }
-        self.book.begin(inst.sandbox.id(), 0);
+        self.book
+            .begin_activation(inst.sandbox.id(), 0, Some(meta.id));
         let failed = match run {
             Some(run) if inst.http.is_some() => {
                 inst.begin_http(id, &run.request, &Payload::Inline(event.to_vec()))
@@ -666,7 +859,7 @@ impl Invoker {
             inst: Some(inst),
             function,
             id,
-            started,
+            meta,
             start,
             failed,
             answered: None,
@@ -684,16 +877,18 @@ impl Invoker {
         cancel: Option<&Cancel>,
     ) -> Result<(Instance, Start, Arc<Function>), Error> {
         self.acquire_until(key, deadline, cancel, None)
+            .map(|(inst, start, function, _)| (inst, start, function))
     }
 
-    /// [`Invoker::acquire`] for a request its transport may abandon while it waits.
+    /// [`Invoker::acquire`] for a request its transport may abandon while it waits;
+    /// also returns how long a cold start took (making and loading the instance).
     fn acquire_until(
         &self,
         key: &FunctionKey,
         deadline: Option<Instant>,
         cancel: Option<&Cancel>,
         abandon: Option<&Abandon>,
-    ) -> Result<(Instance, Start, Arc<Function>), Error> {
+    ) -> Result<(Instance, Start, Arc<Function>, Duration), Error> {
         let name = key.name.as_str();
         let mut retried = false;
         loop {
@@ -722,10 +917,11 @@ impl Invoker {
                 self.destroy(inst);
             }
             let slot = match grant {
-                Grant::Idle(inst) => return Ok((inst, Start::Warm, function)),
+                Grant::Idle(inst) => return Ok((inst, Start::Warm, function, Duration::ZERO)),
                 Grant::Start(stem) => {
+                    let cold = Instant::now();
                     return match self.start_cold(&function, stem, zygote) {
-                        Ok((inst, start)) => Ok((inst, start, function)),
+                        Ok((inst, start)) => Ok((inst, start, function, cold.elapsed())),
                         Err(e) => {
                             self.scheduler.forget_instance(key);
                             Err(e)
@@ -744,7 +940,9 @@ impl Invoker {
                 state = slot.take();
             }
             match state {
-                SlotState::Ready(inst) => return Ok((*inst, Start::Warm, function)),
+                SlotState::Ready(inst) => {
+                    return Ok((*inst, Start::Warm, function, Duration::ZERO))
+                }
                 SlotState::Retry => retried = true,
                 // Taken back: the check at the top of the loop says why.
                 SlotState::GaveUp if abandon.is_some_and(|a| a.get().is_some()) => {}

@@ -13,8 +13,10 @@
 // failure, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod activations;
 pub mod admission;
 mod agent;
+mod async_invoke;
 mod calls;
 mod config;
 pub mod data_dir;
@@ -45,14 +47,15 @@ pub use admission::{Limits as NamespaceLimit, NamespaceLimits};
 pub use agent::Agent;
 pub use config::{
     default_memory_budget_mb, Config, Defaults, NewSandboxes, PoolConfig, StemCells,
-    DEFAULT_MAX_QUEUE, DEFAULT_PACKAGE_ZYGOTES_MB,
+    DEFAULT_ASYNC_WORKERS, DEFAULT_MAX_QUEUE, DEFAULT_PACKAGE_ZYGOTES_MB,
 };
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL, EXIT_LIMITED};
 pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
 pub use packages::{InstallLimits, Sources as PackageSources};
 pub use request::{
-    FunctionSource, Invocation, Request, Response, RunRequest, Start, WorkflowOutput,
+    ActivationPart, FunctionSource, Invocation, Request, Response, RunRequest, Start,
+    WorkflowOutput,
 };
 pub use workflow::Workflow;
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ipc::api::{FunctionConfig, FunctionInfo, Logs, Status};
+use ipc::api::{ActivationId, FunctionConfig, FunctionInfo, Logs, Status};
 
 /// Every request names the namespace it acts in (`default` unless the client said
 /// otherwise): names are looked up, registered and listed only there.
@@ -26,10 +26,15 @@ pub enum Request {
         name: String,
     },
     /// `event` is the raw JSON body; it is validated before any sandbox is touched.
+    /// `activation_id`: the caller's id for it (a controller's), else the agent makes
+    /// one. `blocking: false` makes its acceptance durable and answers
+    /// [`Response::Accepted`] at once; it then waits in the function's queue.
     Invoke {
         namespace: String,
         name: String,
         event: Vec<u8>,
+        activation_id: Option<ActivationId>,
+        blocking: bool,
     },
     /// OpenLambda's `/run/{name}[/path]`, any method: an HTTP app (its instance said
     /// so when it loaded) gets the whole request; a plain function gets the body as
@@ -39,6 +44,18 @@ pub enum Request {
         namespace: String,
         name: String,
         run: RunRequest,
+        activation_id: Option<ActivationId>,
+    },
+    /// One activation's record, or its result or logs alone. `namespace` is the scope
+    /// the caller may read (`None`: every namespace); a record outside it is not found.
+    GetActivation {
+        namespace: Option<String>,
+        id: ActivationId,
+        part: ActivationPart,
+    },
+    /// Finished records, newest first (`query.namespace`: the scope, `None` every one).
+    ListActivations {
+        query: crate::activations::Query,
     },
     Status,
     /// A namespace's usage since the agent started.
@@ -82,6 +99,14 @@ pub struct RunRequest {
     pub body: Vec<u8>,
 }
 
+/// What of an activation's record [`Request::GetActivation`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationPart {
+    Record,
+    Result,
+    Logs,
+}
+
 #[derive(Debug)]
 pub enum FunctionSource {
     /// A directory on the agent's host, read in place.
@@ -108,6 +133,12 @@ pub enum Response {
     WorkflowRan(WorkflowOutput),
     /// The cached packages (`ListPackages`), or those removed (`CollectPackages`).
     Packages(Vec<ipc::api::PackageInfo>),
+    /// An asynchronous invocation's acceptance is durable: it will run.
+    Accepted(ActivationId),
+    Activation(Box<ipc::api::ActivationRecord>),
+    ActivationResult(ipc::api::ActivationResult),
+    ActivationLogs(ipc::api::ActivationLogs),
+    Activations(Vec<ipc::api::ActivationRecord>),
 }
 
 /// A completed workflow run.
@@ -127,6 +158,8 @@ pub const MAX_RESULT: usize = 64 << 20;
 /// A completed invocation.
 #[derive(Debug)]
 pub struct Invocation {
+    /// Its activation's id (its record's).
+    pub activation_id: ActivationId,
     /// The function's result, as JSON text: as it came from the instance (a shared
     /// result is the instance's sealed memfd, not a copy).
     pub result: ipc::Payload,

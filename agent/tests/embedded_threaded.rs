@@ -97,6 +97,8 @@ fn an_agent_starts_in_a_process_that_already_runs_threads() {
         namespace: "default".into(),
         name: "hello".into(),
         event: br#"{"name":"threads"}"#.to_vec(),
+        activation_id: None,
+        blocking: true,
     });
     match invoked {
         Ok(Response::Invoked(inv)) => assert_eq!(&inv.result[..], br#""Hello, threads!""#),

@@ -223,6 +223,146 @@ impl ActivationStatus {
     }
 }
 
+/// The response header that carries an invocation's activation id, on success and
+/// on failure.
+pub const ACTIVATION_ID_HEADER: &str = "X-Sprout-Activation-Id";
+
+/// An activation's id: 128 bits written as 32 lowercase hex digits, the form of
+/// OpenWhisk's activation ids. A caller may choose it (a controller sends its own);
+/// the agent makes a random one otherwise.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActivationId(u128);
+
+/// A text that is not an activation id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid activation id {0:?}: an activation id is 32 lowercase hex digits")]
+pub struct InvalidActivationId(pub String);
+
+impl ActivationId {
+    pub const fn from_u128(bits: u128) -> ActivationId {
+        ActivationId(bits)
+    }
+
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// Parses exactly 32 lowercase hex digits.
+    pub fn parse(text: &str) -> Result<ActivationId, InvalidActivationId> {
+        let bad = || InvalidActivationId(text.chars().take(64).collect());
+        if text.len() != 32 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(bad());
+        }
+        u128::from_str_radix(text, 16)
+            .map(ActivationId)
+            .map_err(|_| bad())
+    }
+}
+
+impl std::fmt::Display for ActivationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl std::fmt::Debug for ActivationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ActivationId({self})")
+    }
+}
+
+impl std::str::FromStr for ActivationId {
+    type Err = InvalidActivationId;
+    fn from_str(s: &str) -> Result<ActivationId, InvalidActivationId> {
+        ActivationId::parse(s)
+    }
+}
+
+impl Serialize for ActivationId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ActivationId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ActivationId, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        ActivationId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An activation's record (`GET /activations/{id}`), in OpenWhisk's terms: times are
+/// milliseconds (since the Unix epoch for `start` and `end`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ActivationRecord {
+    pub activation_id: ActivationId,
+    pub namespace: String,
+    /// The function's name.
+    pub name: String,
+    /// The function's version (its registration's count) that ran; 0 if none did.
+    pub version: u64,
+    /// When its instance began working on it: loading it on a cold start, else running it.
+    pub start: u64,
+    pub end: u64,
+    /// `end - start`: includes `init_time`, as OpenWhisk's.
+    pub duration: u64,
+    /// From its arrival (an asynchronous one: its acceptance) to `start`: time in the
+    /// function's queue.
+    pub wait_time: u64,
+    /// Making and loading a new instance (a cold start); 0 when warm.
+    pub init_time: u64,
+    /// How its instance was found (`warm`, `thawed`, `stem_cell`, `new_sandbox`,
+    /// `package_zygote`); `null` if it never got one.
+    pub start_path: Option<String>,
+    /// OpenWhisk's name of the status.
+    pub status: ActivationStatus,
+    /// OpenWhisk's code of the status (0-3).
+    pub status_code: u8,
+    /// The result (JSON), or `{"error": {...}}` for a failure; absent from listings.
+    /// A result over the record's cap is kept as `{"truncated": true, "size": N,
+    /// "head": "..."}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Box<RawValue>>,
+    /// What it printed, one entry a line: `TIME stdout: text` (RFC 3339, ns);
+    /// absent from listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Vec<String>>,
+    /// Set when lines were left out of `logs` (the capture limit or the record's cap).
+    #[serde(default)]
+    pub logs_truncated: bool,
+    /// The activation of the function that made this call through the agent.
+    pub cause: Option<ActivationId>,
+    /// Whether its handler called other functions (the runtime's word). Calls that
+    /// ran inside its own sandbox are part of this activation: their time is in its
+    /// duration, their output in its logs. Calls that ran in a sandbox of their own
+    /// have records of their own, whose `cause` is this activation.
+    #[serde(default)]
+    pub called: bool,
+    /// Whether its client waited for it (`false`: `?blocking=false`).
+    pub blocking: bool,
+}
+
+/// The answer to an asynchronous invoke (`202`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ActivationAccepted {
+    #[serde(rename = "activationId")]
+    pub activation_id: ActivationId,
+}
+
+/// `GET /activations/{id}/result`, OpenWhisk's shape.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ActivationResult {
+    pub result: Box<RawValue>,
+    pub status: ActivationStatus,
+    pub success: bool,
+}
+
+/// `GET /activations/{id}/logs`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ActivationLogs {
+    pub logs: Vec<String>,
+}
+
 /// Body of an invoke with `?logs=true`: the result and what the function printed.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct InvocationRecord {

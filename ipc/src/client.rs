@@ -103,6 +103,38 @@ impl Client {
         })
     }
 
+    /// `POST` an event to function `name` of `namespace` without waiting for it
+    /// (`?blocking=false`): `202 {"activationId": ...}` once it is accepted.
+    pub fn invoke_async(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        event: &[u8],
+    ) -> Result<ClientResponse, ClientError> {
+        let path = crate::api::function_path(namespace, name, "/invoke?blocking=false");
+        self.request("POST", &path, Some("application/json"), event)
+    }
+
+    /// `GET /activations/{id}{rest}`: `rest` is `""` (the record), `"/result"` or
+    /// `"/logs"`. `id` is sent as given (the agent refuses one that is not an id).
+    pub fn activation(&mut self, id: &str, rest: &str) -> Result<ClientResponse, ClientError> {
+        let id = percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC);
+        self.request("GET", &format!("/activations/{id}{rest}"), None, b"")
+    }
+
+    /// `GET /activations` with `query` (`name`, `namespace`, `since`, `limit`, `skip`
+    /// pairs; values are encoded here).
+    pub fn activations(&mut self, query: &[(&str, String)]) -> Result<ClientResponse, ClientError> {
+        let mut path = "/activations".to_owned();
+        for (i, (key, value)) in query.iter().enumerate() {
+            let value =
+                percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC);
+            path.push(if i == 0 { '?' } else { '&' });
+            path.push_str(&format!("{key}={value}"));
+        }
+        self.request("GET", &path, None, b"")
+    }
+
     /// The socket path this client talks to.
     pub fn path(&self) -> &Path {
         &self.path

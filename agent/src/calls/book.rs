@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use ipc::api::ActivationId;
 use ipc::proto::check_depth;
 use mio::Waker;
 use parking_lot::{Condvar, Mutex};
@@ -46,6 +47,8 @@ struct Sandboxes {
 struct Entry {
     /// Depth of the invocation running (or of the last one, for the idle session).
     depth: u32,
+    /// The activation running (its calls' `cause`); none for the idle session.
+    activation: Option<ActivationId>,
     running: bool,
     /// Fired when the session ends; made on the session's first call.
     cancel: Option<Arc<Cancel>>,
@@ -84,12 +87,20 @@ pub(super) enum Refusal {
 pub(super) struct Admitted {
     pub depth: u32,
     pub cancel: Arc<Cancel>,
+    /// The activation that made the call.
+    pub cause: Option<ActivationId>,
 }
 
 impl Book {
     /// An invocation at `depth` begins in `sandbox`: its calls belong to it (and the
     /// calls of the idle session before it end).
     pub fn begin(&self, sandbox: &str, depth: u32) {
+        self.begin_activation(sandbox, depth, None)
+    }
+
+    /// [`Book::begin`] for activation `activation`: the calls it makes name it as
+    /// their cause.
+    pub fn begin_activation(&self, sandbox: &str, depth: u32, activation: Option<ActivationId>) {
         let mut s = self.sandboxes.lock();
         if !s.by_id.contains_key(sandbox) {
             s.by_id.insert(sandbox.to_owned(), Entry::default());
@@ -97,6 +108,7 @@ impl Book {
         let entry = s.by_id.get_mut(sandbox).expect("inserted");
         entry.end_session();
         entry.depth = depth;
+        entry.activation = activation;
         entry.running = true;
     }
 
@@ -111,6 +123,7 @@ impl Book {
         };
         entry.end_session();
         entry.running = false;
+        entry.activation = None;
         let Some(waker) = self.waker.get().filter(|_| entry.connections > 0) else {
             return;
         };
@@ -216,7 +229,11 @@ impl Book {
             }
         };
         entry.in_flight += 1;
-        Ok(Admitted { depth, cancel })
+        Ok(Admitted {
+            depth,
+            cancel,
+            cause: entry.activation,
+        })
     }
 
     /// The agent is shutting down: the loop stops at its next look (see

@@ -570,6 +570,7 @@ fn handle(
         function,
         depth: admitted.depth,
         cancel: admitted.cancel,
+        cause: admitted.cause,
         work,
     });
     Ok(())

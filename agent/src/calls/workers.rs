@@ -54,6 +54,8 @@ pub(super) struct Job {
     pub depth: u32,
     /// The session's: fires when the invocation that made the call ends.
     pub cancel: Arc<Cancel>,
+    /// The activation that made the call (its record's `cause`).
+    pub cause: Option<ipc::api::ActivationId>,
     pub work: Work,
 }
 
@@ -218,6 +220,7 @@ impl Workers {
                         function: &job.function,
                         depth: job.depth,
                         raw: *raw,
+                        cause: job.cause,
                     };
                     call.run(parts, event, run, &job.cancel, |reply, result| {
                         self.answer(job.token, reply, result, Some(&job.cancel))
@@ -283,6 +286,7 @@ struct Call<'a> {
     function: &'a str,
     depth: u32,
     raw: bool,
+    cause: Option<ipc::api::ActivationId>,
 }
 
 impl Call<'_> {
@@ -313,6 +317,8 @@ impl Call<'_> {
             cancel: Some(cancel),
             deadline: None,
             hand_back: Some(&held),
+            cause: self.cause,
+            ..CallOpts::default()
         };
         match parts.invoker.invoke_with(&key, event, &opts) {
             Ok(inv) => answer(
@@ -364,6 +370,7 @@ mod tests {
             function: "g".into(),
             depth,
             cancel: Arc::new(Cancel::new().unwrap()),
+            cause: None,
             work: Work::Resolve,
         }
     }

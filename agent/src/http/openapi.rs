@@ -78,7 +78,7 @@ fn sample(pattern: &str) -> String {
     pattern
         .replace("{ns}", "t")
         .replace("{name}", "f")
-        .replace("{id}", "0123abc")
+        .replace("{id}", "0123456789abcdef0123456789abcdef")
         .replace("{path}", "a/b")
 }
 

@@ -3,7 +3,7 @@
 //! the one mapping), to a JSON response; and the HTTP layer's own refusals
 //! ([`Reject`]) in the same error shape.
 
-use ipc::api::{ErrorBody, ErrorDetail, DEFAULT_NAMESPACE};
+use ipc::api::{ActivationId, ErrorBody, ErrorDetail, ACTIVATION_ID_HEADER, DEFAULT_NAMESPACE};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -22,6 +22,16 @@ pub const COLD_HEADER: &str = "X-Sprout-Cold";
 pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
 /// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
 pub const START_HEADER: &str = "X-Sprout-Start";
+
+/// How a request's answer is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct ReplyOpts {
+    /// For invocations: answer with an [`ipc::api::InvocationRecord`] instead of the bare result.
+    pub logs: bool,
+    /// An invocation's activation id, made by the router so that every answer, an error too,
+    /// carries it in [`ipc::api::ACTIVATION_ID_HEADER`].
+    pub activation: Option<ActivationId>,
+}
 
 /// A request refused by the HTTP layer, before or instead of reaching the agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,7 +185,15 @@ impl Output {
 /// An invocation's result is not copied: it becomes the response's body as it is (a
 /// shared result stays in its mapping), or, with `?logs=true`, is copied once into
 /// the record.
-pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
+pub(super) fn reply_for(result: Result<Response, Error>, opts: ReplyOpts) -> Output {
+    let mut out = reply_without_id(result, opts.logs);
+    if let Some(id) = opts.activation {
+        out.headers.push((ACTIVATION_ID_HEADER, id.to_string()));
+    }
+    out
+}
+
+fn reply_without_id(result: Result<Response, Error>, logs: bool) -> Output {
     let reply = match result {
         Ok(Response::Registered(info)) => Reply::json(200, &info),
         Ok(Response::Functions(list)) => Reply::json(200, &list),
@@ -205,6 +223,13 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
         Ok(Response::Packages(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
         Ok(Response::Workflows(list)) => Reply::json(200, &list),
+        Ok(Response::Accepted(activation_id)) => {
+            Reply::json(202, &ipc::api::ActivationAccepted { activation_id })
+        }
+        Ok(Response::Activation(record)) => Reply::json(200, &record),
+        Ok(Response::ActivationResult(result)) => Reply::json(200, &result),
+        Ok(Response::ActivationLogs(logs)) => Reply::json(200, &logs),
+        Ok(Response::Activations(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRan(out)) => Reply {
             status: 200,
             headers: vec![

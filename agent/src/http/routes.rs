@@ -19,12 +19,13 @@
 use std::borrow::Cow;
 use std::path::PathBuf;
 
-use ipc::api::{FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
+use ipc::api::{ActivationId, FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
 use ipc::proto::HttpRequest;
 
-use super::reply::Reject;
+use super::reply::{Reject, ReplyOpts};
 use super::wire;
-use crate::request::{FunctionSource, Request, RunRequest};
+use crate::activations::{Activations, Query};
+use crate::request::{ActivationPart, FunctionSource, Request, RunRequest};
 
 /// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub(super) enum Op {
     CollectPackages,
     Usage,
     Metrics,
+    ListActivations,
+    GetActivation(ActivationPart),
     /// Routed, not served yet: answered 501, naming what will serve it.
     Planned(&'static str),
 }
@@ -60,7 +63,6 @@ pub(super) struct PathRoutes {
 }
 
 const STATS: Op = Op::Planned("issue 14: OpenLambda's /stats on the TCP listener");
-const ACTIVATIONS: Op = Op::Planned("issue 14: activation records");
 const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
 const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
 
@@ -187,27 +189,27 @@ pub(super) const ROUTES: &[PathRoutes] = &[
         allow: "POST",
         ops: &[("POST", Op::RunWorkflow)],
     },
-    // Planned: issue 14.
     PathRoutes {
         path: "/activations",
         allow: "GET",
-        ops: &[("GET", ACTIVATIONS)],
+        ops: &[("GET", Op::ListActivations)],
     },
     PathRoutes {
         path: "/activations/{id}",
         allow: "GET",
-        ops: &[("GET", ACTIVATIONS)],
+        ops: &[("GET", Op::GetActivation(ActivationPart::Record))],
     },
     PathRoutes {
         path: "/activations/{id}/result",
         allow: "GET",
-        ops: &[("GET", ACTIVATIONS)],
+        ops: &[("GET", Op::GetActivation(ActivationPart::Result))],
     },
     PathRoutes {
         path: "/activations/{id}/logs",
         allow: "GET",
-        ops: &[("GET", ACTIVATIONS)],
+        ops: &[("GET", Op::GetActivation(ActivationPart::Logs))],
     },
+    // Planned: issue 14.
     PathRoutes {
         path: "/namespaces/{ns}/usage",
         allow: "GET",
@@ -281,6 +283,7 @@ pub(super) const ROUTES: &[PathRoutes] = &[
 pub(super) struct Params<'a> {
     ns: Option<&'a str>,
     name: Option<&'a str>,
+    id: Option<&'a str>,
     /// Where a last `{path}` begins in the path (after its `/`).
     rest_at: Option<usize>,
 }
@@ -301,6 +304,7 @@ pub(super) fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Params<'a>>
             Some(_) if segment.is_empty() => return None,
             Some("ns") => params.ns = Some(segment),
             Some("name") => params.name = Some(segment),
+            Some("id") => params.id = Some(segment),
             Some(_) => {}
             None if part != segment => return None,
             None => {}
@@ -391,6 +395,12 @@ pub(super) fn route(
             request,
         });
     }
+    if let Op::GetActivation(part) = op {
+        let id = decode(params.id)?;
+        let id = ActivationId::parse(&id).map_err(|e| Reject::bad_request(e.to_string()))?;
+        no_params(&parse_query(query)?)?;
+        return Ok(Route::GetActivation { id, part });
+    }
     let query = parse_query(query)?;
     match op {
         Op::ListFunctions => no_params(&query).map(|()| Route::List { namespace }),
@@ -420,11 +430,16 @@ pub(super) fn route(
             })
         }
         Op::RemoveFunction => no_params(&query).map(|()| Route::Remove { namespace, name }),
-        Op::Invoke => Ok(Route::Invoke {
-            namespace,
-            name,
-            logs: logs_from_query(&query)?,
-        }),
+        Op::Invoke => {
+            let (logs, blocking) = invoke_query(&query)?;
+            Ok(Route::Invoke {
+                namespace,
+                name,
+                logs,
+                blocking,
+            })
+        }
+        Op::ListActivations => list_query(&query).map(|query| Route::ListActivations { query }),
         Op::Status => no_params(&query).map(|()| Route::Status),
         Op::Usage => no_params(&query).map(|()| Route::Usage { namespace }),
         Op::Metrics => no_params(&query).map(|()| Route::Metrics),
@@ -436,7 +451,7 @@ pub(super) fn route(
         }
         Op::RemoveWorkflow => no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name }),
         Op::RunWorkflow => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
-        Op::Planned(_) | Op::Run => unreachable!("answered above"),
+        Op::Planned(_) | Op::Run | Op::GetActivation(_) => unreachable!("answered above"),
     }
 }
 
@@ -459,6 +474,15 @@ pub(super) enum Route {
         namespace: String,
         name: String,
         logs: bool,
+        /// `?blocking=false`: accepted, answered 202, run later.
+        blocking: bool,
+    },
+    ListActivations {
+        query: Query,
+    },
+    GetActivation {
+        id: ActivationId,
+        part: ActivationPart,
     },
     /// `/run`: the request's head as an app sees it (its headers are added by
     /// [`Route::with_headers`]).
@@ -504,8 +528,7 @@ pub(super) enum RegisterBody {
 #[derive(Debug)]
 pub(super) struct Dispatch {
     pub request: Request,
-    /// For invocations: answer with an [`ipc::api::InvocationRecord`] instead of the bare result.
-    pub logs: bool,
+    pub reply: ReplyOpts,
 }
 
 impl Route {
@@ -562,33 +585,56 @@ impl Route {
                 namespace,
                 name,
                 logs,
+                blocking,
             } => {
                 let event = if body.is_empty() {
                     b"{}".to_vec()
                 } else {
                     body
                 };
-                (
-                    Request::Invoke {
+                let id = Activations::new_id();
+                return Ok(Dispatch {
+                    request: Request::Invoke {
                         namespace,
                         name,
                         event,
+                        activation_id: Some(id),
+                        blocking,
                     },
-                    logs,
-                )
+                    reply: ReplyOpts {
+                        logs,
+                        activation: Some(id),
+                    },
+                });
             }
             Route::Run {
                 namespace,
                 name,
                 logs,
                 request,
-            } => (
-                Request::Run {
-                    namespace,
-                    name,
-                    run: RunRequest { request, body },
+            } => {
+                let id = Activations::new_id();
+                return Ok(Dispatch {
+                    request: Request::Run {
+                        namespace,
+                        name,
+                        run: RunRequest { request, body },
+                        activation_id: Some(id),
+                    },
+                    reply: ReplyOpts {
+                        logs,
+                        activation: Some(id),
+                    },
+                });
+            }
+            Route::ListActivations { query } => (Request::ListActivations { query }, false),
+            Route::GetActivation { id, part } => (
+                Request::GetActivation {
+                    namespace: None,
+                    id,
+                    part,
                 },
-                logs,
+                false,
             ),
             Route::Status => (Request::Status, false),
             Route::Usage { namespace } => (Request::Usage { namespace }, false),
@@ -632,7 +678,13 @@ impl Route {
                 )
             }
         };
-        Ok(Dispatch { request, logs })
+        Ok(Dispatch {
+            request,
+            reply: ReplyOpts {
+                logs,
+                activation: None,
+            },
+        })
     }
 }
 
@@ -671,6 +723,63 @@ fn bad_value(key: &str, value: &str) -> Reject {
     Reject::bad_request(format!(
         "query parameter {key:?} has an invalid value {value:?}"
     ))
+}
+
+fn flag(key: &str, value: &str) -> Result<bool, Reject> {
+    match value {
+        "" | "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(bad_value(key, value)),
+    }
+}
+
+/// An invoke's query: `logs` and `blocking` (default true).
+fn invoke_query(query: &[(String, String)]) -> Result<(bool, bool), Reject> {
+    let (mut logs, mut blocking) = (false, true);
+    for (key, value) in query {
+        match key.as_str() {
+            "logs" => logs = flag(key, value)?,
+            "blocking" => blocking = flag(key, value)?,
+            _ => return Err(unknown_param(key)),
+        }
+    }
+    if logs && !blocking {
+        return Err(Reject::bad_request(
+            "logs=true needs blocking=true: an asynchronous invocation's logs are in its record (GET /activations/{id}/logs)",
+        ));
+    }
+    Ok((logs, blocking))
+}
+
+/// `GET /activations`' query: `namespace`, `name`, `since` (ms since the epoch),
+/// `limit` (default 30, at most 200) and `skip`.
+fn list_query(query: &[(String, String)]) -> Result<Query, Reject> {
+    let mut q = Query {
+        limit: crate::activations::DEFAULT_LIMIT,
+        ..Query::default()
+    };
+    for (key, value) in query {
+        let int = || value.parse::<u64>().map_err(|_| bad_value(key, value));
+        match key.as_str() {
+            "namespace" if !value.is_empty() => q.namespace = Some(value.clone()),
+            "name" if !value.is_empty() => q.name = Some(value.clone()),
+            "since" => q.since = Some(int()?),
+            "limit" => {
+                let limit = int()?;
+                if limit > crate::activations::MAX_LIMIT {
+                    return Err(Reject::bad_request(format!(
+                        "query parameter \"limit\" is {limit}, over the most a listing returns ({})",
+                        crate::activations::MAX_LIMIT
+                    )));
+                }
+                q.limit = limit;
+            }
+            "skip" => q.skip = int()?,
+            "namespace" | "name" => return Err(bad_value(key, value)),
+            _ => return Err(unknown_param(key)),
+        }
+    }
+    Ok(q)
 }
 
 fn logs_from_query(query: &[(String, String)]) -> Result<bool, Reject> {
@@ -813,7 +922,8 @@ mod tests {
             Ok(Route::Invoke {
                 namespace: "default".into(),
                 name: "f".into(),
-                logs: true
+                logs: true,
+                blocking: true
             })
         );
         assert_eq!(
@@ -821,7 +931,8 @@ mod tests {
             Ok(Route::Invoke {
                 namespace: "default".into(),
                 name: "f".into(),
-                logs: false
+                logs: false,
+                blocking: true
             })
         );
 
@@ -855,6 +966,63 @@ mod tests {
         let r = route("PUT", "/functions/f", Some("text/plain")).unwrap_err();
         assert_eq!((r.status, r.kind), (415, "unsupported_media_type"));
         assert_eq!(route("GET", "*", None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn activation_routes_check_ids_and_queries() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            route("GET", &format!("/activations/{id}/logs"), None),
+            Ok(Route::GetActivation {
+                id: ActivationId::parse(id).unwrap(),
+                part: ActivationPart::Logs
+            })
+        );
+        for bad in ["xyz", "0123456789ABCDEF0123456789ABCDEF", "0123"] {
+            let r = route("GET", &format!("/activations/{bad}"), None).unwrap_err();
+            assert_eq!(r.status, 400, "{bad}");
+            assert!(r.message.contains(&format!("{bad:?}")), "{}", r.message);
+        }
+        assert_eq!(
+            route(
+                "GET",
+                "/activations?name=f&namespace=t&since=5&limit=7&skip=2",
+                None
+            ),
+            Ok(Route::ListActivations {
+                query: Query {
+                    namespace: Some("t".into()),
+                    name: Some("f".into()),
+                    since: Some(5),
+                    limit: 7,
+                    skip: 2
+                }
+            })
+        );
+        assert!(matches!(
+            route("GET", "/activations", None),
+            Ok(Route::ListActivations {
+                query: Query { limit: 30, .. }
+            })
+        ));
+        for bad in ["limit=201", "since=x", "color=red", "skip=-1"] {
+            let r = route("GET", &format!("/activations?{bad}"), None).unwrap_err();
+            assert_eq!(r.status, 400, "{bad}");
+        }
+        assert!(matches!(
+            route("POST", "/functions/f/invoke?blocking=false", None),
+            Ok(Route::Invoke {
+                blocking: false,
+                logs: false,
+                ..
+            })
+        ));
+        let r = route("POST", "/functions/f/invoke?blocking=false&logs=1", None).unwrap_err();
+        assert!(
+            r.message.contains("logs=true needs blocking=true"),
+            "{}",
+            r.message
+        );
     }
 
     #[test]
@@ -936,12 +1104,13 @@ mod tests {
             namespace: "default".into(),
             name: "f".into(),
             logs: true,
+            blocking: true,
         }
         .into_dispatch(Vec::new())
         .unwrap();
-        assert!(d.logs);
+        assert!(d.reply.logs);
         assert!(
-            matches!(d.request, Request::Invoke { ref namespace, ref name, ref event } if namespace == "default" && name == "f" && event == b"{}")
+            matches!(d.request, Request::Invoke { ref namespace, ref name, ref event, activation_id: Some(id), blocking: true } if namespace == "default" && name == "f" && event == b"{}" && d.reply.activation == Some(id))
         );
 
         let body = br#"{"path":"/srv/f","handler":"m:h","memory_mb":64}"#.to_vec();
@@ -987,7 +1156,8 @@ mod tests {
             Ok(Route::Invoke {
                 namespace: ns("a@b.c"),
                 name: ns("f"),
-                logs: true
+                logs: true,
+                blocking: true
             })
         );
         assert!(matches!(

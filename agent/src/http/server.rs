@@ -398,7 +398,7 @@ impl Server {
                         let job = f.job;
                         // Only inline results get here (a shared one is handed off):
                         // nothing large is copied on the loop.
-                        let output = reply::reply_for(result, job.dispatch.logs);
+                        let output = reply::reply_for(result, job.dispatch.reply);
                         if let Some(conn) = conns.get_mut(&job.token) {
                             if conn.on_output(output, job.persist, &limits, &mut submit)
                                 == Life::Closed
@@ -523,7 +523,7 @@ fn finish_elsewhere(job: Job, call: Box<dyn FastCall>, done: &Sender<Done>, wake
         .spawn(move || {
             let _entered = job.span.enter();
             let reply = match panic::catch_unwind(AssertUnwindSafe(|| call.finish())) {
-                Ok(result) => reply::reply_for(result, job.dispatch.logs),
+                Ok(result) => reply::reply_for(result, job.dispatch.reply),
                 Err(_) => {
                     error!("finishing a call panicked");
                     reply::panicked()
@@ -583,11 +583,11 @@ impl Worker {
             let handler = &self.handler;
             let reply = if draining {
                 // Not started when the drain began: refused like a new request.
-                reply::reply_for(Err(Error::ShuttingDown), dispatch.logs)
+                reply::reply_for(Err(Error::ShuttingDown), dispatch.reply)
             } else {
                 let run = || handler.handle_abandonable(dispatch.request, &abandon);
                 match panic::catch_unwind(AssertUnwindSafe(run)) {
-                    Ok(result) => reply::reply_for(result, dispatch.logs),
+                    Ok(result) => reply::reply_for(result, dispatch.reply),
                     Err(_) => {
                         error!("request handler panicked");
                         reply::panicked()

@@ -79,6 +79,7 @@ fn as_invoke(req: Request) -> Request {
             namespace,
             name,
             run,
+            activation_id,
         } if name != "app" && name != "getonly" => Request::Invoke {
             namespace,
             name,
@@ -87,6 +88,8 @@ fn as_invoke(req: Request) -> Request {
             } else {
                 run.body
             },
+            activation_id,
+            blocking: true,
         },
         other => other,
     }
@@ -103,7 +106,11 @@ impl Handle for Fake {
                     allowed: vec!["GET".into(), "POST".into()],
                 })
             }
+            Request::GetActivation { .. } | Request::ListActivations { .. } => {
+                Err(Error::RecordsOff)
+            }
             Request::Run { run, .. } => Ok(Response::Invoked(Invocation {
+                activation_id: ipc::api::ActivationId::from_u128(1),
                 result: run.body.clone().into(),
                 raw: false,
                 logs: logs(""),
@@ -195,6 +202,7 @@ impl Handle for Fake {
                 namespace,
                 name,
                 event,
+                ..
             } => {
                 let function = name.clone();
                 match name.as_str() {
@@ -237,6 +245,7 @@ impl Handle for Fake {
                             thread::sleep(Duration::from_millis(100));
                         }
                         Ok(Response::Invoked(Invocation {
+                            activation_id: ipc::api::ActivationId::from_u128(1),
                             result: event.clone().into(),
                             raw: false,
                             logs: logs("hello\n"),
@@ -1255,6 +1264,7 @@ fn a_shared_result_is_sent_from_its_mapping() {
     let big = format!("\"{}\"", "x".repeat(200 << 10)).into_bytes();
     let inv = |result: ipc::Payload| {
         Ok(Response::Invoked(Invocation {
+            activation_id: ipc::api::ActivationId::from_u128(1),
             result,
             raw: false,
             logs: logs("hi\n"),
@@ -1264,11 +1274,20 @@ fn a_shared_result_is_sent_from_its_mapping() {
         }))
     };
     // The body is the payload itself: no copy in the agent.
-    let out = reply::reply_for(inv(ipc::Payload::share(&big).unwrap()), false);
+    let out = reply::reply_for(
+        inv(ipc::Payload::share(&big).unwrap()),
+        crate::http::reply::ReplyOpts::default(),
+    );
     assert!(out.body.is_shared());
     assert_eq!(&*out.body, &big[..]);
     // With the logs, the record holds the result once, as it was.
-    let out = reply::reply_for(inv(ipc::Payload::share(&big).unwrap()), true);
+    let out = reply::reply_for(
+        inv(ipc::Payload::share(&big).unwrap()),
+        crate::http::reply::ReplyOpts {
+            logs: true,
+            activation: None,
+        },
+    );
     let record: InvocationRecord = serde_json::from_slice(&out.body).unwrap();
     assert_eq!(record.result.get().as_bytes(), &big[..]);
     assert_eq!((record.logs, record.duration_us), (logs("hi\n"), 7));
@@ -1422,6 +1441,7 @@ fn run_hands_an_app_the_whole_request_and_sends_its_response_as_it_is() {
         namespace,
         name,
         run,
+        ..
     } = &seen[0]
     else {
         panic!("{seen:?}")

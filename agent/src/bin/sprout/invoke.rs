@@ -29,6 +29,10 @@ pub struct InvokeArgs {
     /// call by its directory's name; repeatable.
     #[arg(long = "with", value_name = "DIR")]
     with: Vec<PathBuf>,
+    /// Do not wait (daemon only): print the activation's id once it is accepted;
+    /// read its outcome with `sprout activation get|result|logs ID`.
+    #[arg(long = "async", conflicts_with = "logs")]
+    asynchronous: bool,
 }
 
 pub fn run(cx: &Context, args: InvokeArgs) -> anyhow::Result<ExitCode> {
@@ -38,8 +42,21 @@ pub fn run(cx: &Context, args: InvokeArgs) -> anyhow::Result<ExitCode> {
             if args.limits.config() != FunctionConfig::default() || !args.with.is_empty() {
                 bail!("--handler/--memory/--timeout/--pids/--cpus/--with belong to `sprout fn add` when using a daemon");
             }
-            let client = Client::connect(socket)?;
+            let mut client = Client::connect(socket)?;
+            if args.asynchronous {
+                let resp = client.invoke_async(&cx.namespace, &args.function, &event)?;
+                if resp.status != 202 {
+                    return print::remote(resp.status, &resp.body, false);
+                }
+                let accepted: ipc::api::ActivationAccepted =
+                    serde_json::from_slice(&resp.body).context("decode the acceptance")?;
+                println!("{}", accepted.activation_id);
+                return Ok(ExitCode::SUCCESS);
+            }
             remote(client, &cx.namespace, &args.function, &event, args.logs)
+        }
+        None if args.asynchronous => {
+            bail!("--async needs a daemon (--socket): the embedded agent keeps no records")
         }
         None => embedded(cx, args, event),
     }
@@ -71,6 +88,8 @@ fn embedded(cx: &Context, args: InvokeArgs, event: Vec<u8>) -> anyhow::Result<Ex
         namespace: cx.namespace.clone(),
         name: function.name.clone(),
         event,
+        activation_id: None,
+        blocking: true,
     };
     // The function itself last: it replaces a `--with` of the same name.
     let mut functions = others;

@@ -8,6 +8,7 @@
 
 #![allow(clippy::result_large_err)] // see agent/src/lib.rs
 
+mod activation;
 mod embedded;
 mod function;
 mod invoke;
@@ -88,6 +89,9 @@ enum Command {
     Pkg(package::PkgCommand),
     /// Show the daemon's status.
     Status,
+    /// Activation records on the daemon: one record, its result or logs, or a listing.
+    #[command(subcommand)]
+    Activation(activation::ActivationCommand),
 }
 
 /// The global options every subcommand runs with, checked.
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflow(cmd) => workflow::run(&cx, cmd),
         Command::Fn(cmd) => function::run(&cx, cmd),
         Command::Pkg(cmd) => package::run(&cx, cmd),
+        Command::Activation(cmd) => activation::run(&cx, cmd),
         Command::Status => status::run(&cx),
     }
 }

@@ -31,6 +31,8 @@ pub struct ServeArgs {
     http: HttpArgs,
     #[command(flatten)]
     admission: AdmissionArgs,
+    #[command(flatten)]
+    records: RecordArgs,
 }
 
 /// Admission control: what is refused with 429 before it is queued.
@@ -68,6 +70,38 @@ impl AdmissionArgs {
             },
         })
     }
+}
+
+/// Activation records and asynchronous invocations.
+#[derive(Args, Debug)]
+struct RecordArgs {
+    /// Finished activation records kept: the newest ones (accepted, unfinished ones
+    /// are never removed).
+    #[arg(long, value_name = "N", default_value_t = agent::activations::DEFAULT_MAX_COUNT, value_parser = clap::value_parser!(u64).range(1..))]
+    activations_max: u64,
+    /// Activation records older than this (by start) are removed: 7d, 12h, 30m, 90s.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = parse_age)]
+    activations_max_age: Duration,
+    /// Keep no activation records (ids are still answered; `?blocking=false` is
+    /// refused). For measuring what records cost.
+    #[arg(long)]
+    no_records: bool,
+    /// Threads running accepted asynchronous invocations (each waits in its
+    /// function's queue like a client's request).
+    #[arg(long, value_name = "N", default_value_t = agent::DEFAULT_ASYNC_WORKERS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    async_workers: usize,
+}
+
+/// A retention age: humantime's units (`7d`, `12h`, `30m`, `90s`), at least a second.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| *d >= Duration::from_secs(1))
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not an age: give a number and a unit (7d, 12h, 30m, 90s), at least 1s"
+            )
+        })
 }
 
 /// Install sandboxes (functions' packages).
@@ -244,6 +278,12 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         )?,
         max_queue: args.admission.max_queue as usize,
         namespace_limits,
+        no_records: args.records.no_records,
+        activations: agent::activations::Retention {
+            max_count: args.records.activations_max,
+            max_age: args.records.activations_max_age,
+        },
+        async_workers: args.records.async_workers,
         ..Config::new()
     })
     .context("start the agent")?;

@@ -1,0 +1,151 @@
+//! Asynchronous invocations (`?blocking=false`): accepted work and the threads that
+//! run it.
+//!
+//! The agent makes an acceptance durable ([`crate::activations::Activations::accept`])
+//! before its client hears `202`, then hands the activation to this runner. A small,
+//! fixed pool of threads (`sprout-async-N`, `--async-workers`) takes accepted
+//! activations in order and invokes each like a client's request: it waits in its
+//! function's queue, and its record (written by the invoker when it ends) finishes
+//! the pending row. Work waits here, unbounded, until a thread is free; the
+//! admission control of issue 14 bounds it where the agent accepts.
+//!
+//! A graceful shutdown runs nothing more: what is still waiting here is recorded as
+//! not run ([`Error::NotStarted`], `whisk_internal_error`); what is running ends like
+//! every invocation in flight. A crash leaves rows pending, which the next agent
+//! records as lost; nothing is ever run twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use ipc::api::ActivationId;
+use parking_lot::Mutex;
+
+use crate::error::Error;
+use crate::invoke::{CallOpts, Invoker};
+use crate::names::FunctionKey;
+
+/// An accepted activation waiting for a thread.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub id: ActivationId,
+    pub key: FunctionKey,
+    pub version: u64,
+    pub event: Vec<u8>,
+    /// When it was accepted: its wait starts there.
+    pub arrived: Instant,
+    /// Its place in its namespace's limits, from acceptance until it ends.
+    pub ticket: crate::admission::Ticket,
+}
+
+/// The accepted activations and the threads that run them.
+#[derive(Debug)]
+pub(crate) struct AsyncRunner {
+    queue: Mutex<Option<Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    closing: Arc<AtomicBool>,
+    invoker: Arc<Invoker>,
+}
+
+impl AsyncRunner {
+    /// Starts `workers` threads (at least 1).
+    pub fn start(workers: usize, invoker: Arc<Invoker>) -> Result<AsyncRunner, Error> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let closing = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for index in 0..workers.max(1) {
+            let (rx, closing, invoker) = (rx.clone(), closing.clone(), invoker.clone());
+            let name = format!("sprout-async-{index}");
+            let thread = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || run(&rx, &closing, &invoker))
+                .map_err(|source| Error::State {
+                    path: name.into(),
+                    source,
+                })?;
+            threads.push(thread);
+        }
+        Ok(AsyncRunner {
+            queue: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
+            closing,
+            invoker,
+        })
+    }
+
+    /// Queues an accepted activation. Once the runner is stopping it is recorded as
+    /// not run instead.
+    pub fn submit(&self, job: Job) {
+        let refused = match &*self.queue.lock() {
+            Some(tx) if !self.closing.load(Ordering::SeqCst) => tx.send(job).err().map(|e| e.0),
+            _ => Some(job),
+        };
+        if let Some(job) = refused {
+            not_run(&self.invoker, &job);
+        }
+    }
+
+    /// Stops taking work: what waits is recorded as not run; returns once every
+    /// thread has ended (after the invocations they run end).
+    pub fn stop(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        drop(self.queue.lock().take());
+        for thread in self.threads.lock().drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(rx: &Receiver<Job>, closing: &AtomicBool, invoker: &Invoker) {
+    for job in rx.iter() {
+        if closing.load(Ordering::SeqCst) {
+            not_run(invoker, &job);
+            continue;
+        }
+        let span = tracing::debug_span!("async", activation = %job.id, function = %job.key);
+        let _g = span.enter();
+        let opts = CallOpts {
+            activation: Some(job.id),
+            arrived: Some(job.arrived),
+            background: true,
+            ..CallOpts::default()
+        };
+        // Its record, success or failure, is the invoker's to write, except for a
+        // full queue (nothing ran, nothing is recorded): accepted work waits for room
+        // rather than being refused after its 202.
+        loop {
+            match invoker.invoke(&job.key, job.event.clone(), &opts, None) {
+                Err(e) if e.kind() == crate::error::ErrorKind::TooManyRequests => {
+                    if closing.load(Ordering::SeqCst) {
+                        not_run(invoker, &job);
+                        break;
+                    }
+                    std::thread::sleep(QUEUE_FULL_BACKOFF);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %ipc::chain(&e), "asynchronous activation failed");
+                    break;
+                }
+                Ok(_) => break,
+            }
+        }
+        drop(job.ticket);
+    }
+}
+
+/// How long an accepted activation that met a full function queue waits before it
+/// asks again.
+const QUEUE_FULL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Records `job` as accepted and never run (the agent is shutting down).
+fn not_run(invoker: &Invoker, job: &Job) {
+    let opts = CallOpts {
+        activation: Some(job.id),
+        arrived: Some(job.arrived),
+        background: true,
+        ..CallOpts::default()
+    };
+    invoker.record_not_run(&job.key, job.version, &opts, &Error::NotStarted);
+}
