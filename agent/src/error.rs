@@ -181,6 +181,8 @@ pub enum Error {
     ShuttingDown,
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::Error),
+    #[error(transparent)]
+    Registrations(#[from] crate::registrations::Error),
 }
 
 /// ` (resolves to <resolved>)` when a path is not already canonical.
@@ -306,6 +308,7 @@ impl Error {
             | Pool(_)
             | State { .. }
             | DataDir(_)
+            | Registrations(_)
             | Packages { .. }
             | PackageCache(_) => ErrorKind::Internal,
             ShuttingDown => ErrorKind::Unavailable,
@@ -375,6 +378,7 @@ impl Error {
             | Pool(_)
             | State { .. }
             | DataDir(_)
+            | Registrations(_)
             | Packages { .. }
             | PackageCache(_) => "internal",
             ShuttingDown => "unavailable",

@@ -26,6 +26,7 @@ mod invoke;
 mod manager;
 mod names;
 pub mod packages;
+mod registrations;
 mod registry;
 mod request;
 mod run;
