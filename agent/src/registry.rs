@@ -622,16 +622,31 @@ impl Registry {
         entries: &[crate::packages::Entry],
     ) -> Result<crate::packages::Deps, Error> {
         if entries.iter().any(|e| e.kind == crate::packages::Kind::Npm) {
-            // An npm tree is keyed by the function's manifest and lock: installed
-            // again from them if the cache lost it, and the same key or nothing.
-            let deps = self.install_deps(function)?;
-            if !deps.keys().eq(entries.iter().map(|e| e.key.as_str())) {
-                return Err(Error::InvalidConfig(format!(
+            // An npm tree is keyed by the function's manifest and lock: the same key
+            // or nothing, installed again from them if the cache lost it.
+            let needs = function
+                .runtime
+                .dependencies(&function.dir, self.packages.sources())?;
+            let changed = || {
+                Error::InvalidConfig(format!(
                     "its package.json or package-lock.json in {} changed since it was registered",
                     function.dir.display()
-                )));
+                ))
+            };
+            let Some(crate::packages::Dependencies::Npm { manifest, lock }) = needs else {
+                return Err(changed());
+            };
+            let (key, _) = crate::packages::npm_key(&manifest, lock.as_ref());
+            if !matches!(entries, [e] if e.key == key) {
+                return Err(changed());
             }
-            return Ok(deps);
+            return self
+                .packages
+                .npm(&function.key().to_string(), &manifest, lock.as_ref())
+                .map_err(|source| Error::Packages {
+                    function: function.key().to_string(),
+                    source: Box::new(source),
+                });
         }
         self.packages
             .reattach(&function.key().to_string(), entries)

@@ -643,10 +643,7 @@ impl Packages {
     ) -> Result<Deps, Error> {
         let span = tracing::info_span!("packages", function, kind = "npm");
         let _g = span.enter();
-        let keyed = serde_json::to_vec(&json!({"manifest": manifest, "lock": lock}))
-            .expect("JSON serialises");
-        let hash = sha256_hex(&keyed);
-        let key = format!("npm-{}", &hash[..32]);
+        let (key, hash) = npm_key(manifest, lock);
         let name = manifest["name"].as_str().unwrap_or("package").to_owned();
         let version = manifest["version"].as_str().unwrap_or("0.0.0").to_owned();
         let found = self.cache.get(Kind::Npm, &key)?;
@@ -971,6 +968,15 @@ fn parse_resolved(answer: &Value) -> Result<Resolved, Error> {
         abi: abi.to_owned(),
         pins,
     })
+}
+
+/// The cache key of the npm tree of `manifest` and `lock`, and the hash it is made
+/// of.
+pub fn npm_key(manifest: &Value, lock: Option<&Value>) -> (String, String) {
+    let keyed =
+        serde_json::to_vec(&json!({"manifest": manifest, "lock": lock})).expect("JSON serialises");
+    let hash = sha256_hex(&keyed);
+    (format!("npm-{}", &hash[..32]), hash)
 }
 
 /// Whether `key` may name a cache entry: one plain file name.
