@@ -470,3 +470,80 @@ fn npm_packages_are_reattached_and_a_changed_manifest_is_not_served() {
     assert_eq!(entries(&data.join("packages/npm")), npm);
     assert_eq!(d.status()["packages_installed"], 0);
 }
+
+/// Registrations of one name racing each other: the one the daemon serves is the one
+/// a restart serves, and only its code is kept.
+#[test]
+fn racing_registrations_of_one_name_leave_the_store_and_the_daemon_agreeing() {
+    let env = require_root!();
+    let data = env.work_dir().join("data");
+    let mut d = daemon_on(&env, &data);
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let d = &d;
+            s.spawn(move || {
+                let code = format!("def f(event):\n    return {i}\n");
+                upload(d, "same", &[("f.py", &code)]);
+            });
+        }
+    });
+    let answer = |d: &Daemon| {
+        let r = d.invoke("same", "{}");
+        assert_eq!(r.status, 200, "{}", text(&r));
+        body_json(&r)
+    };
+    let served = answer(&d);
+    assert_eq!(upload_versions(&data, "same").len(), 1);
+    d.terminate();
+    let d = daemon_on(&env, &data);
+    assert_eq!(answer(&d), served);
+    assert_eq!(upload_versions(&data, "same").len(), 1);
+}
+
+/// A registrations database of another schema version stops the daemon before it
+/// starts anything, naming the file and both versions, and is left as it was.
+#[test]
+fn a_registrations_database_of_another_schema_is_refused_and_left_alone() {
+    let env = require_root!();
+    let data = env.work_dir().join("data");
+    let mut d = daemon_on(&env, &data);
+    upload(&d, "u", &[("f.py", HELLO_PY)]);
+    d.terminate();
+    let db = data.join("registrations/registry.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE schema_version SET version = 2", [])
+        .unwrap();
+    drop(conn);
+    let code = entries(&data.join("code"));
+
+    let run = env
+        .sprout()
+        .arg("--socket")
+        .arg(env.work_dir().join("refused.sock"))
+        .arg("serve")
+        .arg("--stem-cells")
+        .arg("0")
+        .arg("--data-dir")
+        .arg(&data)
+        .run();
+    run.expect_code(3);
+    assert!(
+        run.stderr.contains(&format!(
+            "registrations database {} has schema version 2, this sprout reads version 1",
+            db.display()
+        )),
+        "{run}"
+    );
+    env.assert_clean(run.pid);
+    assert!(!env.work_dir().join("refused.sock").exists());
+    assert_eq!(entries(&data.join("code")), code);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (version, functions): (i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT version FROM schema_version), (SELECT count(*) FROM functions)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((version, functions), (2, 1));
+}
