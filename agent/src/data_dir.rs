@@ -40,7 +40,7 @@ pub const FORMAT_FILE: &str = "format";
 pub const LOCK_FILE: &str = "lock";
 /// Uploaded function code, one directory per upload.
 pub const CODE_DIR: &str = "code";
-/// Registered functions and workflows (issue 14).
+/// Registered functions and workflows (`crate::registrations`).
 pub const REGISTRATIONS_DIR: &str = "registrations";
 /// The package cache (issue 13).
 pub const PACKAGES_DIR: &str = "packages";
