@@ -4,7 +4,7 @@
 //!
 //! | component | owns |
 //! |---|---|
-//! | [`Registry`] | registered functions and workflows |
+//! | [`Registry`] | registered functions and workflows (kept in a [`Store`] with a data directory) |
 //! | [`Scheduler`] | per-function idle instances, counts and queues; stem cells by runtime |
 //! | [`Sandboxes`] | spawner, skeleton, cgroups, state dir, sandbox users, output reader, memory accounting |
 //! | [`Runs`] | bound sandboxes, the callees attached in them, workflow runs |
@@ -22,6 +22,11 @@
 //! 2. `Scheduler::state` (the scheduler's lock, with its manager condvar)
 //! 3. `Runs::bound` (taken under 2 by retire's "calls it" check)
 //! 4. `Registry::functions` (taken under 3 by `Runs::callees_current`)
+//!
+//! `Registry::writes` (a registration's or removal's commit to the registrations
+//! store until the maps agree with it) is taken above 4 and `Registry::workflows`,
+//! and never while holding 1-4; the store's connection lock is a leaf taken under
+//! it (no SQLite write happens under 1-4).
 //!
 //! Leaves, under which no other component's lock is taken: the record store's locks
 //! (its queue's sender, its read connection), the async runner's queue,
@@ -53,6 +58,7 @@ use crate::error::Error;
 use crate::invoke::{CallOpts, Invoker};
 use crate::metrics::{Gauges, Metrics, SandboxStates};
 use crate::names::{validate_namespace, FunctionKey};
+use crate::registrations::Store;
 use crate::registry::{remove_owned_dir, Registry};
 use crate::request::{ActivationPart, Request, Response};
 use crate::runs::Runs;
@@ -117,13 +123,22 @@ impl Agent {
             }
             _ => Activations::off(),
         });
-        let uploads = match &data {
+        // The registrations it keeps, read (and uploaded code no row names removed)
+        // before anything is started: a store this build cannot read stops it here.
+        let (store, stored) = match &data {
             Some(data) => {
-                data.empty_code().map_err(state_err(&data.code()))?;
-                Some(data.code())
+                let store = Store::open(&data.registrations())?;
+                let stored = store.load()?;
+                let removed =
+                    crate::registrations::remove_unreferenced(&data.code(), stored.code())?;
+                if !removed.is_empty() {
+                    tracing::info!(removed = ?removed, "uploaded code no registration names removed");
+                }
+                (Some(store), Some(stored))
             }
-            None => None,
+            None => (None, None),
         };
+        let uploads = data.as_ref().map(DataDir::code);
         let sandboxes = Arc::new(Sandboxes::start(&config)?);
         tracing::info!(agent_id = sandboxes.agent_id(), state_dir = %sandboxes.state_path().display(), "agent started");
         let runtime_dir = sandboxes.runtime_dir();
@@ -152,7 +167,16 @@ impl Agent {
             config.package_sources.clone(),
             sandboxes.agent_id(),
         ));
-        let registry = Arc::new(Registry::new(config.clone(), uploads, packages.clone()));
+        let registry = Arc::new(Registry::new(
+            config.clone(),
+            uploads,
+            packages.clone(),
+            store,
+        ));
+        if let Some(stored) = stored {
+            let (functions, workflows) = registry.restore(stored);
+            tracing::info!(functions, workflows, "registrations restored");
+        }
         let scheduler = Arc::new(Scheduler::new(config.max_queue));
         let metrics = Arc::new(Metrics::new());
         let admission = Admission::new(config.namespace_limits.clone(), metrics.clone());
@@ -316,9 +340,11 @@ impl Agent {
             }
             Request::RemoveFunction { namespace, name } => {
                 let key = FunctionKey::new(&namespace, &name)?;
-                let f = self.registry.remove(&key)?;
-                self.invoker.retire(&key);
-                remove_owned_dir(&f);
+                // Its row is gone first: a crash now leaves only code no row names.
+                if let Some(f) = self.registry.remove(&key)? {
+                    self.invoker.retire(&key);
+                    remove_owned_dir(&f);
+                }
                 tracing::info!(function = %key, "function removed");
                 Ok(Response::Removed { namespace, name })
             }

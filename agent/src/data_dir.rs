@@ -11,8 +11,8 @@
 //! |------------------|---------------------------------------------------------|
 //! | `format`         | the layout's version, [`FORMAT_VERSION`], as text        |
 //! | `lock`           | the `flock` of the agent using the directory; its pid    |
-//! | `code/`          | uploaded function code ([`DataDir::code`])               |
-//! | `registrations/` | registered functions and workflows ([`DataDir::registrations`], issue 14) |
+//! | `code/`          | uploaded function code ([`DataDir::code`]), one directory per registration that a row of `registrations/` names |
+//! | `registrations/` | registered functions and workflows ([`DataDir::registrations`]: `registry.db`, see `crate::registrations`) |
 //! | `packages/`      | the package cache ([`DataDir::packages`], issue 13)      |
 //! | `activations/`   | activation records ([`DataDir::activations`], issue 14)  |
 //!
@@ -40,7 +40,7 @@ pub const FORMAT_FILE: &str = "format";
 pub const LOCK_FILE: &str = "lock";
 /// Uploaded function code, one directory per upload.
 pub const CODE_DIR: &str = "code";
-/// Registered functions and workflows (issue 14).
+/// Registered functions and workflows (`crate::registrations`).
 pub const REGISTRATIONS_DIR: &str = "registrations";
 /// The package cache (issue 13).
 pub const PACKAGES_DIR: &str = "packages";
@@ -148,23 +148,7 @@ impl DataDir {
         self.path.join(CODE_DIR)
     }
 
-    /// Removes every entry of `code/`: until registrations are durable (issue 14), no
-    /// code of an earlier agent's is registered, so none is kept.
-    pub fn empty_code(&self) -> io::Result<()> {
-        // `code/` was checked by `open` (a directory of ours, in a directory only we
-        // can change): its entries are what this user put there.
-        for entry in fs::read_dir(self.code())? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                fs::remove_dir_all(entry.path())?;
-            } else {
-                fs::remove_file(entry.path())?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Registered functions and workflows: `registrations/` (issue 14).
+    /// Registered functions and workflows: `registrations/` (the registrations store).
     pub fn registrations(&self) -> PathBuf {
         self.path.join(REGISTRATIONS_DIR)
     }

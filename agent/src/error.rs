@@ -202,6 +202,8 @@ pub enum Error {
     NotStarted,
     #[error(transparent)]
     DataDir(#[from] crate::data_dir::Error),
+    #[error(transparent)]
+    Registrations(#[from] crate::registrations::Error),
 }
 
 /// ` (resolves to <resolved>)` when a path is not already canonical.
@@ -342,6 +344,7 @@ impl Error {
             | Pool(_)
             | State { .. }
             | DataDir(_)
+            | Registrations(_)
             | Packages { .. }
             | PackageCache(_) => ErrorKind::Internal,
             ShuttingDown | NotStarted => ErrorKind::Unavailable,
@@ -419,6 +422,7 @@ impl Error {
             | Pool(_)
             | State { .. }
             | DataDir(_)
+            | Registrations(_)
             | Packages { .. }
             | PackageCache(_) => "internal",
             ShuttingDown | NotStarted => "unavailable",

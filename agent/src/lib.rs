@@ -30,6 +30,7 @@ mod manager;
 pub mod metrics;
 mod names;
 pub mod packages;
+mod registrations;
 mod registry;
 mod request;
 mod run;

@@ -31,6 +31,7 @@ use crate::config::{Config, Defaults};
 use crate::error::Error;
 use crate::names::{validate_name, validate_namespace, FunctionKey};
 use crate::packages::Packages;
+use crate::registrations::{Code, FunctionRow, Store, Stored, WorkflowRow};
 use crate::request::FunctionSource;
 use crate::runtime::{Runtime, Seam};
 use crate::workflow::spec::Workflow;
@@ -489,6 +490,11 @@ pub fn name_from_dir(dir: &Path) -> String {
 /// The registered functions and workflows, by namespace and name (the tenant
 /// boundary: every lookup names both). Each map has its own lock, taken last in the
 /// agent's lock order and never held while calling out.
+///
+/// With a [`Store`] (an agent with a data directory) every registration and removal
+/// is committed to it before it is acknowledged, and [`Registry::restore`] serves
+/// again at start what it holds; without one (the embedded one-shot) the registry
+/// lives as long as the process.
 #[derive(Debug)]
 pub(crate) struct Registry {
     /// What registrations are checked against.
@@ -497,21 +503,157 @@ pub(crate) struct Registry {
     uploads: PathBuf,
     /// Installs the packages functions need (when they are registered).
     packages: Arc<Packages>,
+    /// Where registrations are kept across restarts (`None`: in memory only).
+    store: Option<Store>,
+    /// Held from a registration's or removal's commit to the store until the maps
+    /// agree with it, so that the store and the maps change in the same order. Taken
+    /// above `functions` and `workflows`; never by an invocation.
+    writes: Mutex<()>,
     functions: Mutex<HashMap<FunctionKey, Arc<Function>>>,
     workflows: Mutex<HashMap<FunctionKey, Arc<Workflow>>>,
+    /// Versions without a store (a store keeps its own, durably).
     next_version: AtomicU64,
 }
 
 impl Registry {
-    pub fn new(config: Config, uploads: PathBuf, packages: Arc<Packages>) -> Registry {
+    pub fn new(
+        config: Config,
+        uploads: PathBuf,
+        packages: Arc<Packages>,
+        store: Option<Store>,
+    ) -> Registry {
         Registry {
             config,
             uploads,
             packages,
+            store,
+            writes: Mutex::new(()),
             functions: Mutex::default(),
             workflows: Mutex::default(),
             next_version: AtomicU64::new(1),
         }
+    }
+
+    /// A version no registration of this registry (or, with a store, of any agent
+    /// before it on the data directory) had.
+    fn take_version(&self) -> Result<u64, Error> {
+        match &self.store {
+            Some(store) => Ok(store.take_version()?),
+            None => Ok(self.next_version.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Serves again what `stored` holds (loaded from the store at start), each
+    /// function through the same checks as a registration, with the packages it was
+    /// registered with (re-attached from the cache, a missing one installed from its
+    /// pin; nothing is resolved again). One that no longer passes (its directory gone
+    /// or changed, its packages not to be had) is not served: its row and code are
+    /// kept, an error log names it and why, and registering it again or removing it
+    /// clears it. Workflows are served as registered (their functions were checked
+    /// when they were). Returns how many functions and workflows are served.
+    pub fn restore(&self, stored: Stored) -> (usize, usize) {
+        let _held = self.packages.hold();
+        for (code, e) in &stored.unreadable {
+            tracing::error!(code = ?code, error = %ipc::chain(e), "a stored registration cannot be read; it is not served (register the function again)");
+        }
+        let mut served = (0, 0);
+        for row in stored.functions {
+            let key = FunctionKey {
+                namespace: row.namespace.clone(),
+                name: row.name.clone(),
+            };
+            match self.remake(&key, &row) {
+                Ok(f) => {
+                    tracing::info!(function = %key, version = f.version, path = %f.dir.display(), "function restored");
+                    self.functions.lock().insert(key, Arc::new(f));
+                    served.0 += 1;
+                }
+                Err(e) => tracing::error!(
+                    function = %key,
+                    version = row.version,
+                    error = %ipc::chain(&e),
+                    "registered function not served after the restart: it no longer passes the registration's checks (register it again, or remove it)"
+                ),
+            }
+        }
+        for row in stored.workflows {
+            let key = FunctionKey {
+                namespace: row.namespace.clone(),
+                name: row.name.clone(),
+            };
+            match Workflow::parse(row.spec.as_bytes()) {
+                Ok(w) => {
+                    self.workflows.lock().insert(key, Arc::new(w));
+                    served.1 += 1;
+                }
+                Err(e) => tracing::error!(
+                    workflow = %key,
+                    error = %ipc::chain(&e),
+                    "registered workflow not served after the restart"
+                ),
+            }
+        }
+        served
+    }
+
+    /// A stored function, checked again.
+    fn remake(&self, key: &FunctionKey, row: &FunctionRow) -> Result<Function, Error> {
+        let (dir, owns_dir) = match &row.code {
+            Code::Path(p) => (p.clone(), false),
+            Code::Upload(name) if crate::registrations::is_code_dir_name(name) => {
+                (self.uploads.join(name), true)
+            }
+            Code::Upload(name) => {
+                return Err(Error::InvalidConfig(format!(
+                    "its stored code directory {name:?} is not a name in {}",
+                    self.uploads.display()
+                )))
+            }
+        };
+        let mut f = Function::new(key, &dir, &row.config, &self.config, row.version, owns_dir)?;
+        f.deps = self.reattach_deps(&f, &row.packages)?;
+        Ok(f)
+    }
+
+    /// The packages `function` was registered with (`entries`), attached again.
+    fn reattach_deps(
+        &self,
+        function: &Function,
+        entries: &[crate::packages::Entry],
+    ) -> Result<crate::packages::Deps, Error> {
+        if entries.iter().any(|e| e.kind == crate::packages::Kind::Npm) {
+            // An npm tree is keyed by the function's manifest and lock: the same key
+            // or nothing, installed again from them if the cache lost it.
+            let needs = function
+                .runtime
+                .dependencies(&function.dir, self.packages.sources())?;
+            let changed = || {
+                Error::InvalidConfig(format!(
+                    "its package.json or package-lock.json in {} changed since it was registered",
+                    function.dir.display()
+                ))
+            };
+            let Some(crate::packages::Dependencies::Npm { manifest, lock }) = needs else {
+                return Err(changed());
+            };
+            let (key, _) = crate::packages::npm_key(&manifest, lock.as_ref());
+            if !matches!(entries, [e] if e.key == key) {
+                return Err(changed());
+            }
+            return self
+                .packages
+                .npm(&function.key().to_string(), &manifest, lock.as_ref())
+                .map_err(|source| Error::Packages {
+                    function: function.key().to_string(),
+                    source: Box::new(source),
+                });
+        }
+        self.packages
+            .reattach(&function.key().to_string(), entries)
+            .map_err(|source| Error::Packages {
+                function: function.key().to_string(),
+                source: Box::new(source),
+            })
     }
 
     /// Registers (or replaces) function `key`; returns it, and the function it
@@ -524,7 +666,7 @@ impl Registry {
         config: &FunctionConfig,
     ) -> Result<(FunctionInfo, Option<Arc<Function>>), Error> {
         let name = key.name.as_str();
-        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        let version = self.take_version()?;
         let (dir, owns_dir) = match source {
             FunctionSource::Dir(dir) => (dir, false),
             FunctionSource::Tar(bytes) => (self.unpack(name, version, &bytes)?, true),
@@ -534,8 +676,15 @@ impl Registry {
         let function =
             Function::new(key, &dir, config, &self.config, version, owns_dir).and_then(|mut f| {
                 f.deps = self.install_deps(&f)?;
+                if owns_dir && self.store.is_some() {
+                    // On disk before its row is: a restart trusts what a row names.
+                    crate::registrations::sync_tree(&f.dir)?;
+                }
                 Ok(Arc::new(f))
             });
+        // From the commit until the map agrees with the store.
+        let _writes = self.writes.lock();
+        let function = function.and_then(|f| self.commit(&f, config).map(|()| f));
         let function = match function {
             Ok(f) => f,
             Err(e) => {
@@ -548,6 +697,50 @@ impl Registry {
         let info = function.info(0);
         let old = self.functions.lock().insert(key.clone(), function);
         Ok((info, old))
+    }
+
+    /// Puts `function` (registered with `config`, its uploaded code already synced) in
+    /// the store, if there is one: its row committed. The code of a row it
+    /// replaces that was not being served (a function skipped at start) is removed
+    /// here; a served one's is the caller's to remove.
+    fn commit(&self, function: &Function, config: &FunctionConfig) -> Result<(), Error> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let code = if function.owns_dir {
+            let name = function
+                .dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Code::Upload(name)
+        } else {
+            Code::Path(function.dir.clone())
+        };
+        let replaced = store.put_function(&FunctionRow {
+            namespace: function.namespace.clone(),
+            name: function.name.clone(),
+            version: function.version,
+            code,
+            config: config.clone(),
+            packages: function
+                .deps
+                .packages
+                .iter()
+                .map(|p| p.entry.clone())
+                .collect(),
+        })?;
+        if let Some(Code::Upload(old)) = replaced {
+            let served = self
+                .functions
+                .lock()
+                .get(&function.key())
+                .is_some_and(|f| f.owns_dir && f.dir.file_name() == Some(old.as_ref()));
+            if !served && crate::registrations::is_code_dir_name(&old) {
+                let _ = std::fs::remove_dir_all(self.uploads.join(&old));
+            }
+        }
+        Ok(())
     }
 
     /// Resolves and installs what `function` declares it needs (through the runtime
@@ -605,12 +798,27 @@ impl Registry {
         }
     }
 
-    /// Unregisters function `key` and returns it.
-    pub fn remove(&self, key: &FunctionKey) -> Result<Arc<Function>, Error> {
-        self.functions
-            .lock()
-            .remove(key)
-            .ok_or_else(|| not_found(key))
+    /// Unregisters function `key` (its row first, when there is a store) and returns
+    /// it if it was served; the caller removes its code. One registered but not
+    /// served (skipped at start) has its row and code removed here, and gives `None`.
+    pub fn remove(&self, key: &FunctionKey) -> Result<Option<Arc<Function>>, Error> {
+        let _writes = self.writes.lock();
+        let row = match &self.store {
+            Some(store) => store.remove_function(&key.namespace, &key.name)?,
+            None => None,
+        };
+        match (self.functions.lock().remove(key), row) {
+            (Some(f), _) => Ok(Some(f)),
+            (None, Some(code)) => {
+                if let Code::Upload(name) = code {
+                    if crate::registrations::is_code_dir_name(&name) {
+                        let _ = std::fs::remove_dir_all(self.uploads.join(name));
+                    }
+                }
+                Ok(None)
+            }
+            (None, None) => Err(not_found(key)),
+        }
     }
 
     /// The functions of `namespace`, in no order.
@@ -684,8 +892,12 @@ impl Registry {
         (functions, workflows)
     }
 
-    /// Removes the directories the registry unpacked (at shutdown).
+    /// Removes the directories the registry unpacked (at shutdown), unless they are
+    /// kept in a store for the next agent.
     pub fn remove_owned_dirs(&self) {
+        if self.store.is_some() {
+            return;
+        }
         for f in self.functions.lock().values() {
             remove_owned_dir(f);
         }
@@ -704,6 +916,14 @@ impl Registry {
             })
         })?;
         let info = workflow.info(key);
+        let _writes = self.writes.lock();
+        if let Some(store) = &self.store {
+            store.put_workflow(&WorkflowRow {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                spec: workflow.text.clone(),
+            })?;
+        }
         self.workflows
             .lock()
             .insert(key.clone(), Arc::new(workflow));
@@ -725,11 +945,16 @@ impl Registry {
     }
 
     pub fn remove_workflow(&self, key: &FunctionKey) -> Result<(), Error> {
-        self.workflows
-            .lock()
-            .remove(key)
-            .map(drop)
-            .ok_or_else(|| workflow_not_found(key))
+        let _writes = self.writes.lock();
+        let stored = match &self.store {
+            Some(store) => store.remove_workflow(&key.namespace, &key.name)?,
+            None => false,
+        };
+        match self.workflows.lock().remove(key) {
+            Some(_) => Ok(()),
+            None if stored => Ok(()),
+            None => Err(workflow_not_found(key)),
+        }
     }
 
     pub fn workflow(&self, key: &FunctionKey) -> Result<Arc<Workflow>, Error> {

@@ -85,7 +85,7 @@ fn a_data_directory_in_use_is_refused_and_left_as_it_was() {
 }
 
 #[test]
-fn the_layout_is_made_with_its_version_and_a_stopped_daemons_code_is_not_kept() {
+fn the_layout_is_made_with_its_version_and_code_no_registration_names_is_not_kept() {
     let env = require_root!();
     let data = env.work_dir().join("data-kept");
     let mut d = Daemon::start_on(&env, &data, &["--stem-cells", "0"]);
@@ -113,8 +113,8 @@ fn the_layout_is_made_with_its_version_and_a_stopped_daemons_code_is_not_kept() 
     d.terminate();
     env.assert_clean(d.pid());
 
-    // Code left by an agent that did not stop cleanly is not kept: registrations
-    // are not durable yet, so nothing refers to it.
+    // Code no registration names (an upload whose registration a crash cut short)
+    // is not kept.
     fs::create_dir_all(data.join("code/hello-7")).unwrap();
     fs::write(data.join("code/hello-7/f.py"), HELLO_PY).unwrap();
     let d = Daemon::start_on(&env, &data, &["--stem-cells", "0"]);

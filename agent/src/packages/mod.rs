@@ -460,14 +460,81 @@ impl Packages {
             parse_resolved(&answer)?
         };
         tracing::debug!(packages = resolved.pins.len(), abi = %resolved.abi, "resolved");
+        let keyed: Vec<(Pin, String)> = resolved
+            .pins
+            .into_iter()
+            .map(|pin| {
+                let key = pin.key(&resolved.abi);
+                (pin, key)
+            })
+            .collect();
+        self.ensure_python(&keyed, deadline)?;
+        self.attach(Kind::Python, keyed.iter().map(|(_, key)| key.as_str()))
+    }
+
+    /// A function's packages as it was registered with them (`entries`, in import
+    /// order: what [`Deps`] held), at a restart: not resolved again; each is attached
+    /// from the cache, and a Python package missing from it is installed again from
+    /// its pin (name, version, archive hash). A missing npm tree is an error: its
+    /// manifest is the function's, for the caller to install again.
+    pub fn reattach(&self, function: &str, entries: &[Entry]) -> Result<Deps, Error> {
+        if entries.is_empty() {
+            return Ok(Deps::default());
+        }
+        let span = tracing::info_span!("packages", function, kind = "reattach");
+        let _g = span.enter();
+        let deadline = std::time::Instant::now() + self.limits.timeout * REGISTRATION_TIMEOUTS;
+        let mut python = Vec::new();
+        for e in entries {
+            if !is_key(&e.key) {
+                return Err(Error::Cache {
+                    path: self.cache.path(e.kind, "?"),
+                    source: std::io::Error::other(format!("{:?} is not a cache key", e.key)),
+                });
+            }
+            match e.kind {
+                Kind::Python => python.push((
+                    Pin {
+                        name: e.name.clone(),
+                        version: e.version.clone(),
+                        sha256: e.sha256.clone(),
+                    },
+                    e.key.clone(),
+                )),
+                Kind::Npm if self.cache.get(Kind::Npm, &e.key)?.is_none() => {
+                    return Err(Error::Cache {
+                        path: self.cache.path(Kind::Npm, &e.key),
+                        source: std::io::Error::other("not in the cache"),
+                    })
+                }
+                Kind::Npm => {}
+            }
+        }
+        self.ensure_python(&python, deadline)?;
+        let mut deps = Deps::default();
+        for e in entries {
+            deps.packages.extend(
+                self.attach(e.kind, std::iter::once(e.key.as_str()))?
+                    .packages,
+            );
+        }
+        Ok(deps)
+    }
+
+    /// Installs each `(pin, key)` the cache lacks (one install per key on the node at
+    /// a time: a key another registration is installing is waited for).
+    fn ensure_python(
+        &self,
+        keyed: &[(Pin, String)],
+        deadline: std::time::Instant,
+    ) -> Result<(), Error> {
         let mut waits = Vec::new();
-        for pin in &resolved.pins {
-            let key = pin.key(&resolved.abi);
-            if self.cache.get(Kind::Python, &key)?.is_some() {
+        for (pin, key) in keyed {
+            if self.cache.get(Kind::Python, key)?.is_some() {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match self.flights.claim(&key) {
+            match self.flights.claim(key) {
                 Ok(claim) => {
                     if std::time::Instant::now() > deadline {
                         return Err(Error::Timeout {
@@ -476,12 +543,12 @@ impl Packages {
                         });
                     }
                     // It may have landed between the look and the claim.
-                    if self.cache.get(Kind::Python, &key)?.is_some() {
+                    if self.cache.get(Kind::Python, key)?.is_some() {
                         self.hits.fetch_add(1, Ordering::Relaxed);
                         claim.finish(Ok(()));
                         continue;
                     }
-                    let outcome = self.install_python(pin, &key);
+                    let outcome = self.install_python(pin, key);
                     claim.finish(outcome.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                     outcome?;
                 }
@@ -495,18 +562,19 @@ impl Packages {
             })?;
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// The cached packages `keys` of `kind`, in order.
+    fn attach<'k>(&self, kind: Kind, keys: impl Iterator<Item = &'k str>) -> Result<Deps, Error> {
         let mut packages = Vec::new();
-        for pin in &resolved.pins {
-            let key = pin.key(&resolved.abi);
-            let entry = self
-                .cache
-                .get(Kind::Python, &key)?
-                .ok_or_else(|| Error::Cache {
-                    path: self.cache.path(Kind::Python, &key),
-                    source: std::io::Error::other("installed, then gone (removed by `pkg gc`?)"),
-                })?;
+        for key in keys {
+            let entry = self.cache.get(kind, key)?.ok_or_else(|| Error::Cache {
+                path: self.cache.path(kind, key),
+                source: std::io::Error::other("installed, then gone (removed by `pkg gc`?)"),
+            })?;
             packages.push(Package {
-                dir: self.cache.path(Kind::Python, &key),
+                dir: self.cache.path(kind, key),
                 entry,
             });
         }
@@ -575,10 +643,7 @@ impl Packages {
     ) -> Result<Deps, Error> {
         let span = tracing::info_span!("packages", function, kind = "npm");
         let _g = span.enter();
-        let keyed = serde_json::to_vec(&json!({"manifest": manifest, "lock": lock}))
-            .expect("JSON serialises");
-        let hash = sha256_hex(&keyed);
-        let key = format!("npm-{}", &hash[..32]);
+        let (key, hash) = npm_key(manifest, lock);
         let name = manifest["name"].as_str().unwrap_or("package").to_owned();
         let version = manifest["version"].as_str().unwrap_or("0.0.0").to_owned();
         let found = self.cache.get(Kind::Npm, &key)?;
@@ -903,6 +968,25 @@ fn parse_resolved(answer: &Value) -> Result<Resolved, Error> {
         abi: abi.to_owned(),
         pins,
     })
+}
+
+/// The cache key of the npm tree of `manifest` and `lock`, and the hash it is made
+/// of.
+pub fn npm_key(manifest: &Value, lock: Option<&Value>) -> (String, String) {
+    let keyed =
+        serde_json::to_vec(&json!({"manifest": manifest, "lock": lock})).expect("JSON serialises");
+    let hash = sha256_hex(&keyed);
+    (format!("npm-{}", &hash[..32]), hash)
+}
+
+/// Whether `key` may name a cache entry: one plain file name.
+fn is_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 255
+        && !key.starts_with('.')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

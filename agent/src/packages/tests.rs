@@ -364,3 +364,51 @@ fn at_most_two_install_sandboxes_run_at_once() {
     assert_eq!(p.installed(), 1);
     assert_eq!(peak.load(Ordering::SeqCst), MAX_INSTALL_SANDBOXES);
 }
+
+/// At a restart a function's packages are attached from its stored entries: no
+/// resolve, cached ones hit, a missing one installed from its pin under its key.
+#[test]
+fn reattaching_resolves_nothing_and_installs_only_what_the_cache_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sandboxes = Arc::new(AtomicUsize::new(0));
+    let fake = Fake {
+        sandboxes: sandboxes.clone(),
+        resolved: resolved(&[pin("Jinja2", "3.1.6", 'a'), pin("MarkupSafe", "3.0.2", 'b')]),
+        ..Fake::default()
+    };
+    let p = packages(tmp.path(), fake);
+    let deps = p.python("f", &["jinja2".into()]).unwrap();
+    // Resolve, and one install each.
+    assert_eq!(sandboxes.load(Ordering::SeqCst), 3);
+    let entries: Vec<Entry> = deps.packages.iter().map(|p| p.entry.clone()).collect();
+
+    // A new agent on the same cache: both cached, no sandbox at all.
+    let sandboxes = Arc::new(AtomicUsize::new(0));
+    let fake = Fake {
+        sandboxes: sandboxes.clone(),
+        resolved: json!({"op": "failed", "message": "resolving again"}),
+        ..Fake::default()
+    };
+    let p = packages(tmp.path(), fake);
+    let again = p.reattach("f", &entries).unwrap();
+    assert_eq!(again, deps);
+    assert_eq!(sandboxes.load(Ordering::SeqCst), 0);
+    assert_eq!(p.cache_hits(), 2);
+
+    // The cache lost MarkupSafe: installed again from its pin, under the same key.
+    p.cache.remove(Kind::Python, &entries[1].key).unwrap();
+    let again = p.reattach("f", &entries).unwrap();
+    assert_eq!(again.pins(), ["Jinja2==3.1.6", "MarkupSafe==3.0.2"]);
+    assert_eq!(
+        again.keys().collect::<Vec<_>>(),
+        deps.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(sandboxes.load(Ordering::SeqCst), 1);
+    assert_eq!(p.installed(), 1);
+
+    // A stored key that is not one plain name is refused.
+    let mut bad = entries.clone();
+    bad[0].key = "../../etc".into();
+    let e = ipc::chain(&p.reattach("f", &bad).unwrap_err());
+    assert!(e.contains("is not a cache key"), "{e}");
+}

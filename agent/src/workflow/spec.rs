@@ -32,6 +32,8 @@ pub struct Workflow {
     pub functions: BTreeMap<String, PathBuf>,
     /// The top-level steps, as a sequence.
     pub root: Step,
+    /// The file it was parsed from (kept by the registrations store).
+    pub text: String,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +116,8 @@ impl Workflow {
             timeout_ms: doc.timeout_ms,
             functions: doc.functions,
             root,
+            // It parsed as JSON: it is UTF-8.
+            text: String::from_utf8_lossy(text).into_owned(),
         })
     }
 

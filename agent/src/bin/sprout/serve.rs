@@ -19,8 +19,8 @@ pub struct ServeArgs {
     /// Worker threads running requests.
     #[arg(long, default_value_t = 64)]
     workers: usize,
-    /// Where what must outlive the daemon is kept (uploaded code, the package cache;
-    /// registrations and activation records later). One daemon at a time.
+    /// Where what must outlive the daemon is kept (registrations, uploaded code, the
+    /// package cache; activation records later). One daemon at a time.
     #[arg(long, value_name = "PATH", env = "SPROUT_DATA_DIR", default_value = agent::data_dir::DEFAULT_PATH)]
     data_dir: PathBuf,
     #[command(flatten)]
