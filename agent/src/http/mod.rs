@@ -46,6 +46,7 @@
 //! body (for an invoke, the result as the instance returned it, a shared one in its
 //! mapping) and the loop writes head and body with one vectored write.
 
+mod auth;
 mod conn;
 mod error;
 /// The HTTP fuzz target's entry point (`agent/fuzz`); not part of the API.
@@ -58,10 +59,13 @@ mod openapi;
 mod reply;
 mod routes;
 mod server;
+mod tls;
 mod wire;
 
 pub use crate::transport::{Abandon, Abandoned, FastCall, FastPoll, Handle};
+pub use auth::{KeyError, KeyScope, Keys, ANY_NAMESPACE, MIN_SECRET};
 pub use error::HttpError;
 pub use limits::Limits;
 pub use reply::{COLD_HEADER, DURATION_HEADER, START_HEADER};
 pub use server::{Server, ShutdownHandle, FAST_BUDGET};
+pub use tls::server_config as tls_config;

@@ -3,7 +3,9 @@
 //! the one mapping), to a JSON response; and the HTTP layer's own refusals
 //! ([`Reject`]) in the same error shape.
 
-use ipc::api::{ErrorBody, ErrorDetail, DEFAULT_NAMESPACE};
+use std::collections::BTreeMap;
+
+use ipc::api::{ErrorBody, ErrorDetail, Status, DEFAULT_NAMESPACE};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -22,6 +24,17 @@ pub const COLD_HEADER: &str = "X-Sprout-Cold";
 pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
 /// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
 pub const START_HEADER: &str = "X-Sprout-Start";
+
+/// How a response is written, beyond what the agent answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Answer {
+    /// For invocations: an [`ipc::api::InvocationRecord`] instead of the bare result.
+    pub logs: bool,
+    /// `GET /stats`: the status as OpenLambda's counters ([`stats`]).
+    pub stats: bool,
+    /// A namespace key's view of the status: only this namespace is listed.
+    pub scope: Option<String>,
+}
 
 /// A request refused by the HTTP layer, before or instead of reaching the agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +70,17 @@ impl Reject {
     }
 
     pub fn reply(&self) -> Reply {
+        let mut reply = self.error_reply();
+        if self.status == 401 {
+            reply.headers.push((
+                "WWW-Authenticate",
+                format!("Basic realm=\"{}\"", super::auth::REALM),
+            ));
+        }
+        reply
+    }
+
+    fn error_reply(&self) -> Reply {
         let detail = ErrorDetail {
             kind: self.kind.to_owned(),
             message: self.message.clone(),
@@ -175,7 +199,8 @@ impl Output {
 /// An invocation's result is not copied: it becomes the response's body as it is (a
 /// shared result stays in its mapping), or, with `?logs=true`, is copied once into
 /// the record.
-pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
+pub(super) fn reply_for(result: Result<Response, Error>, answer: &Answer) -> Output {
+    let logs = answer.logs;
     let reply = match result {
         Ok(Response::Registered(info)) => Reply::json(200, &info),
         Ok(Response::Functions(list)) => Reply::json(200, &list),
@@ -188,7 +213,13 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
             &serde_json::json!({ "removed": name, "namespace": namespace }),
         ),
         Ok(Response::Invoked(inv)) => return invoked(inv, logs),
-        Ok(Response::Status(status)) => Reply::json(200, &status),
+        Ok(Response::Status(status)) if answer.stats => Reply::json(200, &stats(&status)),
+        Ok(Response::Status(mut status)) => {
+            if let Some(own) = &answer.scope {
+                status.namespaces.retain(|n| &n.namespace == own);
+            }
+            Reply::json(200, &status)
+        }
         Ok(Response::Packages(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRegistered(info)) => Reply::json(200, &info),
         Ok(Response::Workflows(list)) => Reply::json(200, &list),
@@ -229,6 +260,36 @@ pub(super) fn reply_for(result: Result<Response, Error>, logs: bool) -> Output {
         ),
     };
     reply.into()
+}
+
+/// The status as OpenLambda's worker answers `/stats`: one JSON object of counter
+/// name to integer. Node-wide counts only: no namespace or function is named.
+pub(super) fn stats(status: &Status) -> BTreeMap<String, u64> {
+    let n = |v: usize| v as u64;
+    let mut counters: BTreeMap<String, u64> = [
+        ("functions", n(status.functions)),
+        ("invocations", status.invocations),
+        ("sandboxes", n(status.sandboxes)),
+        ("sandboxes_forked", status.sandboxes_forked),
+        ("sandboxes_created", status.sandboxes_created),
+        ("stem_cells", n(status.stem_cells)),
+        ("frozen", n(status.frozen)),
+        ("queued", n(status.queued)),
+        ("reserved_mb", status.reserved_mb),
+        ("memory_budget_mb", status.memory_budget_mb),
+        ("uptime_ms", status.uptime_ms),
+        ("packages_installed", status.packages_installed),
+        ("package_cache_hits", status.package_cache_hits),
+        ("package_zygotes", n(status.package_zygotes)),
+        ("namespaces", n(status.namespaces.len())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (runtime, count) in &status.stem_cells_by_runtime {
+        counters.insert(format!("stem_cells.{runtime}"), n(*count));
+    }
+    counters
 }
 
 /// The reply when a handler panicked.

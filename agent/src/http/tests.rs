@@ -1204,11 +1204,20 @@ fn a_shared_result_is_sent_from_its_mapping() {
         }))
     };
     // The body is the payload itself: no copy in the agent.
-    let out = reply::reply_for(inv(ipc::Payload::share(&big).unwrap()), false);
+    let out = reply::reply_for(
+        inv(ipc::Payload::share(&big).unwrap()),
+        &reply::Answer::default(),
+    );
     assert!(out.body.is_shared());
     assert_eq!(&*out.body, &big[..]);
     // With the logs, the record holds the result once, as it was.
-    let out = reply::reply_for(inv(ipc::Payload::share(&big).unwrap()), true);
+    let out = reply::reply_for(
+        inv(ipc::Payload::share(&big).unwrap()),
+        &reply::Answer {
+            logs: true,
+            ..Default::default()
+        },
+    );
     let record: InvocationRecord = serde_json::from_slice(&out.body).unwrap();
     assert_eq!(record.result.get().as_bytes(), &big[..]);
     assert_eq!((record.logs, record.duration_us), (logs("hi\n"), 7));

@@ -1,4 +1,4 @@
-//! `sprout invoke`: a function directory on an embedded agent, or with `--socket` a
+//! `sprout invoke`: a function directory on an embedded agent, or with `--socket` or `--url` a
 //! registered function on the daemon.
 
 use std::path::PathBuf;
@@ -33,15 +33,15 @@ pub struct InvokeArgs {
 
 pub fn run(cx: &Context, args: InvokeArgs) -> anyhow::Result<ExitCode> {
     let event = crate::read_event(&args.event)?;
-    match &cx.socket {
-        Some(socket) => {
+    match cx.remote() {
+        true => {
             if args.limits.config() != FunctionConfig::default() || !args.with.is_empty() {
                 bail!("--handler/--memory/--timeout/--pids/--cpus/--with belong to `sprout fn add` when using a daemon");
             }
-            let client = Client::connect(socket)?;
+            let client = cx.client()?;
             remote(client, &cx.namespace, &args.function, &event, args.logs)
         }
-        None => embedded(cx, args, event),
+        false => embedded(cx, args, event),
     }
 }
 
