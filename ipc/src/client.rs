@@ -751,4 +751,68 @@ mod tests {
         server.join().unwrap();
         assert!(matches!(err, ClientError::Closed { .. }), "{err:?}");
     }
+
+    #[test]
+    fn urls_are_checked_and_a_key_goes_as_basic_auth() {
+        for (url, words) in [
+            ("127.0.0.1:80", "http://HOST:PORT"),
+            ("ftp://h:1", "http://HOST:PORT"),
+            ("http://h", "give the port"),
+            ("http://h:0", "1 to 65535"),
+            ("http://h:99999", "1 to 65535"),
+            ("http://h:80/api", "no path"),
+            ("http://u@h:80", "no path"),
+            ("http://::1:80", "give the port"),
+            ("https://h:1", "CA certificates"),
+        ] {
+            let options = TcpOptions {
+                key: None,
+                ca_cert: Some(PathBuf::from("/nonexistent/ca.pem")),
+            };
+            let e = Client::connect_url(url, &options).unwrap_err();
+            assert!(e.to_string().contains(words), "{url}: {e}");
+        }
+        let e = Client::connect_url(
+            "http://127.0.0.1:9",
+            &TcpOptions {
+                key: Some("nocolon".into()),
+                ca_cert: None,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ClientError::Key), "{e:?}");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut head = String::new();
+            while !head.contains("\r\n\r\n") {
+                read_more(&mut s, &mut buf).unwrap();
+                head = String::from_utf8_lossy(&buf).into_owned();
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+            head
+        });
+        let mut c = Client::connect_url(
+            &format!("http://{addr}/"),
+            &TcpOptions {
+                key: Some("u-1:secret".into()),
+                ca_cert: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.peer(), format!("http://{addr}"));
+        assert!(!format!("{c:?}").contains("secret"));
+        assert_eq!(c.request("GET", "/stats", None, b"").unwrap().body, b"{}");
+        let head = server.join().unwrap();
+        // base64("u-1:secret")
+        assert!(
+            head.contains("\r\nAuthorization: Basic dS0xOnNlY3JldA==\r\n"),
+            "{head}"
+        );
+        assert!(head.contains(&format!("\r\nHost: {addr}\r\n")), "{head}");
+    }
 }

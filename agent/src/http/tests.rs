@@ -173,7 +173,14 @@ impl Handle for Fake {
                 packages_installed: 2,
                 package_cache_hits: 1,
                 package_zygotes: 0,
-                namespaces: Vec::new(),
+                namespaces: ["alpha", "beta"]
+                    .map(|ns| ipc::api::NamespaceStatus {
+                        namespace: ns.to_owned(),
+                        functions: 1,
+                        workflows: 0,
+                        sandboxes: 0,
+                    })
+                    .to_vec(),
             })),
             Request::Invoke {
                 namespace,
@@ -1430,3 +1437,6 @@ fn a_method_triggers_http_refuses_gets_openlambdas_text() {
     let r = c.request("GET", "/run/getonly", None, b"").unwrap();
     assert_eq!(r.status, 418);
 }
+
+#[path = "tcp_tests.rs"]
+mod tcp;
