@@ -40,8 +40,6 @@ use super::reply::Reject;
 
 /// The namespace of a key that acts for every namespace.
 pub const ANY_NAMESPACE: &str = "*";
-/// The realm a 401 names.
-pub(super) const REALM: &str = "sprout";
 /// Largest key file read.
 const MAX_FILE: u64 = 1 << 20;
 /// Largest `Authorization` value looked at; longer ones are wrong keys.

@@ -25,6 +25,9 @@ pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
 /// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
 pub const START_HEADER: &str = "X-Sprout-Start";
 
+/// The `WWW-Authenticate` of a 401: the TCP listener's keys, as basic auth.
+pub(super) const CHALLENGE: &str = "Basic realm=\"sprout\"";
+
 /// How a response is written, beyond what the agent answered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Answer {
@@ -72,10 +75,9 @@ impl Reject {
     pub fn reply(&self) -> Reply {
         let mut reply = self.error_reply();
         if self.status == 401 {
-            reply.headers.push((
-                "WWW-Authenticate",
-                format!("Basic realm=\"{}\"", super::auth::REALM),
-            ));
+            reply
+                .headers
+                .push(("WWW-Authenticate", CHALLENGE.to_owned()));
         }
         reply
     }
