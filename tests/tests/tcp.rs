@@ -153,6 +153,14 @@ fn keys_decide_who_acts_where() {
     let run = cli("nobody:nothing").args(["fn", "ls"]).run();
     run.expect_code(2);
     assert!(run.stderr.contains("valid key"), "{run}");
+    // A workflow file over --url: its functions are uploaded.
+    let run = cli(ALPHA)
+        .args(["workflow", "run"])
+        .arg(sprout_tests::example("wordcount").join("wordcount.json"))
+        .arg(r#"{"text": "a b c\nd e", "chunks": 2}"#)
+        .run();
+    run.success();
+    assert_eq!(run.json(), json!({"words": 5, "chunks": 2}), "{run}");
     // --key on the command line works too; a key without --url is refused.
     let run = env
         .sprout()
