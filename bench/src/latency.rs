@@ -74,15 +74,17 @@ pub fn warm(bin: &Path, label: &str, noop: &Noop, runs: usize) -> anyhow::Result
 }
 
 /// Warm invoke of a no-op function through the daemon's TCP listener (`--listen`,
-/// keep-alive), with a key checked on every request, and with TLS if `tls`: the
-/// same call as [`warm`] with the network listener's costs added.
+/// keep-alive), with a key checked on every request, and with TLS if `tls`; and, as a
+/// control, the same function on the same daemon's Unix socket, the two interleaved
+/// call by call so that both see the same machine: the listener's cost is the
+/// difference.
 pub fn warm_tcp(
     bin: &Path,
     label: &str,
     noop: &Noop,
     runs: usize,
     tls: bool,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, Row)> {
     let files = tempfile::Builder::new()
         .prefix("sprout-bench-tcp-")
         .tempdir()?;
@@ -116,20 +118,29 @@ pub fn warm_tcp(
         key: Some(key.to_owned()),
         ca_cert: ca,
     };
-    let mut c = Client::connect_url(&format!("{scheme}://{addr}"), &options)
+    let mut tcp = Client::connect_url(&format!("{scheme}://{addr}"), &options)
         .with_context(|| format!("connect to {scheme}://{addr}"))?;
-    invoke(&mut c, "noop")?;
+    invoke(&mut unix, "noop")?;
     for _ in 0..runs / 10 {
-        invoke(&mut c, "noop")?; // warm-up
+        invoke(&mut tcp, "noop")?; // warm-up
+        invoke(&mut unix, "noop")?;
     }
-    let mut samples = Vec::with_capacity(runs);
+    let mut samples = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for _ in 0..runs {
-        let t = Instant::now();
-        let r = invoke(&mut c, "noop")?;
-        samples.push(t.elapsed());
-        expect_start(&r, "warm")?;
+        for (c, into) in [(&mut tcp, &mut samples.0), (&mut unix, &mut samples.1)] {
+            let t = Instant::now();
+            let r = invoke(c, "noop")?;
+            into.push(t.elapsed());
+            expect_start(&r, "warm")?;
+        }
     }
-    Ok(Row::new(label, &samples))
+    Ok((
+        Row::new(label, &samples.0),
+        Row::new(
+            "  control: the same daemon's Unix socket, interleaved",
+            &samples.1,
+        ),
+    ))
 }
 
 /// PEM files of a CA, and of a certificate it issued for 127.0.0.1 with its key.

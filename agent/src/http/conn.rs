@@ -1,7 +1,8 @@
-//! One client connection's state machine: reads requests (parsed by [`wire`]), hands
-//! each request's head to the router ([`routes::route`]) and, once its body is read,
-//! the routed request ([`Route::into_dispatch`]) to the server, and writes the
-//! responses. A connection carries one request at a time: a pipelined request stays
+//! One client connection's state machine: reads requests (parsed by [`wire`]), asks
+//! its listener's [`Gate`] who sent each head (a key on TCP: 401 without one), hands
+//! the head to the router ([`routes::find`], the caller's [`Grant`](auth::Grant) or
+//! a 403, [`routes::Found::into_route`]) and, once its body is read, the routed
+//! request ([`Route::into_dispatch`]) to the server, and writes the responses. A connection carries one request at a time: a pipelined request stays
 //! in the read buffer until the previous response is written.
 //!
 //! Timeouts cost the request path nothing: a connection only counts its state
