@@ -137,7 +137,7 @@ pub fn warm_tcp(
     Ok((
         Row::new(label, &samples.0),
         Row::new(
-            "  control: the same daemon's Unix socket, interleaved",
+            &format!("  control: the same daemon's Unix socket, interleaved ({scheme})"),
             &samples.1,
         ),
     ))
