@@ -320,8 +320,13 @@ pub(super) struct Grant {
 
 impl Caller<'_> {
     /// Whether this caller may use a route of `rule` acting in `namespace` (the
-    /// path's, or `default`): what it may see, or the 403.
-    pub fn authorize(&self, rule: Rule, namespace: &str) -> Result<Grant, Reject> {
+    /// path's, or `default`; decoded only when a namespace key needs it): what it
+    /// may see, or the 403 (or the namespace's 400).
+    pub fn authorize(
+        &self,
+        rule: Rule,
+        namespace: impl FnOnce() -> Result<String, Reject>,
+    ) -> Result<Grant, Reject> {
         let remote = !matches!(self, Caller::Local);
         let scope = match self {
             Caller::Local | Caller::Open | Caller::Key(KeyScope::Any) => None,
@@ -342,7 +347,7 @@ impl Caller<'_> {
                 remote,
                 scope: Some(own.clone()),
             }),
-            Rule::Namespace if namespace == own => Ok(Grant {
+            Rule::Namespace if namespace()? == *own => Ok(Grant {
                 remote,
                 scope: None,
             }),
@@ -490,36 +495,37 @@ mod tests {
         let alpha = KeyScope::Namespace("alpha".into());
         let key = Caller::Key(&alpha);
         let star = Caller::Key(&KeyScope::Any);
+        let ns = |n: &'static str| move || Ok(n.to_owned());
         let grant = |remote, scope: Option<&str>| Grant {
             remote,
             scope: scope.map(str::to_owned),
         };
         assert_eq!(
-            key.authorize(Rule::Namespace, "alpha"),
+            key.authorize(Rule::Namespace, ns("alpha")),
             Ok(grant(true, None))
         );
-        let e = key.authorize(Rule::Namespace, "beta").unwrap_err();
+        let e = key.authorize(Rule::Namespace, ns("beta")).unwrap_err();
         assert_eq!((e.status, e.kind), (403, "forbidden"));
         assert!(!e.message.contains("beta"), "{}", e.message);
         assert_eq!(
-            key.authorize(Rule::AnyKey, "default"),
+            key.authorize(Rule::AnyKey, ns("default")),
             Ok(grant(true, None))
         );
         assert_eq!(
-            key.authorize(Rule::Scoped, "default"),
+            key.authorize(Rule::Scoped, ns("default")),
             Ok(grant(true, Some("alpha")))
         );
         assert_eq!(
-            key.authorize(Rule::Node, "default").unwrap_err().status,
+            key.authorize(Rule::Node, ns("default")).unwrap_err().status,
             403
         );
         for caller in [star, Caller::Open] {
             for rule in [Rule::Namespace, Rule::AnyKey, Rule::Scoped, Rule::Node] {
-                assert_eq!(caller.authorize(rule, "beta"), Ok(grant(true, None)));
+                assert_eq!(caller.authorize(rule, ns("beta")), Ok(grant(true, None)));
             }
         }
         assert_eq!(
-            Caller::Local.authorize(Rule::Node, "beta"),
+            Caller::Local.authorize(Rule::Node, ns("beta")),
             Ok(grant(false, None))
         );
     }

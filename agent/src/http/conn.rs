@@ -2,8 +2,9 @@
 //! its listener's [`Gate`] who sent each head (a key on TCP: 401 without one), hands
 //! the head to the router ([`routes::find`], the caller's [`Grant`](auth::Grant) or
 //! a 403, [`routes::Found::into_route`]) and, once its body is read, the routed
-//! request ([`Route::into_dispatch`]) to the server, and writes the responses. A connection carries one request at a time: a pipelined request stays
-//! in the read buffer until the previous response is written.
+//! request ([`Route::into_dispatch`]) to the server, and writes the responses. A
+//! connection carries one request at a time: a pipelined request stays in the read
+//! buffer until the previous response is written.
 //!
 //! Timeouts cost the request path nothing: a connection only counts its state
 //! changes ([`Conn::stage`]) and its progress (bytes of a body read, bytes of a
@@ -410,7 +411,7 @@ impl Conn {
         // is refused without waiting for (or, with `100-continue`, asking for) the body.
         let route = routes::find(&head.method, &head.target)
             .and_then(|found| {
-                let grant = caller.authorize(found.rule(), &found.namespace()?)?;
+                let grant = caller.authorize(found.rule(), || found.namespace())?;
                 found.into_route(head.content_type.as_deref(), &grant)
             })
             .map(|r| r.with_headers(std::mem::take(&mut head.headers)));

@@ -320,7 +320,7 @@ pub(super) fn route(
     content_type: Option<&str>,
 ) -> Result<Route, Reject> {
     let found = find(method, target)?;
-    let grant = super::auth::Caller::Local.authorize(found.rule(), &found.namespace()?)?;
+    let grant = super::auth::Caller::Local.authorize(found.rule(), || found.namespace())?;
     found.into_route(content_type, &grant)
 }
 
