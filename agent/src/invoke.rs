@@ -596,15 +596,7 @@ impl Invoker {
             ),
             Err(failure) => (Err(self.failure(&inst, function, failure, logs)), false),
         };
-        self.record(
-            &inst.function,
-            meta,
-            function,
-            Some(start),
-            &result,
-            timed,
-            called,
-        );
+        self.record(meta, function, Some(start), &result, timed, called);
         match opts.hand_back {
             Some(slot) => {
                 // Counted before its answer goes out, so a burst of calls right after
@@ -621,7 +613,6 @@ impl Invoker {
     /// formatted by its writer).
     fn record(
         &self,
-        key: &FunctionKey,
         meta: &Meta,
         function: &Function,
         start: Option<Start>,
@@ -643,8 +634,13 @@ impl Invoker {
         // adds up: the two agree by construction, records on or off.
         let ran = meta.began.elapsed();
         let ran_ms = Duration::from_millis(ran.as_millis() as u64);
-        self.metrics
-            .invocation_finished(key, start, status, ran_ms, function.memory_mb);
+        self.metrics.invocation_finished(
+            &function.key(),
+            start,
+            status,
+            ran_ms,
+            function.memory_mb,
+        );
         if !self.activations.is_on() {
             return;
         }

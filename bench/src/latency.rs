@@ -1,6 +1,6 @@
 //! The sprout paths of the latency suite, each against a daemon set up for it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -71,6 +71,97 @@ pub fn warm(bin: &Path, label: &str, noop: &Noop, runs: usize) -> anyhow::Result
         expect_start(&r, "warm")?;
     }
     Ok(Row::new(label, &samples))
+}
+
+/// Warm invoke of a no-op function through the daemon's TCP listener (`--listen`,
+/// keep-alive), with a key checked on every request, and with TLS if `tls`; and, as a
+/// control, the same function on the same daemon's Unix socket, the two interleaved
+/// call by call so that both see the same machine: the listener's cost is the
+/// difference.
+pub fn warm_tcp(
+    bin: &Path,
+    label: &str,
+    noop: &Noop,
+    runs: usize,
+    tls: bool,
+) -> anyhow::Result<(Row, Row)> {
+    let files = tempfile::Builder::new()
+        .prefix("sprout-bench-tcp-")
+        .tempdir()?;
+    let key = "bench-0000-4000-8000-000000000001:bench-secret-0123456789abcdef0123456789";
+    let keys = files.path().join("keys");
+    std::fs::write(&keys, format!("* {key}\n"))?;
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // A free port: bound and let go (the daemon binds it right after).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (addr_arg, keys_arg) = (addr.to_string(), keys.display().to_string());
+    let mut args: Vec<String> = KEEP_RUNNING.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(["--listen".into(), addr_arg, "--auth".into(), keys_arg]);
+    let ca = if tls {
+        let (ca, cert, key) = tls_files(files.path())?;
+        args.extend([
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+        Some(ca)
+    } else {
+        None
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start(bin, &args)?;
+    let mut unix = d.client()?;
+    d.register(&mut unix, "noop", noop.dir, noop.settings())?;
+    let scheme = if tls { "https" } else { "http" };
+    let options = ipc::client::TcpOptions {
+        key: Some(key.to_owned()),
+        ca_cert: ca,
+    };
+    let mut tcp = Client::connect_url(&format!("{scheme}://{addr}"), &options)
+        .with_context(|| format!("connect to {scheme}://{addr}"))?;
+    invoke(&mut unix, "noop")?;
+    for _ in 0..runs / 10 {
+        invoke(&mut tcp, "noop")?; // warm-up
+        invoke(&mut unix, "noop")?;
+    }
+    let mut samples = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        for (c, into) in [(&mut tcp, &mut samples.0), (&mut unix, &mut samples.1)] {
+            let t = Instant::now();
+            let r = invoke(c, "noop")?;
+            into.push(t.elapsed());
+            expect_start(&r, "warm")?;
+        }
+    }
+    Ok((
+        Row::new(label, &samples.0),
+        Row::new(
+            &format!("  control: the same daemon's Unix socket, interleaved ({scheme})"),
+            &samples.1,
+        ),
+    ))
+}
+
+/// PEM files of a CA, and of a certificate it issued for 127.0.0.1 with its key.
+fn tls_files(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate()?;
+    let cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&key, &issuer)?;
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
 }
 
 /// Idle time before each frozen (and idle-control) invoke.

@@ -212,6 +212,14 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             settings.warm_runs,
         ),
     )?;
+    for (tls, label) in [
+        (false, "warm invoke (no-op, TCP with a key)"),
+        (true, "warm invoke (no-op, TLS with a key)"),
+    ] {
+        let (tcp, control) = latency::warm_tcp(&bin, label, &python, settings.warm_runs, tls)?;
+        step("warm over TCP", Ok(tcp))?;
+        step("warm over TCP, control", Ok(control))?;
+    }
     let (frozen, idle_control) = latency::frozen(&bin, &noop, settings.frozen_runs)?;
     step("frozen", Ok(frozen))?;
     step("idle control", Ok(idle_control))?;

@@ -1,12 +1,23 @@
-//! A small blocking HTTP/1.1 client for the agent's Unix-socket API.
+//! A small blocking HTTP/1.1 client for the agent's API: on its Unix socket, or on
+//! its TCP listener (`http://HOST:PORT`, `https://HOST:PORT` with rustls) with a key
+//! sent as HTTP basic auth.
 //!
 //! It keeps one keep-alive connection and reconnects once when the server closed it
 //! between two requests. Bodies are sent with `Content-Length` and read by the
 //! response's `Content-Length`; the agent always sends one.
 
+use std::fmt;
+use std::fs;
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 use crate::is_peer_gone;
 
@@ -15,41 +26,49 @@ const MAX_HEADERS: usize = 64;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 1 << 20;
 const READ_CHUNK: usize = 64 << 10;
+/// The CA bundle an `https://` client trusts unless given another (Debian's).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connect to {path}")]
+    #[error("connect to {peer}")]
     Connect {
-        path: PathBuf,
+        peer: String,
         #[source]
         source: io::Error,
     },
+    #[error("{url:?} is not an API address: {reason}")]
+    Url { url: String, reason: String },
+    #[error("the key is not UUID:KEY")]
+    Key,
+    #[error("the CA certificates {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
     #[error("invalid request line {method:?} {target:?}")]
     InvalidRequest { method: String, target: String },
-    #[error("send request to {path}")]
+    #[error("send request to {peer}")]
     Send {
-        path: PathBuf,
+        peer: String,
         #[source]
         source: io::Error,
     },
-    #[error("read response from {path}")]
+    #[error("read response from {peer}")]
     Receive {
-        path: PathBuf,
+        peer: String,
         #[source]
         source: io::Error,
     },
-    #[error("{path} closed the connection before the response was complete")]
-    Closed { path: PathBuf },
-    #[error("malformed response from {path}")]
+    #[error("{peer} closed the connection before the response was complete")]
+    Closed { peer: String },
+    #[error("malformed response from {peer}")]
     Malformed {
-        path: PathBuf,
+        peer: String,
         #[source]
         source: httparse::Error,
     },
-    #[error("response head from {path} exceeds {max} bytes")]
-    HeadTooLarge { path: PathBuf, max: usize },
-    #[error("response from {path} has an invalid Content-Length {value:?}")]
-    ContentLength { path: PathBuf, value: String },
+    #[error("response head from {peer} exceeds {max} bytes")]
+    HeadTooLarge { peer: String, max: usize },
+    #[error("response from {peer} has an invalid Content-Length {value:?}")]
+    ContentLength { peer: String, value: String },
 }
 
 /// A response: status, headers in arrival order, and the body.
@@ -70,16 +89,103 @@ impl ClientResponse {
     }
 }
 
-/// One keep-alive connection to the agent's socket.
-#[derive(Debug)]
+/// Where the agent's API is.
+#[derive(Clone)]
+enum Endpoint {
+    Unix(PathBuf),
+    /// `host:port`, and TLS settings for `https`.
+    Tcp {
+        host: String,
+        port: u16,
+        tls: Option<Arc<ClientConfig>>,
+    },
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "{}", path.display()),
+            Endpoint::Tcp { host, port, tls } => {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                write!(f, "{scheme}://{host}:{port}")
+            }
+        }
+    }
+}
+
+/// An open connection.
+enum Transport {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Unix(s) => s.read(buf),
+            Transport::Tcp(s) => s.read(buf),
+            // A server that closes without close_notify has ended the stream: every
+            // response is framed by its Content-Length, which says if it was cut.
+            Transport::Tls(s) => match s.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Unix(s) => s.write(buf),
+            Transport::Tcp(s) => s.write(buf),
+            Transport::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Unix(s) => s.flush(),
+            Transport::Tcp(s) => s.flush(),
+            Transport::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// How to reach a TCP listener: the key and the CA certificates to trust.
+#[derive(Debug, Clone, Default)]
+pub struct TcpOptions {
+    /// `UUID:KEY`, sent as HTTP basic auth; `None` for a listener without keys.
+    pub key: Option<String>,
+    /// PEM CA certificates an `https://` server's certificate must chain to
+    /// (default: [`SYSTEM_CA_BUNDLE`]).
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// One keep-alive connection to the agent's API.
 pub struct Client {
-    path: PathBuf,
-    stream: Option<UnixStream>,
+    endpoint: Endpoint,
+    /// `Basic ...`, sent with every request.
+    authorization: Option<String>,
+    /// The endpoint as errors name it.
+    peer: String,
+    stream: Option<Transport>,
     /// Whether `stream` has carried a response: only such a connection can have been
     /// closed by the server between requests, so only then is a request sent again.
     carried_response: bool,
     /// Bytes read past the previous response (none, unless the server misbehaves).
     buf: Vec<u8>,
+}
+
+impl fmt::Debug for Client {
+    /// Never shows the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("peer", &self.peer)
+            .field("key", &self.authorization.is_some())
+            .finish()
+    }
 }
 
 /// Why one attempt failed: `Retry` means the server closed a reused connection
@@ -90,17 +196,9 @@ enum Attempt {
 }
 
 impl Client {
+    /// Connects to the agent's Unix socket.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(Client {
-            path: path.to_owned(),
-            stream: Some(stream),
-            carried_response: false,
-            buf: Vec::new(),
-        })
+        Client::open(Endpoint::Unix(path.to_owned()), None)
     }
 
     /// `POST` an event to function `name` of `namespace` without waiting for it
@@ -135,9 +233,81 @@ impl Client {
         self.request("GET", &path, None, b"")
     }
 
-    /// The socket path this client talks to.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Connects to the agent's TCP listener at `url`: `http://HOST:PORT` or
+    /// `https://HOST:PORT` (a path of `/` at most; HOST a name, an IPv4 address or
+    /// `[IPv6]`).
+    pub fn connect_url(url: &str, options: &TcpOptions) -> Result<Client, ClientError> {
+        let bad = |reason: &str| ClientError::Url {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err(bad("use http://HOST:PORT or https://HOST:PORT"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) || authority.is_empty() {
+            return Err(bad(
+                "give only the scheme, host and port (no path, query or user)",
+            ));
+        }
+        let (host, port) = authority
+            .rsplit_once(':')
+            .filter(|(h, _)| !h.is_empty() && (!h.contains(':') || h.starts_with('[')))
+            .ok_or_else(|| bad("give the port: HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = if tls {
+            let ca = options
+                .ca_cert
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE));
+            Some(client_config(&ca)?)
+        } else {
+            None
+        };
+        let authorization = match &options.key {
+            Some(key) => {
+                let (uuid, secret) = key.split_once(':').ok_or(ClientError::Key)?;
+                if uuid.is_empty() || secret.is_empty() || key.chars().any(|c| c.is_control()) {
+                    return Err(ClientError::Key);
+                }
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(key)
+                ))
+            }
+            None => None,
+        };
+        Client::open(Endpoint::Tcp { host, port, tls }, authorization)
+    }
+
+    fn open(endpoint: Endpoint, authorization: Option<String>) -> Result<Client, ClientError> {
+        let mut client = Client {
+            peer: endpoint.to_string(),
+            endpoint,
+            authorization,
+            stream: None,
+            carried_response: false,
+            buf: Vec::new(),
+        };
+        client.reconnect()?;
+        Ok(client)
+    }
+
+    /// The API's address, as errors name it: the socket's path, or the URL.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// Sends one request and reads its response.
@@ -164,10 +334,20 @@ impl Client {
                 target: path_and_query.to_owned(),
             });
         }
+        let host = match &self.endpoint {
+            Endpoint::Unix(_) => "sprout".to_owned(),
+            Endpoint::Tcp { host, port, .. } if host.contains(':') => format!("[{host}]:{port}"),
+            Endpoint::Tcp { host, port, .. } => format!("{host}:{port}"),
+        };
         let mut head = format!(
-            "{method} {path_and_query} HTTP/1.1\r\nHost: sprout\r\nContent-Length: {}\r\n",
+            "{method} {path_and_query} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n",
             body.len()
         );
+        if let Some(auth) = &self.authorization {
+            head.push_str("Authorization: ");
+            head.push_str(auth);
+            head.push_str("\r\n");
+        }
         if let Some(t) = content_type {
             head.push_str("Content-Type: ");
             head.push_str(t);
@@ -187,12 +367,12 @@ impl Client {
                     Ok(resp) => Ok(resp),
                     Err(Attempt::Fail(e)) => Err(e),
                     Err(Attempt::Retry) => Err(ClientError::Closed {
-                        path: self.path.clone(),
+                        peer: self.peer.clone(),
                     }),
                 }
             }
             Err(Attempt::Retry) => Err(ClientError::Closed {
-                path: self.path.clone(),
+                peer: self.peer.clone(),
             }),
         }
     }
@@ -201,10 +381,28 @@ impl Client {
         self.stream = None;
         self.carried_response = false;
         self.buf.clear();
-        let stream = UnixStream::connect(&self.path).map_err(|source| ClientError::Connect {
-            path: self.path.clone(),
+        let connect = |source| ClientError::Connect {
+            peer: self.peer.clone(),
             source,
-        })?;
+        };
+        let stream = match &self.endpoint {
+            Endpoint::Unix(path) => Transport::Unix(UnixStream::connect(path).map_err(connect)?),
+            Endpoint::Tcp { host, port, tls } => {
+                let tcp = TcpStream::connect((host.as_str(), *port)).map_err(connect)?;
+                // Requests go out in two writes (head, body): no waiting between them.
+                tcp.set_nodelay(true).map_err(connect)?;
+                match tls {
+                    None => Transport::Tcp(tcp),
+                    Some(config) => {
+                        let name = ServerName::try_from(host.clone())
+                            .map_err(|e| connect(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+                        let conn = ClientConnection::new(Arc::clone(config), name)
+                            .map_err(|e| connect(io::Error::other(e)))?;
+                        Transport::Tls(Box::new(StreamOwned::new(conn, tcp)))
+                    }
+                }
+            }
+        };
         self.stream = Some(stream);
         Ok(())
     }
@@ -224,15 +422,15 @@ impl Client {
     }
 
     fn exchange(&mut self, head: &[u8], body: &[u8]) -> Result<ClientResponse, Attempt> {
-        let path = self.path.clone();
+        let peer = self.peer.clone();
         let Some(stream) = self.stream.as_mut() else {
-            return Err(Attempt::Fail(ClientError::Closed { path }));
+            return Err(Attempt::Fail(ClientError::Closed { peer }));
         };
         if let Err(e) = stream.write_all(head).and_then(|()| stream.write_all(body)) {
             return Err(if is_peer_gone(&e) && self.buf.is_empty() {
                 Attempt::Retry
             } else {
-                Attempt::Fail(ClientError::Send { path, source: e })
+                Attempt::Fail(ClientError::Send { peer, source: e })
             });
         }
 
@@ -259,24 +457,24 @@ impl Client {
                     }
                     Ok(httparse::Status::Partial) => None,
                     Err(source) => {
-                        return Err(Attempt::Fail(ClientError::Malformed { path, source }))
+                        return Err(Attempt::Fail(ClientError::Malformed { peer, source }))
                     }
                 }
             };
             let Some((head_len, status, headers, http10)) = parsed else {
                 if self.buf.len() > MAX_HEAD {
                     return Err(Attempt::Fail(ClientError::HeadTooLarge {
-                        path,
+                        peer,
                         max: MAX_HEAD,
                     }));
                 }
                 match read_more(stream, &mut self.buf) {
                     Ok(0) if !received_any => return Err(Attempt::Retry),
-                    Ok(0) => return Err(Attempt::Fail(ClientError::Closed { path })),
+                    Ok(0) => return Err(Attempt::Fail(ClientError::Closed { peer })),
                     Ok(_) => received_any = true,
                     Err(e) if is_peer_gone(&e) && !received_any => return Err(Attempt::Retry),
                     Err(source) => {
-                        return Err(Attempt::Fail(ClientError::Receive { path, source }))
+                        return Err(Attempt::Fail(ClientError::Receive { peer, source }))
                     }
                 }
                 continue;
@@ -305,16 +503,16 @@ impl Client {
                 Some(value) => {
                     let len: usize = value.parse().map_err(|_| {
                         Attempt::Fail(ClientError::ContentLength {
-                            path: path.clone(),
+                            peer: peer.clone(),
                             value: value.to_owned(),
                         })
                     })?;
                     while self.buf.len() < len {
                         match read_more(stream, &mut self.buf) {
-                            Ok(0) => return Err(Attempt::Fail(ClientError::Closed { path })),
+                            Ok(0) => return Err(Attempt::Fail(ClientError::Closed { peer })),
                             Ok(_) => {}
                             Err(source) => {
-                                return Err(Attempt::Fail(ClientError::Receive { path, source }))
+                                return Err(Attempt::Fail(ClientError::Receive { peer, source }))
                             }
                         }
                     }
@@ -331,7 +529,7 @@ impl Client {
                             Ok(0) => break,
                             Ok(_) => {}
                             Err(source) => {
-                                return Err(Attempt::Fail(ClientError::Receive { path, source }))
+                                return Err(Attempt::Fail(ClientError::Receive { peer, source }))
                             }
                         }
                     }
@@ -344,8 +542,33 @@ impl Client {
     }
 }
 
+/// The TLS settings of a client that trusts the PEM CA certificates in `ca`.
+fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, ClientError> {
+    let bad = |reason: String| ClientError::Ca {
+        path: ca.to_owned(),
+        reason,
+    };
+    let pem = fs::read(ca).map_err(|e| bad(e.to_string()))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+        // A bundle may hold certificates this library cannot use; the rest still count.
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no usable CA certificate".to_owned()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Appends what one `read` returns to `buf`, retrying on `EINTR`.
-fn read_more(stream: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+fn read_more(stream: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<usize> {
     let start = buf.len();
     buf.resize(start + READ_CHUNK, 0);
     let result = loop {
@@ -559,5 +782,69 @@ mod tests {
         let err = c.request("GET", "/", None, b"").unwrap_err();
         server.join().unwrap();
         assert!(matches!(err, ClientError::Closed { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn urls_are_checked_and_a_key_goes_as_basic_auth() {
+        for (url, words) in [
+            ("127.0.0.1:80", "http://HOST:PORT"),
+            ("ftp://h:1", "http://HOST:PORT"),
+            ("http://h", "give the port"),
+            ("http://h:0", "1 to 65535"),
+            ("http://h:99999", "1 to 65535"),
+            ("http://h:80/api", "no path"),
+            ("http://u@h:80", "no path"),
+            ("http://::1:80", "give the port"),
+            ("https://h:1", "CA certificates"),
+        ] {
+            let options = TcpOptions {
+                key: None,
+                ca_cert: Some(PathBuf::from("/nonexistent/ca.pem")),
+            };
+            let e = Client::connect_url(url, &options).unwrap_err();
+            assert!(e.to_string().contains(words), "{url}: {e}");
+        }
+        let e = Client::connect_url(
+            "http://127.0.0.1:9",
+            &TcpOptions {
+                key: Some("nocolon".into()),
+                ca_cert: None,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ClientError::Key), "{e:?}");
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            let mut head = String::new();
+            while !head.contains("\r\n\r\n") {
+                read_more(&mut s, &mut buf).unwrap();
+                head = String::from_utf8_lossy(&buf).into_owned();
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+            head
+        });
+        let mut c = Client::connect_url(
+            &format!("http://{addr}/"),
+            &TcpOptions {
+                key: Some("u-1:secret".into()),
+                ca_cert: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.peer(), format!("http://{addr}"));
+        assert!(!format!("{c:?}").contains("secret"));
+        assert_eq!(c.request("GET", "/stats", None, b"").unwrap().body, b"{}");
+        let head = server.join().unwrap();
+        // base64("u-1:secret")
+        assert!(
+            head.contains("\r\nAuthorization: Basic dS0xOnNlY3JldA==\r\n"),
+            "{head}"
+        );
+        assert!(head.contains(&format!("\r\nHost: {addr}\r\n")), "{head}");
     }
 }

@@ -22,7 +22,8 @@
 //! ```
 //!
 //! Test files: `embedded` (`sprout invoke DIR`), `errors` (failures and exit codes),
-//! `daemon` (`sprout serve`, the CLI and the HTTP API), `isolation` (what a
+//! `daemon` (`sprout serve`, the CLI and the HTTP API), `tcp` (the TCP listener:
+//! keys, TLS, OpenLambda's client), `isolation` (what a
 //! function sees inside its sandbox, and its cgroup seen from the host), `cleanup`
 //! (crashed agents, agents side by side, and the leftover check itself), `pool` (the
 //! warm pool's lifecycle), `workflows` (functions calling functions), `call_socket`
@@ -701,6 +702,9 @@ impl Sprout<'_> {
         let mut cmd = Command::new(sprout_bin());
         cmd.args(&self.args)
             .env_remove("SPROUT_SOCKET")
+            .env_remove("SPROUT_URL")
+            .env_remove("SPROUT_KEY")
+            .env_remove("SPROUT_CA_CERT")
             .env_remove("SPROUT_STATE_DIR")
             .env_remove("SPROUT_LOG")
             // A daemon started this way keeps its data in the test's directory.
@@ -894,6 +898,8 @@ impl Daemon {
             .arg(data)
             .args(args)
             .env_remove("SPROUT_SOCKET")
+            .env_remove("SPROUT_URL")
+            .env_remove("SPROUT_KEY")
             .env_remove("SPROUT_STATE_DIR")
             .env_remove("SPROUT_DATA_DIR")
             .stdin(Stdio::null())
@@ -954,6 +960,50 @@ impl Daemon {
     /// What the daemon logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The URL of the daemon's TCP listener (started with `--listen ADDR`, port 0
+    /// included): `http://ADDR` or `https://ADDR`, read from the line the daemon logs
+    /// once it is bound ("listening on http://127.0.0.1:PORT").
+    #[track_caller]
+    pub fn tcp_url(&self) -> String {
+        let found = wait_for(DAEMON_TIMEOUT, || {
+            let log = self.log();
+            log.split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned)
+                .ok_or(())
+        });
+        found.unwrap_or_else(|()| {
+            panic!(
+                "the daemon logged no \"listening on\" line; log:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// The daemon's TCP address (see [`Daemon::tcp_url`]).
+    #[track_caller]
+    pub fn tcp_addr(&self) -> std::net::SocketAddr {
+        let url = self.tcp_url();
+        let addr = url.split("://").nth(1).unwrap_or_default();
+        addr.parse()
+            .unwrap_or_else(|e| panic!("{url}: not an address: {e}"))
+    }
+
+    /// A connection to the daemon's TCP listener with `key` (`UUID:KEY`) and, for
+    /// TLS, the CA file `ca`.
+    #[track_caller]
+    pub fn tcp_client(&self, key: Option<&str>, ca: Option<&Path>) -> Client {
+        Client::connect_url(
+            &self.tcp_url(),
+            &ipc::client::TcpOptions {
+                key: key.map(str::to_owned),
+                ca_cert: ca.map(Path::to_path_buf),
+            },
+        )
+        .unwrap_or_else(|e| panic!("connect to the daemon's TCP listener: {}", ipc::chain(&e)))
     }
 
     /// A new connection to the daemon.
@@ -1175,6 +1225,33 @@ pub fn text(r: &ClientResponse) -> String {
 pub fn body_json(r: &ClientResponse) -> Value {
     serde_json::from_slice(&r.body)
         .unwrap_or_else(|e| panic!("response {} body is not JSON ({e}): {}", r.status, text(r)))
+}
+
+/// PEM files made in `dir` for TLS tests: a CA (`ca.pem`), and a certificate it
+/// issued for `localhost` and 127.0.0.1 (`cert.pem`) with its key (`key.pem`).
+pub fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sprout test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("certificate");
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    fs::write(&paths.0, ca.pem()).unwrap();
+    fs::write(&paths.1, cert.pem()).unwrap();
+    fs::write(&paths.2, key.serialize_pem()).unwrap();
+    (paths.0, paths.1, paths.2)
 }
 
 /// A tar archive of `dir`'s contents (as `sprout fn add --upload` sends).

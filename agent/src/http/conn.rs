@@ -1,8 +1,10 @@
-//! One client connection's state machine: reads requests (parsed by [`wire`]), hands
-//! each request's head to the router ([`routes::route`]) and, once its body is read,
-//! the routed request ([`Route::into_dispatch`]) to the server, and writes the
-//! responses. A connection carries one request at a time: a pipelined request stays
-//! in the read buffer until the previous response is written.
+//! One client connection's state machine: reads requests (parsed by [`wire`]), asks
+//! its listener's [`Gate`] who sent each head (a key on TCP: 401 without one), hands
+//! the head to the router ([`routes::find`], the caller's [`Grant`](auth::Grant) or
+//! a 403, [`routes::Found::into_route`]) and, once its body is read, the routed
+//! request ([`Route::into_dispatch`]) to the server, and writes the responses. A
+//! connection carries one request at a time: a pipelined request stays in the read
+//! buffer until the previous response is written.
 //!
 //! Timeouts cost the request path nothing: a connection only counts its state
 //! changes ([`Conn::stage`]) and its progress (bytes of a body read, bytes of a
@@ -31,6 +33,7 @@ use tracing::{debug, debug_span, Span};
 
 use ipc::Payload;
 
+use super::auth::{self, Caller, Gate};
 use super::limits::Limits;
 use super::listener::Stream;
 use super::reply::{Output, Reject, Reply};
@@ -81,6 +84,8 @@ pub(super) enum Stage {
 pub(super) struct Conn {
     stream: Stream,
     token: Token,
+    /// What the listener asks of each request (a key, on TCP).
+    gate: Gate,
     /// Shared with the requests handed to workers: set when the client goes away
     /// (this connection is dropped) or the server drains.
     abandon: Arc<Abandon>,
@@ -137,10 +142,11 @@ enum Step {
 }
 
 impl Conn {
-    pub fn new(stream: Stream, token: Token) -> Conn {
+    pub fn new(stream: Stream, token: Token, gate: Gate) -> Conn {
         Conn {
             stream,
             token,
+            gate,
             rbuf: Vec::new(),
             out: VecDeque::new(),
             opos: 0,
@@ -169,9 +175,9 @@ impl Conn {
         self.is_waiting() || self.writing()
     }
 
-    /// Whether output is waiting to be written.
+    /// Whether output is waiting to be written (also TLS records the stream holds).
     fn writing(&self) -> bool {
-        !self.out.is_empty()
+        !self.out.is_empty() || self.stream.pending()
     }
 
     /// The server drains: takes back what this connection's request is waiting for,
@@ -187,7 +193,8 @@ impl Conn {
             _ if self.writing() => Stage::Writing,
             State::Writing => Stage::Writing,
             State::Body(_) => Stage::Body,
-            State::Head if self.rbuf.is_empty() => Stage::Idle,
+            // A TLS handshake is timed like a request head.
+            State::Head if self.rbuf.is_empty() && !self.stream.is_handshaking() => Stage::Idle,
             State::Head => Stage::Head,
         }
     }
@@ -218,6 +225,11 @@ impl Conn {
     /// Ends a connection whose request head or body did not arrive in time: answers
     /// 408 if the client can take it without waiting. The caller closes it.
     pub fn time_out(&mut self, phase: Stage, limits: &Limits) {
+        if self.stream.is_handshaking() {
+            // Nothing can be said before the handshake ends.
+            debug!(connection = self.token.0, "TLS handshake timed out");
+            return;
+        }
         let what = match phase {
             Stage::Head => "request head",
             Stage::Body => "request body",
@@ -285,7 +297,10 @@ impl Conn {
             }
             match self.state {
                 State::Waiting => return Life::Open,
-                State::Writing if self.close_after_write => return Life::Closed,
+                State::Writing if self.close_after_write => {
+                    self.stream.close_notify();
+                    return Life::Closed;
+                }
                 State::Writing => {
                     self.state = State::Head;
                     self.head_only = false;
@@ -381,10 +396,31 @@ impl Conn {
         self.head_only = head.method == "HEAD";
         let span = debug_span!("http_request", method = %head.method, path = %head.path());
         let persist = head.persist();
+        // The key is checked on the head alone: a request without a valid one is
+        // refused before anything else is looked at, its body never read.
+        let gate = self.gate.clone();
+        let Some(caller) = gate.caller(&head.headers) else {
+            return self.refuse_at_head(&span, auth::unauthorized(), head.framing, persist);
+        };
+        if let Caller::Key(_) = caller {
+            // The key is sprout's, not the function's: an app behind `/run` never sees it.
+            head.headers
+                .retain(|(n, _)| !n.eq_ignore_ascii_case("authorization"));
+        }
         // The router judges the head before its body is read: a request it refuses
         // is refused without waiting for (or, with `100-continue`, asking for) the body.
-        let route = routes::route(&head.method, &head.target, head.content_type.as_deref())
+        let route = routes::find(&head.method, &head.target)
+            .and_then(|found| {
+                let grant = caller.authorize(found.rule(), || found.namespace())?;
+                found.into_route(head.content_type.as_deref(), &grant)
+            })
             .map(|r| r.with_headers(std::mem::take(&mut head.headers)));
+        if let Err(reject) = &route {
+            if reject.status == 403 {
+                let reject = reject.clone();
+                return self.refuse_at_head(&span, reject, head.framing, persist);
+            }
+        }
         debug!(parent: &span, http10 = head.http10, keep_alive = head.keep_alive, "request");
 
         let body = match head.framing {
@@ -507,6 +543,24 @@ impl Conn {
         }
     }
 
+    /// Answers `reject` to a request whose head was read, without reading its body:
+    /// the connection stays open only if the request has no body.
+    fn refuse_at_head(
+        &mut self,
+        span: &Span,
+        reject: Reject,
+        framing: Framing,
+        persist: Persist,
+    ) -> Step {
+        let persist = match framing {
+            Framing::Length(0) if !reject.close => persist,
+            _ => Persist::Close,
+        };
+        debug!(parent: span, status = reject.status, kind = reject.kind, "refused");
+        self.respond(reject.reply(), persist);
+        Step::Again
+    }
+
     /// Answers `reject` and closes the connection after it.
     fn reject(&mut self, span: &Span, reject: Reject) -> Step {
         debug!(parent: span, status = reject.status, kind = reject.kind, "refused");
@@ -543,6 +597,13 @@ impl Conn {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.stream.pending() {
+            match self.stream.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
@@ -613,7 +674,7 @@ mod tests {
     #[test]
     fn timeouts_follow_the_stage_and_restart_with_each_change() {
         let (stream, _peer) = UnixStream::pair().unwrap();
-        let mut c = Conn::new(Stream::Unix(stream), Token(7));
+        let mut c = Conn::new(Stream::Unix(stream), Token(7), Gate::Local);
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // Idle: the first sweep only notes it; the idle timeout counts from there.
@@ -649,7 +710,7 @@ mod tests {
     #[test]
     fn a_timed_out_head_is_answered_408_and_a_cut_off_request_503() {
         let (stream, peer) = UnixStream::pair().unwrap();
-        let mut c = Conn::new(Stream::Unix(stream), Token(7));
+        let mut c = Conn::new(Stream::Unix(stream), Token(7), Gate::Local);
         c.rbuf.extend_from_slice(b"GET / HT");
         c.time_out(Stage::Head, &LIMITS);
         c.state = State::Waiting;
@@ -673,7 +734,7 @@ mod tests {
         let (stream, peer) = UnixStream::pair().unwrap();
         let peer = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(peer));
         peer.set_nonblocking(false).unwrap();
-        (Conn::new(Stream::Unix(stream), Token(7)), peer)
+        (Conn::new(Stream::Unix(stream), Token(7), Gate::Local), peer)
     }
 
     fn drive(c: &mut Conn) -> (Life, Vec<Job>) {

@@ -1,6 +1,7 @@
 //! The API server's errors: binding its socket and running its loop.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,22 @@ pub enum HttpError {
     #[error("bind {path}")]
     Bind {
         path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("listen on {addr}")]
+    BindTcp {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("serving {addr} without keys is allowed only on a loopback address (127.0.0.0/8, ::1): give keys (--auth FILE)")]
+    OpenNotLoopback { addr: SocketAddr },
+    #[error("TLS: {path}: {reason}")]
+    Tls { path: PathBuf, reason: String },
+    #[error("listen on {addr}: set up the event loop")]
+    RegisterTcp {
+        addr: SocketAddr,
         #[source]
         source: io::Error,
     },

@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 
 use mio::Token;
 
+use super::auth::Gate;
 use super::conn::{Conn, Job, Life};
 use super::limits::Limits;
 use super::listener::Stream;
@@ -61,6 +62,7 @@ pub fn exchange(input: &[u8]) -> Result<Exchange, String> {
     let mut conn = Some(Conn::new(
         Stream::Unix(mio::net::UnixStream::from_std(server)),
         Token(FIRST_CONN),
+        Gate::Local,
     ));
     let mut got = Vec::new();
     let mut handled = 0;

@@ -1,10 +1,11 @@
-//! What the server accepts connections on: a Unix socket today, TCP next (issue 14).
-//! The event loop and the connections see only [`Listener`] and [`Stream`]; a new
-//! transport is a variant of each.
+//! What the server accepts connections on: its Unix socket, and a TCP address
+//! (`--listen`), plain or with TLS. The event loop and the connections see only
+//! [`Listener`] and [`Stream`]; a transport is a variant of each.
 //!
 //! Binding a Unix socket refuses one an agent still serves and removes one left by an
 //! agent that died; the socket file is removed again when the server ends
-//! ([`SocketFile`]).
+//! ([`SocketFile`]). Accepted TCP connections have `TCP_NODELAY` (a response goes out
+//! in one vectored write, and waiting for an ACK would add to every warm call).
 
 use std::fs;
 use std::io::{self, IoSlice, Read, Write};
@@ -12,22 +13,31 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use mio::event::Source;
-use mio::net::{UnixListener, UnixStream};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
+use rustls::ServerConfig;
 use tracing::{info, warn};
 
 use super::error::HttpError;
+use super::tls::TlsStream;
 
 /// A bound listening socket.
 #[derive(Debug)]
 pub(super) enum Listener {
     Unix(UnixListener),
+    /// With the TLS settings of its connections, if it has TLS.
+    Tcp(TcpListener, Option<Arc<ServerConfig>>),
 }
 
 /// An accepted connection.
 #[derive(Debug)]
 pub(super) enum Stream {
     Unix(UnixStream),
+    Tcp(TcpStream),
+    Tls(Box<TlsStream>),
 }
 
 impl Listener {
@@ -42,10 +52,67 @@ impl Listener {
         Ok((Listener::Unix(listener), SocketFile::new(path)))
     }
 
-    /// The next pending connection.
+    /// Binds a TCP address (port 0: any free port; [`Listener::local_addr`] tells).
+    pub fn bind_tcp(
+        addr: SocketAddr,
+        tls: Option<Arc<ServerConfig>>,
+    ) -> Result<Listener, HttpError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| HttpError::BindTcp { addr, source })?;
+        Ok(Listener::Tcp(listener, tls))
+    }
+
+    /// The bound address of a TCP listener.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Unix(_) => None,
+            Listener::Tcp(l, _) => l.local_addr().ok(),
+        }
+    }
+
+    /// The next pending connection. A TCP connection whose TLS state cannot be made
+    /// is closed and the next one taken.
     pub fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l, tls) => loop {
+                let (s, peer) = l.accept()?;
+                if let Err(e) = s.set_nodelay(true) {
+                    warn!(%peer, error = %e, "could not set TCP_NODELAY");
+                }
+                let Some(config) = tls else {
+                    return Ok(Stream::Tcp(s));
+                };
+                match TlsStream::new(s, Arc::clone(config)) {
+                    Ok(t) => return Ok(Stream::Tls(Box::new(t))),
+                    Err(e) => warn!(%peer, error = %e, "could not start TLS on a connection"),
+                }
+            },
+        }
+    }
+}
+
+impl Stream {
+    /// Whether the stream holds output of its own still to write (TLS records).
+    pub fn pending(&self) -> bool {
+        match self {
+            Stream::Tls(t) => t.pending(),
+            Stream::Unix(_) | Stream::Tcp(_) => false,
+        }
+    }
+
+    /// Whether a TLS handshake is still under way: nothing can be answered yet.
+    pub fn is_handshaking(&self) -> bool {
+        match self {
+            Stream::Tls(t) => t.is_handshaking(),
+            Stream::Unix(_) | Stream::Tcp(_) => false,
+        }
+    }
+
+    /// Ends what the server sends, as its protocol does (TLS: `close_notify`).
+    pub fn close_notify(&mut self) {
+        if let Stream::Tls(t) = self {
+            t.close_notify();
         }
     }
 }
@@ -93,6 +160,7 @@ impl Source for Listener {
     ) -> io::Result<()> {
         match self {
             Listener::Unix(l) => l.register(registry, token, interests),
+            Listener::Tcp(l, _) => l.register(registry, token, interests),
         }
     }
 
@@ -104,12 +172,14 @@ impl Source for Listener {
     ) -> io::Result<()> {
         match self {
             Listener::Unix(l) => l.reregister(registry, token, interests),
+            Listener::Tcp(l, _) => l.reregister(registry, token, interests),
         }
     }
 
     fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
         match self {
             Listener::Unix(l) => l.deregister(registry),
+            Listener::Tcp(l, _) => l.deregister(registry),
         }
     }
 }
@@ -118,6 +188,8 @@ impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -126,18 +198,24 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }
@@ -151,6 +229,8 @@ impl Source for Stream {
     ) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.register(registry, token, interests),
+            Stream::Tcp(s) => s.register(registry, token, interests),
+            Stream::Tls(s) => s.tcp().register(registry, token, interests),
         }
     }
 
@@ -162,12 +242,16 @@ impl Source for Stream {
     ) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.reregister(registry, token, interests),
+            Stream::Tcp(s) => s.reregister(registry, token, interests),
+            Stream::Tls(s) => s.tcp().reregister(registry, token, interests),
         }
     }
 
     fn deregister(&mut self, registry: &Registry) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.deregister(registry),
+            Stream::Tcp(s) => s.deregister(registry),
+            Stream::Tls(s) => s.tcp().deregister(registry),
         }
     }
 }

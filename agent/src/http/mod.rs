@@ -1,4 +1,5 @@
-//! The agent's HTTP/1.1 API on a Unix socket (`docs/api.md`).
+//! The agent's HTTP/1.1 API on a Unix socket, and on a TCP address with keys and
+//! TLS (`docs/api.md`).
 //!
 //! One thread runs a mio event loop that accepts connections, parses requests with
 //! `httparse` and writes responses; a fixed pool of worker threads turns each
@@ -26,7 +27,11 @@
 //!   own refusals in the same JSON shape.
 //! - `server`: the event loop, workers, fast calls and drain, over the library's
 //!   requests and responses.
-//! - `listener`: what the loop accepts connections on (a Unix socket; TCP next).
+//! - `listener`: what the loop accepts connections on (the Unix socket; a TCP
+//!   address, plain or TLS).
+//! - `tls`: rustls over a non-blocking TCP stream, read and written like a plain one.
+//! - `auth`: the TCP listener's keys (basic auth, compared in constant time) and
+//!   each route's access rule. The Unix socket is trusted as before.
 //!
 //! Hostile or careless clients are bounded ([`Limits`]): at most
 //! `max_connections` are open (more are answered 503 and closed at once, so the
@@ -45,7 +50,12 @@
 //! Responses are not copied on their way out: a worker's `reply::Output` keeps its
 //! body (for an invoke, the result as the instance returned it, a shared one in its
 //! mapping) and the loop writes head and body with one vectored write.
+//!
+//! On TCP a request's key is checked on its head, before anything else: a missing
+//! or wrong key is a 401, a key acting outside its namespace a 403, and neither
+//! request's body is read nor anything of the agent touched.
 
+mod auth;
 mod conn;
 mod error;
 /// The HTTP fuzz target's entry point (`agent/fuzz`); not part of the API.
@@ -58,10 +68,13 @@ mod openapi;
 mod reply;
 mod routes;
 mod server;
+mod tls;
 mod wire;
 
 pub use crate::transport::{Abandon, Abandoned, FastCall, FastPoll, Handle};
+pub use auth::{KeyError, KeyScope, Keys, ANY_NAMESPACE, MIN_SECRET};
 pub use error::HttpError;
 pub use limits::Limits;
 pub use reply::{COLD_HEADER, DURATION_HEADER, START_HEADER};
 pub use server::{Server, ShutdownHandle, FAST_BUDGET};
+pub use tls::server_config as tls_config;

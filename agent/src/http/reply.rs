@@ -3,7 +3,11 @@
 //! the one mapping), to a JSON response; and the HTTP layer's own refusals
 //! ([`Reject`]) in the same error shape.
 
-use ipc::api::{ActivationId, ErrorBody, ErrorDetail, ACTIVATION_ID_HEADER, DEFAULT_NAMESPACE};
+use std::collections::BTreeMap;
+
+use ipc::api::{
+    ActivationId, ErrorBody, ErrorDetail, Status, ACTIVATION_ID_HEADER, DEFAULT_NAMESPACE,
+};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -23,13 +27,20 @@ pub const TASKS_HEADER: &str = "X-Sprout-Tasks";
 /// How the invocation's instance was found: `warm`, `thawed`, `stem_cell`, `new_sandbox`.
 pub const START_HEADER: &str = "X-Sprout-Start";
 
-/// How a request's answer is written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct ReplyOpts {
-    /// For invocations: answer with an [`ipc::api::InvocationRecord`] instead of the bare result.
+/// The `WWW-Authenticate` of a 401: the TCP listener's keys, as basic auth.
+pub(super) const CHALLENGE: &str = "Basic realm=\"sprout\"";
+
+/// How a response is written, beyond what the agent answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Answer {
+    /// For invocations: an [`ipc::api::InvocationRecord`] instead of the bare result.
     pub logs: bool,
-    /// An invocation's activation id, made by the router so that every answer, an error too,
-    /// carries it in [`ipc::api::ACTIVATION_ID_HEADER`].
+    /// `GET /stats`: the status as OpenLambda's counters ([`stats`]).
+    pub stats: bool,
+    /// A namespace key's view of the status: only this namespace is listed.
+    pub scope: Option<String>,
+    /// An invocation's activation id, made by the router so that every answer, an
+    /// error too, carries it in [`ipc::api::ACTIVATION_ID_HEADER`].
     pub activation: Option<ActivationId>,
 }
 
@@ -67,6 +78,16 @@ impl Reject {
     }
 
     pub fn reply(&self) -> Reply {
+        let mut reply = self.error_reply();
+        if self.status == 401 {
+            reply
+                .headers
+                .push(("WWW-Authenticate", CHALLENGE.to_owned()));
+        }
+        reply
+    }
+
+    fn error_reply(&self) -> Reply {
         let detail = ErrorDetail {
             kind: self.kind.to_owned(),
             message: self.message.clone(),
@@ -185,15 +206,16 @@ impl Output {
 /// An invocation's result is not copied: it becomes the response's body as it is (a
 /// shared result stays in its mapping), or, with `?logs=true`, is copied once into
 /// the record.
-pub(super) fn reply_for(result: Result<Response, Error>, opts: ReplyOpts) -> Output {
-    let mut out = reply_without_id(result, opts.logs);
-    if let Some(id) = opts.activation {
+pub(super) fn reply_for(result: Result<Response, Error>, answer: &Answer) -> Output {
+    let mut out = reply_without_id(result, answer);
+    if let Some(id) = answer.activation {
         out.headers.push((ACTIVATION_ID_HEADER, id.to_string()));
     }
     out
 }
 
-fn reply_without_id(result: Result<Response, Error>, logs: bool) -> Output {
+fn reply_without_id(result: Result<Response, Error>, answer: &Answer) -> Output {
+    let logs = answer.logs;
     let reply = match result {
         Ok(Response::Registered(info)) => Reply::json(200, &info),
         Ok(Response::Functions(list)) => Reply::json(200, &list),
@@ -206,7 +228,13 @@ fn reply_without_id(result: Result<Response, Error>, logs: bool) -> Output {
             &serde_json::json!({ "removed": name, "namespace": namespace }),
         ),
         Ok(Response::Invoked(inv)) => return invoked(inv, logs),
-        Ok(Response::Status(status)) => Reply::json(200, &status),
+        Ok(Response::Status(status)) if answer.stats => Reply::json(200, &stats(&status)),
+        Ok(Response::Status(mut status)) => {
+            if let Some(own) = &answer.scope {
+                status.namespaces.retain(|n| &n.namespace == own);
+            }
+            Reply::json(200, &status)
+        }
         Ok(Response::Usage(usage)) => Reply::json(200, &usage),
         // Prometheus' text format, not JSON.
         Ok(Response::Metrics(text)) => {
@@ -267,6 +295,36 @@ fn reply_without_id(result: Result<Response, Error>, logs: bool) -> Output {
         ),
     };
     reply.into()
+}
+
+/// The status as OpenLambda's worker answers `/stats`: one JSON object of counter
+/// name to integer. Node-wide counts only: no namespace or function is named.
+pub(super) fn stats(status: &Status) -> BTreeMap<String, u64> {
+    let n = |v: usize| v as u64;
+    let mut counters: BTreeMap<String, u64> = [
+        ("functions", n(status.functions)),
+        ("invocations", status.invocations),
+        ("sandboxes", n(status.sandboxes)),
+        ("sandboxes_forked", status.sandboxes_forked),
+        ("sandboxes_created", status.sandboxes_created),
+        ("stem_cells", n(status.stem_cells)),
+        ("frozen", n(status.frozen)),
+        ("queued", n(status.queued)),
+        ("reserved_mb", status.reserved_mb),
+        ("memory_budget_mb", status.memory_budget_mb),
+        ("uptime_ms", status.uptime_ms),
+        ("packages_installed", status.packages_installed),
+        ("package_cache_hits", status.package_cache_hits),
+        ("package_zygotes", n(status.package_zygotes)),
+        ("namespaces", n(status.namespaces.len())),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (runtime, count) in &status.stem_cells_by_runtime {
+        counters.insert(format!("stem_cells.{runtime}"), n(*count));
+    }
+    counters
 }
 
 /// The reply when a handler panicked.

@@ -22,7 +22,8 @@ use std::path::PathBuf;
 use ipc::api::{ActivationId, FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE};
 use ipc::proto::HttpRequest;
 
-use super::reply::{Reject, ReplyOpts};
+use super::auth::{Grant, Rule};
+use super::reply::{Answer, Reject};
 use super::wire;
 use crate::activations::{Activations, Query};
 use crate::request::{ActivationPart, FunctionSource, Request, RunRequest};
@@ -31,6 +32,8 @@ use crate::request::{ActivationPart, FunctionSource, Request, RunRequest};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Op {
     Status,
+    /// OpenLambda's `/stats`: the status's counters.
+    Stats,
     ListFunctions,
     RegisterFunction,
     RemoveFunction,
@@ -62,7 +65,6 @@ pub(super) struct PathRoutes {
     pub ops: &'static [(&'static str, Op)],
 }
 
-const STATS: Op = Op::Planned("issue 14: OpenLambda's /stats on the TCP listener");
 const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
 const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
 
@@ -223,7 +225,7 @@ pub(super) const ROUTES: &[PathRoutes] = &[
     PathRoutes {
         path: "/stats",
         allow: "GET",
-        ops: &[("GET", STATS)],
+        ops: &[("GET", Op::Stats)],
     },
     // Planned: issue 15.
     PathRoutes {
@@ -313,12 +315,34 @@ pub(super) fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Params<'a>>
     segments.next().is_none().then_some(params)
 }
 
-/// Matches a request head to a route. `target` is the request target as sent.
+/// Matches a request head to a route for a caller on the Unix socket (trusted with
+/// everything). `target` is the request target as sent.
+#[cfg(test)]
 pub(super) fn route(
     method: &str,
     target: &str,
     content_type: Option<&str>,
 ) -> Result<Route, Reject> {
+    let found = find(method, target)?;
+    let grant = super::auth::Caller::Local.authorize(found.rule(), || found.namespace())?;
+    found.into_route(content_type, &grant)
+}
+
+/// A request head matched to its path and method: who may use it is known
+/// ([`Found::rule`]), nothing else is checked yet.
+#[derive(Debug)]
+pub(super) struct Found<'a> {
+    method: &'a str,
+    op: Op,
+    routes: &'static PathRoutes,
+    params: Params<'a>,
+    path: &'a str,
+    query: &'a str,
+}
+
+/// Matches a request head's path and method (`404`, `405`). `target` is the request
+/// target as sent.
+pub(super) fn find<'a>(method: &'a str, target: &'a str) -> Result<Found<'a>, Reject> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with('/') {
         return Err(Reject::bad_request(format!(
@@ -347,29 +371,135 @@ pub(super) fn route(
             )
         });
     };
-    if let Op::Planned(what) = op {
-        return Err(Reject::new(
-            501,
-            "not_implemented",
-            format!(
-                "{method} {} is not served yet: it is planned ({what})",
-                routes.path
-            ),
-        ));
+    Ok(Found {
+        method,
+        op,
+        routes,
+        params,
+        path,
+        query,
+    })
+}
+
+/// Who may use a route ([`auth`](super::auth)'s rules).
+pub(super) fn rule(op: Op, pattern: &str) -> Rule {
+    match op {
+        Op::ListFunctions
+        | Op::RegisterFunction
+        | Op::RemoveFunction
+        | Op::Invoke
+        | Op::Run
+        | Op::ListWorkflows
+        | Op::RegisterWorkflow
+        | Op::RemoveWorkflow
+        | Op::RunWorkflow => Rule::Namespace,
+        // Node-wide counts; the namespaces listed are narrowed to the key's.
+        Op::Status => Rule::Scoped,
+        // Node-wide counters that name nothing.
+        Op::Stats => Rule::AnyKey,
+        // The cache lists every namespace's functions; collecting acts on the node.
+        Op::ListPackages | Op::CollectPackages => Rule::Node,
+        // What a planned route will act on: its path's namespace; the activation
+        // reads and OpenWhisk's namespace list are narrowed to the key's; the rest
+        // (metrics, the invoker's routes) is the node's.
+        // A namespace's usage is that namespace's.
+        Op::Usage => Rule::Namespace,
+        // Records of any namespace, narrowed to a namespace key's own.
+        Op::ListActivations | Op::GetActivation(_) => Rule::Scoped,
+        // Every namespace's counters and function names.
+        Op::Metrics => Rule::Node,
+        Op::Planned(_) if pattern.contains("{ns}") => Rule::Namespace,
+        Op::Planned(_)
+            if pattern.starts_with("/activations") || pattern == "/api/v1/namespaces" =>
+        {
+            Rule::Scoped
+        }
+        Op::Planned(_) => Rule::Node,
     }
-    let decode = |segment: Option<&str>| -> Result<String, Reject> {
-        let segment = segment.unwrap_or_default();
-        wire::percent_decode(segment)
-            .map(Cow::into_owned)
-            .ok_or_else(|| {
-                Reject::bad_request(format!("invalid percent-encoding in path {path:?}"))
-            })
-    };
-    let namespace = match params.ns {
-        Some(ns) => decode(Some(ns))?,
-        None => DEFAULT_NAMESPACE.to_owned(),
-    };
-    let name = decode(params.name)?;
+}
+
+impl Found<'_> {
+    /// Who may use the route.
+    pub fn rule(&self) -> Rule {
+        rule(self.op, self.routes.path)
+    }
+
+    /// The namespace the route acts in: its path's, or `default`.
+    pub fn namespace(&self) -> Result<String, Reject> {
+        match self.params.ns {
+            Some(ns) => decode(Some(ns), self.path),
+            None => Ok(DEFAULT_NAMESPACE.to_owned()),
+        }
+    }
+
+    /// The route, for a caller granted `grant`, with what the head says of its body.
+    pub fn into_route(self, content_type: Option<&str>, grant: &Grant) -> Result<Route, Reject> {
+        let Found {
+            method,
+            op,
+            routes,
+            params,
+            path,
+            query,
+        } = self;
+        if let Op::Planned(what) = op {
+            return Err(Reject::new(
+                501,
+                "not_implemented",
+                format!(
+                    "{method} {} is not served yet: it is planned ({what})",
+                    routes.path
+                ),
+            ));
+        }
+        if let Op::GetActivation(part) = op {
+            let id = decode(params.id, path)?;
+            let id = ActivationId::parse(&id).map_err(|e| Reject::bad_request(e.to_string()))?;
+            no_params(&parse_query(query)?)?;
+            return Ok(Route::GetActivation {
+                id,
+                part,
+                scope: grant.scope.clone(),
+            });
+        }
+        let namespace = match params.ns {
+            Some(ns) => decode(Some(ns), path)?,
+            None => DEFAULT_NAMESPACE.to_owned(),
+        };
+        let name = decode(params.name, path)?;
+        into_route(
+            op,
+            method,
+            path,
+            query,
+            params.rest_at,
+            namespace,
+            name,
+            content_type,
+            grant,
+        )
+    }
+}
+
+fn decode(segment: Option<&str>, path: &str) -> Result<String, Reject> {
+    let segment = segment.unwrap_or_default();
+    wire::percent_decode(segment)
+        .map(Cow::into_owned)
+        .ok_or_else(|| Reject::bad_request(format!("invalid percent-encoding in path {path:?}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn into_route(
+    op: Op,
+    method: &str,
+    path: &str,
+    query: &str,
+    rest_at: Option<usize>,
+    namespace: String,
+    name: String,
+    content_type: Option<&str>,
+    grant: &Grant,
+) -> Result<Route, Reject> {
     if op == Op::Run {
         // The query is the app's: sprout takes only a valid `logs` from it.
         let logs = parse_query(query)
@@ -377,7 +507,7 @@ pub(super) fn route(
             .and_then(|q| logs_from_query(&q).ok())
             .unwrap_or(false);
         // SCRIPT_NAME is the path up to the name; PATH_INFO the rest, with its `/`.
-        let (script_name, rest) = match params.rest_at {
+        let (script_name, rest) = match rest_at {
             Some(at) => path.split_at(at - 1),
             None => (path, ""),
         };
@@ -395,17 +525,16 @@ pub(super) fn route(
             request,
         });
     }
-    if let Op::GetActivation(part) = op {
-        let id = decode(params.id)?;
-        let id = ActivationId::parse(&id).map_err(|e| Reject::bad_request(e.to_string()))?;
-        no_params(&parse_query(query)?)?;
-        return Ok(Route::GetActivation { id, part });
-    }
     let query = parse_query(query)?;
     match op {
         Op::ListFunctions => no_params(&query).map(|()| Route::List { namespace }),
         Op::RegisterFunction => {
             let body = match media_type(content_type).as_deref() {
+                None | Some("application/json") if grant.remote => {
+                    return Err(super::auth::forbidden(
+                        "a function is registered by a host path only on the agent's Unix socket: over the network, upload its directory as a tar archive (Content-Type: application/x-tar)".to_owned(),
+                    ))
+                }
                 None | Some("application/json") => {
                     no_params(&query).map(|()| RegisterBody::Json)?
                 }
@@ -439,8 +568,25 @@ pub(super) fn route(
                 blocking,
             })
         }
-        Op::ListActivations => list_query(&query).map(|query| Route::ListActivations { query }),
-        Op::Status => no_params(&query).map(|()| Route::Status),
+        Op::ListActivations => {
+            let mut query = list_query(&query)?;
+            // A namespace key reads its own namespace's records only.
+            if let Some(own) = &grant.scope {
+                match &query.namespace {
+                    Some(asked) if asked != own => {
+                        return Err(super::auth::forbidden(format!(
+                            "this key reads the activations of namespace {own:?} only"
+                        )))
+                    }
+                    _ => query.namespace = Some(own.clone()),
+                }
+            }
+            Ok(Route::ListActivations { query })
+        }
+        Op::Status => no_params(&query).map(|()| Route::Status {
+            scope: grant.scope.clone(),
+        }),
+        Op::Stats => no_params(&query).map(|()| Route::Stats),
         Op::Usage => no_params(&query).map(|()| Route::Usage { namespace }),
         Op::Metrics => no_params(&query).map(|()| Route::Metrics),
         Op::ListPackages => no_params(&query).map(|()| Route::ListPackages),
@@ -483,6 +629,8 @@ pub(super) enum Route {
     GetActivation {
         id: ActivationId,
         part: ActivationPart,
+        /// A namespace key's read: only a record of this namespace is found.
+        scope: Option<String>,
     },
     /// `/run`: the request's head as an app sees it (its headers are added by
     /// [`Route::with_headers`]).
@@ -492,7 +640,11 @@ pub(super) enum Route {
         logs: bool,
         request: HttpRequest,
     },
-    Status,
+    /// `GET /status`; a namespace key's view lists only its namespace.
+    Status {
+        scope: Option<String>,
+    },
+    Stats,
     Usage {
         namespace: String,
     },
@@ -528,7 +680,8 @@ pub(super) enum RegisterBody {
 #[derive(Debug)]
 pub(super) struct Dispatch {
     pub request: Request,
-    pub reply: ReplyOpts,
+    /// How the response is written.
+    pub answer: Answer,
 }
 
 impl Route {
@@ -542,6 +695,7 @@ impl Route {
 
     /// Completes the route with the request's body.
     pub fn into_dispatch(self, body: Vec<u8>) -> Result<Dispatch, Reject> {
+        let mut answer = Answer::default();
         let (request, logs) = match self {
             Route::Register {
                 namespace,
@@ -601,9 +755,10 @@ impl Route {
                         activation_id: Some(id),
                         blocking,
                     },
-                    reply: ReplyOpts {
+                    answer: Answer {
                         logs,
                         activation: Some(id),
+                        ..answer
                     },
                 });
             }
@@ -621,22 +776,30 @@ impl Route {
                         run: RunRequest { request, body },
                         activation_id: Some(id),
                     },
-                    reply: ReplyOpts {
+                    answer: Answer {
                         logs,
                         activation: Some(id),
+                        ..answer
                     },
                 });
             }
             Route::ListActivations { query } => (Request::ListActivations { query }, false),
-            Route::GetActivation { id, part } => (
+            Route::GetActivation { id, part, scope } => (
                 Request::GetActivation {
-                    namespace: None,
+                    namespace: scope,
                     id,
                     part,
                 },
                 false,
             ),
-            Route::Status => (Request::Status, false),
+            Route::Status { scope } => {
+                answer.scope = scope;
+                (Request::Status, false)
+            }
+            Route::Stats => {
+                answer.stats = true;
+                (Request::Status, false)
+            }
             Route::Usage { namespace } => (Request::Usage { namespace }, false),
             Route::Metrics => (Request::Metrics, false),
             Route::ListPackages => (Request::ListPackages, false),
@@ -678,13 +841,8 @@ impl Route {
                 )
             }
         };
-        Ok(Dispatch {
-            request,
-            reply: ReplyOpts {
-                logs,
-                activation: None,
-            },
-        })
+        answer.logs = logs;
+        Ok(Dispatch { request, answer })
     }
 }
 
@@ -854,7 +1012,11 @@ mod tests {
                 namespace: "default".into()
             })
         );
-        assert_eq!(route("GET", "/status", None), Ok(Route::Status));
+        assert_eq!(
+            route("GET", "/status", None),
+            Ok(Route::Status { scope: None })
+        );
+        assert_eq!(route("GET", "/stats", None), Ok(Route::Stats));
         assert_eq!(
             route("DELETE", "/functions/f", None),
             Ok(Route::Remove {
@@ -975,7 +1137,8 @@ mod tests {
             route("GET", &format!("/activations/{id}/logs"), None),
             Ok(Route::GetActivation {
                 id: ActivationId::parse(id).unwrap(),
-                part: ActivationPart::Logs
+                part: ActivationPart::Logs,
+                scope: None,
             })
         );
         for bad in ["xyz", "0123456789ABCDEF0123456789ABCDEF", "0123"] {
@@ -1108,9 +1271,9 @@ mod tests {
         }
         .into_dispatch(Vec::new())
         .unwrap();
-        assert!(d.reply.logs);
+        assert!(d.answer.logs);
         assert!(
-            matches!(d.request, Request::Invoke { ref namespace, ref name, ref event, activation_id: Some(id), blocking: true } if namespace == "default" && name == "f" && event == b"{}" && d.reply.activation == Some(id))
+            matches!(d.request, Request::Invoke { ref namespace, ref name, ref event, activation_id: Some(id), blocking: true } if namespace == "default" && name == "f" && event == b"{}" && d.answer.activation == Some(id))
         );
 
         let body = br#"{"path":"/srv/f","handler":"m:h","memory_mb":64}"#.to_vec();

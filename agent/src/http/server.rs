@@ -9,6 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
@@ -23,6 +24,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use tracing::{debug, debug_span, error, info, warn};
 
+use super::auth::{Gate, Keys};
 use super::conn::{self, Conn, Job, Life};
 use super::error::HttpError;
 use super::limits::Limits;
@@ -46,9 +48,10 @@ const FIRST_FAST: usize = 1 << 48;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
+const TCP_LISTENER: Token = Token(2);
 /// Connection tokens count up from here and are never reused, so a late response
 /// cannot reach a newer connection.
-pub(super) const FIRST_CONN: usize = 2;
+pub(super) const FIRST_CONN: usize = 3;
 /// How long to wait before accepting again after `accept` failed (e.g. `EMFILE`).
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -56,6 +59,8 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Server {
     listener: Listener,
+    /// The TCP listener (`--listen`), and what it asks of requests.
+    tcp: Option<(Listener, Gate)>,
     poll: Poll,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
@@ -141,6 +146,7 @@ impl Server {
         debug!(socket = %path.display(), "bound");
         Ok(Server {
             listener,
+            tcp: None,
             poll,
             waker,
             stop: Arc::new(AtomicBool::new(false)),
@@ -148,6 +154,32 @@ impl Server {
             limits,
             socket,
         })
+    }
+
+    /// Serves the same API on a TCP address too (port 0: any free one), with TLS if
+    /// `tls` is given. Requests must carry one of `keys` (HTTP basic auth); `None`
+    /// serves without keys, and is refused unless `addr` is a loopback address.
+    /// Returns the bound address.
+    pub fn listen(
+        &mut self,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        keys: Option<Keys>,
+    ) -> Result<SocketAddr, HttpError> {
+        let gate = match keys {
+            Some(keys) => Gate::Keys(Arc::new(keys)),
+            None if addr.ip().is_loopback() => Gate::Open,
+            None => return Err(HttpError::OpenNotLoopback { addr }),
+        };
+        let mut listener = Listener::bind_tcp(addr, tls)?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        self.poll
+            .registry()
+            .register(&mut listener, TCP_LISTENER, Interest::READABLE)
+            .map_err(|source| HttpError::RegisterTcp { addr, source })?;
+        debug!(address = %bound, "bound");
+        self.tcp = Some((listener, gate));
+        Ok(bound)
     }
 
     /// The socket's path.
@@ -172,6 +204,7 @@ impl Server {
     pub fn run(self, handler: Arc<dyn Handle>, workers: usize) -> Result<(), HttpError> {
         let Server {
             listener,
+            tcp,
             mut poll,
             waker,
             stop,
@@ -181,7 +214,8 @@ impl Server {
         } = self;
         let _span = debug_span!("http_server", socket = %socket.path.display()).entered();
         // Taken (closed) when the server starts draining.
-        let mut listener = Some(listener);
+        let mut listener = Some((listener, Gate::Local));
+        let mut tcp = tcp;
 
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = mpsc::channel::<Done>();
@@ -267,8 +301,8 @@ impl Server {
                     let grace = Duration::from_millis(ms);
                     drain = Some((now + grace, grace));
                     draining.set(true);
-                    // Closing the listener refuses new connections at once.
-                    if let Some(mut l) = listener.take() {
+                    // Closing the listeners refuses new connections at once.
+                    for (mut l, _) in listener.take().into_iter().chain(tcp.take()) {
                         let _ = poll.registry().deregister(&mut l);
                     }
                     retry_accept = false;
@@ -354,16 +388,22 @@ impl Server {
                 spin_until = Instant::now() + SPIN;
             }
             if retry_accept {
-                if let Some(l) = &listener {
-                    retry_accept =
+                retry_accept = false;
+                for l in listener.iter().chain(tcp.iter()) {
+                    retry_accept |=
                         !accept(l, poll.registry(), &mut conns, &mut next_token, &limits);
                 }
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => {
-                        if let Some(l) = &listener {
-                            retry_accept =
+                    LISTENER | TCP_LISTENER => {
+                        let l = if event.token() == LISTENER {
+                            &listener
+                        } else {
+                            &tcp
+                        };
+                        if let Some(l) = l {
+                            retry_accept |=
                                 !accept(l, poll.registry(), &mut conns, &mut next_token, &limits)
                         }
                     }
@@ -398,7 +438,7 @@ impl Server {
                         let job = f.job;
                         // Only inline results get here (a shared one is handed off):
                         // nothing large is copied on the loop.
-                        let output = reply::reply_for(result, job.dispatch.reply);
+                        let output = reply::reply_for(result, &job.dispatch.answer);
                         if let Some(conn) = conns.get_mut(&job.token) {
                             if conn.on_output(output, job.persist, &limits, &mut submit)
                                 == Life::Closed
@@ -447,6 +487,7 @@ impl Server {
         drop(job_tx);
         drop(conns);
         drop(listener);
+        drop(tcp);
         drop(socket);
         Ok(())
     }
@@ -455,7 +496,7 @@ impl Server {
 /// Accepts every pending connection; false if `accept` failed and should be retried.
 /// Past `limits.max_connections`, a connection is answered 503 and closed at once.
 fn accept(
-    listener: &Listener,
+    (listener, gate): &(Listener, Gate),
     registry: &Registry,
     conns: &mut HashMap<Token, Conn>,
     next: &mut usize,
@@ -481,7 +522,7 @@ fn accept(
                     continue;
                 }
                 debug!(connection = token.0, "accepted");
-                conns.insert(token, Conn::new(stream, token));
+                conns.insert(token, Conn::new(stream, token, gate.clone()));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -523,7 +564,7 @@ fn finish_elsewhere(job: Job, call: Box<dyn FastCall>, done: &Sender<Done>, wake
         .spawn(move || {
             let _entered = job.span.enter();
             let reply = match panic::catch_unwind(AssertUnwindSafe(|| call.finish())) {
-                Ok(result) => reply::reply_for(result, job.dispatch.reply),
+                Ok(result) => reply::reply_for(result, &job.dispatch.answer),
                 Err(_) => {
                     error!("finishing a call panicked");
                     reply::panicked()
@@ -583,11 +624,11 @@ impl Worker {
             let handler = &self.handler;
             let reply = if draining {
                 // Not started when the drain began: refused like a new request.
-                reply::reply_for(Err(Error::ShuttingDown), dispatch.reply)
+                reply::reply_for(Err(Error::ShuttingDown), &dispatch.answer)
             } else {
                 let run = || handler.handle_abandonable(dispatch.request, &abandon);
                 match panic::catch_unwind(AssertUnwindSafe(run)) {
-                    Ok(result) => reply::reply_for(result, dispatch.reply),
+                    Ok(result) => reply::reply_for(result, &dispatch.answer),
                     Err(_) => {
                         error!("request handler panicked");
                         reply::panicked()

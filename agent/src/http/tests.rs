@@ -196,7 +196,14 @@ impl Handle for Fake {
                 packages_installed: 2,
                 package_cache_hits: 1,
                 package_zygotes: 0,
-                namespaces: Vec::new(),
+                namespaces: ["alpha", "beta"]
+                    .map(|ns| ipc::api::NamespaceStatus {
+                        namespace: ns.to_owned(),
+                        functions: 1,
+                        workflows: 0,
+                        sandboxes: 0,
+                    })
+                    .to_vec(),
             })),
             Request::Invoke {
                 namespace,
@@ -1276,16 +1283,16 @@ fn a_shared_result_is_sent_from_its_mapping() {
     // The body is the payload itself: no copy in the agent.
     let out = reply::reply_for(
         inv(ipc::Payload::share(&big).unwrap()),
-        crate::http::reply::ReplyOpts::default(),
+        &reply::Answer::default(),
     );
     assert!(out.body.is_shared());
     assert_eq!(&*out.body, &big[..]);
     // With the logs, the record holds the result once, as it was.
     let out = reply::reply_for(
         inv(ipc::Payload::share(&big).unwrap()),
-        crate::http::reply::ReplyOpts {
+        &reply::Answer {
             logs: true,
-            activation: None,
+            ..Default::default()
         },
     );
     let record: InvocationRecord = serde_json::from_slice(&out.body).unwrap();
@@ -1501,3 +1508,6 @@ fn a_method_triggers_http_refuses_gets_openlambdas_text() {
     let r = c.request("GET", "/run/getonly", None, b"").unwrap();
     assert_eq!(r.status, 418);
 }
+
+#[path = "tcp_tests.rs"]
+mod tcp;

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 use ipc::api::{ActivationLogs, ActivationRecord, ActivationResult};
-use ipc::client::Client;
 
 use crate::{print, Context};
 
@@ -39,7 +38,7 @@ pub enum ActivationCommand {
 }
 
 pub fn run(cx: &Context, cmd: ActivationCommand) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(cx.daemon()?)?;
+    let mut client = cx.client()?;
     let resp = match &cmd {
         ActivationCommand::Get { id } => client.activation(id, "")?,
         ActivationCommand::Result { id } => client.activation(id, "/result")?,

@@ -31,7 +31,7 @@ pub enum FnCommand {
 }
 
 pub fn run(cx: &Context, cmd: FnCommand) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(cx.daemon()?)?;
+    let mut client = cx.client()?;
     let ns = cx.namespace.as_str();
     let resp = match cmd {
         FnCommand::Add {
@@ -39,7 +39,14 @@ pub fn run(cx: &Context, cmd: FnCommand) -> anyhow::Result<ExitCode> {
             dir,
             limits,
             upload,
-        } => add(&mut client, ns, &name, &dir, limits.config(), upload)?,
+        } => add(
+            &mut client,
+            ns,
+            &name,
+            &dir,
+            limits.config(),
+            upload || cx.over_tcp(),
+        )?,
         FnCommand::Ls => {
             let resp = client.request("GET", &ipc::api::function_path(ns, "", ""), None, b"")?;
             if resp.status == 200 {
@@ -58,8 +65,8 @@ pub fn run(cx: &Context, cmd: FnCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// `PUT /functions/{name}`: the directory's path as JSON, or with `upload` the
-/// directory itself as a tar archive.
-fn add(
+/// directory itself as a tar archive (over TCP, always: a path means nothing there).
+pub fn add(
     client: &mut Client,
     namespace: &str,
     name: &str,

@@ -1,4 +1,4 @@
-//! `sprout invoke`: a function directory on an embedded agent, or with `--socket` a
+//! `sprout invoke`: a function directory on an embedded agent, or with `--socket` or `--url` a
 //! registered function on the daemon.
 
 use std::path::PathBuf;
@@ -37,12 +37,12 @@ pub struct InvokeArgs {
 
 pub fn run(cx: &Context, args: InvokeArgs) -> anyhow::Result<ExitCode> {
     let event = crate::read_event(&args.event)?;
-    match &cx.socket {
-        Some(socket) => {
+    match cx.remote() {
+        true => {
             if args.limits.config() != FunctionConfig::default() || !args.with.is_empty() {
                 bail!("--handler/--memory/--timeout/--pids/--cpus/--with belong to `sprout fn add` when using a daemon");
             }
-            let mut client = Client::connect(socket)?;
+            let mut client = cx.client()?;
             if args.asynchronous {
                 let resp = client.invoke_async(&cx.namespace, &args.function, &event)?;
                 if resp.status != 202 {
@@ -55,10 +55,10 @@ pub fn run(cx: &Context, args: InvokeArgs) -> anyhow::Result<ExitCode> {
             }
             remote(client, &cx.namespace, &args.function, &event, args.logs)
         }
-        None if args.asynchronous => {
-            bail!("--async needs a daemon (--socket): the embedded agent keeps no records")
+        false if args.asynchronous => {
+            bail!("--async needs a daemon (--socket or --url): the embedded agent keeps no records")
         }
-        None => embedded(cx, args, event),
+        false => embedded(cx, args, event),
     }
 }
 

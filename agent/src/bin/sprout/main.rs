@@ -1,5 +1,5 @@
 //! `sprout`: the command line. Parses arguments, turns them into agent requests
-//! (embedded, or over a daemon's Unix socket), prints results, maps errors to exit
+//! (embedded, or over a daemon's Unix socket or TCP listener), prints results, maps errors to exit
 //! codes. One module per subcommand; what they share is here ([`Context`],
 //! [`LimitArgs`], reading an event) and in [`print`].
 //!
@@ -19,13 +19,14 @@ mod status;
 mod workflow;
 
 use std::io::{IsTerminal, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agent::EXIT_BAD_REQUEST;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use ipc::api::FunctionConfig;
+use ipc::client::Client;
 
 /// sprout: a latency-first worker runtime for serverless functions.
 #[derive(Parser, Debug)]
@@ -34,6 +35,24 @@ struct Cli {
     /// Talk to the daemon on this Unix socket instead of running an embedded agent.
     #[arg(long, global = true, env = "SPROUT_SOCKET")]
     socket: Option<PathBuf>,
+    /// Talk to the daemon's TCP listener (`sprout serve --listen`) instead:
+    /// http://HOST:PORT or https://HOST:PORT. Not with --socket.
+    #[arg(long, global = true, env = "SPROUT_URL", value_name = "URL")]
+    url: Option<String>,
+    /// The key sent to --url (HTTP basic auth), UUID:KEY. Prefer SPROUT_KEY: a
+    /// command line is visible to every user of the machine.
+    #[arg(
+        long,
+        global = true,
+        env = "SPROUT_KEY",
+        value_name = "UUID:KEY",
+        hide_env_values = true
+    )]
+    key: Option<String>,
+    /// The CA certificates (PEM) an https --url's certificate must chain to
+    /// (default: /etc/ssl/certs/ca-certificates.crt).
+    #[arg(long, global = true, env = "SPROUT_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
     /// Parent directory of the agent's state.
     #[arg(
         long,
@@ -74,13 +93,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Invoke a function: a directory (embedded agent) or, with --socket, a registered name.
+    /// Invoke a function: a directory (embedded agent) or, with --socket or --url, a
+    /// registered name.
     Invoke(invoke::InvokeArgs),
     /// Declarative workflows.
     #[command(subcommand)]
     Workflow(workflow::WorkflowCommand),
-    /// Run the agent as a daemon serving the HTTP API on a Unix socket.
-    Serve(serve::ServeArgs),
+    /// Run the agent as a daemon serving the HTTP API on a Unix socket (and TCP with
+    /// --listen).
+    Serve(Box<serve::ServeArgs>),
     /// Manage functions registered on the daemon.
     #[command(subcommand)]
     Fn(function::FnCommand),
@@ -96,19 +117,33 @@ enum Command {
 
 /// The global options every subcommand runs with, checked.
 pub struct Context {
-    /// The daemon's socket; `None`: an embedded agent.
+    /// The daemon's socket (`serve`: the one it serves).
     pub socket: Option<PathBuf>,
+    /// The daemon's TCP listener, and how to reach it.
+    pub url: Option<(String, ipc::client::TcpOptions)>,
     pub state_dir: PathBuf,
     pub namespace: String,
     pub sandbox_uids: rootfs::SandboxUids,
 }
 
 impl Context {
-    /// The daemon's socket, for the commands that only talk to one.
-    fn daemon(&self) -> anyhow::Result<&Path> {
-        match &self.socket {
-            Some(socket) => Ok(socket),
-            None => bail!("this command talks to a daemon: pass --socket PATH or set SPROUT_SOCKET (start one with `sprout serve --socket PATH`)"),
+    /// Whether the commands talk to a daemon (else they run an embedded agent).
+    pub fn remote(&self) -> bool {
+        self.socket.is_some() || self.url.is_some()
+    }
+
+    /// Whether the daemon is reached over the network: it then takes functions only
+    /// as uploads.
+    pub fn over_tcp(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// A connection to the daemon, for the commands that talk to one.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        match (&self.url, &self.socket) {
+            (Some((url, options)), _) => Ok(Client::connect_url(url, options)?),
+            (None, Some(socket)) => Ok(Client::connect(socket)?),
+            (None, None) => bail!("this command talks to a daemon: pass --socket PATH (or SPROUT_SOCKET), or --url URL (or SPROUT_URL) for its TCP listener (start one with `sprout serve --socket PATH`)"),
         }
     }
 }
@@ -217,7 +252,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !matches!(cli.command, Command::Serve(_)) {
         agent::validate_namespace(&cli.namespace)?;
     }
+    let serving = matches!(cli.command, Command::Serve(_));
+    let url = match cli.url {
+        Some(_) if serving => bail!("--url (SPROUT_URL) is for the commands that talk to a daemon; `serve` listens on TCP with --listen ADDR"),
+        Some(_) if cli.socket.is_some() => bail!("give the daemon as --socket (SPROUT_SOCKET) or --url (SPROUT_URL), not both"),
+        Some(url) => Some((
+            url,
+            ipc::client::TcpOptions {
+                key: cli.key,
+                ca_cert: cli.ca_cert,
+            },
+        )),
+        None if cli.key.is_some() && !serving => {
+            bail!("--key (SPROUT_KEY) goes with --url: the Unix socket takes no key")
+        }
+        None => None,
+    };
     let cx = Context {
+        url,
         socket: cli.socket,
         state_dir: cli.state_dir,
         namespace: cli.namespace,

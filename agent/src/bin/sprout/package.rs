@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Subcommand;
 use ipc::api::PackageInfo;
-use ipc::client::Client;
 
 use crate::{print, Context};
 
@@ -19,7 +18,7 @@ pub enum PkgCommand {
 }
 
 pub fn run(cx: &Context, cmd: PkgCommand) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(cx.daemon()?)?;
+    let mut client = cx.client()?;
     let (method, path) = match cmd {
         PkgCommand::Ls => ("GET", "/packages"),
         PkgCommand::Gc => ("POST", "/packages/gc"),

@@ -1,6 +1,7 @@
-//! `sprout serve`: the agent as a daemon serving the HTTP API on a Unix socket until
-//! SIGTERM or SIGINT.
+//! `sprout serve`: the agent as a daemon serving the HTTP API on a Unix socket, and
+//! with `--listen` on a TCP address too (keys, TLS), until SIGTERM or SIGINT.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub struct ServeArgs {
     admission: AdmissionArgs,
     #[command(flatten)]
     records: RecordArgs,
+    #[command(flatten)]
+    tcp: TcpArgs,
 }
 
 /// Admission control: what is refused with 429 before it is queued.
@@ -102,6 +105,64 @@ fn parse_age(text: &str) -> Result<Duration, String> {
                 "{text:?} is not an age: give a number and a unit (7d, 12h, 30m, 90s), at least 1s"
             )
         })
+}
+
+/// The TCP listener.
+#[derive(Args, Debug)]
+struct TcpArgs {
+    /// Also serve the API on this TCP address (an IP address and port:
+    /// `127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:443`; port 0 picks a free one, which
+    /// the log names: "listening on http://ADDR"). Needs --auth or --no-auth.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The keys --listen accepts (HTTP basic auth): one a line, `NAMESPACE UUID:KEY`,
+    /// `*` as the namespace for a key that acts in every one; blank lines and `#`
+    /// comments allowed. The file must not be readable or writable by others.
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    auth: Option<PathBuf>,
+    /// Serve --listen without keys: only on a loopback address (127.0.0.0/8, ::1).
+    #[arg(long, requires = "listen", conflicts_with = "auth")]
+    no_auth: bool,
+    /// TLS on --listen: the certificate chain (PEM). Needs --tls-key.
+    #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// TLS on --listen: the certificate's private key (PEM). Needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+}
+
+/// What `--listen` serves, checked before anything starts.
+struct Tcp {
+    addr: SocketAddr,
+    keys: Option<agent::http::Keys>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl TcpArgs {
+    fn check(&self) -> anyhow::Result<Option<Tcp>> {
+        let Some(addr) = self.listen else {
+            return Ok(None);
+        };
+        let keys = match (&self.auth, self.no_auth) {
+            (Some(file), _) => Some(
+                agent::http::Keys::load(file).with_context(|| format!("--listen {addr}: --auth"))?,
+            ),
+            (None, true) if addr.ip().is_loopback() => None,
+            (None, true) => bail!(
+                "--listen {addr}: --no-auth is allowed only on a loopback address (127.0.0.0/8, ::1); give keys with --auth FILE"
+            ),
+            (None, false) => bail!(
+                "--listen {addr}: give the keys it accepts with --auth FILE, or serve without keys with --no-auth (loopback addresses only)"
+            ),
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                agent::http::tls_config(cert, key).with_context(|| format!("--listen {addr}"))?,
+            ),
+            _ => None,
+        };
+        Ok(Some(Tcp { addr, keys, tls }))
+    }
 }
 
 /// Install sandboxes (functions' packages).
@@ -248,6 +309,8 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let Some(socket) = &cx.socket else {
         bail!("serve needs --socket PATH (or SPROUT_SOCKET)");
     };
+    // Keys and certificates are read before anything starts: a bad one starts nothing.
+    let tcp = args.tcp.check()?;
     // Block the shutdown signals before any thread exists, so every thread inherits
     // the mask and one thread waits for them (the spawner clears its own mask).
     let mut signals = SigSet::empty();
@@ -287,13 +350,25 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         ..Config::new()
     })
     .context("start the agent")?;
-    let server = match agent::http::Server::bind(socket, args.http.limits()) {
+    let mut server = match agent::http::Server::bind(socket, args.http.limits()) {
         Ok(s) => s,
         Err(e) => {
             let _ = agent.shutdown();
             return Err(e).with_context(|| format!("serve on {}", socket.display()));
         }
     };
+    if let Some(Tcp { addr, keys, tls }) = tcp {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let key_count = keys.as_ref().map_or(0, |k| k.len());
+        match server.listen(addr, tls, keys) {
+            Ok(bound) => tracing::info!(keys = key_count, "listening on {scheme}://{bound}"),
+            Err(e) => {
+                drop(server);
+                let _ = agent.shutdown();
+                return Err(e).context("--listen");
+            }
+        }
+    }
     let stop = server.shutdown_handle();
     let grace = args.http.shutdown_grace;
     std::thread::Builder::new()

@@ -2,11 +2,9 @@
 
 use std::process::ExitCode;
 
-use ipc::client::Client;
-
 use crate::{print, Context};
 
 pub fn run(cx: &Context) -> anyhow::Result<ExitCode> {
-    let resp = Client::connect(cx.daemon()?)?.request("GET", "/status", None, b"")?;
+    let resp = cx.client()?.request("GET", "/status", None, b"")?;
     print::remote(resp.status, &resp.body, false)
 }

@@ -1,5 +1,5 @@
-//! `sprout workflow run`: a workflow file on an embedded agent, or with `--socket` on
-//! the daemon.
+//! `sprout workflow run`: a workflow file on an embedded agent, or with `--socket` or
+//! `--url` on the daemon.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,8 +7,7 @@ use std::process::ExitCode;
 use agent::{Request, Response, Workflow, EXIT_BAD_REQUEST};
 use anyhow::{bail, Context as _};
 use clap::Subcommand;
-use ipc::api::{FunctionConfig, RegisterFunction};
-use ipc::client::Client;
+use ipc::api::FunctionConfig;
 
 use crate::embedded::{self, FunctionDir};
 use crate::{print, Context};
@@ -16,8 +15,9 @@ use crate::{print, Context};
 #[derive(Subcommand, Debug)]
 pub enum WorkflowCommand {
     /// Run a workflow file on INPUT: embedded (its "functions" are registered from
-    /// their directories first) or, with --socket, on the daemon (which registers its
-    /// "functions" by path and the workflow under the file's name).
+    /// their directories first) or, with --socket or --url, on the daemon (which
+    /// registers its "functions", by path on the socket or uploaded over TCP, and the
+    /// workflow under the file's name).
     Run {
         file: PathBuf,
         /// Input JSON; `-` reads it from stdin.
@@ -50,9 +50,10 @@ pub fn run(cx: &Context, cmd: WorkflowCommand) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let name = agent::function_name_for_dir(&file.with_extension(""));
-    match &cx.socket {
-        Some(socket) => remote(socket, &cx.namespace, &name, &text, &functions, &input),
-        None => embedded(cx, &name, workflow, &functions, input),
+    if cx.remote() {
+        remote(cx, &name, &text, &functions, &input)
+    } else {
+        embedded(cx, &name, workflow, &functions, input)
     }
 }
 
@@ -86,31 +87,25 @@ fn embedded(
     }
 }
 
-/// Registers the file's functions (by path) and the workflow on the daemon, and runs it.
+/// Registers the file's functions (by path on the Unix socket, uploaded over TCP)
+/// and the workflow on the daemon, and runs it.
 fn remote(
-    socket: &Path,
-    namespace: &str,
+    cx: &Context,
     name: &str,
     text: &[u8],
     functions: &[FunctionDir],
     input: &[u8],
 ) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(socket)?;
+    let namespace = cx.namespace.as_str();
+    let mut client = cx.client()?;
     for f in functions {
-        let path = f
-            .dir
-            .canonicalize()
-            .with_context(|| format!("function directory {}", f.dir.display()))?;
-        let body = serde_json::to_vec(&RegisterFunction {
-            path: path.display().to_string(),
-            config: f.config.clone(),
-            ..Default::default()
-        })?;
-        let resp = client.request(
-            "PUT",
-            &ipc::api::function_path(namespace, &f.name, ""),
-            Some("application/json"),
-            &body,
+        let resp = crate::function::add(
+            &mut client,
+            namespace,
+            &f.name,
+            &f.dir,
+            f.config.clone(),
+            cx.over_tcp(),
         )?;
         if resp.status != 200 {
             return print::remote(resp.status, &resp.body, false);

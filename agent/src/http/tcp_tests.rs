@@ -1,0 +1,606 @@
+//! The TCP listener end to end, with the fake handler: keys (401, 403, what each
+//! rule lets a key do), TLS with certificates made here, and clients that are slow,
+//! speak plain HTTP to the TLS port or send garbage.
+
+use std::net::{SocketAddr, TcpStream};
+
+use base64::Engine as _;
+use ipc::client::{ClientError, TcpOptions};
+
+use super::*;
+use crate::http::Keys;
+
+const ALPHA: &str = "11111111-2222-4333-8444-000000000001:alphaalphaalphaalphaalphaalphaalpha12";
+const BETA: &str = "11111111-2222-4333-8444-000000000002:betabetabetabetabetabetabetabetabeta12";
+const STAR: &str = "11111111-2222-4333-8444-00000000000f:controllercontrollercontrollercontroller";
+
+fn keys() -> Keys {
+    Keys::parse(
+        &format!("# test keys\nalpha {ALPHA}\nbeta {BETA}\n* {STAR}\n"),
+        Path::new("keys"),
+    )
+    .unwrap()
+}
+
+/// A server on a Unix socket and on `127.0.0.1:0`.
+struct Tcp {
+    server: TestServer,
+    addr: SocketAddr,
+    /// The CA's PEM file, for TLS.
+    ca: Option<PathBuf>,
+}
+
+/// PEM files of a CA, and of a certificate it issued for `localhost` and
+/// 127.0.0.1 with its key, in `dir`: (ca, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sprout test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    fs::write(&paths.0, ca.pem()).unwrap();
+    fs::write(&paths.1, cert.pem()).unwrap();
+    fs::write(&paths.2, key.serialize_pem()).unwrap();
+    (paths.0, paths.1, paths.2)
+}
+
+impl Tcp {
+    fn start(keys: Option<Keys>, tls: bool) -> Tcp {
+        Tcp::with(keys, tls, Limits::default())
+    }
+
+    fn with(keys: Option<Keys>, tls: bool, limits: Limits) -> Tcp {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let mut server = Server::bind(&path, limits).unwrap();
+        let (ca, config) = if tls {
+            let (ca, cert, key) = certificates(dir.path());
+            (
+                Some(ca),
+                Some(crate::http::tls_config(&cert, &key).unwrap()),
+            )
+        } else {
+            (None, None)
+        };
+        let addr = server
+            .listen("127.0.0.1:0".parse().unwrap(), config, keys)
+            .unwrap();
+        assert_ne!(addr.port(), 0, "the bound port is told");
+        let shutdown = server.shutdown_handle();
+        let fake = Arc::new(Fake::default());
+        let handler: Arc<dyn Handle> = fake.clone();
+        let thread = thread::spawn(move || server.run(handler, 4));
+        Tcp {
+            server: TestServer {
+                _dir: dir,
+                path,
+                fake,
+                shutdown,
+                thread: Some(thread),
+            },
+            addr,
+            ca,
+        }
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    fn client(&self, key: Option<&str>) -> Client {
+        Client::connect_url(
+            &self.url(),
+            &TcpOptions {
+                key: key.map(str::to_owned),
+                ca_cert: self.ca.clone(),
+            },
+        )
+        .unwrap()
+    }
+
+    fn request(&self, key: Option<&str>, method: &str, path: &str, body: &[u8]) -> ClientResponse {
+        self.client(key)
+            .request(method, path, Some("application/json"), body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {}", ipc::chain(&e)))
+    }
+
+    /// A plain TCP connection, reads timing out after 10 s.
+    fn raw(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+fn error_of(r: &ClientResponse) -> ipc::api::ErrorDetail {
+    serde_json::from_slice::<ErrorBody>(&r.body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
+        .error
+}
+
+fn basic(credentials: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
+}
+
+/// Reads what `s` sends until it closes (or 10 s pass).
+fn read_to_end(s: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn a_missing_or_wrong_key_is_401_and_touches_nothing() {
+    let t = Tcp::start(Some(keys()), false);
+    let (uuid, secret) = ALPHA.split_once(':').unwrap();
+    let wrong_secret = format!("{uuid}:{}x", &secret[..secret.len() - 1]);
+    for key in [None, Some(wrong_secret.as_str()), Some("nobody:nothing")] {
+        for (method, path) in [
+            ("POST", "/namespaces/alpha/functions/f/invoke"),
+            ("GET", "/status"),
+            ("GET", "/stats"),
+            ("GET", "/nope"),
+            ("GET", "/metrics"),
+        ] {
+            let r = t.request(key, method, path, b"{}");
+            assert_eq!(r.status, 401, "{key:?} {method} {path}");
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some("Basic realm=\"sprout\""),
+                "{path}"
+            );
+            let e = error_of(&r);
+            assert_eq!(e.kind, "unauthorized");
+            assert!(e.message.contains("basic auth"), "{}", e.message);
+        }
+    }
+    assert!(t.server.take_seen().is_empty(), "nothing reached the agent");
+
+    // Two Authorization headers are no key, even if one is right.
+    let mut s = t.raw();
+    let head = format!(
+        "GET /stats HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nAuthorization: {}\r\n\r\n",
+        basic(ALPHA),
+        basic("nobody:nothing")
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(read_to_end(&mut s).starts_with("HTTP/1.1 401 "));
+}
+
+#[test]
+fn a_key_is_checked_on_the_head_before_any_body_is_read() {
+    let t = Tcp::start(Some(keys()), false);
+    for (auth, status) in [
+        (String::new(), "401"),
+        // A valid key on another namespace's route: refused on the head as well.
+        (format!("Authorization: {}\r\n", basic(ALPHA)), "403"),
+    ] {
+        let mut s = t.raw();
+        // A large body announced, none sent, no `Expect`: the answer must come anyway,
+        // without a `100 Continue`, and the connection is closed after it.
+        let head = format!(
+            "POST /namespaces/beta/functions/f/invoke HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 50000000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let got = read_to_end(&mut s);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{got}");
+        assert!(!got.contains("100 Continue"), "{got}");
+        assert!(got.contains("\r\nConnection: close\r\n"), "{got}");
+    }
+    // No body: a refused request keeps its connection, and the right key then works.
+    let mut c = t.client(None);
+    assert_eq!(c.request("GET", "/stats", None, b"").unwrap().status, 401);
+    let mut s = t.raw();
+    let req = |auth: &str| format!("GET /stats HTTP/1.1\r\nHost: x\r\n{auth}\r\n").into_bytes();
+    s.write_all(&req("")).unwrap();
+    s.write_all(&req(&format!("Authorization: {}\r\n", basic(BETA))))
+        .unwrap();
+    s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let got = read_to_end(&mut s);
+    let statuses: Vec<&str> = got
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &got[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["401", "200", "401"], "{got}");
+    assert!(
+        t.server.take_seen().len() == 1,
+        "only the keyed request ran"
+    );
+}
+
+#[test]
+fn a_key_acts_only_in_its_namespace_and_the_star_key_in_all() {
+    let t = Tcp::start(Some(keys()), false);
+    // Its own namespace: served.
+    let r = t.request(
+        Some(ALPHA),
+        "POST",
+        "/namespaces/alpha/functions/f/invoke",
+        b"{\"a\":1}",
+    );
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"{\"a\":1}"[..]));
+    let r = t.request(Some(ALPHA), "GET", "/namespaces/alpha/functions", b"");
+    assert_eq!(r.status, 200);
+    assert!(matches!(
+        t.server.take_seen().as_slice(),
+        [Request::Invoke { namespace, .. }, Request::ListFunctions { namespace: n2 }]
+            if namespace == "alpha" && n2 == "alpha"
+    ));
+    // Another namespace's routes, and the unprefixed ones (`default`): 403, naming
+    // nothing of the other namespace.
+    for (method, path) in [
+        ("POST", "/namespaces/beta/functions/secret/invoke"),
+        ("GET", "/namespaces/beta/functions"),
+        ("PUT", "/namespaces/beta/workflows/secret"),
+        ("POST", "/namespaces/beta/run/secret/x"),
+        ("POST", "/functions/secret/invoke"),
+        ("POST", "/run/secret"),
+        ("DELETE", "/functions/secret"),
+        ("GET", "/workflows"),
+        ("GET", "/namespaces/beta/usage"),
+    ] {
+        let r = t.request(Some(ALPHA), method, path, b"{}");
+        assert_eq!(r.status, 403, "{method} {path}");
+        let e = error_of(&r);
+        assert_eq!(e.kind, "forbidden");
+        assert!(
+            !e.message.contains("beta")
+                && !e.message.contains("secret")
+                && !e.message.contains("default"),
+            "{path}: {}",
+            e.message
+        );
+    }
+    // Node-wide routes: the `*` key only.
+    for (method, path) in [
+        ("GET", "/packages"),
+        ("POST", "/packages/gc"),
+        ("GET", "/metrics"),
+    ] {
+        let r = t.request(Some(ALPHA), method, path, b"");
+        assert_eq!(r.status, 403, "{method} {path}");
+        assert!(error_of(&r).message.contains("\"*\""), "{path}");
+    }
+    assert!(
+        t.server.take_seen().is_empty(),
+        "nothing refused reached the agent"
+    );
+
+    // Node-wide reads that name nothing: any key.
+    let r = t.request(Some(ALPHA), "GET", "/stats", b"");
+    assert_eq!(r.status, 200);
+    // The status lists only the key's own namespace.
+    let r = t.request(Some(ALPHA), "GET", "/status", b"");
+    assert_eq!(r.status, 200);
+    let status: Status = serde_json::from_slice(&r.body).unwrap();
+    let listed: Vec<&str> = status
+        .namespaces
+        .iter()
+        .map(|n| n.namespace.as_str())
+        .collect();
+    assert_eq!(listed, ["alpha"]);
+    assert_eq!(status.invocations, 7, "the counts are the node's");
+    t.server.take_seen();
+
+    // The `*` key: every namespace, and the node.
+    for (method, path, status) in [
+        ("POST", "/namespaces/beta/functions/f/invoke", 200),
+        ("POST", "/functions/f/invoke", 200),
+        ("GET", "/packages", 200),
+        ("POST", "/packages/gc", 200),
+        ("GET", "/metrics", 200),
+    ] {
+        let r = t.request(Some(STAR), method, path, b"{}");
+        assert_eq!(r.status, status, "{method} {path}");
+    }
+    let r = t.request(Some(STAR), "GET", "/status", b"");
+    let status: Status = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(status.namespaces.len(), 2);
+}
+
+#[test]
+fn over_tcp_a_function_is_registered_only_by_upload() {
+    let t = Tcp::start(Some(keys()), false);
+    let body = br#"{"path":"/etc"}"#;
+    for key in [ALPHA, STAR] {
+        let r = t.request(Some(key), "PUT", "/namespaces/alpha/functions/f", body);
+        assert_eq!(r.status, 403);
+        assert!(error_of(&r).message.contains("application/x-tar"));
+    }
+    assert!(t.server.take_seen().is_empty());
+    let r = t
+        .client(Some(ALPHA))
+        .request(
+            "PUT",
+            "/namespaces/alpha/functions/f?memory_mb=64",
+            Some("application/x-tar"),
+            b"tar bytes",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(matches!(
+        t.server.take_seen().as_slice(),
+        [Request::RegisterFunction {
+            source: FunctionSource::Tar(_),
+            ..
+        }]
+    ));
+    // The same listener without keys (loopback): still uploads only.
+    let open = Tcp::start(None, false);
+    let r = open.request(None, "PUT", "/functions/f", body);
+    assert_eq!(r.status, 403);
+    // The Unix socket, as before, takes paths.
+    let r = open
+        .server
+        .client()
+        .request("PUT", "/functions/f", None, body)
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn the_key_never_reaches_an_app() {
+    let t = Tcp::start(Some(keys()), false);
+    let r = t.request(Some(ALPHA), "POST", "/namespaces/alpha/run/app/x", b"hi");
+    assert_eq!(r.status, 418);
+    let seen = t.server.take_seen();
+    let [Request::Run { run, .. }] = seen.as_slice() else {
+        panic!("{seen:?}");
+    };
+    assert!(
+        run.request
+            .headers
+            .iter()
+            .all(|(n, _)| !n.eq_ignore_ascii_case("authorization")),
+        "{:?}",
+        run.request.headers
+    );
+    assert!(run
+        .request
+        .headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("host")));
+}
+
+#[test]
+fn without_keys_only_a_loopback_address_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::bind(&dir.path().join("s.sock"), Limits::default()).unwrap();
+    for addr in ["0.0.0.0:0", "192.0.2.1:0", "[::]:0"] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let e = server.listen(addr, None, None).unwrap_err();
+        assert!(matches!(e, HttpError::OpenNotLoopback { .. }), "{e}");
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+    }
+    // Loopback: served, and anyone there acts in every namespace.
+    let t = Tcp::start(None, false);
+    let r = t.request(None, "POST", "/namespaces/beta/functions/f/invoke", b"{}");
+    assert_eq!(r.status, 200);
+    assert_eq!(t.request(None, "GET", "/packages", b"").status, 200);
+}
+
+#[test]
+fn stats_are_counters_in_openlambdas_form() {
+    let t = Tcp::start(None, false);
+    let r = t.request(None, "GET", "/stats", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let stats: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&r.body).unwrap();
+    assert!(stats.values().all(|v| v.is_u64()), "{stats:?}");
+    for (name, value) in [
+        ("invocations", 7),
+        ("functions", 2),
+        ("sandboxes", 1),
+        ("stem_cells", 2),
+        ("stem_cells.python", 2),
+        ("reserved_mb", 384),
+        ("namespaces", 2),
+    ] {
+        assert_eq!(
+            stats.get(name).and_then(|v| v.as_u64()),
+            Some(value),
+            "{name}"
+        );
+    }
+    // Nothing named: no namespace or function appears.
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(!text.contains("alpha") && !text.contains("beta"), "{text}");
+    let r = t.request(None, "GET", "/stats?x=1", b"");
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn many_requests_share_one_tcp_connection() {
+    let t = Tcp::start(Some(keys()), false);
+    let mut c = t.client(Some(ALPHA));
+    for i in 0..50 {
+        let event = format!("{{\"i\":{i}}}");
+        let r = c
+            .request(
+                "POST",
+                "/namespaces/alpha/functions/warm/invoke",
+                None,
+                event.as_bytes(),
+            )
+            .unwrap();
+        assert_eq!((r.status, r.body), (200, event.into_bytes()));
+    }
+}
+
+#[test]
+fn tls_serves_a_client_that_trusts_the_certificate() {
+    let t = Tcp::start(Some(keys()), true);
+    let mut c = t.client(Some(ALPHA));
+    for i in 0..20 {
+        let event = format!("{{\"i\":{i}}}");
+        let r = c
+            .request(
+                "POST",
+                "/namespaces/alpha/functions/f/invoke",
+                None,
+                event.as_bytes(),
+            )
+            .unwrap();
+        assert_eq!((r.status, r.body), (200, event.into_bytes()));
+    }
+    // A large response goes out whole through TLS (many records, a full socket).
+    let big = format!("\"{}\"", "x".repeat(3 << 20));
+    let r = c
+        .request(
+            "POST",
+            "/namespaces/alpha/functions/f/invoke",
+            None,
+            big.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), big.len());
+    // Keys are checked through TLS too.
+    let r = t.request(None, "GET", "/stats", b"");
+    assert_eq!(r.status, 401);
+    let r = t.request(Some(BETA), "GET", "/namespaces/alpha/functions", b"");
+    assert_eq!(r.status, 403);
+
+    // A client that trusts another CA refuses the server.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = certificates(other.path());
+    let e = Client::connect_url(
+        &t.url(),
+        &TcpOptions {
+            key: Some(ALPHA.to_owned()),
+            ca_cert: Some(other_ca),
+        },
+    )
+    .and_then(|mut c| c.request("GET", "/stats", None, b""))
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Send { .. } | ClientError::Receive { .. } | ClientError::Closed { .. }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        ipc::chain(&e).to_lowercase().contains("certificate"),
+        "{}",
+        ipc::chain(&e)
+    );
+}
+
+#[test]
+fn plain_http_to_the_tls_port_is_told_so_and_closed() {
+    let t = Tcp::start(Some(keys()), true);
+    let mut s = t.raw();
+    s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let got = read_to_end(&mut s);
+    assert!(got.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{got}");
+    assert!(got.contains("speaks TLS"), "{got}");
+    assert!(got.contains("\r\nConnection: close\r\n"), "{got}");
+    // The http:// client gets the same answer, as a response.
+    let r = Client::connect_url(&format!("http://{}", t.addr), &TcpOptions::default())
+        .unwrap()
+        .request("GET", "/stats", None, b"")
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(t.server.take_seen().is_empty());
+}
+
+#[test]
+fn slow_or_garbage_tls_clients_do_not_stall_the_loop() {
+    let limits = Limits {
+        read_timeout: Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let t = Tcp::with(Some(keys()), true, limits);
+    // Garbage after a byte that starts a TLS handshake record: an alert, then closed.
+    let mut garbage = t.raw();
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x05\xff\xff\xff\xff\xff and more junk")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = garbage.read_to_end(&mut got);
+    assert!(got.len() < 64, "an alert at most: {got:?}");
+    // Clients that connect and say nothing, or part of a ClientHello, and stay.
+    let silent = t.raw();
+    let mut partial = t.raw();
+    partial
+        .write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01")
+        .unwrap();
+    // Meanwhile others are served at once.
+    let mut c = t.client(Some(ALPHA));
+    let started = Instant::now();
+    for _ in 0..10 {
+        let r = c
+            .request("POST", "/namespaces/alpha/functions/f/invoke", None, b"{}")
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // A handshake is timed like a request head: both are closed, without a word.
+    for mut s in [silent, partial] {
+        let began = Instant::now();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+    }
+    // The keep-alive client is still served.
+    let r = c.request("GET", "/stats", None, b"").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn bad_tls_files_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = certificates(dir.path());
+    let junk = dir.path().join("junk.pem");
+    fs::write(&junk, "not pem").unwrap();
+    let e = crate::http::tls_config(&junk, &key)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("junk.pem") && e.contains("certificate"), "{e}");
+    let e = crate::http::tls_config(&cert, &junk)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("junk.pem") && e.contains("private key"), "{e}");
+    let e = crate::http::tls_config(&dir.path().join("missing.pem"), &key)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.pem"), "{e}");
+    // A key that is not the certificate's.
+    let other = tempfile::tempdir().unwrap();
+    let (_, _, other_key) = certificates(other.path());
+    let e = crate::http::tls_config(&cert, &other_key)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not go with the certificate"), "{e}");
+}
