@@ -556,12 +556,14 @@ impl Agent {
             name: key.name.clone(),
             version: function.version,
             at_ms: crate::activations::record::epoch_ms(std::time::SystemTime::now()),
+            limits: function.activation_limits(),
         })?;
         tracing::debug!(activation = %id, function = %key, "accepted");
         self.asyncs.submit(crate::async_invoke::Job {
             id,
             key: key.clone(),
             version: function.version,
+            limits: function.activation_limits(),
             event,
             arrived,
             ticket,

@@ -33,6 +33,8 @@ pub(crate) struct Job {
     pub id: ActivationId,
     pub key: FunctionKey,
     pub version: u64,
+    /// The function's limits at acceptance.
+    pub limits: ipc::api::ActivationLimits,
     pub event: Vec<u8>,
     /// When it was accepted: its wait starts there.
     pub arrived: Instant,
@@ -147,5 +149,5 @@ fn not_run(invoker: &Invoker, job: &Job) {
         background: true,
         ..CallOpts::default()
     };
-    invoker.record_not_run(&job.key, job.version, &opts, &Error::NotStarted);
+    invoker.record_not_run(&job.key, job.version, job.limits, &opts, &Error::NotStarted);
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ipc::api::{ActivationId, ActivationStatus, Logs};
+use ipc::api::{ActivationId, ActivationLimits, ActivationStatus, Logs};
 use ipc::proto::{CallSpec, LoadSpec};
 use ipc::Payload;
 use parking_lot::Mutex;
@@ -112,8 +112,8 @@ pub(crate) struct Invoker {
 /// How far an invocation got before it failed.
 #[derive(Debug, Clone, Copy)]
 enum Reached {
-    /// It had an instance of this version of the function.
-    Before(u64),
+    /// It had an instance of this version of the function, with these limits.
+    Before(u64, ActivationLimits),
     /// It reached [`Invoker::complete`], which records it.
     Complete,
 }
@@ -255,6 +255,7 @@ impl Drop for WarmCall {
             self.invoker.record_failure(
                 &key,
                 self.function.version,
+                self.function.activation_limits(),
                 &self.meta,
                 &Error::ShuttingDown,
             );
@@ -363,10 +364,17 @@ impl Invoker {
         match (&out, version) {
             // Ended before `complete` (which records): recorded here, unless it was
             // refused (bad input, no such function: nothing was activated).
-            (Err(e), Some(Reached::Before(version))) => self.record_failure(key, version, &meta, e),
+            (Err(e), Some(Reached::Before(version, limits))) => {
+                self.record_failure(key, version, limits, &meta, e)
+            }
             (Err(e), None) => {
-                let version = self.registry.version_of(key).unwrap_or(0);
-                self.record_failure(key, version, &meta, e)
+                let (version, limits) = self
+                    .registry
+                    .lookup(key)
+                    .map_or((0, ActivationLimits::default()), |f| {
+                        (f.version, f.activation_limits())
+                    });
+                self.record_failure(key, version, limits, &meta, e)
             }
             _ => {}
         }
@@ -409,7 +417,10 @@ impl Invoker {
             self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
         meta.init = init;
         meta.began = Instant::now() - init;
-        *reached = Some(Reached::Before(function.version));
+        *reached = Some(Reached::Before(
+            function.version,
+            function.activation_limits(),
+        ));
         span.record("sandbox_id", inst.sandbox.id());
         // A client gone while its instance was handed over: it never runs.
         if opts.cancel.is_some_and(|c| c.fired()) || abandon.is_some_and(|a| a.is_gone()) {
@@ -611,6 +622,7 @@ impl Invoker {
 
     /// Hands an invocation's record to the store (a channel send; the lines are
     /// formatted by its writer).
+    // What `complete` has in hand, moved, not gathered into a struct on the warm path.
     fn record(
         &self,
         meta: &Meta,
@@ -632,15 +644,11 @@ impl Invoker {
         };
         // The record's duration, in whole milliseconds, is what the namespace's usage
         // adds up: the two agree by construction, records on or off.
+        // The usage adds up whole milliseconds of `ran` (as the record's duration);
+        // the latency histograms see it whole.
         let ran = meta.began.elapsed();
-        let ran_ms = Duration::from_millis(ran.as_millis() as u64);
-        self.metrics.invocation_finished(
-            &function.key(),
-            start,
-            status,
-            ran_ms,
-            function.memory_mb,
-        );
+        self.metrics
+            .invocation_finished(&function.key(), start, status, ran, function.memory_mb);
         if !self.activations.is_on() {
             return;
         }
@@ -650,7 +658,7 @@ impl Invoker {
         };
         let end = SystemTime::now();
         let end_ms = record::epoch_ms(end);
-        let start_ms = end_ms.saturating_sub(ran_ms.as_millis() as u64);
+        let start_ms = end_ms.saturating_sub(ran.as_millis() as u64);
         self.activations.finish(Finished {
             id: meta.id,
             namespace: function.namespace.clone(),
@@ -670,13 +678,21 @@ impl Invoker {
             cause: meta.cause,
             called,
             blocking: !meta.background,
+            limits: function.activation_limits(),
         });
     }
 
     /// Records an invocation that failed before [`Invoker::complete`] (no instance, a
     /// failed load, a queue timeout, a shutdown), unless it was refused: bad input or
     /// no such function activates nothing.
-    pub(crate) fn record_failure(&self, key: &FunctionKey, version: u64, meta: &Meta, e: &Error) {
+    pub(crate) fn record_failure(
+        &self,
+        key: &FunctionKey,
+        version: u64,
+        limits: ActivationLimits,
+        meta: &Meta,
+        e: &Error,
+    ) {
         use crate::error::ErrorKind;
         // A client's request refused (bad input, no such function, no room) was never
         // an activation; an accepted one always gets its record (a full queue is
@@ -721,6 +737,7 @@ impl Invoker {
             cause: meta.cause,
             called: false,
             blocking: !meta.background,
+            limits,
         });
     }
 
@@ -729,11 +746,12 @@ impl Invoker {
         &self,
         key: &FunctionKey,
         version: u64,
+        limits: ActivationLimits,
         opts: &CallOpts<'_>,
         e: &Error,
     ) {
         let meta = Meta::new(opts, Instant::now());
-        self.record_failure(key, version, &meta, e);
+        self.record_failure(key, version, limits, &meta, e);
     }
 
     /// Runs `f` (an invocation of `inst`, or a call its shim runs in its sandbox) as

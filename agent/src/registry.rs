@@ -268,6 +268,14 @@ impl Function {
         }
     }
 
+    /// Its memory limit and timeout, as an activation record keeps them.
+    pub fn activation_limits(&self) -> ipc::api::ActivationLimits {
+        ipc::api::ActivationLimits {
+            memory: self.memory_mb,
+            timeout: self.timeout_ms,
+        }
+    }
+
     /// Whether `key` names it (without building a key).
     pub fn is(&self, key: &FunctionKey) -> bool {
         self.name == key.name && self.namespace == key.namespace

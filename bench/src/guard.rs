@@ -287,14 +287,14 @@ fn request_bytes() -> Vec<u8> {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) -> anyhow::Result<()> {
+pub(crate) fn pin(cpu: usize) -> anyhow::Result<()> {
     let mut set = CpuSet::new();
     set.set(cpu)?;
     sched_setaffinity(Pid::from_raw(0), &set).with_context(|| format!("pin to CPU {cpu}"))
 }
 
 /// Two CPUs this process may run on (the same one twice on a single CPU).
-fn two_cpus() -> anyhow::Result<(usize, usize)> {
+pub(crate) fn two_cpus() -> anyhow::Result<(usize, usize)> {
     let set = sched_getaffinity(Pid::from_raw(0))?;
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&c| set.is_set(c).unwrap_or(false))

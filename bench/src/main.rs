@@ -10,7 +10,10 @@
 //! (`path`, `n`, `p50_us`, `p99_us`; throughput rows add `ops_per_s`) and one
 //! latency-distribution plot (SVG) per path under `target/sprout-bench/plots/`. Then
 //! the memory of idle stem cells, forked and created (see `memory.rs`): a table of its
-//! own and `target/sprout-bench/memory.json`.
+//! own and `target/sprout-bench/memory.json`. Among the rows: a warm invoke with
+//! activation records on against `--no-records`, side by side, and asynchronous
+//! invocations against blocking ones (`records.rs`); `bench records` measures only
+//! those.
 //!
 //! `cargo run -p bench --release -- deps` measures cold starts of functions that
 //! import packages (numpy, pandas; `--quick`: six) from an empty package cache, with
@@ -29,6 +32,7 @@ mod guard;
 mod latency;
 mod memory;
 mod plot;
+mod records;
 mod stats;
 mod workflows;
 
@@ -54,6 +58,8 @@ struct Settings {
     storm_rounds: usize,
     /// Stem cells whose memory is measured.
     memory_stem_cells: usize,
+    /// Asynchronous invocations against blocking ones.
+    burst: records::Burst,
 }
 
 /// Functions invoked at once in the cold-start storm.
@@ -72,6 +78,11 @@ impl Settings {
                 throughput_for: Duration::from_millis(500),
                 storm_rounds: 1,
                 memory_stem_cells: 4,
+                burst: records::Burst {
+                    n: 200,
+                    clients: 4,
+                    rounds: 1,
+                },
             }
         } else {
             Settings {
@@ -83,6 +94,11 @@ impl Settings {
                 throughput_for: Duration::from_secs(3),
                 storm_rounds: 5,
                 memory_stem_cells: 8,
+                burst: records::Burst {
+                    n: 2000,
+                    clients: 4,
+                    rounds: 2,
+                },
             }
         };
         if let Some(i) = args.iter().position(|a| a == "--clients") {
@@ -220,6 +236,14 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         step("warm over TCP", Ok(tcp))?;
         step("warm over TCP, control", Ok(control))?;
     }
+    let (on, off, delta) = records::warm_pair(&bin, &noop, settings.warm_runs)
+        .context("warm invoke, records on and off")?;
+    step("records on", Ok(on))?;
+    step("records off", Ok(off))?;
+    eprintln!(
+        "  records add {} to the warm p50 (median over rounds of the difference)",
+        stats::human(delta)
+    );
     let (frozen, idle_control) = latency::frozen(&bin, &noop, settings.frozen_runs)?;
     step("frozen", Ok(frozen))?;
     step("idle control", Ok(idle_control))?;
@@ -311,6 +335,11 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             latency::throughput(&bin, &noop, c, settings.throughput_for),
         )?;
     }
+    for row in records::throughput(&bin, &noop, settings.burst)
+        .context("asynchronous against blocking invocations")?
+    {
+        step("asynchronous", Ok(row))?;
+    }
     step("embedded", embedded(&bin, &hello, settings.process_runs))?;
     let runs = settings.process_runs;
     step(
@@ -346,6 +375,24 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// The activation records' rows alone (`bench records`): the warm pair and the
+/// asynchronous burst, as `bench latency` measures them.
+fn records_rows(bin: &Path, settings: &Settings) -> anyhow::Result<Vec<Row>> {
+    let noop = workspace().join("examples/noop");
+    let (on, off, delta) = records::warm_pair(bin, &noop, settings.warm_runs)
+        .context("warm invoke, records on and off")?;
+    eprintln!(
+        "  records add {} to the warm p50 (median over rounds of the difference)",
+        stats::human(delta)
+    );
+    let mut rows = vec![on, off];
+    rows.extend(
+        records::throughput(bin, &noop, settings.burst)
+            .context("asynchronous against blocking invocations")?,
+    );
+    Ok(rows)
+}
+
 const NEW_FORK: &str = "cold invoke, empty pool (new sandbox)";
 const NEW_CREATE: &str = "cold invoke, empty pool (new sandbox, libcontainer)";
 const STORM_FORK: &str = "cold-start storm, 32 new functions at once";
@@ -368,6 +415,16 @@ fn memory(settings: &Settings) -> anyhow::Result<Vec<memory::MemoryRow>> {
 fn print_targets(rows: &[Row], mem: &[memory::MemoryRow]) {
     let find = |path: &str| rows.iter().find(|r| r.path == path);
     let runc = find("runc run (same handler, python3)");
+    if let (Some(on), Some(off)) = (find(records::WARM_ON), find(records::WARM_OFF)) {
+        let added = on.p50_us - off.p50_us;
+        println!(
+            "records add {added:.1} µs to the warm p50 ({} with records, {} with \
+             --no-records, side by side; target <= 10 µs: {})",
+            stats::human(on.p50_us),
+            stats::human(off.p50_us),
+            met(added <= 10.0)
+        );
+    }
     for (path, label) in [(NEW_FORK, "forked"), (NEW_CREATE, "libcontainer")] {
         if let (Some(new), Some(runc)) = (find(path), runc) {
             let x = runc.p50_us / new.p50_us;
@@ -436,6 +493,14 @@ fn main() -> anyhow::Result<()> {
             eprintln!("measuring (release build recommended; this takes a few minutes)...");
             (latency(&settings)?, memory(&settings)?)
         }
+        Some("records") => {
+            // Only the rows of activation records (`bench latency` measures them too).
+            let settings = Settings::from_args(&args)?;
+            eprintln!("measuring what activation records cost (release build recommended)...");
+            let rows = records_rows(&bin_dir()?, &settings)?;
+            print_targets(&rows, &[]);
+            return write_rows("records", &rows);
+        }
         Some("memory") => {
             let settings = Settings::from_args(&args)?;
             eprintln!("measuring the memory of idle stem cells...");
@@ -485,7 +550,8 @@ fn main() -> anyhow::Result<()> {
             );
         }
         _ => bail!(
-            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench memory [--quick] \
+            "usage: bench latency [--quick] [--clients 1,4,16,64] | bench records [--quick] \
+             | bench memory [--quick] \
              | bench workflows [--quick] | bench deps [--quick] [--package-zygotes-mb MiB] \
              | bench guard [--only warm,stem,new]"
         ),

@@ -340,6 +340,20 @@ pub struct ActivationRecord {
     pub called: bool,
     /// Whether its client waited for it (`false`: `?blocking=false`).
     pub blocking: bool,
+    /// The function's limits when it was activated: what its memory time is billed
+    /// at (`GET /namespaces/{ns}/usage`'s `mb_ms` is the sum of `limits.memory` ×
+    /// `duration` over its records).
+    pub limits: ActivationLimits,
+}
+
+/// A function's limits as an activation records them, with the names and units of
+/// OpenWhisk's `annotations.limits`.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ActivationLimits {
+    /// Memory limit in MiB (OpenWhisk's "MB").
+    pub memory: u64,
+    /// Timeout in milliseconds.
+    pub timeout: u64,
 }
 
 /// The answer to an asynchronous invoke (`202`).

@@ -13,26 +13,25 @@ use std::process::Command;
 use sprout_tests::{json, require_root, under_ci, workspace_root, HELLO_PY};
 
 const SCHEMATHESIS: &str = "/opt/sprout-ci/schemathesis/bin/schemathesis";
-const STAR: &str = "3f2c7a1e-00ff-4c4e-9a55-0000000000ff:fuzz-secret-0123456789abcdef0123456789abcd";
+const STAR: &str =
+    "3f2c7a1e-00ff-4c4e-9a55-0000000000ff:fuzz-secret-0123456789abcdef0123456789abcd";
 
 #[test]
 fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx() {
     let env = require_root!();
     if !Path::new(SCHEMATHESIS).is_file() {
         let why = format!("{SCHEMATHESIS} is missing: run .ci/setup");
-        assert!(!under_ci(), "{why} (CI is set: a skipped test is a failure)");
+        assert!(
+            !under_ci(),
+            "{why} (CI is set: a skipped test is a failure)"
+        );
         eprintln!("skipped: {why}");
         return;
     }
     let keys = env.work_dir().join("keys");
     fs::write(&keys, format!("* {STAR}\n")).unwrap();
     fs::set_permissions(&keys, fs::Permissions::from_mode(0o600)).unwrap();
-    let d = env.daemon_with(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--auth",
-        keys.to_str().unwrap(),
-    ]);
+    let d = env.daemon_with(&["--listen", "127.0.0.1:0", "--auth", keys.to_str().unwrap()]);
     // Something to find: a function in `default` (registered by path on the socket;
     // over TCP only uploads register) and one record.
     let dir = env.function("hello", &[("f.py", HELLO_PY)]);

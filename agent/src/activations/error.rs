@@ -12,7 +12,8 @@ pub enum Error {
         source: rusqlite::Error,
     },
     #[error(
-        "activation records {path}: schema version {found}, this sprout reads version {expected}"
+        "activation records {path}: schema version {found}, this sprout reads version {expected} \
+         (move the directory activations/ away to start without its records)"
     )]
     Version {
         path: PathBuf,

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipc::api::{ActivationId, ActivationStatus};
+use ipc::api::{ActivationId, ActivationLimits, ActivationStatus};
 
 /// The largest result a record keeps, in bytes; a larger one is kept as
 /// `{"truncated": true, "size": N, "head": "..."}` (its first [`RESULT_HEAD`] bytes).
@@ -35,6 +35,8 @@ pub struct Accepted {
     pub version: u64,
     /// When it was accepted (ms since the epoch).
     pub at_ms: u64,
+    /// The function's limits at acceptance.
+    pub limits: ActivationLimits,
 }
 
 /// A finished activation, as the invocation hands it to the writer.
@@ -56,6 +58,9 @@ pub struct Finished {
     pub cause: Option<ActivationId>,
     pub called: bool,
     pub blocking: bool,
+    /// The function's limits when it was activated (its memory time is billed at
+    /// `limits.memory`).
+    pub limits: ActivationLimits,
 }
 
 /// What one output stream captured, with when each chunk of it was read.

@@ -4,7 +4,9 @@
 //! One writer thread (`sprout-records`) owns the write connection and commits what is
 //! queued in one transaction (group commit): an acceptance's sender waits until the
 //! transaction holding it is committed (durable: WAL with `synchronous=FULL` syncs
-//! each commit), a finished record's does not. Reads use a connection of their own
+//! that commit), a finished record's does not, and a transaction of finished records
+//! only is not synced (`synchronous=NORMAL`: lost only if the machine, not the
+//! process, crashes before the next sync or checkpoint). Reads use a connection of their own
 //! (WAL lets them run beside the writer). The writer also enforces retention.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use ipc::api::{ActivationId, ActivationRecord, ActivationStatus};
+use ipc::api::{ActivationId, ActivationLimits, ActivationRecord, ActivationStatus};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::value::RawValue;
@@ -22,8 +24,10 @@ use super::record::{epoch_ms, format_logs, Accepted, Finished};
 
 /// The database file in `activations/`.
 pub const DB_FILE: &str = "records.db";
-/// The schema this build reads and writes (SQLite's `user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this build reads and writes (SQLite's `user_version`). Version 1
+/// (sprout before records held their limits) is refused, not migrated: its records
+/// cannot say what memory they were billed at.
+pub const SCHEMA_VERSION: i64 = 2;
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
 /// Retention runs at least this often while records are written, and when idle.
@@ -49,7 +53,9 @@ CREATE TABLE IF NOT EXISTS activations (
     logs TEXT,
     logs_truncated INTEGER NOT NULL DEFAULT 0,
     cause TEXT,
-    called INTEGER NOT NULL DEFAULT 0
+    called INTEGER NOT NULL DEFAULT 0,
+    memory_mb INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS activations_start ON activations (start_ms);
 CREATE INDEX IF NOT EXISTS activations_name ON activations (namespace, name, start_ms);
@@ -57,7 +63,8 @@ CREATE INDEX IF NOT EXISTS activations_pending ON activations (pending) WHERE pe
 ";
 
 const COLUMNS: &str = "id, namespace, name, version, start_ms, end_ms, wait_ms, init_ms, \
-    start_path, status, logs_truncated, cause, called, blocking, result, logs";
+    start_path, status, logs_truncated, cause, called, blocking, memory_mb, timeout_ms, \
+    result, logs";
 
 /// How long records are kept: the newest `max_count` finished ones, none older than
 /// `max_age` (by start). Pending (accepted, unfinished) rows are never removed.
@@ -131,6 +138,22 @@ impl Store {
         let mut conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        // A new database has no tables and version 0; anything else must be this
+        // build's schema (one with tables and no version is not sprout's). Checked
+        // before anything is written: a refused file is left as it was.
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if version != SCHEMA_VERSION && (version != 0 || tables != 0) {
+            return Err(Error::Version {
+                path,
+                found: version,
+                expected: SCHEMA_VERSION,
+            });
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(open_err)?;
@@ -139,19 +162,14 @@ impl Store {
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
+        if version == 0 {
+            // The tables and the version in one transaction: a crash leaves a new
+            // database empty or whole.
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))
             .map_err(open_err)?;
-        if version > SCHEMA_VERSION {
-            return Err(Error::Version {
-                path,
-                found: version,
-                expected: SCHEMA_VERSION,
-            });
         }
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(open_err)?;
         let lost = mark_pending_lost(&mut conn, reason, SystemTime::now())?;
         prune(&conn, retention, SystemTime::now())?;
         let reader = Connection::open_with_flags(
@@ -337,6 +355,8 @@ struct Writer {
     last_prune: Instant,
     /// Failures are logged at most this often.
     last_warned: Option<Instant>,
+    /// Whether the connection syncs each commit now (`synchronous=FULL`).
+    syncing: bool,
 }
 
 impl Writer {
@@ -347,6 +367,7 @@ impl Writer {
             written_since_prune: 0,
             last_prune: Instant::now(),
             last_warned: None,
+            syncing: true,
         }
     }
 
@@ -379,6 +400,22 @@ impl Writer {
         let mut flushes = Vec::new();
         let mut failed = Vec::new();
         let mut finished = 0;
+        // A batch holding an acceptance (or a flush) is synced (`synchronous=FULL`):
+        // its 202 waits for that. A batch of finished records only is committed
+        // without a sync (`NORMAL`; WAL): a crash of the process loses none of it
+        // (the kernel has it), a crash of the machine may lose what was committed
+        // since the last synced commit or checkpoint. That fsync per record was most
+        // of what records cost the warm path on a busy machine.
+        let sync = batch
+            .iter()
+            .any(|w| matches!(w, Write::Accept(..) | Write::Flush(_)));
+        if sync != self.syncing {
+            let mode = if sync { "FULL" } else { "NORMAL" };
+            match self.conn.pragma_update(None, "synchronous", mode) {
+                Ok(()) => self.syncing = sync,
+                Err(e) => self.warn(&sql("set synchronous")(e)),
+            }
+        }
         let written = (|| -> Result<(), Error> {
             let tx = self.conn.transaction().map_err(sql("begin a batch"))?;
             for write in batch {
@@ -450,8 +487,8 @@ fn insert_pending(conn: &Connection, a: &Accepted) -> Result<(), Error> {
     let n = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO activations (id, namespace, name, version, pending, \
-             blocking, start_ms, end_ms, wait_ms, init_ms, status) \
-             VALUES (?1, ?2, ?3, ?4, 1, 0, ?5, ?5, 0, 0, ?6)",
+             blocking, start_ms, end_ms, wait_ms, init_ms, status, memory_mb, timeout_ms) \
+             VALUES (?1, ?2, ?3, ?4, 1, 0, ?5, ?5, 0, 0, ?6, ?7, ?8)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -461,6 +498,8 @@ fn insert_pending(conn: &Connection, a: &Accepted) -> Result<(), Error> {
                 a.version as i64,
                 a.at_ms as i64,
                 ActivationStatus::WhiskInternalError.code(),
+                a.limits.memory as i64,
+                a.limits.timeout as i64,
             ])
         })
         .map_err(sql("write an acceptance"))?;
@@ -478,13 +517,15 @@ fn upsert_finished(conn: &Connection, f: &Finished) -> Result<(), Error> {
     let result = String::from_utf8_lossy(&f.result);
     conn.prepare_cached(
         "INSERT INTO activations (id, namespace, name, version, pending, blocking, start_ms, \
-         end_ms, wait_ms, init_ms, start_path, status, result, logs, logs_truncated, cause, called) \
-         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16) \
+         end_ms, wait_ms, init_ms, start_path, status, result, logs, logs_truncated, cause, called, \
+         memory_mb, timeout_ms) \
+         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
          ON CONFLICT (id) DO UPDATE SET pending = 0, version = excluded.version, \
          start_ms = excluded.start_ms, end_ms = excluded.end_ms, wait_ms = excluded.wait_ms, \
          init_ms = excluded.init_ms, start_path = excluded.start_path, status = excluded.status, \
          result = excluded.result, logs = excluded.logs, logs_truncated = excluded.logs_truncated, \
-         cause = excluded.cause, called = excluded.called WHERE pending = 1",
+         cause = excluded.cause, called = excluded.called, memory_mb = excluded.memory_mb, \
+         timeout_ms = excluded.timeout_ms WHERE pending = 1",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -504,6 +545,8 @@ fn upsert_finished(conn: &Connection, f: &Finished) -> Result<(), Error> {
             cut,
             f.cause.map(|c| c.to_string()),
             f.called,
+            f.limits.memory as i64,
+            f.limits.timeout as i64,
         ])
     })
     .map_err(sql("write a record"))?;
@@ -526,6 +569,8 @@ struct Row {
     cause: Option<String>,
     called: bool,
     blocking: bool,
+    memory_mb: i64,
+    timeout_ms: i64,
     result: Option<String>,
     logs: Option<String>,
 }
@@ -548,8 +593,10 @@ impl Row {
             cause: r.get(at + 11)?,
             called: r.get(at + 12)?,
             blocking: r.get(at + 13)?,
-            result: if full { r.get(at + 14)? } else { None },
-            logs: if full { r.get(at + 15)? } else { None },
+            memory_mb: r.get(at + 14)?,
+            timeout_ms: r.get(at + 15)?,
+            result: if full { r.get(at + 16)? } else { None },
+            logs: if full { r.get(at + 17)? } else { None },
         })
     }
 
@@ -592,6 +639,10 @@ impl Row {
             cause,
             called: self.called,
             blocking: self.blocking,
+            limits: ActivationLimits {
+                memory: ms(self.memory_mb),
+                timeout: ms(self.timeout_ms),
+            },
         })
     }
 }

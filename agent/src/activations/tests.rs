@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ipc::api::{ActivationId, ActivationStatus};
+use ipc::api::{ActivationId, ActivationLimits, ActivationStatus};
 
 use super::record::{cap_result, format_logs, from_epoch_ms, MAX_LOG_LINES, MAX_RESULT};
 use super::*;
@@ -29,6 +29,10 @@ fn finished(n: u128, ns: &str, name: &str, start_ms: u64) -> Finished {
         cause: None,
         called: false,
         blocking: true,
+        limits: ActivationLimits {
+            memory: 256,
+            timeout: 60_000,
+        },
     }
 }
 
@@ -74,6 +78,13 @@ fn a_finished_record_reads_back_whole_and_only_in_its_namespace() {
     assert_eq!(logs.len(), 2);
     assert!(logs[0].ends_with("Z stdout: one"), "{logs:?}");
     assert_eq!(r.cause, Some(id(9)));
+    assert_eq!(
+        r.limits,
+        ActivationLimits {
+            memory: 256,
+            timeout: 60_000
+        }
+    );
     // Another namespace's scope does not see it; its own does.
     assert!(matches!(
         a.get(id(1), Some("u")).unwrap().unwrap(),
@@ -96,6 +107,7 @@ fn an_acceptance_is_pending_until_finished_and_an_id_names_one_activation() {
         name: "f".into(),
         version: 1,
         at_ms: now_ms(),
+        limits: ActivationLimits::default(),
     };
     a.accept(accepted.clone()).unwrap();
     assert!(matches!(
@@ -140,6 +152,10 @@ fn pending_rows_are_recorded_lost_when_the_store_opens_again() {
                 name: "sleepy".into(),
                 version: 2,
                 at_ms: accepted_at,
+                limits: ActivationLimits {
+                    memory: 128,
+                    timeout: 1000,
+                },
             })
             .unwrap();
         }
@@ -157,6 +173,11 @@ fn pending_rows_are_recorded_lost_when_the_store_opens_again() {
         assert!(r.result.unwrap().get().contains(LOST_AT_START));
         assert!(r.wait_time >= 50, "{}", r.wait_time);
         assert!(!r.blocking);
+        // Its limits are the function's at acceptance; it ran for no time.
+        assert_eq!(
+            (r.limits.memory, r.limits.timeout, r.duration),
+            (128, 1000, 0)
+        );
     }
     // Finishing a lost one later changes nothing: it was not run again.
     a.finish(finished(101, "default", "sleepy", now_ms()));
@@ -241,6 +262,7 @@ fn retention_keeps_the_newest_by_count_and_drops_the_old_never_a_pending_one() {
         name: "f".into(),
         version: 1,
         at_ms: now - 7_200_000,
+        limits: ActivationLimits::default(),
     })
     .unwrap();
     // Two hours old: gone by age.
@@ -281,6 +303,7 @@ fn acceptances_from_many_threads_are_committed_together() {
                         name: "f".into(),
                         version: 1,
                         at_ms: now_ms(),
+                        limits: ActivationLimits::default(),
                     })
                     .unwrap();
                 }
@@ -309,6 +332,52 @@ fn a_store_of_a_newer_schema_is_refused() {
     }
     let e = Activations::open(dir.path(), Retention::default()).unwrap_err();
     assert!(e.to_string().contains("schema version 99"), "{e}");
+}
+
+/// Version 1's table, as sprout before records held their limits made it.
+const SCHEMA_V1: &str = "CREATE TABLE activations (id TEXT NOT NULL PRIMARY KEY, \
+    namespace TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, \
+    pending INTEGER NOT NULL, blocking INTEGER NOT NULL, start_ms INTEGER NOT NULL, \
+    end_ms INTEGER NOT NULL, wait_ms INTEGER NOT NULL, init_ms INTEGER NOT NULL, \
+    start_path TEXT, status INTEGER NOT NULL, result TEXT, logs TEXT, \
+    logs_truncated INTEGER NOT NULL DEFAULT 0, cause TEXT, called INTEGER NOT NULL DEFAULT 0);";
+
+#[test]
+fn a_store_of_an_older_schema_or_none_is_refused_and_left_as_it_was() {
+    for (version, tables) in [(1, SCHEMA_V1), (0, "CREATE TABLE other (x);")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(store::DB_FILE);
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(tables).unwrap();
+            conn.pragma_update(None, "user_version", version).unwrap();
+        }
+        let e = Activations::open(dir.path(), Retention::default()).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!(
+                "schema version {version}, this sprout reads version 2"
+            )) && text.contains(&path.display().to_string())
+                && text.contains("move the directory activations/ away"),
+            "{text}"
+        );
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let kept: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, version);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "delete");
+    }
+    // A new (empty) file is made this build's.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join(store::DB_FILE)).unwrap();
+    let a = Activations::open(dir.path(), Retention::default()).unwrap();
+    a.finish(finished(1, "t", "f", now_ms()));
+    a.flush().unwrap();
+    assert_eq!(found(&a, 1, None).limits.memory, 256);
 }
 
 #[test]
