@@ -604,3 +604,36 @@ fn bad_tls_files_are_refused_naming_them() {
         .to_string();
     assert!(e.contains("does not go with the certificate"), "{e}");
 }
+
+#[test]
+fn connections_from_the_network_cannot_use_up_the_unix_sockets() {
+    let t = Tcp::with(
+        Some(keys()),
+        false,
+        Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+    );
+    // Two connections with no key, doing nothing: the TCP listener is full.
+    let idle: Vec<TcpStream> = (0..2).map(|_| t.raw()).collect();
+    let mut third = t.raw();
+    let refused = read_to_end(&mut third);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("too_many_connections"), "{refused}");
+    // The Unix socket still serves as many of its own (and a key-less client kept
+    // those out before: both listeners shared one count).
+    let mut a = t.server.raw();
+    a.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(a.response().status, 200);
+    let mut b = t.server.raw();
+    b.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(b.response().status, 200);
+    let mut c = t.server.raw();
+    let r = c.response();
+    assert_eq!(
+        (r.status, error_of(&r).kind.as_str()),
+        (503, "too_many_connections")
+    );
+    drop(idle);
+}
