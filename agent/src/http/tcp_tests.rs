@@ -637,3 +637,44 @@ fn connections_from_the_network_cannot_use_up_the_unix_sockets() {
     );
     drop(idle);
 }
+
+#[test]
+fn a_namespace_key_reads_only_its_namespaces_activations() {
+    let t = Tcp::start(Some(keys()), false);
+    let id = "0123456789abcdef0123456789abcdef";
+    for path in [
+        format!("/activations/{id}"),
+        format!("/activations/{id}/result"),
+        format!("/activations/{id}/logs"),
+        "/activations".to_owned(),
+        "/activations?name=f&limit=5".to_owned(),
+        "/activations?namespace=alpha".to_owned(),
+    ] {
+        // The fake keeps no records (503): what matters is what it was asked.
+        t.request(Some(ALPHA), "GET", &path, b"");
+        let seen = t.server.take_seen();
+        match seen.as_slice() {
+            [Request::GetActivation { namespace, .. }] => {
+                assert_eq!(namespace.as_deref(), Some("alpha"), "{path}")
+            }
+            [Request::ListActivations { query }] => {
+                assert_eq!(query.namespace.as_deref(), Some("alpha"), "{path}")
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    // Another namespace's listing is refused before the agent is asked.
+    let r = t.request(Some(ALPHA), "GET", "/activations?namespace=beta", b"");
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert!(t.server.take_seen().is_empty());
+    // The `*` key reads any: nothing narrowed.
+    t.request(Some(STAR), "GET", &format!("/activations/{id}"), b"");
+    t.request(Some(STAR), "GET", "/activations?namespace=beta", b"");
+    assert!(matches!(
+        t.server.take_seen().as_slice(),
+        [
+            Request::GetActivation { namespace: None, .. },
+            Request::ListActivations { query },
+        ] if query.namespace.as_deref() == Some("beta")
+    ));
+}
