@@ -209,7 +209,7 @@ impl Agent {
             metrics.clone(),
             activations.clone(),
         ));
-        let asyncs = AsyncRunner::start(config.async_workers, invoker.clone())?;
+        let asyncs = AsyncRunner::start(config.async_workers, config.max_queue, invoker.clone())?;
         let manager = if config.keep_warm {
             let (scheduler, sandboxes, invoker) =
                 (scheduler.clone(), sandboxes.clone(), invoker.clone());
@@ -545,8 +545,13 @@ impl Agent {
         if !self.activations.is_on() {
             return Err(Error::AsyncNeedsRecords);
         }
-        // Admission control (namespace limits) decides here, before anything is
+        // The function's backlog is bounded like its queue (`--max-queue`), and
+        // admission control (namespace limits) decides here too, before anything is
         // accepted; the ticket lives until the activation ends.
+        let place = self.asyncs.reserve(key).inspect_err(|_| {
+            self.metrics
+                .refused(&key.namespace, crate::metrics::Refusal::QueueFull)
+        })?;
         let ticket = self.admit(key)?;
         let id = id.unwrap_or_else(Activations::new_id);
         let arrived = Instant::now();
@@ -567,6 +572,7 @@ impl Agent {
             event,
             arrived,
             ticket,
+            place: Some(place),
         });
         Ok(Response::Accepted(id))
     }

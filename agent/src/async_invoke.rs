@@ -6,14 +6,17 @@
 //! fixed pool of threads (`sprout-async-N`, `--async-workers`) takes accepted
 //! activations in order and invokes each like a client's request: it waits in its
 //! function's queue, and its record (written by the invoker when it ends) finishes
-//! the pending row. Work waits here, unbounded, until a thread is free; the
-//! admission control of issue 14 bounds it where the agent accepts.
+//! the pending row. Work waits here until a thread is free, at most `--max-queue`
+//! activations of each function ([`AsyncRunner::reserve`]: the agent asks before it
+//! accepts, and one more is refused `429` like a full function queue); a namespace's
+//! limits bound it too, where the agent accepts.
 //!
 //! A graceful shutdown runs nothing more: what is still waiting here is recorded as
 //! not run ([`Error::NotStarted`], `whisk_internal_error`); what is running ends like
 //! every invocation in flight. A crash leaves rows pending, which the next agent
 //! records as lost; nothing is ever run twice.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -40,6 +43,59 @@ pub(crate) struct Job {
     pub arrived: Instant,
     /// Its place in its namespace's limits, from acceptance until it ends.
     pub ticket: crate::admission::Ticket,
+    /// Its place in its function's backlog, until a thread takes it.
+    pub place: Option<Place>,
+}
+
+/// Accepted activations no thread has taken yet, by function: at most `max` each.
+#[derive(Debug)]
+struct Backlog {
+    max: usize,
+    waiting: Mutex<HashMap<FunctionKey, usize>>,
+}
+
+/// A place in a function's backlog, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Place {
+    backlog: Arc<Backlog>,
+    key: FunctionKey,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut waiting = self.backlog.waiting.lock();
+        if let Some(n) = waiting.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Backlog {
+    fn new(max: usize) -> Arc<Backlog> {
+        Arc::new(Backlog {
+            max: max.max(1),
+            waiting: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn reserve(self: &Arc<Self>, key: &FunctionKey) -> Result<Place, Error> {
+        let mut waiting = self.waiting.lock();
+        let n = waiting.entry(key.clone()).or_insert(0);
+        if *n >= self.max {
+            return Err(Error::QueueFull {
+                function: key.to_string(),
+                max_queue: self.max,
+            });
+        }
+        *n += 1;
+        Ok(Place {
+            backlog: Arc::clone(self),
+            key: key.clone(),
+        })
+    }
 }
 
 /// The accepted activations and the threads that run them.
@@ -49,11 +105,17 @@ pub(crate) struct AsyncRunner {
     threads: Mutex<Vec<JoinHandle<()>>>,
     closing: Arc<AtomicBool>,
     invoker: Arc<Invoker>,
+    backlog: Arc<Backlog>,
 }
 
 impl AsyncRunner {
-    /// Starts `workers` threads (at least 1).
-    pub fn start(workers: usize, invoker: Arc<Invoker>) -> Result<AsyncRunner, Error> {
+    /// Starts `workers` threads (at least 1); at most `max_waiting` activations of a
+    /// function wait for them.
+    pub fn start(
+        workers: usize,
+        max_waiting: usize,
+        invoker: Arc<Invoker>,
+    ) -> Result<AsyncRunner, Error> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let closing = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -74,7 +136,15 @@ impl AsyncRunner {
             threads: Mutex::new(threads),
             closing,
             invoker,
+            backlog: Backlog::new(max_waiting),
         })
+    }
+
+    /// A place for one more accepted activation of `key`, or [`Error::QueueFull`]
+    /// when `max_waiting` of them wait for a thread already. Asked before the
+    /// acceptance is made: a refusal accepts nothing.
+    pub fn reserve(&self, key: &FunctionKey) -> Result<Place, Error> {
+        self.backlog.reserve(key)
     }
 
     /// Queues an accepted activation. Once the runner is stopping it is recorded as
@@ -101,7 +171,9 @@ impl AsyncRunner {
 }
 
 fn run(rx: &Receiver<Job>, closing: &AtomicBool, invoker: &Invoker) {
-    for job in rx.iter() {
+    for mut job in rx.iter() {
+        // Taken: it leaves the backlog (and waits, if it must, in its function's queue).
+        drop(job.place.take());
         if closing.load(Ordering::SeqCst) {
             not_run(invoker, &job);
             continue;
@@ -150,4 +222,31 @@ fn not_run(invoker: &Invoker, job: &Job) {
         ..CallOpts::default()
     };
     invoker.record_not_run(&job.key, job.version, job.limits, &opts, &Error::NotStarted);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_function_backlog_holds_at_most_its_bound_and_frees_places_as_they_go() {
+        let backlog = Backlog::new(2);
+        let f = FunctionKey::new("alpha", "f").unwrap();
+        let g = FunctionKey::new("beta", "f").unwrap();
+        let a = backlog.reserve(&f).unwrap();
+        let b = backlog.reserve(&f).unwrap();
+        let refused = backlog.reserve(&f).unwrap_err();
+        assert!(matches!(refused, Error::QueueFull { max_queue: 2, .. }));
+        assert_eq!(
+            refused.to_string(),
+            "function alpha/f: queue is full (2 requests waiting, the most max_queue allows)"
+        );
+        // Another function (here: of another namespace) has its own.
+        let c = backlog.reserve(&g).unwrap();
+        drop(a);
+        let a = backlog.reserve(&f).unwrap();
+        drop((a, b, c));
+        // Nothing is kept for functions with nothing waiting.
+        assert!(backlog.waiting.lock().is_empty());
+    }
 }

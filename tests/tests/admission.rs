@@ -138,6 +138,74 @@ fn a_full_queue_answers_429_and_nothing_queued_is_lost() {
 }
 
 #[test]
+fn accepted_asynchronous_invocations_are_bounded_by_the_queue_and_all_run() {
+    let env = require_root!();
+    let d = env.daemon_with(&[
+        "--stem-cells",
+        "0",
+        "--max-queue",
+        "2",
+        "--async-workers",
+        "1",
+    ]);
+    let dir = env.function("sleepy", &[("f.py", SLEEPY_PY)]);
+    register(&d, "default", "f", &dir, json!({ "max_instances": 1 }));
+    // One runs (its thread took it), two wait for the thread (the backlog holds
+    // `--max-queue`); before this was bounded, every one was accepted and held in
+    // memory, whatever `--max-queue` said.
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 0..12 {
+        let r = d.request(
+            "POST",
+            "/functions/f/invoke?blocking=false",
+            Some("application/json"),
+            json!({"sleep": 2, "i": i}).to_string().as_bytes(),
+        );
+        match r.status {
+            202 => accepted.push(body_json(&r)["activationId"].as_str().unwrap().to_owned()),
+            _ => {
+                refused = Some(r);
+                break;
+            }
+        }
+    }
+    let refused = refused.unwrap_or_else(|| {
+        panic!(
+            "{} asynchronous invocations accepted with --max-queue 2",
+            accepted.len()
+        )
+    });
+    assert_refused(
+        &refused,
+        "function default/f: queue is full (2 requests waiting",
+    );
+    assert!(
+        (2..=3).contains(&accepted.len()),
+        "{} accepted",
+        accepted.len()
+    );
+    let metrics = text(&d.request("GET", "/metrics", None, b""));
+    let line = "sprout_admission_refusals_total{namespace=\"default\",reason=\"queue_full\"} 1";
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "no {line:?} in:\n{metrics}"
+    );
+    // Every accepted one runs.
+    for id in &accepted {
+        let rec = wait_for(Duration::from_secs(60), || {
+            let r = d.request("GET", &format!("/activations/{id}"), None, b"");
+            (r.status == 200).then(|| body_json(&r)).ok_or(r.status)
+        })
+        .unwrap_or_else(|s| panic!("activation {id}: {s}; log:\n{}", d.log()));
+        assert_eq!(rec["status"], "success", "{rec}");
+    }
+    // With room again, the next one is accepted.
+    let r = d.request("POST", "/functions/f/invoke?blocking=false", None, b"{}");
+    assert_eq!(r.status, 202, "{}", text(&r));
+}
+
+#[test]
 fn a_namespace_over_its_limits_answers_429_and_others_run() {
     let env = require_root!();
     let limits = env.work_dir().join("limits");

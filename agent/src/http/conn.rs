@@ -160,6 +160,11 @@ impl Conn {
         }
     }
 
+    /// Whether it came in on the Unix socket.
+    pub fn is_local(&self) -> bool {
+        matches!(self.gate, Gate::Local)
+    }
+
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream
     }

@@ -34,8 +34,9 @@
 //!   each route's access rule. The Unix socket is trusted as before.
 //!
 //! Hostile or careless clients are bounded ([`Limits`]): at most
-//! `max_connections` are open (more are answered 503 and closed at once, so the
-//! listener's backlog does not hold them); a request head, then its body, must
+//! `max_connections` are open on each listener (more are answered 503 and closed at
+//! once, so the listener's backlog does not hold them; the network's cannot crowd
+//! out the Unix socket's); a request head, then its body, must
 //! arrive within `read_timeout` (408), an idle connection is closed after
 //! `idle_timeout`; a body or a response that keeps moving is not cut off. A client
 //! that closes or resets its connection while its request waits for an instance

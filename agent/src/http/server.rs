@@ -494,7 +494,9 @@ impl Server {
 }
 
 /// Accepts every pending connection; false if `accept` failed and should be retried.
-/// Past `limits.max_connections`, a connection is answered 503 and closed at once.
+/// Past `limits.max_connections` open from this listener, a connection is answered
+/// 503 and closed at once. Each listener counts its own: clients on the network,
+/// keys or not, cannot keep the Unix socket's out.
 fn accept(
     (listener, gate): &(Listener, Gate),
     registry: &Registry,
@@ -502,9 +504,15 @@ fn accept(
     next: &mut usize,
     limits: &Limits,
 ) -> bool {
+    let local = matches!(gate, Gate::Local);
+    // Counted only when all connections together reach the limit.
+    let full = |conns: &HashMap<Token, Conn>| {
+        conns.len() >= limits.max_connections
+            && conns.values().filter(|c| c.is_local() == local).count() >= limits.max_connections
+    };
     loop {
         match listener.accept() {
-            Ok(mut stream) if conns.len() >= limits.max_connections => {
+            Ok(mut stream) if full(conns) => {
                 debug!(
                     max_connections = limits.max_connections,
                     "refused a connection"
@@ -540,7 +548,7 @@ fn too_many_connections(max: usize) -> Vec<u8> {
         status: 503,
         kind: "too_many_connections",
         message: format!(
-            "the server already has {max} connections open, the most it accepts (max_connections)"
+            "the server already has {max} connections open on this socket, the most it accepts (max_connections)"
         ),
         allow: None,
         close: true,

@@ -604,3 +604,77 @@ fn bad_tls_files_are_refused_naming_them() {
         .to_string();
     assert!(e.contains("does not go with the certificate"), "{e}");
 }
+
+#[test]
+fn connections_from_the_network_cannot_use_up_the_unix_sockets() {
+    let t = Tcp::with(
+        Some(keys()),
+        false,
+        Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+    );
+    // Two connections with no key, doing nothing: the TCP listener is full.
+    let idle: Vec<TcpStream> = (0..2).map(|_| t.raw()).collect();
+    let mut third = t.raw();
+    let refused = read_to_end(&mut third);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("too_many_connections"), "{refused}");
+    // The Unix socket still serves as many of its own (and a key-less client kept
+    // those out before: both listeners shared one count).
+    let mut a = t.server.raw();
+    a.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(a.response().status, 200);
+    let mut b = t.server.raw();
+    b.send(b"GET /status HTTP/1.1\r\n\r\n");
+    assert_eq!(b.response().status, 200);
+    let mut c = t.server.raw();
+    let r = c.response();
+    assert_eq!(
+        (r.status, error_of(&r).kind.as_str()),
+        (503, "too_many_connections")
+    );
+    drop(idle);
+}
+
+#[test]
+fn a_namespace_key_reads_only_its_namespaces_activations() {
+    let t = Tcp::start(Some(keys()), false);
+    let id = "0123456789abcdef0123456789abcdef";
+    for path in [
+        format!("/activations/{id}"),
+        format!("/activations/{id}/result"),
+        format!("/activations/{id}/logs"),
+        "/activations".to_owned(),
+        "/activations?name=f&limit=5".to_owned(),
+        "/activations?namespace=alpha".to_owned(),
+    ] {
+        // The fake keeps no records (503): what matters is what it was asked.
+        t.request(Some(ALPHA), "GET", &path, b"");
+        let seen = t.server.take_seen();
+        match seen.as_slice() {
+            [Request::GetActivation { namespace, .. }] => {
+                assert_eq!(namespace.as_deref(), Some("alpha"), "{path}")
+            }
+            [Request::ListActivations { query }] => {
+                assert_eq!(query.namespace.as_deref(), Some("alpha"), "{path}")
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    // Another namespace's listing is refused before the agent is asked.
+    let r = t.request(Some(ALPHA), "GET", "/activations?namespace=beta", b"");
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert!(t.server.take_seen().is_empty());
+    // The `*` key reads any: nothing narrowed.
+    t.request(Some(STAR), "GET", &format!("/activations/{id}"), b"");
+    t.request(Some(STAR), "GET", "/activations?namespace=beta", b"");
+    assert!(matches!(
+        t.server.take_seen().as_slice(),
+        [
+            Request::GetActivation { namespace: None, .. },
+            Request::ListActivations { query },
+        ] if query.namespace.as_deref() == Some("beta")
+    ));
+}

@@ -256,7 +256,8 @@ impl PoolArgs {
 /// The daemon's API connections and shutdown.
 #[derive(Args, Debug)]
 struct HttpArgs {
-    /// Connections open at most; more are answered 503 and closed at once.
+    /// Connections open at most on each listener (the Unix socket, --listen); more
+    /// are answered 503 and closed at once.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
     /// A request head, then its body, must arrive within this long (else 408):
