@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use sprout_tests::{json, require_root, under_ci, workspace_root, HELLO_PY};
+use sprout_tests::{json, require_root, under_ci, workspace_root};
 
 const SCHEMATHESIS: &str = "/opt/sprout-ci/schemathesis/bin/schemathesis";
 const STAR: &str =
@@ -32,9 +32,13 @@ fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx(
     fs::write(&keys, format!("* {STAR}\n")).unwrap();
     fs::set_permissions(&keys, fs::Permissions::from_mode(0o600)).unwrap();
     let d = env.daemon_with(&["--listen", "127.0.0.1:0", "--auth", keys.to_str().unwrap()]);
-    // Something to find: a function in `default` (registered by path on the socket;
-    // over TCP only uploads register) and one record.
-    let dir = env.function("hello", &[("f.py", HELLO_PY)]);
+    // Something to find: a function in `default` that answers any event (a failing
+    // function is a 502, which the run would count as a server error), registered
+    // by path on the socket (over TCP only uploads register), and one record.
+    let dir = env.function(
+        "hello",
+        &[("f.py", "def f(event):\n    return {\"ok\": True}\n")],
+    );
     let body = json!({ "path": dir.to_str().unwrap() }).to_string();
     let r = d.request(
         "PUT",
@@ -47,7 +51,7 @@ fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx(
         "POST",
         "/functions/hello/invoke",
         Some("application/json"),
-        b"{\"name\":\"fuzz\"}",
+        b"{}",
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
@@ -65,8 +69,8 @@ fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx(
         // 501 by design.
         .args(["--exclude-path-regex", "^/(api/v1/|invoke$|ping$)"])
         .args(["--phases", "coverage,fuzzing,stateful"])
-        .args(["--max-examples", "25", "--seed", "14", "--workers", "1"])
-        .args(["--request-timeout", "30", "--max-time", "600"])
+        .args(["--max-examples", "50", "--seed", "14", "--workers", "1", "--no-shrink"])
+        .args(["--request-timeout", "30"])
         .args(["--suppress-health-check", "all"])
         .args(["--report", "junit", "--report-dir"])
         .arg(&report)
@@ -81,11 +85,15 @@ fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx(
         "schemathesis found responses outside docs/openapi.yaml (exit {:?}):\n{stdout}\n{stderr}",
         out.status.code()
     );
-    // It ran: every operation of the spec was tested (none skipped for want of a
-    // way to generate it).
+    // It ran: requests were generated and sent ("N generated, N passed").
+    let generated: u64 = stdout
+        .lines()
+        .find_map(|l| l.trim().split_once(" generated,"))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or(0);
     assert!(
-        stdout.contains("passed") && !stdout.contains("0 passed"),
-        "schemathesis ran nothing:\n{stdout}"
+        generated > 500,
+        "schemathesis sent only {generated} requests:\n{stdout}"
     );
     // The daemon is still whole: it answers its status after the run.
     let r = d.request("GET", "/status", None, b"");
