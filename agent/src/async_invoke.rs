@@ -186,32 +186,29 @@ fn run(rx: &Receiver<Job>, closing: &AtomicBool, invoker: &Invoker) {
             background: true,
             ..CallOpts::default()
         };
-        // Its record, success or failure, is the invoker's to write, except for a
-        // full queue (nothing ran, nothing is recorded): accepted work waits for room
-        // rather than being refused after its 202.
-        loop {
-            match invoker.invoke(&job.key, job.event.clone(), &opts, None) {
-                Err(e) if e.kind() == crate::error::ErrorKind::TooManyRequests => {
-                    if closing.load(Ordering::SeqCst) {
-                        not_run(invoker, &job);
-                        break;
-                    }
-                    std::thread::sleep(QUEUE_FULL_BACKOFF);
-                }
-                Err(e) => {
-                    tracing::debug!(error = %ipc::chain(&e), "asynchronous activation failed");
-                    break;
-                }
-                Ok(_) => break,
+        // Its record, success or failure, is the invoker's to write; a full function
+        // queue is waited out inside the invoke (`CallOpts::background`). A panic
+        // is caught so the record is written and the thread lives on.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            invoker.invoke(&job.key, job.event.clone(), &opts, None)
+        }));
+        match outcome {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %ipc::chain(&e), "asynchronous activation failed")
+            }
+            Err(_) => {
+                tracing::error!("asynchronous activation panicked");
+                let panicked = Error::State {
+                    path: "asynchronous activation".into(),
+                    source: std::io::Error::other("its invocation panicked in the agent"),
+                };
+                invoker.record_not_run(&job.key, job.version, job.limits, &opts, &panicked);
             }
         }
         drop(job.ticket);
     }
 }
-
-/// How long an accepted activation that met a full function queue waits before it
-/// asks again.
-const QUEUE_FULL_BACKOFF: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Records `job` as accepted and never run (the agent is shutting down).
 fn not_run(invoker: &Invoker, job: &Job) {

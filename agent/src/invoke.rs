@@ -153,6 +153,10 @@ fn error_result(e: &Error) -> Vec<u8> {
     record::cap_result(&body)
 }
 
+/// How long an accepted activation that met a full function queue waits before it
+/// asks again.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+
 /// Events up to this size may take the event loop's warm path.
 const FAST_EVENT_MAX: usize = 64 << 10;
 
@@ -414,7 +418,7 @@ impl Invoker {
             })
         });
         let (mut inst, mut start, function, init) =
-            self.acquire_until(key, queue_deadline, opts.cancel, abandon)?;
+            self.acquire_until(key, queue_deadline, opts.cancel, abandon, opts.background)?;
         meta.init = init;
         meta.began = Instant::now() - init;
         *reached = Some(Reached::Before(
@@ -890,7 +894,7 @@ impl Invoker {
         deadline: Option<Instant>,
         cancel: Option<&Cancel>,
     ) -> Result<(Instance, Start, Arc<Function>), Error> {
-        self.acquire_until(key, deadline, cancel, None)
+        self.acquire_until(key, deadline, cancel, None, false)
             .map(|(inst, start, function, _)| (inst, start, function))
     }
 
@@ -902,6 +906,7 @@ impl Invoker {
         deadline: Option<Instant>,
         cancel: Option<&Cancel>,
         abandon: Option<&Abandon>,
+        accepted: bool,
     ) -> Result<(Instance, Start, Arc<Function>, Duration), Error> {
         let name = key.name.as_str();
         let mut retried = false;
@@ -919,14 +924,29 @@ impl Invoker {
             // A live package zygote that serves it: a new instance is forked from it
             // (or from its stem cell) rather than started in a plain stem cell.
             let zygote = self.sandboxes.package_zygote_for(&function);
-            let (grant, stale) = self
-                .scheduler
-                .grant(key, &function, retried, zygote.is_some())
-                .inspect_err(|e| {
-                    if matches!(e, Error::QueueFull { .. }) {
-                        self.metrics.refused(&key.namespace, Refusal::QueueFull);
+            let (grant, stale) =
+                match self
+                    .scheduler
+                    .grant(key, &function, retried, zygote.is_some())
+                {
+                    // An accepted (asynchronous) activation was promised a run: it waits
+                    // for room in a full queue instead of being refused (and is neither
+                    // counted again nor as a refusal), until the agent shuts down.
+                    Err(Error::QueueFull { .. }) if accepted => {
+                        if self.scheduler.is_closed() {
+                            return Err(Error::ShuttingDown);
+                        }
+                        std::thread::sleep(QUEUE_FULL_BACKOFF);
+                        continue;
                     }
-                })?;
+                    Err(e) => {
+                        if matches!(e, Error::QueueFull { .. }) {
+                            self.metrics.refused(&key.namespace, Refusal::QueueFull);
+                        }
+                        return Err(e);
+                    }
+                    Ok(granted) => granted,
+                };
             for inst in stale {
                 self.destroy(inst);
             }

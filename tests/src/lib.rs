@@ -1251,6 +1251,11 @@ pub fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     fs::write(&paths.0, ca.pem()).unwrap();
     fs::write(&paths.1, cert.pem()).unwrap();
     fs::write(&paths.2, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        &paths.2,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     (paths.0, paths.1, paths.2)
 }
 

@@ -57,6 +57,7 @@ fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx(
 
     let report = env.work_dir().join("schemathesis");
     let out = Command::new(SCHEMATHESIS)
+        .current_dir(env.work_dir())
         .arg("run")
         .arg(workspace_root().join("docs/openapi.yaml"))
         .args(["--url", &d.tcp_url()])

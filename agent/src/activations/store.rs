@@ -525,7 +525,8 @@ fn upsert_finished(conn: &Connection, f: &Finished) -> Result<(), Error> {
          init_ms = excluded.init_ms, start_path = excluded.start_path, status = excluded.status, \
          result = excluded.result, logs = excluded.logs, logs_truncated = excluded.logs_truncated, \
          cause = excluded.cause, called = excluded.called, memory_mb = excluded.memory_mb, \
-         timeout_ms = excluded.timeout_ms WHERE pending = 1",
+         timeout_ms = excluded.timeout_ms WHERE pending = 1 \
+         AND namespace = excluded.namespace AND name = excluded.name",
     )
     .and_then(|mut s| {
         s.execute(params![

@@ -54,6 +54,11 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     fs::write(&paths.0, ca.pem()).unwrap();
     fs::write(&paths.1, cert.pem()).unwrap();
     fs::write(&paths.2, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        &paths.2,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     (paths.0, paths.1, paths.2)
 }
 
@@ -584,6 +589,7 @@ fn bad_tls_files_are_refused_naming_them() {
     let (_, cert, key) = certificates(dir.path());
     let junk = dir.path().join("junk.pem");
     fs::write(&junk, "not pem").unwrap();
+    fs::set_permissions(&junk, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let e = crate::http::tls_config(&junk, &key)
         .unwrap_err()
         .to_string();
@@ -677,4 +683,24 @@ fn a_namespace_key_reads_only_its_namespaces_activations() {
             Request::ListActivations { query },
         ] if query.namespace.as_deref() == Some("beta")
     ));
+}
+
+#[test]
+fn a_tls_key_others_can_read_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert, key) = certificates(dir.path());
+    assert!(crate::http::tls::server_config(&cert, &key).is_ok());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let e = crate::http::tls::server_config(&cert, &key).unwrap_err();
+    assert!(e.to_string().contains("key.pem"), "{e}");
+    assert!(
+        format!(
+            "{e} {}",
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        )
+        .contains("by others"),
+        "{e}"
+    );
 }

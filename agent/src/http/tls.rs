@@ -15,6 +15,7 @@
 
 use std::fs;
 use std::io::{self, IoSlice, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -39,6 +40,20 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, HttpE
         .map_err(|e| tls(cert, format!("not a PEM certificate chain: {e}")))?;
     if chain.is_empty() {
         return Err(tls(cert, "holds no PEM certificate".to_owned()));
+    }
+    // The private key, like the key file, must not be open to other users.
+    let mode = fs::metadata(key)
+        .map_err(|e| tls(key, e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o007 != 0 {
+        return Err(tls(
+            key,
+            format!(
+                "is readable or writable by others (mode {:o}): chmod 600 it",
+                mode & 0o7777
+            ),
+        ));
     }
     let key_pem = fs::read(key).map_err(|e| tls(key, e.to_string()))?;
     let private = PrivateKeyDer::from_pem_slice(&key_pem)
