@@ -32,6 +32,9 @@ pub const SCHEMA_VERSION: i64 = 2;
 const MAX_BATCH: usize = 1024;
 /// Retention runs at least this often while records are written, and when idle.
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// How long finished records wait to be committed together with later ones (what a
+/// crash of the process can lose, at most).
+const LINGER: Duration = Duration::from_millis(5);
 /// ... or after this many records.
 const PRUNE_AFTER: usize = 256;
 
@@ -381,11 +384,23 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // Finished records wait up to LINGER for company (one commit for many:
+            // most of a record's cost is its transaction's); an acceptance or a
+            // flush ends the wait, since its sender is waiting.
+            let until = Instant::now() + LINGER;
+            let mut urgent = !matches!(first, Write::Finish(_));
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(w) => batch.push(w),
-                    Err(_) => break,
+                let next = match urgent {
+                    true => rx.try_recv().ok(),
+                    false => rx.recv_deadline(until).ok(),
+                };
+                match next {
+                    Some(w) => {
+                        urgent |= !matches!(w, Write::Finish(_));
+                        batch.push(w);
+                    }
+                    None => break,
                 }
             }
             self.commit(batch);
