@@ -17,6 +17,8 @@ impl Daemon {
     pub fn start(bin: &Path, args: &[&str]) -> anyhow::Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("sprout-bench-").tempdir()?;
         let socket = dir.path().join("api.sock");
+        let log_path = dir.path().join("daemon.log");
+        let log = std::fs::File::create(&log_path).context("create the daemon's log")?;
         let child = Command::new(bin.join("sprout"))
             .args(["serve", "--socket"])
             .arg(&socket)
@@ -24,16 +26,20 @@ impl Daemon {
             .arg(dir.path().join("data"))
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("start sprout serve")?;
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             child,
             socket,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Client::connect(&daemon.socket).is_err() {
+            if let Some(status) = daemon.child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("sprout serve exited ({status}) before serving; its log:\n{log}");
+            }
             if Instant::now() > deadline {
                 bail!("daemon did not come up on {}", daemon.socket.display());
             }

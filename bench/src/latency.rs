@@ -161,6 +161,11 @@ fn tls_files(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     std::fs::write(&paths.0, ca.pem())?;
     std::fs::write(&paths.1, cert.pem())?;
     std::fs::write(&paths.2, key.serialize_pem())?;
+    // sprout refuses a TLS private key others can read.
+    std::fs::set_permissions(
+        &paths.2,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     Ok(paths)
 }
 
