@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use ipc::api::{ActivationId, ActivationLimits, ActivationRecord, ActivationStatus};
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -112,7 +112,9 @@ pub struct Query {
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
-    writer: Mutex<Option<Sender<Write>>>,
+    /// The writer's two queues: finished records, and what a caller waits on
+    /// (acceptances, flushes), which alone wakes a lingering writer.
+    writer: Mutex<Option<(Sender<Write>, Sender<Write>)>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     reader: Mutex<Connection>,
 }
@@ -183,15 +185,16 @@ impl Store {
         reader
             .busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (finished_tx, finished_rx) = crossbeam_channel::unbounded();
+        let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
             .name("sprout-records".into())
-            .spawn(move || Writer::new(conn, retention).run(&rx))
+            .spawn(move || Writer::new(conn, retention).run(&finished_rx, &urgent_rx))
             .map_err(Error::Thread)?;
         Ok((
             Store {
                 path,
-                writer: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some((finished_tx, urgent_tx))),
                 thread: Mutex::new(Some(thread)),
                 reader: Mutex::new(reader),
             },
@@ -201,7 +204,10 @@ impl Store {
 
     fn send(&self, write: Write) -> Result<(), Error> {
         match &*self.writer.lock() {
-            Some(tx) => tx.send(write).map_err(|_| Error::WriterGone),
+            Some((finished, _)) if matches!(write, Write::Finish(_)) => {
+                finished.send(write).map_err(|_| Error::WriterGone)
+            }
+            Some((_, urgent)) => urgent.send(write).map_err(|_| Error::WriterGone),
             None => Err(Error::WriterGone),
         }
     }
@@ -374,36 +380,46 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: &Receiver<Write>) {
+    fn run(mut self, finished: &Receiver<Write>, urgent: &Receiver<Write>) {
         loop {
-            let first = match rx.recv_timeout(PRUNE_EVERY) {
-                Ok(w) => w,
-                Err(RecvTimeoutError::Timeout) => {
+            let first = crossbeam_channel::select! {
+                recv(urgent) -> w => w,
+                recv(finished) -> w => w,
+                default(PRUNE_EVERY) => {
                     self.prune_now();
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
             };
-            // Finished records wait up to LINGER for company (one commit for many:
-            // most of a record's cost is its transaction's); an acceptance or a
-            // flush ends the wait, since its sender is waiting.
-            let until = Instant::now() + LINGER;
-            let mut urgent = !matches!(first, Write::Finish(_));
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                let next = match urgent {
-                    true => rx.try_recv().ok(),
-                    false => rx.recv_deadline(until).ok(),
-                };
-                match next {
-                    Some(w) => {
-                        urgent |= !matches!(w, Write::Finish(_));
-                        batch.push(w);
+            let mut batch = Vec::new();
+            let closing = match first {
+                Ok(w) => {
+                    // Finished records wait up to LINGER for company (one commit for
+                    // many: most of a record's cost is its transaction). Only an
+                    // acceptance or a flush, whose sender waits, ends the wait early:
+                    // a finished record sent meanwhile wakes nobody.
+                    if matches!(w, Write::Finish(_)) {
+                        if let Ok(u) = urgent.recv_deadline(Instant::now() + LINGER) {
+                            batch.push(u);
+                        }
                     }
-                    None => break,
+                    batch.push(w);
+                    false
+                }
+                // Both queues are dropped together (`close`): commit what is left.
+                Err(_) => true,
+            };
+            while batch.len() < MAX_BATCH {
+                match urgent.try_recv().or_else(|_| finished.try_recv()) {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
                 }
             }
-            self.commit(batch);
+            if !batch.is_empty() {
+                self.commit(batch);
+            }
+            if closing && urgent.is_empty() && finished.is_empty() {
+                break;
+            }
         }
         self.prune_now();
         tracing::debug!("activation record writer stopped");
