@@ -211,7 +211,7 @@ pub(super) const ROUTES: &[PathRoutes] = &[
         allow: "GET",
         ops: &[("GET", Op::GetActivation(ActivationPart::Logs))],
     },
-    // Planned: issue 14.
+    // Accounting, metrics and OpenLambda's counters.
     PathRoutes {
         path: "/namespaces/{ns}/usage",
         allow: "GET",
