@@ -404,6 +404,10 @@ impl Agent {
                 let list = self.activations.list(&query).ok_or(Error::RecordsOff)??;
                 Ok(Response::Activations(list))
             }
+            // Issue 15's core semantics replace this arm.
+            Request::Activate(_) => Err(Error::InvalidConfig(
+                "OpenWhisk activations are not served yet".into(),
+            )),
             Request::Status => Ok(Response::Status(self.status())),
             Request::Usage { namespace } => {
                 validate_namespace(&namespace)?;

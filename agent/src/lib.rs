@@ -29,6 +29,7 @@ mod invoke;
 mod manager;
 pub mod metrics;
 mod names;
+pub mod openwhisk;
 pub mod packages;
 mod registrations;
 mod registry;

@@ -36,6 +36,9 @@ pub enum Request {
         activation_id: Option<ActivationId>,
         blocking: bool,
     },
+    /// An OpenWhisk activation: its action semantics (default parameters, `__OW_*`
+    /// environment, result rules, OpenWhisk's texts for failures).
+    Activate(Box<crate::openwhisk::Activate>),
     /// OpenLambda's `/run/{name}[/path]`, any method: an HTTP app (its instance said
     /// so when it loaded) gets the whole request; a plain function gets the body as
     /// its event (empty: `{}`). Methods are checked against the function's
@@ -139,6 +142,8 @@ pub enum Response {
     ActivationResult(ipc::api::ActivationResult),
     ActivationLogs(ipc::api::ActivationLogs),
     Activations(Vec<ipc::api::ActivationRecord>),
+    /// A blocking OpenWhisk activation, finished.
+    Activated(Box<ipc::openwhisk::activation::WhiskActivation>),
 }
 
 /// A completed workflow run.

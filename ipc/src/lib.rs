@@ -23,6 +23,7 @@ pub mod api;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod frame;
+pub mod openwhisk;
 pub mod payload;
 pub mod proto;
 pub mod sandbox_paths;

@@ -258,6 +258,7 @@ fn reply_without_id(result: Result<Response, Error>, answer: &Answer) -> Output 
         Ok(Response::ActivationResult(result)) => Reply::json(200, &result),
         Ok(Response::ActivationLogs(logs)) => Reply::json(200, &logs),
         Ok(Response::Activations(list)) => Reply::json(200, &list),
+        Ok(Response::Activated(activation)) => Reply::json(200, &activation),
         Ok(Response::WorkflowRan(out)) => Reply {
             status: 200,
             headers: vec![
