@@ -33,4 +33,10 @@ pub struct Activate {
     /// The activation of a sequence that caused it (`causedBy`).
     pub cause: Option<ActivationId>,
     pub blocking: bool,
+    /// A blocking activation still running after this long is answered
+    /// [`crate::Response::Accepted`] and finishes in the background (OpenWhisk's
+    /// 60 s rule); `None`: wait for it.
+    pub wait_at_most: Option<std::time::Duration>,
 }
+
+pub mod activation;
