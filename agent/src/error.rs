@@ -14,7 +14,7 @@ pub enum Error {
     #[error("invalid event JSON")]
     InvalidEvent(#[source] serde_json::Error),
     #[error(
-        "invalid function name {name:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'"
+        "invalid function name {name:?}: use 1-64 of [A-Za-z0-9_.-] (an OpenWhisk name's '/', '@' and ' ' written ~2f, ~40, ~20), not starting with '.' or '-'"
     )]
     InvalidName { name: String },
     #[error("invalid namespace {namespace:?}: use {rule}", rule = NAMESPACE_RULE)]

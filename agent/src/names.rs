@@ -68,19 +68,122 @@ pub fn validate_namespace(namespace: &str) -> Result<(), Error> {
     }
 }
 
-/// Names are path- and cgroup-safe: 1-64 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
+/// Names are path- and cgroup-safe: 1-64 of `[A-Za-z0-9_.-]`, not starting with `.` or
+/// `-`, where `~` followed by two lowercase hex digits stands for one byte of an
+/// OpenWhisk name outside that set ([`from_openwhisk`]).
 pub fn validate_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    let bytes = name.as_bytes();
+    let mut ok = !name.is_empty() && name.len() <= MAX_NAME_LEN && !name.starts_with(['.', '-']);
+    let mut i = 0;
+    while ok && i < bytes.len() {
+        match bytes[i] {
+            b'~' => {
+                ok = bytes
+                    .get(i + 1..i + 3)
+                    .is_some_and(|hex| hex.iter().all(is_lower_hex))
+                    && unescape(&name[i..i + 3]).is_some();
+                i += 3;
+            }
+            b => {
+                ok = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+                i += 1;
+            }
+        }
+    }
     if ok {
         Ok(())
     } else {
         Err(Error::InvalidName {
-            name: name.to_owned(),
+            name: name.chars().take(MAX_NAME_LEN * 4).collect(),
         })
+    }
+}
+
+/// The longest function name (its sprout form).
+pub const MAX_NAME_LEN: usize = 64;
+
+fn is_lower_hex(b: &u8) -> bool {
+    matches!(b, b'0'..=b'9' | b'a'..=b'f')
+}
+
+/// The byte an escape `~XX` stands for, if it is one an OpenWhisk name may hold and
+/// sprout's plain names may not (so every name has one spelling).
+fn unescape(escape: &str) -> Option<u8> {
+    let byte = u8::from_str_radix(escape.get(1..3)?, 16).ok()?;
+    matches!(byte, b'/' | b'@' | b' ').then_some(byte)
+}
+
+/// sprout's name of an OpenWhisk action, given its name within the namespace
+/// (`action`, or `package/action`): each `/`, `@` and space is written `~2f`, `~40`,
+/// `~20`; every other character must be one of sprout's (`[A-Za-z0-9_.-]`), which
+/// OpenWhisk's entity names allow too. A name valid in both is the same in both.
+/// The rule is reversible ([`to_openwhisk`]); the result must pass [`validate_name`]
+/// (at most 64 characters).
+pub fn from_openwhisk(name: &str) -> Result<String, Error> {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '/' => out.push_str("~2f"),
+            '@' => out.push_str("~40"),
+            ' ' => out.push_str("~20"),
+            c => out.push(c),
+        }
+    }
+    validate_name(&out).map_err(|_| Error::InvalidName {
+        name: name.chars().take(MAX_NAME_LEN * 4).collect(),
+    })?;
+    Ok(out)
+}
+
+/// The OpenWhisk name (`package/action` or `action`) of a sprout function name: the
+/// escapes of [`from_openwhisk`] undone.
+pub fn to_openwhisk(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(at) = rest.find('~') {
+        out.push_str(&rest[..at]);
+        match rest.get(at..at + 3).and_then(unescape) {
+            Some(byte) => {
+                out.push(byte as char);
+                rest = &rest[at + 3..];
+            }
+            None => {
+                out.push('~');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openwhisk_names_map_both_ways() {
+        for (ow, sprout) in [
+            ("hello", "hello"),
+            ("pkg/hello", "pkg~2fhello"),
+            ("me@home", "me~40home"),
+            ("two words", "two~20words"),
+            ("a.b-c_d", "a.b-c_d"),
+        ] {
+            assert_eq!(from_openwhisk(ow).unwrap(), sprout);
+            assert_eq!(to_openwhisk(sprout), ow);
+            validate_name(sprout).unwrap();
+        }
+    }
+
+    #[test]
+    fn names_that_do_not_map_are_refused() {
+        for bad in ["", "ü", "a/b/c/".repeat(20).as_str(), ".hidden", "a:b"] {
+            assert!(from_openwhisk(bad).is_err(), "{bad:?}");
+        }
+        // Escapes only for the three bytes, lowercase, whole.
+        for bad in ["a~", "a~2", "a~2F", "a~41", "a~zz", "~"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

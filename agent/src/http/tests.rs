@@ -267,6 +267,7 @@ impl Handle for Fake {
                     }
                 }
             }
+            Request::Activate(_) => Err(Error::InvalidConfig("not in the fake".into())),
         };
         self.seen.lock().unwrap().push(req);
         answer
