@@ -405,7 +405,7 @@ impl Agent {
                 Ok(Response::Activations(list))
             }
             // Issue 15's core semantics replace this arm.
-            Request::Activate(_) => Err(Error::InvalidConfig(
+            Request::PutAction { .. } | Request::Activate(_) => Err(Error::InvalidConfig(
                 "OpenWhisk activations are not served yet".into(),
             )),
             Request::Status => Ok(Response::Status(self.status())),

@@ -53,7 +53,10 @@ pub use config::{
 };
 pub use data_dir::DataDir;
 pub use error::{Error, ErrorKind, EXIT_BAD_REQUEST, EXIT_FUNCTION, EXIT_INTERNAL, EXIT_LIMITED};
-pub use names::{validate_namespace, FunctionKey, DEFAULT_NAMESPACE, NAMESPACE_RULE};
+pub use names::{
+    from_openwhisk, to_openwhisk, validate_namespace, FunctionKey, DEFAULT_NAMESPACE,
+    NAMESPACE_RULE,
+};
 pub use packages::{InstallLimits, Sources as PackageSources};
 pub use request::{
     ActivationPart, FunctionSource, Invocation, Request, Response, RunRequest, Start,

@@ -36,6 +36,15 @@ pub enum Request {
         activation_id: Option<ActivationId>,
         blocking: bool,
     },
+    /// Creates or (with `overwrite`) replaces an OpenWhisk action: a function of
+    /// `namespace` named by [`crate::names::from_openwhisk`] of `name` (`action` or
+    /// `package/action`), with the action's parameters, annotations and kind kept.
+    PutAction {
+        namespace: String,
+        name: String,
+        action: Box<ipc::openwhisk::action::Action>,
+        overwrite: bool,
+    },
     /// An OpenWhisk activation: its action semantics (default parameters, `__OW_*`
     /// environment, result rules, OpenWhisk's texts for failures).
     Activate(Box<crate::openwhisk::Activate>),

@@ -267,7 +267,9 @@ impl Handle for Fake {
                     }
                 }
             }
-            Request::Activate(_) => Err(Error::InvalidConfig("not in the fake".into())),
+            Request::PutAction { .. } | Request::Activate(_) => {
+                Err(Error::InvalidConfig("not in the fake".into()))
+            }
         };
         self.seen.lock().unwrap().push(req);
         answer
