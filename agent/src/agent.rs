@@ -356,7 +356,7 @@ impl Agent {
                 blocking: false,
             } => {
                 let key = FunctionKey::new(&namespace, &name)?;
-                self.accept(&key, event, activation_id)
+                self.accept(&key, event, activation_id, None)
             }
             Request::Invoke {
                 namespace,
@@ -404,9 +404,10 @@ impl Agent {
                 let list = self.activations.list(&query).ok_or(Error::RecordsOff)??;
                 Ok(Response::Activations(list))
             }
-            // Issue 15's core semantics replace this arm.
-            Request::PutAction { .. } | Request::Activate(_) => Err(Error::InvalidConfig(
-                "OpenWhisk activations are not served yet".into(),
+            Request::Activate(activate) => self.activate(*activate, abandon),
+            // Issue 15's REST API (slice 2) replaces this arm.
+            Request::PutAction { .. } => Err(Error::InvalidConfig(
+                "OpenWhisk actions cannot be created here yet".into(),
             )),
             Request::Status => Ok(Response::Status(self.status())),
             Request::Usage { namespace } => {
@@ -536,13 +537,76 @@ impl Agent {
         }
     }
 
+    /// An OpenWhisk activation ([`Request::Activate`]): checked, then accepted
+    /// (`blocking: false`) or run; a blocking one is answered with the record its
+    /// invocation wrote, in OpenWhisk's shape, or [`Response::Accepted`] if it is
+    /// still running after `wait_at_most` (it finishes in the background).
+    fn activate(
+        &self,
+        activate: crate::openwhisk::Activate,
+        abandon: Option<&Abandon>,
+    ) -> Result<Response, Error> {
+        let key = FunctionKey::new(&activate.namespace, &activate.name)?;
+        let function = self.registry.get(&key)?;
+        let event = crate::openwhisk::event_of(&activate.params)?;
+        let context = Arc::new(crate::openwhisk::Context::new(
+            &activate,
+            &function,
+            self.config.api_host.as_deref(),
+        )?);
+        let span = tracing::debug_span!("activate", function = %key, blocking = activate.blocking);
+        let _g = span.enter();
+        if !activate.blocking {
+            return self.accept(&key, event, activate.activation_id, Some(context));
+        }
+        let ticket = self.admit(&key)?;
+        let id = activate.activation_id.unwrap_or_else(Activations::new_id);
+        let Some(wait) = activate.wait_at_most else {
+            let opts = CallOpts {
+                activation: Some(id),
+                cause: activate.cause,
+                openwhisk: Some(&context),
+                ..CallOpts::default()
+            };
+            let out = self.invoker.invoke(&key, event, &opts, abandon);
+            drop(ticket);
+            return activated(&context, out.map(|_| ()));
+        };
+        // OpenWhisk's rule: a blocking activation still running after `wait` is
+        // answered with its id and finishes in the background (its record written
+        // as any other's). Its own thread runs it; this one waits at most `wait`.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (invoker, running) = (self.invoker.clone(), context.clone());
+        let cause = activate.cause;
+        spawn_thread("sprout-activation", move || {
+            let opts = CallOpts {
+                activation: Some(id),
+                cause,
+                openwhisk: Some(&running),
+                ..CallOpts::default()
+            };
+            let out = invoker.invoke(&key, event, &opts, None);
+            drop(ticket);
+            let _ = tx.send(out.map(|_| ()));
+        })?;
+        match rx.recv_timeout(wait) {
+            Ok(out) => activated(&context, out),
+            Err(_) => {
+                tracing::debug!(activation = %id, wait_ms = wait.as_millis() as u64, "still running: answered accepted");
+                Ok(Response::Accepted(id))
+            }
+        }
+    }
+
     /// Accepts an asynchronous invocation of `key`: checks it (the function exists,
-    /// the event is JSON), makes its acceptance durable, and queues it.
+    /// the event is JSON), makes its acceptance durable, and queues it; an OpenWhisk
+    /// activation's `openwhisk` context rides with it.
     fn accept(
         &self,
         key: &FunctionKey,
         event: Vec<u8>,
         id: Option<ActivationId>,
+        openwhisk: Option<crate::openwhisk::SharedContext>,
     ) -> Result<Response, Error> {
         let function = self.registry.get(key)?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
@@ -566,6 +630,12 @@ impl Agent {
             version: function.version,
             at_ms: crate::activations::record::epoch_ms(std::time::SystemTime::now()),
             limits: function.activation_limits(),
+            openwhisk: openwhisk
+                .as_ref()
+                .map(|ow| crate::activations::OpenWhiskFields {
+                    kind: ow.kind.clone(),
+                    subject: ow.subject.clone(),
+                }),
         })?;
         tracing::debug!(activation = %id, function = %key, "accepted");
         self.asyncs.submit(crate::async_invoke::Job {
@@ -577,6 +647,7 @@ impl Agent {
             arrived,
             ticket,
             place: Some(place),
+            openwhisk,
         });
         Ok(Response::Accepted(id))
     }
@@ -753,6 +824,29 @@ impl crate::transport::Handle for Agent {
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }
+    }
+}
+
+/// A blocking OpenWhisk activation's answer: the record its invocation wrote, in
+/// OpenWhisk's shape; without one (it was refused before it was an activation: no
+/// room, no such function) its error.
+fn activated(
+    context: &crate::openwhisk::Context,
+    out: Result<(), Error>,
+) -> Result<Response, Error> {
+    match (context.take_record(), out) {
+        (Some(record), _) => Ok(Response::Activated(Box::new(
+            crate::openwhisk::activation::whisk_activation(
+                &record,
+                &context.kind,
+                &context.subject,
+            ),
+        ))),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Err(Error::State {
+            path: PathBuf::from("OpenWhisk activation"),
+            source: std::io::Error::other("it ended without a record"),
+        }),
     }
 }
 

@@ -45,6 +45,9 @@ pub(crate) struct Job {
     pub ticket: crate::admission::Ticket,
     /// Its place in its function's backlog, until a thread takes it.
     pub place: Option<Place>,
+    /// An OpenWhisk activation's context (its environment, result rules, record
+    /// fields).
+    pub openwhisk: Option<crate::openwhisk::SharedContext>,
 }
 
 /// Accepted activations no thread has taken yet, by function: at most `max` each.
@@ -184,6 +187,7 @@ fn run(rx: &Receiver<Job>, closing: &AtomicBool, invoker: &Invoker) {
             activation: Some(job.id),
             arrived: Some(job.arrived),
             background: true,
+            openwhisk: job.openwhisk.as_ref(),
             ..CallOpts::default()
         };
         // Its record, success or failure, is the invoker's to write; a full function
@@ -216,6 +220,7 @@ fn not_run(invoker: &Invoker, job: &Job) {
         activation: Some(job.id),
         arrived: Some(job.arrived),
         background: true,
+        openwhisk: job.openwhisk.as_ref(),
         ..CallOpts::default()
     };
     invoker.record_not_run(&job.key, job.version, job.limits, &opts, &Error::NotStarted);

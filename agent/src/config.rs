@@ -260,6 +260,9 @@ pub struct Config {
     /// Threads that run accepted asynchronous invocations (`--async-workers`): each
     /// waits in its function's queue like a client's request. At least 1.
     pub async_workers: usize,
+    /// OpenWhisk's API host (`--api-host URL`): each OpenWhisk activation's
+    /// `__OW_API_HOST`. `None`: not set.
+    pub api_host: Option<String>,
 }
 
 /// The default of `--async-workers`.
@@ -301,6 +304,7 @@ impl Config {
             no_records: false,
             activations: crate::activations::Retention::default(),
             async_workers: DEFAULT_ASYNC_WORKERS,
+            api_host: None,
         }
     }
 }

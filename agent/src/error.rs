@@ -59,6 +59,9 @@ pub enum Error {
     },
     #[error("{0}")]
     InvalidConfig(String),
+    /// A bad OpenWhisk activation (its parameters, environment or context fields).
+    #[error("invalid OpenWhisk activation")]
+    OpenWhisk(#[from] crate::openwhisk::Error),
     #[error("function {function}'s packages")]
     Packages {
         function: String,
@@ -311,6 +314,7 @@ impl Error {
             | HandlerOutsideDir { .. }
             | LimitOutOfRange { .. }
             | InvalidConfig(_)
+            | OpenWhisk(_)
             | InvalidWorkflow(_)
             | Unpack { .. } => ErrorKind::BadRequest,
             NotFound { .. }
@@ -387,6 +391,7 @@ impl Error {
             InvalidName { .. }
             | InvalidNamespace { .. }
             | InvalidConfig(_)
+            | OpenWhisk(_)
             | LimitOutOfRange { .. } => "bad_request",
             InvalidWorkflow(_) => "invalid_workflow",
             WorkflowNotFound { .. } => "not_found",

@@ -183,13 +183,26 @@ impl Instance {
         depth: u32,
         raw: bool,
     ) -> Result<(), CallFailure> {
+        self.begin_activation(id, event, depth, raw, None)
+    }
+
+    /// [`Instance::begin`] with an OpenWhisk activation's environment (exported for
+    /// this invocation only; `None`: a plain invoke).
+    pub fn begin_activation(
+        &mut self,
+        id: u64,
+        event: &Payload,
+        depth: u32,
+        raw: bool,
+        env: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<(), CallFailure> {
         self.sandbox
             .start_invocation()
             .map_err(|_| CallFailure::Died)?;
         self.called = false;
         self.http_pending = false;
         self.link
-            .send_call(id, depth, raw, event)
+            .send_activation(id, depth, raw, env, event)
             .map_err(|e| match e {
                 e if e.is_peer_gone() => CallFailure::Died,
                 other => CallFailure::Protocol(other),

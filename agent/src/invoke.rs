@@ -17,7 +17,7 @@ use ipc::Payload;
 use parking_lot::Mutex;
 use pool::{Sandbox, SandboxState};
 
-use crate::activations::{record, Activations, Finished, TimedLogs};
+use crate::activations::{record, Activations, Finished, OpenWhiskFields, TimedLogs};
 use crate::admission::{Admission, Ticket};
 use crate::calls::book::Book;
 use crate::config::Config;
@@ -57,10 +57,12 @@ pub(crate) struct CallOpts<'a> {
     pub arrived: Option<Instant>,
     /// An asynchronous activation: its client did not wait for it.
     pub background: bool,
+    /// An OpenWhisk activation: its environment, result rules and record fields.
+    pub openwhisk: Option<&'a crate::openwhisk::SharedContext>,
 }
 
 /// What an invocation's activation record needs besides its outcome.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Meta {
     pub id: ActivationId,
     cause: Option<ActivationId>,
@@ -74,6 +76,8 @@ pub(crate) struct Meta {
     /// Making and loading a new instance.
     init: Duration,
     background: bool,
+    /// An OpenWhisk activation's context (`None`, no allocation, for sprout's own).
+    openwhisk: Option<crate::openwhisk::SharedContext>,
 }
 
 impl Meta {
@@ -86,6 +90,7 @@ impl Meta {
             began: now,
             init: Duration::ZERO,
             background: opts.background,
+            openwhisk: opts.openwhisk.cloned(),
         }
     }
 }
@@ -151,6 +156,20 @@ fn error_result(e: &Error) -> Vec<u8> {
     let body = serde_json::to_vec(&ipc::api::ErrorBody { error: detail })
         .unwrap_or_else(|_| b"null".to_vec());
     record::cap_result(&body)
+}
+
+/// `logs` with `line` (what OpenWhisk's runtime would have written) at the end of
+/// stderr.
+fn with_stderr(mut logs: TimedLogs, line: Option<String>) -> TimedLogs {
+    if let Some(line) = line {
+        let stderr = &mut logs.stderr.text;
+        if !stderr.is_empty() && !stderr.ends_with('\n') {
+            stderr.push('\n');
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    logs
 }
 
 /// How long an accepted activation that met a full function queue waits before it
@@ -464,8 +483,13 @@ impl Invoker {
         // Calls the sandbox makes from now on are this invocation's (`complete` ends them).
         self.book
             .begin_activation(inst.sandbox.id(), opts.depth, Some(meta.id));
+        // An OpenWhisk activation's variables, its deadline the one set just now.
+        let env = opts.openwhisk.map(|ow| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ow.env(&function, meta.id, SystemTime::now() + left)
+        });
         let begun = match (input, &run_event) {
-            (Input::Event(event), _) => inst.begin(id, event, opts.depth, opts.raw),
+            (Input::Event(event), _) => inst.begin_activation(id, event, opts.depth, opts.raw, env),
             (Input::Run(_), Some(event)) => inst.begin(id, event, 0, false),
             (Input::Run(run), None) => {
                 let body = Payload::Inline(run.body.clone());
@@ -636,14 +660,20 @@ impl Invoker {
         logs: TimedLogs,
         called: bool,
     ) {
+        // An OpenWhisk activation reads by OpenWhisk's rules.
+        let verdict = meta.openwhisk.as_ref().map(|ow| match result {
+            Ok(inv) => crate::openwhisk::result::of_success(ow.runtime, &inv.result, inv.raw),
+            Err(e) => crate::openwhisk::result::of_error(ow.runtime, e),
+        });
         let status = match result {
-            Ok(_) => ActivationStatus::Success,
             // Killed by the agent's shutdown, not by its own doing.
             Err(Error::InstanceDied { .. } | Error::Protocol { .. })
                 if self.scheduler.is_closed() =>
             {
                 ActivationStatus::WhiskInternalError
             }
+            _ if verdict.is_some() => verdict.as_ref().map(|v| v.status).expect("a verdict"),
+            Ok(_) => ActivationStatus::Success,
             Err(e) => e.activation_status(),
         };
         // The record's duration, in whole milliseconds, is what the namespace's usage
@@ -653,37 +683,55 @@ impl Invoker {
         let ran = meta.began.elapsed();
         self.metrics
             .invocation_finished(&function.key(), start, status, ran, function.memory_mb);
-        if !self.activations.is_on() {
+        // An OpenWhisk activation's record is made records off too: it is the answer.
+        if !self.activations.is_on() && meta.openwhisk.is_none() {
             return;
         }
-        let result = match result {
-            Ok(inv) => result_of(inv),
-            Err(e) => error_result(e),
+        let (result, logs) = match (verdict, result) {
+            (Some(v), _) => (v.result, with_stderr(logs, v.stderr)),
+            (None, Ok(inv)) => (result_of(inv), logs),
+            (None, Err(e)) => (error_result(e), logs),
         };
         let end = SystemTime::now();
         let end_ms = record::epoch_ms(end);
         let start_ms = end_ms.saturating_sub(ran.as_millis() as u64);
-        self.activations.finish(Finished {
-            id: meta.id,
-            namespace: function.namespace.clone(),
-            name: function.name.clone(),
-            version: function.version,
-            start_ms,
-            end_ms,
-            wait_ms: meta
-                .began
-                .saturating_duration_since(meta.arrived)
-                .as_millis() as u64,
-            init_ms: meta.init.as_millis() as u64,
-            start_path: start.map(Start::as_str),
-            status,
-            result,
-            logs,
-            cause: meta.cause,
-            called,
-            blocking: !meta.background,
-            limits: function.activation_limits(),
-        });
+        self.write_record(
+            meta,
+            Finished {
+                id: meta.id,
+                namespace: function.namespace.clone(),
+                name: function.name.clone(),
+                version: function.version,
+                start_ms,
+                end_ms,
+                wait_ms: meta
+                    .began
+                    .saturating_duration_since(meta.arrived)
+                    .as_millis() as u64,
+                init_ms: meta.init.as_millis() as u64,
+                start_path: start.map(Start::as_str),
+                status,
+                result,
+                logs,
+                cause: meta.cause,
+                called,
+                blocking: !meta.background,
+                limits: function.activation_limits(),
+                openwhisk: meta.openwhisk.as_ref().map(|ow| OpenWhiskFields {
+                    kind: ow.kind.clone(),
+                    subject: ow.subject.clone(),
+                }),
+            },
+        );
+    }
+
+    /// Hands `finished` to the store; an OpenWhisk activation keeps it as its record
+    /// too (its blocking answer is made from it).
+    fn write_record(&self, meta: &Meta, finished: Finished) {
+        if let Some(ow) = &meta.openwhisk {
+            ow.keep(finished.to_record());
+        }
+        self.activations.finish(finished);
     }
 
     /// Records an invocation that failed before [`Invoker::complete`] (no instance, a
@@ -711,10 +759,17 @@ impl Invoker {
         if refused {
             return;
         }
+        let verdict = meta
+            .openwhisk
+            .as_ref()
+            .map(|ow| crate::openwhisk::result::of_error(ow.runtime, e));
+        let status = verdict
+            .as_ref()
+            .map_or_else(|| e.activation_status(), |v| v.status);
         // It never ran: no duration, so no memory time (as its record says).
         self.metrics
-            .invocation_finished(key, None, e.activation_status(), Duration::ZERO, 0);
-        if !self.activations.is_on() {
+            .invocation_finished(key, None, status, Duration::ZERO, 0);
+        if !self.activations.is_on() && meta.openwhisk.is_none() {
             return;
         }
         let end = SystemTime::now();
@@ -724,25 +779,36 @@ impl Invoker {
             .logs
             .map(|l| TimedLogs::untimed(&l, end))
             .unwrap_or_default();
+        let (result, logs) = match verdict {
+            Some(v) => (v.result, with_stderr(logs, v.stderr)),
+            None => (error_result(e), logs),
+        };
         let waited = meta.arrived.elapsed();
-        self.activations.finish(Finished {
-            id: meta.id,
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            version,
-            start_ms: end_ms,
-            end_ms,
-            wait_ms: waited.as_millis() as u64,
-            init_ms: 0,
-            start_path: None,
-            status: e.activation_status(),
-            result: error_result(e),
-            logs,
-            cause: meta.cause,
-            called: false,
-            blocking: !meta.background,
-            limits,
-        });
+        self.write_record(
+            meta,
+            Finished {
+                id: meta.id,
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                version,
+                start_ms: end_ms,
+                end_ms,
+                wait_ms: waited.as_millis() as u64,
+                init_ms: 0,
+                start_path: None,
+                status,
+                result,
+                logs,
+                cause: meta.cause,
+                called: false,
+                blocking: !meta.background,
+                limits,
+                openwhisk: meta.openwhisk.as_ref().map(|ow| OpenWhiskFields {
+                    kind: ow.kind.clone(),
+                    subject: ow.subject.clone(),
+                }),
+            },
+        );
     }
 
     /// Records an accepted activation that never ran, with `e`.

@@ -59,6 +59,7 @@ fn invoke(id: u64) -> InstanceRequest {
         id,
         depth: 0,
         raw: false,
+        env: None,
     }
 }
 

@@ -344,6 +344,13 @@ pub struct ActivationRecord {
     /// at (`GET /namespaces/{ns}/usage`'s `mb_ms` is the sum of `limits.memory` ×
     /// `duration` over its records).
     pub limits: ActivationLimits,
+    /// An OpenWhisk activation's action kind (`python:3`, `nodejs:20`, `blackbox`);
+    /// absent for sprout's own invocations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// An OpenWhisk activation's subject (who invoked it); absent for sprout's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 /// A function's limits as an activation records them, with the names and units of

@@ -238,6 +238,10 @@ pub fn check_depth(function: &str, depth: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The most an OpenWhisk activation's environment ([`InstanceRequest::Invoke`]'s
+/// `env`) may take as JSON: it rides in a frame header ([`crate::frame::MAX_HEADER`]).
+pub const MAX_ACTIVATION_ENV: usize = 64 << 10;
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -506,6 +510,14 @@ pub enum InstanceRequest {
         depth: u32,
         #[serde(default, skip_serializing_if = "is_false")]
         raw: bool,
+        /// An OpenWhisk activation's variables (`__OW_*` and its init parameters),
+        /// exported into the process environment for this invocation only, before
+        /// the handler runs; absent for sprout's own invocations. Its presence also
+        /// selects OpenWhisk's result rules in the runtimes that apply them
+        /// themselves (`docs/protocol.md`). Bounded by the agent
+        /// ([`MAX_ACTIVATION_ENV`] bytes as JSON).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        env: Option<BTreeMap<String, String>>,
     },
     /// Only to an instance that reported an [`HttpApp`] in `loaded`: a whole HTTP
     /// request for the app; the payload is its body. Answered with
@@ -701,8 +713,26 @@ impl InstanceLink {
     /// Sends an invoke: its call depth (0 from a client), and the event, passed on as it
     /// is.
     pub fn send_call(&self, id: u64, depth: u32, raw: bool, event: &Payload) -> Result<(), Error> {
-        self.0
-            .send_payload(&InstanceRequest::Invoke { id, depth, raw }, event, &[])
+        self.send_activation(id, depth, raw, None, event)
+    }
+
+    /// [`Self::send_call`] with an OpenWhisk activation's environment (`None`: a
+    /// plain invoke, nothing more on the wire).
+    pub fn send_activation(
+        &self,
+        id: u64,
+        depth: u32,
+        raw: bool,
+        env: Option<BTreeMap<String, String>>,
+        event: &Payload,
+    ) -> Result<(), Error> {
+        let req = InstanceRequest::Invoke {
+            id,
+            depth,
+            raw,
+            env,
+        };
+        self.0.send_payload(&req, event, &[])
     }
 
     /// Sends an HTTP request to an instance that is an [`HttpApp`]; `body` is its body.
@@ -1158,6 +1188,13 @@ mod tests {
                 id,
                 depth: 0,
                 raw: false,
+                env: None,
+            },
+            InstanceRequest::Invoke {
+                id,
+                depth: 0,
+                raw: false,
+                env: Some(BTreeMap::from([("__OW_NAMESPACE".into(), "ns".into())])),
             },
             InstanceRequest::Http {
                 id,

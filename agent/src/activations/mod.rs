@@ -21,7 +21,7 @@ use std::time::Duration;
 use ipc::api::{ActivationId, ActivationRecord};
 
 pub use error::Error;
-pub use record::{Accepted, Finished, Mark, StreamLog, TimedLogs};
+pub use record::{Accepted, Finished, Mark, OpenWhiskFields, StreamLog, TimedLogs};
 pub use store::{Lookup, Query, Retention};
 
 use store::Store;

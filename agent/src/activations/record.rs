@@ -37,6 +37,16 @@ pub struct Accepted {
     pub at_ms: u64,
     /// The function's limits at acceptance.
     pub limits: ActivationLimits,
+    /// An OpenWhisk activation's action kind and subject.
+    pub openwhisk: Option<OpenWhiskFields>,
+}
+
+/// What an OpenWhisk activation's record holds besides sprout's (what
+/// `whisk_activation` needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenWhiskFields {
+    pub kind: String,
+    pub subject: String,
 }
 
 /// A finished activation, as the invocation hands it to the writer.
@@ -61,6 +71,42 @@ pub struct Finished {
     /// The function's limits when it was activated (its memory time is billed at
     /// `limits.memory`).
     pub limits: ActivationLimits,
+    /// An OpenWhisk activation's action kind and subject.
+    pub openwhisk: Option<OpenWhiskFields>,
+}
+
+impl Finished {
+    /// The record this becomes once written (what reading it back gives).
+    pub fn to_record(&self) -> ipc::api::ActivationRecord {
+        let (logs, logs_truncated) = format_logs(&self.logs, from_epoch_ms(self.end_ms));
+        let result = serde_json::value::RawValue::from_string(
+            String::from_utf8_lossy(&self.result).into_owned(),
+        )
+        .ok();
+        ipc::api::ActivationRecord {
+            activation_id: self.id,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            version: self.version,
+            start: self.start_ms,
+            end: self.end_ms,
+            duration: self.end_ms.saturating_sub(self.start_ms),
+            wait_time: self.wait_ms,
+            init_time: self.init_ms,
+            start_path: self.start_path.map(str::to_owned),
+            status: self.status,
+            status_code: self.status.code(),
+            result,
+            logs: Some(logs),
+            logs_truncated,
+            cause: self.cause,
+            called: self.called,
+            blocking: self.blocking,
+            limits: self.limits,
+            kind: self.openwhisk.as_ref().map(|o| o.kind.clone()),
+            subject: self.openwhisk.as_ref().map(|o| o.subject.clone()),
+        }
+    }
 }
 
 /// What one output stream captured, with when each chunk of it was read.

@@ -26,8 +26,12 @@ use super::record::{epoch_ms, format_logs, Accepted, Finished};
 pub const DB_FILE: &str = "records.db";
 /// The schema this build reads and writes (SQLite's `user_version`). Version 1
 /// (sprout before records held their limits) is refused, not migrated: its records
-/// cannot say what memory they were billed at.
-pub const SCHEMA_VERSION: i64 = 2;
+/// cannot say what memory they were billed at. Version 2 (before OpenWhisk
+/// activations' `kind` and `subject`) is migrated when opened ([`MIGRATE_2_TO_3`]).
+pub const SCHEMA_VERSION: i64 = 3;
+/// Version 2 to 3: two columns, empty for every record written before.
+const MIGRATE_2_TO_3: &str = "BEGIN; ALTER TABLE activations ADD COLUMN kind TEXT; \
+    ALTER TABLE activations ADD COLUMN subject TEXT; PRAGMA user_version = 3; COMMIT;";
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 1024;
 /// Retention runs at least this often while records are written, and when idle.
@@ -58,7 +62,9 @@ CREATE TABLE IF NOT EXISTS activations (
     cause TEXT,
     called INTEGER NOT NULL DEFAULT 0,
     memory_mb INTEGER NOT NULL,
-    timeout_ms INTEGER NOT NULL
+    timeout_ms INTEGER NOT NULL,
+    kind TEXT,
+    subject TEXT
 );
 CREATE INDEX IF NOT EXISTS activations_start ON activations (start_ms);
 CREATE INDEX IF NOT EXISTS activations_name ON activations (namespace, name, start_ms);
@@ -67,7 +73,7 @@ CREATE INDEX IF NOT EXISTS activations_pending ON activations (pending) WHERE pe
 
 const COLUMNS: &str = "id, namespace, name, version, start_ms, end_ms, wait_ms, init_ms, \
     start_path, status, logs_truncated, cause, called, blocking, memory_mb, timeout_ms, \
-    result, logs";
+    kind, subject, result, logs";
 
 /// How long records are kept: the newest `max_count` finished ones, none older than
 /// `max_age` (by start). Pending (accepted, unfinished) rows are never removed.
@@ -152,7 +158,8 @@ impl Store {
         let tables: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
             .map_err(open_err)?;
-        if version != SCHEMA_VERSION && (version != 0 || tables != 0) {
+        let migrate = version == 2;
+        if version != SCHEMA_VERSION && !migrate && (version != 0 || tables != 0) {
             return Err(Error::Version {
                 path,
                 found: version,
@@ -174,6 +181,11 @@ impl Store {
                 "BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             ))
             .map_err(open_err)?;
+        }
+        if migrate {
+            // In one transaction: a crash leaves version 2 whole, migrated again next time.
+            conn.execute_batch(MIGRATE_2_TO_3).map_err(open_err)?;
+            tracing::info!(path = %path.display(), "activation records migrated to schema 3");
         }
         let lost = mark_pending_lost(&mut conn, reason, SystemTime::now())?;
         prune(&conn, retention, SystemTime::now())?;
@@ -518,8 +530,9 @@ fn insert_pending(conn: &Connection, a: &Accepted) -> Result<(), Error> {
     let n = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO activations (id, namespace, name, version, pending, \
-             blocking, start_ms, end_ms, wait_ms, init_ms, status, memory_mb, timeout_ms) \
-             VALUES (?1, ?2, ?3, ?4, 1, 0, ?5, ?5, 0, 0, ?6, ?7, ?8)",
+             blocking, start_ms, end_ms, wait_ms, init_ms, status, memory_mb, timeout_ms, \
+             kind, subject) \
+             VALUES (?1, ?2, ?3, ?4, 1, 0, ?5, ?5, 0, 0, ?6, ?7, ?8, ?9, ?10)",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -531,6 +544,8 @@ fn insert_pending(conn: &Connection, a: &Accepted) -> Result<(), Error> {
                 ActivationStatus::WhiskInternalError.code(),
                 a.limits.memory as i64,
                 a.limits.timeout as i64,
+                a.openwhisk.as_ref().map(|o| &o.kind),
+                a.openwhisk.as_ref().map(|o| &o.subject),
             ])
         })
         .map_err(sql("write an acceptance"))?;
@@ -549,14 +564,16 @@ fn upsert_finished(conn: &Connection, f: &Finished) -> Result<(), Error> {
     conn.prepare_cached(
         "INSERT INTO activations (id, namespace, name, version, pending, blocking, start_ms, \
          end_ms, wait_ms, init_ms, start_path, status, result, logs, logs_truncated, cause, called, \
-         memory_mb, timeout_ms) \
-         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
+         memory_mb, timeout_ms, kind, subject) \
+         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+         ?19, ?20) \
          ON CONFLICT (id) DO UPDATE SET pending = 0, version = excluded.version, \
          start_ms = excluded.start_ms, end_ms = excluded.end_ms, wait_ms = excluded.wait_ms, \
          init_ms = excluded.init_ms, start_path = excluded.start_path, status = excluded.status, \
          result = excluded.result, logs = excluded.logs, logs_truncated = excluded.logs_truncated, \
          cause = excluded.cause, called = excluded.called, memory_mb = excluded.memory_mb, \
-         timeout_ms = excluded.timeout_ms WHERE pending = 1 \
+         timeout_ms = excluded.timeout_ms, kind = excluded.kind, subject = excluded.subject \
+         WHERE pending = 1 \
          AND namespace = excluded.namespace AND name = excluded.name",
     )
     .and_then(|mut s| {
@@ -579,6 +596,8 @@ fn upsert_finished(conn: &Connection, f: &Finished) -> Result<(), Error> {
             f.called,
             f.limits.memory as i64,
             f.limits.timeout as i64,
+            f.openwhisk.as_ref().map(|o| &o.kind),
+            f.openwhisk.as_ref().map(|o| &o.subject),
         ])
     })
     .map_err(sql("write a record"))?;
@@ -603,6 +622,8 @@ struct Row {
     blocking: bool,
     memory_mb: i64,
     timeout_ms: i64,
+    kind: Option<String>,
+    subject: Option<String>,
     result: Option<String>,
     logs: Option<String>,
 }
@@ -627,8 +648,10 @@ impl Row {
             blocking: r.get(at + 13)?,
             memory_mb: r.get(at + 14)?,
             timeout_ms: r.get(at + 15)?,
-            result: if full { r.get(at + 16)? } else { None },
-            logs: if full { r.get(at + 17)? } else { None },
+            kind: r.get(at + 16)?,
+            subject: r.get(at + 17)?,
+            result: if full { r.get(at + 18)? } else { None },
+            logs: if full { r.get(at + 19)? } else { None },
         })
     }
 
@@ -675,6 +698,8 @@ impl Row {
                 memory: ms(self.memory_mb),
                 timeout: ms(self.timeout_ms),
             },
+            kind: self.kind,
+            subject: self.subject,
         })
     }
 }

@@ -33,6 +33,7 @@ fn finished(n: u128, ns: &str, name: &str, start_ms: u64) -> Finished {
             memory: 256,
             timeout: 60_000,
         },
+        openwhisk: None,
     }
 }
 
@@ -102,6 +103,7 @@ fn an_acceptance_is_pending_until_finished_and_an_id_names_one_activation() {
     let dir = tempfile::tempdir().unwrap();
     let a = Activations::open(dir.path(), Retention::default()).unwrap();
     let accepted = Accepted {
+        openwhisk: None,
         id: id(5),
         namespace: "default".into(),
         name: "f".into(),
@@ -147,6 +149,7 @@ fn pending_rows_are_recorded_lost_when_the_store_opens_again() {
         let a = Activations::open(dir.path(), Retention::default()).unwrap();
         for n in 0..3 {
             a.accept(Accepted {
+                openwhisk: None,
                 id: id(100 + n),
                 namespace: "default".into(),
                 name: "sleepy".into(),
@@ -257,6 +260,7 @@ fn retention_keeps_the_newest_by_count_and_drops_the_old_never_a_pending_one() {
     let a = Activations::open(dir.path(), retention).unwrap();
     let now = now_ms();
     a.accept(Accepted {
+        openwhisk: None,
         id: id(999),
         namespace: "default".into(),
         name: "f".into(),
@@ -298,6 +302,7 @@ fn acceptances_from_many_threads_are_committed_together() {
             std::thread::spawn(move || {
                 for n in 0..25u128 {
                     a.accept(Accepted {
+                        openwhisk: None,
                         id: id(t * 1000 + n + 1),
                         namespace: "default".into(),
                         name: "f".into(),
@@ -356,7 +361,7 @@ fn a_store_of_an_older_schema_or_none_is_refused_and_left_as_it_was() {
         let text = e.to_string();
         assert!(
             text.contains(&format!(
-                "schema version {version}, this sprout reads version 2"
+                "schema version {version}, this sprout reads version 3"
             )) && text.contains(&path.display().to_string())
                 && text.contains("move the directory activations/ away"),
             "{text}"
@@ -472,4 +477,58 @@ fn ids_are_32_lowercase_hex_digits() {
             "{bad}: {e}"
         );
     }
+}
+
+/// Version 2's table, as sprout before OpenWhisk activations made it.
+const SCHEMA_V2: &str = "CREATE TABLE activations (id TEXT NOT NULL PRIMARY KEY, \
+    namespace TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, \
+    pending INTEGER NOT NULL, blocking INTEGER NOT NULL, start_ms INTEGER NOT NULL, \
+    end_ms INTEGER NOT NULL, wait_ms INTEGER NOT NULL, init_ms INTEGER NOT NULL, \
+    start_path TEXT, status INTEGER NOT NULL, result TEXT, logs TEXT, \
+    logs_truncated INTEGER NOT NULL DEFAULT 0, cause TEXT, called INTEGER NOT NULL DEFAULT 0, \
+    memory_mb INTEGER NOT NULL, timeout_ms INTEGER NOT NULL);";
+
+#[test]
+fn a_version_2_store_is_migrated_its_records_kept_and_openwhisk_fields_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(store::DB_FILE);
+    let start = now_ms();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA_V2).unwrap();
+        conn.execute(
+            "INSERT INTO activations (id, namespace, name, version, pending, blocking, start_ms, \
+             end_ms, wait_ms, init_ms, status, result, logs, memory_mb, timeout_ms) \
+             VALUES (?1, 't', 'old', 1, 0, 1, ?2, ?2, 0, 0, 0, '{}', '[]', 128, 1000)",
+            rusqlite::params![id(1).to_string(), start as i64],
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+    }
+    let a = Activations::open(dir.path(), Retention::default()).unwrap();
+    let old = found(&a, 1, None);
+    assert_eq!((old.name.as_str(), old.limits.memory), ("old", 128));
+    assert_eq!((old.kind, old.subject), (None, None));
+    let mut f = finished(2, "t", "new", start + 1);
+    f.openwhisk = Some(OpenWhiskFields {
+        kind: "nodejs:20".into(),
+        subject: "alice".into(),
+    });
+    let written = f.to_record();
+    a.finish(f);
+    a.flush().unwrap();
+    let new = found(&a, 2, None);
+    assert_eq!(new.kind.as_deref(), Some("nodejs:20"));
+    assert_eq!(new.subject.as_deref(), Some("alice"));
+    // What the invocation answers with is what is read back.
+    assert_eq!(
+        serde_json::to_value(&written).unwrap(),
+        serde_json::to_value(&new).unwrap()
+    );
+    drop(a);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, store::SCHEMA_VERSION);
 }

@@ -2,10 +2,23 @@
 //! OpenWhisk's REST API (`/api/v1`) or as an invoker's `ActivationMessage`
 //! (`POST /invoke`); sprout's own API keeps its own. The HTTP shapes are
 //! `ipc::openwhisk`'s; this module knows no transport.
+//!
+//! An [`Activate`] is checked here ([`Context::new`], [`event_of`]) and becomes a
+//! [`Context`] that rides with the invocation through the invoker (and the
+//! asynchronous runner): it makes the activation's environment (the `__OW_*`
+//! variables and its init parameters, [`Context::env`]) when the instance is about
+//! to run it, and [`result`] turns its outcome into OpenWhisk's status and result,
+//! which its record keeps.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use ipc::api::ActivationId;
+use ipc::api::{ActivationId, ActivationRecord};
+use ipc::proto::Runtime;
+use parking_lot::Mutex;
+
+use crate::registry::Function;
 
 /// One OpenWhisk activation of a registered function ([`crate::Request::Activate`]).
 ///
@@ -40,3 +53,217 @@ pub struct Activate {
 }
 
 pub mod activation;
+pub mod result;
+
+/// A bad [`Activate`]: refused (`400`) before anything runs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the parameters are {found}: an OpenWhisk activation takes a JSON object or array")]
+    Params { found: &'static str },
+    #[error("init parameter {name:?}: {why}")]
+    InitEnv { name: String, why: &'static str },
+    #[error("{field} is {len} bytes, longer than {max}")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{field} holds a control character")]
+    Control { field: &'static str },
+    #[error("the activation's environment is {len} bytes as JSON, more than {max}")]
+    EnvTooLarge { len: usize, max: usize },
+    #[error("the activation's init parameters are {count}, more than {max}")]
+    TooManyInitParams { count: usize, max: usize },
+}
+
+/// Init parameters one activation may export, at most.
+pub const MAX_INIT_PARAMS: usize = 256;
+/// The longest name of an init parameter, in bytes.
+pub const MAX_ENV_NAME: usize = 256;
+/// The longest `api_key`, `transaction_id`, `subject` or `--api-host`, in bytes.
+pub const MAX_FIELD: usize = 1024;
+
+/// The event an activation's instance gets: `params` as JSON text, if it is an
+/// object or an array (OpenWhisk passes an array through unchanged).
+pub fn event_of(params: &serde_json::Value) -> Result<Vec<u8>, Error> {
+    use serde_json::Value;
+    let found = match params {
+        Value::Object(_) | Value::Array(_) => {
+            return Ok(serde_json::to_vec(params).expect("a JSON value serializes"))
+        }
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+    };
+    Err(Error::Params { found })
+}
+
+/// An OpenWhisk activation as it rides with its invocation: what its environment is
+/// made of, how its outcome reads (its runtime's texts), what its record adds (the
+/// action's kind, the subject), and, once written, its record (the blocking answer).
+#[derive(Debug)]
+pub struct Context {
+    pub runtime: Runtime,
+    /// The action's exec kind (`python:3`, `nodejs:20`, `blackbox`).
+    pub kind: String,
+    pub subject: String,
+    api_key: Option<String>,
+    transaction_id: Option<String>,
+    api_host: Option<String>,
+    init_env: BTreeMap<String, String>,
+    /// The record its invocation wrote (or would have, records off).
+    written: Mutex<Option<ActivationRecord>>,
+}
+
+/// The exec kind OpenWhisk shows for a function of `runtime`.
+pub fn kind_of(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Python => "python:3",
+        Runtime::Nodejs => "nodejs:20",
+        Runtime::Native => "blackbox",
+    }
+}
+
+fn check_field(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.len() > MAX_FIELD {
+        return Err(Error::TooLong {
+            field,
+            len: value.len(),
+            max: MAX_FIELD,
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::Control { field });
+    }
+    Ok(())
+}
+
+impl Context {
+    /// Checks `activate`'s fields (they come from clients: bounded, no control
+    /// characters, init parameters that can be environment variables and do not
+    /// forge the `__OW_` context) for an activation of `function`.
+    pub fn new(
+        activate: &Activate,
+        function: &Function,
+        api_host: Option<&str>,
+    ) -> Result<Context, Error> {
+        for (field, value) in [
+            ("api_key", activate.api_key.as_deref()),
+            ("transaction_id", activate.transaction_id.as_deref()),
+            ("subject", Some(activate.subject.as_str())),
+            ("the API host", api_host),
+        ] {
+            if let Some(value) = value {
+                check_field(field, value)?;
+            }
+        }
+        if activate.init_env.len() > MAX_INIT_PARAMS {
+            return Err(Error::TooManyInitParams {
+                count: activate.init_env.len(),
+                max: MAX_INIT_PARAMS,
+            });
+        }
+        for (name, value) in &activate.init_env {
+            let why = if name.is_empty() {
+                Some("an empty name")
+            } else if name.len() > MAX_ENV_NAME {
+                Some("a name longer than 256 bytes")
+            } else if name.contains('=') || name.contains('\0') {
+                Some("a name holding '=' or NUL cannot be a variable")
+            } else if name.starts_with("__OW_") {
+                Some("names starting __OW_ are the activation's context")
+            } else if value.contains('\0') {
+                Some("a value holding NUL cannot be a variable's")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::InitEnv {
+                    name: name.chars().take(MAX_ENV_NAME).collect(),
+                    why,
+                });
+            }
+        }
+        let context = Context {
+            runtime: function.runtime,
+            kind: kind_of(function.runtime).to_owned(),
+            subject: activate.subject.clone(),
+            api_key: activate.api_key.clone(),
+            transaction_id: activate.transaction_id.clone(),
+            api_host: api_host.map(str::to_owned),
+            init_env: activate.init_env.clone(),
+            written: Mutex::new(None),
+        };
+        // The largest it can be (the longest name, version and deadline): refused
+        // now rather than at the instance.
+        let widest = context.env(
+            function,
+            ActivationId::from_u128(u128::MAX),
+            SystemTime::now(),
+        );
+        let len = serde_json::to_vec(&widest).map_or(usize::MAX, |v| v.len()) + 64;
+        if len > ipc::proto::MAX_ACTIVATION_ENV {
+            return Err(Error::EnvTooLarge {
+                len,
+                max: ipc::proto::MAX_ACTIVATION_ENV,
+            });
+        }
+        Ok(context)
+    }
+
+    /// The variables activation `id` of `function` runs with, its deadline
+    /// `deadline`: its init parameters and OpenWhisk's context.
+    pub fn env(
+        &self,
+        function: &Function,
+        id: ActivationId,
+        deadline: SystemTime,
+    ) -> BTreeMap<String, String> {
+        let mut env = self.init_env.clone();
+        let mut set = |k: &str, v: String| {
+            env.insert(k.to_owned(), v);
+        };
+        if let Some(key) = &self.api_key {
+            set("__OW_API_KEY", key.clone());
+        }
+        if let Some(host) = &self.api_host {
+            set("__OW_API_HOST", host.clone());
+        }
+        set("__OW_NAMESPACE", function.namespace.clone());
+        set(
+            "__OW_ACTION_NAME",
+            format!(
+                "/{}/{}",
+                function.namespace,
+                crate::names::to_openwhisk(&function.name)
+            ),
+        );
+        set("__OW_ACTION_VERSION", activation::semver(function.version));
+        set("__OW_ACTIVATION_ID", id.to_string());
+        set(
+            "__OW_TRANSACTION_ID",
+            self.transaction_id
+                .clone()
+                .unwrap_or_else(|| id.to_string()),
+        );
+        set(
+            "__OW_DEADLINE",
+            crate::activations::record::epoch_ms(deadline).to_string(),
+        );
+        env
+    }
+
+    /// Keeps the record its invocation wrote.
+    pub(crate) fn keep(&self, record: ActivationRecord) {
+        *self.written.lock() = Some(record);
+    }
+
+    /// The record its invocation wrote, if it got that far.
+    pub fn take_record(&self) -> Option<ActivationRecord> {
+        self.written.lock().take()
+    }
+}
+
+/// A shared [`Context`] (the invocation, a background thread and the agent hold it).
+pub type SharedContext = Arc<Context>;

@@ -5,7 +5,7 @@
 //
 // host -> node: load {function, code_dir, handler: {module, function}, namespace,
 //               version, memory_mb, timeout_ms, deps?}
-//               invoke {activation_id, depth, raw, remaining_ms} + event
+//               invoke {activation_id, depth, raw, remaining_ms, env?} + event
 //               call_returned/call_raised/call_failed/call_refused {id, ...} (sprout.js)
 // node -> host: ready, loaded, load_failed {error}, returned {raw} + result,
 //               raised {error}, call {id, function, raw?, async?} + event (sprout.js)
@@ -301,7 +301,39 @@ function runHandler(event, header) {
   });
 }
 
+// An OpenWhisk activation's variables, set in process.env while it runs; returns
+// what puts back what was there (a warm instance serves sprout's own invokes too).
+function useEnv(env) {
+  const saved = [];
+  for (const [key, value] of Object.entries(env)) {
+    if (typeof value !== 'string') continue;
+    saved.push([key, Object.prototype.hasOwnProperty.call(process.env, key) ? process.env[key] : undefined]);
+    process.env[key] = value;
+  }
+  return () => {
+    for (const [key, value] of saved) {
+      if (value === undefined) delete process.env[key];
+      else process.env[key] = value;
+    }
+  };
+}
+
+// A rejection's reason as OpenWhisk's Node.js runtime reports it (`{error: ...}`):
+// an error's name, message and stack with its own fields; any other value as it is.
+function serialiseReason(e) {
+  if (e instanceof Error || (e && typeof e === 'object' && typeof e.message === 'string' && typeof e.stack === 'string')) {
+    const out = {};
+    for (const key of Object.keys(e)) out[key] = e[key];
+    out.name = e.name;
+    out.message = e.message;
+    out.stack = e.stack;
+    return out;
+  }
+  return e;
+}
+
 function answer(header, payload) {
+  if (running !== null && running.restore) running.restore();
   running = null;
   try {
     link.send(header, payload);
@@ -314,18 +346,37 @@ function answer(header, payload) {
   }
 }
 
+// An invoke with `env` is an OpenWhisk activation, run by OpenWhisk's Node.js rules:
+// its variables set while it runs, a null event is {}, a synchronous throw is raised
+// (the agent reports it as OpenWhisk does), a rejection is the result
+// `{error: <reason>}` (`{error: {}}` for none), and `undefined` is `{}`.
 link.on('invoke', async (header, payload) => {
-  running = { deadline: performance.now() + header.remaining_ms, error: null };
+  const openwhisk = header.env !== undefined && header.env !== null && typeof header.env === 'object';
+  running = { deadline: performance.now() + header.remaining_ms, error: null, restore: null };
   const current = running;
+  if (openwhisk) current.restore = useEnv(header.env);
   let result;
+  let pending;
   try {
-    const event = header.raw ? payload : JSON.parse(payload.toString('utf8'));
-    result = await runHandler(event, header);
+    let event = header.raw ? payload : JSON.parse(payload.toString('utf8'));
+    if (openwhisk && (event === null || event === undefined)) event = {};
+    pending = runHandler(event, header);
   } catch (e) {
     if (running === current) answer({ op: 'raised', error: describe(e) });
     return;
   }
+  try {
+    result = await pending;
+  } catch (e) {
+    if (running !== current) return;
+    if (!openwhisk) {
+      answer({ op: 'raised', error: describe(e) });
+      return;
+    }
+    result = { error: e ? serialiseReason(e) : {} };
+  }
   if (running !== current) return; // answered already (an uncaught error)
+  if (openwhisk && result === undefined) result = {};
   if (Buffer.isBuffer(result) || result instanceof Uint8Array) {
     const bytes = Buffer.from(result.buffer, result.byteOffset, result.byteLength);
     answer({ op: 'returned', raw: true }, bytes);

@@ -1460,6 +1460,38 @@ class SdkTest(unittest.TestCase):
         self.assertEqual((reply["op"], reply["error"]["type"]), ("raised", "ProtocolError"))
 
 
+class OpenWhiskActivationTest(unittest.TestCase):
+    def test_an_activations_variables_are_set_while_it_runs_and_put_back_after(self):
+        os.environ["SPROUT_TEST_KEPT"] = "before"
+        os.environ.pop("__OW_NAMESPACE", None)
+        seen = {}
+
+        def handler(event):
+            seen.update(ns=os.environ.get("__OW_NAMESPACE"), kept=os.environ.get("SPROUT_TEST_KEPT"))
+            return event
+
+        env = {"__OW_NAMESPACE": "ns", "SPROUT_TEST_KEPT": "during"}
+        with instance._activation_env(env):
+            reply, body = instance.invoke(handler, 1, b"{}", openwhisk=True)
+        self.assertEqual((reply["op"], seen), ("returned", {"ns": "ns", "kept": "during"}))
+        self.assertNotIn("__OW_NAMESPACE", os.environ)
+        self.assertEqual(os.environ.pop("SPROUT_TEST_KEPT"), "before")
+        self.assertIsNotNone(instance._check_env({"A=B": "x"}, "invoke env"))
+        self.assertIsNotNone(instance._check_env({"A": 1}, "invoke env"))
+        self.assertIsNone(instance._check_env({"A": ""}, "invoke env"))
+
+    def test_an_activations_exception_writes_its_traceback_to_stderr(self):
+        saved, sys.stderr = sys.stderr, __import__("io").StringIO()
+        try:
+            reply, _ = instance.invoke(lambda e: 1 / 0, 1, b"{}", openwhisk=True)
+            written = sys.stderr.getvalue()
+        finally:
+            sys.stderr = saved
+        self.assertEqual((reply["op"], reply["error"]["message"]), ("raised", "division by zero"))
+        self.assertIn("Traceback", written)
+        self.assertIn("ZeroDivisionError", written)
+
+
 class ErrorSizeTest(unittest.TestCase):
     def test_an_error_fits_in_a_header_whatever_its_text(self):
         # Every character of the message and traceback needs a 12-byte JSON escape

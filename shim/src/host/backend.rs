@@ -2,6 +2,7 @@
 //! process is driven through, one [`Invocation`] and its [`Outcome`], and the host's
 //! [`Error`].
 
+use std::collections::BTreeMap;
 use std::io;
 use std::time::Instant;
 
@@ -41,6 +42,9 @@ pub struct Invocation {
     pub event: Payload,
     /// When the invocation's time limit (the function's `timeout_ms`) runs out.
     pub deadline: Instant,
+    /// An OpenWhisk activation's variables (`__OW_*` and its init parameters), for
+    /// this invocation only; `None` for sprout's own.
+    pub env: Option<BTreeMap<String, String>>,
 }
 
 impl Invocation {

@@ -89,8 +89,13 @@ pub fn run(runtime: Runtime) -> Result<(), Error> {
             Err(ipc::Error::Closed) => return Ok(()), // the agent let go of the instance
             Err(e) => return Err(Error::Agent(e)),
         };
-        let (id, depth, raw) = match msg.header {
-            InstanceRequest::Invoke { id, depth, raw } => (id, depth, raw),
+        let (id, depth, raw, env) = match msg.header {
+            InstanceRequest::Invoke {
+                id,
+                depth,
+                raw,
+                env,
+            } => (id, depth, raw, env),
             other => {
                 return Err(Error::Unexpected {
                     op: ipc::proto::op_of(&other),
@@ -104,6 +109,7 @@ pub fn run(runtime: Runtime) -> Result<(), Error> {
             raw,
             event: msg.payload,
             deadline: Instant::now() + timeout,
+            env,
         };
         let answer = match backend.invoke(invocation) {
             Ok(answer) => answer,

@@ -160,6 +160,7 @@ mod backend_tests {
             raw: false,
             event: Payload::Inline(event.as_bytes().to_vec()),
             deadline: Instant::now() + Duration::from_secs(5),
+            env: None,
         }
     }
 
@@ -226,6 +227,41 @@ done
         assert!(next.starts_with("{\"n\":4,"), "{next}"); // the refused one never reached it
         let e = n.invoke(invocation(4, "\"exit\"")).unwrap_err();
         assert!(e.to_string().contains("exited with status 7"), "{e}");
+    }
+
+    #[test]
+    fn an_openwhisk_activation_gets_openwhisks_run_fields_on_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = native();
+        n.load(&spec(dir.path(), "exec", ACTIONLOOP)).unwrap();
+        let mut inv = invocation(1, "[1,2]");
+        inv.env = Some(
+            [
+                ("__OW_API_KEY", "k:s"),
+                ("__OW_ACTIVATION_ID", "0123456789abcdef0123456789abcdef"),
+                ("__OW_ACTION_NAME", "/ns/pkg/act"),
+                ("__OW_DEADLINE", "1700000000000"),
+                ("__OW_API_HOST", "https://h \"q\""),
+                ("SOME_VAR", "init parameters stay off the line"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        );
+        let v: serde_json::Value = serde_json::from_str(&returned(n.invoke(inv).unwrap())).unwrap();
+        let line = &v["line"];
+        assert_eq!(line["value"], serde_json::json!([1, 2]));
+        assert_eq!(line["api_key"], "k:s");
+        assert_eq!(line["activation_id"], "0123456789abcdef0123456789abcdef");
+        assert_eq!(line["action_name"], "/ns/pkg/act");
+        assert_eq!(line["deadline"], "1700000000000");
+        assert_eq!(line["api_host"], "https://h \"q\"");
+        assert!(
+            line.get("some_var").is_none() && line.get("SOME_VAR").is_none(),
+            "{line}"
+        );
+        // Not sprout's own fields beside them (no key twice).
+        assert!(line.get("action_version").is_none(), "{line}");
     }
 
     #[test]
@@ -508,6 +544,7 @@ mod lambda_connection_tests {
             raw: false,
             event: ipc::Payload::Inline(b"{}".to_vec()),
             deadline: Instant::now() + Duration::from_secs(5),
+            env: None,
         };
         for (id, want) in [(1, "{\"round\":1}"), (2, "{\"round\":2}")] {
             stepped.recv_timeout(Duration::from_secs(10)).unwrap();

@@ -48,6 +48,10 @@ enum ToNode<'a> {
         raw: bool,
         /// The invocation's time left when it was sent.
         remaining_ms: u64,
+        /// An OpenWhisk activation's variables; their presence selects OpenWhisk's
+        /// result rules in `instance.js`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        env: Option<&'a std::collections::BTreeMap<String, String>>,
     },
 }
 
@@ -224,6 +228,7 @@ impl Backend for Node {
             depth: invocation.depth,
             raw: invocation.raw,
             remaining_ms: remaining.as_millis() as u64,
+            env: invocation.env.as_ref(),
         };
         self.send(&header, &invocation.event)?;
         drop(invocation.event);
@@ -450,6 +455,7 @@ mod tests {
             raw,
             event: Payload::Inline(event.to_vec()),
             deadline: Instant::now() + Duration::from_secs(5),
+            env: None,
         })
         .unwrap()
     }

@@ -254,7 +254,10 @@ fn first_call(r: &mut Router<Fake>, fake: &Fake, main: &Main, function: &str) ->
 
 fn expect_invoke(ch: &mut Channel, depth: u32, event: &[u8]) -> u64 {
     let m = ch.recv::<InstanceRequest>().unwrap();
-    let InstanceRequest::Invoke { id, depth: d, raw } = m.header else {
+    let InstanceRequest::Invoke {
+        id, depth: d, raw, ..
+    } = m.header
+    else {
         panic!("expected invoke, got {:?}", m.header)
     };
     assert_eq!((d, raw, &*m.payload), (depth, false, event));
@@ -808,7 +811,7 @@ mod threaded {
             .unwrap();
         let mut next_call = 0;
         while let Ok(m) = ch.recv::<InstanceRequest>() {
-            let InstanceRequest::Invoke { id, depth, raw } = m.header else {
+            let InstanceRequest::Invoke { id, depth, raw, .. } = m.header else {
                 panic!("expected invoke")
             };
             writeln!(stdout, "{} at depth {depth}", load.function).unwrap();
@@ -891,6 +894,7 @@ mod threaded {
                     id: 1,
                     depth: 0,
                     raw: true,
+                    env: None,
                 },
                 &event,
                 &[],

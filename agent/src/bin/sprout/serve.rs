@@ -36,6 +36,26 @@ pub struct ServeArgs {
     records: RecordArgs,
     #[command(flatten)]
     tcp: TcpArgs,
+    /// OpenWhisk's API host, given to every OpenWhisk activation as __OW_API_HOST
+    /// (the URL its actions reach the API at; OpenWhisk's `whisk.api.host`).
+    #[arg(long, value_name = "URL", value_parser = parse_api_host)]
+    api_host: Option<String>,
+}
+
+/// `--api-host`: a URL of printable characters, at most
+/// [`agent::openwhisk::MAX_FIELD`] bytes.
+fn parse_api_host(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= agent::openwhisk::MAX_FIELD
+        && text.chars().all(|c| c.is_ascii_graphic());
+    match ok {
+        true => Ok(text.to_owned()),
+        false => Err(format!(
+            "{:?} is not an API host: give a URL (1 to {} printable characters, no spaces)",
+            text.chars().take(80).collect::<String>(),
+            agent::openwhisk::MAX_FIELD
+        )),
+    }
 }
 
 /// Admission control: what is refused with 429 before it is queued.
@@ -348,6 +368,7 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
             max_age: args.records.activations_max_age,
         },
         async_workers: args.records.async_workers,
+        api_host: args.api_host.clone(),
         ..Config::new()
     })
     .context("start the agent")?;

@@ -224,11 +224,36 @@ def _check_invoke(depth, raw):
     return None
 
 
-def invoke(handler, request_id, payload, depth=0, raw=False):
+class _activation_env:
+    """An OpenWhisk activation's variables in ``os.environ`` while it runs; what
+    was there before is put back after (a warm instance serves sprout's own
+    invocations too)."""
+
+    def __init__(self, env):
+        self.env = env
+        self.saved = {}
+
+    def __enter__(self):
+        for key, value in self.env.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+
+    def __exit__(self, *exc):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        return False
+
+
+def invoke(handler, request_id, payload, depth=0, raw=False, openwhisk=False):
     """Runs one invocation at call ``depth``; returns the reply ``(header, payload)``.
 
     ``payload`` is the event: JSON text, or with ``raw`` bytes that the handler gets
     as a read-only memoryview (no copy). Either way any buffer (bytes, mmap).
+    ``openwhisk``: an OpenWhisk activation, whose exception's traceback also goes
+    to stderr (its logs), as OpenWhisk's Python runtime writes it.
     """
     problem = _check_invoke(depth, raw)
     if problem is not None:
@@ -250,6 +275,10 @@ def invoke(handler, request_id, payload, depth=0, raw=False):
             result = handler(event)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too
             reply, body = _raised(request_id, exc)
+            if openwhisk:
+                error = reply["error"]
+                text = error["traceback"] or f"{error['type']}: {error['message']}\n"
+                sys.stderr.write(text if text.startswith("Traceback") else "Traceback (most recent call last):\n" + text)
         else:
             del event
             reply, body = _encode_result(request_id, result)
@@ -325,7 +354,18 @@ def serve(channel, handler):
         else:
             if contextual:
                 handler.arrived(request_id)
-            reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
+            env = header.get("env")
+            problem = None if env is None else _check_env(env, "invoke env")
+            if problem is not None:
+                error = {"type": "ProtocolError", "message": problem, "traceback": ""}
+                reply, body = {"op": "raised", "id": request_id, "error": error}, b""
+            elif env is None:
+                reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
+            else:
+                with _activation_env(env):
+                    reply, body = invoke(
+                        handler, request_id, payload, header.get("depth", 0), header.get("raw", False), openwhisk=True
+                    )
         # Everything the handler printed is in the pipes before the agent hears back.
         _flush_stdio()
         try:
@@ -416,6 +456,15 @@ def _report_load_failure(channel, error):
     return 1
 
 
+def _check_env(env, what):
+    """Returns why ``env`` cannot be exported, or None."""
+    if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        return f"{what} is not an object of strings"
+    if any(not k or "=" in k or "\0" in k or "\0" in v for k, v in env.items()):
+        return f"{what} has a name that is empty or holds = or NUL, or a value with NUL"
+    return None
+
+
 def _check_load(header):
     """Returns why a ``load`` request cannot be served, or None."""
     if header.get("op") != "load":
@@ -423,11 +472,9 @@ def _check_load(header):
     for key in ("function", "code_dir"):
         if not isinstance(header.get(key), str):
             return f"{key} {header.get(key)!r} is not a string"
-    env = header.get("env", {})
-    if not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
-        return "env is not an object of strings"
-    if any(not k or "=" in k or "\0" in k or "\0" in v for k, v in env.items()):
-        return "env has a name that is empty or holds = or NUL, or a value with NUL"
+    problem = _check_env(header.get("env", {}), "env")
+    if problem is not None:
+        return problem
     handler = header.get("handler")
     if not (
         isinstance(handler, dict) and isinstance(handler.get("module"), str) and isinstance(handler.get("function"), str)

@@ -7,7 +7,10 @@
 //! event's own newlines can only be JSON whitespace and become spaces. The environment
 //! carries `__OW_ACTION_NAME`, `__OW_NAMESPACE` and `__OW_ACTION_VERSION` (what
 //! OpenWhisk's proxy would pass that still means something here; there is no
-//! OpenWhisk API host or key). `__OW_WAIT_FOR_ACK` is not set: an executable that
+//! OpenWhisk API host or key). An OpenWhisk activation (its invoke carries an
+//! `env`) gets OpenWhisk's own fields instead: every `__OW_*` variable as a
+//! lower-case key without the prefix (`api_key`, `activation_id`, `deadline`, ...).
+//! `__OW_WAIT_FOR_ACK` is not set: an executable that
 //! exits or prints garbage before its first invocation is seen at that invocation
 //! (one that cannot start at all fails the load).
 //!
@@ -113,14 +116,19 @@ impl Actionloop {
                 b => b,
             }));
         }
-        write!(
-            line,
-            ",\"activation_id\":\"{:032x}\",\"deadline\":\"{}\"",
-            invocation.id, // as `Invocation::activation_id`, without a string of its own
-            epoch_ms(invocation.deadline)
-        )
-        .expect("writing to a vector");
-        line.extend_from_slice(&self.suffix);
+        match &invocation.env {
+            None => {
+                write!(
+                    line,
+                    ",\"activation_id\":\"{:032x}\",\"deadline\":\"{}\"",
+                    invocation.id, // as `Invocation::activation_id`, without a string of its own
+                    epoch_ms(invocation.deadline)
+                )
+                .expect("writing to a vector");
+                line.extend_from_slice(&self.suffix);
+            }
+            Some(env) => openwhisk_fields(line, env),
+        }
         let dropped = drop_stray(&mut self.answers);
         if dropped > 0 {
             let _ = writeln!(
@@ -183,6 +191,28 @@ fn drop_stray(answers: &mut BufReader<File>) -> usize {
             Ok(_) => {}
         }
     }
+}
+
+/// An OpenWhisk activation's context as OpenWhisk's `/run` body carries it: each
+/// `__OW_NAME` variable a top-level key `name`, lower-case, a string (its init
+/// parameters, which OpenWhisk's proxy exports when it starts the executable, have
+/// no place on the line: an executable started once for its sandbox cannot take
+/// them per activation). Ends the line.
+fn openwhisk_fields(line: &mut Vec<u8>, env: &std::collections::BTreeMap<String, String>) {
+    for (name, value) in env {
+        let Some(key) = name.strip_prefix("__OW_") else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if key == "value" {
+            continue;
+        }
+        line.push(b',');
+        serde_json::to_writer(&mut *line, &key).expect("writing to a vector");
+        line.push(b':');
+        serde_json::to_writer(&mut *line, value).expect("writing to a vector");
+    }
+    line.extend_from_slice(b"}\n");
 }
 
 fn refused(message: &str) -> Outcome {
