@@ -267,3 +267,180 @@ impl Context {
 
 /// A shared [`Context`] (the invocation, a background thread and the agent hold it).
 pub type SharedContext = Arc<Context>;
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::names::FunctionKey;
+    use crate::registry::Rules;
+
+    fn function(dir: &std::path::Path, name: &str) -> Function {
+        std::fs::write(dir.join("main.py"), "def main(a):\n    return a\n").unwrap();
+        let rules = Rules {
+            defaults: crate::config::Defaults::default(),
+            memory_budget_mb: 1024,
+            machine_cpus: 2,
+            state_root: PathBuf::from("/nonexistent/sprout-state"),
+            data_dir: None,
+        };
+        let config = ipc::api::FunctionConfig {
+            handler: Some("main:main".into()),
+            ..Default::default()
+        };
+        let key = FunctionKey::new("guest", name).unwrap();
+        Function::checked(&key, dir, &config, &rules, 4, false).unwrap()
+    }
+
+    fn activate() -> Activate {
+        Activate {
+            namespace: "guest".into(),
+            name: "pkg~2fact".into(),
+            params: serde_json::json!({}),
+            init_env: BTreeMap::new(),
+            activation_id: None,
+            transaction_id: None,
+            api_key: None,
+            subject: "alice".into(),
+            cause: None,
+            blocking: true,
+            wait_at_most: None,
+        }
+    }
+
+    #[test]
+    fn parameters_are_an_object_or_an_array() {
+        assert_eq!(
+            event_of(&serde_json::json!({"a": 1})).unwrap(),
+            b"{\"a\":1}"
+        );
+        assert_eq!(event_of(&serde_json::json!([1])).unwrap(), b"[1]");
+        for (bad, found) in [
+            (serde_json::json!("s"), "a string"),
+            (serde_json::json!(1), "a number"),
+            (serde_json::json!(null), "null"),
+            (serde_json::json!(true), "a boolean"),
+        ] {
+            let e = event_of(&bad).unwrap_err();
+            assert!(e.to_string().contains(found), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_environment_holds_openwhisks_context_and_the_init_parameters() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = function(dir.path(), "pkg~2fact");
+        let mut a = activate();
+        a.api_key = Some("uuid:secret".into());
+        a.init_env.insert("SOME_VAR".into(), "".into());
+        let ctx = Context::new(&a, &f, Some("https://h")).unwrap();
+        let id = ActivationId::from_u128(0xab);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let env = ctx.env(&f, id, at);
+        let want: BTreeMap<String, String> = [
+            ("SOME_VAR", ""),
+            ("__OW_API_HOST", "https://h"),
+            ("__OW_API_KEY", "uuid:secret"),
+            ("__OW_ACTION_NAME", "/guest/pkg/act"),
+            ("__OW_ACTION_VERSION", "0.0.4"),
+            ("__OW_ACTIVATION_ID", "000000000000000000000000000000ab"),
+            ("__OW_DEADLINE", "1700000000123"),
+            ("__OW_NAMESPACE", "guest"),
+            ("__OW_TRANSACTION_ID", "000000000000000000000000000000ab"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env, want);
+        assert_eq!(
+            (ctx.kind.as_str(), ctx.subject.as_str()),
+            ("python:3", "alice")
+        );
+        // No key, no host: not there.
+        let plain = Context::new(&activate(), &f, None).unwrap().env(&f, id, at);
+        assert!(!plain.contains_key("__OW_API_KEY") && !plain.contains_key("__OW_API_HOST"));
+    }
+
+    #[test]
+    fn what_clients_send_is_bounded_and_cannot_forge_the_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = function(dir.path(), "act");
+        let refused = |change: &dyn Fn(&mut Activate), host: Option<&str>, says: &str| {
+            let mut a = activate();
+            change(&mut a);
+            let e = Context::new(&a, &f, host).unwrap_err();
+            assert!(e.to_string().contains(says), "{e} (wanted {says:?})");
+        };
+        refused(
+            &|a| {
+                a.init_env.insert("__OW_NAMESPACE".into(), "forged".into());
+            },
+            None,
+            "__OW_",
+        );
+        refused(
+            &|a| {
+                a.init_env.insert("A=B".into(), "x".into());
+            },
+            None,
+            "'='",
+        );
+        refused(
+            &|a| {
+                a.init_env.insert(String::new(), "x".into());
+            },
+            None,
+            "empty name",
+        );
+        refused(
+            &|a| {
+                a.init_env.insert("A".into(), "x\0y".into());
+            },
+            None,
+            "NUL",
+        );
+        refused(
+            &|a| {
+                a.init_env.insert("N".repeat(300), "x".into());
+            },
+            None,
+            "256 bytes",
+        );
+        refused(
+            &|a| a.api_key = Some("k\nInjected: 1".into()),
+            None,
+            "api_key holds a control",
+        );
+        refused(
+            &|a| a.transaction_id = Some("t".repeat(2000)),
+            None,
+            "transaction_id is 2000 bytes",
+        );
+        refused(&|_| {}, Some("h\u{7}"), "the API host holds a control");
+        refused(
+            &|a| {
+                for i in 0..300 {
+                    a.init_env.insert(format!("V{i}"), String::new());
+                }
+            },
+            None,
+            "300, more than 256",
+        );
+        refused(
+            &|a| {
+                for i in 0..10 {
+                    a.init_env.insert(format!("V{i}"), "x".repeat(10_000));
+                }
+            },
+            None,
+            "more than 65536",
+        );
+        // Ten values of 1 KiB fit.
+        let mut a = activate();
+        for i in 0..10 {
+            a.init_env.insert(format!("V{i}"), "x".repeat(1024));
+        }
+        assert!(Context::new(&a, &f, None).is_ok());
+    }
+}
