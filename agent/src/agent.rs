@@ -570,7 +570,7 @@ impl Agent {
             };
             let out = self.invoker.invoke(&key, event, &opts, abandon);
             drop(ticket);
-            return activated(&context, out.map(|_| ()));
+            return crate::openwhisk::answer(&context, out.map(|_| ()));
         };
         // OpenWhisk's rule: a blocking activation still running after `wait` is
         // answered with its id and finishes in the background (its record written
@@ -590,7 +590,7 @@ impl Agent {
             let _ = tx.send(out.map(|_| ()));
         })?;
         match rx.recv_timeout(wait) {
-            Ok(out) => activated(&context, out),
+            Ok(out) => crate::openwhisk::answer(&context, out),
             Err(_) => {
                 tracing::debug!(activation = %id, wait_ms = wait.as_millis() as u64, "still running: answered accepted");
                 Ok(Response::Accepted(id))
@@ -804,8 +804,40 @@ impl crate::transport::Handle for Agent {
                     None,
                     &self.admission,
                     *activation_id,
+                    None,
                 )
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
+            // A blocking OpenWhisk activation with no wait limit (one with a limit
+            // may have to be answered `Accepted` before it ends: a worker's job).
+            Request::Activate(a) if a.blocking && a.wait_at_most.is_none() => {
+                let key = FunctionKey {
+                    namespace: a.namespace.clone(),
+                    name: a.name.clone(),
+                };
+                // Anything wrong is the ordinary path's to say.
+                let function = self.registry.lookup(&key)?;
+                let event = crate::openwhisk::event_of(&a.params).ok()?;
+                let context = Arc::new(
+                    crate::openwhisk::Context::new(a, &function, self.config.api_host.as_deref())
+                        .ok()?,
+                );
+                let id = a.activation_id.unwrap_or_else(Activations::new_id);
+                let fast = crate::invoke::FastActivation {
+                    context: &context,
+                    cause: a.cause,
+                };
+                self.invoker
+                    .start_fast(
+                        &a.namespace,
+                        &a.name,
+                        &event,
+                        None,
+                        &self.admission,
+                        Some(id),
+                        Some(fast),
+                    )
+                    .map(|c| Box::new(c) as Box<dyn FastCall>)
+            }
             Request::Run {
                 namespace,
                 name,
@@ -820,33 +852,11 @@ impl crate::transport::Handle for Agent {
                     Some(run),
                     &self.admission,
                     *activation_id,
+                    None,
                 )
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,
         }
-    }
-}
-
-/// A blocking OpenWhisk activation's answer: the record its invocation wrote, in
-/// OpenWhisk's shape; without one (it was refused before it was an activation: no
-/// room, no such function) its error.
-fn activated(
-    context: &crate::openwhisk::Context,
-    out: Result<(), Error>,
-) -> Result<Response, Error> {
-    match (context.take_record(), out) {
-        (Some(record), _) => Ok(Response::Activated(Box::new(
-            crate::openwhisk::activation::whisk_activation(
-                &record,
-                &context.kind,
-                &context.subject,
-            ),
-        ))),
-        (None, Err(e)) => Err(e),
-        (None, Ok(())) => Err(Error::State {
-            path: PathBuf::from("OpenWhisk activation"),
-            source: std::io::Error::other("it ended without a record"),
-        }),
     }
 }
 

@@ -179,6 +179,22 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// Events up to this size may take the event loop's warm path.
 const FAST_EVENT_MAX: usize = 64 << 10;
 
+/// What makes a warm call an OpenWhisk activation ([`Invoker::start_fast`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastActivation<'a> {
+    pub context: &'a crate::openwhisk::SharedContext,
+    pub cause: Option<ActivationId>,
+}
+
+/// The answer to a warm call: sprout's invocation, or an OpenWhisk activation's
+/// record in OpenWhisk's shape.
+fn fast_answer(meta: &Meta, result: Result<Invocation, Error>) -> Result<Response, Error> {
+    match &meta.openwhisk {
+        Some(ow) => crate::openwhisk::answer(ow, result.map(|_| ())),
+        None => result.map(Response::Invoked),
+    }
+}
+
 /// A warm invoke in flight whose answer the HTTP event loop reads without blocking.
 /// Anything that needs waiting (a failure to clean up after, output to keep
 /// draining) is finished by a worker with [`FastCall::finish`].
@@ -243,7 +259,7 @@ impl FastCall for WarmCall {
                     outcome,
                     &CallOpts::default(),
                 );
-                FastPoll::Done(result.map(Response::Invoked))
+                FastPoll::Done(fast_answer(&self.meta, result))
             }
         }
     }
@@ -256,16 +272,15 @@ impl FastCall for WarmCall {
             (None, Some(failure)) => Err(failure),
             (None, None) => inst.finish(self.id, self.deadline, log_limit, None),
         };
-        self.invoker
-            .complete(
-                inst,
-                &self.function,
-                self.start,
-                &self.meta,
-                outcome,
-                &CallOpts::default(),
-            )
-            .map(Response::Invoked)
+        let result = self.invoker.complete(
+            inst,
+            &self.function,
+            self.start,
+            &self.meta,
+            outcome,
+            &CallOpts::default(),
+        );
+        fast_answer(&self.meta, result)
     }
 }
 
@@ -877,6 +892,7 @@ impl Invoker {
         run: Option<&RunRequest>,
         admission: &Admission,
         activation: Option<ActivationId>,
+        openwhisk: Option<FastActivation<'_>>,
     ) -> Option<WarmCall> {
         let empty_run = run.is_some() && event.is_empty();
         if event.len() > FAST_EVENT_MAX
@@ -906,6 +922,8 @@ impl Invoker {
         let meta = Meta::new(
             &CallOpts {
                 activation,
+                cause: openwhisk.and_then(|ow| ow.cause),
+                openwhisk: openwhisk.map(|ow| ow.context),
                 ..CallOpts::default()
             },
             started,
@@ -934,6 +952,13 @@ impl Invoker {
                 inst.begin_http(id, &run.request, &Payload::Inline(event.to_vec()))
             }
             _ if empty_run => inst.begin(id, &Payload::Inline(b"{}".to_vec()), 0, false),
+            // An OpenWhisk activation: its environment, its deadline this call's.
+            _ if meta.openwhisk.is_some() => {
+                let ow = meta.openwhisk.as_ref().expect("an activation");
+                let left = Duration::from_millis(function.timeout_ms);
+                let env = ow.env(&function, meta.id, SystemTime::now() + left);
+                inst.begin_activation(id, &Payload::Inline(event.to_vec()), 0, false, Some(env))
+            }
             _ => inst.begin(id, &Payload::Inline(event.to_vec()), 0, false),
         }
         .err();

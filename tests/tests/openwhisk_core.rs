@@ -314,6 +314,45 @@ fn environment(agent: &Agent, name: &str) {
     );
 }
 
+/// A blocking activation of a warm instance without a wait limit takes the event
+/// loop's warm path (`Handle::start_fast`), with its environment and its record.
+fn warm_fast_path(agent: &Agent, name: &str) {
+    use agent::transport::{FastPoll, Handle};
+    let mut a = activation(name, json!({}));
+    a.api_key = Some("k:fast".into());
+    let req = Request::Activate(Box::new(a));
+    let mut call = Handle::start_fast(agent, &req).expect("a warm activation takes the warm path");
+    let started = Instant::now();
+    let answer = loop {
+        match call.poll() {
+            FastPoll::Pending => {
+                assert!(started.elapsed() < Duration::from_secs(30), "no answer");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            FastPoll::Done(answer) => break answer,
+            FastPoll::Handoff => break call.finish(),
+        }
+    };
+    let Ok(Response::Activated(w)) = answer else {
+        panic!("fast activation: {answer:?}");
+    };
+    let env = result(&w);
+    assert_eq!(env["__OW_API_KEY"], "k:fast", "{env}");
+    assert_eq!(env["__OW_ACTIVATION_ID"], w.activation_id.to_string());
+    assert_eq!(annotation(&w, "waitTime").map(|v| v.is_u64()), Some(true));
+    // Its record is the one answered.
+    let stored = record_of(agent, w.activation_id);
+    assert_eq!(stored.subject.as_deref(), Some("alice"));
+    assert_eq!(
+        stored.result.as_ref().unwrap().get(),
+        w.response.result.as_ref().unwrap().get()
+    );
+    // With a wait limit it does not (it may have to be answered before it ends).
+    let mut a = activation(name, json!({}));
+    a.wait_at_most = Some(Duration::from_secs(60));
+    assert!(Handle::start_fast(agent, &Request::Activate(Box::new(a))).is_none());
+}
+
 #[test]
 fn python_actions_follow_openwhisks_semantics() {
     let env = require_root!();
@@ -361,6 +400,7 @@ fn python_actions_follow_openwhisks_semantics() {
         "The action did not return a dictionary or array.",
     );
     environment(&agent, "pkg~2fpy-env");
+    warm_fast_path(&agent, "pkg~2fpy-env");
 
     // An exception: an application error `{"error": str(ex)}`, its traceback in stderr.
     let w = activate(&agent, "py-divide", json!({}));
@@ -423,6 +463,7 @@ fn nodejs_actions_follow_openwhisks_semantics() {
     }
     common_behaviours(&agent, "node", "The action did not return a dictionary.");
     environment(&agent, "pkg~2fnode-env");
+    warm_fast_path(&agent, "pkg~2fnode-env");
 
     // A rejected promise: an application error, the reason serialised.
     let w = activate(&agent, "node-rejects", json!({}));

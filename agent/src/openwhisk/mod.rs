@@ -268,6 +268,25 @@ impl Context {
 /// A shared [`Context`] (the invocation, a background thread and the agent hold it).
 pub type SharedContext = Arc<Context>;
 
+/// A blocking activation's answer: the record its invocation wrote, in OpenWhisk's
+/// shape; without one (it was refused before it was an activation: no room, no such
+/// function) its error.
+pub(crate) fn answer(
+    context: &Context,
+    out: Result<(), crate::Error>,
+) -> Result<crate::Response, crate::Error> {
+    match (context.take_record(), out) {
+        (Some(record), _) => Ok(crate::Response::Activated(Box::new(
+            activation::whisk_activation(&record, &context.kind, &context.subject),
+        ))),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Err(crate::Error::State {
+            path: "OpenWhisk activation".into(),
+            source: std::io::Error::other("it ended without a record"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
