@@ -803,8 +803,10 @@ impl crate::transport::Handle for Agent {
                     event,
                     None,
                     &self.admission,
-                    *activation_id,
-                    None,
+                    crate::invoke::FastOpts {
+                        activation: *activation_id,
+                        openwhisk: None,
+                    },
                 )
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             // A blocking OpenWhisk activation with no wait limit (one with a limit
@@ -833,8 +835,10 @@ impl crate::transport::Handle for Agent {
                         &event,
                         None,
                         &self.admission,
-                        Some(id),
-                        Some(fast),
+                        crate::invoke::FastOpts {
+                            activation: Some(id),
+                            openwhisk: Some(fast),
+                        },
                     )
                     .map(|c| Box::new(c) as Box<dyn FastCall>)
             }
@@ -851,8 +855,10 @@ impl crate::transport::Handle for Agent {
                     &run.body,
                     Some(run),
                     &self.admission,
-                    *activation_id,
-                    None,
+                    crate::invoke::FastOpts {
+                        activation: *activation_id,
+                        openwhisk: None,
+                    },
                 )
                 .map(|c| Box::new(c) as Box<dyn FastCall>),
             _ => None,

@@ -179,6 +179,15 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// Events up to this size may take the event loop's warm path.
 const FAST_EVENT_MAX: usize = 64 << 10;
 
+/// A warm call's ids ([`Invoker::start_fast`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FastOpts<'a> {
+    /// Its activation's id, if the caller chose it.
+    pub activation: Option<ActivationId>,
+    /// An OpenWhisk activation's.
+    pub openwhisk: Option<FastActivation<'a>>,
+}
+
 /// What makes a warm call an OpenWhisk activation ([`Invoker::start_fast`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FastActivation<'a> {
@@ -891,9 +900,12 @@ impl Invoker {
         event: &[u8],
         run: Option<&RunRequest>,
         admission: &Admission,
-        activation: Option<ActivationId>,
-        openwhisk: Option<FastActivation<'_>>,
+        opts: FastOpts<'_>,
     ) -> Option<WarmCall> {
+        let FastOpts {
+            activation,
+            openwhisk,
+        } = opts;
         let empty_run = run.is_some() && event.is_empty();
         if event.len() > FAST_EVENT_MAX
             || self.scheduler.is_closed()
