@@ -549,7 +549,7 @@ impl Agent {
         let key = FunctionKey::new(&activate.namespace, &activate.name)?;
         let function = self.registry.get(&key)?;
         let event = crate::openwhisk::event_of(&activate.params)?;
-        let context = Arc::new(crate::openwhisk::Context::new(
+        let context = Arc::new(crate::openwhisk::context::Context::new(
             &activate,
             &function,
             self.config.api_host.as_deref(),
@@ -570,7 +570,7 @@ impl Agent {
             };
             let out = self.invoker.invoke(&key, event, &opts, abandon);
             drop(ticket);
-            return crate::openwhisk::answer(&context, out.map(|_| ()));
+            return crate::openwhisk::context::answer(&context, out.map(|_| ()));
         };
         // OpenWhisk's rule: a blocking activation still running after `wait` is
         // answered with its id and finishes in the background (its record written
@@ -590,7 +590,7 @@ impl Agent {
             let _ = tx.send(out.map(|_| ()));
         })?;
         match rx.recv_timeout(wait) {
-            Ok(out) => crate::openwhisk::answer(&context, out),
+            Ok(out) => crate::openwhisk::context::answer(&context, out),
             Err(_) => {
                 tracing::debug!(activation = %id, wait_ms = wait.as_millis() as u64, "still running: answered accepted");
                 Ok(Response::Accepted(id))
@@ -606,7 +606,7 @@ impl Agent {
         key: &FunctionKey,
         event: Vec<u8>,
         id: Option<ActivationId>,
-        openwhisk: Option<crate::openwhisk::SharedContext>,
+        openwhisk: Option<crate::openwhisk::context::SharedContext>,
     ) -> Result<Response, Error> {
         let function = self.registry.get(key)?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&event).map_err(Error::InvalidEvent)?;
@@ -820,8 +820,12 @@ impl crate::transport::Handle for Agent {
                 let function = self.registry.lookup(&key)?;
                 let event = crate::openwhisk::event_of(&a.params).ok()?;
                 let context = Arc::new(
-                    crate::openwhisk::Context::new(a, &function, self.config.api_host.as_deref())
-                        .ok()?,
+                    crate::openwhisk::context::Context::new(
+                        a,
+                        &function,
+                        self.config.api_host.as_deref(),
+                    )
+                    .ok()?,
                 );
                 let id = a.activation_id.unwrap_or_else(Activations::new_id);
                 let fast = crate::invoke::FastActivation {

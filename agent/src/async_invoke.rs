@@ -47,7 +47,7 @@ pub(crate) struct Job {
     pub place: Option<Place>,
     /// An OpenWhisk activation's context (its environment, result rules, record
     /// fields).
-    pub openwhisk: Option<crate::openwhisk::SharedContext>,
+    pub openwhisk: Option<crate::openwhisk::context::SharedContext>,
 }
 
 /// Accepted activations no thread has taken yet, by function: at most `max` each.

@@ -61,7 +61,7 @@ pub enum Error {
     InvalidConfig(String),
     /// A bad OpenWhisk activation (its parameters, environment or context fields).
     #[error("invalid OpenWhisk activation")]
-    OpenWhisk(#[from] crate::openwhisk::Error),
+    OpenWhisk(#[from] crate::openwhisk::error::Error),
     #[error("function {function}'s packages")]
     Packages {
         function: String,

@@ -58,7 +58,7 @@ pub(crate) struct CallOpts<'a> {
     /// An asynchronous activation: its client did not wait for it.
     pub background: bool,
     /// An OpenWhisk activation: its environment, result rules and record fields.
-    pub openwhisk: Option<&'a crate::openwhisk::SharedContext>,
+    pub openwhisk: Option<&'a crate::openwhisk::context::SharedContext>,
 }
 
 /// What an invocation's activation record needs besides its outcome.
@@ -77,7 +77,7 @@ pub(crate) struct Meta {
     init: Duration,
     background: bool,
     /// An OpenWhisk activation's context (`None`, no allocation, for sprout's own).
-    openwhisk: Option<crate::openwhisk::SharedContext>,
+    openwhisk: Option<crate::openwhisk::context::SharedContext>,
 }
 
 impl Meta {
@@ -191,7 +191,7 @@ pub(crate) struct FastOpts<'a> {
 /// What makes a warm call an OpenWhisk activation ([`Invoker::start_fast`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FastActivation<'a> {
-    pub context: &'a crate::openwhisk::SharedContext,
+    pub context: &'a crate::openwhisk::context::SharedContext,
     pub cause: Option<ActivationId>,
 }
 
@@ -199,7 +199,7 @@ pub(crate) struct FastActivation<'a> {
 /// record in OpenWhisk's shape.
 fn fast_answer(meta: &Meta, result: Result<Invocation, Error>) -> Result<Response, Error> {
     match &meta.openwhisk {
-        Some(ow) => crate::openwhisk::answer(ow, result.map(|_| ())),
+        Some(ow) => crate::openwhisk::context::answer(ow, result.map(|_| ())),
         None => result.map(Response::Invoked),
     }
 }
