@@ -426,7 +426,7 @@ fn a_records_database_of_schema_1_is_refused_and_left_alone() {
     assert_ne!(run.code(), Some(0), "{run}");
     assert!(
         run.stderr.contains(&format!(
-            "activation records {}: schema version 1, this sprout reads version 2",
+            "activation records {}: schema version 1, this sprout reads version 3",
             db.display()
         )),
         "{run}"
