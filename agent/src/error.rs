@@ -59,6 +59,12 @@ pub enum Error {
     },
     #[error("{0}")]
     InvalidConfig(String),
+    /// An OpenWhisk action refused ([`crate::openwhisk::action`]).
+    #[error(transparent)]
+    Action(Box<crate::openwhisk::action::Error>),
+    /// `PUT` of an action that exists, without `overwrite` (OpenWhisk's text).
+    #[error("resource already exists")]
+    ActionExists { namespace: String, name: String },
     #[error("function {function}'s packages")]
     Packages {
         function: String,
@@ -233,6 +239,8 @@ pub enum ErrorKind {
     Internal,
     /// sprout is going away or has no room (503).
     Unavailable,
+    /// The resource exists and the request did not say to replace it (409).
+    Conflict,
     /// A limit refused the request before it was queued: a full function queue, a
     /// namespace's concurrent or per-minute invocations (429). Try again later.
     TooManyRequests,
@@ -260,6 +268,7 @@ impl ErrorKind {
             ErrorKind::Internal => 500,
             ErrorKind::Unavailable => 503,
             ErrorKind::TooManyRequests => 429,
+            ErrorKind::Conflict => 409,
         }
     }
 
@@ -280,9 +289,10 @@ impl ErrorKind {
     pub const fn exit_code(self) -> u8 {
         match self {
             ErrorKind::Function | ErrorKind::Timeout => EXIT_FUNCTION,
-            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::MethodNotAllowed => {
-                EXIT_BAD_REQUEST
-            }
+            ErrorKind::BadRequest
+            | ErrorKind::NotFound
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::Conflict => EXIT_BAD_REQUEST,
             ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
             ErrorKind::TooManyRequests => EXIT_LIMITED,
         }
@@ -312,7 +322,9 @@ impl Error {
             | LimitOutOfRange { .. }
             | InvalidConfig(_)
             | InvalidWorkflow(_)
-            | Unpack { .. } => ErrorKind::BadRequest,
+            | Unpack { .. }
+            | Action(_) => ErrorKind::BadRequest,
+            ActionExists { .. } => ErrorKind::Conflict,
             NotFound { .. }
             | WorkflowNotFound { .. }
             | ActivationNotFound { .. }
@@ -387,7 +399,9 @@ impl Error {
             InvalidName { .. }
             | InvalidNamespace { .. }
             | InvalidConfig(_)
-            | LimitOutOfRange { .. } => "bad_request",
+            | LimitOutOfRange { .. }
+            | Action(_) => "bad_request",
+            ActionExists { .. } => "conflict",
             InvalidWorkflow(_) => "invalid_workflow",
             WorkflowNotFound { .. } => "not_found",
             Workflow { source, .. } => source.name(),

@@ -39,4 +39,5 @@ pub struct Activate {
     pub wait_at_most: Option<std::time::Duration>,
 }
 
+pub mod action;
 pub mod activation;
