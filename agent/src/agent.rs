@@ -404,11 +404,46 @@ impl Agent {
                 let list = self.activations.list(&query).ok_or(Error::RecordsOff)??;
                 Ok(Response::Activations(list))
             }
+            Request::PutAction {
+                namespace,
+                name,
+                action,
+                overwrite,
+            } => self.put_action(&namespace, &name, &action, overwrite),
+            Request::GetAction { namespace, name } => self.get_action(&namespace, &name),
+            Request::ListActions {
+                namespace,
+                limit,
+                skip,
+            } => self.list_actions(&namespace, limit, skip),
+            Request::DeleteAction { namespace, name } => self.delete_action(&namespace, &name),
+            Request::InvokeAction {
+                namespace,
+                name,
+                call,
+            } => {
+                let act = self.action_invocation(&namespace, &name, *call)?;
+                self.handle_abandonable(Request::Activate(Box::new(act)), abandon)
+            }
+            Request::WhiskActivations { mut query, docs } => {
+                if let Some(ns) = &query.namespace {
+                    validate_namespace(ns)?;
+                }
+                query.limit = query.limit.min(crate::activations::MAX_LIMIT);
+                let list = self.activations.list(&query).ok_or(Error::RecordsOff)??;
+                Ok(Response::WhiskActivations(
+                    list.iter().map(|r| self.whisk(r, docs)).collect(),
+                ))
+            }
+            Request::GetWhiskActivation { namespace, id } => {
+                match self.activation(namespace.as_deref(), id, ActivationPart::Record)? {
+                    Response::Activation(record) => {
+                        Ok(Response::Activated(Box::new(self.whisk(&record, true))))
+                    }
+                    _ => unreachable!("a record part answers a record"),
+                }
+            }
             Request::Activate(activate) => self.activate(*activate, abandon),
-            // Issue 15's REST API (slice 2) replaces this arm.
-            Request::PutAction { .. } => Err(Error::InvalidConfig(
-                "OpenWhisk actions cannot be created here yet".into(),
-            )),
             Request::Status => Ok(Response::Status(self.status())),
             Request::Usage { namespace } => {
                 validate_namespace(&namespace)?;
@@ -777,6 +812,8 @@ impl Agent {
         by_ns.into_values().collect()
     }
 }
+
+mod actions;
 
 impl crate::transport::Handle for Agent {
     fn handle(&self, req: Request) -> Result<Response, Error> {

@@ -62,6 +62,12 @@ pub enum Error {
     /// A bad OpenWhisk activation (its parameters, environment or context fields).
     #[error("invalid OpenWhisk activation")]
     OpenWhisk(#[from] crate::openwhisk::error::Error),
+    /// An OpenWhisk action refused ([`crate::openwhisk::action`]).
+    #[error(transparent)]
+    Action(Box<crate::openwhisk::action::Error>),
+    /// `PUT` of an action that exists, without `overwrite` (OpenWhisk's text).
+    #[error("resource already exists")]
+    ActionExists { namespace: String, name: String },
     #[error("function {function}'s packages")]
     Packages {
         function: String,
@@ -236,6 +242,8 @@ pub enum ErrorKind {
     Internal,
     /// sprout is going away or has no room (503).
     Unavailable,
+    /// The resource exists and the request did not say to replace it (409).
+    Conflict,
     /// A limit refused the request before it was queued: a full function queue, a
     /// namespace's concurrent or per-minute invocations (429). Try again later.
     TooManyRequests,
@@ -263,6 +271,7 @@ impl ErrorKind {
             ErrorKind::Internal => 500,
             ErrorKind::Unavailable => 503,
             ErrorKind::TooManyRequests => 429,
+            ErrorKind::Conflict => 409,
         }
     }
 
@@ -283,9 +292,10 @@ impl ErrorKind {
     pub const fn exit_code(self) -> u8 {
         match self {
             ErrorKind::Function | ErrorKind::Timeout => EXIT_FUNCTION,
-            ErrorKind::BadRequest | ErrorKind::NotFound | ErrorKind::MethodNotAllowed => {
-                EXIT_BAD_REQUEST
-            }
+            ErrorKind::BadRequest
+            | ErrorKind::NotFound
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::Conflict => EXIT_BAD_REQUEST,
             ErrorKind::Internal | ErrorKind::Unavailable => EXIT_INTERNAL,
             ErrorKind::TooManyRequests => EXIT_LIMITED,
         }
@@ -316,7 +326,9 @@ impl Error {
             | InvalidConfig(_)
             | OpenWhisk(_)
             | InvalidWorkflow(_)
-            | Unpack { .. } => ErrorKind::BadRequest,
+            | Unpack { .. }
+            | Action(_) => ErrorKind::BadRequest,
+            ActionExists { .. } => ErrorKind::Conflict,
             NotFound { .. }
             | WorkflowNotFound { .. }
             | ActivationNotFound { .. }
@@ -392,7 +404,9 @@ impl Error {
             | InvalidNamespace { .. }
             | InvalidConfig(_)
             | OpenWhisk(_)
-            | LimitOutOfRange { .. } => "bad_request",
+            | LimitOutOfRange { .. }
+            | Action(_) => "bad_request",
+            ActionExists { .. } => "conflict",
             InvalidWorkflow(_) => "invalid_workflow",
             WorkflowNotFound { .. } => "not_found",
             Workflow { source, .. } => source.name(),

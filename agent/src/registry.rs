@@ -129,6 +129,9 @@ pub struct Function {
     /// The methods `/run/{name}` accepts (its `ol.yaml`'s `triggers.http`); `None`:
     /// every method.
     pub http_methods: Option<Vec<String>>,
+    /// What its OpenWhisk action keeps beside it (kind, parameters, annotations),
+    /// when it was put as one ([`crate::openwhisk::action`]); read from its directory.
+    pub openwhisk: Option<Arc<crate::openwhisk::action::ActionMeta>>,
 }
 
 impl Function {
@@ -163,6 +166,19 @@ impl Function {
         validate_name(&key.name)?;
         let dir = check_dir(dir, rules, owns_dir)?;
         let ol = crate::runtime::ol_yaml::read(&dir)?;
+        // Only an upload the agent unpacked can be an action (a host directory is
+        // the host's, whatever files it holds).
+        let openwhisk = match owns_dir {
+            true => crate::openwhisk::action::read_meta(&dir)
+                .map_err(|why| Error::InvalidConfig(format!("its OpenWhisk action: {why}")))?
+                .map(Arc::new),
+            false => None,
+        };
+        let mut env = ol.environment.clone();
+        if let Some(meta) = &openwhisk {
+            // `init: true` parameters are the function's environment, like `ol.yaml`'s.
+            env.extend(meta.init_env());
+        }
         // OL_ENTRY_FILE names a Python entry when the registration names no handler.
         let entry = crate::runtime::ol_yaml::entry_handler(&ol.environment).map_err(|why| {
             Error::InvalidConfig(format!(
@@ -248,8 +264,9 @@ impl Function {
             version,
             owns_dir,
             deps: crate::packages::Deps::default(),
-            env: ol.environment,
+            env,
             http_methods: ol.http_methods,
+            openwhisk,
         })
     }
 

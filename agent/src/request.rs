@@ -45,6 +45,42 @@ pub enum Request {
         action: Box<ipc::openwhisk::action::Action>,
         overwrite: bool,
     },
+    /// An OpenWhisk action as `GET` shows it (`name`: OpenWhisk's, `pkg/act`).
+    GetAction {
+        namespace: String,
+        name: String,
+    },
+    /// A namespace's actions (every function of it), by name: `skip` first, then at
+    /// most `limit` (0: [`crate::openwhisk::action::MAX_LIST`]).
+    ListActions {
+        namespace: String,
+        limit: u64,
+        skip: u64,
+    },
+    /// Removes an action; answers it as it was.
+    DeleteAction {
+        namespace: String,
+        name: String,
+    },
+    /// Invokes an action through OpenWhisk's API: the action's default parameters
+    /// merged under the call's ([`crate::openwhisk::action::invocation`]), then
+    /// [`Request::Activate`].
+    InvokeAction {
+        namespace: String,
+        name: String,
+        call: Box<crate::openwhisk::action::Invocation>,
+    },
+    /// Finished records in OpenWhisk's shape, newest first; without `docs`, no result
+    /// and no logs (a listing's summary).
+    WhiskActivations {
+        query: crate::activations::Query,
+        docs: bool,
+    },
+    /// One record in OpenWhisk's shape (answered [`Response::Activated`]).
+    GetWhiskActivation {
+        namespace: Option<String>,
+        id: ActivationId,
+    },
     /// An OpenWhisk activation: its action semantics (default parameters, `__OW_*`
     /// environment, result rules, OpenWhisk's texts for failures).
     Activate(Box<crate::openwhisk::Activate>),
@@ -153,6 +189,10 @@ pub enum Response {
     Activations(Vec<ipc::api::ActivationRecord>),
     /// A blocking OpenWhisk activation, finished.
     Activated(Box<ipc::openwhisk::activation::WhiskActivation>),
+    /// An OpenWhisk action (put, read or deleted).
+    Action(Box<ipc::openwhisk::action::Action>),
+    Actions(Vec<ipc::openwhisk::action::Action>),
+    WhiskActivations(Vec<ipc::openwhisk::activation::WhiskActivation>),
 }
 
 /// A completed workflow run.

@@ -405,6 +405,7 @@ mod tests {
             deps: crate::packages::Deps { packages },
             env: Default::default(),
             http_methods: None,
+            openwhisk: None,
         }
     }
 

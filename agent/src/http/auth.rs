@@ -238,6 +238,14 @@ impl Keys {
     }
 }
 
+/// The `UUID:KEY` a request's headers carry as basic auth, if any.
+pub(super) fn credentials(headers: &[(String, String)]) -> Option<String> {
+    let (_, value) = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("authorization"))?;
+    String::from_utf8(basic_credentials(value)?).ok()
+}
+
 /// The decoded `UUID:KEY` of a `Basic` authorization value.
 fn basic_credentials(value: &str) -> Option<Vec<u8>> {
     if value.len() > MAX_CREDENTIALS {
@@ -316,6 +324,11 @@ pub(super) struct Grant {
     pub remote: bool,
     /// A namespace key's view of a [`Rule::Scoped`] read: only this namespace.
     pub scope: Option<String>,
+    /// The namespace of the caller's key (OpenWhisk's `_`), whatever the rule.
+    pub own: Option<String>,
+    /// The caller's key as it sent it (`uuid:secret`), set by the connection for
+    /// OpenWhisk's `__OW_API_KEY`.
+    pub api_key: Option<String>,
 }
 
 impl Caller<'_> {
@@ -335,26 +348,30 @@ impl Caller<'_> {
         let Some(own) = scope else {
             return Ok(Grant {
                 remote,
-                scope: None,
+                ..Grant::default()
             });
         };
+        let grant = |scope: Option<String>| Grant {
+            remote,
+            scope,
+            own: Some(own.clone()),
+            api_key: None,
+        };
         match rule {
-            Rule::AnyKey => Ok(Grant {
-                remote,
-                scope: None,
-            }),
-            Rule::Scoped => Ok(Grant {
-                remote,
-                scope: Some(own.clone()),
-            }),
-            Rule::Namespace if namespace()? == *own => Ok(Grant {
-                remote,
-                scope: None,
-            }),
-            // Nothing of the other namespace is named, not even whether it exists.
-            Rule::Namespace => Err(forbidden(format!(
+            Rule::AnyKey => Ok(grant(None)),
+            Rule::Scoped => Ok(grant(Some(own.clone()))),
+            // `_`: OpenWhisk's name of the caller's own namespace.
+            Rule::Namespace => {
+                let asked = namespace()?;
+                // `_`: OpenWhisk's name of the caller's own namespace.
+                if asked == *own || asked == "_" {
+                    return Ok(grant(None));
+                }
+                // Nothing of the other namespace is named, not even whether it exists.
+                Err(forbidden(format!(
                 "this key acts only in its own namespace, {own:?}"
-            ))),
+            )))
+            }
             Rule::Node => Err(forbidden(format!(
                 "this route acts on the whole node: only a key of namespace \"{ANY_NAMESPACE}\" may use it, and this key acts only in {own:?}"
             ))),
@@ -496,12 +513,24 @@ mod tests {
         let key = Caller::Key(&alpha);
         let star = Caller::Key(&KeyScope::Any);
         let ns = |n: &'static str| move || Ok(n.to_owned());
+        // A namespace key's grant names its namespace; other callers' name none.
         let grant = |remote, scope: Option<&str>| Grant {
             remote,
             scope: scope.map(str::to_owned),
+            own: Some("alpha".to_owned()),
+            api_key: None,
+        };
+        let plain = |remote| Grant {
+            remote,
+            ..Grant::default()
         };
         assert_eq!(
             key.authorize(Rule::Namespace, ns("alpha")),
+            Ok(grant(true, None))
+        );
+        // OpenWhisk's `_`: the key's own namespace.
+        assert_eq!(
+            key.authorize(Rule::Namespace, ns("_")),
             Ok(grant(true, None))
         );
         let e = key.authorize(Rule::Namespace, ns("beta")).unwrap_err();
@@ -521,12 +550,12 @@ mod tests {
         );
         for caller in [star, Caller::Open] {
             for rule in [Rule::Namespace, Rule::AnyKey, Rule::Scoped, Rule::Node] {
-                assert_eq!(caller.authorize(rule, ns("beta")), Ok(grant(true, None)));
+                assert_eq!(caller.authorize(rule, ns("beta")), Ok(plain(true)));
             }
         }
         assert_eq!(
             Caller::Local.authorize(Rule::Node, ns("beta")),
-            Ok(grant(false, None))
+            Ok(plain(false))
         );
     }
 }

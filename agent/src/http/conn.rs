@@ -107,6 +107,9 @@ pub(super) struct Conn {
     /// The request being answered is a `HEAD`: its response is written without its
     /// body. Set when a request head is read, cleared when its response is written.
     head_only: bool,
+    /// The request being answered is OpenWhisk's (`/api/v1`): its refusals are
+    /// written in OpenWhisk's error shape.
+    openwhisk: bool,
 }
 
 enum State {
@@ -154,6 +157,7 @@ impl Conn {
             close_after_write: false,
             draining: false,
             head_only: false,
+            openwhisk: false,
             abandon: Arc::new(Abandon::default()),
             changes: 0,
             watched: None,
@@ -388,6 +392,7 @@ impl Conn {
     }
 
     fn advance_head(&mut self, limits: &Limits, submit: &mut dyn FnMut(Job) -> bool) -> Step {
+        self.openwhisk = false;
         let (len, mut head) = match wire::parse_head(&self.rbuf, limits.max_head) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return Step::NeedInput,
@@ -399,6 +404,8 @@ impl Conn {
         };
         self.rbuf.drain(..len);
         self.head_only = head.method == "HEAD";
+        self.openwhisk = head.path() == "/api/v1" || head.path().starts_with("/api/v1/");
+        let api_key = auth::credentials(&head.headers);
         let span = debug_span!("http_request", method = %head.method, path = %head.path());
         let persist = head.persist();
         // The key is checked on the head alone: a request without a valid one is
@@ -416,10 +423,16 @@ impl Conn {
         // is refused without waiting for (or, with `100-continue`, asking for) the body.
         let route = routes::find(&head.method, &head.target)
             .and_then(|found| {
-                let grant = caller.authorize(found.rule(), || found.namespace())?;
+                let mut grant = caller.authorize(found.rule(), || found.namespace())?;
+                if let Caller::Key(_) = caller {
+                    grant.api_key = api_key;
+                }
                 found.into_route(head.content_type.as_deref(), &grant)
             })
-            .map(|r| r.with_headers(std::mem::take(&mut head.headers)));
+            .map(|r| {
+                r.with_headers(std::mem::take(&mut head.headers))
+                    .with_openwhisk_wait(limits.openwhisk_wait)
+            });
         if let Err(reject) = &route {
             if reject.status == 403 {
                 let reject = reject.clone();
@@ -574,6 +587,10 @@ impl Conn {
     }
 
     fn respond(&mut self, reply: Reply, persist: Persist) {
+        let reply = match self.openwhisk {
+            true => super::reply::openwhisk_error(reply),
+            false => reply,
+        };
         self.queue(if self.head_only {
             reply.head(persist)
         } else {
@@ -674,6 +691,7 @@ mod tests {
         read_timeout: Duration::from_millis(100),
         idle_timeout: Duration::from_millis(200),
         max_connections: 8,
+        openwhisk_wait: Duration::from_secs(60),
     };
 
     #[test]

@@ -18,6 +18,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Connections open at most; more are answered 503 and closed at once.
     pub max_connections: usize,
+    /// An OpenWhisk blocking invocation (`/api/v1`) still running after this long is
+    /// answered 202 with its activation id (OpenWhisk's 60 s).
+    pub openwhisk_wait: Duration,
 }
 
 impl Default for Limits {
@@ -28,6 +31,7 @@ impl Default for Limits {
             read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            openwhisk_wait: Duration::from_secs(60),
         }
     }
 }

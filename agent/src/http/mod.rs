@@ -66,6 +66,7 @@ mod limits;
 mod listener;
 #[cfg(test)]
 mod openapi;
+mod openwhisk;
 mod reply;
 mod routes;
 mod server;

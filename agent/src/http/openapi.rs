@@ -77,6 +77,7 @@ fn routed() -> BTreeSet<Operation> {
 fn sample(pattern: &str) -> String {
     pattern
         .replace("{ns}", "t")
+        .replace("{pkg}", "p")
         .replace("{name}", "f")
         .replace("{id}", "0123456789abcdef0123456789abcdef")
         .replace("{path}", "a/b")

@@ -9,6 +9,7 @@ use ipc::api::{
     ActivationId, ErrorBody, ErrorDetail, Status, ACTIVATION_ID_HEADER, DEFAULT_NAMESPACE,
 };
 use serde::Serialize;
+use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::wire::{self, Persist};
@@ -42,6 +43,8 @@ pub(super) struct Answer {
     /// An invocation's activation id, made by the router so that every answer, an
     /// error too, carries it in [`ipc::api::ACTIVATION_ID_HEADER`].
     pub activation: Option<ActivationId>,
+    /// An OpenWhisk request (`/api/v1`): answered in OpenWhisk's shapes.
+    pub openwhisk: Option<OwAnswer>,
 }
 
 /// A request refused by the HTTP layer, before or instead of reaching the agent.
@@ -207,6 +210,9 @@ impl Output {
 /// shared result stays in its mapping), or, with `?logs=true`, is copied once into
 /// the record.
 pub(super) fn reply_for(result: Result<Response, Error>, answer: &Answer) -> Output {
+    if let Some(ow) = &answer.openwhisk {
+        return openwhisk_reply(result, ow);
+    }
     let mut out = reply_without_id(result, answer);
     if let Some(id) = answer.activation {
         out.headers.push((ACTIVATION_ID_HEADER, id.to_string()));
@@ -259,6 +265,9 @@ fn reply_without_id(result: Result<Response, Error>, answer: &Answer) -> Output 
         Ok(Response::ActivationLogs(logs)) => Reply::json(200, &logs),
         Ok(Response::Activations(list)) => Reply::json(200, &list),
         Ok(Response::Activated(activation)) => Reply::json(200, &activation),
+        Ok(Response::Action(action)) => Reply::json(200, &action),
+        Ok(Response::Actions(list)) => Reply::json(200, &list),
+        Ok(Response::WhiskActivations(list)) => Reply::json(200, &list),
         Ok(Response::WorkflowRan(out)) => Reply {
             status: 200,
             headers: vec![
@@ -294,6 +303,112 @@ fn reply_without_id(result: Result<Response, Error>, answer: &Answer) -> Output 
                 error: err.detail(),
             },
         ),
+    };
+    reply.into()
+}
+
+/// How an OpenWhisk answer is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct OwAnswer {
+    /// `?result=true`: a blocking invocation answers its result alone.
+    pub result_only: bool,
+    /// `GET /namespaces`: the status's namespaces, as names (with the key's own).
+    pub namespaces: bool,
+    /// The key's own namespace, for `GET /namespaces`.
+    pub own: Option<String>,
+    /// The `code` of an error: the request's transaction id.
+    pub code: String,
+}
+
+// OpenWhisk's shapes (`/api/v1`, `http::openwhisk`).
+
+/// OpenWhisk's error body.
+pub(super) fn error_reply(status: u16, message: &str, code: &str) -> Reply {
+    let message = match status {
+        404 => "The requested resource does not exist.",
+        401 => "The supplied authentication is invalid",
+        _ => message,
+    };
+    Reply::json(status, &json!({"error": message, "code": code}))
+}
+
+/// An error reply of the HTTP layer (sprout's shape) in OpenWhisk's.
+pub(super) fn openwhisk_error(reply: Reply) -> Reply {
+    if reply.status < 400 {
+        return reply;
+    }
+    let message = serde_json::from_slice::<ipc::api::ErrorBody>(&reply.body)
+        .map(|b| b.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&reply.body).into_owned());
+    let mut out = error_reply(
+        reply.status,
+        &message,
+        &crate::activations::Activations::new_id().to_string(),
+    );
+    out.headers = reply.headers;
+    out
+}
+
+/// The HTTP response for what the agent answered an OpenWhisk request.
+fn openwhisk_reply(result: Result<Response, Error>, answer: &OwAnswer) -> Output {
+    let reply = match result {
+        Ok(Response::Action(a)) => Reply::json(200, &a),
+        Ok(Response::Actions(list)) => Reply::json(200, &list),
+        Ok(Response::WhiskActivations(list)) => Reply::json(200, &list),
+        Ok(Response::Accepted(id)) => Reply::json(202, &json!({ "activationId": id })),
+        Ok(Response::Activated(a)) => {
+            // OpenWhisk's statuses for a blocking invocation that finished: an
+            // application or developer error is 502, a system error 500.
+            let status = match a.response.status_code {
+                0 => 200,
+                1 | 2 => 502,
+                _ => 500,
+            };
+            if answer.result_only {
+                let result = a
+                    .response
+                    .result
+                    .as_ref()
+                    .map(|r| r.get().as_bytes().to_vec())
+                    .unwrap_or_else(|| b"{}".to_vec());
+                Reply {
+                    status,
+                    headers: Vec::new(),
+                    body: result,
+                }
+            } else {
+                Reply::json(status, &a)
+            }
+        }
+        Ok(Response::ActivationResult(r)) => {
+            let size = r.result.get().len();
+            Reply::json(
+                200,
+                &json!({
+                    "result": r.result,
+                    "size": size,
+                    "status": crate::openwhisk::activation::status_text(r.status),
+                    "success": r.success,
+                }),
+            )
+        }
+        Ok(Response::ActivationLogs(l)) => Reply::json(200, &json!({ "logs": l.logs })),
+        Ok(Response::Status(status)) if answer.namespaces => {
+            let mut names: Vec<String> = match &answer.own {
+                Some(own) => vec![own.clone()],
+                None => status.namespaces.into_iter().map(|n| n.namespace).collect(),
+            };
+            if names.is_empty() {
+                names.push(DEFAULT_NAMESPACE.to_owned());
+            }
+            Reply::json(200, &names)
+        }
+        Ok(_) => error_reply(
+            500,
+            "the agent's answer does not fit this route",
+            &answer.code,
+        ),
+        Err(e) => error_reply(e.kind().http_status(), &ipc::chain(&e), &answer.code),
     };
     reply.into()
 }

@@ -23,6 +23,7 @@ use ipc::api::{ActivationId, FunctionConfig, RegisterFunction, DEFAULT_NAMESPACE
 use ipc::proto::HttpRequest;
 
 use super::auth::{Grant, Rule};
+use super::openwhisk::{OwOp, OwRoute};
 use super::reply::{Answer, Reject};
 use super::wire;
 use crate::activations::{Activations, Query};
@@ -50,6 +51,8 @@ pub(super) enum Op {
     Metrics,
     ListActivations,
     GetActivation(ActivationPart),
+    /// OpenWhisk's REST API (`/api/v1`).
+    OpenWhisk(OwOp),
     /// Routed, not served yet: answered 501, naming what will serve it.
     Planned(&'static str),
 }
@@ -65,7 +68,12 @@ pub(super) struct PathRoutes {
     pub ops: &'static [(&'static str, Op)],
 }
 
-const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
+const OW_ACTION_OPS: &[(&str, Op)] = &[
+    ("PUT", Op::OpenWhisk(OwOp::PutAction)),
+    ("GET", Op::OpenWhisk(OwOp::GetAction)),
+    ("DELETE", Op::OpenWhisk(OwOp::DeleteAction)),
+    ("POST", Op::OpenWhisk(OwOp::InvokeAction)),
+];
 const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
 
 /// The methods `/run` routes take (every method a function's `triggers.http` may
@@ -227,47 +235,58 @@ pub(super) const ROUTES: &[PathRoutes] = &[
         allow: "GET",
         ops: &[("GET", Op::Stats)],
     },
-    // Planned: issue 15.
+    // OpenWhisk's REST API.
     PathRoutes {
         path: "/api/v1/namespaces",
         allow: "GET",
-        ops: &[("GET", OPENWHISK)],
+        ops: &[("GET", Op::OpenWhisk(OwOp::Namespaces))],
     },
     PathRoutes {
         path: "/api/v1/namespaces/{ns}/actions",
         allow: "GET",
-        ops: &[("GET", OPENWHISK)],
+        ops: &[("GET", Op::OpenWhisk(OwOp::ListActions))],
     },
     PathRoutes {
         path: "/api/v1/namespaces/{ns}/actions/{name}",
         allow: "PUT, GET, DELETE, POST",
-        ops: &[
-            ("PUT", OPENWHISK),
-            ("GET", OPENWHISK),
-            ("DELETE", OPENWHISK),
-            ("POST", OPENWHISK),
-        ],
+        ops: OW_ACTION_OPS,
+    },
+    // A package's action as OpenWhisk's clients send it (`pkg/act` unencoded).
+    PathRoutes {
+        path: "/api/v1/namespaces/{ns}/actions/{pkg}/{name}",
+        allow: "PUT, GET, DELETE, POST",
+        ops: OW_ACTION_OPS,
     },
     PathRoutes {
         path: "/api/v1/namespaces/{ns}/activations",
         allow: "GET",
-        ops: &[("GET", OPENWHISK)],
+        ops: &[("GET", Op::OpenWhisk(OwOp::ListActivations))],
     },
     PathRoutes {
         path: "/api/v1/namespaces/{ns}/activations/{id}",
         allow: "GET",
-        ops: &[("GET", OPENWHISK)],
+        ops: &[(
+            "GET",
+            Op::OpenWhisk(OwOp::GetActivation(ActivationPart::Record)),
+        )],
     },
     PathRoutes {
         path: "/api/v1/namespaces/{ns}/activations/{id}/result",
         allow: "GET",
-        ops: &[("GET", OPENWHISK)],
+        ops: &[(
+            "GET",
+            Op::OpenWhisk(OwOp::GetActivation(ActivationPart::Result)),
+        )],
     },
     PathRoutes {
         path: "/api/v1/namespaces/{ns}/activations/{id}/logs",
         allow: "GET",
-        ops: &[("GET", OPENWHISK)],
+        ops: &[(
+            "GET",
+            Op::OpenWhisk(OwOp::GetActivation(ActivationPart::Logs)),
+        )],
     },
+    // Planned: issue 15.
     PathRoutes {
         path: "/invoke",
         allow: "POST",
@@ -284,6 +303,8 @@ pub(super) const ROUTES: &[PathRoutes] = &[
 #[derive(Debug, Default)]
 pub(super) struct Params<'a> {
     ns: Option<&'a str>,
+    /// An OpenWhisk action's package.
+    pkg: Option<&'a str>,
     name: Option<&'a str>,
     id: Option<&'a str>,
     /// Where a last `{path}` begins in the path (after its `/`).
@@ -305,6 +326,7 @@ pub(super) fn match_path<'a>(pattern: &str, path: &'a str) -> Option<Params<'a>>
             }
             Some(_) if segment.is_empty() => return None,
             Some("ns") => params.ns = Some(segment),
+            Some("pkg") => params.pkg = Some(segment),
             Some("name") => params.name = Some(segment),
             Some("id") => params.id = Some(segment),
             Some(_) => {}
@@ -408,6 +430,10 @@ pub(super) fn rule(op: Op, pattern: &str) -> Rule {
         Op::ListActivations | Op::GetActivation(_) => Rule::Scoped,
         // Every namespace's counters and function names.
         Op::Metrics => Rule::Node,
+        // The namespaces listed are narrowed to the key's; the rest acts in the
+        // path's namespace.
+        Op::OpenWhisk(OwOp::Namespaces) => Rule::Scoped,
+        Op::OpenWhisk(_) => Rule::Namespace,
         Op::Planned(_) if pattern.contains("{ns}") => Rule::Namespace,
         Op::Planned(_)
             if pattern.starts_with("/activations") || pattern == "/api/v1/namespaces" =>
@@ -451,6 +477,21 @@ impl Found<'_> {
                     routes.path
                 ),
             ));
+        }
+        if let Op::OpenWhisk(op) = op {
+            let namespace =
+                super::openwhisk::namespace_of(decode(params.ns, path)?, grant.own.as_deref());
+            let mut name = decode(params.name.or(params.id), path)?;
+            if let Some(pkg) = params.pkg {
+                name = format!("{}/{name}", decode(Some(pkg), path)?);
+            }
+            let query = parse_query(query)?;
+            let caller = super::openwhisk::Caller {
+                own: grant.own.clone(),
+                api_key: grant.api_key.clone(),
+            };
+            return super::openwhisk::route(op, namespace, name, query, caller)
+                .map(Route::OpenWhisk);
         }
         if let Op::GetActivation(part) = op {
             let id = decode(params.id, path)?;
@@ -597,7 +638,9 @@ fn into_route(
         }
         Op::RemoveWorkflow => no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name }),
         Op::RunWorkflow => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
-        Op::Planned(_) | Op::Run | Op::GetActivation(_) => unreachable!("answered above"),
+        Op::Planned(_) | Op::Run | Op::GetActivation(_) | Op::OpenWhisk(_) => {
+            unreachable!("answered above")
+        }
     }
 }
 
@@ -666,6 +709,8 @@ pub(super) enum Route {
         namespace: String,
         name: String,
     },
+    /// OpenWhisk's REST API.
+    OpenWhisk(OwRoute),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -693,10 +738,28 @@ impl Route {
         self
     }
 
+    /// Sets how long an OpenWhisk blocking invocation is waited for.
+    pub fn with_openwhisk_wait(self, wait: std::time::Duration) -> Route {
+        match self {
+            Route::OpenWhisk(r) => Route::OpenWhisk(r.with_wait(wait)),
+            other => other,
+        }
+    }
+
     /// Completes the route with the request's body.
     pub fn into_dispatch(self, body: Vec<u8>) -> Result<Dispatch, Reject> {
         let mut answer = Answer::default();
         let (request, logs) = match self {
+            Route::OpenWhisk(route) => {
+                let (request, ow) = route.into_dispatch(body)?;
+                return Ok(Dispatch {
+                    request,
+                    answer: Answer {
+                        openwhisk: Some(ow),
+                        ..answer
+                    },
+                });
+            }
             Route::Register {
                 namespace,
                 name,

@@ -267,7 +267,21 @@ impl Handle for Fake {
                     }
                 }
             }
-            Request::PutAction { .. } | Request::Activate(_) => {
+            Request::GetAction { name, namespace } if name == "pkg/known" => {
+                Ok(Response::Action(Box::new(ipc::openwhisk::action::Action {
+                    namespace: Some(namespace.clone()),
+                    name: Some(name.clone()),
+                    ..Default::default()
+                })))
+            }
+            Request::GetAction { namespace, name } => Err(Error::not_found_in(namespace, name)),
+            Request::PutAction { .. }
+            | Request::Activate(_)
+            | Request::ListActions { .. }
+            | Request::DeleteAction { .. }
+            | Request::InvokeAction { .. }
+            | Request::WhiskActivations { .. }
+            | Request::GetWhiskActivation { .. } => {
                 Err(Error::InvalidConfig("not in the fake".into()))
             }
         };

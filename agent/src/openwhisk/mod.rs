@@ -47,6 +47,7 @@ pub struct Activate {
     pub wait_at_most: Option<std::time::Duration>,
 }
 
+pub mod action;
 pub mod activation;
 pub mod context;
 pub mod error;

@@ -291,6 +291,11 @@ struct HttpArgs {
     /// are answered 503 (a second signal ends it): milliseconds or seconds.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// An OpenWhisk blocking invocation (`/api/v1`) still running after this long is
+    /// answered 202 with its activation id, and finishes in the background
+    /// (OpenWhisk's 60 s).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    openwhisk_wait: Duration,
 }
 
 impl HttpArgs {
@@ -299,6 +304,7 @@ impl HttpArgs {
             read_timeout: self.read_timeout,
             idle_timeout: self.keep_alive_timeout,
             max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            openwhisk_wait: self.openwhisk_wait,
             ..agent::http::Limits::default()
         }
     }
