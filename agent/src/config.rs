@@ -260,6 +260,9 @@ pub struct Config {
     /// Threads that run accepted asynchronous invocations (`--async-workers`): each
     /// waits in its function's queue like a client's request. At least 1.
     pub async_workers: usize,
+    /// How the node acts as an OpenWhisk invoker (`POST /invoke`): its identity in
+    /// acknowledgements, and OpenWhisk's CouchDB (`--whisks-db`) if any.
+    pub openwhisk_invoker: crate::openwhisk::invoker::Settings,
 }
 
 /// The default of `--async-workers`.
@@ -301,6 +304,7 @@ impl Config {
             no_records: false,
             activations: crate::activations::Retention::default(),
             async_workers: DEFAULT_ASYNC_WORKERS,
+            openwhisk_invoker: crate::openwhisk::invoker::Settings::default(),
         }
     }
 }

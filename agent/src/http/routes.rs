@@ -50,6 +50,10 @@ pub(super) enum Op {
     Metrics,
     ListActivations,
     GetActivation(ActivationPart),
+    /// The OpenWhisk invoker contract: an `ActivationMessage`, answered early.
+    InvokerActivate,
+    /// The invoker's health check.
+    Ping,
     /// Routed, not served yet: answered 501, naming what will serve it.
     Planned(&'static str),
 }
@@ -66,7 +70,6 @@ pub(super) struct PathRoutes {
 }
 
 const OPENWHISK: Op = Op::Planned("issue 15: OpenWhisk's REST API");
-const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
 
 /// The methods `/run` routes take (every method a function's `triggers.http` may
 /// name, and `HEAD` and `OPTIONS`).
@@ -271,12 +274,12 @@ pub(super) const ROUTES: &[PathRoutes] = &[
     PathRoutes {
         path: "/invoke",
         allow: "POST",
-        ops: &[("POST", INVOKER)],
+        ops: &[("POST", Op::InvokerActivate)],
     },
     PathRoutes {
         path: "/ping",
         allow: "GET",
-        ops: &[("GET", INVOKER)],
+        ops: &[("GET", Op::Ping)],
     },
 ];
 
@@ -408,6 +411,10 @@ pub(super) fn rule(op: Op, pattern: &str) -> Rule {
         Op::ListActivations | Op::GetActivation(_) => Rule::Scoped,
         // Every namespace's counters and function names.
         Op::Metrics => Rule::Node,
+        // A namespace key acts for its own namespace only, which the message's body
+        // names: checked once it is read (`Route::into_dispatch`), before any answer.
+        Op::InvokerActivate => Rule::Scoped,
+        Op::Ping => Rule::AnyKey,
         Op::Planned(_) if pattern.contains("{ns}") => Rule::Namespace,
         Op::Planned(_)
             if pattern.starts_with("/activations") || pattern == "/api/v1/namespaces" =>
@@ -589,6 +596,10 @@ fn into_route(
         Op::Stats => no_params(&query).map(|()| Route::Stats),
         Op::Usage => no_params(&query).map(|()| Route::Usage { namespace }),
         Op::Metrics => no_params(&query).map(|()| Route::Metrics),
+        Op::InvokerActivate => no_params(&query).map(|()| Route::Invoker {
+            scope: grant.scope.clone(),
+        }),
+        Op::Ping => no_params(&query).map(|()| Route::Ping),
         Op::ListPackages => no_params(&query).map(|()| Route::ListPackages),
         Op::CollectPackages => no_params(&query).map(|()| Route::CollectPackages),
         Op::ListWorkflows => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
@@ -649,6 +660,11 @@ pub(super) enum Route {
         namespace: String,
     },
     Metrics,
+    /// `POST /invoke`; a namespace key's message must be of its namespace.
+    Invoker {
+        scope: Option<String>,
+    },
+    Ping,
     ListPackages,
     CollectPackages,
     RegisterWorkflow {
@@ -802,6 +818,32 @@ impl Route {
             }
             Route::Usage { namespace } => (Request::Usage { namespace }, false),
             Route::Metrics => (Request::Metrics, false),
+            Route::Invoker { scope } => {
+                let msg = ipc::openwhisk::invoker::ActivationMessage::parse(&body)
+                    .map_err(|e| Reject::bad_request(ipc::chain(&e)))?;
+                // A namespace key: the message is its namespace's, invoking an action
+                // of its namespace (sprout shares no packages across namespaces).
+                if let Some(own) = &scope {
+                    if &msg.user.namespace.name != own || msg.action.namespace() != own {
+                        return Err(super::auth::forbidden(format!(
+                            "this key acts only in its own namespace, {own:?}: the message is of namespace {:?} and its action of {:?}",
+                            msg.user.namespace.name,
+                            msg.action.namespace()
+                        )));
+                    }
+                }
+                return Ok(Dispatch {
+                    request: Request::Invoker(Box::new(msg)),
+                    answer: Answer {
+                        early: true,
+                        ..answer
+                    },
+                });
+            }
+            Route::Ping => {
+                answer.ping = true;
+                (Request::Status, false)
+            }
             Route::ListPackages => (Request::ListPackages, false),
             Route::CollectPackages => (Request::CollectPackages, false),
             Route::RegisterWorkflow { namespace, name } => {

@@ -40,3 +40,5 @@ pub struct Activate {
 }
 
 pub mod activation;
+pub mod invoker;
+pub mod whisks;

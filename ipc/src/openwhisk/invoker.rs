@@ -386,9 +386,11 @@ mod tests {
         assert_eq!(msg.content, Some(json!([1, 2])));
     }
 
+    type Change = Box<dyn Fn(&mut serde_json::Value)>;
+
     #[test]
     fn bad_messages_are_refused_saying_why() {
-        let cases: Vec<(Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|m| m["transid"] = json!("t")), "ActivationMessage"),
             (Box::new(|m| m["transid"] = json!([1, 2])), "transid"),
             (Box::new(|m| m["transid"] = json!(["t"])), "transid"),
