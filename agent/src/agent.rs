@@ -58,6 +58,7 @@ use crate::error::Error;
 use crate::invoke::{CallOpts, Invoker};
 use crate::metrics::{Gauges, Metrics, SandboxStates};
 use crate::names::{validate_namespace, FunctionKey};
+use crate::openwhisk::invoker::WhiskInvoker;
 use crate::registrations::Store;
 use crate::registry::{remove_owned_dir, Registry};
 use crate::request::{ActivationPart, Request, Response};
@@ -83,6 +84,8 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     activations: Arc<Activations>,
     asyncs: AsyncRunner,
+    /// The OpenWhisk invoker contract (`Request::Invoker`).
+    whisk_invoker: WhiskInvoker,
     started: Instant,
     /// What outlives the process; locked while the agent runs (taken by shutdown).
     data: Mutex<Option<DataDir>>,
@@ -138,6 +141,8 @@ impl Agent {
             }
             None => (None, None),
         };
+        let whisk_invoker = WhiskInvoker::start(config.openwhisk_invoker.clone())
+            .map_err(|e| Error::InvalidConfig(ipc::chain(&e)))?;
         let uploads = data.as_ref().map(DataDir::code);
         let sandboxes = Arc::new(Sandboxes::start(&config)?);
         tracing::info!(agent_id = sandboxes.agent_id(), state_dir = %sandboxes.state_path().display(), "agent started");
@@ -255,6 +260,7 @@ impl Agent {
             metrics,
             activations,
             asyncs,
+            whisk_invoker,
             started: Instant::now(),
             data: Mutex::new(data),
             manager: Mutex::new(manager),
@@ -295,6 +301,7 @@ impl Agent {
         // over is committed before the data directory is let go.
         self.asyncs.stop();
         self.activations.close();
+        self.whisk_invoker.stop();
         stopped?;
         self.sandboxes.remove_state()?;
         // Unlocks the data directory for the next agent.
@@ -444,6 +451,12 @@ impl Agent {
                 }
             }
             Request::Activate(activate) => self.activate(*activate, abandon),
+            Request::Invoker(msg) => {
+                let run = |req| self.handle_abandonable(req, abandon);
+                Ok(Response::Acknowledged(Box::new(
+                    self.whisk_invoker.acknowledge(*msg, &run),
+                )))
+            }
             Request::Status => Ok(Response::Status(self.status())),
             Request::Usage { namespace } => {
                 validate_namespace(&namespace)?;

@@ -263,6 +263,9 @@ pub struct Config {
     /// OpenWhisk's API host (`--api-host URL`): each OpenWhisk activation's
     /// `__OW_API_HOST`. `None`: not set.
     pub api_host: Option<String>,
+    /// How the node acts as an OpenWhisk invoker (`POST /invoke`): its identity in
+    /// acknowledgements, and OpenWhisk's CouchDB (`--whisks-db`) if any.
+    pub openwhisk_invoker: crate::openwhisk::invoker::Settings,
 }
 
 /// The default of `--async-workers`.
@@ -305,6 +308,7 @@ impl Config {
             activations: crate::activations::Retention::default(),
             async_workers: DEFAULT_ASYNC_WORKERS,
             api_host: None,
+            openwhisk_invoker: crate::openwhisk::invoker::Settings::default(),
         }
     }
 }

@@ -84,6 +84,11 @@ pub enum Request {
     /// An OpenWhisk activation: its action semantics (default parameters, `__OW_*`
     /// environment, result rules, OpenWhisk's texts for failures).
     Activate(Box<crate::openwhisk::Activate>),
+    /// An OpenWhisk controller's activation (the invoker contract, `POST /invoke`):
+    /// its action fetched from the `whisks` database when configured and needed, run
+    /// as one [`Request::Activate`], answered [`Response::Acknowledged`] whatever
+    /// the outcome.
+    Invoker(Box<ipc::openwhisk::invoker::ActivationMessage>),
     /// OpenLambda's `/run/{name}[/path]`, any method: an HTTP app (its instance said
     /// so when it loaded) gets the whole request; a plain function gets the body as
     /// its event (empty: `{}`). Methods are checked against the function's
@@ -193,6 +198,8 @@ pub enum Response {
     Action(Box<ipc::openwhisk::action::Action>),
     Actions(Vec<ipc::openwhisk::action::Action>),
     WhiskActivations(Vec<ipc::openwhisk::activation::WhiskActivation>),
+    /// An invoker's acknowledgement of a [`Request::Invoker`].
+    Acknowledged(Box<ipc::openwhisk::invoker::Acknowledgement>),
 }
 
 /// A completed workflow run.

@@ -466,6 +466,145 @@ pub fn throughput(
     Ok(Row::new(&format!("throughput, {clients} clients (no-op)"), &all).with_ops_per_s(ops))
 }
 
+/// OpenWhisk's invoker contract, warm: `POST /invoke` with an `ActivationMessage`
+/// for the no-op function over a kept TCP connection with the `*` key, timed to the
+/// early acknowledgement (the response's head) and to its body (the acknowledgement
+/// with the activation); and, interleaved call by call on the same daemon, sprout's
+/// own warm invoke over TCP with the same key: the invoker path's cost is the
+/// difference of the bodies.
+pub fn warm_invoker(bin: &Path, noop: &Noop, runs: usize) -> anyhow::Result<[Row; 3]> {
+    use std::io::{Read, Write};
+
+    let files = tempfile::Builder::new()
+        .prefix("sprout-bench-invoker-")
+        .tempdir()?;
+    let key = "bench-0000-4000-8000-000000000002:bench-secret-0123456789abcdef0123456789";
+    let keys = files.path().join("keys");
+    std::fs::write(&keys, format!("* {key}\n"))?;
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let (addr_arg, keys_arg) = (addr.to_string(), keys.display().to_string());
+    let mut args: Vec<&str> = KEEP_RUNNING.to_vec();
+    args.extend(["--listen", &addr_arg, "--auth", &keys_arg]);
+    let d = Daemon::start(bin, &args)?;
+    let mut unix = d.client()?;
+    d.register(&mut unix, "noop", noop.dir, noop.settings())?;
+    let options = ipc::client::TcpOptions {
+        key: Some(key.to_owned()),
+        ca_cert: None,
+    };
+    let mut own = Client::connect_url(&format!("http://{addr}"), &options)
+        .with_context(|| format!("connect to http://{addr}"))?;
+    let mut raw = std::net::TcpStream::connect(addr)?;
+    raw.set_nodelay(true)?;
+    raw.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let authorization = format!("Basic {}", base64_standard(key.as_bytes()));
+    let mut n: u128 = 0;
+    let mut buf = Vec::with_capacity(8192);
+    // One `POST /invoke`: (to the head, to the body's end).
+    let mut activation = |raw: &mut std::net::TcpStream| -> anyhow::Result<(Duration, Duration)> {
+        n += 1;
+        let msg = json!({
+            "transid": [format!("bench-{n}"), 1700000000000_u64],
+            "action": {"path": "default", "name": "noop", "version": "0.0.1"},
+            "revision": null,
+            "user": {"subject": "bench", "namespace": {"name": "default", "uuid": "b"},
+                     "authkey": {"api_key": "b:k"}},
+            "activationId": format!("{n:032x}"),
+            "rootControllerIndex": {"asString": "0"},
+            "blocking": true,
+            "content": {}
+        })
+        .to_string();
+        let req = format!(
+            "POST /invoke HTTP/1.1\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{msg}",
+            msg.len()
+        );
+        buf.clear();
+        let t = Instant::now();
+        raw.write_all(req.as_bytes())?;
+        let mut head = None;
+        let mut chunk = [0u8; 8192];
+        loop {
+            let got = raw.read(&mut chunk)?;
+            if got == 0 {
+                bail!(
+                    "POST /invoke: the connection closed: {}",
+                    String::from_utf8_lossy(&buf)
+                );
+            }
+            buf.extend_from_slice(&chunk[..got]);
+            if head.is_none() && buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                head = Some(t.elapsed());
+            }
+            if buf.ends_with(b"\r\n0\r\n\r\n") {
+                break;
+            }
+        }
+        let body = t.elapsed();
+        if !buf.starts_with(b"HTTP/1.1 200 ") {
+            bail!("POST /invoke: {}", String::from_utf8_lossy(&buf));
+        }
+        // A failed activation is not a measurement of the warm path.
+        let text = String::from_utf8_lossy(&buf);
+        if !text.contains("\"statusCode\":0") {
+            bail!("POST /invoke: the activation did not succeed: {text}");
+        }
+        Ok((head.unwrap_or(body), body))
+    };
+    invoke(&mut own, "noop")?;
+    for _ in 0..runs / 10 + 1 {
+        activation(&mut raw)?; // warm-up
+        invoke(&mut own, "noop")?;
+    }
+    let (mut heads, mut bodies, mut owns) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (head, body) = activation(&mut raw)?;
+        heads.push(head);
+        bodies.push(body);
+        let t = Instant::now();
+        let r = invoke(&mut own, "noop")?;
+        owns.push(t.elapsed());
+        expect_start(&r, "warm")?;
+    }
+    Ok([
+        Row::new(
+            "POST /invoke warm (no-op, TCP): early acknowledgement",
+            &heads,
+        ),
+        Row::new(
+            "POST /invoke warm (no-op, TCP): acknowledgement body",
+            &bodies,
+        ),
+        Row::new(
+            "  control: sprout's own warm invoke, same daemon and key, interleaved",
+            &owns,
+        ),
+    ])
+}
+
+/// Standard base64 (the basic auth header).
+fn base64_standard(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,6 +236,11 @@ fn latency(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         step("warm over TCP", Ok(tcp))?;
         step("warm over TCP, control", Ok(control))?;
     }
+    let [head, body, own] = latency::warm_invoker(&bin, &python, settings.warm_runs)
+        .context("POST /invoke warm (OpenWhisk's invoker contract)")?;
+    step("invoker, early acknowledgement", Ok(head))?;
+    step("invoker, acknowledgement body", Ok(body))?;
+    step("invoker, control", Ok(own))?;
     let (on, off, delta) = records::warm_pair(&bin, &noop, settings.warm_runs)
         .context("warm invoke, records on and off")?;
     step("records on", Ok(on))?;

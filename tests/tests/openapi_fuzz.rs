@@ -66,8 +66,6 @@ fn the_api_answers_every_generated_request_within_its_spec_and_never_with_a_5xx(
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         ])
-        // The invoker's routes are planned (issue 15): they answer 501 by design.
-        .args(["--exclude-path-regex", "^/(invoke$|ping$)"])
         .args(["--phases", "coverage,fuzzing,stateful"])
         .args(["--max-examples", "50", "--seed", "14", "--workers", "1", "--no-shrink"])
         .args(["--request-timeout", "30"])

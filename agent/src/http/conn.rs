@@ -18,6 +18,16 @@
 //! While the server drains ([`Conn::drain`]), every response says
 //! `Connection: close`, and a request read behind the last one is answered 503.
 //!
+//! A request whose route answers early (`POST /invoke`: [`Answer::early`]) gets a
+//! two-phase response: as soon as it is handed to a worker, `200` and its headers
+//! are written (and flushed) with `Transfer-Encoding: chunked`, and the body follows
+//! as one chunk when the worker's answer comes; the connection stays open for the
+//! next request. An HTTP/1.0 client gets the body delimited by the connection's
+//! close instead. If the answer is not a `200` (the handler failed after the head
+//! went out, or the server drains), the body is cut short: the connection closes
+//! without the last chunk, which the client sees as a broken response, never as a
+//! complete one.
+//!
 //! A response to `HEAD` is its head only, whatever made it (a function's or an HTTP
 //! app's answer, an error): its `Content-Length` is the length of the body it would
 //! have had (RFC 9110 §9.3.2, §8.6), and no body byte is written, so the next
@@ -36,7 +46,7 @@ use ipc::Payload;
 use super::auth::{self, Caller, Gate};
 use super::limits::Limits;
 use super::listener::Stream;
-use super::reply::{Output, Reject, Reply};
+use super::reply::{Output, Reject, Reply, CONTENT_TYPE};
 use super::routes::{self, Dispatch, Route};
 use super::wire::{self, Chunked, Framing, Persist};
 use crate::transport::Abandon;
@@ -110,6 +120,20 @@ pub(super) struct Conn {
     /// The request being answered is OpenWhisk's (`/api/v1`): its refusals are
     /// written in OpenWhisk's error shape.
     openwhisk: bool,
+    /// The request being read or answered is HTTP/1.0.
+    http10: bool,
+    /// The head of the response to the request being handled has gone out already
+    /// (an early answer): how its body is framed.
+    early: Option<Early>,
+}
+
+/// How the body of a response whose head went out early is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Early {
+    /// Chunked: the connection may be kept.
+    Chunked(Persist),
+    /// Ends with the connection (HTTP/1.0).
+    UntilClose,
 }
 
 enum State {
@@ -158,6 +182,8 @@ impl Conn {
             draining: false,
             head_only: false,
             openwhisk: false,
+            http10: false,
+            early: None,
             abandon: Arc::new(Abandon::default()),
             changes: 0,
             watched: None,
@@ -263,6 +289,10 @@ impl Conn {
     /// A request begun and not complete (part of its head or body read) is answered
     /// 503 too.
     pub fn cut_off(&mut self, grace: Option<Duration>) {
+        if self.early.is_some() {
+            // Its head is out: nothing more can be said but a broken body.
+            return;
+        }
         let message = match (&self.state, grace) {
             (State::Waiting, Some(grace)) => format!(
                 "the server is shutting down: the request did not finish within the shutdown grace of {} ms",
@@ -350,6 +380,9 @@ impl Conn {
         submit: &mut dyn FnMut(Job) -> bool,
     ) -> Life {
         debug_assert!(matches!(self.state, State::Waiting));
+        if let Some(early) = self.early.take() {
+            return self.finish_early(early, output, limits, submit);
+        }
         let cut_short = self.draining && persist != Persist::Close;
         let persist = if self.draining {
             Persist::Close
@@ -371,6 +404,62 @@ impl Conn {
             self.queue(reject.reply().encode(Persist::Close));
         }
         self.drive(limits, submit)
+    }
+
+    /// Writes the body of a response whose head went out early.
+    fn finish_early(
+        &mut self,
+        early: Early,
+        output: Output,
+        limits: &Limits,
+        submit: &mut dyn FnMut(Job) -> bool,
+    ) -> Life {
+        self.state = State::Writing;
+        self.close_after_write = true;
+        if output.status != 200 {
+            debug!(
+                connection = self.token.0,
+                status = output.status,
+                "early answer failed: its body is cut short"
+            );
+        } else {
+            match early {
+                Early::Chunked(persist) => {
+                    let (size, end) = wire::last_chunk(&output.body);
+                    self.queue(size);
+                    self.queue(output.body);
+                    self.queue(end.to_vec());
+                    self.close_after_write = self.draining || persist == Persist::Close;
+                }
+                Early::UntilClose => self.queue(output.body),
+            }
+        }
+        if self.close_after_write {
+            // A request pipelined behind it is not served.
+            self.rbuf.clear();
+        }
+        self.drive(limits, submit)
+    }
+
+    /// Writes the head of the response to the request just handed over: `200`,
+    /// before its body is known.
+    fn answer_early(&mut self, persist: Persist) {
+        let early = if self.http10 {
+            Early::UntilClose
+        } else {
+            Early::Chunked(persist)
+        };
+        let persist = match early {
+            Early::UntilClose => Persist::Close,
+            Early::Chunked(persist) => persist,
+        };
+        self.queue(wire::encode_streamed_head(
+            200,
+            CONTENT_TYPE,
+            early != Early::UntilClose,
+            persist,
+        ));
+        self.early = Some(early);
     }
 
     fn queue(&mut self, bytes: impl Into<Payload>) {
@@ -406,6 +495,7 @@ impl Conn {
         self.head_only = head.method == "HEAD";
         self.openwhisk = head.path() == "/api/v1" || head.path().starts_with("/api/v1/");
         let api_key = auth::credentials(&head.headers);
+        self.http10 = head.http10;
         let span = debug_span!("http_request", method = %head.method, path = %head.path());
         let persist = head.persist();
         // The key is checked on the head alone: a request without a valid one is
@@ -534,6 +624,7 @@ impl Conn {
         self.changes += 1;
         match route.and_then(|r| r.into_dispatch(body)) {
             Ok(dispatch) => {
+                let early = dispatch.answer.early;
                 let job = Job {
                     token: self.token,
                     dispatch,
@@ -547,6 +638,8 @@ impl Conn {
                         &span,
                         shutting_down("the server is shutting down".to_owned()),
                     );
+                } else if early {
+                    self.answer_early(persist);
                 }
             }
             Err(reject) => {

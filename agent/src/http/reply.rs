@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::request::{Invocation, Response};
 
 /// Every response is JSON, but `GET /metrics`'s (Prometheus' text format).
-const CONTENT_TYPE: &str = "application/json";
+pub(super) const CONTENT_TYPE: &str = "application/json";
 
 /// Header carrying an invocation's duration in microseconds.
 pub const DURATION_HEADER: &str = "X-Sprout-Duration-Us";
@@ -45,6 +45,11 @@ pub(super) struct Answer {
     pub activation: Option<ActivationId>,
     /// An OpenWhisk request (`/api/v1`): answered in OpenWhisk's shapes.
     pub openwhisk: Option<OwAnswer>,
+    /// The response's head is written as soon as the request is handed over, before
+    /// its answer (`POST /invoke`'s early acknowledgement): `200`, the body chunked.
+    pub early: bool,
+    /// `GET /ping`: the status only says the agent is up.
+    pub ping: bool,
 }
 
 /// A request refused by the HTTP layer, before or instead of reaching the agent.
@@ -234,6 +239,10 @@ fn reply_without_id(result: Result<Response, Error>, answer: &Answer) -> Output 
             &serde_json::json!({ "removed": name, "namespace": namespace }),
         ),
         Ok(Response::Invoked(inv)) => return invoked(inv, logs),
+        Ok(Response::Status(_)) if answer.ping => {
+            Reply::json(200, &serde_json::json!({"ok": true}))
+        }
+        Ok(Response::Acknowledged(ack)) => Reply::json(200, &ack),
         Ok(Response::Status(status)) if answer.stats => Reply::json(200, &stats(&status)),
         Ok(Response::Status(mut status)) => {
             if let Some(own) = &answer.scope {

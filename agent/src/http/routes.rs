@@ -12,9 +12,7 @@
 //! agent whole ([`Request::Run`]), which checks the method against the function's
 //! `triggers.http` and hands an HTTP app everything.
 //!
-//! The whole route map is settled here, also what later issues fill in: such a
-//! route is [`Op::Planned`] and answered `501` (`not_implemented`, naming what will
-//! serve it); a path in no route is a `404`, a known path with another method a `405`.
+//! A path in no route is a `404`, a known path with another method a `405`.
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -53,8 +51,10 @@ pub(super) enum Op {
     GetActivation(ActivationPart),
     /// OpenWhisk's REST API (`/api/v1`).
     OpenWhisk(OwOp),
-    /// Routed, not served yet: answered 501, naming what will serve it.
-    Planned(&'static str),
+    /// The OpenWhisk invoker contract: an `ActivationMessage`, answered early.
+    InvokerActivate,
+    /// The invoker's health check.
+    Ping,
 }
 
 /// The routes of one path pattern.
@@ -74,7 +74,6 @@ const OW_ACTION_OPS: &[(&str, Op)] = &[
     ("DELETE", Op::OpenWhisk(OwOp::DeleteAction)),
     ("POST", Op::OpenWhisk(OwOp::InvokeAction)),
 ];
-const INVOKER: Op = Op::Planned("issue 15: the OpenWhisk invoker contract");
 
 /// The methods `/run` routes take (every method a function's `triggers.http` may
 /// name, and `HEAD` and `OPTIONS`).
@@ -286,16 +285,15 @@ pub(super) const ROUTES: &[PathRoutes] = &[
             Op::OpenWhisk(OwOp::GetActivation(ActivationPart::Logs)),
         )],
     },
-    // Planned: issue 15.
     PathRoutes {
         path: "/invoke",
         allow: "POST",
-        ops: &[("POST", INVOKER)],
+        ops: &[("POST", Op::InvokerActivate)],
     },
     PathRoutes {
         path: "/ping",
         allow: "GET",
-        ops: &[("GET", INVOKER)],
+        ops: &[("GET", Op::Ping)],
     },
 ];
 
@@ -356,7 +354,6 @@ pub(super) fn route(
 pub(super) struct Found<'a> {
     method: &'a str,
     op: Op,
-    routes: &'static PathRoutes,
     params: Params<'a>,
     path: &'a str,
     query: &'a str,
@@ -396,7 +393,6 @@ pub(super) fn find<'a>(method: &'a str, target: &'a str) -> Result<Found<'a>, Re
     Ok(Found {
         method,
         op,
-        routes,
         params,
         path,
         query,
@@ -404,7 +400,7 @@ pub(super) fn find<'a>(method: &'a str, target: &'a str) -> Result<Found<'a>, Re
 }
 
 /// Who may use a route ([`auth`](super::auth)'s rules).
-pub(super) fn rule(op: Op, pattern: &str) -> Rule {
+pub(super) fn rule(op: Op) -> Rule {
     match op {
         Op::ListFunctions
         | Op::RegisterFunction
@@ -434,20 +430,17 @@ pub(super) fn rule(op: Op, pattern: &str) -> Rule {
         // path's namespace.
         Op::OpenWhisk(OwOp::Namespaces) => Rule::Scoped,
         Op::OpenWhisk(_) => Rule::Namespace,
-        Op::Planned(_) if pattern.contains("{ns}") => Rule::Namespace,
-        Op::Planned(_)
-            if pattern.starts_with("/activations") || pattern == "/api/v1/namespaces" =>
-        {
-            Rule::Scoped
-        }
-        Op::Planned(_) => Rule::Node,
+        // A namespace key acts for its own namespace only, which the message's body
+        // names: checked once it is read (`Route::into_dispatch`), before any answer.
+        Op::InvokerActivate => Rule::Scoped,
+        Op::Ping => Rule::AnyKey,
     }
 }
 
 impl Found<'_> {
     /// Who may use the route.
     pub fn rule(&self) -> Rule {
-        rule(self.op, self.routes.path)
+        rule(self.op)
     }
 
     /// The namespace the route acts in: its path's, or `default`.
@@ -463,21 +456,10 @@ impl Found<'_> {
         let Found {
             method,
             op,
-            routes,
             params,
             path,
             query,
         } = self;
-        if let Op::Planned(what) = op {
-            return Err(Reject::new(
-                501,
-                "not_implemented",
-                format!(
-                    "{method} {} is not served yet: it is planned ({what})",
-                    routes.path
-                ),
-            ));
-        }
         if let Op::OpenWhisk(op) = op {
             let namespace =
                 super::openwhisk::namespace_of(decode(params.ns, path)?, grant.own.as_deref());
@@ -630,6 +612,10 @@ fn into_route(
         Op::Stats => no_params(&query).map(|()| Route::Stats),
         Op::Usage => no_params(&query).map(|()| Route::Usage { namespace }),
         Op::Metrics => no_params(&query).map(|()| Route::Metrics),
+        Op::InvokerActivate => no_params(&query).map(|()| Route::Invoker {
+            scope: grant.scope.clone(),
+        }),
+        Op::Ping => no_params(&query).map(|()| Route::Ping),
         Op::ListPackages => no_params(&query).map(|()| Route::ListPackages),
         Op::CollectPackages => no_params(&query).map(|()| Route::CollectPackages),
         Op::ListWorkflows => no_params(&query).map(|()| Route::ListWorkflows { namespace }),
@@ -638,7 +624,7 @@ fn into_route(
         }
         Op::RemoveWorkflow => no_params(&query).map(|()| Route::RemoveWorkflow { namespace, name }),
         Op::RunWorkflow => no_params(&query).map(|()| Route::RunWorkflow { namespace, name }),
-        Op::Planned(_) | Op::Run | Op::GetActivation(_) | Op::OpenWhisk(_) => {
+        Op::Run | Op::GetActivation(_) | Op::OpenWhisk(_) => {
             unreachable!("answered above")
         }
     }
@@ -692,6 +678,11 @@ pub(super) enum Route {
         namespace: String,
     },
     Metrics,
+    /// `POST /invoke`; a namespace key's message must be of its namespace.
+    Invoker {
+        scope: Option<String>,
+    },
+    Ping,
     ListPackages,
     CollectPackages,
     RegisterWorkflow {
@@ -865,6 +856,32 @@ impl Route {
             }
             Route::Usage { namespace } => (Request::Usage { namespace }, false),
             Route::Metrics => (Request::Metrics, false),
+            Route::Invoker { scope } => {
+                let msg = ipc::openwhisk::invoker::ActivationMessage::parse(&body)
+                    .map_err(|e| Reject::bad_request(ipc::chain(&e)))?;
+                // A namespace key: the message is its namespace's, invoking an action
+                // of its namespace (sprout shares no packages across namespaces).
+                if let Some(own) = &scope {
+                    if &msg.user.namespace.name != own || msg.action.namespace() != own {
+                        return Err(super::auth::forbidden(format!(
+                            "this key acts only in its own namespace, {own:?}: the message is of namespace {:?} and its action of {:?}",
+                            msg.user.namespace.name,
+                            msg.action.namespace()
+                        )));
+                    }
+                }
+                return Ok(Dispatch {
+                    request: Request::Invoker(Box::new(msg)),
+                    answer: Answer {
+                        early: true,
+                        ..answer
+                    },
+                });
+            }
+            Route::Ping => {
+                answer.ping = true;
+                (Request::Status, false)
+            }
             Route::ListPackages => (Request::ListPackages, false),
             Route::CollectPackages => (Request::CollectPackages, false),
             Route::RegisterWorkflow { namespace, name } => {

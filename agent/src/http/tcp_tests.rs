@@ -704,3 +704,249 @@ fn a_tls_key_others_can_read_is_refused() {
         "{e}"
     );
 }
+
+/// An `ActivationMessage` of `user_ns` for the action `action` (`ns/name` or
+/// `ns/pkg/name`) with `content`.
+fn message(user_ns: &str, action: &str, blocking: bool, content: serde_json::Value) -> Vec<u8> {
+    let (path, name) = action.rsplit_once('/').unwrap();
+    serde_json::to_vec(&serde_json::json!({
+        "transid": ["tid-7", 1700000000000_u64],
+        "action": {"path": path, "name": name, "version": "0.0.1"},
+        "revision": null,
+        "user": {"subject": "someone", "namespace": {"name": user_ns, "uuid": "u-1"},
+                 "authkey": {"api_key": "k:s"}},
+        "activationId": "00000000000000000000000000000abc",
+        "rootControllerIndex": {"asString": "0"},
+        "blocking": blocking,
+        "content": content
+    }))
+    .unwrap()
+}
+
+fn post_invoke(key: &str, body: &[u8], http10: bool) -> Vec<u8> {
+    let version = if http10 { "1.0" } else { "1.1" };
+    let mut req = format!(
+        "POST /invoke HTTP/{version}\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        basic(key),
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+/// Reads from `s` until `buf` holds `end`; the bytes read, and when `end` came.
+fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, end: &[u8]) -> Instant {
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(end.len()).any(|w| w == end) {
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Instant::now()
+}
+
+/// One early-acknowledged response on a kept connection: its head, the time from
+/// the request to the head and to the body's end, and the acknowledgement.
+fn invoke_early(s: &mut TcpStream, body: &[u8]) -> (String, Duration, Duration, serde_json::Value) {
+    let sent = Instant::now();
+    s.write_all(&post_invoke(STAR, body, false)).unwrap();
+    let mut buf = Vec::new();
+    let at_head = read_until(s, &mut buf, b"\r\n\r\n");
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut rest = buf[split..].to_vec();
+    let at_body = read_until(s, &mut rest, b"\r\n0\r\n\r\n");
+    // One chunk: `SIZE\r\nBODY\r\n0\r\n\r\n`.
+    let text = String::from_utf8(rest).unwrap();
+    let (size, tail) = text.split_once("\r\n").unwrap();
+    let size = usize::from_str_radix(size, 16).unwrap();
+    assert_eq!(&tail[size..], "\r\n0\r\n\r\n", "one chunk, then the end");
+    let ack = serde_json::from_str(&tail[..size]).unwrap();
+    (head, at_head - sent, at_body - sent, ack)
+}
+
+#[test]
+fn invoke_answers_its_head_at_once_and_the_acknowledgement_when_done() {
+    let tcp = Tcp::start(Some(keys()), false);
+    let mut s = tcp.raw();
+    let body = message(
+        "alpha",
+        "alpha/pkg/echo",
+        true,
+        serde_json::json!({"sleep_ms": 400, "x": 1}),
+    );
+    let (head, to_head, to_body, ack) = invoke_early(&mut s, &body);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: application/json\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("\r\nTransfer-Encoding: chunked\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("Content-Length"), "{head}");
+    assert!(
+        to_head < Duration::from_millis(300),
+        "head after {to_head:?}"
+    );
+    assert!(
+        to_body - to_head >= Duration::from_millis(350),
+        "body {to_body:?} head {to_head:?}"
+    );
+    assert_eq!(
+        ack["transid"],
+        serde_json::json!(["tid-7", 1700000000000_u64])
+    );
+    assert_eq!(ack["isSystemError"], serde_json::json!(false));
+    assert_eq!(
+        ack["invoker"],
+        serde_json::json!({"instance": 0, "userMemory": "0 MB"})
+    );
+    let activation = &ack["response"];
+    assert_eq!(activation["namespace"], "alpha");
+    assert_eq!(activation["name"], "echo");
+    assert_eq!(activation["response"]["result"]["x"], 1);
+    assert_eq!(activation["annotations"][0]["value"], "alpha/pkg/echo");
+    let seen = tcp.server.fake.seen.lock().unwrap().len();
+    assert!(seen >= 1);
+
+    // The same connection serves a non-blocking message (its id alone), then a ping.
+    let body = message("beta", "beta/echo", false, serde_json::json!({}));
+    let (head, _, _, ack) = invoke_early(&mut s, &body);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(ack["response"], "00000000000000000000000000000abc");
+    s.write_all(
+        format!(
+            "GET /ping HTTP/1.1\r\nAuthorization: {}\r\n\r\n",
+            basic(ALPHA)
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, b"{\"ok\":true}");
+    assert!(buf.starts_with(b"HTTP/1.1 200 OK\r\n"));
+}
+
+#[test]
+fn an_unknown_action_or_encrypted_parameters_are_acknowledged_as_application_errors() {
+    let tcp = Tcp::start(Some(keys()), false);
+    let mut s = tcp.raw();
+    let body = message("alpha", "alpha/missing", true, serde_json::json!({}));
+    let (head, _, _, ack) = invoke_early(&mut s, &body);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(ack["isSystemError"], false);
+    assert_eq!(ack["response"]["response"]["statusCode"], 1);
+    assert_eq!(
+        ack["response"]["response"]["result"]["error"],
+        "Action could not be found or may have been deleted."
+    );
+    let mut msg: serde_json::Value = serde_json::from_slice(&message(
+        "alpha",
+        "alpha/echo",
+        true,
+        serde_json::json!({"p": "c2VjcmV0"}),
+    ))
+    .unwrap();
+    msg["lockedArgs"] = serde_json::json!({"p": "k1"});
+    let (_, _, _, ack) = invoke_early(&mut s, &serde_json::to_vec(&msg).unwrap());
+    assert_eq!(ack["response"]["response"]["statusCode"], 1);
+    let error = ack["response"]["response"]["result"]["error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        error.contains("lockedArgs") && error.contains("does not decrypt"),
+        "{error}"
+    );
+}
+
+#[test]
+fn invoke_refuses_before_any_acknowledgement() {
+    let tcp = Tcp::start(Some(keys()), false);
+    let good = message("alpha", "alpha/echo", true, serde_json::json!({}));
+    let cases: [(&str, Vec<u8>, u16, &str); 5] = [
+        // A namespace key, for another namespace's message or action.
+        (
+            ALPHA,
+            message("beta", "beta/echo", true, serde_json::json!({})),
+            403,
+            "forbidden",
+        ),
+        (
+            ALPHA,
+            message("alpha", "beta/echo", true, serde_json::json!({})),
+            403,
+            "forbidden",
+        ),
+        // A wrong key.
+        (
+            "11111111-2222-4333-8444-000000000001:wrongwrongwrongwrongwrongwrongwrong12",
+            good.clone(),
+            401,
+            "unauthorized",
+        ),
+        // Not an ActivationMessage.
+        (STAR, b"{\"transid\": 1}".to_vec(), 400, "bad_request"),
+        (
+            STAR,
+            message("alpha", "alpha/echo", true, serde_json::json!("text")),
+            400,
+            "content must be",
+        ),
+    ];
+    for (key, body, status, says) in cases {
+        let mut s = tcp.raw();
+        s.write_all(&post_invoke(key, &body, false)).unwrap();
+        let got = read_to_end(&mut s);
+        assert!(got.starts_with(&format!("HTTP/1.1 {status} ")), "{got}");
+        assert!(
+            got.contains("Content-Length:") && !got.contains("chunked"),
+            "{got}"
+        );
+        assert!(got.contains(says), "{got}");
+    }
+    // Its own namespace's key is heard.
+    let mut s = tcp.raw();
+    s.write_all(&post_invoke(ALPHA, &good, false)).unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, b"\r\n0\r\n\r\n");
+    assert!(buf.starts_with(b"HTTP/1.1 200 OK\r\n"));
+}
+
+#[test]
+fn an_http10_client_gets_the_acknowledgement_until_close_and_a_failure_cuts_it_short() {
+    let tcp = Tcp::start(Some(keys()), false);
+    let mut s = tcp.raw();
+    s.write_all(&post_invoke(
+        STAR,
+        &message("alpha", "alpha/echo", false, serde_json::json!({})),
+        true,
+    ))
+    .unwrap();
+    let got = read_to_end(&mut s);
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(
+        got.contains("\r\nConnection: close\r\n") && !got.contains("chunked"),
+        "{got}"
+    );
+    let body = &got[got.find("\r\n\r\n").unwrap() + 4..];
+    let ack: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(ack["response"], "00000000000000000000000000000abc");
+
+    // The handler fails after the head went out: the body never completes.
+    let mut s = tcp.raw();
+    s.write_all(&post_invoke(
+        STAR,
+        &message("alpha", "alpha/panic", true, serde_json::json!({})),
+        false,
+    ))
+    .unwrap();
+    let got = read_to_end(&mut s);
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(
+        got.ends_with("\r\n\r\n") && !got.contains("\r\n0\r\n"),
+        "{got:?}"
+    );
+}

@@ -284,6 +284,7 @@ impl Handle for Fake {
             | Request::GetWhiskActivation { .. } => {
                 Err(Error::InvalidConfig("not in the fake".into()))
             }
+            Request::Invoker(msg) => Ok(Response::Acknowledged(Box::new(fake_invoker(msg)))),
         };
         self.seen.lock().unwrap().push(req);
         answer
@@ -322,6 +323,43 @@ impl Handle for Fake {
             _ => self.handle(req),
         }
     }
+}
+
+/// The invoker contract over a fake agent: the message's action runs after
+/// `content.sleep_ms`; `missing` is not registered, `panic` panics; the result is
+/// the parameters.
+fn fake_invoker(
+    msg: &ipc::openwhisk::invoker::ActivationMessage,
+) -> ipc::openwhisk::invoker::Acknowledgement {
+    let invoker = crate::openwhisk::invoker::WhiskInvoker::start(Default::default()).unwrap();
+    let run = |req: Request| -> Result<Response, Error> {
+        let Request::Activate(a) = req else {
+            panic!("the invoker asks only to activate")
+        };
+        if let Some(ms) = a.params.get("sleep_ms").and_then(|v| v.as_u64()) {
+            thread::sleep(Duration::from_millis(ms));
+        }
+        match a.name.as_str() {
+            "missing" => Err(Error::NotFound {
+                namespace: a.namespace.clone(),
+                name: a.name.clone(),
+            }),
+            "panic" => panic!("fake handler panics on purpose"),
+            _ => Ok(Response::Activated(Box::new(
+                serde_json::from_value(serde_json::json!({
+                    "namespace": a.namespace, "name": a.name, "subject": a.subject,
+                    "activationId": a.activation_id.unwrap().to_string(),
+                    "start": 1, "end": 2, "duration": 1,
+                    "response": {"status": "success", "statusCode": 0, "success": true,
+                                 "result": a.params},
+                    "logs": [], "version": "0.0.1", "publish": false,
+                    "annotations": [{"key": "path", "value": "x"}]
+                }))
+                .unwrap(),
+            ))),
+        }
+    };
+    invoker.acknowledge(msg.clone(), &run)
 }
 
 struct TestServer {

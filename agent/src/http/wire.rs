@@ -350,6 +350,47 @@ pub fn encode_head(
     encode_head_with(status, Some(content_type), len, persist, headers, &[])
 }
 
+/// The status line and headers of a response whose body is not known yet (an
+/// early acknowledgement): `Transfer-Encoding: chunked` when `chunked`, else the body
+/// ends when the connection closes (an HTTP/1.0 client), which `persist` must say.
+pub fn encode_streamed_head(
+    status: u16,
+    content_type: &str,
+    chunked: bool,
+    persist: Persist,
+) -> Vec<u8> {
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown");
+    let mut head = String::with_capacity(128);
+    let _ = write!(
+        head,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+    );
+    if chunked {
+        head.push_str("Transfer-Encoding: chunked\r\n");
+    }
+    match persist {
+        Persist::Close => head.push_str("Connection: close\r\n"),
+        Persist::KeepAlive { http10: true } => head.push_str("Connection: keep-alive\r\n"),
+        Persist::KeepAlive { http10: false } => {}
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+/// `body` as the last chunk of a chunked body, and the end of it.
+pub fn last_chunk(body: &[u8]) -> (Vec<u8>, &'static [u8]) {
+    if body.is_empty() {
+        return (Vec::new(), b"0\r\n\r\n");
+    }
+    (
+        format!("{:x}\r\n", body.len()).into_bytes(),
+        b"\r\n0\r\n\r\n",
+    )
+}
+
 /// [`encode_head`] for a response whose headers are someone else's too (an HTTP
 /// app's, checked to be tokens and values without CR or LF): no `Content-Type`
 /// unless given, then `headers`, then `extra`.

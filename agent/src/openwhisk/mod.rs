@@ -86,3 +86,5 @@ pub fn kind_of(runtime: Runtime) -> &'static str {
         Runtime::Native => "blackbox",
     }
 }
+pub mod invoker;
+pub mod whisks;

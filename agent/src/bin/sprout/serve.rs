@@ -40,6 +40,8 @@ pub struct ServeArgs {
     /// (the URL its actions reach the API at; OpenWhisk's `whisk.api.host`).
     #[arg(long, value_name = "URL", value_parser = parse_api_host)]
     api_host: Option<String>,
+    #[command(flatten)]
+    invoker: InvokerArgs,
 }
 
 /// `--api-host`: a URL of printable characters, at most
@@ -55,6 +57,44 @@ fn parse_api_host(text: &str) -> Result<String, String> {
             text.chars().take(80).collect::<String>(),
             agent::openwhisk::MAX_FIELD
         )),
+    }
+}
+
+/// The OpenWhisk invoker contract (`POST /invoke` on --listen).
+#[derive(Args, Debug)]
+struct InvokerArgs {
+    /// This node's invoker instance number (a controller's `invoker<N>`), named in
+    /// every acknowledgement.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    invoker_id: u64,
+    /// The memory this invoker offers for activations, as its acknowledgements name
+    /// it (`userMemory`), MB (default: --memory-budget).
+    #[arg(long, value_name = "MB")]
+    user_memory: Option<u64>,
+    /// The acknowledgement's key for the invoker: `invoker` (DigitalOcean's
+    /// functions-invoker, and OpenWhisk before mid-2020) or `instance` (upstream
+    /// OpenWhisk's InvokerInstanceId).
+    #[arg(long, value_name = "invoker|instance", default_value = "invoker", value_parser = parse_ack_key)]
+    ack_key: ipc::openwhisk::invoker::AckKey,
+    /// OpenWhisk's CouchDB, `http[s]://[USER:PASSWORD@]HOST:PORT`: an activation
+    /// whose action this node does not have at its revision fetches it from the
+    /// `whisks` database; non-blocking activations' records go to `activations`.
+    /// Give credentials through the environment (SPROUT_WHISKS_DB) rather than the
+    /// command line, which other users can read.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SPROUT_WHISKS_DB",
+        hide_env_values = true
+    )]
+    whisks_db: Option<String>,
+}
+
+fn parse_ack_key(text: &str) -> Result<ipc::openwhisk::invoker::AckKey, String> {
+    match text {
+        "invoker" => Ok(ipc::openwhisk::invoker::AckKey::Invoker),
+        "instance" => Ok(ipc::openwhisk::invoker::AckKey::Instance),
+        other => Err(format!("{other:?} is neither invoker nor instance")),
     }
 }
 
@@ -351,10 +391,14 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     // Before anything starts: a bad limits file stops serve, naming the line.
     let namespace_limits = args.admission.limits()?;
+    if let Some(url) = &args.invoker.whisks_db {
+        agent::openwhisk::invoker::WhiskInvoker::check_url(url)?;
+    }
+    let pool = args.pool.config();
     let agent = Agent::start(Config {
         state_root: cx.state_dir.clone(),
         sandbox_uids: cx.sandbox_uids,
-        pool: args.pool.config(),
+        pool,
         max_calls_in_flight: args.pool.max_calls_per_sandbox as usize,
         spawner: args.pool.spawner.clone(),
         data_dir: Some(args.data_dir.clone()),
@@ -375,6 +419,12 @@ pub fn run(cx: &Context, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         },
         async_workers: args.records.async_workers,
         api_host: args.api_host.clone(),
+        openwhisk_invoker: agent::openwhisk::invoker::Settings {
+            instance: args.invoker.invoker_id,
+            user_memory_mb: args.invoker.user_memory.unwrap_or(pool.memory_budget_mb),
+            ack_key: args.invoker.ack_key,
+            whisks_db: args.invoker.whisks_db.clone(),
+        },
         ..Config::new()
     })
     .context("start the agent")?;
