@@ -513,7 +513,7 @@ pub fn to_action(
         }),
         parameters,
         annotations,
-        version: Some(super::activation::semver(version)),
+        version: Some(super::semver(version)),
         publish: false,
     }
 }

@@ -15,11 +15,6 @@ pub fn status_text(status: ActivationStatus) -> &'static str {
     }
 }
 
-/// The semantic version OpenWhisk shows for sprout's registration version `n`.
-pub fn semver(version: u64) -> String {
-    format!("0.0.{version}")
-}
-
 /// `record` as OpenWhisk shows it. `kind` is the action's exec kind (`python:3`,
 /// `nodejs:20`, `blackbox`), `subject` who invoked it.
 pub fn whisk_activation(record: &ActivationRecord, kind: &str, subject: &str) -> WhiskActivation {
@@ -66,7 +61,7 @@ pub fn whisk_activation(record: &ActivationRecord, kind: &str, subject: &str) ->
             size,
         },
         logs: record.logs.clone().unwrap_or_default(),
-        version: semver(record.version),
+        version: super::semver(record.version),
         publish: false,
         annotations,
     }

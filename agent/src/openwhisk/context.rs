@@ -147,7 +147,7 @@ impl Context {
                 crate::names::to_openwhisk(&function.name)
             ),
         );
-        set("__OW_ACTION_VERSION", activation::semver(function.version));
+        set("__OW_ACTION_VERSION", super::semver(function.version));
         set("__OW_ACTIVATION_ID", id.to_string());
         set(
             "__OW_TRANSACTION_ID",

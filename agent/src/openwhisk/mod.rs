@@ -88,3 +88,8 @@ pub fn kind_of(runtime: Runtime) -> &'static str {
 }
 pub mod invoker;
 pub mod whisks;
+
+/// The semantic version OpenWhisk shows for sprout's registration version `n`.
+pub fn semver(version: u64) -> String {
+    format!("0.0.{version}")
+}
