@@ -700,10 +700,9 @@ impl Invoker {
             Ok(_) => ActivationStatus::Success,
             Err(e) => e.activation_status(),
         };
-        // The record's duration, in whole milliseconds, is what the namespace's usage
-        // adds up: the two agree by construction, records on or off.
-        // The usage adds up whole milliseconds of `ran` (as the record's duration);
-        // the latency histograms see it whole.
+        // The namespace's usage adds up whole milliseconds of `ran`, the record's
+        // duration (from when its instance took it, so without its wait): the two
+        // agree by construction, records on or off. The histograms see it whole.
         let ran = meta.began.elapsed();
         self.metrics
             .invocation_finished(&function.key(), start, status, ran, function.memory_mb);

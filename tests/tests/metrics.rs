@@ -175,8 +175,24 @@ fn metrics_and_usage_count_what_was_done() {
     }
     assert_eq!(observed, 4.0);
 
-    // Per-namespace usage, in the metrics and in GET /namespaces/{ns}/usage.
-    let ms: u64 = micros.iter().map(|us| us / 1000).sum();
+    // Per-namespace usage, in the metrics and in GET /namespaces/{ns}/usage: the
+    // whole milliseconds of each record's duration (from when its instance took it),
+    // never more than its client's duration (which includes its wait).
+    let records = wait_for(Duration::from_secs(10), || {
+        let r = d.request("GET", "/activations?namespace=team-a&limit=200", None, b"");
+        let list = body_json(&r);
+        match list.as_array() {
+            Some(l) if l.len() == 4 => Ok(l.clone()),
+            _ => Err(list),
+        }
+    })
+    .unwrap_or_else(|seen| panic!("team-a's four records never came: {seen}"));
+    let ms: u64 = records
+        .iter()
+        .map(|r| r["duration"].as_u64().expect("a record's duration"))
+        .sum();
+    let client_ms: u64 = micros.iter().map(|us| us.div_ceil(1000)).sum();
+    assert!(ms <= client_ms, "records {ms} ms, responses {client_ms} ms");
     let a = [("namespace", "team-a")];
     assert_sum(&s, "sprout_namespace_invocations_total", &a, 4.0);
     assert_sum(&s, "sprout_namespace_errors_total", &a, 0.0);
@@ -196,7 +212,6 @@ fn metrics_and_usage_count_what_was_done() {
     assert_eq!(usage["namespace"], "team-a");
     assert_eq!(usage["invocations"], 4, "{usage}");
     assert_eq!(usage["errors"], 0, "{usage}");
-    // Whole milliseconds of each invocation's duration, the one its response gave.
     assert_eq!(usage["duration_ms"], ms, "{usage}");
     assert_eq!(usage["mb_ms"], ms * 128, "{usage}");
     let gb_s = usage["gb_seconds"].as_f64().unwrap();
