@@ -29,7 +29,10 @@
 //! warm pool's lifecycle), `workflows` (functions calling functions), `call_socket`
 //! (who the call socket hears), `mounts` (the host's mount table never changes), and
 //! the hostile suite: `hostile_frames` (what a function's frames can cost the agent),
-//! `hostile_registration` (directories and limits), `hostile_uploads` (archives).
+//! `hostile_registration` (directories and limits), `hostile_uploads` (archives);
+//! OpenWhisk's contracts: `openwhisk_core`, `openwhisk_api`, `openwhisk_invoker` and
+//! `whisks` (with the controller's side in [`invoker`]), and `scale_out` (several
+//! nodes under one balancer).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -43,6 +46,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
+
+pub mod invoker;
+pub mod netns;
 
 pub use ipc::client::{Client, ClientResponse};
 use nix::sys::signal::{kill, Signal};
@@ -342,6 +348,18 @@ pub fn cgroup_v2() -> bool {
 /// are in the one directory).
 pub fn sandbox_cgroup_dir(agent: u32, sandbox: &str, v1_controller: &str) -> PathBuf {
     agent_cgroup_dir(agent, v1_controller).join(sandbox)
+}
+
+/// Whether `sandbox`'s cgroup is frozen (v1 `freezer.state`, v2 `cgroup.events`);
+/// false when it is gone.
+pub fn sandbox_frozen(agent: u32, sandbox: &str) -> bool {
+    if cgroup_v2() {
+        fs::read_to_string(sandbox_cgroup_dir(agent, sandbox, "").join("cgroup.events"))
+            .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
+    } else {
+        fs::read_to_string(sandbox_cgroup_dir(agent, sandbox, "freezer").join("freezer.state"))
+            .is_ok_and(|s| s.trim() == "FROZEN")
+    }
 }
 
 /// Agent `agent`'s cgroup in `v1_controller`'s hierarchy (v1), or in the unified one.
@@ -884,11 +902,26 @@ impl Daemon {
 
     /// [`Daemon::start`] with the data directory `data`.
     pub fn start_on(env: &Env, data: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_under(env, data, &[], args)
+    }
+
+    /// [`Daemon::start_on`] run through `wrapper` (a command that ends by executing
+    /// its arguments in its own process, such as `nsenter --net=...`), so that the
+    /// daemon's pid is still the child's.
+    pub fn start_under(env: &Env, data: &Path, wrapper: &[&str], args: &[&str]) -> Daemon {
         let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
         let socket = env.work_dir().join(format!("api-{n}.sock"));
         let log = env.work_dir().join(format!("daemon-{n}.log"));
         let log_file = File::create(&log).expect("create daemon log");
-        let child = Command::new(sprout_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper_args).arg(sprout_bin());
+                c
+            }
+            None => Command::new(sprout_bin()),
+        };
+        let child = command
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -1004,6 +1037,20 @@ impl Daemon {
             },
         )
         .unwrap_or_else(|e| panic!("connect to the daemon's TCP listener: {}", ipc::chain(&e)))
+    }
+
+    /// `PUT /namespaces/{ns}/functions/{name}` by path, on the Unix socket; panics
+    /// unless it is registered.
+    #[track_caller]
+    pub fn register_in(&self, ns: &str, name: &str, dir: &Path) {
+        let body = json!({ "path": dir.to_str().unwrap() }).to_string();
+        let r = self.request(
+            "PUT",
+            &format!("/namespaces/{ns}/functions/{name}"),
+            Some("application/json"),
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "register {ns}/{name}: {}", text(&r));
     }
 
     /// A new connection to the daemon.

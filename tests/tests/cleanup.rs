@@ -8,7 +8,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sprout_tests::{
     alive, body_json, example, json, leftovers, processes_in_agent_cgroups, require_root,
-    sandbox_cgroup_dir, sandbox_cgroups, text, wait_for, KillOnDrop, SLEEPER_PY,
+    sandbox_cgroup_dir, sandbox_cgroups, sandbox_frozen, text, wait_for, KillOnDrop, SLEEPER_PY,
 };
 
 fn sigkill(pid: u32) {
@@ -42,6 +42,40 @@ fn spawner_cleans_up_after_the_daemon_is_killed() {
 
     d.kill();
     // The spawner notices that its agent is gone and removes everything.
+    env.assert_clean_within(pid, Duration::from_secs(10));
+    assert_dead_within(&sandbox_procs, Duration::from_secs(1));
+    assert_dead_within(&[spawner], Duration::from_secs(5));
+}
+
+/// Idle sandboxes are frozen, and forked ones live in the fork server's pid
+/// namespace: a spawner that killed the fork server first would wait forever for
+/// them in its reap (a frozen process dies only once thawed). With four frozen it
+/// did so four times in five.
+#[test]
+fn spawner_cleans_up_frozen_forked_sandboxes_after_the_daemon_is_killed() {
+    let env = require_root!();
+    let mut d = env.daemon();
+    for n in 0..4 {
+        let name = format!("hello{n}");
+        d.register(&name, &example("hello"), json!({}));
+        let r = d.invoke(&name, "{}");
+        assert_eq!(r.status, 200, "{}", text(&r));
+    }
+    let pid = d.pid();
+    let sandboxes = d.sandboxes();
+    assert_eq!(sandboxes.len(), 4, "{sandboxes:?}");
+    let frozen = wait_for(Duration::from_secs(10), || {
+        let thawed: Vec<&String> = sandboxes
+            .iter()
+            .filter(|s| !sandbox_frozen(pid, s))
+            .collect();
+        thawed.is_empty().then_some(()).ok_or(format!("{thawed:?}"))
+    });
+    frozen.unwrap_or_else(|thawed| panic!("never frozen: {thawed}"));
+    let sandbox_procs = processes_in_agent_cgroups(pid);
+    let spawner = d.spawner_pid();
+
+    d.kill();
     env.assert_clean_within(pid, Duration::from_secs(10));
     assert_dead_within(&sandbox_procs, Duration::from_secs(1));
     assert_dead_within(&[spawner], Duration::from_secs(5));

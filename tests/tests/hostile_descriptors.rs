@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sprout_tests::{
-    body_json, cgroup_v2, cmdline, fd_mount_id, fds, holders, json, mount_ids, require_root,
-    sandbox_cgroup_dir, text, unix_peers, wait_for, without_colours, Daemon, Env,
+    body_json, cmdline, fd_mount_id, fds, holders, json, mount_ids, require_root,
+    sandbox_cgroup_dir, sandbox_frozen, text, unix_peers, wait_for, without_colours, Daemon, Env,
 };
 
 const HOSTILE_PY: &str = include_str!("../functions/hostile-descriptors/f.py");
@@ -295,17 +295,6 @@ fn sandbox_pids(agent: u32, sandbox: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Whether `sandbox`'s cgroup is frozen.
-fn frozen(agent: u32, sandbox: &str) -> bool {
-    let dir = sandbox_cgroup_dir(agent, sandbox, "freezer");
-    if cgroup_v2() {
-        fs::read_to_string(dir.join("cgroup.events"))
-            .is_ok_and(|e| e.lines().any(|l| l.trim() == "frozen 1"))
-    } else {
-        fs::read_to_string(dir.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
-    }
-}
-
 /// What is wrong with descriptor `fd` (`target`) of `pid`, a process of a sandbox
 /// whose processes are `inside`, or `None` when it is sprout's own.
 #[allow(clippy::too_many_arguments)]
@@ -426,7 +415,7 @@ fn every_descriptor_in_a_sandbox_is_sprouts_own() {
     .unwrap_or_else(|e| panic!("no bound sandbox and stem cell: {e}"));
     // Frozen once idle, then thawed by the next call.
     let froze = wait_for(Duration::from_secs(10), || {
-        frozen(agent, &bound).then_some(()).ok_or(())
+        sandbox_frozen(agent, &bound).then_some(()).ok_or(())
     });
     assert!(froze.is_ok(), "sandbox {bound} never froze");
     let r = d.invoke("hostile", &call);

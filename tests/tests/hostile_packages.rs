@@ -13,15 +13,14 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use sprout_tests::{
-    all_pids, body_json, cmdline, json, require_root, text, wait_for, KillOnDrop, Value,
-};
+use sprout_tests::netns::TestNetns;
+use sprout_tests::{all_pids, body_json, cmdline, json, require_root, text, wait_for, Value};
 
 /// The tests here take turns: each checks the host's processes by user.
 static TURN: Mutex<()> = Mutex::new(());
@@ -38,14 +37,12 @@ struct Served {
     reports: Vec<Value>,
 }
 
-/// A package index of the test's own: a network namespace (`unshare --net`, which
-/// goes with its process) joined to the host by a veth pair `sprout-p<n>`
-/// (10.233.<pid % 256>.<4n + 1>/30 on the host, `.2` inside), and an HTTP server on
-/// port 8080 of that namespace, run by a thread of the test on a listener bound
-/// there. Removed when dropped.
+/// A package index of the test's own: a network namespace ([`TestNetns`],
+/// `sprout-p<n>` on the host, 10.233/16), and an HTTP server on port 8080 of that
+/// namespace, run by a thread of the test on a listener bound there. Removed when
+/// dropped.
 struct Index {
-    link: String,
-    ns: Option<KillOnDrop>,
+    netns: Option<TestNetns>,
     stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
     served: Arc<Mutex<Served>>,
@@ -55,66 +52,23 @@ struct Index {
     host_side: String,
 }
 
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Index {
     fn new() -> Index {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let link = format!("sprout-p{}", pid % 10_000 * 10 + n % 10);
-        let (a, b) = (pid % 256, 4 * (n % 60));
-        let host_side = format!("10.233.{a}.{}", b + 1);
-        let peer = format!("10.233.{a}.{}", b + 2);
-        let ns = KillOnDrop::spawn(Command::new("unshare").args(["--net", "sleep", "3600"]));
-        let nspid = ns.pid().to_string();
-        let own = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
-        let unshared = wait_for(Duration::from_secs(10), || {
-            (own(&nspid).is_some() && own(&nspid) != own("self"))
-                .then_some(())
-                .ok_or(())
-        });
-        assert!(unshared.is_ok(), "the index never got its own namespace");
+        let netns = TestNetns::new('p', 233, &["sleep", "3600"]);
+        let nspath = netns.path();
         let mut index = Index {
-            link: link.clone(),
-            ns: Some(ns),
             stop: Arc::new(AtomicBool::new(false)),
             server: None,
             served: Arc::default(),
-            addr: format!("{peer}:8080"),
-            host_side: host_side.clone(),
+            addr: format!("{}:8080", netns.addr),
+            host_side: netns.host_addr.clone(),
+            netns: Some(netns),
         };
-        run(
-            "ip",
-            &[
-                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &nspid,
-            ],
-        );
-        run(
-            "ip",
-            &["addr", "add", &format!("{host_side}/30"), "dev", &link],
-        );
-        run("ip", &["link", "set", &link, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["-t", &nspid, "-n", "ip"];
-            all.extend_from_slice(args);
-            run("nsenter", &all);
-        };
-        inside(&["addr", "add", &format!("{peer}/30"), "dev", "eth0"]);
-        inside(&["link", "set", "eth0", "up"]);
-        inside(&["link", "set", "lo", "up"]);
         // A thread that joins the namespace binds the listener there; the socket
         // stays in it whichever thread serves it.
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let ns = std::fs::File::open(format!("/proc/{nspid}/ns/net")).unwrap();
+            let ns = std::fs::File::open(nspath).unwrap();
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             tx.send(TcpListener::bind("0.0.0.0:8080").unwrap()).unwrap();
         })
@@ -173,10 +127,7 @@ impl Drop for Index {
         if let Some(t) = self.server.take() {
             let _ = t.join();
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.link])
-            .output();
-        self.ns.take();
+        self.netns.take();
     }
 }
 

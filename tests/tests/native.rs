@@ -11,8 +11,7 @@ use std::thread;
 use std::time::Duration;
 
 use sprout_tests::{
-    body_json, cgroup_v2, example, json, require_root, sandbox_cgroup_dir, text, wait_for, Env,
-    Value,
+    body_json, example, json, require_root, sandbox_frozen, text, wait_for, Env, Value,
 };
 
 /// Builds `examples/native-c/exec.c` into `<work>/fns/native-c/exec`.
@@ -319,17 +318,7 @@ fn a_native_sandbox_is_frozen_when_idle_and_thawed_by_an_invoke() {
     let r = d.invoke("spinner", "{}");
     assert_eq!(r.status, 200, "{}", text(&r));
     let sandbox = body_json(&r)["sandbox"].as_str().unwrap().to_owned();
-    let frozen = || {
-        if cgroup_v2() {
-            fs::read_to_string(sandbox_cgroup_dir(d.pid(), &sandbox, "").join("cgroup.events"))
-                .is_ok_and(|e| e.lines().any(|l| l == "frozen 1"))
-        } else {
-            fs::read_to_string(
-                sandbox_cgroup_dir(d.pid(), &sandbox, "freezer").join("freezer.state"),
-            )
-            .is_ok_and(|s| s.trim() == "FROZEN")
-        }
-    };
+    let frozen = || sandbox_frozen(d.pid(), &sandbox);
     wait_for(Duration::from_secs(10), || frozen().then_some(()).ok_or(()))
         .unwrap_or_else(|()| panic!("{sandbox} was not frozen; log:\n{}", d.log()));
     let r = d.invoke("spinner", "{}");

@@ -4,13 +4,11 @@
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sprout_tests::{
-    body_json, json, nft_tables, require_root, text, wait_for, Env, KillOnDrop, Value,
-};
+use sprout_tests::netns::{self, TestNetns};
+use sprout_tests::{body_json, json, nft_tables, require_root, text, wait_for, Env, Value};
 
 /// Egress tests take turns: each checks at its end that no sandbox link is left.
 static EGRESS: Mutex<()> = Mutex::new(());
@@ -109,33 +107,22 @@ fn a_function_uses_its_own_loopback_but_not_the_hosts() {
     assert!(!accepted_any(&host), "the host's listener saw a connection");
 }
 
-/// A network namespace of the test's own with a TCP server answering "pong" to
-/// whatever connects, joined to the host by a veth pair (`sprout-t<n>` on the host,
-/// 10.232.<pid % 256>.<4n + 1>/30 and the same in 169.254/16; the server at `.2`). The namespace is the server
-/// process's own (`unshare --net`), so it goes with it: a namespace named in
-/// `/run/netns` would be a host mount naming sprout, which every test running
-/// meanwhile takes for a leftover. Removed when dropped.
+/// A network namespace of the test's own ([`TestNetns`], `sprout-t<n>` on the host,
+/// 10.232/16) whose process is a TCP server answering "pong" to whatever connects
+/// on port 8080, also at a link-local address (where clouds put their metadata
+/// service). Removed when dropped.
 struct TestNet {
-    link: String,
-    server: Option<KillOnDrop>,
+    netns: TestNetns,
     /// The server's `address:port`.
     addr: String,
     /// The host side's address.
     host_addr: String,
-    /// The same server at a link-local address (where clouds put their metadata
-    /// service).
+    /// The same server at a link-local address.
     link_local: String,
 }
 
 impl TestNet {
     fn new() -> TestNet {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let link = format!("sprout-t{}", pid % 10_000 * 10 + n % 10);
-        let (a, b) = (pid % 256, 4 * (n % 60));
-        let host_addr = format!("10.232.{a}.{}", b + 1);
-        let peer = format!("10.232.{a}.{}", b + 2);
         let server = r#"import socket, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 8080)); s.listen(16)
@@ -148,90 +135,41 @@ while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
-        let server =
-            KillOnDrop::spawn(Command::new("unshare").args(["--net", "python3", "-c", server]));
-        let ns = server.pid().to_string();
-        // `unshare` has made its namespace once it is not the test's any more.
-        let own = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
-        let unshared = wait_for(Duration::from_secs(10), || {
-            (own(&ns).is_some() && own(&ns) != own("self"))
-                .then_some(())
-                .ok_or(())
-        });
-        assert!(
-            unshared.is_ok(),
-            "the test's server never got its own namespace"
-        );
-        let net = TestNet {
-            link: link.clone(),
-            server: Some(server),
-            addr: format!("{peer}:8080"),
-            host_addr: host_addr.clone(),
-            link_local: format!("169.254.{a}.{}:8080", b + 2),
-        };
-        let run = |program: &str, args: &[&str]| {
-            let out = Command::new(program).args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{program} {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let inside = |args: &[&str]| {
-            let mut all = vec!["-t", &ns, "-n", "ip"];
-            all.extend_from_slice(args);
-            run("nsenter", &all);
-        };
-        run(
-            "ip",
-            &[
-                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ],
-        );
-        run(
-            "ip",
-            &["addr", "add", &format!("{host_addr}/30"), "dev", &link],
-        );
-        run("ip", &["link", "set", &link, "up"]);
-        inside(&["addr", "add", &format!("{peer}/30"), "dev", "eth0"]);
-        inside(&["link", "set", "eth0", "up"]);
-        run(
+        let netns = TestNetns::new('t', 232, &["python3", "-c", server]);
+        let (a, b) = netns.slot;
+        netns::run(
             "ip",
             &[
                 "addr",
                 "add",
                 &format!("169.254.{a}.{}/30", b + 1),
                 "dev",
-                &link,
+                netns.link(),
             ],
         );
-        inside(&[
+        netns.ip_inside(&[
             "addr",
             "add",
             &format!("169.254.{a}.{}/30", b + 2),
             "dev",
             "eth0",
         ]);
+        let net = TestNet {
+            addr: format!("{}:8080", netns.addr),
+            host_addr: netns.host_addr.clone(),
+            link_local: format!("169.254.{a}.{}:8080", b + 2),
+            netns,
+        };
         let ready = wait_for(Duration::from_secs(10), || {
             TcpStream::connect_timeout(&net.addr.parse().unwrap(), Duration::from_millis(200))
         });
         assert!(
             ready.is_ok(),
-            "the test's server at {} never answered",
-            net.addr
+            "the test's server at {} (namespace of {}) never answered",
+            net.addr,
+            net.netns.pid()
         );
         net
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        // The namespace goes with its last process, and the veth pair with it; the
-        // link is deleted first so that it is gone when the test checks.
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.link])
-            .output();
-        self.server.take();
     }
 }
 

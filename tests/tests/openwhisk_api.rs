@@ -4,9 +4,7 @@
 //! installed by `.ci/setup` into `/opt/sprout-ci/openwhisk-client`) driving a node.
 //! Loopback addresses only, port 0.
 
-use std::fs;
 use std::io::{Cursor, Write as _};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -21,10 +19,7 @@ const WRONG: &str = "3f2c7a1e-0001-4c4e-9a55-000000000001:not-the-secret-0123456
 const CLIENT_DIR: &str = "/opt/sprout-ci/openwhisk-client/node_modules";
 
 fn keys(env: &Env) -> PathBuf {
-    let path = env.work_dir().join("keys");
-    fs::write(&path, format!("alpha {ALPHA}\nbeta {BETA}\n")).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    path
+    sprout_tests::invoker::key_file(env, "keys", &format!("alpha {ALPHA}\nbeta {BETA}\n"), 0o600)
 }
 
 fn daemon(env: &Env, data: &Path) -> Daemon {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sprout_tests::{
     agent_cgroup_dirs, alive, all_pids, body_json, cgroup_v2, json, require_root,
-    sandbox_cgroup_dir, text, wait_for, ClientResponse, Daemon, Value, HELLO_PY,
+    sandbox_cgroup_dir, sandbox_frozen, text, wait_for, ClientResponse, Daemon, Value, HELLO_PY,
 };
 
 fn header(r: &ClientResponse, name: &str) -> String {
@@ -81,23 +81,11 @@ fn cpu_used_ns(agent: u32, sandbox: &str) -> u64 {
     }
 }
 
-/// Whether the sandbox's cgroup is frozen (v1 `freezer.state`, v2 `cgroup.events`).
-#[track_caller]
-fn is_frozen(agent: u32, sandbox: &str) -> bool {
-    if cgroup_v2() {
-        read_cgroup(agent, sandbox, "", "cgroup.events")
-            .lines()
-            .any(|l| l == "frozen 1")
-    } else {
-        read_cgroup(agent, sandbox, "freezer", "freezer.state").trim() == "FROZEN"
-    }
-}
-
 /// Waits until the sandbox is frozen.
 #[track_caller]
 fn wait_frozen(d: &Daemon, sandbox: &str) {
     wait_for(Duration::from_secs(10), || {
-        is_frozen(d.pid(), sandbox).then_some(()).ok_or(())
+        sandbox_frozen(d.pid(), sandbox).then_some(()).ok_or(())
     })
     .unwrap_or_else(|()| panic!("{sandbox} was not frozen; log:\n{}", d.log()));
 }

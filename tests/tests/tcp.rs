@@ -3,9 +3,7 @@
 //! (`--no-auth`); the CLI over `--url`; OpenLambda's client calls, made from Python
 //! with `urllib` as its client makes them. Loopback addresses only, port 0.
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use sprout_tests::{body_json, json, require_root, text, Env, Value, HELLO_PY};
@@ -19,10 +17,7 @@ const ADD_PY: &str = "def f(event):\n    return {\"sum\": event[\"a\"] + event[\
 
 /// A key file in the test's directory, mode 0600 unless `mode` says otherwise.
 fn key_file(env: &Env, text: &str, mode: u32) -> PathBuf {
-    let path = env.work_dir().join(format!("keys-{mode:o}"));
-    fs::write(&path, text).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-    path
+    sprout_tests::invoker::key_file(env, &format!("keys-{mode:o}"), text, mode)
 }
 
 fn keys(env: &Env) -> PathBuf {
@@ -31,18 +26,6 @@ fn keys(env: &Env) -> PathBuf {
         &format!("# namespace uuid:key\nalpha {ALPHA}\n\nbeta {BETA}\n* {STAR}\n"),
         0o600,
     )
-}
-
-/// `PUT /namespaces/{ns}/functions/{name}` by path on the Unix socket.
-fn register_in(d: &sprout_tests::Daemon, ns: &str, name: &str, dir: &Path) {
-    let body = json!({ "path": dir.to_str().unwrap() }).to_string();
-    let r = d.request(
-        "PUT",
-        &format!("/namespaces/{ns}/functions/{name}"),
-        Some("application/json"),
-        body.as_bytes(),
-    );
-    assert_eq!(r.status, 200, "register {ns}/{name}: {}", text(&r));
 }
 
 #[test]
@@ -58,7 +41,7 @@ fn keys_decide_who_acts_where() {
         auth.to_str().unwrap(),
     ]);
     let add = env.function("add", &[("f.py", ADD_PY)]);
-    register_in(&d, "alpha", "add", &add);
+    d.register_in("alpha", "add", &add);
     let invoke = "/namespaces/alpha/functions/add/invoke";
     let event = br#"{"a": 2, "b": 40}"#;
 
@@ -230,12 +213,7 @@ fn tls_with_a_certificate_the_test_made() {
     ]);
     let url = d.tcp_url();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
-    register_in(
-        &d,
-        "alpha",
-        "add",
-        &env.function("add", &[("f.py", ADD_PY)]),
-    );
+    d.register_in("alpha", "add", &env.function("add", &[("f.py", ADD_PY)]));
     let mut c = d.tcp_client(Some(ALPHA), Some(&ca));
     for i in 0..3 {
         let event = format!(r#"{{"a": {i}, "b": 1}}"#);

@@ -154,10 +154,16 @@ impl Live {
         }
     }
 
-    /// Destroys every sandbox left (the spawner is exiting).
+    /// Destroys every sandbox left (the spawner is exiting): the forked ones before
+    /// the containers. A forked sandbox lives in the fork server's pid namespace, and
+    /// the fork server (a container) killed first would wait in its exit for every
+    /// process of that namespace, which one in a frozen sandbox never is until
+    /// thawed: reaping it would hang the spawner.
     pub(super) fn destroy_all(&mut self) {
         self.scratch_attached.clear();
-        for (id, m) in self.members.drain() {
+        let mut members: Vec<(String, Member)> = self.members.drain().collect();
+        members.sort_by_key(|(_, m)| matches!(m, Member::Container(_)));
+        for (id, m) in members {
             self.egress.detach(&id);
             if let Err(message) = destroy(m, &self.cgroups) {
                 tracing::error!(sandbox_id = %id, %message, "spawner: destroy at exit failed");

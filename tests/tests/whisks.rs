@@ -5,102 +5,10 @@
 //! `couch:` attachments, a revision that is gone, a missing action; and the
 //! activations writer's `_bulk_docs`. No root needed.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-
 use agent::openwhisk::whisks::{CouchDb, Writer};
 use base64::Engine as _;
-use serde_json::{json, Value};
-
-const MODULES: &str = "/opt/sprout-ci/pouchdb";
-
-fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// The server, stopped (its stdin closed, then killed by pid) when dropped.
-struct Couch {
-    child: Child,
-    _stdin: ChildStdin,
-    url: String,
-}
-
-impl Drop for Couch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openwhisk/couchdb.js")
-}
-
-/// Starts the server, or `None` (a skip; a failure under `CI=true`) without node or
-/// the modules.
-fn couch() -> Option<Couch> {
-    let modules = Path::new(MODULES).join("node_modules/express-pouchdb");
-    if !modules.is_dir() || !Path::new("/usr/bin/node").is_file() {
-        let why = format!(
-            "{} or /usr/bin/node is missing: run .ci/setup",
-            modules.display()
-        );
-        assert!(
-            !under_ci(),
-            "{why} (CI is set: a skipped test is a failure)"
-        );
-        eprintln!("skipped: {why}");
-        return None;
-    }
-    let mut child = Command::new("/usr/bin/node")
-        .arg(script())
-        .env("SPROUT_POUCHDB", MODULES)
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start node");
-    let stdin = child.stdin.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("couchdb.js said {line:?}"))
-        .trim()
-        .to_owned();
-    Some(Couch {
-        child,
-        _stdin: stdin,
-        url: format!("http://127.0.0.1:{port}"),
-    })
-}
-
-fn put(url: &str, body: Option<Value>) -> Value {
-    let agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .new_agent();
-    let mut r = match body {
-        Some(b) => agent
-            .put(url)
-            .header("Content-Type", "application/json")
-            .send(b.to_string().as_bytes())
-            .unwrap(),
-        None => agent.put(url).send(&[][..]).unwrap(),
-    };
-    let text = r.body_mut().read_to_string().unwrap();
-    assert!(r.status().is_success(), "PUT {url}: {text}");
-    serde_json::from_str(&text).unwrap()
-}
-
-fn get(url: &str) -> Value {
-    let mut r = ureq::get(url).call().unwrap();
-    serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
-}
+use sprout_tests::invoker::Couch;
+use sprout_tests::{json, Value};
 
 /// An action document as OpenWhisk's controller stores it in `whisks`.
 fn action_doc(ns: &str, name: &str, exec: Value) -> Value {
@@ -120,16 +28,16 @@ fn b64url(bytes: &[u8]) -> String {
 
 #[test]
 fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
-    let Some(couch) = couch() else { return };
-    put(&format!("{}/whisks", couch.url), None);
+    let Some(couch) = Couch::start() else { return };
+    couch.put("/whisks", None);
     let db = CouchDb::new(&format!("http://admin:secret@{}", &couch.url[7..])).unwrap();
-    let doc = |id: &str| format!("{}/whisks/{}", couch.url, id.replace('/', "%2F"));
+    let doc = |id: &str| format!("/whisks/{}", id.replace('/', "%2F"));
 
     // Inline source text.
     let code = "def main(args):\n    return args\n";
-    let rev1 = put(
+    let rev1 = couch.put(
         &doc("guest/inline"),
-        Some(action_doc(
+        Some(&action_doc(
             "guest",
             "inline",
             json!({"kind": "python:3", "code": code, "binary": false}),
@@ -156,7 +64,7 @@ fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
         json!({"kind": "python:3", "code": "# v2\n"}),
     );
     newer["_rev"] = json!(rev1);
-    let rev2 = put(&doc("guest/inline"), Some(newer))["rev"]
+    let rev2 = couch.put(&doc("guest/inline"), Some(&newer))["rev"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -169,9 +77,9 @@ fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
 
     // mem: text, base64url, as a package's action (the id has two slashes).
     let text = "function main(p) { return {ok: p.greeting + '~?'}; }\n";
-    put(
+    couch.put(
         &doc("guest/pkg/mem"),
-        Some(action_doc(
+        Some(&action_doc(
             "guest/pkg",
             "mem",
             json!({"kind": "nodejs:20", "binary": false,
@@ -184,9 +92,9 @@ fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
 
     // mem: a zip (octet-stream): the action gets standard base64 of its bytes.
     let zip: Vec<u8> = (0u8..=255).cycle().take(3000).collect();
-    put(
+    couch.put(
         &doc("guest/zipped"),
-        Some(action_doc(
+        Some(&action_doc(
             "guest",
             "zipped",
             json!({"kind": "python:3", "binary": true, "main": "niam",
@@ -216,7 +124,7 @@ fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
     with_attachment["_attachments"] = json!({"3f1b6a2c-attached": {
         "content_type": "application/octet-stream",
         "data": base64::engine::general_purpose::STANDARD.encode(&zip)}});
-    put(&doc("guest/attached"), Some(with_attachment));
+    couch.put(&doc("guest/attached"), Some(&with_attachment));
     let (action, _) = db.action("guest/attached", None).unwrap().unwrap();
     let code = action.exec.unwrap().code.unwrap();
     assert_eq!(
@@ -228,10 +136,10 @@ fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
 
     // Missing: none; a document that is not an action: an error naming it.
     assert!(db.action("guest/nothing", Some("1-abc")).unwrap().is_none());
-    put(
+    couch.put(
         &doc("guest/trigger"),
         Some(
-            json!({"namespace": "guest", "name": "trigger", "entityType": "trigger", "exec": {"kind": "x"}}),
+            &json!({"namespace": "guest", "name": "trigger", "entityType": "trigger", "exec": {"kind": "x"}}),
         ),
     );
     let e = db.action("guest/trigger", None).unwrap_err().to_string();
@@ -243,8 +151,8 @@ fn actions_are_fetched_with_their_code_inline_mem_or_couch() {
 
 #[test]
 fn records_are_written_in_batches_with_openwhisks_ids() {
-    let Some(couch) = couch() else { return };
-    put(&format!("{}/activations", couch.url), None);
+    let Some(couch) = Couch::start() else { return };
+    couch.put("/activations", None);
     let writer = Writer::start(CouchDb::new(&couch.url).unwrap()).unwrap();
     let ids: Vec<String> = (0..300u32).map(|i| format!("{i:032x}")).collect();
     for id in &ids {
@@ -259,10 +167,7 @@ fn records_are_written_in_batches_with_openwhisks_ids() {
     }
     // Stopping writes what is queued.
     writer.stop();
-    let all = get(&format!(
-        "{}/activations/_all_docs?include_docs=true",
-        couch.url
-    ));
+    let all = couch.request("GET", "/activations/_all_docs?include_docs=true", None);
     assert_eq!(all["total_rows"], 300, "{all}");
     let row = all["rows"]
         .as_array()
