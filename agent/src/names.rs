@@ -126,6 +126,12 @@ pub fn from_openwhisk(name: &str) -> Result<String, Error> {
             '/' => out.push_str("~2f"),
             '@' => out.push_str("~40"),
             ' ' => out.push_str("~20"),
+            // Not in OpenWhisk's names: taken as it is, `pkg~2fact` would be `pkg/act`.
+            '~' => {
+                return Err(Error::InvalidName {
+                    name: name.chars().take(MAX_NAME_LEN * 4).collect(),
+                })
+            }
             c => out.push(c),
         }
     }
@@ -179,6 +185,10 @@ mod tests {
     #[test]
     fn names_that_do_not_map_are_refused() {
         for bad in ["", "ü", "a/b/c/".repeat(20).as_str(), ".hidden", "a:b"] {
+            assert!(from_openwhisk(bad).is_err(), "{bad:?}");
+        }
+        // `~` is no character of OpenWhisk's names: one would alias an escape.
+        for bad in ["pkg~2fact", "a~40b", "x~"] {
             assert!(from_openwhisk(bad).is_err(), "{bad:?}");
         }
         // Escapes only for the three bytes, lowercase, whole.

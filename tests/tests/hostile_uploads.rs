@@ -15,9 +15,11 @@ use sprout_tests::{
 };
 use tar::{EntryType, Header};
 
-/// How long a refusal may take on a loaded machine. The finding: one path 2,000
-/// directories deep cost about 70 s of CPU.
-const ANSWER_WITHIN: Duration = Duration::from_secs(5);
+/// How long a refusal may take on a loaded machine: a bound that catches the
+/// finding (one path 2,000 directories deep cost about 70 s of CPU), not a speed
+/// check. Alone each takes well under a second here; 10,001 entries took over 5 s
+/// once in CI with the whole suite running beside it.
+const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
 /// Where the daemon unpacks archives: `<data dir>/code`.
 fn functions_dir(_env: &Env, d: &Daemon) -> PathBuf {

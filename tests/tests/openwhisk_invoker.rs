@@ -244,6 +244,22 @@ fn an_action_with_a_mem_attachment_is_fetched_run_and_its_record_stored() {
         "{ack}"
     );
 
+    let version = ack["response"]["version"].clone();
+    // A revision that is gone: the latest is taken, once; asking for it again is
+    // neither another fetch nor another registration (which would retire the warm
+    // instances and bump the version).
+    for id in [33, 34] {
+        let mut msg = message("alpha", "alpha/greet", id, true, json!({"name": "gone"}));
+        msg["revision"] = json!("9-00000000000000000000000000000000");
+        let ack = invoke(&mut s, STAR, &msg).ack();
+        assert_eq!(
+            ack["response"]["response"]["result"],
+            json!({"greeting": "hello gone"}),
+            "{ack}"
+        );
+        assert_eq!(ack["response"]["version"], version, "{ack}");
+    }
+
     // Non-blocking: the id, and the record in `activations` as `alpha/<id>`.
     let mut msg = message("alpha", "alpha/greet", 31, false, json!({"name": "couch"}));
     msg["revision"] = json!(rev);

@@ -43,7 +43,7 @@ use tracing::{debug, debug_span, Span};
 
 use ipc::Payload;
 
-use super::auth::{self, Caller, Gate};
+use super::auth::{self, Caller, Gate, KeyScope};
 use super::limits::Limits;
 use super::listener::Stream;
 use super::reply::{Output, Reject, Reply, CONTENT_TYPE};
@@ -514,7 +514,10 @@ impl Conn {
         let route = routes::find(&head.method, &head.target)
             .and_then(|found| {
                 let mut grant = caller.authorize(found.rule(), || found.namespace())?;
-                if let Caller::Key(_) = caller {
+                // OpenWhisk hands an action its caller's key (`__OW_API_KEY`): only a
+                // namespace's own key, which can do no more than the action's owner.
+                // A `*` key (an operator's, a controller's) never reaches a function.
+                if let Caller::Key(KeyScope::Namespace(_)) = caller {
                     grant.api_key = api_key;
                 }
                 found.into_route(head.content_type.as_deref(), &grant)

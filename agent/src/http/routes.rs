@@ -857,8 +857,14 @@ impl Route {
             Route::Usage { namespace } => (Request::Usage { namespace }, false),
             Route::Metrics => (Request::Metrics, false),
             Route::Invoker { scope } => {
-                let msg = ipc::openwhisk::invoker::ActivationMessage::parse(&body)
-                    .map_err(|e| Reject::bad_request(ipc::chain(&e)))?;
+                let msg = ipc::openwhisk::invoker::ActivationMessage::parse(&body).map_err(
+                    |e| match e {
+                        ipc::openwhisk::invoker::InvalidMessage::TooLarge(_) => {
+                            Reject::new(413, "payload_too_large", ipc::chain(&e))
+                        }
+                        e => Reject::bad_request(ipc::chain(&e)),
+                    },
+                )?;
                 // A namespace key: the message is its namespace's, invoking an action
                 // of its namespace (sprout shares no packages across namespaces).
                 if let Some(own) = &scope {

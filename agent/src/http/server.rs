@@ -32,7 +32,7 @@ use super::listener::{Listener, SocketFile};
 use super::reply::{self, Output, Reject};
 use super::wire::Persist;
 use crate::error::Error;
-use crate::transport::{Abandoned, FastCall, FastPoll, Handle};
+use crate::transport::{Abandon, Abandoned, FastCall, FastPoll, Handle};
 
 /// How long a fast call may take on the event loop before a thread of its own finishes it.
 pub const FAST_BUDGET: Duration = Duration::from_millis(5);
@@ -619,22 +619,28 @@ impl Worker {
                 continue;
             }
             let _entered = span.enter();
+            // An acknowledged request (the invoker's early `200`) was promised to run:
+            // its client going away takes back its answer, not the work, whose record
+            // is still written.
+            let acknowledged = dispatch.answer.early;
             let draining = match abandon.get() {
                 // Nobody to answer, and nothing to do.
-                Some(Abandoned::ClientGone) => {
+                Some(Abandoned::ClientGone) if !acknowledged => {
                     debug!("client gone before its request started");
                     continue;
                 }
                 Some(Abandoned::Draining) => true,
-                None => false,
+                Some(Abandoned::ClientGone) | None => false,
             };
             let started = Instant::now();
             let handler = &self.handler;
+            let kept = Abandon::default();
+            let abandon_run = if acknowledged { &kept } else { &*abandon };
             let reply = if draining {
                 // Not started when the drain began: refused like a new request.
                 reply::reply_for(Err(Error::ShuttingDown), &dispatch.answer)
             } else {
-                let run = || handler.handle_abandonable(dispatch.request, &abandon);
+                let run = || handler.handle_abandonable(dispatch.request, abandon_run);
                 match panic::catch_unwind(AssertUnwindSafe(run)) {
                     Ok(result) => reply::reply_for(result, &dispatch.answer),
                     Err(_) => {

@@ -950,3 +950,106 @@ fn an_http10_client_gets_the_acknowledgement_until_close_and_a_failure_cuts_it_s
         "{got:?}"
     );
 }
+
+/// OpenWhisk hands an action its caller's key (`__OW_API_KEY`): a namespace's own
+/// key does, a `*` key (an operator's) never.
+#[test]
+fn only_a_namespace_key_is_handed_to_an_action() {
+    let t = Tcp::start(Some(keys()), false);
+    for (key, handed) in [(ALPHA, Some(ALPHA)), (STAR, None)] {
+        t.request(
+            Some(key),
+            "POST",
+            "/api/v1/namespaces/alpha/actions/act?blocking=true",
+            b"{}",
+        );
+        let seen = t.server.take_seen();
+        let [Request::InvokeAction { call, .. }] = seen.as_slice() else {
+            panic!("{seen:?}");
+        };
+        assert_eq!(call.api_key.as_deref(), handed);
+    }
+}
+
+/// A body of many small values would cost 32 bytes a value parsed: it is counted
+/// first, and refused (413) before a tree or an acknowledgement is made.
+#[test]
+fn openwhisk_bodies_with_too_many_values_are_refused_before_parsing() {
+    let t = Tcp::start(Some(keys()), false);
+    let many = serde_json::Value::Array(vec![0.into(); ipc::openwhisk::MAX_JSON_VALUES]);
+    // POST /invoke: the whole message counts.
+    let mut s = t.raw();
+    s.write_all(&post_invoke(
+        STAR,
+        &message("alpha", "alpha/act", true, many.clone()),
+        false,
+    ))
+    .unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, b"values");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    assert!(text.contains("more than 1048576 values"), "{text}");
+    // The REST API: the invocation's parameters.
+    let body = serde_json::to_vec(&serde_json::json!({ "xs": many })).unwrap();
+    let r = t.request(
+        Some(ALPHA),
+        "POST",
+        "/api/v1/namespaces/alpha/actions/act?blocking=true",
+        &body,
+    );
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert!(t.server.take_seen().is_empty(), "nothing was dispatched");
+}
+
+/// An early acknowledgement promises the run: a message acknowledged while every
+/// worker is busy still runs after its client went away.
+#[test]
+fn an_acknowledged_message_runs_though_its_client_is_gone() {
+    let t = Tcp::start(Some(keys()), false);
+    let busy: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = t.raw();
+            let body = message(
+                "alpha",
+                "alpha/slow",
+                true,
+                serde_json::json!({"sleep_ms": 1500}),
+            );
+            s.write_all(&post_invoke(STAR, &body, false)).unwrap();
+            let mut buf = Vec::new();
+            read_until(&mut s, &mut buf, b"\r\n\r\n");
+            s
+        })
+        .collect();
+    let mut s = t.raw();
+    let body = message("alpha", "alpha/queued", true, serde_json::json!({"n": 1}));
+    s.write_all(&post_invoke(STAR, &body, false)).unwrap();
+    let mut buf = Vec::new();
+    read_until(&mut s, &mut buf, b"\r\n\r\n");
+    assert!(buf.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    // A reset, which the server sees at once (a FIN alone it takes for a
+    // half-close, still answered).
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(s);
+    let ran = |seen: &[Request]| {
+        seen.iter()
+            .any(|r| matches!(r, Request::Invoker(m) if m.action.name == "queued"))
+    };
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ran(&seen) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        seen.extend(t.server.take_seen());
+    }
+    assert!(ran(&seen), "the acknowledged message never ran: {seen:?}");
+    drop(busy);
+}

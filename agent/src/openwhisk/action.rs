@@ -105,7 +105,7 @@ pub enum Error {
     Concurrency { value: u64 },
     #[error("parameter {key:?} is given more than once")]
     DuplicateParameter { key: String },
-    #[error("init parameter {key:?}: an environment variable's name is [A-Za-z_][A-Za-z0-9_]* and its value holds no NUL")]
+    #[error("init parameter {key:?}: an environment variable's name is [A-Za-z_][A-Za-z0-9_]*, not a reserved one (__OW_*, SPROUT_*, AWS_LAMBDA_*, _HANDLER, LAMBDA_TASK_ROOT), and its value holds no NUL")]
     InitParameter { key: String },
     #[error("{PARAMETERS_NOT_ALLOWED}")]
     FinalParameter,
@@ -282,7 +282,11 @@ pub fn prepare(action: &Action, limits: &crate::upload::Limits) -> Result<Prepar
             return Err(Error::DuplicateParameter { key: p.key.clone() });
         }
         let env_name = is_ident(&p.key) || p.key.starts_with('_') && is_ident(&p.key[1..]);
-        if p.init && (!env_name || env_string(&p.value).contains('\0')) {
+        if p.init
+            && (!env_name
+                || crate::runtime::ol_yaml::reserved_env(&p.key).is_some()
+                || env_string(&p.value).contains('\0'))
+        {
             return Err(Error::InitParameter { key: p.key.clone() });
         }
     }
@@ -338,12 +342,58 @@ fn zip_bytes(exec: &Exec, code: &str) -> Result<Option<Vec<u8>>, Error> {
     }
 }
 
+/// How many entries a zip's end-of-central-directory record says it has (its zip64
+/// record's count when the classic one is saturated); `None` when there is no such
+/// record (the zip crate then says what is wrong).
+fn declared_entries(bytes: &[u8]) -> Option<u64> {
+    const EOCD: &[u8] = b"PK\x05\x06";
+    const EOCD_LEN: usize = 22;
+    const LOCATOR: &[u8] = b"PK\x06\x07";
+    const ZIP64_EOCD: &[u8] = b"PK\x06\x06";
+    let u16_at = |b: &[u8], at: usize| {
+        b.get(at..at + 2)
+            .map(|v| u64::from(u16::from_le_bytes([v[0], v[1]])))
+    };
+    let u64_at = |b: &[u8], at: usize| {
+        b.get(at..at + 8)
+            .map(|v| u64::from_le_bytes(v.try_into().expect("8 bytes")))
+    };
+    // The record ends the archive, after a comment of at most 65535 bytes.
+    let from = bytes.len().saturating_sub(EOCD_LEN + 0xffff);
+    let at = (from..=bytes.len().checked_sub(EOCD_LEN)?)
+        .rev()
+        .find(|&i| bytes[i..].starts_with(EOCD))?;
+    let total = u16_at(bytes, at + 10)?;
+    if total != 0xffff {
+        return Some(total);
+    }
+    // Zip64: a locator just before the record points at the zip64 record, whose
+    // count is at offset 32.
+    let locator = at.checked_sub(20)?;
+    if !bytes[locator..].starts_with(LOCATOR) {
+        return Some(total);
+    }
+    let record = usize::try_from(u64_at(bytes, locator + 8)?).ok()?;
+    if !bytes.get(record..)?.starts_with(ZIP64_EOCD) {
+        return Some(total);
+    }
+    u64_at(bytes, record + 32)
+}
+
 /// The files of a zip (path, bytes, mode), within `limits`' entries and size; paths
 /// that leave the directory, absolute ones and links are refused.
 fn unzip(
     bytes: &[u8],
     limits: &crate::upload::Limits,
 ) -> Result<Vec<(String, Vec<u8>, u32)>, Error> {
+    // The zip crate indexes every central-directory record (about 500 bytes of
+    // memory each, from 46 bytes of archive) before it says how many there are:
+    // the count the archive declares is checked first.
+    if declared_entries(bytes).is_some_and(|n| n > limits.entries as u64) {
+        return Err(Error::TooManyEntries {
+            max: limits.entries,
+        });
+    }
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).map_err(Error::Zip)?;
     if archive.len() > limits.entries {
         return Err(Error::TooManyEntries {

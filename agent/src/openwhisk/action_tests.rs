@@ -175,6 +175,20 @@ fn kinds_images_and_limits_are_checked() {
         prepare(&bin, &limits()).unwrap_err(),
         Error::NotZip
     ));
+    // An init parameter may not name what sprout or a runtime's protocol sets.
+    for key in ["__OW_NAMESPACE", "SPROUT_SOCKET", "_HANDLER"] {
+        let mut a = action("python:3", "def main(a): return a");
+        a.parameters =
+            serde_json::from_value(serde_json::json!([{"key": key, "value": "x", "init": true}]))
+                .unwrap();
+        assert!(
+            matches!(
+                prepare(&a, &limits()).unwrap_err(),
+                Error::InitParameter { .. }
+            ),
+            "{key}"
+        );
+    }
 }
 
 #[test]
@@ -200,6 +214,20 @@ fn zips_are_bounded_and_stay_inside() {
         prepare(&action("python:3", &two), &few).unwrap_err(),
         Error::TooManyEntries { max: 1 }
     ));
+    // The count an archive declares is read before the zip crate indexes it.
+    let mut bytes = base64::engine::general_purpose::STANDARD
+        .decode(zip_of(&[("__main__.py", "", 0o644)]))
+        .unwrap();
+    assert_eq!(declared_entries(&bytes), Some(1));
+    let eocd = bytes.len() - 22;
+    assert_eq!(&bytes[eocd..eocd + 4], b"PK\x05\x06");
+    bytes[eocd + 10..eocd + 12].copy_from_slice(&60_000u16.to_le_bytes());
+    let lying = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    assert!(matches!(
+        prepare(&action("python:3", &lying), &limits()).unwrap_err(),
+        Error::TooManyEntries { .. }
+    ));
+    assert_eq!(declared_entries(b"PK\x03\x04 not a whole zip"), None);
 }
 
 fn meta(parameters: serde_json::Value, annotations: serde_json::Value) -> ActionMeta {

@@ -79,8 +79,8 @@ impl Context {
                 Some("a name longer than 256 bytes")
             } else if name.contains('=') || name.contains('\0') {
                 Some("a name holding '=' or NUL cannot be a variable")
-            } else if name.starts_with("__OW_") {
-                Some("names starting __OW_ are the activation's context")
+            } else if crate::runtime::ol_yaml::reserved_env(name).is_some() {
+                Some("the name is reserved (__OW_*, SPROUT_*, AWS_LAMBDA_*, _HANDLER, LAMBDA_TASK_ROOT): sprout or the runtime's protocol sets it")
             } else if value.contains('\0') {
                 Some("a value holding NUL cannot be a variable's")
             } else {
@@ -308,6 +308,14 @@ mod tests {
             },
             None,
             "__OW_",
+        );
+        refused(
+            &|a| {
+                a.init_env
+                    .insert("SPROUT_SOCKET".into(), "/elsewhere".into());
+            },
+            None,
+            "reserved",
         );
         refused(
             &|a| {

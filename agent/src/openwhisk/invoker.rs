@@ -18,6 +18,7 @@
 //! (`lockedArgs`: sprout has no keys to decrypt them) an application error saying so.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ipc::api::ActivationStatus;
@@ -70,9 +71,31 @@ pub struct WhiskInvoker {
 #[derive(Debug)]
 struct Whisks {
     db: CouchDb,
-    /// The revision each action (`ns/pkg/act`) was last registered at from the database.
-    registered: Mutex<HashMap<String, String>>,
+    /// The revision each action (`ns/pkg/act`) was last registered at from the
+    /// database, and the revisions asked for that it answered (gone, so the latest
+    /// was taken): asking again is not another fetch.
+    registered: Mutex<HashMap<String, Registered>>,
+    /// One fetch at a time per action: messages that arrive while it is fetched
+    /// wait for it and find it registered.
+    fetching: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     writer: Writer,
+}
+
+/// An action registered from the database.
+#[derive(Debug)]
+struct Registered {
+    revision: String,
+    /// Revisions asked for that this one answered, the latest few.
+    answers: Vec<String>,
+}
+
+/// Revisions remembered as answered by another, per action.
+const ANSWERS: usize = 8;
+
+impl Registered {
+    fn answers(&self, want: Option<&str>) -> bool {
+        want.is_none_or(|w| w == self.revision || self.answers.iter().any(|a| a == w))
+    }
 }
 
 /// Why an action could not be made ready.
@@ -94,6 +117,7 @@ impl WhiskInvoker {
                     writer: Writer::start(db.clone())?,
                     db,
                     registered: Mutex::new(HashMap::new()),
+                    fetching: Mutex::new(HashMap::new()),
                 })
             }
             None => None,
@@ -123,11 +147,11 @@ impl WhiskInvoker {
     }
 
     /// Runs `msg` with `run` and answers its acknowledgement.
-    pub fn acknowledge(&self, msg: ActivationMessage, run: Run) -> Acknowledgement {
+    pub fn acknowledge(&self, mut msg: ActivationMessage, run: Run) -> Acknowledgement {
         let span = info_span!("openwhisk_activation", activation_id = %msg.activation_id,
             action = %msg.action.fully_qualified(), transid = %msg.transid.id());
         let _entered = span.enter();
-        let activation = self.activation(&msg, run);
+        let activation = self.activation(&mut msg, run);
         if !msg.blocking && msg.user.limits.store_activations != Some(false) {
             if let Some(db) = &self.db {
                 db.writer.push(&activation);
@@ -146,15 +170,15 @@ impl WhiskInvoker {
         )
     }
 
-    fn activation(&self, msg: &ActivationMessage, run: Run) -> WhiskActivation {
+    /// The activation `msg` ends in; its `content` is taken (not copied) for the run.
+    fn activation(&self, msg: &mut ActivationMessage, run: Run) -> WhiskActivation {
         if !msg.locked_args.is_empty() {
-            let keys: Vec<&str> = msg.locked_args.keys().map(String::as_str).collect();
             return failure(
                 msg,
                 ActivationStatus::ApplicationError,
                 &format!(
                     "The parameters {} are encrypted (lockedArgs), and this invoker (sprout) does not decrypt parameters.",
-                    keys.join(", ")
+                    some_names(msg.locked_args.keys())
                 ),
             );
         }
@@ -217,20 +241,49 @@ impl Whisks {
     /// the revision last registered, else the latest).
     fn ensure(&self, msg: &ActivationMessage, run: Run) -> Result<(), Fetch> {
         let id = msg.action.fully_qualified();
-        {
-            let registered = self.registered.lock();
-            match (registered.get(&id), &msg.revision) {
-                (Some(have), Some(want)) if have == want => return Ok(()),
-                (Some(_), None) => return Ok(()),
-                _ => {}
-            }
+        let want = msg.revision.as_deref();
+        let known = |registered: &HashMap<String, Registered>| {
+            registered.get(&id).is_some_and(|r| r.answers(want))
+        };
+        if known(&self.registered.lock()) {
+            return Ok(());
         }
-        let (action, rev) = match self.db.action(&id, msg.revision.as_deref()) {
+        let turn = Arc::clone(self.fetching.lock().entry(id.clone()).or_default());
+        let result = {
+            let _turn = turn.lock();
+            if known(&self.registered.lock()) {
+                Ok(())
+            } else {
+                self.fetch(&id, msg, run)
+            }
+        };
+        let mut fetching = self.fetching.lock();
+        if Arc::strong_count(&turn) == 2 {
+            fetching.remove(&id);
+        }
+        result
+    }
+
+    /// Fetches and registers action `id` at the message's revision (or the latest).
+    fn fetch(&self, id: &str, msg: &ActivationMessage, run: Run) -> Result<(), Fetch> {
+        let (action, rev) = match self.db.action(id, msg.revision.as_deref()) {
             Ok(Some(found)) => found,
             Ok(None) => return Err(Fetch::NotFound),
             Err(e) => return Err(Fetch::Failed(e)),
         };
         debug!(revision = %rev, "action fetched from the whisks database");
+        let mut registered = self.registered.lock();
+        if let Some(r) = registered.get_mut(id).filter(|r| r.revision == rev) {
+            // The revision asked for is gone, and the latest is the one registered.
+            if let Some(asked) = &msg.revision {
+                if r.answers.len() >= ANSWERS {
+                    r.answers.remove(0);
+                }
+                r.answers.push(asked.clone());
+            }
+            return Ok(());
+        }
+        drop(registered);
         let put = Request::PutAction {
             namespace: msg.action.namespace().to_owned(),
             name: msg.action.name_in_namespace(),
@@ -242,21 +295,32 @@ impl Whisks {
         if registered.len() >= MAX_REVISIONS {
             registered.clear();
         }
-        registered.insert(id, rev);
+        let answers = msg
+            .revision
+            .iter()
+            .filter(|asked| **asked != rev)
+            .cloned()
+            .collect();
+        registered.insert(
+            id.to_owned(),
+            Registered {
+                revision: rev,
+                answers,
+            },
+        );
         Ok(())
     }
 }
 
-/// The [`Activate`] a message asks for.
-pub fn activate(msg: &ActivationMessage) -> Result<Activate, Error> {
+/// The [`Activate`] a message asks for; its `content` is taken for the parameters.
+pub fn activate(msg: &mut ActivationMessage) -> Result<Activate, Error> {
     let namespace = msg.action.namespace().to_owned();
     crate::names::validate_namespace(&namespace)?;
     let name = crate::names::from_openwhisk(&msg.action.name_in_namespace())?;
     let mut init_env = BTreeMap::new();
-    let params = match &msg.content {
+    let params = match msg.content.take() {
         None => json!({}),
-        Some(Value::Object(content)) => {
-            let mut params = content.clone();
+        Some(Value::Object(mut params)) => {
             for key in &msg.init_args {
                 if let Some(value) = params.remove(key) {
                     init_env.insert(key.clone(), env_value(&value));
@@ -265,7 +329,7 @@ pub fn activate(msg: &ActivationMessage) -> Result<Activate, Error> {
             Value::Object(params)
         }
         // An array goes through unchanged; there are no keys to take out.
-        Some(other) => other.clone(),
+        Some(other) => other,
     };
     Ok(Activate {
         namespace,
@@ -299,6 +363,25 @@ fn now_ms() -> u64 {
 }
 
 /// The activation of a message that did not run: `status` with `{"error": text}`.
+/// The first names of `names` for a message, each cut at 64 characters (a message's
+/// keys are the sender's and of any size), with how many more there are.
+fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a String>) -> String {
+    const SHOWN: usize = 8;
+    let total = names.len();
+    let mut text = names
+        .take(SHOWN)
+        .map(|n| match n.char_indices().nth(64) {
+            Some((cut, _)) => format!("{}...", &n[..cut]),
+            None => n.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    if total > SHOWN {
+        text.push_str(&format!(" and {} more", total - SHOWN));
+    }
+    text
+}
+
 fn failure(msg: &ActivationMessage, status: ActivationStatus, text: &str) -> WhiskActivation {
     let now = now_ms();
     let result = serde_json::value::to_raw_value(&json!({ "error": text })).ok();
@@ -340,6 +423,18 @@ mod tests {
     use ipc::openwhisk::invoker::AckResponse;
     use std::cell::RefCell;
 
+    #[test]
+    fn a_message_names_a_few_names_each_cut() {
+        let names: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+        assert_eq!(
+            some_names(names.iter()),
+            "k0, k1, k2, k3, k4, k5, k6, k7 and 12 more"
+        );
+        let long = ["é".repeat(10_000)];
+        let text = some_names(long.iter());
+        assert_eq!(text, format!("{}...", "é".repeat(64)));
+    }
+
     fn message(extra: Value) -> ActivationMessage {
         let mut m = json!({
             "transid": ["tid-1", 1700000000000_u64],
@@ -371,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_message_becomes_one_activate() {
-        let a = activate(&message(json!({}))).unwrap();
+        let a = activate(&mut message(json!({}))).unwrap();
         assert_eq!(a.namespace, "alpha");
         assert_eq!(a.name, "pkg~2fmy~20act");
         assert_eq!(a.params, json!({"a": 1}));
@@ -393,9 +488,9 @@ mod tests {
         assert_eq!(a.api_key.as_deref(), Some("uuid:secret"));
         assert_eq!(a.subject, "alice");
         assert!(a.blocking, "the invoker always waits");
-        let a = activate(&message(json!({"content": [1, 2], "initArgs": []}))).unwrap();
+        let a = activate(&mut message(json!({"content": [1, 2], "initArgs": []}))).unwrap();
         assert_eq!(a.params, json!([1, 2]));
-        let a = activate(&message(json!({"content": null, "initArgs": []}))).unwrap();
+        let a = activate(&mut message(json!({"content": null, "initArgs": []}))).unwrap();
         assert_eq!(a.params, json!({}));
     }
 

@@ -9,6 +9,8 @@
 //! document.
 
 use std::io::Read as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,10 +26,16 @@ use tracing::{debug, warn};
 
 /// The largest action document or attachment read (OpenWhisk's code limit is 48 MB).
 pub const MAX_DOCUMENT: u64 = 64 << 20;
-/// Records the writer holds before new ones are dropped (and counted in the log).
+/// Records the writer holds before new ones are dropped (with a warning).
 const QUEUE: usize = 16_384;
+/// The bytes of serialised records the writer holds at most: a slow or absent
+/// database costs the node no more memory than this, whatever the records hold.
+const QUEUE_BYTES: usize = 64 << 20;
 /// Records in one `_bulk_docs` request at most.
 const BATCH: usize = 128;
+/// The bytes of records in one `_bulk_docs` request at most (one larger record
+/// goes alone).
+const BATCH_BYTES: usize = 8 << 20;
 /// How long the writer waits for company after a record arrives.
 const LINGER: Duration = Duration::from_millis(10);
 /// How long one request to the database may take.
@@ -162,7 +170,8 @@ impl CouchDb {
     }
 
     /// POSTs `docs` to `{db}/_bulk_docs`.
-    fn bulk_docs(&self, db: &str, docs: &[serde_json::Value]) -> Result<(), String> {
+    /// `POST {db}/_bulk_docs` of `docs`, each a serialised JSON document.
+    fn bulk_docs(&self, db: &str, docs: &[Vec<u8>]) -> Result<(), String> {
         let mut req = self
             .agent
             .post(format!("{}/{db}/_bulk_docs", self.base))
@@ -170,8 +179,15 @@ impl CouchDb {
         if let Some(auth) = &self.authorization {
             req = req.header("Authorization", auth);
         }
-        let body =
-            serde_json::to_vec(&serde_json::json!({ "docs": docs })).map_err(|e| e.to_string())?;
+        let mut body = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum::<usize>() + 12);
+        body.extend_from_slice(b"{\"docs\":[");
+        for (i, doc) in docs.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(doc);
+        }
+        body.extend_from_slice(b"]}");
         let resp = req.send(&body[..]).map_err(|e| e.to_string())?;
         match resp.status().as_u16() {
             200..=202 => Ok(()),
@@ -327,9 +343,12 @@ struct Attachment {
 }
 
 /// The `activations` database's writer: records queued by [`Writer::push`], written
-/// in batches by its thread.
+/// in batches by its thread. Records wait serialised, bounded in number
+/// ([`QUEUE`]) and in bytes ([`QUEUE_BYTES`]).
 pub struct Writer {
-    tx: Mutex<Option<Sender<serde_json::Value>>>,
+    tx: Mutex<Option<Sender<Vec<u8>>>>,
+    /// Bytes of the records queued and not yet taken by the thread.
+    queued: Arc<AtomicUsize>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -342,32 +361,47 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     pub fn start(db: CouchDb) -> Result<Writer, Error> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = Arc::clone(&queued);
         let thread = std::thread::Builder::new()
             .name("sprout-whisks-writer".into())
-            .spawn(move || write_batches(&db, &rx))
+            .spawn(move || write_batches(&db, &rx, &taken))
             .map_err(Error::Thread)?;
         Ok(Writer {
             tx: Mutex::new(Some(tx)),
+            queued,
             thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Queues `activation`'s record (its `_id` is `namespace/activationId`, as
-    /// OpenWhisk's). Never blocks: a full queue drops it, with a warning.
+    /// OpenWhisk's). Never blocks: a full queue (in records or in bytes) drops it,
+    /// with a warning.
     pub fn push(&self, activation: &WhiskActivation) {
-        let mut doc = match serde_json::to_value(activation) {
-            Ok(serde_json::Value::Object(doc)) => doc,
-            _ => return,
+        let doc = WhiskDocument {
+            id: format!("{}/{}", activation.namespace, activation.activation_id),
+            entity_type: "activation",
+            activation,
         };
-        doc.insert(
-            "_id".into(),
-            format!("{}/{}", activation.namespace, activation.activation_id).into(),
-        );
-        doc.insert("entityType".into(), "activation".into());
-        if let Some(tx) = &*self.tx.lock() {
-            if let Err(TrySendError::Full(_)) = tx.try_send(doc.into()) {
-                warn!(activation_id = %activation.activation_id, "the activations database's queue is full: record dropped");
-            }
+        let Ok(bytes) = serde_json::to_vec(&doc) else {
+            return;
+        };
+        let len = bytes.len();
+        if self.queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            warn!(activation_id = %activation.activation_id, bytes = len, "the activations database's queue is full (in bytes): record dropped");
+            return;
+        }
+        let sent = match &*self.tx.lock() {
+            Some(tx) => match tx.try_send(bytes) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
+            None => false,
+        };
+        if !sent {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            warn!(activation_id = %activation.activation_id, "the activations database's queue is full: record dropped");
         }
     }
 
@@ -380,16 +414,32 @@ impl Writer {
     }
 }
 
-fn write_batches(db: &CouchDb, rx: &Receiver<serde_json::Value>) {
+/// An activation as a document of OpenWhisk's `activations` database.
+#[derive(serde::Serialize)]
+struct WhiskDocument<'a> {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(rename = "entityType")]
+    entity_type: &'static str,
+    #[serde(flatten)]
+    activation: &'a WhiskActivation,
+}
+
+fn write_batches(db: &CouchDb, rx: &Receiver<Vec<u8>>, queued: &AtomicUsize) {
     while let Ok(first) = rx.recv() {
+        let mut bytes = first.len();
         let mut batch = vec![first];
         let until = Instant::now() + LINGER;
-        while batch.len() < BATCH {
+        while batch.len() < BATCH && bytes < BATCH_BYTES {
             match rx.recv_deadline(until) {
-                Ok(doc) => batch.push(doc),
+                Ok(doc) => {
+                    bytes += doc.len();
+                    batch.push(doc);
+                }
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
+        queued.fetch_sub(bytes, Ordering::AcqRel);
         // One retry: the database may be restarting.
         let written = db.bulk_docs("activations", &batch).or_else(|_| {
             std::thread::sleep(Duration::from_millis(200));

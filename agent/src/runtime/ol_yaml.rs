@@ -71,6 +71,14 @@ pub const RESERVED_ENV: &[&str] = &[
     "LAMBDA_TASK_ROOT",
 ];
 
+/// The [`RESERVED_ENV`] entry `name` falls under, if any.
+pub fn reserved_env(name: &str) -> Option<&'static str> {
+    RESERVED_ENV
+        .iter()
+        .copied()
+        .find(|r| name.starts_with(r) && (r.ends_with('_') || name == *r))
+}
+
 /// Variables of the environment that choose a Python function's entry (compat C.2).
 pub const OL_ENTRY_FILE: &str = "OL_ENTRY_FILE";
 
@@ -257,10 +265,7 @@ pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
                 "environment variable name {name:?} is not a name: use up to {MAX_ENV_NAME} of A-Z a-z 0-9 _, not starting with a digit"
             ));
         }
-        if let Some(reserved) = RESERVED_ENV
-            .iter()
-            .find(|r| name.starts_with(*r) && (r.ends_with('_') || name == **r))
-        {
+        if let Some(reserved) = reserved_env(name) {
             return Err(format!(
                 "environment variable {name:?} is reserved ({reserved}...: sprout or the runtime's protocol sets it)"
             ));

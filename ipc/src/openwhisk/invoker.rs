@@ -167,6 +167,8 @@ pub struct ControllerInstance {
 pub enum InvalidMessage {
     #[error("the body is not an ActivationMessage: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    TooLarge(#[from] super::TooManyValues),
     #[error("transid must be an array starting with the transaction's id (a string) and its start (epoch milliseconds)")]
     TransId,
     #[error("content must be a JSON object or array")]
@@ -180,6 +182,7 @@ pub enum InvalidMessage {
 impl ActivationMessage {
     /// Parses and checks a message (`POST /invoke`'s body).
     pub fn parse(body: &[u8]) -> Result<ActivationMessage, InvalidMessage> {
+        super::check_json_values(body, super::MAX_JSON_VALUES)?;
         let mut msg: ActivationMessage = serde_json::from_slice(body)?;
         if msg.transid.0.first().is_none_or(|v| !v.is_string()) || msg.transid.start_ms().is_none()
         {
