@@ -179,15 +179,7 @@ impl CouchDb {
         if let Some(auth) = &self.authorization {
             req = req.header("Authorization", auth);
         }
-        let mut body = Vec::with_capacity(docs.iter().map(|d| d.len() + 1).sum::<usize>() + 12);
-        body.extend_from_slice(b"{\"docs\":[");
-        for (i, doc) in docs.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(doc);
-        }
-        body.extend_from_slice(b"]}");
+        let body = [&b"{\"docs\":["[..], &docs.join(&b","[..]), b"]}"].concat();
         let resp = req.send(&body[..]).map_err(|e| e.to_string())?;
         match resp.status().as_u16() {
             200..=202 => Ok(()),
