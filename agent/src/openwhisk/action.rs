@@ -284,7 +284,7 @@ pub fn prepare(action: &Action, limits: &crate::upload::Limits) -> Result<Prepar
         let env_name = is_ident(&p.key) || p.key.starts_with('_') && is_ident(&p.key[1..]);
         if p.init
             && (!env_name
-                || crate::runtime::ol_yaml::reserved_env(&p.key).is_some()
+                || crate::runtime::env_names::reserved_env(&p.key).is_some()
                 || env_string(&p.value).contains('\0'))
         {
             return Err(Error::InitParameter { key: p.key.clone() });

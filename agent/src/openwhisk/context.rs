@@ -79,7 +79,7 @@ impl Context {
                 Some("a name longer than 256 bytes")
             } else if name.contains('=') || name.contains('\0') {
                 Some("a name holding '=' or NUL cannot be a variable")
-            } else if crate::runtime::ol_yaml::reserved_env(name).is_some() {
+            } else if crate::runtime::env_names::reserved_env(name).is_some() {
                 Some("the name is reserved (__OW_*, SPROUT_*, AWS_LAMBDA_*, _HANDLER, LAMBDA_TASK_ROOT): sprout or the runtime's protocol sets it")
             } else if value.contains('\0') {
                 Some("a value holding NUL cannot be a variable's")

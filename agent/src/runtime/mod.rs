@@ -18,6 +18,7 @@
 //! The runtimes themselves are the protocol's enum ([`Runtime`], re-exported), so the
 //! agent and the shim name them the same way.
 
+pub mod env_names;
 mod files;
 pub mod installed;
 pub mod native;

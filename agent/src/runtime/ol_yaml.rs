@@ -60,24 +60,7 @@ pub const MAX_ENV_NAME: usize = 256;
 /// Longest value, in bytes.
 pub const MAX_ENV_VALUE: usize = 32 << 10;
 
-/// Name prefixes (and names) an `environment` may not set: sprout's own variables,
-/// and those the runtimes' protocols define for a function (OpenWhisk's activation
-/// context, AWS Lambda's runtime API), which must say what sprout says.
-pub const RESERVED_ENV: &[&str] = &[
-    "SPROUT_",
-    "__OW_",
-    "AWS_LAMBDA_",
-    "_HANDLER",
-    "LAMBDA_TASK_ROOT",
-];
-
-/// The [`RESERVED_ENV`] entry `name` falls under, if any.
-pub fn reserved_env(name: &str) -> Option<&'static str> {
-    RESERVED_ENV
-        .iter()
-        .copied()
-        .find(|r| name.starts_with(r) && (r.ends_with('_') || name == *r))
-}
+use super::env_names::reserved_env;
 
 /// Variables of the environment that choose a Python function's entry (compat C.2).
 pub const OL_ENTRY_FILE: &str = "OL_ENTRY_FILE";
@@ -248,7 +231,7 @@ fn yaml_error(e: &serde_norway::Error) -> String {
 
 /// Checks an environment's bounds: at most [`MAX_ENV_VARS`] variables, names of
 /// `[A-Za-z_][A-Za-z0-9_]*` up to [`MAX_ENV_NAME`] bytes and none of
-/// [`RESERVED_ENV`], values without NUL up to [`MAX_ENV_VALUE`] bytes.
+/// [`RESERVED_ENV`](super::env_names::RESERVED_ENV), values without NUL up to [`MAX_ENV_VALUE`] bytes.
 pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
     if env.len() > MAX_ENV_VARS {
         return Err(format!(
