@@ -9,7 +9,8 @@
 //!   `io_uring_enter` that waits for both (1 call);
 //! - `blocking`: `write` and a blocking `read` (2 calls), the floor of any loop.
 //!
-//! The decision and its numbers are in `docs/design.md`, "io_uring".
+//! The decision and its numbers: `docs/design.md`, "Decisions and what comes next"
+//! ("io_uring: measured, not adopted").
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
