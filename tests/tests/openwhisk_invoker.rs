@@ -245,12 +245,12 @@ fn an_action_with_a_mem_attachment_is_fetched_run_and_its_record_stored() {
     );
 
     let version = ack["response"]["version"].clone();
-    // A revision that is gone: the latest is taken, once; asking for it again is
-    // neither another fetch nor another registration (which would retire the warm
-    // instances and bump the version).
+    // An older revision that is gone: the latest is taken, once; asking for it
+    // again is neither another fetch nor another registration (which would retire
+    // the warm instances and bump the version).
     for id in [33, 34] {
         let mut msg = message("alpha", "alpha/greet", id, true, json!({"name": "gone"}));
-        msg["revision"] = json!("9-00000000000000000000000000000000");
+        msg["revision"] = json!("0-00000000000000000000000000000000");
         let ack = invoke(&mut s, STAR, &msg).ack();
         assert_eq!(
             ack["response"]["response"]["result"],

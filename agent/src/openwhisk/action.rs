@@ -342,42 +342,56 @@ fn zip_bytes(exec: &Exec, code: &str) -> Result<Option<Vec<u8>>, Error> {
     }
 }
 
-/// How many entries a zip's end-of-central-directory record says it has (its zip64
-/// record's count when the classic one is saturated); `None` when there is no such
-/// record (the zip crate then says what is wrong).
+/// The most entries any end-of-central-directory record in a zip declares, as the
+/// zip crate reads them: the larger of its two 16-bit counts, and, where it points
+/// to a zip64 record (a count of `0xFFFF` or a directory offset of `0xFFFFFFFF`,
+/// with a locator before it), that record's 64-bit counts. Every record in the
+/// buffer is looked at, as the crate falls back to earlier ones; a 16-bit count
+/// costs at most 65535 records indexed, so only the one the crate reads first (the
+/// last) is taken at its word, earlier ones (the bytes may be file data) only for
+/// a zip64 record they lead to. `None`: no such record.
 fn declared_entries(bytes: &[u8]) -> Option<u64> {
     const EOCD: &[u8] = b"PK\x05\x06";
     const EOCD_LEN: usize = 22;
     const LOCATOR: &[u8] = b"PK\x06\x07";
     const ZIP64_EOCD: &[u8] = b"PK\x06\x06";
-    let u16_at = |b: &[u8], at: usize| {
-        b.get(at..at + 2)
+    let u16_at = |at: usize| {
+        bytes
+            .get(at..at + 2)
             .map(|v| u64::from(u16::from_le_bytes([v[0], v[1]])))
     };
-    let u64_at = |b: &[u8], at: usize| {
-        b.get(at..at + 8)
+    let u32_at = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|v| u32::from_le_bytes(v.try_into().expect("4 bytes")))
+    };
+    let u64_at = |at: usize| {
+        bytes
+            .get(at..at + 8)
             .map(|v| u64::from_le_bytes(v.try_into().expect("8 bytes")))
     };
-    // The record ends the archive, after a comment of at most 65535 bytes.
-    let from = bytes.len().saturating_sub(EOCD_LEN + 0xffff);
-    let at = (from..=bytes.len().checked_sub(EOCD_LEN)?)
-        .rev()
-        .find(|&i| bytes[i..].starts_with(EOCD))?;
-    let total = u16_at(bytes, at + 10)?;
-    if total != 0xffff {
-        return Some(total);
+    let zip64_count = |eocd: usize| -> Option<u64> {
+        let locator = eocd.checked_sub(20)?;
+        if !bytes[locator..].starts_with(LOCATOR) {
+            return None;
+        }
+        let record = usize::try_from(u64_at(locator + 8)?).ok()?;
+        if !bytes.get(record..)?.starts_with(ZIP64_EOCD) {
+            return None;
+        }
+        Some(u64_at(record + 24)?.max(u64_at(record + 32)?))
+    };
+    let last = bytes.len().checked_sub(EOCD_LEN)?;
+    let mut most: Option<u64> = None;
+    for at in memchr::memmem::rfind_iter(bytes, EOCD).filter(|&i| i <= last) {
+        let (disk, total, offset) = (u16_at(at + 8)?, u16_at(at + 10)?, u32_at(at + 16)?);
+        let mut count = if most.is_none() { disk.max(total) } else { 0 };
+        if disk == 0xffff || total == 0xffff || offset == u32::MAX {
+            count = count.max(zip64_count(at).unwrap_or(0));
+        }
+        most = Some(most.unwrap_or(0).max(count));
     }
-    // Zip64: a locator just before the record points at the zip64 record, whose
-    // count is at offset 32.
-    let locator = at.checked_sub(20)?;
-    if !bytes[locator..].starts_with(LOCATOR) {
-        return Some(total);
-    }
-    let record = usize::try_from(u64_at(bytes, locator + 8)?).ok()?;
-    if !bytes.get(record..)?.starts_with(ZIP64_EOCD) {
-        return Some(total);
-    }
-    u64_at(bytes, record + 32)
+    most
 }
 
 /// The files of a zip (path, bytes, mode), within `limits`' entries and size; paths

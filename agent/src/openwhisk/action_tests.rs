@@ -230,6 +230,41 @@ fn zips_are_bounded_and_stay_inside() {
     assert_eq!(declared_entries(b"PK\x03\x04 not a whole zip"), None);
 }
 
+/// A zip64 record's count is followed wherever an end record points to it (a
+/// saturated count or directory offset); an earlier end record's 16-bit count,
+/// which may be file data, is not taken at its word.
+#[test]
+fn declared_entries_follow_zip64_and_ignore_earlier_16_bit_counts() {
+    fn eocd(disk: u16, total: u16, offset: u32) -> Vec<u8> {
+        let mut r = b"PK\x05\x06".to_vec();
+        r.extend_from_slice(&[0; 4]);
+        r.extend_from_slice(&disk.to_le_bytes());
+        r.extend_from_slice(&total.to_le_bytes());
+        r.extend_from_slice(&[0; 4]);
+        r.extend_from_slice(&offset.to_le_bytes());
+        r.extend_from_slice(&[0; 2]);
+        r
+    }
+    let mut bytes = b"PK\x03\x04 some data ".to_vec();
+    // Data that looks like an end record with many entries, then the real one.
+    bytes.extend(eocd(60_000, 60_000, 0));
+    bytes.extend(eocd(3, 3, 0));
+    assert_eq!(declared_entries(&bytes), Some(3));
+    // A zip64 record, its locator, and an end record that points to it.
+    let record = bytes.len() as u64;
+    bytes.extend_from_slice(b"PK\x06\x06");
+    bytes.extend_from_slice(&[0; 20]);
+    bytes.extend_from_slice(&5_000_000u64.to_le_bytes());
+    bytes.extend_from_slice(&5_000_000u64.to_le_bytes());
+    bytes.extend_from_slice(&[0; 16]);
+    bytes.extend_from_slice(b"PK\x06\x07");
+    bytes.extend_from_slice(&[0; 4]);
+    bytes.extend_from_slice(&record.to_le_bytes());
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend(eocd(5, 5, u32::MAX));
+    assert_eq!(declared_entries(&bytes), Some(5_000_000));
+}
+
 fn meta(parameters: serde_json::Value, annotations: serde_json::Value) -> ActionMeta {
     ActionMeta {
         kind: "python:3".into(),

@@ -79,6 +79,10 @@ impl Context {
                 Some("a name longer than 256 bytes")
             } else if name.contains('=') || name.contains('\0') {
                 Some("a name holding '=' or NUL cannot be a variable")
+            } else if name.starts_with(|c: char| c.is_ascii_digit())
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                Some("a variable's name is [A-Za-z_][A-Za-z0-9_]*")
             } else if crate::runtime::env_names::reserved_env(name).is_some() {
                 Some("the name is reserved (__OW_*, SPROUT_*, AWS_LAMBDA_*, _HANDLER, LAMBDA_TASK_ROOT): sprout or the runtime's protocol sets it")
             } else if value.contains('\0') {
@@ -308,6 +312,13 @@ mod tests {
             },
             None,
             "__OW_",
+        );
+        refused(
+            &|a| {
+                a.init_env.insert("a-b".into(), "x".into());
+            },
+            None,
+            "[A-Za-z_]",
         );
         refused(
             &|a| {

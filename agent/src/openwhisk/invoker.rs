@@ -76,10 +76,15 @@ struct Whisks {
     /// was taken): asking again is not another fetch.
     registered: Mutex<HashMap<String, Registered>>,
     /// One fetch at a time per action: messages that arrive while it is fetched
-    /// wait for it and find it registered.
-    fetching: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// wait for it and take its outcome (registered, or the same failure) instead
+    /// of fetching again.
+    fetching: Mutex<HashMap<String, Arc<FetchTurn>>>,
     writer: Writer,
 }
+
+/// One action's fetch: held by the message fetching it, then holding its outcome
+/// for the messages that waited.
+type FetchTurn = Mutex<Option<Result<(), Fetch>>>;
 
 /// An action registered from the database.
 #[derive(Debug)]
@@ -87,6 +92,14 @@ struct Registered {
     revision: String,
     /// Revisions asked for that this one answered, the latest few.
     answers: Vec<String>,
+}
+
+/// A CouchDB revision's generation (`3` of `3-9f1c...`); 0 when it has none.
+fn generation(revision: &str) -> u64 {
+    revision
+        .split_once('-')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Revisions remembered as answered by another, per action.
@@ -99,12 +112,13 @@ impl Registered {
 }
 
 /// Why an action could not be made ready.
+#[derive(Debug, Clone)]
 enum Fetch {
     NotFound,
-    /// The database failed.
-    Failed(whisks::Error),
-    /// The action's document was read and sprout refused it.
-    Refused(Error),
+    /// The database failed (why).
+    Failed(String),
+    /// The action's document was read and sprout refused it (why).
+    Refused(String),
 }
 
 impl WhiskInvoker {
@@ -189,7 +203,7 @@ impl WhiskInvoker {
                     return failure(msg, ActivationStatus::ApplicationError, NOT_FOUND)
                 }
                 Err(Fetch::Failed(e)) => {
-                    warn!(error = %ipc::chain(&e), "action not fetched");
+                    warn!(error = %e, "action not fetched");
                     return failure(msg, ActivationStatus::WhiskInternalError, NOT_FETCHED);
                 }
                 Err(Fetch::Refused(e)) => {
@@ -250,11 +264,16 @@ impl Whisks {
         }
         let turn = Arc::clone(self.fetching.lock().entry(id.clone()).or_default());
         let result = {
-            let _turn = turn.lock();
-            if known(&self.registered.lock()) {
-                Ok(())
-            } else {
-                self.fetch(&id, msg, run)
+            let mut outcome = turn.lock();
+            match &*outcome {
+                // The fetch this message waited for ended: its outcome is this one's.
+                Some(done) => done.clone(),
+                None if known(&self.registered.lock()) => Ok(()),
+                None => {
+                    let done = self.fetch(&id, msg, run);
+                    *outcome = Some(done.clone());
+                    done
+                }
             }
         };
         let mut fetching = self.fetching.lock();
@@ -269,13 +288,20 @@ impl Whisks {
         let (action, rev) = match self.db.action(id, msg.revision.as_deref()) {
             Ok(Some(found)) => found,
             Ok(None) => return Err(Fetch::NotFound),
-            Err(e) => return Err(Fetch::Failed(e)),
+            Err(e) => return Err(Fetch::Failed(ipc::chain(&e))),
         };
         debug!(revision = %rev, "action fetched from the whisks database");
         let mut registered = self.registered.lock();
         if let Some(r) = registered.get_mut(id).filter(|r| r.revision == rev) {
-            // The revision asked for is gone, and the latest is the one registered.
-            if let Some(asked) = &msg.revision {
+            // The revision asked for is gone, and the latest is the one registered;
+            // one the latest supersedes (an older generation) is answered by it for
+            // good, one not yet seen (a newer generation: the database lags) is asked
+            // again next time.
+            if let Some(asked) = msg
+                .revision
+                .as_ref()
+                .filter(|a| generation(a) < generation(&rev))
+            {
                 if r.answers.len() >= ANSWERS {
                     r.answers.remove(0);
                 }
@@ -290,7 +316,7 @@ impl Whisks {
             action: Box::new(action),
             overwrite: true,
         };
-        run(put).map_err(Fetch::Refused)?;
+        run(put).map_err(|e| Fetch::Refused(e.to_string()))?;
         let mut registered = self.registered.lock();
         if registered.len() >= MAX_REVISIONS {
             registered.clear();
@@ -298,7 +324,7 @@ impl Whisks {
         let answers = msg
             .revision
             .iter()
-            .filter(|asked| **asked != rev)
+            .filter(|asked| generation(asked) < generation(&rev))
             .cloned()
             .collect();
         registered.insert(
@@ -362,7 +388,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The activation of a message that did not run: `status` with `{"error": text}`.
 /// The first names of `names` for a message, each cut at 64 characters (a message's
 /// keys are the sender's and of any size), with how many more there are.
 fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a String>) -> String {
@@ -382,6 +407,7 @@ fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a String>) -> String {
     text
 }
 
+/// The activation of a message that did not run: `status` with `{"error": text}`.
 fn failure(msg: &ActivationMessage, status: ActivationStatus, text: &str) -> WhiskActivation {
     let now = now_ms();
     let result = serde_json::value::to_raw_value(&json!({ "error": text })).ok();

@@ -33,7 +33,7 @@ const QUEUE: usize = 16_384;
 const QUEUE_BYTES: usize = 64 << 20;
 /// Records in one `_bulk_docs` request at most.
 const BATCH: usize = 128;
-/// The bytes of records in one `_bulk_docs` request at most (one larger record
+/// The bytes of records in one `_bulk_docs` request at most (a larger record
 /// goes alone).
 const BATCH_BYTES: usize = 8 << 20;
 /// How long the writer waits for company after a record arrives.
@@ -384,16 +384,17 @@ impl Writer {
             warn!(activation_id = %activation.activation_id, bytes = len, "the activations database's queue is full (in bytes): record dropped");
             return;
         }
-        let sent = match &*self.tx.lock() {
+        let refused = match &*self.tx.lock() {
             Some(tx) => match tx.try_send(bytes) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+                Ok(()) => None,
+                Err(TrySendError::Full(_)) => Some("the activations database's queue is full"),
+                Err(TrySendError::Disconnected(_)) => Some("the activations writer has stopped"),
             },
-            None => false,
+            None => Some("the activations writer has stopped"),
         };
-        if !sent {
+        if let Some(why) = refused {
             self.queued.fetch_sub(len, Ordering::AcqRel);
-            warn!(activation_id = %activation.activation_id, "the activations database's queue is full: record dropped");
+            warn!(activation_id = %activation.activation_id, "{why}: record dropped");
         }
     }
 
@@ -418,12 +419,21 @@ struct WhiskDocument<'a> {
 }
 
 fn write_batches(db: &CouchDb, rx: &Receiver<Vec<u8>>, queued: &AtomicUsize) {
-    while let Ok(first) = rx.recv() {
+    // A record that would take a batch past BATCH_BYTES starts the next one.
+    let mut carried: Option<Vec<u8>> = None;
+    loop {
+        let Some(first) = carried.take().or_else(|| rx.recv().ok()) else {
+            return;
+        };
         let mut bytes = first.len();
         let mut batch = vec![first];
         let until = Instant::now() + LINGER;
-        while batch.len() < BATCH && bytes < BATCH_BYTES {
+        while batch.len() < BATCH {
             match rx.recv_deadline(until) {
+                Ok(doc) if bytes + doc.len() > BATCH_BYTES => {
+                    carried = Some(doc);
+                    break;
+                }
                 Ok(doc) => {
                     bytes += doc.len();
                     batch.push(doc);
@@ -431,7 +441,6 @@ fn write_batches(db: &CouchDb, rx: &Receiver<Vec<u8>>, queued: &AtomicUsize) {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        queued.fetch_sub(bytes, Ordering::AcqRel);
         // One retry: the database may be restarting.
         let written = db.bulk_docs("activations", &batch).or_else(|_| {
             std::thread::sleep(Duration::from_millis(200));
@@ -446,6 +455,9 @@ fn write_batches(db: &CouchDb, rx: &Receiver<Vec<u8>>, queued: &AtomicUsize) {
                 warn!(records = batch.len(), error = %e, "records not written to the activations database")
             }
         }
+        // Counted until written, so that what waits and what is being written
+        // together stay within QUEUE_BYTES.
+        queued.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 
