@@ -142,13 +142,7 @@ impl OwRoute {
                 return Ok(json!({}));
             }
             ipc::openwhisk::check_json_values(body, ipc::openwhisk::MAX_JSON_VALUES).map_err(
-                |e| {
-                    Reject::new(
-                        413,
-                        "payload_too_large",
-                        format!("The request content was too large: {e}."),
-                    )
-                },
+                |e| Reject::payload_too_large(format!("The request content was too large: {e}.")),
             )?;
             serde_json::from_slice(body)
                 .map_err(|e| Reject::bad_request(format!("The request content was malformed: {e}")))

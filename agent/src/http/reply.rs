@@ -81,6 +81,12 @@ impl Reject {
         Reject::new(400, "bad_request", message)
     }
 
+    /// A body the server will not take (413), though within the wire's limits: one
+    /// of too many JSON values, say.
+    pub fn payload_too_large(message: impl Into<String>) -> Reject {
+        Reject::new(413, "payload_too_large", message)
+    }
+
     pub fn internal(message: impl Into<String>) -> Reject {
         Reject::new(500, "internal", message)
     }

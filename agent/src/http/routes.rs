@@ -860,7 +860,7 @@ impl Route {
                 let msg = ipc::openwhisk::invoker::ActivationMessage::parse(&body).map_err(
                     |e| match e {
                         ipc::openwhisk::invoker::InvalidMessage::TooLarge(_) => {
-                            Reject::new(413, "payload_too_large", ipc::chain(&e))
+                            Reject::payload_too_large(ipc::chain(&e))
                         }
                         e => Reject::bad_request(ipc::chain(&e)),
                     },
