@@ -115,6 +115,12 @@ impl Settings {
     }
 }
 
+/// The value after `flag` in `args`, if the flag is there.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).cloned()
+}
+
 /// The workspace's target directory for this profile (where `sprout` was built).
 fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -518,6 +524,8 @@ fn main() -> anyhow::Result<()> {
                 chain_runs: n,
                 transfer_runs: if quick { 3 } else { 20 },
                 fan_runs: n,
+                call_runs: if quick { 50 } else { 500 },
+                only: flag_value(&args, "--only"),
             };
             eprintln!("measuring workflows (release build recommended)...");
             let rows = workflows::run(&bin_dir()?, &workspace(), &settings)?;
@@ -557,7 +565,7 @@ fn main() -> anyhow::Result<()> {
         _ => bail!(
             "usage: bench latency [--quick] [--clients 1,4,16,64] | bench records [--quick] \
              | bench memory [--quick] \
-             | bench workflows [--quick] | bench deps [--quick] [--package-zygotes-mb MiB] \
+             | bench workflows [--quick] [--only chain|call|transfer|fan] | bench deps [--quick] [--package-zygotes-mb MiB] \
              | bench guard [--only warm,stem,new]"
         ),
     };

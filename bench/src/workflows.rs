@@ -18,6 +18,10 @@ pub struct Settings {
     pub chain_runs: usize,
     pub transfer_runs: usize,
     pub fan_runs: usize,
+    /// Calls per invocation of the in-sandbox call row (and as many raw echoes).
+    pub call_runs: usize,
+    /// Measure only this section (`chain`, `call`, `transfer`, `fan`).
+    pub only: Option<String>,
 }
 
 const XFER_SRC: &str = r#"import sprout, time
@@ -50,6 +54,61 @@ def f(e):
     if out.get("n") != 1:
         raise ValueError(f"inc_node answered {out!r}")
     return {"ns": ns}
+"#;
+
+/// `sprout.call` to a warm callee in the caller's sandbox, as the function sees it,
+/// in blocks of 25 in turn with its baselines: a raw round trip of a message of the
+/// same size over a Unix socket to a process the function forked (which echoes it),
+/// and the same call relayed by the shim (as every in-sandbox call went before direct
+/// channels; reached through the SDK's internals, which a function does not use).
+const CALL_LOCAL: &str = r#"import os, socket, sprout, time
+_sdk = sprout.call.__globals__
+def _echo():
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        while True:
+            m = b.recv(65536)
+            if not m:
+                os._exit(0)
+            b.sendall(m)
+    b.close()
+    return a, pid
+def _relayed(state, event):
+    req_id = next(state.ids)
+    header = _sdk["_call_header"](req_id, "inc", state.depth + 1, False)
+    header["spec"] = state.specs["inc"]
+    payload = _sdk["_encode_event"](event)[1]
+    return _sdk["_outcome"]("inc", *_sdk["_call_shim"](state, req_id, "inc", header, payload))
+def f(e):
+    n = e["n"]
+    state = _sdk["_state"]()
+    a, pid = _echo()
+    msg = b"x" * 96
+    raw, calls, relayed = [], [], []
+    def timed(out, call, check):
+        for _ in range(25):
+            t0 = time.perf_counter_ns()
+            got = call()
+            out.append(time.perf_counter_ns() - t0)
+            if not check(got):
+                raise ValueError(f"unexpected answer {got!r}")
+    def echo():
+        a.sendall(msg)
+        return a.recv(65536)
+    try:
+        # Blocks of 25 in turn: the three paths see the same drift, and each runs
+        # long enough for the scheduler to settle its processes.
+        for _ in range(max(n // 25, 1)):
+            timed(raw, echo, lambda got: got == msg)
+            timed(calls, lambda: sprout.call("inc", {"n": 0}), lambda got: got.get("n") == 1)
+            timed(relayed, lambda: _relayed(state, {"n": 0}), lambda got: got.get("n") == 1)
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+    direct = "inc" in state.direct
+    return {"raw": raw, "call": calls, "relayed": relayed, "direct": direct}
 "#;
 
 const FAN: &str = r#"import sprout, time
@@ -116,6 +175,12 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
         &write_fn(fns.path(), "xfer_sink", XFER_SINK)?,
         big,
     )?;
+    d.register(
+        &mut c,
+        "call_local",
+        &write_fn(fns.path(), "call_local", CALL_LOCAL)?,
+        json!({}),
+    )?;
     d.register(&mut c, "fan", &write_fn(fns.path(), "fan", FAN)?, json!({}))?;
     d.register(
         &mut c,
@@ -126,22 +191,34 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
     // Each section starts on a quiet machine: large transfers leave their pages to
     // be freed after the answer, which would land in the next section's samples.
     let settle = || std::thread::sleep(Duration::from_secs(1));
-    let mut rows = chain(&mut c, "chain", "inc", "", s.chain_runs)?;
-    settle();
-    rows.extend(chain(
-        &mut c,
-        "chain_node",
-        "inc_node",
-        "Node.js ",
-        s.chain_runs,
-    )?);
-    settle();
-    rows.push(call_node(&mut c, s.transfer_runs)?);
-    settle();
-    rows.extend(transfer(&mut c, s.transfer_runs)?);
-    for k in [8, 32] {
+    let wanted = |section: &str| s.only.as_deref().is_none_or(|o| o == section);
+    let mut rows = Vec::new();
+    if wanted("chain") {
+        rows.extend(chain(&mut c, "chain", "inc", "", s.chain_runs)?);
         settle();
-        rows.push(fan_out(&mut c, k, s.fan_runs)?);
+        rows.extend(chain(
+            &mut c,
+            "chain_node",
+            "inc_node",
+            "Node.js ",
+            s.chain_runs,
+        )?);
+        settle();
+    }
+    if wanted("call") {
+        rows.extend(call_local(&mut c, s.call_runs)?);
+        settle();
+        rows.push(call_node(&mut c, s.transfer_runs)?);
+        settle();
+    }
+    if wanted("transfer") {
+        rows.extend(transfer(&mut c, s.transfer_runs)?);
+    }
+    if wanted("fan") {
+        for k in [8, 32] {
+            settle();
+            rows.push(fan_out(&mut c, k, s.fan_runs)?);
+        }
     }
     Ok(rows)
 }
@@ -202,6 +279,46 @@ fn chain(
         Row::new(
             &format!("{label}chain: one hop (step to step, in-sandbox)"),
             &hops,
+        ),
+    ])
+}
+
+/// `sprout.call` to a warm in-sandbox callee against a raw Unix-socket echo, both
+/// timed inside the same function, in turn (the first invocation warms up: it
+/// resolves the callee and forks its instance).
+fn call_local(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
+    let ns = |v: &Value, key: &str| -> anyhow::Result<Vec<Duration>> {
+        v[key]
+            .as_array()
+            .with_context(|| format!("no {key}"))?
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .map(Duration::from_nanos)
+                    .context("not a duration")
+            })
+            .collect()
+    };
+    post(c, "/functions/call_local/invoke", &json!({"n": 10}))?;
+    let out = post(c, "/functions/call_local/invoke", &json!({"n": runs}))?;
+    if out["direct"] != true {
+        bail!(
+            "the calls did not go on a direct channel: {}",
+            out["direct"]
+        );
+    }
+    Ok(vec![
+        Row::new(
+            "call Python → Python in the sandbox (sprout.call, warm callee)",
+            &ns(&out, "call")?,
+        ),
+        Row::new(
+            "  baseline: the same call relayed by the shim (before direct channels)",
+            &ns(&out, "relayed")?,
+        ),
+        Row::new(
+            "  baseline: raw Unix-socket echo, same function, same size",
+            &ns(&out, "raw")?,
         ),
     ])
 }

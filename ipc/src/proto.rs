@@ -23,7 +23,7 @@
 //! sequential step in a sandbox the same way, with [`ShimRequest::Call`].
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 use strum::IntoStaticStr;
@@ -174,6 +174,16 @@ pub enum CallRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         spec: Option<CallSpec>,
     },
+    /// To the shim: a direct channel to an instance of `spec` of the caller's own, for
+    /// later calls of `function` (answered [`CallReply::Bound`], with the caller's end).
+    Bind {
+        id: u64,
+        function: String,
+        spec: CallSpec,
+    },
+    /// To the shim, unanswered: kill `callee`, bound to this caller, which did not
+    /// answer within its timeout.
+    Unbind { callee: u64 },
 }
 
 /// The answer to a [`CallRequest`] or a [`ShimRequest::Call`]. `CallReturned`'s
@@ -202,6 +212,10 @@ pub enum CallReply {
         function: String,
         message: String,
     },
+    /// The answer to a [`CallRequest::Bind`]; the frame carries the caller's end of a
+    /// socket whose other end an instance of the function serves (`docs/protocol.md`,
+    /// "Direct channels"). `callee` names it in a later [`CallRequest::Unbind`].
+    Bound { id: u64, callee: u64 },
     /// The agent refused the call at once, before running anything: `kind` names the
     /// limit (`too_many_calls`), `message` says which and its value.
     CallRefused {
@@ -527,6 +541,10 @@ pub enum InstanceRequest {
         #[serde(flatten)]
         request: HttpRequest,
     },
+    /// From the shim to an idle local instance: the frame carries the instance's end
+    /// of a direct channel to one caller. The instance serves `invoke`s on it, and
+    /// nothing else, until the caller closes it, then says [`InstanceEvent::Unbound`].
+    Bind,
 }
 
 /// Instance → agent. `Returned`'s payload is the result JSON.
@@ -568,6 +586,9 @@ pub enum InstanceEvent {
         #[serde(default, skip_serializing_if = "is_false")]
         called: bool,
     },
+    /// To the shim: the caller closed the direct channel of the last `bind`; the
+    /// instance is idle again.
+    Unbound,
 }
 
 /// An exception raised by function code, as the runtime reports it.
@@ -733,6 +754,11 @@ impl InstanceLink {
             env,
         };
         self.0.send_payload(&req, event, &[])
+    }
+
+    /// Hands an idle instance its end of a direct channel ([`InstanceRequest::Bind`]).
+    pub fn send_bind(&self, end: BorrowedFd<'_>) -> Result<(), Error> {
+        self.0.send(&InstanceRequest::Bind, b"", &[end])
     }
 
     /// Sends an HTTP request to an instance that is an [`HttpApp`]; `body` is its body.
@@ -1053,9 +1079,16 @@ mod tests {
                 raw: false,
                 spec: None,
             },
+            CallRequest::Bind {
+                id,
+                function: function.clone(),
+                spec: spec.clone(),
+            },
+            CallRequest::Unbind { callee: 3 },
         ]);
         check(&[
             CallReply::Resolved { id, spec: None },
+            CallReply::Bound { id, callee: 3 },
             CallReply::CallReturned { id, raw: false },
             CallReply::CallRaised {
                 id,
@@ -1200,9 +1233,11 @@ mod tests {
                 id,
                 request: HttpRequest::default(),
             },
+            InstanceRequest::Bind,
         ]);
         check(&[
             InstanceEvent::Ready,
+            InstanceEvent::Unbound,
             InstanceEvent::Loaded { http: None },
             InstanceEvent::Loaded {
                 http: Some(HttpApp::Wsgi),

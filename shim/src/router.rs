@@ -45,6 +45,10 @@ use crate::zygote::{self, Forked, Spawn};
 /// Idle local instances kept per function version; one more is killed.
 pub const IDLE_PER_VERSION: usize = 2;
 
+/// Direct channels one caller may hold at once (one per function it calls); a `bind`
+/// past it is refused and the caller's calls go through the shim.
+pub const MAX_BOUND_PER_CALLER: usize = 8;
+
 /// The answer to a `resolve`, or a `call` without a `spec`, on a calls channel.
 pub const NOT_HERE: &str = "resolve and remote calls go to the agent's call socket, not the shim";
 
@@ -116,6 +120,9 @@ struct Local {
     /// The [`Output`] it writes to; an instance of an older one is not reused.
     generation: u64,
     busy: Option<Pending>,
+    /// The caller it serves on a direct channel: neither idle nor watched for
+    /// deadlines (its caller keeps the time) until it says `unbound`.
+    bound_to: Option<Key>,
 }
 
 /// Idle local instances per (function, version), least recently used first.
@@ -355,7 +362,7 @@ impl<Z: Spawn> Router<Z> {
         }
         // Answers before new calls: a callee that answered is idle for them.
         for (&key, local) in &self.locals {
-            if local.busy.is_some() {
+            if local.busy.is_some() || local.bound_to.is_some() {
                 watch(Source::Callee(key), local.link.0.as_fd());
             }
         }
@@ -488,19 +495,26 @@ impl<Z: Spawn> Router<Z> {
                     function,
                     spec: Some(spec),
                     ..
-                } if !spec_is_attached(&function, &spec) => self.reply(
-                    origin,
-                    &CallReply::CallFailed {
-                        id,
-                        function: function.clone(),
-                        message: format!(
-                            "spec for {function:?} names {:?}, not the code the agent attached ({})",
-                            spec.code_dir,
-                            attached_dir(&spec.function, spec.version)
-                        ),
-                    },
-                    None,
-                )?,
+                }
+                | CallRequest::Bind { id, function, spec }
+                    if !spec_is_attached(&function, &spec) =>
+                {
+                    self.reply(
+                        origin,
+                        &CallReply::CallFailed {
+                            id,
+                            function: function.clone(),
+                            message: format!(
+                                "spec for {function:?} names {:?}, not the code the agent attached ({})",
+                                spec.code_dir,
+                                attached_dir(&spec.function, spec.version)
+                            ),
+                        },
+                        None,
+                    )?
+                }
+                CallRequest::Bind { id, function, spec } => self.bind(key, id, function, &spec)?,
+                CallRequest::Unbind { callee } => self.unbind(key, Key(callee)),
                 CallRequest::Call {
                     id,
                     function,
@@ -533,6 +547,10 @@ impl<Z: Spawn> Router<Z> {
         let Some(local) = self.locals.get_mut(&key) else {
             return Ok(());
         };
+        if local.bound_to.is_some() {
+            self.serve_bound(key);
+            return Ok(());
+        }
         if local.busy.is_none() {
             return Ok(());
         }
@@ -545,6 +563,36 @@ impl<Z: Spawn> Router<Z> {
             Heard::Broke(why) => self.fail_callee(key, true, |f, pid| {
                 format!("{f}'s instance (pid {pid}) broke the protocol: {why}")
             }),
+        }
+    }
+
+    /// Reads a bound callee's instance channel: `unbound` (its caller closed the direct
+    /// channel) makes it idle again; anything else, or its death, ends it.
+    fn serve_bound(&mut self, key: Key) {
+        let Some(local) = self.locals.get_mut(&key) else {
+            return;
+        };
+        match hear(&mut local.link) {
+            Heard::Nothing => {}
+            Heard::Answer(Message {
+                header: InstanceEvent::Unbound,
+                ..
+            }) => {
+                local.bound_to = None;
+                self.release(key);
+            }
+            Heard::Answer(m) => {
+                warn(format_args!(
+                    "bound instance {key} sent {} on its instance channel",
+                    op_of(&m.header)
+                ));
+                self.forget_instance(key, true);
+            }
+            Heard::Died => self.forget_instance(key, false),
+            Heard::Broke(why) => {
+                warn(format_args!("bound instance {key}: {why}"));
+                self.forget_instance(key, true);
+            }
         }
     }
 
@@ -577,38 +625,15 @@ impl<Z: Spawn> Router<Z> {
         event: &Payload,
     ) -> Result<(), Error> {
         if let Err(message) = check_depth(&function, depth) {
-            let failed = CallReply::CallFailed {
-                id,
-                function,
-                message,
-            };
-            return self.reply(origin, &failed, None);
+            return self.refuse(origin, id, function, Refused::Failed(message));
         }
         self.retire_older_versions(&spec.function, spec.version);
         let invoke_id = self.next_invoke;
         self.next_invoke += 1;
         loop {
-            let (key, fresh) = match self.idle.take(&spec.function, spec.version) {
-                Some(key) => (key, false),
-                None => match self.start_local(spec, &function)? {
-                    Ok(key) => (key, true),
-                    Err(Refused::Failed(message)) => {
-                        let failed = CallReply::CallFailed {
-                            id,
-                            function,
-                            message,
-                        };
-                        return self.reply(origin, &failed, None);
-                    }
-                    Err(Refused::Raised(error)) => {
-                        let raised = CallReply::CallRaised {
-                            id,
-                            function,
-                            error,
-                        };
-                        return self.reply(origin, &raised, None);
-                    }
-                },
+            let (key, fresh) = match self.take_local(spec, &function)? {
+                Ok(taken) => taken,
+                Err(refused) => return self.refuse(origin, id, function, refused),
             };
             let local = self
                 .locals
@@ -627,25 +652,135 @@ impl<Z: Spawn> Router<Z> {
                     return Ok(());
                 }
                 Err(e) => {
-                    // Died while idle (its calls channel has not told us yet), or
-                    // the event cannot be sent: an idle one is dropped and the next
-                    // tried; a fresh one failing fails the call.
-                    let pid = local.pid;
-                    self.forget_instance(key, !e.is_peer_gone());
-                    if fresh {
-                        let message = format!(
-                            "{function}'s instance (pid {pid}) could not take the call: {}",
-                            ipc::chain(&e)
-                        );
-                        let failed = CallReply::CallFailed {
-                            id,
-                            function,
-                            message,
-                        };
-                        return self.reply(origin, &failed, None);
+                    if let Some(message) = self.drop_taken(key, fresh, &e, "the call", &function) {
+                        return self.refuse(origin, id, function, Refused::Failed(message));
                     }
                 }
             }
+        }
+    }
+
+    /// Drops a taken instance that could not be sent `what`: it died while idle (its
+    /// calls channel has not told us yet), or what it was sent cannot be sent. For an
+    /// idle one, `None`: the next is tried; for a fresh one, why the request fails.
+    fn drop_taken(
+        &mut self,
+        key: Key,
+        fresh: bool,
+        e: &ipc::Error,
+        what: &str,
+        function: &str,
+    ) -> Option<String> {
+        let pid = self.locals.get(&key).map_or(0, |l| l.pid);
+        self.forget_instance(key, !e.is_peer_gone());
+        fresh.then(|| {
+            format!(
+                "{function}'s instance (pid {pid}) could not take {what}: {}",
+                ipc::chain(e)
+            )
+        })
+    }
+
+    /// An idle instance of `spec` (`false`), or a new one started for it (`true`).
+    fn take_local(
+        &mut self,
+        spec: &CallSpec,
+        function: &str,
+    ) -> Result<Result<(Key, bool), Refused>, Error> {
+        if let Some(key) = self.idle.take(&spec.function, spec.version) {
+            return Ok(Ok((key, false)));
+        }
+        Ok(self.start_local(spec, function)?.map(|key| (key, true)))
+    }
+
+    /// Answers a call or bind that could not have an instance.
+    fn refuse(
+        &mut self,
+        origin: Origin,
+        id: u64,
+        function: String,
+        refused: Refused,
+    ) -> Result<(), Error> {
+        let reply = match refused {
+            Refused::Failed(message) => CallReply::CallFailed {
+                id,
+                function,
+                message,
+            },
+            Refused::Raised(error) => CallReply::CallRaised {
+                id,
+                function,
+                error,
+            },
+        };
+        self.reply(origin, &reply, None)
+    }
+
+    /// Gives `caller` a direct channel to an instance of `spec` of its own: a socket
+    /// pair, one end to an idle (or new) instance with `bind`, the other to the caller
+    /// with `bound`. From then on the two talk without the shim; the caller keeps the
+    /// callee's time and asks for it to be killed (`unbind`) when it is past it.
+    fn bind(
+        &mut self,
+        caller: Key,
+        id: u64,
+        function: String,
+        spec: &CallSpec,
+    ) -> Result<(), Error> {
+        let origin = Origin::Instance(caller);
+        let held = self
+            .locals
+            .values()
+            .filter(|l| l.bound_to == Some(caller))
+            .count();
+        if held >= MAX_BOUND_PER_CALLER {
+            let message = format!(
+                "this instance already holds {held} direct channels, the most it may \
+                 ({MAX_BOUND_PER_CALLER}); call {function:?} through the shim"
+            );
+            return self.refuse(origin, id, function, Refused::Failed(message));
+        }
+        self.retire_older_versions(&spec.function, spec.version);
+        loop {
+            let (key, fresh) = match self.take_local(spec, &function)? {
+                Ok(taken) => taken,
+                Err(refused) => return self.refuse(origin, id, function, refused),
+            };
+            let (callee_end, caller_end) =
+                std::os::unix::net::UnixStream::pair().map_err(|source| Error::Sys {
+                    what: "socketpair for a direct channel",
+                    source,
+                })?;
+            let local = self
+                .locals
+                .get_mut(&key)
+                .expect("taken keys are local instances");
+            match local.link.send_bind(callee_end.as_fd()) {
+                Ok(()) => {
+                    local.bound_to = Some(caller);
+                    drop(callee_end);
+                    let bound = CallReply::Bound { id, callee: key.0 };
+                    return self.reply_with(origin, &bound, None, &[caller_end.as_fd()]);
+                }
+                Err(e) => {
+                    let what = "a direct channel";
+                    if let Some(message) = self.drop_taken(key, fresh, &e, what, &function) {
+                        return self.refuse(origin, id, function, Refused::Failed(message));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills `callee` for `caller`, which timed out waiting for it on their direct
+    /// channel; a callee bound to another caller (or none) is left alone.
+    fn unbind(&mut self, caller: Key, callee: Key) {
+        if self
+            .locals
+            .get(&callee)
+            .is_some_and(|l| l.bound_to == Some(caller))
+        {
+            self.forget_instance(callee, true);
         }
     }
 
@@ -708,6 +843,7 @@ impl<Z: Spawn> Router<Z> {
                     version: spec.version,
                     generation: self.output.generation,
                     busy: None,
+                    bound_to: None,
                 };
                 self.locals.insert(key, local);
                 return Ok(Ok(key));
@@ -825,19 +961,30 @@ impl<Z: Spawn> Router<Z> {
         reply: &CallReply,
         payload: Option<&Payload>,
     ) -> Result<(), Error> {
+        self.reply_with(origin, reply, payload, &[])
+    }
+
+    /// [`Self::reply`] with descriptors in the frame.
+    fn reply_with(
+        &mut self,
+        origin: Origin,
+        reply: &CallReply,
+        payload: Option<&Payload>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
         let empty = Payload::default();
         let payload = payload.unwrap_or(&empty);
         match origin {
             Origin::Agent => self
                 .agent
                 .0
-                .send_payload(reply, payload, &[])
+                .send_payload(reply, payload, fds)
                 .map_err(Error::Agent),
             Origin::Instance(key) => {
                 let Some(end) = self.calls.get(&key) else {
                     return Ok(());
                 };
-                if let Err(e) = end.send_payload(reply, payload, &[]) {
+                if let Err(e) = end.send_payload(reply, payload, fds) {
                     if !e.is_peer_gone() {
                         warn(format_args!(
                             "calls channel of instance {key}: {}",
@@ -880,9 +1027,17 @@ impl<Z: Spawn> Router<Z> {
         // Idle instances writing to older pipes are not reused.
         let generation = self.output.generation;
         let locals = &self.locals;
-        let stale = self
+        let mut stale = self
             .idle
             .retire(|_, _, k| locals.get(&k).is_some_and(|l| l.generation != generation));
+        // Bound ones too: their callers see the direct channel close and call again
+        // through the shim.
+        stale.extend(
+            self.locals
+                .iter()
+                .filter(|(_, l)| l.bound_to.is_some() && l.generation != generation)
+                .map(|(&k, _)| k),
+        );
         for key in stale {
             self.forget_instance(key, true);
         }
@@ -940,6 +1095,16 @@ impl<Z: Spawn> Router<Z> {
     /// its own channel closing.
     fn forget_calls(&mut self, key: Key) {
         self.calls.remove(&key);
+        // A callee never outlives its caller: the shim no longer keeps its time.
+        let bound: Vec<Key> = self
+            .locals
+            .iter()
+            .filter(|(_, l)| l.bound_to == Some(key))
+            .map(|(&k, _)| k)
+            .collect();
+        for callee in bound {
+            self.forget_instance(callee, true);
+        }
         if self.spare.as_ref().is_some_and(|s| s.key == key) {
             self.spare = None;
         }

@@ -349,6 +349,75 @@ def f(target):
     );
 }
 
+/// After its first call, a caller talks to its in-sandbox callee on a direct channel
+/// the shim made, and keeps the callee's time itself: a callee past its timeout is
+/// killed, one that dies fails the call, and the next call gets a new callee.
+#[test]
+fn in_sandbox_calls_go_direct_and_a_stuck_or_dead_callee_is_replaced() {
+    let env = require_root!();
+    let d = env.daemon();
+    let tick = r#"import os, time
+def f(e):
+    if e == "hang":
+        with open(os.path.join(os.environ["SPROUT_WORKFLOW_DIR"], "hung"), "w") as out:
+            out.write(str(os.getpid()))
+        time.sleep(60)
+    if e == "die":
+        os._exit(3)
+    return os.getpid()
+"#;
+    register(&d, &env, "tick", tick, json!({"timeout_ms": 500}));
+    let caller = r#"import os, sprout, time
+def f(e):
+    state = sprout.call.__globals__["_state"]()
+    out = {"pids": [sprout.call("tick", "ok") for _ in range(3)]}
+    out["direct"] = "tick" in state.direct
+    for what in ("hang", "die"):
+        try:
+            sprout.call("tick", what)
+        except sprout.CallError as exc:
+            out[what] = exc.message
+        out[what + "_then"] = sprout.call("tick", "ok")
+    with open(os.path.join(os.environ["SPROUT_WORKFLOW_DIR"], "hung")) as hung:
+        pid = int(hung.read())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            out["hung_killed"] = True
+            break
+        time.sleep(0.01)
+    return out
+"#;
+    register(&d, &env, "caller", caller, json!({}));
+    let r = d.invoke("caller", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    let pids = v["pids"].as_array().unwrap();
+    assert!(
+        pids.iter().all(|p| p == &pids[0]),
+        "one callee serves them all: {v}"
+    );
+    assert_eq!(v["direct"], true, "{v}");
+    assert!(
+        v["hang"]
+            .as_str()
+            .unwrap()
+            .contains("tick timed out after 500 ms"),
+        "{v}"
+    );
+    assert_eq!(v["hung_killed"], true, "the stuck callee was killed: {v}");
+    assert_ne!(v["hang_then"], pids[0], "{v}");
+    assert!(
+        v["die"].as_str().unwrap().contains("died while running"),
+        "{v}"
+    );
+    assert!(v["die_then"].is_u64(), "{v}");
+    // Everything ran in the caller's one sandbox.
+    assert_eq!(d.sandboxes().len(), 1, "{:?}", d.sandboxes());
+}
+
 #[test]
 fn a_declarative_sequence_runs_in_one_sandbox_and_parallel_in_siblings() {
     let env = require_root!();

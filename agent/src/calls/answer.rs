@@ -77,7 +77,7 @@ fn reply_id(reply: &CallReply) -> (u64, String) {
                 .map(|s| s.function.clone())
                 .unwrap_or_default(),
         ),
-        CallReply::CallReturned { id, .. } => (*id, String::new()),
+        CallReply::CallReturned { id, .. } | CallReply::Bound { id, .. } => (*id, String::new()),
         CallReply::CallRaised { id, function, .. }
         | CallReply::CallFailed { id, function, .. }
         | CallReply::CallRefused { id, function, .. } => (*id, function.clone()),

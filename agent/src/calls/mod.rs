@@ -500,6 +500,17 @@ fn handle(
             conn.refuse(&reply);
             return Ok(());
         }
+        CallRequest::Bind { id, function, .. } => {
+            let reply = CallReply::CallFailed {
+                id: *id,
+                function: function.clone(),
+                message: "direct channels are made by the sandbox's shim: send bind to it".into(),
+            };
+            conn.refuse(&reply);
+            return Ok(());
+        }
+        // Unanswered by design, and meaningless here: nothing is bound through the agent.
+        CallRequest::Unbind { .. } => return Ok(()),
         CallRequest::Call {
             id,
             function,
@@ -544,6 +555,9 @@ fn handle(
     };
     let work = match request {
         CallRequest::Resolve { .. } => Work::Resolve,
+        CallRequest::Bind { .. } | CallRequest::Unbind { .. } => {
+            unreachable!("answered above")
+        }
         CallRequest::Call { raw, .. } => match parts.runs.run_of(&conn.sandbox) {
             Ok(run) => Work::Call {
                 raw,

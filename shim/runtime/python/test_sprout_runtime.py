@@ -647,6 +647,9 @@ class RuntimeTest(unittest.TestCase):
         zygote = self.start_zygote()
         inst = self.loaded(zygote, 1, code)
         inst.ch.send({"op": "invoke", "id": 1, "depth": 3}, json.dumps({"sock": sock_path, "n": 5}).encode())
+        header, _, _ = inst.calls.recv()
+        self.assertEqual(header, {"op": "bind", "id": header["id"], "function": "g", "spec": spec})
+        inst.calls.send({"op": "call_failed", "id": header["id"], "function": "g", "message": "not now"})
         header, payload, fds = inst.calls.recv()
         self.assertEqual(header, {"op": "call", "id": header["id"], "function": "g", "depth": 4, "spec": spec})
         self.assertEqual((json.loads(payload), fds), ({"n": 5}, []))
@@ -667,6 +670,42 @@ class RuntimeTest(unittest.TestCase):
         # No call, no "called".
         header, payload, _ = inst.invoke(3, {"sock": sock_path})
         self.assertEqual((header, payload), ({"op": "returned", "id": 3}, b'"no call"'))
+        self.assertEqual(self.zygote_log(zygote), "")
+
+    def test_a_bound_instance_serves_its_caller_then_the_shim_again(self):
+        code = self.code_dir(
+            f="""\
+            import os
+            def f(event):
+                if event == "env":
+                    return os.environ.get("__OW_X")
+                return event * 2
+            """
+        )
+        zygote = self.start_zygote()
+        inst = self.loaded(zygote, 1, code)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.settimeout(TIMEOUT)
+        inst.ch.send({"op": "bind"}, b"", [theirs.fileno()])
+        theirs.close()
+        direct = codec.Channel(ours)
+        direct.send({"op": "invoke", "id": 1, "depth": 2}, b"21")
+        self.assertEqual(direct.recv(), ({"op": "returned", "id": 1}, b"42", []))
+        big = "y" * (100 << 10)  # a shared event and result
+        direct.send({"op": "invoke", "id": 2, "depth": 2}, json.dumps(big).encode())
+        header, payload, _ = direct.recv()
+        self.assertEqual((header, json.loads(str(payload, "utf-8"))), ({"op": "returned", "id": 2}, big * 2))
+        # What only the agent may send is refused here.
+        direct.send({"op": "invoke", "id": 3, "env": {"__OW_X": "1"}}, b'"env"')
+        header, _, _ = direct.recv()
+        self.assertEqual((header["op"], header["error"]["message"]), ("raised", "an invoke on a direct channel carries no env"))
+        direct.send({"op": "invoke", "id": 4, "depth": 17}, b"1")
+        header, _, _ = direct.recv()
+        self.assertEqual(header["error"]["message"], "call depth 17 exceeds the limit of 16")
+        # The caller lets go: the instance says so and serves the shim again.
+        direct.close()
+        self.assertEqual(inst.ch.recv(), ({"op": "unbound"}, b"", []))
+        self.assertEqual(inst.call(5, 4), 8)
         self.assertEqual(self.zygote_log(zygote), "")
 
     # -- load failures
@@ -1164,6 +1203,25 @@ class SdkTest(unittest.TestCase):
         with self.assertRaises(codec.ChannelClosed):
             ch.recv()
 
+    def expect_bind(self, ch, name, spec=SPEC):
+        header, payload, fds = ch.recv()
+        self.assertEqual((header, payload, fds), ({"op": "bind", "id": header["id"], "function": name, "spec": spec}, b"", []))
+        return header["id"]
+
+    def refuse_bind(self, ch, name):
+        """Answers the SDK's first ``bind`` of ``name`` as a shim that will not bind."""
+        req_id = self.expect_bind(ch, name)
+        ch.send({"op": "call_failed", "id": req_id, "function": name, "message": "no direct channel"})
+
+    def grant_bind(self, ch, name, callee, spec=SPEC):
+        """Answers a ``bind`` with a direct channel; returns the callee's end of it."""
+        req_id = self.expect_bind(ch, name, spec)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ch.send({"op": "bound", "id": req_id, "callee": callee}, b"", [theirs.fileno()])
+        theirs.close()
+        ours.settimeout(TIMEOUT)
+        return codec.Channel(ours)
+
     # -- call
 
     def test_local_call_through_the_shim_after_resolve(self):
@@ -1172,6 +1230,7 @@ class SdkTest(unittest.TestCase):
             self.expect_end(ch)  # later calls of g are not resolved again
 
         def shim(ch):
+            self.refuse_bind(ch, "g")  # asked once, then never again
             for n in (1, 2):
                 header = self.expect_call(ch, "g", {"n": n}, spec=SPEC)
                 returned(ch, header, [n, "ok"])
@@ -1224,6 +1283,7 @@ class SdkTest(unittest.TestCase):
             self.expect_resolve(ch, "g", SPEC)  # asked again: failures are not cached
 
         def shim(ch):
+            self.refuse_bind(ch, "g")
             header = self.expect_call(ch, "g", 1, spec=SPEC)
             ch.send({"op": "call_failed", "id": header["id"], "function": "g", "message": "timed out after 1000 ms"})
 
@@ -1386,6 +1446,69 @@ class SdkTest(unittest.TestCase):
         self.assertEqual(self.sdk.call("g", bytearray(b"\x01" * (100 << 10))), "json")
         self.finish(peer)
 
+    # -- direct channels
+
+    def test_calls_go_on_the_direct_channel_the_shim_binds(self):
+        quick = dict(SPEC, timeout_ms=300)
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", quick)
+
+        def shim(ch):
+            direct = self.grant_bind(ch, "g", 7, quick)
+            for n in (1, 2):
+                header, payload, fds = direct.recv()
+                self.assertEqual((header, json.loads(payload), fds), ({"op": "invoke", "id": header["id"], "depth": 1}, n, []))
+                direct.send({"op": "returned", "id": header["id"]}, json.dumps(n * 10).encode())
+            header, _, _ = direct.recv()
+            error = {"type": "KeyError", "message": "'k'", "traceback": "tb"}
+            direct.send({"op": "raised", "id": header["id"], "error": error})
+            direct.recv()  # and never answers: the caller has it killed
+            self.assertEqual(ch.recv(), ({"op": "unbind", "callee": 7}, b"", []))
+            direct.close()
+            # Bound again; this callee dies mid-call.
+            direct = self.grant_bind(ch, "g", 8, quick)
+            direct.recv()
+            direct.close()
+            # Bound again; its end is closed before the call: the caller has it
+            # killed (it may be stuck rather than gone) and the call goes through the shim.
+            self.grant_bind(ch, "g", 9, quick).close()
+            self.assertEqual(ch.recv(), ({"op": "unbind", "callee": 9}, b"", []))
+            header = self.expect_call(ch, "g", 5, spec=quick)
+            returned(ch, header, "relayed")
+
+        peers = self.agent(agent), self.shim(shim)
+        self.assertEqual(self.sdk.call("g", 1), 10)
+        self.assertEqual(self.sdk.call("g", 2), 20)
+        with self.assertRaisesRegex(self.sdk.CallError, r"^g raised KeyError: 'k'$"):
+            self.sdk.call("g", 3)
+        started = time.monotonic()
+        with self.assertRaisesRegex(self.sdk.CallError, r"^call to g failed: g timed out after 300 ms$"):
+            self.sdk.call("g", 4)
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        with self.assertRaisesRegex(self.sdk.CallError, r"died while running"):
+            self.sdk.call("g", 4)
+        time.sleep(0.05)  # the third callee's end is closed before the call
+        self.assertEqual(self.sdk.call("g", 5), "relayed")
+        self.finish(*peers)
+
+    def test_a_bound_reply_without_its_descriptor_is_a_refusal(self):
+        def agent(ch):
+            self.expect_resolve(ch, "g", SPEC)
+
+        def shim(ch):
+            req_id = self.expect_bind(ch, "g")
+            ch.send({"op": "bound", "id": req_id, "callee": 1})
+            header = self.expect_call(ch, "g", 1, spec=SPEC)
+            returned(ch, header, "ok")
+            header = self.expect_call(ch, "g", 2, spec=SPEC)  # not asked again
+            returned(ch, header, "ok")
+
+        peers = self.agent(agent), self.shim(shim)
+        self.assertEqual(self.sdk.call("g", 1), "ok")
+        self.assertEqual(self.sdk.call("g", 2), "ok")
+        self.finish(*peers)
+
     # -- channels that go away
 
     def test_closed_channels_fail_calls(self):
@@ -1395,6 +1518,7 @@ class SdkTest(unittest.TestCase):
             self.expect_call(ch, "h", 1)
 
         def shim(ch):
+            self.refuse_bind(ch, "g")
             self.expect_call(ch, "g", 1, spec=SPEC)
             ch.sock.shutdown(socket.SHUT_RDWR)
 

@@ -219,6 +219,7 @@ pub fn reply_id(reply: &CallReply) -> u64 {
     match reply {
         CallReply::Resolved { id, .. }
         | CallReply::CallReturned { id, .. }
+        | CallReply::Bound { id, .. }
         | CallReply::CallRaised { id, .. }
         | CallReply::CallFailed { id, .. }
         | CallReply::CallRefused { id, .. } => *id,

@@ -292,6 +292,10 @@ fn with_id(reply: CallReply, node_id: u64) -> CallReply {
     match reply {
         CallReply::Resolved { spec, .. } => CallReply::Resolved { id: node_id, spec },
         CallReply::CallReturned { raw, .. } => CallReply::CallReturned { id: node_id, raw },
+        CallReply::Bound { callee, .. } => CallReply::Bound {
+            id: node_id,
+            callee,
+        },
         CallReply::CallRaised {
             function, error, ..
         } => CallReply::CallRaised {

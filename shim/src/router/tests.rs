@@ -331,6 +331,7 @@ fn deadlines_and_poll_timeouts() {
             version: 1,
             generation: 0,
             busy: pending,
+            bound_to: None,
         };
         r.locals.insert(Key(100 + i), local);
     }
@@ -992,4 +993,153 @@ fn a_callee_that_breaks_the_protocol_is_killed() {
     );
     assert_eq!(reply(&mut main.calls).0, failed(1, "f", &message));
     assert_eq!(fake.killed(), vec![pid]);
+}
+
+fn bind(on: &Channel, id: u64, function: &str) {
+    let req = CallRequest::Bind {
+        id,
+        function: function.into(),
+        spec: spec(function, 1, 5_000),
+    };
+    on.send(&req, b"", &[]).unwrap();
+}
+
+/// The caller's end of a `bound` reply (and the callee's key), or the reply itself.
+fn expect_bound(ch: &mut Channel, id: u64) -> (Channel, u64) {
+    let m = ch.recv::<CallReply>().unwrap();
+    let CallReply::Bound { id: got, callee } = m.header else {
+        panic!("expected bound, got {:?}", m.header)
+    };
+    assert_eq!(got, id);
+    let [end]: [OwnedFd; 1] = m.fds.try_into().unwrap();
+    (
+        Channel::new(std::os::unix::net::UnixStream::from(end)),
+        callee,
+    )
+}
+
+/// The callee's end of a `bind`.
+fn expect_bind(ch: &mut Channel) -> Channel {
+    let m = ch.recv::<InstanceRequest>().unwrap();
+    assert!(matches!(m.header, InstanceRequest::Bind), "{:?}", m.header);
+    let [end]: [OwnedFd; 1] = m.fds.try_into().unwrap();
+    Channel::new(std::os::unix::net::UnixStream::from(end))
+}
+
+#[test]
+fn a_bound_callee_talks_to_its_caller_directly_and_is_idle_again_after() {
+    let (mut r, mut agent, fake) = setup();
+    let mut main = spawn_main(&mut r, &mut agent, &fake, 1);
+    fake.expect_loads([OnLoad::Loaded]);
+    bind(&main.calls, 5, "sq");
+    turn(&mut r);
+    let (mut caller_end, key) = expect_bound(&mut main.calls, 5);
+    let mut callee = fake.channel(1);
+    assert!(matches!(
+        callee.recv::<InstanceRequest>().unwrap().header,
+        InstanceRequest::Load(_)
+    ));
+    let mut callee_end = expect_bind(&mut callee);
+    // Neither idle nor a call with a deadline: the shim is out of the way.
+    assert_eq!((r.idle.len(), r.next_deadline()), (0, None));
+    caller_end.send(&"ping", b"3", &[]).unwrap();
+    let m = callee_end.recv::<String>().unwrap();
+    assert_eq!((&*m.header, &*m.payload), ("ping", &b"3"[..]));
+    callee_end.send(&"pong", b"9", &[]).unwrap();
+    assert_eq!(&*caller_end.recv::<String>().unwrap().payload, b"9");
+
+    // Another instance may not have it killed; its own caller may.
+    fake.expect_loads([OnLoad::Loaded]);
+    call(&main.calls, 2, "g", 1, Some(spec("g", 1, 5_000)), b"{}");
+    turn(&mut r);
+    let stranger = fake.calls(2);
+    stranger
+        .send(&CallRequest::Unbind { callee: key }, b"", &[])
+        .unwrap();
+    turn(&mut r);
+    assert!(fake.killed().is_empty());
+
+    // The caller lets go: the callee says so and is idle again, reused by a call.
+    drop(caller_end);
+    drop(callee_end);
+    callee.send(&InstanceEvent::Unbound, b"", &[]).unwrap();
+    turn(&mut r);
+    assert_eq!(r.idle.len(), 1);
+    call(&main.calls, 6, "sq", 1, Some(spec("sq", 1, 5_000)), b"1");
+    turn(&mut r);
+    let invoke = expect_invoke(&mut callee, 1, b"1");
+    returned(&callee, invoke, b"1");
+    turn(&mut r);
+    assert_eq!(
+        reply(&mut main.calls).0,
+        CallReply::CallReturned { id: 6, raw: false }
+    );
+    assert_eq!(fake.forks(), 3);
+
+    // Bound again, then past its time: the caller has it killed.
+    bind(&main.calls, 7, "sq");
+    turn(&mut r);
+    let (_end, key) = expect_bound(&mut main.calls, 7);
+    let _callee_end = expect_bind(&mut callee);
+    main.calls
+        .send(&CallRequest::Unbind { callee: key }, b"", &[])
+        .unwrap();
+    turn(&mut r);
+    assert_eq!(fake.killed(), vec![fake.pid(1)]);
+    assert!(!r.locals.contains_key(&Key(key)));
+}
+
+#[test]
+fn binds_are_bounded_per_caller_and_checked_like_calls() {
+    let (mut r, mut agent, fake) = setup();
+    let mut main = spawn_main(&mut r, &mut agent, &fake, 1);
+    let mut ends = Vec::new();
+    for i in 0..MAX_BOUND_PER_CALLER as u64 {
+        fake.expect_loads([OnLoad::Loaded]);
+        bind(&main.calls, i, &format!("f{i}"));
+        turn(&mut r);
+        ends.push(expect_bound(&mut main.calls, i));
+    }
+    bind(&main.calls, 99, "one_more");
+    turn(&mut r);
+    let (answer, _) = reply(&mut main.calls);
+    assert!(
+        matches!(&answer, CallReply::CallFailed { id: 99, message, .. } if message.contains("already holds 8 direct channels")),
+        "{answer:?}"
+    );
+    // A spec naming code the agent did not attach is refused, as for a call.
+    let mut bad = spec("h", 1, 5_000);
+    bad.code_dir = "/".into();
+    let req = CallRequest::Bind {
+        id: 100,
+        function: "h".into(),
+        spec: bad,
+    };
+    main.calls.send(&req, b"", &[]).unwrap();
+    turn(&mut r);
+    let (answer, _) = reply(&mut main.calls);
+    assert!(
+        matches!(&answer, CallReply::CallFailed { id: 100, message, .. } if message.contains("not the code the agent attached")),
+        "{answer:?}"
+    );
+    // A new main instance: bound callees writing to the old pipes are killed.
+    let forks = fake.forks();
+    let _second = spawn_main(&mut r, &mut agent, &fake, 2);
+    assert_eq!(fake.killed().len(), forks - 1);
+}
+
+#[test]
+fn a_caller_that_dies_takes_its_bound_callees_with_it() {
+    let (mut r, mut agent, fake) = setup();
+    let main = spawn_main(&mut r, &mut agent, &fake, 1);
+    fake.expect_loads([OnLoad::Loaded]);
+    bind(&main.calls, 1, "sq");
+    turn(&mut r);
+    let mut calls = main.calls;
+    let (_end, key) = expect_bound(&mut calls, 1);
+    // Its callee may be stuck in a loop: nobody would end it once the caller is gone.
+    drop(calls);
+    turn(&mut r);
+    assert_eq!(fake.killed(), vec![fake.pid(1)]);
+    assert!(!r.locals.contains_key(&Key(key)));
 }

@@ -23,7 +23,7 @@ from .codec import (
 )
 from . import http_app
 from .errors import _log, describe_error
-from .sdk import _start_calls, _state
+from .sdk import MAX_CALL_DEPTH, _start_calls, _state
 
 def _flush_stdio():
     seen = set()
@@ -329,53 +329,80 @@ class HttpApp:
         self.asgi = http_app.AsgiRunner() if kind == http_app.ASGI else None
 
 
-def serve(channel, handler):
-    """Answers invokes until the agent closes the channel; returns the exit status."""
-    contextual = isinstance(handler, LambdaHandler)
+def _answer(handler, header, payload, direct=False):
+    """The reply ``(header, payload)`` to one request, or None for one to ignore.
+    ``direct``: it came on a direct channel from a caller in this sandbox, where only
+    plain ``invoke``s belong (no OpenWhisk environment, no HTTP)."""
     app = handler if isinstance(handler, HttpApp) else None
+    op = header.get("op")
+    request_id = header.get("id")
+    if op == "http" and app is not None and not direct:
+        return serve_http(app, request_id, header, payload)
+    if op != "invoke":
+        _log(f"ignoring unknown message op={op!r}")
+        return None
+    if app is not None:
+        exc = TypeError(
+            f"function {os.environ.get('SPROUT_FUNCTION', '')} is an HTTP app ({app.kind}): "
+            "send it HTTP requests on /run/{name}"
+        )
+        return _raised(request_id, exc, frames=False)
+    if isinstance(handler, LambdaHandler):
+        handler.arrived(request_id)
+    env = header.get("env")
+    depth = header.get("depth", 0)
+    problem = None if env is None else _check_env(env, "invoke env")
+    if direct and env is not None:
+        problem = "an invoke on a direct channel carries no env"
+    elif direct and isinstance(depth, int) and depth > MAX_CALL_DEPTH:
+        problem = f"call depth {depth} exceeds the limit of {MAX_CALL_DEPTH}"
+    if problem is not None:
+        error = {"type": "ProtocolError", "message": problem, "traceback": ""}
+        return {"op": "raised", "id": request_id, "error": error}, b""
+    if env is None:
+        return invoke(handler, request_id, payload, depth, header.get("raw", False))
+    with _activation_env(env):
+        return invoke(handler, request_id, payload, depth, header.get("raw", False), openwhisk=True)
+
+
+def _send_reply(channel, request_id, reply, body):
+    """Sends a reply (or why it could not be sent); OSError when the peer is gone."""
+    # Everything the handler printed is in the pipes before the caller hears back.
+    _flush_stdio()
+    try:
+        channel.send(reply, body)
+    except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
+        failed, _ = _raised(request_id, exc, frames=False, message=f"cannot send the result: {exc}")
+        if reply.get("called"):
+            failed["called"] = True
+        channel.send(failed)
+
+
+def serve(channel, handler):
+    """Answers invokes until the agent closes the channel; returns the exit status.
+    A ``bind`` hands over a direct channel, served alone until its caller closes it."""
     while True:
         try:
-            header, payload = _recv_no_fds(channel)
+            header, payload, fds = channel.recv()
         except ChannelClosed:
             return 0
-        op = header.get("op")
-        request_id = header.get("id")
-        if op == "http" and app is not None:
-            reply, body = serve_http(app, request_id, header, payload)
-        elif op == "invoke" and app is not None:
-            exc = TypeError(
-                f"function {os.environ.get('SPROUT_FUNCTION', '')} is an HTTP app ({app.kind}): "
-                "send it HTTP requests on /run/{name}"
-            )
-            reply, body = _raised(request_id, exc, frames=False)
-        elif op != "invoke":
-            _log(f"ignoring unknown message op={op!r}")
-            continue
-        else:
-            if contextual:
-                handler.arrived(request_id)
-            env = header.get("env")
-            problem = None if env is None else _check_env(env, "invoke env")
-            if problem is not None:
-                error = {"type": "ProtocolError", "message": problem, "traceback": ""}
-                reply, body = {"op": "raised", "id": request_id, "error": error}, b""
-            elif env is None:
-                reply, body = invoke(handler, request_id, payload, header.get("depth", 0), header.get("raw", False))
-            else:
-                with _activation_env(env):
-                    reply, body = invoke(
-                        handler, request_id, payload, header.get("depth", 0), header.get("raw", False), openwhisk=True
-                    )
-        # Everything the handler printed is in the pipes before the agent hears back.
-        _flush_stdio()
-        try:
+        if header.get("op") == "bind" and len(fds) == 1:
+            if not serve_direct(fds[0], handler):
+                return 0
             try:
-                channel.send(reply, body)
-            except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
-                failed, _ = _raised(request_id, exc, frames=False, message=f"cannot send the result: {exc}")
-                if reply.get("called"):
-                    failed["called"] = True
-                channel.send(failed)
+                channel.send({"op": "unbound"})
+            except OSError:  # the shim is gone
+                return 0
+            continue
+        for fd in fds:
+            _close_quietly(fd)
+        request_id = header.get("id")
+        answer = _answer(handler, header, payload)
+        if answer is None:
+            continue
+        reply, body = answer
+        try:
+            _send_reply(channel, request_id, reply, body)
         except OSError:  # the agent is gone
             return 0
         finally:
@@ -383,6 +410,32 @@ def serve(channel, handler):
             # last reference frees its pages (~17 ms for 64 MiB), which the caller
             # need not wait for.
             del body, payload
+
+
+def serve_direct(fd, handler):
+    """Answers one caller's invokes on a direct channel (``fd``, the shim's ``bind``)
+    until the caller closes it; returns False if the process should end instead."""
+    direct = Channel(socket.socket(fileno=fd))
+    try:
+        while True:
+            try:
+                header, payload, fds = direct.recv()
+            except (ChannelClosed, ProtocolError, OSError):
+                return True
+            for extra in fds:
+                _close_quietly(extra)
+            answer = _answer(handler, header, payload, direct=True)
+            if answer is None:
+                continue
+            reply, body = answer
+            try:
+                _send_reply(direct, header.get("id"), reply, body)
+            except OSError:  # the caller is gone (or gave up on this call)
+                return True
+            finally:
+                del body, payload
+    finally:
+        direct.close()
 
 
 def instance_main(zygote, instance, chan_fd, out_fd, err_fd, calls_fd):

@@ -87,6 +87,8 @@ class _CallState:
         self.replies = {}
         self.ids = itertools.count(1)  # next() on it is atomic
         self.specs = {} if specs is None else specs  # name -> spec, or None: through the agent
+        self.direct = {}  # name -> _Direct: a callee the shim bound to this process
+        self.no_direct = set()  # names the shim would not bind: through the shim
         self.depth = depth  # of the invocation running now
         self.called = False  # it called another function
 
@@ -94,7 +96,10 @@ class _CallState:
         for channel in (self.calls, self.agent):
             if channel is not None:
                 channel.close()
+        for direct in self.direct.values():
+            direct.channel.close()
         self.calls = self.agent = None
+        self.direct = {}
 
 
 _calls = _CallState()
@@ -208,6 +213,152 @@ def _call_shim(state, req_id, name, header, payload):
         except (ProtocolError, OSError) as exc:
             state.calls_broken = f"the calls channel to the shim broke: {exc}"
         raise _ChannelGone(state.calls_broken)
+
+
+# -- direct channels (to a callee the shim bound to this process)
+
+
+class _Direct:
+    """A direct channel to one instance of a function in this sandbox: the shim made
+    it (``bind``) and is out of the way from then on. One call at a time (``lock``);
+    this side keeps the callee's time and asks the shim to kill it when it is past."""
+
+    __slots__ = ("channel", "callee", "timeout_ms", "lock")
+
+    def __init__(self, channel, callee, timeout_ms):
+        self.channel = channel
+        self.callee = callee
+        self.timeout_ms = timeout_ms
+        self.lock = threading.Lock()
+
+
+def _bind(state, name, spec):
+    """Asks the shim for a direct channel to an instance of ``spec``; returns it, or
+    None (the shim refused: calls of ``name`` keep going through it)."""
+    req_id = next(state.ids)
+    header = {"op": "bind", "id": req_id, "function": name, "spec": spec}
+    with state.calls_lock:
+        if state.calls_broken is not None:
+            raise _ChannelGone(state.calls_broken)
+        channel = state.calls
+        try:
+            channel.send(header)
+            while True:
+                reply, _body, fds = channel.recv()
+                if reply.get("id") == req_id:
+                    break
+                for fd in fds:
+                    _close_quietly(fd)
+                _log(f"ignoring a reply for call {reply.get('id')!r} on the calls channel")
+        except ChannelClosed:
+            state.calls_broken = "the shim closed the calls channel"
+            raise _ChannelGone(state.calls_broken) from None
+        except (ProtocolError, OSError) as exc:
+            state.calls_broken = f"the calls channel to the shim broke: {exc}"
+            raise _ChannelGone(state.calls_broken) from None
+    callee = reply.get("callee")
+    timeout_ms = spec.get("timeout_ms") if isinstance(spec, dict) else None
+    usable = (
+        reply.get("op") == "bound"
+        and len(fds) == 1
+        and isinstance(callee, int)
+        and isinstance(timeout_ms, int)
+        and timeout_ms > 0
+    )
+    if not usable:
+        for fd in fds:
+            _close_quietly(fd)
+        state.no_direct.add(name)
+        return None
+    direct = _Direct(Channel(socket.socket(fileno=fds[0])), callee, timeout_ms)
+    state.direct[name] = direct
+    return direct
+
+
+def _drop_direct(state, name, direct, kill):
+    """Forgets a direct channel; with ``kill``, asks the shim to kill its callee (past
+    its time, or broke the protocol). Never fails: the shim may be gone too."""
+    if state.direct.get(name) is direct:
+        del state.direct[name]
+    direct.channel.close()
+    if not kill:
+        return
+    with state.calls_lock:
+        if state.calls_broken is None:
+            try:
+                state.calls.send({"op": "unbind", "callee": direct.callee})
+            except (ProtocolError, OSError):
+                pass
+
+
+def _call_direct(state, direct, req_id, name, depth, raw, payload):
+    """One call on a direct channel: the reply ``(header, payload)`` as the shim would
+    have relayed it, or None when the callee was gone before the call reached it (the
+    caller then goes through the shim)."""
+    header = {"op": "invoke", "id": req_id, "depth": depth}
+    if raw:
+        header["raw"] = True
+    channel = direct.channel
+    deadline = time.monotonic() + direct.timeout_ms / 1000
+    try:
+        channel.sock.settimeout(direct.timeout_ms / 1000)
+        channel.send(header, payload)
+    except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
+        raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
+    except OSError:
+        # The callee is gone (or would not take the event): it never ran this call.
+        _drop_direct(state, name, direct, kill=True)
+        return None
+    try:
+        while True:
+            frame = channel.try_recv()
+            if frame is not None:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            channel.sock.settimeout(left)
+            if channel.fill() == 0:
+                raise ChannelClosed
+    except TimeoutError:
+        _drop_direct(state, name, direct, kill=True)
+        raise CallError(name, "CallFailed", f"{name} timed out after {direct.timeout_ms} ms") from None
+    except (ChannelClosed, ConnectionError):
+        _drop_direct(state, name, direct, kill=False)
+        message = f"{name}'s instance died while running (out of memory or killed?)"
+        raise CallError(name, "CallFailed", message) from None
+    except (ProtocolError, OSError) as exc:
+        _drop_direct(state, name, direct, kill=True)
+        raise CallError(name, "CallFailed", f"{name}'s instance broke the protocol: {exc}") from None
+    reply, body, fds = frame
+    for fd in fds:
+        _close_quietly(fd)
+    op = reply.get("op")
+    if reply.get("id") == req_id and op == "returned":
+        return {"op": "call_returned", "id": req_id, "raw": reply.get("raw") is True}, body
+    if reply.get("id") == req_id and op == "raised":
+        return {"op": "call_raised", "id": req_id, "function": name, "error": reply.get("error")}, b""
+    _drop_direct(state, name, direct, kill=True)
+    message = f"{name}'s instance broke the protocol: unexpected {op!r} for call {reply.get('id')!r}"
+    raise CallError(name, "CallFailed", message)
+
+
+def _call_local(state, req_id, name, depth, raw, spec, payload):
+    """A call that runs in this sandbox: on the direct channel to its callee (bound
+    on first use), or relayed by the shim when that is busy or refused."""
+    direct = state.direct.get(name)
+    if direct is None and name not in state.no_direct:
+        direct = _bind(state, name, spec)
+    if direct is not None and direct.lock.acquire(blocking=False):
+        try:
+            reply = _call_direct(state, direct, req_id, name, depth, raw, payload)
+        finally:
+            direct.lock.release()
+        if reply is not None:
+            return reply
+    header = _call_header(req_id, name, depth, raw)
+    header["spec"] = spec
+    return _call_shim(state, req_id, name, header, payload)
 
 
 # -- the agent's call socket
@@ -437,12 +588,10 @@ def call(name, event):
     try:
         spec = _resolve(state, name)
         req_id = next(state.ids)
-        header = _call_header(req_id, name, depth, raw)
         if spec is not None and state.calls is not None:
-            header["spec"] = spec
-            reply = _call_shim(state, req_id, name, header, payload)
+            reply = _call_local(state, req_id, name, depth, raw, spec, payload)
         else:
-            reply = _agent_call(state, name, header, payload)
+            reply = _agent_call(state, name, _call_header(req_id, name, depth, raw), payload)
     except _ChannelGone as exc:
         raise CallError(name, "CallFailed", str(exc)) from None
     return _outcome(name, *reply)
