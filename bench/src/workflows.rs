@@ -24,6 +24,10 @@ pub struct Settings {
     pub only: Option<String>,
 }
 
+/// Sends `size` bytes to `xfer_sink` in this sandbox: as `bytes` (copied into a memfd
+/// on the way), or with `buffer` written into a `sprout.buffer` and handed off (its
+/// memfd passed, no copy), timing the buffer's allocation, the fill (a copy of the
+/// same bytes, as a producer writing its output in place would) and the call.
 const XFER_SRC: &str = r#"import sprout, time
 _blobs = {}
 def f(e):
@@ -32,11 +36,19 @@ def f(e):
     if blob is None:
         blob = _blobs[size] = (bytes(range(256)) * (size // 256 + 1))[:size]
     t0 = time.perf_counter_ns()
+    if e.get("buffer"):
+        buf = sprout.buffer(size)
+        t1 = time.perf_counter_ns()
+        buf[:] = blob
+        blob = buf
+    else:
+        t1 = t0
+    t2 = time.perf_counter_ns()
     seen = sprout.call("xfer_sink", blob)
-    ns = time.perf_counter_ns() - t0
+    t3 = time.perf_counter_ns()
     if seen != size:
         raise ValueError(f"sink saw {seen} bytes, sent {size}")
-    return {"ns": ns}
+    return {"ns": t3 - t2, "alloc": t1 - t0, "fill": t2 - t1}
 "#;
 
 /// Touches every page it was given (a read per 4 KiB), as a consumer would.
@@ -351,10 +363,26 @@ fn transfer(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>
         ("64 MiB", 64 << 20),
     ] {
         let mut samples = Vec::new();
+        let mut handoffs = Vec::new();
+        let mut filled = Vec::new();
+        let buffered = size >= 16 << 20;
         for i in 0..runs + 2 {
+            // The two ways in turn, so both see the same machine.
             let out = post(c, "/functions/xfer_src/invoke", &json!({ "size": size }))?;
-            if i >= 2 {
-                samples.push(Duration::from_nanos(out["ns"].as_u64().context("no ns")?));
+            let buf = if buffered {
+                let event = json!({ "size": size, "buffer": true });
+                Some(post(c, "/functions/xfer_src/invoke", &event)?)
+            } else {
+                None
+            };
+            if i < 2 {
+                continue;
+            }
+            samples.push(Duration::from_nanos(out["ns"].as_u64().context("no ns")?));
+            if let Some(b) = buf {
+                let ns = |k: &str| b[k].as_u64().with_context(|| format!("no {k}"));
+                handoffs.push(Duration::from_nanos(ns("ns")?));
+                filled.push(Duration::from_nanos(ns("alloc")? + ns("fill")? + ns("ns")?));
             }
         }
         let how = if size > ipc::payload::SHARED_THRESHOLD {
@@ -362,14 +390,26 @@ fn transfer(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>
         } else {
             "inline"
         };
-        let mut row = Row::new(
+        let rate = |mut row: Row| {
+            if size > 0 {
+                row.gb_per_s = Some(size as f64 / (row.p50_us * 1e-6) / 1e9);
+            }
+            row
+        };
+        rows.push(rate(Row::new(
             &format!("transfer {label} between two functions ({how})"),
             &samples,
-        );
-        if size > 0 {
-            row.gb_per_s = Some(size as f64 / (row.p50_us * 1e-6) / 1e9);
+        )));
+        if buffered {
+            rows.push(rate(Row::new(
+                &format!("transfer {label}: a filled sprout.buffer handed off"),
+                &handoffs,
+            )));
+            rows.push(rate(Row::new(
+                &format!("transfer {label}: sprout.buffer allocated, filled, handed off"),
+                &filled,
+            )));
         }
-        rows.push(row);
     }
     Ok(rows)
 }

@@ -181,8 +181,8 @@ pub enum CallRequest {
         function: String,
         spec: CallSpec,
     },
-    /// To the shim, unanswered: kill `callee`, bound to this caller, which did not
-    /// answer within its timeout.
+    /// To the shim, unanswered: kill the callee of bind `callee` (the token of its
+    /// [`CallReply::Bound`]), bound to this caller, which did not answer in time.
     Unbind { callee: u64 },
 }
 
@@ -214,7 +214,8 @@ pub enum CallReply {
     },
     /// The answer to a [`CallRequest::Bind`]; the frame carries the caller's end of a
     /// socket whose other end an instance of the function serves (`docs/protocol.md`,
-    /// "Direct channels"). `callee` names it in a later [`CallRequest::Unbind`].
+    /// "Direct channels"). `callee`, a token never used for another bind, names it in
+    /// a later [`CallRequest::Unbind`].
     Bound { id: u64, callee: u64 },
     /// The agent refused the call at once, before running anything: `kind` names the
     /// limit (`too_many_calls`), `message` says which and its value.
@@ -233,6 +234,9 @@ pub enum CallReply {
 pub enum RefusalKind {
     /// The calling sandbox has as many calls in flight as the agent allows.
     TooManyCalls,
+    /// The shim has as many direct channels bound (to this caller, or in the
+    /// sandbox) as it allows: call through it instead.
+    TooManyChannels,
 }
 
 impl RefusalKind {
@@ -543,8 +547,9 @@ pub enum InstanceRequest {
     },
     /// From the shim to an idle local instance: the frame carries the instance's end
     /// of a direct channel to one caller. The instance serves `invoke`s on it, and
-    /// nothing else, until the caller closes it, then says [`InstanceEvent::Unbound`].
-    Bind,
+    /// nothing else, until the caller closes it, then says [`InstanceEvent::Unbound`]
+    /// with the same `token`.
+    Bind { token: u64 },
 }
 
 /// Instance → agent. `Returned`'s payload is the result JSON.
@@ -586,9 +591,11 @@ pub enum InstanceEvent {
         #[serde(default, skip_serializing_if = "is_false")]
         called: bool,
     },
-    /// To the shim: the caller closed the direct channel of the last `bind`; the
+    /// To the shim: the caller closed the direct channel of bind `token`; the
     /// instance is idle again.
-    Unbound,
+    Unbound {
+        token: u64,
+    },
 }
 
 /// An exception raised by function code, as the runtime reports it.
@@ -757,8 +764,8 @@ impl InstanceLink {
     }
 
     /// Hands an idle instance its end of a direct channel ([`InstanceRequest::Bind`]).
-    pub fn send_bind(&self, end: BorrowedFd<'_>) -> Result<(), Error> {
-        self.0.send(&InstanceRequest::Bind, b"", &[end])
+    pub fn send_bind(&self, token: u64, end: BorrowedFd<'_>) -> Result<(), Error> {
+        self.0.send(&InstanceRequest::Bind { token }, b"", &[end])
     }
 
     /// Sends an HTTP request to an instance that is an [`HttpApp`]; `body` is its body.
@@ -1233,11 +1240,11 @@ mod tests {
                 id,
                 request: HttpRequest::default(),
             },
-            InstanceRequest::Bind,
+            InstanceRequest::Bind { token: 1 },
         ]);
         check(&[
             InstanceEvent::Ready,
-            InstanceEvent::Unbound,
+            InstanceEvent::Unbound { token: 1 },
             InstanceEvent::Loaded { http: None },
             InstanceEvent::Loaded {
                 http: Some(HttpApp::Wsgi),

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use ipc::proto::{
     check_depth, op_of, AgentLink, CallReply, CallRequest, CallSpec, FunctionError, InstanceEvent,
-    InstanceLink, LoadSpec, ShimRequest,
+    InstanceLink, LoadSpec, RefusalKind, ShimRequest,
 };
 use ipc::{Channel, Message, Payload};
 use nix::errno::Errno;
@@ -48,6 +48,10 @@ pub const IDLE_PER_VERSION: usize = 2;
 /// Direct channels one caller may hold at once (one per function it calls); a `bind`
 /// past it is refused and the caller's calls go through the shim.
 pub const MAX_BOUND_PER_CALLER: usize = 8;
+
+/// Instances bound in the whole sandbox at once (bound callees may bind in turn, and
+/// are not idle, so the idle pools' bound does not hold them); past it as above.
+pub const MAX_BOUND_PER_SANDBOX: usize = 16;
 
 /// The answer to a `resolve`, or a `call` without a `spec`, on a calls channel.
 pub const NOT_HERE: &str = "resolve and remote calls go to the agent's call socket, not the shim";
@@ -122,7 +126,15 @@ struct Local {
     busy: Option<Pending>,
     /// The caller it serves on a direct channel: neither idle nor watched for
     /// deadlines (its caller keeps the time) until it says `unbound`.
-    bound_to: Option<Key>,
+    bound_to: Option<Binding>,
+}
+
+/// A local instance's direct channel: to whom, and the bind's token (never reused),
+/// which its `unbound` and its caller's `unbind` must name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Binding {
+    caller: Key,
+    token: u64,
 }
 
 /// Idle local instances per (function, version), least recently used first.
@@ -261,6 +273,7 @@ pub struct Router<Z> {
     discard: Vec<File>,
     next_key: u64,
     next_invoke: u64,
+    next_bind: u64,
 }
 
 impl<Z: Spawn> Router<Z> {
@@ -287,6 +300,7 @@ impl<Z: Spawn> Router<Z> {
             discard: Vec::new(),
             next_key: 1,
             next_invoke: 1,
+            next_bind: 1,
         })
     }
 
@@ -514,7 +528,7 @@ impl<Z: Spawn> Router<Z> {
                     )?
                 }
                 CallRequest::Bind { id, function, spec } => self.bind(key, id, function, &spec)?,
-                CallRequest::Unbind { callee } => self.unbind(key, Key(callee)),
+                CallRequest::Unbind { callee } => self.unbind(key, callee),
                 CallRequest::Call {
                     id,
                     function,
@@ -572,13 +586,15 @@ impl<Z: Spawn> Router<Z> {
         let Some(local) = self.locals.get_mut(&key) else {
             return;
         };
+        let token = local.bound_to.map(|b| b.token);
         match hear(&mut local.link) {
             Heard::Nothing => {}
             Heard::Answer(Message {
-                header: InstanceEvent::Unbound,
+                header: InstanceEvent::Unbound { token: t },
                 ..
-            }) => {
+            }) if Some(t) == token => {
                 local.bound_to = None;
+                // What it bound itself stays bound to it (its own direct channels).
                 self.release(key);
             }
             Heard::Answer(m) => {
@@ -728,38 +744,48 @@ impl<Z: Spawn> Router<Z> {
         spec: &CallSpec,
     ) -> Result<(), Error> {
         let origin = Origin::Instance(caller);
-        let held = self
-            .locals
-            .values()
-            .filter(|l| l.bound_to == Some(caller))
-            .count();
-        if held >= MAX_BOUND_PER_CALLER {
+        let bound = self.locals.values().filter_map(|l| l.bound_to);
+        let (mine, all) = bound.fold((0, 0), |(m, a), b| {
+            (m + usize::from(b.caller == caller), a + 1)
+        });
+        if mine >= MAX_BOUND_PER_CALLER || all >= MAX_BOUND_PER_SANDBOX {
             let message = format!(
-                "this instance already holds {held} direct channels, the most it may \
-                 ({MAX_BOUND_PER_CALLER}); call {function:?} through the shim"
+                "{mine} direct channels are bound to this instance and {all} in the sandbox, \
+                 the most there may be ({MAX_BOUND_PER_CALLER} and {MAX_BOUND_PER_SANDBOX}); \
+                 call {function:?} through the shim"
             );
-            return self.refuse(origin, id, function, Refused::Failed(message));
+            let refused = CallReply::CallRefused {
+                id,
+                function,
+                kind: RefusalKind::TooManyChannels,
+                message,
+            };
+            return self.reply(origin, &refused, None);
         }
+        let (callee_end, caller_end) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                let message = format!("no socket pair for a direct channel to {function}: {e}");
+                return self.refuse(origin, id, function, Refused::Failed(message));
+            }
+        };
         self.retire_older_versions(&spec.function, spec.version);
         loop {
             let (key, fresh) = match self.take_local(spec, &function)? {
                 Ok(taken) => taken,
                 Err(refused) => return self.refuse(origin, id, function, refused),
             };
-            let (callee_end, caller_end) =
-                std::os::unix::net::UnixStream::pair().map_err(|source| Error::Sys {
-                    what: "socketpair for a direct channel",
-                    source,
-                })?;
+            let token = self.next_bind;
             let local = self
                 .locals
                 .get_mut(&key)
                 .expect("taken keys are local instances");
-            match local.link.send_bind(callee_end.as_fd()) {
+            match local.link.send_bind(token, callee_end.as_fd()) {
                 Ok(()) => {
-                    local.bound_to = Some(caller);
+                    self.next_bind += 1;
+                    local.bound_to = Some(Binding { caller, token });
                     drop(callee_end);
-                    let bound = CallReply::Bound { id, callee: key.0 };
+                    let bound = CallReply::Bound { id, callee: token };
                     return self.reply_with(origin, &bound, None, &[caller_end.as_fd()]);
                 }
                 Err(e) => {
@@ -772,14 +798,17 @@ impl<Z: Spawn> Router<Z> {
         }
     }
 
-    /// Kills `callee` for `caller`, which timed out waiting for it on their direct
-    /// channel; a callee bound to another caller (or none) is left alone.
-    fn unbind(&mut self, caller: Key, callee: Key) {
-        if self
+    /// Kills the callee of bind `token` for `caller`, which timed out waiting for it
+    /// on their direct channel; a token of another caller's (or a stale one) is
+    /// ignored.
+    fn unbind(&mut self, caller: Key, token: u64) {
+        let binding = Some(Binding { caller, token });
+        let callee = self
             .locals
-            .get(&callee)
-            .is_some_and(|l| l.bound_to == Some(caller))
-        {
+            .iter()
+            .find(|(_, l)| l.bound_to == binding)
+            .map(|(&k, _)| k);
+        if let Some(callee) = callee {
             self.forget_instance(callee, true);
         }
     }
@@ -1027,17 +1056,11 @@ impl<Z: Spawn> Router<Z> {
         // Idle instances writing to older pipes are not reused.
         let generation = self.output.generation;
         let locals = &self.locals;
-        let mut stale = self
+        // Bound ones are left to finish with their callers: one is killed when it says
+        // `unbound` (`release`), or with its caller.
+        let stale = self
             .idle
             .retire(|_, _, k| locals.get(&k).is_some_and(|l| l.generation != generation));
-        // Bound ones too: their callers see the direct channel close and call again
-        // through the shim.
-        stale.extend(
-            self.locals
-                .iter()
-                .filter(|(_, l)| l.bound_to.is_some() && l.generation != generation)
-                .map(|(&k, _)| k),
-        );
         for key in stale {
             self.forget_instance(key, true);
         }
@@ -1095,16 +1118,7 @@ impl<Z: Spawn> Router<Z> {
     /// its own channel closing.
     fn forget_calls(&mut self, key: Key) {
         self.calls.remove(&key);
-        // A callee never outlives its caller: the shim no longer keeps its time.
-        let bound: Vec<Key> = self
-            .locals
-            .iter()
-            .filter(|(_, l)| l.bound_to == Some(key))
-            .map(|(&k, _)| k)
-            .collect();
-        for callee in bound {
-            self.forget_instance(callee, true);
-        }
+        self.forget_bound_to(key);
         if self.spare.as_ref().is_some_and(|s| s.key == key) {
             self.spare = None;
         }
@@ -1123,6 +1137,23 @@ impl<Z: Spawn> Router<Z> {
         }
         self.idle.remove(key);
         self.calls.remove(&key);
+        self.forget_bound_to(key);
+    }
+
+    /// Kills the callees bound to `caller`, which is gone: a callee never outlives
+    /// its caller, since the shim does not keep a bound callee's time. (Their own
+    /// bound callees follow, through `forget_instance`; each is removed before its
+    /// own are looked for, so a ring of bindings ends.)
+    fn forget_bound_to(&mut self, caller: Key) {
+        let bound: Vec<Key> = self
+            .locals
+            .iter()
+            .filter(|(_, l)| l.bound_to.is_some_and(|b| b.caller == caller))
+            .map(|(&k, _)| k)
+            .collect();
+        for callee in bound {
+            self.forget_instance(callee, true);
+        }
     }
 
     fn new_key(&mut self) -> Key {

@@ -245,19 +245,41 @@ def f(event):
     text = blob.hex()[: size]
     j = sprout.call("echo", text)
     far = sprout.map("echo", [blob])[0]           # through the agent, to a sibling
-    return {"raw_same": bytes(back) == blob, "raw_len": len(back),
+    buf = sprout.buffer(size)                     # filled in place, handed off uncopied
+    buf[:] = blob
+    near_buf = sprout.call("echo", buf)
+    far_buf = sprout.map("echo", [buf])[0]        # the same sealed memfd again
+    refused = None
+    if size > 64 << 10:                           # never written: holes, refused
+        try:
+            sprout.map("echo", [sprout.buffer(size)])
+        except sprout.CallError as exc:
+            refused = exc.message
+    return {"raw_same": bytes(back) == blob, "raw_len": len(back), "refused": refused,
             "json_same": j["data"] == text and j["sha"] == hashlib.sha256(text.encode()).hexdigest(),
-            "far_same": bytes(far) == blob}
+            "far_same": bytes(far) == blob,
+            "buffer_same": bytes(near_buf) == blob and bytes(far_buf) == blob}
 "#;
     register(&d, &env, "echo", echo, json!({"memory_mb": 512}));
     register(&d, &env, "sender", sender, json!({"memory_mb": 512}));
     for size in [10, 70 << 10, 8 << 20] {
         let r = d.invoke("sender", &format!(r#"{{"size": {size}}}"#));
         assert_eq!(r.status, 200, "size {size}: {}", text(&r));
-        let v = body_json(&r);
+        let mut v = body_json(&r);
+        let refused = v.as_object_mut().unwrap().remove("refused").unwrap();
+        if size > 64 << 10 {
+            assert!(
+                refused
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("were never written"),
+                "a buffer never written reached a sibling: {refused}"
+            );
+        }
         assert_eq!(
             v,
-            json!({"raw_same": true, "raw_len": size, "json_same": true, "far_same": true}),
+            json!({"raw_same": true, "raw_len": size, "json_same": true, "far_same": true,
+                   "buffer_same": true}),
             "size {size}"
         );
     }

@@ -577,9 +577,14 @@ class RuntimeTest(unittest.TestCase):
     def test_handler_returns_bytes(self):
         code = self.code_dir(
             f="""\
+            import sprout
             def f(event):
                 kind, n = event
                 data = bytes(range(256)) * n
+                if kind == "buffer":
+                    buf = sprout.buffer(len(data))
+                    buf[:] = data
+                    return buf
                 return {"bytes": data, "bytearray": bytearray(data), "view": memoryview(data)[::2]}[kind]
             """
         )
@@ -596,6 +601,9 @@ class RuntimeTest(unittest.TestCase):
         self.assertEqual(header, {"op": "returned", "id": 3, "raw": True})
         self.assertEqual(payload, (bytes(range(256)) * 2)[::2])
         self.assertEqual(inst.invoke(4, ["bytes", 0]), ({"op": "returned", "id": 4, "raw": True}, b"", []))
+        header, payload, _ = inst.invoke(5, ["buffer", 1000])
+        self.assertEqual(header, {"op": "returned", "id": 5, "raw": True})
+        self.assertEqual(bytes(payload), bytes(range(256)) * 1000)
         self.assertEqual(self.zygote_log(zygote), "")
 
     def test_raw_event(self):
@@ -649,15 +657,19 @@ class RuntimeTest(unittest.TestCase):
         inst.ch.send({"op": "invoke", "id": 1, "depth": 3}, json.dumps({"sock": sock_path, "n": 5}).encode())
         header, _, _ = inst.calls.recv()
         self.assertEqual(header, {"op": "bind", "id": header["id"], "function": "g", "spec": spec})
-        inst.calls.send({"op": "call_failed", "id": header["id"], "function": "g", "message": "not now"})
+        inst.calls.send({"op": "call_refused", "id": header["id"], "function": "g", "kind": "too_many_channels", "message": "full"})
         header, payload, fds = inst.calls.recv()
         self.assertEqual(header, {"op": "call", "id": header["id"], "function": "g", "depth": 4, "spec": spec})
         self.assertEqual((json.loads(payload), fds), ({"n": 5}, []))
         inst.calls.send({"op": "call_returned", "id": header["id"]}, b'{"got":5}')
         self.assertEqual(inst.ch.recv(), ({"op": "returned", "id": 1, "called": True}, b'{"got":5}', []))
         peer.join()
-        # The spec is cached: the next call goes straight to the shim.
+        # The spec is cached: the next invocation's call goes straight to the shim
+        # (which is asked for a direct channel again, and refuses again).
         inst.ch.send({"op": "invoke", "id": 2}, json.dumps({"sock": sock_path, "n": 6}).encode())
+        header, _, _ = inst.calls.recv()
+        self.assertEqual(header["op"], "bind")
+        inst.calls.send({"op": "call_refused", "id": header["id"], "function": "g", "kind": "too_many_channels", "message": "full"})
         header, payload, _ = inst.calls.recv()
         self.assertEqual((header["depth"], json.loads(payload)), (1, {"n": 6}))
         error = {"type": "ValueError", "message": "bad six", "traceback": "Traceback ...\n"}
@@ -686,7 +698,7 @@ class RuntimeTest(unittest.TestCase):
         inst = self.loaded(zygote, 1, code)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.settimeout(TIMEOUT)
-        inst.ch.send({"op": "bind"}, b"", [theirs.fileno()])
+        inst.ch.send({"op": "bind", "token": 5}, b"", [theirs.fileno()])
         theirs.close()
         direct = codec.Channel(ours)
         direct.send({"op": "invoke", "id": 1, "depth": 2}, b"21")
@@ -704,7 +716,7 @@ class RuntimeTest(unittest.TestCase):
         self.assertEqual(header["error"]["message"], "call depth 17 exceeds the limit of 16")
         # The caller lets go: the instance says so and serves the shim again.
         direct.close()
-        self.assertEqual(inst.ch.recv(), ({"op": "unbound"}, b"", []))
+        self.assertEqual(inst.ch.recv(), ({"op": "unbound", "token": 5}, b"", []))
         self.assertEqual(inst.call(5, 4), 8)
         self.assertEqual(self.zygote_log(zygote), "")
 
@@ -991,6 +1003,49 @@ class ChannelTest(unittest.TestCase):
 
     # -- shared payloads
 
+    def test_a_buffer_is_handed_off_as_its_own_memfd(self):
+        a, b = self.pair()
+        size = (1 << 20) + 5
+        buf = codec.Buffer(size)
+        self.assertEqual((len(buf), os.fstat(buf._memfd).st_blocks * 512 >= size), (size, True))
+        data = bytes(range(251)) * (size // 251) + b"x" * (size % 251)
+        buf[: size - 5000] = data[: size - 5000]
+        with self.assertRaisesRegex(codec.SharedPayloadError, r"bytes from \d+ on were never written"):
+            a.send({"op": "half"}, buf)
+        buf[size - 5000:] = data[size - 5000:]
+        view = memoryview(buf)
+        with self.assertRaisesRegex(codec.SharedPayloadError, "every memoryview of it released"):
+            a.send({"op": "held"}, buf)
+        self.assertFalse(readable(b), "nothing was sent")
+        view.release()
+        a.send({"op": "big"}, buf)
+        self.assertTrue(buf.closed)
+        seals = fcntl.fcntl(buf._memfd, fcntl.F_GET_SEALS)
+        self.assertEqual(seals & codec._SEALS, codec._SEALS)
+        # The receiver maps the very file the sender filled: no copy on the way.
+        _, anc, _, _ = b.sock.recvmsg(64, socket.CMSG_SPACE(4))
+        [(_, _, raw_fd)] = anc
+        fd = struct.unpack("i", raw_fd[:4])[0]
+        self.assertEqual(os.fstat(fd).st_ino, os.fstat(buf._memfd).st_ino)
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as got:
+            self.assertEqual(got[:], data)
+        os.close(fd)
+        # Handed off again: the same sealed memfd.
+        a.send({"op": "again"}, buf)
+        header, payload, _ = b.recv()
+        self.assertEqual((header, payload[:]), ({"op": "again"}, data))
+        with self.assertRaises(ValueError):
+            buf[0:1] = b"y"  # no longer writable here
+        # A small buffer goes inline and stays the function's.
+        small = codec.Buffer(10)
+        small[:] = b"0123456789"
+        a.send({"op": "small"}, small)
+        self.assertEqual(b.recv(), ({"op": "small"}, b"0123456789", []))
+        self.assertFalse(small.closed)
+        for bad, error in ((0, ValueError), (codec.MAX_SHARED_PAYLOAD + 1, ValueError), (1.5, TypeError), (True, TypeError)):
+            with self.assertRaises(error):
+                codec.Buffer(bad)
+
     def test_shared_payload_round_trip(self):
         a, b = self.pair()
         big = bytes(range(253)) * ((3 << 20) // 253) + b"end"
@@ -1209,9 +1264,10 @@ class SdkTest(unittest.TestCase):
         return header["id"]
 
     def refuse_bind(self, ch, name):
-        """Answers the SDK's first ``bind`` of ``name`` as a shim that will not bind."""
+        """Answers the SDK's first ``bind`` of ``name`` as a shim that has as many
+        bound as it allows."""
         req_id = self.expect_bind(ch, name)
-        ch.send({"op": "call_failed", "id": req_id, "function": name, "message": "no direct channel"})
+        ch.send({"op": "call_refused", "id": req_id, "function": name, "kind": "too_many_channels", "message": "full"})
 
     def grant_bind(self, ch, name, callee, spec=SPEC):
         """Answers a ``bind`` with a direct channel; returns the callee's end of it."""
@@ -1470,10 +1526,8 @@ class SdkTest(unittest.TestCase):
             direct = self.grant_bind(ch, "g", 8, quick)
             direct.recv()
             direct.close()
-            # Bound again; its end is closed before the call: the caller has it
-            # killed (it may be stuck rather than gone) and the call goes through the shim.
+            # Bound again; its end is closed before the call: the call goes through the shim.
             self.grant_bind(ch, "g", 9, quick).close()
-            self.assertEqual(ch.recv(), ({"op": "unbind", "callee": 9}, b"", []))
             header = self.expect_call(ch, "g", 5, spec=quick)
             returned(ch, header, "relayed")
 
@@ -1490,6 +1544,29 @@ class SdkTest(unittest.TestCase):
             self.sdk.call("g", 4)
         time.sleep(0.05)  # the third callee's end is closed before the call
         self.assertEqual(self.sdk.call("g", 5), "relayed")
+        self.finish(*peers)
+
+    def test_a_bind_that_fails_is_the_calls_failure_and_is_asked_again(self):
+        error = {"type": "ImportError", "message": "no module g", "traceback": ""}
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", SPEC)
+
+        def shim(ch):
+            req_id = self.expect_bind(ch, "g")
+            ch.send({"op": "call_raised", "id": req_id, "function": "g", "error": error})
+            req_id = self.expect_bind(ch, "g")  # not relayed, and asked again
+            ch.send({"op": "call_failed", "id": req_id, "function": "g", "message": "could not start"})
+            self.refuse_bind(ch, "g")
+            header = self.expect_call(ch, "g", 3, spec=SPEC)
+            returned(ch, header, "relayed")
+
+        peers = self.agent(agent), self.shim(shim)
+        with self.assertRaisesRegex(self.sdk.CallError, r"^g raised ImportError: no module g$"):
+            self.sdk.call("g", 1)
+        with self.assertRaisesRegex(self.sdk.CallError, r"^call to g failed: could not start$"):
+            self.sdk.call("g", 2)
+        self.assertEqual(self.sdk.call("g", 3), "relayed")
         self.finish(*peers)
 
     def test_a_bound_reply_without_its_descriptor_is_a_refusal(self):

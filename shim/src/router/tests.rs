@@ -1004,7 +1004,7 @@ fn bind(on: &Channel, id: u64, function: &str) {
     on.send(&req, b"", &[]).unwrap();
 }
 
-/// The caller's end of a `bound` reply (and the callee's key), or the reply itself.
+/// The caller's end of a `bound` reply, and the bind's token.
 fn expect_bound(ch: &mut Channel, id: u64) -> (Channel, u64) {
     let m = ch.recv::<CallReply>().unwrap();
     let CallReply::Bound { id: got, callee } = m.header else {
@@ -1018,12 +1018,17 @@ fn expect_bound(ch: &mut Channel, id: u64) -> (Channel, u64) {
     )
 }
 
-/// The callee's end of a `bind`.
-fn expect_bind(ch: &mut Channel) -> Channel {
+/// The callee's end of a `bind`, and its token.
+fn expect_bind(ch: &mut Channel) -> (Channel, u64) {
     let m = ch.recv::<InstanceRequest>().unwrap();
-    assert!(matches!(m.header, InstanceRequest::Bind), "{:?}", m.header);
+    let InstanceRequest::Bind { token } = m.header else {
+        panic!("expected bind, got {:?}", m.header)
+    };
     let [end]: [OwnedFd; 1] = m.fds.try_into().unwrap();
-    Channel::new(std::os::unix::net::UnixStream::from(end))
+    (
+        Channel::new(std::os::unix::net::UnixStream::from(end)),
+        token,
+    )
 }
 
 #[test]
@@ -1033,13 +1038,14 @@ fn a_bound_callee_talks_to_its_caller_directly_and_is_idle_again_after() {
     fake.expect_loads([OnLoad::Loaded]);
     bind(&main.calls, 5, "sq");
     turn(&mut r);
-    let (mut caller_end, key) = expect_bound(&mut main.calls, 5);
+    let (mut caller_end, token) = expect_bound(&mut main.calls, 5);
     let mut callee = fake.channel(1);
     assert!(matches!(
         callee.recv::<InstanceRequest>().unwrap().header,
         InstanceRequest::Load(_)
     ));
-    let mut callee_end = expect_bind(&mut callee);
+    let (mut callee_end, told) = expect_bind(&mut callee);
+    assert_eq!(told, token);
     // Neither idle nor a call with a deadline: the shim is out of the way.
     assert_eq!((r.idle.len(), r.next_deadline()), (0, None));
     caller_end.send(&"ping", b"3", &[]).unwrap();
@@ -1054,7 +1060,7 @@ fn a_bound_callee_talks_to_its_caller_directly_and_is_idle_again_after() {
     turn(&mut r);
     let stranger = fake.calls(2);
     stranger
-        .send(&CallRequest::Unbind { callee: key }, b"", &[])
+        .send(&CallRequest::Unbind { callee: token }, b"", &[])
         .unwrap();
     turn(&mut r);
     assert!(fake.killed().is_empty());
@@ -1062,7 +1068,8 @@ fn a_bound_callee_talks_to_its_caller_directly_and_is_idle_again_after() {
     // The caller lets go: the callee says so and is idle again, reused by a call.
     drop(caller_end);
     drop(callee_end);
-    callee.send(&InstanceEvent::Unbound, b"", &[]).unwrap();
+    let unbound = InstanceEvent::Unbound { token };
+    callee.send(&unbound, b"", &[]).unwrap();
     turn(&mut r);
     assert_eq!(r.idle.len(), 1);
     call(&main.calls, 6, "sq", 1, Some(spec("sq", 1, 5_000)), b"1");
@@ -1079,14 +1086,21 @@ fn a_bound_callee_talks_to_its_caller_directly_and_is_idle_again_after() {
     // Bound again, then past its time: the caller has it killed.
     bind(&main.calls, 7, "sq");
     turn(&mut r);
-    let (_end, key) = expect_bound(&mut main.calls, 7);
+    let (_end, second) = expect_bound(&mut main.calls, 7);
+    assert_ne!(second, token, "a token is never used twice");
     let _callee_end = expect_bind(&mut callee);
+    // A stale token (the last bind's) names nothing now.
     main.calls
-        .send(&CallRequest::Unbind { callee: key }, b"", &[])
+        .send(&CallRequest::Unbind { callee: token }, b"", &[])
+        .unwrap();
+    turn(&mut r);
+    assert!(fake.killed().is_empty());
+    main.calls
+        .send(&CallRequest::Unbind { callee: second }, b"", &[])
         .unwrap();
     turn(&mut r);
     assert_eq!(fake.killed(), vec![fake.pid(1)]);
-    assert!(!r.locals.contains_key(&Key(key)));
+    assert_eq!(r.locals.len(), 1, "only g's instance is left");
 }
 
 #[test]
@@ -1104,7 +1118,7 @@ fn binds_are_bounded_per_caller_and_checked_like_calls() {
     turn(&mut r);
     let (answer, _) = reply(&mut main.calls);
     assert!(
-        matches!(&answer, CallReply::CallFailed { id: 99, message, .. } if message.contains("already holds 8 direct channels")),
+        matches!(&answer, CallReply::CallRefused { id: 99, kind: RefusalKind::TooManyChannels, message, .. } if message.contains("8 direct channels are bound to this instance")),
         "{answer:?}"
     );
     // A spec naming code the agent did not attach is refused, as for a call.
@@ -1122,10 +1136,57 @@ fn binds_are_bounded_per_caller_and_checked_like_calls() {
         matches!(&answer, CallReply::CallFailed { id: 100, message, .. } if message.contains("not the code the agent attached")),
         "{answer:?}"
     );
-    // A new main instance: bound callees writing to the old pipes are killed.
-    let forks = fake.forks();
+    // A new main instance: bound callees finish with their caller, and are not
+    // reused after (they write to the old pipes).
     let _second = spawn_main(&mut r, &mut agent, &fake, 2);
-    assert_eq!(fake.killed().len(), forks - 1);
+    assert!(fake.killed().is_empty());
+    let mut callee = fake.channel(1);
+    let _load = callee.recv::<InstanceRequest>().unwrap();
+    let (_, token) = expect_bind(&mut callee);
+    callee
+        .send(&InstanceEvent::Unbound { token }, b"", &[])
+        .unwrap();
+    turn(&mut r);
+    assert_eq!(fake.killed(), vec![fake.pid(1)]);
+}
+
+#[test]
+fn bound_callees_go_with_their_caller_and_a_wrong_unbound_ends_the_callee() {
+    let (mut r, mut agent, fake) = setup();
+    let mut main = spawn_main(&mut r, &mut agent, &fake, 1);
+    fake.expect_loads([OnLoad::Loaded, OnLoad::Loaded]);
+    bind(&main.calls, 1, "b");
+    turn(&mut r);
+    let (_b_end, _) = expect_bound(&mut main.calls, 1);
+    // b (fork 1) binds c (fork 2) in turn.
+    let mut b_calls = fake.calls(1);
+    bind(&b_calls, 1, "c");
+    turn(&mut r);
+    let (_c_end, _) = expect_bound(&mut b_calls, 1);
+    // An `unbound` naming another bind is a broken protocol: c is killed, nothing else.
+    let mut c = fake.channel(2);
+    let _load = c.recv::<InstanceRequest>().unwrap();
+    let (_, token) = expect_bind(&mut c);
+    c.send(&InstanceEvent::Unbound { token: token + 100 }, b"", &[])
+        .unwrap();
+    turn(&mut r);
+    assert_eq!(fake.killed(), vec![fake.pid(2)]);
+    // b binds c again; then b is killed (its caller timed out): c goes with it.
+    fake.expect_loads([OnLoad::Loaded]);
+    bind(&b_calls, 2, "c");
+    turn(&mut r);
+    let (_c_end, _) = expect_bound(&mut b_calls, 2);
+    let b_token = r.locals[&Key(2)].bound_to.unwrap().token;
+    main.calls
+        .send(&CallRequest::Unbind { callee: b_token }, b"", &[])
+        .unwrap();
+    turn(&mut r);
+    assert_eq!(
+        fake.killed(),
+        vec![fake.pid(2), fake.pid(1), fake.pid(3)],
+        "b, then the c bound to it"
+    );
+    assert!(r.locals.is_empty());
 }
 
 #[test]

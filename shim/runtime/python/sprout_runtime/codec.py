@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import time
+import weakref
 
 PREFIX = struct.Struct("<III")
 PREFIX_LEN = PREFIX.size
@@ -110,6 +111,76 @@ def _share(view):
     return fd
 
 
+class Buffer(mmap.mmap):
+    """Shared memory a function fills in place and hands off without a copy
+    (``sprout.buffer(size)``): a memfd of ``size`` bytes, allocated in full when made
+    (charged to the function's own memory cgroup, so running out is a MemoryError
+    here, not a kill later), mapped read-write. It is an ``mmap``: slice-assign,
+    ``write``, ``memoryview`` and ``readinto`` fill it.
+
+    Passing it as an event to ``sprout.call`` (or returning it from a handler) hands
+    it off: its mapping is closed (every memoryview of it must be released first),
+    the memfd sealed, and the memfd itself sent, so the receiver maps the very pages
+    the function wrote. After that it can no longer be read or written here; it can be
+    handed off again (to another call) at no cost. Every byte must be written before
+    the hand-off (SharedPayloadError otherwise): receivers outside the sandbox refuse
+    pages that were never written.
+    """
+
+    def __new__(cls, size):
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"a buffer's size must be an int, not {type(size).__name__}")
+        if not 0 < size <= MAX_SHARED_PAYLOAD:
+            raise ValueError(f"a buffer's size must be 1 to {MAX_SHARED_PAYLOAD} bytes, not {size}")
+        fd = os.memfd_create("sprout-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            os.posix_fallocate(fd, 0, size)
+            self = super().__new__(cls, fd, size, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOMEM, errno.ENOSPC):
+                raise MemoryError(f"cannot allocate a buffer of {size} bytes: {exc.strerror}") from None
+            raise
+        self._memfd = fd
+        self._size = size
+        weakref.finalize(self, _close_quietly, fd)
+        return self
+
+    def __len__(self):
+        # Still the buffer's size once its mapping is closed (handed off).
+        return self._size
+
+    def __repr__(self):
+        state = "handed off" if self.closed else "open"
+        return f"<sprout.Buffer {self._size} bytes, {state}>"
+
+    def _hand_off(self):
+        """Closes the mapping and seals the memfd (once); returns the memfd, still
+        this buffer's. SharedPayloadError when it cannot be handed off."""
+        if not self.closed:
+            # What receivers outside the sandbox refuse (pages never written are
+            # holes), refused here with the reason instead.
+            hole = os.lseek(self._memfd, 0, os.SEEK_HOLE)
+            if hole < self._size:
+                raise SharedPayloadError(
+                    f"a buffer of {self._size} bytes is handed off written in full: "
+                    f"bytes from {hole} on were never written"
+                )
+            try:
+                self.close()
+            except BufferError:
+                raise SharedPayloadError(
+                    "a buffer is handed off with every memoryview of it released "
+                    "(release them, or leave the with-block, before sending it)"
+                ) from None
+            try:
+                _seal(self._memfd)
+            except OSError as exc:
+                raise SharedPayloadError(f"sealing a buffer of {self._size} bytes: {exc}") from exc
+        return self._memfd
+
+
 def _map_shared(fd, length):
     """Maps the first ``length`` bytes of a received memfd read-only, after checking it
     is sealed against writing and shrinking and long enough. Closes ``fd``."""
@@ -173,6 +244,9 @@ class Channel:
         if len(hdr) > MAX_HEADER:
             raise ProtocolError(f"frame header of {len(hdr)} bytes exceeds the limit of {MAX_HEADER}")
         fds = [fd if isinstance(fd, int) else fd.fileno() for fd in fds]
+        if isinstance(payload, Buffer):
+            self._send_buffer(hdr, payload, fds)
+            return
         view = memoryview(payload)
         try:
             if view.ndim != 1 or view.itemsize != 1:
@@ -192,6 +266,18 @@ class Channel:
                 os.close(memfd)
         finally:
             view.release()
+
+    def _send_buffer(self, hdr, buffer, fds):
+        """Sends a Buffer's own memfd as the frame's shared payload (a small one, while
+        it is still open, inline)."""
+        if len(fds) + 1 > MAX_FDS:
+            raise ProtocolError(f"frame carries {len(fds) + 1} descriptors, at most {MAX_FDS} allowed")
+        plen = len(buffer)
+        if plen <= SHARED_THRESHOLD and not buffer.closed:
+            with memoryview(buffer) as view:
+                self._send_frame(hdr, view, plen, fds, False)
+            return
+        self._send_frame(hdr, b"", plen, fds + [buffer._hand_off()], True)
 
     def _send_frame(self, hdr, payload, plen, fds, shared):
         if len(fds) > MAX_FDS:

@@ -13,6 +13,7 @@ import time
 
 from .codec import (
     MAX_PAYLOAD,
+    Buffer,
     MAX_SHARED_PAYLOAD,
     SHARED_THRESHOLD,
     Channel,
@@ -192,6 +193,8 @@ def _raised(request_id, exc, **kw):
 
 def _encode_result(request_id, result):
     """The reply ``(header, payload)`` for a handler's result."""
+    if isinstance(result, Buffer):  # handed off as it is: its own memfd
+        return {"op": "returned", "id": request_id, "raw": True}, result
     if isinstance(result, (bytes, bytearray, memoryview)):
         try:
             body = memoryview(result)
@@ -270,6 +273,7 @@ def invoke(handler, request_id, payload, depth=0, raw=False, openwhisk=False):
             return _raised(request_id, exc, frames=False, message=f"event is not valid JSON: {exc}")
     state = _state()
     state.depth, state.called = depth, False
+    state.no_direct.clear()  # a function the shim would not bind is asked again
     try:
         try:
             result = handler(event)
@@ -386,11 +390,11 @@ def serve(channel, handler):
             header, payload, fds = channel.recv()
         except ChannelClosed:
             return 0
-        if header.get("op") == "bind" and len(fds) == 1:
-            if not serve_direct(fds[0], handler):
-                return 0
+        token = header.get("token")
+        if header.get("op") == "bind" and len(fds) == 1 and isinstance(token, int):
+            serve_direct(fds[0], handler)
             try:
-                channel.send({"op": "unbound"})
+                channel.send({"op": "unbound", "token": token})
             except OSError:  # the shim is gone
                 return 0
             continue
@@ -414,14 +418,14 @@ def serve(channel, handler):
 
 def serve_direct(fd, handler):
     """Answers one caller's invokes on a direct channel (``fd``, the shim's ``bind``)
-    until the caller closes it; returns False if the process should end instead."""
+    until the caller closes it (or breaks the channel)."""
     direct = Channel(socket.socket(fileno=fd))
     try:
         while True:
             try:
                 header, payload, fds = direct.recv()
             except (ChannelClosed, ProtocolError, OSError):
-                return True
+                return
             for extra in fds:
                 _close_quietly(extra)
             answer = _answer(handler, header, payload, direct=True)
@@ -431,7 +435,7 @@ def serve_direct(fd, handler):
             try:
                 _send_reply(direct, header.get("id"), reply, body)
             except OSError:  # the caller is gone (or gave up on this call)
-                return True
+                return
             finally:
                 del body, payload
     finally:

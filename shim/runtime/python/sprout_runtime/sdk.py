@@ -11,11 +11,13 @@ import threading
 import time
 import types
 
-from .codec import MAX_SHARED_PAYLOAD, Channel, ChannelClosed, ProtocolError, SharedPayloadError, _close_quietly
+from .codec import MAX_SHARED_PAYLOAD, Buffer, Channel, ChannelClosed, ProtocolError, SharedPayloadError, _close_quietly
 from .errors import _log
 
 MAX_CALL_DEPTH = 16
 AGENT_SOCKET = "/.sprout/agent.sock"
+# A direct call's time is capped here (a year): a spec's timeout_ms is a u64.
+_MAX_TIMEOUT_MS = 365 * 86_400_000
 
 _SPROUT_DOC = """Calls from one function to another.
 
@@ -24,6 +26,8 @@ call(name, event)        -> the result (decoded JSON, or a read-only memoryview 
 call_async(name, event)  -> Future (result(timeout=None), done()); runs in a sibling sandbox
 map(name, events)        -> the results in input order (the calls run in parallel, in
                             sibling sandboxes)
+buffer(size)             -> a Buffer: shared memory to fill in place and pass as an
+                            event (or return) without a copy
 
 An event that is bytes, bytearray or a memoryview is sent as raw bytes; anything else
 is sent as JSON. Calls nest at most MAX_DEPTH deep.
@@ -71,9 +75,11 @@ class _CallState:
     def __init__(self, calls=None, specs=None, depth=0):
         self.pid = os.getpid()
         # The calls channel to the shim (None outside an instance): one request and
-        # its reply at a time, under calls_lock.
+        # its reply at a time, under calls_lock; every frame sent under
+        # calls_send_lock (an unanswered `unbind` takes only that one).
         self.calls = calls
         self.calls_lock = threading.Lock()
+        self.calls_send_lock = threading.Lock()
         self.calls_broken = None  # why the calls channel is unusable
         # The agent's call socket, connected on first use.
         self.agent = None
@@ -135,6 +141,8 @@ def _check_name(name):
 def _encode_event(event):
     """``(raw, payload)`` for an event; raises TypeError/ValueError for one that
     cannot be sent (before anything is sent)."""
+    if isinstance(event, Buffer):
+        return True, event  # handed off as it is: its own memfd
     if isinstance(event, (bytes, bytearray, memoryview)):
         view = memoryview(event)
         if not view.c_contiguous:
@@ -198,7 +206,8 @@ def _call_shim(state, req_id, name, header, payload):
         channel = state.calls
         try:
             try:
-                channel.send(header, payload)
+                with state.calls_send_lock:
+                    channel.send(header, payload)
             except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
                 raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
             while True:
@@ -223,7 +232,7 @@ class _Direct:
     it (``bind``) and is out of the way from then on. One call at a time (``lock``);
     this side keeps the callee's time and asks the shim to kill it when it is past."""
 
-    __slots__ = ("channel", "callee", "timeout_ms", "lock")
+    __slots__ = ("channel", "callee", "timeout_ms", "lock")  # callee: the bind's token
 
     def __init__(self, channel, callee, timeout_ms):
         self.channel = channel
@@ -234,7 +243,8 @@ class _Direct:
 
 def _bind(state, name, spec):
     """Asks the shim for a direct channel to an instance of ``spec``; returns it, or
-    None (the shim refused: calls of ``name`` keep going through it)."""
+    None when the shim has as many bound as it allows (this call goes through the
+    shim). Raises CallError when no instance could be had (the call's own failure)."""
     req_id = next(state.ids)
     header = {"op": "bind", "id": req_id, "function": name, "spec": spec}
     with state.calls_lock:
@@ -242,7 +252,8 @@ def _bind(state, name, spec):
             raise _ChannelGone(state.calls_broken)
         channel = state.calls
         try:
-            channel.send(header)
+            with state.calls_send_lock:
+                channel.send(header)
             while True:
                 reply, _body, fds = channel.recv()
                 if reply.get("id") == req_id:
@@ -256,39 +267,37 @@ def _bind(state, name, spec):
         except (ProtocolError, OSError) as exc:
             state.calls_broken = f"the calls channel to the shim broke: {exc}"
             raise _ChannelGone(state.calls_broken) from None
-    callee = reply.get("callee")
+    op = reply.get("op")
+    token = reply.get("callee")
     timeout_ms = spec.get("timeout_ms") if isinstance(spec, dict) else None
-    usable = (
-        reply.get("op") == "bound"
-        and len(fds) == 1
-        and isinstance(callee, int)
-        and isinstance(timeout_ms, int)
-        and timeout_ms > 0
-    )
-    if not usable:
-        for fd in fds:
-            _close_quietly(fd)
-        state.no_direct.add(name)
-        return None
-    direct = _Direct(Channel(socket.socket(fileno=fds[0])), callee, timeout_ms)
-    state.direct[name] = direct
-    return direct
+    if op == "bound" and len(fds) == 1 and isinstance(token, int) and isinstance(timeout_ms, int) and timeout_ms > 0:
+        direct = _Direct(Channel(socket.socket(fileno=fds[0])), token, min(timeout_ms, _MAX_TIMEOUT_MS))
+        state.direct[name] = direct
+        return direct
+    for fd in fds:
+        _close_quietly(fd)
+    if op in ("call_failed", "call_raised"):
+        _outcome(name, reply, b"")  # raises: what the call itself would have met
+    # At capacity (call_refused), or a reply this SDK cannot use: through the shim,
+    # without asking again until the next invocation.
+    state.no_direct.add(name)
+    return None
 
 
 def _drop_direct(state, name, direct, kill):
     """Forgets a direct channel; with ``kill``, asks the shim to kill its callee (past
-    its time, or broke the protocol). Never fails: the shim may be gone too."""
+    its time, or broke the protocol). Never fails: the shim may be gone too. Waits
+    for no relayed call: ``unbind`` is unanswered."""
     if state.direct.get(name) is direct:
         del state.direct[name]
     direct.channel.close()
-    if not kill:
+    if not kill or state.calls_broken is not None:
         return
-    with state.calls_lock:
-        if state.calls_broken is None:
-            try:
-                state.calls.send({"op": "unbind", "callee": direct.callee})
-            except (ProtocolError, OSError):
-                pass
+    with state.calls_send_lock:
+        try:
+            state.calls.send({"op": "unbind", "callee": direct.callee})
+        except (ProtocolError, OSError):
+            pass
 
 
 def _call_direct(state, direct, req_id, name, depth, raw, payload):
@@ -306,8 +315,8 @@ def _call_direct(state, direct, req_id, name, depth, raw, payload):
     except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
         raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
     except OSError:
-        # The callee is gone (or would not take the event): it never ran this call.
-        _drop_direct(state, name, direct, kill=True)
+        # The callee is gone (it closed its end): it never ran this call.
+        _drop_direct(state, name, direct, kill=False)
         return None
     try:
         while True:
@@ -636,12 +645,20 @@ def map_(name, events):
     return results
 
 
+def buffer(size):
+    """Shared memory of ``size`` bytes to fill in place and pass to ``call`` (or
+    return) without a copy; see ``sprout.Buffer``."""
+    return Buffer(size)
+
+
 map_.__name__ = map_.__qualname__ = "map"
-for _obj in (CallError, Future, call, call_async, map_):
+Buffer.__module__ = "sprout"
+sprout.Buffer = Buffer
+for _obj in (CallError, Future, call, call_async, map_, buffer):
     _obj.__module__ = "sprout"
     setattr(sprout, _obj.__name__, _obj)
 sprout.MAX_DEPTH = MAX_CALL_DEPTH
 sprout._AGENT_SOCKET = AGENT_SOCKET
-sprout.__all__ = ["call", "call_async", "map", "CallError", "Future", "MAX_DEPTH"]
+sprout.__all__ = ["call", "call_async", "map", "buffer", "Buffer", "CallError", "Future", "MAX_DEPTH"]
 del _obj
 
