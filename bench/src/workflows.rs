@@ -123,6 +123,21 @@ def f(e):
     return {"raw": raw, "call": calls, "relayed": relayed, "direct": direct}
 "#;
 
+/// `sprout.call` from Node.js to a warm Node.js callee in the same sandbox, as the
+/// function sees it (on the direct channel its host binds).
+const CALL_LOCAL_NODE: &str = r#"const sprout = require('sprout');
+exports.main = async (e) => {
+  const ns = [];
+  for (let i = 0; i < e.n; i++) {
+    const t0 = process.hrtime.bigint();
+    const out = await sprout.call('inc_node', {n: 0});
+    ns.push(Number(process.hrtime.bigint() - t0));
+    if (out.n !== 1) throw new Error('inc_node answered ' + JSON.stringify(out));
+  }
+  return {ns};
+};
+"#;
+
 const FAN: &str = r#"import sprout, time
 def f(e):
     t0 = time.perf_counter_ns()
@@ -138,9 +153,18 @@ def f(ms):
 "#;
 
 fn write_fn(root: &Path, name: &str, code: &str) -> anyhow::Result<std::path::PathBuf> {
+    write_file_fn(root, name, "f.py", code)
+}
+
+fn write_file_fn(
+    root: &Path,
+    name: &str,
+    file: &str,
+    code: &str,
+) -> anyhow::Result<std::path::PathBuf> {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("f.py"), code)?;
+    std::fs::write(dir.join(file), code)?;
     Ok(dir)
 }
 
@@ -189,6 +213,12 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
     )?;
     d.register(
         &mut c,
+        "call_local_node",
+        &write_file_fn(fns.path(), "call_local_node", "index.js", CALL_LOCAL_NODE)?,
+        json!({"runtime": "nodejs"}),
+    )?;
+    d.register(
+        &mut c,
         "call_local",
         &write_fn(fns.path(), "call_local", CALL_LOCAL)?,
         json!({}),
@@ -219,6 +249,8 @@ pub fn run(bin: &Path, ws: &Path, s: &Settings) -> anyhow::Result<Vec<Row>> {
     }
     if wanted("call") {
         rows.extend(call_local(&mut c, s.call_runs)?);
+        settle();
+        rows.push(call_local_node(&mut c, s.call_runs)?);
         settle();
         rows.push(call_node(&mut c, s.transfer_runs)?);
         settle();
@@ -299,18 +331,6 @@ fn chain(
 /// timed inside the same function, in turn (the first invocation warms up: it
 /// resolves the callee and forks its instance).
 fn call_local(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Row>> {
-    let ns = |v: &Value, key: &str| -> anyhow::Result<Vec<Duration>> {
-        v[key]
-            .as_array()
-            .with_context(|| format!("no {key}"))?
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(Duration::from_nanos)
-                    .context("not a duration")
-            })
-            .collect()
-    };
     post(c, "/functions/call_local/invoke", &json!({"n": 10}))?;
     let out = post(c, "/functions/call_local/invoke", &json!({"n": runs}))?;
     if out["direct"] != true {
@@ -322,17 +342,42 @@ fn call_local(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Ro
     Ok(vec![
         Row::new(
             "call Python → Python in the sandbox (sprout.call, warm callee)",
-            &ns(&out, "call")?,
+            &durations(&out, "call")?,
         ),
         Row::new(
             "  baseline: the same call relayed by the shim (before direct channels)",
-            &ns(&out, "relayed")?,
+            &durations(&out, "relayed")?,
         ),
         Row::new(
             "  baseline: raw Unix-socket echo, same function, same size",
-            &ns(&out, "raw")?,
+            &durations(&out, "raw")?,
         ),
     ])
+}
+
+/// `sprout.call` from Node.js to a warm Node.js callee in its sandbox, timed inside
+/// the caller (the first invocation warms up).
+fn call_local_node(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Row> {
+    post(c, "/functions/call_local_node/invoke", &json!({"n": 10}))?;
+    let out = post(c, "/functions/call_local_node/invoke", &json!({"n": runs}))?;
+    Ok(Row::new(
+        "call Node.js → Node.js in the sandbox (sprout.call, warm callee)",
+        &durations(&out, "ns")?,
+    ))
+}
+
+/// The array of nanoseconds at `key` of a function's answer.
+fn durations(v: &Value, key: &str) -> anyhow::Result<Vec<Duration>> {
+    v[key]
+        .as_array()
+        .with_context(|| format!("no {key}"))?
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .map(Duration::from_nanos)
+                .context("not a duration")
+        })
+        .collect()
 }
 
 /// `sprout.call` from a Python function to a warm Node.js function: another runtime,

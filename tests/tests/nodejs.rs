@@ -827,3 +827,71 @@ fn an_error_with_a_huge_stack_is_bounded_in_time() {
         started.elapsed()
     );
 }
+
+/// A Node.js caller's calls in its sandbox go on a direct channel to their callee, as
+/// a Python caller's do: two calls at once run in two instances (one on the channel,
+/// one through the shim; a shim-only caller sends one at a time and reuses one), and
+/// a callee past its time is killed and replaced.
+#[test]
+fn node_calls_in_its_sandbox_go_direct_and_a_stuck_callee_is_replaced() {
+    let env = require_root!();
+    let d = env.daemon();
+    let callee = r#"exports.main = async (x) => {
+  if (x === 'slow') await new Promise((r) => setTimeout(r, 300));
+  if (x === 'hang') { const t = Date.now(); while (Date.now() - t < 60000) {} }
+  if (x === 'die') process.exit(3);
+  return process.pid;
+};
+"#;
+    let caller = r#"const sprout = require('sprout');
+exports.main = async () => {
+  const out = {pids: []};
+  for (let i = 0; i < 3; i++) out.pids.push(await sprout.call('tick', 'ok'));
+  out.both = await Promise.all([sprout.call('tick', 'slow'), sprout.call('tick', 'slow')]);
+  for (const what of ['hang', 'die']) {
+    try {
+      await sprout.call('tick', what);
+    } catch (err) {
+      out[what] = err.message;
+    }
+    out[what + '_then'] = await sprout.call('tick', 'ok');
+  }
+  return out;
+};
+"#;
+    register(
+        &d,
+        "tick",
+        &env.function("tick", &[("index.js", callee)]),
+        json!({"timeout_ms": 1000}),
+    );
+    register(
+        &d,
+        "caller",
+        &env.function("caller", &[("index.js", caller)]),
+        json!({"timeout_ms": 20000}),
+    );
+    let r = d.invoke("caller", "{}");
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let v = body_json(&r);
+    let pids = v["pids"].as_array().unwrap();
+    assert!(pids.iter().all(|p| p == &pids[0]), "{v}");
+    assert_ne!(
+        v["both"][0], v["both"][1],
+        "two calls at once, two instances: {v}"
+    );
+    assert!(
+        v["hang"]
+            .as_str()
+            .unwrap()
+            .contains("tick timed out after 1000 ms"),
+        "{v}"
+    );
+    assert!(v["hang_then"].is_u64(), "{v}");
+    assert!(
+        v["die"].as_str().unwrap().contains("died while running"),
+        "{v}"
+    );
+    assert!(v["die_then"].is_u64(), "{v}");
+    assert_eq!(d.sandboxes().len(), 1, "{:?}", d.sandboxes());
+}

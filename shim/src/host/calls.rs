@@ -8,15 +8,18 @@
 //! Python SDK's (`docs/protocol.md`, "Calls between functions"): a synchronous call
 //! first `resolve`s its callee with the agent and runs it in this sandbox through the
 //! shim when the agent gives a spec, else through the agent; an asynchronous call
-//! goes to the agent.
+//! goes to the agent. A call in this sandbox goes on a direct channel to its callee
+//! when the shim binds one (`docs/protocol.md`, "Direct channels"), as the Python
+//! SDK's do.
 
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use ipc::proto::{CallReply, CallRequest, CallSpec};
-use ipc::{Channel, Payload};
+use ipc::proto::{CallReply, CallRequest, CallSpec, InstanceEvent, InstanceRequest};
+use ipc::{Channel, Message, Payload};
 
 /// The agent's call socket, as every sandbox sees it.
 pub const AGENT_SOCKET: &str = "/.sprout/agent.sock";
@@ -33,8 +36,20 @@ pub struct Calls {
     agent: Mutex<Option<Arc<AgentLink>>>,
     /// Callee name → its spec (run it here) or `None` (run it through the agent).
     specs: Mutex<HashMap<String, Option<CallSpec>>>,
+    /// Callee name → the direct channel the shim bound to it for this instance.
+    direct: Mutex<HashMap<String, Arc<Direct>>>,
     ids: AtomicU64,
     agent_socket: String,
+}
+
+/// A direct channel to a callee the shim bound to this instance: one call at a time
+/// (callers that find it busy go through the shim); this side keeps the callee's time.
+#[derive(Debug)]
+struct Direct {
+    channel: Mutex<Channel>,
+    /// The bind's token, for `unbind`.
+    token: u64,
+    timeout: Duration,
 }
 
 /// The connection to the agent's call socket.
@@ -57,6 +72,7 @@ impl Calls {
             shim: Mutex::new(Ok(shim)),
             agent: Mutex::new(None),
             specs: Mutex::new(HashMap::new()),
+            direct: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             agent_socket: AGENT_SOCKET.to_owned(),
         }
@@ -90,8 +106,205 @@ impl Calls {
             spec: None,
         };
         match spec {
-            Some(spec) => self.call_shim(id, with_spec(request, spec), event),
+            Some(spec) => self.call_here(id, function, depth, raw, spec, event),
             None => self.call_agent(id, &request, event),
+        }
+    }
+
+    /// A call in this sandbox: on the direct channel to its callee (bound on first
+    /// use), or through the shim when that is busy or the shim would not bind one.
+    fn call_here(
+        &self,
+        id: u64,
+        function: &str,
+        depth: u32,
+        raw: bool,
+        spec: CallSpec,
+        event: &[u8],
+    ) -> Answer {
+        let direct = match self.direct_to(function, &spec)? {
+            Ok(direct) => direct,
+            Err(failed) => return Ok(failed),
+        };
+        if let Some(direct) = direct {
+            if let Ok(mut channel) = direct.channel.try_lock() {
+                let call = InstanceRequest::Invoke {
+                    id,
+                    depth,
+                    raw,
+                    env: None,
+                };
+                // None: the callee had closed its end before the call reached
+                // it (nothing ran); through the shim.
+                if let Some(answer) =
+                    self.call_direct(&direct, &mut channel, id, function, &call, event)
+                {
+                    return answer;
+                }
+            }
+        }
+        let request = CallRequest::Call {
+            id,
+            function: function.to_owned(),
+            depth,
+            raw,
+            spec: Some(spec),
+        };
+        self.call_shim(id, request, event)
+            .map(|m| (m.header, m.payload))
+    }
+
+    /// The direct channel to `function`: the one bound, or a new one the shim binds
+    /// (`Ok(None)`: it has as many bound as it allows; `Err`: no instance could be
+    /// had, answered as the call).
+    #[allow(clippy::type_complexity)]
+    fn direct_to(
+        &self,
+        function: &str,
+        spec: &CallSpec,
+    ) -> Result<Result<Option<Arc<Direct>>, (CallReply, Payload)>, String> {
+        if let Some(direct) = self.direct.lock().unwrap().get(function) {
+            return Ok(Ok(Some(direct.clone())));
+        }
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let request = CallRequest::Bind {
+            id,
+            function: function.to_owned(),
+            spec: spec.clone(),
+        };
+        let m = self.call_shim(id, request, &[])?;
+        match m.header {
+            CallReply::Bound { callee, .. } if m.fds.len() == 1 => {
+                let end = m.fds.into_iter().next().expect("one descriptor");
+                let direct = Arc::new(Direct {
+                    channel: Mutex::new(Channel::from_fd(end)),
+                    token: callee,
+                    timeout: Duration::from_millis(spec.timeout_ms.max(1)),
+                });
+                self.direct
+                    .lock()
+                    .unwrap()
+                    .insert(function.to_owned(), direct.clone());
+                Ok(Ok(Some(direct)))
+            }
+            reply @ (CallReply::CallFailed { .. } | CallReply::CallRaised { .. }) => {
+                Ok(Err((reply, m.payload)))
+            }
+            // At capacity (`call_refused`, kind `too_many_channels`: asked again
+            // next time), or a reply that makes no channel: through the shim.
+            _ => Ok(Ok(None)),
+        }
+    }
+
+    fn call_direct(
+        &self,
+        direct: &Direct,
+        channel: &mut Channel,
+        id: u64,
+        function: &str,
+        call: &InstanceRequest,
+        event: &[u8],
+    ) -> Option<Answer> {
+        let failed = |message: String| {
+            Some(Ok((
+                CallReply::CallFailed {
+                    id,
+                    function: function.to_owned(),
+                    message,
+                },
+                Payload::default(),
+            )))
+        };
+        if channel.send(call, event, &[]).is_err() {
+            self.drop_direct(function, direct, false);
+            return None;
+        }
+        let deadline = Instant::now() + direct.timeout;
+        let heard = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(None);
+            }
+            if let Err(e) = channel.stream().set_read_timeout(Some(left)) {
+                break Err(Some(ipc::Error::Io(e)));
+            }
+            match channel.recv::<InstanceEvent>() {
+                Ok(m) => break Ok(m),
+                Err(ipc::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => break Err(Some(e)),
+            }
+        };
+        match heard {
+            Ok(Message {
+                header: InstanceEvent::Returned { id: got, raw, .. },
+                payload,
+                ..
+            }) if got == id => Some(Ok((CallReply::CallReturned { id, raw }, payload))),
+            Ok(Message {
+                header: InstanceEvent::Raised { id: got, error, .. },
+                ..
+            }) if got == id => Some(Ok((
+                CallReply::CallRaised {
+                    id,
+                    function: function.to_owned(),
+                    error,
+                },
+                Payload::default(),
+            ))),
+            Ok(other) => {
+                self.drop_direct(function, direct, true);
+                let op = ipc::proto::op_of(&other.header);
+                failed(format!(
+                    "{function}'s instance broke the protocol: unexpected {op}"
+                ))
+            }
+            Err(None) => {
+                self.drop_direct(function, direct, true);
+                let ms = direct.timeout.as_millis();
+                failed(format!("{function} timed out after {ms} ms"))
+            }
+            Err(Some(e)) if matches!(e, ipc::Error::Closed) || e.is_peer_gone() => {
+                self.drop_direct(function, direct, false);
+                failed(format!(
+                    "{function}'s instance died while running (out of memory or killed?)"
+                ))
+            }
+            Err(Some(e)) => {
+                self.drop_direct(function, direct, true);
+                failed(format!(
+                    "{function}'s instance broke the protocol: {}",
+                    ipc::chain(&e)
+                ))
+            }
+        }
+    }
+
+    /// Forgets a direct channel; with `kill`, asks the shim to kill its callee (past
+    /// its time, or broke the protocol). The request is unanswered, but waits for a
+    /// call the shim is relaying to be answered (one request at a time on the calls
+    /// channel).
+    fn drop_direct(&self, function: &str, direct: &Direct, kill: bool) {
+        {
+            let mut bound = self.direct.lock().unwrap();
+            if bound
+                .get(function)
+                .is_some_and(|d| std::ptr::eq(Arc::as_ptr(d), direct))
+            {
+                bound.remove(function);
+            }
+        }
+        if kill {
+            let shim = self.shim.lock().unwrap();
+            if let Ok(channel) = shim.as_ref() {
+                let unbind = CallRequest::Unbind {
+                    callee: direct.token,
+                };
+                let _ = channel.send(&unbind, &[], &[]);
+            }
         }
     }
 
@@ -127,7 +340,14 @@ impl Calls {
         }
     }
 
-    fn call_shim(&self, id: u64, request: CallRequest, event: &[u8]) -> Answer {
+    /// Sends a request on the calls channel and waits for its reply (with whatever
+    /// descriptors it carries).
+    fn call_shim(
+        &self,
+        id: u64,
+        request: CallRequest,
+        event: &[u8],
+    ) -> Result<Message<CallReply>, String> {
         let mut shim = self.shim.lock().unwrap();
         let channel = shim.as_mut().map_err(|why| why.clone())?;
         if let Err(e) = channel.send(&request, event, &[]) {
@@ -137,7 +357,7 @@ impl Calls {
         }
         loop {
             match channel.recv::<CallReply>() {
-                Ok(m) if reply_id(&m.header) == id => return Ok((m.header, m.payload)),
+                Ok(m) if reply_id(&m.header) == id => return Ok(m),
                 Ok(_) => continue, // an answer to a call nobody waits for
                 Err(e) => {
                     let why = format!("the calls channel to the shim broke: {}", ipc::chain(&e));
@@ -192,25 +412,6 @@ impl Calls {
         }
         rx.recv()
             .unwrap_or_else(|_| Err("the agent closed the call connection".into()))
-    }
-}
-
-fn with_spec(request: CallRequest, spec: CallSpec) -> CallRequest {
-    match request {
-        CallRequest::Call {
-            id,
-            function,
-            depth,
-            raw,
-            ..
-        } => CallRequest::Call {
-            id,
-            function,
-            depth,
-            raw,
-            spec: Some(spec),
-        },
-        other => other,
     }
 }
 

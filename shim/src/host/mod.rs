@@ -89,49 +89,108 @@ pub fn run(runtime: Runtime) -> Result<(), Error> {
             Err(ipc::Error::Closed) => return Ok(()), // the agent let go of the instance
             Err(e) => return Err(Error::Agent(e)),
         };
-        let (id, depth, raw, env) = match msg.header {
+        match msg.header {
             InstanceRequest::Invoke {
                 id,
                 depth,
                 raw,
                 env,
-            } => (id, depth, raw, env),
+            } => {
+                let answer = invoke(&mut *backend, id, depth, raw, env, msg.payload, timeout);
+                send_answer(&agent, id, answer).map_err(Error::Agent)?;
+            }
+            // The shim's direct channel to one caller in this sandbox
+            // (`docs/protocol.md`, "Direct channels"): served alone until it closes.
+            InstanceRequest::Bind { token } if msg.fds.len() == 1 => {
+                let end = msg.fds.into_iter().next().expect("one descriptor");
+                serve_direct(Channel::from_fd(end), &mut *backend, timeout);
+                send(
+                    &agent,
+                    &InstanceEvent::Unbound { token },
+                    &Payload::default(),
+                )?;
+            }
             other => {
                 return Err(Error::Unexpected {
                     op: ipc::proto::op_of(&other),
                     expected: "invoke",
                 })
             }
+        }
+    }
+}
+
+/// Runs one invocation. A backend that fails (its runtime's process is gone) ends
+/// the host: the agent sees the instance's channel close.
+fn invoke(
+    backend: &mut dyn Backend,
+    id: u64,
+    depth: u32,
+    raw: bool,
+    env: Option<std::collections::BTreeMap<String, String>>,
+    event: Payload,
+    timeout: Duration,
+) -> (Outcome, bool) {
+    let invocation = Invocation {
+        id,
+        depth,
+        raw,
+        event,
+        deadline: Instant::now() + timeout,
+        env,
+    };
+    match backend.invoke(invocation) {
+        Ok(answer) => answer,
+        Err(e) => {
+            // Said before the instance channel closes (it would close as `run`
+            // returns, before `main` prints): the agent reads the instance's
+            // output once it sees the channel close, and this is why.
+            let _ = writeln!(io::stderr(), "sprout-shim host: {}", ipc::chain(&e));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Sends an invocation's answer on `channel` (the instance channel or a direct one).
+fn send_answer(channel: &Channel, id: u64, answer: (Outcome, bool)) -> Result<(), ipc::Error> {
+    match answer {
+        (Outcome::Returned { result, raw }, called) => {
+            channel.send_payload(&InstanceEvent::Returned { id, raw, called }, &result, &[])
+        }
+        (Outcome::Raised(error), called) => channel.send_payload(
+            &InstanceEvent::Raised { id, error, called },
+            &Payload::default(),
+            &[],
+        ),
+    }
+}
+
+/// Answers one caller's invokes on a direct channel until the caller closes it, or
+/// sends what does not belong there (an OpenWhisk environment, anything but an
+/// invoke), which ends the channel. A depth past the limit is refused.
+fn serve_direct(mut direct: Channel, backend: &mut dyn Backend, timeout: Duration) {
+    loop {
+        let Ok(msg) = direct.recv::<InstanceRequest>() else {
+            return;
         };
-        let invocation = Invocation {
+        let InstanceRequest::Invoke {
             id,
             depth,
             raw,
-            event: msg.payload,
-            deadline: Instant::now() + timeout,
-            env,
+            env: None,
+        } = msg.header
+        else {
+            return;
         };
-        let answer = match backend.invoke(invocation) {
-            Ok(answer) => answer,
-            Err(e) => {
-                // Said before the instance channel closes (it would close as `run`
-                // returns, before `main` prints): the agent reads the instance's
-                // output once it sees the channel close, and this is why.
-                let _ = writeln!(io::stderr(), "sprout-shim host: {}", ipc::chain(&e));
-                std::process::exit(1);
-            }
+        let answer = match ipc::proto::check_depth("this function", depth) {
+            Ok(()) => invoke(backend, id, depth, raw, None, msg.payload, timeout),
+            Err(message) => (
+                Outcome::Raised(backend::function_error("ProtocolError", message)),
+                false,
+            ),
         };
-        match answer {
-            (Outcome::Returned { result, raw }, called) => send(
-                &agent,
-                &InstanceEvent::Returned { id, raw, called },
-                &result,
-            )?,
-            (Outcome::Raised(error), called) => send(
-                &agent,
-                &InstanceEvent::Raised { id, error, called },
-                &Payload::default(),
-            )?,
+        if send_answer(&direct, id, answer).is_err() {
+            return; // the caller is gone, or gave up on this call
         }
     }
 }
