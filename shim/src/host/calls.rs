@@ -13,6 +13,7 @@
 //! SDK's do.
 
 use std::collections::HashMap;
+use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -215,12 +216,35 @@ impl Calls {
                 Payload::default(),
             )))
         };
-        if channel.send(call, event, &[]).is_err() {
-            self.drop_direct(function, direct, false);
-            return None;
-        }
         let deadline = Instant::now() + direct.timeout;
+        let timed_out = |e: &ipc::Error| matches!(e, ipc::Error::Io(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut));
+        // A callee that stops reading holds the send no longer than its time.
+        let sent = channel
+            .stream()
+            .set_write_timeout(Some(direct.timeout))
+            .map_err(ipc::Error::Io)
+            .and_then(|()| channel.send(call, event, &[]));
+        match sent {
+            Ok(()) => {}
+            Err(e) if timed_out(&e) => {
+                self.drop_direct(function, direct, true);
+                let ms = direct.timeout.as_millis();
+                return failed(format!("{function} timed out after {ms} ms"));
+            }
+            Err(_) => {
+                // The callee had closed its end: it never ran this call.
+                self.drop_direct(function, direct, false);
+                return None;
+            }
+        }
+        // The deadline is checked after every read, so a callee trickling a frame a
+        // byte at a time holds the caller no longer than its time either.
         let heard = loop {
+            match channel.try_recv::<InstanceEvent>() {
+                Ok(Some(m)) => break Ok(m),
+                Ok(None) => {}
+                Err(e) => break Err(Some(e)),
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break Err(None);
@@ -228,13 +252,10 @@ impl Calls {
             if let Err(e) = channel.stream().set_read_timeout(Some(left)) {
                 break Err(Some(ipc::Error::Io(e)));
             }
-            match channel.recv::<InstanceEvent>() {
-                Ok(m) => break Ok(m),
-                Err(ipc::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+            match channel.fill() {
+                Ok(0) => break Err(Some(ipc::Error::Closed)),
+                Ok(_) => {}
+                Err(e) if timed_out(&e) => {}
                 Err(e) => break Err(Some(e)),
             }
         };

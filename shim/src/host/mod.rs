@@ -165,9 +165,10 @@ fn send_answer(channel: &Channel, id: u64, answer: (Outcome, bool)) -> Result<()
     }
 }
 
-/// Answers one caller's invokes on a direct channel until the caller closes it, or
-/// sends what does not belong there (an OpenWhisk environment, anything but an
-/// invoke), which ends the channel. A depth past the limit is refused.
+/// Answers one caller's invokes on a direct channel until the caller closes it (or
+/// breaks the framing). Only plain invokes belong there: one with an OpenWhisk
+/// environment or past the depth limit is refused, anything else ignored, as the
+/// Python runtime does.
 fn serve_direct(mut direct: Channel, backend: &mut dyn Backend, timeout: Duration) {
     loop {
         let Ok(msg) = direct.recv::<InstanceRequest>() else {
@@ -177,14 +178,22 @@ fn serve_direct(mut direct: Channel, backend: &mut dyn Backend, timeout: Duratio
             id,
             depth,
             raw,
-            env: None,
+            env,
         } = msg.header
         else {
-            return;
+            continue;
         };
-        let answer = match ipc::proto::check_depth("this function", depth) {
-            Ok(()) => invoke(backend, id, depth, raw, None, msg.payload, timeout),
-            Err(message) => (
+        let refused = if env.is_some() {
+            Some("an invoke on a direct channel carries no env".to_owned())
+        } else if depth > ipc::proto::MAX_CALL_DEPTH {
+            let max = ipc::proto::MAX_CALL_DEPTH;
+            Some(format!("call depth {depth} exceeds the limit of {max}"))
+        } else {
+            None
+        };
+        let answer = match refused {
+            None => invoke(backend, id, depth, raw, None, msg.payload, timeout),
+            Some(message) => (
                 Outcome::Raised(backend::function_error("ProtocolError", message)),
                 false,
             ),

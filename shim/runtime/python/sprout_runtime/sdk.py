@@ -314,6 +314,9 @@ def _call_direct(state, direct, req_id, name, depth, raw, payload):
         channel.send(header, payload)
     except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
         raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
+    except TimeoutError:  # it stopped reading: as past its time
+        _drop_direct(state, name, direct, kill=True)
+        raise CallError(name, "CallFailed", f"{name} timed out after {direct.timeout_ms} ms") from None
     except OSError:
         # The callee is gone (it closed its end): it never ran this call.
         _drop_direct(state, name, direct, kill=False)
