@@ -12,7 +12,6 @@ import os
 import socket
 import struct
 import time
-import weakref
 
 PREFIX = struct.Struct("<III")
 PREFIX_LEN = PREFIX.size
@@ -144,8 +143,10 @@ class Buffer(mmap.mmap):
             raise
         self._memfd = fd
         self._size = size
-        weakref.finalize(self, _close_quietly, fd)
         return self
+
+    def __del__(self):
+        _close_quietly(self._memfd)
 
     def __len__(self):
         # Still the buffer's size once its mapping is closed (handed off).

@@ -198,8 +198,9 @@ def _outcome(name, header, payload):
 # -- the calls channel (to the shim)
 
 
-def _call_shim(state, req_id, name, header, payload):
-    """Sends a call on the calls channel and waits for its reply ``(header, payload)``."""
+def _shim_request(state, req_id, name, header, payload=b""):
+    """Sends a request on the calls channel and waits for its reply ``(header,
+    payload, fds)``; the caller owns the descriptors."""
     with state.calls_lock:
         if state.calls_broken is not None:
             raise _ChannelGone(state.calls_broken)
@@ -212,16 +213,24 @@ def _call_shim(state, req_id, name, header, payload):
                 raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
             while True:
                 reply, body, fds = channel.recv()
+                if reply.get("id") == req_id:
+                    return reply, body, fds
                 for fd in fds:
                     _close_quietly(fd)
-                if reply.get("id") == req_id:
-                    return reply, body
                 _log(f"ignoring a reply for call {reply.get('id')!r} on the calls channel")
         except ChannelClosed:
             state.calls_broken = "the shim closed the calls channel"
         except (ProtocolError, OSError) as exc:
             state.calls_broken = f"the calls channel to the shim broke: {exc}"
         raise _ChannelGone(state.calls_broken)
+
+
+def _call_shim(state, req_id, name, header, payload):
+    """Sends a call on the calls channel and waits for its reply ``(header, payload)``."""
+    reply, body, fds = _shim_request(state, req_id, name, header, payload)
+    for fd in fds:
+        _close_quietly(fd)
+    return reply, body
 
 
 # -- direct channels (to a callee the shim bound to this process)
@@ -247,26 +256,7 @@ def _bind(state, name, spec):
     shim). Raises CallError when no instance could be had (the call's own failure)."""
     req_id = next(state.ids)
     header = {"op": "bind", "id": req_id, "function": name, "spec": spec}
-    with state.calls_lock:
-        if state.calls_broken is not None:
-            raise _ChannelGone(state.calls_broken)
-        channel = state.calls
-        try:
-            with state.calls_send_lock:
-                channel.send(header)
-            while True:
-                reply, _body, fds = channel.recv()
-                if reply.get("id") == req_id:
-                    break
-                for fd in fds:
-                    _close_quietly(fd)
-                _log(f"ignoring a reply for call {reply.get('id')!r} on the calls channel")
-        except ChannelClosed:
-            state.calls_broken = "the shim closed the calls channel"
-            raise _ChannelGone(state.calls_broken) from None
-        except (ProtocolError, OSError) as exc:
-            state.calls_broken = f"the calls channel to the shim broke: {exc}"
-            raise _ChannelGone(state.calls_broken) from None
+    reply, _body, fds = _shim_request(state, req_id, name, header)
     op = reply.get("op")
     token = reply.get("callee")
     timeout_ms = spec.get("timeout_ms") if isinstance(spec, dict) else None
