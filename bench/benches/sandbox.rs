@@ -1,6 +1,9 @@
 //! Criterion benchmarks of sandbox mechanics (root only): create + delete through the
-//! spawner, freeze + thaw through the cgroup freezer, and forking a function instance
-//! from a sandbox's zygote until it has imported its handler.
+//! spawner, create + the shim and Python zygote's boot + delete (the zygote importing
+//! the runtime's lazy modules ahead, as a daemon's does, and not, as the one-shot
+//! CLI's does: `SPROUT_ZYGOTE_LAZY`), freeze + thaw through the cgroup freezer, and
+//! forking a function instance from a sandbox's zygote until it has imported its
+//! handler.
 //!
 //! Needs `cargo build --release --workspace --bins` first (for `sprout-shim`). The
 //! spawner is forked in `main` before criterion starts any thread.
@@ -59,6 +62,11 @@ impl Bench {
 
     /// Writes the bundle of sandbox `name` and returns (id, bundle dir, cgroup).
     fn bundle(&self, name: &str) -> (String, PathBuf, PathBuf) {
+        self.bundle_with(name, Vec::new())
+    }
+
+    /// [`Bench::bundle`] with `env` (`NAME=value`) in the shim's environment.
+    fn bundle_with(&self, name: &str, env: Vec<String>) -> (String, PathBuf, PathBuf) {
         let id = format!("sprout-{}-{name}", self.state.agent_id());
         let cgroup = self.state.cgroup_parent().join(&id);
         let bundle = self.state.bundles().join(&id);
@@ -74,7 +82,7 @@ impl Bench {
                 pids: 64,
                 cpus: 1.0,
             },
-            env: Vec::new(),
+            env,
         })
         .unwrap();
         rootfs::write_bundle(&bundle, &spec).unwrap();
@@ -129,6 +137,26 @@ fn main() {
             bench.spawner.destroy(&mut sandbox).unwrap();
         })
     });
+
+    for (name, env) in [
+        ("create_boot_delete_zygote_preloads", Vec::new()),
+        (
+            "create_boot_delete_zygote_lazy",
+            vec![format!("{}=1", shim::runtime::ZYGOTE_LAZY_ENV)],
+        ),
+    ] {
+        let (id, bundle, cgroup) = bench.bundle_with(name, env);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let (mut sandbox, mut shim) = bench
+                    .spawner
+                    .create(&id, &bundle, cgroup.clone(), &bench.cgroups, bench_stderr())
+                    .unwrap();
+                shim.wait_ready().unwrap();
+                bench.spawner.destroy(&mut sandbox).unwrap();
+            })
+        });
+    }
 
     let (mut sandbox, _shim) = bench.stem_cell("freezer");
     group.bench_function("freeze_thaw", |b| {

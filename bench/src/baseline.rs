@@ -226,20 +226,45 @@ pub fn host_process(
     event_json: &str,
     runs: usize,
 ) -> anyhow::Result<Vec<Duration>> {
-    let handler_dir = absolute(lang, handler_dir)?;
-    let expected = reference_output(lang, &handler_dir, None, event_json)?;
-    let args = lang.args(path_str(&handler_dir)?, None, event_json);
+    let host = HostBaseline::new(lang, handler_dir, event_json)?;
     let mut samples = Vec::with_capacity(runs);
     for i in 0..WARMUP_RUNS + runs {
-        let mut cmd = Command::new(lang.interpreter());
-        cmd.args(&args);
-        let out = timed(&mut cmd, RUN_TIMEOUT).context("run the host interpreter")?;
-        out.check("host interpreter", &expected)?;
+        let elapsed = host.run()?;
         if i >= WARMUP_RUNS {
-            samples.push(out.elapsed);
+            samples.push(elapsed);
         }
     }
     Ok(samples)
+}
+
+/// The interpreter of `lang` on the host running the handler, one process per
+/// [`run`](Self::run), set up once (see [`host_python`]).
+pub struct HostBaseline {
+    lang: Lang,
+    args: Vec<String>,
+    expected: String,
+}
+
+impl HostBaseline {
+    pub fn new(lang: Lang, handler_dir: &Path, event_json: &str) -> anyhow::Result<Self> {
+        let handler_dir = absolute(lang, handler_dir)?;
+        let expected = reference_output(lang, &handler_dir, None, event_json)?;
+        let args = lang.args(path_str(&handler_dir)?, None, event_json);
+        Ok(HostBaseline {
+            lang,
+            args,
+            expected,
+        })
+    }
+
+    /// One process, timed from spawn to exit; its output checked.
+    pub fn run(&self) -> anyhow::Result<Duration> {
+        let mut cmd = Command::new(self.lang.interpreter());
+        cmd.args(&self.args);
+        let out = timed(&mut cmd, RUN_TIMEOUT).context("run the host interpreter")?;
+        out.check("host interpreter", &self.expected)?;
+        Ok(out.elapsed)
+    }
 }
 
 /// `runc run --bundle B ID` in the foreground, one new container per run: runc's
@@ -395,6 +420,12 @@ fn container_runs(
 /// once: for measurements that interleave it with another path (`bench guard`).
 pub fn runc_baseline(handler_dir: &Path, event_json: &str) -> anyhow::Result<ContainerBaseline> {
     ContainerBaseline::new(Runtime::Runc, Lang::Python, handler_dir, None, event_json)
+}
+
+/// `crun run` of the handler (through the wrapper where needed: see [`crun_run`]), as
+/// [`runc_baseline`].
+pub fn crun_baseline(handler_dir: &Path, event_json: &str) -> anyhow::Result<ContainerBaseline> {
+    ContainerBaseline::new(Runtime::Crun, Lang::Python, handler_dir, None, event_json)
 }
 
 /// A one-shot container baseline set up once (bundle, state directory, expected

@@ -31,6 +31,7 @@ mod deps;
 mod guard;
 mod latency;
 mod memory;
+mod oneshot;
 mod plot;
 mod records;
 mod stats;
@@ -38,7 +39,7 @@ mod workflows;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -146,26 +147,10 @@ fn workspace() -> PathBuf {
 
 /// The whole `sprout invoke DIR` process: embedded agent, one sandbox, clean-up.
 fn embedded(bin: &Path, hello: &Path, runs: usize) -> anyhow::Result<Row> {
-    let mut samples = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let out = Command::new(bin.join("sprout"))
-            .arg("invoke")
-            .arg(hello)
-            .arg(r#"{"name":"Alice"}"#)
-            .output()?;
-        samples.push(t.elapsed());
-        if !out.status.success() || out.stdout != b"\"Hello, Alice!\"\n" {
-            bail!(
-                "embedded invoke failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    Ok(Row::new(
-        "sprout invoke DIR (whole process, embedded)",
-        &samples,
-    ))
+    let samples = (0..runs)
+        .map(|_| oneshot::embedded_once(bin, hello))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Row::new(oneshot::SPROUT, &samples))
 }
 
 /// The native no-op (`examples/noop-native/exec.c`) compiled with `cc -O2` into a
@@ -544,6 +529,16 @@ fn main() -> anyhow::Result<()> {
             }
             return write_rows("deps", &outcome.rows);
         }
+        Some("oneshot") => {
+            let quick = args.iter().any(|a| a == "--quick");
+            eprintln!("measuring one-shot runs, interleaved (release build recommended)...");
+            let rows = oneshot::run(&bin_dir()?, &workspace(), if quick { 5 } else { 30 })?;
+            stats::print(&rows);
+            if let Some(verdict) = oneshot::verdict(&rows) {
+                println!("{verdict}");
+            }
+            return write_rows("oneshot", &rows);
+        }
         Some("guard") => {
             let only = match args.iter().position(|a| a == "--only") {
                 Some(i) => args
@@ -564,7 +559,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => bail!(
             "usage: bench latency [--quick] [--clients 1,4,16,64] | bench records [--quick] \
-             | bench memory [--quick] \
+             | bench memory [--quick] | bench oneshot [--quick] \
              | bench workflows [--quick] [--only chain|call|transfer|fan] | bench deps [--quick] [--package-zygotes-mb MiB] \
              | bench guard [--only warm,stem,new]"
         ),
@@ -607,7 +602,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Writes `target/sprout-bench/<suite>.json` and a CDF plot per row.
 fn write_rows(suite: &str, rows: &[Row]) -> anyhow::Result<()> {
-    if suite != "latency" && suite != "deps" {
+    if !matches!(suite, "latency" | "deps" | "oneshot") {
         stats::print(rows);
     }
     let out = workspace().join("target/sprout-bench");

@@ -16,8 +16,9 @@
 //! socket) and removes its cgroups and directory. Agents may use different state
 //! roots (tests do), so a `/sprout/<id>` cgroup with no state directory under this
 //! agent's root is only taken for a leftover when no process `<id>` exists.
-//! Last, it removes the firewall tables of agents with no process `<id>`, once no
-//! sandbox link is left on the host ([`crate::network::remove_stale_tables`]).
+//! [`sweep_stale_tables`], on a thread of its own while the agent goes on starting,
+//! removes the firewall tables of agents with no process `<id>`, once no sandbox link
+//! is left on the host ([`crate::network::remove_stale_tables`]).
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
@@ -131,8 +132,9 @@ impl StateDir {
     /// Removes the directory, this agent's cgroups, and the shared parents if unused.
     pub fn remove(self, cgroups: &Cgroups) -> Result<(), Error> {
         let result = cgroups.remove_tree(&self.cgroup_parent());
-        // A spawner that died with egress sandboxes left its firewall table.
-        if crate::network::nft_installed() {
+        // A spawner that died with egress sandboxes left its firewall table (and
+        // forwarding on); one that never gave a sandbox a network made neither.
+        if self.dir.join(EGRESS_MARK).exists() && crate::network::nft_installed() {
             crate::network::remove_table(&mut crate::network::HostTools, &self.agent_id);
         }
         cgroups.remove_if_unused(Path::new(CGROUP_PARENT));
@@ -146,6 +148,20 @@ impl StateDir {
 
 /// The file in a state directory that names its owners.
 const OWNERS: &str = "owners";
+
+/// The file in a state directory that says its spawner began to give a sandbox a
+/// network (a firewall table, forwarding): made before the first such step.
+const EGRESS_MARK: &str = "egress";
+
+/// Marks the state directory `dir` as one whose agent may have a firewall table (see
+/// [`StateDir::remove`]).
+pub(crate) fn mark_egress(dir: &Path) -> Result<(), String> {
+    let mark = dir.join(EGRESS_MARK);
+    if mark.exists() {
+        return Ok(());
+    }
+    fs::write(&mark, "").map_err(|e| format!("write {}: {e}", mark.display()))
+}
 
 /// A process a state directory belongs to, as recorded in its `owners` file: one
 /// line `<role> <pid> <start time> [<socket inode>]`.
@@ -395,18 +411,28 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
             }
         }
     }
-    remove_stale_tables(!cleaned.is_empty());
     cleaned
 }
 
 /// Removes the firewall tables of agents gone, whatever their state root, once no
-/// sandbox link is left (see [`crate::network::remove_stale_tables`]). When this
-/// clean-up has just killed a dead agent's sandboxes (`killed`), their links go
-/// with their namespaces a moment later: waits for that, a bounded while.
-fn remove_stale_tables(killed: bool) {
+/// sandbox link is left (see [`crate::network::remove_stale_tables`]), on a thread of
+/// its own: listing the tables runs `nft` (3 ms here), which an agent's start need
+/// not wait for (its own table has a name of its own). When [`cleanup_stale`] has
+/// just killed a dead agent's sandboxes (`killed`), their links go with their
+/// namespaces a moment later: it waits for that, a bounded while. `None` without
+/// `nft`, or when no thread could be started.
+pub fn sweep_stale_tables(killed: bool) -> Option<std::thread::JoinHandle<()>> {
     if !crate::network::nft_installed() {
-        return;
+        return None;
     }
+    std::thread::Builder::new()
+        .name("sprout-table-sweep".into())
+        .spawn(move || remove_stale_tables(killed))
+        .map_err(|e| tracing::warn!(error = %e, "could not start the stale table sweep"))
+        .ok()
+}
+
+fn remove_stale_tables(killed: bool) {
     let deadline = Instant::now() + STALE_LINKS_WAIT;
     loop {
         match crate::network::remove_stale_tables(&mut crate::network::HostTools, process_exists) {

@@ -260,6 +260,25 @@ pub fn poll2(
     (ready[0], ready[1])
 }
 
+/// Whether socket `fd` is hung up now: for one end of a connected Unix socket pair,
+/// whether the other end is released (no process holds a descriptor of it any more)
+/// or was shut down both ways.
+pub fn hung_up(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(fd, PollFlags::empty())];
+    loop {
+        match poll(&mut pfd, PollTimeout::ZERO) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+            Ok(_) => {
+                return pfd[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(PollFlags::POLLHUP))
+            }
+        }
+    }
+}
+
 /// Whether `fd` becomes readable (or hung up) within `within`.
 pub fn readable(fd: std::os::fd::BorrowedFd<'_>, within: std::time::Duration) -> bool {
     poll_fds(&[fd], within)[0]
@@ -437,6 +456,23 @@ pub fn as_fs_owner<T>(
 
 #[cfg(test)]
 mod tests {
+    /// A socket pair's end hangs up once every descriptor of the other end is closed,
+    /// and not before.
+    #[test]
+    fn an_end_hangs_up_when_the_other_is_released() {
+        use std::os::fd::AsFd;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!super::hung_up(ours.as_fd()));
+        let copy = theirs.as_fd().try_clone_to_owned().unwrap();
+        drop(theirs);
+        assert!(
+            !super::hung_up(ours.as_fd()),
+            "a copy of the far end is held"
+        );
+        drop(copy);
+        assert!(super::hung_up(ours.as_fd()));
+    }
+
     use super::*;
     use std::os::fd::AsFd;
 

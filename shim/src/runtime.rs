@@ -42,6 +42,11 @@ pub fn zygote_command(runtime: Runtime) -> Option<ZygoteCommand> {
 /// The environment variable that names a sandbox's runtime to its shim.
 pub const RUNTIME_ENV: &str = "SPROUT_RUNTIME";
 
+/// Set (to `1`) in a sandbox that serves one command's instances (the one-shot CLI):
+/// its Python zygote imports nothing ahead of need (`zygote.PRELOAD`), which a zygote
+/// forking many instances imports once for all of them.
+pub const ZYGOTE_LAZY_ENV: &str = "SPROUT_ZYGOTE_LAZY";
+
 /// Writes every runtime's files into `dir` (the host side of `/.sprout`), plus an
 /// empty `shim` file that the shim binary is bind-mounted over.
 /// Modes are set explicitly, whatever the umask: the sandbox's processes are an

@@ -8,6 +8,12 @@ use std::process::Command;
 /// Debian's interpreter, as in the rootfs; `python3` on PATH may be a pyenv shim.
 const PYTHON: &str = "/usr/bin/python3";
 
+/// The whole run takes seconds; a test that waits for a reply that never comes
+/// would otherwise hold CI until its own limit. coreutils' `timeout` runs the
+/// tests in a process group of their own and kills all of it (the zygotes they
+/// started too) when the time is up.
+const TIMEOUT: &str = "300";
+
 #[test]
 fn python_runtime_unit_tests_pass() {
     assert!(
@@ -15,7 +21,8 @@ fn python_runtime_unit_tests_pass() {
         "{PYTHON} does not exist: the Python runtime tests need Debian's python3 (apt-get install python3)"
     );
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtime/python");
-    let out = Command::new(PYTHON)
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", TIMEOUT, PYTHON])
         .args([
             "-B",
             "-m",
@@ -31,10 +38,17 @@ fn python_runtime_unit_tests_pass() {
         .env_remove("PYTHONHOME")
         .env_remove("PYTHONSAFEPATH")
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {PYTHON} in {}: {e}", dir.display()));
+        .unwrap_or_else(|e| panic!("cannot run timeout {PYTHON} in {}: {e}", dir.display()));
+    // `timeout` exits with 124 when it stopped the run (137 when it had to kill).
+    let timed_out = matches!(out.status.code(), Some(124 | 137));
     assert!(
         out.status.success(),
-        "python runtime tests failed ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        "python runtime tests {} ({})\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        if timed_out {
+            format!("did not finish within {TIMEOUT} s")
+        } else {
+            "failed".to_owned()
+        },
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

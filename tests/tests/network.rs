@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use sprout_tests::netns::{self, TestNetns};
-use sprout_tests::{body_json, json, nft_tables, require_root, text, wait_for, Env, Value};
+use sprout_tests::{body_json, json, nft_tables, require_root, text, wait_for, Daemon, Env, Value};
 
 /// Egress tests take turns: each checks at its end that no sandbox link is left.
 static EGRESS: Mutex<()> = Mutex::new(());
@@ -389,31 +389,32 @@ fn egress_instance(env: &Env, d: &sprout_tests::Daemon) {
 #[test]
 fn a_crashed_agents_network_is_removed_by_its_spawner() {
     let env = require_root!();
-    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
-    let forward_before = ip_forward();
-    let mut d = env.daemon();
-    egress_instance(&env, &d);
+    let (_turn, forward_before, mut d) = egress_daemon(&env);
     let pid = d.pid();
     d.kill();
     env.assert_clean_within(pid, Duration::from_secs(10));
     assert_network_clean(pid, &forward_before);
 }
 
-#[test]
-fn a_crashed_agent_and_spawner_network_is_removed_by_the_next_agent() {
-    let env = require_root!();
-    let _turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
+/// Takes the egress turn, notes forwarding, and starts a daemon with one egress
+/// instance up.
+fn egress_daemon(env: &Env) -> (std::sync::MutexGuard<'static, ()>, String, Daemon) {
+    let turn = EGRESS.lock().unwrap_or_else(|e| e.into_inner());
     let forward_before = ip_forward();
-    let mut d = env.daemon();
-    egress_instance(&env, &d);
-    let pid = d.pid();
-    let spawner = d.spawner_pid();
-    // Both die at once: the sandbox, its link and the agent's table stay.
+    let d = env.daemon();
+    egress_instance(env, &d);
+    (turn, forward_before, d)
+}
+
+/// SIGKILLs the daemon's spawner, runs `then` at once, waits for the spawner to be
+/// gone and checks that the agent's table stayed.
+fn kill_spawner(d: &mut Daemon, then: impl FnOnce(&mut Daemon)) {
+    let (pid, spawner) = (d.pid(), d.spawner_pid());
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(spawner as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
-    d.kill();
+    then(d);
     let gone = wait_for(Duration::from_secs(5), || {
         (!sprout_tests::alive(spawner)).then_some(()).ok_or(())
     });
@@ -423,6 +424,29 @@ fn a_crashed_agent_and_spawner_network_is_removed_by_the_next_agent() {
         "{:?}",
         nft_tables()
     );
+}
+
+/// The spawner dies with an egress sandbox and its table; the agent lives on (with a
+/// new spawner, which made no table) and removes that table when it stops: its
+/// state directory says a spawner of its own began to give a sandbox a network.
+#[test]
+fn a_dead_spawners_table_is_removed_when_its_agent_stops() {
+    let env = require_root!();
+    let (_turn, forward_before, mut d) = egress_daemon(&env);
+    let pid = d.pid();
+    kill_spawner(&mut d, |_| ());
+    d.terminate();
+    env.assert_clean(pid);
+    assert_network_clean(pid, &forward_before);
+}
+
+#[test]
+fn a_crashed_agent_and_spawner_network_is_removed_by_the_next_agent() {
+    let env = require_root!();
+    let (_turn, forward_before, mut d) = egress_daemon(&env);
+    let pid = d.pid();
+    // Both die at once: the sandbox, its link and the agent's table stay.
+    kill_spawner(&mut d, Daemon::kill);
 
     // The next agent on the same state directory removes it all.
     let run = env

@@ -46,6 +46,9 @@ use std::sync::Arc;
 pub(crate) struct Sandboxes {
     /// Taken (and removed) by [`Sandboxes::remove_state`].
     state: Mutex<Option<StateDir>>,
+    /// The removal of gone agents' firewall tables, running since the start; joined
+    /// by [`Sandboxes::remove_state`].
+    table_sweep: Mutex<Option<std::thread::JoinHandle<()>>>,
     agent_id: String,
     state_path: PathBuf,
     bundles: PathBuf,
@@ -74,6 +77,9 @@ pub(crate) struct Sandboxes {
     /// Sandboxes made so far each way.
     forked: AtomicU64,
     created: AtomicU64,
+    /// Created sandboxes' zygotes import only what their instances use (an agent that
+    /// keeps nothing warm: the one-shot CLI, whose sandbox's boot is on its path).
+    lazy_zygotes: bool,
 }
 
 pub(crate) fn state_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -103,11 +109,20 @@ impl Sandboxes {
         if !cleaned.is_empty() {
             tracing::info!(agents = ?cleaned, "removed leftovers of stopped agents");
         }
+        let table_sweep = pool::sweep_stale_tables(!cleaned.is_empty());
         let state = StateDir::acquire(&config.state_root)?;
         // The agent's own cgroup, in every hierarchy, before any sandbox needs it: a
         // stopping agent's removal of the shared `/sprout` cannot then race a
         // sandbox's cgroup being made below it.
         cgroups.make(&state.cgroup_parent())?;
+        if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
+            // Only slower freezes and thaws follow; say so and go on.
+            tracing::warn!(error = %ipc::chain(&e), "could not hold the freezer anchor cgroup");
+        }
+        // The agent's cgroups are made: the wait of the first cgroup move (which
+        // holds the kernel's cgroup lock) now overlaps the files and the spawner's
+        // start, which touch no cgroup, and the first sandbox's move is free.
+        cgroups.prepay_move();
         let rootfs_dir = state.path().join("rootfs");
         let skeleton = Skeleton::create(&rootfs_dir).map_err(|e| Error::State {
             path: rootfs_dir.clone(),
@@ -138,16 +153,13 @@ impl Sandboxes {
             package_forks::PackageForks::new(windows.packages, memory_mb, headroom_mb)
         });
         let spawner = Spawner::start(&spawner_exe, &state, &cgroups)?;
-        if let Err(e) = cgroups.hold_freezer_anchor(&state.cgroup_parent().join("freezer-anchor")) {
-            // Only slower freezes and thaws follow; say so and go on.
-            tracing::warn!(error = %ipc::chain(&e), "could not hold the freezer anchor cgroup");
-        }
         Ok(Sandboxes {
             agent_id: state.agent_id().to_owned(),
             state_path: state.path().to_path_buf(),
             bundles: state.bundles(),
             cgroup_parent: state.cgroup_parent(),
             state: Mutex::new(Some(state)),
+            table_sweep: Mutex::new(table_sweep),
             cgroups,
             spawner,
             skeleton,
@@ -164,6 +176,7 @@ impl Sandboxes {
             packages,
             forked: AtomicU64::new(0),
             created: AtomicU64::new(0),
+            lazy_zygotes: !config.keep_warm,
         })
     }
 
@@ -306,7 +319,10 @@ impl Sandboxes {
         let id = self.next_sandbox_id();
         let cgroup = self.cgroup_parent.join(&id);
         let user = self.assign_user(&id, self.created_slots())?;
-        let env = vec![format!("{}={}", shim::runtime::RUNTIME_ENV, runtime.name())];
+        let mut env = vec![format!("{}={}", shim::runtime::RUNTIME_ENV, runtime.name())];
+        if self.lazy_zygotes {
+            env.push(format!("{}=1", shim::runtime::ZYGOTE_LAZY_ENV));
+        }
         let spec = rootfs::bundle_spec_as(&self.sandbox_config(&id, &cgroup, env), user);
         let (mut sandbox, mut shim) = self.create(&id, &cgroup, spec, self.defaults.memory_mb)?;
         if let Err(e) = boot(&mut sandbox, &mut shim) {
@@ -780,6 +796,9 @@ impl Sandboxes {
 
     /// Removes the agent's state directory and cgroups (once).
     pub fn remove_state(&self) -> Result<(), Error> {
+        if let Some(sweep) = self.table_sweep.lock().take() {
+            let _ = sweep.join();
+        }
         if let Some(state) = self.state.lock().take() {
             state.remove(&self.cgroups)?;
         }

@@ -106,7 +106,13 @@ impl Spawner {
         }
         *recovered = true;
         let ids: Vec<String> = p.owned.lock().drain().collect();
-        let holders = crate::state::kill_holders(None, &[p.socket]);
+        // A scan of every process's descriptors (milliseconds, more on a busy host),
+        // needless when nothing can hold the socket any more.
+        let holders = if p.far_end_released() {
+            Vec::new()
+        } else {
+            crate::state::kill_holders(None, &[p.socket])
+        };
         for id in &ids {
             // The agent may freeze an idle sandbox again between the kill and the thaw
             // (a killed task in a frozen v1 cgroup does not die): try again.

@@ -198,6 +198,10 @@ impl Live {
     /// configuration, read-only, on its `/etc/resolv.conf`.
     pub(super) fn attach_network(&mut self, id: &str) -> Result<(), String> {
         let (pid, process) = self.init_of(id)?;
+        // `root` is the state directory's `containers`.
+        if let Some(state_dir) = self.root.parent() {
+            crate::state::mark_egress(state_dir)?;
+        }
         let slot = self.egress.attach(id, pid)?;
         if let Some(Err(e)) = process.map(|p| p.check_alive()) {
             self.egress.detach(id);

@@ -100,6 +100,13 @@ impl Proc {
         })
     }
 
+    /// Whether no process holds the spawner's end of the control socket any more (its
+    /// end is released: the channel hangs up). The spawner never shuts the socket
+    /// down, so once it has ended this says that no half-built container kept a copy.
+    pub(super) fn far_end_released(&self) -> bool {
+        sys::hung_up(self.channel.lock().as_fd())
+    }
+
     /// Whether it exited (or was seen to end); does not block.
     pub(super) fn has_ended(&self) -> bool {
         if self.turn.lock().ended.is_some() {

@@ -190,7 +190,7 @@ class RuntimeTest(unittest.TestCase):
                 f.write(textwrap.dedent(text))
         return path
 
-    def start_zygote(self):
+    def start_zygote(self, env=None):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log = tempfile.TemporaryFile()
         self.addCleanup(log.close)
@@ -211,6 +211,7 @@ class RuntimeTest(unittest.TestCase):
             stderr=log,
             close_fds=False,
             preexec_fn=at_fd_3,
+            env=None if env is None else {**os.environ, **env},
         )
         theirs.close()
         ours.settimeout(TIMEOUT)
@@ -381,6 +382,29 @@ class RuntimeTest(unittest.TestCase):
         self.assertEqual(inst.call(2, "two"), 1)
         self.assertEqual(read_available(inst.out), b"to stdout two")
         self.assertEqual(self.zygote_log(zygote), "")
+
+    PRELOADED = """\
+        import os, sys
+
+        def f(event):
+            if event == "raise":
+                raise ValueError("lazily")
+            present = [m for m in ("inspect", "traceback", "urllib.parse") if m in sys.modules]
+            return {"present": present, "env": "SPROUT_ZYGOTE_LAZY" in os.environ}
+        """
+
+    def test_a_zygote_preloads_what_instances_import_lazily_unless_told_not_to(self):
+        zygote = self.start_zygote()
+        inst = self.loaded(zygote, 1, self.code_dir("many", f=self.PRELOADED))
+        self.assertEqual(inst.call(1, None), {"present": ["inspect", "traceback", "urllib.parse"], "env": False})
+        lazy = self.start_zygote(env={"SPROUT_ZYGOTE_LAZY": "1"})
+        inst = self.loaded(lazy, 2, self.code_dir("one", f=self.PRELOADED))
+        # Nothing imported ahead, the variable gone; an error still has its traceback.
+        self.assertEqual(inst.call(2, None), {"present": [], "env": False})
+        header, _, _ = inst.invoke(3, "raise")
+        self.assertEqual((header["op"], header["error"]["message"]), ("raised", "lazily"))
+        self.assertTrue(header["error"]["traceback"].endswith("ValueError: lazily\n"), header)
+        self.assertIn("in f\n", header["error"]["traceback"])
 
     def test_handler_exception_is_raised_and_instance_keeps_serving(self):
         code = self.code_dir(
@@ -871,6 +895,54 @@ class RuntimeTest(unittest.TestCase):
         wait_until(lambda: not pid_alive(pid), what="the instance to exit")
         for fd in (out_r, err_r):
             os.close(fd)
+
+
+class TakesContextTest(unittest.TestCase):
+    def test_a_plain_function_is_read_off_its_code_as_inspect_reads_it(self):
+        import functools
+
+        def wrapped(event, context):
+            return event
+
+        @functools.wraps(wrapped)
+        def decorated(*args):
+            return wrapped(*args)
+
+        def signed(event):
+            return event
+
+        signed.__signature__ = inspect_signature(wrapped)
+
+        async def coroutine(event, context):
+            return event
+
+        class Callable:
+            def __call__(self, event, context):
+                return event
+
+            def method(self, event, context):
+                return event
+
+        cases = [
+            lambda: 0, lambda e: 0, lambda e, c: 0, lambda e, c=1: 0, lambda e=1, c=2: 0,
+            lambda e, c, d: 0, lambda *a: 0, lambda e, *a: 0, lambda e, c, *a: 0,
+            lambda e, /, c: 0, lambda e, c, /: 0, lambda e, c, *, k: 0, lambda e, c, **kw: 0,
+            lambda e, *, c: 0, wrapped, decorated, signed, coroutine, Callable(), Callable().method,
+            functools.partial(lambda a, e, c: 0, 1), len, print,
+        ]
+        for handler in cases:
+            self.assertEqual(
+                instance._takes_context(handler), instance._takes_context_by_signature(handler), handler
+            )
+        self.assertTrue(instance._takes_context(wrapped))
+        self.assertTrue(instance._takes_context(decorated))  # through __wrapped__
+        self.assertTrue(instance._takes_context(signed))  # its __signature__ says two, its code one
+
+
+def inspect_signature(function):
+    import inspect
+
+    return inspect.signature(function)
 
 
 class ChannelTest(unittest.TestCase):

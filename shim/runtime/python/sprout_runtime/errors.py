@@ -4,7 +4,6 @@ and the runtime's own log lines."""
 
 import os
 import sys
-import traceback
 
 from .codec import _dumps
 
@@ -50,6 +49,8 @@ def describe_error(exc, skip_import=False, frames=True, message=None):
     """
     kind = type(exc).__name__
     try:
+        import traceback  # on error paths only: see zygote.PRELOAD
+
         tb = exc.__traceback__ if frames else None
         while tb is not None and _is_runtime_frame(tb.tb_frame, skip_import):
             tb = tb.tb_next

@@ -13,11 +13,9 @@ attribute ``app``: ASGI if it (or its ``__call__``) is a coroutine function, WSG
 not.
 """
 
-import inspect
 import io
 import os
 import sys
-from urllib.parse import unquote, unquote_to_bytes
 
 WSGI = "wsgi"
 ASGI = "asgi"
@@ -31,6 +29,8 @@ class BadResponse(Exception):
 
 
 def _is_async(app):
+    import inspect  # only for a module that offers an app: see zygote.PRELOAD
+
     if inspect.iscoroutinefunction(app):
         return True
     call = getattr(app, "__call__", None)
@@ -74,6 +74,8 @@ def _check_request(header):
 
 def _latin1(text):
     """A request's decoded path as WSGI wants it: its bytes, one character each."""
+    from urllib.parse import unquote_to_bytes
+
     return unquote_to_bytes(text).decode("latin-1")
 
 
@@ -201,6 +203,7 @@ class AsgiRunner:
 
     async def _run(self, app, header, body):
         import asyncio
+        from urllib.parse import unquote
 
         root = unquote(header["script_name"])
         rest = header["path"] or "/"
