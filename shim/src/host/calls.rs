@@ -12,7 +12,7 @@
 //! when the shim binds one (`docs/protocol.md`, "Direct channels"), as the Python
 //! SDK's do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,13 +32,21 @@ pub type Answer = Result<(CallReply, Payload), String>;
 /// One instance's calls.
 #[derive(Debug)]
 pub struct Calls {
-    /// The calls channel to the shim; `Err`: why it is unusable.
+    /// The calls channel to the shim, held for one request and its reply at a time;
+    /// `Err`: why it is unusable.
     shim: Mutex<Result<Channel, String>>,
+    /// The same socket, for sending: every frame to the shim goes under this lock,
+    /// so an unanswered `unbind` waits for no relayed call's reply. `None` when the
+    /// socket could not be duplicated (frames then go under `shim`'s lock).
+    shim_send: Mutex<Option<Channel>>,
     agent: Mutex<Option<Arc<AgentLink>>>,
     /// Callee name → its spec (run it here) or `None` (run it through the agent).
     specs: Mutex<HashMap<String, Option<CallSpec>>>,
     /// Callee name → the direct channel the shim bound to it for this instance.
     direct: Mutex<HashMap<String, Arc<Direct>>>,
+    /// Callees the shim would not bind (at capacity): called through the shim,
+    /// without asking again until the next invocation.
+    no_direct: Mutex<HashSet<String>>,
     ids: AtomicU64,
     agent_socket: String,
 }
@@ -69,14 +77,23 @@ struct Waiting {
 
 impl Calls {
     pub fn new(shim: Channel) -> Calls {
+        let sender = shim.stream().try_clone().map(Channel::new).ok();
         Calls {
             shim: Mutex::new(Ok(shim)),
+            shim_send: Mutex::new(sender),
             agent: Mutex::new(None),
             specs: Mutex::new(HashMap::new()),
             direct: Mutex::new(HashMap::new()),
+            no_direct: Mutex::new(HashSet::new()),
             ids: AtomicU64::new(1),
             agent_socket: AGENT_SOCKET.to_owned(),
         }
+    }
+
+    /// An invocation of the instance begins: callees the shim would not bind are
+    /// asked for again.
+    pub fn next_invocation(&self) {
+        self.no_direct.lock().unwrap().clear();
     }
 
     /// Calls `function` with `event` at `depth` (the callee's) and waits for the
@@ -167,6 +184,9 @@ impl Calls {
         if let Some(direct) = self.direct.lock().unwrap().get(function) {
             return Ok(Ok(Some(direct.clone())));
         }
+        if self.no_direct.lock().unwrap().contains(function) {
+            return Ok(Ok(None));
+        }
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let request = CallRequest::Bind {
             id,
@@ -191,9 +211,13 @@ impl Calls {
             reply @ (CallReply::CallFailed { .. } | CallReply::CallRaised { .. }) => {
                 Ok(Err((reply, m.payload)))
             }
-            // At capacity (`call_refused`, kind `too_many_channels`: asked again
-            // next time), or a reply that makes no channel: through the shim.
-            _ => Ok(Ok(None)),
+            // At capacity (`call_refused`, kind `too_many_channels`), or a reply
+            // that makes no channel: through the shim, without asking again until
+            // the next invocation.
+            _ => {
+                self.no_direct.lock().unwrap().insert(function.to_owned());
+                Ok(Ok(None))
+            }
         }
     }
 
@@ -305,9 +329,8 @@ impl Calls {
     }
 
     /// Forgets a direct channel; with `kill`, asks the shim to kill its callee (past
-    /// its time, or broke the protocol). The request is unanswered, but waits for a
-    /// call the shim is relaying to be answered (one request at a time on the calls
-    /// channel).
+    /// its time, or broke the protocol). The request is unanswered: it waits for no
+    /// relayed call's reply, only for a frame being sent.
     fn drop_direct(&self, function: &str, direct: &Direct, kill: bool) {
         {
             let mut bound = self.direct.lock().unwrap();
@@ -319,12 +342,20 @@ impl Calls {
             }
         }
         if kill {
-            let shim = self.shim.lock().unwrap();
-            if let Ok(channel) = shim.as_ref() {
-                let unbind = CallRequest::Unbind {
-                    callee: direct.token,
-                };
-                let _ = channel.send(&unbind, &[], &[]);
+            let unbind = CallRequest::Unbind {
+                callee: direct.token,
+            };
+            let sender = self.shim_send.lock().unwrap();
+            match sender.as_ref() {
+                Some(channel) => {
+                    let _ = channel.send(&unbind, &[], &[]);
+                }
+                None => {
+                    drop(sender);
+                    if let Ok(channel) = self.shim.lock().unwrap().as_ref() {
+                        let _ = channel.send(&unbind, &[], &[]);
+                    }
+                }
             }
         }
     }
@@ -371,7 +402,11 @@ impl Calls {
     ) -> Result<Message<CallReply>, String> {
         let mut shim = self.shim.lock().unwrap();
         let channel = shim.as_mut().map_err(|why| why.clone())?;
-        if let Err(e) = channel.send(&request, event, &[]) {
+        let sent = match self.shim_send.lock().unwrap().as_ref() {
+            Some(sender) => sender.send(&request, event, &[]),
+            None => channel.send(&request, event, &[]),
+        };
+        if let Err(e) = sent {
             let why = format!("the calls channel to the shim broke: {}", ipc::chain(&e));
             *shim = Err(why.clone());
             return Err(why);
@@ -467,5 +502,109 @@ fn read_replies(mut channel: Channel, waiting: &Mutex<Waiting>) {
     waiting.broken = Some(why.clone());
     for (_, tx) in waiting.by_id.drain() {
         let _ = tx.send(Err(why.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A callee past its time is killed at once, even while another thread of the
+    /// same instance waits for the shim to answer a relayed call.
+    #[test]
+    fn an_unbind_waits_for_no_relayed_reply() {
+        let (ours, mut shim) = Channel::pair().unwrap();
+        let calls = Arc::new(Calls::new(ours));
+        let relayed = CallRequest::Call {
+            id: 7,
+            function: "slow".into(),
+            depth: 1,
+            raw: false,
+            spec: None,
+        };
+        let relaying = {
+            let calls = calls.clone();
+            let relayed = relayed.clone();
+            std::thread::spawn(move || calls.call_shim(7, relayed, b"{}"))
+        };
+        assert_eq!(shim.recv::<CallRequest>().unwrap().header, relayed);
+        let direct = Direct {
+            channel: Mutex::new(Channel::pair().unwrap().0),
+            token: 42,
+            timeout: Duration::from_secs(1),
+        };
+        let (done, unbound) = mpsc::channel();
+        let unbinding = {
+            let calls = calls.clone();
+            std::thread::spawn(move || {
+                calls.drop_direct("stuck", &direct, true);
+                done.send(()).unwrap();
+            })
+        };
+        unbound
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the unbind waited for the relayed call's reply");
+        assert_eq!(
+            shim.recv::<CallRequest>().unwrap().header,
+            CallRequest::Unbind { callee: 42 }
+        );
+        let answer = CallReply::CallReturned { id: 7, raw: false };
+        shim.send(&answer, b"1", &[]).unwrap();
+        let reply = relaying.join().unwrap().unwrap();
+        assert_eq!(reply.header, answer);
+        unbinding.join().unwrap();
+    }
+
+    /// A refused bind is not asked for again until the next invocation: the calls
+    /// in between go through the shim.
+    #[test]
+    fn a_refused_bind_is_asked_again_only_in_the_next_invocation() {
+        let (ours, mut shim) = Channel::pair().unwrap();
+        let calls = Calls::new(ours);
+        let fake_shim = std::thread::spawn(move || {
+            let mut ops = Vec::new();
+            while let Ok(m) = shim.recv::<CallRequest>() {
+                let reply = match m.header {
+                    CallRequest::Bind { id, function, .. } => CallReply::CallRefused {
+                        id,
+                        function,
+                        kind: ipc::proto::RefusalKind::TooManyChannels,
+                        message: "at capacity".into(),
+                    },
+                    CallRequest::Call { id, .. } => CallReply::CallReturned { id, raw: false },
+                    other => panic!("unexpected {other:?}"),
+                };
+                ops.push(ipc::proto::op_of(&reply).to_owned());
+                shim.send(&reply, b"1", &[]).unwrap();
+            }
+            ops
+        });
+        let spec = CallSpec {
+            function: "g".into(),
+            version: 1,
+            code_dir: "/code".into(),
+            handler: ipc::proto::Handler::parse("f:f").unwrap(),
+            timeout_ms: 1000,
+            namespace: "ns".into(),
+            memory_mb: 128,
+            deps: Vec::new(),
+            env: Default::default(),
+        };
+        let call = |id| {
+            let (reply, _) = calls
+                .call_here(id, "g", 1, false, spec.clone(), b"{}")
+                .unwrap();
+            assert_eq!(reply, CallReply::CallReturned { id, raw: false });
+        };
+        call(1);
+        call(2);
+        calls.next_invocation();
+        call(3);
+        drop(calls);
+        let (refused, returned) = ("call_refused", "call_returned");
+        assert_eq!(
+            fake_shim.join().unwrap(),
+            [refused, returned, returned, refused, returned]
+        );
     }
 }

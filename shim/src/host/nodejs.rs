@@ -220,6 +220,7 @@ impl Backend for Node {
 
     fn invoke(&mut self, invocation: Invocation) -> Result<(Outcome, bool), Error> {
         self.busy.store(true, Ordering::SeqCst);
+        self.calls.next_invocation();
         let remaining = invocation
             .deadline
             .saturating_duration_since(Instant::now());
