@@ -1,8 +1,9 @@
 //! `bench oneshot`: the README's main command, a whole `sprout invoke DIR` process
-//! (embedded agent, one new sandbox, clean-up), against what a one-shot run of the
-//! same function costs elsewhere, measured interleaved in one run: `crun run` and
-//! `runc run` of an equivalent bundle running the handler with `python3`, and the
-//! host's `python3` alone (no sandbox at all: the floor). Each round runs every path
+//! (embedded agent, one new sandbox, clean-up) of `examples/hello`, against what a
+//! one-shot run of the same function with the same event costs elsewhere, measured
+//! interleaved in one run: `crun run` and `runc run` of an equivalent bundle running
+//! the handler with `python3`, and the host's `python3` alone (no sandbox at all:
+//! the floor). Each round runs every path
 //! once, starting with a different one each round, so drift on the host lands on all
 //! of them alike. It writes `target/sprout-bench/oneshot.json`.
 
@@ -24,6 +25,9 @@ pub const CRUN_WRAPPER: &str = "  * of which unshare + umount wrapper";
 /// Runs before the rounds whose samples are dropped (page cache, first runs).
 const WARMUP_ROUNDS: usize = 2;
 
+/// The event every path gets.
+const EVENT: &str = r#"{"name":"Alice"}"#;
+
 /// One whole `sprout invoke DIR '{"name":"Alice"}'` process of `examples/hello`,
 /// timed from spawn to exit; its output checked.
 pub fn embedded_once(bin: &Path, hello: &Path) -> anyhow::Result<Duration> {
@@ -31,7 +35,7 @@ pub fn embedded_once(bin: &Path, hello: &Path) -> anyhow::Result<Duration> {
     let out = Command::new(bin.join("sprout"))
         .arg("invoke")
         .arg(hello)
-        .arg(r#"{"name":"Alice"}"#)
+        .arg(EVENT)
         .output()?;
     let took = t.elapsed();
     if !out.status.success() || out.stdout != b"\"Hello, Alice!\"\n" {
@@ -46,11 +50,11 @@ pub fn embedded_once(bin: &Path, hello: &Path) -> anyhow::Result<Duration> {
 /// `rounds` interleaved rounds of the four paths; the crun wrapper's own cost after
 /// them. Rows in the order of the constants above.
 pub fn run(bin: &Path, ws: &Path, rounds: usize) -> anyhow::Result<Vec<Row>> {
+    // Every path runs the README's function with its event.
     let hello = ws.join("examples/hello");
-    let noop = ws.join("examples/noop");
-    let mut crun = baseline::crun_baseline(&noop, "{}")?;
-    let mut runc = baseline::runc_baseline(&noop, "{}")?;
-    let host = HostBaseline::new(Lang::Python, &noop, "{}")?;
+    let mut crun = baseline::crun_baseline(&hello, EVENT)?;
+    let mut runc = baseline::runc_baseline(&hello, EVENT)?;
+    let host = HostBaseline::new(Lang::Python, &hello, EVENT)?;
     let mut samples: [Vec<Duration>; 4] = Default::default();
     for round in 0..WARMUP_ROUNDS + rounds {
         let mut took = [Duration::ZERO; 4];

@@ -212,26 +212,39 @@ impl Cgroups {
     /// first sandbox, whose init libcontainer moves the same way. Best effort: a move
     /// that fails only loses the overlap.
     pub fn prepay_move(&self) {
-        let Ok(text) = fs::read_to_string("/proc/self/cgroup") else {
+        let Some(procs) = fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|text| self.procs_file_of(&text))
+        else {
             return;
         };
-        let Some(at) = cgroup_of(&text, self.version) else {
-            return;
-        };
-        let procs = self
-            .controller_dir("memory", Path::new(at))
-            .join("cgroup.procs");
         let pid = std::process::id().to_string();
         let moved = std::thread::Builder::new()
             .name("sprout-cgroup-move".into())
             .spawn(move || {
-                if let Err(e) = fs::write(&procs, pid) {
+                // Never made: only a cgroup's own file is written.
+                let written = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&procs)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, pid.as_bytes()));
+                if let Err(e) = written {
                     tracing::debug!(file = %procs.display(), error = %e, "could not prepay a cgroup move");
                 }
             });
         if let Err(e) = moved {
             tracing::debug!(error = %e, "could not start a thread to prepay a cgroup move");
         }
+    }
+
+    /// The `cgroup.procs` of the cgroup `/proc/<pid>/cgroup`'s `text` names (the
+    /// memory hierarchy's on v1). In a cgroup namespace the path may climb above its
+    /// root (`/../..`): that is no cgroup of this hierarchy's, and `None`.
+    fn procs_file_of(&self, text: &str) -> Option<PathBuf> {
+        let at = cgroup_of(text, self.version).filter(|at| !at.split('/').any(|c| c == ".."))?;
+        Some(
+            self.controller_dir("memory", Path::new(at))
+                .join("cgroup.procs"),
+        )
     }
 
     /// Makes the cgroup `rel` in every hierarchy, so that an agent's parent exists for

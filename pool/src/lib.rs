@@ -56,7 +56,7 @@ impl Scratch {
         sys::new_tmpfs(size_mb).map(Scratch)
     }
 }
-pub use state::{cleanup_stale, sweep_stale_tables, StateDir};
+pub use state::{cleanup_stale, sweep_stale_tables, StateDir, TableSweep};
 
 use std::path::PathBuf;
 

@@ -556,7 +556,7 @@ impl Tools for HostTools {
     }
 
     fn mark(&mut self) -> bool {
-        std::path::Path::new(FORWARDING_MARK).exists()
+        forwarding_marked()
     }
 
     fn set_mark(&mut self, present: bool) {
@@ -590,6 +590,12 @@ fn tool(name: &str) -> Option<std::path::PathBuf> {
         .iter()
         .map(|d| std::path::Path::new(d).join(name))
         .find(|p| p.is_file())
+}
+
+/// Whether sprout turned the host's forwarding on (its mark is there): an agent that
+/// made no table still checks, as it stops, whether it is the last to need it.
+pub(crate) fn forwarding_marked() -> bool {
+    std::path::Path::new(FORWARDING_MARK).exists()
 }
 
 /// Whether the `nft` command is installed (without it no agent made a table).

@@ -133,8 +133,11 @@ impl StateDir {
     pub fn remove(self, cgroups: &Cgroups) -> Result<(), Error> {
         let result = cgroups.remove_tree(&self.cgroup_parent());
         // A spawner that died with egress sandboxes left its firewall table (and
-        // forwarding on); one that never gave a sandbox a network made neither.
-        if self.dir.join(EGRESS_MARK).exists() && crate::network::nft_installed() {
+        // forwarding on); one that never gave a sandbox a network made neither, but
+        // forwarding another agent's stale-table sweep left on (it was stopped half
+        // way) goes off here too once no sprout table is left.
+        let egress = self.dir.join(EGRESS_MARK).exists() || crate::network::forwarding_marked();
+        if egress && crate::network::nft_installed() {
             crate::network::remove_table(&mut crate::network::HostTools, &self.agent_id);
         }
         cgroups.remove_if_unused(Path::new(CGROUP_PARENT));
@@ -419,17 +422,45 @@ pub fn cleanup_stale(root: &Path, cgroups: &Cgroups) -> Vec<String> {
 /// its own: listing the tables runs `nft` (3 ms here), which an agent's start need
 /// not wait for (its own table has a name of its own). When [`cleanup_stale`] has
 /// just killed a dead agent's sandboxes (`killed`), their links go with their
-/// namespaces a moment later: it waits for that, a bounded while. `None` without
-/// `nft`, or when no thread could be started.
-pub fn sweep_stale_tables(killed: bool) -> Option<std::thread::JoinHandle<()>> {
+/// namespaces a moment later: it waits for that, a bounded while. Without `nft`, or
+/// when no thread can be started, it runs on the caller's thread.
+pub fn sweep_stale_tables(killed: bool) -> TableSweep {
     if !crate::network::nft_installed() {
-        return None;
+        return TableSweep(None);
     }
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("sprout-table-sweep".into())
-        .spawn(move || remove_stale_tables(killed))
-        .map_err(|e| tracing::warn!(error = %e, "could not start the stale table sweep"))
-        .ok()
+        .spawn(move || remove_stale_tables(killed));
+    match spawned {
+        Ok(thread) => TableSweep(Some(thread)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start a thread for the stale table sweep");
+            remove_stale_tables(killed);
+            TableSweep(None)
+        }
+    }
+}
+
+/// A running [`sweep_stale_tables`]: waited for by [`TableSweep::wait`], or when
+/// dropped. An agent waits before its first sandbox gets a network (the sweep leaves
+/// the tables alone while any sandbox link exists, its own agent's too) and before it
+/// removes its state.
+#[derive(Debug)]
+pub struct TableSweep(Option<std::thread::JoinHandle<()>>);
+
+impl TableSweep {
+    /// Returns once the sweep has ended (at once after the first time).
+    pub fn wait(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TableSweep {
+    fn drop(&mut self) {
+        self.wait();
+    }
 }
 
 fn remove_stale_tables(killed: bool) {

@@ -43,7 +43,7 @@ pub fn zygote_command(runtime: Runtime) -> Option<ZygoteCommand> {
 pub const RUNTIME_ENV: &str = "SPROUT_RUNTIME";
 
 /// Set (to `1`) in a sandbox that serves one command's instances (the one-shot CLI):
-/// its Python zygote imports nothing ahead of need (`zygote.PRELOAD`), which a zygote
+/// its Python zygote imports nothing ahead of need (`errors.LAZY_STDLIB`), which a zygote
 /// forking many instances imports once for all of them.
 pub const ZYGOTE_LAZY_ENV: &str = "SPROUT_ZYGOTE_LAZY";
 

@@ -46,9 +46,9 @@ use std::sync::Arc;
 pub(crate) struct Sandboxes {
     /// Taken (and removed) by [`Sandboxes::remove_state`].
     state: Mutex<Option<StateDir>>,
-    /// The removal of gone agents' firewall tables, running since the start; joined
-    /// by [`Sandboxes::remove_state`].
-    table_sweep: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The removal of gone agents' firewall tables, running since the start: waited
+    /// for before a sandbox gets a network and by [`Sandboxes::remove_state`].
+    table_sweep: Mutex<pool::TableSweep>,
     agent_id: String,
     state_path: PathBuf,
     bundles: PathBuf,
@@ -429,6 +429,7 @@ impl Sandboxes {
             }
             tracing::debug!(packages = function.deps.packages.len(), "code bound");
             if function.network == pool::network::Network::Egress {
+                self.table_sweep.lock().wait();
                 self.spawner.attach_network(sandbox.id())?;
                 tracing::debug!("network attached");
             }
@@ -796,9 +797,7 @@ impl Sandboxes {
 
     /// Removes the agent's state directory and cgroups (once).
     pub fn remove_state(&self) -> Result<(), Error> {
-        if let Some(sweep) = self.table_sweep.lock().take() {
-            let _ = sweep.join();
-        }
+        self.table_sweep.lock().wait();
         if let Some(state) = self.state.lock().take() {
             state.remove(&self.cgroups)?;
         }

@@ -32,6 +32,9 @@ pub(super) struct Proc {
     /// The inode of the spawner's end of the control socket (`socket:[ino]`).
     pub(super) socket: u64,
     channel: Mutex<Channel>,
+    /// The agent's end of the control socket again (a duplicate), polled for a
+    /// hang-up without waiting for the channel's lock.
+    hang_up_watch: std::os::unix::net::UnixStream,
     turn: Mutex<Turn>,
     turn_free: Condvar,
     /// Sandboxes it created (or is creating) and has not destroyed.
@@ -87,12 +90,21 @@ impl Proc {
         };
         // A send only blocks when the spawner stopped reading: bound it too.
         let _ = ours.stream().set_write_timeout(Some(REQUEST_DEADLINE));
+        let hang_up_watch = match ours.stream().try_clone() {
+            Ok(watch) => watch,
+            Err(e) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return Err(start_err(e));
+            }
+        };
         tracing::info!(spawner_pid = pid.as_raw(), exe = %exe.display(), "spawner started");
         Ok(Proc {
             pid,
             pidfd,
             socket,
             channel: Mutex::new(ours),
+            hang_up_watch,
             turn: Mutex::new(Turn::default()),
             turn_free: Condvar::new(),
             owned: Mutex::new(HashSet::new()),
@@ -104,7 +116,7 @@ impl Proc {
     /// end is released: the channel hangs up). The spawner never shuts the socket
     /// down, so once it has ended this says that no half-built container kept a copy.
     pub(super) fn far_end_released(&self) -> bool {
-        sys::hung_up(self.channel.lock().as_fd())
+        sys::hung_up(self.hang_up_watch.as_fd())
     }
 
     /// Whether it exited (or was seen to end); does not block.

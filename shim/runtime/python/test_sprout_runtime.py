@@ -389,6 +389,9 @@ class RuntimeTest(unittest.TestCase):
         def f(event):
             if event == "raise":
                 raise ValueError("lazily")
+            if event == "raise without a path":
+                sys.path.clear()
+                raise ValueError("pathless")
             present = [m for m in ("inspect", "traceback", "urllib.parse") if m in sys.modules]
             return {"present": present, "env": "SPROUT_ZYGOTE_LAZY" in os.environ}
         """
@@ -399,12 +402,26 @@ class RuntimeTest(unittest.TestCase):
         self.assertEqual(inst.call(1, None), {"present": ["inspect", "traceback", "urllib.parse"], "env": False})
         lazy = self.start_zygote(env={"SPROUT_ZYGOTE_LAZY": "1"})
         inst = self.loaded(lazy, 2, self.code_dir("one", f=self.PRELOADED))
-        # Nothing imported ahead, the variable gone; an error still has its traceback.
-        self.assertEqual(inst.call(2, None), {"present": [], "env": False})
-        header, _, _ = inst.invoke(3, "raise")
-        self.assertEqual((header["op"], header["error"]["message"]), ("raised", "lazily"))
+        # Nothing imported ahead (urllib.parse always is), the variable gone; an
+        # error still has its traceback, even with the function's sys.path emptied.
+        self.assertEqual(inst.call(2, None), {"present": ["urllib.parse"], "env": False})
+        for request_id, event, message in ((3, "raise", "lazily"), (4, "raise without a path", "pathless")):
+            header, _, _ = inst.invoke(request_id, event)
+            self.assertEqual((header["op"], header["error"]["message"]), ("raised", message))
+            self.assertTrue(header["error"]["traceback"].endswith(f"ValueError: {message}\n"), header)
+            self.assertIn("in f\n", header["error"]["traceback"])
+
+    def test_a_lazy_zygote_imports_ahead_for_code_that_names_a_standard_module(self):
+        # The function's own token.py would otherwise be what traceback's imports
+        # find (its code directory comes first on the path).
+        code = self.code_dir(f=self.PRELOADED, token="""\
+            raise ImportError("the function's token.py was imported")
+            """)
+        lazy = self.start_zygote(env={"SPROUT_ZYGOTE_LAZY": "1"})
+        inst = self.loaded(lazy, 1, code)
+        self.assertEqual(inst.call(1, None)["present"], ["inspect", "traceback", "urllib.parse"])
+        header, _, _ = inst.invoke(2, "raise")
         self.assertTrue(header["error"]["traceback"].endswith("ValueError: lazily\n"), header)
-        self.assertIn("in f\n", header["error"]["traceback"])
 
     def test_handler_exception_is_raised_and_instance_keeps_serving(self):
         code = self.code_dir(

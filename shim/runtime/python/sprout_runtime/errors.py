@@ -2,6 +2,7 @@
 (a traceback that shows the function's own code, bounded to fit a frame header),
 and the runtime's own log lines."""
 
+import importlib
 import os
 import sys
 
@@ -9,6 +10,38 @@ from .codec import _dumps
 
 # The package's directory: a frame whose code is in it is the runtime's.
 _RUNTIME_DIR = os.path.dirname(__file__)
+
+# Standard library modules the runtime imports only where it needs them (an error's
+# traceback, a handler that is no plain function, an HTTP app): 12 ms of this
+# interpreter's start here. A zygote that forks many instances imports them at boot
+# (``preload``), so that none of its instances pays; a one-shot's instance imports
+# them when first needed, through ``stdlib``.
+LAZY_STDLIB = ("inspect", "traceback")
+
+# The interpreter's own import path (without the runtime's directory), as it was when
+# the zygote booted: ``stdlib`` imports through it.
+_INTERPRETER_PATH = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(_RUNTIME_DIR)]
+
+
+def stdlib(name):
+    """Standard library module ``name``, imported now if it was not yet, from the
+    interpreter's own import path: whatever the function put on ``sys.path`` (its
+    code directory may hold a ``token.py``) or took off it."""
+    module = sys.modules.get(name)
+    if module is None:
+        saved = sys.path[:]
+        sys.path[:] = _INTERPRETER_PATH
+        try:
+            module = importlib.import_module(name)
+        finally:
+            sys.path[:] = saved
+    return module
+
+
+def preload():
+    """Imports ``LAZY_STDLIB`` now (a no-op once imported)."""
+    for name in LAZY_STDLIB:
+        stdlib(name)
 _IMPORTLIB_MODULES = frozenset(("importlib", "importlib._bootstrap", "importlib._bootstrap_external"))
 # Bounds that keep an error header well under MAX_HEADER even if every character
 # needs a 12-byte JSON escape.
@@ -49,8 +82,7 @@ def describe_error(exc, skip_import=False, frames=True, message=None):
     """
     kind = type(exc).__name__
     try:
-        import traceback  # on error paths only: see zygote.PRELOAD
-
+        traceback = stdlib("traceback")
         tb = exc.__traceback__ if frames else None
         while tb is not None and _is_runtime_frame(tb.tb_frame, skip_import):
             tb = tb.tb_next

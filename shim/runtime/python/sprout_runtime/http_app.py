@@ -16,6 +16,9 @@ not.
 import io
 import os
 import sys
+from urllib.parse import unquote, unquote_to_bytes
+
+from .errors import stdlib
 
 WSGI = "wsgi"
 ASGI = "asgi"
@@ -29,8 +32,7 @@ class BadResponse(Exception):
 
 
 def _is_async(app):
-    import inspect  # only for a module that offers an app: see zygote.PRELOAD
-
+    inspect = stdlib("inspect")
     if inspect.iscoroutinefunction(app):
         return True
     call = getattr(app, "__call__", None)
@@ -74,8 +76,6 @@ def _check_request(header):
 
 def _latin1(text):
     """A request's decoded path as WSGI wants it: its bytes, one character each."""
-    from urllib.parse import unquote_to_bytes
-
     return unquote_to_bytes(text).decode("latin-1")
 
 
@@ -203,7 +203,6 @@ class AsgiRunner:
 
     async def _run(self, app, header, body):
         import asyncio
-        from urllib.parse import unquote
 
         root = unquote(header["script_name"])
         rest = header["path"] or "/"

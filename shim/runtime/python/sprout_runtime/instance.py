@@ -23,7 +23,7 @@ from .codec import (
     _close_quietly,
 )
 from . import http_app
-from .errors import _log, describe_error
+from .errors import LAZY_STDLIB, _log, describe_error, preload, stdlib
 from .sdk import MAX_CALL_DEPTH, _start_calls, _state
 
 def _flush_stdio():
@@ -77,6 +77,11 @@ def load_target(code_dir, module_name, function_name, apps=True, deps=()):
     come right after the code directory on the import path, before the
     interpreter's own."""
     os.chdir(code_dir)
+    # Code that names a module as the standard library does would be found first
+    # by the runtime's later imports of LAZY_STDLIB (and theirs): import them now,
+    # as a zygote that preloads did, so the function sees what it would there.
+    if not all(name in sys.modules for name in LAZY_STDLIB) and _shadows_stdlib([code_dir, *deps]):
+        preload()
     sys.path[0:0] = [code_dir, *deps]
     importlib.invalidate_caches()
     if module_name == "__main__":
@@ -107,8 +112,23 @@ def load_target(code_dir, module_name, function_name, apps=True, deps=()):
     return None, handler
 
 
+def _shadows_stdlib(dirs):
+    """Whether one of ``dirs`` holds a module, package or file named like a module
+    of the standard library (``token.py``, ``inspect/``, ``ast.cpython-311.so``)."""
+    for path in dirs:
+        try:
+            names = os.listdir(path)
+        except OSError:
+            continue
+        if any(name.split(".", 1)[0] in sys.stdlib_module_names for name in names):
+            return True
+    return False
+
+
 # What makes ``inspect.signature`` of a plain function differ from its code object.
-_SIGNATURE_ATTRS = frozenset(("__wrapped__", "__signature__", "_partialmethod", "__partialmethod__"))
+_SIGNATURE_ATTRS = frozenset(
+    ("__wrapped__", "__signature__", "__text_signature__", "_partialmethod", "__partialmethod__")
+)
 _CO_VARARGS = 0x04  # inspect.CO_VARARGS
 
 
@@ -127,8 +147,7 @@ def _takes_context(handler):
 
 def _takes_context_by_signature(handler):
     """``_takes_context`` for any callable, through ``inspect.signature``."""
-    import inspect  # see zygote.PRELOAD
-
+    inspect = stdlib("inspect")
     try:
         params = inspect.signature(handler).parameters.values()
     except (TypeError, ValueError):

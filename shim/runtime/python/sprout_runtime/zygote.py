@@ -11,7 +11,7 @@ import sys
 
 from . import enter
 from .codec import Channel, ChannelClosed, _close_quietly
-from .errors import _log
+from .errors import _log, preload, stdlib
 from .instance import _flush_stdio, instance_main
 from .sdk import sprout
 
@@ -189,9 +189,7 @@ def _fork_child(zygote, fds, problem, child_main, forked, failed):
             status = child_main()
         except BaseException:  # noqa: BLE001
             try:
-                import traceback
-
-                traceback.print_exc()
+                stdlib("traceback").print_exc()
                 _flush_stdio()
             except BaseException:  # noqa: BLE001
                 pass
@@ -204,19 +202,9 @@ def _fork_child(zygote, fds, problem, child_main, forked, failed):
 
 CODE_DIR = "/code"
 
-# What the runtime imports only where it needs them (an error's traceback, a handler
-# that is no plain function, an HTTP app), imported by a zygote that forks many
-# instances so that none of them pays for it: 14 ms of this interpreter's start here.
-PRELOAD = ("inspect", "traceback", "urllib.parse")
-
 # Set by an agent that makes the sandbox for one instance (the one-shot CLI): its
-# zygote imports nothing ahead of need.
+# zygote does not import ``errors.LAZY_STDLIB`` ahead of need.
 LAZY_ENV = "SPROUT_ZYGOTE_LAZY"
-
-
-def _preload():
-    for module in PRELOAD:
-        importlib.import_module(module)
 
 
 def _prime_import_path(path):
@@ -236,7 +224,7 @@ def zygote_main(fd=3, fork_server=None):
     if fork_server is None:
         fork_server = os.environ.pop("SPROUT_FORK_SERVER", None) == "1"
     if os.environ.pop(LAZY_ENV, None) != "1":
-        _preload()
+        preload()
     if fork_server:
         enter.prepare()
     os.fstat(fd)  # fail loudly if the control channel is missing
