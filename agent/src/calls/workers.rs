@@ -197,6 +197,14 @@ impl Workers {
         let parts = &self.parts;
         let span = tracing::debug_span!("call", sandbox_id = %job.sandbox, call = job.id, function = %job.function, depth = job.depth);
         let _g = span.enter();
+        // The request's place in its sandbox's cap goes back before its answer is
+        // written: a caller holding every answer may call again at once.
+        let released = std::cell::Cell::new(false);
+        let release = || {
+            if !released.replace(true) {
+                parts.book.done(&job.sandbox);
+            }
+        };
         if !job.alive.load(Ordering::SeqCst) {
             // Its connection closed: nobody waits for it.
         } else if job.cancel.fired() {
@@ -206,11 +214,13 @@ impl Workers {
                 message: "cancelled: the invocation that made the call ended before it started"
                     .into(),
             };
+            release();
             self.answer(job.token, &reply, Payload::default(), None);
         } else {
             match &job.work {
                 Work::Resolve => {
                     let reply = resolve(parts, &job.sandbox, job.id, &job.function);
+                    release();
                     self.answer(job.token, &reply, Payload::default(), None);
                 }
                 Work::Call { raw, event, run } => {
@@ -223,12 +233,13 @@ impl Workers {
                         cause: job.cause,
                     };
                     call.run(parts, event, run, &job.cancel, |reply, result| {
+                        release();
                         self.answer(job.token, reply, result, Some(&job.cancel))
                     });
                 }
             }
         }
-        parts.book.done(&job.sandbox);
+        release();
     }
 
     /// Queues an answer for the loop to write; with `wait` (the cancel of the call),
