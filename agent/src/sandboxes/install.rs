@@ -85,8 +85,7 @@ impl Sandboxes {
             },
         );
         let (mut sandbox, shim) = self.create(&id, &cgroup, spec, limits.memory_mb)?;
-        self.table_sweep.lock().wait();
-        if let Err(e) = self.spawner.attach_network(&id) {
+        if let Err(e) = self.attach_network(&id) {
             self.destroy(&mut sandbox, limits.memory_mb);
             return Err(e.into());
         }

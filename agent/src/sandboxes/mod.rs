@@ -429,8 +429,7 @@ impl Sandboxes {
             }
             tracing::debug!(packages = function.deps.packages.len(), "code bound");
             if function.network == pool::network::Network::Egress {
-                self.table_sweep.lock().wait();
-                self.spawner.attach_network(sandbox.id())?;
+                self.attach_network(sandbox.id())?;
                 tracing::debug!("network attached");
             }
             Ok(())
@@ -793,6 +792,13 @@ impl Sandboxes {
     /// Stops the spawner, which destroys the sandboxes still in use.
     pub fn stop_spawner(&self) -> Result<(), Error> {
         Ok(self.spawner.shutdown()?)
+    }
+
+    /// Gives sandbox `id` outbound network, once the stale-table sweep has ended (it
+    /// leaves every table alone while any sandbox link exists, this agent's too).
+    fn attach_network(&self, id: &str) -> Result<(), pool::Error> {
+        self.table_sweep.lock().wait();
+        self.spawner.attach_network(id)
     }
 
     /// Removes the agent's state directory and cgroups (once).

@@ -36,9 +36,8 @@ pub struct Calls {
     /// `Err`: why it is unusable.
     shim: Mutex<Result<Channel, String>>,
     /// The same socket, for sending: every frame to the shim goes under this lock,
-    /// so an unanswered `unbind` waits for no relayed call's reply. `None` when the
-    /// socket could not be duplicated (frames then go under `shim`'s lock).
-    shim_send: Mutex<Option<Channel>>,
+    /// so an unanswered `unbind` waits for no relayed call's reply.
+    shim_send: Mutex<Channel>,
     agent: Mutex<Option<Arc<AgentLink>>>,
     /// Callee name → its spec (run it here) or `None` (run it through the agent).
     specs: Mutex<HashMap<String, Option<CallSpec>>>,
@@ -76,9 +75,11 @@ struct Waiting {
 }
 
 impl Calls {
-    pub fn new(shim: Channel) -> Calls {
-        let sender = shim.stream().try_clone().map(Channel::new).ok();
-        Calls {
+    /// The calls of an instance whose calls channel to the shim is `shim` (an error
+    /// when its socket cannot be duplicated for sending).
+    pub fn new(shim: Channel) -> std::io::Result<Calls> {
+        let sender = Channel::new(shim.stream().try_clone()?);
+        Ok(Calls {
             shim: Mutex::new(Ok(shim)),
             shim_send: Mutex::new(sender),
             agent: Mutex::new(None),
@@ -87,7 +88,7 @@ impl Calls {
             no_direct: Mutex::new(HashSet::new()),
             ids: AtomicU64::new(1),
             agent_socket: AGENT_SOCKET.to_owned(),
-        }
+        })
     }
 
     /// An invocation of the instance begins: callees the shim would not bind are
@@ -345,18 +346,7 @@ impl Calls {
             let unbind = CallRequest::Unbind {
                 callee: direct.token,
             };
-            let sender = self.shim_send.lock().unwrap();
-            match sender.as_ref() {
-                Some(channel) => {
-                    let _ = channel.send(&unbind, &[], &[]);
-                }
-                None => {
-                    drop(sender);
-                    if let Ok(channel) = self.shim.lock().unwrap().as_ref() {
-                        let _ = channel.send(&unbind, &[], &[]);
-                    }
-                }
-            }
+            let _ = self.shim_send.lock().unwrap().send(&unbind, &[], &[]);
         }
     }
 
@@ -402,11 +392,7 @@ impl Calls {
     ) -> Result<Message<CallReply>, String> {
         let mut shim = self.shim.lock().unwrap();
         let channel = shim.as_mut().map_err(|why| why.clone())?;
-        let sent = match self.shim_send.lock().unwrap().as_ref() {
-            Some(sender) => sender.send(&request, event, &[]),
-            None => channel.send(&request, event, &[]),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = self.shim_send.lock().unwrap().send(&request, event, &[]) {
             let why = format!("the calls channel to the shim broke: {}", ipc::chain(&e));
             *shim = Err(why.clone());
             return Err(why);
@@ -514,7 +500,7 @@ mod tests {
     #[test]
     fn an_unbind_waits_for_no_relayed_reply() {
         let (ours, mut shim) = Channel::pair().unwrap();
-        let calls = Arc::new(Calls::new(ours));
+        let calls = Arc::new(Calls::new(ours).unwrap());
         let relayed = CallRequest::Call {
             id: 7,
             function: "slow".into(),
@@ -560,7 +546,7 @@ mod tests {
     #[test]
     fn a_refused_bind_is_asked_again_only_in_the_next_invocation() {
         let (ours, mut shim) = Channel::pair().unwrap();
-        let calls = Calls::new(ours);
+        let calls = Calls::new(ours).unwrap();
         let fake_shim = std::thread::spawn(move || {
             let mut ops = Vec::new();
             while let Ok(m) = shim.recv::<CallRequest>() {

@@ -127,7 +127,7 @@ impl Node {
         let mut node = Node {
             from_node: BufReader::with_capacity(64 << 10, ours),
             to_node: Arc::new(Mutex::new(to_node)),
-            calls: Arc::new(Calls::new(calls)),
+            calls: Arc::new(Calls::new(calls).map_err(sys_err("dup the calls channel"))?),
             in_flight: Arc::new(AtomicUsize::new(0)),
             busy,
             pid,
