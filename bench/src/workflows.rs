@@ -70,11 +70,16 @@ def f(e):
 
 /// `sprout.call` to a warm callee in the caller's sandbox, as the function sees it,
 /// in blocks of 25 in turn with its baselines: a raw round trip of a message of the
-/// same size over a Unix socket to a process the function forked (which echoes it),
-/// and the same call relayed by the shim (as every in-sandbox call went before direct
-/// channels; reached through the SDK's internals, which a function does not use).
-const CALL_LOCAL: &str = r#"import os, socket, sprout, time
+/// same size over a Unix socket to a process the function forked (which echoes it);
+/// the least CPython can do for a call, the same frames and JSON made and read by
+/// a few lines of Python on both sides, to a process the function forked (no sprout
+/// code); and the same call relayed by the shim (as every in-sandbox call went
+/// before direct channels; reached through the SDK's internals, which a function
+/// does not use).
+const CALL_LOCAL: &str = r#"import json, os, socket, sprout, struct, time
 _sdk = sprout.call.__globals__
+_prefix = struct.Struct("<III")
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
 def _echo():
     a, b = socket.socketpair()
     pid = os.fork()
@@ -87,6 +92,37 @@ def _echo():
             b.sendall(m)
     b.close()
     return a, pid
+def _frame(header, body):
+    header = _dumps(header).encode()
+    return _prefix.pack(len(header), len(body), 0) + header + body
+def _unframe(m):
+    hlen, plen, _ = _prefix.unpack_from(m)
+    if len(m) != 12 + hlen + plen:
+        raise ValueError("a frame in more than one read")
+    return json.loads(m[12:12 + hlen]), m[12 + hlen:]
+def _least():
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        handler = lambda e: {"n": e["n"] + 1}
+        while True:
+            m = b.recv(65536)
+            if not m:
+                os._exit(0)
+            header, body = _unframe(m)
+            result = _dumps(handler(json.loads(body))).encode()
+            b.sendall(_frame({"op": "returned", "id": header["id"]}, result))
+    b.close()
+    ids = iter(range(1 << 62))
+    def call(event):
+        i = next(ids)
+        a.sendall(_frame({"op": "invoke", "id": i, "depth": 1}, _dumps(event).encode()))
+        header, body = _unframe(a.recv(65536))
+        if header != {"op": "returned", "id": i}:
+            raise ValueError(f"unexpected {header!r}")
+        return json.loads(body)
+    return a, pid, call
 def _relayed(state, event):
     req_id = next(state.ids)
     header = _sdk["_call_header"](req_id, "inc", state.depth + 1, False)
@@ -97,8 +133,9 @@ def f(e):
     n = e["n"]
     state = _sdk["_state"]()
     a, pid = _echo()
+    least_sock, least_pid, least_call = _least()
     msg = b"x" * 96
-    raw, calls, relayed = [], [], []
+    raw, calls, relayed, least = [], [], [], []
     def timed(out, call, check):
         for _ in range(25):
             t0 = time.perf_counter_ns()
@@ -115,12 +152,15 @@ def f(e):
         for _ in range(max(n // 25, 1)):
             timed(raw, echo, lambda got: got == msg)
             timed(calls, lambda: sprout.call("inc", {"n": 0}), lambda got: got.get("n") == 1)
+            timed(least, lambda: least_call({"n": 0}), lambda got: got.get("n") == 1)
             timed(relayed, lambda: _relayed(state, {"n": 0}), lambda got: got.get("n") == 1)
     finally:
         a.close()
+        least_sock.close()
         os.waitpid(pid, 0)
+        os.waitpid(least_pid, 0)
     direct = "inc" in state.direct
-    return {"raw": raw, "call": calls, "relayed": relayed, "direct": direct}
+    return {"raw": raw, "call": calls, "relayed": relayed, "least": least, "direct": direct}
 "#;
 
 /// `sprout.call` from Node.js to a warm Node.js callee in the same sandbox, as the
@@ -351,6 +391,10 @@ fn call_local(c: &mut ipc::client::Client, runs: usize) -> anyhow::Result<Vec<Ro
         Row::new(
             "  baseline: raw Unix-socket echo, same function, same size",
             &durations(&out, "raw")?,
+        ),
+        Row::new(
+            "  baseline: the least CPython does for it (the same frames and JSON, no sprout)",
+            &durations(&out, "least")?,
         ),
     ])
 }

@@ -979,6 +979,58 @@ class ChannelTest(unittest.TestCase):
         header = b'{"op":"t","n":1}'
         self.assertEqual(raw, struct.pack("<III", len(header), 3, 0) + header + b"xyz")
 
+    def test_headers_read_and_made_without_json_are_what_json_reads_and_makes(self):
+        big = (1 << 64) - 1
+        headers = [
+            {"op": "invoke", "id": 0},
+            {"op": "invoke", "id": 7, "depth": 3},
+            {"op": "invoke", "id": big, "depth": big},
+            {"op": "returned", "id": 12},
+            {"op": "returned", "id": big},
+            # Near misses: these go through json.
+            {"op": "returned", "id": True},
+            {"op": "returned", "id": -1},
+            {"op": "returned", "id": big + 1},
+            {"op": "returned", "id": 1.0},
+            {"op": "returned", "id": 1, "raw": True},
+            {"op": "invoke", "id": 1, "depth": False},
+            {"op": "invoke", "id": 1, "depth": -2},
+            {"op": "invoke", "id": 1, "raw": True},
+            {"op": "invoke", "id": 1, "depth": 1, "raw": True},
+            {"id": 1, "op": "returned"},
+            {"op": "raised", "id": 1},
+        ]
+        for header in headers:
+            made = codec.encode_header(header)
+            self.assertEqual(json.loads(made), header)
+            if list(header)[:2] == ["op", "id"]:
+                self.assertEqual(made, json.dumps(header, separators=(",", ":")).encode(), header)
+            self.assertEqual(codec.decode_header(made), header)
+        # Byte strings near the fast shapes decode exactly as json.loads decodes them
+        # (or are refused, as json refuses them).
+        texts = [
+            b'{"op":"returned","id":1}', b'{"op":"returned","id":01}', b'{"op":"returned","id":-1}',
+            b'{"op":"returned","id":1 }', b'{"op":"returned", "id":1}', b'{"op":"returned","id":1,"id":2}',
+            b'{"op":"returned","id":123456789012345678901234}', b'{"op":"invoke","id":5,"depth":0}',
+            b'{"op":"invoke","id":5,"depth":}', b'{"op":"invoke","id":5,"depth":1,}', b'{"op":"invoke","id":5}x',
+            b'x{"op":"invoke","id":5}', b'{"op":"invoke","id":5e0}', b'{"op":"invoke","id":5.0}',
+            b'{"op":"invoke","id":\xd9\xa1}', b'{"op":"invok","id":5}', b'{"op":"returned","id":1}\n',
+        ]
+        for text in texts:
+            try:
+                want = json.loads(text.decode("utf-8"))
+            except ValueError:
+                with self.assertRaises(codec.ProtocolError, msg=text):
+                    codec.decode_header(text)
+                continue
+            self.assertEqual(codec.decode_header(text), want, text)
+            self.assertEqual(codec.decode_header(b"??" + text + b"!", 2, 2 + len(text)), want, text)
+        a, b = self.pair()
+        a.send({"op": "invoke", "id": 3, "depth": 1}, b"{}")
+        a.send({"op": "returned", "id": 3}, b"4")
+        self.assertEqual(b.recv(), ({"op": "invoke", "id": 3, "depth": 1}, b"{}", []))
+        self.assertEqual(b.recv(), ({"op": "returned", "id": 3}, b"4", []))
+
     def test_hand_made_frame(self):
         a, b = self.pair()
         header = '{"op":"x","s":"é"}'.encode()
@@ -1313,6 +1365,22 @@ class SdkTest(unittest.TestCase):
         self.addCleanup(self.state.close)
         self.sdk = sdk.sprout
 
+    def test_a_forked_process_gets_a_call_state_of_its_own(self):
+        self.state.specs["g"] = SPEC
+        self.state.depth = 3
+        pid = os.fork()
+        if pid == 0:
+            try:
+                state = sdk._state()
+                fresh = state is not self.state and state.calls is None and state.pid == os.getpid()
+                kept = state.specs == {"g": SPEC} and state.depth == 3 and sdk._state() is state
+                os._exit(0 if fresh and kept else 1)
+            finally:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertIs(sdk._state(), self.state)
+
     def agent(self, script):
         return serve_agent(self, self.sock_path, script)
 
@@ -1358,12 +1426,17 @@ class SdkTest(unittest.TestCase):
         req_id = self.expect_bind(ch, name)
         ch.send({"op": "call_refused", "id": req_id, "function": name, "kind": "too_many_channels", "message": "full"})
 
-    def grant_bind(self, ch, name, callee, spec=SPEC):
-        """Answers a ``bind`` with a direct channel; returns the callee's end of it."""
+    def grant_bind(self, ch, name, callee, spec=SPEC, closed=False):
+        """Answers a ``bind`` with a direct channel; returns the callee's end of it
+        (``closed``: closes it before the answer, and returns None)."""
         req_id = self.expect_bind(ch, name, spec)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if closed:
+            ours.close()
         ch.send({"op": "bound", "id": req_id, "callee": callee}, b"", [theirs.fileno()])
         theirs.close()
+        if closed:
+            return None
         ours.settimeout(TIMEOUT)
         return codec.Channel(ours)
 
@@ -1616,7 +1689,7 @@ class SdkTest(unittest.TestCase):
             direct.recv()
             direct.close()
             # Bound again; its end is closed before the call: the call goes through the shim.
-            self.grant_bind(ch, "g", 9, quick).close()
+            self.grant_bind(ch, "g", 9, quick, closed=True)
             header = self.expect_call(ch, "g", 5, spec=quick)
             returned(ch, header, "relayed")
 
@@ -1631,8 +1704,32 @@ class SdkTest(unittest.TestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.3)
         with self.assertRaisesRegex(self.sdk.CallError, r"died while running"):
             self.sdk.call("g", 4)
-        time.sleep(0.05)  # the third callee's end is closed before the call
         self.assertEqual(self.sdk.call("g", 5), "relayed")
+        self.finish(*peers)
+
+    def test_a_direct_reply_in_pieces_gets_only_the_calls_time(self):
+        quick = dict(SPEC, timeout_ms=300)
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", quick)
+
+        def shim(ch):
+            direct = self.grant_bind(ch, "g", 7, quick)
+            header, _, _ = direct.recv()
+            reply = codec.encode_header({"op": "returned", "id": header["id"]})
+            time.sleep(0.2)
+            direct.sock.sendall(struct.pack("<III", len(reply), 2, 0) + reply[:5])  # then nothing
+            self.assertEqual(ch.recv(), ({"op": "unbind", "callee": 7}, b"", []))
+            direct.close()
+
+        peers = self.agent(agent), self.shim(shim)
+        started = time.monotonic()
+        with self.assertRaisesRegex(self.sdk.CallError, r"^call to g failed: g timed out after 300 ms$"):
+            self.sdk.call("g", 1)
+        took = time.monotonic() - started
+        # Past 300 ms, not 200 ms plus a whole timeout more for the second read.
+        self.assertGreaterEqual(took, 0.3)
+        self.assertLess(took, 0.45)
         self.finish(*peers)
 
     def test_a_bind_that_fails_is_the_calls_failure_and_is_asked_again(self):

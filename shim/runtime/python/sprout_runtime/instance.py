@@ -21,6 +21,7 @@ from .codec import (
     ProtocolError,
     SharedPayloadError,
     _close_quietly,
+    dumps_value,
 )
 from . import http_app
 from .errors import LAZY_STDLIB, _log, describe_error, preload, stdlib
@@ -243,7 +244,7 @@ def _encode_result(request_id, result):
         header = {"op": "returned", "id": request_id, "raw": True}
     else:
         try:
-            body = json.dumps(result, separators=(",", ":"), allow_nan=False).encode()
+            body = dumps_value(result).encode()
         except BaseException as exc:  # noqa: BLE001
             return _raised(request_id, exc, frames=False, message=f"handler result is not JSON-serialisable: {exc}")
         header = {"op": "returned", "id": request_id}

@@ -7,11 +7,21 @@ import json
 import os
 import select
 import socket
+import struct
 import threading
 import time
 import types
 
-from .codec import MAX_SHARED_PAYLOAD, Buffer, Channel, ChannelClosed, ProtocolError, SharedPayloadError, _close_quietly
+from .codec import (
+    MAX_SHARED_PAYLOAD,
+    Buffer,
+    Channel,
+    ChannelClosed,
+    ProtocolError,
+    SharedPayloadError,
+    _close_quietly,
+    dumps_value,
+)
 from .errors import _log
 
 MAX_CALL_DEPTH = 16
@@ -69,11 +79,24 @@ class _ChannelGone(Exception):
     """A call channel can no longer be used; the message says why."""
 
 
+# This process's pid, kept by a fork hook: ``_state()`` runs twice per invocation
+# and once per call, and getpid(2) is a system call.
+_pid = os.getpid()
+
+
+def _forked():
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class _CallState:
     """One process's calls: its channels, their locks, and the current invocation."""
 
     def __init__(self, calls=None, specs=None, depth=0):
-        self.pid = os.getpid()
+        self.pid = _pid
         # The calls channel to the shim (None outside an instance): one request and
         # its reply at a time, under calls_lock; every frame sent under
         # calls_send_lock (an unanswered `unbind` takes only that one).
@@ -124,7 +147,7 @@ def _state():
     (no calls channel: its calls go through the agent, on a connection of its own)."""
     global _calls
     state = _calls
-    if state.pid != os.getpid():
+    if state.pid != _pid:
         state = _calls = _CallState(None, dict(state.specs), state.depth)
     return state
 
@@ -149,7 +172,7 @@ def _encode_event(event):
             view = memoryview(view.tobytes())
         payload, raw = view.cast("B"), True
     else:
-        payload, raw = json.dumps(event, separators=(",", ":"), allow_nan=False).encode(), False
+        payload, raw = dumps_value(event).encode(), False
     if len(payload) > MAX_SHARED_PAYLOAD:
         raise ValueError(f"event of {len(payload)} bytes exceeds the limit of {MAX_SHARED_PAYLOAD} bytes")
     return raw, payload
@@ -239,15 +262,38 @@ def _call_shim(state, req_id, name, header, payload):
 class _Direct:
     """A direct channel to one instance of a function in this sandbox: the shim made
     it (``bind``) and is out of the way from then on. One call at a time (``lock``);
-    this side keeps the callee's time and asks the shim to kill it when it is past."""
+    this side keeps the callee's time and asks the shim to kill it when it is past.
 
-    __slots__ = ("channel", "callee", "timeout_ms", "lock")  # callee: the bind's token
+    The socket blocks, with the kernel's own send and receive timeouts
+    (SO_SNDTIMEO, SO_RCVTIMEO) standing for the call's time: a call is one send(2)
+    and, mostly, one recvmsg(2), with no poll(2) before each (as a socket with a
+    Python timeout would make)."""
+
+    __slots__ = ("channel", "callee", "timeout_ms", "lock", "_recv_timeout")  # callee: the bind's token
 
     def __init__(self, channel, callee, timeout_ms):
         self.channel = channel
         self.callee = callee
         self.timeout_ms = timeout_ms
         self.lock = threading.Lock()
+        self._recv_timeout = None
+        sock = channel.sock
+        sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_ms / 1000))
+        self.recv_timeout(timeout_ms / 1000)
+
+    def recv_timeout(self, seconds):
+        """Sets how long one read may wait (a system call only when it changes)."""
+        if seconds != self._recv_timeout:
+            self.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            self._recv_timeout = seconds
+
+
+def _timeval(seconds):
+    """A ``struct timeval`` of ``seconds`` (> 0), at least 1 µs: zero would mean
+    no timeout at all."""
+    usec = max(int(seconds * 1_000_000), 1)
+    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
 
 
 def _bind(state, name, spec):
@@ -298,13 +344,13 @@ def _call_direct(state, direct, req_id, name, depth, raw, payload):
     if raw:
         header["raw"] = True
     channel = direct.channel
-    deadline = time.monotonic() + direct.timeout_ms / 1000
+    timeout = direct.timeout_ms / 1000
+    deadline = time.monotonic() + timeout
     try:
-        channel.sock.settimeout(direct.timeout_ms / 1000)
         channel.send(header, payload)
     except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
         raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
-    except TimeoutError:  # it stopped reading: as past its time
+    except BlockingIOError:  # SO_SNDTIMEO: it stopped reading, as past its time
         _drop_direct(state, name, direct, kill=True)
         raise CallError(name, "CallFailed", f"{name} timed out after {direct.timeout_ms} ms") from None
     except OSError:
@@ -316,13 +362,14 @@ def _call_direct(state, direct, req_id, name, depth, raw, payload):
             frame = channel.try_recv()
             if frame is not None:
                 break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            channel.sock.settimeout(left)
+            direct.recv_timeout(timeout)
             if channel.fill() == 0:
                 raise ChannelClosed
-    except TimeoutError:
+            # A frame in more than one read: the next waits only for what is left.
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise BlockingIOError
+    except BlockingIOError:  # SO_RCVTIMEO, or past the deadline between reads
         _drop_direct(state, name, direct, kill=True)
         raise CallError(name, "CallFailed", f"{name} timed out after {direct.timeout_ms} ms") from None
     except (ChannelClosed, ConnectionError):
