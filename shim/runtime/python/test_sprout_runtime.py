@@ -1025,6 +1025,10 @@ class ChannelTest(unittest.TestCase):
                 continue
             self.assertEqual(codec.decode_header(text), want, text)
             self.assertEqual(codec.decode_header(b"??" + text + b"!", 2, 2 + len(text)), want, text)
+        # Nested past the interpreter's recursion limit: refused, as any bad header.
+        for deep in (b"[" * 100_000, b'{"a":' * 100_000):
+            with self.assertRaises(codec.ProtocolError):
+                codec.decode_header(deep)
         a, b = self.pair()
         a.send({"op": "invoke", "id": 3, "depth": 1}, b"{}")
         a.send({"op": "returned", "id": 3}, b"4")
@@ -1706,6 +1710,57 @@ class SdkTest(unittest.TestCase):
             self.sdk.call("g", 4)
         self.assertEqual(self.sdk.call("g", 5), "relayed")
         self.finish(*peers)
+
+    def slow_reader_call(self, read_all):
+        """A call whose event is sent in pieces, as fast as its callee reads: the
+        caller's send buffer is small and the event large. The callee reads 1 KiB
+        per 20 ms (``read_all`` False: the call is never all sent), or 4 KiB per
+        20 ms until it has the whole frame (~250 ms) and then never answers. The call must time out when
+        its 300 ms are up, whatever the sending took."""
+        quick = dict(SPEC, timeout_ms=300)
+
+        def agent(ch):
+            self.expect_resolve(ch, "g", quick)
+
+        def shim(ch):
+            req_id = self.expect_bind(ch, "g", quick)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            ch.send({"op": "bound", "id": req_id, "callee": 7}, b"", [theirs.fileno()])
+            theirs.close()
+            ours.setblocking(False)
+            got, want = 0, float("inf")
+            until = time.monotonic() + 0.6
+            while time.monotonic() < until and got < want:
+                time.sleep(0.02)
+                try:
+                    chunk = ours.recv(4096 if read_all else 1024)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                if got == 0 and read_all:
+                    hlen, plen, _ = struct.unpack_from("<III", chunk)
+                    want = 12 + hlen + plen
+                got += len(chunk)
+            self.assertEqual(ch.recv(), ({"op": "unbind", "callee": 7}, b"", []))
+            ours.close()
+
+        peers = self.agent(agent), self.shim(shim)
+        started = time.monotonic()
+        with self.assertRaisesRegex(self.sdk.CallError, r"^call to g failed: g timed out after 300 ms$"):
+            self.sdk.call("g", "x" * (48 << 10))
+        took = time.monotonic() - started
+        self.assertGreaterEqual(took, 0.3)
+        self.assertLess(took, 0.45)
+        self.finish(*peers)
+
+    def test_a_callee_that_reads_slowly_gets_only_the_calls_time(self):
+        self.slow_reader_call(read_all=False)
+
+    def test_a_callee_that_read_the_call_slowly_gets_only_the_calls_time(self):
+        self.slow_reader_call(read_all=True)
 
     def test_a_direct_reply_in_pieces_gets_only_the_calls_time(self):
         quick = dict(SPEC, timeout_ms=300)

@@ -44,6 +44,7 @@ _NEEDED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK
 # IntFlag enum's Python-level ``__and__`` on every read.
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 # An event's or a result's JSON text, as ``json.dumps(value, separators=(",", ":"),
@@ -56,9 +57,9 @@ dumps_value = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 # header read this way is the dict json.loads would return. Every other header goes
 # through json. (In a process that just woke up, the
 # json module's encode or decode of a header costs 3 to 5 µs; a call has four.)
-_U64 = rb"(0|[1-9][0-9]{0,19})"
-_INVOKE_HEADER = re.compile(rb'\{"op":"invoke","id":' + _U64 + rb'(?:,"depth":' + _U64 + rb')?\}')
-_RETURNED_HEADER = re.compile(rb'\{"op":"returned","id":' + _U64 + rb"\}")
+_UINT = rb"(0|[1-9][0-9]{0,19})"
+_INVOKE_HEADER = re.compile(rb'\{"op":"invoke","id":' + _UINT + rb'(?:,"depth":' + _UINT + rb')?\}')
+_RETURNED_HEADER = re.compile(rb'\{"op":"returned","id":' + _UINT + rb"\}")
 
 
 def encode_header(header):
@@ -93,7 +94,7 @@ def decode_header(buf, start=0, end=None):
     raw = bytes(memoryview(buf)[start:end])
     try:
         header = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError both are
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; or nested too deep
         raise ProtocolError(f"malformed frame header {raw[:200]!r}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"frame header is not a JSON object: {raw[:200]!r}")
@@ -132,6 +133,13 @@ def _decode_prefix(buf, at):
     if shared and nfds == 0:
         raise ProtocolError("frame announced a shared payload but carries no descriptor")
     return hlen, plen, nfds, shared
+
+
+def timeval(seconds):
+    """A ``struct timeval`` of ``seconds`` (> 0) for SO_RCVTIMEO/SO_SNDTIMEO, at
+    least 1 µs: zero would mean no timeout at all."""
+    usec = max(int(seconds * 1_000_000), 1)
+    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
 
 
 def _seal(fd):
@@ -294,16 +302,19 @@ class Channel:
 
     # -- sending
 
-    def send(self, header, payload=b"", fds=()):
+    def send(self, header, payload=b"", fds=(), deadline=None):
         """Sends one frame. Limits are checked, and a shared payload's memfd is made,
         before anything is written (ProtocolError, SharedPayloadError); an OSError
-        comes from the socket."""
+        comes from the socket.
+
+        ``deadline`` (a ``time.monotonic()`` time), for a blocking socket: what the
+        socket's buffer does not take at once is sent by then, or TimeoutError."""
         hdr = encode_header(header)
         if len(hdr) > MAX_HEADER:
             raise ProtocolError(f"frame header of {len(hdr)} bytes exceeds the limit of {MAX_HEADER}")
         fds = [fd if isinstance(fd, int) else fd.fileno() for fd in fds]
         if isinstance(payload, Buffer):
-            self._send_buffer(hdr, payload, fds)
+            self._send_buffer(hdr, payload, fds, deadline)
             return
         view = memoryview(payload)
         try:
@@ -311,7 +322,7 @@ class Channel:
                 view = view.cast("B")  # TypeError for a non-contiguous buffer
             plen = len(view)
             if plen <= SHARED_THRESHOLD:
-                self._send_frame(hdr, view, plen, fds, False)
+                self._send_frame(hdr, view, plen, fds, False, deadline)
                 return
             if plen > MAX_SHARED_PAYLOAD:
                 raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {MAX_SHARED_PAYLOAD}")
@@ -319,13 +330,13 @@ class Channel:
                 raise ProtocolError(f"frame carries {len(fds) + 1} descriptors, at most {MAX_FDS} allowed")
             memfd = _share(view)
             try:
-                self._send_frame(hdr, b"", plen, fds + [memfd], True)
+                self._send_frame(hdr, b"", plen, fds + [memfd], True, deadline)
             finally:
                 os.close(memfd)
         finally:
             view.release()
 
-    def _send_buffer(self, hdr, buffer, fds):
+    def _send_buffer(self, hdr, buffer, fds, deadline):
         """Sends a Buffer's own memfd as the frame's shared payload (a small one, while
         it is still open, inline)."""
         if len(fds) + 1 > MAX_FDS:
@@ -333,11 +344,11 @@ class Channel:
         plen = len(buffer)
         if plen <= SHARED_THRESHOLD and not buffer.closed:
             with memoryview(buffer) as view:
-                self._send_frame(hdr, view, plen, fds, False)
+                self._send_frame(hdr, view, plen, fds, False, deadline)
             return
-        self._send_frame(hdr, b"", plen, fds + [buffer._hand_off()], True)
+        self._send_frame(hdr, b"", plen, fds + [buffer._hand_off()], True, deadline)
 
-    def _send_frame(self, hdr, payload, plen, fds, shared):
+    def _send_frame(self, hdr, payload, plen, fds, shared, deadline):
         if len(fds) > MAX_FDS:
             raise ProtocolError(f"frame carries {len(fds)} descriptors, at most {MAX_FDS} allowed")
         head = PREFIX.pack(len(hdr), plen, len(fds) | (SHARED_FLAG if shared else 0)) + hdr
@@ -345,16 +356,52 @@ class Channel:
         if not fds:  # one buffer, one send(2): cheaper than sendmsg's vector
             if inline:
                 head += payload
-            self.sock.sendall(head)
+            self._send_all(head, deadline)
             return
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-        sent = self.sock.sendmsg([head, payload] if inline else [head], anc)
+        if deadline is None:
+            sent = self.sock.sendmsg([head, payload] if inline else [head], anc)
+        else:
+            # The descriptors go with the first byte, in one sendmsg(2): bounded by
+            # the kernel's send timeout, set to the time left.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the peer did not read in time")
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(left))
+            try:
+                sent = self.sock.sendmsg([head, payload] if inline else [head], anc)
+            except BlockingIOError:
+                raise TimeoutError("the peer did not read in time") from None
         # A stream socket may take less than all of it; the rest goes without descriptors.
         if sent < len(head):
-            self.sock.sendall(memoryview(head)[sent:])
+            self._send_all(memoryview(head)[sent:], deadline)
             sent = len(head)
         if sent < len(head) + inline:
-            self.sock.sendall(payload[sent - len(head):])
+            self._send_all(payload[sent - len(head):], deadline)
+
+    def _send_all(self, data, deadline):
+        """Writes all of ``data``. With a ``deadline``, on a blocking socket: one
+        send(2) that does not wait, and only when the socket's buffer is full, the
+        rest with a Python timeout for the time left (a kernel send timeout would
+        start again with every partial write)."""
+        sock = self.sock
+        if deadline is None:
+            sock.sendall(data)
+            return
+        try:
+            sent = sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the peer did not read in time")
+        sock.settimeout(left)
+        try:
+            sock.sendall(memoryview(data)[sent:])
+        finally:
+            sock.settimeout(None)
 
     # -- receiving
 

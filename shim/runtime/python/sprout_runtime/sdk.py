@@ -7,7 +7,6 @@ import json
 import os
 import select
 import socket
-import struct
 import threading
 import time
 import types
@@ -21,6 +20,7 @@ from .codec import (
     SharedPayloadError,
     _close_quietly,
     dumps_value,
+    timeval,
 )
 from .errors import _log
 
@@ -80,7 +80,10 @@ class _ChannelGone(Exception):
 
 
 # This process's pid, kept by a fork hook: ``_state()`` runs twice per invocation
-# and once per call, and getpid(2) is a system call.
+# and once per call, and getpid(2) is a system call. (A process forked by C code
+# that goes on running Python without CPython's fork hooks would keep its parent's
+# state and channels: only the tenant's own processes, and such a fork breaks
+# CPython's own locks and threads too.)
 _pid = os.getpid()
 
 
@@ -264,10 +267,15 @@ class _Direct:
     it (``bind``) and is out of the way from then on. One call at a time (``lock``);
     this side keeps the callee's time and asks the shim to kill it when it is past.
 
-    The socket blocks, with the kernel's own send and receive timeouts
-    (SO_SNDTIMEO, SO_RCVTIMEO) standing for the call's time: a call is one send(2)
-    and, mostly, one recvmsg(2), with no poll(2) before each (as a socket with a
-    Python timeout would make)."""
+    The socket blocks, so that a call is mostly one send(2) and one recvmsg(2), with
+    no poll(2) before each (as a socket with a Python timeout would make). The call's
+    time is kept by a send that never waits unless the socket's buffer is full (then
+    a Python timeout for the time left), and by the kernel's receive timeout
+    (SO_RCVTIMEO), the call's whole time, or what is left of it once the send or
+    a reply in pieces took more than a millisecond. The kernel starts a receive
+    timeout again after a signal handler ran (PEP 475 retries the read): a caller
+    whose own handlers run more often than the call's time waits on, until its
+    invocation's deadline, which kills it and so its callee."""
 
     __slots__ = ("channel", "callee", "timeout_ms", "lock", "_recv_timeout")  # callee: the bind's token
 
@@ -277,23 +285,14 @@ class _Direct:
         self.timeout_ms = timeout_ms
         self.lock = threading.Lock()
         self._recv_timeout = None
-        sock = channel.sock
-        sock.setblocking(True)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout_ms / 1000))
+        channel.sock.setblocking(True)
         self.recv_timeout(timeout_ms / 1000)
 
     def recv_timeout(self, seconds):
         """Sets how long one read may wait (a system call only when it changes)."""
         if seconds != self._recv_timeout:
-            self.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            self.channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
             self._recv_timeout = seconds
-
-
-def _timeval(seconds):
-    """A ``struct timeval`` of ``seconds`` (> 0), at least 1 µs: zero would mean
-    no timeout at all."""
-    usec = max(int(seconds * 1_000_000), 1)
-    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
 
 
 def _bind(state, name, spec):
@@ -347,10 +346,10 @@ def _call_direct(state, direct, req_id, name, depth, raw, payload):
     timeout = direct.timeout_ms / 1000
     deadline = time.monotonic() + timeout
     try:
-        channel.send(header, payload)
+        channel.send(header, payload, deadline=deadline)
     except (ProtocolError, SharedPayloadError) as exc:  # nothing was sent
         raise CallError(name, "CallFailed", f"cannot send the call: {exc}") from None
-    except BlockingIOError:  # SO_SNDTIMEO: it stopped reading, as past its time
+    except TimeoutError:  # it stopped reading: as past its time
         _drop_direct(state, name, direct, kill=True)
         raise CallError(name, "CallFailed", f"{name} timed out after {direct.timeout_ms} ms") from None
     except OSError:
@@ -362,14 +361,15 @@ def _call_direct(state, direct, req_id, name, depth, raw, payload):
             frame = channel.try_recv()
             if frame is not None:
                 break
-            direct.recv_timeout(timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BlockingIOError
+            # Mostly the first read, with the call's whole time (set once per
+            # channel); a millisecond off that is worth a system call.
+            direct.recv_timeout(timeout if timeout - left < 0.001 else left)
             if channel.fill() == 0:
                 raise ChannelClosed
-            # A frame in more than one read: the next waits only for what is left.
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                raise BlockingIOError
-    except BlockingIOError:  # SO_RCVTIMEO, or past the deadline between reads
+    except BlockingIOError:  # SO_RCVTIMEO, or past the deadline
         _drop_direct(state, name, direct, kill=True)
         raise CallError(name, "CallFailed", f"{name} timed out after {direct.timeout_ms} ms") from None
     except (ChannelClosed, ConnectionError):
