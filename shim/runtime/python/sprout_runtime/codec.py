@@ -55,8 +55,8 @@ dumps_value = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 # invoke sends, are encoded and decoded here without the json module: the same JSON
 # object json would make (its bytes, keys in the order "op", "id", "depth"), and a
 # header read this way is the dict json.loads would return. Every other header goes
-# through json. (In a process that just woke up, the
-# json module's encode or decode of a header costs 3 to 5 µs; a call has four.)
+# through json. (In a process that just woke up, the json module's encode or decode
+# of a header costs 3 to 5 µs; a call has four.)
 _UINT = rb"(0|[1-9][0-9]{0,19})"
 _INVOKE_HEADER = re.compile(rb'\{"op":"invoke","id":' + _UINT + rb'(?:,"depth":' + _UINT + rb')?\}')
 _RETURNED_HEADER = re.compile(rb'\{"op":"returned","id":' + _UINT + rb"\}")
@@ -140,6 +140,14 @@ def timeval(seconds):
     least 1 µs: zero would mean no timeout at all."""
     usec = max(int(seconds * 1_000_000), 1)
     return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
+
+
+def _time_left(deadline):
+    """Seconds left until ``deadline`` (``time.monotonic()``); TimeoutError when none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the peer did not read in time")
+    return left
 
 
 def _seal(fd):
@@ -364,10 +372,7 @@ class Channel:
         else:
             # The descriptors go with the first byte, in one sendmsg(2): bounded by
             # the kernel's send timeout, set to the time left.
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the peer did not read in time")
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(left))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(_time_left(deadline)))
             try:
                 sent = self.sock.sendmsg([head, payload] if inline else [head], anc)
             except BlockingIOError:
@@ -394,10 +399,7 @@ class Channel:
             sent = 0
         if sent == len(data):
             return
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the peer did not read in time")
-        sock.settimeout(left)
+        sock.settimeout(_time_left(deadline))
         try:
             sock.sendall(memoryview(data)[sent:])
         finally:

@@ -270,7 +270,8 @@ class _Direct:
     The socket blocks, so that a call is mostly one send(2) and one recvmsg(2), with
     no poll(2) before each (as a socket with a Python timeout would make). The call's
     time is kept by a send that never waits unless the socket's buffer is full (then
-    a Python timeout for the time left), and by the kernel's receive timeout
+    a Python timeout for the time left; a frame with descriptors, one sendmsg(2)
+    under SO_SNDTIMEO set to the time left), and by the kernel's receive timeout
     (SO_RCVTIMEO), the call's whole time, or what is left of it once the send or
     a reply in pieces took more than a millisecond. The kernel starts a receive
     timeout again after a signal handler ran (PEP 475 retries the read): a caller
